@@ -1,0 +1,336 @@
+//! Map keys, values and constants shared by the eBPF datapath and the agent.
+//!
+//! This crate is the single source of truth for map layout. Every type is
+//! `#[repr(C)]`, has explicit padding fields (so no uninitialised bytes ever
+//! reach a map key) and stores addresses and ports in network byte order,
+//! exactly as they appear on the wire: the datapath never byte-swaps.
+#![no_std]
+
+/// IP protocol numbers the datapath understands.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Map names, as they appear in the object file and under the bpffs pin directory.
+pub mod map_names {
+    pub const SERVICES: &str = "KPX_SERVICES";
+    pub const SERVICE_ADDRS: &str = "KPX_SVC_ADDRS";
+    pub const SLOTS: &str = "KPX_SLOTS";
+    pub const BACKENDS: &str = "KPX_BACKENDS";
+    pub const CONNTRACK: &str = "KPX_CT";
+    pub const COUNTERS: &str = "KPX_COUNTERS";
+    pub const DROPS: &str = "KPX_DROPS";
+    pub const SERVICE_STATS: &str = "KPX_SVC_STATS";
+    pub const ALL: [&str; 8] = [
+        SERVICES,
+        SERVICE_ADDRS,
+        SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        COUNTERS,
+        DROPS,
+        SERVICE_STATS,
+    ];
+}
+
+/// Program names in the object file.
+pub mod prog_names {
+    pub const TC_INGRESS: &str = "kpx_tc_ingress";
+}
+
+/// Default capacities. The agent may override them at load time
+/// (`EbpfLoader::map_max_entries`); the eBPF side only uses them as defaults.
+pub mod capacity {
+    /// Service frontends: (address, port, protocol) entries.
+    pub const SERVICES: u32 = 262_144;
+    /// Distinct frontend addresses (VIPs), used to recognise fragments to a VIP.
+    pub const SERVICE_ADDRS: u32 = 131_072;
+    /// Backend slots over all services.
+    pub const SLOTS: u32 = 1_048_576;
+    /// Distinct backends (address, port, protocol).
+    pub const BACKENDS: u32 = 524_288;
+    /// Conntrack entries (two per flow: original and reply direction).
+    pub const CONNTRACK: u32 = 524_288;
+    /// Per-service statistics slots; service ids are below this.
+    pub const SERVICE_STATS: u32 = 65_536;
+}
+
+/// Key of the service map: one frontend of a service.
+///
+/// ClusterIP, and later LoadBalancer ingress and external IPs, are all frontends
+/// keyed by (address, port, protocol): one hash lookup per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Stable id of this frontend; indexes `SLOTS` and `SERVICE_STATS`.
+    pub svc_id: u32,
+    /// Number of backend slots in use (`0..count`). 0: no eligible backend.
+    pub count: u32,
+    /// Reserved for traffic-policy flags; 0 today.
+    pub flags: u32,
+    /// Session affinity timeout in seconds; 0 when affinity is off.
+    pub affinity_timeout: u32,
+}
+
+/// Key of the backend-slot map: slot `slot` of service `svc_id`.
+///
+/// Selecting a backend is `SLOTS[(svc_id, random % count)]`: O(1) whatever the
+/// number of backends. Uniform random over slots is iptables' `statistic
+/// --mode random` chain; a Maglev table is the same map with more slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub svc_id: u32,
+    pub slot: u32,
+}
+
+/// Value of the backend map, keyed by a backend id (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    /// Reserved for endpoint-state flags; 0 today.
+    pub flags: u8,
+}
+
+/// Key of the conntrack map: a packet's 5-tuple as seen on the wire.
+///
+/// Both directions of a translated flow have an entry: the original tuple
+/// (client → VIP) and the reply tuple (backend → client). Each entry says how
+/// to rewrite a packet carrying exactly that tuple, so one lookup serves both
+/// directions. The two tuples can never collide: a reply's source is a
+/// backend, never a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The tuple of a packet travelling the other way.
+    pub const fn reversed(&self) -> Self {
+        Self {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of the conntrack map: the rewrite for packets carrying the key's tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// New source (with `CT_F_REWRITE_SRC`), network byte order.
+    pub new_src_addr: u32,
+    /// New destination (with `CT_F_REWRITE_DST`), network byte order.
+    pub new_dst_addr: u32,
+    pub new_src_port: u16,
+    pub new_dst_port: u16,
+    /// `CT_F_*` flags.
+    pub flags: u16,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    /// Union of the TCP flags seen in this direction (0 for UDP).
+    pub tcp_flags: u8,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
+    pub created_ns: u64,
+    /// Last packet in this direction, refreshed at most every `CT_REFRESH_NS`.
+    pub last_seen_ns: u64,
+}
+
+pub const CT_F_REWRITE_SRC: u16 = 1 << 0;
+pub const CT_F_REWRITE_DST: u16 = 1 << 1;
+
+pub const CT_DIR_ORIGINAL: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// `last_seen_ns` is rewritten at most this often, so established flows do not
+/// write a shared cache line on every packet.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// TCP flag bits as in the header's 13th byte.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Per-service statistics (per CPU), indexed by `svc_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets of this service's flows, both directions.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows created (backend selections).
+    pub new_flows: u64,
+}
+
+/// Global datapath counters (per CPU), indexed by the enum's value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet the program saw.
+    Packets = 0,
+    /// Not IPv4, or an IPv4 protocol the datapath does not translate: untouched.
+    PassNotHandled = 1,
+    /// IPv4 TCP/UDP to no service and of no tracked flow: untouched.
+    PassNoService = 2,
+    /// Malformed (truncated, bad IHL or length): untouched, never translated.
+    PassMalformed = 3,
+    /// Fragment not addressed to a service address: untouched.
+    PassFragment = 4,
+    /// New flow to a service: backend selected, conntrack entries written.
+    NewFlow = 5,
+    /// Packet of a tracked flow, original direction, translated.
+    CtOriginal = 6,
+    /// Packet of a tracked flow, reply direction, translated.
+    CtReply = 7,
+    /// Packet dropped (see the drop-reason map).
+    Dropped = 8,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 9] = [
+        Counter::Packets,
+        Counter::PassNotHandled,
+        Counter::PassNoService,
+        Counter::PassMalformed,
+        Counter::PassFragment,
+        Counter::NewFlow,
+        Counter::CtOriginal,
+        Counter::CtReply,
+        Counter::Dropped,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::PassNotHandled => "pass_not_handled",
+            Counter::PassNoService => "pass_no_service",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::PassFragment => "pass_fragment",
+            Counter::NewFlow => "new_flow",
+            Counter::CtOriginal => "ct_original",
+            Counter::CtReply => "ct_reply",
+            Counter::Dropped => "dropped",
+        }
+    }
+}
+
+/// Why a packet was dropped (per-CPU counters, indexed by the enum's value).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The service has no eligible backend.
+    NoBackend = 0,
+    /// A slot or backend entry the service points at is missing (the agent is
+    /// mid-update or the maps were edited by hand).
+    BackendMissing = 1,
+    /// The conntrack map refused the new flow's entries.
+    CtInsertFailed = 2,
+    /// A packet rewrite or checksum helper failed.
+    RewriteFailed = 3,
+    /// An IP fragment addressed to a service address: its ports are unknown,
+    /// so it cannot be translated consistently with its flow.
+    FragmentToService = 4,
+    /// A malformed packet addressed to a service address.
+    MalformedToService = 5,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 6] = [
+        DropReason::NoBackend,
+        DropReason::BackendMissing,
+        DropReason::CtInsertFailed,
+        DropReason::RewriteFailed,
+        DropReason::FragmentToService,
+        DropReason::MalformedToService,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::NoBackend => "no_backend",
+            DropReason::BackendMissing => "backend_missing",
+            DropReason::CtInsertFailed => "ct_insert_failed",
+            DropReason::RewriteFailed => "rewrite_failed",
+            DropReason::FragmentToService => "fragment_to_service",
+            DropReason::MalformedToService => "malformed_to_service",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is #[repr(C)], made only of integers and explicit
+    // padding fields, so any bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ServiceStats {}
+}
+
+/// Layout checks: a change here is a change of the pinned maps' ABI.
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<SlotKey>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 16);
+    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<ServiceStats>() == 24);
+};
+
+/// Conversions between host values and the wire-order fields of map entries.
+#[cfg(feature = "user")]
+pub mod wire {
+    use core::net::Ipv4Addr;
+
+    /// An address as the datapath stores it (the packet's bytes in memory order).
+    pub const fn addr(a: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(a.octets())
+    }
+    pub const fn to_addr(a: u32) -> Ipv4Addr {
+        let b = a.to_ne_bytes();
+        Ipv4Addr::new(b[0], b[1], b[2], b[3])
+    }
+    /// A port as the datapath stores it (network byte order).
+    pub const fn port(p: u16) -> u16 {
+        p.to_be()
+    }
+    pub const fn to_port(p: u16) -> u16 {
+        u16::from_be(p)
+    }
+}

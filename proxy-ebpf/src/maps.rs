@@ -1,0 +1,48 @@
+//! The datapath's maps. Layouts and names come from `proxy_common`.
+//!
+//! Control-plane maps (services, slots, backends) are `BPF_F_NO_PREALLOC`:
+//! their elements are freed through RCU, so a lookup racing with the agent's
+//! update reads either the old or the new value, never a recycled element.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use proxy_common::{
+    capacity, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceStats,
+    ServiceValue, SlotKey,
+};
+
+#[map(name = "KPX_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, BPF_F_NO_PREALLOC);
+
+/// Every address that is a frontend of some service, with a reference count.
+#[map(name = "KPX_SVC_ADDRS")]
+pub static SERVICE_ADDRS: HashMap<u32, u32> =
+    HashMap::with_max_entries(capacity::SERVICE_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPX_SLOTS")]
+pub static SLOTS: HashMap<SlotKey, u32> =
+    HashMap::with_max_entries(capacity::SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPX_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> =
+    HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Flows, both directions. LRU: under pressure the oldest flows go first
+/// rather than new flows failing.
+#[map(name = "KPX_CT")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+#[map(name = "KPX_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "KPX_DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);
+
+#[map(name = "KPX_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::with_max_entries(capacity::SERVICE_STATS, 0);

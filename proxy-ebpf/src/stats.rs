@@ -1,0 +1,45 @@
+//! Stats: every verdict counted in per-CPU arrays (no atomics, no contention).
+
+use proxy_common::{Counter, DropReason};
+
+use crate::maps::{COUNTERS, DROPS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    add(COUNTERS.get_ptr_mut(counter as u32));
+}
+
+#[inline(always)]
+pub fn drop(reason: DropReason) {
+    add(DROPS.get_ptr_mut(reason as u32));
+    count(Counter::Dropped);
+}
+
+#[inline(always)]
+pub fn service_packet(svc_id: u32, len: u32) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: per-CPU array element of this CPU; nothing else writes it
+        // while this program runs.
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += len as u64;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn service_new_flow(svc_id: u32, len: u32) {
+    service_packet(svc_id, len);
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: as in `service_packet`.
+        unsafe { (*s).new_flows += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(slot: Option<*mut u64>) {
+    if let Some(v) = slot {
+        // SAFETY: per-CPU array element of this CPU, as above.
+        unsafe { *v += 1 };
+    }
+}

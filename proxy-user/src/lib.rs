@@ -1,0 +1,3 @@
+//! kpx: the userspace agent and CLI of an eBPF kube-proxy replacement.
+
+pub mod datapath;
