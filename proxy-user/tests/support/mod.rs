@@ -1,0 +1,249 @@
+//! Shared by the in-kernel datapath tests: packet builders, checksum checks,
+//! map seeding and the "needs the kernel" guard.
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{IpNumber, Ipv4Header, TcpHeader, UdpHeader};
+use kpx::datapath::{Datapath, LoadOptions};
+use proxy_common::{wire, Backend, ServiceKey, ServiceValue, SlotKey};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+/// `TC_ACT_UNSPEC` (-1): untouched, on to the next program or the stack.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+/// Loads a fresh datapath (its own maps), or explains why it cannot.
+///
+/// Without root or BPF support the test is skipped with a message, except
+/// under CI (`CI` set), where that is a failure.
+pub fn datapath() -> Option<Datapath> {
+    match Datapath::load(&LoadOptions::default()) {
+        Ok(dp) => Some(dp),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: cannot load the datapath (run as root for in-kernel tests): {e:#}");
+            None
+        }
+        Err(e) => panic!("CI is set and the datapath cannot be loaded: {e:#}"),
+    }
+}
+
+pub fn ip(s: &str) -> Ipv4Addr {
+    s.parse().expect("test address")
+}
+
+/// A TCP/UDP packet description; `build` makes the Ethernet frame.
+#[derive(Clone, Debug)]
+pub struct Pkt {
+    pub src: Ipv4Addr,
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+    /// Raw IPv4 options (multiple of 4 bytes).
+    pub ip_options: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp { syn: bool, ack: bool, fin: bool, rst: bool },
+    /// `zero_csum`: send with checksum 0 ("no checksum").
+    Udp { zero_csum: bool },
+}
+
+pub const SYN: L4 = L4::Tcp { syn: true, ack: false, fin: false, rst: false };
+pub const ACK: L4 = L4::Tcp { syn: false, ack: true, fin: false, rst: false };
+pub const SYN_ACK: L4 = L4::Tcp { syn: true, ack: true, fin: false, rst: false };
+pub const FIN_ACK: L4 = L4::Tcp { syn: false, ack: true, fin: true, rst: false };
+pub const UDP: L4 = L4::Udp { zero_csum: false };
+
+impl Pkt {
+    pub fn new(src: &str, sport: u16, dst: &str, dport: u16, l4: L4) -> Self {
+        Self {
+            src: ip(src),
+            sport,
+            dst: ip(dst),
+            dport,
+            l4,
+            payload: b"kpx-test-payload".to_vec(),
+            ip_options: Vec::new(),
+        }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut out = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+        let (proto, l4) = match self.l4 {
+            L4::Tcp { syn, ack, fin, rst } => {
+                let mut th = TcpHeader::new(self.sport, self.dport, 1000, 64240);
+                th.syn = syn;
+                th.ack = ack;
+                th.fin = fin;
+                th.rst = rst;
+                if ack {
+                    th.acknowledgment_number = 1;
+                }
+                (IpNumber::TCP, Either::Tcp(th))
+            }
+            L4::Udp { .. } => (
+                IpNumber::UDP,
+                Either::Udp(UdpHeader {
+                    source_port: self.sport,
+                    destination_port: self.dport,
+                    length: (8 + self.payload.len()) as u16,
+                    checksum: 0,
+                }),
+            ),
+        };
+        let l4_len = match &l4 {
+            Either::Tcp(th) => th.header_len() + self.payload.len(),
+            Either::Udp(_) => 8 + self.payload.len(),
+        };
+        let mut iph = Ipv4Header::new(l4_len as u16, 64, proto, self.src.octets(), self.dst.octets())
+            .expect("ipv4 header");
+        iph.set_options(&self.ip_options).expect("ip options");
+        // set_options leaves total_len as it was.
+        iph.set_payload_len(l4_len).expect("ip payload length");
+        iph.write(&mut out).expect("write ip");
+        match l4 {
+            Either::Tcp(mut th) => {
+                th.checksum = th.calc_checksum_ipv4(&iph, &self.payload).expect("tcp csum");
+                th.write(&mut out).expect("write tcp");
+            }
+            Either::Udp(mut uh) => {
+                if !matches!(self.l4, L4::Udp { zero_csum: true }) {
+                    uh.checksum = uh.calc_checksum_ipv4(&iph, &self.payload).expect("udp csum");
+                }
+                uh.write(&mut out).expect("write udp");
+            }
+        }
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+enum Either {
+    Tcp(TcpHeader),
+    Udp(UdpHeader),
+}
+
+/// What came out of the program.
+#[derive(Debug)]
+pub struct Out {
+    pub verdict: u32,
+    pub bytes: Vec<u8>,
+}
+
+pub fn run(dp: &mut Datapath, frame: &[u8]) -> Out {
+    let mut buf = vec![0u8; frame.len() + 256];
+    let res = dp
+        .ingress()
+        .expect("program")
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut buf),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    buf.truncate(res.data_size_out as usize);
+    Out { verdict: res.return_value, bytes: buf }
+}
+
+/// The addresses and ports of an output frame, with its checksums verified
+/// by recomputing them from scratch.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: Ipv4Addr,
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    /// UDP checksum field was 0.
+    pub udp_csum_zero: bool,
+}
+
+pub fn inspect(frame: &[u8]) -> Seen {
+    let (iph, rest) = Ipv4Header::from_slice(&frame[14..]).expect("output IPv4 header");
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "IPv4 header checksum is wrong"
+    );
+    let l4 = &rest[..(iph.total_len as usize - iph.header_len())];
+    match iph.protocol {
+        IpNumber::TCP => {
+            let (th, payload) = TcpHeader::from_slice(l4).expect("output TCP header");
+            assert_eq!(
+                th.checksum,
+                th.calc_checksum_ipv4(&iph, payload).expect("tcp csum"),
+                "TCP checksum is wrong"
+            );
+            Seen {
+                src: Ipv4Addr::from(iph.source),
+                sport: th.source_port,
+                dst: Ipv4Addr::from(iph.destination),
+                dport: th.destination_port,
+                udp_csum_zero: false,
+            }
+        }
+        IpNumber::UDP => {
+            let (uh, payload) = UdpHeader::from_slice(l4).expect("output UDP header");
+            let payload = &payload[..uh.length as usize - 8];
+            if uh.checksum != 0 {
+                assert_eq!(
+                    uh.checksum,
+                    uh.calc_checksum_ipv4(&iph, payload).expect("udp csum"),
+                    "UDP checksum is wrong"
+                );
+            }
+            Seen {
+                src: Ipv4Addr::from(iph.source),
+                sport: uh.source_port,
+                dst: Ipv4Addr::from(iph.destination),
+                dport: uh.destination_port,
+                udp_csum_zero: uh.checksum == 0,
+            }
+        }
+        p => panic!("unexpected protocol {p:?}"),
+    }
+}
+
+/// Installs a service frontend and its backends the way the agent lays them
+/// out: backends, then slots, then the service entry.
+pub fn install_service(
+    dp: &mut Datapath,
+    svc_id: u32,
+    vip: &str,
+    port: u16,
+    proto: u8,
+    backends: &[(u32, &str, u16)],
+) {
+    for &(id, addr, bport) in backends {
+        dp.backends()
+            .unwrap()
+            .insert(
+                id,
+                Backend { addr: wire::addr(ip(addr)), port: wire::port(bport), proto, flags: 0 },
+                0,
+            )
+            .unwrap();
+    }
+    for (slot, &(id, _, _)) in backends.iter().enumerate() {
+        dp.slots()
+            .unwrap()
+            .insert(SlotKey { svc_id, slot: slot as u32 }, id, 0)
+            .unwrap();
+    }
+    let key = ServiceKey { addr: wire::addr(ip(vip)), port: wire::port(port), proto, _pad: 0 };
+    let value = ServiceValue { svc_id, count: backends.len() as u32, flags: 0, affinity_timeout: 0 };
+    dp.services().unwrap().insert(key, value, 0).unwrap();
+    dp.service_addrs().unwrap().insert(key.addr, 1, 0).unwrap();
+}
+
+pub fn counter(dp: &mut Datapath, c: proxy_common::Counter) -> u64 {
+    dp.counters().unwrap().into_iter().find(|(k, _)| *k == c).unwrap().1
+}
+
+pub fn drops(dp: &mut Datapath, r: proxy_common::DropReason) -> u64 {
+    dp.drops().unwrap().into_iter().find(|(k, _)| *k == r).unwrap().1
+}
