@@ -70,7 +70,7 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
-    match CONNTRACK.insert(key, &original, BPF_NOEXIST as u64) {
+    match CONNTRACK.insert(key, original, BPF_NOEXIST as u64) {
         Ok(()) => {}
         // The same flow's first packet raced us on another CPU: follow its
         // choice so both directions stay consistent.
@@ -102,7 +102,7 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
-    if CONNTRACK.insert(&reply_key, &reply, BPF_ANY as u64).is_err() {
+    if CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).is_err() {
         // Without its reply entry the flow would be half-translated.
         let _ = CONNTRACK.remove(key);
         return Err(DropReason::CtInsertFailed);

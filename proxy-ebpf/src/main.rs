@@ -20,9 +20,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use proxy_common::{
-    Counter, CtKey, DropReason, CT_DIR_ORIGINAL, CT_DIR_REPLY, IPPROTO_TCP, IPPROTO_UDP,
-};
+use proxy_common::{Counter, CtKey, DropReason, CT_DIR_REPLY, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::parse::{Ipv4Packet, Parsed};
 
@@ -30,8 +28,8 @@ use crate::parse::{Ipv4Packet, Parsed};
 /// stack, if there is none) see them unchanged.
 const PASS: i32 = TC_ACT_UNSPEC;
 /// Verdict for packets kpx translated: hand them to the stack.
-const TRANSLATED: i32 = TC_ACT_OK as i32;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const TRANSLATED: i32 = TC_ACT_OK;
+const DROP: i32 = TC_ACT_SHOT;
 
 /// tc ingress on pod-facing and node interfaces.
 ///
@@ -115,7 +113,6 @@ fn established(ctx: &TcContext, pkt: &Ipv4Packet, entry: *mut proxy_common::CtVa
     stats::count(if rewrite.dir == CT_DIR_REPLY {
         Counter::CtReply
     } else {
-        debug_assert!(rewrite.dir == CT_DIR_ORIGINAL);
         Counter::CtOriginal
     });
     Verdict::Translated

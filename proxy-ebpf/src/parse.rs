@@ -114,11 +114,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     let ihl = ((iph.version_ihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(iph.tot_len) as usize;
     let wire_len = ctx.len() as usize;
-    if iph.version_ihl >> 4 != 4
-        || ihl < 20
-        || tot_len < ihl
-        || l3_off + tot_len > wire_len
-    {
+    if iph.version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > wire_len {
         return Parsed::Malformed { dst };
     }
     if u16::from_be(iph.frag_off) & (IP_MF | IP_OFFSET) != 0 {

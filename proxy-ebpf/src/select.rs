@@ -19,7 +19,7 @@ pub fn backend(svc: &ServiceValue) -> Result<(u32, Backend), DropReason> {
         slot: rand % svc.count,
     };
     // SAFETY (both): valid map value pointers, copied out immediately.
-    let id = unsafe { *SLOTS.get_ptr(&slot).ok_or(DropReason::BackendMissing)? };
-    let backend = unsafe { *BACKENDS.get_ptr(&id).ok_or(DropReason::BackendMissing)? };
+    let id = unsafe { *SLOTS.get_ptr(slot).ok_or(DropReason::BackendMissing)? };
+    let backend = unsafe { *BACKENDS.get_ptr(id).ok_or(DropReason::BackendMissing)? };
     Ok((id, backend))
 }

@@ -13,7 +13,7 @@ pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
         _pad: 0,
     };
     // Copied out at once: the agent may replace the entry concurrently.
-    SERVICES.get_ptr(&key).map(|v| {
+    SERVICES.get_ptr(key).map(|v| {
         // SAFETY: a valid map value pointer; NO_PREALLOC keeps it alive for
         // this RCU read section.
         unsafe { *v }
@@ -23,5 +23,5 @@ pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 /// Whether `addr` is a frontend address of any service.
 #[inline(always)]
 pub fn is_service_addr(addr: u32) -> bool {
-    addr != 0 && SERVICE_ADDRS.get_ptr(&addr).is_some()
+    addr != 0 && SERVICE_ADDRS.get_ptr(addr).is_some()
 }

@@ -10,8 +10,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use proxy_common::{
-    map_names, prog_names, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey,
-    ServiceStats, ServiceValue, SlotKey,
+    map_names, prog_names, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceStats,
+    ServiceValue, SlotKey,
 };
 
 /// The datapath object built by build.rs from proxy-ebpf.

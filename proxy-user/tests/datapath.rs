@@ -20,8 +20,22 @@ const B3: &str = "198.18.1.3";
 
 /// A TCP and a UDP frontend on the same VIP, three backends each.
 fn cluster(dp: &mut Datapath) {
-    install_service(dp, 1, VIP, 80, IPPROTO_TCP, &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)]);
-    install_service(dp, 2, VIP, 53, IPPROTO_UDP, &[(4, B1, 5353), (5, B2, 5353), (6, B3, 5353)]);
+    install_service(
+        dp,
+        1,
+        VIP,
+        80,
+        IPPROTO_TCP,
+        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
+    );
+    install_service(
+        dp,
+        2,
+        VIP,
+        53,
+        IPPROTO_UDP,
+        &[(4, B1, 5353), (5, B2, 5353), (6, B3, 5353)],
+    );
 }
 
 fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey {
@@ -47,12 +61,22 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
     let out = run(&mut dp, &Pkt::new(CLIENT, 40000, VIP, 80, SYN).build());
     assert_eq!(out.verdict, TC_ACT_OK);
     let seen = inspect(&out.bytes);
-    assert_eq!((seen.src, seen.sport), (ip(CLIENT), 40000), "source must be untouched");
-    assert!(backends_of(&[B1, B2, B3]).contains(&seen.dst), "dst {} is no backend", seen.dst);
+    assert_eq!(
+        (seen.src, seen.sport),
+        (ip(CLIENT), 40000),
+        "source must be untouched"
+    );
+    assert!(
+        backends_of(&[B1, B2, B3]).contains(&seen.dst),
+        "dst {} is no backend",
+        seen.dst
+    );
     assert_eq!(seen.dport, 8080);
 
     let ct = dp.conntrack().unwrap();
-    let orig = ct.get(&ct_key(CLIENT, 40000, VIP, 80, IPPROTO_TCP), 0).expect("original entry");
+    let orig = ct
+        .get(&ct_key(CLIENT, 40000, VIP, 80, IPPROTO_TCP), 0)
+        .expect("original entry");
     assert_eq!(orig.dir, CT_DIR_ORIGINAL);
     assert_eq!(orig.flags, CT_F_REWRITE_DST);
     assert_eq!(wire::to_addr(orig.new_dst_addr), seen.dst);
@@ -63,7 +87,13 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
     let reply = ct.get(&reply_key, 0).expect("reply entry");
     assert_eq!(reply.dir, CT_DIR_REPLY);
     assert_eq!(reply.flags, CT_F_REWRITE_SRC);
-    assert_eq!((wire::to_addr(reply.new_src_addr), wire::to_port(reply.new_src_port)), (ip(VIP), 80));
+    assert_eq!(
+        (
+            wire::to_addr(reply.new_src_addr),
+            wire::to_port(reply.new_src_port)
+        ),
+        (ip(VIP), 80)
+    );
     assert_eq!(reply.backend_id, orig.backend_id);
     assert_eq!(ct.keys().count(), 2, "exactly two entries for one flow");
 }
@@ -81,7 +111,10 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
     }
     // The backend answers the client; the client must see the VIP.
     let backend = first.dst.to_string();
-    let out = run(&mut dp, &Pkt::new(&backend, 8080, CLIENT, 40001, SYN_ACK).build());
+    let out = run(
+        &mut dp,
+        &Pkt::new(&backend, 8080, CLIENT, 40001, SYN_ACK).build(),
+    );
     assert_eq!(out.verdict, TC_ACT_OK);
     let seen = inspect(&out.bytes);
     assert_eq!((seen.src, seen.sport), (ip(VIP), 80));
@@ -124,10 +157,16 @@ fn udp_request_and_reply_are_translated_with_valid_checksums() {
     let again = inspect(&run(&mut dp, &Pkt::new(CLIENT, 33333, VIP, 53, UDP).build()).bytes);
     assert_eq!(again, req, "second datagram of the flow changed backend");
 
-    let out = run(&mut dp, &Pkt::new(&req.dst.to_string(), 5353, CLIENT, 33333, UDP).build());
+    let out = run(
+        &mut dp,
+        &Pkt::new(&req.dst.to_string(), 5353, CLIENT, 33333, UDP).build(),
+    );
     assert_eq!(out.verdict, TC_ACT_OK);
     let reply = inspect(&out.bytes);
-    assert_eq!((reply.src, reply.sport, reply.dst, reply.dport), (ip(VIP), 53, ip(CLIENT), 33333));
+    assert_eq!(
+        (reply.src, reply.sport, reply.dst, reply.dport),
+        (ip(VIP), 53, ip(CLIENT), 33333)
+    );
 }
 
 #[test]
@@ -141,7 +180,13 @@ fn udp_without_checksum_keeps_checksum_zero() {
     assert!(seen.udp_csum_zero, "a zero UDP checksum must stay zero");
     assert_eq!(seen.dport, 5353);
     // And the reply direction.
-    p = Pkt::new(&seen.dst.to_string(), 5353, CLIENT, 33334, L4::Udp { zero_csum: true });
+    p = Pkt::new(
+        &seen.dst.to_string(),
+        5353,
+        CLIENT,
+        33334,
+        L4::Udp { zero_csum: true },
+    );
     let reply = inspect(&run(&mut dp, &p.build()).bytes);
     assert!(reply.udp_csum_zero);
     assert_eq!((reply.src, reply.sport), (ip(VIP), 53));
@@ -158,10 +203,17 @@ fn new_flows_spread_over_all_backends() {
         assert_eq!(out.verdict, TC_ACT_OK);
         *per_backend.entry(inspect(&out.bytes).dst).or_default() += 1;
     }
-    assert_eq!(per_backend.len(), 3, "not every backend was chosen: {per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "not every backend was chosen: {per_backend:?}"
+    );
     // Uniform: 300 each expected, sd ≈ 14; 200 is seven sd away.
     for (b, n) in &per_backend {
-        assert!(*n > 200, "backend {b} got {n} of {flows} flows: {per_backend:?}");
+        assert!(
+            *n > 200,
+            "backend {b} got {n} of {flows} flows: {per_backend:?}"
+        );
     }
     assert_eq!(dp.service_stats(1).unwrap().new_flows, flows as u64);
     assert_eq!(dp.conntrack().unwrap().keys().count(), 2 * flows as usize);
@@ -170,9 +222,22 @@ fn new_flows_spread_over_all_backends() {
 #[test]
 fn a_service_with_one_backend_always_gets_it() {
     let Some(mut dp) = datapath() else { return };
-    install_service(&mut dp, 7, "198.19.0.20", 443, IPPROTO_TCP, &[(9, B2, 8443)]);
+    install_service(
+        &mut dp,
+        7,
+        "198.19.0.20",
+        443,
+        IPPROTO_TCP,
+        &[(9, B2, 8443)],
+    );
     for i in 0..20 {
-        let seen = inspect(&run(&mut dp, &Pkt::new(CLIENT, 50000 + i, "198.19.0.20", 443, SYN).build()).bytes);
+        let seen = inspect(
+            &run(
+                &mut dp,
+                &Pkt::new(CLIENT, 50000 + i, "198.19.0.20", 443, SYN).build(),
+            )
+            .bytes,
+        );
         assert_eq!((seen.dst, seen.dport), (ip(B2), 8443));
     }
 }
@@ -182,9 +247,9 @@ fn traffic_to_no_service_passes_untouched() {
     let Some(mut dp) = datapath() else { return };
     cluster(&mut dp);
     let cases = [
-        Pkt::new(CLIENT, 40000, B1, 8080, SYN),      // straight to a pod
-        Pkt::new(CLIENT, 40000, VIP, 81, SYN),       // VIP, port with no service
-        Pkt::new(CLIENT, 40000, VIP, 80, UDP),       // VIP:80 is TCP only
+        Pkt::new(CLIENT, 40000, B1, 8080, SYN), // straight to a pod
+        Pkt::new(CLIENT, 40000, VIP, 81, SYN),  // VIP, port with no service
+        Pkt::new(CLIENT, 40000, VIP, 80, UDP),  // VIP:80 is TCP only
         Pkt::new(CLIENT, 40000, "198.19.0.99", 80, SYN), // no such VIP
     ];
     for p in &cases {
@@ -237,7 +302,11 @@ fn ip_options_shift_the_l4_header_and_are_translated_correctly() {
         assert!(backends_of(&[B1, B2, B3]).contains(&seen.dst));
         assert_eq!((seen.src, seen.sport), (ip(CLIENT), 41000));
         assert_eq!(seen.dport, if dport == 53 { 5353 } else { 8080 });
-        assert_eq!(&out.bytes[34..38], &[1, 1, 1, 0], "options must be preserved");
+        assert_eq!(
+            &out.bytes[34..38],
+            &[1, 1, 1, 0],
+            "options must be preserved"
+        );
     }
 }
 
@@ -251,22 +320,67 @@ fn malformed_packets_are_never_translated() {
     let good_udp = Pkt::new(CLIENT, 42000, VIP, 53, UDP).build();
 
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
-    cases.push(("IHL below 5", { let mut f = good.clone(); f[14] = 0x44; f }));
-    cases.push(("IP version 5", { let mut f = good.clone(); f[14] = 0x55; f }));
-    cases.push(("total length beyond the frame", { let mut f = good.clone(); f[16..18].copy_from_slice(&200u16.to_be_bytes()); f }));
-    cases.push(("total length below IHL", { let mut f = good.clone(); f[16..18].copy_from_slice(&16u16.to_be_bytes()); f }));
-    cases.push(("TCP header truncated", { let mut f = good.clone(); f.truncate(14 + 20 + 12); f[16..18].copy_from_slice(&32u16.to_be_bytes()); f }));
-    cases.push(("TCP data offset below 5", { let mut f = good.clone(); f[14 + 20 + 12] = 0x40; f }));
-    cases.push(("TCP data offset beyond the segment", { let mut f = good.clone(); f[14 + 20 + 12] = 0xf0; f }));
-    cases.push(("UDP length below 8", { let mut f = good_udp.clone(); f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes()); f }));
-    cases.push(("UDP length beyond the datagram", { let mut f = good_udp.clone(); f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&500u16.to_be_bytes()); f }));
-    cases.push(("UDP header truncated", { let mut f = good_udp.clone(); f.truncate(14 + 20 + 4); f[16..18].copy_from_slice(&24u16.to_be_bytes()); f }));
+    cases.push(("IHL below 5", {
+        let mut f = good.clone();
+        f[14] = 0x44;
+        f
+    }));
+    cases.push(("IP version 5", {
+        let mut f = good.clone();
+        f[14] = 0x55;
+        f
+    }));
+    cases.push(("total length beyond the frame", {
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&200u16.to_be_bytes());
+        f
+    }));
+    cases.push(("total length below IHL", {
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&16u16.to_be_bytes());
+        f
+    }));
+    cases.push(("TCP header truncated", {
+        let mut f = good.clone();
+        f.truncate(14 + 20 + 12);
+        f[16..18].copy_from_slice(&32u16.to_be_bytes());
+        f
+    }));
+    cases.push(("TCP data offset below 5", {
+        let mut f = good.clone();
+        f[14 + 20 + 12] = 0x40;
+        f
+    }));
+    cases.push(("TCP data offset beyond the segment", {
+        let mut f = good.clone();
+        f[14 + 20 + 12] = 0xf0;
+        f
+    }));
+    cases.push(("UDP length below 8", {
+        let mut f = good_udp.clone();
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
+        f
+    }));
+    cases.push(("UDP length beyond the datagram", {
+        let mut f = good_udp.clone();
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&500u16.to_be_bytes());
+        f
+    }));
+    cases.push(("UDP header truncated", {
+        let mut f = good_udp.clone();
+        f.truncate(14 + 20 + 4);
+        f[16..18].copy_from_slice(&24u16.to_be_bytes());
+        f
+    }));
 
     for (what, frame) in &cases {
         let out = run(&mut dp, frame);
         assert_eq!(out.verdict, TC_ACT_SHOT, "{what}: to a VIP must be dropped");
     }
-    assert_eq!(drops(&mut dp, DropReason::MalformedToService), cases.len() as u64);
+    assert_eq!(
+        drops(&mut dp, DropReason::MalformedToService),
+        cases.len() as u64
+    );
 
     // The same defects towards a plain pod address pass untouched.
     let mut passed = 0;
@@ -284,7 +398,11 @@ fn malformed_packets_are_never_translated() {
     // rejects it with EINVAL on this kernel. The parser treats a failed header
     // load as malformed-with-unknown-destination, i.e. passes it untouched.
 
-    assert_eq!(dp.conntrack().unwrap().keys().count(), 0, "nothing may be tracked");
+    assert_eq!(
+        dp.conntrack().unwrap().keys().count(),
+        0,
+        "nothing may be tracked"
+    );
     assert_eq!(counter(&mut dp, Counter::NewFlow), 0);
 }
 
@@ -299,20 +417,36 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
         let h = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap().0;
         f[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
     };
-    let first = { let mut f = Pkt::new(CLIENT, 43000, VIP, 53, UDP).build(); set_frag(&mut f, 0x2000); f };
-    let later = { let mut f = Pkt::new(CLIENT, 43000, VIP, 53, UDP).build(); set_frag(&mut f, 0x0003); f };
+    let first = {
+        let mut f = Pkt::new(CLIENT, 43000, VIP, 53, UDP).build();
+        set_frag(&mut f, 0x2000);
+        f
+    };
+    let later = {
+        let mut f = Pkt::new(CLIENT, 43000, VIP, 53, UDP).build();
+        set_frag(&mut f, 0x0003);
+        f
+    };
     for f in [&first, &later] {
         assert_eq!(run(&mut dp, f).verdict, TC_ACT_SHOT);
     }
     assert_eq!(drops(&mut dp, DropReason::FragmentToService), 2);
 
-    let other = { let mut f = Pkt::new(CLIENT, 43000, B1, 53, UDP).build(); set_frag(&mut f, 0x2000); f };
+    let other = {
+        let mut f = Pkt::new(CLIENT, 43000, B1, 53, UDP).build();
+        set_frag(&mut f, 0x2000);
+        f
+    };
     let out = run(&mut dp, &other);
     assert_eq!(out.verdict, TC_ACT_UNSPEC);
     assert_eq!(out.bytes, other);
     assert_eq!(counter(&mut dp, Counter::PassFragment), 1);
     // Don't-fragment alone is not a fragment.
-    let df = { let mut f = Pkt::new(CLIENT, 43001, VIP, 53, UDP).build(); set_frag(&mut f, 0x4000); f };
+    let df = {
+        let mut f = Pkt::new(CLIENT, 43001, VIP, 53, UDP).build();
+        set_frag(&mut f, 0x4000);
+        f
+    };
     assert_eq!(run(&mut dp, &df).verdict, TC_ACT_OK);
 }
 
@@ -320,14 +454,20 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
 fn a_service_without_backends_or_with_a_dangling_slot_drops_counted() {
     let Some(mut dp) = datapath() else { return };
     install_service(&mut dp, 3, "198.19.0.30", 80, IPPROTO_TCP, &[]);
-    let out = run(&mut dp, &Pkt::new(CLIENT, 44000, "198.19.0.30", 80, SYN).build());
+    let out = run(
+        &mut dp,
+        &Pkt::new(CLIENT, 44000, "198.19.0.30", 80, SYN).build(),
+    );
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::NoBackend), 1);
 
     // A slot pointing at a backend id that does not exist.
     install_service(&mut dp, 4, "198.19.0.31", 80, IPPROTO_TCP, &[(50, B1, 80)]);
     dp.backends().unwrap().remove(&50).unwrap();
-    let out = run(&mut dp, &Pkt::new(CLIENT, 44001, "198.19.0.31", 80, SYN).build());
+    let out = run(
+        &mut dp,
+        &Pkt::new(CLIENT, 44001, "198.19.0.31", 80, SYN).build(),
+    );
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::BackendMissing), 1);
     assert_eq!(counter(&mut dp, Counter::Dropped), 2);

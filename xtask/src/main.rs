@@ -1,1 +1,105 @@
-fn main(){}
+//! `cargo xtask`: bootstrap, build, test and benchmark kpx.
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "kpx development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Make this machine ready: Debian packages, nightly rust-src, bpf-linker.
+    Setup,
+    /// Build the agent (with its embedded eBPF datapath), release profile.
+    Build,
+    /// Run the whole test suite, in-kernel tests included (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Formatting and clippy, for the workspace and the eBPF crate.
+    Lint,
+    /// Benchmarks: the datapath's cost per packet in the kernel.
+    Bench,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Build => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "proxy-user"])
+        }
+        Task::Test { args } => {
+            setup::run()?;
+            let mut cmd = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
+            if !args.is_empty() {
+                cmd.push("--");
+                cmd.extend(args.iter().map(String::as_str));
+            }
+            cargo(&cmd)
+        }
+        Task::Lint => {
+            setup::run()?;
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "proxy-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            // The eBPF crate only builds for the BPF target, with nightly.
+            run(Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                ])
+                .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+                .current_dir(workspace_root().join("proxy-ebpf")))
+        }
+        Task::Bench => {
+            setup::run()?;
+            cargo(&["bench", "--package", "proxy-user", "--bench", "datapath"])
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Runs `cargo ARGS` in the workspace root with cargo's own bin dir on PATH
+/// (bpf-linker lives there).
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo")
+        .args(args)
+        .current_dir(workspace_root()))
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

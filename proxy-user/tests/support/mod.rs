@@ -48,15 +48,40 @@ pub struct Pkt {
 
 #[derive(Clone, Copy, Debug)]
 pub enum L4 {
-    Tcp { syn: bool, ack: bool, fin: bool, rst: bool },
+    Tcp {
+        syn: bool,
+        ack: bool,
+        fin: bool,
+        rst: bool,
+    },
     /// `zero_csum`: send with checksum 0 ("no checksum").
     Udp { zero_csum: bool },
 }
 
-pub const SYN: L4 = L4::Tcp { syn: true, ack: false, fin: false, rst: false };
-pub const ACK: L4 = L4::Tcp { syn: false, ack: true, fin: false, rst: false };
-pub const SYN_ACK: L4 = L4::Tcp { syn: true, ack: true, fin: false, rst: false };
-pub const FIN_ACK: L4 = L4::Tcp { syn: false, ack: true, fin: true, rst: false };
+pub const SYN: L4 = L4::Tcp {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+pub const ACK: L4 = L4::Tcp {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const SYN_ACK: L4 = L4::Tcp {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+pub const FIN_ACK: L4 = L4::Tcp {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
 pub const UDP: L4 = L4::Udp { zero_csum: false };
 
 impl Pkt {
@@ -100,20 +125,31 @@ impl Pkt {
             Either::Tcp(th) => th.header_len() + self.payload.len(),
             Either::Udp(_) => 8 + self.payload.len(),
         };
-        let mut iph = Ipv4Header::new(l4_len as u16, 64, proto, self.src.octets(), self.dst.octets())
-            .expect("ipv4 header");
-        iph.set_options(&self.ip_options).expect("ip options");
-        // set_options leaves total_len as it was.
+        let mut iph = Ipv4Header::new(
+            l4_len as u16,
+            64,
+            proto,
+            self.src.octets(),
+            self.dst.octets(),
+        )
+        .expect("ipv4 header");
+        iph.options =
+            etherparse::Ipv4Options::try_from(self.ip_options.as_slice()).expect("ip options");
+        // Options lengthen the header; total_len must follow.
         iph.set_payload_len(l4_len).expect("ip payload length");
         iph.write(&mut out).expect("write ip");
         match l4 {
             Either::Tcp(mut th) => {
-                th.checksum = th.calc_checksum_ipv4(&iph, &self.payload).expect("tcp csum");
+                th.checksum = th
+                    .calc_checksum_ipv4(&iph, &self.payload)
+                    .expect("tcp csum");
                 th.write(&mut out).expect("write tcp");
             }
             Either::Udp(mut uh) => {
                 if !matches!(self.l4, L4::Udp { zero_csum: true }) {
-                    uh.checksum = uh.calc_checksum_ipv4(&iph, &self.payload).expect("udp csum");
+                    uh.checksum = uh
+                        .calc_checksum_ipv4(&iph, &self.payload)
+                        .expect("udp csum");
                 }
                 uh.write(&mut out).expect("write udp");
             }
@@ -147,7 +183,10 @@ pub fn run(dp: &mut Datapath, frame: &[u8]) -> Out {
         })
         .expect("BPF_PROG_TEST_RUN");
     buf.truncate(res.data_size_out as usize);
-    Out { verdict: res.return_value, bytes: buf }
+    Out {
+        verdict: res.return_value,
+        bytes: buf,
+    }
 }
 
 /// The addresses and ports of an output frame, with its checksums verified
@@ -223,7 +262,12 @@ pub fn install_service(
             .unwrap()
             .insert(
                 id,
-                Backend { addr: wire::addr(ip(addr)), port: wire::port(bport), proto, flags: 0 },
+                Backend {
+                    addr: wire::addr(ip(addr)),
+                    port: wire::port(bport),
+                    proto,
+                    flags: 0,
+                },
                 0,
             )
             .unwrap();
@@ -231,19 +275,46 @@ pub fn install_service(
     for (slot, &(id, _, _)) in backends.iter().enumerate() {
         dp.slots()
             .unwrap()
-            .insert(SlotKey { svc_id, slot: slot as u32 }, id, 0)
+            .insert(
+                SlotKey {
+                    svc_id,
+                    slot: slot as u32,
+                },
+                id,
+                0,
+            )
             .unwrap();
     }
-    let key = ServiceKey { addr: wire::addr(ip(vip)), port: wire::port(port), proto, _pad: 0 };
-    let value = ServiceValue { svc_id, count: backends.len() as u32, flags: 0, affinity_timeout: 0 };
+    let key = ServiceKey {
+        addr: wire::addr(ip(vip)),
+        port: wire::port(port),
+        proto,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        svc_id,
+        count: backends.len() as u32,
+        flags: 0,
+        affinity_timeout: 0,
+    };
     dp.services().unwrap().insert(key, value, 0).unwrap();
     dp.service_addrs().unwrap().insert(key.addr, 1, 0).unwrap();
 }
 
 pub fn counter(dp: &mut Datapath, c: proxy_common::Counter) -> u64 {
-    dp.counters().unwrap().into_iter().find(|(k, _)| *k == c).unwrap().1
+    dp.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == c)
+        .unwrap()
+        .1
 }
 
 pub fn drops(dp: &mut Datapath, r: proxy_common::DropReason) -> u64 {
-    dp.drops().unwrap().into_iter().find(|(k, _)| *k == r).unwrap().1
+    dp.drops()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == r)
+        .unwrap()
+        .1
 }
