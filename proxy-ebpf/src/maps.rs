@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    capacity, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey,
+    capacity, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceStats, ServiceValue,
+    SlotKey,
 };
 
 #[map(name = "KPX_SERVICES")]
