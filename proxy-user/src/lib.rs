@@ -1,3 +1,4 @@
 //! kpx: the userspace agent and CLI of an eBPF kube-proxy replacement.
 
 pub mod datapath;
+pub mod model;
