@@ -21,7 +21,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "KPX_COUNTERS";
     pub const DROPS: &str = "KPX_DROPS";
     pub const SERVICE_STATS: &str = "KPX_SVC_STATS";
-    pub const ALL: [&str; 8] = [
+    pub const SERVICE_NAMES: &str = "KPX_SVC_NAMES";
+    pub const ALL: [&str; 9] = [
         SERVICES,
         SERVICE_ADDRS,
         SLOTS,
@@ -30,6 +31,7 @@ pub mod map_names {
         COUNTERS,
         DROPS,
         SERVICE_STATS,
+        SERVICE_NAMES,
     ];
 }
 
@@ -180,6 +182,11 @@ pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// Service names (`namespace/name:port`) by `svc_id`, NUL-padded: written by
+/// the agent for `kpx dump`, never read by the datapath.
+pub const SERVICE_NAME_LEN: usize = 192;
+pub type ServiceName = [u8; SERVICE_NAME_LEN];
 
 /// Per-service statistics (per CPU), indexed by `svc_id`.
 #[repr(C)]

@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    capacity, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceStats, ServiceValue,
-    SlotKey,
+    capacity, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceName, ServiceStats,
+    ServiceValue, SlotKey,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -46,3 +46,8 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::C
 #[map(name = "KPX_SVC_STATS")]
 pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
     PerCpuArray::with_max_entries(capacity::SERVICE_STATS, 0);
+
+/// Names for `kpx dump`; the datapath never reads it.
+#[map(name = "KPX_SVC_NAMES")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName> =
+    HashMap::with_max_entries(capacity::SERVICE_STATS, BPF_F_NO_PREALLOC);

@@ -78,7 +78,7 @@ fn install(dp: &mut Datapath, n: u32) -> anyhow::Result<String> {
                 16 + id / 65536 % 64,
                 id % 65536 / 256
             ));
-            dp.backends().unwrap().insert(
+            dp.maps.backends.insert(
                 id,
                 Backend {
                     addr: wire::addr(addr),
@@ -88,7 +88,9 @@ fn install(dp: &mut Datapath, n: u32) -> anyhow::Result<String> {
                 },
                 0,
             )?;
-            dp.slots()?.insert(SlotKey { svc_id: s, slot: e }, id, 0)?;
+            dp.maps
+                .slots
+                .insert(SlotKey { svc_id: s, slot: e }, id, 0)?;
         }
         let key = ServiceKey {
             addr: wire::addr(ip(&vip)),
@@ -96,7 +98,7 @@ fn install(dp: &mut Datapath, n: u32) -> anyhow::Result<String> {
             proto: IPPROTO_TCP,
             _pad: 0,
         };
-        dp.services()?.insert(
+        dp.maps.services.insert(
             key,
             ServiceValue {
                 svc_id: s,
@@ -106,7 +108,7 @@ fn install(dp: &mut Datapath, n: u32) -> anyhow::Result<String> {
             },
             0,
         )?;
-        dp.service_addrs()?.insert(key.addr, 1, 0)?;
+        dp.maps.service_addrs.insert(key.addr, 1, 0)?;
     }
     Ok(vip)
 }
@@ -160,7 +162,7 @@ fn key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
 fn ping_pong(dp: &mut Datapath, vip: &str) -> anyhow::Result<(f64, f64)> {
     let backend = "198.18.200.1";
     {
-        let mut ct = dp.conntrack()?;
+        let ct = &mut dp.maps.conntrack;
         ct.insert(
             key(CLIENT, 45000, vip, 80),
             entry(CT_F_REWRITE_DST, CT_DIR_ORIGINAL, backend, 8080),

@@ -1,17 +1,19 @@
 //! The eBPF datapath as userspace sees it: the embedded object, loading it
 //! (optionally with pinned maps), and typed access to its maps.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
+
+use crate::sync::{MapState, Op};
 use proxy_common::{
-    map_names, prog_names, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey,
+    map_names, prog_names, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceName,
+    ServiceStats, ServiceValue, SlotKey, SERVICE_NAME_LEN,
 };
 
 /// The datapath object built by build.rs from proxy-ebpf.
@@ -25,8 +27,176 @@ pub struct LoadOptions {
     pub conntrack_entries: Option<u32>,
 }
 
+/// Every map of the datapath, typed, owning its file descriptor.
+pub struct MapSet {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub service_addrs: HashMap<MapData, u32, u32>,
+    pub slots: HashMap<MapData, SlotKey, u32>,
+    pub backends: HashMap<MapData, u32, Backend>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub drops: PerCpuArray<MapData, u64>,
+    pub service_stats: PerCpuArray<MapData, ServiceStats>,
+    pub service_names: HashMap<MapData, u32, ServiceName>,
+}
+
+impl MapSet {
+    /// Takes the maps out of a loaded object (its programs keep using them).
+    fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        };
+        Ok(Self {
+            services: take(map_names::SERVICES)?.try_into()?,
+            service_addrs: take(map_names::SERVICE_ADDRS)?.try_into()?,
+            slots: take(map_names::SLOTS)?.try_into()?,
+            backends: take(map_names::BACKENDS)?.try_into()?,
+            conntrack: take(map_names::CONNTRACK)?.try_into()?,
+            counters: take(map_names::COUNTERS)?.try_into()?,
+            drops: take(map_names::DROPS)?.try_into()?,
+            service_stats: take(map_names::SERVICE_STATS)?.try_into()?,
+            service_names: take(map_names::SERVICE_NAMES)?.try_into()?,
+        })
+    }
+
+    /// Opens the maps an agent pinned under `dir` (for `kpx dump`, `kpx cleanup`).
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).with_context(|| {
+                format!(
+                    "opening {} (is a kpx agent running with --bpffs {}?)",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
+            Ok(Map::from_map_data(data)?)
+        };
+        Ok(Self {
+            services: open(map_names::SERVICES)?.try_into()?,
+            service_addrs: open(map_names::SERVICE_ADDRS)?.try_into()?,
+            slots: open(map_names::SLOTS)?.try_into()?,
+            backends: open(map_names::BACKENDS)?.try_into()?,
+            conntrack: open(map_names::CONNTRACK)?.try_into()?,
+            counters: open(map_names::COUNTERS)?.try_into()?,
+            drops: open(map_names::DROPS)?.try_into()?,
+            service_stats: open(map_names::SERVICE_STATS)?.try_into()?,
+            service_names: open(map_names::SERVICE_NAMES)?.try_into()?,
+        })
+    }
+
+    /// Global counters summed over CPUs, in `Counter::ALL` order.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Drop counters summed over CPUs, in `DropReason::ALL` order.
+    pub fn drops(&self) -> Result<Vec<(DropReason, u64)>> {
+        DropReason::ALL
+            .iter()
+            .map(|&r| Ok((r, self.drops.get(&(r as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Statistics of one service frontend summed over CPUs.
+    pub fn service_stats(&self, svc_id: u32) -> Result<ServiceStats> {
+        Ok(self
+            .service_stats
+            .get(&svc_id, 0)?
+            .iter()
+            .fold(ServiceStats::default(), |a, s| ServiceStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                new_flows: a.new_flows + s.new_flows,
+            }))
+    }
+
+    /// The control-plane maps' contents, as the sync engine models them.
+    pub fn read_state(&self) -> Result<MapState> {
+        let mut st = MapState::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv?;
+            st.services.insert(k, v);
+        }
+        for kv in self.slots.iter() {
+            let (k, v) = kv?;
+            st.slots.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv?;
+            st.backends.insert(k, v);
+        }
+        for kv in self.service_addrs.iter() {
+            let (k, v) = kv?;
+            st.addrs.insert(k, v);
+        }
+        for kv in self.service_names.iter() {
+            let (k, v) = kv?;
+            st.names.insert(k, name_from_bytes(&v));
+        }
+        Ok(st)
+    }
+
+    /// Performs one write of a sync plan.
+    pub fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        match op {
+            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::ResetStats(id) => {
+                let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()?])?;
+                self.service_stats.set(*id, zeros, 0)
+            }
+            Op::PutSlot(k, id) => self.slots.insert(k, id, 0),
+            Op::PutService(k, v) => self.services.insert(k, v, 0),
+            Op::PutAddr(a, n) => self.service_addrs.insert(a, n, 0),
+            Op::PutName(id, name) => self.service_names.insert(id, name_to_bytes(name), 0),
+            Op::DelService(k) => ignore_missing(self.services.remove(k)),
+            Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
+            Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
+            Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(a)),
+            Op::DelName(id) => ignore_missing(self.service_names.remove(id)),
+        }
+    }
+}
+
+/// Deleting what is already gone (by hand, or by an earlier interrupted
+/// sync) is success.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn nr_cpus() -> Result<usize, MapError> {
+    aya::util::nr_cpus().map_err(|(_, error)| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: error,
+        })
+    })
+}
+
+pub fn name_to_bytes(name: &str) -> ServiceName {
+    let mut out = [0u8; SERVICE_NAME_LEN];
+    let n = name.len().min(SERVICE_NAME_LEN);
+    out[..n].copy_from_slice(&name.as_bytes()[..n]);
+    out
+}
+
+pub fn name_from_bytes(b: &ServiceName) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// The loaded datapath: its program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    pub maps: MapSet,
 }
 
 impl Datapath {
@@ -50,7 +220,8 @@ impl Datapath {
             .try_into()?;
         prog.load()
             .with_context(|| format!("the kernel rejected {}", prog_names::TC_INGRESS))?;
-        Ok(Self { ebpf })
+        let maps = MapSet::from_ebpf(&mut ebpf)?;
+        Ok(Self { ebpf, maps })
     }
 
     /// The tc ingress classifier (loaded).
@@ -60,63 +231,5 @@ impl Datapath {
             .program_mut(prog_names::TC_INGRESS)
             .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_INGRESS))?
             .try_into()?)
-    }
-
-    fn map_data(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the object"))
-    }
-
-    pub fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceValue>> {
-        Ok(HashMap::try_from(self.map_data(map_names::SERVICES)?)?)
-    }
-
-    pub fn service_addrs(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
-        Ok(HashMap::try_from(self.map_data(map_names::SERVICE_ADDRS)?)?)
-    }
-
-    pub fn slots(&mut self) -> Result<HashMap<&mut MapData, SlotKey, u32>> {
-        Ok(HashMap::try_from(self.map_data(map_names::SLOTS)?)?)
-    }
-
-    pub fn backends(&mut self) -> Result<HashMap<&mut MapData, u32, Backend>> {
-        Ok(HashMap::try_from(self.map_data(map_names::BACKENDS)?)?)
-    }
-
-    pub fn conntrack(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtValue>> {
-        Ok(HashMap::try_from(self.map_data(map_names::CONNTRACK)?)?)
-    }
-
-    /// Global counters summed over CPUs, in `Counter::ALL` order.
-    pub fn counters(&mut self) -> Result<Vec<(Counter, u64)>> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map_data(map_names::COUNTERS)?)?;
-        Counter::ALL
-            .iter()
-            .map(|&c| Ok((c, map.get(&(c as u32), 0)?.iter().sum())))
-            .collect()
-    }
-
-    /// Drop counters summed over CPUs, in `DropReason::ALL` order.
-    pub fn drops(&mut self) -> Result<Vec<(DropReason, u64)>> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map_data(map_names::DROPS)?)?;
-        DropReason::ALL
-            .iter()
-            .map(|&r| Ok((r, map.get(&(r as u32), 0)?.iter().sum())))
-            .collect()
-    }
-
-    /// Statistics of one service frontend summed over CPUs.
-    pub fn service_stats(&mut self, svc_id: u32) -> Result<ServiceStats> {
-        let map: PerCpuArray<_, ServiceStats> =
-            PerCpuArray::try_from(self.map_data(map_names::SERVICE_STATS)?)?;
-        Ok(map
-            .get(&svc_id, 0)?
-            .iter()
-            .fold(ServiceStats::default(), |a, s| ServiceStats {
-                packets: a.packets + s.packets,
-                bytes: a.bytes + s.bytes,
-                new_flows: a.new_flows + s.new_flows,
-            }))
     }
 }

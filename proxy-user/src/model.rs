@@ -98,7 +98,10 @@ pub struct Outcome {
     pub skipped: Vec<(String, Skipped)>,
 }
 
-fn object_name(kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn object_name(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
     format!(
         "{kind} {}/{}",
         meta.namespace.as_deref().unwrap_or("default"),
@@ -176,7 +179,7 @@ fn service(
         (_, Some(ip)) => vec![ip.as_str()],
         _ => Vec::new(),
     };
-    if ip_strings.iter().any(|ip| *ip == "None") {
+    if ip_strings.contains(&"None") {
         skipped.push((obj, Skipped::Headless));
         return Ok(None);
     }
@@ -321,15 +324,13 @@ fn slice(
     }))
 }
 
+/// (namespace, service) → (port name, protocol) → ready endpoints.
+type EndpointsByService = BTreeMap<(String, String), BTreeMap<(String, u8), BTreeSet<Endpoint>>>;
+
 /// The desired frontends for `services` and `slices`.
-pub fn desired(
-    services: &[Sourced<Service>],
-    slices: &[Sourced<EndpointSlice>],
-) -> Outcome {
+pub fn desired(services: &[Sourced<Service>], slices: &[Sourced<EndpointSlice>]) -> Outcome {
     let mut out = Outcome::default();
-    // (namespace, service) -> (port name, protocol) -> endpoints.
-    let mut endpoints: BTreeMap<(String, String), BTreeMap<(String, u8), BTreeSet<Endpoint>>> =
-        BTreeMap::new();
+    let mut endpoints: EndpointsByService = BTreeMap::new();
     for s in slices {
         match slice(s, &mut out.skipped) {
             Ok(Some(sl)) => {
@@ -454,9 +455,15 @@ endpoints:
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
         assert_eq!(http.name, "shop/web:http");
-        assert_eq!(http.backends, vec![ep("198.18.1.1", 8080), ep("198.18.1.2", 8080)]);
+        assert_eq!(
+            http.backends,
+            vec![ep("198.18.1.1", 8080), ep("198.18.1.2", 8080)]
+        );
         let dns = &out.desired.frontends[&key("198.19.0.10", 53, IPPROTO_UDP)];
-        assert_eq!(dns.backends, vec![ep("198.18.1.1", 5353), ep("198.18.1.2", 5353)]);
+        assert_eq!(
+            dns.backends,
+            vec![ep("198.18.1.1", 5353), ep("198.18.1.2", 5353)]
+        );
     }
 
     #[test]
@@ -468,7 +475,11 @@ endpoints:
         let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
         assert_eq!(
             http.backends,
-            vec![ep("198.18.1.1", 8080), ep("198.18.1.2", 8080), ep("198.18.1.4", 8080)]
+            vec![
+                ep("198.18.1.1", 8080),
+                ep("198.18.1.2", 8080),
+                ep("198.18.1.4", 8080)
+            ]
         );
     }
 
@@ -476,7 +487,11 @@ endpoints:
     fn a_service_without_slices_has_a_frontend_with_no_backends() {
         let out = desired(&[svc(WEB)], &[]);
         assert_eq!(out.desired.frontends.len(), 2);
-        assert!(out.desired.frontends.values().all(|f| f.backends.is_empty()));
+        assert!(out
+            .desired
+            .frontends
+            .values()
+            .all(|f| f.backends.is_empty()));
     }
 
     #[test]
@@ -484,40 +499,72 @@ endpoints:
         let other_ns = WEB_SLICE.replace("namespace: shop", "namespace: other");
         let other_svc = WEB_SLICE.replace("service-name: web", "service-name: api");
         let out = desired(&[svc(WEB)], &[eps(&other_ns), eps(&other_svc)]);
-        assert!(out.desired.frontends.values().all(|f| f.backends.is_empty()));
+        assert!(out
+            .desired
+            .frontends
+            .values()
+            .all(|f| f.backends.is_empty()));
     }
 
     #[test]
     fn headless_external_name_and_other_proxies_are_ignored() {
         let headless = WEB.replace("clusterIP: 198.19.0.10", "clusterIP: None");
-        let external = WEB.replace("clusterIP: 198.19.0.10", "type: ExternalName\n  externalName: example.org");
+        let external = WEB.replace(
+            "clusterIP: 198.19.0.10",
+            "type: ExternalName\n  externalName: example.org",
+        );
         let other = WEB.replace(
             "namespace: shop}",
             "namespace: shop, labels: {service.kubernetes.io/service-proxy-name: other}}",
         );
-        let out = desired(&[svc(&headless), svc(&external), svc(&other)], &[eps(WEB_SLICE)]);
+        let out = desired(
+            &[svc(&headless), svc(&external), svc(&other)],
+            &[eps(WEB_SLICE)],
+        );
         assert!(out.desired.frontends.is_empty());
         assert!(out.problems.is_empty());
         let reasons: Vec<_> = out.skipped.iter().map(|s| s.1.clone()).collect();
-        assert_eq!(reasons, vec![Skipped::Headless, Skipped::ExternalName, Skipped::OtherProxy]);
+        assert_eq!(
+            reasons,
+            vec![
+                Skipped::Headless,
+                Skipped::ExternalName,
+                Skipped::OtherProxy
+            ]
+        );
     }
 
     #[test]
     fn malformed_objects_are_reported_with_their_field_and_skipped_alone() {
         let cases = [
             (WEB.replace("198.19.0.10", "198.19.0.300"), "spec.clusterIP"),
-            (WEB.replace("port: 80,", "port: 70000,"), "spec.ports[0].port"),
-            (WEB.replace("protocol: UDP", "protocol: QUIC"), "spec.ports[1].protocol"),
-            (WEB.replace("  clusterIP: 198.19.0.10\n", ""), "spec.clusterIP"),
+            (
+                WEB.replace("port: 80,", "port: 70000,"),
+                "spec.ports[0].port",
+            ),
+            (
+                WEB.replace("protocol: UDP", "protocol: QUIC"),
+                "spec.ports[1].protocol",
+            ),
+            (
+                WEB.replace("  clusterIP: 198.19.0.10\n", ""),
+                "spec.clusterIP",
+            ),
         ];
-        let good = WEB.replace("name: web,", "name: good,").replace("198.19.0.10", "198.19.0.11");
+        let good = WEB
+            .replace("name: web,", "name: good,")
+            .replace("198.19.0.10", "198.19.0.11");
         for (bad, field) in cases {
             let out = desired(&[svc(&bad), svc(&good)], &[]);
             assert_eq!(out.problems.len(), 1, "{field}: {:?}", out.problems);
             assert_eq!(out.problems[0].field, field);
             assert_eq!(out.problems[0].object, "Service shop/web");
             assert_eq!(out.desired.frontends.len(), 2, "the good service must stay");
-            assert!(out.desired.frontends.keys().all(|k| k.addr == "198.19.0.11".parse::<Ipv4Addr>().unwrap()));
+            assert!(out
+                .desired
+                .frontends
+                .keys()
+                .all(|k| k.addr == "198.19.0.11".parse::<Ipv4Addr>().unwrap()));
         }
         let bad_slice = WEB_SLICE.replace("[198.18.1.2]", "[198.18.1.x]");
         let out = desired(&[svc(WEB)], &[eps(&bad_slice)]);
@@ -525,7 +572,10 @@ endpoints:
         assert_eq!(out.problems[0].object, "EndpointSlice shop/web-a");
         let unlabelled = WEB_SLICE.replace("  labels: {kubernetes.io/service-name: web}\n", "");
         let out = desired(&[svc(WEB)], &[eps(&unlabelled)]);
-        assert_eq!(out.problems[0].field, "metadata.labels[kubernetes.io/service-name]");
+        assert_eq!(
+            out.problems[0].field,
+            "metadata.labels[kubernetes.io/service-name]"
+        );
     }
 
     #[test]

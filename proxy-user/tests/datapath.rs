@@ -73,7 +73,7 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
     );
     assert_eq!(seen.dport, 8080);
 
-    let ct = dp.conntrack().unwrap();
+    let ct = &dp.maps.conntrack;
     let orig = ct
         .get(&ct_key(CLIENT, 40000, VIP, 80, IPPROTO_TCP), 0)
         .expect("original entry");
@@ -123,7 +123,7 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
     assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
     assert_eq!(counter(&mut dp, Counter::CtOriginal), 50);
     assert_eq!(counter(&mut dp, Counter::CtReply), 1);
-    let stats = dp.service_stats(1).unwrap();
+    let stats = dp.maps.service_stats(1).unwrap();
     assert_eq!((stats.new_flows, stats.packets), (1, 52));
 }
 
@@ -134,8 +134,8 @@ fn tcp_flags_of_a_flow_accumulate_in_its_entry() {
     run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, SYN).build());
     run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, FIN_ACK).build());
     let e = dp
-        .conntrack()
-        .unwrap()
+        .maps
+        .conntrack
         .get(&ct_key(CLIENT, 40002, VIP, 80, IPPROTO_TCP), 0)
         .unwrap();
     assert_eq!(e.tcp_flags & (TCP_SYN | TCP_FIN), TCP_SYN | TCP_FIN);
@@ -215,8 +215,8 @@ fn new_flows_spread_over_all_backends() {
             "backend {b} got {n} of {flows} flows: {per_backend:?}"
         );
     }
-    assert_eq!(dp.service_stats(1).unwrap().new_flows, flows as u64);
-    assert_eq!(dp.conntrack().unwrap().keys().count(), 2 * flows as usize);
+    assert_eq!(dp.maps.service_stats(1).unwrap().new_flows, flows as u64);
+    assert_eq!(dp.maps.conntrack.keys().count(), 2 * flows as usize);
 }
 
 #[test]
@@ -259,7 +259,7 @@ fn traffic_to_no_service_passes_untouched() {
         assert_eq!(out.bytes, frame, "{p:?} was modified");
     }
     assert_eq!(counter(&mut dp, Counter::PassNoService), cases.len() as u64);
-    assert_eq!(dp.conntrack().unwrap().keys().count(), 0);
+    assert_eq!(dp.maps.conntrack.keys().count(), 0);
 }
 
 #[test]
@@ -399,7 +399,7 @@ fn malformed_packets_are_never_translated() {
     // load as malformed-with-unknown-destination, i.e. passes it untouched.
 
     assert_eq!(
-        dp.conntrack().unwrap().keys().count(),
+        dp.maps.conntrack.keys().count(),
         0,
         "nothing may be tracked"
     );
@@ -463,7 +463,7 @@ fn a_service_without_backends_or_with_a_dangling_slot_drops_counted() {
 
     // A slot pointing at a backend id that does not exist.
     install_service(&mut dp, 4, "198.19.0.31", 80, IPPROTO_TCP, &[(50, B1, 80)]);
-    dp.backends().unwrap().remove(&50).unwrap();
+    dp.maps.backends.remove(&50).unwrap();
     let out = run(
         &mut dp,
         &Pkt::new(CLIENT, 44001, "198.19.0.31", 80, SYN).build(),
@@ -471,5 +471,5 @@ fn a_service_without_backends_or_with_a_dangling_slot_drops_counted() {
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::BackendMissing), 1);
     assert_eq!(counter(&mut dp, Counter::Dropped), 2);
-    assert_eq!(dp.conntrack().unwrap().keys().count(), 0);
+    assert_eq!(dp.maps.conntrack.keys().count(), 0);
 }

@@ -258,8 +258,8 @@ pub fn install_service(
     backends: &[(u32, &str, u16)],
 ) {
     for &(id, addr, bport) in backends {
-        dp.backends()
-            .unwrap()
+        dp.maps
+            .backends
             .insert(
                 id,
                 Backend {
@@ -273,8 +273,8 @@ pub fn install_service(
             .unwrap();
     }
     for (slot, &(id, _, _)) in backends.iter().enumerate() {
-        dp.slots()
-            .unwrap()
+        dp.maps
+            .slots
             .insert(
                 SlotKey {
                     svc_id,
@@ -297,12 +297,13 @@ pub fn install_service(
         flags: 0,
         affinity_timeout: 0,
     };
-    dp.services().unwrap().insert(key, value, 0).unwrap();
-    dp.service_addrs().unwrap().insert(key.addr, 1, 0).unwrap();
+    dp.maps.services.insert(key, value, 0).unwrap();
+    dp.maps.service_addrs.insert(key.addr, 1, 0).unwrap();
 }
 
 pub fn counter(dp: &mut Datapath, c: proxy_common::Counter) -> u64 {
-    dp.counters()
+    dp.maps
+        .counters()
         .unwrap()
         .into_iter()
         .find(|(k, _)| *k == c)
@@ -311,7 +312,8 @@ pub fn counter(dp: &mut Datapath, c: proxy_common::Counter) -> u64 {
 }
 
 pub fn drops(dp: &mut Datapath, r: proxy_common::DropReason) -> u64 {
-    dp.drops()
+    dp.maps
+        .drops()
         .unwrap()
         .into_iter()
         .find(|(k, _)| *k == r)
