@@ -1,6 +1,11 @@
 //! kpx: the userspace agent and CLI of an eBPF kube-proxy replacement.
 
+pub mod agent;
+pub mod attach;
+pub mod bpffs;
 pub mod datapath;
+pub mod dump;
 pub mod manifests;
 pub mod model;
 pub mod sync;
+pub mod testbed;

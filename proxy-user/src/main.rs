@@ -1,6 +1,16 @@
-use anyhow::Result;
-use clap::{Parser, Subcommand};
-use kpx::datapath::{Datapath, LoadOptions};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use kpx::{
+    agent::{self, Cidr},
+    attach::Patterns,
+    bpffs,
+    datapath::{Datapath, LoadOptions, MapSet},
+    dump,
+};
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/kpx";
 
 /// kpx: a kube-proxy replacement with an eBPF datapath.
 #[derive(Parser)]
@@ -12,20 +22,166 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the datapath into this kernel (the verifier runs) and report its maps.
+    /// Run the agent: load and attach the datapath, keep its maps in sync.
+    Agent(AgentArgs),
+    /// Show what the datapath's maps hold (works while an agent runs).
+    Dump {
+        what: DumpWhat,
+        /// Directory where the agent pinned its maps.
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove kpx's pinned maps (stop the agent first; its programs detach when it exits).
+    Cleanup {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Load the datapath into this kernel (the verifier runs) and report success.
     Check,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DumpWhat {
+    Services,
+    Backends,
+    Conntrack,
+    Stats,
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Serve the Services and EndpointSlices in this YAML file or directory
+    /// (standalone mode; edits take effect without restart).
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name, as in the EndpointSlices' nodeName (default: the hostname).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// An address of this node (repeatable).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// The cluster's pod CIDR(s), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<Cidr>,
+    /// Interfaces to attach to: names or glob patterns, comma-separated.
+    /// Interfaces that appear later are attached when they do. `lo` is never used.
+    #[arg(long, default_value = "*")]
+    interfaces: String,
+    /// bpffs directory for the pinned maps (bpffs is mounted if needed).
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Conntrack capacity in entries (two per flow). Applies when the maps are created.
+    #[arg(long)]
+    conntrack_max: Option<u32>,
+    /// How often the manifests are checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// How often the maps are re-read and any drift repaired.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    sync_period: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+    }
 }
 
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
-        Command::Check => check(),
+        Command::Agent(args) => run_agent(args),
+        Command::Dump { what, bpffs, json } => run_dump(what, &bpffs, json),
+        Command::Cleanup { bpffs } => {
+            let removed = bpffs::unpin_all(&bpffs)?;
+            println!(
+                "removed {} pinned maps from {}",
+                removed.len(),
+                bpffs.display()
+            );
+            Ok(())
+        }
+        Command::Check => {
+            Datapath::load(&LoadOptions::default())?;
+            println!("datapath loaded: the kernel's verifier accepted it");
+            Ok(())
+        }
     }
 }
 
-fn check() -> Result<()> {
-    let dp = Datapath::load(&LoadOptions::default())?;
-    println!("datapath loaded: the kernel's verifier accepted it");
-    drop(dp);
+fn run_agent(args: AgentArgs) -> Result<()> {
+    let hostname = match args.hostname_override {
+        Some(h) => h,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname (or pass --hostname-override)")?
+            .trim()
+            .to_string(),
+    };
+    // `lo` never carries pod traffic that needs translating.
+    let interfaces = Patterns::parse(&args.interfaces)?.excluding("lo");
+    let cfg = agent::Config {
+        manifests: args.manifests,
+        hostname,
+        node_ips: args.node_ips,
+        cluster_cidrs: args.cluster_cidr,
+        interfaces,
+        bpffs: args.bpffs,
+        conntrack_entries: args.conntrack_max,
+        poll: args.poll_interval,
+        resync: args.sync_period,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(agent::run(cfg))
+}
+
+fn run_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> Result<()> {
+    let maps = MapSet::open_pinned(dir)?;
+    let out = match what {
+        DumpWhat::Services => {
+            let rows = dump::services(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                dump::services_table(&rows)
+            }
+        }
+        DumpWhat::Backends => {
+            let rows = dump::backends(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                dump::backends_table(&rows)
+            }
+        }
+        DumpWhat::Conntrack => {
+            let rows = dump::conntrack(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                dump::conntrack_table(&rows)
+            }
+        }
+        DumpWhat::Stats => {
+            let s = dump::stats(&maps)?;
+            if json {
+                serde_json::to_string_pretty(&s)?
+            } else {
+                dump::stats_table(&s)
+            }
+        }
+    };
+    println!("{}", out.trim_end());
     Ok(())
 }

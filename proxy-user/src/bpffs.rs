@@ -1,0 +1,79 @@
+//! The bpffs directory where the maps are pinned.
+
+use std::{ffi::CString, fs, os::unix::ffi::OsStrExt, path::Path};
+
+use anyhow::{bail, Context as _, Result};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path; `st` is written by statfs.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(at: &Path) -> Result<()> {
+    let target = CString::new(at.as_os_str().as_bytes())?;
+    let fstype = CString::new("bpf")?;
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting bpffs at {}", at.display()));
+    }
+    log::info!("mounted bpffs at {}", at.display());
+    Ok(())
+}
+
+/// Makes sure `dir` exists on a bpffs, mounting one if needed: on
+/// `/sys/fs/bpf` when `dir` is below it (as systemd would), else on `dir`.
+pub fn ensure(dir: &Path) -> Result<()> {
+    if is_bpffs(dir) {
+        return Ok(());
+    }
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if dir.starts_with(sys_bpf) && dir != sys_bpf {
+        if !is_bpffs(sys_bpf) {
+            mount_bpffs(sys_bpf)?;
+        }
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    } else {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !is_bpffs(dir) {
+            mount_bpffs(dir)?;
+        }
+    }
+    if !is_bpffs(dir) {
+        bail!("{} is not on a bpffs", dir.display());
+    }
+    Ok(())
+}
+
+/// Removes kpx's pinned maps from `dir` (and `dir` if that empties it).
+/// Returns the names removed.
+pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
+    let mut removed = Vec::new();
+    for name in proxy_common::map_names::ALL {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => removed.push(name),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("unpinning {name}")),
+        }
+    }
+    // Only succeeds when empty; a bpffs mounted on `dir` itself stays.
+    let _ = fs::remove_dir(dir);
+    Ok(removed)
+}

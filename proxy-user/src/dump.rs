@@ -1,0 +1,412 @@
+//! `kpx dump`: what the datapath's maps hold, read from the pinned maps (so
+//! it works from another process while the agent runs), as aligned tables in
+//! the spirit of `ipvsadm -Ln`, or JSON.
+
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+
+use anyhow::Result;
+use proxy_common::{
+    wire, CtValue, CT_DIR_ORIGINAL, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP, IPPROTO_UDP,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
+use serde::Serialize;
+
+use crate::datapath::{name_from_bytes, MapSet};
+
+pub fn proto_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "TCP".into(),
+        IPPROTO_UDP => "UDP".into(),
+        other => format!("proto-{other}"),
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BackendRow {
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// Flows (conntrack, original direction) currently pointing at it.
+    pub flows: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub protocol: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub name: String,
+    pub svc_id: u32,
+    pub backends: Vec<BackendRow>,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Flows per (service id, backend id), from one pass over conntrack.
+fn flow_counts(maps: &MapSet) -> Result<BTreeMap<(u32, u32), u64>> {
+    let mut counts = BTreeMap::new();
+    for kv in maps.conntrack.iter() {
+        let (_, v) = kv?;
+        if v.dir == CT_DIR_ORIGINAL {
+            *counts.entry((v.svc_id, v.backend_id)).or_default() += 1;
+        }
+    }
+    Ok(counts)
+}
+
+pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
+    let state = maps.read_state()?;
+    let flows = flow_counts(maps)?;
+    let mut rows = Vec::new();
+    for (k, v) in &state.services {
+        let mut backends = Vec::new();
+        for slot in 0..v.count {
+            let key = proxy_common::SlotKey {
+                svc_id: v.svc_id,
+                slot,
+            };
+            let Some(id) = state.slots.get(&key) else {
+                continue;
+            };
+            let Some(b) = state.backends.get(id) else {
+                continue;
+            };
+            backends.push(BackendRow {
+                id: *id,
+                addr: wire::to_addr(b.addr),
+                port: wire::to_port(b.port),
+                flows: flows.get(&(v.svc_id, *id)).copied().unwrap_or(0),
+            });
+        }
+        backends.sort_by_key(|b| (b.addr, b.port));
+        let stats = maps.service_stats(v.svc_id)?;
+        rows.push(ServiceRow {
+            protocol: proto_name(k.proto),
+            vip: wire::to_addr(k.addr),
+            port: wire::to_port(k.port),
+            name: state.names.get(&v.svc_id).cloned().unwrap_or_default(),
+            svc_id: v.svc_id,
+            flows: flows
+                .range((v.svc_id, 0)..=(v.svc_id, u32::MAX))
+                .map(|(_, n)| n)
+                .sum(),
+            backends,
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+        });
+    }
+    rows.sort_by_key(|r| (r.vip, r.port, r.protocol.clone()));
+    Ok(rows)
+}
+
+pub fn services_table(rows: &[ServiceRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}",
+        "Prot", "Frontend", "Service", "Flows", "Packets", "NewFlows"
+    );
+    let _ = writeln!(out, "  -> {:<22} {:<32} {:>8}", "Backend", "Id", "Flows");
+    for r in rows {
+        let frontend = format!("{}:{}", r.vip, r.port);
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}",
+            r.protocol, frontend, r.name, r.flows, r.packets, r.new_flows
+        );
+        if r.backends.is_empty() {
+            let _ = writeln!(out, "  -> (no endpoints)");
+        }
+        for b in &r.backends {
+            let _ = writeln!(
+                out,
+                "  -> {:<22} {:<32} {:>8}",
+                format!("{}:{}", b.addr, b.port),
+                b.id,
+                b.flows
+            );
+        }
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendEntry {
+    pub id: u32,
+    pub protocol: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// Service port names whose slots point at this backend.
+    pub services: Vec<String>,
+    pub flows: u64,
+}
+
+pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
+    let state = maps.read_state()?;
+    let flows = flow_counts(maps)?;
+    let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for v in state.services.values() {
+        for slot in 0..v.count {
+            if let Some(id) = state.slots.get(&proxy_common::SlotKey {
+                svc_id: v.svc_id,
+                slot,
+            }) {
+                let name = state
+                    .names
+                    .get(&v.svc_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("svc {}", v.svc_id));
+                let list = users.entry(*id).or_default();
+                if !list.contains(&name) {
+                    list.push(name);
+                }
+            }
+        }
+    }
+    let mut rows: Vec<BackendEntry> = state
+        .backends
+        .iter()
+        .map(|(id, b)| BackendEntry {
+            id: *id,
+            protocol: proto_name(b.proto),
+            addr: wire::to_addr(b.addr),
+            port: wire::to_port(b.port),
+            services: users.remove(id).unwrap_or_default(),
+            flows: flows
+                .iter()
+                .filter(|((_, bid), _)| bid == id)
+                .map(|(_, n)| n)
+                .sum(),
+        })
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+pub fn backends_table(rows: &[BackendEntry]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>6} {:<5} {:<22} {:>8}  Services",
+        "Id", "Prot", "Backend", "Flows"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:>6} {:<5} {:<22} {:>8}  {}",
+            r.id,
+            r.protocol,
+            format!("{}:{}", r.addr, r.port),
+            r.flows,
+            if r.services.is_empty() {
+                "(unused)".to_string()
+            } else {
+                r.services.join(", ")
+            }
+        );
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct CtRow {
+    pub protocol: String,
+    /// "original" (client → frontend) or "reply" (backend → client).
+    pub direction: &'static str,
+    /// The tuple as the packet arrives.
+    pub src: String,
+    pub dst: String,
+    /// The tuple after translation.
+    pub translated_src: String,
+    pub translated_dst: String,
+    pub tcp_flags: String,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    pub service: String,
+    pub backend_id: u32,
+}
+
+pub fn tcp_flags(f: u8) -> String {
+    let names = [
+        (TCP_SYN, "SYN"),
+        (TCP_ACK, "ACK"),
+        (TCP_FIN, "FIN"),
+        (TCP_RST, "RST"),
+    ];
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| f & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    v.join(",")
+}
+
+pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
+    let now = monotonic_ns();
+    let mut names = BTreeMap::new();
+    for kv in maps.service_names.iter() {
+        let (id, n) = kv?;
+        names.insert(id, name_from_bytes(&n));
+    }
+    let mut rows = Vec::new();
+    for kv in maps.conntrack.iter() {
+        let (k, v): (_, CtValue) = kv?;
+        let ep = |a: u32, p: u16| format!("{}:{}", wire::to_addr(a), wire::to_port(p));
+        let (tsrc, tdst) = (
+            if v.flags & CT_F_REWRITE_SRC != 0 {
+                ep(v.new_src_addr, v.new_src_port)
+            } else {
+                ep(k.src_addr, k.src_port)
+            },
+            if v.flags & CT_F_REWRITE_DST != 0 {
+                ep(v.new_dst_addr, v.new_dst_port)
+            } else {
+                ep(k.dst_addr, k.dst_port)
+            },
+        );
+        rows.push(CtRow {
+            protocol: proto_name(k.proto),
+            direction: if v.dir == CT_DIR_ORIGINAL {
+                "original"
+            } else {
+                "reply"
+            },
+            src: ep(k.src_addr, k.src_port),
+            dst: ep(k.dst_addr, k.dst_port),
+            translated_src: tsrc,
+            translated_dst: tdst,
+            tcp_flags: tcp_flags(v.tcp_flags),
+            age_seconds: now.saturating_sub(v.created_ns) as f64 / 1e9,
+            idle_seconds: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
+            service: names
+                .get(&v.svc_id)
+                .cloned()
+                .unwrap_or_else(|| format!("svc {}", v.svc_id)),
+            backend_id: v.backend_id,
+        });
+    }
+    rows.sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
+    Ok(rows)
+}
+
+pub fn conntrack_table(rows: &[CtRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<5} {:<8} {:<44} {:<44} {:<12} {:>8} {:>8}  Service",
+        "Prot", "Dir", "Tuple (as received)", "Translated to", "TCP flags", "Age", "Idle"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<8} {:<44} {:<44} {:<12} {:>7.1}s {:>7.1}s  {}",
+            r.protocol,
+            r.direction,
+            format!("{} -> {}", r.src, r.dst),
+            format!("{} -> {}", r.translated_src, r.translated_dst),
+            r.tcp_flags,
+            r.age_seconds,
+            r.idle_seconds,
+            r.service
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} entries ({} flows)",
+        rows.len(),
+        rows.iter().filter(|r| r.direction == "original").count()
+    );
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatsRow {
+    pub name: String,
+    pub frontend: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub counters: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub conntrack_entries: u64,
+    pub services: Vec<ServiceStatsRow>,
+}
+
+pub fn stats(maps: &MapSet) -> Result<Stats> {
+    let counters = maps
+        .counters()?
+        .into_iter()
+        .map(|(c, n)| (c.name(), n))
+        .collect();
+    let drops = maps
+        .drops()?
+        .into_iter()
+        .map(|(r, n)| (r.name(), n))
+        .collect();
+    let conntrack_entries = maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64;
+    let services = services(maps)?
+        .into_iter()
+        .map(|r| ServiceStatsRow {
+            frontend: format!("{}:{}/{}", r.vip, r.port, r.protocol),
+            name: r.name,
+            packets: r.packets,
+            bytes: r.bytes,
+            new_flows: r.new_flows,
+        })
+        .collect();
+    Ok(Stats {
+        counters,
+        drops,
+        conntrack_entries,
+        services,
+    })
+}
+
+pub fn stats_table(s: &Stats) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Datapath counters");
+    for (k, v) in &s.counters {
+        let _ = writeln!(out, "  {k:<24} {v:>12}");
+    }
+    let _ = writeln!(out, "Drops by reason");
+    for (k, v) in &s.drops {
+        let _ = writeln!(out, "  {k:<24} {v:>12}");
+    }
+    let _ = writeln!(
+        out,
+        "Conntrack entries          {:>12}",
+        s.conntrack_entries
+    );
+    let _ = writeln!(out, "Services");
+    let _ = writeln!(
+        out,
+        "  {:<32} {:<26} {:>10} {:>12} {:>10}",
+        "Service", "Frontend", "Packets", "Bytes", "NewFlows"
+    );
+    for r in &s.services {
+        let _ = writeln!(
+            out,
+            "  {:<32} {:<26} {:>10} {:>12} {:>10}",
+            r.name, r.frontend, r.packets, r.bytes, r.new_flows
+        );
+    }
+    out
+}

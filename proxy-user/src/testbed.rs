@@ -1,0 +1,617 @@
+//! A test bed of network namespaces: one node running a real `kpx agent`,
+//! pods wired to it by veth pairs, real TCP/UDP servers answering with their
+//! identity, and clients. Used by the end-to-end tests and the demo.
+//!
+//! Everything lives in namespaces created here, with no link to the root
+//! namespace and no route out; addresses come from 198.18.0.0/15. Dropping a
+//! [`Cluster`] stops its agent and servers and removes its namespaces, mounts
+//! and files, also when a test fails.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// The node's address on every pod link (each pod routes through it).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const WORK_ROOT: &str = "/run/kpx-testbed";
+const PREFIX: &str = "kpxtb";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self> {
+        ip(&["netns", "add", name])?;
+        let ns = Self { name: name.into() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Writes a sysctl of this namespace (e.g. `net/ipv4/ip_forward`).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{key}");
+        let value = value.to_string();
+        self.enter(move || fs::write(&path, value).with_context(|| format!("writing {path}")))?
+    }
+
+    fn file(&self) -> Result<fs::File> {
+        fs::File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening netns {}", self.name))
+    }
+
+    /// Runs `f` on a thread that has joined this namespace. Sockets created
+    /// there stay in the namespace whichever thread uses them later.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = self.file()?;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                // SAFETY: setns on this thread only (network namespaces are
+                // per thread); `file` is an open netns file.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error()).context("setns");
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow!("thread in netns panicked"))?
+        })
+    }
+
+    /// A command that will run inside this namespace (same mount namespace
+    /// as the caller, so bpffs mounts and files are shared).
+    pub fn command(&self, program: &Path) -> Result<Command> {
+        let file = self.file()?;
+        let mut cmd = Command::new(program);
+        // SAFETY: between fork and exec only setns, an async-signal-safe
+        // syscall, runs; `file` stays open in the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// The node-side end of the pod's veth pair.
+    pub host_if: String,
+    pub netns: Netns,
+}
+
+/// A running `kpx agent` (a child process), stopped on drop.
+pub struct Agent {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 10 s.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Servers answering every TCP line and every UDP datagram with an identity.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The test bed: a node namespace and pods. Fields drop in order: agent,
+/// servers, pods, node, then the work directory.
+pub struct Cluster {
+    pub id: String,
+    pub agent: Option<Agent>,
+    pub servers: Vec<Servers>,
+    pub pods: Vec<Pod>,
+    pub node: Netns,
+    pub workdir: PathBuf,
+}
+
+impl Cluster {
+    /// A node and one pod per `(name, address)`.
+    pub fn new(pods: &[(&str, Ipv4Addr)]) -> Result<Self> {
+        reap_leftovers();
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let workdir = Path::new(WORK_ROOT).join(&id);
+        fs::create_dir_all(workdir.join("manifests"))
+            .with_context(|| format!("creating {}", workdir.display()))?;
+        let node = Netns::create(&format!("{id}-node"))?;
+        let mut cluster = Self {
+            id: id.clone(),
+            agent: None,
+            servers: Vec::new(),
+            pods: Vec::new(),
+            node,
+            workdir,
+        };
+        cluster.node.sysctl("net/ipv4/ip_forward", "1")?;
+        for (i, (name, addr)) in pods.iter().enumerate() {
+            cluster.add_pod(name, *addr, i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_pod(&mut self, name: &str, addr: Ipv4Addr, i: usize) -> Result<()> {
+        let netns = Netns::create(&format!("{}-p{i}", self.id))?;
+        let host_if = format!("kpxh{i}");
+        let (a, gw) = (format!("{addr}/32"), format!("{GATEWAY}/32"));
+        // Created inside the node namespace, the peer moved straight into
+        // the pod's: nothing ever appears in the root namespace.
+        self.node.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ])?;
+        self.node.ip(&["addr", "add", &gw, "dev", &host_if])?;
+        self.node.ip(&["link", "set", &host_if, "up"])?;
+        self.node.ip(&["route", "add", &a, "dev", &host_if])?;
+        netns.ip(&["addr", "add", &a, "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        netns.ip(&["route", "add", &gw, "dev", "eth0"])?;
+        netns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY.to_string(),
+            "dev",
+            "eth0",
+        ])?;
+        self.pods.push(Pod {
+            name: name.into(),
+            ip: addr,
+            host_if,
+            netns,
+        });
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.workdir.join("manifests")
+    }
+
+    pub fn bpffs(&self) -> PathBuf {
+        self.workdir.join("bpf")
+    }
+
+    /// Writes (or replaces) a manifest file atomically.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let dir = self.manifests_dir();
+        let tmp = dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, dir.join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        Ok(fs::remove_file(self.manifests_dir().join(file))?)
+    }
+
+    /// Starts `kpx agent` in the node namespace on the manifests directory.
+    pub fn start_agent(&mut self, kpx: &Path, extra: &[&str]) -> Result<()> {
+        let log = self.workdir.join("agent.log");
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = self.node.command(kpx)?;
+        cmd.arg("agent")
+            .arg("--manifests")
+            .arg(self.manifests_dir())
+            .arg("--bpffs")
+            .arg(self.bpffs())
+            .args([
+                "--hostname-override",
+                "node-1",
+                "--node-ip",
+                &GATEWAY.to_string(),
+            ])
+            .args(["--cluster-cidr", "198.18.0.0/16", "--interfaces", "kpxh*"])
+            .args(["--poll-interval", "200ms"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        let child = cmd.spawn().context("starting kpx agent")?;
+        self.agent = Some(Agent { child, log });
+        Ok(())
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent.as_ref().map(Agent::log_text).unwrap_or_default()
+    }
+
+    /// Starts TCP and UDP servers in pod `name` answering with its name.
+    pub fn serve(&mut self, name: &str, tcp_port: u16, udp_port: u16) -> Result<()> {
+        let pod = self.pod(name);
+        let identity = pod.name.clone();
+        let (tcp, udp) = pod.netns.enter(move || -> Result<_> {
+            let tcp = TcpListener::bind(("0.0.0.0", tcp_port))?;
+            let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
+            Ok((tcp, udp))
+        })??;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        tcp.set_nonblocking(true)?;
+        {
+            let (stop, identity) = (stop.clone(), identity.clone());
+            threads.push(std::thread::spawn(move || {
+                tcp_server(tcp, &identity, &stop)
+            }));
+        }
+        udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+        {
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                udp_server(udp, &identity, &stop)
+            }));
+        }
+        self.servers.push(Servers { stop, threads });
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.stop();
+        }
+        self.servers.clear();
+        self.pods.clear();
+        let bpf = self.bpffs();
+        if let Ok(c) = std::ffi::CString::new(bpf.as_os_str().as_encoded_bytes()) {
+            // SAFETY: valid path; detaching a mount this test bed made.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
+
+/// Removes namespaces and work directories left by test beds of processes
+/// that no longer exist (a test killed before it could clean up).
+fn reap_leftovers() {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    let pid_of = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|r| r.split('x').next())
+            .map(str::to_string)
+    };
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if let Some(pid) = pid_of(name) {
+                if !alive(&pid) {
+                    let _ = ip(&["netns", "del", name]);
+                }
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir(WORK_ROOT) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = pid_of(&name) {
+                if !alive(&pid) {
+                    if let Ok(c) =
+                        std::ffi::CString::new(e.path().join("bpf").as_os_str().as_encoded_bytes())
+                    {
+                        // SAFETY: valid path of a dead test bed's mount.
+                        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                    }
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn tcp_server(listener: TcpListener, identity: &str, stop: &AtomicBool) {
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let identity = identity.to_string();
+                conns.push(std::thread::spawn(move || tcp_conn(stream, &identity)));
+            }
+            // WouldBlock, or a transient accept error.
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+        conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+    }
+}
+
+/// Answers each line with the identity; ends at EOF, error, or 30 s idle.
+fn tcp_conn(stream: TcpStream, identity: &str) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                if writer
+                    .write_all(format!("{identity}\n").as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn udp_server(sock: UdpSocket, identity: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(identity.as_bytes(), from);
+        }
+    }
+}
+
+/// A TCP connection made from inside a pod, asking for identities.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    pub fn open(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Self> {
+        let stream =
+            from.enter(move || TcpStream::connect_timeout(&SocketAddr::V4(to), timeout))??;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    pub fn peer(&self) -> Result<SocketAddr> {
+        Ok(self.writer.peer_addr()?)
+    }
+
+    /// Sends a line, returns the server's identity.
+    pub fn ask(&mut self) -> Result<String> {
+        self.writer.write_all(b"who?\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// One TCP connection: connect, ask once, close. Returns the identity.
+pub fn tcp_ask(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<String> {
+    Conn::open(from, to, timeout)?.ask()
+}
+
+/// `n` TCP connections from one pod, each asked once; identities in order.
+pub fn tcp_ask_many(
+    from: &Netns,
+    to: SocketAddrV4,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    from.enter(move || -> Result<Vec<String>> {
+        (0..n)
+            .map(|_| {
+                let stream = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)?;
+                stream.set_read_timeout(Some(timeout))?;
+                let mut c = Conn {
+                    writer: stream.try_clone()?,
+                    reader: BufReader::new(stream),
+                };
+                c.ask()
+            })
+            .collect()
+    })?
+}
+
+/// An answer to a UDP request.
+#[derive(Clone, Debug)]
+pub struct UdpAnswer {
+    pub identity: String,
+    /// Where the answer came from (must be the address asked).
+    pub from: SocketAddr,
+    /// The client's source port (the kernel may reuse one: same flow).
+    pub local_port: u16,
+}
+
+/// `n` UDP requests, each from a fresh socket.
+pub fn udp_ask_many(
+    from: &Netns,
+    to: SocketAddrV4,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<UdpAnswer>> {
+    from.enter(move || -> Result<Vec<UdpAnswer>> {
+        (0..n)
+            .map(|_| {
+                let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+                sock.set_read_timeout(Some(timeout))?;
+                sock.send_to(b"who?", to)?;
+                let mut buf = [0u8; 512];
+                let (len, src) = sock.recv_from(&mut buf)?;
+                Ok(UdpAnswer {
+                    identity: String::from_utf8_lossy(&buf[..len]).into_owned(),
+                    from: src,
+                    local_port: sock.local_addr()?.port(),
+                })
+            })
+            .collect()
+    })?
+}
+
+/// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Service and EndpointSlice YAML for a ClusterIP service with a TCP port
+/// `http` and a UDP port `dns`.
+pub fn service_yaml(
+    name: &str,
+    vip: Ipv4Addr,
+    tcp: (u16, u16),
+    udp: (u16, u16),
+    endpoints: &[Ipv4Addr],
+) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|e| format!("- addresses: [\"{e}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: ClusterIP
+  clusterIP: {vip}
+  ports:
+  - {{name: http, protocol: TCP, port: {}, targetPort: {}}}
+  - {{name: dns, protocol: UDP, port: {}, targetPort: {}}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+- {{name: http, protocol: TCP, port: {}}}
+- {{name: dns, protocol: UDP, port: {}}}
+endpoints:
+{eps}",
+        tcp.0, tcp.1, udp.0, udp.1, tcp.1, udp.1
+    )
+}

@@ -1,0 +1,365 @@
+//! End to end: the real `kpx agent` binary in a node namespace, real TCP and
+//! UDP servers in pod namespaces, real clients, traffic through the VIP.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use kpx::{
+    datapath::MapSet,
+    testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn},
+};
+
+const KPX: &str = env!("CARGO_BIN_EXE_kpx");
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const T: Duration = Duration::from_secs(3);
+
+fn backends() -> [(&'static str, Ipv4Addr); 4] {
+    [
+        ("client", Ipv4Addr::new(198, 18, 2, 2)),
+        ("web-1", Ipv4Addr::new(198, 18, 1, 1)),
+        ("web-2", Ipv4Addr::new(198, 18, 1, 2)),
+        ("web-3", Ipv4Addr::new(198, 18, 1, 3)),
+    ]
+}
+
+/// Root and netns tooling are needed; without them the test is skipped,
+/// except under CI, where that is a failure.
+fn cluster(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let result = if root {
+        Cluster::new(pods)
+    } else {
+        Err(anyhow::anyhow!("not root"))
+    };
+    match result {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: end-to-end tests need root and iproute2: {e:#}");
+            None
+        }
+        Err(e) => panic!("CI is set and the test bed cannot be built: {e:#}"),
+    }
+}
+
+/// The agent has applied `n` frontends with `backends` endpoints each.
+fn wait_synced(c: &Cluster, frontends: usize, endpoints: &[u32]) {
+    let ok = wait_for(Duration::from_secs(20), || {
+        let maps = MapSet::open_pinned(&c.bpffs()).ok()?;
+        let st = maps.read_state().ok()?;
+        let mut counts: Vec<u32> = st.services.values().map(|v| v.count).collect();
+        counts.sort();
+        let mut want = endpoints.to_vec();
+        want.sort();
+        (st.services.len() == frontends && counts == want).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "agent did not sync in time; log:\n{}",
+        c.agent_log()
+    );
+}
+
+fn web(c: &Cluster, endpoints: &[&str]) -> String {
+    let ips: Vec<Ipv4Addr> = endpoints.iter().map(|n| c.pod(n).ip).collect();
+    service_yaml("web", VIP, (80, 8080), (53, 5353), &ips)
+}
+
+fn spread(ids: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for id in ids {
+        *m.entry(id.clone()).or_default() += 1;
+    }
+    m
+}
+
+fn start(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
+    let mut c = cluster(pods)?;
+    for (name, _) in pods.iter().filter(|(n, _)| n.starts_with("web")) {
+        c.serve(name, 8080, 5353).unwrap();
+    }
+    Some(c)
+}
+
+#[test]
+fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let client = &c.pod("client").netns;
+
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 300, T)
+        .unwrap_or_else(|e| panic!("TCP through the VIP: {e:#}\n{}", c.agent_log()));
+    let tcp = spread(&ids);
+    assert_eq!(tcp.len(), 3, "{tcp:?}");
+    // 100 each expected; 50 is five standard deviations away.
+    assert!(tcp.values().all(|&n| n >= 50), "unfair TCP spread {tcp:?}");
+
+    let answers = udp_ask_many(client, SocketAddrV4::new(VIP, 53), 150, T)
+        .unwrap_or_else(|e| panic!("UDP through the VIP: {e:#}\n{}", c.agent_log()));
+    for a in &answers {
+        assert_eq!(
+            a.from,
+            SocketAddr::V4(SocketAddrV4::new(VIP, 53)),
+            "reply not from the VIP"
+        );
+    }
+    // A reused source port is the same flow.
+    let flows = answers
+        .iter()
+        .map(|a| a.local_port)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let ids: Vec<String> = answers.into_iter().map(|a| a.identity).collect();
+    let udp = spread(&ids);
+    assert_eq!(udp.len(), 3, "{udp:?}");
+    assert!(udp.values().all(|&n| n >= 20), "unfair UDP spread {udp:?}");
+
+    // What `kpx dump` shows matches what was configured and what happened.
+    let out = Command::new(KPX)
+        .args(["dump", "services", "--json", "--bpffs"])
+        .arg(c.bpffs())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let http = rows.iter().find(|r| r["protocol"] == "TCP").unwrap();
+    assert_eq!(http["vip"], VIP.to_string());
+    assert_eq!(http["port"], 80);
+    assert_eq!(http["name"], "default/web:http");
+    let mut got: Vec<String> = http["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{}:{}", b["addr"].as_str().unwrap(), b["port"]))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        ["198.18.1.1:8080", "198.18.1.2:8080", "198.18.1.3:8080"]
+    );
+    assert_eq!(http["new_flows"], 300);
+    let dns = rows.iter().find(|r| r["protocol"] == "UDP").unwrap();
+    assert_eq!(
+        (dns["port"].as_u64(), dns["new_flows"].as_u64()),
+        (Some(53), Some(flows as u64))
+    );
+
+    let table = Command::new(KPX)
+        .args(["dump", "services", "--bpffs"])
+        .arg(c.bpffs())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("198.19.0.10:80") && table.contains("-> 198.18.1.2:8080"),
+        "{table}"
+    );
+}
+
+#[test]
+fn endpoint_changes_apply_without_restart_and_live_connections_keep_their_backend() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let yaml = web(&c, &["web-1", "web-2"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    let vip = SocketAddrV4::new(VIP, 80);
+
+    // A long-lived connection, and its backend.
+    let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
+    let first = long.ask().unwrap();
+    assert_eq!(long.peer().unwrap(), SocketAddr::V4(vip));
+
+    // Add web-3: new connections reach it.
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let ids = tcp_ask_many(&c.pod("client").netns, vip, 120, T).unwrap();
+    assert!(spread(&ids).contains_key("web-3"), "{:?}", spread(&ids));
+    assert_eq!(
+        long.ask().unwrap(),
+        first,
+        "the long-lived connection moved"
+    );
+
+    // Remove the long connection's backend from the endpoints... unless it
+    // is the only one we would keep; remove another one instead.
+    let gone = if first == "web-1" { "web-2" } else { "web-1" };
+    let keep: Vec<&str> = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .filter(|n| *n != gone)
+        .collect();
+    let yaml = web(&c, &keep);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    let ids = tcp_ask_many(&c.pod("client").netns, vip, 120, T).unwrap();
+    assert!(
+        !ids.iter().any(|i| i == gone),
+        "removed backend {gone} still reached"
+    );
+    assert_eq!(
+        long.ask().unwrap(),
+        first,
+        "the long-lived connection moved"
+    );
+
+    // The service removed from the manifests stops answering.
+    c.remove_manifest("web.yaml").unwrap();
+    wait_synced(&c, 0, &[]);
+    assert!(
+        tcp_ask(&c.pod("client").netns, vip, Duration::from_secs(1)).is_err(),
+        "VIP still answers"
+    );
+}
+
+#[test]
+fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    let bad = |name: &str, vip: &str| {
+        service_yaml(
+            name,
+            vip.parse().unwrap(),
+            (80, 8080),
+            (53, 5353),
+            &[Ipv4Addr::new(198, 18, 1, 1)],
+        )
+    };
+    let broken = [
+        (
+            "bad-ip.yaml",
+            bad("bad-ip", "198.19.0.20")
+                .replace("clusterIP: 198.19.0.20", "clusterIP: 198.19.0.300"),
+            "Service default/bad-ip",
+            "spec.clusterIP",
+        ),
+        (
+            "bad-port.yaml",
+            bad("bad-port", "198.19.0.21").replace("port: 80,", "port: 70000,"),
+            "Service default/bad-port",
+            "spec.ports[0].port",
+        ),
+        (
+            "bad-proto.yaml",
+            bad("bad-proto", "198.19.0.22")
+                .replace("protocol: UDP, port: 53,", "protocol: QUIC, port: 53,"),
+            "Service default/bad-proto",
+            "spec.ports[1].protocol",
+        ),
+        (
+            "no-ports-name.yaml",
+            bad("bad-meta", "198.19.0.23").replace(
+                "metadata: {name: bad-meta, namespace: default}",
+                "metadata: {namespace: default}",
+            ),
+            "Service default/<unnamed>",
+            "metadata.name",
+        ),
+        (
+            "bad-endpoint.yaml",
+            bad("bad-ep", "198.19.0.24")
+                .replace("addresses: [\"198.18.1.1\"]", "addresses: [\"198.18.1.x\"]"),
+            "EndpointSlice default/bad-ep-1",
+            "endpoints[0].addresses[0]",
+        ),
+        (
+            "syntax.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n".to_string(),
+            "document",
+            "-",
+        ),
+    ];
+    for (file, text, _, _) in &broken {
+        c.write_manifest(file, text).unwrap();
+    }
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    // web's two frontends, plus bad-ep's (whose slice alone was skipped:
+    // the service exists with no endpoints).
+    wait_synced(&c, 4, &[3, 3, 0, 0]);
+    let log = c.agent_log();
+    for (file, _, object, field) in &broken {
+        let line = log
+            .lines()
+            .find(|l| l.contains("skipped invalid input") && l.contains(file))
+            .unwrap_or_else(|| panic!("no report for {file}:\n{log}"));
+        assert!(
+            line.contains(object) && line.contains(&format!("field {field}")),
+            "{line}"
+        );
+    }
+    let client = &c.pod("client").netns;
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 60, T).unwrap();
+    assert_eq!(spread(&ids).len(), 3);
+    let answers = udp_ask_many(client, SocketAddrV4::new(VIP, 53), 30, T).unwrap();
+    assert_eq!(answers.len(), 30);
+}
+
+#[test]
+fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
+    let first = long.ask().unwrap();
+
+    // SIGTERM: clean exit, programs detached (the VIP stops answering new
+    // connections), maps still pinned.
+    let status = c.agent.as_mut().unwrap().stop().unwrap();
+    assert!(status.success(), "agent exit {status}:\n{}", c.agent_log());
+    assert!(c.agent_log().contains("maps stay pinned"));
+    assert!(tcp_ask(&c.pod("client").netns, vip, Duration::from_millis(500)).is_err());
+    assert!(MapSet::open_pinned(&c.bpffs()).is_ok());
+
+    // Restart: resumes with the same maps (nothing to write) and the old
+    // connection's conntrack entry still sends it to its backend.
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    let resumed = wait_for(Duration::from_secs(20), || {
+        c.agent_log()
+            .lines()
+            .any(|l| l.contains("synced 2 frontends") && l.contains(": 0 map writes"))
+            .then_some(())
+    });
+    assert!(resumed.is_some(), "{}", c.agent_log());
+    assert!(c.agent_log().contains("hold 2 frontends"));
+    assert_eq!(
+        long.ask().unwrap(),
+        first,
+        "the long connection lost its backend"
+    );
+
+    c.agent.as_mut().unwrap().stop().unwrap();
+    let out = Command::new(KPX)
+        .args(["cleanup", "--bpffs"])
+        .arg(c.bpffs())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 9 pinned maps"));
+    assert!(MapSet::open_pinned(&c.bpffs()).is_err());
+}
