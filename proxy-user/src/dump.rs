@@ -37,6 +37,9 @@ pub struct BackendRow {
     pub id: u32,
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// "active": new flows may pick it; "removed": no longer an endpoint,
+    /// but flows it already had still reach it.
+    pub state: &'static str,
     /// Flows (conntrack, original direction) currently pointing at it.
     pub flows: u64,
 }
@@ -55,13 +58,22 @@ pub struct ServiceRow {
     pub new_flows: u64,
 }
 
-/// Flows per (service id, backend id), from one pass over conntrack.
-fn flow_counts(maps: &MapSet) -> Result<BTreeMap<(u32, u32), u64>> {
+/// (service id, backend id) → (flows, backend address and port as the flows
+/// know them).
+type FlowCounts = BTreeMap<(u32, u32), (u64, Ipv4Addr, u16)>;
+
+/// Flows per service and backend, from one pass over conntrack.
+fn flow_counts(maps: &MapSet) -> Result<FlowCounts> {
     let mut counts = BTreeMap::new();
     for kv in maps.conntrack.iter() {
         let (_, v) = kv?;
         if v.dir == CT_DIR_ORIGINAL {
-            *counts.entry((v.svc_id, v.backend_id)).or_default() += 1;
+            let e = counts.entry((v.svc_id, v.backend_id)).or_insert((
+                0,
+                wire::to_addr(v.new_dst_addr),
+                wire::to_port(v.new_dst_port),
+            ));
+            e.0 += 1;
         }
     }
     Ok(counts)
@@ -88,10 +100,22 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
                 id: *id,
                 addr: wire::to_addr(b.addr),
                 port: wire::to_port(b.port),
-                flows: flows.get(&(v.svc_id, *id)).copied().unwrap_or(0),
+                state: "active",
+                flows: flows.get(&(v.svc_id, *id)).map_or(0, |f| f.0),
             });
         }
-        backends.sort_by_key(|b| (b.addr, b.port));
+        for ((_, id), (n, addr, port)) in flows.range((v.svc_id, 0)..=(v.svc_id, u32::MAX)) {
+            if !backends.iter().any(|b| b.id == *id) {
+                backends.push(BackendRow {
+                    id: *id,
+                    addr: *addr,
+                    port: *port,
+                    state: "removed",
+                    flows: *n,
+                });
+            }
+        }
+        backends.sort_by_key(|b| (b.state, b.addr, b.port));
         let stats = maps.service_stats(v.svc_id)?;
         rows.push(ServiceRow {
             protocol: proto_name(k.proto),
@@ -101,7 +125,7 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
             svc_id: v.svc_id,
             flows: flows
                 .range((v.svc_id, 0)..=(v.svc_id, u32::MAX))
-                .map(|(_, n)| n)
+                .map(|(_, f)| f.0)
                 .sum(),
             backends,
             packets: stats.packets,
@@ -120,7 +144,11 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}",
         "Prot", "Frontend", "Service", "Flows", "Packets", "NewFlows"
     );
-    let _ = writeln!(out, "  -> {:<22} {:<32} {:>8}", "Backend", "Id", "Flows");
+    let _ = writeln!(
+        out,
+        "  -> {:<22} {:<32} {:>8}",
+        "Backend", "Id, state", "Flows"
+    );
     for r in rows {
         let frontend = format!("{}:{}", r.vip, r.port);
         let _ = writeln!(
@@ -189,7 +217,7 @@ pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
             flows: flows
                 .iter()
                 .filter(|((_, bid), _)| bid == id)
-                .map(|(_, n)| n)
+                .map(|(_, f)| f.0)
                 .sum(),
         })
         .collect();

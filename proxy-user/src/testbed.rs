@@ -224,13 +224,15 @@ impl Cluster {
             workdir,
         };
         cluster.node.sysctl("net/ipv4/ip_forward", "1")?;
-        for (i, (name, addr)) in pods.iter().enumerate() {
-            cluster.add_pod(name, *addr, i)?;
+        for (name, addr) in pods {
+            cluster.add_pod(name, *addr)?;
         }
         Ok(cluster)
     }
 
-    fn add_pod(&mut self, name: &str, addr: Ipv4Addr, i: usize) -> Result<()> {
+    /// Adds a pod (also while an agent runs: a new interface on the node).
+    pub fn add_pod(&mut self, name: &str, addr: Ipv4Addr) -> Result<()> {
+        let i = self.pods.len();
         let netns = Netns::create(&format!("{}-p{i}", self.id))?;
         let host_if = format!("kpxh{i}");
         let (a, gw) = (format!("{addr}/32"), format!("{GATEWAY}/32"));

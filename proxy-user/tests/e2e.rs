@@ -363,3 +363,26 @@ fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 9 pinned maps"));
     assert!(MapSet::open_pinned(&c.bpffs()).is_err());
 }
+
+#[test]
+fn interfaces_that_appear_later_are_attached() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    // A pod created after the agent started: its node-side veth appears then.
+    c.add_pod("late", Ipv4Addr::new(198, 18, 2, 3)).unwrap();
+    let host_if = c.pod("late").host_if.clone();
+    let attached = wait_for(Duration::from_secs(10), || {
+        c.agent_log()
+            .contains(&format!("attached tc ingress to {host_if}"))
+            .then_some(())
+    });
+    assert!(attached.is_some(), "{}", c.agent_log());
+    let ids = tcp_ask_many(&c.pod("late").netns, SocketAddrV4::new(VIP, 80), 30, T)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log()));
+    assert_eq!(ids.len(), 30);
+}

@@ -30,6 +30,8 @@ enum Task {
     Lint,
     /// Benchmarks: the datapath's cost per packet in the kernel.
     Bench,
+    /// Run kpx for real on a namespace "cluster" and show it working (root).
+    Demo,
 }
 
 fn main() -> Result<()> {
@@ -72,6 +74,30 @@ fn main() -> Result<()> {
                 ])
                 .args(["-Z", "build-std=core", "--", "-D", "warnings"])
                 .current_dir(workspace_root().join("proxy-ebpf")))
+        }
+        Task::Demo => {
+            setup::run()?;
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!("the demo creates network namespaces and loads eBPF: run it as root");
+            }
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "proxy-user",
+                "--bin",
+                "kpx",
+                "--example",
+                "demo",
+            ])?;
+            let root = workspace_root();
+            let release = root.join("target/release");
+            run(Command::new(release.join("examples/demo"))
+                .arg("--kpx")
+                .arg(release.join("kpx"))
+                .arg("--manifest")
+                .arg(root.join("examples/web.yaml")))
         }
         Task::Bench => {
             setup::run()?;

@@ -1,0 +1,146 @@
+//! `cargo xtask demo`: kpx for real, in a minute, on a namespace "cluster".
+//!
+//! A node namespace runs `kpx agent` on `examples/web.yaml`; three pod
+//! namespaces run TCP and UDP servers; a client pod talks to the service's
+//! VIP. Everything is removed at the end.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use kpx::{
+    datapath::MapSet,
+    testbed::{tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const T: Duration = Duration::from_secs(3);
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut kpx = None;
+    let mut manifest = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--kpx" => kpx = args.next().map(PathBuf::from),
+            "--manifest" => manifest = args.next().map(PathBuf::from),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let kpx = kpx.context("--kpx PATH is required")?;
+    let manifest = manifest.context("--manifest PATH is required")?;
+    let yaml = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("reading {}", manifest.display()))?;
+
+    step("Building a namespace cluster: node-1, pods web-1..3 and a client (198.18.0.0/16; VIPs in 198.19.0.0/16)");
+    let mut c = Cluster::new(&[
+        ("client", Ipv4Addr::new(198, 18, 2, 2)),
+        ("web-1", Ipv4Addr::new(198, 18, 1, 1)),
+        ("web-2", Ipv4Addr::new(198, 18, 1, 2)),
+        ("web-3", Ipv4Addr::new(198, 18, 1, 3)),
+    ])?;
+    for pod in ["web-1", "web-2", "web-3"] {
+        c.serve(pod, 8080, 5353)?;
+    }
+    c.write_manifest("web.yaml", &yaml)?;
+
+    step(&format!(
+        "Starting `kpx agent --manifests ...` on node-1 with {}",
+        manifest.display()
+    ));
+    let started = Instant::now();
+    c.start_agent(&kpx, &[])?;
+    let programmed = |c: &Cluster, endpoints: u32| {
+        wait_for(Duration::from_secs(20), || {
+            let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+            (st.services.len() == 2 && st.services.values().all(|v| v.count == endpoints))
+                .then_some(())
+        })
+    };
+    if programmed(&c, 3).is_none() {
+        bail!(
+            "the agent did not program the service; its log:\n{}",
+            c.agent_log()
+        );
+    }
+    println!(
+        "   datapath attached and service programmed in {:.0?}",
+        started.elapsed()
+    );
+
+    step("300 TCP connections from the client to web's VIP 198.19.0.10:80");
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 300, T)?;
+    show(&ids);
+
+    step("150 UDP requests to 198.19.0.10:53, each from a new socket");
+    let answers = udp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 53), 150, T)?;
+    let from_vip = answers
+        .iter()
+        .all(|a| a.from == SocketAddrV4::new(VIP, 53).into());
+    show(
+        &answers
+            .iter()
+            .map(|a| a.identity.clone())
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "   every reply came from {VIP}:53: {}",
+        if from_vip { "yes" } else { "NO" }
+    );
+
+    step("Removing web-3 from the EndpointSlice while a long-lived TCP connection is open");
+    let mut long = Conn::open(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), T)?;
+    let before = long.ask()?;
+    let without_web3 = yaml
+        .split("- addresses: [\"198.18.1.3\"]")
+        .next()
+        .unwrap_or(&yaml)
+        .to_string();
+    c.write_manifest("web.yaml", &without_web3)?;
+    programmed(&c, 2).context("the agent did not apply the edit")?;
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 150, T)?;
+    show(&ids);
+    println!(
+        "   the long-lived connection was answered by {before} before the edit and by {} after it",
+        long.ask()?
+    );
+    drop(long);
+
+    step("kpx dump services");
+    let out = Command::new(&kpx)
+        .args(["dump", "services", "--bpffs"])
+        .arg(c.bpffs())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+
+    step("Cleaning up: agent stopped, pinned maps removed, namespaces deleted");
+    if let Some(agent) = c.agent.as_mut() {
+        agent.stop()?;
+    }
+    Command::new(&kpx)
+        .args(["cleanup", "--bpffs"])
+        .arg(c.bpffs())
+        .output()?;
+    drop(c);
+    println!("   done.");
+    Ok(())
+}
+
+fn step(s: &str) {
+    println!("\n== {s}");
+}
+
+fn show(ids: &[String]) {
+    let mut m: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in ids {
+        *m.entry(id).or_default() += 1;
+    }
+    for (id, n) in m {
+        println!("   {id:<8} {n:>4}  {}", "#".repeat(n / 5));
+    }
+}
