@@ -164,7 +164,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
                 out,
                 "  -> {:<22} {:<32} {:>8}",
                 format!("{}:{}", b.addr, b.port),
-                b.id,
+                format!("{} {}", b.id, b.state),
                 b.flows
             );
         }

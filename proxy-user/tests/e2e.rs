@@ -215,6 +215,32 @@ fn endpoint_changes_apply_without_restart_and_live_connections_keep_their_backen
         !ids.iter().any(|i| i == gone),
         "removed backend {gone} still reached"
     );
+    // `kpx dump` lists the removed backend as such while its flows live.
+    let out = Command::new(KPX)
+        .args(["dump", "services", "--json", "--bpffs"])
+        .arg(c.bpffs())
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let http = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["protocol"] == "TCP")
+        .unwrap();
+    let gone_ip = c.pod(gone).ip.to_string();
+    let mut states = Vec::new();
+    for b in http["backends"].as_array().unwrap() {
+        let expected = if b["addr"] == gone_ip.as_str() {
+            "removed"
+        } else {
+            "active"
+        };
+        assert_eq!(b["state"], expected, "{b}");
+        states.push(expected);
+    }
+    // The earlier connections reached every backend, so the removed one has flows.
+    assert!(states.contains(&"removed"), "{http}");
     assert_eq!(
         long.ask().unwrap(),
         first,
