@@ -41,28 +41,32 @@ pub struct MapSet {
 }
 
 impl MapSet {
+    /// Builds the set from a source of maps by name.
+    fn build(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        Ok(Self {
+            services: get(map_names::SERVICES)?.try_into()?,
+            service_addrs: get(map_names::SERVICE_ADDRS)?.try_into()?,
+            slots: get(map_names::SLOTS)?.try_into()?,
+            backends: get(map_names::BACKENDS)?.try_into()?,
+            conntrack: get(map_names::CONNTRACK)?.try_into()?,
+            counters: get(map_names::COUNTERS)?.try_into()?,
+            drops: get(map_names::DROPS)?.try_into()?,
+            service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
+            service_names: get(map_names::SERVICE_NAMES)?.try_into()?,
+        })
+    }
+
     /// Takes the maps out of a loaded object (its programs keep using them).
     fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut take = |name: &str| {
+        Self::build(|name| {
             ebpf.take_map(name)
                 .ok_or_else(|| anyhow!("map {name} missing from the object"))
-        };
-        Ok(Self {
-            services: take(map_names::SERVICES)?.try_into()?,
-            service_addrs: take(map_names::SERVICE_ADDRS)?.try_into()?,
-            slots: take(map_names::SLOTS)?.try_into()?,
-            backends: take(map_names::BACKENDS)?.try_into()?,
-            conntrack: take(map_names::CONNTRACK)?.try_into()?,
-            counters: take(map_names::COUNTERS)?.try_into()?,
-            drops: take(map_names::DROPS)?.try_into()?,
-            service_stats: take(map_names::SERVICE_STATS)?.try_into()?,
-            service_names: take(map_names::SERVICE_NAMES)?.try_into()?,
         })
     }
 
     /// Opens the maps an agent pinned under `dir` (for `kpx dump`, `kpx cleanup`).
     pub fn open_pinned(dir: &Path) -> Result<Self> {
-        let open = |name: &str| -> Result<Map> {
+        Self::build(|name| {
             let path = dir.join(name);
             let data = MapData::from_pin(&path).with_context(|| {
                 format!(
@@ -72,17 +76,6 @@ impl MapSet {
                 )
             })?;
             Ok(Map::from_map_data(data)?)
-        };
-        Ok(Self {
-            services: open(map_names::SERVICES)?.try_into()?,
-            service_addrs: open(map_names::SERVICE_ADDRS)?.try_into()?,
-            slots: open(map_names::SLOTS)?.try_into()?,
-            backends: open(map_names::BACKENDS)?.try_into()?,
-            conntrack: open(map_names::CONNTRACK)?.try_into()?,
-            counters: open(map_names::COUNTERS)?.try_into()?,
-            drops: open(map_names::DROPS)?.try_into()?,
-            service_stats: open(map_names::SERVICE_STATS)?.try_into()?,
-            service_names: open(map_names::SERVICE_NAMES)?.try_into()?,
         })
     }
 

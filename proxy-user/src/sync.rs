@@ -289,10 +289,11 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
     ops.append(&mut service_writes);
 
     // Removed services, then what only they could reach.
-    let mut removed: Vec<(&ServiceKey, &ServiceValue)> = cur
+    let mut removed: Vec<ServiceKey> = cur
         .services
-        .iter()
-        .filter(|(k, _)| {
+        .keys()
+        .copied()
+        .filter(|k| {
             !desired.frontends.contains_key(&FrontendKey {
                 addr: wire::to_addr(k.addr),
                 port: wire::to_port(k.port),
@@ -300,13 +301,8 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
             })
         })
         .collect();
-    removed.sort_by_key(|(k, _)| **k);
-    for (k, v) in &removed {
-        ops.push(Op::DelService(**k));
-        if !final_counts.contains_key(&v.svc_id) {
-            ops.push(Op::DelName(v.svc_id));
-        }
-    }
+    removed.sort();
+    ops.extend(removed.into_iter().map(Op::DelService));
     let mut stale_slots: Vec<SlotKey> = cur
         .slots
         .keys()
@@ -335,9 +331,8 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
     let mut dead_names: Vec<u32> = cur
         .names
         .keys()
-        .filter(|id| {
-            !final_counts.contains_key(id) && !removed.iter().any(|(_, v)| v.svc_id == **id)
-        })
+        // Names of removed services, and any left over from earlier runs.
+        .filter(|id| !final_counts.contains_key(id))
         .copied()
         .collect();
     dead_names.sort();

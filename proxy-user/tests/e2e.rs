@@ -86,15 +86,22 @@ fn start(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
     Some(c)
 }
 
-#[test]
-fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
-    let Some(mut c) = start(&backends()) else {
-        return;
-    };
-    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+/// The standard bed with `web` served by `endpoints`, the agent running and synced.
+fn running(endpoints: &[&str]) -> Option<Cluster> {
+    let mut c = start(&backends())?;
+    let yaml = web(&c, endpoints);
     c.write_manifest("web.yaml", &yaml).unwrap();
     c.start_agent(Path::new(KPX), &[]).unwrap();
-    wait_synced(&c, 2, &[3, 3]);
+    let n = endpoints.len() as u32;
+    wait_synced(&c, 2, &[n, n]);
+    Some(c)
+}
+
+#[test]
+fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
+    let Some(c) = running(&["web-1", "web-2", "web-3"]) else {
+        return;
+    };
     let client = &c.pod("client").netns;
 
     let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 300, T)
@@ -174,13 +181,9 @@ fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
 
 #[test]
 fn endpoint_changes_apply_without_restart_and_live_connections_keep_their_backend() {
-    let Some(mut c) = start(&backends()) else {
+    let Some(c) = running(&["web-1", "web-2"]) else {
         return;
     };
-    let yaml = web(&c, &["web-1", "web-2"]);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    wait_synced(&c, 2, &[2, 2]);
     let vip = SocketAddrV4::new(VIP, 80);
 
     // A long-lived connection, and its backend.
@@ -343,13 +346,9 @@ fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
 
 #[test]
 fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
-    let Some(mut c) = start(&backends()) else {
+    let Some(mut c) = running(&["web-1", "web-2", "web-3"]) else {
         return;
     };
-    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    wait_synced(&c, 2, &[3, 3]);
     let vip = SocketAddrV4::new(VIP, 80);
     let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
     let first = long.ask().unwrap();
@@ -392,13 +391,9 @@ fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
 
 #[test]
 fn interfaces_that_appear_later_are_attached() {
-    let Some(mut c) = start(&backends()) else {
+    let Some(mut c) = running(&["web-1", "web-2", "web-3"]) else {
         return;
     };
-    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    wait_synced(&c, 2, &[3, 3]);
     // A pod created after the agent started: its node-side veth appears then.
     c.add_pod("late", Ipv4Addr::new(198, 18, 2, 3)).unwrap();
     let host_if = c.pod("late").host_if.clone();
