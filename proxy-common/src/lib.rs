@@ -200,32 +200,32 @@ pub struct ServiceStats {
 }
 
 /// Global datapath counters (per CPU), indexed by the enum's value.
+///
+/// Every packet ends in exactly one of them, so their sum is the number of
+/// packets seen (derived in userspace: no extra counter on the hot path).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
-    /// Every packet the program saw.
-    Packets = 0,
     /// Not IPv4, or an IPv4 protocol the datapath does not translate: untouched.
-    PassNotHandled = 1,
+    PassNotHandled = 0,
     /// IPv4 TCP/UDP to no service and of no tracked flow: untouched.
-    PassNoService = 2,
+    PassNoService = 1,
     /// Malformed (truncated, bad IHL or length): untouched, never translated.
-    PassMalformed = 3,
+    PassMalformed = 2,
     /// Fragment not addressed to a service address: untouched.
-    PassFragment = 4,
+    PassFragment = 3,
     /// New flow to a service: backend selected, conntrack entries written.
-    NewFlow = 5,
+    NewFlow = 4,
     /// Packet of a tracked flow, original direction, translated.
-    CtOriginal = 6,
+    CtOriginal = 5,
     /// Packet of a tracked flow, reply direction, translated.
-    CtReply = 7,
+    CtReply = 6,
     /// Packet dropped (see the drop-reason map).
-    Dropped = 8,
+    Dropped = 7,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
-        Counter::Packets,
+    pub const ALL: [Counter; 8] = [
         Counter::PassNotHandled,
         Counter::PassNoService,
         Counter::PassMalformed,
@@ -239,7 +239,6 @@ impl Counter {
 
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Packets => "packets",
             Counter::PassNotHandled => "pass_not_handled",
             Counter::PassNoService => "pass_no_service",
             Counter::PassMalformed => "pass_malformed",

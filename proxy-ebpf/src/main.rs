@@ -33,7 +33,8 @@ const DROP: i32 = TC_ACT_SHOT;
 
 /// tc ingress on pod-facing and node interfaces.
 ///
-/// Map lookups per packet (all hash lookups O(1); plus per-CPU array counters):
+/// Map lookups per packet (all hash lookups O(1); plus one per-CPU array
+/// counter, and one per-service stats slot for service traffic):
 /// - packet of a tracked flow, either direction: 1 (`CT`);
 /// - first packet of a flow to a service: 3 + 2 inserts (`CT` miss,
 ///   `SERVICES`, `SLOTS`, `BACKENDS`; insert both `CT` directions);
@@ -44,7 +45,6 @@ const DROP: i32 = TC_ACT_SHOT;
 /// No loop over services or backends exists anywhere in the program.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
-    stats::count(Counter::Packets);
     match process(&ctx) {
         Verdict::Pass(counter) => {
             stats::count(counter);
@@ -109,7 +109,7 @@ fn established(ctx: &TcContext, pkt: &Ipv4Packet, entry: *mut proxy_common::CtVa
     if nat::apply(ctx, pkt, &rewrite).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
-    stats::service_packet(rewrite.svc_id, ctx.len());
+    stats::service(rewrite.svc_id, ctx.len(), false);
     stats::count(if rewrite.dir == CT_DIR_REPLY {
         Counter::CtReply
     } else {
@@ -137,7 +137,7 @@ fn new_flow(
     if nat::apply(ctx, pkt, &rewrite).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
-    stats::service_new_flow(svc.svc_id, ctx.len());
+    stats::service(svc.svc_id, ctx.len(), true);
     stats::count(Counter::NewFlow);
     Verdict::Translated
 }

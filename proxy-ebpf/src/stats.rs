@@ -15,24 +15,18 @@ pub fn drop(reason: DropReason) {
     count(Counter::Dropped);
 }
 
+/// One packet of service `svc_id`'s flows; `new_flow` for a first packet.
+/// One per-CPU array lookup either way.
 #[inline(always)]
-pub fn service_packet(svc_id: u32, len: u32) {
+pub fn service(svc_id: u32, len: u32, new_flow: bool) {
     if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
         // SAFETY: per-CPU array element of this CPU; nothing else writes it
         // while this program runs.
         unsafe {
             (*s).packets += 1;
             (*s).bytes += len as u64;
+            (*s).new_flows += new_flow as u64;
         }
-    }
-}
-
-#[inline(always)]
-pub fn service_new_flow(svc_id: u32, len: u32) {
-    service_packet(svc_id, len);
-    if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
-        // SAFETY: as in `service_packet`.
-        unsafe { (*s).new_flows += 1 };
     }
 }
 

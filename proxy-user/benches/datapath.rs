@@ -18,10 +18,10 @@ use std::time::Instant;
 use aya::programs::{TestRun, TestRunOptions};
 use kpx::datapath::Datapath;
 use proxy_common::{
-    wire, Backend, CtKey, CtValue, ServiceKey, ServiceValue, SlotKey, CT_DIR_ORIGINAL,
-    CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    IPPROTO_TCP,
 };
-use support::{ip, Pkt, ACK, SYN};
+use support::{install_service, ip, Pkt, ACK, SYN};
 
 const CLIENT: &str = "198.18.0.2";
 const ENDPOINTS: u32 = 10;
@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     for n in [1u32, 10_000, 50_000] {
         let mut dp = Datapath::load(&Default::default())?;
         let t = Instant::now();
-        let last_vip = install(&mut dp, n)?;
+        let last_vip = install(&mut dp, n);
         let programmed = t.elapsed();
         let floor = repeat_ns(&mut dp, &arp_frame())?;
         let miss = repeat_ns(
@@ -67,50 +67,26 @@ fn arp_frame() -> Vec<u8> {
 }
 
 /// `n` TCP services on port 80, 10 endpoints each; returns the last VIP.
-fn install(dp: &mut Datapath, n: u32) -> anyhow::Result<String> {
+fn install(dp: &mut Datapath, n: u32) -> String {
     let mut vip = String::new();
     for s in 0..n {
         vip = format!("198.19.{}.{}", s / 256, s % 256);
-        for e in 0..ENDPOINTS {
-            let id = s * ENDPOINTS + e;
-            let addr = ip(&format!(
-                "198.18.{}.{}",
-                16 + id / 65536 % 64,
-                id % 65536 / 256
-            ));
-            dp.maps.backends.insert(
-                id,
-                Backend {
-                    addr: wire::addr(addr),
-                    port: wire::port(8080 + (id % 256) as u16),
-                    proto: IPPROTO_TCP,
-                    flags: 0,
-                },
-                0,
-            )?;
-            dp.maps
-                .slots
-                .insert(SlotKey { svc_id: s, slot: e }, id, 0)?;
-        }
-        let key = ServiceKey {
-            addr: wire::addr(ip(&vip)),
-            port: wire::port(80),
-            proto: IPPROTO_TCP,
-            _pad: 0,
-        };
-        dp.maps.services.insert(
-            key,
-            ServiceValue {
-                svc_id: s,
-                count: ENDPOINTS,
-                flags: 0,
-                affinity_timeout: 0,
-            },
-            0,
-        )?;
-        dp.maps.service_addrs.insert(key.addr, 1, 0)?;
+        let addrs: Vec<(u32, String)> = (0..ENDPOINTS)
+            .map(|e| {
+                let id = s * ENDPOINTS + e;
+                (
+                    id,
+                    format!("198.18.{}.{}", 16 + id / 65536 % 64, id % 65536 / 256),
+                )
+            })
+            .collect();
+        let backends: Vec<(u32, &str, u16)> = addrs
+            .iter()
+            .map(|(id, a)| (*id, a.as_str(), 8080))
+            .collect();
+        install_service(dp, s, &vip, 80, IPPROTO_TCP, &backends);
     }
-    Ok(vip)
+    vip
 }
 
 fn test_run(

@@ -110,28 +110,17 @@ impl MapSet {
 
     /// The control-plane maps' contents, as the sync engine models them.
     pub fn read_state(&self) -> Result<MapState> {
-        let mut st = MapState::default();
-        for kv in self.services.iter() {
-            let (k, v) = kv?;
-            st.services.insert(k, v);
-        }
-        for kv in self.slots.iter() {
-            let (k, v) = kv?;
-            st.slots.insert(k, v);
-        }
-        for kv in self.backends.iter() {
-            let (k, v) = kv?;
-            st.backends.insert(k, v);
-        }
-        for kv in self.service_addrs.iter() {
-            let (k, v) = kv?;
-            st.addrs.insert(k, v);
-        }
-        for kv in self.service_names.iter() {
-            let (k, v) = kv?;
-            st.names.insert(k, name_from_bytes(&v));
-        }
-        Ok(st)
+        Ok(MapState {
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            slots: self.slots.iter().collect::<Result<_, _>>()?,
+            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            addrs: self.service_addrs.iter().collect::<Result<_, _>>()?,
+            names: self
+                .service_names
+                .iter()
+                .map(|kv| kv.map(|(id, n)| (id, name_from_bytes(&n))))
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     /// Performs one write of a sync plan.

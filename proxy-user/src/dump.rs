@@ -379,11 +379,14 @@ pub struct Stats {
 }
 
 pub fn stats(maps: &MapSet) -> Result<Stats> {
-    let counters = maps
+    let mut counters: BTreeMap<&'static str, u64> = maps
         .counters()?
         .into_iter()
         .map(|(c, n)| (c.name(), n))
         .collect();
+    // Every packet ends in exactly one verdict counter.
+    let packets = counters.values().sum();
+    counters.insert("packets", packets);
     let drops = maps
         .drops()?
         .into_iter()

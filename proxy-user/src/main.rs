@@ -149,39 +149,36 @@ fn run_agent(args: AgentArgs) -> Result<()> {
 fn run_dump(what: DumpWhat, dir: &std::path::Path, json: bool) -> Result<()> {
     let maps = MapSet::open_pinned(dir)?;
     let out = match what {
-        DumpWhat::Services => {
-            let rows = dump::services(&maps)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                dump::services_table(&rows)
-            }
-        }
-        DumpWhat::Backends => {
-            let rows = dump::backends(&maps)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                dump::backends_table(&rows)
-            }
-        }
-        DumpWhat::Conntrack => {
-            let rows = dump::conntrack(&maps)?;
-            if json {
-                serde_json::to_string_pretty(&rows)?
-            } else {
-                dump::conntrack_table(&rows)
-            }
-        }
-        DumpWhat::Stats => {
-            let s = dump::stats(&maps)?;
-            if json {
-                serde_json::to_string_pretty(&s)?
-            } else {
-                dump::stats_table(&s)
-            }
-        }
+        DumpWhat::Services => render(
+            dump::services(&maps)?.as_slice(),
+            json,
+            dump::services_table,
+        )?,
+        DumpWhat::Backends => render(
+            dump::backends(&maps)?.as_slice(),
+            json,
+            dump::backends_table,
+        )?,
+        DumpWhat::Conntrack => render(
+            dump::conntrack(&maps)?.as_slice(),
+            json,
+            dump::conntrack_table,
+        )?,
+        DumpWhat::Stats => render(&dump::stats(&maps)?, json, dump::stats_table)?,
     };
     println!("{}", out.trim_end());
     Ok(())
+}
+
+/// JSON, or the table, of any dump.
+fn render<T: serde::Serialize + ?Sized>(
+    v: &T,
+    json: bool,
+    table: fn(&T) -> String,
+) -> Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(v)?
+    } else {
+        table(v)
+    })
 }

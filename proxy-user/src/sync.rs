@@ -303,41 +303,24 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
         .collect();
     removed.sort();
     ops.extend(removed.into_iter().map(Op::DelService));
-    let mut stale_slots: Vec<SlotKey> = cur
-        .slots
-        .keys()
-        .filter(|k| !final_slots.contains_key(k))
-        .copied()
-        .collect();
-    stale_slots.sort();
-    ops.extend(stale_slots.into_iter().map(Op::DelSlot));
+    // What nothing reaches any more, in a deterministic order.
+    ops.extend(unkept(cur.slots.keys(), |k| final_slots.contains_key(k)).map(Op::DelSlot));
     let referenced: HashSet<u32> = final_slots.values().copied().collect();
-    let mut dead_backends: Vec<u32> = cur
-        .backends
-        .keys()
-        .filter(|id| !referenced.contains(id))
-        .copied()
-        .collect();
-    dead_backends.sort();
-    ops.extend(dead_backends.into_iter().map(Op::DelBackend));
-    let mut dead_addrs: Vec<u32> = cur
-        .addrs
-        .keys()
-        .filter(|a| !addr_refs.contains_key(a))
-        .copied()
-        .collect();
-    dead_addrs.sort();
-    ops.extend(dead_addrs.into_iter().map(Op::DelAddr));
-    let mut dead_names: Vec<u32> = cur
-        .names
-        .keys()
-        // Names of removed services, and any left over from earlier runs.
-        .filter(|id| !final_counts.contains_key(id))
-        .copied()
-        .collect();
-    dead_names.sort();
-    ops.extend(dead_names.into_iter().map(Op::DelName));
+    ops.extend(unkept(cur.backends.keys(), |id| referenced.contains(id)).map(Op::DelBackend));
+    ops.extend(unkept(cur.addrs.keys(), |a| addr_refs.contains_key(a)).map(Op::DelAddr));
+    // Names of removed services, and any left over from earlier runs.
+    ops.extend(unkept(cur.names.keys(), |id| final_counts.contains_key(id)).map(Op::DelName));
     Ok(ops)
+}
+
+/// The keys `keep` rejects, sorted.
+fn unkept<'a, K: Ord + Copy + 'a>(
+    keys: impl Iterator<Item = &'a K>,
+    keep: impl Fn(&K) -> bool,
+) -> std::vec::IntoIter<K> {
+    let mut v: Vec<K> = keys.filter(|k| !keep(k)).copied().collect();
+    v.sort();
+    v.into_iter()
 }
 
 fn truncate(name: &str) -> String {

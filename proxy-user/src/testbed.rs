@@ -479,6 +479,10 @@ impl Conn {
     pub fn open(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Self> {
         let stream =
             from.enter(move || TcpStream::connect_timeout(&SocketAddr::V4(to), timeout))??;
+        Self::new(stream, timeout)
+    }
+
+    fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
         stream.set_read_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(Self {
@@ -518,12 +522,7 @@ pub fn tcp_ask_many(
         (0..n)
             .map(|_| {
                 let stream = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)?;
-                stream.set_read_timeout(Some(timeout))?;
-                let mut c = Conn {
-                    writer: stream.try_clone()?,
-                    reader: BufReader::new(stream),
-                };
-                c.ask()
+                Conn::new(stream, timeout)?.ask()
             })
             .collect()
     })?

@@ -123,6 +123,7 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
     assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
     assert_eq!(counter(&mut dp, Counter::CtOriginal), 50);
     assert_eq!(counter(&mut dp, Counter::CtReply), 1);
+    assert_eq!(packets(&mut dp), 52, "every packet counted exactly once");
     let stats = dp.maps.service_stats(1).unwrap();
     assert_eq!((stats.new_flows, stats.packets), (1, 52));
 }
@@ -404,6 +405,8 @@ fn malformed_packets_are_never_translated() {
         "nothing may be tracked"
     );
     assert_eq!(counter(&mut dp, Counter::NewFlow), 0);
+    // Each frame was run twice (to a VIP, then not), each counted exactly once.
+    assert_eq!(packets(&mut dp), 2 * cases.len() as u64);
 }
 
 #[test]

@@ -311,6 +311,12 @@ pub fn counter(dp: &mut Datapath, c: proxy_common::Counter) -> u64 {
         .1
 }
 
+/// All verdict counters: every packet ends in exactly one, so this is the
+/// number of packets the program saw (what `kpx dump stats` reports).
+pub fn packets(dp: &mut Datapath) -> u64 {
+    dp.maps.counters().unwrap().iter().map(|(_, n)| n).sum()
+}
+
 pub fn drops(dp: &mut Datapath, r: proxy_common::DropReason) -> u64 {
     dp.maps
         .drops()
