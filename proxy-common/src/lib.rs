@@ -22,7 +22,9 @@ pub mod map_names {
     pub const DROPS: &str = "KPX_DROPS";
     pub const SERVICE_STATS: &str = "KPX_SVC_STATS";
     pub const SERVICE_NAMES: &str = "KPX_SVC_NAMES";
-    pub const ALL: [&str; 9] = [
+    pub const AFFINITY: &str = "KPX_AFFINITY";
+    pub const EVENTS: &str = "KPX_EVENTS";
+    pub const ALL: [&str; 11] = [
         SERVICES,
         SERVICE_ADDRS,
         SLOTS,
@@ -32,12 +34,15 @@ pub mod map_names {
         DROPS,
         SERVICE_STATS,
         SERVICE_NAMES,
+        AFFINITY,
+        EVENTS,
     ];
 }
 
 /// Program names in the object file.
 pub mod prog_names {
     pub const TC_INGRESS: &str = "kpx_tc_ingress";
+    pub const TC_EGRESS: &str = "kpx_tc_egress";
 }
 
 /// Default capacities. The agent may override them at load time
@@ -51,8 +56,11 @@ pub mod capacity {
     pub const SLOTS: u32 = 1_048_576;
     /// Distinct backends (address, port, protocol).
     pub const BACKENDS: u32 = 524_288;
-    /// Conntrack entries (two per flow: original and reply direction).
+    /// Conntrack entries (two per flow: original and reply direction), so
+    /// 262,144 concurrent flows by default.
     pub const CONNTRACK: u32 = 524_288;
+    /// ClientIP session-affinity records (client address, service).
+    pub const AFFINITY: u32 = 131_072;
     /// Per-service statistics slots; service ids are below this.
     pub const SERVICE_STATS: u32 = 65_536;
 }
@@ -169,6 +177,12 @@ pub struct CtValue {
 
 pub const CT_F_REWRITE_SRC: u16 = 1 << 0;
 pub const CT_F_REWRITE_DST: u16 = 1 << 1;
+/// Set on the reply entry by the first reply packet: the flow is answered
+/// (TCP past SYN, UDP a "stream"), which selects the longer timeout.
+pub const CT_F_SEEN_REPLY: u16 = 1 << 2;
+/// Set on both entries by a FIN or RST: the flow is closing and expires
+/// after the short closing timeout; a new SYN on its tuple starts a new flow.
+pub const CT_F_CLOSING: u16 = 1 << 3;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
@@ -199,6 +213,29 @@ pub struct ServiceStats {
     pub new_flows: u64,
 }
 
+/// Key of the ClientIP session-affinity map: a client of one service frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    /// Client IPv4 address, network byte order.
+    pub client_addr: u32,
+}
+
+/// Where a client's new flows go while its affinity lasts.
+///
+/// The datapath trusts the record only while `SLOTS[(svc_id, slot)]` still
+/// holds `backend_id` and `slot < count`: a backend leaving the service
+/// releases its clients without the agent touching this map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub slot: u32,
+    /// `bpf_ktime_get_ns()` of the client's last new flow to the service.
+    pub last_used_ns: u64,
+}
+
 /// Global datapath counters (per CPU), indexed by the enum's value.
 ///
 /// Every packet ends in exactly one of them, so their sum is the number of
@@ -222,10 +259,15 @@ pub enum Counter {
     CtReply = 6,
     /// Packet dropped (see the drop-reason map).
     Dropped = 7,
+    /// TCP SYN or UDP datagram to a service without endpoints, answered with
+    /// ICMP port unreachable (the reference's REJECT).
+    Rejected = 8,
+    /// ICMP error about a translated flow, translated back (outer and inner).
+    IcmpTranslated = 9,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 10] = [
         Counter::PassNotHandled,
         Counter::PassNoService,
         Counter::PassMalformed,
@@ -234,11 +276,15 @@ impl Counter {
         Counter::CtOriginal,
         Counter::CtReply,
         Counter::Dropped,
+        Counter::Rejected,
+        Counter::IcmpTranslated,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     pub const fn name(self) -> &'static str {
         match self {
+            Counter::Rejected => "rejected",
+            Counter::IcmpTranslated => "icmp_translated",
             Counter::PassNotHandled => "pass_not_handled",
             Counter::PassNoService => "pass_no_service",
             Counter::PassMalformed => "pass_malformed",
@@ -269,16 +315,20 @@ pub enum DropReason {
     FragmentToService = 4,
     /// A malformed packet addressed to a service address.
     MalformedToService = 5,
+    /// TCP to a service that is neither a SYN nor part of a tracked flow (the
+    /// reference's `ctstate INVALID -j DROP`).
+    InvalidTcp = 6,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::CtInsertFailed,
         DropReason::RewriteFailed,
         DropReason::FragmentToService,
         DropReason::MalformedToService,
+        DropReason::InvalidTcp,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -290,6 +340,52 @@ impl DropReason {
             DropReason::RewriteFailed => "rewrite_failed",
             DropReason::FragmentToService => "fragment_to_service",
             DropReason::MalformedToService => "malformed_to_service",
+            DropReason::InvalidTcp => "invalid_tcp",
+        }
+    }
+}
+
+/// Conntrack and affinity events (per-CPU counters, indexed by the enum's
+/// value). Not verdicts: a packet may cause none or several. `Gc*` slots are
+/// written by the agent (its running totals), the others by the datapath.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Conntrack entries inserted by the datapath.
+    CtInserted = 0,
+    /// Conntrack entries the datapath removed (a closed flow's tuple reused
+    /// by a new SYN, a reply-tuple collision, a failed flow set-up).
+    CtRemoved = 1,
+    /// Expired conntrack entries removed by the agent's garbage collector.
+    GcExpired = 2,
+    /// UDP conntrack entries removed because their backend left the service
+    /// (the reference's `conntrack -D`).
+    GcStaleUdp = 3,
+    /// New flows sent to a client's affinity backend.
+    AffinityHit = 4,
+    /// New flows that (re)started a client's affinity.
+    AffinityNew = 5,
+}
+
+impl Event {
+    pub const ALL: [Event; 6] = [
+        Event::CtInserted,
+        Event::CtRemoved,
+        Event::GcExpired,
+        Event::GcStaleUdp,
+        Event::AffinityHit,
+        Event::AffinityNew,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::CtInserted => "ct_inserted",
+            Event::CtRemoved => "ct_removed",
+            Event::GcExpired => "gc_expired",
+            Event::GcStaleUdp => "gc_stale_udp",
+            Event::AffinityHit => "affinity_hit",
+            Event::AffinityNew => "affinity_new",
         }
     }
 }
@@ -306,6 +402,8 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 /// Layout checks: a change here is a change of the pinned maps' ABI.
@@ -317,6 +415,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 40);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
 };
 
 /// Conversions between host values and the wire-order fields of map entries.

@@ -1,16 +1,21 @@
 //! Conntrack: the flow table that makes every packet of a flow reach the
 //! backend its first packet chose, and lets replies be translated back.
+//!
+//! Lifetime: the datapath records what it sees (`last_seen_ns`, the reply
+//! seen, FIN/RST) and the agent's garbage collector expires flows by state.
+//! The datapath itself only ends a flow early when a new SYN reuses the tuple
+//! of a closing one, as the kernel reopens a connection in TIME_WAIT.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, DropReason, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST,
-    CT_F_REWRITE_SRC, CT_REFRESH_NS,
+    Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_REFRESH_NS, TCP_FIN, TCP_RST,
 };
 
-use crate::maps::CONNTRACK;
+use crate::{maps::CONNTRACK, stats};
 
 const EEXIST: i32 = 17;
 
@@ -20,18 +25,40 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The tuple a packet carrying `key` has once `rw` is applied.
+#[inline(always)]
+pub fn translated(key: &CtKey, rw: &CtValue) -> CtKey {
+    let mut t = *key;
+    if rw.flags & CT_F_REWRITE_SRC != 0 {
+        t.src_addr = rw.new_src_addr;
+        t.src_port = rw.new_src_port;
+    }
+    if rw.flags & CT_F_REWRITE_DST != 0 {
+        t.dst_addr = rw.new_dst_addr;
+        t.dst_port = rw.new_dst_port;
+    }
+    t
+}
+
+/// The key of the other direction's entry of the flow `key`/`rw` belongs to.
+#[inline(always)]
+fn partner(key: &CtKey, rw: &CtValue) -> CtKey {
+    translated(key, rw).reversed()
+}
+
 /// Records this packet in its flow's entry and returns a copy of the entry.
 ///
-/// Writes only when something changed (new TCP flags, or `last_seen` older
-/// than `CT_REFRESH_NS`), so a busy flow does not bounce the entry's cache
-/// line between CPUs on every packet.
+/// Writes only when something changed (`last_seen` older than
+/// `CT_REFRESH_NS`, the first reply, the first FIN/RST), so a busy flow does
+/// not bounce the entry's cache line between CPUs on every packet. A FIN or
+/// RST marks both entries closing: one more lookup, once per flow.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, tcp_flags: u8) -> CtValue {
+pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> CtValue {
     // SAFETY: `entry` came from a lookup in this program run; LRU elements
     // stay valid for the RCU read section. Racing writers only update the
     // timestamp and flag bits, both benign to lose.
@@ -43,7 +70,41 @@ pub fn touch(entry: *mut CtValue, tcp_flags: u8) -> CtValue {
     if e.tcp_flags | tcp_flags != e.tcp_flags {
         e.tcp_flags |= tcp_flags;
     }
+    if e.dir == CT_DIR_REPLY && e.flags & CT_F_SEEN_REPLY == 0 {
+        e.flags |= CT_F_SEEN_REPLY;
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 && e.flags & CT_F_CLOSING == 0 {
+        e.flags |= CT_F_CLOSING;
+        if let Some(p) = lookup(&partner(key, e)) {
+            // SAFETY: as above.
+            unsafe { (*p).flags |= CT_F_CLOSING };
+        }
+    }
     *e
+}
+
+/// Whether `entry` is the original direction of a closing flow: a new SYN
+/// with its tuple is a new connection, not part of the old one.
+#[inline(always)]
+pub fn closed_original(entry: *mut CtValue) -> bool {
+    // SAFETY: as in `touch`; read only.
+    let e = unsafe { &*entry };
+    e.dir == CT_DIR_ORIGINAL && e.flags & CT_F_CLOSING != 0
+}
+
+/// Removes both entries of the flow `key`/`entry` belongs to.
+#[inline(always)]
+pub fn remove_flow(key: &CtKey, entry: *mut CtValue) {
+    // SAFETY: as in `touch`; copied before the element is deleted.
+    let rw = unsafe { *entry };
+    let mut removed = 0;
+    if CONNTRACK.remove(&partner(key, &rw)).is_ok() {
+        removed += 1;
+    }
+    if CONNTRACK.remove(key).is_ok() {
+        removed += 1;
+    }
+    stats::event(Event::CtRemoved, removed);
 }
 
 /// Creates both entries of a new flow from `key` (client → frontend) to
@@ -71,24 +132,17 @@ pub fn create(
         last_seen_ns: now,
     };
     match CONNTRACK.insert(key, original, BPF_NOEXIST as u64) {
-        Ok(()) => {}
+        Ok(()) => stats::event(Event::CtInserted, 1),
         // The same flow's first packet raced us on another CPU: follow its
         // choice so both directions stay consistent.
         Err(e) if e == -EEXIST => {
             return lookup(key)
-                .map(|e| touch(e, tcp_flags))
+                .map(|e| touch(key, e, tcp_flags))
                 .ok_or(DropReason::CtInsertFailed);
         }
         Err(_) => return Err(DropReason::CtInsertFailed),
     }
-    let reply_key = CtKey {
-        src_addr: backend.addr,
-        dst_addr: key.src_addr,
-        src_port: backend.port,
-        dst_port: key.src_port,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let reply_key = partner(key, &original);
     let reply = CtValue {
         new_src_addr: key.dst_addr,
         new_dst_addr: 0,
@@ -102,10 +156,22 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
-    if CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).is_err() {
+    // NOEXIST first so the event counters stay exact; an existing entry is
+    // a stale flow with the same reply tuple, which the new flow replaces.
+    let inserted = match CONNTRACK.insert(&reply_key, &reply, BPF_NOEXIST as u64) {
+        Err(e) if e == -EEXIST => {
+            stats::event(Event::CtRemoved, 1);
+            CONNTRACK.insert(&reply_key, &reply, BPF_ANY as u64)
+        }
+        r => r,
+    };
+    if inserted.is_err() {
         // Without its reply entry the flow would be half-translated.
-        let _ = CONNTRACK.remove(key);
+        if CONNTRACK.remove(key).is_ok() {
+            stats::event(Event::CtRemoved, 1);
+        }
         return Err(DropReason::CtInsertFailed);
     }
+    stats::event(Event::CtInserted, 1);
     Ok(original)
 }

@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    capacity, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceName, ServiceStats,
-    ServiceValue, SlotKey,
+    capacity, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DropReason, Event,
+    ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -39,6 +39,14 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
 
 #[map(name = "KPX_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// ClientIP session affinity. LRU: a forgotten client merely picks anew.
+#[map(name = "KPX_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+
+#[map(name = "KPX_EVENTS")]
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT, 0);
 
 #[map(name = "KPX_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DropReason::COUNT, 0);

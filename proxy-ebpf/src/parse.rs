@@ -31,26 +31,28 @@ pub mod l4 {
 /// The fixed part of an IPv4 header, fields raw (network byte order).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frag_off: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    saddr: u32,
-    daddr: u32,
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 /// A parsed IPv4 packet whose addresses and ports the datapath may rewrite.
 pub struct Ipv4Packet {
     pub l3_off: usize,
     pub l4_off: usize,
+    /// End of the IP datagram (`l3_off + tot_len`); padding may follow.
+    pub end: usize,
     /// Addresses and ports raw, in network byte order.
     pub src: u32,
     pub dst: u32,
@@ -125,6 +127,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     let mut pkt = Ipv4Packet {
         l3_off,
         l4_off,
+        end: l3_off + tot_len,
         src: iph.saddr,
         dst,
         sport: 0,

@@ -1,12 +1,20 @@
 //! Stats: every verdict counted in per-CPU arrays (no atomics, no contention).
 
-use proxy_common::{Counter, DropReason};
+use proxy_common::{Counter, DropReason, Event};
 
-use crate::maps::{COUNTERS, DROPS, SERVICE_STATS};
+use crate::maps::{COUNTERS, DROPS, EVENTS, SERVICE_STATS};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
     add(COUNTERS.get_ptr_mut(counter as u32));
+}
+
+#[inline(always)]
+pub fn event(event: Event, n: u64) {
+    if let Some(v) = EVENTS.get_ptr_mut(event as u32) {
+        // SAFETY: per-CPU array element of this CPU, as in `add`.
+        unsafe { *v += n };
+    }
 }
 
 #[inline(always)]

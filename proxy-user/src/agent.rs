@@ -89,7 +89,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         mirror.services.len()
     );
     let mut attacher = Attacher::new(cfg.interfaces.clone());
-    attacher.reconcile(dp.ingress()?);
+    attacher.reconcile(&mut dp);
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 
@@ -108,7 +108,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
-            Some(()) = link_rx.recv() => attacher.reconcile(dp.ingress()?),
+            Some(()) = link_rx.recv() => attacher.reconcile(&mut dp),
             _ = poll.tick() => {
                 match manifests::fingerprint(&cfg.manifests) {
                     Ok(fp) if Some(fp) != last_fingerprint => {
@@ -129,12 +129,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                     Ok(state) => mirror = state,
                     Err(e) => log::warn!("re-reading maps: {e:#}"),
                 }
-                attacher.reconcile(dp.ingress()?);
+                attacher.reconcile(&mut dp);
                 dirty = true;
             }
         }
     }
-    attacher.detach_all(dp.ingress()?);
+    attacher.detach_all(&mut dp);
     log::info!(
         "stopped after {} syncs ({} failed, {} invalid objects); maps stay pinned in {}",
         stats.syncs,

@@ -1,5 +1,6 @@
-//! Interfaces: attach the tc ingress program to every interface matching the
-//! `--interfaces` patterns, now and whenever one appears (netlink link events).
+//! Interfaces: attach the tc programs (ingress: the datapath; egress: ICMP
+//! errors the node sends) to every interface matching the `--interfaces`
+//! patterns, now and whenever one appears (netlink link events).
 //!
 //! On kernels ≥ 6.6 aya attaches through TCX links owned by this process: they
 //! go away when the agent exits, so no stale program is ever left behind.
@@ -13,6 +14,8 @@ use aya::programs::{
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::sync::mpsc;
+
+use crate::datapath::Datapath;
 
 /// `--interfaces`: comma-separated names or glob patterns (`eth0,veth*`),
 /// and names never to attach to.
@@ -64,8 +67,13 @@ pub fn interfaces() -> Result<Vec<(u32, String)>> {
 
 pub struct Attacher {
     patterns: Patterns,
-    /// name → (ifindex, link).
-    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    attached: BTreeMap<String, Attached>,
+}
+
+struct Attached {
+    ifindex: u32,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
 }
 
 impl Attacher {
@@ -83,7 +91,7 @@ impl Attacher {
     /// Attaches to matching interfaces not yet attached; forgets vanished ones.
     /// Errors on single interfaces are logged, never fatal: the next link
     /// event or periodic pass retries.
-    pub fn reconcile(&mut self, prog: &mut SchedClassifier) {
+    pub fn reconcile(&mut self, dp: &mut Datapath) {
         let present = match interfaces() {
             Ok(v) => v,
             Err(e) => {
@@ -96,49 +104,84 @@ impl Attacher {
         let stale: Vec<String> = self
             .attached
             .iter()
-            .filter(|(name, (idx, _))| !present.iter().any(|(i, n)| n == *name && i == idx))
+            .filter(|(name, a)| !present.iter().any(|(i, n)| n == *name && *i == a.ifindex))
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
-            if let Some((_, link)) = self.attached.remove(&name) {
-                // Usually fails: the link died with its interface.
-                let _ = prog.detach(link);
+            if let Some(a) = self.attached.remove(&name) {
+                // Usually fails: the links died with their interface.
+                let _ = detach(dp, a);
                 log::info!("interface {name} is gone");
             }
         }
-        for (idx, name) in present {
+        for (ifindex, name) in present {
             if !self.patterns.matches(&name) || self.attached.contains_key(&name) {
                 continue;
             }
-            match attach(prog, &name) {
-                Ok(link) => {
-                    log::info!("attached tc ingress to {name} (ifindex {idx})");
-                    self.attached.insert(name, (idx, link));
+            match attach_both(dp, &name) {
+                Ok((ingress, egress)) => {
+                    log::info!("attached tc ingress and egress to {name} (ifindex {ifindex})");
+                    self.attached.insert(
+                        name,
+                        Attached {
+                            ifindex,
+                            ingress,
+                            egress,
+                        },
+                    );
                 }
                 Err(e) => log::warn!("attaching to {name}: {e:#}; will retry"),
             }
         }
     }
 
-    pub fn detach_all(&mut self, prog: &mut SchedClassifier) {
-        for (name, (_, link)) in std::mem::take(&mut self.attached) {
-            match prog.detach(link) {
+    pub fn detach_all(&mut self, dp: &mut Datapath) {
+        for (name, a) in std::mem::take(&mut self.attached) {
+            match detach(dp, a) {
                 Ok(()) => log::info!("detached from {name}"),
-                Err(e) => log::debug!("detaching from {name}: {e}"),
+                Err(e) => log::debug!("detaching from {name}: {e:#}"),
             }
         }
     }
 }
 
-fn attach(prog: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLinkId> {
-    match prog.attach(name, TcAttachType::Ingress) {
+fn detach(dp: &mut Datapath, a: Attached) -> Result<()> {
+    let ingress = dp.ingress()?.detach(a.ingress);
+    let egress = dp.egress()?.detach(a.egress);
+    ingress?;
+    egress?;
+    Ok(())
+}
+
+/// Both programs or neither: an interface with only one would translate
+/// flows without their ICMP errors, or the reverse.
+fn attach_both(
+    dp: &mut Datapath,
+    name: &str,
+) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId)> {
+    let ingress = attach(dp.ingress()?, name, TcAttachType::Ingress)?;
+    match attach(dp.egress()?, name, TcAttachType::Egress) {
+        Ok(egress) => Ok((ingress, egress)),
+        Err(e) => {
+            let _ = dp.ingress()?.detach(ingress);
+            Err(e)
+        }
+    }
+}
+
+fn attach(
+    prog: &mut SchedClassifier,
+    name: &str,
+    at: TcAttachType,
+) -> Result<SchedClassifierLinkId> {
+    match prog.attach(name, at) {
         Ok(link) => Ok(link),
         // Before TCX (kernel < 6.6) the clsact qdisc must exist first.
         Err(first) => {
             if let Err(e) = tc::qdisc_add_clsact(name) {
                 log::debug!("adding clsact to {name}: {e}");
             }
-            prog.attach(name, TcAttachType::Ingress)
+            prog.attach(name, at)
                 .with_context(|| format!("attach failed ({first}), also after adding clsact"))
         }
     }

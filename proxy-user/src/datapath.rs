@@ -12,8 +12,9 @@ use aya::{
 
 use crate::sync::{MapState, Op};
 use proxy_common::{
-    map_names, prog_names, Backend, Counter, CtKey, CtValue, DropReason, ServiceKey, ServiceName,
-    ServiceStats, ServiceValue, SlotKey, SERVICE_NAME_LEN,
+    map_names, prog_names, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
+    DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey,
+    SERVICE_NAME_LEN,
 };
 
 /// The datapath object built by build.rs from proxy-ebpf.
@@ -38,6 +39,8 @@ pub struct MapSet {
     pub drops: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     pub service_names: HashMap<MapData, u32, ServiceName>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    pub events: PerCpuArray<MapData, u64>,
 }
 
 impl MapSet {
@@ -53,6 +56,8 @@ impl MapSet {
             drops: get(map_names::DROPS)?.try_into()?,
             service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
             service_names: get(map_names::SERVICE_NAMES)?.try_into()?,
+            affinity: get(map_names::AFFINITY)?.try_into()?,
+            events: get(map_names::EVENTS)?.try_into()?,
         })
     }
 
@@ -93,6 +98,23 @@ impl MapSet {
             .iter()
             .map(|&r| Ok((r, self.drops.get(&(r as u32), 0)?.iter().sum())))
             .collect()
+    }
+
+    /// Event counters summed over CPUs, in `Event::ALL` order.
+    pub fn events(&self) -> Result<Vec<(Event, u64)>> {
+        Event::ALL
+            .iter()
+            .map(|&e| Ok((e, self.events.get(&(e as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Sets an agent-owned event counter (`Event::Gc*`) to `total`.
+    pub fn set_event(&mut self, event: Event, total: u64) -> Result<()> {
+        let mut values = vec![0u64; nr_cpus()?];
+        values[0] = total;
+        self.events
+            .set(event as u32, PerCpuValues::try_from(values)?, 0)?;
+        Ok(())
     }
 
     /// Statistics of one service frontend summed over CPUs.
@@ -196,22 +218,29 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kpx eBPF object (needs root: CAP_BPF and CAP_NET_ADMIN)")?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(prog_names::TC_INGRESS)
-            .ok_or_else(|| anyhow!("program {} missing from the object", prog_names::TC_INGRESS))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel rejected {}", prog_names::TC_INGRESS))?;
+        for name in [prog_names::TC_INGRESS, prog_names::TC_EGRESS] {
+            program(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
+        }
         let maps = MapSet::from_ebpf(&mut ebpf)?;
         Ok(Self { ebpf, maps })
     }
 
     /// The tc ingress classifier (loaded).
     pub fn ingress(&mut self) -> Result<&mut SchedClassifier> {
-        Ok(self
-            .ebpf
-            .program_mut(prog_names::TC_INGRESS)
-            .ok_or_else(|| anyhow!("program {} missing", prog_names::TC_INGRESS))?
-            .try_into()?)
+        program(&mut self.ebpf, prog_names::TC_INGRESS)
     }
+
+    /// The tc egress classifier (loaded): ICMP errors the node sends.
+    pub fn egress(&mut self) -> Result<&mut SchedClassifier> {
+        program(&mut self.ebpf, prog_names::TC_EGRESS)
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?)
 }

@@ -3,8 +3,10 @@
 //!
 //! Semantics follow kube-proxy: a Service port is served by the endpoints of
 //! the Service's EndpointSlices whose port has the same name and protocol (the
-//! EndpointSlice controller already resolved `targetPort`); only `ready`
-//! endpoints serve; headless, ExternalName and `service-proxy-name`-labelled
+//! EndpointSlice controller already resolved `targetPort`); `ready`
+//! endpoints serve, and when none is ready the `serving` and `terminating`
+//! ones do (kube-proxy's ProxyTerminatingEndpoints); headless, ExternalName
+//! and `service-proxy-name`-labelled
 //! Services are not ours. A malformed object is reported, with its origin and
 //! the offending field, and skipped as a whole; everything else is served.
 
@@ -55,9 +57,17 @@ impl fmt::Display for Problem {
 pub struct Frontend {
     /// kube-proxy's service port name: `namespace/name:port-name`.
     pub name: String,
-    /// Ready endpoints, sorted and de-duplicated.
+    /// Endpoints new flows may go to, sorted and de-duplicated: the ready
+    /// ones, or if none is ready the serving terminating ones.
     pub backends: Vec<Endpoint>,
+    /// ClientIP session affinity timeout in seconds; 0 when off.
+    pub affinity_timeout: u32,
 }
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API server's upper bound for it (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
@@ -138,6 +148,7 @@ struct Svc {
     name: String,
     ips: Vec<Ipv4Addr>,
     ports: Vec<SvcPort>,
+    affinity_timeout: u32,
 }
 
 /// Validates a Service; Ok(None) when kube-proxy would ignore it.
@@ -231,20 +242,49 @@ fn service(
             port: number,
         });
     }
+    let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => 0,
+        "ClientIP" => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT => t as u32,
+                Some(t) => {
+                    return Err(problem(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT}"),
+                    ))
+                }
+            }
+        }
+        other => {
+            return Err(problem(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?} (None or ClientIP)"),
+            ))
+        }
+    };
     Ok(Some(Svc {
         namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name,
         ips,
         ports,
+        affinity_timeout,
     }))
 }
 
-/// A validated EndpointSlice: per (port name, protocol), the endpoints that serve.
+/// A validated EndpointSlice: its ports, and its endpoints that may serve.
 struct Slice {
     namespace: String,
     service: String,
     ports: Vec<(String, u8, u16)>,
     ready: Vec<Ipv4Addr>,
+    /// Not ready, but `serving` and `terminating`: used when none is ready.
+    terminating: Vec<Ipv4Addr>,
 }
 
 fn slice(
@@ -298,6 +338,7 @@ fn slice(
         }
     }
     let mut ready = Vec::new();
+    let mut terminating = Vec::new();
     for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
         let mut addrs = Vec::new();
         for (j, a) in e.addresses.iter().enumerate() {
@@ -309,11 +350,17 @@ fn slice(
             })?;
             addrs.push(addr);
         }
-        // A nil `ready` means unknown, which consumers treat as ready.
-        let is_ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        // Nil conditions mean unknown: `ready` and `serving` then count as
+        // true, `terminating` as false (the API's documented defaults).
+        let c = e.conditions.as_ref();
+        let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
+        let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        // Only the first address is used, as by kube-proxy.
         if is_ready {
-            // Only the first address is used, as by kube-proxy.
             ready.extend(addrs.first().copied());
+        } else if serving && is_terminating {
+            terminating.extend(addrs.first().copied());
         }
     }
     Ok(Some(Slice {
@@ -321,11 +368,32 @@ fn slice(
         service,
         ports,
         ready,
+        terminating,
     }))
 }
 
-/// (namespace, service) → (port name, protocol) → ready endpoints.
-type EndpointsByService = BTreeMap<(String, String), BTreeMap<(String, u8), BTreeSet<Endpoint>>>;
+/// The endpoints of one service port over all its slices.
+#[derive(Default)]
+struct PortEndpoints {
+    ready: BTreeSet<Endpoint>,
+    terminating: BTreeSet<Endpoint>,
+}
+
+impl PortEndpoints {
+    /// Where new flows go: the ready endpoints, else the serving terminating
+    /// ones, so that a rolling update's last old pods keep answering.
+    fn usable(&self) -> Vec<Endpoint> {
+        let set = if self.ready.is_empty() {
+            &self.terminating
+        } else {
+            &self.ready
+        };
+        set.iter().copied().collect()
+    }
+}
+
+/// (namespace, service) → (port name, protocol) → endpoints.
+type EndpointsByService = BTreeMap<(String, String), BTreeMap<(String, u8), PortEndpoints>>;
 
 /// The desired frontends for `services` and `slices`.
 pub fn desired(services: &[Sourced<Service>], slices: &[Sourced<EndpointSlice>]) -> Outcome {
@@ -336,8 +404,10 @@ pub fn desired(services: &[Sourced<Service>], slices: &[Sourced<EndpointSlice>])
             Ok(Some(sl)) => {
                 let by_port = endpoints.entry((sl.namespace, sl.service)).or_default();
                 for (name, proto, port) in &sl.ports {
-                    let set = by_port.entry((name.clone(), *proto)).or_default();
-                    set.extend(sl.ready.iter().map(|&addr| Endpoint { addr, port: *port }));
+                    let eps = by_port.entry((name.clone(), *proto)).or_default();
+                    let at = |&addr: &Ipv4Addr| Endpoint { addr, port: *port };
+                    eps.ready.extend(sl.ready.iter().map(at));
+                    eps.terminating.extend(sl.terminating.iter().map(at));
                 }
             }
             Ok(None) => {}
@@ -357,7 +427,7 @@ pub fn desired(services: &[Sourced<Service>], slices: &[Sourced<EndpointSlice>])
         for p in &svc.ports {
             let backends: Vec<Endpoint> = eps
                 .and_then(|e| e.get(&(p.name.clone(), p.proto)))
-                .map(|set| set.iter().copied().collect())
+                .map(PortEndpoints::usable)
                 .unwrap_or_default();
             for &ip in &svc.ips {
                 let key = FrontendKey {
@@ -368,6 +438,7 @@ pub fn desired(services: &[Sourced<Service>], slices: &[Sourced<EndpointSlice>])
                 let frontend = Frontend {
                     name: format!("{}/{}:{}", svc.namespace, svc.name, p.name),
                     backends: backends.clone(),
+                    affinity_timeout: svc.affinity_timeout,
                 };
                 if let Some(prev) = out.desired.frontends.insert(key, frontend) {
                     out.problems.push(Problem {
@@ -463,6 +534,68 @@ endpoints:
         assert_eq!(
             dns.backends,
             vec![ep("198.18.1.1", 5353), ep("198.18.1.2", 5353)]
+        );
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let slice = |ready: bool| {
+            format!(
+                r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-t
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- addresses: [198.18.1.1]
+  conditions: {{ready: {ready}, serving: true, terminating: false}}
+- addresses: [198.18.1.2]
+  conditions: {{ready: false, serving: true, terminating: true}}
+- addresses: [198.18.1.3]
+  conditions: {{ready: false, serving: false, terminating: true}}
+"#
+            )
+        };
+        let http = |out: &Outcome| {
+            out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)]
+                .backends
+                .clone()
+        };
+        let out = desired(&[svc(WEB)], &[eps(&slice(true))]);
+        assert_eq!(http(&out), vec![ep("198.18.1.1", 8080)]);
+        // Nothing ready: the serving terminating endpoint, never the one
+        // that stopped serving.
+        let out = desired(&[svc(WEB)], &[eps(&slice(false))]);
+        assert_eq!(http(&out), vec![ep("198.18.1.2", 8080)]);
+    }
+
+    #[test]
+    fn client_ip_affinity_has_kube_proxys_default_and_bounds() {
+        let aff = |extra: &str| {
+            WEB.replace(
+                "  clusterIP: 198.19.0.10\n",
+                &format!("  clusterIP: 198.19.0.10\n  sessionAffinity: ClientIP\n{extra}"),
+            )
+        };
+        let timeout = |out: &Outcome| {
+            out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)].affinity_timeout
+        };
+        assert_eq!(timeout(&desired(&[svc(WEB)], &[])), 0);
+        assert_eq!(
+            timeout(&desired(&[svc(&aff(""))], &[])),
+            DEFAULT_AFFINITY_TIMEOUT
+        );
+        let custom = aff("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n");
+        assert_eq!(timeout(&desired(&[svc(&custom)], &[])), 60);
+        let bad = aff("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n");
+        let out = desired(&[svc(&bad)], &[]);
+        assert_eq!(
+            out.problems[0].field,
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
         );
     }
 

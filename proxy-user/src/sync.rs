@@ -265,7 +265,7 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
             svc_id,
             count,
             flags: 0,
-            affinity_timeout: 0,
+            affinity_timeout: frontend.affinity_timeout,
         };
         if existing != Some(&value) {
             service_writes.push(Op::PutService(key, value));
@@ -361,6 +361,7 @@ mod tests {
                             port: *p,
                         })
                         .collect(),
+                    affinity_timeout: 0,
                 },
             );
         }
@@ -536,7 +537,14 @@ mod tests {
                     },
                 };
                 let name = format!("ns/svc{svc}:p");
-                d.frontends.insert(key, Frontend { name, backends });
+                d.frontends.insert(
+                    key,
+                    Frontend {
+                        name,
+                        backends,
+                        affinity_timeout: 0,
+                    },
+                );
             }
             converge(&mut s, &d);
         }

@@ -1,0 +1,270 @@
+//! ICMP: the REJECT a service without endpoints answers with, and ICMP errors
+//! about translated flows translated back, so that connection refusals and
+//! Path MTU discovery work through a VIP exactly as without a proxy.
+
+use aya_ebpf::{
+    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use proxy_common::{Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{
+    conntrack,
+    parse::{ip, l4, Ipv4Hdr, Ipv4Packet, ETH_HLEN, IP_OFFSET},
+    stats, Verdict,
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_SOURCE_QUENCH: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_HLEN: usize = 8;
+const ICMP_CSUM: usize = 2;
+/// What an ICMP error quotes of the offending packet: its IP header (with
+/// options, at most 60 bytes) and the first 8 bytes of its payload.
+const QUOTE_MAX: usize = 60 + 8;
+
+/// The headers a REJECT prepends to the quoted packet.
+#[repr(C)]
+struct IcmpError {
+    ip: Ipv4Hdr,
+    icmp_type: u8,
+    code: u8,
+    csum: u16,
+    unused: u32,
+}
+
+/// Turns `pkt` (a TCP SYN or UDP datagram to a service without endpoints)
+/// into the ICMP port unreachable the reference's `REJECT` sends, and
+/// returns the verdict that sends it back out of the interface it came in.
+///
+/// The original IP header and 8 bytes of payload stay where they are; 28
+/// bytes of room after the Ethernet header receive the new IP and ICMP
+/// headers, and the tail is cut after the quote.
+#[inline(always)]
+pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
+    let ihl = (pkt.l4_off - pkt.l3_off) & 0x3c;
+    // `quote_len` is at most QUOTE_MAX and a multiple of 4, as csum_diff needs.
+    let quote_len = ihl + 8;
+    let mut quote = [0u32; QUOTE_MAX / 4];
+    // SAFETY: `quote` has room for QUOTE_MAX >= quote_len bytes.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            pkt.l3_off as u32,
+            quote.as_mut_ptr().cast(),
+            quote_len as u32,
+        )
+    };
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    if loaded != 0 {
+        return Err(());
+    }
+    let mut hdr = IcmpError {
+        ip: Ipv4Hdr {
+            version_ihl: 0x45,
+            // IPTOS_PREC_INTERNETCONTROL, as the kernel's own ICMP errors.
+            tos: 0xc0,
+            tot_len: ((20 + ICMP_HLEN + quote_len) as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            proto: IPPROTO_ICMP,
+            check: 0,
+            // From the address the client tried to reach.
+            saddr: pkt.dst,
+            daddr: pkt.src,
+        },
+        icmp_type: ICMP_DEST_UNREACH,
+        code: ICMP_PORT_UNREACH,
+        csum: 0,
+        unused: 0,
+    };
+    hdr.ip.check = fold(csum(&hdr.ip as *const Ipv4Hdr as *mut u32, 20, 0));
+    let icmp_sum = csum(&hdr.icmp_type as *const u8 as *mut u32, ICMP_HLEN as u32, 0);
+    hdr.csum = fold(csum(quote.as_mut_ptr(), quote_len as u32, icmp_sum));
+
+    let room = (20 + ICMP_HLEN) as i32;
+    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
+    let new_len = (ETH_HLEN + 20 + ICMP_HLEN + quote_len) as u32;
+    // SAFETY: the context's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), new_len, 0) } != 0 {
+        return Err(());
+    }
+    // Back to the sender: swap the MAC addresses.
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &eth, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| ())?;
+    stats::count(Counter::Rejected);
+    // SAFETY: reads a field of the context's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: plain helper call; egress of the interface the packet came in.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// One's-complement sum of `len` bytes at `data` (a multiple of 4) on `seed`.
+#[inline(always)]
+fn csum(data: *mut u32, len: u32, seed: u32) -> u32 {
+    // SAFETY: callers pass stack buffers of at least `len` bytes.
+    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data, len, seed) as u32 }
+}
+
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let mut s = sum;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// An ICMP error (destination unreachable, time exceeded, ...) whose quoted
+/// packet belongs to a translated flow: rewrite the quote as the sender of
+/// the original packet sent it, and the outer header as it expects it.
+///
+/// One conntrack lookup, on the quoted packet's tuple reversed: that is the
+/// tuple of the flow's other direction, whose entry says how packets the
+/// error is "about" were translated. So a fragmentation-needed about
+/// `client → backend` reaches the client as about `client → VIP`.
+#[inline(always)]
+pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
+    let Ok(icmp_type) = ctx.load::<u8>(pkt.l4_off) else {
+        return Verdict::Pass(Counter::PassMalformed);
+    };
+    if !matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+    ) {
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
+    let inner_l3 = pkt.l4_off + ICMP_HLEN;
+    let Ok(inner) = ctx.load::<Ipv4Hdr>(inner_l3) else {
+        return Verdict::Pass(Counter::PassMalformed);
+    };
+    let ihl = ((inner.version_ihl & 0x0f) as usize) * 4;
+    if inner.version_ihl >> 4 != 4
+        || ihl < 20
+        || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP)
+        || u16::from_be(inner.frag_off) & IP_OFFSET != 0
+    {
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
+    let inner_l4 = inner_l3 + ihl;
+    if inner_l4 + 8 > pkt.end {
+        return Verdict::Pass(Counter::PassMalformed);
+    }
+    let Ok(ports) = ctx.load::<[u16; 2]>(inner_l4) else {
+        return Verdict::Pass(Counter::PassMalformed);
+    };
+    // The flow's other direction: the quoted tuple reversed.
+    let key = CtKey {
+        src_addr: inner.daddr,
+        dst_addr: inner.saddr,
+        src_port: ports[1],
+        dst_port: ports[0],
+        proto: inner.proto,
+        _pad: [0; 3],
+    };
+    let Some(entry) = conntrack::lookup(&key) else {
+        return Verdict::Pass(Counter::PassNoService);
+    };
+    // SAFETY: valid LRU element for this RCU read section, copied at once.
+    let t = conntrack::translated(&key, &unsafe { *entry });
+    match rewrite_error(ctx, pkt, inner_l3, inner_l4, &inner, &key, &t) {
+        Ok(()) => {
+            stats::count(Counter::IcmpTranslated);
+            Verdict::Translated
+        }
+        Err(()) => Verdict::Drop(proxy_common::DropReason::RewriteFailed),
+    }
+}
+
+/// The quote (`key` reversed) becomes `t` reversed; the outer addresses that
+/// were the quote's follow it.
+#[inline(always)]
+fn rewrite_error(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    inner_l3: usize,
+    inner_l4: usize,
+    inner: &Ipv4Hdr,
+    key: &CtKey,
+    t: &CtKey,
+) -> Result<(), ()> {
+    let icmp_csum = pkt.l4_off + ICMP_CSUM;
+    // The quoted L4 checksum, when the quote holds it (kernels quote up to
+    // 576 bytes; 8 bytes hold only UDP's). Receivers do not verify it, but
+    // netfilter keeps it consistent and so do we.
+    let l4_csum = match inner.proto {
+        IPPROTO_TCP if inner_l4 + l4::TCP_CSUM + 2 <= pkt.end => Some(inner_l4 + l4::TCP_CSUM),
+        IPPROTO_UDP => Some(inner_l4 + l4::UDP_CSUM),
+        _ => None,
+    };
+    let l4_csum = match l4_csum {
+        Some(off) => match ctx.load::<u16>(off) {
+            Ok(0) | Err(_) => None,
+            Ok(old) => Some((off, old)),
+        },
+        None => None,
+    };
+    let fields = [
+        // (offset, old, new, size): quoted source and destination, then ports.
+        (inner_l3 + ip::SADDR, key.dst_addr, t.dst_addr, 4u64),
+        (inner_l3 + ip::DADDR, key.src_addr, t.src_addr, 4),
+        (
+            inner_l4 + l4::SPORT,
+            key.dst_port as u32,
+            t.dst_port as u32,
+            2,
+        ),
+        (
+            inner_l4 + l4::DPORT,
+            key.src_port as u32,
+            t.src_port as u32,
+            2,
+        ),
+    ];
+    for (off, old, new, size) in fields {
+        if old == new {
+            continue;
+        }
+        if size == 4 {
+            ctx.store(off, &new, 0).map_err(|_| ())?;
+            // The quoted IP header's checksum absorbs the change, so the
+            // header's one's-complement sum (and the ICMP checksum) is kept.
+            ctx.l3_csum_replace(inner_l3 + ip::CSUM, old as u64, new as u64, 4)
+                .map_err(|_| ())?;
+        } else {
+            ctx.store(off, &(new as u16), 0).map_err(|_| ())?;
+            ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 2)
+                .map_err(|_| ())?;
+        }
+        if let Some((l4_off, _)) = l4_csum {
+            ctx.l3_csum_replace(l4_off, old as u64, new as u64, size)
+                .map_err(|_| ())?;
+        }
+    }
+    if let Some((off, old)) = l4_csum {
+        let new: u16 = ctx.load(off).map_err(|_| ())?;
+        ctx.l4_csum_replace(icmp_csum, old as u64, new as u64, 2)
+            .map_err(|_| ())?;
+    }
+    // The outer header: the error goes to the quote's source as it knows
+    // itself, from the quote's destination if that is who sent the error
+    // (a router on the way keeps its own address).
+    let outer = [
+        (ip::DADDR, pkt.dst, key.dst_addr, t.dst_addr),
+        (ip::SADDR, pkt.src, key.src_addr, t.src_addr),
+    ];
+    for (field, cur, was, new) in outer {
+        if cur == was && was != new {
+            ctx.store(pkt.l3_off + field, &new, 0).map_err(|_| ())?;
+            ctx.l3_csum_replace(pkt.l3_off + ip::CSUM, cur as u64, new as u64, 4)
+                .map_err(|_| ())?;
+        }
+    }
+    Ok(())
+}
