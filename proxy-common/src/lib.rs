@@ -175,6 +175,30 @@ pub struct CtValue {
     pub last_seen_ns: u64,
 }
 
+impl CtValue {
+    /// The tuple a packet carrying `key` has once this entry's rewrite is applied.
+    #[inline(always)]
+    pub fn translate(&self, key: &CtKey) -> CtKey {
+        let mut t = *key;
+        if self.flags & CT_F_REWRITE_SRC != 0 {
+            t.src_addr = self.new_src_addr;
+            t.src_port = self.new_src_port;
+        }
+        if self.flags & CT_F_REWRITE_DST != 0 {
+            t.dst_addr = self.new_dst_addr;
+            t.dst_port = self.new_dst_port;
+        }
+        t
+    }
+
+    /// The key of the other direction's entry of the flow this entry (at
+    /// `key`) belongs to: the translated tuple, reversed.
+    #[inline(always)]
+    pub fn partner(&self, key: &CtKey) -> CtKey {
+        self.translate(key).reversed()
+    }
+}
+
 pub const CT_F_REWRITE_SRC: u16 = 1 << 0;
 pub const CT_F_REWRITE_DST: u16 = 1 << 1;
 /// Set on the reply entry by the first reply packet: the flow is answered

@@ -30,27 +30,6 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The tuple a packet carrying `key` has once `rw` is applied.
-#[inline(always)]
-pub fn translated(key: &CtKey, rw: &CtValue) -> CtKey {
-    let mut t = *key;
-    if rw.flags & CT_F_REWRITE_SRC != 0 {
-        t.src_addr = rw.new_src_addr;
-        t.src_port = rw.new_src_port;
-    }
-    if rw.flags & CT_F_REWRITE_DST != 0 {
-        t.dst_addr = rw.new_dst_addr;
-        t.dst_port = rw.new_dst_port;
-    }
-    t
-}
-
-/// The key of the other direction's entry of the flow `key`/`rw` belongs to.
-#[inline(always)]
-fn partner(key: &CtKey, rw: &CtValue) -> CtKey {
-    translated(key, rw).reversed()
-}
-
 /// Records this packet in its flow's entry and returns a copy of the entry.
 ///
 /// Writes only when something changed (`last_seen` older than
@@ -75,7 +54,7 @@ pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> CtValue {
     }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 && e.flags & CT_F_CLOSING == 0 {
         e.flags |= CT_F_CLOSING;
-        if let Some(p) = lookup(&partner(key, e)) {
+        if let Some(p) = lookup(&e.partner(key)) {
             // SAFETY: as above.
             unsafe { (*p).flags |= CT_F_CLOSING };
         }
@@ -98,7 +77,7 @@ pub fn remove_flow(key: &CtKey, entry: *mut CtValue) {
     // SAFETY: as in `touch`; copied before the element is deleted.
     let rw = unsafe { *entry };
     let mut removed = 0;
-    if CONNTRACK.remove(&partner(key, &rw)).is_ok() {
+    if CONNTRACK.remove(&rw.partner(key)).is_ok() {
         removed += 1;
     }
     if CONNTRACK.remove(key).is_ok() {
@@ -142,7 +121,7 @@ pub fn create(
         }
         Err(_) => return Err(DropReason::CtInsertFailed),
     }
-    let reply_key = partner(key, &original);
+    let reply_key = original.partner(key);
     let reply = CtValue {
         new_src_addr: key.dst_addr,
         new_dst_addr: 0,

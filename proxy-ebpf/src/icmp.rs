@@ -172,7 +172,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
         return Verdict::Pass(Counter::PassNoService);
     };
     // SAFETY: valid LRU element for this RCU read section, copied at once.
-    let t = conntrack::translated(&key, &unsafe { *entry });
+    let t = unsafe { *entry }.translate(&key);
     match rewrite_error(ctx, pkt, inner_l3, inner_l4, &inner, &key, &t) {
         Ok(()) => {
             stats::count(Counter::IcmpTranslated);

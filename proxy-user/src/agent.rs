@@ -2,12 +2,14 @@
 //! desired state, follow changes, detach cleanly on SIGTERM/SIGINT.
 
 use std::{
+    collections::HashSet,
     net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
+use proxy_common::Event;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -17,6 +19,7 @@ use tokio::{
 use crate::{
     attach::{self, Attacher, Patterns},
     bpffs,
+    conntrack::{self, Timeouts},
     datapath::{Datapath, LoadOptions, MapSet},
     manifests, model,
     sync::{self, MapState},
@@ -61,6 +64,9 @@ pub struct Config {
     pub poll: Duration,
     /// How often the maps are re-read and repaired.
     pub resync: Duration,
+    pub ct_timeouts: Timeouts,
+    /// How often expired conntrack entries are collected.
+    pub ct_gc_interval: Duration,
 }
 
 /// Counters the agent keeps about itself (exported as metrics later).
@@ -69,6 +75,9 @@ pub struct AgentStats {
     pub syncs: u64,
     pub sync_failures: u64,
     pub invalid_objects: u64,
+    /// Running totals of the agent-owned event counters.
+    pub gc_expired: u64,
+    pub gc_stale_udp: u64,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -102,6 +111,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     resync.tick().await;
 
     let mut stats = AgentStats::default();
+    // Continue the totals an earlier agent left in the pinned counters.
+    for (e, n) in dp.maps.events().unwrap_or_default() {
+        match e {
+            Event::GcExpired => stats.gc_expired = n,
+            Event::GcStaleUdp => stats.gc_stale_udp = n,
+            _ => {}
+        }
+    }
+    let mut gc = interval(cfg.ct_gc_interval);
+    gc.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    gc.tick().await;
     let mut last_fingerprint = None;
     let mut dirty = true;
     loop {
@@ -123,6 +143,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     dirty = !sync_once(&cfg, &mut dp.maps, &mut mirror, &mut stats);
                 }
             }
+            _ = gc.tick() => collect(&cfg, &mut dp.maps, &HashSet::new(), &mut stats),
             _ = resync.tick() => {
                 // Repairs drift: entries edited or deleted behind our back.
                 match dp.maps.read_state() {
@@ -143,6 +164,52 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.bpffs.display()
     );
     Ok(())
+}
+
+/// One conntrack collection: expired flows, and UDP flows to `stale` backends.
+fn collect(
+    cfg: &Config,
+    maps: &mut MapSet,
+    stale: &HashSet<conntrack::ServiceBackend>,
+    stats: &mut AgentStats,
+) {
+    let started = Instant::now();
+    let report = match conntrack::collect(maps, &cfg.ct_timeouts, stale) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("conntrack collection: {e:#}; will retry");
+            return;
+        }
+    };
+    stats.gc_expired += report.expired;
+    stats.gc_stale_udp += report.stale_udp;
+    for (e, n) in [
+        (Event::GcExpired, stats.gc_expired),
+        (Event::GcStaleUdp, stats.gc_stale_udp),
+    ] {
+        if let Err(err) = maps.set_event(e, n) {
+            log::warn!("updating the {} counter: {err:#}", e.name());
+        }
+    }
+    if report.stale_udp > 0 {
+        log::info!(
+            "removed {} UDP conntrack entries of {} backends that left their service",
+            report.stale_udp,
+            stale.len()
+        );
+    }
+    let level = if report.expired > 0 {
+        log::Level::Info
+    } else {
+        log::Level::Debug
+    };
+    log::log!(
+        level,
+        "conntrack: {} entries, {} expired removed in {:.1?}",
+        report.entries,
+        report.expired,
+        started.elapsed()
+    );
 }
 
 /// One sync from the manifests; false when it must be retried.
@@ -180,6 +247,7 @@ fn sync_once(
             return false;
         }
     };
+    let stale = sync::stale_udp(mirror, &outcome.desired);
     for (i, op) in ops.iter().enumerate() {
         if let Err(e) = maps.write(op) {
             stats.sync_failures += 1;
@@ -194,6 +262,10 @@ fn sync_once(
         mirror.record(op);
     }
     stats.syncs += 1;
+    if !stale.is_empty() {
+        // After the writes: no new flow can pick these backends any more.
+        collect(cfg, maps, &stale, stats);
+    }
     let served = outcome
         .desired
         .frontends

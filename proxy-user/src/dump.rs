@@ -6,12 +6,15 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtValue, CT_DIR_ORIGINAL, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP, IPPROTO_UDP,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    wire, CtKey, CtValue, Event, CT_DIR_ORIGINAL, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
 };
 use serde::Serialize;
 
-use crate::datapath::{name_from_bytes, MapSet};
+use crate::{
+    conntrack::{self as ct, monotonic_ns, FlowState},
+    datapath::{name_from_bytes, MapSet},
+};
 
 pub fn proto_name(p: u8) -> String {
     match p {
@@ -19,17 +22,6 @@ pub fn proto_name(p: u8) -> String {
         IPPROTO_UDP => "UDP".into(),
         other => format!("proto-{other}"),
     }
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -261,6 +253,8 @@ pub struct CtRow {
     /// The tuple after translation.
     pub translated_src: String,
     pub translated_dst: String,
+    /// The flow's state (both directions considered), which picks its timeout.
+    pub state: &'static str,
     pub tcp_flags: String,
     pub age_seconds: f64,
     pub idle_seconds: f64,
@@ -290,22 +284,11 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
         let (id, n) = kv?;
         names.insert(id, name_from_bytes(&n));
     }
+    let table = ct::read_table(maps)?;
     let mut rows = Vec::new();
-    for kv in maps.conntrack.iter() {
-        let (k, v): (_, CtValue) = kv?;
+    let mut row = |k: &CtKey, v: &CtValue, state: FlowState| {
         let ep = |a: u32, p: u16| format!("{}:{}", wire::to_addr(a), wire::to_port(p));
-        let (tsrc, tdst) = (
-            if v.flags & CT_F_REWRITE_SRC != 0 {
-                ep(v.new_src_addr, v.new_src_port)
-            } else {
-                ep(k.src_addr, k.src_port)
-            },
-            if v.flags & CT_F_REWRITE_DST != 0 {
-                ep(v.new_dst_addr, v.new_dst_port)
-            } else {
-                ep(k.dst_addr, k.dst_port)
-            },
-        );
+        let t = v.translate(k);
         rows.push(CtRow {
             protocol: proto_name(k.proto),
             direction: if v.dir == CT_DIR_ORIGINAL {
@@ -315,8 +298,9 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
             },
             src: ep(k.src_addr, k.src_port),
             dst: ep(k.dst_addr, k.dst_port),
-            translated_src: tsrc,
-            translated_dst: tdst,
+            translated_src: ep(t.src_addr, t.src_port),
+            translated_dst: ep(t.dst_addr, t.dst_port),
+            state: state.name(),
             tcp_flags: tcp_flags(v.tcp_flags),
             age_seconds: now.saturating_sub(v.created_ns) as f64 / 1e9,
             idle_seconds: now.saturating_sub(v.last_seen_ns) as f64 / 1e9,
@@ -326,6 +310,15 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
                 .unwrap_or_else(|| format!("svc {}", v.svc_id)),
             backend_id: v.backend_id,
         });
+    };
+    for f in &table.flows {
+        row(&f.key, &f.original, f.state());
+        if let Some(r) = &f.reply {
+            row(&f.reply_key, r, f.state());
+        }
+    }
+    for (k, v) in &table.orphans {
+        row(k, v, FlowState::of(v, Some(v), k.proto));
     }
     rows.sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
     Ok(rows)
@@ -335,17 +328,18 @@ pub fn conntrack_table(rows: &[CtRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<8} {:<44} {:<44} {:<12} {:>8} {:>8}  Service",
-        "Prot", "Dir", "Tuple (as received)", "Translated to", "TCP flags", "Age", "Idle"
+        "{:<5} {:<8} {:<44} {:<44} {:<11} {:<12} {:>8} {:>8}  Service",
+        "Prot", "Dir", "Tuple (as received)", "Translated to", "State", "TCP flags", "Age", "Idle"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<44} {:<44} {:<12} {:>7.1}s {:>7.1}s  {}",
+            "{:<5} {:<8} {:<44} {:<44} {:<11} {:<12} {:>7.1}s {:>7.1}s  {}",
             r.protocol,
             r.direction,
             format!("{} -> {}", r.src, r.dst),
             format!("{} -> {}", r.translated_src, r.translated_dst),
+            r.state,
             r.tcp_flags,
             r.age_seconds,
             r.idle_seconds,
@@ -371,10 +365,22 @@ pub struct ServiceStatsRow {
 }
 
 #[derive(Debug, Serialize)]
+pub struct ConntrackStats {
+    pub entries: u64,
+    pub capacity: u32,
+    /// Entries lost to LRU eviction (derived: inserted − removed − live).
+    pub evicted: u64,
+    /// Flows by state.
+    pub flows: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Stats {
     pub counters: BTreeMap<&'static str, u64>,
     pub drops: BTreeMap<&'static str, u64>,
-    pub conntrack_entries: u64,
+    /// Conntrack and affinity events (not per packet).
+    pub events: BTreeMap<&'static str, u64>,
+    pub conntrack: ConntrackStats,
     pub services: Vec<ServiceStatsRow>,
 }
 
@@ -392,7 +398,28 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
         .into_iter()
         .map(|(r, n)| (r.name(), n))
         .collect();
-    let conntrack_entries = maps.conntrack.keys().filter(|k| k.is_ok()).count() as u64;
+    let events: BTreeMap<&'static str, u64> = maps
+        .events()?
+        .into_iter()
+        .map(|(e, n)| (e.name(), n))
+        .collect();
+    let table = ct::read_table(maps)?;
+    let mut flows = BTreeMap::new();
+    for f in &table.flows {
+        *flows.entry(f.state().name()).or_insert(0) += 1;
+    }
+    let removed: u64 = [Event::CtRemoved, Event::GcExpired, Event::GcStaleUdp]
+        .iter()
+        .map(|e| events[e.name()])
+        .sum();
+    let conntrack = ConntrackStats {
+        entries: table.entries as u64,
+        capacity: aya::maps::IterableMap::map(&maps.conntrack)
+            .info()?
+            .max_entries(),
+        evicted: ct::evicted(events[Event::CtInserted.name()], removed, table.entries),
+        flows,
+    };
     let services = services(maps)?
         .into_iter()
         .map(|r| ServiceStatsRow {
@@ -406,7 +433,8 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
     Ok(Stats {
         counters,
         drops,
-        conntrack_entries,
+        events,
+        conntrack,
         services,
     })
 }
@@ -421,11 +449,18 @@ pub fn stats_table(s: &Stats) -> String {
     for (k, v) in &s.drops {
         let _ = writeln!(out, "  {k:<24} {v:>12}");
     }
-    let _ = writeln!(
-        out,
-        "Conntrack entries          {:>12}",
-        s.conntrack_entries
-    );
+    let _ = writeln!(out, "Events");
+    for (k, v) in &s.events {
+        let _ = writeln!(out, "  {k:<24} {v:>12}");
+    }
+    let c = &s.conntrack;
+    let _ = writeln!(out, "Conntrack");
+    let _ = writeln!(out, "  {:<24} {:>12}", "entries", c.entries);
+    let _ = writeln!(out, "  {:<24} {:>12}", "capacity", c.capacity);
+    let _ = writeln!(out, "  {:<24} {:>12}", "evicted", c.evicted);
+    for (k, v) in &c.flows {
+        let _ = writeln!(out, "  {:<24} {v:>12}", format!("flows {k}"));
+    }
     let _ = writeln!(out, "Services");
     let _ = writeln!(
         out,

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod attach;
 pub mod bpffs;
+pub mod conntrack;
 pub mod datapath;
 pub mod dump;
 pub mod manifests;

@@ -73,9 +73,34 @@ struct AgentArgs {
     /// bpffs directory for the pinned maps (bpffs is mounted if needed).
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
-    /// Conntrack capacity in entries (two per flow). Applies when the maps are created.
+    /// Conntrack capacity in entries (two per flow; default 524288, i.e.
+    /// 262144 concurrent flows). Applies when the maps are created.
     #[arg(long)]
     conntrack_max: Option<u32>,
+    /// Idle timeout of TCP flows whose SYN was not answered yet.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_syn: Duration,
+    /// Idle timeout of established TCP flows (kube-proxy's default).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle timeout of half-closed TCP flows (FIN in one direction; kube-proxy's default).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: Duration,
+    /// Idle timeout of TCP flows closed in both directions.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_time_wait: Duration,
+    /// Idle timeout of reset TCP flows.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close: Duration,
+    /// Idle timeout of UDP flows that saw no reply.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// Idle timeout of UDP flows that saw replies.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    conntrack_udp_timeout_stream: Duration,
+    /// How often expired conntrack entries are removed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    conntrack_gc_interval: Duration,
     /// How often the manifests are checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
@@ -89,11 +114,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| s.split_at(i));
     let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    if n == 0 {
+        return Err(format!("duration {s:?} must be more than zero"));
+    }
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
     }
 }
 
@@ -139,6 +168,16 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         conntrack_entries: args.conntrack_max,
         poll: args.poll_interval,
         resync: args.sync_period,
+        ct_timeouts: kpx::conntrack::Timeouts {
+            tcp_syn: args.conntrack_tcp_timeout_syn,
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+            tcp_time_wait: args.conntrack_tcp_timeout_time_wait,
+            tcp_close: args.conntrack_tcp_timeout_close,
+            udp: args.conntrack_udp_timeout,
+            udp_stream: args.conntrack_udp_timeout_stream,
+        },
+        ct_gc_interval: args.conntrack_gc_interval,
     };
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

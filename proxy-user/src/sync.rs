@@ -313,6 +313,42 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
     Ok(ops)
 }
 
+/// UDP backends that leave their frontend when `cur` becomes `desired`, as
+/// (svc_id, address, port) in wire order: their conntrack entries must go,
+/// or a long-running UDP client keeps sending into the void (the reference
+/// runs `conntrack -D` for them). A removed frontend loses all its backends.
+pub fn stale_udp(cur: &MapState, desired: &Desired) -> HashSet<(u32, u32, u16)> {
+    let mut out = HashSet::new();
+    for (k, v) in &cur.services {
+        if k.proto != proxy_common::IPPROTO_UDP {
+            continue;
+        }
+        let fk = FrontendKey {
+            addr: wire::to_addr(k.addr),
+            port: wire::to_port(k.port),
+            proto: k.proto,
+        };
+        let kept: HashSet<Backend> = desired
+            .frontends
+            .get(&fk)
+            .map(|f| f.backends.iter().map(|e| backend(e, k.proto)).collect())
+            .unwrap_or_default();
+        for slot in 0..v.count {
+            let b = cur
+                .slots
+                .get(&SlotKey {
+                    svc_id: v.svc_id,
+                    slot,
+                })
+                .and_then(|id| cur.backends.get(id));
+            if let Some(b) = b.filter(|b| !kept.contains(b)) {
+                out.insert((v.svc_id, b.addr, b.port));
+            }
+        }
+    }
+    out
+}
+
 /// The keys `keep` rejects, sorted.
 fn unkept<'a, K: Ord + Copy + 'a>(
     keys: impl Iterator<Item = &'a K>,

@@ -1,0 +1,271 @@
+//! Conntrack lifetime, owned by the agent: per-state timeouts, the garbage
+//! collector that expires flows, and the flush of UDP flows whose backend
+//! left (the reference's `conntrack -D`).
+//!
+//! The datapath records what it sees in each entry (last packet, reply seen,
+//! TCP flags); the collector judges a flow by both of its entries, so a flow
+//! busy in one direction only is never expired.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use anyhow::Result;
+use proxy_common::{
+    CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN, TCP_RST,
+};
+
+use crate::datapath::MapSet;
+
+/// How long a flow may stay idle, by state. Defaults: kube-proxy's for the
+/// states it configures (established 24h, close-wait 1h), the kernel's for
+/// the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP, SYN sent and not answered yet.
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    /// TCP, FIN seen in one direction (half closed).
+    pub tcp_close_wait: Duration,
+    /// TCP, FIN seen in both directions.
+    pub tcp_time_wait: Duration,
+    /// TCP, RST seen.
+    pub tcp_close: Duration,
+    /// UDP, no reply seen.
+    pub udp: Duration,
+    /// UDP, replies seen.
+    pub udp_stream: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(86_400),
+            tcp_close_wait: Duration::from_secs(3_600),
+            tcp_time_wait: Duration::from_secs(120),
+            tcp_close: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            udp_stream: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A flow's state as the collector (and `kpx dump conntrack`) sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowState {
+    TcpSynSent,
+    TcpEstablished,
+    TcpCloseWait,
+    TcpTimeWait,
+    TcpClose,
+    UdpUnreplied,
+    UdpStream,
+}
+
+impl FlowState {
+    /// The state of a flow from its entries (`reply` absent when evicted).
+    pub fn of(original: &CtValue, reply: Option<&CtValue>, proto: u8) -> Self {
+        let reply_flags = reply.map_or(0, |r| r.tcp_flags);
+        let replied = reply.is_some_and(|r| r.flags & CT_F_SEEN_REPLY != 0);
+        if proto != IPPROTO_TCP {
+            return if replied {
+                FlowState::UdpStream
+            } else {
+                FlowState::UdpUnreplied
+            };
+        }
+        let flags = original.tcp_flags | reply_flags;
+        if flags & TCP_RST != 0 {
+            FlowState::TcpClose
+        } else if original.tcp_flags & TCP_FIN != 0 && reply_flags & TCP_FIN != 0 {
+            FlowState::TcpTimeWait
+        } else if flags & TCP_FIN != 0 {
+            FlowState::TcpCloseWait
+        } else if replied {
+            FlowState::TcpEstablished
+        } else {
+            FlowState::TcpSynSent
+        }
+    }
+
+    pub fn timeout(self, t: &Timeouts) -> Duration {
+        match self {
+            FlowState::TcpSynSent => t.tcp_syn,
+            FlowState::TcpEstablished => t.tcp_established,
+            FlowState::TcpCloseWait => t.tcp_close_wait,
+            FlowState::TcpTimeWait => t.tcp_time_wait,
+            FlowState::TcpClose => t.tcp_close,
+            FlowState::UdpUnreplied => t.udp,
+            FlowState::UdpStream => t.udp_stream,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowState::TcpSynSent => "syn_sent",
+            FlowState::TcpEstablished => "established",
+            FlowState::TcpCloseWait => "close_wait",
+            FlowState::TcpTimeWait => "time_wait",
+            FlowState::TcpClose => "close",
+            FlowState::UdpUnreplied => "unreplied",
+            FlowState::UdpStream => "stream",
+        }
+    }
+}
+
+/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC) in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A backend of one service frontend: (svc_id, address, port), wire order.
+pub type ServiceBackend = (u32, u32, u16);
+
+/// One flow of the table, both directions paired.
+pub struct Flow {
+    pub key: CtKey,
+    pub original: CtValue,
+    pub reply_key: CtKey,
+    pub reply: Option<CtValue>,
+}
+
+impl Flow {
+    pub fn state(&self) -> FlowState {
+        FlowState::of(&self.original, self.reply.as_ref(), self.key.proto)
+    }
+
+    /// Nanoseconds since the last packet in either direction.
+    pub fn idle_ns(&self, now_ns: u64) -> u64 {
+        let last = self.reply.map_or(self.original.last_seen_ns, |r| {
+            r.last_seen_ns.max(self.original.last_seen_ns)
+        });
+        now_ns.saturating_sub(last)
+    }
+}
+
+/// The conntrack table as flows, plus reply entries whose original entry is
+/// gone (evicted under LRU pressure).
+pub struct Table {
+    pub flows: Vec<Flow>,
+    pub orphans: Vec<(CtKey, CtValue)>,
+    /// Entries read.
+    pub entries: usize,
+}
+
+pub fn read_table(maps: &MapSet) -> Result<Table> {
+    let mut all: HashMap<CtKey, CtValue> = HashMap::new();
+    for kv in maps.conntrack.iter() {
+        match kv {
+            Ok((k, v)) => {
+                all.insert(k, v);
+            }
+            // An entry deleted (or evicted) between two steps of the walk.
+            Err(e) => log::debug!("conntrack walk: {e}"),
+        }
+    }
+    let entries = all.len();
+    let mut flows = Vec::new();
+    let mut paired = HashSet::new();
+    for (k, v) in &all {
+        if v.dir != CT_DIR_ORIGINAL {
+            continue;
+        }
+        let reply_key = v.partner(k);
+        let reply = all.get(&reply_key).copied();
+        if reply.is_some() {
+            paired.insert(reply_key);
+        }
+        flows.push(Flow {
+            key: *k,
+            original: *v,
+            reply_key,
+            reply,
+        });
+    }
+    let orphans = all
+        .into_iter()
+        .filter(|(k, v)| v.dir != CT_DIR_ORIGINAL && !paired.contains(k))
+        .collect();
+    Ok(Table {
+        flows,
+        orphans,
+        entries,
+    })
+}
+
+/// What one collection did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries in the table when it was read.
+    pub entries: usize,
+    /// Entries removed because their flow expired.
+    pub expired: u64,
+    /// Entries removed because their UDP backend left the service.
+    pub stale_udp: u64,
+}
+
+/// Removes expired flows, and the UDP flows to a backend in `stale`.
+pub fn collect(
+    maps: &mut MapSet,
+    timeouts: &Timeouts,
+    stale: &HashSet<ServiceBackend>,
+) -> Result<GcReport> {
+    let table = read_table(maps)?;
+    let now = monotonic_ns();
+    let mut report = GcReport {
+        entries: table.entries,
+        ..Default::default()
+    };
+    for f in &table.flows {
+        let o = &f.original;
+        let is_stale = f.key.proto != IPPROTO_TCP
+            && stale.contains(&(o.svc_id, o.new_dst_addr, o.new_dst_port));
+        let expired = Duration::from_nanos(f.idle_ns(now)) > f.state().timeout(timeouts);
+        if !(is_stale || expired) {
+            continue;
+        }
+        let mut n = remove(maps, &f.key);
+        if f.reply.is_some() {
+            n += remove(maps, &f.reply_key);
+        }
+        if is_stale {
+            report.stale_udp += n;
+        } else {
+            report.expired += n;
+        }
+    }
+    for (k, v) in &table.orphans {
+        let state = FlowState::of(v, Some(v), k.proto);
+        let stale_backend =
+            k.proto != IPPROTO_TCP && stale.contains(&(v.svc_id, k.src_addr, k.src_port));
+        if stale_backend {
+            report.stale_udp += remove(maps, k);
+        } else if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > state.timeout(timeouts)
+        {
+            report.expired += remove(maps, k);
+        }
+    }
+    Ok(report)
+}
+
+fn remove(maps: &mut MapSet, key: &CtKey) -> u64 {
+    // Already gone (the datapath replaced it, LRU evicted it) is fine.
+    maps.conntrack.remove(key).is_ok() as u64
+}
+
+/// Conntrack entries lost to LRU eviction, derived from the event counters:
+/// inserted minus every removal minus what is still there. Approximate while
+/// traffic runs (the counters and the table are not read atomically), exact
+/// when the table is quiet.
+pub fn evicted(inserted: u64, removed: u64, live: usize) -> u64 {
+    inserted.saturating_sub(removed).saturating_sub(live as u64)
+}
