@@ -385,7 +385,11 @@ fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 9 pinned maps"));
+    let expected = format!(
+        "removed {} pinned maps",
+        proxy_common::map_names::ALL.len()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
     assert!(MapSet::open_pinned(&c.bpffs()).is_err());
 }
 
@@ -399,7 +403,7 @@ fn interfaces_that_appear_later_are_attached() {
     let host_if = c.pod("late").host_if.clone();
     let attached = wait_for(Duration::from_secs(10), || {
         c.agent_log()
-            .contains(&format!("attached tc ingress to {host_if}"))
+            .contains(&format!("attached tc ingress and egress to {host_if}"))
             .then_some(())
     });
     assert!(attached.is_some(), "{}", c.agent_log());

@@ -5,12 +5,14 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
-use etherparse::{IpNumber, Ipv4Header, TcpHeader, UdpHeader};
+use etherparse::{Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use kpx::datapath::{Datapath, LoadOptions};
 use proxy_common::{wire, Backend, ServiceKey, ServiceValue, SlotKey};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: sent back out (the REJECT's ICMP reply).
+pub const TC_ACT_REDIRECT: u32 = 7;
 /// `TC_ACT_UNSPEC` (-1): untouched, on to the next program or the stack.
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
@@ -172,9 +174,18 @@ pub struct Out {
 }
 
 pub fn run(dp: &mut Datapath, frame: &[u8]) -> Out {
+    run_on(dp, frame, false)
+}
+
+/// Runs the tc egress program instead of the ingress one.
+pub fn run_egress(dp: &mut Datapath, frame: &[u8]) -> Out {
+    run_on(dp, frame, true)
+}
+
+fn run_on(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
     let mut buf = vec![0u8; frame.len() + 256];
-    let res = dp
-        .ingress()
+    let prog = if egress { dp.egress() } else { dp.ingress() };
+    let res = prog
         .expect("program")
         .test_run(TestRunOptions {
             data_in: Some(frame),
@@ -247,6 +258,55 @@ pub fn inspect(frame: &[u8]) -> Seen {
     }
 }
 
+/// An ICMP error frame from `src` to `dst` quoting `quote` (an IP packet's
+/// header and first bytes), with valid checksums.
+pub fn icmp_error(src: &str, dst: &str, icmp_type: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+    let icmp = Icmpv4Header::with_checksum(icmp_type, quote);
+    let iph = Ipv4Header::new(
+        (icmp.header_len() + quote.len()) as u16,
+        64,
+        IpNumber::ICMP,
+        ip(src).octets(),
+        ip(dst).octets(),
+    )
+    .expect("ipv4 header");
+    let mut out = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
+    iph.write(&mut out).expect("write ip");
+    icmp.write(&mut out).expect("write icmp");
+    out.extend_from_slice(quote);
+    out
+}
+
+/// An ICMP message read back, with its IP and ICMP checksums verified.
+#[derive(Debug)]
+pub struct IcmpSeen {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub icmp_type: Icmpv4Type,
+    /// The quoted packet, exactly as carried.
+    pub quote: Vec<u8>,
+}
+
+pub fn inspect_icmp(frame: &[u8]) -> IcmpSeen {
+    let (iph, rest) = Ipv4Header::from_slice(&frame[14..]).expect("output IPv4 header");
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "IPv4 header checksum is wrong"
+    );
+    assert_eq!(iph.protocol, IpNumber::ICMP, "not ICMP");
+    let body = &rest[..iph.total_len as usize - iph.header_len()];
+    let (icmp, quote) = Icmpv4Header::from_slice(body).expect("ICMP header");
+    let expect = Icmpv4Header::with_checksum(icmp.icmp_type.clone(), quote);
+    assert_eq!(icmp.checksum, expect.checksum, "ICMP checksum is wrong");
+    IcmpSeen {
+        src: Ipv4Addr::from(iph.source),
+        dst: Ipv4Addr::from(iph.destination),
+        icmp_type: icmp.icmp_type,
+        quote: quote.to_vec(),
+    }
+}
+
 /// Installs a service frontend and its backends the way the agent lays them
 /// out: backends, then slots, then the service entry.
 pub fn install_service(
@@ -299,6 +359,16 @@ pub fn install_service(
     };
     dp.maps.services.insert(key, value, 0).unwrap();
     dp.maps.service_addrs.insert(key.addr, 1, 0).unwrap();
+}
+
+pub fn event(dp: &mut Datapath, e: proxy_common::Event) -> u64 {
+    dp.maps
+        .events()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == e)
+        .unwrap()
+        .1
 }
 
 pub fn counter(dp: &mut Datapath, c: proxy_common::Counter) -> u64 {

@@ -1,0 +1,322 @@
+//! Flow semantics in the kernel (BPF_PROG_TEST_RUN): REJECT for services
+//! without endpoints, invalid TCP, closing flows, ClientIP affinity, ICMP
+//! errors about translated flows. The generated and translated ICMP bytes
+//! are checked field by field, checksums recomputed from scratch.
+
+mod support;
+
+use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+use kpx::datapath::Datapath;
+use proxy_common::{
+    wire, AffinityKey, Counter, DropReason, Event, SlotKey, CT_F_CLOSING, IPPROTO_TCP, IPPROTO_UDP,
+};
+use support::*;
+
+const CLIENT: &str = "198.18.0.2";
+const OTHER_CLIENT: &str = "198.18.0.3";
+const ROUTER: &str = "198.18.0.1";
+const VIP: &str = "198.19.0.10";
+const EMPTY_VIP: &str = "198.19.0.30";
+const B1: &str = "198.18.1.1";
+const B2: &str = "198.18.1.2";
+const B3: &str = "198.18.1.3";
+
+fn cluster(dp: &mut Datapath) {
+    install_service(
+        dp,
+        1,
+        VIP,
+        80,
+        IPPROTO_TCP,
+        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
+    );
+    install_service(
+        dp,
+        2,
+        VIP,
+        53,
+        IPPROTO_UDP,
+        &[(4, B1, 5353), (5, B2, 5353), (6, B3, 5353)],
+    );
+}
+
+fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32) {
+    let key = proxy_common::ServiceKey {
+        addr: wire::addr(ip(vip)),
+        port: wire::port(port),
+        proto,
+        _pad: 0,
+    };
+    let mut v = dp.maps.services.get(&key, 0).unwrap();
+    v.affinity_timeout = timeout;
+    dp.maps.services.insert(key, v, 0).unwrap();
+}
+
+#[test]
+fn syn_or_datagram_to_a_service_without_endpoints_gets_port_unreachable() {
+    let Some(mut dp) = datapath() else { return };
+    install_service(&mut dp, 3, EMPTY_VIP, 80, IPPROTO_TCP, &[]);
+    install_service(&mut dp, 4, EMPTY_VIP, 53, IPPROTO_UDP, &[]);
+    let mut with_options = Pkt::new(CLIENT, 44002, EMPTY_VIP, 80, SYN);
+    with_options.ip_options = vec![1, 1, 1, 0];
+    let cases = [
+        Pkt::new(CLIENT, 44000, EMPTY_VIP, 80, SYN),
+        Pkt::new(CLIENT, 44001, EMPTY_VIP, 53, UDP),
+        with_options,
+    ];
+    for pkt in &cases {
+        let frame = pkt.build();
+        let out = run(&mut dp, &frame);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{pkt:?}");
+        assert_eq!(&out.bytes[..6], &frame[6..12], "destination MAC = sender");
+        assert_eq!(&out.bytes[6..12], &frame[..6], "source MAC = receiver");
+        let icmp = inspect_icmp(&out.bytes);
+        assert_eq!((icmp.src, icmp.dst), (ip(EMPTY_VIP), ip(CLIENT)));
+        assert_eq!(
+            icmp.icmp_type,
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+        );
+        // The quote: the offending IP header (with options) and 8 bytes.
+        let ihl = (frame[14] & 0x0f) as usize * 4;
+        assert_eq!(icmp.quote, &frame[14..14 + ihl + 8]);
+        assert_eq!(out.bytes.len(), 14 + 20 + 8 + ihl + 8);
+    }
+    assert_eq!(counter(&mut dp, Counter::Rejected), 3);
+    assert_eq!(counter(&mut dp, Counter::Dropped), 0);
+    assert_eq!(
+        dp.maps.conntrack.keys().count(),
+        0,
+        "a reject tracks nothing"
+    );
+
+    // Mid-stream TCP is not answered (the reference drops it as INVALID).
+    let out = run(
+        &mut dp,
+        &Pkt::new(CLIENT, 44003, EMPTY_VIP, 80, ACK).build(),
+    );
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 1);
+}
+
+#[test]
+fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    let rst = L4::Tcp {
+        syn: false,
+        ack: false,
+        fin: false,
+        rst: true,
+    };
+    for (i, l4) in [ACK, SYN_ACK, FIN_ACK, rst].into_iter().enumerate() {
+        let out = run(
+            &mut dp,
+            &Pkt::new(CLIENT, 45000 + i as u16, VIP, 80, l4).build(),
+        );
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{l4:?}");
+    }
+    assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 4);
+    assert_eq!(dp.maps.conntrack.keys().count(), 0);
+    // UDP has no such notion: a datagram always starts a flow.
+    let out = run(&mut dp, &Pkt::new(CLIENT, 45010, VIP, 53, UDP).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+}
+
+#[test]
+fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    let orig = ct_key(CLIENT, 46000, VIP, 80);
+    let first = inspect(&run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build()).bytes);
+    // A retransmitted SYN of a live flow stays on it.
+    run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build());
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
+    assert_eq!(event(&mut dp, Event::CtInserted), 2);
+
+    let out = run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, FIN_ACK).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(inspect(&out.bytes), first);
+    let reply = ct_key(&first.dst.to_string(), 8080, CLIENT, 46000);
+    for key in [orig, reply] {
+        let e = dp.maps.conntrack.get(&key, 0).expect("entry");
+        assert_ne!(e.flags & CT_F_CLOSING, 0, "{key:?} not closing");
+    }
+
+    let out = run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 2);
+    assert_eq!(event(&mut dp, Event::CtRemoved), 2);
+    assert_eq!(event(&mut dp, Event::CtInserted), 4);
+    let e = dp.maps.conntrack.get(&orig, 0).expect("new entry");
+    assert_eq!(e.flags & CT_F_CLOSING, 0, "the new flow is not closing");
+    assert_eq!(dp.maps.conntrack.keys().count(), 2);
+}
+
+fn ct_key(src: &str, sport: u16, dst: &str, dport: u16) -> proxy_common::CtKey {
+    proxy_common::CtKey {
+        src_addr: wire::addr(ip(src)),
+        dst_addr: wire::addr(ip(dst)),
+        src_port: wire::port(sport),
+        dst_port: wire::port(dport),
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    set_affinity(&mut dp, VIP, 80, IPPROTO_TCP, 100);
+    let connect = |dp: &mut Datapath, client: &str, sport: u16| {
+        let out = run(dp, &Pkt::new(client, sport, VIP, 80, SYN).build());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        inspect(&out.bytes).dst
+    };
+    let chosen = connect(&mut dp, CLIENT, 47000);
+    for sport in 47001..47030 {
+        assert_eq!(connect(&mut dp, CLIENT, sport), chosen, "port {sport}");
+    }
+    assert_eq!(event(&mut dp, Event::AffinityNew), 1);
+    assert_eq!(event(&mut dp, Event::AffinityHit), 29);
+    // Another client has its own record.
+    connect(&mut dp, OTHER_CLIENT, 47000);
+    assert_eq!(event(&mut dp, Event::AffinityNew), 2);
+
+    // The chosen backend leaves: its slot now holds another backend.
+    let akey = AffinityKey {
+        svc_id: 1,
+        client_addr: wire::addr(ip(CLIENT)),
+    };
+    let rec = dp.maps.affinity.get(&akey, 0).expect("affinity record");
+    let replacement = if rec.backend_id == 1 { 2 } else { 1 };
+    dp.maps
+        .slots
+        .insert(
+            SlotKey {
+                svc_id: 1,
+                slot: rec.slot,
+            },
+            replacement,
+            0,
+        )
+        .unwrap();
+    let now_at = connect(&mut dp, CLIENT, 47100);
+    assert_ne!(now_at, chosen, "a removed backend must release its clients");
+    assert_eq!(event(&mut dp, Event::AffinityNew), 3);
+    for sport in 47101..47110 {
+        assert_eq!(connect(&mut dp, CLIENT, sport), now_at);
+    }
+
+    // Idle longer than the timeout: the record no longer binds.
+    let mut rec = dp.maps.affinity.get(&akey, 0).unwrap();
+    rec.last_used_ns = 1;
+    dp.maps.affinity.insert(akey, rec, 0).unwrap();
+    connect(&mut dp, CLIENT, 47200);
+    assert_eq!(event(&mut dp, Event::AffinityNew), 4);
+    assert!(dp.maps.affinity.get(&akey, 0).unwrap().last_used_ns > 1);
+}
+
+#[test]
+fn without_affinity_no_record_is_kept() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    run(&mut dp, &Pkt::new(CLIENT, 48000, VIP, 80, SYN).build());
+    assert_eq!(dp.maps.affinity.keys().count(), 0);
+}
+
+/// Translates the first packet of a flow; returns (client frame, what the backend got).
+fn flow(dp: &mut Datapath, pkt: Pkt) -> (Vec<u8>, Vec<u8>) {
+    let frame = pkt.build();
+    let out = run(dp, &frame);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    (frame, out.bytes)
+}
+
+#[test]
+fn fragmentation_needed_about_a_translated_flow_reaches_the_client_about_the_vip() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    let (sent, at_backend) = flow(&mut dp, Pkt::new(CLIENT, 49000, VIP, 80, SYN));
+    let backend = inspect(&at_backend).dst;
+    let frag_needed =
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: 1200,
+        });
+    // The node itself (a router on the way) quotes the whole packet, TCP
+    // checksum included, as Linux does: sent on egress towards the client.
+    let err = icmp_error(ROUTER, CLIENT, frag_needed.clone(), &at_backend[14..]);
+    let out = run_egress(&mut dp, &err);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let icmp = inspect_icmp(&out.bytes);
+    assert_eq!((icmp.src, icmp.dst), (ip(ROUTER), ip(CLIENT)));
+    assert_eq!(icmp.icmp_type, frag_needed);
+    assert_eq!(
+        icmp.quote,
+        &sent[14..],
+        "the quote must be the packet the client sent, byte for byte"
+    );
+
+    // From the backend itself (ingress): the error comes from the VIP.
+    let err = icmp_error(
+        &backend.to_string(),
+        CLIENT,
+        frag_needed,
+        &at_backend[14..42],
+    );
+    let out = run(&mut dp, &err);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let icmp = inspect_icmp(&out.bytes);
+    assert_eq!((icmp.src, icmp.dst), (ip(VIP), ip(CLIENT)));
+    assert_eq!(icmp.quote, &sent[14..42]);
+    assert_eq!(counter(&mut dp, Counter::IcmpTranslated), 2);
+}
+
+#[test]
+fn port_unreachable_from_a_udp_backend_is_translated_with_its_quoted_checksum() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    let (sent, at_backend) = flow(&mut dp, Pkt::new(CLIENT, 49100, VIP, 53, UDP));
+    let backend = inspect(&at_backend).dst;
+    let unreach = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    // IP header and 8 bytes: the UDP header, checksum included.
+    let err = icmp_error(&backend.to_string(), CLIENT, unreach, &at_backend[14..42]);
+    let out = run(&mut dp, &err);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let icmp = inspect_icmp(&out.bytes);
+    assert_eq!((icmp.src, icmp.dst), (ip(VIP), ip(CLIENT)));
+    assert_eq!(icmp.quote, &sent[14..42]);
+}
+
+#[test]
+fn icmp_errors_about_unknown_flows_and_other_icmp_pass_untouched() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    let stranger = Pkt::new(CLIENT, 49200, "198.18.9.9", 80, SYN).build();
+    let unreach = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);
+    let err = icmp_error(ROUTER, CLIENT, unreach, &stranger[14..42]);
+    for out in [run(&mut dp, &err), run_egress(&mut dp, &err)] {
+        assert_eq!(out.verdict, TC_ACT_UNSPEC);
+        assert_eq!(out.bytes, err);
+    }
+    let echo = icmp_error(
+        CLIENT,
+        VIP,
+        Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 }),
+        b"ping",
+    );
+    assert_eq!(run(&mut dp, &echo).verdict, TC_ACT_UNSPEC);
+    // A truncated quote is not trusted.
+    let (_, at_backend) = flow(&mut dp, Pkt::new(CLIENT, 49201, VIP, 80, SYN));
+    let short = icmp_error(ROUTER, CLIENT, unreach_port(), &at_backend[14..36]);
+    assert_eq!(run(&mut dp, &short).verdict, TC_ACT_UNSPEC);
+    assert_eq!(counter(&mut dp, Counter::IcmpTranslated), 0);
+    // Egress leaves ordinary traffic alone and counts nothing.
+    let tcp = Pkt::new(CLIENT, 49202, VIP, 80, SYN).build();
+    let out = run_egress(&mut dp, &tcp);
+    assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, tcp));
+}
+
+fn unreach_port() -> Icmpv4Type {
+    Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
+}
