@@ -22,9 +22,12 @@ const ICMP_PARAMETERPROB: u8 = 12;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMP_HLEN: usize = 8;
 const ICMP_CSUM: usize = 2;
-/// What an ICMP error quotes of the offending packet: its IP header (with
-/// options, at most 60 bytes) and the first 8 bytes of its payload.
-const QUOTE_MAX: usize = 60 + 8;
+/// What a REJECT quotes of the offending packet: its IP header (with
+/// options, at most 60 bytes) and the first 8 bytes of its payload, or the
+/// whole 20-byte TCP header for TCP: a SYN from a local socket is
+/// CHECKSUM_PARTIAL, and the kernel refuses to cut such a packet before its
+/// checksum field (RFC 1812 asks for as much as fits anyway).
+const QUOTE_MAX: usize = 60 + 20;
 
 /// The headers a REJECT prepends to the quoted packet.
 #[repr(C)]
@@ -47,7 +50,12 @@ struct IcmpError {
 pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     let ihl = (pkt.l4_off - pkt.l3_off) & 0x3c;
     // `quote_len` is at most QUOTE_MAX and a multiple of 4, as csum_diff needs.
-    let quote_len = ihl + 8;
+    let l4_quote = if pkt.proto == IPPROTO_TCP {
+        l4::TCP_MIN_LEN
+    } else {
+        l4::UDP_LEN
+    };
+    let quote_len = ihl + l4_quote;
     let mut quote = [0u32; QUOTE_MAX / 4];
     // SAFETY: `quote` has room for QUOTE_MAX >= quote_len bytes.
     let loaded = unsafe {

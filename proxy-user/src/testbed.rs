@@ -484,6 +484,8 @@ impl Conn {
 
     fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
         stream.set_read_timeout(Some(timeout))?;
+        // A stalled bulk send (a black-holed path) fails instead of hanging.
+        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         Ok(Self {
             writer: stream.try_clone()?,
@@ -497,7 +499,15 @@ impl Conn {
 
     /// Sends a line, returns the server's identity.
     pub fn ask(&mut self) -> Result<String> {
-        self.writer.write_all(b"who?\n")?;
+        self.ask_bulk(0)
+    }
+
+    /// Sends a line of `bytes` filler bytes (a bulk transfer), returns the
+    /// server's identity once it has read all of it.
+    pub fn ask_bulk(&mut self, bytes: usize) -> Result<String> {
+        let mut line = vec![b'x'; bytes];
+        line.extend_from_slice(b"who?\n");
+        self.writer.write_all(&line)?;
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             bail!("connection closed");
@@ -578,7 +588,7 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 }
 
 /// Service and EndpointSlice YAML for a ClusterIP service with a TCP port
-/// `http` and a UDP port `dns`.
+/// `http` and a UDP port `dns`, all endpoints ready.
 pub fn service_yaml(
     name: &str,
     vip: Ipv4Addr,
@@ -586,10 +596,35 @@ pub fn service_yaml(
     udp: (u16, u16),
     endpoints: &[Ipv4Addr],
 ) -> String {
+    let eps: Vec<(Ipv4Addr, &str)> = endpoints.iter().map(|e| (*e, READY)).collect();
+    service_yaml_with(name, vip, tcp, udp, &eps, "")
+}
+
+/// EndpointSlice conditions of a ready endpoint.
+pub const READY: &str = "{ready: true, serving: true, terminating: false}";
+/// ... of an endpoint shutting down that still serves.
+pub const TERMINATING: &str = "{ready: false, serving: true, terminating: true}";
+
+/// As [`service_yaml`], with each endpoint's conditions and extra lines for
+/// the Service's spec (e.g. `sessionAffinity: ClientIP`).
+pub fn service_yaml_with(
+    name: &str,
+    vip: Ipv4Addr,
+    tcp: (u16, u16),
+    udp: (u16, u16),
+    endpoints: &[(Ipv4Addr, &str)],
+    spec_extra: &str,
+) -> String {
     let eps: String = endpoints
         .iter()
-        .map(|e| format!("- addresses: [\"{e}\"]\n  conditions: {{ready: true}}\n"))
+        .map(|(e, cond)| format!("- addresses: [\"{e}\"]\n  conditions: {cond}\n"))
         .collect();
+    let extra: String = spec_extra.lines().map(|l| format!("  {l}\n")).collect();
+    let eps = if eps.is_empty() {
+        " []\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
     format!(
         "apiVersion: v1
 kind: Service
@@ -597,7 +632,7 @@ metadata: {{name: {name}, namespace: default}}
 spec:
   type: ClusterIP
   clusterIP: {vip}
-  ports:
+{extra}  ports:
   - {{name: http, protocol: TCP, port: {}, targetPort: {}}}
   - {{name: dns, protocol: UDP, port: {}, targetPort: {}}}
 ---
@@ -611,8 +646,7 @@ addressType: IPv4
 ports:
 - {{name: http, protocol: TCP, port: {}}}
 - {{name: dns, protocol: UDP, port: {}}}
-endpoints:
-{eps}",
+endpoints:{eps}",
         tcp.0, tcp.1, udp.0, udp.1, tcp.1, udp.1
     )
 }

@@ -76,10 +76,16 @@ fn syn_or_datagram_to_a_service_without_endpoints_gets_port_unreachable() {
             icmp.icmp_type,
             Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port)
         );
-        // The quote: the offending IP header (with options) and 8 bytes.
+        // The quote: the offending IP header (with options) and 8 bytes of
+        // UDP, or the whole TCP header.
         let ihl = (frame[14] & 0x0f) as usize * 4;
-        assert_eq!(icmp.quote, &frame[14..14 + ihl + 8]);
-        assert_eq!(out.bytes.len(), 14 + 20 + 8 + ihl + 8);
+        let l4 = if matches!(pkt.l4, L4::Tcp { .. }) {
+            20
+        } else {
+            8
+        };
+        assert_eq!(icmp.quote, &frame[14..14 + ihl + l4]);
+        assert_eq!(out.bytes.len(), 14 + 20 + 8 + ihl + l4);
     }
     assert_eq!(counter(&mut dp, Counter::Rejected), 3);
     assert_eq!(counter(&mut dp, Counter::Dropped), 0);

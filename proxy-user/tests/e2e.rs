@@ -1,101 +1,20 @@
 //! End to end: the real `kpx agent` binary in a node namespace, real TCP and
 //! UDP servers in pod namespaces, real clients, traffic through the VIP.
 
+mod bed;
+
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     process::Command,
     time::Duration,
 };
 
+use bed::*;
 use kpx::{
     datapath::MapSet,
-    testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn},
+    testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn},
 };
-
-const KPX: &str = env!("CARGO_BIN_EXE_kpx");
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-const T: Duration = Duration::from_secs(3);
-
-fn backends() -> [(&'static str, Ipv4Addr); 4] {
-    [
-        ("client", Ipv4Addr::new(198, 18, 2, 2)),
-        ("web-1", Ipv4Addr::new(198, 18, 1, 1)),
-        ("web-2", Ipv4Addr::new(198, 18, 1, 2)),
-        ("web-3", Ipv4Addr::new(198, 18, 1, 3)),
-    ]
-}
-
-/// Root and netns tooling are needed; without them the test is skipped,
-/// except under CI, where that is a failure.
-fn cluster(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
-    // SAFETY: no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let result = if root {
-        Cluster::new(pods)
-    } else {
-        Err(anyhow::anyhow!("not root"))
-    };
-    match result {
-        Ok(c) => Some(c),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: end-to-end tests need root and iproute2: {e:#}");
-            None
-        }
-        Err(e) => panic!("CI is set and the test bed cannot be built: {e:#}"),
-    }
-}
-
-/// The agent has applied `n` frontends with `backends` endpoints each.
-fn wait_synced(c: &Cluster, frontends: usize, endpoints: &[u32]) {
-    let ok = wait_for(Duration::from_secs(20), || {
-        let maps = MapSet::open_pinned(&c.bpffs()).ok()?;
-        let st = maps.read_state().ok()?;
-        let mut counts: Vec<u32> = st.services.values().map(|v| v.count).collect();
-        counts.sort();
-        let mut want = endpoints.to_vec();
-        want.sort();
-        (st.services.len() == frontends && counts == want).then_some(())
-    });
-    assert!(
-        ok.is_some(),
-        "agent did not sync in time; log:\n{}",
-        c.agent_log()
-    );
-}
-
-fn web(c: &Cluster, endpoints: &[&str]) -> String {
-    let ips: Vec<Ipv4Addr> = endpoints.iter().map(|n| c.pod(n).ip).collect();
-    service_yaml("web", VIP, (80, 8080), (53, 5353), &ips)
-}
-
-fn spread(ids: &[String]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for id in ids {
-        *m.entry(id.clone()).or_default() += 1;
-    }
-    m
-}
-
-fn start(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
-    let mut c = cluster(pods)?;
-    for (name, _) in pods.iter().filter(|(n, _)| n.starts_with("web")) {
-        c.serve(name, 8080, 5353).unwrap();
-    }
-    Some(c)
-}
-
-/// The standard bed with `web` served by `endpoints`, the agent running and synced.
-fn running(endpoints: &[&str]) -> Option<Cluster> {
-    let mut c = start(&backends())?;
-    let yaml = web(&c, endpoints);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    let n = endpoints.len() as u32;
-    wait_synced(&c, 2, &[n, n]);
-    Some(c)
-}
 
 #[test]
 fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
@@ -385,10 +304,7 @@ fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let expected = format!(
-        "removed {} pinned maps",
-        proxy_common::map_names::ALL.len()
-    );
+    let expected = format!("removed {} pinned maps", proxy_common::map_names::ALL.len());
     assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
     assert!(MapSet::open_pinned(&c.bpffs()).is_err());
 }

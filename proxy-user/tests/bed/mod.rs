@@ -1,0 +1,93 @@
+//! Shared by the end-to-end tests: the standard test bed (a node, a client
+//! and three web pods), the agent started on it, and waiting for its syncs.
+#![allow(dead_code)]
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
+
+use kpx::{
+    datapath::MapSet,
+    testbed::{service_yaml, wait_for, Cluster},
+};
+
+pub const KPX: &str = env!("CARGO_BIN_EXE_kpx");
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+pub const T: Duration = Duration::from_secs(3);
+
+pub fn backends() -> [(&'static str, Ipv4Addr); 4] {
+    [
+        ("client", Ipv4Addr::new(198, 18, 2, 2)),
+        ("web-1", Ipv4Addr::new(198, 18, 1, 1)),
+        ("web-2", Ipv4Addr::new(198, 18, 1, 2)),
+        ("web-3", Ipv4Addr::new(198, 18, 1, 3)),
+    ]
+}
+
+/// Root and netns tooling are needed; without them the test is skipped,
+/// except under CI, where that is a failure.
+pub fn cluster(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
+    // SAFETY: no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let result = if root {
+        Cluster::new(pods)
+    } else {
+        Err(anyhow::anyhow!("not root"))
+    };
+    match result {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: end-to-end tests need root and iproute2: {e:#}");
+            None
+        }
+        Err(e) => panic!("CI is set and the test bed cannot be built: {e:#}"),
+    }
+}
+
+/// The agent has applied `n` frontends with `backends` endpoints each.
+pub fn wait_synced(c: &Cluster, frontends: usize, endpoints: &[u32]) {
+    let ok = wait_for(Duration::from_secs(20), || {
+        let maps = MapSet::open_pinned(&c.bpffs()).ok()?;
+        let st = maps.read_state().ok()?;
+        let mut counts: Vec<u32> = st.services.values().map(|v| v.count).collect();
+        counts.sort();
+        let mut want = endpoints.to_vec();
+        want.sort();
+        (st.services.len() == frontends && counts == want).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "agent did not sync in time; log:\n{}",
+        c.agent_log()
+    );
+}
+
+pub fn web(c: &Cluster, endpoints: &[&str]) -> String {
+    let ips: Vec<Ipv4Addr> = endpoints.iter().map(|n| c.pod(n).ip).collect();
+    service_yaml("web", VIP, (80, 8080), (53, 5353), &ips)
+}
+
+pub fn spread(ids: &[String]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for id in ids {
+        *m.entry(id.clone()).or_default() += 1;
+    }
+    m
+}
+
+pub fn start(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
+    let mut c = cluster(pods)?;
+    for (name, _) in pods.iter().filter(|(n, _)| n.starts_with("web")) {
+        c.serve(name, 8080, 5353).unwrap();
+    }
+    Some(c)
+}
+
+/// The standard bed with `web` served by `endpoints`, the agent running and synced.
+pub fn running(endpoints: &[&str]) -> Option<Cluster> {
+    let mut c = start(&backends())?;
+    let yaml = web(&c, endpoints);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    let n = endpoints.len() as u32;
+    wait_synced(&c, 2, &[n, n]);
+    Some(c)
+}

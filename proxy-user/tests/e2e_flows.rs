@@ -1,0 +1,257 @@
+//! Flow semantics end to end: the real agent, real sockets in pod namespaces.
+//! REJECT for empty services, ClientIP affinity, terminating endpoints, stale
+//! UDP flows, Path MTU discovery through a VIP.
+
+mod bed;
+
+use std::{
+    io::ErrorKind,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use bed::*;
+use kpx::{
+    datapath::MapSet,
+    testbed::{
+        service_yaml_with, tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn, READY, TERMINATING,
+    },
+};
+use proxy_common::{Counter, Event};
+
+const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+/// Endpoint conditions of a pod that stopped serving.
+const GONE: &str = "{ready: false, serving: false, terminating: true}";
+
+fn endpoints(c: &Cluster, eps: &[(&str, &'static str)]) -> Vec<(Ipv4Addr, &'static str)> {
+    eps.iter().map(|(n, cond)| (c.pod(n).ip, *cond)).collect()
+}
+
+fn web_with(c: &Cluster, eps: &[(&str, &'static str)]) -> String {
+    service_yaml_with("web", VIP, (80, 8080), (53, 5353), &endpoints(c, eps), "")
+}
+
+fn counter(c: &Cluster, which: Counter) -> u64 {
+    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+    maps.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == which)
+        .unwrap()
+        .1
+}
+
+fn event(c: &Cluster, which: Event) -> u64 {
+    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+    maps.events()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == which)
+        .unwrap()
+        .1
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    c.write_manifest("web.yaml", &web_with(&c, &[])).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 2, &[0, 0]);
+    let client = &c.pod("client").netns;
+
+    let (tcp, elapsed) = client
+        .enter(|| {
+            let t = Instant::now();
+            let r = TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(VIP, 80)), T);
+            (r.map(|_| ()).map_err(|e| e.kind()), t.elapsed())
+        })
+        .unwrap();
+    assert_eq!(tcp, Err(ErrorKind::ConnectionRefused), "{}", c.agent_log());
+    eprintln!("connect() to the empty service refused after {elapsed:?}");
+
+    let udp = client
+        .enter(|| -> std::io::Result<_> {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(SocketAddrV4::new(VIP, 53))?;
+            s.set_read_timeout(Some(T))?;
+            s.send(b"who?")?;
+            let mut buf = [0u8; 64];
+            Ok(s.recv(&mut buf).map(|_| ()).map_err(|e| e.kind()))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
+    assert_eq!(counter(&c, Counter::Rejected), 2);
+}
+
+#[test]
+fn client_ip_affinity_holds_across_100_connections() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let all = [("web-1", READY), ("web-2", READY), ("web-3", READY)];
+    let sticky = service_yaml_with(
+        "web",
+        VIP,
+        (80, 8080),
+        (53, 5353),
+        &endpoints(&c, &all),
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}",
+    );
+    // The same endpoints without affinity, as the control.
+    let plain = service_yaml_with(
+        "plain",
+        VIP2,
+        (80, 8080),
+        (53, 5353),
+        &endpoints(&c, &all),
+        "",
+    );
+    c.write_manifest("web.yaml", &sticky).unwrap();
+    c.write_manifest("plain.yaml", &plain).unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 4, &[3, 3, 3, 3]);
+    let client = &c.pod("client").netns;
+
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 100, T).unwrap();
+    assert_eq!(spread(&ids).len(), 1, "affinity broken: {:?}", spread(&ids));
+    let udp = udp_ask_many(client, SocketAddrV4::new(VIP, 53), 30, T).unwrap();
+    let udp_ids: Vec<String> = udp.into_iter().map(|a| a.identity).collect();
+    assert_eq!(spread(&udp_ids).len(), 1, "{:?}", spread(&udp_ids));
+
+    let control = tcp_ask_many(client, SocketAddrV4::new(VIP2, 80), 100, T).unwrap();
+    assert!(spread(&control).len() > 1, "{:?}", spread(&control));
+    assert_eq!(event(&c, Event::AffinityHit), 99 + 29);
+}
+
+#[test]
+fn a_terminating_backend_finishes_its_transfers_while_new_connections_avoid_it() {
+    let Some(c) = running(&["web-1", "web-2", "web-3"]) else {
+        return;
+    };
+    let client = &c.pod("client").netns;
+    let mut long = Conn::open(client, SocketAddrV4::new(VIP, 80), T).unwrap();
+    let old = long.ask().unwrap();
+
+    let mut eps: Vec<(&str, &'static str)> = ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|n| (*n, if *n == old { TERMINATING } else { READY }))
+        .collect();
+    c.write_manifest("web.yaml", &web_with(&c, &eps)).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 60, T).unwrap();
+    assert!(
+        !ids.contains(&old),
+        "a new connection reached {old}: {:?}",
+        spread(&ids)
+    );
+    // The old connection keeps its backend through a long transfer.
+    for _ in 0..20 {
+        assert_eq!(long.ask_bulk(256 * 1024).unwrap(), old);
+    }
+
+    // No endpoint ready: the serving terminating one takes new connections,
+    // the one that stopped serving does not.
+    let other = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .find(|n| *n != old)
+        .unwrap();
+    for e in eps.iter_mut() {
+        e.1 = if e.0 == old { TERMINATING } else { GONE };
+    }
+    c.write_manifest("web.yaml", &web_with(&c, &eps)).unwrap();
+    wait_synced(&c, 2, &[1, 1]);
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 20, T).unwrap();
+    assert_eq!(
+        spread(&ids).keys().collect::<Vec<_>>(),
+        vec![&old],
+        "{other} served"
+    );
+}
+
+#[test]
+fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
+    let Some(c) = running(&["web-1", "web-2", "web-3"]) else {
+        return;
+    };
+    let client = &c.pod("client").netns;
+    // One long-lived socket, one source port: one flow, as a DNS resolver.
+    let sock = client
+        .enter(|| -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind(("0.0.0.0", 0))?;
+            s.connect(SocketAddrV4::new(VIP, 53))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(s)
+        })
+        .unwrap()
+        .unwrap();
+    let ask = || -> Option<String> {
+        sock.send(b"who?").ok()?;
+        let mut buf = [0u8; 64];
+        let n = sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let first = ask().expect("first answer");
+    for _ in 0..5 {
+        assert_eq!(
+            ask().as_deref(),
+            Some(first.as_str()),
+            "one flow, one backend"
+        );
+    }
+    // The backend leaves the service (its server keeps running: without the
+    // flush it would keep answering this flow).
+    let rest: Vec<(&str, &'static str)> = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .filter(|n| *n != first)
+        .map(|n| (n, READY))
+        .collect();
+    c.write_manifest("web.yaml", &web_with(&c, &rest)).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    let moved = wait_for(Duration::from_secs(5), || ask().filter(|id| *id != first));
+    assert!(
+        moved.is_some(),
+        "the UDP flow still reaches {first}\n{}",
+        c.agent_log()
+    );
+    assert!(event(&c, Event::GcStaleUdp) >= 2, "{}", c.agent_log());
+    assert!(c
+        .agent_log()
+        .contains("UDP conntrack entries of 1 backends"));
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_vip_to_a_backend_behind_a_smaller_mtu() {
+    let Some(c) = running(&["web-1"]) else {
+        return;
+    };
+    // The node's link to the backend carries 1200 bytes; the backend itself
+    // advertises a 1460-byte MSS, so only ICMP fragmentation-needed (sent by
+    // the node, about client → backend) can teach the client the path MTU.
+    let link = c.pod("web-1").host_if.clone();
+    c.node
+        .ip(&["link", "set", "dev", &link, "mtu", "1200"])
+        .unwrap();
+    let client = &c.pod("client").netns;
+    let mut conn = Conn::open(client, SocketAddrV4::new(VIP, 80), Duration::from_secs(10)).unwrap();
+    let id = conn.ask_bulk(512 * 1024).unwrap_or_else(|e| {
+        panic!(
+            "bulk transfer through the VIP stalled: {e:#}\n{}",
+            c.agent_log()
+        )
+    });
+    assert_eq!(id, "web-1");
+    assert!(counter(&c, Counter::IcmpTranslated) >= 1);
+    // The client's kernel learnt the MTU for the VIP, not for the backend.
+    let route = Command::new("ip")
+        .args(["-n", &client.name, "route", "get", &VIP.to_string()])
+        .output()
+        .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(route.contains("mtu 1200"), "{route}");
+}
