@@ -269,3 +269,50 @@ fn remove(maps: &mut MapSet, key: &CtKey) -> u64 {
 pub fn evicted(inserted: u64, removed: u64, live: usize) -> u64 {
     inserted.saturating_sub(removed).saturating_sub(live as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_common::{CT_DIR_REPLY, IPPROTO_UDP, TCP_ACK, TCP_SYN};
+
+    fn entry(dir: u8, tcp_flags: u8, seen: bool) -> CtValue {
+        CtValue {
+            dir,
+            tcp_flags,
+            flags: if seen { CT_F_SEEN_REPLY } else { 0 },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flow_states_follow_what_both_directions_saw() {
+        let o = |f| entry(CT_DIR_ORIGINAL, f, false);
+        let r = |f, seen| entry(CT_DIR_REPLY, f, seen);
+        let tcp = |a: CtValue, b: Option<CtValue>| FlowState::of(&a, b.as_ref(), IPPROTO_TCP);
+        assert_eq!(tcp(o(TCP_SYN), Some(r(0, false))), FlowState::TcpSynSent);
+        let est = Some(r(TCP_SYN | TCP_ACK, true));
+        assert_eq!(tcp(o(TCP_SYN | TCP_ACK), est), FlowState::TcpEstablished);
+        assert_eq!(tcp(o(TCP_ACK | TCP_FIN), est), FlowState::TcpCloseWait);
+        let both = Some(r(TCP_ACK | TCP_FIN, true));
+        assert_eq!(tcp(o(TCP_ACK | TCP_FIN), both), FlowState::TcpTimeWait);
+        assert_eq!(tcp(o(TCP_ACK | TCP_RST), est), FlowState::TcpClose);
+        // The reply entry evicted: judged by the original alone.
+        assert_eq!(tcp(o(TCP_SYN), None), FlowState::TcpSynSent);
+        let udp = |b: Option<CtValue>| FlowState::of(&o(0), b.as_ref(), IPPROTO_UDP);
+        assert_eq!(udp(Some(r(0, false))), FlowState::UdpUnreplied);
+        assert_eq!(udp(Some(r(0, true))), FlowState::UdpStream);
+        let t = Timeouts::default();
+        assert_eq!(
+            FlowState::TcpEstablished.timeout(&t),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(FlowState::UdpUnreplied.timeout(&t), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn evictions_are_what_was_inserted_and_neither_removed_nor_live() {
+        assert_eq!(evicted(100, 30, 50), 20);
+        // Counters read while traffic runs may be behind the table.
+        assert_eq!(evicted(10, 5, 50), 0);
+    }
+}

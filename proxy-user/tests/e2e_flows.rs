@@ -255,3 +255,45 @@ fn path_mtu_discovery_works_through_a_vip_to_a_backend_behind_a_smaller_mtu() {
     let route = String::from_utf8_lossy(&route.stdout);
     assert!(route.contains("mtu 1200"), "{route}");
 }
+
+#[test]
+fn the_collector_removes_idle_flows_after_their_state_timeout() {
+    let Some(mut c) = start(&backends()) else {
+        return;
+    };
+    let all = [("web-1", READY), ("web-2", READY), ("web-3", READY)];
+    c.write_manifest("web.yaml", &web_with(&c, &all)).unwrap();
+    c.start_agent(
+        Path::new(KPX),
+        &[
+            "--conntrack-udp-timeout-stream",
+            "1s",
+            "--conntrack-tcp-timeout-time-wait",
+            "1s",
+            "--conntrack-gc-interval",
+            "1s",
+        ],
+    )
+    .unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let client = &c.pod("client").netns;
+    udp_ask_many(client, SocketAddrV4::new(VIP, 53), 5, T).unwrap();
+    // Closed TCP connections (FIN both ways): time_wait.
+    tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 5, T).unwrap();
+    let entries = || {
+        MapSet::open_pinned(&c.bpffs())
+            .unwrap()
+            .conntrack
+            .keys()
+            .count()
+    };
+    assert!(entries() > 0);
+    let emptied = wait_for(Duration::from_secs(10), || (entries() == 0).then_some(()));
+    assert!(
+        emptied.is_some(),
+        "{} entries left\n{}",
+        entries(),
+        c.agent_log()
+    );
+    assert!(event(&c, Event::GcExpired) >= 20, "{}", c.agent_log());
+}
