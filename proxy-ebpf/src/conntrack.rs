@@ -77,7 +77,7 @@ pub fn remove_flow(key: &CtKey, entry: *mut CtValue) {
     // SAFETY: as in `touch`; copied before the element is deleted.
     let rw = unsafe { *entry };
     let mut removed = 0;
-    if CONNTRACK.remove(&rw.partner(key)).is_ok() {
+    if CONNTRACK.remove(rw.partner(key)).is_ok() {
         removed += 1;
     }
     if CONNTRACK.remove(key).is_ok() {
@@ -137,10 +137,10 @@ pub fn create(
     };
     // NOEXIST first so the event counters stay exact; an existing entry is
     // a stale flow with the same reply tuple, which the new flow replaces.
-    let inserted = match CONNTRACK.insert(&reply_key, &reply, BPF_NOEXIST as u64) {
+    let inserted = match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
         Err(e) if e == -EEXIST => {
             stats::event(Event::CtRemoved, 1);
-            CONNTRACK.insert(&reply_key, &reply, BPF_ANY as u64)
+            CONNTRACK.insert(reply_key, reply, BPF_ANY as u64)
         }
         r => r,
     };

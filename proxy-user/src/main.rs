@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load and attach the datapath, keep its maps in sync.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show what the datapath's maps hold (works while an agent runs).
     Dump {
         what: DumpWhat,
@@ -129,7 +129,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::Dump { what, bpffs, json } => run_dump(what, &bpffs, json),
         Command::Cleanup { bpffs } => {
             let removed = bpffs::unpin_all(&bpffs)?;
