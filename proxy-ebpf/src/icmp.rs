@@ -26,7 +26,9 @@ const ICMP_CSUM: usize = 2;
 /// options, at most 60 bytes) and the first 8 bytes of its payload, or the
 /// whole 20-byte TCP header for TCP: a SYN from a local socket is
 /// CHECKSUM_PARTIAL, and the kernel refuses to cut such a packet before its
-/// checksum field (RFC 1812 asks for as much as fits anyway).
+/// checksum field (RFC 1812 asks for as much as fits anyway). In such a quote
+/// the TCP checksum is the unfinished pseudo-header sum; receivers never
+/// verify a quoted checksum, and the ICMP checksum covers the bytes as sent.
 const QUOTE_MAX: usize = 60 + 20;
 
 /// The headers a REJECT prepends to the quoted packet.
