@@ -5,49 +5,11 @@ mod support;
 
 use std::collections::HashMap;
 
-use kpx::datapath::Datapath;
 use proxy_common::{
-    wire, Counter, CtKey, DropReason, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST,
-    CT_F_REWRITE_SRC, IPPROTO_TCP, IPPROTO_UDP, TCP_FIN, TCP_SYN,
+    wire, Counter, DropReason, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    IPPROTO_TCP, TCP_FIN, TCP_SYN,
 };
 use support::*;
-
-const CLIENT: &str = "198.18.0.2";
-const VIP: &str = "198.19.0.10";
-const B1: &str = "198.18.1.1";
-const B2: &str = "198.18.1.2";
-const B3: &str = "198.18.1.3";
-
-/// A TCP and a UDP frontend on the same VIP, three backends each.
-fn cluster(dp: &mut Datapath) {
-    install_service(
-        dp,
-        1,
-        VIP,
-        80,
-        IPPROTO_TCP,
-        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
-    );
-    install_service(
-        dp,
-        2,
-        VIP,
-        53,
-        IPPROTO_UDP,
-        &[(4, B1, 5353), (5, B2, 5353), (6, B3, 5353)],
-    );
-}
-
-fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey {
-    CtKey {
-        src_addr: wire::addr(ip(src)),
-        dst_addr: wire::addr(ip(dst)),
-        src_port: wire::port(sport),
-        dst_port: wire::port(dport),
-        proto,
-        _pad: [0; 3],
-    }
-}
 
 fn backends_of(addrs: &[&str]) -> Vec<std::net::Ipv4Addr> {
     addrs.iter().map(|a| ip(a)).collect()

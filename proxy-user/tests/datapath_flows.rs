@@ -12,33 +12,9 @@ use proxy_common::{
 };
 use support::*;
 
-const CLIENT: &str = "198.18.0.2";
 const OTHER_CLIENT: &str = "198.18.0.3";
 const ROUTER: &str = "198.18.0.1";
-const VIP: &str = "198.19.0.10";
 const EMPTY_VIP: &str = "198.19.0.30";
-const B1: &str = "198.18.1.1";
-const B2: &str = "198.18.1.2";
-const B3: &str = "198.18.1.3";
-
-fn cluster(dp: &mut Datapath) {
-    install_service(
-        dp,
-        1,
-        VIP,
-        80,
-        IPPROTO_TCP,
-        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
-    );
-    install_service(
-        dp,
-        2,
-        VIP,
-        53,
-        IPPROTO_UDP,
-        &[(4, B1, 5353), (5, B2, 5353), (6, B3, 5353)],
-    );
-}
 
 fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32) {
     let key = proxy_common::ServiceKey {
@@ -132,7 +108,7 @@ fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid() {
 fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
     let Some(mut dp) = datapath() else { return };
     cluster(&mut dp);
-    let orig = ct_key(CLIENT, 46000, VIP, 80);
+    let orig = ct_key(CLIENT, 46000, VIP, 80, IPPROTO_TCP);
     let first = inspect(&run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build()).bytes);
     // A retransmitted SYN of a live flow stays on it.
     run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build());
@@ -142,7 +118,7 @@ fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
     let out = run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, FIN_ACK).build());
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(inspect(&out.bytes), first);
-    let reply = ct_key(&first.dst.to_string(), 8080, CLIENT, 46000);
+    let reply = ct_key(&first.dst.to_string(), 8080, CLIENT, 46000, IPPROTO_TCP);
     for key in [orig, reply] {
         let e = dp.maps.conntrack.get(&key, 0).expect("entry");
         assert_ne!(e.flags & CT_F_CLOSING, 0, "{key:?} not closing");
@@ -156,17 +132,6 @@ fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
     let e = dp.maps.conntrack.get(&orig, 0).expect("new entry");
     assert_eq!(e.flags & CT_F_CLOSING, 0, "the new flow is not closing");
     assert_eq!(dp.maps.conntrack.keys().count(), 2);
-}
-
-fn ct_key(src: &str, sport: u16, dst: &str, dport: u16) -> proxy_common::CtKey {
-    proxy_common::CtKey {
-        src_addr: wire::addr(ip(src)),
-        dst_addr: wire::addr(ip(dst)),
-        src_port: wire::port(sport),
-        dst_port: wire::port(dport),
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    }
 }
 
 #[test]

@@ -7,7 +7,9 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use kpx::datapath::{Datapath, LoadOptions};
-use proxy_common::{wire, Backend, ServiceKey, ServiceValue, SlotKey};
+use proxy_common::{
+    wire, Backend, CtKey, ServiceKey, ServiceValue, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -395,4 +397,43 @@ pub fn drops(dp: &mut Datapath, r: proxy_common::DropReason) -> u64 {
         .find(|(k, _)| *k == r)
         .unwrap()
         .1
+}
+
+// The standard scenario of the datapath tests.
+
+pub const CLIENT: &str = "198.18.0.2";
+pub const VIP: &str = "198.19.0.10";
+pub const B1: &str = "198.18.1.1";
+pub const B2: &str = "198.18.1.2";
+pub const B3: &str = "198.18.1.3";
+
+/// A TCP and a UDP frontend on the same VIP, three backends each.
+pub fn cluster(dp: &mut Datapath) {
+    install_service(
+        dp,
+        1,
+        VIP,
+        80,
+        IPPROTO_TCP,
+        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
+    );
+    install_service(
+        dp,
+        2,
+        VIP,
+        53,
+        IPPROTO_UDP,
+        &[(4, B1, 5353), (5, B2, 5353), (6, B3, 5353)],
+    );
+}
+
+pub fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey {
+    CtKey {
+        src_addr: wire::addr(ip(src)),
+        dst_addr: wire::addr(ip(dst)),
+        src_port: wire::port(sport),
+        dst_port: wire::port(dport),
+        proto,
+        _pad: [0; 3],
+    }
 }
