@@ -61,9 +61,13 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 /// tc egress on the same interfaces: only ICMP errors the node itself sends
 /// about translated flows (fragmentation needed towards a backend's smaller
 /// MTU, for one), which never cross an ingress hook. 1 lookup (`CT`) per ICMP
-/// error, 0 for anything else; only translations are counted.
+/// error; anything else costs two small loads and passes. Only translations
+/// are counted.
 #[classifier]
 pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
+    if !parse::is_ipv4_icmp(&ctx) {
+        return PASS;
+    }
     match parse::parse_ipv4(&ctx) {
         Parsed::Packet(pkt) if pkt.proto == IPPROTO_ICMP => match icmp::translate_error(&ctx, &pkt)
         {
