@@ -1,59 +1,55 @@
 //! `kpx agent`: load and attach the datapath, keep its maps equal to the
-//! desired state, follow changes, detach cleanly on SIGTERM/SIGINT.
+//! desired state from the manifests or the Kubernetes API, follow changes,
+//! detach cleanly on SIGTERM/SIGINT.
+//!
+//! Syncs are rate-limited the way kube-proxy's are: a change is synced at
+//! once if the last sync is older than `--min-sync-period`, else when it
+//! becomes so; every change that arrived meanwhile rides along. Each sync
+//! recomputes only the Services that changed and writes only differences.
 
 use std::{
-    collections::HashSet,
-    net::Ipv4Addr,
+    collections::{HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{runtime::watcher::Event as WatchEvent, ResourceExt as _};
 use proxy_common::Event;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
-    time::{interval, MissedTickBehavior},
+    time::{interval, sleep_until, MissedTickBehavior},
 };
 
+pub use crate::cidr::Cidr;
 use crate::{
     attach::{self, Attacher, Patterns},
     bpffs,
+    cluster::Index,
     conntrack::{self, Timeouts},
     datapath::{Datapath, LoadOptions, MapSet},
-    manifests, model,
+    manifests,
+    metrics::{Metrics, ReasonLabel, ResourceLabel},
+    model::{NodeInfo, Problem, Skipped, Sourced},
     sync::{self, MapState},
+    watch::{self, Change},
 };
 
-/// An IPv4 CIDR such as `198.18.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
-        let len: u8 = l
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("bad prefix length {l:?}"))?;
-        Ok(Self { addr, len })
-    }
+/// Where Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A manifest file or directory (standalone mode), polled for changes.
+    Manifests(PathBuf),
+    /// The Kubernetes API: this kubeconfig, or the in-cluster config.
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Manifest file or directory (standalone mode).
-    pub manifests: PathBuf,
+    pub source: Source,
     pub hostname: String,
     pub node_ips: Vec<Ipv4Addr>,
     pub cluster_cidrs: Vec<Cidr>,
@@ -64,20 +60,46 @@ pub struct Config {
     pub poll: Duration,
     /// How often the maps are re-read and repaired.
     pub resync: Duration,
+    /// The least time between two syncs (kube-proxy's minSyncPeriod).
+    pub min_sync: Duration,
     pub ct_timeouts: Timeouts,
     /// How often expired conntrack entries are collected.
     pub ct_gc_interval: Duration,
+    /// Where `/metrics` is served; None for nowhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
-/// Counters the agent keeps about itself (exported as metrics later).
+/// Running totals the agent owns (also in the pinned event counters).
 #[derive(Debug, Default)]
-pub struct AgentStats {
-    pub syncs: u64,
-    pub sync_failures: u64,
-    pub invalid_objects: u64,
-    /// Running totals of the agent-owned event counters.
-    pub gc_expired: u64,
-    pub gc_stale_udp: u64,
+struct AgentStats {
+    syncs: u64,
+    sync_failures: u64,
+    invalid_objects: u64,
+    gc_expired: u64,
+    gc_stale_udp: u64,
+}
+
+/// A relist in progress: objects buffered until the list is complete.
+type Buffer<K> = Option<Vec<K>>;
+
+struct Agent {
+    cfg: Config,
+    dp: Datapath,
+    mirror: MapState,
+    index: Index,
+    metrics: Metrics,
+    stats: AgentStats,
+    /// The inputs are complete enough to sync (manifests read, or both
+    /// Services and EndpointSlices listed once).
+    ready: bool,
+    services_listed: bool,
+    slices_listed: bool,
+    services_buf: Buffer<Service>,
+    slices_buf: Buffer<EndpointSlice>,
+    node_buf: Buffer<Node>,
+    /// A sync is owed: inputs changed, a resync is due, or a sync failed.
+    owed: bool,
+    last_sync: Option<Instant>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -88,7 +110,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     // Pinned maps survive restarts: start from what they hold, so the first
     // sync only writes differences and live flows keep their conntrack.
-    let mut mirror = dp.maps.read_state().context("reading the pinned maps")?;
+    let mirror = dp.maps.read_state().context("reading the pinned maps")?;
     log::info!(
         "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}); maps in {} hold {} frontends",
         cfg.hostname,
@@ -102,76 +124,412 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut poll = interval(cfg.poll);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut resync = interval(cfg.resync);
-    resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    resync.tick().await;
+    let metrics = Metrics::new();
+    if let Some(addr) = cfg.metrics_addr {
+        metrics.serve(addr);
+    }
+    let (change_tx, mut change_rx) = mpsc::channel::<Change>(4096);
+    let kube = matches!(cfg.source, Source::Kube { .. });
+    if let Source::Kube { kubeconfig } = &cfg.source {
+        let client = watch::client(kubeconfig.as_deref()).await?;
+        log::info!(
+            "watching Services, EndpointSlices and Node {:?} at {}",
+            cfg.hostname,
+            client.default_namespace()
+        );
+        watch::spawn(client, &cfg.hostname, change_tx);
+    } else {
+        drop(change_tx);
+    }
 
-    let mut stats = AgentStats::default();
+    let mut agent = Agent {
+        index: Index::new(NodeInfo::named(&cfg.hostname)),
+        cfg,
+        dp,
+        mirror,
+        metrics,
+        stats: AgentStats::default(),
+        ready: false,
+        services_listed: false,
+        slices_listed: false,
+        services_buf: None,
+        slices_buf: None,
+        node_buf: None,
+        owed: false,
+        last_sync: None,
+    };
     // Continue the totals an earlier agent left in the pinned counters.
-    for (e, n) in dp.maps.events().unwrap_or_default() {
+    for (e, n) in agent.dp.maps.events().unwrap_or_default() {
         match e {
-            Event::GcExpired => stats.gc_expired = n,
-            Event::GcStaleUdp => stats.gc_stale_udp = n,
+            Event::GcExpired => agent.stats.gc_expired = n,
+            Event::GcStaleUdp => agent.stats.gc_stale_udp = n,
             _ => {}
         }
     }
-    let mut gc = interval(cfg.ct_gc_interval);
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut poll = interval(agent.cfg.poll);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut resync = interval(agent.cfg.resync);
+    resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    resync.tick().await;
+    let mut gc = interval(agent.cfg.ct_gc_interval);
     gc.set_missed_tick_behavior(MissedTickBehavior::Delay);
     gc.tick().await;
     let mut last_fingerprint = None;
-    let mut dirty = true;
     loop {
+        let due = agent.sync_due();
         tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
-            Some(()) = link_rx.recv() => attacher.reconcile(&mut dp),
-            _ = poll.tick() => {
-                match manifests::fingerprint(&cfg.manifests) {
-                    Ok(fp) if Some(fp) != last_fingerprint => {
-                        last_fingerprint = Some(fp);
-                        dirty = true;
-                    }
-                    Ok(_) => {}
-                    // Keep serving the last good state; never flush.
-                    Err(e) => log::warn!("manifests unreadable, keeping the current state: {e:#}"),
-                }
-                if dirty {
-                    dirty = !sync_once(&cfg, &mut dp.maps, &mut mirror, &mut stats);
+            Some(()) = link_rx.recv() => attacher.reconcile(&mut agent.dp),
+            Some(change) = change_rx.recv(), if kube => {
+                agent.on_change(change);
+                // Take everything already queued: one sync for the batch.
+                while let Ok(c) = change_rx.try_recv() {
+                    agent.on_change(c);
                 }
             }
-            _ = gc.tick() => collect(&cfg, &mut dp.maps, &HashSet::new(), &mut stats),
+            _ = poll.tick(), if !kube => agent.poll_manifests(&mut last_fingerprint),
+            _ = async { sleep_until(due.unwrap_or_else(Instant::now).into()).await }, if due.is_some() => {
+                agent.sync();
+            }
+            _ = gc.tick() => agent.collect(&HashSet::new()),
             _ = resync.tick() => {
                 // Repairs drift: entries edited or deleted behind our back.
-                match dp.maps.read_state() {
-                    Ok(state) => mirror = state,
+                match agent.dp.maps.read_state() {
+                    Ok(state) => agent.mirror = state,
                     Err(e) => log::warn!("re-reading maps: {e:#}"),
                 }
-                attacher.reconcile(&mut dp);
-                dirty = true;
+                attacher.reconcile(&mut agent.dp);
+                agent.owed = true;
             }
         }
     }
-    attacher.detach_all(&mut dp);
+    attacher.detach_all(&mut agent.dp);
     log::info!(
         "stopped after {} syncs ({} failed, {} invalid objects); maps stay pinned in {}",
-        stats.syncs,
-        stats.sync_failures,
-        stats.invalid_objects,
-        cfg.bpffs.display()
+        agent.stats.syncs,
+        agent.stats.sync_failures,
+        agent.stats.invalid_objects,
+        agent.cfg.bpffs.display()
     );
     Ok(())
 }
 
-/// One conntrack collection: expired flows, and UDP flows to `stale` backends.
+fn sourced<T>(object: T) -> Sourced<T> {
+    Sourced {
+        origin: "API".into(),
+        object,
+    }
+}
+
+impl Agent {
+    /// When the next sync may run, if one is owed.
+    fn sync_due(&self) -> Option<Instant> {
+        if !self.ready || !(self.owed || self.index.is_dirty()) {
+            return None;
+        }
+        Some(match self.last_sync {
+            Some(t) => (t + self.cfg.min_sync).max(Instant::now()),
+            None => Instant::now(),
+        })
+    }
+
+    fn report(&mut self, problems: impl IntoIterator<Item = Problem>) {
+        for p in problems {
+            self.stats.invalid_objects += 1;
+            self.metrics.invalid_objects.inc();
+            log::warn!("skipped invalid input: {p}");
+        }
+    }
+
+    fn poll_manifests(&mut self, last: &mut Option<u64>) {
+        let Source::Manifests(path) = &self.cfg.source else {
+            return;
+        };
+        match manifests::fingerprint(path) {
+            Ok(fp) if Some(fp) != *last => {}
+            Ok(_) => return,
+            // Keep serving the last good state; never flush.
+            Err(e) => {
+                log::warn!("manifests unreadable, keeping the current state: {e:#}");
+                return;
+            }
+        }
+        let loaded = match manifests::load(path) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("manifests unreadable, keeping the current state: {e:#}");
+                return;
+            }
+        };
+        *last = manifests::fingerprint(path).ok();
+        let (_, problems) = self.index.replace_all(loaded.services, loaded.slices);
+        self.report(loaded.problems.into_iter().chain(problems));
+        self.ready = true;
+    }
+
+    fn on_change(&mut self, change: Change) {
+        match change {
+            Change::Service(ev) => self.on_service(ev),
+            Change::Slice(ev) => self.on_slice(ev),
+            Change::Node(ev) => self.on_node(ev),
+            Change::Error { resource, error } => {
+                self.metrics
+                    .api_errors
+                    .get_or_create(&ResourceLabel {
+                        resource: resource.into(),
+                    })
+                    .inc();
+                log::warn!(
+                    "Kubernetes API, {resource}: {error}; retrying with backoff, serving the last known state"
+                );
+            }
+        }
+        self.ready |= self.services_listed && self.slices_listed;
+    }
+
+    fn relisted(&self, resource: &str, n: usize) {
+        self.metrics
+            .api_relists
+            .get_or_create(&ResourceLabel {
+                resource: resource.into(),
+            })
+            .inc();
+        log::info!("listed {n} {resource}");
+    }
+
+    fn on_service(&mut self, ev: WatchEvent<Service>) {
+        let problems = match ev {
+            WatchEvent::Init => {
+                self.services_buf = Some(Vec::new());
+                return;
+            }
+            WatchEvent::InitApply(s) => {
+                self.services_buf.get_or_insert_with(Vec::new).push(s);
+                return;
+            }
+            WatchEvent::InitDone => {
+                let all = self.services_buf.take().unwrap_or_default();
+                self.relisted("services", all.len());
+                let (changed, problems) = self
+                    .index
+                    .replace_services(all.into_iter().map(sourced).collect());
+                if changed {
+                    self.metrics.service_changes.inc();
+                }
+                self.services_listed = true;
+                problems
+            }
+            WatchEvent::Apply(s) => {
+                let a = self.index.apply_service(sourced(s));
+                if !a.changed {
+                    return;
+                }
+                self.metrics.service_changes.inc();
+                a.problem.into_iter().collect()
+            }
+            WatchEvent::Delete(s) => {
+                let ns = s.namespace().unwrap_or_else(|| "default".into());
+                if self.index.delete_service(&ns, &s.name_any()) {
+                    self.metrics.service_changes.inc();
+                }
+                return;
+            }
+        };
+        self.report(problems);
+    }
+
+    fn on_slice(&mut self, ev: WatchEvent<EndpointSlice>) {
+        let problems = match ev {
+            WatchEvent::Init => {
+                self.slices_buf = Some(Vec::new());
+                return;
+            }
+            WatchEvent::InitApply(s) => {
+                self.slices_buf.get_or_insert_with(Vec::new).push(s);
+                return;
+            }
+            WatchEvent::InitDone => {
+                let all = self.slices_buf.take().unwrap_or_default();
+                self.relisted("endpointslices", all.len());
+                let (changed, problems) = self
+                    .index
+                    .replace_slices(all.into_iter().map(sourced).collect());
+                if changed {
+                    self.metrics.endpoint_changes.inc();
+                }
+                self.slices_listed = true;
+                problems
+            }
+            WatchEvent::Apply(s) => {
+                let a = self.index.apply_slice(sourced(s));
+                if !a.changed {
+                    return;
+                }
+                self.metrics.endpoint_changes.inc();
+                a.problem.into_iter().collect()
+            }
+            WatchEvent::Delete(s) => {
+                let ns = s.namespace().unwrap_or_else(|| "default".into());
+                if self.index.delete_slice(&ns, &s.name_any()) {
+                    self.metrics.endpoint_changes.inc();
+                }
+                return;
+            }
+        };
+        self.report(problems);
+    }
+
+    fn on_node(&mut self, ev: WatchEvent<Node>) {
+        let node = match ev {
+            WatchEvent::Init => {
+                self.node_buf = Some(Vec::new());
+                return;
+            }
+            WatchEvent::InitApply(n) => {
+                self.node_buf.get_or_insert_with(Vec::new).push(n);
+                return;
+            }
+            WatchEvent::InitDone => self.node_buf.take().unwrap_or_default().pop(),
+            WatchEvent::Apply(n) => Some(n),
+            WatchEvent::Delete(_) => None,
+        };
+        let info = match &node {
+            Some(n) => NodeInfo::from_node(&self.cfg.hostname, n),
+            None => NodeInfo::named(&self.cfg.hostname),
+        };
+        if self.index.set_node(info) {
+            log::info!(
+                "node {:?}: zone {:?}, addresses {:?}",
+                self.cfg.hostname,
+                self.index.node().zone,
+                self.index.node().addresses
+            );
+        }
+    }
+
+    /// One sync: recompute what changed, write the difference.
+    fn sync(&mut self) {
+        let started = Instant::now();
+        self.last_sync = Some(started);
+        let up = self.index.update();
+        for c in &up.conflicts {
+            log::warn!("{c}");
+        }
+        let desired = self.index.desired();
+        let ops = match sync::plan(
+            &self.mirror,
+            desired,
+            proxy_common::capacity::SERVICE_STATS,
+        ) {
+            Ok(ops) => ops,
+            Err(e) => {
+                self.failed();
+                log::error!("sync: {e}");
+                return;
+            }
+        };
+        let stale = sync::stale_udp(&self.mirror, desired);
+        for (i, op) in ops.iter().enumerate() {
+            if let Err(e) = self.dp.maps.write(op) {
+                self.failed();
+                self.metrics.map_writes.inc_by(i as u64);
+                // Every prefix of a plan is a consistent datapath: stop here and retry.
+                log::error!(
+                    "map write {}/{} ({op:?}) failed: {e}; will retry",
+                    i + 1,
+                    ops.len()
+                );
+                return;
+            }
+            self.mirror.record(op);
+        }
+        let took = started.elapsed();
+        self.owed = false;
+        self.stats.syncs += 1;
+        self.metrics.map_writes.inc_by(ops.len() as u64);
+        self.metrics.synced(took);
+        let now = SystemTime::now();
+        for t in self.index.take_triggers() {
+            let d = now.duration_since(t).unwrap_or_default();
+            self.metrics.programming_latency.observe(d.as_secs_f64());
+        }
+        self.update_gauges();
+        if !stale.is_empty() {
+            // After the writes: no new flow can pick these backends any more.
+            self.collect(&stale);
+        }
+        let desired = self.index.desired();
+        let served = desired
+            .frontends
+            .values()
+            .filter(|f| !f.backends.is_empty())
+            .count();
+        let level = if ops.is_empty() {
+            log::Level::Debug
+        } else {
+            log::Level::Info
+        };
+        log::log!(
+            level,
+            "synced {} frontends ({} with endpoints; {} services recomputed): {} map writes in {:.1?}",
+            desired.frontends.len(),
+            served,
+            up.services,
+            ops.len(),
+            took
+        );
+    }
+
+    fn failed(&mut self) {
+        self.stats.sync_failures += 1;
+        self.metrics.sync_failures.inc();
+        self.owed = true;
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        let (services, slices) = self.index.counts();
+        m.services.set(services as i64);
+        m.slices.set(slices as i64);
+        m.frontends
+            .set(self.index.desired().frontends.len() as i64);
+        m.invalid_objects_current
+            .set(self.index.problems().len() as i64);
+        let mut counts: HashMap<Skipped, i64> = HashMap::new();
+        for (_, why) in self.index.skipped() {
+            *counts.entry(why).or_default() += 1;
+        }
+        for why in Skipped::ALL {
+            m.skipped
+                .get_or_create(&ReasonLabel {
+                    reason: why.name().into(),
+                })
+                .set(counts.get(&why).copied().unwrap_or(0));
+        }
+    }
+
+    /// One conntrack collection: expired flows, and UDP flows to `stale` backends.
+    fn collect(&mut self, stale: &HashSet<conntrack::ServiceBackend>) {
+        collect(
+            &self.cfg,
+            &mut self.dp.maps,
+            stale,
+            &mut self.stats,
+            &self.metrics,
+        );
+    }
+}
+
 fn collect(
     cfg: &Config,
     maps: &mut MapSet,
     stale: &HashSet<conntrack::ServiceBackend>,
     stats: &mut AgentStats,
+    metrics: &Metrics,
 ) {
     let started = Instant::now();
     let report = match conntrack::collect(maps, &cfg.ct_timeouts, stale) {
@@ -183,6 +541,8 @@ fn collect(
     };
     stats.gc_expired += report.expired;
     stats.gc_stale_udp += report.stale_udp;
+    metrics.gc_expired.inc_by(report.expired);
+    metrics.gc_stale_udp.inc_by(report.stale_udp);
     for (e, n) in [
         (Event::GcExpired, stats.gc_expired),
         (Event::GcStaleUdp, stats.gc_stale_udp),
@@ -210,74 +570,4 @@ fn collect(
         report.expired,
         started.elapsed()
     );
-}
-
-/// One sync from the manifests; false when it must be retried.
-fn sync_once(
-    cfg: &Config,
-    maps: &mut MapSet,
-    mirror: &mut MapState,
-    stats: &mut AgentStats,
-) -> bool {
-    let started = Instant::now();
-    let loaded = match manifests::load(&cfg.manifests) {
-        Ok(l) => l,
-        Err(e) => {
-            log::warn!("manifests unreadable, keeping the current state: {e:#}");
-            return false;
-        }
-    };
-    let outcome = model::desired(&loaded.services, &loaded.slices);
-    for p in loaded.problems.iter().chain(&outcome.problems) {
-        stats.invalid_objects += 1;
-        log::warn!("skipped invalid input: {p}");
-    }
-    for (what, why) in &outcome.skipped {
-        log::debug!("not served: {what}: {why:?}");
-    }
-    let ops = match sync::plan(
-        mirror,
-        &outcome.desired,
-        proxy_common::capacity::SERVICE_STATS,
-    ) {
-        Ok(ops) => ops,
-        Err(e) => {
-            stats.sync_failures += 1;
-            log::error!("sync: {e}");
-            return false;
-        }
-    };
-    let stale = sync::stale_udp(mirror, &outcome.desired);
-    for (i, op) in ops.iter().enumerate() {
-        if let Err(e) = maps.write(op) {
-            stats.sync_failures += 1;
-            // Every prefix of a plan is a consistent datapath: stop here and retry.
-            log::error!(
-                "map write {}/{} ({op:?}) failed: {e}; will retry",
-                i + 1,
-                ops.len()
-            );
-            return false;
-        }
-        mirror.record(op);
-    }
-    stats.syncs += 1;
-    if !stale.is_empty() {
-        // After the writes: no new flow can pick these backends any more.
-        collect(cfg, maps, &stale, stats);
-    }
-    let served = outcome
-        .desired
-        .frontends
-        .values()
-        .filter(|f| !f.backends.is_empty())
-        .count();
-    log::info!(
-        "synced {} frontends ({} with endpoints): {} map writes in {:.1?}",
-        outcome.desired.frontends.len(),
-        served,
-        ops.len(),
-        started.elapsed()
-    );
-    true
 }

@@ -3,10 +3,14 @@
 pub mod agent;
 pub mod attach;
 pub mod bpffs;
+pub mod cidr;
+pub mod cluster;
 pub mod conntrack;
 pub mod datapath;
 pub mod dump;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod sync;
 pub mod testbed;
+pub mod watch;

@@ -54,9 +54,14 @@ enum DumpWhat {
 #[derive(clap::Args)]
 struct AgentArgs {
     /// Serve the Services and EndpointSlices in this YAML file or directory
-    /// (standalone mode; edits take effect without restart).
+    /// (standalone mode; edits take effect without restart) instead of the
+    /// Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API through this kubeconfig (default: the
+    /// in-cluster service account).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// This node's name, as in the EndpointSlices' nodeName (default: the hostname).
     #[arg(long)]
     hostname_override: Option<String>,
@@ -107,6 +112,26 @@ struct AgentArgs {
     /// How often the maps are re-read and any drift repaired.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     sync_period: Duration,
+    /// The least time between two syncs: a change is applied at once when
+    /// the last sync is older, and changes arriving meanwhile are batched.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    min_sync_period: Duration,
+    /// Where Prometheus metrics are served (`/metrics`); empty to disable.
+    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
+    metrics_bind_address: Bind,
+}
+
+/// An optional listen address (empty: none).
+#[derive(Clone, Copy, Debug)]
+struct Bind(Option<std::net::SocketAddr>);
+
+fn parse_bind(s: &str) -> Result<Bind, String> {
+    if s.is_empty() {
+        return Ok(Bind(None));
+    }
+    s.parse()
+        .map(|a| Bind(Some(a)))
+        .map_err(|_| format!("{s:?} is not an address:port"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -159,7 +184,12 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     // `lo` never carries pod traffic that needs translating.
     let interfaces = Patterns::parse(&args.interfaces)?.excluding("lo");
     let cfg = agent::Config {
-        manifests: args.manifests,
+        source: match args.manifests {
+            Some(path) => agent::Source::Manifests(path),
+            None => agent::Source::Kube {
+                kubeconfig: args.kubeconfig,
+            },
+        },
         hostname,
         node_ips: args.node_ips,
         cluster_cidrs: args.cluster_cidr,
@@ -168,6 +198,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         conntrack_entries: args.conntrack_max,
         poll: args.poll_interval,
         resync: args.sync_period,
+        min_sync: args.min_sync_period,
+        metrics_addr: args.metrics_bind_address.0,
         ct_timeouts: kpx::conntrack::Timeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,
             tcp_established: args.conntrack_tcp_timeout_established,

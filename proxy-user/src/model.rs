@@ -1,28 +1,47 @@
-//! The desired state: a pure function from Services and EndpointSlices (and
-//! the node's configuration) to the service frontends the datapath must serve.
+//! The desired state: a pure function from Services, EndpointSlices and the
+//! node to the service frontends the datapath must serve.
 //!
-//! Semantics follow kube-proxy: a Service port is served by the endpoints of
-//! the Service's EndpointSlices whose port has the same name and protocol (the
-//! EndpointSlice controller already resolved `targetPort`); `ready`
-//! endpoints serve, and when none is ready the `serving` and `terminating`
-//! ones do (kube-proxy's ProxyTerminatingEndpoints); headless, ExternalName
-//! and `service-proxy-name`-labelled
-//! Services are not ours. A malformed object is reported, with its origin and
-//! the offending field, and skipped as a whole; everything else is served.
+//! Semantics follow kube-proxy (`pkg/proxy`: service.go, endpointslicecache.go,
+//! topology.go):
+//! - a Service port is served by the endpoints of its EndpointSlices whose
+//!   port has the same name and protocol (the EndpointSlice controller has
+//!   already resolved numeric and named `targetPort`s into those ports);
+//! - the same ip:port in several slices counts once, a non-terminating copy
+//!   winning over a terminating one;
+//! - `ready` endpoints serve; when none is ready the `serving` and
+//!   `terminating` ones do, separately for cluster-wide and node-local use;
+//! - topology hints (same node, then same zone) narrow the cluster-wide set
+//!   when every ready endpoint carries them and one matches this node;
+//! - `internalTrafficPolicy: Local` / `externalTrafficPolicy: Local` use only
+//!   endpoints whose `nodeName` is this node;
+//! - headless, ExternalName and `service-proxy-name`-labelled Services are
+//!   not ours.
+//!
+//! A malformed object is reported, with its origin and the offending field,
+//! and skipped as a whole; everything else is served.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::cidr::Cidr;
 
 /// kube-proxy ignores Services carrying this label (they belong to another proxy).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Links an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The node's zone, matched against endpoint zone hints.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// When the endpoints controller saw the change a slice carries (RFC 3339).
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 /// An object and where it came from (a manifest file and document, or the API).
 #[derive(Clone, Debug)]
@@ -57,8 +76,7 @@ impl fmt::Display for Problem {
 pub struct Frontend {
     /// kube-proxy's service port name: `namespace/name:port-name`.
     pub name: String,
-    /// Endpoints new flows may go to, sorted and de-duplicated: the ready
-    /// ones, or if none is ready the serving terminating ones.
+    /// Endpoints new flows may go to, sorted and de-duplicated.
     pub backends: Vec<Endpoint>,
     /// ClientIP session affinity timeout in seconds; 0 when off.
     pub affinity_timeout: u32,
@@ -89,7 +107,7 @@ pub struct Desired {
 }
 
 /// Why a well-formed object (or part of it) is not served. Not an error.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Skipped {
     Headless,
     ExternalName,
@@ -98,6 +116,31 @@ pub enum Skipped {
     Ipv6,
     /// SCTP waits for datapath support.
     Sctp,
+    /// NodePorts, externalIPs and load-balancer IPs are modelled; their
+    /// datapath entry points arrive with the NodePort/LoadBalancer issue.
+    ExternalEntryPoint,
+}
+
+impl Skipped {
+    pub const ALL: [Skipped; 6] = [
+        Skipped::Headless,
+        Skipped::ExternalName,
+        Skipped::OtherProxy,
+        Skipped::Ipv6,
+        Skipped::Sctp,
+        Skipped::ExternalEntryPoint,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Skipped::Headless => "headless",
+            Skipped::ExternalName => "external_name",
+            Skipped::OtherProxy => "other_proxy",
+            Skipped::Ipv6 => "ipv6",
+            Skipped::Sctp => "sctp",
+            Skipped::ExternalEntryPoint => "external_entry_point",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +149,68 @@ pub struct Outcome {
     pub problems: Vec<Problem>,
     /// Skipped objects or parts with the reason, for logs and counters.
     pub skipped: Vec<(String, Skipped)>,
+}
+
+/// What the model needs to know about the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Endpoints with this `nodeName` are local.
+    pub name: String,
+    /// `topology.kubernetes.io/zone`, for zone hints.
+    pub zone: Option<String>,
+    /// IPv4 InternalIP/ExternalIP addresses from the Node's status.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl NodeInfo {
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads the zone label and addresses of `node`.
+    pub fn from_node(name: &str, node: &Node) -> Self {
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_ZONE))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            .collect();
+        Self {
+            name: name.into(),
+            zone,
+            addresses,
+        }
+    }
+}
+
+/// `namespace/name` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace.clone().unwrap_or_else(|| "default".into())
 }
 
 fn object_name(
@@ -136,23 +241,65 @@ fn port(p: i32) -> Result<u16, String> {
 }
 
 /// A validated Service port.
-struct SvcPort {
-    name: String,
-    proto: u8,
-    port: u16,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcPort {
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+    pub node_port: Option<u16>,
 }
 
-/// A validated Service: its IPv4 cluster IPs and ports.
-struct Svc {
-    namespace: String,
-    name: String,
-    ips: Vec<Ipv4Addr>,
-    ports: Vec<SvcPort>,
-    affinity_timeout: u32,
+/// A validated Service: every field kube-proxy acts on, IPv4 only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Svc {
+    pub id: ServiceRef,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<SvcPort>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is not `Proxy`.
+    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_source_ranges: Vec<Cidr>,
+    /// `externalTrafficPolicy: Local` on an externally reachable Service.
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub health_check_node_port: Option<u16>,
+    pub affinity_timeout: u32,
+}
+
+impl Svc {
+    /// kube-proxy's ExternallyAccessible: reachable from outside the cluster.
+    pub fn externally_accessible(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
+            || !self.lb_ips.is_empty()
+            || !self.external_ips.is_empty()
+    }
+}
+
+/// Parses a list of IP strings: IPv4 kept, IPv6 skipped, garbage a problem.
+fn ip_list<'a>(
+    ips: impl Iterator<Item = &'a str>,
+    field: &str,
+    obj: &str,
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Result<Vec<Ipv4Addr>, (String, String)> {
+    let mut out = Vec::new();
+    for (i, ip) in ips.enumerate() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => out.push(v4),
+            Ok(IpAddr::V6(_)) => skipped.push((format!("{obj} {ip}"), Skipped::Ipv6)),
+            Err(_) => {
+                return Err((
+                    format!("{field}[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Validates a Service; Ok(None) when kube-proxy would ignore it.
-fn service(
+pub fn service(
     s: &Sourced<Service>,
     skipped: &mut Vec<(String, Skipped)>,
 ) -> Result<Option<Svc>, Problem> {
@@ -181,14 +328,26 @@ fn service(
         .spec
         .as_ref()
         .ok_or_else(|| problem("spec", "missing".into()))?;
-    if spec.type_.as_deref() == Some("ExternalName") {
-        skipped.push((obj, Skipped::ExternalName));
-        return Ok(None);
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    match type_ {
+        "ExternalName" => {
+            skipped.push((obj, Skipped::ExternalName));
+            return Ok(None);
+        }
+        "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        other => {
+            return Err(problem(
+                "spec.type",
+                format!("unknown type {other:?} (ClusterIP, NodePort, LoadBalancer or ExternalName)"),
+            ))
+        }
     }
-    let ip_strings: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        (_, Some(ip)) => vec![ip.as_str()],
-        _ => Vec::new(),
+    let (field, ip_strings): (&str, Vec<&str>) = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => {
+            ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
+        }
+        (_, Some(ip)) => ("spec.clusterIP", vec![ip.as_str()]),
+        _ => ("spec.clusterIP", Vec::new()),
     };
     if ip_strings.contains(&"None") {
         skipped.push((obj, Skipped::Headless));
@@ -200,32 +359,32 @@ fn service(
             "missing (the API server allocates it; a manifest must carry it)".into(),
         ));
     }
-    let field = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) {
-        "spec.clusterIPs"
-    } else {
-        "spec.clusterIP"
-    };
-    let mut ips = Vec::new();
-    for (i, ip) in ip_strings.iter().enumerate() {
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => ips.push(v4),
-            Ok(std::net::IpAddr::V6(_)) => skipped.push((format!("{obj} {ip}"), Skipped::Ipv6)),
-            Err(_) => {
-                let f = if field == "spec.clusterIPs" {
-                    format!("{field}[{i}]")
-                } else {
-                    field.to_string()
-                };
-                return Err(problem(&f, format!("{ip:?} is not an IP address")));
-            }
+    let cluster_ips = ip_list(ip_strings.into_iter(), field, &obj, skipped).map_err(|(f, m)| {
+        // A lone clusterIP is not a list: name the field itself.
+        let f = if field == "spec.clusterIP" { field.into() } else { f };
+        problem(&f, m)
+    })?;
+    for (i, fam) in spec.ip_families.iter().flatten().enumerate() {
+        if fam != "IPv4" && fam != "IPv6" {
+            return Err(problem(
+                &format!("spec.ipFamilies[{i}]"),
+                format!("unknown family {fam:?} (IPv4 or IPv6)"),
+            ));
         }
     }
+    let exposes_node_ports = type_ != "ClusterIP";
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let proto = protocol(p.protocol.as_deref())
             .map_err(|m| problem(&format!("spec.ports[{i}].protocol"), m))?;
         let number = port(p.port).map_err(|m| problem(&format!("spec.ports[{i}].port"), m))?;
+        let node_port = match p.node_port {
+            Some(n) if exposes_node_ports => Some(
+                port(n).map_err(|m| problem(&format!("spec.ports[{i}].nodePort"), m))?,
+            ),
+            _ => None,
+        };
         let Some(proto) = proto else {
             skipped.push((format!("{obj} port {number}/SCTP"), Skipped::Sctp));
             continue;
@@ -240,8 +399,76 @@ fn service(
             name: p.name.clone().unwrap_or_default(),
             proto,
             port: number,
+            node_port,
         });
     }
+    let external_ips = ip_list(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        "spec.externalIPs",
+        &obj,
+        skipped,
+    )
+    .map_err(|(f, m)| problem(&f, m))?;
+    let mut lb_ips = Vec::new();
+    if type_ == "LoadBalancer" {
+        let ingress = s
+            .object
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            // ipMode Proxy: the load balancer proxies, traffic arrives for
+            // the node, not for this IP (KEP-1860).
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue; // hostname-only ingress
+            };
+            lb_ips.extend(
+                ip_list(
+                    std::iter::once(ip),
+                    &format!("status.loadBalancer.ingress[{i}].ip"),
+                    &obj,
+                    skipped,
+                )
+                .map_err(|(_, m)| problem(&format!("status.loadBalancer.ingress[{i}].ip"), m))?,
+            );
+        }
+    }
+    let mut lb_source_ranges = Vec::new();
+    for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        if r.contains(':') {
+            skipped.push((format!("{obj} source range {r}"), Skipped::Ipv6));
+            continue;
+        }
+        lb_source_ranges.push(r.parse::<Cidr>().map_err(|m| {
+            problem(&format!("spec.loadBalancerSourceRanges[{i}]"), m)
+        })?);
+    }
+    let policy = |v: Option<&str>, field: &str| match v.unwrap_or("Cluster") {
+        "Cluster" => Ok(false),
+        "Local" => Ok(true),
+        other => Err(problem(
+            field,
+            format!("unknown policy {other:?} (Cluster or Local)"),
+        )),
+    };
+    let etp_local = policy(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+    )?;
+    let internal_local = policy(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+    )?;
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(n) if n != 0 => Some(
+            port(n).map_err(|m| problem("spec.healthCheckNodePort", m))?,
+        ),
+        _ => None,
+    };
     let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
         "None" => 0,
         "ClientIP" => {
@@ -268,26 +495,58 @@ fn service(
             ))
         }
     };
-    Ok(Some(Svc {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name,
-        ips,
+    let mut svc = Svc {
+        id: ServiceRef {
+            namespace: namespace(meta),
+            name,
+        },
+        cluster_ips,
         ports,
+        external_ips,
+        lb_ips,
+        lb_source_ranges,
+        external_local: false,
+        internal_local,
+        health_check_node_port,
         affinity_timeout,
-    }))
+    };
+    svc.external_local = etp_local && svc.externally_accessible();
+    Ok(Some(svc))
 }
 
-/// A validated EndpointSlice: its ports, and its endpoints that may serve.
-struct Slice {
-    namespace: String,
-    service: String,
-    ports: Vec<(String, u8, u16)>,
-    ready: Vec<Ipv4Addr>,
-    /// Not ready, but `serving` and `terminating`: used when none is ready.
-    terminating: Vec<Ipv4Addr>,
+/// One endpoint of a slice, with everything endpoint selection looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// The first address: kube-proxy uses only that one.
+    pub addr: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
-fn slice(
+/// A validated EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub service: ServiceRef,
+    /// (port name, protocol, port number).
+    pub ports: Vec<(String, u8, u16)>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// The Service an EndpointSlice belongs to, read from its label.
+pub fn slice_owner(s: &EndpointSlice) -> Option<ServiceRef> {
+    let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ServiceRef {
+        namespace: namespace(&s.metadata),
+        name: name.clone(),
+    })
+}
+
+/// Validates an EndpointSlice; Ok(None) when kube-proxy does not use it.
+pub fn slice(
     s: &Sourced<EndpointSlice>,
     skipped: &mut Vec<(String, Skipped)>,
 ) -> Result<Option<Slice>, Problem> {
@@ -298,18 +557,12 @@ fn slice(
         field,
         message,
     };
-    let meta = &s.object.metadata;
-    let service = meta
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        .cloned()
-        .ok_or_else(|| {
-            problem(
-                format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
-                "missing: the slice belongs to no Service".into(),
-            )
-        })?;
+    let service = slice_owner(&s.object).ok_or_else(|| {
+        problem(
+            format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+            "missing: the slice belongs to no Service".into(),
+        )
+    })?;
     match s.object.address_type.as_str() {
         "IPv4" => {}
         "IPv6" => {
@@ -337,10 +590,9 @@ fn slice(
             ports.push((p.name.clone().unwrap_or_default(), proto, number));
         }
     }
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
+    let mut endpoints = Vec::new();
     for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
-        let mut addrs = Vec::new();
+        let mut first = None;
         for (j, a) in e.addresses.iter().enumerate() {
             let addr = a.parse::<Ipv4Addr>().map_err(|_| {
                 problem(
@@ -348,115 +600,259 @@ fn slice(
                     format!("{a:?} is not an IPv4 address"),
                 )
             })?;
-            addrs.push(addr);
+            first.get_or_insert(addr);
         }
+        let Some(addr) = first else { continue };
         // Nil conditions mean unknown: `ready` and `serving` then count as
         // true, `terminating` as false (the API's documented defaults).
         let c = e.conditions.as_ref();
-        let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
-        let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
-        let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-        // Only the first address is used, as by kube-proxy.
-        if is_ready {
-            ready.extend(addrs.first().copied());
-        } else if serving && is_terminating {
-            terminating.extend(addrs.first().copied());
-        }
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let hints = e.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            addr,
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: e.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        });
     }
     Ok(Some(Slice {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
         service,
         ports,
-        ready,
-        terminating,
+        endpoints,
     }))
 }
 
-/// The endpoints of one service port over all its slices.
-#[derive(Default)]
-struct PortEndpoints {
-    ready: BTreeSet<Endpoint>,
-    terminating: BTreeSet<Endpoint>,
+/// One endpoint of one Service port, as endpoint selection sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub endpoint: Endpoint,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// On this node.
+    pub local: bool,
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
-impl PortEndpoints {
-    /// Where new flows go: the ready endpoints, else the serving terminating
-    /// ones, so that a rolling update's last old pods keep answering.
-    fn usable(&self) -> Vec<Endpoint> {
-        let set = if self.ready.is_empty() {
-            &self.terminating
+/// Which hint narrows the cluster-wide endpoints (kube-proxy's topology mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    All,
+    SameNode,
+    SameZone,
+}
+
+/// Everything kube-proxy acts on for one Service port, and its endpoint sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// kube-proxy's service port name: `namespace/name:port-name`.
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub endpoints: Vec<EndpointInfo>,
+    pub topology: Topology,
+    /// Where cluster-policy traffic goes: ready (topology-narrowed), else
+    /// serving-terminating endpoints.
+    pub cluster_endpoints: Vec<Endpoint>,
+    /// Where local-policy traffic goes: local ready, else local
+    /// serving-terminating endpoints.
+    pub local_endpoints: Vec<Endpoint>,
+    /// Some endpoint anywhere could serve: with none, the reference REJECTs;
+    /// with some but none usable under a Local policy, it DROPs.
+    pub has_any_endpoints: bool,
+}
+
+impl ServicePort {
+    /// The endpoints of traffic to a cluster IP (internalTrafficPolicy).
+    pub fn internal_endpoints(&self, svc: &Svc) -> &[Endpoint] {
+        if svc.internal_local {
+            &self.local_endpoints
         } else {
-            &self.ready
-        };
-        set.iter().copied().collect()
-    }
-}
-
-/// (namespace, service) → (port name, protocol) → endpoints.
-type EndpointsByService = BTreeMap<(String, String), BTreeMap<(String, u8), PortEndpoints>>;
-
-/// The desired frontends for `services` and `slices`.
-pub fn desired(services: &[Sourced<Service>], slices: &[Sourced<EndpointSlice>]) -> Outcome {
-    let mut out = Outcome::default();
-    let mut endpoints: EndpointsByService = BTreeMap::new();
-    for s in slices {
-        match slice(s, &mut out.skipped) {
-            Ok(Some(sl)) => {
-                let by_port = endpoints.entry((sl.namespace, sl.service)).or_default();
-                for (name, proto, port) in &sl.ports {
-                    let eps = by_port.entry((name.clone(), *proto)).or_default();
-                    let at = |&addr: &Ipv4Addr| Endpoint { addr, port: *port };
-                    eps.ready.extend(sl.ready.iter().map(at));
-                    eps.terminating.extend(sl.terminating.iter().map(at));
-                }
-            }
-            Ok(None) => {}
-            Err(p) => out.problems.push(p),
+            &self.cluster_endpoints
         }
     }
-    for s in services {
-        let svc = match service(s, &mut out.skipped) {
-            Ok(Some(svc)) => svc,
-            Ok(None) => continue,
-            Err(p) => {
-                out.problems.push(p);
+
+    /// The endpoints of traffic to a NodePort, externalIP or LB IP.
+    pub fn external_endpoints(&self, svc: &Svc) -> &[Endpoint] {
+        if svc.external_local {
+            &self.local_endpoints
+        } else {
+            &self.cluster_endpoints
+        }
+    }
+}
+
+/// The endpoints of `port` over all of the service's `slices`, de-duplicated
+/// by ip:port; slices in name order, a non-terminating copy preferred.
+fn port_endpoints(port: &SvcPort, slices: &[&Slice], node: &NodeInfo) -> Vec<EndpointInfo> {
+    let mut by_addr: BTreeMap<Endpoint, EndpointInfo> = BTreeMap::new();
+    for sl in slices {
+        for (name, proto, number) in &sl.ports {
+            if *name != port.name || *proto != port.proto {
                 continue;
             }
-        };
-        let eps = endpoints.get(&(svc.namespace.clone(), svc.name.clone()));
-        for p in &svc.ports {
-            let backends: Vec<Endpoint> = eps
-                .and_then(|e| e.get(&(p.name.clone(), p.proto)))
-                .map(PortEndpoints::usable)
-                .unwrap_or_default();
-            for &ip in &svc.ips {
-                let key = FrontendKey {
+            for e in &sl.endpoints {
+                let endpoint = Endpoint {
+                    addr: e.addr,
+                    port: *number,
+                };
+                let info = EndpointInfo {
+                    endpoint,
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    local: !node.name.is_empty()
+                        && e.node_name.as_deref() == Some(node.name.as_str()),
+                    zone_hints: e.zone_hints.clone(),
+                    node_hints: e.node_hints.clone(),
+                };
+                match by_addr.get(&endpoint) {
+                    Some(prev) if !prev.terminating || info.terminating => {}
+                    _ => {
+                        by_addr.insert(endpoint, info);
+                    }
+                }
+            }
+        }
+    }
+    by_addr.into_values().collect()
+}
+
+/// kube-proxy's topologyModeFromHints: node hints, then zone hints, used
+/// only when every ready endpoint carries one and one matches this node.
+fn topology(endpoints: &[EndpointInfo], node: &NodeInfo) -> Topology {
+    let ready: Vec<&EndpointInfo> = endpoints.iter().filter(|e| e.ready).collect();
+    if ready.is_empty() {
+        return Topology::All;
+    }
+    let all = |f: fn(&EndpointInfo) -> &Vec<String>| ready.iter().all(|e| !f(e).is_empty());
+    let any_has = |f: fn(&EndpointInfo) -> &Vec<String>, v: &str| {
+        ready.iter().any(|e| f(e).iter().any(|h| h == v))
+    };
+    if all(|e| &e.node_hints) && any_has(|e| &e.node_hints, &node.name) {
+        return Topology::SameNode;
+    }
+    match &node.zone {
+        Some(z) if all(|e| &e.zone_hints) && any_has(|e| &e.zone_hints, z) => Topology::SameZone,
+        _ => Topology::All,
+    }
+}
+
+/// kube-proxy's CategorizeEndpoints for one port.
+fn categorize(mut sp: ServicePort, node: &NodeInfo) -> ServicePort {
+    let topo = topology(&sp.endpoints, node);
+    let in_topology = |e: &EndpointInfo| match topo {
+        Topology::All => true,
+        Topology::SameNode => e.node_hints.iter().any(|h| *h == node.name),
+        Topology::SameZone => node
+            .zone
+            .as_ref()
+            .is_some_and(|z| e.zone_hints.iter().any(|h| h == z)),
+    };
+    let pick = |f: &dyn Fn(&EndpointInfo) -> bool| -> Vec<Endpoint> {
+        sp.endpoints
+            .iter()
+            .filter(|e| f(e))
+            .map(|e| e.endpoint)
+            .collect()
+    };
+    let mut cluster = pick(&|e| e.ready && in_topology(e));
+    if cluster.is_empty() {
+        cluster = pick(&|e| e.serving && e.terminating);
+    }
+    let mut local = pick(&|e| e.local && e.ready);
+    if local.is_empty() {
+        local = pick(&|e| e.local && e.serving && e.terminating);
+    }
+    sp.has_any_endpoints = sp
+        .endpoints
+        .iter()
+        .any(|e| e.ready || (e.serving && e.terminating));
+    sp.topology = topo;
+    sp.cluster_endpoints = cluster;
+    sp.local_endpoints = local;
+    sp
+}
+
+/// Every port of `svc` with its endpoints from `slices` (the service's own).
+pub fn service_ports(svc: &Svc, slices: &[&Slice], node: &NodeInfo) -> Vec<ServicePort> {
+    svc.ports
+        .iter()
+        .map(|p| {
+            let sp = ServicePort {
+                name: format!("{}:{}", svc.id, p.name),
+                proto: p.proto,
+                port: p.port,
+                node_port: p.node_port,
+                endpoints: port_endpoints(p, slices, node),
+                topology: Topology::All,
+                cluster_endpoints: Vec::new(),
+                local_endpoints: Vec::new(),
+                has_any_endpoints: false,
+            };
+            categorize(sp, node)
+        })
+        .collect()
+}
+
+/// The datapath frontends of one Service: its cluster IPs today. External
+/// entry points are reported in `skipped` until the datapath has them.
+pub fn frontends(
+    svc: &Svc,
+    ports: &[ServicePort],
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Vec<(FrontendKey, Frontend)> {
+    let mut out = Vec::new();
+    for p in ports {
+        for &ip in &svc.cluster_ips {
+            out.push((
+                FrontendKey {
                     addr: ip,
                     port: p.port,
                     proto: p.proto,
-                };
-                let frontend = Frontend {
-                    name: format!("{}/{}:{}", svc.namespace, svc.name, p.name),
-                    backends: backends.clone(),
+                },
+                Frontend {
+                    name: p.name.clone(),
+                    backends: p.internal_endpoints(svc).to_vec(),
                     affinity_timeout: svc.affinity_timeout,
-                };
-                if let Some(prev) = out.desired.frontends.insert(key, frontend) {
-                    out.problems.push(Problem {
-                        origin: s.origin.clone(),
-                        object: format!("Service {}/{}", svc.namespace, svc.name),
-                        field: "spec.clusterIP".into(),
-                        message: format!(
-                            "{ip}:{} is also claimed by {}; the later object wins",
-                            p.port, prev.name
-                        ),
-                    });
-                }
-            }
+                },
+            ));
         }
+        if let Some(np) = p.node_port {
+            skipped.push((format!("{} nodePort {np}", p.name), Skipped::ExternalEntryPoint));
+        }
+    }
+    for ip in svc.external_ips.iter().chain(&svc.lb_ips) {
+        skipped.push((format!("Service {} {ip}", svc.id), Skipped::ExternalEntryPoint));
     }
     out
 }
 
+/// The desired frontends for `services` and `slices` on `node`.
+pub fn desired(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    node: &NodeInfo,
+) -> Outcome {
+    let mut index = crate::cluster::Index::new(node.clone());
+    index.replace_all(services.to_vec(), slices.to_vec());
+    index.outcome()
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,7 +918,7 @@ endpoints:
 
     #[test]
     fn ports_match_slices_by_name_and_protocol_and_only_ready_endpoints_serve() {
-        let out = desired(&[svc(WEB)], &[eps(WEB_SLICE)]);
+        let out = desired(&[svc(WEB)], &[eps(WEB_SLICE)], &NodeInfo::named("node-1"));
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
         assert_eq!(http.name, "shop/web:http");
@@ -565,11 +961,11 @@ endpoints:
                 .backends
                 .clone()
         };
-        let out = desired(&[svc(WEB)], &[eps(&slice(true))]);
+        let out = desired(&[svc(WEB)], &[eps(&slice(true))], &NodeInfo::named("node-1"));
         assert_eq!(http(&out), vec![ep("198.18.1.1", 8080)]);
         // Nothing ready: the serving terminating endpoint, never the one
         // that stopped serving.
-        let out = desired(&[svc(WEB)], &[eps(&slice(false))]);
+        let out = desired(&[svc(WEB)], &[eps(&slice(false))], &NodeInfo::named("node-1"));
         assert_eq!(http(&out), vec![ep("198.18.1.2", 8080)]);
     }
 
@@ -584,15 +980,15 @@ endpoints:
         let timeout = |out: &Outcome| {
             out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)].affinity_timeout
         };
-        assert_eq!(timeout(&desired(&[svc(WEB)], &[])), 0);
+        assert_eq!(timeout(&desired(&[svc(WEB)], &[], &NodeInfo::named("node-1"))), 0);
         assert_eq!(
-            timeout(&desired(&[svc(&aff(""))], &[])),
+            timeout(&desired(&[svc(&aff(""))], &[], &NodeInfo::named("node-1"))),
             DEFAULT_AFFINITY_TIMEOUT
         );
         let custom = aff("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n");
-        assert_eq!(timeout(&desired(&[svc(&custom)], &[])), 60);
+        assert_eq!(timeout(&desired(&[svc(&custom)], &[], &NodeInfo::named("node-1"))), 60);
         let bad = aff("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n");
-        let out = desired(&[svc(&bad)], &[]);
+        let out = desired(&[svc(&bad)], &[], &NodeInfo::named("node-1"));
         assert_eq!(
             out.problems[0].field,
             "spec.sessionAffinityConfig.clientIP.timeoutSeconds"
@@ -604,7 +1000,7 @@ endpoints:
         let second = WEB_SLICE
             .replace("name: web-a", "name: web-b")
             .replace("198.18.1.2]", "198.18.1.4]");
-        let out = desired(&[svc(WEB)], &[eps(WEB_SLICE), eps(&second)]);
+        let out = desired(&[svc(WEB)], &[eps(WEB_SLICE), eps(&second)], &NodeInfo::named("node-1"));
         let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
         assert_eq!(
             http.backends,
@@ -618,7 +1014,7 @@ endpoints:
 
     #[test]
     fn a_service_without_slices_has_a_frontend_with_no_backends() {
-        let out = desired(&[svc(WEB)], &[]);
+        let out = desired(&[svc(WEB)], &[], &NodeInfo::named("node-1"));
         assert_eq!(out.desired.frontends.len(), 2);
         assert!(out
             .desired
@@ -631,7 +1027,7 @@ endpoints:
     fn slices_of_another_namespace_or_service_do_not_serve() {
         let other_ns = WEB_SLICE.replace("namespace: shop", "namespace: other");
         let other_svc = WEB_SLICE.replace("service-name: web", "service-name: api");
-        let out = desired(&[svc(WEB)], &[eps(&other_ns), eps(&other_svc)]);
+        let out = desired(&[svc(WEB)], &[eps(&other_ns), eps(&other_svc)], &NodeInfo::named("node-1"));
         assert!(out
             .desired
             .frontends
@@ -650,13 +1046,17 @@ endpoints:
             "namespace: shop}",
             "namespace: shop, labels: {service.kubernetes.io/service-proxy-name: other}}",
         );
+        let external = external.replace("name: web,", "name: ext,");
+        let other = other.replace("name: web,", "name: other,");
         let out = desired(
             &[svc(&headless), svc(&external), svc(&other)],
             &[eps(WEB_SLICE)],
+            &NodeInfo::named("node-1"),
         );
         assert!(out.desired.frontends.is_empty());
         assert!(out.problems.is_empty());
-        let reasons: Vec<_> = out.skipped.iter().map(|s| s.1.clone()).collect();
+        let mut reasons: Vec<_> = out.skipped.iter().map(|s| s.1).collect();
+        reasons.sort();
         assert_eq!(
             reasons,
             vec![
@@ -688,7 +1088,7 @@ endpoints:
             .replace("name: web,", "name: good,")
             .replace("198.19.0.10", "198.19.0.11");
         for (bad, field) in cases {
-            let out = desired(&[svc(&bad), svc(&good)], &[]);
+            let out = desired(&[svc(&bad), svc(&good)], &[], &NodeInfo::named("node-1"));
             assert_eq!(out.problems.len(), 1, "{field}: {:?}", out.problems);
             assert_eq!(out.problems[0].field, field);
             assert_eq!(out.problems[0].object, "Service shop/web");
@@ -700,11 +1100,11 @@ endpoints:
                 .all(|k| k.addr == "198.19.0.11".parse::<Ipv4Addr>().unwrap()));
         }
         let bad_slice = WEB_SLICE.replace("[198.18.1.2]", "[198.18.1.x]");
-        let out = desired(&[svc(WEB)], &[eps(&bad_slice)]);
+        let out = desired(&[svc(WEB)], &[eps(&bad_slice)], &NodeInfo::named("node-1"));
         assert_eq!(out.problems[0].field, "endpoints[1].addresses[0]");
         assert_eq!(out.problems[0].object, "EndpointSlice shop/web-a");
         let unlabelled = WEB_SLICE.replace("  labels: {kubernetes.io/service-name: web}\n", "");
-        let out = desired(&[svc(WEB)], &[eps(&unlabelled)]);
+        let out = desired(&[svc(WEB)], &[eps(&unlabelled)], &NodeInfo::named("node-1"));
         assert_eq!(
             out.problems[0].field,
             "metadata.labels[kubernetes.io/service-name]"
@@ -718,7 +1118,7 @@ endpoints:
             "clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, 'fd00::10']",
         );
         let sctp = dual.replace("protocol: UDP", "protocol: SCTP");
-        let out = desired(&[svc(&sctp)], &[]);
+        let out = desired(&[svc(&sctp)], &[], &NodeInfo::named("node-1"));
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         assert_eq!(out.desired.frontends.len(), 1);
         let reasons: Vec<_> = out.skipped.iter().map(|s| s.1.clone()).collect();

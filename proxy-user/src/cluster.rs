@@ -1,0 +1,421 @@
+//! The cluster as the agent knows it: validated Services and EndpointSlices
+//! and the node, with the desired frontends kept up to date incrementally.
+//!
+//! Objects arrive one at a time (watch events) or as a whole (a relist, the
+//! manifests). Each is validated once, on arrival; a change marks only its
+//! Service dirty, and [`Index::update`] recomputes only dirty Services. So a
+//! one-endpoint change costs the same at 10 or 10,000 Services.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::SystemTime,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use crate::model::{
+    self, Desired, Frontend, FrontendKey, NodeInfo, Outcome, Problem, ServicePort, ServiceRef,
+    Skipped, Slice, Sourced, Svc, ANNOTATION_TRIGGER_TIME,
+};
+
+/// (namespace, name) of an object.
+type Key = (String, String);
+
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+#[derive(Debug)]
+struct SvcEntry {
+    parsed: Result<Option<Svc>, Problem>,
+    /// Validation skips, then those of the last frontend computation.
+    skipped: Vec<(String, Skipped)>,
+    frontend_skipped: Vec<(String, Skipped)>,
+    /// The full model of its ports, as of the last update.
+    ports: Vec<ServicePort>,
+}
+
+#[derive(Debug)]
+struct SliceEntry {
+    owner: Option<ServiceRef>,
+    parsed: Result<Option<Slice>, Problem>,
+    skipped: Vec<(String, Skipped)>,
+}
+
+/// What an [`Index::update`] did.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Services whose frontends were recomputed.
+    pub services: usize,
+    /// Frontends claimed by more than one Service (the first by
+    /// namespace/name wins), newly seen in this update.
+    pub conflicts: Vec<Problem>,
+}
+
+/// What applying one object did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The object differs from what was known (so a sync is due).
+    pub changed: bool,
+    /// It is malformed: reported and skipped (the last good version is
+    /// dropped too, as a deleted object would be).
+    pub problem: Option<Problem>,
+}
+
+#[derive(Debug)]
+pub struct Index {
+    node: NodeInfo,
+    services: HashMap<ServiceRef, SvcEntry>,
+    slices: HashMap<Key, SliceEntry>,
+    /// Service → its slices' names, in name order.
+    slices_of: HashMap<ServiceRef, BTreeSet<String>>,
+    dirty: HashSet<ServiceRef>,
+    /// Frontend → the Services claiming it, each with its frontend.
+    claims: HashMap<FrontendKey, BTreeMap<ServiceRef, Frontend>>,
+    /// Service → the frontends it claims.
+    owned: HashMap<ServiceRef, Vec<FrontendKey>>,
+    desired: Desired,
+    /// `last-change-trigger-time`s of slice changes not yet synced.
+    triggers: Vec<SystemTime>,
+}
+
+impl Index {
+    pub fn new(node: NodeInfo) -> Self {
+        Self {
+            node,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            slices_of: HashMap::new(),
+            dirty: HashSet::new(),
+            claims: HashMap::new(),
+            owned: HashMap::new(),
+            desired: Desired::default(),
+            triggers: Vec::new(),
+        }
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// A new view of the node: every Service may select differently.
+    pub fn set_node(&mut self, node: NodeInfo) -> bool {
+        if node == self.node {
+            return false;
+        }
+        self.node = node;
+        self.dirty.extend(self.services.keys().cloned());
+        true
+    }
+
+    pub fn apply_service(&mut self, s: Sourced<Service>) -> Applied {
+        let (ns, name) = key_of(&s.object.metadata);
+        let id = ServiceRef {
+            namespace: ns,
+            name,
+        };
+        let mut skipped = Vec::new();
+        let parsed = model::service(&s, &mut skipped);
+        let problem = parsed.as_ref().err().cloned();
+        let changed = self
+            .services
+            .get(&id)
+            .is_none_or(|e| e.parsed != parsed || e.skipped != skipped);
+        if changed {
+            self.services.insert(
+                id.clone(),
+                SvcEntry {
+                    parsed,
+                    skipped,
+                    frontend_skipped: Vec::new(),
+                    ports: Vec::new(),
+                },
+            );
+            self.dirty.insert(id);
+        }
+        Applied { changed, problem }
+    }
+
+    pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
+        let id = ServiceRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        let existed = self.services.remove(&id).is_some();
+        if existed {
+            self.dirty.insert(id);
+        }
+        existed
+    }
+
+    pub fn apply_slice(&mut self, s: Sourced<EndpointSlice>) -> Applied {
+        let key = key_of(&s.object.metadata);
+        let mut skipped = Vec::new();
+        let parsed = model::slice(&s, &mut skipped);
+        let problem = parsed.as_ref().err().cloned();
+        let owner = model::slice_owner(&s.object);
+        let changed = self
+            .slices
+            .get(&key)
+            .is_none_or(|e| e.parsed != parsed || e.owner != owner || e.skipped != skipped);
+        if changed {
+            if let Some(t) = trigger_time(&s.object) {
+                self.triggers.push(t);
+            }
+            self.remove_slice(&key);
+            if let Some(o) = &owner {
+                self.slices_of
+                    .entry(o.clone())
+                    .or_default()
+                    .insert(key.1.clone());
+                self.dirty.insert(o.clone());
+            }
+            self.slices.insert(
+                key,
+                SliceEntry {
+                    owner,
+                    parsed,
+                    skipped,
+                },
+            );
+        }
+        Applied { changed, problem }
+    }
+
+    pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
+        self.remove_slice(&(namespace.into(), name.into()))
+    }
+
+    fn remove_slice(&mut self, key: &Key) -> bool {
+        let Some(old) = self.slices.remove(key) else {
+            return false;
+        };
+        if let Some(o) = old.owner {
+            if let Some(set) = self.slices_of.get_mut(&o) {
+                set.remove(&key.1);
+                if set.is_empty() {
+                    self.slices_of.remove(&o);
+                }
+            }
+            self.dirty.insert(o);
+        }
+        true
+    }
+
+    /// A complete list of Services (a relist): whatever is not in it is gone.
+    /// Returns the problems of malformed objects and whether anything changed.
+    pub fn replace_services(&mut self, all: Vec<Sourced<Service>>) -> (bool, Vec<Problem>) {
+        let mut keep = HashSet::new();
+        let mut changed = false;
+        let mut problems = Vec::new();
+        for s in all {
+            let (ns, name) = key_of(&s.object.metadata);
+            keep.insert(ServiceRef {
+                namespace: ns,
+                name,
+            });
+            let a = self.apply_service(s);
+            changed |= a.changed;
+            problems.extend(a.problem);
+        }
+        let gone: Vec<ServiceRef> = self
+            .services
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            changed |= self.delete_service(&id.namespace, &id.name);
+        }
+        (changed, problems)
+    }
+
+    /// A complete list of EndpointSlices (a relist).
+    pub fn replace_slices(&mut self, all: Vec<Sourced<EndpointSlice>>) -> (bool, Vec<Problem>) {
+        let mut keep = HashSet::new();
+        let mut changed = false;
+        let mut problems = Vec::new();
+        for s in all {
+            keep.insert(key_of(&s.object.metadata));
+            let a = self.apply_slice(s);
+            changed |= a.changed;
+            problems.extend(a.problem);
+        }
+        let gone: Vec<Key> = self
+            .slices
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            changed |= self.remove_slice(&k);
+        }
+        (changed, problems)
+    }
+
+    /// Both lists at once (manifest mode).
+    pub fn replace_all(
+        &mut self,
+        services: Vec<Sourced<Service>>,
+        slices: Vec<Sourced<EndpointSlice>>,
+    ) -> (bool, Vec<Problem>) {
+        let (a, mut p) = self.replace_services(services);
+        let (b, q) = self.replace_slices(slices);
+        p.extend(q);
+        (a || b, p)
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Recomputes the frontends of every dirty Service.
+    pub fn update(&mut self) -> Update {
+        let mut up = Update::default();
+        let dirty: Vec<ServiceRef> = self.dirty.drain().collect();
+        let mut touched = BTreeSet::new();
+        for id in dirty {
+            up.services += 1;
+            for key in self.owned.remove(&id).unwrap_or_default() {
+                if let Some(c) = self.claims.get_mut(&key) {
+                    c.remove(&id);
+                }
+                touched.insert(key);
+            }
+            let Some(entry) = self.services.get(&id) else {
+                continue;
+            };
+            let Ok(Some(svc)) = &entry.parsed else {
+                continue;
+            };
+            let slices: Vec<&Slice> = self
+                .slices_of
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .filter_map(|n| self.slices.get(&(id.namespace.clone(), n.clone())))
+                .filter_map(|e| e.parsed.as_ref().ok().and_then(Option::as_ref))
+                .collect();
+            let ports = model::service_ports(svc, &slices, &self.node);
+            let mut skipped = Vec::new();
+            let fronts = model::frontends(svc, &ports, &mut skipped);
+            let mut keys = Vec::with_capacity(fronts.len());
+            for (k, f) in fronts {
+                self.claims.entry(k).or_default().insert(id.clone(), f);
+                keys.push(k);
+                touched.insert(k);
+            }
+            self.owned.insert(id.clone(), keys);
+            if let Some(e) = self.services.get_mut(&id) {
+                e.frontend_skipped = skipped;
+                e.ports = ports;
+            }
+        }
+        for key in touched {
+            match self.claims.get(&key) {
+                Some(claims) if !claims.is_empty() => {
+                    if let Some((_, f)) = claims.iter().next() {
+                        self.desired.frontends.insert(key, f.clone());
+                    }
+                    if claims.len() > 1 {
+                        up.conflicts.extend(conflicts(key, claims));
+                    }
+                }
+                _ => {
+                    self.claims.remove(&key);
+                    self.desired.frontends.remove(&key);
+                }
+            }
+        }
+        up
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// The last-change-trigger-times collected since the last call.
+    pub fn take_triggers(&mut self) -> Vec<SystemTime> {
+        std::mem::take(&mut self.triggers)
+    }
+
+    /// The full model of a Service's ports, as of the last update.
+    pub fn service_ports(&self, id: &ServiceRef) -> Option<&[ServicePort]> {
+        self.services.get(id).map(|e| e.ports.as_slice())
+    }
+
+    /// Every current problem: malformed objects, then conflicts.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out: Vec<Problem> = self
+            .services
+            .values()
+            .filter_map(|e| e.parsed.as_ref().err().cloned())
+            .chain(
+                self.slices
+                    .values()
+                    .filter_map(|e| e.parsed.as_ref().err().cloned()),
+            )
+            .collect();
+        let mut keys: Vec<&FrontendKey> = self.claims.keys().collect();
+        keys.sort();
+        for k in keys {
+            if self.claims[k].len() > 1 {
+                out.extend(conflicts(*k, &self.claims[k]));
+            }
+        }
+        out
+    }
+
+    /// Every current skip with its reason.
+    pub fn skipped(&self) -> Vec<(String, Skipped)> {
+        let mut out: Vec<(String, Skipped)> = self
+            .services
+            .values()
+            .flat_map(|e| e.skipped.iter().chain(&e.frontend_skipped).cloned())
+            .chain(self.slices.values().flat_map(|e| e.skipped.iter().cloned()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        (self.services.len(), self.slices.len())
+    }
+
+    /// Updates and returns everything at once (the pure-function view).
+    pub fn outcome(&mut self) -> Outcome {
+        self.update();
+        Outcome {
+            desired: self.desired.clone(),
+            problems: self.problems(),
+            skipped: self.skipped(),
+        }
+    }
+}
+
+fn conflicts(key: FrontendKey, claims: &BTreeMap<ServiceRef, Frontend>) -> Vec<Problem> {
+    let mut it = claims.iter();
+    let Some((winner, _)) = it.next() else {
+        return Vec::new();
+    };
+    it.map(|(id, _)| Problem {
+        origin: "cluster".into(),
+        object: format!("Service {id}"),
+        field: "spec".into(),
+        message: format!(
+            "{}:{} is also claimed by Service {winner}, which keeps it",
+            key.addr, key.port
+        ),
+    })
+    .collect()
+}
+
+/// The `endpoints.kubernetes.io/last-change-trigger-time` of a slice.
+fn trigger_time(s: &EndpointSlice) -> Option<SystemTime> {
+    let text = s.metadata.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    let ts: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    SystemTime::try_from(ts).ok()
+}
