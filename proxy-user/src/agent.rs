@@ -273,9 +273,9 @@ impl Agent {
 
     fn on_change(&mut self, change: Change) {
         match change {
-            Change::Service(ev) => self.on_service(ev),
-            Change::Slice(ev) => self.on_slice(ev),
-            Change::Node(ev) => self.on_node(ev),
+            Change::Service(ev) => self.on_service(*ev),
+            Change::Slice(ev) => self.on_slice(*ev),
+            Change::Node(ev) => self.on_node(*ev),
             Change::Error { resource, error } => {
                 self.metrics
                     .api_errors
@@ -393,7 +393,11 @@ impl Agent {
                 self.node_buf.get_or_insert_with(Vec::new).push(n);
                 return;
             }
-            WatchEvent::InitDone => self.node_buf.take().unwrap_or_default().pop(),
+            WatchEvent::InitDone => {
+                let mut all = self.node_buf.take().unwrap_or_default();
+                self.relisted("nodes", all.len());
+                all.pop()
+            }
             WatchEvent::Apply(n) => Some(n),
             WatchEvent::Delete(_) => None,
         };

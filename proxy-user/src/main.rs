@@ -11,6 +11,9 @@ use kpx::{
 };
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/kpx";
+/// kube-client's own connection errors are off: the agent reports every
+/// failed list or watch itself, once, with what it does about it.
+const DEFAULT_LOG: &str = "info,kube_client=off";
 
 /// kpx: a kube-proxy replacement with an eBPF datapath.
 #[derive(Parser)]
@@ -152,7 +155,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG)).init();
     match Cli::parse().command {
         Command::Agent(args) => run_agent(*args),
         Command::Dump { what, bpffs, json } => run_dump(what, &bpffs, json),

@@ -758,7 +758,7 @@ fn categorize(mut sp: ServicePort, node: &NodeInfo) -> ServicePort {
     let topo = topology(&sp.endpoints, node);
     let in_topology = |e: &EndpointInfo| match topo {
         Topology::All => true,
-        Topology::SameNode => e.node_hints.iter().any(|h| *h == node.name),
+        Topology::SameNode => e.node_hints.contains(&node.name),
         Topology::SameZone => node
             .zone
             .as_ref()
@@ -1121,7 +1121,7 @@ endpoints:
         let out = desired(&[svc(&sctp)], &[], &NodeInfo::named("node-1"));
         assert!(out.problems.is_empty(), "{:?}", out.problems);
         assert_eq!(out.desired.frontends.len(), 1);
-        let reasons: Vec<_> = out.skipped.iter().map(|s| s.1.clone()).collect();
+        let reasons: Vec<_> = out.skipped.iter().map(|s| s.1).collect();
         assert_eq!(reasons, vec![Skipped::Ipv6, Skipped::Sctp]);
     }
 }

@@ -25,6 +25,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+pub mod apiserver;
+
 /// The node's address on every pod link (each pod routes through it).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const WORK_ROOT: &str = "/run/kpx-testbed";
@@ -304,6 +306,50 @@ impl Cluster {
 
     /// Starts `kpx agent` in the node namespace on the manifests directory.
     pub fn start_agent(&mut self, kpx: &Path, extra: &[&str]) -> Result<()> {
+        let dir = self.manifests_dir();
+        let source = ["--manifests", dir.to_str().unwrap_or_default()];
+        self.spawn_agent(kpx, &source, extra)
+    }
+
+    /// Starts `kpx agent` in the node namespace on the API server `api`
+    /// (which must listen inside the node namespace, see [`Cluster::bind`]).
+    pub fn start_agent_kube(
+        &mut self,
+        kpx: &Path,
+        api: &apiserver::ApiServer,
+        extra: &[&str],
+    ) -> Result<()> {
+        let kubeconfig = self.workdir.join("kubeconfig");
+        fs::write(&kubeconfig, api.kubeconfig())?;
+        let source = ["--kubeconfig", kubeconfig.to_str().unwrap_or_default()];
+        self.spawn_agent(kpx, &source, extra)
+    }
+
+    /// A function binding `addr` inside the node namespace, for servers the
+    /// agent must reach on the node's own loopback.
+    pub fn binder(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Fn() -> Result<TcpListener> + Send + 'static {
+        let path = format!("/run/netns/{}", self.node.name);
+        move || {
+            let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    // SAFETY: setns on this short-lived thread only; `file`
+                    // is an open netns file. The socket stays in that netns.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error()).context("setns");
+                    }
+                    TcpListener::bind(addr).with_context(|| format!("binding {addr}"))
+                })
+                .join()
+                .map_err(|_| anyhow!("bind thread panicked"))?
+            })
+        }
+    }
+
+    fn spawn_agent(&mut self, kpx: &Path, source: &[&str], extra: &[&str]) -> Result<()> {
         let log = self.workdir.join("agent.log");
         let logf = fs::OpenOptions::new()
             .create(true)
@@ -311,8 +357,7 @@ impl Cluster {
             .open(&log)?;
         let mut cmd = self.node.command(kpx)?;
         cmd.arg("agent")
-            .arg("--manifests")
-            .arg(self.manifests_dir())
+            .args(source)
             .arg("--bpffs")
             .arg(self.bpffs())
             .args([
@@ -324,7 +369,7 @@ impl Cluster {
             .args(["--cluster-cidr", "198.18.0.0/16", "--interfaces", "kpxh*"])
             .args(["--poll-interval", "200ms"])
             .args(extra)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,kube_client=off")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);

@@ -24,9 +24,9 @@ use tokio::sync::mpsc;
 /// What the watchers report.
 #[derive(Debug)]
 pub enum Change {
-    Service(watcher::Event<Service>),
-    Slice(watcher::Event<EndpointSlice>),
-    Node(watcher::Event<Node>),
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
     /// A list or watch call failed; the watcher retries with backoff.
     Error {
         resource: &'static str,
@@ -84,7 +84,7 @@ pub fn spawn(client: Client, node_name: &str, tx: mpsc::Sender<Change>) {
 fn forward<K, S>(
     resource: &'static str,
     stream: S,
-    wrap: fn(watcher::Event<K>) -> Change,
+    wrap: fn(Box<watcher::Event<K>>) -> Change,
     tx: mpsc::Sender<Change>,
 ) where
     K: Send + 'static,
@@ -94,7 +94,7 @@ fn forward<K, S>(
         let mut stream = std::pin::pin!(stream.default_backoff());
         while let Some(item) = stream.next().await {
             let change = match item {
-                Ok(ev) => wrap(ev),
+                Ok(ev) => wrap(Box::new(ev)),
                 Err(e) => Change::Error {
                     resource,
                     error: e.to_string(),

@@ -1,0 +1,257 @@
+//! The agent against a Kubernetes API: the API server stand-in speaks the
+//! real list/watch protocol inside the node namespace, the agent reaches it
+//! through a kubeconfig, and the maps (and the traffic) must follow the API
+//! through changes, restarts, `410 Gone`, dropped connections, bursts and
+//! malformed objects.
+
+mod bed;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    path::Path,
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
+
+use bed::*;
+use kpx::{
+    datapath::MapSet,
+    testbed::{
+        apiserver::{ApiServer, Kind},
+        service_yaml, tcp_ask, tcp_ask_many, wait_for, Cluster,
+    },
+};
+
+const API: &str = "127.0.0.1:6443";
+const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+
+/// The standard bed, an API server in the node namespace holding `web`
+/// served by `endpoints`, and the agent watching it, synced.
+fn running_on_api(endpoints: &[&str]) -> Option<(Cluster, ApiServer)> {
+    let mut c = start(&backends())?;
+    let api = ApiServer::start_with(c.binder(API.parse().unwrap())).unwrap();
+    api.apply_yaml(NODE).unwrap();
+    api.apply_all(&web(&c, endpoints)).unwrap();
+    c.start_agent_kube(Path::new(KPX), &api, &[]).unwrap();
+    let n = endpoints.len() as u32;
+    wait_synced(&c, 2, &[n, n]);
+    Some((c, api))
+}
+
+const NODE: &str = "apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+  labels: {topology.kubernetes.io/zone: zone-a}
+status:
+  addresses: [{type: InternalIP, address: 198.18.0.1}]
+";
+
+fn ips(c: &Cluster, names: &[&str]) -> Vec<Ipv4Addr> {
+    names.iter().map(|n| c.pod(n).ip).collect()
+}
+
+/// `GET /metrics` from the agent, inside the node namespace.
+fn metrics(c: &Cluster) -> String {
+    c.node
+        .enter(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect("127.0.0.1:10249")?;
+            s.set_read_timeout(Some(T))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kpx\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("metrics: {e}\n{}", c.agent_log()))
+}
+
+/// The value of the first sample named exactly `name` (with any labels).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = if rest.starts_with('{') {
+                &rest[rest.find('}')? + 1..]
+            } else {
+                rest
+            };
+            rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Backend counts per frontend, sorted.
+fn counts(c: &Cluster) -> Option<Vec<u32>> {
+    let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+    let mut v: Vec<u32> = st.services.values().map(|s| s.count).collect();
+    v.sort();
+    Some(v)
+}
+
+#[test]
+fn initial_list_then_adds_updates_and_deletes_reach_the_maps() {
+    let Some((c, api)) = running_on_api(&["web-1", "web-2", "web-3"]) else {
+        return;
+    };
+    let client = &c.pod("client").netns;
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 60, T)
+        .unwrap_or_else(|e| panic!("TCP through the VIP: {e:#}\n{}", c.agent_log()));
+    assert_eq!(spread(&ids).len(), 3, "{ids:?}");
+
+    // Update: an endpoint leaves.
+    api.apply_all(&web(&c, &["web-1", "web-3"])).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 40, T).unwrap();
+    assert!(!ids.contains(&"web-2".to_string()), "{ids:?}");
+
+    // Add: a second service.
+    let api2 = service_yaml("api", VIP2, (80, 8080), (53, 5353), &ips(&c, &["web-2"]));
+    api.apply_all(&api2).unwrap();
+    wait_synced(&c, 4, &[1, 1, 2, 2]);
+    assert_eq!(tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap(), "web-2");
+
+    // Delete the slice: the service stays, without endpoints (REJECT).
+    assert!(api.delete(Kind::EndpointSlice, "default", "api-1"));
+    wait_synced(&c, 4, &[0, 0, 2, 2]);
+    let err = tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap_err();
+    assert!(format!("{err:#}").contains("refused"), "{err:#}");
+
+    // Delete the service: its frontends go.
+    assert!(api.delete(Kind::Service, "default", "api"));
+    wait_synced(&c, 2, &[2, 2]);
+
+    let m = metrics(&c);
+    assert!(metric(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 3.0, "{m}");
+    assert!(metric(&m, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "{m}");
+    assert!(metric(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 4.0, "{m}");
+    assert!(metric(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.6e9, "{m}");
+    assert_eq!(metric(&m, "kpx_frontends"), 2.0, "{m}");
+}
+
+/// Samples the maps until `done` holds, failing if any sample shows fewer
+/// frontends or backends than `floor`: the API going away never flushes.
+fn never_below(c: &Cluster, floor: &[u32], what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !done() {
+        let now = counts(c).unwrap_or_default();
+        assert!(
+            now.len() == floor.len() && now.iter().zip(floor).all(|(a, b)| a >= b),
+            "{what}: maps dropped to {now:?} (floor {floor:?})\n{}",
+            c.agent_log()
+        );
+        assert!(Instant::now() < deadline, "{what}: no recovery\n{}", c.agent_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn api_restart_gone_and_dropped_connections_recover_without_flushing() {
+    let Some((c, api)) = running_on_api(&["web-1", "web-2"]) else {
+        return;
+    };
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 80);
+
+    // The API server goes away: the datapath keeps serving.
+    api.stop().unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    never_below(&c, &[2, 2], "API down", || Instant::now() > until);
+    tcp_ask(client, vip, T).unwrap_or_else(|e| panic!("served while the API is down: {e:#}"));
+    // ... and comes back with a change made meanwhile (a restart loses no
+    // history here, so the agent resumes its watch or relists).
+    api.apply_all(&web(&c, &["web-1", "web-2", "web-3"])).unwrap();
+    api.start().unwrap();
+    never_below(&c, &[2, 2], "API restart", || counts(&c) == Some(vec![3, 3]));
+
+    // 410 Gone: the history is compacted, every watch must relist.
+    let lists = api.calls().lists.load(Relaxed);
+    api.expire_watches();
+    api.apply_all(&web(&c, &["web-3"])).unwrap();
+    never_below(&c, &[1, 1], "410 Gone", || counts(&c) == Some(vec![1, 1]));
+    // Every watcher (services, slices, node) got its 410 and relisted.
+    let relisted = wait_for(Duration::from_secs(20), || {
+        let calls = api.calls();
+        (calls.gone.load(Relaxed) >= 3 && calls.lists.load(Relaxed) >= lists + 3).then_some(())
+    });
+    assert!(relisted.is_some(), "no relist after 410\n{}", c.agent_log());
+
+    // Connections cut mid-stream: watches resume.
+    api.drop_connections();
+    std::thread::sleep(Duration::from_millis(200));
+    api.apply_all(&web(&c, &["web-1", "web-3"])).unwrap();
+    never_below(&c, &[1, 1], "dropped connections", || {
+        counts(&c) == Some(vec![2, 2])
+    });
+    let ids = tcp_ask_many(client, vip, 30, T).unwrap();
+    assert!(
+        spread(&ids).keys().all(|k| k == "web-1" || k == "web-3"),
+        "{ids:?}"
+    );
+    let m = metrics(&c);
+    assert!(metric(&m, "kpx_api_errors_total") >= 1.0, "{m}");
+    assert!(metric(&m, "kpx_api_relists_total") >= 1.0, "{m}");
+}
+
+#[test]
+fn a_burst_of_endpoint_changes_is_batched_into_a_few_syncs() {
+    let Some((c, api)) = running_on_api(&["web-1"]) else {
+        return;
+    };
+    let before = metrics(&c);
+    let syncs0 = metric(&before, "kubeproxy_sync_proxy_rules_duration_seconds_count");
+    // 1,000 endpoint changes: the slice of `web` flips between 2 and 3
+    // endpoints, ending on 3.
+    let two = web(&c, &["web-1", "web-2"]);
+    let three = web(&c, &["web-1", "web-2", "web-3"]);
+    let started = Instant::now();
+    for i in 0..1000 {
+        api.apply_all(if i % 2 == 0 { &two } else { &three }).unwrap();
+    }
+    let burst = started.elapsed();
+    wait_synced(&c, 2, &[3, 3]);
+    // Let a trailing sync (if any) land before counting.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = metrics(&c);
+    let syncs = metric(&after, "kubeproxy_sync_proxy_rules_duration_seconds_count") - syncs0;
+    let changes = metric(&after, "kubeproxy_sync_proxy_rules_endpoint_changes_total")
+        - metric(&before, "kubeproxy_sync_proxy_rules_endpoint_changes_total");
+    // At most one sync per --min-sync-period (100 ms) during the burst, plus
+    // the first and the last.
+    let bound = 2.0 + burst.as_secs_f64() / 0.1;
+    assert!(
+        syncs >= 1.0 && syncs <= bound,
+        "{syncs} syncs for a {burst:?} burst (bound {bound})"
+    );
+    assert!(changes >= 500.0, "only {changes} endpoint changes seen");
+    eprintln!("1000 changes in {burst:?}: {changes} seen, {syncs} syncs");
+}
+
+#[test]
+fn malformed_objects_are_reported_and_skipped_while_the_rest_is_served() {
+    let Some((c, api)) = running_on_api(&["web-1"]) else {
+        return;
+    };
+    let client = &c.pod("client").netns;
+    let good = service_yaml("api", VIP2, (80, 8080), (53, 5353), &ips(&c, &["web-2"]));
+    let bad = good.replace(&format!("\"{}\"", c.pod("web-2").ip), "\"198.18.1.x\"");
+    api.apply_all(&bad).unwrap();
+    // The bad slice is skipped: `api` exists but has no endpoints; `web` is untouched.
+    wait_synced(&c, 4, &[0, 0, 1, 1]);
+    assert_eq!(tcp_ask(client, SocketAddrV4::new(VIP, 80), T).unwrap(), "web-1");
+    let log = c.agent_log();
+    assert!(
+        log.contains("EndpointSlice default/api-1: field endpoints[0].addresses[0]"),
+        "{log}"
+    );
+    let m = metrics(&c);
+    assert!(metric(&m, "kpx_invalid_objects_total") >= 1.0, "{m}");
+    assert_eq!(metric(&m, "kpx_invalid_objects_current"), 1.0, "{m}");
+
+    // Fixed: served.
+    api.apply_all(&good).unwrap();
+    wait_synced(&c, 4, &[1, 1, 1, 1]);
+    assert_eq!(tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap(), "web-2");
+    assert_eq!(metric(&metrics(&c), "kpx_invalid_objects_current"), 0.0);
+}
