@@ -424,11 +424,7 @@ impl Agent {
             log::warn!("{c}");
         }
         let desired = self.index.desired();
-        let ops = match sync::plan(
-            &self.mirror,
-            desired,
-            proxy_common::capacity::SERVICE_STATS,
-        ) {
+        let ops = match sync::plan(&self.mirror, desired, proxy_common::capacity::SERVICE_STATS) {
             Ok(ops) => ops,
             Err(e) => {
                 self.failed();
@@ -499,8 +495,7 @@ impl Agent {
         let (services, slices) = self.index.counts();
         m.services.set(services as i64);
         m.slices.set(slices as i64);
-        m.frontends
-            .set(self.index.desired().frontends.len() as i64);
+        m.frontends.set(self.index.desired().frontends.len() as i64);
         m.invalid_objects_current
             .set(self.index.problems().len() as i64);
         let mut counts: HashMap<Skipped, i64> = HashMap::new();

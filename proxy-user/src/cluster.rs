@@ -415,7 +415,104 @@ fn conflicts(key: FrontendKey, claims: &BTreeMap<ServiceRef, Frontend>) -> Vec<P
 
 /// The `endpoints.kubernetes.io/last-change-trigger-time` of a slice.
 fn trigger_time(s: &EndpointSlice) -> Option<SystemTime> {
-    let text = s.metadata.annotations.as_ref()?.get(ANNOTATION_TRIGGER_TIME)?;
+    let text = s
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_TRIGGER_TIME)?;
     let ts: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
     Some(SystemTime::from(ts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testbed::service_yaml;
+    use std::net::Ipv4Addr;
+
+    fn objects(yaml: &str) -> (Sourced<Service>, Sourced<EndpointSlice>) {
+        let mut loaded = crate::manifests::Loaded::default();
+        crate::manifests::parse_file("t", yaml, &mut loaded);
+        (loaded.services.remove(0), loaded.slices.remove(0))
+    }
+
+    fn svc_n(i: u8, eps: &[Ipv4Addr]) -> (Sourced<Service>, Sourced<EndpointSlice>) {
+        objects(&service_yaml(
+            &format!("s{i}"),
+            Ipv4Addr::new(198, 19, 0, i),
+            (80, 8080),
+            (53, 5353),
+            eps,
+        ))
+    }
+
+    #[test]
+    fn only_changed_services_are_recomputed_and_relists_find_deletions() {
+        let b1 = Ipv4Addr::new(198, 18, 1, 1);
+        let b2 = Ipv4Addr::new(198, 18, 1, 2);
+        let mut ix = Index::new(NodeInfo::named("node-1"));
+        let (svcs, slices): (Vec<_>, Vec<_>) = (1..=50).map(|i| svc_n(i, &[b1])).unzip();
+        ix.replace_all(svcs, slices);
+        assert_eq!(ix.update().services, 50);
+        assert_eq!(ix.desired().frontends.len(), 100);
+        // The same object again: nothing to do.
+        let (s7, sl7) = svc_n(7, &[b1]);
+        assert!(!ix.apply_service(s7).changed);
+        assert!(!ix.apply_slice(sl7).changed);
+        assert!(!ix.is_dirty());
+        // One slice changes: one service recomputed.
+        let (_, sl7) = svc_n(7, &[b1, b2]);
+        assert!(ix.apply_slice(sl7).changed);
+        assert_eq!(ix.update().services, 1);
+        let k = FrontendKey {
+            addr: Ipv4Addr::new(198, 19, 0, 7),
+            port: 80,
+            proto: proxy_common::IPPROTO_TCP,
+        };
+        assert_eq!(ix.desired().frontends[&k].backends.len(), 2);
+        // A relist without s9: s9 is deleted, its frontends go.
+        let (svcs, slices): (Vec<_>, Vec<_>) = (1..=50)
+            .filter(|i| *i != 9)
+            .map(|i| svc_n(i, &[b1]))
+            .unzip();
+        let (changed, problems) = ix.replace_all(svcs, slices);
+        assert!(changed && problems.is_empty());
+        assert_eq!(
+            ix.update().services,
+            2,
+            "s9 deleted, s7 back to one endpoint"
+        );
+        assert_eq!(ix.desired().frontends.len(), 98);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_first_service_by_name() {
+        let b1 = Ipv4Addr::new(198, 18, 1, 1);
+        let (a, _) = svc_n(1, &[b1]);
+        let mut b = svc_n(1, &[b1]).0;
+        b.object.metadata.name = Some("later".into());
+        let mut ix = Index::new(NodeInfo::named("node-1"));
+        ix.apply_service(b);
+        ix.apply_service(a);
+        let up = ix.update();
+        // Both frontends (TCP and UDP) are contested; "later" < "s1" keeps them.
+        assert_eq!(up.conflicts.len(), 2, "{:?}", up.conflicts);
+        assert_eq!(up.conflicts[0].object, "Service default/s1");
+        assert!(up.conflicts[0]
+            .message
+            .contains("claimed by Service default/later"));
+        let names = |ix: &Index| -> Vec<String> {
+            ix.desired()
+                .frontends
+                .values()
+                .map(|f| f.name.clone())
+                .collect()
+        };
+        assert_eq!(names(&ix), ["default/later:dns", "default/later:http"]);
+        // The winner leaves: the other takes over.
+        ix.delete_service("default", "later");
+        ix.update();
+        assert_eq!(names(&ix), ["default/s1:dns", "default/s1:http"]);
+        assert!(ix.problems().is_empty());
+    }
 }

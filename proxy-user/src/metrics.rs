@@ -113,7 +113,11 @@ impl Metrics {
             "Syncs that failed (and were retried)",
             m.sync_failures.clone(),
         );
-        r.register("kpx_map_writes", "Datapath map writes", m.map_writes.clone());
+        r.register(
+            "kpx_map_writes",
+            "Datapath map writes",
+            m.map_writes.clone(),
+        );
         r.register(
             "kpx_invalid_objects",
             "Malformed Services and EndpointSlices reported and skipped",

@@ -338,7 +338,9 @@ pub fn service(
         other => {
             return Err(problem(
                 "spec.type",
-                format!("unknown type {other:?} (ClusterIP, NodePort, LoadBalancer or ExternalName)"),
+                format!(
+                    "unknown type {other:?} (ClusterIP, NodePort, LoadBalancer or ExternalName)"
+                ),
             ))
         }
     }
@@ -361,7 +363,11 @@ pub fn service(
     }
     let cluster_ips = ip_list(ip_strings.into_iter(), field, &obj, skipped).map_err(|(f, m)| {
         // A lone clusterIP is not a list: name the field itself.
-        let f = if field == "spec.clusterIP" { field.into() } else { f };
+        let f = if field == "spec.clusterIP" {
+            field.into()
+        } else {
+            f
+        };
         problem(&f, m)
     })?;
     for (i, fam) in spec.ip_families.iter().flatten().enumerate() {
@@ -380,9 +386,9 @@ pub fn service(
             .map_err(|m| problem(&format!("spec.ports[{i}].protocol"), m))?;
         let number = port(p.port).map_err(|m| problem(&format!("spec.ports[{i}].port"), m))?;
         let node_port = match p.node_port {
-            Some(n) if exposes_node_ports => Some(
-                port(n).map_err(|m| problem(&format!("spec.ports[{i}].nodePort"), m))?,
-            ),
+            Some(n) if exposes_node_ports => {
+                Some(port(n).map_err(|m| problem(&format!("spec.ports[{i}].nodePort"), m))?)
+            }
             _ => None,
         };
         let Some(proto) = proto else {
@@ -438,14 +444,20 @@ pub fn service(
         }
     }
     let mut lb_source_ranges = Vec::new();
-    for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
         if r.contains(':') {
             skipped.push((format!("{obj} source range {r}"), Skipped::Ipv6));
             continue;
         }
-        lb_source_ranges.push(r.parse::<Cidr>().map_err(|m| {
-            problem(&format!("spec.loadBalancerSourceRanges[{i}]"), m)
-        })?);
+        lb_source_ranges.push(
+            r.parse::<Cidr>()
+                .map_err(|m| problem(&format!("spec.loadBalancerSourceRanges[{i}]"), m))?,
+        );
     }
     let policy = |v: Option<&str>, field: &str| match v.unwrap_or("Cluster") {
         "Cluster" => Ok(false),
@@ -464,9 +476,7 @@ pub fn service(
         "spec.internalTrafficPolicy",
     )?;
     let health_check_node_port = match spec.health_check_node_port {
-        Some(n) if n != 0 => Some(
-            port(n).map_err(|m| problem("spec.healthCheckNodePort", m))?,
-        ),
+        Some(n) if n != 0 => Some(port(n).map_err(|m| problem("spec.healthCheckNodePort", m))?),
         _ => None,
     };
     let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
@@ -834,11 +844,17 @@ pub fn frontends(
             ));
         }
         if let Some(np) = p.node_port {
-            skipped.push((format!("{} nodePort {np}", p.name), Skipped::ExternalEntryPoint));
+            skipped.push((
+                format!("{} nodePort {np}", p.name),
+                Skipped::ExternalEntryPoint,
+            ));
         }
     }
     for ip in svc.external_ips.iter().chain(&svc.lb_ips) {
-        skipped.push((format!("Service {} {ip}", svc.id), Skipped::ExternalEntryPoint));
+        skipped.push((
+            format!("Service {} {ip}", svc.id),
+            Skipped::ExternalEntryPoint,
+        ));
     }
     out
 }
@@ -961,11 +977,19 @@ endpoints:
                 .backends
                 .clone()
         };
-        let out = desired(&[svc(WEB)], &[eps(&slice(true))], &NodeInfo::named("node-1"));
+        let out = desired(
+            &[svc(WEB)],
+            &[eps(&slice(true))],
+            &NodeInfo::named("node-1"),
+        );
         assert_eq!(http(&out), vec![ep("198.18.1.1", 8080)]);
         // Nothing ready: the serving terminating endpoint, never the one
         // that stopped serving.
-        let out = desired(&[svc(WEB)], &[eps(&slice(false))], &NodeInfo::named("node-1"));
+        let out = desired(
+            &[svc(WEB)],
+            &[eps(&slice(false))],
+            &NodeInfo::named("node-1"),
+        );
         assert_eq!(http(&out), vec![ep("198.18.1.2", 8080)]);
     }
 
@@ -980,13 +1004,19 @@ endpoints:
         let timeout = |out: &Outcome| {
             out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)].affinity_timeout
         };
-        assert_eq!(timeout(&desired(&[svc(WEB)], &[], &NodeInfo::named("node-1"))), 0);
+        assert_eq!(
+            timeout(&desired(&[svc(WEB)], &[], &NodeInfo::named("node-1"))),
+            0
+        );
         assert_eq!(
             timeout(&desired(&[svc(&aff(""))], &[], &NodeInfo::named("node-1"))),
             DEFAULT_AFFINITY_TIMEOUT
         );
         let custom = aff("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n");
-        assert_eq!(timeout(&desired(&[svc(&custom)], &[], &NodeInfo::named("node-1"))), 60);
+        assert_eq!(
+            timeout(&desired(&[svc(&custom)], &[], &NodeInfo::named("node-1"))),
+            60
+        );
         let bad = aff("  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n");
         let out = desired(&[svc(&bad)], &[], &NodeInfo::named("node-1"));
         assert_eq!(
@@ -1000,7 +1030,11 @@ endpoints:
         let second = WEB_SLICE
             .replace("name: web-a", "name: web-b")
             .replace("198.18.1.2]", "198.18.1.4]");
-        let out = desired(&[svc(WEB)], &[eps(WEB_SLICE), eps(&second)], &NodeInfo::named("node-1"));
+        let out = desired(
+            &[svc(WEB)],
+            &[eps(WEB_SLICE), eps(&second)],
+            &NodeInfo::named("node-1"),
+        );
         let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
         assert_eq!(
             http.backends,
@@ -1027,7 +1061,11 @@ endpoints:
     fn slices_of_another_namespace_or_service_do_not_serve() {
         let other_ns = WEB_SLICE.replace("namespace: shop", "namespace: other");
         let other_svc = WEB_SLICE.replace("service-name: web", "service-name: api");
-        let out = desired(&[svc(WEB)], &[eps(&other_ns), eps(&other_svc)], &NodeInfo::named("node-1"));
+        let out = desired(
+            &[svc(WEB)],
+            &[eps(&other_ns), eps(&other_svc)],
+            &NodeInfo::named("node-1"),
+        );
         assert!(out
             .desired
             .frontends
@@ -1123,5 +1161,167 @@ endpoints:
         assert_eq!(out.desired.frontends.len(), 1);
         let reasons: Vec<_> = out.skipped.iter().map(|s| s.1).collect();
         assert_eq!(reasons, vec![Skipped::Ipv6, Skipped::Sctp]);
+    }
+
+    fn node_a() -> NodeInfo {
+        NodeInfo {
+            name: "node-1".into(),
+            zone: Some("zone-a".into()),
+            addresses: vec![],
+        }
+    }
+
+    /// One port `http` 80 → 8080 and endpoints given as YAML list items.
+    fn port_of(svc_extra: &str, endpoints: &str, node: &NodeInfo) -> (Svc, ServicePort) {
+        let svc_yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  clusterIP: 198.19.0.10\n  ports: [{{name: http, port: 80, nodePort: 30080}}]\n{svc_extra}"
+        );
+        let slice_yaml = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-a, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{endpoints}"
+        );
+        let mut skipped = Vec::new();
+        let svc = service(&svc(&svc_yaml), &mut skipped).unwrap().unwrap();
+        let sl = slice(&eps(&slice_yaml), &mut skipped).unwrap().unwrap();
+        let mut ports = service_ports(&svc, &[&sl], node);
+        (svc, ports.remove(0))
+    }
+
+    fn addrs(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter().map(|e| e.addr.to_string()).collect()
+    }
+
+    #[test]
+    fn zone_hints_narrow_cluster_endpoints_only_when_every_ready_endpoint_has_one() {
+        let hinted = "- addresses: [198.18.1.1]\n  hints: {forZones: [{name: zone-a}]}\n- addresses: [198.18.1.2]\n  hints: {forZones: [{name: zone-b}]}\n";
+        let (_, p) = port_of("", hinted, &node_a());
+        assert_eq!(p.topology, Topology::SameZone);
+        assert_eq!(addrs(&p.cluster_endpoints), ["198.18.1.1"]);
+        // A node without a zone label, or a zone nobody is hinted for: all.
+        let (_, p) = port_of("", hinted, &NodeInfo::named("node-1"));
+        assert_eq!(addrs(&p.cluster_endpoints), ["198.18.1.1", "198.18.1.2"]);
+        let mut zone_c = node_a();
+        zone_c.zone = Some("zone-c".into());
+        assert_eq!(port_of("", hinted, &zone_c).1.topology, Topology::All);
+        // One ready endpoint without hints: hints are ignored.
+        let partial = format!("{hinted}- addresses: [198.18.1.3]\n");
+        let (_, p) = port_of("", &partial, &node_a());
+        assert_eq!(p.topology, Topology::All);
+        assert_eq!(p.cluster_endpoints.len(), 3);
+        // Node hints win over zone hints (PreferSameNode).
+        let by_node = "- addresses: [198.18.1.1]\n  hints: {forZones: [{name: zone-a}], forNodes: [{name: node-2}]}\n- addresses: [198.18.1.2]\n  hints: {forZones: [{name: zone-a}], forNodes: [{name: node-1}]}\n";
+        let (_, p) = port_of("", by_node, &node_a());
+        assert_eq!(p.topology, Topology::SameNode);
+        assert_eq!(addrs(&p.cluster_endpoints), ["198.18.1.2"]);
+    }
+
+    #[test]
+    fn local_traffic_policies_use_only_this_nodes_endpoints() {
+        let eps = "- addresses: [198.18.1.1]\n  nodeName: node-1\n- addresses: [198.18.1.2]\n  nodeName: node-2\n- addresses: [198.18.1.3]\n  nodeName: node-1\n  conditions: {ready: false, serving: true, terminating: true}\n";
+        let node = NodeInfo::named("node-1");
+        let (svc, p) = port_of("  internalTrafficPolicy: Local\n", eps, &node);
+        assert!(svc.internal_local && !svc.external_local);
+        assert_eq!(addrs(p.internal_endpoints(&svc)), ["198.18.1.1"]);
+        assert_eq!(
+            addrs(p.external_endpoints(&svc)),
+            ["198.18.1.1", "198.18.1.2"]
+        );
+        // ETP Local on a NodePort service: external traffic stays local,
+        // falling back to the local terminating endpoint when needed.
+        let (svc, p) = port_of(
+            "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            &eps.replace(
+                "198.18.1.1]\n  nodeName: node-1",
+                "198.18.1.1]\n  nodeName: node-3",
+            ),
+            &node,
+        );
+        assert!(svc.external_local);
+        assert_eq!(svc.health_check_node_port, Some(32000));
+        assert_eq!(p.node_port, Some(30080));
+        assert_eq!(addrs(p.external_endpoints(&svc)), ["198.18.1.3"]);
+        // No endpoint on this node at all: empty, though others exist (the
+        // reference drops rather than rejects).
+        let (svc, p) = port_of(
+            "  internalTrafficPolicy: Local\n",
+            eps,
+            &NodeInfo::named("node-9"),
+        );
+        assert!(p.internal_endpoints(&svc).is_empty() && p.has_any_endpoints);
+        // ETP Local means nothing on a ClusterIP-only service (not external).
+        let (svc, _) = port_of("  externalTrafficPolicy: Local\n", eps, &node);
+        assert!(!svc.external_local);
+    }
+
+    #[test]
+    fn the_same_endpoint_in_two_slices_counts_once_preferring_the_live_copy() {
+        let moving = WEB_SLICE
+            .replace("name: web-a", "name: web-0")
+            .replace(
+                "- addresses: [198.18.1.1]\n  conditions: {ready: true}",
+                "- addresses: [198.18.1.1]\n  conditions: {ready: false, serving: true, terminating: true}",
+            );
+        let out = desired(
+            &[svc(WEB)],
+            &[eps(&moving), eps(WEB_SLICE)],
+            &NodeInfo::named("n"),
+        );
+        let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
+        assert_eq!(
+            http.backends,
+            vec![ep("198.18.1.1", 8080), ep("198.18.1.2", 8080)]
+        );
+        let mut skipped = Vec::new();
+        let s = service(&svc(WEB), &mut skipped).unwrap().unwrap();
+        let a = slice(&eps(&moving), &mut skipped).unwrap().unwrap();
+        let b = slice(&eps(WEB_SLICE), &mut skipped).unwrap().unwrap();
+        let ports = service_ports(&s, &[&a, &b], &NodeInfo::named("n"));
+        let e1 = ports[0]
+            .endpoints
+            .iter()
+            .find(|e| e.endpoint.port == 8080)
+            .unwrap();
+        assert!(e1.ready && !e1.terminating, "{e1:?}");
+    }
+
+    #[test]
+    fn external_entry_points_are_modelled_validated_and_reported_until_served() {
+        let lb = WEB.replace(
+            "  clusterIP: 198.19.0.10\n",
+            "  clusterIP: 198.19.0.10\n  type: LoadBalancer\n  externalIPs: [198.18.9.1, 'fd00::1']\n  loadBalancerSourceRanges: [198.18.0.0/16]\n",
+        ) + "status:\n  loadBalancer:\n    ingress:\n    - {ip: 198.18.9.2}\n    - {ip: 198.18.9.3, ipMode: Proxy}\n    - {hostname: lb.example}\n";
+        let mut skipped = Vec::new();
+        let s = service(&svc(&lb), &mut skipped).unwrap().unwrap();
+        assert_eq!(s.external_ips, vec![Ipv4Addr::new(198, 18, 9, 1)]);
+        assert_eq!(s.lb_ips, vec![Ipv4Addr::new(198, 18, 9, 2)]);
+        assert_eq!(s.lb_source_ranges, vec!["198.18.0.0/16".parse().unwrap()]);
+        assert!(s.externally_accessible());
+        let out = desired(&[svc(&lb)], &[], &NodeInfo::named("n"));
+        assert_eq!(out.desired.frontends.len(), 2, "cluster IP frontends only");
+        let reasons: BTreeSet<Skipped> = out.skipped.iter().map(|s| s.1).collect();
+        assert!(reasons.contains(&Skipped::ExternalEntryPoint) && reasons.contains(&Skipped::Ipv6));
+        for (bad, field) in [
+            (
+                lb.replace("198.18.0.0/16", "198.18.0.0/40"),
+                "spec.loadBalancerSourceRanges[0]",
+            ),
+            (lb.replace("198.18.9.1,", "nope,"), "spec.externalIPs[0]"),
+            (
+                lb.replace("{ip: 198.18.9.2}", "{ip: 1.2.3}"),
+                "status.loadBalancer.ingress[0].ip",
+            ),
+            (lb.replace("type: LoadBalancer", "type: Magic"), "spec.type"),
+            (
+                lb.replace(
+                    "type: LoadBalancer",
+                    "type: LoadBalancer\n  externalTrafficPolicy: Nearby",
+                ),
+                "spec.externalTrafficPolicy",
+            ),
+        ] {
+            let out = desired(&[svc(&bad)], &[], &NodeInfo::named("n"));
+            assert_eq!(out.problems.len(), 1, "{field}");
+            assert_eq!(out.problems[0].field, field);
+            assert!(out.desired.frontends.is_empty());
+        }
     }
 }

@@ -327,10 +327,7 @@ impl Cluster {
 
     /// A function binding `addr` inside the node namespace, for servers the
     /// agent must reach on the node's own loopback.
-    pub fn binder(
-        &self,
-        addr: SocketAddr,
-    ) -> impl Fn() -> Result<TcpListener> + Send + 'static {
+    pub fn binder(&self, addr: SocketAddr) -> impl Fn() -> Result<TcpListener> + Send + 'static {
         let path = format!("/run/netns/{}", self.node.name);
         move || {
             let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;

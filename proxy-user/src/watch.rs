@@ -37,7 +37,8 @@ pub enum Change {
 /// kube-proxy's selector: objects of other proxies and headless Services'
 /// slices never reach us (`service.kubernetes.io/headless` is set by the
 /// EndpointSlice controller).
-pub const SELECTOR: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+pub const SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
 /// A client from `kubeconfig`, or the in-cluster config (service account
 /// token and `KUBERNETES_SERVICE_HOST`) when none is given.
@@ -50,9 +51,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
                 .await
                 .with_context(|| format!("using kubeconfig {}", path.display()))?
         }
-        None => Config::incluster().context(
-            "no --kubeconfig and not running in a pod (in-cluster config unavailable)",
-        )?,
+        None => Config::incluster()
+            .context("no --kubeconfig and not running in a pod (in-cluster config unavailable)")?,
     };
     Client::try_from(config).context("building the Kubernetes client")
 }

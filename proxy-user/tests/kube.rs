@@ -110,7 +110,10 @@ fn initial_list_then_adds_updates_and_deletes_reach_the_maps() {
     let api2 = service_yaml("api", VIP2, (80, 8080), (53, 5353), &ips(&c, &["web-2"]));
     api.apply_all(&api2).unwrap();
     wait_synced(&c, 4, &[1, 1, 2, 2]);
-    assert_eq!(tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap(), "web-2");
+    assert_eq!(
+        tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap(),
+        "web-2"
+    );
 
     // Delete the slice: the service stays, without endpoints (REJECT).
     assert!(api.delete(Kind::EndpointSlice, "default", "api-1"));
@@ -123,10 +126,22 @@ fn initial_list_then_adds_updates_and_deletes_reach_the_maps() {
     wait_synced(&c, 2, &[2, 2]);
 
     let m = metrics(&c);
-    assert!(metric(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 3.0, "{m}");
-    assert!(metric(&m, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0, "{m}");
-    assert!(metric(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 4.0, "{m}");
-    assert!(metric(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.6e9, "{m}");
+    assert!(
+        metric(&m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") >= 3.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "kubeproxy_sync_proxy_rules_service_changes_total") >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 4.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.6e9,
+        "{m}"
+    );
     assert_eq!(metric(&m, "kpx_frontends"), 2.0, "{m}");
 }
 
@@ -141,7 +156,11 @@ fn never_below(c: &Cluster, floor: &[u32], what: &str, mut done: impl FnMut() ->
             "{what}: maps dropped to {now:?} (floor {floor:?})\n{}",
             c.agent_log()
         );
-        assert!(Instant::now() < deadline, "{what}: no recovery\n{}", c.agent_log());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no recovery\n{}",
+            c.agent_log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -161,9 +180,12 @@ fn api_restart_gone_and_dropped_connections_recover_without_flushing() {
     tcp_ask(client, vip, T).unwrap_or_else(|e| panic!("served while the API is down: {e:#}"));
     // ... and comes back with a change made meanwhile (a restart loses no
     // history here, so the agent resumes its watch or relists).
-    api.apply_all(&web(&c, &["web-1", "web-2", "web-3"])).unwrap();
+    api.apply_all(&web(&c, &["web-1", "web-2", "web-3"]))
+        .unwrap();
     api.start().unwrap();
-    never_below(&c, &[2, 2], "API restart", || counts(&c) == Some(vec![3, 3]));
+    never_below(&c, &[2, 2], "API restart", || {
+        counts(&c) == Some(vec![3, 3])
+    });
 
     // 410 Gone: the history is compacted, every watch must relist.
     let lists = api.calls().lists.load(Relaxed);
@@ -207,7 +229,8 @@ fn a_burst_of_endpoint_changes_is_batched_into_a_few_syncs() {
     let three = web(&c, &["web-1", "web-2", "web-3"]);
     let started = Instant::now();
     for i in 0..1000 {
-        api.apply_all(if i % 2 == 0 { &two } else { &three }).unwrap();
+        api.apply_all(if i % 2 == 0 { &two } else { &three })
+            .unwrap();
     }
     let burst = started.elapsed();
     wait_synced(&c, 2, &[3, 3]);
@@ -239,7 +262,10 @@ fn malformed_objects_are_reported_and_skipped_while_the_rest_is_served() {
     api.apply_all(&bad).unwrap();
     // The bad slice is skipped: `api` exists but has no endpoints; `web` is untouched.
     wait_synced(&c, 4, &[0, 0, 1, 1]);
-    assert_eq!(tcp_ask(client, SocketAddrV4::new(VIP, 80), T).unwrap(), "web-1");
+    assert_eq!(
+        tcp_ask(client, SocketAddrV4::new(VIP, 80), T).unwrap(),
+        "web-1"
+    );
     let log = c.agent_log();
     assert!(
         log.contains("EndpointSlice default/api-1: field endpoints[0].addresses[0]"),
@@ -252,6 +278,9 @@ fn malformed_objects_are_reported_and_skipped_while_the_rest_is_served() {
     // Fixed: served.
     api.apply_all(&good).unwrap();
     wait_synced(&c, 4, &[1, 1, 1, 1]);
-    assert_eq!(tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap(), "web-2");
+    assert_eq!(
+        tcp_ask(client, SocketAddrV4::new(VIP2, 80), T).unwrap(),
+        "web-2"
+    );
     assert_eq!(metric(&metrics(&c), "kpx_invalid_objects_current"), 0.0);
 }

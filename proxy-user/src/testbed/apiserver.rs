@@ -441,7 +441,11 @@ impl Selector {
             } else if let Some((k, v)) = req.split_once("!=") {
                 (k.to_string(), Some(v.to_string()), false)
             } else if let Some((k, v)) = req.split_once('=') {
-                (k.to_string(), Some(v.trim_start_matches('=').to_string()), true)
+                (
+                    k.to_string(),
+                    Some(v.trim_start_matches('=').to_string()),
+                    true,
+                )
             } else {
                 (req.to_string(), None, true)
             };
@@ -460,7 +464,8 @@ impl Selector {
             if k != "metadata.name" && k != "metadata.namespace" {
                 return Err(format!("field label not supported: {k}"));
             }
-            s.fields.push((k.to_string(), v.trim_start_matches('=').to_string()));
+            s.fields
+                .push((k.to_string(), v.trim_start_matches('=').to_string()));
         }
         Ok(s)
     }
@@ -487,7 +492,11 @@ async fn handle(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == uri.path()) else {
-        return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource");
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
     };
     let sel = match Selector::parse(&q) {
         Ok(s) => s,
@@ -580,8 +589,7 @@ fn list(shared: &Shared, kind: Kind, sel: &Selector, q: &HashMap<String, String>
 }
 
 fn line(type_: &str, object: &Value) -> Bytes {
-    let mut v = serde_json::to_vec(&json!({ "type": type_, "object": object }))
-        .unwrap_or_default();
+    let mut v = serde_json::to_vec(&json!({ "type": type_, "object": object })).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
 }
