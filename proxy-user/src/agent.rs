@@ -8,7 +8,7 @@
 //! recomputes only the Services that changed and writes only differences.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -34,7 +34,7 @@ use crate::{
     manifests,
     metrics::{Metrics, ReasonLabel, ResourceLabel},
     model::{NodeInfo, Problem, Skipped, Sourced},
-    sync::{self, MapState},
+    sync::{self, Mirror},
     watch::{self, Change},
 };
 
@@ -79,13 +79,18 @@ struct AgentStats {
     gc_stale_udp: u64,
 }
 
-/// A relist in progress: objects buffered until the list is complete.
-type Buffer<K> = Option<Vec<K>>;
+/// A relist in progress: the (namespace, name)s listed so far. Listed
+/// objects are applied as they arrive (each is current), so no copy of the
+/// whole list is ever held; what the list lacks is deleted when it ends.
+type Relist = Option<HashSet<(String, String)>>;
 
 struct Agent {
     cfg: Config,
     dp: Datapath,
-    mirror: MapState,
+    mirror: Mirror,
+    /// The next sync must diff everything (first sync, after a resync or a
+    /// failed write); otherwise only the frontends that changed.
+    full: bool,
     index: Index,
     metrics: Metrics,
     stats: AgentStats,
@@ -94,9 +99,9 @@ struct Agent {
     ready: bool,
     services_listed: bool,
     slices_listed: bool,
-    services_buf: Buffer<Service>,
-    slices_buf: Buffer<EndpointSlice>,
-    node_buf: Buffer<Node>,
+    services_seen: Relist,
+    slices_seen: Relist,
+    node_seen: Option<Option<Node>>,
     /// A sync is owed: inputs changed, a resync is due, or a sync failed.
     owed: bool,
     last_sync: Option<Instant>,
@@ -110,14 +115,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     // Pinned maps survive restarts: start from what they hold, so the first
     // sync only writes differences and live flows keep their conntrack.
-    let mirror = dp.maps.read_state().context("reading the pinned maps")?;
+    let mirror = Mirror::new(dp.maps.read_state().context("reading the pinned maps")?);
     log::info!(
         "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}); maps in {} hold {} frontends",
         cfg.hostname,
         cfg.node_ips,
         cfg.cluster_cidrs,
         cfg.bpffs.display(),
-        mirror.services.len()
+        mirror.state.services.len()
     );
     let mut attacher = Attacher::new(cfg.interfaces.clone());
     attacher.reconcile(&mut dp);
@@ -147,14 +152,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg,
         dp,
         mirror,
+        full: true,
         metrics,
         stats: AgentStats::default(),
         ready: false,
         services_listed: false,
         slices_listed: false,
-        services_buf: None,
-        slices_buf: None,
-        node_buf: None,
+        services_seen: None,
+        slices_seen: None,
+        node_seen: None,
         owed: false,
         last_sync: None,
     };
@@ -199,11 +205,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = resync.tick() => {
                 // Repairs drift: entries edited or deleted behind our back.
                 match agent.dp.maps.read_state() {
-                    Ok(state) => agent.mirror = state,
+                    Ok(state) => agent.mirror = Mirror::new(state),
                     Err(e) => log::warn!("re-reading maps: {e:#}"),
                 }
                 attacher.reconcile(&mut agent.dp);
                 agent.owed = true;
+                agent.full = true;
             }
         }
     }
@@ -302,35 +309,32 @@ impl Agent {
     }
 
     fn on_service(&mut self, ev: WatchEvent<Service>) {
-        let problems = match ev {
+        let applied = match ev {
             WatchEvent::Init => {
-                self.services_buf = Some(Vec::new());
+                self.services_seen = Some(HashSet::new());
                 return;
             }
             WatchEvent::InitApply(s) => {
-                self.services_buf.get_or_insert_with(Vec::new).push(s);
-                return;
+                let key = (
+                    s.namespace().unwrap_or_else(|| "default".into()),
+                    s.name_any(),
+                );
+                self.services_seen
+                    .get_or_insert_with(HashSet::new)
+                    .insert(key);
+                self.index.apply_service(sourced(s))
             }
             WatchEvent::InitDone => {
-                let all = self.services_buf.take().unwrap_or_default();
-                self.relisted("services", all.len());
-                let (changed, problems) = self
+                let seen = self.services_seen.take().unwrap_or_default();
+                self.relisted("services", seen.len());
+                let gone = self
                     .index
-                    .replace_services(all.into_iter().map(sourced).collect());
-                if changed {
-                    self.metrics.service_changes.inc();
-                }
+                    .retain_services(|ns, name| seen.contains(&(ns.to_string(), name.to_string())));
+                self.metrics.service_changes.inc_by(gone as u64);
                 self.services_listed = true;
-                problems
+                return;
             }
-            WatchEvent::Apply(s) => {
-                let a = self.index.apply_service(sourced(s));
-                if !a.changed {
-                    return;
-                }
-                self.metrics.service_changes.inc();
-                a.problem.into_iter().collect()
-            }
+            WatchEvent::Apply(s) => self.index.apply_service(sourced(s)),
             WatchEvent::Delete(s) => {
                 let ns = s.namespace().unwrap_or_else(|| "default".into());
                 if self.index.delete_service(&ns, &s.name_any()) {
@@ -339,39 +343,39 @@ impl Agent {
                 return;
             }
         };
-        self.report(problems);
+        if applied.changed {
+            self.metrics.service_changes.inc();
+            self.report(applied.problem);
+        }
     }
 
     fn on_slice(&mut self, ev: WatchEvent<EndpointSlice>) {
-        let problems = match ev {
+        let applied = match ev {
             WatchEvent::Init => {
-                self.slices_buf = Some(Vec::new());
+                self.slices_seen = Some(HashSet::new());
                 return;
             }
             WatchEvent::InitApply(s) => {
-                self.slices_buf.get_or_insert_with(Vec::new).push(s);
-                return;
+                let key = (
+                    s.namespace().unwrap_or_else(|| "default".into()),
+                    s.name_any(),
+                );
+                self.slices_seen
+                    .get_or_insert_with(HashSet::new)
+                    .insert(key);
+                self.index.apply_slice(sourced(s))
             }
             WatchEvent::InitDone => {
-                let all = self.slices_buf.take().unwrap_or_default();
-                self.relisted("endpointslices", all.len());
-                let (changed, problems) = self
+                let seen = self.slices_seen.take().unwrap_or_default();
+                self.relisted("endpointslices", seen.len());
+                let gone = self
                     .index
-                    .replace_slices(all.into_iter().map(sourced).collect());
-                if changed {
-                    self.metrics.endpoint_changes.inc();
-                }
+                    .retain_slices(|ns, name| seen.contains(&(ns.to_string(), name.to_string())));
+                self.metrics.endpoint_changes.inc_by(gone as u64);
                 self.slices_listed = true;
-                problems
+                return;
             }
-            WatchEvent::Apply(s) => {
-                let a = self.index.apply_slice(sourced(s));
-                if !a.changed {
-                    return;
-                }
-                self.metrics.endpoint_changes.inc();
-                a.problem.into_iter().collect()
-            }
+            WatchEvent::Apply(s) => self.index.apply_slice(sourced(s)),
             WatchEvent::Delete(s) => {
                 let ns = s.namespace().unwrap_or_else(|| "default".into());
                 if self.index.delete_slice(&ns, &s.name_any()) {
@@ -380,23 +384,26 @@ impl Agent {
                 return;
             }
         };
-        self.report(problems);
+        if applied.changed {
+            self.metrics.endpoint_changes.inc();
+            self.report(applied.problem);
+        }
     }
 
     fn on_node(&mut self, ev: WatchEvent<Node>) {
         let node = match ev {
             WatchEvent::Init => {
-                self.node_buf = Some(Vec::new());
+                self.node_seen = Some(None);
                 return;
             }
             WatchEvent::InitApply(n) => {
-                self.node_buf.get_or_insert_with(Vec::new).push(n);
+                self.node_seen = Some(Some(n));
                 return;
             }
             WatchEvent::InitDone => {
-                let mut all = self.node_buf.take().unwrap_or_default();
-                self.relisted("nodes", all.len());
-                all.pop()
+                let node = self.node_seen.take().flatten();
+                self.relisted("nodes", usize::from(node.is_some()));
+                node
             }
             WatchEvent::Apply(n) => Some(n),
             WatchEvent::Delete(_) => None,
@@ -424,7 +431,15 @@ impl Agent {
             log::warn!("{c}");
         }
         let desired = self.index.desired();
-        let ops = match sync::plan(&self.mirror, desired, proxy_common::capacity::SERVICE_STATS) {
+        let cap = proxy_common::capacity::SERVICE_STATS;
+        // Steady state: only what changed, so a sync costs the same at 10
+        // or 10,000 services. A full diff repairs anything else.
+        let planned = if self.full {
+            sync::plan(&self.mirror.state, desired, cap)
+        } else {
+            sync::plan_touched(&self.mirror, desired, &up.touched, cap)
+        };
+        let ops = match planned {
             Ok(ops) => ops,
             Err(e) => {
                 self.failed();
@@ -432,7 +447,13 @@ impl Agent {
                 return;
             }
         };
-        let stale = sync::stale_udp(&self.mirror, desired);
+        let stale = if self.full {
+            sync::stale_udp(&self.mirror.state, desired)
+        } else {
+            let keys = up.touched.iter().map(sync::service_key);
+            sync::stale_udp_in(&self.mirror.state, desired, keys)
+        };
+        let full = std::mem::replace(&mut self.full, false);
         for (i, op) in ops.iter().enumerate() {
             if let Err(e) = self.dp.maps.write(op) {
                 self.failed();
@@ -462,12 +483,6 @@ impl Agent {
             // After the writes: no new flow can pick these backends any more.
             self.collect(&stale);
         }
-        let desired = self.index.desired();
-        let served = desired
-            .frontends
-            .values()
-            .filter(|f| !f.backends.is_empty())
-            .count();
         let level = if ops.is_empty() {
             log::Level::Debug
         } else {
@@ -475,9 +490,9 @@ impl Agent {
         };
         log::log!(
             level,
-            "synced {} frontends ({} with endpoints; {} services recomputed): {} map writes in {:.1?}",
-            desired.frontends.len(),
-            served,
+            "synced {} frontends ({}; {} services recomputed): {} map writes in {:.1?}",
+            self.index.desired().frontends.len(),
+            if full { "full diff" } else { "changes only" },
             up.services,
             ops.len(),
             took
@@ -485,6 +500,7 @@ impl Agent {
     }
 
     fn failed(&mut self) {
+        self.full = true;
         self.stats.sync_failures += 1;
         self.metrics.sync_failures.inc();
         self.owed = true;
@@ -497,17 +513,14 @@ impl Agent {
         m.slices.set(slices as i64);
         m.frontends.set(self.index.desired().frontends.len() as i64);
         m.invalid_objects_current
-            .set(self.index.problems().len() as i64);
-        let mut counts: HashMap<Skipped, i64> = HashMap::new();
-        for (_, why) in self.index.skipped() {
-            *counts.entry(why).or_default() += 1;
-        }
+            .set(self.index.problem_count() as i64);
+        let counts = self.index.skipped_counts();
         for why in Skipped::ALL {
             m.skipped
                 .get_or_create(&ReasonLabel {
                     reason: why.name().into(),
                 })
-                .set(counts.get(&why).copied().unwrap_or(0));
+                .set(counts.get(&why).copied().unwrap_or(0) as i64);
         }
     }
 

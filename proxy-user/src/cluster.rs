@@ -34,8 +34,6 @@ struct SvcEntry {
     /// Validation skips, then those of the last frontend computation.
     skipped: Vec<(String, Skipped)>,
     frontend_skipped: Vec<(String, Skipped)>,
-    /// The full model of its ports, as of the last update.
-    ports: Vec<ServicePort>,
 }
 
 #[derive(Debug)]
@@ -50,6 +48,8 @@ struct SliceEntry {
 pub struct Update {
     /// Services whose frontends were recomputed.
     pub services: usize,
+    /// Frontends that may have changed.
+    pub touched: BTreeSet<FrontendKey>,
     /// Frontends claimed by more than one Service (the first by
     /// namespace/name wins), newly seen in this update.
     pub conflicts: Vec<Problem>,
@@ -131,7 +131,6 @@ impl Index {
                     parsed,
                     skipped,
                     frontend_skipped: Vec::new(),
-                    ports: Vec::new(),
                 },
             );
             self.dirty.insert(id);
@@ -203,6 +202,35 @@ impl Index {
             self.dirty.insert(o);
         }
         true
+    }
+
+    /// Deletes the Services `keep` rejects (the end of a relist); returns
+    /// how many went.
+    pub fn retain_services(&mut self, keep: impl Fn(&str, &str) -> bool) -> usize {
+        let gone: Vec<ServiceRef> = self
+            .services
+            .keys()
+            .filter(|id| !keep(&id.namespace, &id.name))
+            .cloned()
+            .collect();
+        for id in &gone {
+            self.delete_service(&id.namespace, &id.name);
+        }
+        gone.len()
+    }
+
+    /// Deletes the EndpointSlices `keep` rejects; returns how many went.
+    pub fn retain_slices(&mut self, keep: impl Fn(&str, &str) -> bool) -> usize {
+        let gone: Vec<Key> = self
+            .slices
+            .keys()
+            .filter(|(ns, name)| !keep(ns, name))
+            .cloned()
+            .collect();
+        for k in &gone {
+            self.remove_slice(k);
+        }
+        gone.len()
     }
 
     /// A complete list of Services (a relist): whatever is not in it is gone.
@@ -291,14 +319,7 @@ impl Index {
             let Ok(Some(svc)) = &entry.parsed else {
                 continue;
             };
-            let slices: Vec<&Slice> = self
-                .slices_of
-                .get(&id)
-                .into_iter()
-                .flatten()
-                .filter_map(|n| self.slices.get(&(id.namespace.clone(), n.clone())))
-                .filter_map(|e| e.parsed.as_ref().ok().and_then(Option::as_ref))
-                .collect();
+            let slices = self.slices_of_service(&id);
             let ports = model::service_ports(svc, &slices, &self.node);
             let mut skipped = Vec::new();
             let fronts = model::frontends(svc, &ports, &mut skipped);
@@ -311,10 +332,9 @@ impl Index {
             self.owned.insert(id.clone(), keys);
             if let Some(e) = self.services.get_mut(&id) {
                 e.frontend_skipped = skipped;
-                e.ports = ports;
             }
         }
-        for key in touched {
+        for &key in &touched {
             match self.claims.get(&key) {
                 Some(claims) if !claims.is_empty() => {
                     if let Some((_, f)) = claims.iter().next() {
@@ -330,6 +350,7 @@ impl Index {
                 }
             }
         }
+        up.touched = touched;
         up
     }
 
@@ -342,9 +363,27 @@ impl Index {
         std::mem::take(&mut self.triggers)
     }
 
-    /// The full model of a Service's ports, as of the last update.
-    pub fn service_ports(&self, id: &ServiceRef) -> Option<&[ServicePort]> {
-        self.services.get(id).map(|e| e.ports.as_slice())
+    /// The valid slices of a Service, in name order.
+    fn slices_of_service(&self, id: &ServiceRef) -> Vec<&Slice> {
+        self.slices_of
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.slices.get(&(id.namespace.clone(), n.clone())))
+            .filter_map(|e| e.parsed.as_ref().ok().and_then(Option::as_ref))
+            .collect()
+    }
+
+    /// The full model of a Service's ports (computed on demand: only the
+    /// frontends are kept, which is what memory at 10,000 services needs).
+    pub fn service_ports(&self, id: &ServiceRef) -> Option<Vec<ServicePort>> {
+        let entry = self.services.get(id)?;
+        let svc = entry.parsed.as_ref().ok()?.as_ref()?;
+        Some(model::service_ports(
+            svc,
+            &self.slices_of_service(id),
+            &self.node,
+        ))
     }
 
     /// Every current problem: malformed objects, then conflicts.
@@ -365,6 +404,31 @@ impl Index {
             if self.claims[k].len() > 1 {
                 out.extend(conflicts(*k, &self.claims[k]));
             }
+        }
+        out
+    }
+
+    /// How many objects are malformed, and frontends contested, right now.
+    pub fn problem_count(&self) -> usize {
+        self.services.values().filter(|e| e.parsed.is_err()).count()
+            + self.slices.values().filter(|e| e.parsed.is_err()).count()
+            + self
+                .claims
+                .values()
+                .map(|c| c.len().saturating_sub(1))
+                .sum::<usize>()
+    }
+
+    /// Current skips by reason.
+    pub fn skipped_counts(&self) -> HashMap<Skipped, usize> {
+        let mut out = HashMap::new();
+        let all = self
+            .services
+            .values()
+            .flat_map(|e| e.skipped.iter().chain(&e.frontend_skipped))
+            .chain(self.slices.values().flat_map(|e| e.skipped.iter()));
+        for (_, why) in all {
+            *out.entry(*why).or_default() += 1;
         }
         out
     }

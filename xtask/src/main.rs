@@ -28,7 +28,8 @@ enum Task {
     },
     /// Formatting and clippy, for the workspace and the eBPF crate.
     Lint,
-    /// Benchmarks: the datapath's cost per packet in the kernel.
+    /// Benchmarks: the datapath's cost per packet in the kernel, and the
+    /// control plane's convergence from an API change to the maps.
     Bench,
     /// Run kpx for real on a namespace "cluster" and show it working (root).
     Demo,
@@ -101,7 +102,8 @@ fn main() -> Result<()> {
         }
         Task::Bench => {
             setup::run()?;
-            cargo(&["bench", "--package", "proxy-user", "--bench", "datapath"])
+            cargo(&["bench", "--package", "proxy-user", "--bench", "datapath"])?;
+            cargo(&["bench", "--package", "proxy-user", "--bench", "convergence"])
         }
     }
 }
