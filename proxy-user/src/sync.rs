@@ -876,7 +876,11 @@ mod tests {
         let frontend = |i: u64| FrontendKey {
             addr: std::net::Ipv4Addr::new(198, 19, 0, (i / 2) as u8 + 1),
             port: if i.is_multiple_of(2) { 80 } else { 53 },
-            proto: if i.is_multiple_of(2) { IPPROTO_TCP } else { IPPROTO_UDP },
+            proto: if i.is_multiple_of(2) {
+                IPPROTO_TCP
+            } else {
+                IPPROTO_UDP
+            },
         };
         let random_backends = |rng: &mut Lcg| -> Vec<Endpoint> {
             let mut v: Vec<Endpoint> = (0..rng.next(5))

@@ -29,11 +29,15 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 /// The standard bed, an API server in the node namespace holding `web`
 /// served by `endpoints`, and the agent watching it, synced.
 fn running_on_api(endpoints: &[&str]) -> Option<(Cluster, ApiServer)> {
+    running_on_api_with(endpoints, &[])
+}
+
+fn running_on_api_with(endpoints: &[&str], extra: &[&str]) -> Option<(Cluster, ApiServer)> {
     let mut c = start(&backends())?;
     let api = ApiServer::start_with(c.binder(API.parse().unwrap())).unwrap();
     api.apply_yaml(NODE).unwrap();
     api.apply_all(&web(&c, endpoints)).unwrap();
-    c.start_agent_kube(Path::new(KPX), &api, &[]).unwrap();
+    c.start_agent_kube(Path::new(KPX), &api, extra).unwrap();
     let n = endpoints.len() as u32;
     wait_synced(&c, 2, &[n, n]);
     Some((c, api))
@@ -283,4 +287,22 @@ fn malformed_objects_are_reported_and_skipped_while_the_rest_is_served() {
         "web-2"
     );
     assert_eq!(metric(&metrics(&c), "kpx_invalid_objects_current"), 0.0);
+}
+
+#[test]
+fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
+    let Some((c, _api)) = running_on_api_with(&["web-1", "web-2"], &["--sync-period", "1s"]) else {
+        return;
+    };
+    let mut maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+    let key = kpx::sync::service_key(&kpx::model::FrontendKey {
+        addr: VIP,
+        port: 80,
+        proto: proxy_common::IPPROTO_TCP,
+    });
+    maps.services.remove(&key).unwrap();
+    assert_eq!(counts(&c), Some(vec![2]), "the entry is gone");
+    wait_synced(&c, 2, &[2, 2]);
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 20, T).unwrap();
+    assert_eq!(spread(&ids).len(), 2, "{ids:?}");
 }
