@@ -104,8 +104,13 @@ fn initial_list_then_adds_updates_and_deletes_reach_the_maps() {
         .unwrap_or_else(|e| panic!("TCP through the VIP: {e:#}\n{}", c.agent_log()));
     assert_eq!(spread(&ids).len(), 3, "{ids:?}");
 
-    // Update: an endpoint leaves.
-    api.apply_all(&web(&c, &["web-1", "web-3"])).unwrap();
+    // Update: an endpoint leaves, stamped as the endpoints controller does.
+    let stamp = k8s_openapi::jiff::Timestamp::now();
+    let update = web(&c, &["web-1", "web-3"]).replace(
+        "  namespace: default\n",
+        &format!("  namespace: default\n  annotations: {{endpoints.kubernetes.io/last-change-trigger-time: '{stamp}'}}\n"),
+    );
+    api.apply_all(&update).unwrap();
     wait_synced(&c, 2, &[2, 2]);
     let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 40, T).unwrap();
     assert!(!ids.contains(&"web-2".to_string()), "{ids:?}");
@@ -147,6 +152,22 @@ fn initial_list_then_adds_updates_and_deletes_reach_the_maps() {
         "{m}"
     );
     assert_eq!(metric(&m, "kpx_frontends"), 2.0, "{m}");
+    // The stamped change was measured from its trigger time, within this test's life.
+    assert_eq!(
+        metric(&m, "kubeproxy_network_programming_duration_seconds_count"),
+        1.0,
+        "{m}"
+    );
+    let took = metric(&m, "kubeproxy_network_programming_duration_seconds_sum");
+    assert!(
+        took > 0.0
+            && took
+                < stamp
+                    .duration_until(k8s_openapi::jiff::Timestamp::now())
+                    .as_secs_f64()
+                    + 0.001,
+        "{took}"
+    );
 }
 
 /// Samples the maps until `done` holds, failing if any sample shows fewer
