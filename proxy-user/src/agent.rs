@@ -483,7 +483,9 @@ impl Agent {
             // After the writes: no new flow can pick these backends any more.
             self.collect(&stale);
         }
-        let level = if ops.is_empty() {
+        // Quiet when nothing changed, except the first sync: "resumed from
+        // the pinned maps with 0 writes" is worth seeing after a restart.
+        let level = if ops.is_empty() && self.stats.syncs > 1 {
             log::Level::Debug
         } else {
             log::Level::Info
