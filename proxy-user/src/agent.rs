@@ -69,6 +69,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// How long a failed sync waits before it is retried.
+const RETRY: Duration = Duration::from_secs(1);
+
 /// Running totals the agent owns (also in the pinned event counters).
 #[derive(Debug, Default)]
 struct AgentStats {
@@ -105,6 +108,8 @@ struct Agent {
     /// A sync is owed: inputs changed, a resync is due, or a sync failed.
     owed: bool,
     last_sync: Option<Instant>,
+    /// After a failed sync, not before this (a full map must not spin).
+    retry_at: Option<Instant>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -163,6 +168,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         node_seen: None,
         owed: false,
         last_sync: None,
+        retry_at: None,
     };
     // Continue the totals an earlier agent left in the pinned counters.
     for (e, n) in agent.dp.maps.events().unwrap_or_default() {
@@ -238,10 +244,13 @@ impl Agent {
         if !self.ready || !(self.owed || self.index.is_dirty()) {
             return None;
         }
-        Some(match self.last_sync {
-            Some(t) => (t + self.cfg.min_sync).max(Instant::now()),
-            None => Instant::now(),
-        })
+        let earliest = self.last_sync.map(|t| t + self.cfg.min_sync);
+        Some(
+            [earliest, self.retry_at]
+                .into_iter()
+                .flatten()
+                .fold(Instant::now(), Instant::max),
+        )
     }
 
     fn report(&mut self, problems: impl IntoIterator<Item = Problem>) {
@@ -470,6 +479,7 @@ impl Agent {
         }
         let took = started.elapsed();
         self.owed = false;
+        self.retry_at = None;
         self.stats.syncs += 1;
         self.metrics.map_writes.inc_by(ops.len() as u64);
         self.metrics.synced(took);
@@ -503,6 +513,7 @@ impl Agent {
 
     fn failed(&mut self) {
         self.full = true;
+        self.retry_at = Some(Instant::now() + RETRY);
         self.stats.sync_failures += 1;
         self.metrics.sync_failures.inc();
         self.owed = true;
