@@ -181,7 +181,37 @@ struct Planner<'a> {
     service_writes: Vec<Op>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    fn new(
+        cur: &'a MapState,
+        svc_used: &'a dyn Fn(u32) -> bool,
+        max_svc_ids: u32,
+        backend_used: &'a dyn Fn(u32) -> bool,
+        backend_next: u32,
+        backend_of: &'a dyn Fn(&Backend) -> Option<u32>,
+    ) -> Self {
+        Self {
+            cur,
+            svc_ids: IdAlloc {
+                used: svc_used,
+                next: 0,
+                limit: max_svc_ids,
+            },
+            max_svc_ids,
+            backend_ids: IdAlloc {
+                used: backend_used,
+                next: backend_next,
+                limit: u32::MAX,
+            },
+            backend_of,
+            new_backend_of: HashMap::new(),
+            new_backends: Vec::new(),
+            resets: Vec::new(),
+            slot_writes: Vec::new(),
+            service_writes: Vec::new(),
+        }
+    }
+
     /// Plans one desired frontend; returns its service id and slot table.
     fn frontend(
         &mut self,
@@ -287,26 +317,7 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
     let svc_used = |id: u32| used_svc_ids.contains(&id);
     let backend_used = |id: u32| cur.backends.contains_key(&id);
     let backend_of = |b: &Backend| backend_id_of.get(b).copied();
-    let mut p = Planner {
-        cur,
-        svc_ids: IdAlloc {
-            used: &svc_used,
-            next: 0,
-            limit: max_svc_ids,
-        },
-        max_svc_ids,
-        backend_ids: IdAlloc {
-            used: &backend_used,
-            next: 0,
-            limit: u32::MAX,
-        },
-        backend_of: &backend_of,
-        new_backend_of: HashMap::new(),
-        new_backends: Vec::new(),
-        resets: Vec::new(),
-        slot_writes: Vec::new(),
-        service_writes: Vec::new(),
-    };
+    let mut p = Planner::new(cur, &svc_used, max_svc_ids, &backend_used, 0, &backend_of);
 
     // Slot counts and slots the datapath uses once this plan is complete.
     let mut final_counts: HashMap<u32, u32> = HashMap::new();
@@ -460,26 +471,14 @@ pub fn plan_touched(
     let svc_used = |id: u32| m.svc_ids.contains(&id);
     let backend_used = |id: u32| cur.backends.contains_key(&id);
     let backend_of = |b: &Backend| m.backend_of.get(b).copied();
-    let mut p = Planner {
+    let mut p = Planner::new(
         cur,
-        svc_ids: IdAlloc {
-            used: &svc_used,
-            next: 0,
-            limit: max_svc_ids,
-        },
+        &svc_used,
         max_svc_ids,
-        backend_ids: IdAlloc {
-            used: &backend_used,
-            next: m.backend_next,
-            limit: u32::MAX,
-        },
-        backend_of: &backend_of,
-        new_backend_of: HashMap::new(),
-        new_backends: Vec::new(),
-        resets: Vec::new(),
-        slot_writes: Vec::new(),
-        service_writes: Vec::new(),
-    };
+        &backend_used,
+        m.backend_next,
+        &backend_of,
+    );
     let mut ref_delta: BTreeMap<u32, i64> = BTreeMap::new();
     let mut addr_delta: BTreeMap<u32, i64> = BTreeMap::new();
     let mut removed = Vec::new();
