@@ -236,52 +236,28 @@ impl Index {
     /// A complete list of Services (a relist): whatever is not in it is gone.
     /// Returns the problems of malformed objects and whether anything changed.
     pub fn replace_services(&mut self, all: Vec<Sourced<Service>>) -> (bool, Vec<Problem>) {
-        let mut keep = HashSet::new();
-        let mut changed = false;
-        let mut problems = Vec::new();
+        let keep: HashSet<Key> = all.iter().map(|s| key_of(&s.object.metadata)).collect();
+        let (mut changed, mut problems) = (false, Vec::new());
         for s in all {
-            let (ns, name) = key_of(&s.object.metadata);
-            keep.insert(ServiceRef {
-                namespace: ns,
-                name,
-            });
             let a = self.apply_service(s);
             changed |= a.changed;
             problems.extend(a.problem);
         }
-        let gone: Vec<ServiceRef> = self
-            .services
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for id in gone {
-            changed |= self.delete_service(&id.namespace, &id.name);
-        }
-        (changed, problems)
+        let gone = self.retain_services(|ns, name| keep.contains(&(ns.into(), name.into())));
+        (changed || gone > 0, problems)
     }
 
     /// A complete list of EndpointSlices (a relist).
     pub fn replace_slices(&mut self, all: Vec<Sourced<EndpointSlice>>) -> (bool, Vec<Problem>) {
-        let mut keep = HashSet::new();
-        let mut changed = false;
-        let mut problems = Vec::new();
+        let keep: HashSet<Key> = all.iter().map(|s| key_of(&s.object.metadata)).collect();
+        let (mut changed, mut problems) = (false, Vec::new());
         for s in all {
-            keep.insert(key_of(&s.object.metadata));
             let a = self.apply_slice(s);
             changed |= a.changed;
             problems.extend(a.problem);
         }
-        let gone: Vec<Key> = self
-            .slices
-            .keys()
-            .filter(|k| !keep.contains(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            changed |= self.remove_slice(&k);
-        }
-        (changed, problems)
+        let gone = self.retain_slices(|ns, name| keep.contains(&(ns.into(), name.into())));
+        (changed || gone > 0, problems)
     }
 
     /// Both lists at once (manifest mode).
