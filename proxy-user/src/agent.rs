@@ -8,7 +8,7 @@
 //! recomputes only the Services that changed and writes only differences.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
@@ -31,8 +31,9 @@ use crate::{
     cluster::Index,
     conntrack::{self, Timeouts},
     datapath::{Datapath, LoadOptions, MapSet},
+    health::{self, Health, ServiceHealth},
     manifests,
-    metrics::{Metrics, ReasonLabel, ResourceLabel},
+    metrics::{self, EventLabel, MapLabel, Metrics, ReasonLabel, ResourceLabel, VerdictLabel},
     model::{NodeInfo, Problem, Skipped, Sourced},
     sync::{self, Mirror},
     watch::{self, Change},
@@ -67,6 +68,11 @@ pub struct Config {
     pub ct_gc_interval: Duration,
     /// Where `/metrics` is served; None for nowhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where `/healthz` and `/livez` are served; None for nowhere.
+    pub healthz_addr: Option<SocketAddr>,
+    /// A health or metrics port that cannot be bound stops the agent
+    /// (kube-proxy's bindAddressHardFail) instead of being retried.
+    pub bind_hard_fail: bool,
 }
 
 /// How long a failed sync waits before it is retried.
@@ -80,6 +86,8 @@ struct AgentStats {
     invalid_objects: u64,
     gc_expired: u64,
     gc_stale_udp: u64,
+    /// The eviction total last mirrored into the metrics.
+    evicted_seen: u64,
 }
 
 /// A relist in progress: the (namespace, name)s listed so far. Listed
@@ -110,6 +118,10 @@ struct Agent {
     last_sync: Option<Instant>,
     /// After a failed sync, not before this (a full map must not spin).
     retry_at: Option<Instant>,
+    health: Health,
+    service_health: ServiceHealth,
+    /// The datapath's counter totals last mirrored into the metrics.
+    seen_totals: HashMap<String, u64>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -129,14 +141,31 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.bpffs.display(),
         mirror.state.services.len()
     );
-    let mut attacher = Attacher::new(cfg.interfaces.clone());
+    let mut attacher = Attacher::new(cfg.interfaces.clone(), Some(&cfg.bpffs));
     attacher.reconcile(&mut dp);
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 
     let metrics = Metrics::new();
+    // kube-proxy's health timeout is twice its sync period.
+    let health = Health::new(cfg.resync);
     if let Some(addr) = cfg.metrics_addr {
-        metrics.serve(addr);
+        health::serve("metrics", addr, metrics.router(), cfg.bind_hard_fail).await?;
+    }
+    if let Some(addr) = cfg.healthz_addr {
+        let app = health::router(health.clone(), metrics.clone());
+        health::serve("healthz", addr, app, cfg.bind_hard_fail).await?;
+    }
+    match dp.maps.capacities() {
+        Ok(caps) => {
+            for (map, cap) in caps {
+                metrics
+                    .map_capacity
+                    .get_or_create(&MapLabel { map: map.into() })
+                    .set(i64::from(cap));
+            }
+        }
+        Err(e) => log::warn!("reading map capacities: {e:#}"),
     }
     let (change_tx, mut change_rx) = mpsc::channel::<Change>(4096);
     let kube = matches!(cfg.source, Source::Kube { .. });
@@ -169,7 +198,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         owed: false,
         last_sync: None,
         retry_at: None,
+        service_health: ServiceHealth::new(health.clone(), Ipv4Addr::UNSPECIFIED),
+        health,
+        seen_totals: HashMap::new(),
     };
+    agent.datapath_metrics();
     // Continue the totals an earlier agent left in the pinned counters.
     for (e, n) in agent.dp.maps.events().unwrap_or_default() {
         match e {
@@ -189,6 +222,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut gc = interval(agent.cfg.ct_gc_interval);
     gc.set_missed_tick_behavior(MissedTickBehavior::Delay);
     gc.tick().await;
+    // The datapath's own counters, mirrored for scrapes (3 small reads).
+    let mut counters = interval(Duration::from_secs(5));
+    counters.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_fingerprint = None;
     loop {
         let due = agent.sync_due();
@@ -202,12 +238,20 @@ pub async fn run(cfg: Config) -> Result<()> {
                 while let Ok(c) = change_rx.try_recv() {
                     agent.on_change(c);
                 }
+                agent.note_pending();
             }
-            _ = poll.tick(), if !kube => agent.poll_manifests(&mut last_fingerprint),
+            _ = poll.tick(), if !kube => {
+                agent.poll_manifests(&mut last_fingerprint);
+                agent.note_pending();
+            }
+            _ = counters.tick() => agent.datapath_metrics(),
             _ = async { sleep_until(due.unwrap_or_else(Instant::now).into()).await }, if due.is_some() => {
                 agent.sync();
             }
-            _ = gc.tick() => agent.collect(&HashSet::new()),
+            _ = gc.tick() => {
+                agent.collect(&HashSet::new());
+                agent.datapath_metrics();
+            }
             _ = resync.tick() => {
                 // Repairs drift: entries edited or deleted behind our back.
                 match agent.dp.maps.read_state() {
@@ -220,13 +264,20 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     }
-    attacher.detach_all(&mut agent.dp);
+    let staying = attacher.release(&mut agent.dp);
     log::info!(
-        "stopped after {} syncs ({} failed, {} invalid objects); maps stay pinned in {}",
+        "stopped after {} syncs ({} failed, {} invalid objects); maps stay pinned in {}{}",
         agent.stats.syncs,
         agent.stats.sync_failures,
         agent.stats.invalid_objects,
-        agent.cfg.bpffs.display()
+        agent.cfg.bpffs.display(),
+        if staying > 0 {
+            format!(
+                " and the datapath stays attached to {staying} interfaces until the next agent takes it over (`kpx cleanup` removes it)"
+            )
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
@@ -251,6 +302,13 @@ impl Agent {
                 .flatten()
                 .fold(Instant::now(), Instant::max),
         )
+    }
+
+    /// Changes the maps do not reflect yet count against health.
+    fn note_pending(&self) {
+        if self.index.is_dirty() {
+            self.health.queued();
+        }
     }
 
     fn report(&mut self, problems: impl IntoIterator<Item = Problem>) {
@@ -421,6 +479,20 @@ impl Agent {
             Some(n) => NodeInfo::from_node(&self.cfg.hostname, n),
             None => NodeInfo::named(&self.cfg.hostname),
         };
+        let was = self.health.node_eligible();
+        self.health.set_node(node.as_ref());
+        if was != self.health.node_eligible() {
+            log::info!(
+                "node {:?} {} load-balancer traffic: /healthz answers {}",
+                self.cfg.hostname,
+                if was {
+                    "is leaving (deleted or tainted ToBeDeletedByClusterAutoscaler), draining"
+                } else {
+                    "takes"
+                },
+                if was { 503 } else { 200 }
+            );
+        }
         if self.index.set_node(info) {
             log::info!(
                 "node {:?}: zone {:?}, addresses {:?}",
@@ -480,6 +552,8 @@ impl Agent {
         let took = started.elapsed();
         self.owed = false;
         self.retry_at = None;
+        self.health.updated();
+        self.service_health.sync(self.index.health_checks());
         self.stats.syncs += 1;
         self.metrics.map_writes.inc_by(ops.len() as u64);
         self.metrics.synced(took);
@@ -521,6 +595,18 @@ impl Agent {
 
     fn update_gauges(&self) {
         let m = &self.metrics;
+        let st = &self.mirror.state;
+        for (map, n) in [
+            (proxy_common::map_names::SERVICES, st.services.len()),
+            (proxy_common::map_names::SERVICE_ADDRS, st.addrs.len()),
+            (proxy_common::map_names::SLOTS, st.slots.len()),
+            (proxy_common::map_names::BACKENDS, st.backends.len()),
+            (proxy_common::map_names::SERVICE_NAMES, st.names.len()),
+        ] {
+            m.map_entries
+                .get_or_create(&MapLabel { map: map.into() })
+                .set(n as i64);
+        }
         let (services, slices) = self.index.counts();
         m.services.set(services as i64);
         m.slices.set(slices as i64);
@@ -534,6 +620,58 @@ impl Agent {
                     reason: why.name().into(),
                 })
                 .set(counts.get(&why).copied().unwrap_or(0) as i64);
+        }
+    }
+
+    /// Mirrors the datapath's per-CPU counters (verdicts, drops, events)
+    /// into the Prometheus counters.
+    fn datapath_metrics(&mut self) {
+        let m = &self.metrics;
+        let seen = &mut self.seen_totals;
+        let mut advance =
+            |key: String, counter: &prometheus_client::metrics::counter::Counter, total| {
+                metrics::advance(counter, seen.entry(key).or_default(), total);
+            };
+        match self.dp.maps.counters() {
+            Ok(v) => {
+                for (c, n) in v {
+                    let l = VerdictLabel {
+                        verdict: c.name().into(),
+                    };
+                    advance(
+                        format!("verdict/{}", c.name()),
+                        &m.packets.get_or_create(&l),
+                        n,
+                    );
+                }
+            }
+            Err(e) => log::debug!("reading datapath counters: {e:#}"),
+        }
+        match self.dp.maps.drops() {
+            Ok(v) => {
+                for (r, n) in v {
+                    let l = ReasonLabel {
+                        reason: r.name().into(),
+                    };
+                    advance(format!("drop/{}", r.name()), &m.drops.get_or_create(&l), n);
+                }
+            }
+            Err(e) => log::debug!("reading drop counters: {e:#}"),
+        }
+        match self.dp.maps.events() {
+            Ok(v) => {
+                for (e, n) in v {
+                    let l = EventLabel {
+                        event: e.name().into(),
+                    };
+                    advance(
+                        format!("event/{}", e.name()),
+                        &m.datapath_events.get_or_create(&l),
+                        n,
+                    );
+                }
+            }
+            Err(e) => log::debug!("reading event counters: {e:#}"),
         }
     }
 
@@ -566,6 +704,25 @@ fn collect(
     };
     stats.gc_expired += report.expired;
     stats.gc_stale_udp += report.stale_udp;
+    metrics.conntrack_entries.set(report.entries as i64);
+    metrics
+        .map_entries
+        .get_or_create(&MapLabel {
+            map: proxy_common::map_names::CONNTRACK.into(),
+        })
+        .set(report.entries as i64);
+    if let Ok(events) = maps.events() {
+        let total = |e: Event| events.iter().find(|(x, _)| *x == e).map_or(0, |(_, n)| *n);
+        let removed = total(Event::CtRemoved) + stats.gc_expired + stats.gc_stale_udp;
+        let evicted = conntrack::evicted(total(Event::CtInserted), removed, report.entries);
+        // Derived while traffic runs, so it may dip: count only growth.
+        if evicted > stats.evicted_seen {
+            metrics
+                .conntrack_evictions
+                .inc_by(evicted - stats.evicted_seen);
+            stats.evicted_seen = evicted;
+        }
+    }
     metrics.gc_expired.inc_by(report.expired);
     metrics.gc_stale_udp.inc_by(report.stale_udp);
     for (e, n) in [

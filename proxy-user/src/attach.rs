@@ -2,15 +2,27 @@
 //! errors the node sends) to every interface matching the `--interfaces`
 //! patterns, now and whenever one appears (netlink link events).
 //!
-//! On kernels ≥ 6.6 aya attaches through TCX links owned by this process: they
-//! go away when the agent exits, so no stale program is ever left behind.
+//! On kernels with TCX (≥ 6.6) the links are pinned in `<bpffs>/links`, so
+//! the datapath outlives the agent as kube-proxy's rules outlive kube-proxy:
+//! a restarted or upgraded agent takes each link over and swaps its program
+//! in atomically (BPF_LINK_UPDATE), and no packet meets a node without a
+//! proxy. `kpx cleanup` removes the pins, which detaches the programs.
+//! Without TCX, netlink tc filters are used, owned by the process and
+//! removed when it exits.
 
-use std::{collections::BTreeMap, ffi::CStr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::programs::{
-    tc::{self, SchedClassifierLinkId},
-    SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
+    tc::{self, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+    LinkOrder, SchedClassifier, TcAttachType,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::sync::mpsc;
@@ -65,21 +77,68 @@ pub fn interfaces() -> Result<Vec<(u32, String)>> {
     }
 }
 
+/// Where the links of a bpffs directory are pinned.
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("links")
+}
+
+/// A link's pin: interface name and index (a re-created interface is a
+/// different one) and direction.
+fn pin_name(ifname: &str, ifindex: u32, at: TcAttachType) -> String {
+    let dir = match at {
+        TcAttachType::Ingress => "ingress",
+        _ => "egress",
+    };
+    format!("{ifname}.{ifindex}.{dir}")
+}
+
+/// Removes every pinned link under `bpffs` (detaching those programs).
+/// Returns how many there were.
+pub fn unpin_links(bpffs: &Path) -> Result<usize> {
+    let dir = links_dir(bpffs);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut n = 0;
+    for entry in entries {
+        let path = entry?.path();
+        fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        n += 1;
+    }
+    let _ = fs::remove_dir(&dir);
+    Ok(n)
+}
+
 pub struct Attacher {
     patterns: Patterns,
+    /// Where links are pinned (TCX); None: never pin.
+    pin_dir: Option<PathBuf>,
     attached: BTreeMap<String, Attached>,
+}
+
+/// How one program is attached to one interface.
+enum Handle {
+    /// A pinned TCX link: lives in bpffs, not in this process.
+    Pinned(PathBuf),
+    /// A netlink tc filter this process owns (detached at exit).
+    Owned(SchedClassifierLinkId),
 }
 
 struct Attached {
     ifindex: u32,
-    ingress: SchedClassifierLinkId,
-    egress: SchedClassifierLinkId,
+    ingress: Handle,
+    egress: Handle,
 }
 
 impl Attacher {
-    pub fn new(patterns: Patterns) -> Self {
+    /// `bpffs`: pin links there (and take over the ones found); None to
+    /// keep them owned by the process.
+    pub fn new(patterns: Patterns, bpffs: Option<&Path>) -> Self {
         Self {
             patterns,
+            pin_dir: bpffs.map(links_dir),
             attached: BTreeMap::new(),
         }
     }
@@ -114,13 +173,20 @@ impl Attacher {
                 log::info!("interface {name} is gone");
             }
         }
+        self.remove_stale_pins(&present);
         for (ifindex, name) in present {
             if !self.patterns.matches(&name) || self.attached.contains_key(&name) {
                 continue;
             }
-            match attach_both(dp, &name) {
+            match self.attach_both(dp, &name, ifindex) {
                 Ok((ingress, egress)) => {
-                    log::info!("attached tc ingress and egress to {name} (ifindex {ifindex})");
+                    let how = match &ingress {
+                        Handle::Pinned(p) => format!("pinned in {}", p.display()),
+                        Handle::Owned(_) => "netlink tc, detached at exit".into(),
+                    };
+                    log::info!(
+                        "attached tc ingress and egress to {name} (ifindex {ifindex}; {how})"
+                    );
                     self.attached.insert(
                         name,
                         Attached {
@@ -135,38 +201,129 @@ impl Attacher {
         }
     }
 
-    pub fn detach_all(&mut self, dp: &mut Datapath) {
+    /// At exit: owned (netlink) filters are removed; pinned links stay, so
+    /// the datapath keeps serving until the next agent takes it over.
+    /// Returns how many interfaces stay attached.
+    pub fn release(&mut self, dp: &mut Datapath) -> usize {
+        let mut pinned = 0;
         for (name, a) in std::mem::take(&mut self.attached) {
+            if matches!(a.ingress, Handle::Pinned(_)) {
+                pinned += 1;
+                continue;
+            }
             match detach(dp, a) {
                 Ok(()) => log::info!("detached from {name}"),
                 Err(e) => log::debug!("detaching from {name}: {e:#}"),
             }
         }
+        pinned
+    }
+
+    /// Pins of interfaces that are gone, or no longer match the patterns:
+    /// removing the pin detaches whatever is still attached.
+    fn remove_stale_pins(&self, present: &[(u32, String)]) {
+        let Some(dir) = &self.pin_dir else { return };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let current = present.iter().any(|(i, n)| {
+                self.patterns.matches(n)
+                    && [TcAttachType::Ingress, TcAttachType::Egress]
+                        .iter()
+                        .any(|at| pin_name(n, *i, *at) == file)
+            });
+            if !current {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => log::info!("removed the stale pinned link {file}"),
+                    Err(e) => log::warn!("removing the stale pinned link {file}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Both programs or neither: an interface with only one would translate
+    /// flows without their ICMP errors, or the reverse.
+    fn attach_both(&self, dp: &mut Datapath, name: &str, ifindex: u32) -> Result<(Handle, Handle)> {
+        let ingress = self.attach_one(dp.ingress()?, name, ifindex, TcAttachType::Ingress)?;
+        match self.attach_one(dp.egress()?, name, ifindex, TcAttachType::Egress) {
+            Ok(egress) => Ok((ingress, egress)),
+            Err(e) => {
+                let _ = release_handle(dp.ingress()?, ingress);
+                Err(e)
+            }
+        }
+    }
+
+    fn attach_one(
+        &self,
+        prog: &mut SchedClassifier,
+        name: &str,
+        ifindex: u32,
+        at: TcAttachType,
+    ) -> Result<Handle> {
+        let Some(dir) = &self.pin_dir else {
+            return attach(prog, name, at).map(Handle::Owned);
+        };
+        let path = dir.join(pin_name(name, ifindex, at));
+        if path.exists() {
+            // An earlier agent's link: swap our program in, atomically.
+            match take_over(prog, &path) {
+                Ok(()) => {
+                    log::info!("took over the pinned link {}", path.display());
+                    return Ok(Handle::Pinned(path));
+                }
+                Err(e) => {
+                    log::info!(
+                        "pinned link {} is unusable ({e:#}); replacing it",
+                        path.display()
+                    );
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        match prog.attach_with_options(name, at, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+            Ok(id) => {
+                fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                let link: FdLink = prog.take_link(id)?.try_into()?;
+                // Dropping the handle keeps the link: the pin holds it.
+                link.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                Ok(Handle::Pinned(path))
+            }
+            // No TCX in this kernel: netlink tc, owned by this process.
+            Err(e) => {
+                log::debug!("TCX attach to {name} failed ({e}); using netlink tc");
+                attach(prog, name, at).map(Handle::Owned)
+            }
+        }
+    }
+}
+
+/// Replaces the program of the pinned link at `path` with `prog`.
+fn take_over(prog: &mut SchedClassifier, path: &Path) -> Result<()> {
+    let pinned = PinnedLink::from_pin(path)?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+    let id = prog.attach_to_link(link)?;
+    // Our handle closes; the pin keeps the link (and now our program).
+    let _: FdLink = prog.take_link(id)?.try_into()?;
+    Ok(())
+}
+
+fn release_handle(prog: &mut SchedClassifier, h: Handle) -> Result<()> {
+    match h {
+        Handle::Pinned(path) => Ok(fs::remove_file(path)?),
+        Handle::Owned(id) => Ok(prog.detach(id)?),
     }
 }
 
 fn detach(dp: &mut Datapath, a: Attached) -> Result<()> {
-    let ingress = dp.ingress()?.detach(a.ingress);
-    let egress = dp.egress()?.detach(a.egress);
+    let ingress = release_handle(dp.ingress()?, a.ingress);
+    let egress = release_handle(dp.egress()?, a.egress);
     ingress?;
     egress?;
     Ok(())
-}
-
-/// Both programs or neither: an interface with only one would translate
-/// flows without their ICMP errors, or the reverse.
-fn attach_both(
-    dp: &mut Datapath,
-    name: &str,
-) -> Result<(SchedClassifierLinkId, SchedClassifierLinkId)> {
-    let ingress = attach(dp.ingress()?, name, TcAttachType::Ingress)?;
-    match attach(dp.egress()?, name, TcAttachType::Egress) {
-        Ok(egress) => Ok((ingress, egress)),
-        Err(e) => {
-            let _ = dp.ingress()?.detach(ingress);
-            Err(e)
-        }
-    }
 }
 
 fn attach(

@@ -80,6 +80,8 @@ pub struct Index {
     desired: Desired,
     /// `last-change-trigger-time`s of slice changes not yet synced.
     triggers: Vec<SystemTime>,
+    /// Services with a health check node port: (port, local ready endpoints).
+    health_checks: BTreeMap<ServiceRef, (u16, usize)>,
 }
 
 impl Index {
@@ -94,6 +96,7 @@ impl Index {
             owned: HashMap::new(),
             desired: Desired::default(),
             triggers: Vec::new(),
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -283,6 +286,7 @@ impl Index {
         let mut touched = BTreeSet::new();
         for id in dirty {
             up.services += 1;
+            self.health_checks.remove(&id);
             for key in self.owned.remove(&id).unwrap_or_default() {
                 if let Some(c) = self.claims.get_mut(&key) {
                     c.remove(&id);
@@ -297,6 +301,10 @@ impl Index {
             };
             let slices = self.slices_of_service(&id);
             let ports = model::service_ports(svc, &slices, &self.node);
+            if let Some(port) = svc.health_check_node_port {
+                let local = model::local_ready_endpoints(&ports);
+                self.health_checks.insert(id.clone(), (port, local));
+            }
             let mut skipped = Vec::new();
             let fronts = model::frontends(svc, &ports, &mut skipped);
             let mut keys = Vec::with_capacity(fronts.len());
@@ -328,6 +336,12 @@ impl Index {
         }
         up.touched = touched;
         up
+    }
+
+    /// Services that need a health check node port, as of the last
+    /// `update`: (port, ready endpoints on this node).
+    pub fn health_checks(&self) -> &BTreeMap<ServiceRef, (u16, usize)> {
+        &self.health_checks
     }
 
     pub fn desired(&self) -> &Desired {

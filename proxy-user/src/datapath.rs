@@ -84,6 +84,30 @@ impl MapSet {
         })
     }
 
+    /// Each hash map's name and capacity (max entries), as the kernel has it.
+    pub fn capacities(&self) -> Result<Vec<(&'static str, u32)>> {
+        use aya::maps::IterableMap;
+        let cap = |m: &MapData| -> Result<u32> { Ok(m.info()?.max_entries()) };
+        Ok(vec![
+            (map_names::SERVICES, cap(IterableMap::map(&self.services))?),
+            (
+                map_names::SERVICE_ADDRS,
+                cap(IterableMap::map(&self.service_addrs))?,
+            ),
+            (map_names::SLOTS, cap(IterableMap::map(&self.slots))?),
+            (map_names::BACKENDS, cap(IterableMap::map(&self.backends))?),
+            (
+                map_names::SERVICE_NAMES,
+                cap(IterableMap::map(&self.service_names))?,
+            ),
+            (
+                map_names::CONNTRACK,
+                cap(IterableMap::map(&self.conntrack))?,
+            ),
+            (map_names::AFFINITY, cap(IterableMap::map(&self.affinity))?),
+        ])
+    }
+
     /// Global counters summed over CPUs, in `Counter::ALL` order.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         Counter::ALL

@@ -4,8 +4,9 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kpx::{
     agent::{self, Cidr},
-    attach::Patterns,
-    bpffs,
+    attach::{self, Patterns},
+    bpffs, cleanup,
+    config::{self, Bind, NodePortAddress, Overrides},
     datapath::{Datapath, LoadOptions, MapSet},
     dump,
 };
@@ -37,10 +38,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove kpx's pinned maps (stop the agent first; its programs detach when it exits).
+    /// Detach kpx's programs and remove its pinned maps (stop the agent
+    /// first); with --kube-proxy, remove kube-proxy's rules instead.
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// Remove what kube-proxy installed (its KUBE-* iptables chains and
+        /// jumps, in both the nft and legacy backends, and its nftables
+        /// `kube-proxy` tables), like `kube-proxy --cleanup`. kpx's own
+        /// datapath is left alone.
+        #[arg(long)]
+        kube_proxy: bool,
     },
     /// Load the datapath into this kernel (the verifier runs) and report success.
     Check,
@@ -56,6 +64,10 @@ enum DumpWhat {
 
 #[derive(clap::Args)]
 struct AgentArgs {
+    /// A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as
+    /// kube-proxy's ConfigMap holds it. Flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Serve the Services and EndpointSlices in this YAML file or directory
     /// (standalone mode; edits take effect without restart) instead of the
     /// Kubernetes API.
@@ -68,12 +80,27 @@ struct AgentArgs {
     /// This node's name, as in the EndpointSlices' nodeName (default: the hostname).
     #[arg(long)]
     hostname_override: Option<String>,
-    /// An address of this node (repeatable).
+    /// This node's primary IPv4 address (kube-proxy's --bind-address; no
+    /// socket is bound to it).
+    #[arg(long)]
+    bind_address: Option<Ipv4Addr>,
+    /// A further address of this node (repeatable).
     #[arg(long = "node-ip")]
     node_ips: Vec<Ipv4Addr>,
     /// The cluster's pod CIDR(s), comma-separated.
     #[arg(long, value_delimiter = ',')]
-    cluster_cidr: Vec<Cidr>,
+    cluster_cidr: Option<Vec<Cidr>>,
+    /// NodePorts are served only on node addresses in these CIDRs
+    /// (or the keywords primary, all), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Option<Vec<NodePortAddress>>,
+    /// Masquerade all traffic to cluster IPs.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    masquerade_all: Option<bool>,
+    /// The fwmark bit kube-proxy's rules use for masquerading (0-31;
+    /// `kpx iptables-rules` uses it, kpx's datapath marks nothing).
+    #[arg(long = "iptables-masquerade-bit")]
+    masquerade_bit: Option<u8>,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never used.
     #[arg(long, default_value = "*")]
@@ -81,94 +108,158 @@ struct AgentArgs {
     /// bpffs directory for the pinned maps (bpffs is mounted if needed).
     #[arg(long, default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
-    /// Conntrack capacity in entries (two per flow; default 524288, i.e.
-    /// 262144 concurrent flows). Applies when the maps are created.
+    /// Conntrack capacity in entries (two per flow). Overrides
+    /// --conntrack-max-per-core/--conntrack-min; default 524288 (262144
+    /// flows). Applies when the maps are created.
     #[arg(long)]
     conntrack_max: Option<u32>,
+    /// Flows to track per CPU (kube-proxy's; 0 keeps kpx's default size).
+    #[arg(long)]
+    conntrack_max_per_core: Option<u32>,
+    /// The least number of flows to track, whatever the CPU count.
+    #[arg(long)]
+    conntrack_min: Option<u32>,
     /// Idle timeout of TCP flows whose SYN was not answered yet.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
     conntrack_tcp_timeout_syn: Duration,
-    /// Idle timeout of established TCP flows (kube-proxy's default).
-    #[arg(long, default_value = "24h", value_parser = parse_duration)]
-    conntrack_tcp_timeout_established: Duration,
-    /// Idle timeout of half-closed TCP flows (FIN in one direction; kube-proxy's default).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
-    conntrack_tcp_timeout_close_wait: Duration,
+    /// Idle timeout of established TCP flows [default: 24h].
+    #[arg(long, value_parser = positive_duration)]
+    conntrack_tcp_timeout_established: Option<Duration>,
+    /// Idle timeout of half-closed TCP flows (FIN in one direction) [default: 1h].
+    #[arg(long, value_parser = positive_duration)]
+    conntrack_tcp_timeout_close_wait: Option<Duration>,
     /// Idle timeout of TCP flows closed in both directions.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, default_value = "120s", value_parser = positive_duration)]
     conntrack_tcp_timeout_time_wait: Duration,
     /// Idle timeout of reset TCP flows.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     conntrack_tcp_timeout_close: Duration,
-    /// Idle timeout of UDP flows that saw no reply.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    conntrack_udp_timeout: Duration,
-    /// Idle timeout of UDP flows that saw replies.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
-    conntrack_udp_timeout_stream: Duration,
+    /// Idle timeout of UDP flows that saw no reply [default: 30s].
+    #[arg(long, value_parser = positive_duration)]
+    conntrack_udp_timeout: Option<Duration>,
+    /// Idle timeout of UDP flows that saw replies [default: 120s].
+    #[arg(long, value_parser = positive_duration)]
+    conntrack_udp_timeout_stream: Option<Duration>,
     /// How often expired conntrack entries are removed.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     conntrack_gc_interval: Duration,
     /// How often the manifests are checked for changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     poll_interval: Duration,
-    /// How often the maps are re-read and any drift repaired.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    sync_period: Duration,
+    /// How often the maps are re-read and any drift repaired; /healthz
+    /// fails when a change waits longer than twice this [default: 60s].
+    #[arg(long, value_parser = positive_duration)]
+    sync_period: Option<Duration>,
     /// The least time between two syncs: a change is applied at once when
-    /// the last sync is older, and changes arriving meanwhile are batched.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
-    min_sync_period: Duration,
-    /// Where Prometheus metrics are served (`/metrics`); empty to disable.
-    #[arg(long, default_value = "127.0.0.1:10249", value_parser = parse_bind)]
-    metrics_bind_address: Bind,
+    /// the last sync is older, and changes arriving meanwhile are batched
+    /// [default: 100ms].
+    #[arg(long, value_parser = config::parse_go_duration)]
+    min_sync_period: Option<Duration>,
+    /// Where Prometheus metrics are served (`/metrics`); empty to disable
+    /// [default: 127.0.0.1:10249].
+    #[arg(long)]
+    metrics_bind_address: Option<Bind>,
+    /// Where `/healthz` and `/livez` are served; empty to disable
+    /// [default: 0.0.0.0:10256].
+    #[arg(long)]
+    healthz_bind_address: Option<Bind>,
+    /// Exit when the health or metrics port cannot be bound (default: retry).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    bind_address_hard_fail: Option<bool>,
+    /// The agent's OOM score adjustment (-1000..1000; kube-proxy uses -999).
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-1000..=1000))]
+    oom_score_adj: Option<i32>,
+    /// Log verbosity as kube-proxy's -v: 4 and up is debug, 6 and up trace.
+    /// RUST_LOG, when set, wins.
+    #[arg(short = 'v', long = "v")]
+    verbosity: Option<u32>,
 }
 
-/// An optional listen address (empty: none).
-#[derive(Clone, Copy, Debug)]
-struct Bind(Option<std::net::SocketAddr>);
-
-fn parse_bind(s: &str) -> Result<Bind, String> {
-    if s.is_empty() {
-        return Ok(Bind(None));
+impl AgentArgs {
+    /// The settings a flag was given for.
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            kubeconfig: self.kubeconfig.clone(),
+            hostname_override: self.hostname_override.clone(),
+            bind_address: self.bind_address,
+            cluster_cidrs: self.cluster_cidr.clone(),
+            healthz_bind_address: self.healthz_bind_address,
+            metrics_bind_address: self.metrics_bind_address,
+            bind_address_hard_fail: self.bind_address_hard_fail,
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            masquerade_all: self.masquerade_all,
+            masquerade_bit: self.masquerade_bit,
+            conntrack_max_per_core: self.conntrack_max_per_core,
+            conntrack_min: self.conntrack_min,
+            tcp_established_timeout: self.conntrack_tcp_timeout_established,
+            tcp_close_wait_timeout: self.conntrack_tcp_timeout_close_wait,
+            udp_timeout: self.conntrack_udp_timeout,
+            udp_stream_timeout: self.conntrack_udp_timeout_stream,
+            sync_period: self.sync_period,
+            min_sync_period: self.min_sync_period,
+            oom_score_adj: self.oom_score_adj,
+            verbosity: self.verbosity,
+        }
     }
-    s.parse()
-        .map(|a| Bind(Some(a)))
-        .map_err(|_| format!("{s:?} is not an address:port"))
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    if n == 0 {
-        return Err(format!("duration {s:?} must be more than zero"));
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match config::parse_go_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be more than zero")),
+        d => Ok(d),
     }
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("bad duration unit in {s:?} (ms, s, m, h)")),
+}
+
+/// The conntrack map's size in entries: --conntrack-max, else kube-proxy's
+/// max(maxPerCore × CPUs, min) flows at two entries each, else the default.
+fn conntrack_entries(
+    explicit: Option<u32>,
+    per_core: Option<u32>,
+    min: Option<u32>,
+) -> Option<u32> {
+    if explicit.is_some() {
+        return explicit;
     }
+    let per_core = per_core.filter(|n| *n > 0)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let flows = (u64::from(per_core) * cpus).max(u64::from(min.unwrap_or(0)));
+    Some(u32::try_from(flows.saturating_mul(2)).unwrap_or(u32::MAX))
+}
+
+fn init_logging(verbosity: Option<u32>) {
+    let default = match verbosity.unwrap_or(0) {
+        0..=3 => DEFAULT_LOG,
+        4 | 5 => "debug,kube_client=info,hyper=info,tower=info",
+        _ => "trace,hyper=info,tower=info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
 }
 
 fn main() -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_LOG)).init();
     match Cli::parse().command {
         Command::Agent(args) => run_agent(*args),
-        Command::Dump { what, bpffs, json } => run_dump(what, &bpffs, json),
-        Command::Cleanup { bpffs } => {
+        Command::Dump { what, bpffs, json } => {
+            init_logging(None);
+            run_dump(what, &bpffs, json)
+        }
+        Command::Cleanup { bpffs, kube_proxy } => {
+            init_logging(None);
+            if kube_proxy {
+                let report = cleanup::kube_proxy()?;
+                println!("{report}");
+                return Ok(());
+            }
+            let links = attach::unpin_links(&bpffs)?;
             let removed = bpffs::unpin_all(&bpffs)?;
             println!(
-                "removed {} pinned maps from {}",
+                "detached {links} tc programs and removed {} pinned maps from {}",
                 removed.len(),
                 bpffs.display()
             );
             Ok(())
         }
         Command::Check => {
+            init_logging(None);
             Datapath::load(&LoadOptions::default())?;
             println!("datapath loaded: the kernel's verifier accepted it");
             Ok(())
@@ -177,7 +268,32 @@ fn main() -> Result<()> {
 }
 
 fn run_agent(args: AgentArgs) -> Result<()> {
-    let hostname = match args.hostname_override {
+    // The file is read before logging starts: its verbosity sets the level.
+    let loaded = match &args.config {
+        Some(path) => Some(config::load(path)?),
+        None => None,
+    };
+    let (file, ignored) = loaded.map_or_else(Default::default, |l| (l.overrides, l.ignored));
+    let o = args.overrides().or(file);
+    init_logging(o.verbosity);
+    if let Some(path) = &args.config {
+        log::info!("configuration from {}", path.display());
+    }
+    for i in &ignored {
+        log::info!("configuration: ignoring {i}");
+    }
+    if o.nodeport_addresses.is_some() || o.masquerade_all == Some(true) {
+        // Issue "NodePort, LoadBalancer and externalIPs, masquerade ...".
+        log::warn!(
+            "nodePortAddresses and masqueradeAll are accepted but have no effect yet: kpx does not serve NodePorts or masquerade"
+        );
+    }
+    if let Some(adj) = o.oom_score_adj {
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+            log::warn!("setting oom_score_adj to {adj}: {e}");
+        }
+    }
+    let hostname = match o.hostname_override {
         Some(h) => h,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("reading the hostname (or pass --hostname-override)")?
@@ -186,31 +302,52 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     };
     // `lo` never carries pod traffic that needs translating.
     let interfaces = Patterns::parse(&args.interfaces)?.excluding("lo");
+    let mut node_ips: Vec<Ipv4Addr> = o.bind_address.into_iter().collect();
+    node_ips.extend(
+        args.node_ips
+            .iter()
+            .filter(|ip| Some(**ip) != o.bind_address),
+    );
+    let defaults = kpx::conntrack::Timeouts::default();
     let cfg = agent::Config {
         source: match args.manifests {
             Some(path) => agent::Source::Manifests(path),
             None => agent::Source::Kube {
-                kubeconfig: args.kubeconfig,
+                kubeconfig: o.kubeconfig,
             },
         },
         hostname,
-        node_ips: args.node_ips,
-        cluster_cidrs: args.cluster_cidr,
+        node_ips,
+        cluster_cidrs: o.cluster_cidrs.unwrap_or_default(),
         interfaces,
         bpffs: args.bpffs,
-        conntrack_entries: args.conntrack_max,
+        conntrack_entries: conntrack_entries(
+            args.conntrack_max,
+            o.conntrack_max_per_core,
+            o.conntrack_min,
+        ),
         poll: args.poll_interval,
-        resync: args.sync_period,
-        min_sync: args.min_sync_period,
-        metrics_addr: args.metrics_bind_address.0,
+        resync: o.sync_period.unwrap_or(Duration::from_secs(60)),
+        min_sync: o.min_sync_period.unwrap_or(Duration::from_millis(100)),
+        metrics_addr: o
+            .metrics_bind_address
+            .unwrap_or(Bind(Some(([127, 0, 0, 1], 10249).into())))
+            .0,
+        healthz_addr: o
+            .healthz_bind_address
+            .unwrap_or(Bind(Some(([0, 0, 0, 0], 10256).into())))
+            .0,
+        bind_hard_fail: o.bind_address_hard_fail.unwrap_or(false),
         ct_timeouts: kpx::conntrack::Timeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,
-            tcp_established: args.conntrack_tcp_timeout_established,
-            tcp_close_wait: args.conntrack_tcp_timeout_close_wait,
+            tcp_established: o
+                .tcp_established_timeout
+                .unwrap_or(defaults.tcp_established),
+            tcp_close_wait: o.tcp_close_wait_timeout.unwrap_or(defaults.tcp_close_wait),
             tcp_time_wait: args.conntrack_tcp_timeout_time_wait,
             tcp_close: args.conntrack_tcp_timeout_close,
-            udp: args.conntrack_udp_timeout,
-            udp_stream: args.conntrack_udp_timeout_stream,
+            udp: o.udp_timeout.unwrap_or(defaults.udp),
+            udp_stream: o.udp_stream_timeout.unwrap_or(defaults.udp_stream),
         },
         ct_gc_interval: args.conntrack_gc_interval,
     };

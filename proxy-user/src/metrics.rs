@@ -2,7 +2,6 @@
 //! existing dashboards keep working, plus kpx's own.
 
 use std::{
-    net::SocketAddr,
     sync::{atomic::AtomicU64, Arc},
     time::{Duration, SystemTime},
 };
@@ -28,6 +27,26 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
 /// Every metric the agent updates. Clones share the same values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -48,6 +67,16 @@ pub struct Metrics {
     pub frontends: Gauge,
     pub gc_expired: Counter,
     pub gc_stale_udp: Counter,
+    pub healthz_requests: Family<CodeLabel, Counter>,
+    pub livez_requests: Family<CodeLabel, Counter>,
+    /// Packets by the datapath's verdict (read from its per-CPU counters).
+    pub packets: Family<VerdictLabel, Counter>,
+    pub drops: Family<ReasonLabel, Counter>,
+    pub datapath_events: Family<EventLabel, Counter>,
+    pub conntrack_entries: Gauge,
+    pub conntrack_evictions: Counter,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
     registry: Arc<Registry>,
 }
 
@@ -81,6 +110,15 @@ impl Metrics {
             frontends: Gauge::default(),
             gc_expired: Counter::default(),
             gc_stale_udp: Counter::default(),
+            healthz_requests: Family::default(),
+            livez_requests: Family::default(),
+            packets: Family::default(),
+            drops: Family::default(),
+            datapath_events: Family::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_evictions: Counter::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register(
@@ -164,6 +202,51 @@ impl Metrics {
             "UDP conntrack entries removed because their backend left",
             m.gc_stale_udp.clone(),
         );
+        r.register(
+            "kubeproxy_proxy_healthz",
+            "/healthz answers by HTTP status code",
+            m.healthz_requests.clone(),
+        );
+        r.register(
+            "kubeproxy_proxy_livez",
+            "/livez answers by HTTP status code",
+            m.livez_requests.clone(),
+        );
+        r.register(
+            "kpx_datapath_packets",
+            "Packets seen by the datapath, by verdict",
+            m.packets.clone(),
+        );
+        r.register(
+            "kpx_datapath_drops",
+            "Packets the datapath dropped, by reason",
+            m.drops.clone(),
+        );
+        r.register(
+            "kpx_datapath_events",
+            "Conntrack and affinity events of the datapath",
+            m.datapath_events.clone(),
+        );
+        r.register(
+            "kpx_conntrack_entries",
+            "Conntrack entries (two per flow) at the last collection",
+            m.conntrack_entries.clone(),
+        );
+        r.register(
+            "kpx_conntrack_evictions",
+            "Conntrack entries lost to LRU eviction because the map was full",
+            m.conntrack_evictions.clone(),
+        );
+        r.register(
+            "kpx_map_entries",
+            "Entries in each datapath map",
+            m.map_entries.clone(),
+        );
+        r.register(
+            "kpx_map_capacity",
+            "Capacity (max entries) of each datapath map",
+            m.map_capacity.clone(),
+        );
         Self {
             registry: Arc::new(r),
             ..m
@@ -188,38 +271,30 @@ impl Metrics {
         out
     }
 
-    /// Serves `/metrics` on `addr`, retrying the bind until it works: a busy
-    /// port costs the metrics, never the datapath.
-    pub fn serve(&self, addr: SocketAddr) {
+    /// The `/metrics` router.
+    pub fn router(&self) -> axum::Router {
         let m = self.clone();
-        tokio::spawn(async move {
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let m = m.clone();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            m.render(),
-                        )
-                    }
-                }),
-            );
-            loop {
-                match tokio::net::TcpListener::bind(addr).await {
-                    Ok(listener) => {
-                        log::info!("metrics on http://{addr}/metrics");
-                        if let Err(e) = axum::serve(listener, app.clone()).await {
-                            log::warn!("metrics server on {addr}: {e}; restarting");
-                        }
-                    }
-                    Err(e) => log::warn!("metrics server cannot bind {addr}: {e}; retrying in 5s"),
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
                 }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        });
+            }),
+        )
     }
+}
+
+/// Advances `counter` to a running `total` read from a map; `last` is the
+/// total seen before. A smaller total means the map was recreated.
+pub fn advance(counter: &Counter, last: &mut u64, total: u64) {
+    counter.inc_by(total.checked_sub(*last).unwrap_or(total));
+    *last = total;
 }

@@ -521,6 +521,10 @@ pub fn service(
         affinity_timeout,
     };
     svc.external_local = etp_local && svc.externally_accessible();
+    // kube-proxy's NeedsHealthCheck: only Local LoadBalancers get one.
+    if !(type_ == "LoadBalancer" && etp_local) {
+        svc.health_check_node_port = None;
+    }
     Ok(Some(svc))
 }
 
@@ -797,6 +801,19 @@ fn categorize(mut sp: ServicePort, node: &NodeInfo) -> ServicePort {
     sp.cluster_endpoints = cluster;
     sp.local_endpoints = local;
     sp
+}
+
+/// kube-proxy's LocalReadyEndpoints for one Service: the distinct ready
+/// ip:port endpoints on this node over all its ports (what a health check
+/// node port reports).
+pub fn local_ready_endpoints(ports: &[ServicePort]) -> usize {
+    ports
+        .iter()
+        .flat_map(|p| &p.endpoints)
+        .filter(|e| e.local && e.ready)
+        .map(|e| e.endpoint)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 /// Every port of `svc` with its endpoints from `slices` (the service's own).
@@ -1236,9 +1253,18 @@ endpoints:
             &node,
         );
         assert!(svc.external_local);
-        assert_eq!(svc.health_check_node_port, Some(32000));
+        // Only LoadBalancers get a health check node port (NeedsHealthCheck).
+        assert_eq!(svc.health_check_node_port, None);
         assert_eq!(p.node_port, Some(30080));
         assert_eq!(addrs(p.external_endpoints(&svc)), ["198.18.1.3"]);
+        let (svc, p) = port_of(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            eps,
+            &node,
+        );
+        assert_eq!(svc.health_check_node_port, Some(32000));
+        // Ready and on this node: 198.18.1.1 (1.3 is terminating, 1.2 remote).
+        assert_eq!(local_ready_endpoints(std::slice::from_ref(&p)), 1);
         // No endpoint on this node at all: empty, though others exist (the
         // reference drops rather than rejects).
         let (svc, p) = port_of(
