@@ -82,14 +82,16 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links")
 }
 
-/// A link's pin: interface name and index (a re-created interface is a
-/// different one) and direction.
+/// A link's pin: interface index (a re-created interface is a different
+/// one), direction and name.
 fn pin_name(ifname: &str, ifindex: u32, at: TcAttachType) -> String {
     let dir = match at {
         TcAttachType::Ingress => "ingress",
         _ => "egress",
     };
-    format!("{ifname}.{ifindex}.{dir}")
+    // bpffs refuses names with a dot (reserved), which interface names
+    // may have (VLANs: eth0.100); ':' is one they cannot have.
+    format!("{ifindex}_{dir}_{}", ifname.replace('.', ":"))
 }
 
 /// Removes every pinned link under `bpffs` (detaching those programs).

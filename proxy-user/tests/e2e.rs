@@ -264,7 +264,7 @@ fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
 }
 
 #[test]
-fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
+fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_it() {
     let Some(mut c) = running(&["web-1", "web-2", "web-3"]) else {
         return;
     };
@@ -272,16 +272,22 @@ fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
     let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
     let first = long.ask().unwrap();
 
-    // SIGTERM: clean exit, programs detached (the VIP stops answering new
-    // connections), maps still pinned.
+    // SIGTERM: the agent exits, its programs stay attached through their
+    // pinned links and the maps stay pinned, so the node keeps proxying
+    // (as kube-proxy's rules outlive kube-proxy): a rolling update never
+    // leaves a node without a proxy.
     let status = c.agent.as_mut().unwrap().stop().unwrap();
     assert!(status.success(), "agent exit {status}:\n{}", c.agent_log());
     assert!(c.agent_log().contains("maps stay pinned"));
-    assert!(tcp_ask(&c.pod("client").netns, vip, Duration::from_millis(500)).is_err());
+    assert!(c.agent_log().contains("the datapath stays attached"));
+    let ids = tcp_ask_many(&c.pod("client").netns, vip, 20, T)
+        .unwrap_or_else(|e| panic!("no proxy while the agent is down: {e:#}"));
+    assert_eq!(ids.len(), 20);
     assert!(MapSet::open_pinned(&c.bpffs()).is_ok());
 
-    // Restart: resumes with the same maps (nothing to write) and the old
-    // connection's conntrack entry still sends it to its backend.
+    // Restart: takes every pinned link over (the new program swapped in
+    // atomically), resumes with the same maps (nothing to write), and the
+    // old connection's conntrack entry still sends it to its backend.
     c.start_agent(Path::new(KPX), &[]).unwrap();
     let resumed = wait_for(Duration::from_secs(20), || {
         c.agent_log()
@@ -291,22 +297,41 @@ fn agent_restart_resumes_from_pinned_maps_and_cleanup_removes_them() {
     });
     assert!(resumed.is_some(), "{}", c.agent_log());
     assert!(c.agent_log().contains("hold 2 frontends"));
+    assert!(
+        c.agent_log().contains("took over the pinned link"),
+        "{}",
+        c.agent_log()
+    );
     assert_eq!(
         long.ask().unwrap(),
         first,
         "the long connection lost its backend"
     );
 
+    // `kpx cleanup` detaches the programs and removes the maps: the VIP
+    // is an ordinary unrouted address again.
     c.agent.as_mut().unwrap().stop().unwrap();
     let out = Command::new(KPX)
         .args(["cleanup", "--bpffs"])
         .arg(c.bpffs())
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
     let expected = format!("removed {} pinned maps", proxy_common::map_names::ALL.len());
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&expected));
+    assert!(said.contains(&expected), "{said}");
+    assert!(!said.contains("detached 0 tc programs"), "{said}");
     assert!(MapSet::open_pinned(&c.bpffs()).is_err());
+    // The kernel releases an unpinned link asynchronously.
+    let gone = wait_for(Duration::from_secs(5), || {
+        tcp_ask(&c.pod("client").netns, vip, Duration::from_millis(300))
+            .is_err()
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the VIP still answers after cleanup: {said}"
+    );
 }
 
 #[test]
