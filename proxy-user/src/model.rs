@@ -803,15 +803,15 @@ fn categorize(mut sp: ServicePort, node: &NodeInfo) -> ServicePort {
     sp
 }
 
-/// kube-proxy's LocalReadyEndpoints for one Service: the distinct ready
-/// ip:port endpoints on this node over all its ports (what a health check
-/// node port reports).
+/// kube-proxy's LocalReadyEndpoints for one Service: the distinct IPs of
+/// ready endpoints on this node over all its ports (one pod serving 80 and
+/// 443 counts once), what a health check node port reports.
 pub fn local_ready_endpoints(ports: &[ServicePort]) -> usize {
     ports
         .iter()
         .flat_map(|p| &p.endpoints)
         .filter(|e| e.local && e.ready)
-        .map(|e| e.endpoint)
+        .map(|e| e.endpoint.addr)
         .collect::<std::collections::BTreeSet<_>>()
         .len()
 }

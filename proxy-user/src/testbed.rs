@@ -346,7 +346,10 @@ impl Cluster {
         }
     }
 
-    fn spawn_agent(&mut self, kpx: &Path, source: &[&str], extra: &[&str]) -> Result<()> {
+    /// Starts `kpx agent` in the node namespace with `source` arguments
+    /// (`--manifests DIR`, `--kubeconfig FILE`, `--config FILE`) and the
+    /// bed's node settings, then `extra`.
+    pub fn spawn_agent(&mut self, kpx: &Path, source: &[&str], extra: &[&str]) -> Result<()> {
         let log = self.workdir.join("agent.log");
         let logf = fs::OpenOptions::new()
             .create(true)

@@ -7,8 +7,7 @@
 mod bed;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     path::Path,
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
@@ -54,36 +53,6 @@ status:
 
 fn ips(c: &Cluster, names: &[&str]) -> Vec<Ipv4Addr> {
     names.iter().map(|n| c.pod(n).ip).collect()
-}
-
-/// `GET /metrics` from the agent, inside the node namespace.
-fn metrics(c: &Cluster) -> String {
-    c.node
-        .enter(|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect("127.0.0.1:10249")?;
-            s.set_read_timeout(Some(T))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kpx\r\n\r\n")?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .unwrap()
-        .unwrap_or_else(|e| panic!("metrics: {e}\n{}", c.agent_log()))
-}
-
-/// The value of the first sample named exactly `name` (with any labels).
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let rest = if rest.starts_with('{') {
-                &rest[rest.find('}')? + 1..]
-            } else {
-                rest
-            };
-            rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
 /// Backend counts per frontend, sorted.

@@ -2,7 +2,13 @@
 //! and three web pods), the agent started on it, and waiting for its syncs.
 #![allow(dead_code)]
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    path::Path,
+    time::Duration,
+};
 
 use kpx::{
     datapath::MapSet,
@@ -90,4 +96,62 @@ pub fn running(endpoints: &[&str]) -> Option<Cluster> {
     let n = endpoints.len() as u32;
     wait_synced(&c, 2, &[n, n]);
     Some(c)
+}
+
+/// `GET path` from `addr` inside the node namespace: (status, body).
+pub fn http_get(c: &Cluster, addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let addr = addr.to_string();
+    let req = format!("GET {path} HTTP/1.0\r\nHost: kpx\r\n\r\n");
+    c.node
+        .enter(move || -> std::io::Result<String> {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(T))?;
+            s.write_all(req.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .map_err(std::io::Error::other)?
+        .map(|raw| {
+            let status = raw
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            (status, body)
+        })
+}
+
+/// `GET /metrics` from the agent, inside the node namespace.
+pub fn metrics(c: &Cluster) -> String {
+    metrics_at(c, "127.0.0.1:10249")
+}
+
+pub fn metrics_at(c: &Cluster, addr: &str) -> String {
+    match http_get(c, addr, "/metrics") {
+        Ok((200, body)) => body,
+        other => panic!("metrics on {addr}: {other:?}\n{}", c.agent_log()),
+    }
+}
+
+/// The value of the first sample named exactly `name` (with any labels, or
+/// with `name` including them).
+pub fn metric(text: &str, name: &str) -> f64 {
+    try_metric(text, name).unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+pub fn try_metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = if rest.starts_with('{') {
+            &rest[rest.find('}')? + 1..]
+        } else {
+            rest
+        };
+        rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
+    })
 }
