@@ -73,6 +73,10 @@ pub struct Config {
     /// A health or metrics port that cannot be bound stops the agent
     /// (kube-proxy's bindAddressHardFail) instead of being retried.
     pub bind_hard_fail: bool,
+    /// Once the first sync is in the maps, remove kube-proxy's rules (the
+    /// DaemonSet's migration step; tc runs before netfilter, so both may
+    /// coexist until then without a gap).
+    pub cleanup_kube_proxy: bool,
 }
 
 /// How long a failed sync waits before it is retried.
@@ -554,6 +558,16 @@ impl Agent {
         self.retry_at = None;
         self.health.updated();
         self.service_health.sync(self.index.health_checks());
+        if std::mem::take(&mut self.cfg.cleanup_kube_proxy) {
+            tokio::task::spawn_blocking(|| match crate::cleanup::kube_proxy() {
+                Ok(report) => {
+                    for line in report.to_string().lines() {
+                        log::info!("kube-proxy cleanup: {line}");
+                    }
+                }
+                Err(e) => log::warn!("kube-proxy cleanup failed: {e:#}"),
+            });
+        }
         self.stats.syncs += 1;
         self.metrics.map_writes.inc_by(ops.len() as u64);
         self.metrics.synced(took);

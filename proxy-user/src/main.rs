@@ -163,6 +163,11 @@ struct AgentArgs {
     /// [default: 0.0.0.0:10256].
     #[arg(long)]
     healthz_bind_address: Option<Bind>,
+    /// Once the first sync is in place, remove kube-proxy's iptables and
+    /// nftables rules (as `kpx cleanup --kube-proxy`); the DaemonSet turns
+    /// this on.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    cleanup_kube_proxy: bool,
     /// Exit when the health or metrics port cannot be bound (default: retry).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     bind_address_hard_fail: Option<bool>,
@@ -338,6 +343,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             .unwrap_or(Bind(Some(([0, 0, 0, 0], 10256).into())))
             .0,
         bind_hard_fail: o.bind_address_hard_fail.unwrap_or(false),
+        cleanup_kube_proxy: args.cleanup_kube_proxy,
         ct_timeouts: kpx::conntrack::Timeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,
             tcp_established: o

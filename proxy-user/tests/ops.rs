@@ -227,14 +227,46 @@ conntrack: {{tcpEstablishedTimeout: 1h, maxPerCore: 0}}
         ),
     )
     .unwrap();
+    // The node is migrating from kube-proxy: its rules are still there.
+    in_ns(
+        &c.node,
+        "iptables-nft-restore",
+        &[],
+        Some(KUBE_PROXY_IPTABLES),
+    );
     // The agent finds the API through the file's kubeconfig alone.
     c.spawn_agent(
         Path::new(KPX),
         &["--config", config.to_str().unwrap()],
-        &["--metrics-bind-address", "127.0.0.1:30249"],
+        &[
+            "--metrics-bind-address",
+            "127.0.0.1:30249",
+            "--cleanup-kube-proxy",
+        ],
     )
     .unwrap();
     wait_synced(&c, 2, &[1, 1]);
+    // After its first sync the agent removed kube-proxy's rules, and the
+    // service is served by kpx alone.
+    let cleaned = wait_for(Duration::from_secs(10), || {
+        c.agent_log()
+            .contains("kube-proxy cleanup: iptables-nft: removed 13 kube-proxy chains")
+            .then_some(())
+    });
+    assert!(cleaned.is_some(), "{}", c.agent_log());
+    let left = in_ns(&c.node, "iptables-nft-save", &[], None);
+    assert!(
+        !left.contains("KUBE-SVC-") && left.contains("MY-NAT"),
+        "{left}"
+    );
+    let ids = kpx::testbed::tcp_ask_many(
+        &c.pod("client").netns,
+        std::net::SocketAddrV4::new(VIP, 80),
+        10,
+        T,
+    )
+    .unwrap();
+    assert_eq!(ids.len(), 10);
     assert_eq!(
         until(&c, "127.0.0.1:20256", "/healthz", 200)["nodeEligible"],
         true
