@@ -130,6 +130,16 @@ struct Agent {
 
 pub async fn run(cfg: Config) -> Result<()> {
     bpffs::ensure(&cfg.bpffs)?;
+    let _claim = loop {
+        if let Some(lock) = bpffs::try_lock(&cfg.bpffs)? {
+            break lock;
+        }
+        log::warn!(
+            "another kpx agent manages {}; waiting for it to exit",
+            cfg.bpffs.display()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(cfg.bpffs.clone()),
         conntrack_entries: cfg.conntrack_entries,

@@ -62,6 +62,27 @@ pub fn ensure(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An exclusive claim on a bpffs directory: one agent at a time manages
+/// its maps (two would allocate ids behind each other's back). Released
+/// when dropped or when the process dies.
+pub struct Lock(#[allow(dead_code)] fs::File);
+
+/// Takes the claim on `dir` if free; Ok(None) while another process holds it.
+pub fn try_lock(dir: &Path) -> Result<Option<Lock>> {
+    use std::os::fd::AsRawFd as _;
+    let f = fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(Lock(f)));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(e).with_context(|| format!("locking {}", dir.display()))
+}
+
 /// Removes kpx's pinned maps from `dir` (and `dir` if that empties it).
 /// Returns the names removed.
 pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {

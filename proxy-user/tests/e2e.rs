@@ -272,6 +272,28 @@ fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_i
     let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
     let first = long.ask().unwrap();
 
+    // A second agent on the same maps waits for the first to exit.
+    let mut second = c
+        .node
+        .command(Path::new(KPX))
+        .unwrap()
+        .args(["agent", "--manifests"])
+        .arg(c.manifests_dir())
+        .arg("--bpffs")
+        .arg(c.bpffs())
+        .args(["--metrics-bind-address", "", "--healthz-bind-address", ""])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = second.stderr.take().unwrap();
+    let mut first_line = [0u8; 256];
+    let n = std::io::Read::read(&mut err, &mut first_line).unwrap();
+    let _ = second.kill();
+    let _ = second.wait();
+    let said = String::from_utf8_lossy(&first_line[..n]);
+    assert!(said.contains("another kpx agent manages"), "{said}");
+
     // SIGTERM: the agent exits, its programs stay attached through their
     // pinned links and the maps stay pinned, so the node keeps proxying
     // (as kube-proxy's rules outlive kube-proxy): a rolling update never
