@@ -1,0 +1,23 @@
+# The kpx image: `docker build -t kpx:0.1.0 .` from the repository root.
+#
+# Build stage: the same bootstrap as a developer machine (`cargo xtask build`
+# installs rust-src and bpf-linker against the nightly toolchain's LLVM,
+# then builds the agent with its embedded eBPF datapath, release profile).
+FROM rust:1.95-slim-bookworm AS build
+ARG NIGHTLY=nightly
+RUN rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src \
+ && if [ "$NIGHTLY" != nightly ]; then rustup toolchain link nightly "$(rustc +"$NIGHTLY" --print sysroot)"; fi
+WORKDIR /src
+COPY . .
+RUN cargo xtask build && install -D target/release/kpx /out/kpx
+
+# Run stage: the binary, plus iptables and nftables for
+# `--cleanup-kube-proxy` / `kpx cleanup --kube-proxy` (kpx itself installs
+# no rule).
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables nftables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/kpx /usr/local/bin/kpx
+ENTRYPOINT ["/usr/local/bin/kpx"]
+CMD ["agent", "--help"]
