@@ -4,9 +4,7 @@
 # installs rust-src and bpf-linker against the nightly toolchain's LLVM,
 # then builds the agent with its embedded eBPF datapath, release profile).
 FROM rust:1.95-slim-bookworm AS build
-ARG NIGHTLY=nightly
-RUN rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src \
- && if [ "$NIGHTLY" != nightly ]; then rustup toolchain link nightly "$(rustc +"$NIGHTLY" --print sysroot)"; fi
+RUN rustup toolchain install nightly --profile minimal --component rust-src
 WORKDIR /src
 COPY . .
 RUN cargo xtask build && install -D target/release/kpx /out/kpx

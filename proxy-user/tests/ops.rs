@@ -91,6 +91,15 @@ fn healthz_and_livez_answer_like_kube_proxy_and_drain_a_node_being_removed() {
     api.apply_yaml(&node_yaml("")).unwrap();
     until(&c, h, "/healthz", 200);
 
+    // Everything the agent asked the API for is granted by deploy/rbac.yaml.
+    let asked = api.calls().audit.lock().unwrap().clone();
+    let granted = rbac_grants(&deploy_role());
+    assert!(!asked.is_empty());
+    assert!(
+        asked.is_subset(&granted),
+        "asked {asked:?}, granted {granted:?}"
+    );
+
     let m = metrics(&c);
     assert!(metric(&m, "kubeproxy_proxy_healthz_total{code=\"503\"}") >= 1.0);
     assert!(metric(&m, "kubeproxy_proxy_livez_total{code=\"200\"}") >= 2.0);

@@ -16,7 +16,7 @@
 //! One global resourceVersion counter orders every change, like etcd's.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -110,6 +110,9 @@ pub struct Calls {
     pub lists: AtomicU64,
     pub watches: AtomicU64,
     pub gone: AtomicU64,
+    /// Every request as RBAC sees it: "list services", "watch nodes", or
+    /// "METHOD /path" for anything this stand-in does not serve.
+    pub audit: Mutex<BTreeSet<String>>,
 }
 
 struct Shared {
@@ -488,10 +491,27 @@ impl Selector {
 
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    method: axum::http::Method,
     uri: Uri,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == uri.path()) else {
+    let kind = Kind::ALL.into_iter().find(|k| k.path() == uri.path());
+    let watching = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    let entry = match kind {
+        Some(k) if method == axum::http::Method::GET => format!(
+            "{} {}",
+            if watching { "watch" } else { "list" },
+            k.path().rsplit('/').next().unwrap_or_default()
+        ),
+        _ => format!("{method} {}", uri.path()),
+    };
+    shared
+        .calls
+        .audit
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(entry);
+    let Some(kind) = kind else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -502,7 +522,7 @@ async fn handle(
         Ok(s) => s,
         Err(m) => return status(StatusCode::BAD_REQUEST, "BadRequest", &m),
     };
-    if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
+    if watching {
         shared.calls.watches.fetch_add(1, Ordering::Relaxed);
         watch(shared, kind, sel, &q)
     } else {

@@ -155,3 +155,30 @@ pub fn try_metric(text: &str, name: &str) -> Option<f64> {
         rest.strip_prefix(' ')?.split(' ').next()?.parse().ok()
     })
 }
+
+/// "verb resource" for every grant of a ClusterRole (API groups aside:
+/// kpx's resources have distinct names).
+pub fn rbac_grants(
+    role: &k8s_openapi::api::rbac::v1::ClusterRole,
+) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for res in rule.resources.iter().flatten() {
+            for verb in &rule.verbs {
+                out.insert(format!("{verb} {res}"));
+            }
+        }
+    }
+    out
+}
+
+/// The ClusterRole shipped in deploy/rbac.yaml.
+pub fn deploy_role() -> k8s_openapi::api::rbac::v1::ClusterRole {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "ClusterRole")
+        .map(|v| serde_json::from_value(v).unwrap());
+    role.expect("a ClusterRole in deploy/rbac.yaml")
+}
