@@ -1,6 +1,7 @@
 //! `kpx agent`: load and attach the datapath, keep its maps equal to the
 //! desired state from the manifests or the Kubernetes API, follow changes,
-//! detach cleanly on SIGTERM/SIGINT.
+//! exit on SIGTERM/SIGINT leaving the pinned datapath serving for the next
+//! agent to take over.
 //!
 //! Syncs are rate-limited the way kube-proxy's are: a change is synced at
 //! once if the last sync is older than `--min-sync-period`, else when it
