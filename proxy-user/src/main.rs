@@ -99,7 +99,7 @@ struct AgentArgs {
     masquerade_all: Option<bool>,
     /// The fwmark bit kube-proxy's rules use for masquerading (0-31;
     /// `kpx iptables-rules` uses it, kpx's datapath marks nothing).
-    #[arg(long = "iptables-masquerade-bit")]
+    #[arg(long = "iptables-masquerade-bit", value_parser = clap::value_parser!(u8).range(0..=31))]
     masquerade_bit: Option<u8>,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never used.
@@ -292,6 +292,9 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         log::warn!(
             "nodePortAddresses and masqueradeAll are accepted but have no effect yet: kpx does not serve NodePorts or masquerade"
         );
+    }
+    if let Some(bit) = o.masquerade_bit {
+        log::info!("configuration: ignoring masqueradeBit {bit}: kpx's datapath uses no fwmark");
     }
     if let Some(adj) = o.oom_score_adj {
         if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
