@@ -683,7 +683,7 @@ clientConnection:
   contentType: ""
   kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
   qps: 0
-clusterCIDR: 10.244.0.0/16
+clusterCIDR: 198.18.0.0/16
 configSyncPeriod: 0s
 conntrack:
   maxPerCore: null
@@ -754,7 +754,7 @@ winkernel:
         );
         assert_eq!(
             o.cluster_cidrs,
-            Some(vec!["10.244.0.0/16".parse().unwrap()])
+            Some(vec!["198.18.0.0/16".parse().unwrap()])
         );
         // Zero values are kube-proxy's "use the default".
         assert_eq!(o.bind_address, None);
@@ -883,13 +883,13 @@ logging: {format: json}
     #[test]
     fn invalid_and_unknown_fields_name_the_field() {
         for (yaml, want) in [
-            ("clusterCidr: 10.0.0.0/8", "clusterCidr"),
+            ("clusterCidr: 198.18.0.0/16", "clusterCidr"),
             ("iptables: {masqueradeBits: 14}", "iptables"),
             ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore"),
             ("iptables: {masqueradeBit: 32}", "iptables.masqueradeBit"),
             ("iptables: {syncPeriod: 30}", "iptables.syncPeriod"),
             ("iptables: {syncPeriod: -5s}", "iptables.syncPeriod"),
-            ("clusterCIDR: 10.0.0.0/33", "clusterCIDR"),
+            ("clusterCIDR: 198.18.0.0/33", "clusterCIDR"),
             ("bindAddress: nowhere", "bindAddress"),
             ("healthzBindAddress: 0.0.0.0", "healthzBindAddress"),
             ("nodePortAddresses: [everything]", "nodePortAddresses[0]"),

@@ -296,7 +296,7 @@ fn an_invalid_configuration_file_is_a_start_up_error_naming_the_field() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.yaml");
     for (yaml, field) in [
-        ("clusterCidr: 10.0.0.0/8", "clusterCidr"),
+        ("clusterCidr: 198.18.0.0/16", "clusterCidr"),
         ("conntrack: {maxPerCore: -5}", "conntrack.maxPerCore"),
     ] {
         std::fs::write(
