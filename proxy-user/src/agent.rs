@@ -473,6 +473,8 @@ impl Agent {
     }
 
     fn on_node(&mut self, ev: WatchEvent<Node>) {
+        // A Node deleted under a running proxy gets no new LB traffic.
+        let deleted = matches!(ev, WatchEvent::Delete(_));
         let node = match ev {
             WatchEvent::Init => {
                 self.node_seen = Some(None);
@@ -495,7 +497,11 @@ impl Agent {
             None => NodeInfo::named(&self.cfg.hostname),
         };
         let was = self.health.node_eligible();
-        self.health.set_node(node.as_ref());
+        if deleted {
+            self.health.set_eligible(false);
+        } else {
+            self.health.set_node(node.as_ref());
+        }
         if was != self.health.node_eligible() {
             log::info!(
                 "node {:?} {} load-balancer traffic: /healthz answers {}",

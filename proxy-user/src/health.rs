@@ -85,9 +85,14 @@ impl Health {
         s.last_updated = Some(SystemTime::now());
     }
 
-    /// Reads eligibility off the Node (None: the Node is gone or unknown).
+    /// Reads eligibility off the Node (None: not found, which kube-proxy
+    /// treats as eligible).
     pub fn set_node(&self, node: Option<&Node>) {
-        self.lock().node_eligible = node.is_none_or(node_eligible);
+        self.set_eligible(node.is_none_or(node_eligible));
+    }
+
+    pub fn set_eligible(&self, eligible: bool) {
+        self.lock().node_eligible = eligible;
     }
 
     pub fn node_eligible(&self) -> bool {
