@@ -464,3 +464,22 @@ pub mod wire {
         u16::from_be(p)
     }
 }
+
+#[cfg(test)]
+mod names {
+    use super::*;
+
+    /// Verdict, drop and event names are unique together: the agent's
+    /// metrics mirror keys its running totals by name alone.
+    #[test]
+    fn counter_names_are_unique_across_kinds() {
+        let all = Counter::ALL
+            .iter()
+            .map(|c| c.name())
+            .chain(DropReason::ALL.iter().map(|r| r.name()))
+            .chain(Event::ALL.iter().map(|e| e.name()));
+        for (i, a) in all.clone().enumerate() {
+            assert!(all.clone().skip(i + 1).all(|b| a != b), "{a} twice");
+        }
+    }
+}

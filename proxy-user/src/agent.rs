@@ -18,7 +18,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{runtime::watcher::Event as WatchEvent, ResourceExt as _};
-use proxy_common::Event;
+use prometheus_client::metrics::{counter::Counter as PromCounter, family::Family};
+use proxy_common::{Counter, DropReason, Event};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -126,7 +127,7 @@ struct Agent {
     health: Health,
     service_health: ServiceHealth,
     /// The datapath's counter totals last mirrored into the metrics.
-    seen_totals: HashMap<String, u64>,
+    seen_totals: HashMap<&'static str, u64>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -657,53 +658,24 @@ impl Agent {
     /// Mirrors the datapath's per-CPU counters (verdicts, drops, events)
     /// into the Prometheus counters.
     fn datapath_metrics(&mut self) {
+        let maps = &self.dp.maps;
         let m = &self.metrics;
         let seen = &mut self.seen_totals;
-        let mut advance =
-            |key: String, counter: &prometheus_client::metrics::counter::Counter, total| {
-                metrics::advance(counter, seen.entry(key).or_default(), total);
-            };
-        match self.dp.maps.counters() {
-            Ok(v) => {
-                for (c, n) in v {
-                    let l = VerdictLabel {
-                        verdict: c.name().into(),
-                    };
-                    advance(
-                        format!("verdict/{}", c.name()),
-                        &m.packets.get_or_create(&l),
-                        n,
-                    );
-                }
-            }
-            Err(e) => log::debug!("reading datapath counters: {e:#}"),
-        }
-        match self.dp.maps.drops() {
-            Ok(v) => {
-                for (r, n) in v {
-                    let l = ReasonLabel {
-                        reason: r.name().into(),
-                    };
-                    advance(format!("drop/{}", r.name()), &m.drops.get_or_create(&l), n);
-                }
-            }
-            Err(e) => log::debug!("reading drop counters: {e:#}"),
-        }
-        match self.dp.maps.events() {
-            Ok(v) => {
-                for (e, n) in v {
-                    let l = EventLabel {
-                        event: e.name().into(),
-                    };
-                    advance(
-                        format!("event/{}", e.name()),
-                        &m.datapath_events.get_or_create(&l),
-                        n,
-                    );
-                }
-            }
-            Err(e) => log::debug!("reading event counters: {e:#}"),
-        }
+        mirror(
+            &m.packets,
+            seen,
+            named(maps.counters(), Counter::name),
+            |n| VerdictLabel { verdict: n.into() },
+        );
+        mirror(&m.drops, seen, named(maps.drops(), DropReason::name), |n| {
+            ReasonLabel { reason: n.into() }
+        });
+        mirror(
+            &m.datapath_events,
+            seen,
+            named(maps.events(), Event::name),
+            |n| EventLabel { event: n.into() },
+        );
     }
 
     /// One conntrack collection: expired flows, and UDP flows to `stale` backends.
@@ -715,6 +687,33 @@ impl Agent {
             &mut self.stats,
             &self.metrics,
         );
+    }
+}
+
+/// A map's totals keyed by their names (each name belongs to one family).
+fn named<T>(
+    totals: Result<Vec<(T, u64)>>,
+    name: fn(T) -> &'static str,
+) -> Result<Vec<(&'static str, u64)>> {
+    Ok(totals?.into_iter().map(|(x, n)| (name(x), n)).collect())
+}
+
+/// Mirrors running totals read from a per-CPU map into a counter family;
+/// `seen` remembers the totals already counted, by name.
+fn mirror<L: Clone + std::hash::Hash + Eq>(
+    family: &Family<L, PromCounter>,
+    seen: &mut HashMap<&'static str, u64>,
+    totals: Result<Vec<(&'static str, u64)>>,
+    label: impl Fn(&'static str) -> L,
+) {
+    match totals {
+        Ok(v) => {
+            for (name, total) in v {
+                let last = seen.entry(name).or_default();
+                metrics::advance(&family.get_or_create(&label(name)), last, total);
+            }
+        }
+        Err(e) => log::debug!("reading datapath counters: {e:#}"),
     }
 }
 

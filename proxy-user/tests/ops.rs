@@ -6,12 +6,17 @@
 
 mod bed;
 
-use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use bed::*;
 use kpx::testbed::{
     apiserver::{ApiServer, Kind},
-    service_yaml_with, wait_for, Cluster, Netns, READY,
+    service_yaml_with, tcp_ask_many, wait_for, Cluster, Netns, READY,
 };
 
 const API: &str = "127.0.0.1:6443";
@@ -37,6 +42,13 @@ fn on_api(extra: &[&str]) -> Option<(Cluster, ApiServer)> {
     c.start_agent_kube(Path::new(KPX), &api, extra).unwrap();
     wait_synced(&c, 2, &[2, 2]);
     Some((c, api))
+}
+
+/// `n` TCP exchanges from the client pod through the VIP, all answered.
+fn through_vip(c: &Cluster, n: usize) {
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), n, T)
+        .unwrap_or_else(|e| panic!("through the VIP: {e:#}\n{}", c.agent_log()));
+    assert_eq!(ids.len(), n);
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -108,14 +120,7 @@ fn healthz_and_livez_answer_like_kube_proxy_and_drain_a_node_being_removed() {
 #[test]
 fn metrics_report_maps_datapath_verdicts_and_conntrack() {
     let Some((c, _api)) = on_api(&[]) else { return };
-    let ids = kpx::testbed::tcp_ask_many(
-        &c.pod("client").netns,
-        std::net::SocketAddrV4::new(VIP, 80),
-        25,
-        T,
-    )
-    .unwrap();
-    assert_eq!(ids.len(), 25);
+    through_vip(&c, 25);
     // The datapath's counters are mirrored every 5 s.
     let m = wait_for(Duration::from_secs(15), || {
         let m = metrics(&c);
@@ -268,14 +273,7 @@ conntrack: {{tcpEstablishedTimeout: 1h, maxPerCore: 0}}
         !left.contains("KUBE-SVC-") && left.contains("MY-NAT"),
         "{left}"
     );
-    let ids = kpx::testbed::tcp_ask_many(
-        &c.pod("client").netns,
-        std::net::SocketAddrV4::new(VIP, 80),
-        10,
-        T,
-    )
-    .unwrap();
-    assert_eq!(ids.len(), 10);
+    through_vip(&c, 10);
     assert_eq!(
         until(&c, "127.0.0.1:20256", "/healthz", 200)["nodeEligible"],
         true
