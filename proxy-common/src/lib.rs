@@ -24,7 +24,10 @@ pub mod map_names {
     pub const SERVICE_NAMES: &str = "KPX_SVC_NAMES";
     pub const AFFINITY: &str = "KPX_AFFINITY";
     pub const EVENTS: &str = "KPX_EVENTS";
-    pub const ALL: [&str; 11] = [
+    pub const NODE_ADDRS: &str = "KPX_NODE_ADDRS";
+    pub const SRC_RANGES: &str = "KPX_SRC_RANGES";
+    pub const CONFIG: &str = "KPX_CONFIG";
+    pub const ALL: [&str; 14] = [
         SERVICES,
         SERVICE_ADDRS,
         SLOTS,
@@ -36,6 +39,9 @@ pub mod map_names {
         SERVICE_NAMES,
         AFFINITY,
         EVENTS,
+        NODE_ADDRS,
+        SRC_RANGES,
+        CONFIG,
     ];
 }
 
@@ -63,12 +69,18 @@ pub mod capacity {
     pub const AFFINITY: u32 = 131_072;
     /// Per-service statistics slots; service ids are below this.
     pub const SERVICE_STATS: u32 = 65_536;
+    /// Addresses of this node.
+    pub const NODE_ADDRS: u32 = 1_024;
+    /// `loadBalancerSourceRanges` entries over all service frontends.
+    pub const SRC_RANGES: u32 = 65_536;
 }
 
 /// Key of the service map: one frontend of a service.
 ///
-/// ClusterIP, and later LoadBalancer ingress and external IPs, are all frontends
-/// keyed by (address, port, protocol): one hash lookup per packet.
+/// ClusterIPs, LoadBalancer ingress IPs and external IPs are frontends keyed
+/// by (address, port, protocol): one hash lookup per packet. NodePorts are
+/// keyed with address [`NODEPORT_ADDR`], looked up only for packets to an
+/// address of this node that serves NodePorts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -80,19 +92,90 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+/// The address of NodePort frontends in [`ServiceKey`].
+pub const NODEPORT_ADDR: u32 = 0;
+
 /// Value of the service map.
+///
+/// A frontend has up to two backend tables, as the reference has a cluster
+/// (`KUBE-SVC-*`) and a local (`KUBE-SVL-*`) chain per service port:
+/// the cluster-wide endpoints in slots `0..count`, and with [`SVC_F_LOCAL`]
+/// the endpoints on this node in slots `LOCAL_SLOTS + (0..local_count)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
     /// Stable id of this frontend; indexes `SLOTS` and `SERVICE_STATS`.
     pub svc_id: u32,
-    /// Number of backend slots in use (`0..count`). 0: no eligible backend.
+    /// Cluster-wide backend slots in use (`0..count`). 0: the service has no
+    /// endpoint at all, and new flows are rejected.
     pub count: u32,
-    /// Reserved for traffic-policy flags; 0 today.
+    /// `SVC_F_*` flags.
     pub flags: u32,
     /// Session affinity timeout in seconds; 0 when affinity is off.
     pub affinity_timeout: u32,
+    /// Node-local backend slots in use, with [`SVC_F_LOCAL`].
+    pub local_count: u32,
+    pub _pad: u32,
 }
+
+/// First slot number of a frontend's node-local table.
+pub const LOCAL_SLOTS: u32 = 1 << 31;
+
+/// A NodePort, LoadBalancer ingress IP or external IP: the reference's
+/// `KUBE-EXT-*` chain (masquerade, or the Local policy's special cases).
+pub const SVC_F_EXTERNAL: u32 = 1 << 0;
+/// The frontend's traffic policy is Local (internalTrafficPolicy for a
+/// cluster IP, externalTrafficPolicy for an external frontend).
+pub const SVC_F_LOCAL: u32 = 1 << 1;
+/// A LoadBalancer IP with `loadBalancerSourceRanges`: sources are checked
+/// against `SRC_RANGES` (the reference's `KUBE-FW-*`).
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 2;
+/// A NodePort frontend (informational, for `kpx dump`).
+pub const SVC_F_NODEPORT: u32 = 1 << 3;
+
+/// Value bits of the node-address map.
+pub const NODE_F_LOCAL: u32 = 1 << 0;
+/// The address serves NodePorts (`--nodeport-addresses`).
+pub const NODE_F_NODEPORT: u32 = 1 << 1;
+
+/// Data of a source-range LPM key: a frontend and a client address. The
+/// prefix length covers all 32 bits of `svc_id` plus the range's prefix, so
+/// one lookup answers "is this client in one of this frontend's ranges",
+/// whatever the number of services or ranges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange {
+    /// Big-endian, so that the trie's byte-wise prefix starts with it.
+    pub svc_id_be: u32,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+}
+
+/// Node-wide datapath settings (one element of `KPX_CONFIG`), written by the
+/// agent before it attaches the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// The cluster CIDR (network byte order) and its mask; mask 0 when
+    /// unknown (then, as in the reference, no source counts as off-cluster).
+    pub cluster_cidr: u32,
+    pub cluster_mask: u32,
+    /// Source address of masqueraded flows (the node IP); 0 disables masquerade.
+    pub snat_addr: u32,
+    /// Masquerade source ports, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// `CFG_F_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `--masquerade-all`: masquerade all traffic to cluster IPs.
+pub const CFG_F_MASQUERADE_ALL: u32 = 1 << 0;
+
+/// `skb->mark` bit on packets kpx translated: its egress program leaves them
+/// alone (they may cross a second kpx interface after a redirect).
+pub const MARK_TRANSLATED: u32 = 0x0020_0000;
 
 /// Key of the backend-slot map: slot `slot` of service `svc_id`.
 ///
@@ -207,6 +290,11 @@ pub const CT_F_SEEN_REPLY: u16 = 1 << 2;
 /// Set on both entries by a FIN or RST: the flow is closing and expires
 /// after the short closing timeout; a new SYN on its tuple starts a new flow.
 pub const CT_F_CLOSING: u16 = 1 << 3;
+/// The flow is masqueraded: its original entry also rewrites the source, its
+/// reply entry also the destination.
+pub const CT_F_SNAT: u16 = 1 << 4;
+/// The flow was started by the node itself (seen at tc egress).
+pub const CT_F_FROM_NODE: u16 = 1 << 5;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
@@ -342,10 +430,18 @@ pub enum DropReason {
     /// TCP to a service that is neither a SYN nor part of a tracked flow (the
     /// reference's `ctstate INVALID -j DROP`).
     InvalidTcp = 6,
+    /// A LoadBalancer IP's client outside its `loadBalancerSourceRanges`
+    /// (the reference's `KUBE-FW-*` falling through to the drop).
+    SourceRange = 7,
+    /// A Local traffic policy and no endpoint on this node (the reference's
+    /// "has no local endpoints" DROP).
+    NoLocalEndpoint = 8,
+    /// No free masquerade port towards the chosen backend.
+    SnatExhausted = 9,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::CtInsertFailed,
@@ -353,6 +449,9 @@ impl DropReason {
         DropReason::FragmentToService,
         DropReason::MalformedToService,
         DropReason::InvalidTcp,
+        DropReason::SourceRange,
+        DropReason::NoLocalEndpoint,
+        DropReason::SnatExhausted,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -365,6 +464,9 @@ impl DropReason {
             DropReason::FragmentToService => "fragment_to_service",
             DropReason::MalformedToService => "malformed_to_service",
             DropReason::InvalidTcp => "invalid_tcp",
+            DropReason::SourceRange => "source_range",
+            DropReason::NoLocalEndpoint => "no_local_endpoint",
+            DropReason::SnatExhausted => "snat_exhausted",
         }
     }
 }
@@ -389,16 +491,30 @@ pub enum Event {
     AffinityHit = 4,
     /// New flows that (re)started a client's affinity.
     AffinityNew = 5,
+    /// New flows masqueraded (the reference's 0x4000 mark).
+    Masqueraded = 6,
+    /// Translated packets sent straight to their next hop (`bpf_fib_lookup`
+    /// and a redirect), bypassing the stack's forwarding.
+    FibRedirect = 7,
+    /// Translated packets handed to the stack (local delivery, or the FIB
+    /// had no answer: the stack forwards them as before).
+    FibStack = 8,
+    /// New flows started by the node itself (seen at tc egress).
+    FromNode = 9,
 }
 
 impl Event {
-    pub const ALL: [Event; 6] = [
+    pub const ALL: [Event; 10] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
         Event::GcStaleUdp,
         Event::AffinityHit,
         Event::AffinityNew,
+        Event::Masqueraded,
+        Event::FibRedirect,
+        Event::FibStack,
+        Event::FromNode,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -410,6 +526,10 @@ impl Event {
             Event::GcStaleUdp => "gc_stale_udp",
             Event::AffinityHit => "affinity_hit",
             Event::AffinityNew => "affinity_new",
+            Event::Masqueraded => "masqueraded",
+            Event::FibRedirect => "fib_redirect",
+            Event::FibStack => "fib_stack",
+            Event::FromNode => "from_node",
         }
     }
 }
@@ -428,12 +548,14 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SrcRange {}
+    unsafe impl aya::Pod for DatapathConfig {}
 }
 
 /// Layout checks: a change here is a change of the pinned maps' ABI.
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
@@ -441,6 +563,8 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceStats>() == 24);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<SrcRange>() == 8);
+    assert!(core::mem::size_of::<DatapathConfig>() == 24);
 };
 
 /// Conversions between host values and the wire-order fields of map entries.

@@ -8,11 +8,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
     Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_REFRESH_NS, TCP_FIN, TCP_RST,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, TCP_FIN,
+    TCP_RST,
 };
 
 use crate::{maps::CONNTRACK, stats};
@@ -86,8 +87,30 @@ pub fn remove_flow(key: &CtKey, entry: *mut CtValue) {
     stats::event(Event::CtRemoved, removed);
 }
 
+/// How a new flow is translated besides its DNAT.
+#[derive(Clone, Copy)]
+pub struct Snat {
+    /// Masquerade to this address (0: no masquerade).
+    pub addr: u32,
+    /// Masquerade ports, host byte order, inclusive.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// `CT_F_FROM_NODE` or 0.
+    pub extra_flags: u16,
+}
+
+/// Masquerade port attempts before a new flow is dropped: each is a random
+/// port of the range, so with the range half full the chance that all fail
+/// is 1/256.
+const SNAT_TRIES: u32 = 8;
+
 /// Creates both entries of a new flow from `key` (client → frontend) to
-/// `backend`, and returns the original direction's entry.
+/// `backend`, masqueraded when `snat.addr` is set, and returns the original
+/// direction's entry.
+///
+/// A masquerade port is free exactly when its reply entry (backend →
+/// node:port) can be inserted with `BPF_NOEXIST`, so two flows never share
+/// one, whatever the CPU; the agent keeps local sockets out of the range.
 #[inline(always)]
 pub fn create(
     key: &CtKey,
@@ -95,14 +118,16 @@ pub fn create(
     backend_id: u32,
     backend: &Backend,
     tcp_flags: u8,
+    snat: &Snat,
 ) -> Result<CtValue, DropReason> {
     let now = now();
-    let original = CtValue {
+    let masquerade = snat.addr != 0;
+    let mut original = CtValue {
         new_src_addr: 0,
         new_dst_addr: backend.addr,
         new_src_port: 0,
         new_dst_port: backend.port,
-        flags: CT_F_REWRITE_DST,
+        flags: CT_F_REWRITE_DST | snat.extra_flags,
         dir: CT_DIR_ORIGINAL,
         tcp_flags,
         backend_id,
@@ -110,6 +135,11 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
+    if masquerade {
+        original.flags |= CT_F_REWRITE_SRC | CT_F_SNAT;
+        original.new_src_addr = snat.addr;
+        original.new_src_port = snat_port(snat);
+    }
     match CONNTRACK.insert(key, original, BPF_NOEXIST as u64) {
         Ok(()) => stats::event(Event::CtInserted, 1),
         // The same flow's first packet raced us on another CPU: follow its
@@ -121,13 +151,12 @@ pub fn create(
         }
         Err(_) => return Err(DropReason::CtInsertFailed),
     }
-    let reply_key = original.partner(key);
-    let reply = CtValue {
+    let mut reply = CtValue {
         new_src_addr: key.dst_addr,
         new_dst_addr: 0,
         new_src_port: key.dst_port,
         new_dst_port: 0,
-        flags: CT_F_REWRITE_SRC,
+        flags: CT_F_REWRITE_SRC | snat.extra_flags,
         dir: CT_DIR_REPLY,
         tcp_flags: 0,
         backend_id,
@@ -135,22 +164,69 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
-    // NOEXIST first so the event counters stay exact; an existing entry is
-    // a stale flow with the same reply tuple, which the new flow replaces.
-    let inserted = match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
-        Err(e) if e == -EEXIST => {
-            stats::event(Event::CtRemoved, 1);
-            CONNTRACK.insert(reply_key, reply, BPF_ANY as u64)
+    let inserted = if masquerade {
+        reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
+        reply.new_dst_addr = key.src_addr;
+        reply.new_dst_port = key.src_port;
+        insert_masqueraded(key, &mut original, &reply, snat)
+    } else {
+        // NOEXIST first so the event counters stay exact; an existing entry
+        // is a stale flow with the same reply tuple, which the new flow
+        // replaces.
+        let reply_key = original.partner(key);
+        match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
+            Err(e) if e == -EEXIST => {
+                stats::event(Event::CtRemoved, 1);
+                CONNTRACK.insert(reply_key, reply, BPF_ANY as u64)
+            }
+            r => r,
         }
-        r => r,
+        .map_err(|_| DropReason::CtInsertFailed)
     };
-    if inserted.is_err() {
+    if let Err(reason) = inserted {
         // Without its reply entry the flow would be half-translated.
         if CONNTRACK.remove(key).is_ok() {
             stats::event(Event::CtRemoved, 1);
         }
-        return Err(DropReason::CtInsertFailed);
+        return Err(reason);
     }
     stats::event(Event::CtInserted, 1);
+    if masquerade {
+        stats::event(Event::Masqueraded, 1);
+    }
     Ok(original)
+}
+
+/// Claims a free masquerade port for the flow `key` by inserting its reply
+/// entry; on a taken port, moves the original entry to another one.
+#[inline(always)]
+fn insert_masqueraded(
+    key: &CtKey,
+    original: &mut CtValue,
+    reply: &CtValue,
+    snat: &Snat,
+) -> Result<(), DropReason> {
+    for _ in 0..SNAT_TRIES {
+        match CONNTRACK.insert(original.partner(key), *reply, BPF_NOEXIST as u64) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == -EEXIST => {
+                original.new_src_port = snat_port(snat);
+                // The original entry must name the port its reply uses.
+                if CONNTRACK.insert(key, *original, BPF_ANY as u64).is_err() {
+                    return Err(DropReason::CtInsertFailed);
+                }
+            }
+            Err(_) => return Err(DropReason::CtInsertFailed),
+        }
+    }
+    Err(DropReason::SnatExhausted)
+}
+
+/// A random port of the masquerade range, network byte order.
+#[inline(always)]
+fn snat_port(snat: &Snat) -> u16 {
+    let span = (snat.port_max as u32).saturating_sub(snat.port_min as u32) + 1;
+    // SAFETY: helper without arguments.
+    let r = unsafe { bpf_get_prandom_u32() };
+    ((snat.port_min as u32 + r % span) as u16).to_be()
 }

@@ -3,7 +3,7 @@
 //! Path MTU discovery work through a VIP exactly as without a proxy.
 
 use aya_ebpf::{
-    bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_INGRESS, TC_ACT_OK},
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
@@ -11,6 +11,7 @@ use proxy_common::{Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     conntrack,
+    forward::Hook,
     parse::{ip, l4, Ipv4Hdr, Ipv4Packet, ETH_HLEN, IP_OFFSET},
     stats, Verdict,
 };
@@ -43,13 +44,15 @@ struct IcmpError {
 
 /// Turns `pkt` (a TCP SYN or UDP datagram to a service without endpoints)
 /// into the ICMP port unreachable the reference's `REJECT` sends, and
-/// returns the verdict that sends it back out of the interface it came in.
+/// returns the verdict that sends it back where the packet came from: out
+/// of the interface it came in, or, for the node's own packet seen at
+/// egress, into the node through the interface it was leaving by.
 ///
 /// The original IP header and 8 bytes of payload stay where they are; 28
 /// bytes of room after the Ethernet header receive the new IP and ICMP
 /// headers, and the tail is cut after the quote.
 #[inline(always)]
-pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
+pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> Result<i32, ()> {
     let ihl = (pkt.l4_off - pkt.l3_off) & 0x3c;
     // `quote_len` is at most QUOTE_MAX and a multiple of 4, as csum_diff needs.
     let l4_quote = if pkt.proto == IPPROTO_TCP {
@@ -112,8 +115,12 @@ pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, ()> {
     stats::count(Counter::Rejected);
     // SAFETY: reads a field of the context's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: plain helper call; egress of the interface the packet came in.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+    let flags = match hook {
+        Hook::Ingress => 0,
+        Hook::Egress => BPF_F_INGRESS as u64,
+    };
+    // SAFETY: plain helper call, on the interface the packet is on.
+    Ok(unsafe { bpf_redirect(ifindex, flags) } as i32)
 }
 
 /// One's-complement sum of `len` bytes at `data` (a multiple of 4) on `seed`.
@@ -186,7 +193,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
     match rewrite_error(ctx, pkt, inner_l3, inner_l4, &inner, &key, &t) {
         Ok(()) => {
             stats::count(Counter::IcmpTranslated);
-            Verdict::Translated
+            Verdict::Translated(TC_ACT_OK as i32)
         }
         Err(()) => Verdict::Drop(proxy_common::DropReason::RewriteFailed),
     }

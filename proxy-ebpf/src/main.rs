@@ -1,80 +1,102 @@
-//! kpx datapath: the tc classifier that load-balances Kubernetes Services.
+//! kpx datapath: the tc classifiers that load-balance Kubernetes Services.
 //!
 //! A packet's path through this crate, one module per step:
-//! [`parse`] → [`conntrack`] (known flow?) → [`service`] (which service?) →
-//! [`select`] (which backend?) → [`nat`] (rewrite) → verdict, with every
-//! outcome counted by [`stats`]. [`icmp`] answers for services without
-//! endpoints and translates ICMP errors about translated flows.
+//! [`parse`] → [`conntrack`] (known flow?) → [`service`] (which frontend?) →
+//! [`policy`] (which endpoints, masquerade, source ranges) → [`select`]
+//! (which backend?) → [`nat`] (rewrite) → [`forward`] (next hop) → verdict,
+//! with every outcome counted by [`stats`]. [`icmp`] answers for services
+//! without endpoints and translates ICMP errors about translated flows.
 #![no_std]
 #![no_main]
 
 mod conntrack;
+mod forward;
 mod icmp;
 mod maps;
 mod nat;
 mod parse;
+mod policy;
 mod select;
 mod service;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
 use proxy_common::{
-    Counter, CtKey, DropReason, CT_DIR_REPLY, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK,
-    TCP_FIN, TCP_RST, TCP_SYN,
+    Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP,
+    IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::parse::{Ipv4Packet, Parsed};
+use crate::{
+    conntrack::Snat,
+    forward::Hook,
+    parse::{Ipv4Packet, Parsed},
+    policy::Origin,
+};
 
 /// Verdict for packets kpx does not act on: let the next tc program (or the
 /// stack, if there is none) see them unchanged.
 const PASS: i32 = TC_ACT_UNSPEC;
-/// Verdict for packets kpx translated: hand them to the stack.
-const TRANSLATED: i32 = TC_ACT_OK;
 const DROP: i32 = TC_ACT_SHOT;
 
-/// tc ingress on pod-facing and node interfaces.
+/// tc ingress on pod-facing interfaces and the node's external interfaces.
 ///
-/// Map lookups per packet (all hash lookups O(1); plus one per-CPU array
+/// Map lookups per packet (all hash or array lookups, O(1); plus one per-CPU
 /// counter, and one per-service stats slot for service traffic):
-/// - packet of a tracked flow, either direction: 1 (`CT`); a FIN or RST
+/// - packet of a tracked flow, either direction: 1 (`CT`); a FIB or RST
 ///   once per flow: +1 (the other direction's entry, marked closing);
-/// - first packet of a flow to a service: 4 + 2 inserts (`CT` miss,
-///   `SERVICES`, `SLOTS`, `BACKENDS`; insert both `CT` directions); with
-///   ClientIP affinity +1 (`AFFINITY`) and one affinity write;
-/// - SYN or UDP to a service without endpoints: 2 (`CT` miss, `SERVICES`),
-///   answered with ICMP port unreachable;
+/// - first packet of a flow to a service: `CT` miss, `SERVICES` (+
+///   `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
+///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS`,
+///   `BACKENDS`; then 2 inserts (both `CT` directions; a masqueraded flow
+///   retries its reply insert on a taken port, at most 8 times); with
+///   ClientIP affinity +1 (`AFFINITY`) and one write;
+/// - SYN or UDP to a service without endpoints: `CT`, `SERVICES` (+2 for a
+///   NodePort), answered with ICMP port unreachable;
 /// - ICMP error: 1 (`CT`, on the quoted packet's tuple reversed);
-/// - any other IPv4 TCP/UDP packet: 2 (`CT` miss, `SERVICES` miss);
+/// - any other IPv4 TCP/UDP packet: 3 (`CT`, `SERVICES`, `NODE_ADDRS`
+///   misses), 4 to a NodePort address;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - non-IPv4, other protocols: 0.
 ///
+/// Every translated packet then costs one FIB lookup ([`forward`]).
 /// No loop over services or backends exists anywhere in the program.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     verdict(process(&ctx))
 }
 
-/// tc egress on the same interfaces: only ICMP errors the node itself sends
-/// about translated flows (fragmentation needed towards a backend's smaller
-/// MTU, for one), which never cross an ingress hook. 1 lookup (`CT`) per ICMP
-/// error; anything else costs two small loads and passes. Only translations
-/// are counted.
+/// tc egress on the same interfaces: packets the node itself sends.
+///
+/// - packets kpx already translated (`MARK_TRANSLATED`): 0 lookups, passed;
+/// - ICMP errors about translated flows (fragmentation needed towards a
+///   backend's smaller MTU, for one), which never cross an ingress hook:
+///   1 (`CT`);
+/// - TCP/UDP: 1 (`NODE_ADDRS`, is the source this node?); from the node: as
+///   a new or tracked flow at ingress, without the NodePort lookup (a
+///   node's packets to its own address never leave through an interface).
+///
+/// Only translations are counted.
 #[classifier]
 pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
-    if !parse::is_ipv4_icmp(&ctx) {
+    if forward::mark(&ctx) & MARK_TRANSLATED != 0 {
         return PASS;
     }
-    match parse::parse_ipv4(&ctx) {
-        Parsed::Packet(pkt) if pkt.proto == IPPROTO_ICMP => match icmp::translate_error(&ctx, &pkt)
-        {
-            Verdict::Pass(_) => PASS,
-            v => verdict(v),
-        },
-        _ => PASS,
+    let pkt = match parse::parse_ipv4(&ctx) {
+        Parsed::Packet(pkt) => pkt,
+        _ => return PASS,
+    };
+    let v = match pkt.proto {
+        IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
+        IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => from_node(&ctx, &pkt),
+        _ => return PASS,
+    };
+    match v {
+        Verdict::Pass(_) => PASS,
+        v => verdict(v),
     }
 }
 
@@ -85,8 +107,7 @@ fn verdict(v: Verdict) -> i32 {
             stats::count(counter);
             PASS
         }
-        Verdict::Translated => TRANSLATED,
-        Verdict::Redirect(action) => action,
+        Verdict::Translated(action) | Verdict::Redirect(action) => action,
         Verdict::Drop(reason) => {
             stats::drop(reason);
             DROP
@@ -97,8 +118,8 @@ fn verdict(v: Verdict) -> i32 {
 pub(crate) enum Verdict {
     /// Untouched; the counter says why.
     Pass(Counter),
-    /// Translated (and counted).
-    Translated,
+    /// Translated (and counted), with the forwarding verdict.
+    Translated(i32),
     /// Rewritten into a reply and redirected (and counted).
     Redirect(i32),
     Drop(DropReason),
@@ -138,31 +159,51 @@ fn process(ctx: &TcContext) -> Verdict {
     if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
         return Verdict::Pass(Counter::PassNotHandled);
     }
+    flow(ctx, &pkt, Origin::Network)
+}
 
+/// A TCP/UDP packet the node itself sends (its source is a node address).
+#[inline(always)]
+fn from_node(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
+    flow(ctx, pkt, Origin::Node)
+}
+
+/// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither.
+#[inline(always)]
+fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
     let key = pkt.tuple();
+    let hook = match origin {
+        Origin::Network => Hook::Ingress,
+        Origin::Node => Hook::Egress,
+    };
     // Known flow, either direction: one lookup decides the rewrite.
     if let Some(entry) = conntrack::lookup(&key) {
-        if !(pkt.proto == IPPROTO_TCP && is_syn(&pkt) && conntrack::closed_original(entry)) {
-            return established(ctx, &pkt, &key, entry);
+        if !(pkt.proto == IPPROTO_TCP && is_syn(pkt) && conntrack::closed_original(entry)) {
+            return established(ctx, pkt, &key, entry, hook);
         }
         // A new connection reusing a closing flow's tuple.
         conntrack::remove_flow(&key, entry);
     }
-    let Some(svc) = service::lookup(pkt.dst, pkt.dport, pkt.proto) else {
+    let svc = match origin {
+        Origin::Network => service::lookup(pkt.dst, pkt.dport, pkt.proto),
+        // The node's packets to its own addresses go through loopback.
+        Origin::Node => service::lookup_exact(pkt.dst, pkt.dport, pkt.proto),
+    };
+    let Some(svc) = svc else {
         return Verdict::Pass(Counter::PassNoService);
     };
-    if pkt.proto == IPPROTO_TCP && !is_syn(&pkt) {
+    if pkt.proto == IPPROTO_TCP && !is_syn(pkt) {
         // Mid-stream TCP nobody tracks: the reference's ctstate INVALID.
         return Verdict::Drop(DropReason::InvalidTcp);
     }
     if svc.count == 0 {
         // The reference's REJECT: the client learns at once.
-        return match icmp::reject(ctx, &pkt) {
+        return match icmp::reject(ctx, pkt, hook) {
             Ok(action) => Verdict::Redirect(action),
             Err(()) => Verdict::Drop(DropReason::NoBackend),
         };
     }
-    new_flow(ctx, &pkt, &key, &svc)
+    new_flow(ctx, pkt, &key, &svc, origin, hook)
 }
 
 /// A packet of a tracked flow: apply the entry's rewrite.
@@ -172,6 +213,7 @@ fn established(
     pkt: &Ipv4Packet,
     key: &CtKey,
     entry: *mut proxy_common::CtValue,
+    hook: Hook,
 ) -> Verdict {
     let rewrite = conntrack::touch(key, entry, pkt.tcp_flags);
     if nat::apply(ctx, pkt, &rewrite).is_err() {
@@ -183,32 +225,69 @@ fn established(
     } else {
         Counter::CtOriginal
     });
-    Verdict::Translated
+    // A reply to the node's own flow arrives at ingress but is delivered
+    // locally: the FIB says so, and the stack takes it.
+    Verdict::Translated(forward::forward(ctx, pkt, hook))
 }
 
-/// First packet of a flow to a service: pick a backend, track, translate.
+/// First packet of a flow to a service: apply the traffic policy, pick a
+/// backend, track, translate, forward.
 #[inline(always)]
 fn new_flow(
     ctx: &TcContext,
     pkt: &Ipv4Packet,
     key: &CtKey,
     svc: &proxy_common::ServiceValue,
+    origin: Origin,
+    hook: Hook,
 ) -> Verdict {
-    let sel = match select::backend(svc, pkt.src) {
+    let cfg = service::config();
+    let choice = match policy::decide(svc, pkt.src, origin, &cfg) {
+        Ok(c) => c,
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    let table = select::Table::of(svc, choice.local);
+    let sel = match select::backend(svc, table, pkt.src) {
         Ok(s) => s,
         Err(reason) => return Verdict::Drop(reason),
     };
-    let rewrite =
-        match conntrack::create(key, svc.svc_id, sel.backend_id, &sel.backend, pkt.tcp_flags) {
-            Ok(r) => r,
-            Err(reason) => return Verdict::Drop(reason),
-        };
+    // The node's own packets already carry a node address; a pod reaching
+    // itself through its service (hairpin) must be masqueraded, or its own
+    // reply would never leave it.
+    let masquerade = match origin {
+        Origin::Network => choice.masquerade || sel.backend.addr == pkt.src,
+        Origin::Node => false,
+    };
+    let snat = Snat {
+        addr: if masquerade { cfg.snat_addr } else { 0 },
+        port_min: cfg.snat_port_min,
+        port_max: cfg.snat_port_max,
+        extra_flags: if origin == Origin::Node {
+            CT_F_FROM_NODE
+        } else {
+            0
+        },
+    };
+    let rewrite = match conntrack::create(
+        key,
+        svc.svc_id,
+        sel.backend_id,
+        &sel.backend,
+        pkt.tcp_flags,
+        &snat,
+    ) {
+        Ok(r) => r,
+        Err(reason) => return Verdict::Drop(reason),
+    };
     if nat::apply(ctx, pkt, &rewrite).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(svc.svc_id, ctx.len(), true);
     stats::count(Counter::NewFlow);
-    Verdict::Translated
+    if origin == Origin::Node {
+        stats::event(Event::FromNode, 1);
+    }
+    Verdict::Translated(forward::forward(ctx, pkt, hook))
 }
 
 #[cfg(not(test))]

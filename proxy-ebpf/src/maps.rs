@@ -7,11 +7,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    capacity, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DropReason, Event,
-    ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey,
+    capacity, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig,
+    DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey, SrcRange,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -59,3 +59,18 @@ pub static SERVICE_STATS: PerCpuArray<ServiceStats> =
 #[map(name = "KPX_SVC_NAMES")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> =
     HashMap::with_max_entries(capacity::SERVICE_STATS, BPF_F_NO_PREALLOC);
+
+/// This node's addresses, with `NODE_F_*` bits: which serve NodePorts, and
+/// which sources are the node itself.
+#[map(name = "KPX_NODE_ADDRS")]
+pub static NODE_ADDRS: HashMap<u32, u32> =
+    HashMap::with_max_entries(capacity::NODE_ADDRS, BPF_F_NO_PREALLOC);
+
+/// `loadBalancerSourceRanges`, keyed by (frontend, client prefix).
+#[map(name = "KPX_SRC_RANGES")]
+pub static SRC_RANGES: LpmTrie<SrcRange, u32> =
+    LpmTrie::with_max_entries(capacity::SRC_RANGES, BPF_F_NO_PREALLOC);
+
+/// Node-wide settings: one element.
+#[map(name = "KPX_CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

@@ -5,7 +5,7 @@
 //! truncated packet is an `Err`, never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -97,15 +97,6 @@ pub enum Parsed {
     /// A well-formed, unfragmented IPv4 packet. `sport`/`dport` are 0 unless
     /// the protocol is TCP or UDP.
     Packet(Ipv4Packet),
-}
-
-/// Whether the frame is IPv4 ICMP, from two small loads: lets the egress
-/// program leave every other packet alone without parsing it.
-#[inline(always)]
-pub fn is_ipv4_icmp(ctx: &TcContext) -> bool {
-    const IP_PROTO: usize = 9;
-    matches!(ctx.load::<u16>(12), Ok(p) if u16::from_be(p) == ETH_P_IP)
-        && matches!(ctx.load::<u8>(ETH_HLEN + IP_PROTO), Ok(IPPROTO_ICMP))
 }
 
 #[inline(always)]

@@ -1,8 +1,11 @@
-//! Backend selection in O(1): a uniformly random slot of the service's table,
-//! or the client's affinity backend while its ClientIP affinity lasts.
+//! Backend selection in O(1): a uniformly random slot of one of the
+//! frontend's tables (cluster-wide or node-local, as the traffic policy
+//! chose), or the client's affinity backend while its ClientIP affinity lasts.
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
-use proxy_common::{AffinityKey, AffinityValue, Backend, DropReason, Event, ServiceValue, SlotKey};
+use proxy_common::{
+    AffinityKey, AffinityValue, Backend, DropReason, Event, ServiceValue, SlotKey, LOCAL_SLOTS,
+};
 
 use crate::{
     conntrack::now,
@@ -15,17 +18,44 @@ pub struct Selected {
     pub backend: Backend,
 }
 
-/// Picks a backend for a new flow of `svc` from `client`:
-/// `SLOTS[(svc, rand % count)]`, then `BACKENDS[id]`; with ClientIP affinity
-/// one `AFFINITY` lookup first (and one write). At most four lookups whatever
-/// the number of backends or clients.
+/// One backend table of a frontend: slots `base..base + count`.
+#[derive(Clone, Copy)]
+pub struct Table {
+    base: u32,
+    count: u32,
+}
+
+impl Table {
+    pub fn of(svc: &ServiceValue, local: bool) -> Self {
+        if local {
+            Self {
+                base: LOCAL_SLOTS,
+                count: svc.local_count,
+            }
+        } else {
+            Self {
+                base: 0,
+                count: svc.count,
+            }
+        }
+    }
+
+    fn contains(&self, slot: u32) -> bool {
+        slot.wrapping_sub(self.base) < self.count
+    }
+}
+
+/// Picks a backend of table `t` of `svc` for a new flow from `client`:
+/// `SLOTS[(svc, base + rand % count)]`, then `BACKENDS[id]`; with ClientIP
+/// affinity one `AFFINITY` lookup first (and one write). At most four
+/// lookups whatever the number of backends or clients.
 #[inline(always)]
-pub fn backend(svc: &ServiceValue, client: u32) -> Result<Selected, DropReason> {
-    if svc.count == 0 {
+pub fn backend(svc: &ServiceValue, t: Table, client: u32) -> Result<Selected, DropReason> {
+    if t.count == 0 {
         return Err(DropReason::NoBackend);
     }
     if svc.affinity_timeout == 0 {
-        return random(svc).map(|(s, _)| s);
+        return random(svc.svc_id, t).map(|(s, _)| s);
     }
     let key = AffinityKey {
         svc_id: svc.svc_id,
@@ -37,9 +67,12 @@ pub fn backend(svc: &ServiceValue, client: u32) -> Result<Selected, DropReason> 
         // update of the same client is benign (both pick a live backend).
         let a = unsafe { &mut *a };
         let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
-        if now.wrapping_sub(a.last_used_ns) < timeout_ns && a.slot < svc.count {
+        if now.wrapping_sub(a.last_used_ns) < timeout_ns && t.contains(a.slot) {
             // The record holds only while its slot still holds its backend:
             // a backend leaving the service releases its clients at once.
+            // A record from the other table (the client came in through
+            // another policy) is replaced, as the reference's per-chain
+            // `recent` check would miss it.
             if let Ok(id) = slot(svc.svc_id, a.slot) {
                 if id == a.backend_id {
                     let backend = lookup_backend(id)?;
@@ -53,7 +86,7 @@ pub fn backend(svc: &ServiceValue, client: u32) -> Result<Selected, DropReason> 
             }
         }
     }
-    let (sel, slot) = random(svc)?;
+    let (sel, slot) = random(svc.svc_id, t)?;
     let value = AffinityValue {
         backend_id: sel.backend_id,
         slot,
@@ -67,11 +100,11 @@ pub fn backend(svc: &ServiceValue, client: u32) -> Result<Selected, DropReason> 
 }
 
 #[inline(always)]
-fn random(svc: &ServiceValue) -> Result<(Selected, u32), DropReason> {
+fn random(svc_id: u32, t: Table) -> Result<(Selected, u32), DropReason> {
     // SAFETY: helper without arguments or side effects on memory.
     let rand = unsafe { bpf_get_prandom_u32() };
-    let n = rand % svc.count;
-    let backend_id = slot(svc.svc_id, n)?;
+    let n = t.base + rand % t.count;
+    let backend_id = slot(svc_id, n)?;
     let backend = lookup_backend(backend_id)?;
     Ok((
         Selected {

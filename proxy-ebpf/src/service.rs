@@ -1,11 +1,16 @@
-//! Service lookup: one hash lookup on (destination address, port, protocol).
+//! Service lookup: one hash lookup on (destination address, port, protocol);
+//! for a packet to one of this node's NodePort addresses that matches no
+//! frontend, one more lookup, of the NodePort frontend (the reference's
+//! `KUBE-NODEPORTS`, reached last from `KUBE-SERVICES`).
 
-use proxy_common::{ServiceKey, ServiceValue};
+use proxy_common::{
+    DatapathConfig, ServiceKey, ServiceValue, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT,
+};
 
-use crate::maps::{SERVICES, SERVICE_ADDRS};
+use crate::maps::{CONFIG, NODE_ADDRS, SERVICES, SERVICE_ADDRS};
 
 #[inline(always)]
-pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     let key = ServiceKey {
         addr,
         port,
@@ -20,8 +25,53 @@ pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     })
 }
 
+/// The frontend a packet to `addr:port` is for. Lookups: 1 for a cluster,
+/// external or LoadBalancer IP; on a miss 1 more (`NODE_ADDRS`), and 1 more
+/// (the NodePort frontend) when `addr` serves NodePorts.
+#[inline(always)]
+pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    if let Some(v) = get(addr, port, proto) {
+        return Some(v);
+    }
+    if node_flags(addr) & NODE_F_NODEPORT != 0 {
+        return get(NODEPORT_ADDR, port, proto);
+    }
+    None
+}
+
+/// `NODE_F_*` bits of `addr`: 0 for an address that is not this node's.
+#[inline(always)]
+pub fn node_flags(addr: u32) -> u32 {
+    NODE_ADDRS.get_ptr(addr).map_or(0, |v| {
+        // SAFETY: as in `get`.
+        unsafe { *v }
+    })
+}
+
+/// Whether `addr` is an address of this node.
+#[inline(always)]
+pub fn is_node_addr(addr: u32) -> bool {
+    node_flags(addr) & NODE_F_LOCAL != 0
+}
+
 /// Whether `addr` is a frontend address of any service.
 #[inline(always)]
 pub fn is_service_addr(addr: u32) -> bool {
     addr != 0 && SERVICE_ADDRS.get_ptr(addr).is_some()
+}
+
+/// The node-wide settings (all zero before the agent writes them: no
+/// cluster CIDR, no masquerade).
+#[inline(always)]
+pub fn config() -> DatapathConfig {
+    CONFIG.get_ptr(0).map_or(DatapathConfig::default(), |c| {
+        // SAFETY: array element pointer, valid for the program run.
+        unsafe { *c }
+    })
+}
+
+/// As [`lookup`], without the NodePort fallback: 1 lookup.
+#[inline(always)]
+pub fn lookup_exact(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    get(addr, port, proto)
 }

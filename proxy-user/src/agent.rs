@@ -31,12 +31,14 @@ use crate::{
     attach::{self, Attacher, Patterns},
     bpffs,
     cluster::Index,
+    config::NodePortAddress,
     conntrack::{self, Timeouts},
     datapath::{Datapath, LoadOptions, MapSet},
     health::{self, Health, ServiceHealth},
     manifests,
     metrics::{self, EventLabel, MapLabel, Metrics, ReasonLabel, ResourceLabel, VerdictLabel},
     model::{NodeInfo, Problem, Skipped, Sourced},
+    node::{self, PortRange},
     sync::{self, Mirror},
     watch::{self, Change},
 };
@@ -79,6 +81,12 @@ pub struct Config {
     /// DaemonSet's migration step; tc runs before netfilter, so both may
     /// coexist until then without a gap).
     pub cleanup_kube_proxy: bool,
+    /// Which node addresses serve NodePorts (empty: all but loopback).
+    pub nodeport_addresses: Vec<NodePortAddress>,
+    /// Masquerade all traffic to cluster IPs.
+    pub masquerade_all: bool,
+    /// Source ports of masqueraded flows.
+    pub masquerade_ports: PortRange,
 }
 
 /// How long a failed sync waits before it is retried.
@@ -126,6 +134,8 @@ struct Agent {
     retry_at: Option<Instant>,
     health: Health,
     service_health: ServiceHealth,
+    /// The datapath settings last written (None: not yet).
+    node_settings: Option<proxy_common::DatapathConfig>,
     /// The datapath's counter totals last mirrored into the metrics.
     seen_totals: HashMap<&'static str, u64>,
 }
@@ -142,7 +152,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let mut dp = Datapath::load(&LoadOptions {
+    let dp = Datapath::load(&LoadOptions {
         pin_dir: Some(cfg.bpffs.clone()),
         conntrack_entries: cfg.conntrack_entries,
     })?;
@@ -157,8 +167,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg.bpffs.display(),
         mirror.state.services.len()
     );
+    match node::reserve_ports(&cfg.masquerade_ports) {
+        Ok(Some(msg)) => log::info!("{msg}"),
+        Ok(None) => {}
+        Err(e) => log::warn!(
+            "keeping local sockets out of the masquerade ports {}: {e:#}",
+            cfg.masquerade_ports
+        ),
+    }
     let mut attacher = Attacher::new(cfg.interfaces.clone(), Some(&cfg.bpffs));
-    attacher.reconcile(&mut dp);
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 
@@ -198,7 +215,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
 
     let mut agent = Agent {
-        index: Index::new(NodeInfo::named(&cfg.hostname)),
+        index: Index::new(NodeInfo {
+            addresses: cfg.node_ips.clone(),
+            ..NodeInfo::named(&cfg.hostname)
+        }),
+        node_settings: None,
         cfg,
         dp,
         mirror,
@@ -218,6 +239,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         health,
         seen_totals: HashMap::new(),
     };
+    // Settings and addresses first, so the programs never run without them.
+    agent.node_settings();
+    attacher.reconcile(&mut agent.dp);
     agent.datapath_metrics();
     // Continue the totals an earlier agent left in the pinned counters.
     for (e, n) in agent.dp.maps.events().unwrap_or_default() {
@@ -247,7 +271,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { log::info!("SIGINT: stopping"); break; }
-            Some(()) = link_rx.recv() => attacher.reconcile(&mut agent.dp),
+            Some(()) = link_rx.recv() => {
+                agent.node_settings();
+                attacher.reconcile(&mut agent.dp);
+            }
             Some(change) = change_rx.recv(), if kube => {
                 agent.on_change(change);
                 // Take everything already queued: one sync for the batch.
@@ -274,6 +301,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     Ok(state) => agent.mirror = Mirror::new(state),
                     Err(e) => log::warn!("re-reading maps: {e:#}"),
                 }
+                agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
                 agent.owed = true;
                 agent.full = true;
@@ -493,10 +521,19 @@ impl Agent {
             WatchEvent::Apply(n) => Some(n),
             WatchEvent::Delete(_) => None,
         };
-        let info = match &node {
+        let mut info = match &node {
             Some(n) => NodeInfo::from_node(&self.cfg.hostname, n),
             None => NodeInfo::named(&self.cfg.hostname),
         };
+        // Configured node IPs come first: the primary one is kube-proxy's
+        // nodeIP (masquerade source, source-range exception).
+        let mut addresses = self.cfg.node_ips.clone();
+        addresses.extend(
+            info.addresses
+                .iter()
+                .filter(|a| !self.cfg.node_ips.contains(a)),
+        );
+        info.addresses = addresses;
         let was = self.health.node_eligible();
         if deleted {
             self.health.set_eligible(false);
@@ -522,6 +559,79 @@ impl Agent {
                 self.index.node().zone,
                 self.index.node().addresses
             );
+            self.node_settings();
+        }
+    }
+
+    /// Writes the node-wide datapath settings and this node's addresses
+    /// when they changed. The masquerade source is the node's primary IP:
+    /// configured, else the Node object's, else none (no masquerade, and
+    /// a warning: off-cluster clients of cluster IPs then fail).
+    fn node_settings(&mut self) {
+        let primary = self.index.node().addresses.first().copied();
+        let cfg = node::datapath_config(
+            self.cfg.cluster_cidrs.first(),
+            primary,
+            &self.cfg.masquerade_ports,
+            self.cfg.masquerade_all,
+        );
+        if self.node_settings != Some(cfg) {
+            match self.dp.maps.set_config(&cfg) {
+                Ok(()) => {
+                    if primary.is_none() {
+                        log::warn!(
+                            "no node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded"
+                        );
+                    } else {
+                        log::info!(
+                            "datapath: masquerade to {} ports {}, cluster CIDR {}{}",
+                            primary.map_or_else(String::new, |p| p.to_string()),
+                            self.cfg.masquerade_ports,
+                            self.cfg
+                                .cluster_cidrs
+                                .first()
+                                .map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                            if self.cfg.masquerade_all {
+                                ", masquerade all"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    self.node_settings = Some(cfg);
+                }
+                Err(e) => log::warn!("writing KPX_CONFIG: {e}; retrying at the next resync"),
+            }
+        }
+        let addrs = match node::local_ipv4() {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("listing this node's addresses: {e}; retrying at the next change");
+                return;
+            }
+        };
+        let want = node::node_addrs(
+            &addrs,
+            &self.cfg.nodeport_addresses,
+            &self.index.node().addresses,
+        );
+        match node::write_node_addrs(&mut self.dp.maps, &want) {
+            Ok(true) => {
+                let nodeport: Vec<String> = addrs
+                    .iter()
+                    .filter(|a| {
+                        want.get(&proxy_common::wire::addr(**a))
+                            .is_some_and(|f| f & proxy_common::NODE_F_NODEPORT != 0)
+                    })
+                    .map(|a| a.to_string())
+                    .collect();
+                log::info!(
+                    "node addresses {addrs:?}; NodePorts on [{}]",
+                    nodeport.join(", ")
+                );
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("{e:#}; retrying at the next change"),
         }
     }
 

@@ -346,17 +346,19 @@ fn attach(
     }
 }
 
-/// Notifies `tx` of every netlink link event (interface added, removed,
-/// changed) in this network namespace. Runs on its own thread; reconnects
+/// Notifies `tx` of every netlink link and IPv4 address event (interface
+/// added, removed, changed; address added or removed) in this network
+/// namespace. Runs on its own thread; reconnects
 /// with backoff if the socket fails.
 pub fn watch_links(tx: mpsc::Sender<()>) {
     const RTMGRP_LINK: u32 = 1;
+    const RTMGRP_IPV4_IFADDR: u32 = 0x10;
     std::thread::spawn(move || {
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = (|| -> std::io::Result<()> {
                 let mut sock = Socket::new(NETLINK_ROUTE)?;
-                sock.bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+                sock.bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))?;
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     sock.recv(&mut &mut buf[..], 0)?;

@@ -10,8 +10,19 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    fn mask(&self) -> u32 {
+    /// The prefix of one address.
+    pub const fn host(addr: Ipv4Addr) -> Self {
+        Self { addr, len: 32 }
+    }
+
+    /// The netmask, host byte order.
+    pub fn mask(&self) -> u32 {
         u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0)
+    }
+
+    /// The prefix with its host bits cleared.
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {

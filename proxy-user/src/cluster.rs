@@ -33,7 +33,6 @@ struct SvcEntry {
     parsed: Result<Option<Svc>, Problem>,
     /// Validation skips, then those of the last frontend computation.
     skipped: Vec<(String, Skipped)>,
-    frontend_skipped: Vec<(String, Skipped)>,
 }
 
 #[derive(Debug)]
@@ -128,14 +127,8 @@ impl Index {
             .get(&id)
             .is_none_or(|e| e.parsed != parsed || e.skipped != skipped);
         if changed {
-            self.services.insert(
-                id.clone(),
-                SvcEntry {
-                    parsed,
-                    skipped,
-                    frontend_skipped: Vec::new(),
-                },
-            );
+            self.services
+                .insert(id.clone(), SvcEntry { parsed, skipped });
             self.dirty.insert(id);
         }
         Applied { changed, problem }
@@ -305,8 +298,7 @@ impl Index {
                 let local = model::local_ready_endpoints(&ports);
                 self.health_checks.insert(id.clone(), (port, local));
             }
-            let mut skipped = Vec::new();
-            let fronts = model::frontends(svc, &ports, &mut skipped);
+            let fronts = model::frontends(svc, &ports, self.node.addresses.first().copied());
             let mut keys = Vec::with_capacity(fronts.len());
             for (k, f) in fronts {
                 self.claims.entry(k).or_default().insert(id.clone(), f);
@@ -314,9 +306,6 @@ impl Index {
                 touched.insert(k);
             }
             self.owned.insert(id.clone(), keys);
-            if let Some(e) = self.services.get_mut(&id) {
-                e.frontend_skipped = skipped;
-            }
         }
         for &key in &touched {
             match self.claims.get(&key) {
@@ -415,7 +404,7 @@ impl Index {
         let all = self
             .services
             .values()
-            .flat_map(|e| e.skipped.iter().chain(&e.frontend_skipped))
+            .flat_map(|e| e.skipped.iter())
             .chain(self.slices.values().flat_map(|e| e.skipped.iter()));
         for (_, why) in all {
             *out.entry(*why).or_default() += 1;
@@ -428,7 +417,7 @@ impl Index {
         let mut out: Vec<(String, Skipped)> = self
             .services
             .values()
-            .flat_map(|e| e.skipped.iter().chain(&e.frontend_skipped).cloned())
+            .flat_map(|e| e.skipped.iter().cloned())
             .chain(self.slices.values().flat_map(|e| e.skipped.iter().cloned()))
             .collect();
         out.sort();

@@ -5,16 +5,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        lpm_trie::{Key as LpmKey, LpmTrie},
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    },
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
 
-use crate::sync::{MapState, Op};
+use crate::{
+    cidr::Cidr,
+    sync::{MapState, Op},
+};
 use proxy_common::{
-    map_names, prog_names, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
-    DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey,
-    SERVICE_NAME_LEN,
+    map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
+    DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue,
+    SlotKey, SrcRange, SERVICE_NAME_LEN,
 };
 
 /// The datapath object built by build.rs from proxy-ebpf.
@@ -41,6 +47,9 @@ pub struct MapSet {
     pub service_names: HashMap<MapData, u32, ServiceName>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     pub events: PerCpuArray<MapData, u64>,
+    pub node_addrs: HashMap<MapData, u32, u32>,
+    pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
+    pub config: Array<MapData, DatapathConfig>,
 }
 
 impl MapSet {
@@ -58,6 +67,9 @@ impl MapSet {
             service_names: get(map_names::SERVICE_NAMES)?.try_into()?,
             affinity: get(map_names::AFFINITY)?.try_into()?,
             events: get(map_names::EVENTS)?.try_into()?,
+            node_addrs: get(map_names::NODE_ADDRS)?.try_into()?,
+            src_ranges: get(map_names::SRC_RANGES)?.try_into()?,
+            config: get(map_names::CONFIG)?.try_into()?,
         })
     }
 
@@ -105,6 +117,14 @@ impl MapSet {
                 cap(IterableMap::map(&self.conntrack))?,
             ),
             (map_names::AFFINITY, cap(IterableMap::map(&self.affinity))?),
+            (
+                map_names::NODE_ADDRS,
+                cap(IterableMap::map(&self.node_addrs))?,
+            ),
+            (
+                map_names::SRC_RANGES,
+                cap(IterableMap::map(&self.src_ranges))?,
+            ),
         ])
     }
 
@@ -166,6 +186,16 @@ impl MapSet {
                 .iter()
                 .map(|kv| kv.map(|(id, n)| (id, name_from_bytes(&n))))
                 .collect::<Result<_, _>>()?,
+            ranges: {
+                let mut out: std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>> =
+                    Default::default();
+                for key in self.src_ranges.keys() {
+                    let key = key?;
+                    let (id, cidr) = range_from_key(&key);
+                    out.entry(id).or_default().insert(cidr);
+                }
+                out
+            },
         })
     }
 
@@ -186,8 +216,39 @@ impl MapSet {
             Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
             Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(a)),
             Op::DelName(id) => ignore_missing(self.service_names.remove(id)),
+            Op::PutRange(id, r) => self.src_ranges.insert(&range_key(*id, r), 1, 0),
+            Op::DelRange(id, r) => ignore_missing(self.src_ranges.remove(&range_key(*id, r))),
         }
     }
+
+    /// The node-wide settings the datapath reads.
+    pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
+        self.config.set(0, cfg, 0)
+    }
+}
+
+/// The LPM key of source range `r` of frontend `svc_id`: the whole id, then
+/// the range's prefix.
+pub fn range_key(svc_id: u32, r: &Cidr) -> LpmKey<SrcRange> {
+    LpmKey::new(
+        32 + u32::from(r.len),
+        SrcRange {
+            svc_id_be: svc_id.to_be(),
+            addr: wire::addr(r.network()),
+        },
+    )
+}
+
+fn range_from_key(k: &LpmKey<SrcRange>) -> (u32, Cidr) {
+    let data = k.data();
+    let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+    (
+        u32::from_be(data.svc_id_be),
+        Cidr {
+            addr: wire::to_addr(data.addr),
+            len,
+        },
+    )
 }
 
 /// Deleting what is already gone (by hand, or by an earlier interrupted

@@ -14,6 +14,7 @@ pub mod health;
 pub mod manifests;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod sync;
 pub mod testbed;
 pub mod watch;

@@ -101,6 +101,11 @@ struct AgentArgs {
     /// `kpx iptables-rules` uses it, kpx's datapath marks nothing).
     #[arg(long = "iptables-masquerade-bit", value_parser = clap::value_parser!(u8).range(0..=31))]
     masquerade_bit: Option<u8>,
+    /// Source ports of masqueraded flows (first-last). Local sockets are
+    /// kept out of them (ip_local_reserved_ports) if the ephemeral range
+    /// overlaps.
+    #[arg(long, default_value = "1024-29999")]
+    masquerade_ports: kpx::node::PortRange,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never used.
     #[arg(long, default_value = "*")]
@@ -287,14 +292,19 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     for i in &ignored {
         log::info!("configuration: ignoring {i}");
     }
-    if o.nodeport_addresses.is_some() || o.masquerade_all == Some(true) {
-        // Issue "NodePort, LoadBalancer and externalIPs, masquerade ...".
-        log::warn!(
-            "nodePortAddresses and masqueradeAll are accepted but have no effect yet: kpx does not serve NodePorts or masquerade"
+    if let Some(bit) = o.masquerade_bit {
+        log::info!(
+            "configuration: ignoring masqueradeBit {bit}: kpx masquerades in its datapath, without a fwmark"
         );
     }
-    if let Some(bit) = o.masquerade_bit {
-        log::info!("configuration: ignoring masqueradeBit {bit}: kpx's datapath uses no fwmark");
+    if o.nodeport_addresses
+        .iter()
+        .flatten()
+        .any(|a| matches!(a, NodePortAddress::Localhost))
+    {
+        log::warn!(
+            "nodePortAddresses: localhost NodePorts are not served (kpx sees no traffic on lo)"
+        );
     }
     if let Some(adj) = o.oom_score_adj {
         if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
@@ -347,6 +357,9 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             .0,
         bind_hard_fail: o.bind_address_hard_fail.unwrap_or(false),
         cleanup_kube_proxy: args.cleanup_kube_proxy,
+        nodeport_addresses: o.nodeport_addresses.unwrap_or_default(),
+        masquerade_all: o.masquerade_all.unwrap_or(false),
+        masquerade_ports: args.masquerade_ports.clone(),
         ct_timeouts: kpx::conntrack::Timeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,
             tcp_established: o

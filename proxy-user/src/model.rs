@@ -71,13 +71,21 @@ impl fmt::Display for Problem {
     }
 }
 
-/// One frontend (VIP, port, protocol) of a Service port, and who serves it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One frontend (address, port, protocol) of a Service port, and who
+/// serves it. A NodePort's address is 0.0.0.0 (any NodePort address).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
     /// kube-proxy's service port name: `namespace/name:port-name`.
     pub name: String,
-    /// Endpoints new flows may go to, sorted and de-duplicated.
+    /// The cluster-wide endpoints (kube-proxy's `KUBE-SVC-*`), sorted and
+    /// de-duplicated; empty when the service has no endpoint at all.
     pub backends: Vec<Endpoint>,
+    /// With `SVC_F_LOCAL`: the endpoints on this node (`KUBE-SVL-*`).
+    pub local_backends: Vec<Endpoint>,
+    /// `proxy_common::SVC_F_*`.
+    pub flags: u32,
+    /// With `SVC_F_SOURCE_RANGES`: the clients allowed (`KUBE-FW-*`).
+    pub source_ranges: Vec<Cidr>,
     /// ClientIP session affinity timeout in seconds; 0 when off.
     pub affinity_timeout: u32,
 }
@@ -116,19 +124,15 @@ pub enum Skipped {
     Ipv6,
     /// SCTP waits for datapath support.
     Sctp,
-    /// NodePorts, externalIPs and load-balancer IPs are modelled; their
-    /// datapath entry points arrive with the NodePort/LoadBalancer issue.
-    ExternalEntryPoint,
 }
 
 impl Skipped {
-    pub const ALL: [Skipped; 6] = [
+    pub const ALL: [Skipped; 5] = [
         Skipped::Headless,
         Skipped::ExternalName,
         Skipped::OtherProxy,
         Skipped::Ipv6,
         Skipped::Sctp,
-        Skipped::ExternalEntryPoint,
     ];
 
     pub fn name(self) -> &'static str {
@@ -138,7 +142,6 @@ impl Skipped {
             Skipped::OtherProxy => "other_proxy",
             Skipped::Ipv6 => "ipv6",
             Skipped::Sctp => "sctp",
-            Skipped::ExternalEntryPoint => "external_entry_point",
         }
     }
 }
@@ -837,41 +840,64 @@ pub fn service_ports(svc: &Svc, slices: &[&Slice], node: &NodeInfo) -> Vec<Servi
         .collect()
 }
 
-/// The datapath frontends of one Service: its cluster IPs today. External
-/// entry points are reported in `skipped` until the datapath has them.
+/// The datapath frontends of one Service, one per (entry point, port):
+/// cluster IPs, NodePorts (address 0.0.0.0), external IPs and LoadBalancer
+/// IPs, each with the traffic policy and firewall of its kube-proxy chain.
+///
+/// A service without any endpoint still gets its frontends (count 0): the
+/// reference REJECTs on all of them. `node_ip` is the node's primary
+/// address: when a source range contains it, the reference also accepts the
+/// LoadBalancer IPs themselves as sources (VIPs looped back to the node).
 pub fn frontends(
     svc: &Svc,
     ports: &[ServicePort],
-    skipped: &mut Vec<(String, Skipped)>,
+    node_ip: Option<Ipv4Addr>,
 ) -> Vec<(FrontendKey, Frontend)> {
+    use proxy_common::{SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES};
     let mut out = Vec::new();
-    for p in ports {
-        for &ip in &svc.cluster_ips {
-            out.push((
-                FrontendKey {
-                    addr: ip,
-                    port: p.port,
-                    proto: p.proto,
-                },
-                Frontend {
-                    name: p.name.clone(),
-                    backends: p.internal_endpoints(svc).to_vec(),
-                    affinity_timeout: svc.affinity_timeout,
-                },
-            ));
-        }
-        if let Some(np) = p.node_port {
-            skipped.push((
-                format!("{} nodePort {np}", p.name),
-                Skipped::ExternalEntryPoint,
-            ));
-        }
+    let mut ranges = svc.lb_source_ranges.clone();
+    if node_ip.is_some_and(|ip| ranges.iter().any(|r| r.contains(ip))) {
+        ranges.extend(svc.lb_ips.iter().map(|ip| Cidr::host(*ip)));
     }
-    for ip in svc.external_ips.iter().chain(&svc.lb_ips) {
-        skipped.push((
-            format!("Service {} {ip}", svc.id),
-            Skipped::ExternalEntryPoint,
-        ));
+    for p in ports {
+        let front = |local: bool, flags: u32, source_ranges: Vec<Cidr>| Frontend {
+            name: p.name.clone(),
+            backends: p.cluster_endpoints.clone(),
+            local_backends: if local {
+                p.local_endpoints.clone()
+            } else {
+                Vec::new()
+            },
+            flags: flags | if local { SVC_F_LOCAL } else { 0 },
+            source_ranges,
+            affinity_timeout: svc.affinity_timeout,
+        };
+        let key = |addr: Ipv4Addr, port: u16| FrontendKey {
+            addr,
+            port,
+            proto: p.proto,
+        };
+        for &ip in &svc.cluster_ips {
+            out.push((key(ip, p.port), front(svc.internal_local, 0, Vec::new())));
+        }
+        let ext = svc.external_local;
+        if let Some(np) = p.node_port {
+            out.push((
+                key(Ipv4Addr::UNSPECIFIED, np),
+                front(ext, SVC_F_EXTERNAL | SVC_F_NODEPORT, Vec::new()),
+            ));
+        }
+        for &ip in &svc.external_ips {
+            out.push((key(ip, p.port), front(ext, SVC_F_EXTERNAL, Vec::new())));
+        }
+        for &ip in &svc.lb_ips {
+            let f = if ranges.is_empty() {
+                front(ext, SVC_F_EXTERNAL, Vec::new())
+            } else {
+                front(ext, SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES, ranges.clone())
+            };
+            out.push((key(ip, p.port), f));
+        }
     }
     out
 }
@@ -1310,7 +1336,7 @@ endpoints:
     }
 
     #[test]
-    fn external_entry_points_are_modelled_validated_and_reported_until_served() {
+    fn external_entry_points_are_frontends_with_their_policies() {
         let lb = WEB.replace(
             "  clusterIP: 198.19.0.10\n",
             "  clusterIP: 198.19.0.10\n  type: LoadBalancer\n  externalIPs: [198.18.9.1, 'fd00::1']\n  loadBalancerSourceRanges: [198.18.0.0/16]\n",
@@ -1322,9 +1348,32 @@ endpoints:
         assert_eq!(s.lb_source_ranges, vec!["198.18.0.0/16".parse().unwrap()]);
         assert!(s.externally_accessible());
         let out = desired(&[svc(&lb)], &[], &NodeInfo::named("n"));
-        assert_eq!(out.desired.frontends.len(), 2, "cluster IP frontends only");
+        // Two ports, each on the cluster IP, the external IP and the LB IP.
+        assert_eq!(out.desired.frontends.len(), 6);
         let reasons: BTreeSet<Skipped> = out.skipped.iter().map(|s| s.1).collect();
-        assert!(reasons.contains(&Skipped::ExternalEntryPoint) && reasons.contains(&Skipped::Ipv6));
+        assert!(reasons.contains(&Skipped::Ipv6));
+        use proxy_common::{SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
+        let f = |ip: &str| &out.desired.frontends[&key(ip, 80, IPPROTO_TCP)];
+        assert_eq!(f("198.19.0.10").flags, 0);
+        assert_eq!(f("198.18.9.1").flags, SVC_F_EXTERNAL);
+        let lbf = f("198.18.9.2");
+        assert_eq!(lbf.flags, SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES);
+        assert_eq!(lbf.source_ranges, s.lb_source_ranges);
+        // kube-proxy's allowFromNode: a node IP in a range admits the LB IP
+        // itself as a source.
+        let node = NodeInfo {
+            addresses: vec![Ipv4Addr::new(198, 18, 200, 1)],
+            ..NodeInfo::named("n")
+        };
+        let out = desired(&[svc(&lb)], &[], &node);
+        let lbf = &out.desired.frontends[&key("198.18.9.2", 80, IPPROTO_TCP)];
+        assert_eq!(
+            lbf.source_ranges,
+            vec![
+                "198.18.0.0/16".parse().unwrap(),
+                "198.18.9.2/32".parse().unwrap()
+            ]
+        );
         for (bad, field) in [
             (
                 lb.replace("198.18.0.0/16", "198.18.0.0/40"),

@@ -6,11 +6,16 @@
 //!
 //! 1. new backends (and zeroed stats for new service ids);
 //! 2. slots, which may now point at the new backends;
-//! 3. service entries (new ones, and changed backend counts), addresses, names;
-//! 4. removed services;
-//! 5. slots no service can reach any more (removed services, shrunk counts);
-//! 6. backends no slot references any more;
-//! 7. addresses no service uses any more.
+//! 3. new source ranges, addresses;
+//! 4. service entries (new ones, changed counts or flags), names;
+//! 5. removed services;
+//! 6. slots no service can reach any more (removed services, shrunk counts);
+//! 7. source ranges no service checks any more;
+//! 8. backends no slot references any more;
+//! 9. addresses no service uses any more.
+//!
+//! A frontend's slot tables are its cluster-wide one (`0..count`) and, with
+//! a Local traffic policy, its node-local one (`LOCAL_SLOTS + 0..local_count`).
 //!
 //! So a live service never points at a missing slot or backend, and a sync
 //! interrupted at any write (map full, agent killed) leaves a working
@@ -18,9 +23,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use proxy_common::{wire, Backend, ServiceKey, ServiceValue, SlotKey};
+use proxy_common::{
+    wire, Backend, ServiceKey, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES,
+};
 
-use crate::model::{Desired, Endpoint, Frontend, FrontendKey};
+use crate::{
+    cidr::Cidr,
+    model::{Desired, Endpoint, Frontend, FrontendKey},
+};
 
 /// Longest service name kept for `kpx dump` (bytes, NUL-padded in the map).
 pub const NAME_LEN: usize = proxy_common::SERVICE_NAME_LEN;
@@ -35,6 +45,13 @@ pub struct MapState {
     pub addrs: HashMap<u32, u32>,
     /// Service id → service port name, for `kpx dump`.
     pub names: HashMap<u32, String>,
+    /// Service id → its `loadBalancerSourceRanges` (host bits cleared).
+    pub ranges: HashMap<u32, BTreeSet<Cidr>>,
+}
+
+/// The slot numbers of a frontend's tables: cluster-wide, then node-local.
+pub fn slot_numbers(v: &ServiceValue) -> impl Iterator<Item = u32> {
+    (0..v.count).chain((0..v.local_count).map(|i| LOCAL_SLOTS + i))
 }
 
 /// One map write.
@@ -47,11 +64,13 @@ pub enum Op {
     PutService(ServiceKey, ServiceValue),
     PutAddr(u32, u32),
     PutName(u32, String),
+    PutRange(u32, Cidr),
     DelService(ServiceKey),
     DelSlot(SlotKey),
     DelBackend(u32),
     DelAddr(u32),
     DelName(u32),
+    DelRange(u32, Cidr),
 }
 
 impl MapState {
@@ -89,6 +108,17 @@ impl MapState {
             Op::DelName(id) => {
                 self.names.remove(id);
             }
+            Op::PutRange(id, r) => {
+                self.ranges.entry(*id).or_default().insert(*r);
+            }
+            Op::DelRange(id, r) => {
+                if let Some(set) = self.ranges.get_mut(id) {
+                    set.remove(r);
+                    if set.is_empty() {
+                        self.ranges.remove(id);
+                    }
+                }
+            }
         }
     }
 
@@ -98,7 +128,7 @@ impl MapState {
         let mut out = BTreeMap::new();
         for (k, v) in &self.services {
             let mut backends = Vec::new();
-            for slot in 0..v.count {
+            for slot in slot_numbers(v) {
                 let key = SlotKey {
                     svc_id: v.svc_id,
                     slot,
@@ -111,7 +141,12 @@ impl MapState {
                     .backends
                     .get(id)
                     .ok_or_else(|| format!("{k:?} slot {slot}: backend {id} missing"))?;
-                backends.push(*b);
+                if slot < LOCAL_SLOTS {
+                    backends.push(*b);
+                }
+            }
+            if v.flags & SVC_F_SOURCE_RANGES != 0 && !self.ranges.contains_key(&v.svc_id) {
+                return Err(format!("{k:?}: source ranges missing"));
             }
             if !self.addrs.contains_key(&k.addr) {
                 return Err(format!("{k:?}: address not registered"));
@@ -178,7 +213,9 @@ struct Planner<'a> {
     new_backends: Vec<Op>,
     resets: Vec<Op>,
     slot_writes: Vec<Op>,
+    range_puts: Vec<Op>,
     service_writes: Vec<Op>,
+    range_dels: Vec<Op>,
 }
 
 impl<'a> Planner<'a> {
@@ -208,16 +245,15 @@ impl<'a> Planner<'a> {
             new_backends: Vec::new(),
             resets: Vec::new(),
             slot_writes: Vec::new(),
+            range_puts: Vec::new(),
             service_writes: Vec::new(),
+            range_dels: Vec::new(),
         }
     }
 
-    /// Plans one desired frontend; returns its service id and slot table.
-    fn frontend(
-        &mut self,
-        fk: &FrontendKey,
-        frontend: &Frontend,
-    ) -> Result<(u32, Vec<u32>), PlanError> {
+    /// Plans one desired frontend; returns its service id and slot tables
+    /// (cluster-wide, node-local).
+    fn frontend(&mut self, fk: &FrontendKey, frontend: &Frontend) -> Result<Planned, PlanError> {
         let cur = self.cur;
         let key = service_key(fk);
         let existing = cur.services.get(&key);
@@ -232,9 +268,74 @@ impl<'a> Planner<'a> {
                 id
             }
         };
-        let mut wanted: Vec<u32> = Vec::with_capacity(frontend.backends.len());
-        for e in &frontend.backends {
-            let b = backend(e, fk.proto);
+        let cluster = self.table(
+            svc_id,
+            0,
+            existing.map_or(0, |v| v.count),
+            &frontend.backends,
+            fk.proto,
+        );
+        let local = self.table(
+            svc_id,
+            LOCAL_SLOTS,
+            existing.map_or(0, |v| v.local_count),
+            &frontend.local_backends,
+            fk.proto,
+        );
+        let want: BTreeSet<Cidr> = if frontend.flags & SVC_F_SOURCE_RANGES != 0 {
+            frontend
+                .source_ranges
+                .iter()
+                .map(|r| Cidr {
+                    addr: r.network(),
+                    len: r.len,
+                })
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        let empty = BTreeSet::new();
+        let have = cur.ranges.get(&svc_id).unwrap_or(&empty);
+        self.range_puts
+            .extend(want.difference(have).map(|r| Op::PutRange(svc_id, *r)));
+        self.range_dels
+            .extend(have.difference(&want).map(|r| Op::DelRange(svc_id, *r)));
+        let value = ServiceValue {
+            svc_id,
+            count: cluster.len() as u32,
+            flags: frontend.flags,
+            affinity_timeout: frontend.affinity_timeout,
+            local_count: local.len() as u32,
+            _pad: 0,
+        };
+        if existing != Some(&value) {
+            self.service_writes.push(Op::PutService(key, value));
+        }
+        let name: String = truncate(&frontend.name);
+        if cur.names.get(&svc_id) != Some(&name) {
+            self.service_writes.push(Op::PutName(svc_id, name));
+        }
+        Ok(Planned {
+            svc_id,
+            cluster,
+            local,
+        })
+    }
+
+    /// Plans the slot table at `base` of `svc_id` (which held `old_count`
+    /// slots) for `backends`; returns the backend id of each slot.
+    fn table(
+        &mut self,
+        svc_id: u32,
+        base: u32,
+        old_count: u32,
+        backends: &[Endpoint],
+        proto: u8,
+    ) -> Vec<u32> {
+        let cur = self.cur;
+        let mut wanted: Vec<u32> = Vec::with_capacity(backends.len());
+        for e in backends {
+            let b = backend(e, proto);
             let id = match (self.backend_of)(&b).or_else(|| self.new_backend_of.get(&b).copied()) {
                 Some(id) => id,
                 None => {
@@ -250,14 +351,20 @@ impl<'a> Planner<'a> {
         // Keep each surviving backend in the slot it has, to write as few
         // slots as possible; fill the other slots with the newcomers.
         let count = wanted.len() as u32;
-        let old_count = existing.map_or(0, |v| v.count);
-        let current = |slot: u32| cur.slots.get(&SlotKey { svc_id, slot }).copied();
+        let current = |i: u32| {
+            cur.slots
+                .get(&SlotKey {
+                    svc_id,
+                    slot: base + i,
+                })
+                .copied()
+        };
         let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
         let mut placed: BTreeSet<u32> = BTreeSet::new();
         let mut table: Vec<Option<u32>> = (0..count)
-            .map(|slot| {
-                let id = current(slot).filter(|id| {
-                    slot < old_count && wanted_set.contains(id) && !placed.contains(id)
+            .map(|i| {
+                let id = current(i).filter(|id| {
+                    i < old_count && wanted_set.contains(id) && !placed.contains(id)
                 })?;
                 placed.insert(id);
                 Some(id)
@@ -268,29 +375,16 @@ impl<'a> Planner<'a> {
             *entry = rest.next().copied();
         }
         let table: Vec<u32> = table.into_iter().map(|id| id.unwrap_or(u32::MAX)).collect();
-        for (slot, id) in table.iter().enumerate() {
-            if current(slot as u32) != Some(*id) {
+        for (i, id) in table.iter().enumerate() {
+            if current(i as u32) != Some(*id) {
                 let key = SlotKey {
                     svc_id,
-                    slot: slot as u32,
+                    slot: base + i as u32,
                 };
                 self.slot_writes.push(Op::PutSlot(key, *id));
             }
         }
-        let value = ServiceValue {
-            svc_id,
-            count,
-            flags: 0,
-            affinity_timeout: frontend.affinity_timeout,
-        };
-        if existing != Some(&value) {
-            self.service_writes.push(Op::PutService(key, value));
-        }
-        let name: String = truncate(&frontend.name);
-        if cur.names.get(&svc_id) != Some(&name) {
-            self.service_writes.push(Op::PutName(svc_id, name));
-        }
-        Ok((svc_id, table))
+        table
     }
 
     /// Everything up to the service entries, in make-before-break order.
@@ -299,9 +393,36 @@ impl<'a> Planner<'a> {
         ops.append(&mut self.new_backends);
         ops.append(&mut self.resets);
         ops.append(&mut self.slot_writes);
+        ops.append(&mut self.range_puts);
         ops.extend(addr_puts);
         ops.append(&mut self.service_writes);
         ops
+    }
+}
+
+/// One planned frontend: its id and the backend id of each slot.
+struct Planned {
+    svc_id: u32,
+    cluster: Vec<u32>,
+    local: Vec<u32>,
+}
+
+impl Planned {
+    /// Every (slot, backend id) of both tables.
+    fn slots(&self) -> impl Iterator<Item = (SlotKey, u32)> + '_ {
+        let at = |base: u32| {
+            move |(i, id): (usize, &u32)| {
+                (
+                    SlotKey {
+                        svc_id: self.svc_id,
+                        slot: base + i as u32,
+                    },
+                    *id,
+                )
+            }
+        };
+        (self.cluster.iter().enumerate().map(at(0)))
+            .chain(self.local.iter().enumerate().map(at(LOCAL_SLOTS)))
     }
 }
 
@@ -324,18 +445,10 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
     let mut final_slots: HashMap<SlotKey, u32> = HashMap::new();
     let mut addr_refs: BTreeMap<u32, u32> = BTreeMap::new();
     for (fk, frontend) in &desired.frontends {
-        let (svc_id, table) = p.frontend(fk, frontend)?;
+        let planned = p.frontend(fk, frontend)?;
         *addr_refs.entry(wire::addr(fk.addr)).or_default() += 1;
-        for (slot, id) in table.iter().enumerate() {
-            final_slots.insert(
-                SlotKey {
-                    svc_id,
-                    slot: slot as u32,
-                },
-                *id,
-            );
-        }
-        final_counts.insert(svc_id, table.len() as u32);
+        final_slots.extend(planned.slots());
+        final_counts.insert(planned.svc_id, planned.cluster.len() as u32);
     }
     let addr_puts = addr_refs
         .iter()
@@ -354,6 +467,10 @@ pub fn plan(cur: &MapState, desired: &Desired, max_svc_ids: u32) -> Result<Vec<O
     ops.extend(removed.into_iter().map(Op::DelService));
     // What nothing reaches any more, in a deterministic order.
     ops.extend(unkept(cur.slots.keys(), |k| final_slots.contains_key(k)).map(Op::DelSlot));
+    ops.append(&mut p.range_dels);
+    for id in unkept(cur.ranges.keys(), |id| final_counts.contains_key(id)) {
+        ops.extend(cur.ranges[&id].iter().map(|r| Op::DelRange(id, *r)));
+    }
     let referenced: HashSet<u32> = final_slots.values().copied().collect();
     ops.extend(unkept(cur.backends.keys(), |id| referenced.contains(id)).map(Op::DelBackend));
     ops.extend(unkept(cur.addrs.keys(), |a| addr_refs.contains_key(a)).map(Op::DelAddr));
@@ -484,16 +601,17 @@ pub fn plan_touched(
     let mut removed = Vec::new();
     let mut dead_slots = Vec::new();
     let mut dead_names = Vec::new();
+    let mut dead_ranges = Vec::new();
     for fk in touched {
         let key = service_key(fk);
         let existing = cur.services.get(&key);
-        let old_count = existing.map_or(0, |v| v.count);
+        let old_slots: BTreeSet<u32> = existing.map(slot_numbers).into_iter().flatten().collect();
         let Some(frontend) = desired.frontends.get(fk) else {
             if let Some(v) = existing {
                 removed.push(key);
                 dead_names.push(v.svc_id);
                 *addr_delta.entry(key.addr).or_default() -= 1;
-                for slot in 0..old_count {
+                for slot in old_slots {
                     let k = SlotKey {
                         svc_id: v.svc_id,
                         slot,
@@ -503,30 +621,32 @@ pub fn plan_touched(
                     }
                     dead_slots.push(k);
                 }
+                for r in cur.ranges.get(&v.svc_id).into_iter().flatten() {
+                    dead_ranges.push(Op::DelRange(v.svc_id, *r));
+                }
             }
             continue;
         };
         if existing.is_none() {
             *addr_delta.entry(key.addr).or_default() += 1;
         }
-        let (svc_id, table) = p.frontend(fk, frontend)?;
-        for (slot, id) in table.iter().enumerate() {
-            let old = cur
-                .slots
-                .get(&SlotKey {
-                    svc_id,
-                    slot: slot as u32,
-                })
-                .filter(|_| (slot as u32) < old_count);
-            if old != Some(id) {
+        let planned = p.frontend(fk, frontend)?;
+        let mut kept = BTreeSet::new();
+        for (k, id) in planned.slots() {
+            kept.insert(k.slot);
+            let old = cur.slots.get(&k).filter(|_| old_slots.contains(&k.slot));
+            if old != Some(&id) {
                 if let Some(old) = old {
                     *ref_delta.entry(*old).or_default() -= 1;
                 }
-                *ref_delta.entry(*id).or_default() += 1;
+                *ref_delta.entry(id).or_default() += 1;
             }
         }
-        for slot in table.len() as u32..old_count {
-            let k = SlotKey { svc_id, slot };
+        for slot in old_slots.difference(&kept) {
+            let k = SlotKey {
+                svc_id: planned.svc_id,
+                slot: *slot,
+            };
             if let Some(id) = cur.slots.get(&k) {
                 *ref_delta.entry(*id).or_default() -= 1;
             }
@@ -543,6 +663,8 @@ pub fn plan_touched(
     ops.extend(removed.into_iter().map(Op::DelService));
     dead_slots.sort();
     ops.extend(dead_slots.into_iter().map(Op::DelSlot));
+    ops.append(&mut p.range_dels);
+    ops.append(&mut dead_ranges);
     ops.extend(
         ref_delta
             .iter()
@@ -594,9 +716,15 @@ pub fn stale_udp_in(
         let kept: HashSet<Backend> = desired
             .frontends
             .get(&fk)
-            .map(|f| f.backends.iter().map(|e| backend(e, k.proto)).collect())
+            .map(|f| {
+                f.backends
+                    .iter()
+                    .chain(&f.local_backends)
+                    .map(|e| backend(e, k.proto))
+                    .collect()
+            })
             .unwrap_or_default();
-        for slot in 0..v.count {
+        for slot in slot_numbers(v) {
             let b = cur
                 .slots
                 .get(&SlotKey {
@@ -659,7 +787,7 @@ mod tests {
                             port: *p,
                         })
                         .collect(),
-                    affinity_timeout: 0,
+                    ..Frontend::default()
                 },
             );
         }
@@ -840,7 +968,7 @@ mod tests {
                     Frontend {
                         name,
                         backends,
-                        affinity_timeout: 0,
+                        ..Frontend::default()
                     },
                 );
             }
@@ -892,17 +1020,36 @@ mod tests {
             v.dedup();
             v
         };
+        // Half the frontends have a Local policy (a second table), a third
+        // source ranges.
+        let random_frontend = |rng: &mut Lcg, i: u32| {
+            let local = rng.next(2) == 0;
+            let ranged = rng.next(3) == 0;
+            let source_ranges = (0..rng.next(3) + 1)
+                .map(|_| crate::cidr::Cidr {
+                    addr: std::net::Ipv4Addr::new(198, 18, rng.next(4) as u8, 7),
+                    len: 14 + rng.next(11) as u8,
+                })
+                .collect();
+            Frontend {
+                name: format!("f{i}"),
+                backends: random_backends(rng),
+                local_backends: if local {
+                    random_backends(rng)
+                } else {
+                    Vec::new()
+                },
+                flags: if local { proxy_common::SVC_F_LOCAL } else { 0 }
+                    | if ranged { SVC_F_SOURCE_RANGES } else { 0 },
+                source_ranges,
+                affinity_timeout: rng.next(2) as u32,
+            }
+        };
         let mut d = Desired::default();
         for i in 0..30 {
             if rng.next(3) > 0 {
-                d.frontends.insert(
-                    frontend(i),
-                    Frontend {
-                        name: format!("f{i}"),
-                        backends: random_backends(&mut rng),
-                        affinity_timeout: 0,
-                    },
-                );
+                d.frontends
+                    .insert(frontend(i), random_frontend(&mut rng, i as u32));
             }
         }
         let mut state = MapState::default();
@@ -917,14 +1064,8 @@ mod tests {
                 if rng.next(4) == 0 {
                     d.frontends.remove(&frontend(i));
                 } else {
-                    d.frontends.insert(
-                        frontend(i),
-                        Frontend {
-                            name: format!("f{i}"),
-                            backends: random_backends(&mut rng),
-                            affinity_timeout: rng.next(2) as u32,
-                        },
-                    );
+                    d.frontends
+                        .insert(frontend(i), random_frontend(&mut rng, i as u32));
                 }
             }
             let after = expected_view(&d);

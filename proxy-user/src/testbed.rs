@@ -197,6 +197,12 @@ impl Drop for Servers {
 /// servers, pods, node, then the work directory.
 pub struct Cluster {
     pub id: String,
+    /// The node's name and primary IP, its cluster CIDR and the interfaces
+    /// its agent attaches to (`kpx agent` flags).
+    pub node_name: String,
+    pub node_ip: Ipv4Addr,
+    pub cluster_cidr: String,
+    pub interfaces: String,
     pub agent: Option<Agent>,
     pub servers: Vec<Servers>,
     pub pods: Vec<Pod>,
@@ -219,6 +225,10 @@ impl Cluster {
         let node = Netns::create(&format!("{id}-node"))?;
         let mut cluster = Self {
             id: id.clone(),
+            node_name: "node-1".into(),
+            node_ip: GATEWAY,
+            cluster_cidr: "198.18.0.0/16".into(),
+            interfaces: "kpxh*".into(),
             agent: None,
             servers: Vec::new(),
             pods: Vec::new(),
@@ -237,6 +247,19 @@ impl Cluster {
         let i = self.pods.len();
         let netns = Netns::create(&format!("{}-p{i}", self.id))?;
         let host_if = format!("kpxh{i}");
+        self.wire_pod(&netns, &host_if, addr)?;
+        self.pods.push(Pod {
+            name: name.into(),
+            ip: addr,
+            host_if,
+            netns,
+        });
+        Ok(())
+    }
+
+    /// A veth pair between the node and `netns`, `addr` on the pod's end,
+    /// the pod routing everything through the node.
+    fn wire_pod(&self, netns: &Netns, host_if: &str, addr: Ipv4Addr) -> Result<()> {
         let (a, gw) = (format!("{addr}/32"), format!("{GATEWAY}/32"));
         // Created inside the node namespace, the peer moved straight into
         // the pod's: nothing ever appears in the root namespace.
@@ -252,9 +275,9 @@ impl Cluster {
             "netns",
             &netns.name,
         ])?;
-        self.node.ip(&["addr", "add", &gw, "dev", &host_if])?;
-        self.node.ip(&["link", "set", &host_if, "up"])?;
-        self.node.ip(&["route", "add", &a, "dev", &host_if])?;
+        self.node.ip(&["addr", "add", &gw, "dev", host_if])?;
+        self.node.ip(&["link", "set", host_if, "up"])?;
+        self.node.ip(&["route", "add", &a, "dev", host_if])?;
         netns.ip(&["addr", "add", &a, "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
         netns.ip(&["route", "add", &gw, "dev", "eth0"])?;
@@ -266,14 +289,7 @@ impl Cluster {
             &GATEWAY.to_string(),
             "dev",
             "eth0",
-        ])?;
-        self.pods.push(Pod {
-            name: name.into(),
-            ip: addr,
-            host_if,
-            netns,
-        });
-        Ok(())
+        ])
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -362,11 +378,12 @@ impl Cluster {
             .arg(self.bpffs())
             .args([
                 "--hostname-override",
-                "node-1",
+                &self.node_name,
                 "--node-ip",
-                &GATEWAY.to_string(),
+                &self.node_ip.to_string(),
             ])
-            .args(["--cluster-cidr", "198.18.0.0/16", "--interfaces", "kpxh*"])
+            .args(["--cluster-cidr", &self.cluster_cidr])
+            .args(["--interfaces", &self.interfaces])
             .args(["--poll-interval", "200ms"])
             .args(extra)
             .env("RUST_LOG", "info,kube_client=off")
@@ -428,6 +445,152 @@ impl Drop for Cluster {
     }
 }
 
+/// The network between nodes: one L2 segment (a bridge in its own
+/// namespace) that node and client namespaces join by veth pairs. The
+/// bridge's own address answers ARP as the nodes' next hop for service
+/// addresses, but the fabric forwards nothing (ip_forward stays off), so no
+/// packet goes further than the bed's namespaces.
+pub struct Fabric {
+    pub netns: Netns,
+    ports: AtomicU32,
+}
+
+/// The fabric's subnet: nodes are `.1`, `.2`, ..., outside clients `.100` up.
+pub const FABRIC_PREFIX: u8 = 24;
+/// The fabric bridge's own address (a next hop that routes nowhere).
+pub const FABRIC_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 128, 254);
+
+impl Fabric {
+    pub fn new(id: &str) -> Result<Self> {
+        let netns = Netns::create(&format!("{id}-fab"))?;
+        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{FABRIC_GW}/{FABRIC_PREFIX}"),
+            "dev",
+            "br0",
+        ])?;
+        netns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Self {
+            netns,
+            ports: AtomicU32::new(0),
+        })
+    }
+
+    /// Plugs `ns` into the fabric as `eth0` with address `addr`.
+    pub fn plug(&self, ns: &Netns, addr: Ipv4Addr) -> Result<()> {
+        let port = format!("fp{}", self.ports.fetch_add(1, Ordering::Relaxed));
+        self.netns.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+        ])?;
+        self.netns.ip(&["link", "set", &port, "master", "br0"])?;
+        self.netns.ip(&["link", "set", &port, "up"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{addr}/{FABRIC_PREFIX}"),
+            "dev",
+            "eth0",
+        ])?;
+        ns.ip(&["link", "set", "eth0", "up"])
+    }
+}
+
+/// Two (or more) nodes on a [`Fabric`], each with its pods, and clients
+/// outside the cluster. Pods of node `i` (from 1) are in 198.18.i.0/24, the
+/// cluster CIDR is 198.18.0.0/17, node `i` is 198.18.128.i and service
+/// addresses (198.19.0.0/16) are routed to node 1 by the outside clients and
+/// to the fabric by the nodes, as a default route would.
+pub struct MultiNode {
+    pub nodes: Vec<Cluster>,
+    pub clients: Vec<Netns>,
+    pub fabric: Fabric,
+}
+
+pub const MULTI_CLUSTER_CIDR: &str = "198.18.0.0/17";
+pub const SERVICE_RANGE: &str = "198.19.0.0/16";
+
+impl MultiNode {
+    /// `pods[i]` are node `i + 1`'s pods (name, address).
+    pub fn new(pods: &[&[(&str, Ipv4Addr)]]) -> Result<Self> {
+        let mut nodes: Vec<Cluster> = Vec::new();
+        for node_pods in pods {
+            nodes.push(Cluster::new(node_pods)?);
+        }
+        let fabric = Fabric::new(&nodes.first().map_or_else(String::new, |n| n.id.clone()))?;
+        let mut bed = Self {
+            nodes,
+            clients: Vec::new(),
+            fabric,
+        };
+        for i in 0..bed.nodes.len() {
+            let ip = Self::node_ip(i + 1);
+            let node = &mut bed.nodes[i];
+            bed.fabric.plug(&node.node, ip)?;
+            node.node_name = format!("node-{}", i + 1);
+            node.node_ip = ip;
+            node.cluster_cidr = MULTI_CLUSTER_CIDR.into();
+            node.interfaces = "kpxh*,eth0".into();
+            let via = FABRIC_GW.to_string();
+            node.node
+                .ip(&["route", "add", SERVICE_RANGE, "via", &via, "dev", "eth0"])?;
+            for j in 0..pods.len() {
+                if j != i {
+                    let other = Self::node_ip(j + 1).to_string();
+                    node.node.ip(&[
+                        "route",
+                        "add",
+                        &format!("198.18.{}.0/24", j + 1),
+                        "via",
+                        &other,
+                        "dev",
+                        "eth0",
+                    ])?;
+                }
+            }
+        }
+        Ok(bed)
+    }
+
+    /// Node `i`'s (from 1) address on the fabric.
+    pub fn node_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 128, i as u8)
+    }
+
+    /// An outside client (not in the cluster CIDR) at `addr` on the fabric,
+    /// reaching service addresses through node 1.
+    pub fn add_client(&mut self, addr: Ipv4Addr) -> Result<&Netns> {
+        let id = self
+            .nodes
+            .first()
+            .map_or_else(String::new, |n| n.id.clone());
+        let ns = Netns::create(&format!("{id}-c{}", self.clients.len()))?;
+        self.fabric.plug(&ns, addr)?;
+        let via = Self::node_ip(1).to_string();
+        ns.ip(&["route", "add", SERVICE_RANGE, "via", &via, "dev", "eth0"])?;
+        self.clients.push(ns);
+        Ok(self.clients.last().expect("just pushed"))
+    }
+
+    /// Writes the same manifest for every node's agent.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        for n in &self.nodes {
+            n.write_manifest(file, yaml)?;
+        }
+        Ok(())
+    }
+
+    /// The pod `name`, on whichever node.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
 /// Removes namespaces and work directories left by test beds of processes
 /// that no longer exist (a test killed before it could clean up).
 fn reap_leftovers() {
@@ -480,8 +643,12 @@ fn tcp_server(listener: TcpListener, identity: &str, stop: &AtomicBool) {
     }
 }
 
-/// Answers each line with the identity; ends at EOF, error, or 30 s idle.
+/// Answers each line with the identity (and to `addr?`, the identity and
+/// the client address it sees); ends at EOF, error, or 30 s idle.
 fn tcp_conn(stream: TcpStream, identity: &str) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |p| p.to_string());
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut writer) = stream.try_clone() else {
@@ -494,10 +661,12 @@ fn tcp_conn(stream: TcpStream, identity: &str) {
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                if writer
-                    .write_all(format!("{identity}\n").as_bytes())
-                    .is_err()
-                {
+                let answer = if line.trim_end().ends_with("addr?") {
+                    format!("{identity} {peer}\n")
+                } else {
+                    format!("{identity}\n")
+                };
+                if writer.write_all(answer.as_bytes()).is_err() {
                     return;
                 }
             }
@@ -508,8 +677,13 @@ fn tcp_conn(stream: TcpStream, identity: &str) {
 fn udp_server(sock: UdpSocket, identity: &str, stop: &AtomicBool) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((_, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(identity.as_bytes(), from);
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let answer = if buf[..n].ends_with(b"addr?") {
+                format!("{identity} {from}")
+            } else {
+                identity.to_string()
+            };
+            let _ = sock.send_to(answer.as_bytes(), from);
         }
     }
 }
@@ -559,6 +733,59 @@ impl Conn {
         }
         Ok(line.trim().to_string())
     }
+}
+
+/// Who answered and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub identity: String,
+    pub client: SocketAddr,
+}
+
+impl Seen {
+    fn parse(answer: &str) -> Result<Self> {
+        let (identity, client) = answer
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| anyhow!("unexpected answer {answer:?}"))?;
+        Ok(Self {
+            identity: identity.into(),
+            client: client.parse()?,
+        })
+    }
+}
+
+impl Conn {
+    /// Asks who answers and which client address it sees.
+    pub fn who(&mut self) -> Result<Seen> {
+        self.writer.write_all(b"addr?\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Seen::parse(&line)
+    }
+}
+
+/// One TCP connection from `from` to `to`: who answered, from where it saw
+/// the client, and the client's own (local) address.
+pub fn tcp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(Seen, SocketAddr)> {
+    let mut c = Conn::open(from, to, timeout)?;
+    let local = c.writer.local_addr()?;
+    Ok((c.who()?, local))
+}
+
+/// One UDP request from a fresh socket in `from`: who answered, the
+/// client address it saw, and where the answer came from.
+pub fn udp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(Seen, SocketAddr)> {
+    from.enter(move || -> Result<(Seen, SocketAddr)> {
+        let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send_to(b"addr?", to)?;
+        let mut buf = [0u8; 512];
+        let (len, src) = sock.recv_from(&mut buf)?;
+        Ok((Seen::parse(&String::from_utf8_lossy(&buf[..len]))?, src))
+    })?
 }
 
 /// One TCP connection: connect, ask once, close. Returns the identity.

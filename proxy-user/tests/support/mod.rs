@@ -356,8 +356,7 @@ pub fn install_service(
     let value = ServiceValue {
         svc_id,
         count: backends.len() as u32,
-        flags: 0,
-        affinity_timeout: 0,
+        ..ServiceValue::default()
     };
     dp.maps.services.insert(key, value, 0).unwrap();
     dp.maps.service_addrs.insert(key.addr, 1, 0).unwrap();

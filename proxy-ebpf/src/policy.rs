@@ -1,0 +1,103 @@
+//! Traffic policy: which of a frontend's backend tables a new flow may use,
+//! whether it is masqueraded, and the LoadBalancer source-range firewall,
+//! exactly as kube-proxy's `KUBE-SVC`/`KUBE-SVL`/`KUBE-EXT`/`KUBE-FW` chains
+//! decide. At most one lookup (`SRC_RANGES`, for frontends with ranges).
+
+use aya_ebpf::maps::lpm_trie::Key;
+use proxy_common::{
+    DatapathConfig, DropReason, ServiceValue, SrcRange, CFG_F_MASQUERADE_ALL, SVC_F_EXTERNAL,
+    SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
+};
+
+use crate::maps::SRC_RANGES;
+
+/// Where a new flow was seen.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Arrived on an interface (a pod, another node, an outside client).
+    Network,
+    /// Sent by this node itself (tc egress, source a node address): the
+    /// reference's `--src-type LOCAL`.
+    Node,
+}
+
+pub struct Choice {
+    /// Use the node-local table.
+    pub local: bool,
+    /// Masquerade (the reference's `KUBE-MARK-MASQ`).
+    pub masquerade: bool,
+}
+
+/// The reference's verdict for a new flow from `src` to the frontend `svc`
+/// (which has endpoints: the REJECT case is decided before).
+#[inline(always)]
+pub fn decide(
+    svc: &ServiceValue,
+    src: u32,
+    origin: Origin,
+    cfg: &DatapathConfig,
+) -> Result<Choice, DropReason> {
+    // The cluster CIDR is the reference's local-traffic detector; unknown,
+    // no source counts as a pod and none as off-cluster.
+    let known = cfg.cluster_mask != 0;
+    let from_pod = known && src & cfg.cluster_mask == cfg.cluster_cidr;
+    let policy_local = svc.flags & SVC_F_LOCAL != 0;
+    let choice = if svc.flags & SVC_F_EXTERNAL == 0 {
+        // A cluster IP: masquerade off-cluster sources, or all.
+        Choice {
+            local: policy_local,
+            masquerade: cfg.flags & CFG_F_MASQUERADE_ALL != 0 || (known && !from_pod),
+        }
+    } else {
+        if svc.flags & SVC_F_SOURCE_RANGES != 0 && !in_source_ranges(svc.svc_id, src) {
+            return Err(DropReason::SourceRange);
+        }
+        if !policy_local {
+            // Cluster policy: may cross nodes, so always masquerade.
+            Choice {
+                local: false,
+                masquerade: true,
+            }
+        } else if from_pod {
+            // Pods reaching an external address are short-circuited to the
+            // cluster-wide endpoints, their source kept.
+            Choice {
+                local: false,
+                masquerade: false,
+            }
+        } else if origin == Origin::Node {
+            Choice {
+                local: false,
+                masquerade: true,
+            }
+        } else {
+            // Local policy: the client's address reaches a local endpoint.
+            Choice {
+                local: true,
+                masquerade: false,
+            }
+        }
+    };
+    let usable = if choice.local {
+        svc.local_count
+    } else {
+        svc.count
+    };
+    if usable == 0 {
+        return Err(DropReason::NoLocalEndpoint);
+    }
+    Ok(choice)
+}
+
+/// One LPM lookup: is `src` in one of the frontend's source ranges?
+#[inline(always)]
+fn in_source_ranges(svc_id: u32, src: u32) -> bool {
+    let key = Key::new(
+        64,
+        SrcRange {
+            svc_id_be: svc_id.to_be(),
+            addr: src,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
+}
