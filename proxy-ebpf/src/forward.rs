@@ -5,7 +5,10 @@
 //! which handles it as it would without kpx. One FIB lookup per packet.
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
+    },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -45,6 +48,33 @@ pub fn forward(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> i32 {
             TC_ACT_OK
         }
     }
+}
+
+/// The source address a masqueraded flow to `dst` gets: the one the kernel
+/// picks for the route to `dst` (its preferred source, or the outgoing
+/// interface's address), exactly as iptables' `MASQUERADE` does. One FIB
+/// lookup, on a flow's first packet only; None when the FIB cannot say.
+#[inline(always)]
+pub fn masquerade_source(ctx: &TcContext, pkt: &Ipv4Packet, dst: u32) -> Option<u32> {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = pkt.proto;
+    p.__bindgen_anon_1.tot_len = (pkt.end - pkt.l3_off) as u16;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    p.ifindex = LOOPBACK_IFINDEX;
+    // SAFETY: `p` is a bpf_fib_lookup on the stack, its size passed along.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    // SAFETY: the union member the lookup wrote.
+    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+    (ret == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != 0).then_some(src)
 }
 
 /// The packet's `skb->mark`.

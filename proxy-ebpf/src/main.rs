@@ -251,15 +251,19 @@ fn new_flow(
         Ok(s) => s,
         Err(reason) => return Verdict::Drop(reason),
     };
-    // The node's own packets already carry a node address; a pod reaching
-    // itself through its service (hairpin) must be masqueraded, or its own
-    // reply would never leave it.
-    let masquerade = match origin {
-        Origin::Network => choice.masquerade || sel.backend.addr == pkt.src,
-        Origin::Node => false,
+    // A pod reaching itself through its service (hairpin) is masqueraded,
+    // or its own reply would never leave it.
+    let masquerade =
+        choice.masquerade || (origin == Origin::Network && sel.backend.addr == pkt.src);
+    let snat_addr = if masquerade && cfg.snat_addr != 0 {
+        forward::masquerade_source(ctx, pkt, sel.backend.addr).unwrap_or(cfg.snat_addr)
+    } else {
+        0
     };
+    // The node's own packet may already carry that address.
+    let snat_addr = if snat_addr == pkt.src { 0 } else { snat_addr };
     let snat = Snat {
-        addr: if masquerade { cfg.snat_addr } else { 0 },
+        addr: snat_addr,
         port_min: cfg.snat_port_min,
         port_max: cfg.snat_port_max,
         extra_flags: if origin == Origin::Node {

@@ -6,8 +6,9 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, Event, CT_DIR_ORIGINAL, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    wire, CtKey, CtValue, Event, CT_DIR_ORIGINAL, CT_F_FROM_NODE, CT_F_SNAT, IPPROTO_TCP,
+    IPPROTO_UDP, LOCAL_SLOTS, NODEPORT_ADDR, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use serde::Serialize;
 
@@ -34,13 +35,25 @@ pub struct BackendRow {
     pub state: &'static str,
     /// Flows (conntrack, original direction) currently pointing at it.
     pub flows: u64,
+    /// "cluster" (the service's endpoints) or "local" (this node's, for a
+    /// Local traffic policy).
+    pub table: &'static str,
 }
 
 #[derive(Debug, Serialize)]
 pub struct ServiceRow {
     pub protocol: String,
+    /// The frontend address; 0.0.0.0 for a NodePort (any NodePort address).
     pub vip: Ipv4Addr,
     pub port: u16,
+    /// `vip:port`, with `*` for a NodePort's address.
+    pub frontend: String,
+    /// "cluster-ip", "nodeport" or "external" (an external or LB IP).
+    pub kind: &'static str,
+    /// "local" (Local traffic policy), "source-ranges".
+    pub policy: Vec<&'static str>,
+    /// With "source-ranges": the clients admitted.
+    pub source_ranges: Vec<String>,
     pub name: String,
     pub svc_id: u32,
     pub backends: Vec<BackendRow>,
@@ -77,7 +90,7 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
     let mut rows = Vec::new();
     for (k, v) in &state.services {
         let mut backends = Vec::new();
-        for slot in 0..v.count {
+        for slot in crate::sync::slot_numbers(v) {
             let key = proxy_common::SlotKey {
                 svc_id: v.svc_id,
                 slot,
@@ -94,6 +107,11 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
                 port: wire::to_port(b.port),
                 state: "active",
                 flows: flows.get(&(v.svc_id, *id)).map_or(0, |f| f.0),
+                table: if slot < LOCAL_SLOTS {
+                    "cluster"
+                } else {
+                    "local"
+                },
             });
         }
         for ((_, id), (n, addr, port)) in flows.range((v.svc_id, 0)..=(v.svc_id, u32::MAX)) {
@@ -104,15 +122,45 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
                     port: *port,
                     state: "removed",
                     flows: *n,
+                    table: "cluster",
                 });
             }
         }
-        backends.sort_by_key(|b| (b.state, b.addr, b.port));
+        backends.sort_by_key(|b| (b.table, b.state, b.addr, b.port));
         let stats = maps.service_stats(v.svc_id)?;
+        let vip = wire::to_addr(k.addr);
+        let port = wire::to_port(k.port);
+        let mut policy = Vec::new();
+        if v.flags & SVC_F_LOCAL != 0 {
+            policy.push("local");
+        }
+        if v.flags & SVC_F_SOURCE_RANGES != 0 {
+            policy.push("source-ranges");
+        }
         rows.push(ServiceRow {
             protocol: proto_name(k.proto),
-            vip: wire::to_addr(k.addr),
-            port: wire::to_port(k.port),
+            vip,
+            port,
+            frontend: if k.addr == NODEPORT_ADDR {
+                format!("*:{port}")
+            } else {
+                format!("{vip}:{port}")
+            },
+            kind: if v.flags & SVC_F_NODEPORT != 0 {
+                "nodeport"
+            } else if v.flags & SVC_F_EXTERNAL != 0 {
+                "external"
+            } else {
+                "cluster-ip"
+            },
+            policy,
+            source_ranges: state
+                .ranges
+                .get(&v.svc_id)
+                .into_iter()
+                .flatten()
+                .map(|r| r.to_string())
+                .collect(),
             name: state.names.get(&v.svc_id).cloned().unwrap_or_default(),
             svc_id: v.svc_id,
             flows: flows
@@ -133,7 +181,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}",
+        "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}  Kind",
         "Prot", "Frontend", "Service", "Flows", "Packets", "NewFlows"
     );
     let _ = writeln!(
@@ -142,21 +190,33 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         "Backend", "Id, state", "Flows"
     );
     for r in rows {
-        let frontend = format!("{}:{}", r.vip, r.port);
+        let mut kind = r.kind.to_string();
+        for p in &r.policy {
+            kind.push(' ');
+            kind.push_str(p);
+        }
+        if !r.source_ranges.is_empty() {
+            let _ = write!(kind, " [{}]", r.source_ranges.join(", "));
+        }
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}",
-            r.protocol, frontend, r.name, r.flows, r.packets, r.new_flows
+            "{:<5} {:<22} {:<32} {:>8} {:>10} {:>10}  {kind}",
+            r.protocol, r.frontend, r.name, r.flows, r.packets, r.new_flows
         );
         if r.backends.is_empty() {
             let _ = writeln!(out, "  -> (no endpoints)");
         }
         for b in &r.backends {
+            let state = if b.table == "local" {
+                format!("{} {} (local)", b.id, b.state)
+            } else {
+                format!("{} {}", b.id, b.state)
+            };
             let _ = writeln!(
                 out,
                 "  -> {:<22} {:<32} {:>8}",
                 format!("{}:{}", b.addr, b.port),
-                format!("{} {}", b.id, b.state),
+                state,
                 b.flows
             );
         }
@@ -247,6 +307,9 @@ pub struct CtRow {
     pub protocol: String,
     /// "original" (client → frontend) or "reply" (backend → client).
     pub direction: &'static str,
+    /// "dnat", or "masq" for a masqueraded flow (source rewritten too); with
+    /// "+node" for a flow the node itself started.
+    pub nat: String,
     /// The tuple as the packet arrives.
     pub src: String,
     pub dst: String,
@@ -296,6 +359,19 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
             } else {
                 "reply"
             },
+            nat: format!(
+                "{}{}",
+                if v.flags & CT_F_SNAT != 0 {
+                    "masq"
+                } else {
+                    "dnat"
+                },
+                if v.flags & CT_F_FROM_NODE != 0 {
+                    "+node"
+                } else {
+                    ""
+                }
+            ),
             src: ep(k.src_addr, k.src_port),
             dst: ep(k.dst_addr, k.dst_port),
             translated_src: ep(t.src_addr, t.src_port),
@@ -328,15 +404,24 @@ pub fn conntrack_table(rows: &[CtRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<8} {:<44} {:<44} {:<11} {:<12} {:>8} {:>8}  Service",
-        "Prot", "Dir", "Tuple (as received)", "Translated to", "State", "TCP flags", "Age", "Idle"
+        "{:<5} {:<8} {:<9} {:<44} {:<44} {:<11} {:<12} {:>8} {:>8}  Service",
+        "Prot",
+        "Dir",
+        "NAT",
+        "Tuple (as received)",
+        "Translated to",
+        "State",
+        "TCP flags",
+        "Age",
+        "Idle"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<44} {:<44} {:<11} {:<12} {:>7.1}s {:>7.1}s  {}",
+            "{:<5} {:<8} {:<9} {:<44} {:<44} {:<11} {:<12} {:>7.1}s {:>7.1}s  {}",
             r.protocol,
             r.direction,
+            r.nat,
             format!("{} -> {}", r.src, r.dst),
             format!("{} -> {}", r.translated_src, r.translated_dst),
             r.state,
@@ -423,7 +508,7 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
     let services = services(maps)?
         .into_iter()
         .map(|r| ServiceStatsRow {
-            frontend: format!("{}:{}/{}", r.vip, r.port, r.protocol),
+            frontend: format!("{}/{}", r.frontend, r.protocol),
             name: r.name,
             packets: r.packets,
             bytes: r.bytes,
