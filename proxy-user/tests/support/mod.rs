@@ -184,7 +184,46 @@ pub fn run_egress(dp: &mut Datapath, frame: &[u8]) -> Out {
     run_on(dp, frame, true)
 }
 
+/// A network namespace of this test process with nothing in it (loopback
+/// down, no routes, no forwarding): the FIB lookups of `test_run` there
+/// always hand packets to the stack, whatever the machine's own routes.
+fn empty_netns() -> &'static std::fs::File {
+    static NS: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    NS.get_or_init(|| {
+        std::thread::spawn(|| {
+            // SAFETY: unshare on this short-lived thread only.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            std::fs::File::open("/proc/thread-self/ns/net").expect("netns file")
+        })
+        .join()
+        .expect("unshare thread")
+    })
+}
+
 fn run_on(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
+    run_in(dp, frame, egress, empty_netns())
+}
+
+/// Runs the program on `frame` from inside the network namespace `netns`
+/// (an open `/proc/.../ns/net` or `/run/netns/...` file).
+pub fn run_in(dp: &mut Datapath, frame: &[u8], egress: bool, netns: &std::fs::File) -> Out {
+    use std::os::fd::AsRawFd;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this scoped thread only; `netns` is open.
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            run_here(dp, frame, egress)
+        })
+        .join()
+        .expect("test_run thread")
+    })
+}
+
+fn run_here(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
     let mut buf = vec![0u8; frame.len() + 256];
     let prog = if egress { dp.egress() } else { dp.ingress() };
     let res = prog

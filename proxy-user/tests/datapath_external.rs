@@ -1,0 +1,400 @@
+//! In-kernel (`BPF_PROG_TEST_RUN`) cases for traffic from outside the node
+//! and masquerade: NodePorts, traffic policies, source ranges, the
+//! datapath's own SNAT with its conntrack entries, the node's own flows at
+//! egress, and FIB forwarding. Each case checks the bytes that come out and
+//! what the program wrote to its maps.
+
+mod support;
+
+use kpx::{cidr::Cidr, datapath::range_key, node::PortRange, testbed::Netns};
+use proxy_common::{
+    wire, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_FROM_NODE,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS,
+    NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES,
+};
+use support::*;
+
+/// This node: its fabric address (serves NodePorts) and a pod-side gateway.
+const NODE: &str = "198.18.128.1";
+const OUTSIDE: &str = "198.18.200.7";
+const POD: &str = "198.18.2.9";
+const LB: &str = "198.19.2.30";
+
+/// The standard scenario plus node settings: cluster CIDR 198.18.0.0/17,
+/// masquerade to NODE on ports 20000-20255.
+fn node(dp: &mut kpx::datapath::Datapath, masquerade_all: bool) {
+    cluster(dp);
+    let cfg = kpx::node::datapath_config(
+        Some(&"198.18.0.0/17".parse().unwrap()),
+        Some(ip(NODE)),
+        &PortRange(20000..=20255),
+        masquerade_all,
+    );
+    dp.maps.set_config(&cfg).unwrap();
+    dp.maps
+        .node_addrs
+        .insert(wire::addr(ip(NODE)), NODE_F_LOCAL | NODE_F_NODEPORT, 0)
+        .unwrap();
+    dp.maps
+        .node_addrs
+        .insert(wire::addr(ip("198.18.0.1")), NODE_F_LOCAL, 0)
+        .unwrap();
+}
+
+/// Adds frontend `addr:port` for service id `svc_id` (its slots already in
+/// place), with `flags` and a local table of `local` backend ids.
+fn frontend(
+    dp: &mut kpx::datapath::Datapath,
+    addr: u32,
+    port: u16,
+    proto: u8,
+    svc_id: u32,
+    count: u32,
+    flags: u32,
+    local: &[u32],
+) {
+    for (i, id) in local.iter().enumerate() {
+        dp.maps
+            .slots
+            .insert(
+                SlotKey {
+                    svc_id,
+                    slot: LOCAL_SLOTS + i as u32,
+                },
+                id,
+                0,
+            )
+            .unwrap();
+    }
+    let key = ServiceKey {
+        addr,
+        port: wire::port(port),
+        proto,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        svc_id,
+        count,
+        flags,
+        local_count: local.len() as u32,
+        ..ServiceValue::default()
+    };
+    dp.maps.services.insert(key, value, 0).unwrap();
+}
+
+fn ct(dp: &kpx::datapath::Datapath, key: proxy_common::CtKey) -> CtValue {
+    dp.maps
+        .conntrack
+        .get(&key, 0)
+        .unwrap_or_else(|e| panic!("no conntrack entry {key:?}: {e}"))
+}
+
+#[test]
+fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_entry() {
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, false);
+    frontend(
+        &mut dp,
+        NODEPORT_ADDR,
+        30080,
+        IPPROTO_TCP,
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect(&out.bytes);
+    // The FIB of the empty namespace cannot say: the configured node IP.
+    assert_eq!(seen.src, ip(NODE));
+    assert!((20000..=20255).contains(&seen.sport), "{seen:?}");
+    assert!([ip(B1), ip(B2), ip(B3)].contains(&seen.dst));
+    assert_eq!(seen.dport, 8080);
+    let original = ct(&dp, ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP));
+    assert_eq!(
+        original.flags & (CT_F_REWRITE_SRC | CT_F_REWRITE_DST | CT_F_SNAT),
+        CT_F_REWRITE_SRC | CT_F_REWRITE_DST | CT_F_SNAT
+    );
+    // The reply (backend → node:port) is translated back to the client.
+    let backend = seen.dst.to_string();
+    let reply = ct(&dp, ct_key(&backend, 8080, NODE, seen.sport, IPPROTO_TCP));
+    assert_eq!(reply.flags & CT_F_SNAT, CT_F_SNAT);
+    let out = run(
+        &mut dp,
+        &Pkt::new(&backend, 8080, NODE, seen.sport, SYN_ACK).build(),
+    );
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let back = inspect(&out.bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), 30080, ip(OUTSIDE), 40000)
+    );
+    assert_eq!(event(&mut dp, Event::Masqueraded), 1);
+    // A NodePort on an address of the node that does not serve them, or
+    // on no address of this node, is not ours.
+    for dst in ["198.18.0.1", "198.18.128.2"] {
+        let out = run(&mut dp, &Pkt::new(OUTSIDE, 40001, dst, 30080, SYN).build());
+        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{dst}");
+    }
+}
+
+#[test]
+fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop() {
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, false);
+    // One backend and two masquerade ports.
+    let mut cfg = dp.maps.config.get(&0, 0).unwrap();
+    cfg.snat_port_min = 20000;
+    cfg.snat_port_max = 20001;
+    dp.maps.set_config(&cfg).unwrap();
+    frontend(
+        &mut dp,
+        NODEPORT_ADDR,
+        30080,
+        IPPROTO_UDP,
+        2,
+        1,
+        SVC_F_EXTERNAL,
+        &[],
+    );
+    let mut ports = Vec::new();
+    for sport in [1000, 1001] {
+        let out = run(&mut dp, &Pkt::new(OUTSIDE, sport, NODE, 30080, UDP).build());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        ports.push(inspect(&out.bytes).sport);
+    }
+    ports.sort();
+    assert_eq!(ports, [20000, 20001], "two flows, two distinct ports");
+    let out = run(&mut dp, &Pkt::new(OUTSIDE, 1002, NODE, 30080, UDP).build());
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::SnatExhausted), 1);
+    // The failed flow left nothing behind.
+    assert!(dp
+        .maps
+        .conntrack
+        .get(&ct_key(OUTSIDE, 1002, NODE, 30080, IPPROTO_UDP), 0)
+        .is_err());
+}
+
+#[test]
+fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, false);
+    // LB IP with externalTrafficPolicy Local: local table = backend 2 (B2).
+    frontend(
+        &mut dp,
+        wire::addr(ip(LB)),
+        80,
+        IPPROTO_TCP,
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_LOCAL,
+        &[2],
+    );
+    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40000, LB, 80, SYN).build());
+    let seen = inspect(&out.bytes);
+    assert_eq!(
+        (seen.src, seen.sport, seen.dst),
+        (ip(OUTSIDE), 40000, ip(B2))
+    );
+    // A pod is short-circuited to all endpoints, its address kept.
+    let mut reached = std::collections::BTreeSet::new();
+    for sport in 1000..1060 {
+        let out = run(&mut dp, &Pkt::new(POD, sport, LB, 80, SYN).build());
+        let seen = inspect(&out.bytes);
+        assert_eq!(seen.src, ip(POD));
+        reached.insert(seen.dst);
+    }
+    assert_eq!(reached.len(), 3, "pods use the cluster-wide table");
+    // No local endpoint: outside clients are dropped, counted.
+    frontend(
+        &mut dp,
+        wire::addr(ip(LB)),
+        81,
+        IPPROTO_TCP,
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_LOCAL,
+        &[],
+    );
+    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40001, LB, 81, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 1);
+    // internalTrafficPolicy Local on a cluster IP: local table, and a drop
+    // (not a reject) when it is empty but the service has endpoints.
+    frontend(
+        &mut dp,
+        wire::addr(ip(VIP)),
+        80,
+        IPPROTO_TCP,
+        1,
+        3,
+        SVC_F_LOCAL,
+        &[3],
+    );
+    let out = run(&mut dp, &Pkt::new(POD, 2000, VIP, 80, SYN).build());
+    assert_eq!(inspect(&out.bytes).dst, ip(B3));
+    frontend(
+        &mut dp,
+        wire::addr(ip(VIP)),
+        80,
+        IPPROTO_TCP,
+        1,
+        3,
+        SVC_F_LOCAL,
+        &[],
+    );
+    let out = run(&mut dp, &Pkt::new(POD, 2001, VIP, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 2);
+}
+
+#[test]
+fn source_ranges_admit_by_longest_prefix_and_drop_the_rest() {
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, false);
+    frontend(
+        &mut dp,
+        wire::addr(ip(LB)),
+        80,
+        IPPROTO_TCP,
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+        &[],
+    );
+    let r: Cidr = "198.18.200.0/24".parse().unwrap();
+    dp.maps.src_ranges.insert(&range_key(1, &r), 1, 0).unwrap();
+    // Another frontend's wider range must not leak into this one.
+    let other: Cidr = "0.0.0.0/0".parse().unwrap();
+    dp.maps
+        .src_ranges
+        .insert(&range_key(2, &other), 1, 0)
+        .unwrap();
+    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40000, LB, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let out = run(
+        &mut dp,
+        &Pkt::new("198.18.201.7", 40000, LB, 80, SYN).build(),
+    );
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::SourceRange), 1);
+}
+
+#[test]
+fn cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all() {
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, false);
+    let out = run(&mut dp, &Pkt::new(POD, 1000, VIP, 80, SYN).build());
+    assert_eq!(inspect(&out.bytes).src, ip(POD), "pods keep their address");
+    let out = run(&mut dp, &Pkt::new(OUTSIDE, 1000, VIP, 80, SYN).build());
+    assert_eq!(
+        inspect(&out.bytes).src,
+        ip(NODE),
+        "off-cluster is masqueraded"
+    );
+    // Hairpin: B1 reaching the service until it picks itself.
+    let mut hairpins = 0;
+    for sport in 2000..2100 {
+        let out = run(&mut dp, &Pkt::new(B1, sport, VIP, 80, SYN).build());
+        let seen = inspect(&out.bytes);
+        if seen.dst == ip(B1) {
+            assert_eq!(seen.src, ip(NODE), "hairpin must be masqueraded");
+            hairpins += 1;
+        } else {
+            assert_eq!(seen.src, ip(B1));
+        }
+    }
+    assert!(hairpins > 0);
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, true);
+    let out = run(&mut dp, &Pkt::new(POD, 1000, VIP, 80, SYN).build());
+    assert_eq!(inspect(&out.bytes).src, ip(NODE), "masquerade-all");
+}
+
+#[test]
+fn the_nodes_own_flows_are_translated_at_egress_and_translated_packets_skipped() {
+    let Some(mut dp) = datapath() else { return };
+    node(&mut dp, false);
+    let out = run_egress(&mut dp, &Pkt::new(NODE, 45000, VIP, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect(&out.bytes);
+    assert_eq!(seen.dport, 8080);
+    // The node's address is outside the cluster CIDR, so masqueraded; the
+    // packet already carries the masquerade address, so it stays as is.
+    assert_eq!((seen.src, seen.sport), (ip(NODE), 45000));
+    let e = ct(&dp, ct_key(NODE, 45000, VIP, 80, IPPROTO_TCP));
+    assert_eq!(e.flags & CT_F_FROM_NODE, CT_F_FROM_NODE);
+    assert_eq!(event(&mut dp, Event::FromNode), 1);
+    // A packet from elsewhere leaving through the interface is not ours.
+    let out = run_egress(&mut dp, &Pkt::new(POD, 45000, VIP, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_UNSPEC);
+}
+
+#[test]
+fn translated_packets_go_straight_to_the_fib_next_hop() {
+    let Some(mut dp) = datapath() else { return };
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    node(&mut dp, false);
+    let ns = Netns::create(&format!("kpxfib{}", std::process::id())).unwrap();
+    ns.sysctl("net/ipv4/ip_forward", "1").unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns.ip(&[
+        "link", "add", "out0", "type", "veth", "peer", "name", "out1",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "out1", "up"]).unwrap();
+    ns.ip(&["link", "set", "out0", "address", "02:00:00:00:00:aa"])
+        .unwrap();
+    ns.ip(&["addr", "add", "198.18.1.254/24", "dev", "out0"])
+        .unwrap();
+    ns.ip(&["link", "set", "out0", "up"]).unwrap();
+    for b in [B1, B2, B3] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            b,
+            "lladdr",
+            "02:00:00:00:00:bb",
+            "dev",
+            "out0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    let frame = Pkt::new(POD, 1000, VIP, 80, SYN).build();
+    let out = run_in(&mut dp, &frame, false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to out0");
+    assert_eq!(&out.bytes[0..6], &[2, 0, 0, 0, 0, 0xbb], "next hop's MAC");
+    assert_eq!(&out.bytes[6..12], &[2, 0, 0, 0, 0, 0xaa], "out0's MAC");
+    // Forwarded: the TTL went down by one, the checksum still right.
+    assert_eq!(out.bytes[14 + 8], 63);
+    let seen = inspect(&out.bytes);
+    assert_eq!((seen.src, seen.dport), (ip(POD), 8080));
+    assert_eq!(event(&mut dp, Event::FibRedirect), 1);
+    // With a masquerade, the source is the one the route picks (out0's
+    // address), as MASQUERADE does.
+    let frame = Pkt::new(OUTSIDE, 1000, VIP, 80, SYN).build();
+    let out = run_in(&mut dp, &frame, false, &file);
+    assert_eq!(inspect(&out.bytes).src, ip("198.18.1.254"));
+    // TTL 1: the stack must send the time-exceeded, not us.
+    let mut frame = Pkt::new(POD, 1001, VIP, 80, SYN).build();
+    frame[14 + 8] = 1;
+    let sum = {
+        frame[14 + 10] = 0;
+        frame[14 + 11] = 0;
+        let h = etherparse::Ipv4HeaderSlice::from_slice(&frame[14..]).unwrap();
+        h.to_header().calc_header_checksum()
+    };
+    frame[14 + 10..14 + 12].copy_from_slice(&sum.to_be_bytes());
+    let out = run_in(&mut dp, &frame, false, &file);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.bytes[14 + 8], 1);
+}
