@@ -152,7 +152,7 @@ fn redirect(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> Option<i32> {
     macs[6..].copy_from_slice(&p.smac);
     ctx.store(0, &macs, 0).ok()?;
     if hook == Hook::Egress && p.ifindex == ifindex {
-        return Some(TC_ACT_OK as i32); // already on its way out there
+        return Some(TC_ACT_OK); // already on its way out there
     }
     // SAFETY: plain helper call: egress of the FIB's interface.
     Some(unsafe { bpf_redirect(p.ifindex, 0) } as i32)

@@ -193,7 +193,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
     match rewrite_error(ctx, pkt, inner_l3, inner_l4, &inner, &key, &t) {
         Ok(()) => {
             stats::count(Counter::IcmpTranslated);
-            Verdict::Translated(TC_ACT_OK as i32)
+            Verdict::Translated(TC_ACT_OK)
         }
         Err(()) => Verdict::Drop(proxy_common::DropReason::RewriteFailed),
     }

@@ -266,7 +266,7 @@ impl Cluster {
         self.node.ip(&[
             "link",
             "add",
-            &host_if,
+            host_if,
             "type",
             "veth",
             "peer",

@@ -46,9 +46,7 @@ fn node(dp: &mut kpx::datapath::Datapath, masquerade_all: bool) {
 /// place), with `flags` and a local table of `local` backend ids.
 fn frontend(
     dp: &mut kpx::datapath::Datapath,
-    addr: u32,
-    port: u16,
-    proto: u8,
+    (addr, port, proto): (u32, u16, u8),
     svc_id: u32,
     count: u32,
     flags: u32,
@@ -96,9 +94,7 @@ fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_e
     node(&mut dp, false);
     frontend(
         &mut dp,
-        NODEPORT_ADDR,
-        30080,
-        IPPROTO_TCP,
+        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -151,9 +147,7 @@ fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop() {
     dp.maps.set_config(&cfg).unwrap();
     frontend(
         &mut dp,
-        NODEPORT_ADDR,
-        30080,
-        IPPROTO_UDP,
+        (NODEPORT_ADDR, 30080, IPPROTO_UDP),
         2,
         1,
         SVC_F_EXTERNAL,
@@ -185,9 +179,7 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
     // LB IP with externalTrafficPolicy Local: local table = backend 2 (B2).
     frontend(
         &mut dp,
-        wire::addr(ip(LB)),
-        80,
-        IPPROTO_TCP,
+        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_LOCAL,
@@ -211,9 +203,7 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
     // No local endpoint: outside clients are dropped, counted.
     frontend(
         &mut dp,
-        wire::addr(ip(LB)),
-        81,
-        IPPROTO_TCP,
+        (wire::addr(ip(LB)), 81, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_LOCAL,
@@ -226,9 +216,7 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
     // (not a reject) when it is empty but the service has endpoints.
     frontend(
         &mut dp,
-        wire::addr(ip(VIP)),
-        80,
-        IPPROTO_TCP,
+        (wire::addr(ip(VIP)), 80, IPPROTO_TCP),
         1,
         3,
         SVC_F_LOCAL,
@@ -238,9 +226,7 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
     assert_eq!(inspect(&out.bytes).dst, ip(B3));
     frontend(
         &mut dp,
-        wire::addr(ip(VIP)),
-        80,
-        IPPROTO_TCP,
+        (wire::addr(ip(VIP)), 80, IPPROTO_TCP),
         1,
         3,
         SVC_F_LOCAL,
@@ -257,9 +243,7 @@ fn source_ranges_admit_by_longest_prefix_and_drop_the_rest() {
     node(&mut dp, false);
     frontend(
         &mut dp,
-        wire::addr(ip(LB)),
-        80,
-        IPPROTO_TCP,
+        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
