@@ -99,9 +99,9 @@ pub struct Snat {
     pub extra_flags: u16,
 }
 
-/// Masquerade port attempts before a new flow is dropped: each is a random
-/// port of the range, so with the range half full the chance that all fail
-/// is 1/256.
+/// Masquerade port attempts before a new flow is dropped: consecutive ports
+/// from a random start (as the kernel's NAT probes), so a range with a free
+/// port among the next 8 never fails.
 const SNAT_TRIES: u32 = 8;
 
 /// Creates both entries of a new flow from `key` (client → frontend) to
@@ -135,10 +135,12 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
+    // SAFETY: helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() };
     if masquerade {
         original.flags |= CT_F_REWRITE_SRC | CT_F_SNAT;
         original.new_src_addr = snat.addr;
-        original.new_src_port = snat_port(snat);
+        original.new_src_port = snat_port(snat, start);
     }
     match CONNTRACK.insert(key, original, BPF_NOEXIST as u64) {
         Ok(()) => stats::event(Event::CtInserted, 1),
@@ -168,7 +170,7 @@ pub fn create(
         reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
         reply.new_dst_addr = key.src_addr;
         reply.new_dst_port = key.src_port;
-        insert_masqueraded(key, &mut original, &reply, snat)
+        insert_masqueraded(key, &mut original, &reply, snat, start)
     } else {
         // NOEXIST first so the event counters stay exact; an existing entry
         // is a stale flow with the same reply tuple, which the new flow
@@ -205,12 +207,13 @@ fn insert_masqueraded(
     original: &mut CtValue,
     reply: &CtValue,
     snat: &Snat,
+    start: u32,
 ) -> Result<(), DropReason> {
-    for _ in 0..SNAT_TRIES {
+    for i in 1..=SNAT_TRIES {
         match CONNTRACK.insert(original.partner(key), *reply, BPF_NOEXIST as u64) {
             Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => {
-                original.new_src_port = snat_port(snat);
+                original.new_src_port = snat_port(snat, start.wrapping_add(i));
                 // The original entry must name the port its reply uses.
                 if CONNTRACK.insert(key, *original, BPF_ANY as u64).is_err() {
                     return Err(DropReason::CtInsertFailed);
@@ -222,11 +225,10 @@ fn insert_masqueraded(
     Err(DropReason::SnatExhausted)
 }
 
-/// A random port of the masquerade range, network byte order.
+/// Port number `n` (modulo the range's size) of the masquerade range,
+/// network byte order.
 #[inline(always)]
-fn snat_port(snat: &Snat) -> u16 {
+fn snat_port(snat: &Snat, n: u32) -> u16 {
     let span = (snat.port_max as u32).saturating_sub(snat.port_min as u32) + 1;
-    // SAFETY: helper without arguments.
-    let r = unsafe { bpf_get_prandom_u32() };
-    ((snat.port_min as u32 + r % span) as u16).to_be()
+    ((snat.port_min as u32 + n % span) as u16).to_be()
 }
