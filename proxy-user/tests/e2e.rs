@@ -51,17 +51,8 @@ fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
     assert!(udp.values().all(|&n| n >= 20), "unfair UDP spread {udp:?}");
 
     // What `kpx dump` shows matches what was configured and what happened.
-    let out = Command::new(KPX)
-        .args(["dump", "services", "--json", "--bpffs"])
-        .arg(c.bpffs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = kpx_dump(&c.bpffs(), &["services", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     let http = rows.iter().find(|r| r["protocol"] == "TCP").unwrap();

@@ -418,17 +418,7 @@ fn dump_shows_external_frontends_and_masquerade_entries() {
     let Some(bed) = bed() else { return };
     let _ = tcp_who(&bed.clients[0], at(MultiNode::node_ip(1), 30080), T).unwrap();
     let dump = |what: &str| {
-        let out = std::process::Command::new(KPX)
-            .args(["dump", what, "--bpffs"])
-            .arg(bed.nodes[0].bpffs())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&bed::kpx_dump(&bed.nodes[0].bpffs(), &[what])).into_owned()
     };
     let services = dump("services");
     let line = |frontend: &str| {

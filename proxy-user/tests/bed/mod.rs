@@ -66,6 +66,23 @@ pub fn wait_synced(c: &Cluster, frontends: usize, endpoints: &[u32]) {
     );
 }
 
+/// `kpx dump ARGS --bpffs BPFFS`: its standard output (the command must succeed).
+pub fn kpx_dump(bpffs: &Path, args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(KPX)
+        .arg("dump")
+        .args(args)
+        .arg("--bpffs")
+        .arg(bpffs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 pub fn web(c: &Cluster, endpoints: &[&str]) -> String {
     let ips: Vec<Ipv4Addr> = endpoints.iter().map(|n| c.pod(n).ip).collect();
     service_yaml("web", VIP, (80, 8080), (53, 5353), &ips)
