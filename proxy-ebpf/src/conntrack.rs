@@ -135,8 +135,13 @@ pub fn create(
         created_ns: now,
         last_seen_ns: now,
     };
-    // SAFETY: helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() };
+    // The masquerade port probe's random start; no helper call otherwise.
+    let start = if masquerade {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_get_prandom_u32() }
+    } else {
+        0
+    };
     if masquerade {
         original.flags |= CT_F_REWRITE_SRC | CT_F_SNAT;
         original.new_src_addr = snat.addr;

@@ -91,7 +91,9 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     };
     let v = match pkt.proto {
         IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
-        IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => from_node(&ctx, &pkt),
+        IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => {
+            flow(&ctx, &pkt, Origin::Node)
+        }
         _ => return PASS,
     };
     match v {
@@ -160,12 +162,6 @@ fn process(ctx: &TcContext) -> Verdict {
         return Verdict::Pass(Counter::PassNotHandled);
     }
     flow(ctx, &pkt, Origin::Network)
-}
-
-/// A TCP/UDP packet the node itself sends (its source is a node address).
-#[inline(always)]
-fn from_node(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
-    flow(ctx, pkt, Origin::Node)
 }
 
 /// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither.
