@@ -326,12 +326,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-fn sourced<T>(object: T) -> Sourced<T> {
-    Sourced {
-        origin: "API".into(),
-        object,
-    }
-}
 
 impl Agent {
     /// When the next sync may run, if one is owed.
@@ -433,7 +427,7 @@ impl Agent {
                 self.services_seen
                     .get_or_insert_with(HashSet::new)
                     .insert(key);
-                self.index.apply_service(sourced(s))
+                self.index.apply_service(Sourced::api(s))
             }
             WatchEvent::InitDone => {
                 let seen = self.services_seen.take().unwrap_or_default();
@@ -445,7 +439,7 @@ impl Agent {
                 self.services_listed = true;
                 return;
             }
-            WatchEvent::Apply(s) => self.index.apply_service(sourced(s)),
+            WatchEvent::Apply(s) => self.index.apply_service(Sourced::api(s)),
             WatchEvent::Delete(s) => {
                 let ns = s.namespace().unwrap_or_else(|| "default".into());
                 if self.index.delete_service(&ns, &s.name_any()) {
@@ -474,7 +468,7 @@ impl Agent {
                 self.slices_seen
                     .get_or_insert_with(HashSet::new)
                     .insert(key);
-                self.index.apply_slice(sourced(s))
+                self.index.apply_slice(Sourced::api(s))
             }
             WatchEvent::InitDone => {
                 let seen = self.slices_seen.take().unwrap_or_default();
@@ -486,7 +480,7 @@ impl Agent {
                 self.slices_listed = true;
                 return;
             }
-            WatchEvent::Apply(s) => self.index.apply_slice(sourced(s)),
+            WatchEvent::Apply(s) => self.index.apply_slice(Sourced::api(s)),
             WatchEvent::Delete(s) => {
                 let ns = s.namespace().unwrap_or_else(|| "default".into());
                 if self.index.delete_slice(&ns, &s.name_any()) {

@@ -365,6 +365,20 @@ impl Index {
         ))
     }
 
+    /// Every valid Service with the full model of its ports, in
+    /// namespace/name order (what kube-proxy's rule writers iterate).
+    pub fn services_with_ports(&self) -> Vec<(Svc, Vec<ServicePort>)> {
+        let mut ids: Vec<&ServiceRef> = self.services.keys().collect();
+        ids.sort();
+        ids.into_iter()
+            .filter_map(|id| {
+                let svc = self.services[id].parsed.as_ref().ok()?.as_ref()?;
+                let ports = model::service_ports(svc, &self.slices_of_service(id), &self.node);
+                Some((svc.clone(), ports))
+            })
+            .collect()
+    }
+
     /// Every current problem: malformed objects, then conflicts.
     pub fn problems(&self) -> Vec<Problem> {
         let mut out: Vec<Problem> = self

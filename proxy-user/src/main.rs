@@ -52,6 +52,60 @@ enum Command {
     },
     /// Load the datapath into this kernel (the verifier runs) and report success.
     Check,
+    /// Print the rules kube-proxy would install on this node for the same
+    /// inputs: its iptables mode's `iptables-restore` input (default) or
+    /// its nftables mode's `nft -f` script. For comparisons and the
+    /// benchmark; kpx itself never installs them.
+    IptablesRules(Box<RulesArgs>),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RulesMode {
+    Iptables,
+    Nftables,
+}
+
+#[derive(clap::Args)]
+struct RulesArgs {
+    /// Which kube-proxy mode's rules to print.
+    #[arg(long, value_enum, default_value = "iptables")]
+    mode: RulesMode,
+    /// A KubeProxyConfiguration file, as for `kpx agent`. Flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Read Services and EndpointSlices from this YAML file or directory.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// List them (and this Node) from the Kubernetes API through this
+    /// kubeconfig (default: the in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// This node's primary IPv4 address.
+    #[arg(long)]
+    bind_address: Option<Ipv4Addr>,
+    /// A further address of this node (repeatable).
+    #[arg(long = "node-ip")]
+    node_ips: Vec<Ipv4Addr>,
+    /// The cluster's pod CIDR(s), comma-separated (the first IPv4 one
+    /// detects pod traffic, as kube-proxy's local traffic detector).
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Option<Vec<Cidr>>,
+    /// NodePort addresses: CIDRs or the keywords primary, all, localhost.
+    #[arg(long, value_delimiter = ',')]
+    nodeport_addresses: Option<Vec<NodePortAddress>>,
+    /// Masquerade all traffic to cluster IPs.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    masquerade_all: Option<bool>,
+    /// The fwmark bit of the masquerade mark (default 14: 0x4000).
+    #[arg(long = "iptables-masquerade-bit", value_parser = clap::value_parser!(u8).range(0..=31))]
+    masquerade_bit: Option<u8>,
+    /// Serve NodePorts on 127.0.0.1 too (kube-proxy's default in iptables
+    /// mode, when loopback is a NodePort address).
+    #[arg(long = "iptables-localhost-nodeports", default_value = "true", action = clap::ArgAction::Set)]
+    localhost_nodeports: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -268,6 +322,11 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::IptablesRules(args) => {
+            init_logging(None);
+            print!("{}", rules(*args)?);
+            Ok(())
+        }
         Command::Check => {
             init_logging(None);
             Datapath::load(&LoadOptions::default())?;
@@ -311,21 +370,10 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             log::warn!("setting oom_score_adj to {adj}: {e}");
         }
     }
-    let hostname = match o.hostname_override {
-        Some(h) => h,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .context("reading the hostname (or pass --hostname-override)")?
-            .trim()
-            .to_string(),
-    };
+    let hostname = hostname(o.hostname_override)?;
     // `lo` never carries pod traffic that needs translating.
     let interfaces = Patterns::parse(&args.interfaces)?.excluding("lo");
-    let mut node_ips: Vec<Ipv4Addr> = o.bind_address.into_iter().collect();
-    node_ips.extend(
-        args.node_ips
-            .iter()
-            .filter(|ip| Some(**ip) != o.bind_address),
-    );
+    let node_ips = node_ips(o.bind_address, &args.node_ips);
     let defaults = kpx::conntrack::Timeouts::default();
     let cfg = agent::Config {
         source: match args.manifests {
@@ -414,4 +462,108 @@ fn render<T: serde::Serialize + ?Sized>(
     } else {
         table(v)
     })
+}
+
+/// `kpx iptables-rules`: the model built exactly as the agent builds it,
+/// rendered as kube-proxy's rules.
+fn rules(args: RulesArgs) -> Result<String> {
+    use kpx::{
+        cluster::Index,
+        model::{NodeInfo, Sourced},
+        reference::{self, Mode, Settings},
+    };
+    let file = match &args.config {
+        Some(path) => config::load(path)?.overrides,
+        None => Overrides::default(),
+    };
+    let flags = Overrides {
+        kubeconfig: args.kubeconfig.clone(),
+        hostname_override: args.hostname_override.clone(),
+        bind_address: args.bind_address,
+        cluster_cidrs: args.cluster_cidr.clone(),
+        nodeport_addresses: args.nodeport_addresses.clone(),
+        masquerade_all: args.masquerade_all,
+        masquerade_bit: args.masquerade_bit,
+        ..Overrides::default()
+    };
+    let o = flags.or(file);
+    let hostname = hostname(o.hostname_override.clone())?;
+    let node_ips = node_ips(o.bind_address, &args.node_ips);
+    let mut index = Index::new(NodeInfo {
+        addresses: node_ips.clone(),
+        ..NodeInfo::named(&hostname)
+    });
+    let problems = if let Some(path) = &args.manifests {
+        let loaded = kpx::manifests::load(path)?;
+        let (_, mut problems) = index.replace_all(loaded.services, loaded.slices);
+        problems.extend(loaded.problems);
+        problems
+    } else {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (services, slices, node) = rt.block_on(async {
+            let client = kpx::watch::client(o.kubeconfig.as_deref()).await?;
+            kpx::watch::list_once(client, &hostname).await
+        })?;
+        if let Some(n) = &node {
+            let mut info = NodeInfo::from_node(&hostname, n);
+            let mut addresses = node_ips.clone();
+            addresses.extend(info.addresses.iter().filter(|a| !node_ips.contains(a)));
+            info.addresses = addresses;
+            index.set_node(info);
+        }
+        let (_, problems) = index.replace_all(
+            services.into_iter().map(|o| Sourced::api(o)).collect(),
+            slices.into_iter().map(|o| Sourced::api(o)).collect(),
+        );
+        problems
+    };
+    for p in &problems {
+        log::warn!("skipped: {p}");
+    }
+    index.update();
+    let local = kpx::node::local_ipv4().unwrap_or_else(|e| {
+        log::warn!("listing this node's addresses: {e}; NodePort addresses unknown");
+        Vec::new()
+    });
+    let settings = Settings {
+        node_ip: index.node().addresses.first().copied(),
+        cluster_cidr: o.cluster_cidrs.as_ref().and_then(|c| c.first().copied()),
+        masquerade_all: o.masquerade_all.unwrap_or(false),
+        masquerade_bit: o.masquerade_bit.unwrap_or(14),
+        ..Settings::new(&hostname)
+    }
+    .with_nodeports(
+        &o.nodeport_addresses.unwrap_or_default(),
+        &local,
+        args.localhost_nodeports,
+    );
+    let mode = match args.mode {
+        RulesMode::Iptables => Mode::Iptables,
+        RulesMode::Nftables => Mode::Nftables,
+    };
+    Ok(reference::render(
+        mode,
+        &index.services_with_ports(),
+        &settings,
+    ))
+}
+
+/// The node's name: the override, else the kernel's hostname.
+fn hostname(over: Option<String>) -> Result<String> {
+    match over {
+        Some(h) => Ok(h),
+        None => Ok(std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("reading the hostname (or pass --hostname-override)")?
+            .trim()
+            .to_string()),
+    }
+}
+
+/// The configured node IPs, the primary (--bind-address) first.
+fn node_ips(bind: Option<Ipv4Addr>, more: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = bind.into_iter().collect();
+    ips.extend(more.iter().filter(|ip| Some(**ip) != bind));
+    ips
 }

@@ -50,6 +50,16 @@ pub struct Sourced<T> {
     pub object: T,
 }
 
+impl<T> Sourced<T> {
+    /// An object read from the Kubernetes API.
+    pub fn api(object: T) -> Self {
+        Self {
+            origin: "API".into(),
+            object,
+        }
+    }
+}
+
 /// A reported input problem: the object is skipped, nothing else is affected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -825,7 +835,12 @@ pub fn service_ports(svc: &Svc, slices: &[&Slice], node: &NodeInfo) -> Vec<Servi
         .iter()
         .map(|p| {
             let sp = ServicePort {
-                name: format!("{}:{}", svc.id, p.name),
+                // kube-proxy's ServicePortName: no colon for an unnamed port.
+                name: if p.name.is_empty() {
+                    svc.id.to_string()
+                } else {
+                    format!("{}:{}", svc.id, p.name)
+                },
                 proto: p.proto,
                 port: p.port,
                 node_port: p.node_port,

@@ -106,3 +106,27 @@ fn forward<K, S>(
         }
     });
 }
+
+/// One list of everything the agent watches (for one-shot commands such
+/// as `kpx iptables-rules`): Services, EndpointSlices and the Node, if any.
+pub async fn list_once(
+    client: Client,
+    node_name: &str,
+) -> Result<(Vec<Service>, Vec<EndpointSlice>, Option<Node>)> {
+    let lp = kube::api::ListParams::default().labels(SELECTOR);
+    let services = Api::<Service>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing Services")?
+        .items;
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(&lp)
+        .await
+        .context("listing EndpointSlices")?
+        .items;
+    let node = Api::<Node>::all(client)
+        .get_opt(node_name)
+        .await
+        .with_context(|| format!("reading Node {node_name}"))?;
+    Ok((services, slices, node))
+}
