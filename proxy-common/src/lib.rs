@@ -115,7 +115,11 @@ pub struct ServiceValue {
     pub affinity_timeout: u32,
     /// Node-local backend slots in use, with [`SVC_F_LOCAL`].
     pub local_count: u32,
-    pub _pad: u32,
+    /// Keys ClientIP affinity: the same for every frontend of one service
+    /// port (cluster IP, NodePort, external and LB IPs), so a client keeps
+    /// its backend whichever entry point it uses, as the reference's
+    /// `recent` lists (one per endpoint chain of the service port) do.
+    pub affinity_id: u32,
 }
 
 /// First slot number of a frontend's node-local table.
@@ -325,11 +329,12 @@ pub struct ServiceStats {
     pub new_flows: u64,
 }
 
-/// Key of the ClientIP session-affinity map: a client of one service frontend.
+/// Key of the ClientIP session-affinity map: a client of one service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AffinityKey {
-    pub svc_id: u32,
+    /// [`ServiceValue::affinity_id`].
+    pub affinity_id: u32,
     /// Client IPv4 address, network byte order.
     pub client_addr: u32,
 }

@@ -58,7 +58,7 @@ pub fn backend(svc: &ServiceValue, t: Table, client: u32) -> Result<Selected, Dr
         return random(svc.svc_id, t).map(|(s, _)| s);
     }
     let key = AffinityKey {
-        svc_id: svc.svc_id,
+        affinity_id: svc.affinity_id,
         client_addr: client,
     };
     let now = now();

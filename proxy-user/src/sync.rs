@@ -164,6 +164,15 @@ pub enum PlanError {
     OutOfServiceIds(u32),
 }
 
+/// The affinity id of a service port: its name's hash. Two service ports
+/// sharing an id by chance stay correct: a record is only followed while
+/// the frontend's own slot still holds the recorded backend.
+pub fn affinity_id(service_port: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(service_port.as_bytes());
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+}
+
 pub fn service_key(k: &FrontendKey) -> ServiceKey {
     ServiceKey {
         addr: wire::addr(k.addr),
@@ -306,7 +315,7 @@ impl<'a> Planner<'a> {
             flags: frontend.flags,
             affinity_timeout: frontend.affinity_timeout,
             local_count: local.len() as u32,
-            _pad: 0,
+            affinity_id: affinity_id(&frontend.name),
         };
         if existing != Some(&value) {
             self.service_writes.push(Op::PutService(key, value));

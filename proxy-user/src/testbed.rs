@@ -401,8 +401,19 @@ impl Cluster {
 
     /// Starts TCP and UDP servers in pod `name` answering with its name.
     pub fn serve(&mut self, name: &str, tcp_port: u16, udp_port: u16) -> Result<()> {
+        self.serve_as(name, name, tcp_port, udp_port)
+    }
+
+    /// Starts TCP and UDP servers in pod `name` answering with `identity`.
+    pub fn serve_as(
+        &mut self,
+        name: &str,
+        identity: &str,
+        tcp_port: u16,
+        udp_port: u16,
+    ) -> Result<()> {
         let pod = self.pod(name);
-        let identity = pod.name.clone();
+        let identity = identity.to_string();
         let (tcp, udp) = pod.netns.enter(move || -> Result<_> {
             let tcp = TcpListener::bind(("0.0.0.0", tcp_port))?;
             let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
@@ -588,6 +599,111 @@ impl MultiNode {
             .flat_map(|n| &n.pods)
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+/// What translates a [`MultiNode`]'s service traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxy {
+    /// `kpx agent` on every node.
+    Kpx,
+    /// kube-proxy's iptables mode: `kpx iptables-rules` loaded with
+    /// `iptables-nft-restore` (nf_tables backend) in every node.
+    Iptables,
+    /// kube-proxy's nftables mode: `kpx iptables-rules --mode nftables`
+    /// loaded with `nft -f`.
+    Nftables,
+}
+
+impl Proxy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proxy::Kpx => "kpx",
+            Proxy::Iptables => "iptables",
+            Proxy::Nftables => "nftables",
+        }
+    }
+}
+
+impl MultiNode {
+    /// Puts `proxy` in charge of every node, from the manifests written
+    /// so far: starts the agents, or generates and loads the reference
+    /// rules (with the same node settings the agents get).
+    pub fn start_proxy(&mut self, proxy: Proxy, kpx: &Path) -> Result<()> {
+        for n in &mut self.nodes {
+            match proxy {
+                Proxy::Kpx => n.start_agent(kpx, &[])?,
+                Proxy::Iptables | Proxy::Nftables => n.load_reference(proxy, kpx)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Cluster {
+    /// The rules kube-proxy would install here for the bed's manifests
+    /// (`kpx iptables-rules`, run inside the node namespace so that it
+    /// sees the node's addresses), in `iptables-restore` or `nft` form.
+    pub fn reference_rules(&self, proxy: Proxy, kpx: &Path) -> Result<String> {
+        let mode = if proxy == Proxy::Nftables {
+            "nftables"
+        } else {
+            "iptables"
+        };
+        let dir = self.manifests_dir();
+        let out = self
+            .node
+            .command(kpx)?
+            .arg("iptables-rules")
+            .args(["--mode", mode])
+            .arg("--manifests")
+            .arg(&dir)
+            .args(["--hostname-override", &self.node_name])
+            .args(["--bind-address", &self.node_ip.to_string()])
+            .args(["--cluster-cidr", &self.cluster_cidr])
+            .output()
+            .context("running kpx iptables-rules")?;
+        if !out.status.success() {
+            bail!(
+                "kpx iptables-rules failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Loads the reference rules into the node namespace.
+    pub fn load_reference(&self, proxy: Proxy, kpx: &Path) -> Result<()> {
+        let rules = self.reference_rules(proxy, kpx)?;
+        let (program, args): (&str, &[&str]) = match proxy {
+            Proxy::Nftables => ("nft", &["-f", "-"]),
+            _ => ("iptables-nft-restore", &["--noflush"]),
+        };
+        self.pipe_into(program, args, &rules)
+    }
+
+    /// Runs `program args` in the node namespace with `input` on stdin.
+    pub fn pipe_into(&self, program: &str, args: &[&str], input: &str) -> Result<()> {
+        let mut child = self
+            .node
+            .command(Path::new(program))?
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "{program} {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 }
 

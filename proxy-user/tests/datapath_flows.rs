@@ -16,6 +16,9 @@ const OTHER_CLIENT: &str = "198.18.0.3";
 const ROUTER: &str = "198.18.0.1";
 const EMPTY_VIP: &str = "198.19.0.30";
 
+/// Affinity id of the service port the tests' frontends belong to.
+const AFFINITY_ID: u32 = 7;
+
 fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32) {
     let key = proxy_common::ServiceKey {
         addr: wire::addr(ip(vip)),
@@ -25,6 +28,7 @@ fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32
     };
     let mut v = dp.maps.services.get(&key, 0).unwrap();
     v.affinity_timeout = timeout;
+    v.affinity_id = AFFINITY_ID;
     dp.maps.services.insert(key, v, 0).unwrap();
 }
 
@@ -156,7 +160,7 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
 
     // The chosen backend leaves: its slot now holds another backend.
     let akey = AffinityKey {
-        svc_id: 1,
+        affinity_id: AFFINITY_ID,
         client_addr: wire::addr(ip(CLIENT)),
     };
     let rec = dp.maps.affinity.get(&akey, 0).expect("affinity record");
@@ -186,6 +190,35 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
     connect(&mut dp, CLIENT, 47200);
     assert_eq!(event(&mut dp, Event::AffinityNew), 4);
     assert!(dp.maps.affinity.get(&akey, 0).unwrap().last_used_ns > 1);
+}
+
+#[test]
+fn affinity_is_shared_by_the_entry_points_of_one_service_port() {
+    let Some(mut dp) = datapath() else { return };
+    cluster(&mut dp);
+    // Another entry point (an external IP) of the same service port.
+    let ext = "198.19.1.10";
+    install_service(
+        &mut dp,
+        9,
+        ext,
+        80,
+        IPPROTO_TCP,
+        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
+    );
+    set_affinity(&mut dp, VIP, 80, IPPROTO_TCP, 100);
+    set_affinity(&mut dp, ext, 80, IPPROTO_TCP, 100);
+    let connect = |dp: &mut Datapath, vip: &str, sport: u16| {
+        let out = run(dp, &Pkt::new(CLIENT, sport, vip, 80, SYN).build());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        inspect(&out.bytes).dst
+    };
+    let chosen = connect(&mut dp, VIP, 49000);
+    for sport in 49001..49020 {
+        assert_eq!(connect(&mut dp, ext, sport), chosen, "port {sport}");
+    }
+    assert_eq!(event(&mut dp, Event::AffinityNew), 1);
+    assert_eq!(event(&mut dp, Event::AffinityHit), 19);
 }
 
 #[test]

@@ -49,7 +49,9 @@ fn main() -> Result<()> {
                 cmd.push("--");
                 cmd.extend(args.iter().map(String::as_str));
             }
-            cargo(&cmd)
+            let result = cargo(&cmd);
+            differential_summary();
+            result
         }
         Task::Lint => {
             setup::run()?;
@@ -130,4 +132,21 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// Shows which differential scenarios (kpx against kube-proxy) passed,
+/// are pending, or failed, from the report the test leaves behind.
+fn differential_summary() {
+    let path = workspace_root().join("target/tmp/differential-report.txt");
+    let Ok(report) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    println!();
+    for line in report.lines() {
+        // The headline and one status line per scenario.
+        if !line.starts_with("    ") {
+            println!("{line}");
+        }
+    }
+    println!("(full report: {})", path.display());
 }
