@@ -326,7 +326,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-
 impl Agent {
     /// When the next sync may run, if one is owed.
     fn sync_due(&self) -> Option<Instant> {

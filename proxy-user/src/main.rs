@@ -514,8 +514,8 @@ fn rules(args: RulesArgs) -> Result<String> {
             index.set_node(info);
         }
         let (_, problems) = index.replace_all(
-            services.into_iter().map(|o| Sourced::api(o)).collect(),
-            slices.into_iter().map(|o| Sourced::api(o)).collect(),
+            services.into_iter().map(Sourced::api).collect(),
+            slices.into_iter().map(Sourced::api).collect(),
         );
         problems
     };

@@ -145,10 +145,7 @@ fn normalized(o: &Outcome, compare: Compare, own: Ipv4Addr) -> String {
                 .iter()
                 .map(|(_, c)| if *c == own { "kept" } else { "translated" })
                 .collect();
-            format!(
-                "{} backend(s), client address {kept:?}",
-                backends.len()
-            )
+            format!("{} backend(s), client address {kept:?}", backends.len())
         }
         (o, _) => o.to_string(),
     }
@@ -228,7 +225,7 @@ fn attempt(ns: &Netns, to: SocketAddrV4, proto: Proto) -> Attempt {
         .unwrap_or_else(|e| Attempt::Failed(format!("{e:#}")))
 }
 
-fn source<'a>(bed: &'a MultiNode, from: Src) -> &'a Netns {
+fn source(bed: &MultiNode, from: Src) -> &Netns {
     match from {
         Src::Client(i) => &bed.clients[i],
         Src::Pod(name) => &bed.pod(name).netns,
@@ -276,9 +273,7 @@ fn run_probe(bed: &MultiNode, p: &Probe) -> Outcome {
                 }
             }
             other => {
-                return Outcome::Other(format!(
-                    "answered {seen:?}, then attempt {i}: {other:?}"
-                ))
+                return Outcome::Other(format!("answered {seen:?}, then attempt {i}: {other:?}"))
             }
         }
         i += 1;
@@ -858,14 +853,17 @@ fn kpx_reaches_kube_proxys_verdict_on_every_scenario() {
         }
         match (nft_agrees, s.nftables_differs) {
             (true, None) => {}
-            (false, Some(why)) => lines.push_str(&format!("    (kube-proxy's modes differ: {why})\n")),
+            (false, Some(why)) => {
+                lines.push_str(&format!("    (kube-proxy's modes differ: {why})\n"))
+            }
             (false, None) => {
                 failures.push(s.name);
                 lines.push_str("    nftables mode differs from iptables mode unexpectedly\n");
             }
             (true, Some(_)) => {
                 now_passing.push(s.name);
-                lines.push_str("    nftables mode now agrees: remove the nftables_differs marker\n");
+                lines
+                    .push_str("    nftables mode now agrees: remove the nftables_differs marker\n");
             }
         }
         let status = match (agree, s.pending) {
@@ -883,7 +881,10 @@ fn kpx_reaches_kube_proxys_verdict_on_every_scenario() {
                 "NOW AGREES: remove its pending marker".to_string()
             }
         };
-        report.push_str(&format!("  {} [{status}]\n    ({})\n{lines}", s.name, s.about));
+        report.push_str(&format!(
+            "  {} [{status}]\n    ({})\n{lines}",
+            s.name, s.about
+        ));
     }
     let report = format!(
         "differential report (kpx against kube-proxy's iptables and nftables modes): \

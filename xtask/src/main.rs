@@ -49,6 +49,8 @@ fn main() -> Result<()> {
                 cmd.push("--");
                 cmd.extend(args.iter().map(String::as_str));
             }
+            // A report only ever describes this run.
+            let _ = std::fs::remove_file(differential_report());
             let result = cargo(&cmd);
             differential_summary();
             result
@@ -137,7 +139,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Shows which differential scenarios (kpx against kube-proxy) passed,
 /// are pending, or failed, from the report the test leaves behind.
 fn differential_summary() {
-    let path = workspace_root().join("target/tmp/differential-report.txt");
+    let path = differential_report();
     let Ok(report) = std::fs::read_to_string(&path) else {
         return;
     };
@@ -149,4 +151,8 @@ fn differential_summary() {
         }
     }
     println!("(full report: {})", path.display());
+}
+
+fn differential_report() -> PathBuf {
+    workspace_root().join("target/tmp/differential-report.txt")
 }

@@ -58,7 +58,13 @@ const JUMPS: [(&str, &str, &str, &str, &str); 12] = [
         "kubernetes service portals",
         "-m conntrack --ctstate NEW",
     ),
-    ("filter", FORWARD, "FORWARD", "kubernetes forwarding rules", ""),
+    (
+        "filter",
+        FORWARD,
+        "FORWARD",
+        "kubernetes forwarding rules",
+        "",
+    ),
     (
         "filter",
         PROXY_FIREWALL,
@@ -81,8 +87,20 @@ const JUMPS: [(&str, &str, &str, &str, &str); 12] = [
         "-m conntrack --ctstate NEW",
     ),
     ("nat", SERVICES, "OUTPUT", "kubernetes service portals", ""),
-    ("nat", SERVICES, "PREROUTING", "kubernetes service portals", ""),
-    ("nat", POSTROUTING, "POSTROUTING", "kubernetes postrouting rules", ""),
+    (
+        "nat",
+        SERVICES,
+        "PREROUTING",
+        "kubernetes service portals",
+        "",
+    ),
+    (
+        "nat",
+        POSTROUTING,
+        "POSTROUTING",
+        "kubernetes postrouting rules",
+        "",
+    ),
 ];
 
 /// The chain names of one service port (prefix + portProtoHash).
@@ -138,7 +156,13 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
 
     let (mut filter_chains, mut filter_rules) = (Lines::default(), Lines::default());
     let (mut nat_chains, mut nat_rules) = (Lines::default(), Lines::default());
-    for c in [SERVICES, EXTERNAL_SERVICES, FORWARD, NODEPORTS, PROXY_FIREWALL] {
+    for c in [
+        SERVICES,
+        EXTERNAL_SERVICES,
+        FORWARD,
+        NODEPORTS,
+        PROXY_FIREWALL,
+    ] {
         filter_chains.chain(c);
     }
     for c in [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ] {
@@ -189,8 +213,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         } else {
             &cluster_chain
         };
-        let uses_fw =
-            p.has_endpoints && !svc.lb_ips.is_empty() && !svc.lb_source_ranges.is_empty();
+        let uses_fw = p.has_endpoints && !svc.lb_ips.is_empty() && !svc.lb_source_ranges.is_empty();
         let lb_chain = if uses_fw { &fw_chain } else { &ext_chain };
         let no_endpoints = quoted(&format!("{name} has no endpoints"));
         let no_local = quoted(&format!("{name} has no local endpoints"));
@@ -392,7 +415,9 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
                     "-A",
                     &ext_chain,
                     "-m comment --comment",
-                    &quoted(&format!("masquerade traffic for {name} external destinations")),
+                    &quoted(&format!(
+                        "masquerade traffic for {name} external destinations"
+                    )),
                     "-j",
                     MARK_MASQ,
                 ]);
@@ -422,7 +447,9 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
                     "-A",
                     &ext_chain,
                     "-m comment --comment",
-                    &quoted(&format!("route LOCAL traffic for {name} external destinations")),
+                    &quoted(&format!(
+                        "route LOCAL traffic for {name} external destinations"
+                    )),
                     "-m addrtype --src-type LOCAL -j",
                     &cluster_chain,
                 ]);
@@ -485,7 +512,8 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
     }
 
     // The NodePorts chain comes last in KUBE-SERVICES.
-    let np_comment = quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
+    let np_comment =
+        quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
     match &s.nodeports {
         NodePorts::All => {
             let not_localhost = if s.localhost_nodeports {
@@ -633,5 +661,111 @@ fn to_endpoints(
             "-j",
             &endpoint_chain(p, e),
         ]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cluster::Index, model::NodeInfo, reference::Settings};
+
+    /// kube-proxy's basic proxier test case (ns1/svc1, port p80), with
+    /// addresses from this project's ranges.
+    const SVC1: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: svc1, namespace: ns1}
+spec:
+  clusterIP: 198.19.0.41
+  ports: [{name: p80, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: svc1-a
+  namespace: ns1
+  labels: {kubernetes.io/service-name: svc1}
+addressType: IPv4
+ports: [{name: p80, port: 80, protocol: TCP}]
+endpoints:
+- addresses: ["198.18.1.1"]
+"#;
+
+    fn render_yaml(yaml: &str, s: &Settings) -> String {
+        let mut loaded = crate::manifests::Loaded::default();
+        crate::manifests::parse_file("test", yaml, &mut loaded);
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        let mut index = Index::new(NodeInfo::named("node-1"));
+        index.replace_all(loaded.services, loaded.slices);
+        render(&index.services_with_ports(), s)
+    }
+
+    #[test]
+    fn a_cluster_ip_service_gets_kube_proxys_chains_and_rules() {
+        let s = Settings {
+            cluster_cidr: Some("198.18.0.0/16".parse().unwrap()),
+            ..Settings::new("node-1")
+        };
+        let out = render_yaml(SVC1, &s);
+        let sep = endpoint_chain_for("ns1/svc1:p80", "tcp", "198.18.1.1:80");
+        let want = [
+            ":KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]".to_string(),
+            format!(":{sep} - [0:0]"),
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 198.19.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O".into(),
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 198.19.0.41 --dport 80 ! -s 198.18.0.0/16 -j KUBE-MARK-MASQ".into(),
+            format!("-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 -> 198.18.1.1:80\" -j {sep}"),
+            format!("-A {sep} -m comment --comment ns1/svc1:p80 -s 198.18.1.1 -j KUBE-MARK-MASQ"),
+            format!("-A {sep} -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 198.18.1.1:80"),
+            "-A KUBE-POSTROUTING -m mark ! --mark 0x004000/0x004000 -j RETURN".into(),
+            "-A KUBE-MARK-MASQ -j MARK --or-mark 0x004000".into(),
+        ];
+        for line in &want {
+            assert!(out.lines().any(|l| l == line), "missing {line:?} in\n{out}");
+        }
+        // The NodePorts jump is the last rule of KUBE-SERVICES.
+        let last = out
+            .lines()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES "))
+            .unwrap();
+        assert!(
+            last.ends_with("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"),
+            "{last}"
+        );
+    }
+
+    #[test]
+    fn probabilities_and_large_cluster_mode_follow_kube_proxy() {
+        let eps: String = (2..=4)
+            .map(|i| format!("- addresses: [\"198.18.1.{i}\"]\n"))
+            .collect();
+        let out = render_yaml(&format!("{SVC1}{eps}"), &Settings::new("node-1"));
+        // n endpoints: 1/n, 1/(n-1), ..., the last unconditional.
+        assert!(out.contains("--probability 0.2500000000"), "{out}");
+        assert!(out.contains("--probability 0.3333333333"));
+        assert!(out.contains("--probability 0.5000000000"));
+        // Without a cluster CIDR nothing is masqueraded for its source.
+        assert!(!out
+            .lines()
+            .any(|l| l.contains("cluster IP\"") && l.ends_with("-j KUBE-MARK-MASQ")));
+
+        let many: String = (0..1001)
+            .map(|i| {
+                format!(
+                    "- addresses: [\"198.18.{}.{}\"]\n",
+                    10 + i / 250,
+                    1 + i % 250
+                )
+            })
+            .collect();
+        let out = render_yaml(&format!("{SVC1}{many}"), &Settings::new("node-1"));
+        assert!(
+            !out.contains("-m comment --comment ns1/svc1:p80 -s"),
+            "over 1000 endpoints, per-endpoint comments are dropped"
+        );
+        assert!(out.contains("ns1/svc1:p80 cluster IP"));
+    }
+
+    fn endpoint_chain_for(name: &str, proto: &str, ep: &str) -> String {
+        format!("KUBE-SEP-{}", hash16(&format!("{name}{proto}{ep}")))
     }
 }

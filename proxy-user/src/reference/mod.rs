@@ -46,9 +46,10 @@ impl NodePorts {
     /// configured CIDRs (`primary`: the Node's primary address).
     pub fn select(cfg: &[NodePortAddress], primary: Option<Ipv4Addr>, local: &[Ipv4Addr]) -> Self {
         let all = cfg.is_empty()
-            || cfg
-                .iter()
-                .any(|c| matches!(c, NodePortAddress::All) || matches!(c, NodePortAddress::Cidr(c) if c.len == 0));
+            || cfg.iter().any(|c| {
+                matches!(c, NodePortAddress::All)
+                    || matches!(c, NodePortAddress::Cidr(c) if c.len == 0)
+            });
         if all {
             return Self::All;
         }
@@ -216,7 +217,11 @@ impl<'a> Port<'a> {
         Self {
             svc,
             sp,
-            proto: if sp.proto == IPPROTO_TCP { "tcp" } else { "udp" },
+            proto: if sp.proto == IPPROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            },
             name: &sp.name,
             has_internal: has_endpoints && (!svc.internal_local || !local.is_empty()),
             has_external: has_endpoints && (!svc.external_local || !local.is_empty()),

@@ -90,7 +90,9 @@ impl Tx {
         self.op(&format!("add rule {T} {chain} {rule}"));
     }
     fn rule_commented(&mut self, chain: &str, rule: &str, comment: &str) {
-        self.op(&format!("add rule {T} {chain} {rule} comment \"{comment}\""));
+        self.op(&format!(
+            "add rule {T} {chain} {rule} comment \"{comment}\""
+        ));
     }
     fn element(&mut self, map: &str, key: &str, value: &str, comment: Option<&str>) {
         match comment {
@@ -131,7 +133,9 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
 
 /// setupNFTables: the table, base and top-level chains, maps and sets.
 fn setup(tx: &mut Tx, s: &Settings, mark: &str) {
-    tx.op(&format!("add table {T} {{ comment \"rules for kube-proxy\" ; }}"));
+    tx.op(&format!(
+        "add table {T} {{ comment \"rules for kube-proxy\" ; }}"
+    ));
     for (name, ty, hook, prio) in BASE {
         tx.op(&format!(
             "add chain {T} {name} {{ type {ty} hook {hook} priority {prio} ; }}"
@@ -286,8 +290,7 @@ fn service_port(tx: &mut Tx, p: &Port, s: &Settings) {
     if uses_fw {
         tx.ensure_chain(&fw_chain);
         let mut sources: Vec<String> = svc.lb_source_ranges.iter().map(|r| r.to_string()).collect();
-        if s
-            .node_ip
+        if s.node_ip
             .is_some_and(|ip| svc.lb_source_ranges.iter().any(|r| r.contains(ip)))
         {
             sources.extend(svc.lb_ips.iter().map(|ip| ip.to_string()));
@@ -328,7 +331,10 @@ fn service_port(tx: &mut Tx, p: &Port, s: &Settings) {
             if s.masquerade_all {
                 tx.rule(internal_chain, &format!("{m} jump {MARK_MASQ}"));
             } else if let Some(c) = &s.cluster_cidr {
-                tx.rule(internal_chain, &format!("{m} ip saddr != {c} jump {MARK_MASQ}"));
+                tx.rule(
+                    internal_chain,
+                    &format!("{m} ip saddr != {c} jump {MARK_MASQ}"),
+                );
             }
         }
     }
@@ -390,14 +396,21 @@ fn service_port(tx: &mut Tx, p: &Port, s: &Settings) {
             .collect();
         tx.rule(
             chain,
-            &format!("numgen random mod {} vmap {{ {} }}", eps.len(), arms.join(" , ")),
+            &format!(
+                "numgen random mod {} vmap {{ {} }}",
+                eps.len(),
+                arms.join(" , ")
+            ),
         );
     }
     for e in &p.reachable {
         let chain = endpoint_chain(e);
         tx.rule(&chain, &format!("ip saddr {} jump {MARK_MASQ}", e.addr));
         if affinity {
-            tx.rule(&chain, &format!("update @{} {{ ip saddr }}", affinity_set(e)));
+            tx.rule(
+                &chain,
+                &format!("update @{} {{ ip saddr }}", affinity_set(e)),
+            );
         }
         tx.rule(
             &chain,
