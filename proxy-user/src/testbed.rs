@@ -1038,3 +1038,71 @@ endpoints:{eps}",
         tcp.0, tcp.1, udp.0, udp.1, tcp.1, udp.1
     )
 }
+
+/// An endpoint of [`service_manifest`]: its address, node and conditions.
+pub struct Ep {
+    pub addr: Ipv4Addr,
+    pub node: &'static str,
+    pub conditions: &'static str,
+}
+
+impl Ep {
+    /// A ready endpoint on `node`.
+    pub fn ready(addr: Ipv4Addr, node: &'static str) -> Self {
+        Self {
+            addr,
+            node,
+            conditions: READY,
+        }
+    }
+}
+
+/// A Service in namespace `default` (its `spec` lines and `status` block
+/// given) and one EndpointSlice for it, with the ports `http` TCP 8080 and
+/// `dns` UDP 5353 unless `slice_ports` lists others.
+pub fn service_manifest(
+    name: &str,
+    spec: &str,
+    status: &str,
+    slice_ports: &str,
+    eps: &[Ep],
+) -> String {
+    let eps: String = eps
+        .iter()
+        .map(|e| {
+            format!(
+                "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {}\n",
+                e.addr, e.node, e.conditions
+            )
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        "endpoints: []\n".to_string()
+    } else {
+        format!("endpoints:\n{eps}")
+    };
+    let slice_ports = if slice_ports.is_empty() {
+        "- {name: http, protocol: TCP, port: 8080}\n- {name: dns, protocol: UDP, port: 5353}"
+    } else {
+        slice_ports
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+{spec}
+{status}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports:
+{slice_ports}
+{eps}"
+    )
+}

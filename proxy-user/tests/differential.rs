@@ -34,7 +34,7 @@ use kpx::{
     datapath::MapSet,
     manifests,
     model::{self, NodeInfo},
-    testbed::{wait_for, MultiNode, Netns, Proxy, READY, TERMINATING},
+    testbed::{service_manifest as service, wait_for, Ep, MultiNode, Netns, Proxy, TERMINATING},
 };
 
 const A1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -283,63 +283,6 @@ fn run_probe(bed: &MultiNode, p: &Probe) -> Outcome {
 
 // ---- the scenario library -------------------------------------------------
 
-struct Ep {
-    addr: Ipv4Addr,
-    node: &'static str,
-    conditions: &'static str,
-}
-
-fn ep(addr: Ipv4Addr, node: &'static str) -> Ep {
-    Ep {
-        addr,
-        node,
-        conditions: READY,
-    }
-}
-
-/// A Service (spec lines given) and one EndpointSlice with the standard
-/// ports (`http` TCP 8080, `dns` UDP 5353) unless `slice_ports` is given.
-fn service(name: &str, spec: &str, status: &str, slice_ports: &str, eps: &[Ep]) -> String {
-    let eps: String = eps
-        .iter()
-        .map(|e| {
-            format!(
-                "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {}\n",
-                e.addr, e.node, e.conditions
-            )
-        })
-        .collect();
-    let eps = if eps.is_empty() {
-        "endpoints: []\n".to_string()
-    } else {
-        format!("endpoints:\n{eps}")
-    };
-    let slice_ports = if slice_ports.is_empty() {
-        "- {name: http, protocol: TCP, port: 8080}\n- {name: dns, protocol: UDP, port: 5353}"
-    } else {
-        slice_ports
-    };
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-{spec}
-{status}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports:
-{slice_ports}
-{eps}"
-    )
-}
-
 /// `ports:` lines of a service with `http` 80 → 8080/TCP and `dns` 53 →
 /// 5353/UDP, with NodePorts when given.
 fn ports(node_ports: Option<(u16, u16)>) -> String {
@@ -394,8 +337,8 @@ fn tcp(from: Src, to: SocketAddrV4) -> Probe {
 
 fn scenarios() -> Vec<Scenario> {
     use Src::{Client, Node, Pod};
-    let a1 = || ep(A1, "node-1");
-    let b1 = || ep(B1, "node-2");
+    let a1 = || Ep::ready(A1, "node-1");
+    let b1 = || Ep::ready(B1, "node-2");
     vec![
         Scenario {
             name: "clusterip-from-pod",
@@ -497,7 +440,7 @@ fn scenarios() -> Vec<Scenario> {
                 ),
                 &lb_status("198.19.2.30"),
                 "",
-                &[ep(A2, "node-1")],
+                &[Ep::ready(A2, "node-1")],
             ),
             probes: [
                 both(Client(0), sa("198.19.2.30", 80), sa("198.19.2.30", 53)),

@@ -28,7 +28,7 @@ use std::{
 use bed::{KPX, T};
 use kpx::{
     datapath::MapSet,
-    testbed::{tcp_who, udp_who, wait_for, Cluster, MultiNode, GATEWAY},
+    testbed::{service_manifest, tcp_who, udp_who, wait_for, Cluster, Ep, MultiNode, GATEWAY},
 };
 use proxy_common::{DropReason, Event};
 
@@ -51,57 +51,15 @@ const FW_LB: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 30);
 /// ClusterIP whose only endpoint is a1 (for hairpin).
 const SELF_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 40);
 
-struct Ep {
-    addr: Ipv4Addr,
-    node: &'static str,
-}
-
+/// The Service and EndpointSlice of `name`, endpoints ready.
 fn service(name: &str, spec: &str, status: &str, eps: &[Ep]) -> String {
-    let eps: String = eps
-        .iter()
-        .map(|e| {
-            format!(
-                "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {{ready: true}}\n",
-                e.addr, e.node
-            )
-        })
-        .collect();
-    format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-{spec}
-{status}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports:
-- {{name: http, protocol: TCP, port: 8080}}
-- {{name: dns, protocol: UDP, port: 5353}}
-endpoints:
-{eps}"
-    )
+    service_manifest(name, spec, status, "", eps)
 }
 
 fn manifests() -> String {
-    let a1 = || Ep {
-        addr: A1,
-        node: "node-1",
-    };
-    let a2 = Ep {
-        addr: A2,
-        node: "node-1",
-    };
-    let b1 = || Ep {
-        addr: B1,
-        node: "node-2",
-    };
+    let a1 = || Ep::ready(A1, "node-1");
+    let a2 = Ep::ready(A2, "node-1");
+    let b1 = || Ep::ready(B1, "node-2");
     let ports = |tcp_np: u16, udp_np: u16| {
         format!(
             "  ports:
