@@ -126,6 +126,31 @@ impl Lines {
         self.0.push_str(&words.join(" "));
         self.0.push('\n');
     }
+    /// `-A CHAIN -m comment --comment C -m P -p P -d IP --dport PORT -j T`:
+    /// the shape of every rule about one service address.
+    fn to_address(
+        &mut self,
+        chain: &str,
+        comment: &str,
+        m_proto: &str,
+        ip: &str,
+        port: &str,
+        target: &str,
+    ) {
+        self.line(&[
+            "-A",
+            chain,
+            "-m comment --comment",
+            comment,
+            m_proto,
+            "-d",
+            ip,
+            "--dport",
+            port,
+            "-j",
+            target,
+        ]);
+    }
     fn chain(&mut self, name: &str) {
         let _ = writeln!(self.0, ":{name} - [0:0]");
     }
@@ -227,115 +252,81 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         for ip in &svc.cluster_ips {
             let ip = ip.to_string();
             if p.has_internal {
-                nat_rules.line(&[
-                    "-A",
+                nat_rules.to_address(
                     SERVICES,
-                    "-m comment --comment",
                     &quoted(&format!("{name} cluster IP")),
                     &m_proto,
-                    "-d",
                     &ip,
-                    "--dport",
                     &port,
-                    "-j",
                     internal_chain,
-                ]);
+                );
             } else {
-                filter_rules.line(&[
-                    "-A",
+                filter_rules.to_address(
                     SERVICES,
-                    "-m comment --comment",
                     internal_comment,
                     &m_proto,
-                    "-d",
                     &ip,
-                    "--dport",
                     &port,
-                    "-j",
                     internal_target,
-                ]);
+                );
             }
         }
         for ip in &svc.external_ips {
             let ip = ip.to_string();
             if p.has_endpoints {
-                nat_rules.line(&[
-                    "-A",
+                nat_rules.to_address(
                     SERVICES,
-                    "-m comment --comment",
                     &quoted(&format!("{name} external IP")),
                     &m_proto,
-                    "-d",
                     &ip,
-                    "--dport",
                     &port,
-                    "-j",
                     &ext_chain,
-                ]);
+                );
             }
             if !p.has_external {
-                filter_rules.line(&[
-                    "-A",
+                filter_rules.to_address(
                     EXTERNAL_SERVICES,
-                    "-m comment --comment",
                     external_comment,
                     &m_proto,
-                    "-d",
                     &ip,
-                    "--dport",
                     &port,
-                    "-j",
                     external_target,
-                ]);
+                );
             }
         }
         for ip in &svc.lb_ips {
             let ip = ip.to_string();
             if p.has_endpoints {
-                nat_rules.line(&[
-                    "-A",
+                nat_rules.to_address(
                     SERVICES,
-                    "-m comment --comment",
                     &quoted(&format!("{name} loadbalancer IP")),
                     &m_proto,
-                    "-d",
                     &ip,
-                    "--dport",
                     &port,
-                    "-j",
                     lb_chain,
-                ]);
+                );
             }
             if uses_fw {
-                filter_rules.line(&[
-                    "-A",
+                filter_rules.to_address(
                     PROXY_FIREWALL,
-                    "-m comment --comment",
                     &quoted(&format!("{name} traffic not accepted by {fw_chain}")),
                     &m_proto,
-                    "-d",
                     &ip,
-                    "--dport",
                     &port,
-                    "-j DROP",
-                ]);
+                    "DROP",
+                );
             }
         }
         if !p.has_external {
             for ip in &svc.lb_ips {
-                filter_rules.line(&[
-                    "-A",
+                filter_rules.to_address(
                     EXTERNAL_SERVICES,
-                    "-m comment --comment",
                     external_comment,
                     &m_proto,
-                    "-d",
                     &ip.to_string(),
-                    "--dport",
                     &port,
-                    "-j",
                     external_target,
-                ]);
+                );
             }
         }
         if let Some(np) = p.sp.node_port {
