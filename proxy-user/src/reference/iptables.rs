@@ -128,7 +128,7 @@ impl Lines {
     }
     /// `-A CHAIN -m comment --comment C -m P -p P -d IP --dport PORT -j T`:
     /// the shape of every rule about one service address.
-    fn to_address(
+    fn address_rule(
         &mut self,
         chain: &str,
         comment: &str,
@@ -252,7 +252,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         for ip in &svc.cluster_ips {
             let ip = ip.to_string();
             if p.has_internal {
-                nat_rules.to_address(
+                nat_rules.address_rule(
                     SERVICES,
                     &quoted(&format!("{name} cluster IP")),
                     &m_proto,
@@ -261,7 +261,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
                     internal_chain,
                 );
             } else {
-                filter_rules.to_address(
+                filter_rules.address_rule(
                     SERVICES,
                     internal_comment,
                     &m_proto,
@@ -274,7 +274,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         for ip in &svc.external_ips {
             let ip = ip.to_string();
             if p.has_endpoints {
-                nat_rules.to_address(
+                nat_rules.address_rule(
                     SERVICES,
                     &quoted(&format!("{name} external IP")),
                     &m_proto,
@@ -284,7 +284,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
                 );
             }
             if !p.has_external {
-                filter_rules.to_address(
+                filter_rules.address_rule(
                     EXTERNAL_SERVICES,
                     external_comment,
                     &m_proto,
@@ -297,7 +297,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         for ip in &svc.lb_ips {
             let ip = ip.to_string();
             if p.has_endpoints {
-                nat_rules.to_address(
+                nat_rules.address_rule(
                     SERVICES,
                     &quoted(&format!("{name} loadbalancer IP")),
                     &m_proto,
@@ -307,7 +307,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
                 );
             }
             if uses_fw {
-                filter_rules.to_address(
+                filter_rules.address_rule(
                     PROXY_FIREWALL,
                     &quoted(&format!("{name} traffic not accepted by {fw_chain}")),
                     &m_proto,
@@ -319,7 +319,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         }
         if !p.has_external {
             for ip in &svc.lb_ips {
-                filter_rules.to_address(
+                filter_rules.address_rule(
                     EXTERNAL_SERVICES,
                     external_comment,
                     &m_proto,
