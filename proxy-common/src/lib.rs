@@ -49,6 +49,8 @@ pub mod map_names {
 pub mod prog_names {
     pub const TC_INGRESS: &str = "kpx_tc_ingress";
     pub const TC_EGRESS: &str = "kpx_tc_egress";
+    /// An empty classifier: the benchmark's floor, never attached.
+    pub const TC_FLOOR: &str = "kpx_tc_floor";
 }
 
 /// Default capacities. The agent may override them at load time

@@ -102,6 +102,14 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     }
 }
 
+/// The benchmark's floor: a tc program that does nothing. `cargo xtask
+/// bench` runs it through `BPF_PROG_TEST_RUN` next to the real programs, so
+/// the harness's own cost can be told apart from kpx's. Never attached.
+#[classifier]
+pub fn kpx_tc_floor(_ctx: TcContext) -> i32 {
+    PASS
+}
+
 #[inline(always)]
 fn verdict(v: Verdict) -> i32 {
     match v {

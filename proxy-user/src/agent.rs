@@ -660,6 +660,7 @@ impl Agent {
             sync::stale_udp_in(&self.mirror.state, desired, keys)
         };
         let full = std::mem::replace(&mut self.full, false);
+        let writing = Instant::now();
         for (i, op) in ops.iter().enumerate() {
             if let Err(e) = self.dp.maps.write(op) {
                 self.failed();
@@ -674,7 +675,7 @@ impl Agent {
             }
             self.mirror.record(op);
         }
-        let took = started.elapsed();
+        let (took, wrote) = (started.elapsed(), writing.elapsed());
         self.owed = false;
         self.retry_at = None;
         self.health.updated();
@@ -711,12 +712,13 @@ impl Agent {
         };
         log::log!(
             level,
-            "synced {} frontends ({}; {} services recomputed): {} map writes in {:.1?}",
+            "synced {} frontends ({}; {} services recomputed): {} map writes in {:.1?} (writing {:.1?})",
             self.index.desired().frontends.len(),
             if full { "full diff" } else { "changes only" },
             up.services,
             ops.len(),
-            took
+            took,
+            wrote
         );
     }
 

@@ -321,6 +321,17 @@ impl Datapath {
     pub fn egress(&mut self) -> Result<&mut SchedClassifier> {
         program(&mut self.ebpf, prog_names::TC_EGRESS)
     }
+
+    /// An empty classifier (loaded on first use): the floor the benchmark
+    /// measures `BPF_PROG_TEST_RUN` itself with.
+    pub fn floor(&mut self) -> Result<&mut SchedClassifier> {
+        let prog = program(&mut self.ebpf, prog_names::TC_FLOOR)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("the kernel rejected {}", prog_names::TC_FLOOR))?;
+        }
+        Ok(prog)
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {

@@ -28,9 +28,17 @@ enum Task {
     },
     /// Formatting and clippy, for the workspace and the eBPF crate.
     Lint,
-    /// Benchmarks: the datapath's cost per packet in the kernel, and the
-    /// control plane's convergence from an API change to the maps.
-    Bench,
+    /// Benchmark kpx against kube-proxy's iptables and nftables modes
+    /// (needs root): results in target/bench/. The full run also measures
+    /// the control plane's convergence from an API change to the maps.
+    Bench {
+        /// About a minute: 1 and 1,000 services, one short run per figure.
+        #[arg(long)]
+        quick: bool,
+        /// Further arguments for the benchmark (--sizes, --runs, --seconds).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run kpx for real on a namespace "cluster" and show it working (root).
     Demo,
 }
@@ -104,9 +112,24 @@ fn main() -> Result<()> {
                 .arg("--manifest")
                 .arg(root.join("examples/web.yaml")))
         }
-        Task::Bench => {
+        Task::Bench { quick, args } => {
             setup::run()?;
-            cargo(&["bench", "--package", "proxy-user", "--bench", "datapath"])?;
+            let mut cmd = vec![
+                "bench",
+                "--package",
+                "proxy-user",
+                "--bench",
+                "compare",
+                "--",
+            ];
+            if quick {
+                cmd.push("--quick");
+            }
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)?;
+            if quick {
+                return Ok(());
+            }
             cargo(&["bench", "--package", "proxy-user", "--bench", "convergence"])
         }
     }

@@ -1,0 +1,271 @@
+//! The traffic: backend servers and a compiled load generator, like
+//! netperf's TCP_CRR, TCP_RR and TCP_STREAM.
+//!
+//! The generator runs on one thread that joins the client pod's namespace
+//! and is pinned to CPU 0; the servers are pinned to CPU 1. One connection
+//! at a time, so each server handles its connections in turn.
+//!
+//! Protocol, by a connection's first byte: `C` is answered with one byte and
+//! the server closes (so TIME_WAIT stays on the servers and the client's
+//! ports are free again at once); `S` is a sink (the server reads to EOF,
+//! then answers the byte count as 8 bytes); anything else is echoed back,
+//! one read at a time, until the client closes.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use kpx::testbed::Netns;
+use serde::Serialize;
+
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 0;
+
+/// Pins the calling thread to `cpu` (best effort on a 1-CPU machine).
+fn pin(cpu: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+    // sched_setaffinity only touch this set and the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu % cpus, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds.
+fn readable(fd: i32, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+/// Servers on `ports` in one pod, stopped (and joined) on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start(pod: &Netns, ports: &[u16]) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &port in ports {
+            let listener = pod
+                .enter(move || TcpListener::bind(("0.0.0.0", port)))?
+                .with_context(|| format!("binding port {port} in {}", pod.name))?;
+            let stop = stop.clone();
+            threads.push(std::thread::spawn(move || serve(listener, &stop)));
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(listener: TcpListener, stop: &AtomicBool) {
+    pin(SERVER_CPU);
+    let fd = listener.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        if !readable(fd, 100) {
+            continue;
+        }
+        if let Ok((conn, _)) = listener.accept() {
+            let _ = handle(conn, stop);
+        }
+    }
+}
+
+fn handle(mut conn: TcpStream, stop: &AtomicBool) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
+    // A stuck client cannot hold a server forever.
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let n = conn.read(&mut buf)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if buf[0] == b'C' {
+        return conn.write_all(b"c");
+    }
+    if buf[0] == b'S' {
+        let mut total = (n - 1) as u64;
+        while !stop.load(Ordering::Relaxed) {
+            match conn.read(&mut buf)? {
+                0 => break,
+                k => total += k as u64,
+            }
+        }
+        return conn.write_all(&total.to_be_bytes());
+    }
+    conn.write_all(&buf[..n])?;
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf)? {
+            0 => break,
+            k => conn.write_all(&buf[..k])?,
+        }
+    }
+    Ok(())
+}
+
+/// A measured rate, with latencies of the exchange where it has one.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Rate {
+    /// Transactions per second (connections, round trips), or Gbit/s for bulk.
+    pub rate: f64,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// Failed attempts (refused, timed out, reset) during the runs.
+    pub errors: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// connect, 1-byte request and response, close (TCP_CRR)
+    Crr,
+    /// 1-byte request/response on one established connection (TCP_RR)
+    Rr,
+    /// one connection streaming 256 KiB writes (TCP_STREAM), in Gbit/s
+    Bulk,
+}
+
+/// `runs` runs of `secs` seconds each from `client` to `to`; the run with
+/// the median rate is reported (its own percentiles).
+pub fn measure(client: &Netns, to: SocketAddrV4, kind: Kind, runs: u32, secs: f64) -> Result<Rate> {
+    let mut results = Vec::new();
+    for _ in 0..runs {
+        let d = Duration::from_secs_f64(secs);
+        let r = client.enter(move || {
+            pin(CLIENT_CPU);
+            match kind {
+                Kind::Crr => crr(to, d),
+                Kind::Rr => rr(to, d),
+                Kind::Bulk => bulk(to, d),
+            }
+        })??;
+        results.push(r);
+    }
+    results.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    let errors = results.iter().map(|r| r.errors).sum();
+    let mut median = results.get(results.len() / 2).cloned().context("no runs")?;
+    median.errors = errors;
+    Ok(median)
+}
+
+fn connect(to: SocketAddrV4) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).map(|d| d.as_secs_f64() * 1e6)
+}
+
+fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
+    let mut lat = Vec::with_capacity(200_000);
+    let mut errors = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < d {
+        let t0 = Instant::now();
+        let one = || -> std::io::Result<()> {
+            let mut s = connect(to)?;
+            s.write_all(b"C")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            // The server's FIN: the connection is over on both sides.
+            match s.read(&mut b)? {
+                0 => Ok(()),
+                _ => Err(std::io::ErrorKind::InvalidData.into()),
+            }
+        };
+        match one() {
+            Ok(()) => lat.push(t0.elapsed()),
+            Err(_) => errors += 1,
+        }
+        if errors > 100 && lat.is_empty() {
+            bail!("no connection to {to} succeeds");
+        }
+    }
+    let took = start.elapsed();
+    lat.sort_unstable();
+    Ok(Rate {
+        rate: lat.len() as f64 / took.as_secs_f64(),
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        errors,
+    })
+}
+
+fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
+    let mut s = connect(to).with_context(|| format!("connecting to {to}"))?;
+    let mut lat = Vec::with_capacity(500_000);
+    let mut b = [0u8; 1];
+    let start = Instant::now();
+    while start.elapsed() < d {
+        let t0 = Instant::now();
+        s.write_all(b"r")?;
+        s.read_exact(&mut b)
+            .with_context(|| format!("round trip through {to}"))?;
+        lat.push(t0.elapsed());
+    }
+    let took = start.elapsed();
+    lat.sort_unstable();
+    Ok(Rate {
+        rate: lat.len() as f64 / took.as_secs_f64(),
+        p50_us: percentile(&lat, 0.5),
+        p99_us: percentile(&lat, 0.99),
+        errors: 0,
+    })
+}
+
+fn bulk(to: SocketAddrV4, d: Duration) -> Result<Rate> {
+    let mut s = connect(to).with_context(|| format!("connecting to {to}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut chunk = vec![b'b'; 256 * 1024];
+    chunk[0] = b'S';
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < d {
+        s.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+        chunk[0] = b'b';
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut total = [0u8; 8];
+    s.read_exact(&mut total)
+        .with_context(|| format!("bulk transfer through {to}: no byte count"))?;
+    let took = start.elapsed();
+    let received = u64::from_be_bytes(total) + 1;
+    if received != sent {
+        bail!("bulk transfer through {to}: sent {sent} bytes, the server read {received}");
+    }
+    Ok(Rate {
+        rate: sent as f64 * 8.0 / took.as_secs_f64() / 1e9,
+        p50_us: None,
+        p99_us: None,
+        errors: 0,
+    })
+}

@@ -1,0 +1,275 @@
+//! `cargo xtask bench`: kpx against kube-proxy's iptables and nftables
+//! modes, side by side, on one machine, in the same run.
+//!
+//! For each N (services of 10 endpoints each) and each mode, a fresh bed
+//! (client pod, node, ten backend pods: namespaces of its own, addresses
+//! from 198.18.0.0/15) is programmed from nothing and measured:
+//! programming time, new-connection rate and latency to the first and last
+//! service, the rate to a pod IP with the mode loaded (traffic that is not
+//! for a service), round trips and bulk throughput on an established flow,
+//! one endpoint change, and kpx's memory. "No proxy" (the client talking to
+//! a backend pod directly) is measured at each N too: the physical limit
+//! every other figure is also given as a ratio to. Then kpx's per-packet
+//! cost from BPF_PROG_TEST_RUN at the same N.
+//!
+//! Results go to `target/bench/` (bench.json, bench.md, bench.svg).
+//! Figures, never assertions: a benchmark, not a test. Needs root.
+//!
+//! `--quick`: N = 1 and 1,000, one short run per figure (about a minute).
+//! `--sizes 1,1000,...`, `--runs K`, `--seconds S` override the defaults.
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+mod bed;
+mod load;
+mod modes;
+mod packet;
+mod report;
+
+use std::{path::Path, time::Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    bed::Bed,
+    load::Kind,
+    modes::{Mode, Proxy},
+    report::{Report, Row},
+};
+
+const KPX: &str = env!("CARGO_BIN_EXE_kpx");
+
+struct Options {
+    quick: bool,
+    sizes: Vec<u32>,
+    runs: u32,
+    seconds: f64,
+}
+
+fn options() -> Result<Options> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = Options {
+        quick,
+        sizes: if quick {
+            vec![1, 1000]
+        } else {
+            vec![1, 1000, 10_000, 50_000]
+        },
+        runs: if quick { 1 } else { 3 },
+        seconds: if quick { 0.7 } else { 3.0 },
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--quick" | "--bench" => {}
+            "--sizes" => {
+                o.sizes = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .context("--sizes: a comma-separated list of service counts")?;
+                if o.sizes.iter().any(|&n| n == 0 || n > 60_000) {
+                    bail!("--sizes: each size must be 1 to 60,000 (the VIP range holds 65,536)");
+                }
+            }
+            "--runs" => o.runs = value()?.parse().context("--runs")?,
+            "--seconds" => o.seconds = value()?.parse().context("--seconds")?,
+            other => {
+                bail!("unknown argument {other:?} (known: --quick, --sizes, --runs, --seconds)")
+            }
+        }
+    }
+    Ok(o)
+}
+
+struct Progress(Instant);
+
+impl Progress {
+    fn say(&self, what: impl std::fmt::Display) {
+        println!("[{:>7.1}s] {what}", self.0.elapsed().as_secs_f64());
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(String::new(), |kib| {
+            format!(", {:.0} GiB", kib / 1024.0 / 1024.0)
+        });
+    format!("{cpu}, {cores} cores{mem}, Linux {kernel}")
+}
+
+fn main() -> Result<()> {
+    let o = options()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark creates network namespaces and loads eBPF: run it as root");
+    }
+    let p = Progress(Instant::now());
+    let kpx = Path::new(KPX);
+    let mut unavailable = Vec::new();
+    let mut modes = Vec::new();
+    for m in [
+        Mode::IptablesNft,
+        Mode::IptablesLegacy,
+        Mode::Nftables,
+        Mode::Kpx,
+    ] {
+        match modes::available(m) {
+            Ok(()) => modes.push(m),
+            Err(why) => {
+                p.say(format!("{} is not available here: {why}", m.label()));
+                unavailable.push((m, why));
+            }
+        }
+    }
+    p.say(format!(
+        "sizes {:?}, modes: no proxy, {}; {} run(s) of {} s per figure",
+        o.sizes,
+        modes
+            .iter()
+            .map(|m| m.label())
+            .collect::<Vec<_>>()
+            .join(", "),
+        o.runs,
+        o.seconds
+    ));
+    let mut rows = Vec::new();
+    let mut packet = Vec::new();
+    for &n in &o.sizes {
+        rows.push(no_proxy(n, &o, &p)?);
+        for &m in &modes {
+            rows.push(one_mode(n, m, kpx, &o, &p)?);
+        }
+        p.say(format!("N={n}: kpx datapath cost per packet (test_run)"));
+        let ns = kpx::testbed::Netns::create(&format!("kpxbench{}-tr", std::process::id()))?;
+        let quick = o.quick;
+        packet.push(ns.enter(move || packet::measure(n, quick))??);
+    }
+    let report = Report {
+        command: if o.quick {
+            "cargo xtask bench --quick".into()
+        } else {
+            "cargo xtask bench".into()
+        },
+        machine: machine(),
+        date: k8s_openapi::jiff::Timestamp::now()
+            .strftime("%Y-%m-%d")
+            .to_string(),
+        runs: o.runs,
+        seconds_per_run: o.seconds,
+        rows,
+        packet,
+        unavailable,
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    report.write(&dir)?;
+    println!("\n{}", report.markdown());
+    p.say(format!(
+        "wrote {0}/bench.md, {0}/bench.json and {0}/bench.svg",
+        dir.display()
+    ));
+    Ok(())
+}
+
+fn no_proxy(n: u32, o: &Options, p: &Progress) -> Result<Row> {
+    p.say(format!("N={n}: no proxy: building the bed"));
+    let bed = Bed::new(n)?;
+    let (c, pod) = (bed.client(), bed.pod_ip());
+    p.say(format!("N={n}: no proxy: new connections to {pod}"));
+    let crr_pod = load::measure(c, pod, Kind::Crr, o.runs, o.seconds)?;
+    p.say(format!("N={n}: no proxy: round trips and bulk"));
+    let rr = load::measure(c, pod, Kind::Rr, o.runs, o.seconds)?;
+    let bulk = load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?;
+    p.say(format!(
+        "N={n}: no proxy: {:.0} conn/s, {:.0} round trips/s, {:.1} Gbit/s",
+        crr_pod.rate, rr.rate, bulk.rate
+    ));
+    Ok(Row {
+        services: n,
+        mode: Mode::NoProxy,
+        install: Default::default(),
+        change: Default::default(),
+        crr_first: None,
+        crr_last: None,
+        crr_pod,
+        rr,
+        bulk,
+        memory: None,
+    })
+}
+
+fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result<Row> {
+    let say = |what: String| p.say(format!("N={n}: {}: {what}", mode.label()));
+    say("building the bed".into());
+    let mut bed = Bed::new(n)?;
+    say("programming from nothing".into());
+    let (mut proxy, install) = Proxy::install(&mut bed, mode, kpx)
+        .with_context(|| format!("programming {} at {n} services", mode.label()))?;
+    say(format!("programmed in {:.3} s", install.seconds));
+    if mode != Mode::Kpx {
+        // The run opens several hundred thousand short connections; with
+        // TIME_WAIT's 120 s the references' conntrack table (shared with
+        // nothing else, but capped machine-wide) would fill and drop.
+        if let Err(e) = bed
+            .cluster
+            .node
+            .sysctl("net/netfilter/nf_conntrack_tcp_timeout_time_wait", "1")
+        {
+            say(format!("could not shorten conntrack's TIME_WAIT: {e:#}"));
+        }
+    }
+    let c = bed.client();
+    say("new connections to the first service, the last, a pod IP".into());
+    let crr_first = load::measure(c, bed.first_vip(), Kind::Crr, o.runs, o.seconds)?;
+    let crr_last = load::measure(c, bed.last_vip(), Kind::Crr, o.runs, o.seconds)?;
+    let crr_pod = load::measure(c, bed.pod_ip(), Kind::Crr, o.runs, o.seconds)?;
+    say("round trips and bulk through the last service".into());
+    let rr = load::measure(c, bed.last_vip(), Kind::Rr, o.runs, o.seconds)?;
+    let bulk = load::measure(c, bed.last_vip(), Kind::Bulk, o.runs, o.seconds)?;
+    say(format!(
+        "{:.0} / {:.0} conn/s (first / last), {:.0} to a pod IP, {:.0} round trips/s, {:.1} Gbit/s",
+        crr_first.rate, crr_last.rate, crr_pod.rate, rr.rate, bulk.rate
+    ));
+    let memory = proxy.memory(&bed)?;
+    say("one endpoint change".into());
+    let change = proxy
+        .change(&bed)
+        .with_context(|| format!("one endpoint change, {} at {n} services", mode.label()))?;
+    say(format!(
+        "endpoint change programmed in {:.6} s",
+        change.seconds
+    ));
+    Ok(Row {
+        services: n,
+        mode,
+        install,
+        change,
+        crr_first: Some(crr_first),
+        crr_last: Some(crr_last),
+        crr_pod,
+        rr,
+        bulk,
+        memory,
+    })
+}

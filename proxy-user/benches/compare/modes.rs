@@ -1,0 +1,624 @@
+//! What translates the bed's service traffic, and how each mode is
+//! programmed: from nothing to N services, and one endpoint change.
+//!
+//! - kube-proxy's iptables mode: `kpx iptables-rules` (kube-proxy v1.29's
+//!   proxier), loaded with `iptables-nft-restore` (and
+//!   `iptables-legacy-restore` where the kernel has the legacy tables);
+//! - kube-proxy's nftables mode: `kpx iptables-rules --mode nftables`,
+//!   loaded with `nft -f`;
+//! - kpx: the real `kpx agent` watching the API server stand-in.
+//!
+//! The references' rules are generated before the clock starts: their
+//! programming time is the restore tool's alone, kube-proxy's own
+//! computation excluded (it favours them).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use kpx::{datapath::MapSet, model::FrontendKey, sync::service_key, testbed::Cluster};
+use proxy_common::{wire, SlotKey, IPPROTO_TCP};
+use serde::Serialize;
+
+use crate::bed::{self, Bed};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The client addresses a backend pod directly; nothing is loaded.
+    NoProxy,
+    IptablesNft,
+    IptablesLegacy,
+    Nftables,
+    Kpx,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::NoProxy => "no proxy",
+            Mode::IptablesNft => "iptables (nft)",
+            Mode::IptablesLegacy => "iptables (legacy)",
+            Mode::Nftables => "nftables",
+            Mode::Kpx => "kpx",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Mode::IptablesLegacy => "iptables-legacy-restore",
+            Mode::Nftables => "nft",
+            _ => "iptables-nft-restore",
+        }
+    }
+}
+
+/// Programming from nothing to N services.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Install {
+    /// iptables-restore / nft -f wall time; for kpx its first sync
+    /// (recompute, plan and map writes), as the agent logs it.
+    pub seconds: f64,
+    /// kpx: of that, the map writes alone.
+    pub writes_seconds: Option<f64>,
+    /// kpx: from the agent's start (BPF load, attach, list) to the last
+    /// service selectable in the maps.
+    pub ready_seconds: Option<f64>,
+    /// The references: lines of rules, and the restore tool's peak RSS.
+    pub rule_lines: Option<usize>,
+    pub tool_peak_rss_mib: Option<f64>,
+    /// The references: time `kpx iptables-rules` took to render them (not
+    /// part of `seconds`).
+    pub render_seconds: Option<f64>,
+}
+
+/// One endpoint of one service replaced, at N services.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Change {
+    /// What the mode does for it: kpx's sync, kube-proxy's partial
+    /// iptables-restore (MinimizeIPTablesRestore, its default since 1.27),
+    /// nftables' incremental transaction.
+    pub seconds: f64,
+    /// kpx: the map writes alone; iptables: a full restore of the rules.
+    pub writes_seconds: Option<f64>,
+    pub full_restore_seconds: Option<f64>,
+    /// kpx: from the API server's change to the new endpoint selectable.
+    pub end_to_end_seconds: Option<f64>,
+    /// kpx: map writes the change took.
+    pub map_writes: Option<u64>,
+    /// The references: lines in the incremental restore or transaction.
+    pub rule_lines: Option<usize>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Memory {
+    pub agent_rss_mib: f64,
+    /// Kernel memory of all kpx maps (`memlock` of each map's fdinfo).
+    pub map_bytes: u64,
+}
+
+/// A mode in charge of a bed, with what it needs to apply a change.
+pub struct Proxy<'a> {
+    pub mode: Mode,
+    kpx: &'a Path,
+    rules: String,
+}
+
+fn node_args(c: &Cluster) -> Vec<String> {
+    [
+        "--hostname-override",
+        &c.node_name,
+        "--bind-address",
+        &c.node_ip.to_string(),
+        "--cluster-cidr",
+        &c.cluster_cidr,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The references' rules for what the API server holds now.
+fn render(bed: &Bed, mode: Mode, kpx: &Path) -> Result<String> {
+    let m = if mode == Mode::Nftables {
+        "nftables"
+    } else {
+        "iptables"
+    };
+    let out = bed
+        .cluster
+        .node
+        .command(kpx)?
+        .args(["iptables-rules", "--mode", m, "--kubeconfig"])
+        .arg(bed.kubeconfig()?)
+        .args(node_args(&bed.cluster))
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running kpx iptables-rules")?;
+    if !out.status.success() {
+        bail!(
+            "kpx iptables-rules failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout).context("rules are not UTF-8")
+}
+
+/// Runs `program args < input` in the node namespace; wall time and the
+/// program's peak RSS.
+fn timed_pipe(bed: &Bed, program: &str, args: &[&str], input: &str) -> Result<(Duration, f64)> {
+    let t0 = Instant::now();
+    let mut child = bed
+        .cluster
+        .node
+        .command(Path::new(program))?
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let mut stderr = child.stderr.take().context("no stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let written = stdin.write_all(input.as_bytes());
+    drop(stdin);
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 reaps our own child by PID
+    // (std's Child is not waited on afterwards).
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; status and ru outlive the call.
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut ru) } != pid {
+        bail!("waiting for {program}: {}", std::io::Error::last_os_error());
+    }
+    let took = t0.elapsed();
+    let errors = errors.join().unwrap_or_default();
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{program} {args:?} failed ({status}): {}", errors.trim());
+    }
+    written.with_context(|| format!("writing rules to {program}"))?;
+    Ok((took, ru.ru_maxrss as f64 / 1024.0))
+}
+
+/// Whether `mode` can run here (the legacy tables need `ip_tables`).
+pub fn available(mode: Mode) -> Result<(), String> {
+    let program = match mode {
+        Mode::IptablesLegacy => "iptables-legacy",
+        Mode::IptablesNft => "iptables-nft",
+        Mode::Nftables => "nft",
+        _ => return Ok(()),
+    };
+    let probe = || -> Result<()> {
+        let ns = kpx::testbed::Netns::create(&format!("kpxbench{}-probe", std::process::id()))?;
+        let args: &[&str] = if mode == Mode::Nftables {
+            &["list", "tables"]
+        } else {
+            &["-t", "nat", "-L", "-n"]
+        };
+        let out = ns.command(Path::new(program))?.args(args).output()?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    probe().map_err(|e| format!("{program}: {e:#}"))
+}
+
+impl<'a> Proxy<'a> {
+    /// Programs the bed's N services; the clock runs for the restore (or
+    /// the agent's first sync) only.
+    pub fn install(bed: &mut Bed, mode: Mode, kpx: &'a Path) -> Result<(Self, Install)> {
+        let mut proxy = Self {
+            mode,
+            kpx,
+            rules: String::new(),
+        };
+        let install = match mode {
+            Mode::NoProxy => Install::default(),
+            Mode::Kpx => proxy.start_agent(bed)?,
+            _ => {
+                let t0 = Instant::now();
+                proxy.rules = render(bed, mode, kpx)?;
+                let render_s = t0.elapsed().as_secs_f64();
+                let args: &[&str] = if mode == Mode::Nftables {
+                    &["-f", "-"]
+                } else {
+                    &["--noflush"]
+                };
+                let (took, rss) = timed_pipe(bed, mode.restore(), args, &proxy.rules)?;
+                Install {
+                    seconds: took.as_secs_f64(),
+                    rule_lines: Some(proxy.rules.lines().count()),
+                    tool_peak_rss_mib: Some(rss),
+                    render_seconds: Some(render_s),
+                    ..Default::default()
+                }
+            }
+        };
+        Ok((proxy, install))
+    }
+
+    fn start_agent(&mut self, bed: &mut Bed) -> Result<Install> {
+        let started = Instant::now();
+        let extra = ["--metrics-bind-address", "", "--healthz-bind-address", ""];
+        bed.cluster.start_agent_kube(self.kpx, &bed.api, &extra)?;
+        let maps = pinned_maps(&bed.cluster, started)?;
+        let n = bed.n;
+        spin(Duration::from_secs(600), || {
+            selects(&maps, 0, None) && selects(&maps, n - 1, None)
+        })
+        .ok_or_else(|| anyhow!("no initial sync:\n{}", bed.cluster.agent_log()))?;
+        let ready = started.elapsed();
+        let sync = wait_sync_line(&bed.cluster, 0)?;
+        Ok(Install {
+            seconds: sync.took.as_secs_f64(),
+            writes_seconds: Some(sync.writing.as_secs_f64()),
+            ready_seconds: Some(ready.as_secs_f64()),
+            ..Default::default()
+        })
+    }
+
+    /// Replaces the last endpoint of service `bed.changed()` and programs it.
+    pub fn change(&mut self, bed: &Bed) -> Result<Change> {
+        let i = bed.changed();
+        let fresh = bed::fresh_endpoint(bed.n);
+        let new_slice = bed::slice(i, Some((bed::ENDPOINTS - 1, fresh)));
+        match self.mode {
+            Mode::NoProxy => Ok(Change::default()),
+            Mode::Kpx => {
+                let maps = MapSet::open_pinned(&bed.cluster.bpffs())?;
+                let syncs = sync_lines(&bed.cluster.agent_log()).len();
+                let t0 = Instant::now();
+                bed.api.apply(new_slice)?;
+                spin(Duration::from_secs(60), || selects(&maps, i, Some(fresh)))
+                    .ok_or_else(|| anyhow!("the change never reached the maps"))?;
+                let e2e = t0.elapsed();
+                let sync = wait_sync_line(&bed.cluster, syncs)?;
+                Ok(Change {
+                    seconds: sync.took.as_secs_f64(),
+                    writes_seconds: Some(sync.writing.as_secs_f64()),
+                    end_to_end_seconds: Some(e2e.as_secs_f64()),
+                    map_writes: Some(sync.writes),
+                    ..Default::default()
+                })
+            }
+            Mode::Nftables => {
+                bed.api.apply(new_slice)?;
+                let after = render(bed, self.mode, self.kpx)?;
+                let tx = nft_incremental(&self.rules, &after, &svc_marker_nft(i));
+                let (took, _) = timed_pipe(bed, "nft", &["-f", "-"], &tx)?;
+                self.rules = after;
+                Ok(Change {
+                    seconds: took.as_secs_f64(),
+                    rule_lines: Some(tx.lines().count()),
+                    ..Default::default()
+                })
+            }
+            Mode::IptablesNft | Mode::IptablesLegacy => {
+                bed.api.apply(new_slice)?;
+                let after = render(bed, self.mode, self.kpx)?;
+                let comment = format!("{}/{}:http", bed::NAMESPACE, bed::service_name(i));
+                let partial = iptables_partial(&self.rules, &after, &comment)?;
+                let restore = self.mode.restore();
+                let (took, _) = timed_pipe(bed, restore, &["--noflush"], &partial)?;
+                // What kube-proxy does on a full resync: every chain again.
+                let full = without_builtin_jumps(&after);
+                let (full_took, _) = timed_pipe(bed, restore, &["--noflush"], &full)?;
+                self.rules = after;
+                Ok(Change {
+                    seconds: took.as_secs_f64(),
+                    full_restore_seconds: Some(full_took.as_secs_f64()),
+                    rule_lines: Some(partial.lines().count()),
+                    ..Default::default()
+                })
+            }
+        }
+    }
+
+    pub fn memory(&self, bed: &Bed) -> Result<Option<Memory>> {
+        if self.mode != Mode::Kpx {
+            return Ok(None);
+        }
+        let pid = bed
+            .cluster
+            .agent
+            .as_ref()
+            .map(|a| a.pid())
+            .context("no agent")?;
+        Ok(Some(Memory {
+            agent_rss_mib: rss_kib(pid)? as f64 / 1024.0,
+            map_bytes: map_bytes(&bed.cluster.bpffs())?,
+        }))
+    }
+}
+
+fn pinned_maps(c: &Cluster, started: Instant) -> Result<MapSet> {
+    loop {
+        if let Ok(m) = MapSet::open_pinned(&c.bpffs()) {
+            return Ok(m);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the agent did not pin its maps:\n{}", c.agent_log());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether the datapath would pick `addr` (or any backend) for service `i`.
+fn selects(maps: &MapSet, i: u32, addr: Option<Ipv4Addr>) -> bool {
+    let key = service_key(&FrontendKey {
+        addr: bed::vip(i),
+        port: bed::SERVICE_PORT,
+        proto: IPPROTO_TCP,
+    });
+    let Ok(v) = maps.services.get(&key, 0) else {
+        return false;
+    };
+    if v.count != bed::ENDPOINTS {
+        return false;
+    }
+    let Some(addr) = addr else { return true };
+    (0..v.count).any(|slot| {
+        maps.slots
+            .get(
+                &SlotKey {
+                    svc_id: v.svc_id,
+                    slot,
+                },
+                0,
+            )
+            .and_then(|id| maps.backends.get(&id, 0))
+            .is_ok_and(|b| b.addr == wire::addr(addr))
+    })
+}
+
+fn spin(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+/// One "synced ..." line of the agent's log.
+#[derive(Debug)]
+struct SyncLine {
+    writes: u64,
+    took: Duration,
+    writing: Duration,
+}
+
+/// Parses `...: W map writes in T (writing U)`.
+fn sync_lines(log: &str) -> Vec<SyncLine> {
+    log.lines()
+        .filter(|l| l.contains(" synced "))
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("): ")?;
+            let (writes, rest) = rest.split_once(" map writes in ")?;
+            let (took, rest) = rest.split_once(" (writing ")?;
+            Some(SyncLine {
+                writes: writes.trim().parse().ok()?,
+                took: parse_debug_duration(took)?,
+                writing: parse_debug_duration(rest.trim_end_matches(')'))?,
+            })
+        })
+        .collect()
+}
+
+/// Waits for sync line number `index` (from 0) in the agent's log.
+fn wait_sync_line(c: &Cluster, index: usize) -> Result<SyncLine> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(l) = sync_lines(&c.agent_log()).into_iter().nth(index) {
+            return Ok(l);
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "no sync line {index} in the agent's log:\n{}",
+                c.agent_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Rust's `{:?}` of a Duration: `12ns`, `3.4µs`, `5.6ms`, `7.8s`.
+fn parse_debug_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+    let v: f64 = num.parse().ok()?;
+    let scale = match unit {
+        "ns" => 1e-9,
+        "µs" | "us" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(v * scale))
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Sum of `memlock` over every map pinned under `dir`: what the kernel
+/// charges for them (elements actually present, for the non-preallocated
+/// hash maps).
+fn map_bytes(dir: &Path) -> Result<u64> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut total = 0;
+    for name in proxy_common::map_names::ALL {
+        let data = aya::maps::MapData::from_pin(dir.join(name))
+            .with_context(|| format!("opening pinned map {name}"))?;
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .with_context(|| format!("no memlock for {name}"))?;
+    }
+    Ok(total)
+}
+
+// --- the references' incremental updates ------------------------------------
+
+/// `ns/name/tcp/port` inside the nftables chain names of a service port.
+fn svc_marker_nft(i: u32) -> String {
+    format!("{}/{}/tcp/http", bed::NAMESPACE, bed::service_name(i))
+}
+
+/// kube-proxy nftables mode's transaction for one changed service: its
+/// chains re-created and refilled, its map elements re-added, endpoint
+/// chains it no longer uses deleted.
+fn nft_incremental(before: &str, after: &str, marker: &str) -> String {
+    let endpoint_chains = |script: &str| -> BTreeSet<String> {
+        script
+            .lines()
+            .filter_map(|l| l.strip_prefix("add chain ip kube-proxy "))
+            .filter(|c| c.starts_with("endpoint-") && c.contains(marker))
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let mut tx: String = after
+        .lines()
+        .filter(|l| l.contains(marker))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for gone in endpoint_chains(before).difference(&endpoint_chains(after)) {
+        tx.push_str(&format!("delete chain ip kube-proxy {gone}\n"));
+    }
+    tx
+}
+
+/// The rules without the `-I` jumps from the built-in chains, which
+/// kube-proxy ensures once, outside its restores (re-inserting them would
+/// duplicate them).
+fn without_builtin_jumps(rules: &str) -> String {
+    rules
+        .lines()
+        .filter(|l| !l.starts_with("-I "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Per-service nat chains (kube-proxy skips unchanged ones in a partial sync).
+fn per_service(chain: &str) -> bool {
+    [
+        "KUBE-SVC-",
+        "KUBE-SEP-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+    ]
+    .iter()
+    .any(|p| chain.starts_with(p))
+}
+
+/// A nat table: each chain's rules, in order.
+fn nat_chains(rules: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let nat = rules
+        .split("*nat\n")
+        .nth(1)
+        .and_then(|t| t.split("COMMIT").next())
+        .context("no nat table in the rules")?;
+    let mut order: Vec<(String, Vec<String>)> = Vec::new();
+    let mut index = HashMap::new();
+    for l in nat.lines() {
+        if let Some(decl) = l.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or("").to_string();
+            index.insert(name.clone(), order.len());
+            order.push((name, Vec::new()));
+        } else if let Some(rule) = l.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or("");
+            if let Some(&k) = index.get(chain) {
+                order[k].1.push(l.to_string());
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// The chains reached from the rules of `roots` through `-j`, transitively.
+fn reached(chains: &[(String, Vec<String>)], roots: &[&str], comment: &str) -> BTreeSet<String> {
+    let rules: HashMap<&str, &Vec<String>> = chains.iter().map(|(n, r)| (n.as_str(), r)).collect();
+    let jump = |r: &str| {
+        r.split_once(" -j ")
+            .map(|(_, t)| t.split_whitespace().next().unwrap_or("").to_string())
+    };
+    let mut todo: Vec<String> = roots
+        .iter()
+        .flat_map(|root| rules.get(root).into_iter().flat_map(|r| r.iter()))
+        .filter(|r| r.contains(comment))
+        .filter_map(|r| jump(r))
+        .filter(|t| per_service(t))
+        .collect();
+    let mut seen = BTreeSet::new();
+    while let Some(c) = todo.pop() {
+        if !seen.insert(c.clone()) {
+            continue;
+        }
+        for r in rules.get(c.as_str()).into_iter().flat_map(|r| r.iter()) {
+            if let Some(t) = jump(r).filter(|t| per_service(t)) {
+                todo.push(t);
+            }
+        }
+    }
+    seen
+}
+
+/// kube-proxy's partial restore after one service changed: the filter
+/// table and the nat table's top-level chains in full, the changed
+/// service's chains rewritten, its stale endpoint chains deleted.
+fn iptables_partial(before: &str, after: &str, comment: &str) -> Result<String> {
+    let filter = after
+        .split("*nat\n")
+        .next()
+        .context("no filter table in the rules")?;
+    let roots = ["KUBE-SERVICES", "KUBE-NODEPORTS"];
+    let chains = nat_chains(after)?;
+    let changed = reached(&chains, &roots, comment);
+    if changed.is_empty() {
+        bail!("no chain of {comment} in the rules");
+    }
+    let old = reached(&nat_chains(before)?, &roots, comment);
+    // Stale chains are declared (so flushed) with the others, then deleted.
+    let gone: Vec<&String> = old.difference(&changed).collect();
+    let mut out = without_builtin_jumps(filter);
+    out.push_str("*nat\n");
+    let keep = |n: &str| !per_service(n) || changed.contains(n);
+    let kept = || chains.iter().filter(|(n, _)| keep(n));
+    for name in kept().map(|(n, _)| n).chain(gone.iter().copied()) {
+        out.push_str(&format!(":{name} - [0:0]\n"));
+    }
+    for (_, rules) in kept() {
+        for r in rules {
+            out.push_str(r);
+            out.push('\n');
+        }
+    }
+    for g in &gone {
+        out.push_str(&format!("-X {g}\n"));
+    }
+    out.push_str("COMMIT\n");
+    Ok(out)
+}

@@ -1,0 +1,455 @@
+//! The run's results: a JSON file, Markdown tables and an SVG chart under
+//! `target/bench/`. Every figure that compares modes also comes as a ratio
+//! to the no-proxy limit measured at the same N in the same run.
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Result;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{
+    load::Rate,
+    modes::{Change, Install, Memory, Mode},
+    packet::PacketCost,
+};
+
+/// One mode at one N.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub services: u32,
+    pub mode: Mode,
+    pub install: Install,
+    pub change: Change,
+    /// New connections to the first and the last service programmed.
+    pub crr_first: Option<Rate>,
+    pub crr_last: Option<Rate>,
+    /// New connections to a pod IP (no service) with the mode loaded; for
+    /// "no proxy", the limit itself.
+    pub crr_pod: Rate,
+    /// Round trips on one established connection, and bulk Gbit/s: through
+    /// the last service's VIP, or to the pod IP for "no proxy".
+    pub rr: Rate,
+    pub bulk: Rate,
+    pub memory: Option<Memory>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub machine: String,
+    pub date: String,
+    pub runs: u32,
+    pub seconds_per_run: f64,
+    pub rows: Vec<Row>,
+    pub packet: Vec<PacketCost>,
+    /// Modes that could not run here, and why.
+    pub unavailable: Vec<(Mode, String)>,
+}
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn seconds(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{:.0} µs", s * 1e6)
+    }
+}
+
+fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(
+        out,
+        "|{}",
+        header.iter().map(|_| "---:|").collect::<String>()
+    );
+    for r in rows {
+        let _ = writeln!(out, "| {} |", r.join(" | "));
+    }
+    out.push('\n');
+}
+
+impl Report {
+    fn sizes(&self) -> Vec<u32> {
+        let mut s: Vec<u32> = self.rows.iter().map(|r| r.services).collect();
+        s.dedup();
+        s
+    }
+
+    fn modes(&self) -> Vec<Mode> {
+        let mut m = Vec::new();
+        for r in &self.rows {
+            if r.mode != Mode::NoProxy && !m.contains(&r.mode) {
+                m.push(r.mode);
+            }
+        }
+        m
+    }
+
+    fn row(&self, n: u32, mode: Mode) -> Option<&Row> {
+        self.rows.iter().find(|r| r.services == n && r.mode == mode)
+    }
+
+    /// `value (ratio to the no-proxy figure at n)`.
+    fn rated(&self, n: u32, v: Option<f64>, limit: impl Fn(&Row) -> f64) -> String {
+        let Some(v) = v else { return "–".into() };
+        let base = self.row(n, Mode::NoProxy).map(limit).unwrap_or(0.0);
+        if base > 0.0 {
+            format!("{} ({:.2})", thousands(v), v / base)
+        } else {
+            thousands(v)
+        }
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let (sizes, modes) = (self.sizes(), self.modes());
+        let _ = writeln!(
+            out,
+            "`{}` on {}, {}; {} run(s) of {:.1} s per figure, the median run shown. \
+             10 endpoints per service. Ratios (in brackets) are to the no-proxy limit \
+             measured at the same size in the same run.\n",
+            self.command, self.machine, self.date, self.runs, self.seconds_per_run
+        );
+        for (mode, why) in &self.unavailable {
+            let _ = writeln!(out, "Not measured: {} ({why}).\n", mode.label());
+        }
+        let with_modes = |first: &str| {
+            std::iter::once(first.to_string())
+                .chain(modes.iter().map(|m| m.label().to_string()))
+                .collect::<Vec<_>>()
+        };
+        let crr_limit = |r: &Row| r.crr_pod.rate;
+
+        out.push_str("**New connections per second** (TCP_CRR: connect, 1-byte request and response, close) to the first / the last service programmed\n\n");
+        let mut header = vec!["services".to_string(), "no proxy (pod IP)".into()];
+        header.extend(modes.iter().map(|m| m.label().to_string()));
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .map(|&n| {
+                let mut r = vec![
+                    thousands(n as f64),
+                    self.row(n, Mode::NoProxy)
+                        .map_or("–".into(), |r| thousands(r.crr_pod.rate)),
+                ];
+                for &m in &modes {
+                    let row = self.row(n, m);
+                    let first = row.and_then(|r| r.crr_first.as_ref()).map(|x| x.rate);
+                    let last = row.and_then(|r| r.crr_last.as_ref()).map(|x| x.rate);
+                    r.push(format!(
+                        "{} / {}",
+                        self.rated(n, first, crr_limit),
+                        self.rated(n, last, crr_limit)
+                    ));
+                }
+                r
+            })
+            .collect();
+        table(&mut out, &header, &rows);
+
+        out.push_str("**Latency of one new connection** to the last service, p50 / p99 (µs)\n\n");
+        let mut header = vec!["services".to_string(), "no proxy (pod IP)".into()];
+        header.extend(modes.iter().map(|m| m.label().to_string()));
+        let lat = |r: Option<&Rate>| {
+            r.map_or("–".into(), |r| {
+                format!(
+                    "{:.0} / {:.0}",
+                    r.p50_us.unwrap_or(f64::NAN),
+                    r.p99_us.unwrap_or(f64::NAN)
+                )
+            })
+        };
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .map(|&n| {
+                let mut r = vec![
+                    thousands(n as f64),
+                    lat(self.row(n, Mode::NoProxy).map(|r| &r.crr_pod)),
+                ];
+                for &m in &modes {
+                    r.push(lat(self.row(n, m).and_then(|r| r.crr_last.as_ref())));
+                }
+                r
+            })
+            .collect();
+        table(&mut out, &header, &rows);
+
+        out.push_str("**Traffic that is not for a service** with the mode loaded: new connections per second to a pod IP\n\n");
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .map(|&n| {
+                let mut r = vec![thousands(n as f64)];
+                for &m in &modes {
+                    let v = self.row(n, m).map(|r| r.crr_pod.rate);
+                    r.push(self.rated(n, v, crr_limit));
+                }
+                r
+            })
+            .collect();
+        table(&mut out, &with_modes("services"), &rows);
+
+        out.push_str("**Established flows** through the last service: request/response round trips per second (TCP_RR) / bulk throughput (Gbit/s)\n\n");
+        let mut header = vec!["services".to_string(), "no proxy (pod IP)".into()];
+        header.extend(modes.iter().map(|m| m.label().to_string()));
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .map(|&n| {
+                let base = self.row(n, Mode::NoProxy);
+                let mut r = vec![
+                    thousands(n as f64),
+                    base.map_or("–".into(), |b| {
+                        format!("{} / {:.1}", thousands(b.rr.rate), b.bulk.rate)
+                    }),
+                ];
+                for &m in &modes {
+                    r.push(self.row(n, m).map_or("–".into(), |row| {
+                        let (rr0, bulk0) = base.map_or((0.0, 0.0), |b| (b.rr.rate, b.bulk.rate));
+                        format!(
+                            "{} ({:.2}) / {:.1} ({:.2})",
+                            thousands(row.rr.rate),
+                            row.rr.rate / rr0,
+                            row.bulk.rate,
+                            row.bulk.rate / bulk0
+                        )
+                    }));
+                }
+                r
+            })
+            .collect();
+        table(&mut out, &header, &rows);
+
+        out.push_str("**Programming** from nothing to all services (iptables-restore / nft -f of the whole ruleset; kpx: its first sync, of which map writes in brackets, and from the agent's start to the last service in the maps)\n\n");
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .map(|&n| {
+                let mut r = vec![thousands(n as f64)];
+                for &m in &modes {
+                    r.push(self.row(n, m).map_or("–".into(), |row| {
+                        let i = &row.install;
+                        match (i.writes_seconds, i.ready_seconds) {
+                            (Some(w), Some(ready)) => format!(
+                                "{} ({}); ready in {}",
+                                seconds(i.seconds),
+                                seconds(w),
+                                seconds(ready)
+                            ),
+                            _ => format!(
+                                "{} ({} lines, {:.0} MiB peak)",
+                                seconds(i.seconds),
+                                thousands(i.rule_lines.unwrap_or(0) as f64),
+                                i.tool_peak_rss_mib.unwrap_or(0.0)
+                            ),
+                        }
+                    }));
+                }
+                r
+            })
+            .collect();
+        table(&mut out, &with_modes("services"), &rows);
+
+        out.push_str("**One endpoint change** at that size (iptables: kube-proxy's partial restore, full restore in brackets; nftables: the incremental transaction; kpx: its sync, map writes in brackets, and from the API change to the maps)\n\n");
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .map(|&n| {
+                let mut r = vec![thousands(n as f64)];
+                for &m in &modes {
+                    r.push(self.row(n, m).map_or("–".into(), |row| {
+                        let c = &row.change;
+                        if let (Some(w), Some(e2e)) = (c.writes_seconds, c.end_to_end_seconds) {
+                            format!(
+                                "{} ({}, {} writes); {} end to end",
+                                seconds(c.seconds),
+                                seconds(w),
+                                c.map_writes.unwrap_or(0),
+                                seconds(e2e)
+                            )
+                        } else if let Some(full) = c.full_restore_seconds {
+                            format!("{} ({})", seconds(c.seconds), seconds(full))
+                        } else {
+                            seconds(c.seconds)
+                        }
+                    }));
+                }
+                r
+            })
+            .collect();
+        table(&mut out, &with_modes("services"), &rows);
+
+        out.push_str("**kpx memory**: agent resident set and kernel memory of its maps\n\n");
+        let rows: Vec<Vec<String>> = sizes
+            .iter()
+            .filter_map(|&n| {
+                let m = self.row(n, Mode::Kpx)?.memory.as_ref()?;
+                Some(vec![
+                    thousands(n as f64),
+                    format!("{:.1} MiB", m.agent_rss_mib),
+                    format!("{:.1} MiB", m.map_bytes as f64 / 1048576.0),
+                ])
+            })
+            .collect();
+        table(
+            &mut out,
+            &["services".into(), "agent RSS".into(), "map memory".into()],
+            &rows,
+        );
+
+        out.push_str("**kpx datapath cost per packet** (BPF_PROG_TEST_RUN of the tc ingress program, ns)\n\n");
+        let rows: Vec<Vec<String>> = self
+            .packet
+            .iter()
+            .map(|p| {
+                vec![
+                    thousands(p.services as f64),
+                    format!("{:.1}", p.floor_ns),
+                    format!("{:.1}", p.no_service_ns),
+                    format!("{:.1}", p.established_ns),
+                    format!("{:.1}", p.reply_ns),
+                    format!("{:.0}", p.first_packet_ns),
+                    format!("{:.0}", p.floor_single_ns),
+                ]
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "services".into(),
+                "empty program".into(),
+                "no service".into(),
+                "established".into(),
+                "reply".into(),
+                "first packet (1 run)".into(),
+                "empty program (1 run)".into(),
+            ],
+            &rows,
+        );
+        out
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("bench.md"), self.markdown())?;
+        self.chart(&dir.join("bench.svg"))?;
+        Ok(())
+    }
+
+    /// New-connection rate to the last service, and programming time,
+    /// against N (log scales), one line per mode.
+    fn chart(&self, path: &Path) -> Result<()> {
+        let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(600);
+        let sizes = self.sizes();
+        let xmax = sizes.last().copied().unwrap_or(1) as f64 * 2.0;
+        let colour = |m: Mode| match m {
+            Mode::NoProxy => BLACK,
+            Mode::IptablesNft => RGBColor(214, 39, 40),
+            Mode::IptablesLegacy => RGBColor(255, 127, 14),
+            Mode::Nftables => RGBColor(31, 119, 180),
+            Mode::Kpx => RGBColor(44, 160, 44),
+        };
+        let series = |m: Mode, f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
+            sizes
+                .iter()
+                .filter_map(|&n| Some((n as f64, f(self.row(n, m)?)?)))
+                .collect()
+        };
+
+        let crr = |r: &Row| {
+            if r.mode == Mode::NoProxy {
+                Some(r.crr_pod.rate)
+            } else {
+                r.crr_last.as_ref().map(|x| x.rate)
+            }
+        };
+        let mut all = vec![Mode::NoProxy];
+        all.extend(self.modes());
+        let ymax = all
+            .iter()
+            .flat_map(|&m| series(m, &crr))
+            .map(|p| p.1)
+            .fold(1.0, f64::max)
+            * 1.15;
+        let mut chart = ChartBuilder::on(&left)
+            .caption("New connections/s to the last service", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0.7f64..xmax).log_scale(), 0f64..ymax)?;
+        chart
+            .configure_mesh()
+            .x_desc("services (10 endpoints each)")
+            .y_desc("connections/s")
+            .x_label_formatter(&|v| thousands(*v))
+            .y_label_formatter(&|v| thousands(*v))
+            .draw()?;
+        for &m in &all {
+            let c = colour(m);
+            chart
+                .draw_series(LineSeries::new(series(m, &crr), c.stroke_width(2)).point_size(4))?
+                .label(m.label())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+
+        let install = |r: &Row| (r.mode != Mode::NoProxy).then_some(r.install.seconds);
+        let modes = self.modes();
+        let pts: Vec<f64> = modes
+            .iter()
+            .flat_map(|&m| series(m, &install))
+            .map(|p| p.1)
+            .filter(|v| *v > 0.0)
+            .collect();
+        let ymin = pts.iter().copied().fold(1.0, f64::min) / 2.0;
+        let ymax = pts.iter().copied().fold(1e-3, f64::max) * 2.0;
+        let mut chart = ChartBuilder::on(&right)
+            .caption(
+                "Programming all services from nothing (s)",
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0.7f64..xmax).log_scale(), (ymin..ymax).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("services (10 endpoints each)")
+            .y_desc("seconds")
+            .x_label_formatter(&|v| thousands(*v))
+            .y_label_formatter(&|v| seconds(*v))
+            .draw()?;
+        for &m in &modes {
+            let c = colour(m);
+            chart
+                .draw_series(LineSeries::new(series(m, &install), c.stroke_width(2)).point_size(4))?
+                .label(m.label())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    }
+}
