@@ -16,7 +16,11 @@
 //! Figures, never assertions: a benchmark, not a test. Needs root.
 //!
 //! `--quick`: N = 1 and 1,000, one short run per figure (about a minute).
-//! `--sizes 1,1000,...`, `--runs K`, `--seconds S` override the defaults.
+//! `--sizes 1,1000,...`, `--modes kpx,nftables,...` (of iptables-nft,
+//! iptables-legacy, nftables, kpx), `--runs K`, `--seconds S` (per run)
+//! and `--limit S` (the longest one restore of a reference may take before
+//! it is stopped and reported as unfinished; default 120 s, 30 s with
+//! `--quick`) override the defaults.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -35,7 +39,7 @@ use crate::{
     bed::Bed,
     load::Kind,
     modes::{Mode, Proxy},
-    report::{Report, Row},
+    report::{Baseline, Report, Row, Traffic},
 };
 
 const KPX: &str = env!("CARGO_BIN_EXE_kpx");
@@ -43,8 +47,12 @@ const KPX: &str = env!("CARGO_BIN_EXE_kpx");
 struct Options {
     quick: bool,
     sizes: Vec<u32>,
+    /// The modes to compare (no proxy is always measured).
+    modes: Vec<Mode>,
     runs: u32,
     seconds: f64,
+    /// How long one restore or nft transaction may run before it is stopped.
+    limit: std::time::Duration,
 }
 
 fn options() -> Result<Options> {
@@ -57,8 +65,10 @@ fn options() -> Result<Options> {
         } else {
             vec![1, 1000, 10_000, 50_000]
         },
+        modes: vec![Mode::IptablesNft, Mode::IptablesLegacy, Mode::Nftables, Mode::Kpx],
         runs: if quick { 1 } else { 3 },
-        seconds: if quick { 0.7 } else { 3.0 },
+        seconds: if quick { 0.7 } else { 2.0 },
+        limit: std::time::Duration::from_secs(if quick { 30 } else { 120 }),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -75,10 +85,19 @@ fn options() -> Result<Options> {
                     bail!("--sizes: each size must be 1 to 60,000 (the VIP range holds 65,536)");
                 }
             }
+            "--modes" => {
+                o.modes = value()?
+                    .split(',')
+                    .map(|m| Mode::parse(m.trim()))
+                    .collect::<Result<_>>()?;
+            }
             "--runs" => o.runs = value()?.parse().context("--runs")?,
             "--seconds" => o.seconds = value()?.parse().context("--seconds")?,
+            "--limit" => {
+                o.limit = std::time::Duration::from_secs_f64(value()?.parse().context("--limit")?)
+            }
             other => {
-                bail!("unknown argument {other:?} (known: --quick, --sizes, --runs, --seconds)")
+                bail!("unknown argument {other:?} (known: --quick, --sizes, --modes, --runs, --seconds, --limit)")
             }
         }
     }
@@ -129,12 +148,7 @@ fn main() -> Result<()> {
     let kpx = Path::new(KPX);
     let mut unavailable = Vec::new();
     let mut modes = Vec::new();
-    for m in [
-        Mode::IptablesNft,
-        Mode::IptablesLegacy,
-        Mode::Nftables,
-        Mode::Kpx,
-    ] {
+    for &m in &o.modes {
         match modes::available(m) {
             Ok(()) => modes.push(m),
             Err(why) => {
@@ -196,25 +210,25 @@ fn no_proxy(n: u32, o: &Options, p: &Progress) -> Result<Row> {
     p.say(format!("N={n}: no proxy: building the bed"));
     let bed = Bed::new(n)?;
     let (c, pod) = (bed.client(), bed.pod_ip());
-    p.say(format!("N={n}: no proxy: new connections to {pod}"));
-    let crr_pod = load::measure(c, pod, Kind::Crr, o.runs, o.seconds)?;
-    p.say(format!("N={n}: no proxy: round trips and bulk"));
-    let rr = load::measure(c, pod, Kind::Rr, o.runs, o.seconds)?;
-    let bulk = load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?;
+    p.say(format!("N={n}: no proxy: new connections, round trips and bulk to {pod}"));
+    let t = Traffic {
+        crr_first: None,
+        crr_last: None,
+        crr_pod: load::measure(c, pod, Kind::Crr, o.runs, o.seconds)?,
+        rr: load::measure(c, pod, Kind::Rr, o.runs, o.seconds)?,
+        bulk: load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?,
+        baseline: None,
+    };
     p.say(format!(
         "N={n}: no proxy: {:.0} conn/s, {:.0} round trips/s, {:.1} Gbit/s",
-        crr_pod.rate, rr.rate, bulk.rate
+        t.crr_pod.rate, t.rr.rate, t.bulk.rate
     ));
     Ok(Row {
         services: n,
         mode: Mode::NoProxy,
         install: Default::default(),
         change: Default::default(),
-        crr_first: None,
-        crr_last: None,
-        crr_pod,
-        rr,
-        bulk,
+        traffic: Some(t),
         memory: None,
     })
 }
@@ -223,14 +237,41 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
     let say = |what: String| p.say(format!("N={n}: {}: {what}", mode.label()));
     say("building the bed".into());
     let mut bed = Bed::new(n)?;
+    say("the no-proxy limit in this bed, before loading".into());
+    let (c, pod) = (bed.client(), bed.pod_ip());
+    let baseline = Baseline {
+        crr: load::measure(c, pod, Kind::Crr, o.runs, o.seconds)?,
+        rr: load::measure(c, pod, Kind::Rr, o.runs, o.seconds)?,
+        bulk: load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?,
+    };
     say("programming from nothing".into());
-    let (mut proxy, install) = Proxy::install(&mut bed, mode, kpx)
+    let (mut proxy, install) = Proxy::install(&mut bed, mode, kpx, o.limit)
         .with_context(|| format!("programming {} at {n} services", mode.label()))?;
-    say(format!("programmed in {:.3} s", install.seconds));
+    if !install.loaded {
+        say(format!(
+            "not loaded within {:.0} s: no traffic measured at this size",
+            install.seconds
+        ));
+        return Ok(Row {
+            services: n,
+            mode,
+            install,
+            change: Default::default(),
+            traffic: None,
+            memory: None,
+        });
+    }
+    say(match install.fallback_seconds {
+        Some(f) => format!(
+            "kube-proxy's way stopped at {:.0} s; the same rules loaded another way in {f:.1} s",
+            install.seconds
+        ),
+        None => format!("programmed in {:.3} s", install.seconds),
+    });
     if mode != Mode::Kpx {
         // The run opens several hundred thousand short connections; with
-        // TIME_WAIT's 120 s the references' conntrack table (shared with
-        // nothing else, but capped machine-wide) would fill and drop.
+        // TIME_WAIT's 120 s the references' conntrack table (capped at
+        // nf_conntrack_max per namespace) would fill and drop new flows.
         if let Err(e) = bed
             .cluster
             .node
@@ -248,8 +289,8 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
     let rr = load::measure(c, bed.last_vip(), Kind::Rr, o.runs, o.seconds)?;
     let bulk = load::measure(c, bed.last_vip(), Kind::Bulk, o.runs, o.seconds)?;
     say(format!(
-        "{:.0} / {:.0} conn/s (first / last), {:.0} to a pod IP, {:.0} round trips/s, {:.1} Gbit/s",
-        crr_first.rate, crr_last.rate, crr_pod.rate, rr.rate, bulk.rate
+        "{:.0} / {:.0} conn/s (first / last; no proxy {:.0}), {:.0} to a pod IP, {:.0} round trips/s, {:.1} Gbit/s",
+        crr_first.rate, crr_last.rate, baseline.crr.rate, crr_pod.rate, rr.rate, bulk.rate
     ));
     let memory = proxy.memory(&bed)?;
     say("one endpoint change".into());
@@ -257,19 +298,23 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
         .change(&bed)
         .with_context(|| format!("one endpoint change, {} at {n} services", mode.label()))?;
     say(format!(
-        "endpoint change programmed in {:.6} s",
-        change.seconds
+        "endpoint change programmed in {:.6} s{}",
+        change.seconds,
+        if change.finished { "" } else { " (stopped)" }
     ));
     Ok(Row {
         services: n,
         mode,
         install,
         change,
-        crr_first: Some(crr_first),
-        crr_last: Some(crr_last),
-        crr_pod,
-        rr,
-        bulk,
+        traffic: Some(Traffic {
+            crr_first: Some(crr_first),
+            crr_last: Some(crr_last),
+            crr_pod,
+            rr,
+            bulk,
+            baseline: Some(baseline),
+        }),
         memory,
     })
 }

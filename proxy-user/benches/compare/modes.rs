@@ -50,6 +50,16 @@ impl Mode {
         }
     }
 
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "iptables-nft" | "iptables" => Mode::IptablesNft,
+            "iptables-legacy" => Mode::IptablesLegacy,
+            "nftables" => Mode::Nftables,
+            "kpx" => Mode::Kpx,
+            _ => bail!("unknown mode {s:?} (iptables-nft, iptables-legacy, nftables, kpx)"),
+        })
+    }
+
     fn restore(self) -> &'static str {
         match self {
             Mode::IptablesLegacy => "iptables-legacy-restore",
@@ -62,10 +72,20 @@ impl Mode {
 /// Programming from nothing to N services.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Install {
-    /// iptables-restore / nft -f wall time; for kpx its first sync
-    /// (recompute, plan and map writes), as the agent logs it.
+    /// iptables-restore --noflush (as kube-proxy runs it) / nft -f wall
+    /// time; for kpx its first sync (recompute, plan and map writes), as the
+    /// agent logs it.
     pub seconds: f64,
-    /// kpx: of that, the map writes alone.
+    /// False: stopped at the time limit (`seconds` is the limit).
+    pub finished: bool,
+    /// Whether the rules are in place (traffic can be measured).
+    pub loaded: bool,
+    /// When kube-proxy's way did not finish: the time to load the same
+    /// rules another way, so that traffic can still be measured. iptables:
+    /// a flushing `iptables-restore` (equivalent in a fresh namespace);
+    /// nftables: the same script in transactions of 40,000 commands.
+    pub fallback_seconds: Option<f64>,
+    /// kpx: of `seconds`, the map writes alone.
     pub writes_seconds: Option<f64>,
     /// kpx: from the agent's start (BPF load, attach, list) to the last
     /// service selectable in the maps.
@@ -85,9 +105,12 @@ pub struct Change {
     /// iptables-restore (MinimizeIPTablesRestore, its default since 1.27),
     /// nftables' incremental transaction.
     pub seconds: f64,
-    /// kpx: the map writes alone; iptables: a full restore of the rules.
+    pub finished: bool,
+    /// iptables: a full restore of every chain, as kube-proxy's periodic
+    /// full resync does.
+    pub full_restore: Option<Timed>,
+    /// kpx: the map writes alone.
     pub writes_seconds: Option<f64>,
-    pub full_restore_seconds: Option<f64>,
     /// kpx: from the API server's change to the new endpoint selectable.
     pub end_to_end_seconds: Option<f64>,
     /// kpx: map writes the change took.
@@ -108,6 +131,8 @@ pub struct Proxy<'a> {
     pub mode: Mode,
     kpx: &'a Path,
     rules: String,
+    /// How long one restore or transaction may take before it is stopped.
+    limit: Duration,
 }
 
 fn node_args(c: &Cluster) -> Vec<String> {
@@ -150,9 +175,24 @@ fn render(bed: &Bed, mode: Mode, kpx: &Path) -> Result<String> {
     String::from_utf8(out.stdout).context("rules are not UTF-8")
 }
 
-/// Runs `program args < input` in the node namespace; wall time and the
-/// program's peak RSS.
-fn timed_pipe(bed: &Bed, program: &str, args: &[&str], input: &str) -> Result<(Duration, f64)> {
+/// A restore or transaction that was timed.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Timed {
+    pub seconds: f64,
+    /// False when it was stopped at the time limit (nothing committed:
+    /// both tools apply a table in one transaction).
+    pub finished: bool,
+}
+
+/// Runs `program args < input` in the node namespace, stopped after
+/// `limit`; wall time and the program's peak RSS.
+fn timed_pipe(
+    bed: &Bed,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    limit: Duration,
+) -> Result<(Timed, f64)> {
     let t0 = Instant::now();
     let mut child = bed
         .cluster
@@ -166,29 +206,54 @@ fn timed_pipe(bed: &Bed, program: &str, args: &[&str], input: &str) -> Result<(D
         .with_context(|| format!("starting {program}"))?;
     let mut stdin = child.stdin.take().context("no stdin")?;
     let mut stderr = child.stderr.take().context("no stderr")?;
+    let input = input.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let errors = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
         s
     });
-    let written = stdin.write_all(input.as_bytes());
-    drop(stdin);
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
-    // SAFETY: a zeroed rusage is valid; wait4 reaps our own child by PID
-    // (std's Child is not waited on afterwards).
+    // SAFETY: a zeroed rusage is valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; status and ru outlive the call.
-    if unsafe { libc::wait4(pid, &mut status, 0, &mut ru) } != pid {
-        bail!("waiting for {program}: {}", std::io::Error::last_os_error());
+    let mut finished = true;
+    loop {
+        // SAFETY: reaps our own child by PID (std's Child is not waited on
+        // afterwards); status and ru outlive the call.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            break;
+        }
+        if r < 0 {
+            bail!("waiting for {program}: {}", std::io::Error::last_os_error());
+        }
+        if finished && t0.elapsed() > limit {
+            finished = false;
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
     let took = t0.elapsed();
+    let written = writer.join();
     let errors = errors.join().unwrap_or_default();
+    let timed = Timed {
+        seconds: took.as_secs_f64(),
+        finished,
+    };
+    if !finished {
+        return Ok((timed, ru.ru_maxrss as f64 / 1024.0));
+    }
     if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         bail!("{program} {args:?} failed ({status}): {}", errors.trim());
     }
-    written.with_context(|| format!("writing rules to {program}"))?;
-    Ok((took, ru.ru_maxrss as f64 / 1024.0))
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("writing rules to {program}: {e}"),
+        Err(_) => bail!("the writer thread for {program} panicked"),
+    }
+    Ok((timed, ru.ru_maxrss as f64 / 1024.0))
 }
 
 /// Whether `mode` can run here (the legacy tables need `ip_tables`).
@@ -218,35 +283,83 @@ pub fn available(mode: Mode) -> Result<(), String> {
 impl<'a> Proxy<'a> {
     /// Programs the bed's N services; the clock runs for the restore (or
     /// the agent's first sync) only.
-    pub fn install(bed: &mut Bed, mode: Mode, kpx: &'a Path) -> Result<(Self, Install)> {
+    pub fn install(
+        bed: &mut Bed,
+        mode: Mode,
+        kpx: &'a Path,
+        limit: Duration,
+    ) -> Result<(Self, Install)> {
         let mut proxy = Self {
             mode,
             kpx,
             rules: String::new(),
+            limit,
         };
         let install = match mode {
             Mode::NoProxy => Install::default(),
             Mode::Kpx => proxy.start_agent(bed)?,
-            _ => {
-                let t0 = Instant::now();
-                proxy.rules = render(bed, mode, kpx)?;
-                let render_s = t0.elapsed().as_secs_f64();
-                let args: &[&str] = if mode == Mode::Nftables {
-                    &["-f", "-"]
-                } else {
-                    &["--noflush"]
-                };
-                let (took, rss) = timed_pipe(bed, mode.restore(), args, &proxy.rules)?;
-                Install {
-                    seconds: took.as_secs_f64(),
-                    rule_lines: Some(proxy.rules.lines().count()),
-                    tool_peak_rss_mib: Some(rss),
-                    render_seconds: Some(render_s),
-                    ..Default::default()
-                }
-            }
+            _ => proxy.load_rules(bed)?,
         };
         Ok((proxy, install))
+    }
+
+    fn load_rules(&mut self, bed: &Bed) -> Result<Install> {
+        let t0 = Instant::now();
+        self.rules = render(bed, self.mode, self.kpx)?;
+        let render_s = t0.elapsed().as_secs_f64();
+        let args: &[&str] = if self.mode == Mode::Nftables {
+            &["-f", "-"]
+        } else {
+            &["--noflush"]
+        };
+        let restore = self.mode.restore();
+        let (timed, rss) = timed_pipe(bed, restore, args, &self.rules, self.limit)?;
+        let mut install = Install {
+            seconds: timed.seconds,
+            finished: timed.finished,
+            rule_lines: Some(self.rules.lines().count()),
+            tool_peak_rss_mib: Some(rss),
+            render_seconds: Some(render_s),
+            ..Default::default()
+        };
+        if !timed.finished {
+            // Nothing was committed. The same ruleset another way, so that
+            // traffic can be measured.
+            let fallback = if self.mode == Mode::Nftables {
+                self.nft_in_chunks(bed)?
+            } else {
+                // Flushing: a fresh namespace has nothing to keep.
+                timed_pipe(bed, restore, &[], &self.rules, self.limit * 4)?.0
+            };
+            if fallback.finished {
+                install.fallback_seconds = Some(fallback.seconds);
+            }
+        }
+        install.loaded = install.finished || install.fallback_seconds.is_some();
+        Ok(install)
+    }
+
+    /// The nft script in transactions of at most 40,000 commands, in
+    /// order (each line is one command): one big transaction costs nft
+    /// superlinear time.
+    fn nft_in_chunks(&self, bed: &Bed) -> Result<Timed> {
+        const CHUNK: usize = 40_000;
+        let t0 = Instant::now();
+        let lines: Vec<&str> = self.rules.lines().collect();
+        for chunk in lines.chunks(CHUNK) {
+            let left = (self.limit * 8).saturating_sub(t0.elapsed());
+            let (t, _) = timed_pipe(bed, "nft", &["-f", "-"], &chunk.join("\n"), left)?;
+            if !t.finished {
+                return Ok(Timed {
+                    seconds: t0.elapsed().as_secs_f64(),
+                    finished: false,
+                });
+            }
+        }
+        Ok(Timed {
+            seconds: t0.elapsed().as_secs_f64(),
+            finished: true,
+        })
     }
 
     fn start_agent(&mut self, bed: &mut Bed) -> Result<Install> {
@@ -263,6 +376,8 @@ impl<'a> Proxy<'a> {
         let sync = wait_sync_line(&bed.cluster, 0)?;
         Ok(Install {
             seconds: sync.took.as_secs_f64(),
+            finished: true,
+            loaded: true,
             writes_seconds: Some(sync.writing.as_secs_f64()),
             ready_seconds: Some(ready.as_secs_f64()),
             ..Default::default()
@@ -287,6 +402,7 @@ impl<'a> Proxy<'a> {
                 let sync = wait_sync_line(&bed.cluster, syncs)?;
                 Ok(Change {
                     seconds: sync.took.as_secs_f64(),
+                    finished: true,
                     writes_seconds: Some(sync.writing.as_secs_f64()),
                     end_to_end_seconds: Some(e2e.as_secs_f64()),
                     map_writes: Some(sync.writes),
@@ -297,10 +413,11 @@ impl<'a> Proxy<'a> {
                 bed.api.apply(new_slice)?;
                 let after = render(bed, self.mode, self.kpx)?;
                 let tx = nft_incremental(&self.rules, &after, &svc_marker_nft(i));
-                let (took, _) = timed_pipe(bed, "nft", &["-f", "-"], &tx)?;
+                let (t, _) = timed_pipe(bed, "nft", &["-f", "-"], &tx, self.limit)?;
                 self.rules = after;
                 Ok(Change {
-                    seconds: took.as_secs_f64(),
+                    seconds: t.seconds,
+                    finished: t.finished,
                     rule_lines: Some(tx.lines().count()),
                     ..Default::default()
                 })
@@ -311,14 +428,15 @@ impl<'a> Proxy<'a> {
                 let comment = format!("{}/{}:http", bed::NAMESPACE, bed::service_name(i));
                 let partial = iptables_partial(&self.rules, &after, &comment)?;
                 let restore = self.mode.restore();
-                let (took, _) = timed_pipe(bed, restore, &["--noflush"], &partial)?;
-                // What kube-proxy does on a full resync: every chain again.
+                let (t, _) = timed_pipe(bed, restore, &["--noflush"], &partial, self.limit)?;
+                // What kube-proxy's periodic full resync writes: every chain.
                 let full = without_builtin_jumps(&after);
-                let (full_took, _) = timed_pipe(bed, restore, &["--noflush"], &full)?;
+                let (full_t, _) = timed_pipe(bed, restore, &["--noflush"], &full, self.limit)?;
                 self.rules = after;
                 Ok(Change {
-                    seconds: took.as_secs_f64(),
-                    full_restore_seconds: Some(full_took.as_secs_f64()),
+                    seconds: t.seconds,
+                    finished: t.finished,
+                    full_restore: Some(full_t),
                     rule_lines: Some(partial.lines().count()),
                     ..Default::default()
                 })

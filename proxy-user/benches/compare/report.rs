@@ -21,6 +21,13 @@ pub struct Row {
     pub mode: Mode,
     pub install: Install,
     pub change: Change,
+    /// None when the mode's rules could not be loaded within the limit.
+    pub traffic: Option<Traffic>,
+    pub memory: Option<Memory>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Traffic {
     /// New connections to the first and the last service programmed.
     pub crr_first: Option<Rate>,
     pub crr_last: Option<Rate>,
@@ -31,7 +38,18 @@ pub struct Row {
     /// the last service's VIP, or to the pod IP for "no proxy".
     pub rr: Rate,
     pub bulk: Rate,
-    pub memory: Option<Memory>,
+    /// No proxy, measured in the same bed just before the mode was loaded:
+    /// what this mode's figures are rated against (machine drift over a
+    /// long run stays out of the ratios). None for "no proxy" itself.
+    pub baseline: Option<Baseline>,
+}
+
+/// The no-proxy limit next to one mode's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Baseline {
+    pub crr: Rate,
+    pub rr: Rate,
+    pub bulk: Rate,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,6 +87,15 @@ fn seconds(s: f64) -> String {
     }
 }
 
+/// A duration, or "> limit" for a restore stopped at the limit.
+fn limited(s: f64, finished: bool) -> String {
+    if finished {
+        seconds(s)
+    } else {
+        format!("> {} (stopped)", seconds(s))
+    }
+}
+
 fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let _ = writeln!(
@@ -103,14 +130,41 @@ impl Report {
         self.rows.iter().find(|r| r.services == n && r.mode == mode)
     }
 
-    /// `value (ratio to the no-proxy figure at n)`.
-    fn rated(&self, n: u32, v: Option<f64>, limit: impl Fn(&Row) -> f64) -> String {
-        let Some(v) = v else { return "–".into() };
-        let base = self.row(n, Mode::NoProxy).map(limit).unwrap_or(0.0);
-        if base > 0.0 {
-            format!("{} ({:.2})", thousands(v), v / base)
-        } else {
+    fn traffic(&self, n: u32, mode: Mode) -> Option<&Traffic> {
+        self.row(n, mode)?.traffic.as_ref()
+    }
+
+    /// `value (ratio to the no-proxy limit)` of mode `m` at `n`, with
+    /// `digits` decimals: the limit measured in the mode's own bed, else
+    /// the no-proxy row's.
+    fn rated(
+        &self,
+        n: u32,
+        m: Mode,
+        value: fn(&Traffic) -> Option<f64>,
+        limit: fn(&Baseline) -> f64,
+        digits: usize,
+    ) -> String {
+        let Some(t) = self.traffic(n, m) else {
+            return "–".into();
+        };
+        let Some(v) = value(t) else { return "–".into() };
+        let shown = if digits == 0 {
             thousands(v)
+        } else {
+            format!("{v:.digits$}")
+        };
+        let base = t.baseline.as_ref().map(limit).or_else(|| {
+            let np = self.traffic(n, Mode::NoProxy)?;
+            Some(limit(&Baseline {
+                crr: np.crr_pod.clone(),
+                rr: np.rr.clone(),
+                bulk: np.bulk.clone(),
+            }))
+        });
+        match base {
+            Some(b) if b > 0.0 => format!("{shown} ({:.2})", v / b),
+            _ => shown,
         }
     }
 
@@ -121,7 +175,8 @@ impl Report {
             out,
             "`{}` on {}, {}; {} run(s) of {:.1} s per figure, the median run shown. \
              10 endpoints per service. Ratios (in brackets) are to the no-proxy limit \
-             measured at the same size in the same run.\n",
+             (the client talking to a backend pod directly), measured in the same bed \
+             just before the mode was loaded.\n",
             self.command, self.machine, self.date, self.runs, self.seconds_per_run
         );
         for (mode, why) in &self.unavailable {
@@ -132,37 +187,37 @@ impl Report {
                 .chain(modes.iter().map(|m| m.label().to_string()))
                 .collect::<Vec<_>>()
         };
-        let crr_limit = |r: &Row| r.crr_pod.rate;
-
-        out.push_str("**New connections per second** (TCP_CRR: connect, 1-byte request and response, close) to the first / the last service programmed\n\n");
+        let crr_limit: fn(&Baseline) -> f64 = |b| b.crr.rate;
         let mut header = vec!["services".to_string(), "no proxy (pod IP)".into()];
         header.extend(modes.iter().map(|m| m.label().to_string()));
-        let rows: Vec<Vec<String>> = sizes
-            .iter()
-            .map(|&n| {
-                let mut r = vec![
-                    thousands(n as f64),
-                    self.row(n, Mode::NoProxy)
-                        .map_or("–".into(), |r| thousands(r.crr_pod.rate)),
-                ];
-                for &m in &modes {
-                    let row = self.row(n, m);
-                    let first = row.and_then(|r| r.crr_first.as_ref()).map(|x| x.rate);
-                    let last = row.and_then(|r| r.crr_last.as_ref()).map(|x| x.rate);
-                    r.push(format!(
-                        "{} / {}",
-                        self.rated(n, first, crr_limit),
-                        self.rated(n, last, crr_limit)
-                    ));
-                }
-                r
-            })
-            .collect();
+        let per_size = |cell: &dyn Fn(u32, Mode) -> String, base: &dyn Fn(u32) -> String| {
+            sizes
+                .iter()
+                .map(|&n| {
+                    let mut r = vec![thousands(n as f64), base(n)];
+                    r.extend(modes.iter().map(|&m| cell(n, m)));
+                    r
+                })
+                .collect::<Vec<_>>()
+        };
+        let base_of = |f: fn(&Traffic) -> String| {
+            move |n: u32| self.traffic(n, Mode::NoProxy).map_or("–".into(), f)
+        };
+
+        out.push_str("**New connections per second** (TCP_CRR: connect, 1-byte request and response, close) to the first / the last service programmed\n\n");
+        let rows = per_size(
+            &|n, m| {
+                format!(
+                    "{} / {}",
+                    self.rated(n, m, |t| Some(t.crr_first.as_ref()?.rate), crr_limit, 0),
+                    self.rated(n, m, |t| Some(t.crr_last.as_ref()?.rate), crr_limit, 0)
+                )
+            },
+            &base_of(|t| thousands(t.crr_pod.rate)),
+        );
         table(&mut out, &header, &rows);
 
         out.push_str("**Latency of one new connection** to the last service, p50 / p99 (µs)\n\n");
-        let mut header = vec!["services".to_string(), "no proxy (pod IP)".into()];
-        header.extend(modes.iter().map(|m| m.label().to_string()));
         let lat = |r: Option<&Rate>| {
             r.map_or("–".into(), |r| {
                 format!(
@@ -172,66 +227,34 @@ impl Report {
                 )
             })
         };
-        let rows: Vec<Vec<String>> = sizes
-            .iter()
-            .map(|&n| {
-                let mut r = vec![
-                    thousands(n as f64),
-                    lat(self.row(n, Mode::NoProxy).map(|r| &r.crr_pod)),
-                ];
-                for &m in &modes {
-                    r.push(lat(self.row(n, m).and_then(|r| r.crr_last.as_ref())));
-                }
-                r
-            })
-            .collect();
+        let rows = per_size(
+            &|n, m| lat(self.traffic(n, m).and_then(|t| t.crr_last.as_ref())),
+            &|n| lat(self.traffic(n, Mode::NoProxy).map(|t| &t.crr_pod)),
+        );
         table(&mut out, &header, &rows);
 
         out.push_str("**Traffic that is not for a service** with the mode loaded: new connections per second to a pod IP\n\n");
-        let rows: Vec<Vec<String>> = sizes
-            .iter()
-            .map(|&n| {
-                let mut r = vec![thousands(n as f64)];
-                for &m in &modes {
-                    let v = self.row(n, m).map(|r| r.crr_pod.rate);
-                    r.push(self.rated(n, v, crr_limit));
-                }
-                r
-            })
-            .collect();
-        table(&mut out, &with_modes("services"), &rows);
-
-        out.push_str("**Established flows** through the last service: request/response round trips per second (TCP_RR) / bulk throughput (Gbit/s)\n\n");
-        let mut header = vec!["services".to_string(), "no proxy (pod IP)".into()];
-        header.extend(modes.iter().map(|m| m.label().to_string()));
-        let rows: Vec<Vec<String>> = sizes
-            .iter()
-            .map(|&n| {
-                let base = self.row(n, Mode::NoProxy);
-                let mut r = vec![
-                    thousands(n as f64),
-                    base.map_or("–".into(), |b| {
-                        format!("{} / {:.1}", thousands(b.rr.rate), b.bulk.rate)
-                    }),
-                ];
-                for &m in &modes {
-                    r.push(self.row(n, m).map_or("–".into(), |row| {
-                        let (rr0, bulk0) = base.map_or((0.0, 0.0), |b| (b.rr.rate, b.bulk.rate));
-                        format!(
-                            "{} ({:.2}) / {:.1} ({:.2})",
-                            thousands(row.rr.rate),
-                            row.rr.rate / rr0,
-                            row.bulk.rate,
-                            row.bulk.rate / bulk0
-                        )
-                    }));
-                }
-                r
-            })
-            .collect();
+        let rows = per_size(
+            &|n, m| self.rated(n, m, |t| Some(t.crr_pod.rate), crr_limit, 0),
+            &base_of(|t| thousands(t.crr_pod.rate)),
+        );
         table(&mut out, &header, &rows);
 
-        out.push_str("**Programming** from nothing to all services (iptables-restore / nft -f of the whole ruleset; kpx: its first sync, of which map writes in brackets, and from the agent's start to the last service in the maps)\n\n");
+        out.push_str("**Established flow** through the last service: request/response round trips per second (TCP_RR)\n\n");
+        let rows = per_size(
+            &|n, m| self.rated(n, m, |t| Some(t.rr.rate), |b| b.rr.rate, 0),
+            &base_of(|t| thousands(t.rr.rate)),
+        );
+        table(&mut out, &header, &rows);
+
+        out.push_str("**Bulk throughput** through the last service (one TCP stream, Gbit/s)\n\n");
+        let rows = per_size(
+            &|n, m| self.rated(n, m, |t| Some(t.bulk.rate), |b| b.bulk.rate, 1),
+            &base_of(|t| format!("{:.1}", t.bulk.rate)),
+        );
+        table(&mut out, &header, &rows);
+
+        out.push_str("**Programming** from nothing to all services (`iptables-restore --noflush` as kube-proxy runs it, or `nft -f`, of the whole ruleset, stopped at the time limit; kpx: its first sync, of which map writes in brackets, and from the agent's start to the last service in the maps)\n\n");
         let rows: Vec<Vec<String>> = sizes
             .iter()
             .map(|&n| {
@@ -246,12 +269,23 @@ impl Report {
                                 seconds(w),
                                 seconds(ready)
                             ),
-                            _ => format!(
-                                "{} ({} lines, {:.0} MiB peak)",
-                                seconds(i.seconds),
-                                thousands(i.rule_lines.unwrap_or(0) as f64),
-                                i.tool_peak_rss_mib.unwrap_or(0.0)
-                            ),
+                            _ => {
+                                let mut cell = format!(
+                                    "{} ({} lines, {:.0} MiB peak)",
+                                    limited(i.seconds, i.finished),
+                                    thousands(i.rule_lines.unwrap_or(0) as f64),
+                                    i.tool_peak_rss_mib.unwrap_or(0.0)
+                                );
+                                if let Some(f) = i.fallback_seconds {
+                                    let how = if m == Mode::Nftables {
+                                        "in 40k-command transactions"
+                                    } else {
+                                        "by a flushing restore"
+                                    };
+                                    let _ = write!(cell, "; loaded {how} in {}", seconds(f));
+                                }
+                                cell
+                            }
                         }
                     }));
                 }
@@ -276,10 +310,14 @@ impl Report {
                                 c.map_writes.unwrap_or(0),
                                 seconds(e2e)
                             )
-                        } else if let Some(full) = c.full_restore_seconds {
-                            format!("{} ({})", seconds(c.seconds), seconds(full))
+                        } else if let Some(full) = c.full_restore {
+                            format!(
+                                "{} ({})",
+                                limited(c.seconds, c.finished),
+                                limited(full.seconds, full.finished)
+                            )
                         } else {
-                            seconds(c.seconds)
+                            limited(c.seconds, c.finished)
                         }
                     }));
                 }
@@ -369,10 +407,11 @@ impl Report {
         };
 
         let crr = |r: &Row| {
+            let t = r.traffic.as_ref()?;
             if r.mode == Mode::NoProxy {
-                Some(r.crr_pod.rate)
+                Some(t.crr_pod.rate)
             } else {
-                r.crr_last.as_ref().map(|x| x.rate)
+                t.crr_last.as_ref().map(|x| x.rate)
             }
         };
         let mut all = vec![Mode::NoProxy];
