@@ -181,3 +181,76 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|d| Path::new(d).join(program))
         .find(|p| p.exists())
 }
+
+/// Sorted lines of a saved ruleset, without comments (dates) and trailing commas.
+fn normalized(saved: &str) -> Vec<String> {
+    let mut lines: Vec<String> = saved
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.trim().trim_end_matches(',').to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// What the benchmark times for the references' endpoint change: kube-proxy's
+/// partial `iptables-restore` and its nftables transaction, applied to the
+/// old rules, leave exactly the rules a full load of the new ones gives.
+#[test]
+fn incremental_updates_leave_what_a_full_load_gives() {
+    use kpx::reference::incremental::{self, ChangedPort};
+    let Some(old) = bed::cluster(&[]) else { return };
+    let Some(new) = bed::cluster(&[]) else { return };
+    let ex = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster.yaml");
+    let text = std::fs::read_to_string(&ex).unwrap();
+    // One endpoint of shop/web (both its ports) replaced.
+    assert_eq!(text.matches("\"198.18.1.10\"").count(), 1);
+    let changed = old.workdir.join("changed.yaml");
+    std::fs::write(&changed, text.replace("\"198.18.1.10\"", "\"198.18.1.99\"")).unwrap();
+    let ports = ["http", "dns"].map(|port| ChangedPort {
+        namespace: "shop",
+        name: "web",
+        proto: if port == "dns" { "udp" } else { "tcp" },
+        port,
+    });
+
+    let (before, after) = (rules(&ex, "iptables"), rules(&changed, "iptables"));
+    run_in(&old.node, "iptables-nft-restore", &["--noflush"], &before);
+    for p in ports {
+        let partial = incremental::iptables_partial(&before, &after, p).unwrap();
+        assert!(partial.contains("198.18.1.99") && partial.contains("-X KUBE-SEP-"));
+        run_in(&old.node, "iptables-nft-restore", &["--noflush"], &partial);
+    }
+    run_in(&new.node, "iptables-nft-restore", &["--noflush"], &after);
+    let save =
+        |c: &kpx::testbed::Cluster| normalized(&run_in(&c.node, "iptables-nft-save", &[], ""));
+    let (patched, fresh) = (save(&old), save(&new));
+    assert!(fresh.iter().any(|l| l.contains("198.18.1.99")));
+    assert_eq!(patched, fresh, "partial restores differ from a full load");
+
+    let (before, after) = (rules(&ex, "nftables"), rules(&changed, "nftables"));
+    run_in(&old.node, "nft", &["-f", "-"], &before);
+    for p in ports {
+        let tx = incremental::nftables_partial(&before, &after, p);
+        assert!(
+            tx.contains("198.18.1.99") && tx.contains("delete chain"),
+            "{tx}"
+        );
+        run_in(&old.node, "nft", &["-f", "-"], &tx);
+    }
+    run_in(&new.node, "nft", &["-f", "-"], &after);
+    let list = |c: &kpx::testbed::Cluster| {
+        normalized(&run_in(
+            &c.node,
+            "nft",
+            &["list", "table", "ip", "kube-proxy"],
+            "",
+        ))
+    };
+    assert_eq!(
+        list(&old),
+        list(&new),
+        "the nftables transactions differ from a full load"
+    );
+}

@@ -29,8 +29,7 @@ enum Task {
     /// Formatting and clippy, for the workspace and the eBPF crate.
     Lint,
     /// Benchmark kpx against kube-proxy's iptables and nftables modes
-    /// (needs root): results in target/bench/. The full run also measures
-    /// the control plane's convergence from an API change to the maps.
+    /// (needs root): results in target/bench/.
     Bench {
         /// About a minute: 1 and 1,000 services, one short run per figure.
         #[arg(long)]
@@ -126,11 +125,7 @@ fn main() -> Result<()> {
                 cmd.push("--quick");
             }
             cmd.extend(args.iter().map(String::as_str));
-            cargo(&cmd)?;
-            if quick {
-                return Ok(());
-            }
-            cargo(&["bench", "--package", "proxy-user", "--bench", "convergence"])
+            cargo(&cmd)
         }
     }
 }

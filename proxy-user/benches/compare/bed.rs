@@ -77,9 +77,9 @@ pub fn slice(i: u32, replace: Option<(u32, Ipv4Addr)>) -> Value {
     })
 }
 
-/// An address outside the endpoint pool, for the endpoint-change step.
-pub fn fresh_endpoint(n: u32) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 1, (n % 200) as u8 + 1)
+/// The `r`th address outside the endpoint pool, for the endpoint changes.
+pub fn fresh_endpoint(r: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be_bytes([198, 18, 1, 1]) + r % 3000)
 }
 
 pub struct Bed {

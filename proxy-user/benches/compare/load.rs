@@ -2,8 +2,10 @@
 //! netperf's TCP_CRR, TCP_RR and TCP_STREAM.
 //!
 //! The generator runs on one thread that joins the client pod's namespace
-//! and is pinned to CPU 0; the servers are pinned to CPU 1. One connection
-//! at a time, so each server handles its connections in turn.
+//! and is pinned to CPU 0, and so are the servers: one connection at a time,
+//! client and server take turns on one core (across two cores every packet
+//! would also cost a cross-CPU wake-up, noise that is not the proxy's), and
+//! each server handles its connections in turn.
 //!
 //! Protocol, by a connection's first byte: `C` is answered with one byte and
 //! the server closes (so TIME_WAIT stays on the servers and the client's
@@ -27,6 +29,7 @@ use anyhow::{bail, Context as _, Result};
 use kpx::testbed::Netns;
 use serde::Serialize;
 
+/// Client and servers share a core (see above).
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 0;
 
@@ -184,6 +187,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
     sorted.get(i).map(|d| d.as_secs_f64() * 1e6)
 }
 
+impl Rate {
+    /// Transactions per second and latency percentiles of one run.
+    fn of(mut lat: Vec<Duration>, took: Duration, errors: u64) -> Self {
+        lat.sort_unstable();
+        Self {
+            rate: lat.len() as f64 / took.as_secs_f64(),
+            p50_us: percentile(&lat, 0.5),
+            p99_us: percentile(&lat, 0.99),
+            errors,
+        }
+    }
+}
+
 fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
     let mut lat = Vec::with_capacity(200_000);
     let mut errors = 0u64;
@@ -209,14 +225,7 @@ fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
             bail!("no connection to {to} succeeds");
         }
     }
-    let took = start.elapsed();
-    lat.sort_unstable();
-    Ok(Rate {
-        rate: lat.len() as f64 / took.as_secs_f64(),
-        p50_us: percentile(&lat, 0.5),
-        p99_us: percentile(&lat, 0.99),
-        errors,
-    })
+    Ok(Rate::of(lat, start.elapsed(), errors))
 }
 
 fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
@@ -231,14 +240,7 @@ fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
             .with_context(|| format!("round trip through {to}"))?;
         lat.push(t0.elapsed());
     }
-    let took = start.elapsed();
-    lat.sort_unstable();
-    Ok(Rate {
-        rate: lat.len() as f64 / took.as_secs_f64(),
-        p50_us: percentile(&lat, 0.5),
-        p99_us: percentile(&lat, 0.99),
-        errors: 0,
-    })
+    Ok(Rate::of(lat, start.elapsed(), 0))
 }
 
 fn bulk(to: SocketAddrV4, d: Duration) -> Result<Rate> {

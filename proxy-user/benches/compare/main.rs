@@ -53,6 +53,8 @@ struct Options {
     seconds: f64,
     /// How long one restore or nft transaction may run before it is stopped.
     limit: std::time::Duration,
+    /// kpx: endpoint changes timed per size (the references: one each).
+    changes: u32,
 }
 
 fn options() -> Result<Options> {
@@ -65,10 +67,16 @@ fn options() -> Result<Options> {
         } else {
             vec![1, 1000, 10_000, 50_000]
         },
-        modes: vec![Mode::IptablesNft, Mode::IptablesLegacy, Mode::Nftables, Mode::Kpx],
+        modes: vec![
+            Mode::IptablesNft,
+            Mode::IptablesLegacy,
+            Mode::Nftables,
+            Mode::Kpx,
+        ],
         runs: if quick { 1 } else { 3 },
         seconds: if quick { 0.7 } else { 2.0 },
         limit: std::time::Duration::from_secs(if quick { 30 } else { 120 }),
+        changes: if quick { 5 } else { 50 },
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -210,7 +218,9 @@ fn no_proxy(n: u32, o: &Options, p: &Progress) -> Result<Row> {
     p.say(format!("N={n}: no proxy: building the bed"));
     let bed = Bed::new(n)?;
     let (c, pod) = (bed.client(), bed.pod_ip());
-    p.say(format!("N={n}: no proxy: new connections, round trips and bulk to {pod}"));
+    p.say(format!(
+        "N={n}: no proxy: new connections, round trips and bulk to {pod}"
+    ));
     let t = Traffic {
         crr_first: None,
         crr_last: None,
@@ -245,7 +255,7 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
         bulk: load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?,
     };
     say("programming from nothing".into());
-    let (mut proxy, install) = Proxy::install(&mut bed, mode, kpx, o.limit)
+    let (mut proxy, install) = Proxy::install(&mut bed, mode, kpx, o.limit, o.changes)
         .with_context(|| format!("programming {} at {n} services", mode.label()))?;
     if !install.loaded {
         say(format!(

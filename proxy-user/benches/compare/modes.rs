@@ -13,7 +13,6 @@
 //! computation excluded (it favours them).
 
 use std::{
-    collections::{BTreeSet, HashMap},
     io::Write as _,
     net::Ipv4Addr,
     path::Path,
@@ -22,7 +21,13 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use kpx::{datapath::MapSet, model::FrontendKey, sync::service_key, testbed::Cluster};
+use kpx::{
+    datapath::MapSet,
+    model::FrontendKey,
+    reference::incremental::{self, ChangedPort},
+    sync::service_key,
+    testbed::Cluster,
+};
 use proxy_common::{wire, SlotKey, IPPROTO_TCP};
 use serde::Serialize;
 
@@ -113,6 +118,9 @@ pub struct Change {
     pub writes_seconds: Option<f64>,
     /// kpx: from the API server's change to the new endpoint selectable.
     pub end_to_end_seconds: Option<f64>,
+    pub end_to_end_p99_seconds: Option<f64>,
+    /// kpx: how many changes the figures are medians of (the references: 1).
+    pub samples: u32,
     /// kpx: map writes the change took.
     pub map_writes: Option<u64>,
     /// The references: lines in the incremental restore or transaction.
@@ -133,6 +141,8 @@ pub struct Proxy<'a> {
     rules: String,
     /// How long one restore or transaction may take before it is stopped.
     limit: Duration,
+    /// kpx: how many endpoint changes to time.
+    changes: u32,
 }
 
 fn node_args(c: &Cluster) -> Vec<String> {
@@ -288,12 +298,14 @@ impl<'a> Proxy<'a> {
         mode: Mode,
         kpx: &'a Path,
         limit: Duration,
+        changes: u32,
     ) -> Result<(Self, Install)> {
         let mut proxy = Self {
             mode,
             kpx,
             rules: String::new(),
             limit,
+            changes,
         };
         let install = match mode {
             Mode::NoProxy => Install::default(),
@@ -387,37 +399,22 @@ impl<'a> Proxy<'a> {
     /// Replaces the last endpoint of service `bed.changed()` and programs it.
     pub fn change(&mut self, bed: &Bed) -> Result<Change> {
         let i = bed.changed();
-        let fresh = bed::fresh_endpoint(bed.n);
+        let fresh = bed::fresh_endpoint(0);
         let new_slice = bed::slice(i, Some((bed::ENDPOINTS - 1, fresh)));
+        let name = bed::service_name(i);
         match self.mode {
             Mode::NoProxy => Ok(Change::default()),
-            Mode::Kpx => {
-                let maps = MapSet::open_pinned(&bed.cluster.bpffs())?;
-                let syncs = sync_lines(&bed.cluster.agent_log()).len();
-                let t0 = Instant::now();
-                bed.api.apply(new_slice)?;
-                spin(Duration::from_secs(60), || selects(&maps, i, Some(fresh)))
-                    .ok_or_else(|| anyhow!("the change never reached the maps"))?;
-                let e2e = t0.elapsed();
-                let sync = wait_sync_line(&bed.cluster, syncs)?;
-                Ok(Change {
-                    seconds: sync.took.as_secs_f64(),
-                    finished: true,
-                    writes_seconds: Some(sync.writing.as_secs_f64()),
-                    end_to_end_seconds: Some(e2e.as_secs_f64()),
-                    map_writes: Some(sync.writes),
-                    ..Default::default()
-                })
-            }
+            Mode::Kpx => self.kpx_changes(bed),
             Mode::Nftables => {
                 bed.api.apply(new_slice)?;
                 let after = render(bed, self.mode, self.kpx)?;
-                let tx = nft_incremental(&self.rules, &after, &svc_marker_nft(i));
+                let tx = incremental::nftables_partial(&self.rules, &after, changed_port(&name));
                 let (t, _) = timed_pipe(bed, "nft", &["-f", "-"], &tx, self.limit)?;
                 self.rules = after;
                 Ok(Change {
                     seconds: t.seconds,
                     finished: t.finished,
+                    samples: 1,
                     rule_lines: Some(tx.lines().count()),
                     ..Default::default()
                 })
@@ -425,23 +422,69 @@ impl<'a> Proxy<'a> {
             Mode::IptablesNft | Mode::IptablesLegacy => {
                 bed.api.apply(new_slice)?;
                 let after = render(bed, self.mode, self.kpx)?;
-                let comment = format!("{}/{}:http", bed::NAMESPACE, bed::service_name(i));
-                let partial = iptables_partial(&self.rules, &after, &comment)?;
+                let partial =
+                    incremental::iptables_partial(&self.rules, &after, changed_port(&name))
+                        .map_err(|e| anyhow!(e))?;
                 let restore = self.mode.restore();
                 let (t, _) = timed_pipe(bed, restore, &["--noflush"], &partial, self.limit)?;
                 // What kube-proxy's periodic full resync writes: every chain.
-                let full = without_builtin_jumps(&after);
+                let full = incremental::without_builtin_jumps(&after);
                 let (full_t, _) = timed_pipe(bed, restore, &["--noflush"], &full, self.limit)?;
                 self.rules = after;
                 Ok(Change {
                     seconds: t.seconds,
                     finished: t.finished,
+                    samples: 1,
                     full_restore: Some(full_t),
                     rule_lines: Some(partial.lines().count()),
                     ..Default::default()
                 })
             }
         }
+    }
+
+    /// `self.changes` endpoint changes, each one endpoint of another
+    /// service, spaced past the agent's --min-sync-period so each is synced
+    /// alone: medians, and the end-to-end p99.
+    fn kpx_changes(&self, bed: &Bed) -> Result<Change> {
+        let maps = MapSet::open_pinned(&bed.cluster.bpffs())?;
+        let mut samples = Vec::new();
+        for r in 0..self.changes.max(1) {
+            let i = if r == 0 {
+                bed.changed()
+            } else {
+                (r * 7919) % bed.n
+            };
+            let fresh = bed::fresh_endpoint(r);
+            std::thread::sleep(Duration::from_millis(150));
+            let syncs = sync_lines(&bed.cluster.agent_log()).len();
+            let t0 = Instant::now();
+            bed.api
+                .apply(bed::slice(i, Some((bed::ENDPOINTS - 1, fresh))))?;
+            spin(Duration::from_secs(60), || selects(&maps, i, Some(fresh)))
+                .ok_or_else(|| anyhow!("change {r} never reached the maps"))?;
+            let e2e = t0.elapsed();
+            samples.push((wait_sync_line(&bed.cluster, syncs)?, e2e));
+        }
+        let median = |f: &dyn Fn(&(SyncLine, Duration)) -> Duration| {
+            let mut v: Vec<Duration> = samples.iter().map(f).collect();
+            v.sort();
+            v[v.len() / 2].as_secs_f64()
+        };
+        let mut e2e: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+        e2e.sort();
+        Ok(Change {
+            seconds: median(&|s| s.0.took),
+            finished: true,
+            writes_seconds: Some(median(&|s| s.0.writing)),
+            end_to_end_seconds: Some(median(&|s| s.1)),
+            end_to_end_p99_seconds: e2e
+                .get(((e2e.len() - 1) as f64 * 0.99).round() as usize)
+                .map(Duration::as_secs_f64),
+            map_writes: samples.first().map(|s| s.0.writes),
+            samples: samples.len() as u32,
+            ..Default::default()
+        })
     }
 
     pub fn memory(&self, bed: &Bed) -> Result<Option<Memory>> {
@@ -458,6 +501,16 @@ impl<'a> Proxy<'a> {
             agent_rss_mib: rss_kib(pid)? as f64 / 1024.0,
             map_bytes: map_bytes(&bed.cluster.bpffs())?,
         }))
+    }
+}
+
+/// The bed's service port `name`/http.
+fn changed_port(name: &str) -> ChangedPort<'_> {
+    ChangedPort {
+        namespace: bed::NAMESPACE,
+        name,
+        proto: "tcp",
+        port: "http",
     }
 }
 
@@ -596,147 +649,4 @@ fn map_bytes(dir: &Path) -> Result<u64> {
             .with_context(|| format!("no memlock for {name}"))?;
     }
     Ok(total)
-}
-
-// --- the references' incremental updates ------------------------------------
-
-/// `ns/name/tcp/port` inside the nftables chain names of a service port.
-fn svc_marker_nft(i: u32) -> String {
-    format!("{}/{}/tcp/http", bed::NAMESPACE, bed::service_name(i))
-}
-
-/// kube-proxy nftables mode's transaction for one changed service: its
-/// chains re-created and refilled, its map elements re-added, endpoint
-/// chains it no longer uses deleted.
-fn nft_incremental(before: &str, after: &str, marker: &str) -> String {
-    let endpoint_chains = |script: &str| -> BTreeSet<String> {
-        script
-            .lines()
-            .filter_map(|l| l.strip_prefix("add chain ip kube-proxy "))
-            .filter(|c| c.starts_with("endpoint-") && c.contains(marker))
-            .map(|c| c.trim().to_string())
-            .collect()
-    };
-    let mut tx: String = after
-        .lines()
-        .filter(|l| l.contains(marker))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    for gone in endpoint_chains(before).difference(&endpoint_chains(after)) {
-        tx.push_str(&format!("delete chain ip kube-proxy {gone}\n"));
-    }
-    tx
-}
-
-/// The rules without the `-I` jumps from the built-in chains, which
-/// kube-proxy ensures once, outside its restores (re-inserting them would
-/// duplicate them).
-fn without_builtin_jumps(rules: &str) -> String {
-    rules
-        .lines()
-        .filter(|l| !l.starts_with("-I "))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-/// Per-service nat chains (kube-proxy skips unchanged ones in a partial sync).
-fn per_service(chain: &str) -> bool {
-    [
-        "KUBE-SVC-",
-        "KUBE-SEP-",
-        "KUBE-SVL-",
-        "KUBE-EXT-",
-        "KUBE-FW-",
-    ]
-    .iter()
-    .any(|p| chain.starts_with(p))
-}
-
-/// A nat table: each chain's rules, in order.
-fn nat_chains(rules: &str) -> Result<Vec<(String, Vec<String>)>> {
-    let nat = rules
-        .split("*nat\n")
-        .nth(1)
-        .and_then(|t| t.split("COMMIT").next())
-        .context("no nat table in the rules")?;
-    let mut order: Vec<(String, Vec<String>)> = Vec::new();
-    let mut index = HashMap::new();
-    for l in nat.lines() {
-        if let Some(decl) = l.strip_prefix(':') {
-            let name = decl.split_whitespace().next().unwrap_or("").to_string();
-            index.insert(name.clone(), order.len());
-            order.push((name, Vec::new()));
-        } else if let Some(rule) = l.strip_prefix("-A ") {
-            let chain = rule.split_whitespace().next().unwrap_or("");
-            if let Some(&k) = index.get(chain) {
-                order[k].1.push(l.to_string());
-            }
-        }
-    }
-    Ok(order)
-}
-
-/// The chains reached from the rules of `roots` through `-j`, transitively.
-fn reached(chains: &[(String, Vec<String>)], roots: &[&str], comment: &str) -> BTreeSet<String> {
-    let rules: HashMap<&str, &Vec<String>> = chains.iter().map(|(n, r)| (n.as_str(), r)).collect();
-    let jump = |r: &str| {
-        r.split_once(" -j ")
-            .map(|(_, t)| t.split_whitespace().next().unwrap_or("").to_string())
-    };
-    let mut todo: Vec<String> = roots
-        .iter()
-        .flat_map(|root| rules.get(root).into_iter().flat_map(|r| r.iter()))
-        .filter(|r| r.contains(comment))
-        .filter_map(|r| jump(r))
-        .filter(|t| per_service(t))
-        .collect();
-    let mut seen = BTreeSet::new();
-    while let Some(c) = todo.pop() {
-        if !seen.insert(c.clone()) {
-            continue;
-        }
-        for r in rules.get(c.as_str()).into_iter().flat_map(|r| r.iter()) {
-            if let Some(t) = jump(r).filter(|t| per_service(t)) {
-                todo.push(t);
-            }
-        }
-    }
-    seen
-}
-
-/// kube-proxy's partial restore after one service changed: the filter
-/// table and the nat table's top-level chains in full, the changed
-/// service's chains rewritten, its stale endpoint chains deleted.
-fn iptables_partial(before: &str, after: &str, comment: &str) -> Result<String> {
-    let filter = after
-        .split("*nat\n")
-        .next()
-        .context("no filter table in the rules")?;
-    let roots = ["KUBE-SERVICES", "KUBE-NODEPORTS"];
-    let chains = nat_chains(after)?;
-    let changed = reached(&chains, &roots, comment);
-    if changed.is_empty() {
-        bail!("no chain of {comment} in the rules");
-    }
-    let old = reached(&nat_chains(before)?, &roots, comment);
-    // Stale chains are declared (so flushed) with the others, then deleted.
-    let gone: Vec<&String> = old.difference(&changed).collect();
-    let mut out = without_builtin_jumps(filter);
-    out.push_str("*nat\n");
-    let keep = |n: &str| !per_service(n) || changed.contains(n);
-    let kept = || chains.iter().filter(|(n, _)| keep(n));
-    for name in kept().map(|(n, _)| n).chain(gone.iter().copied()) {
-        out.push_str(&format!(":{name} - [0:0]\n"));
-    }
-    for (_, rules) in kept() {
-        for r in rules {
-            out.push_str(r);
-            out.push('\n');
-        }
-    }
-    for g in &gone {
-        out.push_str(&format!("-X {g}\n"));
-    }
-    out.push_str("COMMIT\n");
-    Ok(out)
 }

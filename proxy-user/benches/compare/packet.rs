@@ -137,28 +137,26 @@ fn key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
 /// Mean ns of an established original-direction packet and of a reply.
 fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
     let backend = "198.18.200.1";
-    {
-        let ct = &mut dp.maps.conntrack;
-        ct.insert(
+    let (dst, src) = (CT_F_REWRITE_DST, CT_F_REWRITE_SRC);
+    for (k, v) in [
+        (
             key(CLIENT, 45000, vip, 80),
-            entry(CT_F_REWRITE_DST, CT_DIR_ORIGINAL, backend, 8080),
-            0,
-        )?;
-        ct.insert(
+            entry(dst, CT_DIR_ORIGINAL, backend, 8080),
+        ),
+        (
             key(CLIENT, 45000, backend, 8080),
-            entry(CT_F_REWRITE_DST, CT_DIR_ORIGINAL, vip, 80),
-            0,
-        )?;
-        ct.insert(
+            entry(dst, CT_DIR_ORIGINAL, vip, 80),
+        ),
+        (
             key(backend, 8080, CLIENT, 45000),
-            entry(CT_F_REWRITE_SRC, CT_DIR_REPLY, vip, 80),
-            0,
-        )?;
-        ct.insert(
+            entry(src, CT_DIR_REPLY, vip, 80),
+        ),
+        (
             key(vip, 80, CLIENT, 45000),
-            entry(CT_F_REWRITE_SRC, CT_DIR_REPLY, backend, 8080),
-            0,
-        )?;
+            entry(src, CT_DIR_REPLY, backend, 8080),
+        ),
+    ] {
+        dp.maps.conntrack.insert(k, v, 0)?;
     }
     let prog = dp.ingress()?;
     let est = repeat_ns(prog, &Pkt::new(CLIENT, 45000, vip, 80, ACK).build(), repeat)?;

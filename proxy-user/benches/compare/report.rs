@@ -5,7 +5,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::Result;
-use plotters::prelude::*;
+use plotters::{coord::Shift, prelude::*};
 use serde::Serialize;
 
 use crate::{
@@ -148,7 +148,9 @@ impl Report {
         let Some(t) = self.traffic(n, m) else {
             return "–".into();
         };
-        let Some(v) = value(t) else { return "–".into() };
+        let Some(v) = value(t) else {
+            return "–".into();
+        };
         let shown = if digits == 0 {
             thousands(v)
         } else {
@@ -294,7 +296,7 @@ impl Report {
             .collect();
         table(&mut out, &with_modes("services"), &rows);
 
-        out.push_str("**One endpoint change** at that size (iptables: kube-proxy's partial restore, full restore in brackets; nftables: the incremental transaction; kpx: its sync, map writes in brackets, and from the API change to the maps)\n\n");
+        out.push_str("**One endpoint change** at that size (iptables: kube-proxy's partial restore, full restore in brackets; nftables: the incremental transaction; kpx: medians over many changes of its sync, map writes in brackets, and of the time from the API change to the maps)\n\n");
         let rows: Vec<Vec<String>> = sizes
             .iter()
             .map(|&n| {
@@ -304,11 +306,13 @@ impl Report {
                         let c = &row.change;
                         if let (Some(w), Some(e2e)) = (c.writes_seconds, c.end_to_end_seconds) {
                             format!(
-                                "{} ({}, {} writes); {} end to end",
+                                "{} ({}, {} writes); {} end to end, p99 {} ({} changes)",
                                 seconds(c.seconds),
                                 seconds(w),
                                 c.map_writes.unwrap_or(0),
-                                seconds(e2e)
+                                seconds(e2e),
+                                seconds(c.end_to_end_p99_seconds.unwrap_or(e2e)),
+                                c.samples
                             )
                         } else if let Some(full) = c.full_restore {
                             format!(
@@ -414,81 +418,85 @@ impl Report {
                 t.crr_last.as_ref().map(|x| x.rate)
             }
         };
-        let mut all = vec![Mode::NoProxy];
-        all.extend(self.modes());
-        let ymax = all
-            .iter()
-            .flat_map(|&m| series(m, &crr))
-            .map(|p| p.1)
-            .fold(1.0, f64::max)
-            * 1.15;
-        let mut chart = ChartBuilder::on(&left)
-            .caption("New connections/s to the last service", ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0.7f64..xmax).log_scale(), 0f64..ymax)?;
-        chart
-            .configure_mesh()
-            .x_desc("services (10 endpoints each)")
-            .y_desc("connections/s")
-            .x_label_formatter(&|v| thousands(*v))
-            .y_label_formatter(&|v| thousands(*v))
-            .draw()?;
-        for &m in &all {
-            let c = colour(m);
-            chart
-                .draw_series(LineSeries::new(series(m, &crr), c.stroke_width(2)).point_size(4))?
-                .label(m.label())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-
         let install = |r: &Row| (r.mode != Mode::NoProxy).then_some(r.install.seconds);
         let modes = self.modes();
-        let pts: Vec<f64> = modes
-            .iter()
-            .flat_map(|&m| series(m, &install))
-            .map(|p| p.1)
-            .filter(|v| *v > 0.0)
-            .collect();
-        let ymin = pts.iter().copied().fold(1.0, f64::min) / 2.0;
-        let ymax = pts.iter().copied().fold(1e-3, f64::max) * 2.0;
-        let mut chart = ChartBuilder::on(&right)
-            .caption(
-                "Programming all services from nothing (s)",
-                ("sans-serif", 20),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0.7f64..xmax).log_scale(), (ymin..ymax).log_scale())?;
-        chart
-            .configure_mesh()
-            .x_desc("services (10 endpoints each)")
-            .y_desc("seconds")
-            .x_label_formatter(&|v| thousands(*v))
-            .y_label_formatter(&|v| seconds(*v))
-            .draw()?;
-        for &m in &modes {
-            let c = colour(m);
-            chart
-                .draw_series(LineSeries::new(series(m, &install), c.stroke_width(2)).point_size(4))?
-                .label(m.label())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        let lines = |f: &dyn Fn(&Row) -> Option<f64>, with_limit: bool| {
+            let limit = with_limit.then_some(Mode::NoProxy);
+            limit
+                .into_iter()
+                .chain(modes.iter().copied())
+                .map(|m| (m, colour(m), series(m, f)))
+                .collect::<Vec<_>>()
+        };
+        panel(
+            &left,
+            "New connections/s to the last service",
+            "connections/s",
+            xmax,
+            &lines(&crr, true),
+            |v| thousands(v),
+            SeriesLabelPosition::LowerLeft,
+        )?;
+        panel(
+            &right,
+            "Programming all services from nothing",
+            "seconds",
+            xmax,
+            &lines(&install, false),
+            seconds,
+            SeriesLabelPosition::UpperLeft,
+        )?;
         root.present()?;
         Ok(())
     }
+}
+
+type Line = (Mode, RGBColor, Vec<(f64, f64)>);
+
+/// One log-log chart: a line per mode against the number of services.
+fn panel(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    caption: &str,
+    y_desc: &str,
+    xmax: f64,
+    lines: &[Line],
+    y_label: fn(f64) -> String,
+    legend: SeriesLabelPosition,
+) -> Result<()> {
+    let ys = || {
+        lines
+            .iter()
+            .flat_map(|l| l.2.iter().map(|p| p.1))
+            .filter(|v| *v > 0.0)
+    };
+    let low = ys().fold(f64::INFINITY, f64::min);
+    let ymin = if low.is_finite() { low / 2.0 } else { 1.0 };
+    let ymax = ys().fold(ymin * 2.0, f64::max) * 2.0;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(72)
+        .build_cartesian_2d((0.7f64..xmax).log_scale(), (ymin..ymax).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("services (10 endpoints each)")
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| thousands(*v))
+        .y_label_formatter(&|v| y_label(*v))
+        .draw()?;
+    for (mode, c, points) in lines {
+        let c = *c;
+        chart
+            .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)).point_size(4))?
+            .label(mode.label())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }

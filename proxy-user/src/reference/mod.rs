@@ -22,6 +22,7 @@ use crate::{
     model::{Endpoint, ServicePort, Svc},
 };
 
+pub mod incremental;
 pub mod iptables;
 pub mod nftables;
 
