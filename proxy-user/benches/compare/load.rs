@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use kpx::testbed::Netns;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Client and servers share a core (see above).
 const CLIENT_CPU: usize = 0;
@@ -132,7 +132,7 @@ fn handle(mut conn: TcpStream, stop: &AtomicBool) -> std::io::Result<()> {
 }
 
 /// A measured rate, with latencies of the exchange where it has one.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Rate {
     /// Transactions per second (connections, round trips), or Gbit/s for bulk.
     pub rate: f64,

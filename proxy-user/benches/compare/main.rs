@@ -15,7 +15,9 @@
 //! Results go to `target/bench/` (bench.json, bench.md, bench.svg).
 //! Figures, never assertions: a benchmark, not a test. Needs root.
 //!
-//! `--quick`: N = 1 and 1,000, one short run per figure (about a minute).
+//! `--quick`: N = 1 and 1,000, one short run per figure (about 90 s).
+//! `--render target/bench/bench.json`: the tables and chart again from a
+//! run's JSON.
 //! `--sizes 1,1000,...`, `--modes kpx,nftables,...` (of iptables-nft,
 //! iptables-legacy, nftables, kpx), `--runs K`, `--seconds S` (per run)
 //! and `--limit S` (the longest one restore of a reference may take before
@@ -147,6 +149,18 @@ fn machine() -> String {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--render") {
+        // Re-render a run's tables and chart from its JSON.
+        let file = args.get(i + 1).context("--render needs a bench.json")?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        let report: Report =
+            serde_json::from_str(&text).with_context(|| format!("parsing {file}"))?;
+        let dir = Path::new(file).parent().unwrap_or(Path::new("."));
+        report.write(dir)?;
+        println!("{}", report.markdown());
+        return Ok(());
+    }
     let o = options()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -259,7 +273,8 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
         .with_context(|| format!("programming {} at {n} services", mode.label()))?;
     if !install.loaded {
         say(format!(
-            "not loaded within {:.0} s: no traffic measured at this size",
+            "kube-proxy's way stopped at {:.0} s and no other way loaded the rules in time: \
+             no traffic measured at this size",
             install.seconds
         ));
         return Ok(Row {

@@ -29,11 +29,11 @@ use kpx::{
     testbed::Cluster,
 };
 use proxy_common::{wire, SlotKey, IPPROTO_TCP};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bed::{self, Bed};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// The client addresses a backend pod directly; nothing is loaded.
@@ -75,7 +75,7 @@ impl Mode {
 }
 
 /// Programming from nothing to N services.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Install {
     /// iptables-restore --noflush (as kube-proxy runs it) / nft -f wall
     /// time; for kpx its first sync (recompute, plan and map writes), as the
@@ -104,7 +104,7 @@ pub struct Install {
 }
 
 /// One endpoint of one service replaced, at N services.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Change {
     /// What the mode does for it: kpx's sync, kube-proxy's partial
     /// iptables-restore (MinimizeIPTablesRestore, its default since 1.27),
@@ -127,7 +127,7 @@ pub struct Change {
     pub rule_lines: Option<usize>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Memory {
     pub agent_rss_mib: f64,
     /// Kernel memory of all kpx maps (`memlock` of each map's fdinfo).
@@ -186,7 +186,7 @@ fn render(bed: &Bed, mode: Mode, kpx: &Path) -> Result<String> {
 }
 
 /// A restore or transaction that was timed.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Timed {
     pub seconds: f64,
     /// False when it was stopped at the time limit (nothing committed:

@@ -16,7 +16,7 @@ use proxy_common::{
     wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
     IPPROTO_TCP,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::support::{install_service, ip, Pkt, ACK, SYN};
 
@@ -24,7 +24,7 @@ const CLIENT: &str = "198.18.0.2";
 const ENDPOINTS: u32 = 10;
 
 /// Nanoseconds per packet.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PacketCost {
     pub services: u32,
     /// The empty tc program, `repeat` mean: the floor.

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::Result;
 use plotters::{coord::Shift, prelude::*};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     load::Rate,
@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// One mode at one N.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Row {
     pub services: u32,
     pub mode: Mode,
@@ -26,7 +26,7 @@ pub struct Row {
     pub memory: Option<Memory>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Traffic {
     /// New connections to the first and the last service programmed.
     pub crr_first: Option<Rate>,
@@ -45,14 +45,14 @@ pub struct Traffic {
 }
 
 /// The no-proxy limit next to one mode's figures.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Baseline {
     pub crr: Rate,
     pub rr: Rate,
     pub bulk: Rate,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub command: String,
     pub machine: String,
@@ -278,6 +278,9 @@ impl Report {
                                     thousands(i.rule_lines.unwrap_or(0) as f64),
                                     i.tool_peak_rss_mib.unwrap_or(0.0)
                                 );
+                                if !i.loaded {
+                                    cell.push_str("; not loaded another way in time either");
+                                }
                                 if let Some(f) = i.fallback_seconds {
                                     let how = if m == Mode::Nftables {
                                         "in 40k-command transactions"

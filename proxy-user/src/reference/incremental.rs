@@ -9,7 +9,10 @@
 //!   port's own chains rewritten, and its chains that are gone declared
 //!   (flushed) and deleted; every other service's chains are left alone.
 //! - nftables: the changed port's chains re-created, flushed and refilled,
-//!   its map elements re-added, its endpoint chains that are gone deleted.
+//!   its map elements re-added, its endpoint chains and affinity sets that
+//!   are gone deleted.
+//!   A port that gains its first endpoint would also lose its
+//!   `no-endpoint-*` elements; the benchmark's changes never do that.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -171,12 +174,14 @@ pub fn nftables_partial(before: &str, after: &str, port: ChangedPort) -> String 
     // The port's chains end in its base, its endpoint chains go on with
     // "__ip/port"; the service-ips elements name the chain they go to.
     let mine = |word: &str| word.ends_with(&base) || word.contains(&format!("{base}__"));
-    let endpoint_chains = |script: &str| -> BTreeSet<String> {
+    // Per-endpoint objects: endpoint chains and their affinity sets.
+    let endpoint_objects = |script: &str, kind: &str, prefix: &str| -> BTreeSet<String> {
+        let add = format!("add {kind} ip kube-proxy ");
         script
             .lines()
-            .filter_map(|l| l.strip_prefix("add chain ip kube-proxy "))
-            .map(str::trim)
-            .filter(|c| c.starts_with("endpoint-") && mine(c))
+            .filter_map(|l| l.strip_prefix(add.as_str()))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| c.starts_with(prefix) && mine(c))
             .map(str::to_string)
             .collect()
     };
@@ -185,8 +190,15 @@ pub fn nftables_partial(before: &str, after: &str, port: ChangedPort) -> String 
         .filter(|l| l.split_whitespace().any(mine))
         .map(|l| format!("{l}\n"))
         .collect();
-    for gone in endpoint_chains(before).difference(&endpoint_chains(after)) {
-        tx.push_str(&format!("delete chain ip kube-proxy {gone}\n"));
+    // Chains first: a set is deleted once no rule refers to it.
+    for (kind, prefix) in [("chain", "endpoint-"), ("set", "affinity-")] {
+        let (old, new) = (
+            endpoint_objects(before, kind, prefix),
+            endpoint_objects(after, kind, prefix),
+        );
+        for gone in old.difference(&new) {
+            tx.push_str(&format!("delete {kind} ip kube-proxy {gone}\n"));
+        }
     }
     tx
 }
@@ -257,6 +269,7 @@ COMMIT
 add chain ip kube-proxy endpoint-E1-ns/a/tcp/http__198.18.1.1/80
 add chain ip kube-proxy endpoint-E2-ns/a/tcp/http__198.18.1.2/80
 add chain ip kube-proxy service-Y-ns/a/tcp/http2
+add set ip kube-proxy affinity-E2-ns/a/tcp/http__198.18.1.2/80 { type ipv4_addr ; }
 add element ip kube-proxy service-ips { 198.19.0.1 . tcp . 80 : goto service-X-ns/a/tcp/http }
 add rule ip kube-proxy service-Y-ns/a/tcp/http2 jump endpoint-E9-ns/a/tcp/http2__198.18.1.9/80
 ";
@@ -268,8 +281,9 @@ add rule ip kube-proxy service-Y-ns/a/tcp/http2 jump endpoint-E9-ns/a/tcp/http2_
         assert!(tx.contains("add chain ip kube-proxy endpoint-E3-ns/a/tcp/http__198.18.1.3/80\n"));
         assert!(tx.contains("add element ip kube-proxy service-ips"));
         assert!(!tx.contains("http2"), "{tx}");
-        assert!(
-            tx.ends_with("delete chain ip kube-proxy endpoint-E2-ns/a/tcp/http__198.18.1.2/80\n")
-        );
+        assert!(tx.ends_with(
+            "delete chain ip kube-proxy endpoint-E2-ns/a/tcp/http__198.18.1.2/80\n\
+             delete set ip kube-proxy affinity-E2-ns/a/tcp/http__198.18.1.2/80\n"
+        ));
     }
 }
