@@ -307,7 +307,9 @@ impl Report {
                 for &m in &modes {
                     r.push(self.row(n, m).map_or("–".into(), |row| {
                         let c = &row.change;
-                        if let (Some(w), Some(e2e)) = (c.writes_seconds, c.end_to_end_seconds) {
+                        if c.samples == 0 {
+                            "–".to_string()
+                        } else if let (Some(w), Some(e2e)) = (c.writes_seconds, c.end_to_end_seconds) {
                             format!(
                                 "{} ({}, {} writes); {} end to end, p99 {} ({} changes)",
                                 seconds(c.seconds),
@@ -442,7 +444,7 @@ impl Report {
         )?;
         panel(
             &right,
-            "Programming all services from nothing",
+            "Programming all services (stopped at the limit)",
             "seconds",
             xmax,
             &lines(&install, false),
