@@ -130,6 +130,23 @@ impl Report {
         self.rows.iter().find(|r| r.services == n && r.mode == mode)
     }
 
+    /// A row per size, a cell per mode (`–` where the mode has no row).
+    fn per_mode(&self, cell: &dyn Fn(Mode, &Row) -> String) -> Vec<Vec<String>> {
+        let modes = self.modes();
+        self.sizes()
+            .iter()
+            .map(|&n| {
+                std::iter::once(thousands(n as f64))
+                    .chain(
+                        modes
+                            .iter()
+                            .map(|&m| self.row(n, m).map_or("–".into(), |row| cell(m, row))),
+                    )
+                    .collect()
+            })
+            .collect()
+    }
+
     fn traffic(&self, n: u32, mode: Mode) -> Option<&Traffic> {
         self.row(n, mode)?.traffic.as_ref()
     }
@@ -257,82 +274,64 @@ impl Report {
         table(&mut out, &header, &rows);
 
         out.push_str("**Programming** from nothing to all services (`iptables-restore --noflush` as kube-proxy runs it, or `nft -f`, of the whole ruleset, stopped at the time limit; kpx: its first sync, of which map writes in brackets, and from the agent's start to the last service in the maps)\n\n");
-        let rows: Vec<Vec<String>> = sizes
-            .iter()
-            .map(|&n| {
-                let mut r = vec![thousands(n as f64)];
-                for &m in &modes {
-                    r.push(self.row(n, m).map_or("–".into(), |row| {
-                        let i = &row.install;
-                        match (i.writes_seconds, i.ready_seconds) {
-                            (Some(w), Some(ready)) => format!(
-                                "{} ({}); ready in {}",
-                                seconds(i.seconds),
-                                seconds(w),
-                                seconds(ready)
-                            ),
-                            _ => {
-                                let mut cell = format!(
-                                    "{} ({} lines, {:.0} MiB peak)",
-                                    limited(i.seconds, i.finished),
-                                    thousands(i.rule_lines.unwrap_or(0) as f64),
-                                    i.tool_peak_rss_mib.unwrap_or(0.0)
-                                );
-                                if !i.loaded {
-                                    cell.push_str("; not loaded another way in time either");
-                                }
-                                if let Some(f) = i.fallback_seconds {
-                                    let how = if m == Mode::Nftables {
-                                        "in 40k-command transactions"
-                                    } else {
-                                        "by a flushing restore"
-                                    };
-                                    let _ = write!(cell, "; loaded {how} in {}", seconds(f));
-                                }
-                                cell
-                            }
-                        }
-                    }));
+        let rows = self.per_mode(&|m, row| {
+            let i = &row.install;
+            match (i.writes_seconds, i.ready_seconds) {
+                (Some(w), Some(ready)) => format!(
+                    "{} ({}); ready in {}",
+                    seconds(i.seconds),
+                    seconds(w),
+                    seconds(ready)
+                ),
+                _ => {
+                    let mut cell = format!(
+                        "{} ({} lines, {:.0} MiB peak)",
+                        limited(i.seconds, i.finished),
+                        thousands(i.rule_lines.unwrap_or(0) as f64),
+                        i.tool_peak_rss_mib.unwrap_or(0.0)
+                    );
+                    if !i.loaded {
+                        cell.push_str("; not loaded another way in time either");
+                    }
+                    if let Some(f) = i.fallback_seconds {
+                        let how = if m == Mode::Nftables {
+                            "in 40k-command transactions"
+                        } else {
+                            "by a flushing restore"
+                        };
+                        let _ = write!(cell, "; loaded {how} in {}", seconds(f));
+                    }
+                    cell
                 }
-                r
-            })
-            .collect();
+            }
+        });
         table(&mut out, &with_modes("services"), &rows);
 
         out.push_str("**One endpoint change** at that size (iptables: kube-proxy's partial restore, full restore in brackets; nftables: the incremental transaction; kpx: medians over many changes of its sync, map writes in brackets, and of the time from the API change to the maps)\n\n");
-        let rows: Vec<Vec<String>> = sizes
-            .iter()
-            .map(|&n| {
-                let mut r = vec![thousands(n as f64)];
-                for &m in &modes {
-                    r.push(self.row(n, m).map_or("–".into(), |row| {
-                        let c = &row.change;
-                        if c.samples == 0 {
-                            "–".to_string()
-                        } else if let (Some(w), Some(e2e)) = (c.writes_seconds, c.end_to_end_seconds) {
-                            format!(
-                                "{} ({}, {} writes); {} end to end, p99 {} ({} changes)",
-                                seconds(c.seconds),
-                                seconds(w),
-                                c.map_writes.unwrap_or(0),
-                                seconds(e2e),
-                                seconds(c.end_to_end_p99_seconds.unwrap_or(e2e)),
-                                c.samples
-                            )
-                        } else if let Some(full) = c.full_restore {
-                            format!(
-                                "{} ({})",
-                                limited(c.seconds, c.finished),
-                                limited(full.seconds, full.finished)
-                            )
-                        } else {
-                            limited(c.seconds, c.finished)
-                        }
-                    }));
-                }
-                r
-            })
-            .collect();
+        let rows = self.per_mode(&|_, row| {
+            let c = &row.change;
+            if c.samples == 0 {
+                "–".to_string()
+            } else if let (Some(w), Some(e2e)) = (c.writes_seconds, c.end_to_end_seconds) {
+                format!(
+                    "{} ({}, {} writes); {} end to end, p99 {} ({} changes)",
+                    seconds(c.seconds),
+                    seconds(w),
+                    c.map_writes.unwrap_or(0),
+                    seconds(e2e),
+                    seconds(c.end_to_end_p99_seconds.unwrap_or(e2e)),
+                    c.samples
+                )
+            } else if let Some(full) = c.full_restore {
+                format!(
+                    "{} ({})",
+                    limited(c.seconds, c.finished),
+                    limited(full.seconds, full.finished)
+                )
+            } else {
+                limited(c.seconds, c.finished)
+            }
+        });
         table(&mut out, &with_modes("services"), &rows);
 
         out.push_str("**kpx memory**: agent resident set and kernel memory of its maps\n\n");
