@@ -438,7 +438,7 @@ impl Report {
             "connections/s",
             xmax,
             &lines(&crr, true),
-            |v| thousands(v),
+            thousands,
             SeriesLabelPosition::LowerLeft,
         )?;
         panel(
