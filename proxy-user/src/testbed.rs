@@ -645,22 +645,33 @@ impl Cluster {
     /// (`kpx iptables-rules`, run inside the node namespace so that it
     /// sees the node's addresses), in `iptables-restore` or `nft` form.
     pub fn reference_rules(&self, proxy: Proxy, kpx: &Path) -> Result<String> {
+        let dir = self.manifests_dir();
+        self.reference_rules_from(proxy, kpx, &["--manifests", &dir.to_string_lossy()])
+    }
+
+    /// As [`Cluster::reference_rules`], from another `source`
+    /// (`--kubeconfig FILE` for an API server).
+    pub fn reference_rules_from(
+        &self,
+        proxy: Proxy,
+        kpx: &Path,
+        source: &[&str],
+    ) -> Result<String> {
         let mode = if proxy == Proxy::Nftables {
             "nftables"
         } else {
             "iptables"
         };
-        let dir = self.manifests_dir();
         let out = self
             .node
             .command(kpx)?
             .arg("iptables-rules")
             .args(["--mode", mode])
-            .arg("--manifests")
-            .arg(&dir)
+            .args(source)
             .args(["--hostname-override", &self.node_name])
             .args(["--bind-address", &self.node_ip.to_string()])
             .args(["--cluster-cidr", &self.cluster_cidr])
+            .env("RUST_LOG", "warn")
             .output()
             .context("running kpx iptables-rules")?;
         if !out.status.success() {

@@ -26,7 +26,7 @@ use kpx::{
     model::FrontendKey,
     reference::incremental::{self, ChangedPort},
     sync::service_key,
-    testbed::Cluster,
+    testbed::{Cluster, Proxy as Reference},
 };
 use proxy_common::{wire, SlotKey, IPPROTO_TCP};
 use serde::{Deserialize, Serialize};
@@ -145,44 +145,19 @@ pub struct Proxy<'a> {
     changes: u32,
 }
 
-fn node_args(c: &Cluster) -> Vec<String> {
-    [
-        "--hostname-override",
-        &c.node_name,
-        "--bind-address",
-        &c.node_ip.to_string(),
-        "--cluster-cidr",
-        &c.cluster_cidr,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 /// The references' rules for what the API server holds now.
 fn render(bed: &Bed, mode: Mode, kpx: &Path) -> Result<String> {
-    let m = if mode == Mode::Nftables {
-        "nftables"
+    let reference = if mode == Mode::Nftables {
+        Reference::Nftables
     } else {
-        "iptables"
+        Reference::Iptables
     };
-    let out = bed
-        .cluster
-        .node
-        .command(kpx)?
-        .args(["iptables-rules", "--mode", m, "--kubeconfig"])
-        .arg(bed.kubeconfig()?)
-        .args(node_args(&bed.cluster))
-        .env("RUST_LOG", "warn")
-        .output()
-        .context("running kpx iptables-rules")?;
-    if !out.status.success() {
-        bail!(
-            "kpx iptables-rules failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8(out.stdout).context("rules are not UTF-8")
+    let kubeconfig = bed.kubeconfig()?;
+    bed.cluster.reference_rules_from(
+        reference,
+        kpx,
+        &["--kubeconfig", &kubeconfig.to_string_lossy()],
+    )
 }
 
 /// A restore or transaction that was timed.
