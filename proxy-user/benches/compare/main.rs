@@ -271,7 +271,7 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
     say("programming from nothing".into());
     let (mut proxy, install) = Proxy::install(&mut bed, mode, kpx, o.limit, o.changes)
         .with_context(|| format!("programming {} at {n} services", mode.label()))?;
-    if !install.loaded {
+    if !install.loaded() {
         say(format!(
             "kube-proxy's way stopped at {:.0} s and no other way loaded the rules in time: \
              no traffic measured at this size",

@@ -83,8 +83,6 @@ pub struct Install {
     pub seconds: f64,
     /// False: stopped at the time limit (`seconds` is the limit).
     pub finished: bool,
-    /// Whether the rules are in place (traffic can be measured).
-    pub loaded: bool,
     /// When kube-proxy's way did not finish: the time to load the same
     /// rules another way, so that traffic can still be measured. iptables:
     /// a flushing `iptables-restore` (equivalent in a fresh namespace);
@@ -101,6 +99,13 @@ pub struct Install {
     /// The references: time `kpx iptables-rules` took to render them (not
     /// part of `seconds`).
     pub render_seconds: Option<f64>,
+}
+
+impl Install {
+    /// Whether the rules are in place, so that traffic can be measured.
+    pub fn loaded(&self) -> bool {
+        self.finished || self.fallback_seconds.is_some()
+    }
 }
 
 /// One endpoint of one service replaced, at N services.
@@ -322,7 +327,6 @@ impl<'a> Proxy<'a> {
                 install.fallback_seconds = Some(fallback.seconds);
             }
         }
-        install.loaded = install.finished || install.fallback_seconds.is_some();
         Ok(install)
     }
 
@@ -364,7 +368,6 @@ impl<'a> Proxy<'a> {
         Ok(Install {
             seconds: sync.took.as_secs_f64(),
             finished: true,
-            loaded: true,
             writes_seconds: Some(sync.writing.as_secs_f64()),
             ready_seconds: Some(ready.as_secs_f64()),
             ..Default::default()

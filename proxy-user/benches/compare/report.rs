@@ -290,7 +290,7 @@ impl Report {
                         thousands(i.rule_lines.unwrap_or(0) as f64),
                         i.tool_peak_rss_mib.unwrap_or(0.0)
                     );
-                    if !i.loaded {
+                    if !i.loaded() {
                         cell.push_str("; not loaded another way in time either");
                     }
                     if let Some(f) = i.fallback_seconds {
