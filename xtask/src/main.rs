@@ -34,6 +34,10 @@ enum Task {
         /// About a minute: 1 and 1,000 services, one short run per figure.
         #[arg(long)]
         quick: bool,
+        /// Only kpx's cost per packet (test_run and path lengths): seconds,
+        /// no beds, no references.
+        #[arg(long)]
+        packet: bool,
         /// Further arguments for the benchmark (--sizes, --runs, --seconds).
         #[arg(last = true)]
         args: Vec<String>,
@@ -111,7 +115,11 @@ fn main() -> Result<()> {
                 .arg("--manifest")
                 .arg(root.join("examples/web.yaml")))
         }
-        Task::Bench { quick, args } => {
+        Task::Bench {
+            quick,
+            packet,
+            args,
+        } => {
             setup::run()?;
             let mut cmd = vec![
                 "bench",
@@ -123,6 +131,9 @@ fn main() -> Result<()> {
             ];
             if quick {
                 cmd.push("--quick");
+            }
+            if packet {
+                cmd.push("--packet");
             }
             cmd.extend(args.iter().map(String::as_str));
             cargo(&cmd)

@@ -84,7 +84,7 @@ fn options() -> Result<Options> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--quick" | "--bench" => {}
+            "--quick" | "--bench" | "--packet" => {}
             "--sizes" => {
                 o.sizes = value()?
                     .split(',')
@@ -107,7 +107,7 @@ fn options() -> Result<Options> {
                 o.limit = std::time::Duration::from_secs_f64(value()?.parse().context("--limit")?)
             }
             other => {
-                bail!("unknown argument {other:?} (known: --quick, --sizes, --modes, --runs, --seconds, --limit)")
+                bail!("unknown argument {other:?} (known: --quick, --packet, --sizes, --modes, --runs, --seconds, --limit)")
             }
         }
     }
@@ -167,6 +167,9 @@ fn main() -> Result<()> {
         bail!("the benchmark creates network namespaces and loads eBPF: run it as root");
     }
     let p = Progress(Instant::now());
+    if args.iter().any(|a| a == "--packet") {
+        return packet_only(&o, &p);
+    }
     let kpx = Path::new(KPX);
     let mut unavailable = Vec::new();
     let mut modes = Vec::new();
@@ -197,10 +200,7 @@ fn main() -> Result<()> {
         for &m in &modes {
             rows.push(one_mode(n, m, kpx, &o, &p)?);
         }
-        p.say(format!("N={n}: kpx datapath cost per packet (test_run)"));
-        let ns = kpx::testbed::Netns::create(&format!("kpxbench{}-tr", std::process::id()))?;
-        let quick = o.quick;
-        packet.push(ns.enter(move || packet::measure(n, quick))??);
+        packet.push(packet_cost(n, o.quick, &p)?);
     }
     let report = Report {
         command: if o.quick {
@@ -225,6 +225,30 @@ fn main() -> Result<()> {
         "wrote {0}/bench.md, {0}/bench.json and {0}/bench.svg",
         dir.display()
     ));
+    Ok(())
+}
+
+/// kpx's per-packet cost at `n` services, in a namespace of its own.
+fn packet_cost(n: u32, quick: bool, p: &Progress) -> Result<packet::PacketCost> {
+    p.say(format!("N={n}: kpx datapath cost per packet (test_run)"));
+    let ns = kpx::testbed::Netns::create(&format!("kpxbench{}-tr", std::process::id()))?;
+    ns.enter(|| packet::measure(n, quick, || packet::fib_routes(&ns)))?
+}
+
+/// `--packet`: the per-packet cost alone (test_run and path lengths, no
+/// beds, no references): seconds, for every datapath change and for CI.
+fn packet_only(o: &Options, p: &Progress) -> Result<()> {
+    let sizes_given = std::env::args().any(|a| a == "--sizes");
+    let sizes = if sizes_given || o.quick {
+        o.sizes.clone()
+    } else {
+        vec![1, 1000, 10_000, 50_000]
+    };
+    let mut costs = Vec::new();
+    for &n in &sizes {
+        costs.push(packet_cost(n, o.quick, p)?);
+    }
+    println!("\n{}", report::packet_markdown(&machine(), &costs));
     Ok(())
 }
 

@@ -18,9 +18,10 @@ use proxy_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::support::{install_service, ip, Pkt, ACK, SYN};
+use crate::support::{install_service, ip, Pkt, ACK, SYN, TC_ACT_REDIRECT};
 
 const CLIENT: &str = "198.18.0.2";
+const BACKEND: &str = "198.18.200.1";
 const ENDPOINTS: u32 = 10;
 
 /// Nanoseconds per packet.
@@ -38,10 +39,54 @@ pub struct PacketCost {
     pub first_packet_ns: f64,
     /// The empty program, single-run median.
     pub floor_single_ns: f64,
+    /// An established packet whose FIB lookup succeeds (redirected to its
+    /// next hop, as on a real node), single-run median: `repeat` cannot
+    /// measure it, the TTL it decrements would run out.
+    #[serde(default)]
+    pub established_fib_ns: f64,
     pub programmed_seconds: f64,
 }
 
-pub fn measure(n: u32, quick: bool) -> anyhow::Result<PacketCost> {
+/// Routes and a neighbour in the (empty) measuring namespace so that the
+/// FIB lookup of a translated packet succeeds: the backends' and clients'
+/// subnets on an interface, forwarding on.
+pub fn fib_routes(ns: &kpx::testbed::Netns) -> anyhow::Result<()> {
+    // A veth pair inside the namespace (this kernel has no dummy device).
+    ns.ip(&[
+        "link", "add", "kpxfib", "type", "veth", "peer", "name", "kpxfib1",
+    ])?;
+    ns.ip(&["link", "set", "kpxfib1", "up"])?;
+    ns.ip(&["link", "set", "kpxfib", "up"])?;
+    for net in ["198.18.200.254/24", "198.18.0.254/24"] {
+        ns.ip(&["addr", "add", net, "dev", "kpxfib"])?;
+    }
+    for (addr, mac) in [
+        (BACKEND, "02:00:00:00:00:01"),
+        (CLIENT, "02:00:00:00:00:02"),
+    ] {
+        ns.ip(&[
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            mac,
+            "dev",
+            "kpxfib",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.sysctl("net/ipv4/ip_forward", "1")
+}
+
+/// `routes` is called after the `repeat` figures (whose FIB lookups must
+/// fail, or the ping-pong packet's TTL would run out) and before the FIB
+/// figure: it makes the namespace's FIB answer (see [`fib_routes`]).
+pub fn measure(
+    n: u32,
+    quick: bool,
+    routes: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<PacketCost> {
     let (repeat, singles) = if quick {
         (20_000, 2_000)
     } else {
@@ -56,6 +101,8 @@ pub fn measure(n: u32, quick: bool) -> anyhow::Result<PacketCost> {
     let no_service = repeat_ns(dp.ingress()?, &tcp, repeat)?;
     let (established, reply) = ping_pong(&mut dp, &last_vip, repeat)?;
     let (first, floor_single) = single_runs(&mut dp, &last_vip, singles)?;
+    routes()?;
+    let established_fib = established_single(&mut dp, &last_vip, singles)?;
     Ok(PacketCost {
         services: n,
         floor_ns: floor,
@@ -64,6 +111,7 @@ pub fn measure(n: u32, quick: bool) -> anyhow::Result<PacketCost> {
         reply_ns: reply,
         first_packet_ns: first,
         floor_single_ns: floor_single,
+        established_fib_ns: established_fib,
         programmed_seconds: programmed,
     })
 }
@@ -136,7 +184,7 @@ fn key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
 
 /// Mean ns of an established original-direction packet and of a reply.
 fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
-    let backend = "198.18.200.1";
+    let backend = BACKEND;
     let (dst, src) = (CT_F_REWRITE_DST, CT_F_REWRITE_SRC);
     for (k, v) in [
         (
@@ -179,8 +227,27 @@ fn single_runs(dp: &mut Datapath, vip: &str, runs: u32) -> anyhow::Result<(f64, 
         first.push(test_run(dp.ingress()?, &syn, 1)?.duration.as_nanos());
         floor.push(test_run(dp.floor()?, &syn, 1)?.duration.as_nanos());
     }
-    first.sort_unstable();
-    floor.sort_unstable();
-    let median = |v: &[u128]| v.get(v.len() / 2).copied().unwrap_or_default() as f64;
-    Ok((median(&first), median(&floor)))
+    Ok((median(first), median(floor)))
+}
+
+/// Median of single runs of an established packet (the ping-pong flow's
+/// original direction, fresh each run) with its FIB lookup succeeding.
+fn established_single(dp: &mut Datapath, vip: &str, runs: u32) -> anyhow::Result<f64> {
+    let frame = Pkt::new(CLIENT, 45000, vip, 80, ACK).build();
+    let mut ns = Vec::with_capacity(runs as usize);
+    for _ in 0..runs {
+        let r = test_run(dp.ingress()?, &frame, 1)?;
+        anyhow::ensure!(
+            r.return_value == TC_ACT_REDIRECT,
+            "the established packet was not redirected by the FIB (verdict {})",
+            r.return_value as i32
+        );
+        ns.push(r.duration.as_nanos());
+    }
+    Ok(median(ns))
+}
+
+fn median(mut v: Vec<u128>) -> f64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default() as f64
 }

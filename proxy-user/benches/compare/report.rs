@@ -109,6 +109,55 @@ fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
     out.push('\n');
 }
 
+/// The datapath's cost per packet: ns above the empty program, per path.
+fn packet_table(out: &mut String, costs: &[PacketCost]) {
+    out.push_str(
+        "**kpx datapath cost per packet**: BPF_PROG_TEST_RUN of the tc ingress program, \
+         ns above the empty program (whose own cost is the first column). \
+         `repeat` means for the first three paths; medians of single runs, \
+         each against the empty program's single-run median, for the others\n\n",
+    );
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .map(|p| {
+            let above = |v: f64, floor: f64| format!("{:.0}", v - floor);
+            vec![
+                thousands(p.services as f64),
+                format!("{:.0} / {:.0}", p.floor_ns, p.floor_single_ns),
+                above(p.no_service_ns, p.floor_ns),
+                above(p.established_ns, p.floor_ns),
+                above(p.reply_ns, p.floor_ns),
+                if p.established_fib_ns > 0.0 {
+                    above(p.established_fib_ns, p.floor_single_ns)
+                } else {
+                    "–".into()
+                },
+                above(p.first_packet_ns, p.floor_single_ns),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "services".into(),
+            "empty program (repeat / 1 run)".into(),
+            "no service".into(),
+            "established".into(),
+            "reply".into(),
+            "established, FIB redirect (1 run)".into(),
+            "first packet (1 run)".into(),
+        ],
+        &rows,
+    );
+}
+
+/// `cargo xtask bench --packet`: the per-packet table alone.
+pub fn packet_markdown(machine: &str, costs: &[PacketCost]) -> String {
+    let mut out = format!("`cargo xtask bench --packet` on {machine}\n\n");
+    packet_table(&mut out, costs);
+    out
+}
+
 impl Report {
     fn sizes(&self) -> Vec<u32> {
         let mut s: Vec<u32> = self.rows.iter().map(|r| r.services).collect();
@@ -352,35 +401,7 @@ impl Report {
             &rows,
         );
 
-        out.push_str("**kpx datapath cost per packet** (BPF_PROG_TEST_RUN of the tc ingress program, ns)\n\n");
-        let rows: Vec<Vec<String>> = self
-            .packet
-            .iter()
-            .map(|p| {
-                vec![
-                    thousands(p.services as f64),
-                    format!("{:.1}", p.floor_ns),
-                    format!("{:.1}", p.no_service_ns),
-                    format!("{:.1}", p.established_ns),
-                    format!("{:.1}", p.reply_ns),
-                    format!("{:.0}", p.first_packet_ns),
-                    format!("{:.0}", p.floor_single_ns),
-                ]
-            })
-            .collect();
-        table(
-            &mut out,
-            &[
-                "services".into(),
-                "empty program".into(),
-                "no service".into(),
-                "established".into(),
-                "reply".into(),
-                "first packet (1 run)".into(),
-                "empty program (1 run)".into(),
-            ],
-            &rows,
-        );
+        packet_table(&mut out, &self.packet);
         out
     }
 

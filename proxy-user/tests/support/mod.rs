@@ -2,6 +2,8 @@
 //! map seeding and the "needs the kernel" guard.
 #![allow(dead_code)]
 
+pub mod paths;
+
 use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};

@@ -1,0 +1,308 @@
+//! The datapath's paths, each a packet on a populated table, run through
+//! the real eBPF object in `pathlen`'s counting interpreter: BPF
+//! instructions executed and helper calls per packet, exact and repeatable.
+//! `tests/pathlen.rs` holds each path to a budget; `cargo xtask bench
+//! --packet` prints the same counts next to the nanoseconds.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{ensure, Context as _, Result};
+use etherparse::Icmpv4Type;
+use pathlen::{Fib, Run, Skb, Vm};
+use proxy_common::{
+    map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey,
+    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL,
+    SVC_F_NODEPORT,
+};
+
+use super::{
+    icmp_error, ip, Pkt, ACK, SYN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+};
+
+const CLIENT: &str = "198.18.0.2";
+/// A client outside the cluster CIDR (198.18.0.0/17): masqueraded.
+const OUTSIDE: &str = "198.18.128.5";
+const NODE: &str = "198.18.0.1";
+const VIP: &str = "198.19.0.10";
+const AFFINITY_VIP: &str = "198.19.0.11";
+const EMPTY_VIP: &str = "198.19.0.12";
+const NODE_PORT: u16 = 30080;
+const BACKENDS: u32 = 10;
+
+/// One path: a packet, the hook, what the FIB answers, and the verdict the
+/// path must end in (so a count is never of a path the packet did not take).
+pub struct Path {
+    pub name: &'static str,
+    pub egress: bool,
+    pub fib: Fib,
+    pub mark: u32,
+    pub frame: Vec<u8>,
+    pub verdict: u32,
+}
+
+const FORWARD: Fib = Fib::Forward {
+    ifindex: 2,
+    src: [198, 18, 0, 1],
+    smac: [0x02, 0, 0, 0, 0, 0x10],
+    dmac: [0x02, 0, 0, 0, 0, 0x11],
+};
+
+/// Loads the datapath object into a VM with kpx's standard table: a
+/// ClusterIP service with 10 backends, a NodePort for it, a service with
+/// ClientIP affinity, one without endpoints, this node's address, the
+/// cluster CIDR and masquerade settings.
+pub fn vm() -> Result<Vm> {
+    let mut vm = Vm::load(kpx::datapath::OBJECT)?;
+    service(&mut vm, 0, VIP, 80, 0, BACKENDS, 0)?;
+    service(
+        &mut vm,
+        1,
+        "0.0.0.0",
+        NODE_PORT,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        BACKENDS,
+        0,
+    )?;
+    service(&mut vm, 2, AFFINITY_VIP, 80, 0, BACKENDS, 10_800)?;
+    service(&mut vm, 3, EMPTY_VIP, 80, 0, 0, 0)?;
+    let node = wire::addr(ip(NODE));
+    vm.map_insert(
+        map_names::NODE_ADDRS,
+        &node.to_ne_bytes(),
+        &(NODE_F_LOCAL | NODE_F_NODEPORT).to_ne_bytes(),
+    )?;
+    let cfg = DatapathConfig {
+        cluster_cidr: wire::addr(ip("198.18.0.0")),
+        cluster_mask: wire::addr(Ipv4Addr::new(255, 255, 128, 0)),
+        snat_addr: node,
+        snat_port_min: 1024,
+        snat_port_max: 29999,
+        flags: 0,
+        _pad: 0,
+    };
+    vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
+    Ok(vm)
+}
+
+fn service(
+    vm: &mut Vm,
+    svc_id: u32,
+    addr: &str,
+    port: u16,
+    flags: u32,
+    backends: u32,
+    affinity_timeout: u32,
+) -> Result<()> {
+    for slot in 0..backends {
+        let id = svc_id * 100 + slot;
+        let b = Backend {
+            addr: wire::addr(Ipv4Addr::new(198, 18, 1 + svc_id as u8, 1 + slot as u8)),
+            port: wire::port(8080),
+            proto: IPPROTO_TCP,
+            flags: 0,
+        };
+        vm.map_insert(map_names::BACKENDS, &id.to_ne_bytes(), bytes(&b))?;
+        vm.map_insert(
+            map_names::SLOTS,
+            bytes(&SlotKey { svc_id, slot }),
+            &id.to_ne_bytes(),
+        )?;
+    }
+    let key = ServiceKey {
+        addr: if addr == "0.0.0.0" {
+            NODEPORT_ADDR
+        } else {
+            wire::addr(ip(addr))
+        },
+        port: wire::port(port),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        svc_id,
+        count: backends,
+        flags,
+        affinity_timeout,
+        local_count: 0,
+        affinity_id: svc_id,
+    };
+    vm.map_insert(map_names::SERVICES, bytes(&key), bytes(&value))?;
+    if key.addr != NODEPORT_ADDR {
+        vm.map_insert(
+            map_names::SERVICE_ADDRS,
+            &key.addr.to_ne_bytes(),
+            &1u32.to_ne_bytes(),
+        )?;
+    }
+    Ok(())
+}
+
+fn bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: aya::Pod types are plain old data with explicit padding
+    // fields: every byte is initialised.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+fn tcp(src: &str, sport: u16, dst: &str, dport: u16, l4: super::L4) -> Vec<u8> {
+    Pkt::new(src, sport, dst, dport, l4).build()
+}
+
+fn path(name: &'static str, frame: Vec<u8>, fib: Fib, verdict: u32) -> Path {
+    Path {
+        name,
+        egress: false,
+        fib,
+        mark: 0,
+        frame,
+        verdict,
+    }
+}
+
+/// Every path, in the order the table prints them. The established and
+/// reply paths use the flow the "first packet" path opens, so run them in
+/// this order on one VM (as [`run_all`] does).
+pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
+    let b = backend.to_string();
+    let mut arp = tcp(CLIENT, 1, CLIENT, 1, ACK);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let mut fragment = tcp(CLIENT, 40001, VIP, 80, ACK);
+    fragment[14 + 6] |= 0x20; // more fragments
+                              // What the backend's port unreachable quotes: the client's packet as
+                              // the backend saw it.
+    let quoted = tcp(CLIENT, 45000, &b, 8080, ACK);
+    let icmp = icmp_error(
+        &b,
+        CLIENT,
+        Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port),
+        &quoted[14..14 + 28],
+    );
+    vec![
+        path("not IPv4", arp, FORWARD, TC_ACT_UNSPEC),
+        path(
+            "no service",
+            tcp(CLIENT, 40000, "198.18.3.3", 80, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
+            "no service, to the node",
+            tcp(CLIENT, 40000, NODE, 22, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
+            "first packet",
+            tcp(CLIENT, 45000, VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "established",
+            tcp(CLIENT, 45000, VIP, 80, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "established, FIB to the stack",
+            tcp(CLIENT, 45000, VIP, 80, ACK),
+            Fib::NoRoute,
+            TC_ACT_OK,
+        ),
+        path(
+            "reply",
+            tcp(&b, 8080, CLIENT, 45000, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path("ICMP error about a flow", icmp, FORWARD, TC_ACT_OK),
+        path(
+            "first packet, masqueraded",
+            tcp(OUTSIDE, 45001, VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "first packet, NodePort",
+            tcp(OUTSIDE, 45002, NODE, NODE_PORT, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "first packet, ClientIP affinity",
+            tcp(CLIENT, 45003, AFFINITY_VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "no endpoints: REJECT",
+            tcp(CLIENT, 45004, EMPTY_VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path("fragment to a service", fragment, FORWARD, TC_ACT_SHOT),
+        Path {
+            egress: true,
+            ..path(
+                "egress: a pod's packet",
+                tcp(CLIENT, 40000, "198.18.3.3", 80, ACK),
+                FORWARD,
+                TC_ACT_UNSPEC,
+            )
+        },
+        Path {
+            egress: true,
+            mark: MARK_TRANSLATED,
+            ..path(
+                "egress: already translated",
+                tcp(CLIENT, 45000, &b, 8080, ACK),
+                FORWARD,
+                TC_ACT_UNSPEC,
+            )
+        },
+    ]
+}
+
+/// Runs one path; fails if the packet ended anywhere but its path's verdict.
+pub fn run(vm: &mut Vm, p: &Path) -> Result<Run> {
+    vm.fib = p.fib;
+    let prog = if p.egress {
+        prog_names::TC_EGRESS
+    } else {
+        prog_names::TC_INGRESS
+    };
+    let skb = Skb {
+        mark: p.mark,
+        ..Skb::default()
+    };
+    let r = vm.run(prog, &p.frame, skb)?;
+    ensure!(
+        r.verdict as u32 == p.verdict,
+        "path {:?} ended in verdict {}, not {}",
+        p.name,
+        r.verdict,
+        p.verdict as i32
+    );
+    Ok(r)
+}
+
+/// Every path on a fresh VM, in order: (path, run).
+pub fn run_all() -> Result<Vec<(&'static str, Run)>> {
+    let mut vm = vm()?;
+    // The backend the first packet will pick: open the flow once on a
+    // scratch VM with the same seed.
+    let backend = {
+        let mut probe = self::vm()?;
+        let first = paths(Ipv4Addr::UNSPECIFIED)
+            .into_iter()
+            .find(|p| p.name == "first packet")
+            .context("no first-packet path")?;
+        let r = run(&mut probe, &first)?;
+        super::inspect(&r.packet).dst
+    };
+    let mut out = Vec::new();
+    for p in paths(backend) {
+        let r = run(&mut vm, &p)?;
+        out.push((p.name, r));
+    }
+    Ok(out)
+}
