@@ -223,20 +223,37 @@ pub struct CtKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding, zero. Two fields rather than `[u8; 3]`: the eBPF backend
+    /// turns a 3-byte array fill into a call to a byte-wise `memset`.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 impl CtKey {
-    /// The tuple of a packet travelling the other way.
-    pub const fn reversed(&self) -> Self {
+    /// A tuple, fields in network byte order, padding zeroed.
+    #[inline(always)]
+    pub const fn new(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
         Self {
-            src_addr: self.dst_addr,
-            dst_addr: self.src_addr,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-            _pad: [0; 3],
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto,
+            _pad0: 0,
+            _pad1: 0,
         }
+    }
+
+    /// The tuple of a packet travelling the other way.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.dst_addr,
+            self.src_addr,
+            self.dst_port,
+            self.src_port,
+            self.proto,
+        )
     }
 }
 

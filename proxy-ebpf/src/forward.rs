@@ -2,7 +2,10 @@
 //! `bpf_fib_lookup` and a redirect, instead of through the stack's routing
 //! and netfilter. Whatever the FIB cannot answer (local delivery, no route,
 //! a packet bigger than the route's MTU, TTL running out) goes to the stack,
-//! which handles it as it would without kpx. One FIB lookup per packet.
+//! which handles it as it would without kpx. One FIB lookup per packet, made
+//! before the rewrite (on the translated tuple, known from the conntrack
+//! entry) so the rewrite can fold the TTL decrement into its one header
+//! store.
 
 use aya_ebpf::{
     bindings::{
@@ -12,16 +15,15 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use proxy_common::{Event, MARK_TRANSLATED};
+use core::mem::MaybeUninit;
+
+use proxy_common::{CtKey, Event, MARK_TRANSLATED};
 
 use crate::{parse::Ipv4Packet, stats};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
-/// TTL and protocol: one 16-bit word of the IPv4 header.
-const TTL_OFF: usize = 8;
-const TOS_OFF: usize = 1;
 
 /// Where the packet was translated.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -33,12 +35,146 @@ pub enum Hook {
     Egress,
 }
 
-/// Returns the tc verdict for the translated packet `pkt` (whose address
-/// fields are read back from the packet: they were just rewritten).
+/// The next hop of a translated packet.
+#[derive(Clone, Copy)]
+pub enum Route {
+    /// Up the stack (or on out, at egress) as it is.
+    Stack,
+    /// Out of `ifindex`, the kernel resolving the neighbour.
+    Neigh { ifindex: u32 },
+    /// Out of `ifindex` with these destination and source MACs; `stay`:
+    /// already leaving there (egress), no redirect needed.
+    Mac {
+        ifindex: u32,
+        macs: [u8; 12],
+        stay: bool,
+    },
+}
+
+impl Route {
+    /// The TTL decrement the rewrite applies: 1 when the packet is
+    /// forwarded from ingress.
+    #[inline(always)]
+    pub fn ttl_dec(&self, hook: Hook) -> u8 {
+        match (self, hook) {
+            (Route::Stack, _) | (_, Hook::Egress) => 0,
+            _ => 1,
+        }
+    }
+}
+
+/// `bpf_fib_lookup`'s parameters, 8-byte aligned so they are zeroed with
+/// eight word stores. Volatile: LLVM would merge plain ones into a call to
+/// the BPF target's byte-wise `memset` (a loop of ~150 instructions).
+#[repr(C, align(8))]
+struct Params(bpf_fib_lookup);
+
+impl Params {
+    /// Initialised in place: a returned value would be copied, and the copy
+    /// of known zeroes becomes a `memset` call again.
+    #[inline(always)]
+    fn init<'a>(
+        p: &'a mut MaybeUninit<Params>,
+        pkt: &Ipv4Packet,
+        dst: u32,
+        ifindex: u32,
+    ) -> &'a mut Params {
+        let words = p.as_mut_ptr().cast::<u64>();
+        for i in 0..core::mem::size_of::<Params>() / 8 {
+            // SAFETY: `Params` is 8-byte aligned and a whole number of
+            // words, all written here before it is read.
+            unsafe { words.add(i).write_volatile(0) };
+        }
+        // SAFETY: every byte was written above; all-zero is a valid
+        // bpf_fib_lookup (an empty request).
+        let p = unsafe { p.assume_init_mut() };
+        p.0.family = AF_INET;
+        p.0.l4_protocol = pkt.proto;
+        p.0.__bindgen_anon_1.tot_len = (pkt.end - pkt.l3_off) as u16;
+        p.0.__bindgen_anon_4.ipv4_dst = dst;
+        p.0.ifindex = ifindex;
+        p
+    }
+
+    #[inline(always)]
+    fn lookup(&mut self, ctx: &TcContext, flags: u32) -> i64 {
+        // SAFETY: `self.0` is a bpf_fib_lookup on the stack, its size passed.
+        unsafe {
+            fib_lookup(
+                ctx.skb.skb.cast(),
+                &mut self.0,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                flags,
+            )
+        }
+    }
+}
+
+/// The next hop of `pkt` once translated to `t`. A packet forwarded from
+/// ingress whose TTL would run out goes to the stack, which answers it.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> i32 {
+pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route {
+    // SAFETY: reads a field of the context's own skb.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // A forwarded packet is looked up as arriving where it did. The node's
+    // own packet as if it came from loopback: an output lookup would be
+    // pinned to the interface the socket's route chose.
+    let from = match hook {
+        Hook::Ingress => ifindex,
+        Hook::Egress => LOOPBACK_IFINDEX,
+    };
+    let mut raw = MaybeUninit::uninit();
+    let p = Params::init(&mut raw, pkt, t.dst_addr, from);
+    p.0.sport = t.src_port;
+    p.0.dport = t.dst_port;
+    p.0.__bindgen_anon_2.tos = pkt.tos;
+    p.0.__bindgen_anon_3.ipv4_src = t.src_addr;
+    let Ok(ret) = u32::try_from(p.lookup(ctx, 0)) else {
+        return Route::Stack;
+    };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Route::Stack;
+    }
+    if hook == Hook::Ingress && pkt.ttl <= 1 {
+        return Route::Stack; // the stack sends the time-exceeded error
+    }
+    if ret == BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Route::Neigh {
+            ifindex: p.0.ifindex,
+        };
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&p.0.dmac);
+    macs[6..].copy_from_slice(&p.0.smac);
+    Route::Mac {
+        ifindex: p.0.ifindex,
+        macs,
+        stay: hook == Hook::Egress && p.0.ifindex == ifindex,
+    }
+}
+
+/// Sends the translated packet along `route`; returns the tc verdict.
+#[inline(always)]
+pub fn send(ctx: &TcContext, route: Route) -> i32 {
     ctx.set_mark(mark(ctx) | MARK_TRANSLATED);
-    match redirect(ctx, pkt, hook) {
+    let action = match route {
+        Route::Stack => None,
+        // SAFETY: no parameters: the kernel resolves the next hop itself.
+        Route::Neigh { ifindex } => {
+            Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
+        Route::Mac {
+            ifindex,
+            macs,
+            stay,
+        } => match ctx.store(0, &macs, 0) {
+            Err(_) => None,
+            Ok(()) if stay => Some(TC_ACT_OK),
+            // SAFETY: plain helper call: egress of the FIB's interface.
+            Ok(()) => Some(unsafe { bpf_redirect(ifindex, 0) } as i32),
+        },
+    };
+    match action {
         Some(action) => {
             stats::event(Event::FibRedirect, 1);
             action
@@ -56,24 +192,11 @@ pub fn forward(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> i32 {
 /// lookup, on a flow's first packet only; None when the FIB cannot say.
 #[inline(always)]
 pub fn masquerade_source(ctx: &TcContext, pkt: &Ipv4Packet, dst: u32) -> Option<u32> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = pkt.proto;
-    p.__bindgen_anon_1.tot_len = (pkt.end - pkt.l3_off) as u16;
-    p.__bindgen_anon_4.ipv4_dst = dst;
-    p.ifindex = LOOPBACK_IFINDEX;
-    // SAFETY: `p` is a bpf_fib_lookup on the stack, its size passed along.
-    let ret = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
+    let mut raw = MaybeUninit::uninit();
+    let p = Params::init(&mut raw, pkt, dst, LOOPBACK_IFINDEX);
+    let ret = p.lookup(ctx, BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH);
     // SAFETY: the union member the lookup wrote.
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+    let src = unsafe { p.0.__bindgen_anon_3.ipv4_src };
     (ret == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != 0).then_some(src)
 }
 
@@ -82,78 +205,4 @@ pub fn masquerade_source(ctx: &TcContext, pkt: &Ipv4Packet, dst: u32) -> Option<
 pub fn mark(ctx: &TcContext) -> u32 {
     // SAFETY: reads a field of the context's own skb.
     unsafe { (*ctx.skb.skb).mark }
-}
-
-#[inline(always)]
-fn redirect(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> Option<i32> {
-    let src: u32 = ctx.load(pkt.l3_off + crate::parse::ip::SADDR).ok()?;
-    let dst: u32 = ctx.load(pkt.l3_off + crate::parse::ip::DADDR).ok()?;
-    let ports: [u16; 2] = ctx.load(pkt.l4_off).ok()?;
-    let ttl_proto: u16 = ctx.load(pkt.l3_off + TTL_OFF).ok()?;
-    let tos: u8 = ctx.load(pkt.l3_off + TOS_OFF).ok()?;
-    // SAFETY: reads a field of the context's own skb.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = pkt.proto;
-    p.sport = ports[0];
-    p.dport = ports[1];
-    p.__bindgen_anon_1.tot_len = (pkt.end - pkt.l3_off) as u16;
-    p.__bindgen_anon_2.tos = tos;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
-    // A forwarded packet is looked up as arriving where it did. The node's
-    // own packet as if it came from loopback: an output lookup would be
-    // pinned to the interface the socket's route chose.
-    p.ifindex = match hook {
-        Hook::Ingress => ifindex,
-        Hook::Egress => LOOPBACK_IFINDEX,
-    };
-    // SAFETY: `p` is a bpf_fib_lookup on the stack, its size passed along.
-    let ret = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    let ret = u32::try_from(ret).ok()?;
-    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return None;
-    }
-    if hook == Hook::Ingress {
-        // Forwarding: the TTL goes down here, as the stack would do it.
-        // Native order: the TTL is the word's first byte.
-        let ttl = ttl_proto.to_ne_bytes()[0];
-        if ttl <= 1 {
-            return None; // the stack sends the time-exceeded error
-        }
-        let mut b = ttl_proto.to_ne_bytes();
-        b[0] = ttl - 1;
-        let new = u16::from_ne_bytes(b);
-        ctx.store(pkt.l3_off + TTL_OFF, &new, 0).ok()?;
-        ctx.l3_csum_replace(
-            pkt.l3_off + crate::parse::ip::CSUM,
-            ttl_proto as u64,
-            new as u64,
-            2,
-        )
-        .ok()?;
-    }
-    if ret == BPF_FIB_LKUP_RET_NO_NEIGH {
-        // SAFETY: no parameters: the kernel resolves the next hop itself.
-        let r = unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) };
-        return Some(r as i32);
-    }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&p.dmac);
-    macs[6..].copy_from_slice(&p.smac);
-    ctx.store(0, &macs, 0).ok()?;
-    if hook == Hook::Egress && p.ifindex == ifindex {
-        return Some(TC_ACT_OK); // already on its way out there
-    }
-    // SAFETY: plain helper call: egress of the FIB's interface.
-    Some(unsafe { bpf_redirect(p.ifindex, 0) } as i32)
 }

@@ -11,6 +11,7 @@ use proxy_common::{Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     conntrack,
+    csum::fold,
     forward::Hook,
     parse::{ip, l4, Ipv4Hdr, Ipv4Packet, ETH_HLEN, IP_OFFSET},
     stats, Verdict,
@@ -130,13 +131,6 @@ fn csum(data: *mut u32, len: u32, seed: u32) -> u32 {
     unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data, len, seed) as u32 }
 }
 
-#[inline(always)]
-fn fold(sum: u32) -> u16 {
-    let mut s = sum;
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
 
 /// An ICMP error (destination unreachable, time exceeded, ...) whose quoted
 /// packet belongs to a translated flow: rewrite the quote as the sender of
@@ -177,14 +171,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
         return Verdict::Pass(Counter::PassMalformed);
     };
     // The flow's other direction: the quoted tuple reversed.
-    let key = CtKey {
-        src_addr: inner.daddr,
-        dst_addr: inner.saddr,
-        src_port: ports[1],
-        dst_port: ports[0],
-        proto: inner.proto,
-        _pad: [0; 3],
-    };
+    let key = CtKey::new(inner.daddr, inner.saddr, ports[1], ports[0], inner.proto);
     let Some(entry) = conntrack::lookup(&key) else {
         return Verdict::Pass(Counter::PassNoService);
     };

@@ -10,6 +10,7 @@
 #![no_main]
 
 mod conntrack;
+mod csum;
 mod forward;
 mod icmp;
 mod maps;
@@ -220,7 +221,9 @@ fn established(
     hook: Hook,
 ) -> Verdict {
     let rewrite = conntrack::touch(key, entry, pkt.tcp_flags);
-    if nat::apply(ctx, pkt, &rewrite).is_err() {
+    let to = rewrite.translate(key);
+    let route = forward::route(ctx, pkt, &to, hook);
+    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook)).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(rewrite.svc_id, ctx.len(), false);
@@ -231,7 +234,7 @@ fn established(
     });
     // A reply to the node's own flow arrives at ingress but is delivered
     // locally: the FIB says so, and the stack takes it.
-    Verdict::Translated(forward::forward(ctx, pkt, hook))
+    Verdict::Translated(forward::send(ctx, route))
 }
 
 /// First packet of a flow to a service: apply the traffic policy, pick a
@@ -287,7 +290,9 @@ fn new_flow(
         Ok(r) => r,
         Err(reason) => return Verdict::Drop(reason),
     };
-    if nat::apply(ctx, pkt, &rewrite).is_err() {
+    let to = rewrite.translate(key);
+    let route = forward::route(ctx, pkt, &to, hook);
+    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook)).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(svc.svc_id, ctx.len(), true);
@@ -295,7 +300,7 @@ fn new_flow(
     if origin == Origin::Node {
         stats::event(Event::FromNode, 1);
     }
-    Verdict::Translated(forward::forward(ctx, pkt, hook))
+    Verdict::Translated(forward::send(ctx, route))
 }
 
 #[cfg(not(test))]

@@ -1,8 +1,8 @@
 //! Parse: Ethernet → IPv4 → TCP/UDP ports, with every offset computed here once.
 //!
-//! Headers are read with `bpf_skb_load_bytes` rather than direct packet
-//! access: it sees non-linear skbs too, and bounds are the helper's job, so a
-//! truncated packet is an `Err`, never an out-of-bounds read.
+//! Headers are read with direct packet access, every read bounds-checked
+//! against the linear data (`ptr_at`), so a truncated packet is malformed,
+//! never an out-of-bounds read.
 
 use aya_ebpf::programs::TcContext;
 use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
@@ -12,6 +12,9 @@ const ETH_P_IP: u16 = 0x0800;
 
 /// IPv4 header fields kpx reads, at fixed offsets from the IP header.
 pub mod ip {
+    /// TTL, protocol, checksum, source, destination: the part a translation
+    /// rewrites, written back as one block.
+    pub const TTL: usize = 8;
     pub const CSUM: usize = 10;
     pub const SADDR: usize = 12;
     pub const DADDR: usize = 16;
@@ -61,18 +64,16 @@ pub struct Ipv4Packet {
     pub proto: u8,
     /// TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
+    pub ttl: u8,
+    pub tos: u8,
+    /// The IPv4 header checksum as it was read.
+    pub ip_check: u16,
 }
 
 impl Ipv4Packet {
+    #[inline(always)]
     pub fn tuple(&self) -> CtKey {
-        CtKey {
-            src_addr: self.src,
-            dst_addr: self.dst,
-            src_port: self.sport,
-            dst_port: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
     /// Offset of the L4 checksum field.
@@ -99,27 +100,82 @@ pub enum Parsed {
     Packet(Ipv4Packet),
 }
 
+/// Bytes the parse needs in the skb's linear part at most: Ethernet, an
+/// IPv4 header with the longest options, the TCP header's first 14 bytes.
+const MAX_HEADERS: usize = ETH_HLEN + 60 + 14;
+
+/// A bounds-checked pointer to a `T` at `off` of the skb's linear data.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// Reads a `T` at `off` of the linear data.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that the `T` lies inside the packet; the
+    // header types read here are at their natural alignment in an skb
+    // whose IP header is 4-byte aligned (NET_IP_ALIGN), and unaligned
+    // loads from packet memory are fine for the BPF JIT anyway.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read(p) })
+}
+
+/// Parses with direct packet access: plain loads instead of a
+/// `bpf_skb_load_bytes` call per header. Only reads: kpx writes packets
+/// through helpers, because a program that writes packet memory directly
+/// gets a prologue that un-clones every cloned skb it sees (TCP's
+/// transmissions are clones), which would tax traffic that is not for a
+/// service. Headers outside the linear part (rare: the stack and drivers
+/// put them there) are pulled in once.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
-    let Ok(eth_proto) = ctx.load::<u16>(12) else {
+    let linear = ctx.data_end() - ctx.data();
+    let len = ctx.len() as usize;
+    if linear < MAX_HEADERS && linear < len {
+        let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
+        // A failure leaves the packet as it was: parsed as far as it goes.
+        let _ = ctx.pull_data(want as u32);
+    }
+    let Some(eth_proto) = read::<u16>(ctx, 12) else {
         return Parsed::NotHandled;
     };
     if u16::from_be(eth_proto) != ETH_P_IP {
         return Parsed::NotHandled;
     }
     let l3_off = ETH_HLEN;
-    let Ok(iph) = ctx.load::<Ipv4Hdr>(l3_off) else {
+    let Some(iph) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
         // Shorter than an IPv4 header.
         return Parsed::Malformed { dst: 0 };
     };
-    let dst = iph.daddr;
-    let ihl = ((iph.version_ihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be(iph.tot_len) as usize;
-    let wire_len = ctx.len() as usize;
-    if iph.version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > wire_len {
+    // SAFETY: bounds checked by `ptr_at`; fields read one by one.
+    let (version_ihl, tos, tot_len, frag_off) = unsafe {
+        (
+            (*iph).version_ihl,
+            (*iph).tos,
+            (*iph).tot_len,
+            (*iph).frag_off,
+        )
+    };
+    // SAFETY: as above.
+    let (ttl, proto, ip_check, src, dst) = unsafe {
+        (
+            (*iph).ttl,
+            (*iph).proto,
+            (*iph).check,
+            (*iph).saddr,
+            (*iph).daddr,
+        )
+    };
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be(tot_len) as usize;
+    if version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > len {
         return Parsed::Malformed { dst };
     }
-    if u16::from_be(iph.frag_off) & (IP_MF | IP_OFFSET) != 0 {
+    if u16::from_be(frag_off) & (IP_MF | IP_OFFSET) != 0 {
         return Parsed::Fragment { dst };
     }
     let l4_off = l3_off + ihl;
@@ -128,20 +184,23 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
         l3_off,
         l4_off,
         end: l3_off + tot_len,
-        src: iph.saddr,
+        src,
         dst,
         sport: 0,
         dport: 0,
-        proto: iph.proto,
+        proto,
         tcp_flags: 0,
+        ttl,
+        tos,
+        ip_check,
     };
-    match iph.proto {
+    match proto {
         IPPROTO_TCP => {
             if l4_len < l4::TCP_MIN_LEN {
                 return Parsed::Malformed { dst };
             }
             // sport, dport, seq, ack, data offset, flags.
-            let Ok(th) = ctx.load::<[u8; 14]>(l4_off) else {
+            let Some(th) = read::<[u8; 14]>(ctx, l4_off) else {
                 return Parsed::Malformed { dst };
             };
             let doff = ((th[12] >> 4) as usize) * 4;
@@ -157,7 +216,7 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
                 return Parsed::Malformed { dst };
             }
             // sport, dport, length, checksum.
-            let Ok(uh) = ctx.load::<[u16; 4]>(l4_off) else {
+            let Some(uh) = read::<[u16; 4]>(ctx, l4_off) else {
                 return Parsed::Malformed { dst };
             };
             let ulen = u16::from_be(uh[2]) as usize;

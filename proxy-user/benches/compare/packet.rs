@@ -172,14 +172,13 @@ fn entry(flags: u16, dir: u8, addr: &str, port: u16) -> CtValue {
 }
 
 fn key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
-    CtKey {
-        src_addr: wire::addr(ip(src)),
-        dst_addr: wire::addr(ip(dst)),
-        src_port: wire::port(sport),
-        dst_port: wire::port(dport),
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    }
+    CtKey::new(
+        wire::addr(ip(src)),
+        wire::addr(ip(dst)),
+        wire::port(sport),
+        wire::port(dport),
+        IPPROTO_TCP,
+    )
 }
 
 /// Mean ns of an established original-direction packet and of a reply.

@@ -468,12 +468,11 @@ pub fn cluster(dp: &mut Datapath) {
 }
 
 pub fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey {
-    CtKey {
-        src_addr: wire::addr(ip(src)),
-        dst_addr: wire::addr(ip(dst)),
-        src_port: wire::port(sport),
-        dst_port: wire::port(dport),
+    CtKey::new(
+        wire::addr(ip(src)),
+        wire::addr(ip(dst)),
+        wire::port(sport),
+        wire::port(dport),
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
