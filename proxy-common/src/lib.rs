@@ -27,7 +27,8 @@ pub mod map_names {
     pub const NODE_ADDRS: &str = "KPX_NODE_ADDRS";
     pub const SRC_RANGES: &str = "KPX_SRC_RANGES";
     pub const CONFIG: &str = "KPX_CONFIG";
-    pub const ALL: [&str; 14] = [
+    pub const PORTS: &str = "KPX_PORTS";
+    pub const ALL: [&str; 15] = [
         SERVICES,
         SERVICE_ADDRS,
         SLOTS,
@@ -42,6 +43,7 @@ pub mod map_names {
         NODE_ADDRS,
         SRC_RANGES,
         CONFIG,
+        PORTS,
     ];
 }
 
@@ -75,6 +77,29 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 1_024;
     /// `loadBalancerSourceRanges` entries over all service frontends.
     pub const SRC_RANGES: u32 = 65_536;
+    /// Words of the frontend-port filter: 2 bits for each of 65,536 ports.
+    pub const PORT_WORDS: u32 = 65_536 * 2 / 64;
+}
+
+/// The frontend-port filter (`KPX_PORTS`): which destination ports any
+/// frontend uses, so a packet to a port no service uses costs no service or
+/// node-address lookup. Port `p` (host order) has two bits in word
+/// `p / 32`: [`PORT_F_FRONTEND`] (a cluster, external or LoadBalancer IP
+/// frontend, any protocol) and [`PORT_F_NODEPORT`] (a NodePort), shifted
+/// left by `port_shift(p)`.
+pub const PORT_F_FRONTEND: u64 = 1 << 0;
+pub const PORT_F_NODEPORT: u64 = 1 << 1;
+
+/// The filter word of port `port` (host byte order).
+#[inline(always)]
+pub const fn port_word(port: u16) -> u32 {
+    port as u32 / 32
+}
+
+/// The shift of port `port`'s two bits in its word.
+#[inline(always)]
+pub const fn port_shift(port: u16) -> u32 {
+    (port as u32 % 32) * 2
 }
 
 /// Key of the service map: one frontend of a service.
@@ -232,7 +257,13 @@ pub struct CtKey {
 impl CtKey {
     /// A tuple, fields in network byte order, padding zeroed.
     #[inline(always)]
-    pub const fn new(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
+    pub const fn new(
+        src_addr: u32,
+        dst_addr: u32,
+        src_port: u16,
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
         Self {
             src_addr,
             dst_addr,
@@ -275,10 +306,18 @@ pub struct CtValue {
     pub tcp_flags: u8,
     pub backend_id: u32,
     pub svc_id: u32,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_coarse_ns()`, tick resolution) when
+    /// the flow was created.
     pub created_ns: u64,
     /// Last packet in this direction, refreshed at most every `CT_REFRESH_NS`.
     pub last_seen_ns: u64,
+    /// The next hop of this direction's packets, as the FIB last said
+    /// (ingress only): its interface (0: none cached) and the destination
+    /// then source MAC (12 bytes as they go on the wire, in words). Looked up
+    /// again when `last_seen_ns` is refreshed, so a route or neighbour
+    /// change is followed within `CT_REFRESH_NS`.
+    pub next_ifindex: u32,
+    pub next_macs: [u32; 3],
 }
 
 impl CtValue {
@@ -583,7 +622,7 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 56);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);

@@ -34,20 +34,23 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Records this packet in its flow's entry and returns a copy of the entry.
+/// Records this packet in its flow's entry and returns a copy of the entry,
+/// and whether `last_seen` was refreshed (then the next hop is looked up
+/// again).
 ///
 /// Writes only when something changed (`last_seen` older than
 /// `CT_REFRESH_NS`, the first reply, the first FIN/RST), so a busy flow does
 /// not bounce the entry's cache line between CPUs on every packet. A FIN or
 /// RST marks both entries closing: one more lookup, once per flow.
 #[inline(always)]
-pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> CtValue {
+pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> (CtValue, bool) {
     // SAFETY: `entry` came from a lookup in this program run; LRU elements
     // stay valid for the RCU read section. Racing writers only update the
     // timestamp and flag bits, both benign to lose.
     let e = unsafe { &mut *entry };
     let now = now();
-    if now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS {
+    let refreshed = now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS;
+    if refreshed {
         e.last_seen_ns = now;
     }
     if e.tcp_flags | tcp_flags != e.tcp_flags {
@@ -63,7 +66,19 @@ pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> CtValue {
             unsafe { (*p).flags |= CT_F_CLOSING };
         }
     }
-    *e
+    (*e, refreshed)
+}
+
+/// Caches the next hop the FIB gave for `entry`'s direction (`ifindex` 0:
+/// none), writing only when it changed.
+#[inline(always)]
+pub fn remember_next_hop(entry: *mut CtValue, ifindex: u32, macs: &[u32; 3]) {
+    // SAFETY: as in `touch`; a racing writer stores the same FIB answer.
+    let e = unsafe { &mut *entry };
+    if e.next_ifindex != ifindex || (ifindex != 0 && e.next_macs != *macs) {
+        e.next_ifindex = ifindex;
+        e.next_macs = *macs;
+    }
 }
 
 /// Whether `entry` is the original direction of a closing flow: a new SYN
@@ -125,19 +140,20 @@ pub fn create(
 ) -> Result<CtValue, DropReason> {
     let now = now();
     let masquerade = snat.addr != 0;
-    let mut original = CtValue {
-        new_src_addr: 0,
-        new_dst_addr: backend.addr,
-        new_src_port: 0,
-        new_dst_port: backend.port,
-        flags: CT_F_REWRITE_DST | snat.extra_flags,
-        dir: CT_DIR_ORIGINAL,
+    let mut original = entry(
+        Rewrite {
+            src_addr: 0,
+            dst_addr: backend.addr,
+            src_port: 0,
+            dst_port: backend.port,
+        },
+        CT_F_REWRITE_DST | snat.extra_flags,
+        CT_DIR_ORIGINAL,
         tcp_flags,
         backend_id,
         svc_id,
-        created_ns: now,
-        last_seen_ns: now,
-    };
+        now,
+    );
     // The masquerade port probe's random start; no helper call otherwise.
     let start = if masquerade {
         // SAFETY: helper without arguments.
@@ -156,24 +172,25 @@ pub fn create(
         // choice so both directions stay consistent.
         Err(e) if e == -EEXIST => {
             return lookup(key)
-                .map(|e| touch(key, e, tcp_flags))
+                .map(|e| touch(key, e, tcp_flags).0)
                 .ok_or(DropReason::CtInsertFailed);
         }
         Err(_) => return Err(DropReason::CtInsertFailed),
     }
-    let mut reply = CtValue {
-        new_src_addr: key.dst_addr,
-        new_dst_addr: 0,
-        new_src_port: key.dst_port,
-        new_dst_port: 0,
-        flags: CT_F_REWRITE_SRC | snat.extra_flags,
-        dir: CT_DIR_REPLY,
-        tcp_flags: 0,
+    let mut reply = entry(
+        Rewrite {
+            src_addr: key.dst_addr,
+            dst_addr: 0,
+            src_port: key.dst_port,
+            dst_port: 0,
+        },
+        CT_F_REWRITE_SRC | snat.extra_flags,
+        CT_DIR_REPLY,
+        0,
         backend_id,
         svc_id,
-        created_ns: now,
-        last_seen_ns: now,
-    };
+        now,
+    );
     let inserted = if masquerade {
         reply.flags |= CT_F_REWRITE_DST | CT_F_SNAT;
         reply.new_dst_addr = key.src_addr;
@@ -205,6 +222,45 @@ pub fn create(
         stats::event(Event::Masqueraded, 1);
     }
     Ok(original)
+}
+
+/// The addresses and ports an entry rewrites to.
+struct Rewrite {
+    src_addr: u32,
+    dst_addr: u32,
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// A new entry, no next hop cached yet. The next-hop zeroes go through
+/// `black_box`: as plain constants LLVM merges the 16 zero bytes into a call
+/// to the BPF target's byte-wise `memset`.
+#[inline(always)]
+fn entry(
+    to: Rewrite,
+    flags: u16,
+    dir: u8,
+    tcp_flags: u8,
+    backend_id: u32,
+    svc_id: u32,
+    now: u64,
+) -> CtValue {
+    let zero = core::hint::black_box(0u32);
+    CtValue {
+        new_src_addr: to.src_addr,
+        new_dst_addr: to.dst_addr,
+        new_src_port: to.src_port,
+        new_dst_port: to.dst_port,
+        flags,
+        dir,
+        tcp_flags,
+        backend_id,
+        svc_id,
+        created_ns: now,
+        last_seen_ns: now,
+        next_ifindex: zero,
+        next_macs: [zero; 3],
+    }
 }
 
 /// Claims a free masquerade port for the flow `key` by inserting its reply

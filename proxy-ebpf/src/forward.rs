@@ -46,7 +46,8 @@ pub enum Route {
     /// already leaving there (egress), no redirect needed.
     Mac {
         ifindex: u32,
-        macs: [u8; 12],
+        /// Destination then source MAC, as on the wire.
+        macs: [u32; 3],
         stay: bool,
     },
 }
@@ -143,13 +144,40 @@ pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route 
             ifindex: p.0.ifindex,
         };
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&p.0.dmac);
-    macs[6..].copy_from_slice(&p.0.smac);
+    let (d, s) = (p.0.dmac, p.0.smac);
+    let macs = [
+        u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
+        u32::from_ne_bytes([d[4], d[5], s[0], s[1]]),
+        u32::from_ne_bytes([s[2], s[3], s[4], s[5]]),
+    ];
     Route::Mac {
         ifindex: p.0.ifindex,
         macs,
         stay: hook == Hook::Egress && p.0.ifindex == ifindex,
+    }
+}
+
+/// The route an established packet at ingress takes from its flow entry's
+/// cached next hop (`ifindex` non-zero), with no FIB lookup.
+#[inline(always)]
+pub fn cached(pkt: &Ipv4Packet, ifindex: u32, macs: [u32; 3]) -> Route {
+    if pkt.ttl <= 1 {
+        return Route::Stack;
+    }
+    Route::Mac {
+        ifindex,
+        macs,
+        stay: false,
+    }
+}
+
+/// What a flow entry caches of `route` (at ingress): the interface and
+/// MACs of a resolved next hop, else nothing (ifindex 0).
+#[inline(always)]
+pub fn cacheable(route: &Route) -> (u32, [u32; 3]) {
+    match *route {
+        Route::Mac { ifindex, macs, .. } => (ifindex, macs),
+        _ => (0, [0; 3]),
     }
 }
 

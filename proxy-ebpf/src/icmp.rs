@@ -131,7 +131,6 @@ fn csum(data: *mut u32, len: u32, seed: u32) -> u32 {
     unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data, len, seed) as u32 }
 }
 
-
 /// An ICMP error (destination unreachable, time exceeded, ...) whose quoted
 /// packet belongs to a translated flow: rewrite the quote as the sender of
 /// the original packet sent it, and the outer header as it expects it.

@@ -63,7 +63,8 @@ const DROP: i32 = TC_ACT_SHOT;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - non-IPv4, other protocols: 0.
 ///
-/// Every translated packet then costs one FIB lookup ([`forward`]).
+/// A translated packet then costs one FIB lookup ([`forward`]), except an
+/// established one at ingress, whose flow entry caches its next hop.
 /// No loop over services or backends exists anywhere in the program.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
@@ -220,9 +221,20 @@ fn established(
     entry: *mut proxy_common::CtValue,
     hook: Hook,
 ) -> Verdict {
-    let rewrite = conntrack::touch(key, entry, pkt.tcp_flags);
+    let (rewrite, refreshed) = conntrack::touch(key, entry, pkt.tcp_flags);
     let to = rewrite.translate(key);
-    let route = forward::route(ctx, pkt, &to, hook);
+    // At ingress the next hop comes from the flow entry, the FIB asked again
+    // only when the entry is refreshed (at most once a second per direction).
+    let route = if hook == Hook::Ingress && !refreshed && rewrite.next_ifindex != 0 {
+        forward::cached(pkt, rewrite.next_ifindex, rewrite.next_macs)
+    } else {
+        let route = forward::route(ctx, pkt, &to, hook);
+        if hook == Hook::Ingress {
+            let (ifindex, macs) = forward::cacheable(&route);
+            conntrack::remember_next_hop(entry, ifindex, &macs);
+        }
+        route
+    };
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook)).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }

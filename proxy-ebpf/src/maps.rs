@@ -71,6 +71,11 @@ pub static NODE_ADDRS: HashMap<u32, u32> =
 pub static SRC_RANGES: LpmTrie<SrcRange, u32> =
     LpmTrie::with_max_entries(capacity::SRC_RANGES, BPF_F_NO_PREALLOC);
 
+/// Which ports frontends use (`proxy_common::port_word`): a packet to any
+/// other port is not for a service, known without a hash lookup.
+#[map(name = "KPX_PORTS")]
+pub static PORTS: Array<u64> = Array::with_max_entries(capacity::PORT_WORDS, 0);
+
 /// Node-wide settings: one element.
 #[map(name = "KPX_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

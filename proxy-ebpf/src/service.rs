@@ -1,13 +1,27 @@
 //! Service lookup: one hash lookup on (destination address, port, protocol);
 //! for a packet to one of this node's NodePort addresses that matches no
 //! frontend, one more lookup, of the NodePort frontend (the reference's
-//! `KUBE-NODEPORTS`, reached last from `KUBE-SERVICES`).
+//! `KUBE-NODEPORTS`, reached last from `KUBE-SERVICES`). Both are skipped
+//! for a port no frontend uses, which one array read (`PORTS`, inlined by
+//! the verifier: no hash, no helper call) tells: most traffic that is not
+//! for a service pays nothing here.
 
 use proxy_common::{
-    DatapathConfig, ServiceKey, ServiceValue, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT,
+    port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODEPORT_ADDR, NODE_F_LOCAL,
+    NODE_F_NODEPORT, PORT_F_FRONTEND, PORT_F_NODEPORT,
 };
 
-use crate::maps::{CONFIG, NODE_ADDRS, SERVICES, SERVICE_ADDRS};
+use crate::maps::{CONFIG, NODE_ADDRS, PORTS, SERVICES, SERVICE_ADDRS};
+
+/// `PORT_F_*` bits of destination port `port` (network order).
+#[inline(always)]
+fn port_kinds(port: u16) -> u64 {
+    let port = u16::from_be(port);
+    PORTS.get_ptr(port_word(port)).map_or(0, |w| {
+        // SAFETY: array element pointer, valid for the program run.
+        (unsafe { *w } >> port_shift(port)) & (PORT_F_FRONTEND | PORT_F_NODEPORT)
+    })
+}
 
 #[inline(always)]
 fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
@@ -25,15 +39,19 @@ fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     })
 }
 
-/// The frontend a packet to `addr:port` is for. Lookups: 1 for a cluster,
-/// external or LoadBalancer IP; on a miss 1 more (`NODE_ADDRS`), and 1 more
+/// The frontend a packet to `addr:port` is for. Lookups: the port filter;
+/// 1 for a cluster, external or LoadBalancer IP on a port some such
+/// frontend uses; for a NodePort's port, 1 more (`NODE_ADDRS`), and 1 more
 /// (the NodePort frontend) when `addr` serves NodePorts.
 #[inline(always)]
 pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    if let Some(v) = get(addr, port, proto) {
-        return Some(v);
+    let kinds = port_kinds(port);
+    if kinds & PORT_F_FRONTEND != 0 {
+        if let Some(v) = get(addr, port, proto) {
+            return Some(v);
+        }
     }
-    if node_flags(addr) & NODE_F_NODEPORT != 0 {
+    if kinds & PORT_F_NODEPORT != 0 && node_flags(addr) & NODE_F_NODEPORT != 0 {
         return get(NODEPORT_ADDR, port, proto);
     }
     None
@@ -70,8 +88,12 @@ pub fn config() -> DatapathConfig {
     })
 }
 
-/// As [`lookup`], without the NodePort fallback: 1 lookup.
+/// As [`lookup`], without the NodePort fallback: the port filter, then 1
+/// lookup.
 #[inline(always)]
 pub fn lookup_exact(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    if port_kinds(port) & PORT_F_FRONTEND == 0 {
+        return None;
+    }
     get(addr, port, proto)
 }

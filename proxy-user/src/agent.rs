@@ -39,6 +39,7 @@ use crate::{
     metrics::{self, EventLabel, MapLabel, Metrics, ReasonLabel, ResourceLabel, VerdictLabel},
     model::{NodeInfo, Problem, Skipped, Sourced},
     node::{self, PortRange},
+    ports::PortFilter,
     sync::{self, Mirror},
     watch::{self, Change},
 };
@@ -113,6 +114,8 @@ struct Agent {
     cfg: Config,
     dp: Datapath,
     mirror: Mirror,
+    /// The frontend-port filter, kept with the mirror.
+    ports: PortFilter,
     /// The next sync must diff everything (first sync, after a resync or a
     /// failed write); otherwise only the frontends that changed.
     full: bool,
@@ -159,6 +162,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Pinned maps survive restarts: start from what they hold, so the first
     // sync only writes differences and live flows keep their conntrack.
     let mirror = Mirror::new(dp.maps.read_state().context("reading the pinned maps")?);
+    let ports = PortFilter::rebuild(&mirror.state, &dp.maps).context("reading the port filter")?;
     log::info!(
         "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}); maps in {} hold {} frontends",
         cfg.hostname,
@@ -223,6 +227,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         cfg,
         dp,
         mirror,
+        ports,
         full: true,
         metrics,
         stats: AgentStats::default(),
@@ -239,8 +244,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         health,
         seen_totals: HashMap::new(),
     };
-    // Settings and addresses first, so the programs never run without them.
+    // Settings, addresses and the port filter of the frontends already in
+    // the maps first, so the programs never run without them.
     agent.node_settings();
+    agent.flush_ports();
     attacher.reconcile(&mut agent.dp);
     agent.datapath_metrics();
     // Continue the totals an earlier agent left in the pinned counters.
@@ -300,6 +307,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 match agent.dp.maps.read_state() {
                     Ok(state) => agent.mirror = Mirror::new(state),
                     Err(e) => log::warn!("re-reading maps: {e:#}"),
+                }
+                match PortFilter::rebuild(&agent.mirror.state, &agent.dp.maps) {
+                    Ok(ports) => agent.ports = ports,
+                    Err(e) => log::warn!("re-reading the port filter: {e:#}"),
                 }
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
@@ -629,6 +640,21 @@ impl Agent {
     }
 
     /// One sync: recompute what changed, write the difference.
+    /// Writes the port filter's changed words, after the frontends they
+    /// let packets reach; false (logged) when a write failed.
+    fn flush_ports(&mut self) -> bool {
+        match self.ports.flush(&mut self.dp.maps) {
+            Ok(n) => {
+                self.metrics.map_writes.inc_by(n as u64);
+                true
+            }
+            Err(e) => {
+                log::error!("writing the port filter failed: {e}; will retry");
+                false
+            }
+        }
+    }
+
     fn sync(&mut self) {
         let started = Instant::now();
         self.last_sync = Some(started);
@@ -665,6 +691,8 @@ impl Agent {
             if let Err(e) = self.dp.maps.write(op) {
                 self.failed();
                 self.metrics.map_writes.inc_by(i as u64);
+                // What was written is served: its ports too.
+                self.flush_ports();
                 // Every prefix of a plan is a consistent datapath: stop here and retry.
                 log::error!(
                     "map write {}/{} ({op:?}) failed: {e}; will retry",
@@ -673,7 +701,12 @@ impl Agent {
                 );
                 return;
             }
+            self.ports.observe(op, &self.mirror.state);
             self.mirror.record(op);
+        }
+        if !self.flush_ports() {
+            self.failed();
+            return;
         }
         let (took, wrote) = (started.elapsed(), writing.elapsed());
         self.owed = false;

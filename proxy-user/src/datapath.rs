@@ -50,6 +50,7 @@ pub struct MapSet {
     pub node_addrs: HashMap<MapData, u32, u32>,
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
     pub config: Array<MapData, DatapathConfig>,
+    pub ports: Array<MapData, u64>,
 }
 
 impl MapSet {
@@ -70,6 +71,7 @@ impl MapSet {
             node_addrs: get(map_names::NODE_ADDRS)?.try_into()?,
             src_ranges: get(map_names::SRC_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
+            ports: get(map_names::PORTS)?.try_into()?,
         })
     }
 
@@ -221,6 +223,34 @@ impl MapSet {
         }
     }
 
+    /// Every word of the frontend-port filter.
+    pub fn port_words(&self) -> Result<Vec<u64>, MapError> {
+        (0..self.ports.len())
+            .map(|i| self.ports.get(&i, 0))
+            .collect()
+    }
+
+    /// Writes a frontend and marks its port in the filter (for tools and
+    /// tests that write frontends by hand; the agent's sync keeps the
+    /// filter itself, see [`crate::ports`]).
+    pub fn put_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        let port = u16::from_be(key.port);
+        let kind = if key.addr == proxy_common::NODEPORT_ADDR {
+            proxy_common::PORT_F_NODEPORT
+        } else {
+            proxy_common::PORT_F_FRONTEND
+        };
+        let i = proxy_common::port_word(port);
+        let word = self.ports.get(&i, 0)? | kind << proxy_common::port_shift(port);
+        self.ports.set(i, word, 0)?;
+        self.services.insert(key, value, 0)
+    }
+
+    /// Writes word `i` of the frontend-port filter.
+    pub fn set_port_word(&mut self, i: u32, word: u64) -> Result<(), MapError> {
+        self.ports.set(i, word, 0)
+    }
+
     /// The node-wide settings the datapath reads.
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
         self.config.set(0, cfg, 0)
@@ -282,6 +312,61 @@ pub fn name_from_bytes(b: &ServiceName) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// Key and value size of each map, as this build lays them out.
+fn layout(name: &str) -> Option<(usize, usize)> {
+    use core::mem::size_of;
+    Some(match name {
+        map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        map_names::SERVICE_ADDRS | map_names::NODE_ADDRS => (4, 4),
+        map_names::SLOTS => (size_of::<SlotKey>(), 4),
+        map_names::BACKENDS => (4, size_of::<Backend>()),
+        map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>()),
+        map_names::COUNTERS | map_names::DROPS | map_names::EVENTS | map_names::PORTS => (4, 8),
+        map_names::SERVICE_STATS => (4, size_of::<ServiceStats>()),
+        map_names::SERVICE_NAMES => (4, size_of::<ServiceName>()),
+        map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        map_names::SRC_RANGES => (4 + size_of::<SrcRange>(), 4),
+        map_names::CONFIG => (4, size_of::<DatapathConfig>()),
+        _ => return None,
+    })
+}
+
+/// A pinned map whose key or value size is not this build's (left by an
+/// older kpx) cannot be shared with the new programs: its pin is removed,
+/// so a map of the new layout is created and pinned in its place, and what
+/// it held is said. The control-plane maps are rewritten by the first sync;
+/// a conntrack map replaced this way loses its flows (carrying them over
+/// is a migration, not done here).
+fn replace_mismatched_pins(dir: &Path) -> Result<()> {
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some((key, value)) = layout(name) else {
+            continue;
+        };
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the pinned map {}", path.display()))?;
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if (k, v) == (key, value) {
+            continue;
+        }
+        log::warn!(
+            "pinned map {} has another layout (key {k}, value {v} bytes; this kpx uses {key}, {value}):              replaced by a new map{}",
+            path.display(),
+            if name == map_names::CONNTRACK {
+                "; the flows it tracked are not carried over"
+            } else {
+                "; the first sync fills it again"
+            }
+        );
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing the pinned map {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The loaded datapath: its program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -293,6 +378,7 @@ impl Datapath {
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         if let Some(dir) = &opts.pin_dir {
+            replace_mismatched_pins(dir)?;
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }

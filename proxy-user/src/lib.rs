@@ -15,6 +15,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod ports;
 pub mod reference;
 pub mod sync;
 pub mod testbed;

@@ -78,7 +78,7 @@ fn frontend(
         local_count: local.len() as u32,
         ..ServiceValue::default()
     };
-    dp.maps.services.insert(key, value, 0).unwrap();
+    dp.maps.put_frontend(key, value).unwrap();
 }
 
 fn ct(dp: &kpx::datapath::Datapath, key: proxy_common::CtKey) -> CtValue {

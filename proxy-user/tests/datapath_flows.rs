@@ -29,7 +29,7 @@ fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32
     let mut v = dp.maps.services.get(&key, 0).unwrap();
     v.affinity_timeout = timeout;
     v.affinity_id = AFFINITY_ID;
-    dp.maps.services.insert(key, v, 0).unwrap();
+    dp.maps.put_frontend(key, v).unwrap();
 }
 
 #[test]

@@ -1,17 +1,101 @@
 //! Path lengths of the datapath: every path of the tc programs held to a
-//! budget of BPF instructions executed and helper calls, counted exactly
-//! by running the real eBPF object in `pathlen`'s interpreter. No root, no
-//! timing: a change that makes a path much longer fails here, naming it.
+//! budget of BPF instructions executed and helper calls, counted exactly by
+//! running the real eBPF object in `pathlen`'s interpreter. No root and no
+//! clock: the same object gives the same counts on any machine, so a change
+//! that makes a path much longer fails here, naming the path and its budget
+//! (`cargo xtask bench --packet` shows what the nanoseconds did).
 
 mod support;
 
+use support::{inspect, paths};
+
+/// (path, instructions, helper calls) at most. The figures measured when the
+/// budgets were set are in comments; the slack absorbs compiler noise, not
+/// a new lookup or helper on a hot path.
+const BUDGETS: &[(&str, u64, u64)] = &[
+    ("not IPv4", 40, 1),
+    ("no service", 170, 4),
+    ("no service, port no frontend uses", 120, 3),
+    ("no service, to the node", 180, 5),
+    ("first packet", 850, 21),
+    ("established, FIB to the stack", 500, 10),
+    ("established, next hop looked up", 560, 12),
+    ("established", 560, 12),
+    ("reply, next hop looked up", 560, 12),
+    ("reply", 560, 12),
+    ("ICMP error about a flow", 320, 11),
+    ("first packet, masqueraded", 950, 24),
+    ("first packet, NodePort", 970, 26),
+    ("first packet, ClientIP affinity", 880, 25),
+    ("no endpoints: REJECT", 820, 13),
+    ("fragment to a service", 80, 3),
+    ("egress: a pod's packet", 100, 1),
+    ("egress: already translated", 10, 0),
+];
+
 #[test]
-fn path_lengths() {
-    let runs = support::paths::run_all().expect("running the paths");
+fn every_path_stays_within_its_budget() {
+    let runs = paths::run_all().expect("running the paths");
+    let mut over = Vec::new();
+    println!("{:<34} {:>6} {:>8}   budget", "path", "insns", "helpers");
     for (name, r) in &runs {
+        let Some(&(_, insns, helpers)) = BUDGETS.iter().find(|b| b.0 == *name) else {
+            panic!("path {name:?} has no budget: add one");
+        };
         println!(
-            "{name:<34} {:>5} insns {:>3} helpers {:?}",
+            "{name:<34} {:>6} {:>8}   {insns} / {helpers}   {:?}",
             r.insns, r.helper_calls, r.by_helper
         );
+        if r.insns > insns || r.helper_calls > helpers {
+            over.push(format!(
+                "{name}: {} instructions and {} helper calls, budget {insns} and {helpers}",
+                r.insns, r.helper_calls
+            ));
+        }
+    }
+    assert_eq!(runs.len(), BUDGETS.len(), "a budget names no path");
+    assert!(over.is_empty(), "paths over budget:\n{}", over.join("\n"));
+}
+
+/// The counts are of real translations: what the interpreter's runs leave
+/// in the packet are valid, correctly translated frames.
+#[test]
+fn translated_paths_leave_valid_packets() {
+    for (name, r) in paths::run_all().expect("running the paths") {
+        if !(name.starts_with("first packet") || name.starts_with("established") || name == "reply")
+        {
+            continue;
+        }
+        // Checksums are verified by `inspect`.
+        let seen = inspect(&r.packet);
+        if name.starts_with("reply") {
+            assert_eq!(
+                seen.src.to_string(),
+                "198.19.0.10",
+                "{name}: reply not from the VIP"
+            );
+        } else {
+            assert!(
+                seen.dst.octets()[..2] == [198, 18],
+                "{name}: not sent to a backend: {seen:?}"
+            );
+        }
+        if name.contains("masqueraded") || name.contains("NodePort") {
+            assert_eq!(
+                seen.src.to_string(),
+                "198.18.0.1",
+                "{name}: not masqueraded"
+            );
+        }
+    }
+}
+
+/// The same packets, the same counts: what makes a budget meaningful.
+#[test]
+fn counts_are_repeatable() {
+    let a = paths::run_all().expect("running the paths");
+    let b = paths::run_all().expect("running the paths");
+    for ((n, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!((x.insns, &x.by_helper), (y.insns, &y.by_helper), "{n}");
     }
 }

@@ -399,7 +399,7 @@ pub fn install_service(
         count: backends.len() as u32,
         ..ServiceValue::default()
     };
-    dp.maps.services.insert(key, value, 0).unwrap();
+    dp.maps.put_frontend(key, value).unwrap();
     dp.maps.service_addrs.insert(key.addr, 1, 0).unwrap();
 }
 

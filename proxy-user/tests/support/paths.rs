@@ -10,9 +10,9 @@ use anyhow::{ensure, Context as _, Result};
 use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
-    map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey,
-    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL,
-    SVC_F_NODEPORT,
+    map_names, port_shift, port_word, prog_names, wire, Backend, DatapathConfig, ServiceKey,
+    ServiceValue, SlotKey, IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
+    NODE_F_NODEPORT, PORT_F_FRONTEND, PORT_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_NODEPORT,
 };
 
 use super::{
@@ -81,6 +81,14 @@ pub fn vm() -> Result<Vm> {
         _pad: 0,
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
+    // The port filter, as the agent writes it for these frontends.
+    let mut words = std::collections::BTreeMap::<u32, u64>::new();
+    for (port, kind) in [(80, PORT_F_FRONTEND), (NODE_PORT, PORT_F_NODEPORT)] {
+        *words.entry(port_word(port)).or_default() |= kind << port_shift(port);
+    }
+    for (w, v) in words {
+        vm.map_insert(map_names::PORTS, &w.to_ne_bytes(), &v.to_ne_bytes())?;
+    }
     Ok(vm)
 }
 
@@ -185,6 +193,12 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             TC_ACT_UNSPEC,
         ),
         path(
+            "no service, port no frontend uses",
+            tcp(CLIENT, 40000, "198.18.3.3", 9000, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
             "no service, to the node",
             tcp(CLIENT, 40000, NODE, 22, ACK),
             FORWARD,
@@ -196,6 +210,21 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             FORWARD,
             TC_ACT_REDIRECT,
         ),
+        // Nothing cached: the FIB is asked and says "the stack".
+        path(
+            "established, FIB to the stack",
+            tcp(CLIENT, 45000, VIP, 80, ACK),
+            Fib::NoRoute,
+            TC_ACT_OK,
+        ),
+        // The FIB is asked and its next hop cached in the flow entry...
+        path(
+            "established, next hop looked up",
+            tcp(CLIENT, 45000, VIP, 80, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        // ...which every later packet uses: the common case.
         path(
             "established",
             tcp(CLIENT, 45000, VIP, 80, ACK),
@@ -203,10 +232,10 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             TC_ACT_REDIRECT,
         ),
         path(
-            "established, FIB to the stack",
-            tcp(CLIENT, 45000, VIP, 80, ACK),
-            Fib::NoRoute,
-            TC_ACT_OK,
+            "reply, next hop looked up",
+            tcp(&b, 8080, CLIENT, 45000, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
         ),
         path(
             "reply",
@@ -277,10 +306,11 @@ pub fn run(vm: &mut Vm, p: &Path) -> Result<Run> {
     let r = vm.run(prog, &p.frame, skb)?;
     ensure!(
         r.verdict as u32 == p.verdict,
-        "path {:?} ended in verdict {}, not {}",
+        "path {:?} ended in verdict {}, not {} (helpers {:?})",
         p.name,
         r.verdict,
-        p.verdict as i32
+        p.verdict as i32,
+        r.by_helper
     );
     Ok(r)
 }
