@@ -318,6 +318,13 @@ pub struct CtValue {
     /// change is followed within `CT_REFRESH_NS`.
     pub next_ifindex: u32,
     pub next_macs: [u32; 3],
+    /// The IP length of the packet whose FIB lookup cached the next hop,
+    /// which passed the route's MTU check: only packets no longer than it
+    /// use the cache, a longer one asks the FIB (and is sent to the stack,
+    /// which answers "fragmentation needed", when it does not fit).
+    pub next_len: u16,
+    pub _pad0: u16,
+    pub _pad1: u32,
 }
 
 impl CtValue {
@@ -622,7 +629,7 @@ const _: () = {
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
-    assert!(core::mem::size_of::<CtValue>() == 56);
+    assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<ServiceStats>() == 24);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);

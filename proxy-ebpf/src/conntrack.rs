@@ -70,15 +70,28 @@ pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> (CtValue, bool)
 }
 
 /// Caches the next hop the FIB gave for `entry`'s direction (`ifindex` 0:
-/// none), writing only when it changed.
+/// none) and the packet length it was checked with, writing only when
+/// something changed.
 #[inline(always)]
-pub fn remember_next_hop(entry: *mut CtValue, ifindex: u32, macs: &[u32; 3]) {
+pub fn remember_next_hop(entry: *mut CtValue, hop: &NextHop) {
     // SAFETY: as in `touch`; a racing writer stores the same FIB answer.
     let e = unsafe { &mut *entry };
-    if e.next_ifindex != ifindex || (ifindex != 0 && e.next_macs != *macs) {
-        e.next_ifindex = ifindex;
-        e.next_macs = *macs;
+    if e.next_ifindex != hop.ifindex
+        || (hop.ifindex != 0 && (e.next_macs != hop.macs || e.next_len != hop.len))
+    {
+        e.next_ifindex = hop.ifindex;
+        e.next_macs = hop.macs;
+        e.next_len = hop.len;
     }
+}
+
+/// A next hop as a flow entry caches it.
+pub struct NextHop {
+    /// 0: none.
+    pub ifindex: u32,
+    pub macs: [u32; 3],
+    /// The IP length the FIB's MTU check passed.
+    pub len: u16,
 }
 
 /// Whether `entry` is the original direction of a closing flow: a new SYN
@@ -260,6 +273,9 @@ fn entry(
         last_seen_ns: now,
         next_ifindex: zero,
         next_macs: [zero; 3],
+        next_len: zero as u16,
+        _pad0: zero as u16,
+        _pad1: zero,
     }
 }
 

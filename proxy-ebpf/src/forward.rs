@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use proxy_common::{CtKey, Event, MARK_TRANSLATED};
+use proxy_common::{CtKey, CtValue, Event, MARK_TRANSLATED};
 
-use crate::{parse::Ipv4Packet, stats};
+use crate::{conntrack::NextHop, parse::Ipv4Packet, stats};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
@@ -91,7 +91,7 @@ impl Params {
         let p = unsafe { p.assume_init_mut() };
         p.0.family = AF_INET;
         p.0.l4_protocol = pkt.proto;
-        p.0.__bindgen_anon_1.tot_len = (pkt.end - pkt.l3_off) as u16;
+        p.0.__bindgen_anon_1.tot_len = pkt.ip_len();
         p.0.__bindgen_anon_4.ipv4_dst = dst;
         p.0.ifindex = ifindex;
         p
@@ -158,26 +158,38 @@ pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route 
 }
 
 /// The route an established packet at ingress takes from its flow entry's
-/// cached next hop (`ifindex` non-zero), with no FIB lookup.
+/// cached next hop, with no FIB lookup; None when nothing is cached or the
+/// packet is longer than the one the FIB checked the route's MTU with.
 #[inline(always)]
-pub fn cached(pkt: &Ipv4Packet, ifindex: u32, macs: [u32; 3]) -> Route {
+pub fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
+    if e.next_ifindex == 0 || pkt.ip_len() > e.next_len {
+        return None;
+    }
     if pkt.ttl <= 1 {
-        return Route::Stack;
+        return Some(Route::Stack);
     }
-    Route::Mac {
-        ifindex,
-        macs,
+    Some(Route::Mac {
+        ifindex: e.next_ifindex,
+        macs: e.next_macs,
         stay: false,
-    }
+    })
 }
 
 /// What a flow entry caches of `route` (at ingress): the interface and
-/// MACs of a resolved next hop, else nothing (ifindex 0).
+/// MACs of a resolved next hop and the length checked, else nothing.
 #[inline(always)]
-pub fn cacheable(route: &Route) -> (u32, [u32; 3]) {
+pub fn cacheable(route: &Route, pkt: &Ipv4Packet) -> NextHop {
     match *route {
-        Route::Mac { ifindex, macs, .. } => (ifindex, macs),
-        _ => (0, [0; 3]),
+        Route::Mac { ifindex, macs, .. } => NextHop {
+            ifindex,
+            macs,
+            len: pkt.ip_len(),
+        },
+        _ => NextHop {
+            ifindex: 0,
+            macs: [0; 3],
+            len: 0,
+        },
     }
 }
 

@@ -225,15 +225,19 @@ fn established(
     let to = rewrite.translate(key);
     // At ingress the next hop comes from the flow entry, the FIB asked again
     // only when the entry is refreshed (at most once a second per direction).
-    let route = if hook == Hook::Ingress && !refreshed && rewrite.next_ifindex != 0 {
-        forward::cached(pkt, rewrite.next_ifindex, rewrite.next_macs)
-    } else {
-        let route = forward::route(ctx, pkt, &to, hook);
-        if hook == Hook::Ingress {
-            let (ifindex, macs) = forward::cacheable(&route);
-            conntrack::remember_next_hop(entry, ifindex, &macs);
+    let cached = match hook {
+        Hook::Ingress if !refreshed => forward::cached(pkt, &rewrite),
+        _ => None,
+    };
+    let route = match cached {
+        Some(route) => route,
+        None => {
+            let route = forward::route(ctx, pkt, &to, hook);
+            if hook == Hook::Ingress {
+                conntrack::remember_next_hop(entry, &forward::cacheable(&route, pkt));
+            }
+            route
         }
-        route
     };
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook)).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);

@@ -76,6 +76,12 @@ impl Ipv4Packet {
         CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
+    /// The IP datagram's length (`tot_len`).
+    #[inline(always)]
+    pub fn ip_len(&self) -> u16 {
+        (self.end - self.l3_off) as u16
+    }
+
     /// Offset of the L4 checksum field.
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off

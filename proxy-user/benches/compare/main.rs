@@ -216,6 +216,7 @@ fn main() -> Result<()> {
         seconds_per_run: o.seconds,
         rows,
         packet,
+        paths: report::path_lengths()?,
         unavailable,
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
@@ -248,7 +249,8 @@ fn packet_only(o: &Options, p: &Progress) -> Result<()> {
     for &n in &sizes {
         costs.push(packet_cost(n, o.quick, p)?);
     }
-    println!("\n{}", report::packet_markdown(&machine(), &costs));
+    let paths = report::path_lengths()?;
+    println!("\n{}", report::packet_markdown(&machine(), &costs, &paths));
     Ok(())
 }
 

@@ -61,6 +61,9 @@ pub struct Report {
     pub seconds_per_run: f64,
     pub rows: Vec<Row>,
     pub packet: Vec<PacketCost>,
+    /// Path lengths of the datapath (instructions, helper calls).
+    #[serde(default)]
+    pub paths: Vec<PathLength>,
     /// Modes that could not run here, and why.
     pub unavailable: Vec<(Mode, String)>,
 }
@@ -109,13 +112,61 @@ fn table(out: &mut String, header: &[String], rows: &[Vec<String>]) {
     out.push('\n');
 }
 
+/// One path of the datapath, counted by `pathlen`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PathLength {
+    pub path: String,
+    pub insns: u64,
+    pub helper_calls: u64,
+}
+
+/// Every path of the datapath through the real object in the counting
+/// interpreter (the same runs `tests/pathlen.rs` holds to budgets).
+pub fn path_lengths() -> Result<Vec<PathLength>> {
+    Ok(crate::support::paths::run_all()?
+        .into_iter()
+        .map(|(path, r)| PathLength {
+            path: path.to_string(),
+            insns: r.insns,
+            helper_calls: r.helper_calls,
+        })
+        .collect())
+}
+
+fn path_table(out: &mut String, paths: &[PathLength]) {
+    if paths.is_empty() {
+        return;
+    }
+    out.push_str(
+        "**kpx datapath path lengths**: BPF instructions executed and helper calls per packet \
+         (the object's bytecode run in `pathlen`'s interpreter: exact, the same on any machine)\n\n",
+    );
+    let rows: Vec<Vec<String>> = paths
+        .iter()
+        .map(|p| {
+            vec![
+                p.path.clone(),
+                p.insns.to_string(),
+                p.helper_calls.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["path".into(), "instructions".into(), "helper calls".into()],
+        &rows,
+    );
+}
+
 /// The datapath's cost per packet: ns above the empty program, per path.
 fn packet_table(out: &mut String, costs: &[PacketCost]) {
     out.push_str(
         "**kpx datapath cost per packet**: BPF_PROG_TEST_RUN of the tc ingress program, \
          ns above the empty program (whose own cost is the first column). \
-         `repeat` means for the first three paths; medians of single runs, \
-         each against the empty program's single-run median, for the others\n\n",
+         `repeat` (median of 9 batches) for the paths a repeated packet can take; medians of \
+         single runs, each against the empty program's single-run median, for the others. \
+         \"FIB → stack\": the FIB has no route (the measuring namespace is empty), the packet goes \
+         up the stack; \"redirected\": the FIB answers and the flow's cached next hop is used\n\n",
     );
     let rows: Vec<Vec<String>> = costs
         .iter()
@@ -124,6 +175,11 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
             vec![
                 thousands(p.services as f64),
                 format!("{:.0} / {:.0}", p.floor_ns, p.floor_single_ns),
+                if p.no_frontend_port_ns > 0.0 {
+                    above(p.no_frontend_port_ns, p.floor_ns)
+                } else {
+                    "–".into()
+                },
                 above(p.no_service_ns, p.floor_ns),
                 above(p.established_ns, p.floor_ns),
                 above(p.reply_ns, p.floor_ns),
@@ -141,20 +197,22 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
         &[
             "services".into(),
             "empty program (repeat / 1 run)".into(),
-            "no service".into(),
-            "established".into(),
-            "reply".into(),
-            "established, FIB redirect (1 run)".into(),
+            "no service, other port".into(),
+            "no service, a frontend's port".into(),
+            "established, FIB → stack".into(),
+            "reply, FIB → stack".into(),
+            "established, redirected (1 run)".into(),
             "first packet (1 run)".into(),
         ],
         &rows,
     );
 }
 
-/// `cargo xtask bench --packet`: the per-packet table alone.
-pub fn packet_markdown(machine: &str, costs: &[PacketCost]) -> String {
+/// `cargo xtask bench --packet`: the per-packet tables alone.
+pub fn packet_markdown(machine: &str, costs: &[PacketCost], paths: &[PathLength]) -> String {
     let mut out = format!("`cargo xtask bench --packet` on {machine}\n\n");
     packet_table(&mut out, costs);
+    path_table(&mut out, paths);
     out
 }
 
@@ -402,6 +460,7 @@ impl Report {
         );
 
         packet_table(&mut out, &self.packet);
+        path_table(&mut out, &self.paths);
         out
     }
 
