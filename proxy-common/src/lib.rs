@@ -203,6 +203,10 @@ pub struct DatapathConfig {
 
 /// `--masquerade-all`: masquerade all traffic to cluster IPs.
 pub const CFG_F_MASQUERADE_ALL: u32 = 1 << 0;
+/// `--fib-forwarding=false`: translated packets arriving on an interface
+/// are handed to the stack's routing rather than redirected to the FIB's
+/// next hop (the node's own packets are still re-routed at egress).
+pub const CFG_F_STACK_FORWARDING: u32 = 1 << 1;
 
 /// `skb->mark` bit on packets kpx translated: its egress program leaves them
 /// alone (they may cross a second kpx interface after a redirect).

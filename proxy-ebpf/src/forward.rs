@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use core::mem::MaybeUninit;
 
-use proxy_common::{CtKey, CtValue, Event, MARK_TRANSLATED};
+use proxy_common::{CtKey, CtValue, Event, CFG_F_STACK_FORWARDING, MARK_TRANSLATED};
 
-use crate::{conntrack::NextHop, parse::Ipv4Packet, stats};
+use crate::{conntrack::NextHop, parse::Ipv4Packet, service, stats};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
@@ -42,8 +42,9 @@ pub enum Route {
     Stack,
     /// Out of `ifindex`, the kernel resolving the neighbour.
     Neigh { ifindex: u32 },
-    /// Out of `ifindex` with these destination and source MACs; `stay`:
-    /// already leaving there (egress), no redirect needed.
+    /// Out of `ifindex` with these destination and source MACs (which the
+    /// rewrite writes); `stay`: already leaving there (egress), no redirect
+    /// needed.
     Mac {
         ifindex: u32,
         /// Destination then source MAC, as on the wire.
@@ -53,6 +54,15 @@ pub enum Route {
 }
 
 impl Route {
+    /// The Ethernet addresses the rewrite writes, for a resolved next hop.
+    #[inline(always)]
+    pub fn macs(&self) -> Option<[u32; 3]> {
+        match self {
+            Route::Mac { macs, .. } => Some(*macs),
+            _ => None,
+        }
+    }
+
     /// The TTL decrement the rewrite applies: 1 when the packet is
     /// forwarded from ingress.
     #[inline(always)]
@@ -121,6 +131,9 @@ pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route 
     // own packet as if it came from loopback: an output lookup would be
     // pinned to the interface the socket's route chose.
     let from = match hook {
+        Hook::Ingress if service::config().flags & CFG_F_STACK_FORWARDING != 0 => {
+            return Route::Stack;
+        }
         Hook::Ingress => ifindex,
         Hook::Egress => LOOPBACK_IFINDEX,
     };
@@ -185,15 +198,21 @@ pub fn cacheable(route: &Route, pkt: &Ipv4Packet) -> NextHop {
             macs,
             len: pkt.ip_len(),
         },
-        _ => NextHop {
-            ifindex: 0,
-            macs: [0; 3],
-            len: 0,
-        },
+        _ => {
+            // Through black_box: LLVM would turn the zeroes into a `memset`
+            // call (see `conntrack::entry`).
+            let zero = core::hint::black_box(0u32);
+            NextHop {
+                ifindex: zero,
+                macs: [zero; 3],
+                len: zero as u16,
+            }
+        }
     }
 }
 
-/// Sends the translated packet along `route`; returns the tc verdict.
+/// Sends the translated packet (MACs already written) along `route`;
+/// returns the tc verdict.
 #[inline(always)]
 pub fn send(ctx: &TcContext, route: Route) -> i32 {
     ctx.set_mark(mark(ctx) | MARK_TRANSLATED);
@@ -203,16 +222,9 @@ pub fn send(ctx: &TcContext, route: Route) -> i32 {
         Route::Neigh { ifindex } => {
             Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
         }
-        Route::Mac {
-            ifindex,
-            macs,
-            stay,
-        } => match ctx.store(0, &macs, 0) {
-            Err(_) => None,
-            Ok(()) if stay => Some(TC_ACT_OK),
-            // SAFETY: plain helper call: egress of the FIB's interface.
-            Ok(()) => Some(unsafe { bpf_redirect(ifindex, 0) } as i32),
-        },
+        Route::Mac { stay: true, .. } => Some(TC_ACT_OK),
+        // SAFETY: plain helper call: egress of the FIB's interface.
+        Route::Mac { ifindex, .. } => Some(unsafe { bpf_redirect(ifindex, 0) } as i32),
     };
     match action {
         Some(action) => {

@@ -239,7 +239,7 @@ fn established(
             route
         }
     };
-    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook)).is_err() {
+    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(rewrite.svc_id, ctx.len(), false);
@@ -308,7 +308,7 @@ fn new_flow(
     };
     let to = rewrite.translate(key);
     let route = forward::route(ctx, pkt, &to, hook);
-    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook)).is_err() {
+    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(svc.svc_id, ctx.len(), true);

@@ -5,7 +5,7 @@
 //! update reads either the old or the new value, never a recycled element.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -32,10 +32,12 @@ pub static BACKENDS: HashMap<u32, Backend> =
     HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Flows, both directions. LRU: under pressure the oldest flows go first
-/// rather than new flows failing.
+/// rather than new flows failing. Per-CPU LRU lists (as Cilium's conntrack
+/// maps): a new flow's insert takes a free element from its own CPU's list,
+/// with no lock shared between CPUs.
 #[map(name = "KPX_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+    LruHashMap::with_max_entries(capacity::CONNTRACK, BPF_F_NO_COMMON_LRU);
 
 #[map(name = "KPX_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

@@ -5,21 +5,24 @@
 //!   pseudo-header change, which the kernel applies correctly to
 //!   CHECKSUM_PARTIAL skbs from local sockets too) and one for the ports,
 //!   each with the whole difference computed here;
-//! - the IPv4 header's TTL, checksum and addresses: one 12-byte store, the
-//!   checksum updated here (RFC 1624), folding the TTL decrement in;
-//! - the ports: one 4-byte store.
+//! - the headers, in one store when they are contiguous (no IP options):
+//!   the Ethernet addresses of the next hop when the packet is redirected,
+//!   the IPv4 header with its TTL, addresses and checksum (updated here,
+//!   RFC 1624, the TTL decrement folded in), and the ports; otherwise one
+//!   store per part.
 //!
 //! Writes go through helpers, not direct packet access (see [`crate::parse`]).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_skb_store_bytes,
     programs::TcContext,
 };
 use proxy_common::{CtKey, IPPROTO_UDP};
 
 use crate::{
     csum::Sum,
-    parse::{ip, Ipv4Packet},
+    parse::{ip, Ipv4Packet, ETH_P_IP},
 };
 
 pub struct RewriteFailed;
@@ -35,21 +38,55 @@ struct IpTail {
     daddr: u32,
 }
 
+/// The IPv4 header from the TTL on, then the ports: contiguous without IP
+/// options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IpTailPorts {
+    tail: IpTail,
+    ports: [u16; 2],
+}
+
+/// Ethernet to ports, at offset 2 of a 4-byte aligned block so every field
+/// is naturally aligned; stored from `macs` on (38 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Frame {
+    _align: u16,
+    macs: [u16; 6],
+    ethertype: u16,
+    ip_head: [u32; 2],
+    rest: IpTailPorts,
+}
+
+const FRAME_LEN: usize = core::mem::size_of::<Frame>() - 2;
+
 /// Rewrites the packet `pkt` describes to carry the tuple `to`, its TTL
-/// lowered by `ttl_dec` (1 when the packet is forwarded here, else 0).
+/// lowered by `ttl_dec` (1 when the packet is forwarded here, else 0), and,
+/// when it is redirected, the next hop's Ethernet addresses `macs`
+/// (destination then source, as on the wire).
 #[inline(always)]
 pub fn apply(
     ctx: &TcContext,
     pkt: &Ipv4Packet,
     to: &CtKey,
     ttl_dec: u8,
+    macs: Option<[u32; 3]>,
 ) -> Result<(), RewriteFailed> {
     let addrs_changed = to.src_addr != pkt.src || to.dst_addr != pkt.dst;
     let ports_changed = to.src_port != pkt.sport || to.dst_port != pkt.dport;
-    if !addrs_changed && !ports_changed && ttl_dec == 0 {
+    if !addrs_changed && !ports_changed && ttl_dec == 0 && macs.is_none() {
         return Ok(());
     }
     let check = pkt.ip_check;
+    let no_options = pkt.l4_off == pkt.l3_off + 20;
+    // The header's first 8 bytes, for the one-store case; read before the
+    // helpers below invalidate packet pointers.
+    let ip_head = if no_options && macs.is_some() {
+        crate::parse::read::<[u32; 2]>(ctx, pkt.l3_off)
+    } else {
+        None
+    };
     // UDP: a zero checksum means "none" and must stay zero; a computed zero
     // must become 0xffff. BPF_F_MARK_MANGLED_0 does both.
     let l4_flags = if pkt.proto == IPPROTO_UDP {
@@ -76,8 +113,6 @@ pub fn apply(
         let diff = Sum::zero().replace(old, new).diff();
         ctx.l4_csum_replace(pkt.l4_csum_off(), 0, diff as u64, l4_flags)
             .map_err(|_| RewriteFailed)?;
-        ctx.store(pkt.l4_off, &[to.src_port, to.dst_port], 0)
-            .map_err(|_| RewriteFailed)?;
     }
     // TTL and protocol share a 16-bit word of the header.
     let old_word = ttl_proto(pkt.ttl, pkt.proto);
@@ -94,8 +129,76 @@ pub fn apply(
         saddr: to.src_addr,
         daddr: to.dst_addr,
     };
-    ctx.store(pkt.l3_off + ip::TTL, &tail, 0)
-        .map_err(|_| RewriteFailed)
+    let rest = IpTailPorts {
+        tail,
+        ports: [to.src_port, to.dst_port],
+    };
+    let stored = match (macs, ip_head) {
+        (Some(m), Some(ip_head)) => {
+            let frame = Frame {
+                _align: 0,
+                macs: halves(m),
+                ethertype: ETH_P_IP.to_be(),
+                ip_head,
+                rest,
+            };
+            // `frame.macs` starts FRAME_LEN bytes of `frame`.
+            let from = core::ptr::addr_of!(frame.macs).cast::<u8>();
+            store_raw(ctx, 0, from, FRAME_LEN)
+        }
+        (Some(m), None) => ctx
+            .store(0, &halves(m), 0)
+            .and_then(|()| store_rest(ctx, pkt, &rest, no_options, ports_changed)),
+        (None, _) => store_rest(ctx, pkt, &rest, no_options, ports_changed),
+    };
+    stored.map_err(|_| RewriteFailed)
+}
+
+/// The IPv4 header from the TTL on, and the ports when they changed: one
+/// store when contiguous.
+#[inline(always)]
+fn store_rest(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    rest: &IpTailPorts,
+    no_options: bool,
+    ports_changed: bool,
+) -> Result<(), i64> {
+    if no_options && ports_changed {
+        return ctx.store(pkt.l3_off + ip::TTL, rest, 0);
+    }
+    ctx.store(pkt.l3_off + ip::TTL, &rest.tail, 0)?;
+    if ports_changed {
+        ctx.store(pkt.l4_off, &rest.ports, 0)?;
+    }
+    Ok(())
+}
+
+/// `bpf_skb_store_bytes` of `len` bytes at `from`.
+#[inline(always)]
+fn store_raw(ctx: &TcContext, off: usize, from: *const u8, len: usize) -> Result<(), i64> {
+    // SAFETY: callers pass `len` readable bytes at `from`, on the stack.
+    let r =
+        unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), off as u32, from.cast(), len as u32, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(r)
+    }
+}
+
+/// MAC addresses as three words → six half-words (little-endian target:
+/// a word's low half holds its first two bytes).
+#[inline(always)]
+fn halves(m: [u32; 3]) -> [u16; 6] {
+    [
+        m[0] as u16,
+        (m[0] >> 16) as u16,
+        m[1] as u16,
+        (m[1] >> 16) as u16,
+        m[2] as u16,
+        (m[2] >> 16) as u16,
+    ]
 }
 
 /// Two ports as they lie next to each other in the header, as one word.

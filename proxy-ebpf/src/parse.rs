@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
 
 /// IPv4 header fields kpx reads, at fixed offsets from the IP header.
 pub mod ip {
@@ -122,7 +122,7 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
 
 /// Reads a `T` at `off` of the linear data.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     // SAFETY: `ptr_at` checked that the `T` lies inside the packet; the
     // header types read here are at their natural alignment in an skb
     // whose IP header is 4-byte aligned (NET_IP_ALIGN), and unaligned

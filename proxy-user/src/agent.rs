@@ -88,6 +88,8 @@ pub struct Config {
     pub masquerade_all: bool,
     /// Source ports of masqueraded flows.
     pub masquerade_ports: PortRange,
+    /// Redirect translated packets to the FIB's next hop (else: the stack).
+    pub fib_forwarding: bool,
 }
 
 /// How long a failed sync waits before it is retried.
@@ -573,12 +575,15 @@ impl Agent {
     /// a warning: off-cluster clients of cluster IPs then fail).
     fn node_settings(&mut self) {
         let primary = self.index.node().addresses.first().copied();
-        let cfg = node::datapath_config(
+        let mut cfg = node::datapath_config(
             self.cfg.cluster_cidrs.first(),
             primary,
             &self.cfg.masquerade_ports,
             self.cfg.masquerade_all,
         );
+        if !self.cfg.fib_forwarding {
+            cfg.flags |= proxy_common::CFG_F_STACK_FORWARDING;
+        }
         if self.node_settings != Some(cfg) {
             match self.dp.maps.set_config(&cfg) {
                 Ok(()) => {

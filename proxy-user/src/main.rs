@@ -160,6 +160,11 @@ struct AgentArgs {
     /// overlaps.
     #[arg(long, default_value = "1024-29999")]
     masquerade_ports: kpx::node::PortRange,
+    /// Send translated packets straight to their next hop as the FIB names
+    /// it (default); false hands them to the stack's routing (the node's
+    /// own packets are still re-routed at egress).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fib_forwarding: bool,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never used.
     #[arg(long, default_value = "*")]
@@ -408,6 +413,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         nodeport_addresses: o.nodeport_addresses.unwrap_or_default(),
         masquerade_all: o.masquerade_all.unwrap_or(false),
         masquerade_ports: args.masquerade_ports.clone(),
+        fib_forwarding: args.fib_forwarding,
         ct_timeouts: kpx::conntrack::Timeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,
             tcp_established: o

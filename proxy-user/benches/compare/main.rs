@@ -19,7 +19,8 @@
 //! `--render target/bench/bench.json`: the tables and chart again from a
 //! run's JSON.
 //! `--sizes 1,1000,...`, `--modes kpx,nftables,...` (of iptables-nft,
-//! iptables-legacy, nftables, kpx), `--runs K`, `--seconds S` (per run)
+//! iptables-legacy, nftables, kpx, kpx-stack: kpx with
+//! `--fib-forwarding=false`), `--runs K`, `--seconds S` (per run)
 //! and `--limit S` (the longest one restore of a reference may take before
 //! it is stopped and reported as unfinished; default 120 s, 30 s with
 //! `--quick`) override the defaults.
@@ -74,6 +75,7 @@ fn options() -> Result<Options> {
             Mode::IptablesLegacy,
             Mode::Nftables,
             Mode::Kpx,
+            Mode::KpxStack,
         ],
         runs: if quick { 1 } else { 3 },
         seconds: if quick { 0.7 } else { 2.0 },
@@ -319,7 +321,7 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
         ),
         None => format!("programmed in {:.3} s", install.seconds),
     });
-    if mode != Mode::Kpx {
+    if !mode.is_kpx() {
         // The run opens several hundred thousand short connections; with
         // TIME_WAIT's 120 s the references' conntrack table (capped at
         // nf_conntrack_max per namespace) would fill and drop new flows.

@@ -42,6 +42,9 @@ pub enum Mode {
     IptablesLegacy,
     Nftables,
     Kpx,
+    /// kpx with `--fib-forwarding=false`: translated packets go up the
+    /// stack's routing instead of straight to the next hop.
+    KpxStack,
 }
 
 impl Mode {
@@ -52,7 +55,13 @@ impl Mode {
             Mode::IptablesLegacy => "iptables (legacy)",
             Mode::Nftables => "nftables",
             Mode::Kpx => "kpx",
+            Mode::KpxStack => "kpx, stack forwarding",
         }
+    }
+
+    /// The modes that run kpx's agent.
+    pub fn is_kpx(self) -> bool {
+        matches!(self, Mode::Kpx | Mode::KpxStack)
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -61,7 +70,10 @@ impl Mode {
             "iptables-legacy" => Mode::IptablesLegacy,
             "nftables" => Mode::Nftables,
             "kpx" => Mode::Kpx,
-            _ => bail!("unknown mode {s:?} (iptables-nft, iptables-legacy, nftables, kpx)"),
+            "kpx-stack" => Mode::KpxStack,
+            _ => bail!(
+                "unknown mode {s:?} (iptables-nft, iptables-legacy, nftables, kpx, kpx-stack)"
+            ),
         })
     }
 
@@ -289,7 +301,7 @@ impl<'a> Proxy<'a> {
         };
         let install = match mode {
             Mode::NoProxy => Install::default(),
-            Mode::Kpx => proxy.start_agent(bed)?,
+            Mode::Kpx | Mode::KpxStack => proxy.start_agent(bed)?,
             _ => proxy.load_rules(bed)?,
         };
         Ok((proxy, install))
@@ -355,7 +367,10 @@ impl<'a> Proxy<'a> {
 
     fn start_agent(&mut self, bed: &mut Bed) -> Result<Install> {
         let started = Instant::now();
-        let extra = ["--metrics-bind-address", "", "--healthz-bind-address", ""];
+        let mut extra = vec!["--metrics-bind-address", "", "--healthz-bind-address", ""];
+        if self.mode == Mode::KpxStack {
+            extra.extend(["--fib-forwarding", "false"]);
+        }
         bed.cluster.start_agent_kube(self.kpx, &bed.api, &extra)?;
         let maps = pinned_maps(&bed.cluster, started)?;
         let n = bed.n;
@@ -382,7 +397,7 @@ impl<'a> Proxy<'a> {
         let name = bed::service_name(i);
         match self.mode {
             Mode::NoProxy => Ok(Change::default()),
-            Mode::Kpx => self.kpx_changes(bed),
+            Mode::Kpx | Mode::KpxStack => self.kpx_changes(bed),
             Mode::Nftables => {
                 bed.api.apply(new_slice)?;
                 let after = render(bed, self.mode, self.kpx)?;
@@ -466,7 +481,7 @@ impl<'a> Proxy<'a> {
     }
 
     pub fn memory(&self, bed: &Bed) -> Result<Option<Memory>> {
-        if self.mode != Mode::Kpx {
+        if !self.mode.is_kpx() {
             return Ok(None);
         }
         let pid = bed

@@ -166,7 +166,8 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
          `repeat` (median of 9 batches) for the paths a repeated packet can take; medians of \
          single runs, each against the empty program's single-run median, for the others. \
          \"FIB → stack\": the FIB has no route (the measuring namespace is empty), the packet goes \
-         up the stack; \"redirected\": the FIB answers and the flow's cached next hop is used\n\n",
+         up the stack; \"redirected\": with routes, the flow's cached next hop is used and the \
+         packet redirected (as on a node)\n\n",
     );
     let rows: Vec<Vec<String>> = costs
         .iter()
@@ -183,12 +184,22 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
                 above(p.no_service_ns, p.floor_ns),
                 above(p.established_ns, p.floor_ns),
                 above(p.reply_ns, p.floor_ns),
-                if p.established_fib_ns > 0.0 {
-                    above(p.established_fib_ns, p.floor_single_ns)
+                if p.reply_fib_ns > 0.0 {
+                    above(p.established_fib_ns, p.floor_ns)
+                } else {
+                    "–".into()
+                },
+                if p.reply_fib_ns > 0.0 {
+                    above(p.reply_fib_ns, p.floor_ns)
                 } else {
                     "–".into()
                 },
                 above(p.first_packet_ns, p.floor_single_ns),
+                if p.first_packet_fib_ns > 0.0 {
+                    above(p.first_packet_fib_ns, p.floor_single_ns)
+                } else {
+                    "–".into()
+                },
             ]
         })
         .collect();
@@ -201,8 +212,10 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
             "no service, a frontend's port".into(),
             "established, FIB → stack".into(),
             "reply, FIB → stack".into(),
-            "established, redirected (1 run)".into(),
-            "first packet (1 run)".into(),
+            "established, redirected".into(),
+            "reply, redirected".into(),
+            "first packet, FIB → stack (1 run)".into(),
+            "first packet, redirected (1 run)".into(),
         ],
         &rows,
     );
@@ -486,6 +499,7 @@ impl Report {
             Mode::IptablesLegacy => RGBColor(255, 127, 14),
             Mode::Nftables => RGBColor(31, 119, 180),
             Mode::Kpx => RGBColor(44, 160, 44),
+            Mode::KpxStack => RGBColor(148, 103, 189),
         };
         let series = |m: Mode, f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
             sizes
