@@ -109,7 +109,7 @@ impl Vm {
         names.sort();
         for name in &names {
             by_name.insert(name.clone(), maps.len());
-            maps.push(MapState::new(name, &obj.maps[name]));
+            maps.push(MapState::new(&obj.maps[name]));
         }
         let text_sections: HashSet<usize> = obj.functions.keys().map(|(s, _)| *s).collect();
         let fds: Vec<(String, i32, aya_obj::Map)> = names

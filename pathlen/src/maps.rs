@@ -31,7 +31,6 @@ enum Kind {
 }
 
 pub struct MapState {
-    pub name: String,
     kind: Kind,
     pub key_size: usize,
     pub value_size: usize,
@@ -43,7 +42,7 @@ pub struct MapState {
 }
 
 impl MapState {
-    pub fn new(name: &str, def: &aya_obj::Map) -> Self {
+    pub fn new(def: &aya_obj::Map) -> Self {
         let kind = match def.map_type() {
             BPF_MAP_TYPE_ARRAY | BPF_MAP_TYPE_PERCPU_ARRAY => Kind::Array,
             BPF_MAP_TYPE_LRU_HASH | BPF_MAP_TYPE_LRU_PERCPU_HASH => Kind::Lru,
@@ -54,7 +53,6 @@ impl MapState {
             _ => Kind::Hash,
         };
         Self {
-            name: name.to_string(),
             kind,
             key_size: def.key_size() as usize,
             value_size: def.value_size() as usize,

@@ -91,10 +91,6 @@ impl Memory {
         u32::from_ne_bytes([c[8], c[9], c[10], c[11]])
     }
 
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
     /// A new map value region holding `bytes`.
     pub fn alloc(&mut self, bytes: &[u8]) -> usize {
         if self.regions.len() < FIRST_VALUE {
