@@ -90,7 +90,7 @@ pub fn call(vm: &mut Vm, id: u32, r: &mut [u64; 11]) -> Result<&'static str> {
         38 => {
             // bpf_skb_change_tail(skb, len, flags): cut or zero-extend.
             let len = a2 as usize;
-            let ret = if len < 14 || len > 65535 {
+            let ret = if !(14..=65535).contains(&len) {
                 EINVAL as u64
             } else {
                 vm.mem.packet_mut().resize(len, 0);

@@ -332,20 +332,30 @@ mod tests {
     fn thirty_two_bit_operations_zero_extend() {
         assert_eq!(alu(ADD, 0, false, u32::MAX as u64, 1, 0).unwrap(), 0);
         assert_eq!(alu(ADD, 0, true, u32::MAX as u64, 1, 0).unwrap(), 1 << 32);
-        assert_eq!(alu(LSH, 0, false, 1, 33, 0).unwrap(), 2, "shift masked to 5 bits");
+        assert_eq!(
+            alu(LSH, 0, false, 1, 33, 0).unwrap(),
+            2,
+            "shift masked to 5 bits"
+        );
     }
 
     #[test]
     fn division_by_zero_is_defined_as_bpf_says() {
         assert_eq!(alu(DIV, 0, true, 7, 0, 0).unwrap(), 0);
         assert_eq!(alu(MOD, 0, true, 7, 0, 0).unwrap(), 7);
-        assert_eq!(alu(DIV, 1, true, (-7i64) as u64, 2, 0).unwrap(), (-3i64) as u64);
+        assert_eq!(
+            alu(DIV, 1, true, (-7i64) as u64, 2, 0).unwrap(),
+            (-3i64) as u64
+        );
     }
 
     #[test]
     fn sign_extension_and_byte_swaps() {
         assert_eq!(alu(MOV, 8, true, 0, 0x80, 0).unwrap(), (-128i64) as u64);
-        assert_eq!(alu(ARSH, 0, false, 0x8000_0000, 31, 0).unwrap(), u32::MAX as u64);
+        assert_eq!(
+            alu(ARSH, 0, false, 0x8000_0000, 31, 0).unwrap(),
+            u32::MAX as u64
+        );
         // to_be on ALU (0x08 set), 16 bits.
         assert_eq!(alu(END | 0x08, 0, false, 0x1234, 0, 16).unwrap(), 0x3412);
         // to_le truncates.

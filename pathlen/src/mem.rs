@@ -128,7 +128,7 @@ impl Memory {
                     None => 0,
                 })
             }
-            _ if off + size <= skb::SIZE && off % size == 0 => {
+            _ if off + size <= skb::SIZE && off.is_multiple_of(size) => {
                 let c = &self.regions[CTX][off..off + size];
                 Ok(le(c))
             }
