@@ -51,6 +51,9 @@ pub struct Skb {
     /// `skb->ifindex` (and `ingress_ifindex`).
     pub ifindex: u32,
     pub mark: u32,
+    /// Bytes in the linear part (direct packet access sees only these);
+    /// None: all of them.
+    pub linear: Option<usize>,
 }
 
 impl Default for Skb {
@@ -59,6 +62,7 @@ impl Default for Skb {
         Self {
             ifindex: 1,
             mark: 0,
+            linear: None,
         }
     }
 }

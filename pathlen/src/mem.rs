@@ -52,6 +52,7 @@ fn split(addr: u64) -> Result<(usize, usize)> {
 pub struct Memory {
     regions: Vec<Vec<u8>>,
     ifindex: u32,
+    linear: Option<usize>,
 }
 
 impl Memory {
@@ -67,6 +68,7 @@ impl Memory {
             self.regions[FIRST_STACK + f] = vec![0u8; STACK_SIZE];
         }
         self.ifindex = skb.ifindex;
+        self.linear = skb.linear;
     }
 
     pub fn ctx() -> u64 {
@@ -118,7 +120,10 @@ impl Memory {
         match (off, size) {
             (skb::LEN, 4) => word(packet_len as u32),
             (skb::DATA | skb::DATA_META, 4) => Ok(addr(PACKET, 0)),
-            (skb::DATA_END, 4) => Ok(addr(PACKET, packet_len)),
+            (skb::DATA_END, 4) => Ok(addr(
+                PACKET,
+                self.linear.map_or(packet_len, |l| l.min(packet_len)),
+            )),
             (skb::IFINDEX | skb::INGRESS_IFINDEX, 4) => word(self.ifindex),
             (skb::PROTOCOL, 4) => {
                 let p = &self.regions[PACKET];

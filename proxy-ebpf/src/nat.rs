@@ -80,10 +80,10 @@ pub fn apply(
     }
     let check = pkt.ip_check;
     let no_options = pkt.l4_off == pkt.l3_off + 20;
-    // The header's first 8 bytes, for the one-store case; read before the
-    // helpers below invalidate packet pointers.
+    // The header's first 8 bytes, for the one-store case (else one store
+    // per part); read before the helpers below invalidate packet pointers.
     let ip_head = if no_options && macs.is_some() {
-        crate::parse::read::<[u32; 2]>(ctx, pkt.l3_off)
+        crate::parse::read_linear::<[u32; 2]>(ctx, pkt.l3_off)
     } else {
         None
     };

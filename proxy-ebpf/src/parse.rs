@@ -106,10 +106,6 @@ pub enum Parsed {
     Packet(Ipv4Packet),
 }
 
-/// Bytes the parse needs in the skb's linear part at most: Ethernet, an
-/// IPv4 header with the longest options, the TCP header's first 14 bytes.
-const MAX_HEADERS: usize = ETH_HLEN + 60 + 14;
-
 /// A bounds-checked pointer to a `T` at `off` of the skb's linear data.
 #[inline(always)]
 fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
@@ -120,69 +116,115 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
     Some((start + off) as *const T)
 }
 
-/// Reads a `T` at `off` of the linear data.
+/// Reads a `T` at `off` of the linear data; None beyond it.
 #[inline(always)]
-pub fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    // SAFETY: `ptr_at` checked that the `T` lies inside the packet; the
-    // header types read here are at their natural alignment in an skb
-    // whose IP header is 4-byte aligned (NET_IP_ALIGN), and unaligned
-    // loads from packet memory are fine for the BPF JIT anyway.
-    ptr_at::<T>(ctx, off).map(|p| unsafe { core::ptr::read(p) })
+pub fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    Direct(ctx).get::<T>(off).ok()
+}
+
+/// Why a header could not be read.
+pub enum Short {
+    /// The packet ends first.
+    End,
+    /// The bytes are there, beyond the skb's linear part.
+    NonLinear,
+}
+
+/// Where the parse reads headers from.
+trait Bytes {
+    fn get<T: Copy>(&self, off: usize) -> Result<T, Short>;
+}
+
+/// The linear data, by plain loads.
+struct Direct<'a>(&'a TcContext);
+
+impl Bytes for Direct<'_> {
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: usize) -> Result<T, Short> {
+        match ptr_at::<T>(self.0, off) {
+            // SAFETY: `ptr_at` checked that the `T` lies inside the linear
+            // data. A header may sit at a 2-byte boundary (x86's
+            // NET_IP_ALIGN is 0); packet loads of any alignment are fine for
+            // the verifier (no strict alignment on these architectures) and
+            // the JIT, where `read_unaligned` would make the BPF backend
+            // split every field into byte loads.
+            Some(p) => Ok(unsafe { core::ptr::read(p) }),
+            None if off + core::mem::size_of::<T>() <= self.0.len() as usize => {
+                Err(Short::NonLinear)
+            }
+            None => Err(Short::End),
+        }
+    }
+}
+
+/// Anywhere in the packet, copied by `bpf_skb_load_bytes`.
+struct Copied<'a>(&'a TcContext);
+
+impl Bytes for Copied<'_> {
+    #[inline(always)]
+    fn get<T: Copy>(&self, off: usize) -> Result<T, Short> {
+        self.0.load::<T>(off).map_err(|_| Short::End)
+    }
 }
 
 /// Parses with direct packet access: plain loads instead of a
-/// `bpf_skb_load_bytes` call per header. Only reads: kpx writes packets
-/// through helpers, because a program that writes packet memory directly
-/// gets a prologue that un-clones every cloned skb it sees (TCP's
-/// transmissions are clones), which would tax traffic that is not for a
-/// service. Headers outside the linear part (rare: the stack and drivers
-/// put them there) are pulled in once.
+/// `bpf_skb_load_bytes` call per header; a packet whose headers reach
+/// beyond the linear part (rare: the stack and drivers put them there) is
+/// parsed again with copies. Only reads, and never `bpf_skb_pull_data`:
+/// kpx writes packets through helpers, because a program that writes
+/// packet memory directly (or pulls it) makes the kernel un-clone the skbs
+/// it touches, and TCP's transmissions are clones, which would tax traffic
+/// that is not for a service.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
-    let linear = ctx.data_end() - ctx.data();
-    let len = ctx.len() as usize;
-    if linear < MAX_HEADERS && linear < len {
-        let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
-        // A failure leaves the packet as it was: parsed as far as it goes.
-        let _ = ctx.pull_data(want as u32);
+    match parse_from(&Direct(ctx), ctx.len() as usize) {
+        Err(Short::NonLinear) => match parse_from(&Copied(ctx), ctx.len() as usize) {
+            Ok(p) => p,
+            Err(_) => Parsed::NotHandled,
+        },
+        Ok(p) => p,
+        Err(Short::End) => Parsed::NotHandled,
     }
-    let Some(eth_proto) = read::<u16>(ctx, 12) else {
-        return Parsed::NotHandled;
+}
+
+/// Short headers are malformed (`Ok`); `Err` only when a header lies
+/// beyond the linear part, for the caller to read again with copies.
+#[inline(always)]
+fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
+    let eth_proto = match b.get::<u16>(12) {
+        Ok(p) => p,
+        Err(Short::End) => return Ok(Parsed::NotHandled),
+        Err(e) => return Err(e),
     };
     if u16::from_be(eth_proto) != ETH_P_IP {
-        return Parsed::NotHandled;
+        return Ok(Parsed::NotHandled);
     }
     let l3_off = ETH_HLEN;
-    let Some(iph) = ptr_at::<Ipv4Hdr>(ctx, l3_off) else {
+    let iph = match b.get::<Ipv4Hdr>(l3_off) {
+        Ok(h) => h,
         // Shorter than an IPv4 header.
-        return Parsed::Malformed { dst: 0 };
+        Err(Short::End) => return Ok(Parsed::Malformed { dst: 0 }),
+        Err(e) => return Err(e),
     };
-    // SAFETY: bounds checked by `ptr_at`; fields read one by one.
-    let (version_ihl, tos, tot_len, frag_off) = unsafe {
-        (
-            (*iph).version_ihl,
-            (*iph).tos,
-            (*iph).tot_len,
-            (*iph).frag_off,
-        )
-    };
-    // SAFETY: as above.
-    let (ttl, proto, ip_check, src, dst) = unsafe {
-        (
-            (*iph).ttl,
-            (*iph).proto,
-            (*iph).check,
-            (*iph).saddr,
-            (*iph).daddr,
-        )
-    };
+    let Ipv4Hdr {
+        version_ihl,
+        tos,
+        tot_len,
+        frag_off,
+        ttl,
+        proto,
+        check: ip_check,
+        saddr: src,
+        daddr: dst,
+        ..
+    } = iph;
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
     let tot_len = u16::from_be(tot_len) as usize;
     if version_ihl >> 4 != 4 || ihl < 20 || tot_len < ihl || l3_off + tot_len > len {
-        return Parsed::Malformed { dst };
+        return Ok(Parsed::Malformed { dst });
     }
     if u16::from_be(frag_off) & (IP_MF | IP_OFFSET) != 0 {
-        return Parsed::Fragment { dst };
+        return Ok(Parsed::Fragment { dst });
     }
     let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl;
@@ -203,15 +245,17 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
     match proto {
         IPPROTO_TCP => {
             if l4_len < l4::TCP_MIN_LEN {
-                return Parsed::Malformed { dst };
+                return Ok(Parsed::Malformed { dst });
             }
             // sport, dport, seq, ack, data offset, flags.
-            let Some(th) = read::<[u8; 14]>(ctx, l4_off) else {
-                return Parsed::Malformed { dst };
+            let th = match b.get::<[u8; 14]>(l4_off) {
+                Ok(th) => th,
+                Err(Short::End) => return Ok(Parsed::Malformed { dst }),
+                Err(e) => return Err(e),
             };
             let doff = ((th[12] >> 4) as usize) * 4;
             if doff < l4::TCP_MIN_LEN || doff > l4_len {
-                return Parsed::Malformed { dst };
+                return Ok(Parsed::Malformed { dst });
             }
             pkt.sport = u16::from_ne_bytes([th[0], th[1]]);
             pkt.dport = u16::from_ne_bytes([th[2], th[3]]);
@@ -219,20 +263,22 @@ pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
         }
         IPPROTO_UDP => {
             if l4_len < l4::UDP_LEN {
-                return Parsed::Malformed { dst };
+                return Ok(Parsed::Malformed { dst });
             }
             // sport, dport, length, checksum.
-            let Some(uh) = read::<[u16; 4]>(ctx, l4_off) else {
-                return Parsed::Malformed { dst };
+            let uh = match b.get::<[u16; 4]>(l4_off) {
+                Ok(uh) => uh,
+                Err(Short::End) => return Ok(Parsed::Malformed { dst }),
+                Err(e) => return Err(e),
             };
             let ulen = u16::from_be(uh[2]) as usize;
             if ulen < l4::UDP_LEN || ulen > l4_len {
-                return Parsed::Malformed { dst };
+                return Ok(Parsed::Malformed { dst });
             }
             pkt.sport = uh[0];
             pkt.dport = uh[1];
         }
         _ => {}
     }
-    Parsed::Packet(pkt)
+    Ok(Parsed::Packet(pkt))
 }
