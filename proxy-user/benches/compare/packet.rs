@@ -182,10 +182,10 @@ fn test_run(
     })?)
 }
 
-/// The median over 9 batches of the kernel's mean per repetition: one
-/// batch that meets an interrupt or the other vCPU's noise moves nothing.
+/// The median over 25 batches of the kernel's mean per repetition: a few
+/// batches that meet an interrupt or the other vCPU's noise move nothing.
 fn repeat_ns(prog: &mut SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
-    const BATCHES: u32 = 9;
+    const BATCHES: u32 = 25;
     let each = (repeat / BATCHES).max(1);
     let mut ns = Vec::with_capacity(BATCHES as usize);
     for _ in 0..BATCHES {
@@ -286,7 +286,7 @@ fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Re
             "the established packet was not redirected by the FIB (verdict {})",
             r.return_value as i32
         );
-        let batches = (repeat / 200).max(9);
+        let batches = (repeat / 200).max(25);
         let mut ns = Vec::with_capacity(batches as usize);
         for _ in 0..batches {
             ns.push(test_run(prog, &frame, 200)?.duration.as_nanos());

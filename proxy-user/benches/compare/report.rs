@@ -163,7 +163,7 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
     out.push_str(
         "**kpx datapath cost per packet**: BPF_PROG_TEST_RUN of the tc ingress program, \
          ns above the empty program (whose own cost is the first column). \
-         `repeat` (median of 9 batches) for the paths a repeated packet can take; medians of \
+         `repeat` (median of 25 batches) for the paths a repeated packet can take; medians of \
          single runs, each against the empty program's single-run median, for the others. \
          \"FIB → stack\": the FIB has no route (the measuring namespace is empty), the packet goes \
          up the stack; \"redirected\": with routes, the flow's cached next hop is used and the \
