@@ -46,25 +46,28 @@ const DROP: i32 = TC_ACT_SHOT;
 /// tc ingress on pod-facing interfaces and the node's external interfaces.
 ///
 /// Map lookups per packet (all hash or array lookups, O(1); plus one per-CPU
-/// counter, and one per-service stats slot for service traffic):
-/// - packet of a tracked flow, either direction: 1 (`CT`); a FIB or RST
+/// counter, and one per-service stats slot for service traffic; `PORTS` and
+/// `CONFIG` are arrays the verifier inlines: no hash, no helper call):
+/// - packet of a tracked flow, either direction: 1 (`CT`); a FIN or RST
 ///   once per flow: +1 (the other direction's entry, marked closing);
-/// - first packet of a flow to a service: `CT` miss, `SERVICES` (+
-///   `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
+/// - first packet of a flow to a service: `CT` miss, `PORTS`, `SERVICES`
+///   (+ `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
 ///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS`,
 ///   `BACKENDS`; then 2 inserts (both `CT` directions; a masqueraded flow
 ///   retries its reply insert on a taken port, at most 8 times); with
 ///   ClientIP affinity +1 (`AFFINITY`) and one write;
-/// - SYN or UDP to a service without endpoints: `CT`, `SERVICES` (+2 for a
-///   NodePort), answered with ICMP port unreachable;
+/// - SYN or UDP to a service without endpoints: `CT`, `PORTS`, `SERVICES`
+///   (+2 for a NodePort), answered with ICMP port unreachable;
 /// - ICMP error: 1 (`CT`, on the quoted packet's tuple reversed);
-/// - any other IPv4 TCP/UDP packet: 3 (`CT`, `SERVICES`, `NODE_ADDRS`
-///   misses), 4 to a NodePort address;
+/// - any other IPv4 TCP/UDP packet: `CT` miss and `PORTS`; + `SERVICES` on
+///   a port some frontend uses; + `NODE_ADDRS` on a NodePort's port;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - non-IPv4, other protocols: 0.
 ///
 /// A translated packet then costs one FIB lookup ([`forward`]), except an
-/// established one at ingress, whose flow entry caches its next hop.
+/// established one at ingress, whose flow entry caches its next hop
+/// (asked again on the entry's refresh, at most once a second, or for a
+/// longer packet than the one whose MTU check it passed).
 /// No loop over services or backends exists anywhere in the program.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
@@ -79,7 +82,9 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 ///   1 (`CT`);
 /// - TCP/UDP: 1 (`NODE_ADDRS`, is the source this node?); from the node: as
 ///   a new or tracked flow at ingress, without the NodePort lookup (a
-///   node's packets to its own address never leave through an interface).
+///   node's packets to its own address never leave through an interface),
+///   and always with a FIB lookup: the stack routed the packet before its
+///   destination changed.
 ///
 /// Only translations are counted.
 #[classifier]
