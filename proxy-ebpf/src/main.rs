@@ -238,8 +238,16 @@ fn established(
         Some(route) => route,
         None => {
             let route = forward::route(ctx, pkt, &to, hook);
-            if hook == Hook::Ingress {
-                conntrack::remember_next_hop(entry, &forward::cacheable(&route, pkt));
+            let hop = forward::cacheable(&route, pkt);
+            // A packet longer than the cached one that the FIB sends to the
+            // stack (too big for the route, or a GRO aggregate) leaves the
+            // cache for the flow's other packets.
+            let keep = hop.ifindex == 0
+                && rewrite.next_ifindex != 0
+                && !refreshed
+                && pkt.ip_len() > rewrite.next_len;
+            if hook == Hook::Ingress && !keep {
+                conntrack::remember_next_hop(entry, &hop);
             }
             route
         }

@@ -165,3 +165,43 @@ fn headers_beyond_the_linear_part_are_parsed_and_translated() {
         assert_eq!(seen.dst.octets()[..2], [198, 18], "{name}: {seen:?}");
     }
 }
+
+/// The next hop cached in a flow entry serves packets no longer than the
+/// one whose FIB lookup (and MTU check) cached it; a longer one asks the
+/// FIB, and when that sends it to the stack (too big for the route), the
+/// cache stays for the flow's other packets.
+#[test]
+fn the_next_hop_cache_covers_packets_no_longer_than_the_one_checked() {
+    use support::{Pkt, ACK, SYN};
+    let mut vm = paths::vm().expect("vm");
+    let all = paths::paths(std::net::Ipv4Addr::UNSPECIFIED);
+    let forward = all
+        .iter()
+        .find(|p| p.name == "first packet")
+        .expect("path")
+        .fib;
+    let run = |vm: &mut pathlen::Vm, fib, frame: &[u8]| {
+        vm.fib = fib;
+        vm.run("kpx_tc_ingress", frame, Default::default())
+            .expect("run")
+    };
+    let small = Pkt::new("198.18.0.2", 46000, "198.19.0.10", 80, ACK).build();
+    let mut big = Pkt::new("198.18.0.2", 46000, "198.19.0.10", 80, ACK);
+    big.payload = vec![7; 1200];
+    let big = big.build();
+    let syn = Pkt::new("198.18.0.2", 46000, "198.19.0.10", 80, SYN).build();
+    assert_eq!(run(&mut vm, forward, &syn).verdict, 7);
+    // Looked up and cached.
+    let r = run(&mut vm, forward, &small);
+    assert_eq!((r.verdict, r.by_helper.get("fib_lookup")), (7, Some(&1)));
+    // Cached: no lookup, even where the FIB would now say otherwise.
+    let r = run(&mut vm, pathlen::Fib::NoRoute, &small);
+    assert_eq!((r.verdict, r.by_helper.get("fib_lookup")), (7, None));
+    // Longer than the packet the cache was checked with: asked, to the stack.
+    let r = run(&mut vm, pathlen::Fib::NoRoute, &big);
+    assert_eq!((r.verdict, r.by_helper.get("fib_lookup")), (0, Some(&1)));
+    // The cache stays for the flow's usual packets.
+    let r = run(&mut vm, pathlen::Fib::NoRoute, &small);
+    assert_eq!((r.verdict, r.by_helper.get("fib_lookup")), (7, None));
+    inspect(&r.packet);
+}
