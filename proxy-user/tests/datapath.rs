@@ -431,3 +431,87 @@ fn a_service_with_a_dangling_slot_drops_counted() {
     assert_eq!(counter(&mut dp, Counter::Dropped), 1);
     assert_eq!(dp.maps.conntrack.keys().count(), 0);
 }
+
+/// Creates and pins an LRU hash map with the given sizes, as an older kpx
+/// would have left its conntrack map.
+fn pin_lru_map(path: &std::path::Path, key_size: u32, value_size: u32) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    // union bpf_attr, MAP_CREATE: type, key size, value size, max entries.
+    let mut attr = [0u32; 32];
+    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_LRU_HASH, key_size, value_size, 1024]);
+    // SAFETY: bpf(2) with a zeroed attr larger than the kernel reads.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    // OBJ_PIN: pathname (u64), bpf_fd (u32).
+    let mut pin = [0u64; 4];
+    pin[0] = name.as_ptr() as u64;
+    pin[1] = fd as u64;
+    // SAFETY: as above; `name` outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A conntrack map pinned by an older kpx (another value layout) is not
+/// handed to the new programs: it is replaced by a map of this layout.
+#[test]
+fn a_pinned_map_of_another_layout_is_replaced_not_shared() {
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/kpx-test-layout-{}",
+        std::process::id()
+    ));
+    if let Err(e) = kpx::bpffs::ensure(&dir) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set and bpffs is unusable: {e:#}"
+        );
+        eprintln!("SKIPPED: no bpffs here: {e:#}");
+        return;
+    }
+    let ct = dir.join(proxy_common::map_names::CONNTRACK);
+    let key = std::mem::size_of::<proxy_common::CtKey>() as u32;
+    let result = std::panic::catch_unwind(|| {
+        pin_lru_map(&ct, key, 40).expect("pinning an old-layout map");
+        let dp = kpx::datapath::Datapath::load(&kpx::datapath::LoadOptions {
+            pin_dir: Some(dir.clone()),
+            conntrack_entries: None,
+        })
+        .expect("the datapath loads over an old-layout pin");
+        drop(dp);
+        let info = aya::maps::MapInfo::from_pin(&ct).expect("the new pin");
+        assert_eq!(
+            info.value_size() as usize,
+            std::mem::size_of::<proxy_common::CtValue>(),
+            "the old map was kept"
+        );
+    });
+    let _ = kpx::bpffs::unpin_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
