@@ -309,19 +309,22 @@ pub struct CtValue {
     /// Union of the TCP flags seen in this direction (0 for UDP).
     pub tcp_flags: u8,
     pub backend_id: u32,
-    pub svc_id: u32,
+    /// The next hop of this direction's packets, as the FIB last said
+    /// (ingress only): its interface (0: none cached), the destination then
+    /// source MAC (`next_macs`, 12 bytes as they go on the wire, in words)
+    /// and `next_len`. Looked up again when `last_seen_ns` is refreshed, so
+    /// a route or neighbour change is followed within `CT_REFRESH_NS`.
+    /// (The next-hop fields are spread between the others so that no 16
+    /// zero bytes of a new entry lie side by side: LLVM would make those a
+    /// call to the BPF target's byte-wise `memset`.)
+    pub next_ifindex: u32,
     /// CLOCK_MONOTONIC (`bpf_ktime_get_coarse_ns()`, tick resolution) when
     /// the flow was created.
     pub created_ns: u64,
+    pub next_macs: [u32; 3],
+    pub svc_id: u32,
     /// Last packet in this direction, refreshed at most every `CT_REFRESH_NS`.
     pub last_seen_ns: u64,
-    /// The next hop of this direction's packets, as the FIB last said
-    /// (ingress only): its interface (0: none cached) and the destination
-    /// then source MAC (12 bytes as they go on the wire, in words). Looked up
-    /// again when `last_seen_ns` is refreshed, so a route or neighbour
-    /// change is followed within `CT_REFRESH_NS`.
-    pub next_ifindex: u32,
-    pub next_macs: [u32; 3],
     /// The IP length of the packet whose FIB lookup cached the next hop,
     /// which passed the route's MTU check: only packets no longer than it
     /// use the cache, a longer one asks the FIB (and is sent to the stack,

@@ -69,25 +69,31 @@ pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> (CtValue, bool)
     (*e, refreshed)
 }
 
-/// Caches the next hop the FIB gave for `entry`'s direction (`ifindex` 0:
-/// none) and the packet length it was checked with, writing only when
-/// something changed.
+/// Caches the next hop the FIB gave for `entry`'s direction (None: none)
+/// and the packet length it was checked with, writing only when something
+/// changed.
 #[inline(always)]
-pub fn remember_next_hop(entry: *mut CtValue, hop: &NextHop) {
+pub fn remember_next_hop(entry: *mut CtValue, hop: Option<&NextHop>) {
     // SAFETY: as in `touch`; a racing writer stores the same FIB answer.
     let e = unsafe { &mut *entry };
-    if e.next_ifindex != hop.ifindex
-        || (hop.ifindex != 0 && (e.next_macs != hop.macs || e.next_len != hop.len))
-    {
-        e.next_ifindex = hop.ifindex;
-        e.next_macs = hop.macs;
-        e.next_len = hop.len;
+    match hop {
+        Some(h) => {
+            if e.next_ifindex != h.ifindex || e.next_macs != h.macs || e.next_len != h.len {
+                e.next_ifindex = h.ifindex;
+                e.next_macs = h.macs;
+                e.next_len = h.len;
+            }
+        }
+        None => {
+            if e.next_ifindex != 0 {
+                e.next_ifindex = 0;
+            }
+        }
     }
 }
 
 /// A next hop as a flow entry caches it.
 pub struct NextHop {
-    /// 0: none.
     pub ifindex: u32,
     pub macs: [u32; 3],
     /// The IP length the FIB's MTU check passed.
@@ -245,9 +251,8 @@ struct Rewrite {
     dst_port: u16,
 }
 
-/// A new entry, no next hop cached yet. The next-hop zeroes go through
-/// `black_box`: as plain constants LLVM merges the 16 zero bytes into a call
-/// to the BPF target's byte-wise `memset`.
+/// A new entry, no next hop cached yet. The layout keeps its zero fields
+/// apart (see `CtValue`), so this compiles to plain stores.
 #[inline(always)]
 fn entry(
     to: Rewrite,
@@ -258,7 +263,6 @@ fn entry(
     svc_id: u32,
     now: u64,
 ) -> CtValue {
-    let zero = core::hint::black_box(0u32);
     CtValue {
         new_src_addr: to.src_addr,
         new_dst_addr: to.dst_addr,
@@ -271,11 +275,11 @@ fn entry(
         svc_id,
         created_ns: now,
         last_seen_ns: now,
-        next_ifindex: zero,
-        next_macs: [zero; 3],
-        next_len: zero as u16,
-        _pad0: zero as u16,
-        _pad1: zero,
+        next_ifindex: 0,
+        next_macs: [0, 0, 0],
+        next_len: 0,
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

@@ -19,7 +19,11 @@ use core::mem::MaybeUninit;
 
 use proxy_common::{CtKey, CtValue, Event, CFG_F_STACK_FORWARDING, MARK_TRANSLATED};
 
-use crate::{conntrack::NextHop, parse::Ipv4Packet, service, stats};
+use crate::{
+    conntrack::{self, NextHop},
+    parse::Ipv4Packet,
+    service, stats,
+};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
@@ -170,11 +174,48 @@ pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route 
     }
 }
 
+/// The next hop of an established packet translated to `to`. At ingress it
+/// comes from the flow entry (`rewrite` is its copy, `entry` the element),
+/// the FIB asked again only when the entry was just `refreshed` (at most
+/// once a second per direction) or the packet is longer than the one the
+/// cached hop was checked with; the answer is cached.
+#[inline(always)]
+pub fn established(
+    ctx: &TcContext,
+    pkt: &Ipv4Packet,
+    to: &CtKey,
+    entry: *mut CtValue,
+    rewrite: &CtValue,
+    refreshed: bool,
+    hook: Hook,
+) -> Route {
+    if hook == Hook::Ingress && !refreshed {
+        if let Some(route) = cached(pkt, rewrite) {
+            return route;
+        }
+    }
+    let route = route(ctx, pkt, to, hook);
+    if hook == Hook::Ingress {
+        let hop = cacheable(&route, pkt);
+        // A packet longer than the cached one that the FIB sends to the
+        // stack (too big for the route, or a GRO aggregate) leaves the
+        // cache for the flow's other packets.
+        let keep = hop.is_none()
+            && rewrite.next_ifindex != 0
+            && !refreshed
+            && pkt.ip_len() > rewrite.next_len;
+        if !keep {
+            conntrack::remember_next_hop(entry, hop.as_ref());
+        }
+    }
+    route
+}
+
 /// The route an established packet at ingress takes from its flow entry's
 /// cached next hop, with no FIB lookup; None when nothing is cached or the
 /// packet is longer than the one the FIB checked the route's MTU with.
 #[inline(always)]
-pub fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
+fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
     if e.next_ifindex == 0 || pkt.ip_len() > e.next_len {
         return None;
     }
@@ -189,25 +230,16 @@ pub fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
 }
 
 /// What a flow entry caches of `route` (at ingress): the interface and
-/// MACs of a resolved next hop and the length checked, else nothing.
+/// MACs of a resolved next hop and the length checked; None: nothing.
 #[inline(always)]
-pub fn cacheable(route: &Route, pkt: &Ipv4Packet) -> NextHop {
+fn cacheable(route: &Route, pkt: &Ipv4Packet) -> Option<NextHop> {
     match *route {
-        Route::Mac { ifindex, macs, .. } => NextHop {
+        Route::Mac { ifindex, macs, .. } => Some(NextHop {
             ifindex,
             macs,
             len: pkt.ip_len(),
-        },
-        _ => {
-            // Through black_box: LLVM would turn the zeroes into a `memset`
-            // call (see `conntrack::entry`).
-            let zero = core::hint::black_box(0u32);
-            NextHop {
-                ifindex: zero,
-                macs: [zero; 3],
-                len: zero as u16,
-            }
-        }
+        }),
+        _ => None,
     }
 }
 

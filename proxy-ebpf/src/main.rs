@@ -228,30 +228,7 @@ fn established(
 ) -> Verdict {
     let (rewrite, refreshed) = conntrack::touch(key, entry, pkt.tcp_flags);
     let to = rewrite.translate(key);
-    // At ingress the next hop comes from the flow entry, the FIB asked again
-    // only when the entry is refreshed (at most once a second per direction).
-    let cached = match hook {
-        Hook::Ingress if !refreshed => forward::cached(pkt, &rewrite),
-        _ => None,
-    };
-    let route = match cached {
-        Some(route) => route,
-        None => {
-            let route = forward::route(ctx, pkt, &to, hook);
-            let hop = forward::cacheable(&route, pkt);
-            // A packet longer than the cached one that the FIB sends to the
-            // stack (too big for the route, or a GRO aggregate) leaves the
-            // cache for the flow's other packets.
-            let keep = hop.ifindex == 0
-                && rewrite.next_ifindex != 0
-                && !refreshed
-                && pkt.ip_len() > rewrite.next_len;
-            if hook == Hook::Ingress && !keep {
-                conntrack::remember_next_hop(entry, &hop);
-            }
-            route
-        }
-    };
+    let route = forward::established(ctx, pkt, &to, entry, &rewrite, refreshed, hook);
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
