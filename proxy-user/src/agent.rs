@@ -644,7 +644,6 @@ impl Agent {
         }
     }
 
-    /// One sync: recompute what changed, write the difference.
     /// Writes the port filter's changed words, after the frontends they
     /// let packets reach; false (logged) when a write failed.
     fn flush_ports(&mut self) -> bool {
@@ -660,6 +659,7 @@ impl Agent {
         }
     }
 
+    /// One sync: recompute what changed, write the difference.
     fn sync(&mut self) {
         let started = Instant::now();
         self.last_sync = Some(started);
