@@ -102,6 +102,30 @@ pub const fn port_shift(port: u16) -> u32 {
     (port as u32 % 32) * 2
 }
 
+/// A bit of the port filter: its word and the mask within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortBit {
+    pub word: u32,
+    pub mask: u64,
+}
+
+impl ServiceKey {
+    /// The port-filter bit this frontend sets: [`PORT_F_NODEPORT`] for a
+    /// NodePort, [`PORT_F_FRONTEND`] for any other frontend.
+    pub const fn port_bit(&self) -> PortBit {
+        let kind = if self.addr == NODEPORT_ADDR {
+            PORT_F_NODEPORT
+        } else {
+            PORT_F_FRONTEND
+        };
+        let port = u16::from_be(self.port);
+        PortBit {
+            word: port_word(port),
+            mask: kind << port_shift(port),
+        }
+    }
+}
+
 /// Key of the service map: one frontend of a service.
 ///
 /// ClusterIPs, LoadBalancer ingress IPs and external IPs are frontends keyed

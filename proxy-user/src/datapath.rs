@@ -234,15 +234,9 @@ impl MapSet {
     /// tests that write frontends by hand; the agent's sync keeps the
     /// filter itself, see [`crate::ports`]).
     pub fn put_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
-        let port = u16::from_be(key.port);
-        let kind = if key.addr == proxy_common::NODEPORT_ADDR {
-            proxy_common::PORT_F_NODEPORT
-        } else {
-            proxy_common::PORT_F_FRONTEND
-        };
-        let i = proxy_common::port_word(port);
-        let word = self.ports.get(&i, 0)? | kind << proxy_common::port_shift(port);
-        self.ports.set(i, word, 0)?;
+        let bit = key.port_bit();
+        let word = self.ports.get(&bit.word, 0)? | bit.mask;
+        self.ports.set(bit.word, word, 0)?;
         self.services.insert(key, value, 0)
     }
 

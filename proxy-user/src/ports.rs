@@ -4,37 +4,26 @@
 //! port is known not to be for a service without a hash lookup.
 //!
 //! Kept from the sync's own writes: each frontend added or removed moves a
-//! use count, and only words whose bits changed are written, after the
-//! frontends themselves (a new frontend becomes reachable once its bit is
-//! set; a port stays marked while any frontend uses it). Rebuilt from the
-//! mirror, and compared with the map, at start and at each full resync.
+//! use count of its bit (`ServiceKey::port_bit`), and only words whose bits
+//! changed are written, after the frontends themselves (a new frontend
+//! becomes reachable once its bit is set; a port stays marked while any
+//! frontend uses it). Rebuilt from the mirror, and compared with the map, at
+//! start and at each full resync.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::maps::MapError;
-use proxy_common::{
-    port_shift, port_word, ServiceKey, NODEPORT_ADDR, PORT_F_FRONTEND, PORT_F_NODEPORT,
-};
+use proxy_common::PortBit;
 
 use crate::{
     datapath::MapSet,
     sync::{MapState, Op},
 };
 
-/// The filter bit a frontend sets: (host-order port, `PORT_F_*`).
-fn bit(key: &ServiceKey) -> (u16, u64) {
-    let kind = if key.addr == NODEPORT_ADDR {
-        PORT_F_NODEPORT
-    } else {
-        PORT_F_FRONTEND
-    };
-    (u16::from_be(key.port), kind)
-}
-
 #[derive(Debug, Default)]
 pub struct PortFilter {
-    /// Frontends using each (port, kind).
-    uses: HashMap<(u16, u64), u32>,
+    /// Frontends using each bit, ordered by word.
+    uses: BTreeMap<PortBit, u32>,
     /// Words as the map holds them (absent: zero).
     written: HashMap<u32, u64>,
     /// Words to compare and write at the next flush.
@@ -47,7 +36,7 @@ impl PortFilter {
     pub fn rebuild(state: &MapState, maps: &MapSet) -> Result<Self, MapError> {
         let mut f = Self::default();
         for key in state.services.keys() {
-            *f.uses.entry(bit(key)).or_default() += 1;
+            *f.uses.entry(key.port_bit()).or_default() += 1;
         }
         for (i, word) in maps.port_words()?.into_iter().enumerate() {
             if word != 0 {
@@ -58,7 +47,7 @@ impl PortFilter {
             .written
             .keys()
             .copied()
-            .chain(f.uses.keys().map(|(port, _)| port_word(*port)))
+            .chain(f.uses.keys().map(|b| b.word))
             .collect();
         Ok(f)
     }
@@ -67,37 +56,34 @@ impl PortFilter {
     pub fn observe(&mut self, op: &Op, state: &MapState) {
         match op {
             Op::PutService(k, _) if !state.services.contains_key(k) => {
-                *self.uses.entry(bit(k)).or_default() += 1;
-                self.dirty.insert(port_word(bit(k).0));
+                let b = k.port_bit();
+                *self.uses.entry(b).or_default() += 1;
+                self.dirty.insert(b.word);
             }
             Op::DelService(k) if state.services.contains_key(k) => {
-                let b = bit(k);
+                let b = k.port_bit();
                 if let Some(n) = self.uses.get_mut(&b) {
                     *n -= 1;
                     if *n == 0 {
                         self.uses.remove(&b);
                     }
                 }
-                self.dirty.insert(port_word(b.0));
+                self.dirty.insert(b.word);
             }
             _ => {}
         }
     }
 
-    /// The word `i` should hold.
-    fn desired(&self, i: u32) -> u64 {
-        (0..32u32)
-            .map(|j| (i * 32 + j) as u16)
-            .flat_map(|port| {
-                [PORT_F_FRONTEND, PORT_F_NODEPORT].map(|kind| {
-                    if self.uses.contains_key(&(port, kind)) {
-                        kind << port_shift(port)
-                    } else {
-                        0
-                    }
-                })
-            })
-            .fold(0, |w, b| w | b)
+    /// The word `i` should hold: the bits in use there.
+    pub fn desired(&self, i: u32) -> u64 {
+        let first = PortBit { word: i, mask: 0 };
+        let last = PortBit {
+            word: i,
+            mask: u64::MAX,
+        };
+        self.uses
+            .range(first..=last)
+            .fold(0, |w, (b, _)| w | b.mask)
     }
 
     /// Writes the words that changed; returns how many.
@@ -118,23 +104,15 @@ impl PortFilter {
         }
         Ok(wrote)
     }
-
-    /// Ports in use, for tests and `kpx dump`: (port, `PORT_F_*` bits).
-    pub fn ports(&self) -> Vec<(u16, u64)> {
-        let mut out: HashMap<u16, u64> = HashMap::new();
-        for (port, kind) in self.uses.keys() {
-            *out.entry(*port).or_default() |= kind;
-        }
-        let mut v: Vec<_> = out.into_iter().collect();
-        v.sort_unstable();
-        v
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_common::ServiceValue;
+    use proxy_common::{
+        port_shift, port_word, ServiceKey, ServiceValue, NODEPORT_ADDR, PORT_F_FRONTEND,
+        PORT_F_NODEPORT,
+    };
 
     fn key(addr: u32, port: u16) -> ServiceKey {
         ServiceKey {
@@ -161,30 +139,22 @@ mod tests {
     fn a_port_is_marked_while_any_frontend_uses_it() {
         let (mut f, mut st) = (PortFilter::default(), MapState::default());
         let (a, b, np) = (key(1, 80), key(2, 80), key(NODEPORT_ADDR, 30080));
+        let http = PORT_F_FRONTEND << port_shift(80);
+        let nodeport = PORT_F_NODEPORT << port_shift(30080);
         put(&mut f, &mut st, a);
         put(&mut f, &mut st, b);
         put(&mut f, &mut st, np);
         // Replacing a frontend's value is no new use.
         put(&mut f, &mut st, a);
-        assert_eq!(
-            f.ports(),
-            vec![(80, PORT_F_FRONTEND), (30080, PORT_F_NODEPORT)]
-        );
-        assert_eq!(f.desired(port_word(80)), PORT_F_FRONTEND << port_shift(80));
+        assert_eq!(f.desired(port_word(80)), http);
+        assert_eq!(f.desired(port_word(30080)), nodeport);
         del(&mut f, &mut st, a);
-        assert_eq!(
-            f.ports(),
-            vec![(80, PORT_F_FRONTEND), (30080, PORT_F_NODEPORT)]
-        );
+        assert_eq!(f.desired(port_word(80)), http);
         del(&mut f, &mut st, b);
         // Deleting what is not there changes nothing.
         del(&mut f, &mut st, b);
-        assert_eq!(f.ports(), vec![(30080, PORT_F_NODEPORT)]);
         assert_eq!(f.desired(port_word(80)), 0);
-        assert_eq!(
-            f.desired(port_word(30080)),
-            PORT_F_NODEPORT << port_shift(30080)
-        );
+        assert_eq!(f.desired(port_word(30080)), nodeport);
     }
 
     #[test]
@@ -198,5 +168,6 @@ mod tests {
             f.desired(port_word(64)),
             PORT_F_FRONTEND | PORT_F_NODEPORT << 2 | PORT_F_FRONTEND << 62
         );
+        assert_eq!(f.desired(port_word(64) + 1), 0);
     }
 }

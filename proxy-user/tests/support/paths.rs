@@ -10,9 +10,9 @@ use anyhow::{ensure, Context as _, Result};
 use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
-    map_names, port_shift, port_word, prog_names, wire, Backend, DatapathConfig, ServiceKey,
-    ServiceValue, SlotKey, IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
-    NODE_F_NODEPORT, PORT_F_FRONTEND, PORT_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_NODEPORT,
+    map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey,
+    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL,
+    SVC_F_NODEPORT,
 };
 
 use super::{
@@ -81,14 +81,6 @@ pub fn vm() -> Result<Vm> {
         _pad: 0,
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
-    // The port filter, as the agent writes it for these frontends.
-    let mut words = std::collections::BTreeMap::<u32, u64>::new();
-    for (port, kind) in [(80, PORT_F_FRONTEND), (NODE_PORT, PORT_F_NODEPORT)] {
-        *words.entry(port_word(port)).or_default() |= kind << port_shift(port);
-    }
-    for (w, v) in words {
-        vm.map_insert(map_names::PORTS, &w.to_ne_bytes(), &v.to_ne_bytes())?;
-    }
     Ok(vm)
 }
 
@@ -135,6 +127,17 @@ fn service(
         affinity_id: svc_id,
     };
     vm.map_insert(map_names::SERVICES, bytes(&key), bytes(&value))?;
+    // Its bit in the port filter, as the agent sets it.
+    let bit = key.port_bit();
+    let word = match vm.map_get(map_names::PORTS, &bit.word.to_ne_bytes())? {
+        Some(w) => u64::from_ne_bytes(w.as_slice().try_into()?),
+        None => 0,
+    };
+    vm.map_insert(
+        map_names::PORTS,
+        &bit.word.to_ne_bytes(),
+        &(word | bit.mask).to_ne_bytes(),
+    )?;
     if key.addr != NODEPORT_ADDR {
         vm.map_insert(
             map_names::SERVICE_ADDRS,
