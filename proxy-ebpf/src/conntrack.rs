@@ -69,35 +69,28 @@ pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> (CtValue, bool)
     (*e, refreshed)
 }
 
-/// Caches the next hop the FIB gave for `entry`'s direction (None: none)
-/// and the packet length it was checked with, writing only when something
-/// changed.
+/// Caches the next hop the FIB gave for `entry`'s direction: out of
+/// `ifindex` with `macs`, checked with a packet of `len` IP bytes. Writes
+/// only what changed.
 #[inline(always)]
-pub fn remember_next_hop(entry: *mut CtValue, hop: Option<&NextHop>) {
+pub fn cache_next_hop(entry: *mut CtValue, ifindex: u32, macs: [u32; 3], len: u16) {
     // SAFETY: as in `touch`; a racing writer stores the same FIB answer.
     let e = unsafe { &mut *entry };
-    match hop {
-        Some(h) => {
-            if e.next_ifindex != h.ifindex || e.next_macs != h.macs || e.next_len != h.len {
-                e.next_ifindex = h.ifindex;
-                e.next_macs = h.macs;
-                e.next_len = h.len;
-            }
-        }
-        None => {
-            if e.next_ifindex != 0 {
-                e.next_ifindex = 0;
-            }
-        }
+    if e.next_ifindex != ifindex || e.next_macs != macs || e.next_len != len {
+        e.next_ifindex = ifindex;
+        e.next_macs = macs;
+        e.next_len = len;
     }
 }
 
-/// A next hop as a flow entry caches it.
-pub struct NextHop {
-    pub ifindex: u32,
-    pub macs: [u32; 3],
-    /// The IP length the FIB's MTU check passed.
-    pub len: u16,
+/// Drops `entry`'s cached next hop, if it has one.
+#[inline(always)]
+pub fn forget_next_hop(entry: *mut CtValue) {
+    // SAFETY: as in `cache_next_hop`.
+    let e = unsafe { &mut *entry };
+    if e.next_ifindex != 0 {
+        e.next_ifindex = 0;
+    }
 }
 
 /// Whether `entry` is the original direction of a closing flow: a new SYN

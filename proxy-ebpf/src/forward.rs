@@ -19,11 +19,7 @@ use core::mem::MaybeUninit;
 
 use proxy_common::{CtKey, CtValue, Event, CFG_F_STACK_FORWARDING, MARK_TRANSLATED};
 
-use crate::{
-    conntrack::{self, NextHop},
-    parse::Ipv4Packet,
-    service, stats,
-};
+use crate::{conntrack, parse::Ipv4Packet, service, stats};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
@@ -196,16 +192,15 @@ pub fn established(
     }
     let route = route(ctx, pkt, to, hook);
     if hook == Hook::Ingress {
-        let hop = cacheable(&route, pkt);
-        // A packet longer than the cached one that the FIB sends to the
-        // stack (too big for the route, or a GRO aggregate) leaves the
-        // cache for the flow's other packets.
-        let keep = hop.is_none()
-            && rewrite.next_ifindex != 0
-            && !refreshed
-            && pkt.ip_len() > rewrite.next_len;
-        if !keep {
-            conntrack::remember_next_hop(entry, hop.as_ref());
+        match route {
+            Route::Mac { ifindex, macs, .. } => {
+                conntrack::cache_next_hop(entry, ifindex, macs, pkt.ip_len())
+            }
+            // A packet longer than the cached one that the FIB sends to the
+            // stack (too big for the route, or a GRO aggregate) leaves the
+            // cache for the flow's other packets.
+            _ if !refreshed && rewrite.next_ifindex != 0 && pkt.ip_len() > rewrite.next_len => {}
+            _ => conntrack::forget_next_hop(entry),
         }
     }
     route
@@ -227,20 +222,6 @@ fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
         macs: e.next_macs,
         stay: false,
     })
-}
-
-/// What a flow entry caches of `route` (at ingress): the interface and
-/// MACs of a resolved next hop and the length checked; None: nothing.
-#[inline(always)]
-fn cacheable(route: &Route, pkt: &Ipv4Packet) -> Option<NextHop> {
-    match *route {
-        Route::Mac { ifindex, macs, .. } => Some(NextHop {
-            ifindex,
-            macs,
-            len: pkt.ip_len(),
-        }),
-        _ => None,
-    }
 }
 
 /// Sends the translated packet (MACs already written) along `route`;

@@ -142,9 +142,7 @@ pub fn apply(
                 ip_head,
                 rest,
             };
-            // `frame.macs` starts FRAME_LEN bytes of `frame`.
-            let from = core::ptr::addr_of!(frame.macs).cast::<u8>();
-            store_raw(ctx, 0, from, FRAME_LEN)
+            store_frame(ctx, &frame)
         }
         (Some(m), None) => ctx
             .store(0, &halves(m), 0)
@@ -174,12 +172,13 @@ fn store_rest(
     Ok(())
 }
 
-/// `bpf_skb_store_bytes` of `len` bytes at `from`.
+/// Stores `frame` from its MAC addresses on over the packet's start.
 #[inline(always)]
-fn store_raw(ctx: &TcContext, off: usize, from: *const u8, len: usize) -> Result<(), i64> {
-    // SAFETY: callers pass `len` readable bytes at `from`, on the stack.
-    let r =
-        unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), off as u32, from.cast(), len as u32, 0) };
+fn store_frame(ctx: &TcContext, frame: &Frame) -> Result<(), i64> {
+    let from = core::ptr::addr_of!(frame.macs).cast::<u8>();
+    // SAFETY: `frame.macs` starts the last FRAME_LEN bytes of `frame`,
+    // which lives on the stack for the call.
+    let r = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, from.cast(), FRAME_LEN as u32, 0) };
     if r == 0 {
         Ok(())
     } else {

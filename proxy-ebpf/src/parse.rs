@@ -123,7 +123,7 @@ pub fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 }
 
 /// Why a header could not be read.
-pub enum Short {
+enum Short {
     /// The packet ends first.
     End,
     /// The bytes are there, beyond the skb's linear part.
