@@ -13,12 +13,11 @@
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
 use kpx::datapath::Datapath;
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
-    IPPROTO_TCP,
+    wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::support::{install_service, ip, Pkt, ACK, SYN, TC_ACT_REDIRECT};
+use crate::support::{ct_key, install_service, ip, Pkt, ACK, SYN, TC_ACT_REDIRECT};
 
 const CLIENT: &str = "198.18.0.2";
 const BACKEND: &str = "198.18.200.1";
@@ -207,35 +206,25 @@ fn entry(flags: u16, dir: u8, addr: &str, port: u16) -> CtValue {
     }
 }
 
-fn key(src: &str, sport: u16, dst: &str, dport: u16) -> CtKey {
-    CtKey::new(
-        wire::addr(ip(src)),
-        wire::addr(ip(dst)),
-        wire::port(sport),
-        wire::port(dport),
-        IPPROTO_TCP,
-    )
-}
-
 /// Mean ns of an established original-direction packet and of a reply.
 fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
     let backend = BACKEND;
     let (dst, src) = (CT_F_REWRITE_DST, CT_F_REWRITE_SRC);
     for (k, v) in [
         (
-            key(CLIENT, 45000, vip, 80),
+            ct_key(CLIENT, 45000, vip, 80, IPPROTO_TCP),
             entry(dst, CT_DIR_ORIGINAL, backend, 8080),
         ),
         (
-            key(CLIENT, 45000, backend, 8080),
+            ct_key(CLIENT, 45000, backend, 8080, IPPROTO_TCP),
             entry(dst, CT_DIR_ORIGINAL, vip, 80),
         ),
         (
-            key(backend, 8080, CLIENT, 45000),
+            ct_key(backend, 8080, CLIENT, 45000, IPPROTO_TCP),
             entry(src, CT_DIR_REPLY, vip, 80),
         ),
         (
-            key(vip, 80, CLIENT, 45000),
+            ct_key(vip, 80, CLIENT, 45000, IPPROTO_TCP),
             entry(src, CT_DIR_REPLY, backend, 8080),
         ),
     ] {
@@ -272,14 +261,15 @@ fn single_runs(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Re
 fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
     let prog = dp.ingress()?;
     let mut out = [0.0; 2];
-    for (i, frame) in [
-        Pkt::new(CLIENT, 45000, vip, 80, ACK).build(),
-        Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK).build(),
+    for (i, mut pkt) in [
+        Pkt::new(CLIENT, 45000, vip, 80, ACK),
+        Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK),
     ]
     .into_iter()
     .enumerate()
     {
-        let frame = with_ttl(frame, 255);
+        pkt.ttl = 255;
+        let frame = pkt.build();
         let r = test_run(prog, &frame, 1)?;
         anyhow::ensure!(
             r.return_value == TC_ACT_REDIRECT,
@@ -294,21 +284,6 @@ fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Re
         out[i] = median(ns);
     }
     Ok((out[0], out[1]))
-}
-
-/// `frame` with its IPv4 TTL set, header checksum recomputed.
-fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
-    let ip = 14;
-    frame[ip + 8] = ttl;
-    frame[ip + 10..ip + 12].fill(0);
-    let sum: u32 = frame[ip..ip + 20]
-        .chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
-        .sum();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let check = !((folded & 0xffff) + (folded >> 16)) as u16;
-    frame[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
-    frame
 }
 
 fn median(mut v: Vec<u128>) -> f64 {

@@ -50,6 +50,7 @@ pub struct Pkt {
     pub payload: Vec<u8>,
     /// Raw IPv4 options (multiple of 4 bytes).
     pub ip_options: Vec<u8>,
+    pub ttl: u8,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -100,6 +101,7 @@ impl Pkt {
             l4,
             payload: b"kpx-test-payload".to_vec(),
             ip_options: Vec::new(),
+            ttl: 64,
         }
     }
 
@@ -133,7 +135,7 @@ impl Pkt {
         };
         let mut iph = Ipv4Header::new(
             l4_len as u16,
-            64,
+            self.ttl,
             proto,
             self.src.octets(),
             self.dst.octets(),
