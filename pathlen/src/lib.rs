@@ -156,21 +156,6 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Program names in the object.
-    pub fn programs(&self) -> impl Iterator<Item = &str> {
-        self.programs.keys().map(String::as_str)
-    }
-
-    /// Number of instructions in a program as linked (its static size).
-    pub fn program_len(&self, prog: &str) -> Option<usize> {
-        self.programs.get(prog).map(Vec::len)
-    }
-
-    /// Seeds the random source (each seed gives its own repeatable stream).
-    pub fn seed(&mut self, seed: u64) {
-        self.rand = seed | 1;
-    }
-
     fn map(&self, name: &str) -> Result<usize> {
         self.by_name
             .get(name)
@@ -202,18 +187,6 @@ impl Vm {
         Ok(self.maps[i]
             .lookup(key)
             .map(|r| self.mem.region(r).to_vec()))
-    }
-
-    /// Number of entries in map `name`.
-    pub fn map_len(&self, name: &str) -> Result<usize> {
-        Ok(self.maps[self.map(name)?].len())
-    }
-
-    /// Empties map `name`.
-    pub fn map_clear(&mut self, name: &str) -> Result<()> {
-        let i = self.map(name)?;
-        self.maps[i].clear();
-        Ok(())
     }
 
     /// Runs program `prog` once on the Ethernet frame `packet`.

@@ -168,15 +168,6 @@ impl MapState {
         self.order.retain(|k| k != key);
         0
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.order.clear();
-    }
 }
 
 fn prefix_eq(a: &[u8], b: &[u8], bits: usize) -> bool {

@@ -432,6 +432,24 @@ fn a_service_with_a_dangling_slot_drops_counted() {
     assert_eq!(dp.maps.conntrack.keys().count(), 0);
 }
 
+/// `bpf(2)` with `attr`, whose first bytes are the command's part of
+/// `union bpf_attr` (the rest zero).
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a plain, zero-padded buffer of its own size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
 /// Creates and pins an LRU hash map with the given sizes, as an older kpx
 /// would have left its conntrack map.
 fn pin_lru_map(path: &std::path::Path, key_size: u32, value_size: u32) -> std::io::Result<()> {
@@ -439,41 +457,17 @@ fn pin_lru_map(path: &std::path::Path, key_size: u32, value_size: u32) -> std::i
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-    // union bpf_attr, MAP_CREATE: type, key size, value size, max entries.
-    let mut attr = [0u32; 32];
-    attr[..4].copy_from_slice(&[BPF_MAP_TYPE_LRU_HASH, key_size, value_size, 1024]);
-    // SAFETY: bpf(2) with a zeroed attr larger than the kernel reads.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // MAP_CREATE: type, key size, value size, max entries.
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_LRU_HASH, key_size, value_size, 1024]);
+    let fd = bpf(BPF_MAP_CREATE, &create)?;
     let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
     // OBJ_PIN: pathname (u64), bpf_fd (u32).
-    let mut pin = [0u64; 4];
-    pin[0] = name.as_ptr() as u64;
-    pin[1] = fd as u64;
-    // SAFETY: as above; `name` outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            pin.as_ptr(),
-            std::mem::size_of_val(&pin),
-        )
-    };
+    let pin = [name.as_ptr() as u64, fd as u64, 0, 0];
+    let pinned = bpf(BPF_OBJ_PIN, &pin);
     // SAFETY: our own descriptor; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    pinned.map(|_| ())
 }
 
 /// A conntrack map pinned by an older kpx (another value layout) is not

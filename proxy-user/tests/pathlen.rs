@@ -9,6 +9,7 @@
 
 mod support;
 
+use proxy_common::MARK_TRANSLATED;
 use support::{inspect, paths};
 
 /// (path, instructions, helper calls) at most. Before this budget existed
@@ -22,11 +23,11 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     ("no service, port no frontend uses", 162, 3), // 154, 3
     ("no service, to the node", 162, 3),           // 154, 3
     ("first packet", 925, 21),                     // 880, 21
-    ("established, FIB to the stack", 545, 10),    // 515, 10
-    ("established, next hop looked up", 635, 11),  // 602, 11
-    ("established", 545, 9),                       // 519, 9
-    ("reply, next hop looked up", 640, 11),        // 609, 11
-    ("reply", 550, 9),                             // 523, 9
+    ("established, FIB to the stack", 545, 10),    // 512, 10
+    ("established, next hop looked up", 635, 11),  // 607, 11
+    ("established", 545, 9),                       // 524, 9
+    ("reply, next hop looked up", 640, 11),        // 614, 11
+    ("reply", 550, 9),                             // 528, 9
     ("ICMP error about a flow", 315, 11),          // 299, 11
     ("first packet, masqueraded", 1030, 24),       // 980, 24
     ("first packet, NodePort", 1045, 25),          // 992, 25
@@ -62,14 +63,20 @@ fn every_path_stays_within_its_budget() {
 }
 
 /// The counts are of real translations: what the interpreter's runs leave
-/// in the packet are valid, correctly translated frames.
+/// in the packet are valid, correctly translated frames, marked as
+/// translated, and those redirected carry the next hop's MAC and a TTL one
+/// lower, as forwarding by the stack would leave them.
 #[test]
 fn translated_paths_leave_valid_packets() {
+    let mut checked = 0;
     for (name, r) in paths::run_all().expect("running the paths") {
-        if !(name.starts_with("first packet") || name.starts_with("established") || name == "reply")
+        if !(name.starts_with("first packet")
+            || name.starts_with("established")
+            || name.starts_with("reply"))
         {
             continue;
         }
+        checked += 1;
         // Checksums are verified by `inspect`.
         let seen = inspect(&r.packet);
         if name.starts_with("reply") {
@@ -91,7 +98,15 @@ fn translated_paths_leave_valid_packets() {
                 "{name}: not masqueraded"
             );
         }
+        assert_ne!(r.mark & MARK_TRANSLATED, 0, "{name}: not marked translated");
+        let redirected = r.verdict == 7;
+        assert_eq!(
+            (r.packet[..6] == paths::NEXT_HOP_MAC, r.packet[14 + 8]),
+            (redirected, if redirected { 63 } else { 64 }),
+            "{name}: next hop MAC and TTL"
+        );
     }
+    assert_eq!(checked, 9, "the translated paths");
 }
 
 /// The same packets, the same counts: what makes a budget meaningful.

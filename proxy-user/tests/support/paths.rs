@@ -40,11 +40,14 @@ pub struct Path {
     pub verdict: u32,
 }
 
+/// The next hop's MAC address the FIB answers with.
+pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+
 const FORWARD: Fib = Fib::Forward {
     ifindex: 2,
     src: [198, 18, 0, 1],
     smac: [0x02, 0, 0, 0, 0, 0x10],
-    dmac: [0x02, 0, 0, 0, 0, 0x11],
+    dmac: NEXT_HOP_MAC,
 };
 
 /// Loads the datapath object into a VM with kpx's standard table: a
