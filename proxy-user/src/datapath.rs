@@ -306,25 +306,6 @@ pub fn name_from_bytes(b: &ServiceName) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// Key and value size of each map, as this build lays them out.
-fn layout(name: &str) -> Option<(usize, usize)> {
-    use core::mem::size_of;
-    Some(match name {
-        map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
-        map_names::SERVICE_ADDRS | map_names::NODE_ADDRS => (4, 4),
-        map_names::SLOTS => (size_of::<SlotKey>(), 4),
-        map_names::BACKENDS => (4, size_of::<Backend>()),
-        map_names::CONNTRACK => (size_of::<CtKey>(), size_of::<CtValue>()),
-        map_names::COUNTERS | map_names::DROPS | map_names::EVENTS | map_names::PORTS => (4, 8),
-        map_names::SERVICE_STATS => (4, size_of::<ServiceStats>()),
-        map_names::SERVICE_NAMES => (4, size_of::<ServiceName>()),
-        map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
-        map_names::SRC_RANGES => (4 + size_of::<SrcRange>(), 4),
-        map_names::CONFIG => (4, size_of::<DatapathConfig>()),
-        _ => return None,
-    })
-}
-
 /// A pinned map whose key or value size is not this build's (left by an
 /// older kpx) cannot be shared with the new programs: its pin is removed,
 /// so a map of the new layout is created and pinned in its place, and what
@@ -332,14 +313,18 @@ fn layout(name: &str) -> Option<(usize, usize)> {
 /// a conntrack map replaced this way loses its flows (carrying them over
 /// is a migration, not done here).
 fn replace_mismatched_pins(dir: &Path) -> Result<()> {
+    // The object's own map definitions: what the programs were built for.
+    let obj = aya_obj::Object::parse(OBJECT).context("parsing the kpx eBPF object")?;
     for name in map_names::ALL {
         let path = dir.join(name);
         if !path.exists() {
             continue;
         }
-        let Some((key, value)) = layout(name) else {
-            continue;
-        };
+        let def = obj
+            .maps
+            .get(name)
+            .with_context(|| format!("map {name} missing from the object"))?;
+        let (key, value) = (def.key_size() as usize, def.value_size() as usize);
         let info = aya::maps::MapInfo::from_pin(&path)
             .with_context(|| format!("reading the pinned map {}", path.display()))?;
         let (k, v) = (info.key_size() as usize, info.value_size() as usize);
