@@ -116,7 +116,8 @@ impl FlowState {
     }
 }
 
-/// `bpf_ktime_get_ns()`'s clock (CLOCK_MONOTONIC) in nanoseconds.
+/// The datapath's clock (CLOCK_MONOTONIC) in nanoseconds. The datapath reads
+/// it with `bpf_ktime_get_coarse_ns()`, at most a tick behind this.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
