@@ -13,10 +13,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use kpx::{
-    datapath::MapSet,
-    testbed::{tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn},
-};
+use kpx::datapath::MapSet;
+use testbed::{tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const T: Duration = Duration::from_secs(3);

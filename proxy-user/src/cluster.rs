@@ -484,8 +484,8 @@ fn trigger_time(s: &EndpointSlice) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testbed::service_yaml;
     use std::net::Ipv4Addr;
+    use testbed::service_yaml;
 
     fn objects(yaml: &str) -> (Sourced<Service>, Sourced<EndpointSlice>) {
         let mut loaded = crate::manifests::Loaded::default();

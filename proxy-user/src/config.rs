@@ -141,7 +141,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
 
 /// Parses and validates a KubeProxyConfiguration document.
 pub fn parse(text: &str) -> Result<Loaded> {
-    let de = serde_yaml::Deserializer::from_str(text);
+    let de = serde_norway::Deserializer::from_str(text);
     let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         anyhow::anyhow!("field {path}: {}", e.into_inner())
@@ -198,7 +198,7 @@ struct ClientConnection {
 struct Logging {
     format: String,
     /// A Go duration string or nanoseconds.
-    flush_frequency: Option<serde_yaml::Value>,
+    flush_frequency: Option<serde_norway::Value>,
     verbosity: u32,
     vmodule: Vec<VModule>,
     options: LogOptions,
@@ -223,7 +223,7 @@ struct LogOptions {
 struct LogFormatOptions {
     split_stream: bool,
     /// A resource quantity ("0", "5Mi").
-    info_buffer_size: Option<serde_yaml::Value>,
+    info_buffer_size: Option<serde_norway::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -656,11 +656,11 @@ fn bind_field(field: &str, s: &str) -> Result<Option<Bind>> {
 }
 
 /// A YAML scalar that is zero ("0", 0, "0s", null).
-fn is_zero(v: &serde_yaml::Value) -> bool {
+fn is_zero(v: &serde_norway::Value) -> bool {
     match v {
-        serde_yaml::Value::Null => true,
-        serde_yaml::Value::Number(n) => n.as_f64() == Some(0.0),
-        serde_yaml::Value::String(s) => {
+        serde_norway::Value::Null => true,
+        serde_norway::Value::Number(n) => n.as_f64() == Some(0.0),
+        serde_norway::Value::String(s) => {
             s.is_empty() || parse_go_duration(s).is_ok_and(|d| d.is_zero()) || s == "0"
         }
         _ => false,

@@ -18,5 +18,4 @@ pub mod node;
 pub mod ports;
 pub mod reference;
 pub mod sync;
-pub mod testbed;
 pub mod watch;

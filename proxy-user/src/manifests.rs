@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::model::{Problem, Sourced};
 
@@ -110,7 +110,7 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 pub fn parse_file(file: &str, text: &str, out: &mut Loaded) {
     for (n, (line, doc)) in documents(text).into_iter().enumerate() {
         let origin = format!("{file} (document {}, line {line})", n + 1);
-        match serde_yaml::from_str::<Value>(&doc) {
+        match serde_norway::from_str::<Value>(&doc) {
             Ok(value) => parse_value(&origin, value, out),
             Err(e) => out.problems.push(Problem {
                 origin,

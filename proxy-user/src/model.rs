@@ -934,14 +934,14 @@ mod tests {
     fn svc(yaml: &str) -> Sourced<Service> {
         Sourced {
             origin: "test".into(),
-            object: serde_yaml::from_str(yaml).expect("service yaml"),
+            object: serde_norway::from_str(yaml).expect("service yaml"),
         }
     }
 
     fn eps(yaml: &str) -> Sourced<EndpointSlice> {
         Sourced {
             origin: "test".into(),
-            object: serde_yaml::from_str(yaml).expect("slice yaml"),
+            object: serde_norway::from_str(yaml).expect("slice yaml"),
         }
     }
 

@@ -16,8 +16,9 @@ fn backends_of(addrs: &[&str]) -> Vec<std::net::Ipv4Addr> {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
 
     let out = run(&mut dp, &Pkt::new(CLIENT, 40000, VIP, 80, SYN).build());
@@ -61,8 +62,9 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
 
     let first = inspect(&run(&mut dp, &Pkt::new(CLIENT, 40001, VIP, 80, SYN).build()).bytes);
@@ -91,8 +93,9 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_flags_of_a_flow_accumulate_in_its_entry() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, SYN).build());
     run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, FIN_ACK).build());
@@ -106,8 +109,9 @@ fn tcp_flags_of_a_flow_accumulate_in_its_entry() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_request_and_reply_are_translated_with_valid_checksums() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
 
     let out = run(&mut dp, &Pkt::new(CLIENT, 33333, VIP, 53, UDP).build());
@@ -133,8 +137,9 @@ fn udp_request_and_reply_are_translated_with_valid_checksums() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn udp_without_checksum_keeps_checksum_zero() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let mut p = Pkt::new(CLIENT, 33334, VIP, 53, L4::Udp { zero_csum: true });
     let out = run(&mut dp, &p.build());
@@ -156,8 +161,9 @@ fn udp_without_checksum_keeps_checksum_zero() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn new_flows_spread_over_all_backends() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let flows = 900u16;
     let mut per_backend: HashMap<std::net::Ipv4Addr, u32> = HashMap::new();
@@ -183,8 +189,9 @@ fn new_flows_spread_over_all_backends() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_service_with_one_backend_always_gets_it() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     install_service(
         &mut dp,
         7,
@@ -206,8 +213,9 @@ fn a_service_with_one_backend_always_gets_it() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn traffic_to_no_service_passes_untouched() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let cases = [
         Pkt::new(CLIENT, 40000, B1, 8080, SYN), // straight to a pod
@@ -226,8 +234,9 @@ fn traffic_to_no_service_passes_untouched() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn non_ipv4_passes_untouched() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     // ARP request, IPv6 and ICMP to the VIP.
     let mut arp = vec![0xff; 6];
@@ -248,8 +257,9 @@ fn non_ipv4_passes_untouched() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn ip_options_shift_the_l4_header_and_are_translated_correctly() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     for l4 in [SYN, UDP] {
         let dport = if matches!(l4, L4::Udp { .. }) { 53 } else { 80 };
@@ -276,8 +286,9 @@ fn ip_options_shift_the_l4_header_and_are_translated_correctly() {
 /// Malformed frames to a VIP are dropped (and counted); to anything else they
 /// pass untouched. None is ever translated or tracked.
 #[test]
+#[ignore = "needs root"]
 fn malformed_packets_are_never_translated() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let good = Pkt::new(CLIENT, 42000, VIP, 80, SYN).build();
     let good_udp = Pkt::new(CLIENT, 42000, VIP, 53, UDP).build();
@@ -372,8 +383,9 @@ fn malformed_packets_are_never_translated() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fragments_to_a_vip_are_dropped_and_others_pass() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let set_frag = |f: &mut Vec<u8>, v: u16| {
         f[20..22].copy_from_slice(&v.to_be_bytes());
@@ -416,8 +428,9 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_service_with_a_dangling_slot_drops_counted() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     // A slot pointing at a backend id that does not exist (a hand-edited
     // map; the agent never writes one).
     install_service(&mut dp, 4, "198.19.0.31", 80, IPPROTO_TCP, &[(50, B1, 80)]);
@@ -473,19 +486,13 @@ fn pin_lru_map(path: &std::path::Path, key_size: u32, value_size: u32) -> std::i
 /// A conntrack map pinned by an older kpx (another value layout) is not
 /// handed to the new programs: it is replaced by a map of this layout.
 #[test]
+#[ignore = "needs root"]
 fn a_pinned_map_of_another_layout_is_replaced_not_shared() {
     let dir = std::path::PathBuf::from(format!(
         "/sys/fs/bpf/kpx-test-layout-{}",
         std::process::id()
     ));
-    if let Err(e) = kpx::bpffs::ensure(&dir) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set and bpffs is unusable: {e:#}"
-        );
-        eprintln!("SKIPPED: no bpffs here: {e:#}");
-        return;
-    }
+    testbed::built("bpffs", kpx::bpffs::ensure(&dir));
     let ct = dir.join(proxy_common::map_names::CONNTRACK);
     let key = std::mem::size_of::<proxy_common::CtKey>() as u32;
     let result = std::panic::catch_unwind(|| {

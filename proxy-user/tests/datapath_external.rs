@@ -6,7 +6,7 @@
 
 mod support;
 
-use kpx::{cidr::Cidr, datapath::range_key, node::PortRange, testbed::Netns};
+use kpx::{cidr::Cidr, datapath::range_key, node::PortRange};
 use proxy_common::{
     wire, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_FROM_NODE,
     CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS,
@@ -14,6 +14,7 @@ use proxy_common::{
     SVC_F_SOURCE_RANGES,
 };
 use support::*;
+use testbed::Netns;
 
 /// This node: its fabric address (serves NodePorts) and a pod-side gateway.
 const NODE: &str = "198.18.128.1";
@@ -89,8 +90,9 @@ fn ct(dp: &kpx::datapath::Datapath, key: proxy_common::CtKey) -> CtValue {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_entry() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, false);
     frontend(
         &mut dp,
@@ -137,8 +139,9 @@ fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_e
 }
 
 #[test]
+#[ignore = "needs root"]
 fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, false);
     // One backend and two masquerade ports.
     let mut cfg = dp.maps.config.get(&0, 0).unwrap();
@@ -173,8 +176,9 @@ fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, false);
     // LB IP with externalTrafficPolicy Local: local table = backend 2 (B2).
     frontend(
@@ -238,8 +242,9 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn source_ranges_admit_by_longest_prefix_and_drop_the_rest() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, false);
     frontend(
         &mut dp,
@@ -268,8 +273,9 @@ fn source_ranges_admit_by_longest_prefix_and_drop_the_rest() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, false);
     let out = run(&mut dp, &Pkt::new(POD, 1000, VIP, 80, SYN).build());
     assert_eq!(inspect(&out.bytes).src, ip(POD), "pods keep their address");
@@ -292,15 +298,16 @@ fn cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all()
         }
     }
     assert!(hairpins > 0);
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, true);
     let out = run(&mut dp, &Pkt::new(POD, 1000, VIP, 80, SYN).build());
     assert_eq!(inspect(&out.bytes).src, ip(NODE), "masquerade-all");
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_nodes_own_flows_are_translated_at_egress_and_translated_packets_skipped() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     node(&mut dp, false);
     let out = run_egress(&mut dp, &Pkt::new(NODE, 45000, VIP, 80, SYN).build());
     assert_eq!(out.verdict, TC_ACT_OK);
@@ -318,12 +325,9 @@ fn the_nodes_own_flows_are_translated_at_egress_and_translated_packets_skipped()
 }
 
 #[test]
+#[ignore = "needs root"]
 fn translated_packets_go_straight_to_the_fib_next_hop() {
-    let Some(mut dp) = datapath() else { return };
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
+    let mut dp = datapath();
     node(&mut dp, false);
     let ns = Netns::create(&format!("kpxfib{}", std::process::id())).unwrap();
     ns.sysctl("net/ipv4/ip_forward", "1").unwrap();

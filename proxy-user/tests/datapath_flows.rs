@@ -33,8 +33,9 @@ fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32
 }
 
 #[test]
+#[ignore = "needs root"]
 fn syn_or_datagram_to_a_service_without_endpoints_gets_port_unreachable() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     install_service(&mut dp, 3, EMPTY_VIP, 80, IPPROTO_TCP, &[]);
     install_service(&mut dp, 4, EMPTY_VIP, 53, IPPROTO_UDP, &[]);
     let mut with_options = Pkt::new(CLIENT, 44002, EMPTY_VIP, 80, SYN);
@@ -85,8 +86,9 @@ fn syn_or_datagram_to_a_service_without_endpoints_gets_port_unreachable() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let rst = L4::Tcp {
         syn: false,
@@ -109,8 +111,9 @@ fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let orig = ct_key(CLIENT, 46000, VIP, 80, IPPROTO_TCP);
     let first = inspect(&run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build()).bytes);
@@ -139,8 +142,9 @@ fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     set_affinity(&mut dp, VIP, 80, IPPROTO_TCP, 100);
     let connect = |dp: &mut Datapath, client: &str, sport: u16| {
@@ -193,8 +197,9 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
 }
 
 #[test]
+#[ignore = "needs root"]
 fn affinity_is_shared_by_the_entry_points_of_one_service_port() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     // Another entry point (an external IP) of the same service port.
     let ext = "198.19.1.10";
@@ -222,8 +227,9 @@ fn affinity_is_shared_by_the_entry_points_of_one_service_port() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn without_affinity_no_record_is_kept() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     run(&mut dp, &Pkt::new(CLIENT, 48000, VIP, 80, SYN).build());
     assert_eq!(dp.maps.affinity.keys().count(), 0);
@@ -238,8 +244,9 @@ fn flow(dp: &mut Datapath, pkt: Pkt) -> (Vec<u8>, Vec<u8>) {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn fragmentation_needed_about_a_translated_flow_reaches_the_client_about_the_vip() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let (sent, at_backend) = flow(&mut dp, Pkt::new(CLIENT, 49000, VIP, 80, SYN));
     let backend = inspect(&at_backend).dst;
@@ -277,8 +284,9 @@ fn fragmentation_needed_about_a_translated_flow_reaches_the_client_about_the_vip
 }
 
 #[test]
+#[ignore = "needs root"]
 fn port_unreachable_from_a_udp_backend_is_translated_with_its_quoted_checksum() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let (sent, at_backend) = flow(&mut dp, Pkt::new(CLIENT, 49100, VIP, 53, UDP));
     let backend = inspect(&at_backend).dst;
@@ -293,8 +301,9 @@ fn port_unreachable_from_a_udp_backend_is_translated_with_its_quoted_checksum() 
 }
 
 #[test]
+#[ignore = "needs root"]
 fn icmp_errors_about_unknown_flows_and_other_icmp_pass_untouched() {
-    let Some(mut dp) = datapath() else { return };
+    let mut dp = datapath();
     cluster(&mut dp);
     let stranger = Pkt::new(CLIENT, 49200, "198.18.9.9", 80, SYN).build();
     let unreach = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port);

@@ -47,13 +47,13 @@ struct Kustomization {
 fn objects() -> (Kustomization, Vec<(String, Value)>) {
     let dir = repo().join("deploy");
     let k: Kustomization =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+        serde_norway::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
             .expect("kustomization.yaml");
     let mut out = Vec::new();
     for file in &k.resources {
         let text =
             std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        for doc in serde_norway::Deserializer::from_str(&text) {
             let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
             if !v.is_null() {
                 out.push((file.clone(), v));

@@ -34,8 +34,8 @@ use kpx::{
     datapath::MapSet,
     manifests,
     model::{self, NodeInfo},
-    testbed::{service_manifest as service, wait_for, Ep, MultiNode, Netns, Proxy, TERMINATING},
 };
+use testbed::{service_manifest as service, wait_for, Ep, MultiNode, Netns, Proxy, TERMINATING};
 
 const A1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const A2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
@@ -738,16 +738,9 @@ fn describe(bed_probe: &Probe) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn kpx_reaches_kube_proxys_verdict_on_every_scenario() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set: the differential tests need root"
-        );
-        eprintln!("SKIPPED: the differential tests need root");
-        return;
-    }
+    testbed::require_root();
     let scenarios = scenarios();
     let manifest: String = scenarios
         .iter()

@@ -11,16 +11,13 @@ use std::{
 };
 
 use bed::*;
-use kpx::{
-    datapath::MapSet,
-    testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn},
-};
+use kpx::datapath::MapSet;
+use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn};
 
 #[test]
+#[ignore = "needs root"]
 fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
-    let Some(c) = running(&["web-1", "web-2", "web-3"]) else {
-        return;
-    };
+    let c = running(&["web-1", "web-2", "web-3"]);
     let client = &c.pod("client").netns;
 
     let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 300, T)
@@ -90,10 +87,9 @@ fn clusterip_tcp_and_udp_reach_every_backend_and_replies_come_from_the_vip() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn endpoint_changes_apply_without_restart_and_live_connections_keep_their_backend() {
-    let Some(c) = running(&["web-1", "web-2"]) else {
-        return;
-    };
+    let c = running(&["web-1", "web-2"]);
     let vip = SocketAddrV4::new(VIP, 80);
 
     // A long-lived connection, and its backend.
@@ -170,10 +166,9 @@ fn endpoint_changes_apply_without_restart_and_live_connections_keep_their_backen
 }
 
 #[test]
+#[ignore = "needs root"]
 fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
-    let Some(mut c) = start(&backends()) else {
-        return;
-    };
+    let mut c = start(&backends());
     let yaml = web(&c, &["web-1", "web-2", "web-3"]);
     c.write_manifest("web.yaml", &yaml).unwrap();
     let bad = |name: &str, vip: &str| {
@@ -255,10 +250,9 @@ fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_it() {
-    let Some(mut c) = running(&["web-1", "web-2", "web-3"]) else {
-        return;
-    };
+    let mut c = running(&["web-1", "web-2", "web-3"]);
     let vip = SocketAddrV4::new(VIP, 80);
     let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
     let first = long.ask().unwrap();
@@ -348,10 +342,9 @@ fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_i
 }
 
 #[test]
+#[ignore = "needs root"]
 fn interfaces_that_appear_later_are_attached() {
-    let Some(mut c) = running(&["web-1", "web-2", "web-3"]) else {
-        return;
-    };
+    let mut c = running(&["web-1", "web-2", "web-3"]);
     // A pod created after the agent started: its node-side veth appears then.
     c.add_pod("late", Ipv4Addr::new(198, 18, 2, 3)).unwrap();
     let host_if = c.pod("late").host_if.clone();

@@ -13,13 +13,11 @@ use std::{
 };
 
 use bed::*;
-use kpx::{
-    datapath::MapSet,
-    testbed::{
-        service_yaml_with, tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn, READY, TERMINATING,
-    },
-};
+use kpx::datapath::MapSet;
 use proxy_common::{Counter, Event};
+use testbed::{
+    service_yaml_with, tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn, READY, TERMINATING,
+};
 
 const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 /// Endpoint conditions of a pod that stopped serving.
@@ -54,10 +52,9 @@ fn event(c: &Cluster, which: Event) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
-    let Some(mut c) = start(&backends()) else {
-        return;
-    };
+    let mut c = start(&backends());
     c.write_manifest("web.yaml", &web_with(&c, &[])).unwrap();
     c.start_agent(Path::new(KPX), &[]).unwrap();
     wait_synced(&c, 2, &[0, 0]);
@@ -89,10 +86,9 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn client_ip_affinity_holds_across_100_connections() {
-    let Some(mut c) = start(&backends()) else {
-        return;
-    };
+    let mut c = start(&backends());
     let all = [("web-1", READY), ("web-2", READY), ("web-3", READY)];
     let sticky = service_yaml_with(
         "web",
@@ -129,10 +125,9 @@ fn client_ip_affinity_holds_across_100_connections() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_terminating_backend_finishes_its_transfers_while_new_connections_avoid_it() {
-    let Some(c) = running(&["web-1", "web-2", "web-3"]) else {
-        return;
-    };
+    let c = running(&["web-1", "web-2", "web-3"]);
     let client = &c.pod("client").netns;
     let mut long = Conn::open(client, SocketAddrV4::new(VIP, 80), T).unwrap();
     let old = long.ask().unwrap();
@@ -175,10 +170,9 @@ fn a_terminating_backend_finishes_its_transfers_while_new_connections_avoid_it()
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
-    let Some(c) = running(&["web-1", "web-2", "web-3"]) else {
-        return;
-    };
+    let c = running(&["web-1", "web-2", "web-3"]);
     let client = &c.pod("client").netns;
     // One long-lived socket, one source port: one flow, as a DNS resolver.
     let sock = client
@@ -226,10 +220,9 @@ fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn path_mtu_discovery_works_through_a_vip_to_a_backend_behind_a_smaller_mtu() {
-    let Some(c) = running(&["web-1"]) else {
-        return;
-    };
+    let c = running(&["web-1"]);
     // The node's link to the backend carries 1200 bytes; the backend itself
     // advertises a 1460-byte MSS, so only ICMP fragmentation-needed (sent by
     // the node, about client → backend) can teach the client the path MTU.
@@ -257,10 +250,9 @@ fn path_mtu_discovery_works_through_a_vip_to_a_backend_behind_a_smaller_mtu() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn the_collector_removes_idle_flows_after_their_state_timeout() {
-    let Some(mut c) = start(&backends()) else {
-        return;
-    };
+    let mut c = start(&backends());
     let all = [("web-1", READY), ("web-2", READY), ("web-3", READY)];
     c.write_manifest("web.yaml", &web_with(&c, &all)).unwrap();
     c.start_agent(

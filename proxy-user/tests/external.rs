@@ -26,11 +26,9 @@ use std::{
 };
 
 use bed::{KPX, T};
-use kpx::{
-    datapath::MapSet,
-    testbed::{service_manifest, tcp_who, udp_who, wait_for, Cluster, Ep, MultiNode, GATEWAY},
-};
+use kpx::datapath::MapSet;
 use proxy_common::{DropReason, Event};
+use testbed::{service_manifest, tcp_who, udp_who, wait_for, Cluster, Ep, MultiNode, GATEWAY};
 
 const A1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
 const A2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
@@ -112,22 +110,11 @@ fn manifests() -> String {
 /// LB IP) = 8, local 6, fw 6, self 2.
 const FRONTENDS: usize = 22;
 
-fn bed() -> Option<MultiNode> {
-    // SAFETY: no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let built = if root {
-        MultiNode::new(&[&[("a1", A1), ("a2", A2)], &[("b1", B1)]])
-    } else {
-        Err(anyhow::anyhow!("not root"))
-    };
-    let mut bed = match built {
-        Ok(b) => b,
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: end-to-end tests need root and iproute2: {e:#}");
-            return None;
-        }
-        Err(e) => panic!("CI is set and the test bed cannot be built: {e:#}"),
-    };
+fn bed() -> MultiNode {
+    let mut bed = testbed::built(
+        "the two-node bed",
+        MultiNode::new(&[&[("a1", A1), ("a2", A2)], &[("b1", B1)]]),
+    );
     bed.add_client(CLIENT).unwrap();
     bed.add_client(STRANGER).unwrap();
     bed.write_manifest("all.yaml", &manifests()).unwrap();
@@ -140,7 +127,7 @@ fn bed() -> Option<MultiNode> {
     for n in &bed.nodes {
         synced(n);
     }
-    Some(bed)
+    bed
 }
 
 fn synced(n: &Cluster) {
@@ -183,7 +170,7 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 /// client as `seen_as(identity)` and that the reply came from `to`.
 fn reaches(
     bed: &MultiNode,
-    client: &kpx::testbed::Netns,
+    client: &testbed::Netns,
     to: SocketAddrV4,
     expect: &[(&str, Ipv4Addr)],
 ) {
@@ -237,7 +224,7 @@ fn udp_port(tcp: u16) -> u16 {
 
 /// A connection that must not be answered: times out, and `reason` grows
 /// on `node`.
-fn dropped(client: &kpx::testbed::Netns, to: SocketAddrV4, node: &Cluster, reason: DropReason) {
+fn dropped(client: &testbed::Netns, to: SocketAddrV4, node: &Cluster, reason: DropReason) {
     let before = drops(node, reason);
     let err = tcp_who(client, to, Duration::from_millis(700))
         .expect_err("a dropped connection was answered");
@@ -259,8 +246,9 @@ fn dropped(client: &kpx::testbed::Netns, to: SocketAddrV4, node: &Cluster, reaso
 }
 
 #[test]
+#[ignore = "needs root"]
 fn nodeport_external_and_lb_ips_with_cluster_policy_masquerade_like_the_reference() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let client = &bed.clients[0];
     let n1 = MultiNode::node_ip(1);
     let n2 = MultiNode::node_ip(2);
@@ -286,8 +274,9 @@ fn nodeport_external_and_lb_ips_with_cluster_policy_masquerade_like_the_referenc
 }
 
 #[test]
+#[ignore = "needs root"]
 fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let client = &bed.clients[0];
     // Node 2 has the endpoint: the backend sees the client itself.
     reaches(
@@ -325,8 +314,9 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn source_ranges_admit_only_their_clients() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     reaches(&bed, &bed.clients[0], at(FW_LB, 80), &[("a2", GATEWAY)]);
     dropped(
         &bed.clients[1],
@@ -344,8 +334,9 @@ fn source_ranges_admit_only_their_clients() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn cluster_ips_masquerade_outsiders_and_hairpin_but_not_pods() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let n1 = MultiNode::node_ip(1);
     // From outside the cluster CIDR (the client routes service addresses to
     // node 1): masqueraded.
@@ -372,8 +363,9 @@ fn cluster_ips_masquerade_outsiders_and_hairpin_but_not_pods() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn dump_shows_external_frontends_and_masquerade_entries() {
-    let Some(bed) = bed() else { return };
+    let bed = bed();
     let _ = tcp_who(&bed.clients[0], at(MultiNode::node_ip(1), 30080), T).unwrap();
     let dump = |what: &str| {
         String::from_utf8_lossy(&bed::kpx_dump(&bed.nodes[0].bpffs(), &[what])).into_owned()

@@ -9,12 +9,11 @@ mod bed;
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
 use bed::*;
-use kpx::testbed::{
+use testbed::{
     apiserver::{ApiServer, Kind},
     service_yaml_with, tcp_ask_many, wait_for, Cluster, Netns, READY,
 };
@@ -34,14 +33,14 @@ status:
     )
 }
 
-fn on_api(extra: &[&str]) -> Option<(Cluster, ApiServer)> {
-    let mut c = start(&backends())?;
+fn on_api(extra: &[&str]) -> (Cluster, ApiServer) {
+    let mut c = start(&backends());
     let api = ApiServer::start_with(c.binder(API.parse().unwrap())).unwrap();
     api.apply_yaml(&node_yaml("")).unwrap();
     api.apply_all(&web(&c, &["web-1", "web-2"])).unwrap();
     c.start_agent_kube(Path::new(KPX), &api, extra).unwrap();
     wait_synced(&c, 2, &[2, 2]);
-    Some((c, api))
+    (c, api)
 }
 
 /// `n` TCP exchanges from the client pod through the VIP, all answered.
@@ -77,8 +76,9 @@ fn until(c: &Cluster, addr: &str, path: &str, code: u16) -> serde_json::Value {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn healthz_and_livez_answer_like_kube_proxy_and_drain_a_node_being_removed() {
-    let Some((c, api)) = on_api(&[]) else { return };
+    let (c, api) = on_api(&[]);
     let h = "127.0.0.1:10256";
     let (code, body) = get(&c, h, "/healthz");
     assert_eq!(code, 200, "{body}");
@@ -118,8 +118,9 @@ fn healthz_and_livez_answer_like_kube_proxy_and_drain_a_node_being_removed() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn metrics_report_maps_datapath_verdicts_and_conntrack() {
-    let Some((c, _api)) = on_api(&[]) else { return };
+    let (c, _api) = on_api(&[]);
     through_vip(&c, 25);
     // The datapath's counters are mirrored every 5 s.
     let m = wait_for(Duration::from_secs(15), || {
@@ -175,8 +176,9 @@ fn local_lb(c: &Cluster, endpoints: &[(&str, &str)]) -> String {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn health_check_node_ports_answer_with_the_local_endpoint_count() {
-    let Some((c, api)) = on_api(&[]) else { return };
+    let (c, api) = on_api(&[]);
     let hc = format!("{NODE_IP}:32100");
     api.apply_all(&local_lb(
         &c,
@@ -211,10 +213,9 @@ fn health_check_node_ports_answer_with_the_local_endpoint_count() {
 }
 
 #[test]
+#[ignore = "needs root"]
 fn a_kube_proxy_configuration_file_configures_the_agent_and_flags_win() {
-    let Some(mut c) = start(&backends()) else {
-        return;
-    };
+    let mut c = start(&backends());
     let api = ApiServer::start_with(c.binder(API.parse().unwrap())).unwrap();
     api.apply_yaml(&node_yaml("")).unwrap();
     api.apply_all(&web(&c, &["web-1"])).unwrap();
@@ -289,7 +290,14 @@ conntrack: {{tcpEstablishedTimeout: 1h, maxPerCore: 0}}
 }
 
 #[test]
+#[ignore = "needs root"]
 fn an_invalid_configuration_file_is_a_start_up_error_naming_the_field() {
+    // In a namespace of its own: an agent that did start must not attach to
+    // the machine's interfaces.
+    let ns = testbed::built(
+        "a namespace",
+        Netns::create(&format!("kpxcfg{}", std::process::id())),
+    );
     let dir = std::env::temp_dir().join(format!("kpx-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.yaml");
@@ -302,7 +310,9 @@ fn an_invalid_configuration_file_is_a_start_up_error_naming_the_field() {
             format!("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n{yaml}\n"),
         )
         .unwrap();
-        let out = Command::new(KPX)
+        let out = ns
+            .command(Path::new(KPX))
+            .unwrap()
             .args(["agent", "--config"])
             .arg(&bad)
             .output()
@@ -427,14 +437,10 @@ fn in_ns(ns: &Netns, program: &str, args: &[&str], stdin: Option<&str>) -> Strin
 }
 
 #[test]
+#[ignore = "needs root"]
 fn cleanup_kube_proxy_removes_its_rules_and_leaves_the_rest() {
     // A namespace of its own: the root namespace's firewall is never touched.
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(std::env::var_os("CI").is_none(), "CI needs root");
-        eprintln!("SKIPPED: needs root");
-        return;
-    }
+    testbed::require_root();
     let ns = Netns::create(&format!("kpxclean{}", std::process::id())).unwrap();
     in_ns(&ns, "iptables-nft-restore", &[], Some(KUBE_PROXY_IPTABLES));
     in_ns(

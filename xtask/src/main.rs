@@ -20,7 +20,8 @@ enum Task {
     Setup,
     /// Build the agent (with its embedded eBPF datapath), release profile.
     Build,
-    /// Run the whole test suite, in-kernel tests included (needs root).
+    /// Run the whole test suite, the root-only (ignored) tests included: run
+    /// it as root.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -55,11 +56,12 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup::run()?;
-            let mut cmd = vec!["test", "--workspace", "--exclude", "proxy-ebpf"];
-            if !args.is_empty() {
-                cmd.push("--");
-                cmd.extend(args.iter().map(String::as_str));
-            }
+            // Tests that need root are `#[ignore = "needs root"]` so that a
+            // plain `cargo test` reports them as not run; this suite runs
+            // them, and without root they fail with the reason.
+            let mut cmd = vec!["test", "--workspace", "--exclude", "proxy-ebpf", "--"];
+            cmd.push("--include-ignored");
+            cmd.extend(args.iter().map(String::as_str));
             // A report only ever describes this run.
             let _ = std::fs::remove_file(differential_report());
             let result = cargo(&cmd);

@@ -11,8 +11,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context as _, Result};
-use kpx::testbed::{apiserver::ApiServer, Cluster, Netns};
 use serde_json::{json, Value};
+use testbed::{apiserver::ApiServer, Cluster, Netns};
 
 use crate::load::Servers;
 

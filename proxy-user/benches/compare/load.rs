@@ -26,8 +26,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use kpx::testbed::Netns;
 use serde::{Deserialize, Serialize};
+use testbed::Netns;
 
 /// Client and servers share a core (see above).
 const CLIENT_CPU: usize = 0;

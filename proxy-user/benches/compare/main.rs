@@ -234,7 +234,7 @@ fn main() -> Result<()> {
 /// kpx's per-packet cost at `n` services, in a namespace of its own.
 fn packet_cost(n: u32, quick: bool, p: &Progress) -> Result<packet::PacketCost> {
     p.say(format!("N={n}: kpx datapath cost per packet (test_run)"));
-    let ns = kpx::testbed::Netns::create(&format!("kpxbench{}-tr", std::process::id()))?;
+    let ns = testbed::Netns::create(&format!("kpxbench{}-tr", std::process::id()))?;
     ns.enter(|| packet::measure(n, quick, || packet::fib_routes(&ns)))?
 }
 

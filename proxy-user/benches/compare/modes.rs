@@ -26,10 +26,10 @@ use kpx::{
     model::FrontendKey,
     reference::incremental::{self, ChangedPort},
     sync::service_key,
-    testbed::{Cluster, Proxy as Reference},
 };
 use proxy_common::{wire, SlotKey, IPPROTO_TCP};
 use serde::{Deserialize, Serialize};
+use testbed::{Cluster, Proxy as Reference};
 
 use crate::bed::{self, Bed};
 
@@ -267,7 +267,7 @@ pub fn available(mode: Mode) -> Result<(), String> {
         _ => return Ok(()),
     };
     let probe = || -> Result<()> {
-        let ns = kpx::testbed::Netns::create(&format!("kpxbench{}-probe", std::process::id()))?;
+        let ns = testbed::Netns::create(&format!("kpxbench{}-probe", std::process::id()))?;
         let args: &[&str] = if mode == Mode::Nftables {
             &["list", "tables"]
         } else {

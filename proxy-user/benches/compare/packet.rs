@@ -61,7 +61,7 @@ pub struct PacketCost {
 /// Routes and a neighbour in the (empty) measuring namespace so that the
 /// FIB lookup of a translated packet succeeds: the backends' and clients'
 /// subnets on an interface, forwarding on.
-pub fn fib_routes(ns: &kpx::testbed::Netns) -> anyhow::Result<()> {
+pub fn fib_routes(ns: &testbed::Netns) -> anyhow::Result<()> {
     // A veth pair inside the namespace (this kernel has no dummy device).
     ns.ip(&[
         "link", "add", "kpxfib", "type", "veth", "peer", "name", "kpxfib1",

@@ -10,10 +10,8 @@ use std::{
     time::Duration,
 };
 
-use kpx::{
-    datapath::MapSet,
-    testbed::{service_yaml, wait_for, Cluster},
-};
+use kpx::datapath::MapSet;
+use testbed::{service_yaml, wait_for, Cluster};
 
 pub const KPX: &str = env!("CARGO_BIN_EXE_kpx");
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -28,24 +26,9 @@ pub fn backends() -> [(&'static str, Ipv4Addr); 4] {
     ]
 }
 
-/// Root and netns tooling are needed; without them the test is skipped,
-/// except under CI, where that is a failure.
-pub fn cluster(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
-    // SAFETY: no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let result = if root {
-        Cluster::new(pods)
-    } else {
-        Err(anyhow::anyhow!("not root"))
-    };
-    match result {
-        Ok(c) => Some(c),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: end-to-end tests need root and iproute2: {e:#}");
-            None
-        }
-        Err(e) => panic!("CI is set and the test bed cannot be built: {e:#}"),
-    }
+/// A fresh bed (root-only: the tests that call it are ignored without root).
+pub fn cluster(pods: &[(&str, Ipv4Addr)]) -> Cluster {
+    testbed::built("the test bed", Cluster::new(pods))
 }
 
 /// The agent has applied `n` frontends with `backends` endpoints each.
@@ -96,23 +79,23 @@ pub fn spread(ids: &[String]) -> BTreeMap<String, usize> {
     m
 }
 
-pub fn start(pods: &[(&str, Ipv4Addr)]) -> Option<Cluster> {
-    let mut c = cluster(pods)?;
+pub fn start(pods: &[(&str, Ipv4Addr)]) -> Cluster {
+    let mut c = cluster(pods);
     for (name, _) in pods.iter().filter(|(n, _)| n.starts_with("web")) {
         c.serve(name, 8080, 5353).unwrap();
     }
-    Some(c)
+    c
 }
 
 /// The standard bed with `web` served by `endpoints`, the agent running and synced.
-pub fn running(endpoints: &[&str]) -> Option<Cluster> {
-    let mut c = start(&backends())?;
+pub fn running(endpoints: &[&str]) -> Cluster {
+    let mut c = start(&backends());
     let yaml = web(&c, endpoints);
     c.write_manifest("web.yaml", &yaml).unwrap();
     c.start_agent(Path::new(KPX), &[]).unwrap();
     let n = endpoints.len() as u32;
     wait_synced(&c, 2, &[n, n]);
-    Some(c)
+    c
 }
 
 /// `GET path` from `addr` inside the node namespace: (status, body).
@@ -193,7 +176,7 @@ pub fn rbac_grants(
 pub fn deploy_role() -> k8s_openapi::api::rbac::v1::ClusterRole {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let role = serde_yaml::Deserializer::from_str(&text)
+    let role = serde_norway::Deserializer::from_str(&text)
         .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
         .find(|v| v["kind"] == "ClusterRole")
         .map(|v| serde_json::from_value(v).unwrap());

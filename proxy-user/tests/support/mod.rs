@@ -22,17 +22,9 @@ pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 
 /// Loads a fresh datapath (its own maps), or explains why it cannot.
 ///
-/// Without root or BPF support the test is skipped with a message, except
-/// under CI (`CI` set), where that is a failure.
-pub fn datapath() -> Option<Datapath> {
-    match Datapath::load(&LoadOptions::default()) {
-        Ok(dp) => Some(dp),
-        Err(e) if std::env::var_os("CI").is_none() => {
-            eprintln!("SKIPPED: cannot load the datapath (run as root for in-kernel tests): {e:#}");
-            None
-        }
-        Err(e) => panic!("CI is set and the datapath cannot be loaded: {e:#}"),
-    }
+/// Root-only: the tests that call it are `#[ignore = "needs root"]`.
+pub fn datapath() -> Datapath {
+    testbed::built("the datapath", Datapath::load(&LoadOptions::default()))
 }
 
 pub fn ip(s: &str) -> Ipv4Addr {

@@ -207,13 +207,13 @@ impl ApiServer {
 
     /// Creates or replaces an object (JSON or YAML with `kind`).
     pub fn apply_yaml(&self, yaml: &str) -> Result<u64> {
-        let v: Value = serde_yaml::from_str(yaml).context("object YAML")?;
+        let v: Value = serde_norway::from_str(yaml).context("object YAML")?;
         self.apply(v)
     }
 
     /// Creates or replaces every object of a multi-document YAML stream.
     pub fn apply_all(&self, yaml: &str) -> Result<()> {
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
+        for doc in serde_norway::Deserializer::from_str(yaml) {
             let v = Value::deserialize(doc).context("object YAML")?;
             if !v.is_null() {
                 self.apply(v)?;

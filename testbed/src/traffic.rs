@@ -1,0 +1,244 @@
+//! Traffic: servers answering with their identity, and clients asking who answered.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::*;
+
+pub(crate) fn tcp_server(listener: TcpListener, identity: &str, stop: &AtomicBool) {
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let identity = identity.to_string();
+                conns.push(std::thread::spawn(move || tcp_conn(stream, &identity)));
+            }
+            // WouldBlock, or a transient accept error.
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+        conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+    }
+}
+
+/// Answers each line with the identity (and to `addr?`, the identity and
+/// the client address it sees); ends at EOF, error, or 30 s idle.
+fn tcp_conn(stream: TcpStream, identity: &str) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |p| p.to_string());
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let answer = if line.trim_end().ends_with("addr?") {
+                    format!("{identity} {peer}\n")
+                } else {
+                    format!("{identity}\n")
+                };
+                if writer.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn udp_server(sock: UdpSocket, identity: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let answer = if buf[..n].ends_with(b"addr?") {
+                format!("{identity} {from}")
+            } else {
+                identity.to_string()
+            };
+            let _ = sock.send_to(answer.as_bytes(), from);
+        }
+    }
+}
+
+/// A TCP connection made from inside a pod, asking for identities.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Conn {
+    pub fn open(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Self> {
+        let stream =
+            from.enter(move || TcpStream::connect_timeout(&SocketAddr::V4(to), timeout))??;
+        Self::new(stream, timeout)
+    }
+
+    fn new(stream: TcpStream, timeout: Duration) -> Result<Self> {
+        stream.set_read_timeout(Some(timeout))?;
+        // A stalled bulk send (a black-holed path) fails instead of hanging.
+        stream.set_write_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+        })
+    }
+
+    pub fn peer(&self) -> Result<SocketAddr> {
+        Ok(self.writer.peer_addr()?)
+    }
+
+    /// Sends a line, returns the server's identity.
+    pub fn ask(&mut self) -> Result<String> {
+        self.ask_bulk(0)
+    }
+
+    /// Sends a line of `bytes` filler bytes (a bulk transfer), returns the
+    /// server's identity once it has read all of it.
+    pub fn ask_bulk(&mut self, bytes: usize) -> Result<String> {
+        let mut line = vec![b'x'; bytes];
+        line.extend_from_slice(b"who?\n");
+        self.writer.write_all(&line)?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+/// Who answered and the client address it saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub identity: String,
+    pub client: SocketAddr,
+}
+
+impl Seen {
+    fn parse(answer: &str) -> Result<Self> {
+        let (identity, client) = answer
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| anyhow!("unexpected answer {answer:?}"))?;
+        Ok(Self {
+            identity: identity.into(),
+            client: client.parse()?,
+        })
+    }
+}
+
+impl Conn {
+    /// Asks who answers and which client address it sees.
+    pub fn who(&mut self) -> Result<Seen> {
+        self.writer.write_all(b"addr?\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Seen::parse(&line)
+    }
+}
+
+/// One TCP connection from `from` to `to`: who answered, from where it saw
+/// the client, and the client's own (local) address.
+pub fn tcp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(Seen, SocketAddr)> {
+    let mut c = Conn::open(from, to, timeout)?;
+    let local = c.writer.local_addr()?;
+    Ok((c.who()?, local))
+}
+
+/// One UDP request from a fresh socket in `from`: who answered, the
+/// client address it saw, and where the answer came from.
+pub fn udp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(Seen, SocketAddr)> {
+    from.enter(move || -> Result<(Seen, SocketAddr)> {
+        let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send_to(b"addr?", to)?;
+        let mut buf = [0u8; 512];
+        let (len, src) = sock.recv_from(&mut buf)?;
+        Ok((Seen::parse(&String::from_utf8_lossy(&buf[..len]))?, src))
+    })?
+}
+
+/// One TCP connection: connect, ask once, close. Returns the identity.
+pub fn tcp_ask(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<String> {
+    Conn::open(from, to, timeout)?.ask()
+}
+
+/// `n` TCP connections from one pod, each asked once; identities in order.
+pub fn tcp_ask_many(
+    from: &Netns,
+    to: SocketAddrV4,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    from.enter(move || -> Result<Vec<String>> {
+        (0..n)
+            .map(|_| {
+                let stream = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)?;
+                Conn::new(stream, timeout)?.ask()
+            })
+            .collect()
+    })?
+}
+
+/// An answer to a UDP request.
+#[derive(Clone, Debug)]
+pub struct UdpAnswer {
+    pub identity: String,
+    /// Where the answer came from (must be the address asked).
+    pub from: SocketAddr,
+    /// The client's source port (the kernel may reuse one: same flow).
+    pub local_port: u16,
+}
+
+/// `n` UDP requests, each from a fresh socket.
+pub fn udp_ask_many(
+    from: &Netns,
+    to: SocketAddrV4,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<UdpAnswer>> {
+    from.enter(move || -> Result<Vec<UdpAnswer>> {
+        (0..n)
+            .map(|_| {
+                let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+                sock.set_read_timeout(Some(timeout))?;
+                sock.send_to(b"who?", to)?;
+                let mut buf = [0u8; 512];
+                let (len, src) = sock.recv_from(&mut buf)?;
+                Ok(UdpAnswer {
+                    identity: String::from_utf8_lossy(&buf[..len]).into_owned(),
+                    from: src,
+                    local_port: sock.local_addr()?.port(),
+                })
+            })
+            .collect()
+    })?
+}
+
+/// Polls `f` every 50 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
