@@ -14,7 +14,8 @@ use crate::{
     csum::fold,
     forward::Hook,
     parse::{ip, l4, Ipv4Hdr, Ipv4Packet, ETH_HLEN, IP_OFFSET},
-    stats, Verdict,
+    stats,
+    verdict::Verdict,
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;

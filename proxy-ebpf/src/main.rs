@@ -4,8 +4,9 @@
 //! [`parse`] → [`conntrack`] (known flow?) → [`service`] (which frontend?) →
 //! [`policy`] (which endpoints, masquerade, source ranges) → [`select`]
 //! (which backend?) → [`nat`] (rewrite) → [`forward`] (next hop) → verdict,
-//! with every outcome counted by [`stats`]. [`icmp`] answers for services
-//! without endpoints and translates ICMP errors about translated flows.
+//! with every outcome counted by [`stats`] as it becomes a [`verdict`].
+//! [`icmp`] answers for services without endpoints and translates ICMP
+//! errors about translated flows.
 #![no_std]
 #![no_main]
 
@@ -20,12 +21,9 @@ mod policy;
 mod select;
 mod service;
 mod stats;
+mod verdict;
 
-use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    macros::classifier,
-    programs::TcContext,
-};
+use aya_ebpf::{macros::classifier, programs::TcContext};
 use proxy_common::{
     Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP,
     IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -36,12 +34,8 @@ use crate::{
     forward::Hook,
     parse::{Ipv4Packet, Parsed},
     policy::Origin,
+    verdict::{Verdict, PASS},
 };
-
-/// Verdict for packets kpx does not act on: let the next tc program (or the
-/// stack, if there is none) see them unchanged.
-const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT;
 
 /// tc ingress on pod-facing interfaces and the node's external interfaces.
 ///
@@ -71,7 +65,7 @@ const DROP: i32 = TC_ACT_SHOT;
 /// No loop over services or backends exists anywhere in the program.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
-    verdict(process(&ctx))
+    verdict::action(process(&ctx))
 }
 
 /// tc egress on the same interfaces: packets the node itself sends.
@@ -105,7 +99,7 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     };
     match v {
         Verdict::Pass(_) => PASS,
-        v => verdict(v),
+        v => verdict::action(v),
     }
 }
 
@@ -115,31 +109,6 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kpx_tc_floor(_ctx: TcContext) -> i32 {
     PASS
-}
-
-#[inline(always)]
-fn verdict(v: Verdict) -> i32 {
-    match v {
-        Verdict::Pass(counter) => {
-            stats::count(counter);
-            PASS
-        }
-        Verdict::Translated(action) | Verdict::Redirect(action) => action,
-        Verdict::Drop(reason) => {
-            stats::drop(reason);
-            DROP
-        }
-    }
-}
-
-pub(crate) enum Verdict {
-    /// Untouched; the counter says why.
-    Pass(Counter),
-    /// Translated (and counted), with the forwarding verdict.
-    Translated(i32),
-    /// Rewritten into a reply and redirected (and counted).
-    Redirect(i32),
-    Drop(DropReason),
 }
 
 /// A TCP segment that may open a connection: SYN, without ACK, RST or FIN.

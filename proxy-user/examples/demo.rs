@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use kpx::datapath::MapSet;
+use kpx::dataplane::maps::MapSet;
 use testbed::{tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);

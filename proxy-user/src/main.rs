@@ -4,11 +4,12 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kpx::{
     agent::{self, Cidr},
-    attach::{self, Patterns},
-    bpffs, cleanup,
-    config::{self, Bind, NodePortAddress, Overrides},
-    datapath::{Datapath, LoadOptions, MapSet},
-    dump,
+    control::config::{self, Bind, NodePortAddress, Overrides},
+    dataplane::attach::{self, Patterns},
+    dataplane::bpffs,
+    dataplane::maps::{Datapath, LoadOptions, MapSet},
+    ops::cleanup,
+    ops::dump,
 };
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/kpx";
@@ -159,7 +160,7 @@ struct AgentArgs {
     /// kept out of them (ip_local_reserved_ports) if the ephemeral range
     /// overlaps.
     #[arg(long, default_value = "1024-29999")]
-    masquerade_ports: kpx::node::PortRange,
+    masquerade_ports: kpx::dataplane::node::PortRange,
     /// Send translated packets straight to their next hop as the FIB names
     /// it (default); false hands them to the stack's routing (the node's
     /// own packets are still re-routed at egress).
@@ -379,7 +380,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     // `lo` never carries pod traffic that needs translating.
     let interfaces = Patterns::parse(&args.interfaces)?.excluding("lo");
     let node_ips = node_ips(o.bind_address, &args.node_ips);
-    let defaults = kpx::conntrack::Timeouts::default();
+    let defaults = kpx::dataplane::conntrack::Timeouts::default();
     let cfg = agent::Config {
         source: match args.manifests {
             Some(path) => agent::Source::Manifests(path),
@@ -414,7 +415,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         masquerade_all: o.masquerade_all.unwrap_or(false),
         masquerade_ports: args.masquerade_ports.clone(),
         fib_forwarding: args.fib_forwarding,
-        ct_timeouts: kpx::conntrack::Timeouts {
+        ct_timeouts: kpx::dataplane::conntrack::Timeouts {
             tcp_syn: args.conntrack_tcp_timeout_syn,
             tcp_established: o
                 .tcp_established_timeout
@@ -474,8 +475,8 @@ fn render<T: serde::Serialize + ?Sized>(
 /// rendered as kube-proxy's rules.
 fn rules(args: RulesArgs) -> Result<String> {
     use kpx::{
-        cluster::Index,
-        model::{NodeInfo, Sourced},
+        control::index::Index,
+        control::model::{NodeInfo, Sourced},
         reference::{self, Mode, Settings},
     };
     let file = match &args.config {
@@ -500,7 +501,7 @@ fn rules(args: RulesArgs) -> Result<String> {
         ..NodeInfo::named(&hostname)
     });
     let problems = if let Some(path) = &args.manifests {
-        let loaded = kpx::manifests::load(path)?;
+        let loaded = kpx::control::manifests::load(path)?;
         let (_, mut problems) = index.replace_all(loaded.services, loaded.slices);
         problems.extend(loaded.problems);
         problems
@@ -509,8 +510,8 @@ fn rules(args: RulesArgs) -> Result<String> {
             .enable_all()
             .build()?;
         let (services, slices, node) = rt.block_on(async {
-            let client = kpx::watch::client(o.kubeconfig.as_deref()).await?;
-            kpx::watch::list_once(client, &hostname).await
+            let client = kpx::control::watch::client(o.kubeconfig.as_deref()).await?;
+            kpx::control::watch::list_once(client, &hostname).await
         })?;
         if let Some(n) = &node {
             let mut info = NodeInfo::from_node(&hostname, n);
@@ -529,7 +530,7 @@ fn rules(args: RulesArgs) -> Result<String> {
         log::warn!("skipped: {p}");
     }
     index.update();
-    let local = kpx::node::local_ipv4().unwrap_or_else(|e| {
+    let local = kpx::dataplane::node::local_ipv4().unwrap_or_else(|e| {
         log::warn!("listing this node's addresses: {e}; NodePort addresses unknown");
         Vec::new()
     });

@@ -492,12 +492,12 @@ fn a_pinned_map_of_another_layout_is_replaced_not_shared() {
         "/sys/fs/bpf/kpx-test-layout-{}",
         std::process::id()
     ));
-    testbed::built("bpffs", kpx::bpffs::ensure(&dir));
+    testbed::built("bpffs", kpx::dataplane::bpffs::ensure(&dir));
     let ct = dir.join(proxy_common::map_names::CONNTRACK);
     let key = std::mem::size_of::<proxy_common::CtKey>() as u32;
     let result = std::panic::catch_unwind(|| {
         pin_lru_map(&ct, key, 40).expect("pinning an old-layout map");
-        let dp = kpx::datapath::Datapath::load(&kpx::datapath::LoadOptions {
+        let dp = kpx::dataplane::maps::Datapath::load(&kpx::dataplane::maps::LoadOptions {
             pin_dir: Some(dir.clone()),
             conntrack_entries: None,
         })
@@ -510,7 +510,7 @@ fn a_pinned_map_of_another_layout_is_replaced_not_shared() {
             "the old map was kept"
         );
     });
-    let _ = kpx::bpffs::unpin_all(&dir);
+    let _ = kpx::dataplane::bpffs::unpin_all(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(p) = result {
         std::panic::resume_unwind(p);

@@ -6,7 +6,7 @@
 
 mod support;
 
-use kpx::{cidr::Cidr, datapath::range_key, node::PortRange};
+use kpx::{control::cidr::Cidr, dataplane::maps::range_key, dataplane::node::PortRange};
 use proxy_common::{
     wire, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_FROM_NODE,
     CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS,
@@ -24,9 +24,9 @@ const LB: &str = "198.19.2.30";
 
 /// The standard scenario plus node settings: cluster CIDR 198.18.0.0/17,
 /// masquerade to NODE on ports 20000-20255.
-fn node(dp: &mut kpx::datapath::Datapath, masquerade_all: bool) {
+fn node(dp: &mut kpx::dataplane::maps::Datapath, masquerade_all: bool) {
     cluster(dp);
-    let cfg = kpx::node::datapath_config(
+    let cfg = kpx::dataplane::node::datapath_config(
         Some(&"198.18.0.0/17".parse().unwrap()),
         Some(ip(NODE)),
         &PortRange(20000..=20255),
@@ -46,7 +46,7 @@ fn node(dp: &mut kpx::datapath::Datapath, masquerade_all: bool) {
 /// Adds frontend `addr:port` for service id `svc_id` (its slots already in
 /// place), with `flags` and a local table of `local` backend ids.
 fn frontend(
-    dp: &mut kpx::datapath::Datapath,
+    dp: &mut kpx::dataplane::maps::Datapath,
     (addr, port, proto): (u32, u16, u8),
     svc_id: u32,
     count: u32,
@@ -82,7 +82,7 @@ fn frontend(
     dp.maps.put_frontend(key, value).unwrap();
 }
 
-fn ct(dp: &kpx::datapath::Datapath, key: proxy_common::CtKey) -> CtValue {
+fn ct(dp: &kpx::dataplane::maps::Datapath, key: proxy_common::CtKey) -> CtValue {
     dp.maps
         .conntrack
         .get(&key, 0)

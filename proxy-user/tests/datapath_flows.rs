@@ -6,7 +6,7 @@
 mod support;
 
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
-use kpx::datapath::Datapath;
+use kpx::dataplane::maps::Datapath;
 use proxy_common::{
     wire, AffinityKey, Counter, DropReason, Event, SlotKey, CT_F_CLOSING, IPPROTO_TCP, IPPROTO_UDP,
 };

@@ -228,7 +228,8 @@ fn the_daemonset_runs_kpx_like_kube_proxy_with_only_the_capabilities_it_needs() 
     // The health port the probes use is the one the ConfigMap serves.
     let conf = d.config.data.clone().unwrap();
     let file_key = conf.keys().next().unwrap().clone();
-    let loaded = kpx::config::parse(&conf[&file_key]).expect("the ConfigMap's configuration");
+    let loaded =
+        kpx::control::config::parse(&conf[&file_key]).expect("the ConfigMap's configuration");
     assert_eq!(loaded.ignored, Vec::<String>::new());
     let healthz = loaded.overrides.healthz_bind_address.unwrap().0.unwrap();
     for (probe, path) in [

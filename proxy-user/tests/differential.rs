@@ -31,9 +31,9 @@ use std::{
 
 use bed::KPX;
 use kpx::{
-    datapath::MapSet,
-    manifests,
-    model::{self, NodeInfo},
+    control::manifests,
+    control::model::{self, NodeInfo},
+    dataplane::maps::MapSet,
 };
 use testbed::{service_manifest as service, wait_for, Ep, MultiNode, Netns, Proxy, TERMINATING};
 

@@ -11,7 +11,7 @@ use std::{
 };
 
 use bed::*;
-use kpx::datapath::MapSet;
+use kpx::dataplane::maps::MapSet;
 use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn};
 
 #[test]

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bed::*;
-use kpx::datapath::MapSet;
+use kpx::dataplane::maps::MapSet;
 use proxy_common::{Counter, Event};
 use testbed::{
     service_yaml_with, tcp_ask_many, udp_ask_many, wait_for, Cluster, Conn, READY, TERMINATING,

@@ -26,7 +26,7 @@ use std::{
 };
 
 use bed::{KPX, T};
-use kpx::datapath::MapSet;
+use kpx::dataplane::maps::MapSet;
 use proxy_common::{DropReason, Event};
 use testbed::{service_manifest, tcp_who, udp_who, wait_for, Cluster, Ep, MultiNode, GATEWAY};
 

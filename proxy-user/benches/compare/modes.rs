@@ -22,10 +22,10 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use kpx::{
-    datapath::MapSet,
-    model::FrontendKey,
+    control::model::FrontendKey,
+    dataplane::maps::MapSet,
+    dataplane::reconcile::service_key,
     reference::incremental::{self, ChangedPort},
-    sync::service_key,
 };
 use proxy_common::{wire, SlotKey, IPPROTO_TCP};
 use serde::{Deserialize, Serialize};

@@ -11,7 +11,7 @@
 //! harness's own overhead in that method).
 
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
-use kpx::datapath::Datapath;
+use kpx::dataplane::maps::Datapath;
 use proxy_common::{
     wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
 };

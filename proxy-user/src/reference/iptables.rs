@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use super::{endpoint_string, hash16, NodePorts, Port, Settings};
-use crate::model::{Endpoint, ServicePort, Svc};
+use crate::control::model::{Endpoint, ServicePort, Svc};
 
 const SERVICES: &str = "KUBE-SERVICES";
 const EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
@@ -658,7 +658,7 @@ fn to_endpoints(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cluster::Index, model::NodeInfo, reference::Settings};
+    use crate::{control::index::Index, control::model::NodeInfo, reference::Settings};
 
     /// kube-proxy's basic proxier test case (ns1/svc1, port p80), with
     /// addresses from this project's ranges.
@@ -683,8 +683,8 @@ endpoints:
 "#;
 
     fn render_yaml(yaml: &str, s: &Settings) -> String {
-        let mut loaded = crate::manifests::Loaded::default();
-        crate::manifests::parse_file("test", yaml, &mut loaded);
+        let mut loaded = crate::control::manifests::Loaded::default();
+        crate::control::manifests::parse_file("test", yaml, &mut loaded);
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
         let mut index = Index::new(NodeInfo::named("node-1"));
         index.replace_all(loaded.services, loaded.slices);

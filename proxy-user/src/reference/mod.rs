@@ -17,9 +17,9 @@ use proxy_common::IPPROTO_TCP;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    cidr::Cidr,
-    config::NodePortAddress,
-    model::{Endpoint, ServicePort, Svc},
+    control::cidr::Cidr,
+    control::config::NodePortAddress,
+    control::model::{Endpoint, ServicePort, Svc},
 };
 
 pub mod incremental;

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::{endpoint_string, hash8, NodePorts, Port, Settings};
-use crate::model::{Endpoint, ServicePort, Svc};
+use crate::control::model::{Endpoint, ServicePort, Svc};
 
 const T: &str = "ip kube-proxy";
 const SERVICES: &str = "services";

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use kpx::datapath::MapSet;
+use kpx::dataplane::maps::MapSet;
 use testbed::{service_yaml, wait_for, Cluster};
 
 pub const KPX: &str = env!("CARGO_BIN_EXE_kpx");

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
-use kpx::datapath::{Datapath, LoadOptions};
+use kpx::dataplane::maps::{Datapath, LoadOptions};
 use proxy_common::{
     wire, Backend, CtKey, ServiceKey, ServiceValue, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
 };

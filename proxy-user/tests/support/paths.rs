@@ -55,7 +55,7 @@ const FORWARD: Fib = Fib::Forward {
 /// ClientIP affinity, one without endpoints, this node's address, the
 /// cluster CIDR and masquerade settings.
 pub fn vm() -> Result<Vm> {
-    let mut vm = Vm::load(kpx::datapath::OBJECT)?;
+    let mut vm = Vm::load(kpx::dataplane::maps::OBJECT)?;
     service(&mut vm, 0, VIP, 80, 0, BACKENDS, 0)?;
     service(
         &mut vm,

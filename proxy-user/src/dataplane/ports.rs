@@ -16,8 +16,8 @@ use aya::maps::MapError;
 use proxy_common::PortBit;
 
 use crate::{
-    datapath::MapSet,
-    sync::{MapState, Op},
+    dataplane::maps::MapSet,
+    dataplane::reconcile::{MapState, Op},
 };
 
 #[derive(Debug, Default)]

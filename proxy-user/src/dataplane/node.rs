@@ -9,7 +9,7 @@ use std::{collections::HashMap, fmt, fs, net::Ipv4Addr, ops::RangeInclusive, str
 use anyhow::{bail, Context as _, Result};
 use proxy_common::{wire, DatapathConfig, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL, NODE_F_NODEPORT};
 
-use crate::{cidr::Cidr, config::NodePortAddress, datapath::MapSet};
+use crate::{control::cidr::Cidr, control::config::NodePortAddress, dataplane::maps::MapSet};
 
 /// The source ports masqueraded flows use, inclusive.
 #[derive(Clone, Debug, PartialEq, Eq)]

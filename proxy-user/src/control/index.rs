@@ -13,7 +13,7 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{
+use crate::control::model::{
     self, Desired, Frontend, FrontendKey, NodeInfo, Outcome, Problem, ServicePort, ServiceRef,
     Skipped, Slice, Sourced, Svc, ANNOTATION_TRIGGER_TIME,
 };
@@ -488,8 +488,8 @@ mod tests {
     use testbed::service_yaml;
 
     fn objects(yaml: &str) -> (Sourced<Service>, Sourced<EndpointSlice>) {
-        let mut loaded = crate::manifests::Loaded::default();
-        crate::manifests::parse_file("t", yaml, &mut loaded);
+        let mut loaded = crate::control::manifests::Loaded::default();
+        crate::control::manifests::parse_file("t", yaml, &mut loaded);
         (loaded.services.remove(0), loaded.slices.remove(0))
     }
 

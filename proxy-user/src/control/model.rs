@@ -32,7 +32,7 @@ use k8s_openapi::api::{
 };
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::cidr::Cidr;
+use crate::control::cidr::Cidr;
 
 /// kube-proxy ignores Services carrying this label (they belong to another proxy).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -923,7 +923,7 @@ pub fn desired(
     slices: &[Sourced<EndpointSlice>],
     node: &NodeInfo,
 ) -> Outcome {
-    let mut index = crate::cluster::Index::new(node.clone());
+    let mut index = crate::control::index::Index::new(node.clone());
     index.replace_all(services.to_vec(), slices.to_vec());
     index.outcome()
 }

@@ -18,7 +18,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::de::DeserializeOwned;
 use serde_norway::Value;
 
-use crate::model::{Problem, Sourced};
+use crate::control::model::{Problem, Sourced};
 
 #[derive(Debug, Default)]
 pub struct Loaded {

@@ -28,8 +28,8 @@ use proxy_common::{
 };
 
 use crate::{
-    cidr::Cidr,
-    model::{Desired, Endpoint, Frontend, FrontendKey},
+    control::cidr::Cidr,
+    control::model::{Desired, Endpoint, Frontend, FrontendKey},
 };
 
 /// Longest service name kept for `kpx dump` (bytes, NUL-padded in the map).
@@ -1035,7 +1035,7 @@ mod tests {
             let local = rng.next(2) == 0;
             let ranged = rng.next(3) == 0;
             let source_ranges = (0..rng.next(3) + 1)
-                .map(|_| crate::cidr::Cidr {
+                .map(|_| crate::control::cidr::Cidr {
                     addr: std::net::Ipv4Addr::new(198, 18, rng.next(4) as u8, 7),
                     len: 14 + rng.next(11) as u8,
                 })

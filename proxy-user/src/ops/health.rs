@@ -31,8 +31,8 @@ use k8s_openapi::api::core::v1::Node;
 use tokio::task::JoinHandle;
 
 use crate::{
-    metrics::{CodeLabel, Metrics},
-    model::ServiceRef,
+    control::model::ServiceRef,
+    ops::metrics::{CodeLabel, Metrics},
 };
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.

@@ -16,7 +16,7 @@ use proxy_common::{
     CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN, TCP_RST,
 };
 
-use crate::datapath::MapSet;
+use crate::dataplane::maps::MapSet;
 
 /// How long a flow may stay idle, by state. Defaults: kube-proxy's for the
 /// states it configures (established 24h, close-wait 1h), the kernel's for

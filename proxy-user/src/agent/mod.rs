@@ -26,22 +26,22 @@ use tokio::{
     time::{interval, sleep_until, MissedTickBehavior},
 };
 
-pub use crate::cidr::Cidr;
+pub use crate::control::cidr::Cidr;
 use crate::{
-    attach::{self, Attacher, Patterns},
-    bpffs,
-    cluster::Index,
-    config::NodePortAddress,
-    conntrack::{self, Timeouts},
-    datapath::{Datapath, LoadOptions, MapSet},
-    health::{self, Health, ServiceHealth},
-    manifests,
-    metrics::{self, EventLabel, MapLabel, Metrics, ReasonLabel, ResourceLabel, VerdictLabel},
-    model::{NodeInfo, Problem, Skipped, Sourced},
-    node::{self, PortRange},
-    ports::PortFilter,
-    sync::{self, Mirror},
-    watch::{self, Change},
+    control::config::NodePortAddress,
+    control::index::Index,
+    control::manifests,
+    control::model::{NodeInfo, Problem, Skipped, Sourced},
+    control::watch::{self, Change},
+    dataplane::attach::{self, Attacher, Patterns},
+    dataplane::bpffs,
+    dataplane::conntrack::{self, Timeouts},
+    dataplane::maps::{Datapath, LoadOptions, MapSet},
+    dataplane::node::{self, PortRange},
+    dataplane::ports::PortFilter,
+    dataplane::reconcile::{self, Mirror},
+    ops::health::{self, Health, ServiceHealth},
+    ops::metrics::{self, EventLabel, MapLabel, Metrics, ReasonLabel, ResourceLabel, VerdictLabel},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -672,9 +672,9 @@ impl Agent {
         // Steady state: only what changed, so a sync costs the same at 10
         // or 10,000 services. A full diff repairs anything else.
         let planned = if self.full {
-            sync::plan(&self.mirror.state, desired, cap)
+            reconcile::plan(&self.mirror.state, desired, cap)
         } else {
-            sync::plan_touched(&self.mirror, desired, &up.touched, cap)
+            reconcile::plan_touched(&self.mirror, desired, &up.touched, cap)
         };
         let ops = match planned {
             Ok(ops) => ops,
@@ -685,10 +685,10 @@ impl Agent {
             }
         };
         let stale = if self.full {
-            sync::stale_udp(&self.mirror.state, desired)
+            reconcile::stale_udp(&self.mirror.state, desired)
         } else {
-            let keys = up.touched.iter().map(sync::service_key);
-            sync::stale_udp_in(&self.mirror.state, desired, keys)
+            let keys = up.touched.iter().map(reconcile::service_key);
+            reconcile::stale_udp_in(&self.mirror.state, desired, keys)
         };
         let full = std::mem::replace(&mut self.full, false);
         let writing = Instant::now();
@@ -719,7 +719,7 @@ impl Agent {
         self.health.updated();
         self.service_health.sync(self.index.health_checks());
         if std::mem::take(&mut self.cfg.cleanup_kube_proxy) {
-            tokio::task::spawn_blocking(|| match crate::cleanup::kube_proxy() {
+            tokio::task::spawn_blocking(|| match crate::ops::cleanup::kube_proxy() {
                 Ok(report) => {
                     for line in report.to_string().lines() {
                         log::info!("kube-proxy cleanup: {line}");

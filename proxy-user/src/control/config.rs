@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 
-use crate::cidr::Cidr;
+use crate::control::cidr::Cidr;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";

@@ -14,8 +14,8 @@ use aya::{
 };
 
 use crate::{
-    cidr::Cidr,
-    sync::{MapState, Op},
+    control::cidr::Cidr,
+    dataplane::reconcile::{MapState, Op},
 };
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
@@ -232,7 +232,7 @@ impl MapSet {
 
     /// Writes a frontend and marks its port in the filter (for tools and
     /// tests that write frontends by hand; the agent's sync keeps the
-    /// filter itself, see [`crate::ports`]).
+    /// filter itself, see [`crate::dataplane::ports`]).
     pub fn put_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
         let bit = key.port_bit();
         let word = self.ports.get(&bit.word, 0)? | bit.mask;

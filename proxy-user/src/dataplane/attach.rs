@@ -27,7 +27,7 @@ use aya::programs::{
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::sync::mpsc;
 
-use crate::datapath::Datapath;
+use crate::dataplane::maps::Datapath;
 
 /// `--interfaces`: comma-separated names or glob patterns (`eth0,veth*`),
 /// and names never to attach to.

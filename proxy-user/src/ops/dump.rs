@@ -13,8 +13,8 @@ use proxy_common::{
 use serde::Serialize;
 
 use crate::{
-    conntrack::{self as ct, monotonic_ns, FlowState},
-    datapath::{name_from_bytes, MapSet},
+    dataplane::conntrack::{self as ct, monotonic_ns, FlowState},
+    dataplane::maps::{name_from_bytes, MapSet},
 };
 
 pub fn proto_name(p: u8) -> String {
@@ -90,7 +90,7 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
     let mut rows = Vec::new();
     for (k, v) in &state.services {
         let mut backends = Vec::new();
-        for slot in crate::sync::slot_numbers(v) {
+        for slot in crate::dataplane::reconcile::slot_numbers(v) {
             let key = proxy_common::SlotKey {
                 svc_id: v.svc_id,
                 slot,

@@ -1,0 +1,36 @@
+//! The verdict: how a packet's path ends, counted once, as a tc action.
+
+use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use proxy_common::{Counter, DropReason};
+
+use crate::stats;
+
+/// Verdict for packets kpx does not act on: let the next tc program (or the
+/// stack, if there is none) see them unchanged.
+pub const PASS: i32 = TC_ACT_UNSPEC;
+pub const DROP: i32 = TC_ACT_SHOT;
+
+#[inline(always)]
+pub fn action(v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass(counter) => {
+            stats::count(counter);
+            PASS
+        }
+        Verdict::Translated(action) | Verdict::Redirect(action) => action,
+        Verdict::Drop(reason) => {
+            stats::drop(reason);
+            DROP
+        }
+    }
+}
+
+pub enum Verdict {
+    /// Untouched; the counter says why.
+    Pass(Counter),
+    /// Translated (and counted), with the forwarding verdict.
+    Translated(i32),
+    /// Rewritten into a reply and redirected (and counted).
+    Redirect(i32),
+    Drop(DropReason),
+}

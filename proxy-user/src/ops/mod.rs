@@ -1,0 +1,8 @@
+//! What operators touch: the health servers ([`health`]), Prometheus metrics
+//! ([`metrics`]), `kpx dump` ([`dump`]) and the removal of kube-proxy's rules
+//! on takeover ([`cleanup`]).
+
+pub mod cleanup;
+pub mod dump;
+pub mod health;
+pub mod metrics;
