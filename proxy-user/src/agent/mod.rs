@@ -9,17 +9,22 @@
 //! recomputes only the Services that changed and writes only differences.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
 
+mod input;
+mod runner;
+
+use input::{Input, Kind, Outcome};
+use runner::SyncRunner;
+
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{runtime::watcher::Event as WatchEvent, ResourceExt as _};
-use prometheus_client::metrics::{counter::Counter as PromCounter, family::Family};
-use proxy_common::{Counter, DropReason, Event};
+use kube::runtime::watcher::Event as WatchEvent;
+use proxy_common::Event;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -31,7 +36,7 @@ use crate::{
     control::config::NodePortAddress,
     control::index::Index,
     control::manifests,
-    control::model::{NodeInfo, Problem, Skipped, Sourced},
+    control::model::{NodeInfo, Problem, Skipped},
     control::watch::{self, Change},
     dataplane::attach::{self, Attacher, Patterns},
     dataplane::bpffs,
@@ -41,7 +46,7 @@ use crate::{
     dataplane::ports::PortFilter,
     dataplane::reconcile::{self, Mirror},
     ops::health::{self, Health, ServiceHealth},
-    ops::metrics::{self, EventLabel, MapLabel, Metrics, ReasonLabel, ResourceLabel, VerdictLabel},
+    ops::metrics::{DatapathCounters, MapLabel, Metrics, ReasonLabel, ResourceLabel},
 };
 
 /// Where Services and EndpointSlices come from.
@@ -107,42 +112,26 @@ struct AgentStats {
     evicted_seen: u64,
 }
 
-/// A relist in progress: the (namespace, name)s listed so far. Listed
-/// objects are applied as they arrive (each is current), so no copy of the
-/// whole list is ever held; what the list lacks is deleted when it ends.
-type Relist = Option<HashSet<(String, String)>>;
-
 struct Agent {
     cfg: Config,
     dp: Datapath,
     mirror: Mirror,
     /// The frontend-port filter, kept with the mirror.
     ports: PortFilter,
-    /// The next sync must diff everything (first sync, after a resync or a
-    /// failed write); otherwise only the frontends that changed.
-    full: bool,
+    runner: SyncRunner,
     index: Index,
     metrics: Metrics,
     stats: AgentStats,
     /// The inputs are complete enough to sync (manifests read, or both
     /// Services and EndpointSlices listed once).
     ready: bool,
-    services_listed: bool,
-    slices_listed: bool,
-    services_seen: Relist,
-    slices_seen: Relist,
+    services: Input<Service>,
+    slices: Input<EndpointSlice>,
     node_seen: Option<Option<Node>>,
-    /// A sync is owed: inputs changed, a resync is due, or a sync failed.
-    owed: bool,
-    last_sync: Option<Instant>,
-    /// After a failed sync, not before this (a full map must not spin).
-    retry_at: Option<Instant>,
     health: Health,
     service_health: ServiceHealth,
     /// The datapath settings last written (None: not yet).
     node_settings: Option<proxy_common::DatapathConfig>,
-    /// The datapath's counter totals last mirrored into the metrics.
-    seen_totals: HashMap<&'static str, u64>,
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -185,7 +174,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 
-    let metrics = Metrics::new();
+    let counters = match DatapathCounters::open(&cfg.bpffs) {
+        Ok(c) => Some(Box::new(c) as Box<dyn prometheus_client::collector::Collector>),
+        Err(e) => {
+            log::warn!("the datapath's counters will not be in /metrics: {e:#}");
+            None
+        }
+    };
+    let metrics = Metrics::with_collector(counters);
     // kube-proxy's health timeout is twice its sync period.
     let health = Health::new(cfg.resync);
     if let Some(addr) = cfg.metrics_addr {
@@ -226,32 +222,25 @@ pub async fn run(cfg: Config) -> Result<()> {
             ..NodeInfo::named(&cfg.hostname)
         }),
         node_settings: None,
+        runner: SyncRunner::new(cfg.min_sync, RETRY),
         cfg,
         dp,
         mirror,
         ports,
-        full: true,
         metrics,
         stats: AgentStats::default(),
         ready: false,
-        services_listed: false,
-        slices_listed: false,
-        services_seen: None,
-        slices_seen: None,
+        services: Input::default(),
+        slices: Input::default(),
         node_seen: None,
-        owed: false,
-        last_sync: None,
-        retry_at: None,
         service_health: ServiceHealth::new(health.clone(), Ipv4Addr::UNSPECIFIED),
         health,
-        seen_totals: HashMap::new(),
     };
     // Settings, addresses and the port filter of the frontends already in
     // the maps first, so the programs never run without them.
     agent.node_settings();
     agent.flush_ports();
     attacher.reconcile(&mut agent.dp);
-    agent.datapath_metrics();
     // Continue the totals an earlier agent left in the pinned counters.
     for (e, n) in agent.dp.maps.events().unwrap_or_default() {
         match e {
@@ -271,9 +260,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut gc = interval(agent.cfg.ct_gc_interval);
     gc.set_missed_tick_behavior(MissedTickBehavior::Delay);
     gc.tick().await;
-    // The datapath's own counters, mirrored for scrapes (3 small reads).
-    let mut counters = interval(Duration::from_secs(5));
-    counters.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_fingerprint = None;
     loop {
         let due = agent.sync_due();
@@ -296,14 +282,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 agent.poll_manifests(&mut last_fingerprint);
                 agent.note_pending();
             }
-            _ = counters.tick() => agent.datapath_metrics(),
-            _ = async { sleep_until(due.unwrap_or_else(Instant::now).into()).await }, if due.is_some() => {
+            _ = async { sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
                 agent.sync();
             }
-            _ = gc.tick() => {
-                agent.collect(&HashSet::new());
-                agent.datapath_metrics();
-            }
+            _ = gc.tick() => agent.collect(&HashSet::new()),
             _ = resync.tick() => {
                 // Repairs drift: entries edited or deleted behind our back.
                 match agent.dp.maps.read_state() {
@@ -316,8 +298,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
-                agent.owed = true;
-                agent.full = true;
+                agent.runner.resync();
             }
         }
     }
@@ -341,17 +322,8 @@ pub async fn run(cfg: Config) -> Result<()> {
 
 impl Agent {
     /// When the next sync may run, if one is owed.
-    fn sync_due(&self) -> Option<Instant> {
-        if !self.ready || !(self.owed || self.index.is_dirty()) {
-            return None;
-        }
-        let earliest = self.last_sync.map(|t| t + self.cfg.min_sync);
-        Some(
-            [earliest, self.retry_at]
-                .into_iter()
-                .flatten()
-                .fold(Instant::now(), Instant::max),
-        )
+    fn sync_due(&self) -> Option<tokio::time::Instant> {
+        self.runner.due(self.ready, self.index.is_dirty())
     }
 
     /// Changes the maps do not reflect yet count against health.
@@ -397,8 +369,14 @@ impl Agent {
 
     fn on_change(&mut self, change: Change) {
         match change {
-            Change::Service(ev) => self.on_service(*ev),
-            Change::Slice(ev) => self.on_slice(*ev),
+            Change::Service(ev) => {
+                let out = self.services.handle(&mut self.index, *ev);
+                self.took::<Service>(out);
+            }
+            Change::Slice(ev) => {
+                let out = self.slices.handle(&mut self.index, *ev);
+                self.took::<EndpointSlice>(out);
+            }
             Change::Node(ev) => self.on_node(*ev),
             Change::Error { resource, error } => {
                 self.metrics
@@ -412,7 +390,7 @@ impl Agent {
                 );
             }
         }
-        self.ready |= self.services_listed && self.slices_listed;
+        self.ready |= self.services.listed() && self.slices.listed();
     }
 
     fn relisted(&self, resource: &str, n: usize) {
@@ -425,86 +403,13 @@ impl Agent {
         log::info!("listed {n} {resource}");
     }
 
-    fn on_service(&mut self, ev: WatchEvent<Service>) {
-        let applied = match ev {
-            WatchEvent::Init => {
-                self.services_seen = Some(HashSet::new());
-                return;
-            }
-            WatchEvent::InitApply(s) => {
-                let key = (
-                    s.namespace().unwrap_or_else(|| "default".into()),
-                    s.name_any(),
-                );
-                self.services_seen
-                    .get_or_insert_with(HashSet::new)
-                    .insert(key);
-                self.index.apply_service(Sourced::api(s))
-            }
-            WatchEvent::InitDone => {
-                let seen = self.services_seen.take().unwrap_or_default();
-                self.relisted("services", seen.len());
-                let gone = self
-                    .index
-                    .retain_services(|ns, name| seen.contains(&(ns.to_string(), name.to_string())));
-                self.metrics.service_changes.inc_by(gone as u64);
-                self.services_listed = true;
-                return;
-            }
-            WatchEvent::Apply(s) => self.index.apply_service(Sourced::api(s)),
-            WatchEvent::Delete(s) => {
-                let ns = s.namespace().unwrap_or_else(|| "default".into());
-                if self.index.delete_service(&ns, &s.name_any()) {
-                    self.metrics.service_changes.inc();
-                }
-                return;
-            }
-        };
-        if applied.changed {
-            self.metrics.service_changes.inc();
-            self.report(applied.problem);
+    /// Counts and reports what one event of kind `K` did.
+    fn took<K: Kind>(&mut self, out: Outcome) {
+        K::changes(&self.metrics).inc_by(out.changes);
+        if let Some(n) = out.relisted {
+            self.relisted(K::RESOURCE, n);
         }
-    }
-
-    fn on_slice(&mut self, ev: WatchEvent<EndpointSlice>) {
-        let applied = match ev {
-            WatchEvent::Init => {
-                self.slices_seen = Some(HashSet::new());
-                return;
-            }
-            WatchEvent::InitApply(s) => {
-                let key = (
-                    s.namespace().unwrap_or_else(|| "default".into()),
-                    s.name_any(),
-                );
-                self.slices_seen
-                    .get_or_insert_with(HashSet::new)
-                    .insert(key);
-                self.index.apply_slice(Sourced::api(s))
-            }
-            WatchEvent::InitDone => {
-                let seen = self.slices_seen.take().unwrap_or_default();
-                self.relisted("endpointslices", seen.len());
-                let gone = self
-                    .index
-                    .retain_slices(|ns, name| seen.contains(&(ns.to_string(), name.to_string())));
-                self.metrics.endpoint_changes.inc_by(gone as u64);
-                self.slices_listed = true;
-                return;
-            }
-            WatchEvent::Apply(s) => self.index.apply_slice(Sourced::api(s)),
-            WatchEvent::Delete(s) => {
-                let ns = s.namespace().unwrap_or_else(|| "default".into());
-                if self.index.delete_slice(&ns, &s.name_any()) {
-                    self.metrics.endpoint_changes.inc();
-                }
-                return;
-            }
-        };
-        if applied.changed {
-            self.metrics.endpoint_changes.inc();
-            self.report(applied.problem);
-        }
+        self.report(out.problem);
     }
 
     fn on_node(&mut self, ev: WatchEvent<Node>) {
@@ -662,7 +567,7 @@ impl Agent {
     /// One sync: recompute what changed, write the difference.
     fn sync(&mut self) {
         let started = Instant::now();
-        self.last_sync = Some(started);
+        let full = self.runner.begin();
         let up = self.index.update();
         for c in &up.conflicts {
             log::warn!("{c}");
@@ -671,7 +576,7 @@ impl Agent {
         let cap = proxy_common::capacity::SERVICE_STATS;
         // Steady state: only what changed, so a sync costs the same at 10
         // or 10,000 services. A full diff repairs anything else.
-        let planned = if self.full {
+        let planned = if full {
             reconcile::plan(&self.mirror.state, desired, cap)
         } else {
             reconcile::plan_touched(&self.mirror, desired, &up.touched, cap)
@@ -684,13 +589,12 @@ impl Agent {
                 return;
             }
         };
-        let stale = if self.full {
+        let stale = if full {
             reconcile::stale_udp(&self.mirror.state, desired)
         } else {
             let keys = up.touched.iter().map(reconcile::service_key);
             reconcile::stale_udp_in(&self.mirror.state, desired, keys)
         };
-        let full = std::mem::replace(&mut self.full, false);
         let writing = Instant::now();
         for (i, op) in ops.iter().enumerate() {
             if let Err(e) = self.dp.maps.write(op) {
@@ -714,8 +618,7 @@ impl Agent {
             return;
         }
         let (took, wrote) = (started.elapsed(), writing.elapsed());
-        self.owed = false;
-        self.retry_at = None;
+        self.runner.succeeded();
         self.health.updated();
         self.service_health.sync(self.index.health_checks());
         if std::mem::take(&mut self.cfg.cleanup_kube_proxy) {
@@ -761,11 +664,9 @@ impl Agent {
     }
 
     fn failed(&mut self) {
-        self.full = true;
-        self.retry_at = Some(Instant::now() + RETRY);
+        self.runner.failed();
         self.stats.sync_failures += 1;
         self.metrics.sync_failures.inc();
-        self.owed = true;
     }
 
     fn update_gauges(&self) {
@@ -798,29 +699,6 @@ impl Agent {
         }
     }
 
-    /// Mirrors the datapath's per-CPU counters (verdicts, drops, events)
-    /// into the Prometheus counters.
-    fn datapath_metrics(&mut self) {
-        let maps = &self.dp.maps;
-        let m = &self.metrics;
-        let seen = &mut self.seen_totals;
-        mirror(
-            &m.packets,
-            seen,
-            named(maps.counters(), Counter::name),
-            |n| VerdictLabel { verdict: n.into() },
-        );
-        mirror(&m.drops, seen, named(maps.drops(), DropReason::name), |n| {
-            ReasonLabel { reason: n.into() }
-        });
-        mirror(
-            &m.datapath_events,
-            seen,
-            named(maps.events(), Event::name),
-            |n| EventLabel { event: n.into() },
-        );
-    }
-
     /// One conntrack collection: expired flows, and UDP flows to `stale` backends.
     fn collect(&mut self, stale: &HashSet<conntrack::ServiceBackend>) {
         collect(
@@ -830,33 +708,6 @@ impl Agent {
             &mut self.stats,
             &self.metrics,
         );
-    }
-}
-
-/// A map's totals keyed by their names (each name belongs to one family).
-fn named<T>(
-    totals: Result<Vec<(T, u64)>>,
-    name: fn(T) -> &'static str,
-) -> Result<Vec<(&'static str, u64)>> {
-    Ok(totals?.into_iter().map(|(x, n)| (name(x), n)).collect())
-}
-
-/// Mirrors running totals read from a per-CPU map into a counter family;
-/// `seen` remembers the totals already counted, by name.
-fn mirror<L: Clone + std::hash::Hash + Eq>(
-    family: &Family<L, PromCounter>,
-    seen: &mut HashMap<&'static str, u64>,
-    totals: Result<Vec<(&'static str, u64)>>,
-    label: impl Fn(&'static str) -> L,
-) {
-    match totals {
-        Ok(v) => {
-            for (name, total) in v {
-                let last = seen.entry(name).or_default();
-                metrics::advance(&family.get_or_create(&label(name)), last, total);
-            }
-        }
-        Err(e) => log::debug!("reading datapath counters: {e:#}"),
     }
 }
 

@@ -2,20 +2,27 @@
 //! existing dashboards keep working, plus kpx's own.
 
 use std::{
-    sync::{atomic::AtomicU64, Arc},
+    fmt,
+    path::Path,
+    sync::{atomic::AtomicU64, Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
+    collector::Collector,
+    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::MetricType,
     metrics::{
-        counter::Counter,
+        counter::{ConstCounter, Counter},
         family::Family,
         gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
 };
+use proxy_common::{Counter as DpCounter, DropReason, Event};
+
+use crate::dataplane::MapSet;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabel {
@@ -69,10 +76,6 @@ pub struct Metrics {
     pub gc_stale_udp: Counter,
     pub healthz_requests: Family<CodeLabel, Counter>,
     pub livez_requests: Family<CodeLabel, Counter>,
-    /// Packets by the datapath's verdict (read from its per-CPU counters).
-    pub packets: Family<VerdictLabel, Counter>,
-    pub drops: Family<ReasonLabel, Counter>,
-    pub datapath_events: Family<EventLabel, Counter>,
     pub conntrack_entries: Gauge,
     pub conntrack_evictions: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
@@ -88,7 +91,16 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_collector(None)
+    }
+
+    /// As [`Metrics::new`], with a collector read at every scrape (the
+    /// datapath's counters).
+    pub fn with_collector(collector: Option<Box<dyn Collector>>) -> Self {
         let mut r = Registry::default();
+        if let Some(c) = collector {
+            r.register_collector(c);
+        }
         // 100 µs to ~105 s, doubling: map syncs are fast, API latency is not.
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 21));
         let programming_latency = Histogram::new(exponential_buckets(0.001, 2.0, 20));
@@ -112,9 +124,6 @@ impl Metrics {
             gc_stale_udp: Counter::default(),
             healthz_requests: Family::default(),
             livez_requests: Family::default(),
-            packets: Family::default(),
-            drops: Family::default(),
-            datapath_events: Family::default(),
             conntrack_entries: Gauge::default(),
             conntrack_evictions: Counter::default(),
             map_entries: Family::default(),
@@ -213,21 +222,6 @@ impl Metrics {
             m.livez_requests.clone(),
         );
         r.register(
-            "kpx_datapath_packets",
-            "Packets seen by the datapath, by verdict",
-            m.packets.clone(),
-        );
-        r.register(
-            "kpx_datapath_drops",
-            "Packets the datapath dropped, by reason",
-            m.drops.clone(),
-        );
-        r.register(
-            "kpx_datapath_events",
-            "Conntrack and affinity events of the datapath",
-            m.datapath_events.clone(),
-        );
-        r.register(
             "kpx_conntrack_entries",
             "Conntrack entries (two per flow) at the last collection",
             m.conntrack_entries.clone(),
@@ -292,9 +286,85 @@ impl Metrics {
     }
 }
 
-/// Advances `counter` to a running `total` read from a map; `last` is the
-/// total seen before. A smaller total means the map was recreated.
-pub fn advance(counter: &Counter, last: &mut u64, total: u64) {
-    counter.inc_by(total.checked_sub(*last).unwrap_or(total));
-    *last = total;
+/// The datapath's own counters (verdicts, drops, events), read from its
+/// per-CPU maps at scrape time: no mirror loop, no copy that lags, and a
+/// scrape costs three small map reads.
+pub struct DatapathCounters {
+    maps: Mutex<MapSet>,
+}
+
+impl fmt::Debug for DatapathCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DatapathCounters")
+    }
+}
+
+impl DatapathCounters {
+    /// Reads through its own handles on the maps pinned in `bpffs`.
+    pub fn open(bpffs: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            maps: Mutex::new(MapSet::open_pinned(bpffs)?),
+        })
+    }
+}
+
+/// One labelled counter family from a map's totals; a map that cannot be
+/// read leaves its family out of this scrape (logged), not the scrape.
+fn encode_totals<T: Copy, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    (name, help): (&str, &str),
+    totals: anyhow::Result<Vec<(T, u64)>>,
+    label: impl Fn(T) -> L,
+) -> fmt::Result {
+    let totals = match totals {
+        Ok(t) => t,
+        Err(e) => {
+            log::debug!("reading the datapath's {name}: {e:#}");
+            return Ok(());
+        }
+    };
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (x, n) in totals {
+        ConstCounter::new(n).encode(family.encode_family(&label(x))?)?;
+    }
+    Ok(())
+}
+
+impl Collector for DatapathCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        encode_totals(
+            &mut encoder,
+            (
+                "kpx_datapath_packets",
+                "Packets seen by the datapath, by verdict",
+            ),
+            maps.counters(),
+            |c: DpCounter| VerdictLabel {
+                verdict: c.name().into(),
+            },
+        )?;
+        encode_totals(
+            &mut encoder,
+            (
+                "kpx_datapath_drops",
+                "Packets the datapath dropped, by reason",
+            ),
+            maps.drops(),
+            |r: DropReason| ReasonLabel {
+                reason: r.name().into(),
+            },
+        )?;
+        encode_totals(
+            &mut encoder,
+            (
+                "kpx_datapath_events",
+                "Conntrack and affinity events of the datapath",
+            ),
+            maps.events(),
+            |e: Event| EventLabel {
+                event: e.name().into(),
+            },
+        )
+    }
 }
