@@ -30,11 +30,7 @@ use std::{
 };
 
 use bed::KPX;
-use kpx::{
-    control::manifests,
-    control::model::{self, NodeInfo},
-    dataplane::maps::MapSet,
-};
+use kpx::{control::manifests, control::model::NodeInfo, dataplane::maps::MapSet};
 use testbed::{service_manifest as service, wait_for, Ep, MultiNode, Netns, Proxy, TERMINATING};
 
 const A1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 10);
@@ -703,7 +699,7 @@ fn frontends(manifest: &str, node: &str) -> usize {
     let mut loaded = manifests::Loaded::default();
     manifests::parse_file("differential", manifest, &mut loaded);
     assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-    model::desired(&loaded.services, &loaded.slices, &NodeInfo::named(node))
+    kpx::control::index::desired(&loaded.services, &loaded.slices, &NodeInfo::named(node))
         .desired
         .frontends
         .len()

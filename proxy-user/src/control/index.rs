@@ -481,6 +481,18 @@ fn trigger_time(s: &EndpointSlice) -> Option<SystemTime> {
     Some(SystemTime::from(ts))
 }
 
+/// The desired frontends for `services` and `slices` on `node`, all at
+/// once: the model as a pure function (tests, the reference generator).
+pub fn desired(
+    services: &[Sourced<Service>],
+    slices: &[Sourced<EndpointSlice>],
+    node: &NodeInfo,
+) -> Outcome {
+    let mut index = Index::new(node.clone());
+    index.replace_all(services.to_vec(), slices.to_vec());
+    index.outcome()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,225 @@
+//! The desired state: a pure function from Services, EndpointSlices and the
+//! node to the service frontends the datapath must serve.
+//!
+//! Semantics follow kube-proxy (`pkg/proxy`: service.go, endpointslicecache.go,
+//! topology.go):
+//! - a Service port is served by the endpoints of its EndpointSlices whose
+//!   port has the same name and protocol (the EndpointSlice controller has
+//!   already resolved numeric and named `targetPort`s into those ports);
+//! - the same ip:port in several slices counts once, a non-terminating copy
+//!   winning over a terminating one;
+//! - `ready` endpoints serve; when none is ready the `serving` and
+//!   `terminating` ones do, separately for cluster-wide and node-local use;
+//! - topology hints (same node, then same zone) narrow the cluster-wide set
+//!   when every ready endpoint carries them and one matches this node;
+//! - `internalTrafficPolicy: Local` / `externalTrafficPolicy: Local` use only
+//!   endpoints whose `nodeName` is this node;
+//! - headless, ExternalName and `service-proxy-name`-labelled Services are
+//!   not ours.
+//!
+//! A malformed object is reported, with its origin and the offending field,
+//! and skipped as a whole; everything else is served.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+
+use k8s_openapi::api::core::v1::Node;
+
+use crate::control::cidr::Cidr;
+
+mod endpoints;
+mod frontends;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use endpoints::*;
+pub use frontends::*;
+pub use validate::*;
+
+/// kube-proxy ignores Services carrying this label (they belong to another proxy).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Links an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The node's zone, matched against endpoint zone hints.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// When the endpoints controller saw the change a slice carries (RFC 3339).
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// An object and where it came from (a manifest file and document, or the API).
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub origin: String,
+    pub object: T,
+}
+
+impl<T> Sourced<T> {
+    /// An object read from the Kubernetes API.
+    pub fn api(object: T) -> Self {
+        Self {
+            origin: "API".into(),
+            object,
+        }
+    }
+}
+
+/// A reported input problem: the object is skipped, nothing else is affected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: String,
+    /// "Service default/web", "EndpointSlice default/web-abc", or "document".
+    pub object: String,
+    /// The offending field's path, e.g. `spec.ports[0].port`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: field {}: {}",
+            self.origin, self.object, self.field, self.message
+        )
+    }
+}
+
+/// One frontend (address, port, protocol) of a Service port, and who
+/// serves it. A NodePort's address is 0.0.0.0 (any NodePort address).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontend {
+    /// kube-proxy's service port name: `namespace/name:port-name`.
+    pub name: String,
+    /// The cluster-wide endpoints (kube-proxy's `KUBE-SVC-*`), sorted and
+    /// de-duplicated; empty when the service has no endpoint at all.
+    pub backends: Vec<Endpoint>,
+    /// With `SVC_F_LOCAL`: the endpoints on this node (`KUBE-SVL-*`).
+    pub local_backends: Vec<Endpoint>,
+    /// `proxy_common::SVC_F_*`.
+    pub flags: u32,
+    /// With `SVC_F_SOURCE_RANGES`: the clients allowed (`KUBE-FW-*`).
+    pub source_ranges: Vec<Cidr>,
+    /// ClientIP session affinity timeout in seconds; 0 when off.
+    pub affinity_timeout: u32,
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API server's upper bound for it (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+/// Everything the datapath must serve, keyed by frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+}
+
+/// Why a well-formed object (or part of it) is not served. Not an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Skipped {
+    Headless,
+    ExternalName,
+    OtherProxy,
+    /// IPv6 addresses wait for the IPv6 datapath.
+    Ipv6,
+    /// SCTP waits for datapath support.
+    Sctp,
+}
+
+impl Skipped {
+    pub const ALL: [Skipped; 5] = [
+        Skipped::Headless,
+        Skipped::ExternalName,
+        Skipped::OtherProxy,
+        Skipped::Ipv6,
+        Skipped::Sctp,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Skipped::Headless => "headless",
+            Skipped::ExternalName => "external_name",
+            Skipped::OtherProxy => "other_proxy",
+            Skipped::Ipv6 => "ipv6",
+            Skipped::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub desired: Desired,
+    pub problems: Vec<Problem>,
+    /// Skipped objects or parts with the reason, for logs and counters.
+    pub skipped: Vec<(String, Skipped)>,
+}
+
+/// What the model needs to know about the node it runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Endpoints with this `nodeName` are local.
+    pub name: String,
+    /// `topology.kubernetes.io/zone`, for zone hints.
+    pub zone: Option<String>,
+    /// IPv4 InternalIP/ExternalIP addresses from the Node's status.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl NodeInfo {
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads the zone label and addresses of `node`.
+    pub fn from_node(name: &str, node: &Node) -> Self {
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_ZONE))
+            .filter(|z| !z.is_empty())
+            .cloned();
+        let addresses = node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            .collect();
+        Self {
+            name: name.into(),
+            zone,
+            addresses,
+        }
+    }
+}
+
+/// `namespace/name` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}

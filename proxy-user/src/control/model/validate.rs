@@ -1,0 +1,456 @@
+//! Validation: a Service or EndpointSlice becomes the typed view the model
+//! works on, or a [`Problem`] naming the object and the offending field.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use super::{
+    Problem, ServiceRef, Skipped, Sourced, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT,
+};
+use crate::control::cidr::Cidr;
+
+fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    meta.namespace.clone().unwrap_or_else(|| "default".into())
+}
+
+fn object_name(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    format!(
+        "{kind} {}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}
+
+fn protocol(p: Option<&str>) -> Result<Option<u8>, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Some(IPPROTO_TCP)),
+        "UDP" => Ok(Some(IPPROTO_UDP)),
+        "SCTP" => Ok(None),
+        other => Err(format!("unknown protocol {other:?} (TCP, UDP or SCTP)")),
+    }
+}
+
+fn port(p: i32) -> Result<u16, String> {
+    match u16::try_from(p) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("port {p} is out of range 1-65535")),
+    }
+}
+
+/// A validated Service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SvcPort {
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A validated Service: every field kube-proxy acts on, IPv4 only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Svc {
+    pub id: ServiceRef,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<SvcPort>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is not `Proxy`.
+    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_source_ranges: Vec<Cidr>,
+    /// `externalTrafficPolicy: Local` on an externally reachable Service.
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub health_check_node_port: Option<u16>,
+    pub affinity_timeout: u32,
+}
+
+impl Svc {
+    /// kube-proxy's ExternallyAccessible: reachable from outside the cluster.
+    pub fn externally_accessible(&self) -> bool {
+        self.ports.iter().any(|p| p.node_port.is_some())
+            || !self.lb_ips.is_empty()
+            || !self.external_ips.is_empty()
+    }
+}
+
+/// Parses a list of IP strings: IPv4 kept, IPv6 skipped, garbage a problem.
+fn ip_list<'a>(
+    ips: impl Iterator<Item = &'a str>,
+    field: &str,
+    obj: &str,
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Result<Vec<Ipv4Addr>, (String, String)> {
+    let mut out = Vec::new();
+    for (i, ip) in ips.enumerate() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => out.push(v4),
+            Ok(IpAddr::V6(_)) => skipped.push((format!("{obj} {ip}"), Skipped::Ipv6)),
+            Err(_) => {
+                return Err((
+                    format!("{field}[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Validates a Service; Ok(None) when kube-proxy would ignore it.
+pub fn service(
+    s: &Sourced<Service>,
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Result<Option<Svc>, Problem> {
+    let obj = object_name("Service", &s.object.metadata);
+    let problem = |field: &str, message: String| Problem {
+        origin: s.origin.clone(),
+        object: obj.clone(),
+        field: field.to_string(),
+        message,
+    };
+    let meta = &s.object.metadata;
+    let name = meta
+        .name
+        .clone()
+        .ok_or_else(|| problem("metadata.name", "missing".into()))?;
+    if meta
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME))
+    {
+        skipped.push((obj, Skipped::OtherProxy));
+        return Ok(None);
+    }
+    let spec = s
+        .object
+        .spec
+        .as_ref()
+        .ok_or_else(|| problem("spec", "missing".into()))?;
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    match type_ {
+        "ExternalName" => {
+            skipped.push((obj, Skipped::ExternalName));
+            return Ok(None);
+        }
+        "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        other => {
+            return Err(problem(
+                "spec.type",
+                format!(
+                    "unknown type {other:?} (ClusterIP, NodePort, LoadBalancer or ExternalName)"
+                ),
+            ))
+        }
+    }
+    let (field, ip_strings): (&str, Vec<&str>) = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => {
+            ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
+        }
+        (_, Some(ip)) => ("spec.clusterIP", vec![ip.as_str()]),
+        _ => ("spec.clusterIP", Vec::new()),
+    };
+    if ip_strings.contains(&"None") {
+        skipped.push((obj, Skipped::Headless));
+        return Ok(None);
+    }
+    if ip_strings.is_empty() {
+        return Err(problem(
+            "spec.clusterIP",
+            "missing (the API server allocates it; a manifest must carry it)".into(),
+        ));
+    }
+    let cluster_ips = ip_list(ip_strings.into_iter(), field, &obj, skipped).map_err(|(f, m)| {
+        // A lone clusterIP is not a list: name the field itself.
+        let f = if field == "spec.clusterIP" {
+            field.into()
+        } else {
+            f
+        };
+        problem(&f, m)
+    })?;
+    for (i, fam) in spec.ip_families.iter().flatten().enumerate() {
+        if fam != "IPv4" && fam != "IPv6" {
+            return Err(problem(
+                &format!("spec.ipFamilies[{i}]"),
+                format!("unknown family {fam:?} (IPv4 or IPv6)"),
+            ));
+        }
+    }
+    let exposes_node_ports = type_ != "ClusterIP";
+    let mut ports = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let proto = protocol(p.protocol.as_deref())
+            .map_err(|m| problem(&format!("spec.ports[{i}].protocol"), m))?;
+        let number = port(p.port).map_err(|m| problem(&format!("spec.ports[{i}].port"), m))?;
+        let node_port = match p.node_port {
+            Some(n) if exposes_node_ports => {
+                Some(port(n).map_err(|m| problem(&format!("spec.ports[{i}].nodePort"), m))?)
+            }
+            _ => None,
+        };
+        let Some(proto) = proto else {
+            skipped.push((format!("{obj} port {number}/SCTP"), Skipped::Sctp));
+            continue;
+        };
+        if !seen.insert((number, proto)) {
+            return Err(problem(
+                &format!("spec.ports[{i}]"),
+                format!("duplicate port {number}"),
+            ));
+        }
+        ports.push(SvcPort {
+            name: p.name.clone().unwrap_or_default(),
+            proto,
+            port: number,
+            node_port,
+        });
+    }
+    let external_ips = ip_list(
+        spec.external_ips.iter().flatten().map(String::as_str),
+        "spec.externalIPs",
+        &obj,
+        skipped,
+    )
+    .map_err(|(f, m)| problem(&f, m))?;
+    let mut lb_ips = Vec::new();
+    if type_ == "LoadBalancer" {
+        let ingress = s
+            .object
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            // ipMode Proxy: the load balancer proxies, traffic arrives for
+            // the node, not for this IP (KEP-1860).
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue; // hostname-only ingress
+            };
+            lb_ips.extend(
+                ip_list(
+                    std::iter::once(ip),
+                    &format!("status.loadBalancer.ingress[{i}].ip"),
+                    &obj,
+                    skipped,
+                )
+                .map_err(|(_, m)| problem(&format!("status.loadBalancer.ingress[{i}].ip"), m))?,
+            );
+        }
+    }
+    let mut lb_source_ranges = Vec::new();
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        if r.contains(':') {
+            skipped.push((format!("{obj} source range {r}"), Skipped::Ipv6));
+            continue;
+        }
+        lb_source_ranges.push(
+            r.parse::<Cidr>()
+                .map_err(|m| problem(&format!("spec.loadBalancerSourceRanges[{i}]"), m))?,
+        );
+    }
+    let policy = |v: Option<&str>, field: &str| match v.unwrap_or("Cluster") {
+        "Cluster" => Ok(false),
+        "Local" => Ok(true),
+        other => Err(problem(
+            field,
+            format!("unknown policy {other:?} (Cluster or Local)"),
+        )),
+    };
+    let etp_local = policy(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+    )?;
+    let internal_local = policy(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+    )?;
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(n) if n != 0 => Some(port(n).map_err(|m| problem("spec.healthCheckNodePort", m))?),
+        _ => None,
+    };
+    let affinity_timeout = match spec.session_affinity.as_deref().unwrap_or("None") {
+        "None" => 0,
+        "ClientIP" => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT => t as u32,
+                Some(t) => {
+                    return Err(problem(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT}"),
+                    ))
+                }
+            }
+        }
+        other => {
+            return Err(problem(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?} (None or ClientIP)"),
+            ))
+        }
+    };
+    let mut svc = Svc {
+        id: ServiceRef {
+            namespace: namespace(meta),
+            name,
+        },
+        cluster_ips,
+        ports,
+        external_ips,
+        lb_ips,
+        lb_source_ranges,
+        external_local: false,
+        internal_local,
+        health_check_node_port,
+        affinity_timeout,
+    };
+    svc.external_local = etp_local && svc.externally_accessible();
+    // kube-proxy's NeedsHealthCheck: only Local LoadBalancers get one.
+    if !(type_ == "LoadBalancer" && etp_local) {
+        svc.health_check_node_port = None;
+    }
+    Ok(Some(svc))
+}
+
+/// One endpoint of a slice, with everything endpoint selection looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// The first address: kube-proxy uses only that one.
+    pub addr: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+}
+
+/// A validated EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slice {
+    pub service: ServiceRef,
+    /// (port name, protocol, port number).
+    pub ports: Vec<(String, u8, u16)>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// The Service an EndpointSlice belongs to, read from its label.
+pub fn slice_owner(s: &EndpointSlice) -> Option<ServiceRef> {
+    let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some(ServiceRef {
+        namespace: namespace(&s.metadata),
+        name: name.clone(),
+    })
+}
+
+/// Validates an EndpointSlice; Ok(None) when kube-proxy does not use it.
+pub fn slice(
+    s: &Sourced<EndpointSlice>,
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Result<Option<Slice>, Problem> {
+    let obj = object_name("EndpointSlice", &s.object.metadata);
+    let problem = |field: String, message: String| Problem {
+        origin: s.origin.clone(),
+        object: obj.clone(),
+        field,
+        message,
+    };
+    let service = slice_owner(&s.object).ok_or_else(|| {
+        problem(
+            format!("metadata.labels[{LABEL_SERVICE_NAME}]"),
+            "missing: the slice belongs to no Service".into(),
+        )
+    })?;
+    match s.object.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" => {
+            skipped.push((obj, Skipped::Ipv6));
+            return Ok(None);
+        }
+        // FQDN slices are not used by kube-proxy.
+        "FQDN" => return Ok(None),
+        other => {
+            return Err(problem(
+                "addressType".into(),
+                format!("unknown address type {other:?}"),
+            ))
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in s.object.ports.iter().flatten().enumerate() {
+        let proto = protocol(p.protocol.as_deref())
+            .map_err(|m| problem(format!("ports[{i}].protocol"), m))?;
+        let number = p
+            .port
+            .ok_or_else(|| problem(format!("ports[{i}].port"), "missing".into()))
+            .and_then(|n| port(n).map_err(|m| problem(format!("ports[{i}].port"), m)))?;
+        if let Some(proto) = proto {
+            ports.push((p.name.clone().unwrap_or_default(), proto, number));
+        }
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
+        let mut first = None;
+        for (j, a) in e.addresses.iter().enumerate() {
+            let addr = a.parse::<Ipv4Addr>().map_err(|_| {
+                problem(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IPv4 address"),
+                )
+            })?;
+            first.get_or_insert(addr);
+        }
+        let Some(addr) = first else { continue };
+        // Nil conditions mean unknown: `ready` and `serving` then count as
+        // true, `terminating` as false (the API's documented defaults).
+        let c = e.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let hints = e.hints.as_ref();
+        endpoints.push(SliceEndpoint {
+            addr,
+            ready,
+            serving: c.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+            node_name: e.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
+        });
+    }
+    Ok(Some(Slice {
+        service,
+        ports,
+        endpoints,
+    }))
+}
