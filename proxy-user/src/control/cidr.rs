@@ -1,73 +1,44 @@
-//! IPv4 prefixes, as in `--cluster-cidr` and `loadBalancerSourceRanges`.
+//! IPv4 prefixes, as in `--cluster-cidr` and `loadBalancerSourceRanges`:
+//! ipnet's type (IPv6 will need its other half), not a hand-written one.
+//! `Display` keeps the address as written (`198.18.0.1/16` stays so); the
+//! datapath keys use [`Cidr::network`].
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+pub use ipnet::Ipv4Net as Cidr;
 
-/// An IPv4 CIDR such as `198.18.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl Cidr {
-    /// The prefix of one address.
-    pub const fn host(addr: Ipv4Addr) -> Self {
-        Self { addr, len: 32 }
-    }
-
-    /// The netmask, host byte order.
-    pub fn mask(&self) -> u32 {
-        u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0)
-    }
-
-    /// The prefix with its host bits cleared.
-    pub fn network(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr) & self.mask())
-    }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
-        let len: u8 = l
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("bad prefix length {l:?}"))?;
-        Ok(Self { addr, len })
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
+/// Parses `s` (surrounding blanks allowed) with an error that says what
+/// was expected.
+pub fn parse(s: &str) -> Result<Cidr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 CIDR (a.b.c.d/n, n at most 32)"))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
-    fn parses_and_matches_prefixes() {
-        let c: Cidr = " 198.18.0.0/15".parse().unwrap();
-        assert!(c.contains(Ipv4Addr::new(198, 19, 255, 1)));
-        assert!(!c.contains(Ipv4Addr::new(198, 20, 0, 1)));
+    fn parses_contains_and_prints_as_written() {
+        let c: Cidr = "198.19.0.0/16".parse().unwrap();
+        assert!(c.contains(&Ipv4Addr::new(198, 19, 255, 1)));
+        assert!(!c.contains(&Ipv4Addr::new(198, 20, 0, 1)));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
-        assert!("198.18.0.0/33".parse::<Cidr>().is_err());
-        assert!("198.18.0.0".parse::<Cidr>().is_err());
-        assert_eq!(c.to_string(), "198.18.0.0/15");
+        assert!(all.contains(&Ipv4Addr::new(1, 2, 3, 4)));
+        assert_eq!(u32::from(all.netmask()), 0);
+        let host: Cidr = "198.18.0.1/16".parse().unwrap();
+        assert_eq!(host.to_string(), "198.18.0.1/16");
+        assert_eq!(host.network(), Ipv4Addr::new(198, 18, 0, 0));
+        for bad in ["198.18.0.0", "198.18.0.0/33", "2001:2::/48", "x/8"] {
+            assert!(
+                parse(bad).unwrap_err().contains("not an IPv4 CIDR"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse(" 198.18.0.0/15 "),
+            Ok("198.18.0.0/15".parse().unwrap())
+        );
     }
 }

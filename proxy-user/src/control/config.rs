@@ -117,9 +117,11 @@ impl std::str::FromStr for NodePortAddress {
             "primary" => Ok(Self::Primary),
             "all" => Ok(Self::All),
             "localhost" => Ok(Self::Localhost),
-            cidr => cidr.parse().map(Self::Cidr).map_err(|e| {
-                format!("{e}; expected a CIDR or one of the keywords primary, all, localhost")
-            }),
+            cidr => crate::control::cidr::parse(cidr)
+                .map(Self::Cidr)
+                .map_err(|e| {
+                    format!("{e}; expected a CIDR or one of the keywords primary, all, localhost")
+                }),
         }
     }
 }
@@ -567,7 +569,7 @@ impl File {
                     continue;
                 }
                 cidrs.push(
-                    part.parse::<Cidr>()
+                    crate::control::cidr::parse(part)
                         .map_err(|e| anyhow::anyhow!("field clusterCIDR: {e}"))?,
                 );
             }

@@ -12,7 +12,6 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CStr,
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -58,23 +57,11 @@ impl Patterns {
 
 /// The interfaces of this network namespace: (index, name).
 pub fn interfaces() -> Result<Vec<(u32, String)>> {
-    // SAFETY: if_nameindex returns a heap array terminated by a zero entry,
-    // released below with if_freenameindex; names are NUL-terminated.
-    unsafe {
-        let head = libc::if_nameindex();
-        if head.is_null() {
-            return Err(std::io::Error::last_os_error()).context("if_nameindex");
-        }
-        let mut out = Vec::new();
-        let mut p = head;
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
-            out.push(((*p).if_index, name));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(head);
-        Ok(out)
-    }
+    let list = nix::net::if_::if_nameindex().context("if_nameindex")?;
+    Ok(list
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .collect())
 }
 
 /// Where the links of a bpffs directory are pinned.

@@ -255,7 +255,7 @@ impl MapSet {
 /// the range's prefix.
 pub fn range_key(svc_id: u32, r: &Cidr) -> LpmKey<SrcRange> {
     LpmKey::new(
-        32 + u32::from(r.len),
+        32 + u32::from(r.prefix_len()),
         SrcRange {
             svc_id_be: svc_id.to_be(),
             addr: wire::addr(r.network()),
@@ -268,10 +268,9 @@ fn range_from_key(k: &LpmKey<SrcRange>) -> (u32, Cidr) {
     let len = k.prefix_len().saturating_sub(32).min(32) as u8;
     (
         u32::from_be(data.svc_id_be),
-        Cidr {
-            addr: wire::to_addr(data.addr),
-            len,
-        },
+        // `len` is at most 32, so `new` cannot fail.
+        Cidr::new(wire::to_addr(data.addr), len)
+            .unwrap_or_else(|_| Cidr::from(wire::to_addr(data.addr))),
     )
 }
 

@@ -58,10 +58,7 @@ pub fn datapath_config(
     masquerade_all: bool,
 ) -> DatapathConfig {
     let (cidr, mask) = cluster_cidr.map_or((0, 0), |c| {
-        (
-            wire::addr(c.network()),
-            wire::addr(Ipv4Addr::from(c.mask())),
-        )
+        (wire::addr(c.network()), wire::addr(c.netmask()))
     });
     DatapathConfig {
         cluster_cidr: cidr,
@@ -80,27 +77,9 @@ pub fn datapath_config(
 
 /// Every IPv4 address of this network namespace.
 pub fn local_ipv4() -> std::io::Result<Vec<Ipv4Addr>> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list freed below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned; an
-        // AF_INET ifa_addr points at a sockaddr_in.
-        unsafe {
-            let a = (*cur).ifa_addr;
-            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
-                let sin = a.cast::<libc::sockaddr_in>();
-                out.push(Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr)));
-            }
-            cur = (*cur).ifa_next;
-        }
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(head) };
+    let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()?
+        .filter_map(|i| Some(i.address?.as_sockaddr_in()?.ip()))
+        .collect();
     out.sort();
     out.dedup();
     Ok(out)
@@ -120,7 +99,7 @@ pub fn node_addrs(
             let serves = !a.is_loopback()
                 && (nodeport.is_empty()
                     || nodeport.iter().any(|n| match n {
-                        NodePortAddress::Cidr(c) => c.contains(*a),
+                        NodePortAddress::Cidr(c) => c.contains(a),
                         NodePortAddress::Primary => primary.contains(a),
                         NodePortAddress::All => true,
                         NodePortAddress::Localhost => false,

@@ -292,14 +292,7 @@ impl<'a> Planner<'a> {
             fk.proto,
         );
         let want: BTreeSet<Cidr> = if frontend.flags & SVC_F_SOURCE_RANGES != 0 {
-            frontend
-                .source_ranges
-                .iter()
-                .map(|r| Cidr {
-                    addr: r.network(),
-                    len: r.len,
-                })
-                .collect()
+            frontend.source_ranges.iter().map(Cidr::trunc).collect()
         } else {
             BTreeSet::new()
         };
@@ -1035,9 +1028,10 @@ mod tests {
             let local = rng.next(2) == 0;
             let ranged = rng.next(3) == 0;
             let source_ranges = (0..rng.next(3) + 1)
-                .map(|_| crate::control::cidr::Cidr {
-                    addr: std::net::Ipv4Addr::new(198, 18, rng.next(4) as u8, 7),
-                    len: 14 + rng.next(11) as u8,
+                .map(|_| {
+                    let addr = std::net::Ipv4Addr::new(198, 18, rng.next(4) as u8, 7);
+                    crate::control::cidr::Cidr::new(addr, 14 + rng.next(11) as u8)
+                        .expect("prefix length below 32")
                 })
                 .collect();
             Frontend {

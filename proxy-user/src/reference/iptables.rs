@@ -458,7 +458,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
             let mut allow_from_node = false;
             for r in &svc.lb_source_ranges {
                 nat_rules.line(&[&head, "-s", &r.to_string(), "-j", &ext_chain]);
-                allow_from_node |= s.node_ip.is_some_and(|ip| r.contains(ip));
+                allow_from_node |= s.node_ip.is_some_and(|ip| r.contains(&ip));
             }
             if allow_from_node {
                 for ip in &svc.lb_ips {

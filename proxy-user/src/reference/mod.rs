@@ -49,7 +49,7 @@ impl NodePorts {
         let all = cfg.is_empty()
             || cfg.iter().any(|c| {
                 matches!(c, NodePortAddress::All)
-                    || matches!(c, NodePortAddress::Cidr(c) if c.len == 0)
+                    || matches!(c, NodePortAddress::Cidr(c) if c.prefix_len() == 0)
             });
         if all {
             return Self::All;
@@ -59,7 +59,7 @@ impl NodePorts {
             .copied()
             .filter(|a| {
                 cfg.iter().any(|c| match c {
-                    NodePortAddress::Cidr(c) => c.contains(*a),
+                    NodePortAddress::Cidr(c) => c.contains(a),
                     NodePortAddress::Primary => Some(*a) == primary,
                     NodePortAddress::Localhost => a.is_loopback(),
                     NodePortAddress::All => true,
@@ -82,7 +82,7 @@ impl NodePorts {
             Self::All => true,
             Self::Only(_) => cfg.iter().any(|c| match c {
                 NodePortAddress::Localhost => true,
-                NodePortAddress::Cidr(c) => c.contains(Ipv4Addr::LOCALHOST),
+                NodePortAddress::Cidr(c) => c.contains(&Ipv4Addr::LOCALHOST),
                 _ => false,
             }),
         }

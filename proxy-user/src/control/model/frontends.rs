@@ -23,8 +23,8 @@ pub fn frontends(
     use proxy_common::{SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES};
     let mut out = Vec::new();
     let mut ranges = svc.lb_source_ranges.clone();
-    if node_ip.is_some_and(|ip| ranges.iter().any(|r| r.contains(ip))) {
-        ranges.extend(svc.lb_ips.iter().map(|ip| Cidr::host(*ip)));
+    if node_ip.is_some_and(|ip| ranges.iter().any(|r| r.contains(&ip))) {
+        ranges.extend(svc.lb_ips.iter().map(|ip| Cidr::from(*ip)));
     }
     for p in ports {
         let front = |local: bool, flags: u32, source_ranges: Vec<Cidr>| Frontend {

@@ -261,7 +261,7 @@ pub fn service(
             continue;
         }
         lb_source_ranges.push(
-            r.parse::<Cidr>()
+            crate::control::cidr::parse(r)
                 .map_err(|m| problem(&format!("spec.loadBalancerSourceRanges[{i}]"), m))?,
         );
     }
