@@ -576,12 +576,12 @@ impl Agent {
         let cap = proxy_common::capacity::SERVICE_STATS;
         // Steady state: only what changed, so a sync costs the same at 10
         // or 10,000 services. A full diff repairs anything else.
-        let planned = if full {
-            reconcile::plan(&self.mirror.state, desired, cap)
+        let scope = if full {
+            reconcile::Scope::All
         } else {
-            reconcile::plan_touched(&self.mirror, desired, &up.touched, cap)
+            reconcile::Scope::Touched(&up.touched)
         };
-        let ops = match planned {
+        let ops = match reconcile::reconcile(&self.mirror, desired, scope, cap) {
             Ok(ops) => ops,
             Err(e) => {
                 self.failed();
@@ -589,12 +589,7 @@ impl Agent {
                 return;
             }
         };
-        let stale = if full {
-            reconcile::stale_udp(&self.mirror.state, desired)
-        } else {
-            let keys = up.touched.iter().map(reconcile::service_key);
-            reconcile::stale_udp_in(&self.mirror.state, desired, keys)
-        };
+        let stale = reconcile::stale_udp(&self.mirror.state, desired, scope);
         let writing = Instant::now();
         for (i, op) in ops.iter().enumerate() {
             if let Err(e) = self.dp.maps.write(op) {
