@@ -10,16 +10,17 @@
 
 use std::{
     collections::HashSet,
-    net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    net::Ipv4Addr,
     time::{Duration, Instant, SystemTime},
 };
 
 mod input;
 mod runner;
+pub mod settings;
 
 use input::{Input, Kind, Outcome};
 use runner::SyncRunner;
+pub use settings::{AgentFlags, Settings, Source};
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
@@ -31,71 +32,21 @@ use tokio::{
     time::{interval, sleep_until, MissedTickBehavior},
 };
 
-pub use crate::control::cidr::Cidr;
 use crate::{
-    control::config::NodePortAddress,
     control::index::Index,
     control::manifests,
     control::model::{NodeInfo, Problem, Skipped},
     control::watch::{self, Change},
-    dataplane::attach::{self, Attacher, Patterns},
+    dataplane::attach::{self, Attacher},
     dataplane::bpffs,
-    dataplane::conntrack::{self, Timeouts},
+    dataplane::conntrack::{self},
     dataplane::maps::{Datapath, LoadOptions, MapSet},
-    dataplane::node::{self, PortRange},
+    dataplane::node::{self},
     dataplane::ports::PortFilter,
     dataplane::reconcile::{self, Mirror},
     ops::health::{self, Health, ServiceHealth},
     ops::metrics::{DatapathCounters, MapLabel, Metrics, ReasonLabel, ResourceLabel},
 };
-
-/// Where Services and EndpointSlices come from.
-#[derive(Clone, Debug)]
-pub enum Source {
-    /// A manifest file or directory (standalone mode), polled for changes.
-    Manifests(PathBuf),
-    /// The Kubernetes API: this kubeconfig, or the in-cluster config.
-    Kube { kubeconfig: Option<PathBuf> },
-}
-
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub source: Source,
-    pub hostname: String,
-    pub node_ips: Vec<Ipv4Addr>,
-    pub cluster_cidrs: Vec<Cidr>,
-    pub interfaces: Patterns,
-    pub bpffs: PathBuf,
-    pub conntrack_entries: Option<u32>,
-    /// How often the manifests are checked for changes.
-    pub poll: Duration,
-    /// How often the maps are re-read and repaired.
-    pub resync: Duration,
-    /// The least time between two syncs (kube-proxy's minSyncPeriod).
-    pub min_sync: Duration,
-    pub ct_timeouts: Timeouts,
-    /// How often expired conntrack entries are collected.
-    pub ct_gc_interval: Duration,
-    /// Where `/metrics` is served; None for nowhere.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Where `/healthz` and `/livez` are served; None for nowhere.
-    pub healthz_addr: Option<SocketAddr>,
-    /// A health or metrics port that cannot be bound stops the agent
-    /// (kube-proxy's bindAddressHardFail) instead of being retried.
-    pub bind_hard_fail: bool,
-    /// Once the first sync is in the maps, remove kube-proxy's rules (the
-    /// DaemonSet's migration step; tc runs before netfilter, so both may
-    /// coexist until then without a gap).
-    pub cleanup_kube_proxy: bool,
-    /// Which node addresses serve NodePorts (empty: all but loopback).
-    pub nodeport_addresses: Vec<NodePortAddress>,
-    /// Masquerade all traffic to cluster IPs.
-    pub masquerade_all: bool,
-    /// Source ports of masqueraded flows.
-    pub masquerade_ports: PortRange,
-    /// Redirect translated packets to the FIB's next hop (else: the stack).
-    pub fib_forwarding: bool,
-}
 
 /// How long a failed sync waits before it is retried.
 const RETRY: Duration = Duration::from_secs(1);
@@ -113,7 +64,7 @@ struct AgentStats {
 }
 
 struct Agent {
-    cfg: Config,
+    cfg: Settings,
     dp: Datapath,
     mirror: Mirror,
     /// The frontend-port filter, kept with the mirror.
@@ -134,7 +85,7 @@ struct Agent {
     node_settings: Option<proxy_common::DatapathConfig>,
 }
 
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Settings) -> Result<()> {
     bpffs::ensure(&cfg.bpffs)?;
     let _claim = loop {
         if let Some(lock) = bpffs::try_lock(&cfg.bpffs)? {
@@ -432,19 +383,11 @@ impl Agent {
             WatchEvent::Apply(n) => Some(n),
             WatchEvent::Delete(_) => None,
         };
-        let mut info = match &node {
+        let info = match &node {
             Some(n) => NodeInfo::from_node(&self.cfg.hostname, n),
             None => NodeInfo::named(&self.cfg.hostname),
-        };
-        // Configured node IPs come first: the primary one is kube-proxy's
-        // nodeIP (masquerade source, source-range exception).
-        let mut addresses = self.cfg.node_ips.clone();
-        addresses.extend(
-            info.addresses
-                .iter()
-                .filter(|a| !self.cfg.node_ips.contains(a)),
-        );
-        info.addresses = addresses;
+        }
+        .configured_first(&self.cfg.node_ips);
         let was = self.health.node_eligible();
         if deleted {
             self.health.set_eligible(false);
@@ -527,7 +470,7 @@ impl Agent {
         let want = node::node_addrs(
             &addrs,
             &self.cfg.nodeport_addresses,
-            &self.index.node().addresses,
+            self.index.node().addresses.first().copied(),
         );
         match node::write_node_addrs(&mut self.dp.maps, &want) {
             Ok(true) => {
@@ -707,7 +650,7 @@ impl Agent {
 }
 
 fn collect(
-    cfg: &Config,
+    cfg: &Settings,
     maps: &mut MapSet,
     stale: &HashSet<conntrack::ServiceBackend>,
     stats: &mut AgentStats,

@@ -9,7 +9,11 @@ use std::{collections::HashMap, fmt, fs, net::Ipv4Addr, ops::RangeInclusive, str
 use anyhow::{bail, Context as _, Result};
 use proxy_common::{wire, DatapathConfig, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL, NODE_F_NODEPORT};
 
-use crate::{control::cidr::Cidr, control::config::NodePortAddress, dataplane::maps::MapSet};
+use crate::{
+    control::cidr::Cidr,
+    control::config::{serves_nodeports, NodePortAddress},
+    dataplane::maps::MapSet,
+};
 
 /// The source ports masqueraded flows use, inclusive.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,19 +95,12 @@ pub fn local_ipv4() -> std::io::Result<Vec<Ipv4Addr>> {
 pub fn node_addrs(
     addrs: &[Ipv4Addr],
     nodeport: &[NodePortAddress],
-    primary: &[Ipv4Addr],
+    primary: Option<Ipv4Addr>,
 ) -> HashMap<u32, u32> {
     addrs
         .iter()
         .map(|a| {
-            let serves = !a.is_loopback()
-                && (nodeport.is_empty()
-                    || nodeport.iter().any(|n| match n {
-                        NodePortAddress::Cidr(c) => c.contains(a),
-                        NodePortAddress::Primary => primary.contains(a),
-                        NodePortAddress::All => true,
-                        NodePortAddress::Localhost => false,
-                    }));
+            let serves = !a.is_loopback() && serves_nodeports(nodeport, primary, *a);
             let flags = NODE_F_LOCAL | if serves { NODE_F_NODEPORT } else { 0 };
             (wire::addr(*a), flags)
         })
@@ -192,7 +189,7 @@ mod tests {
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let addrs = [ip("127.0.0.1"), ip("198.18.128.1"), ip("198.18.0.1")];
         let flags = |np: &[NodePortAddress]| {
-            let m = node_addrs(&addrs, np, &[ip("198.18.128.1")]);
+            let m = node_addrs(&addrs, np, Some(ip("198.18.128.1")));
             addrs.iter().map(|a| m[&wire::addr(*a)]).collect::<Vec<_>>()
         };
         let (l, n) = (NODE_F_LOCAL, NODE_F_LOCAL | NODE_F_NODEPORT);

@@ -18,13 +18,16 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     control::cidr::Cidr,
-    control::config::NodePortAddress,
+    control::config::{serves_nodeports, NodePortAddress},
     control::model::{Endpoint, ServicePort, Svc},
 };
 
 pub mod incremental;
 pub mod iptables;
 pub mod nftables;
+mod node;
+
+pub use node::rules;
 
 /// Which of kube-proxy's modes to render.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,14 +60,7 @@ impl NodePorts {
         let mut ips: Vec<Ipv4Addr> = local
             .iter()
             .copied()
-            .filter(|a| {
-                cfg.iter().any(|c| match c {
-                    NodePortAddress::Cidr(c) => c.contains(a),
-                    NodePortAddress::Primary => Some(*a) == primary,
-                    NodePortAddress::Localhost => a.is_loopback(),
-                    NodePortAddress::All => true,
-                })
-            })
+            .filter(|a| serves_nodeports(cfg, primary, *a))
             .collect();
         if let Some(p) = primary.filter(|_| cfg.contains(&NodePortAddress::Primary)) {
             if !ips.contains(&p) {

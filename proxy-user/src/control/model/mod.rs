@@ -209,6 +209,15 @@ impl NodeInfo {
             addresses,
         }
     }
+
+    /// The configured node IPs first (the first is kube-proxy's nodeIP:
+    /// masquerade source, source-range exception), then the Node's others.
+    pub fn configured_first(mut self, configured: &[Ipv4Addr]) -> Self {
+        let mut addresses = configured.to_vec();
+        addresses.extend(self.addresses.iter().filter(|a| !configured.contains(a)));
+        self.addresses = addresses;
+        self
+    }
 }
 
 /// `namespace/name` of a Service.

@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -18,113 +18,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 
-use crate::control::cidr::Cidr;
+use super::{Bind, Overrides};
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
-
-/// The settings that can come from the file or from flags; `None` is
-/// "not given". Flags win over the file (`or`), as in kube-proxy.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Overrides {
-    pub kubeconfig: Option<PathBuf>,
-    pub hostname_override: Option<String>,
-    /// The node's primary IP (kube-proxy's historical "bindAddress").
-    pub bind_address: Option<Ipv4Addr>,
-    pub cluster_cidrs: Option<Vec<Cidr>>,
-    pub healthz_bind_address: Option<Bind>,
-    pub metrics_bind_address: Option<Bind>,
-    pub bind_address_hard_fail: Option<bool>,
-    pub nodeport_addresses: Option<Vec<NodePortAddress>>,
-    pub masquerade_all: Option<bool>,
-    pub masquerade_bit: Option<u8>,
-    pub conntrack_max_per_core: Option<u32>,
-    pub conntrack_min: Option<u32>,
-    pub tcp_established_timeout: Option<Duration>,
-    pub tcp_close_wait_timeout: Option<Duration>,
-    pub udp_timeout: Option<Duration>,
-    pub udp_stream_timeout: Option<Duration>,
-    pub sync_period: Option<Duration>,
-    pub min_sync_period: Option<Duration>,
-    pub oom_score_adj: Option<i32>,
-    pub verbosity: Option<u32>,
-}
-
-impl Overrides {
-    /// `self` where given, else `lower`.
-    pub fn or(self, lower: Overrides) -> Overrides {
-        Overrides {
-            kubeconfig: self.kubeconfig.or(lower.kubeconfig),
-            hostname_override: self.hostname_override.or(lower.hostname_override),
-            bind_address: self.bind_address.or(lower.bind_address),
-            cluster_cidrs: self.cluster_cidrs.or(lower.cluster_cidrs),
-            healthz_bind_address: self.healthz_bind_address.or(lower.healthz_bind_address),
-            metrics_bind_address: self.metrics_bind_address.or(lower.metrics_bind_address),
-            bind_address_hard_fail: self.bind_address_hard_fail.or(lower.bind_address_hard_fail),
-            nodeport_addresses: self.nodeport_addresses.or(lower.nodeport_addresses),
-            masquerade_all: self.masquerade_all.or(lower.masquerade_all),
-            masquerade_bit: self.masquerade_bit.or(lower.masquerade_bit),
-            conntrack_max_per_core: self.conntrack_max_per_core.or(lower.conntrack_max_per_core),
-            conntrack_min: self.conntrack_min.or(lower.conntrack_min),
-            tcp_established_timeout: self
-                .tcp_established_timeout
-                .or(lower.tcp_established_timeout),
-            tcp_close_wait_timeout: self.tcp_close_wait_timeout.or(lower.tcp_close_wait_timeout),
-            udp_timeout: self.udp_timeout.or(lower.udp_timeout),
-            udp_stream_timeout: self.udp_stream_timeout.or(lower.udp_stream_timeout),
-            sync_period: self.sync_period.or(lower.sync_period),
-            min_sync_period: self.min_sync_period.or(lower.min_sync_period),
-            oom_score_adj: self.oom_score_adj.or(lower.oom_score_adj),
-            verbosity: self.verbosity.or(lower.verbosity),
-        }
-    }
-}
-
-/// A listen address; `Bind(None)` (an empty string) serves nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bind(pub Option<SocketAddr>);
-
-impl std::str::FromStr for Bind {
-    type Err = String;
-    /// `ip:port`, or empty for none. A bare IP is refused: which port
-    /// would be a guess.
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s.is_empty() {
-            return Ok(Bind(None));
-        }
-        s.parse()
-            .map(|a| Bind(Some(a)))
-            .map_err(|_| format!("{s:?} is not an address:port"))
-    }
-}
-
-/// One entry of `nodePortAddresses`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NodePortAddress {
-    Cidr(Cidr),
-    /// The Node object's primary address.
-    Primary,
-    /// Every address (0.0.0.0/0).
-    All,
-    /// 127.0.0.0/8.
-    Localhost,
-}
-
-impl std::str::FromStr for NodePortAddress {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "primary" => Ok(Self::Primary),
-            "all" => Ok(Self::All),
-            "localhost" => Ok(Self::Localhost),
-            cidr => crate::control::cidr::parse(cidr)
-                .map(Self::Cidr)
-                .map_err(|e| {
-                    format!("{e}; expected a CIDR or one of the keywords primary, all, localhost")
-                }),
-        }
-    }
-}
 
 /// What a configuration file says, and what kpx does not use of it.
 #[derive(Debug)]
@@ -671,6 +568,9 @@ fn is_zero(v: &serde_norway::Value) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::super::NodePortAddress;
     use super::*;
 
     /// What `kubeadm init` writes into the kube-proxy ConfigMap (1.33):
@@ -934,21 +834,5 @@ logging: {format: json}
         for s in ["", "5", "s", "1x", "-1s", ".s", "1h-5m"] {
             assert!(parse_go_duration(s).is_err(), "{s:?} accepted");
         }
-    }
-
-    #[test]
-    fn flags_override_the_file() {
-        let file = Overrides {
-            hostname_override: Some("from-file".into()),
-            sync_period: Some(Duration::from_secs(30)),
-            ..Overrides::default()
-        };
-        let flags = Overrides {
-            hostname_override: Some("from-flag".into()),
-            ..Overrides::default()
-        };
-        let o = flags.or(file);
-        assert_eq!(o.hostname_override.as_deref(), Some("from-flag"));
-        assert_eq!(o.sync_period, Some(Duration::from_secs(30)));
     }
 }
