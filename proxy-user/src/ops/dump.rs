@@ -6,15 +6,16 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, Event, CT_DIR_ORIGINAL, CT_F_FROM_NODE, CT_F_SNAT, IPPROTO_TCP,
-    IPPROTO_UDP, LOCAL_SLOTS, NODEPORT_ADDR, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
-    SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    wire, CtKey, CtValue, Event, ServiceStats, CT_DIR_ORIGINAL, CT_F_FROM_NODE, CT_F_SNAT,
+    IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS, NODEPORT_ADDR, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use serde::Serialize;
 
 use crate::{
     dataplane::conntrack::{self as ct, monotonic_ns, FlowState},
     dataplane::maps::{name_from_bytes, MapSet},
+    dataplane::reconcile::MapState,
 };
 
 pub fn proto_name(p: u8) -> String {
@@ -56,6 +57,8 @@ pub struct ServiceRow {
     pub source_ranges: Vec<String>,
     pub name: String,
     pub svc_id: u32,
+    /// ClientIP session affinity timeout in seconds; 0 when off.
+    pub affinity_timeout: u32,
     pub backends: Vec<BackendRow>,
     pub flows: u64,
     pub packets: u64,
@@ -65,7 +68,7 @@ pub struct ServiceRow {
 
 /// (service id, backend id) → (flows, backend address and port as the flows
 /// know them).
-type FlowCounts = BTreeMap<(u32, u32), (u64, Ipv4Addr, u16)>;
+pub type FlowCounts = BTreeMap<(u32, u32), (u64, Ipv4Addr, u16)>;
 
 /// Flows per service and backend, from one pass over conntrack.
 fn flow_counts(maps: &MapSet) -> Result<FlowCounts> {
@@ -87,6 +90,17 @@ fn flow_counts(maps: &MapSet) -> Result<FlowCounts> {
 pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
     let state = maps.read_state()?;
     let flows = flow_counts(maps)?;
+    service_rows(&state, &flows, |id| maps.service_stats(id))
+}
+
+/// The rows of `kpx dump services` for what `state` holds, `flows` per
+/// service and backend, and each service's statistics: pure, so the same
+/// rendering is tested without maps.
+pub fn service_rows(
+    state: &MapState,
+    flows: &FlowCounts,
+    stats_of: impl Fn(u32) -> Result<ServiceStats>,
+) -> Result<Vec<ServiceRow>> {
     let mut rows = Vec::new();
     for (k, v) in &state.services {
         let mut backends = Vec::new();
@@ -127,7 +141,7 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
             }
         }
         backends.sort_by_key(|b| (b.table, b.state, b.addr, b.port));
-        let stats = maps.service_stats(v.svc_id)?;
+        let stats = stats_of(v.svc_id)?;
         let vip = wire::to_addr(k.addr);
         let port = wire::to_port(k.port);
         let mut policy = Vec::new();
@@ -163,6 +177,7 @@ pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {
                 .collect(),
             name: state.names.get(&v.svc_id).cloned().unwrap_or_default(),
             svc_id: v.svc_id,
+            affinity_timeout: v.affinity_timeout,
             flows: flows
                 .range((v.svc_id, 0)..=(v.svc_id, u32::MAX))
                 .map(|(_, f)| f.0)
@@ -197,6 +212,9 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         }
         if !r.source_ranges.is_empty() {
             let _ = write!(kind, " [{}]", r.source_ranges.join(", "));
+        }
+        if r.affinity_timeout > 0 {
+            let _ = write!(kind, " affinity {}s", r.affinity_timeout);
         }
         let _ = writeln!(
             out,
