@@ -189,3 +189,100 @@ fn endpoint_selection_matches_kube_proxys_categorize_endpoints() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// An iptables-restore text as kube-proxy's tests compare it: per table, the
+/// declared chains, and each chain's rules in order.
+type Ruleset = std::collections::BTreeMap<
+    String,
+    (
+        BTreeSet<String>,
+        std::collections::BTreeMap<String, Vec<String>>,
+    ),
+>;
+
+/// Parses `text`, leaving out what is not kube-proxy's restore input (kpx's
+/// comments and the `-I` jumps it prints for reference) and the differences
+/// between kube-proxy v1.29, which kpx follows, and the test's version and
+/// fake environment, none of which changes where a packet goes:
+/// - the mark printed `%#08x` (v1.29: 0x004000) vs the fake's "0x4000";
+/// - `--random-fully`, which the fake iptables lacks;
+/// - nfacct counters added after v1.29: the `ct_state_invalid_dropped_pkts`
+///   match, and the `localhost_nps_accepted_pkts` rules, each a counting copy
+///   of the NodePort rule that follows it with the same target.
+fn ruleset(text: &str) -> Ruleset {
+    let mut out = Ruleset::new();
+    let mut table = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with("-I ") || line == "COMMIT" {
+            continue;
+        }
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.to_string();
+            continue;
+        }
+        let (declared, rules) = out.entry(table.clone()).or_default();
+        if let Some(decl) = line.strip_prefix(':') {
+            declared.insert(decl.split(' ').next().unwrap_or_default().to_string());
+            continue;
+        }
+        if line.contains("--nfacct-name localhost_nps_accepted_pkts") {
+            continue;
+        }
+        let rule = line
+            .replace("0x004000", "0x4000")
+            .replace(" --random-fully", "")
+            .replace(" -m nfacct --nfacct-name ct_state_invalid_dropped_pkts", "");
+        let rest = rule
+            .strip_prefix("-A ")
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+        rules
+            .entry(chain.to_string())
+            .or_default()
+            .push(spec.to_string());
+    }
+    out
+}
+
+#[test]
+fn iptables_rules_match_kube_proxys_overall_iptables_rules() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let flags = kpx::control::config::NodeFlags {
+        manifests: Some(root.join("tests/oracle/overall_iptables_rules.yaml")),
+        hostname_override: Some("test-node".into()),
+        bind_address: Some("192.168.0.2".parse().expect("address")),
+        cluster_cidr: Some(vec!["10.0.0.0/8".parse().expect("cidr")]),
+        ..Default::default()
+    };
+    let got = kpx::reference::rules(&flags, kpx::reference::Mode::Iptables, true).expect("rules");
+    let want = std::fs::read_to_string(root.join("tests/oracle/overall_iptables_rules.expected"))
+        .expect("fixture");
+    let (got, want) = (ruleset(&got), ruleset(&want));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "tables"
+    );
+    let mut diffs = Vec::new();
+    for (table, (declared, rules)) in &want {
+        let (got_declared, got_rules) = &got[table];
+        if got_declared != declared {
+            diffs.push(format!(
+                "{table}: chains {:?} missing, {:?} extra",
+                declared.difference(got_declared).collect::<Vec<_>>(),
+                got_declared.difference(declared).collect::<Vec<_>>()
+            ));
+        }
+        for chain in rules
+            .keys()
+            .chain(got_rules.keys())
+            .collect::<BTreeSet<_>>()
+        {
+            let (w, g) = (rules.get(chain), got_rules.get(chain));
+            if w != g {
+                diffs.push(format!("{table} {chain}:\n  want {w:#?}\n  got  {g:#?}"));
+            }
+        }
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
