@@ -1,0 +1,255 @@
+//! The per-frontend half of a reconcile: ids, slot tables, ranges and the
+//! service entry of one frontend, the writes kept in make-before-break
+//! groups until [`Planner::puts`] orders them.
+
+use std::collections::{BTreeSet, HashMap};
+
+use proxy_common::{Backend, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
+
+use crate::{
+    control::cidr::Cidr,
+    control::model::{Endpoint, Frontend, FrontendKey},
+};
+
+use super::{affinity_id, backend, service_key, truncate, MapState, Op, PlanError};
+
+/// Lowest ids not `used`, from `next` on, lazily.
+pub(super) struct IdAlloc<'a> {
+    pub(super) used: &'a dyn Fn(u32) -> bool,
+    pub(super) next: u32,
+    pub(super) limit: u32,
+}
+
+impl IdAlloc<'_> {
+    pub(super) fn alloc(&mut self) -> Option<u32> {
+        while self.next < self.limit {
+            let id = self.next;
+            self.next += 1;
+            if !(self.used)(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
+/// The per-frontend half of [`reconcile`].
+pub(super) struct Planner<'a> {
+    pub(super) cur: &'a MapState,
+    pub(super) svc_ids: IdAlloc<'a>,
+    pub(super) max_svc_ids: u32,
+    pub(super) backend_ids: IdAlloc<'a>,
+    pub(super) backend_of: &'a dyn Fn(&Backend) -> Option<u32>,
+    pub(super) new_backend_of: HashMap<Backend, u32>,
+    pub(super) new_backends: Vec<Op>,
+    pub(super) resets: Vec<Op>,
+    pub(super) slot_writes: Vec<Op>,
+    pub(super) range_puts: Vec<Op>,
+    pub(super) service_writes: Vec<Op>,
+    pub(super) range_dels: Vec<Op>,
+}
+
+impl<'a> Planner<'a> {
+    pub(super) fn new(
+        cur: &'a MapState,
+        svc_used: &'a dyn Fn(u32) -> bool,
+        max_svc_ids: u32,
+        backend_used: &'a dyn Fn(u32) -> bool,
+        backend_next: u32,
+        backend_of: &'a dyn Fn(&Backend) -> Option<u32>,
+    ) -> Self {
+        Self {
+            cur,
+            svc_ids: IdAlloc {
+                used: svc_used,
+                next: 0,
+                limit: max_svc_ids,
+            },
+            max_svc_ids,
+            backend_ids: IdAlloc {
+                used: backend_used,
+                next: backend_next,
+                limit: u32::MAX,
+            },
+            backend_of,
+            new_backend_of: HashMap::new(),
+            new_backends: Vec::new(),
+            resets: Vec::new(),
+            slot_writes: Vec::new(),
+            range_puts: Vec::new(),
+            service_writes: Vec::new(),
+            range_dels: Vec::new(),
+        }
+    }
+
+    /// Plans one desired frontend; returns its service id and slot tables
+    /// (cluster-wide, node-local).
+    pub(super) fn frontend(
+        &mut self,
+        fk: &FrontendKey,
+        frontend: &Frontend,
+    ) -> Result<Planned, PlanError> {
+        let cur = self.cur;
+        let key = service_key(fk);
+        let existing = cur.services.get(&key);
+        let svc_id = match existing {
+            Some(v) => v.svc_id,
+            None => {
+                let id = self
+                    .svc_ids
+                    .alloc()
+                    .ok_or(PlanError::OutOfServiceIds(self.max_svc_ids))?;
+                self.resets.push(Op::ResetStats(id));
+                id
+            }
+        };
+        let cluster = self.table(
+            svc_id,
+            0,
+            existing.map_or(0, |v| v.count),
+            &frontend.backends,
+            fk.proto,
+        );
+        let local = self.table(
+            svc_id,
+            LOCAL_SLOTS,
+            existing.map_or(0, |v| v.local_count),
+            &frontend.local_backends,
+            fk.proto,
+        );
+        let want: BTreeSet<Cidr> = if frontend.flags & SVC_F_SOURCE_RANGES != 0 {
+            frontend.source_ranges.iter().map(Cidr::trunc).collect()
+        } else {
+            BTreeSet::new()
+        };
+        let empty = BTreeSet::new();
+        let have = cur.ranges.get(&svc_id).unwrap_or(&empty);
+        self.range_puts
+            .extend(want.difference(have).map(|r| Op::PutRange(svc_id, *r)));
+        self.range_dels
+            .extend(have.difference(&want).map(|r| Op::DelRange(svc_id, *r)));
+        let value = ServiceValue {
+            svc_id,
+            count: cluster.len() as u32,
+            flags: frontend.flags,
+            affinity_timeout: frontend.affinity_timeout,
+            local_count: local.len() as u32,
+            affinity_id: affinity_id(&frontend.name),
+        };
+        if existing != Some(&value) {
+            self.service_writes.push(Op::PutService(key, value));
+        }
+        let name: String = truncate(&frontend.name);
+        if cur.names.get(&svc_id) != Some(&name) {
+            self.service_writes.push(Op::PutName(svc_id, name));
+        }
+        Ok(Planned {
+            svc_id,
+            cluster,
+            local,
+        })
+    }
+
+    /// Plans the slot table at `base` of `svc_id` (which held `old_count`
+    /// slots) for `backends`; returns the backend id of each slot.
+    pub(super) fn table(
+        &mut self,
+        svc_id: u32,
+        base: u32,
+        old_count: u32,
+        backends: &[Endpoint],
+        proto: u8,
+    ) -> Vec<u32> {
+        let cur = self.cur;
+        let mut wanted: Vec<u32> = Vec::with_capacity(backends.len());
+        for e in backends {
+            let b = backend(e, proto);
+            let id = match (self.backend_of)(&b).or_else(|| self.new_backend_of.get(&b).copied()) {
+                Some(id) => id,
+                None => {
+                    let id = self.backend_ids.alloc().unwrap_or(u32::MAX);
+                    self.new_backend_of.insert(b, id);
+                    self.new_backends.push(Op::PutBackend(id, b));
+                    id
+                }
+            };
+            wanted.push(id);
+        }
+
+        // Keep each surviving backend in the slot it has, to write as few
+        // slots as possible; fill the other slots with the newcomers.
+        let count = wanted.len() as u32;
+        let current = |i: u32| {
+            cur.slots
+                .get(&SlotKey {
+                    svc_id,
+                    slot: base + i,
+                })
+                .copied()
+        };
+        let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+        let mut placed: BTreeSet<u32> = BTreeSet::new();
+        let mut table: Vec<Option<u32>> = (0..count)
+            .map(|i| {
+                let id = current(i).filter(|id| {
+                    i < old_count && wanted_set.contains(id) && !placed.contains(id)
+                })?;
+                placed.insert(id);
+                Some(id)
+            })
+            .collect();
+        let mut rest = wanted.iter().filter(|id| !placed.contains(id));
+        for entry in table.iter_mut().filter(|e| e.is_none()) {
+            *entry = rest.next().copied();
+        }
+        let table: Vec<u32> = table.into_iter().map(|id| id.unwrap_or(u32::MAX)).collect();
+        for (i, id) in table.iter().enumerate() {
+            if current(i as u32) != Some(*id) {
+                let key = SlotKey {
+                    svc_id,
+                    slot: base + i as u32,
+                };
+                self.slot_writes.push(Op::PutSlot(key, *id));
+            }
+        }
+        table
+    }
+
+    /// Everything up to the service entries, in make-before-break order.
+    pub(super) fn puts(&mut self, addr_puts: impl Iterator<Item = Op>) -> Vec<Op> {
+        let mut ops = Vec::new();
+        ops.append(&mut self.new_backends);
+        ops.append(&mut self.resets);
+        ops.append(&mut self.slot_writes);
+        ops.append(&mut self.range_puts);
+        ops.extend(addr_puts);
+        ops.append(&mut self.service_writes);
+        ops
+    }
+}
+
+/// One planned frontend: its id and the backend id of each slot.
+pub(super) struct Planned {
+    pub(super) svc_id: u32,
+    pub(super) cluster: Vec<u32>,
+    pub(super) local: Vec<u32>,
+}
+
+impl Planned {
+    /// Every (slot, backend id) of both tables.
+    pub(super) fn slots(&self) -> impl Iterator<Item = (SlotKey, u32)> + '_ {
+        let at = |base: u32| {
+            move |(i, id): (usize, &u32)| {
+                (
+                    SlotKey {
+                        svc_id: self.svc_id,
+                        slot: base + i as u32,
+                    },
+                    *id,
+                )
+            }
+        };
+        (self.cluster.iter().enumerate().map(at(0)))
+            .chain(self.local.iter().enumerate().map(at(LOCAL_SLOTS)))
+    }
+}
