@@ -4,6 +4,9 @@
 //! `#[repr(C)]`, has explicit padding fields (so no uninitialised bytes ever
 //! reach a map key) and stores addresses and ports in network byte order,
 //! exactly as they appear on the wire: the datapath never byte-swaps.
+//!
+//! Long by design: every map layout lives here once, shared by the eBPF
+//! program and the agent, each with its size and alignment assertions.
 #![no_std]
 
 /// IP protocol numbers the datapath understands.

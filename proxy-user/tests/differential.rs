@@ -17,6 +17,9 @@
 //! kpx side is not built yet are marked pending with the reason; they are
 //! reported, and a pending scenario that starts to agree fails the test so
 //! that its marker is removed.
+//!
+//! Long because its scenarios are data: one table of traffic and expected
+//! verdicts per scenario, run against both proxies.
 
 mod bed;
 

@@ -14,6 +14,9 @@
 //!   (a restart: nothing listens in between).
 //!
 //! One global resourceVersion counter orders every change, like etcd's.
+//!
+//! Long because it is one small HTTP server with the API's list, watch and
+//! fault semantics in one place; splitting it would scatter one protocol.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},

@@ -1,5 +1,7 @@
 //! The beds: one node running a real `kpx agent` with pods wired to it by veth
 //! pairs, and several nodes on a fabric with clients outside the cluster.
+//!
+//! Long because both beds share their process and namespace lifecycle code.
 
 use std::{
     fs,

@@ -11,6 +11,9 @@
 //! The references' rules are generated before the clock starts: their
 //! programming time is the restore tool's alone, kube-proxy's own
 //! computation excluded (it favours them).
+//!
+//! Long because each mode's setup (kube-proxy's iptables, nftables, kpx)
+//! is its own small recipe, kept side by side for comparison.
 
 use std::{
     io::Write as _,

@@ -3,6 +3,9 @@
 //! the built-in chains that kube-proxy installs with `iptables -I`.
 //! Load it into a namespace without kube-proxy rules with
 //! `iptables-restore --noflush`.
+//!
+//! Long because it follows kube-proxy's single syncProxyRules rule by rule,
+//! in its order, so the two can be read side by side.
 
 use std::fmt::Write as _;
 

@@ -7,6 +7,9 @@
 //! zero value, logged once as ignored. Unknown fields and invalid values are
 //! start-up errors naming the field. Zero values mean "default", as in
 //! kube-proxy's defaulting (kubeadm writes every field, mostly zero).
+//!
+//! Long because it mirrors kube-proxy's whole schema, field by field, with
+//! the kubeadm default file as a test fixture.
 
 use std::{
     collections::BTreeMap,

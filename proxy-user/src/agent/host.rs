@@ -1,0 +1,135 @@
+//! The host node under the agent: its Node object (zone, addresses, drain
+//! state), the node-wide datapath settings and the node's own addresses.
+
+use super::*;
+
+impl Agent {
+    pub(super) fn on_node(&mut self, ev: WatchEvent<Node>) {
+        // A Node deleted under a running proxy gets no new LB traffic.
+        let deleted = matches!(ev, WatchEvent::Delete(_));
+        let node = match ev {
+            WatchEvent::Init => {
+                self.node_seen = Some(None);
+                return;
+            }
+            WatchEvent::InitApply(n) => {
+                self.node_seen = Some(Some(n));
+                return;
+            }
+            WatchEvent::InitDone => {
+                let node = self.node_seen.take().flatten();
+                self.relisted("nodes", usize::from(node.is_some()));
+                node
+            }
+            WatchEvent::Apply(n) => Some(n),
+            WatchEvent::Delete(_) => None,
+        };
+        let info = match &node {
+            Some(n) => NodeInfo::from_node(&self.cfg.hostname, n),
+            None => NodeInfo::named(&self.cfg.hostname),
+        }
+        .configured_first(&self.cfg.node_ips);
+        let was = self.health.node_eligible();
+        if deleted {
+            self.health.set_eligible(false);
+        } else {
+            self.health.set_node(node.as_ref());
+        }
+        if was != self.health.node_eligible() {
+            log::info!(
+                "node {:?} {} load-balancer traffic: /healthz answers {}",
+                self.cfg.hostname,
+                if was {
+                    "is leaving (deleted or tainted ToBeDeletedByClusterAutoscaler), draining"
+                } else {
+                    "takes"
+                },
+                if was { 503 } else { 200 }
+            );
+        }
+        if self.index.set_node(info) {
+            log::info!(
+                "node {:?}: zone {:?}, addresses {:?}",
+                self.cfg.hostname,
+                self.index.node().zone,
+                self.index.node().addresses
+            );
+            self.node_settings();
+        }
+    }
+
+    /// Writes the node-wide datapath settings and this node's addresses
+    /// when they changed. The masquerade source is the node's primary IP:
+    /// configured, else the Node object's, else none (no masquerade, and
+    /// a warning: off-cluster clients of cluster IPs then fail).
+    pub(super) fn node_settings(&mut self) {
+        let primary = self.index.node().addresses.first().copied();
+        let mut cfg = node::datapath_config(
+            self.cfg.cluster_cidrs.first(),
+            primary,
+            &self.cfg.masquerade_ports,
+            self.cfg.masquerade_all,
+        );
+        if !self.cfg.fib_forwarding {
+            cfg.flags |= proxy_common::CFG_F_STACK_FORWARDING;
+        }
+        if self.node_settings != Some(cfg) {
+            match self.dp.maps.set_config(&cfg) {
+                Ok(()) => {
+                    if primary.is_none() {
+                        log::warn!(
+                            "no node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded"
+                        );
+                    } else {
+                        log::info!(
+                            "datapath: masquerade to {} ports {}, cluster CIDR {}{}",
+                            primary.map_or_else(String::new, |p| p.to_string()),
+                            self.cfg.masquerade_ports,
+                            self.cfg
+                                .cluster_cidrs
+                                .first()
+                                .map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                            if self.cfg.masquerade_all {
+                                ", masquerade all"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    self.node_settings = Some(cfg);
+                }
+                Err(e) => log::warn!("writing KPX_CONFIG: {e}; retrying at the next resync"),
+            }
+        }
+        let addrs = match node::local_ipv4() {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("listing this node's addresses: {e}; retrying at the next change");
+                return;
+            }
+        };
+        let want = node::node_addrs(
+            &addrs,
+            &self.cfg.nodeport_addresses,
+            self.index.node().addresses.first().copied(),
+        );
+        match node::write_node_addrs(&mut self.dp.maps, &want) {
+            Ok(true) => {
+                let nodeport: Vec<String> = addrs
+                    .iter()
+                    .filter(|a| {
+                        want.get(&proxy_common::wire::addr(**a))
+                            .is_some_and(|f| f & proxy_common::NODE_F_NODEPORT != 0)
+                    })
+                    .map(|a| a.to_string())
+                    .collect();
+                log::info!(
+                    "node addresses {addrs:?}; NodePorts on [{}]",
+                    nodeport.join(", ")
+                );
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("{e:#}; retrying at the next change"),
+        }
+    }
+}
