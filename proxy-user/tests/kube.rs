@@ -278,7 +278,7 @@ fn malformed_objects_are_reported_and_skipped_while_the_rest_is_served() {
 fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
     let (c, _api) = running_on_api_with(&["web-1", "web-2"], &["--sync-period", "1s"]);
     let mut maps = MapSet::open_pinned(&c.bpffs()).unwrap();
-    let key = kpx::dataplane::reconcile::service_key(&kpx::control::model::FrontendKey {
+    let key = kpx::dataplane::maps::service_key(&kpx::control::model::FrontendKey {
         addr: VIP,
         port: 80,
         proto: proxy_common::IPPROTO_TCP,

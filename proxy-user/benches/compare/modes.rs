@@ -26,8 +26,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use kpx::{
     control::model::FrontendKey,
+    dataplane::maps::service_key,
     dataplane::maps::MapSet,
-    dataplane::reconcile::service_key,
     reference::incremental::{self, ChangedPort},
 };
 use proxy_common::{wire, SlotKey, IPPROTO_TCP};

@@ -59,9 +59,10 @@ impl Agent {
     }
 
     /// Writes the node-wide datapath settings and this node's addresses
-    /// when they changed. The masquerade source is the node's primary IP:
-    /// configured, else the Node object's, else none (no masquerade, and
-    /// a warning: off-cluster clients of cluster IPs then fail).
+    /// when they changed, through the same write stream as the frontends.
+    /// The masquerade source is the node's primary IP: configured, else the
+    /// Node object's, else none (no masquerade, and a warning: off-cluster
+    /// clients of cluster IPs then fail).
     pub(super) fn node_settings(&mut self) {
         let primary = self.index.node().addresses.first().copied();
         let mut cfg = node::datapath_config(
@@ -73,63 +74,51 @@ impl Agent {
         if !self.cfg.fib_forwarding {
             cfg.flags |= proxy_common::CFG_F_STACK_FORWARDING;
         }
-        if self.node_settings != Some(cfg) {
-            match self.dp.maps.set_config(&cfg) {
-                Ok(()) => {
-                    if primary.is_none() {
-                        log::warn!(
-                            "no node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded"
-                        );
-                    } else {
-                        log::info!(
-                            "datapath: masquerade to {} ports {}, cluster CIDR {}{}",
-                            primary.map_or_else(String::new, |p| p.to_string()),
-                            self.cfg.masquerade_ports,
-                            self.cfg
-                                .cluster_cidrs
-                                .first()
-                                .map_or_else(|| "unknown".to_string(), |c| c.to_string()),
-                            if self.cfg.masquerade_all {
-                                ", masquerade all"
-                            } else {
-                                ""
-                            }
-                        );
-                    }
-                    self.node_settings = Some(cfg);
-                }
-                Err(e) => log::warn!("writing KPX_CONFIG: {e}; retrying at the next resync"),
-            }
-        }
         let addrs = match node::local_ipv4() {
             Ok(a) => a,
             Err(e) => {
                 log::warn!("listing this node's addresses: {e}; retrying at the next change");
-                return;
+                // The settings do not wait for the addresses.
+                self.mirror.state.node_addrs.keys().copied().collect()
             }
         };
-        let want = node::node_addrs(
-            &addrs,
-            &self.cfg.nodeport_addresses,
-            self.index.node().addresses.first().copied(),
-        );
-        match node::write_node_addrs(&mut self.dp.maps, &want) {
-            Ok(true) => {
-                let nodeport: Vec<String> = addrs
-                    .iter()
-                    .filter(|a| {
-                        want.get(&proxy_common::wire::addr(**a))
-                            .is_some_and(|f| f & proxy_common::NODE_F_NODEPORT != 0)
-                    })
-                    .map(|a| a.to_string())
-                    .collect();
-                log::info!(
-                    "node addresses {addrs:?}; NodePorts on [{}]",
-                    nodeport.join(", ")
-                );
+        let want = node::node_addrs(&addrs, &self.cfg.nodeport_addresses, primary);
+        let ops = reconcile::node(&self.mirror.state, &want, &cfg);
+        if ops.is_empty() {
+            return;
+        }
+        if !self.apply(&ops) {
+            log::warn!("node settings and addresses: retrying at the next change or resync");
+            return;
+        }
+        if ops.iter().any(|op| matches!(op, Op::SetConfig(_))) {
+            match primary {
+                None => log::warn!(
+                    "no node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded"
+                ),
+                Some(p) => log::info!(
+                    "datapath: masquerade to {p} ports {}, cluster CIDR {}{}",
+                    self.cfg.masquerade_ports,
+                    self.cfg
+                        .cluster_cidrs
+                        .first()
+                        .map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                    if self.cfg.masquerade_all {
+                        ", masquerade all"
+                    } else {
+                        ""
+                    }
+                ),
             }
-            Ok(false) => {}
-            Err(e) => log::warn!("{e:#}; retrying at the next change"),
+        }
+        if ops.iter().any(|op| !matches!(op, Op::SetConfig(_))) {
+            let mut nodeport: Vec<Ipv4Addr> = want
+                .iter()
+                .filter(|(_, f)| *f & proxy_common::NODE_F_NODEPORT != 0)
+                .map(|(a, _)| *a)
+                .collect();
+            nodeport.sort();
+            log::info!("node addresses {addrs:?}; NodePorts on {nodeport:?}");
         }
     }
 }

@@ -45,7 +45,7 @@ use crate::{
     dataplane::maps::{Datapath, LoadOptions, MapSet},
     dataplane::node::{self},
     dataplane::ports::PortFilter,
-    dataplane::reconcile::{self, Mirror},
+    dataplane::reconcile::{self, Mirror, Op},
     ops::health::{self, Health, ServiceHealth},
     ops::metrics::{DatapathCounters, MapLabel, Metrics, ReasonLabel, ResourceLabel},
 };
@@ -83,8 +83,6 @@ struct Agent {
     node_seen: Option<Option<Node>>,
     health: Health,
     service_health: ServiceHealth,
-    /// The datapath settings last written (None: not yet).
-    node_settings: Option<proxy_common::DatapathConfig>,
 }
 
 pub async fn run(cfg: Settings) -> Result<()> {
@@ -174,7 +172,6 @@ pub async fn run(cfg: Settings) -> Result<()> {
             addresses: cfg.node_ips.clone(),
             ..NodeInfo::named(&cfg.hostname)
         }),
-        node_settings: None,
         runner: SyncRunner::new(cfg.min_sync, RETRY),
         cfg,
         dp,
@@ -407,22 +404,11 @@ impl Agent {
         };
         let stale = reconcile::stale_udp(&self.mirror.state, desired, scope);
         let writing = Instant::now();
-        for (i, op) in ops.iter().enumerate() {
-            if let Err(e) = self.dp.maps.write(op) {
-                self.failed();
-                self.metrics.map_writes.inc_by(i as u64);
-                // What was written is served: its ports too.
-                self.flush_ports();
-                // Every prefix of a plan is a consistent datapath: stop here and retry.
-                log::error!(
-                    "map write {}/{} ({op:?}) failed: {e}; will retry",
-                    i + 1,
-                    ops.len()
-                );
-                return;
-            }
-            self.ports.observe(op, &self.mirror.state);
-            self.mirror.record(op);
+        if !self.apply(&ops) {
+            self.failed();
+            // What was written is served: its ports too.
+            self.flush_ports();
+            return;
         }
         if !self.flush_ports() {
             self.failed();
@@ -443,7 +429,6 @@ impl Agent {
             });
         }
         self.stats.syncs += 1;
-        self.metrics.map_writes.inc_by(ops.len() as u64);
         self.metrics.synced(took);
         let now = SystemTime::now();
         for t in self.index.take_triggers() {
@@ -472,6 +457,28 @@ impl Agent {
             took,
             wrote
         );
+    }
+
+    /// Writes `ops` in order, each recorded in the mirror (and the port
+    /// filter) once it is in the maps. On a failed write, stops there
+    /// (every prefix of a plan is a consistent datapath), logs and returns
+    /// false. The one write stream of frontends, node addresses and settings.
+    fn apply(&mut self, ops: &[Op]) -> bool {
+        for (i, op) in ops.iter().enumerate() {
+            if let Err(e) = self.dp.maps.write(op) {
+                self.metrics.map_writes.inc_by(i as u64);
+                log::error!(
+                    "map write {}/{} ({op:?}) failed: {e}; will retry",
+                    i + 1,
+                    ops.len()
+                );
+                return false;
+            }
+            self.ports.observe(op, &self.mirror.state);
+            self.mirror.record(op);
+        }
+        self.metrics.map_writes.inc_by(ops.len() as u64);
+        true
     }
 
     fn failed(&mut self) {

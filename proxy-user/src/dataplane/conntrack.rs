@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 use proxy_common::{
-    CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN, TCP_RST,
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::maps::MapSet;
@@ -128,8 +128,8 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A backend of one service frontend: (svc_id, address, port), wire order.
-pub type ServiceBackend = (u32, u32, u16);
+/// A backend of one service frontend: (svc_id, address, port).
+pub type ServiceBackend = (u32, std::net::Ipv4Addr, u16);
 
 /// One flow of the table, both directions paired.
 pub struct Flow {
@@ -229,7 +229,11 @@ pub fn collect(
     for f in &table.flows {
         let o = &f.original;
         let is_stale = f.key.proto != IPPROTO_TCP
-            && stale.contains(&(o.svc_id, o.new_dst_addr, o.new_dst_port));
+            && stale.contains(&(
+                o.svc_id,
+                wire::to_addr(o.new_dst_addr),
+                wire::to_port(o.new_dst_port),
+            ));
         let expired = Duration::from_nanos(f.idle_ns(now)) > f.state().timeout(timeouts);
         if !(is_stale || expired) {
             continue;
@@ -246,8 +250,12 @@ pub fn collect(
     }
     for (k, v) in &table.orphans {
         let state = FlowState::of(v, Some(v), k.proto);
-        let stale_backend =
-            k.proto != IPPROTO_TCP && stale.contains(&(v.svc_id, k.src_addr, k.src_port));
+        let stale_backend = k.proto != IPPROTO_TCP
+            && stale.contains(&(
+                v.svc_id,
+                wire::to_addr(k.src_addr),
+                wire::to_port(k.src_port),
+            ));
         if stale_backend {
             report.stale_udp += remove(maps, k);
         } else if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > state.timeout(timeouts)

@@ -15,7 +15,8 @@ use aya::{
 
 use crate::{
     control::cidr::Cidr,
-    dataplane::reconcile::{MapState, Op},
+    control::model::FrontendKey,
+    dataplane::reconcile::{BackendAddr, MapState, Op},
 };
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
@@ -179,10 +180,22 @@ impl MapSet {
     /// The control-plane maps' contents, as the sync engine models them.
     pub fn read_state(&self) -> Result<MapState> {
         Ok(MapState {
-            services: self.services.iter().collect::<Result<_, _>>()?,
+            services: self
+                .services
+                .iter()
+                .map(|kv| kv.map(|(k, v)| (frontend_key(&k), v)))
+                .collect::<Result<_, _>>()?,
             slots: self.slots.iter().collect::<Result<_, _>>()?,
-            backends: self.backends.iter().collect::<Result<_, _>>()?,
-            addrs: self.service_addrs.iter().collect::<Result<_, _>>()?,
+            backends: self
+                .backends
+                .iter()
+                .map(|kv| kv.map(|(id, b)| (id, backend_addr(&b))))
+                .collect::<Result<_, _>>()?,
+            addrs: self
+                .service_addrs
+                .iter()
+                .map(|kv| kv.map(|(a, n)| (wire::to_addr(a), n)))
+                .collect::<Result<_, _>>()?,
             names: self
                 .service_names
                 .iter()
@@ -198,28 +211,37 @@ impl MapSet {
                 }
                 out
             },
+            node_addrs: self
+                .node_addrs
+                .iter()
+                .map(|kv| kv.map(|(a, f)| (wire::to_addr(a), f)))
+                .collect::<Result<_, _>>()?,
+            config: Some(self.config.get(&0, 0)?),
         })
     }
 
     /// Performs one write of a sync plan.
     pub fn write(&mut self, op: &Op) -> Result<(), MapError> {
         match op {
-            Op::PutBackend(id, b) => self.backends.insert(id, b, 0),
+            Op::PutBackend(id, b) => self.backends.insert(id, backend(b), 0),
             Op::ResetStats(id) => {
                 let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()?])?;
                 self.service_stats.set(*id, zeros, 0)
             }
             Op::PutSlot(k, id) => self.slots.insert(k, id, 0),
-            Op::PutService(k, v) => self.services.insert(k, v, 0),
-            Op::PutAddr(a, n) => self.service_addrs.insert(a, n, 0),
+            Op::PutService(k, v) => self.services.insert(service_key(k), v, 0),
+            Op::PutAddr(a, n) => self.service_addrs.insert(wire::addr(*a), n, 0),
             Op::PutName(id, name) => self.service_names.insert(id, name_to_bytes(name), 0),
-            Op::DelService(k) => ignore_missing(self.services.remove(k)),
+            Op::DelService(k) => ignore_missing(self.services.remove(&service_key(k))),
             Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
             Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
-            Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(a)),
+            Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(&wire::addr(*a))),
             Op::DelName(id) => ignore_missing(self.service_names.remove(id)),
             Op::PutRange(id, r) => self.src_ranges.insert(&range_key(*id, r), 1, 0),
             Op::DelRange(id, r) => ignore_missing(self.src_ranges.remove(&range_key(*id, r))),
+            Op::PutNodeAddr(a, f) => self.node_addrs.insert(wire::addr(*a), f, 0),
+            Op::DelNodeAddr(a) => ignore_missing(self.node_addrs.remove(&wire::addr(*a))),
+            Op::SetConfig(c) => self.config.set(0, c, 0),
         }
     }
 
@@ -248,6 +270,41 @@ impl MapSet {
     /// The node-wide settings the datapath reads.
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
         self.config.set(0, cfg, 0)
+    }
+}
+
+/// A frontend's map key (wire order) and back: the map boundary.
+pub fn service_key(k: &FrontendKey) -> ServiceKey {
+    ServiceKey {
+        addr: wire::addr(k.addr),
+        port: wire::port(k.port),
+        proto: k.proto,
+        _pad: 0,
+    }
+}
+
+fn frontend_key(k: &ServiceKey) -> FrontendKey {
+    FrontendKey {
+        addr: wire::to_addr(k.addr),
+        port: wire::to_port(k.port),
+        proto: k.proto,
+    }
+}
+
+fn backend(b: &BackendAddr) -> Backend {
+    Backend {
+        addr: wire::addr(b.addr),
+        port: wire::port(b.port),
+        proto: b.proto,
+        flags: 0,
+    }
+}
+
+fn backend_addr(b: &Backend) -> BackendAddr {
+    BackendAddr {
+        addr: wire::to_addr(b.addr),
+        port: wire::to_port(b.port),
+        proto: b.proto,
     }
 }
 

@@ -12,7 +12,6 @@ use proxy_common::{wire, DatapathConfig, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL, NOD
 use crate::{
     control::cidr::Cidr,
     control::config::{serves_nodeports, NodePortAddress},
-    dataplane::maps::MapSet,
 };
 
 /// The source ports masqueraded flows use, inclusive.
@@ -96,40 +95,15 @@ pub fn node_addrs(
     addrs: &[Ipv4Addr],
     nodeport: &[NodePortAddress],
     primary: Option<Ipv4Addr>,
-) -> HashMap<u32, u32> {
+) -> HashMap<Ipv4Addr, u32> {
     addrs
         .iter()
         .map(|a| {
             let serves = !a.is_loopback() && serves_nodeports(nodeport, primary, *a);
             let flags = NODE_F_LOCAL | if serves { NODE_F_NODEPORT } else { 0 };
-            (wire::addr(*a), flags)
+            (*a, flags)
         })
         .collect()
-}
-
-/// Makes `KPX_NODE_ADDRS` equal `want` (puts first, then deletions).
-/// Returns whether anything changed.
-pub fn write_node_addrs(maps: &mut MapSet, want: &HashMap<u32, u32>) -> Result<bool> {
-    let have: HashMap<u32, u32> = maps
-        .node_addrs
-        .iter()
-        .collect::<Result<_, _>>()
-        .context("reading KPX_NODE_ADDRS")?;
-    let mut changed = false;
-    for (a, f) in want {
-        if have.get(a) != Some(f) {
-            maps.node_addrs
-                .insert(a, f, 0)
-                .with_context(|| format!("adding node address {}", wire::to_addr(*a)))?;
-            changed = true;
-        }
-    }
-    for a in have.keys().filter(|a| !want.contains_key(a)) {
-        // Gone already is fine.
-        let _ = maps.node_addrs.remove(a);
-        changed = true;
-    }
-    Ok(changed)
 }
 
 /// Keeps local sockets out of the masquerade ports: when the node's
@@ -190,7 +164,7 @@ mod tests {
         let addrs = [ip("127.0.0.1"), ip("198.18.128.1"), ip("198.18.0.1")];
         let flags = |np: &[NodePortAddress]| {
             let m = node_addrs(&addrs, np, Some(ip("198.18.128.1")));
-            addrs.iter().map(|a| m[&wire::addr(*a)]).collect::<Vec<_>>()
+            addrs.iter().map(|a| m[a]).collect::<Vec<_>>()
         };
         let (l, n) = (NODE_F_LOCAL, NODE_F_LOCAL | NODE_F_NODEPORT);
         assert_eq!(flags(&[]), [l, n, n]);

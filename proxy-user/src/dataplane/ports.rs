@@ -16,7 +16,7 @@ use aya::maps::MapError;
 use proxy_common::PortBit;
 
 use crate::{
-    dataplane::maps::MapSet,
+    dataplane::maps::{service_key, MapSet},
     dataplane::reconcile::{MapState, Op},
 };
 
@@ -36,7 +36,7 @@ impl PortFilter {
     pub fn rebuild(state: &MapState, maps: &MapSet) -> Result<Self, MapError> {
         let mut f = Self::default();
         for key in state.services.keys() {
-            *f.uses.entry(key.port_bit()).or_default() += 1;
+            *f.uses.entry(service_key(key).port_bit()).or_default() += 1;
         }
         for (i, word) in maps.port_words()?.into_iter().enumerate() {
             if word != 0 {
@@ -56,12 +56,12 @@ impl PortFilter {
     pub fn observe(&mut self, op: &Op, state: &MapState) {
         match op {
             Op::PutService(k, _) if !state.services.contains_key(k) => {
-                let b = k.port_bit();
+                let b = service_key(k).port_bit();
                 *self.uses.entry(b).or_default() += 1;
                 self.dirty.insert(b.word);
             }
             Op::DelService(k) if state.services.contains_key(k) => {
-                let b = k.port_bit();
+                let b = service_key(k).port_bit();
                 if let Some(n) = self.uses.get_mut(&b) {
                     *n -= 1;
                     if *n == 0 {
@@ -109,27 +109,30 @@ impl PortFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proxy_common::{
-        port_shift, port_word, ServiceKey, ServiceValue, NODEPORT_ADDR, PORT_F_FRONTEND,
-        PORT_F_NODEPORT,
-    };
+    use std::net::Ipv4Addr;
 
-    fn key(addr: u32, port: u16) -> ServiceKey {
-        ServiceKey {
-            addr,
-            port: port.to_be(),
+    use proxy_common::{port_shift, port_word, ServiceValue, PORT_F_FRONTEND, PORT_F_NODEPORT};
+
+    use crate::control::model::FrontendKey;
+
+    /// A NodePort's address: any.
+    const NODEPORT_ADDR: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+
+    fn key(addr: impl Into<Ipv4Addr>, port: u16) -> FrontendKey {
+        FrontendKey {
+            addr: addr.into(),
+            port,
             proto: 6,
-            _pad: 0,
         }
     }
 
-    fn put(f: &mut PortFilter, st: &mut MapState, k: ServiceKey) {
+    fn put(f: &mut PortFilter, st: &mut MapState, k: FrontendKey) {
         let op = Op::PutService(k, ServiceValue::default());
         f.observe(&op, st);
         st.record(&op);
     }
 
-    fn del(f: &mut PortFilter, st: &mut MapState, k: ServiceKey) {
+    fn del(f: &mut PortFilter, st: &mut MapState, k: FrontendKey) {
         let op = Op::DelService(k);
         f.observe(&op, st);
         st.record(&op);
@@ -138,7 +141,7 @@ mod tests {
     #[test]
     fn a_port_is_marked_while_any_frontend_uses_it() {
         let (mut f, mut st) = (PortFilter::default(), MapState::default());
-        let (a, b, np) = (key(1, 80), key(2, 80), key(NODEPORT_ADDR, 30080));
+        let (a, b, np) = (key(1u32, 80), key(2u32, 80), key(NODEPORT_ADDR, 30080));
         let http = PORT_F_FRONTEND << port_shift(80);
         let nodeport = PORT_F_NODEPORT << port_shift(30080);
         put(&mut f, &mut st, a);
@@ -160,9 +163,9 @@ mod tests {
     #[test]
     fn ports_sharing_a_word_keep_their_own_bits() {
         let (mut f, mut st) = (PortFilter::default(), MapState::default());
-        put(&mut f, &mut st, key(1, 64));
+        put(&mut f, &mut st, key(1u32, 64));
         put(&mut f, &mut st, key(NODEPORT_ADDR, 65));
-        put(&mut f, &mut st, key(1, 95));
+        put(&mut f, &mut st, key(1u32, 95));
         assert_eq!(port_word(64), port_word(95));
         assert_eq!(
             f.desired(port_word(64)),

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
 use anyhow::Result;
 use proxy_common::{
     wire, CtKey, CtValue, Event, ServiceStats, CT_DIR_ORIGINAL, CT_F_FROM_NODE, CT_F_SNAT,
-    IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS, NODEPORT_ADDR, SVC_F_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use serde::Serialize;
 
@@ -117,8 +117,8 @@ pub fn service_rows(
             };
             backends.push(BackendRow {
                 id: *id,
-                addr: wire::to_addr(b.addr),
-                port: wire::to_port(b.port),
+                addr: b.addr,
+                port: b.port,
                 state: "active",
                 flows: flows.get(&(v.svc_id, *id)).map_or(0, |f| f.0),
                 table: if slot < LOCAL_SLOTS {
@@ -142,8 +142,7 @@ pub fn service_rows(
         }
         backends.sort_by_key(|b| (b.table, b.state, b.addr, b.port));
         let stats = stats_of(v.svc_id)?;
-        let vip = wire::to_addr(k.addr);
-        let port = wire::to_port(k.port);
+        let (vip, port) = (k.addr, k.port);
         let mut policy = Vec::new();
         if v.flags & SVC_F_LOCAL != 0 {
             policy.push("local");
@@ -155,7 +154,7 @@ pub fn service_rows(
             protocol: proto_name(k.proto),
             vip,
             port,
-            frontend: if k.addr == NODEPORT_ADDR {
+            frontend: if vip.is_unspecified() {
                 format!("*:{port}")
             } else {
                 format!("{vip}:{port}")
@@ -281,8 +280,8 @@ pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
         .map(|(id, b)| BackendEntry {
             id: *id,
             protocol: proto_name(b.proto),
-            addr: wire::to_addr(b.addr),
-            port: wire::to_port(b.port),
+            addr: b.addr,
+            port: b.port,
             services: users.remove(id).unwrap_or_default(),
             flows: flows
                 .iter()

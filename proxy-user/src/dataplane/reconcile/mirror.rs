@@ -3,9 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use proxy_common::Backend;
-
-use super::{MapState, Op};
+use super::{BackendAddr, MapState, Op};
 
 /// The maps' state plus the indexes that let [`reconcile`] work in time
 /// proportional to the change, not to the number of services.
@@ -13,7 +11,7 @@ use super::{MapState, Op};
 pub struct Mirror {
     pub state: MapState,
     /// Backend → its id.
-    pub(super) backend_of: HashMap<Backend, u32>,
+    pub(super) backend_of: HashMap<BackendAddr, u32>,
     /// Backend id → slots holding it.
     pub(super) refs: HashMap<u32, u32>,
     pub(super) svc_ids: HashSet<u32>,

@@ -21,9 +21,12 @@
 //! interrupted at any write (map full, agent killed) leaves a working
 //! datapath that the next sync completes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
-use proxy_common::{wire, Backend, ServiceKey, SlotKey};
+use proxy_common::{DatapathConfig, SlotKey};
 
 use crate::control::model::{Desired, Endpoint, FrontendKey};
 
@@ -35,7 +38,7 @@ mod tests;
 
 pub use mirror::Mirror;
 use planner::Planner;
-pub use state::{slot_numbers, MapState, Op};
+pub use state::{slot_numbers, BackendAddr, MapState, Op};
 
 /// Longest service name kept for `kpx dump` (bytes, NUL-padded in the map).
 pub const NAME_LEN: usize = proxy_common::SERVICE_NAME_LEN;
@@ -55,29 +58,11 @@ pub fn affinity_id(service_port: &str) -> u32 {
     u32::from_le_bytes([d[0], d[1], d[2], d[3]])
 }
 
-pub fn service_key(k: &FrontendKey) -> ServiceKey {
-    ServiceKey {
-        addr: wire::addr(k.addr),
-        port: wire::port(k.port),
-        proto: k.proto,
-        _pad: 0,
-    }
-}
-
-fn backend(e: &Endpoint, proto: u8) -> Backend {
-    Backend {
-        addr: wire::addr(e.addr),
-        port: wire::port(e.port),
+fn backend(e: &Endpoint, proto: u8) -> BackendAddr {
+    BackendAddr {
+        addr: e.addr,
+        port: e.port,
         proto,
-        flags: 0,
-    }
-}
-
-fn frontend_key(k: &ServiceKey) -> FrontendKey {
-    FrontendKey {
-        addr: wire::to_addr(k.addr),
-        port: wire::to_port(k.port),
-        proto: k.proto,
     }
 }
 
@@ -116,14 +101,14 @@ pub fn reconcile(
                 .frontends
                 .keys()
                 .copied()
-                .chain(cur.services.keys().map(frontend_key))
+                .chain(cur.services.keys().copied())
                 .collect();
             &every
         }
     };
     let svc_used = |id: u32| m.svc_ids.contains(&id);
     let backend_used = |id: u32| cur.backends.contains_key(&id);
-    let backend_of = |b: &Backend| m.backend_of.get(b).copied();
+    let backend_of = |b: &BackendAddr| m.backend_of.get(b).copied();
     let mut p = Planner::new(
         cur,
         &svc_used,
@@ -135,7 +120,7 @@ pub fn reconcile(
     // Per frontend: what it writes, and what it stops using (as deltas on
     // the mirror's reference counts).
     let mut ref_delta: BTreeMap<u32, i64> = BTreeMap::new();
-    let mut addr_delta: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut addr_delta: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
     let mut removed = Vec::new();
     let mut dead_slots = Vec::new();
     let mut dead_names = Vec::new();
@@ -144,7 +129,7 @@ pub fn reconcile(
     let mut final_slots: HashMap<SlotKey, u32> = HashMap::new();
     let mut final_ids: HashSet<u32> = HashSet::new();
     for fk in keys {
-        let key = service_key(fk);
+        let key = *fk;
         let existing = cur.services.get(&key);
         let old_slots: BTreeSet<u32> = existing.map(slot_numbers).into_iter().flatten().collect();
         let Some(frontend) = desired.frontends.get(fk) else {
@@ -200,7 +185,7 @@ pub fn reconcile(
     // Addresses: by delta on the mirror's counts, or (All) counted afresh.
     let (addr_puts, addr_dels): (Vec<Op>, Vec<Op>) = match scope {
         Scope::Touched(_) => {
-            let fin = |a: &u32, d: &i64| i64::from(cur.addrs.get(a).copied().unwrap_or(0)) + d;
+            let fin = |a: &Ipv4Addr, d: &i64| i64::from(cur.addrs.get(a).copied().unwrap_or(0)) + d;
             let changed = || addr_delta.iter().filter(|(_, d)| **d != 0);
             (
                 changed()
@@ -214,9 +199,9 @@ pub fn reconcile(
             )
         }
         Scope::All => {
-            let mut refs: BTreeMap<u32, u32> = BTreeMap::new();
+            let mut refs: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
             for fk in desired.frontends.keys() {
-                *refs.entry(wire::addr(fk.addr)).or_default() += 1;
+                *refs.entry(fk.addr).or_default() += 1;
             }
             (
                 refs.iter()
@@ -270,15 +255,42 @@ pub fn reconcile(
     Ok(ops)
 }
 
+/// The writes that make the node-wide settings `config` and this node's
+/// addresses `addrs` (address → `NODE_F_*`) what the maps hold: settings,
+/// then new or changed addresses, then addresses that are gone. They go
+/// through the same write stream as the frontends' writes.
+pub fn node(cur: &MapState, addrs: &HashMap<Ipv4Addr, u32>, config: &DatapathConfig) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if cur.config.as_ref() != Some(config) {
+        ops.push(Op::SetConfig(*config));
+    }
+    let mut puts: Vec<Op> = addrs
+        .iter()
+        .filter(|(a, f)| cur.node_addrs.get(a) != Some(f))
+        .map(|(a, f)| Op::PutNodeAddr(*a, *f))
+        .collect();
+    puts.sort_by_key(|op| match op {
+        Op::PutNodeAddr(a, _) => *a,
+        _ => Ipv4Addr::UNSPECIFIED,
+    });
+    ops.extend(puts);
+    ops.extend(unkept(cur.node_addrs.keys(), |a| addrs.contains_key(a)).map(Op::DelNodeAddr));
+    ops
+}
+
 /// UDP backends that leave their frontend when `cur` becomes `desired`, as
-/// (svc_id, address, port) in wire order: their conntrack entries must go,
+/// (svc_id, address, port): their conntrack entries must go,
 /// or a long-running UDP client keeps sending into the void (the reference
 /// runs `conntrack -D` for them). A removed frontend loses all its backends.
 /// Looks at the frontends of `scope` only.
-pub fn stale_udp(cur: &MapState, desired: &Desired, scope: Scope<'_>) -> HashSet<(u32, u32, u16)> {
-    let keys: Vec<ServiceKey> = match scope {
+pub fn stale_udp(
+    cur: &MapState,
+    desired: &Desired,
+    scope: Scope<'_>,
+) -> HashSet<(u32, Ipv4Addr, u16)> {
+    let keys: Vec<FrontendKey> = match scope {
         Scope::All => cur.services.keys().copied().collect(),
-        Scope::Touched(t) => t.iter().map(service_key).collect(),
+        Scope::Touched(t) => t.iter().copied().collect(),
     };
     let mut out = HashSet::new();
     for k in keys {
@@ -289,14 +301,9 @@ pub fn stale_udp(cur: &MapState, desired: &Desired, scope: Scope<'_>) -> HashSet
         if k.proto != proxy_common::IPPROTO_UDP {
             continue;
         }
-        let fk = FrontendKey {
-            addr: wire::to_addr(k.addr),
-            port: wire::to_port(k.port),
-            proto: k.proto,
-        };
-        let kept: HashSet<Backend> = desired
+        let kept: HashSet<BackendAddr> = desired
             .frontends
-            .get(&fk)
+            .get(k)
             .map(|f| {
                 f.backends
                     .iter()

@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use proxy_common::{Backend, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
+use proxy_common::{ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
 use crate::{
     control::cidr::Cidr,
     control::model::{Endpoint, Frontend, FrontendKey},
 };
 
-use super::{affinity_id, backend, service_key, truncate, MapState, Op, PlanError};
+use super::{affinity_id, backend, truncate, BackendAddr, MapState, Op, PlanError};
 
 /// Lowest ids not `used`, from `next` on, lazily.
 pub(super) struct IdAlloc<'a> {
@@ -39,8 +39,8 @@ pub(super) struct Planner<'a> {
     pub(super) svc_ids: IdAlloc<'a>,
     pub(super) max_svc_ids: u32,
     pub(super) backend_ids: IdAlloc<'a>,
-    pub(super) backend_of: &'a dyn Fn(&Backend) -> Option<u32>,
-    pub(super) new_backend_of: HashMap<Backend, u32>,
+    pub(super) backend_of: &'a dyn Fn(&BackendAddr) -> Option<u32>,
+    pub(super) new_backend_of: HashMap<BackendAddr, u32>,
     pub(super) new_backends: Vec<Op>,
     pub(super) resets: Vec<Op>,
     pub(super) slot_writes: Vec<Op>,
@@ -56,7 +56,7 @@ impl<'a> Planner<'a> {
         max_svc_ids: u32,
         backend_used: &'a dyn Fn(u32) -> bool,
         backend_next: u32,
-        backend_of: &'a dyn Fn(&Backend) -> Option<u32>,
+        backend_of: &'a dyn Fn(&BackendAddr) -> Option<u32>,
     ) -> Self {
         Self {
             cur,
@@ -90,7 +90,7 @@ impl<'a> Planner<'a> {
         frontend: &Frontend,
     ) -> Result<Planned, PlanError> {
         let cur = self.cur;
-        let key = service_key(fk);
+        let key = *fk;
         let existing = cur.services.get(&key);
         let svc_id = match existing {
             Some(v) => v.svc_id,

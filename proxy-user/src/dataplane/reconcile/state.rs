@@ -1,23 +1,39 @@
 //! What the control-plane maps hold, and the writes that change it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
-use proxy_common::{Backend, ServiceKey, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
+use proxy_common::{DatapathConfig, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
-use crate::control::cidr::Cidr;
+use crate::control::{cidr::Cidr, model::FrontendKey};
 
-/// What the control-plane maps hold (or will hold).
+/// A backend as the maps hold it. Host byte order, as everything above the
+/// map layer: [`crate::dataplane::maps`] converts at the boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+/// What the control-plane maps hold (or will hold), in host byte order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
-    pub services: HashMap<ServiceKey, ServiceValue>,
+    pub services: HashMap<FrontendKey, ServiceValue>,
     pub slots: HashMap<SlotKey, u32>,
-    pub backends: HashMap<u32, Backend>,
+    pub backends: HashMap<u32, BackendAddr>,
     /// Frontend address → number of frontends using it.
-    pub addrs: HashMap<u32, u32>,
+    pub addrs: HashMap<Ipv4Addr, u32>,
     /// Service id → service port name, for `kpx dump`.
     pub names: HashMap<u32, String>,
     /// Service id → its `loadBalancerSourceRanges` (host bits cleared).
     pub ranges: HashMap<u32, BTreeSet<Cidr>>,
+    /// This node's addresses → `NODE_F_*`.
+    pub node_addrs: HashMap<Ipv4Addr, u32>,
+    /// The node-wide settings (None: never read or written).
+    pub config: Option<DatapathConfig>,
 }
 
 /// The slot numbers of a frontend's tables: cluster-wide, then node-local.
@@ -28,20 +44,23 @@ pub fn slot_numbers(v: &ServiceValue) -> impl Iterator<Item = u32> {
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    PutBackend(u32, Backend),
+    PutBackend(u32, BackendAddr),
     /// Zero the per-CPU statistics of a newly allocated service id.
     ResetStats(u32),
     PutSlot(SlotKey, u32),
-    PutService(ServiceKey, ServiceValue),
-    PutAddr(u32, u32),
+    PutService(FrontendKey, ServiceValue),
+    PutAddr(Ipv4Addr, u32),
     PutName(u32, String),
     PutRange(u32, Cidr),
-    DelService(ServiceKey),
+    DelService(FrontendKey),
     DelSlot(SlotKey),
     DelBackend(u32),
-    DelAddr(u32),
+    DelAddr(Ipv4Addr),
     DelName(u32),
     DelRange(u32, Cidr),
+    PutNodeAddr(Ipv4Addr, u32),
+    DelNodeAddr(Ipv4Addr),
+    SetConfig(DatapathConfig),
 }
 
 impl MapState {
@@ -79,6 +98,13 @@ impl MapState {
             Op::DelName(id) => {
                 self.names.remove(id);
             }
+            Op::PutNodeAddr(a, f) => {
+                self.node_addrs.insert(*a, *f);
+            }
+            Op::DelNodeAddr(a) => {
+                self.node_addrs.remove(a);
+            }
+            Op::SetConfig(c) => self.config = Some(*c),
             Op::PutRange(id, r) => {
                 self.ranges.entry(*id).or_default().insert(*r);
             }
@@ -95,7 +121,7 @@ impl MapState {
 
     /// Every frontend with its backends as the datapath would select them,
     /// or the first inconsistency the datapath could trip over.
-    pub fn view(&self) -> Result<BTreeMap<ServiceKey, Vec<Backend>>, String> {
+    pub fn view(&self) -> Result<BTreeMap<FrontendKey, Vec<BackendAddr>>, String> {
         let mut out = BTreeMap::new();
         for (k, v) in &self.services {
             let mut backends = Vec::new();
@@ -122,7 +148,7 @@ impl MapState {
             if !self.addrs.contains_key(&k.addr) {
                 return Err(format!("{k:?}: address not registered"));
             }
-            backends.sort_by_key(|b| (b.addr.to_be(), b.port, b.proto));
+            backends.sort();
             out.insert(*k, backends);
         }
         Ok(out)

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use proxy_common::{Backend, ServiceKey, ServiceValue, SVC_F_SOURCE_RANGES};
+use proxy_common::{ServiceValue, SVC_F_SOURCE_RANGES};
 
 use super::*;
 use crate::control::model::{Desired, Endpoint, Frontend, FrontendKey};
@@ -43,13 +43,13 @@ fn desired(spec: &[Spec]) -> Desired {
 }
 
 /// The datapath view `desired` should produce.
-fn expected_view(d: &Desired) -> BTreeMap<ServiceKey, Vec<Backend>> {
+fn expected_view(d: &Desired) -> BTreeMap<FrontendKey, Vec<BackendAddr>> {
     d.frontends
         .iter()
         .map(|(k, f)| {
-            let mut bs: Vec<Backend> = f.backends.iter().map(|e| backend(e, k.proto)).collect();
-            bs.sort_by_key(|b| (b.addr.to_be(), b.port, b.proto));
-            (service_key(k), bs)
+            let mut bs: Vec<BackendAddr> = f.backends.iter().map(|e| backend(e, k.proto)).collect();
+            bs.sort();
+            (*k, bs)
         })
         .collect()
 }
@@ -261,7 +261,7 @@ mod random {
 
     /// Applies `ops` one at a time: consistent after each, and a service
     /// alive before and after only ever selects old or new backends.
-    fn apply(m: &mut Mirror, ops: &[Op], after: &BTreeMap<ServiceKey, Vec<Backend>>) {
+    fn apply(m: &mut Mirror, ops: &[Op], after: &BTreeMap<FrontendKey, Vec<BackendAddr>>) {
         let before = m.state.view().expect("consistent before");
         for (n, op) in ops.iter().enumerate() {
             m.record(op);
@@ -338,10 +338,10 @@ mod random {
             let mut state = m.state.clone();
             for id in &stray_ids {
                 state.slots.insert(SlotKey { svc_id: *id, slot: 0 }, *id);
-                state.backends.insert(*id, Backend { addr: *id, port: 1, proto: IPPROTO_TCP, flags: 0 });
+                state.backends.insert(*id, BackendAddr { addr: (*id).into(), port: 1, proto: IPPROTO_TCP });
                 state.names.insert(*id, "gone".into());
                 state.ranges.entry(*id).or_default().insert("198.18.0.0/15".parse().unwrap());
-                state.addrs.insert(*id, 1);
+                state.addrs.insert((*id).into(), 1);
             }
             let mut m = Mirror::new(state);
             let ops = reconcile(&m, &d, Scope::All, 1024).unwrap();
