@@ -289,3 +289,41 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
     let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 20, T).unwrap();
     assert_eq!(spread(&ids).len(), 2, "{ids:?}");
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
+    let (c, api) = running_on_api(&["web-1", "web-2"]);
+    api.answer_gone_with_status(true);
+    // While the API is away, web changes and the history is compacted: the
+    // agent's watches come back to a version the server no longer has, and
+    // it says so with an HTTP 410 status, not an event.
+    api.stop().unwrap();
+    api.apply_all(&web(&c, &["web-2", "web-3"])).unwrap();
+    api.compact();
+    let lists = api.calls().lists.load(Relaxed);
+    api.start().unwrap();
+    let converged = wait_for(Duration::from_secs(20), || {
+        let ips = |names: &[&str]| ips(&c, names);
+        let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+        let backends: std::collections::BTreeSet<Ipv4Addr> =
+            st.backends.values().map(|b| b.addr).collect();
+        (backends == ips(&["web-2", "web-3"]).into_iter().collect()).then_some(())
+    });
+    assert!(
+        converged.is_some(),
+        "the agent never relisted after a 410 status\n{}",
+        c.agent_log()
+    );
+    assert!(
+        api.calls().gone.load(Relaxed) >= 1,
+        "the 410 was never answered"
+    );
+    assert!(api.calls().lists.load(Relaxed) > lists, "no relist");
+    assert!(c.agent_log().contains("relisting"), "{}", c.agent_log());
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 30, T).unwrap();
+    assert!(
+        spread(&ids).keys().all(|k| k == "web-2" || k == "web-3"),
+        "{ids:?}"
+    );
+}

@@ -126,6 +126,9 @@ struct Shared {
     fault: tokio::sync::watch::Sender<(u64, u8)>,
     bookmark_every: Duration,
     calls: Calls,
+    /// A watch from a compacted version is refused with an HTTP 410 status
+    /// (as some API servers and proxies answer) instead of an `ERROR` event.
+    gone_as_status: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -167,6 +170,7 @@ impl ApiServer {
             fault,
             bookmark_every: Duration::from_millis(500),
             calls: Calls::default(),
+            gone_as_status: std::sync::atomic::AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let s = shared.clone();
@@ -292,14 +296,25 @@ impl ApiServer {
     /// Forgets the change history (as etcd compaction does) and sends
     /// `410 Gone` to every open watch: clients must relist.
     pub fn expire_watches(&self) {
+        self.compact();
+        self.shared
+            .fault
+            .send_modify(|(n, what)| (*n, *what) = (*n + 1, 1));
+    }
+
+    /// Forgets the change history, as etcd compaction does, without telling
+    /// open watches: a client finds out when it next starts a watch.
+    pub fn compact(&self) {
         let mut st = self.shared.store();
         st.compacted = st.rv;
         st.log.clear();
         st.snapshots.clear();
-        drop(st);
-        self.shared
-            .fault
-            .send_modify(|(n, what)| (*n, *what) = (*n + 1, 1));
+    }
+
+    /// From now on, a watch from a compacted version gets an HTTP `410
+    /// Gone` status rather than a 200 stream with an `ERROR` event.
+    pub fn answer_gone_with_status(&self, on: bool) {
+        self.shared.gone_as_status.store(on, Ordering::Relaxed);
     }
 
     /// Cuts every open watch mid-stream, without a proper end.
@@ -617,15 +632,16 @@ fn line(type_: &str, object: &Value) -> Bytes {
     Bytes::from(v)
 }
 
+fn gone_status(kind: Kind, rv: u64) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("too old resource version: {rv}"), "reason": "Expired", "code": 410,
+        "details": { "kind": kind.name() },
+    })
+}
+
 fn gone_line(kind: Kind, rv: u64) -> Bytes {
-    line(
-        "ERROR",
-        &json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": format!("too old resource version: {rv}"), "reason": "Expired", "code": 410,
-            "details": { "kind": kind.name() },
-        }),
-    )
+    line("ERROR", &gone_status(kind, rv))
 }
 
 struct WatchState {
@@ -664,6 +680,14 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
             }
             Some(rv) if rv < st.compacted => {
                 shared.calls.gone.fetch_add(1, Ordering::Relaxed);
+                if shared.gone_as_status.load(Ordering::Relaxed) {
+                    return (
+                        StatusCode::GONE,
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        gone_status(kind, rv).to_string(),
+                    )
+                        .into_response();
+                }
                 pending.push_back(gone_line(kind, rv));
                 done = true;
                 rv

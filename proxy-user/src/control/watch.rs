@@ -2,13 +2,25 @@
 //! EndpointSlices and this node's Node, forwarded to the agent as [`Change`]s.
 //!
 //! kube-runtime's watcher lists, then watches from the list's
-//! resourceVersion; on `410 Gone` it relists, on a dropped connection it
-//! resumes the watch, and on errors it retries with exponential backoff
-//! (`default_backoff`: 800 ms doubling up to 30 s, reset after success).
+//! resourceVersion; on a `410 Gone` event it relists and on a dropped
+//! connection it resumes the watch. Two things are kpx's own:
+//! - a watch that cannot even start because its resourceVersion is gone
+//!   (an HTTP 410 *status*, not an event) makes kube-runtime retry the same
+//!   version forever; kpx drops that watcher and starts a fresh one, which
+//!   relists (client-go's reflector does the same);
+//! - retries back off with [`ApiBackoff`]: jittered, capped at 1 s, so the
+//!   agent converges within about a second of the API's return after any
+//!   outage, where kube-runtime's default (800 ms doubling to 30 s) took
+//!   5.3 s after a 4 s outage.
+//!
 //! The agent keeps serving its last state meanwhile: nothing here can
 //! flush a map.
 
-use std::path::Path;
+use std::{
+    hash::{BuildHasher as _, RandomState},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use futures::{Stream, StreamExt as _};
@@ -16,7 +28,7 @@ use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::Endpoin
 use kube::{
     api::Api,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{watcher, WatchStreamExt as _},
+    runtime::{utils::Backoff, watcher, WatchStreamExt as _},
     Client, Config,
 };
 use tokio::sync::mpsc;
@@ -60,30 +72,39 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 /// Starts the three watchers; they run until `tx` is dropped.
 pub fn spawn(client: Client, node_name: &str, tx: mpsc::Sender<Change>) {
     let list = || watcher::Config::default().labels(SELECTOR);
+    let c = client.clone();
     forward(
         "services",
-        watcher(Api::<Service>::all(client.clone()), list()),
+        move || watcher(Api::<Service>::all(c.clone()), list()),
         Change::Service,
         tx.clone(),
     );
+    let c = client.clone();
     forward(
         "endpointslices",
-        watcher(Api::<EndpointSlice>::all(client.clone()), list()),
+        move || watcher(Api::<EndpointSlice>::all(c.clone()), list()),
         Change::Slice,
         tx.clone(),
     );
     let own = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     forward(
         "nodes",
-        watcher(Api::<Node>::all(client), own),
+        move || watcher(Api::<Node>::all(client.clone()), own.clone()),
         Change::Node,
         tx,
     );
 }
 
+/// Whether `e` leaves the watcher retrying a resourceVersion the API
+/// server no longer has (an HTTP 410 when the watch starts): only a fresh
+/// watcher, which relists, gets out of it.
+pub fn needs_relist(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 410)
+}
+
 fn forward<K, S>(
     resource: &'static str,
-    stream: S,
+    make: impl Fn() -> S + Send + 'static,
     wrap: fn(Box<watcher::Event<K>>) -> Change,
     tx: mpsc::Sender<Change>,
 ) where
@@ -91,20 +112,96 @@ fn forward<K, S>(
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream.default_backoff());
-        while let Some(item) = stream.next().await {
-            let change = match item {
-                Ok(ev) => wrap(Box::new(ev)),
-                Err(e) => Change::Error {
-                    resource,
-                    error: e.to_string(),
-                },
-            };
-            if tx.send(change).await.is_err() {
-                break; // the agent is stopping
+        loop {
+            let mut stream = std::pin::pin!(make().backoff(ApiBackoff::default()));
+            let mut relist = false;
+            while let Some(item) = stream.next().await {
+                let change = match item {
+                    Ok(ev) => wrap(Box::new(ev)),
+                    Err(e) => {
+                        relist = needs_relist(&e);
+                        Change::Error {
+                            resource,
+                            error: if relist {
+                                format!("{e}: the version is gone, relisting")
+                            } else {
+                                e.to_string()
+                            },
+                        }
+                    }
+                };
+                if tx.send(change).await.is_err() {
+                    return; // the agent is stopping
+                }
+                if relist {
+                    break;
+                }
             }
+            if !relist {
+                return;
+            }
+            // The dropped watcher's backoff does not carry over: wait one
+            // step, so a server answering 410 to everything is not hammered.
+            tokio::time::sleep(ApiBackoff::default().first()).await;
         }
     });
+}
+
+/// Retry delays for the API: 100 ms doubling to a cap of 1 s, each drawn
+/// at random from its upper half (so agents that lost the API together do
+/// not return in step), reset by any success.
+///
+/// Why 1 s: convergence within about a second of the API's return matters
+/// more than the cost of a refused connection; and a returning API server
+/// is protected by its own API Priority and Fairness, which queues or
+/// rejects (429) what it cannot take, rather than by clients waiting
+/// 30 s. At 5,000 nodes × 3 watches the retries are at most 15,000
+/// connection attempts a second while it is down, each a refused TCP
+/// connect or a 429.
+#[derive(Debug)]
+pub struct ApiBackoff {
+    next: Duration,
+    random: RandomState,
+    draws: u64,
+}
+
+impl ApiBackoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    pub const CAP: Duration = Duration::from_secs(1);
+
+    fn first(&mut self) -> Duration {
+        self.next().unwrap_or(Self::CAP)
+    }
+}
+
+impl Default for ApiBackoff {
+    fn default() -> Self {
+        Self {
+            next: Self::FIRST,
+            random: RandomState::new(),
+            draws: 0,
+        }
+    }
+}
+
+impl Iterator for ApiBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let step = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        self.draws += 1;
+        // A uniform draw in [0.5, 1.0) of the step, from a per-instance
+        // random key (std's SipHash keys): no random-number crate needed.
+        let r = self.random.hash_one(self.draws) as f64 / u64::MAX as f64;
+        Some(step.mul_f64(0.5 + r / 2.0))
+    }
+}
+
+impl Backoff for ApiBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
 }
 
 /// One list of everything the agent watches (for one-shot commands such
@@ -129,4 +226,50 @@ pub async fn list_once(
         .await
         .with_context(|| format!("reading Node {node_name}"))?;
     Ok((services, slices, node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_100ms_to_a_1s_cap_with_jitter_and_resets() {
+        let mut b = ApiBackoff::default();
+        let steps: Vec<Duration> = (0..8).map(|_| b.next().expect("endless")).collect();
+        for (s, upper) in steps
+            .iter()
+            .zip([100, 200, 400, 800, 1000, 1000, 1000, 1000])
+        {
+            let upper = Duration::from_millis(upper);
+            assert!(
+                *s >= upper / 2 && *s <= upper,
+                "{s:?} not in [{:?}, {upper:?}]",
+                upper / 2
+            );
+        }
+        // Jittered: not every capped step is the same.
+        let capped: Vec<Duration> = (0..16).map(|_| b.next().expect("endless")).collect();
+        assert!(capped.iter().any(|d| *d != capped[0]), "{capped:?}");
+        b.reset();
+        assert!(b.next().expect("endless") <= Duration::from_millis(100));
+        // Two agents do not draw the same delays.
+        let (mut x, mut y) = (ApiBackoff::default(), ApiBackoff::default());
+        let (xs, ys): (Vec<_>, Vec<_>) = (0..8).map(|_| (x.next(), y.next())).unzip();
+        assert_ne!(xs, ys);
+    }
+
+    #[test]
+    fn only_a_gone_version_at_watch_start_forces_a_relist() {
+        let status = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(needs_relist(&watcher::Error::WatchStartFailed(status(410))));
+        assert!(!needs_relist(&watcher::Error::WatchStartFailed(status(
+            500
+        ))));
+        assert!(!needs_relist(&watcher::Error::WatchFailed(status(410))));
+    }
 }
