@@ -321,6 +321,27 @@ fn an_invalid_configuration_file_is_a_start_up_error_naming_the_field() {
         assert!(!out.status.success());
         assert!(err.contains(field) && err.contains("bad.yaml"), "{err}");
     }
+    // A path that does not exist stops the agent before it touches the
+    // node, naming the flag and the path.
+    for (flag, path) in [
+        ("--manifests", "/no/such/path"),
+        ("--kubeconfig", "/no/such/kubeconfig"),
+    ] {
+        let bpffs = format!("/sys/fs/bpf/kpxcfg{}", std::process::id());
+        let out = ns
+            .command(Path::new(KPX))
+            .unwrap()
+            .args(["agent", flag, path, "--bpffs", &bpffs])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {path}: the agent started");
+        assert!(err.contains(&format!("{flag} {path}")), "{err}");
+        assert!(
+            !std::path::Path::new(&bpffs).exists(),
+            "{flag} {path}: the agent set up {bpffs} before failing"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -86,6 +86,7 @@ struct Agent {
 }
 
 pub async fn run(cfg: Settings) -> Result<()> {
+    check_inputs(&cfg)?;
     bpffs::ensure(&cfg.bpffs)?;
     let _claim = loop {
         if let Some(lock) = bpffs::try_lock(&cfg.bpffs)? {
@@ -191,6 +192,11 @@ pub async fn run(cfg: Settings) -> Result<()> {
     agent.node_settings();
     agent.flush_ports();
     attacher.reconcile(&mut agent.dp);
+    if attacher.attached().next().is_none() {
+        log::warn!(
+            "--interfaces matches no interface of this node yet: nothing is translated until one appears (kpx attaches to it then)"
+        );
+    }
     // Continue the totals an earlier agent left in the pinned counters.
     for (e, n) in agent.dp.maps.events().unwrap_or_default() {
         match e {
@@ -267,6 +273,23 @@ pub async fn run(cfg: Settings) -> Result<()> {
             String::new()
         }
     );
+    Ok(())
+}
+
+/// What must hold before the agent touches the node: a path given at start
+/// is checked at once (a typo must not start an agent that attaches
+/// everywhere and serves an empty cluster). After start, an unreadable
+/// manifest keeps the last good state instead.
+fn check_inputs(cfg: &Settings) -> Result<()> {
+    if let Source::Manifests(path) = &cfg.source {
+        manifests::files(path).with_context(|| format!("--manifests {}", path.display()))?;
+    }
+    if let Source::Kube {
+        kubeconfig: Some(path),
+    } = &cfg.source
+    {
+        std::fs::metadata(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
+    }
     Ok(())
 }
 
