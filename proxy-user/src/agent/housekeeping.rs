@@ -65,6 +65,10 @@ fn collect(
     stats.gc_expired += report.expired;
     stats.gc_stale_udp += report.stale_udp;
     metrics.conntrack_entries.set(report.entries as i64);
+    match maps.conntrack_capacity() {
+        Ok(capacity) => pressure(stats, metrics, report.entries, capacity),
+        Err(e) => log::debug!("reading the conntrack capacity: {e:#}"),
+    }
     metrics
         .map_entries
         .get_or_create(&MapLabel {
@@ -112,4 +116,45 @@ fn collect(
         report.expired,
         started.elapsed()
     );
+}
+
+/// Table pressure, visible before it bites: at 90 % a warning (the LRU
+/// then evicts the least recently used flows, established ones included,
+/// to make room for new ones), and an all-clear under 80 %.
+fn pressure(stats: &mut AgentStats, metrics: &Metrics, entries: usize, capacity: u32) {
+    const WARN: f64 = 0.9;
+    const CLEAR: f64 = 0.8;
+    let used = entries as f64 / f64::from(capacity.max(1));
+    metrics.conntrack_usage.set(used);
+    if !stats.ct_pressure && used >= WARN {
+        stats.ct_pressure = true;
+        log::warn!(
+            "conntrack table at {:.0}% ({entries} of {capacity} entries): when full, new flows evict the least recently used ones; raise --conntrack-max (or conntrack.maxPerCore)",
+            used * 100.0
+        );
+    } else if stats.ct_pressure && used < CLEAR {
+        stats.ct_pressure = false;
+        log::info!(
+            "conntrack table back to {:.0}% ({entries} of {capacity} entries)",
+            used * 100.0
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_warns_once_at_90_percent_and_clears_under_80() {
+        let (mut stats, metrics) = (AgentStats::default(), Metrics::new());
+        let mut seen = Vec::new();
+        for entries in [100, 899, 900, 950, 1000, 850, 799, 950] {
+            pressure(&mut stats, &metrics, entries, 1000);
+            seen.push(stats.ct_pressure);
+        }
+        assert_eq!(seen, [false, false, true, true, true, true, false, true]);
+        assert!((metrics.conntrack_usage.get() - 0.95).abs() < 1e-9);
+        assert!(metrics.render().contains("kpx_conntrack_usage_ratio 0.95"));
+    }
 }

@@ -63,6 +63,9 @@ struct AgentStats {
     gc_stale_udp: u64,
     /// The eviction total last mirrored into the metrics.
     evicted_seen: u64,
+    /// The conntrack table is past the warning level (until it falls back
+    /// under the all-clear level).
+    ct_pressure: bool,
 }
 
 struct Agent {

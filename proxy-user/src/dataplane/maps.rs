@@ -267,6 +267,13 @@ impl MapSet {
         self.ports.set(i, word, 0)
     }
 
+    /// The conntrack table's capacity in entries (two per flow).
+    pub fn conntrack_capacity(&self) -> Result<u32> {
+        Ok(aya::maps::IterableMap::map(&self.conntrack)
+            .info()?
+            .max_entries())
+    }
+
     /// The node-wide settings the datapath reads.
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
         self.config.set(0, cfg, 0)

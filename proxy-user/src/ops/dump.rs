@@ -559,6 +559,12 @@ pub fn stats_table(s: &Stats) -> String {
     let _ = writeln!(out, "Conntrack");
     let _ = writeln!(out, "  {:<24} {:>12}", "entries", c.entries);
     let _ = writeln!(out, "  {:<24} {:>12}", "capacity", c.capacity);
+    let _ = writeln!(
+        out,
+        "  {:<24} {:>11.1}%",
+        "used",
+        c.entries as f64 * 100.0 / f64::from(c.capacity.max(1))
+    );
     let _ = writeln!(out, "  {:<24} {:>12}", "evicted", c.evicted);
     for (k, v) in &c.flows {
         let _ = writeln!(out, "  {:<24} {v:>12}", format!("flows {k}"));

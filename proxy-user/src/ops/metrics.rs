@@ -77,6 +77,8 @@ pub struct Metrics {
     pub healthz_requests: Family<CodeLabel, Counter>,
     pub livez_requests: Family<CodeLabel, Counter>,
     pub conntrack_entries: Gauge,
+    /// Conntrack entries over the table's capacity, at the last collection.
+    pub conntrack_usage: Gauge<f64, AtomicU64>,
     pub conntrack_evictions: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
@@ -125,6 +127,7 @@ impl Metrics {
             healthz_requests: Family::default(),
             livez_requests: Family::default(),
             conntrack_entries: Gauge::default(),
+            conntrack_usage: Gauge::default(),
             conntrack_evictions: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
@@ -225,6 +228,11 @@ impl Metrics {
             "kpx_conntrack_entries",
             "Conntrack entries (two per flow) at the last collection",
             m.conntrack_entries.clone(),
+        );
+        r.register(
+            "kpx_conntrack_usage_ratio",
+            "Conntrack entries over the table's capacity at the last collection (a warning is logged from 0.9)",
+            m.conntrack_usage.clone(),
         );
         r.register(
             "kpx_conntrack_evictions",
