@@ -187,7 +187,17 @@ pub fn service(
     let exposes_node_ports = type_ != "ClusterIP";
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
+    let mut names = BTreeSet::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
+        // Endpoints are matched to a port by name: two ports of one name
+        // would share them (the API refuses such a Service).
+        let name = p.name.clone().unwrap_or_default();
+        if !names.insert(name.clone()) {
+            return Err(problem(
+                &format!("spec.ports[{i}].name"),
+                format!("duplicate port name {name:?}"),
+            ));
+        }
         let proto = protocol(p.protocol.as_deref())
             .map_err(|m| problem(&format!("spec.ports[{i}].protocol"), m))?;
         let number = port(p.port).map_err(|m| problem(&format!("spec.ports[{i}].port"), m))?;
@@ -208,7 +218,7 @@ pub fn service(
             ));
         }
         ports.push(SvcPort {
-            name: p.name.clone().unwrap_or_default(),
+            name,
             proto,
             port: number,
             node_port,
@@ -412,6 +422,12 @@ pub fn slice(
     }
     let mut endpoints = Vec::new();
     for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
+        if e.addresses.is_empty() {
+            return Err(problem(
+                format!("endpoints[{i}].addresses"),
+                "missing (an endpoint has at least one address)".into(),
+            ));
+        }
         let mut first = None;
         for (j, a) in e.addresses.iter().enumerate() {
             let addr = a.parse::<Ipv4Addr>().map_err(|_| {
