@@ -358,3 +358,65 @@ fn interfaces_that_appear_later_are_attached() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log()));
     assert_eq!(ids.len(), 30);
 }
+
+/// Drill: the agent is killed (SIGKILL, no cleanup of its own) and
+/// restarted while 50 long-lived connections are open and new ones keep
+/// coming: none breaks, none fails, and each long-lived one keeps its
+/// backend.
+#[test]
+#[ignore = "needs root"]
+fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
+    let mut c = running(&["web-1", "web-2", "web-3"]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let client = c.pod("client").netns.shared();
+    let mut long: Vec<(Conn, String)> = (0..50)
+        .map(|_| {
+            let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
+            let who = conn.ask().unwrap();
+            (conn, who)
+        })
+        .collect();
+    // New connections, one after another, for the whole drill.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match tcp_ask(&client, vip, T) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let status = c.agent.as_mut().unwrap().kill().unwrap();
+    assert!(!status.success(), "the agent was not killed: {status}");
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let broken: Vec<String> = long
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, (conn, who))| match conn.ask() {
+            Ok(now) if now == *who => None,
+            Ok(now) => Some(format!("#{i}: {who} became {now}")),
+            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
+        })
+        .collect();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(
+        broken.is_empty() && failed == 0 && ok > 0,
+        "broken long-lived connections {broken:?}; new connections: {ok} ok, {failed} failed\n{}",
+        c.agent_log()
+    );
+    eprintln!("SIGKILL drill: 50 long-lived kept, {ok} new connections during the drill, 0 failed");
+}

@@ -119,5 +119,8 @@ fn invalid_and_foreign_input_is_listed_and_the_rest_is_served() {
 
 #[test]
 fn a_corpus_of_malformed_objects_is_reported_field_by_field_and_the_rest_served() {
-    check("tests/golden/malformed.yaml", "tests/golden/malformed.services.txt");
+    check(
+        "tests/golden/malformed.yaml",
+        "tests/golden/malformed.services.txt",
+    );
 }

@@ -50,6 +50,13 @@ impl Agent {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL: the agent dies without any cleanup of its own (a crash, an
+    /// OOM kill).
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.child.kill()?;
+        Ok(self.child.wait()?)
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within 10 s.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {

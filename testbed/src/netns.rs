@@ -6,17 +6,31 @@ use anyhow::{anyhow, Context as _, Result};
 
 use crate::*;
 
-/// A named network namespace (`ip netns add`), deleted on drop.
+/// A named network namespace (`ip netns add`), deleted on drop unless it
+/// is another's ([`Netns::shared`]).
 pub struct Netns {
     pub name: String,
+    owned: bool,
 }
 
 impl Netns {
     pub fn create(name: &str) -> Result<Self> {
         ip(&["netns", "add", name])?;
-        let ns = Self { name: name.into() };
+        let ns = Self {
+            name: name.into(),
+            owned: true,
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Another handle on this namespace, for a thread of the test; its
+    /// drop leaves the namespace to its owner.
+    pub fn shared(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            owned: false,
+        }
     }
 
     /// `ip -n NAME ARGS`.
@@ -77,6 +91,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
+        if self.owned {
+            let _ = ip(&["netns", "del", &self.name]);
+        }
     }
 }
