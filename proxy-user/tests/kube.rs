@@ -327,3 +327,59 @@ fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
         "{ids:?}"
     );
 }
+
+/// Drill: 200 endpoint changes through the API at 20 a second while new
+/// connections keep coming; every backend stays alive, so no connection
+/// may fail.
+#[test]
+#[ignore = "needs root"]
+fn two_hundred_endpoint_changes_under_load_fail_no_connection() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    };
+    let (c, api) = running_on_api(&["web-1", "web-2", "web-3"]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let client = c.pod("client").netns.shared();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                match tcp_ask(&client, vip, T) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let sets: [&[&str]; 4] = [
+        &["web-1", "web-2"],
+        &["web-2", "web-3"],
+        &["web-1", "web-3"],
+        &["web-1", "web-2", "web-3"],
+    ];
+    let start = Instant::now();
+    for i in 0..200u32 {
+        api.apply_all(&web(&c, sets[i as usize % sets.len()]))
+            .unwrap();
+        let next = start + Duration::from_millis(50 * u64::from(i + 1));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    // The last set is in the maps.
+    let last = sets[199 % sets.len()].len() as u32;
+    wait_synced(&c, 2, &[last, last]);
+    stop.store(true, Relaxed);
+    load.join().unwrap();
+    let (ok, failed) = (ok.load(Relaxed), failed.load(Relaxed));
+    assert!(
+        failed == 0 && ok > 0,
+        "new connections during 200 endpoint changes: {ok} ok, {failed} failed\n{}",
+        c.agent_log()
+    );
+    eprintln!(
+        "endpoint-change drill: 200 changes in {:.1?}, {ok} new connections, 0 failed",
+        start.elapsed()
+    );
+}
