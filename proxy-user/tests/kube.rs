@@ -383,3 +383,55 @@ fn two_hundred_endpoint_changes_under_load_fail_no_connection() {
         start.elapsed()
     );
 }
+
+/// Drill: the API server is gone for 60 s while connections keep coming and
+/// a change waits on the server; none fails, and the change reaches the maps
+/// once the server is back (the time it took is printed: timings are the
+/// benchmark's, not a pass/fail line).
+#[test]
+#[ignore = "needs root"]
+fn an_api_outage_of_a_minute_under_load_fails_nothing_and_converges() {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc,
+    };
+    let (c, api) = running_on_api(&["web-1", "web-2"]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let client = c.pod("client").netns.shared();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                match tcp_ask(&client, vip, T) {
+                    Ok(_) => ok.fetch_add(1, Relaxed),
+                    Err(_) => failed.fetch_add(1, Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    api.stop().unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    api.apply_all(&web(&c, &["web-1", "web-2", "web-3"]))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    api.start().unwrap();
+    let back = Instant::now();
+    never_below(&c, &[2, 2], "API back after a minute", || {
+        counts(&c) == Some(vec![3, 3])
+    });
+    let converged = back.elapsed();
+    stop.store(true, Relaxed);
+    load.join().unwrap();
+    let (ok, failed) = (ok.load(Relaxed), failed.load(Relaxed));
+    assert!(
+        failed == 0 && ok > 0,
+        "new connections during the outage: {ok} ok, {failed} failed\n{}",
+        c.agent_log()
+    );
+    eprintln!(
+        "API outage drill: 60 s down, {ok} new connections, 0 failed; the change was in the maps {converged:.1?} after the API returned"
+    );
+}
