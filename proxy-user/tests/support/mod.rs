@@ -219,6 +219,29 @@ pub fn run_in(dp: &mut Datapath, frame: &[u8], egress: bool, netns: &std::fs::Fi
     })
 }
 
+/// Runs the program on each frame, all from one thread in the empty
+/// namespace (a thread per run would dominate a long run).
+pub fn run_batch(dp: &mut Datapath, frames: &[(Vec<u8>, bool)]) -> Vec<Out> {
+    use std::os::fd::AsRawFd;
+    let netns = empty_netns();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this scoped thread only; `netns` is open.
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            frames
+                .iter()
+                .map(|(f, egress)| run_here(dp, f, *egress))
+                .collect()
+        })
+        .join()
+        .expect("test_run thread")
+    })
+}
+
 fn run_here(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
     let mut buf = vec![0u8; frame.len() + 256];
     let prog = if egress { dp.egress() } else { dp.ingress() };
@@ -229,7 +252,7 @@ fn run_here(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
             data_out: Some(&mut buf),
             ..Default::default()
         })
-        .expect("BPF_PROG_TEST_RUN");
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {frame:02x?}: {e}"));
     buf.truncate(res.data_size_out as usize);
     Out {
         verdict: res.return_value,
