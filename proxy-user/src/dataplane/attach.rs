@@ -9,6 +9,11 @@
 //! proxy. `kpx cleanup` removes the pins, which detaches the programs.
 //! Without TCX, netlink tc filters are used, owned by the process and
 //! removed when it exits.
+//!
+//! kpx attaches last in the TCX chain (`LinkOrder::default()`): another
+//! tool's programs attached before it see packets as they arrived, and a
+//! translated packet's verdict (which ends the chain) bypasses nobody. Only
+//! kpx's own links are ever detached.
 
 use std::{
     collections::BTreeMap,
