@@ -435,3 +435,74 @@ fn an_api_outage_of_a_minute_under_load_fails_nothing_and_converges() {
         "API outage drill: 60 s down, {ok} new connections, 0 failed; the change was in the maps {converged:.1?} after the API returned"
     );
 }
+
+/// The malformed corpus of `tests/golden/malformed.yaml` through the API:
+/// every object an API server's schema lets through (right types, a name)
+/// but whose values are wrong is reported and skipped, while the valid
+/// services, sent among them, are served. (Objects of the wrong shape
+/// cannot come from a real API server: its schema refuses them.)
+#[test]
+#[ignore = "needs root"]
+fn the_malformed_corpus_through_the_api_is_reported_and_the_rest_served() {
+    let (c, api) = running_on_api(&["web-1", "web-2"]);
+    let corpus = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/malformed.yaml"),
+    )
+    .unwrap();
+    // Wrong shapes (the schema's to refuse), and documents without a name.
+    let schema_refuses = ["port-word", "ports-map", "ok-a-5"];
+    let mut sent = 0;
+    for doc in serde_norway::Deserializer::from_str(&corpus) {
+        let v = <serde_json::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        let name = v
+            .pointer("/metadata/name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let served_kind = matches!(
+            v.get("kind").and_then(|k| k.as_str()),
+            Some("Service" | "EndpointSlice")
+        );
+        if !served_kind || name.is_empty() || schema_refuses.contains(&name.as_str()) {
+            continue;
+        }
+        api.apply(v).unwrap();
+        sent += 1;
+    }
+    assert!(sent >= 20, "only {sent} objects sent");
+    // The corpus's valid services and web keep serving: ok-a's VIP is taken
+    // by `clash` (reported), ok-b is served with its endpoint.
+    let served = wait_for(Duration::from_secs(20), || {
+        let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+        let ok_b = kpx::control::model::FrontendKey {
+            addr: Ipv4Addr::new(198, 19, 3, 2),
+            port: 53,
+            proto: 17,
+        };
+        let web = kpx::control::model::FrontendKey {
+            addr: VIP,
+            port: 80,
+            proto: 6,
+        };
+        (st.services.get(&ok_b)?.count == 1 && st.services.get(&web)?.count == 2).then_some(())
+    });
+    assert!(served.is_some(), "{}", c.agent_log());
+    let m = metrics(&c);
+    let invalid = metric(&m, "kpx_invalid_objects_current");
+    assert!(invalid >= 18.0, "{invalid} invalid objects reported\n{m}");
+    let log = c.agent_log();
+    for field in [
+        "spec.ports[0].nodePort",
+        "spec.clusterIP",
+        "spec.externalIPs[0]",
+        "spec.loadBalancerSourceRanges[0]",
+        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        "endpoints[0].addresses",
+        "addressType",
+        "spec.ports[150].port",
+    ] {
+        assert!(log.contains(field), "no report naming {field}\n{log}");
+    }
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 10, T).unwrap();
+    assert_eq!(spread(&ids).len(), 2, "{:?}", spread(&ids));
+}
