@@ -12,7 +12,7 @@ use std::{
 
 use bed::*;
 use kpx::dataplane::maps::MapSet;
-use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn};
+use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn, Load};
 
 #[test]
 #[ignore = "needs root"]
@@ -366,13 +366,8 @@ fn interfaces_that_appear_later_are_attached() {
 #[test]
 #[ignore = "needs root"]
 fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
-    use std::sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    };
     let mut c = running(&["web-1", "web-2", "web-3"]);
     let vip = SocketAddrV4::new(VIP, 80);
-    let client = c.pod("client").netns.shared();
     let mut long: Vec<(Conn, String)> = (0..50)
         .map(|_| {
             let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
@@ -381,19 +376,7 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
         })
         .collect();
     // New connections, one after another, for the whole drill.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match tcp_ask(&client, vip, T) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
+    let load = Load::start(&c.pod("client").netns, vip, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(300));
     let status = c.agent.as_mut().unwrap().kill().unwrap();
     assert!(!status.success(), "the agent was not killed: {status}");
@@ -401,8 +384,7 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
     c.start_agent(Path::new(KPX), &[]).unwrap();
     wait_synced(&c, 2, &[3, 3]);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    load.join().unwrap();
+    let (ok, failed) = load.stop();
     let broken: Vec<String> = long
         .iter_mut()
         .enumerate()
@@ -412,7 +394,6 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
             Err(e) => Some(format!("#{i} ({who}): {e:#}")),
         })
         .collect();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(
         broken.is_empty() && failed == 0 && ok > 0,
         "broken long-lived connections {broken:?}; new connections: {ok} ok, {failed} failed\n{}",

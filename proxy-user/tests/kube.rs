@@ -17,7 +17,7 @@ use bed::*;
 use kpx::dataplane::maps::MapSet;
 use testbed::{
     apiserver::{ApiServer, Kind},
-    service_yaml, tcp_ask, tcp_ask_many, wait_for, Cluster,
+    service_yaml, tcp_ask, tcp_ask_many, wait_for, Cluster, Load,
 };
 
 const API: &str = "127.0.0.1:6443";
@@ -334,26 +334,9 @@ fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
 #[test]
 #[ignore = "needs root"]
 fn two_hundred_endpoint_changes_under_load_fail_no_connection() {
-    use std::sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    };
     let (c, api) = running_on_api(&["web-1", "web-2", "web-3"]);
     let vip = SocketAddrV4::new(VIP, 80);
-    let client = c.pod("client").netns.shared();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Relaxed) {
-                match tcp_ask(&client, vip, T) {
-                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
+    let load = Load::start(&c.pod("client").netns, vip, Duration::ZERO);
     let sets: [&[&str]; 4] = [
         &["web-1", "web-2"],
         &["web-2", "web-3"],
@@ -370,9 +353,7 @@ fn two_hundred_endpoint_changes_under_load_fail_no_connection() {
     // The last set is in the maps.
     let last = sets[199 % sets.len()].len() as u32;
     wait_synced(&c, 2, &[last, last]);
-    stop.store(true, Relaxed);
-    load.join().unwrap();
-    let (ok, failed) = (ok.load(Relaxed), failed.load(Relaxed));
+    let (ok, failed) = load.stop();
     assert!(
         failed == 0 && ok > 0,
         "new connections during 200 endpoint changes: {ok} ok, {failed} failed\n{}",
@@ -391,27 +372,9 @@ fn two_hundred_endpoint_changes_under_load_fail_no_connection() {
 #[test]
 #[ignore = "needs root"]
 fn an_api_outage_of_a_minute_under_load_fails_nothing_and_converges() {
-    use std::sync::{
-        atomic::{AtomicBool, AtomicU64},
-        Arc,
-    };
     let (c, api) = running_on_api(&["web-1", "web-2"]);
     let vip = SocketAddrV4::new(VIP, 80);
-    let client = c.pod("client").netns.shared();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Relaxed) {
-                match tcp_ask(&client, vip, T) {
-                    Ok(_) => ok.fetch_add(1, Relaxed),
-                    Err(_) => failed.fetch_add(1, Relaxed),
-                };
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    };
+    let load = Load::start(&c.pod("client").netns, vip, Duration::from_millis(20));
     api.stop().unwrap();
     std::thread::sleep(Duration::from_secs(30));
     api.apply_all(&web(&c, &["web-1", "web-2", "web-3"]))
@@ -423,9 +386,7 @@ fn an_api_outage_of_a_minute_under_load_fails_nothing_and_converges() {
         counts(&c) == Some(vec![3, 3])
     });
     let converged = back.elapsed();
-    stop.store(true, Relaxed);
-    load.join().unwrap();
-    let (ok, failed) = (ok.load(Relaxed), failed.load(Relaxed));
+    let (ok, failed) = load.stop();
     assert!(
         failed == 0 && ok > 0,
         "new connections during the outage: {ok} ok, {failed} failed\n{}",
