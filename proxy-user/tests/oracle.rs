@@ -250,8 +250,8 @@ fn iptables_rules_match_kube_proxys_overall_iptables_rules() {
     let flags = kpx::control::config::NodeFlags {
         manifests: Some(root.join("tests/oracle/overall_iptables_rules.yaml")),
         hostname_override: Some("test-node".into()),
-        bind_address: Some("192.168.0.2".parse().expect("address")),
-        cluster_cidr: Some(vec!["10.0.0.0/8".parse().expect("cidr")]),
+        bind_address: Some("198.19.255.2".parse().expect("address")),
+        cluster_cidr: Some(vec!["198.18.0.0/16".parse().expect("cidr")]),
         ..Default::default()
     };
     let got = kpx::reference::rules(&flags, kpx::reference::Mode::Iptables, true).expect("rules");
