@@ -139,7 +139,9 @@ impl Shared {
 }
 
 enum Command {
-    Stop,
+    /// Answered once the listener is closed, so the address can be bound
+    /// again at once.
+    Stop(std::sync::mpsc::Sender<()>),
     Start(std::net::TcpListener),
 }
 
@@ -324,11 +326,16 @@ impl ApiServer {
             .send_modify(|(n, what)| (*n, *what) = (*n + 1, 2));
     }
 
-    /// Stops listening and closes every connection.
+    /// Stops listening and closes every connection; returns once the
+    /// listening socket is closed.
     pub fn stop(&self) -> Result<()> {
+        let (done, closed) = std::sync::mpsc::channel();
         self.commands
-            .send(Command::Stop)
-            .map_err(|_| anyhow!("stand-in is gone"))
+            .send(Command::Stop(done))
+            .map_err(|_| anyhow!("stand-in is gone"))?;
+        closed
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| anyhow!("the stand-in did not stop"))
     }
 
     /// Listens again, on the same address.
@@ -391,10 +398,11 @@ async fn serve(
                     return;
                 }
             };
+            let mut stopped = None;
             loop {
                 tokio::select! {
                     c = commands.recv() => match c {
-                        Some(Command::Stop) => break,
+                        Some(Command::Stop(done)) => { stopped = Some(done); break; }
                         Some(Command::Start(l)) => { next = Some(l); break; }
                         None => return,
                     },
@@ -414,13 +422,18 @@ async fn serve(
             // every socket: clients see a restart.
             conns.abort_all();
             drop(listener);
+            if let Some(done) = stopped {
+                let _ = done.send(());
+            }
             if next.is_some() {
                 continue;
             }
         }
         match commands.recv().await {
             Some(Command::Start(l)) => next = Some(l),
-            Some(Command::Stop) => {}
+            Some(Command::Stop(done)) => {
+                let _ = done.send(());
+            }
             None => return,
         }
     }
