@@ -20,7 +20,13 @@ pub mod map_names {
     pub const SERVICE_ADDRS: &str = "KPX_SVC_ADDRS";
     pub const SLOTS: &str = "KPX_SLOTS";
     pub const BACKENDS: &str = "KPX_BACKENDS";
-    pub const CONNTRACK: &str = "KPX_CT";
+    /// Established TCP flows: a plain hash, never evicted (see
+    /// [`super::capacity::CT_TCP`]).
+    pub const CT_TCP: &str = "KPX_CT_TCP";
+    /// Every other flow (UDP, TCP handshakes): LRU.
+    pub const CT_ANY: &str = "KPX_CT_ANY";
+    /// The pinned maps' layout version ([`super::LAYOUT_VERSION`]).
+    pub const LAYOUT: &str = "KPX_LAYOUT";
     pub const COUNTERS: &str = "KPX_COUNTERS";
     pub const DROPS: &str = "KPX_DROPS";
     pub const SERVICE_STATS: &str = "KPX_SVC_STATS";
@@ -31,12 +37,14 @@ pub mod map_names {
     pub const SRC_RANGES: &str = "KPX_SRC_RANGES";
     pub const CONFIG: &str = "KPX_CONFIG";
     pub const PORTS: &str = "KPX_PORTS";
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
+        LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
         SLOTS,
         BACKENDS,
-        CONNTRACK,
+        CT_TCP,
+        CT_ANY,
         COUNTERS,
         DROPS,
         SERVICE_STATS,
@@ -49,6 +57,20 @@ pub mod map_names {
         PORTS,
     ];
 }
+
+/// Maps older layouts pinned that this one no longer has.
+pub mod legacy_map_names {
+    /// Layout 1's one conntrack table (LRU), every flow in it.
+    pub const CONNTRACK: &str = "KPX_CT";
+}
+
+/// The layout of the pinned maps, stored in [`map_names::LAYOUT`]. A kpx
+/// meeting pinned maps of another layout migrates them or replaces them,
+/// never shares them blindly. History:
+/// 1. (unversioned: no `KPX_LAYOUT` map) one LRU conntrack table, `KPX_CT`;
+/// 2. conntrack split into `KPX_CT_TCP` (established TCP, never evicted)
+///    and `KPX_CT_ANY` (the rest, LRU); `KPX_LAYOUT` added.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Program names in the object file.
 pub mod prog_names {
@@ -69,9 +91,15 @@ pub mod capacity {
     pub const SLOTS: u32 = 1_048_576;
     /// Distinct backends (address, port, protocol).
     pub const BACKENDS: u32 = 524_288;
-    /// Conntrack entries (two per flow: original and reply direction), so
-    /// 262,144 concurrent flows by default.
-    pub const CONNTRACK: u32 = 524_288;
+    /// Established TCP conntrack entries (two per flow: original and reply
+    /// direction), so 262,144 concurrent connections by default. A plain
+    /// hash: nothing is ever evicted; when full, new connections are refused
+    /// (and counted) until flows end, as netfilter does.
+    pub const CT_TCP: u32 = 524_288;
+    /// Every other flow's entries: UDP, and TCP connections until their
+    /// first reply. LRU: under pressure the least recently used go first,
+    /// and they can never push out an established connection.
+    pub const CT_ANY: u32 = 262_144;
     /// ClientIP session-affinity records (client address, service).
     pub const AFFINITY: u32 = 131_072;
     /// Per-service statistics slots; service ids are below this.
@@ -542,10 +570,15 @@ pub enum DropReason {
     NoLocalEndpoint = 8,
     /// No free masquerade port towards the chosen backend.
     SnatExhausted = 9,
+    /// A new TCP connection's first reply while the established-flow table
+    /// is full: the connection is refused (its handshake does not complete)
+    /// rather than an established one evicted, as netfilter refuses new
+    /// flows when its table is full. The client's retransmission tries again.
+    CtFull = 10,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::CtInsertFailed,
@@ -556,6 +589,7 @@ impl DropReason {
         DropReason::SourceRange,
         DropReason::NoLocalEndpoint,
         DropReason::SnatExhausted,
+        DropReason::CtFull,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -571,6 +605,7 @@ impl DropReason {
             DropReason::SourceRange => "source_range",
             DropReason::NoLocalEndpoint => "no_local_endpoint",
             DropReason::SnatExhausted => "snat_exhausted",
+            DropReason::CtFull => "ct_full",
         }
     }
 }
@@ -605,10 +640,13 @@ pub enum Event {
     FibStack = 8,
     /// New flows started by the node itself (seen at tc egress).
     FromNode = 9,
+    /// TCP connections moved to the established-flow table at their first
+    /// reply (each also counts 2 `CtInserted` and 2 `CtRemoved`).
+    CtEstablished = 10,
 }
 
 impl Event {
-    pub const ALL: [Event; 10] = [
+    pub const ALL: [Event; 11] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
@@ -619,6 +657,7 @@ impl Event {
         Event::FibRedirect,
         Event::FibStack,
         Event::FromNode,
+        Event::CtEstablished,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -634,6 +673,7 @@ impl Event {
             Event::FibRedirect => "fib_redirect",
             Event::FibStack => "fib_stack",
             Event::FromNode => "from_node",
+            Event::CtEstablished => "ct_established",
         }
     }
 }

@@ -1,6 +1,18 @@
 //! Conntrack: the flow table that makes every packet of a flow reach the
 //! backend its first packet chose, and lets replies be translated back.
 //!
+//! Two tables, so that no new flow can push out an established one:
+//! - `CT_ANY` (LRU): every new flow, and UDP for its whole life. Under
+//!   pressure its least recently used entries go first.
+//! - `CT_TCP` (plain hash): TCP connections from their first reply (the
+//!   SYN-ACK) on, moved there by [`establish`]. Never evicted; when it is
+//!   full, new connections are refused at their first reply, as netfilter
+//!   refuses new flows when its table is full.
+//!
+//! A TCP segment looks in `CT_TCP` first, and in `CT_ANY` only when it can
+//! belong to a handshake (SYN, RST): ordinary TCP that is no flow of kpx's
+//! pays one lookup, as before the split.
+//!
 //! Lifetime: the datapath records what it sees (`last_seen_ns`, the reply
 //! seen, FIN/RST) and the agent's garbage collector expires flows by state.
 //! The datapath itself only ends a flow early when a new SYN reuses the tuple
@@ -12,17 +24,83 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, TCP_FIN,
-    TCP_RST,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP,
+    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::{maps::CONNTRACK, stats};
+use crate::{
+    maps::{CT_ANY, CT_TCP},
+    stats,
+};
 
 const EEXIST: i32 = 17;
 
+/// The table a flow's entries are in (both directions in the same one).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// `CT_TCP`: established TCP.
+    Tcp,
+    /// `CT_ANY`: UDP, and TCP until its first reply.
+    Any,
+}
+
+impl Table {
+    #[inline(always)]
+    fn get(self, key: &CtKey) -> Option<*mut CtValue> {
+        match self {
+            Table::Tcp => CT_TCP.get_ptr_mut(key),
+            Table::Any => CT_ANY.get_ptr_mut(key),
+        }
+    }
+
+    #[inline(always)]
+    fn remove(self, key: &CtKey) -> bool {
+        match self {
+            Table::Tcp => CT_TCP.remove(key).is_ok(),
+            Table::Any => CT_ANY.remove(key).is_ok(),
+        }
+    }
+}
+
+/// A flow entry found for a packet.
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub entry: *mut CtValue,
+    pub table: Table,
+}
+
+/// The entry of the flow `key` (a packet with `tcp_flags`) belongs to.
+/// Lookups: 1 (TCP in `CT_TCP`, UDP in `CT_ANY`); a TCP SYN or RST that is
+/// no established flow's: 2.
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
-    CONNTRACK.get_ptr_mut(key)
+pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<Found> {
+    if key.proto == IPPROTO_TCP {
+        if let Some(entry) = CT_TCP.get_ptr_mut(key) {
+            return Some(Found {
+                entry,
+                table: Table::Tcp,
+            });
+        }
+        if tcp_flags & (TCP_SYN | TCP_RST) == 0 {
+            return None;
+        }
+    }
+    CT_ANY.get_ptr_mut(key).map(|entry| Found {
+        entry,
+        table: Table::Any,
+    })
+}
+
+/// The entry of the flow `key` belongs to, in whatever state (for ICMP
+/// errors, which may quote any segment of a connection).
+#[inline(always)]
+pub fn lookup_any_state(key: &CtKey) -> Option<*mut CtValue> {
+    if key.proto == IPPROTO_TCP {
+        if let Some(entry) = CT_TCP.get_ptr_mut(key) {
+            return Some(entry);
+        }
+    }
+    CT_ANY.get_ptr_mut(key)
 }
 
 /// CLOCK_MONOTONIC at tick resolution (milliseconds): timeouts are seconds,
@@ -43,10 +121,11 @@ pub fn now() -> u64 {
 /// not bounce the entry's cache line between CPUs on every packet. A FIN or
 /// RST marks both entries closing: one more lookup, once per flow.
 #[inline(always)]
-pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> (CtValue, bool) {
-    // SAFETY: `entry` came from a lookup in this program run; LRU elements
+pub fn touch(found: Found, key: &CtKey, tcp_flags: u8) -> (CtValue, bool) {
+    // SAFETY: `entry` came from a lookup in this program run; hash elements
     // stay valid for the RCU read section. Racing writers only update the
     // timestamp and flag bits, both benign to lose.
+    let entry = found.entry;
     let e = unsafe { &mut *entry };
     let now = now();
     let refreshed = now.wrapping_sub(e.last_seen_ns) > CT_REFRESH_NS;
@@ -61,7 +140,7 @@ pub fn touch(key: &CtKey, entry: *mut CtValue, tcp_flags: u8) -> (CtValue, bool)
     }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 && e.flags & CT_F_CLOSING == 0 {
         e.flags |= CT_F_CLOSING;
-        if let Some(p) = lookup(&e.partner(key)) {
+        if let Some(p) = found.table.get(&e.partner(key)) {
             // SAFETY: as above.
             unsafe { (*p).flags |= CT_F_CLOSING };
         }
@@ -102,19 +181,100 @@ pub fn closed_original(entry: *mut CtValue) -> bool {
     e.dir == CT_DIR_ORIGINAL && e.flags & CT_F_CLOSING != 0
 }
 
-/// Removes both entries of the flow `key`/`entry` belongs to.
+/// Removes both entries of the flow `key`/`found` belongs to.
 #[inline(always)]
-pub fn remove_flow(key: &CtKey, entry: *mut CtValue) {
+pub fn remove_flow(key: &CtKey, found: Found) {
     // SAFETY: as in `touch`; copied before the element is deleted.
-    let rw = unsafe { *entry };
-    let mut removed = 0;
-    if CONNTRACK.remove(rw.partner(key)).is_ok() {
-        removed += 1;
-    }
-    if CONNTRACK.remove(key).is_ok() {
-        removed += 1;
-    }
+    let rw = unsafe { *found.entry };
+    let removed = found.table.remove(&rw.partner(key)) as u64 + found.table.remove(key) as u64;
     stats::event(Event::CtRemoved, removed);
+}
+
+/// Whether this packet of a flow in `CT_ANY` establishes it: a TCP SYN-ACK
+/// in the reply direction.
+#[inline(always)]
+pub fn establishes(found: Found, tcp_flags: u8) -> bool {
+    // SAFETY: as in `touch`; read only.
+    found.table == Table::Any
+        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+        && unsafe { (*found.entry).dir } == CT_DIR_REPLY
+}
+
+/// Moves a TCP connection to `CT_TCP` at its first reply (`key`, `found`:
+/// the reply direction's) and returns the reply entry there. Lookups: 1
+/// (the original direction), 2 inserts, 2 deletes, 1 lookup; once per
+/// connection.
+///
+/// Inserted before being deleted, so a packet of the flow on another CPU
+/// finds it in one table or the other. `CtFull` when `CT_TCP` has no room:
+/// the SYN-ACK is dropped and the entries stay in `CT_ANY`, so the
+/// handshake's retransmissions try again (and succeed once flows end).
+#[inline(always)]
+pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
+    // SAFETY: as in `touch`; copied at once.
+    let reply = unsafe { *found.entry };
+    let original_key = reply.partner(key);
+    // Evicted under pressure: the client's next SYN starts the flow afresh.
+    let original = CT_ANY
+        .get_ptr_mut(&original_key)
+        // SAFETY: as in `touch`; copied at once.
+        .map(|p| unsafe { *p })
+        .ok_or(DropReason::CtInsertFailed)?;
+    insert_established(&original_key, &original, key)?;
+    if let Err(reason) = insert_established(key, &reply, &original_key) {
+        if CT_TCP.remove(&original_key).is_ok() {
+            stats::event(Event::CtRemoved, 1);
+        }
+        return Err(reason);
+    }
+    let removed = CT_ANY.remove(&original_key).is_ok() as u64 + CT_ANY.remove(key).is_ok() as u64;
+    stats::event(Event::CtRemoved, removed);
+    stats::event(Event::CtEstablished, 1);
+    CT_TCP
+        .get_ptr_mut(key)
+        .map(|entry| Found {
+            entry,
+            table: Table::Tcp,
+        })
+        .ok_or(DropReason::CtInsertFailed)
+}
+
+/// Inserts one entry of a connection being established into `CT_TCP`.
+/// Its tuple may already be there: the same connection, established on
+/// another CPU (kept as it is); or an earlier flow's entry with the same
+/// tuple (a client reusing its port towards the same backend through
+/// another frontend, or a flow that ended), which the new connection
+/// replaces, as in `create`, unless the tuple is a masquerade port: the
+/// port probe in `create` keeps those unique, so a clash there is a race
+/// between two new connections, and the later one is refused.
+#[inline(always)]
+fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<(), DropReason> {
+    match CT_TCP.insert(key, v, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            stats::event(Event::CtInserted, 1);
+            Ok(())
+        }
+        Err(e) if e == -EEXIST => {
+            let Some(p) = CT_TCP.get_ptr_mut(key) else {
+                return Err(DropReason::CtInsertFailed);
+            };
+            // SAFETY: as in `touch`; copied at once.
+            let old = unsafe { *p };
+            if old.partner(key) == *partner && old.created_ns == v.created_ns {
+                return Ok(());
+            }
+            if v.flags & CT_F_SNAT != 0 && old.flags & CT_F_CLOSING == 0 {
+                return Err(DropReason::CtInsertFailed);
+            }
+            stats::event(Event::CtRemoved, 1);
+            stats::event(Event::CtInserted, 1);
+            CT_TCP
+                .insert(key, v, BPF_ANY as u64)
+                .map_err(|_| DropReason::CtInsertFailed)
+        }
+        // -E2BIG: every element is in use.
+        Err(_) => Err(DropReason::CtFull),
+    }
 }
 
 /// How a new flow is translated besides its DNAT.
@@ -178,13 +338,20 @@ pub fn create(
         original.new_src_addr = snat.addr;
         original.new_src_port = snat_port(snat, start);
     }
-    match CONNTRACK.insert(key, original, BPF_NOEXIST as u64) {
+    match CT_ANY.insert(key, original, BPF_NOEXIST as u64) {
         Ok(()) => stats::event(Event::CtInserted, 1),
         // The same flow's first packet raced us on another CPU: follow its
         // choice so both directions stay consistent.
         Err(e) if e == -EEXIST => {
-            return lookup(key)
-                .map(|e| touch(key, e, tcp_flags).0)
+            return CT_ANY
+                .get_ptr_mut(key)
+                .map(|entry| {
+                    let found = Found {
+                        entry,
+                        table: Table::Any,
+                    };
+                    touch(found, key, tcp_flags).0
+                })
                 .ok_or(DropReason::CtInsertFailed);
         }
         Err(_) => return Err(DropReason::CtInsertFailed),
@@ -213,10 +380,10 @@ pub fn create(
         // is a stale flow with the same reply tuple, which the new flow
         // replaces.
         let reply_key = original.partner(key);
-        match CONNTRACK.insert(reply_key, reply, BPF_NOEXIST as u64) {
+        match CT_ANY.insert(reply_key, reply, BPF_NOEXIST as u64) {
             Err(e) if e == -EEXIST => {
                 stats::event(Event::CtRemoved, 1);
-                CONNTRACK.insert(reply_key, reply, BPF_ANY as u64)
+                CT_ANY.insert(reply_key, reply, BPF_ANY as u64)
             }
             r => r,
         }
@@ -224,7 +391,7 @@ pub fn create(
     };
     if let Err(reason) = inserted {
         // Without its reply entry the flow would be half-translated.
-        if CONNTRACK.remove(key).is_ok() {
+        if CT_ANY.remove(key).is_ok() {
             stats::event(Event::CtRemoved, 1);
         }
         return Err(reason);
@@ -277,7 +444,9 @@ fn entry(
 }
 
 /// Claims a free masquerade port for the flow `key` by inserting its reply
-/// entry; on a taken port, moves the original entry to another one.
+/// entry; on a taken port, moves the original entry to another one. A port
+/// is taken when its reply tuple is in either table (for TCP, one more
+/// lookup per port tried).
 #[inline(always)]
 fn insert_masqueraded(
     key: &CtKey,
@@ -287,16 +456,20 @@ fn insert_masqueraded(
     start: u32,
 ) -> Result<(), DropReason> {
     for i in 1..=SNAT_TRIES {
-        match CONNTRACK.insert(original.partner(key), *reply, BPF_NOEXIST as u64) {
-            Ok(()) => return Ok(()),
-            Err(e) if e == -EEXIST => {
-                original.new_src_port = snat_port(snat, start.wrapping_add(i));
-                // The original entry must name the port its reply uses.
-                if CONNTRACK.insert(key, *original, BPF_ANY as u64).is_err() {
-                    return Err(DropReason::CtInsertFailed);
-                }
-            }
-            Err(_) => return Err(DropReason::CtInsertFailed),
+        let reply_key = original.partner(key);
+        let established = key.proto == IPPROTO_TCP && CT_TCP.get_ptr(&reply_key).is_some();
+        let taken = established
+            || match CT_ANY.insert(reply_key, *reply, BPF_NOEXIST as u64) {
+                Ok(()) => return Ok(()),
+                Err(e) => e == -EEXIST,
+            };
+        if !taken {
+            return Err(DropReason::CtInsertFailed);
+        }
+        original.new_src_port = snat_port(snat, start.wrapping_add(i));
+        // The original entry must name the port its reply uses.
+        if CT_ANY.insert(key, *original, BPF_ANY as u64).is_err() {
+            return Err(DropReason::CtInsertFailed);
         }
     }
     Err(DropReason::SnatExhausted)

@@ -172,10 +172,10 @@ pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
     };
     // The flow's other direction: the quoted tuple reversed.
     let key = CtKey::new(inner.daddr, inner.saddr, ports[1], ports[0], inner.proto);
-    let Some(entry) = conntrack::lookup(&key) else {
+    let Some(entry) = conntrack::lookup_any_state(&key) else {
         return Verdict::Pass(Counter::PassNoService);
     };
-    // SAFETY: valid LRU element for this RCU read section, copied at once.
+    // SAFETY: valid hash element for this RCU read section, copied at once.
     let t = unsafe { *entry }.translate(&key);
     match rewrite_error(ctx, pkt, inner_l3, inner_l4, &inner, &key, &t) {
         Ok(()) => {

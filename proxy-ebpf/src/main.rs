@@ -42,18 +42,25 @@ use crate::{
 /// Map lookups per packet (all hash or array lookups, O(1); plus one per-CPU
 /// counter, and one per-service stats slot for service traffic; `PORTS` and
 /// `CONFIG` are arrays the verifier inlines: no hash, no helper call):
-/// - packet of a tracked flow, either direction: 1 (`CT`); a FIN or RST
-///   once per flow: +1 (the other direction's entry, marked closing);
-/// - first packet of a flow to a service: `CT` miss, `PORTS`, `SERVICES`
+/// - packet of a tracked flow, either direction: 1 (`CT_TCP` for TCP,
+///   `CT_ANY` for UDP; a TCP SYN or RST also `CT_ANY` when `CT_TCP` misses);
+///   a FIN or RST once per flow: +1 (the other direction's entry, marked
+///   closing); a connection's first reply (SYN-ACK) moves it from `CT_ANY`
+///   to `CT_TCP`: +1 lookup, 2 inserts, 2 deletes, 1 lookup, once;
+/// - first packet of a flow to a service: `CT` misses (TCP: both tables),
+///   `PORTS`, `SERVICES`
 ///   (+ `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
 ///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS`,
-///   `BACKENDS`; then 2 inserts (both `CT` directions; a masqueraded flow
-///   retries its reply insert on a taken port, at most 8 times); with
+///   `BACKENDS`; then 2 inserts (both directions into `CT_ANY`; a
+///   masqueraded flow retries its reply insert on a taken port, at most 8
+///   times, each try of a TCP flow also a `CT_TCP` lookup); with
 ///   ClientIP affinity +1 (`AFFINITY`) and one write;
 /// - SYN or UDP to a service without endpoints: `CT`, `PORTS`, `SERVICES`
 ///   (+2 for a NodePort), answered with ICMP port unreachable;
-/// - ICMP error: 1 (`CT`, on the quoted packet's tuple reversed);
-/// - any other IPv4 TCP/UDP packet: `CT` miss and `PORTS`; + `SERVICES` on
+/// - ICMP error: 1 or 2 (`CT_TCP` then `CT_ANY`, on the quoted packet's
+///   tuple reversed);
+/// - any other IPv4 TCP/UDP packet: one `CT` miss (`CT_TCP` or `CT_ANY`;
+///   both for a SYN or RST) and `PORTS`; + `SERVICES` on
 ///   a port some frontend uses; + `NODE_ADDRS` on a NodePort's port;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - non-IPv4, other protocols: 0.
@@ -157,12 +164,20 @@ fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
         Origin::Node => Hook::Egress,
     };
     // Known flow, either direction: one lookup decides the rewrite.
-    if let Some(entry) = conntrack::lookup(&key) {
-        if !(pkt.proto == IPPROTO_TCP && is_syn(pkt) && conntrack::closed_original(entry)) {
-            return established(ctx, pkt, &key, entry, hook);
+    if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
+        if !(pkt.proto == IPPROTO_TCP && is_syn(pkt) && conntrack::closed_original(found.entry)) {
+            let found = if conntrack::establishes(found, pkt.tcp_flags) {
+                match conntrack::establish(&key, found) {
+                    Ok(f) => f,
+                    Err(reason) => return Verdict::Drop(reason),
+                }
+            } else {
+                found
+            };
+            return established(ctx, pkt, &key, found, hook);
         }
         // A new connection reusing a closing flow's tuple.
-        conntrack::remove_flow(&key, entry);
+        conntrack::remove_flow(&key, found);
     }
     let svc = match origin {
         Origin::Network => service::lookup(pkt.dst, pkt.dport, pkt.proto),
@@ -192,12 +207,12 @@ fn established(
     ctx: &TcContext,
     pkt: &Ipv4Packet,
     key: &CtKey,
-    entry: *mut proxy_common::CtValue,
+    found: conntrack::Found,
     hook: Hook,
 ) -> Verdict {
-    let (rewrite, refreshed) = conntrack::touch(key, entry, pkt.tcp_flags);
+    let (rewrite, refreshed) = conntrack::touch(found, key, pkt.tcp_flags);
     let to = rewrite.translate(key);
-    let route = forward::established(ctx, pkt, &to, entry, &rewrite, refreshed, hook);
+    let route = forward::established(ctx, pkt, &to, found.entry, &rewrite, refreshed, hook);
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }

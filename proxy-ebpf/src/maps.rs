@@ -31,13 +31,25 @@ pub static SLOTS: HashMap<SlotKey, u32> =
 pub static BACKENDS: HashMap<u32, Backend> =
     HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
-/// Flows, both directions. LRU: under pressure the oldest flows go first
-/// rather than new flows failing. Per-CPU LRU lists (as Cilium's conntrack
-/// maps): a new flow's insert takes a free element from its own CPU's list,
-/// with no lock shared between CPUs.
-#[map(name = "KPX_CT")]
-pub static CONNTRACK: LruHashMap<CtKey, CtValue> =
-    LruHashMap::with_max_entries(capacity::CONNTRACK, BPF_F_NO_COMMON_LRU);
+/// Established TCP flows, both directions. A plain (preallocated) hash:
+/// nothing can push an entry out; the agent's collector ends flows by
+/// state, and a full table refuses new connections (`DropReason::CtFull`).
+#[map(name = "KPX_CT_TCP")]
+pub static CT_TCP: HashMap<CtKey, CtValue> = HashMap::with_max_entries(capacity::CT_TCP, 0);
+
+/// Every other flow, both directions: UDP, and TCP until its first reply
+/// (then moved to `CT_TCP`). LRU: under pressure the least recently used
+/// go first rather than new flows failing. Per-CPU LRU lists (as Cilium's
+/// conntrack maps): a new flow's insert takes a free element from its own
+/// CPU's list, with no lock shared between CPUs.
+#[map(name = "KPX_CT_ANY")]
+pub static CT_ANY: LruHashMap<CtKey, CtValue> =
+    LruHashMap::with_max_entries(capacity::CT_ANY, BPF_F_NO_COMMON_LRU);
+
+/// The pinned maps' layout version (`proxy_common::LAYOUT_VERSION`),
+/// written by the agent; the datapath never reads it.
+#[map(name = "KPX_LAYOUT")]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "KPX_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

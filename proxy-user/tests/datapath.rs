@@ -36,7 +36,8 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
     );
     assert_eq!(seen.dport, 8080);
 
-    let ct = &dp.maps.conntrack;
+    // A new connection waits for its first reply in the LRU table.
+    let ct = &dp.maps.ct_any;
     let orig = ct
         .get(&ct_key(CLIENT, 40000, VIP, 80, IPPROTO_TCP), 0)
         .expect("original entry");
@@ -58,7 +59,11 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
         (ip(VIP), 80)
     );
     assert_eq!(reply.backend_id, orig.backend_id);
-    assert_eq!(ct.keys().count(), 2, "exactly two entries for one flow");
+    assert_eq!(
+        dp.maps.ct_entries().len(),
+        2,
+        "exactly two entries for one flow"
+    );
 }
 
 #[test]
@@ -68,11 +73,6 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
     cluster(&mut dp);
 
     let first = inspect(&run(&mut dp, &Pkt::new(CLIENT, 40001, VIP, 80, SYN).build()).bytes);
-    for _ in 0..50 {
-        let out = run(&mut dp, &Pkt::new(CLIENT, 40001, VIP, 80, ACK).build());
-        assert_eq!(out.verdict, TC_ACT_OK);
-        assert_eq!(inspect(&out.bytes), first, "a later packet changed backend");
-    }
     // The backend answers the client; the client must see the VIP.
     let backend = first.dst.to_string();
     let out = run(
@@ -83,6 +83,11 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
     let seen = inspect(&out.bytes);
     assert_eq!((seen.src, seen.sport), (ip(VIP), 80));
     assert_eq!((seen.dst, seen.dport), (ip(CLIENT), 40001));
+    for _ in 0..50 {
+        let out = run(&mut dp, &Pkt::new(CLIENT, 40001, VIP, 80, ACK).build());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(inspect(&out.bytes), first, "a later packet changed backend");
+    }
 
     assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
     assert_eq!(counter(&mut dp, Counter::CtOriginal), 50);
@@ -97,12 +102,11 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
 fn tcp_flags_of_a_flow_accumulate_in_its_entry() {
     let mut dp = datapath();
     cluster(&mut dp);
-    run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, SYN).build());
+    handshake(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, SYN));
     run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, FIN_ACK).build());
-    let e = dp
+    let (_, e) = dp
         .maps
-        .conntrack
-        .get(&ct_key(CLIENT, 40002, VIP, 80, IPPROTO_TCP), 0)
+        .ct_get(&ct_key(CLIENT, 40002, VIP, 80, IPPROTO_TCP))
         .unwrap();
     assert_eq!(e.tcp_flags & (TCP_SYN | TCP_FIN), TCP_SYN | TCP_FIN);
     assert!(e.last_seen_ns >= e.created_ns);
@@ -185,7 +189,7 @@ fn new_flows_spread_over_all_backends() {
         );
     }
     assert_eq!(dp.maps.service_stats(1).unwrap().new_flows, flows as u64);
-    assert_eq!(dp.maps.conntrack.keys().count(), 2 * flows as usize);
+    assert_eq!(dp.maps.ct_entries().len(), 2 * flows as usize);
 }
 
 #[test]
@@ -230,7 +234,7 @@ fn traffic_to_no_service_passes_untouched() {
         assert_eq!(out.bytes, frame, "{p:?} was modified");
     }
     assert_eq!(counter(&mut dp, Counter::PassNoService), cases.len() as u64);
-    assert_eq!(dp.maps.conntrack.keys().count(), 0);
+    assert_eq!(dp.maps.ct_entries().len(), 0);
 }
 
 #[test]
@@ -372,11 +376,7 @@ fn malformed_packets_are_never_translated() {
     // rejects it with EINVAL on this kernel. The parser treats a failed header
     // load as malformed-with-unknown-destination, i.e. passes it untouched.
 
-    assert_eq!(
-        dp.maps.conntrack.keys().count(),
-        0,
-        "nothing may be tracked"
-    );
+    assert_eq!(dp.maps.ct_entries().len(), 0, "nothing may be tracked");
     assert_eq!(counter(&mut dp, Counter::NewFlow), 0);
     // Each frame was run twice (to a VIP, then not), each counted exactly once.
     assert_eq!(packets(&mut dp), 2 * cases.len() as u64);
@@ -442,7 +442,7 @@ fn a_service_with_a_dangling_slot_drops_counted() {
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::BackendMissing), 1);
     assert_eq!(counter(&mut dp, Counter::Dropped), 1);
-    assert_eq!(dp.maps.conntrack.keys().count(), 0);
+    assert_eq!(dp.maps.ct_entries().len(), 0);
 }
 
 /// `bpf(2)` with `attr`, whose first bytes are the command's part of
@@ -493,7 +493,7 @@ fn a_pinned_map_of_another_layout_is_replaced_not_shared() {
         std::process::id()
     ));
     testbed::built("bpffs", kpx::dataplane::bpffs::ensure(&dir));
-    let ct = dir.join(proxy_common::map_names::CONNTRACK);
+    let ct = dir.join(proxy_common::map_names::CT_ANY);
     let key = std::mem::size_of::<proxy_common::CtKey>() as u32;
     let result = std::panic::catch_unwind(|| {
         pin_lru_map(&ct, key, 40).expect("pinning an old-layout map");

@@ -84,9 +84,9 @@ fn frontend(
 
 fn ct(dp: &kpx::dataplane::maps::Datapath, key: proxy_common::CtKey) -> CtValue {
     dp.maps
-        .conntrack
-        .get(&key, 0)
-        .unwrap_or_else(|e| panic!("no conntrack entry {key:?}: {e}"))
+        .ct_get(&key)
+        .unwrap_or_else(|| panic!("no conntrack entry {key:?}"))
+        .1
 }
 
 #[test]
@@ -170,9 +170,8 @@ fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop() {
     // The failed flow left nothing behind.
     assert!(dp
         .maps
-        .conntrack
-        .get(&ct_key(OUTSIDE, 1002, NODE, 30080, IPPROTO_UDP), 0)
-        .is_err());
+        .ct_get(&ct_key(OUTSIDE, 1002, NODE, 30080, IPPROTO_UDP))
+        .is_none());
 }
 
 #[test]

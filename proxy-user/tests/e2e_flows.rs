@@ -280,13 +280,7 @@ fn the_collector_removes_idle_flows_after_their_state_timeout() {
     udp_ask_many(client, SocketAddrV4::new(VIP, 53), 5, T).unwrap();
     // Closed TCP connections (FIN both ways): time_wait.
     tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 5, T).unwrap();
-    let entries = || {
-        MapSet::open_pinned(&c.bpffs())
-            .unwrap()
-            .conntrack
-            .keys()
-            .count()
-    };
+    let entries = || MapSet::open_pinned(&c.bpffs()).unwrap().ct_entries().len();
     assert!(entries() > 0);
     let emptied = wait_for(Duration::from_secs(10), || (entries() == 0).then_some(()));
     assert!(

@@ -133,8 +133,12 @@ fn metrics_report_maps_datapath_verdicts_and_conntrack() {
     // Two endpoints, each on a TCP and a UDP port.
     assert_eq!(metric(&m, "kpx_map_entries{map=\"KPX_BACKENDS\"}"), 4.0);
     assert_eq!(
-        metric(&m, "kpx_map_capacity{map=\"KPX_CT\"}"),
-        f64::from(proxy_common::capacity::CONNTRACK)
+        metric(&m, "kpx_map_capacity{map=\"KPX_CT_TCP\"}"),
+        f64::from(proxy_common::capacity::CT_TCP)
+    );
+    assert_eq!(
+        metric(&m, "kpx_map_capacity{map=\"KPX_CT_ANY\"}"),
+        f64::from(proxy_common::capacity::CT_ANY)
     );
     assert!(metric(&m, "kpx_datapath_events_total{event=\"ct_inserted\"}") >= 50.0);
     assert_eq!(

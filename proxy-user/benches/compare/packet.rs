@@ -228,7 +228,9 @@ fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, 
             entry(src, CT_DIR_REPLY, backend, 8080),
         ),
     ] {
-        dp.maps.conntrack.insert(k, v, 0)?;
+        // An established connection: where the datapath moves it at its
+        // first reply.
+        dp.maps.ct_tcp.insert(k, v, 0)?;
     }
     let prog = dp.ingress()?;
     let est = repeat_ns(prog, &Pkt::new(CLIENT, 45000, vip, 80, ACK).build(), repeat)?;

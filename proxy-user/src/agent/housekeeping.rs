@@ -64,21 +64,30 @@ fn collect(
     };
     stats.gc_expired += report.expired;
     stats.gc_stale_udp += report.stale_udp;
-    metrics.conntrack_entries.set(report.entries as i64);
-    match maps.conntrack_capacity() {
-        Ok(capacity) => pressure(stats, metrics, report.entries, capacity),
-        Err(e) => log::debug!("reading the conntrack capacity: {e:#}"),
+    let total: usize = report.entries.values().sum();
+    for table in CtTable::ALL {
+        let entries = report.entries.get(&table).copied().unwrap_or(0);
+        let label = MapLabel {
+            map: table.map_name().into(),
+        };
+        metrics
+            .conntrack_entries
+            .get_or_create(&label)
+            .set(entries as i64);
+        metrics
+            .map_entries
+            .get_or_create(&label)
+            .set(entries as i64);
+        match maps.ct_capacity(table) {
+            Ok(capacity) => pressure(stats, metrics, table, entries, capacity),
+            Err(e) => log::debug!("reading the capacity of {}: {e:#}", table.map_name()),
+        }
     }
-    metrics
-        .map_entries
-        .get_or_create(&MapLabel {
-            map: proxy_common::map_names::CONNTRACK.into(),
-        })
-        .set(report.entries as i64);
+    let live = total;
     if let Ok(events) = maps.events() {
         let total = |e: Event| events.iter().find(|(x, _)| *x == e).map_or(0, |(_, n)| *n);
         let removed = total(Event::CtRemoved) + stats.gc_expired + stats.gc_stale_udp;
-        let evicted = conntrack::evicted(total(Event::CtInserted), removed, report.entries);
+        let evicted = conntrack::evicted(total(Event::CtInserted), removed, live);
         // Derived while traffic runs, so it may dip: count only growth.
         if evicted > stats.evicted_seen {
             metrics
@@ -112,30 +121,46 @@ fn collect(
     log::log!(
         level,
         "conntrack: {} entries, {} expired removed in {:.1?}",
-        report.entries,
+        live,
         report.expired,
         started.elapsed()
     );
 }
 
-/// Table pressure, visible before it bites: at 90 % a warning (the LRU
-/// then evicts the least recently used flows, established ones included,
-/// to make room for new ones), and an all-clear under 80 %.
-fn pressure(stats: &mut AgentStats, metrics: &Metrics, entries: usize, capacity: u32) {
+/// Table pressure, visible before it bites: at 90 % a warning, and an
+/// all-clear under 80 %. What full means differs by table: the established
+/// table refuses new connections, the other evicts its least recently used
+/// UDP flows and handshakes.
+fn pressure(
+    stats: &mut AgentStats,
+    metrics: &Metrics,
+    table: CtTable,
+    entries: usize,
+    capacity: u32,
+) {
     const WARN: f64 = 0.9;
     const CLEAR: f64 = 0.8;
     let used = entries as f64 / f64::from(capacity.max(1));
-    metrics.conntrack_usage.set(used);
-    if !stats.ct_pressure && used >= WARN {
-        stats.ct_pressure = true;
+    let name = table.map_name();
+    metrics
+        .conntrack_usage
+        .get_or_create(&MapLabel { map: name.into() })
+        .set(used);
+    let when_full = match table {
+        CtTable::Tcp => "new TCP connections are refused (established ones are kept)",
+        CtTable::Any => "the least recently used UDP flows and TCP handshakes are evicted",
+    };
+    let warned = stats.ct_pressure.contains(&table);
+    if !warned && used >= WARN {
+        stats.ct_pressure.insert(table);
         log::warn!(
-            "conntrack table at {:.0}% ({entries} of {capacity} entries): when full, new flows evict the least recently used ones; raise --conntrack-max (or conntrack.maxPerCore)",
+            "conntrack table {name} at {:.0}% ({entries} of {capacity} entries): when full, {when_full}; raise --conntrack-max (or conntrack.maxPerCore)",
             used * 100.0
         );
-    } else if stats.ct_pressure && used < CLEAR {
-        stats.ct_pressure = false;
+    } else if warned && used < CLEAR {
+        stats.ct_pressure.remove(&table);
         log::info!(
-            "conntrack table back to {:.0}% ({entries} of {capacity} entries)",
+            "conntrack table {name} back to {:.0}% ({entries} of {capacity} entries)",
             used * 100.0
         );
     }
@@ -150,11 +175,21 @@ mod tests {
         let (mut stats, metrics) = (AgentStats::default(), Metrics::new());
         let mut seen = Vec::new();
         for entries in [100, 899, 900, 950, 1000, 850, 799, 950] {
-            pressure(&mut stats, &metrics, entries, 1000);
-            seen.push(stats.ct_pressure);
+            pressure(&mut stats, &metrics, CtTable::Tcp, entries, 1000);
+            seen.push(stats.ct_pressure.contains(&CtTable::Tcp));
         }
         assert_eq!(seen, [false, false, true, true, true, true, false, true]);
-        assert!((metrics.conntrack_usage.get() - 0.95).abs() < 1e-9);
-        assert!(metrics.render().contains("kpx_conntrack_usage_ratio 0.95"));
+        // Each table on its own.
+        pressure(&mut stats, &metrics, CtTable::Any, 10, 1000);
+        assert!(!stats.ct_pressure.contains(&CtTable::Any));
+        let out = metrics.render();
+        assert!(
+            out.contains("kpx_conntrack_usage_ratio{map=\"KPX_CT_TCP\"} 0.95"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kpx_conntrack_usage_ratio{map=\"KPX_CT_ANY\"} 0.01"),
+            "{out}"
+        );
     }
 }

@@ -42,7 +42,7 @@ use crate::{
     dataplane::attach::{self, Attacher},
     dataplane::bpffs,
     dataplane::conntrack::{self},
-    dataplane::maps::{Datapath, LoadOptions, MapSet},
+    dataplane::maps::{CtTable, Datapath, LoadOptions, MapSet},
     dataplane::node::{self},
     dataplane::ports::PortFilter,
     dataplane::reconcile::{self, Mirror, Op},
@@ -63,9 +63,9 @@ struct AgentStats {
     gc_stale_udp: u64,
     /// The eviction total last mirrored into the metrics.
     evicted_seen: u64,
-    /// The conntrack table is past the warning level (until it falls back
+    /// The conntrack tables past the warning level (until they fall back
     /// under the all-clear level).
-    ct_pressure: bool,
+    ct_pressure: HashSet<CtTable>,
 }
 
 struct Agent {

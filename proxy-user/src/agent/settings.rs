@@ -55,9 +55,10 @@ pub struct AgentFlags {
     /// [default: /sys/fs/bpf/kpx].
     #[arg(long)]
     pub bpffs: Option<PathBuf>,
-    /// Conntrack capacity in entries (two per flow). Overrides
+    /// Established TCP conntrack capacity in entries (two per flow); the
+    /// table of UDP flows and TCP handshakes gets half as many. Overrides
     /// --conntrack-max-per-core/--conntrack-min; default 524288 (262144
-    /// flows). Applies when the maps are created.
+    /// connections). Applies when the maps are created.
     #[arg(long)]
     pub conntrack_max: Option<u32>,
     /// Flows to track per CPU (kube-proxy's; 0 keeps kpx's default size).

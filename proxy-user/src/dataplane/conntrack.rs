@@ -16,7 +16,7 @@ use proxy_common::{
     wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN, TCP_RST,
 };
 
-use crate::dataplane::maps::MapSet;
+use crate::dataplane::maps::{CtTable, MapSet};
 
 /// How long a flow may stay idle, by state. Defaults: kube-proxy's for the
 /// states it configures (established 24h, close-wait 1h), the kernel's for
@@ -131,8 +131,10 @@ pub fn monotonic_ns() -> u64 {
 /// A backend of one service frontend: (svc_id, address, port).
 pub type ServiceBackend = (u32, std::net::Ipv4Addr, u16);
 
-/// One flow of the table, both directions paired.
+/// One flow of the tables, both directions paired.
 pub struct Flow {
+    /// The table both entries are in.
+    pub table: CtTable,
     pub key: CtKey,
     pub original: CtValue,
     pub reply_key: CtKey,
@@ -153,39 +155,57 @@ impl Flow {
     }
 }
 
-/// The conntrack table as flows, plus reply entries whose original entry is
+/// The conntrack tables as flows, plus reply entries whose original entry is
 /// gone (evicted under LRU pressure).
 pub struct Table {
     pub flows: Vec<Flow>,
-    pub orphans: Vec<(CtKey, CtValue)>,
-    /// Entries read.
-    pub entries: usize,
+    pub orphans: Vec<(CtTable, CtKey, CtValue)>,
+    /// Entries read, by table.
+    pub entries: HashMap<CtTable, usize>,
+}
+
+impl Table {
+    /// Entries read in both tables.
+    pub fn total(&self) -> usize {
+        self.entries.values().sum()
+    }
 }
 
 pub fn read_table(maps: &MapSet) -> Result<Table> {
-    let mut all: HashMap<CtKey, CtValue> = HashMap::new();
-    for kv in maps.conntrack.iter() {
-        match kv {
-            Ok((k, v)) => {
-                all.insert(k, v);
+    // A connection caught while the datapath moves it to the established
+    // table is in both for an instant: the established copy is the one.
+    let mut all: HashMap<CtKey, (CtTable, CtValue)> = HashMap::new();
+    let mut entries = HashMap::new();
+    for table in CtTable::ALL {
+        let mut n = 0;
+        for kv in maps.ct(table).iter() {
+            match kv {
+                Ok((k, v)) => {
+                    n += 1;
+                    all.entry(k).or_insert((table, v));
+                }
+                // An entry deleted (or evicted) between two steps of the walk.
+                Err(e) => log::debug!("conntrack walk: {e}"),
             }
-            // An entry deleted (or evicted) between two steps of the walk.
-            Err(e) => log::debug!("conntrack walk: {e}"),
         }
+        entries.insert(table, n);
     }
-    let entries = all.len();
     let mut flows = Vec::new();
     let mut paired = HashSet::new();
-    for (k, v) in &all {
+    for (k, (table, v)) in &all {
         if v.dir != CT_DIR_ORIGINAL {
             continue;
         }
         let reply_key = v.partner(k);
-        let reply = all.get(&reply_key).copied();
+        let reply = all
+            .get(&reply_key)
+            .filter(|(t, _)| t == table)
+            .map(|(_, r)| *r);
         if reply.is_some() {
             paired.insert(reply_key);
         }
         flows.push(Flow {
+            table: *table,
             key: *k,
             original: *v,
             reply_key,
@@ -194,7 +214,8 @@ pub fn read_table(maps: &MapSet) -> Result<Table> {
     }
     let orphans = all
         .into_iter()
-        .filter(|(k, v)| v.dir != CT_DIR_ORIGINAL && !paired.contains(k))
+        .filter(|(k, (_, v))| v.dir != CT_DIR_ORIGINAL && !paired.contains(k))
+        .map(|(k, (t, v))| (t, k, v))
         .collect();
     Ok(Table {
         flows,
@@ -204,10 +225,10 @@ pub fn read_table(maps: &MapSet) -> Result<Table> {
 }
 
 /// What one collection did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GcReport {
-    /// Entries in the table when it was read.
-    pub entries: usize,
+    /// Entries in each table when it was read.
+    pub entries: HashMap<CtTable, usize>,
     /// Entries removed because their flow expired.
     pub expired: u64,
     /// Entries removed because their UDP backend left the service.
@@ -223,7 +244,7 @@ pub fn collect(
     let table = read_table(maps)?;
     let now = monotonic_ns();
     let mut report = GcReport {
-        entries: table.entries,
+        entries: table.entries.clone(),
         ..Default::default()
     };
     for f in &table.flows {
@@ -238,9 +259,9 @@ pub fn collect(
         if !(is_stale || expired) {
             continue;
         }
-        let mut n = remove(maps, &f.key);
+        let mut n = remove(maps, f.table, &f.key);
         if f.reply.is_some() {
-            n += remove(maps, &f.reply_key);
+            n += remove(maps, f.table, &f.reply_key);
         }
         if is_stale {
             report.stale_udp += n;
@@ -248,7 +269,7 @@ pub fn collect(
             report.expired += n;
         }
     }
-    for (k, v) in &table.orphans {
+    for (t, k, v) in &table.orphans {
         let state = FlowState::of(v, Some(v), k.proto);
         let stale_backend = k.proto != IPPROTO_TCP
             && stale.contains(&(
@@ -257,22 +278,23 @@ pub fn collect(
                 wire::to_port(k.src_port),
             ));
         if stale_backend {
-            report.stale_udp += remove(maps, k);
+            report.stale_udp += remove(maps, *t, k);
         } else if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > state.timeout(timeouts)
         {
-            report.expired += remove(maps, k);
+            report.expired += remove(maps, *t, k);
         }
     }
     Ok(report)
 }
 
-fn remove(maps: &mut MapSet, key: &CtKey) -> u64 {
+fn remove(maps: &mut MapSet, table: CtTable, key: &CtKey) -> u64 {
     // Already gone (the datapath replaced it, LRU evicted it) is fine.
-    maps.conntrack.remove(key).is_ok() as u64
+    maps.ct_mut(table).remove(key).is_ok() as u64
 }
 
-/// Conntrack entries lost to LRU eviction, derived from the event counters:
-/// inserted minus every removal minus what is still there. Approximate while
+/// Conntrack entries lost to LRU eviction (only `CT_ANY` evicts), derived
+/// from the event counters: inserted minus every removal minus what is
+/// still there, in both tables. Approximate while
 /// traffic runs (the counters and the table are not read atomically), exact
 /// when the table is quiet.
 pub fn evicted(inserted: u64, removed: u64, live: usize) -> u64 {

@@ -31,8 +31,48 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub struct LoadOptions {
     /// Pin (or reuse already pinned) maps in this bpffs directory.
     pub pin_dir: Option<PathBuf>,
-    /// Conntrack capacity in entries (two per flow); default in `proxy_common::capacity`.
+    /// Established TCP conntrack capacity in entries (two per flow), the
+    /// other table half of it; default in `proxy_common::capacity`.
     pub conntrack_entries: Option<u32>,
+}
+
+/// The capacity of `CT_ANY` (UDP, TCP handshakes) that goes with an
+/// established-TCP capacity of `tcp` entries: half, as Cilium sizes its
+/// non-TCP table (most of a node's long-lived flows are TCP; DNS's short
+/// UDP flows come and go).
+pub fn ct_any_capacity(tcp: u32) -> u32 {
+    (tcp / 2).max(64)
+}
+
+/// The two conntrack tables (`proxy_common::map_names::CT_TCP`, `CT_ANY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CtTable {
+    /// Established TCP: never evicted; full means new connections refused.
+    Tcp,
+    /// UDP and TCP handshakes: LRU.
+    Any,
+}
+
+impl CtTable {
+    pub const ALL: [CtTable; 2] = [CtTable::Tcp, CtTable::Any];
+
+    pub fn map_name(self) -> &'static str {
+        match self {
+            CtTable::Tcp => map_names::CT_TCP,
+            CtTable::Any => map_names::CT_ANY,
+        }
+    }
+
+    /// The table the datapath keeps the flow of `key` in once it is
+    /// established (`replied`): where a migrated entry belongs.
+    pub fn of(key: &CtKey, replied: bool) -> Self {
+        if key.proto == proxy_common::IPPROTO_TCP && replied {
+            CtTable::Tcp
+        } else {
+            CtTable::Any
+        }
+    }
 }
 
 /// Every map of the datapath, typed, owning its file descriptor.
@@ -41,7 +81,9 @@ pub struct MapSet {
     pub service_addrs: HashMap<MapData, u32, u32>,
     pub slots: HashMap<MapData, SlotKey, u32>,
     pub backends: HashMap<MapData, u32, Backend>,
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub ct_tcp: HashMap<MapData, CtKey, CtValue>,
+    pub ct_any: HashMap<MapData, CtKey, CtValue>,
+    pub layout: Array<MapData, u32>,
     pub counters: PerCpuArray<MapData, u64>,
     pub drops: PerCpuArray<MapData, u64>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
@@ -62,7 +104,9 @@ impl MapSet {
             service_addrs: get(map_names::SERVICE_ADDRS)?.try_into()?,
             slots: get(map_names::SLOTS)?.try_into()?,
             backends: get(map_names::BACKENDS)?.try_into()?,
-            conntrack: get(map_names::CONNTRACK)?.try_into()?,
+            ct_tcp: get(map_names::CT_TCP)?.try_into()?,
+            ct_any: get(map_names::CT_ANY)?.try_into()?,
+            layout: get(map_names::LAYOUT)?.try_into()?,
             counters: get(map_names::COUNTERS)?.try_into()?,
             drops: get(map_names::DROPS)?.try_into()?,
             service_stats: get(map_names::SERVICE_STATS)?.try_into()?,
@@ -115,10 +159,8 @@ impl MapSet {
                 map_names::SERVICE_NAMES,
                 cap(IterableMap::map(&self.service_names))?,
             ),
-            (
-                map_names::CONNTRACK,
-                cap(IterableMap::map(&self.conntrack))?,
-            ),
+            (map_names::CT_TCP, cap(IterableMap::map(&self.ct_tcp))?),
+            (map_names::CT_ANY, cap(IterableMap::map(&self.ct_any))?),
             (map_names::AFFINITY, cap(IterableMap::map(&self.affinity))?),
             (
                 map_names::NODE_ADDRS,
@@ -267,11 +309,48 @@ impl MapSet {
         self.ports.set(i, word, 0)
     }
 
-    /// The conntrack table's capacity in entries (two per flow).
-    pub fn conntrack_capacity(&self) -> Result<u32> {
-        Ok(aya::maps::IterableMap::map(&self.conntrack)
+    /// One conntrack table.
+    pub fn ct(&self, table: CtTable) -> &HashMap<MapData, CtKey, CtValue> {
+        match table {
+            CtTable::Tcp => &self.ct_tcp,
+            CtTable::Any => &self.ct_any,
+        }
+    }
+
+    /// One conntrack table, to write.
+    pub fn ct_mut(&mut self, table: CtTable) -> &mut HashMap<MapData, CtKey, CtValue> {
+        match table {
+            CtTable::Tcp => &mut self.ct_tcp,
+            CtTable::Any => &mut self.ct_any,
+        }
+    }
+
+    /// A conntrack table's capacity in entries (two per flow).
+    pub fn ct_capacity(&self, table: CtTable) -> Result<u32> {
+        Ok(aya::maps::IterableMap::map(self.ct(table))
             .info()?
             .max_entries())
+    }
+
+    /// The entry of `key` in either conntrack table (established first, as
+    /// the datapath looks), and the table.
+    pub fn ct_get(&self, key: &CtKey) -> Option<(CtTable, CtValue)> {
+        CtTable::ALL
+            .into_iter()
+            .find_map(|t| self.ct(t).get(key, 0).ok().map(|v| (t, v)))
+    }
+
+    /// Every conntrack entry of both tables; entries deleted during the walk
+    /// are skipped.
+    pub fn ct_entries(&self) -> Vec<(CtTable, CtKey, CtValue)> {
+        CtTable::ALL
+            .into_iter()
+            .flat_map(|t| {
+                self.ct(t)
+                    .iter()
+                    .filter_map(move |kv| kv.ok().map(|(k, v)| (t, k, v)))
+            })
+            .collect()
     }
 
     /// The node-wide settings the datapath reads.
@@ -397,7 +476,7 @@ fn replace_mismatched_pins(dir: &Path) -> Result<()> {
         log::warn!(
             "pinned map {} has another layout (key {k}, value {v} bytes; this kpx uses {key}, {value}):              replaced by a new map{}",
             path.display(),
-            if name == map_names::CONNTRACK {
+            if name == map_names::CT_TCP || name == map_names::CT_ANY {
                 "; the flows it tracked are not carried over"
             } else {
                 "; the first sync fills it again"
@@ -426,7 +505,8 @@ impl Datapath {
             }
         }
         if let Some(n) = opts.conntrack_entries {
-            loader.map_max_entries(map_names::CONNTRACK, n);
+            loader.map_max_entries(map_names::CT_TCP, n);
+            loader.map_max_entries(map_names::CT_ANY, ct_any_capacity(n));
         }
         let mut ebpf = loader
             .load(OBJECT)

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     dataplane::conntrack::{self as ct, monotonic_ns, FlowState},
-    dataplane::maps::{name_from_bytes, MapSet},
+    dataplane::maps::{name_from_bytes, CtTable, MapSet},
     dataplane::reconcile::MapState,
 };
 
@@ -73,8 +73,7 @@ pub type FlowCounts = BTreeMap<(u32, u32), (u64, Ipv4Addr, u16)>;
 /// Flows per service and backend, from one pass over conntrack.
 fn flow_counts(maps: &MapSet) -> Result<FlowCounts> {
     let mut counts = BTreeMap::new();
-    for kv in maps.conntrack.iter() {
-        let (_, v) = kv?;
+    for (_, _, v) in maps.ct_entries() {
         if v.dir == CT_DIR_ORIGINAL {
             let e = counts.entry((v.svc_id, v.backend_id)).or_insert((
                 0,
@@ -321,6 +320,9 @@ pub fn backends_table(rows: &[BackendEntry]) -> String {
 
 #[derive(Debug, Serialize)]
 pub struct CtRow {
+    /// The table the entry is in: "tcp" (established TCP, never evicted) or
+    /// "any" (UDP and TCP handshakes, LRU).
+    pub table: &'static str,
     pub protocol: String,
     /// "original" (client → frontend) or "reply" (backend → client).
     pub direction: &'static str,
@@ -366,10 +368,14 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
     }
     let table = ct::read_table(maps)?;
     let mut rows = Vec::new();
-    let mut row = |k: &CtKey, v: &CtValue, state: FlowState| {
+    let mut row = |table: CtTable, k: &CtKey, v: &CtValue, state: FlowState| {
         let ep = |a: u32, p: u16| format!("{}:{}", wire::to_addr(a), wire::to_port(p));
         let t = v.translate(k);
         rows.push(CtRow {
+            table: match table {
+                CtTable::Tcp => "tcp",
+                CtTable::Any => "any",
+            },
             protocol: proto_name(k.proto),
             direction: if v.dir == CT_DIR_ORIGINAL {
                 "original"
@@ -405,13 +411,13 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
         });
     };
     for f in &table.flows {
-        row(&f.key, &f.original, f.state());
+        row(f.table, &f.key, &f.original, f.state());
         if let Some(r) = &f.reply {
-            row(&f.reply_key, r, f.state());
+            row(f.table, &f.reply_key, r, f.state());
         }
     }
-    for (k, v) in &table.orphans {
-        row(k, v, FlowState::of(v, Some(v), k.proto));
+    for (t, k, v) in &table.orphans {
+        row(*t, k, v, FlowState::of(v, Some(v), k.proto));
     }
     rows.sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
     Ok(rows)
@@ -421,7 +427,8 @@ pub fn conntrack_table(rows: &[CtRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<5} {:<8} {:<9} {:<44} {:<44} {:<11} {:<12} {:>8} {:>8}  Service",
+        "{:<4} {:<5} {:<8} {:<9} {:<44} {:<44} {:<11} {:<12} {:>8} {:>8}  Service",
+        "Map",
         "Prot",
         "Dir",
         "NAT",
@@ -435,7 +442,8 @@ pub fn conntrack_table(rows: &[CtRow]) -> String {
     for r in rows {
         let _ = writeln!(
             out,
-            "{:<5} {:<8} {:<9} {:<44} {:<44} {:<11} {:<12} {:>7.1}s {:>7.1}s  {}",
+            "{:<4} {:<5} {:<8} {:<9} {:<44} {:<44} {:<11} {:<12} {:>7.1}s {:>7.1}s  {}",
+            r.table,
             r.protocol,
             r.direction,
             r.nat,
@@ -467,9 +475,16 @@ pub struct ServiceStatsRow {
 }
 
 #[derive(Debug, Serialize)]
-pub struct ConntrackStats {
+pub struct CtTableStats {
+    pub map: &'static str,
     pub entries: u64,
     pub capacity: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackStats {
+    /// Both tables: established TCP, then UDP and handshakes.
+    pub tables: Vec<CtTableStats>,
     /// Entries lost to LRU eviction (derived: inserted − removed − live).
     pub evicted: u64,
     /// Flows by state.
@@ -515,11 +530,17 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
         .map(|e| events[e.name()])
         .sum();
     let conntrack = ConntrackStats {
-        entries: table.entries as u64,
-        capacity: aya::maps::IterableMap::map(&maps.conntrack)
-            .info()?
-            .max_entries(),
-        evicted: ct::evicted(events[Event::CtInserted.name()], removed, table.entries),
+        tables: CtTable::ALL
+            .into_iter()
+            .map(|t| {
+                Ok(CtTableStats {
+                    map: t.map_name(),
+                    entries: table.entries.get(&t).copied().unwrap_or(0) as u64,
+                    capacity: maps.ct_capacity(t)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        evicted: ct::evicted(events[Event::CtInserted.name()], removed, table.total()),
         flows,
     };
     let services = services(maps)?
@@ -557,14 +578,16 @@ pub fn stats_table(s: &Stats) -> String {
     }
     let c = &s.conntrack;
     let _ = writeln!(out, "Conntrack");
-    let _ = writeln!(out, "  {:<24} {:>12}", "entries", c.entries);
-    let _ = writeln!(out, "  {:<24} {:>12}", "capacity", c.capacity);
-    let _ = writeln!(
-        out,
-        "  {:<24} {:>11.1}%",
-        "used",
-        c.entries as f64 * 100.0 / f64::from(c.capacity.max(1))
-    );
+    for t in &c.tables {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>12} of {} ({:.1}% used)",
+            t.map,
+            t.entries,
+            t.capacity,
+            t.entries as f64 * 100.0 / f64::from(t.capacity.max(1))
+        );
+    }
     let _ = writeln!(out, "  {:<24} {:>12}", "evicted", c.evicted);
     for (k, v) in &c.flows {
         let _ = writeln!(out, "  {:<24} {v:>12}", format!("flows {k}"));

@@ -76,9 +76,10 @@ pub struct Metrics {
     pub gc_stale_udp: Counter,
     pub healthz_requests: Family<CodeLabel, Counter>,
     pub livez_requests: Family<CodeLabel, Counter>,
-    pub conntrack_entries: Gauge,
-    /// Conntrack entries over the table's capacity, at the last collection.
-    pub conntrack_usage: Gauge<f64, AtomicU64>,
+    /// Entries of each conntrack table, at the last collection.
+    pub conntrack_entries: Family<MapLabel, Gauge>,
+    /// Each conntrack table's entries over its capacity, at the last collection.
+    pub conntrack_usage: Family<MapLabel, Gauge<f64, AtomicU64>>,
     pub conntrack_evictions: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
@@ -126,8 +127,8 @@ impl Metrics {
             gc_stale_udp: Counter::default(),
             healthz_requests: Family::default(),
             livez_requests: Family::default(),
-            conntrack_entries: Gauge::default(),
-            conntrack_usage: Gauge::default(),
+            conntrack_entries: Family::default(),
+            conntrack_usage: Family::default(),
             conntrack_evictions: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
@@ -226,17 +227,17 @@ impl Metrics {
         );
         r.register(
             "kpx_conntrack_entries",
-            "Conntrack entries (two per flow) at the last collection",
+            "Conntrack entries (two per flow) of each table at the last collection",
             m.conntrack_entries.clone(),
         );
         r.register(
             "kpx_conntrack_usage_ratio",
-            "Conntrack entries over the table's capacity at the last collection (a warning is logged from 0.9)",
+            "Each conntrack table's entries over its capacity at the last collection (a warning is logged from 0.9)",
             m.conntrack_usage.clone(),
         );
         r.register(
             "kpx_conntrack_evictions",
-            "Conntrack entries lost to LRU eviction because the map was full",
+            "Conntrack entries of UDP flows and TCP handshakes lost to LRU eviction because their table was full (established TCP is never evicted)",
             m.conntrack_evictions.clone(),
         );
         r.register(

@@ -493,3 +493,19 @@ pub fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey 
         proto,
     )
 }
+
+/// Opens a TCP connection through the datapath as a real one opens: the
+/// client's SYN, then the chosen backend's SYN-ACK (which moves the flow to
+/// the established table). Returns the SYN as translated.
+pub fn handshake(dp: &mut Datapath, syn: &Pkt) -> Seen {
+    let out = run(dp, &syn.build());
+    assert_eq!(out.verdict, TC_ACT_OK, "the SYN was not translated");
+    let seen = inspect(&out.bytes);
+    let (src, dst) = (seen.dst.to_string(), seen.src.to_string());
+    let reply = run(
+        dp,
+        &Pkt::new(&src, seen.dport, &dst, seen.sport, SYN_ACK).build(),
+    );
+    assert_eq!(reply.verdict, TC_ACT_OK, "the SYN-ACK was not translated");
+    seen
+}

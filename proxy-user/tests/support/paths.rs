@@ -16,7 +16,7 @@ use proxy_common::{
 };
 
 use super::{
-    icmp_error, ip, Pkt, ACK, SYN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    icmp_error, ip, Pkt, ACK, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
 };
 
 const CLIENT: &str = "198.18.0.2";
@@ -215,6 +215,14 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             tcp(CLIENT, 45000, VIP, 80, SYN),
             FORWARD,
             TC_ACT_REDIRECT,
+        ),
+        // The backend's SYN-ACK moves the connection to the established
+        // table (the FIB says "the stack", so nothing is cached yet).
+        path(
+            "first reply: connection established",
+            tcp(&b, 8080, CLIENT, 45000, SYN_ACK),
+            Fib::NoRoute,
+            TC_ACT_OK,
         ),
         // Nothing cached: the FIB is asked and says "the stack".
         path(

@@ -1,0 +1,138 @@
+//! The two conntrack tables in the kernel (BPF_PROG_TEST_RUN): a connection
+//! waits for its first reply in the LRU table and moves to the established
+//! table with it; nothing new can push an established connection out, and a
+//! full established table refuses new connections, counted, as netfilter
+//! does.
+
+mod support;
+
+use kpx::dataplane::maps::{CtTable, Datapath, LoadOptions};
+use proxy_common::{Counter, CtKey, CtValue, DropReason, Event, IPPROTO_TCP};
+use support::*;
+
+const OUTSIDE_CLIENT: &str = "198.18.0.3";
+
+/// A datapath whose established table holds `flows` connections (the other
+/// table its minimum, 64 entries).
+fn small_datapath(flows: u32) -> Datapath {
+    testbed::built(
+        "the datapath",
+        Datapath::load(&LoadOptions {
+            pin_dir: None,
+            conntrack_entries: Some(2 * flows),
+        }),
+    )
+}
+
+fn count(dp: &Datapath, table: CtTable) -> usize {
+    dp.maps.ct(table).keys().filter(|k| k.is_ok()).count()
+}
+
+/// The reply to a translated packet `seen` with `l4`.
+fn reply(seen: &Seen, l4: L4) -> Vec<u8> {
+    Pkt::new(
+        &seen.dst.to_string(),
+        seen.dport,
+        &seen.src.to_string(),
+        seen.sport,
+        l4,
+    )
+    .build()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_connection_moves_to_the_established_table_at_its_first_reply() {
+    let mut dp = datapath();
+    cluster(&mut dp);
+    let syn = run(&mut dp, &Pkt::new(CLIENT, 41000, VIP, 80, SYN).build());
+    let seen = inspect(&syn.bytes);
+    assert_eq!((count(&dp, CtTable::Any), count(&dp, CtTable::Tcp)), (2, 0));
+    // The client cannot acknowledge what was never answered: netfilter's
+    // INVALID (SYN_SENT, ACK from the originator), dropped.
+    let early = run(&mut dp, &Pkt::new(CLIENT, 41000, VIP, 80, ACK).build());
+    assert_eq!(early.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 1);
+
+    let synack = run(&mut dp, &reply(&seen, SYN_ACK));
+    assert_eq!(synack.verdict, TC_ACT_OK);
+    let back = inspect(&synack.bytes);
+    assert_eq!((back.src, back.sport), (ip(VIP), 80));
+    assert_eq!((count(&dp, CtTable::Any), count(&dp, CtTable::Tcp)), (0, 2));
+    assert_eq!(event(&mut dp, Event::CtEstablished), 1);
+    // Both entries kept what they knew: the SYN, and now the reply.
+    let (_, o) = dp
+        .maps
+        .ct_get(&ct_key(CLIENT, 41000, VIP, 80, IPPROTO_TCP))
+        .expect("original entry");
+    assert_ne!(o.tcp_flags & proxy_common::TCP_SYN, 0);
+    let ack = run(&mut dp, &Pkt::new(CLIENT, 41000, VIP, 80, ACK).build());
+    assert_eq!(ack.verdict, TC_ACT_OK);
+    assert_eq!(
+        inspect(&ack.bytes),
+        seen,
+        "the established flow changed backend"
+    );
+    // A retransmitted SYN-ACK is just a reply of the established flow.
+    assert_eq!(run(&mut dp, &reply(&seen, SYN_ACK)).verdict, TC_ACT_OK);
+    assert_eq!(event(&mut dp, Event::CtEstablished), 1);
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_full_established_table_refuses_new_connections_and_keeps_every_established_one() {
+    const FLOWS: u16 = 4;
+    let mut dp = small_datapath(FLOWS.into());
+    cluster(&mut dp);
+    let open: Vec<(u16, Seen)> = (0..FLOWS)
+        .map(|i| {
+            (
+                42000 + i,
+                handshake(&mut dp, &Pkt::new(CLIENT, 42000 + i, VIP, 80, SYN)),
+            )
+        })
+        .collect();
+    assert_eq!(count(&dp, CtTable::Tcp), 2 * usize::from(FLOWS));
+
+    // One more: its SYN is forwarded, its SYN-ACK refused (the client's
+    // connect does not complete), counted under its own reason.
+    let syn = run(&mut dp, &Pkt::new(CLIENT, 42100, VIP, 80, SYN).build());
+    assert_eq!(syn.verdict, TC_ACT_OK);
+    let late = inspect(&syn.bytes);
+    assert_eq!(run(&mut dp, &reply(&late, SYN_ACK)).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::CtFull), 1);
+    // A flood of UDP flows and handshakes fills the other table and evicts
+    // there, never here.
+    for port in 0..300u16 {
+        run(
+            &mut dp,
+            &Pkt::new(OUTSIDE_CLIENT, 20000 + port, VIP, 53, UDP).build(),
+        );
+        run(
+            &mut dp,
+            &Pkt::new(OUTSIDE_CLIENT, 30000 + port, VIP, 80, SYN).build(),
+        );
+    }
+    assert_eq!(count(&dp, CtTable::Tcp), 2 * usize::from(FLOWS));
+    for (port, seen) in &open {
+        let out = run(&mut dp, &Pkt::new(CLIENT, *port, VIP, 80, ACK).build());
+        assert_eq!(out.verdict, TC_ACT_OK, "established flow {port} lost");
+        assert_eq!(&inspect(&out.bytes), seen, "established flow {port} moved");
+        assert_eq!(run(&mut dp, &reply(seen, ACK)).verdict, TC_ACT_OK);
+    }
+
+    // Once a connection ends and is collected, the refused one gets in at
+    // its next try (the client's SYN, answered again).
+    let gone = ct_key(CLIENT, open[0].0, VIP, 80, IPPROTO_TCP);
+    let (_, v): (CtTable, CtValue) = dp.maps.ct_get(&gone).unwrap();
+    let partner: CtKey = v.partner(&gone);
+    dp.maps.ct_tcp.remove(&gone).unwrap();
+    dp.maps.ct_tcp.remove(&partner).unwrap();
+    let again = run(&mut dp, &Pkt::new(CLIENT, 42100, VIP, 80, SYN).build());
+    let seen = inspect(&again.bytes);
+    assert_eq!(run(&mut dp, &reply(&seen, SYN_ACK)).verdict, TC_ACT_OK);
+    assert_eq!(drops(&mut dp, DropReason::CtFull), 1);
+    let ack = run(&mut dp, &Pkt::new(CLIENT, 42100, VIP, 80, ACK).build());
+    assert_eq!(ack.verdict, TC_ACT_OK);
+}
