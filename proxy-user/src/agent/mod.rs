@@ -27,7 +27,7 @@ pub use settings::{AgentFlags, Settings, Source};
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 use kube::runtime::watcher::Event as WatchEvent;
-use proxy_common::Event;
+use proxy_common::{Event, LAYOUT_VERSION};
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::mpsc,
@@ -42,12 +42,13 @@ use crate::{
     dataplane::attach::{self, Attacher},
     dataplane::bpffs,
     dataplane::conntrack::{self},
+    dataplane::layout,
     dataplane::maps::{CtTable, Datapath, LoadOptions, MapSet},
     dataplane::node::{self},
     dataplane::ports::PortFilter,
     dataplane::reconcile::{self, Mirror, Op},
     ops::health::{self, Health, ServiceHealth},
-    ops::metrics::{DatapathCounters, MapLabel, Metrics, ReasonLabel, ResourceLabel},
+    ops::metrics::{DatapathCounters, MapLabel, Metrics, OutcomeLabel, ReasonLabel, ResourceLabel},
 };
 
 /// How long a failed sync waits before it is retried.
@@ -156,6 +157,17 @@ pub async fn run(cfg: Settings) -> Result<()> {
             }
         }
         Err(e) => log::warn!("reading map capacities: {e:#}"),
+    }
+    let migrated = |u: &&layout::Upgrade| matches!(u.from, Some(v) if v != LAYOUT_VERSION);
+    if let Some(up) = dp.upgrade.as_ref().filter(migrated) {
+        for (outcome, n) in [("carried", up.carried), ("lost", up.lost)] {
+            metrics
+                .upgrade_entries
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .set(n as i64);
+        }
     }
     let (change_tx, mut change_rx) = mpsc::channel::<Change>(4096);
     let kube = matches!(cfg.source, Source::Kube { .. });

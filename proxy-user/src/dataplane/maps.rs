@@ -16,6 +16,7 @@ use aya::{
 use crate::{
     control::cidr::Cidr,
     control::model::FrontendKey,
+    dataplane::layout,
     dataplane::reconcile::{BackendAddr, MapState, Op},
 };
 use proxy_common::{
@@ -448,58 +449,21 @@ pub fn name_from_bytes(b: &ServiceName) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// A pinned map whose key or value size is not this build's (left by an
-/// older kpx) cannot be shared with the new programs: its pin is removed,
-/// so a map of the new layout is created and pinned in its place, and what
-/// it held is said. The control-plane maps are rewritten by the first sync;
-/// a conntrack map replaced this way loses its flows (carrying them over
-/// is a migration, not done here).
-fn replace_mismatched_pins(dir: &Path) -> Result<()> {
-    // The object's own map definitions: what the programs were built for.
-    let obj = aya_obj::Object::parse(OBJECT).context("parsing the kpx eBPF object")?;
-    for name in map_names::ALL {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let def = obj
-            .maps
-            .get(name)
-            .with_context(|| format!("map {name} missing from the object"))?;
-        let (key, value) = (def.key_size() as usize, def.value_size() as usize);
-        let info = aya::maps::MapInfo::from_pin(&path)
-            .with_context(|| format!("reading the pinned map {}", path.display()))?;
-        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
-        if (k, v) == (key, value) {
-            continue;
-        }
-        log::warn!(
-            "pinned map {} has another layout (key {k}, value {v} bytes; this kpx uses {key}, {value}):              replaced by a new map{}",
-            path.display(),
-            if name == map_names::CT_TCP || name == map_names::CT_ANY {
-                "; the flows it tracked are not carried over"
-            } else {
-                "; the first sync fills it again"
-            }
-        );
-        std::fs::remove_file(&path)
-            .with_context(|| format!("removing the pinned map {}", path.display()))?;
-    }
-    Ok(())
-}
-
 /// The loaded datapath: its program and its maps.
 pub struct Datapath {
     ebpf: Ebpf,
     pub maps: MapSet,
+    /// What loading over pinned maps found and carried (None: not pinned).
+    pub upgrade: Option<layout::Upgrade>,
 }
 
 impl Datapath {
     /// Loads the object and its tc program into the kernel (the verifier runs here).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
+        let mut pending = None;
         if let Some(dir) = &opts.pin_dir {
-            replace_mismatched_pins(dir)?;
+            pending = Some(layout::prepare(dir)?);
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -516,8 +480,13 @@ impl Datapath {
                 .load()
                 .with_context(|| format!("the kernel rejected {name}"))?;
         }
-        let maps = MapSet::from_ebpf(&mut ebpf)?;
-        Ok(Self { ebpf, maps })
+        let mut maps = MapSet::from_ebpf(&mut ebpf)?;
+        let upgrade = pending.map(|p| layout::finish(&mut maps, p)).transpose()?;
+        Ok(Self {
+            ebpf,
+            maps,
+            upgrade,
+        })
     }
 
     /// The tc ingress classifier (loaded).

@@ -1,12 +1,14 @@
 //! The datapath as userspace sees it: the eBPF object and its maps
 //! ([`maps`]), the one reconcile path that makes the maps equal the model
 //! ([`reconcile`], [`ports`], [`node`]), the hooks the programs are attached
-//! to ([`attach`], with bpffs pins in [`bpffs`]) and conntrack housekeeping
-//! ([`conntrack`]). Host byte order everywhere but at the map boundary.
+//! to ([`attach`], with bpffs pins in [`bpffs`], carried across kpx versions
+//! by [`layout`]) and conntrack housekeeping ([`conntrack`]). Host byte
+//! order everywhere but at the map boundary.
 
 pub mod attach;
 pub mod bpffs;
 pub mod conntrack;
+pub mod layout;
 pub mod maps;
 pub mod node;
 pub mod ports;

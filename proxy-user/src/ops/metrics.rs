@@ -54,6 +54,11 @@ pub struct MapLabel {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
 /// Every metric the agent updates. Clones share the same values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -83,6 +88,9 @@ pub struct Metrics {
     pub conntrack_evictions: Counter,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
+    /// Conntrack entries found pinned in another layout at start, carried
+    /// into this one or not.
+    pub upgrade_entries: Family<OutcomeLabel, Gauge>,
     registry: Arc<Registry>,
 }
 
@@ -132,6 +140,7 @@ impl Metrics {
             conntrack_evictions: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            upgrade_entries: Family::default(),
             registry: Arc::new(Registry::default()),
         };
         r.register(
@@ -249,6 +258,11 @@ impl Metrics {
             "kpx_map_capacity",
             "Capacity (max entries) of each datapath map",
             m.map_capacity.clone(),
+        );
+        r.register(
+            "kpx_upgrade_conntrack_entries",
+            "Conntrack entries the agent found pinned in another map layout at start: carried into this layout, or lost",
+            m.upgrade_entries.clone(),
         );
         Self {
             registry: Arc::new(r),

@@ -1,0 +1,279 @@
+//! The pinned maps' layout across kpx versions: what a new kpx does with the
+//! maps an older (or newer) one left pinned.
+//!
+//! The layout version lives in its own pinned map (`KPX_LAYOUT`, one u32)
+//! written once the new maps are in place. At start, before the object is
+//! loaded (which would take over every pin of a known name):
+//! - same version: the pins are shared as they are, each still checked
+//!   against this build's key and value sizes and map type;
+//! - version 1 (before versioning: no `KPX_LAYOUT`, one LRU `KPX_CT`):
+//!   migrated, the flows carried into the two tables this layout has,
+//!   established TCP into `KPX_CT_TCP`, the rest into `KPX_CT_ANY`;
+//! - any other version (a downgrade, or a layout this kpx does not know):
+//!   nothing is shared; its conntrack entries are counted as not carried,
+//!   every `KPX_*` pin is removed and fresh maps are created. The
+//!   control-plane maps are refilled by the first sync either way.
+
+use std::{
+    fs,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, Map, MapData, MapInfo};
+use proxy_common::{
+    legacy_map_names, map_names, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, LAYOUT_VERSION,
+};
+
+use crate::dataplane::maps::{CtTable, MapSet};
+
+/// What a start found pinned, and what became of it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Upgrade {
+    /// The layout version found (None: nothing pinned yet).
+    pub from: Option<u32>,
+    /// Conntrack entries carried into this layout's tables.
+    pub carried: u64,
+    /// Conntrack entries that could not be carried (an unknown layout, or
+    /// no room in the new table).
+    pub lost: u64,
+}
+
+/// What [`prepare`] took out of the old pins, to be written into the new
+/// maps once the object is loaded ([`finish`]).
+pub struct Pending {
+    upgrade: Upgrade,
+    entries: Vec<(CtTable, CtKey, CtValue)>,
+}
+
+/// The version of the maps pinned under `dir`: None when nothing of kpx's
+/// is there, 1 for the unversioned layout.
+pub fn pinned_version(dir: &Path) -> Result<Option<u32>> {
+    let layout = dir.join(map_names::LAYOUT);
+    if layout.exists() {
+        let data =
+            MapData::from_pin(&layout).with_context(|| format!("opening {}", layout.display()))?;
+        let map: aya::maps::Array<MapData, u32> = Map::from_map_data(data)?
+            .try_into()
+            .with_context(|| format!("{} is not a layout version", layout.display()))?;
+        return Ok(Some(map.get(&0, 0)?));
+    }
+    let any_pin = map_names::ALL
+        .iter()
+        .chain([&legacy_map_names::CONNTRACK])
+        .any(|name| dir.join(name).exists());
+    Ok(any_pin.then_some(1))
+}
+
+/// Makes the pins under `dir` safe to share with this build's object:
+/// migrates or removes what another layout left. Call before loading.
+pub fn prepare(dir: &Path) -> Result<Pending> {
+    let from = pinned_version(dir)?;
+    let mut pending = Pending {
+        upgrade: Upgrade {
+            from,
+            ..Default::default()
+        },
+        entries: Vec::new(),
+    };
+    match from {
+        None => {}
+        Some(LAYOUT_VERSION) => replace_mismatched_pins(dir)?,
+        Some(1) => {
+            let legacy = dir.join(legacy_map_names::CONNTRACK);
+            if legacy.exists() {
+                match read_v1_conntrack(&legacy) {
+                    Ok(entries) => pending.entries = entries,
+                    Err(e) => {
+                        pending.upgrade.lost = count_entries(&legacy).unwrap_or(0);
+                        log::warn!(
+                            "the conntrack table of layout 1 ({}) cannot be read: {e:#}",
+                            legacy.display()
+                        );
+                    }
+                }
+                fs::remove_file(&legacy)
+                    .with_context(|| format!("removing {}", legacy.display()))?;
+            }
+            // Every other map of layout 1 is this layout's, unchanged.
+            replace_mismatched_pins(dir)?;
+        }
+        Some(other) => {
+            for name in [
+                map_names::CT_TCP,
+                map_names::CT_ANY,
+                legacy_map_names::CONNTRACK,
+            ] {
+                let path = dir.join(name);
+                if path.exists() {
+                    pending.upgrade.lost += count_entries(&path).unwrap_or(0);
+                }
+            }
+            log::warn!(
+                "the maps under {} are of layout {other}, which this kpx (layout {LAYOUT_VERSION}) cannot migrate: replacing them all; {} conntrack entries (their flows) are not carried over",
+                dir.display(),
+                pending.upgrade.lost
+            );
+            remove_all_pins(dir)?;
+        }
+    }
+    Ok(pending)
+}
+
+/// Writes what [`prepare`] carried into the loaded maps, then the layout
+/// version: only a complete migration is marked done.
+pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
+    let mut up = pending.upgrade;
+    for (table, k, v) in pending.entries {
+        match maps.ct_mut(table).insert(k, v, 0) {
+            Ok(()) => up.carried += 1,
+            Err(e) => {
+                up.lost += 1;
+                log::debug!("carrying conntrack entry {k:?}: {e}");
+            }
+        }
+    }
+    maps.layout
+        .set(0, LAYOUT_VERSION, 0)
+        .context("writing the layout version")?;
+    if up.from.is_some_and(|v| v != LAYOUT_VERSION) {
+        log::warn!(
+            "maps of layout {} upgraded to layout {LAYOUT_VERSION}: {} conntrack entries carried, {} not",
+            up.from.unwrap_or(0),
+            up.carried,
+            up.lost
+        );
+    }
+    Ok(up)
+}
+
+/// Layout 1's conntrack entries, each with the table it belongs in now: a
+/// TCP flow whose reply was seen is established, both its entries together.
+fn read_v1_conntrack(path: &Path) -> Result<Vec<(CtTable, CtKey, CtValue)>> {
+    let data = MapData::from_pin(path)?;
+    let map: HashMap<MapData, CtKey, CtValue> = Map::from_map_data(data)?.try_into()?;
+    let all: std::collections::HashMap<CtKey, CtValue> =
+        map.iter().filter_map(|kv| kv.ok()).collect();
+    Ok(all
+        .iter()
+        .map(|(k, v)| {
+            // The entry of the original direction and its partner decide.
+            let (orig_key, orig) = if v.dir == CT_DIR_ORIGINAL {
+                (*k, Some(*v))
+            } else {
+                let ok = v.partner(k);
+                (ok, all.get(&ok).copied())
+            };
+            let reply = orig.and_then(|o| all.get(&o.partner(&orig_key)));
+            let replied = reply.is_some_and(|r| r.flags & CT_F_SEEN_REPLY != 0);
+            (CtTable::of(k, replied), *k, *v)
+        })
+        .collect())
+}
+
+/// Pinned maps whose key or value size, or type, is not this build's
+/// cannot be shared with the new programs: each such pin is removed, so a
+/// map of this layout is created and pinned in its place, and the loss is
+/// said. A safety net within one layout version (a build that changed a
+/// map without bumping the version).
+fn replace_mismatched_pins(dir: &Path) -> Result<()> {
+    // The object's own map definitions: what the programs were built for.
+    let obj = aya_obj::Object::parse(crate::dataplane::maps::OBJECT)
+        .context("parsing the kpx eBPF object")?;
+    for name in map_names::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let def = obj
+            .maps
+            .get(name)
+            .with_context(|| format!("map {name} missing from the object"))?;
+        let want = (def.map_type(), def.key_size(), def.value_size());
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the pinned map {}", path.display()))?;
+        let have = (info.map_type()? as u32, info.key_size(), info.value_size());
+        if have == want {
+            continue;
+        }
+        let ct = name == map_names::CT_TCP || name == map_names::CT_ANY;
+        let lost = if ct {
+            count_entries(&path).unwrap_or(0)
+        } else {
+            0
+        };
+        log::warn!(
+            "pinned map {} has another layout (type {}, key {} and value {} bytes; this kpx uses type {}, {} and {}): replaced by a new map{}",
+            path.display(),
+            have.0,
+            have.1,
+            have.2,
+            want.0,
+            want.1,
+            want.2,
+            if ct {
+                format!("; {lost} conntrack entries are not carried over")
+            } else {
+                "; the first sync fills it again".into()
+            }
+        );
+        fs::remove_file(&path)
+            .with_context(|| format!("removing the pinned map {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes every kpx pin under `dir` (`KPX_*`), known to this build or not.
+fn remove_all_pins(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with("KPX_") {
+            fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The number of keys in the hash map pinned at `path`, whatever its key
+/// and value types: a walk with `BPF_MAP_GET_NEXT_KEY` on raw key bytes.
+pub fn count_entries(path: &Path) -> Result<u64> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let info = MapInfo::from_pin(path)?;
+    let data = MapData::from_pin(path)?;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let size = info.key_size() as usize;
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut n = 0u64;
+    let mut first = true;
+    loop {
+        // union bpf_attr for map element commands: map_fd, pad, key, next_key.
+        let attr: [u64; 4] = [
+            fd as u64,
+            if first { 0 } else { key.as_ptr() as u64 },
+            next.as_mut_ptr() as u64,
+            0,
+        ];
+        // SAFETY: `attr` is a valid bpf_attr prefix for this command whose
+        // pointers name buffers of the map's key size, alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                return Ok(n);
+            }
+            return Err(e).context("walking the map's keys");
+        }
+        n += 1;
+        std::mem::swap(&mut key, &mut next);
+        first = false;
+    }
+}
