@@ -207,8 +207,9 @@ pub fn establishes(found: Found, tcp_flags: u8) -> bool {
 ///
 /// Inserted before being deleted, so a packet of the flow on another CPU
 /// finds it in one table or the other. `CtFull` when `CT_TCP` has no room:
-/// the SYN-ACK is dropped and the entries stay in `CT_ANY`, so the
-/// handshake's retransmissions try again (and succeed once flows end).
+/// the SYN-ACK is dropped and the flow forgotten, as netfilter drops a new
+/// flow's packet when its table is full; the client's retransmitted SYN
+/// starts over (and gets in once flows end).
 #[inline(always)]
 pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
     // SAFETY: as in `touch`; copied at once.
@@ -220,10 +221,21 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
         // SAFETY: as in `touch`; copied at once.
         .map(|p| unsafe { *p })
         .ok_or(DropReason::CtInsertFailed)?;
-    insert_established(&original_key, &original, key)?;
-    if let Err(reason) = insert_established(key, &reply, &original_key) {
-        if CT_TCP.remove(&original_key).is_ok() {
-            stats::event(Event::CtRemoved, 1);
+    let inserted = insert_established(&original_key, &original, key).and_then(|()| {
+        insert_established(key, &reply, &original_key).inspect_err(|_| {
+            if CT_TCP.remove(&original_key).is_ok() {
+                stats::event(Event::CtRemoved, 1);
+            }
+        })
+    });
+    if let Err(reason) = inserted {
+        if reason == DropReason::CtFull {
+            // Refused: forgotten, so only a live client's retransmitted SYN
+            // can take room that frees up, not the backend's retransmitted
+            // SYN-ACKs of a connection its client gave up on.
+            let removed =
+                CT_ANY.remove(&original_key).is_ok() as u64 + CT_ANY.remove(key).is_ok() as u64;
+            stats::event(Event::CtRemoved, removed);
         }
         return Err(reason);
     }

@@ -102,6 +102,9 @@ fn a_full_established_table_refuses_new_connections_and_keeps_every_established_
     let late = inspect(&syn.bytes);
     assert_eq!(run(&mut dp, &reply(&late, SYN_ACK)).verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::CtFull), 1);
+    // Forgotten: the backend's retransmitted SYN-ACK cannot take room later.
+    let refused = ct_key(CLIENT, 42100, VIP, 80, IPPROTO_TCP);
+    assert!(dp.maps.ct_get(&refused).is_none());
     // A flood of UDP flows and handshakes fills the other table and evicts
     // there, never here.
     for port in 0..300u16 {
@@ -123,7 +126,7 @@ fn a_full_established_table_refuses_new_connections_and_keeps_every_established_
     }
 
     // Once a connection ends and is collected, the refused one gets in at
-    // its next try (the client's SYN, answered again).
+    // its next try (the client's retransmitted SYN starts it over).
     let gone = ct_key(CLIENT, open[0].0, VIP, 80, IPPROTO_TCP);
     let (_, v): (CtTable, CtValue) = dp.maps.ct_get(&gone).unwrap();
     let partner: CtKey = v.partner(&gone);

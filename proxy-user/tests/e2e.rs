@@ -12,6 +12,7 @@ use std::{
 
 use bed::*;
 use kpx::dataplane::maps::MapSet;
+use proxy_common::DropReason;
 use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn, Load};
 
 #[test]
@@ -400,4 +401,91 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
         c.agent_log()
     );
     eprintln!("SIGKILL drill: 50 long-lived kept, {ok} new connections during the drill, 0 failed");
+}
+
+/// Drill: more long-lived connections than the established table holds.
+/// Those that fit stay up, on their backends, whatever comes after; the
+/// rest are refused at their handshake (counted as `ct_full`), as netfilter
+/// refuses new flows when full, never by evicting a live one. Once some
+/// end and are collected, new connections get in again.
+#[test]
+#[ignore = "needs root"]
+fn a_full_conntrack_table_refuses_new_connections_and_breaks_no_established_one() {
+    const FLOWS: usize = 100;
+    let mut c = start(&backends());
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    let max = (2 * FLOWS).to_string();
+    c.start_agent(
+        Path::new(KPX),
+        &[
+            "--conntrack-max",
+            &max,
+            "--conntrack-tcp-timeout-time-wait",
+            "1s",
+            "--conntrack-gc-interval",
+            "1s",
+        ],
+    )
+    .unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let client = &c.pod("client").netns;
+    let refused_after = Duration::from_millis(1500);
+    // Open until the table refuses, then a few more tries.
+    let mut open: Vec<(Conn, String)> = Vec::new();
+    let mut refused = 0;
+    while refused < 3 && open.len() < 2 * FLOWS {
+        match Conn::open(client, vip, refused_after).and_then(|mut conn| {
+            let who = conn.ask()?;
+            Ok((conn, who))
+        }) {
+            Ok(opened) => open.push(opened),
+            Err(_) => refused += 1,
+        }
+    }
+    eprintln!(
+        "capacity drill: {} connections established, then {refused} refused",
+        open.len()
+    );
+    assert_eq!(open.len(), FLOWS, "{}", c.agent_log());
+    let full = drop_count(&c, DropReason::CtFull);
+    assert!(
+        full >= refused as u64,
+        "{full} ct_full drops\n{}",
+        c.agent_log()
+    );
+    let warned = c.agent_log();
+    assert!(
+        warned.contains("conntrack table KPX_CT_TCP at"),
+        "no pressure warning:\n{warned}"
+    );
+
+    // Every established connection is still up, on its backend.
+    let broken: Vec<String> = open
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, (conn, who))| match conn.ask() {
+            Ok(now) if now == *who => None,
+            Ok(now) => Some(format!("#{i}: {who} became {now}")),
+            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
+        })
+        .collect();
+    assert!(broken.is_empty(), "broken: {broken:?}\n{}", c.agent_log());
+
+    // Ten end; once collected, ten new ones get in.
+    open.truncate(FLOWS - 10);
+    let admitted = wait_for(Duration::from_secs(15), || {
+        let fresh: Vec<Conn> = (0..10)
+            .map_while(|_| Conn::open(client, vip, refused_after).ok())
+            .collect();
+        (fresh.len() == 10).then_some(fresh)
+    });
+    assert!(admitted.is_some(), "no room came back\n{}", c.agent_log());
+    for (i, (conn, who)) in open.iter_mut().enumerate() {
+        assert_eq!(&conn.ask().unwrap(), who, "#{i} moved");
+    }
+    eprintln!(
+        "capacity drill: {FLOWS} established kept on their backends, {full} handshakes refused (ct_full), 10 admitted once 10 ended"
+    );
 }

@@ -182,3 +182,14 @@ pub fn deploy_role() -> k8s_openapi::api::rbac::v1::ClusterRole {
         .map(|v| serde_json::from_value(v).unwrap());
     role.expect("a ClusterRole in deploy/rbac.yaml")
 }
+
+/// Packets the datapath dropped for `reason`, from the pinned counters.
+#[allow(dead_code)]
+pub fn drop_count(c: &Cluster, reason: proxy_common::DropReason) -> u64 {
+    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
+    maps.drops()
+        .unwrap()
+        .into_iter()
+        .find(|(r, _)| *r == reason)
+        .map_or(0, |(_, n)| n)
+}
