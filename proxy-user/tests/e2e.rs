@@ -489,3 +489,65 @@ fn a_full_conntrack_table_refuses_new_connections_and_breaks_no_established_one(
         "capacity drill: {FLOWS} established kept on their backends, {full} handshakes refused (ct_full), 10 admitted once 10 ended"
     );
 }
+
+/// Drill: the step every adopter takes. 50 long-lived connections opened
+/// through kube-proxy's rules (`kpx iptables-rules` loaded in the node
+/// namespace), then kpx started with `--cleanup-kube-proxy`: kpx carries
+/// netfilter's service flows into its conntrack before its frontends go
+/// live, so none breaks, each keeps its backend, and new connections work
+/// once kube-proxy's rules are gone.
+#[test]
+#[ignore = "needs root"]
+fn taking_over_from_kube_proxy_breaks_no_connection() {
+    let mut c = start(&backends());
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
+        .unwrap();
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut long: Vec<(Conn, String)> = (0..50)
+        .map(|_| {
+            let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
+            let who = conn.ask().unwrap();
+            (conn, who)
+        })
+        .collect();
+    let spread: std::collections::BTreeSet<&String> = long.iter().map(|(_, w)| w).collect();
+    assert!(spread.len() > 1, "kube-proxy used one backend: {spread:?}");
+
+    c.start_agent(Path::new(KPX), &["--cleanup-kube-proxy"])
+        .unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let cleaned = wait_for(Duration::from_secs(10), || {
+        c.agent_log()
+            .contains("kube-proxy cleanup: iptables-nft: removed")
+            .then_some(())
+    });
+    assert!(cleaned.is_some(), "{}", c.agent_log());
+    let broken: Vec<String> = long
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, (conn, who))| match conn.ask() {
+            Ok(now) if now == *who => None,
+            Ok(now) => Some(format!("#{i}: {who} became {now}")),
+            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
+        })
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "{} of 50 broken: {broken:?}\n{}",
+        broken.len(),
+        c.agent_log()
+    );
+    let log = c.agent_log();
+    assert!(
+        log.contains("takeover: 50 service flows carried over from netfilter"),
+        "{log}"
+    );
+    tcp_ask_many(&c.pod("client").netns, vip, 20, T).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("takeover:"))
+        .unwrap_or_default();
+    eprintln!("takeover drill: 50 of 50 kube-proxy connections kept on their backends; {line}");
+}

@@ -47,6 +47,7 @@ use crate::{
     dataplane::node::{self},
     dataplane::ports::PortFilter,
     dataplane::reconcile::{self, Mirror, Op},
+    dataplane::takeover,
     ops::health::{self, Health, ServiceHealth},
     ops::metrics::{DatapathCounters, MapLabel, Metrics, OutcomeLabel, ReasonLabel, ResourceLabel},
 };
@@ -87,6 +88,9 @@ struct Agent {
     node_seen: Option<Option<Node>>,
     health: Health,
     service_health: ServiceHealth,
+    /// netfilter's service flows were carried over (once, at the first
+    /// sync: see `dataplane::takeover`).
+    taken_over: bool,
 }
 
 pub async fn run(cfg: Settings) -> Result<()> {
@@ -201,6 +205,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
         node_seen: None,
         service_health: ServiceHealth::new(health.clone(), Ipv4Addr::UNSPECIFIED),
         health,
+        taken_over: false,
     };
     // Settings, addresses and the port filter of the frontends already in
     // the maps first, so the programs never run without them.
@@ -448,6 +453,11 @@ impl Agent {
             self.flush_ports();
             return;
         }
+        if !std::mem::replace(&mut self.taken_over, true) {
+            // Before the port filter lets the new frontends' packets reach
+            // kpx's service lookup: until then they pass to netfilter.
+            self.take_over();
+        }
         if !self.flush_ports() {
             self.failed();
             return;
@@ -517,6 +527,21 @@ impl Agent {
         }
         self.metrics.map_writes.inc_by(ops.len() as u64);
         true
+    }
+
+    /// Carries the service flows netfilter (kube-proxy's DNAT) tracks into
+    /// kpx's conntrack, so they outlive kube-proxy's rules.
+    fn take_over(&mut self) {
+        let started = Instant::now();
+        match takeover::take_over(&mut self.dp.maps, &self.mirror.state) {
+            Ok(report) if report.carried == 0 && report.skipped.is_empty() => {
+                log::debug!("takeover: no netfilter service flow to carry over");
+            }
+            Ok(report) => log::info!("takeover: {report} in {:.1?}", started.elapsed()),
+            Err(e) => log::info!(
+                "takeover: netfilter's conntrack not read ({e:#}); no kube-proxy flow carried over"
+            ),
+        }
     }
 
     fn failed(&mut self) {

@@ -13,5 +13,6 @@ pub mod maps;
 pub mod node;
 pub mod ports;
 pub mod reconcile;
+pub mod takeover;
 
 pub use maps::{Datapath, LoadOptions, MapSet};

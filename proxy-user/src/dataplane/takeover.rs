@@ -1,0 +1,510 @@
+//! Takeover from kube-proxy without breaking a connection: the service flows
+//! kube-proxy's DNAT established (netfilter's conntrack entries) are carried
+//! into kpx's conntrack at start, each on the backend netfilter chose.
+//!
+//! Without this, the first packet of such a flow that meets kpx's tc program
+//! is mid-stream TCP to a service kpx does not track: dropped as invalid, as
+//! the reference drops it, and the connection is gone. With it, kpx
+//! translates the flow exactly as netfilter did (DNAT, and the masquerade
+//! where netfilter also rewrote the source), so its packets never need
+//! netfilter again, and removing kube-proxy's rules changes nothing for them.
+//!
+//! What cannot be carried, counted by reason: flows to a frontend kpx does
+//! not serve (a Service deleted meanwhile), protocols other than TCP and UDP,
+//! IPv6 (kpx's datapath is IPv4 today), and flows with no room in the table.
+//! Flows netfilter did not DNAT are not service flows and are left alone.
+
+use std::{collections::BTreeMap, net::IpAddr, net::Ipv4Addr};
+
+use anyhow::{bail, Context as _, Result};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::{
+    conntrack::{
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Status,
+        Tuple,
+    },
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use proxy_common::{
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_REWRITE_DST,
+    CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, NODE_F_NODEPORT,
+    TCP_ACK, TCP_FIN, TCP_SYN,
+};
+
+use crate::{
+    control::model::FrontendKey,
+    dataplane::{
+        conntrack::monotonic_ns,
+        maps::{CtTable, MapSet},
+        reconcile::{BackendAddr, MapState},
+    },
+};
+
+/// netfilter's TCP states (`enum tcp_conntrack`) that matter here.
+const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
+const TCP_CONNTRACK_CLOSE: u8 = 8;
+
+/// One direction's tuple: (source, source port, destination, destination
+/// port), host order.
+pub type Tuple4 = (Ipv4Addr, u16, Ipv4Addr, u16);
+
+/// A netfilter conntrack entry, as much of it as a takeover needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NfFlow {
+    pub proto: u8,
+    pub original: Tuple4,
+    pub reply: Tuple4,
+    pub dnat: bool,
+    pub snat: bool,
+    pub seen_reply: bool,
+    /// netfilter's TCP state (`tcp_conntrack`), for TCP.
+    pub tcp_state: Option<u8>,
+}
+
+/// What a takeover carried and what it left, by reason.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Service flows carried into kpx's conntrack.
+    pub carried: u64,
+    /// Service flows not carried, by reason.
+    pub skipped: BTreeMap<&'static str, u64>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} service flows carried over from netfilter",
+            self.carried
+        )?;
+        for (why, n) in &self.skipped {
+            write!(f, ", {n} not ({why})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads netfilter's conntrack table (this network namespace's) and carries
+/// its service flows into `maps`. Runs once the first sync has written the
+/// frontends in `state`.
+pub fn take_over(maps: &mut MapSet, state: &MapState) -> Result<Report> {
+    let (flows, unreadable) = dump()?;
+    let mut report = Report::default();
+    if unreadable > 0 {
+        report.skipped.insert("not IPv4 TCP/UDP", unreadable);
+    }
+    for (entries, outcome) in flows.iter().map(|f| entries(f, state, monotonic_ns())) {
+        match outcome {
+            Outcome::Carry => {}
+            Outcome::NotAServiceFlow => continue,
+            Outcome::Skip(why) => {
+                *report.skipped.entry(why).or_insert(0) += 1;
+                continue;
+            }
+        }
+        let mut written = true;
+        for (table, k, v) in &entries {
+            // A flow kpx already tracks (a restart of kpx itself) keeps its entry.
+            if maps.ct_get(k).is_some() {
+                continue;
+            }
+            if let Err(e) = maps.ct_mut(*table).insert(k, v, 0) {
+                log::debug!("carrying netfilter flow {k:?}: {e}");
+                written = false;
+            }
+        }
+        if written {
+            report.carried += 1;
+        } else {
+            *report.skipped.entry("conntrack table full").or_insert(0) += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// What becomes of one netfilter entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Carry,
+    NotAServiceFlow,
+    Skip(&'static str),
+}
+
+/// kpx's two entries for the netfilter flow `f`, if it is a flow to one of
+/// `state`'s frontends, created at `now`.
+pub fn entries(
+    f: &NfFlow,
+    state: &MapState,
+    now: u64,
+) -> (Vec<(CtTable, CtKey, CtValue)>, Outcome) {
+    if !f.dnat {
+        return (Vec::new(), Outcome::NotAServiceFlow);
+    }
+    if f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP {
+        return (Vec::new(), Outcome::Skip("not IPv4 TCP/UDP"));
+    }
+    let (src, sport, dst, dport) = f.original;
+    let Some(svc) = frontend(state, dst, dport, f.proto) else {
+        return (Vec::new(), Outcome::Skip("no such frontend"));
+    };
+    // netfilter's reply tuple names the backend (its source) and where the
+    // backend answers (the client, or the masquerade address).
+    let (backend, backend_port, answer_to, answer_port) = f.reply;
+    let backend_id = state
+        .backends
+        .iter()
+        .find(|(_, b)| {
+            **b == BackendAddr {
+                addr: backend,
+                port: backend_port,
+                proto: f.proto,
+            }
+        })
+        .map_or(0, |(id, _)| *id);
+    let (tcp_flags, closing) = match f.tcp_state {
+        Some(s) if s > TCP_CONNTRACK_ESTABLISHED && s <= TCP_CONNTRACK_CLOSE => {
+            (TCP_SYN | TCP_ACK | TCP_FIN, CT_F_CLOSING)
+        }
+        Some(_) if f.seen_reply => (TCP_SYN | TCP_ACK, 0),
+        Some(_) => (TCP_SYN, 0),
+        None => (0, 0),
+    };
+    let key = |(s, sp, d, dp): Tuple4| {
+        CtKey::new(
+            wire::addr(s),
+            wire::addr(d),
+            wire::port(sp),
+            wire::port(dp),
+            f.proto,
+        )
+    };
+    let snat = if f.snat { CT_F_SNAT } else { 0 };
+    let entry = |dir: u8, flags: u16| CtValue {
+        dir,
+        flags: flags | closing,
+        tcp_flags,
+        backend_id,
+        svc_id: svc,
+        created_ns: now,
+        last_seen_ns: now,
+        ..Default::default()
+    };
+    let mut original = entry(CT_DIR_ORIGINAL, CT_F_REWRITE_DST | snat);
+    original.new_dst_addr = wire::addr(backend);
+    original.new_dst_port = wire::port(backend_port);
+    let mut reply = entry(
+        CT_DIR_REPLY,
+        CT_F_REWRITE_SRC | if f.seen_reply { CT_F_SEEN_REPLY } else { 0 },
+    );
+    reply.new_src_addr = wire::addr(dst);
+    reply.new_src_port = wire::port(dport);
+    if f.snat {
+        original.flags |= CT_F_REWRITE_SRC;
+        original.new_src_addr = wire::addr(answer_to);
+        original.new_src_port = wire::port(answer_port);
+        reply.flags |= CT_F_REWRITE_DST;
+        reply.new_dst_addr = wire::addr(src);
+        reply.new_dst_port = wire::port(sport);
+    }
+    let table = CtTable::of(&key(f.original), f.seen_reply);
+    (
+        vec![
+            (table, key(f.original), original),
+            (table, key(f.reply), reply),
+        ],
+        Outcome::Carry,
+    )
+}
+
+/// The service id of the frontend a packet to `addr:port` reaches.
+fn frontend(state: &MapState, addr: Ipv4Addr, port: u16, proto: u8) -> Option<u32> {
+    let at = |addr| state.services.get(&FrontendKey { addr, port, proto });
+    at(addr)
+        .or_else(|| {
+            let nodeport = state
+                .node_addrs
+                .get(&addr)
+                .is_some_and(|f| f & NODE_F_NODEPORT != 0);
+            nodeport.then(|| at(Ipv4Addr::UNSPECIFIED)).flatten()
+        })
+        .map(|v| v.svc_id)
+}
+
+/// netfilter's IPv4 conntrack entries (ctnetlink dump), and how many were
+/// of no use here (other families or protocols, no ports).
+fn dump() -> Result<(Vec<NfFlow>, u64)> {
+    let mut socket =
+        Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
+    socket.bind_auto().context("binding it")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connecting it to the kernel")?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            ConntrackMessage::Get(vec![]),
+        )),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket
+        .send(&buf, 0)
+        .context("asking for the conntrack table")?;
+
+    let (mut flows, mut unreadable) = (Vec::new(), 0);
+    let mut recv = vec![0; 1 << 16];
+    loop {
+        let n = socket
+            .recv(&mut &mut recv[..], 0)
+            .context("reading the conntrack table")?;
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&recv[off..n])
+                .context("parsing a conntrack message")?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok((flows, unreadable)),
+                NetlinkPayload::Error(e) => bail!("the kernel refused the conntrack dump: {e}"),
+                NetlinkPayload::InnerMessage(m) => match parse(&m) {
+                    Some(f) => flows.push(f),
+                    None => unreadable += 1,
+                },
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+    }
+}
+
+/// One dumped entry, if it is IPv4 TCP or UDP with both tuples.
+fn parse(m: &NetfilterMessage) -> Option<NfFlow> {
+    let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = &m.inner else {
+        return None;
+    };
+    let (mut original, mut reply, mut status, mut tcp_state) = (None, None, Status::empty(), None);
+    for a in attrs {
+        match a {
+            ConntrackAttribute::CtaTupleOrig(t) => original = tuple(t),
+            ConntrackAttribute::CtaTupleReply(t) => reply = tuple(t),
+            ConntrackAttribute::CtaStatus(s) => status = *s,
+            ConntrackAttribute::CtaProtoInfo(infos) => {
+                for info in infos {
+                    if let ProtoInfo::TCP(tcp) = info {
+                        for t in tcp {
+                            if let ProtoInfoTCP::State(s) = t {
+                                tcp_state = Some(*s);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let ((proto, original), (_, reply)) = (original?, reply?);
+    Some(NfFlow {
+        proto,
+        original,
+        reply,
+        dnat: status.contains(Status::DstNat),
+        snat: status.contains(Status::SrcNat),
+        seen_reply: status.contains(Status::SeenReply),
+        tcp_state: if proto == IPPROTO_TCP {
+            tcp_state
+        } else {
+            None
+        },
+    })
+}
+
+/// (protocol, tuple) of one direction, if IPv4 with ports.
+fn tuple(t: &[Tuple]) -> Option<(u8, Tuple4)> {
+    let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
+    for part in t {
+        match part {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(IpAddr::V4(a)) => src = Some(*a),
+                        IPTuple::DestinationAddress(IpAddr::V4(a)) => dst = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            Tuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::Protocol(p) => proto = Some(u8::from(*p)),
+                        ProtoTuple::SourcePort(port) => sport = Some(*port),
+                        ProtoTuple::DestinationPort(port) => dport = Some(*port),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some((proto?, (src?, sport?, dst?, dport?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_common::ServiceValue;
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+    fn state() -> MapState {
+        let mut s = MapState::default();
+        let v = |svc_id| ServiceValue {
+            svc_id,
+            ..Default::default()
+        };
+        s.services.insert(
+            FrontendKey {
+                addr: VIP,
+                port: 80,
+                proto: IPPROTO_TCP,
+            },
+            v(3),
+        );
+        s.services.insert(
+            FrontendKey {
+                addr: Ipv4Addr::UNSPECIFIED,
+                port: 30080,
+                proto: IPPROTO_TCP,
+            },
+            v(4),
+        );
+        s.backends.insert(
+            9,
+            BackendAddr {
+                addr: BACKEND,
+                port: 8080,
+                proto: IPPROTO_TCP,
+            },
+        );
+        s.node_addrs.insert(NODE, NODE_F_NODEPORT);
+        s
+    }
+
+    fn flow(original: Tuple4, reply: Tuple4, snat: bool) -> NfFlow {
+        NfFlow {
+            proto: IPPROTO_TCP,
+            original,
+            reply,
+            dnat: true,
+            snat,
+            seen_reply: true,
+            tcp_state: Some(TCP_CONNTRACK_ESTABLISHED),
+        }
+    }
+
+    /// The entries translate exactly as netfilter did, and pair up as the
+    /// datapath's own do (each one's partner is the other's key).
+    #[test]
+    fn a_dnat_flow_becomes_the_entries_the_datapath_would_have_made() {
+        let f = flow(
+            (CLIENT, 40000, VIP, 80),
+            (BACKEND, 8080, CLIENT, 40000),
+            false,
+        );
+        let (e, outcome) = entries(&f, &state(), 7);
+        assert_eq!(outcome, Outcome::Carry);
+        let [(t1, k1, o), (t2, k2, r)] = e.as_slice() else {
+            panic!("{e:?}")
+        };
+        assert_eq!((*t1, *t2), (CtTable::Tcp, CtTable::Tcp));
+        assert_eq!((o.svc_id, o.backend_id), (3, 9));
+        let to = o.translate(k1);
+        assert_eq!(
+            (wire::to_addr(to.dst_addr), wire::to_port(to.dst_port)),
+            (BACKEND, 8080)
+        );
+        assert_eq!(wire::to_addr(to.src_addr), CLIENT);
+        assert_eq!(o.partner(k1), *k2);
+        assert_eq!(r.partner(k2), *k1);
+        let back = r.translate(k2);
+        assert_eq!(
+            (wire::to_addr(back.src_addr), wire::to_port(back.src_port)),
+            (VIP, 80)
+        );
+        assert_ne!(r.flags & CT_F_SEEN_REPLY, 0);
+    }
+
+    #[test]
+    fn a_masqueraded_nodeport_flow_keeps_its_masquerade_port() {
+        let f = flow(
+            (CLIENT, 40001, NODE, 30080),
+            (BACKEND, 8080, NODE, 61000),
+            true,
+        );
+        let (e, outcome) = entries(&f, &state(), 7);
+        assert_eq!(outcome, Outcome::Carry);
+        let [(_, k1, o), (_, k2, r)] = e.as_slice() else {
+            panic!("{e:?}")
+        };
+        assert_eq!(o.svc_id, 4);
+        let to = o.translate(k1);
+        assert_eq!(
+            (wire::to_addr(to.src_addr), wire::to_port(to.src_port)),
+            (NODE, 61000)
+        );
+        assert_eq!(o.partner(k1), *k2);
+        let back = r.translate(k2);
+        assert_eq!(
+            (wire::to_addr(back.dst_addr), wire::to_port(back.dst_port)),
+            (CLIENT, 40001)
+        );
+        assert_eq!(
+            (wire::to_addr(back.src_addr), wire::to_port(back.src_port)),
+            (NODE, 30080)
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_carried_is_said_and_other_flows_are_not_touched() {
+        let s = state();
+        let mut f = flow(
+            (CLIENT, 40002, VIP, 81),
+            (BACKEND, 8080, CLIENT, 40002),
+            false,
+        );
+        assert_eq!(entries(&f, &s, 7).1, Outcome::Skip("no such frontend"));
+        f.dnat = false;
+        assert_eq!(entries(&f, &s, 7).1, Outcome::NotAServiceFlow);
+        let mut sctp = flow((CLIENT, 1, VIP, 80), (BACKEND, 8080, CLIENT, 1), false);
+        sctp.proto = 132;
+        assert_eq!(entries(&sctp, &s, 7).1, Outcome::Skip("not IPv4 TCP/UDP"));
+        // A handshake in progress waits in the other table; a closing one
+        // is marked so that a new SYN on its tuple starts afresh.
+        let mut syn = flow(
+            (CLIENT, 40003, VIP, 80),
+            (BACKEND, 8080, CLIENT, 40003),
+            false,
+        );
+        syn.seen_reply = false;
+        syn.tcp_state = Some(1);
+        assert_eq!(entries(&syn, &s, 7).0[0].0, CtTable::Any);
+        let mut fin = flow(
+            (CLIENT, 40004, VIP, 80),
+            (BACKEND, 8080, CLIENT, 40004),
+            false,
+        );
+        fin.tcp_state = Some(7);
+        assert_ne!(entries(&fin, &s, 7).0[0].2.flags & CT_F_CLOSING, 0);
+    }
+}
