@@ -224,6 +224,16 @@ fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
             "document",
             "-",
         ),
+        // This node's own Node: its good address is used, the bad one said.
+        (
+            "node.yaml",
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus:\n  addresses: [{{type: InternalIP, address: {}}}, {{type: ExternalIP, address: 198.18.0.256}}]\n",
+                c.node_name, c.node_ip
+            ),
+            "Node node-1",
+            "status.addresses[1].address",
+        ),
     ];
     for (file, text, _, _) in &broken {
         c.write_manifest(file, text).unwrap();
@@ -244,7 +254,17 @@ fn malformed_manifests_are_reported_and_the_valid_services_keep_working() {
         );
     }
     let client = &c.pod("client").netns;
-    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 60, T).unwrap();
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 60, T).unwrap_or_else(|e| {
+        let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+        let st = kpx::ops::dump::stats(&maps).unwrap();
+        let ct = kpx::ops::dump::conntrack(&maps).unwrap();
+        panic!(
+            "{e:#}\n{}\n{}\n{}",
+            kpx::ops::dump::stats_table(&st),
+            kpx::ops::dump::conntrack_table(&ct),
+            c.agent_log()
+        )
+    });
     assert_eq!(spread(&ids).len(), 3);
     let answers = udp_ask_many(client, SocketAddrV4::new(VIP, 53), 30, T).unwrap();
     assert_eq!(answers.len(), 30);

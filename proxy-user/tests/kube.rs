@@ -431,6 +431,19 @@ fn the_malformed_corpus_through_the_api_is_reported_and_the_rest_served() {
         sent += 1;
     }
     assert!(sent >= 20, "only {sent} objects sent");
+    // This node's own Node, with an address and a taint of the wrong shape
+    // for their values: reported by field, its good address still used.
+    api.apply_yaml(
+        "apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+spec:
+  taints: [{key: example.com/maintenance, effect: Eventually}]
+status:
+  addresses: [{type: InternalIP, address: 198.18.0.1}, {type: ExternalIP, address: 198.18.0.999}]
+",
+    )
+    .unwrap();
     // The corpus's valid services and web keep serving: ok-a's VIP is taken
     // by `clash` (reported), ok-b is served with its endpoint.
     let served = wait_for(Duration::from_secs(20), || {
@@ -461,6 +474,8 @@ fn the_malformed_corpus_through_the_api_is_reported_and_the_rest_served() {
         "endpoints[0].addresses",
         "addressType",
         "spec.ports[150].port",
+        "Node node-1: field status.addresses[1].address",
+        "Node node-1: field spec.taints[0].effect",
     ] {
         assert!(log.contains(field), "no report naming {field}\n{log}");
     }

@@ -24,6 +24,23 @@ impl Agent {
             WatchEvent::Apply(n) => Some(n),
             WatchEvent::Delete(_) => None,
         };
+        self.set_node(node, deleted, "api");
+    }
+
+    /// This node's Node object (None: there is none, or it was `deleted`),
+    /// from the API or the manifests (`origin`).
+    pub(super) fn set_node(&mut self, node: Option<Node>, deleted: bool, origin: &str) {
+        let problems = node
+            .as_ref()
+            .map(|n| crate::control::model::node_problems(origin, n))
+            .unwrap_or_default();
+        // Reported when they change, not at every status update.
+        if problems != self.node_problems {
+            self.node_problems = problems.clone();
+            if origin == "api" {
+                self.report(problems);
+            }
+        }
         let info = match &node {
             Some(n) => NodeInfo::from_node(&self.cfg.hostname, n),
             None => NodeInfo::named(&self.cfg.hostname),

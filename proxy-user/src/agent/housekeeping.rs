@@ -24,7 +24,7 @@ impl Agent {
         m.slices.set(slices as i64);
         m.frontends.set(self.index.desired().frontends.len() as i64);
         m.invalid_objects_current
-            .set(self.index.problem_count() as i64);
+            .set((self.index.problem_count() + self.node_problems.len()) as i64);
         let counts = self.index.skipped_counts();
         for why in Skipped::ALL {
             m.skipped

@@ -91,6 +91,10 @@ struct Agent {
     /// netfilter's service flows were carried over (once, at the first
     /// sync: see `dataplane::takeover`).
     taken_over: bool,
+    /// What is wrong with this node's Node object, as last reported.
+    node_problems: Vec<Problem>,
+    /// The manifests held this node's Node object at the last read.
+    manifest_node: bool,
 }
 
 pub async fn run(cfg: Settings) -> Result<()> {
@@ -206,6 +210,8 @@ pub async fn run(cfg: Settings) -> Result<()> {
         service_health: ServiceHealth::new(health.clone(), Ipv4Addr::UNSPECIFIED),
         health,
         taken_over: false,
+        node_problems: Vec::new(),
+        manifest_node: false,
     };
     // Settings, addresses and the port filter of the frontends already in
     // the maps first, so the programs never run without them.
@@ -356,7 +362,22 @@ impl Agent {
         };
         *last = manifests::fingerprint(path).ok();
         let (_, problems) = self.index.replace_all(loaded.services, loaded.slices);
+        // Every object of the files is reported, Nodes included.
         self.report(loaded.problems.into_iter().chain(problems));
+        let hostname = self.cfg.hostname.clone();
+        let mine = loaded
+            .nodes
+            .into_iter()
+            .rev()
+            .find(|n| n.object.metadata.name.as_deref() == Some(hostname.as_str()));
+        let had = std::mem::replace(&mut self.manifest_node, mine.is_some());
+        match mine {
+            Some(n) => self.set_node(Some(n.object), false, &n.origin),
+            // Removed from the files: as deleted. (Never given one: the
+            // configured addresses stand.)
+            None if had => self.set_node(None, true, "manifests"),
+            None => {}
+        }
         self.ready = true;
     }
 

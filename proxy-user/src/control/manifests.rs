@@ -14,7 +14,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use serde::de::DeserializeOwned;
 use serde_norway::Value;
 
@@ -24,6 +27,8 @@ use crate::control::model::{Problem, Sourced};
 pub struct Loaded {
     pub services: Vec<Sourced<Service>>,
     pub slices: Vec<Sourced<EndpointSlice>>,
+    /// Node objects: the agent uses the one named after its node.
+    pub nodes: Vec<Sourced<Node>>,
     pub problems: Vec<Problem>,
 }
 
@@ -133,7 +138,12 @@ fn parse_value(origin: &str, value: Value, out: &mut Loaded) {
         let meta = value.get("metadata");
         let ns = meta.and_then(|m| text(m, "namespace")).unwrap_or("default");
         let n = meta.and_then(|m| text(m, "name")).unwrap_or("<unnamed>");
-        format!("{kind} {ns}/{n}")
+        // Nodes are cluster-scoped.
+        if kind == "Node" {
+            format!("Node {n}")
+        } else {
+            format!("{kind} {ns}/{n}")
+        }
     };
     match (api, kind) {
         ("v1", "Service") => {
@@ -147,6 +157,16 @@ fn parse_value(origin: &str, value: Value, out: &mut Loaded) {
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(object) = typed::<EndpointSlice>(origin, &name, value, out) {
                 out.slices.push(Sourced {
+                    origin: origin.into(),
+                    object,
+                });
+            }
+        }
+        ("v1", "Node") => {
+            if let Some(object) = typed::<Node>(origin, &name, value, out) {
+                out.problems
+                    .extend(crate::control::model::node_problems(origin, &object));
+                out.nodes.push(Sourced {
                     origin: origin.into(),
                     object,
                 });

@@ -470,3 +470,69 @@ pub fn slice(
         endpoints,
     }))
 }
+
+/// The Node address types (`NodeAddressType`).
+const NODE_ADDRESS_TYPES: [&str; 5] = [
+    "Hostname",
+    "InternalIP",
+    "ExternalIP",
+    "InternalDNS",
+    "ExternalDNS",
+];
+
+/// The taint effects (`TaintEffect`).
+const TAINT_EFFECTS: [&str; 3] = ["NoSchedule", "PreferNoSchedule", "NoExecute"];
+
+/// What is wrong with the fields of a Node kpx reads (its addresses, which
+/// serve NodePorts and masquerade, and its taints, which drain it). The
+/// rest of the Node is still used: a bad address is skipped, not the node.
+pub fn node_problems(origin: &str, node: &k8s_openapi::api::core::v1::Node) -> Vec<Problem> {
+    let object = format!(
+        "Node {}",
+        node.metadata.name.as_deref().unwrap_or("<unnamed>")
+    );
+    let problem = |field: String, message: String| Problem {
+        origin: origin.into(),
+        object: object.clone(),
+        field,
+        message,
+    };
+    let mut out = Vec::new();
+    if node.metadata.name.as_deref().unwrap_or("").is_empty() {
+        out.push(problem("metadata.name".into(), "missing".into()));
+    }
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in addresses.into_iter().flatten().enumerate() {
+        if !NODE_ADDRESS_TYPES.contains(&a.type_.as_str()) {
+            out.push(problem(
+                format!("status.addresses[{i}].type"),
+                format!(
+                    "unknown address type {:?} ({})",
+                    a.type_,
+                    NODE_ADDRESS_TYPES.join(", ")
+                ),
+            ));
+        } else if (a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            && a.address.parse::<IpAddr>().is_err()
+        {
+            out.push(problem(
+                format!("status.addresses[{i}].address"),
+                format!("{:?} is not an IP address", a.address),
+            ));
+        }
+    }
+    let taints = node.spec.as_ref().and_then(|s| s.taints.as_ref());
+    for (i, t) in taints.into_iter().flatten().enumerate() {
+        if !TAINT_EFFECTS.contains(&t.effect.as_str()) {
+            out.push(problem(
+                format!("spec.taints[{i}].effect"),
+                format!(
+                    "unknown taint effect {:?} ({})",
+                    t.effect,
+                    TAINT_EFFECTS.join(", ")
+                ),
+            ));
+        }
+    }
+    out
+}
