@@ -680,7 +680,7 @@ fn run_side(proxy: Proxy, manifest: &str, scenarios: &[Scenario]) -> Vec<Vec<Out
             let want = frontends(manifest, &n.node_name);
             let ok = wait_for(Duration::from_secs(20), || {
                 let maps = MapSet::open_pinned(&n.bpffs()).ok()?;
-                let st = maps.read_state().ok()?;
+                let st = maps.serving().ok()?;
                 (st.services.len() == want && maps.node_addrs.keys().count() > 0).then_some(())
             });
             assert!(

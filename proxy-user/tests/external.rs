@@ -133,7 +133,7 @@ fn bed() -> MultiNode {
 fn synced(n: &Cluster) {
     let ok = wait_for(Duration::from_secs(20), || {
         let maps = MapSet::open_pinned(&n.bpffs()).ok()?;
-        let st = maps.read_state().ok()?;
+        let st = maps.serving().ok()?;
         (st.services.len() == FRONTENDS && maps.node_addrs.keys().count() > 0).then_some(())
     });
     assert!(

@@ -55,7 +55,7 @@ fn ips(c: &Cluster, names: &[&str]) -> Vec<Ipv4Addr> {
 
 /// Backend counts per frontend, sorted.
 fn counts(c: &Cluster) -> Option<Vec<u32>> {
-    let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+    let st = MapSet::open_pinned(&c.bpffs()).ok()?.serving().ok()?;
     let mut v: Vec<u32> = st.services.values().map(|s| s.count).collect();
     v.sort();
     Some(v)
@@ -305,7 +305,7 @@ fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
     api.start().unwrap();
     let converged = wait_for(Duration::from_secs(20), || {
         let ips = |names: &[&str]| ips(&c, names);
-        let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+        let st = MapSet::open_pinned(&c.bpffs()).ok()?.serving().ok()?;
         let backends: std::collections::BTreeSet<Ipv4Addr> =
             st.backends.values().map(|b| b.addr).collect();
         (backends == ips(&["web-2", "web-3"]).into_iter().collect()).then_some(())
@@ -447,7 +447,7 @@ status:
     // The corpus's valid services and web keep serving: ok-a's VIP is taken
     // by `clash` (reported), ok-b is served with its endpoint.
     let served = wait_for(Duration::from_secs(20), || {
-        let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+        let st = MapSet::open_pinned(&c.bpffs()).ok()?.serving().ok()?;
         let ok_b = kpx::control::model::FrontendKey {
             addr: Ipv4Addr::new(198, 19, 3, 2),
             port: 53,

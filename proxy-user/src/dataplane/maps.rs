@@ -263,6 +263,21 @@ impl MapSet {
         })
     }
 
+    /// What the datapath serves: the control-plane maps' contents with only
+    /// the frontends whose port the port filter lets through (the sync
+    /// writes the filter last, so a frontend is served from then on).
+    pub fn serving(&self) -> Result<MapState> {
+        let mut st = self.read_state()?;
+        let words = self.port_words()?;
+        st.services.retain(|k, _| {
+            let bit = service_key(k).port_bit();
+            words
+                .get(bit.word as usize)
+                .is_some_and(|w| w & bit.mask != 0)
+        });
+        Ok(st)
+    }
+
     /// Performs one write of a sync plan.
     pub fn write(&mut self, op: &Op) -> Result<(), MapError> {
         match op {
