@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kpx::{
     agent::{self, settings::DEFAULT_BPFFS, AgentFlags, Settings},
     control::config::{self, NodeFlags},
-    dataplane::{attach, bpffs, Datapath, LoadOptions, MapSet},
+    dataplane::{attach, bpffs, takeover, Datapath, LoadOptions, MapSet},
     ops::{cleanup, dump},
     reference::{self, Mode},
 };
@@ -50,6 +50,11 @@ enum Command {
         /// datapath is left alone.
         #[arg(long)]
         kube_proxy: bool,
+        /// First hand kpx's established service flows to netfilter's
+        /// conntrack, with kpx's NAT, so they keep working once kpx's
+        /// programs are gone (the way back to kube-proxy); false drops them.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        keep_flows: bool,
     },
     /// Load the datapath into this kernel (the verifier runs) and report success.
     Check,
@@ -103,12 +108,23 @@ fn main() -> Result<()> {
             init_logging(None);
             run_dump(what, &bpffs, json)
         }
-        Command::Cleanup { bpffs, kube_proxy } => {
+        Command::Cleanup {
+            bpffs,
+            kube_proxy,
+            keep_flows,
+        } => {
             init_logging(None);
             if kube_proxy {
                 let report = cleanup::kube_proxy()?;
                 println!("{report}");
                 return Ok(());
+            }
+            if keep_flows {
+                // Before the programs go: until then kpx still serves them.
+                match MapSet::open_pinned(&bpffs).and_then(|maps| takeover::hand_back(&maps)) {
+                    Ok(report) => println!("kpx's flows handed to netfilter: {report}"),
+                    Err(e) => eprintln!("kpx's flows not handed to netfilter: {e:#}"),
+                }
             }
             let links = attach::unpin_links(&bpffs)?;
             let removed = bpffs::unpin_all(&bpffs)?;

@@ -561,13 +561,72 @@ fn taking_over_from_kube_proxy_breaks_no_connection() {
     );
     let log = c.agent_log();
     assert!(
-        log.contains("takeover: 50 service flows carried over from netfilter"),
+        log.contains("takeover from netfilter: 50 service flows carried"),
         "{log}"
     );
     tcp_ask_many(&c.pod("client").netns, vip, 20, T).unwrap();
     let line = log
         .lines()
-        .find(|l| l.contains("takeover:"))
+        .find(|l| l.contains("takeover from netfilter:"))
         .unwrap_or_default();
     eprintln!("takeover drill: 50 of 50 kube-proxy connections kept on their backends; {line}");
+}
+
+/// Drill: the way back. 50 long-lived connections through kpx; the agent
+/// stopped, kube-proxy's rules loaded, then `kpx cleanup`: it hands kpx's
+/// flows to netfilter, with kpx's NAT, before detaching, so none breaks and
+/// each keeps its backend, while new connections go through kube-proxy's
+/// rules.
+#[test]
+#[ignore = "needs root"]
+fn going_back_to_kube_proxy_breaks_no_connection() {
+    let mut c = running(&["web-1", "web-2", "web-3"]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut long: Vec<(Conn, String)> = (0..50)
+        .map(|_| {
+            let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
+            let who = conn.ask().unwrap();
+            (conn, who)
+        })
+        .collect();
+    // The DaemonSet deleted: the agent goes, its pinned datapath stays.
+    c.agent.as_mut().unwrap().kill().unwrap();
+    c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
+        .unwrap();
+    let out = c
+        .node
+        .command(Path::new(KPX))
+        .unwrap()
+        .args(["cleanup", "--bpffs"])
+        .arg(c.bpffs())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let errors = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}{errors}");
+    assert!(
+        said.contains("kpx's flows handed to netfilter: 50 service flows carried"),
+        "{said}{errors}"
+    );
+    let broken: Vec<String> = long
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, (conn, who))| match conn.ask() {
+            Ok(now) if now == *who => None,
+            Ok(now) => Some(format!("#{i}: {who} became {now}")),
+            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
+        })
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "{} of 50 broken: {broken:?}\n{said}",
+        broken.len()
+    );
+    // New connections: kube-proxy's rules alone now.
+    let ids = tcp_ask_many(&c.pod("client").netns, vip, 30, T).unwrap();
+    assert_eq!(spread(&ids).len(), 3, "{ids:?}");
+    eprintln!(
+        "way-back drill: 50 of 50 connections kept on their backends; {}",
+        said.trim()
+    );
 }

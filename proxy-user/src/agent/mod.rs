@@ -558,7 +558,10 @@ impl Agent {
             Ok(report) if report.carried == 0 && report.skipped.is_empty() => {
                 log::debug!("takeover: no netfilter service flow to carry over");
             }
-            Ok(report) => log::info!("takeover: {report} in {:.1?}", started.elapsed()),
+            Ok(report) => log::info!(
+                "takeover from netfilter: {report} in {:.1?}",
+                started.elapsed()
+            ),
             Err(e) => log::info!(
                 "takeover: netfilter's conntrack not read ({e:#}); no kube-proxy flow carried over"
             ),

@@ -98,11 +98,56 @@ pub fn unpin_links(bpffs: &Path) -> Result<usize> {
     let mut n = 0;
     for entry in entries {
         let path = entry?.path();
+        if let Err(e) = detach_pinned(&path) {
+            log::warn!(
+                "detaching {}: {e}; it goes once the kernel drops it",
+                path.display()
+            );
+        }
         fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         n += 1;
     }
     let _ = fs::remove_dir(&dir);
     Ok(n)
+}
+
+/// Detaches the link pinned at `path` now (`BPF_LINK_DETACH`), so its
+/// program is off the interface when this returns: removing the pin alone
+/// leaves it attached until the kernel drops its last reference, and a
+/// packet meanwhile would still be translated.
+fn detach_pinned(path: &Path) -> std::io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // union bpf_attr for OBJ_GET: pathname, bpf_fd, file_flags.
+    let get: [u64; 2] = [name.as_ptr() as u64, 0];
+    // SAFETY: `get` is a valid bpf_attr prefix naming a NUL-terminated path
+    // alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_ptr(), size_of_val(&get)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr for LINK_DETACH: link_fd.
+    let detach: [u32; 4] = [link.as_raw_fd() as u32, 0, 0, 0];
+    // SAFETY: `detach` is a valid bpf_attr prefix for this command.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            detach.as_ptr(),
+            size_of_val(&detach),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 pub struct Attacher {

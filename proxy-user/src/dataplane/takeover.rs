@@ -1,6 +1,9 @@
-//! Takeover from kube-proxy without breaking a connection: the service flows
-//! kube-proxy's DNAT established (netfilter's conntrack entries) are carried
-//! into kpx's conntrack at start, each on the backend netfilter chose.
+//! Handover between kube-proxy and kpx without breaking a connection, both
+//! ways. Taking over: the service flows kube-proxy's DNAT established
+//! (netfilter's conntrack entries) are carried into kpx's conntrack at
+//! start, each on the backend netfilter chose. Handing back (`kpx cleanup`):
+//! kpx's flows become netfilter conntrack entries with the same NAT, so they
+//! survive kpx's programs going away.
 //!
 //! Without this, the first packet of such a flow that meets kpx's tc program
 //! is mid-stream TCP to a service kpx does not track: dropped as invalid, as
@@ -13,17 +16,21 @@
 //! not serve (a Service deleted meanwhile), protocols other than TCP and UDP,
 //! IPv6 (kpx's datapath is IPv4 today), and flows with no room in the table.
 //! Flows netfilter did not DNAT are not service flows and are left alone.
+//! Handing back carries established TCP and UDP flows (half-open and
+//! closing connections are left to end), with netfilter's liberal TCP
+//! window tracking, as it would pick up a connection mid-stream.
 
 use std::{collections::BTreeMap, net::IpAddr, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    DefaultNla, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLA_F_NESTED, NLM_F_ACK,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_netfilter::{
     conntrack::{
-        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple, Status,
-        Tuple,
+        ConntrackAttribute, ConntrackMessage, IPTuple, ProtoInfo, ProtoInfoTCP, ProtoTuple,
+        Protocol, Status, TCPFlags, Tuple,
     },
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
@@ -37,7 +44,7 @@ use proxy_common::{
 use crate::{
     control::model::FrontendKey,
     dataplane::{
-        conntrack::monotonic_ns,
+        conntrack::{monotonic_ns, read_table, Flow, FlowState},
         maps::{CtTable, MapSet},
         reconcile::{BackendAddr, MapState},
     },
@@ -75,11 +82,7 @@ pub struct Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} service flows carried over from netfilter",
-            self.carried
-        )?;
+        write!(f, "{} service flows carried", self.carried)?;
         for (why, n) in &self.skipped {
             write!(f, ", {n} not ({why})")?;
         }
@@ -233,31 +236,45 @@ fn frontend(state: &MapState, addr: Ipv4Addr, port: u16, proto: u8) -> Option<u3
         .map(|v| v.svc_id)
 }
 
-/// netfilter's IPv4 conntrack entries (ctnetlink dump), and how many were
-/// of no use here (other families or protocols, no ports).
-fn dump() -> Result<(Vec<NfFlow>, u64)> {
+/// A netlink socket to netfilter (ctnetlink), connected to the kernel.
+fn socket() -> Result<Socket> {
     let mut socket =
         Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
     socket.bind_auto().context("binding it")?;
     socket
         .connect(&SocketAddr::new(0, 0))
         .context("connecting it to the kernel")?;
+    Ok(socket)
+}
+
+/// Sends one ctnetlink request with `flags`.
+fn send(socket: &Socket, flags: u16, message: ConntrackMessage) -> Result<()> {
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = flags;
     let mut request = NetlinkMessage::new(
         header,
         NetlinkPayload::from(NetfilterMessage::new(
             NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
-            ConntrackMessage::Get(vec![]),
+            message,
         )),
     );
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
-    socket
-        .send(&buf, 0)
-        .context("asking for the conntrack table")?;
+    socket.send(&buf, 0).context("sending to netfilter")?;
+    Ok(())
+}
 
+/// netfilter's IPv4 conntrack entries (ctnetlink dump), and how many were
+/// of no use here (other families or protocols, no ports).
+fn dump() -> Result<(Vec<NfFlow>, u64)> {
+    let socket = socket()?;
+    send(
+        &socket,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        ConntrackMessage::Get(vec![]),
+    )
+    .context("asking for the conntrack table")?;
     let (mut flows, mut unreadable) = (Vec::new(), 0);
     let mut recv = vec![0; 1 << 16];
     loop {
@@ -284,6 +301,162 @@ fn dump() -> Result<(Vec<NfFlow>, u64)> {
             off += len;
         }
     }
+}
+
+/// netfilter's idle timeouts for what is handed back: kube-proxy's
+/// established TCP timeout, the kernel's UDP ones.
+const HANDED_TCP_TIMEOUT_S: u32 = 86_400;
+const HANDED_UDP_STREAM_TIMEOUT_S: u32 = 120;
+const HANDED_UDP_TIMEOUT_S: u32 = 30;
+/// `IP_CT_TCP_FLAG_BE_LIBERAL`: netfilter does not know the windows of a
+/// connection it did not see open, so it must not judge segments by them.
+const IP_CT_TCP_FLAG_BE_LIBERAL: u8 = 0x08;
+/// ctnetlink's NAT attributes (`CTA_NAT_*`), which the crate leaves raw.
+const CTA_NAT_SRC: u16 = 6;
+const CTA_NAT_DST: u16 = 13;
+const CTA_NAT_V4_MINIP: u16 = 1;
+const CTA_NAT_V4_MAXIP: u16 = 2;
+const CTA_NAT_PROTO: u16 = 3;
+const CTA_PROTONAT_PORT_MIN: u16 = 1;
+const CTA_PROTONAT_PORT_MAX: u16 = 2;
+
+/// Hands kpx's service flows to netfilter: each becomes a conntrack entry
+/// whose NAT is kpx's translation, so that once kpx's programs are gone
+/// netfilter carries the connection on (the way back to kube-proxy).
+/// Returns what was handed back and what was not, by reason.
+pub fn hand_back(maps: &MapSet) -> Result<Report> {
+    let table = read_table(maps)?;
+    let socket = socket()?;
+    let mut report = Report::default();
+    let mut recv = vec![0; 1 << 16];
+    for f in &table.flows {
+        let Some(message) = handed(f) else {
+            *report
+                .skipped
+                .entry("closing or not yet answered")
+                .or_insert(0) += 1;
+            continue;
+        };
+        // netfilter loads its NAT module on first use and asks to retry.
+        let mut outcome = Err(libc::EAGAIN);
+        for _ in 0..3 {
+            send(
+                &socket,
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+                message.clone(),
+            )?;
+            outcome = ack(&socket, &mut recv)?;
+            if outcome != Err(libc::EAGAIN) {
+                break;
+            }
+        }
+        match outcome {
+            Ok(()) => report.carried += 1,
+            Err(libc::EEXIST) => *report.skipped.entry("already in netfilter").or_insert(0) += 1,
+            Err(code) => {
+                log::debug!("handing {:?} to netfilter: errno {code}", f.key);
+                *report.skipped.entry("refused by netfilter").or_insert(0) += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The answer to one request: Ok, or the errno netfilter gave.
+fn ack(socket: &Socket, recv: &mut Vec<u8>) -> Result<std::result::Result<(), i32>> {
+    let n = socket
+        .recv(&mut &mut recv[..], 0)
+        .context("reading netfilter's answer")?;
+    let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&recv[..n])
+        .context("parsing netfilter's answer")?;
+    Ok(match msg.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(-code.get()),
+        },
+        _ => Ok(()),
+    })
+}
+
+/// The ctnetlink request that recreates `f` in netfilter, if it is a flow
+/// to hand back: the original tuple, its inverse as the reply (netfilter
+/// derives the translated reply from the NAT), the NAT, and the state.
+pub fn handed(f: &Flow) -> Option<ConntrackMessage> {
+    let replied = match f.state() {
+        FlowState::TcpEstablished | FlowState::UdpStream => true,
+        FlowState::UdpUnreplied => false,
+        _ => return None,
+    };
+    let o = &f.original;
+    let k = &f.key;
+    let (src, dst) = (wire::to_addr(k.src_addr), wire::to_addr(k.dst_addr));
+    let (sport, dport) = (wire::to_port(k.src_port), wire::to_port(k.dst_port));
+    let tuple = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp: u16| {
+        vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(IpAddr::V4(s)),
+                IPTuple::DestinationAddress(IpAddr::V4(d)),
+            ]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(Protocol::from(k.proto)),
+                ProtoTuple::SourcePort(sp),
+                ProtoTuple::DestinationPort(dp),
+            ]),
+        ]
+    };
+    let mut attrs = vec![
+        ConntrackAttribute::CtaTupleOrig(tuple(src, sport, dst, dport)),
+        ConntrackAttribute::CtaTupleReply(tuple(dst, dport, src, sport)),
+        nat(CTA_NAT_DST, o.new_dst_addr, o.new_dst_port),
+    ];
+    if o.flags & CT_F_SNAT != 0 {
+        attrs.push(nat(CTA_NAT_SRC, o.new_src_addr, o.new_src_port));
+    }
+    // No CTA_STATUS: netfilter refuses one beside a NAT binding (EBUSY);
+    // the flow's next reply marks it seen-reply and assured anyway.
+    let timeout = match (k.proto, replied) {
+        (IPPROTO_TCP, _) => HANDED_TCP_TIMEOUT_S,
+        (_, true) => HANDED_UDP_STREAM_TIMEOUT_S,
+        (_, false) => HANDED_UDP_TIMEOUT_S,
+    };
+    attrs.push(ConntrackAttribute::CtaTimeout(timeout));
+    if k.proto == IPPROTO_TCP {
+        let mut tcp = vec![ProtoInfoTCP::State(TCP_CONNTRACK_ESTABLISHED)];
+        // (flags, mask): two bytes, always parsed.
+        if let Ok(liberal) = TCPFlags::parse(&[IP_CT_TCP_FLAG_BE_LIBERAL; 2]) {
+            tcp.push(ProtoInfoTCP::OriginalFlags(liberal.clone()));
+            tcp.push(ProtoInfoTCP::ReplyFlags(liberal));
+        }
+        attrs.push(ConntrackAttribute::CtaProtoInfo(vec![ProtoInfo::TCP(tcp)]));
+    }
+    Some(ConntrackMessage::New(attrs))
+}
+
+/// A `CTA_NAT_*` attribute mapping to exactly `addr:port` (wire order).
+fn nat(kind: u16, addr: u32, port: u16) -> ConntrackAttribute {
+    let ports = [
+        nla(CTA_PROTONAT_PORT_MIN, &port.to_ne_bytes()),
+        nla(CTA_PROTONAT_PORT_MAX, &port.to_ne_bytes()),
+    ]
+    .concat();
+    let value = [
+        nla(CTA_NAT_V4_MINIP, &addr.to_ne_bytes()),
+        nla(CTA_NAT_V4_MAXIP, &addr.to_ne_bytes()),
+        nla(CTA_NAT_PROTO | NLA_F_NESTED, &ports),
+    ]
+    .concat();
+    ConntrackAttribute::Other(DefaultNla::new(kind | NLA_F_NESTED, value))
+}
+
+/// One netlink attribute: length, type, value, padded to 4 bytes.
+fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+    let len = 4 + value.len();
+    let mut out = Vec::with_capacity(len.next_multiple_of(4));
+    out.extend_from_slice(&(len as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    out.resize(len.next_multiple_of(4), 0);
+    out
 }
 
 /// One dumped entry, if it is IPv4 TCP or UDP with both tuples.
