@@ -419,4 +419,29 @@ conntrack: {udpTimeout: 5s, maxPerCore: 1000, min: 4000}
         assert!(Cli::try_parse_from(["kpx", "--conntrack-gc-interval=soon"]).is_err());
         assert!(Cli::try_parse_from(["kpx", "--min-sync-period=0s"]).is_ok());
     }
+
+    /// Every address, CIDR, port and bound is checked before the agent
+    /// starts, and the error names the flag.
+    #[test]
+    fn addresses_cidrs_and_ports_out_of_range_are_refused_naming_the_flag() {
+        for (arg, flag) in [
+            ("--bind-address=198.18.0.300", "--bind-address"),
+            ("--node-ip=node-1", "--node-ip"),
+            ("--cluster-cidr=198.18.0.0/16,198.19.0.0/33", "--cluster-cidr"),
+            ("--nodeport-addresses=198.18.0.0/40", "--nodeport-addresses"),
+            ("--masquerade-ports=1024-70000", "--masquerade-ports"),
+            ("--masquerade-ports=3000-2000", "--masquerade-ports"),
+            ("--healthz-bind-address=0.0.0.0:99999", "--healthz-bind-address"),
+            ("--metrics-bind-address=127.0.0.1:port", "--metrics-bind-address"),
+            ("--conntrack-max=-1", "--conntrack-max"),
+            ("--iptables-masquerade-bit=32", "--iptables-masquerade-bit"),
+            ("--oom-score-adj=1001", "--oom-score-adj"),
+        ] {
+            let err = match Cli::try_parse_from(["kpx", arg]) {
+                Ok(_) => panic!("{arg} accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(flag), "{arg}: {err}");
+        }
+    }
 }
