@@ -427,12 +427,21 @@ conntrack: {udpTimeout: 5s, maxPerCore: 1000, min: 4000}
         for (arg, flag) in [
             ("--bind-address=198.18.0.300", "--bind-address"),
             ("--node-ip=node-1", "--node-ip"),
-            ("--cluster-cidr=198.18.0.0/16,198.19.0.0/33", "--cluster-cidr"),
+            (
+                "--cluster-cidr=198.18.0.0/16,198.19.0.0/33",
+                "--cluster-cidr",
+            ),
             ("--nodeport-addresses=198.18.0.0/40", "--nodeport-addresses"),
             ("--masquerade-ports=1024-70000", "--masquerade-ports"),
             ("--masquerade-ports=3000-2000", "--masquerade-ports"),
-            ("--healthz-bind-address=0.0.0.0:99999", "--healthz-bind-address"),
-            ("--metrics-bind-address=127.0.0.1:port", "--metrics-bind-address"),
+            (
+                "--healthz-bind-address=0.0.0.0:99999",
+                "--healthz-bind-address",
+            ),
+            (
+                "--metrics-bind-address=127.0.0.1:port",
+                "--metrics-bind-address",
+            ),
             ("--conntrack-max=-1", "--conntrack-max"),
             ("--iptables-masquerade-bit=32", "--iptables-masquerade-bit"),
             ("--oom-score-adj=1001", "--oom-score-adj"),
