@@ -363,7 +363,7 @@ pub fn hand_back(maps: &MapSet) -> Result<Report> {
 }
 
 /// The answer to one request: Ok, or the errno netfilter gave.
-fn ack(socket: &Socket, recv: &mut Vec<u8>) -> Result<std::result::Result<(), i32>> {
+fn ack(socket: &Socket, recv: &mut [u8]) -> Result<std::result::Result<(), i32>> {
     let n = socket
         .recv(&mut &mut recv[..], 0)
         .context("reading netfilter's answer")?;
