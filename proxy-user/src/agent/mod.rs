@@ -533,20 +533,24 @@ impl Agent {
     /// (every prefix of a plan is a consistent datapath), logs and returns
     /// false. The one write stream of frontends, node addresses and settings.
     fn apply(&mut self, ops: &[Op]) -> bool {
-        for (i, op) in ops.iter().enumerate() {
-            if let Err(e) = self.dp.maps.write(op) {
-                self.metrics.map_writes.inc_by(i as u64);
-                log::error!(
-                    "map write {}/{} ({op:?}) failed: {e}; will retry",
-                    i + 1,
-                    ops.len()
-                );
-                return false;
-            }
+        let (done, failed) = match self.dp.maps.write_all(ops) {
+            Ok(()) => (ops.len(), None),
+            Err((done, e)) => (done, Some(e)),
+        };
+        for op in &ops[..done] {
             self.ports.observe(op, &self.mirror.state);
             self.mirror.record(op);
         }
-        self.metrics.map_writes.inc_by(ops.len() as u64);
+        self.metrics.map_writes.inc_by(done as u64);
+        if let Some(e) = failed {
+            log::error!(
+                "map write {}/{} ({:?}) failed: {e}; will retry",
+                done + 1,
+                ops.len(),
+                ops.get(done)
+            );
+            return false;
+        }
         true
     }
 

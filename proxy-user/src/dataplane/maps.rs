@@ -16,8 +16,8 @@ use aya::{
 use crate::{
     control::cidr::Cidr,
     control::model::FrontendKey,
-    dataplane::layout,
     dataplane::reconcile::{BackendAddr, MapState, Op},
+    dataplane::{batch, layout},
 };
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
@@ -303,6 +303,163 @@ impl MapSet {
         }
     }
 
+    /// Performs a sync plan in order, runs of the same write to the same
+    /// map in one batched call each (`dataplane::batch`). On failure,
+    /// returns how many writes were done: a prefix of the plan, which is a
+    /// consistent datapath.
+    pub fn write_all(&mut self, ops: &[Op]) -> Result<(), (usize, MapError)> {
+        let mut i = 0;
+        while i < ops.len() {
+            let class = batch_class(&ops[i]);
+            let end = match class {
+                Some(c) => {
+                    i + ops[i..]
+                        .iter()
+                        .take_while(|op| batch_class(op) == Some(c))
+                        .count()
+                }
+                None => i + 1,
+            };
+            if end - i > 1 {
+                match self.write_run(&ops[i..end]) {
+                    Ok(()) => {
+                        i = end;
+                        continue;
+                    }
+                    Err(p) if p.done == 0 && batch::unsupported(&p.error) => {}
+                    Err(p) => {
+                        return Err((
+                            i + p.done,
+                            MapError::SyscallError(aya::sys::SyscallError {
+                                call: "BPF_MAP_UPDATE_BATCH",
+                                io_error: p.error,
+                            }),
+                        ))
+                    }
+                }
+            }
+            // One at a time: a write that does not batch, or a kernel that
+            // cannot.
+            for (n, op) in ops[i..end].iter().enumerate() {
+                self.write(op).map_err(|e| (i + n, e))?;
+            }
+            i = end;
+        }
+        Ok(())
+    }
+
+    /// A run of writes of one class (`batch_class`) in one batched call.
+    fn write_run(&mut self, run: &[Op]) -> Result<(), batch::Partial> {
+        use aya::maps::IterableMap as _;
+        fn pairs<K, V>(run: &[Op], f: impl Fn(&Op) -> Option<(K, V)>) -> (Vec<K>, Vec<V>) {
+            run.iter().filter_map(f).unzip()
+        }
+        fn keys<K>(run: &[Op], f: impl Fn(&Op) -> Option<K>) -> Vec<K> {
+            run.iter().filter_map(f).collect()
+        }
+        match &run[0] {
+            Op::PutBackend(..) => {
+                let (k, v) = pairs(run, |op| match op {
+                    Op::PutBackend(id, b) => Some((*id, backend(b))),
+                    _ => None,
+                });
+                batch::update(self.backends.map(), &k, &v)
+            }
+            Op::PutSlot(..) => {
+                let (k, v) = pairs(run, |op| match op {
+                    Op::PutSlot(k, id) => Some((*k, *id)),
+                    _ => None,
+                });
+                batch::update(self.slots.map(), &k, &v)
+            }
+            Op::PutService(..) => {
+                let (k, v) = pairs(run, |op| match op {
+                    Op::PutService(k, v) => Some((service_key(k), *v)),
+                    _ => None,
+                });
+                batch::update(self.services.map(), &k, &v)
+            }
+            Op::PutAddr(..) => {
+                let (k, v) = pairs(run, |op| match op {
+                    Op::PutAddr(a, n) => Some((wire::addr(*a), *n)),
+                    _ => None,
+                });
+                batch::update(self.service_addrs.map(), &k, &v)
+            }
+            Op::PutName(..) => {
+                let (k, v) = pairs(run, |op| match op {
+                    Op::PutName(id, name) => Some((*id, name_to_bytes(name))),
+                    _ => None,
+                });
+                batch::update(self.service_names.map(), &k, &v)
+            }
+            Op::PutNodeAddr(..) => {
+                let (k, v) = pairs(run, |op| match op {
+                    Op::PutNodeAddr(a, f) => Some((wire::addr(*a), *f)),
+                    _ => None,
+                });
+                batch::update(self.node_addrs.map(), &k, &v)
+            }
+            Op::ResetStats(_) => {
+                let ids = keys(run, |op| match op {
+                    Op::ResetStats(id) => Some(*id),
+                    _ => None,
+                });
+                // Per-CPU: one zeroed value for every possible CPU.
+                let cpus = nr_cpus().map_err(|e| batch::Partial {
+                    done: 0,
+                    error: std::io::Error::other(e.to_string()),
+                })?;
+                let zeros = vec![ServiceStats::default(); ids.len() * cpus];
+                batch::update_per_key(self.service_stats.map(), &ids, &zeros, cpus)
+            }
+            Op::DelService(_) => batch::delete(
+                self.services.map(),
+                &keys(run, |op| match op {
+                    Op::DelService(k) => Some(service_key(k)),
+                    _ => None,
+                }),
+            ),
+            Op::DelSlot(_) => batch::delete(
+                self.slots.map(),
+                &keys(run, |op| match op {
+                    Op::DelSlot(k) => Some(*k),
+                    _ => None,
+                }),
+            ),
+            Op::DelBackend(_) => batch::delete(
+                self.backends.map(),
+                &keys(run, |op| match op {
+                    Op::DelBackend(id) => Some(*id),
+                    _ => None,
+                }),
+            ),
+            Op::DelAddr(_) => batch::delete(
+                self.service_addrs.map(),
+                &keys(run, |op| match op {
+                    Op::DelAddr(a) => Some(wire::addr(*a)),
+                    _ => None,
+                }),
+            ),
+            Op::DelName(_) => batch::delete(
+                self.service_names.map(),
+                &keys(run, |op| match op {
+                    Op::DelName(id) => Some(*id),
+                    _ => None,
+                }),
+            ),
+            Op::DelNodeAddr(_) => batch::delete(
+                self.node_addrs.map(),
+                &keys(run, |op| match op {
+                    Op::DelNodeAddr(a) => Some(wire::addr(*a)),
+                    _ => None,
+                }),
+            ),
+            // Never a run: `batch_class` keeps them single.
+            _ => Ok(()),
+        }
+    }
+
     /// Every word of the frontend-port filter.
     pub fn port_words(&self) -> Result<Vec<u64>, MapError> {
         (0..self.ports.len())
@@ -373,6 +530,28 @@ impl MapSet {
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
         self.config.set(0, cfg, 0)
     }
+}
+
+/// Which writes go together into one batched call: the same operation on
+/// the same map. The LPM trie (no batch operations) and the config array
+/// are written one at a time.
+fn batch_class(op: &Op) -> Option<u8> {
+    Some(match op {
+        Op::PutBackend(..) => 0,
+        Op::PutSlot(..) => 1,
+        Op::PutService(..) => 2,
+        Op::PutAddr(..) => 3,
+        Op::PutName(..) => 4,
+        Op::PutNodeAddr(..) => 5,
+        Op::DelService(_) => 6,
+        Op::DelSlot(_) => 7,
+        Op::DelBackend(_) => 8,
+        Op::DelAddr(_) => 9,
+        Op::DelName(_) => 10,
+        Op::DelNodeAddr(_) => 11,
+        Op::ResetStats(_) => 12,
+        Op::PutRange(..) | Op::DelRange(..) | Op::SetConfig(_) => return None,
+    })
 }
 
 /// A frontend's map key (wire order) and back: the map boundary.

@@ -6,6 +6,7 @@
 //! order everywhere but at the map boundary.
 
 pub mod attach;
+pub mod batch;
 pub mod bpffs;
 pub mod conntrack;
 pub mod layout;

@@ -46,6 +46,7 @@ pub(super) struct Planner<'a> {
     pub(super) slot_writes: Vec<Op>,
     pub(super) range_puts: Vec<Op>,
     pub(super) service_writes: Vec<Op>,
+    pub(super) name_writes: Vec<Op>,
     pub(super) range_dels: Vec<Op>,
 }
 
@@ -78,6 +79,7 @@ impl<'a> Planner<'a> {
             slot_writes: Vec::new(),
             range_puts: Vec::new(),
             service_writes: Vec::new(),
+            name_writes: Vec::new(),
             range_dels: Vec::new(),
         }
     }
@@ -141,7 +143,7 @@ impl<'a> Planner<'a> {
         }
         let name: String = truncate(&frontend.name);
         if cur.names.get(&svc_id) != Some(&name) {
-            self.service_writes.push(Op::PutName(svc_id, name));
+            self.name_writes.push(Op::PutName(svc_id, name));
         }
         Ok(Planned {
             svc_id,
@@ -223,6 +225,9 @@ impl<'a> Planner<'a> {
         ops.append(&mut self.slot_writes);
         ops.append(&mut self.range_puts);
         ops.extend(addr_puts);
+        // Names (for `kpx dump`) just before their frontends, each kind in
+        // one run: a run of one map's writes is one batched call.
+        ops.append(&mut self.name_writes);
         ops.append(&mut self.service_writes);
         ops
     }

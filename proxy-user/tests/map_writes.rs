@@ -1,0 +1,132 @@
+//! Map writes in the kernel: a sync plan written in batches
+//! (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`) leaves the maps exactly
+//! as the same plan written one element at a time, and as the planner's
+//! mirror says; a batch that fails part-way says how far it got.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{HashMap, MapData};
+use kpx::{
+    control::{index::Index, manifests, model::NodeInfo},
+    dataplane::{
+        batch,
+        maps::{Datapath, LoadOptions},
+        reconcile::{self, Mirror, Op, Scope},
+    },
+};
+
+fn datapath() -> Datapath {
+    testbed::built("the datapath", Datapath::load(&LoadOptions::default()))
+}
+
+/// The plan of a first sync of `n` services of `endpoints` endpoints each,
+/// then of the same cluster with every other service gone.
+fn plans(n: u32, endpoints: u8) -> (Vec<Op>, Vec<Op>, Mirror) {
+    let yaml = |n: u32, skip_odd: bool| {
+        let mut out = manifests::Loaded::default();
+        for i in (0..n).filter(|i| !skip_odd || i % 2 == 0) {
+            let vip = Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250) as u8 + 1);
+            let eps: Vec<Ipv4Addr> = (0..endpoints)
+                .map(|e| Ipv4Addr::new(198, 18, (i / 250) as u8, e + 10 * (i % 20) as u8))
+                .collect();
+            let text = testbed::service_yaml(&format!("s{i}"), vip, (80, 8080), (53, 5353), &eps);
+            manifests::parse_file("plan", &text, &mut out);
+        }
+        out
+    };
+    let node = NodeInfo {
+        addresses: vec![Ipv4Addr::new(198, 18, 255, 1)],
+        ..NodeInfo::named("node-1")
+    };
+    let mut index = Index::new(node);
+    let mut mirror = Mirror::default();
+    let cap = proxy_common::capacity::SERVICE_STATS;
+    let all = yaml(n, false);
+    index.replace_all(all.services, all.slices);
+    let first = reconcile::reconcile(&mirror, &index.outcome().desired, Scope::All, cap).unwrap();
+    for op in &first {
+        mirror.record(op);
+    }
+    let half = yaml(n, true);
+    index.replace_all(half.services, half.slices);
+    let second = reconcile::reconcile(&mirror, &index.outcome().desired, Scope::All, cap).unwrap();
+    for op in &second {
+        mirror.record(op);
+    }
+    (first, second, mirror)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_plan_written_in_batches_leaves_the_maps_as_one_write_at_a_time() {
+    let (first, second, mirror) = plans(400, 4);
+    let deletes = second
+        .iter()
+        .filter(|op| matches!(op, Op::DelService(_) | Op::DelSlot(_) | Op::DelBackend(_)))
+        .count();
+    assert!(
+        first.len() > 3_000 && deletes > 1_000,
+        "{} / {deletes}",
+        first.len()
+    );
+    let (mut batched, mut single) = (datapath(), datapath());
+    batched.maps.write_all(&first).unwrap();
+    batched.maps.write_all(&second).unwrap();
+    for op in first.iter().chain(&second) {
+        single.maps.write(op).unwrap();
+    }
+    let (b, s) = (
+        batched.maps.read_state().unwrap(),
+        single.maps.read_state().unwrap(),
+    );
+    assert_eq!(b.services, s.services);
+    assert_eq!(b.slots, s.slots);
+    assert_eq!(b.backends, s.backends);
+    assert_eq!(b.addrs, s.addrs);
+    assert_eq!(b.names, s.names);
+    assert_eq!(b.services, mirror.state.services);
+    assert_eq!(b.slots, mirror.state.slots);
+    assert_eq!(b.backends, mirror.state.backends);
+    // Deleting what is already gone (an interrupted earlier sync) is fine.
+    batched.maps.write_all(&second).unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_batch_that_fails_part_way_says_how_far_it_got() {
+    let mut map: HashMap<MapData, u32, u32> = HashMap::create(4, 0).expect("a map");
+    let keys: Vec<u32> = (1..=10).collect();
+    let partial = batch::update(aya::maps::IterableMap::map(&map), &keys, &keys)
+        .expect_err("4 entries cannot hold 10");
+    assert_eq!(partial.done, 4, "{:?}", partial.error);
+    assert_eq!(map.keys().count(), 4);
+    // A missing key in the middle of a delete is skipped, not an error.
+    batch::delete(aya::maps::IterableMap::map(&map), &[1, 99, 2, 3]).unwrap();
+    let left: Vec<u32> = map.keys().map(|k| k.unwrap()).collect();
+    assert_eq!(left, vec![4]);
+    map.remove(&4).unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn per_cpu_statistics_are_reset_in_one_batch_on_every_cpu() {
+    let mut dp = datapath();
+    let cpus = aya::util::nr_cpus().unwrap();
+    let busy = proxy_common::ServiceStats {
+        packets: 7,
+        bytes: 700,
+        new_flows: 1,
+    };
+    for id in 1..=3u32 {
+        let values = aya::maps::PerCpuValues::try_from(vec![busy; cpus]).unwrap();
+        dp.maps.service_stats.set(id, values, 0).unwrap();
+    }
+    assert_eq!(dp.maps.service_stats(2).unwrap().packets, 7 * cpus as u64);
+    dp.maps
+        .write_all(&[Op::ResetStats(1), Op::ResetStats(2), Op::ResetStats(3)])
+        .unwrap();
+    for id in 1..=3 {
+        let s = dp.maps.service_stats(id).unwrap();
+        assert_eq!((s.packets, s.bytes, s.new_flows), (0, 0, 0), "service {id}");
+    }
+}
