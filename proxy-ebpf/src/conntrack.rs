@@ -91,6 +91,34 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<Found> {
     })
 }
 
+/// The flow a SYN-ACK really belongs to when it met a closing connection's
+/// reply entry in `CT_TCP`: a new connection reusing that reply tuple (a
+/// client reusing its port towards the same backend through another
+/// frontend), whose own entry waits in `CT_ANY`. The closing pair is
+/// removed and the new flow's entry returned; anything else is `found`.
+/// Lookups: 1, only for a SYN-ACK on a closing connection.
+#[inline(always)]
+pub fn newer(key: &CtKey, found: Found, tcp_flags: u8) -> Found {
+    if found.table != Table::Tcp || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK {
+        return found;
+    }
+    // SAFETY: as in `touch`; read only.
+    let e = unsafe { *found.entry };
+    if e.dir != CT_DIR_REPLY || e.flags & CT_F_CLOSING == 0 {
+        return found;
+    }
+    match CT_ANY.get_ptr_mut(key) {
+        Some(entry) => {
+            remove_flow(key, found);
+            Found {
+                entry,
+                table: Table::Any,
+            }
+        }
+        None => found,
+    }
+}
+
 /// The entry of the flow `key` belongs to, in whatever state (for ICMP
 /// errors, which may quote any segment of a connection).
 #[inline(always)]

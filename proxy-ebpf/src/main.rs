@@ -165,6 +165,7 @@ fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
     };
     // Known flow, either direction: one lookup decides the rewrite.
     if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
+        let found = conntrack::newer(&key, found, pkt.tcp_flags);
         if !(pkt.proto == IPPROTO_TCP && is_syn(pkt) && conntrack::closed_original(found.entry)) {
             let found = if conntrack::establishes(found, pkt.tcp_flags) {
                 match conntrack::establish(&key, found) {

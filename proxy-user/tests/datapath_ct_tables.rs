@@ -139,3 +139,39 @@ fn a_full_established_table_refuses_new_connections_and_keeps_every_established_
     let ack = run(&mut dp, &Pkt::new(CLIENT, 42100, VIP, 80, ACK).build());
     assert_eq!(ack.verdict, TC_ACT_OK);
 }
+
+/// A client reusing its port towards the same backend through another
+/// frontend: the new connection's reply tuple is the closing one's. Its
+/// SYN-ACK must be translated as the new connection's (from the frontend
+/// it asked), not as the closing one's, which it replaces.
+#[test]
+#[ignore = "needs root"]
+fn a_new_connection_reusing_a_closing_ones_reply_tuple_gets_its_own_translation() {
+    let mut dp = datapath();
+    let (vip1, vip2) = ("198.19.0.70", "198.19.0.71");
+    install_service(&mut dp, 7, vip1, 80, IPPROTO_TCP, &[(70, B1, 8080)]);
+    install_service(&mut dp, 8, vip2, 80, IPPROTO_TCP, &[(70, B1, 8080)]);
+    let first = handshake(&mut dp, &Pkt::new(CLIENT, 44000, vip1, 80, SYN));
+    // Closed both ways, still tracked (time_wait).
+    run(&mut dp, &Pkt::new(CLIENT, 44000, vip1, 80, FIN_ACK).build());
+    run(&mut dp, &reply(&first, FIN_ACK));
+
+    let second = inspect(&run(&mut dp, &Pkt::new(CLIENT, 44000, vip2, 80, SYN).build()).bytes);
+    assert_eq!((second.dst, second.dport), (first.dst, first.dport));
+    let synack = run(&mut dp, &reply(&second, SYN_ACK));
+    assert_eq!(synack.verdict, TC_ACT_OK);
+    let back = inspect(&synack.bytes);
+    assert_eq!(
+        (back.src, back.sport),
+        (ip(vip2), 80),
+        "answered as the closed connection"
+    );
+    let ack = run(&mut dp, &Pkt::new(CLIENT, 44000, vip2, 80, ACK).build());
+    assert_eq!(inspect(&ack.bytes), second);
+    // The closed connection's entries are gone, the new one's in place.
+    assert!(dp
+        .maps
+        .ct_get(&ct_key(CLIENT, 44000, vip1, 80, IPPROTO_TCP))
+        .is_none());
+    assert_eq!(count(&dp, CtTable::Tcp), 2);
+}

@@ -691,11 +691,34 @@ fn run_side(proxy: Proxy, manifest: &str, scenarios: &[Scenario]) -> Vec<Vec<Out
             );
         }
     }
-    scenarios
+    let outcomes = scenarios
         .iter()
         .map(|s| s.probes.iter().map(|p| run_probe(&bed, p)).collect())
-        .collect()
+        .collect();
+    if proxy == Proxy::Kpx {
+        // What kpx dropped, and why, for the report: a timed-out attempt
+        // where the references answered points here first.
+        let mut said = String::new();
+        for n in &bed.nodes {
+            let Ok(maps) = MapSet::open_pinned(&n.bpffs()) else {
+                continue;
+            };
+            let drops: Vec<String> = maps
+                .drops()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, count)| *count > 0)
+                .map(|(r, count)| format!("{} {count}", r.name()))
+                .collect();
+            said.push_str(&format!("{}: {}; ", n.node_name, drops.join(", ")));
+        }
+        *KPX_DROPS.lock().unwrap() = said;
+    }
+    outcomes
 }
+
+/// kpx's drop counters at the end of its side's run, by node.
+static KPX_DROPS: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
 /// How many frontends the agent on `node` must have synced.
 fn frontends(manifest: &str, node: &str) -> usize {
@@ -823,11 +846,12 @@ fn kpx_reaches_kube_proxys_verdict_on_every_scenario() {
     }
     let report = format!(
         "differential report (kpx against kube-proxy's iptables and nftables modes): \
-         {} scenarios, {} ok, {} pending, {} failed\n{report}",
+         {} scenarios, {} ok, {} pending, {} failed\nkpx's drops by reason: {}\n{report}",
         scenarios.len(),
         scenarios.len() - failures.len() - pending.len() - now_passing.len(),
         pending.len(),
-        failures.len()
+        failures.len(),
+        KPX_DROPS.lock().map(|d| d.clone()).unwrap_or_default()
     );
     eprintln!("{report}");
     // Kept for `cargo xtask test`, which shows it after the run.
