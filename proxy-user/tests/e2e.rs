@@ -13,7 +13,7 @@ use std::{
 use bed::*;
 use kpx::dataplane::maps::MapSet;
 use proxy_common::DropReason;
-use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn, Load};
+use testbed::{service_yaml, tcp_ask, tcp_ask_many, udp_ask_many, wait_for, Conn, Held, Load};
 
 #[test]
 #[ignore = "needs root"]
@@ -389,13 +389,7 @@ fn interfaces_that_appear_later_are_attached() {
 fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
     let mut c = running(&["web-1", "web-2", "web-3"]);
     let vip = SocketAddrV4::new(VIP, 80);
-    let mut long: Vec<(Conn, String)> = (0..50)
-        .map(|_| {
-            let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
-            let who = conn.ask().unwrap();
-            (conn, who)
-        })
-        .collect();
+    let mut long = Held::open(&c.pod("client").netns, vip, 50, T).unwrap();
     // New connections, one after another, for the whole drill.
     let load = Load::start(&c.pod("client").netns, vip, Duration::ZERO);
     std::thread::sleep(Duration::from_millis(300));
@@ -406,15 +400,7 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
     wait_synced(&c, 2, &[3, 3]);
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = load.stop();
-    let broken: Vec<String> = long
-        .iter_mut()
-        .enumerate()
-        .filter_map(|(i, (conn, who))| match conn.ask() {
-            Ok(now) if now == *who => None,
-            Ok(now) => Some(format!("#{i}: {who} became {now}")),
-            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
-        })
-        .collect();
+    let broken = long.broken();
     assert!(
         broken.is_empty() && failed == 0 && ok > 0,
         "broken long-lived connections {broken:?}; new connections: {ok} ok, {failed} failed\n{}",
@@ -453,15 +439,11 @@ fn a_full_conntrack_table_refuses_new_connections_and_breaks_no_established_one(
     let client = &c.pod("client").netns;
     let refused_after = Duration::from_millis(2500);
     // Open until the table refuses, then a few more tries.
-    let mut open: Vec<(Conn, String)> = Vec::new();
+    let mut open = Held::default();
     let mut refused = 0;
     while refused < 3 && open.len() < 2 * FLOWS {
-        match Conn::open(client, vip, refused_after).and_then(|mut conn| {
-            let who = conn.ask()?;
-            Ok((conn, who))
-        }) {
-            Ok(opened) => open.push(opened),
-            Err(_) => refused += 1,
+        if open.add(client, vip, refused_after).is_err() {
+            refused += 1;
         }
     }
     eprintln!(
@@ -482,19 +464,11 @@ fn a_full_conntrack_table_refuses_new_connections_and_breaks_no_established_one(
     );
 
     // Every established connection is still up, on its backend.
-    let broken: Vec<String> = open
-        .iter_mut()
-        .enumerate()
-        .filter_map(|(i, (conn, who))| match conn.ask() {
-            Ok(now) if now == *who => None,
-            Ok(now) => Some(format!("#{i}: {who} became {now}")),
-            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
-        })
-        .collect();
+    let broken = open.broken();
     assert!(broken.is_empty(), "broken: {broken:?}\n{}", c.agent_log());
 
     // Ten end; once collected, ten new ones get in.
-    open.truncate(FLOWS - 10);
+    open.0.truncate(FLOWS - 10);
     // (Those that get in stay open: closing them would take room again.)
     let mut fresh: Vec<Conn> = Vec::new();
     let admitted = wait_for(Duration::from_secs(20), || {
@@ -509,9 +483,8 @@ fn a_full_conntrack_table_refuses_new_connections_and_breaks_no_established_one(
         fresh.len(),
         c.agent_log()
     );
-    for (i, (conn, who)) in open.iter_mut().enumerate() {
-        assert_eq!(&conn.ask().unwrap(), who, "#{i} moved");
-    }
+    let moved = open.broken();
+    assert!(moved.is_empty(), "{moved:?}");
     eprintln!(
         "capacity drill: {FLOWS} established kept on their backends, {full} handshakes refused (ct_full), 10 admitted once 10 ended"
     );
@@ -532,14 +505,8 @@ fn taking_over_from_kube_proxy_breaks_no_connection() {
     c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
         .unwrap();
     let vip = SocketAddrV4::new(VIP, 80);
-    let mut long: Vec<(Conn, String)> = (0..50)
-        .map(|_| {
-            let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
-            let who = conn.ask().unwrap();
-            (conn, who)
-        })
-        .collect();
-    let spread: std::collections::BTreeSet<&String> = long.iter().map(|(_, w)| w).collect();
+    let mut long = Held::open(&c.pod("client").netns, vip, 50, T).unwrap();
+    let spread = long.backends();
     assert!(spread.len() > 1, "kube-proxy used one backend: {spread:?}");
 
     c.start_agent(Path::new(KPX), &["--cleanup-kube-proxy"])
@@ -551,15 +518,7 @@ fn taking_over_from_kube_proxy_breaks_no_connection() {
             .then_some(())
     });
     assert!(cleaned.is_some(), "{}", c.agent_log());
-    let broken: Vec<String> = long
-        .iter_mut()
-        .enumerate()
-        .filter_map(|(i, (conn, who))| match conn.ask() {
-            Ok(now) if now == *who => None,
-            Ok(now) => Some(format!("#{i}: {who} became {now}")),
-            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
-        })
-        .collect();
+    let broken = long.broken();
     assert!(
         broken.is_empty(),
         "{} of 50 broken: {broken:?}\n{}",
@@ -589,13 +548,7 @@ fn taking_over_from_kube_proxy_breaks_no_connection() {
 fn going_back_to_kube_proxy_breaks_no_connection() {
     let mut c = running(&["web-1", "web-2", "web-3"]);
     let vip = SocketAddrV4::new(VIP, 80);
-    let mut long: Vec<(Conn, String)> = (0..50)
-        .map(|_| {
-            let mut conn = Conn::open(&c.pod("client").netns, vip, T).unwrap();
-            let who = conn.ask().unwrap();
-            (conn, who)
-        })
-        .collect();
+    let mut long = Held::open(&c.pod("client").netns, vip, 50, T).unwrap();
     // The DaemonSet deleted: the agent goes, its pinned datapath stays.
     c.agent.as_mut().unwrap().kill().unwrap();
     c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
@@ -615,15 +568,7 @@ fn going_back_to_kube_proxy_breaks_no_connection() {
         said.contains("kpx's flows handed to netfilter: 50 service flows carried"),
         "{said}{errors}"
     );
-    let broken: Vec<String> = long
-        .iter_mut()
-        .enumerate()
-        .filter_map(|(i, (conn, who))| match conn.ask() {
-            Ok(now) if now == *who => None,
-            Ok(now) => Some(format!("#{i}: {who} became {now}")),
-            Err(e) => Some(format!("#{i} ({who}): {e:#}")),
-        })
-        .collect();
+    let broken = long.broken();
     assert!(
         broken.is_empty(),
         "{} of 50 broken: {broken:?}\n{said}",

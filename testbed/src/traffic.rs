@@ -300,3 +300,54 @@ impl Drop for Load {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
+
+/// Long-lived connections, each with the backend that first answered it:
+/// the drills' "did anything break or move" check, written once.
+#[derive(Default)]
+pub struct Held(pub Vec<(Conn, String)>);
+
+impl Held {
+    /// Opens `n` connections from `from` to `to`, asking each once.
+    pub fn open(from: &Netns, to: SocketAddrV4, n: usize, timeout: Duration) -> Result<Self> {
+        let mut held = Self::default();
+        for _ in 0..n {
+            held.add(from, to, timeout)?;
+        }
+        Ok(held)
+    }
+
+    /// Opens one more connection and asks it once.
+    pub fn add(&mut self, from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<()> {
+        let mut conn = Conn::open(from, to, timeout)?;
+        let who = conn.ask()?;
+        self.0.push((conn, who));
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The backends that answered, distinct.
+    pub fn backends(&self) -> std::collections::BTreeSet<&str> {
+        self.0.iter().map(|(_, who)| who.as_str()).collect()
+    }
+
+    /// Asks every connection again: those that failed or answered from
+    /// another backend, described (empty: none broke, none moved).
+    pub fn broken(&mut self) -> Vec<String> {
+        self.0
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, (conn, who))| match conn.ask() {
+                Ok(now) if now == *who => None,
+                Ok(now) => Some(format!("#{i}: {who} became {now}")),
+                Err(e) => Some(format!("#{i} ({who}): {e:#}")),
+            })
+            .collect()
+    }
+}

@@ -124,29 +124,16 @@ fn detach_pinned(path: &Path) -> std::io::Result<()> {
     const BPF_LINK_DETACH: libc::c_long = 34;
     let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // union bpf_attr for OBJ_GET: pathname, bpf_fd, file_flags.
-    let get: [u64; 2] = [name.as_ptr() as u64, 0];
-    // SAFETY: `get` is a valid bpf_attr prefix naming a NUL-terminated path
+    let mut get: [u64; 2] = [name.as_ptr() as u64, 0];
+    // SAFETY: `get` is OBJ_GET's bpf_attr, naming a NUL-terminated path
     // alive for the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_ptr(), size_of_val(&get)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = unsafe { crate::dataplane::sys::bpf(BPF_OBJ_GET, &mut get)? };
     // SAFETY: a descriptor the kernel just returned, owned by nobody else.
     let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // union bpf_attr for LINK_DETACH: link_fd.
-    let detach: [u32; 4] = [link.as_raw_fd() as u32, 0, 0, 0];
-    // SAFETY: `detach` is a valid bpf_attr prefix for this command.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            detach.as_ptr(),
-            size_of_val(&detach),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut detach: [u32; 4] = [link.as_raw_fd() as u32, 0, 0, 0];
+    // SAFETY: `detach` is LINK_DETACH's bpf_attr; no pointer in it.
+    unsafe { crate::dataplane::sys::bpf(BPF_LINK_DETACH, &mut detach)? };
     Ok(())
 }
 

@@ -115,17 +115,9 @@ fn call<K: Pod, V: Pod>(
     // SAFETY: `attr` is the batch member of bpf_attr, its pointers naming
     // `count` keys (and values) of the map's sizes (aya's typed maps checked
     // them), alive for the call; the kernel writes back only `count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            &mut attr as *mut Attr,
-            std::mem::size_of::<Attr>(),
-        )
-    };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return Err((attr.count as usize, e));
+    match unsafe { crate::dataplane::sys::bpf(cmd, &mut attr) } {
+        Ok(_) => Ok(()),
+        // How many it processed before the error.
+        Err(e) => Err((attr.count as usize, e)),
     }
-    Ok(())
 }

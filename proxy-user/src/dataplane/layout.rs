@@ -249,28 +249,18 @@ pub fn count_entries(path: &Path) -> Result<u64> {
     let mut first = true;
     loop {
         // union bpf_attr for map element commands: map_fd, pad, key, next_key.
-        let attr: [u64; 4] = [
+        let mut attr: [u64; 4] = [
             fd as u64,
             if first { 0 } else { key.as_ptr() as u64 },
             next.as_mut_ptr() as u64,
             0,
         ];
-        // SAFETY: `attr` is a valid bpf_attr prefix for this command whose
-        // pointers name buffers of the map's key size, alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                attr.as_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                return Ok(n);
-            }
-            return Err(e).context("walking the map's keys");
+        // SAFETY: `attr` is GET_NEXT_KEY's bpf_attr, its pointers naming
+        // buffers of the map's key size, alive for the call.
+        match unsafe { crate::dataplane::sys::bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(n),
+            Err(e) => return Err(e).context("walking the map's keys"),
         }
         n += 1;
         std::mem::swap(&mut key, &mut next);

@@ -20,7 +20,10 @@
 //! closing connections are left to end), with netfilter's liberal TCP
 //! window tracking, as it would pick up a connection mid-stream.
 
-use std::{collections::BTreeMap, net::IpAddr, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{bail, Context as _, Result};
 use netlink_packet_core::{
@@ -99,7 +102,11 @@ pub fn take_over(maps: &mut MapSet, state: &MapState) -> Result<Report> {
     if unreadable > 0 {
         report.skipped.insert("not IPv4 TCP/UDP", unreadable);
     }
-    for (entries, outcome) in flows.iter().map(|f| entries(f, state, monotonic_ns())) {
+    let ids = backend_ids(state);
+    for (entries, outcome) in flows
+        .iter()
+        .map(|f| entries(f, state, &ids, monotonic_ns()))
+    {
         match outcome {
             Outcome::Carry => {}
             Outcome::NotAServiceFlow => continue,
@@ -136,11 +143,17 @@ pub enum Outcome {
     Skip(&'static str),
 }
 
+/// Backend id by address, built once per takeover.
+pub fn backend_ids(state: &MapState) -> HashMap<BackendAddr, u32> {
+    state.backends.iter().map(|(id, b)| (*b, *id)).collect()
+}
+
 /// kpx's two entries for the netfilter flow `f`, if it is a flow to one of
-/// `state`'s frontends, created at `now`.
+/// `state`'s frontends (`ids`: [`backend_ids`]), created at `now`.
 pub fn entries(
     f: &NfFlow,
     state: &MapState,
+    ids: &HashMap<BackendAddr, u32>,
     now: u64,
 ) -> (Vec<(CtTable, CtKey, CtValue)>, Outcome) {
     if !f.dnat {
@@ -156,17 +169,12 @@ pub fn entries(
     // netfilter's reply tuple names the backend (its source) and where the
     // backend answers (the client, or the masquerade address).
     let (backend, backend_port, answer_to, answer_port) = f.reply;
-    let backend_id = state
-        .backends
-        .iter()
-        .find(|(_, b)| {
-            **b == BackendAddr {
-                addr: backend,
-                port: backend_port,
-                proto: f.proto,
-            }
-        })
-        .map_or(0, |(id, _)| *id);
+    let backend_key = BackendAddr {
+        addr: backend,
+        port: backend_port,
+        proto: f.proto,
+    };
+    let backend_id = ids.get(&backend_key).copied().unwrap_or(0);
     let (tcp_flags, closing) = match f.tcp_state {
         Some(s) if s > TCP_CONNTRACK_ESTABLISHED && s <= TCP_CONNTRACK_CLOSE => {
             (TCP_SYN | TCP_ACK | TCP_FIN, CT_F_CLOSING)
@@ -595,7 +603,7 @@ mod tests {
             (BACKEND, 8080, CLIENT, 40000),
             false,
         );
-        let (e, outcome) = entries(&f, &state(), 7);
+        let (e, outcome) = entries(&f, &state(), &backend_ids(&state()), 7);
         assert_eq!(outcome, Outcome::Carry);
         let [(t1, k1, o), (t2, k2, r)] = e.as_slice() else {
             panic!("{e:?}")
@@ -625,7 +633,7 @@ mod tests {
             (BACKEND, 8080, NODE, 61000),
             true,
         );
-        let (e, outcome) = entries(&f, &state(), 7);
+        let (e, outcome) = entries(&f, &state(), &backend_ids(&state()), 7);
         assert_eq!(outcome, Outcome::Carry);
         let [(_, k1, o), (_, k2, r)] = e.as_slice() else {
             panic!("{e:?}")
@@ -656,12 +664,21 @@ mod tests {
             (BACKEND, 8080, CLIENT, 40002),
             false,
         );
-        assert_eq!(entries(&f, &s, 7).1, Outcome::Skip("no such frontend"));
+        assert_eq!(
+            entries(&f, &s, &backend_ids(&s), 7).1,
+            Outcome::Skip("no such frontend")
+        );
         f.dnat = false;
-        assert_eq!(entries(&f, &s, 7).1, Outcome::NotAServiceFlow);
+        assert_eq!(
+            entries(&f, &s, &backend_ids(&s), 7).1,
+            Outcome::NotAServiceFlow
+        );
         let mut sctp = flow((CLIENT, 1, VIP, 80), (BACKEND, 8080, CLIENT, 1), false);
         sctp.proto = 132;
-        assert_eq!(entries(&sctp, &s, 7).1, Outcome::Skip("not IPv4 TCP/UDP"));
+        assert_eq!(
+            entries(&sctp, &s, &backend_ids(&s), 7).1,
+            Outcome::Skip("not IPv4 TCP/UDP")
+        );
         // A handshake in progress waits in the other table; a closing one
         // is marked so that a new SYN on its tuple starts afresh.
         let mut syn = flow(
@@ -671,13 +688,16 @@ mod tests {
         );
         syn.seen_reply = false;
         syn.tcp_state = Some(1);
-        assert_eq!(entries(&syn, &s, 7).0[0].0, CtTable::Any);
+        assert_eq!(entries(&syn, &s, &backend_ids(&s), 7).0[0].0, CtTable::Any);
         let mut fin = flow(
             (CLIENT, 40004, VIP, 80),
             (BACKEND, 8080, CLIENT, 40004),
             false,
         );
         fin.tcp_state = Some(7);
-        assert_ne!(entries(&fin, &s, 7).0[0].2.flags & CT_F_CLOSING, 0);
+        assert_ne!(
+            entries(&fin, &s, &backend_ids(&s), 7).0[0].2.flags & CT_F_CLOSING,
+            0
+        );
     }
 }
