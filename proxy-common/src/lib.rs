@@ -426,6 +426,11 @@ pub const CT_F_CLOSING: u16 = 1 << 3;
 pub const CT_F_SNAT: u16 = 1 << 4;
 /// The flow was started by the node itself (seen at tc egress).
 pub const CT_F_FROM_NODE: u16 = 1 << 5;
+/// Set on the original entry of a TCP handshake whose SYN-ACK found
+/// `CT_TCP` full: the backend's SYN-ACKs are dropped until the client's
+/// retransmitted SYN clears it (so only a live client takes room that
+/// frees up), and none reaches the client untranslated meanwhile.
+pub const CT_F_REFUSED: u16 = 1 << 6;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;

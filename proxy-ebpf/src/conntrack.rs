@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP,
-    TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS,
+    IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -218,14 +218,27 @@ pub fn remove_flow(key: &CtKey, found: Found) {
     stats::event(Event::CtRemoved, removed);
 }
 
-/// Whether this packet of a flow in `CT_ANY` establishes it: a TCP SYN-ACK
-/// in the reply direction.
+/// A packet of a flow still in `CT_ANY` (TCP: its handshake): the SYN-ACK
+/// that establishes the connection moves it to `CT_TCP` ([`establish`]);
+/// the client's retransmitted SYN re-arms a handshake refused for want of
+/// room. Anything else (UDP above all) is `found`, unchanged.
 #[inline(always)]
-pub fn establishes(found: Found, tcp_flags: u8) -> bool {
-    // SAFETY: as in `touch`; read only.
-    found.table == Table::Any
-        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
-        && unsafe { (*found.entry).dir } == CT_DIR_REPLY
+pub fn handshake(key: &CtKey, found: Found, tcp_flags: u8) -> Result<Found, DropReason> {
+    if found.table != Table::Any {
+        return Ok(found);
+    }
+    // SAFETY: as in `touch`; a racing SYN clears the same bit.
+    let e = unsafe { &mut *found.entry };
+    if e.dir == CT_DIR_REPLY {
+        if tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
+            return establish(key, found);
+        }
+    } else if e.flags & CT_F_REFUSED != 0
+        && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    {
+        e.flags &= !CT_F_REFUSED;
+    }
+    Ok(found)
 }
 
 /// Moves a TCP connection to `CT_TCP` at its first reply (`key`, `found`:
@@ -235,9 +248,12 @@ pub fn establishes(found: Found, tcp_flags: u8) -> bool {
 ///
 /// Inserted before being deleted, so a packet of the flow on another CPU
 /// finds it in one table or the other. `CtFull` when `CT_TCP` has no room:
-/// the SYN-ACK is dropped and the flow forgotten, as netfilter drops a new
-/// flow's packet when its table is full; the client's retransmitted SYN
-/// starts over (and gets in once flows end).
+/// the SYN-ACK is dropped and the handshake marked refused, as netfilter
+/// drops a new flow's packet when its table is full. The backend's
+/// retransmitted SYN-ACKs are dropped too (not let through untranslated:
+/// the client would answer with a RST and kill the backend's half-open
+/// connection) until the client's retransmitted SYN re-arms the handshake,
+/// so only a live client takes room that frees up.
 #[inline(always)]
 // Keys passed by reference: by value LLVM copies each to a new stack slot
 // first (20 instructions more on this path, measured with `pathlen`).
@@ -247,11 +263,15 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
     let reply = unsafe { *found.entry };
     let original_key = reply.partner(key);
     // Evicted under pressure: the client's next SYN starts the flow afresh.
-    let original = CT_ANY
+    let original_entry = CT_ANY
         .get_ptr_mut(&original_key)
-        // SAFETY: as in `touch`; copied at once.
-        .map(|p| unsafe { *p })
         .ok_or(DropReason::CtInsertFailed)?;
+    // SAFETY: as in `touch`; copied at once.
+    let original = unsafe { *original_entry };
+    if original.flags & CT_F_REFUSED != 0 {
+        // Refused, and no SYN from the client since.
+        return Err(DropReason::CtFull);
+    }
     let inserted = insert_established(&original_key, &original, key).and_then(|()| {
         insert_established(key, &reply, &original_key).inspect_err(|_| {
             if CT_TCP.remove(&original_key).is_ok() {
@@ -261,12 +281,8 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
     });
     if let Err(reason) = inserted {
         if reason == DropReason::CtFull {
-            // Refused: forgotten, so only a live client's retransmitted SYN
-            // can take room that frees up, not the backend's retransmitted
-            // SYN-ACKs of a connection its client gave up on.
-            let removed =
-                CT_ANY.remove(&original_key).is_ok() as u64 + CT_ANY.remove(key).is_ok() as u64;
-            stats::event(Event::CtRemoved, removed);
+            // SAFETY: as in `touch`; a racing SYN-ACK sets the same bit.
+            unsafe { (*original_entry).flags |= CT_F_REFUSED };
         }
         return Err(reason);
     }

@@ -167,15 +167,10 @@ fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
     if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
         let found = conntrack::newer(&key, found, pkt.tcp_flags);
         if !(pkt.proto == IPPROTO_TCP && is_syn(pkt) && conntrack::closed_original(found.entry)) {
-            let found = if conntrack::establishes(found, pkt.tcp_flags) {
-                match conntrack::establish(&key, found) {
-                    Ok(f) => f,
-                    Err(reason) => return Verdict::Drop(reason),
-                }
-            } else {
-                found
+            return match conntrack::handshake(&key, found, pkt.tcp_flags) {
+                Ok(found) => established(ctx, pkt, &key, found, hook),
+                Err(reason) => Verdict::Drop(reason),
             };
-            return established(ctx, pkt, &key, found, hook);
         }
         // A new connection reusing a closing flow's tuple.
         conntrack::remove_flow(&key, found);

@@ -6,7 +6,10 @@
 
 mod support;
 
-use kpx::dataplane::maps::{CtTable, Datapath, LoadOptions};
+use kpx::dataplane::{
+    conntrack::FlowState,
+    maps::{CtTable, Datapath, LoadOptions},
+};
 use proxy_common::{Counter, CtKey, CtValue, DropReason, Event, IPPROTO_TCP};
 use support::*;
 
@@ -102,9 +105,18 @@ fn a_full_established_table_refuses_new_connections_and_keeps_every_established_
     let late = inspect(&syn.bytes);
     assert_eq!(run(&mut dp, &reply(&late, SYN_ACK)).verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::CtFull), 1);
-    // Forgotten: the backend's retransmitted SYN-ACK cannot take room later.
+    // Kept, marked refused: the backend's retransmitted SYN-ACK is dropped
+    // too, never let through untranslated (the client would reset the
+    // backend's half-open connection).
     let refused = ct_key(CLIENT, 42100, VIP, 80, IPPROTO_TCP);
-    assert!(dp.maps.ct_get(&refused).is_none());
+    let (table, entry) = dp.maps.ct_get(&refused).expect("refused handshake kept");
+    assert_eq!(table, CtTable::Any);
+    assert_eq!(
+        FlowState::of(&entry, None, IPPROTO_TCP),
+        FlowState::TcpRefused
+    );
+    assert_eq!(run(&mut dp, &reply(&late, SYN_ACK)).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::CtFull), 2);
     // A flood of UDP flows and handshakes fills the other table and evicts
     // there, never here.
     for port in 0..300u16 {
@@ -125,19 +137,35 @@ fn a_full_established_table_refuses_new_connections_and_keeps_every_established_
         assert_eq!(run(&mut dp, &reply(seen, ACK)).verdict, TC_ACT_OK);
     }
 
-    // Once a connection ends and is collected, the refused one gets in at
-    // its next try (the client's retransmitted SYN starts it over).
+    // Another one refused; then a connection ends and is collected. The
+    // backend's SYN-ACK alone does not take the room (its client may have
+    // given up); the client's retransmitted SYN re-arms the handshake, to
+    // the same backend, and its answer gets in.
+    let syn = run(&mut dp, &Pkt::new(CLIENT, 42101, VIP, 80, SYN).build());
+    let late = inspect(&syn.bytes);
+    assert_eq!(run(&mut dp, &reply(&late, SYN_ACK)).verdict, TC_ACT_SHOT);
     let gone = ct_key(CLIENT, open[0].0, VIP, 80, IPPROTO_TCP);
     let (_, v): (CtTable, CtValue) = dp.maps.ct_get(&gone).unwrap();
     let partner: CtKey = v.partner(&gone);
     dp.maps.ct_tcp.remove(&gone).unwrap();
     dp.maps.ct_tcp.remove(&partner).unwrap();
-    let again = run(&mut dp, &Pkt::new(CLIENT, 42100, VIP, 80, SYN).build());
-    let seen = inspect(&again.bytes);
-    assert_eq!(run(&mut dp, &reply(&seen, SYN_ACK)).verdict, TC_ACT_OK);
-    assert_eq!(drops(&mut dp, DropReason::CtFull), 1);
-    let ack = run(&mut dp, &Pkt::new(CLIENT, 42100, VIP, 80, ACK).build());
+    assert_eq!(run(&mut dp, &reply(&late, SYN_ACK)).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::CtFull), 4);
+    assert_eq!(count(&dp, CtTable::Tcp), 2 * usize::from(FLOWS) - 2);
+    let again = run(&mut dp, &Pkt::new(CLIENT, 42101, VIP, 80, SYN).build());
+    assert_eq!(
+        inspect(&again.bytes),
+        late,
+        "the retried SYN changed backend"
+    );
+    let answer = run(&mut dp, &reply(&late, SYN_ACK));
+    assert_eq!(answer.verdict, TC_ACT_OK);
+    let answered = inspect(&answer.bytes);
+    assert_eq!((answered.src, answered.sport), (ip(VIP), 80));
+    assert_eq!(drops(&mut dp, DropReason::CtFull), 4);
+    let ack = run(&mut dp, &Pkt::new(CLIENT, 42101, VIP, 80, ACK).build());
     assert_eq!(ack.verdict, TC_ACT_OK);
+    assert_eq!(count(&dp, CtTable::Tcp), 2 * usize::from(FLOWS));
 }
 
 /// A client reusing its port towards the same backend through another

@@ -479,8 +479,10 @@ fn a_full_conntrack_table_refuses_new_connections_and_breaks_no_established_one(
     });
     assert!(
         admitted.is_some(),
-        "{} of 10 got in\n{}",
+        "{} of 10 got in\n{}\n{}\n{}",
         fresh.len(),
+        String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["stats"])),
+        String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["conntrack"])),
         c.agent_log()
     );
     let moved = open.broken();

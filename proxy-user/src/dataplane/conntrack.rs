@@ -13,7 +13,8 @@ use std::{
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN, TCP_RST,
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_REFUSED, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN,
+    TCP_RST,
 };
 
 use crate::dataplane::maps::{CtTable, MapSet};
@@ -57,6 +58,9 @@ impl Default for Timeouts {
 #[serde(rename_all = "snake_case")]
 pub enum FlowState {
     TcpSynSent,
+    /// A handshake whose SYN-ACK found the established table full, waiting
+    /// for the client's retransmitted SYN.
+    TcpRefused,
     TcpEstablished,
     TcpCloseWait,
     TcpTimeWait,
@@ -84,6 +88,8 @@ impl FlowState {
             FlowState::TcpTimeWait
         } else if flags & TCP_FIN != 0 {
             FlowState::TcpCloseWait
+        } else if original.flags & CT_F_REFUSED != 0 {
+            FlowState::TcpRefused
         } else if replied {
             FlowState::TcpEstablished
         } else {
@@ -93,7 +99,7 @@ impl FlowState {
 
     pub fn timeout(self, t: &Timeouts) -> Duration {
         match self {
-            FlowState::TcpSynSent => t.tcp_syn,
+            FlowState::TcpSynSent | FlowState::TcpRefused => t.tcp_syn,
             FlowState::TcpEstablished => t.tcp_established,
             FlowState::TcpCloseWait => t.tcp_close_wait,
             FlowState::TcpTimeWait => t.tcp_time_wait,
@@ -106,6 +112,7 @@ impl FlowState {
     pub fn name(self) -> &'static str {
         match self {
             FlowState::TcpSynSent => "syn_sent",
+            FlowState::TcpRefused => "refused",
             FlowState::TcpEstablished => "established",
             FlowState::TcpCloseWait => "close_wait",
             FlowState::TcpTimeWait => "time_wait",
@@ -329,6 +336,15 @@ mod tests {
         assert_eq!(tcp(o(TCP_ACK | TCP_RST), est), FlowState::TcpClose);
         // The reply entry evicted: judged by the original alone.
         assert_eq!(tcp(o(TCP_SYN), None), FlowState::TcpSynSent);
+        let refused = CtValue {
+            flags: CT_F_REFUSED,
+            ..o(TCP_SYN)
+        };
+        assert_eq!(tcp(refused, Some(r(0, false))), FlowState::TcpRefused);
+        assert_eq!(
+            FlowState::TcpRefused.timeout(&Timeouts::default()),
+            Duration::from_secs(60)
+        );
         let udp = |b: Option<CtValue>| FlowState::of(&o(0), b.as_ref(), IPPROTO_UDP);
         assert_eq!(udp(Some(r(0, false))), FlowState::UdpUnreplied);
         assert_eq!(udp(Some(r(0, true))), FlowState::UdpStream);
