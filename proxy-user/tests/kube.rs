@@ -277,6 +277,12 @@ fn malformed_objects_are_reported_and_skipped_while_the_rest_is_served() {
 #[ignore = "needs root"]
 fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
     let (c, _api) = running_on_api_with(&["web-1", "web-2"], &["--sync-period", "1s"]);
+    // Resyncs of maps that hold what the agent wrote repair nothing and
+    // plan nothing: the first sync is the only full diff.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(metric(&metrics(&c), "kpx_drift_repairs_total"), 0.0);
+    let full_diffs = |c: &Cluster| c.agent_log().matches("(full diff;").count();
+    assert_eq!(full_diffs(&c), 1, "{}", c.agent_log());
     let mut maps = MapSet::open_pinned(&c.bpffs()).unwrap();
     let key = kpx::dataplane::maps::service_key(&kpx::control::model::FrontendKey {
         addr: VIP,
@@ -288,6 +294,12 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
     wait_synced(&c, 2, &[2, 2]);
     let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 20, T).unwrap();
     assert_eq!(spread(&ids).len(), 2, "{ids:?}");
+    assert!(metric(&metrics(&c), "kpx_drift_repairs_total") >= 1.0);
+    assert!(
+        c.agent_log().contains("differ from what the agent wrote"),
+        "{}",
+        c.agent_log()
+    );
 }
 
 #[test]

@@ -80,7 +80,7 @@ fn options() -> Result<Options> {
         runs: if quick { 1 } else { 3 },
         seconds: if quick { 0.7 } else { 2.0 },
         limit: std::time::Duration::from_secs(if quick { 30 } else { 120 }),
-        changes: if quick { 5 } else { 50 },
+        changes: if quick { 5 } else { 200 },
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {

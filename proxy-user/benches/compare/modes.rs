@@ -370,7 +370,18 @@ impl<'a> Proxy<'a> {
 
     fn start_agent(&mut self, bed: &mut Bed) -> Result<Install> {
         let started = Instant::now();
-        let mut extra = vec!["--metrics-bind-address", "", "--healthz-bind-address", ""];
+        // Resyncs and collections far more often than the defaults (60 s,
+        // 10 s), so the timed endpoint changes meet them.
+        let mut extra = vec![
+            "--metrics-bind-address",
+            "",
+            "--healthz-bind-address",
+            "",
+            "--sync-period",
+            "5s",
+            "--conntrack-gc-interval",
+            "1s",
+        ];
         if self.mode == Mode::KpxStack {
             extra.extend(["--fib-forwarding", "false"]);
         }

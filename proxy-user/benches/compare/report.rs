@@ -427,7 +427,7 @@ impl Report {
         });
         table(&mut out, &with_modes("services"), &rows);
 
-        out.push_str("**One endpoint change** at that size (iptables: kube-proxy's partial restore, full restore in brackets; nftables: the incremental transaction; kpx: medians over many changes of its sync, map writes in brackets, and of the time from the API change to the maps)\n\n");
+        out.push_str("**One endpoint change** at that size (iptables: kube-proxy's partial restore, full restore in brackets; nftables: the incremental transaction; kpx: medians over many changes of its sync, map writes in brackets, and of the time from the API change to the maps, with its p99; the agent resyncs every 5 s and collects conntrack every second here, so the changes meet both)\n\n");
         let rows = self.per_mode(&|_, row| {
             let c = &row.change;
             if c.samples == 0 {

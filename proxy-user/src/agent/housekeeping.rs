@@ -1,6 +1,12 @@
 //! Housekeeping: gauges mirrored after each sync, and conntrack collection
-//! (expired flows, UDP flows to backends that left), bounded by the GC
-//! interval and never on the path from an API event to the maps.
+//! (expired flows, UDP flows to backends that left) on a thread of its own
+//! with its own handles on the pinned maps: however long a walk of the
+//! tables takes, it never delays the path from an API event to the maps.
+
+use std::{
+    sync::mpsc::{self, RecvTimeoutError},
+    thread::JoinHandle,
+};
 
 use super::*;
 
@@ -34,36 +40,118 @@ impl Agent {
                 .set(counts.get(&why).copied().unwrap_or(0) as i64);
         }
     }
+}
 
-    /// One conntrack collection: expired flows, and UDP flows to `stale` backends.
-    pub(super) fn collect(&mut self, stale: &HashSet<conntrack::ServiceBackend>) {
-        collect(
-            &self.cfg,
-            &mut self.dp.maps,
-            stale,
-            &mut self.stats,
-            &self.metrics,
-        );
+/// The collector's running totals (continued from the pinned counters an
+/// earlier agent left).
+#[derive(Debug, Default)]
+struct GcStats {
+    expired: u64,
+    stale_udp: u64,
+    /// The eviction total last mirrored into the metrics.
+    evicted_seen: u64,
+    /// The conntrack tables past the warning level (until they fall back
+    /// under the all-clear level).
+    ct_pressure: HashSet<CtTable>,
+}
+
+impl GcStats {
+    fn resume(maps: &MapSet) -> Self {
+        let mut s = Self::default();
+        for (e, n) in maps.events().unwrap_or_default() {
+            match e {
+                Event::GcExpired => s.expired = n,
+                Event::GcStaleUdp => s.stale_udp = n,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+/// The conntrack collector: every `--conntrack-gc-interval`, and at once
+/// for the UDP flows of backends a sync removed.
+pub(super) struct Collector {
+    stale: Option<mpsc::Sender<HashSet<conntrack::ServiceBackend>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Collector {
+    pub(super) fn start(cfg: &Settings, metrics: Metrics) -> Result<Self> {
+        let mut maps = MapSet::open_pinned(&cfg.bpffs)
+            .context("opening the pinned maps for the conntrack collector")?;
+        let (tx, rx) = mpsc::channel::<HashSet<conntrack::ServiceBackend>>();
+        let (timeouts, every) = (cfg.ct_timeouts, cfg.ct_gc_interval);
+        let thread = std::thread::Builder::new()
+            .name("kpx-conntrack".into())
+            .spawn(move || {
+                let mut stats = GcStats::resume(&maps);
+                let mut next = Instant::now() + every;
+                loop {
+                    match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                        Ok(mut stale) => {
+                            // Syncs in a row: one walk for all of them.
+                            while let Ok(more) = rx.try_recv() {
+                                stale.extend(more);
+                            }
+                            collect(&timeouts, &mut maps, &stale, &mut stats, &metrics);
+                        }
+                        Err(RecvTimeoutError::Timeout) => {
+                            collect(&timeouts, &mut maps, &HashSet::new(), &mut stats, &metrics);
+                            next = Instant::now() + every;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            })
+            .context("starting the conntrack collector")?;
+        Ok(Self {
+            stale: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Removes the UDP flows to `stale` backends (after the sync that took
+    /// them out of the service: no new flow can pick them any more).
+    pub(super) fn flush_stale(&self, stale: HashSet<conntrack::ServiceBackend>) {
+        if let Some(tx) = &self.stale {
+            if tx.send(stale).is_err() {
+                log::warn!(
+                    "the conntrack collector stopped; stale UDP flows stay until they expire"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stale.take();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the conntrack collector panicked");
+            }
+        }
     }
 }
 
 fn collect(
-    cfg: &Settings,
+    timeouts: &conntrack::Timeouts,
     maps: &mut MapSet,
     stale: &HashSet<conntrack::ServiceBackend>,
-    stats: &mut AgentStats,
+    stats: &mut GcStats,
     metrics: &Metrics,
 ) {
     let started = Instant::now();
-    let report = match conntrack::collect(maps, &cfg.ct_timeouts, stale) {
+    let report = match conntrack::collect(maps, timeouts, stale) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("conntrack collection: {e:#}; will retry");
             return;
         }
     };
-    stats.gc_expired += report.expired;
-    stats.gc_stale_udp += report.stale_udp;
+    stats.expired += report.expired;
+    stats.stale_udp += report.stale_udp;
     let total: usize = report.entries.values().sum();
     for table in CtTable::ALL {
         let entries = report.entries.get(&table).copied().unwrap_or(0);
@@ -86,7 +174,7 @@ fn collect(
     let live = total;
     if let Ok(events) = maps.events() {
         let total = |e: Event| events.iter().find(|(x, _)| *x == e).map_or(0, |(_, n)| *n);
-        let removed = total(Event::CtRemoved) + stats.gc_expired + stats.gc_stale_udp;
+        let removed = total(Event::CtRemoved) + stats.expired + stats.stale_udp;
         let evicted = conntrack::evicted(total(Event::CtInserted), removed, live);
         // Derived while traffic runs, so it may dip: count only growth.
         if evicted > stats.evicted_seen {
@@ -99,8 +187,8 @@ fn collect(
     metrics.gc_expired.inc_by(report.expired);
     metrics.gc_stale_udp.inc_by(report.stale_udp);
     for (e, n) in [
-        (Event::GcExpired, stats.gc_expired),
-        (Event::GcStaleUdp, stats.gc_stale_udp),
+        (Event::GcExpired, stats.expired),
+        (Event::GcStaleUdp, stats.stale_udp),
     ] {
         if let Err(err) = maps.set_event(e, n) {
             log::warn!("updating the {} counter: {err:#}", e.name());
@@ -131,13 +219,7 @@ fn collect(
 /// all-clear under 80 %. What full means differs by table: the established
 /// table refuses new connections, the other evicts its least recently used
 /// UDP flows and handshakes.
-fn pressure(
-    stats: &mut AgentStats,
-    metrics: &Metrics,
-    table: CtTable,
-    entries: usize,
-    capacity: u32,
-) {
+fn pressure(stats: &mut GcStats, metrics: &Metrics, table: CtTable, entries: usize, capacity: u32) {
     const WARN: f64 = 0.9;
     const CLEAR: f64 = 0.8;
     let used = entries as f64 / f64::from(capacity.max(1));
@@ -172,7 +254,7 @@ mod tests {
 
     #[test]
     fn pressure_warns_once_at_90_percent_and_clears_under_80() {
-        let (mut stats, metrics) = (AgentStats::default(), Metrics::new());
+        let (mut stats, metrics) = (GcStats::default(), Metrics::new());
         let mut seen = Vec::new();
         for entries in [100, 899, 900, 950, 1000, 850, 799, 950] {
             pressure(&mut stats, &metrics, CtTable::Tcp, entries, 1000);

@@ -46,7 +46,7 @@ use crate::{
     dataplane::maps::{CtTable, Datapath, LoadOptions, MapSet},
     dataplane::node::{self},
     dataplane::ports::PortFilter,
-    dataplane::reconcile::{self, Mirror, Op},
+    dataplane::reconcile::{self, MapState, Mirror, Op},
     dataplane::takeover,
     ops::health::{self, Health, ServiceHealth},
     ops::metrics::{DatapathCounters, MapLabel, Metrics, OutcomeLabel, ReasonLabel, ResourceLabel},
@@ -61,13 +61,6 @@ struct AgentStats {
     syncs: u64,
     sync_failures: u64,
     invalid_objects: u64,
-    gc_expired: u64,
-    gc_stale_udp: u64,
-    /// The eviction total last mirrored into the metrics.
-    evicted_seen: u64,
-    /// The conntrack tables past the warning level (until they fall back
-    /// under the all-clear level).
-    ct_pressure: HashSet<CtTable>,
 }
 
 struct Agent {
@@ -80,6 +73,10 @@ struct Agent {
     index: Index,
     metrics: Metrics,
     stats: AgentStats,
+    collector: housekeeping::Collector,
+    /// A resync's read of the maps is running: the writes made since it
+    /// began.
+    written_since_read: Option<Vec<Op>>,
     /// The inputs are complete enough to sync (manifests read, or both
     /// Services and EndpointSlices listed once).
     ready: bool,
@@ -191,6 +188,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
         drop(change_tx);
     }
 
+    let collector = housekeeping::Collector::start(&cfg, metrics.clone())?;
     let mut agent = Agent {
         index: Index::new(NodeInfo {
             addresses: cfg.node_ips.clone(),
@@ -203,6 +201,8 @@ pub async fn run(cfg: Settings) -> Result<()> {
         ports,
         metrics,
         stats: AgentStats::default(),
+        collector,
+        written_since_read: None,
         ready: false,
         services: Input::default(),
         slices: Input::default(),
@@ -223,14 +223,6 @@ pub async fn run(cfg: Settings) -> Result<()> {
             "--interfaces matches no interface of this node yet: nothing is translated until one appears (kpx attaches to it then)"
         );
     }
-    // Continue the totals an earlier agent left in the pinned counters.
-    for (e, n) in agent.dp.maps.events().unwrap_or_default() {
-        match e {
-            Event::GcExpired => agent.stats.gc_expired = n,
-            Event::GcStaleUdp => agent.stats.gc_stale_udp = n,
-            _ => {}
-        }
-    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -239,9 +231,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
     let mut resync = interval(agent.cfg.resync);
     resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     resync.tick().await;
-    let mut gc = interval(agent.cfg.ct_gc_interval);
-    gc.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    gc.tick().await;
+    let (resync_tx, mut resync_rx) = mpsc::channel(1);
     let mut last_fingerprint = None;
     loop {
         let due = agent.sync_due();
@@ -267,21 +257,12 @@ pub async fn run(cfg: Settings) -> Result<()> {
             _ = async { sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
                 agent.sync();
             }
-            _ = gc.tick() => agent.collect(&HashSet::new()),
             _ = resync.tick() => {
-                // Repairs drift: entries edited or deleted behind our back.
-                match agent.dp.maps.read_state() {
-                    Ok(state) => agent.mirror = Mirror::new(state),
-                    Err(e) => log::warn!("re-reading maps: {e:#}"),
-                }
-                match PortFilter::rebuild(&agent.mirror.state, &agent.dp.maps) {
-                    Ok(ports) => agent.ports = ports,
-                    Err(e) => log::warn!("re-reading the port filter: {e:#}"),
-                }
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
-                agent.runner.resync();
+                agent.start_resync(&resync_tx);
             }
+            Some(read) = resync_rx.recv() => agent.resynced(read),
         }
     }
     let staying = attacher.release(&mut agent.dp);
@@ -507,7 +488,7 @@ impl Agent {
         self.update_gauges();
         if !stale.is_empty() {
             // After the writes: no new flow can pick these backends any more.
-            self.collect(&stale);
+            self.collector.flush_stale(stale);
         }
         // Quiet when nothing changed, except the first sync: "resumed from
         // the pinned maps with 0 writes" is worth seeing after a restart.
@@ -541,6 +522,9 @@ impl Agent {
             self.ports.observe(op, &self.mirror.state);
             self.mirror.record(op);
         }
+        if let Some(log) = &mut self.written_since_read {
+            log.extend_from_slice(&ops[..done]);
+        }
         self.metrics.map_writes.inc_by(done as u64);
         if let Some(e) = failed {
             log::error!(
@@ -570,6 +554,55 @@ impl Agent {
                 "takeover: netfilter's conntrack not read ({e:#}); no kube-proxy flow carried over"
             ),
         }
+    }
+
+    /// Re-reads the maps on a blocking thread (at 50,000 services a read
+    /// of every entry takes a second): the event loop goes on meanwhile,
+    /// logging its writes so the read can be brought up to date.
+    fn start_resync(&mut self, done: &mpsc::Sender<Result<MapState>>) {
+        if self.written_since_read.is_some() {
+            return; // the last one is still reading
+        }
+        self.written_since_read = Some(Vec::new());
+        let (dir, done) = (self.cfg.bpffs.clone(), done.clone());
+        tokio::task::spawn_blocking(move || {
+            let state = MapSet::open_pinned(&dir).and_then(|maps| maps.read_state());
+            // The agent is stopping if nobody receives it.
+            let _ = done.blocking_send(state);
+        });
+    }
+
+    /// Repairs drift (entries edited or deleted behind the agent's back):
+    /// the maps as read, with the writes made since, against the mirror.
+    /// A full diff only when they differ, so a resync of a map set the
+    /// agent alone wrote costs no planning.
+    fn resynced(&mut self, read: Result<MapState>) {
+        let written = self.written_since_read.take().unwrap_or_default();
+        let mut state = match read {
+            Ok(state) => state,
+            Err(e) => {
+                log::warn!("re-reading the maps: {e:#}; will retry at the next resync");
+                return;
+            }
+        };
+        for op in &written {
+            state.record(op);
+        }
+        let differ = state.differences(&self.mirror.state);
+        if differ == 0 {
+            log::debug!("resync: the maps hold what the agent wrote");
+            return;
+        }
+        log::warn!(
+            "resync: {differ} map entries differ from what the agent wrote (changed behind its back?); repairing with a full diff"
+        );
+        self.metrics.drift_repairs.inc();
+        self.mirror = Mirror::new(state);
+        match PortFilter::rebuild(&self.mirror.state, &self.dp.maps) {
+            Ok(ports) => self.ports = ports,
+            Err(e) => log::warn!("re-reading the port filter: {e:#}"),
+        }
+        self.runner.resync();
     }
 
     fn failed(&mut self) {

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub endpoint_changes: Counter,
     pub service_changes: Counter,
     pub sync_failures: Counter,
+    /// Periodic resyncs that found the maps not holding what the agent wrote.
+    pub drift_repairs: Counter,
     pub map_writes: Counter,
     pub invalid_objects: Counter,
     pub invalid_objects_current: Gauge,
@@ -122,6 +124,7 @@ impl Metrics {
             endpoint_changes: Counter::default(),
             service_changes: Counter::default(),
             sync_failures: Counter::default(),
+            drift_repairs: Counter::default(),
             map_writes: Counter::default(),
             invalid_objects: Counter::default(),
             invalid_objects_current: Gauge::default(),
@@ -172,6 +175,11 @@ impl Metrics {
             "kpx_sync_failures",
             "Syncs that failed (and were retried)",
             m.sync_failures.clone(),
+        );
+        r.register(
+            "kpx_drift_repairs",
+            "Periodic resyncs that found the maps changed behind the agent (repaired by a full diff)",
+            m.drift_repairs.clone(),
         );
         r.register(
             "kpx_map_writes",

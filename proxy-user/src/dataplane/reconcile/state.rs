@@ -64,6 +64,39 @@ pub enum Op {
 }
 
 impl MapState {
+    /// How many entries differ between `self` and `other` (present in one
+    /// only, or with another value), over every map: 0 when they hold the
+    /// same.
+    pub fn differences(&self, other: &MapState) -> usize {
+        fn map<K: Eq + std::hash::Hash, V: PartialEq>(
+            a: &HashMap<K, V>,
+            b: &HashMap<K, V>,
+        ) -> usize {
+            let changed = a.iter().filter(|(k, v)| b.get(k) != Some(v)).count();
+            changed + b.keys().filter(|k| !a.contains_key(k)).count()
+        }
+        let ranges = |a: &Self, b: &Self| -> usize {
+            a.ranges
+                .iter()
+                .map(|(id, set)| {
+                    let theirs = b.ranges.get(id);
+                    set.iter()
+                        .filter(|r| !theirs.is_some_and(|t| t.contains(r)))
+                        .count()
+                })
+                .sum()
+        };
+        map(&self.services, &other.services)
+            + map(&self.slots, &other.slots)
+            + map(&self.backends, &other.backends)
+            + map(&self.addrs, &other.addrs)
+            + map(&self.names, &other.names)
+            + map(&self.node_addrs, &other.node_addrs)
+            + ranges(self, other)
+            + ranges(other, self)
+            + usize::from(self.config != other.config)
+    }
+
     /// Records a successful write.
     pub fn record(&mut self, op: &Op) {
         match op {

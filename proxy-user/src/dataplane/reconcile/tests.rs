@@ -345,3 +345,41 @@ mod random {
         }
     }
 }
+
+#[test]
+fn a_read_brought_up_to_date_with_the_writes_made_since_equals_the_mirror() {
+    let two = &[("198.18.1.1", 8080), ("198.18.1.2", 8080)];
+    let mut before = MapState::default();
+    converge(&mut before, &desired(&[(VIP, 80, IPPROTO_TCP, two)]));
+    // Read before a sync that changes a backend and adds a service.
+    let read = before.clone();
+    let mut after = before.clone();
+    let written = converge(
+        &mut after,
+        &desired(&[
+            (
+                VIP,
+                80,
+                IPPROTO_TCP,
+                &[("198.18.1.1", 8080), ("198.18.1.3", 8080)],
+            ),
+            ("198.19.0.11", 53, IPPROTO_UDP, two),
+        ]),
+    );
+    assert!(read.differences(&after) > 0);
+    let mut replayed = read;
+    for op in &written {
+        replayed.record(op);
+    }
+    assert_eq!(replayed.differences(&after), 0);
+    assert_eq!(replayed, after);
+
+    // Drift: an entry deleted and another changed behind the agent's back.
+    let mut drifted = after.clone();
+    let slot = *drifted.slots.keys().next().unwrap();
+    drifted.slots.remove(&slot);
+    let (_, v) = drifted.services.iter_mut().next().unwrap();
+    v.count += 1;
+    assert_eq!(drifted.differences(&after), 2);
+    assert_eq!(after.differences(&drifted), 2);
+}
