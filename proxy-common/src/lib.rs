@@ -184,7 +184,7 @@ pub const NODEPORT_ADDR: u32 = 0;
 /// the cluster-wide endpoints in slots `0..count`, and with [`SVC_F_LOCAL`]
 /// the endpoints on this node in slots `LOCAL_SLOTS + (0..local_count)`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
     /// Stable id of this frontend; indexes `SLOTS` and `SERVICE_STATS`.
     pub svc_id: u32,
@@ -240,7 +240,7 @@ pub struct SrcRange {
 /// Node-wide datapath settings (one element of `KPX_CONFIG`), written by the
 /// agent before it attaches the programs.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DatapathConfig {
     /// The cluster CIDR (network byte order) and its mask; mask 0 when
     /// unknown (then, as in the reference, no source counts as off-cluster).

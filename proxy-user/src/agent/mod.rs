@@ -559,38 +559,52 @@ impl Agent {
     /// Re-reads the maps on a blocking thread (at 50,000 services a read
     /// of every entry takes a second): the event loop goes on meanwhile,
     /// logging its writes so the read can be brought up to date.
-    fn start_resync(&mut self, done: &mpsc::Sender<Result<MapState>>) {
+    fn start_resync(&mut self, done: &mpsc::Sender<Result<(MapState, u64)>>) {
         if self.written_since_read.is_some() {
             return; // the last one is still reading
         }
         self.written_since_read = Some(Vec::new());
         let (dir, done) = (self.cfg.bpffs.clone(), done.clone());
         tokio::task::spawn_blocking(move || {
-            let state = MapSet::open_pinned(&dir).and_then(|maps| maps.read_state());
+            let read = MapSet::open_pinned(&dir)
+                .and_then(|maps| maps.read_state())
+                .map(|state| {
+                    let fingerprint = state.fingerprint();
+                    (state, fingerprint)
+                });
             // The agent is stopping if nobody receives it.
-            let _ = done.blocking_send(state);
+            let _ = done.blocking_send(read);
         });
     }
 
     /// Repairs drift (entries edited or deleted behind the agent's back):
-    /// the maps as read, with the writes made since, against the mirror.
-    /// A full diff only when they differ, so a resync of a map set the
-    /// agent alone wrote costs no planning.
-    fn resynced(&mut self, read: Result<MapState>) {
+    /// the maps as read, with the writes made since, against the mirror,
+    /// by their fingerprints (the event loop never walks the state). A full
+    /// diff only when they differ, so a resync of maps the agent alone
+    /// wrote costs no planning.
+    fn resynced(&mut self, read: Result<(MapState, u64)>) {
         let written = self.written_since_read.take().unwrap_or_default();
-        let mut state = match read {
-            Ok(state) => state,
+        let (mut state, mut fingerprint) = match read {
+            Ok(read) => read,
             Err(e) => {
                 log::warn!("re-reading the maps: {e:#}; will retry at the next resync");
                 return;
             }
         };
         for op in &written {
-            state.record(op);
+            state.record_fingerprinted(op, &mut fingerprint);
+        }
+        if fingerprint == self.mirror.fingerprint {
+            log::debug!("resync: the maps hold what the agent wrote");
+            // Freeing a million entries is not the event loop's work either.
+            tokio::task::spawn_blocking(move || drop(state));
+            return;
         }
         let differ = state.differences(&self.mirror.state);
         if differ == 0 {
-            log::debug!("resync: the maps hold what the agent wrote");
+            // Cannot happen while every write goes through the mirror.
+            log::warn!("resync: the mirror's fingerprint had drifted from its entries; recomputed");
+            self.mirror.fingerprint = fingerprint;
             return;
         }
         log::warn!(

@@ -17,6 +17,8 @@ pub struct Mirror {
     pub(super) svc_ids: HashSet<u32>,
     /// Above every backend id ever used here: new ids start there.
     pub(super) backend_next: u32,
+    /// `state`'s fingerprint, kept up to date write by write.
+    pub fingerprint: u64,
 }
 
 impl Mirror {
@@ -34,6 +36,7 @@ impl Mirror {
         for id in state.slots.values() {
             *m.refs.entry(*id).or_default() += 1;
         }
+        m.fingerprint = state.fingerprint();
         m.state = state;
         m
     }
@@ -79,7 +82,7 @@ impl Mirror {
             }
             _ => {}
         }
-        self.state.record(op);
+        self.state.record_fingerprinted(op, &mut self.fingerprint);
     }
 
     pub(super) fn unref(&mut self, id: u32) {

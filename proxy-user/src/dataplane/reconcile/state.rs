@@ -2,6 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    hash::{DefaultHasher, Hash, Hasher},
     net::Ipv4Addr,
 };
 
@@ -63,7 +64,71 @@ pub enum Op {
     SetConfig(DatapathConfig),
 }
 
+/// One entry's share of [`MapState::fingerprint`]: its map and its key and
+/// value, hashed.
+fn entry_hash(map: u8, entry: impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    (map, entry).hash(&mut h);
+    h.finish()
+}
+
 impl MapState {
+    /// The wrapping sum of every entry's hash: equal states have equal
+    /// fingerprints, and a write changes it by the old and new hashes of
+    /// the one entry it writes ([`MapState::record_fingerprinted`]). So a
+    /// running fingerprint costs nothing per write, and telling whether a
+    /// read of the maps holds what the agent wrote costs one comparison
+    /// instead of a walk of a million entries on the event loop.
+    pub fn fingerprint(&self) -> u64 {
+        fn sum<K: Hash, V: Hash>(map: u8, m: &HashMap<K, V>) -> u64 {
+            m.iter()
+                .fold(0u64, |fp, e| fp.wrapping_add(entry_hash(map, e)))
+        }
+        let ranges = self
+            .ranges
+            .iter()
+            .flat_map(|(id, set)| set.iter().map(move |r| entry_hash(5, (id, r))))
+            .fold(0u64, u64::wrapping_add);
+        sum(0, &self.services)
+            .wrapping_add(sum(1, &self.slots))
+            .wrapping_add(sum(2, &self.backends))
+            .wrapping_add(sum(3, &self.addrs))
+            .wrapping_add(sum(4, &self.names))
+            .wrapping_add(ranges)
+            .wrapping_add(sum(6, &self.node_addrs))
+            .wrapping_add(self.config.as_ref().map_or(0, |c| entry_hash(7, c)))
+    }
+
+    /// The hash of the entry `op` writes, as this state holds it (0: none).
+    fn written_entry_hash(&self, op: &Op) -> u64 {
+        fn get<K: Hash + Eq, V: Hash>(map: u8, m: &HashMap<K, V>, k: &K) -> u64 {
+            m.get_key_value(k).map_or(0, |e| entry_hash(map, e))
+        }
+        match op {
+            Op::PutService(k, _) | Op::DelService(k) => get(0, &self.services, k),
+            Op::PutSlot(k, _) | Op::DelSlot(k) => get(1, &self.slots, k),
+            Op::PutBackend(id, _) | Op::DelBackend(id) => get(2, &self.backends, id),
+            Op::PutAddr(a, _) | Op::DelAddr(a) => get(3, &self.addrs, a),
+            Op::PutName(id, _) | Op::DelName(id) => get(4, &self.names, id),
+            Op::PutRange(id, r) | Op::DelRange(id, r) => match self.ranges.get(id) {
+                Some(set) if set.contains(r) => entry_hash(5, (id, r)),
+                _ => 0,
+            },
+            Op::PutNodeAddr(a, _) | Op::DelNodeAddr(a) => get(6, &self.node_addrs, a),
+            Op::SetConfig(_) => self.config.as_ref().map_or(0, |c| entry_hash(7, c)),
+            Op::ResetStats(_) => 0,
+        }
+    }
+
+    /// Records `op`, keeping `fingerprint` (this state's) up to date.
+    pub fn record_fingerprinted(&mut self, op: &Op, fingerprint: &mut u64) {
+        let before = self.written_entry_hash(op);
+        self.record(op);
+        *fingerprint = fingerprint
+            .wrapping_sub(before)
+            .wrapping_add(self.written_entry_hash(op));
+    }
+
     /// How many entries differ between `self` and `other` (present in one
     /// only, or with another value), over every map: 0 when they hold the
     /// same.

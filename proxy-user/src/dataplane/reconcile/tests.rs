@@ -73,6 +73,8 @@ fn apply(m: &mut Mirror, ops: &[Op], after: &BTreeMap<FrontendKey, Vec<BackendAd
         }
     }
     assert_eq!(&m.state.view().expect("consistent"), after);
+    // Kept write by write, it is what a walk of the whole state gives.
+    assert_eq!(m.fingerprint, m.state.fingerprint());
 }
 
 /// Converges `state` on `d` by a full reconcile, write by write (see
@@ -368,11 +370,14 @@ fn a_read_brought_up_to_date_with_the_writes_made_since_equals_the_mirror() {
     );
     assert!(read.differences(&after) > 0);
     let mut replayed = read;
+    let mut fingerprint = replayed.fingerprint();
+    assert_ne!(fingerprint, after.fingerprint());
     for op in &written {
-        replayed.record(op);
+        replayed.record_fingerprinted(op, &mut fingerprint);
     }
     assert_eq!(replayed.differences(&after), 0);
     assert_eq!(replayed, after);
+    assert_eq!(fingerprint, after.fingerprint());
 
     // Drift: an entry deleted and another changed behind the agent's back.
     let mut drifted = after.clone();
@@ -382,4 +387,5 @@ fn a_read_brought_up_to_date_with_the_writes_made_since_equals_the_mirror() {
     v.count += 1;
     assert_eq!(drifted.differences(&after), 2);
     assert_eq!(after.differences(&drifted), 2);
+    assert_ne!(drifted.fingerprint(), after.fingerprint());
 }
