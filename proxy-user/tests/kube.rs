@@ -289,6 +289,16 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
         port: 80,
         proto: proxy_common::IPPROTO_TCP,
     });
+    // The port filter's word cleared by hand (the frontend's packets would
+    // pass untranslated): rewritten by the next resync.
+    let word = key.port_bit().word;
+    let written = maps.port_words().unwrap()[word as usize];
+    assert_ne!(written, 0);
+    maps.set_port_word(word, 0).unwrap();
+    let restored = wait_for(Duration::from_secs(10), || {
+        (maps.port_words().ok()?[word as usize] == written).then_some(())
+    });
+    assert!(restored.is_some(), "{}", c.agent_log());
     maps.services.remove(&key).unwrap();
     assert_eq!(counts(&c), Some(vec![2]), "the entry is gone");
     wait_synced(&c, 2, &[2, 2]);

@@ -598,6 +598,7 @@ impl Agent {
             log::debug!("resync: the maps hold what the agent wrote");
             // Freeing a million entries is not the event loop's work either.
             tokio::task::spawn_blocking(move || drop(state));
+            self.recheck_ports();
             return;
         }
         let differ = state.differences(&self.mirror.state);
@@ -617,6 +618,24 @@ impl Agent {
             Err(e) => log::warn!("re-reading the port filter: {e:#}"),
         }
         self.runner.resync();
+    }
+
+    /// The port filter is no part of the fingerprint: its 2,048 words are
+    /// read back and any that differ from what the frontends need rewritten.
+    fn recheck_ports(&mut self) {
+        let repaired = PortFilter::rebuild(&self.mirror.state, &self.dp.maps)
+            .and_then(|mut ports| ports.flush(&mut self.dp.maps).map(|n| (ports, n)));
+        match repaired {
+            Ok((ports, n)) => {
+                self.ports = ports;
+                if n > 0 {
+                    log::warn!("resync: {n} port filter words differed from what the frontends need; rewritten");
+                    self.metrics.drift_repairs.inc();
+                    self.metrics.map_writes.inc_by(n as u64);
+                }
+            }
+            Err(e) => log::warn!("re-checking the port filter: {e}; will retry at the next resync"),
+        }
     }
 
     fn failed(&mut self) {
