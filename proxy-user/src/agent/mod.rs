@@ -54,6 +54,8 @@ use crate::{
 
 /// How long a failed sync waits before it is retried.
 const RETRY: Duration = Duration::from_secs(1);
+/// A plan this long leaves enough freed heap behind to hand back.
+const LARGE_PLAN: usize = 10_000;
 
 /// Running totals the agent owns (also in the pinned event counters).
 #[derive(Debug, Default)]
@@ -507,6 +509,11 @@ impl Agent {
             took,
             wrote
         );
+        // A first sync's plan at 50,000 services is ~80 MB, gone now.
+        if ops.len() >= LARGE_PLAN {
+            drop(ops);
+            housekeeping::release_freed_memory();
+        }
     }
 
     /// Writes `ops` in order, each recorded in the mirror (and the port
@@ -597,7 +604,10 @@ impl Agent {
         if fingerprint == self.mirror.fingerprint {
             log::debug!("resync: the maps hold what the agent wrote");
             // Freeing a million entries is not the event loop's work either.
-            tokio::task::spawn_blocking(move || drop(state));
+            tokio::task::spawn_blocking(move || {
+                drop(state);
+                housekeeping::release_freed_memory();
+            });
             self.recheck_ports();
             return;
         }

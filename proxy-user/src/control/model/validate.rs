@@ -408,7 +408,9 @@ pub fn slice(
             ))
         }
     }
-    let mut ports = Vec::new();
+    // Sized exactly: tens of thousands of slices are kept for the agent's
+    // life, and doubling growth would leave a third of them unused.
+    let mut ports = Vec::with_capacity(s.object.ports.as_ref().map_or(0, Vec::len));
     for (i, p) in s.object.ports.iter().flatten().enumerate() {
         let proto = protocol(p.protocol.as_deref())
             .map_err(|m| problem(format!("ports[{i}].protocol"), m))?;
@@ -420,7 +422,7 @@ pub fn slice(
             ports.push((p.name.clone().unwrap_or_default(), proto, number));
         }
     }
-    let mut endpoints = Vec::new();
+    let mut endpoints = Vec::with_capacity(s.object.endpoints.as_ref().map_or(0, Vec::len));
     for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
         if e.addresses.is_empty() {
             return Err(problem(
