@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::Arc,
     time::SystemTime,
 };
 
@@ -73,7 +74,7 @@ pub struct Index {
     slices_of: HashMap<ServiceRef, BTreeSet<String>>,
     dirty: HashSet<ServiceRef>,
     /// Frontend → the Services claiming it, each with its frontend.
-    claims: HashMap<FrontendKey, BTreeMap<ServiceRef, Frontend>>,
+    claims: HashMap<FrontendKey, BTreeMap<ServiceRef, Arc<Frontend>>>,
     /// Service → the frontends it claims.
     owned: HashMap<ServiceRef, Vec<FrontendKey>>,
     desired: Desired,
@@ -301,7 +302,10 @@ impl Index {
             let fronts = model::frontends(svc, &ports, self.node.addresses.first().copied());
             let mut keys = Vec::with_capacity(fronts.len());
             for (k, f) in fronts {
-                self.claims.entry(k).or_default().insert(id.clone(), f);
+                self.claims
+                    .entry(k)
+                    .or_default()
+                    .insert(id.clone(), Arc::new(f));
                 keys.push(k);
                 touched.insert(k);
             }
@@ -311,7 +315,7 @@ impl Index {
             match self.claims.get(&key) {
                 Some(claims) if !claims.is_empty() => {
                     if let Some((_, f)) = claims.iter().next() {
-                        self.desired.frontends.insert(key, f.clone());
+                        self.desired.frontends.insert(key, Arc::clone(f));
                     }
                     if claims.len() > 1 {
                         up.conflicts.extend(conflicts(key, claims));
@@ -453,7 +457,7 @@ impl Index {
     }
 }
 
-fn conflicts(key: FrontendKey, claims: &BTreeMap<ServiceRef, Frontend>) -> Vec<Problem> {
+fn conflicts(key: FrontendKey, claims: &BTreeMap<ServiceRef, Arc<Frontend>>) -> Vec<Problem> {
     let mut it = claims.iter();
     let Some((winner, _)) = it.next() else {
         return Vec::new();

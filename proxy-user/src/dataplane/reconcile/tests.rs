@@ -1,7 +1,10 @@
 //! The planner, one write at a time: consistent after each, minimal, and
 //! equal whatever the scope.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+};
 
 use proxy_common::{ServiceValue, SVC_F_SOURCE_RANGES};
 
@@ -26,7 +29,7 @@ fn desired(spec: &[Spec]) -> Desired {
                 port: *port,
                 proto: *proto,
             },
-            Frontend {
+            Arc::new(Frontend {
                 name: format!("ns/{vip}:{port}"),
                 backends: eps
                     .iter()
@@ -36,7 +39,7 @@ fn desired(spec: &[Spec]) -> Desired {
                     })
                     .collect(),
                 ..Frontend::default()
-            },
+            }),
         );
     }
     d
@@ -258,7 +261,7 @@ mod random {
 
     fn desired_of() -> impl Strategy<Value = Desired> {
         collection::btree_map(0..30u8, frontend(), 0..20).prop_map(|m| Desired {
-            frontends: m.into_iter().map(|(i, f)| (key(i), f)).collect(),
+            frontends: m.into_iter().map(|(i, f)| (key(i), Arc::new(f))).collect(),
         })
     }
 
@@ -297,7 +300,7 @@ mod random {
                 for (i, f) in changes {
                     touched.insert(key(i));
                     match f {
-                        Some(f) => d.frontends.insert(key(i), f),
+                        Some(f) => d.frontends.insert(key(i), Arc::new(f)),
                         None => d.frontends.remove(&key(i)),
                     };
                 }
