@@ -89,8 +89,8 @@ fn port_endpoints(port: &SvcPort, slices: &[&Slice], node: &NodeInfo) -> Vec<End
                     terminating: e.terminating,
                     local: !node.name.is_empty()
                         && e.node_name.as_deref() == Some(node.name.as_str()),
-                    zone_hints: e.zone_hints.clone(),
-                    node_hints: e.node_hints.clone(),
+                    zone_hints: e.hints.as_ref().map_or_else(Vec::new, |h| h.zones.clone()),
+                    node_hints: e.hints.as_ref().map_or_else(Vec::new, |h| h.nodes.clone()),
                 };
                 match by_addr.get(&endpoint) {
                     Some(prev) if !prev.terminating || info.terminating => {}

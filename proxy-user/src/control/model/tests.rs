@@ -489,3 +489,26 @@ fn external_entry_points_are_frontends_with_their_policies() {
         assert!(out.desired.frontends.is_empty());
     }
 }
+
+#[test]
+fn endpoints_on_one_node_share_its_name_and_carry_no_empty_hints() {
+    let yaml = WEB_SLICE.replace(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: true}\n- addresses: [198.18.1.2]\n",
+        "- addresses: [198.18.1.1]\n  nodeName: node-1\n  hints: {forZones: []}\n- addresses: [198.18.1.2]\n  nodeName: node-1\n  hints: {forZones: [{name: zone-a}]}\n",
+    );
+    let s = validate::slice(&eps(&yaml), &mut Vec::new())
+        .expect("valid")
+        .expect("used");
+    let (a, b) = (&s.endpoints[0], &s.endpoints[1]);
+    let (na, nb) = (a.node_name.as_ref().unwrap(), b.node_name.as_ref().unwrap());
+    assert_eq!(&**na, "node-1");
+    assert!(
+        std::sync::Arc::ptr_eq(na, nb),
+        "one allocation per node name"
+    );
+    assert_eq!(a.hints, None, "empty hints are no hints");
+    assert_eq!(
+        b.hints.as_deref().map(|h| h.zones.clone()),
+        Some(vec!["zone-a".to_string()])
+    );
+}
