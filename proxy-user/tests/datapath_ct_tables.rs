@@ -31,18 +31,6 @@ fn count(dp: &Datapath, table: CtTable) -> usize {
     dp.maps.ct(table).keys().filter(|k| k.is_ok()).count()
 }
 
-/// The reply to a translated packet `seen` with `l4`.
-fn reply(seen: &Seen, l4: L4) -> Vec<u8> {
-    Pkt::new(
-        &seen.dst.to_string(),
-        seen.dport,
-        &seen.src.to_string(),
-        seen.sport,
-        l4,
-    )
-    .build()
-}
-
 #[test]
 #[ignore = "needs root"]
 fn a_connection_moves_to_the_established_table_at_its_first_reply() {

@@ -10,7 +10,7 @@
 mod support;
 
 use proxy_common::MARK_TRANSLATED;
-use support::{inspect, paths};
+use support::{inspect, paths, reply};
 
 /// (path, instructions, helper calls) at most. Before this budget existed
 /// (the datapath of 3584e31) "established" was 693 instructions and 23
@@ -188,14 +188,7 @@ fn headers_beyond_the_linear_part_are_parsed_and_translated() {
     let first = path("first packet");
     let b = run(first.name, &first.frame, first.fib, first.verdict);
     // The backend's SYN-ACK, as the backend the first packet chose sends it.
-    let synack = Pkt::new(
-        &b.dst.to_string(),
-        b.dport,
-        &b.src.to_string(),
-        b.sport,
-        SYN_ACK,
-    );
-    run("first reply", &synack.build(), pathlen::Fib::NoRoute, 0);
+    run("first reply", &reply(&b, SYN_ACK), pathlen::Fib::NoRoute, 0);
     let est = path("established, next hop looked up");
     run(est.name, &est.frame, est.fib, est.verdict);
 }
@@ -229,7 +222,7 @@ fn the_next_hop_cache_covers_packets_no_longer_than_the_one_checked() {
     // The backend's answer establishes the connection (to the stack: the
     // original direction's next hop is still to be looked up).
     let b = inspect(&opened.packet);
-    let synack = Pkt::new(&b.dst.to_string(), b.dport, "198.18.0.2", 46000, SYN_ACK).build();
+    let synack = reply(&b, SYN_ACK);
     assert_eq!(run(&mut vm, pathlen::Fib::NoRoute, &synack).verdict, 0);
     // Looked up and cached.
     let r = run(&mut vm, forward, &small);

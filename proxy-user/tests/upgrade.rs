@@ -80,12 +80,6 @@ fn layout_of(dir: &PinDir) -> u32 {
     map.get(&0, 0).unwrap()
 }
 
-/// The reply to a translated packet `seen` with `l4`.
-fn reply(seen: &Seen, l4: L4) -> Vec<u8> {
-    let (src, dst) = (seen.dst.to_string(), seen.src.to_string());
-    Pkt::new(&src, seen.dport, &dst, seen.sport, l4).build()
-}
-
 /// Layout 1 (before versioning): one LRU conntrack table, `KPX_CT`, beside
 /// the control-plane maps this layout still has. Its flows are carried
 /// into the two tables, each where the datapath would have put it, and keep

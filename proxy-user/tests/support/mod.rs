@@ -494,6 +494,13 @@ pub fn ct_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey 
     )
 }
 
+/// The backend's reply, with `l4`, to a packet the datapath translated to
+/// `seen`.
+pub fn reply(seen: &Seen, l4: L4) -> Vec<u8> {
+    let (src, dst) = (seen.dst.to_string(), seen.src.to_string());
+    Pkt::new(&src, seen.dport, &dst, seen.sport, l4).build()
+}
+
 /// Opens a TCP connection through the datapath as a real one opens: the
 /// client's SYN, then the chosen backend's SYN-ACK (which moves the flow to
 /// the established table). Returns the SYN as translated.
@@ -501,11 +508,7 @@ pub fn handshake(dp: &mut Datapath, syn: &Pkt) -> Seen {
     let out = run(dp, &syn.build());
     assert_eq!(out.verdict, TC_ACT_OK, "the SYN was not translated");
     let seen = inspect(&out.bytes);
-    let (src, dst) = (seen.dst.to_string(), seen.src.to_string());
-    let reply = run(
-        dp,
-        &Pkt::new(&src, seen.dport, &dst, seen.sport, SYN_ACK).build(),
-    );
-    assert_eq!(reply.verdict, TC_ACT_OK, "the SYN-ACK was not translated");
+    let answer = run(dp, &reply(&seen, SYN_ACK));
+    assert_eq!(answer.verdict, TC_ACT_OK, "the SYN-ACK was not translated");
     seen
 }
