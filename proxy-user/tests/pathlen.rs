@@ -165,7 +165,7 @@ fn stack_forwarding_hands_translated_packets_to_the_stack() {
 /// them) are read with copies instead: the flow is translated all the same.
 #[test]
 fn headers_beyond_the_linear_part_are_parsed_and_translated() {
-    use support::{Pkt, SYN_ACK};
+    use support::SYN_ACK;
     let mut vm = paths::vm().expect("vm");
     let all = paths::paths(std::net::Ipv4Addr::UNSPECIFIED);
     let path = |name: &str| all.iter().find(|p| p.name == name).expect("path");
