@@ -19,28 +19,64 @@ use crate::control::model::{
     Skipped, Slice, Sourced, Svc, ANNOTATION_TRIGGER_TIME,
 };
 
-/// (namespace, name) of an object.
-type Key = (String, String);
+/// namespace/name of an object (a slice's, here).
+type Key = ServiceRef;
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Key {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
+    ServiceRef::new(
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default(),
     )
+}
+
+/// A validated object as the index keeps it: boxed, so the tables' spare
+/// buckets cost a pointer each, not a whole object.
+type Parsed<T> = Result<Option<Box<T>>, Box<Problem>>;
+
+fn boxed<T>(parsed: Result<Option<T>, Problem>) -> Parsed<T> {
+    parsed.map(|o| o.map(Box::new)).map_err(Box::new)
 }
 
 #[derive(Debug)]
 struct SvcEntry {
-    parsed: Result<Option<Svc>, Problem>,
-    /// Validation skips, then those of the last frontend computation.
+    parsed: Parsed<Svc>,
+    /// What validation skipped.
     skipped: Vec<(String, Skipped)>,
 }
 
 #[derive(Debug)]
 struct SliceEntry {
     owner: Option<ServiceRef>,
-    parsed: Result<Option<Slice>, Problem>,
+    parsed: Parsed<Slice>,
     skipped: Vec<(String, Skipped)>,
+}
+
+/// The Services claiming one frontend, each with its frontend, in
+/// namespace/name order (the first keeps it). Nearly always one.
+type Claims = Vec<(ServiceRef, Arc<Frontend>)>;
+
+/// Running totals of what the index holds, so the per-sync gauges cost
+/// nothing at 50,000 Services.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Malformed Services and EndpointSlices.
+    invalid: usize,
+    /// Claims beyond the first of each frontend.
+    contested: usize,
+    skipped: HashMap<Skipped, usize>,
+}
+
+impl Tally {
+    /// Counts an entry in (`sign` +1) or out (-1).
+    fn entry<T>(&mut self, parsed: &Parsed<T>, skipped: &[(String, Skipped)], sign: isize) {
+        let add = |n: &mut usize| *n = n.saturating_add_signed(sign);
+        if parsed.is_err() {
+            add(&mut self.invalid);
+        }
+        for (_, why) in skipped {
+            add(self.skipped.entry(*why).or_default());
+        }
+    }
 }
 
 /// What an [`Index::update`] did.
@@ -71,10 +107,10 @@ pub struct Index {
     services: HashMap<ServiceRef, SvcEntry>,
     slices: HashMap<Key, SliceEntry>,
     /// Service → its slices' names, in name order.
-    slices_of: HashMap<ServiceRef, BTreeSet<String>>,
+    slices_of: HashMap<ServiceRef, Vec<Arc<str>>>,
     dirty: HashSet<ServiceRef>,
-    /// Frontend → the Services claiming it, each with its frontend.
-    claims: HashMap<FrontendKey, BTreeMap<ServiceRef, Arc<Frontend>>>,
+    /// Frontend → the Services claiming it.
+    claims: HashMap<FrontendKey, Claims>,
     /// Service → the frontends it claims.
     owned: HashMap<ServiceRef, Vec<FrontendKey>>,
     desired: Desired,
@@ -82,6 +118,7 @@ pub struct Index {
     triggers: Vec<SystemTime>,
     /// Services with a health check node port: (port, local ready endpoints).
     health_checks: BTreeMap<ServiceRef, (u16, usize)>,
+    tally: Tally,
 }
 
 impl Index {
@@ -97,6 +134,7 @@ impl Index {
             desired: Desired::default(),
             triggers: Vec::new(),
             health_checks: BTreeMap::new(),
+            tally: Tally::default(),
         }
     }
 
@@ -115,43 +153,40 @@ impl Index {
     }
 
     pub fn apply_service(&mut self, s: Sourced<Service>) -> Applied {
-        let (ns, name) = key_of(&s.object.metadata);
-        let id = ServiceRef {
-            namespace: ns,
-            name,
-        };
+        let id = key_of(&s.object.metadata);
         let mut skipped = Vec::new();
-        let parsed = model::service(&s, &mut skipped);
-        let problem = parsed.as_ref().err().cloned();
+        let parsed = boxed(model::service(&s, &mut skipped));
+        let problem = parsed.as_ref().err().map(|p| (**p).clone());
         let changed = self
             .services
             .get(&id)
             .is_none_or(|e| e.parsed != parsed || e.skipped != skipped);
         if changed {
-            self.services
-                .insert(id.clone(), SvcEntry { parsed, skipped });
+            self.tally.entry(&parsed, &skipped, 1);
+            let entry = SvcEntry { parsed, skipped };
+            if let Some(old) = self.services.insert(id.clone(), entry) {
+                self.tally.entry(&old.parsed, &old.skipped, -1);
+            }
             self.dirty.insert(id);
         }
         Applied { changed, problem }
     }
 
     pub fn delete_service(&mut self, namespace: &str, name: &str) -> bool {
-        let id = ServiceRef {
-            namespace: namespace.into(),
-            name: name.into(),
+        let id = ServiceRef::new(namespace, name);
+        let Some(old) = self.services.remove(&id) else {
+            return false;
         };
-        let existed = self.services.remove(&id).is_some();
-        if existed {
-            self.dirty.insert(id);
-        }
-        existed
+        self.tally.entry(&old.parsed, &old.skipped, -1);
+        self.dirty.insert(id);
+        true
     }
 
     pub fn apply_slice(&mut self, s: Sourced<EndpointSlice>) -> Applied {
         let key = key_of(&s.object.metadata);
         let mut skipped = Vec::new();
-        let parsed = model::slice(&s, &mut skipped);
-        let problem = parsed.as_ref().err().cloned();
+        let parsed = boxed(model::slice(&s, &mut skipped));
+        let problem = parsed.as_ref().err().map(|p| (**p).clone());
         let owner = model::slice_owner(&s.object);
         let changed = self
             .slices
@@ -163,12 +198,13 @@ impl Index {
             }
             self.remove_slice(&key);
             if let Some(o) = &owner {
-                self.slices_of
-                    .entry(o.clone())
-                    .or_default()
-                    .insert(key.1.clone());
+                let names = self.slices_of.entry(o.clone()).or_default();
+                if let Err(at) = names.binary_search(&key.name) {
+                    names.insert(at, Arc::clone(&key.name));
+                }
                 self.dirty.insert(o.clone());
             }
+            self.tally.entry(&parsed, &skipped, 1);
             self.slices.insert(
                 key,
                 SliceEntry {
@@ -182,16 +218,17 @@ impl Index {
     }
 
     pub fn delete_slice(&mut self, namespace: &str, name: &str) -> bool {
-        self.remove_slice(&(namespace.into(), name.into()))
+        self.remove_slice(&ServiceRef::new(namespace, name))
     }
 
     fn remove_slice(&mut self, key: &Key) -> bool {
         let Some(old) = self.slices.remove(key) else {
             return false;
         };
+        self.tally.entry(&old.parsed, &old.skipped, -1);
         if let Some(o) = old.owner {
             if let Some(set) = self.slices_of.get_mut(&o) {
-                set.remove(&key.1);
+                set.retain(|n| *n != key.name);
                 if set.is_empty() {
                     self.slices_of.remove(&o);
                 }
@@ -221,7 +258,7 @@ impl Index {
         let gone: Vec<Key> = self
             .slices
             .keys()
-            .filter(|(ns, name)| !keep(ns, name))
+            .filter(|k| !keep(&k.namespace, &k.name))
             .cloned()
             .collect();
         for k in &gone {
@@ -240,7 +277,7 @@ impl Index {
             changed |= a.changed;
             problems.extend(a.problem);
         }
-        let gone = self.retain_services(|ns, name| keep.contains(&(ns.into(), name.into())));
+        let gone = self.retain_services(|ns, name| keep.contains(&ServiceRef::new(ns, name)));
         (changed || gone > 0, problems)
     }
 
@@ -253,7 +290,7 @@ impl Index {
             changed |= a.changed;
             problems.extend(a.problem);
         }
-        let gone = self.retain_slices(|ns, name| keep.contains(&(ns.into(), name.into())));
+        let gone = self.retain_slices(|ns, name| keep.contains(&ServiceRef::new(ns, name)));
         (changed || gone > 0, problems)
     }
 
@@ -283,7 +320,12 @@ impl Index {
             self.health_checks.remove(&id);
             for key in self.owned.remove(&id).unwrap_or_default() {
                 if let Some(c) = self.claims.get_mut(&key) {
-                    c.remove(&id);
+                    if let Ok(at) = c.binary_search_by(|(s, _)| s.cmp(&id)) {
+                        c.remove(at);
+                        if !c.is_empty() {
+                            self.tally.contested -= 1;
+                        }
+                    }
                 }
                 touched.insert(key);
             }
@@ -302,19 +344,28 @@ impl Index {
             let fronts = model::frontends(svc, &ports, self.node.addresses.first().copied());
             let mut keys = Vec::with_capacity(fronts.len());
             for (k, f) in fronts {
-                self.claims
-                    .entry(k)
-                    .or_default()
-                    .insert(id.clone(), Arc::new(f));
+                let c = self.claims.entry(k).or_default();
+                let claim = (id.clone(), Arc::new(f));
+                match c.binary_search_by(|(s, _)| s.cmp(&id)) {
+                    // A Service claims a frontend once (frontends() merges).
+                    Ok(at) => c[at] = claim,
+                    Err(at) => {
+                        if !c.is_empty() {
+                            self.tally.contested += 1;
+                        }
+                        c.insert(at, claim);
+                    }
+                }
                 keys.push(k);
                 touched.insert(k);
             }
             self.owned.insert(id.clone(), keys);
         }
         for &key in &touched {
-            match self.claims.get(&key) {
+            match self.claims.get_mut(&key) {
                 Some(claims) if !claims.is_empty() => {
-                    if let Some((_, f)) = claims.iter().next() {
+                    claims.shrink_to_fit();
+                    if let Some((_, f)) = claims.first() {
                         self.desired.frontends.insert(key, Arc::clone(f));
                     }
                     if claims.len() > 1 {
@@ -352,8 +403,13 @@ impl Index {
             .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|n| self.slices.get(&(id.namespace.clone(), n.clone())))
-            .filter_map(|e| e.parsed.as_ref().ok().and_then(Option::as_ref))
+            .filter_map(|n| {
+                self.slices.get(&ServiceRef {
+                    namespace: Arc::clone(&id.namespace),
+                    name: Arc::clone(n),
+                })
+            })
+            .filter_map(|e| e.parsed.as_ref().ok().and_then(Option::as_deref))
             .collect()
     }
 
@@ -361,7 +417,7 @@ impl Index {
     /// frontends are kept, which is what memory at 10,000 services needs).
     pub fn service_ports(&self, id: &ServiceRef) -> Option<Vec<ServicePort>> {
         let entry = self.services.get(id)?;
-        let svc = entry.parsed.as_ref().ok()?.as_ref()?;
+        let svc = entry.parsed.as_ref().ok()?.as_deref()?;
         Some(model::service_ports(
             svc,
             &self.slices_of_service(id),
@@ -376,7 +432,7 @@ impl Index {
         ids.sort();
         ids.into_iter()
             .filter_map(|id| {
-                let svc = self.services[id].parsed.as_ref().ok()?.as_ref()?;
+                let svc = self.services[id].parsed.as_ref().ok()?.as_deref()?;
                 let ports = model::service_ports(svc, &self.slices_of_service(id), &self.node);
                 Some((svc.clone(), ports))
             })
@@ -388,11 +444,11 @@ impl Index {
         let mut out: Vec<Problem> = self
             .services
             .values()
-            .filter_map(|e| e.parsed.as_ref().err().cloned())
+            .filter_map(|e| e.parsed.as_ref().err().map(|p| (**p).clone()))
             .chain(
                 self.slices
                     .values()
-                    .filter_map(|e| e.parsed.as_ref().err().cloned()),
+                    .filter_map(|e| e.parsed.as_ref().err().map(|p| (**p).clone())),
             )
             .collect();
         let mut keys: Vec<&FrontendKey> = self.claims.keys().collect();
@@ -405,29 +461,15 @@ impl Index {
         out
     }
 
-    /// How many objects are malformed, and frontends contested, right now.
+    /// How many objects are malformed, and frontends contested, right now
+    /// (kept as they change: O(1)).
     pub fn problem_count(&self) -> usize {
-        self.services.values().filter(|e| e.parsed.is_err()).count()
-            + self.slices.values().filter(|e| e.parsed.is_err()).count()
-            + self
-                .claims
-                .values()
-                .map(|c| c.len().saturating_sub(1))
-                .sum::<usize>()
+        self.tally.invalid + self.tally.contested
     }
 
-    /// Current skips by reason.
-    pub fn skipped_counts(&self) -> HashMap<Skipped, usize> {
-        let mut out = HashMap::new();
-        let all = self
-            .services
-            .values()
-            .flat_map(|e| e.skipped.iter())
-            .chain(self.slices.values().flat_map(|e| e.skipped.iter()));
-        for (_, why) in all {
-            *out.entry(*why).or_default() += 1;
-        }
-        out
+    /// Current skips by reason (kept as they change).
+    pub fn skipped_counts(&self) -> &HashMap<Skipped, usize> {
+        &self.tally.skipped
     }
 
     /// Every current skip with its reason.
@@ -457,7 +499,7 @@ impl Index {
     }
 }
 
-fn conflicts(key: FrontendKey, claims: &BTreeMap<ServiceRef, Arc<Frontend>>) -> Vec<Problem> {
+fn conflicts(key: FrontendKey, claims: &Claims) -> Vec<Problem> {
     let mut it = claims.iter();
     let Some((winner, _)) = it.next() else {
         return Vec::new();
@@ -556,6 +598,57 @@ mod tests {
             "s9 deleted, s7 back to one endpoint"
         );
         assert_eq!(ix.desired().frontends.len(), 98);
+    }
+
+    /// The running totals behind the gauges agree with a count of what the
+    /// index holds, through adds, replacements, conflicts and deletes.
+    #[test]
+    fn running_totals_match_a_recount() {
+        let b1 = Ipv4Addr::new(198, 18, 1, 1);
+        let recount = |ix: &Index| {
+            let mut skips: HashMap<Skipped, usize> = HashMap::new();
+            for (_, why) in ix.skipped() {
+                *skips.entry(why).or_default() += 1;
+            }
+            let tally: HashMap<Skipped, usize> = ix
+                .skipped_counts()
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| (*k, *n))
+                .collect();
+            assert_eq!(tally, skips);
+            assert_eq!(ix.problem_count(), ix.problems().len());
+        };
+        let mut ix = Index::new(NodeInfo::named("node-1"));
+        let (a, sa) = svc_n(1, &[b1]);
+        let mut twin = a.clone();
+        twin.object.metadata.name = Some("twin".into());
+        let mut bad = svc_n(2, &[b1]).0;
+        bad.object.spec.as_mut().expect("spec").cluster_ip = Some("not-an-ip".into());
+        let mut headless = svc_n(3, &[b1]).0;
+        headless.object.spec.as_mut().expect("spec").cluster_ip = Some("None".into());
+        for s in [a.clone(), twin, bad, headless.clone()] {
+            ix.apply_service(s);
+        }
+        ix.apply_slice(sa);
+        ix.update();
+        recount(&ix);
+        assert_eq!(
+            ix.problem_count(),
+            3,
+            "one malformed, two contested frontends"
+        );
+        // The malformed one fixed, the twin gone, the headless one again.
+        ix.apply_service(svc_n(2, &[b1]).0);
+        ix.delete_service("default", "twin");
+        ix.apply_service(headless);
+        ix.update();
+        recount(&ix);
+        assert_eq!(ix.problem_count(), 0);
+        ix.delete_service("default", "s3");
+        ix.delete_slice("default", "s1-1");
+        ix.update();
+        recount(&ix);
     }
 
     #[test]

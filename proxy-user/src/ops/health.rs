@@ -320,7 +320,7 @@ impl ServiceHealth {
             let n = c.load(Ordering::Relaxed);
             let healthy = health.is_healthy();
             let body = serde_json::json!({
-                "service": {"namespace": id.namespace, "name": id.name},
+                "service": {"namespace": &*id.namespace, "name": &*id.name},
                 "localEndpoints": n,
                 "serviceProxyHealthy": healthy,
             });

@@ -20,7 +20,12 @@
 //! A malformed object is reported, with its origin and the offending field,
 //! and skipped as a whole; everything else is served.
 
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::api::core::v1::Node;
 
@@ -222,11 +227,39 @@ impl NodeInfo {
     }
 }
 
-/// `namespace/name` of a Service.
+/// `namespace/name` of a Service (and, in the index, of any object).
+/// Shared strings: the index holds each Service's reference in several
+/// tables, and a clone is two reference counts, not two allocations.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceRef {
-    pub namespace: String,
-    pub name: String,
+    /// Interned ([`intern`]): a cluster has few namespaces.
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl ServiceRef {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: intern(namespace),
+            name: name.into(),
+        }
+    }
+}
+
+/// `s`, shared with every other use of the same string. For the few
+/// distinct values a cluster has many references to (namespaces, node
+/// names); the set only grows, so never for per-object names.
+pub fn intern(s: &str) -> Arc<str> {
+    static SEEN: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
+    // A poisoned lock only means another thread panicked mid-insert; the
+    // set is still a set.
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = seen.get(s) {
+        return Arc::clone(n);
+    }
+    let n: Arc<str> = s.into();
+    seen.insert(Arc::clone(&n));
+    n
 }
 
 impl fmt::Display for ServiceRef {

@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -16,8 +16,8 @@ use super::{
 };
 use crate::control::cidr::Cidr;
 
-fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".into())
+fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
 }
 
 fn object_name(
@@ -323,10 +323,7 @@ pub fn service(
         }
     };
     let mut svc = Svc {
-        id: ServiceRef {
-            namespace: namespace(meta),
-            name,
-        },
+        id: ServiceRef::new(namespace(meta), &name),
         cluster_ips,
         ports,
         external_ips,
@@ -367,20 +364,6 @@ pub struct Hints {
     pub nodes: Vec<String>,
 }
 
-/// `name`, shared with every other endpoint on the same node.
-fn node_name(name: &str) -> Arc<str> {
-    static NAMES: Mutex<BTreeSet<Arc<str>>> = Mutex::new(BTreeSet::new());
-    // A poisoned lock only means another thread panicked mid-insert; the
-    // set is still a set.
-    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(n) = names.get(name) {
-        return Arc::clone(n);
-    }
-    let n: Arc<str> = name.into();
-    names.insert(Arc::clone(&n));
-    n
-}
-
 /// A validated EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slice {
@@ -393,10 +376,7 @@ pub struct Slice {
 /// The Service an EndpointSlice belongs to, read from its label.
 pub fn slice_owner(s: &EndpointSlice) -> Option<ServiceRef> {
     let name = s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some(ServiceRef {
-        namespace: namespace(&s.metadata),
-        name: name.clone(),
-    })
+    Some(ServiceRef::new(namespace(&s.metadata), name))
 }
 
 /// Validates an EndpointSlice; Ok(None) when kube-proxy does not use it.
@@ -488,7 +468,7 @@ pub fn slice(
             ready,
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: e.node_name.as_deref().map(node_name),
+            node_name: e.node_name.as_deref().map(super::intern),
             hints: hints.filter(|h| *h != Hints::default()).map(Box::new),
         });
     }
