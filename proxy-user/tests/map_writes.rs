@@ -1,7 +1,8 @@
 //! Map writes in the kernel: a sync plan written in batches
 //! (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`) leaves the maps exactly
 //! as the same plan written one element at a time, and as the planner's
-//! mirror says; a batch that fails part-way says how far it got.
+//! mirror says; a batch that fails part-way says how far it got; a batched
+//! read (`BPF_MAP_LOOKUP_BATCH`) sees every element once.
 
 use std::net::Ipv4Addr;
 
@@ -89,6 +90,23 @@ fn a_plan_written_in_batches_leaves_the_maps_as_one_write_at_a_time() {
     assert_eq!(b.backends, mirror.state.backends);
     // Deleting what is already gone (an interrupted earlier sync) is fine.
     batched.maps.write_all(&second).unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_batched_read_sees_every_element_once() {
+    let map: HashMap<MapData, u32, u64> = HashMap::create(40_000, 0).expect("a map");
+    let raw = aya::maps::IterableMap::map(&map);
+    assert!(batch::lookup_all::<u32, u64>(raw).unwrap().is_empty());
+    // More than one batch's worth.
+    let keys: Vec<u32> = (0..25_000).map(|i| i * 7 + 1).collect();
+    let values: Vec<u64> = keys.iter().map(|k| u64::from(*k) << 20).collect();
+    batch::update(raw, &keys, &values).unwrap();
+    let mut read = batch::lookup_all::<u32, u64>(raw).unwrap();
+    read.sort();
+    let want: Vec<(u32, u64)> = keys.iter().copied().zip(values.iter().copied()).collect();
+    assert_eq!(read.len(), want.len(), "each element once");
+    assert_eq!(read, want);
 }
 
 #[test]

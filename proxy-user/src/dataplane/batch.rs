@@ -1,7 +1,9 @@
-//! Batched map writes: `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_DELETE_BATCH`
-//! (Linux 5.6), which aya 0.14 does not expose. One call writes a run of
-//! elements of one map, in order; at 50,000 services a first sync is about
-//! a million elements, and one syscall each was most of its time.
+//! Batched map operations: `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`
+//! and `BPF_MAP_LOOKUP_BATCH` (Linux 5.6), which aya 0.14 does not expose.
+//! One call writes a run of elements of one map, in order, or reads a
+//! bucketful; at 50,000 services a first sync, and every resync's read of
+//! the maps, is about a million elements, and two syscalls each (next key,
+//! lookup) was most of a resync's time.
 
 use std::{
     io,
@@ -10,6 +12,7 @@ use std::{
 
 use aya::{maps::MapData, Pod};
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -79,6 +82,77 @@ pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> Result<(), Partial> {
     Ok(())
 }
 
+/// Every element of a hash `map`, read a batch at a time. Not a snapshot:
+/// elements written meanwhile may or may not be seen, as with iteration.
+/// Fails with [`unsupported`] errors where the kernel or map type cannot.
+pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut chunk = CHUNK;
+    // The position between calls: opaque to us, a bucket index for hash
+    // maps; room for a key, whatever the map type wants.
+    let token_words = std::mem::size_of::<K>().div_ceil(8).max(1);
+    let (mut token, mut first) = (vec![0u64; token_words], true);
+    let mut next = vec![0u64; token_words];
+    let (mut keys, mut values): (Vec<K>, Vec<V>) = (zeroed(chunk), zeroed(chunk));
+    loop {
+        let mut attr = Attr {
+            in_batch: if first { 0 } else { token.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the batch member of bpf_attr; keys and values
+        // hold `count` elements of the map's key and value sizes (aya's
+        // typed maps checked them), the tokens room for a key; the kernel
+        // writes at most that much into each, and `count` back.
+        let r = unsafe { crate::dataplane::sys::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let n = (attr.count as usize).min(chunk);
+        match r {
+            Ok(_) => {}
+            // The last batch: what it holds is valid.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+                return Ok(out);
+            }
+            // One bucket holds more than a batch: retry it with more room.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < 1 << 20 => {
+                chunk *= 2;
+                (keys, values) = (zeroed(chunk), zeroed(chunk));
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        std::mem::swap(&mut token, &mut next);
+        first = false;
+    }
+}
+
+/// `n` all-zero elements: room for the kernel to write into.
+fn zeroed<T: Pod>(n: usize) -> Vec<T> {
+    // SAFETY: a Pod type is plain bytes (aya's contract for map keys and
+    // values), so all-zero bytes are one of its values.
+    (0..n).map(|_| unsafe { std::mem::zeroed() }).collect()
+}
+
+/// union bpf_attr, batch commands: in_batch, out_batch, keys, values
+/// (u64 each), count, map_fd (u32 each), elem_flags, flags (u64 each).
+#[repr(C)]
+struct Attr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 /// One batch command; on failure, how many elements it processed.
 fn call<K: Pod, V: Pod>(
     cmd: libc::c_long,
@@ -88,19 +162,6 @@ fn call<K: Pod, V: Pod>(
 ) -> Result<(), (usize, io::Error)> {
     if keys.is_empty() {
         return Ok(());
-    }
-    // union bpf_attr, batch commands: in_batch, out_batch, keys, values
-    // (u64 each), count, map_fd (u32 each), elem_flags, flags (u64 each).
-    #[repr(C)]
-    struct Attr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
     }
     let mut attr = Attr {
         in_batch: 0,

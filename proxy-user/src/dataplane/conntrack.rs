@@ -184,18 +184,11 @@ pub fn read_table(maps: &MapSet) -> Result<Table> {
     let mut all: HashMap<CtKey, (CtTable, CtValue)> = HashMap::new();
     let mut entries = HashMap::new();
     for table in CtTable::ALL {
-        let mut n = 0;
-        for kv in maps.ct(table).iter() {
-            match kv {
-                Ok((k, v)) => {
-                    n += 1;
-                    all.entry(k).or_insert((table, v));
-                }
-                // An entry deleted (or evicted) between two steps of the walk.
-                Err(e) => log::debug!("conntrack walk: {e}"),
-            }
+        let read = crate::dataplane::maps::read_hash(maps.ct(table))?;
+        entries.insert(table, read.len());
+        for (k, v) in read {
+            all.entry(k).or_insert((table, v));
         }
-        entries.insert(table, n);
     }
     let mut flows = Vec::new();
     let mut paired = HashSet::new();

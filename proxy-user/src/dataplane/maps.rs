@@ -25,6 +25,18 @@ use proxy_common::{
     SlotKey, SrcRange, SERVICE_NAME_LEN,
 };
 
+/// Every element of a hash map: in batches, or one at a time where the
+/// kernel cannot batch.
+pub fn read_hash<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
+    use aya::maps::IterableMap as _;
+    match batch::lookup_all(map.map()) {
+        Ok(all) => Ok(all),
+        // An entry deleted between two steps of the walk is skipped.
+        Err(e) if batch::unsupported(&e) => Ok(map.iter().filter_map(Result::ok).collect()),
+        Err(e) => Err(anyhow!("BPF_MAP_LOOKUP_BATCH: {e}")),
+    }
+}
+
 /// The datapath object built by build.rs from proxy-ebpf.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kpx-ebpf"));
 
@@ -221,29 +233,26 @@ impl MapSet {
     }
 
     /// The control-plane maps' contents, as the sync engine models them.
+    /// Hash maps are read in batches (`dataplane::batch`).
     pub fn read_state(&self) -> Result<MapState> {
         Ok(MapState {
-            services: self
-                .services
-                .iter()
-                .map(|kv| kv.map(|(k, v)| (frontend_key(&k), v)))
-                .collect::<Result<_, _>>()?,
-            slots: self.slots.iter().collect::<Result<_, _>>()?,
-            backends: self
-                .backends
-                .iter()
-                .map(|kv| kv.map(|(id, b)| (id, backend_addr(&b))))
-                .collect::<Result<_, _>>()?,
-            addrs: self
-                .service_addrs
-                .iter()
-                .map(|kv| kv.map(|(a, n)| (wire::to_addr(a), n)))
-                .collect::<Result<_, _>>()?,
-            names: self
-                .service_names
-                .iter()
-                .map(|kv| kv.map(|(id, n)| (id, name_from_bytes(&n))))
-                .collect::<Result<_, _>>()?,
+            services: read_hash(&self.services)?
+                .into_iter()
+                .map(|(k, v)| (frontend_key(&k), v))
+                .collect(),
+            slots: read_hash(&self.slots)?.into_iter().collect(),
+            backends: read_hash(&self.backends)?
+                .into_iter()
+                .map(|(id, b)| (id, backend_addr(&b)))
+                .collect(),
+            addrs: read_hash(&self.service_addrs)?
+                .into_iter()
+                .map(|(a, n)| (wire::to_addr(a), n))
+                .collect(),
+            names: read_hash(&self.service_names)?
+                .into_iter()
+                .map(|(id, n)| (id, name_from_bytes(&n)))
+                .collect(),
             ranges: {
                 let mut out: std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>> =
                     Default::default();
@@ -254,11 +263,10 @@ impl MapSet {
                 }
                 out
             },
-            node_addrs: self
-                .node_addrs
-                .iter()
-                .map(|kv| kv.map(|(a, f)| (wire::to_addr(a), f)))
-                .collect::<Result<_, _>>()?,
+            node_addrs: read_hash(&self.node_addrs)?
+                .into_iter()
+                .map(|(a, f)| (wire::to_addr(a), f))
+                .collect(),
             config: Some(self.config.get(&0, 0)?),
         })
     }
