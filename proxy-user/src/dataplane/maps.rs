@@ -254,7 +254,7 @@ impl MapSet {
                 .map(|(id, n)| (id, name_from_bytes(&n)))
                 .collect(),
             ranges: {
-                let mut out: std::collections::HashMap<u32, std::collections::BTreeSet<Cidr>> =
+                let mut out: foldhash::HashMap<u32, std::collections::BTreeSet<Cidr>> =
                     Default::default();
                 for key in self.src_ranges.keys() {
                     let key = key?;

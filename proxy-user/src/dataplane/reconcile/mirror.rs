@@ -1,7 +1,7 @@
 //! The maps' state with the indexes that keep a reconcile proportional to
 //! the change: backend ids by value, references per backend, service ids.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 
 use super::{BackendAddr, MapState, Op};
 

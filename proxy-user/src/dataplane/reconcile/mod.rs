@@ -22,10 +22,11 @@
 //! datapath that the next sync completes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
 };
 
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use proxy_common::{DatapathConfig, SlotKey};
 
 use crate::control::model::{Desired, Endpoint, FrontendKey};
@@ -259,7 +260,11 @@ pub fn reconcile(
 /// addresses `addrs` (address → `NODE_F_*`) what the maps hold: settings,
 /// then new or changed addresses, then addresses that are gone. They go
 /// through the same write stream as the frontends' writes.
-pub fn node(cur: &MapState, addrs: &HashMap<Ipv4Addr, u32>, config: &DatapathConfig) -> Vec<Op> {
+pub fn node(
+    cur: &MapState,
+    addrs: &std::collections::HashMap<Ipv4Addr, u32>,
+    config: &DatapathConfig,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     if cur.config.as_ref() != Some(config) {
         ops.push(Op::SetConfig(*config));
@@ -287,12 +292,12 @@ pub fn stale_udp(
     cur: &MapState,
     desired: &Desired,
     scope: Scope<'_>,
-) -> HashSet<(u32, Ipv4Addr, u16)> {
+) -> std::collections::HashSet<(u32, Ipv4Addr, u16)> {
     let keys: Vec<FrontendKey> = match scope {
         Scope::All => cur.services.keys().copied().collect(),
         Scope::Touched(t) => t.iter().copied().collect(),
     };
-    let mut out = HashSet::new();
+    let mut out = std::collections::HashSet::new();
     for k in keys {
         let Some(v) = cur.services.get(&k) else {
             continue;

@@ -2,7 +2,9 @@
 //! service entry of one frontend, the writes kept in make-before-break
 //! groups until [`Planner::puts`] orders them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use proxy_common::{ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 

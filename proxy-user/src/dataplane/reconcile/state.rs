@@ -1,10 +1,12 @@
 //! What the control-plane maps hold, and the writes that change it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    hash::{DefaultHasher, Hash, Hasher},
+    collections::{BTreeMap, BTreeSet},
+    hash::{BuildHasher as _, Hash},
     net::Ipv4Addr,
 };
+
+use foldhash::HashMap;
 
 use proxy_common::{DatapathConfig, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
@@ -67,9 +69,8 @@ pub enum Op {
 /// One entry's share of [`MapState::fingerprint`]: its map and its key and
 /// value, hashed.
 fn entry_hash(map: u8, entry: impl Hash) -> u64 {
-    let mut h = DefaultHasher::new();
-    (map, entry).hash(&mut h);
-    h.finish()
+    // Fixed: a fingerprint is compared across reads of the maps.
+    foldhash::quality::FixedState::with_seed(0x6b70_785f_6670).hash_one((map, entry))
 }
 
 impl MapState {
