@@ -181,6 +181,7 @@ fn run_agent(flags: &AgentFlags) -> Result<()> {
             log::warn!("setting oom_score_adj to {adj}: {e}");
         }
     }
+    agent::one_heap_arena();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

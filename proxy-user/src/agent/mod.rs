@@ -22,6 +22,7 @@ pub mod settings;
 
 use input::{Input, Kind, Outcome};
 use runner::SyncRunner;
+pub use housekeeping::one_heap_arena;
 pub use settings::{AgentFlags, Settings, Source};
 
 use anyhow::{Context as _, Result};
