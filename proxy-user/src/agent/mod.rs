@@ -20,9 +20,9 @@ mod input;
 mod runner;
 pub mod settings;
 
+pub use housekeeping::one_heap_arena;
 use input::{Input, Kind, Outcome};
 use runner::SyncRunner;
-pub use housekeeping::one_heap_arena;
 pub use settings::{AgentFlags, Settings, Source};
 
 use anyhow::{Context as _, Result};

@@ -77,7 +77,8 @@ fn port_endpoints(port: &SvcPort, slices: &[&Slice], node: &NodeInfo) -> Vec<End
             if *name != port.name || *proto != port.proto {
                 continue;
             }
-            for e in &sl.endpoints {
+            for (i, e) in sl.endpoints.iter().enumerate() {
+                let hints = sl.hints_of(i);
                 let endpoint = Endpoint {
                     addr: e.addr,
                     port: *number,
@@ -89,8 +90,8 @@ fn port_endpoints(port: &SvcPort, slices: &[&Slice], node: &NodeInfo) -> Vec<End
                     terminating: e.terminating,
                     local: !node.name.is_empty()
                         && e.node_name.as_deref() == Some(node.name.as_str()),
-                    zone_hints: e.hints.as_ref().map_or_else(Vec::new, |h| h.zones.clone()),
-                    node_hints: e.hints.as_ref().map_or_else(Vec::new, |h| h.nodes.clone()),
+                    zone_hints: hints.map_or_else(Vec::new, |h| h.zones.clone()),
+                    node_hints: hints.map_or_else(Vec::new, |h| h.nodes.clone()),
                 };
                 match by_addr.get(&endpoint) {
                     Some(prev) if !prev.terminating || info.terminating => {}

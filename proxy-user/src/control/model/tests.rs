@@ -506,9 +506,10 @@ fn endpoints_on_one_node_share_its_name_and_carry_no_empty_hints() {
         std::sync::Arc::ptr_eq(na, nb),
         "one allocation per node name"
     );
-    assert_eq!(a.hints, None, "empty hints are no hints");
+    assert_eq!(s.hints_of(0), None, "empty hints are no hints");
     assert_eq!(
-        b.hints.as_deref().map(|h| h.zones.clone()),
+        s.hints_of(1).map(|h| h.zones.clone()),
         Some(vec!["zone-a".to_string()])
     );
+    assert_eq!(s.hints.len(), 1);
 }

@@ -50,7 +50,8 @@ fn port(p: i32) -> Result<u16, String> {
 /// A validated Service port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SvcPort {
-    pub name: String,
+    /// Interned: a cluster uses a handful of port names.
+    pub name: Arc<str>,
     pub proto: u8,
     pub port: u16,
     pub node_port: Option<u16>,
@@ -74,6 +75,15 @@ pub struct Svc {
 }
 
 impl Svc {
+    /// Exact capacities: tens of thousands of these are kept.
+    fn compact(&mut self) {
+        self.cluster_ips.shrink_to_fit();
+        self.ports.shrink_to_fit();
+        self.external_ips.shrink_to_fit();
+        self.lb_ips.shrink_to_fit();
+        self.lb_source_ranges.shrink_to_fit();
+    }
+
     /// kube-proxy's ExternallyAccessible: reachable from outside the cluster.
     pub fn externally_accessible(&self) -> bool {
         self.ports.iter().any(|p| p.node_port.is_some())
@@ -219,7 +229,7 @@ pub fn service(
             ));
         }
         ports.push(SvcPort {
-            name,
+            name: super::intern(&name),
             proto,
             port: number,
             node_port,
@@ -339,13 +349,14 @@ pub fn service(
     if !(type_ == "LoadBalancer" && etp_local) {
         svc.health_check_node_port = None;
     }
+    svc.compact();
     Ok(Some(svc))
 }
 
 /// One endpoint of a slice, with everything endpoint selection looks at.
 /// Half a million of them live at 50,000 Services, so: the node name is
-/// shared (a cluster has few nodes), and the rare topology hints are boxed
-/// (8 bytes when absent).
+/// shared (a cluster has few nodes), and the rare topology hints are kept
+/// beside the endpoints ([`Slice::hints`]), not in each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
     /// The first address: kube-proxy uses only that one.
@@ -354,7 +365,6 @@ pub struct SliceEndpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<Arc<str>>,
-    pub hints: Option<Box<Hints>>,
 }
 
 /// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`).
@@ -368,9 +378,21 @@ pub struct Hints {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slice {
     pub service: ServiceRef,
-    /// (port name, protocol, port number).
-    pub ports: Vec<(String, u8, u16)>,
+    /// (port name (interned), protocol, port number).
+    pub ports: Vec<(Arc<str>, u8, u16)>,
     pub endpoints: Vec<SliceEndpoint>,
+    /// The topology hints of the endpoints that have any, by index into
+    /// `endpoints`, in order.
+    pub hints: Vec<(u32, Hints)>,
+}
+
+impl Slice {
+    /// The hints of endpoint `i`.
+    pub fn hints_of(&self, i: usize) -> Option<&Hints> {
+        let i = u32::try_from(i).ok()?;
+        let at = self.hints.binary_search_by_key(&i, |(j, _)| *j).ok()?;
+        Some(&self.hints[at].1)
+    }
 }
 
 /// The Service an EndpointSlice belongs to, read from its label.
@@ -423,10 +445,16 @@ pub fn slice(
             .ok_or_else(|| problem(format!("ports[{i}].port"), "missing".into()))
             .and_then(|n| port(n).map_err(|m| problem(format!("ports[{i}].port"), m)))?;
         if let Some(proto) = proto {
-            ports.push((p.name.clone().unwrap_or_default(), proto, number));
+            ports.push((
+                super::intern(p.name.as_deref().unwrap_or("")),
+                proto,
+                number,
+            ));
         }
     }
+    ports.shrink_to_fit();
     let mut endpoints = Vec::with_capacity(s.object.endpoints.as_ref().map_or(0, Vec::len));
+    let mut hinted = Vec::new();
     for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
         if e.addresses.is_empty() {
             return Err(problem(
@@ -463,19 +491,24 @@ pub fn slice(
                 .map(|n| n.name.clone())
                 .collect(),
         });
+        if let Some(h) = hints.filter(|h| *h != Hints::default()) {
+            // At most a slice's endpoints: far below u32::MAX.
+            hinted.push((endpoints.len() as u32, h));
+        }
         endpoints.push(SliceEndpoint {
             addr,
             ready,
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             node_name: e.node_name.as_deref().map(super::intern),
-            hints: hints.filter(|h| *h != Hints::default()).map(Box::new),
         });
     }
+    endpoints.shrink_to_fit();
     Ok(Some(Slice {
         service,
         ports,
         endpoints,
+        hints: hinted,
     }))
 }
 
