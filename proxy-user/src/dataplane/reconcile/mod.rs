@@ -126,9 +126,15 @@ pub fn reconcile(
     let mut dead_slots = Vec::new();
     let mut dead_names = Vec::new();
     let mut dead_ranges = Vec::new();
-    // What the covered frontends use once the writes are done.
+    // What the covered frontends use once the writes are done: for the
+    // prune of a full reconcile, when the maps hold anything to prune.
     let mut final_slots: HashMap<SlotKey, u32> = HashMap::new();
     let mut final_ids: HashSet<u32> = HashSet::new();
+    let prune = matches!(scope, Scope::All)
+        && !(cur.slots.is_empty() && cur.backends.is_empty() && cur.ranges.is_empty());
+    // The deltas serve a partial reconcile only (a full one counts afresh):
+    // at 50,000 services they were a million B-tree updates.
+    let deltas = matches!(scope, Scope::Touched(_));
     for fk in keys {
         let key = *fk;
         let existing = cur.services.get(&key);
@@ -154,15 +160,22 @@ pub fn reconcile(
             }
             continue;
         };
-        if existing.is_none() {
+        if existing.is_none() && deltas {
             *addr_delta.entry(key.addr).or_default() += 1;
         }
         let planned = p.frontend(fk, frontend)?;
         final_ids.insert(planned.svc_id);
         let mut kept = BTreeSet::new();
         for (k, id) in planned.slots() {
-            kept.insert(k.slot);
-            final_slots.insert(k, id);
+            if !old_slots.is_empty() {
+                kept.insert(k.slot);
+            }
+            if prune {
+                final_slots.insert(k, id);
+            }
+            if !deltas {
+                continue;
+            }
             let old = cur.slots.get(&k).filter(|_| old_slots.contains(&k.slot));
             if old != Some(&id) {
                 if let Some(old) = old {

@@ -182,7 +182,6 @@ impl<'a> Planner<'a> {
 
         // Keep each surviving backend in the slot it has, to write as few
         // slots as possible; fill the other slots with the newcomers.
-        let count = wanted.len() as u32;
         let current = |i: u32| {
             cur.slots
                 .get(&SlotKey {
@@ -191,6 +190,33 @@ impl<'a> Planner<'a> {
                 })
                 .copied()
         };
+        let table = if old_count == 0 {
+            // A new table: nothing to keep in place.
+            wanted
+        } else {
+            self.placed(&wanted, old_count, current)
+        };
+        for (i, id) in table.iter().enumerate() {
+            if current(i as u32) != Some(*id) {
+                let key = SlotKey {
+                    svc_id,
+                    slot: base + i as u32,
+                };
+                self.slot_writes.push(Op::PutSlot(key, *id));
+            }
+        }
+        table
+    }
+
+    /// `wanted` in slots: each backend that `current` has in one of the
+    /// first `old_count` slots stays there, the newcomers fill the rest.
+    fn placed(
+        &self,
+        wanted: &[u32],
+        old_count: u32,
+        current: impl Fn(u32) -> Option<u32>,
+    ) -> Vec<u32> {
+        let count = wanted.len() as u32;
         let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
         let mut placed: BTreeSet<u32> = BTreeSet::new();
         let mut table: Vec<Option<u32>> = (0..count)
@@ -206,17 +232,7 @@ impl<'a> Planner<'a> {
         for entry in table.iter_mut().filter(|e| e.is_none()) {
             *entry = rest.next().copied();
         }
-        let table: Vec<u32> = table.into_iter().map(|id| id.unwrap_or(u32::MAX)).collect();
-        for (i, id) in table.iter().enumerate() {
-            if current(i as u32) != Some(*id) {
-                let key = SlotKey {
-                    svc_id,
-                    slot: base + i as u32,
-                };
-                self.slot_writes.push(Op::PutSlot(key, *id));
-            }
-        }
-        table
+        table.into_iter().map(|id| id.unwrap_or(u32::MAX)).collect()
     }
 
     /// Everything up to the service entries, in make-before-break order.
