@@ -30,8 +30,18 @@ fn running_on_api(endpoints: &[&str]) -> (Cluster, ApiServer) {
 }
 
 fn running_on_api_with(endpoints: &[&str], extra: &[&str]) -> (Cluster, ApiServer) {
+    running_on(endpoints, extra, |_| {})
+}
+
+/// [`running_on_api_with`], the API server set up by `setup` first.
+fn running_on(
+    endpoints: &[&str],
+    extra: &[&str],
+    setup: impl Fn(&ApiServer),
+) -> (Cluster, ApiServer) {
     let mut c = start(&backends());
     let api = ApiServer::start_with(c.binder(API.parse().unwrap())).unwrap();
+    setup(&api);
     api.apply_yaml(NODE).unwrap();
     api.apply_all(&web(&c, endpoints)).unwrap();
     c.start_agent_kube(Path::new(KPX), &api, extra).unwrap();
@@ -138,6 +148,46 @@ fn initial_list_then_adds_updates_and_deletes_reach_the_maps() {
 
 /// Samples the maps until `done` holds, failing if any sample shows fewer
 /// frontends or backends than `floor`: the API going away never flushes.
+/// The initial lists come as a stream of watch events where the API server
+/// offers it (no list call at all), and in pages where it refuses, as
+/// servers without WatchList do, or where its streams never mark their
+/// end; either way the same cluster is served and watched.
+#[test]
+#[ignore = "needs root"]
+fn initial_lists_stream_where_the_api_offers_it_and_page_where_it_does_not() {
+    for (refused, unmarked) in [(false, false), (true, false), (false, true)] {
+        let (c, api) = running_on(&["web-1", "web-2"], &[], |api| {
+            api.refuse_streaming_lists(refused);
+            api.end_streamed_lists_unmarked(unmarked);
+        });
+        let what = format!("refused {refused}, unmarked {unmarked}");
+        let calls = api.calls();
+        let (lists, streamed) = (calls.lists.load(Relaxed), calls.streamed.load(Relaxed));
+        if refused || unmarked {
+            // Services, EndpointSlices and the Node, each in pages.
+            assert!(lists >= 3, "{what}: {lists} / {streamed}");
+            assert!(
+                c.agent_log().contains("in pages"),
+                "{what}\n{}",
+                c.agent_log()
+            );
+        } else {
+            assert!(lists == 0 && streamed >= 3, "{what}: {lists} / {streamed}");
+        }
+        let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 20, T).unwrap();
+        assert_eq!(
+            spread(&ids).keys().collect::<Vec<_>>(),
+            ["web-1", "web-2"],
+            "{what}"
+        );
+        // Watching goes on after either kind of list.
+        api.apply_all(&web(&c, &["web-2"])).unwrap();
+        never_below(&c, &[1, 1], "one endpoint left", || {
+            counts(&c) == Some(vec![1, 1])
+        });
+    }
+}
+
 fn never_below(c: &Cluster, floor: &[u32], what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(40);
     while !done() {
@@ -178,14 +228,14 @@ fn api_restart_gone_and_dropped_connections_recover_without_flushing() {
     });
 
     // 410 Gone: the history is compacted, every watch must relist.
-    let lists = api.calls().lists.load(Relaxed);
+    let lists = api.calls().initial_lists();
     api.expire_watches();
     api.apply_all(&web(&c, &["web-3"])).unwrap();
     never_below(&c, &[1, 1], "410 Gone", || counts(&c) == Some(vec![1, 1]));
     // Every watcher (services, slices, node) got its 410 and relisted.
     let relisted = wait_for(Duration::from_secs(20), || {
         let calls = api.calls();
-        (calls.gone.load(Relaxed) >= 3 && calls.lists.load(Relaxed) >= lists + 3).then_some(())
+        (calls.gone.load(Relaxed) >= 3 && calls.initial_lists() >= lists + 3).then_some(())
     });
     assert!(relisted.is_some(), "no relist after 410\n{}", c.agent_log());
 
@@ -323,7 +373,7 @@ fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
     api.stop().unwrap();
     api.apply_all(&web(&c, &["web-2", "web-3"])).unwrap();
     api.compact();
-    let lists = api.calls().lists.load(Relaxed);
+    let lists = api.calls().initial_lists();
     api.start().unwrap();
     let converged = wait_for(Duration::from_secs(20), || {
         let ips = |names: &[&str]| ips(&c, names);
@@ -341,7 +391,7 @@ fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
         api.calls().gone.load(Relaxed) >= 1,
         "the 410 was never answered"
     );
-    assert!(api.calls().lists.load(Relaxed) > lists, "no relist");
+    assert!(api.calls().initial_lists() > lists, "no relist");
     assert!(c.agent_log().contains("relisting"), "{}", c.agent_log());
     let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 30, T).unwrap();
     assert!(

@@ -8,6 +8,11 @@
 //!   `DELETED`, `BOOKMARK` when asked for) from a `resourceVersion`,
 //!   ending after `timeoutSeconds`; a version older than the compacted
 //!   history gets an `ERROR` event with a `410 Gone` Status, as from etcd;
+//! - streaming lists (`sendInitialEvents=true`, Kubernetes' WatchList): the
+//!   current objects as `ADDED` events, then a `BOOKMARK` annotated
+//!   `k8s.io/initial-events-end`, then changes; or, as a server without the
+//!   feature answers, a `422 Invalid` ([`ApiServer::refuse_streaming_lists`]),
+//!   or a stream that ends unmarked ([`ApiServer::end_streamed_lists_unmarked`]);
 //! - faults on demand: [`ApiServer::expire_watches`] (history compacted,
 //!   410 to every open watch), [`ApiServer::drop_connections`] (every
 //!   connection cut mid-stream) and [`ApiServer::stop`]/[`ApiServer::start`]
@@ -112,10 +117,19 @@ struct Store {
 pub struct Calls {
     pub lists: AtomicU64,
     pub watches: AtomicU64,
+    /// Watches that streamed the initial list (`sendInitialEvents`).
+    pub streamed: AtomicU64,
     pub gone: AtomicU64,
     /// Every request as RBAC sees it: "list services", "watch nodes", or
     /// "METHOD /path" for anything this stand-in does not serve.
     pub audit: Mutex<BTreeSet<String>>,
+}
+
+impl Calls {
+    /// Lists of a whole resource: paged list calls and streamed lists.
+    pub fn initial_lists(&self) -> u64 {
+        self.lists.load(Ordering::Relaxed) + self.streamed.load(Ordering::Relaxed)
+    }
 }
 
 struct Shared {
@@ -129,6 +143,10 @@ struct Shared {
     /// A watch from a compacted version is refused with an HTTP 410 status
     /// (as some API servers and proxies answer) instead of an `ERROR` event.
     gone_as_status: std::sync::atomic::AtomicBool,
+    /// Streaming lists are refused, as by a server without WatchList.
+    refuse_streaming: std::sync::atomic::AtomicBool,
+    /// Streamed lists end after the objects, without the end marker.
+    unmarked_streaming: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -173,6 +191,8 @@ impl ApiServer {
             bookmark_every: Duration::from_millis(500),
             calls: Calls::default(),
             gone_as_status: std::sync::atomic::AtomicBool::new(false),
+            refuse_streaming: std::sync::atomic::AtomicBool::new(false),
+            unmarked_streaming: std::sync::atomic::AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let s = shared.clone();
@@ -317,6 +337,19 @@ impl ApiServer {
     /// Gone` status rather than a 200 stream with an `ERROR` event.
     pub fn answer_gone_with_status(&self, on: bool) {
         self.shared.gone_as_status.store(on, Ordering::Relaxed);
+    }
+
+    /// Refuses streaming lists with `422 Invalid`, as an API server without
+    /// the WatchList feature (before Kubernetes 1.32, or with the gate off)
+    /// does: clients must list in pages.
+    pub fn refuse_streaming_lists(&self, on: bool) {
+        self.shared.refuse_streaming.store(on, Ordering::Relaxed);
+    }
+
+    /// Ends every streamed list after its objects, without the bookmark
+    /// that marks its end (as a proxy that drops annotations might).
+    pub fn end_streamed_lists_unmarked(&self, on: bool) {
+        self.shared.unmarked_streaming.store(on, Ordering::Relaxed);
     }
 
     /// Cuts every open watch mid-stream, without a proper end.
@@ -677,17 +710,43 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .unwrap_or(1800);
+    let initial_events = q.get("sendInitialEvents").map(String::as_str) == Some("true");
+    if initial_events {
+        if shared.refuse_streaming.load(Ordering::Relaxed) {
+            return status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "ListOptions.meta.k8s.io \"\" is invalid: sendInitialEvents: Forbidden: sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled",
+            );
+        }
+        shared.calls.streamed.fetch_add(1, Ordering::Relaxed);
+    }
     let mut pending = VecDeque::new();
     let mut done = false;
     let sent = {
         let st = shared.store();
         match from {
-            // No version: the current state as ADDED events, then changes.
+            // No version: the current state as ADDED events, then changes;
+            // a streaming list marks the end of the state with a bookmark.
             None | Some(0) => {
                 for v in st.objects.get(&kind).into_iter().flat_map(|m| m.values()) {
                     if sel.matches(v) {
                         pending.push_back(line("ADDED", v));
                     }
+                }
+                if initial_events && shared.unmarked_streaming.load(Ordering::Relaxed) {
+                    done = true;
+                } else if initial_events {
+                    pending.push_back(line(
+                        "BOOKMARK",
+                        &json!({
+                            "kind": kind.name(), "apiVersion": kind.api_version(),
+                            "metadata": {
+                                "resourceVersion": st.rv.to_string(),
+                                "annotations": { "k8s.io/initial-events-end": "true" },
+                            },
+                        }),
+                    ));
                 }
                 st.rv
             }

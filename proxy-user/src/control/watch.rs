@@ -13,6 +13,13 @@
 //!   outage, where kube-runtime's default (800 ms doubling to 30 s) took
 //!   5.3 s after a 4 s outage.
 //!
+//! Initial lists are streamed where the API server offers it (Kubernetes'
+//! WatchList, `sendInitialEvents`: the objects come as watch events from
+//! the API server's cache, never a whole page in memory on either side),
+//! and listed in pages of 500 where it does not: a server without the
+//! feature refuses the request (`422`/`400`), and kpx then lists that
+//! resource in pages for the rest of its life.
+//!
 //! The agent keeps serving its last state meanwhile: nothing here can
 //! flush a map.
 
@@ -71,28 +78,49 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
 
 /// Starts the three watchers; they run until `tx` is dropped.
 pub fn spawn(client: Client, node_name: &str, tx: mpsc::Sender<Change>) {
-    let list = || watcher::Config::default().labels(SELECTOR);
+    let list = |streaming| lists(watcher::Config::default().labels(SELECTOR), streaming);
     let c = client.clone();
     forward(
         "services",
-        move || watcher(Api::<Service>::all(c.clone()), list()),
+        move |streaming| watcher(Api::<Service>::all(c.clone()), list(streaming)),
         Change::Service,
         tx.clone(),
     );
     let c = client.clone();
     forward(
         "endpointslices",
-        move || watcher(Api::<EndpointSlice>::all(c.clone()), list()),
+        move |streaming| watcher(Api::<EndpointSlice>::all(c.clone()), list(streaming)),
         Change::Slice,
         tx.clone(),
     );
     let own = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     forward(
         "nodes",
-        move || watcher(Api::<Node>::all(client.clone()), own.clone()),
+        move |streaming| {
+            watcher(
+                Api::<Node>::all(client.clone()),
+                lists(own.clone(), streaming),
+            )
+        },
         Change::Node,
         tx,
     );
+}
+
+/// `config` with streaming initial lists, or paged ones.
+fn lists(config: watcher::Config, streaming: bool) -> watcher::Config {
+    if streaming {
+        config.streaming_lists()
+    } else {
+        config
+    }
+}
+
+/// Whether `e` is the API server refusing a streaming list: one without
+/// the WatchList feature answers `sendInitialEvents` (and the
+/// `resourceVersionMatch` that goes with it) with 422 Invalid, or 400.
+pub fn streaming_refused(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::WatchStartFailed(kube::Error::Api(s)) if s.code == 422 || s.code == 400)
 }
 
 /// Whether `e` leaves the watcher retrying a resourceVersion the API
@@ -104,7 +132,7 @@ pub fn needs_relist(e: &watcher::Error) -> bool {
 
 fn forward<K, S>(
     resource: &'static str,
-    make: impl Fn() -> S + Send + 'static,
+    make: impl Fn(bool) -> S + Send + 'static,
     wrap: fn(Box<watcher::Event<K>>) -> Change,
     tx: mpsc::Sender<Change>,
 ) where
@@ -112,12 +140,43 @@ fn forward<K, S>(
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
     tokio::spawn(async move {
+        let mut streaming = true;
         loop {
-            let mut stream = std::pin::pin!(make().backoff(ApiBackoff::default()));
+            let mut stream = std::pin::pin!(make(streaming).backoff(ApiBackoff::default()));
             let mut relist = false;
+            // Streamed lists that started and never saw their end marker.
+            let mut unfinished = 0;
             while let Some(item) = stream.next().await {
                 let change = match item {
-                    Ok(ev) => wrap(Box::new(ev)),
+                    Ok(ev) => {
+                        match &ev {
+                            watcher::Event::Init if streaming => unfinished += 1,
+                            watcher::Event::InitDone => unfinished = 0,
+                            _ => {}
+                        }
+                        // A server that takes the request but never marks
+                        // the end of the list (a proxy that drops the
+                        // bookmark's annotation) would leave the agent
+                        // waiting forever: a second unfinished one and the
+                        // resource is listed in pages.
+                        if unfinished >= 2 {
+                            log::warn!(
+                                "Kubernetes API, {resource}: a streamed list ended twice without its end marker; listing in pages from now on"
+                            );
+                            streaming = false;
+                            relist = true;
+                            break;
+                        }
+                        wrap(Box::new(ev))
+                    }
+                    Err(e) if streaming && streaming_refused(&e) => {
+                        log::info!(
+                            "Kubernetes API, {resource}: no streaming lists ({e}); listing in pages"
+                        );
+                        streaming = false;
+                        relist = true;
+                        break;
+                    }
                     Err(e) => {
                         relist = needs_relist(&e);
                         Change::Error {
@@ -271,5 +330,21 @@ mod tests {
             500
         ))));
         assert!(!needs_relist(&watcher::Error::WatchFailed(status(410))));
+    }
+
+    #[test]
+    fn only_an_invalid_watch_start_means_no_streaming_lists() {
+        let start = |code| {
+            watcher::Error::WatchStartFailed(kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            })))
+        };
+        assert!(streaming_refused(&start(422)));
+        assert!(streaming_refused(&start(400)));
+        // Outages, throttling and gone versions are retried as they are.
+        for code in [401, 403, 410, 429, 500, 503] {
+            assert!(!streaming_refused(&start(code)), "{code}");
+        }
     }
 }
