@@ -157,9 +157,14 @@ impl Index {
     }
 
     pub fn apply_service(&mut self, s: Sourced<Service>) -> Applied {
-        let id = key_of(&s.object.metadata);
         let mut skipped = Vec::new();
         let parsed = boxed(model::service(&s, &mut skipped));
+        // The parsed Service's own reference where there is one: the same
+        // strings, not a second copy.
+        let id = match &parsed {
+            Ok(Some(svc)) => svc.id.clone(),
+            _ => key_of(&s.object.metadata),
+        };
         let problem = parsed.as_ref().err().map(|p| (**p).clone());
         let changed = self
             .services
@@ -191,7 +196,10 @@ impl Index {
         let mut skipped = Vec::new();
         let parsed = boxed(model::slice(&s, &mut skipped));
         let problem = parsed.as_ref().err().map(|p| (**p).clone());
-        let owner = model::slice_owner(&s.object);
+        let owner = match &parsed {
+            Ok(Some(slice)) => Some(slice.service.clone()),
+            _ => model::slice_owner(&s.object),
+        };
         let changed = self
             .slices
             .get(&key)
@@ -204,6 +212,8 @@ impl Index {
             if let Some(o) = &owner {
                 let names = self.slices_of.entry(o.clone()).or_default();
                 if let Err(at) = names.binary_search(&key.name) {
+                    // Most Services have one slice: no room for four.
+                    names.reserve_exact(1);
                     names.insert(at, Arc::clone(&key.name));
                 }
                 self.dirty.insert(o.clone());
