@@ -337,7 +337,7 @@ impl Index {
                     if let Ok(at) = c.binary_search_by(|(s, _)| s.cmp(&id)) {
                         c.remove(at);
                         if !c.is_empty() {
-                            self.tally.contested -= 1;
+                            self.tally.contested = self.tally.contested.saturating_sub(1);
                         }
                     }
                 }
