@@ -181,7 +181,7 @@ fn run_agent(flags: &AgentFlags) -> Result<()> {
             log::warn!("setting oom_score_adj to {adj}: {e}");
         }
     }
-    agent::one_heap_arena();
+    agent::tune_malloc();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

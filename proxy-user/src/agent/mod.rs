@@ -20,7 +20,7 @@ mod input;
 mod runner;
 pub mod settings;
 
-pub use housekeeping::one_heap_arena;
+pub use housekeeping::tune_malloc;
 use input::{Input, Kind, Outcome};
 use runner::SyncRunner;
 pub use settings::{AgentFlags, Settings, Source};
