@@ -340,8 +340,8 @@ impl ApiServer {
     }
 
     /// Refuses streaming lists with `422 Invalid`, as an API server without
-    /// the WatchList feature (before Kubernetes 1.32, or with the gate off)
-    /// does: clients must list in pages.
+    /// the WatchList feature (an older one, or one with the gate off) does:
+    /// clients must list in pages.
     pub fn refuse_streaming_lists(&self, on: bool) {
         self.shared.refuse_streaming.store(on, Ordering::Relaxed);
     }
