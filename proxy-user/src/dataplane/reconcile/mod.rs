@@ -126,12 +126,13 @@ pub fn reconcile(
     let mut dead_slots = Vec::new();
     let mut dead_names = Vec::new();
     let mut dead_ranges = Vec::new();
-    // What the covered frontends use once the writes are done: for the
-    // prune of a full reconcile, when the maps hold anything to prune.
+    // What the covered frontends use once the writes are done. The slots
+    // serve a full reconcile's prune of slots and backends, so only when
+    // the maps hold any (a first sync's million would be kept for nothing).
     let mut final_slots: HashMap<SlotKey, u32> = HashMap::new();
     let mut final_ids: HashSet<u32> = HashSet::new();
-    let prune = matches!(scope, Scope::All)
-        && !(cur.slots.is_empty() && cur.backends.is_empty() && cur.ranges.is_empty());
+    let keep_final_slots =
+        matches!(scope, Scope::All) && !(cur.slots.is_empty() && cur.backends.is_empty());
     // The deltas serve a partial reconcile only (a full one counts afresh):
     // at 50,000 services they were a million B-tree updates.
     let deltas = matches!(scope, Scope::Touched(_));
@@ -170,7 +171,7 @@ pub fn reconcile(
             if !old_slots.is_empty() {
                 kept.insert(k.slot);
             }
-            if prune {
+            if keep_final_slots {
                 final_slots.insert(k, id);
             }
             if !deltas {

@@ -194,7 +194,7 @@ impl<'a> Planner<'a> {
             // A new table: nothing to keep in place.
             wanted
         } else {
-            self.placed(&wanted, old_count, current)
+            placed(&wanted, old_count, current)
         };
         for (i, id) in table.iter().enumerate() {
             if current(i as u32) != Some(*id) {
@@ -206,33 +206,6 @@ impl<'a> Planner<'a> {
             }
         }
         table
-    }
-
-    /// `wanted` in slots: each backend that `current` has in one of the
-    /// first `old_count` slots stays there, the newcomers fill the rest.
-    fn placed(
-        &self,
-        wanted: &[u32],
-        old_count: u32,
-        current: impl Fn(u32) -> Option<u32>,
-    ) -> Vec<u32> {
-        let count = wanted.len() as u32;
-        let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
-        let mut placed: BTreeSet<u32> = BTreeSet::new();
-        let mut table: Vec<Option<u32>> = (0..count)
-            .map(|i| {
-                let id = current(i).filter(|id| {
-                    i < old_count && wanted_set.contains(id) && !placed.contains(id)
-                })?;
-                placed.insert(id);
-                Some(id)
-            })
-            .collect();
-        let mut rest = wanted.iter().filter(|id| !placed.contains(id));
-        for entry in table.iter_mut().filter(|e| e.is_none()) {
-            *entry = rest.next().copied();
-        }
-        table.into_iter().map(|id| id.unwrap_or(u32::MAX)).collect()
     }
 
     /// Everything up to the service entries, in make-before-break order.
@@ -249,6 +222,27 @@ impl<'a> Planner<'a> {
         ops.append(&mut self.service_writes);
         ops
     }
+}
+
+/// `wanted` in slots: each backend that `current` has in one of the
+/// first `old_count` slots stays there, the newcomers fill the rest.
+fn placed(wanted: &[u32], old_count: u32, current: impl Fn(u32) -> Option<u32>) -> Vec<u32> {
+    let count = wanted.len() as u32;
+    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+    let mut placed: BTreeSet<u32> = BTreeSet::new();
+    let mut table: Vec<Option<u32>> = (0..count)
+        .map(|i| {
+            let id = current(i)
+                .filter(|id| i < old_count && wanted_set.contains(id) && !placed.contains(id))?;
+            placed.insert(id);
+            Some(id)
+        })
+        .collect();
+    let mut rest = wanted.iter().filter(|id| !placed.contains(id));
+    for entry in table.iter_mut().filter(|e| e.is_none()) {
+        *entry = rest.next().copied();
+    }
+    table.into_iter().map(|id| id.unwrap_or(u32::MAX)).collect()
 }
 
 /// One planned frontend: its id and the backend id of each slot.
