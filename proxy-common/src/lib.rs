@@ -37,7 +37,9 @@ pub mod map_names {
     pub const SRC_RANGES: &str = "KPX_SRC_RANGES";
     pub const CONFIG: &str = "KPX_CONFIG";
     pub const PORTS: &str = "KPX_PORTS";
-    pub const ALL: [&str; 17] = [
+    /// Per-CPU round-robin positions, by service id.
+    pub const RR: &str = "KPX_RR";
+    pub const ALL: [&str; 18] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -55,6 +57,7 @@ pub mod map_names {
         SRC_RANGES,
         CONFIG,
         PORTS,
+        RR,
     ];
 }
 
@@ -218,6 +221,62 @@ pub const SVC_F_LOCAL: u32 = 1 << 1;
 pub const SVC_F_SOURCE_RANGES: u32 = 1 << 2;
 /// A NodePort frontend (informational, for `kpx dump`).
 pub const SVC_F_NODEPORT: u32 = 1 << 3;
+/// The hashing schedulers (`sh`, `dh`, `mh`) hash the port too: IPVS's
+/// `sh-port` / `mh-port` (its scheduler flag 2).
+pub const SVC_F_HASH_PORT: u32 = 1 << 4;
+
+/// The frontend's scheduler: bits 8..12 of [`ServiceValue::flags`], one of
+/// the `SCHED_*` values. 0 is random, so entries written before schedulers
+/// existed keep their meaning.
+pub const SVC_SCHED_SHIFT: u32 = 8;
+pub const SVC_SCHED_MASK: u32 = 0xf << SVC_SCHED_SHIFT;
+/// A uniformly random slot: iptables mode's `statistic --mode random`.
+pub const SCHED_RANDOM: u32 = 0;
+/// Round robin over the slots (one per backend), per CPU ([`map_names::RR`]).
+pub const SCHED_RR: u32 = 1;
+/// Source hashing: the client's address (and port, with
+/// [`SVC_F_HASH_PORT`]) picks a slot of a Maglev table.
+pub const SCHED_SH: u32 = 2;
+/// Destination hashing: the frontend address the client used (and port).
+pub const SCHED_DH: u32 = 3;
+/// Maglev hashing of the client's address (and port): as `sh`, kept apart
+/// for IPVS's names and `kpx dump`.
+pub const SCHED_MH: u32 = 4;
+
+/// The `SCHED_*` of a service entry's flags.
+#[inline(always)]
+pub const fn scheduler(flags: u32) -> u32 {
+    (flags & SVC_SCHED_MASK) >> SVC_SCHED_SHIFT
+}
+
+/// Whether a scheduler picks by a hash of the flow: its tables are Maglev
+/// tables, and a TCP flow whose conntrack entries were lost finds its
+/// backend again from any packet.
+#[inline(always)]
+pub const fn hashing(sched: u32) -> bool {
+    matches!(sched, SCHED_SH | SCHED_DH | SCHED_MH)
+}
+
+/// The hash the hashing schedulers pick a slot with: `addr` and `port` as
+/// on the wire, `seed` the frontend's [`ServiceValue::affinity_id`] (so two
+/// services do not send one client to the same slot number). A fixed
+/// function (murmur3's finaliser), not a keyed one: every node must pick the
+/// same slot for the same client, whichever node the client's packets
+/// reach.
+#[inline(always)]
+pub const fn flow_hash(seed: u32, addr: u32, port: u16) -> u32 {
+    fmix32(fmix32(seed ^ addr) ^ port as u32)
+}
+
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
 
 /// Value bits of the node-address map.
 pub const NODE_F_LOCAL: u32 = 1 << 0;
@@ -648,10 +707,15 @@ pub enum Event {
     /// TCP connections moved to the established-flow table at their first
     /// reply (each also counts 2 `CtInserted` and 2 `CtRemoved`).
     CtEstablished = 10,
+    /// Mid-stream TCP packets of a flow kpx has no entry for (lost with a
+    /// conntrack table that could not be carried, removed by hand) that a
+    /// hashing scheduler sent to the backend the flow had: the flow goes
+    /// on. Under the other schedulers such packets are `invalid_tcp` drops.
+    FlowRecovered = 11,
 }
 
 impl Event {
-    pub const ALL: [Event; 11] = [
+    pub const ALL: [Event; 12] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
@@ -663,6 +727,7 @@ impl Event {
         Event::FibStack,
         Event::FromNode,
         Event::CtEstablished,
+        Event::FlowRecovered,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -679,6 +744,7 @@ impl Event {
             Event::FibStack => "fib_stack",
             Event::FromNode => "from_node",
             Event::CtEstablished => "ct_established",
+            Event::FlowRecovered => "flow_recovered",
         }
     }
 }

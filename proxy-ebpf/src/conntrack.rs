@@ -20,7 +20,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
     Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
@@ -336,6 +336,26 @@ fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<(), D
     }
 }
 
+/// Moves a flow just created from a mid-stream TCP packet (`key`,
+/// `original`: its original direction) to `CT_TCP`: the connection is
+/// established, and its replies (plain ACKs, no SYN-ACK) look only there.
+/// As [`establish`]: 1 lookup, 2 inserts, 2 deletes, 1 lookup.
+#[inline(always)]
+pub fn recover(key: &CtKey, original: &CtValue) -> Result<(), DropReason> {
+    let reply_key = original.partner(key);
+    let entry = CT_ANY
+        .get_ptr_mut(&reply_key)
+        .ok_or(DropReason::CtInsertFailed)?;
+    establish(
+        &reply_key,
+        Found {
+            entry,
+            table: Table::Any,
+        },
+    )
+    .map(|_| ())
+}
+
 /// How a new flow is translated besides its DNAT.
 #[derive(Clone, Copy)]
 pub struct Snat {
@@ -346,6 +366,11 @@ pub struct Snat {
     pub port_max: u16,
     /// `CT_F_FROM_NODE` or 0.
     pub extra_flags: u16,
+    /// Where the port probe starts in the range: random, or a hash of the
+    /// client's tuple for the hashing schedulers, so that a flow whose
+    /// entries were lost gets the port it had back (when that was its
+    /// first try) and the backend sees the same connection.
+    pub start: u32,
 }
 
 /// Masquerade port attempts before a new flow is dropped: consecutive ports
@@ -385,13 +410,7 @@ pub fn create(
         svc_id,
         now,
     );
-    // The masquerade port probe's random start; no helper call otherwise.
-    let start = if masquerade {
-        // SAFETY: helper without arguments.
-        unsafe { bpf_get_prandom_u32() }
-    } else {
-        0
-    };
+    let start = snat.start;
     if masquerade {
         original.flags |= CT_F_REWRITE_SRC | CT_F_SNAT;
         original.new_src_addr = snat.addr;

@@ -23,10 +23,11 @@ mod service;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::classifier, programs::TcContext};
 use proxy_common::{
-    Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY,
+    CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -183,7 +184,8 @@ fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
     let Some(svc) = svc else {
         return Verdict::Pass(Counter::PassNoService);
     };
-    if pkt.proto == IPPROTO_TCP && !is_syn(pkt) {
+    let recovered = pkt.proto == IPPROTO_TCP && !is_syn(pkt);
+    if recovered && !recoverable(pkt, &svc) {
         // Mid-stream TCP nobody tracks: the reference's ctstate INVALID.
         return Verdict::Drop(DropReason::InvalidTcp);
     }
@@ -194,7 +196,19 @@ fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
             Err(()) => Verdict::Drop(DropReason::NoBackend),
         };
     }
-    new_flow(ctx, pkt, &key, &svc, origin, hook)
+    new_flow(ctx, pkt, &key, &svc, origin, hook, recovered)
+}
+
+/// Whether a mid-stream TCP segment with no flow entry can take up its flow
+/// again: its service's scheduler hashes (the segment reaches the backend
+/// its connection had, as IPVS's `mh` does after a lost connection entry),
+/// the service has backends, and the segment is an ordinary one (ACK, no
+/// SYN or RST).
+#[inline(always)]
+fn recoverable(pkt: &Ipv4Packet, svc: &proxy_common::ServiceValue) -> bool {
+    hashing(scheduler(svc.flags))
+        && svc.count != 0
+        && pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
 }
 
 /// A packet of a tracked flow: apply the entry's rewrite.
@@ -233,6 +247,7 @@ fn new_flow(
     svc: &proxy_common::ServiceValue,
     origin: Origin,
     hook: Hook,
+    recovered: bool,
 ) -> Verdict {
     let cfg = service::config();
     let choice = match policy::decide(svc, pkt.src, origin, &cfg) {
@@ -240,7 +255,7 @@ fn new_flow(
         Err(reason) => return Verdict::Drop(reason),
     };
     let table = select::Table::of(svc, choice.local);
-    let sel = match select::backend(svc, table, pkt.src) {
+    let sel = match select::backend(svc, table, key) {
         Ok(s) => s,
         Err(reason) => return Verdict::Drop(reason),
     };
@@ -264,6 +279,7 @@ fn new_flow(
         } else {
             0
         },
+        start: snat_start(svc, key, snat_addr),
     };
     let rewrite = match conntrack::create(
         key,
@@ -276,6 +292,12 @@ fn new_flow(
         Ok(r) => r,
         Err(reason) => return Verdict::Drop(reason),
     };
+    if recovered {
+        if let Err(reason) = conntrack::recover(key, &rewrite) {
+            return Verdict::Drop(reason);
+        }
+        stats::event(Event::FlowRecovered, 1);
+    }
     let to = rewrite.translate(key);
     let route = forward::route(ctx, pkt, &to, hook);
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
@@ -287,6 +309,21 @@ fn new_flow(
         stats::event(Event::FromNode, 1);
     }
     Verdict::Translated(forward::send(ctx, route))
+}
+
+/// Where a masqueraded flow's port probe starts (0 without masquerade: no
+/// helper call): a hash of the client's tuple under a hashing scheduler,
+/// so a recovered flow gets its port back; random otherwise.
+#[inline(always)]
+fn snat_start(svc: &proxy_common::ServiceValue, key: &CtKey, snat_addr: u32) -> u32 {
+    if snat_addr == 0 {
+        0
+    } else if hashing(scheduler(svc.flags)) {
+        flow_hash(!svc.affinity_id, key.src_addr, key.src_port)
+    } else {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_get_prandom_u32() }
+    }
 }
 
 #[cfg(not(test))]

@@ -90,6 +90,11 @@ pub static SRC_RANGES: LpmTrie<SrcRange, u32> =
 #[map(name = "KPX_PORTS")]
 pub static PORTS: Array<u64> = Array::with_max_entries(capacity::PORT_WORDS, 0);
 
+/// Round robin's next position per service id, per CPU: each CPU walks a
+/// frontend's slots in order, so no counter is shared between CPUs.
+#[map(name = "KPX_RR")]
+pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(capacity::SERVICE_STATS, 0);
+
 /// Node-wide settings: one element.
 #[map(name = "KPX_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

@@ -1,15 +1,32 @@
-//! Backend selection in O(1): a uniformly random slot of one of the
-//! frontend's tables (cluster-wide or node-local, as the traffic policy
-//! chose), or the client's affinity backend while its ClientIP affinity lasts.
+//! Backend selection in O(1): a slot of one of the frontend's tables
+//! (cluster-wide or node-local, as the traffic policy chose), at the
+//! position the frontend's scheduler says, or the client's affinity backend
+//! while its ClientIP affinity lasts (affinity overrides every scheduler,
+//! as IPVS persistence does).
+//!
+//! Schedulers (`proxy_common::SCHED_*`), each one position computation:
+//! - random: `bpf_get_prandom_u32() % count` (iptables mode);
+//! - rr: this CPU's next position for the frontend (`RR`, one per-CPU
+//!   array element: no lock, no cache line shared between CPUs), offset by
+//!   the CPU number so CPUs do not all start at slot 0. Each CPU visits the
+//!   backends in turn, so over any period no backend gets more than one
+//!   flow per CPU above another;
+//! - sh / mh / dh: `flow_hash(client or destination) % count` over a
+//!   Maglev table the agent built: the same client reaches the same backend
+//!   on every node, and a change of backends moves few clients.
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
+};
 use proxy_common::{
-    AffinityKey, AffinityValue, Backend, DropReason, Event, ServiceValue, SlotKey, LOCAL_SLOTS,
+    flow_hash, scheduler, AffinityKey, AffinityValue, Backend, CtKey, DropReason, Event,
+    ServiceValue, SlotKey, LOCAL_SLOTS, SCHED_DH, SCHED_MH, SCHED_RR, SCHED_SH, SVC_F_HASH_PORT,
 };
 
 use crate::{
     conntrack::now,
-    maps::{AFFINITY, BACKENDS, SLOTS},
+    maps::{AFFINITY, BACKENDS, RR, SLOTS},
     stats,
 };
 
@@ -45,21 +62,22 @@ impl Table {
     }
 }
 
-/// Picks a backend of table `t` of `svc` for a new flow from `client`:
-/// `SLOTS[(svc, base + rand % count)]`, then `BACKENDS[id]`; with ClientIP
-/// affinity one `AFFINITY` lookup first (and one write). At most four
-/// lookups whatever the number of backends or clients.
+/// Picks a backend of table `t` of `svc` for the new flow `flow`:
+/// `SLOTS[(svc, base + position)]`, then `BACKENDS[id]` (round robin: +1
+/// per-CPU array lookup); with ClientIP affinity one `AFFINITY` lookup
+/// first (and one write). At most five lookups whatever the number of
+/// backends or clients.
 #[inline(always)]
-pub fn backend(svc: &ServiceValue, t: Table, client: u32) -> Result<Selected, DropReason> {
+pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReason> {
     if t.count == 0 {
         return Err(DropReason::NoBackend);
     }
     if svc.affinity_timeout == 0 {
-        return random(svc.svc_id, t).map(|(s, _)| s);
+        return pick(svc, t, flow).map(|(s, _)| s);
     }
     let key = AffinityKey {
         affinity_id: svc.affinity_id,
-        client_addr: client,
+        client_addr: flow.src_addr,
     };
     let now = now();
     if let Some(a) = AFFINITY.get_ptr_mut(key) {
@@ -86,7 +104,7 @@ pub fn backend(svc: &ServiceValue, t: Table, client: u32) -> Result<Selected, Dr
             }
         }
     }
-    let (sel, slot) = random(svc.svc_id, t)?;
+    let (sel, slot) = pick(svc, t, flow)?;
     let value = AffinityValue {
         backend_id: sel.backend_id,
         slot,
@@ -99,12 +117,11 @@ pub fn backend(svc: &ServiceValue, t: Table, client: u32) -> Result<Selected, Dr
     Ok(sel)
 }
 
+/// The backend at the scheduler's position in `t`, and its slot.
 #[inline(always)]
-fn random(svc_id: u32, t: Table) -> Result<(Selected, u32), DropReason> {
-    // SAFETY: helper without arguments or side effects on memory.
-    let rand = unsafe { bpf_get_prandom_u32() };
-    let n = t.base + rand % t.count;
-    let backend_id = slot(svc_id, n)?;
+fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), DropReason> {
+    let n = t.base + position(svc, flow) % t.count;
+    let backend_id = slot(svc.svc_id, n)?;
     let backend = lookup_backend(backend_id)?;
     Ok((
         Selected {
@@ -113,6 +130,41 @@ fn random(svc_id: u32, t: Table) -> Result<(Selected, u32), DropReason> {
         },
         n,
     ))
+}
+
+/// The scheduler's choice, before the modulo of the table's size.
+#[inline(always)]
+fn position(svc: &ServiceValue, flow: &CtKey) -> u32 {
+    let port = |p: u16| if svc.flags & SVC_F_HASH_PORT != 0 { p } else { 0 };
+    match scheduler(svc.flags) {
+        SCHED_RR => round_robin(svc.svc_id),
+        SCHED_SH | SCHED_MH => flow_hash(svc.affinity_id, flow.src_addr, port(flow.src_port)),
+        SCHED_DH => flow_hash(svc.affinity_id, flow.dst_addr, port(flow.dst_port)),
+        _ => random(),
+    }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: helper without arguments or side effects on memory.
+    unsafe { bpf_get_prandom_u32() }
+}
+
+/// This CPU's next round-robin position for `svc_id`.
+#[inline(always)]
+fn round_robin(svc_id: u32) -> u32 {
+    let Some(p) = RR.get_ptr_mut(svc_id) else {
+        // Above the map's capacity (never, ids are below it): no order kept.
+        return random();
+    };
+    // SAFETY: this CPU's element of a per-CPU array, valid for the program
+    // run; no other CPU writes it (an interrupted run's lost increment only
+    // repeats a position).
+    let n = unsafe { *p };
+    // SAFETY: as above.
+    unsafe { *p = n.wrapping_add(1) };
+    // SAFETY: helper without arguments.
+    n.wrapping_add(unsafe { bpf_get_smp_processor_id() })
 }
 
 #[inline(always)]

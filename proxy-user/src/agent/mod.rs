@@ -196,7 +196,8 @@ pub async fn run(cfg: Settings) -> Result<()> {
         index: Index::new(NodeInfo {
             addresses: cfg.node_ips.clone(),
             ..NodeInfo::named(&cfg.hostname)
-        }),
+        })
+        .scheduled_by(cfg.scheduler),
         runner: SyncRunner::new(cfg.min_sync, RETRY),
         cfg,
         dp,

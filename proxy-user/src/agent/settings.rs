@@ -10,6 +10,7 @@ use crate::{
     control::{
         cidr::Cidr,
         config::{self, Bind, NodeFlags, NodePortAddress, Overrides},
+        scheduler::{Kind, Parsed, Scheduler},
     },
     dataplane::{attach::Patterns, conntrack::Timeouts, node::PortRange},
 };
@@ -41,6 +42,11 @@ pub struct AgentFlags {
     /// overlaps [default: 1024-29999].
     #[arg(long)]
     pub masquerade_ports: Option<PortRange>,
+    /// The default scheduler, by IPVS's names (kube-proxy's flag): random
+    /// (iptables mode's choice), rr, wrr, sh, dh or mh. A Service can name
+    /// its own (annotation `kpx.io/scheduler`) [default: random].
+    #[arg(long, value_parser = parse_scheduler)]
+    pub ipvs_scheduler: Option<Parsed>,
     /// Send translated packets straight to their next hop as the FIB names
     /// it; false hands them to the stack's routing (the node's own packets
     /// are still re-routed at egress) [default: true].
@@ -128,6 +134,10 @@ pub struct AgentFlags {
     pub verbosity: Option<u32>,
 }
 
+fn parse_scheduler(s: &str) -> Result<Parsed, String> {
+    Kind::parse(s)
+}
+
 fn positive_duration(s: &str) -> Result<Duration, String> {
     match config::parse_go_duration(s)? {
         d if d.is_zero() => Err(format!("{s:?} must be more than zero")),
@@ -152,6 +162,7 @@ impl AgentFlags {
             min_sync_period: self.min_sync_period,
             oom_score_adj: self.oom_score_adj,
             verbosity: self.verbosity,
+            scheduler: self.ipvs_scheduler,
             ..self.node.overrides()
         }
     }
@@ -202,6 +213,8 @@ pub struct Settings {
     pub nodeport_addresses: Vec<NodePortAddress>,
     /// Masquerade all traffic to cluster IPs.
     pub masquerade_all: bool,
+    /// Services that name no scheduler use this one.
+    pub scheduler: Scheduler,
     /// Source ports of masqueraded flows.
     pub masquerade_ports: PortRange,
     /// Redirect translated packets to the FIB's next hop (else: the stack).
@@ -276,6 +289,16 @@ impl Settings {
             cluster_cidrs: o.cluster_cidrs.unwrap_or_default(),
             nodeport_addresses: o.nodeport_addresses.unwrap_or_default(),
             masquerade_all: o.masquerade_all.unwrap_or(false),
+            scheduler: match o.scheduler {
+                Some(Parsed::Known(kind)) => Scheduler::new(kind),
+                Some(Parsed::NotImplemented(n)) => {
+                    ignored.push(format!(
+                        "scheduler {n}: kpx does not implement it yet; random is used"
+                    ));
+                    Scheduler::default()
+                }
+                None => Scheduler::default(),
+            },
             masquerade_ports: flags.masquerade_ports.clone().unwrap_or_default(),
             fib_forwarding: flags.fib_forwarding.unwrap_or(true),
             oom_score_adj: o.oom_score_adj,

@@ -18,6 +18,7 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
+use crate::control::scheduler::Scheduler;
 use crate::control::model::{
     self, Desired, Frontend, FrontendKey, NodeInfo, Outcome, Problem, ServicePort, ServiceRef,
     Skipped, Slice, Sourced, Svc, ANNOTATION_TRIGGER_TIME,
@@ -108,6 +109,8 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Index {
     node: NodeInfo,
+    /// The node's default scheduler, for Services that name none.
+    scheduler: Scheduler,
     services: HashMap<ServiceRef, SvcEntry>,
     slices: HashMap<Key, SliceEntry>,
     /// Service → its slices' names, in name order.
@@ -129,6 +132,7 @@ impl Index {
     pub fn new(node: NodeInfo) -> Self {
         Self {
             node,
+            scheduler: Scheduler::default(),
             services: HashMap::new(),
             slices: HashMap::new(),
             slices_of: HashMap::new(),
@@ -147,6 +151,13 @@ impl Index {
     }
 
     /// A new view of the node: every Service may select differently.
+    /// Schedules Services that name no scheduler with `s` (IPVS's
+    /// `ipvs.scheduler`); random until set.
+    pub fn scheduled_by(mut self, s: Scheduler) -> Self {
+        self.scheduler = s;
+        self
+    }
+
     pub fn set_node(&mut self, node: NodeInfo) -> bool {
         if node == self.node {
             return false;
@@ -355,7 +366,8 @@ impl Index {
                 let local = model::local_ready_endpoints(&ports);
                 self.health_checks.insert(id.clone(), (port, local));
             }
-            let fronts = model::frontends(svc, &ports, self.node.addresses.first().copied());
+            let node_ip = self.node.addresses.first().copied();
+            let fronts = model::frontends(svc, &ports, node_ip, self.scheduler);
             let mut keys = Vec::with_capacity(fronts.len());
             for (k, f) in fronts {
                 let c = self.claims.entry(k).or_default();

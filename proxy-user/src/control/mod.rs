@@ -9,4 +9,5 @@ pub mod config;
 pub mod index;
 pub mod manifests;
 pub mod model;
+pub mod scheduler;
 pub mod watch;

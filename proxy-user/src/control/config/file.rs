@@ -22,6 +22,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::Deserialize;
 
 use super::{Bind, Overrides};
+use crate::control::scheduler::Kind;
 
 pub const API_VERSION: &str = "kubeproxy.config.k8s.io/v1alpha1";
 pub const KIND: &str = "KubeProxyConfiguration";
@@ -417,8 +418,13 @@ impl File {
             "not supported yet",
         );
         let ipvs = &self.ipvs;
-        let ipvs_set = !ipvs.scheduler.is_empty()
-            || ipvs.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty())
+        if !ipvs.scheduler.is_empty() {
+            // One not implemented yet is said at start, with the flag's.
+            let parsed = Kind::parse(&ipvs.scheduler)
+                .map_err(|e| anyhow::anyhow!("field ipvs.scheduler: {e}"))?;
+            o.scheduler = Some(parsed);
+        }
+        let ipvs_set = ipvs.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty())
             || ipvs.strict_arp
             || !ipvs.tcp_timeout.0.is_zero()
             || !ipvs.tcp_fin_timeout.0.is_zero()
@@ -426,7 +432,7 @@ impl File {
         ignore(
             "ipvs",
             ipvs_set,
-            "no IPVS is involved (schedulers, ARP and IPVS timeouts do not apply)",
+            "no IPVS is involved (ARP and IPVS timeouts do not apply; ipvs.scheduler does)",
         );
         let wk = &self.winkernel;
         let wk_set = !wk.network_name.is_empty()
@@ -575,6 +581,7 @@ mod tests {
 
     use super::super::NodePortAddress;
     use super::*;
+    use crate::control::scheduler::Parsed;
 
     /// What `kubeadm init` writes into the kube-proxy ConfigMap (1.33):
     /// every field present, nearly all zero.
@@ -772,7 +779,13 @@ logging: {format: json}
                 "featureGates.SomeGate"
             ]
         );
-        assert_eq!(l.overrides, Overrides::default());
+        assert_eq!(
+            l.overrides,
+            Overrides {
+                scheduler: Some(Parsed::Known(Kind::Rr)),
+                ..Overrides::default()
+            }
+        );
     }
 
     fn error(yaml: &str) -> String {

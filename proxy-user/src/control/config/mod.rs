@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::control::cidr::Cidr;
+use crate::control::{cidr::Cidr, scheduler::Parsed};
 
 pub mod file;
 
@@ -42,6 +42,8 @@ pub struct Overrides {
     pub min_sync_period: Option<Duration>,
     pub oom_score_adj: Option<i32>,
     pub verbosity: Option<u32>,
+    /// `ipvs.scheduler` / `--ipvs-scheduler`: the default scheduler.
+    pub scheduler: Option<Parsed>,
 }
 
 impl Overrides {
@@ -70,6 +72,7 @@ impl Overrides {
             min_sync_period: self.min_sync_period.or(lower.min_sync_period),
             oom_score_adj: self.oom_score_adj.or(lower.oom_score_adj),
             verbosity: self.verbosity.or(lower.verbosity),
+            scheduler: self.scheduler.or(lower.scheduler),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use super::{Frontend, FrontendKey, ServicePort, Svc};
-use crate::control::cidr::Cidr;
+use crate::control::{cidr::Cidr, scheduler::Scheduler};
 
 /// The datapath frontends of one Service, one per (entry point, port):
 /// cluster IPs, NodePorts (address 0.0.0.0), external IPs and LoadBalancer
@@ -15,10 +15,13 @@ use crate::control::cidr::Cidr;
 /// reference REJECTs on all of them. `node_ip` is the node's primary
 /// address: when a source range contains it, the reference also accepts the
 /// LoadBalancer IPs themselves as sources (VIPs looped back to the node).
+/// Every frontend is scheduled by the Service's annotated scheduler, else
+/// by `default` (the node's).
 pub fn frontends(
     svc: &Svc,
     ports: &[ServicePort],
     node_ip: Option<Ipv4Addr>,
+    default: Scheduler,
 ) -> Vec<(FrontendKey, Frontend)> {
     use proxy_common::{SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES};
     let mut out = Vec::new();
@@ -26,6 +29,7 @@ pub fn frontends(
     if node_ip.is_some_and(|ip| ranges.iter().any(|r| r.contains(&ip))) {
         ranges.extend(svc.lb_ips.iter().map(|ip| Cidr::from(*ip)));
     }
+    let sched = svc.scheduler.unwrap_or(default).flags();
     for p in ports {
         let front = |local: bool, flags: u32, source_ranges: Vec<Cidr>| Frontend {
             name: p.name.clone(),
@@ -35,7 +39,7 @@ pub fn frontends(
             } else {
                 Vec::new()
             },
-            flags: flags | if local { SVC_F_LOCAL } else { 0 },
+            flags: flags | sched | if local { SVC_F_LOCAL } else { 0 },
             source_ranges,
             affinity_timeout: svc.affinity_timeout,
         };

@@ -99,7 +99,7 @@ pub struct Frontend {
     pub backends: Vec<Endpoint>,
     /// With `SVC_F_LOCAL`: the endpoints on this node (`KUBE-SVL-*`).
     pub local_backends: Vec<Endpoint>,
-    /// `proxy_common::SVC_F_*`.
+    /// `proxy_common::SVC_F_*`, and the scheduler's bits.
     pub flags: u32,
     /// With `SVC_F_SOURCE_RANGES`: the clients allowed (`KUBE-FW-*`).
     pub source_ranges: Vec<Cidr>,
@@ -143,15 +143,18 @@ pub enum Skipped {
     Ipv6,
     /// SCTP waits for datapath support.
     Sctp,
+    /// A scheduler annotation kpx cannot use (the default serves instead).
+    Scheduler,
 }
 
 impl Skipped {
-    pub const ALL: [Skipped; 5] = [
+    pub const ALL: [Skipped; 6] = [
         Skipped::Headless,
         Skipped::ExternalName,
         Skipped::OtherProxy,
         Skipped::Ipv6,
         Skipped::Sctp,
+        Skipped::Scheduler,
     ];
 
     pub fn name(self) -> &'static str {
@@ -161,6 +164,7 @@ impl Skipped {
             Skipped::OtherProxy => "other_proxy",
             Skipped::Ipv6 => "ipv6",
             Skipped::Sctp => "sctp",
+            Skipped::Scheduler => "scheduler_annotation",
         }
     }
 }

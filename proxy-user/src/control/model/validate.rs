@@ -7,22 +7,31 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 use super::{
     Problem, ServiceRef, Skipped, Sourced, DEFAULT_AFFINITY_TIMEOUT, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT,
 };
-use crate::control::cidr::Cidr;
+use crate::control::{
+    cidr::Cidr,
+    scheduler::{
+        Kind, Parsed, Scheduler, ANNOTATION_SCHEDULER, ANNOTATION_SCHEDULER_FLAGS,
+        KUBE_ROUTER_SCHEDULER, KUBE_ROUTER_SCHEDULER_FLAGS,
+    },
+};
 
-fn namespace(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+fn namespace(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
 fn object_name(
     kind: &str,
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    meta: &ObjectMeta,
 ) -> String {
     format!(
         "{kind} {}/{}",
@@ -72,6 +81,8 @@ pub struct Svc {
     pub internal_local: bool,
     pub health_check_node_port: Option<u16>,
     pub affinity_timeout: u32,
+    /// From the Service's scheduler annotations; None: the node's default.
+    pub scheduler: Option<Scheduler>,
 }
 
 impl Svc {
@@ -113,6 +124,41 @@ fn ip_list<'a>(
         }
     }
     Ok(out)
+}
+
+/// The scheduler a Service's annotations ask for (kpx's, else
+/// kube-router's). A value kpx cannot use is reported, counted as a skipped
+/// part and replaced by the default: an annotation no API server validates
+/// must not take a Service's traffic away.
+fn annotated_scheduler(
+    meta: &ObjectMeta,
+    obj: &str,
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Option<Scheduler> {
+    let notes = meta.annotations.as_ref()?;
+    let (key, name) = [ANNOTATION_SCHEDULER, KUBE_ROUTER_SCHEDULER]
+        .into_iter()
+        .find_map(|k| notes.get(k).map(|v| (k, v.trim())))?;
+    let flags_key = if key == ANNOTATION_SCHEDULER {
+        ANNOTATION_SCHEDULER_FLAGS
+    } else {
+        KUBE_ROUTER_SCHEDULER_FLAGS
+    };
+    let mut skip = |field: &str, why: String| {
+        log::warn!("{obj}: annotation {field}: {why}; the node's default scheduler is used");
+        skipped.push((format!("{obj} annotation {field}"), Skipped::Scheduler));
+        None
+    };
+    let kind = match Kind::parse(name) {
+        Ok(Parsed::Known(k)) => k,
+        Ok(Parsed::NotImplemented(n)) => return skip(key, format!("kpx does not implement {n} yet")),
+        Err(e) => return skip(key, e),
+    };
+    let flags = notes.get(flags_key).map_or("", |f| f.as_str());
+    match Scheduler::new(kind).with_flags(flags) {
+        Ok(s) => Some(s),
+        Err(e) => skip(flags_key, e),
+    }
 }
 
 /// Validates a Service; Ok(None) when kube-proxy would ignore it.
@@ -332,6 +378,7 @@ pub fn service(
             ))
         }
     };
+    let scheduler = annotated_scheduler(meta, &obj, skipped);
     let mut svc = Svc {
         id: ServiceRef::new(namespace(meta), &name),
         cluster_ips,
@@ -343,6 +390,7 @@ pub fn service(
         internal_local,
         health_check_node_port,
         affinity_timeout,
+        scheduler,
     };
     svc.external_local = etp_local && svc.externally_accessible();
     // kube-proxy's NeedsHealthCheck: only Local LoadBalancers get one.

@@ -15,7 +15,9 @@
 //! 9. addresses no service uses any more.
 //!
 //! A frontend's slot tables are its cluster-wide one (`0..count`) and, with
-//! a Local traffic policy, its node-local one (`LOCAL_SLOTS + 0..local_count`).
+//! a Local traffic policy, its node-local one (`LOCAL_SLOTS + 0..local_count`):
+//! one slot per backend, or under a hashing scheduler (sh, dh, mh) a
+//! [`maglev`] table of 400 to 800 slots per backend.
 //!
 //! So a live service never points at a missing slot or backend, and a sync
 //! interrupted at any write (map full, agent killed) leaves a working
@@ -31,6 +33,7 @@ use proxy_common::{DatapathConfig, SlotKey};
 
 use crate::control::model::{Desired, Endpoint, FrontendKey};
 
+mod maglev;
 mod mirror;
 mod planner;
 mod state;

@@ -10,10 +10,11 @@ use proxy_common::{ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
 use crate::{
     control::cidr::Cidr,
+    control::scheduler::Scheduler,
     control::model::{Endpoint, Frontend, FrontendKey},
 };
 
-use super::{affinity_id, backend, truncate, BackendAddr, MapState, Op, PlanError};
+use super::{affinity_id, backend, maglev, truncate, BackendAddr, MapState, Op, PlanError};
 
 /// Lowest ids not `used`, from `next` on, lazily.
 pub(super) struct IdAlloc<'a> {
@@ -107,12 +108,14 @@ impl<'a> Planner<'a> {
                 id
             }
         };
+        let hashing = Scheduler::of_flags(frontend.flags).hashing();
         let cluster = self.table(
             svc_id,
             0,
             existing.map_or(0, |v| v.count),
             &frontend.backends,
             fk.proto,
+            hashing,
         );
         let local = self.table(
             svc_id,
@@ -120,6 +123,7 @@ impl<'a> Planner<'a> {
             existing.map_or(0, |v| v.local_count),
             &frontend.local_backends,
             fk.proto,
+            hashing,
         );
         let want: BTreeSet<Cidr> = if frontend.flags & SVC_F_SOURCE_RANGES != 0 {
             frontend.source_ranges.iter().map(Cidr::trunc).collect()
@@ -155,7 +159,8 @@ impl<'a> Planner<'a> {
     }
 
     /// Plans the slot table at `base` of `svc_id` (which held `old_count`
-    /// slots) for `backends`; returns the backend id of each slot.
+    /// slots) for `backends`: one slot each, or with a hashing scheduler a
+    /// Maglev table. Returns the backend id of each slot.
     pub(super) fn table(
         &mut self,
         svc_id: u32,
@@ -163,6 +168,7 @@ impl<'a> Planner<'a> {
         old_count: u32,
         backends: &[Endpoint],
         proto: u8,
+        hashing: bool,
     ) -> Vec<u32> {
         let cur = self.cur;
         let mut wanted: Vec<u32> = Vec::with_capacity(backends.len());
@@ -190,7 +196,16 @@ impl<'a> Planner<'a> {
                 })
                 .copied()
         };
-        let table = if old_count == 0 {
+        let table = if hashing {
+            // Laid out by the backends alone: what stays in place is
+            // Maglev's to decide, the same on every node.
+            let pairs: Vec<(BackendAddr, u32)> = backends
+                .iter()
+                .zip(&wanted)
+                .map(|(e, id)| (backend(e, proto), *id))
+                .collect();
+            maglev::table(&pairs)
+        } else if old_count == 0 {
             // A new table: nothing to keep in place.
             wanted
         } else {
