@@ -9,12 +9,13 @@ WORKDIR /src
 COPY . .
 RUN cargo xtask build && install -D target/release/kpx /out/kpx
 
-# Run stage: the binary, plus iptables and nftables for
-# `--cleanup-kube-proxy` / `kpx cleanup --kube-proxy` (kpx itself installs
-# no rule).
+# Run stage: the binary, plus iptables, nftables, ipset, ipvsadm and
+# iproute2 for `--cleanup-kube-proxy` / `kpx cleanup --kube-proxy` (kube-
+# proxy's rules, and IPVS mode's interface, sets and virtual services; kpx
+# itself installs no rule).
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables nftables \
+ && apt-get install -y --no-install-recommends iptables nftables ipset ipvsadm iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/kpx /usr/local/bin/kpx
 ENTRYPOINT ["/usr/local/bin/kpx"]

@@ -518,6 +518,10 @@ pub struct ServiceStats {
     pub bytes: u64,
     /// Flows created (backend selections).
     pub new_flows: u64,
+    /// Of `packets` and `bytes`, those in the reply direction (backend to
+    /// client): ipvsadm's OutPkts / OutBytes.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
 }
 
 /// Key of the ClientIP session-affinity map: a client of one service port.
@@ -775,7 +779,7 @@ const _: () = {
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
-    assert!(core::mem::size_of::<ServiceStats>() == 24);
+    assert!(core::mem::size_of::<ServiceStats>() == 40);
     assert!(core::mem::size_of::<AffinityKey>() == 8);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRange>() == 8);

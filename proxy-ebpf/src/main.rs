@@ -25,9 +25,8 @@ mod verdict;
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::classifier, programs::TcContext};
 use proxy_common::{
-    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY,
-    CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -226,7 +225,12 @@ fn established(
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
-    stats::service(rewrite.svc_id, ctx.len(), false);
+    stats::service(
+        rewrite.svc_id,
+        ctx.len(),
+        false,
+        rewrite.dir == CT_DIR_REPLY,
+    );
     stats::count(if rewrite.dir == CT_DIR_REPLY {
         Counter::CtReply
     } else {
@@ -303,7 +307,7 @@ fn new_flow(
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
-    stats::service(svc.svc_id, ctx.len(), true);
+    stats::service(svc.svc_id, ctx.len(), true, false);
     stats::count(Counter::NewFlow);
     if origin == Origin::Node {
         stats::event(Event::FromNode, 1);

@@ -135,7 +135,13 @@ fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), D
 /// The scheduler's choice, before the modulo of the table's size.
 #[inline(always)]
 fn position(svc: &ServiceValue, flow: &CtKey) -> u32 {
-    let port = |p: u16| if svc.flags & SVC_F_HASH_PORT != 0 { p } else { 0 };
+    let port = |p: u16| {
+        if svc.flags & SVC_F_HASH_PORT != 0 {
+            p
+        } else {
+            0
+        }
+    };
     match scheduler(svc.flags) {
         SCHED_RR => round_robin(svc.svc_id),
         SCHED_SH | SCHED_MH => flow_hash(svc.affinity_id, flow.src_addr, port(flow.src_port)),

@@ -23,10 +23,11 @@ pub fn drop(reason: DropReason) {
     count(Counter::Dropped);
 }
 
-/// One packet of service `svc_id`'s flows; `new_flow` for a first packet.
-/// One per-CPU array lookup either way.
+/// One packet of service `svc_id`'s flows; `new_flow` for a first packet,
+/// `reply` for one from a backend. One per-CPU array lookup either way, no
+/// branch.
 #[inline(always)]
-pub fn service(svc_id: u32, len: u32, new_flow: bool) {
+pub fn service(svc_id: u32, len: u32, new_flow: bool, reply: bool) {
     if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
         // SAFETY: per-CPU array element of this CPU; nothing else writes it
         // while this program runs.
@@ -34,6 +35,8 @@ pub fn service(svc_id: u32, len: u32, new_flow: bool) {
             (*s).packets += 1;
             (*s).bytes += len as u64;
             (*s).new_flows += new_flow as u64;
+            (*s).reply_packets += reply as u64;
+            (*s).reply_bytes += len as u64 * reply as u64;
         }
     }
 }

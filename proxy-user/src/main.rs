@@ -9,7 +9,7 @@ use kpx::{
     agent::{self, settings::DEFAULT_BPFFS, AgentFlags, Settings},
     control::config::{self, NodeFlags},
     dataplane::{attach, bpffs, takeover, Datapath, LoadOptions, MapSet},
-    ops::{cleanup, dump},
+    ops::{cleanup, dump, ipvsadm},
     reference::{self, Mode},
 };
 
@@ -38,6 +38,17 @@ enum Command {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// With `services`: ipvsadm's layout (`ipvsadm -Ln`), for IPVS
+        /// mode's users.
+        #[arg(long)]
+        ipvsadm: bool,
+        /// With --ipvsadm: the statistics (`ipvsadm -Ln --stats --exact`).
+        #[arg(long, requires = "ipvsadm", conflicts_with = "rate")]
+        stats: bool,
+        /// With --ipvsadm: rates per second over one second (`ipvsadm -Ln
+        /// --rate --exact`).
+        #[arg(long, requires = "ipvsadm")]
+        rate: bool,
     },
     /// Detach kpx's programs and remove its pinned maps (stop the agent
     /// first); with --kube-proxy, remove kube-proxy's rules instead.
@@ -104,8 +115,23 @@ fn init_logging(verbosity: Option<u32>) {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Agent(flags) => run_agent(&flags),
-        Command::Dump { what, bpffs, json } => {
+        Command::Dump {
+            what,
+            bpffs,
+            json,
+            ipvsadm,
+            stats,
+            rate,
+        } => {
             init_logging(None);
+            if ipvsadm {
+                let view = match (stats, rate) {
+                    (true, _) => IpvsView::Stats,
+                    (_, true) => IpvsView::Rate,
+                    _ => IpvsView::Conns,
+                };
+                return run_ipvsadm(what, &bpffs, json, view);
+            }
             run_dump(what, &bpffs, json)
         }
         Command::Cleanup {
@@ -208,6 +234,35 @@ fn run_dump(what: DumpWhat, dir: &Path, json: bool) -> Result<()> {
         )?,
         DumpWhat::Stats => render(&dump::stats(&maps)?, json, dump::stats_table)?,
     };
+    println!("{}", out.trim_end());
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum IpvsView {
+    Conns,
+    Stats,
+    Rate,
+}
+
+fn run_ipvsadm(what: DumpWhat, dir: &Path, json: bool, view: IpvsView) -> Result<()> {
+    if !matches!(what, DumpWhat::Services) {
+        anyhow::bail!("--ipvsadm shows services: kpx dump services --ipvsadm");
+    }
+    let maps = MapSet::open_pinned(dir)?;
+    let mut services = ipvsadm::read(&maps)?;
+    if let IpvsView::Rate = view {
+        let start = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let earlier = std::mem::replace(&mut services, ipvsadm::read(&maps)?);
+        ipvsadm::rates(&earlier, &mut services, start.elapsed().as_secs_f64());
+    }
+    let table = match view {
+        IpvsView::Conns => ipvsadm::table,
+        IpvsView::Stats => ipvsadm::stats_table,
+        IpvsView::Rate => ipvsadm::rate_table,
+    };
+    let out = render(services.as_slice(), json, table)?;
     println!("{}", out.trim_end());
     Ok(())
 }

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use kpx::dataplane::maps::{CtTable, Datapath};
 use proxy_common::{
-    flow_hash, wire, DropReason, Event, ServiceKey, IPPROTO_TCP, SCHED_DH, SCHED_MH,
-    SCHED_RR, SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_SHIFT,
+    flow_hash, wire, DropReason, Event, ServiceKey, IPPROTO_TCP, SCHED_DH, SCHED_MH, SCHED_RR,
+    SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_SHIFT,
 };
 use support::*;
 
@@ -68,7 +68,9 @@ fn round_robin_gives_each_backend_its_turn() {
     cluster(&mut dp);
     schedule(&mut dp, VIP, SCHED_RR, 0);
     stay_on_this_cpu();
-    let picks: Vec<String> = (0..300).map(|i| connect(&mut dp, CLIENT, 20_000 + i)).collect();
+    let picks: Vec<String> = (0..300)
+        .map(|i| connect(&mut dp, CLIENT, 20_000 + i))
+        .collect();
     // In turn: every three consecutive flows reach the three backends.
     for w in picks.windows(3) {
         let mut w = w.to_vec();
@@ -153,7 +155,10 @@ fn a_lost_flow_is_taken_up_again_under_maglev_and_counted_as_invalid_otherwise()
     // ...as an established flow: the backend's plain ACK is translated back.
     let entries = dp.maps.ct_entries();
     assert_eq!(entries.len(), 2);
-    assert!(entries.iter().all(|(t, _, _)| *t == CtTable::Tcp), "{entries:?}");
+    assert!(
+        entries.iter().all(|(t, _, _)| *t == CtTable::Tcp),
+        "{entries:?}"
+    );
     let back = run(&mut dp, &reply(&first, ACK));
     assert_eq!(back.verdict, TC_ACT_OK);
     let seen = inspect(&back.bytes);

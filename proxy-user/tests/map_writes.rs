@@ -134,6 +134,8 @@ fn per_cpu_statistics_are_reset_in_one_batch_on_every_cpu() {
         packets: 7,
         bytes: 700,
         new_flows: 1,
+        reply_packets: 3,
+        reply_bytes: 300,
     };
     for id in 1..=3u32 {
         let values = aya::maps::PerCpuValues::try_from(vec![busy; cpus]).unwrap();

@@ -475,6 +475,34 @@ fn cleanup_kube_proxy_removes_its_rules_and_leaves_the_rest() {
         Some(KUBE_PROXY_IPTABLES),
     );
     in_ns(&ns, "nft", &["-f", "-"], Some(KUBE_PROXY_NFT));
+    // IPVS mode's leftovers: its interface holding two service addresses
+    // (a dummy there; this kernel has no dummy driver, and the cleanup goes
+    // by name), its sets, and a set of someone else's.
+    in_ns(
+        &ns,
+        "ip",
+        &[
+            "link",
+            "add",
+            "kube-ipvs0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kpxpeer0",
+        ],
+        None,
+    );
+    for vip in ["198.19.0.10/32", "198.19.0.11/32"] {
+        in_ns(&ns, "ip", &["addr", "add", vip, "dev", "kube-ipvs0"], None);
+    }
+    for (set, kind) in [
+        ("KUBE-CLUSTER-IP", "hash:ip,port"),
+        ("KUBE-LOOP-BACK", "hash:ip,port,ip"),
+        ("MY-SET", "hash:ip"),
+    ] {
+        in_ns(&ns, "ipset", &["create", set, kind], None);
+    }
     let before = in_ns(&ns, "iptables-nft-save", &[], None);
     assert!(before.contains("KUBE-SVC-LOLE4ISW44XBNF3G"));
 
@@ -486,6 +514,18 @@ fn cleanup_kube_proxy_removes_its_rules_and_leaves_the_rest() {
     assert!(said.contains("iptables-legacy: removed 13"), "{said}");
     assert!(said.contains("deleted table ip kube-proxy"), "{said}");
     assert!(said.contains("deleted table ip6 kube-proxy"), "{said}");
+    assert!(
+        said.contains("ipvs: deleted interface kube-ipvs0 and its 2 service addresses"),
+        "{said}"
+    );
+    assert!(
+        said.contains("ipset: destroyed 2 kube-proxy sets"),
+        "{said}"
+    );
+    let links = in_ns(&ns, "ip", &["-o", "link"], None);
+    assert!(!links.contains("kube-ipvs0"), "{links}");
+    let sets = in_ns(&ns, "ipset", &["list", "-n"], None);
+    assert_eq!(sets.trim(), "MY-SET");
 
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
         let after = in_ns(&ns, save, &[], None);
@@ -529,4 +569,6 @@ fn cleanup_kube_proxy_removes_its_rules_and_leaves_the_rest() {
     let again = in_ns(&ns, KPX, &["cleanup", "--kube-proxy"], None);
     assert!(!again.contains("removed"), "{again}");
     assert!(again.contains("nftables: no kube-proxy table"), "{again}");
+    assert!(again.contains("ipvs: no kube-ipvs0 interface"), "{again}");
+    assert!(again.contains("ipset: no kube-proxy set"), "{again}");
 }

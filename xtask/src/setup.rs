@@ -2,7 +2,8 @@
 //! test kpx. Idempotent; takes well under a second when nothing is missing.
 //!
 //! - Debian packages the tests use (iproute2 for namespaces, iptables and
-//!   nftables for the reference rules);
+//!   nftables for the reference rules, ipset for the cleanup of IPVS
+//!   mode's sets);
 //! - the nightly toolchain's `rust-src` (the eBPF crate builds `core` itself);
 //! - `bpf-linker`, built from crates.io against the nightly toolchain's own
 //!   LLVM shared library (no prebuilt download exists here).
@@ -15,7 +16,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables"];
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "ipset"];
 const NIGHTLY: &str = "nightly";
 /// The bpf-linker release this project is built and tested with.
 const BPF_LINKER_VERSION: &str = "0.13.0";

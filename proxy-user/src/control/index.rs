@@ -18,11 +18,11 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::control::scheduler::Scheduler;
 use crate::control::model::{
     self, Desired, Frontend, FrontendKey, NodeInfo, Outcome, Problem, ServicePort, ServiceRef,
     Skipped, Slice, Sourced, Svc, ANNOTATION_TRIGGER_TIME,
 };
+use crate::control::scheduler::Scheduler;
 
 /// namespace/name of an object (a slice's, here).
 type Key = ServiceRef;

@@ -194,24 +194,30 @@ fn replace_mismatched_pins(dir: &Path) -> Result<()> {
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("reading the pinned map {}", path.display()))?;
         let have = (info.map_type()? as u32, info.key_size(), info.value_size());
-        if have == want {
+        let ct = name == map_names::CT_TCP || name == map_names::CT_ANY;
+        // The size too, except conntrack's, which the agent sets at load:
+        // a counter array one element short would drop the new counter's
+        // increments without a word.
+        let sized = ct || info.max_entries() == def.max_entries();
+        if have == want && sized {
             continue;
         }
-        let ct = name == map_names::CT_TCP || name == map_names::CT_ANY;
         let lost = if ct {
             count_entries(&path).unwrap_or(0)
         } else {
             0
         };
         log::warn!(
-            "pinned map {} has another layout (type {}, key {} and value {} bytes; this kpx uses type {}, {} and {}): replaced by a new map{}",
+            "pinned map {} has another layout (type {}, key {} and value {} bytes, {} entries; this kpx uses type {}, {} and {}, {}): replaced by a new map{}",
             path.display(),
             have.0,
             have.1,
             have.2,
+            info.max_entries(),
             want.0,
             want.1,
             want.2,
+            def.max_entries(),
             if ct {
                 format!("; {lost} conntrack entries are not carried over")
             } else {

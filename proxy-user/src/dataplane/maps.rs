@@ -229,6 +229,8 @@ impl MapSet {
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
                 new_flows: a.new_flows + s.new_flows,
+                reply_packets: a.reply_packets + s.reply_packets,
+                reply_bytes: a.reply_bytes + s.reply_bytes,
             }))
     }
 

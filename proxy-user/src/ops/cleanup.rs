@@ -7,7 +7,11 @@
 //! iptables: both backends (nf_tables and legacy) and both families, each
 //! read with `*-save` and edited with one `*-restore --noflush` transaction
 //! per backend. nftables: kube-proxy's `ip kube-proxy` and `ip6 kube-proxy`
-//! tables.
+//! tables. IPVS mode's leftovers, after the rules that use them: the
+//! `kube-ipvs0` interface (and with it the service addresses bound to it,
+//! which would otherwise make the node answer for every VIP itself), the
+//! `KUBE-*` ipsets, and the IPVS virtual services (all of them, as
+//! `kube-proxy --cleanup` flushes IPVS).
 
 use std::{
     collections::BTreeSet,
@@ -62,6 +66,8 @@ pub struct Report {
     pub skipped: Vec<String>,
     /// nftables tables deleted (`ip kube-proxy`).
     pub nft_tables: Vec<String>,
+    /// What was done about IPVS mode's leftovers, one line each.
+    pub ipvs: Vec<String>,
 }
 
 impl fmt::Display for Report {
@@ -77,6 +83,9 @@ impl fmt::Display for Report {
         }
         if self.nft_tables.is_empty() {
             writeln!(f, "nftables: no kube-proxy table")?;
+        }
+        for line in &self.ipvs {
+            writeln!(f, "{line}")?;
         }
         for s in &self.skipped {
             writeln!(f, "skipped {s}")?;
@@ -100,7 +109,99 @@ pub fn kube_proxy() -> Result<Report> {
         }
     }
     report.nft_tables = nftables()?;
+    // After the rules: an ipset a rule still uses cannot be destroyed.
+    for step in [dummy_interface, ipsets, ipvs_services] {
+        match step() {
+            Ok(line) => report.ipvs.push(line),
+            Err(e) => report.skipped.push(format!("{e:#}")),
+        }
+    }
     Ok(report)
+}
+
+/// IPVS mode's interface holding every service address.
+const IPVS_INTERFACE: &str = "kube-ipvs0";
+
+/// Runs `program args`; Ok(None) when the program is not installed.
+fn run(program: &str, args: &[&str]) -> Result<Option<String>> {
+    let out = match Command::new(program).args(args).output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("running {program}")),
+    };
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Deletes `kube-ipvs0`, and with it the service addresses bound to it.
+fn dummy_interface() -> Result<String> {
+    // Asked of iproute2, not of /sys/class/net: sysfs shows the network
+    // namespace it was mounted in, not necessarily this process's.
+    let Some(links) = run("ip", &["-o", "link", "show"]).context("ipvs: listing interfaces")?
+    else {
+        return Ok("ipvs: iproute2 (ip) is not installed, kube-ipvs0 not looked for".into());
+    };
+    let present = links
+        .lines()
+        .any(|l| l.split(": ").nth(1).and_then(|n| n.split('@').next()) == Some(IPVS_INTERFACE));
+    if !present {
+        return Ok(format!("ipvs: no {IPVS_INTERFACE} interface"));
+    }
+    let addrs = run("ip", &["-o", "-4", "addr", "show", "dev", IPVS_INTERFACE])
+        .context("ipvs: listing the addresses of kube-ipvs0")?
+        .map_or(0, |out| out.lines().count());
+    run("ip", &["link", "delete", IPVS_INTERFACE]).context("ipvs: deleting kube-ipvs0")?;
+    Ok(format!(
+        "ipvs: deleted interface {IPVS_INTERFACE} and its {addrs} service addresses"
+    ))
+}
+
+/// Destroys kube-proxy's ipsets (`KUBE-*`).
+fn ipsets() -> Result<String> {
+    let Some(list) = run("ipset", &["list", "-n"]).context("ipset: listing sets")? else {
+        return Ok("ipset: not installed, so no set of kube-proxy's to remove".into());
+    };
+    let ours: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with("KUBE-"))
+        .collect();
+    for name in &ours {
+        run("ipset", &["destroy", name]).with_context(|| format!("ipset: destroying {name}"))?;
+    }
+    Ok(if ours.is_empty() {
+        "ipset: no kube-proxy set".into()
+    } else {
+        format!("ipset: destroyed {} kube-proxy sets", ours.len())
+    })
+}
+
+/// Flushes IPVS's virtual services, as `kube-proxy --cleanup` does.
+fn ipvs_services() -> Result<String> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/ip_vs") else {
+        return Ok("ipvs: not in this kernel, no virtual service to remove".into());
+    };
+    // The header is three lines; each service and real server one more.
+    let services = table
+        .lines()
+        .skip(3)
+        .filter(|l| !l.trim_start().starts_with("->"))
+        .count();
+    if services == 0 {
+        return Ok("ipvs: no virtual service".into());
+    }
+    run("ipvsadm", &["--clear"])
+        .context("ipvs: flushing the virtual services")?
+        .with_context(|| {
+            format!("ipvs: {services} virtual services left, and ipvsadm is not installed to remove them")
+        })?;
+    Ok(format!("ipvs: removed {services} virtual services"))
 }
 
 /// One backend: Some((chains, jumps)) when it had kube-proxy chains.

@@ -29,10 +29,7 @@ fn namespace(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-fn object_name(
-    kind: &str,
-    meta: &ObjectMeta,
-) -> String {
+fn object_name(kind: &str, meta: &ObjectMeta) -> String {
     format!(
         "{kind} {}/{}",
         meta.namespace.as_deref().unwrap_or("default"),
@@ -151,7 +148,9 @@ fn annotated_scheduler(
     };
     let kind = match Kind::parse(name) {
         Ok(Parsed::Known(k)) => k,
-        Ok(Parsed::NotImplemented(n)) => return skip(key, format!("kpx does not implement {n} yet")),
+        Ok(Parsed::NotImplemented(n)) => {
+            return skip(key, format!("kpx does not implement {n} yet"))
+        }
         Err(e) => return skip(key, e),
     };
     let flags = notes.get(flags_key).map_or("", |f| f.as_str());

@@ -161,7 +161,10 @@ mod tests {
             let ideal = t.len() as f64 / f64::from(n);
             for (id, got) in shares {
                 let off = (got as f64 - ideal).abs() / ideal;
-                assert!(off <= 0.01, "n={n}: backend {id} has {got} slots, ideal {ideal:.1}");
+                assert!(
+                    off <= 0.01,
+                    "n={n}: backend {id} has {got} slots, ideal {ideal:.1}"
+                );
             }
         }
     }
@@ -192,11 +195,19 @@ mod tests {
             let all = backends(0..n);
             let t = table(&all);
             for leaver in [0, n / 2, n - 1] {
-                let rest: Vec<_> = all.iter().copied().filter(|(_, id)| *id != leaver).collect();
+                let rest: Vec<_> = all
+                    .iter()
+                    .copied()
+                    .filter(|(_, id)| *id != leaver)
+                    .collect();
                 let after = table(&rest);
                 assert_eq!(after.len(), t.len());
                 let extra = extra_moves(&t, &after, leaver);
-                assert!(extra <= 0.01, "n={n}, {leaver} left: {:.2}% moved", extra * 100.0);
+                assert!(
+                    extra <= 0.01,
+                    "n={n}, {leaver} left: {:.2}% moved",
+                    extra * 100.0
+                );
                 // And back: the same set, the same table.
                 assert_eq!(table(&all), t);
             }
@@ -205,7 +216,11 @@ mod tests {
             more.extend(backends(n + 7..n + 8));
             if size(more.len()) == size(all.len()) {
                 let extra = extra_moves(&t, &table(&more), n + 7);
-                assert!(extra <= 0.01, "n={n}, one joined: {:.2}% moved", extra * 100.0);
+                assert!(
+                    extra <= 0.01,
+                    "n={n}, one joined: {:.2}% moved",
+                    extra * 100.0
+                );
             }
         }
     }

@@ -10,8 +10,8 @@ use proxy_common::{ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
 use crate::{
     control::cidr::Cidr,
-    control::scheduler::Scheduler,
     control::model::{Endpoint, Frontend, FrontendKey},
+    control::scheduler::Scheduler,
 };
 
 use super::{affinity_id, backend, maglev, truncate, BackendAddr, MapState, Op, PlanError};
