@@ -1,0 +1,193 @@
+//! Schedulers end to end: the real agent with `--ipvs-scheduler`, a Service
+//! naming its own scheduler by annotation, real connections from a pod, the
+//! `ipvsadm -Ln` view read back, and long-lived connections whose conntrack
+//! entries are lost: every one survives under Maglev, every one breaks
+//! (and is counted) under round robin.
+
+mod bed;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use bed::*;
+use kpx::dataplane::maps::MapSet;
+use proxy_common::{DropReason, Event};
+use testbed::{service_yaml_with, tcp_ask_many, Cluster, Conn, READY};
+
+const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+/// The Maglev table of three backends (the agent's ladder: 400 slots per
+/// backend at least, 1,601 for up to four).
+const MAGLEV_3: u32 = 1_601;
+
+fn event(c: &Cluster, which: Event) -> u64 {
+    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+    maps.events()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == which)
+        .unwrap()
+        .1
+}
+
+/// `web` on VIP (the node's default scheduler) and `sticky` on VIP2 with
+/// `annotations`, both served by web-1..3; the agent started with `flags`.
+fn bed(annotations: &str, flags: &[&str]) -> Cluster {
+    let mut c = start(&backends());
+    let eps: Vec<(Ipv4Addr, &str)> = ["web-1", "web-2", "web-3"]
+        .iter()
+        .map(|n| (c.pod(n).ip, READY))
+        .collect();
+    let web = service_yaml_with("web", VIP, (80, 8080), (53, 5353), &eps, "");
+    let sticky = service_yaml_with("sticky", VIP2, (80, 8080), (53, 5353), &eps, "").replace(
+        "metadata: {name: sticky, namespace: default}",
+        &format!("metadata: {{name: sticky, namespace: default, annotations: {{{annotations}}}}}"),
+    );
+    c.write_manifest("web.yaml", &web).unwrap();
+    c.write_manifest("sticky.yaml", &sticky).unwrap();
+    c.start_agent(Path::new(KPX), flags).unwrap();
+    c
+}
+
+/// `kpx dump services --ipvsadm`, as lines.
+fn ipvsadm(c: &Cluster, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["services", "--ipvsadm"];
+    args.extend(extra);
+    String::from_utf8(kpx_dump(&c.bpffs(), &args))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// The real servers listed under virtual service `service` (`TCP  ip:port`):
+/// (address, weight, ActiveConn, InActConn).
+fn real_servers(lines: &[String], service: &str) -> Vec<(String, u32, u64, u64)> {
+    lines
+        .iter()
+        .skip_while(|l| !l.starts_with(service))
+        .skip(1)
+        .take_while(|l| l.starts_with("  ->"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f[2], "Masq", "{l}");
+            (
+                f[1].to_string(),
+                f[3].parse().unwrap(),
+                f[4].parse().unwrap(),
+                f[5].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn round_robin_and_maglev_by_flag_and_annotation_as_ipvsadm_shows_them() {
+    let c = bed(
+        "kpx.io/scheduler: mh",
+        &["--ipvs-scheduler", "rr", "--conntrack-gc-interval", "1h"],
+    );
+    wait_synced(&c, 4, &[3, 3, MAGLEV_3, MAGLEV_3]);
+    let client = &c.pod("client").netns;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // Round robin: 99 connections, 33 each, give or take one per CPU.
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP, 80), 99, T).unwrap();
+    let turns = spread(&ids);
+    assert_eq!(turns.len(), 3, "{turns:?}");
+    for (b, n) in &turns {
+        assert!(n.abs_diff(33) <= cpus, "{b}: {n} of 99 ({turns:?})");
+    }
+    // Maglev on the client's address: one backend for all its connections.
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP2, 80), 30, T).unwrap();
+    assert_eq!(
+        spread(&ids).len(),
+        1,
+        "{:?}\n{}",
+        spread(&ids),
+        c.agent_log()
+    );
+
+    // Three connections held open to the Maglev service: ActiveConn.
+    let mut held: Vec<Conn> = (0..3)
+        .map(|_| Conn::open(client, SocketAddrV4::new(VIP2, 80), T).unwrap())
+        .collect();
+    for conn in &mut held {
+        conn.ask().unwrap();
+    }
+    let lines = ipvsadm(&c, &[]);
+    let text = lines.join("\n");
+    assert!(lines[1].starts_with("Prot LocalAddress:Port Scheduler Flags"), "{text}");
+    assert!(lines.iter().any(|l| l == "TCP  198.19.0.10:80 rr"), "{text}");
+    assert!(lines.iter().any(|l| l == "TCP  198.19.0.11:80 mh"), "{text}");
+    assert!(lines.iter().any(|l| l == "UDP  198.19.0.11:53 mh"), "{text}");
+    let rr = real_servers(&lines, "TCP  198.19.0.10:80");
+    assert_eq!(rr.len(), 3, "{text}");
+    // Closed connections stay tracked, closing, until the collector's next
+    // round (an hour away here): inactive, 99 of them, none active.
+    assert!(rr.iter().all(|r| r.1 == 1 && r.2 == 0), "{text}");
+    assert_eq!(rr.iter().map(|r| r.3).sum::<u64>(), 99, "{text}");
+    let mh = real_servers(&lines, "TCP  198.19.0.11:80");
+    assert_eq!(mh.len(), 3, "{text}");
+    assert_eq!(mh.iter().map(|r| r.2).sum::<u64>(), 3, "{text}");
+    assert_eq!(mh.iter().filter(|r| r.2 == 3).count(), 1, "{text}");
+
+    // The statistics: the 99 connections, packets both ways.
+    let stats = ipvsadm(&c, &["--stats"]);
+    let row: Vec<&str> = stats
+        .iter()
+        .find(|l| l.starts_with("TCP  198.19.0.10:80"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[2], "99", "{stats:?}");
+    let (in_pkts, out_pkts): (u64, u64) = (row[3].parse().unwrap(), row[4].parse().unwrap());
+    assert!(in_pkts >= 99 * 4 && out_pkts >= 99 * 3, "{stats:?}");
+    drop(held);
+}
+
+/// Forgets every conntrack entry behind the agent's back, as a table that
+/// could not be carried over would.
+fn lose_flows(c: &Cluster) -> usize {
+    let mut maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+    let entries = maps.ct_entries();
+    for (table, key, _) in &entries {
+        let _ = maps.ct_mut(*table).remove(key);
+    }
+    entries.len()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn long_lived_connections_outlive_their_lost_conntrack_entries_under_maglev_only() {
+    let c = bed("kpx.io/scheduler: rr", &["--ipvs-scheduler", "mh"]);
+    wait_synced(&c, 4, &[MAGLEV_3, MAGLEV_3, 3, 3]);
+    let client = &c.pod("client").netns;
+    let short = Duration::from_millis(700);
+    let open = |vip: Ipv4Addr, n: usize| -> Vec<(Conn, String)> {
+        (0..n)
+            .map(|_| {
+                let mut conn = Conn::open(client, SocketAddrV4::new(vip, 80), short).unwrap();
+                let id = conn.ask().unwrap();
+                (conn, id)
+            })
+            .collect()
+    };
+    let mut maglev = open(VIP, 20);
+    let mut round_robin = open(VIP2, 5);
+    assert!(lose_flows(&c) >= 2 * 25, "the flows were not tracked");
+
+    for (conn, id) in &mut maglev {
+        let again = conn.ask().unwrap_or_else(|e| panic!("a Maglev flow broke: {e}"));
+        assert_eq!(&again, id, "the flow moved to another backend");
+    }
+    assert_eq!(event(&c, Event::FlowRecovered), 20);
+    let before = drop_count(&c, DropReason::InvalidTcp);
+    for (conn, _) in &mut round_robin {
+        assert!(conn.ask().is_err(), "a round-robin flow survived its lost entries");
+    }
+    assert!(drop_count(&c, DropReason::InvalidTcp) >= before + 5);
+}
