@@ -120,10 +120,22 @@ fn round_robin_and_maglev_by_flag_and_annotation_as_ipvsadm_shows_them() {
     }
     let lines = ipvsadm(&c, &[]);
     let text = lines.join("\n");
-    assert!(lines[1].starts_with("Prot LocalAddress:Port Scheduler Flags"), "{text}");
-    assert!(lines.iter().any(|l| l == "TCP  198.19.0.10:80 rr"), "{text}");
-    assert!(lines.iter().any(|l| l == "TCP  198.19.0.11:80 mh"), "{text}");
-    assert!(lines.iter().any(|l| l == "UDP  198.19.0.11:53 mh"), "{text}");
+    assert!(
+        lines[1].starts_with("Prot LocalAddress:Port Scheduler Flags"),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "TCP  198.19.0.10:80 rr"),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "TCP  198.19.0.11:80 mh"),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "UDP  198.19.0.11:53 mh"),
+        "{text}"
+    );
     let rr = real_servers(&lines, "TCP  198.19.0.10:80");
     assert_eq!(rr.len(), 3, "{text}");
     // Closed connections stay tracked, closing, until the collector's next
@@ -181,13 +193,18 @@ fn long_lived_connections_outlive_their_lost_conntrack_entries_under_maglev_only
     assert!(lose_flows(&c) >= 2 * 25, "the flows were not tracked");
 
     for (conn, id) in &mut maglev {
-        let again = conn.ask().unwrap_or_else(|e| panic!("a Maglev flow broke: {e}"));
+        let again = conn
+            .ask()
+            .unwrap_or_else(|e| panic!("a Maglev flow broke: {e}"));
         assert_eq!(&again, id, "the flow moved to another backend");
     }
     assert_eq!(event(&c, Event::FlowRecovered), 20);
     let before = drop_count(&c, DropReason::InvalidTcp);
     for (conn, _) in &mut round_robin {
-        assert!(conn.ask().is_err(), "a round-robin flow survived its lost entries");
+        assert!(
+            conn.ask().is_err(),
+            "a round-robin flow survived its lost entries"
+        );
     }
     assert!(drop_count(&c, DropReason::InvalidTcp) >= before + 5);
 }

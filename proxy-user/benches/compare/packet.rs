@@ -13,7 +13,8 @@
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
-    wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
+    wire, CtValue, ServiceKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    IPPROTO_TCP, SCHED_MH, SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,10 @@ pub struct PacketCost {
     /// single-run median; `first_packet_ns` has the FIB without a route.
     #[serde(default)]
     pub first_packet_fib_ns: f64,
+    /// First packets under each other scheduler (rr, mh: sh and dh pick
+    /// the same way), single-run medians as `first_packet_ns` (random's).
+    #[serde(default)]
+    pub first_packet_by_scheduler: Vec<(String, f64)>,
     pub programmed_seconds: f64,
 }
 
@@ -125,6 +130,13 @@ pub fn measure(
     let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
     let (established, reply) = ping_pong(&mut dp, &last_vip, repeat)?;
     let (first, floor_single) = single_runs(&mut dp, &last_vip, singles, 100)?;
+    let mut by_scheduler = Vec::new();
+    for (i, (name, sched)) in [("rr", SCHED_RR), ("mh", SCHED_MH)].into_iter().enumerate() {
+        schedule(&mut dp, &last_vip, sched)?;
+        let (ns, _) = single_runs(&mut dp, &last_vip, singles, 120 + 10 * i as u32)?;
+        by_scheduler.push((name.to_string(), ns));
+    }
+    schedule(&mut dp, &last_vip, SCHED_RANDOM)?;
     routes()?;
     let (established_fib, reply_fib) = ping_pong_redirected(&mut dp, &last_vip, repeat)?;
     let (first_fib, _) = single_runs(&mut dp, &last_vip, singles, 110)?;
@@ -140,8 +152,23 @@ pub fn measure(
         established_fib_ns: established_fib,
         reply_fib_ns: reply_fib,
         first_packet_fib_ns: first_fib,
+        first_packet_by_scheduler: by_scheduler,
         programmed_seconds: programmed,
     })
+}
+
+/// Sets the scheduler of `vip:80/tcp`.
+fn schedule(dp: &mut Datapath, vip: &str, sched: u32) -> anyhow::Result<()> {
+    let key = ServiceKey {
+        addr: wire::addr(ip(vip)),
+        port: wire::port(80),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let mut v = dp.maps.services.get(&key, 0)?;
+    v.flags = (v.flags & !SVC_SCHED_MASK) | (sched << SVC_SCHED_SHIFT);
+    dp.maps.put_frontend(key, v)?;
+    Ok(())
 }
 
 /// `n` TCP services on port 80, 10 endpoints each; returns the last VIP.

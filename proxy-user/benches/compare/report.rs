@@ -221,10 +221,47 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
     );
 }
 
+/// First packets by scheduler, against random's (IPVS parity: each within
+/// 1.2 x random's).
+fn scheduler_table(out: &mut String, costs: &[PacketCost]) {
+    let Some(first) = costs
+        .iter()
+        .find(|p| !p.first_packet_by_scheduler.is_empty())
+    else {
+        return;
+    };
+    out.push_str(
+        "\n**first packet by scheduler**: ns above the empty program (single-run medians, \
+         FIB → stack), and the ratio to random's (the default); sh and dh pick as mh does\n\n",
+    );
+    let mut header = vec!["services".to_string(), "random".to_string()];
+    header.extend(
+        first
+            .first_packet_by_scheduler
+            .iter()
+            .map(|(n, _)| n.clone()),
+    );
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .filter(|p| !p.first_packet_by_scheduler.is_empty())
+        .map(|p| {
+            let random = p.first_packet_ns - p.floor_single_ns;
+            let mut row = vec![thousands(p.services as f64), format!("{random:.0}")];
+            row.extend(p.first_packet_by_scheduler.iter().map(|(_, ns)| {
+                let above = ns - p.floor_single_ns;
+                format!("{above:.0} ({:.2} x)", above / random.max(1.0))
+            }));
+            row
+        })
+        .collect();
+    table(out, &header, &rows);
+}
+
 /// `cargo xtask bench --packet`: the per-packet tables alone.
 pub fn packet_markdown(machine: &str, costs: &[PacketCost], paths: &[PathLength]) -> String {
     let mut out = format!("`cargo xtask bench --packet` on {machine}\n\n");
     packet_table(&mut out, costs);
+    scheduler_table(&mut out, costs);
     path_table(&mut out, paths);
     out
 }
@@ -473,6 +510,7 @@ impl Report {
         );
 
         packet_table(&mut out, &self.packet);
+        scheduler_table(&mut out, &self.packet);
         path_table(&mut out, &self.paths);
         out
     }

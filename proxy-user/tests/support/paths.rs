@@ -11,8 +11,8 @@ use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
     map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey,
-    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL,
-    SVC_F_NODEPORT,
+    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SCHED_MH, SCHED_RR,
+    SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
 
 use super::{
@@ -26,6 +26,8 @@ const NODE: &str = "198.18.0.1";
 const VIP: &str = "198.19.0.10";
 const AFFINITY_VIP: &str = "198.19.0.11";
 const EMPTY_VIP: &str = "198.19.0.12";
+const RR_VIP: &str = "198.19.0.13";
+const MAGLEV_VIP: &str = "198.19.0.14";
 const NODE_PORT: u16 = 30080;
 const BACKENDS: u32 = 10;
 
@@ -68,6 +70,24 @@ pub fn vm() -> Result<Vm> {
     )?;
     service(&mut vm, 2, AFFINITY_VIP, 80, 0, BACKENDS, 10_800)?;
     service(&mut vm, 3, EMPTY_VIP, 80, 0, 0, 0)?;
+    service(
+        &mut vm,
+        4,
+        RR_VIP,
+        80,
+        SCHED_RR << SVC_SCHED_SHIFT,
+        BACKENDS,
+        0,
+    )?;
+    service(
+        &mut vm,
+        5,
+        MAGLEV_VIP,
+        80,
+        SCHED_MH << SVC_SCHED_SHIFT,
+        BACKENDS,
+        0,
+    )?;
     let node = wire::addr(ip(NODE));
     vm.map_insert(
         map_names::NODE_ADDRS,
@@ -273,6 +293,25 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
         path(
             "first packet, ClientIP affinity",
             tcp(CLIENT, 45003, AFFINITY_VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "first packet, round robin",
+            tcp(CLIENT, 45005, RR_VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "first packet, Maglev",
+            tcp(CLIENT, 45006, MAGLEV_VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        // A flow whose entries were lost, taken up by its next segment.
+        path(
+            "lost flow taken up (Maglev)",
+            tcp(CLIENT, 45007, MAGLEV_VIP, 80, ACK),
             FORWARD,
             TC_ACT_REDIRECT,
         ),
