@@ -39,7 +39,10 @@ pub mod map_names {
     pub const PORTS: &str = "KPX_PORTS";
     /// Per-CPU round-robin positions, by service id.
     pub const RR: &str = "KPX_RR";
-    pub const ALL: [&str; 18] = [
+    /// Active connections per backend id, for the least-connection
+    /// schedulers.
+    pub const CONNS: &str = "KPX_CONNS";
+    pub const ALL: [&str; 19] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -58,6 +61,7 @@ pub mod map_names {
         CONFIG,
         PORTS,
         RR,
+        CONNS,
     ];
 }
 
@@ -81,7 +85,16 @@ pub mod prog_names {
     pub const TC_EGRESS: &str = "kpx_tc_egress";
     /// An empty classifier: the benchmark's floor, never attached.
     pub const TC_FLOOR: &str = "kpx_tc_floor";
+    /// Never attached: the agent runs it (`BPF_PROG_TEST_RUN`) to end the
+    /// established flows its collector expires, so that their backends'
+    /// active-connection counts drop exactly once, as a FIN's would.
+    pub const CONNS_EXPIRE: &str = "kpx_conns_expire";
 }
+
+/// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original
+/// direction's [`CtKey`]s, one after another, after a 14-byte Ethernet
+/// header (a tc program's input is a frame).
+pub const EXPIRE_PER_RUN: usize = 64;
 
 /// Default capacities. The agent may override them at load time
 /// (`EbpfLoader::map_max_entries`); the eBPF side only uses them as defaults.
@@ -242,11 +255,30 @@ pub const SCHED_DH: u32 = 3;
 /// Maglev hashing of the client's address (and port): as `sh`, kept apart
 /// for IPVS's names and `kpx dump`.
 pub const SCHED_MH: u32 = 4;
+/// Least connections: of two random backends, the one with fewer active
+/// (established, not closing) connections, [`map_names::CONNS`]. IPVS's
+/// `wlc`, `sed`, `nq` and `twos` order equally weighted backends the same
+/// way; they keep their own codes so `kpx dump` shows the name asked for.
+pub const SCHED_LC: u32 = 5;
+pub const SCHED_WLC: u32 = 6;
+pub const SCHED_SED: u32 = 7;
+pub const SCHED_NQ: u32 = 8;
+pub const SCHED_TWOS: u32 = 9;
 
 /// The `SCHED_*` of a service entry's flags.
 #[inline(always)]
 pub const fn scheduler(flags: u32) -> u32 {
     (flags & SVC_SCHED_MASK) >> SVC_SCHED_SHIFT
+}
+
+/// Whether a scheduler picks by active connections (and its flows are
+/// counted in [`map_names::CONNS`]).
+#[inline(always)]
+pub const fn least_conns(sched: u32) -> bool {
+    matches!(
+        sched,
+        SCHED_LC | SCHED_WLC | SCHED_SED | SCHED_NQ | SCHED_TWOS
+    )
 }
 
 /// Whether a scheduler picks by a hash of the flow: its tables are Maglev
@@ -490,6 +522,12 @@ pub const CT_F_FROM_NODE: u16 = 1 << 5;
 /// retransmitted SYN clears it (so only a live client takes room that
 /// frees up), and none reaches the client untranslated meanwhile.
 pub const CT_F_REFUSED: u16 = 1 << 6;
+/// The flow counts in its backend's active connections
+/// ([`map_names::CONNS`]: a least-connection scheduler's service): +1 when
+/// it is established (moved to `CT_TCP`), -1 when its original entry is
+/// marked [`CT_F_CLOSING`] (a FIN or RST, or the agent expiring it), which
+/// an atomic bit operation makes happen exactly once.
+pub const CT_F_COUNTED: u16 = 1 << 7;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;

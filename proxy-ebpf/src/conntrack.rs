@@ -24,11 +24,12 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS,
-    IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_F_COUNTED, CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT,
+    CT_REFRESH_NS, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
+    conns,
     maps::{CT_ANY, CT_TCP},
     stats,
 };
@@ -167,10 +168,25 @@ pub fn touch(found: Found, key: &CtKey, tcp_flags: u8) -> (CtValue, bool) {
         e.flags |= CT_F_SEEN_REPLY;
     }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 && e.flags & CT_F_CLOSING == 0 {
-        e.flags |= CT_F_CLOSING;
-        if let Some(p) = found.table.get(&e.partner(key)) {
+        let partner = found.table.get(&e.partner(key));
+        let (original, other) = if e.dir == CT_DIR_ORIGINAL {
+            (Some(entry), partner)
+        } else {
+            (partner, Some(entry))
+        };
+        match original {
+            // An established flow's original entry is marked atomically:
+            // the mark ends its backend's count (`conns`), exactly once.
+            Some(o) if found.table == Table::Tcp => {
+                conns::close(o);
+            }
             // SAFETY: as above.
-            unsafe { (*p).flags |= CT_F_CLOSING };
+            Some(o) => unsafe { (*o).flags |= CT_F_CLOSING },
+            None => {}
+        }
+        if let Some(x) = other {
+            // SAFETY: as above.
+            unsafe { (*x).flags |= CT_F_CLOSING };
         }
     }
     (*e, refreshed)
@@ -272,19 +288,34 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
         // Refused, and no SYN from the client since.
         return Err(DropReason::CtFull);
     }
-    let inserted = insert_established(&original_key, &original, key).and_then(|()| {
-        insert_established(key, &reply, &original_key).inspect_err(|_| {
-            if CT_TCP.remove(&original_key).is_ok() {
-                stats::event(Event::CtRemoved, 1);
+    // Plain matches, no closures: LLVM outlined a closure here into a
+    // subprogram whose stack frame took the egress program past 512 bytes.
+    let inserted = match insert_established(&original_key, &original, key) {
+        Ok(new) => match insert_established(key, &reply, &original_key) {
+            Ok(_) => Ok(new),
+            Err(reason) => {
+                if CT_TCP.remove(&original_key).is_ok() {
+                    stats::event(Event::CtRemoved, 1);
+                }
+                Err(reason)
             }
-        })
-    });
-    if let Err(reason) = inserted {
-        if reason == DropReason::CtFull {
-            // SAFETY: as in `touch`; a racing SYN-ACK sets the same bit.
-            unsafe { (*original_entry).flags |= CT_F_REFUSED };
+        },
+        Err(reason) => Err(reason),
+    };
+    match inserted {
+        // This CPU established it: a counted flow is one more active
+        // connection of its backend (unless it is already closing).
+        Ok(true) if original.flags & (CT_F_COUNTED | CT_F_CLOSING) == CT_F_COUNTED => {
+            conns::opened(original.backend_id)
         }
-        return Err(reason);
+        Ok(_) => {}
+        Err(reason) => {
+            if reason == DropReason::CtFull {
+                // SAFETY: as in `touch`; a racing SYN-ACK sets the same bit.
+                unsafe { (*original_entry).flags |= CT_F_REFUSED };
+            }
+            return Err(reason);
+        }
     }
     let removed = CT_ANY.remove(&original_key).is_ok() as u64 + CT_ANY.remove(key).is_ok() as u64;
     stats::event(Event::CtRemoved, removed);
@@ -306,12 +337,13 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
 /// replaces, as in `create`, unless the tuple is a masquerade port: the
 /// port probe in `create` keeps those unique, so a clash there is a race
 /// between two new connections, and the later one is refused.
+/// Ok(true) when this call inserted it, Ok(false) when it was there.
 #[inline(always)]
-fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<(), DropReason> {
+fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<bool, DropReason> {
     match CT_TCP.insert(key, v, BPF_NOEXIST as u64) {
         Ok(()) => {
             stats::event(Event::CtInserted, 1);
-            Ok(())
+            Ok(true)
         }
         Err(e) if e == -EEXIST => {
             let Some(p) = CT_TCP.get_ptr_mut(key) else {
@@ -320,15 +352,20 @@ fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<(), D
             // SAFETY: as in `touch`; copied at once.
             let old = unsafe { *p };
             if old.partner(key) == *partner && old.created_ns == v.created_ns {
-                return Ok(());
+                return Ok(false);
             }
             if v.flags & CT_F_SNAT != 0 && old.flags & CT_F_CLOSING == 0 {
                 return Err(DropReason::CtInsertFailed);
+            }
+            if old.dir == CT_DIR_ORIGINAL {
+                // The flow it ends stops counting.
+                conns::close(p);
             }
             stats::event(Event::CtRemoved, 1);
             stats::event(Event::CtInserted, 1);
             CT_TCP
                 .insert(key, v, BPF_ANY as u64)
+                .map(|()| true)
                 .map_err(|_| DropReason::CtInsertFailed)
         }
         // -E2BIG: every element is in use.

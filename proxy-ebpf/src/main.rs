@@ -9,7 +9,10 @@
 //! errors about translated flows.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod conns;
 mod conntrack;
 mod csum;
 mod forward;
@@ -25,8 +28,9 @@ mod verdict;
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::classifier, programs::TcContext};
 use proxy_common::{
-    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    flow_hash, hashing, least_conns, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY,
+    CT_F_COUNTED, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -116,6 +120,13 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kpx_tc_floor(_ctx: TcContext) -> i32 {
     PASS
+}
+
+/// Never attached: the agent's conntrack collector runs it on the
+/// established flows it expires (see `conns::expire`).
+#[classifier]
+pub fn kpx_conns_expire(ctx: TcContext) -> i32 {
+    conns::expire(&ctx)
 }
 
 /// A TCP segment that may open a connection: SYN, without ACK, RST or FIN.
@@ -280,6 +291,10 @@ fn new_flow(
         port_max: cfg.snat_port_max,
         extra_flags: if origin == Origin::Node {
             CT_F_FROM_NODE
+        } else {
+            0
+        } | if least_conns(scheduler(svc.flags)) && pkt.proto == IPPROTO_TCP {
+            CT_F_COUNTED
         } else {
             0
         },

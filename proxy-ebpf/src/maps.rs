@@ -95,6 +95,12 @@ pub static PORTS: Array<u64> = Array::with_max_entries(capacity::PORT_WORDS, 0);
 #[map(name = "KPX_RR")]
 pub static RR: PerCpuArray<u32> = PerCpuArray::with_max_entries(capacity::SERVICE_STATS, 0);
 
+/// Active connections per backend id (`conns`): written by the datapath
+/// only, with atomic adds. Removed by the agent with its backend.
+#[map(name = "KPX_CONNS")]
+pub static CONNS: HashMap<u32, u64> =
+    HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
+
 /// Node-wide settings: one element.
 #[map(name = "KPX_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

@@ -13,18 +13,23 @@
 //!   flow per CPU above another;
 //! - sh / mh / dh: `flow_hash(client or destination) % count` over a
 //!   Maglev table the agent built: the same client reaches the same backend
-//!   on every node, and a change of backends moves few clients.
+//!   on every node, and a change of backends moves few clients;
+//! - lc (and wlc, sed, nq, twos, equal for unweighted backends): of two
+//!   random backends, the one with fewer active connections ([`conns`]):
+//!   the power of two choices, O(1) where IPVS scans every backend.
 
 use aya_ebpf::{
     bindings::BPF_ANY,
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id},
 };
 use proxy_common::{
-    flow_hash, scheduler, AffinityKey, AffinityValue, Backend, CtKey, DropReason, Event,
-    ServiceValue, SlotKey, LOCAL_SLOTS, SCHED_DH, SCHED_MH, SCHED_RR, SCHED_SH, SVC_F_HASH_PORT,
+    flow_hash, least_conns, scheduler, AffinityKey, AffinityValue, Backend, CtKey, DropReason,
+    Event, ServiceValue, SlotKey, LOCAL_SLOTS, SCHED_DH, SCHED_MH, SCHED_RR, SCHED_SH,
+    SVC_F_HASH_PORT,
 };
 
 use crate::{
+    conns,
     conntrack::now,
     maps::{AFFINITY, BACKENDS, RR, SLOTS},
     stats,
@@ -120,8 +125,12 @@ pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, D
 /// The backend at the scheduler's position in `t`, and its slot.
 #[inline(always)]
 fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), DropReason> {
-    let n = t.base + position(svc, flow) % t.count;
-    let backend_id = slot(svc.svc_id, n)?;
+    let (n, backend_id) = if least_conns(scheduler(svc.flags)) {
+        fewer_conns(svc.svc_id, t)?
+    } else {
+        let n = t.base + position(svc, flow) % t.count;
+        (n, slot(svc.svc_id, n)?)
+    };
     let backend = lookup_backend(backend_id)?;
     Ok((
         Selected {
@@ -130,6 +139,29 @@ fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), D
         },
         n,
     ))
+}
+
+/// Least connections by the power of two choices: two distinct random
+/// slots, and of their backends the one with fewer active connections
+/// (the first on a tie). Lookups: 2 `SLOTS`, 2 `CONNS` (1 each with a
+/// single backend). Returns the slot and its backend id.
+#[inline(always)]
+fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, u32), DropReason> {
+    let r = random();
+    let a = t.base + r % t.count;
+    let id_a = slot(svc_id, a)?;
+    if t.count == 1 {
+        return Ok((a, id_a));
+    }
+    // Another slot than `a`: an offset of 1..count from it, from the
+    // random word's other half.
+    let b = t.base + (a - t.base + 1 + (r >> 16) % (t.count - 1)) % t.count;
+    let id_b = slot(svc_id, b)?;
+    Ok(if conns::active(id_b) < conns::active(id_a) {
+        (b, id_b)
+    } else {
+        (a, id_a)
+    })
 }
 
 /// The scheduler's choice, before the modulo of the table's size.

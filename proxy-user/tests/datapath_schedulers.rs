@@ -1,8 +1,9 @@
 //! Schedulers in the kernel (BPF_PROG_TEST_RUN): round robin's spread,
 //! the hashing schedulers' choices (the agent's `flow_hash` and the
-//! datapath's agree), and a TCP flow whose conntrack entries were lost:
-//! taken up again under a hashing scheduler, dropped as invalid (counted)
-//! under the others.
+//! datapath's agree), least connections' choice and its counts kept exact
+//! through open, close, RST and the collector's expiry, and a TCP flow
+//! whose conntrack entries were lost: taken up again under a hashing
+//! scheduler, dropped as invalid (counted) under the others.
 
 mod support;
 
@@ -10,14 +11,14 @@ use std::collections::BTreeMap;
 
 use kpx::dataplane::maps::{CtTable, Datapath};
 use proxy_common::{
-    flow_hash, wire, DropReason, Event, ServiceKey, IPPROTO_TCP, SCHED_DH, SCHED_MH, SCHED_RR,
-    SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_SHIFT,
+    flow_hash, wire, DropReason, Event, ServiceKey, IPPROTO_TCP, SCHED_DH, SCHED_LC, SCHED_MH,
+    SCHED_RR, SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_SHIFT,
 };
 use support::*;
 
 const AFFINITY_ID: u32 = 0x5eed;
 
-/// Sets the scheduler (and `extra` flags) of frontend `vip:port/tcp`.
+/// Sets the scheduler (and `extra` flags) of frontend `vip:80/tcp`.
 fn schedule(dp: &mut Datapath, vip: &str, sched: u32, extra: u32) {
     let key = ServiceKey {
         addr: wire::addr(ip(vip)),
@@ -183,4 +184,117 @@ fn a_lost_flow_is_taken_up_again_under_maglev_and_counted_as_invalid_otherwise()
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 2);
     assert_eq!(event(&mut dp, Event::FlowRecovered), 1);
+}
+
+/// Backend `id`'s active connections, as the datapath counts them.
+fn active(dp: &Datapath, id: u32) -> u64 {
+    dp.maps.conns.get(&id, 0).unwrap_or(0)
+}
+
+/// The standard scenario's TCP backends' ids by address.
+fn backend_id(addr: &str) -> u32 {
+    BACKENDS.iter().position(|b| *b == addr).unwrap() as u32 + 1
+}
+
+#[test]
+#[ignore = "needs root"]
+fn least_connections_counts_are_exact_through_open_close_rst_and_expiry() {
+    use kpx::dataplane::conntrack::{collect, Timeouts};
+    let mut dp = datapath();
+    cluster(&mut dp);
+    schedule(&mut dp, VIP, SCHED_LC, 0);
+    let expirer = dp.expirer().unwrap();
+    let rst = L4::Tcp {
+        syn: false,
+        ack: true,
+        fin: false,
+        rst: true,
+    };
+    let total = |dp: &Datapath| (1..=3).map(|id| active(dp, id)).sum::<u64>();
+
+    // A handshake not answered yet is not an active connection.
+    run(&mut dp, &Pkt::new(CLIENT, 48_000, VIP, 80, SYN).build());
+    assert_eq!(total(&dp), 0);
+
+    // Established: one. Closed by both sides: none, however many FINs.
+    let a = handshake(&mut dp, &Pkt::new(CLIENT, 48_001, VIP, 80, SYN));
+    let id_a = backend_id(&a.dst.to_string());
+    assert_eq!(active(&dp, id_a), 1);
+    run(&mut dp, &Pkt::new(CLIENT, 48_001, VIP, 80, ACK).build());
+    assert_eq!(active(&dp, id_a), 1);
+    run(&mut dp, &Pkt::new(CLIENT, 48_001, VIP, 80, FIN_ACK).build());
+    assert_eq!(active(&dp, id_a), 0);
+    run(&mut dp, &reply(&a, FIN_ACK));
+    run(&mut dp, &Pkt::new(CLIENT, 48_001, VIP, 80, FIN_ACK).build());
+    assert_eq!(total(&dp), 0);
+
+    // Reset by the backend: none.
+    let b = handshake(&mut dp, &Pkt::new(CLIENT, 48_002, VIP, 80, SYN));
+    assert_eq!(total(&dp), 1);
+    run(&mut dp, &reply(&b, rst));
+    assert_eq!(total(&dp), 0);
+
+    // Two open, then expired by the collector (an established timeout of
+    // nothing): ended through the datapath's program, then deleted.
+    handshake(&mut dp, &Pkt::new(CLIENT, 48_003, VIP, 80, SYN));
+    handshake(&mut dp, &Pkt::new(CLIENT, 48_004, VIP, 80, SYN));
+    assert_eq!(total(&dp), 2);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let quick = Timeouts {
+        tcp_established: std::time::Duration::ZERO,
+        ..Timeouts::default()
+    };
+    let report = collect(&mut dp.maps, &quick, &Default::default(), Some(&expirer)).unwrap();
+    assert_eq!(report.conns_ended, 2);
+    assert_eq!(total(&dp), 0);
+    for sport in [48_003, 48_004] {
+        let key = ct_key(CLIENT, sport, VIP, 80, IPPROTO_TCP);
+        assert!(dp.maps.ct_get(&key).is_none(), "flow {sport} was not removed");
+    }
+
+    // A random service's flows are not counted at all.
+    schedule(&mut dp, VIP, 0, 0);
+    handshake(&mut dp, &Pkt::new(CLIENT, 48_005, VIP, 80, SYN));
+    assert_eq!(total(&dp), 0);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn least_connections_takes_the_less_busy_of_two_backends() {
+    let mut dp = datapath();
+    cluster(&mut dp);
+    schedule(&mut dp, VIP, SCHED_LC, 0);
+    // Loads as if connections were open: B1 9, B2 none, B3 4.
+    for (id, n) in [(1u32, 9u64), (2, 0), (3, 4)] {
+        dp.maps.conns.insert(id, n, 0).unwrap();
+    }
+    let mut seen = BTreeMap::new();
+    for sport in 0..60 {
+        *seen
+            .entry(connect(&mut dp, CLIENT, 49_000 + sport))
+            .or_insert(0) += 1;
+    }
+    // The busiest loses every comparison; the idle one wins each it is in
+    // (two pairs of three).
+    assert_eq!(seen.get(B1), None, "{seen:?}");
+    assert!(seen.get(B2).copied().unwrap_or(0) >= 30, "{seen:?}");
+
+    // Two backends: always the less busy one.
+    install_service(
+        &mut dp,
+        9,
+        "198.19.0.20",
+        80,
+        IPPROTO_TCP,
+        &[(11, B1, 8080), (12, B2, 8080)],
+    );
+    schedule(&mut dp, "198.19.0.20", SCHED_LC, 0);
+    dp.maps.conns.insert(11, 1, 0).unwrap();
+    for sport in 0..20 {
+        let out = run(
+            &mut dp,
+            &Pkt::new(CLIENT, 50_000 + sport, "198.19.0.20", 80, SYN).build(),
+        );
+        assert_eq!(inspect(&out.bytes).dst.to_string(), B2);
+    }
 }

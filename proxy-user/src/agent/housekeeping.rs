@@ -110,7 +110,11 @@ pub(super) struct Collector {
 }
 
 impl Collector {
-    pub(super) fn start(cfg: &Settings, metrics: Metrics) -> Result<Self> {
+    pub(super) fn start(
+        cfg: &Settings,
+        metrics: Metrics,
+        expirer: Option<conntrack::Expirer>,
+    ) -> Result<Self> {
         let mut maps = MapSet::open_pinned(&cfg.bpffs)
             .context("opening the pinned maps for the conntrack collector")?;
         let (tx, rx) = mpsc::channel::<HashSet<conntrack::ServiceBackend>>();
@@ -127,10 +131,25 @@ impl Collector {
                             while let Ok(more) = rx.try_recv() {
                                 stale.extend(more);
                             }
-                            collect(&timeouts, &mut maps, &stale, &mut stats, &metrics);
+                            collect(
+                                &timeouts,
+                                &mut maps,
+                                &stale,
+                                &mut stats,
+                                &metrics,
+                                expirer.as_ref(),
+                            );
                         }
                         Err(RecvTimeoutError::Timeout) => {
-                            collect(&timeouts, &mut maps, &HashSet::new(), &mut stats, &metrics);
+                            let none = HashSet::new();
+                            collect(
+                                &timeouts,
+                                &mut maps,
+                                &none,
+                                &mut stats,
+                                &metrics,
+                                expirer.as_ref(),
+                            );
                             next = Instant::now() + every;
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -174,9 +193,10 @@ fn collect(
     stale: &HashSet<conntrack::ServiceBackend>,
     stats: &mut GcStats,
     metrics: &Metrics,
+    expirer: Option<&conntrack::Expirer>,
 ) {
     let started = Instant::now();
-    let report = match conntrack::collect(maps, timeouts, stale) {
+    let report = match conntrack::collect(maps, timeouts, stale, expirer) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("conntrack collection: {e:#}; will retry");

@@ -110,7 +110,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let dp = Datapath::load(&LoadOptions {
+    let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(cfg.bpffs.clone()),
         conntrack_entries: cfg.conntrack_entries,
     })?;
@@ -191,7 +191,14 @@ pub async fn run(cfg: Settings) -> Result<()> {
         drop(change_tx);
     }
 
-    let collector = housekeeping::Collector::start(&cfg, metrics.clone())?;
+    let expirer = match dp.expirer() {
+        Ok(x) => Some(x),
+        Err(e) => {
+            log::warn!("no program to end expired flows' connection counts ({e:#}): least-connection counts keep expired flows");
+            None
+        }
+    };
+    let collector = housekeeping::Collector::start(&cfg, metrics.clone(), expirer)?;
     let mut agent = Agent {
         index: Index::new(NodeInfo {
             addresses: cfg.node_ips.clone(),

@@ -43,8 +43,9 @@ pub struct AgentFlags {
     #[arg(long)]
     pub masquerade_ports: Option<PortRange>,
     /// The default scheduler, by IPVS's names (kube-proxy's flag): random
-    /// (iptables mode's choice), rr, wrr, sh, dh or mh. A Service can name
-    /// its own (annotation `kpx.io/scheduler`) [default: random].
+    /// (iptables mode's choice), rr, wrr, sh, dh, mh, lc, wlc, sed, nq or
+    /// twos. A Service can name its own (annotation `kpx.io/scheduler`)
+    /// [default: random].
     #[arg(long, value_parser = parse_scheduler)]
     pub ipvs_scheduler: Option<Parsed>,
     /// Send translated packets straight to their next hop as the FIB names

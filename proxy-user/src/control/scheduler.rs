@@ -5,13 +5,19 @@
 //! Random is the default (iptables mode's `statistic --mode random`).
 //! ClientIP session affinity overrides every scheduler, as IPVS persistence
 //! does. Kubernetes endpoints have no weights, so IPVS's weighted variants
-//! equal their plain ones (`wrr` is `rr`).
+//! equal their plain ones (`wrr` is `rr`), and `lc`, `wlc`, `sed`, `nq`
+//! and `twos` all prefer the backend with fewer active connections: kpx
+//! keeps their names and serves them all by the power of two choices (of
+//! two random backends, the less busy), O(1) where IPVS scans every
+//! backend. Active means established TCP; UDP flows count as IPVS's
+//! inactive ones, which weigh 1/256 of an active one there and nothing
+//! here, so least-connection UDP services pick at random.
 
 use std::fmt;
 
 use proxy_common::{
-    SCHED_DH, SCHED_MH, SCHED_RANDOM, SCHED_RR, SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_MASK,
-    SVC_SCHED_SHIFT,
+    SCHED_DH, SCHED_LC, SCHED_MH, SCHED_NQ, SCHED_RANDOM, SCHED_RR, SCHED_SED, SCHED_SH,
+    SCHED_TWOS, SCHED_WLC, SVC_F_HASH_PORT, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
 
 /// A Service's scheduler, by name (`kpx.io/scheduler: mh`).
@@ -31,6 +37,11 @@ pub enum Kind {
     Sh,
     Dh,
     Mh,
+    Lc,
+    Wlc,
+    Sed,
+    Nq,
+    Twos,
 }
 
 /// A scheduler and its flags.
@@ -51,10 +62,11 @@ pub enum Parsed {
     NotImplemented(&'static str),
 }
 
-/// IPVS schedulers kpx does not implement (yet), by name.
-const NOT_IMPLEMENTED: [&str; 9] = [
-    "lc", "wlc", "sed", "nq", "lblc", "lblcr", "fo", "ovf", "twos",
-];
+/// IPVS schedulers kpx does not implement (yet), by name: the
+/// locality-based ones (for cache clusters keyed by destination) and the
+/// weight-based failover and overflow ones (weights Kubernetes does not
+/// have).
+const NOT_IMPLEMENTED: [&str; 4] = ["lblc", "lblcr", "fo", "ovf"];
 
 impl Kind {
     /// `""` is the default (random); otherwise IPVS's scheduler names, and
@@ -66,6 +78,11 @@ impl Kind {
             "sh" => Kind::Sh,
             "dh" => Kind::Dh,
             "mh" => Kind::Mh,
+            "lc" => Kind::Lc,
+            "wlc" => Kind::Wlc,
+            "sed" => Kind::Sed,
+            "nq" => Kind::Nq,
+            "twos" => Kind::Twos,
             other => {
                 return NOT_IMPLEMENTED
                     .iter()
@@ -73,7 +90,7 @@ impl Kind {
                     .map(|n| Parsed::NotImplemented(n))
                     .ok_or_else(|| {
                         format!(
-                            "unknown scheduler {other:?} (random, rr, wrr, sh, dh or mh; IPVS's {} are not implemented yet)",
+                            "unknown scheduler {other:?} (random, rr, wrr, sh, dh, mh, lc, wlc, sed, nq or twos; IPVS's {} are not implemented yet)",
                             NOT_IMPLEMENTED.join(", ")
                         )
                     })
@@ -89,6 +106,11 @@ impl Kind {
             Kind::Sh => "sh",
             Kind::Dh => "dh",
             Kind::Mh => "mh",
+            Kind::Lc => "lc",
+            Kind::Wlc => "wlc",
+            Kind::Sed => "sed",
+            Kind::Nq => "nq",
+            Kind::Twos => "twos",
         }
     }
 
@@ -99,6 +121,11 @@ impl Kind {
             Kind::Sh => SCHED_SH,
             Kind::Dh => SCHED_DH,
             Kind::Mh => SCHED_MH,
+            Kind::Lc => SCHED_LC,
+            Kind::Wlc => SCHED_WLC,
+            Kind::Sed => SCHED_SED,
+            Kind::Nq => SCHED_NQ,
+            Kind::Twos => SCHED_TWOS,
         }
     }
 }
@@ -143,6 +170,11 @@ impl Scheduler {
             SCHED_SH => Kind::Sh,
             SCHED_DH => Kind::Dh,
             SCHED_MH => Kind::Mh,
+            SCHED_LC => Kind::Lc,
+            SCHED_WLC => Kind::Wlc,
+            SCHED_SED => Kind::Sed,
+            SCHED_NQ => Kind::Nq,
+            SCHED_TWOS => Kind::Twos,
             _ => Kind::Random,
         };
         Self {
@@ -174,7 +206,9 @@ mod tests {
 
     #[test]
     fn names_round_trip_through_the_service_flags() {
-        for name in ["random", "rr", "sh", "dh", "mh"] {
+        for name in [
+            "random", "rr", "sh", "dh", "mh", "lc", "wlc", "sed", "nq", "twos",
+        ] {
             let Ok(Parsed::Known(kind)) = Kind::parse(name) else {
                 panic!("{name} not known");
             };
@@ -186,7 +220,7 @@ mod tests {
         }
         assert_eq!(Kind::parse(""), Ok(Parsed::Known(Kind::Random)));
         assert_eq!(Kind::parse("wrr"), Ok(Parsed::Known(Kind::Rr)));
-        assert_eq!(Kind::parse("lc"), Ok(Parsed::NotImplemented("lc")));
+        assert_eq!(Kind::parse("lblc"), Ok(Parsed::NotImplemented("lblc")));
         let e = Kind::parse("maglev").unwrap_err();
         assert!(e.contains("\"maglev\""), "{e}");
     }

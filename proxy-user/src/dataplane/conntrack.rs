@@ -8,16 +8,20 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    os::fd::{AsFd as _, OwnedFd},
     time::Duration,
 };
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_REFUSED, CT_F_SEEN_REPLY, IPPROTO_TCP, TCP_FIN,
-    TCP_RST,
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_REFUSED,
+    CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, TCP_FIN, TCP_RST,
 };
 
-use crate::dataplane::maps::{CtTable, MapSet};
+use crate::dataplane::{
+    maps::{CtTable, MapSet},
+    sys,
+};
 
 /// How long a flow may stay idle, by state. Defaults: kube-proxy's for the
 /// states it configures (established 24h, close-wait 1h), the kernel's for
@@ -233,13 +237,61 @@ pub struct GcReport {
     pub expired: u64,
     /// Entries removed because their UDP backend left the service.
     pub stale_udp: u64,
+    /// Expired established flows taken off their backend's active
+    /// connections (least-connection services).
+    pub conns_ended: u64,
+}
+
+/// Ends established flows the way a FIN does, before the collector
+/// deletes them: through the datapath's `kpx_conns_expire` program, so
+/// that a least-connection service's backend count drops exactly once,
+/// by the same atomic mark the datapath uses, whatever packet races it.
+pub struct Expirer(OwnedFd);
+
+impl Expirer {
+    pub fn new(prog: OwnedFd) -> Self {
+        Self(prog)
+    }
+
+    /// Marks the flows of `keys` (original directions, in `CT_TCP`)
+    /// closing; returns how many were still open.
+    pub fn end(&self, keys: &[CtKey]) -> std::io::Result<u64> {
+        let mut ended = 0;
+        for chunk in keys.chunks(EXPIRE_PER_RUN) {
+            // A frame: a zeroed Ethernet header, then the keys.
+            let mut frame = vec![0u8; 14];
+            for k in chunk {
+                frame.extend_from_slice(key_bytes(k));
+            }
+            ended += u64::from(sys::test_run(self.0.as_fd(), &frame)?);
+        }
+        Ok(ended)
+    }
+}
+
+fn key_bytes(k: &CtKey) -> &[u8] {
+    // SAFETY: CtKey is #[repr(C)] plain integers with explicit padding
+    // (zeroed by `CtKey::new`): every byte is initialised.
+    unsafe { std::slice::from_raw_parts((k as *const CtKey).cast::<u8>(), size_of::<CtKey>()) }
+}
+
+/// Whether the collector must end `v` (an original entry of `table`)
+/// through the [`Expirer`] before deleting it: an established flow that
+/// counts in its backend's connections and is not closing yet.
+fn counted_open(table: CtTable, v: &CtValue) -> bool {
+    table == CtTable::Tcp
+        && v.dir == CT_DIR_ORIGINAL
+        && v.flags & (CT_F_COUNTED | CT_F_CLOSING) == CT_F_COUNTED
 }
 
 /// Removes expired flows, and the UDP flows to a backend in `stale`.
+/// Expired established flows that count in a backend's connections are
+/// first ended through `expirer` (without one, their counts stay up).
 pub fn collect(
     maps: &mut MapSet,
     timeouts: &Timeouts,
     stale: &HashSet<ServiceBackend>,
+    expirer: Option<&Expirer>,
 ) -> Result<GcReport> {
     let table = read_table(maps)?;
     let now = monotonic_ns();
@@ -247,6 +299,32 @@ pub fn collect(
         entries: table.entries.clone(),
         ..Default::default()
     };
+    let is_expired =
+        |idle_ns: u64, state: FlowState| Duration::from_nanos(idle_ns) > state.timeout(timeouts);
+    if let Some(x) = expirer {
+        let open: Vec<CtKey> = table
+            .flows
+            .iter()
+            .filter(|f| counted_open(f.table, &f.original) && is_expired(f.idle_ns(now), f.state()))
+            .map(|f| f.key)
+            .chain(table.orphans.iter().filter_map(|(t, k, v)| {
+                let idle = now.saturating_sub(v.last_seen_ns);
+                (counted_open(*t, v) && is_expired(idle, FlowState::of(v, Some(v), k.proto)))
+                    .then_some(*k)
+            }))
+            .collect();
+        if !open.is_empty() {
+            // Failing, the flows still go (a full table is worse than a
+            // least-connection count left too high).
+            match x.end(&open) {
+                Ok(n) => report.conns_ended = n,
+                Err(e) => log::warn!(
+                    "ending {} expired flows' connection counts: {e}; their backends keep counting them",
+                    open.len()
+                ),
+            }
+        }
+    }
     for f in &table.flows {
         let o = &f.original;
         let is_stale = f.key.proto != IPPROTO_TCP

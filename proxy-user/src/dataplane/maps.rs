@@ -1,7 +1,10 @@
 //! The eBPF datapath as userspace sees it: the embedded object, loading it
 //! (optionally with pinned maps), and typed access to its maps.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{
@@ -107,6 +110,8 @@ pub struct MapSet {
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
     pub config: Array<MapData, DatapathConfig>,
     pub ports: Array<MapData, u64>,
+    /// Active connections per backend id (least-connection schedulers).
+    pub conns: HashMap<MapData, u32, u64>,
 }
 
 impl MapSet {
@@ -130,6 +135,7 @@ impl MapSet {
             src_ranges: get(map_names::SRC_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
             ports: get(map_names::PORTS)?.try_into()?,
+            conns: get(map_names::CONNS)?.try_into()?,
         })
     }
 
@@ -302,7 +308,10 @@ impl MapSet {
             Op::PutName(id, name) => self.service_names.insert(id, name_to_bytes(name), 0),
             Op::DelService(k) => ignore_missing(self.services.remove(&service_key(k))),
             Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
-            Op::DelBackend(id) => ignore_missing(self.backends.remove(id)),
+            Op::DelBackend(id) => {
+                ignore_missing(self.backends.remove(id))?;
+                ignore_missing(self.conns.remove(id))
+            }
             Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(&wire::addr(*a))),
             Op::DelName(id) => ignore_missing(self.service_names.remove(id)),
             Op::PutRange(id, r) => self.src_ranges.insert(&range_key(*id, r), 1, 0),
@@ -437,13 +446,20 @@ impl MapSet {
                     _ => None,
                 }),
             ),
-            Op::DelBackend(_) => batch::delete(
-                self.backends.map(),
-                &keys(run, |op| match op {
+            Op::DelBackend(_) => {
+                let ids = keys(run, |op| match op {
                     Op::DelBackend(id) => Some(*id),
                     _ => None,
-                }),
-            ),
+                });
+                let done = batch::delete(self.backends.map(), &ids);
+                // Their connection counters, where they have one (only the
+                // backends of least-connection services do): one by one,
+                // as a batch stops at the first missing key.
+                for id in &ids {
+                    let _ = self.conns.remove(id);
+                }
+                done
+            }
             Op::DelAddr(_) => batch::delete(
                 self.service_addrs.map(),
                 &keys(run, |op| match op {
@@ -679,7 +695,11 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kpx eBPF object (needs root: CAP_BPF and CAP_NET_ADMIN)")?;
-        for name in [prog_names::TC_INGRESS, prog_names::TC_EGRESS] {
+        for name in [
+            prog_names::TC_INGRESS,
+            prog_names::TC_EGRESS,
+            prog_names::CONNS_EXPIRE,
+        ] {
             program(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("the kernel rejected {name}"))?;
@@ -701,6 +721,15 @@ impl Datapath {
     /// The tc egress classifier (loaded): ICMP errors the node sends.
     pub fn egress(&mut self) -> Result<&mut SchedClassifier> {
         program(&mut self.ebpf, prog_names::TC_EGRESS)
+    }
+
+    /// The program that ends expired established flows' connection counts
+    /// (`conntrack::Expirer`), for the collector's thread: its own
+    /// descriptor.
+    pub fn expirer(&mut self) -> Result<crate::dataplane::conntrack::Expirer> {
+        let prog = program(&mut self.ebpf, prog_names::CONNS_EXPIRE)?;
+        let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+        Ok(crate::dataplane::conntrack::Expirer::new(fd))
     }
 
     /// An empty classifier (loaded on first use): the floor the benchmark

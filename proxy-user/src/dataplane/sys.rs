@@ -1,8 +1,12 @@
 //! The one raw `bpf(2)` entry point, for the commands aya 0.14 does not
 //! expose: batched writes (`batch`), detaching a pinned link (`attach`),
-//! walking the keys of a map of unknown types (`layout`).
+//! walking the keys of a map of unknown types (`layout`), and running a
+//! program from a thread that holds only its descriptor ([`test_run`]).
 
-use std::io;
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
 
 /// `bpf(cmd, attr, sizeof attr)`: the command's result, or its errno.
 ///
@@ -17,4 +21,45 @@ pub unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     Ok(rc)
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// `union bpf_attr`'s `test` member, up to the fields used.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Runs program `prog` once on the packet `data` (`BPF_PROG_TEST_RUN`);
+/// returns the program's return value.
+pub fn test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: the `test` member of bpf_attr, zeroed where unused; the one
+    // pointer names `data`, valid and of the size given, for the call (no
+    // output buffer is given, so the kernel writes none).
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
+    Ok(attr.retval)
 }
