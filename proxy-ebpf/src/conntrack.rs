@@ -403,6 +403,11 @@ pub struct Snat {
     pub port_max: u16,
     /// `CT_F_FROM_NODE` or 0.
     pub extra_flags: u16,
+    /// The flow counts in its backend's connections once established
+    /// (`CT_F_COUNTED`, a least-connection service). Apart from
+    /// `extra_flags`: a flag not known at compile time there cost every
+    /// first packet 34 instructions (`pathlen`).
+    pub counted: bool,
     /// Where the port probe starts in the range: random, or a hash of the
     /// client's tuple for the hashing schedulers, so that a flow whose
     /// entries were lost gets the port it had back (when that was its
@@ -448,6 +453,9 @@ pub fn create(
         now,
     );
     let start = snat.start;
+    if snat.counted {
+        original.flags |= CT_F_COUNTED;
+    }
     if masquerade {
         original.flags |= CT_F_REWRITE_SRC | CT_F_SNAT;
         original.new_src_addr = snat.addr;

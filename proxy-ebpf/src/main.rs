@@ -28,9 +28,8 @@ mod verdict;
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::classifier, programs::TcContext};
 use proxy_common::{
-    flow_hash, hashing, least_conns, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY,
-    CT_F_COUNTED, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK,
-    TCP_FIN, TCP_RST, TCP_SYN,
+    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -293,11 +292,8 @@ fn new_flow(
             CT_F_FROM_NODE
         } else {
             0
-        } | if least_conns(scheduler(svc.flags)) && pkt.proto == IPPROTO_TCP {
-            CT_F_COUNTED
-        } else {
-            0
         },
+        counted: sel.counted,
         start: snat_start(svc, key, snat_addr),
     };
     let rewrite = match conntrack::create(

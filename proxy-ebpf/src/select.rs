@@ -38,6 +38,12 @@ use crate::{
 pub struct Selected {
     pub backend_id: u32,
     pub backend: Backend,
+    /// The flow counts in the backend's active connections once
+    /// established (a least-connection service: `CT_F_COUNTED`). Decided
+    /// here, where the scheduler is read anyway: carried from the service
+    /// entry to the flow's creation it cost every first packet 25
+    /// instructions (`pathlen`).
+    pub counted: bool,
 }
 
 /// One backend table of a frontend: slots `base..base + count`.
@@ -104,6 +110,7 @@ pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, D
                     return Ok(Selected {
                         backend_id: id,
                         backend,
+                        counted: least_conns(scheduler(svc.flags)),
                     });
                 }
             }
@@ -125,7 +132,8 @@ pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, D
 /// The backend at the scheduler's position in `t`, and its slot.
 #[inline(always)]
 fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), DropReason> {
-    let (n, backend_id) = if least_conns(scheduler(svc.flags)) {
+    let counted = least_conns(scheduler(svc.flags));
+    let (n, backend_id) = if counted {
         fewer_conns(svc.svc_id, t)?
     } else {
         let n = t.base + position(svc, flow) % t.count;
@@ -136,6 +144,7 @@ fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), D
         Selected {
             backend_id,
             backend,
+            counted,
         },
         n,
     ))

@@ -249,7 +249,10 @@ fn least_connections_counts_are_exact_through_open_close_rst_and_expiry() {
     assert_eq!(total(&dp), 0);
     for sport in [48_003, 48_004] {
         let key = ct_key(CLIENT, sport, VIP, 80, IPPROTO_TCP);
-        assert!(dp.maps.ct_get(&key).is_none(), "flow {sport} was not removed");
+        assert!(
+            dp.maps.ct_get(&key).is_none(),
+            "flow {sport} was not removed"
+        );
     }
 
     // A random service's flows are not counted at all.

@@ -14,7 +14,7 @@ use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
     wire, CtValue, ServiceKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
-    IPPROTO_TCP, SCHED_MH, SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
+    IPPROTO_TCP, SCHED_LC, SCHED_MH, SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -56,8 +56,9 @@ pub struct PacketCost {
     /// single-run median; `first_packet_ns` has the FIB without a route.
     #[serde(default)]
     pub first_packet_fib_ns: f64,
-    /// First packets under each other scheduler (rr, mh: sh and dh pick
-    /// the same way), single-run medians as `first_packet_ns` (random's).
+    /// First packets under each other scheduler (rr; mh, as sh and dh;
+    /// lc, as wlc, sed, nq and twos), single-run medians as
+    /// `first_packet_ns` (random's).
     #[serde(default)]
     pub first_packet_by_scheduler: Vec<(String, f64)>,
     pub programmed_seconds: f64,
@@ -131,7 +132,14 @@ pub fn measure(
     let (established, reply) = ping_pong(&mut dp, &last_vip, repeat)?;
     let (first, floor_single) = single_runs(&mut dp, &last_vip, singles, 100)?;
     let mut by_scheduler = Vec::new();
-    for (i, (name, sched)) in [("rr", SCHED_RR), ("mh", SCHED_MH)].into_iter().enumerate() {
+    // Least connections reads counters that exist, as on a busy node.
+    for e in 0..ENDPOINTS {
+        dp.maps
+            .conns
+            .insert((n - 1) * ENDPOINTS + e, u64::from(e % 4), 0)?;
+    }
+    let schedulers = [("rr", SCHED_RR), ("mh", SCHED_MH), ("lc", SCHED_LC)];
+    for (i, (name, sched)) in schedulers.into_iter().enumerate() {
         schedule(&mut dp, &last_vip, sched)?;
         let (ns, _) = single_runs(&mut dp, &last_vip, singles, 120 + 10 * i as u32)?;
         by_scheduler.push((name.to_string(), ns));

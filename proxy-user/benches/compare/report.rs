@@ -232,7 +232,8 @@ fn scheduler_table(out: &mut String, costs: &[PacketCost]) {
     };
     out.push_str(
         "\n**first packet by scheduler**: ns above the empty program (single-run medians, \
-         FIB → stack), and the ratio to random's (the default); sh and dh pick as mh does\n\n",
+         FIB → stack), and the ratio to random's (the default); sh and dh pick as mh does, \
+         wlc, sed, nq and twos as lc\n\n",
     );
     let mut header = vec!["services".to_string(), "random".to_string()];
     header.extend(

@@ -11,8 +11,8 @@ use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
     map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey,
-    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SCHED_MH, SCHED_RR,
-    SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
+    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SCHED_LC, SCHED_MH,
+    SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
 
 use super::{
@@ -28,6 +28,7 @@ const AFFINITY_VIP: &str = "198.19.0.11";
 const EMPTY_VIP: &str = "198.19.0.12";
 const RR_VIP: &str = "198.19.0.13";
 const MAGLEV_VIP: &str = "198.19.0.14";
+const LC_VIP: &str = "198.19.0.15";
 const NODE_PORT: u16 = 30080;
 const BACKENDS: u32 = 10;
 
@@ -88,6 +89,23 @@ pub fn vm() -> Result<Vm> {
         BACKENDS,
         0,
     )?;
+    service(
+        &mut vm,
+        6,
+        LC_VIP,
+        80,
+        SCHED_LC << SVC_SCHED_SHIFT,
+        BACKENDS,
+        0,
+    )?;
+    // Some connections open on its backends, as on a busy node.
+    for slot in 0..BACKENDS {
+        vm.map_insert(
+            map_names::CONNS,
+            &(600 + slot).to_ne_bytes(),
+            &u64::from(slot % 3).to_ne_bytes(),
+        )?;
+    }
     let node = wire::addr(ip(NODE));
     vm.map_insert(
         map_names::NODE_ADDRS,
@@ -305,6 +323,12 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
         path(
             "first packet, Maglev",
             tcp(CLIENT, 45006, MAGLEV_VIP, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "first packet, least connections",
+            tcp(CLIENT, 45008, LC_VIP, 80, SYN),
             FORWARD,
             TC_ACT_REDIRECT,
         ),
