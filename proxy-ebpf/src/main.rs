@@ -57,7 +57,16 @@ use crate::{
 ///   `BACKENDS`; then 2 inserts (both directions into `CT_ANY`; a
 ///   masqueraded flow retries its reply insert on a taken port, at most 8
 ///   times, each try of a TCP flow also a `CT_TCP` lookup); with
-///   ClientIP affinity +1 (`AFFINITY`) and one write;
+///   ClientIP affinity +1 (`AFFINITY`) and one write; by scheduler: round
+///   robin +1 (`RR`, a per-CPU array), least connections +3 (a second
+///   `SLOTS`, two `CONNS`), the hashing ones none;
+/// - a mid-stream TCP segment of a flow whose entries were lost, to a
+///   service with a hashing scheduler: as a first packet, then moved to
+///   `CT_TCP` as a first reply moves a connection (+1 lookup, 2 inserts,
+///   2 deletes, 1 lookup), once;
+/// - least-connection services' connections: +1 `CONNS` lookup and an
+///   atomic add when established, and when closing (the FIN or RST that
+///   marks them closing), once each;
 /// - SYN or UDP to a service without endpoints: `CT`, `PORTS`, `SERVICES`
 ///   (+2 for a NodePort), answered with ICMP port unreachable;
 /// - ICMP error: 1 or 2 (`CT_TCP` then `CT_ANY`, on the quoted packet's

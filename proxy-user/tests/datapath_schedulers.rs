@@ -301,3 +301,21 @@ fn least_connections_takes_the_less_busy_of_two_backends() {
         assert_eq!(inspect(&out.bytes).dst.to_string(), B2);
     }
 }
+
+#[test]
+#[ignore = "needs root"]
+fn least_connections_spreads_connections_held_open_evenly() {
+    let mut dp = datapath();
+    cluster(&mut dp);
+    schedule(&mut dp, VIP, SCHED_LC, 0);
+    // 300 connections opened one after another and all kept open: each
+    // goes to the less busy of two, so the three stay close together
+    // (uniform random choice would leave them about ten apart).
+    for sport in 0..300 {
+        handshake(&mut dp, &Pkt::new(CLIENT, 51_000 + sport, VIP, 80, SYN));
+    }
+    let counts: Vec<u64> = (1..=3).map(|id| active(&dp, id)).collect();
+    assert_eq!(counts.iter().sum::<u64>(), 300);
+    let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+    assert!(max - min <= 2, "{counts:?}");
+}

@@ -35,16 +35,24 @@ fn event(c: &Cluster, which: Event) -> u64 {
 /// `web` on VIP (the node's default scheduler) and `sticky` on VIP2 with
 /// `annotations`, both served by web-1..3; the agent started with `flags`.
 fn bed(annotations: &str, flags: &[&str]) -> Cluster {
+    bed_with(annotations, "", flags)
+}
+
+/// As [`bed`], `sticky`'s spec with `spec_extra`.
+fn bed_with(annotations: &str, spec_extra: &str, flags: &[&str]) -> Cluster {
     let mut c = start(&backends());
     let eps: Vec<(Ipv4Addr, &str)> = ["web-1", "web-2", "web-3"]
         .iter()
         .map(|n| (c.pod(n).ip, READY))
         .collect();
     let web = service_yaml_with("web", VIP, (80, 8080), (53, 5353), &eps, "");
-    let sticky = service_yaml_with("sticky", VIP2, (80, 8080), (53, 5353), &eps, "").replace(
-        "metadata: {name: sticky, namespace: default}",
-        &format!("metadata: {{name: sticky, namespace: default, annotations: {{{annotations}}}}}"),
-    );
+    let sticky = service_yaml_with("sticky", VIP2, (80, 8080), (53, 5353), &eps, spec_extra)
+        .replace(
+            "metadata: {name: sticky, namespace: default}",
+            &format!(
+                "metadata: {{name: sticky, namespace: default, annotations: {{{annotations}}}}}"
+            ),
+        );
     c.write_manifest("web.yaml", &web).unwrap();
     c.write_manifest("sticky.yaml", &sticky).unwrap();
     c.start_agent(Path::new(KPX), flags).unwrap();
@@ -248,7 +256,10 @@ fn least_connections_balances_connections_held_open_and_counts_them_exactly() {
     assert!(max - min <= 2, "{counts:?}");
     // The ipvsadm view (from the flows themselves) agrees, backend by backend.
     let lines = ipvsadm(&c, &[]);
-    assert!(lines.iter().any(|l| l == "TCP  198.19.0.11:80 lc"), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "TCP  198.19.0.11:80 lc"),
+        "{lines:?}"
+    );
     for (addr, _, active, _) in real_servers(&lines, "TCP  198.19.0.11:80") {
         assert_eq!(Some(&active), counts.get(&addr), "{addr}: {lines:?}");
     }
@@ -263,4 +274,22 @@ fn least_connections_balances_connections_held_open_and_counts_them_exactly() {
         (counted(&c).values().sum::<u64>() == 0).then_some(())
     });
     assert!(settled.is_some(), "{:?}", counted(&c));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn client_ip_affinity_overrides_the_scheduler() {
+    let c = bed_with("kpx.io/scheduler: rr", "sessionAffinity: ClientIP", &[]);
+    wait_synced(&c, 4, &[3, 3, 3, 3]);
+    let client = &c.pod("client").netns;
+    // Round robin would visit all three; affinity keeps the client on one.
+    let ids = tcp_ask_many(client, SocketAddrV4::new(VIP2, 80), 30, T).unwrap();
+    assert_eq!(spread(&ids).len(), 1, "{:?}", spread(&ids));
+    let lines = ipvsadm(&c, &[]);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "TCP  198.19.0.11:80 rr persistent 10800"),
+        "{lines:?}"
+    );
 }

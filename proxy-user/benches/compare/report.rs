@@ -256,6 +256,14 @@ fn scheduler_table(out: &mut String, costs: &[PacketCost]) {
         })
         .collect();
     table(out, &header, &rows);
+    if first.maglev_1000_ms > 0.0 {
+        let _ = writeln!(
+            out,
+            "\nMaglev table of a service of 1,000 backends (131,071 slots), built by the agent: \
+             {:.1} ms (median of 20)\n",
+            first.maglev_1000_ms
+        );
+    }
 }
 
 /// `cargo xtask bench --packet`: the per-packet tables alone.

@@ -33,7 +33,7 @@ use proxy_common::{DatapathConfig, SlotKey};
 
 use crate::control::model::{Desired, Endpoint, FrontendKey};
 
-mod maglev;
+pub mod maglev;
 mod mirror;
 mod planner;
 mod state;
