@@ -33,8 +33,9 @@ fn add(p: *mut u64, v: u64) {
     };
 }
 
-/// Backend `id`'s active connections (a counter that briefly went below
-/// zero reads huge: least likely to be chosen, which is harmless).
+/// Backend `id`'s active connections, to be compared as signed: a close
+/// racing its own establishment can take a counter below zero for a
+/// moment.
 #[inline(always)]
 pub fn active(id: u32) -> u64 {
     CONNS.get_ptr(id).map_or(0, |p| {

@@ -166,7 +166,10 @@ fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, u32), DropReason> {
     // random word's other half.
     let b = t.base + (a - t.base + 1 + (r >> 16) % (t.count - 1)) % t.count;
     let id_b = slot(svc_id, b)?;
-    Ok(if conns::active(id_b) < conns::active(id_a) {
+    // Signed: a counter that went below zero (a flow of a backend id
+    // reused after a restart, closing) reads as idle, not as infinitely
+    // busy.
+    Ok(if (conns::active(id_b) as i64) < (conns::active(id_a) as i64) {
         (b, id_b)
     } else {
         (a, id_a)
