@@ -98,7 +98,7 @@ pub fn expire(ctx: &TcContext) -> i32 {
         let Ok(key) = ctx.load::<CtKey>(ETH_HLEN + i * core::mem::size_of::<CtKey>()) else {
             break;
         };
-        if let Some(e) = CT_TCP.get_ptr_mut(&key) {
+        if let Some(e) = CT_TCP.get_ptr_mut(key) {
             // SAFETY: a map value of this run, read once.
             if unsafe { (*e).dir } == CT_DIR_ORIGINAL && close(e) {
                 ended += 1;

@@ -381,7 +381,7 @@ fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<bool,
 pub fn recover(key: &CtKey, original: &CtValue) -> Result<(), DropReason> {
     let reply_key = original.partner(key);
     let entry = CT_ANY
-        .get_ptr_mut(&reply_key)
+        .get_ptr_mut(reply_key)
         .ok_or(DropReason::CtInsertFailed)?;
     establish(
         &reply_key,

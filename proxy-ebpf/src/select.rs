@@ -169,11 +169,8 @@ fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, u32), DropReason> {
     // Signed: a counter that went below zero (a flow of a backend id
     // reused after a restart, closing) reads as idle, not as infinitely
     // busy.
-    Ok(if (conns::active(id_b) as i64) < (conns::active(id_a) as i64) {
-        (b, id_b)
-    } else {
-        (a, id_a)
-    })
+    let busier_a = (conns::active(id_b) as i64) < (conns::active(id_a) as i64);
+    Ok(if busier_a { (b, id_b) } else { (a, id_a) })
 }
 
 /// The scheduler's choice, before the modulo of the table's size.

@@ -44,7 +44,10 @@ pub fn size(n: usize) -> u32 {
 }
 
 fn is_prime(m: u64) -> bool {
-    m >= 2 && (2..).take_while(|d| d * d <= m).all(|d| m % d != 0)
+    m >= 2
+        && (2..)
+            .take_while(|d| d * d <= m)
+            .all(|d| !m.is_multiple_of(d))
 }
 
 /// The Maglev table of `backends` (each with the value its slots hold):
