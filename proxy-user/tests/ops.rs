@@ -289,7 +289,11 @@ conntrack: {{tcpEstablishedTimeout: 1h, maxPerCore: 0}}
     assert!(http_get(&c, "127.0.0.1:20249", "/metrics").is_err());
     let log = c.agent_log();
     assert!(log.contains("ignoring featureGates.SomeAlphaGate"), "{log}");
-    assert!(log.contains("ignoring ipvs:"), "{log}");
+    // ipvs.scheduler is the one IPVS setting kpx acts on.
+    assert!(!log.contains("ignoring ipvs"), "{log}");
+    assert!(log.contains("scheduler rr)"), "{log}");
+    let view = String::from_utf8(kpx_dump(&c.bpffs(), &["services", "--ipvsadm"])).unwrap();
+    assert!(view.lines().any(|l| l.ends_with(":80 rr")), "{view}");
     assert!(log.contains("node IPs [198.18.0.1]"), "{log}");
 }
 

@@ -39,7 +39,7 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     ("first packet, least connections", 995, 25),     // 946, 25
     // A mid-stream segment whose flow entries were lost: set up again and
     // moved to the established table at once.
-    ("lost flow taken up (Maglev)", 1195, 32), // 1141, 32
+    ("lost flow taken up (Maglev)", 1195, 32), // 1151, 32
     ("no endpoints: REJECT", 825, 15),         // 781, 15
     ("fragment to a service", 77, 3),          // 73, 3
     ("egress: a pod's packet", 98, 1),         // 93, 1

@@ -119,10 +119,11 @@ pub async fn run(cfg: Settings) -> Result<()> {
     let mirror = Mirror::new(dp.maps.read_state().context("reading the pinned maps")?);
     let ports = PortFilter::rebuild(&mirror.state, &dp.maps).context("reading the port filter")?;
     log::info!(
-        "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}); maps in {} hold {} frontends",
+        "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}, scheduler {}); maps in {} hold {} frontends",
         cfg.hostname,
         cfg.node_ips,
         cfg.cluster_cidrs,
+        cfg.scheduler,
         cfg.bpffs.display(),
         mirror.state.services.len()
     );
