@@ -265,6 +265,16 @@ fn least_connections_balances_connections_held_open_and_counts_them_exactly() {
     for (addr, _, active, _) in real_servers(&lines, "TCP  198.19.0.11:80") {
         assert_eq!(Some(&active), counts.get(&addr), "{addr}: {lines:?}");
     }
+    // `kpx dump backends` shows the same counts.
+    let json: serde_json::Value =
+        serde_json::from_slice(&kpx_dump(&c.bpffs(), &["backends", "--json"])).unwrap();
+    let shown: u64 = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["active_conns"].as_u64().unwrap())
+        .sum();
+    assert_eq!(shown, 30, "{json}");
     // Ten closed: ten fewer, once each, whatever FINs and ACKs cross.
     held.truncate(20);
     let settled = testbed::wait_for(Duration::from_secs(5), || {

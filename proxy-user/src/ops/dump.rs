@@ -249,6 +249,10 @@ pub struct BackendEntry {
     /// Service port names whose slots point at this backend.
     pub services: Vec<String>,
     pub flows: u64,
+    /// Its active connections as the least-connection schedulers count
+    /// them (established TCP of such services, not closing; 0 for a
+    /// backend of no such service).
+    pub active_conns: u64,
 }
 
 pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
@@ -282,6 +286,11 @@ pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
             addr: b.addr,
             port: b.port,
             services: users.remove(id).unwrap_or_default(),
+            // Signed in the datapath: a counter a moment below zero is 0.
+            active_conns: maps
+                .conns
+                .get(id, 0)
+                .map_or(0, |n| (n as i64).max(0) as u64),
             flows: flows
                 .iter()
                 .filter(|((_, bid), _)| bid == id)
@@ -297,17 +306,18 @@ pub fn backends_table(rows: &[BackendEntry]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6} {:<5} {:<22} {:>8}  Services",
-        "Id", "Prot", "Backend", "Flows"
+        "{:>6} {:<5} {:<22} {:>8} {:>8}  Services",
+        "Id", "Prot", "Backend", "Flows", "Active"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:>6} {:<5} {:<22} {:>8}  {}",
+            "{:>6} {:<5} {:<22} {:>8} {:>8}  {}",
             r.id,
             r.protocol,
             format!("{}:{}", r.addr, r.port),
             r.flows,
+            r.active_conns,
             if r.services.is_empty() {
                 "(unused)".to_string()
             } else {
