@@ -20,16 +20,10 @@ const EMPTY_VIP: &str = "198.19.0.30";
 const AFFINITY_ID: u32 = 7;
 
 fn set_affinity(dp: &mut Datapath, vip: &str, port: u16, proto: u8, timeout: u32) {
-    let key = proxy_common::ServiceKey {
-        addr: wire::addr(ip(vip)),
-        port: wire::port(port),
-        proto,
-        _pad: 0,
-    };
-    let mut v = dp.maps.services.get(&key, 0).unwrap();
-    v.affinity_timeout = timeout;
-    v.affinity_id = AFFINITY_ID;
-    dp.maps.put_frontend(key, v).unwrap();
+    edit_frontend(dp, (vip, port, proto), |v| {
+        v.affinity_timeout = timeout;
+        v.affinity_id = AFFINITY_ID;
+    });
 }
 
 #[test]

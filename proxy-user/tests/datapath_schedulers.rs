@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use kpx::dataplane::maps::{CtTable, Datapath};
 use proxy_common::{
-    flow_hash, wire, DropReason, Event, ServiceKey, IPPROTO_TCP, SCHED_DH, SCHED_LC, SCHED_MH,
-    SCHED_RR, SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_SHIFT,
+    flow_hash, wire, DropReason, Event, IPPROTO_TCP, SCHED_DH, SCHED_LC, SCHED_MH, SCHED_RR,
+    SCHED_SH, SVC_F_HASH_PORT, SVC_SCHED_SHIFT,
 };
 use support::*;
 
@@ -20,16 +20,10 @@ const AFFINITY_ID: u32 = 0x5eed;
 
 /// Sets the scheduler (and `extra` flags) of frontend `vip:80/tcp`.
 fn schedule(dp: &mut Datapath, vip: &str, sched: u32, extra: u32) {
-    let key = ServiceKey {
-        addr: wire::addr(ip(vip)),
-        port: wire::port(80),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let mut v = dp.maps.services.get(&key, 0).unwrap();
-    v.flags = (sched << SVC_SCHED_SHIFT) | extra;
-    v.affinity_id = AFFINITY_ID;
-    dp.maps.put_frontend(key, v).unwrap();
+    edit_frontend(dp, (vip, 80, IPPROTO_TCP), |v| {
+        v.flags = (sched << SVC_SCHED_SHIFT) | extra;
+        v.affinity_id = AFFINITY_ID;
+    });
 }
 
 /// The backend a SYN from `client:sport` to the TCP frontend reaches.

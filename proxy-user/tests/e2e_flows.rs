@@ -41,16 +41,6 @@ fn counter(c: &Cluster, which: Counter) -> u64 {
         .1
 }
 
-fn event(c: &Cluster, which: Event) -> u64 {
-    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.events()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == which)
-        .unwrap()
-        .1
-}
-
 #[test]
 #[ignore = "needs root"]
 fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
@@ -125,7 +115,7 @@ fn client_ip_affinity_holds_across_100_connections() {
     // one whose client port happened to be reused while kpx still tracked
     // the closed flow: it met that flow's entry (the same backend) instead
     // of the affinity table.
-    let hits = event(&c, Event::AffinityHit);
+    let hits = event_count(&c, Event::AffinityHit);
     assert!(
         (99 + 29 - 3..=99 + 29).contains(&hits),
         "{hits} affinity hits"
@@ -221,7 +211,7 @@ fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
         "the UDP flow still reaches {first}\n{}",
         c.agent_log()
     );
-    assert!(event(&c, Event::GcStaleUdp) >= 2, "{}", c.agent_log());
+    assert!(event_count(&c, Event::GcStaleUdp) >= 2, "{}", c.agent_log());
     assert!(c
         .agent_log()
         .contains("UDP conntrack entries of 1 backends"));
@@ -289,5 +279,5 @@ fn the_collector_removes_idle_flows_after_their_state_timeout() {
         entries(),
         c.agent_log()
     );
-    assert!(event(&c, Event::GcExpired) >= 20, "{}", c.agent_log());
+    assert!(event_count(&c, Event::GcExpired) >= 20, "{}", c.agent_log());
 }

@@ -22,16 +22,6 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 /// backend at least, 1,601 for up to four).
 const MAGLEV_3: u32 = 1_601;
 
-fn event(c: &Cluster, which: Event) -> u64 {
-    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.events()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == which)
-        .unwrap()
-        .1
-}
-
 /// `web` on VIP (the node's default scheduler) and `sticky` on VIP2 with
 /// `annotations`, both served by web-1..3; the agent started with `flags`.
 fn bed(annotations: &str, flags: &[&str]) -> Cluster {
@@ -208,7 +198,7 @@ fn long_lived_connections_outlive_their_lost_conntrack_entries_under_maglev_only
             .unwrap_or_else(|e| panic!("a Maglev flow broke: {e}"));
         assert_eq!(&again, id, "the flow moved to another backend");
     }
-    assert_eq!(event(&c, Event::FlowRecovered), 20);
+    assert_eq!(event_count(&c, Event::FlowRecovered), 20);
     let before = drop_count(&c, DropReason::InvalidTcp);
     for (conn, _) in &mut round_robin {
         assert!(

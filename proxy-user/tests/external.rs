@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use bed::{KPX, T};
+use bed::{event_count, KPX, T};
 use kpx::dataplane::maps::MapSet;
 use proxy_common::{DropReason, Event};
 use testbed::{service_manifest, tcp_who, udp_who, wait_for, Cluster, Ep, MultiNode, GATEWAY};
@@ -153,15 +153,6 @@ fn drops(n: &Cluster, reason: DropReason) -> u64 {
         .map_or(0, |(_, v)| v)
 }
 
-fn event(n: &Cluster, which: Event) -> u64 {
-    let maps = MapSet::open_pinned(&n.bpffs()).unwrap();
-    maps.events()
-        .unwrap()
-        .into_iter()
-        .find(|(e, _)| *e == which)
-        .map_or(0, |(_, v)| v)
-}
-
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
 }
@@ -260,9 +251,9 @@ fn nodeport_external_and_lb_ips_with_cluster_policy_masquerade_like_the_referenc
     reaches(&bed, client, at(WEB_LB, 80), &via_n1);
     // Through node 2, as node 2 masquerades.
     reaches(&bed, client, at(n2, 30080), &[("a1", n2), ("b1", GATEWAY)]);
-    assert!(event(&bed.nodes[0], Event::Masqueraded) > 0);
+    assert!(event_count(&bed.nodes[0], Event::Masqueraded) > 0);
     assert!(
-        event(&bed.nodes[0], Event::FibRedirect) > 0,
+        event_count(&bed.nodes[0], Event::FibRedirect) > 0,
         "FIB forwarding unused"
     );
     // A NodePort on an address that is not this node's is not served here.
@@ -310,7 +301,7 @@ fn local_policy_keeps_the_client_address_and_drops_without_local_endpoints() {
         at(LOCAL_LB, 80),
         &[("b1", MultiNode::node_ip(1))],
     );
-    assert!(event(&bed.nodes[0], Event::FromNode) > 0);
+    assert!(event_count(&bed.nodes[0], Event::FromNode) > 0);
 }
 
 #[test]

@@ -13,12 +13,12 @@
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
-    wire, CtValue, ServiceKey, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
-    IPPROTO_TCP, SCHED_LC, SCHED_MH, SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
+    wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
+    SCHED_LC, SCHED_MH, SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::support::{ct_key, install_service, ip, Pkt, ACK, SYN, TC_ACT_REDIRECT};
+use crate::support::{ct_key, edit_frontend, install_service, ip, Pkt, ACK, SYN, TC_ACT_REDIRECT};
 
 const CLIENT: &str = "198.18.0.2";
 const BACKEND: &str = "198.18.200.1";
@@ -211,7 +211,7 @@ fn scheduler_runs(dp: &mut Datapath, n: u32, runs: u32) -> anyhow::Result<Vec<(S
             .map(|(id, a)| (*id, a.as_str(), 8080))
             .collect();
         install_service(dp, s, &vip, 80, IPPROTO_TCP, &list);
-        schedule(dp, &vip, *sched)?;
+        schedule(dp, &vip, *sched);
         // Least connections reads counters that exist, as on a busy node.
         for (id, _) in &backends {
             dp.maps.conns.insert(*id, u64::from(id % 4), 0)?;
@@ -239,17 +239,10 @@ fn scheduler_runs(dp: &mut Datapath, n: u32, runs: u32) -> anyhow::Result<Vec<(S
 }
 
 /// Sets the scheduler of `vip:80/tcp`.
-fn schedule(dp: &mut Datapath, vip: &str, sched: u32) -> anyhow::Result<()> {
-    let key = ServiceKey {
-        addr: wire::addr(ip(vip)),
-        port: wire::port(80),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let mut v = dp.maps.services.get(&key, 0)?;
-    v.flags = (v.flags & !SVC_SCHED_MASK) | (sched << SVC_SCHED_SHIFT);
-    dp.maps.put_frontend(key, v)?;
-    Ok(())
+fn schedule(dp: &mut Datapath, vip: &str, sched: u32) {
+    edit_frontend(dp, (vip, 80, IPPROTO_TCP), |v| {
+        v.flags = (v.flags & !SVC_SCHED_MASK) | (sched << SVC_SCHED_SHIFT);
+    });
 }
 
 /// `n` TCP services on port 80, 10 endpoints each; returns the last VIP.

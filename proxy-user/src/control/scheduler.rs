@@ -185,7 +185,7 @@ impl Scheduler {
 
     /// Whether its tables are Maglev tables (sh, dh, mh).
     pub fn hashing(self) -> bool {
-        matches!(self.kind, Kind::Sh | Kind::Dh | Kind::Mh)
+        proxy_common::hashing(self.kind.code())
     }
 }
 

@@ -70,20 +70,14 @@ pub struct ServiceRow {
 /// know them).
 pub type FlowCounts = BTreeMap<(u32, u32), (u64, Ipv4Addr, u16)>;
 
-/// Flows per service and backend, from one pass over conntrack.
+/// Flows per service and backend, from one pass over conntrack (the
+/// ipvsadm view's active and inactive ones together).
 fn flow_counts(maps: &MapSet) -> Result<FlowCounts> {
-    let mut counts = BTreeMap::new();
-    for (_, _, v) in maps.ct_entries() {
-        if v.dir == CT_DIR_ORIGINAL {
-            let e = counts.entry((v.svc_id, v.backend_id)).or_insert((
-                0,
-                wire::to_addr(v.new_dst_addr),
-                wire::to_port(v.new_dst_port),
-            ));
-            e.0 += 1;
-        }
-    }
-    Ok(counts)
+    let conns = super::ipvsadm::conns(maps.ct_entries().into_iter().map(|(t, _, v)| (t, v)));
+    Ok(conns
+        .into_iter()
+        .map(|(k, (active, inactive, addr, port))| (k, (active + inactive, addr, port)))
+        .collect())
 }
 
 pub fn services(maps: &MapSet) -> Result<Vec<ServiceRow>> {

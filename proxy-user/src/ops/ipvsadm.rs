@@ -252,25 +252,18 @@ pub fn stats_table(services: &[VirtualService]) -> String {
     figures_table(
         services,
         ["Conns", "InPkts", "OutPkts", "InBytes", "OutBytes"],
-        |s| s.stats,
     )
 }
 
 /// `ipvsadm -Ln --rate --exact`: `services` carry the per-second rates
 /// ([`rates`]).
 pub fn rate_table(services: &[VirtualService]) -> String {
-    figures_table(
-        services,
-        ["CPS", "InPPS", "OutPPS", "InBPS", "OutBPS"],
-        |s| s.stats,
-    )
+    figures_table(services, ["CPS", "InPPS", "OutPPS", "InBPS", "OutBPS"])
 }
 
-fn figures_table(
-    services: &[VirtualService],
-    columns: [&str; 5],
-    figures: impl Fn(&VirtualService) -> Stats,
-) -> String {
+/// `services`' statistics (totals, or rates once [`rates`] made them so)
+/// under `columns`.
+fn figures_table(services: &[VirtualService], columns: [&str; 5]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{HEADER}");
     let [a, b, c, d, e] = columns;
@@ -281,7 +274,7 @@ fn figures_table(
     );
     let _ = writeln!(out, "  -> RemoteAddress:Port");
     for s in services {
-        let f = figures(s);
+        let f = s.stats;
         let _ = writeln!(
             out,
             "{:<33} {:>8} {:>8} {:>8} {:>8} {:>8}",

@@ -185,6 +185,16 @@ pub fn deploy_role() -> k8s_openapi::api::rbac::v1::ClusterRole {
 
 /// Packets the datapath dropped for `reason`, from the pinned counters.
 #[allow(dead_code)]
+/// The datapath's count of `which` (an event counter), from the pinned maps.
+pub fn event_count(c: &Cluster, which: proxy_common::Event) -> u64 {
+    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
+    maps.events()
+        .unwrap()
+        .into_iter()
+        .find(|(e, _)| *e == which)
+        .map_or(0, |(_, n)| n)
+}
+
 pub fn drop_count(c: &Cluster, reason: proxy_common::DropReason) -> u64 {
     let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
     maps.drops()

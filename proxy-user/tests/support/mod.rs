@@ -420,6 +420,24 @@ pub fn install_service(
     dp.maps.service_addrs.insert(key.addr, 1, 0).unwrap();
 }
 
+/// Rewrites the service entry of frontend `vip:port/proto` with `edit`
+/// (it must exist), as the agent would write it.
+pub fn edit_frontend(
+    dp: &mut Datapath,
+    (vip, port, proto): (&str, u16, u8),
+    edit: impl FnOnce(&mut ServiceValue),
+) {
+    let key = ServiceKey {
+        addr: wire::addr(ip(vip)),
+        port: wire::port(port),
+        proto,
+        _pad: 0,
+    };
+    let mut v = dp.maps.services.get(&key, 0).expect("the frontend to edit");
+    edit(&mut v);
+    dp.maps.put_frontend(key, v).expect("writing the frontend");
+}
+
 pub fn event(dp: &mut Datapath, e: proxy_common::Event) -> u64 {
     dp.maps
         .events()
