@@ -42,7 +42,10 @@ pub mod map_names {
     /// Active connections per backend id, for the least-connection
     /// schedulers.
     pub const CONNS: &str = "KPX_CONNS";
-    pub const ALL: [&str; 19] = [
+    /// Sockets the socket-level load balancer connected to a backend, by
+    /// socket cookie.
+    pub const SOCKS: &str = "KPX_SOCKS";
+    pub const ALL: [&str; 20] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -62,6 +65,7 @@ pub mod map_names {
         PORTS,
         RR,
         CONNS,
+        SOCKS,
     ];
 }
 
@@ -89,6 +93,14 @@ pub mod prog_names {
     /// established flows its collector expires, so that their backends'
     /// active-connection counts drop exactly once, as a FIN's would.
     pub const CONNS_EXPIRE: &str = "kpx_conns_expire";
+    /// The socket-level load balancer's cgroup programs: `connect()`,
+    /// `sendmsg()` (unconnected UDP), `recvmsg()` and `getpeername()`
+    /// (the service address shown back), and the socket's release.
+    pub const SOCK_CONNECT4: &str = "kpx_sock_connect4";
+    pub const SOCK_SENDMSG4: &str = "kpx_sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "kpx_sock_recvmsg4";
+    pub const SOCK_GETPEERNAME4: &str = "kpx_sock_getpeername4";
+    pub const SOCK_RELEASE: &str = "kpx_sock_release";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original
@@ -126,6 +138,9 @@ pub mod capacity {
     pub const SRC_RANGES: u32 = 65_536;
     /// Words of the frontend-port filter: 2 bits for each of 65,536 ports.
     pub const PORT_WORDS: u32 = 65_536 * 2 / 64;
+    /// Sockets connected through the socket-level load balancer at once.
+    /// Entries leave with their socket (`sock_release`); LRU beyond that.
+    pub const SOCKS: u32 = 262_144;
 }
 
 /// The frontend-port filter (`KPX_PORTS`): which destination ports any
@@ -343,6 +358,9 @@ pub struct DatapathConfig {
     /// `CFG_F_*` flags.
     pub flags: u32,
     pub _pad: u32,
+    /// The node's own network namespace (`SO_NETNS_COOKIE` of the agent's):
+    /// its sockets are the node's, the others are pods'.
+    pub host_netns_cookie: u64,
 }
 
 /// `--masquerade-all`: masquerade all traffic to cluster IPs.
@@ -351,6 +369,10 @@ pub const CFG_F_MASQUERADE_ALL: u32 = 1 << 0;
 /// are handed to the stack's routing rather than redirected to the FIB's
 /// next hop (the node's own packets are still re-routed at egress).
 pub const CFG_F_STACK_FORWARDING: u32 = 1 << 1;
+/// `--socket-lb=host-only`: the socket-level load balancer translates the
+/// node's own sockets only; pods' traffic is translated per packet at tc,
+/// so a service mesh in the pod sees the service address.
+pub const CFG_F_SOCK_HOST_ONLY: u32 = 1 << 2;
 
 /// `skb->mark` bit on packets kpx translated: its egress program leaves them
 /// alone (they may cross a second kpx interface after a redirect).
@@ -566,9 +588,45 @@ pub struct ServiceStats {
 pub struct AffinityKey {
     /// [`ServiceValue::affinity_id`].
     pub affinity_id: u32,
-    /// Client IPv4 address, network byte order.
+    /// Client IPv4 address, network byte order (0 for a socket's client).
     pub client_addr: u32,
+    /// A client seen at `connect()`, before it has an address: its network
+    /// namespace's cookie (a pod: one client address). 0 for a packet's.
+    pub netns_cookie: u64,
 }
+
+/// A socket the socket-level load balancer connected (or sends) to a
+/// backend: value of [`map_names::SOCKS`], keyed by socket cookie (u64).
+/// Read back by `recvmsg()` / `getpeername()` to show the service address,
+/// by `sendmsg()` to keep an unconnected socket on its backend, and by the
+/// socket's release to take it off its backend's connection count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockValue {
+    /// The service frontend the socket asked for (network byte order).
+    pub svc_addr: u32,
+    pub svc_port: u16,
+    pub proto: u8,
+    /// `SOCK_F_*`.
+    pub flags: u8,
+    /// The backend it was given.
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// The backend's slot in the service's table: `sendmsg()` keeps the
+    /// backend while the slot still holds it.
+    pub slot: u32,
+    pub _pad2: u32,
+}
+
+/// The socket counts in its backend's active connections (`CONNS`): a TCP
+/// socket of a least-connection service.
+pub const SOCK_F_COUNTED: u8 = 1 << 0;
+/// Connected by `connect()` (TCP, or connected UDP); else unconnected UDP
+/// steered per `sendmsg()`.
+pub const SOCK_F_CONNECTED: u8 = 1 << 1;
 
 /// Where a client's new flows go while its affinity lasts.
 ///
@@ -752,10 +810,26 @@ pub enum Event {
     /// hashing scheduler sent to the backend the flow had: the flow goes
     /// on. Under the other schedulers such packets are `invalid_tcp` drops.
     FlowRecovered = 11,
+    /// `connect()` calls to a service connected straight to a backend by
+    /// the socket-level load balancer (no per-packet translation after).
+    SockConnect = 12,
+    /// Unconnected UDP `sendmsg()` calls to a service sent to a backend.
+    SockSendmsg = 13,
+    /// `connect()` / `sendmsg()` to a service without endpoints, refused
+    /// with ECONNREFUSED before any packet left (the reference's REJECT).
+    SockRefused = 14,
+    /// `connect()` / `sendmsg()` to a service left to the tc datapath: the
+    /// reference masquerades or drops that flow, which a socket cannot.
+    SockToTc = 15,
+    /// Unconnected UDP sockets whose backend left the service, sent to a
+    /// new one at their next `sendmsg()`.
+    SockRebalanced = 16,
+    /// `recvmsg()` / `getpeername()` answers shown as from the service.
+    SockRevNat = 17,
 }
 
 impl Event {
-    pub const ALL: [Event; 12] = [
+    pub const ALL: [Event; 18] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
@@ -768,6 +842,12 @@ impl Event {
         Event::FromNode,
         Event::CtEstablished,
         Event::FlowRecovered,
+        Event::SockConnect,
+        Event::SockSendmsg,
+        Event::SockRefused,
+        Event::SockToTc,
+        Event::SockRebalanced,
+        Event::SockRevNat,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -785,6 +865,12 @@ impl Event {
             Event::FromNode => "from_node",
             Event::CtEstablished => "ct_established",
             Event::FlowRecovered => "flow_recovered",
+            Event::SockConnect => "sock_connect",
+            Event::SockSendmsg => "sock_sendmsg",
+            Event::SockRefused => "sock_refused",
+            Event::SockToTc => "sock_to_tc",
+            Event::SockRebalanced => "sock_rebalanced",
+            Event::SockRevNat => "sock_revnat",
         }
     }
 }
@@ -805,6 +891,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRange {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for SockValue {}
 }
 
 /// Layout checks: a change here is a change of the pinned maps' ABI.
@@ -816,10 +903,11 @@ const _: () = {
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<ServiceStats>() == 40);
-    assert!(core::mem::size_of::<AffinityKey>() == 8);
+    assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRange>() == 8);
-    assert!(core::mem::size_of::<DatapathConfig>() == 24);
+    assert!(core::mem::size_of::<DatapathConfig>() == 32);
+    assert!(core::mem::size_of::<SockValue>() == 32);
 };
 
 /// Conversions between host values and the wire-order fields of map entries.

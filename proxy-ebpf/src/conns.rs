@@ -60,6 +60,15 @@ pub fn opened(id: u32) {
     }
 }
 
+/// A counted connection to backend `id` ended without a flow entry to mark
+/// (a socket the socket-level load balancer connected, at its release).
+#[inline(always)]
+pub fn closed(id: u32) {
+    if let Some(p) = CONNS.get_ptr_mut(id) {
+        add(p, u64::MAX);
+    }
+}
+
 /// Marks the flow whose original entry (in `CT_TCP`) is `entry` closing;
 /// the one call that sets the mark on a counted flow takes it off its
 /// backend's count. Returns whether the flow was open until now.
@@ -77,10 +86,7 @@ pub fn close(entry: *mut CtValue) -> bool {
     let was_open = old & bit == 0;
     if was_open && old & ((CT_F_COUNTED as u64) << FLAGS_SHIFT) != 0 {
         // SAFETY: as above; the backend id never changes.
-        let id = unsafe { (*entry).backend_id };
-        if let Some(p) = CONNS.get_ptr_mut(id) {
-            add(p, u64::MAX);
-        }
+        closed(unsafe { (*entry).backend_id });
     }
     was_open
 }

@@ -23,10 +23,15 @@ mod parse;
 mod policy;
 mod select;
 mod service;
+mod sock;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
+};
 use proxy_common::{
     flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE,
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -135,6 +140,40 @@ pub fn kpx_tc_floor(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn kpx_conns_expire(ctx: TcContext) -> i32 {
     conns::expire(&ctx)
+}
+
+/// Socket-level load balancing ([`sock`]), on the cgroup the agent was
+/// given: `connect()` to a service connected to a backend. Lookups: see
+/// [`sock`]; none but the port filter for a port no frontend uses.
+#[cgroup_sock_addr(connect4)]
+pub fn kpx_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect(&ctx)
+}
+
+/// Unconnected UDP `sendmsg()` to a service: to the socket's backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kpx_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg(&ctx)
+}
+
+/// UDP `recvmsg()`: a backend's datagram shown as from the service.
+/// One `SOCKS` lookup.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kpx_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// `getpeername()`: the service address, as with kube-proxy. One `SOCKS`
+/// lookup.
+#[cgroup_sock_addr(getpeername4)]
+pub fn kpx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// A socket's release: its `SOCKS` entry goes. One lookup.
+#[cgroup_sock(sock_release)]
+pub fn kpx_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// A TCP segment that may open a connection: SYN, without ACK, RST or FIN.
@@ -278,7 +317,7 @@ fn new_flow(
         Err(reason) => return Verdict::Drop(reason),
     };
     let table = select::Table::of(svc, choice.local);
-    let sel = match select::backend(svc, table, key) {
+    let sel = match select::backend(svc, table, key, 0) {
         Ok(s) => s,
         Err(reason) => return Verdict::Drop(reason),
     };

@@ -11,7 +11,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig,
-    DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey, SrcRange,
+    DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey, SockValue,
+    SrcRange,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -104,3 +105,10 @@ pub static CONNS: HashMap<u32, u64> =
 /// Node-wide settings: one element.
 #[map(name = "KPX_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// Sockets the socket-level load balancer gave a backend (`sock`), by
+/// socket cookie. An entry leaves with its socket (`kpx_sock_release`);
+/// LRU, so sockets closed before the release program was attached cannot
+/// fill it.
+#[map(name = "KPX_SOCKS")]
+pub static SOCKS: LruHashMap<u64, SockValue> = LruHashMap::with_max_entries(capacity::SOCKS, 0);

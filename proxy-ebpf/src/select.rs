@@ -44,6 +44,9 @@ pub struct Selected {
     /// entry to the flow's creation it cost every first packet 25
     /// instructions (`pathlen`).
     pub counted: bool,
+    /// Its slot in the frontend's table: a socket keeps its backend while
+    /// the slot still holds it.
+    pub slot: u32,
 }
 
 /// One backend table of a frontend: slots `base..base + count`.
@@ -68,7 +71,7 @@ impl Table {
         }
     }
 
-    fn contains(&self, slot: u32) -> bool {
+    pub fn contains(&self, slot: u32) -> bool {
         slot.wrapping_sub(self.base) < self.count
     }
 }
@@ -77,18 +80,26 @@ impl Table {
 /// `SLOTS[(svc, base + position)]`, then `BACKENDS[id]` (round robin: +1
 /// per-CPU array lookup); with ClientIP affinity one `AFFINITY` lookup
 /// first (and one write). At most five lookups whatever the number of
-/// backends or clients.
+/// backends or clients. `netns_cookie`: 0 for a packet, whose client is
+/// `flow.src_addr`; a socket's network namespace for the socket-level
+/// load balancer, whose client has no address yet at `connect()`.
 #[inline(always)]
-pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReason> {
+pub fn backend(
+    svc: &ServiceValue,
+    t: Table,
+    flow: &CtKey,
+    netns_cookie: u64,
+) -> Result<Selected, DropReason> {
     if t.count == 0 {
         return Err(DropReason::NoBackend);
     }
     if svc.affinity_timeout == 0 {
-        return pick(svc, t, flow).map(|(s, _)| s);
+        return pick(svc, t, flow);
     }
     let key = AffinityKey {
         affinity_id: svc.affinity_id,
         client_addr: flow.src_addr,
+        netns_cookie,
     };
     let now = now();
     if let Some(a) = AFFINITY.get_ptr_mut(key) {
@@ -111,15 +122,16 @@ pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, D
                         backend_id: id,
                         backend,
                         counted: least_conns(scheduler(svc.flags)),
+                        slot: a.slot,
                     });
                 }
             }
         }
     }
-    let (sel, slot) = pick(svc, t, flow)?;
+    let sel = pick(svc, t, flow)?;
     let value = AffinityValue {
         backend_id: sel.backend_id,
-        slot,
+        slot: sel.slot,
         last_used_ns: now,
     };
     // An LRU insert only fails on allocation failure; the flow still works,
@@ -129,9 +141,9 @@ pub fn backend(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, D
     Ok(sel)
 }
 
-/// The backend at the scheduler's position in `t`, and its slot.
+/// The backend at the scheduler's position in `t`.
 #[inline(always)]
-fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), DropReason> {
+fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReason> {
     let counted = least_conns(scheduler(svc.flags));
     let (n, backend_id) = if counted {
         fewer_conns(svc.svc_id, t)?
@@ -140,14 +152,12 @@ fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<(Selected, u32), D
         (n, slot(svc.svc_id, n)?)
     };
     let backend = lookup_backend(backend_id)?;
-    Ok((
-        Selected {
-            backend_id,
-            backend,
-            counted,
-        },
-        n,
-    ))
+    Ok(Selected {
+        backend_id,
+        backend,
+        counted,
+        slot: n,
+    })
 }
 
 /// Least connections by the power of two choices: two distinct random
@@ -214,8 +224,9 @@ fn round_robin(svc_id: u32) -> u32 {
     n.wrapping_add(unsafe { bpf_get_smp_processor_id() })
 }
 
+/// The backend id in slot `slot` of `svc_id`.
 #[inline(always)]
-fn slot(svc_id: u32, slot: u32) -> Result<u32, DropReason> {
+pub fn slot(svc_id: u32, slot: u32) -> Result<u32, DropReason> {
     let p = SLOTS
         .get_ptr(SlotKey { svc_id, slot })
         .ok_or(DropReason::BackendMissing)?;

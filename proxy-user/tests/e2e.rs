@@ -288,6 +288,7 @@ fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_i
         .arg("--bpffs")
         .arg(c.bpffs())
         .args(["--metrics-bind-address", "", "--healthz-bind-address", ""])
+        .arg("--socket-lb=off")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

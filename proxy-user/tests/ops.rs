@@ -321,7 +321,7 @@ fn an_invalid_configuration_file_is_a_start_up_error_naming_the_field() {
         let out = ns
             .command(Path::new(KPX))
             .unwrap()
-            .args(["agent", "--config"])
+            .args(["agent", "--socket-lb=off", "--config"])
             .arg(&bad)
             .output()
             .unwrap();
@@ -339,7 +339,7 @@ fn an_invalid_configuration_file_is_a_start_up_error_naming_the_field() {
         let out = ns
             .command(Path::new(KPX))
             .unwrap()
-            .args(["agent", flag, path, "--bpffs", &bpffs])
+            .args(["agent", "--socket-lb=off", flag, path, "--bpffs", &bpffs])
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -268,7 +268,8 @@ impl Cluster {
 
     /// Starts `kpx agent` in the node namespace with `source` arguments
     /// (`--manifests DIR`, `--kubeconfig FILE`, `--config FILE`) and the
-    /// bed's node settings, then `extra`.
+    /// bed's node settings, then `extra`; `--socket-lb=off` unless `extra`
+    /// says otherwise.
     pub fn spawn_agent(&mut self, kpx: &Path, source: &[&str], extra: &[&str]) -> Result<()> {
         let log = self.workdir.join("agent.log");
         let logf = fs::OpenOptions::new()
@@ -290,6 +291,13 @@ impl Cluster {
             .args(["--interfaces", &self.interfaces])
             .args(["--poll-interval", "200ms"])
             .args(extra)
+            // The socket-level load balancer acts on a cgroup: only on one
+            // a test created and names (`--socket-lb-cgroup`), never on
+            // the machine's root cgroup, the agent's default.
+            .args(
+                (!extra.iter().any(|a| a.starts_with("--socket-lb")))
+                    .then_some("--socket-lb=off"),
+            )
             .env("RUST_LOG", "info,kube_client=off")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)

@@ -17,6 +17,7 @@ pub mod apiserver;
 mod cluster;
 mod fixtures;
 mod netns;
+pub mod probe;
 mod root;
 mod traffic;
 

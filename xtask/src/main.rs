@@ -59,6 +59,9 @@ fn main() -> Result<()> {
             // Tests that need root are `#[ignore = "needs root"]` so that a
             // plain `cargo test` reports them as not run; this suite runs
             // them, and without root they fail with the reason.
+            // The socket-level load balancer's tests run their clients as
+            // this program, in a cgroup of their own.
+            cargo(&["build", "--package", "testbed", "--bin", "kpx-probe"])?;
             let mut cmd = vec!["test", "--workspace", "--exclude", "proxy-ebpf", "--"];
             cmd.push("--include-ignored");
             cmd.extend(args.iter().map(String::as_str));

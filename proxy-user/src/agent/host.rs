@@ -91,6 +91,10 @@ impl Agent {
         if !self.cfg.fib_forwarding {
             cfg.flags |= proxy_common::CFG_F_STACK_FORWARDING;
         }
+        if self.cfg.socket_lb == socklb::Mode::HostOnly {
+            cfg.flags |= proxy_common::CFG_F_SOCK_HOST_ONLY;
+        }
+        cfg.host_netns_cookie = self.host_netns;
         let addrs = match node::local_ipv4() {
             Ok(a) => a,
             Err(e) => {
@@ -136,6 +140,40 @@ impl Agent {
                 .collect();
             nodeport.sort();
             log::info!("node addresses {addrs:?}; NodePorts on {nodeport:?}");
+        }
+    }
+
+    /// Attaches the socket-level load balancer as `--socket-lb` says (after
+    /// the node settings, which tell it the node's sockets from pods'), or
+    /// detaches an earlier agent's. Never fatal: without it, tc translates
+    /// every flow per packet, as before.
+    pub(super) fn socket_lb(&mut self) {
+        let mode = self.cfg.socket_lb;
+        if mode == socklb::Mode::Off {
+            match socklb::unpin(&self.cfg.bpffs) {
+                Ok(0) => {}
+                Ok(n) => log::info!("detached {n} socket-LB links of an earlier agent"),
+                Err(e) => log::warn!("detaching an earlier agent's socket-LB links: {e:#}"),
+            }
+            log::info!("socket-level load balancing: off (--socket-lb=off); tc translates every service flow");
+            return;
+        }
+        let cgroup = match &self.cfg.socket_lb_cgroup {
+            Some(c) => Ok(c.clone()),
+            None => socklb::default_cgroup(),
+        };
+        let bpffs = self.cfg.bpffs.clone();
+        match cgroup.and_then(|cg| {
+            let n = self.dp.attach_socket_lb(&cg, &bpffs)?;
+            Ok((cg, n))
+        }) {
+            Ok((cg, n)) => log::info!(
+                "socket-level load balancing: {mode}, {n} programs on cgroup {}: connect() and sendmsg() to a service go straight to a backend",
+                cg.display()
+            ),
+            Err(e) => log::warn!(
+                "socket-level load balancing unavailable ({e:#}); tc translates every service flow per packet"
+            ),
         }
     }
 }

@@ -40,7 +40,10 @@ use crate::{
     control::manifests,
     control::model::{NodeInfo, Problem, Skipped},
     control::watch::{self, Change},
-    dataplane::attach::{self, Attacher},
+    dataplane::{
+        attach::{self, Attacher},
+        socklb,
+    },
     dataplane::bpffs,
     dataplane::conntrack::{self},
     dataplane::layout,
@@ -91,6 +94,9 @@ struct Agent {
     /// netfilter's service flows were carried over (once, at the first
     /// sync: see `dataplane::takeover`).
     taken_over: bool,
+    /// This agent's network namespace cookie: the node's sockets, for the
+    /// socket-level load balancer (0: unknown, every socket a pod's).
+    host_netns: u64,
     /// What is wrong with this node's Node object, as last reported.
     node_problems: Vec<Problem>,
     /// The manifests held this node's Node object at the last read.
@@ -222,6 +228,13 @@ pub async fn run(cfg: Settings) -> Result<()> {
         service_health: ServiceHealth::new(health.clone(), Ipv4Addr::UNSPECIFIED),
         health,
         taken_over: false,
+        host_netns: match socklb::netns_cookie() {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("this network namespace's cookie: {e:#}; the socket-level load balancer takes every socket for a pod's");
+                0
+            }
+        },
         node_problems: Vec::new(),
         manifest_node: false,
     };
@@ -235,6 +248,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
             "--interfaces matches no interface of this node yet: nothing is translated until one appears (kpx attaches to it then)"
         );
     }
+    agent.socket_lb();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -12,7 +12,7 @@ use crate::{
         config::{self, Bind, NodeFlags, NodePortAddress, Overrides},
         scheduler::{Kind, Parsed, Scheduler},
     },
-    dataplane::{attach::Patterns, conntrack::Timeouts, node::PortRange},
+    dataplane::{attach::Patterns, conntrack::Timeouts, node::PortRange, socklb},
 };
 
 /// Where kpx pins its maps and links unless told otherwise.
@@ -53,6 +53,18 @@ pub struct AgentFlags {
     /// are still re-routed at egress) [default: true].
     #[arg(long, action = clap::ArgAction::Set)]
     pub fib_forwarding: Option<bool>,
+    /// Socket-level load balancing: connect() and sendmsg() to a service
+    /// go straight to a backend, with no per-packet translation after.
+    /// all, host-only (the node's own sockets; pods' flows keep the service
+    /// address on the wire, for a service mesh) or off. Also the config
+    /// file's kpx extension `kpx.socketLB` [default: all].
+    #[arg(long)]
+    pub socket_lb: Option<socklb::Mode>,
+    /// The cgroup v2 directory whose processes the socket-level load
+    /// balancer serves (`kpx.socketLBCgroup`) [default: the root of the
+    /// host's cgroup v2 hierarchy].
+    #[arg(long)]
+    pub socket_lb_cgroup: Option<PathBuf>,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never
     /// used [default: *].
@@ -164,6 +176,8 @@ impl AgentFlags {
             oom_score_adj: self.oom_score_adj,
             verbosity: self.verbosity,
             scheduler: self.ipvs_scheduler,
+            socket_lb: self.socket_lb,
+            socket_lb_cgroup: self.socket_lb_cgroup.clone(),
             ..self.node.overrides()
         }
     }
@@ -220,6 +234,10 @@ pub struct Settings {
     pub masquerade_ports: PortRange,
     /// Redirect translated packets to the FIB's next hop (else: the stack).
     pub fib_forwarding: bool,
+    /// Socket-level load balancing, and on which cgroup (None: the host's
+    /// cgroup v2 root, found at start).
+    pub socket_lb: socklb::Mode,
+    pub socket_lb_cgroup: Option<PathBuf>,
     pub oom_score_adj: Option<i32>,
     pub verbosity: Option<u32>,
     /// Given, but meaningless to kpx: one log line each at start.
@@ -302,6 +320,8 @@ impl Settings {
             },
             masquerade_ports: flags.masquerade_ports.clone().unwrap_or_default(),
             fib_forwarding: flags.fib_forwarding.unwrap_or(true),
+            socket_lb: o.socket_lb.unwrap_or_default(),
+            socket_lb_cgroup: o.socket_lb_cgroup.clone(),
             oom_score_adj: o.oom_score_adj,
             verbosity: o.verbosity,
             ignored,

@@ -86,10 +86,14 @@ fn pin_name(ifname: &str, ifindex: u32, at: TcAttachType) -> String {
     format!("{ifindex}_{dir}_{}", ifname.replace('.', ":"))
 }
 
-/// Removes every pinned link under `bpffs` (detaching those programs).
-/// Returns how many there were.
+/// Removes every pinned link under `bpffs`, tc's and the socket-level load
+/// balancer's (detaching those programs). Returns how many there were.
 pub fn unpin_links(bpffs: &Path) -> Result<usize> {
-    let dir = links_dir(bpffs);
+    Ok(unpin_dir(&links_dir(bpffs))? + unpin_dir(&crate::dataplane::socklb::links_dir(bpffs))?)
+}
+
+/// Removes every pinned link in `dir`, and the directory.
+pub fn unpin_dir(dir: &Path) -> Result<usize> {
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -107,7 +111,7 @@ pub fn unpin_links(bpffs: &Path) -> Result<usize> {
         fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
         n += 1;
     }
-    let _ = fs::remove_dir(&dir);
+    let _ = fs::remove_dir(dir);
     Ok(n)
 }
 

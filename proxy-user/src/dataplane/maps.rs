@@ -732,6 +732,12 @@ impl Datapath {
         Ok(crate::dataplane::conntrack::Expirer::new(fd))
     }
 
+    /// Loads the socket-level load balancer's programs and attaches them
+    /// to `cgroup` (`socklb::attach`).
+    pub fn attach_socket_lb(&mut self, cgroup: &Path, bpffs: &Path) -> Result<usize> {
+        crate::dataplane::socklb::attach(&mut self.ebpf, cgroup, bpffs)
+    }
+
     /// An empty classifier (loaded on first use): the floor the benchmark
     /// measures `BPF_PROG_TEST_RUN` itself with.
     pub fn floor(&mut self) -> Result<&mut SchedClassifier> {

@@ -75,6 +75,8 @@ pub fn datapath_config(
             0
         },
         _pad: 0,
+        // The agent's, set with the socket-level load balancer's mode.
+        host_netns_cookie: 0,
     }
 }
 

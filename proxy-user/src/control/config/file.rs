@@ -84,6 +84,20 @@ struct File {
     config_sync_period: GoDuration,
     port_range: String,
     windows_run_as_service: bool,
+    /// kpx's own settings, under one key no kube-proxy field uses.
+    kpx: Kpx,
+}
+
+/// `kpx:` — settings kube-proxy does not have.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct Kpx {
+    /// `--socket-lb`: all, host-only or off.
+    #[serde(rename = "socketLB")]
+    socket_lb: String,
+    /// `--socket-lb-cgroup`.
+    #[serde(rename = "socketLBCgroup")]
+    socket_lb_cgroup: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -424,6 +438,16 @@ impl File {
                 .map_err(|e| anyhow::anyhow!("field ipvs.scheduler: {e}"))?;
             o.scheduler = Some(parsed);
         }
+        let kpx = &self.kpx;
+        if !kpx.socket_lb.is_empty() {
+            o.socket_lb = Some(
+                kpx.socket_lb
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("field kpx.socketLB: {e}"))?,
+            );
+        }
+        o.socket_lb_cgroup =
+            (!kpx.socket_lb_cgroup.is_empty()).then(|| PathBuf::from(&kpx.socket_lb_cgroup));
         let ipvs_set = ipvs.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty())
             || ipvs.strict_arp
             || !ipvs.tcp_timeout.0.is_zero()
@@ -754,6 +778,7 @@ kind: KubeProxyConfiguration
 featureGates: {SomeGate: true}
 enableProfiling: true
 ipvs: {scheduler: rr, strictARP: true}
+kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods}
 conntrack: {tcpBeLiberal: true}
 configSyncPeriod: 15m
 clientConnection: {qps: 5, burst: 10}
@@ -783,6 +808,8 @@ logging: {format: json}
             l.overrides,
             Overrides {
                 scheduler: Some(Parsed::Known(Kind::Rr)),
+                socket_lb: Some(crate::dataplane::socklb::Mode::HostOnly),
+                socket_lb_cgroup: Some("/run/kpx/pods".into()),
                 ..Overrides::default()
             }
         );
@@ -802,6 +829,7 @@ logging: {format: json}
     fn invalid_and_unknown_fields_name_the_field() {
         for (yaml, want) in [
             ("clusterCidr: 198.18.0.0/16", "clusterCidr"),
+            ("kpx: {socketLB: on}", "kpx.socketLB"),
             ("iptables: {masqueradeBits: 14}", "iptables"),
             ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore"),
             ("iptables: {masqueradeBit: 32}", "iptables.masqueradeBit"),

@@ -44,6 +44,10 @@ pub struct Overrides {
     pub verbosity: Option<u32>,
     /// `ipvs.scheduler` / `--ipvs-scheduler`: the default scheduler.
     pub scheduler: Option<Parsed>,
+    /// `kpx.socketLB` / `--socket-lb`.
+    pub socket_lb: Option<crate::dataplane::socklb::Mode>,
+    /// `kpx.socketLBCgroup` / `--socket-lb-cgroup`.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -73,6 +77,8 @@ impl Overrides {
             oom_score_adj: self.oom_score_adj.or(lower.oom_score_adj),
             verbosity: self.verbosity.or(lower.verbosity),
             scheduler: self.scheduler.or(lower.scheduler),
+            socket_lb: self.socket_lb.or(lower.socket_lb),
+            socket_lb_cgroup: self.socket_lb_cgroup.or(lower.socket_lb_cgroup),
         }
     }
 }

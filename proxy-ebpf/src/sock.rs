@@ -1,0 +1,316 @@
+//! Socket-level load balancing: a `connect()` or unconnected UDP
+//! `sendmsg()` to a service is sent straight to the backend the tc path
+//! would have picked ([`service`], [`policy`], [`select`]: the same
+//! functions), so every packet after it is plain pod-to-pod traffic that
+//! the tc programs pass after one `CT` miss. `recvmsg()` and `getpeername()`
+//! show the service address back, as kube-proxy's conntrack does.
+//!
+//! What a socket cannot do is left to tc, which then sees the service
+//! address on the wire and translates per packet, as before: flows the
+//! reference masquerades (a pod's flow to a cluster IP with
+//! `--masquerade-all`, to an external address with the Cluster policy),
+//! drops (source ranges, no local endpoint), and pods' flows under
+//! `--socket-lb=host-only`. A flow is translated once, by one of the two.
+//!
+//! Map lookups per call (O(1), no loop):
+//! - `connect()` / `sendmsg()` not to a service: `PORTS` (an array the
+//!   verifier inlines), + `SERVICES` on a port some frontend uses;
+//! - to a service: + `CONFIG`, `SLOTS`, `BACKENDS` (as a first packet's
+//!   selection, affinity and scheduler included), `SOCKS` (1 lookup, 1
+//!   insert); a UDP socket that already has a backend for the service:
+//!   `SOCKS` and `SLOTS` (is the backend still there?) instead of the
+//!   selection; without endpoints: refused, no more;
+//! - `recvmsg()` / `getpeername()`: `SOCKS`, 1;
+//! - a socket's release: `SOCKS`, 1 (+1 delete and a `CONNS` atomic add
+//!   for a socket it knows).
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_ANY},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::{SockAddrContext, SockContext},
+    EbpfContext as _,
+};
+use proxy_common::{
+    CtKey, Event, ServiceValue, SockValue, CFG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP,
+    SOCK_F_CONNECTED, SOCK_F_COUNTED, SVC_F_SOURCE_RANGES,
+};
+
+use crate::{
+    conns,
+    maps::SOCKS,
+    policy::{self, Origin},
+    select, service, stats,
+};
+
+/// The call goes on (with the address as the program left it).
+const PROCEED: i32 = 1;
+/// The call fails with the errno given to `bpf_set_retval`.
+const FAIL: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// A `connect()` (TCP or UDP): to a service, connected to a backend.
+#[inline(always)]
+pub fn connect(ctx: &SockAddrContext) -> i32 {
+    let Some(req) = Request::of(ctx) else {
+        return PROCEED;
+    };
+    let cookie = socket_cookie(ctx);
+    match req.backend(ctx, None) {
+        Ok(sel) => {
+            // A socket connected again (UDP may): its earlier backend's
+            // count first.
+            if let Some(old) = SOCKS.get_ptr(cookie) {
+                // SAFETY: a map value of this run, copied out.
+                let old = unsafe { *old };
+                if old.flags & SOCK_F_COUNTED != 0 {
+                    conns::closed(old.backend_id);
+                }
+            }
+            let counted = sel.counted && req.proto == IPPROTO_TCP;
+            if counted {
+                conns::opened(sel.backend_id);
+            }
+            req.remember(cookie, &sel, SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 });
+            req.send_to(ctx, &sel);
+            stats::event(Event::SockConnect, 1);
+            PROCEED
+        }
+        Err(v) => v,
+    }
+}
+
+/// An unconnected UDP `sendmsg()`: to a service, sent to the socket's
+/// backend for it while that backend serves, else to a new one.
+#[inline(always)]
+pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
+    let Some(req) = Request::of(ctx) else {
+        return PROCEED;
+    };
+    if req.proto != IPPROTO_UDP {
+        return PROCEED;
+    }
+    let cookie = socket_cookie(ctx);
+    let known = SOCKS.get_ptr(cookie).map(|v| {
+        // SAFETY: a map value of this run, copied out.
+        unsafe { *v }
+    });
+    let known = known.filter(|v| v.svc_addr == req.addr && v.svc_port == req.port);
+    match req.backend(ctx, known.as_ref()) {
+        Ok(sel) => {
+            if known.is_none_or(|k| k.backend_id != sel.backend_id || k.slot != sel.slot) {
+                req.remember(cookie, &sel, 0);
+                if known.is_some() {
+                    stats::event(Event::SockRebalanced, 1);
+                }
+            }
+            req.send_to(ctx, &sel);
+            stats::event(Event::SockSendmsg, 1);
+            PROCEED
+        }
+        Err(v) => v,
+    }
+}
+
+/// `recvmsg()` (UDP) and `getpeername()`: a backend's address shown as
+/// the service's the socket asked for.
+#[inline(always)]
+pub fn reverse(ctx: &SockAddrContext) -> i32 {
+    let Some(v) = SOCKS.get_ptr(socket_cookie(ctx)) else {
+        return PROCEED;
+    };
+    // SAFETY: a map value of this run, copied out.
+    let v = unsafe { *v };
+    let sa = ctx.sock_addr;
+    if read(sa, Field::Addr) == v.backend_addr && read(sa, Field::Port) as u16 == v.backend_port {
+        write(sa, Field::Addr, v.svc_addr);
+        write(sa, Field::Port, v.svc_port as u32);
+        stats::event(Event::SockRevNat, 1);
+    }
+    PROCEED
+}
+
+/// A socket's release: its entry goes, and a counted socket leaves its
+/// backend's active connections.
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    // SAFETY: the program's context, a socket the helper accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(v) = SOCKS.get_ptr(cookie) {
+        // SAFETY: a map value of this run, read once.
+        let v = unsafe { *v };
+        if v.flags & SOCK_F_COUNTED != 0 {
+            conns::closed(v.backend_id);
+        }
+        let _ = SOCKS.remove(&cookie);
+    }
+    PROCEED
+}
+
+/// A `connect()` / `sendmsg()` to a service frontend.
+struct Request {
+    addr: u32,
+    port: u16,
+    proto: u8,
+    svc: ServiceValue,
+}
+
+impl Request {
+    /// The call's destination, if it is a service frontend (TCP or UDP).
+    #[inline(always)]
+    fn of(ctx: &SockAddrContext) -> Option<Self> {
+        let sa = ctx.sock_addr;
+        let proto = read(sa, Field::Protocol) as u8;
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return None;
+        }
+        let addr = read(sa, Field::Addr);
+        let port = read(sa, Field::Port) as u16;
+        let svc = service::lookup(addr, port, proto)?;
+        Some(Self {
+            addr,
+            port,
+            proto,
+            svc,
+        })
+    }
+
+    /// The backend for this call: `known`'s while its slot still holds it,
+    /// else the selection's. `Err` is the program's return: the call left
+    /// to tc, or refused.
+    #[inline(always)]
+    fn backend(
+        &self,
+        ctx: &SockAddrContext,
+        known: Option<&SockValue>,
+    ) -> Result<select::Selected, i32> {
+        let cfg = service::config();
+        // SAFETY: the program's context, which the helper accepts.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let node = netns == cfg.host_netns_cookie;
+        if !node && cfg.flags & CFG_F_SOCK_HOST_ONLY != 0 {
+            return Err(PROCEED);
+        }
+        let svc = &self.svc;
+        if svc.count == 0 {
+            // The reference's REJECT, before any packet leaves.
+            // SAFETY: helper taking a value.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            stats::event(Event::SockRefused, 1);
+            return Err(FAIL);
+        }
+        // The client's address is not known yet: a pod's is in the cluster
+        // CIDR (kube-proxy's local-traffic detector), the node's is not.
+        // Source ranges need the real one: tc decides those.
+        let (origin, src) = if node {
+            (Origin::Node, 0)
+        } else {
+            (Origin::Network, cfg.cluster_cidr)
+        };
+        let choice = match policy::decide(svc, src, origin, &cfg) {
+            // The node's own flows keep a node address as source without
+            // masquerade: the kernel picks it for the backend's route.
+            Ok(c) if (node || !c.masquerade) && svc.flags & SVC_F_SOURCE_RANGES == 0 => c,
+            _ => return Err(to_tc()),
+        };
+        let table = select::Table::of(svc, choice.local);
+        if let Some(k) = known {
+            if table.contains(k.slot)
+                && matches!(select::slot(svc.svc_id, k.slot), Ok(id) if id == k.backend_id)
+            {
+                return Ok(select::Selected {
+                    backend_id: k.backend_id,
+                    backend: proxy_common::Backend {
+                        addr: k.backend_addr,
+                        port: k.backend_port,
+                        ..Default::default()
+                    },
+                    counted: false,
+                    slot: k.slot,
+                });
+            }
+        }
+        // The hashing schedulers hash the client: its namespace here.
+        let flow = CtKey {
+            src_addr: (netns ^ (netns >> 32)) as u32,
+            dst_addr: self.addr,
+            src_port: 0,
+            dst_port: self.port,
+            proto: self.proto,
+            ..Default::default()
+        };
+        select::backend(svc, table, &flow, netns).map_err(|_| to_tc())
+    }
+
+    #[inline(always)]
+    fn remember(&self, cookie: u64, sel: &select::Selected, flags: u8) {
+        let v = SockValue {
+            svc_addr: self.addr,
+            svc_port: self.port,
+            proto: self.proto,
+            flags,
+            backend_addr: sel.backend.addr,
+            backend_port: sel.backend.port,
+            backend_id: sel.backend_id,
+            svc_id: self.svc.svc_id,
+            slot: sel.slot,
+            ..Default::default()
+        };
+        // An LRU insert fails only on allocation failure: the socket still
+        // reaches its backend, `getpeername()` shows the backend.
+        let _ = SOCKS.insert(&cookie, &v, BPF_ANY as u64);
+    }
+
+    #[inline(always)]
+    fn send_to(&self, ctx: &SockAddrContext, sel: &select::Selected) {
+        write(ctx.sock_addr, Field::Addr, sel.backend.addr);
+        write(ctx.sock_addr, Field::Port, sel.backend.port as u32);
+    }
+}
+
+#[inline(always)]
+fn to_tc() -> i32 {
+    stats::event(Event::SockToTc, 1);
+    PROCEED
+}
+
+#[inline(always)]
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the program's context, which the helper accepts.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The `bpf_sock_addr` fields kpx reads or writes. The verifier rewrites
+/// each context access to the kernel's own structure, so each is one
+/// 4-byte load or store at the field's offset, never merged by the
+/// compiler (volatile).
+#[derive(Clone, Copy)]
+enum Field {
+    Addr,
+    Port,
+    Protocol,
+}
+
+#[inline(always)]
+fn field(sa: *mut bpf_sock_addr, f: Field) -> *mut u32 {
+    // SAFETY: field projections of the context pointer, no access.
+    unsafe {
+        match f {
+            Field::Addr => &raw mut (*sa).user_ip4,
+            Field::Port => &raw mut (*sa).user_port,
+            Field::Protocol => &raw mut (*sa).protocol,
+        }
+    }
+}
+
+#[inline(always)]
+fn read(sa: *mut bpf_sock_addr, f: Field) -> u32 {
+    // SAFETY: a readable field of the program's context.
+    unsafe { core::ptr::read_volatile(field(sa, f)) }
+}
+
+#[inline(always)]
+fn write(sa: *mut bpf_sock_addr, f: Field, v: u32) {
+    // SAFETY: `user_ip4` and `user_port` are writable in the hooks that
+    // call this (connect4, sendmsg4, recvmsg4, getpeername4).
+    unsafe { core::ptr::write_volatile(field(sa, f), v) }
+}

@@ -1,0 +1,208 @@
+//! The socket-level load balancer's attachment: the cgroup programs
+//! (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`, `sock_release`) on
+//! one cgroup v2 directory, whose processes (and their descendants') get
+//! service connections straight to a backend.
+//!
+//! Links are pinned in `<bpffs>/sock-links`, so, like the tc links, they
+//! outlive the agent. A starting agent detaches an earlier agent's links
+//! before attaching its own: for that moment a `connect()` to a service is
+//! translated per packet by tc, which stays attached, so nothing fails.
+//! `kpx cleanup` removes them.
+
+use std::{
+    fmt, fs,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr};
+use proxy_common::prog_names;
+
+/// `--socket-lb`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Every socket of the cgroup: pods' and the node's.
+    #[default]
+    All,
+    /// The node's own sockets (its network namespace) only: pods' flows
+    /// keep the service address on the wire, for a service mesh to see.
+    HostOnly,
+    Off,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "host-only" => Ok(Self::HostOnly),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?}: want all, host-only or off")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::All => "all",
+            Self::HostOnly => "host-only",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// A cgroup link takes no attach flags (EINVAL): it always runs alongside
+/// the cgroup's other programs, as `BPF_F_ALLOW_MULTI` would. aya calls
+/// that flag-less mode `Single`; on kernels before links (< 5.7) it would
+/// mean exclusive, which kpx then is.
+const MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The programs and where each is pinned.
+const ADDR_PROGRAMS: [&str; 4] = [
+    prog_names::SOCK_CONNECT4,
+    prog_names::SOCK_SENDMSG4,
+    prog_names::SOCK_RECVMSG4,
+    prog_names::SOCK_GETPEERNAME4,
+];
+
+pub fn links_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("sock-links")
+}
+
+/// The root of the host's cgroup v2 hierarchy: its mount point in PID 1's
+/// mount namespace (reached through `/proc/1/root`, so an agent in a
+/// container with the host's PID namespace finds the host's), else in
+/// this process's. On hybrid hosts that is `/sys/fs/cgroup/unified`, not
+/// `/sys/fs/cgroup`.
+pub fn default_cgroup() -> Result<PathBuf> {
+    // PID 1's mount namespace, if it is not this process's.
+    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let host = if ns("1").is_some() && ns("1") != ns("self") {
+        Some(("/proc/1/mounts", "/proc/1/root"))
+    } else {
+        None
+    };
+    for (mounts, root) in host.into_iter().chain([("/proc/self/mounts", "/")]) {
+        let Ok(text) = fs::read_to_string(mounts) else {
+            continue;
+        };
+        if let Some(at) = cgroup2_mount(&text) {
+            let path = Path::new(root).join(at.trim_start_matches('/'));
+            if path.join("cgroup.procs").exists() {
+                return Ok(path);
+            }
+        }
+    }
+    bail!("no cgroup v2 hierarchy is mounted (give --socket-lb-cgroup, or --socket-lb=off)")
+}
+
+/// The first cgroup2 mount point in a mounts table.
+fn cgroup2_mount(mounts: &str) -> Option<String> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, fstype) = (f.next()?, f.next()?, f.next()?);
+        // Mount points escape spaces as \040.
+        (fstype == "cgroup2").then(|| at.replace("\\040", " "))
+    })
+}
+
+/// This process's network namespace cookie (`SO_NETNS_COOKIE`, kernel ≥
+/// 5.14): the node's, for an agent on the host network.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("a socket to ask with")?;
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out-buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("SO_NETNS_COOKIE");
+    }
+    Ok(cookie)
+}
+
+/// Loads the programs and attaches them to `cgroup`, pinning the links in
+/// `bpffs` (replacing an earlier agent's). Returns how many were attached.
+pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<usize> {
+    let dir = links_dir(bpffs);
+    let cg = fs::File::open(cgroup)
+        .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
+    if !cgroup.join("cgroup.procs").exists() {
+        bail!("{} is not a cgroup v2 directory", cgroup.display());
+    }
+    let removed = unpin(bpffs)?;
+    if removed > 0 {
+        log::info!("detached {removed} socket-LB links of an earlier agent");
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut n = 0;
+    for name in ADDR_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel rejected {name}"))?;
+        let id = prog
+            .attach(cg.as_fd(), MODE)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        let link: FdLink = prog.take_link(id)?.try_into()?;
+        link.pin(dir.join(name))
+            .with_context(|| format!("pinning {name}"))?;
+        n += 1;
+    }
+    let name = prog_names::SOCK_RELEASE;
+    let prog: &mut CgroupSock = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?;
+    prog.load()
+        .with_context(|| format!("the kernel rejected {name}"))?;
+    let id = prog
+        .attach(cg.as_fd(), MODE)
+        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+    let link: FdLink = prog.take_link(id)?.try_into()?;
+    link.pin(dir.join(name))
+        .with_context(|| format!("pinning {name}"))?;
+    Ok(n + 1)
+}
+
+/// Detaches and unpins every socket-LB link under `bpffs`. Returns how
+/// many there were.
+pub fn unpin(bpffs: &Path) -> Result<usize> {
+    crate::dataplane::attach::unpin_dir(&links_dir(bpffs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount(hybrid).as_deref(), Some("/sys/fs/cgroup/unified"));
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(cgroup2_mount(unified).as_deref(), Some("/sys/fs/cgroup"));
+        assert_eq!(cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+        let spaced = "cgroup2 /run/my\\040cg cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount(spaced).as_deref(), Some("/run/my cg"));
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in ["all", "host-only", "off"] {
+            assert_eq!(m.parse::<Mode>().unwrap().to_string(), m);
+        }
+        assert!("on".parse::<Mode>().is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! Socket-level load balancing end to end: the real agent with its cgroup
+//! programs attached to a cgroup this test creates, clients run as
+//! `kpx-probe` processes inside it (and inside a pod's or the node's
+//! network namespace), and what they see: which backend answered, the
+//! address `getpeername()` / `recvfrom()` report, how fast a service
+//! without endpoints refuses, and whether tc or the socket hooks did the
+//! translating (the datapath's counters).
+
+mod bed;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use bed::*;
+use proxy_common::{Counter, Event};
+use testbed::{
+    probe::{self, Answer, Cgroup, Session},
+    service_yaml, Cluster,
+};
+
+/// The bed with `web` served by `endpoints`, the agent attached to a new
+/// cgroup with `flags`.
+fn socket_bed(endpoints: &[&str], flags: &[&str]) -> (Cluster, Cgroup) {
+    let cg = Cgroup::create("socklb").unwrap();
+    let mut c = start(&backends());
+    let yaml = web(&c, endpoints);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    let mut args = vec!["--socket-lb-cgroup", cg.path.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    c.start_agent(Path::new(KPX), &args).unwrap();
+    let n = endpoints.len() as u32;
+    wait_synced(&c, 2, &[n, n]);
+    wait_attached(&c);
+    (c, cg)
+}
+
+/// The agent says its socket programs are attached.
+fn wait_attached(c: &Cluster) {
+    let ok = testbed::wait_for(std::time::Duration::from_secs(10), || {
+        c.agent_log()
+            .contains("socket-level load balancing: ")
+            .then_some(())
+    });
+    assert!(ok.is_some(), "{}", c.agent_log());
+    assert!(
+        !c.agent_log().contains("socket-level load balancing unavailable"),
+        "{}",
+        c.agent_log()
+    );
+}
+
+fn answers(lines: &[String]) -> Vec<Answer> {
+    lines
+        .iter()
+        .map(|l| Answer::parse(l).unwrap_or_else(|e| panic!("probe failed: {e}")))
+        .collect()
+}
+
+fn counter(c: &Cluster, which: Counter) -> u64 {
+    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
+    maps.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == which)
+        .map_or(0, |(_, n)| n)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn tcp_connects_go_straight_to_backends_and_getpeername_shows_the_service() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let new_flows = counter(&c, Counter::NewFlow);
+
+    let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "60"]).unwrap());
+    let ids: Vec<String> = got.iter().map(|a| a.identity.clone()).collect();
+    let spread = spread(&ids);
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    for a in &got {
+        // kube-proxy's view: the socket is connected to the service.
+        assert_eq!(a.peer, vip, "{a:?}");
+        // No masquerade: the backend sees the pod.
+        assert!(a.client.starts_with("198.18.2.2:"), "{a:?}");
+    }
+    assert_eq!(event_count(&c, Event::SockConnect), 60);
+    // Translated at connect(): tc never saw a packet to the service.
+    assert_eq!(counter(&c, Counter::NewFlow), new_flows);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_client_outside_the_cgroup_is_translated_by_tc_with_the_same_choices() {
+    let (c, _cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let got = answers(&probe::run(client, None, &["tcp", &vip, "30"]).unwrap());
+    assert_eq!(
+        spread(&got.iter().map(|a| a.identity.clone()).collect::<Vec<_>>()).len(),
+        3
+    );
+    assert!(got.iter().all(|a| a.peer == vip));
+    assert_eq!(event_count(&c, Event::SockConnect), 0);
+    assert!(counter(&c, Counter::NewFlow) >= 30);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn udp_goes_to_one_backend_per_socket_and_answers_come_from_the_service() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 53).to_string();
+    // One unconnected socket: every datagram to the same backend, every
+    // answer from the service address.
+    let got = answers(&probe::run(client, Some(&cg), &["udp", &vip, "20"]).unwrap());
+    let ids: Vec<String> = got.iter().map(|a| a.identity.clone()).collect();
+    assert_eq!(spread(&ids).len(), 1, "{ids:?}");
+    assert!(got.iter().all(|a| a.peer == vip), "{got:?}");
+    // Fresh sockets spread.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let a = answers(&probe::run(client, Some(&cg), &["udp", &vip, "1"]).unwrap());
+        seen.insert(a[0].identity.clone());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // Connected UDP: the peer is the service too.
+    let got = answers(&probe::run(client, Some(&cg), &["udp-connected", &vip, "3"]).unwrap());
+    assert!(got.iter().all(|a| a.peer == vip), "{got:?}");
+    assert!(event_count(&c, Event::SockSendmsg) >= 50);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_service_without_endpoints_refuses_at_connect_and_sendmsg() {
+    let (c, cg) = socket_bed(&["web-1"], &[]);
+    // A second service, empty.
+    let empty = service_yaml(
+        "empty",
+        Ipv4Addr::new(198, 19, 0, 20),
+        (80, 8080),
+        (53, 5353),
+        &[],
+    );
+    c.write_manifest("empty.yaml", &empty).unwrap();
+    wait_synced(&c, 4, &[0, 0, 1, 1]);
+    let client = &c.pod("client").netns;
+    let lines = probe::run(client, Some(&cg), &["tcp", "198.19.0.20:80", "5"]).unwrap();
+    for l in &lines {
+        assert!(l.starts_with("err ECONNREFUSED"), "{l}");
+        let us: u64 = l.rsplit("us=").next().unwrap().parse().unwrap();
+        assert!(us < 10_000, "refused after {us} µs: {l}");
+    }
+    let lines = probe::run(client, Some(&cg), &["udp", "198.19.0.20:53", "2"]).unwrap();
+    assert!(
+        lines.iter().all(|l| l.starts_with("err ECONNREFUSED")),
+        "{lines:?}"
+    );
+    assert_eq!(event_count(&c, Event::SockRefused), 7);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_udp_client_on_a_fixed_port_moves_on_when_its_backend_leaves_and_tcp_stays() {
+    let (mut c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = c.pod("client").netns.shared();
+    let dns = SocketAddrV4::new(VIP, 53).to_string();
+    let http = SocketAddrV4::new(VIP, 80).to_string();
+    let mut udp = Session::start(&client, Some(&cg), &["udp", &dns, "5300"]).unwrap();
+    let mut tcp = Session::start(&client, Some(&cg), &["tcp", &http]).unwrap();
+    let first = Answer::parse(&udp.ask().unwrap()).unwrap();
+    let held = Answer::parse(&tcp.ask().unwrap()).unwrap();
+    // The UDP socket's backend leaves the service (its pod keeps running).
+    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .filter(|n| *n != first.identity)
+        .collect();
+    let yaml = web(&c, &rest);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    // Its next datagram goes to a backend that serves, from the same port.
+    let next = Answer::parse(&udp.ask().unwrap()).unwrap();
+    assert_ne!(next.identity, first.identity);
+    assert!(rest.contains(&next.identity.as_str()));
+    assert_eq!(next.client, first.client, "the client port changed");
+    assert_eq!(next.peer, dns);
+    assert_eq!(event_count(&c, Event::SockRebalanced), 1);
+    // kube-proxy keeps live TCP connections to a removed, running backend.
+    if !rest.contains(&held.identity.as_str()) {
+        let again = Answer::parse(&tcp.ask().unwrap()).unwrap();
+        assert_eq!(again.identity, held.identity);
+    } else {
+        assert_eq!(Answer::parse(&tcp.ask().unwrap()).unwrap().identity, held.identity);
+    }
+    drop(udp);
+    drop(tcp);
+    let _ = &mut c;
+}

@@ -1,0 +1,209 @@
+//! kpx-probe: a client process for tests and the benchmark of the
+//! socket-level load balancer, which acts on processes by their cgroup: the
+//! bed starts this program inside a network namespace and a cgroup of its
+//! own (`testbed::probe`), never the test process itself.
+//!
+//! Talks the bed's servers' protocol (`addr?` → "identity client-address")
+//! and prints one line per exchange:
+//! `ok <identity> <client seen> peer=<getpeername or recvfrom source> us=<connect µs>`
+//! or `err <errno> us=<µs>`.
+//!
+//! Commands:
+//! - `tcp ADDR N`: N connections, one exchange each;
+//! - `udp ADDR N [PORT]`: one unconnected socket (bound to PORT), N
+//!   `sendto()` / `recvfrom()` exchanges;
+//! - `udp-connected ADDR N`: one connected UDP socket, N exchanges;
+//! - `session tcp|udp ADDR [PORT]`: one socket held open, one exchange per
+//!   line read from stdin, until EOF;
+//! - `crr ADDR SECONDS`: connect, exchange, close, as fast as it can for
+//!   SECONDS; prints `count N connect_ns_mean M`.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&args) {
+        eprintln!("kpx-probe: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let arg = |i: usize| args.get(i).map(String::as_str).ok_or("missing argument");
+    let addr = |i: usize| -> Result<SocketAddr, String> {
+        arg(i)?.parse().map_err(|e| format!("{}: {e}", args[i]))
+    };
+    let num = |i: usize| -> Result<u64, String> {
+        arg(i)?.parse().map_err(|e| format!("{}: {e}", args[i]))
+    };
+    match arg(0)? {
+        "tcp" => {
+            for _ in 0..num(2)? {
+                println!("{}", tcp_once(addr(1)?));
+            }
+        }
+        "udp" => {
+            let port = args.get(3).map(|p| p.parse::<u16>()).transpose();
+            let sock = udp_socket(port.map_err(|e| e.to_string())?.unwrap_or(0))?;
+            for _ in 0..num(2)? {
+                println!("{}", udp_exchange(&sock, Some(addr(1)?)));
+            }
+        }
+        "udp-connected" => {
+            let sock = udp_socket(0)?;
+            let to = addr(1)?;
+            let t = Instant::now();
+            if let Err(e) = sock.connect(to) {
+                println!("err {} us={}", errno(&e), t.elapsed().as_micros());
+                return Ok(());
+            }
+            for _ in 0..num(2)? {
+                println!("{}", udp_exchange(&sock, None));
+            }
+        }
+        "session" => session(arg(1)?, addr(2)?, args.get(3))?,
+        "crr" => crr(addr(1)?, Duration::from_secs(num(2)?))?,
+        other => return Err(format!("unknown command {other:?}")),
+    }
+    Ok(())
+}
+
+fn errno(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc_errno) => match libc_errno {
+            111 => "ECONNREFUSED".into(),
+            110 => "ETIMEDOUT".into(),
+            113 => "EHOSTUNREACH".into(),
+            1 => "EPERM".into(),
+            11 => "EAGAIN".into(),
+            n => format!("errno{n}"),
+        },
+        None => format!("{:?}", e.kind()),
+    }
+}
+
+fn tcp_once(to: SocketAddr) -> String {
+    let t = Instant::now();
+    match TcpStream::connect_timeout(&to, TIMEOUT) {
+        Ok(s) => {
+            let us = t.elapsed().as_micros();
+            match tcp_exchange(&s) {
+                Ok(answer) => format!("ok {answer} peer={} us={us}", peer(&s)),
+                Err(e) => format!("err {} us={us}", errno(&e)),
+            }
+        }
+        Err(e) => format!("err {} us={}", errno(&e), t.elapsed().as_micros()),
+    }
+}
+
+fn peer(s: &TcpStream) -> String {
+    s.peer_addr().map_or_else(|e| errno(&e), |a| a.to_string())
+}
+
+fn tcp_exchange(s: &TcpStream) -> std::io::Result<String> {
+    s.set_read_timeout(Some(TIMEOUT))?;
+    (&*s).write_all(b"addr?\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(line.trim().to_string())
+}
+
+fn udp_socket(port: u16) -> Result<UdpSocket, String> {
+    let sock = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("bind: {e}"))?;
+    sock.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    Ok(sock)
+}
+
+/// One datagram and its answer: to `to` (unconnected) or the connected peer.
+fn udp_exchange(sock: &UdpSocket, to: Option<SocketAddr>) -> String {
+    let sent = match to {
+        Some(to) => sock.send_to(b"addr?", to),
+        None => sock.send(b"addr?"),
+    };
+    if let Err(e) = sent {
+        return format!("err {} us=0", errno(&e));
+    }
+    let mut buf = [0u8; 512];
+    match sock.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            let answer = String::from_utf8_lossy(&buf[..n]);
+            let peer = match to {
+                Some(_) => from.to_string(),
+                None => sock
+                    .peer_addr()
+                    .map_or_else(|e| errno(&e), |a| a.to_string()),
+            };
+            format!("ok {} peer={peer} us=0", answer.trim())
+        }
+        Err(e) => format!("err {} us=0", errno(&e)),
+    }
+}
+
+fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), String> {
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    match proto {
+        "tcp" => {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&to, TIMEOUT);
+            let us = t.elapsed().as_micros();
+            let s = match s {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("err {} us={us}", errno(&e));
+                    return Ok(());
+                }
+            };
+            writeln!(out, "open peer={} us={us}", peer(&s)).map_err(|e| e.to_string())?;
+            out.flush().map_err(|e| e.to_string())?;
+            for _ in stdin.lock().lines() {
+                let line = match tcp_exchange(&s) {
+                    Ok(answer) => format!("ok {answer} peer={} us=0", peer(&s)),
+                    Err(e) => format!("err {} us=0", errno(&e)),
+                };
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+                out.flush().map_err(|e| e.to_string())?;
+            }
+        }
+        "udp" => {
+            let port = port.map(|p| p.parse::<u16>()).transpose();
+            let sock = udp_socket(port.map_err(|e| e.to_string())?.unwrap_or(0))?;
+            writeln!(out, "open").map_err(|e| e.to_string())?;
+            out.flush().map_err(|e| e.to_string())?;
+            for _ in stdin.lock().lines() {
+                writeln!(out, "{}", udp_exchange(&sock, Some(to))).map_err(|e| e.to_string())?;
+                out.flush().map_err(|e| e.to_string())?;
+            }
+        }
+        other => return Err(format!("session: unknown protocol {other:?}")),
+    }
+    Ok(())
+}
+
+/// Connection rate: connect, one exchange, close, until `time` is up.
+fn crr(to: SocketAddr, time: Duration) -> Result<(), String> {
+    let end = Instant::now() + time;
+    let (mut n, mut connect_ns) = (0u64, 0u128);
+    while Instant::now() < end {
+        let t = Instant::now();
+        let s = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+        connect_ns += t.elapsed().as_nanos();
+        tcp_exchange(&s).map_err(|e| format!("exchange: {e}"))?;
+        n += 1;
+    }
+    println!(
+        "count {n} connect_ns_mean {}",
+        connect_ns.checked_div(u128::from(n)).unwrap_or(0)
+    );
+    Ok(())
+}
