@@ -70,7 +70,11 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
             if counted {
                 conns::opened(sel.backend_id);
             }
-            req.remember(cookie, &sel, SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 });
+            req.remember(
+                cookie,
+                &sel,
+                SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 },
+            );
             req.send_to(ctx, &sel);
             stats::event(Event::SockConnect, 1);
             PROCEED

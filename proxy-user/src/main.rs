@@ -101,6 +101,8 @@ enum DumpWhat {
     Backends,
     Conntrack,
     Stats,
+    /// Sockets the socket-level load balancer connected to a backend.
+    Sockets,
 }
 
 fn init_logging(verbosity: Option<u32>) {
@@ -233,6 +235,7 @@ fn run_dump(what: DumpWhat, dir: &Path, json: bool) -> Result<()> {
             dump::conntrack_table,
         )?,
         DumpWhat::Stats => render(&dump::stats(&maps)?, json, dump::stats_table)?,
+        DumpWhat::Sockets => render(dump::sockets(&maps)?.as_slice(), json, dump::sockets_table)?,
     };
     println!("{}", out.trim_end());
     Ok(())

@@ -45,7 +45,8 @@ fn wait_attached(c: &Cluster) {
     });
     assert!(ok.is_some(), "{}", c.agent_log());
     assert!(
-        !c.agent_log().contains("socket-level load balancing unavailable"),
+        !c.agent_log()
+            .contains("socket-level load balancing unavailable"),
         "{}",
         c.agent_log()
     );
@@ -191,9 +192,189 @@ fn a_udp_client_on_a_fixed_port_moves_on_when_its_backend_leaves_and_tcp_stays()
         let again = Answer::parse(&tcp.ask().unwrap()).unwrap();
         assert_eq!(again.identity, held.identity);
     } else {
-        assert_eq!(Answer::parse(&tcp.ask().unwrap()).unwrap().identity, held.identity);
+        assert_eq!(
+            Answer::parse(&tcp.ask().unwrap()).unwrap().identity,
+            held.identity
+        );
     }
     drop(udp);
     drop(tcp);
     let _ = &mut c;
+}
+
+/// As [`socket_bed`], `web`'s spec with `spec_extra` and each endpoint's
+/// extra lines (`nodeName`), by pod.
+fn socket_bed_with(
+    spec_extra: &str,
+    endpoints: &[(&str, &str)],
+    flags: &[&str],
+) -> (Cluster, Cgroup) {
+    let cg = Cgroup::create("socklb").unwrap();
+    let mut c = start(&backends());
+    let eps: Vec<(Ipv4Addr, String)> = endpoints
+        .iter()
+        .map(|(n, extra)| (c.pod(n).ip, format!("{}{extra}", testbed::READY)))
+        .collect();
+    let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(a, s)| (*a, s.as_str())).collect();
+    let yaml = testbed::service_yaml_with("web", VIP, (80, 8080), (53, 5353), &eps, spec_extra);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    let mut args = vec!["--socket-lb-cgroup", cg.path.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    c.start_agent(Path::new(KPX), &args).unwrap();
+    (c, cg)
+}
+
+fn identities(got: &[Answer]) -> std::collections::BTreeMap<String, usize> {
+    spread(&got.iter().map(|a| a.identity.clone()).collect::<Vec<_>>())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn client_ip_affinity_holds_for_a_pods_sockets() {
+    let three = [("web-1", ""), ("web-2", ""), ("web-3", "")];
+    let (c, cg) = socket_bed_with("sessionAffinity: ClientIP", &three, &[]);
+    wait_synced(&c, 2, &[3, 3]);
+    wait_attached(&c);
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "20"]).unwrap());
+    assert_eq!(identities(&got).len(), 1, "{got:?}");
+    assert_eq!(event_count(&c, Event::SockConnect), 20);
+    assert_eq!(event_count(&c, Event::AffinityHit), 19);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn internal_traffic_policy_local_uses_this_nodes_endpoints_only() {
+    let (c, cg) = {
+        let cg = Cgroup::create("socklb").unwrap();
+        let mut c = start(&backends());
+        let node = c.node_name.clone();
+        let local = format!("\n  nodeName: {node}");
+        let eps = [
+            (c.pod("web-1").ip, format!("{}{local}", testbed::READY)),
+            (
+                c.pod("web-2").ip,
+                format!("{}\n  nodeName: elsewhere", testbed::READY),
+            ),
+            (
+                c.pod("web-3").ip,
+                format!("{}\n  nodeName: elsewhere", testbed::READY),
+            ),
+        ];
+        let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(a, s)| (*a, s.as_str())).collect();
+        let yaml = testbed::service_yaml_with(
+            "web",
+            VIP,
+            (80, 8080),
+            (53, 5353),
+            &eps,
+            "internalTrafficPolicy: Local",
+        );
+        c.write_manifest("web.yaml", &yaml).unwrap();
+        c.start_agent(
+            Path::new(KPX),
+            &["--socket-lb-cgroup", cg.path.to_str().unwrap()],
+        )
+        .unwrap();
+        (c, cg)
+    };
+    wait_synced(&c, 2, &[3, 3]);
+    wait_attached(&c);
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "20"]).unwrap());
+    assert_eq!(
+        identities(&got).keys().collect::<Vec<_>>(),
+        ["web-1"],
+        "{got:?}"
+    );
+    assert_eq!(event_count(&c, Event::SockConnect), 20);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_nodes_own_processes_are_served_and_host_only_leaves_pods_to_tc() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &["--socket-lb", "host-only"]);
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    // A host process (the node's network namespace, the test's cgroup).
+    let got = answers(&probe::run(&c.node, Some(&cg), &["tcp", &vip, "10"]).unwrap());
+    assert!(got.iter().all(|a| a.peer == vip), "{got:?}");
+    // The backend sees one of the node's addresses.
+    assert!(
+        got.iter().all(|a| !a.client.starts_with("198.18.2.2:")),
+        "{got:?}"
+    );
+    assert_eq!(event_count(&c, Event::SockConnect), 10);
+    // A pod's connections: the service address on the wire, tc translates.
+    let new_flows = counter(&c, Counter::NewFlow);
+    let client = &c.pod("client").netns;
+    let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "10"]).unwrap());
+    assert!(got.iter().all(|a| a.client.starts_with("198.18.2.2:")));
+    assert_eq!(event_count(&c, Event::SockConnect), 10);
+    assert_eq!(counter(&c, Counter::NewFlow), new_flows + 10);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn flows_the_reference_masquerades_are_left_to_tc_which_masquerades_them() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &["--masquerade-all"]);
+    let client = &c.pod("client").netns;
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let new_flows = counter(&c, Counter::NewFlow);
+    let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "10"]).unwrap());
+    // Masqueraded: the backend sees the node, not the pod; tc did it.
+    assert!(
+        got.iter().all(|a| !a.client.starts_with("198.18.2.2:")),
+        "{got:?}"
+    );
+    assert_eq!(event_count(&c, Event::SockConnect), 0);
+    assert_eq!(event_count(&c, Event::SockToTc), 10);
+    assert_eq!(counter(&c, Counter::NewFlow), new_flows + 10);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn least_connections_counts_held_sockets_and_dump_lists_them() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &["--ipvs-scheduler", "lc"]);
+    let client = c.pod("client").netns.shared();
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let mut held: Vec<Session> = (0..6)
+        .map(|_| Session::start(&client, Some(&cg), &["tcp", &vip]).unwrap())
+        .collect();
+    let mut got = Vec::new();
+    for s in &mut held {
+        got.push(Answer::parse(&s.ask().unwrap()).unwrap());
+    }
+    // Two choices among three, each taking the less loaded: six held
+    // connections never pile three on one backend while another has none.
+    let per = identities(&got);
+    assert!(per.values().all(|n| *n <= 3), "{per:?}");
+    let dump = String::from_utf8(kpx_dump(&c.bpffs(), &["backends", "--json"])).unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&dump).unwrap();
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("sockets"), 6, "{dump}");
+    assert_eq!(sum("active_conns"), 6, "{dump}");
+    let socks = String::from_utf8(kpx_dump(&c.bpffs(), &["sockets"])).unwrap();
+    assert_eq!(
+        socks
+            .lines()
+            .filter(|l| l.contains("connected") && l.contains("(counted)"))
+            .count(),
+        6,
+        "{socks}"
+    );
+    // Closed: off the counts and out of the map.
+    drop(held);
+    let ok = testbed::wait_for(std::time::Duration::from_secs(5), || {
+        let dump = String::from_utf8(kpx_dump(&c.bpffs(), &["backends", "--json"])).unwrap();
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&dump).unwrap();
+        let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+        (sum("sockets") == 0 && sum("active_conns") == 0).then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{}",
+        String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["backends"]))
+    );
 }

@@ -295,8 +295,7 @@ impl Cluster {
             // a test created and names (`--socket-lb-cgroup`), never on
             // the machine's root cgroup, the agent's default.
             .args(
-                (!extra.iter().any(|a| a.starts_with("--socket-lb")))
-                    .then_some("--socket-lb=off"),
+                (!extra.iter().any(|a| a.starts_with("--socket-lb"))).then_some("--socket-lb=off"),
             )
             .env("RUST_LOG", "info,kube_client=off")
             .stdin(Stdio::null())

@@ -173,7 +173,10 @@ impl Session {
 
     /// One exchange on the held socket: its `ok ...` / `err ...` line.
     pub fn ask(&mut self) -> Result<String> {
-        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("session closed"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("session closed"))?;
         stdin.write_all(b"ask\n")?;
         stdin.flush()?;
         self.line()

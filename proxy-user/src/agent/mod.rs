@@ -40,10 +40,6 @@ use crate::{
     control::manifests,
     control::model::{NodeInfo, Problem, Skipped},
     control::watch::{self, Change},
-    dataplane::{
-        attach::{self, Attacher},
-        socklb,
-    },
     dataplane::bpffs,
     dataplane::conntrack::{self},
     dataplane::layout,
@@ -52,6 +48,10 @@ use crate::{
     dataplane::ports::PortFilter,
     dataplane::reconcile::{self, MapState, Mirror, Op},
     dataplane::takeover,
+    dataplane::{
+        attach::{self, Attacher},
+        socklb,
+    },
     ops::health::{self, Health, ServiceHealth},
     ops::metrics::{DatapathCounters, MapLabel, Metrics, OutcomeLabel, ReasonLabel, ResourceLabel},
 };

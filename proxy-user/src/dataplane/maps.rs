@@ -25,7 +25,7 @@ use crate::{
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
     DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue,
-    SlotKey, SrcRange, SERVICE_NAME_LEN,
+    SlotKey, SockValue, SrcRange, SERVICE_NAME_LEN,
 };
 
 /// Every element of a hash map: in batches, or one at a time where the
@@ -112,6 +112,8 @@ pub struct MapSet {
     pub ports: Array<MapData, u64>,
     /// Active connections per backend id (least-connection schedulers).
     pub conns: HashMap<MapData, u32, u64>,
+    /// Sockets the socket-level load balancer connected, by cookie.
+    pub socks: HashMap<MapData, u64, SockValue>,
 }
 
 impl MapSet {
@@ -136,6 +138,7 @@ impl MapSet {
             config: get(map_names::CONFIG)?.try_into()?,
             ports: get(map_names::PORTS)?.try_into()?,
             conns: get(map_names::CONNS)?.try_into()?,
+            socks: get(map_names::SOCKS)?.try_into()?,
         })
     }
 
@@ -189,6 +192,7 @@ impl MapSet {
                 map_names::SRC_RANGES,
                 cap(IterableMap::map(&self.src_ranges))?,
             ),
+            (map_names::SOCKS, cap(IterableMap::map(&self.socks))?),
         ])
     }
 

@@ -190,10 +190,16 @@ mod tests {
     #[test]
     fn finds_the_cgroup2_mount_on_hybrid_and_unified_hosts() {
         let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mount(hybrid).as_deref(), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            cgroup2_mount(hybrid).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
         let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
         assert_eq!(cgroup2_mount(unified).as_deref(), Some("/sys/fs/cgroup"));
-        assert_eq!(cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+        assert_eq!(
+            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
         let spaced = "cgroup2 /run/my\\040cg cgroup2 rw 0 0\n";
         assert_eq!(cgroup2_mount(spaced).as_deref(), Some("/run/my cg"));
     }

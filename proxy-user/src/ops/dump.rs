@@ -18,6 +18,92 @@ use crate::{
     dataplane::reconcile::MapState,
 };
 
+/// A socket the socket-level load balancer gave a backend (`kpx dump
+/// sockets`).
+#[derive(Debug, Serialize)]
+pub struct SocketRow {
+    pub cookie: u64,
+    pub protocol: String,
+    /// The service address the socket asked for.
+    pub service: String,
+    pub name: String,
+    pub backend: String,
+    pub backend_id: u32,
+    /// "connected" (`connect()`) or "unconnected" (UDP `sendmsg()`).
+    pub mode: &'static str,
+    /// In its backend's active connections (a least-connection service).
+    pub counted: bool,
+}
+
+fn sockets_of(maps: &MapSet) -> Result<Vec<proxy_common::SockValue>> {
+    Ok(crate::dataplane::maps::read_hash(&maps.socks)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+pub fn sockets(maps: &MapSet) -> Result<Vec<SocketRow>> {
+    let names = crate::dataplane::maps::read_hash(&maps.service_names)?;
+    let name = |id: u32| {
+        names
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map_or_else(|| format!("svc {id}"), |(_, n)| name_from_bytes(n))
+    };
+    let mut rows: Vec<SocketRow> = crate::dataplane::maps::read_hash(&maps.socks)?
+        .into_iter()
+        .map(|(cookie, v)| SocketRow {
+            cookie,
+            protocol: proto_name(v.proto),
+            service: format!(
+                "{}:{}",
+                wire::to_addr(v.svc_addr),
+                wire::to_port(v.svc_port)
+            ),
+            name: name(v.svc_id),
+            backend: format!(
+                "{}:{}",
+                wire::to_addr(v.backend_addr),
+                wire::to_port(v.backend_port)
+            ),
+            backend_id: v.backend_id,
+            mode: if v.flags & proxy_common::SOCK_F_CONNECTED != 0 {
+                "connected"
+            } else {
+                "unconnected"
+            },
+            counted: v.flags & proxy_common::SOCK_F_COUNTED != 0,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.service, &a.backend, a.cookie).cmp(&(&b.service, &b.backend, b.cookie))
+    });
+    Ok(rows)
+}
+
+pub fn sockets_table(rows: &[SocketRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>12} {:<5} {:<22} {:<22} {:<12}  Service",
+        "Cookie", "Prot", "Frontend", "Backend", "Mode"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:>12} {:<5} {:<22} {:<22} {:<12}  {}{}",
+            r.cookie,
+            r.protocol,
+            r.service,
+            r.backend,
+            r.mode,
+            r.name,
+            if r.counted { " (counted)" } else { "" }
+        );
+    }
+    out
+}
+
 pub fn proto_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "TCP".into(),
@@ -247,11 +333,18 @@ pub struct BackendEntry {
     /// them (established TCP of such services, not closing; 0 for a
     /// backend of no such service).
     pub active_conns: u64,
+    /// Sockets the socket-level load balancer connected (or sends) to it:
+    /// flows that never cross the tc translation, so not in `flows`.
+    pub sockets: u64,
 }
 
 pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
     let state = maps.read_state()?;
     let flows = flow_counts(maps)?;
+    let mut sockets: BTreeMap<u32, u64> = BTreeMap::new();
+    for s in sockets_of(maps)? {
+        *sockets.entry(s.backend_id).or_default() += 1;
+    }
     let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for v in state.services.values() {
         for slot in 0..v.count {
@@ -290,6 +383,7 @@ pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
                 .filter(|((_, bid), _)| bid == id)
                 .map(|(_, f)| f.0)
                 .sum(),
+            sockets: sockets.get(id).copied().unwrap_or(0),
         })
         .collect();
     rows.sort_by_key(|r| r.id);
@@ -300,18 +394,19 @@ pub fn backends_table(rows: &[BackendEntry]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>6} {:<5} {:<22} {:>8} {:>8}  Services",
-        "Id", "Prot", "Backend", "Flows", "Active"
+        "{:>6} {:<5} {:<22} {:>8} {:>8} {:>8}  Services",
+        "Id", "Prot", "Backend", "Flows", "Active", "Sockets"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:>6} {:<5} {:<22} {:>8} {:>8}  {}",
+            "{:>6} {:<5} {:<22} {:>8} {:>8} {:>8}  {}",
             r.id,
             r.protocol,
             format!("{}:{}", r.addr, r.port),
             r.flows,
             r.active_conns,
+            r.sockets,
             if r.services.is_empty() {
                 "(unused)".to_string()
             } else {
