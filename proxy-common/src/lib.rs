@@ -773,8 +773,9 @@ impl DropReason {
 }
 
 /// Conntrack and affinity events (per-CPU counters, indexed by the enum's
-/// value). Not verdicts: a packet may cause none or several. `Gc*` slots are
-/// written by the agent (its running totals), the others by the datapath.
+/// value). Not verdicts: a packet may cause none or several. `Gc*` and
+/// `SockDestroyed` are written by the agent (its running totals), the
+/// others by the datapath.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -826,10 +827,15 @@ pub enum Event {
     SockRebalanced = 16,
     /// `recvmsg()` / `getpeername()` answers shown as from the service.
     SockRevNat = 17,
+    /// Connected UDP sockets closed by the agent because their backend left
+    /// the service (the reference flushes such flows' conntrack entries),
+    /// so the client's next socket picks a serving one. Written by the
+    /// agent.
+    SockDestroyed = 18,
 }
 
 impl Event {
-    pub const ALL: [Event; 18] = [
+    pub const ALL: [Event; 19] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
@@ -848,6 +854,7 @@ impl Event {
         Event::SockToTc,
         Event::SockRebalanced,
         Event::SockRevNat,
+        Event::SockDestroyed,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -871,6 +878,7 @@ impl Event {
             Event::SockToTc => "sock_to_tc",
             Event::SockRebalanced => "sock_rebalanced",
             Event::SockRevNat => "sock_revnat",
+            Event::SockDestroyed => "sock_destroyed",
         }
     }
 }

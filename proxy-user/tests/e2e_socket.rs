@@ -378,3 +378,42 @@ fn least_connections_counts_held_sockets_and_dump_lists_them() {
         String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["backends"]))
     );
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_connected_udp_socket_whose_backend_leaves_is_closed_so_the_client_rebalances() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = c.pod("client").netns.shared();
+    let dns = SocketAddrV4::new(VIP, 53).to_string();
+    let mut stuck = Session::start(&client, Some(&cg), &["udp-connected", &dns]).unwrap();
+    let first = Answer::parse(&stuck.ask().unwrap()).unwrap();
+    assert_eq!(first.peer, dns);
+    // Another connected socket, to a backend that stays: left alone.
+    let mut other = None;
+    for _ in 0..30 {
+        let mut s = Session::start(&client, Some(&cg), &["udp-connected", &dns]).unwrap();
+        if Answer::parse(&s.ask().unwrap()).unwrap().identity != first.identity {
+            other = Some(s);
+            break;
+        }
+    }
+    let mut other = other.expect("no socket reached another backend in 30 tries");
+    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .filter(|n| *n != first.identity)
+        .collect();
+    c.write_manifest("web.yaml", &web(&c, &rest)).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    // The agent closes the stuck socket: the application hears of it.
+    let closed = testbed::wait_for(std::time::Duration::from_secs(10), || {
+        (event_count(&c, Event::SockDestroyed) == 1).then_some(())
+    });
+    assert!(closed.is_some(), "{}", c.agent_log());
+    let after = stuck.ask().unwrap();
+    assert!(after.starts_with("err "), "{after}");
+    // A new socket reaches a serving backend; the other socket never moved.
+    let mut fresh = Session::start(&client, Some(&cg), &["udp-connected", &dns]).unwrap();
+    let next = Answer::parse(&fresh.ask().unwrap()).unwrap();
+    assert!(rest.contains(&next.identity.as_str()), "{next:?}");
+    assert!(Answer::parse(&other.ask().unwrap()).is_ok());
+}

@@ -81,6 +81,7 @@ pub fn tune_malloc() {
 struct GcStats {
     expired: u64,
     stale_udp: u64,
+    sockets_destroyed: u64,
     /// The eviction total last mirrored into the metrics.
     evicted_seen: u64,
     /// The conntrack tables past the warning level (until they fall back
@@ -95,6 +96,7 @@ impl GcStats {
             match e {
                 Event::GcExpired => s.expired = n,
                 Event::GcStaleUdp => s.stale_udp = n,
+                Event::SockDestroyed => s.sockets_destroyed = n,
                 _ => {}
             }
         }
@@ -253,6 +255,19 @@ fn collect(
             report.stale_udp,
             stale.len()
         );
+    }
+    match crate::dataplane::socklb::destroy_stale(maps, stale) {
+        Ok(0) => {}
+        Ok(n) => {
+            stats.sockets_destroyed += n;
+            if let Err(err) = maps.set_event(Event::SockDestroyed, stats.sockets_destroyed) {
+                log::warn!("updating the sock_destroyed counter: {err:#}");
+            }
+            log::info!("closed {n} connected UDP sockets of backends that left their service");
+        }
+        Err(e) => log::warn!(
+            "closing connected UDP sockets of backends that left their service: {e:#}; they keep their backend until the application reconnects"
+        ),
     }
     let level = if report.expired > 0 {
         log::Level::Info

@@ -14,6 +14,7 @@ pub mod maps;
 pub mod node;
 pub mod ports;
 pub mod reconcile;
+pub mod sockdiag;
 pub mod socklb;
 pub mod sys;
 pub mod takeover;

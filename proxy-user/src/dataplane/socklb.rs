@@ -15,9 +15,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::collections::HashSet;
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr};
-use proxy_common::prog_names;
+use proxy_common::{prog_names, wire, IPPROTO_UDP, SOCK_F_CONNECTED};
+
+use crate::dataplane::{
+    conntrack::ServiceBackend,
+    maps::{read_hash, MapSet},
+    sockdiag,
+};
 
 /// `--socket-lb`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -175,6 +183,38 @@ pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<usize
     link.pin(dir.join(name))
         .with_context(|| format!("pinning {name}"))?;
     Ok(n + 1)
+}
+
+/// Closes the connected UDP sockets the load balancer gave a backend that
+/// has left the service (`stale`, from the sync that removed it), in
+/// whichever network namespace they are: the reference flushes such flows'
+/// conntrack entries so the client's next datagram is balanced anew; a
+/// connected socket has no next balancing without this. The application
+/// sees ECONNABORTED and opens a new socket. TCP sockets stay, as
+/// kube-proxy keeps established connections to a removed backend.
+/// Unconnected UDP sockets need nothing: their next `sendmsg()` moves.
+/// Returns how many were closed.
+pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u64> {
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    let cookies: HashSet<u64> = read_hash(&maps.socks)?
+        .into_iter()
+        .filter(|(_, v)| {
+            v.proto == IPPROTO_UDP
+                && v.flags & SOCK_F_CONNECTED != 0
+                && stale.contains(&(
+                    v.svc_id,
+                    wire::to_addr(v.backend_addr),
+                    wire::to_port(v.backend_port),
+                ))
+        })
+        .map(|(cookie, _)| cookie)
+        .collect();
+    if cookies.is_empty() {
+        return Ok(0);
+    }
+    sockdiag::destroy_everywhere(&cookies).context("closing sockets (SOCK_DESTROY)")
 }
 
 /// Detaches and unpins every socket-LB link under `bpffs`. Returns how

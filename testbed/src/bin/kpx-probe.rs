@@ -13,8 +13,8 @@
 //! - `udp ADDR N [PORT]`: one unconnected socket (bound to PORT), N
 //!   `sendto()` / `recvfrom()` exchanges;
 //! - `udp-connected ADDR N`: one connected UDP socket, N exchanges;
-//! - `session tcp|udp ADDR [PORT]`: one socket held open, one exchange per
-//!   line read from stdin, until EOF;
+//! - `session tcp|udp|udp-connected ADDR [PORT]`: one socket held open,
+//!   one exchange per line read from stdin, until EOF;
 //! - `crr ADDR SECONDS`: connect, exchange, close, as fast as it can for
 //!   SECONDS; prints `count N connect_ns_mean M`.
 
@@ -80,6 +80,8 @@ fn errno(e: &std::io::Error) -> String {
             111 => "ECONNREFUSED".into(),
             110 => "ETIMEDOUT".into(),
             113 => "EHOSTUNREACH".into(),
+            103 => "ECONNABORTED".into(),
+            89 => "EDESTADDRREQ".into(),
             1 => "EPERM".into(),
             11 => "EAGAIN".into(),
             n => format!("errno{n}"),
@@ -182,6 +184,20 @@ fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), Str
             out.flush().map_err(|e| e.to_string())?;
             for _ in stdin.lock().lines() {
                 writeln!(out, "{}", udp_exchange(&sock, Some(to))).map_err(|e| e.to_string())?;
+                out.flush().map_err(|e| e.to_string())?;
+            }
+        }
+        "udp-connected" => {
+            let sock = udp_socket(0)?;
+            let t = Instant::now();
+            if let Err(e) = sock.connect(to) {
+                println!("err {} us={}", errno(&e), t.elapsed().as_micros());
+                return Ok(());
+            }
+            writeln!(out, "open").map_err(|e| e.to_string())?;
+            out.flush().map_err(|e| e.to_string())?;
+            for _ in stdin.lock().lines() {
+                writeln!(out, "{}", udp_exchange(&sock, None)).map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
             }
         }
