@@ -157,7 +157,7 @@ fn main() -> Result<()> {
             let links = attach::unpin_links(&bpffs)?;
             let removed = bpffs::unpin_all(&bpffs)?;
             println!(
-                "detached {links} tc programs and removed {} pinned maps from {}",
+                "detached {links} programs (tc and socket-level) and removed {} pinned maps from {}",
                 removed.len(),
                 bpffs.display()
             );

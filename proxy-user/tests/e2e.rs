@@ -349,7 +349,7 @@ fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_i
     let said = String::from_utf8_lossy(&out.stdout);
     let expected = format!("removed {} pinned maps", proxy_common::map_names::ALL.len());
     assert!(said.contains(&expected), "{said}");
-    assert!(!said.contains("detached 0 tc programs"), "{said}");
+    assert!(!said.contains("detached 0 programs"), "{said}");
     assert!(MapSet::open_pinned(&c.bpffs()).is_err());
     // The kernel releases an unpinned link asynchronously.
     let gone = wait_for(Duration::from_secs(5), || {

@@ -417,3 +417,57 @@ fn a_connected_udp_socket_whose_backend_leaves_is_closed_so_the_client_rebalance
     assert!(rest.contains(&next.identity.as_str()), "{next:?}");
     assert!(Answer::parse(&other.ask().unwrap()).is_ok());
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_restarted_agent_takes_the_cgroup_over_and_cleanup_detaches_it() {
+    let (mut c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = c.pod("client").netns.shared();
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    // A connection held across the restart: it never depended on kpx.
+    let mut held = Session::start(&client, Some(&cg), &["tcp", &vip]).unwrap();
+    let first = Answer::parse(&held.ask().unwrap()).unwrap();
+
+    c.agent.as_mut().unwrap().stop().unwrap();
+    c.start_agent(
+        Path::new(KPX),
+        &["--socket-lb-cgroup", cg.path.to_str().unwrap()],
+    )
+    .unwrap();
+    let log = || c.agent_log();
+    let ok = testbed::wait_for(std::time::Duration::from_secs(10), || {
+        log()
+            .contains("detached 5 socket-LB links of an earlier agent")
+            .then_some(())
+    });
+    assert!(ok.is_some(), "{}", log());
+    wait_attached(&c);
+    let before = event_count(&c, Event::SockConnect);
+    let got = answers(&probe::run(&client, Some(&cg), &["tcp", &vip, "5"]).unwrap());
+    assert!(got.iter().all(|a| a.peer == vip));
+    assert_eq!(event_count(&c, Event::SockConnect), before + 5);
+    assert_eq!(
+        Answer::parse(&held.ask().unwrap()).unwrap().identity,
+        first.identity
+    );
+
+    // `kpx cleanup`: no program left on the cgroup. With tc gone too, a
+    // connect() to the service address is no longer rewritten: it fails.
+    c.agent.as_mut().unwrap().stop().unwrap();
+    let out = c
+        .node
+        .command(Path::new(KPX))
+        .unwrap()
+        .args(["cleanup", "--bpffs"])
+        .arg(c.bpffs())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!c.bpffs().join("sock-links").exists());
+    let lines = probe::run(&client, Some(&cg), &["tcp", &vip, "1"]).unwrap();
+    assert!(lines[0].starts_with("err "), "{lines:?}");
+}

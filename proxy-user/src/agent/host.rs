@@ -159,7 +159,7 @@ impl Agent {
             return;
         }
         let cgroup = match &self.cfg.socket_lb_cgroup {
-            Some(c) => Ok(c.clone()),
+            Some(c) => socklb::resolve(c),
             None => socklb::default_cgroup(),
         };
         let bpffs = self.cfg.bpffs.clone();

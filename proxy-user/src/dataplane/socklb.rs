@@ -139,15 +139,25 @@ pub fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
+/// The cgroup v2 directory `path` names: itself, or on a hybrid host's
+/// `/sys/fs/cgroup` (v1 controllers, v2 at `unified/`), its `unified/`.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join("cgroup.procs").exists() && !path.join("tasks").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let unified = path.join("unified");
+    if unified.join("cgroup.procs").exists() {
+        return Ok(unified);
+    }
+    bail!("{} is not a cgroup v2 directory", path.display())
+}
+
 /// Loads the programs and attaches them to `cgroup`, pinning the links in
 /// `bpffs` (replacing an earlier agent's). Returns how many were attached.
 pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<usize> {
     let dir = links_dir(bpffs);
     let cg = fs::File::open(cgroup)
         .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
-    if !cgroup.join("cgroup.procs").exists() {
-        bail!("{} is not a cgroup v2 directory", cgroup.display());
-    }
     let removed = unpin(bpffs)?;
     if removed > 0 {
         log::info!("detached {removed} socket-LB links of an earlier agent");
@@ -242,6 +252,22 @@ mod tests {
         );
         let spaced = "cgroup2 /run/my\\040cg cgroup2 rw 0 0\n";
         assert_eq!(cgroup2_mount(spaced).as_deref(), Some("/run/my cg"));
+    }
+
+    #[test]
+    fn a_hybrid_hosts_cgroup_root_resolves_to_its_unified_hierarchy() {
+        let dir = std::env::temp_dir().join(format!("kpx-cg-{}", std::process::id()));
+        let v2 = dir.join("v2");
+        let hybrid = dir.join("hybrid");
+        for d in [&v2, &hybrid.join("unified"), &hybrid.join("cpu")] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(v2.join("cgroup.procs"), "").unwrap();
+        fs::write(hybrid.join("unified/cgroup.procs"), "").unwrap();
+        assert_eq!(resolve(&v2).unwrap(), v2);
+        assert_eq!(resolve(&hybrid).unwrap(), hybrid.join("unified"));
+        assert!(resolve(&hybrid.join("cpu")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
