@@ -42,10 +42,15 @@ pub mod map_names {
     /// Active connections per backend id, for the least-connection
     /// schedulers.
     pub const CONNS: &str = "KPX_CONNS";
-    /// Sockets the socket-level load balancer connected to a backend, by
-    /// socket cookie.
+    /// Sockets the socket-level load balancer gave a backend: socket local
+    /// storage (`BPF_MAP_TYPE_SK_STORAGE`), read from userspace through
+    /// sock_diag.
     pub const SOCKS: &str = "KPX_SOCKS";
-    pub const ALL: [&str; 20] = [
+    /// The UDP ones again, by socket cookie: sock_diag reports socket
+    /// storage with TCP sockets only, and the agent must find connected UDP
+    /// sockets whose backend left.
+    pub const SOCKS_UDP: &str = "KPX_SOCKS_UDP";
+    pub const ALL: [&str; 21] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -66,6 +71,7 @@ pub mod map_names {
         RR,
         CONNS,
         SOCKS,
+        SOCKS_UDP,
     ];
 }
 
@@ -138,9 +144,9 @@ pub mod capacity {
     pub const SRC_RANGES: u32 = 65_536;
     /// Words of the frontend-port filter: 2 bits for each of 65,536 ports.
     pub const PORT_WORDS: u32 = 65_536 * 2 / 64;
-    /// Sockets connected through the socket-level load balancer at once.
-    /// Entries leave with their socket (`sock_release`); LRU beyond that.
-    pub const SOCKS: u32 = 262_144;
+    /// UDP sockets with a backend from the socket-level load balancer.
+    /// Entries leave with their socket; LRU beyond that.
+    pub const SOCKS_UDP: u32 = 65_536;
 }
 
 /// The frontend-port filter (`KPX_PORTS`): which destination ports any
@@ -596,7 +602,7 @@ pub struct AffinityKey {
 }
 
 /// A socket the socket-level load balancer connected (or sends) to a
-/// backend: value of [`map_names::SOCKS`], keyed by socket cookie (u64).
+/// backend: the socket's value in [`map_names::SOCKS`] (socket storage).
 /// Read back by `recvmsg()` / `getpeername()` to show the service address,
 /// by `sendmsg()` to keep an unconnected socket on its backend, and by the
 /// socket's release to take it off its backend's connection count.

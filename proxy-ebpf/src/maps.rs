@@ -6,7 +6,8 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
@@ -106,9 +107,17 @@ pub static CONNS: HashMap<u32, u64> =
 #[map(name = "KPX_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-/// Sockets the socket-level load balancer gave a backend (`sock`), by
-/// socket cookie. An entry leaves with its socket (`kpx_sock_release`);
-/// LRU, so sockets closed before the release program was attached cannot
-/// fill it.
-#[map(name = "KPX_SOCKS")]
-pub static SOCKS: LruHashMap<u64, SockValue> = LruHashMap::with_max_entries(capacity::SOCKS, 0);
+/// Sockets the socket-level load balancer gave a backend (`sock`): socket
+/// local storage, found from the socket itself (no hash table, no cold
+/// bucket: a `getpeername()` or release of a socket without an entry
+/// costs one pointer test), and freed with the socket.
+#[btf_map(name = "KPX_SOCKS")]
+pub static SOCKS: SkStorage<SockValue> = SkStorage::new();
+
+/// The UDP sockets of `SOCKS` again, by socket cookie, for the agent: it
+/// finds there the connected ones whose backend left. Written when a UDP
+/// socket's entry is, removed at its release. LRU: a socket whose release
+/// was missed cannot fill it.
+#[map(name = "KPX_SOCKS_UDP")]
+pub static SOCKS_UDP: LruHashMap<u64, SockValue> =
+    LruHashMap::with_max_entries(capacity::SOCKS_UDP, 0);

@@ -16,17 +16,21 @@
 //! - `connect()` / `sendmsg()` not to a service: `PORTS` (an array the
 //!   verifier inlines), + `SERVICES` on a port some frontend uses;
 //! - to a service: + `CONFIG`, `SLOTS`, `BACKENDS` (as a first packet's
-//!   selection, affinity and scheduler included), `SOCKS` (1 lookup, 1
-//!   insert); a UDP socket that already has a backend for the service:
-//!   `SOCKS` and `SLOTS` (is the backend still there?) instead of the
-//!   selection; without endpoints: refused, no more;
-//! - `recvmsg()` / `getpeername()`: `SOCKS`, 1;
-//! - a socket's release: `SOCKS`, 1 (+1 delete and a `CONNS` atomic add
-//!   for a socket it knows).
+//!   selection, affinity and scheduler included), and the socket's own
+//!   storage (`SOCKS`, socket local storage: no hash table); a UDP socket
+//!   that already has a backend for the service: its storage and `SLOTS`
+//!   (is the backend still there?) instead of the selection; without
+//!   endpoints: refused, no more;
+//! - `recvmsg()` / `getpeername()`: the socket's storage (a pointer test
+//!   for a socket without one);
+//! - a socket's release: the same (+ a `CONNS` atomic add for a counted
+//!   socket, and a `SOCKS_UDP` delete for a UDP one);
+//! - a UDP socket's entry written: + a `SOCKS_UDP` insert (the agent finds
+//!   connected ones there when their backend leaves).
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get},
     programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
@@ -37,7 +41,7 @@ use proxy_common::{
 
 use crate::{
     conns,
-    maps::SOCKS,
+    maps::{SOCKS, SOCKS_UDP},
     policy::{self, Origin},
     select, service, stats,
 };
@@ -54,27 +58,32 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     let Some(req) = Request::of(ctx) else {
         return PROCEED;
     };
-    let cookie = socket_cookie(ctx);
     match req.backend(ctx, None) {
         Ok(sel) => {
+            let entry = storage(ctx, true);
             // A socket connected again (UDP may): its earlier backend's
             // count first.
-            if let Some(old) = SOCKS.get_ptr(cookie) {
-                // SAFETY: a map value of this run, copied out.
-                let old = unsafe { *old };
-                if old.flags & SOCK_F_COUNTED != 0 {
-                    conns::closed(old.backend_id);
+            if let Some(old) = entry {
+                // SAFETY: this socket's storage, valid for the program run.
+                if unsafe { (*old).flags } & SOCK_F_COUNTED != 0 {
+                    // SAFETY: as above.
+                    conns::closed(unsafe { (*old).backend_id });
                 }
             }
-            let counted = sel.counted && req.proto == IPPROTO_TCP;
+            // Counted only where the socket has storage to take it back at
+            // its release (an allocation failure leaves it uncounted).
+            let counted = sel.counted && req.proto == IPPROTO_TCP && entry.is_some();
             if counted {
                 conns::opened(sel.backend_id);
             }
-            req.remember(
-                cookie,
-                &sel,
-                SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 },
-            );
+            if let Some(e) = entry {
+                req.remember(
+                    ctx,
+                    e,
+                    &sel,
+                    SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 },
+                );
+            }
             req.send_to(ctx, &sel);
             stats::event(Event::SockConnect, 1);
             PROCEED
@@ -93,16 +102,17 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
     if req.proto != IPPROTO_UDP {
         return PROCEED;
     }
-    let cookie = socket_cookie(ctx);
-    let known = SOCKS.get_ptr(cookie).map(|v| {
-        // SAFETY: a map value of this run, copied out.
+    let known = storage(ctx, false).map(|v| {
+        // SAFETY: this socket's storage, copied out.
         unsafe { *v }
     });
     let known = known.filter(|v| v.svc_addr == req.addr && v.svc_port == req.port);
     match req.backend(ctx, known.as_ref()) {
         Ok(sel) => {
             if known.is_none_or(|k| k.backend_id != sel.backend_id || k.slot != sel.slot) {
-                req.remember(cookie, &sel, 0);
+                if let Some(e) = storage(ctx, true) {
+                    req.remember(ctx, e, &sel, 0);
+                }
                 if known.is_some() {
                     stats::event(Event::SockRebalanced, 1);
                 }
@@ -119,10 +129,10 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
 /// the service's the socket asked for.
 #[inline(always)]
 pub fn reverse(ctx: &SockAddrContext) -> i32 {
-    let Some(v) = SOCKS.get_ptr(socket_cookie(ctx)) else {
+    let Some(v) = storage(ctx, false) else {
         return PROCEED;
     };
-    // SAFETY: a map value of this run, copied out.
+    // SAFETY: this socket's storage, copied out.
     let v = unsafe { *v };
     let sa = ctx.sock_addr;
     if read(sa, Field::Addr) == v.backend_addr && read(sa, Field::Port) as u16 == v.backend_port {
@@ -133,21 +143,50 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// A socket's release: its entry goes, and a counted socket leaves its
-/// backend's active connections.
+/// A socket's release: a counted socket leaves its backend's active
+/// connections. Its storage goes with the socket.
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
-    // SAFETY: the program's context, a socket the helper accepts.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(v) = SOCKS.get_ptr(cookie) {
-        // SAFETY: a map value of this run, read once.
+    // SAFETY: the map is a socket storage map and `ctx.sock` the socket
+    // the program runs for, both as the helper requires; no value is
+    // created.
+    let v = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&SOCKS).cast_mut().cast(),
+            ctx.sock.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockValue>();
+    if !v.is_null() {
+        // SAFETY: the socket's storage, valid for the program run.
         let v = unsafe { *v };
         if v.flags & SOCK_F_COUNTED != 0 {
             conns::closed(v.backend_id);
         }
-        let _ = SOCKS.remove(&cookie);
+        if v.proto == IPPROTO_UDP {
+            // SAFETY: the program's context, a socket the helper accepts.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = SOCKS_UDP.remove(&cookie);
+        }
     }
     PROCEED
+}
+
+/// This socket's entry, created (zeroed) when `create` and absent; None
+/// when absent (or the allocation failed).
+#[inline(always)]
+fn storage(ctx: &SockAddrContext, create: bool) -> Option<*mut SockValue> {
+    // SAFETY: the program's own context, whose socket the helper takes.
+    let p = unsafe {
+        if create {
+            SOCKS.get_or_insert_ptr_mut(ctx, None)
+        } else {
+            SOCKS.get_ptr_mut(ctx)
+        }
+    };
+    (!p.is_null()).then_some(p)
 }
 
 /// A `connect()` / `sendmsg()` to a service frontend.
@@ -246,7 +285,13 @@ impl Request {
     }
 
     #[inline(always)]
-    fn remember(&self, cookie: u64, sel: &select::Selected, flags: u8) {
+    fn remember(
+        &self,
+        ctx: &SockAddrContext,
+        entry: *mut SockValue,
+        sel: &select::Selected,
+        flags: u8,
+    ) {
         let v = SockValue {
             svc_addr: self.addr,
             svc_port: self.port,
@@ -259,9 +304,15 @@ impl Request {
             slot: sel.slot,
             ..Default::default()
         };
-        // An LRU insert fails only on allocation failure: the socket still
-        // reaches its backend, `getpeername()` shows the backend.
-        let _ = SOCKS.insert(&cookie, &v, BPF_ANY as u64);
+        // SAFETY: this socket's storage, valid for the program run.
+        unsafe { *entry = v };
+        if self.proto == IPPROTO_UDP {
+            // An LRU insert fails only on allocation failure: the socket
+            // works, the agent just cannot find it to close it.
+            // SAFETY: the program's context, which the helper accepts.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = SOCKS_UDP.insert(&cookie, &v, BPF_ANY as u64);
+        }
     }
 
     #[inline(always)]
@@ -275,12 +326,6 @@ impl Request {
 fn to_tc() -> i32 {
     stats::event(Event::SockToTc, 1);
     PROCEED
-}
-
-#[inline(always)]
-fn socket_cookie(ctx: &SockAddrContext) -> u64 {
-    // SAFETY: the program's context, which the helper accepts.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 /// The `bpf_sock_addr` fields kpx reads or writes. The verifier rewrites

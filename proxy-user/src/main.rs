@@ -225,7 +225,7 @@ fn run_dump(what: DumpWhat, dir: &Path, json: bool) -> Result<()> {
             dump::services_table,
         )?,
         DumpWhat::Backends => render(
-            dump::backends(&maps)?.as_slice(),
+            dump::backends(&maps, dir)?.as_slice(),
             json,
             dump::backends_table,
         )?,
@@ -235,7 +235,11 @@ fn run_dump(what: DumpWhat, dir: &Path, json: bool) -> Result<()> {
             dump::conntrack_table,
         )?,
         DumpWhat::Stats => render(&dump::stats(&maps)?, json, dump::stats_table)?,
-        DumpWhat::Sockets => render(dump::sockets(&maps)?.as_slice(), json, dump::sockets_table)?,
+        DumpWhat::Sockets => render(
+            dump::sockets(&maps, dir)?.as_slice(),
+            json,
+            dump::sockets_table,
+        )?,
     };
     println!("{}", out.trim_end());
     Ok(())

@@ -158,6 +158,7 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
     let akey = AffinityKey {
         affinity_id: AFFINITY_ID,
         client_addr: wire::addr(ip(CLIENT)),
+        netns_cookie: 0,
     };
     let rec = dp.maps.affinity.get(&akey, 0).expect("affinity record");
     let replacement = if rec.backend_id == 1 { 2 } else { 1 };

@@ -34,6 +34,40 @@ impl Cgroup {
     }
 }
 
+impl Cgroup {
+    /// Moves this whole process (every thread) into the cgroup until the
+    /// guard drops: for the benchmark, whose load generator is a thread.
+    /// Tests use [`run`] / [`Session`] instead: separate processes.
+    pub fn join_self(&self) -> Result<Joined> {
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| anyhow!("this process is in no cgroup v2"))?;
+        let back = cgroup2_root()?.join(rel.trim_start_matches('/'));
+        fs::write(
+            self.path.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining {}", self.path.display()))?;
+        Ok(Joined { back })
+    }
+}
+
+/// This process is in a test cgroup until dropped; then back where it was.
+pub struct Joined {
+    back: PathBuf,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let procs = self.back.join("cgroup.procs");
+        if let Err(e) = fs::write(&procs, std::process::id().to_string()) {
+            eprintln!("testbed: moving back to {}: {e}", procs.display());
+        }
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // A probe reaped a moment ago may still be leaving the cgroup.

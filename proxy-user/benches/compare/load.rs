@@ -138,6 +138,10 @@ pub struct Rate {
     pub rate: f64,
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
+    /// TCP_CRR: the `connect()` call alone (the handshake, and with socket
+    /// load balancing its translation), p50 in µs.
+    #[serde(default)]
+    pub connect_us: Option<f64>,
     /// Failed attempts (refused, timed out, reset) during the runs.
     pub errors: u64,
 }
@@ -195,6 +199,7 @@ impl Rate {
             rate: lat.len() as f64 / took.as_secs_f64(),
             p50_us: percentile(&lat, 0.5),
             p99_us: percentile(&lat, 0.99),
+            connect_us: None,
             errors,
         }
     }
@@ -202,12 +207,14 @@ impl Rate {
 
 fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
     let mut lat = Vec::with_capacity(200_000);
+    let mut connects = Vec::with_capacity(200_000);
     let mut errors = 0u64;
     let start = Instant::now();
     while start.elapsed() < d {
         let t0 = Instant::now();
-        let one = || -> std::io::Result<()> {
+        let mut one = || -> std::io::Result<()> {
             let mut s = connect(to)?;
+            connects.push(t0.elapsed());
             s.write_all(b"C")?;
             let mut b = [0u8; 1];
             s.read_exact(&mut b)?;
@@ -225,7 +232,11 @@ fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
             bail!("no connection to {to} succeeds");
         }
     }
-    Ok(Rate::of(lat, start.elapsed(), errors))
+    connects.sort_unstable();
+    Ok(Rate {
+        connect_us: percentile(&connects, 0.5),
+        ..Rate::of(lat, start.elapsed(), errors)
+    })
 }
 
 fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
@@ -268,6 +279,7 @@ fn bulk(to: SocketAddrV4, d: Duration) -> Result<Rate> {
         rate: sent as f64 * 8.0 / took.as_secs_f64() / 1e9,
         p50_us: None,
         p99_us: None,
+        connect_us: None,
         errors: 0,
     })
 }

@@ -76,6 +76,7 @@ fn options() -> Result<Options> {
             Mode::Nftables,
             Mode::Kpx,
             Mode::KpxStack,
+            Mode::KpxSocket,
         ],
         runs: if quick { 1 } else { 3 },
         seconds: if quick { 0.7 } else { 2.0 },

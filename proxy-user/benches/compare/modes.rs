@@ -48,6 +48,10 @@ pub enum Mode {
     /// kpx with `--fib-forwarding=false`: translated packets go up the
     /// stack's routing instead of straight to the next hop.
     KpxStack,
+    /// kpx with its socket-level load balancer on a cgroup the benchmark
+    /// creates and runs its load generator in: a connection to a service
+    /// is connected to a backend at `connect()`.
+    KpxSocket,
 }
 
 impl Mode {
@@ -59,12 +63,13 @@ impl Mode {
             Mode::Nftables => "nftables",
             Mode::Kpx => "kpx",
             Mode::KpxStack => "kpx, stack forwarding",
+            Mode::KpxSocket => "kpx, socket LB",
         }
     }
 
     /// The modes that run kpx's agent.
     pub fn is_kpx(self) -> bool {
-        matches!(self, Mode::Kpx | Mode::KpxStack)
+        matches!(self, Mode::Kpx | Mode::KpxStack | Mode::KpxSocket)
     }
 
     pub fn parse(s: &str) -> Result<Self> {
@@ -74,8 +79,9 @@ impl Mode {
             "nftables" => Mode::Nftables,
             "kpx" => Mode::Kpx,
             "kpx-stack" => Mode::KpxStack,
+            "kpx-socket" => Mode::KpxSocket,
             _ => bail!(
-                "unknown mode {s:?} (iptables-nft, iptables-legacy, nftables, kpx, kpx-stack)"
+                "unknown mode {s:?} (iptables-nft, iptables-legacy, nftables, kpx, kpx-stack, kpx-socket)"
             ),
         })
     }
@@ -163,6 +169,15 @@ pub struct Proxy<'a> {
     limit: Duration,
     /// kpx: how many endpoint changes to time.
     changes: u32,
+    /// kpx-socket: the cgroup its programs are on, this process in it.
+    socket: Option<SocketScope>,
+}
+
+/// The benchmark's process in a cgroup of its own while a mode is
+/// measured (fields drop in order: out of the cgroup, then it goes).
+struct SocketScope {
+    _joined: testbed::probe::Joined,
+    _cgroup: testbed::probe::Cgroup,
 }
 
 /// The references' rules for what the API server holds now.
@@ -301,10 +316,11 @@ impl<'a> Proxy<'a> {
             rules: String::new(),
             limit,
             changes,
+            socket: None,
         };
         let install = match mode {
             Mode::NoProxy => Install::default(),
-            Mode::Kpx | Mode::KpxStack => proxy.start_agent(bed)?,
+            Mode::Kpx | Mode::KpxStack | Mode::KpxSocket => proxy.start_agent(bed)?,
             _ => proxy.load_rules(bed)?,
         };
         Ok((proxy, install))
@@ -385,6 +401,16 @@ impl<'a> Proxy<'a> {
         if self.mode == Mode::KpxStack {
             extra.extend(["--fib-forwarding", "false"]);
         }
+        let cgroup = match self.mode {
+            Mode::KpxSocket => Some(testbed::probe::Cgroup::create("bench")?),
+            _ => None,
+        };
+        let cgroup_path = cgroup
+            .as_ref()
+            .map(|c| c.path.to_string_lossy().into_owned());
+        if let Some(p) = &cgroup_path {
+            extra.extend(["--socket-lb-cgroup", p]);
+        }
         bed.cluster.start_agent_kube(self.kpx, &bed.api, &extra)?;
         let maps = pinned_maps(&bed.cluster, started)?;
         let n = bed.n;
@@ -394,6 +420,20 @@ impl<'a> Proxy<'a> {
         .ok_or_else(|| anyhow!("no initial sync:\n{}", bed.cluster.agent_log()))?;
         let ready = started.elapsed();
         let sync = wait_sync_line(&bed.cluster, 0)?;
+        if let Some(cgroup) = cgroup {
+            spin(Duration::from_secs(10), || {
+                bed.cluster
+                    .agent_log()
+                    .contains("socket-level load balancing: all")
+            })
+            .ok_or_else(|| anyhow!("no socket LB:\n{}", bed.cluster.agent_log()))?;
+            // From here on the load generator's connect() calls are the
+            // cgroup's (the baseline was measured before, outside it).
+            self.socket = Some(SocketScope {
+                _joined: cgroup.join_self()?,
+                _cgroup: cgroup,
+            });
+        }
         Ok(Install {
             seconds: sync.took.as_secs_f64(),
             finished: true,
@@ -411,7 +451,7 @@ impl<'a> Proxy<'a> {
         let name = bed::service_name(i);
         match self.mode {
             Mode::NoProxy => Ok(Change::default()),
-            Mode::Kpx | Mode::KpxStack => self.kpx_changes(bed),
+            Mode::Kpx | Mode::KpxStack | Mode::KpxSocket => self.kpx_changes(bed),
             Mode::Nftables => {
                 bed.api.apply(new_slice)?;
                 let after = render(bed, self.mode, self.kpx)?;

@@ -423,6 +423,26 @@ impl Report {
         );
         table(&mut out, &header, &rows);
 
+        out.push_str("**One `connect()` call** (the handshake; with socket load balancing also its translation), p50 in µs: to the last service, and to a pod IP in the same bed before the mode was loaded\n\n");
+        let us = |r: Option<&Rate>| r.and_then(|r| r.connect_us);
+        let rows = per_size(
+            &|n, m| {
+                let t = self.traffic(n, m);
+                match (
+                    us(t.and_then(|t| t.crr_last.as_ref())),
+                    us(t.and_then(|t| t.baseline.as_ref()).map(|b| &b.crr)),
+                ) {
+                    (Some(a), Some(b)) => format!("{a:.1} / {b:.1} ({:+.1})", a - b),
+                    _ => "–".into(),
+                }
+            },
+            &|n| {
+                us(self.traffic(n, Mode::NoProxy).map(|t| &t.crr_pod))
+                    .map_or("–".into(), |v| format!("{v:.1}"))
+            },
+        );
+        table(&mut out, &header, &rows);
+
         out.push_str("**Traffic that is not for a service** with the mode loaded: new connections per second to a pod IP\n\n");
         let rows = per_size(
             &|n, m| self.rated(n, m, |t| Some(t.crr_pod.rate), crr_limit, 0),
@@ -552,6 +572,7 @@ impl Report {
             Mode::Nftables => RGBColor(31, 119, 180),
             Mode::Kpx => RGBColor(44, 160, 44),
             Mode::KpxStack => RGBColor(148, 103, 189),
+            Mode::KpxSocket => RGBColor(23, 190, 207),
         };
         let series = |m: Mode, f: &dyn Fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
             sizes

@@ -121,6 +121,7 @@ impl Collector {
             .context("opening the pinned maps for the conntrack collector")?;
         let (tx, rx) = mpsc::channel::<HashSet<conntrack::ServiceBackend>>();
         let (timeouts, every) = (cfg.ct_timeouts, cfg.ct_gc_interval);
+        let socks = cfg.socket_lb != crate::dataplane::socklb::Mode::Off;
         let thread = std::thread::Builder::new()
             .name("kpx-conntrack".into())
             .spawn(move || {
@@ -136,6 +137,7 @@ impl Collector {
                             collect(
                                 &timeouts,
                                 &mut maps,
+                                socks,
                                 &stale,
                                 &mut stats,
                                 &metrics,
@@ -147,6 +149,7 @@ impl Collector {
                             collect(
                                 &timeouts,
                                 &mut maps,
+                                socks,
                                 &none,
                                 &mut stats,
                                 &metrics,
@@ -189,9 +192,12 @@ impl Drop for Collector {
     }
 }
 
+/// `socks`: look for connected UDP sockets of `stale` backends (socket LB
+/// is on).
 fn collect(
     timeouts: &conntrack::Timeouts,
     maps: &mut MapSet,
+    socks: bool,
     stale: &HashSet<conntrack::ServiceBackend>,
     stats: &mut GcStats,
     metrics: &Metrics,
@@ -256,7 +262,11 @@ fn collect(
             stale.len()
         );
     }
-    match crate::dataplane::socklb::destroy_stale(maps, stale) {
+    let closed = match socks {
+        true => crate::dataplane::socklb::destroy_stale(maps, stale),
+        false => Ok(0),
+    };
+    match closed {
         Ok(0) => {}
         Ok(n) => {
             stats.sockets_destroyed += n;

@@ -112,8 +112,8 @@ pub struct MapSet {
     pub ports: Array<MapData, u64>,
     /// Active connections per backend id (least-connection schedulers).
     pub conns: HashMap<MapData, u32, u64>,
-    /// Sockets the socket-level load balancer connected, by cookie.
-    pub socks: HashMap<MapData, u64, SockValue>,
+    /// The socket-level load balancer's UDP sockets, by cookie.
+    pub socks_udp: HashMap<MapData, u64, SockValue>,
 }
 
 impl MapSet {
@@ -138,7 +138,7 @@ impl MapSet {
             config: get(map_names::CONFIG)?.try_into()?,
             ports: get(map_names::PORTS)?.try_into()?,
             conns: get(map_names::CONNS)?.try_into()?,
-            socks: get(map_names::SOCKS)?.try_into()?,
+            socks_udp: get(map_names::SOCKS_UDP)?.try_into()?,
         })
     }
 
@@ -192,7 +192,10 @@ impl MapSet {
                 map_names::SRC_RANGES,
                 cap(IterableMap::map(&self.src_ranges))?,
             ),
-            (map_names::SOCKS, cap(IterableMap::map(&self.socks))?),
+            (
+                map_names::SOCKS_UDP,
+                cap(IterableMap::map(&self.socks_udp))?,
+            ),
         ])
     }
 

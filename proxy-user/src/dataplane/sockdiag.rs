@@ -1,22 +1,23 @@
-//! Closing sockets by cookie through the kernel's socket diagnostics
-//! (`NETLINK_SOCK_DIAG`: a dump of a network namespace's IPv4 UDP sockets,
-//! then `SOCK_DESTROY` for the chosen ones, as `ss -K` does; needs
-//! `CONFIG_INET_DIAG_DESTROY`, in kernels since 4.5 for TCP, 4.16 for UDP).
-//! The socket cookie is the one the BPF programs see
-//! (`bpf_get_socket_cookie`), so the socket-level load balancer's own
-//! sockets are told apart from every other socket to the same address.
+//! The socket-level load balancer's sockets, found through the kernel's
+//! socket diagnostics (`NETLINK_SOCK_DIAG`): a dump of a network
+//! namespace's IPv4 TCP or UDP sockets with their value in a socket storage
+//! map (`INET_DIAG_REQ_SK_BPF_STORAGES`, kernel ≥ 5.2), as `ss` shows
+//! them; the ones chosen are closed with `SOCK_DESTROY`, as `ss -K` does
+//! (`CONFIG_INET_DIAG_DESTROY`; UDP since 4.16).
 //!
 //! A socket lives in a network namespace and the dump sees only the
-//! caller's: [`destroy_everywhere`] visits each namespace on this host on a
-//! short-lived thread.
+//! caller's: [`walk`] visits each namespace on this host on a short-lived
+//! thread.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     fs, io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
 };
+
+use proxy_common::SockValue;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -62,6 +63,39 @@ struct Message {
     req: Request,
 }
 
+/// A dump request asking for one socket storage map's values:
+/// `INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: fd }`.
+#[repr(C)]
+struct DumpMessage {
+    msg: Message,
+    storages_len: u16,
+    storages_kind: u16,
+    fd_len: u16,
+    fd_kind: u16,
+    fd: u32,
+}
+
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `struct inet_diag_msg`: family, state, timer, retrans, the id, then
+/// expires, rqueue, wqueue, uid, inode; attributes follow.
+const INET_DIAG_MSG_LEN: usize = 4 + std::mem::size_of::<SockId>() + 20;
+
+/// A socket of a dump, with its value in the storage map asked for (the
+/// kernel reports storage with TCP sockets only: UDP's comes from
+/// `KPX_SOCKS_UDP`).
+#[derive(Clone, Debug)]
+pub struct DiagSocket {
+    pub cookie: u64,
+    pub proto: u8,
+    pub value: Option<SockValue>,
+}
+
 fn socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2).
     let fd = unsafe {
@@ -75,24 +109,47 @@ fn socket() -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a descriptor just returned, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // An answer that never comes (a request the kernel dropped) must not
+    // stall the caller, the agent's housekeeping thread.
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid socket and option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
-fn send(fd: &OwnedFd, kind: u16, flags: u16, req: Request) -> io::Result<()> {
-    let msg = Message {
+fn message(kind: u16, flags: u16, req: Request) -> Message {
+    Message {
         len: std::mem::size_of::<Message>() as u32,
         kind,
         flags: NLM_F_REQUEST | flags,
         seq: 1,
         pid: 0,
         req,
-    };
+    }
+}
+
+fn send<T>(fd: &OwnedFd, msg: &T) -> io::Result<()> {
     // SAFETY: `msg` is a plain repr(C) value alive for the call.
     let n = unsafe {
         libc::send(
             fd.as_raw_fd(),
-            (&raw const msg).cast(),
-            std::mem::size_of::<Message>(),
+            std::ptr::from_ref(msg).cast(),
+            std::mem::size_of::<T>(),
             0,
         )
     };
@@ -103,8 +160,9 @@ fn send(fd: &OwnedFd, kind: u16, flags: u16, req: Request) -> io::Result<()> {
 }
 
 /// Reads replies until `NLMSG_DONE` or an error/ack message, calling `each`
-/// with every `inet_diag_msg`'s socket id. Returns the ack's errno (0: ok).
-fn receive(fd: &OwnedFd, mut each: impl FnMut(SockId)) -> io::Result<i32> {
+/// with every `inet_diag_msg`'s socket id and attributes. Returns the ack's
+/// errno (0: ok).
+fn receive(fd: &OwnedFd, mut each: impl FnMut(SockId, &[u8])) -> io::Result<i32> {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         // SAFETY: `buf` is writable for its length.
@@ -130,14 +188,13 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(SockId)) -> io::Result<i32> {
                     return Ok(-err);
                 }
                 _ => {
-                    // inet_diag_msg: family, state, timer, retrans, then the id.
-                    if body.len() >= 4 + std::mem::size_of::<SockId>() {
+                    if body.len() >= INET_DIAG_MSG_LEN {
                         // SAFETY: enough bytes for a SockId (plain integers,
                         // any bit pattern valid); unaligned read.
                         let id = unsafe {
                             std::ptr::read_unaligned(body[4..].as_ptr().cast::<SockId>())
                         };
-                        each(id);
+                        each(id, &body[INET_DIAG_MSG_LEN..]);
                     }
                 }
             }
@@ -146,44 +203,108 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(SockId)) -> io::Result<i32> {
     }
 }
 
-fn udp_request(id: SockId) -> Request {
+fn request(proto: u8, id: SockId) -> Request {
     Request {
         family: libc::AF_INET as u8,
-        protocol: libc::IPPROTO_UDP as u8,
+        protocol: proto,
         states: u32::MAX,
         id,
         ..Default::default()
     }
 }
 
-/// In this thread's network namespace: destroys the IPv4 UDP sockets whose
-/// cookie is in `cookies`. Returns how many.
-fn destroy_here(cookies: &HashSet<u64>) -> io::Result<u64> {
+/// Netlink attributes: (type without flags, payload).
+fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > b.len() {
+            return None;
+        }
+        let payload = &b[4..len];
+        b = &b[((len + 3) & !3).min(b.len())..];
+        Some((kind, payload))
+    })
+}
+
+/// The socket's value in the requested storage map, if it has one.
+fn stored_value(attrs: &[u8]) -> Option<SockValue> {
+    let (_, storages) = attributes(attrs).find(|(k, _)| *k == INET_DIAG_SK_BPF_STORAGES)?;
+    let (_, storage) = attributes(storages).find(|(k, _)| *k == SK_DIAG_BPF_STORAGE)?;
+    let (_, value) = attributes(storage).find(|(k, _)| *k == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+    (value.len() >= std::mem::size_of::<SockValue>()).then(|| {
+        // SAFETY: enough bytes for a SockValue (plain integers); unaligned.
+        unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<SockValue>()) }
+    })
+}
+
+/// In this thread's network namespace: the sockets of `proto` (with their
+/// value in `map`, if given) that `keep` keeps; those `destroy` picks are
+/// destroyed. Returns them and how many were destroyed.
+fn walk_here(
+    map: Option<BorrowedFd<'_>>,
+    proto: u8,
+    keep: &(dyn Fn(&DiagSocket) -> bool + Sync),
+    destroy: &(dyn Fn(&DiagSocket) -> bool + Sync),
+) -> io::Result<(Vec<DiagSocket>, u64)> {
     let fd = socket()?;
-    send(
-        &fd,
-        SOCK_DIAG_BY_FAMILY,
-        NLM_F_DUMP,
-        udp_request(SockId::default()),
-    )?;
+    let dump = DumpMessage {
+        msg: Message {
+            len: std::mem::size_of::<DumpMessage>() as u32,
+            ..message(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_DUMP,
+                request(proto, SockId::default()),
+            )
+        },
+        storages_len: 12,
+        storages_kind: INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED,
+        fd_len: 8,
+        fd_kind: SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
+        fd: map.map_or(0, |m| m.as_raw_fd() as u32),
+    };
+    match map {
+        Some(_) => send(&fd, &dump)?,
+        None => send(
+            &fd,
+            &message(
+                SOCK_DIAG_BY_FAMILY,
+                NLM_F_DUMP,
+                request(proto, SockId::default()),
+            ),
+        )?,
+    }
     let mut found = Vec::new();
-    receive(&fd, |id| {
-        let cookie = u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32);
-        if cookies.contains(&cookie) {
-            found.push(id);
+    let errno = receive(&fd, |id, attrs| {
+        let s = DiagSocket {
+            cookie: u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32),
+            proto,
+            value: stored_value(attrs),
+        };
+        if keep(&s) {
+            found.push((id, s));
         }
     })?;
-    let mut n = 0;
-    for id in found {
-        send(&fd, SOCK_DESTROY, NLM_F_ACK, udp_request(id))?;
-        match receive(&fd, |_| {})? {
-            0 => n += 1,
+    if errno != 0 {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    let mut destroyed = 0;
+    for (id, s) in &found {
+        if !destroy(s) {
+            continue;
+        }
+        send(&fd, &message(SOCK_DESTROY, NLM_F_ACK, request(proto, *id)))?;
+        match receive(&fd, |_, _| {})? {
+            0 => destroyed += 1,
             // Closed meanwhile.
             libc::ENOENT => {}
             errno => return Err(io::Error::from_raw_os_error(errno)),
         }
     }
-    Ok(n)
+    Ok((found.into_iter().map(|(_, s)| s).collect(), destroyed))
 }
 
 /// Every network namespace of this host once: those `ip netns` and CNI
@@ -210,36 +331,51 @@ fn namespaces() -> Vec<PathBuf> {
     seen.into_values().collect()
 }
 
-/// Destroys the IPv4 UDP sockets whose cookie is in `cookies`, in every
-/// network namespace of the host. Returns how many; errors of single
-/// namespaces (gone meanwhile) are skipped, one that says the kernel
-/// cannot destroy sockets is returned.
-pub fn destroy_everywhere(cookies: &HashSet<u64>) -> io::Result<u64> {
-    let mut total = 0;
+/// In every network namespace of the host: the IPv4 sockets of `protos`
+/// (with their value in the socket storage map `map`, if given) that
+/// `keep` keeps; those `destroy` picks are destroyed. Namespaces that
+/// vanish meanwhile are skipped; a kernel that cannot dump storage or
+/// destroy sockets is an error.
+pub fn walk(
+    map: Option<BorrowedFd<'_>>,
+    protos: &[u8],
+    keep: &(dyn Fn(&DiagSocket) -> bool + Sync),
+    destroy: &(dyn Fn(&DiagSocket) -> bool + Sync),
+) -> io::Result<(Vec<DiagSocket>, u64)> {
+    let (mut all, mut destroyed) = (Vec::new(), 0);
     for ns in namespaces() {
         let Ok(file) = fs::File::open(&ns) else {
             continue;
         };
-        let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on this short-lived thread only; `file` is
-                // an open netns file.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
+        for &proto in protos {
+            let result = std::thread::scope(|s| {
+                s.spawn(|| {
+                    // SAFETY: setns on this short-lived thread only; `file`
+                    // is an open netns file.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    walk_here(map, proto, keep, destroy)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+            });
+            match result {
+                Ok((found, n)) => {
+                    all.extend(found);
+                    destroyed += n;
                 }
-                destroy_here(cookies)
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
-        });
-        match result {
-            Ok(n) => total += n,
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Err(e),
-            Err(e) => log::debug!("sockets of {}: {e}", ns.display()),
-        }
-        if total as usize == cookies.len() {
-            break;
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EPERM)
+                    ) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => log::debug!("sockets of {}: {e}", ns.display()),
+            }
         }
     }
-    Ok(total)
+    Ok((all, destroyed))
 }

@@ -18,13 +18,16 @@ use std::{
 use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use aya::maps::MapData;
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr};
-use proxy_common::{prog_names, wire, IPPROTO_UDP, SOCK_F_CONNECTED};
+use proxy_common::{
+    map_names, prog_names, wire, SockValue, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_CONNECTED,
+};
 
 use crate::dataplane::{
     conntrack::ServiceBackend,
     maps::{read_hash, MapSet},
-    sockdiag,
+    sockdiag::{self, DiagSocket},
 };
 
 /// `--socket-lb`.
@@ -208,11 +211,10 @@ pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u
     if stale.is_empty() {
         return Ok(0);
     }
-    let cookies: HashSet<u64> = read_hash(&maps.socks)?
+    let cookies: HashSet<u64> = read_hash(&maps.socks_udp)?
         .into_iter()
         .filter(|(_, v)| {
-            v.proto == IPPROTO_UDP
-                && v.flags & SOCK_F_CONNECTED != 0
+            v.flags & SOCK_F_CONNECTED != 0
                 && stale.contains(&(
                     v.svc_id,
                     wire::to_addr(v.backend_addr),
@@ -224,7 +226,31 @@ pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u
     if cookies.is_empty() {
         return Ok(0);
     }
-    sockdiag::destroy_everywhere(&cookies).context("closing sockets (SOCK_DESTROY)")
+    let pick = |s: &DiagSocket| cookies.contains(&s.cookie);
+    let (_, n) = sockdiag::walk(None, &[IPPROTO_UDP], &pick, &pick)
+        .context("closing sockets (sock_diag SOCK_DESTROY)")?;
+    Ok(n)
+}
+
+/// Every socket the load balancer gave a backend, in every network
+/// namespace of the host: (cookie, protocol, its entry). TCP ones carry
+/// their socket storage in the kernel's dump; UDP ones are in `SOCKS_UDP`.
+pub fn sockets(maps: &MapSet, bpffs: &Path) -> Result<Vec<(u64, u8, SockValue)>> {
+    let path = bpffs.join(map_names::SOCKS);
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let stored = |s: &DiagSocket| s.value.is_some();
+    let (tcp, _) = sockdiag::walk(Some(map.fd().as_fd()), &[IPPROTO_TCP], &stored, &|_| false)
+        .context("listing sockets (sock_diag)")?;
+    let mut all: Vec<(u64, u8, SockValue)> = tcp
+        .into_iter()
+        .filter_map(|s| Some((s.cookie, s.proto, s.value?)))
+        .collect();
+    all.extend(
+        read_hash(&maps.socks_udp)?
+            .into_iter()
+            .map(|(cookie, v)| (cookie, IPPROTO_UDP, v)),
+    );
+    Ok(all)
 }
 
 /// Detaches and unpins every socket-LB link under `bpffs`. Returns how

@@ -2,7 +2,7 @@
 //! it works from another process while the agent runs), as aligned tables in
 //! the spirit of `ipvsadm -Ln`, or JSON.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use proxy_common::{
@@ -16,6 +16,7 @@ use crate::{
     dataplane::conntrack::{self as ct, monotonic_ns, FlowState},
     dataplane::maps::{name_from_bytes, CtTable, MapSet},
     dataplane::reconcile::MapState,
+    dataplane::socklb,
 };
 
 /// A socket the socket-level load balancer gave a backend (`kpx dump
@@ -35,14 +36,7 @@ pub struct SocketRow {
     pub counted: bool,
 }
 
-fn sockets_of(maps: &MapSet) -> Result<Vec<proxy_common::SockValue>> {
-    Ok(crate::dataplane::maps::read_hash(&maps.socks)?
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect())
-}
-
-pub fn sockets(maps: &MapSet) -> Result<Vec<SocketRow>> {
+pub fn sockets(maps: &MapSet, dir: &Path) -> Result<Vec<SocketRow>> {
     let names = crate::dataplane::maps::read_hash(&maps.service_names)?;
     let name = |id: u32| {
         names
@@ -50,11 +44,11 @@ pub fn sockets(maps: &MapSet) -> Result<Vec<SocketRow>> {
             .find(|(k, _)| *k == id)
             .map_or_else(|| format!("svc {id}"), |(_, n)| name_from_bytes(n))
     };
-    let mut rows: Vec<SocketRow> = crate::dataplane::maps::read_hash(&maps.socks)?
+    let mut rows: Vec<SocketRow> = socklb::sockets(maps, dir)?
         .into_iter()
-        .map(|(cookie, v)| SocketRow {
+        .map(|(cookie, proto, v)| SocketRow {
             cookie,
-            protocol: proto_name(v.proto),
+            protocol: proto_name(proto),
             service: format!(
                 "{}:{}",
                 wire::to_addr(v.svc_addr),
@@ -338,12 +332,12 @@ pub struct BackendEntry {
     pub sockets: u64,
 }
 
-pub fn backends(maps: &MapSet) -> Result<Vec<BackendEntry>> {
+pub fn backends(maps: &MapSet, dir: &Path) -> Result<Vec<BackendEntry>> {
     let state = maps.read_state()?;
     let flows = flow_counts(maps)?;
     let mut sockets: BTreeMap<u32, u64> = BTreeMap::new();
-    for s in sockets_of(maps)? {
-        *sockets.entry(s.backend_id).or_default() += 1;
+    for (_, _, v) in socklb::sockets(maps, dir)? {
+        *sockets.entry(v.backend_id).or_default() += 1;
     }
     let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for v in state.services.values() {

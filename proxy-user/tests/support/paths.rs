@@ -120,6 +120,7 @@ pub fn vm() -> Result<Vm> {
         snat_port_max: 29999,
         flags: 0,
         _pad: 0,
+        host_netns_cookie: 0,
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
     Ok(vm)
