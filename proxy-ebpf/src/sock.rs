@@ -168,7 +168,7 @@ pub fn release(ctx: &SockContext) -> i32 {
         if v.proto == IPPROTO_UDP {
             // SAFETY: the program's context, a socket the helper accepts.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = SOCKS_UDP.remove(&cookie);
+            let _ = SOCKS_UDP.remove(cookie);
         }
     }
     PROCEED
@@ -311,7 +311,7 @@ impl Request {
             // works, the agent just cannot find it to close it.
             // SAFETY: the program's context, which the helper accepts.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = SOCKS_UDP.insert(&cookie, &v, BPF_ANY as u64);
+            let _ = SOCKS_UDP.insert(cookie, v, BPF_ANY as u64);
         }
     }
 

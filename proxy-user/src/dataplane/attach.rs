@@ -94,7 +94,7 @@ pub fn unpin_links(bpffs: &Path) -> Result<usize> {
 
 /// Removes every pinned link in `dir`, and the directory.
 pub fn unpin_dir(dir: &Path) -> Result<usize> {
-    let entries = match fs::read_dir(&dir) {
+    let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
