@@ -2,7 +2,9 @@
 //!
 //! A node namespace runs `kpx agent` on `examples/web.yaml`; three pod
 //! namespaces run TCP and UDP servers; a client pod talks to the service's
-//! VIP. Everything is removed at the end.
+//! VIP, through the tc datapath and, from a cgroup the demo creates,
+//! through the socket-level load balancer. Everything is removed at the
+//! end.
 
 use std::{
     collections::BTreeMap,
@@ -23,15 +25,20 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let mut kpx = None;
     let mut manifest = None;
+    let mut probe = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--kpx" => kpx = args.next().map(PathBuf::from),
             "--manifest" => manifest = args.next().map(PathBuf::from),
+            "--probe" => probe = args.next().map(PathBuf::from),
             other => bail!("unknown argument {other}"),
         }
     }
     let kpx = kpx.context("--kpx PATH is required")?;
     let manifest = manifest.context("--manifest PATH is required")?;
+    let probe = probe.context("--probe PATH (kpx-probe) is required")?;
+    // SAFETY: set before any thread starts; read by testbed::probe.
+    unsafe { std::env::set_var("KPX_PROBE", &probe) };
     let yaml = std::fs::read_to_string(&manifest)
         .with_context(|| format!("reading {}", manifest.display()))?;
 
@@ -52,7 +59,11 @@ fn main() -> Result<()> {
         manifest.display()
     ));
     let started = Instant::now();
-    c.start_agent(&kpx, &[])?;
+    // The socket-level load balancer on a cgroup of the demo's own, never
+    // on the machine's root cgroup.
+    let cgroup = testbed::probe::Cgroup::create("demo")?;
+    let cg = cgroup.path.to_string_lossy().into_owned();
+    c.start_agent(&kpx, &["--socket-lb-cgroup", &cg])?;
     let programmed = |c: &Cluster, endpoints: u32| {
         wait_for(Duration::from_secs(20), || {
             let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
@@ -109,6 +120,43 @@ fn main() -> Result<()> {
     );
     drop(long);
 
+    step(&format!(
+        "Socket-level load balancing: 150 TCP connections from a client process in {cg} (kpx-probe)"
+    ));
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let lines = testbed::probe::run(&c.pod("client").netns, Some(&cgroup), &["tcp", &vip, "150"])?;
+    let answers: Vec<testbed::probe::Answer> = lines
+        .iter()
+        .filter_map(|l| testbed::probe::Answer::parse(l).ok())
+        .collect();
+    show(
+        &answers
+            .iter()
+            .map(|a| a.identity.clone())
+            .collect::<Vec<_>>(),
+    );
+    let maps = MapSet::open_pinned(&c.bpffs())?;
+    let connects = maps
+        .events()?
+        .into_iter()
+        .find(|(e, _)| *e == proxy_common::Event::SockConnect)
+        .map_or(0, |(_, n)| n);
+    println!(
+        "   connected straight to a backend at connect(): {connects}; getpeername() still says {vip}: {}",
+        if answers.iter().all(|a| a.peer == vip) { "yes" } else { "NO" }
+    );
+    let mut held =
+        testbed::probe::Session::start(&c.pod("client").netns, Some(&cgroup), &["tcp", &vip])?;
+    held.ask()?;
+
+    step("kpx dump sockets (one connection held open)");
+    let out = Command::new(&kpx)
+        .args(["dump", "sockets", "--bpffs"])
+        .arg(c.bpffs())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    drop(held);
+
     step("kpx dump services");
     let out = Command::new(&kpx)
         .args(["dump", "services", "--bpffs"])
@@ -125,6 +173,7 @@ fn main() -> Result<()> {
         .arg(c.bpffs())
         .output()?;
     drop(c);
+    drop(cgroup);
     println!("   done.");
     Ok(())
 }

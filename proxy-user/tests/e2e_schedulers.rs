@@ -238,14 +238,16 @@ fn least_connections_balances_connections_held_open_and_counts_them_exactly() {
             conn
         })
         .collect();
-    // Each went to the less busy of two: the three stay within two.
+    // Each went to the less busy of two: the three stay within three of
+    // each other (simulated: a gap of 4 or more in 0.1% of runs; random
+    // choices leave one in 70% of runs; a gap of 3 happens in ~2%).
     let counts = counted(&c);
     let (min, max) = (
         counts.values().min().copied().unwrap_or(0),
         counts.values().max().copied().unwrap_or(0),
     );
     assert_eq!(counts.values().sum::<u64>(), 30, "{counts:?}");
-    assert!(max - min <= 2, "{counts:?}");
+    assert!(max - min <= 3, "{counts:?}");
     // The ipvsadm view (from the flows themselves) agrees, backend by backend.
     let lines = ipvsadm(&c, &[]);
     assert!(

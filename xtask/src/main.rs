@@ -112,11 +112,21 @@ fn main() -> Result<()> {
                 "--example",
                 "demo",
             ])?;
+            cargo(&[
+                "build",
+                "--release",
+                "--package",
+                "testbed",
+                "--bin",
+                "kpx-probe",
+            ])?;
             let root = workspace_root();
             let release = root.join("target/release");
             run(Command::new(release.join("examples/demo"))
                 .arg("--kpx")
                 .arg(release.join("kpx"))
+                .arg("--probe")
+                .arg(release.join("kpx-probe"))
                 .arg("--manifest")
                 .arg(root.join("examples/web.yaml")))
         }
