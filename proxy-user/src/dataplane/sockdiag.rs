@@ -353,15 +353,18 @@ pub fn walk(
                     // SAFETY: setns on this short-lived thread only; `file`
                     // is an open netns file.
                     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(io::Error::last_os_error());
+                        // Not a namespace (any more, or not yet: `ip netns
+                        // add` creates the file before it mounts on it).
+                        return Ok(None);
                     }
-                    walk_here(map, proto, keep, destroy)
+                    walk_here(map, proto, keep, destroy).map(Some)
                 })
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
             });
             match result {
-                Ok((found, n)) => {
+                Ok(None) => break,
+                Ok(Some((found, n))) => {
                     all.extend(found);
                     destroyed += n;
                 }
