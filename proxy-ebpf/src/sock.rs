@@ -56,6 +56,11 @@ const ECONNREFUSED: i32 = 111;
 #[inline(always)]
 pub fn connect(ctx: &SockAddrContext) -> i32 {
     let Some(req) = Request::of(ctx) else {
+        // A UDP socket connected elsewhere now: what it had is no longer
+        // its peer (a pointer test for every other socket).
+        if let Some(old) = storage(ctx, false) {
+            forget(ctx, old);
+        }
         return PROCEED;
     };
     match req.backend(ctx, None) {
@@ -141,6 +146,23 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
         stats::event(Event::SockRevNat, 1);
     }
     PROCEED
+}
+
+/// A socket that no longer talks to the backend `entry` names: off its
+/// backend's count and out of `SOCKS_UDP`; the entry is cleared.
+#[inline(always)]
+fn forget(ctx: &SockAddrContext, entry: *mut SockValue) {
+    // SAFETY: this socket's storage, valid for the program run.
+    let v = unsafe { *entry };
+    if v.flags & SOCK_F_COUNTED != 0 {
+        conns::closed(v.backend_id);
+    }
+    if v.proto == IPPROTO_UDP {
+        // SAFETY: the program's context, which the helper accepts.
+        let _ = SOCKS_UDP.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+    }
+    // SAFETY: as above.
+    unsafe { *entry = SockValue::default() };
 }
 
 /// A socket's release: a counted socket leaves its backend's active
