@@ -476,3 +476,41 @@ fn a_restarted_agent_takes_the_cgroup_over_and_cleanup_detaches_it() {
     let lines = probe::run(&client, Some(&cg), &["tcp", &vip, "1"]).unwrap();
     assert!(lines[0].starts_with("err "), "{lines:?}");
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_udp_socket_connected_elsewhere_afterwards_is_left_alone() {
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let client = c.pod("client").netns.shared();
+    let dns = SocketAddrV4::new(VIP, 53).to_string();
+    let mut s = Session::start(&client, Some(&cg), &["udp-connected", &dns]).unwrap();
+    let first = Answer::parse(&s.ask().unwrap()).unwrap();
+    // The same socket connected straight to that backend's pod: no longer
+    // the balancer's. Its peer is the pod, not the service.
+    let pod = SocketAddrV4::new(c.pod(&first.identity).ip, 5353).to_string();
+    assert_eq!(s.say(&format!("connect {pod}")).unwrap(), "connected");
+    let direct = Answer::parse(&s.ask().unwrap()).unwrap();
+    assert_eq!(
+        (direct.identity.as_str(), direct.peer.as_str()),
+        (first.identity.as_str(), pod.as_str())
+    );
+    // That backend leaves the service: the socket is not the balancer's to
+    // close, and keeps working.
+    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .filter(|n| *n != first.identity)
+        .collect();
+    c.write_manifest("web.yaml", &web(&c, &rest)).unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        event_count(&c, Event::SockDestroyed),
+        0,
+        "{}",
+        c.agent_log()
+    );
+    assert_eq!(
+        Answer::parse(&s.ask().unwrap()).unwrap().identity,
+        first.identity
+    );
+}

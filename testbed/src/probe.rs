@@ -207,11 +207,16 @@ impl Session {
 
     /// One exchange on the held socket: its `ok ...` / `err ...` line.
     pub fn ask(&mut self) -> Result<String> {
+        self.say("ask")
+    }
+
+    /// One command line to the session (`ask`, `connect ADDR`); its answer.
+    pub fn say(&mut self, line: &str) -> Result<String> {
         let stdin = self
             .stdin
             .as_mut()
             .ok_or_else(|| anyhow!("session closed"))?;
-        stdin.write_all(b"ask\n")?;
+        stdin.write_all(format!("{line}\n").as_bytes())?;
         stdin.flush()?;
         self.line()
     }

@@ -18,23 +18,28 @@ pub fn is_bpffs(path: &Path) -> bool {
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {
+    mount_fs("bpf", at)
+}
+
+/// Mounts a filesystem of type `fstype` (no device, no options) at `at`.
+pub fn mount_fs(fstype: &str, at: &Path) -> Result<()> {
     let target = CString::new(at.as_os_str().as_bytes())?;
-    let fstype = CString::new("bpf")?;
+    let fstype_c = CString::new(fstype)?;
     // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(
-            fstype.as_ptr(),
+            fstype_c.as_ptr(),
             target.as_ptr(),
-            fstype.as_ptr(),
+            fstype_c.as_ptr(),
             0,
             std::ptr::null(),
         )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting bpffs at {}", at.display()));
+            .with_context(|| format!("mounting {fstype} at {}", at.display()));
     }
-    log::info!("mounted bpffs at {}", at.display());
+    log::info!("mounted {fstype} at {}", at.display());
     Ok(())
 }
 

@@ -82,11 +82,16 @@ pub fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("sock-links")
 }
 
+/// Where kpx mounts a cgroup v2 hierarchy when the host has none mounted
+/// (a cgroup v1 host: the v2 hierarchy still exists, unmounted, and every
+/// socket belongs to it).
+const OWN_CGROUP2: &str = "/run/kpx/cgroupv2";
+
 /// The root of the host's cgroup v2 hierarchy: its mount point in PID 1's
 /// mount namespace (reached through `/proc/1/root`, so an agent in a
 /// container with the host's PID namespace finds the host's), else in
-/// this process's. On hybrid hosts that is `/sys/fs/cgroup/unified`, not
-/// `/sys/fs/cgroup`.
+/// this process's, else one kpx mounts at [`OWN_CGROUP2`]. On hybrid hosts
+/// that is `/sys/fs/cgroup/unified`, not `/sys/fs/cgroup`.
 pub fn default_cgroup() -> Result<PathBuf> {
     // PID 1's mount namespace, if it is not this process's.
     let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
@@ -106,7 +111,14 @@ pub fn default_cgroup() -> Result<PathBuf> {
             }
         }
     }
-    bail!("no cgroup v2 hierarchy is mounted (give --socket-lb-cgroup, or --socket-lb=off)")
+    let own = Path::new(OWN_CGROUP2);
+    if !own.join("cgroup.procs").exists() {
+        fs::create_dir_all(own).with_context(|| format!("creating {OWN_CGROUP2}"))?;
+        crate::dataplane::bpffs::mount_fs("cgroup2", own).context(
+            "no cgroup v2 hierarchy is mounted and none could be (give --socket-lb-cgroup, or --socket-lb=off)",
+        )?;
+    }
+    Ok(own.to_path_buf())
 }
 
 /// The first cgroup2 mount point in a mounts table.

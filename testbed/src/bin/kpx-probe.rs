@@ -14,7 +14,8 @@
 //!   `sendto()` / `recvfrom()` exchanges;
 //! - `udp-connected ADDR N`: one connected UDP socket, N exchanges;
 //! - `session tcp|udp|udp-connected ADDR [PORT]`: one socket held open,
-//!   one exchange per line read from stdin, until EOF;
+//!   one exchange per line read from stdin, until EOF (`udp-connected`:
+//!   a line `connect ADDR` connects the socket elsewhere);
 //! - `crr ADDR SECONDS`: connect, exchange, close, as fast as it can for
 //!   SECONDS; prints `count N connect_ns_mean M`.
 
@@ -196,8 +197,20 @@ fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), Str
             }
             writeln!(out, "open").map_err(|e| e.to_string())?;
             out.flush().map_err(|e| e.to_string())?;
-            for _ in stdin.lock().lines() {
-                writeln!(out, "{}", udp_exchange(&sock, None)).map_err(|e| e.to_string())?;
+            for line in stdin.lock().lines() {
+                let line = line.map_err(|e| e.to_string())?;
+                // `connect ADDR`: the same socket, connected elsewhere.
+                let answer = match line.strip_prefix("connect ") {
+                    Some(to) => match to.trim().parse::<SocketAddr>() {
+                        Ok(to) => match sock.connect(to) {
+                            Ok(()) => "connected".to_string(),
+                            Err(e) => format!("err {} us=0", errno(&e)),
+                        },
+                        Err(e) => format!("err {e} us=0"),
+                    },
+                    None => udp_exchange(&sock, None),
+                };
+                writeln!(out, "{answer}").map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
             }
         }
