@@ -251,31 +251,27 @@ fn walk_here(
     destroy: &(dyn Fn(&DiagSocket) -> bool + Sync),
 ) -> io::Result<(Vec<DiagSocket>, u64)> {
     let fd = socket()?;
-    let dump = DumpMessage {
-        msg: Message {
-            len: std::mem::size_of::<DumpMessage>() as u32,
-            ..message(
-                SOCK_DIAG_BY_FAMILY,
-                NLM_F_DUMP,
-                request(proto, SockId::default()),
-            )
-        },
-        storages_len: 12,
-        storages_kind: INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED,
-        fd_len: 8,
-        fd_kind: SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
-        fd: map.map_or(0, |m| m.as_raw_fd() as u32),
-    };
+    let req = message(
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_DUMP,
+        request(proto, SockId::default()),
+    );
     match map {
-        Some(_) => send(&fd, &dump)?,
-        None => send(
+        Some(m) => send(
             &fd,
-            &message(
-                SOCK_DIAG_BY_FAMILY,
-                NLM_F_DUMP,
-                request(proto, SockId::default()),
-            ),
+            &DumpMessage {
+                msg: Message {
+                    len: std::mem::size_of::<DumpMessage>() as u32,
+                    ..req
+                },
+                storages_len: 12,
+                storages_kind: INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED,
+                fd_len: 8,
+                fd_kind: SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
+                fd: m.as_raw_fd() as u32,
+            },
         )?,
+        None => send(&fd, &req)?,
     }
     let mut found = Vec::new();
     let errno = receive(&fd, |id, attrs| {

@@ -10,12 +10,11 @@
 //! `kpx cleanup` removes them.
 
 use std::{
+    collections::HashSet,
     fmt, fs,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
-
-use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::MapData;
@@ -70,7 +69,8 @@ impl fmt::Display for Mode {
 /// mean exclusive, which kpx then is.
 const MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-/// The programs and where each is pinned.
+/// The socket-address programs (each pinned under its own name), beside
+/// `prog_names::SOCK_RELEASE`, a socket program.
 const ADDR_PROGRAMS: [&str; 4] = [
     prog_names::SOCK_CONNECT4,
     prog_names::SOCK_SENDMSG4,
@@ -169,15 +169,22 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 
 /// Loads the programs and attaches them to `cgroup`, pinning the links in
 /// `bpffs` (replacing an earlier agent's). Returns how many were attached.
+/// All or none: a failure detaches what was attached, so a socket is never
+/// translated at `connect()` without `getpeername()` showing it back.
 pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<usize> {
-    let dir = links_dir(bpffs);
     let cg = fs::File::open(cgroup)
         .with_context(|| format!("opening the cgroup {}", cgroup.display()))?;
     let removed = unpin(bpffs)?;
     if removed > 0 {
         log::info!("detached {removed} socket-LB links of an earlier agent");
     }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    attach_all(ebpf, &cg, cgroup, &links_dir(bpffs)).inspect_err(|_| {
+        let _ = unpin(bpffs);
+    })
+}
+
+fn attach_all(ebpf: &mut aya::Ebpf, cg: &fs::File, cgroup: &Path, dir: &Path) -> Result<usize> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut n = 0;
     for name in ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
