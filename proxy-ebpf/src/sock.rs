@@ -66,14 +66,9 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
     match req.backend(ctx, None) {
         Ok(sel) => {
             let entry = storage(ctx, true);
-            // A socket connected again (UDP may): its earlier backend's
-            // count first.
+            // A socket connected again (UDP may) leaves its earlier backend.
             if let Some(old) = entry {
-                // SAFETY: this socket's storage, valid for the program run.
-                if unsafe { (*old).flags } & SOCK_F_COUNTED != 0 {
-                    // SAFETY: as above.
-                    conns::closed(unsafe { (*old).backend_id });
-                }
+                forget(ctx, old);
             }
             // Counted only where the socket has storage to take it back at
             // its release (an allocation failure leaves it uncounted).
@@ -148,21 +143,30 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// A socket that no longer talks to the backend `entry` names: off its
-/// backend's count and out of `SOCKS_UDP`; the entry is cleared.
+/// A socket that no longer talks to the backend `entry` names: it leaves
+/// that backend, and the entry is cleared.
 #[inline(always)]
 fn forget(ctx: &SockAddrContext, entry: *mut SockValue) {
     // SAFETY: this socket's storage, valid for the program run.
-    let v = unsafe { *entry };
+    leave(unsafe { &*entry }, || {
+        // SAFETY: the program's context, which the helper accepts.
+        unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+    });
+    // SAFETY: as above.
+    unsafe { *entry = SockValue::default() };
+}
+
+/// The socket whose entry is `v` leaves its backend: off the backend's
+/// active connections if it counted there, out of `SOCKS_UDP` if UDP (its
+/// cookie asked only then).
+#[inline(always)]
+fn leave(v: &SockValue, cookie: impl FnOnce() -> u64) {
     if v.flags & SOCK_F_COUNTED != 0 {
         conns::closed(v.backend_id);
     }
     if v.proto == IPPROTO_UDP {
-        // SAFETY: the program's context, which the helper accepts.
-        let _ = SOCKS_UDP.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+        let _ = SOCKS_UDP.remove(cookie());
     }
-    // SAFETY: as above.
-    unsafe { *entry = SockValue::default() };
 }
 
 /// A socket's release: a counted socket leaves its backend's active
@@ -183,15 +187,10 @@ pub fn release(ctx: &SockContext) -> i32 {
     .cast::<SockValue>();
     if !v.is_null() {
         // SAFETY: the socket's storage, valid for the program run.
-        let v = unsafe { *v };
-        if v.flags & SOCK_F_COUNTED != 0 {
-            conns::closed(v.backend_id);
-        }
-        if v.proto == IPPROTO_UDP {
+        leave(unsafe { &*v }, || {
             // SAFETY: the program's context, a socket the helper accepts.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = SOCKS_UDP.remove(cookie);
-        }
+            unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+        });
     }
     PROCEED
 }

@@ -71,19 +71,7 @@ fn a_foreign_tc_program_keeps_its_place_and_is_left_alone() {
 
     // `kpx cleanup` removes kpx's programs only.
     c.agent.as_mut().expect("agent").stop().expect("stop");
-    let out = c
-        .node
-        .command(Path::new(KPX))
-        .expect("command")
-        .args(["cleanup", "--bpffs"])
-        .arg(c.bpffs())
-        .output()
-        .expect("kpx cleanup");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kpx_cleanup(&c);
     // The kernel releases an unpinned link once its last reference goes,
     // a moment later: wait for kpx's program to leave the chain.
     let only_foreign = vec![before[0].clone()];

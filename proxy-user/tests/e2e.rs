@@ -340,13 +340,7 @@ fn the_datapath_outlives_the_agent_a_restart_takes_it_over_and_cleanup_removes_i
     // `kpx cleanup` detaches the programs and removes the maps: the VIP
     // is an ordinary unrouted address again.
     c.agent.as_mut().unwrap().stop().unwrap();
-    let out = Command::new(KPX)
-        .args(["cleanup", "--bpffs"])
-        .arg(c.bpffs())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = kpx_cleanup(&c);
     let expected = format!("removed {} pinned maps", proxy_common::map_names::ALL.len());
     assert!(said.contains(&expected), "{said}");
     assert!(!said.contains("detached 0 programs"), "{said}");
@@ -556,20 +550,10 @@ fn going_back_to_kube_proxy_breaks_no_connection() {
     c.agent.as_mut().unwrap().kill().unwrap();
     c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
         .unwrap();
-    let out = c
-        .node
-        .command(Path::new(KPX))
-        .unwrap()
-        .args(["cleanup", "--bpffs"])
-        .arg(c.bpffs())
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    let errors = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{said}{errors}");
+    let said = kpx_cleanup(&c);
     assert!(
         said.contains("kpx's flows handed to netfilter: 50 service flows carried"),
-        "{said}{errors}"
+        "{said}"
     );
     let broken = long.broken();
     assert!(

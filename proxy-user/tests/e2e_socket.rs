@@ -21,15 +21,10 @@ use testbed::{
 };
 
 /// The bed with `web` served by `endpoints`, the agent attached to a new
-/// cgroup with `flags`.
+/// cgroup with `flags`, synced.
 fn socket_bed(endpoints: &[&str], flags: &[&str]) -> (Cluster, Cgroup) {
-    let cg = Cgroup::create("socklb").unwrap();
-    let mut c = start(&backends());
-    let yaml = web(&c, endpoints);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    let mut args = vec!["--socket-lb-cgroup", cg.path.to_str().unwrap()];
-    args.extend_from_slice(flags);
-    c.start_agent(Path::new(KPX), &args).unwrap();
+    let eps: Vec<(&str, &str)> = endpoints.iter().map(|n| (*n, "")).collect();
+    let (c, cg) = socket_bed_with("", &eps, flags);
     let n = endpoints.len() as u32;
     wait_synced(&c, 2, &[n, n]);
     wait_attached(&c);
@@ -59,13 +54,17 @@ fn answers(lines: &[String]) -> Vec<Answer> {
         .collect()
 }
 
-fn counter(c: &Cluster, which: Counter) -> u64 {
-    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.counters()
-        .unwrap()
+/// `web` without the backends in `gone` (their pods keep running), once
+/// the agent serves that; the backends that stay.
+fn leave(c: &Cluster, gone: &[&str]) -> Vec<&'static str> {
+    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
         .into_iter()
-        .find(|(k, _)| *k == which)
-        .map_or(0, |(_, n)| n)
+        .filter(|n| !gone.contains(n))
+        .collect();
+    c.write_manifest("web.yaml", &web(c, &rest)).unwrap();
+    let n = rest.len() as u32;
+    wait_synced(c, 2, &[n, n]);
+    rest
 }
 
 #[test]
@@ -74,7 +73,7 @@ fn tcp_connects_go_straight_to_backends_and_getpeername_shows_the_service() {
     let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
     let client = &c.pod("client").netns;
     let vip = SocketAddrV4::new(VIP, 80).to_string();
-    let new_flows = counter(&c, Counter::NewFlow);
+    let new_flows = counter_count(&c, Counter::NewFlow);
 
     let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "60"]).unwrap());
     let ids: Vec<String> = got.iter().map(|a| a.identity.clone()).collect();
@@ -88,7 +87,7 @@ fn tcp_connects_go_straight_to_backends_and_getpeername_shows_the_service() {
     }
     assert_eq!(event_count(&c, Event::SockConnect), 60);
     // Translated at connect(): tc never saw a packet to the service.
-    assert_eq!(counter(&c, Counter::NewFlow), new_flows);
+    assert_eq!(counter_count(&c, Counter::NewFlow), new_flows);
 }
 
 #[test]
@@ -104,7 +103,7 @@ fn a_client_outside_the_cgroup_is_translated_by_tc_with_the_same_choices() {
     );
     assert!(got.iter().all(|a| a.peer == vip));
     assert_eq!(event_count(&c, Event::SockConnect), 0);
-    assert!(counter(&c, Counter::NewFlow) >= 30);
+    assert!(counter_count(&c, Counter::NewFlow) >= 30);
 }
 
 #[test]
@@ -164,7 +163,7 @@ fn a_service_without_endpoints_refuses_at_connect_and_sendmsg() {
 #[test]
 #[ignore = "needs root"]
 fn a_udp_client_on_a_fixed_port_moves_on_when_its_backend_leaves_and_tcp_stays() {
-    let (mut c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
     let client = c.pod("client").netns.shared();
     let dns = SocketAddrV4::new(VIP, 53).to_string();
     let http = SocketAddrV4::new(VIP, 80).to_string();
@@ -172,38 +171,22 @@ fn a_udp_client_on_a_fixed_port_moves_on_when_its_backend_leaves_and_tcp_stays()
     let mut tcp = Session::start(&client, Some(&cg), &["tcp", &http]).unwrap();
     let first = Answer::parse(&udp.ask().unwrap()).unwrap();
     let held = Answer::parse(&tcp.ask().unwrap()).unwrap();
-    // The UDP socket's backend leaves the service (its pod keeps running).
-    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
-        .into_iter()
-        .filter(|n| *n != first.identity)
-        .collect();
-    let yaml = web(&c, &rest);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    wait_synced(&c, 2, &[2, 2]);
-    // Its next datagram goes to a backend that serves, from the same port.
+    // Both sockets' backends leave the service (their pods keep running).
+    let rest = leave(&c, &[&first.identity, &held.identity]);
+    // The UDP socket's next datagram goes to a backend that serves, from
+    // the same port.
     let next = Answer::parse(&udp.ask().unwrap()).unwrap();
-    assert_ne!(next.identity, first.identity);
-    assert!(rest.contains(&next.identity.as_str()));
+    assert!(rest.contains(&next.identity.as_str()), "{next:?}");
     assert_eq!(next.client, first.client, "the client port changed");
     assert_eq!(next.peer, dns);
     assert_eq!(event_count(&c, Event::SockRebalanced), 1);
     // kube-proxy keeps live TCP connections to a removed, running backend.
-    if !rest.contains(&held.identity.as_str()) {
-        let again = Answer::parse(&tcp.ask().unwrap()).unwrap();
-        assert_eq!(again.identity, held.identity);
-    } else {
-        assert_eq!(
-            Answer::parse(&tcp.ask().unwrap()).unwrap().identity,
-            held.identity
-        );
-    }
-    drop(udp);
-    drop(tcp);
-    let _ = &mut c;
+    let again = Answer::parse(&tcp.ask().unwrap()).unwrap();
+    assert_eq!(again.identity, held.identity);
 }
 
 /// As [`socket_bed`], `web`'s spec with `spec_extra` and each endpoint's
-/// extra lines (`nodeName`), by pod.
+/// extra lines (`nodeName`), by pod; not waited for.
 fn socket_bed_with(
     spec_extra: &str,
     endpoints: &[(&str, &str)],
@@ -246,39 +229,17 @@ fn client_ip_affinity_holds_for_a_pods_sockets() {
 #[test]
 #[ignore = "needs root"]
 fn internal_traffic_policy_local_uses_this_nodes_endpoints_only() {
-    let (c, cg) = {
-        let cg = Cgroup::create("socklb").unwrap();
-        let mut c = start(&backends());
-        let node = c.node_name.clone();
-        let local = format!("\n  nodeName: {node}");
-        let eps = [
-            (c.pod("web-1").ip, format!("{}{local}", testbed::READY)),
-            (
-                c.pod("web-2").ip,
-                format!("{}\n  nodeName: elsewhere", testbed::READY),
-            ),
-            (
-                c.pod("web-3").ip,
-                format!("{}\n  nodeName: elsewhere", testbed::READY),
-            ),
-        ];
-        let eps: Vec<(Ipv4Addr, &str)> = eps.iter().map(|(a, s)| (*a, s.as_str())).collect();
-        let yaml = testbed::service_yaml_with(
-            "web",
-            VIP,
-            (80, 8080),
-            (53, 5353),
-            &eps,
-            "internalTrafficPolicy: Local",
-        );
-        c.write_manifest("web.yaml", &yaml).unwrap();
-        c.start_agent(
-            Path::new(KPX),
-            &["--socket-lb-cgroup", cg.path.to_str().unwrap()],
-        )
-        .unwrap();
-        (c, cg)
-    };
+    let local = format!("\n  nodeName: {}", testbed::Cluster::NODE_NAME);
+    let elsewhere = "\n  nodeName: elsewhere";
+    let (c, cg) = socket_bed_with(
+        "internalTrafficPolicy: Local",
+        &[
+            ("web-1", &local),
+            ("web-2", elsewhere),
+            ("web-3", elsewhere),
+        ],
+        &[],
+    );
     wait_synced(&c, 2, &[3, 3]);
     wait_attached(&c);
     let client = &c.pod("client").netns;
@@ -307,12 +268,12 @@ fn the_nodes_own_processes_are_served_and_host_only_leaves_pods_to_tc() {
     );
     assert_eq!(event_count(&c, Event::SockConnect), 10);
     // A pod's connections: the service address on the wire, tc translates.
-    let new_flows = counter(&c, Counter::NewFlow);
+    let new_flows = counter_count(&c, Counter::NewFlow);
     let client = &c.pod("client").netns;
     let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "10"]).unwrap());
     assert!(got.iter().all(|a| a.client.starts_with("198.18.2.2:")));
     assert_eq!(event_count(&c, Event::SockConnect), 10);
-    assert_eq!(counter(&c, Counter::NewFlow), new_flows + 10);
+    assert_eq!(counter_count(&c, Counter::NewFlow), new_flows + 10);
 }
 
 #[test]
@@ -321,7 +282,7 @@ fn flows_the_reference_masquerades_are_left_to_tc_which_masquerades_them() {
     let (c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &["--masquerade-all"]);
     let client = &c.pod("client").netns;
     let vip = SocketAddrV4::new(VIP, 80).to_string();
-    let new_flows = counter(&c, Counter::NewFlow);
+    let new_flows = counter_count(&c, Counter::NewFlow);
     let got = answers(&probe::run(client, Some(&cg), &["tcp", &vip, "10"]).unwrap());
     // Masqueraded: the backend sees the node, not the pod; tc did it.
     assert!(
@@ -330,7 +291,7 @@ fn flows_the_reference_masquerades_are_left_to_tc_which_masquerades_them() {
     );
     assert_eq!(event_count(&c, Event::SockConnect), 0);
     assert_eq!(event_count(&c, Event::SockToTc), 10);
-    assert_eq!(counter(&c, Counter::NewFlow), new_flows + 10);
+    assert_eq!(counter_count(&c, Counter::NewFlow), new_flows + 10);
 }
 
 #[test]
@@ -398,12 +359,7 @@ fn a_connected_udp_socket_whose_backend_leaves_is_closed_so_the_client_rebalance
         }
     }
     let mut other = other.expect("no socket reached another backend in 30 tries");
-    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
-        .into_iter()
-        .filter(|n| *n != first.identity)
-        .collect();
-    c.write_manifest("web.yaml", &web(&c, &rest)).unwrap();
-    wait_synced(&c, 2, &[2, 2]);
+    let rest = leave(&c, &[&first.identity]);
     // The agent closes the stuck socket: the application hears of it.
     let closed = testbed::wait_for(std::time::Duration::from_secs(20), || {
         (event_count(&c, Event::SockDestroyed) >= 1).then_some(())
@@ -459,19 +415,7 @@ fn a_restarted_agent_takes_the_cgroup_over_and_cleanup_detaches_it() {
     // `kpx cleanup`: no program left on the cgroup. With tc gone too, a
     // connect() to the service address is no longer rewritten: it fails.
     c.agent.as_mut().unwrap().stop().unwrap();
-    let out = c
-        .node
-        .command(Path::new(KPX))
-        .unwrap()
-        .args(["cleanup", "--bpffs"])
-        .arg(c.bpffs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    kpx_cleanup(&c);
     assert!(!c.bpffs().join("sock-links").exists());
     let lines = probe::run(&client, Some(&cg), &["tcp", &vip, "1"]).unwrap();
     assert!(lines[0].starts_with("err "), "{lines:?}");
@@ -494,21 +438,25 @@ fn a_udp_socket_connected_elsewhere_afterwards_is_left_alone() {
         (direct.identity.as_str(), direct.peer.as_str()),
         (first.identity.as_str(), pod.as_str())
     );
-    // That backend leaves the service: the socket is not the balancer's to
-    // close, and keeps working.
-    let rest: Vec<&str> = ["web-1", "web-2", "web-3"]
-        .into_iter()
-        .filter(|n| *n != first.identity)
-        .collect();
-    c.write_manifest("web.yaml", &web(&c, &rest)).unwrap();
-    wait_synced(&c, 2, &[2, 2]);
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    assert_eq!(
-        event_count(&c, Event::SockDestroyed),
-        0,
-        "{}",
-        c.agent_log()
-    );
+    // A second socket, still the balancer's, on the same backend.
+    let mut balanced = None;
+    for _ in 0..30 {
+        let mut b = Session::start(&client, Some(&cg), &["udp-connected", &dns]).unwrap();
+        if Answer::parse(&b.ask().unwrap()).unwrap().identity == first.identity {
+            balanced = Some(b);
+            break;
+        }
+    }
+    let mut balanced = balanced.expect("no socket reached the same backend in 30 tries");
+    // That backend leaves the service: the agent closes the balancer's
+    // socket, and only that one; the other keeps working.
+    leave(&c, &[&first.identity]);
+    let closed = testbed::wait_for(std::time::Duration::from_secs(20), || {
+        (event_count(&c, Event::SockDestroyed) >= 1).then_some(())
+    });
+    assert!(closed.is_some(), "{}", c.agent_log());
+    assert_eq!(event_count(&c, Event::SockDestroyed), 1);
+    assert!(balanced.ask().unwrap().starts_with("err "));
     assert_eq!(
         Answer::parse(&s.ask().unwrap()).unwrap().identity,
         first.identity

@@ -115,6 +115,9 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The node's name in a one-node bed (EndpointSlices' `nodeName`).
+    pub const NODE_NAME: &str = "node-1";
+
     /// A node and one pod per `(name, address)`.
     pub fn new(pods: &[(&str, Ipv4Addr)]) -> Result<Self> {
         reap_leftovers();
@@ -129,7 +132,7 @@ impl Cluster {
         let node = Netns::create(&format!("{id}-node"))?;
         let mut cluster = Self {
             id: id.clone(),
-            node_name: "node-1".into(),
+            node_name: Self::NODE_NAME.into(),
             node_ip: GATEWAY,
             cluster_cidr: "198.18.0.0/16".into(),
             interfaces: "kpxh*".into(),

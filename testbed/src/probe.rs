@@ -220,11 +220,6 @@ impl Session {
         stdin.flush()?;
         self.line()
     }
-
-    /// The probe's PID (its socket's owner).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Session {
@@ -235,13 +230,12 @@ impl Drop for Session {
     }
 }
 
-/// A probe answer line, parsed: `ok <identity> <client seen> peer=<p> us=<t>`.
+/// A probe answer line, parsed: `ok <identity> <client seen> peer=<p> ...`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub identity: String,
     pub client: String,
     pub peer: String,
-    pub us: u64,
 }
 
 impl Answer {
@@ -261,7 +255,6 @@ impl Answer {
             identity: f[1].into(),
             client: f[2].into(),
             peer: field("peer="),
-            us: field("us=").parse().unwrap_or(0),
         })
     }
 }

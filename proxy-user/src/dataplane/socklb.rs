@@ -185,36 +185,30 @@ pub fn attach(ebpf: &mut aya::Ebpf, cgroup: &Path, bpffs: &Path) -> Result<usize
 
 fn attach_all(ebpf: &mut aya::Ebpf, cg: &fs::File, cgroup: &Path, dir: &Path) -> Result<usize> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut n = 0;
-    for name in ADDR_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel rejected {name}"))?;
-        let id = prog
-            .attach(cg.as_fd(), MODE)
-            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-        let link: FdLink = prog.take_link(id)?.try_into()?;
-        link.pin(dir.join(name))
-            .with_context(|| format!("pinning {name}"))?;
-        n += 1;
+    // The same steps for both program types, which share no trait for
+    // `attach`: load, attach to the cgroup, pin the link.
+    macro_rules! attach_one {
+        ($ty:ty, $name:expr) => {{
+            let name = $name;
+            let prog: &mut $ty = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
+            let id = prog
+                .attach(cg.as_fd(), MODE)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into()?;
+            link.pin(dir.join(name))
+                .with_context(|| format!("pinning {name}"))?;
+        }};
     }
-    let name = prog_names::SOCK_RELEASE;
-    let prog: &mut CgroupSock = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
-        .try_into()?;
-    prog.load()
-        .with_context(|| format!("the kernel rejected {name}"))?;
-    let id = prog
-        .attach(cg.as_fd(), MODE)
-        .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-    let link: FdLink = prog.take_link(id)?.try_into()?;
-    link.pin(dir.join(name))
-        .with_context(|| format!("pinning {name}"))?;
-    Ok(n + 1)
+    for name in ADDR_PROGRAMS {
+        attach_one!(CgroupSockAddr, name);
+    }
+    attach_one!(CgroupSock, prog_names::SOCK_RELEASE);
+    Ok(ADDR_PROGRAMS.len() + 1)
 }
 
 /// Closes the connected UDP sockets the load balancer gave a backend that

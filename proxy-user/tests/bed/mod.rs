@@ -51,16 +51,22 @@ pub fn wait_synced(c: &Cluster, frontends: usize, endpoints: &[u32]) {
 
 /// `kpx dump ARGS --bpffs BPFFS`: its standard output (the command must succeed).
 pub fn kpx_dump(bpffs: &Path, args: &[&str]) -> Vec<u8> {
-    let out = std::process::Command::new(KPX)
-        .arg("dump")
-        .args(args)
-        .arg("--bpffs")
-        .arg(bpffs)
-        .output()
-        .unwrap();
+    succeeded(
+        std::process::Command::new(KPX)
+            .arg("dump")
+            .args(args)
+            .arg("--bpffs")
+            .arg(bpffs),
+    )
+}
+
+/// Runs `cmd`, which must succeed (else its standard error is the
+/// failure); its standard output.
+fn succeeded(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     out.stdout
@@ -183,23 +189,39 @@ pub fn deploy_role() -> k8s_openapi::api::rbac::v1::ClusterRole {
     role.expect("a ClusterRole in deploy/rbac.yaml")
 }
 
-/// Packets the datapath dropped for `reason`, from the pinned counters.
-#[allow(dead_code)]
-/// The datapath's count of `which` (an event counter), from the pinned maps.
-pub fn event_count(c: &Cluster, which: proxy_common::Event) -> u64 {
-    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.events()
+/// The datapath's total for `which` in the counter list `read` gives.
+fn total<K: PartialEq>(
+    c: &Cluster,
+    read: impl FnOnce(&MapSet) -> anyhow::Result<Vec<(K, u64)>>,
+    which: K,
+) -> u64 {
+    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+    read(&maps)
         .unwrap()
         .into_iter()
-        .find(|(e, _)| *e == which)
+        .find(|(k, _)| *k == which)
         .map_or(0, |(_, n)| n)
 }
 
+/// The datapath's count of `which` (an event counter), from the pinned maps.
+pub fn event_count(c: &Cluster, which: proxy_common::Event) -> u64 {
+    total(c, MapSet::events, which)
+}
+
+/// Packets the datapath dropped for `reason`, from the pinned counters.
 pub fn drop_count(c: &Cluster, reason: proxy_common::DropReason) -> u64 {
-    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.drops()
-        .unwrap()
-        .into_iter()
-        .find(|(r, _)| *r == reason)
-        .map_or(0, |(_, n)| n)
+    total(c, MapSet::drops, reason)
+}
+
+/// Packets that ended in verdict `which`, from the pinned counters.
+pub fn counter_count(c: &Cluster, which: proxy_common::Counter) -> u64 {
+    total(c, MapSet::counters, which)
+}
+
+/// `kpx cleanup --bpffs` for the bed, in its node namespace; must succeed.
+/// Returns what it printed.
+pub fn kpx_cleanup(c: &Cluster) -> String {
+    let mut cmd = c.node.command(Path::new(KPX)).unwrap();
+    let out = succeeded(cmd.args(["cleanup", "--bpffs"]).arg(c.bpffs()));
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -16,8 +16,6 @@
 //! - `session tcp|udp|udp-connected ADDR [PORT]`: one socket held open,
 //!   one exchange per line read from stdin, until EOF (`udp-connected`:
 //!   a line `connect ADDR` connects the socket elsewhere);
-//! - `crr ADDR SECONDS`: connect, exchange, close, as fast as it can for
-//!   SECONDS; prints `count N connect_ns_mean M`.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -69,7 +67,6 @@ fn run(args: &[String]) -> Result<(), String> {
             }
         }
         "session" => session(arg(1)?, addr(2)?, args.get(3))?,
-        "crr" => crr(addr(1)?, Duration::from_secs(num(2)?))?,
         other => return Err(format!("unknown command {other:?}")),
     }
     Ok(())
@@ -216,23 +213,5 @@ fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), Str
         }
         other => return Err(format!("session: unknown protocol {other:?}")),
     }
-    Ok(())
-}
-
-/// Connection rate: connect, one exchange, close, until `time` is up.
-fn crr(to: SocketAddr, time: Duration) -> Result<(), String> {
-    let end = Instant::now() + time;
-    let (mut n, mut connect_ns) = (0u64, 0u128);
-    while Instant::now() < end {
-        let t = Instant::now();
-        let s = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
-        connect_ns += t.elapsed().as_nanos();
-        tcp_exchange(&s).map_err(|e| format!("exchange: {e}"))?;
-        n += 1;
-    }
-    println!(
-        "count {n} connect_ns_mean {}",
-        connect_ns.checked_div(u128::from(n)).unwrap_or(0)
-    );
     Ok(())
 }
