@@ -18,8 +18,9 @@ pub const IPPROTO_UDP: u8 = 17;
 pub mod map_names {
     pub const SERVICES: &str = "KPX_SERVICES";
     pub const SERVICE_ADDRS: &str = "KPX_SVC_ADDRS";
+    /// A frontend's backend table: each slot holds its backend whole
+    /// ([`super::Slot`]), so selecting one is one lookup.
     pub const SLOTS: &str = "KPX_SLOTS";
-    pub const BACKENDS: &str = "KPX_BACKENDS";
     /// Established TCP flows: a plain hash, never evicted (see
     /// [`super::capacity::CT_TCP`]).
     pub const CT_TCP: &str = "KPX_CT_TCP";
@@ -50,12 +51,11 @@ pub mod map_names {
     /// storage with TCP sockets only, and the agent must find connected UDP
     /// sockets whose backend left.
     pub const SOCKS_UDP: &str = "KPX_SOCKS_UDP";
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 20] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
         SLOTS,
-        BACKENDS,
         CT_TCP,
         CT_ANY,
         COUNTERS,
@@ -79,6 +79,10 @@ pub mod map_names {
 pub mod legacy_map_names {
     /// Layout 1's one conntrack table (LRU), every flow in it.
     pub const CONNTRACK: &str = "KPX_CT";
+    /// Layouts 1 and 2: backend id → [`super::Backend`], which slots
+    /// (then holding a bare backend id) pointed into.
+    pub const BACKENDS: &str = "KPX_BACKENDS";
+    pub const ALL: [&str; 2] = [CONNTRACK, BACKENDS];
 }
 
 /// The layout of the pinned maps, stored in [`map_names::LAYOUT`]. A kpx
@@ -86,8 +90,11 @@ pub mod legacy_map_names {
 /// never shares them blindly. History:
 /// 1. (unversioned: no `KPX_LAYOUT` map) one LRU conntrack table, `KPX_CT`;
 /// 2. conntrack split into `KPX_CT_TCP` (established TCP, never evicted)
-///    and `KPX_CT_ANY` (the rest, LRU); `KPX_LAYOUT` added.
-pub const LAYOUT_VERSION: u32 = 2;
+///    and `KPX_CT_ANY` (the rest, LRU); `KPX_LAYOUT` added;
+/// 3. a slot holds its backend whole ([`Slot`]) instead of a backend id,
+///    and `KPX_BACKENDS` is gone: a first packet's selection is one
+///    lookup, not two, and a sync writes half as many entries.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Program names in the object file.
 pub mod prog_names {
@@ -123,7 +130,8 @@ pub mod capacity {
     pub const SERVICE_ADDRS: u32 = 131_072;
     /// Backend slots over all services.
     pub const SLOTS: u32 = 1_048_576;
-    /// Distinct backends (address, port, protocol).
+    /// Distinct backends (address, port, protocol): the active-connection
+    /// counts' capacity.
     pub const BACKENDS: u32 = 524_288;
     /// Established TCP conntrack entries (two per flow: original and reply
     /// direction), so 262,144 concurrent connections by default. A plain
@@ -396,7 +404,7 @@ pub struct SlotKey {
     pub slot: u32,
 }
 
-/// Value of the backend map, keyed by a backend id (`u32`).
+/// A backend: where a flow is sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend {
@@ -407,6 +415,16 @@ pub struct Backend {
     pub proto: u8,
     /// Reserved for endpoint-state flags; 0 today.
     pub flags: u8,
+}
+
+/// Value of the slot map: the backend in slot `(svc_id, slot)`, whole, with
+/// the id that names it to conntrack, affinity and the connection counts.
+/// Selection reads the backend from the slot itself: no second lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Slot {
+    pub backend_id: u32,
+    pub backend: Backend,
 }
 
 /// Key of the conntrack map: a packet's 5-tuple as seen on the wire.
@@ -898,6 +916,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Slot {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceStats {}
@@ -914,6 +933,7 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::size_of::<SlotKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::size_of::<Slot>() == 12);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
     assert!(core::mem::size_of::<ServiceStats>() == 40);

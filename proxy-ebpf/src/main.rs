@@ -58,8 +58,8 @@ use crate::{
 /// - first packet of a flow to a service: `CT` misses (TCP: both tables),
 ///   `PORTS`, `SERVICES`
 ///   (+ `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
-///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS`,
-///   `BACKENDS`; then 2 inserts (both directions into `CT_ANY`; a
+///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS` (the
+///   backend is in the slot); then 2 inserts (both directions into `CT_ANY`; a
 ///   masqueraded flow retries its reply insert on a taken port, at most 8
 ///   times, each try of a TCP flow also a `CT_TCP` lookup); with
 ///   ClientIP affinity +1 (`AFFINITY`) and one write; by scheduler: round

@@ -1,6 +1,6 @@
 //! The datapath's maps. Layouts and names come from `proxy_common`.
 //!
-//! Control-plane maps (services, slots, backends) are `BPF_F_NO_PREALLOC`:
+//! Control-plane maps (services, slots) are `BPF_F_NO_PREALLOC`:
 //! their elements are freed through RCU, so a lookup racing with the agent's
 //! update reads either the old or the new value, never a recycled element.
 
@@ -11,9 +11,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    capacity, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig,
-    DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, SlotKey, SockValue,
-    SrcRange,
+    capacity, AffinityKey, AffinityValue, Counter, CtKey, CtValue, DatapathConfig, DropReason,
+    Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot, SlotKey, SockValue, SrcRange,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -25,13 +24,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static SERVICE_ADDRS: HashMap<u32, u32> =
     HashMap::with_max_entries(capacity::SERVICE_ADDRS, BPF_F_NO_PREALLOC);
 
+/// Each frontend's backend tables, a slot holding its backend whole.
 #[map(name = "KPX_SLOTS")]
-pub static SLOTS: HashMap<SlotKey, u32> =
+pub static SLOTS: HashMap<SlotKey, Slot> =
     HashMap::with_max_entries(capacity::SLOTS, BPF_F_NO_PREALLOC);
-
-#[map(name = "KPX_BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> =
-    HashMap::with_max_entries(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 /// Established TCP flows, both directions. A plain (preallocated) hash:
 /// nothing can push an entry out; the agent's collector ends flows by

@@ -24,14 +24,14 @@ use aya_ebpf::{
 };
 use proxy_common::{
     flow_hash, least_conns, scheduler, AffinityKey, AffinityValue, Backend, CtKey, DropReason,
-    Event, ServiceValue, SlotKey, LOCAL_SLOTS, SCHED_DH, SCHED_MH, SCHED_RR, SCHED_SH,
+    Event, ServiceValue, Slot, SlotKey, LOCAL_SLOTS, SCHED_DH, SCHED_MH, SCHED_RR, SCHED_SH,
     SVC_F_HASH_PORT,
 };
 
 use crate::{
     conns,
     conntrack::now,
-    maps::{AFFINITY, BACKENDS, RR, SLOTS},
+    maps::{AFFINITY, RR, SLOTS},
     stats,
 };
 
@@ -77,10 +77,10 @@ impl Table {
 }
 
 /// Picks a backend of table `t` of `svc` for the new flow `flow`:
-/// `SLOTS[(svc, base + position)]`, then `BACKENDS[id]` (round robin: +1
-/// per-CPU array lookup); with ClientIP affinity one `AFFINITY` lookup
-/// first (and one write). At most five lookups whatever the number of
-/// backends or clients. `netns_cookie`: 0 for a packet, whose client is
+/// `SLOTS[(svc, base + position)]`, which holds the backend whole (round
+/// robin: +1 per-CPU array lookup); with ClientIP affinity one `AFFINITY`
+/// lookup first (and one write). At most five lookups whatever the number
+/// of backends or clients. `netns_cookie`: 0 for a packet, whose client is
 /// `flow.src_addr`; a socket's network namespace for the socket-level
 /// load balancer, whose client has no address yet at `connect()`.
 #[inline(always)]
@@ -113,14 +113,13 @@ pub fn backend(
             // A record from the other table (the client came in through
             // another policy) is replaced, as the reference's per-chain
             // `recent` check would miss it.
-            if let Ok(id) = slot(svc.svc_id, a.slot) {
-                if id == a.backend_id {
-                    let backend = lookup_backend(id)?;
+            if let Ok(s) = slot(svc.svc_id, a.slot) {
+                if s.backend_id == a.backend_id {
                     a.last_used_ns = now;
                     stats::event(Event::AffinityHit, 1);
                     return Ok(Selected {
-                        backend_id: id,
-                        backend,
+                        backend_id: s.backend_id,
+                        backend: s.backend,
                         counted: least_conns(scheduler(svc.flags)),
                         slot: a.slot,
                     });
@@ -145,16 +144,15 @@ pub fn backend(
 #[inline(always)]
 fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReason> {
     let counted = least_conns(scheduler(svc.flags));
-    let (n, backend_id) = if counted {
+    let (n, s) = if counted {
         fewer_conns(svc.svc_id, t)?
     } else {
         let n = t.base + position(svc, flow) % t.count;
         (n, slot(svc.svc_id, n)?)
     };
-    let backend = lookup_backend(backend_id)?;
     Ok(Selected {
-        backend_id,
-        backend,
+        backend_id: s.backend_id,
+        backend: s.backend,
         counted,
         slot: n,
     })
@@ -163,24 +161,25 @@ fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReas
 /// Least connections by the power of two choices: two distinct random
 /// slots, and of their backends the one with fewer active connections
 /// (the first on a tie). Lookups: 2 `SLOTS`, 2 `CONNS` (1 each with a
-/// single backend). Returns the slot and its backend id.
+/// single backend). Returns the slot number and its content.
 #[inline(always)]
-fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, u32), DropReason> {
+fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, Slot), DropReason> {
     let r = random();
     let a = t.base + r % t.count;
-    let id_a = slot(svc_id, a)?;
+    let slot_a = slot(svc_id, a)?;
     if t.count == 1 {
-        return Ok((a, id_a));
+        return Ok((a, slot_a));
     }
     // Another slot than `a`: an offset of 1..count from it, from the
     // random word's other half.
     let b = t.base + (a - t.base + 1 + (r >> 16) % (t.count - 1)) % t.count;
-    let id_b = slot(svc_id, b)?;
+    let slot_b = slot(svc_id, b)?;
     // Signed: a counter that went below zero (a flow of a backend id
     // reused after a restart, closing) reads as idle, not as infinitely
     // busy.
-    let busier_a = (conns::active(id_b) as i64) < (conns::active(id_a) as i64);
-    Ok(if busier_a { (b, id_b) } else { (a, id_a) })
+    let busier_a =
+        (conns::active(slot_b.backend_id) as i64) < (conns::active(slot_a.backend_id) as i64);
+    Ok(if busier_a { (b, slot_b) } else { (a, slot_a) })
 }
 
 /// The scheduler's choice, before the modulo of the table's size.
@@ -224,19 +223,12 @@ fn round_robin(svc_id: u32) -> u32 {
     n.wrapping_add(unsafe { bpf_get_smp_processor_id() })
 }
 
-/// The backend id in slot `slot` of `svc_id`.
+/// The backend (and its id) in slot `slot` of `svc_id`.
 #[inline(always)]
-pub fn slot(svc_id: u32, slot: u32) -> Result<u32, DropReason> {
+pub fn slot(svc_id: u32, slot: u32) -> Result<Slot, DropReason> {
     let p = SLOTS
         .get_ptr(SlotKey { svc_id, slot })
         .ok_or(DropReason::BackendMissing)?;
     // SAFETY: valid map value pointer, copied out immediately.
-    Ok(unsafe { *p })
-}
-
-#[inline(always)]
-fn lookup_backend(id: u32) -> Result<Backend, DropReason> {
-    let p = BACKENDS.get_ptr(id).ok_or(DropReason::BackendMissing)?;
-    // SAFETY: as in `slot`.
     Ok(unsafe { *p })
 }

@@ -15,7 +15,7 @@
 //! Map lookups per call (O(1), no loop):
 //! - `connect()` / `sendmsg()` not to a service: `PORTS` (an array the
 //!   verifier inlines), + `SERVICES` on a port some frontend uses;
-//! - to a service: + `CONFIG`, `SLOTS`, `BACKENDS` (as a first packet's
+//! - to a service: + `CONFIG`, `SLOTS` (as a first packet's
 //!   selection, affinity and scheduler included), and the socket's own
 //!   storage (`SOCKS`, socket local storage: no hash table); a UDP socket
 //!   that already has a backend for the service: its storage and `SLOTS`
@@ -279,7 +279,7 @@ impl Request {
         let table = select::Table::of(svc, choice.local);
         if let Some(k) = known {
             if table.contains(k.slot)
-                && matches!(select::slot(svc.svc_id, k.slot), Ok(id) if id == k.backend_id)
+                && matches!(select::slot(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
             {
                 return Ok(select::Selected {
                     backend_id: k.backend_id,

@@ -429,12 +429,15 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
 
 #[test]
 #[ignore = "needs root"]
-fn a_service_with_a_dangling_slot_drops_counted() {
+fn a_service_with_a_missing_slot_drops_counted() {
     let mut dp = datapath();
-    // A slot pointing at a backend id that does not exist (a hand-edited
-    // map; the agent never writes one).
+    // A frontend counting a slot that does not exist (a hand-edited map;
+    // the agent writes slots before the entry that counts them).
     install_service(&mut dp, 4, "198.19.0.31", 80, IPPROTO_TCP, &[(50, B1, 80)]);
-    dp.maps.backends.remove(&50).unwrap();
+    dp.maps
+        .slots
+        .remove(&proxy_common::SlotKey { svc_id: 4, slot: 0 })
+        .unwrap();
     let out = run(
         &mut dp,
         &Pkt::new(CLIENT, 44001, "198.19.0.31", 80, SYN).build(),

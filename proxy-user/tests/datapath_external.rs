@@ -54,6 +54,13 @@ fn frontend(
     local: &[u32],
 ) {
     for (i, id) in local.iter().enumerate() {
+        // The same backend as in its cluster-wide slot.
+        let value = (0..count)
+            .find_map(|slot| {
+                let s = dp.maps.slots.get(&SlotKey { svc_id, slot }, 0).ok()?;
+                (s.backend_id == *id).then_some(s)
+            })
+            .expect("a local backend is one of the service's");
         dp.maps
             .slots
             .insert(
@@ -61,7 +68,7 @@ fn frontend(
                     svc_id,
                     slot: LOCAL_SLOTS + i as u32,
                 },
-                id,
+                value,
                 0,
             )
             .unwrap();

@@ -162,6 +162,13 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
     };
     let rec = dp.maps.affinity.get(&akey, 0).expect("affinity record");
     let replacement = if rec.backend_id == 1 { 2 } else { 1 };
+    let replacement = dp
+        .maps
+        .slots
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .find_map(|(k, s)| (k.svc_id == 1 && s.backend_id == replacement).then_some(s))
+        .expect("the other backend's slot");
     dp.maps
         .slots
         .insert(

@@ -131,7 +131,8 @@ fn metrics_report_maps_datapath_verdicts_and_conntrack() {
     assert!(metric(&m, "kpx_datapath_packets_total{verdict=\"ct_reply\"}") >= 25.0);
     assert_eq!(metric(&m, "kpx_map_entries{map=\"KPX_SERVICES\"}"), 2.0);
     // Two endpoints, each on a TCP and a UDP port.
-    assert_eq!(metric(&m, "kpx_map_entries{map=\"KPX_BACKENDS\"}"), 4.0);
+    assert_eq!(metric(&m, "kpx_backends"), 4.0);
+    assert_eq!(metric(&m, "kpx_map_entries{map=\"KPX_SLOTS\"}"), 4.0);
     assert_eq!(
         metric(&m, "kpx_map_capacity{map=\"KPX_CT_TCP\"}"),
         f64::from(proxy_common::capacity::CT_TCP)

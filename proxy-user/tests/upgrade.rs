@@ -13,7 +13,9 @@ use kpx::dataplane::{
     bpffs,
     maps::{CtTable, Datapath, LoadOptions},
 };
-use proxy_common::{map_names, CtKey, CtValue, Event, IPPROTO_UDP, LAYOUT_VERSION};
+use proxy_common::{
+    map_names, Backend, CtKey, CtValue, Event, Slot, SlotKey, IPPROTO_UDP, LAYOUT_VERSION,
+};
 use support::*;
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -80,6 +82,39 @@ fn layout_of(dir: &PinDir) -> u32 {
     map.get(&0, 0).unwrap()
 }
 
+/// Pins `dp`'s slots as layouts 1 and 2 had them: a backend id in each
+/// slot, the backends in `KPX_BACKENDS`.
+fn pin_v2_slots(dir: &PinDir, dp: &Datapath) {
+    let slots: Vec<(SlotKey, Slot)> = dp.maps.slots.iter().map(|kv| kv.unwrap()).collect();
+    assert!(!slots.is_empty());
+    let data = create_pinned::<SlotKey, u32>(&dir.pin(map_names::SLOTS), BPF_MAP_TYPE_HASH, 64);
+    let mut old_slots: HashMap<MapData, SlotKey, u32> = Map::HashMap(data).try_into().unwrap();
+    let data = create_pinned::<u32, Backend>(
+        &dir.pin(proxy_common::legacy_map_names::BACKENDS),
+        BPF_MAP_TYPE_HASH,
+        64,
+    );
+    let mut old_backends: HashMap<MapData, u32, Backend> = Map::HashMap(data).try_into().unwrap();
+    for (k, s) in &slots {
+        old_slots.insert(k, s.backend_id, 0).unwrap();
+        old_backends.insert(s.backend_id, s.backend, 0).unwrap();
+    }
+}
+
+/// After an upgrade: the slots carried with their backends in them, the
+/// old backend map gone.
+fn assert_slots_carried(dir: &PinDir, dp: &Datapath) {
+    assert!(!dir.pin(proxy_common::legacy_map_names::BACKENDS).exists());
+    let info = MapInfo::from_pin(dir.pin(map_names::SLOTS)).unwrap();
+    assert_eq!(info.value_size() as usize, size_of::<Slot>());
+    assert!(dp
+        .maps
+        .slots
+        .iter()
+        .all(|kv| kv.is_ok_and(|(_, s)| s.backend.addr != 0)));
+    assert!(dp.maps.slots.keys().count() > 0);
+}
+
 /// Layout 1 (before versioning): one LRU conntrack table, `KPX_CT`, beside
 /// the control-plane maps this layout still has. Its flows are carried
 /// into the two tables, each where the datapath would have put it, and keep
@@ -108,19 +143,12 @@ fn layout_1_maps_are_migrated_with_their_flows() {
         for (_, k, v) in &entries {
             v1.insert(k, v, 0).expect("old entry");
         }
-        // ...and its service maps, pinned under their (unchanged) names.
+        // ...and its service maps, pinned under their names, the slots
+        // and backends as layouts 1 and 2 had them.
         for (name, map) in [
             (
                 map_names::SERVICES,
                 aya::maps::IterableMap::map(&old.maps.services),
-            ),
-            (
-                map_names::SLOTS,
-                aya::maps::IterableMap::map(&old.maps.slots),
-            ),
-            (
-                map_names::BACKENDS,
-                aya::maps::IterableMap::map(&old.maps.backends),
             ),
             (
                 map_names::SERVICE_ADDRS,
@@ -133,6 +161,7 @@ fn layout_1_maps_are_migrated_with_their_flows() {
         ] {
             map.pin(dir.pin(name)).expect("pinning a layout-1 map");
         }
+        pin_v2_slots(&dir, &old);
         (est, emb, udp)
     };
     assert!(!dir.pin(map_names::LAYOUT).exists());
@@ -141,6 +170,7 @@ fn layout_1_maps_are_migrated_with_their_flows() {
     let up = dp.upgrade.clone().expect("loaded over pins");
     assert_eq!((up.from, up.carried, up.lost), (Some(1), 6, 0));
     assert!(!dir.pin(proxy_common::legacy_map_names::CONNTRACK).exists());
+    assert_slots_carried(&dir, &dp);
     assert_eq!(layout_of(&dir), LAYOUT_VERSION);
     let count = |dp: &Datapath, t| dp.maps.ct(t).keys().count();
     assert_eq!((count(&dp, CtTable::Tcp), count(&dp, CtTable::Any)), (2, 4));
@@ -174,6 +204,63 @@ fn layout_1_maps_are_migrated_with_their_flows() {
         .maps
         .ct_get(&ct_key(CLIENT, 43002, VIP, 53, IPPROTO_UDP))
         .is_some());
+}
+
+/// Layout 2 (slots holding a backend id, backends in `KPX_BACKENDS`): the
+/// conntrack tables are shared as they are, and every slot is carried with
+/// its backend in it, so new flows are served from the first packet, before
+/// any sync.
+#[test]
+#[ignore = "needs root"]
+fn layout_2_slots_are_carried_with_their_backends() {
+    let dir = PinDir::new("upgrade-v2");
+    let established = {
+        let mut old = datapath();
+        cluster(&mut old);
+        let est = handshake(&mut old, &Pkt::new(CLIENT, 43100, VIP, 80, SYN));
+        for (name, map) in [
+            (
+                map_names::SERVICES,
+                aya::maps::IterableMap::map(&old.maps.services),
+            ),
+            (
+                map_names::SERVICE_ADDRS,
+                aya::maps::IterableMap::map(&old.maps.service_addrs),
+            ),
+            (
+                map_names::PORTS,
+                aya::maps::IterableMap::map(&old.maps.ports),
+            ),
+            (
+                map_names::CT_TCP,
+                aya::maps::IterableMap::map(&old.maps.ct_tcp),
+            ),
+            (
+                map_names::CT_ANY,
+                aya::maps::IterableMap::map(&old.maps.ct_any),
+            ),
+        ] {
+            map.pin(dir.pin(name)).expect("pinning a layout-2 map");
+        }
+        pin_v2_slots(&dir, &old);
+        let data = create_pinned::<u32, u32>(&dir.pin(map_names::LAYOUT), BPF_MAP_TYPE_ARRAY, 1);
+        let mut layout: Array<MapData, u32> = Map::Array(data).try_into().unwrap();
+        layout.set(0, 2, 0).unwrap();
+        est
+    };
+
+    let mut dp = dir.load();
+    let up = dp.upgrade.clone().expect("loaded over pins");
+    assert_eq!((up.from, up.carried, up.lost), (Some(2), 0, 0));
+    assert_eq!(layout_of(&dir), LAYOUT_VERSION);
+    assert_slots_carried(&dir, &dp);
+    // The established connection goes on, shared in place.
+    let out = run(&mut dp, &Pkt::new(CLIENT, 43100, VIP, 80, ACK).build());
+    assert_eq!(inspect(&out.bytes), established);
+    // New connections reach a backend of the service at once.
+    let fresh = inspect(&run(&mut dp, &Pkt::new(CLIENT, 43101, VIP, 80, SYN).build()).bytes);
+    assert_ne!(fresh.dst, ip(VIP));
+    assert_eq!(drops(&mut dp, proxy_common::DropReason::BackendMissing), 0);
 }
 
 /// A layout this kpx does not know (a newer one, met on a downgrade) is

@@ -596,8 +596,7 @@ fn selects(maps: &MapSet, i: u32, addr: Option<Ipv4Addr>) -> bool {
                 },
                 0,
             )
-            .and_then(|id| maps.backends.get(&id, 0))
-            .is_ok_and(|b| b.addr == wire::addr(addr))
+            .is_ok_and(|s| s.backend.addr == wire::addr(addr))
     })
 }
 

@@ -18,7 +18,6 @@ impl Agent {
             (proxy_common::map_names::SERVICES, st.services.len()),
             (proxy_common::map_names::SERVICE_ADDRS, st.addrs.len()),
             (proxy_common::map_names::SLOTS, st.slots.len()),
-            (proxy_common::map_names::BACKENDS, st.backends.len()),
             (proxy_common::map_names::SERVICE_NAMES, st.names.len()),
         ] {
             m.map_entries
@@ -29,6 +28,7 @@ impl Agent {
         m.services.set(services as i64);
         m.slices.set(slices as i64);
         m.frontends.set(self.index.desired().frontends.len() as i64);
+        m.backends.set(st.backends.len() as i64);
         m.invalid_objects_current
             .set((self.index.problem_count() + self.node_problems.len()) as i64);
         let counts = self.index.skipped_counts();

@@ -92,7 +92,7 @@ pub fn try_lock(dir: &Path) -> Result<Option<Lock>> {
 /// Returns the names removed.
 pub fn unpin_all(dir: &Path) -> Result<Vec<&'static str>> {
     let mut removed = Vec::new();
-    let legacy = [proxy_common::legacy_map_names::CONNTRACK];
+    let legacy = proxy_common::legacy_map_names::ALL;
     for name in proxy_common::map_names::ALL.into_iter().chain(legacy) {
         match fs::remove_file(dir.join(name)) {
             Ok(()) => removed.push(name),

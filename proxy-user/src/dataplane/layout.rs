@@ -9,6 +9,10 @@
 //! - version 1 (before versioning: no `KPX_LAYOUT`, one LRU `KPX_CT`):
 //!   migrated, the flows carried into the two tables this layout has,
 //!   established TCP into `KPX_CT_TCP`, the rest into `KPX_CT_ANY`;
+//! - versions 1 and 2 (slots holding a backend id, backends in
+//!   `KPX_BACKENDS`): each slot carried with its backend in it, so the
+//!   services already pinned serve new flows from the first moment, before
+//!   the first sync;
 //! - any other version (a downgrade, or a layout this kpx does not know):
 //!   nothing is shared; its conntrack entries are counted as not carried,
 //!   every `KPX_*` pin is removed and fresh maps are created. The
@@ -23,7 +27,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use proxy_common::{
-    legacy_map_names, map_names, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_SEEN_REPLY, LAYOUT_VERSION,
+    legacy_map_names, map_names, Backend, CtKey, CtValue, Slot, SlotKey, CT_DIR_ORIGINAL,
+    CT_F_SEEN_REPLY, LAYOUT_VERSION,
 };
 
 use crate::dataplane::maps::{CtTable, MapSet};
@@ -45,6 +50,7 @@ pub struct Upgrade {
 pub struct Pending {
     upgrade: Upgrade,
     entries: Vec<(CtTable, CtKey, CtValue)>,
+    slots: Vec<(SlotKey, Slot)>,
 }
 
 /// The version of the maps pinned under `dir`: None when nothing of kpx's
@@ -61,7 +67,7 @@ pub fn pinned_version(dir: &Path) -> Result<Option<u32>> {
     }
     let any_pin = map_names::ALL
         .iter()
-        .chain([&legacy_map_names::CONNTRACK])
+        .chain(&legacy_map_names::ALL)
         .any(|name| dir.join(name).exists());
     Ok(any_pin.then_some(1))
 }
@@ -76,10 +82,15 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
             ..Default::default()
         },
         entries: Vec::new(),
+        slots: Vec::new(),
     };
+    if matches!(from, Some(1 | 2)) {
+        pending.slots = take_v2_slots(dir);
+    }
     match from {
         None => {}
         Some(LAYOUT_VERSION) => replace_mismatched_pins(dir)?,
+        Some(2) => replace_mismatched_pins(dir)?,
         Some(1) => {
             let legacy = dir.join(legacy_map_names::CONNTRACK);
             if legacy.exists() {
@@ -96,7 +107,8 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
                 fs::remove_file(&legacy)
                     .with_context(|| format!("removing {}", legacy.display()))?;
             }
-            // Every other map of layout 1 is this layout's, unchanged.
+            // Every other map of layout 1 is layout 2's, which differs
+            // from this one in the slots alone (taken above).
             replace_mismatched_pins(dir)?;
         }
         Some(other) => {
@@ -125,6 +137,18 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
 /// version: only a complete migration is marked done.
 pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
     let mut up = pending.upgrade;
+    let mut slots_lost = 0usize;
+    for (k, v) in &pending.slots {
+        if let Err(e) = maps.slots.insert(k, v, 0) {
+            slots_lost += 1;
+            log::debug!("carrying slot {k:?}: {e}");
+        }
+    }
+    if slots_lost > 0 {
+        log::warn!(
+            "{slots_lost} slots of the old layout could not be carried: the first sync writes them"
+        );
+    }
     for (table, k, v) in pending.entries {
         match maps.ct_mut(table).insert(k, v, 0) {
             Ok(()) => up.carried += 1,
@@ -146,6 +170,54 @@ pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
         );
     }
     Ok(up)
+}
+
+/// Layouts 1 and 2's slots (a backend id each) joined with their
+/// backends (`KPX_BACKENDS`), as this layout's slots; the old backend map's
+/// pin removed (the slot map's, of another value size, is replaced by
+/// [`replace_mismatched_pins`]). Whatever cannot be read is left to the
+/// first sync, said once.
+fn take_v2_slots(dir: &Path) -> Vec<(SlotKey, Slot)> {
+    let slots_pin = dir.join(map_names::SLOTS);
+    let backends_pin = dir.join(legacy_map_names::BACKENDS);
+    let read = || -> Result<Vec<(SlotKey, Slot)>> {
+        if !slots_pin.exists() || !backends_pin.exists() {
+            return Ok(Vec::new());
+        }
+        let open = |p: &Path| -> Result<Map> {
+            Ok(Map::from_map_data(
+                MapData::from_pin(p).with_context(|| format!("opening {}", p.display()))?,
+            )?)
+        };
+        let slots: HashMap<MapData, SlotKey, u32> = open(&slots_pin)?.try_into()?;
+        let backends: HashMap<MapData, u32, Backend> = open(&backends_pin)?.try_into()?;
+        let backends: std::collections::HashMap<u32, Backend> =
+            backends.iter().filter_map(|kv| kv.ok()).collect();
+        Ok(slots
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, id)| {
+                let backend = *backends.get(&id)?;
+                Some((
+                    k,
+                    Slot {
+                        backend_id: id,
+                        backend,
+                    },
+                ))
+            })
+            .collect())
+    };
+    let slots = read().unwrap_or_else(|e| {
+        log::warn!("the old layout's slots cannot be read ({e:#}): the first sync writes them");
+        Vec::new()
+    });
+    if backends_pin.exists() {
+        if let Err(e) = fs::remove_file(&backends_pin) {
+            log::warn!("removing {}: {e}", backends_pin.display());
+        }
+    }
+    slots
 }
 
 /// Layout 1's conntrack entries, each with the table it belongs in now: a

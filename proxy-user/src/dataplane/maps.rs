@@ -24,7 +24,7 @@ use crate::{
 };
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
-    DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue,
+    DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
     SlotKey, SockValue, SrcRange, SERVICE_NAME_LEN,
 };
 
@@ -95,8 +95,7 @@ impl CtTable {
 pub struct MapSet {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub service_addrs: HashMap<MapData, u32, u32>,
-    pub slots: HashMap<MapData, SlotKey, u32>,
-    pub backends: HashMap<MapData, u32, Backend>,
+    pub slots: HashMap<MapData, SlotKey, Slot>,
     pub ct_tcp: HashMap<MapData, CtKey, CtValue>,
     pub ct_any: HashMap<MapData, CtKey, CtValue>,
     pub layout: Array<MapData, u32>,
@@ -123,7 +122,6 @@ impl MapSet {
             services: get(map_names::SERVICES)?.try_into()?,
             service_addrs: get(map_names::SERVICE_ADDRS)?.try_into()?,
             slots: get(map_names::SLOTS)?.try_into()?,
-            backends: get(map_names::BACKENDS)?.try_into()?,
             ct_tcp: get(map_names::CT_TCP)?.try_into()?,
             ct_any: get(map_names::CT_ANY)?.try_into()?,
             layout: get(map_names::LAYOUT)?.try_into()?,
@@ -176,7 +174,6 @@ impl MapSet {
                 cap(IterableMap::map(&self.service_addrs))?,
             ),
             (map_names::SLOTS, cap(IterableMap::map(&self.slots))?),
-            (map_names::BACKENDS, cap(IterableMap::map(&self.backends))?),
             (
                 map_names::SERVICE_NAMES,
                 cap(IterableMap::map(&self.service_names))?,
@@ -250,15 +247,17 @@ impl MapSet {
     /// The control-plane maps' contents, as the sync engine models them.
     /// Hash maps are read in batches (`dataplane::batch`).
     pub fn read_state(&self) -> Result<MapState> {
+        let slots = read_hash(&self.slots)?;
         Ok(MapState {
             services: read_hash(&self.services)?
                 .into_iter()
                 .map(|(k, v)| (frontend_key(&k), v))
                 .collect(),
-            slots: read_hash(&self.slots)?.into_iter().collect(),
-            backends: read_hash(&self.backends)?
-                .into_iter()
-                .map(|(id, b)| (id, backend_addr(&b)))
+            slots: slots.iter().map(|(k, s)| (*k, s.backend_id)).collect(),
+            // The backends are the ones the slots hold.
+            backends: slots
+                .iter()
+                .map(|(_, s)| (s.backend_id, backend_addr(&s.backend)))
                 .collect(),
             addrs: read_hash(&self.service_addrs)?
                 .into_iter()
@@ -304,21 +303,19 @@ impl MapSet {
     /// Performs one write of a sync plan.
     pub fn write(&mut self, op: &Op) -> Result<(), MapError> {
         match op {
-            Op::PutBackend(id, b) => self.backends.insert(id, backend(b), 0),
+            // Ids only: the slots hold the backends.
+            Op::PutBackend(..) => Ok(()),
             Op::ResetStats(id) => {
                 let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()?])?;
                 self.service_stats.set(*id, zeros, 0)
             }
-            Op::PutSlot(k, id) => self.slots.insert(k, id, 0),
+            Op::PutSlot(k, id, b) => self.slots.insert(k, slot(*id, b), 0),
             Op::PutService(k, v) => self.services.insert(service_key(k), v, 0),
             Op::PutAddr(a, n) => self.service_addrs.insert(wire::addr(*a), n, 0),
             Op::PutName(id, name) => self.service_names.insert(id, name_to_bytes(name), 0),
             Op::DelService(k) => ignore_missing(self.services.remove(&service_key(k))),
             Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
-            Op::DelBackend(id) => {
-                ignore_missing(self.backends.remove(id))?;
-                ignore_missing(self.conns.remove(id))
-            }
+            Op::DelBackend(id) => ignore_missing(self.conns.remove(id)),
             Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(&wire::addr(*a))),
             Op::DelName(id) => ignore_missing(self.service_names.remove(id)),
             Op::PutRange(id, r) => self.src_ranges.insert(&range_key(*id, r), 1, 0),
@@ -384,16 +381,9 @@ impl MapSet {
             run.iter().filter_map(f).collect()
         }
         match &run[0] {
-            Op::PutBackend(..) => {
-                let (k, v) = pairs(run, |op| match op {
-                    Op::PutBackend(id, b) => Some((*id, backend(b))),
-                    _ => None,
-                });
-                batch::update(self.backends.map(), &k, &v)
-            }
             Op::PutSlot(..) => {
                 let (k, v) = pairs(run, |op| match op {
-                    Op::PutSlot(k, id) => Some((*k, *id)),
+                    Op::PutSlot(k, id, b) => Some((*k, slot(*id, b))),
                     _ => None,
                 });
                 batch::update(self.slots.map(), &k, &v)
@@ -454,18 +444,18 @@ impl MapSet {
                 }),
             ),
             Op::DelBackend(_) => {
-                let ids = keys(run, |op| match op {
-                    Op::DelBackend(id) => Some(*id),
-                    _ => None,
-                });
-                let done = batch::delete(self.backends.map(), &ids);
                 // Their connection counters, where they have one (only the
                 // backends of least-connection services do): one by one,
                 // as a batch stops at the first missing key.
-                for id in &ids {
-                    let _ = self.conns.remove(id);
+                for (done, op) in run.iter().enumerate() {
+                    if let Op::DelBackend(id) = op {
+                        ignore_missing(self.conns.remove(id)).map_err(|e| batch::Partial {
+                            done,
+                            error: std::io::Error::other(e.to_string()),
+                        })?;
+                    }
                 }
-                done
+                Ok(())
             }
             Op::DelAddr(_) => batch::delete(
                 self.service_addrs.map(),
@@ -488,6 +478,8 @@ impl MapSet {
                     _ => None,
                 }),
             ),
+            // Ids only: the slots hold the backends.
+            Op::PutBackend(..) => Ok(()),
             // Never a run: `batch_class` keeps them single.
             _ => Ok(()),
         }
@@ -605,12 +597,16 @@ fn frontend_key(k: &ServiceKey) -> FrontendKey {
     }
 }
 
-fn backend(b: &BackendAddr) -> Backend {
-    Backend {
-        addr: wire::addr(b.addr),
-        port: wire::port(b.port),
-        proto: b.proto,
-        flags: 0,
+/// A slot's map value: backend id `id`, which is `b`.
+fn slot(id: u32, b: &BackendAddr) -> Slot {
+    Slot {
+        backend_id: id,
+        backend: Backend {
+            addr: wire::addr(b.addr),
+            port: wire::port(b.port),
+            proto: b.proto,
+            flags: 0,
+        },
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub slices: Gauge,
     pub frontends: Gauge,
+    /// Distinct backends (address, port, protocol) the slots hold.
+    pub backends: Gauge,
     pub gc_expired: Counter,
     pub gc_stale_udp: Counter,
     pub healthz_requests: Family<CodeLabel, Counter>,
@@ -134,6 +136,7 @@ impl Metrics {
             services: Gauge::default(),
             slices: Gauge::default(),
             frontends: Gauge::default(),
+            backends: Gauge::default(),
             gc_expired: Counter::default(),
             gc_stale_udp: Counter::default(),
             healthz_requests: Family::default(),
@@ -221,6 +224,11 @@ impl Metrics {
             "kpx_frontends",
             "Service frontends in the datapath",
             m.frontends.clone(),
+        );
+        r.register(
+            "kpx_backends",
+            "Distinct backends (address, port, protocol) the datapath's slots hold",
+            m.backends.clone(),
         );
         r.register(
             "kpx_conntrack_gc_expired",

@@ -10,7 +10,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use kpx::dataplane::maps::{Datapath, LoadOptions};
 use proxy_common::{
-    wire, Backend, CtKey, ServiceKey, ServiceValue, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
+    wire, Backend, CtKey, ServiceKey, ServiceValue, Slot, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -368,7 +368,7 @@ pub fn inspect_icmp(frame: &[u8]) -> IcmpSeen {
 }
 
 /// Installs a service frontend and its backends the way the agent lays them
-/// out: backends, then slots, then the service entry.
+/// out: slots (each holding its backend), then the service entry.
 pub fn install_service(
     dp: &mut Datapath,
     svc_id: u32,
@@ -377,22 +377,16 @@ pub fn install_service(
     proto: u8,
     backends: &[(u32, &str, u16)],
 ) {
-    for &(id, addr, bport) in backends {
-        dp.maps
-            .backends
-            .insert(
-                id,
-                Backend {
-                    addr: wire::addr(ip(addr)),
-                    port: wire::port(bport),
-                    proto,
-                    flags: 0,
-                },
-                0,
-            )
-            .unwrap();
-    }
-    for (slot, &(id, _, _)) in backends.iter().enumerate() {
+    for (slot, &(id, addr, bport)) in backends.iter().enumerate() {
+        let value = Slot {
+            backend_id: id,
+            backend: Backend {
+                addr: wire::addr(ip(addr)),
+                port: wire::port(bport),
+                proto,
+                flags: 0,
+            },
+        };
         dp.maps
             .slots
             .insert(
@@ -400,7 +394,7 @@ pub fn install_service(
                     svc_id,
                     slot: slot as u32,
                 },
-                id,
+                value,
                 0,
             )
             .unwrap();

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context as _, Result};
 use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
-    map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, SlotKey,
+    map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, Slot, SlotKey,
     IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SCHED_LC, SCHED_MH,
     SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
@@ -143,11 +143,13 @@ fn service(
             proto: IPPROTO_TCP,
             flags: 0,
         };
-        vm.map_insert(map_names::BACKENDS, &id.to_ne_bytes(), bytes(&b))?;
         vm.map_insert(
             map_names::SLOTS,
             bytes(&SlotKey { svc_id, slot }),
-            &id.to_ne_bytes(),
+            bytes(&Slot {
+                backend_id: id,
+                backend: b,
+            }),
         )?;
     }
     let key = ServiceKey {

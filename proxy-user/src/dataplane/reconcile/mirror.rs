@@ -58,7 +58,7 @@ impl Mirror {
                     }
                 }
             }
-            Op::PutSlot(k, id) => {
+            Op::PutSlot(k, id, _) => {
                 if let Some(old) = self.state.slots.get(k) {
                     self.unref(*old);
                 }

@@ -4,14 +4,15 @@
 //! [`reconcile`] is pure. Its writes are ordered make-before-break, so that the
 //! datapath is consistent after *every* single write, not only at the end:
 //!
-//! 1. new backends (and zeroed stats for new service ids);
-//! 2. slots, which may now point at the new backends;
+//! 1. new backend ids (no map write: a slot holds its backend whole) and
+//!    zeroed stats for new service ids;
+//! 2. slots, each with its backend;
 //! 3. new source ranges, addresses;
 //! 4. service entries (new ones, changed counts or flags), names;
 //! 5. removed services;
 //! 6. slots no service can reach any more (removed services, shrunk counts);
 //! 7. source ranges no service checks any more;
-//! 8. backends no slot references any more;
+//! 8. backend ids no slot holds any more (their connection counts);
 //! 9. addresses no service uses any more.
 //!
 //! A frontend's slot tables are its cluster-wide one (`0..count`) and, with

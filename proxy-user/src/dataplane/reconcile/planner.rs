@@ -172,6 +172,8 @@ impl<'a> Planner<'a> {
     ) -> Vec<u32> {
         let cur = self.cur;
         let mut wanted: Vec<u32> = Vec::with_capacity(backends.len());
+        // Each id's backend, for the slots (which hold it whole).
+        let mut addr_of: HashMap<u32, BackendAddr> = HashMap::with_capacity(backends.len());
         for e in backends {
             let b = backend(e, proto);
             let id = match (self.backend_of)(&b).or_else(|| self.new_backend_of.get(&b).copied()) {
@@ -184,6 +186,7 @@ impl<'a> Planner<'a> {
                 }
             };
             wanted.push(id);
+            addr_of.insert(id, b);
         }
 
         // Keep each surviving backend in the slot it has, to write as few
@@ -217,7 +220,10 @@ impl<'a> Planner<'a> {
                     svc_id,
                     slot: base + i as u32,
                 };
-                self.slot_writes.push(Op::PutSlot(key, *id));
+                // Every id of the table is one of `wanted`'s.
+                if let Some(b) = addr_of.get(id) {
+                    self.slot_writes.push(Op::PutSlot(key, *id, *b));
+                }
             }
         }
         table

@@ -47,16 +47,22 @@ pub fn slot_numbers(v: &ServiceValue) -> impl Iterator<Item = u32> {
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// A new backend id. The kernel holds backends in the slots that name
+    /// them, so this writes no map: it is the id's allocation, recorded
+    /// first so every later slot write finds it.
     PutBackend(u32, BackendAddr),
     /// Zero the per-CPU statistics of a newly allocated service id.
     ResetStats(u32),
-    PutSlot(SlotKey, u32),
+    /// A slot and the backend it holds: its id, and the backend whole (the
+    /// map's value, [`proxy_common::Slot`]).
+    PutSlot(SlotKey, u32, BackendAddr),
     PutService(FrontendKey, ServiceValue),
     PutAddr(Ipv4Addr, u32),
     PutName(u32, String),
     PutRange(u32, Cidr),
     DelService(FrontendKey),
     DelSlot(SlotKey),
+    /// A backend id no slot holds any more: its connection count goes.
     DelBackend(u32),
     DelAddr(Ipv4Addr),
     DelName(u32),
@@ -107,7 +113,7 @@ impl MapState {
         }
         match op {
             Op::PutService(k, _) | Op::DelService(k) => get(0, &self.services, k),
-            Op::PutSlot(k, _) | Op::DelSlot(k) => get(1, &self.slots, k),
+            Op::PutSlot(k, ..) | Op::DelSlot(k) => get(1, &self.slots, k),
             Op::PutBackend(id, _) | Op::DelBackend(id) => get(2, &self.backends, id),
             Op::PutAddr(a, _) | Op::DelAddr(a) => get(3, &self.addrs, a),
             Op::PutName(id, _) | Op::DelName(id) => get(4, &self.names, id),
@@ -170,7 +176,7 @@ impl MapState {
                 self.backends.insert(*id, *b);
             }
             Op::ResetStats(_) => {}
-            Op::PutSlot(k, id) => {
+            Op::PutSlot(k, id, _) => {
                 self.slots.insert(*k, *id);
             }
             Op::PutService(k, v) => {

@@ -129,7 +129,7 @@ fn one_endpoint_added_is_three_writes() {
         )]),
     );
     assert!(matches!(ops[0], Op::PutBackend(..)));
-    assert!(matches!(ops[1], Op::PutSlot(SlotKey { slot: 1, .. }, _)));
+    assert!(matches!(ops[1], Op::PutSlot(SlotKey { slot: 1, .. }, ..)));
     assert!(matches!(
         ops[2],
         Op::PutService(_, ServiceValue { count: 2, .. })
