@@ -529,7 +529,7 @@ impl Agent {
             self.index.desired().frontends.len(),
             if full { "full diff" } else { "changes only" },
             up.services,
-            ops.len(),
+            ops.iter().filter(|op| op.writes_map()).count(),
             took,
             wrote
         );
@@ -556,7 +556,8 @@ impl Agent {
         if let Some(log) = &mut self.written_since_read {
             log.extend_from_slice(&ops[..done]);
         }
-        self.metrics.map_writes.inc_by(done as u64);
+        let written = ops[..done].iter().filter(|op| op.writes_map()).count();
+        self.metrics.map_writes.inc_by(written as u64);
         if let Some(e) = failed {
             log::error!(
                 "map write {}/{} ({:?}) failed: {e}; will retry",

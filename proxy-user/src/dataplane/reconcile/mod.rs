@@ -34,15 +34,19 @@ use proxy_common::{DatapathConfig, SlotKey};
 
 use crate::control::model::{Desired, Endpoint, FrontendKey};
 
+mod backends;
 pub mod maglev;
 mod mirror;
 mod planner;
+mod slots;
 mod state;
 #[cfg(test)]
 mod tests;
 
+pub use backends::Backends;
 pub use mirror::Mirror;
 use planner::Planner;
+pub use slots::SlotTables;
 pub use state::{slot_numbers, BackendAddr, MapState, Op};
 
 /// Longest service name kept for `kpx dump` (bytes, NUL-padded in the map).
@@ -113,7 +117,7 @@ pub fn reconcile(
     };
     let svc_used = |id: u32| m.svc_ids.contains(&id);
     let backend_used = |id: u32| cur.backends.contains_key(&id);
-    let backend_of = |b: &BackendAddr| m.backend_of.get(b).copied();
+    let backend_of = |b: &BackendAddr| cur.backends.id_of(b);
     let mut p = Planner::new(
         cur,
         &svc_used,
@@ -247,7 +251,7 @@ pub fn reconcile(
                     .iter()
                     .filter(|(id, d)| {
                         cur.backends.contains_key(id)
-                            && i64::from(m.refs.get(id).copied().unwrap_or(0)) + **d <= 0
+                            && i64::from(cur.backends.refs(**id)) + **d <= 0
                     })
                     .map(|(id, _)| Op::DelBackend(*id)),
             );
@@ -258,7 +262,8 @@ pub fn reconcile(
         // The prune: what no frontend reaches once the writes are done,
         // removed frontends' included, in a deterministic order.
         Scope::All => {
-            ops.extend(unkept(cur.slots.keys(), |k| final_slots.contains_key(k)).map(Op::DelSlot));
+            let slots: Vec<SlotKey> = cur.slots.keys().collect();
+            ops.extend(unkept(slots.iter(), |k| final_slots.contains_key(k)).map(Op::DelSlot));
             ops.append(&mut p.range_dels);
             for id in unkept(cur.ranges.keys(), |id| final_ids.contains(id)) {
                 ops.extend(cur.ranges[&id].iter().map(|r| Op::DelRange(id, *r)));

@@ -10,6 +10,7 @@ use foldhash::HashMap;
 
 use proxy_common::{DatapathConfig, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
+use super::{backends::Backends, slots::SlotTables};
 use crate::control::{cidr::Cidr, model::FrontendKey};
 
 /// A backend as the maps hold it. Host byte order, as everything above the
@@ -25,8 +26,10 @@ pub struct BackendAddr {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapState {
     pub services: HashMap<FrontendKey, ServiceValue>,
-    pub slots: HashMap<SlotKey, u32>,
-    pub backends: HashMap<u32, BackendAddr>,
+    pub slots: SlotTables,
+    /// The backends the slots hold, by id, with how many slots hold each
+    /// (kept by [`MapState::record`]; [`MapState::count_refs`] after a read).
+    pub backends: Backends,
     /// Frontend address → number of frontends using it.
     pub addrs: HashMap<Ipv4Addr, u32>,
     /// Service id → service port name, for `kpx dump`.
@@ -72,6 +75,14 @@ pub enum Op {
     SetConfig(DatapathConfig),
 }
 
+impl Op {
+    /// Whether it reaches the kernel: every write but a backend id's
+    /// allocation ([`Op::PutBackend`]), which only the mirror records.
+    pub fn writes_map(&self) -> bool {
+        !matches!(self, Op::PutBackend(..))
+    }
+}
+
 /// One entry's share of [`MapState::fingerprint`]: its map and its key and
 /// value, hashed.
 fn entry_hash(map: u8, entry: impl Hash) -> u64 {
@@ -96,9 +107,16 @@ impl MapState {
             .iter()
             .flat_map(|(id, set)| set.iter().map(move |r| entry_hash(5, (id, r))))
             .fold(0u64, u64::wrapping_add);
+        let slots = self.slots.iter().fold(0u64, |fp, (k, id)| {
+            fp.wrapping_add(entry_hash(1, (&k, &id)))
+        });
+        let backends = self
+            .backends
+            .iter()
+            .fold(0u64, |fp, e| fp.wrapping_add(entry_hash(2, e)));
         sum(0, &self.services)
-            .wrapping_add(sum(1, &self.slots))
-            .wrapping_add(sum(2, &self.backends))
+            .wrapping_add(slots)
+            .wrapping_add(backends)
             .wrapping_add(sum(3, &self.addrs))
             .wrapping_add(sum(4, &self.names))
             .wrapping_add(ranges)
@@ -113,8 +131,13 @@ impl MapState {
         }
         match op {
             Op::PutService(k, _) | Op::DelService(k) => get(0, &self.services, k),
-            Op::PutSlot(k, ..) | Op::DelSlot(k) => get(1, &self.slots, k),
-            Op::PutBackend(id, _) | Op::DelBackend(id) => get(2, &self.backends, id),
+            Op::PutSlot(k, ..) | Op::DelSlot(k) => {
+                self.slots.get(k).map_or(0, |id| entry_hash(1, (k, id)))
+            }
+            Op::PutBackend(id, _) | Op::DelBackend(id) => self
+                .backends
+                .get_key_value(id)
+                .map_or(0, |e| entry_hash(2, e)),
             Op::PutAddr(a, _) | Op::DelAddr(a) => get(3, &self.addrs, a),
             Op::PutName(id, _) | Op::DelName(id) => get(4, &self.names, id),
             Op::PutRange(id, r) | Op::DelRange(id, r) => match self.ranges.get(id) {
@@ -158,9 +181,24 @@ impl MapState {
                 })
                 .sum()
         };
+        let slots = |a: &SlotTables, b: &SlotTables| {
+            a.iter().filter(|(k, id)| b.get(k) != Some(id)).count()
+        };
+        let backends =
+            |a: &Backends, b: &Backends| a.iter().filter(|(id, x)| b.get(id) != Some(*x)).count();
         map(&self.services, &other.services)
-            + map(&self.slots, &other.slots)
-            + map(&self.backends, &other.backends)
+            + slots(&self.slots, &other.slots)
+            + other
+                .slots
+                .keys()
+                .filter(|k| !self.slots.contains_key(k))
+                .count()
+            + backends(&self.backends, &other.backends)
+            + other
+                .backends
+                .keys()
+                .filter(|id| !self.backends.contains_key(id))
+                .count()
             + map(&self.addrs, &other.addrs)
             + map(&self.names, &other.names)
             + map(&self.node_addrs, &other.node_addrs)
@@ -177,7 +215,13 @@ impl MapState {
             }
             Op::ResetStats(_) => {}
             Op::PutSlot(k, id, _) => {
-                self.slots.insert(*k, *id);
+                let old = self.slots.insert(*k, *id);
+                if old != Some(*id) {
+                    if let Some(old) = old {
+                        self.backends.unref(old);
+                    }
+                    self.backends.add_ref(*id);
+                }
             }
             Op::PutService(k, v) => {
                 self.services.insert(*k, *v);
@@ -192,7 +236,9 @@ impl MapState {
                 self.services.remove(k);
             }
             Op::DelSlot(k) => {
-                self.slots.remove(k);
+                if let Some(old) = self.slots.remove(k) {
+                    self.backends.unref(old);
+                }
             }
             Op::DelBackend(id) => {
                 self.backends.remove(id);
@@ -222,6 +268,13 @@ impl MapState {
                 }
             }
         }
+    }
+
+    /// Sets the backends' reference counts from the slots: after a read
+    /// of the maps, which hold no counts.
+    pub fn count_refs(&mut self) {
+        let ids: Vec<u32> = self.slots.values().collect();
+        self.backends.count_refs(ids.into_iter());
     }
 
     /// Every frontend with its backends as the datapath would select them,
