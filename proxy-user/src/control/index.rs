@@ -697,7 +697,7 @@ mod tests {
             ix.desired()
                 .frontends
                 .values()
-                .map(|f| f.name.clone())
+                .map(|f| f.name.to_string())
                 .collect()
         };
         assert_eq!(names(&ix), ["default/later:dns", "default/later:http"]);

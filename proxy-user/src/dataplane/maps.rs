@@ -265,7 +265,7 @@ impl MapSet {
                 .collect(),
             names: read_hash(&self.service_names)?
                 .into_iter()
-                .map(|(id, n)| (id, name_from_bytes(&n)))
+                .map(|(id, n)| (id, name_from_bytes(&n).into()))
                 .collect(),
             ranges: {
                 let mut out: foldhash::HashMap<u32, std::collections::BTreeSet<Cidr>> =

@@ -247,7 +247,11 @@ pub fn service_rows(
                 .flatten()
                 .map(|r| r.to_string())
                 .collect(),
-            name: state.names.get(&v.svc_id).cloned().unwrap_or_default(),
+            name: state
+                .names
+                .get(&v.svc_id)
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
             svc_id: v.svc_id,
             affinity_timeout: v.affinity_timeout,
             flows: flows
@@ -349,7 +353,7 @@ pub fn backends(maps: &MapSet, dir: &Path) -> Result<Vec<BackendEntry>> {
                 let name = state
                     .names
                     .get(&v.svc_id)
-                    .cloned()
+                    .map(|n| n.to_string())
                     .unwrap_or_else(|| format!("svc {}", v.svc_id));
                 let list = users.entry(*id).or_default();
                 if !list.contains(&name) {

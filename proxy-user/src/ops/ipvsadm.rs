@@ -198,7 +198,11 @@ pub fn virtual_services(
                 },
                 persistent: (v.affinity_timeout > 0).then_some(v.affinity_timeout),
                 svc_id: v.svc_id,
-                name: state.names.get(&v.svc_id).cloned().unwrap_or_default(),
+                name: state
+                    .names
+                    .get(&v.svc_id)
+                    .map(|n| n.to_string())
+                    .unwrap_or_default(),
                 real_servers: real_servers.clone(),
                 stats,
             });

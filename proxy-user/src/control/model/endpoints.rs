@@ -2,7 +2,7 @@
 //! and node-local (ready, then serving-terminating; topology hints; traffic
 //! policies), as kube-proxy's endpointslicecache.go and topology.go choose.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use super::{Endpoint, NodeInfo, Slice, Svc, SvcPort};
 
@@ -31,7 +31,7 @@ pub enum Topology {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// kube-proxy's service port name: `namespace/name:port-name`.
-    pub name: String,
+    pub name: Arc<str>,
     pub proto: u8,
     pub port: u16,
     pub node_port: Option<u16>,
@@ -182,9 +182,9 @@ pub fn service_ports(svc: &Svc, slices: &[&Slice], node: &NodeInfo) -> Vec<Servi
             let sp = ServicePort {
                 // kube-proxy's ServicePortName: no colon for an unnamed port.
                 name: if p.name.is_empty() {
-                    svc.id.to_string()
+                    svc.id.to_string().into()
                 } else {
-                    format!("{}:{}", svc.id, p.name)
+                    format!("{}:{}", svc.id, p.name).into()
                 },
                 proto: p.proto,
                 port: p.port,

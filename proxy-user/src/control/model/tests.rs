@@ -72,7 +72,7 @@ fn ports_match_slices_by_name_and_protocol_and_only_ready_endpoints_serve() {
     let out = desired(&[svc(WEB)], &[eps(WEB_SLICE)], &NodeInfo::named("node-1"));
     assert!(out.problems.is_empty(), "{:?}", out.problems);
     let http = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
-    assert_eq!(http.name, "shop/web:http");
+    assert_eq!(&*http.name, "shop/web:http");
     assert_eq!(
         http.backends,
         vec![ep("198.18.1.1", 8080), ep("198.18.1.2", 8080)]
@@ -503,7 +503,7 @@ fn endpoints_on_one_node_share_its_name_and_carry_no_empty_hints() {
     let (na, nb) = (a.node_name.as_ref().unwrap(), b.node_name.as_ref().unwrap());
     assert_eq!(&**na, "node-1");
     assert!(
-        std::sync::Arc::ptr_eq(na, nb),
+        super::NodeName::ptr_eq(na, nb),
         "one allocation per node name"
     );
     assert_eq!(s.hints_of(0), None, "empty hints are no hints");

@@ -411,8 +411,10 @@ pub struct SliceEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<Arc<str>>,
+    pub node_name: Option<super::NodeName>,
 }
+
+const _: () = assert!(std::mem::size_of::<SliceEndpoint>() == 16);
 
 /// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -547,7 +549,7 @@ pub fn slice(
             ready,
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: e.node_name.as_deref().map(super::intern),
+            node_name: e.node_name.as_deref().map(super::NodeName::intern),
         });
     }
     endpoints.shrink_to_fit();

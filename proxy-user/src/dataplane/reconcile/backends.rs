@@ -212,9 +212,28 @@ impl Eq for Backends {}
 
 impl FromIterator<(u32, BackendAddr)> for Backends {
     fn from_iter<I: IntoIterator<Item = (u32, BackendAddr)>>(iter: I) -> Self {
+        let iter = iter.into_iter();
         let mut s = Self::default();
+        // A read of the maps: sized once, not grown through every doubling.
+        let n = iter.size_hint().0;
+        s.entries.reserve(n);
+        let (entries, hasher) = (&s.entries, &s.hasher);
+        s.by_id
+            .reserve(n, |&j| hasher.hash_one(entries[j as usize].id));
+        s.by_addr
+            .reserve(n, |&j| hasher.hash_one(entries[j as usize].addr));
         for (id, b) in iter {
             s.insert(id, b);
+        }
+        // The hint counts slots, of which a Maglev table has hundreds per
+        // backend.
+        if s.entries.len() < s.entries.capacity() / 2 {
+            s.entries.shrink_to_fit();
+            let (entries, hasher) = (&s.entries, &s.hasher);
+            s.by_id
+                .shrink_to_fit(|&j| hasher.hash_one(entries[j as usize].id));
+            s.by_addr
+                .shrink_to_fit(|&j| hasher.hash_one(entries[j as usize].addr));
         }
         s
     }

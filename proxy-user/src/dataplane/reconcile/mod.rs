@@ -27,6 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
@@ -366,13 +367,15 @@ fn unkept<'a, K: Ord + Copy + 'a>(
     v.into_iter()
 }
 
-fn truncate(name: &str) -> String {
+/// `name` as the name map holds it: shared with the frontend's when it
+/// fits (nearly always), else cut at a character boundary.
+fn truncate(name: &Arc<str>) -> Arc<str> {
     if name.len() <= NAME_LEN {
-        return name.to_string();
+        return Arc::clone(name);
     }
     let mut end = NAME_LEN;
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    name[..end].to_string()
+    name[..end].into()
 }

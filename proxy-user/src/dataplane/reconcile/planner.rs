@@ -147,7 +147,7 @@ impl<'a> Planner<'a> {
         if existing != Some(&value) {
             self.service_writes.push(Op::PutService(key, value));
         }
-        let name: String = truncate(&frontend.name);
+        let name = truncate(&frontend.name);
         if cur.names.get(&svc_id) != Some(&name) {
             self.name_writes.push(Op::PutName(svc_id, name));
         }

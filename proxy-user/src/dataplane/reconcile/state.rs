@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     hash::{BuildHasher as _, Hash},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use foldhash::HashMap;
@@ -32,8 +33,9 @@ pub struct MapState {
     pub backends: Backends,
     /// Frontend address → number of frontends using it.
     pub addrs: HashMap<Ipv4Addr, u32>,
-    /// Service id → service port name, for `kpx dump`.
-    pub names: HashMap<u32, String>,
+    /// Service id → service port name, for `kpx dump` (shared with the
+    /// frontend's).
+    pub names: HashMap<u32, Arc<str>>,
     /// Service id → its `loadBalancerSourceRanges` (host bits cleared).
     pub ranges: HashMap<u32, BTreeSet<Cidr>>,
     /// This node's addresses → `NODE_F_*`.
@@ -61,7 +63,7 @@ pub enum Op {
     PutSlot(SlotKey, u32, BackendAddr),
     PutService(FrontendKey, ServiceValue),
     PutAddr(Ipv4Addr, u32),
-    PutName(u32, String),
+    PutName(u32, Arc<str>),
     PutRange(u32, Cidr),
     DelService(FrontendKey),
     DelSlot(SlotKey),

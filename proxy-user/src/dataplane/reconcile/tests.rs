@@ -30,7 +30,7 @@ fn desired(spec: &[Spec]) -> Desired {
                 proto: *proto,
             },
             Arc::new(Frontend {
-                name: format!("ns/{vip}:{port}"),
+                name: format!("ns/{vip}:{port}").into(),
                 backends: eps
                     .iter()
                     .map(|(a, p)| Endpoint {
@@ -248,7 +248,7 @@ mod random {
         )
             .prop_map(|(backends, local, local_eps, ranged, source_ranges, aff)| {
                 Frontend {
-                    name: format!("f{}", backends.len()),
+                    name: format!("f{}", backends.len()).into(),
                     backends,
                     local_backends: if local { local_eps } else { Vec::new() },
                     flags: if local { proxy_common::SVC_F_LOCAL } else { 0 }
