@@ -82,6 +82,26 @@ fn layout_of(dir: &PinDir) -> u32 {
     map.get(&0, 0).unwrap()
 }
 
+/// Pins `old`'s service maps (and its conntrack tables, as layout 2 had
+/// them, when `conntrack`) under their names, and its slots as layouts 1
+/// and 2 had them.
+fn pin_old_maps(dir: &PinDir, old: &Datapath, conntrack: bool) {
+    use aya::maps::IterableMap as _;
+    let mut maps = vec![
+        (map_names::SERVICES, old.maps.services.map()),
+        (map_names::SERVICE_ADDRS, old.maps.service_addrs.map()),
+        (map_names::PORTS, old.maps.ports.map()),
+    ];
+    if conntrack {
+        maps.push((map_names::CT_TCP, old.maps.ct_tcp.map()));
+        maps.push((map_names::CT_ANY, old.maps.ct_any.map()));
+    }
+    for (name, map) in maps {
+        map.pin(dir.pin(name)).expect("pinning an old layout's map");
+    }
+    pin_v2_slots(dir, old);
+}
+
 /// Pins `dp`'s slots as layouts 1 and 2 had them: a backend id in each
 /// slot, the backends in `KPX_BACKENDS`.
 fn pin_v2_slots(dir: &PinDir, dp: &Datapath) {
@@ -145,23 +165,7 @@ fn layout_1_maps_are_migrated_with_their_flows() {
         }
         // ...and its service maps, pinned under their names, the slots
         // and backends as layouts 1 and 2 had them.
-        for (name, map) in [
-            (
-                map_names::SERVICES,
-                aya::maps::IterableMap::map(&old.maps.services),
-            ),
-            (
-                map_names::SERVICE_ADDRS,
-                aya::maps::IterableMap::map(&old.maps.service_addrs),
-            ),
-            (
-                map_names::PORTS,
-                aya::maps::IterableMap::map(&old.maps.ports),
-            ),
-        ] {
-            map.pin(dir.pin(name)).expect("pinning a layout-1 map");
-        }
-        pin_v2_slots(&dir, &old);
+        pin_old_maps(&dir, &old, false);
         (est, emb, udp)
     };
     assert!(!dir.pin(map_names::LAYOUT).exists());
@@ -218,31 +222,7 @@ fn layout_2_slots_are_carried_with_their_backends() {
         let mut old = datapath();
         cluster(&mut old);
         let est = handshake(&mut old, &Pkt::new(CLIENT, 43100, VIP, 80, SYN));
-        for (name, map) in [
-            (
-                map_names::SERVICES,
-                aya::maps::IterableMap::map(&old.maps.services),
-            ),
-            (
-                map_names::SERVICE_ADDRS,
-                aya::maps::IterableMap::map(&old.maps.service_addrs),
-            ),
-            (
-                map_names::PORTS,
-                aya::maps::IterableMap::map(&old.maps.ports),
-            ),
-            (
-                map_names::CT_TCP,
-                aya::maps::IterableMap::map(&old.maps.ct_tcp),
-            ),
-            (
-                map_names::CT_ANY,
-                aya::maps::IterableMap::map(&old.maps.ct_any),
-            ),
-        ] {
-            map.pin(dir.pin(name)).expect("pinning a layout-2 map");
-        }
-        pin_v2_slots(&dir, &old);
+        pin_old_maps(&dir, &old, true);
         let data = create_pinned::<u32, u32>(&dir.pin(map_names::LAYOUT), BPF_MAP_TYPE_ARRAY, 1);
         let mut layout: Array<MapData, u32> = Map::Array(data).try_into().unwrap();
         layout.set(0, 2, 0).unwrap();

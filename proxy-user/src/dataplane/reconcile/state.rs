@@ -183,24 +183,18 @@ impl MapState {
                 })
                 .sum()
         };
+        // As `map`, for the two tables that are not hash maps.
         let slots = |a: &SlotTables, b: &SlotTables| {
             a.iter().filter(|(k, id)| b.get(k) != Some(id)).count()
+                + b.keys().filter(|k| !a.contains_key(k)).count()
         };
-        let backends =
-            |a: &Backends, b: &Backends| a.iter().filter(|(id, x)| b.get(id) != Some(*x)).count();
+        let backends = |a: &Backends, b: &Backends| {
+            a.iter().filter(|(id, x)| b.get(id) != Some(*x)).count()
+                + b.keys().filter(|id| !a.contains_key(id)).count()
+        };
         map(&self.services, &other.services)
             + slots(&self.slots, &other.slots)
-            + other
-                .slots
-                .keys()
-                .filter(|k| !self.slots.contains_key(k))
-                .count()
             + backends(&self.backends, &other.backends)
-            + other
-                .backends
-                .keys()
-                .filter(|id| !self.backends.contains_key(id))
-                .count()
             + map(&self.addrs, &other.addrs)
             + map(&self.names, &other.names)
             + map(&self.node_addrs, &other.node_addrs)
