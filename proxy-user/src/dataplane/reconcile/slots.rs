@@ -97,6 +97,19 @@ impl SlotTables {
         old
     }
 
+    /// Gives service `svc_id`'s tables back the room their growth left
+    /// (a vector doubles as its slots are written one by one): called once
+    /// its entry is written, when its tables are complete.
+    pub fn shrink(&mut self, svc_id: u32) {
+        for local in [false, true] {
+            if let Some(v) = self.tables.get_mut(&(svc_id, local)) {
+                if v.capacity() > v.len() {
+                    v.shrink_to_fit();
+                }
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

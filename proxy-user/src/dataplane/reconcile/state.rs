@@ -221,6 +221,7 @@ impl MapState {
             }
             Op::PutService(k, v) => {
                 self.services.insert(*k, *v);
+                self.slots.shrink(v.svc_id);
             }
             Op::PutAddr(a, n) => {
                 self.addrs.insert(*a, *n);
