@@ -89,8 +89,8 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
     }
     match from {
         None => {}
-        Some(LAYOUT_VERSION) => replace_mismatched_pins(dir)?,
-        Some(2) => replace_mismatched_pins(dir)?,
+        // Layout 2 differs from this one in the slots alone (taken above).
+        Some(LAYOUT_VERSION | 2) => replace_mismatched_pins(dir)?,
         Some(1) => {
             let legacy = dir.join(legacy_map_names::CONNTRACK);
             if legacy.exists() {
