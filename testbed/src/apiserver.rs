@@ -695,7 +695,9 @@ struct WatchState {
     kind: Kind,
     sel: Selector,
     sent: u64,
-    pending: VecDeque<Bytes>,
+    /// Lines to send: events are serialized as they go out, not all when
+    /// the watch starts (as the API server streams from its watch cache).
+    pending: VecDeque<Line>,
     deadline: Instant,
     bookmarks: bool,
     next_bookmark: Instant,
@@ -731,13 +733,13 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
             None | Some(0) => {
                 for v in st.objects.get(&kind).into_iter().flat_map(|m| m.values()) {
                     if sel.matches(v) {
-                        pending.push_back(line("ADDED", v));
+                        pending.push_back(Line::Event("ADDED", v.clone()));
                     }
                 }
                 if initial_events && shared.unmarked_streaming.load(Ordering::Relaxed) {
                     done = true;
                 } else if initial_events {
-                    pending.push_back(line(
+                    pending.push_back(Line::Ready(line(
                         "BOOKMARK",
                         &json!({
                             "kind": kind.name(), "apiVersion": kind.api_version(),
@@ -746,7 +748,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
                                 "annotations": { "k8s.io/initial-events-end": "true" },
                             },
                         }),
-                    ));
+                    )));
                 }
                 st.rv
             }
@@ -760,7 +762,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
                     )
                         .into_response();
                 }
-                pending.push_back(gone_line(kind, rv));
+                pending.push_back(Line::Ready(gone_line(kind, rv)));
                 done = true;
                 rv
             }
@@ -783,8 +785,8 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
     };
     let stream = futures::stream::unfold(state, |mut w| async move {
         loop {
-            if let Some(b) = w.pending.pop_front() {
-                return Some((Ok::<Bytes, std::io::Error>(b), w));
+            if !w.pending.is_empty() {
+                return Some((Ok::<Bytes, std::io::Error>(w.next_chunk()), w));
             }
             if w.done {
                 return None;
@@ -804,7 +806,7 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
                         return Some((Err(e), w));
                     }
                     w.shared.calls.gone.fetch_add(1, Ordering::Relaxed);
-                    w.pending.push_back(gone_line(w.kind, w.sent));
+                    w.pending.push_back(Line::Ready(gone_line(w.kind, w.sent)));
                     w.done = true;
                 }
                 _ = tokio::time::sleep_until(w.next_bookmark), if w.bookmarks => {
@@ -812,10 +814,10 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
                     w.catch_up();
                     if w.pending.is_empty() {
                         // Every change up to `sent` went out (or was not selected).
-                        w.pending.push_back(line("BOOKMARK", &json!({
+                        w.pending.push_back(Line::Ready(line("BOOKMARK", &json!({
                             "kind": w.kind.name(), "apiVersion": w.kind.api_version(),
                             "metadata": { "resourceVersion": w.sent.to_string() },
-                        })));
+                        }))));
                     }
                 }
                 _ = tokio::time::sleep_until(w.deadline) => return None,
@@ -829,7 +831,34 @@ fn watch(shared: Arc<Shared>, kind: Kind, sel: Selector, q: &HashMap<String, Str
         .into_response()
 }
 
+/// One line of a watch's response.
+enum Line {
+    Ready(Bytes),
+    /// An event, serialized when it is sent.
+    Event(&'static str, Arc<Value>),
+}
+
 impl WatchState {
+    /// The next lines, up to about 64 KiB of them in one chunk.
+    fn next_chunk(&mut self) -> Bytes {
+        let mut buf = Vec::new();
+        while buf.len() < 64 << 10 {
+            match self.pending.pop_front() {
+                Some(Line::Ready(b)) => buf.extend_from_slice(&b),
+                Some(Line::Event(type_, object)) => {
+                    buf.extend_from_slice(b"{\"type\":\"");
+                    buf.extend_from_slice(type_.as_bytes());
+                    buf.extend_from_slice(b"\",\"object\":");
+                    // Writing into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut buf, &*object);
+                    buf.extend_from_slice(b"}\n");
+                }
+                None => break,
+            }
+        }
+        Bytes::from(buf)
+    }
+
     /// Queues every change after `sent` that this watch selects.
     fn catch_up(&mut self) {
         let st = self.shared.store();
@@ -837,7 +866,8 @@ impl WatchState {
         for e in st.log.range(start..) {
             self.sent = e.rv;
             if e.kind == self.kind && self.sel.matches(&e.object) {
-                self.pending.push_back(line(e.type_, &e.object));
+                self.pending
+                    .push_back(Line::Event(e.type_, e.object.clone()));
             }
         }
     }

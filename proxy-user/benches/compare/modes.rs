@@ -414,8 +414,15 @@ impl<'a> Proxy<'a> {
         bed.cluster.start_agent_kube(self.kpx, &bed.api, &extra)?;
         let maps = pinned_maps(&bed.cluster, started)?;
         let n = bed.n;
+        // Looked at every millisecond, not in a busy loop: on a machine of
+        // two cores a spinning observer would take one from the agent it
+        // times (a start of seconds, so 1 ms of resolution is plenty).
         spin(Duration::from_secs(600), || {
-            selects(&maps, 0, None) && selects(&maps, n - 1, None)
+            let ready = selects(&maps, 0, None) && selects(&maps, n - 1, None);
+            if !ready {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ready
         })
         .ok_or_else(|| anyhow!("no initial sync:\n{}", bed.cluster.agent_log()))?;
         let ready = started.elapsed();
