@@ -94,6 +94,36 @@ fn a_plan_written_in_batches_leaves_the_maps_as_one_write_at_a_time() {
 
 #[test]
 #[ignore = "needs root"]
+fn a_plan_written_from_a_second_thread_is_handed_back_in_order_and_reads_as_the_mirror() {
+    let (first, second, mut mirror) = plans(400, 4);
+    let config = Op::SetConfig(Default::default());
+    mirror.record(&config);
+    let mut dp = datapath();
+    for (plan, chunk) in [(&first, 1000), (&second, 777), (&vec![config], 5)] {
+        let mut handed = Vec::new();
+        let (done, failed) = dp
+            .maps
+            .write_all_pipelined(plan, chunk, &mut |w| handed.extend_from_slice(w));
+        assert!(failed.is_none(), "{failed:?}");
+        assert_eq!(done, plan.len());
+        assert!(handed == *plan, "handed back out of order");
+    }
+    let read = dp.maps.read_state().unwrap();
+    assert_eq!(read.services, mirror.state.services);
+    assert_eq!(read.slots, mirror.state.slots);
+    assert_eq!(read.backends, mirror.state.backends);
+    // A resync's digest of these maps: the mirror's fingerprint, and the
+    // whole read's; and no longer once an entry is changed behind it.
+    let digest = dp.maps.read_digest().unwrap();
+    assert!(digest.matches(mirror.fingerprint));
+    assert!(digest.matches(read.fingerprint()));
+    let gone = *mirror.state.services.keys().next().unwrap();
+    dp.maps.write(&Op::DelService(gone)).unwrap();
+    assert!(!dp.maps.read_digest().unwrap().matches(mirror.fingerprint));
+}
+
+#[test]
+#[ignore = "needs root"]
 fn a_batched_read_sees_every_element_once() {
     let map: HashMap<MapData, u32, u64> = HashMap::create(40_000, 0).expect("a map");
     let raw = aya::maps::IterableMap::map(&map);

@@ -17,6 +17,7 @@ use std::{
 mod host;
 mod housekeeping;
 mod input;
+mod resync;
 mod runner;
 pub mod settings;
 
@@ -46,7 +47,7 @@ use crate::{
     dataplane::maps::{CtTable, Datapath, LoadOptions, MapSet},
     dataplane::node::{self},
     dataplane::ports::PortFilter,
-    dataplane::reconcile::{self, MapState, Mirror, Op},
+    dataplane::reconcile::{self, Mirror, Op},
     dataplane::takeover,
     dataplane::{
         attach::{self, Attacher},
@@ -60,6 +61,9 @@ use crate::{
 const RETRY: Duration = Duration::from_secs(1);
 /// A plan this long leaves enough freed heap behind to hand back.
 const LARGE_PLAN: usize = 10_000;
+
+/// The writes a large plan's writing thread hands over at a time.
+const PIPELINE_CHUNK: usize = 32 * 1024;
 
 /// Running totals the agent owns (also in the pinned event counters).
 #[derive(Debug, Default)]
@@ -184,7 +188,11 @@ pub async fn run(cfg: Settings) -> Result<()> {
                 .set(n as i64);
         }
     }
-    let (change_tx, mut change_rx) = mpsc::channel::<Change>(4096);
+    // Room for a few hundred decoded objects: the event loop takes them in
+    // batches anyway, and a deeper queue let the watches (on this thread
+    // too) decode thousands ahead of it while listing, a peak of heap that
+    // stayed resident (4 MiB at 10,000 Services) and delayed the first sync.
+    let (change_tx, mut change_rx) = mpsc::channel::<Change>(256);
     let kube = matches!(cfg.source, Source::Kube { .. });
     if let Source::Kube { kubeconfig } = &cfg.source {
         let client = watch::client(kubeconfig.as_deref()).await?;
@@ -286,9 +294,9 @@ pub async fn run(cfg: Settings) -> Result<()> {
             _ = resync.tick() => {
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
-                agent.start_resync(&resync_tx);
+                agent.start_resync(&resync_tx, resync::Read::Digest);
             }
-            Some(read) = resync_rx.recv() => agent.resynced(read),
+            Some(read) = resync_rx.recv() => agent.resynced(read, &resync_tx),
         }
     }
     let staying = attacher.release(&mut agent.dp);
@@ -545,14 +553,26 @@ impl Agent {
     /// (every prefix of a plan is a consistent datapath), logs and returns
     /// false. The one write stream of frontends, node addresses and settings.
     fn apply(&mut self, ops: &[Op]) -> bool {
-        let (done, failed) = match self.dp.maps.write_all(ops) {
-            Ok(()) => (ops.len(), None),
-            Err((done, e)) => (done, Some(e)),
+        let (maps, mirror, ports) = (&mut self.dp.maps, &mut self.mirror, &mut self.ports);
+        let mut record = |written: &[Op]| {
+            for op in written {
+                ports.observe(op, &mirror.state);
+                mirror.record(op);
+            }
         };
-        for op in &ops[..done] {
-            self.ports.observe(op, &self.mirror.state);
-            self.mirror.record(op);
-        }
+        let (done, failed) = if ops.len() < LARGE_PLAN {
+            let (done, failed) = match maps.write_all(ops) {
+                Ok(()) => (ops.len(), None),
+                Err((done, e)) => (done, Some(e)),
+            };
+            record(&ops[..done]);
+            (done, failed)
+        } else {
+            // A first sync's million writes: the kernel's share on a thread
+            // of its own, so that recording the writes done overlaps the
+            // next ones.
+            maps.write_all_pipelined(ops, PIPELINE_CHUNK, &mut record)
+        };
         if let Some(log) = &mut self.written_since_read {
             log.extend_from_slice(&ops[..done]);
         }
@@ -585,91 +605,6 @@ impl Agent {
             Err(e) => log::info!(
                 "takeover: netfilter's conntrack not read ({e:#}); no kube-proxy flow carried over"
             ),
-        }
-    }
-
-    /// Re-reads the maps on a blocking thread (at 50,000 services a read
-    /// of every entry takes a second): the event loop goes on meanwhile,
-    /// logging its writes so the read can be brought up to date.
-    fn start_resync(&mut self, done: &mpsc::Sender<Result<(MapState, u64)>>) {
-        if self.written_since_read.is_some() {
-            return; // the last one is still reading
-        }
-        self.written_since_read = Some(Vec::new());
-        let (dir, done) = (self.cfg.bpffs.clone(), done.clone());
-        tokio::task::spawn_blocking(move || {
-            let read = MapSet::open_pinned(&dir)
-                .and_then(|maps| maps.read_state())
-                .map(|state| {
-                    let fingerprint = state.fingerprint();
-                    (state, fingerprint)
-                });
-            // The agent is stopping if nobody receives it.
-            let _ = done.blocking_send(read);
-        });
-    }
-
-    /// Repairs drift (entries edited or deleted behind the agent's back):
-    /// the maps as read, with the writes made since, against the mirror,
-    /// by their fingerprints (the event loop never walks the state). A full
-    /// diff only when they differ, so a resync of maps the agent alone
-    /// wrote costs no planning.
-    fn resynced(&mut self, read: Result<(MapState, u64)>) {
-        let written = self.written_since_read.take().unwrap_or_default();
-        let (mut state, mut fingerprint) = match read {
-            Ok(read) => read,
-            Err(e) => {
-                log::warn!("re-reading the maps: {e:#}; will retry at the next resync");
-                return;
-            }
-        };
-        for op in &written {
-            state.record_fingerprinted(op, &mut fingerprint);
-        }
-        if fingerprint == self.mirror.fingerprint {
-            log::debug!("resync: the maps hold what the agent wrote");
-            // Freeing a million entries is not the event loop's work either.
-            tokio::task::spawn_blocking(move || {
-                drop(state);
-                housekeeping::release_freed_memory();
-            });
-            self.recheck_ports();
-            return;
-        }
-        let differ = state.differences(&self.mirror.state);
-        if differ == 0 {
-            // Cannot happen while every write goes through the mirror.
-            log::warn!("resync: the mirror's fingerprint had drifted from its entries; recomputed");
-            self.mirror.fingerprint = fingerprint;
-            return;
-        }
-        log::warn!(
-            "resync: {differ} map entries differ from what the agent wrote (changed behind its back?); repairing with a full diff"
-        );
-        self.metrics.drift_repairs.inc();
-        self.mirror = Mirror::new(state);
-        match PortFilter::rebuild(&self.mirror.state, &self.dp.maps) {
-            Ok(ports) => self.ports = ports,
-            Err(e) => log::warn!("re-reading the port filter: {e:#}"),
-        }
-        self.runner.resync();
-    }
-
-    /// The port filter is no part of the fingerprint: its 2,048 words are
-    /// read back and any that differ from what the frontends need rewritten.
-    fn recheck_ports(&mut self) {
-        let repaired = PortFilter::rebuild(&self.mirror.state, &self.dp.maps)
-            .and_then(|mut ports| ports.flush(&mut self.dp.maps).map(|n| (ports, n)));
-        match repaired {
-            Ok((ports, n)) => {
-                self.ports = ports;
-                if n > 0 {
-                    log::warn!("resync: {n} port filter words differed from what the frontends need; rewritten");
-                    self.metrics.drift_repairs.inc();
-                    self.metrics.map_writes.inc_by(n as u64);
-                }
-            }
-            Err(e) => log::warn!("re-checking the port filter: {e}; will retry at the next resync"),
         }
     }
 

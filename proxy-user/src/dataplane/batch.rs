@@ -87,6 +87,13 @@ pub fn delete<K: Pod>(map: &MapData, keys: &[K]) -> Result<(), Partial> {
 /// Fails with [`unsupported`] errors where the kernel or map type cannot.
 pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
+    lookup_each(map, |k, v| out.push((k, v)))?;
+    Ok(out)
+}
+
+/// As [`lookup_all`], handing each element to `f` instead of keeping them
+/// all: a read of a million entries needs room for one batch.
+pub fn lookup_each<K: Pod, V: Pod>(map: &MapData, mut f: impl FnMut(K, V)) -> io::Result<()> {
     let mut chunk = CHUNK;
     // The position between calls: opaque to us, a bucket index for hash
     // maps; room for a key, whatever the map type wants.
@@ -115,8 +122,11 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
             Ok(_) => {}
             // The last batch: what it holds is valid.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-                return Ok(out);
+                keys[..n]
+                    .iter()
+                    .zip(&values[..n])
+                    .for_each(|(k, v)| f(*k, *v));
+                return Ok(());
             }
             // One bucket holds more than a batch: retry it with more room.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < 1 << 20 => {
@@ -126,7 +136,10 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
             }
             Err(e) => return Err(e),
         }
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        keys[..n]
+            .iter()
+            .zip(&values[..n])
+            .for_each(|(k, v)| f(*k, *v));
         std::mem::swap(&mut token, &mut next);
         first = false;
     }

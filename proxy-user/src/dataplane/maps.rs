@@ -19,7 +19,7 @@ use aya::{
 use crate::{
     control::cidr::Cidr,
     control::model::FrontendKey,
-    dataplane::reconcile::{BackendAddr, MapState, Op},
+    dataplane::reconcile::{BackendAddr, Digest, MapState, Op},
     dataplane::{batch, layout},
 };
 use proxy_common::{
@@ -27,6 +27,28 @@ use proxy_common::{
     DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
     SlotKey, SockValue, SrcRange, SERVICE_NAME_LEN,
 };
+
+/// Every element of a hash map, to `f`: in batches, or one at a time
+/// where the kernel cannot batch.
+pub fn each_hash<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    mut f: impl FnMut(K, V),
+) -> Result<()> {
+    use aya::maps::IterableMap as _;
+    let mut seen = false;
+    match batch::lookup_each(map.map(), |k, v| {
+        seen = true;
+        f(k, v)
+    }) {
+        Ok(()) => Ok(()),
+        // An entry deleted between two steps of the walk is skipped.
+        Err(e) if batch::unsupported(&e) && !seen => {
+            map.iter().filter_map(Result::ok).for_each(|(k, v)| f(k, v));
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("BPF_MAP_LOOKUP_BATCH: {e}")),
+    }
+}
 
 /// Every element of a hash map: in batches, or one at a time where the
 /// kernel cannot batch.
@@ -285,6 +307,49 @@ impl MapSet {
         })
     }
 
+    /// What a resync compares with the mirror: every entry [`read_state`]
+    /// reads, as hashes in one vector (see [`Digest`]), and the port filter.
+    ///
+    /// [`read_state`]: MapSet::read_state
+    pub fn read_digest(&self) -> Result<Digest> {
+        let mut entries = Vec::new();
+        let mut put = |op: Op| entries.extend(op.fingerprint_entry());
+        each_hash(&self.services, |k, v| {
+            put(Op::PutService(frontend_key(&k), v))
+        })?;
+        let mut backends = Vec::new();
+        each_hash(&self.slots, |k, s| {
+            let b = backend_addr(&s.backend);
+            put(Op::PutSlot(k, s.backend_id, b));
+            backends.push((s.backend_id, b));
+        })?;
+        // The backends are the ones the slots hold: each id once, and the
+        // same backend in every slot naming it.
+        backends.sort_unstable();
+        let inconsistent = backends
+            .windows(2)
+            .any(|w| w[0].0 == w[1].0 && w[0] != w[1]);
+        backends.dedup_by_key(|b| b.0);
+        for (id, b) in backends {
+            put(Op::PutBackend(id, b));
+        }
+        for (a, n) in read_hash(&self.service_addrs)? {
+            put(Op::PutAddr(wire::to_addr(a), n));
+        }
+        for (id, n) in read_hash(&self.service_names)? {
+            put(Op::PutName(id, name_from_bytes(&n).into()));
+        }
+        for key in self.src_ranges.keys() {
+            let (id, cidr) = range_from_key(&key?);
+            put(Op::PutRange(id, cidr));
+        }
+        for (a, f) in read_hash(&self.node_addrs)? {
+            put(Op::PutNodeAddr(wire::to_addr(a), f));
+        }
+        put(Op::SetConfig(self.config.get(&0, 0)?));
+        Ok(Digest::new(entries, inconsistent, self.port_words()?))
+    }
+
     /// What the datapath serves: the control-plane maps' contents with only
     /// the frontends whose port the port filter lets through (the sync
     /// writes the filter last, so a frontend is served from then on).
@@ -369,6 +434,53 @@ impl MapSet {
             i = end;
         }
         Ok(())
+    }
+
+    /// As [`MapSet::write_all`], from a thread of its own, `chunk` writes
+    /// at a time: each chunk written is handed to `written` (on this
+    /// thread) while the next is being written. Returns how many writes
+    /// were done, and the error that stopped the rest.
+    pub fn write_all_pipelined(
+        &mut self,
+        ops: &[Op],
+        chunk: usize,
+        written: &mut dyn FnMut(&[Op]),
+    ) -> (usize, Option<MapError>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(2);
+        let threaded = std::thread::scope(|s| {
+            let maps = &mut *self;
+            let writer = std::thread::Builder::new()
+                .name("kpx-writer".into())
+                .spawn_scoped(s, move || {
+                    let mut done = 0;
+                    for c in ops.chunks(chunk.max(1)) {
+                        let failed = maps.write_all(c).err();
+                        done += failed.as_ref().map_or(c.len(), |f| f.0);
+                        if tx.send(done).is_err() || failed.is_some() {
+                            return failed.map(|f| f.1);
+                        }
+                    }
+                    None
+                })?;
+            let mut recorded = 0;
+            for upto in rx {
+                written(&ops[recorded..upto]);
+                recorded = upto;
+            }
+            let failed = writer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            Ok::<_, std::io::Error>((recorded, failed))
+        });
+        threaded.unwrap_or_else(|e| {
+            log::warn!("no thread to write from ({e}); writing from this one");
+            let (done, failed) = match self.write_all(ops) {
+                Ok(()) => (ops.len(), None),
+                Err((done, e)) => (done, Some(e)),
+            };
+            written(&ops[..done]);
+            (done, failed)
+        })
     }
 
     /// A run of writes of one class (`batch_class`) in one batched call.
@@ -487,9 +599,12 @@ impl MapSet {
 
     /// Every word of the frontend-port filter.
     pub fn port_words(&self) -> Result<Vec<u64>, MapError> {
-        (0..self.ports.len())
-            .map(|i| self.ports.get(&i, 0))
-            .collect()
+        (0..self.ports.len()).map(|i| self.port_word(i)).collect()
+    }
+
+    /// Word `i` of the frontend-port filter.
+    pub fn port_word(&self, i: u32) -> Result<u64, MapError> {
+        self.ports.get(&i, 0)
     }
 
     /// Writes a frontend and marks its port in the filter (for tools and

@@ -86,6 +86,26 @@ impl PortFilter {
             .fold(0, |w, (b, _)| w | b.mask)
     }
 
+    /// Words a read of the map found other than [`PortFilter::desired`],
+    /// looked at again (a sync may have written them since the read) and
+    /// rewritten where they still differ; returns how many were.
+    pub fn repair(&mut self, maps: &mut MapSet, words: &[u32]) -> Result<usize, MapError> {
+        let mut wrote = 0;
+        for &i in words {
+            let want = self.desired(i);
+            if maps.port_word(i)? != want {
+                maps.set_port_word(i, want)?;
+                wrote += 1;
+            }
+            if want == 0 {
+                self.written.remove(&i);
+            } else {
+                self.written.insert(i, want);
+            }
+        }
+        Ok(wrote)
+    }
+
     /// Writes the words that changed; returns how many.
     pub fn flush(&mut self, maps: &mut MapSet) -> Result<usize, MapError> {
         let mut wrote = 0;

@@ -36,6 +36,7 @@ use proxy_common::{DatapathConfig, SlotKey};
 use crate::control::model::{Desired, Endpoint, FrontendKey};
 
 mod backends;
+mod digest;
 pub mod maglev;
 mod mirror;
 mod planner;
@@ -45,6 +46,7 @@ mod state;
 mod tests;
 
 pub use backends::Backends;
+pub use digest::Digest;
 pub use mirror::Mirror;
 use planner::Planner;
 pub use slots::SlotTables;

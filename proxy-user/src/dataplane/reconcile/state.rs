@@ -87,12 +87,94 @@ impl Op {
 
 /// One entry's share of [`MapState::fingerprint`]: its map and its key and
 /// value, hashed.
-fn entry_hash(map: u8, entry: impl Hash) -> u64 {
+pub(super) fn entry_hash(map: u8, entry: impl Hash) -> u64 {
     // Fixed: a fingerprint is compared across reads of the maps.
     foldhash::quality::FixedState::with_seed(0x6b70_785f_6670).hash_one((map, entry))
 }
 
+/// Which entry it is, for [`super::Digest`]: its map and its key, hashed.
+pub(super) fn key_hash(map: u8, key: impl Hash) -> u64 {
+    foldhash::quality::FixedState::with_seed(0x6b70_785f_6b65).hash_one((map, key))
+}
+
+/// The fingerprinted maps, by their number in [`entry_hash`].
+pub(super) mod fp_map {
+    pub const SERVICES: u8 = 0;
+    pub const SLOTS: u8 = 1;
+    pub const BACKENDS: u8 = 2;
+    pub const ADDRS: u8 = 3;
+    pub const NAMES: u8 = 4;
+    pub const RANGES: u8 = 5;
+    pub const NODE_ADDRS: u8 = 6;
+    pub const CONFIG: u8 = 7;
+}
+
+/// An entry as `(key hash, entry hash)`.
+pub(super) fn fingerprint_entry<K: Hash, V: Hash>(map: u8, k: &K, v: &V) -> (u64, u64) {
+    (key_hash(map, k), entry_hash(map, (k, v)))
+}
+
+impl Op {
+    /// The entry this write sets, as `(key hash, entry hash)` with 0 for a
+    /// delete; None for a write of no fingerprinted entry.
+    pub fn fingerprint_entry(&self) -> Option<(u64, u64)> {
+        use fp_map::*;
+        Some(match self {
+            Op::PutService(k, v) => fingerprint_entry(SERVICES, k, v),
+            Op::DelService(k) => (key_hash(SERVICES, k), 0),
+            Op::PutSlot(k, id, _) => fingerprint_entry(SLOTS, k, id),
+            Op::DelSlot(k) => (key_hash(SLOTS, k), 0),
+            Op::PutBackend(id, b) => fingerprint_entry(BACKENDS, id, b),
+            Op::DelBackend(id) => (key_hash(BACKENDS, id), 0),
+            Op::PutAddr(a, n) => fingerprint_entry(ADDRS, a, n),
+            Op::DelAddr(a) => (key_hash(ADDRS, a), 0),
+            Op::PutName(id, n) => fingerprint_entry(NAMES, id, n),
+            Op::DelName(id) => (key_hash(NAMES, id), 0),
+            Op::PutRange(id, r) => fingerprint_entry(RANGES, &(id, r), &()),
+            Op::DelRange(id, r) => (key_hash(RANGES, (id, r)), 0),
+            Op::PutNodeAddr(a, f) => fingerprint_entry(NODE_ADDRS, a, f),
+            Op::DelNodeAddr(a) => (key_hash(NODE_ADDRS, a), 0),
+            Op::SetConfig(c) => fingerprint_entry(CONFIG, &(), c),
+            Op::ResetStats(_) => return None,
+        })
+    }
+}
+
 impl MapState {
+    /// Every entry as `(key hash, entry hash)`.
+    pub fn fingerprint_entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        use fp_map::*;
+        fn all<'a, K: Hash, V: Hash>(
+            map: u8,
+            m: &'a HashMap<K, V>,
+        ) -> impl Iterator<Item = (u64, u64)> + 'a {
+            m.iter().map(move |(k, v)| fingerprint_entry(map, k, v))
+        }
+        all(SERVICES, &self.services)
+            .chain(
+                self.slots
+                    .iter()
+                    .map(|(k, id)| fingerprint_entry(SLOTS, &k, &id)),
+            )
+            .chain(
+                self.backends
+                    .iter()
+                    .map(|(id, b)| fingerprint_entry(BACKENDS, id, b)),
+            )
+            .chain(all(ADDRS, &self.addrs))
+            .chain(all(NAMES, &self.names))
+            .chain(self.ranges.iter().flat_map(|(id, set)| {
+                set.iter()
+                    .map(move |r| fingerprint_entry(RANGES, &(id, r), &()))
+            }))
+            .chain(all(NODE_ADDRS, &self.node_addrs))
+            .chain(
+                self.config
+                    .iter()
+                    .map(|c| fingerprint_entry(CONFIG, &(), c)),
+            )
+    }
+
     /// The wrapping sum of every entry's hash: equal states have equal
     /// fingerprints, and a write changes it by the old and new hashes of
     /// the one entry it writes ([`MapState::record_fingerprinted`]). So a
@@ -100,54 +182,37 @@ impl MapState {
     /// read of the maps holds what the agent wrote costs one comparison
     /// instead of a walk of a million entries on the event loop.
     pub fn fingerprint(&self) -> u64 {
-        fn sum<K: Hash, V: Hash>(map: u8, m: &HashMap<K, V>) -> u64 {
-            m.iter()
-                .fold(0u64, |fp, e| fp.wrapping_add(entry_hash(map, e)))
-        }
-        let ranges = self
-            .ranges
-            .iter()
-            .flat_map(|(id, set)| set.iter().map(move |r| entry_hash(5, (id, r))))
-            .fold(0u64, u64::wrapping_add);
-        let slots = self.slots.iter().fold(0u64, |fp, (k, id)| {
-            fp.wrapping_add(entry_hash(1, (&k, &id)))
-        });
-        let backends = self
-            .backends
-            .iter()
-            .fold(0u64, |fp, e| fp.wrapping_add(entry_hash(2, e)));
-        sum(0, &self.services)
-            .wrapping_add(slots)
-            .wrapping_add(backends)
-            .wrapping_add(sum(3, &self.addrs))
-            .wrapping_add(sum(4, &self.names))
-            .wrapping_add(ranges)
-            .wrapping_add(sum(6, &self.node_addrs))
-            .wrapping_add(self.config.as_ref().map_or(0, |c| entry_hash(7, c)))
+        self.fingerprint_entries()
+            .fold(0u64, |fp, (_, e)| fp.wrapping_add(e))
     }
 
     /// The hash of the entry `op` writes, as this state holds it (0: none).
     fn written_entry_hash(&self, op: &Op) -> u64 {
+        use fp_map::*;
         fn get<K: Hash + Eq, V: Hash>(map: u8, m: &HashMap<K, V>, k: &K) -> u64 {
             m.get_key_value(k).map_or(0, |e| entry_hash(map, e))
         }
         match op {
-            Op::PutService(k, _) | Op::DelService(k) => get(0, &self.services, k),
-            Op::PutSlot(k, ..) | Op::DelSlot(k) => {
-                self.slots.get(k).map_or(0, |id| entry_hash(1, (k, id)))
-            }
+            Op::PutService(k, _) | Op::DelService(k) => get(SERVICES, &self.services, k),
+            Op::PutSlot(k, ..) | Op::DelSlot(k) => self
+                .slots
+                .get(k)
+                .map_or(0, |id| entry_hash(SLOTS, (k, &id))),
             Op::PutBackend(id, _) | Op::DelBackend(id) => self
                 .backends
                 .get_key_value(id)
-                .map_or(0, |e| entry_hash(2, e)),
-            Op::PutAddr(a, _) | Op::DelAddr(a) => get(3, &self.addrs, a),
-            Op::PutName(id, _) | Op::DelName(id) => get(4, &self.names, id),
+                .map_or(0, |e| entry_hash(BACKENDS, e)),
+            Op::PutAddr(a, _) | Op::DelAddr(a) => get(ADDRS, &self.addrs, a),
+            Op::PutName(id, _) | Op::DelName(id) => get(NAMES, &self.names, id),
             Op::PutRange(id, r) | Op::DelRange(id, r) => match self.ranges.get(id) {
-                Some(set) if set.contains(r) => entry_hash(5, (id, r)),
+                Some(set) if set.contains(r) => entry_hash(RANGES, (&(id, r), &())),
                 _ => 0,
             },
-            Op::PutNodeAddr(a, _) | Op::DelNodeAddr(a) => get(6, &self.node_addrs, a),
-            Op::SetConfig(_) => self.config.as_ref().map_or(0, |c| entry_hash(7, c)),
+            Op::PutNodeAddr(a, _) | Op::DelNodeAddr(a) => get(NODE_ADDRS, &self.node_addrs, a),
+            Op::SetConfig(_) => self
+                .config
+                .as_ref()
+                .map_or(0, |c| entry_hash(CONFIG, (&(), c))),
             Op::ResetStats(_) => 0,
         }
     }
