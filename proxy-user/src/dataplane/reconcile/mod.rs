@@ -129,6 +129,14 @@ pub fn reconcile(
         m.backend_next,
         &backend_of,
     );
+    if cur.services.is_empty() && cur.backends.is_empty() {
+        let endpoints = desired
+            .frontends
+            .values()
+            .map(|f| f.backends.len() + f.local_backends.len())
+            .sum();
+        p.reserve(desired.frontends.len(), endpoints);
+    }
     // Per frontend: what it writes, and what it stops using (as deltas on
     // the mirror's reference counts).
     let mut ref_delta: BTreeMap<u32, i64> = BTreeMap::new();
