@@ -97,13 +97,18 @@ impl PortFilter {
                 maps.set_port_word(i, want)?;
                 wrote += 1;
             }
-            if want == 0 {
-                self.written.remove(&i);
-            } else {
-                self.written.insert(i, want);
-            }
+            self.note_written(i, want);
         }
         Ok(wrote)
+    }
+
+    /// Word `i` holds `word` in the map.
+    fn note_written(&mut self, i: u32, word: u64) {
+        if word == 0 {
+            self.written.remove(&i);
+        } else {
+            self.written.insert(i, word);
+        }
     }
 
     /// Writes the words that changed; returns how many.
@@ -114,11 +119,7 @@ impl PortFilter {
             if self.written.get(&i).copied().unwrap_or(0) != want {
                 maps.set_port_word(i, want)?;
                 wrote += 1;
-                if want == 0 {
-                    self.written.remove(&i);
-                } else {
-                    self.written.insert(i, want);
-                }
+                self.note_written(i, want);
             }
             self.dirty.remove(&i);
         }
