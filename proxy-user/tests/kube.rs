@@ -360,6 +360,26 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
         "{}",
         c.agent_log()
     );
+    // A slot naming a live backend's id with another backend (no write of
+    // the agent's makes one): removed by a later resync.
+    let (_, id) = maps.read_state().unwrap().slots.iter().next().unwrap();
+    let stray = proxy_common::SlotKey {
+        svc_id: u32::MAX - 1,
+        slot: 0,
+    };
+    let other = kpx::dataplane::reconcile::BackendAddr {
+        addr: Ipv4Addr::new(198, 19, 255, 254),
+        port: 1,
+        proto: proxy_common::IPPROTO_TCP,
+    };
+    maps.write(&kpx::dataplane::reconcile::Op::PutSlot(stray, id, other))
+        .unwrap();
+    let removed = wait_for(Duration::from_secs(10), || {
+        maps.slots.get(&stray, 0).is_err().then_some(())
+    });
+    assert!(removed.is_some(), "{}", c.agent_log());
+    let ids = tcp_ask_many(&c.pod("client").netns, SocketAddrV4::new(VIP, 80), 20, T).unwrap();
+    assert_eq!(spread(&ids).len(), 2, "{ids:?}");
 }
 
 #[test]

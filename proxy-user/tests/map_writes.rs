@@ -12,7 +12,7 @@ use kpx::{
     dataplane::{
         batch,
         maps::{Datapath, LoadOptions},
-        reconcile::{self, Mirror, Op, Scope},
+        reconcile::{self, BackendAddr, Mirror, Op, Scope},
     },
 };
 
@@ -120,6 +120,46 @@ fn a_plan_written_from_a_second_thread_is_handed_back_in_order_and_reads_as_the_
     let gone = *mirror.state.services.keys().next().unwrap();
     dp.maps.write(&Op::DelService(gone)).unwrap();
     assert!(!dp.maps.read_digest().unwrap().matches(mirror.fingerprint));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_slot_holding_another_backend_than_its_id_names_is_told_apart_by_both_reads() {
+    let mut dp = datapath();
+    let mut mirror = Mirror::default();
+    let backend = |last: u8| BackendAddr {
+        addr: Ipv4Addr::new(198, 18, 0, last),
+        port: 8080,
+        proto: proxy_common::IPPROTO_TCP,
+    };
+    let key = |svc_id: u32| proxy_common::SlotKey { svc_id, slot: 0 };
+    // Two frontends' slots sharing backend 7, as a ClusterIP and its
+    // NodePort do.
+    let plan = [
+        Op::PutBackend(7, backend(10)),
+        Op::PutSlot(key(1), 7, backend(10)),
+        Op::PutSlot(key(2), 7, backend(10)),
+        Op::SetConfig(Default::default()),
+    ];
+    dp.maps.write_all(&plan).unwrap();
+    for op in &plan {
+        mirror.record(op);
+    }
+    assert!(dp.maps.read_digest().unwrap().matches(mirror.fingerprint));
+    assert_eq!(dp.maps.read_state().unwrap().differences(&mirror.state), 0);
+    // Either slot holding another backend under id 7, whichever of the
+    // two a read meets last.
+    for svc_id in [1, 2] {
+        dp.maps
+            .write(&Op::PutSlot(key(svc_id), 7, backend(99)))
+            .unwrap();
+        assert!(!dp.maps.read_digest().unwrap().matches(mirror.fingerprint));
+        let read = dp.maps.read_state().unwrap();
+        assert!(read.differences(&mirror.state) > 0, "slot {svc_id}");
+        dp.maps
+            .write(&Op::PutSlot(key(svc_id), 7, backend(10)))
+            .unwrap();
+    }
 }
 
 #[test]

@@ -105,8 +105,7 @@ impl Agent {
         };
         if differ == 0 {
             if fingerprint == self.mirror.fingerprint {
-                // Gone by this read, or in what a state cannot hold (see
-                // `MapSet::read_digest`).
+                // Gone by this read.
                 log::info!("resync: no entry differs from what the agent wrote on a second read");
             } else {
                 // Cannot happen while every write goes through the mirror.

@@ -19,7 +19,7 @@ use aya::{
 use crate::{
     control::cidr::Cidr,
     control::model::FrontendKey,
-    dataplane::reconcile::{BackendAddr, Digest, MapState, Op},
+    dataplane::reconcile::{BackendAddr, Backends, Digest, MapState, Op},
     dataplane::{batch, layout},
 };
 use proxy_common::{
@@ -270,17 +270,29 @@ impl MapSet {
     /// Hash maps are read in batches (`dataplane::batch`).
     pub fn read_state(&self) -> Result<MapState> {
         let slots = read_hash(&self.slots)?;
+        // The backends are the ones the slots hold.
+        let backends: Backends = slots
+            .iter()
+            .map(|(_, s)| (s.backend_id, backend_addr(&s.backend)))
+            .collect();
+        // A slot holding another backend than the one its id names in the
+        // other slots (no write of the agent's makes one) reads as holding
+        // no backend (an id never allocated): a resync sees it differ from
+        // the mirror, and rewrites or removes it.
+        let slots = slots
+            .iter()
+            .map(|(k, s)| {
+                let same = backends.get(&s.backend_id) == Some(&backend_addr(&s.backend));
+                (*k, if same { s.backend_id } else { u32::MAX })
+            })
+            .collect();
         Ok(MapState {
             services: read_hash(&self.services)?
                 .into_iter()
                 .map(|(k, v)| (frontend_key(&k), v))
                 .collect(),
-            slots: slots.iter().map(|(k, s)| (*k, s.backend_id)).collect(),
-            // The backends are the ones the slots hold.
-            backends: slots
-                .iter()
-                .map(|(_, s)| (s.backend_id, backend_addr(&s.backend)))
-                .collect(),
+            slots,
+            backends,
             addrs: read_hash(&self.service_addrs)?
                 .into_iter()
                 .map(|(a, n)| (wire::to_addr(a), n))

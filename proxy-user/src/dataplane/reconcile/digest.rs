@@ -23,8 +23,9 @@ pub struct Digest {
     /// Entries written since the read: key hash → entry hash (0: deleted).
     written: HashMap<u64, u64>,
     fingerprint: u64,
-    /// The read found something no state can hold (two slots naming one
-    /// backend id with different backends): it matches no mirror.
+    /// The read found two slots naming one backend id with different
+    /// backends (no write of the agent's makes them): it matches no
+    /// mirror, and the whole read that follows tells such slots apart.
     inconsistent: bool,
     /// The frontend-port filter's words, read with the entries.
     pub port_words: Vec<u64>,
