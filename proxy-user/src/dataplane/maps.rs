@@ -53,13 +53,9 @@ pub fn each_hash<K: aya::Pod, V: aya::Pod>(
 /// Every element of a hash map: in batches, or one at a time where the
 /// kernel cannot batch.
 pub fn read_hash<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
-    use aya::maps::IterableMap as _;
-    match batch::lookup_all(map.map()) {
-        Ok(all) => Ok(all),
-        // An entry deleted between two steps of the walk is skipped.
-        Err(e) if batch::unsupported(&e) => Ok(map.iter().filter_map(Result::ok).collect()),
-        Err(e) => Err(anyhow!("BPF_MAP_LOOKUP_BATCH: {e}")),
-    }
+    let mut out = Vec::new();
+    each_hash(map, |k, v| out.push((k, v)))?;
+    Ok(out)
 }
 
 /// The datapath object built by build.rs from proxy-ebpf.
