@@ -114,6 +114,9 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "kpx_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "kpx_sock_getpeername4";
     pub const SOCK_RELEASE: &str = "kpx_sock_release";
+    /// XDP on the node's external interfaces: the tc ingress path for
+    /// packets from outside, before an skb exists (`--xdp`).
+    pub const XDP: &str = "kpx_xdp";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original
@@ -391,6 +394,11 @@ pub const CFG_F_SOCK_HOST_ONLY: u32 = 1 << 2;
 /// `skb->mark` bit on packets kpx translated: its egress program leaves them
 /// alone (they may cross a second kpx interface after a redirect).
 pub const MARK_TRANSLATED: u32 = 0x0020_0000;
+
+/// XDP metadata (four bytes in front of the frame, native byte order) on a
+/// frame the XDP program translated and handed to the stack: tc ingress
+/// only forwards it, so nothing is translated twice.
+pub const XDP_META_TRANSLATED: u32 = 0x6b70_7801;
 
 /// Key of the backend-slot map: slot `slot` of service `svc_id`.
 ///
@@ -856,10 +864,16 @@ pub enum Event {
     /// so the client's next socket picks a serving one. Written by the
     /// agent.
     SockDestroyed = 18,
+    /// Packets the XDP program translated and sent back out of the
+    /// interface they came in (`XDP_TX`): no skb was ever built for them.
+    XdpTx = 19,
+    /// Packets the XDP program translated and handed to the stack, for tc
+    /// ingress to forward (a local backend, a next hop elsewhere).
+    XdpStack = 20,
 }
 
 impl Event {
-    pub const ALL: [Event; 19] = [
+    pub const ALL: [Event; 21] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
@@ -879,6 +893,8 @@ impl Event {
         Event::SockRebalanced,
         Event::SockRevNat,
         Event::SockDestroyed,
+        Event::XdpTx,
+        Event::XdpStack,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -903,6 +919,8 @@ impl Event {
             Event::SockRebalanced => "sock_rebalanced",
             Event::SockRevNat => "sock_revnat",
             Event::SockDestroyed => "sock_destroyed",
+            Event::XdpTx => "xdp_tx",
+            Event::XdpStack => "xdp_stack",
         }
     }
 }

@@ -27,6 +27,12 @@ impl Sum {
         Self(self.0 + (!old) as u64 + new as u64)
     }
 
+    /// Adds a difference [`Sum::diff`] gave.
+    #[inline(always)]
+    pub fn add(self, diff: u32) -> Self {
+        Self(self.0 + diff as u64)
+    }
+
     /// Folded to 32 bits with end-around carries: the `diff` argument of
     /// `bpf_l4_csum_replace` with size 0.
     #[inline(always)]

@@ -10,16 +10,16 @@
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC, TC_ACT_OK, xdp_action,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use core::mem::MaybeUninit;
 
 use proxy_common::{CtKey, CtValue, Event, CFG_F_STACK_FORWARDING, MARK_TRANSLATED};
 
-use crate::{conntrack, parse::Ipv4Packet, service, stats};
+use crate::{conntrack, packet::Packet, parse::Ipv4Packet, service, stats};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
@@ -108,11 +108,11 @@ impl Params {
     }
 
     #[inline(always)]
-    fn lookup(&mut self, ctx: &TcContext, flags: u32) -> i64 {
+    fn lookup<P: Packet>(&mut self, ctx: &P, flags: u32) -> i64 {
         // SAFETY: `self.0` is a bpf_fib_lookup on the stack, its size passed.
         unsafe {
             fib_lookup(
-                ctx.skb.skb.cast(),
+                ctx.raw(),
                 &mut self.0,
                 core::mem::size_of::<bpf_fib_lookup>() as i32,
                 flags,
@@ -124,9 +124,8 @@ impl Params {
 /// The next hop of `pkt` once translated to `t`. A packet forwarded from
 /// ingress whose TTL would run out goes to the stack, which answers it.
 #[inline(always)]
-pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route {
-    // SAFETY: reads a field of the context's own skb.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+pub fn route<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route {
+    let ifindex = ctx.ifindex();
     // A forwarded packet is looked up as arriving where it did. The node's
     // own packet as if it came from loopback: an output lookup would be
     // pinned to the interface the socket's route chose.
@@ -176,8 +175,8 @@ pub fn route(ctx: &TcContext, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route 
 /// once a second per direction) or the packet is longer than the one the
 /// cached hop was checked with; the answer is cached.
 #[inline(always)]
-pub fn established(
-    ctx: &TcContext,
+pub fn established<P: Packet>(
+    ctx: &P,
     pkt: &Ipv4Packet,
     to: &CtKey,
     entry: *mut CtValue,
@@ -251,12 +250,30 @@ pub fn send(ctx: &TcContext, route: Route) -> i32 {
     }
 }
 
+/// Sends a frame XDP translated along `route` (only routes
+/// [`Packet::reachable`] keeps): back out where it came in, or up the stack
+/// marked as translated, for tc ingress to forward.
+#[inline(always)]
+pub fn send_xdp(ctx: &XdpContext, route: Route) -> i32 {
+    match route {
+        Route::Mac { .. } => {
+            stats::event(Event::XdpTx, 1);
+            xdp_action::XDP_TX as i32
+        }
+        _ => {
+            crate::packet::mark_translated(ctx);
+            stats::event(Event::XdpStack, 1);
+            xdp_action::XDP_PASS as i32
+        }
+    }
+}
+
 /// The source address a masqueraded flow to `dst` gets: the one the kernel
 /// picks for the route to `dst` (its preferred source, or the outgoing
 /// interface's address), exactly as iptables' `MASQUERADE` does. One FIB
 /// lookup, on a flow's first packet only; None when the FIB cannot say.
 #[inline(always)]
-pub fn masquerade_source(ctx: &TcContext, pkt: &Ipv4Packet, dst: u32) -> Option<u32> {
+pub fn masquerade_source<P: Packet>(ctx: &P, pkt: &Ipv4Packet, dst: u32) -> Option<u32> {
     let mut raw = MaybeUninit::uninit();
     let p = Params::init(&mut raw, pkt, dst, LOOPBACK_IFINDEX);
     let ret = p.lookup(ctx, BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH);

@@ -19,6 +19,7 @@ mod forward;
 mod icmp;
 mod maps;
 mod nat;
+mod packet;
 mod parse;
 mod policy;
 mod select;
@@ -29,8 +30,8 @@ mod verdict;
 
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
-    macros::{cgroup_sock, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, SockContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use proxy_common::{
     flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE,
@@ -39,7 +40,8 @@ use proxy_common::{
 
 use crate::{
     conntrack::Snat,
-    forward::Hook,
+    forward::{Hook, Route},
+    packet::Packet,
     parse::{Ipv4Packet, Parsed},
     policy::Origin,
     verdict::{Verdict, PASS},
@@ -86,10 +88,58 @@ use crate::{
 /// established one at ingress, whose flow entry caches its next hop
 /// (asked again on the entry's refresh, at most once a second, or for a
 /// longer packet than the one whose MTU check it passed).
+/// A packet the XDP program already translated ([`kpx_xdp`]) costs no
+/// lookup but its FIB lookup: it is only forwarded.
 /// No loop over services or backends exists anywhere in the program.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
+    if packet::translated_by_xdp(&ctx) {
+        return forward_translated(&ctx);
+    }
     verdict::action(process(&ctx))
+}
+
+/// XDP on the node's external interfaces: packets from outside the node,
+/// before the kernel builds an skb for them. The same path as tc ingress
+/// (same functions, same maps, same lookups per packet as listed there),
+/// for TCP and UDP packets of tracked flows and new flows to a service;
+/// everything else (ICMP, fragments, malformed packets, REJECTs) passes
+/// untouched, to tc ingress. A translated packet whose next hop is out of
+/// the interface it came in (a backend or client on another node) is sent
+/// back out with `XDP_TX`, the rest go up marked as translated, for tc
+/// ingress to forward: so a flow's packet is translated by exactly one
+/// hook, and its conntrack entries change once.
+#[xdp]
+pub fn kpx_xdp(ctx: XdpContext) -> u32 {
+    let v = match parse::parse_ipv4(&ctx) {
+        Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
+            flow(&ctx, &pkt, Origin::Network)
+        }
+        _ => Verdict::Pass(Counter::PassNotHandled),
+    };
+    verdict::xdp_action(v)
+}
+
+/// A packet XDP translated and handed up: sent to its next hop as tc sends
+/// what it translates itself, uncounted (XDP counted it).
+#[inline(always)]
+fn forward_translated(ctx: &TcContext) -> i32 {
+    let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
+        return PASS;
+    };
+    let to = pkt.tuple();
+    // A resolved next hop only: MACs and TTL are all there is to write.
+    // The rest (no neighbour entry yet, local delivery) the stack forwards.
+    let route = match forward::route(ctx, &pkt, &to, Hook::Ingress) {
+        route @ Route::Mac { macs, .. } => {
+            if nat::apply(ctx, &pkt, &to, 1, Some(macs)).is_err() {
+                return verdict::action(Verdict::Drop(DropReason::RewriteFailed));
+            }
+            route
+        }
+        _ => Route::Stack,
+    };
+    forward::send(ctx, route)
 }
 
 /// tc egress on the same interfaces: packets the node itself sends.
@@ -215,7 +265,7 @@ fn process(ctx: &TcContext) -> Verdict {
 
 /// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither.
 #[inline(always)]
-fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
+fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
     let key = pkt.tuple();
     let hook = match origin {
         Origin::Network => Hook::Ingress,
@@ -248,9 +298,11 @@ fn flow(ctx: &TcContext, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
     }
     if svc.count == 0 {
         // The reference's REJECT: the client learns at once.
-        return match icmp::reject(ctx, pkt, hook) {
-            Ok(action) => Verdict::Redirect(action),
-            Err(()) => Verdict::Drop(DropReason::NoBackend),
+        return match ctx.reject(pkt, hook) {
+            Some(Ok(action)) => Verdict::Redirect(action),
+            Some(Err(())) => Verdict::Drop(DropReason::NoBackend),
+            // XDP: tc ingress answers it.
+            None => Verdict::Pass(Counter::PassNoService),
         };
     }
     new_flow(ctx, pkt, &key, &svc, origin, hook, recovered)
@@ -270,8 +322,8 @@ fn recoverable(pkt: &Ipv4Packet, svc: &proxy_common::ServiceValue) -> bool {
 
 /// A packet of a tracked flow: apply the entry's rewrite.
 #[inline(always)]
-fn established(
-    ctx: &TcContext,
+fn established<P: Packet>(
+    ctx: &P,
     pkt: &Ipv4Packet,
     key: &CtKey,
     found: conntrack::Found,
@@ -280,6 +332,7 @@ fn established(
     let (rewrite, refreshed) = conntrack::touch(found, key, pkt.tcp_flags);
     let to = rewrite.translate(key);
     let route = forward::established(ctx, pkt, &to, found.entry, &rewrite, refreshed, hook);
+    let route = ctx.reachable(route);
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
@@ -296,14 +349,14 @@ fn established(
     });
     // A reply to the node's own flow arrives at ingress but is delivered
     // locally: the FIB says so, and the stack takes it.
-    Verdict::Translated(forward::send(ctx, route))
+    Verdict::Translated(ctx.send(route))
 }
 
 /// First packet of a flow to a service: apply the traffic policy, pick a
 /// backend, track, translate, forward.
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
+fn new_flow<P: Packet>(
+    ctx: &P,
     pkt: &Ipv4Packet,
     key: &CtKey,
     svc: &proxy_common::ServiceValue,
@@ -362,7 +415,7 @@ fn new_flow(
         stats::event(Event::FlowRecovered, 1);
     }
     let to = rewrite.translate(key);
-    let route = forward::route(ctx, pkt, &to, hook);
+    let route = ctx.reachable(forward::route(ctx, pkt, &to, hook));
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
@@ -371,7 +424,7 @@ fn new_flow(
     if origin == Origin::Node {
         stats::event(Event::FromNode, 1);
     }
-    Verdict::Translated(forward::send(ctx, route))
+    Verdict::Translated(ctx.send(route))
 }
 
 /// Where a masqueraded flow's port probe starts (0 without masquerade: no

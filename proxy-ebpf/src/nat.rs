@@ -11,17 +11,15 @@
 //!   RFC 1624, the TTL decrement folded in), and the ports; otherwise one
 //!   store per part.
 //!
-//! Writes go through helpers, not direct packet access (see [`crate::parse`]).
+//! At tc, writes go through helpers, not direct packet access (see
+//! [`crate::parse`]); at XDP the same steps are plain loads and stores
+//! into the frame ([`crate::packet`]).
 
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_skb_store_bytes,
-    programs::TcContext,
-};
 use proxy_common::{CtKey, IPPROTO_UDP};
 
 use crate::{
     csum::Sum,
+    packet::Packet,
     parse::{ip, Ipv4Packet, ETH_P_IP},
 };
 
@@ -30,7 +28,7 @@ pub struct RewriteFailed;
 /// The IPv4 header from the TTL to the destination address, as stored.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct IpTail {
+pub struct IpTail {
     ttl: u8,
     proto: u8,
     check: u16,
@@ -42,7 +40,7 @@ struct IpTail {
 /// options.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct IpTailPorts {
+pub struct IpTailPorts {
     tail: IpTail,
     ports: [u16; 2],
 }
@@ -51,23 +49,23 @@ struct IpTailPorts {
 /// is naturally aligned; stored from `macs` on (38 bytes).
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Frame {
+pub struct Frame {
     _align: u16,
-    macs: [u16; 6],
-    ethertype: u16,
-    ip_head: [u32; 2],
-    rest: IpTailPorts,
+    pub macs: [u16; 6],
+    pub ethertype: u16,
+    pub ip_head: [u32; 2],
+    pub rest: IpTailPorts,
 }
 
-const FRAME_LEN: usize = core::mem::size_of::<Frame>() - 2;
+pub const FRAME_LEN: usize = core::mem::size_of::<Frame>() - 2;
 
 /// Rewrites the packet `pkt` describes to carry the tuple `to`, its TTL
 /// lowered by `ttl_dec` (1 when the packet is forwarded here, else 0), and,
 /// when it is redirected, the next hop's Ethernet addresses `macs`
 /// (destination then source, as on the wire).
 #[inline(always)]
-pub fn apply(
-    ctx: &TcContext,
+pub fn apply<P: Packet>(
+    ctx: &P,
     pkt: &Ipv4Packet,
     to: &CtKey,
     ttl_dec: u8,
@@ -83,35 +81,23 @@ pub fn apply(
     // The header's first 8 bytes, for the one-store case (else one store
     // per part); read before the helpers below invalidate packet pointers.
     let ip_head = if no_options && macs.is_some() {
-        crate::parse::read_linear::<[u32; 2]>(ctx, pkt.l3_off)
+        crate::parse::read_linear::<P, [u32; 2]>(ctx, pkt.l3_off)
     } else {
         None
     };
-    // UDP: a zero checksum means "none" and must stay zero; a computed zero
-    // must become 0xffff. BPF_F_MARK_MANGLED_0 does both.
-    let l4_flags = if pkt.proto == IPPROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
-    } else {
-        0
-    };
+    let udp = pkt.proto == IPPROTO_UDP;
     let addrs = Sum::zero()
         .replace(pkt.src, to.src_addr)
         .replace(pkt.dst, to.dst_addr);
     if addrs_changed {
-        // Size 0: `to` is a difference, applied as a pseudo-header change.
-        ctx.l4_csum_replace(
-            pkt.l4_csum_off(),
-            0,
-            addrs.diff() as u64,
-            BPF_F_PSEUDO_HDR as u64 | l4_flags,
-        )
-        .map_err(|_| RewriteFailed)?;
+        ctx.l4_csum_add(pkt.l4_csum_off(), addrs.diff(), true, udp)
+            .map_err(|_| RewriteFailed)?;
     }
     if ports_changed {
         let old = ports(pkt.sport, pkt.dport);
         let new = ports(to.src_port, to.dst_port);
         let diff = Sum::zero().replace(old, new).diff();
-        ctx.l4_csum_replace(pkt.l4_csum_off(), 0, diff as u64, l4_flags)
+        ctx.l4_csum_add(pkt.l4_csum_off(), diff, false, udp)
             .map_err(|_| RewriteFailed)?;
     }
     // TTL and protocol share a 16-bit word of the header.
@@ -142,10 +128,10 @@ pub fn apply(
                 ip_head,
                 rest,
             };
-            store_frame(ctx, &frame)
+            ctx.store_frame(&frame)
         }
         (Some(m), None) => ctx
-            .store(0, &halves(m), 0)
+            .store(0, &halves(m))
             .and_then(|()| store_rest(ctx, pkt, &rest, no_options, ports_changed)),
         (None, _) => store_rest(ctx, pkt, &rest, no_options, ports_changed),
     };
@@ -155,35 +141,21 @@ pub fn apply(
 /// The IPv4 header from the TTL on, and the ports when they changed: one
 /// store when contiguous.
 #[inline(always)]
-fn store_rest(
-    ctx: &TcContext,
+fn store_rest<P: Packet>(
+    ctx: &P,
     pkt: &Ipv4Packet,
     rest: &IpTailPorts,
     no_options: bool,
     ports_changed: bool,
-) -> Result<(), i64> {
+) -> Result<(), ()> {
     if no_options && ports_changed {
-        return ctx.store(pkt.l3_off + ip::TTL, rest, 0);
+        return ctx.store(pkt.l3_off + ip::TTL, rest);
     }
-    ctx.store(pkt.l3_off + ip::TTL, &rest.tail, 0)?;
+    ctx.store(pkt.l3_off + ip::TTL, &rest.tail)?;
     if ports_changed {
-        ctx.store(pkt.l4_off, &rest.ports, 0)?;
+        ctx.store(pkt.l4_off, &rest.ports)?;
     }
     Ok(())
-}
-
-/// Stores `frame` from its MAC addresses on over the packet's start.
-#[inline(always)]
-fn store_frame(ctx: &TcContext, frame: &Frame) -> Result<(), i64> {
-    let from = core::ptr::addr_of!(frame.macs).cast::<u8>();
-    // SAFETY: `frame.macs` starts the last FRAME_LEN bytes of `frame`,
-    // which lives on the stack for the call.
-    let r = unsafe { bpf_skb_store_bytes(ctx.skb.skb.cast(), 0, from.cast(), FRAME_LEN as u32, 0) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(r)
-    }
 }
 
 /// MAC addresses as three words → six half-words (little-endian target:

@@ -4,8 +4,9 @@
 //! against the linear data (`ptr_at`), so a truncated packet is malformed,
 //! never an out-of-bounds read.
 
-use aya_ebpf::programs::TcContext;
 use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::packet::Packet;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -106,9 +107,9 @@ pub enum Parsed {
     Packet(Ipv4Packet),
 }
 
-/// A bounds-checked pointer to a `T` at `off` of the skb's linear data.
+/// A bounds-checked pointer to a `T` at `off` of the linear data.
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+fn ptr_at<P: Packet, T>(ctx: &P, off: usize) -> Option<*const T> {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + off + core::mem::size_of::<T>() > end {
         return None;
@@ -118,7 +119,7 @@ fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
 
 /// Reads a `T` at `off` of the linear data; None beyond it.
 #[inline(always)]
-pub fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+pub fn read_linear<P: Packet, T: Copy>(ctx: &P, off: usize) -> Option<T> {
     Direct(ctx).get::<T>(off).ok()
 }
 
@@ -136,12 +137,12 @@ trait Bytes {
 }
 
 /// The linear data, by plain loads.
-struct Direct<'a>(&'a TcContext);
+struct Direct<'a, P>(&'a P);
 
-impl Bytes for Direct<'_> {
+impl<P: Packet> Bytes for Direct<'_, P> {
     #[inline(always)]
     fn get<T: Copy>(&self, off: usize) -> Result<T, Short> {
-        match ptr_at::<T>(self.0, off) {
+        match ptr_at::<P, T>(self.0, off) {
             // SAFETY: `ptr_at` checked that the `T` lies inside the linear
             // data. A header may sit at a 2-byte boundary (x86's
             // NET_IP_ALIGN is 0); packet loads of any alignment are fine for
@@ -157,10 +158,10 @@ impl Bytes for Direct<'_> {
     }
 }
 
-/// Anywhere in the packet, copied by `bpf_skb_load_bytes`.
-struct Copied<'a>(&'a TcContext);
+/// Anywhere in the packet, copied (`bpf_skb_load_bytes` at tc).
+struct Copied<'a, P>(&'a P);
 
-impl Bytes for Copied<'_> {
+impl<P: Packet> Bytes for Copied<'_, P> {
     #[inline(always)]
     fn get<T: Copy>(&self, off: usize) -> Result<T, Short> {
         self.0.load::<T>(off).map_err(|_| Short::End)
@@ -174,9 +175,9 @@ impl Bytes for Copied<'_> {
 /// kpx writes packets through helpers, because a program that writes
 /// packet memory directly (or pulls it) makes the kernel un-clone the skbs
 /// it touches, and TCP's transmissions are clones, which would tax traffic
-/// that is not for a service.
+/// that is not for a service. An XDP frame is all linear.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Parsed {
+pub fn parse_ipv4<P: Packet>(ctx: &P) -> Parsed {
     match parse_from(&Direct(ctx), ctx.len() as usize) {
         Err(Short::NonLinear) => match parse_from(&Copied(ctx), ctx.len() as usize) {
             Ok(p) => p,

@@ -1,6 +1,7 @@
-//! The verdict: how a packet's path ends, counted once, as a tc action.
+//! The verdict: how a packet's path ends, counted once, as a tc (or XDP)
+//! action.
 
-use aya_ebpf::bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC};
+use aya_ebpf::bindings::{xdp_action, TC_ACT_SHOT, TC_ACT_UNSPEC};
 use proxy_common::{Counter, DropReason};
 
 use crate::stats;
@@ -21,6 +22,20 @@ pub fn action(v: Verdict) -> i32 {
         Verdict::Drop(reason) => {
             stats::drop(reason);
             DROP
+        }
+    }
+}
+
+/// The same verdict at XDP. A packet passed is not counted here: it goes
+/// on to tc ingress, which counts what it does with it.
+#[inline(always)]
+pub fn xdp_action(v: Verdict) -> u32 {
+    match v {
+        Verdict::Pass(_) => xdp_action::XDP_PASS,
+        Verdict::Translated(action) | Verdict::Redirect(action) => action as u32,
+        Verdict::Drop(reason) => {
+            stats::drop(reason);
+            xdp_action::XDP_DROP
         }
     }
 }

@@ -8,7 +8,7 @@ mod support;
 
 use kpx::{control::cidr::Cidr, dataplane::maps::range_key, dataplane::node::PortRange};
 use proxy_common::{
-    wire, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_FROM_NODE,
+    wire, Counter, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_FROM_NODE,
     CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS,
     NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
     SVC_F_SOURCE_RANGES,
@@ -391,4 +391,214 @@ fn translated_packets_go_straight_to_the_fib_next_hop() {
     let out = run_in(&mut dp, &frame, false, &file);
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.bytes[14 + 8], 1);
+}
+
+// XDP: the same path, before an skb exists.
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
+    let mut dp = datapath();
+    node(&mut dp, false);
+    frontend(
+        &mut dp,
+        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let packets_before = packets(&mut dp);
+    // The client's SYN, at XDP: balanced and masqueraded as at tc. The
+    // empty namespace's FIB cannot forward it, so it goes up the stack
+    // marked as translated.
+    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
+    let out = run_xdp(&mut dp, &syn);
+    assert_eq!(out.verdict, XDP_PASS);
+    assert!(out.marked(), "a translated frame is marked for tc");
+    let seen = inspect(out.frame());
+    assert_eq!(seen.src, ip(NODE));
+    assert!((20000..=20255).contains(&seen.sport), "{seen:?}");
+    assert!([ip(B1), ip(B2), ip(B3)].contains(&seen.dst));
+    assert_eq!(seen.dport, 8080);
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
+    assert_eq!(event(&mut dp, Event::XdpStack), 1);
+    // The backend's SYN-ACK, at tc on its pod's interface: the entries XDP
+    // wrote translate it back.
+    let backend = seen.dst.to_string();
+    let out = run(
+        &mut dp,
+        &Pkt::new(&backend, 8080, NODE, seen.sport, SYN_ACK).build(),
+    );
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let back = inspect(&out.bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), 30080, ip(OUTSIDE), 40000)
+    );
+    // The client's next segment: XDP and tc give the same bytes.
+    let ack = Pkt::new(OUTSIDE, 40000, NODE, 30080, ACK).build();
+    let at_xdp = run_xdp(&mut dp, &ack);
+    let at_tc = run(&mut dp, &ack);
+    assert_eq!((at_xdp.verdict, at_tc.verdict), (XDP_PASS, TC_ACT_OK));
+    assert_eq!(at_xdp.frame(), &at_tc.bytes[..]);
+    assert_eq!(inspect(at_xdp.frame()), seen);
+    // A UDP datagram with no checksum keeps none; one with a checksum gets
+    // it updated (`inspect` recomputes both).
+    frontend(
+        &mut dp,
+        (NODEPORT_ADDR, 30053, IPPROTO_UDP),
+        2,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    for zero_csum in [true, false] {
+        let mut p = Pkt::new(OUTSIDE, 40001, NODE, 30053, L4::Udp { zero_csum });
+        p.sport += zero_csum as u16;
+        let out = run_xdp(&mut dp, &p.build());
+        let seen = inspect(out.frame());
+        assert_eq!(seen.udp_csum_zero, zero_csum);
+        assert_eq!(seen.dport, 5353);
+    }
+    // Every packet XDP handled is counted once, as tc counts its own.
+    assert_eq!(packets(&mut dp) - packets_before, 6);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_leaves_what_it_does_not_translate_untouched_to_tc() {
+    let mut dp = datapath();
+    node(&mut dp, false);
+    // An LB IP without endpoints: tc answers with the REJECT.
+    install_service(&mut dp, 3, LB, 81, IPPROTO_TCP, &[]);
+    let mut fragment = Pkt::new(OUTSIDE, 40000, VIP, 80, SYN).build();
+    fragment[14 + 6] = 0x20; // more fragments
+    let mut truncated = Pkt::new(OUTSIDE, 40000, VIP, 80, SYN).build();
+    truncated.truncate(14 + 20 + 10);
+    let mut arp = Pkt::new(OUTSIDE, 40000, VIP, 80, SYN).build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let mut options = Pkt::new(OUTSIDE, 40000, "198.18.0.1", 22, SYN);
+    options.ip_options = vec![1, 1, 1, 0];
+    let frames = [
+        ("no service", Pkt::new(OUTSIDE, 40000, "198.18.0.1", 22, SYN).build()),
+        ("no service, IP options", options.build()),
+        ("no endpoints", Pkt::new(OUTSIDE, 40000, LB, 81, SYN).build()),
+        ("fragment", fragment),
+        ("truncated", truncated),
+        ("not IPv4", arp),
+        ("an Ethernet header alone", vec![0u8; 14]),
+    ];
+    let packets_before = packets(&mut dp);
+    for (what, frame) in &frames {
+        let out = run_xdp(&mut dp, frame);
+        assert_eq!(out.verdict, XDP_PASS, "{what}");
+        assert_eq!(out.out, *frame, "{what}: untouched, unmarked");
+    }
+    assert_eq!(packets(&mut dp), packets_before, "tc counts these, not XDP");
+    // And tc still does its part: the REJECT.
+    let out = run(&mut dp, &frames[2].1);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_drops_what_tc_drops_counted_once() {
+    let mut dp = datapath();
+    node(&mut dp, false);
+    frontend(
+        &mut dp,
+        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+        &[],
+    );
+    let r: Cidr = "198.18.200.0/24".parse().unwrap();
+    dp.maps.src_ranges.insert(&range_key(1, &r), 1, 0).unwrap();
+    let denied = Pkt::new("198.18.201.7", 40000, LB, 80, SYN).build();
+    assert_eq!(run_xdp(&mut dp, &denied).verdict, XDP_DROP);
+    assert_eq!(drops(&mut dp, DropReason::SourceRange), 1);
+    // Mid-stream TCP nobody tracks, to a service of the random scheduler.
+    let stray = Pkt::new(OUTSIDE, 40001, LB, 80, ACK).build();
+    assert_eq!(run_xdp(&mut dp, &stray).verdict, XDP_DROP);
+    assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 1);
+    assert_eq!(counter(&mut dp, Counter::Dropped), 2);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
+    let mut dp = datapath();
+    node(&mut dp, false);
+    frontend(
+        &mut dp,
+        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    // The node: "ext" faces the outside client and, through a router on
+    // it, the backends (on other nodes); "pod" holds a local pod.
+    let ns = Netns::create(&format!("kpxxdp{}", std::process::id())).unwrap();
+    ns.sysctl("net/ipv4/ip_forward", "1").unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    for (dev, peer, mac, addr) in [
+        ("ext", "ext1", "02:00:00:00:00:aa", "198.18.128.1/24"),
+        ("pod", "pod1", "02:00:00:00:00:cc", "198.18.3.254/24"),
+    ] {
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer])
+            .unwrap();
+        ns.ip(&["link", "set", peer, "up"]).unwrap();
+        ns.ip(&["link", "set", dev, "address", mac]).unwrap();
+        ns.ip(&["addr", "add", addr, "dev", dev]).unwrap();
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    ns.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.128.254"])
+        .unwrap();
+    ns.ip(&["route", "add", "198.18.200.0/24", "via", "198.18.128.254"])
+        .unwrap();
+    ns.ip(&[
+        "neigh", "add", "198.18.128.254", "lladdr", "02:00:00:00:00:bb", "dev", "ext", "nud",
+        "permanent",
+    ])
+    .unwrap();
+    let ext = ns
+        .enter(|| nix::net::if_::if_nametoindex("ext"))
+        .unwrap()
+        .unwrap();
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
+    let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
+    assert_eq!(out.verdict, XDP_TX, "back out of ext, towards the backend");
+    assert!(!out.marked());
+    let frame = out.frame();
+    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
+    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    assert_eq!(frame[14 + 8], 63, "forwarded: TTL down by one");
+    let seen = inspect(frame);
+    assert_eq!(seen.src, ip(NODE), "masqueraded to ext's address");
+    assert_eq!(seen.dport, 8080);
+    assert_eq!(event(&mut dp, Event::XdpTx), 1);
+    // The backend's reply comes back in on ext: out again, to the client.
+    let reply = Pkt::new(&seen.dst.to_string(), 8080, NODE, seen.sport, SYN_ACK).build();
+    let out = run_xdp_in(&mut dp, &reply, Some(&file), ext);
+    assert_eq!(out.verdict, XDP_TX);
+    let back = inspect(out.frame());
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), 30080, ip(OUTSIDE), 40000)
+    );
+    // A backend behind another interface (a local pod): translated, and
+    // handed up marked, for tc ingress to redirect it.
+    install_service(&mut dp, 4, "198.19.4.4", 80, IPPROTO_TCP, &[(9, "198.18.3.7", 8080)]);
+    let frame = Pkt::new(OUTSIDE, 40002, "198.19.4.4", 80, SYN).build();
+    let out = run_xdp_in(&mut dp, &frame, Some(&file), ext);
+    assert_eq!(out.verdict, XDP_PASS);
+    assert!(out.marked());
+    let seen = inspect(out.frame());
+    assert_eq!((seen.dst, seen.dport), (ip("198.18.3.7"), 8080));
+    assert_eq!(out.frame()[14 + 8], 64, "the stack (or tc) forwards it");
+    assert_eq!(event(&mut dp, Event::XdpStack), 1);
 }

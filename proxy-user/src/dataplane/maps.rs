@@ -12,7 +12,7 @@ use aya::{
         lpm_trie::{Key as LpmKey, LpmTrie},
         Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
     },
-    programs::SchedClassifier,
+    programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 
@@ -847,6 +847,21 @@ impl Datapath {
     /// The tc egress classifier (loaded): ICMP errors the node sends.
     pub fn egress(&mut self) -> Result<&mut SchedClassifier> {
         program(&mut self.ebpf, prog_names::TC_EGRESS)
+    }
+
+    /// The XDP program, loaded on first use (the verifier's time is spent
+    /// only where `--xdp` asks for it, and by tests).
+    pub fn xdp(&mut self) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(prog_names::XDP)
+            .ok_or_else(|| anyhow!("program {} missing from the object", prog_names::XDP))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .with_context(|| format!("the kernel rejected {}", prog_names::XDP))?;
+        }
+        Ok(prog)
     }
 
     /// The program that ends expired established flows' connection counts

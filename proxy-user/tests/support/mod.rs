@@ -19,6 +19,11 @@ pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 /// `TC_ACT_UNSPEC` (-1): untouched, on to the next program or the stack.
 pub const TC_ACT_UNSPEC: u32 = u32::MAX;
+pub const XDP_DROP: u32 = 1;
+/// On to the stack (and tc ingress).
+pub const XDP_PASS: u32 = 2;
+/// Back out of the interface the frame came in.
+pub const XDP_TX: u32 = 3;
 
 /// Loads a fresh datapath (its own maps), or explains why it cannot.
 ///
@@ -257,6 +262,79 @@ fn run_here(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
     Out {
         verdict: res.return_value,
         bytes: buf,
+    }
+}
+
+/// Runs the XDP program on `frame`, arriving on `ifindex` (0: the test
+/// run's default, loopback) of the network namespace `netns` (None: an
+/// empty one). What comes out starts at the frame's metadata: see
+/// [`Xdp::frame`].
+pub fn run_xdp_in(
+    dp: &mut Datapath,
+    frame: &[u8],
+    netns: Option<&std::fs::File>,
+    ifindex: u32,
+) -> Xdp {
+    use std::os::fd::AsRawFd;
+    let netns = netns.unwrap_or_else(|| empty_netns());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this scoped thread only; `netns` is open.
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+            // rx_queue_index, egress_ifindex.
+            let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+            let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let mut buf = vec![0u8; frame.len() + 256];
+            let res = dp
+                .xdp()
+                .expect("the XDP program")
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut buf),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
+                .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (XDP) of {frame:02x?}: {e}"));
+            buf.truncate(res.data_size_out as usize);
+            Xdp {
+                verdict: res.return_value,
+                out: buf,
+                frame_len: frame.len(),
+            }
+        })
+        .join()
+        .expect("test_run thread")
+    })
+}
+
+pub fn run_xdp(dp: &mut Datapath, frame: &[u8]) -> Xdp {
+    run_xdp_in(dp, frame, None, 0)
+}
+
+/// What came out of the XDP program.
+#[derive(Debug)]
+pub struct Xdp {
+    pub verdict: u32,
+    /// The metadata, then the frame.
+    pub out: Vec<u8>,
+    frame_len: usize,
+}
+
+impl Xdp {
+    /// Whether the frame carries kpx's "translated by XDP" metadata.
+    pub fn marked(&self) -> bool {
+        self.out.len() == self.frame_len + 4
+            && self.out[..4] == proxy_common::XDP_META_TRANSLATED.to_ne_bytes()
+    }
+
+    /// The frame, after any metadata.
+    pub fn frame(&self) -> &[u8] {
+        &self.out[self.out.len() - self.frame_len..]
     }
 }
 

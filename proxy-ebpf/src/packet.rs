@@ -1,0 +1,270 @@
+//! The packet as each hook hands it over: tc's skb or XDP's raw frame.
+//!
+//! The datapath (parse, conntrack, service, select, NAT, forward) is one
+//! set of functions generic over [`Packet`], instantiated once per hook, as
+//! Cilium shares its tc and XDP code: everything the two program types do
+//! differently is here and in each hook's `send`.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_skb_store_bytes, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
+    EbpfContext as _,
+};
+
+use proxy_common::XDP_META_TRANSLATED;
+
+use crate::{
+    csum::Sum,
+    forward::{self, Hook, Route},
+    nat::{Frame, FRAME_LEN},
+    parse::Ipv4Packet,
+};
+
+/// A packet and the operations on it that differ between hooks.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length.
+    fn len(&self) -> u32;
+    /// The interface the packet is on.
+    fn ifindex(&self) -> u32;
+    /// The context itself, for helpers that take either (`bpf_fib_lookup`).
+    fn raw(&self) -> *mut c_void;
+    /// Copies a `T` from `off`, beyond the linear data too where the hook
+    /// has any.
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ()>;
+    /// Writes `v` at `off`.
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()>;
+    /// Writes a translated frame's Ethernet header to its ports at the
+    /// packet's start ([`crate::nat`]).
+    fn store_frame(&self, frame: &Frame) -> Result<(), ()>;
+    /// Adds `diff` (a folded one's-complement difference) to the TCP or
+    /// UDP checksum at `off`: `pseudo` when the change is to the
+    /// pseudo-header (addresses), `udp` when a zero checksum means "none".
+    fn l4_csum_add(&self, off: usize, diff: u32, pseudo: bool, udp: bool) -> Result<(), ()>;
+    /// Answers `pkt` with the reference's REJECT, if this hook can:
+    /// `None` leaves the packet to tc.
+    fn reject(&self, pkt: &Ipv4Packet, hook: Hook) -> Option<Result<i32, ()>>;
+    /// The part of `route` this hook can take itself; the rest becomes
+    /// [`Route::Stack`] (decided before the rewrite, which writes the next
+    /// hop's MACs only for a route taken here).
+    fn reachable(&self, route: Route) -> Route;
+    /// Sends the translated packet along `route`: the hook's verdict.
+    fn send(&self, route: Route) -> i32;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        TcContext::len(self)
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: reads a field of the context's own skb.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        TcContext::load::<T>(self, off).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()> {
+        TcContext::store(self, off, v, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn store_frame(&self, frame: &Frame) -> Result<(), ()> {
+        // One helper call for the whole block.
+        let from = core::ptr::addr_of!(frame.macs).cast::<u8>();
+        // SAFETY: `frame.macs` starts the last FRAME_LEN bytes of `frame`,
+        // which lives on the stack for the call.
+        let r = unsafe {
+            bpf_skb_store_bytes(self.skb.skb.cast(), 0, from.cast(), FRAME_LEN as u32, 0)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    #[inline(always)]
+    fn l4_csum_add(&self, off: usize, diff: u32, pseudo: bool, udp: bool) -> Result<(), ()> {
+        // UDP: a zero checksum means "none" and must stay zero; a computed
+        // zero must become 0xffff. BPF_F_MARK_MANGLED_0 does both. Size 0:
+        // `diff` is a difference; the kernel applies a pseudo-header change
+        // correctly to CHECKSUM_PARTIAL skbs from local sockets too.
+        let flags = if udp { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
+            | if pseudo { BPF_F_PSEUDO_HDR as u64 } else { 0 };
+        self.l4_csum_replace(off, 0, diff as u64, flags)
+            .map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn reject(&self, pkt: &Ipv4Packet, hook: Hook) -> Option<Result<i32, ()>> {
+        Some(crate::icmp::reject(self, pkt, hook))
+    }
+
+    #[inline(always)]
+    fn reachable(&self, route: Route) -> Route {
+        route
+    }
+
+    #[inline(always)]
+    fn send(&self, route: Route) -> i32 {
+        forward::send(self, route)
+    }
+}
+
+/// A bounds-checked pointer to a `T` at `off` of an XDP frame.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        // Single-buffer frames only (the program does not declare
+        // multi-buffer support): the frame is the packet.
+        (self.data_end() - self.data()) as u32
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
+
+    #[inline(always)]
+    fn raw(&self) -> *mut c_void {
+        self.as_ptr()
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Result<T, ()> {
+        // SAFETY: `at` checked that the `T` lies inside the frame; packet
+        // loads of any alignment are fine here (see `parse`).
+        at::<T>(self, off).map(|p| unsafe { p.read() }).ok_or(())
+    }
+
+    #[inline(always)]
+    fn store<T: Copy>(&self, off: usize, v: &T) -> Result<(), ()> {
+        // SAFETY: as in `load`; XDP frames are writable.
+        at::<T>(self, off).map(|p| unsafe { p.write(*v) }).ok_or(())
+    }
+
+    #[inline(always)]
+    fn store_frame(&self, frame: &Frame) -> Result<(), ()> {
+        // Plain stores into the frame: no helper to call per part.
+        self.store(0, &frame.macs)?;
+        self.store(12, &frame.ethertype)?;
+        self.store(14, &frame.ip_head)?;
+        self.store(22, &frame.rest)
+    }
+
+    #[inline(always)]
+    fn l4_csum_add(&self, off: usize, diff: u32, _pseudo: bool, udp: bool) -> Result<(), ()> {
+        // A frame off the wire carries its whole checksum: update it in
+        // place (RFC 1624).
+        let old = self.load::<u16>(off)?;
+        if udp && old == 0 {
+            return Ok(());
+        }
+        let mut new = Sum::of_checksum(old).add(diff).checksum();
+        if udp && new == 0 {
+            new = 0xffff;
+        }
+        self.store(off, &new)
+    }
+
+    #[inline(always)]
+    fn reject(&self, _pkt: &Ipv4Packet, _hook: Hook) -> Option<Result<i32, ()>> {
+        // Building an ICMP error needs room XDP would have to make by hand;
+        // tc ingress answers it, the packet untouched here.
+        None
+    }
+
+    /// Back out of the interface the frame came in (`XDP_TX`): to a
+    /// backend or client on another node. Any other next hop (a local
+    /// pod's interface, whose peer may not take XDP frames; a neighbour
+    /// not yet resolved) goes to tc ingress, which redirects it.
+    #[inline(always)]
+    fn reachable(&self, route: Route) -> Route {
+        match route {
+            Route::Mac { ifindex, .. } if ifindex == self.ifindex() => route,
+            _ => Route::Stack,
+        }
+    }
+
+    #[inline(always)]
+    fn send(&self, route: Route) -> i32 {
+        forward::send_xdp(self, route)
+    }
+}
+
+/// Marks a frame XDP translated and hands to the stack, so that tc ingress
+/// only forwards it: four bytes of metadata in front of it. False when
+/// the driver keeps no metadata: tc then sees an ordinary packet of no
+/// tracked tuple (the translated one is neither direction's key) and
+/// passes it, so nothing is translated twice either way.
+#[inline(always)]
+pub fn mark_translated(ctx: &XdpContext) -> bool {
+    // SAFETY: the context's own frame; a negative delta makes room.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return false;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + 4 > data {
+        return false;
+    }
+    // SAFETY: the four bytes between `meta` and `data`, checked above.
+    unsafe { (meta as *mut u32).write(XDP_META_TRANSLATED) };
+    true
+}
+
+/// Whether XDP translated this packet ([`mark_translated`]).
+#[inline(always)]
+pub fn translated_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: reads fields of the context's own skb.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    if meta + 4 > data {
+        return false;
+    }
+    // SAFETY: the metadata's first four bytes, inside it as checked above.
+    unsafe { (meta as *const u32).read() == XDP_META_TRANSLATED }
+}
