@@ -128,17 +128,18 @@ fn forward_translated(ctx: &TcContext) -> i32 {
         return PASS;
     };
     let to = pkt.tuple();
-    // A resolved next hop only: MACs and TTL are all there is to write.
-    // The rest (no neighbour entry yet, local delivery) the stack forwards.
-    let route = match forward::route(ctx, &pkt, &to, Hook::Ingress) {
-        route @ Route::Mac { macs, .. } => {
-            if nat::apply(ctx, &pkt, &to, 1, Some(macs)).is_err() {
-                return verdict::action(Verdict::Drop(DropReason::RewriteFailed));
-            }
-            route
-        }
-        _ => Route::Stack,
+    // The TTL (and the next hop's MACs, when resolved) is all there is to
+    // write. The stack could not forward a masqueraded packet itself: its
+    // source is the node's own address, a martian on input.
+    let route = forward::route(ctx, &pkt, &to, Hook::Ingress);
+    let written = match route {
+        Route::Mac { macs, .. } => nat::apply(ctx, &pkt, &to, 1, Some(macs)),
+        Route::Neigh { .. } => nat::apply(ctx, &pkt, &to, 1, None),
+        Route::Stack => Ok(()),
     };
+    if written.is_err() {
+        return verdict::action(Verdict::Drop(DropReason::RewriteFailed));
+    }
     forward::send(ctx, route)
 }
 

@@ -143,6 +143,49 @@ impl Agent {
         }
     }
 
+    /// Attaches (or detaches) XDP as `--xdp` says, on the interfaces it
+    /// selects: by default those holding this node's addresses that serve
+    /// NodePorts.
+    /// Never fatal: tc serves every interface XDP is not on.
+    pub(super) fn xdp(&mut self, xdp: &mut XdpAttacher) {
+        let before: Vec<(String, &str)> = xdp
+            .attached()
+            .map(|(n, how)| (n.to_string(), how))
+            .collect();
+        // The Node's own addresses (InternalIP, ExternalIP, --node-ip) that
+        // serve NodePorts: the external interfaces, not the pod-side
+        // gateways, which hold NodePort addresses too.
+        let state = &self.mirror.state;
+        let nodeport: Vec<Ipv4Addr> = self
+            .index
+            .node()
+            .addresses
+            .iter()
+            .copied()
+            .filter(|a| {
+                state
+                    .node_addrs
+                    .get(a)
+                    .is_some_and(|f| f & proxy_common::NODE_F_NODEPORT != 0)
+            })
+            .collect();
+        xdp.reconcile(&mut self.dp, &nodeport);
+        let now: Vec<(String, &str)> = xdp
+            .attached()
+            .map(|(n, how)| (n.to_string(), how))
+            .collect();
+        if before.is_empty() && now.is_empty() && !std::mem::replace(&mut self.xdp_reported, true) {
+            log::info!(
+                "XDP: {}; tc serves every interface",
+                if xdp.mode() == xdp::Mode::Off {
+                    "off (--xdp=off)"
+                } else {
+                    "on no interface (none selected, or no driver runs it natively)"
+                }
+            );
+        }
+    }
+
     /// Attaches the socket-level load balancer as `--socket-lb` says (after
     /// the node settings, which tell it the node's sockets from pods'), or
     /// detaches an earlier agent's. Never fatal: without it, tc translates

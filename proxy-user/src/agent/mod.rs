@@ -52,6 +52,7 @@ use crate::{
     dataplane::{
         attach::{self, Attacher},
         socklb,
+        xdp::{self, XdpAttacher},
     },
     ops::health::{self, Health, ServiceHealth},
     ops::metrics::{DatapathCounters, MapLabel, Metrics, OutcomeLabel, ReasonLabel, ResourceLabel},
@@ -105,6 +106,8 @@ struct Agent {
     node_problems: Vec<Problem>,
     /// The manifests held this node's Node object at the last read.
     manifest_node: bool,
+    /// "XDP on no interface" was said.
+    xdp_reported: bool,
 }
 
 pub async fn run(cfg: Settings) -> Result<()> {
@@ -146,6 +149,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
         ),
     }
     let mut attacher = Attacher::new(cfg.interfaces.clone(), Some(&cfg.bpffs));
+    let mut xdp = XdpAttacher::new(cfg.xdp, cfg.xdp_interfaces.clone(), &cfg.bpffs);
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 
@@ -245,6 +249,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
         },
         node_problems: Vec::new(),
         manifest_node: false,
+        xdp_reported: false,
     };
     // Settings, addresses and the port filter of the frontends already in
     // the maps first, so the programs never run without them.
@@ -256,6 +261,8 @@ pub async fn run(cfg: Settings) -> Result<()> {
             "--interfaces matches no interface of this node yet: nothing is translated until one appears (kpx attaches to it then)"
         );
     }
+    // After tc: what XDP leaves alone goes on to tc ingress.
+    agent.xdp(&mut xdp);
     agent.socket_lb();
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -275,6 +282,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
             Some(()) = link_rx.recv() => {
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
+                agent.xdp(&mut xdp);
             }
             Some(change) = change_rx.recv(), if kube => {
                 agent.on_change(change);
@@ -294,6 +302,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
             _ = resync.tick() => {
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
+                agent.xdp(&mut xdp);
                 agent.start_resync(&resync_tx, resync::Read::Digest);
             }
             Some(read) = resync_rx.recv() => agent.resynced(read, &resync_tx),

@@ -12,7 +12,7 @@ use crate::{
         config::{self, Bind, NodeFlags, NodePortAddress, Overrides},
         scheduler::{Kind, Parsed, Scheduler},
     },
-    dataplane::{attach::Patterns, conntrack::Timeouts, node::PortRange, socklb},
+    dataplane::{attach::Patterns, conntrack::Timeouts, node::PortRange, socklb, xdp},
 };
 
 /// Where kpx pins its maps and links unless told otherwise.
@@ -65,6 +65,17 @@ pub struct AgentFlags {
     /// host's cgroup v2 hierarchy].
     #[arg(long)]
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// XDP on the node's external interfaces: packets from outside to
+    /// NodePorts, LoadBalancer IPs and externalIPs balanced before the
+    /// stack. auto (native where the driver runs XDP, else none), native,
+    /// generic or off (`kpx.xdp`) [default: auto].
+    #[arg(long)]
+    pub xdp: Option<xdp::Mode>,
+    /// Interfaces XDP runs on: names or glob patterns, comma-separated
+    /// (`kpx.xdpInterfaces`) [default: those holding the node's addresses
+    /// (InternalIP, ExternalIP, --node-ip) that serve NodePorts].
+    #[arg(long)]
+    pub xdp_interfaces: Option<String>,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never
     /// used [default: *].
@@ -178,6 +189,8 @@ impl AgentFlags {
             scheduler: self.ipvs_scheduler,
             socket_lb: self.socket_lb,
             socket_lb_cgroup: self.socket_lb_cgroup.clone(),
+            xdp: self.xdp,
+            xdp_interfaces: self.xdp_interfaces.clone(),
             ..self.node.overrides()
         }
     }
@@ -238,6 +251,10 @@ pub struct Settings {
     /// cgroup v2 root, found at start).
     pub socket_lb: socklb::Mode,
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// XDP, and on which interfaces (None: those holding the node's
+    /// addresses that serve NodePorts).
+    pub xdp: xdp::Mode,
+    pub xdp_interfaces: Option<Patterns>,
     pub oom_score_adj: Option<i32>,
     pub verbosity: Option<u32>,
     /// Given, but meaningless to kpx: one log line each at start.
@@ -322,6 +339,13 @@ impl Settings {
             fib_forwarding: flags.fib_forwarding.unwrap_or(true),
             socket_lb: o.socket_lb.unwrap_or_default(),
             socket_lb_cgroup: o.socket_lb_cgroup.clone(),
+            xdp: o.xdp.unwrap_or_default(),
+            xdp_interfaces: o
+                .xdp_interfaces
+                .as_deref()
+                .map(Patterns::parse)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--xdp-interfaces: {e:#}"))?,
             oom_score_adj: o.oom_score_adj,
             verbosity: o.verbosity,
             ignored,

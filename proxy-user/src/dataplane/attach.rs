@@ -86,10 +86,12 @@ fn pin_name(ifname: &str, ifindex: u32, at: TcAttachType) -> String {
     format!("{ifindex}_{dir}_{}", ifname.replace('.', ":"))
 }
 
-/// Removes every pinned link under `bpffs`, tc's and the socket-level load
-/// balancer's (detaching those programs). Returns how many there were.
+/// Removes every pinned link under `bpffs`, tc's, XDP's and the socket-level
+/// load balancer's (detaching those programs). Returns how many there were.
 pub fn unpin_links(bpffs: &Path) -> Result<usize> {
-    Ok(unpin_dir(&links_dir(bpffs))? + unpin_dir(&crate::dataplane::socklb::links_dir(bpffs))?)
+    Ok(unpin_dir(&links_dir(bpffs))?
+        + unpin_dir(&crate::dataplane::socklb::links_dir(bpffs))?
+        + crate::dataplane::xdp::unpin(bpffs)?)
 }
 
 /// Removes every pinned link in `dir`, and the directory.
@@ -119,7 +121,7 @@ pub fn unpin_dir(dir: &Path) -> Result<usize> {
 /// program is off the interface when this returns: removing the pin alone
 /// leaves it attached until the kernel drops its last reference, and a
 /// packet meanwhile would still be translated.
-fn detach_pinned(path: &Path) -> std::io::Result<()> {
+pub(crate) fn detach_pinned(path: &Path) -> std::io::Result<()> {
     use std::os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,

@@ -18,5 +18,6 @@ pub mod sockdiag;
 pub mod socklb;
 pub mod sys;
 pub mod takeover;
+pub mod xdp;
 
 pub use maps::{Datapath, LoadOptions, MapSet};

@@ -98,6 +98,10 @@ struct Kpx {
     /// `--socket-lb-cgroup`.
     #[serde(rename = "socketLBCgroup")]
     socket_lb_cgroup: String,
+    /// `--xdp`: auto, native, generic or off.
+    xdp: String,
+    /// `--xdp-interfaces`.
+    xdp_interfaces: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -448,6 +452,14 @@ impl File {
         }
         o.socket_lb_cgroup =
             (!kpx.socket_lb_cgroup.is_empty()).then(|| PathBuf::from(&kpx.socket_lb_cgroup));
+        if !kpx.xdp.is_empty() {
+            o.xdp = Some(
+                kpx.xdp
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("field kpx.xdp: {e}"))?,
+            );
+        }
+        o.xdp_interfaces = (!kpx.xdp_interfaces.is_empty()).then(|| kpx.xdp_interfaces.clone());
         let ipvs_set = ipvs.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty())
             || ipvs.strict_arp
             || !ipvs.tcp_timeout.0.is_zero()
@@ -778,7 +790,7 @@ kind: KubeProxyConfiguration
 featureGates: {SomeGate: true}
 enableProfiling: true
 ipvs: {scheduler: rr, strictARP: true}
-kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods}
+kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods, xdp: generic, xdpInterfaces: "eth*"}
 conntrack: {tcpBeLiberal: true}
 configSyncPeriod: 15m
 clientConnection: {qps: 5, burst: 10}
@@ -810,6 +822,8 @@ logging: {format: json}
                 scheduler: Some(Parsed::Known(Kind::Rr)),
                 socket_lb: Some(crate::dataplane::socklb::Mode::HostOnly),
                 socket_lb_cgroup: Some("/run/kpx/pods".into()),
+                xdp: Some(crate::dataplane::xdp::Mode::Generic),
+                xdp_interfaces: Some("eth*".into()),
                 ..Overrides::default()
             }
         );
@@ -830,6 +844,7 @@ logging: {format: json}
         for (yaml, want) in [
             ("clusterCidr: 198.18.0.0/16", "clusterCidr"),
             ("kpx: {socketLB: on}", "kpx.socketLB"),
+            ("kpx: {xdp: fast}", "kpx.xdp"),
             ("iptables: {masqueradeBits: 14}", "iptables"),
             ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore"),
             ("iptables: {masqueradeBit: 32}", "iptables.masqueradeBit"),

@@ -48,6 +48,10 @@ pub struct Overrides {
     pub socket_lb: Option<crate::dataplane::socklb::Mode>,
     /// `kpx.socketLBCgroup` / `--socket-lb-cgroup`.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// `kpx.xdp` / `--xdp`.
+    pub xdp: Option<crate::dataplane::xdp::Mode>,
+    /// `kpx.xdpInterfaces` / `--xdp-interfaces`.
+    pub xdp_interfaces: Option<String>,
 }
 
 impl Overrides {
@@ -79,6 +83,8 @@ impl Overrides {
             scheduler: self.scheduler.or(lower.scheduler),
             socket_lb: self.socket_lb.or(lower.socket_lb),
             socket_lb_cgroup: self.socket_lb_cgroup.or(lower.socket_lb_cgroup),
+            xdp: self.xdp.or(lower.xdp),
+            xdp_interfaces: self.xdp_interfaces.or(lower.xdp_interfaces),
         }
     }
 }
