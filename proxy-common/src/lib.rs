@@ -117,6 +117,8 @@ pub mod prog_names {
     /// XDP on the node's external interfaces: the tc ingress path for
     /// packets from outside, before an skb exists (`--xdp`).
     pub const XDP: &str = "kpx_xdp";
+    /// An empty XDP program: the benchmark's floor, never attached.
+    pub const XDP_FLOOR: &str = "kpx_xdp_floor";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original

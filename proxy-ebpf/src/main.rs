@@ -186,6 +186,13 @@ pub fn kpx_tc_floor(_ctx: TcContext) -> i32 {
     PASS
 }
 
+/// The benchmark's floor for the XDP program: an XDP program that does
+/// nothing. Never attached.
+#[xdp]
+pub fn kpx_xdp_floor(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 /// Never attached: the agent's conntrack collector runs it on the
 /// established flows it expires (see `conns::expire`).
 #[classifier]

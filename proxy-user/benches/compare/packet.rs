@@ -10,7 +10,7 @@
 //! each a fresh flow, next to the empty program's single-run median (the
 //! harness's own overhead in that method).
 
-use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
     wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
@@ -65,7 +65,29 @@ pub struct PacketCost {
     /// slots), median of 20, milliseconds.
     #[serde(default)]
     pub maglev_1000_ms: f64,
+    /// The XDP program on the same packets, arriving on the interface the
+    /// FIB sends them back out of (a NodePort's backend or client on
+    /// another node): `XDP_TX`.
+    #[serde(default)]
+    pub xdp: Option<XdpCost>,
     pub programmed_seconds: f64,
+}
+
+/// Nanoseconds per packet of the XDP program (the FIB answering, the
+/// packet arriving on the interface of its next hop).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct XdpCost {
+    /// The empty XDP program: `repeat` / single-run medians.
+    pub floor_ns: f64,
+    pub floor_single_ns: f64,
+    /// TCP to no service on a frontend's port: passed to tc untouched.
+    pub no_service_ns: f64,
+    /// An established packet and a reply, translated and sent back out
+    /// (`XDP_TX`), `repeat` in batches of 200 (TTL 255).
+    pub established_ns: f64,
+    pub reply_ns: f64,
+    /// A first packet, balanced, translated and sent back out.
+    pub first_packet_ns: f64,
 }
 
 /// Routes and a neighbour in the (empty) measuring namespace so that the
@@ -138,6 +160,7 @@ pub fn measure(
     routes()?;
     let (established_fib, reply_fib) = ping_pong_redirected(&mut dp, &last_vip, repeat)?;
     let (first_fib, _) = single_runs(&mut dp, &last_vip, singles, 110)?;
+    let xdp = xdp_costs(&mut dp, &last_vip, repeat, singles)?;
     // Schedulers last, so the figures above are taken as they always were:
     // four more services, one per scheduler, their first packets taken in
     // turn so that each sees the same machine and the same table.
@@ -156,6 +179,7 @@ pub fn measure(
         first_packet_fib_ns: first_fib,
         first_packet_by_scheduler: by_scheduler,
         maglev_1000_ms: maglev_build_ms(1_000),
+        xdp: Some(xdp),
         programmed_seconds: programmed,
     })
 }
@@ -387,6 +411,89 @@ fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Re
         out[i] = median(ns);
     }
     Ok((out[0], out[1]))
+}
+
+/// One XDP test run of `frame` arriving on `ifindex`, `repeat` times (the
+/// kernel's duration is the mean of one).
+fn xdp_run(
+    prog: &mut Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> anyhow::Result<aya::programs::TestRunResult> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex.
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    Ok(prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    })?)
+}
+
+/// The XDP program's figures, once the namespace's FIB answers: packets
+/// arrive on the interface the routes lead out of, so a translated one is
+/// bounced back out (`XDP_TX`), as a NodePort's packets to a backend on
+/// another node are. The ping-pong flow of [`ping_pong`] for established
+/// packets and replies, fresh flows for first packets.
+fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow::Result<XdpCost> {
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+    let ifindex = nix::net::if_::if_nametoindex("kpxfib")?;
+    let batches = (repeat / 200).max(25);
+    let batched = |prog: &mut Xdp, frame: &[u8]| -> anyhow::Result<f64> {
+        let mut ns = Vec::with_capacity(batches as usize);
+        for _ in 0..batches {
+            ns.push(xdp_run(prog, frame, ifindex, 200)?.duration.as_nanos());
+        }
+        Ok(median(ns))
+    };
+    let tcp = Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build();
+    let floor = batched(dp.xdp_floor()?, &tcp)?;
+    let r = xdp_run(dp.xdp()?, &tcp, ifindex, 1)?;
+    anyhow::ensure!(r.return_value == XDP_PASS, "XDP did not pass a packet to no service");
+    let no_service = batched(dp.xdp()?, &tcp)?;
+    let mut flows = [0.0; 2];
+    for (i, mut pkt) in [
+        Pkt::new(CLIENT, 45000, vip, 80, ACK),
+        Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        pkt.ttl = 255;
+        let frame = pkt.build();
+        let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
+        anyhow::ensure!(
+            r.return_value == XDP_TX,
+            "XDP did not send the established packet back out (verdict {})",
+            r.return_value
+        );
+        flows[i] = batched(dp.xdp()?, &frame)?;
+    }
+    let mut first = Vec::with_capacity(singles as usize);
+    let mut floor_single = Vec::with_capacity(singles as usize);
+    for i in 0..singles {
+        let src = format!("198.18.{}.{}", 120 + i / 65536, i % 65536 / 256);
+        let sport = 1024 + (i % 256) as u16;
+        let syn = Pkt::new(&src, sport, vip, 80, SYN).build();
+        let r = xdp_run(dp.xdp()?, &syn, ifindex, 1)?;
+        anyhow::ensure!(r.return_value == XDP_TX, "XDP did not send a first packet out");
+        first.push(r.duration.as_nanos());
+        floor_single.push(xdp_run(dp.xdp_floor()?, &syn, ifindex, 1)?.duration.as_nanos());
+    }
+    Ok(XdpCost {
+        floor_ns: floor,
+        floor_single_ns: median(floor_single),
+        no_service_ns: no_service,
+        established_ns: flows[0],
+        reply_ns: flows[1],
+        first_packet_ns: median(first),
+    })
 }
 
 fn median(mut v: Vec<u128>) -> f64 {

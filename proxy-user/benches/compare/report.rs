@@ -221,6 +221,50 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
     );
 }
 
+/// The XDP program's figures beside tc's for the same packets.
+fn xdp_table(out: &mut String, costs: &[PacketCost]) {
+    if costs.iter().all(|p| p.xdp.is_none()) {
+        return;
+    }
+    out.push_str(
+        "\n**XDP** (`--xdp`): BPF_PROG_TEST_RUN of the XDP program, the packet arriving on the \
+         interface its next hop is out of (a NodePort's backend or client on another node), so a \
+         translated one is sent back out (`XDP_TX`); ns in all, then above XDP's empty program, \
+         with tc's redirected figure above its own empty program for the same packet\n\n",
+    );
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .filter_map(|p| {
+            let x = p.xdp.as_ref()?;
+            let cell = |v: f64, floor: f64, tc: f64| format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor);
+            Some(vec![
+                thousands(p.services as f64),
+                format!("{:.0} / {:.0}", x.floor_ns, x.floor_single_ns),
+                cell(x.no_service_ns, x.floor_ns, p.no_service_ns - p.floor_ns),
+                cell(x.established_ns, x.floor_ns, p.established_fib_ns - p.floor_ns),
+                cell(x.reply_ns, x.floor_ns, p.reply_fib_ns - p.floor_ns),
+                cell(
+                    x.first_packet_ns,
+                    x.floor_single_ns,
+                    p.first_packet_fib_ns - p.floor_single_ns,
+                ),
+            ])
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "services".into(),
+            "empty XDP program (repeat / 1 run)".into(),
+            "no service, a frontend's port".into(),
+            "established, XDP_TX".into(),
+            "reply, XDP_TX".into(),
+            "first packet, XDP_TX (1 run)".into(),
+        ],
+        &rows,
+    );
+}
+
 /// First packets by scheduler, against random's (IPVS parity: each within
 /// 1.2 x random's).
 fn scheduler_table(out: &mut String, costs: &[PacketCost]) {
@@ -275,6 +319,7 @@ fn scheduler_table(out: &mut String, costs: &[PacketCost]) {
 pub fn packet_markdown(machine: &str, costs: &[PacketCost], paths: &[PathLength]) -> String {
     let mut out = format!("`cargo xtask bench --packet` on {machine}\n\n");
     packet_table(&mut out, costs);
+    xdp_table(&mut out, costs);
     scheduler_table(&mut out, costs);
     path_table(&mut out, paths);
     out
@@ -544,6 +589,7 @@ impl Report {
         );
 
         packet_table(&mut out, &self.packet);
+        xdp_table(&mut out, &self.packet);
         scheduler_table(&mut out, &self.packet);
         path_table(&mut out, &self.paths);
         out

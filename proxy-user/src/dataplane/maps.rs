@@ -852,16 +852,12 @@ impl Datapath {
     /// The XDP program, loaded on first use (the verifier's time is spent
     /// only where `--xdp` asks for it, and by tests).
     pub fn xdp(&mut self) -> Result<&mut Xdp> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(prog_names::XDP)
-            .ok_or_else(|| anyhow!("program {} missing from the object", prog_names::XDP))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()
-                .with_context(|| format!("the kernel rejected {}", prog_names::XDP))?;
-        }
-        Ok(prog)
+        xdp_program(&mut self.ebpf, prog_names::XDP)
+    }
+
+    /// The empty XDP program (the benchmark's floor), loaded on first use.
+    pub fn xdp_floor(&mut self) -> Result<&mut Xdp> {
+        xdp_program(&mut self.ebpf, prog_names::XDP_FLOOR)
     }
 
     /// The program that ends expired established flows' connection counts
@@ -889,6 +885,19 @@ impl Datapath {
         }
         Ok(prog)
     }
+}
+
+/// XDP program `name`, loaded if it was not.
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+        .try_into()?;
+    if prog.fd().is_err() {
+        prog.load()
+            .with_context(|| format!("the kernel rejected {name}"))?;
+    }
+    Ok(prog)
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
