@@ -10,12 +10,15 @@
 //! one endpoint change, and kpx's memory. "No proxy" (the client talking to
 //! a backend pod directly) is measured at each N too: the physical limit
 //! every other figure is also given as a ratio to. Then kpx's per-packet
-//! cost from BPF_PROG_TEST_RUN at the same N.
+//! cost from BPF_PROG_TEST_RUN at the same N. Last, the north-south
+//! forwarding rate of each forwarder (one NodePort, a backend on another
+//! node: [`northsouth`]).
 //!
 //! Results go to `target/bench/` (bench.json, bench.md, bench.svg).
 //! Figures, never assertions: a benchmark, not a test. Needs root.
 //!
 //! `--quick`: N = 1 and 1,000, one short run per figure (about 90 s).
+//! `--north-south`: the north-south table alone.
 //! `--render target/bench/bench.json`: the tables and chart again from a
 //! run's JSON.
 //! `--sizes 1,1000,...`, `--modes kpx,nftables,...` (of iptables-nft,
@@ -31,6 +34,7 @@ mod support;
 mod bed;
 mod load;
 mod modes;
+mod northsouth;
 mod packet;
 mod report;
 
@@ -87,7 +91,7 @@ fn options() -> Result<Options> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--quick" | "--bench" | "--packet" => {}
+            "--quick" | "--bench" | "--packet" | "--north-south" => {}
             "--sizes" => {
                 o.sizes = value()?
                     .split(',')
@@ -173,6 +177,11 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--packet") {
         return packet_only(&o, &p);
     }
+    if args.iter().any(|a| a == "--north-south") {
+        let rates = northsouth::measure(Path::new(KPX), o.seconds, &|s| p.say(s))?;
+        println!("\n{}", report::north_south_markdown(&machine(), &rates));
+        return Ok(());
+    }
     let kpx = Path::new(KPX);
     let mut unavailable = Vec::new();
     let mut modes = Vec::new();
@@ -205,6 +214,7 @@ fn main() -> Result<()> {
         }
         packet.push(packet_cost(n, o.quick, &p)?);
     }
+    let north_south = northsouth::measure(kpx, o.seconds, &|s| p.say(s))?;
     let report = Report {
         command: if o.quick {
             "cargo xtask bench --quick".into()
@@ -220,6 +230,7 @@ fn main() -> Result<()> {
         rows,
         packet,
         paths: report::path_lengths()?,
+        north_south,
         unavailable,
     };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     load::Rate,
     modes::{Change, Install, Memory, Mode},
+    northsouth::{Forwarder, NsRate},
     packet::PacketCost,
 };
 
@@ -64,6 +65,10 @@ pub struct Report {
     /// Path lengths of the datapath (instructions, helper calls).
     #[serde(default)]
     pub paths: Vec<PathLength>,
+    /// North-south forwarding rates (one NodePort, a backend on another
+    /// node).
+    #[serde(default)]
+    pub north_south: Vec<NsRate>,
     /// Modes that could not run here, and why.
     pub unavailable: Vec<(Mode, String)>,
 }
@@ -216,6 +221,61 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
             "reply, redirected".into(),
             "first packet, FIB → stack (1 run)".into(),
             "first packet, redirected (1 run)".into(),
+        ],
+        &rows,
+    );
+}
+
+/// `--north-south` alone.
+pub fn north_south_markdown(machine: &str, rates: &[NsRate]) -> String {
+    let mut out = format!("`cargo xtask bench -- --north-south` on {machine}\n\n");
+    north_south_table(&mut out, rates);
+    out
+}
+
+fn north_south_table(out: &mut String, rates: &[NsRate]) {
+    if rates.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\n**North-south forwarding**: 64-byte UDP frames from outside to a NodePort whose backend \
+         is on another node (in and out of the same interface, masqueraded), one flow. Generator: \
+         a live-frames `BPF_PROG_TEST_RUN` of an `XDP_TX` program on the far end of the node's \
+         veth; sink: an `XDP_DROP` program there. Generator, node and sink share one CPU, so the \
+         chain's rate is shown with the node's own share per packet (the chain's time per packet \
+         less the reflector's, which bounces frames untouched) and the rate that share alone \
+         allows\n\n",
+    );
+    let tc = rates
+        .iter()
+        .find(|r| r.forwarder == Forwarder::KpxTc)
+        .and_then(|r| r.node_ns);
+    let rows: Vec<Vec<String>> = rates
+        .iter()
+        .map(|r| {
+            vec![
+                r.forwarder.label().to_string(),
+                thousands(r.chain_pps),
+                format!("{:.3}", r.forwarded as f64 / r.sent.max(1) as f64),
+                r.node_ns.map_or("–".into(), |ns| format!("{ns:.0}")),
+                r.node_ns
+                    .map_or("–".into(), |ns| thousands(1e9 / ns.max(1.0))),
+                match (r.node_ns, tc) {
+                    (Some(ns), Some(tc)) => format!("{:.2} x", tc / ns.max(1.0)),
+                    _ => "–".into(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "forwarder".into(),
+            "chain packets/s".into(),
+            "came back".into(),
+            "node ns/packet".into(),
+            "node alone, packets/s".into(),
+            "vs kpx tc".into(),
         ],
         &rows,
     );
@@ -591,6 +651,7 @@ impl Report {
         packet_table(&mut out, &self.packet);
         xdp_table(&mut out, &self.packet);
         scheduler_table(&mut out, &self.packet);
+        north_south_table(&mut out, &self.north_south);
         path_table(&mut out, &self.paths);
         out
     }
