@@ -614,6 +614,12 @@ pub struct ServiceStats {
     /// client): ipvsadm's OutPkts / OutBytes.
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// Of `packets`, those translated at XDP (the rest at tc).
+    pub xdp_packets: u64,
+    /// Connections (and unconnected UDP sends) the socket-level load
+    /// balancer sent to a backend: their packets never reach the
+    /// per-packet path, so these are flows, not packets.
+    pub socket_flows: u64,
 }
 
 /// Key of the ClientIP session-affinity map: a client of one service port.
@@ -956,7 +962,7 @@ const _: () = {
     assert!(core::mem::size_of::<Slot>() == 12);
     assert!(core::mem::size_of::<CtKey>() == 16);
     assert!(core::mem::size_of::<CtValue>() == 64);
-    assert!(core::mem::size_of::<ServiceStats>() == 40);
+    assert!(core::mem::size_of::<ServiceStats>() == 56);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 16);
     assert!(core::mem::size_of::<SrcRange>() == 8);

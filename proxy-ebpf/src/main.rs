@@ -349,6 +349,7 @@ fn established<P: Packet>(
         ctx.len(),
         false,
         rewrite.dir == CT_DIR_REPLY,
+        P::XDP,
     );
     stats::count(if rewrite.dir == CT_DIR_REPLY {
         Counter::CtReply
@@ -427,7 +428,7 @@ fn new_flow<P: Packet>(
     if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
-    stats::service(svc.svc_id, ctx.len(), true, false);
+    stats::service(svc.svc_id, ctx.len(), true, false, P::XDP);
     stats::count(Counter::NewFlow);
     if origin == Origin::Node {
         stats::event(Event::FromNode, 1);

@@ -25,6 +25,8 @@ use crate::{
 
 /// A packet and the operations on it that differ between hooks.
 pub trait Packet {
+    /// The XDP program (counted apart in each service's statistics).
+    const XDP: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// The whole packet's length.
@@ -57,6 +59,8 @@ pub trait Packet {
 }
 
 impl Packet for TcContext {
+    const XDP: bool = false;
+
     #[inline(always)]
     fn data(&self) -> usize {
         TcContext::data(self)
@@ -148,6 +152,8 @@ fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 }
 
 impl Packet for XdpContext {
+    const XDP: bool = true;
+
     #[inline(always)]
     fn data(&self) -> usize {
         XdpContext::data(self)

@@ -86,6 +86,7 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
             }
             req.send_to(ctx, &sel);
             stats::event(Event::SockConnect, 1);
+            stats::socket_flow(req.svc.svc_id);
             PROCEED
         }
         Err(v) => v,
@@ -113,6 +114,7 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
                 if let Some(e) = storage(ctx, true) {
                     req.remember(ctx, e, &sel, 0);
                 }
+                stats::socket_flow(req.svc.svc_id);
                 if known.is_some() {
                     stats::event(Event::SockRebalanced, 1);
                 }

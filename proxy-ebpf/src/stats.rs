@@ -24,10 +24,10 @@ pub fn drop(reason: DropReason) {
 }
 
 /// One packet of service `svc_id`'s flows; `new_flow` for a first packet,
-/// `reply` for one from a backend. One per-CPU array lookup either way, no
-/// branch.
+/// `reply` for one from a backend, `xdp` when the XDP program translated
+/// it. One per-CPU array lookup either way, no branch.
 #[inline(always)]
-pub fn service(svc_id: u32, len: u32, new_flow: bool, reply: bool) {
+pub fn service(svc_id: u32, len: u32, new_flow: bool, reply: bool, xdp: bool) {
     if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
         // SAFETY: per-CPU array element of this CPU; nothing else writes it
         // while this program runs.
@@ -37,6 +37,20 @@ pub fn service(svc_id: u32, len: u32, new_flow: bool, reply: bool) {
             (*s).new_flows += new_flow as u64;
             (*s).reply_packets += reply as u64;
             (*s).reply_bytes += len as u64 * reply as u64;
+            (*s).xdp_packets += xdp as u64;
+        }
+    }
+}
+
+/// A flow of service `svc_id` the socket-level load balancer sent to a
+/// backend (its packets are plain pod traffic from then on).
+#[inline(always)]
+pub fn socket_flow(svc_id: u32) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(svc_id) {
+        // SAFETY: as in `service`.
+        unsafe {
+            (*s).new_flows += 1;
+            (*s).socket_flows += 1;
         }
     }
 }

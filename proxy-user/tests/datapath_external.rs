@@ -443,6 +443,9 @@ fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
     assert_eq!((at_xdp.verdict, at_tc.verdict), (XDP_PASS, TC_ACT_OK));
     assert_eq!(at_xdp.frame(), &at_tc.bytes[..]);
     assert_eq!(inspect(at_xdp.frame()), seen);
+    // The service's statistics tell the hooks apart: 4 packets, 2 at XDP.
+    let stats = dp.maps.service_stats(1).unwrap();
+    assert_eq!((stats.packets, stats.xdp_packets), (4, 2));
     // A UDP datagram with no checksum keeps none; one with a checksum gets
     // it updated (`inspect` recomputes both).
     frontend(

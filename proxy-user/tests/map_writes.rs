@@ -206,6 +206,8 @@ fn per_cpu_statistics_are_reset_in_one_batch_on_every_cpu() {
         new_flows: 1,
         reply_packets: 3,
         reply_bytes: 300,
+        xdp_packets: 2,
+        socket_flows: 1,
     };
     for id in 1..=3u32 {
         let values = aya::maps::PerCpuValues::try_from(vec![busy; cpus]).unwrap();

@@ -259,6 +259,8 @@ impl MapSet {
                 new_flows: a.new_flows + s.new_flows,
                 reply_packets: a.reply_packets + s.reply_packets,
                 reply_bytes: a.reply_bytes + s.reply_bytes,
+                xdp_packets: a.xdp_packets + s.xdp_packets,
+                socket_flows: a.socket_flows + s.socket_flows,
             }))
     }
 

@@ -144,6 +144,11 @@ pub struct ServiceRow {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Which path served the frontend: of `packets`, those translated at
+    /// XDP (the rest at tc); and the flows the socket-level balancer sent
+    /// to a backend at `connect()`/`sendmsg()` (of `new_flows`).
+    pub xdp_packets: u64,
+    pub socket_flows: u64,
 }
 
 /// (service id, backend id) → (flows, backend address and port as the flows
@@ -262,6 +267,8 @@ pub fn service_rows(
             packets: stats.packets,
             bytes: stats.bytes,
             new_flows: stats.new_flows,
+            xdp_packets: stats.xdp_packets,
+            socket_flows: stats.socket_flows,
         });
     }
     rows.sort_by_key(|r| (r.vip, r.port, r.protocol.clone()));
@@ -569,6 +576,10 @@ pub struct ServiceStatsRow {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Of `packets`, translated at XDP; of `new_flows`, balanced at the
+    /// socket.
+    pub xdp_packets: u64,
+    pub socket_flows: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -648,6 +659,8 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
             packets: r.packets,
             bytes: r.bytes,
             new_flows: r.new_flows,
+            xdp_packets: r.xdp_packets,
+            socket_flows: r.socket_flows,
         })
         .collect();
     Ok(Stats {
@@ -692,14 +705,14 @@ pub fn stats_table(s: &Stats) -> String {
     let _ = writeln!(out, "Services");
     let _ = writeln!(
         out,
-        "  {:<32} {:<26} {:>10} {:>12} {:>10}",
-        "Service", "Frontend", "Packets", "Bytes", "NewFlows"
+        "  {:<32} {:<26} {:>10} {:>12} {:>10} {:>10} {:>10}",
+        "Service", "Frontend", "Packets", "Bytes", "NewFlows", "AtXDP", "AtSocket"
     );
     for r in &s.services {
         let _ = writeln!(
             out,
-            "  {:<32} {:<26} {:>10} {:>12} {:>10}",
-            r.name, r.frontend, r.packets, r.bytes, r.new_flows
+            "  {:<32} {:<26} {:>10} {:>12} {:>10} {:>10} {:>10}",
+            r.name, r.frontend, r.packets, r.bytes, r.new_flows, r.xdp_packets, r.socket_flows
         );
     }
     out

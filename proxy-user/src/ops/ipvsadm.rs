@@ -453,6 +453,7 @@ TCP  198.19.0.10:80 mh (mh-port) persistent 600
             new_flows: 4,
             reply_packets: 40,
             reply_bytes: 6_000,
+            ..Default::default()
         };
         let stats = Stats::from(s);
         assert_eq!(
