@@ -431,6 +431,9 @@ pub struct MultiNode {
     pub nodes: Vec<Cluster>,
     pub clients: Vec<Netns>,
     pub fabric: Fabric,
+    /// Descriptors a test ties to the bed's life (XDP programs and links
+    /// on its interfaces).
+    pub held: Vec<std::os::fd::OwnedFd>,
 }
 
 pub const MULTI_CLUSTER_CIDR: &str = "198.18.0.0/17";
@@ -448,6 +451,7 @@ impl MultiNode {
             nodes,
             clients: Vec::new(),
             fabric,
+            held: Vec::new(),
         };
         for i in 0..bed.nodes.len() {
             let ip = Self::node_ip(i + 1);

@@ -20,6 +20,7 @@ mod netns;
 pub mod probe;
 mod root;
 mod traffic;
+pub mod xdp;
 
 pub use cluster::*;
 pub use fixtures::*;

@@ -89,6 +89,59 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// `ethtool -K DEV gro on|off` in this namespace. On a veth, GRO on
+    /// also puts its receive side in NAPI mode, which it needs to take the
+    /// frames its peer's XDP sends (`XDP_TX`, live test runs).
+    pub fn set_gro(&self, dev: &str, on: bool) -> Result<()> {
+        const ETHTOOL_SGRO: u32 = 0x2c;
+        let dev = dev.to_string();
+        self.enter(move || ethtool_set(&dev, ETHTOOL_SGRO, on))?
+    }
+
+    /// `ethtool -K DEV tx on|off` in this namespace. Off, the stack
+    /// finishes every TCP/UDP checksum before the packet leaves, as a
+    /// packet off a wire has it: a veth otherwise hands its peer packets
+    /// whose checksum is partial (the skb says so, an XDP frame cannot).
+    pub fn set_tx_checksum(&self, dev: &str, on: bool) -> Result<()> {
+        const ETHTOOL_STXCSUM: u32 = 0x17;
+        let dev = dev.to_string();
+        self.enter(move || ethtool_set(&dev, ETHTOOL_STXCSUM, on))?
+    }
+}
+
+/// An ethtool `set` command taking an `ethtool_value` (`cmd`: which) on
+/// DEV, in the calling thread's namespace.
+fn ethtool_set(dev: &str, cmd: u32, on: bool) -> Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if dev.len() >= libc::IFNAMSIZ {
+        anyhow::bail!("{dev:?}: not an interface name");
+    }
+    // struct ethtool_value: cmd, data.
+    let mut value: [u32; 2] = [cmd, on as u32];
+    // SAFETY: all-zero is a valid ifreq.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = value.as_mut_ptr().cast();
+    // SAFETY: a datagram socket for the ioctl.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket");
+    }
+    // SAFETY: the descriptor just opened, closed when this drops.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: SIOCETHTOOL with an ifreq naming `value` (an ethtool_value),
+    // both alive for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut ifr) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("ethtool command {cmd:#x} on {dev}"));
+    }
+    Ok(())
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if self.owned {
