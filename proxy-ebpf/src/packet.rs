@@ -267,7 +267,12 @@ pub fn mark_translated(ctx: &XdpContext) -> bool {
 #[inline(always)]
 pub fn translated_by_xdp(ctx: &TcContext) -> bool {
     // SAFETY: reads fields of the context's own skb.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    let (meta, data) = unsafe {
+        (
+            (*ctx.skb.skb).data_meta as usize,
+            (*ctx.skb.skb).data as usize,
+        )
+    };
     if meta + 4 > data {
         return false;
     }

@@ -484,9 +484,15 @@ fn xdp_leaves_what_it_does_not_translate_untouched_to_tc() {
     let mut options = Pkt::new(OUTSIDE, 40000, "198.18.0.1", 22, SYN);
     options.ip_options = vec![1, 1, 1, 0];
     let frames = [
-        ("no service", Pkt::new(OUTSIDE, 40000, "198.18.0.1", 22, SYN).build()),
+        (
+            "no service",
+            Pkt::new(OUTSIDE, 40000, "198.18.0.1", 22, SYN).build(),
+        ),
         ("no service, IP options", options.build()),
-        ("no endpoints", Pkt::new(OUTSIDE, 40000, LB, 81, SYN).build()),
+        (
+            "no endpoints",
+            Pkt::new(OUTSIDE, 40000, LB, 81, SYN).build(),
+        ),
         ("fragment", fragment),
         ("truncated", truncated),
         ("not IPv4", arp),
@@ -563,7 +569,14 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
     ns.ip(&["route", "add", "198.18.200.0/24", "via", "198.18.128.254"])
         .unwrap();
     ns.ip(&[
-        "neigh", "add", "198.18.128.254", "lladdr", "02:00:00:00:00:bb", "dev", "ext", "nud",
+        "neigh",
+        "add",
+        "198.18.128.254",
+        "lladdr",
+        "02:00:00:00:00:bb",
+        "dev",
+        "ext",
+        "nud",
         "permanent",
     ])
     .unwrap();
@@ -595,7 +608,14 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
     );
     // A backend behind another interface (a local pod): translated, and
     // handed up marked, for tc ingress to redirect it.
-    install_service(&mut dp, 4, "198.19.4.4", 80, IPPROTO_TCP, &[(9, "198.18.3.7", 8080)]);
+    install_service(
+        &mut dp,
+        4,
+        "198.19.4.4",
+        80,
+        IPPROTO_TCP,
+        &[(9, "198.18.3.7", 8080)],
+    );
     let frame = Pkt::new(OUTSIDE, 40002, "198.19.4.4", 80, SYN).build();
     let out = run_xdp_in(&mut dp, &frame, Some(&file), ext);
     assert_eq!(out.verdict, XDP_PASS);

@@ -89,7 +89,8 @@ fn tcp_connects_go_straight_to_backends_and_getpeername_shows_the_service() {
     // Translated at connect(): tc never saw a packet to the service.
     assert_eq!(counter_count(&c, Counter::NewFlow), new_flows);
     // The frontend's statistics say which path served it.
-    let dump = String::from_utf8_lossy(&bed::kpx_dump(&c.bpffs(), &["stats", "--json"])).into_owned();
+    let dump =
+        String::from_utf8_lossy(&bed::kpx_dump(&c.bpffs(), &["stats", "--json"])).into_owned();
     let stats: serde_json::Value = serde_json::from_str(&dump).expect("stats JSON");
     let web = stats["services"]
         .as_array()

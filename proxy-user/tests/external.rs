@@ -434,7 +434,10 @@ fn xdp_answers_as_tc_does(bed: &MultiNode, mode: &str) {
     let (n1, n2) = (&bed.nodes[0], &bed.nodes[1]);
     for n in [n1, n2] {
         let log = n.agent_log();
-        assert!(log.contains(&format!("XDP ({mode}) on eth0")), "XDP not attached:\n{log}");
+        assert!(
+            log.contains(&format!("XDP ({mode}) on eth0")),
+            "XDP not attached:\n{log}"
+        );
     }
     let client = &bed.clients[0];
     let ip1 = MultiNode::node_ip(1);
@@ -456,7 +459,12 @@ fn xdp_answers_as_tc_does(bed: &MultiNode, mode: &str) {
     // The Local policy's drop (at XDP), a cluster IP from outside, and a
     // source range.
     dropped(client, at(LOCAL_LB, 80), n1, DropReason::NoLocalEndpoint);
-    reaches(bed, client, at(WEB_VIP, 80), &[("a1", GATEWAY), ("b1", ip1)]);
+    reaches(
+        bed,
+        client,
+        at(WEB_VIP, 80),
+        &[("a1", GATEWAY), ("b1", ip1)],
+    );
     reaches(bed, &bed.clients[1], at(ip1, 30082), &[("a2", GATEWAY)]);
     dropped(&bed.clients[1], at(FW_LB, 80), n1, DropReason::SourceRange);
 }
@@ -479,17 +487,29 @@ fn xdp_serves_traffic_from_outside_with_the_same_answers_as_tc() {
         log.contains("; took over the pinned link)").then_some(())
     });
     assert!(took_over.is_some(), "{}", bed.nodes[0].agent_log());
-    reaches(&bed, &bed.clients[0], at(ip1, 30080), &[("a1", GATEWAY), ("b1", ip1)]);
+    reaches(
+        &bed,
+        &bed.clients[0],
+        at(ip1, 30080),
+        &[("a1", GATEWAY), ("b1", ip1)],
+    );
     // Off: the link goes, and tc alone serves.
     bed.nodes[0].agent.as_mut().expect("agent").stop().unwrap();
-    bed.nodes[0].start_agent(Path::new(KPX), &["--xdp=off"]).unwrap();
+    bed.nodes[0]
+        .start_agent(Path::new(KPX), &["--xdp=off"])
+        .unwrap();
     let detached = wait_for(Duration::from_secs(20), || {
         let log = bed.nodes[0].agent_log();
         log.contains("XDP: detached").then_some(())
     });
     assert!(detached.is_some(), "{}", bed.nodes[0].agent_log());
     let tx = event_count(&bed.nodes[0], Event::XdpTx);
-    reaches(&bed, &bed.clients[0], at(ip1, 30080), &[("a1", GATEWAY), ("b1", ip1)]);
+    reaches(
+        &bed,
+        &bed.clients[0],
+        at(ip1, 30080),
+        &[("a1", GATEWAY), ("b1", ip1)],
+    );
     assert_eq!(event_count(&bed.nodes[0], Event::XdpTx), tx);
 }
 
@@ -502,4 +522,3 @@ fn native_xdp_on_a_veth_whose_peer_takes_its_frames_answers_as_tc_does() {
     let bed = bed_with(&["--xdp=native"], true);
     xdp_answers_as_tc_does(&bed, "native");
 }
-

@@ -45,9 +45,9 @@ pub fn raw_xdp(action: i32) -> Result<OwnedFd> {
 /// page itself over): each send must put the original headers back.
 pub fn generator(head: &[u8]) -> Result<OwnedFd> {
     let mut p = vec![
-        insn(0x61, 2, 1, 0, 0), // r2 = ctx->data
-        insn(0x61, 3, 1, 4, 0), // r3 = ctx->data_end
-        insn(0xbf, 4, 2, 0, 0), // r4 = r2
+        insn(0x61, 2, 1, 0, 0),                 // r2 = ctx->data
+        insn(0x61, 3, 1, 4, 0),                 // r3 = ctx->data_end
+        insn(0xbf, 4, 2, 0, 0),                 // r4 = r2
         insn(0x07, 4, 0, 0, head.len() as i32), // r4 += len
     ];
     let mut stores = Vec::new();
@@ -117,10 +117,14 @@ pub fn attach_native(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_XDP: u32 = 37;
     const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-    let mut attr: [u32; 4] = [prog.as_raw_fd() as u32, ifindex, BPF_XDP, XDP_FLAGS_DRV_MODE];
+    let mut attr: [u32; 4] = [
+        prog.as_raw_fd() as u32,
+        ifindex,
+        BPF_XDP,
+        XDP_FLAGS_DRV_MODE,
+    ];
     // SAFETY: LINK_CREATE's bpf_attr: descriptors and numbers only.
-    let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }
-        .context("native XDP on a veth")?;
+    let fd = unsafe { bpf(BPF_LINK_CREATE, &mut attr) }.context("native XDP on a veth")?;
     // SAFETY: as in `raw_xdp`.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -165,7 +169,6 @@ pub fn send(gen: &OwnedFd, ifindex: u32, frame: &[u8], count: u32) -> Result<()>
     };
     // SAFETY: PROG_TEST_RUN's bpf_attr; its pointers name `frame` and `md`,
     // of the sizes given, alive for the call; no output buffers.
-    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }
-        .context("live-frames test run")?;
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.context("live-frames test run")?;
     Ok(())
 }

@@ -103,8 +103,9 @@ pub fn measure(kpx: &Path, seconds: f64, say: &dyn Fn(String)) -> Result<Vec<NsR
                     r.chain_pps,
                     r.forwarded,
                     r.sent,
-                    r.node_ns
-                        .map_or(String::new(), |ns| format!("; the node's share {ns:.0} ns a packet"))
+                    r.node_ns.map_or(String::new(), |ns| format!(
+                        "; the node's share {ns:.0} ns a packet"
+                    ))
                 ));
                 out.push(r);
             }
@@ -141,7 +142,15 @@ impl Bed {
         wire.ip(&["link", "set", "g0", "up"])?;
         // Static neighbours: the sink drops everything, ARP included.
         node.ip(&[
-            "neigh", "replace", WIRE_IP, "lladdr", &mac(WIRE_MAC), "dev", "x0", "nud", "permanent",
+            "neigh",
+            "replace",
+            WIRE_IP,
+            "lladdr",
+            &mac(WIRE_MAC),
+            "dev",
+            "x0",
+            "nud",
+            "permanent",
         ])?;
         node.ip(&["route", "add", "198.18.130.0/24", "via", WIRE_IP])?;
         for (k, v) in [
@@ -210,7 +219,11 @@ fn one(kpx: &Path, f: Forwarder, seconds: f64) -> Result<NsRate> {
         Forwarder::KpxXdp => {
             bed.cluster.start_agent(
                 kpx,
-                &["--xdp=native", "--xdp-interfaces=x0", "--min-sync-period=0s"],
+                &[
+                    "--xdp=native",
+                    "--xdp-interfaces=x0",
+                    "--min-sync-period=0s",
+                ],
             )?;
             wait_log(&bed.cluster, "XDP (native) on x0")?;
         }
@@ -220,7 +233,9 @@ fn one(kpx: &Path, f: Forwarder, seconds: f64) -> Result<NsRate> {
             bed.cluster.node.set_gro("x0", true)?;
             match f {
                 Forwarder::KpxTc => bed.cluster.start_agent(kpx, &["--xdp=off"])?,
-                Forwarder::IptablesNft => bed.cluster.load_reference(testbed::Proxy::Iptables, kpx)?,
+                Forwarder::IptablesNft => {
+                    bed.cluster.load_reference(testbed::Proxy::Iptables, kpx)?
+                }
                 _ => bed.cluster.load_reference(testbed::Proxy::Nftables, kpx)?,
             }
         }
@@ -244,7 +259,8 @@ fn one(kpx: &Path, f: Forwarder, seconds: f64) -> Result<NsRate> {
     while t0.elapsed().as_secs_f64() < seconds {
         let burst = 262_144;
         let t = Instant::now();
-        bed.wire.enter(|| send(&gen, bed.wire_if, &frame, burst))??;
+        bed.wire
+            .enter(|| send(&gen, bed.wire_if, &frame, burst))??;
         elapsed += t.elapsed();
         sent += u64::from(burst);
     }
@@ -281,8 +297,14 @@ fn udp_frame() -> Vec<u8> {
     let mut f = Vec::with_capacity(64);
     let builder = etherparse::PacketBuilder::ethernet2(WIRE_MAC, NODE_MAC)
         .ipv4(
-            WIRE_IP.parse::<std::net::Ipv4Addr>().map(|a| a.octets()).unwrap_or_default(),
-            NODE_IP.parse::<std::net::Ipv4Addr>().map(|a| a.octets()).unwrap_or_default(),
+            WIRE_IP
+                .parse::<std::net::Ipv4Addr>()
+                .map(|a| a.octets())
+                .unwrap_or_default(),
+            NODE_IP
+                .parse::<std::net::Ipv4Addr>()
+                .map(|a| a.octets())
+                .unwrap_or_default(),
             64,
         )
         .udp(40000, NODEPORT);
@@ -290,4 +312,3 @@ fn udp_frame() -> Vec<u8> {
     let _ = builder.write(&mut f, &payload);
     f
 }
-

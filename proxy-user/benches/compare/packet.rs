@@ -455,7 +455,10 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
     let tcp = Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build();
     let floor = batched(dp.xdp_floor()?, &tcp)?;
     let r = xdp_run(dp.xdp()?, &tcp, ifindex, 1)?;
-    anyhow::ensure!(r.return_value == XDP_PASS, "XDP did not pass a packet to no service");
+    anyhow::ensure!(
+        r.return_value == XDP_PASS,
+        "XDP did not pass a packet to no service"
+    );
     let no_service = batched(dp.xdp()?, &tcp)?;
     let mut flows = [0.0; 2];
     for (i, mut pkt) in [
@@ -482,9 +485,16 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
         let sport = 1024 + (i % 256) as u16;
         let syn = Pkt::new(&src, sport, vip, 80, SYN).build();
         let r = xdp_run(dp.xdp()?, &syn, ifindex, 1)?;
-        anyhow::ensure!(r.return_value == XDP_TX, "XDP did not send a first packet out");
+        anyhow::ensure!(
+            r.return_value == XDP_TX,
+            "XDP did not send a first packet out"
+        );
         first.push(r.duration.as_nanos());
-        floor_single.push(xdp_run(dp.xdp_floor()?, &syn, ifindex, 1)?.duration.as_nanos());
+        floor_single.push(
+            xdp_run(dp.xdp_floor()?, &syn, ifindex, 1)?
+                .duration
+                .as_nanos(),
+        );
     }
     Ok(XdpCost {
         floor_ns: floor,

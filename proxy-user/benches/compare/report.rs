@@ -296,12 +296,17 @@ fn xdp_table(out: &mut String, costs: &[PacketCost]) {
         .iter()
         .filter_map(|p| {
             let x = p.xdp.as_ref()?;
-            let cell = |v: f64, floor: f64, tc: f64| format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor);
+            let cell =
+                |v: f64, floor: f64, tc: f64| format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor);
             Some(vec![
                 thousands(p.services as f64),
                 format!("{:.0} / {:.0}", x.floor_ns, x.floor_single_ns),
                 cell(x.no_service_ns, x.floor_ns, p.no_service_ns - p.floor_ns),
-                cell(x.established_ns, x.floor_ns, p.established_fib_ns - p.floor_ns),
+                cell(
+                    x.established_ns,
+                    x.floor_ns,
+                    p.established_fib_ns - p.floor_ns,
+                ),
                 cell(x.reply_ns, x.floor_ns, p.reply_fib_ns - p.floor_ns),
                 cell(
                     x.first_packet_ns,

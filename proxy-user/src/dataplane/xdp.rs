@@ -198,7 +198,9 @@ impl XdpAttacher {
 
     /// The interfaces XDP runs on, with how.
     pub fn attached(&self) -> impl Iterator<Item = (&str, &'static str)> {
-        self.attached.iter().map(|(n, (_, how))| (n.as_str(), how.name()))
+        self.attached
+            .iter()
+            .map(|(n, (_, how))| (n.as_str(), how.name()))
     }
 
     /// Attaches to the selected interfaces not yet attached, detaches from
@@ -292,14 +294,15 @@ impl XdpAttacher {
                     continue;
                 }
                 match unpin_dir_entry(&entry.path()) {
-                    Ok(()) => log::info!("XDP: detached {file} (interface gone or no longer selected)"),
+                    Ok(()) => {
+                        log::info!("XDP: detached {file} (interface gone or no longer selected)")
+                    }
                     Err(e) => log::warn!("XDP: removing the pinned link {file}: {e:#}"),
                 }
             }
         }
-        self.attached.retain(|n, (i, how)| {
-            keep.contains(&pin_name(n, *i, *how))
-        });
+        self.attached
+            .retain(|n, (i, how)| keep.contains(&pin_name(n, *i, *how)));
     }
 
     /// Whether the mode asked for runs the program `how`.
