@@ -456,6 +456,22 @@ conntrack: {udpTimeout: 5s, maxPerCore: 1000, min: 4000}
     }
 
     #[test]
+    fn xdp_is_auto_on_the_nodeport_interfaces_unless_told() {
+        let s = resolve(&[], None);
+        assert_eq!(s.xdp, xdp::Mode::Auto);
+        assert!(s.xdp_interfaces.is_none());
+        let s = resolve(&["--xdp=generic", "--xdp-interfaces=eth*,bond0"], None);
+        assert_eq!(s.xdp, xdp::Mode::Generic);
+        let p = s.xdp_interfaces.expect("patterns");
+        assert!(p.matches("eth1") && p.matches("bond0") && !p.matches("veth0"));
+        let err = match Cli::try_parse_from(["kpx", "--xdp=fast"]) {
+            Ok(_) => panic!("--xdp=fast accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("--xdp"), "{err}");
+    }
+
+    #[test]
     fn manifests_replace_the_api_and_the_kubeconfig_conflicts() {
         let s = resolve(&["--manifests=/m"], None);
         assert_eq!(s.source, Source::Manifests("/m".into()));
