@@ -149,7 +149,12 @@ pub async fn run(cfg: Settings) -> Result<()> {
         ),
     }
     let mut attacher = Attacher::new(cfg.interfaces.clone(), Some(&cfg.bpffs));
-    let mut xdp = XdpAttacher::new(cfg.xdp, cfg.xdp_interfaces.clone(), &cfg.bpffs);
+    let mut xdp = XdpAttacher::new(
+        cfg.xdp,
+        cfg.xdp_interfaces.clone(),
+        cfg.interfaces.clone(),
+        &cfg.bpffs,
+    );
     let (link_tx, mut link_rx) = mpsc::channel(1);
     attach::watch_links(link_tx);
 

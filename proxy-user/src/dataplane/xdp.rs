@@ -173,6 +173,9 @@ pub struct XdpAttacher {
     /// `--xdp-interfaces`; None: the interfaces holding the addresses the
     /// agent passes to `reconcile`.
     patterns: Option<Patterns>,
+    /// `--interfaces`: XDP runs only where tc does, which forwards what XDP
+    /// translated and hands up, and serves what XDP leaves alone.
+    tc: Patterns,
     dir: PathBuf,
     /// Interface name → (ifindex, how).
     attached: BTreeMap<String, (u32, Attachment)>,
@@ -182,10 +185,11 @@ pub struct XdpAttacher {
 }
 
 impl XdpAttacher {
-    pub fn new(mode: Mode, patterns: Option<Patterns>, bpffs: &Path) -> Self {
+    pub fn new(mode: Mode, patterns: Option<Patterns>, tc: Patterns, bpffs: &Path) -> Self {
         Self {
             mode,
             patterns,
+            tc,
             dir: links_dir(bpffs),
             attached: BTreeMap::new(),
             refused: BTreeMap::new(),
@@ -233,12 +237,21 @@ impl XdpAttacher {
                 },
             }
         };
-        let want: Vec<(u32, String)> = present
+        let (want, untouched): (Vec<(u32, String)>, Vec<(u32, String)>) = present
             .into_iter()
             .filter(|(_, n)| selected.contains(n) && n != "lo")
-            .collect();
-        self.refused
-            .retain(|n, i| want.iter().any(|(wi, wn)| wn == n && wi == i));
+            .partition(|(_, n)| self.tc.matches(n));
+        for (ifindex, name) in untouched {
+            // Said once per interface, as a driver's refusal is.
+            if self.refused.insert(name.clone(), ifindex).is_none() {
+                log::warn!(
+                    "XDP: {name} is selected but not in --interfaces: XDP runs only where tc does (tc forwards what XDP hands up)"
+                );
+            }
+        }
+        self.refused.retain(|n, i| {
+            want.iter().any(|(wi, wn)| wn == n && wi == i) || !self.tc.matches(n)
+        });
         self.remove_unwanted(&want);
         for (ifindex, name) in want {
             if self.attached.get(&name).is_some_and(|(i, _)| *i == ifindex)
