@@ -89,16 +89,9 @@ fn frontend(
     dp.maps.put_frontend(key, value).unwrap();
 }
 
-fn ct(dp: &kpx::dataplane::maps::Datapath, key: proxy_common::CtKey) -> CtValue {
-    dp.maps
-        .ct_get(&key)
-        .unwrap_or_else(|| panic!("no conntrack entry {key:?}"))
-        .1
-}
-
-#[test]
-#[ignore = "needs root"]
-fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_entry() {
+/// The node of [`node`] with NodePort 30080/TCP (service 1, Cluster
+/// policy, its three backends).
+fn nodeport_30080() -> kpx::dataplane::maps::Datapath {
     let mut dp = datapath();
     node(&mut dp, false);
     frontend(
@@ -109,6 +102,38 @@ fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_e
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
         &[],
     );
+    dp
+}
+
+/// The node of [`node`] with LB IP `LB`:80/TCP (service 1) admitting
+/// 198.18.200.0/24 only.
+fn lb_admitting_198_18_200() -> kpx::dataplane::maps::Datapath {
+    let mut dp = datapath();
+    node(&mut dp, false);
+    frontend(
+        &mut dp,
+        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
+        &[],
+    );
+    let r: Cidr = "198.18.200.0/24".parse().unwrap();
+    dp.maps.src_ranges.insert(&range_key(1, &r), 1, 0).unwrap();
+    dp
+}
+
+fn ct(dp: &kpx::dataplane::maps::Datapath, key: proxy_common::CtKey) -> CtValue {
+    dp.maps
+        .ct_get(&key)
+        .unwrap_or_else(|| panic!("no conntrack entry {key:?}"))
+        .1
+}
+
+#[test]
+#[ignore = "needs root"]
+fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_entry() {
+    let mut dp = nodeport_30080();
     let out = run(&mut dp, &Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build());
     assert_eq!(out.verdict, TC_ACT_OK);
     let seen = inspect(&out.bytes);
@@ -250,18 +275,7 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
 #[test]
 #[ignore = "needs root"]
 fn source_ranges_admit_by_longest_prefix_and_drop_the_rest() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    frontend(
-        &mut dp,
-        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
-        &[],
-    );
-    let r: Cidr = "198.18.200.0/24".parse().unwrap();
-    dp.maps.src_ranges.insert(&range_key(1, &r), 1, 0).unwrap();
+    let mut dp = lb_admitting_198_18_200();
     // Another frontend's wider range must not leak into this one.
     let other: Cidr = "0.0.0.0/0".parse().unwrap();
     dp.maps
@@ -398,16 +412,7 @@ fn translated_packets_go_straight_to_the_fib_next_hop() {
 #[test]
 #[ignore = "needs root"]
 fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    frontend(
-        &mut dp,
-        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
+    let mut dp = nodeport_30080();
     let packets_before = packets(&mut dp);
     // The client's SYN, at XDP: balanced and masqueraded as at tc. The
     // empty namespace's FIB cannot forward it, so it goes up the stack
@@ -513,18 +518,7 @@ fn xdp_leaves_what_it_does_not_translate_untouched_to_tc() {
 #[test]
 #[ignore = "needs root"]
 fn xdp_drops_what_tc_drops_counted_once() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    frontend(
-        &mut dp,
-        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
-        &[],
-    );
-    let r: Cidr = "198.18.200.0/24".parse().unwrap();
-    dp.maps.src_ranges.insert(&range_key(1, &r), 1, 0).unwrap();
+    let mut dp = lb_admitting_198_18_200();
     let denied = Pkt::new("198.18.201.7", 40000, LB, 80, SYN).build();
     assert_eq!(run_xdp(&mut dp, &denied).verdict, XDP_DROP);
     assert_eq!(drops(&mut dp, DropReason::SourceRange), 1);
@@ -538,16 +532,7 @@ fn xdp_drops_what_tc_drops_counted_once() {
 #[test]
 #[ignore = "needs root"]
 fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    frontend(
-        &mut dp,
-        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
+    let mut dp = nodeport_30080();
     // The node: "ext" faces the outside client and, through a router on
     // it, the backends (on other nodes); "pod" holds a local pod.
     let ns = Netns::create(&format!("kpxxdp{}", std::process::id())).unwrap();
