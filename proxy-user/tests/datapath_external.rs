@@ -123,6 +123,22 @@ fn lb_admitting_198_18_200() -> kpx::dataplane::maps::Datapath {
     dp
 }
 
+/// The backend's SYN-ACK to the masqueraded SYN `seen` (OUTSIDE:40000 to
+/// NodePort 30080), at tc: translated back to the client, from the node.
+fn syn_ack_reaches_the_client(dp: &mut kpx::dataplane::maps::Datapath, seen: &Seen) {
+    let backend = seen.dst.to_string();
+    let out = run(
+        dp,
+        &Pkt::new(&backend, 8080, NODE, seen.sport, SYN_ACK).build(),
+    );
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let back = inspect(&out.bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), 30080, ip(OUTSIDE), 40000)
+    );
+}
+
 fn ct(dp: &kpx::dataplane::maps::Datapath, key: proxy_common::CtKey) -> CtValue {
     dp.maps
         .ct_get(&key)
@@ -151,16 +167,7 @@ fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_e
     let backend = seen.dst.to_string();
     let reply = ct(&dp, ct_key(&backend, 8080, NODE, seen.sport, IPPROTO_TCP));
     assert_eq!(reply.flags & CT_F_SNAT, CT_F_SNAT);
-    let out = run(
-        &mut dp,
-        &Pkt::new(&backend, 8080, NODE, seen.sport, SYN_ACK).build(),
-    );
-    assert_eq!(out.verdict, TC_ACT_OK);
-    let back = inspect(&out.bytes);
-    assert_eq!(
-        (back.src, back.sport, back.dst, back.dport),
-        (ip(NODE), 30080, ip(OUTSIDE), 40000)
-    );
+    syn_ack_reaches_the_client(&mut dp, &seen);
     assert_eq!(event(&mut dp, Event::Masqueraded), 1);
     // A NodePort on an address of the node that does not serve them, or
     // on no address of this node, is not ours.
@@ -430,17 +437,7 @@ fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
     assert_eq!(event(&mut dp, Event::XdpStack), 1);
     // The backend's SYN-ACK, at tc on its pod's interface: the entries XDP
     // wrote translate it back.
-    let backend = seen.dst.to_string();
-    let out = run(
-        &mut dp,
-        &Pkt::new(&backend, 8080, NODE, seen.sport, SYN_ACK).build(),
-    );
-    assert_eq!(out.verdict, TC_ACT_OK);
-    let back = inspect(&out.bytes);
-    assert_eq!(
-        (back.src, back.sport, back.dst, back.dport),
-        (ip(NODE), 30080, ip(OUTSIDE), 40000)
-    );
+    syn_ack_reaches_the_client(&mut dp, &seen);
     // The client's next segment: XDP and tc give the same bytes.
     let ack = Pkt::new(OUTSIDE, 40000, NODE, 30080, ACK).build();
     let at_xdp = run_xdp(&mut dp, &ack);

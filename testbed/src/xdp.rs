@@ -1,7 +1,7 @@
 //! Small raw XDP programs for the beds: a fixed verdict (a sink that drops,
 //! a reflector, a pass-through that puts a veth in NAPI mode), and a
-//! packet generator (a live-frames test run of a program that restores a
-//! frame's headers and sends it). Loaded from instructions: the beds need
+//! packet generator's program (restores a frame's headers and sends it;
+//! run in live-frames mode). Loaded from instructions: the beds need
 //! no object file of their own.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -129,46 +129,12 @@ pub fn attach_native(prog: &OwnedFd, ifindex: u32) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Sends `frame` out of `ifindex` `count` times: a live-frames test run of
-/// the `XDP_TX` program `gen`, in the calling thread's namespace.
-pub fn send(gen: &OwnedFd, ifindex: u32, frame: &[u8], count: u32) -> Result<()> {
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRun {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-    // rx_queue_index, egress_ifindex.
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let mut attr = TestRun {
-        prog_fd: gen.as_raw_fd() as u32,
-        data_size_in: frame.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        repeat: count,
-        ctx_size_in: std::mem::size_of_val(&md) as u32,
-        ctx_in: md.as_ptr() as u64,
-        flags: BPF_F_TEST_XDP_LIVE_FRAMES,
-        ..Default::default()
-    };
-    // SAFETY: PROG_TEST_RUN's bpf_attr; its pointers name `frame` and `md`,
-    // of the sizes given, alive for the call; no output buffers.
-    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }.context("live-frames test run")?;
-    Ok(())
+/// A test run's XDP context (`struct xdp_md`: data, data_end, data_meta,
+/// ingress_ifindex, rx_queue_index, egress_ifindex) for a frame of `len`
+/// bytes arriving on `ifindex` (0: the test run's default, loopback).
+pub fn xdp_md(len: usize, ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w: &u32| w.to_ne_bytes())
+        .collect()
 }

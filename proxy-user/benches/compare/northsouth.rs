@@ -30,7 +30,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use testbed::{
-    xdp::{attach_native, generator, raw_xdp, send, XDP_DROP, XDP_TX},
+    xdp::{attach_native, generator, raw_xdp, XDP_DROP, XDP_TX},
     Cluster, Netns,
 };
 
@@ -311,4 +311,21 @@ fn udp_frame() -> Vec<u8> {
     // Writing into a Vec cannot fail.
     let _ = builder.write(&mut f, &payload);
     f
+}
+
+/// Sends `frame` out of `ifindex` `count` times: a live-frames test run of
+/// the generator program `gen`, in the calling thread's namespace.
+fn send(gen: &OwnedFd, ifindex: u32, frame: &[u8], count: u32) -> Result<()> {
+    use kpx::dataplane::sys;
+    use std::os::fd::AsFd as _;
+    let ctx = testbed::xdp::xdp_md(frame.len(), ifindex);
+    sys::test_run_with(
+        gen.as_fd(),
+        frame,
+        Some(&ctx),
+        count,
+        sys::BPF_F_TEST_XDP_LIVE_FRAMES,
+    )
+    .context("live-frames test run")?;
+    Ok(())
 }

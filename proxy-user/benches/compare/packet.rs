@@ -388,15 +388,7 @@ fn single_runs(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Re
 fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
     let prog = dp.ingress()?;
     let mut out = [0.0; 2];
-    for (i, mut pkt) in [
-        Pkt::new(CLIENT, 45000, vip, 80, ACK),
-        Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        pkt.ttl = 255;
-        let frame = pkt.build();
+    for (i, frame) in ping_pong_frames(vip).into_iter().enumerate() {
         let r = test_run(prog, &frame, 1)?;
         anyhow::ensure!(
             r.return_value == TC_ACT_REDIRECT,
@@ -421,10 +413,7 @@ fn xdp_run(
     ifindex: u32,
     repeat: u32,
 ) -> anyhow::Result<aya::programs::TestRunResult> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-    // rx_queue_index, egress_ifindex.
-    let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-    let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ctx = testbed::xdp::xdp_md(frame.len(), ifindex);
     let mut out = vec![0u8; frame.len() + 256];
     Ok(prog.test_run(TestRunOptions {
         data_in: Some(frame),
@@ -461,15 +450,7 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
     );
     let no_service = batched(dp.xdp()?, &tcp)?;
     let mut flows = [0.0; 2];
-    for (i, mut pkt) in [
-        Pkt::new(CLIENT, 45000, vip, 80, ACK),
-        Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        pkt.ttl = 255;
-        let frame = pkt.build();
+    for (i, frame) in ping_pong_frames(vip).into_iter().enumerate() {
         let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
         anyhow::ensure!(
             r.return_value == XDP_TX,
@@ -503,6 +484,20 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
         established_ns: flows[0],
         reply_ns: flows[1],
         first_packet_ns: median(first),
+    })
+}
+
+/// The ping-pong flow's established packet and reply (see [`ping_pong`]),
+/// TTL 255: a forwarded packet's decrement runs out only after 254
+/// repetitions.
+fn ping_pong_frames(vip: &str) -> [Vec<u8>; 2] {
+    [
+        Pkt::new(CLIENT, 45000, vip, 80, ACK),
+        Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK),
+    ]
+    .map(|mut p| {
+        p.ttl = 255;
+        p.build()
     })
 }
 

@@ -47,19 +47,44 @@ struct TestRunAttr {
     _pad: u32,
 }
 
+/// `BPF_PROG_TEST_RUN` of an XDP program in live-frames mode: each
+/// repetition's frame is really sent (`XDP_TX`, `XDP_REDIRECT`), as a
+/// packet generator sends.
+pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
 /// Runs program `prog` once on the packet `data` (`BPF_PROG_TEST_RUN`);
 /// returns the program's return value.
 pub fn test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+    test_run_with(prog, data, None, 1, 0)
+}
+
+/// Runs `prog` `repeat` times on `data`, with the context `ctx` (for XDP,
+/// a `struct xdp_md`) and test-run `flags`; no output is read back.
+pub fn test_run_with(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    ctx: Option<&[u8]>,
+    repeat: u32,
+    flags: u32,
+) -> io::Result<u32> {
+    let ctx = ctx.unwrap_or_default();
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data.len() as u32,
         data_in: data.as_ptr() as u64,
-        repeat: 1,
+        repeat,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: if ctx.is_empty() {
+            0
+        } else {
+            ctx.as_ptr() as u64
+        },
+        flags,
         ..TestRunAttr::default()
     };
-    // SAFETY: the `test` member of bpf_attr, zeroed where unused; the one
-    // pointer names `data`, valid and of the size given, for the call (no
-    // output buffer is given, so the kernel writes none).
+    // SAFETY: the `test` member of bpf_attr, zeroed where unused; its
+    // pointers name `data` and `ctx`, valid and of the sizes given, for
+    // the call (no output buffer is given, so the kernel writes none).
     unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(attr.retval)
 }

@@ -249,9 +249,8 @@ impl XdpAttacher {
                 );
             }
         }
-        self.refused.retain(|n, i| {
-            want.iter().any(|(wi, wn)| wn == n && wi == i) || !self.tc.matches(n)
-        });
+        self.refused
+            .retain(|n, i| want.iter().any(|(wi, wn)| wn == n && wi == i) || !self.tc.matches(n));
         self.remove_unwanted(&want);
         for (ifindex, name) in want {
             if self.attached.get(&name).is_some_and(|(i, _)| *i == ifindex)

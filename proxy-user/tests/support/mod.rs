@@ -285,10 +285,7 @@ pub fn run_xdp_in(
                 0,
                 "setns"
             );
-            // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-            // rx_queue_index, egress_ifindex.
-            let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
-            let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let ctx = testbed::xdp::xdp_md(frame.len(), ifindex);
             let mut buf = vec![0u8; frame.len() + 256];
             let res = dp
                 .xdp()
