@@ -89,6 +89,9 @@ impl Attachment {
     }
 }
 
+/// Interfaces as (index, name).
+type Interfaces = Vec<(u32, String)>;
+
 /// Where XDP links are pinned.
 pub fn links_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("links-xdp")
@@ -237,7 +240,7 @@ impl XdpAttacher {
                 },
             }
         };
-        let (want, untouched): (Vec<(u32, String)>, Vec<(u32, String)>) = present
+        let (want, untouched): (Interfaces, Interfaces) = present
             .into_iter()
             .filter(|(_, n)| selected.contains(n) && n != "lo")
             .partition(|(_, n)| self.tc.matches(n));
