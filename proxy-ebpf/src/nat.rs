@@ -52,8 +52,8 @@ pub struct IpTailPorts {
 pub struct Frame {
     _align: u16,
     pub macs: [u16; 6],
-    pub ethertype: u16,
-    pub ip_head: [u32; 2],
+    ethertype: u16,
+    ip_head: [u32; 2],
     pub rest: IpTailPorts,
 }
 

@@ -20,7 +20,7 @@ use crate::{
     csum::Sum,
     forward::{self, Hook, Route},
     nat::{Frame, FRAME_LEN},
-    parse::Ipv4Packet,
+    parse::{ip, Ipv4Packet, ETH_HLEN},
 };
 
 /// A packet and the operations on it that differ between hooks.
@@ -196,11 +196,10 @@ impl Packet for XdpContext {
 
     #[inline(always)]
     fn store_frame(&self, frame: &Frame) -> Result<(), ()> {
-        // Plain stores into the frame: no helper to call per part.
+        // Plain stores of the parts that change: the ethertype and the IP
+        // header's first 8 bytes are the frame's own.
         self.store(0, &frame.macs)?;
-        self.store(12, &frame.ethertype)?;
-        self.store(14, &frame.ip_head)?;
-        self.store(22, &frame.rest)
+        self.store(ETH_HLEN + ip::TTL, &frame.rest)
     }
 
     #[inline(always)]
@@ -244,23 +243,21 @@ impl Packet for XdpContext {
 }
 
 /// Marks a frame XDP translated and hands to the stack, so that tc ingress
-/// only forwards it: four bytes of metadata in front of it. False when
-/// the driver keeps no metadata: tc then sees an ordinary packet of no
-/// tracked tuple (the translated one is neither direction's key) and
-/// passes it, so nothing is translated twice either way.
+/// only forwards it: four bytes of metadata in front of it. Where the
+/// driver keeps no metadata, tc sees an ordinary packet of no tracked
+/// tuple (the translated one is neither direction's key) and passes it to
+/// the stack: nothing is translated twice either way.
 #[inline(always)]
-pub fn mark_translated(ctx: &XdpContext) -> bool {
+pub fn mark_translated(ctx: &XdpContext) {
     // SAFETY: the context's own frame; a negative delta makes room.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
-        return false;
+        return;
     }
     let (meta, data) = (ctx.metadata(), ctx.data());
-    if meta + 4 > data {
-        return false;
+    if meta + 4 <= data {
+        // SAFETY: the four bytes between `meta` and `data`, checked above.
+        unsafe { (meta as *mut u32).write(XDP_META_TRANSLATED) };
     }
-    // SAFETY: the four bytes between `meta` and `data`, checked above.
-    unsafe { (meta as *mut u32).write(XDP_META_TRANSLATED) };
-    true
 }
 
 /// Whether XDP translated this packet ([`mark_translated`]).

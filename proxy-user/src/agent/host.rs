@@ -148,10 +148,6 @@ impl Agent {
     /// NodePorts.
     /// Never fatal: tc serves every interface XDP is not on.
     pub(super) fn xdp(&mut self, xdp: &mut XdpAttacher) {
-        let before: Vec<(String, &str)> = xdp
-            .attached()
-            .map(|(n, how)| (n.to_string(), how))
-            .collect();
         // The Node's own addresses (InternalIP, ExternalIP, --node-ip) that
         // serve NodePorts: the external interfaces, not the pod-side
         // gateways, which hold NodePort addresses too.
@@ -170,11 +166,8 @@ impl Agent {
             })
             .collect();
         xdp.reconcile(&mut self.dp, &nodeport);
-        let now: Vec<(String, &str)> = xdp
-            .attached()
-            .map(|(n, how)| (n.to_string(), how))
-            .collect();
-        if before.is_empty() && now.is_empty() && !std::mem::replace(&mut self.xdp_reported, true) {
+        // Said once: each interface's own reason was logged as it came.
+        if xdp.attached().next().is_none() && !std::mem::replace(&mut self.xdp_reported, true) {
             log::info!(
                 "XDP: {}; tc serves every interface",
                 if xdp.mode() == xdp::Mode::Off {

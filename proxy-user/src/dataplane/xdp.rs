@@ -182,9 +182,11 @@ pub struct XdpAttacher {
     dir: PathBuf,
     /// Interface name → (ifindex, how).
     attached: BTreeMap<String, (u32, Attachment)>,
-    /// Interfaces whose driver refused native XDP (auto mode), by ifindex:
-    /// said once, not retried until the interface is re-created.
-    refused: BTreeMap<String, u32>,
+    /// Selected interfaces XDP is not put on, by ifindex: a driver that
+    /// refused it (auto mode), a veth (auto mode), or one outside
+    /// `--interfaces`. Said once, not retried until the interface is
+    /// re-created.
+    skipped: BTreeMap<String, u32>,
 }
 
 impl XdpAttacher {
@@ -195,7 +197,7 @@ impl XdpAttacher {
             tc,
             dir: links_dir(bpffs),
             attached: BTreeMap::new(),
-            refused: BTreeMap::new(),
+            skipped: BTreeMap::new(),
         }
     }
 
@@ -246,18 +248,18 @@ impl XdpAttacher {
             .partition(|(_, n)| self.tc.matches(n));
         for (ifindex, name) in untouched {
             // Said once per interface, as a driver's refusal is.
-            if self.refused.insert(name.clone(), ifindex).is_none() {
+            if self.skipped.insert(name.clone(), ifindex).is_none() {
                 log::warn!(
                     "XDP: {name} is selected but not in --interfaces: XDP runs only where tc does (tc forwards what XDP hands up)"
                 );
             }
         }
-        self.refused
+        self.skipped
             .retain(|n, i| want.iter().any(|(wi, wn)| wn == n && wi == i) || !self.tc.matches(n));
         self.remove_unwanted(&want);
         for (ifindex, name) in want {
             if self.attached.get(&name).is_some_and(|(i, _)| *i == ifindex)
-                || self.refused.contains_key(&name)
+                || self.skipped.contains_key(&name)
             {
                 continue;
             }
@@ -266,7 +268,7 @@ impl XdpAttacher {
                     log::info!(
                         "XDP: {name} is a {d}, whose XDP_TX needs its peer to run XDP or GRO: tc serves it alone (--xdp=native or generic puts XDP there anyway)"
                     );
-                    self.refused.insert(name, ifindex);
+                    self.skipped.insert(name, ifindex);
                     continue;
                 }
             }
@@ -283,7 +285,7 @@ impl XdpAttacher {
                     log::info!(
                         "XDP: {name}'s driver does not run it natively ({e:#}); tc serves {name} alone (--xdp=generic runs it there anyway)"
                     );
-                    self.refused.insert(name, ifindex);
+                    self.skipped.insert(name, ifindex);
                 }
                 Err(e) => log::warn!("XDP: attaching to {name}: {e:#}; will retry"),
             }
