@@ -392,7 +392,45 @@ pub const CFG_F_STACK_FORWARDING: u32 = 1 << 1;
 /// node's own sockets only; pods' traffic is translated per packet at tc,
 /// so a service mesh in the pod sees the service address.
 pub const CFG_F_SOCK_HOST_ONLY: u32 = 1 << 2;
+/// `--nodeport-mode=dsr|hybrid`: new TCP flows from outside the cluster to
+/// a NodePort, LoadBalancer IP or externalIP with the Cluster policy keep
+/// the client's address (no masquerade): a flow to a backend on another
+/// node has its first packet carried there in Geneve with the service
+/// address as an option ([`dsr`]), and that node answers the client
+/// directly, from the service address.
+pub const CFG_F_DSR_TCP: u32 = 1 << 3;
+/// `--nodeport-mode=dsr`: the same for UDP.
+pub const CFG_F_DSR_UDP: u32 = 1 << 4;
 
+/// Direct server return's wire format: a flow's first packet, already
+/// translated to its backend, inside Geneve (RFC 8926) over UDP to the
+/// backend's address, with one option that names the service address the
+/// client used. The backend's node takes the packet out, notes the flow
+/// (its replies leave from the service address) and delivers it.
+///
+/// ```text
+/// outer IPv4 (20)  node → backend, protocol UDP, DF
+/// UDP (8)          source port: a hash of the flow; destination 6081; checksum 0
+/// Geneve (8)       version 0, options 12 bytes, protocol 0x0800, VNI 0
+/// option (12)      class 0xFF7B (experimental), type 0x01, length 2 words:
+///                  service address (4), service port (2), 0 (2)
+/// inner IPv4       client → backend, as a tc-translated packet
+/// ```
+pub mod dsr {
+    /// Bytes in front of the inner IPv4 packet.
+    pub const ENCAP_LEN: usize = 48;
+    /// Geneve's IANA port.
+    pub const GENEVE_PORT: u16 = 6081;
+    /// An option class of the experimental range (0xFF00..=0xFFFF).
+    pub const OPT_CLASS: u16 = 0xff7b;
+    pub const OPT_TYPE: u8 = 0x01;
+    /// The option's data, in 4-byte words.
+    pub const OPT_WORDS: u8 = 2;
+    /// Geneve's option-length field: the option header and its data.
+    pub const OPT_LEN_WORDS: u8 = 1 + OPT_WORDS;
+    /// Geneve's protocol type for an IPv4 payload.
+    pub const PROTO_IPV4: u16 = 0x0800;
+}
 /// `skb->mark` bit on packets kpx translated: its egress program leaves them
 /// alone (they may cross a second kpx interface after a redirect).
 pub const MARK_TRANSLATED: u32 = 0x0020_0000;
@@ -423,9 +461,35 @@ pub struct Backend {
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
-    /// Reserved for endpoint-state flags; 0 today.
+    /// `BACKEND_F_*` flags.
     pub flags: u8,
 }
+
+impl Backend {
+    /// The backend as one word (to pass it in a register).
+    #[inline(always)]
+    pub const fn to_bits(self) -> u64 {
+        self.addr as u64
+            | (self.port as u64) << 32
+            | (self.proto as u64) << 48
+            | (self.flags as u64) << 56
+    }
+
+    #[inline(always)]
+    pub const fn from_bits(b: u64) -> Self {
+        Self {
+            addr: b as u32,
+            port: (b >> 32) as u16,
+            proto: (b >> 48) as u8,
+            flags: (b >> 56) as u8,
+        }
+    }
+}
+
+/// The backend runs on this node (its EndpointSlice's `nodeName`): with
+/// direct server return its replies come back through this node's own
+/// interfaces, so a flow to it is not encapsulated ([`CFG_F_DSR_TCP`]).
+pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 
 /// Value of the slot map: the backend in slot `(svc_id, slot)`, whole, with
 /// the id that names it to conntrack, affinity and the connection counts.
@@ -582,6 +646,16 @@ pub const CT_F_REFUSED: u16 = 1 << 6;
 /// marked [`CT_F_CLOSING`] (a FIN or RST, or the agent expiring it), which
 /// an atomic bit operation makes happen exactly once.
 pub const CT_F_COUNTED: u16 = 1 << 7;
+/// A direct-server-return flow this node balanced to a backend on another
+/// node: the client's SYNs (UDP: every datagram that fits) go there in
+/// Geneve ([`dsr`]), the rest translated as usual. Its replies never come
+/// back here, so the client's first ACK establishes it.
+pub const CT_F_DSR_ENCAP: u16 = 1 << 8;
+/// A direct-server-return flow to a backend on this node, noted from the
+/// Geneve option another node sent: the reply entry rewrites the
+/// backend's replies' source to the service address, and they go straight
+/// to the client.
+pub const CT_F_DSR_DECAP: u16 = 1 << 9;
 
 pub const CT_DIR_ORIGINAL: u8 = 0;
 pub const CT_DIR_REPLY: u8 = 1;
@@ -777,10 +851,14 @@ pub enum DropReason {
     /// rather than an established one evicted, as netfilter refuses new
     /// flows when its table is full. The client's retransmission tries again.
     CtFull = 10,
+    /// A direct-server-return packet from another node naming a service
+    /// this node does not serve (the nodes' Services disagree for a
+    /// moment, or the packet is forged): not delivered.
+    DsrNoService = 11,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::CtInsertFailed,
@@ -792,6 +870,7 @@ impl DropReason {
         DropReason::NoLocalEndpoint,
         DropReason::SnatExhausted,
         DropReason::CtFull,
+        DropReason::DsrNoService,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -808,6 +887,7 @@ impl DropReason {
             DropReason::NoLocalEndpoint => "no_local_endpoint",
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::CtFull => "ct_full",
+            DropReason::DsrNoService => "dsr_no_service",
         }
     }
 }
@@ -878,10 +958,20 @@ pub enum Event {
     /// Packets the XDP program translated and handed to the stack, for tc
     /// ingress to forward (a local backend, a next hop elsewhere).
     XdpStack = 20,
+    /// First packets of direct-server-return flows sent to a backend on
+    /// another node in Geneve, the service address as an option.
+    DsrEncap = 21,
+    /// Such packets received for a backend on this node: taken out of
+    /// Geneve, their flow noted, delivered.
+    DsrDecap = 22,
+    /// New flows that direct server return would have carried but that
+    /// were masqueraded instead (the encapsulated packet would not fit
+    /// the route's MTU, or its route is not one the datapath forwards).
+    DsrFallback = 23,
 }
 
 impl Event {
-    pub const ALL: [Event; 21] = [
+    pub const ALL: [Event; 24] = [
         Event::CtInserted,
         Event::CtRemoved,
         Event::GcExpired,
@@ -903,6 +993,9 @@ impl Event {
         Event::SockDestroyed,
         Event::XdpTx,
         Event::XdpStack,
+        Event::DsrEncap,
+        Event::DsrDecap,
+        Event::DsrFallback,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -929,6 +1022,9 @@ impl Event {
             Event::SockDestroyed => "sock_destroyed",
             Event::XdpTx => "xdp_tx",
             Event::XdpStack => "xdp_stack",
+            Event::DsrEncap => "dsr_encap",
+            Event::DsrDecap => "dsr_decap",
+            Event::DsrFallback => "dsr_fallback",
         }
     }
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_COUNTED, CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT,
+    CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT,
     CT_REFRESH_NS, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
@@ -391,6 +391,39 @@ pub fn recover(key: &CtKey, original: &CtValue) -> Result<(), DropReason> {
         },
     )
     .map(|_| ())
+}
+
+/// Whether a packet of the flow `found` (TCP: a `syn`) goes to its backend
+/// in Geneve ([`crate::dsr`]): the original direction of a direct-server-
+/// return flow this node balanced, a SYN while its handshake lasts, any
+/// UDP datagram. No lookup.
+#[inline(always)]
+pub fn dsr_encapsulates(found: Found, proto: u8, syn: bool) -> bool {
+    // SAFETY: as in `touch`; read only.
+    let e = unsafe { &*found.entry };
+    e.flags & CT_F_DSR_ENCAP != 0
+        && e.dir == CT_DIR_ORIGINAL
+        && (proto != IPPROTO_TCP || (syn && found.table == Table::Any))
+}
+
+/// The client's first ACK of a direct-server-return flow this node
+/// balanced (its handshake's replies never pass here, so no SYN-ACK moved
+/// it): the flow is moved to `CT_TCP` as a SYN-ACK would move it, and its
+/// original entry there returned. None for any other packet. Lookups: 1
+/// (`CT_ANY`), then as [`recover`] and 1 more, once per flow.
+#[inline(always)]
+pub fn dsr_handshake(key: &CtKey) -> Option<Found> {
+    let entry = CT_ANY.get_ptr_mut(key)?;
+    // SAFETY: as in `touch`; copied at once.
+    let e = unsafe { *entry };
+    if e.flags & CT_F_DSR_ENCAP == 0 || e.dir != CT_DIR_ORIGINAL {
+        return None;
+    }
+    recover(key, &e).ok()?;
+    CT_TCP.get_ptr_mut(key).map(|entry| Found {
+        entry,
+        table: Table::Tcp,
+    })
 }
 
 /// How a new flow is translated besides its DNAT.

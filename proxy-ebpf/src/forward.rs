@@ -35,31 +35,57 @@ pub enum Hook {
     Egress,
 }
 
-/// The next hop of a translated packet.
-#[derive(Clone, Copy)]
-pub enum Route {
+/// How a translated packet leaves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Via {
     /// Up the stack (or on out, at egress) as it is.
     Stack,
-    /// Out of `ifindex`, the kernel resolving the neighbour.
-    Neigh { ifindex: u32 },
-    /// Out of `ifindex` with these destination and source MACs (which the
-    /// rewrite writes); `stay`: already leaving there (egress), no redirect
-    /// needed.
-    Mac {
-        ifindex: u32,
-        /// Destination then source MAC, as on the wire.
-        macs: [u32; 3],
-        stay: bool,
-    },
+    /// Out of the route's interface, the kernel resolving the neighbour.
+    Neigh,
+    /// Out of the route's interface with its MACs (which the rewrite
+    /// writes).
+    Mac,
+}
+
+/// The next hop of a translated packet. A struct whose fields are always
+/// all set: as an enum with data, the variants without MACs left bytes
+/// undefined, which LLVM copied around as unset registers, and the
+/// verifier refuses reading those (`R3 !read_ok`).
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub via: Via,
+    /// The interface (`Neigh`, `Mac`).
+    pub ifindex: u32,
+    /// Destination then source MAC, as on the wire (`Mac`).
+    pub macs: [u32; 3],
+    /// Already leaving there (egress, `Mac`): no redirect needed.
+    pub stay: bool,
 }
 
 impl Route {
-    /// The Ethernet addresses the rewrite writes, for a resolved next hop.
+    pub const STACK: Route = Route {
+        via: Via::Stack,
+        ifindex: 0,
+        macs: [0; 3],
+        stay: false,
+    };
+
     #[inline(always)]
-    pub fn macs(&self) -> Option<[u32; 3]> {
-        match self {
-            Route::Mac { macs, .. } => Some(*macs),
-            _ => None,
+    fn neigh(ifindex: u32) -> Route {
+        Route {
+            via: Via::Neigh,
+            ifindex,
+            ..Route::STACK
+        }
+    }
+
+    #[inline(always)]
+    fn mac(ifindex: u32, macs: [u32; 3], stay: bool) -> Route {
+        Route {
+            via: Via::Mac,
+            ifindex,
+            macs,
+            stay,
         }
     }
 
@@ -67,10 +93,7 @@ impl Route {
     /// forwarded from ingress.
     #[inline(always)]
     pub fn ttl_dec(&self, hook: Hook) -> u8 {
-        match (self, hook) {
-            (Route::Stack, _) | (_, Hook::Egress) => 0,
-            _ => 1,
-        }
+        (self.via != Via::Stack && hook == Hook::Ingress) as u8
     }
 }
 
@@ -125,36 +148,48 @@ impl Params {
 /// ingress whose TTL would run out goes to the stack, which answers it.
 #[inline(always)]
 pub fn route<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route {
+    route_sized(ctx, pkt, t, hook, pkt.ip_len())
+}
+
+/// As [`route`], for a packet of `len` IP bytes (a packet about to be
+/// encapsulated, checked against the route's MTU with its new size).
+#[inline(always)]
+pub fn route_sized<P: Packet>(
+    ctx: &P,
+    pkt: &Ipv4Packet,
+    t: &CtKey,
+    hook: Hook,
+    len: u16,
+) -> Route {
     let ifindex = ctx.ifindex();
     // A forwarded packet is looked up as arriving where it did. The node's
     // own packet as if it came from loopback: an output lookup would be
     // pinned to the interface the socket's route chose.
     let from = match hook {
         Hook::Ingress if service::config().flags & CFG_F_STACK_FORWARDING != 0 => {
-            return Route::Stack;
+            return Route::STACK;
         }
         Hook::Ingress => ifindex,
         Hook::Egress => LOOPBACK_IFINDEX,
     };
     let mut raw = MaybeUninit::uninit();
     let p = Params::init(&mut raw, pkt, t.dst_addr, from);
+    p.0.__bindgen_anon_1.tot_len = len;
     p.0.sport = t.src_port;
     p.0.dport = t.dst_port;
     p.0.__bindgen_anon_2.tos = pkt.tos;
     p.0.__bindgen_anon_3.ipv4_src = t.src_addr;
     let Ok(ret) = u32::try_from(p.lookup(ctx, 0)) else {
-        return Route::Stack;
+        return Route::STACK;
     };
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Route::Stack;
+        return Route::STACK;
     }
     if hook == Hook::Ingress && pkt.ttl <= 1 {
-        return Route::Stack; // the stack sends the time-exceeded error
+        return Route::STACK; // the stack sends the time-exceeded error
     }
     if ret == BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Route::Neigh {
-            ifindex: p.0.ifindex,
-        };
+        return Route::neigh(p.0.ifindex);
     }
     let (d, s) = (p.0.dmac, p.0.smac);
     let macs = [
@@ -162,11 +197,11 @@ pub fn route<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Rou
         u32::from_ne_bytes([d[4], d[5], s[0], s[1]]),
         u32::from_ne_bytes([s[2], s[3], s[4], s[5]]),
     ];
-    Route::Mac {
-        ifindex: p.0.ifindex,
+    Route::mac(
+        p.0.ifindex,
         macs,
-        stay: hook == Hook::Egress && p.0.ifindex == ifindex,
-    }
+        hook == Hook::Egress && p.0.ifindex == ifindex,
+    )
 }
 
 /// The next hop of an established packet translated to `to`. At ingress it
@@ -191,10 +226,8 @@ pub fn established<P: Packet>(
     }
     let route = route(ctx, pkt, to, hook);
     if hook == Hook::Ingress {
-        match route {
-            Route::Mac { ifindex, macs, .. } => {
-                conntrack::cache_next_hop(entry, ifindex, macs, pkt.ip_len())
-            }
+        match route.via {
+            Via::Mac => conntrack::cache_next_hop(entry, route.ifindex, route.macs, pkt.ip_len()),
             // A packet longer than the cached one that the FIB sends to the
             // stack (too big for the route, or a GRO aggregate) leaves the
             // cache for the flow's other packets.
@@ -214,13 +247,9 @@ fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
         return None;
     }
     if pkt.ttl <= 1 {
-        return Some(Route::Stack);
+        return Some(Route::STACK);
     }
-    Some(Route::Mac {
-        ifindex: e.next_ifindex,
-        macs: e.next_macs,
-        stay: false,
-    })
+    Some(Route::mac(e.next_ifindex, e.next_macs, false))
 }
 
 /// Sends the translated packet (MACs already written) along `route`;
@@ -228,15 +257,15 @@ fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
 #[inline(always)]
 pub fn send(ctx: &TcContext, route: Route) -> i32 {
     ctx.set_mark(mark(ctx) | MARK_TRANSLATED);
-    let action = match route {
-        Route::Stack => None,
+    let action = match route.via {
+        Via::Stack => None,
         // SAFETY: no parameters: the kernel resolves the next hop itself.
-        Route::Neigh { ifindex } => {
-            Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
-        }
-        Route::Mac { stay: true, .. } => Some(TC_ACT_OK),
+        Via::Neigh => Some(
+            unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+        ),
+        Via::Mac if route.stay => Some(TC_ACT_OK),
         // SAFETY: plain helper call: egress of the FIB's interface.
-        Route::Mac { ifindex, .. } => Some(unsafe { bpf_redirect(ifindex, 0) } as i32),
+        Via::Mac => Some(unsafe { bpf_redirect(route.ifindex, 0) } as i32),
     };
     match action {
         Some(action) => {
@@ -255,8 +284,8 @@ pub fn send(ctx: &TcContext, route: Route) -> i32 {
 /// marked as translated, for tc ingress to forward.
 #[inline(always)]
 pub fn send_xdp(ctx: &XdpContext, route: Route) -> i32 {
-    match route {
-        Route::Mac { .. } => {
+    match route.via {
+        Via::Mac => {
             stats::event(Event::XdpTx, 1);
             xdp_action::XDP_TX as i32
         }

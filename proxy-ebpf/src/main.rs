@@ -15,6 +15,7 @@
 mod conns;
 mod conntrack;
 mod csum;
+mod dsr;
 mod forward;
 mod icmp;
 mod maps;
@@ -34,13 +35,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use proxy_common::{
-    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, CT_DIR_REPLY, CT_F_FROM_NODE,
+    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, BACKEND_F_LOCAL,
+    CT_DIR_REPLY, CT_F_FROM_NODE, SVC_F_EXTERNAL, SVC_F_LOCAL,
     IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     conntrack::Snat,
-    forward::{Hook, Route},
+    forward::{Hook, Via},
     packet::Packet,
     parse::{Ipv4Packet, Parsed},
     policy::Origin,
@@ -91,12 +93,27 @@ use crate::{
 /// A packet the XDP program already translated ([`kpx_xdp`]) costs no
 /// lookup but its FIB lookup: it is only forwarded.
 /// No loop over services or backends exists anywhere in the program.
+///
+/// Direct server return's encapsulation and decapsulation
+/// ([`dsr::Request`]) run from here, in subprograms of their own: the
+/// packet's path returns the request rather than calling them, so their
+/// stack frames never add to its own (the verifier's 512 bytes). A request
+/// that cannot be served (the route cannot carry the Geneve packet) takes
+/// the packet's path again without DSR.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if packet::translated_by_xdp(&ctx) {
         return forward_translated(&ctx);
     }
-    verdict::action(process(&ctx))
+    let action = process(&ctx, true);
+    if action != dsr::REQUESTED {
+        return action as i32;
+    }
+    let action = dsr::run(&ctx);
+    if action != dsr::NOT_SENT {
+        return action as i32;
+    }
+    process(&ctx, false) as i32
 }
 
 /// XDP on the node's external interfaces: packets from outside the node,
@@ -113,7 +130,7 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 pub fn kpx_xdp(ctx: XdpContext) -> u32 {
     let v = match parse::parse_ipv4(&ctx) {
         Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
-            flow(&ctx, &pkt, Origin::Network)
+            flow(&ctx, &pkt, Origin::Network, true)
         }
         _ => Verdict::Pass(Counter::PassNotHandled),
     };
@@ -121,8 +138,9 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// A packet XDP translated and handed up: sent to its next hop as tc sends
-/// what it translates itself, uncounted (XDP counted it).
-#[inline(always)]
+/// what it translates itself, uncounted (XDP counted it). A subprogram, so
+/// its frame is not in the entry's (see `kpx_tc_ingress`).
+#[inline(never)]
 fn forward_translated(ctx: &TcContext) -> i32 {
     let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
         return PASS;
@@ -132,10 +150,9 @@ fn forward_translated(ctx: &TcContext) -> i32 {
     // write. The stack could not forward a masqueraded packet itself: its
     // source is the node's own address, a martian on input.
     let route = forward::route(ctx, &pkt, &to, Hook::Ingress);
-    let written = match route {
-        Route::Mac { macs, .. } => nat::apply(ctx, &pkt, &to, 1, Some(macs)),
-        Route::Neigh { .. } => nat::apply(ctx, &pkt, &to, 1, None),
-        Route::Stack => Ok(()),
+    let written = match route.via {
+        Via::Stack => Ok(()),
+        _ => nat::apply(ctx, &pkt, &to, 1, &route),
     };
     if written.is_err() {
         return verdict::action(Verdict::Drop(DropReason::RewriteFailed));
@@ -168,7 +185,7 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     let v = match pkt.proto {
         IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
         IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => {
-            flow(&ctx, &pkt, Origin::Node)
+            flow(&ctx, &pkt, Origin::Node, false)
         }
         _ => return PASS,
     };
@@ -240,8 +257,20 @@ fn is_syn(pkt: &Ipv4Packet) -> bool {
     pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
+/// The packet's path at tc ingress, to its tc action, counted; or
+/// [`dsr::REQUESTED`] when `dsr` (direct server return may be asked for,
+/// which a second run after a request that could not be served does not)
+/// and the path asked for it. A subprogram (see `kpx_tc_ingress`).
+#[inline(never)]
+fn process(ctx: &TcContext, dsr: bool) -> i64 {
+    match path(ctx, dsr) {
+        Verdict::Dsr(req) => dsr::stash(ctx, req),
+        v => verdict::action(v) as i64,
+    }
+}
+
 #[inline(always)]
-fn process(ctx: &TcContext) -> Verdict {
+fn path(ctx: &TcContext, dsr: bool) -> Verdict {
     let pkt = match parse::parse_ipv4(ctx) {
         Parsed::NotHandled => return Verdict::Pass(Counter::PassNotHandled),
         Parsed::Malformed { dst } => {
@@ -268,12 +297,16 @@ fn process(ctx: &TcContext) -> Verdict {
     if pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP {
         return Verdict::Pass(Counter::PassNotHandled);
     }
-    flow(ctx, &pkt, Origin::Network)
+    if dsr && dsr::is_geneve(&pkt) {
+        return Verdict::Dsr(dsr::Request::Geneve);
+    }
+    flow(ctx, &pkt, Origin::Network, dsr)
 }
 
-/// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither.
+/// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither;
+/// `dsr` as in `process`.
 #[inline(always)]
-fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
+fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verdict {
     let key = pkt.tuple();
     let hook = match origin {
         Origin::Network => Hook::Ingress,
@@ -284,7 +317,7 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
         let found = conntrack::newer(&key, found, pkt.tcp_flags);
         if !(pkt.proto == IPPROTO_TCP && is_syn(pkt) && conntrack::closed_original(found.entry)) {
             return match conntrack::handshake(&key, found, pkt.tcp_flags) {
-                Ok(found) => established(ctx, pkt, &key, found, hook),
+                Ok(found) => established(ctx, pkt, &key, found, hook, dsr),
                 Err(reason) => Verdict::Drop(reason),
             };
         }
@@ -300,6 +333,13 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
         return Verdict::Pass(Counter::PassNoService);
     };
     let recovered = pkt.proto == IPPROTO_TCP && !is_syn(pkt);
+    // A DSR flow's handshake completing: only to an external frontend with
+    // the Cluster policy (no lookup for anything else).
+    if recovered && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL {
+        if let Some(found) = conntrack::dsr_handshake(&key) {
+            return established(ctx, pkt, &key, found, hook, dsr);
+        }
+    }
     if recovered && !recoverable(pkt, &svc) {
         // Mid-stream TCP nobody tracks: the reference's ctstate INVALID.
         return Verdict::Drop(DropReason::InvalidTcp);
@@ -313,7 +353,7 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin) -> Verdict {
             None => Verdict::Pass(Counter::PassNoService),
         };
     }
-    new_flow(ctx, pkt, &key, &svc, origin, hook, recovered)
+    new_flow(ctx, pkt, &key, &svc, origin, hook, recovered, dsr)
 }
 
 /// Whether a mid-stream TCP segment with no flow entry can take up its flow
@@ -336,12 +376,27 @@ fn established<P: Packet>(
     key: &CtKey,
     found: conntrack::Found,
     hook: Hook,
+    dsr: bool,
 ) -> Verdict {
+    // Only a packet from outside (ingress) is ever a DSR flow's original.
+    // Untouched here: tc puts it in Geneve (XDP passes it on). One that
+    // does not fit (`dsr` false) goes as the flow's others: its flow is
+    // known at the backend's node from the packets before.
+    if dsr
+        && hook == Hook::Ingress
+        && conntrack::dsr_encapsulates(found, pkt.proto, is_syn(pkt))
+    {
+        return if P::XDP {
+            Verdict::Pass(Counter::PassNotHandled)
+        } else {
+            Verdict::Dsr(dsr::Request::Again)
+        };
+    }
     let (rewrite, refreshed) = conntrack::touch(found, key, pkt.tcp_flags);
     let to = rewrite.translate(key);
     let route = forward::established(ctx, pkt, &to, found.entry, &rewrite, refreshed, hook);
     let route = ctx.reachable(route);
-    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
+    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(
@@ -372,21 +427,41 @@ fn new_flow<P: Packet>(
     origin: Origin,
     hook: Hook,
     recovered: bool,
+    dsr: bool,
 ) -> Verdict {
     let cfg = service::config();
     let choice = match policy::decide(svc, pkt.src, origin, &cfg) {
         Ok(c) => c,
         Err(reason) => return Verdict::Drop(reason),
     };
+    let dsr = dsr && choice.masquerade && policy::dsr(svc, pkt.src, pkt.proto, origin, &cfg);
+    if dsr && P::XDP {
+        // Untouched, before any choice is made: tc balances it, and puts
+        // it in Geneve when its backend is on another node.
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
     let table = select::Table::of(svc, choice.local);
     let sel = match select::backend(svc, table, key, 0) {
         Ok(s) => s,
         Err(reason) => return Verdict::Drop(reason),
     };
+    // Direct server return: a backend here answers through this node
+    // anyway; one elsewhere gets the flow's first packet in Geneve, if the
+    // route can carry it (else the flow is masqueraded, as without DSR).
+    let local = sel.backend.flags & BACKEND_F_LOCAL != 0;
+    if dsr && !local {
+        return Verdict::Dsr(dsr::Request::First {
+            svc_id: svc.svc_id,
+            backend_id: sel.backend_id,
+            backend: sel.backend.to_bits(),
+            counted: sel.counted,
+        });
+    }
+    let client_kept = dsr && local;
     // A pod reaching itself through its service (hairpin) is masqueraded,
     // or its own reply would never leave it.
-    let masquerade =
-        choice.masquerade || (origin == Origin::Network && sel.backend.addr == pkt.src);
+    let masquerade = (choice.masquerade && !client_kept)
+        || (origin == Origin::Network && sel.backend.addr == pkt.src);
     let snat_addr = if masquerade && cfg.snat_addr != 0 {
         forward::masquerade_source(ctx, pkt, sel.backend.addr).unwrap_or(cfg.snat_addr)
     } else {
@@ -425,7 +500,7 @@ fn new_flow<P: Packet>(
     }
     let to = rewrite.translate(key);
     let route = ctx.reachable(forward::route(ctx, pkt, &to, hook));
-    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), route.macs()).is_err() {
+    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(svc.svc_id, ctx.len(), true, false, P::XDP);

@@ -19,6 +19,7 @@ use proxy_common::{CtKey, IPPROTO_UDP};
 
 use crate::{
     csum::Sum,
+    forward::{Route, Via},
     packet::Packet,
     parse::{ip, Ipv4Packet, ETH_P_IP},
 };
@@ -61,26 +62,27 @@ pub const FRAME_LEN: usize = core::mem::size_of::<Frame>() - 2;
 
 /// Rewrites the packet `pkt` describes to carry the tuple `to`, its TTL
 /// lowered by `ttl_dec` (1 when the packet is forwarded here, else 0), and,
-/// when it is redirected, the next hop's Ethernet addresses `macs`
-/// (destination then source, as on the wire).
+/// when `route` has them (a resolved next hop it is redirected to), the
+/// next hop's Ethernet addresses.
 #[inline(always)]
 pub fn apply<P: Packet>(
     ctx: &P,
     pkt: &Ipv4Packet,
     to: &CtKey,
     ttl_dec: u8,
-    macs: Option<[u32; 3]>,
+    route: &Route,
 ) -> Result<(), RewriteFailed> {
     let addrs_changed = to.src_addr != pkt.src || to.dst_addr != pkt.dst;
     let ports_changed = to.src_port != pkt.sport || to.dst_port != pkt.dport;
-    if !addrs_changed && !ports_changed && ttl_dec == 0 && macs.is_none() {
+    let macs = route.via == Via::Mac;
+    if !addrs_changed && !ports_changed && ttl_dec == 0 && !macs {
         return Ok(());
     }
     let check = pkt.ip_check;
     let no_options = pkt.l4_off == pkt.l3_off + 20;
     // The header's first 8 bytes, for the one-store case (else one store
     // per part); read before the helpers below invalidate packet pointers.
-    let ip_head = if no_options && macs.is_some() {
+    let ip_head = if no_options && macs {
         crate::parse::read_linear::<P, [u32; 2]>(ctx, pkt.l3_off)
     } else {
         None
@@ -120,20 +122,20 @@ pub fn apply<P: Packet>(
         ports: [to.src_port, to.dst_port],
     };
     let stored = match (macs, ip_head) {
-        (Some(m), Some(ip_head)) => {
+        (true, Some(ip_head)) => {
             let frame = Frame {
                 _align: 0,
-                macs: halves(m),
+                macs: halves(route.macs),
                 ethertype: ETH_P_IP.to_be(),
                 ip_head,
                 rest,
             };
             ctx.store_frame(&frame)
         }
-        (Some(m), None) => ctx
-            .store(0, &halves(m))
+        (true, None) => ctx
+            .store(0, &halves(route.macs))
             .and_then(|()| store_rest(ctx, pkt, &rest, no_options, ports_changed)),
-        (None, _) => store_rest(ctx, pkt, &rest, no_options, ports_changed),
+        (false, _) => store_rest(ctx, pkt, &rest, no_options, ports_changed),
     };
     stored.map_err(|_| RewriteFailed)
 }

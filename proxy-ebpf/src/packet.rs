@@ -18,7 +18,7 @@ use proxy_common::XDP_META_TRANSLATED;
 
 use crate::{
     csum::Sum,
-    forward::{self, Hook, Route},
+    forward::{self, Hook, Route, Via},
     nat::{Frame, FRAME_LEN},
     parse::{ip, Ipv4Packet, ETH_HLEN},
 };
@@ -51,7 +51,7 @@ pub trait Packet {
     /// `None` leaves the packet to tc.
     fn reject(&self, pkt: &Ipv4Packet, hook: Hook) -> Option<Result<i32, ()>>;
     /// The part of `route` this hook can take itself; the rest becomes
-    /// [`Route::Stack`] (decided before the rewrite, which writes the next
+    /// [`Route::STACK`] (decided before the rewrite, which writes the next
     /// hop's MACs only for a route taken here).
     fn reachable(&self, route: Route) -> Route;
     /// Sends the translated packet along `route`: the hook's verdict.
@@ -230,9 +230,10 @@ impl Packet for XdpContext {
     /// not yet resolved) goes to tc ingress, which redirects it.
     #[inline(always)]
     fn reachable(&self, route: Route) -> Route {
-        match route {
-            Route::Mac { ifindex, .. } if ifindex == self.ifindex() => route,
-            _ => Route::Stack,
+        if route.via == Via::Mac && route.ifindex == self.ifindex() {
+            route
+        } else {
+            Route::STACK
         }
     }
 

@@ -5,8 +5,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    DatapathConfig, DropReason, ServiceValue, SrcRange, CFG_F_MASQUERADE_ALL, SVC_F_EXTERNAL,
-    SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
+    DatapathConfig, DropReason, ServiceValue, SrcRange, CFG_F_DSR_TCP, CFG_F_DSR_UDP,
+    CFG_F_MASQUERADE_ALL, IPPROTO_TCP, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::maps::SRC_RANGES;
@@ -87,6 +87,25 @@ pub fn decide(
         return Err(DropReason::NoLocalEndpoint);
     }
     Ok(choice)
+}
+
+/// Whether a new flow goes by direct server return (`--nodeport-mode`):
+/// from outside the cluster (not a pod, not the node itself) to a NodePort,
+/// LoadBalancer IP or externalIP with the Cluster policy, which the
+/// reference masquerades so that replies come back through this node. With
+/// DSR they need not: the flow keeps the client's address. No lookup.
+#[inline(always)]
+pub fn dsr(svc: &ServiceValue, src: u32, proto: u8, origin: Origin, cfg: &DatapathConfig) -> bool {
+    let wanted = if proto == IPPROTO_TCP {
+        CFG_F_DSR_TCP
+    } else {
+        CFG_F_DSR_UDP
+    };
+    let from_pod = cfg.cluster_mask != 0 && src & cfg.cluster_mask == cfg.cluster_cidr;
+    cfg.flags & wanted != 0
+        && origin == Origin::Network
+        && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL
+        && !from_pod
 }
 
 /// One LPM lookup: is `src` in one of the frontend's source ranges?

@@ -57,6 +57,24 @@ pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     None
 }
 
+/// The frontend a direct-server-return packet from another node names
+/// (`addr:port`, the address the client used there): a cluster, external or
+/// LoadBalancer IP's own, else the NodePort frontend of `port` (`addr` was
+/// the other node's). Lookups: the port filter, then 1 or 2.
+#[inline(always)]
+pub fn lookup_carried(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    let kinds = port_kinds(port);
+    if kinds & PORT_F_FRONTEND != 0 {
+        if let Some(v) = get(addr, port, proto) {
+            return Some(v);
+        }
+    }
+    if kinds & PORT_F_NODEPORT != 0 {
+        return get(NODEPORT_ADDR, port, proto);
+    }
+    None
+}
+
 /// `NODE_F_*` bits of `addr`: 0 for an address that is not this node's.
 #[inline(always)]
 pub fn node_flags(addr: u32) -> u32 {

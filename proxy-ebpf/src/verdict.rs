@@ -18,6 +18,8 @@ pub fn action(v: Verdict) -> i32 {
             stats::count(counter);
             PASS
         }
+        // Never here: the entry runs it (`kpx_tc_ingress`).
+        Verdict::Dsr(_) => PASS,
         Verdict::Translated(action) | Verdict::Redirect(action) => action,
         Verdict::Drop(reason) => {
             stats::drop(reason);
@@ -31,7 +33,7 @@ pub fn action(v: Verdict) -> i32 {
 #[inline(always)]
 pub fn xdp_action(v: Verdict) -> u32 {
     match v {
-        Verdict::Pass(_) => xdp_action::XDP_PASS,
+        Verdict::Pass(_) | Verdict::Dsr(_) => xdp_action::XDP_PASS,
         Verdict::Translated(action) | Verdict::Redirect(action) => action as u32,
         Verdict::Drop(reason) => {
             stats::drop(reason);
@@ -43,6 +45,9 @@ pub fn xdp_action(v: Verdict) -> u32 {
 pub enum Verdict {
     /// Untouched; the counter says why.
     Pass(Counter),
+    /// Untouched yet: direct server return's work, for the program's
+    /// entry to run (tc ingress only).
+    Dsr(crate::dsr::Request),
     /// Translated (and counted), with the forwarding verdict.
     Translated(i32),
     /// Rewritten into a reply and redirected (and counted).

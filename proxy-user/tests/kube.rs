@@ -377,6 +377,7 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
         addr: Ipv4Addr::new(198, 19, 255, 254),
         port: 1,
         proto: proxy_common::IPPROTO_TCP,
+        local: false,
     };
     maps.write(&kpx::dataplane::reconcile::Op::PutSlot(stray, id, other))
         .unwrap();

@@ -131,6 +131,7 @@ fn a_slot_holding_another_backend_than_its_id_names_is_told_apart_by_both_reads(
         addr: Ipv4Addr::new(198, 18, 0, last),
         port: 8080,
         proto: proxy_common::IPPROTO_TCP,
+        local: false,
     };
     let key = |svc_id: u32| proxy_common::SlotKey { svc_id, slot: 0 };
     // Two frontends' slots sharing backend 7, as a ClusterIP and its

@@ -194,6 +194,7 @@ fn maglev_build_ms(n: u32) -> f64 {
                 addr,
                 port: 8080,
                 proto: IPPROTO_TCP,
+                local: false,
             };
             (b, i)
         })

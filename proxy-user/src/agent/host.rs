@@ -94,6 +94,7 @@ impl Agent {
         if self.cfg.socket_lb == socklb::Mode::HostOnly {
             cfg.flags |= proxy_common::CFG_F_SOCK_HOST_ONLY;
         }
+        cfg.flags |= self.cfg.nodeport_mode.flags();
         cfg.host_netns_cookie = self.host_netns;
         let addrs = match node::local_ipv4() {
             Ok(a) => a,

@@ -12,7 +12,12 @@ use crate::{
         config::{self, Bind, NodeFlags, NodePortAddress, Overrides},
         scheduler::{Kind, Parsed, Scheduler},
     },
-    dataplane::{attach::Patterns, conntrack::Timeouts, node::PortRange, socklb, xdp},
+    dataplane::{
+        attach::Patterns,
+        conntrack::Timeouts,
+        node::{NodePortMode, PortRange},
+        socklb, xdp,
+    },
 };
 
 /// Where kpx pins its maps and links unless told otherwise.
@@ -76,6 +81,14 @@ pub struct AgentFlags {
     /// (InternalIP, ExternalIP, --node-ip) that serve NodePorts].
     #[arg(long)]
     pub xdp_interfaces: Option<String>,
+    /// How flows from outside the cluster to a NodePort, LoadBalancer IP or
+    /// externalIP (Cluster traffic policy) reach a backend on another
+    /// node: snat (masqueraded, as kube-proxy), dsr (direct server return:
+    /// the backend sees the client's address and its node answers the
+    /// client directly) or hybrid (dsr for TCP, snat for UDP). Every node
+    /// must run the same (`kpx.nodePortMode`) [default: snat].
+    #[arg(long)]
+    pub nodeport_mode: Option<NodePortMode>,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never
     /// used [default: *].
@@ -191,6 +204,7 @@ impl AgentFlags {
             socket_lb_cgroup: self.socket_lb_cgroup.clone(),
             xdp: self.xdp,
             xdp_interfaces: self.xdp_interfaces.clone(),
+            nodeport_mode: self.nodeport_mode,
             ..self.node.overrides()
         }
     }
@@ -255,6 +269,7 @@ pub struct Settings {
     /// addresses that serve NodePorts).
     pub xdp: xdp::Mode,
     pub xdp_interfaces: Option<Patterns>,
+    pub nodeport_mode: NodePortMode,
     pub oom_score_adj: Option<i32>,
     pub verbosity: Option<u32>,
     /// Given, but meaningless to kpx: one log line each at start.
@@ -346,6 +361,7 @@ impl Settings {
                 .map(Patterns::parse)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--xdp-interfaces: {e:#}"))?,
+            nodeport_mode: o.nodeport_mode.unwrap_or_default(),
             oom_score_adj: o.oom_score_adj,
             verbosity: o.verbosity,
             ignored,
@@ -469,6 +485,24 @@ conntrack: {udpTimeout: 5s, maxPerCore: 1000, min: 4000}
             Err(e) => e.to_string(),
         };
         assert!(err.contains("--xdp"), "{err}");
+    }
+
+    #[test]
+    fn nodeport_mode_is_snat_unless_told() {
+        use proxy_common::{CFG_F_DSR_TCP, CFG_F_DSR_UDP};
+        let s = resolve(&[], None);
+        assert_eq!(s.nodeport_mode, NodePortMode::Snat);
+        assert_eq!(s.nodeport_mode.flags(), 0);
+        let s = resolve(&["--nodeport-mode=hybrid"], None);
+        assert_eq!(s.nodeport_mode.flags(), CFG_F_DSR_TCP);
+        let s = resolve(&["--nodeport-mode=dsr"], None);
+        assert_eq!(s.nodeport_mode.flags(), CFG_F_DSR_TCP | CFG_F_DSR_UDP);
+        assert_eq!(s.nodeport_mode.to_string(), "dsr");
+        let err = match Cli::try_parse_from(["kpx", "--nodeport-mode=direct"]) {
+            Ok(_) => panic!("--nodeport-mode=direct accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("want snat, dsr or hybrid"), "{err}");
     }
 
     #[test]

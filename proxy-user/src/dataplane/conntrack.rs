@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_REFUSED,
-    CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, TCP_FIN, TCP_RST,
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED,
+    CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
@@ -77,7 +77,10 @@ impl FlowState {
     /// The state of a flow from its entries (`reply` absent when evicted).
     pub fn of(original: &CtValue, reply: Option<&CtValue>, proto: u8) -> Self {
         let reply_flags = reply.map_or(0, |r| r.tcp_flags);
-        let replied = reply.is_some_and(|r| r.flags & CT_F_SEEN_REPLY != 0);
+        // A direct-server-return flow's replies never cross the node that
+        // balanced it: the client's ACK tells the handshake completed.
+        let replied = reply.is_some_and(|r| r.flags & CT_F_SEEN_REPLY != 0)
+            || (original.flags & CT_F_DSR_ENCAP != 0 && original.tcp_flags & TCP_ACK != 0);
         if proto != IPPROTO_TCP {
             return if replied {
                 FlowState::UdpStream

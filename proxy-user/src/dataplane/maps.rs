@@ -23,7 +23,7 @@ use crate::{
     dataplane::{batch, layout},
 };
 use proxy_common::{
-    map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
+    map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, BACKEND_F_LOCAL, CtKey, CtValue,
     DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
     SlotKey, SockValue, SrcRange, SERVICE_NAME_LEN,
 };
@@ -730,7 +730,7 @@ fn slot(id: u32, b: &BackendAddr) -> Slot {
             addr: wire::addr(b.addr),
             port: wire::port(b.port),
             proto: b.proto,
-            flags: 0,
+            flags: if b.local { BACKEND_F_LOCAL } else { 0 },
         },
     }
 }
@@ -740,6 +740,7 @@ fn backend_addr(b: &Backend) -> BackendAddr {
         addr: wire::to_addr(b.addr),
         port: wire::to_port(b.port),
         proto: b.proto,
+        local: b.flags & BACKEND_F_LOCAL != 0,
     }
 }
 

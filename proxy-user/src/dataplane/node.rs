@@ -7,7 +7,10 @@
 use std::{collections::HashMap, fmt, fs, net::Ipv4Addr, ops::RangeInclusive, str::FromStr};
 
 use anyhow::{bail, Context as _, Result};
-use proxy_common::{wire, DatapathConfig, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL, NODE_F_NODEPORT};
+use proxy_common::{
+    wire, DatapathConfig, CFG_F_DSR_TCP, CFG_F_DSR_UDP, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL,
+    NODE_F_NODEPORT,
+};
 
 use crate::{
     control::cidr::Cidr,
@@ -50,6 +53,57 @@ impl FromStr for PortRange {
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.0.start(), self.0.end())
+    }
+}
+
+/// `--nodeport-mode`: how flows from outside the cluster to a NodePort,
+/// LoadBalancer IP or externalIP with the Cluster traffic policy reach a
+/// backend on another node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodePortMode {
+    /// Masqueraded, as kube-proxy does: the backend sees this node's
+    /// address and answers through it.
+    #[default]
+    Snat,
+    /// Direct server return for TCP and UDP: the backend sees the client's
+    /// address and its node answers the client directly.
+    Dsr,
+    /// Direct server return for TCP, masquerade for UDP.
+    Hybrid,
+}
+
+impl NodePortMode {
+    const NAMES: [(&'static str, NodePortMode); 3] = [
+        ("snat", NodePortMode::Snat),
+        ("dsr", NodePortMode::Dsr),
+        ("hybrid", NodePortMode::Hybrid),
+    ];
+
+    /// The datapath's `CFG_F_DSR_*` flags for this mode.
+    pub fn flags(self) -> u32 {
+        match self {
+            NodePortMode::Snat => 0,
+            NodePortMode::Dsr => CFG_F_DSR_TCP | CFG_F_DSR_UDP,
+            NodePortMode::Hybrid => CFG_F_DSR_TCP,
+        }
+    }
+}
+
+impl std::str::FromStr for NodePortMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| format!("{s:?}: want snat, dsr or hybrid"))
+    }
+}
+
+impl fmt::Display for NodePortMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = Self::NAMES.iter().find(|(_, m)| m == self).map(|(n, _)| *n);
+        f.write_str(name.unwrap_or("?"))
     }
 }
 

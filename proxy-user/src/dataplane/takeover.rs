@@ -144,8 +144,14 @@ pub enum Outcome {
 }
 
 /// Backend id by address, built once per takeover.
+/// Keyed without the backend's locality, which netfilter's flows do not
+/// tell (`local` is false in every key).
 pub fn backend_ids(state: &MapState) -> HashMap<BackendAddr, u32> {
-    state.backends.iter().map(|(id, b)| (*b, *id)).collect()
+    state
+        .backends
+        .iter()
+        .map(|(id, b)| (BackendAddr { local: false, ..*b }, *id))
+        .collect()
 }
 
 /// kpx's two entries for the netfilter flow `f`, if it is a flow to one of
@@ -173,6 +179,7 @@ pub fn entries(
         addr: backend,
         port: backend_port,
         proto: f.proto,
+        local: false,
     };
     let backend_id = ids.get(&backend_key).copied().unwrap_or(0);
     let (tcp_flags, closing) = match f.tcp_state {
@@ -576,6 +583,7 @@ mod tests {
                 addr: BACKEND,
                 port: 8080,
                 proto: IPPROTO_TCP,
+                local: false,
             },
         );
         s.node_addrs.insert(NODE, NODE_F_NODEPORT);

@@ -376,6 +376,7 @@ mod tests {
                     addr: ip(addr),
                     port: 8080,
                     proto: IPPROTO_TCP,
+                    local: false,
                 },
             );
         }

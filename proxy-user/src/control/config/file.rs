@@ -102,6 +102,8 @@ struct Kpx {
     xdp: String,
     /// `--xdp-interfaces`.
     xdp_interfaces: String,
+    /// `--nodeport-mode`: snat, dsr or hybrid.
+    node_port_mode: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -460,6 +462,13 @@ impl File {
             );
         }
         o.xdp_interfaces = (!kpx.xdp_interfaces.is_empty()).then(|| kpx.xdp_interfaces.clone());
+        if !kpx.node_port_mode.is_empty() {
+            o.nodeport_mode = Some(
+                kpx.node_port_mode
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("field kpx.nodePortMode: {e}"))?,
+            );
+        }
         let ipvs_set = ipvs.exclude_cidrs.as_ref().is_some_and(|v| !v.is_empty())
             || ipvs.strict_arp
             || !ipvs.tcp_timeout.0.is_zero()
@@ -790,7 +799,7 @@ kind: KubeProxyConfiguration
 featureGates: {SomeGate: true}
 enableProfiling: true
 ipvs: {scheduler: rr, strictARP: true}
-kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods, xdp: generic, xdpInterfaces: "eth*"}
+kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods, xdp: generic, xdpInterfaces: "eth*", nodePortMode: hybrid}
 conntrack: {tcpBeLiberal: true}
 configSyncPeriod: 15m
 clientConnection: {qps: 5, burst: 10}
@@ -824,6 +833,7 @@ logging: {format: json}
                 socket_lb_cgroup: Some("/run/kpx/pods".into()),
                 xdp: Some(crate::dataplane::xdp::Mode::Generic),
                 xdp_interfaces: Some("eth*".into()),
+                nodeport_mode: Some(crate::dataplane::node::NodePortMode::Hybrid),
                 ..Overrides::default()
             }
         );
@@ -845,6 +855,7 @@ logging: {format: json}
             ("clusterCidr: 198.18.0.0/16", "clusterCidr"),
             ("kpx: {socketLB: on}", "kpx.socketLB"),
             ("kpx: {xdp: fast}", "kpx.xdp"),
+            ("kpx: {nodePortMode: direct}", "kpx.nodePortMode"),
             ("iptables: {masqueradeBits: 14}", "iptables"),
             ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore"),
             ("iptables: {masqueradeBit: 32}", "iptables.masqueradeBit"),

@@ -52,6 +52,8 @@ pub struct Overrides {
     pub xdp: Option<crate::dataplane::xdp::Mode>,
     /// `kpx.xdpInterfaces` / `--xdp-interfaces`.
     pub xdp_interfaces: Option<String>,
+    /// `kpx.nodePortMode` / `--nodeport-mode`.
+    pub nodeport_mode: Option<crate::dataplane::node::NodePortMode>,
 }
 
 impl Overrides {
@@ -85,6 +87,7 @@ impl Overrides {
             socket_lb_cgroup: self.socket_lb_cgroup.or(lower.socket_lb_cgroup),
             xdp: self.xdp.or(lower.xdp),
             xdp_interfaces: self.xdp_interfaces.or(lower.xdp_interfaces),
+            nodeport_mode: self.nodeport_mode.or(lower.nodeport_mode),
         }
     }
 }

@@ -13,8 +13,6 @@ pub struct EndpointInfo {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// On this node.
-    pub local: bool,
     pub zone_hints: Vec<String>,
     pub node_hints: Vec<String>,
 }
@@ -79,17 +77,18 @@ fn port_endpoints(port: &SvcPort, slices: &[&Slice], node: &NodeInfo) -> Vec<End
             }
             for (i, e) in sl.endpoints.iter().enumerate() {
                 let hints = sl.hints_of(i);
+                let local =
+                    !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str());
                 let endpoint = Endpoint {
                     addr: e.addr,
                     port: *number,
+                    local,
                 };
                 let info = EndpointInfo {
                     endpoint,
                     ready: e.ready,
                     serving: e.serving,
                     terminating: e.terminating,
-                    local: !node.name.is_empty()
-                        && e.node_name.as_deref() == Some(node.name.as_str()),
                     zone_hints: hints.map_or_else(Vec::new, |h| h.zones.clone()),
                     node_hints: hints.map_or_else(Vec::new, |h| h.nodes.clone()),
                 };
@@ -147,9 +146,9 @@ fn categorize(mut sp: ServicePort, node: &NodeInfo) -> ServicePort {
     if cluster.is_empty() {
         cluster = pick(&|e| e.serving && e.terminating);
     }
-    let mut local = pick(&|e| e.local && e.ready);
+    let mut local = pick(&|e| e.endpoint.local && e.ready);
     if local.is_empty() {
-        local = pick(&|e| e.local && e.serving && e.terminating);
+        local = pick(&|e| e.endpoint.local && e.serving && e.terminating);
     }
     sp.has_any_endpoints = sp
         .endpoints
@@ -168,7 +167,7 @@ pub fn local_ready_endpoints(ports: &[ServicePort]) -> usize {
     ports
         .iter()
         .flat_map(|p| &p.endpoints)
-        .filter(|e| e.local && e.ready)
+        .filter(|e| e.endpoint.local && e.ready)
         .map(|e| e.endpoint.addr)
         .collect::<std::collections::BTreeSet<_>>()
         .len()

@@ -116,6 +116,9 @@ pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 pub struct Endpoint {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// On this node (its `nodeName` is the node's): direct server return
+    /// sends flows to it without encapsulation.
+    pub local: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

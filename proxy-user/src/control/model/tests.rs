@@ -64,6 +64,7 @@ fn ep(addr: &str, port: u16) -> Endpoint {
     Endpoint {
         addr: addr.parse().unwrap(),
         port,
+        local: false,
     }
 }
 

@@ -250,6 +250,7 @@ mod tests {
             addr: Ipv4Addr::new(198, 18, 0, n),
             port: 80,
             proto: proxy_common::IPPROTO_TCP,
+            local: false,
         }
     }
 

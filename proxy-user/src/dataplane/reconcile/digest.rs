@@ -100,6 +100,7 @@ mod tests {
             addr: Ipv4Addr::new(198, 19, 0, a),
             port: 80,
             proto: 6,
+            local: a == 0,
         });
         prop_oneof![
             (key.clone(), 0u32..3, 0u32..4).prop_map(|(k, svc_id, count)| Op::PutService(

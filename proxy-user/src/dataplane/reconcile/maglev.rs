@@ -126,6 +126,7 @@ mod tests {
                     addr: Ipv4Addr::from(0xc612_0000 + i),
                     port: 8080,
                     proto: 6,
+                    local: false,
                 };
                 (b, i)
             })

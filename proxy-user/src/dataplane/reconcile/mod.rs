@@ -75,6 +75,7 @@ fn backend(e: &Endpoint, proto: u8) -> BackendAddr {
         addr: e.addr,
         port: e.port,
         proto,
+        local: e.local,
     }
 }
 

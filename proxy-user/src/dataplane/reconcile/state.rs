@@ -21,6 +21,8 @@ pub struct BackendAddr {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
+    /// On this node (`BACKEND_F_LOCAL`).
+    pub local: bool,
 }
 
 /// What the control-plane maps hold (or will hold), in host byte order.

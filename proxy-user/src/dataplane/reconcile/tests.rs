@@ -36,6 +36,7 @@ fn desired(spec: &[Spec]) -> Desired {
                     .map(|(a, p)| Endpoint {
                         addr: a.parse().unwrap(),
                         port: *p,
+                        local: false,
                     })
                     .collect(),
                 ..Frontend::default()
@@ -227,6 +228,7 @@ mod random {
                 .map(|h| Endpoint {
                     addr: std::net::Ipv4Addr::new(198, 18, 1, h),
                     port: 8080,
+                    local: false,
                 })
                 .collect()
         })
@@ -332,7 +334,7 @@ mod random {
             let mut state = m.state.clone();
             for id in &stray_ids {
                 state.slots.insert(SlotKey { svc_id: *id, slot: 0 }, *id);
-                state.backends.insert(*id, BackendAddr { addr: (*id).into(), port: 1, proto: IPPROTO_TCP });
+                state.backends.insert(*id, BackendAddr { addr: (*id).into(), port: 1, proto: IPPROTO_TCP, local: false });
                 state.names.insert(*id, "gone".into());
                 state.ranges.entry(*id).or_default().insert("198.18.0.0/15".parse().unwrap());
                 state.addrs.insert((*id).into(), 1);
