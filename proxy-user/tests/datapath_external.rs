@@ -8,10 +8,10 @@ mod support;
 
 use kpx::{control::cidr::Cidr, dataplane::maps::range_key, dataplane::node::PortRange};
 use proxy_common::{
-    wire, Counter, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_FROM_NODE,
-    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS,
-    NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
-    SVC_F_SOURCE_RANGES,
+    wire, Counter, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_DSR_ENCAP,
+    CT_F_FROM_NODE, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
+    LOCAL_SLOTS, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
 };
 use support::*;
 use testbed::Netns;
@@ -351,12 +351,11 @@ fn the_nodes_own_flows_are_translated_at_egress_and_translated_packets_skipped()
     assert_eq!(out.verdict, TC_ACT_UNSPEC);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn translated_packets_go_straight_to_the_fib_next_hop() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    let ns = Netns::create(&format!("kpxfib{}", std::process::id())).unwrap();
+/// A namespace whose FIB forwards to the backends B1..B3 out of `out0`
+/// (198.18.1.254/24, MAC 02::aa; the backends' MAC 02::bb, resolved), and
+/// its file for [`run_in`]. The namespace goes with the `Netns`.
+fn fib_netns(prefix: &str) -> (Netns, std::fs::File) {
+    let ns = Netns::create(&format!("{prefix}{}", std::process::id())).unwrap();
     ns.sysctl("net/ipv4/ip_forward", "1").unwrap();
     ns.ip(&["link", "set", "lo", "up"]).unwrap();
     ns.ip(&[
@@ -384,6 +383,15 @@ fn translated_packets_go_straight_to_the_fib_next_hop() {
         .unwrap();
     }
     let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    (ns, file)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn translated_packets_go_straight_to_the_fib_next_hop() {
+    let mut dp = datapath();
+    node(&mut dp, false);
+    let (_ns, file) = fib_netns("kpxfib");
     let frame = Pkt::new(POD, 1000, VIP, 80, SYN).build();
     let out = run_in(&mut dp, &frame, false, &file);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to out0");
@@ -606,4 +614,319 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
     assert_eq!((seen.dst, seen.dport), (ip("198.18.3.7"), 8080));
     assert_eq!(out.frame()[14 + 8], 64, "the stack (or tc) forwards it");
     assert_eq!(event(&mut dp, Event::XdpStack), 1);
+}
+
+// Direct server return (`--nodeport-mode=dsr|hybrid`).
+
+/// The node of [`nodeport_30080`] with NodePort 30053/UDP too (service 2),
+/// and direct server return for `flags` (`CFG_F_DSR_*`).
+fn dsr_node(flags: u32) -> kpx::dataplane::maps::Datapath {
+    let mut dp = nodeport_30080();
+    frontend(
+        &mut dp,
+        (NODEPORT_ADDR, 30053, IPPROTO_UDP),
+        2,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let mut cfg = dp.maps.config.get(&0, 0).unwrap();
+    cfg.flags |= flags;
+    dp.maps.set_config(&cfg).unwrap();
+    dp
+}
+
+/// A frame direct server return sent, taken apart: the outer headers
+/// checked field by field against the format (`proxy_common::dsr`), the
+/// service address the option carries, and the inner packet as a frame.
+struct Geneve {
+    outer_src: std::net::Ipv4Addr,
+    outer_dst: std::net::Ipv4Addr,
+    svc: (std::net::Ipv4Addr, u16),
+    inner: Vec<u8>,
+}
+
+fn geneve(frame: &[u8]) -> Geneve {
+    use proxy_common::dsr::{ENCAP_LEN, GENEVE_PORT};
+    let (iph, rest) = etherparse::Ipv4Header::from_slice(&frame[14..]).expect("outer IPv4");
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "outer checksum"
+    );
+    assert_eq!(iph.protocol, etherparse::IpNumber::UDP);
+    assert!(iph.dont_fragment && iph.time_to_live == 64);
+    assert_eq!(iph.total_len as usize, frame.len() - 14);
+    let (udp, rest) = etherparse::UdpHeader::from_slice(rest).expect("outer UDP");
+    assert_eq!(udp.destination_port, GENEVE_PORT);
+    assert!(
+        udp.source_port >= 0xc000,
+        "an ephemeral port: {}",
+        udp.source_port
+    );
+    assert_eq!(udp.length as usize, frame.len() - 14 - 20);
+    assert_eq!(udp.checksum, 0);
+    // Version 0, 3 words of options, no flags, IPv4, VNI 0; the option:
+    // class 0xff7b, type 1, 2 words.
+    assert_eq!(&rest[..8], &[0x03, 0, 0x08, 0, 0, 0, 0, 0]);
+    assert_eq!(&rest[8..12], &[0xff, 0x7b, 0x01, 0x02]);
+    let svc = (
+        std::net::Ipv4Addr::new(rest[12], rest[13], rest[14], rest[15]),
+        u16::from_be_bytes([rest[16], rest[17]]),
+    );
+    assert_eq!(&rest[18..20], &[0, 0]);
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(&frame[14 + ENCAP_LEN..]);
+    Geneve {
+        outer_src: iph.source.into(),
+        outer_dst: iph.destination.into(),
+        svc,
+        inner,
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_sends_a_flows_syns_to_the_backends_node_in_geneve_and_the_rest_plain() {
+    let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = fib_netns("kpxdsr");
+    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
+    let out = run_in(&mut dp, &syn, false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to out0");
+    assert_eq!(
+        &out.bytes[0..12],
+        &[2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 0xaa]
+    );
+    let g = geneve(&out.bytes);
+    // The client's address is kept: the flow is not masqueraded.
+    let seen = inspect(&g.inner);
+    assert_eq!(
+        (seen.src, seen.sport, seen.dport),
+        (ip(OUTSIDE), 40000, 8080)
+    );
+    assert!([ip(B1), ip(B2), ip(B3)].contains(&seen.dst));
+    assert_eq!(g.inner[14 + 8], 63, "the inner packet was forwarded once");
+    // Outer: from the address the route to the backend picks, to the
+    // backend (the fabric routes it as the flow's other packets).
+    assert_eq!((g.outer_src, g.outer_dst), (ip("198.18.1.254"), seen.dst));
+    assert_eq!(g.svc, (ip(NODE), 30080), "the address the client used");
+    let key = ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP);
+    let original = ct(&dp, key);
+    assert_eq!(
+        original.flags & (CT_F_SNAT | CT_F_DSR_ENCAP),
+        CT_F_DSR_ENCAP
+    );
+    assert_eq!(event(&mut dp, Event::DsrEncap), 1);
+    assert_eq!(event(&mut dp, Event::Masqueraded), 0);
+    // The client's retransmitted SYN goes the same way, to the same backend.
+    let out = run_in(&mut dp, &syn, false, &file);
+    assert_eq!(geneve(&out.bytes).outer_dst, seen.dst);
+    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
+    // Its ACK (the SYN-ACK never passed here) establishes the flow and
+    // goes plain, translated as the flow's packets are.
+    let ack = Pkt::new(OUTSIDE, 40000, NODE, 30080, ACK).build();
+    let out = run_in(&mut dp, &ack, false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let plain = inspect(&out.bytes);
+    assert_eq!(
+        (plain.src, plain.dst, plain.dport),
+        (ip(OUTSIDE), seen.dst, 8080)
+    );
+    let (table, _) = dp.maps.ct_get(&key).expect("the flow");
+    assert_eq!(table, kpx::dataplane::maps::CtTable::Tcp, "established");
+    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
+    let out = run_in(&mut dp, &ack, false, &file);
+    assert_eq!(inspect(&out.bytes).dst, seen.dst);
+    // hybrid: UDP is masqueraded, as without DSR.
+    let out = run_in(
+        &mut dp,
+        &Pkt::new(OUTSIDE, 5000, NODE, 30053, UDP).build(),
+        false,
+        &file,
+    );
+    assert_eq!(inspect(&out.bytes).src, ip("198.18.1.254"));
+    // Pods keep the reference's masquerade (DSR is for outside clients).
+    let out = run_in(
+        &mut dp,
+        &Pkt::new(POD, 5001, NODE, 30080, SYN).build(),
+        false,
+        &file,
+    );
+    assert_eq!(inspect(&out.bytes).src, ip("198.18.1.254"));
+    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_carries_udp_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_not() {
+    use proxy_common::{CFG_F_DSR_TCP, CFG_F_DSR_UDP};
+    let mut dp = dsr_node(CFG_F_DSR_TCP | CFG_F_DSR_UDP);
+    let (_ns, file) = fib_netns("kpxdsru");
+    let dgram = Pkt::new(OUTSIDE, 5000, NODE, 30053, UDP).build();
+    for n in 1..=3 {
+        let out = run_in(&mut dp, &dgram, false, &file);
+        let g = geneve(&out.bytes);
+        let seen = inspect(&g.inner);
+        assert_eq!((seen.src, seen.dport), (ip(OUTSIDE), 5353));
+        assert_eq!(g.svc, (ip(NODE), 30053));
+        assert_eq!(event(&mut dp, Event::DsrEncap), n, "every datagram");
+    }
+    // A first datagram that would not fit out0's MTU with 48 bytes more:
+    // its flow is masqueraded, as without DSR, and counted.
+    let mut big = Pkt::new(OUTSIDE, 5001, NODE, 30053, UDP);
+    big.payload = vec![7; 1500 - 20 - 8 - 20];
+    let out = run_in(&mut dp, &big.build(), false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let seen = inspect(&out.bytes);
+    assert_eq!(seen.src, ip("198.18.1.254"), "masqueraded");
+    assert!((20000..=20255).contains(&seen.sport));
+    assert_eq!(event(&mut dp, Event::DsrFallback), 1);
+    // A DSR flow's datagram that does not fit goes plain: its flow is
+    // known at the backend's node.
+    let mut big = Pkt::new(OUTSIDE, 5000, NODE, 30053, UDP);
+    big.payload = vec![7; 1500 - 20 - 8 - 20];
+    let out = run_in(&mut dp, &big.build(), false, &file);
+    let seen = inspect(&out.bytes);
+    assert_eq!((seen.src, seen.dport), (ip(OUTSIDE), 5353));
+    assert_eq!(event(&mut dp, Event::DsrEncap), 3);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve() {
+    let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
+    // Service 3: one backend, on this node.
+    dp.maps
+        .slots
+        .insert(
+            SlotKey { svc_id: 3, slot: 0 },
+            proxy_common::Slot {
+                backend_id: 9,
+                backend: proxy_common::Backend {
+                    addr: wire::addr(ip(B1)),
+                    port: wire::port(8080),
+                    proto: IPPROTO_TCP,
+                    flags: proxy_common::BACKEND_F_LOCAL,
+                },
+            },
+            0,
+        )
+        .unwrap();
+    frontend(
+        &mut dp,
+        (NODEPORT_ADDR, 30081, IPPROTO_TCP),
+        3,
+        1,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let (_ns, file) = fib_netns("kpxdsrl");
+    let out = run_in(
+        &mut dp,
+        &Pkt::new(OUTSIDE, 40000, NODE, 30081, SYN).build(),
+        false,
+        &file,
+    );
+    let seen = inspect(&out.bytes);
+    assert_eq!(
+        (seen.src, seen.dst),
+        (ip(OUTSIDE), ip(B1)),
+        "plain, client kept"
+    );
+    assert_eq!(event(&mut dp, Event::DsrEncap), 0);
+    // Its reply comes back through this node: translated as any.
+    let out = run(&mut dp, &reply(&seen, SYN_ACK));
+    let back = inspect(&out.bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst),
+        (ip(NODE), 30081, ip(OUTSIDE))
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_leaves_a_dsr_flows_first_packet_to_tc_untouched() {
+    let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
+    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
+    let out = run_xdp(&mut dp, &syn);
+    assert_eq!(out.verdict, XDP_PASS);
+    assert!(!out.marked());
+    assert_eq!(out.frame(), &syn[..], "untouched");
+    assert!(dp
+        .maps
+        .ct_get(&ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP))
+        .is_none());
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_service() {
+    // Node A balances; its Geneve packet is node B's input.
+    let mut a = dsr_node(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = fib_netns("kpxdsrb");
+    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
+    let sent = run_in(&mut a, &syn, false, &file).bytes;
+    let g = geneve(&sent);
+    let backend = inspect(&g.inner);
+    // Node B serves the same Services (its own ids) and has no DSR setting:
+    // receiving needs none.
+    let mut b = datapath();
+    cluster(&mut b);
+    frontend(
+        &mut b,
+        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let out = run(&mut b, &sent);
+    // The empty namespace's FIB cannot say: up the stack, out of Geneve.
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.bytes.len(), g.inner.len(), "48 bytes fewer");
+    assert_eq!(inspect(&out.bytes), backend, "the packet node A translated");
+    assert_eq!(event(&mut b, Event::DsrDecap), 1);
+    let original = ct(&b, ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP));
+    assert_eq!(
+        original.flags & proxy_common::CT_F_DSR_DECAP,
+        proxy_common::CT_F_DSR_DECAP
+    );
+    // The backend's SYN-ACK, at its interface: from the service address,
+    // straight to the client.
+    let out = run(&mut b, &reply(&backend, SYN_ACK));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let back = inspect(&out.bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip(NODE), 30080, ip(OUTSIDE), 40000)
+    );
+    // The retransmitted SYN, in Geneve again: delivered, the flow kept.
+    let out = run(&mut b, &sent);
+    assert_eq!(inspect(&out.bytes), backend);
+    assert_eq!(event(&mut b, Event::DsrDecap), 1);
+    // Not DSR's: left as they are.
+    let mut other_class = sent.clone();
+    other_class[14 + 28 + 8] = 0x01;
+    let mut other_dst = sent.clone();
+    other_dst[14 + 48 + 19] ^= 1; // the inner destination, not the outer one
+    let truncated = {
+        let mut t = Pkt::new(OUTSIDE, 40000, &backend.dst.to_string(), 6081, UDP);
+        t.payload = sent[14 + 28..14 + 28 + 12].to_vec();
+        t.build()
+    };
+    for (what, frame) in [
+        ("another option class", &other_class),
+        ("inner and outer destinations differ", &other_dst),
+        ("shorter than the headers", &truncated),
+    ] {
+        let out = run(&mut b, frame);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
+        assert_eq!(&out.bytes, frame, "{what}");
+    }
+    // A service node B does not serve: dropped, counted.
+    let mut unknown = sent.clone();
+    unknown[14 + 28 + 16 + 1] ^= 1; // the carried port: 30081
+    let out = run(&mut b, &unknown);
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
 }

@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED,
-    CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
+    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP,
+    CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{

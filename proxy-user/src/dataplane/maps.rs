@@ -23,9 +23,9 @@ use crate::{
     dataplane::{batch, layout},
 };
 use proxy_common::{
-    map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, BACKEND_F_LOCAL, CtKey, CtValue,
+    map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
     DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
-    SlotKey, SockValue, SrcRange, SERVICE_NAME_LEN,
+    SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, SERVICE_NAME_LEN,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
