@@ -26,8 +26,8 @@
 use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, programs::TcContext};
 use proxy_common::{
     dsr::{ENCAP_LEN, GENEVE_PORT, OPT_CLASS, OPT_LEN_WORDS, OPT_TYPE, OPT_WORDS, PROTO_IPV4},
-    flow_hash, Backend, Counter, CtKey, DropReason, Event, CT_F_DSR_DECAP,
-    CT_F_DSR_ENCAP, IPPROTO_UDP,
+    flow_hash, Backend, Counter, CtKey, DropReason, Event, CT_F_DSR_DECAP, CT_F_DSR_ENCAP,
+    IPPROTO_UDP,
 };
 
 use crate::{
@@ -337,7 +337,8 @@ fn carried(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Carried> {
     if g.geneve[0] != geneve_word() || g.option[0] != option_word() {
         return None;
     }
-    let inner_dst: u32 = <TcContext as Packet>::load(ctx, pkt.l3_off + ENCAP_LEN + parse::ip::DADDR).ok()?;
+    let inner_dst: u32 =
+        <TcContext as Packet>::load(ctx, pkt.l3_off + ENCAP_LEN + parse::ip::DADDR).ok()?;
     if inner_dst != pkt.dst {
         return None;
     }
@@ -443,6 +444,7 @@ fn rewrite(ctx: &TcContext, pkt: &Ipv4Packet, to: &CtKey, route: Route) -> Resul
 /// The inner packet's protocol, TCP or UDP (else None: not DSR's).
 #[inline(always)]
 fn outer_inner_proto(ctx: &TcContext, outer: &Ipv4Packet) -> Option<u8> {
-    let proto: u8 = <TcContext as Packet>::load(ctx, outer.l3_off + ENCAP_LEN + parse::ip::TTL + 1).ok()?;
+    let proto: u8 =
+        <TcContext as Packet>::load(ctx, outer.l3_off + ENCAP_LEN + parse::ip::TTL + 1).ok()?;
     (proto == proxy_common::IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
 }

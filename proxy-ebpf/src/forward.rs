@@ -154,13 +154,7 @@ pub fn route<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Rou
 /// As [`route`], for a packet of `len` IP bytes (a packet about to be
 /// encapsulated, checked against the route's MTU with its new size).
 #[inline(always)]
-pub fn route_sized<P: Packet>(
-    ctx: &P,
-    pkt: &Ipv4Packet,
-    t: &CtKey,
-    hook: Hook,
-    len: u16,
-) -> Route {
+pub fn route_sized<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook, len: u16) -> Route {
     let ifindex = ctx.ifindex();
     // A forwarded packet is looked up as arriving where it did. The node's
     // own packet as if it came from loopback: an output lookup would be
@@ -260,9 +254,9 @@ pub fn send(ctx: &TcContext, route: Route) -> i32 {
     let action = match route.via {
         Via::Stack => None,
         // SAFETY: no parameters: the kernel resolves the next hop itself.
-        Via::Neigh => Some(
-            unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
-        ),
+        Via::Neigh => {
+            Some(unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+        }
         Via::Mac if route.stay => Some(TC_ACT_OK),
         // SAFETY: plain helper call: egress of the FIB's interface.
         Via::Mac => Some(unsafe { bpf_redirect(route.ifindex, 0) } as i32),

@@ -36,8 +36,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, BACKEND_F_LOCAL,
-    CT_DIR_REPLY, CT_F_FROM_NODE, SVC_F_EXTERNAL, SVC_F_LOCAL,
-    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED,
+    SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -382,10 +382,7 @@ fn established<P: Packet>(
     // Untouched here: tc puts it in Geneve (XDP passes it on). One that
     // does not fit (`dsr` false) goes as the flow's others: its flow is
     // known at the backend's node from the packets before.
-    if dsr
-        && hook == Hook::Ingress
-        && conntrack::dsr_encapsulates(found, pkt.proto, is_syn(pkt))
-    {
+    if dsr && hook == Hook::Ingress && conntrack::dsr_encapsulates(found, pkt.proto, is_syn(pkt)) {
         return if P::XDP {
             Verdict::Pass(Counter::PassNotHandled)
         } else {

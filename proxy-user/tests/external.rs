@@ -522,3 +522,82 @@ fn native_xdp_on_a_veth_whose_peer_takes_its_frames_answers_as_tc_does() {
     let bed = bed_with(&["--xdp=native"], true);
     xdp_answers_as_tc_does(&bed, "native");
 }
+
+/// `--nodeport-mode=dsr`: the flows a node balances to a backend on
+/// another node keep the client's address, and that node answers the
+/// client itself, from the service address: the balancing node never sees
+/// a reply.
+#[test]
+#[ignore = "needs root"]
+fn dsr_keeps_the_client_address_and_answers_from_the_backends_node() {
+    let bed = bed_with(&["--nodeport-mode=dsr"], false);
+    let (n1, n2) = (&bed.nodes[0], &bed.nodes[1]);
+    let client = &bed.clients[0];
+    let ip1 = MultiNode::node_ip(1);
+    for n in [n1, n2] {
+        let log = n.agent_log();
+        assert!(log.contains("NodePort mode: dsr"), "{log}");
+    }
+    // Both backends see the client itself, through node 1's NodePort, LB
+    // IP and external IP alike; the replies come from the address asked
+    // (the TCP connection is made, the UDP answer's source is checked).
+    let both = [("a1", CLIENT), ("b1", CLIENT)];
+    reaches(&bed, client, at(ip1, 30080), &both);
+    reaches(&bed, client, at(WEB_LB, 80), &both);
+    reaches(&bed, client, at(WEB_EXT, 80), &both);
+    assert!(
+        event_count(n1, Event::DsrEncap) > 0,
+        "nothing sent in Geneve"
+    );
+    assert!(event_count(n2, Event::DsrDecap) > 0, "nothing received");
+    assert_eq!(event_count(n1, Event::Masqueraded), 0);
+    // Node 1 never saw a reply of a flow it sent to b1; node 2 translated
+    // them: its entries for those flows have seen their replies.
+    let flows = |n: &Cluster, flag: u16| {
+        let maps = MapSet::open_pinned(&n.bpffs()).unwrap();
+        let entries = maps.ct_entries();
+        entries
+            .iter()
+            .filter(|(_, _, v)| v.flags & flag != 0 && v.dir == proxy_common::CT_DIR_ORIGINAL)
+            .map(|(_, k, v)| {
+                let reply = entries
+                    .iter()
+                    .find(|(_, rk, _)| *rk == v.partner(k))
+                    .map(|(_, _, r)| r.flags & proxy_common::CT_F_SEEN_REPLY != 0);
+                (k.src_addr, reply)
+            })
+            .collect::<Vec<_>>()
+    };
+    let sent = flows(n1, proxy_common::CT_F_DSR_ENCAP);
+    assert!(!sent.is_empty());
+    for (src, replied) in &sent {
+        assert_eq!(*src, proxy_common::wire::addr(CLIENT));
+        assert_eq!(*replied, Some(false), "node 1 saw a reply: {sent:?}");
+    }
+    let received = flows(n2, proxy_common::CT_F_DSR_DECAP);
+    assert!(!received.is_empty());
+    assert!(
+        received.iter().all(|(_, r)| *r == Some(true)),
+        "node 2 did not translate the replies: {received:?}"
+    );
+    // kpx dump shows which is which.
+    let ct = String::from_utf8_lossy(&bed::kpx_dump(&n1.bpffs(), &["conntrack"])).into_owned();
+    assert!(ct.contains("dnat+dsr "), "{ct}");
+    let ct = String::from_utf8_lossy(&bed::kpx_dump(&n2.bpffs(), &["conntrack"])).into_owned();
+    assert!(ct.contains("dnat+dsr-backend"), "{ct}");
+    // What DSR does not apply to keeps the reference's answers: the Local
+    // policy, a cluster IP from outside (masqueraded), a source range.
+    reaches(
+        &bed,
+        client,
+        at(MultiNode::node_ip(2), 30081),
+        &[("b1", CLIENT)],
+    );
+    reaches(
+        &bed,
+        client,
+        at(WEB_VIP, 80),
+        &[("a1", GATEWAY), ("b1", ip1)],
+    );
+    dropped(&bed.clients[1], at(FW_LB, 80), n1, DropReason::SourceRange);
+}

@@ -114,6 +114,17 @@ impl Agent {
             return;
         }
         if ops.iter().any(|op| matches!(op, Op::SetConfig(_))) {
+            log::info!(
+                "NodePort mode: {} ({})",
+                self.cfg.nodeport_mode,
+                match self.cfg.nodeport_mode {
+                    node::NodePortMode::Snat =>
+                        "outside clients of Cluster-policy external frontends are masqueraded",
+                    node::NodePortMode::Dsr => "direct server return for TCP and UDP: a backend on another node sees the client and answers it directly",
+                    node::NodePortMode::Hybrid =>
+                        "direct server return for TCP, masquerade for UDP",
+                }
+            );
             match primary {
                 None => log::warn!(
                     "no node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded"

@@ -6,9 +6,9 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, Event, ServiceStats, CT_DIR_ORIGINAL, CT_F_FROM_NODE, CT_F_SNAT,
-    IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
-    SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    wire, CtKey, CtValue, Event, ServiceStats, CT_DIR_ORIGINAL, CT_F_DSR_DECAP, CT_F_DSR_ENCAP,
+    CT_F_FROM_NODE, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 use serde::Serialize;
 
@@ -431,7 +431,10 @@ pub struct CtRow {
     /// "original" (client → frontend) or "reply" (backend → client).
     pub direction: &'static str,
     /// "dnat", or "masq" for a masqueraded flow (source rewritten too); with
-    /// "+node" for a flow the node itself started.
+    /// "+node" for a flow the node itself started, "+dsr" for a direct
+    /// server return flow balanced here (its replies leave from the
+    /// backend's node), "+dsr-backend" for one another node balanced to a
+    /// backend here.
     pub nat: String,
     /// The tuple as the packet arrives.
     pub src: String,
@@ -495,6 +498,12 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
                 },
                 if v.flags & CT_F_FROM_NODE != 0 {
                     "+node"
+                } else if v.flags & CT_F_DSR_ENCAP != 0 {
+                    // Balanced here, answered by the backend's node.
+                    "+dsr"
+                } else if v.flags & CT_F_DSR_DECAP != 0 {
+                    // Another node balanced it: replies leave from here.
+                    "+dsr-backend"
                 } else {
                     ""
                 }
