@@ -27,7 +27,7 @@ use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, programs::TcContex
 use proxy_common::{
     dsr::{ENCAP_LEN, GENEVE_PORT, OPT_CLASS, OPT_LEN_WORDS, OPT_TYPE, OPT_WORDS, PROTO_IPV4},
     flow_hash, Backend, Counter, CtKey, DropReason, Event, CT_F_DSR_DECAP, CT_F_DSR_ENCAP,
-    IPPROTO_UDP,
+    IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -393,12 +393,20 @@ fn take(ctx: &TcContext, outer: &Ipv4Packet) -> Option<Verdict> {
     };
     let key = CtKey::new(pkt.src, c.svc_addr, pkt.sport, c.svc_port, pkt.proto);
     // Known already (a retransmitted SYN, a UDP flow's next datagram): its
-    // entry refreshed, the packet delivered.
+    // entry refreshed, the packet delivered. An entry of an earlier flow
+    // with the client's tuple (closed, and the new SYN reuses it; or to
+    // another backend) gives way to the new one, as at the balancing node.
     if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
-        let (e, _) = conntrack::touch(found, &key, pkt.tcp_flags);
-        stats::service(e.svc_id, ctx.len(), false, false, false);
-        stats::count(Counter::CtOriginal);
-        return Some(deliver(ctx, &pkt));
+        // SAFETY: as in `conntrack::touch`; copied at once.
+        let same = unsafe { *found.entry }.translate(&key) == pkt.tuple();
+        let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN;
+        if same && !(syn && conntrack::closed_original(found.entry)) {
+            let (e, _) = conntrack::touch(found, &key, pkt.tcp_flags);
+            stats::service(e.svc_id, ctx.len(), false, false, false);
+            stats::count(Counter::CtOriginal);
+            return Some(deliver(ctx, &pkt));
+        }
+        conntrack::remove_flow(&key, found);
     }
     let backend = Backend {
         addr: pkt.dst,

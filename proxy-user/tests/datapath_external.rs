@@ -930,3 +930,86 @@ fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_ser
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
 }
+
+/// A Geneve frame as direct server return's sender writes it (built here
+/// from the format, not by the datapath): `inner` in Geneve from `from` to
+/// the inner destination, with the service address `svc`.
+fn geneve_frame(from: &str, inner: &Pkt, svc: (&str, u16)) -> Vec<u8> {
+    let inner = inner.build();
+    let ip_len = inner.len() - 14;
+    let mut opt = vec![0x03, 0, 0x08, 0, 0, 0, 0, 0, 0xff, 0x7b, 0x01, 0x02];
+    opt.extend_from_slice(&ip(svc.0).octets());
+    opt.extend_from_slice(&svc.1.to_be_bytes());
+    opt.extend_from_slice(&[0, 0]);
+    let udp = etherparse::UdpHeader {
+        source_port: 0xc123,
+        destination_port: proxy_common::dsr::GENEVE_PORT,
+        length: (8 + opt.len() + ip_len) as u16,
+        checksum: 0,
+    };
+    let mut iph = etherparse::Ipv4Header::new(
+        udp.length,
+        64,
+        etherparse::IpNumber::UDP,
+        ip(from).octets(),
+        inner[14 + 16..14 + 20].try_into().unwrap(),
+    )
+    .unwrap();
+    iph.dont_fragment = true;
+    iph.header_checksum = iph.calc_header_checksum();
+    let mut out = inner[..14].to_vec();
+    iph.write(&mut out).unwrap();
+    udp.write(&mut out).unwrap();
+    out.extend_from_slice(&opt);
+    out.extend_from_slice(&inner[14..]);
+    out
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {
+    let mut b = datapath();
+    cluster(&mut b);
+    frontend(
+        &mut b,
+        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let svc = ("198.18.128.9", 30080);
+    let to = |backend: &str, l4| Pkt::new(OUTSIDE, 40000, backend, 8080, l4);
+    let out = run(&mut b, &geneve_frame("198.18.128.9", &to(B2, SYN), svc));
+    assert_eq!(inspect(&out.bytes).dst, ip(B2));
+    let syn_ack = Pkt::new(B2, 8080, OUTSIDE, 40000, SYN_ACK).build();
+    assert_eq!(inspect(&run(&mut b, &syn_ack).bytes).src, ip(svc.0));
+    // The client closes, and opens again from the same port; node A picks
+    // B3 this time. B3's replies must leave from the service too.
+    let fin = Pkt::new(B2, 8080, OUTSIDE, 40000, FIN_ACK).build();
+    run(&mut b, &fin);
+    let out = run(&mut b, &geneve_frame("198.18.128.9", &to(B3, SYN), svc));
+    assert_eq!(inspect(&out.bytes).dst, ip(B3));
+    let syn_ack = Pkt::new(B3, 8080, OUTSIDE, 40000, SYN_ACK).build();
+    let back = inspect(&run(&mut b, &syn_ack).bytes);
+    assert_eq!((back.src, back.sport), (ip(svc.0), 30080));
+    assert_eq!(event(&mut b, Event::DsrDecap), 2);
+    // A UDP flow whose backend changed (node A's entry expired, the
+    // client's port reused): the new backend wins at once.
+    frontend(
+        &mut b,
+        (NODEPORT_ADDR, 30053, IPPROTO_UDP),
+        2,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let svc = ("198.18.128.9", 30053);
+    for backend in [B1, B2] {
+        let dgram = Pkt::new(OUTSIDE, 5000, backend, 5353, UDP);
+        run(&mut b, &geneve_frame("198.18.128.9", &dgram, svc));
+        let answer = Pkt::new(backend, 5353, OUTSIDE, 5000, UDP).build();
+        let back = inspect(&run(&mut b, &answer).bytes);
+        assert_eq!((back.src, back.sport), (ip(svc.0), 30053), "{backend}");
+    }
+}
