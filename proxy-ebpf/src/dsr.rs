@@ -310,6 +310,12 @@ fn encap(ctx: &TcContext, hdr: &Header) -> Result<(), ()> {
     ctx.store(ETH_HLEN, hdr, 0).map_err(|_| ())
 }
 
+/// A `T` at `off`: from the linear data by a plain load, else copied.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    parse::read_linear(ctx, off).or_else(|| <TcContext as Packet>::load(ctx, off).ok())
+}
+
 /// The option of a Geneve packet from another node's [`send`]: the
 /// service address and port the client used.
 struct Carried {
@@ -333,12 +339,11 @@ fn carried(ctx: &TcContext, pkt: &Ipv4Packet) -> Option<Carried> {
     if pkt.l4_off != pkt.l3_off + 20 || (pkt.ip_len() as usize) < ENCAP_LEN + 20 {
         return None;
     }
-    let g: GeneveOpt = <TcContext as Packet>::load(ctx, pkt.l4_off + 8).ok()?;
+    let g: GeneveOpt = read(ctx, pkt.l4_off + 8)?;
     if g.geneve[0] != geneve_word() || g.option[0] != option_word() {
         return None;
     }
-    let inner_dst: u32 =
-        <TcContext as Packet>::load(ctx, pkt.l3_off + ENCAP_LEN + parse::ip::DADDR).ok()?;
+    let inner_dst: u32 = read(ctx, pkt.l3_off + ENCAP_LEN + parse::ip::DADDR)?;
     if inner_dst != pkt.dst {
         return None;
     }
@@ -452,7 +457,6 @@ fn rewrite(ctx: &TcContext, pkt: &Ipv4Packet, to: &CtKey, route: Route) -> Resul
 /// The inner packet's protocol, TCP or UDP (else None: not DSR's).
 #[inline(always)]
 fn outer_inner_proto(ctx: &TcContext, outer: &Ipv4Packet) -> Option<u8> {
-    let proto: u8 =
-        <TcContext as Packet>::load(ctx, outer.l3_off + ENCAP_LEN + parse::ip::TTL + 1).ok()?;
+    let proto: u8 = read(ctx, outer.l3_off + ENCAP_LEN + parse::ip::TTL + 1)?;
     (proto == proxy_common::IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
 }

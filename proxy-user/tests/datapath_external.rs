@@ -931,40 +931,6 @@ fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_ser
     assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
 }
 
-/// A Geneve frame as direct server return's sender writes it (built here
-/// from the format, not by the datapath): `inner` in Geneve from `from` to
-/// the inner destination, with the service address `svc`.
-fn geneve_frame(from: &str, inner: &Pkt, svc: (&str, u16)) -> Vec<u8> {
-    let inner = inner.build();
-    let ip_len = inner.len() - 14;
-    let mut opt = vec![0x03, 0, 0x08, 0, 0, 0, 0, 0, 0xff, 0x7b, 0x01, 0x02];
-    opt.extend_from_slice(&ip(svc.0).octets());
-    opt.extend_from_slice(&svc.1.to_be_bytes());
-    opt.extend_from_slice(&[0, 0]);
-    let udp = etherparse::UdpHeader {
-        source_port: 0xc123,
-        destination_port: proxy_common::dsr::GENEVE_PORT,
-        length: (8 + opt.len() + ip_len) as u16,
-        checksum: 0,
-    };
-    let mut iph = etherparse::Ipv4Header::new(
-        udp.length,
-        64,
-        etherparse::IpNumber::UDP,
-        ip(from).octets(),
-        inner[14 + 16..14 + 20].try_into().unwrap(),
-    )
-    .unwrap();
-    iph.dont_fragment = true;
-    iph.header_checksum = iph.calc_header_checksum();
-    let mut out = inner[..14].to_vec();
-    iph.write(&mut out).unwrap();
-    udp.write(&mut out).unwrap();
-    out.extend_from_slice(&opt);
-    out.extend_from_slice(&inner[14..]);
-    out
-}
-
 #[test]
 #[ignore = "needs root"]
 fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {

@@ -11,12 +11,13 @@ use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
     map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, Slot, SlotKey,
-    IPPROTO_TCP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SCHED_LC, SCHED_MH,
-    SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
+    CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
+    NODE_F_NODEPORT, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
 
 use super::{
-    icmp_error, ip, Pkt, ACK, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    geneve_frame, icmp_error, ip, Pkt, ACK, SYN, SYN_ACK, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    TC_ACT_UNSPEC, UDP,
 };
 
 const CLIENT: &str = "198.18.0.2";
@@ -30,6 +31,9 @@ const RR_VIP: &str = "198.19.0.13";
 const MAGLEV_VIP: &str = "198.19.0.14";
 const LC_VIP: &str = "198.19.0.15";
 const NODE_PORT: u16 = 30080;
+const DSR_NODE_PORT: u16 = 30053;
+/// Another node, which sends this one direct server return's Geneve.
+const OTHER_NODE: &str = "198.18.0.7";
 const BACKENDS: u32 = 10;
 
 /// One path: a packet, the hook, what the FIB answers, and the verdict the
@@ -59,23 +63,28 @@ const FORWARD: Fib = Fib::Forward {
 /// cluster CIDR and masquerade settings.
 pub fn vm() -> Result<Vm> {
     let mut vm = Vm::load(kpx::dataplane::maps::OBJECT)?;
-    service(&mut vm, 0, VIP, 80, 0, BACKENDS, 0)?;
+    service(&mut vm, 0, (VIP, 80, IPPROTO_TCP), 0, BACKENDS, 0)?;
     service(
         &mut vm,
         1,
-        "0.0.0.0",
-        NODE_PORT,
+        ("0.0.0.0", NODE_PORT, IPPROTO_TCP),
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
         BACKENDS,
         0,
     )?;
-    service(&mut vm, 2, AFFINITY_VIP, 80, 0, BACKENDS, 10_800)?;
-    service(&mut vm, 3, EMPTY_VIP, 80, 0, 0, 0)?;
+    service(
+        &mut vm,
+        2,
+        (AFFINITY_VIP, 80, IPPROTO_TCP),
+        0,
+        BACKENDS,
+        10_800,
+    )?;
+    service(&mut vm, 3, (EMPTY_VIP, 80, IPPROTO_TCP), 0, 0, 0)?;
     service(
         &mut vm,
         4,
-        RR_VIP,
-        80,
+        (RR_VIP, 80, IPPROTO_TCP),
         SCHED_RR << SVC_SCHED_SHIFT,
         BACKENDS,
         0,
@@ -83,8 +92,7 @@ pub fn vm() -> Result<Vm> {
     service(
         &mut vm,
         5,
-        MAGLEV_VIP,
-        80,
+        (MAGLEV_VIP, 80, IPPROTO_TCP),
         SCHED_MH << SVC_SCHED_SHIFT,
         BACKENDS,
         0,
@@ -92,9 +100,18 @@ pub fn vm() -> Result<Vm> {
     service(
         &mut vm,
         6,
-        LC_VIP,
-        80,
+        (LC_VIP, 80, IPPROTO_TCP),
         SCHED_LC << SVC_SCHED_SHIFT,
+        BACKENDS,
+        0,
+    )?;
+    // A UDP NodePort, served with direct server return (TCP is not: the
+    // TCP NodePort's path stays the masqueraded one).
+    service(
+        &mut vm,
+        7,
+        ("0.0.0.0", DSR_NODE_PORT, IPPROTO_UDP),
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
         BACKENDS,
         0,
     )?;
@@ -118,7 +135,7 @@ pub fn vm() -> Result<Vm> {
         snat_addr: node,
         snat_port_min: 1024,
         snat_port_max: 29999,
-        flags: 0,
+        flags: CFG_F_DSR_UDP,
         _pad: 0,
         host_netns_cookie: 0,
     };
@@ -129,8 +146,7 @@ pub fn vm() -> Result<Vm> {
 fn service(
     vm: &mut Vm,
     svc_id: u32,
-    addr: &str,
-    port: u16,
+    (addr, port, proto): (&str, u16, u8),
     flags: u32,
     backends: u32,
     affinity_timeout: u32,
@@ -140,7 +156,7 @@ fn service(
         let b = Backend {
             addr: wire::addr(Ipv4Addr::new(198, 18, 1 + svc_id as u8, 1 + slot as u8)),
             port: wire::port(8080),
-            proto: IPPROTO_TCP,
+            proto,
             flags: 0,
         };
         vm.map_insert(
@@ -159,7 +175,7 @@ fn service(
             wire::addr(ip(addr))
         },
         port: wire::port(port),
-        proto: IPPROTO_TCP,
+        proto,
         _pad: 0,
     };
     let value = ServiceValue {
@@ -349,6 +365,31 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             TC_ACT_REDIRECT,
         ),
         path("fragment to a service", fragment, FORWARD, TC_ACT_SHOT),
+        // Direct server return (UDP here): the first datagram balanced and
+        // sent in Geneve to the backend's node, the next the same way; and
+        // at a backend's node, another node's Geneve taken out.
+        path(
+            "first packet, DSR: in Geneve",
+            Pkt::new(OUTSIDE, 45010, NODE, DSR_NODE_PORT, UDP).build(),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "DSR: a datagram in Geneve again",
+            Pkt::new(OUTSIDE, 45010, NODE, DSR_NODE_PORT, UDP).build(),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "DSR: Geneve received, to a backend here",
+            geneve_frame(
+                OTHER_NODE,
+                &Pkt::new(OUTSIDE, 45011, "198.18.2.1", 8080, SYN),
+                (OTHER_NODE, NODE_PORT),
+            ),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
         Path {
             egress: true,
             ..path(
