@@ -52,7 +52,7 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     ("fragment to a service", 90, 3),          // 86, 3 (80, 3)
     // Direct server return: the Geneve header's build and the second parse
     // in DSR's own subprogram; two FIB lookups (route, outer source).
-    ("first packet, DSR: in Geneve", 1150, 25), // 1100, 25
+    ("DSR: first packet, in Geneve", 1150, 25), // 1100, 25
     ("DSR: a datagram in Geneve again", 945, 16), // 900, 16
     ("DSR: Geneve received, to a backend here", 855, 18), // 814, 18
     ("egress: a pod's packet", 98, 1),          // 95, 1

@@ -369,7 +369,7 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
         // sent in Geneve to the backend's node, the next the same way; and
         // at a backend's node, another node's Geneve taken out.
         path(
-            "first packet, DSR: in Geneve",
+            "DSR: first packet, in Geneve",
             Pkt::new(OUTSIDE, 45010, NODE, DSR_NODE_PORT, UDP).build(),
             FORWARD,
             TC_ACT_REDIRECT,
