@@ -35,6 +35,17 @@ pub enum Hook {
     Egress,
 }
 
+impl Hook {
+    /// Where a flow from `origin` is seen: the node's own at egress.
+    #[inline(always)]
+    pub fn of(origin: crate::policy::Origin) -> Hook {
+        match origin {
+            crate::policy::Origin::Network => Hook::Ingress,
+            crate::policy::Origin::Node => Hook::Egress,
+        }
+    }
+}
+
 /// How a translated packet leaves.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Via {

@@ -308,10 +308,7 @@ fn path(ctx: &TcContext, dsr: bool) -> Verdict {
 #[inline(always)]
 fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verdict {
     let key = pkt.tuple();
-    let hook = match origin {
-        Origin::Network => Hook::Ingress,
-        Origin::Node => Hook::Egress,
-    };
+    let hook = Hook::of(origin);
     // Known flow, either direction: one lookup decides the rewrite.
     if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
         let found = conntrack::newer(&key, found, pkt.tcp_flags);
@@ -353,7 +350,7 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verd
             None => Verdict::Pass(Counter::PassNoService),
         };
     }
-    new_flow(ctx, pkt, &key, &svc, origin, hook, recovered, dsr)
+    new_flow(ctx, pkt, &key, &svc, origin, recovered, dsr)
 }
 
 /// Whether a mid-stream TCP segment with no flow entry can take up its flow
@@ -422,10 +419,10 @@ fn new_flow<P: Packet>(
     key: &CtKey,
     svc: &proxy_common::ServiceValue,
     origin: Origin,
-    hook: Hook,
     recovered: bool,
     dsr: bool,
 ) -> Verdict {
+    let hook = Hook::of(origin);
     let cfg = service::config();
     let choice = match policy::decide(svc, pkt.src, origin, &cfg) {
         Ok(c) => c,
