@@ -45,16 +45,9 @@ fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 /// (the NodePort frontend) when `addr` serves NodePorts.
 #[inline(always)]
 pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    let kinds = port_kinds(port);
-    if kinds & PORT_F_FRONTEND != 0 {
-        if let Some(v) = get(addr, port, proto) {
-            return Some(v);
-        }
-    }
-    if kinds & PORT_F_NODEPORT != 0 && node_flags(addr) & NODE_F_NODEPORT != 0 {
-        return get(NODEPORT_ADDR, port, proto);
-    }
-    None
+    find(addr, port, proto, || {
+        node_flags(addr) & NODE_F_NODEPORT != 0
+    })
 }
 
 /// The frontend a direct-server-return packet from another node names
@@ -63,13 +56,20 @@ pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 /// the other node's). Lookups: the port filter, then 1 or 2.
 #[inline(always)]
 pub fn lookup_carried(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    find(addr, port, proto, || true)
+}
+
+/// `addr:port`'s own frontend, else the NodePort frontend of `port` when
+/// `nodeport()` (asked only for a NodePort's port).
+#[inline(always)]
+fn find(addr: u32, port: u16, proto: u8, nodeport: impl Fn() -> bool) -> Option<ServiceValue> {
     let kinds = port_kinds(port);
     if kinds & PORT_F_FRONTEND != 0 {
         if let Some(v) = get(addr, port, proto) {
             return Some(v);
         }
     }
-    if kinds & PORT_F_NODEPORT != 0 {
+    if kinds & PORT_F_NODEPORT != 0 && nodeport() {
         return get(NODEPORT_ADDR, port, proto);
     }
     None

@@ -636,6 +636,22 @@ fn dsr_node(flags: u32) -> kpx::dataplane::maps::Datapath {
     dp
 }
 
+/// A node holding the backends of [`dsr_node`]'s services (its own ids),
+/// without DSR settings: receiving needs none.
+fn backends_node() -> kpx::dataplane::maps::Datapath {
+    let mut b = datapath();
+    cluster(&mut b);
+    frontend(
+        &mut b,
+        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        1,
+        3,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    b
+}
+
 /// A frame direct server return sent, taken apart: the outer headers
 /// checked field by field against the format (`proxy_common::dsr`), the
 /// service address the option carries, and the inner packet as a frame.
@@ -868,18 +884,7 @@ fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_ser
     let sent = run_in(&mut a, &syn, false, &file).bytes;
     let g = geneve(&sent);
     let backend = inspect(&g.inner);
-    // Node B serves the same Services (its own ids) and has no DSR setting:
-    // receiving needs none.
-    let mut b = datapath();
-    cluster(&mut b);
-    frontend(
-        &mut b,
-        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
+    let mut b = backends_node();
     let out = run(&mut b, &sent);
     // The empty namespace's FIB cannot say: up the stack, out of Geneve.
     assert_eq!(out.verdict, TC_ACT_OK);
@@ -934,16 +939,7 @@ fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_ser
 #[test]
 #[ignore = "needs root"]
 fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {
-    let mut b = datapath();
-    cluster(&mut b);
-    frontend(
-        &mut b,
-        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
+    let mut b = backends_node();
     let svc = ("198.18.128.9", 30080);
     let to = |backend: &str, l4| Pkt::new(OUTSIDE, 40000, backend, 8080, l4);
     let out = run(&mut b, &geneve_frame("198.18.128.9", &to(B2, SYN), svc));
