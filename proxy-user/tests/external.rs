@@ -601,3 +601,27 @@ fn dsr_keeps_the_client_address_and_answers_from_the_backends_node() {
     );
     dropped(&bed.clients[1], at(FW_LB, 80), n1, DropReason::SourceRange);
 }
+
+/// DSR with XDP (generic) on the fabric interfaces: XDP leaves the packets
+/// that go in Geneve to tc and sends a DSR flow's other packets back out
+/// itself; the answers are the same.
+#[test]
+#[ignore = "needs root"]
+fn dsr_with_xdp_keeps_the_client_address_too() {
+    let bed = bed_with(&["--nodeport-mode=dsr", "--xdp=generic"], false);
+    let (n1, n2) = (&bed.nodes[0], &bed.nodes[1]);
+    let both = [("a1", CLIENT), ("b1", CLIENT)];
+    reaches(
+        &bed,
+        &bed.clients[0],
+        at(MultiNode::node_ip(1), 30080),
+        &both,
+    );
+    assert!(event_count(n1, Event::DsrEncap) > 0);
+    assert!(
+        event_count(n1, Event::XdpTx) > 0,
+        "XDP sent nothing back out"
+    );
+    assert!(event_count(n2, Event::DsrDecap) > 0);
+    assert_eq!(event_count(n1, Event::Masqueraded), 0);
+}
