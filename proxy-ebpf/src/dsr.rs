@@ -8,7 +8,7 @@
 //! translated to the backend, inside Geneve with the service address as an
 //! option ([`proxy_common::dsr`]); its other packets go translated as
 //! usual, with no outer header. The backend's node takes the packet out of
-//! Geneve at tc ingress ([`receive`]), notes the flow in its own conntrack
+//! Geneve at tc ingress ([`geneve`]), notes the flow in its own conntrack
 //! (the reply entry rewrites the backend's source to the service address)
 //! and delivers it; the backend's replies are translated at its interface
 //! and sent straight to the client.

@@ -92,6 +92,22 @@ use crate::{
 /// longer packet than the one whose MTU check it passed).
 /// A packet the XDP program already translated ([`kpx_xdp`]) costs no
 /// lookup but its FIB lookup: it is only forwarded.
+///
+/// Direct server return ([`dsr`]), on top of the path above:
+/// - a new flow sent in Geneve: its lookups as a first packet's, then 2
+///   FIB (route with the outer headers' length, outer source); the packet
+///   parsed a second time, in DSR's subprogram;
+/// - a packet of such a flow sent in Geneve again (a SYN before the
+///   handshake completes, a UDP datagram): its `CT` lookup twice (the
+///   path's, then DSR's subprogram's), 2 FIB;
+/// - the client's first ACK of such a flow: the `CT_TCP` miss, the frontend,
+///   1 `CT_ANY` lookup, then moved to `CT_TCP` as a SYN-ACK moves a flow
+///   (once per flow; only to an external frontend with the Cluster policy);
+/// - a Geneve packet for a backend here: the frontend it names (1, or 2 for
+///   a NodePort), its flow's `CT` (1 lookup, or 2 inserts for a new one),
+///   1 FIB;
+/// - a UDP packet to the Geneve port that is not DSR's: none more.
+///
 /// No loop over services or backends exists anywhere in the program.
 ///
 /// Direct server return's encapsulation and decapsulation

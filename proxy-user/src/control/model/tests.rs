@@ -361,6 +361,10 @@ fn local_traffic_policies_use_only_this_nodes_endpoints() {
         addrs(p.external_endpoints(&svc)),
         ["198.18.1.1", "198.18.1.2"]
     );
+    // Each endpoint knows whether it is on this node (direct server return
+    // encapsulates only towards the others).
+    let local: Vec<bool> = p.cluster_endpoints.iter().map(|e| e.local).collect();
+    assert_eq!(local, [true, false]);
     // ETP Local on a NodePort service: external traffic stays local,
     // falling back to the local terminating endpoint when needed.
     let (svc, p) = port_of(
