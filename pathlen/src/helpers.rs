@@ -99,6 +99,19 @@ pub fn call(vm: &mut Vm, id: u32, r: &mut [u64; 11]) -> Result<&'static str> {
             ("skb_change_tail", ret)
         }
         50 => ("skb_adjust_room", adjust_room(vm, a2 as i32, a3 as u32)),
+        12 => {
+            // bpf_tail_call(ctx, prog_array, index): the interpreter jumps
+            // when it finds the program; else the call returns.
+            let m = map(vm, a2)?;
+            let key = (a3 as u32).to_ne_bytes();
+            let target = vm.maps[m]
+                .lookup(&key)
+                .map(|v| vm.mem.region(v).to_vec())
+                .and_then(|v| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?)))
+                .and_then(|id| vm.prog_ids.get(id as usize).cloned());
+            vm.tail_to = target;
+            ("tail_call", 0)
+        }
         69 => ("fib_lookup", fib_lookup(vm, a2, a3, a4)?),
         _ => bail!("helper {id} is not emulated"),
     };

@@ -63,6 +63,9 @@ fn sign_extend(v: u64, bytes: usize) -> u64 {
 }
 
 pub fn execute(vm: &mut Vm, code: &[bpf_insn], counts: &mut Counts) -> Result<u64> {
+    // A tail call replaces the program being run.
+    let mut tail: Vec<bpf_insn>;
+    let mut code = code;
     let mut r = [0u64; 11];
     r[1] = Memory::ctx();
     r[10] = Memory::frame_pointer(0);
@@ -116,6 +119,19 @@ pub fn execute(vm: &mut Vm, code: &[bpf_insn], counts: &mut Counts) -> Result<u6
                             let name = helpers::call(vm, insn.imm as u32, &mut r)
                                 .with_context(|| format!("helper {} at {}", insn.imm, pc - 1))?;
                             *counts.by_helper.entry(name).or_default() += 1;
+                            if let Some(next) = vm.tail_to.take() {
+                                // A tail call that found its program: it
+                                // starts afresh on the same context, and
+                                // never returns here.
+                                tail = vm.programs[&next].clone();
+                                code = &tail;
+                                frames.clear();
+                                r = [0u64; 11];
+                                r[1] = Memory::ctx();
+                                r[10] = Memory::frame_pointer(0);
+                                pc = 0;
+                                continue;
+                            }
                             // r1-r5 are clobbered by a call.
                             for reg in &mut r[1..=5] {
                                 *reg = 0xdead_beef_0000_0000;

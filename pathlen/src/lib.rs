@@ -14,8 +14,8 @@
 //! the program's path, not of the JIT's output. Helpers are emulated as far
 //! as a path needs them: maps (hash, LRU, array, per-CPU array on one CPU,
 //! LPM trie), the skb load/store/checksum helpers with the kernel's
-//! arithmetic, `fib_lookup` answering as [`Fib`] says, redirects, clocks and
-//! a seeded random source. An instruction or helper it does not know is an
+//! arithmetic, `fib_lookup` answering as [`Fib`] says, redirects, tail
+//! calls ([`Vm::set_tail`]), clocks and a seeded random source. An instruction or helper it does not know is an
 //! error naming it, never a guess.
 
 mod helpers;
@@ -88,6 +88,10 @@ pub struct Run {
 /// contents persist across runs, as in the kernel.
 pub struct Vm {
     programs: HashMap<String, Vec<bpf_insn>>,
+    /// Program names by the id a program array holds ([`Vm::set_tail`]).
+    prog_ids: Vec<String>,
+    /// Where a `bpf_tail_call` that found its program goes.
+    tail_to: Option<String>,
     maps: Vec<MapState>,
     by_name: HashMap<String, usize>,
     mem: Memory,
@@ -136,8 +140,12 @@ impl Vm {
                 .with_context(|| format!("program {name} has no function"))?;
             programs.insert(name.clone(), f.instructions.clone());
         }
+        let mut prog_ids: Vec<String> = programs.keys().cloned().collect();
+        prog_ids.sort();
         let mut vm = Self {
             programs,
+            prog_ids,
+            tail_to: None,
             maps,
             by_name,
             mem: Memory::default(),
@@ -179,6 +187,17 @@ impl Vm {
             0 => Ok(()),
             e => Err(anyhow!("{name}: update failed ({e})")),
         }
+    }
+
+    /// Puts program `prog` at `index` of the program array `map`, as the
+    /// loader does with its descriptor.
+    pub fn set_tail(&mut self, map: &str, index: u32, prog: &str) -> Result<()> {
+        let id = self
+            .prog_ids
+            .iter()
+            .position(|p| p == prog)
+            .with_context(|| format!("no program named {prog}"))?;
+        self.map_insert(map, &index.to_ne_bytes(), &(id as u32).to_ne_bytes())
     }
 
     /// The value at `key` in map `name`.

@@ -51,7 +51,10 @@ pub mod map_names {
     /// storage with TCP sockets only, and the agent must find connected UDP
     /// sockets whose backend left.
     pub const SOCKS_UDP: &str = "KPX_SOCKS_UDP";
-    pub const ALL: [&str; 20] = [
+    /// Programs tc ingress tail-calls (`PROG_*` indexes): kept pinned, so a
+    /// restarting agent's attached programs still find theirs.
+    pub const PROGS: &str = "KPX_PROGS";
+    pub const ALL: [&str; 21] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -72,8 +75,12 @@ pub mod map_names {
         CONNS,
         SOCKS,
         SOCKS_UDP,
+        PROGS,
     ];
 }
+
+/// Index of [`prog_names::TC_DSR`] in [`map_names::PROGS`].
+pub const PROG_DSR: u32 = 0;
 
 /// Maps older layouts pinned that this one no longer has.
 pub mod legacy_map_names {
@@ -119,6 +126,9 @@ pub mod prog_names {
     pub const XDP: &str = "kpx_xdp";
     /// An empty XDP program: the benchmark's floor, never attached.
     pub const XDP_FLOOR: &str = "kpx_xdp_floor";
+    /// Direct server return's work, tail-called by tc ingress
+    /// ([`super::PROG_DSR`]) for the packets that need it.
+    pub const TC_DSR: &str = "kpx_tc_dsr";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original
@@ -855,10 +865,13 @@ pub enum DropReason {
     /// this node does not serve (the nodes' Services disagree for a
     /// moment, or the packet is forged): not delivered.
     DsrNoService = 11,
+    /// A packet direct server return had to handle while its program was
+    /// not in `KPX_PROGS` (never, with an agent that loaded it).
+    DsrUnavailable = 12,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::CtInsertFailed,
@@ -871,6 +884,7 @@ impl DropReason {
         DropReason::SnatExhausted,
         DropReason::CtFull,
         DropReason::DsrNoService,
+        DropReason::DsrUnavailable,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -888,6 +902,7 @@ impl DropReason {
             DropReason::SnatExhausted => "snat_exhausted",
             DropReason::CtFull => "ct_full",
             DropReason::DsrNoService => "dsr_no_service",
+            DropReason::DsrUnavailable => "dsr_unavailable",
         }
     }
 }

@@ -27,13 +27,14 @@ use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, programs::TcContex
 use proxy_common::{
     dsr::{ENCAP_LEN, GENEVE_PORT, OPT_CLASS, OPT_LEN_WORDS, OPT_TYPE, OPT_WORDS, PROTO_IPV4},
     flow_hash, Backend, Counter, CtKey, DropReason, Event, CT_F_DSR_DECAP, CT_F_DSR_ENCAP,
-    IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    IPPROTO_UDP, PROG_DSR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     conntrack::{self, Snat},
     csum::Sum,
     forward::{self, Hook, Route, Via},
+    maps::PROGS,
     nat,
     packet::Packet,
     parse::{self, Ipv4Packet, Parsed, ETH_HLEN},
@@ -68,9 +69,9 @@ fn option_word() -> u32 {
 /// (No tc action: those are small, and a small constant is one compare.)
 pub const NOT_SENT: i64 = 0x1000;
 
-/// Work for direct server return that the packet's path hands back to the
-/// program's entry ([`crate::verdict::Verdict::Dsr`]), which runs it in a
-/// subprogram of its own (see [`first`]).
+/// Work for direct server return that the packet's path hands back to
+/// tc ingress's entry ([`crate::verdict::Verdict::Dsr`]), which passes it
+/// to DSR's own program ([`tail_call`]).
 #[derive(Clone, Copy)]
 pub enum Request {
     /// A UDP packet to the Geneve port: [`geneve`].
@@ -87,7 +88,7 @@ pub enum Request {
     Again,
 }
 
-/// What the packet's path returns to the entry for a request it left in
+/// What the packet's path returns to its entry for a request it left in
 /// the skb's control buffer ([`stash`]).
 pub const REQUESTED: i64 = 0x1001;
 
@@ -95,10 +96,9 @@ const REQ_GENEVE: u32 = 1;
 const REQ_FIRST: u32 = 2;
 const REQ_AGAIN: u32 = 3;
 
-/// Leaves `req` for the entry in the skb's control buffer (tc programs'
-/// scratch space, five words): a request returned by value made the
-/// entry's frame 56 bytes, past the 512 the verifier allows with the
-/// packet's path's frame. Returns [`REQUESTED`].
+/// Leaves `req` in the skb's control buffer (tc programs' scratch space,
+/// five words), which a tail call keeps, for [`crate::kpx_tc_dsr`].
+/// Returns [`REQUESTED`].
 #[inline(always)]
 pub fn stash(ctx: &TcContext, req: Request) -> i64 {
     let words = match req {
@@ -121,6 +121,24 @@ pub fn stash(ctx: &TcContext, req: Request) -> i64 {
     // write.
     unsafe { (*ctx.skb.skb).cb = words };
     REQUESTED
+}
+
+/// Hands the packet to [`crate::kpx_tc_dsr`], which runs the request
+/// [`stash`] left: does not return, unless the program is not in
+/// `KPX_PROGS` (an agent that did not load it): then the packet is
+/// dropped, counted, but a Geneve packet, which goes on untouched.
+#[inline(always)]
+pub fn tail_call(ctx: &TcContext) -> i32 {
+    // SAFETY: a tail call into a classifier of this object, with this
+    // context: on success control never comes back.
+    unsafe { PROGS.tail_call(ctx, PROG_DSR) };
+    // SAFETY: the context's own skb, read.
+    let geneve = unsafe { (*ctx.skb.skb).cb[0] } & 0xff == REQ_GENEVE;
+    verdict::action(if geneve {
+        Verdict::Pass(Counter::PassNotHandled)
+    } else {
+        Verdict::Drop(DropReason::DsrUnavailable)
+    })
 }
 
 /// Runs the request [`stash`] left: the packet's tc action, or NOT_SENT.
@@ -172,11 +190,11 @@ fn plan(ctx: &TcContext, pkt: &Ipv4Packet, to: &CtKey) -> Option<Plan> {
 /// masquerades the flow instead. Lookups: 2 FIB, then as any new flow's
 /// creation.
 ///
-/// A BPF subprogram, as are [`again`] and [`geneve`], called from the
-/// program's entry ([`Request`]): inlined, or called from deep in the
-/// packet's path, their locals (FIB requests, headers) took the program's
-/// stack past 512 bytes. The packet is parsed here once more (DSR's first
-/// packets only): the caller's parse is gone with its frame.
+/// A BPF subprogram, as are [`again`] and [`geneve`], of DSR's own program
+/// ([`crate::kpx_tc_dsr`]): inlined, or called from deep in the packet's
+/// path, their locals (FIB requests, headers) took the program's stack
+/// past 512 bytes. The packet is parsed here once more: the path's parse
+/// stayed in the program that handed it over.
 #[inline(never)]
 pub fn first(ctx: &TcContext, svc_id: u32, backend_id: u32, backend: u64, counted: bool) -> i64 {
     let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {

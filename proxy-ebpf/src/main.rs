@@ -111,11 +111,10 @@ use crate::{
 /// No loop over services or backends exists anywhere in the program.
 ///
 /// Direct server return's encapsulation and decapsulation
-/// ([`dsr::Request`]) run from here, in subprograms of their own: the
-/// packet's path returns the request rather than calling them, so their
-/// stack frames never add to its own (the verifier's 512 bytes). A request
-/// that cannot be served (the route cannot carry the Geneve packet) takes
-/// the packet's path again without DSR.
+/// ([`dsr::Request`]) run in a program of their own, [`kpx_tc_dsr`],
+/// tail-called: the packet's path returns the request rather than calling
+/// DSR's code, so DSR's stack never adds to its own (the verifier's 512
+/// bytes), and a packet that needs none of it pays one compare.
 #[classifier]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if packet::translated_by_xdp(&ctx) {
@@ -125,11 +124,27 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if action != dsr::REQUESTED {
         return action as i32;
     }
+    dsr::tail_call(&ctx)
+}
+
+/// Direct server return's work for the packet tc ingress handed over (the
+/// request in its control buffer, [`dsr::stash`]): in subprograms of their
+/// own ([`dsr::run`]). A request that cannot be served (the route cannot
+/// carry the Geneve packet) takes the packet's path again without DSR, in
+/// a subprogram too, beside them.
+#[classifier]
+pub fn kpx_tc_dsr(ctx: TcContext) -> i32 {
     let action = dsr::run(&ctx);
     if action != dsr::NOT_SENT {
         return action as i32;
     }
-    process(&ctx, false) as i32
+    without_dsr(&ctx) as i32
+}
+
+/// The packet's path without direct server return: for [`kpx_tc_dsr`].
+#[inline(never)]
+fn without_dsr(ctx: &TcContext) -> i64 {
+    process(ctx, false)
 }
 
 /// XDP on the node's external interfaces: packets from outside the node,
@@ -154,9 +169,8 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// A packet XDP translated and handed up: sent to its next hop as tc sends
-/// what it translates itself, uncounted (XDP counted it). A subprogram, so
-/// its frame is not in the entry's (see `kpx_tc_ingress`).
-#[inline(never)]
+/// what it translates itself, uncounted (XDP counted it).
+#[inline(always)]
 fn forward_translated(ctx: &TcContext) -> i32 {
     let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
         return PASS;
@@ -276,8 +290,8 @@ fn is_syn(pkt: &Ipv4Packet) -> bool {
 /// The packet's path at tc ingress, to its tc action, counted; or
 /// [`dsr::REQUESTED`] when `dsr` (direct server return may be asked for,
 /// which a second run after a request that could not be served does not)
-/// and the path asked for it. A subprogram (see `kpx_tc_ingress`).
-#[inline(never)]
+/// and the path asked for it.
+#[inline(always)]
 fn process(ctx: &TcContext, dsr: bool) -> i64 {
     match path(ctx, dsr) {
         Verdict::Dsr(req) => dsr::stash(ctx, req),

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use proxy_common::{
     capacity, AffinityKey, AffinityValue, Counter, CtKey, CtValue, DatapathConfig, DropReason,
@@ -117,3 +117,8 @@ pub static SOCKS: SkStorage<SockValue> = SkStorage::new();
 #[map(name = "KPX_SOCKS_UDP")]
 pub static SOCKS_UDP: LruHashMap<u64, SockValue> =
     LruHashMap::with_max_entries(capacity::SOCKS_UDP, 0);
+
+/// Programs tc ingress tail-calls: direct server return's
+/// (`proxy_common::PROG_DSR`), filled by the agent at load.
+#[map(name = "KPX_PROGS")]
+pub static PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);

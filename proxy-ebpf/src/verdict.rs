@@ -18,7 +18,7 @@ pub fn action(v: Verdict) -> i32 {
             stats::count(counter);
             PASS
         }
-        // Never here: the entry runs it (`kpx_tc_ingress`).
+        // Never here: tc ingress's entry hands it over (`dsr::tail_call`).
         Verdict::Dsr(_) => PASS,
         Verdict::Translated(action) | Verdict::Redirect(action) => action,
         Verdict::Drop(reason) => {

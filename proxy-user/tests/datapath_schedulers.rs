@@ -302,14 +302,17 @@ fn least_connections_spreads_connections_held_open_evenly() {
     let mut dp = datapath();
     cluster(&mut dp);
     schedule(&mut dp, VIP, SCHED_LC, 0);
-    // 300 connections opened one after another and all kept open: each
-    // goes to the less busy of two, so the three stay close together
-    // (uniform random choice would leave them about ten apart).
-    for sport in 0..300 {
+    // 900 connections opened one after another and all kept open: each
+    // goes to the less busy of two, so the three stay close together. In
+    // 20,000 simulated runs the gap between the busiest and the idlest
+    // never passed 6 (with 300 connections it passed 2 in 2% of them: this
+    // test's earlier bound failed now and then); uniform random choice
+    // leaves them within 6 in under 4% of runs (about 30 apart typically).
+    for sport in 0..900 {
         handshake(&mut dp, &Pkt::new(CLIENT, 51_000 + sport, VIP, 80, SYN));
     }
     let counts: Vec<u64> = (1..=3).map(|id| active(&dp, id)).collect();
-    assert_eq!(counts.iter().sum::<u64>(), 300);
+    assert_eq!(counts.iter().sum::<u64>(), 900);
     let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
-    assert!(max - min <= 2, "{counts:?}");
+    assert!(max - min <= 6, "{counts:?}");
 }

@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, ProgramArray,
     },
     programs::{SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
@@ -25,7 +25,7 @@ use crate::{
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
     DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
-    SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, SERVICE_NAME_LEN,
+    SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, SERVICE_NAME_LEN,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
@@ -828,11 +828,25 @@ impl Datapath {
             prog_names::TC_INGRESS,
             prog_names::TC_EGRESS,
             prog_names::CONNS_EXPIRE,
+            prog_names::TC_DSR,
         ] {
             program(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("the kernel rejected {name}"))?;
         }
+        // tc ingress tail-calls DSR's program; the (pinned) array keeps it
+        // for the attached programs while an agent restarts.
+        let dsr = program(&mut ebpf, prog_names::TC_DSR)?
+            .fd()?
+            .try_clone()
+            .context("duplicating the DSR program's descriptor")?;
+        let mut progs: ProgramArray<&mut MapData> = ebpf
+            .map_mut(map_names::PROGS)
+            .ok_or_else(|| anyhow!("map {} missing from the object", map_names::PROGS))?
+            .try_into()?;
+        progs
+            .set(PROG_DSR, &dsr, 0)
+            .with_context(|| format!("putting {} in {}", prog_names::TC_DSR, map_names::PROGS))?;
         let mut maps = MapSet::from_ebpf(&mut ebpf)?;
         let upgrade = pending.map(|p| layout::finish(&mut maps, p)).transpose()?;
         Ok(Self {

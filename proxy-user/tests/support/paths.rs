@@ -12,7 +12,8 @@ use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
     map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, Slot, SlotKey,
     CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
-    NODE_F_NODEPORT, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
+    NODE_F_NODEPORT, PROG_DSR, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT,
+    SVC_SCHED_SHIFT,
 };
 
 use super::{
@@ -140,6 +141,7 @@ pub fn vm() -> Result<Vm> {
         host_netns_cookie: 0,
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
+    vm.set_tail(map_names::PROGS, PROG_DSR, prog_names::TC_DSR)?;
     Ok(vm)
 }
 
