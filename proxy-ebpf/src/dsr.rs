@@ -217,7 +217,18 @@ pub fn first(ctx: &TcContext, svc_id: u32, backend_id: u32, backend: u64, counte
         start: 0,
     };
     let v = match conntrack::create(key, svc_id, backend_id, &backend, pkt.tcp_flags, &snat) {
-        Ok(_) => send(ctx, pkt, &to, &plan, svc_id, true),
+        // The flow's entry, ours or (the same flow's first packet on
+        // another CPU, a moment earlier) the one that won.
+        Ok(e)
+            if e.new_dst_addr == to.dst_addr
+                && e.new_dst_port == to.dst_port
+                && e.flags & CT_F_DSR_ENCAP != 0 =>
+        {
+            send(ctx, pkt, &to, &plan, svc_id, true)
+        }
+        // That one chose another backend (or no DSR): this duplicate is
+        // dropped rather than sent against the flow's entry.
+        Ok(_) => Verdict::Drop(DropReason::CtInsertFailed),
         Err(reason) => Verdict::Drop(reason),
     };
     verdict::action(v) as i64
@@ -227,8 +238,8 @@ pub fn first(ctx: &TcContext, svc_id: u32, backend_id: u32, backend: u64, counte
 /// a UDP datagram; [`conntrack::dsr_encapsulates`]): its entry refreshed
 /// and the packet sent; its tc action, counted. NOT_SENT (nothing
 /// written) when the route cannot carry it: the caller sends it as the
-/// flow's other packets. Lookups: 2 FIB.
-/// The flow's entry is looked up again (1 lookup more).
+/// flow's other packets. Lookups: the flow's entry again (the path's
+/// lookup stayed in the program that handed it over), 2 FIB.
 #[inline(never)]
 pub fn again(ctx: &TcContext) -> i64 {
     let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
