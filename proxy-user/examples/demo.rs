@@ -64,9 +64,14 @@ fn main() -> Result<()> {
     let cgroup = testbed::probe::Cgroup::create("demo")?;
     let cg = cgroup.path.to_string_lossy().into_owned();
     c.start_agent(&kpx, &["--socket-lb-cgroup", &cg])?;
+    // Served: the frontends written and their ports let through the port
+    // filter, which the agent opens after them (`MapSet::serving`). The
+    // frontends alone were not enough: a first connection could meet the
+    // closed filter, reach the node's routing untranslated and fail with
+    // "network is unreachable".
     let programmed = |c: &Cluster, endpoints: u32| {
         wait_for(Duration::from_secs(20), || {
-            let st = MapSet::open_pinned(&c.bpffs()).ok()?.read_state().ok()?;
+            let st = MapSet::open_pinned(&c.bpffs()).ok()?.serving().ok()?;
             (st.services.len() == 2 && st.services.values().all(|v| v.count == endpoints))
                 .then_some(())
         })
