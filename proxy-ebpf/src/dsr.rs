@@ -27,7 +27,7 @@ use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, programs::TcContex
 use proxy_common::{
     dsr::{ENCAP_LEN, GENEVE_PORT, OPT_CLASS, OPT_LEN_WORDS, OPT_TYPE, OPT_WORDS, PROTO_IPV4},
     flow_hash, Backend, Counter, CtKey, DropReason, Event, CT_F_DSR_DECAP, CT_F_DSR_ENCAP,
-    IPPROTO_UDP, PROG_DSR, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    IPPROTO_TCP, IPPROTO_UDP, PROG_DSR,
 };
 
 use crate::{
@@ -45,7 +45,6 @@ use crate::{
 /// The outer headers as stored, in words (memory order).
 pub type Header = [u32; ENCAP_LEN / 4];
 
-const IPPROTO_UDP_BYTE: u8 = IPPROTO_UDP;
 const OUTER_TTL: u8 = 64;
 /// Don't fragment: the route's MTU was checked with the outer headers.
 const IP_DF: [u8; 2] = [0x40, 0x00];
@@ -273,7 +272,7 @@ fn send(
 ) -> Verdict {
     let route = plan.route;
     let len = ctx.len();
-    if rewrite(ctx, pkt, to, route).is_err() {
+    if nat::apply(ctx, pkt, to, route.ttl_dec(Hook::Ingress), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     if encap(ctx, &header(pkt, to, plan.src)).is_err() {
@@ -303,7 +302,7 @@ fn header(pkt: &Ipv4Packet, to: &CtKey, src: u32) -> Header {
     let mut h: Header = [
         u32::from_ne_bytes([0x45, pkt.tos, total[0], total[1]]),
         u32::from_ne_bytes([0, 0, IP_DF[0], IP_DF[1]]),
-        u32::from_ne_bytes([OUTER_TTL, IPPROTO_UDP_BYTE, 0, 0]),
+        u32::from_ne_bytes([OUTER_TTL, IPPROTO_UDP, 0, 0]),
         src,
         to.dst_addr,
         u32::from_ne_bytes([sport[0], sport[1], dport[0], dport[1]]),
@@ -324,7 +323,7 @@ fn header(pkt: &Ipv4Packet, to: &CtKey, src: u32) -> Header {
         .add(h[4])
         .checksum()
         .to_ne_bytes();
-    h[2] = u32::from_ne_bytes([OUTER_TTL, IPPROTO_UDP_BYTE, check[0], check[1]]);
+    h[2] = u32::from_ne_bytes([OUTER_TTL, IPPROTO_UDP, check[0], check[1]]);
     h
 }
 
@@ -433,8 +432,7 @@ fn take(ctx: &TcContext, outer: &Ipv4Packet) -> Option<Verdict> {
     if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
         // SAFETY: as in `conntrack::touch`; copied at once.
         let same = unsafe { *found.entry }.translate(&key) == pkt.tuple();
-        let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN;
-        if same && !(syn && conntrack::closed_original(found.entry)) {
+        if same && !(pkt.is_syn() && conntrack::closed_original(found.entry)) {
             let (e, _) = conntrack::touch(found, &key, pkt.tcp_flags);
             stats::service(e.svc_id, ctx.len(), false, false, false);
             stats::count(Counter::CtOriginal);
@@ -465,27 +463,18 @@ fn take(ctx: &TcContext, outer: &Ipv4Packet) -> Option<Verdict> {
     Some(deliver(ctx, &pkt))
 }
 
-/// Sends a packet out of Geneve to its backend: only forwarded (MACs and
-/// TTL), as translated already.
-#[inline(always)]
-fn deliver(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
-    let to = pkt.tuple();
-    let route = forward::route(ctx, pkt, &to, Hook::Ingress);
-    if rewrite(ctx, pkt, &to, route).is_err() {
-        return Verdict::Drop(DropReason::RewriteFailed);
-    }
-    Verdict::Translated(forward::send(ctx, route))
-}
-
-/// [`nat::apply`] for a packet forwarded from ingress along `route`.
-#[inline(always)]
-fn rewrite(ctx: &TcContext, pkt: &Ipv4Packet, to: &CtKey, route: Route) -> Result<(), ()> {
-    nat::apply(ctx, pkt, to, route.ttl_dec(Hook::Ingress), &route).map_err(|_| ())
-}
-
 /// The inner packet's protocol, TCP or UDP (else None: not DSR's).
 #[inline(always)]
 fn outer_inner_proto(ctx: &TcContext, outer: &Ipv4Packet) -> Option<u8> {
     let proto: u8 = read(ctx, outer.l3_off + ENCAP_LEN + parse::ip::TTL + 1)?;
-    (proto == proxy_common::IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
+    (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(proto)
+}
+
+/// Sends a packet out of Geneve to its backend, as translated already.
+#[inline(always)]
+fn deliver(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
+    match forward::onward(ctx, pkt) {
+        Ok(action) => Verdict::Translated(action),
+        Err(_) => Verdict::Drop(DropReason::RewriteFailed),
+    }
 }

@@ -19,7 +19,7 @@ use core::mem::MaybeUninit;
 
 use proxy_common::{CtKey, CtValue, Event, CFG_F_STACK_FORWARDING, MARK_TRANSLATED};
 
-use crate::{conntrack, packet::Packet, parse::Ipv4Packet, service, stats};
+use crate::{conntrack, nat, packet::Packet, parse::Ipv4Packet, service, stats};
 
 const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
@@ -255,6 +255,17 @@ fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
         return Some(Route::STACK);
     }
     Some(Route::mac(e.next_ifindex, e.next_macs, false))
+}
+
+/// Sends a packet already translated (by XDP, or by the node that sent it
+/// in direct server return's Geneve) to its next hop: only its TTL and,
+/// when resolved, the next hop's MACs are written. One FIB lookup.
+#[inline(always)]
+pub fn onward(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, nat::RewriteFailed> {
+    let to = pkt.tuple();
+    let route = route(ctx, pkt, &to, Hook::Ingress);
+    nat::apply(ctx, pkt, &to, route.ttl_dec(Hook::Ingress), &route)?;
+    Ok(send(ctx, route))
 }
 
 /// Sends the translated packet (MACs already written) along `route`;

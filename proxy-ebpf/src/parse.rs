@@ -4,7 +4,7 @@
 //! against the linear data (`ptr_at`), so a truncated packet is malformed,
 //! never an out-of-bounds read.
 
-use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::packet::Packet;
 
@@ -75,6 +75,13 @@ impl Ipv4Packet {
     #[inline(always)]
     pub fn tuple(&self) -> CtKey {
         CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+
+    /// A TCP segment that may open a connection: SYN, without ACK, RST or
+    /// FIN (false for UDP, whose flags are 0).
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
     }
 
     /// The IP datagram's length (`tot_len`).
