@@ -211,10 +211,19 @@ fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
         "the UDP flow still reaches {first}\n{}",
         c.agent_log()
     );
-    assert!(event_count(&c, Event::GcStaleUdp) >= 2, "{}", c.agent_log());
-    assert!(c
-        .agent_log()
-        .contains("UDP conntrack entries of 1 backends"));
+    // The collector counts and logs after its walk: wait for both.
+    let reported = wait_for(Duration::from_secs(5), || {
+        (event_count(&c, Event::GcStaleUdp) >= 2
+            && c.agent_log()
+                .contains("UDP conntrack entries of 1 backends"))
+        .then_some(())
+    });
+    assert!(
+        reported.is_some(),
+        "gc_stale_udp {}\n{}",
+        event_count(&c, Event::GcStaleUdp),
+        c.agent_log()
+    );
 }
 
 #[test]
@@ -279,5 +288,14 @@ fn the_collector_removes_idle_flows_after_their_state_timeout() {
         entries(),
         c.agent_log()
     );
-    assert!(event_count(&c, Event::GcExpired) >= 20, "{}", c.agent_log());
+    // The collector publishes its count after its walk: wait for it too.
+    let counted = wait_for(Duration::from_secs(5), || {
+        (event_count(&c, Event::GcExpired) >= 20).then_some(())
+    });
+    assert!(
+        counted.is_some(),
+        "gc_expired {}\n{}",
+        event_count(&c, Event::GcExpired),
+        c.agent_log()
+    );
 }
