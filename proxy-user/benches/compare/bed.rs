@@ -107,6 +107,13 @@ impl Bed {
         let mut servers = Vec::new();
         for j in 0..ENDPOINTS {
             let pod = cluster.pod(&format!("b{j}"));
+            // The servers close first, so TIME_WAIT piles up on their side:
+            // hundreds of thousands of sockets by the last phase (the hash
+            // table of established sockets is the kernel's, shared by every
+            // namespace), which made every later phase's socket lookups
+            // slower than the no-proxy limit measured before them. A bound
+            // per namespace keeps each phase's tables alike.
+            pod.netns.sysctl("net/ipv4/tcp_max_tw_buckets", "4096")?;
             // The first and last services' endpoint j live in pod j.
             let mine = [endpoint(0, j), endpoint(n - 1, j)];
             let mut addrs: Vec<Ipv4Addr> = mine.iter().map(|e| *e.ip()).collect();
