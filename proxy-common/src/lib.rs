@@ -165,32 +165,54 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 1_024;
     /// `loadBalancerSourceRanges` entries over all service frontends.
     pub const SRC_RANGES: u32 = 65_536;
-    /// Words of the frontend-port filter: 2 bits for each of 65,536 ports.
-    pub const PORT_WORDS: u32 = 65_536 * 2 / 64;
+    /// Words of the port filter: 4 bits for each of 65,536 ports.
+    pub const PORT_WORDS: u32 = 65_536 * 4 / 64;
     /// UDP sockets with a backend from the socket-level load balancer.
     /// Entries leave with their socket; LRU beyond that.
     pub const SOCKS_UDP: u32 = 65_536;
 }
 
-/// The frontend-port filter (`KPX_PORTS`): which destination ports any
-/// frontend uses, so a packet to a port no service uses costs no service or
-/// node-address lookup. Port `p` (host order) has two bits in word
-/// `p / 32`: [`PORT_F_FRONTEND`] (a cluster, external or LoadBalancer IP
-/// frontend, any protocol) and [`PORT_F_NODEPORT`] (a NodePort), shifted
-/// left by `port_shift(p)`.
+/// The port filter (`KPX_PORTS`): which ports frontends and backends use,
+/// so that a packet no service or tracked flow can concern costs no hash
+/// lookup. Port `p` (host order) has four bits in word `p / 16`, shifted
+/// left by `port_shift(p)`:
+/// - [`PORT_F_FRONTEND`]: a cluster, external or LoadBalancer IP frontend
+///   uses it (any protocol); [`PORT_F_NODEPORT`]: a NodePort does. Only a
+///   packet to such a port is looked up as a service's, or as a tracked
+///   flow's original direction (whose key is the frontend's).
+/// - [`PORT_F_BACKEND`]: a backend listens on it. Only a packet from such a
+///   port can be a tracked flow's reply (whose key starts with the
+///   backend's address and port).
+///
+/// The agent sets a port's bits before anything that could use them is
+/// written, and clears them only once a walk of the conntrack tables that
+/// began after their last user went has found no flow on the port: so a
+/// packet of any tracked flow always meets its port's bit.
 pub const PORT_F_FRONTEND: u64 = 1 << 0;
 pub const PORT_F_NODEPORT: u64 = 1 << 1;
+pub const PORT_F_BACKEND: u64 = 1 << 2;
+/// Bits per port in a filter word.
+pub const PORT_BITS: u32 = 4;
 
 /// The filter word of port `port` (host byte order).
 #[inline(always)]
 pub const fn port_word(port: u16) -> u32 {
-    port as u32 / 32
+    port as u32 / (64 / PORT_BITS)
 }
 
-/// The shift of port `port`'s two bits in its word.
+/// The shift of port `port`'s bits in its word.
 #[inline(always)]
 pub const fn port_shift(port: u16) -> u32 {
-    (port as u32 % 32) * 2
+    (port as u32 % (64 / PORT_BITS)) * PORT_BITS
+}
+
+/// Port `port`'s (host order) filter bit of kind `kind` (`PORT_F_*`).
+#[inline(always)]
+pub const fn port_bit(port: u16, kind: u64) -> PortBit {
+    PortBit {
+        word: port_word(port),
+        mask: kind << port_shift(port),
+    }
 }
 
 /// A bit of the port filter: its word and the mask within it.
@@ -209,11 +231,7 @@ impl ServiceKey {
         } else {
             PORT_F_FRONTEND
         };
-        let port = u16::from_be(self.port);
-        PortBit {
-            word: port_word(port),
-            mask: kind << port_shift(port),
-        }
+        port_bit(u16::from_be(self.port), kind)
     }
 }
 
@@ -476,6 +494,11 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The port-filter bit this backend sets ([`PORT_F_BACKEND`]).
+    pub const fn port_bit(&self) -> PortBit {
+        port_bit(u16::from_be(self.port), PORT_F_BACKEND)
+    }
+
     /// The backend as one word (to pass it in a register).
     #[inline(always)]
     pub const fn to_bits(self) -> u64 {

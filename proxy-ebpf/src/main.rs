@@ -80,9 +80,11 @@ use crate::{
 ///   (+2 for a NodePort), answered with ICMP port unreachable;
 /// - ICMP error: 1 or 2 (`CT_TCP` then `CT_ANY`, on the quoted packet's
 ///   tuple reversed);
-/// - any other IPv4 TCP/UDP packet: one `CT` miss (`CT_TCP` or `CT_ANY`;
-///   both for a SYN or RST) and `PORTS`; + `SERVICES` on
-///   a port some frontend uses; + `NODE_ADDRS` on a NodePort's port;
+/// - any other IPv4 TCP/UDP packet: `PORTS` (its two ports' words); a
+///   `CT` miss (`CT_TCP` or `CT_ANY`; both for a SYN or RST) only to a port
+///   some frontend uses or from a port some backend uses (no other packet
+///   can be of a tracked flow); + `SERVICES` on a port some frontend uses;
+///   + `NODE_ADDRS` on a NodePort's port;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - non-IPv4, other protocols: 0.
 ///
@@ -324,22 +326,31 @@ fn path(ctx: &TcContext, dsr: bool) -> Verdict {
 fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verdict {
     let key = pkt.tuple();
     let hook = Hook::of(origin);
-    // Known flow, either direction: one lookup decides the rewrite.
-    if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
-        let found = conntrack::newer(&key, found, pkt.tcp_flags);
-        if !(pkt.proto == IPPROTO_TCP && pkt.is_syn() && conntrack::closed_original(found.entry)) {
-            return match conntrack::handshake(&key, found, pkt.tcp_flags) {
-                Ok(found) => established(ctx, pkt, &key, found, hook, dsr),
-                Err(reason) => Verdict::Drop(reason),
-            };
+    let ports = service::Ports::of(pkt.dport);
+    // Known flow, either direction: one lookup decides the rewrite. Only
+    // for a packet to a frontend's port or from a backend's: no other can
+    // be of a tracked flow, and most traffic that is not for a service
+    // (a pod's to a pod, socket-balanced flows' requests) skips it.
+    if ports.may_be_tracked(pkt.sport) {
+        if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
+            let found = conntrack::newer(&key, found, pkt.tcp_flags);
+            if !(pkt.proto == IPPROTO_TCP
+                && pkt.is_syn()
+                && conntrack::closed_original(found.entry))
+            {
+                return match conntrack::handshake(&key, found, pkt.tcp_flags) {
+                    Ok(found) => established(ctx, pkt, &key, found, hook, dsr),
+                    Err(reason) => Verdict::Drop(reason),
+                };
+            }
+            // A new connection reusing a closing flow's tuple.
+            conntrack::remove_flow(&key, found);
         }
-        // A new connection reusing a closing flow's tuple.
-        conntrack::remove_flow(&key, found);
     }
     let svc = match origin {
-        Origin::Network => service::lookup(pkt.dst, pkt.dport, pkt.proto),
+        Origin::Network => service::lookup(ports, pkt.dst, pkt.dport, pkt.proto),
         // The node's packets to its own addresses go through loopback.
-        Origin::Node => service::lookup_exact(pkt.dst, pkt.dport, pkt.proto),
+        Origin::Node => service::lookup_exact(ports, pkt.dst, pkt.dport, pkt.proto),
     };
     let Some(svc) = svc else {
         return Verdict::Pass(Counter::PassNoService);

@@ -4,23 +4,51 @@
 //! `KUBE-NODEPORTS`, reached last from `KUBE-SERVICES`). Both are skipped
 //! for a port no frontend uses, which one array read (`PORTS`, inlined by
 //! the verifier: no hash, no helper call) tells: most traffic that is not
-//! for a service pays nothing here.
+//! for a service pays nothing here. The same filter tells which packets
+//! can be of a tracked flow at all ([`Ports::may_be_tracked`]).
 
 use proxy_common::{
     port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODEPORT_ADDR, NODE_F_LOCAL,
-    NODE_F_NODEPORT, PORT_F_FRONTEND, PORT_F_NODEPORT,
+    NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
 };
 
 use crate::maps::{CONFIG, NODE_ADDRS, PORTS, SERVICES, SERVICE_ADDRS};
 
-/// `PORT_F_*` bits of destination port `port` (network order).
+/// `PORT_F_*` bits of port `port` (network order).
 #[inline(always)]
-fn port_kinds(port: u16) -> u64 {
+fn port_bits(port: u16) -> u64 {
     let port = u16::from_be(port);
     PORTS.get_ptr(port_word(port)).map_or(0, |w| {
         // SAFETY: array element pointer, valid for the program run.
-        (unsafe { *w } >> port_shift(port)) & (PORT_F_FRONTEND | PORT_F_NODEPORT)
+        (unsafe { *w } >> port_shift(port)) & ((1 << PORT_BITS) - 1)
     })
+}
+
+/// What the port filter says of a TCP/UDP packet's destination port: one
+/// array read, no hash.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    /// `PORT_F_FRONTEND` / `PORT_F_NODEPORT` of the destination port.
+    dst: u64,
+}
+
+impl Ports {
+    #[inline(always)]
+    pub fn of(dst_port: u16) -> Self {
+        Self {
+            dst: dst_kinds(dst_port),
+        }
+    }
+
+    /// Whether a packet from `src_port` can be of a tracked flow: only one
+    /// to a frontend's port (a flow's original direction is keyed by its
+    /// frontend) or from a backend's (a reply is keyed from its backend)
+    /// can; every other packet skips the conntrack lookup. The source port
+    /// is read only for a packet to no frontend's port.
+    #[inline(always)]
+    pub fn may_be_tracked(self, src_port: u16) -> bool {
+        self.dst != 0 || port_bits(src_port) & PORT_F_BACKEND != 0
+    }
 }
 
 #[inline(always)]
@@ -44,8 +72,8 @@ fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 /// frontend uses; for a NodePort's port, 1 more (`NODE_ADDRS`), and 1 more
 /// (the NodePort frontend) when `addr` serves NodePorts.
 #[inline(always)]
-pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    find(addr, port, proto, || {
+pub fn lookup(ports: Ports, addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    find(ports.dst, addr, port, proto, || {
         node_flags(addr) & NODE_F_NODEPORT != 0
     })
 }
@@ -56,14 +84,35 @@ pub fn lookup(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 /// the other node's). Lookups: the port filter, then 1 or 2.
 #[inline(always)]
 pub fn lookup_carried(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    find(addr, port, proto, || true)
+    find(dst_kinds(port), addr, port, proto, || true)
+}
+
+/// A socket call's frontend, as [`lookup`] without the NodePort fallback
+/// for an address that does not serve NodePorts: the port filter, then 1
+/// or 2 lookups.
+#[inline(always)]
+pub fn lookup_dst(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    find(dst_kinds(port), addr, port, proto, || {
+        node_flags(addr) & NODE_F_NODEPORT != 0
+    })
+}
+
+/// `PORT_F_FRONTEND` / `PORT_F_NODEPORT` of destination port `port`.
+#[inline(always)]
+fn dst_kinds(port: u16) -> u64 {
+    port_bits(port) & (PORT_F_FRONTEND | PORT_F_NODEPORT)
 }
 
 /// `addr:port`'s own frontend, else the NodePort frontend of `port` when
 /// `nodeport()` (asked only for a NodePort's port).
 #[inline(always)]
-fn find(addr: u32, port: u16, proto: u8, nodeport: impl Fn() -> bool) -> Option<ServiceValue> {
-    let kinds = port_kinds(port);
+fn find(
+    kinds: u64,
+    addr: u32,
+    port: u16,
+    proto: u8,
+    nodeport: impl Fn() -> bool,
+) -> Option<ServiceValue> {
     if kinds & PORT_F_FRONTEND != 0 {
         if let Some(v) = get(addr, port, proto) {
             return Some(v);
@@ -109,8 +158,8 @@ pub fn config() -> DatapathConfig {
 /// As [`lookup`], without the NodePort fallback: the port filter, then 1
 /// lookup.
 #[inline(always)]
-pub fn lookup_exact(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    if port_kinds(port) & PORT_F_FRONTEND == 0 {
+pub fn lookup_exact(ports: Ports, addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+    if ports.dst & PORT_F_FRONTEND == 0 {
         return None;
     }
     get(addr, port, proto)

@@ -231,7 +231,7 @@ impl Request {
         }
         let addr = read(sa, Field::Addr);
         let port = read(sa, Field::Port) as u16;
-        let svc = service::lookup(addr, port, proto)?;
+        let svc = service::lookup_dst(addr, port, proto)?;
         Some(Self {
             addr,
             port,

@@ -62,14 +62,12 @@ fn frontend(
             })
             .expect("a local backend is one of the service's");
         dp.maps
-            .slots
-            .insert(
+            .put_slot(
                 SlotKey {
                     svc_id,
                     slot: LOCAL_SLOTS + i as u32,
                 },
                 value,
-                0,
             )
             .unwrap();
     }
@@ -813,8 +811,7 @@ fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve() {
     let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
     // Service 3: one backend, on this node.
     dp.maps
-        .slots
-        .insert(
+        .put_slot(
             SlotKey { svc_id: 3, slot: 0 },
             proxy_common::Slot {
                 backend_id: 9,
@@ -825,7 +822,6 @@ fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve() {
                     flags: proxy_common::BACKEND_F_LOCAL,
                 },
             },
-            0,
         )
         .unwrap();
     frontend(

@@ -569,3 +569,67 @@ fn going_back_to_kube_proxy_breaks_no_connection() {
         said.trim()
     );
 }
+
+#[test]
+#[ignore = "needs root"]
+fn a_connection_outlives_its_service_and_its_ports_leave_the_filter_after_it() {
+    use proxy_common::{port_shift, port_word, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND};
+    let mut c = start(&backends());
+    c.write_manifest("web.yaml", &web(&c, &["web-1", "web-2"]))
+        .unwrap();
+    c.start_agent(
+        Path::new(KPX),
+        &[
+            "--sync-period",
+            "1s",
+            "--conntrack-gc-interval",
+            "1s",
+            "--conntrack-tcp-timeout-time-wait",
+            "1s",
+        ],
+    )
+    .unwrap();
+    wait_synced(&c, 2, &[2, 2]);
+    // The port filter's bits of a port: the datapath looks a packet's flow
+    // up only to a frontend's port or from a backend's.
+    let bits = |port: u16| {
+        let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+        (maps.port_word(port_word(port)).unwrap() >> port_shift(port)) & ((1 << PORT_BITS) - 1)
+    };
+    assert_eq!(bits(80), PORT_F_FRONTEND);
+    assert_eq!(bits(8080), PORT_F_BACKEND);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
+    let first = long.ask().unwrap();
+
+    // The service goes. kube-proxy's conntrack keeps translating its live
+    // connections; so does kpx, across collector walks and resyncs.
+    c.remove_manifest("web.yaml").unwrap();
+    wait_synced(&c, 0, &[]);
+    assert!(
+        tcp_ask(&c.pod("client").netns, vip, Duration::from_secs(1)).is_err(),
+        "VIP still answers new connections"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        long.ask().unwrap(),
+        first,
+        "the live connection broke\n{}",
+        c.agent_log()
+    );
+    assert_eq!(bits(80), PORT_F_FRONTEND, "held while its flow lives");
+    assert_eq!(bits(8080), PORT_F_BACKEND, "held while its flow lives");
+
+    // Once the connection is over and collected, its ports are released.
+    drop(long);
+    let released = wait_for(Duration::from_secs(20), || {
+        (bits(80) == 0 && bits(8080) == 0).then_some(())
+    });
+    assert!(
+        released.is_some(),
+        "port 80: {:#x}, 8080: {:#x}\n{}",
+        bits(80),
+        bits(8080),
+        c.agent_log()
+    );
+}

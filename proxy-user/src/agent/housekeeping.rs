@@ -4,9 +4,14 @@
 //! tables takes, it never delays the path from an API event to the maps.
 
 use std::{
-    sync::mpsc::{self, RecvTimeoutError},
+    sync::{
+        mpsc::{self, RecvTimeoutError},
+        Arc, Mutex,
+    },
     thread::JoinHandle,
 };
+
+use crate::dataplane::ports::LivePorts;
 
 use super::*;
 
@@ -109,6 +114,8 @@ impl GcStats {
 pub(super) struct Collector {
     stale: Option<mpsc::Sender<HashSet<conntrack::ServiceBackend>>>,
     thread: Option<JoinHandle<()>>,
+    /// The ports of the flows the last walk found, for the port filter.
+    live: Arc<Mutex<Option<LivePorts>>>,
 }
 
 impl Collector {
@@ -122,6 +129,13 @@ impl Collector {
         let (tx, rx) = mpsc::channel::<HashSet<conntrack::ServiceBackend>>();
         let (timeouts, every) = (cfg.ct_timeouts, cfg.ct_gc_interval);
         let socks = cfg.socket_lb != crate::dataplane::socklb::Mode::Off;
+        let live = Arc::new(Mutex::new(None));
+        let published = live.clone();
+        let publish = move |walk: Option<LivePorts>| {
+            if let (Some(walk), Ok(mut slot)) = (walk, published.lock()) {
+                *slot = Some(walk);
+            }
+        };
         let thread = std::thread::Builder::new()
             .name("kpx-conntrack".into())
             .spawn(move || {
@@ -134,7 +148,7 @@ impl Collector {
                             while let Ok(more) = rx.try_recv() {
                                 stale.extend(more);
                             }
-                            collect(
+                            publish(collect(
                                 &timeouts,
                                 &mut maps,
                                 socks,
@@ -142,11 +156,11 @@ impl Collector {
                                 &mut stats,
                                 &metrics,
                                 expirer.as_ref(),
-                            );
+                            ));
                         }
                         Err(RecvTimeoutError::Timeout) => {
                             let none = HashSet::new();
-                            collect(
+                            publish(collect(
                                 &timeouts,
                                 &mut maps,
                                 socks,
@@ -154,7 +168,7 @@ impl Collector {
                                 &mut stats,
                                 &metrics,
                                 expirer.as_ref(),
-                            );
+                            ));
                             next = Instant::now() + every;
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -165,7 +179,13 @@ impl Collector {
         Ok(Self {
             stale: Some(tx),
             thread: Some(thread),
+            live,
         })
+    }
+
+    /// What the last walk since the previous call found, if one ended.
+    pub(super) fn live_ports(&self) -> Option<LivePorts> {
+        self.live.lock().ok()?.take()
     }
 
     /// Removes the UDP flows to `stale` backends (after the sync that took
@@ -193,7 +213,7 @@ impl Drop for Collector {
 }
 
 /// `socks`: look for connected UDP sockets of `stale` backends (socket LB
-/// is on).
+/// is on). Returns the ports of the flows the walk found.
 fn collect(
     timeouts: &conntrack::Timeouts,
     maps: &mut MapSet,
@@ -202,14 +222,18 @@ fn collect(
     stats: &mut GcStats,
     metrics: &Metrics,
     expirer: Option<&conntrack::Expirer>,
-) {
+) -> Option<LivePorts> {
     let started = Instant::now();
-    let report = match conntrack::collect(maps, timeouts, stale, expirer) {
+    let mut report = match conntrack::collect(maps, timeouts, stale, expirer) {
         Ok(r) => r,
         Err(e) => {
             log::warn!("conntrack collection: {e:#}; will retry");
-            return;
+            return None;
         }
+    };
+    let live_ports = LivePorts {
+        started,
+        ports: std::mem::take(&mut report.ports),
     };
     stats.expired += report.expired;
     stats.stale_udp += report.stale_udp;
@@ -291,6 +315,7 @@ fn collect(
         report.expired,
         started.elapsed()
     );
+    Some(live_ports)
 }
 
 /// Table pressure, visible before it bites: at 90 % a warning, and an

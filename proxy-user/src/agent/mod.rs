@@ -130,7 +130,11 @@ pub async fn run(cfg: Settings) -> Result<()> {
     // Pinned maps survive restarts: start from what they hold, so the first
     // sync only writes differences and live flows keep their conntrack.
     let mirror = Mirror::new(dp.maps.read_state().context("reading the pinned maps")?);
-    let ports = PortFilter::rebuild(&mirror.state, &dp.maps).context("reading the port filter")?;
+    let mut ports =
+        PortFilter::rebuild(&mirror.state, &dp.maps).context("reading the port filter")?;
+    // Flows an earlier agent tracked keep their ports marked (the filter
+    // map may be new: an upgrade replaces one of another shape).
+    ports.hold_live(&crate::dataplane::conntrack::flow_ports(&dp.maps));
     log::info!(
         "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}, scheduler {}); maps in {} hold {} frontends",
         cfg.hostname,
@@ -305,6 +309,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
                 agent.sync();
             }
             _ = resync.tick() => {
+                agent.release_ports();
                 agent.node_settings();
                 attacher.reconcile(&mut agent.dp);
                 agent.xdp(&mut xdp);
@@ -470,6 +475,18 @@ impl Agent {
         }
     }
 
+    /// Clears the port filter's held bits that the collector's last walk
+    /// found no flow on.
+    fn release_ports(&mut self) {
+        let Some(live) = self.collector.live_ports() else {
+            return;
+        };
+        let n = self.ports.release(&live);
+        if n > 0 && self.flush_ports() {
+            log::debug!("port filter: {n} bits released (no frontend, backend or flow uses them)");
+        }
+    }
+
     /// One sync: recompute what changed, write the difference.
     fn sync(&mut self) {
         let started = Instant::now();
@@ -497,6 +514,16 @@ impl Agent {
         };
         let stale = reconcile::stale_udp(&self.mirror.state, desired, scope);
         let writing = Instant::now();
+        // The new backends' ports before the slots that let flows pick
+        // them: a flow's first reply must find its entry.
+        if let Err(e) = self
+            .ports
+            .prepare(&ops, &self.mirror.state, &mut self.dp.maps)
+        {
+            log::error!("writing the port filter failed: {e}; will retry");
+            self.failed();
+            return;
+        }
         if !self.apply(&ops) {
             self.failed();
             // What was written is served: its ports too.

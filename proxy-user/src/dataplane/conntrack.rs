@@ -15,7 +15,8 @@ use std::{
 use anyhow::Result;
 use proxy_common::{
     wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP,
-    CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST,
+    CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND,
+    TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
@@ -243,6 +244,32 @@ pub struct GcReport {
     /// Expired established flows taken off their backend's active
     /// connections (least-connection services).
     pub conns_ended: u64,
+    /// The ports of the flows read (see [`flow_ports`]), for the port
+    /// filter's held bits.
+    pub ports: HashSet<u16>,
+}
+
+/// The ports the datapath must find a tracked entry's packets on, with
+/// their port-filter kind (host order): an original direction's frontend
+/// port (its destination), a reply's backend port (its source).
+pub fn flow_port(k: &CtKey, v: &CtValue) -> (u16, u64) {
+    if v.dir == CT_DIR_ORIGINAL {
+        (u16::from_be(k.dst_port), PORT_F_FRONTEND)
+    } else {
+        (u16::from_be(k.src_port), PORT_F_BACKEND)
+    }
+}
+
+/// [`flow_port`] of every entry in the tables.
+pub fn flow_ports(maps: &MapSet) -> Vec<(u16, u64)> {
+    let mut ports: Vec<(u16, u64)> = maps
+        .ct_entries()
+        .iter()
+        .map(|(_, k, v)| flow_port(k, v))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// Ends established flows the way a FIN does, before the collector
@@ -298,8 +325,20 @@ pub fn collect(
 ) -> Result<GcReport> {
     let table = read_table(maps)?;
     let now = monotonic_ns();
+    let ports = table
+        .flows
+        .iter()
+        .flat_map(|f| {
+            [
+                u16::from_be(f.key.dst_port),
+                u16::from_be(f.reply_key.src_port),
+            ]
+        })
+        .chain(table.orphans.iter().map(|(_, k, v)| flow_port(k, v).0))
+        .collect();
     let mut report = GcReport {
         entries: table.entries.clone(),
+        ports,
         ..Default::default()
     };
     let is_expired =

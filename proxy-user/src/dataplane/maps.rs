@@ -607,12 +607,12 @@ impl MapSet {
         }
     }
 
-    /// Every word of the frontend-port filter.
+    /// Every word of the port filter.
     pub fn port_words(&self) -> Result<Vec<u64>, MapError> {
         (0..self.ports.len()).map(|i| self.port_word(i)).collect()
     }
 
-    /// Word `i` of the frontend-port filter.
+    /// Word `i` of the port filter.
     pub fn port_word(&self, i: u32) -> Result<u64, MapError> {
         self.ports.get(&i, 0)
     }
@@ -627,7 +627,16 @@ impl MapSet {
         self.services.insert(key, value, 0)
     }
 
-    /// Writes word `i` of the frontend-port filter.
+    /// Writes a slot and marks its backend's port in the filter (for tools
+    /// and tests that write slots by hand, as [`MapSet::put_frontend`]).
+    pub fn put_slot(&mut self, key: SlotKey, value: Slot) -> Result<(), MapError> {
+        let bit = value.backend.port_bit();
+        let word = self.ports.get(&bit.word, 0)? | bit.mask;
+        self.ports.set(bit.word, word, 0)?;
+        self.slots.insert(key, value, 0)
+    }
+
+    /// Writes word `i` of the port filter.
     pub fn set_port_word(&mut self, i: u32, word: u64) -> Result<(), MapError> {
         self.ports.set(i, word, 0)
     }

@@ -1,46 +1,98 @@
-//! The frontend-port filter (`KPX_PORTS`): two bits per destination port
-//! telling the datapath whether any frontend (a cluster, external or
-//! LoadBalancer IP; or a NodePort) uses it, so that traffic to every other
-//! port is known not to be for a service without a hash lookup.
+//! The port filter (`KPX_PORTS`): bits per port telling the datapath
+//! whether any frontend (a cluster, external or LoadBalancer IP; or a
+//! NodePort) or any backend uses it, so that traffic on every other port is
+//! known to be for no service and of no tracked flow without a hash lookup
+//! (see `proxy_common::PORT_F_BACKEND`).
 //!
-//! Kept from the sync's own writes: each frontend added or removed moves a
-//! use count of its bit (`ServiceKey::port_bit`), and only words whose bits
-//! changed are written, after the frontends themselves (a new frontend
-//! becomes reachable once its bit is set; a port stays marked while any
-//! frontend uses it). Rebuilt from the mirror, and compared with the map, at
-//! start and at each full resync.
+//! Kept from the sync's own writes: each frontend and backend added or
+//! removed moves a use count of its bit. A bit a plan will need is set
+//! before the plan is written ([`PortFilter::prepare`]: a backend's, before
+//! the slot that lets a flow pick it, so the flow's first reply already
+//! meets it). A bit whose last user went is **held**: flows on its port may
+//! still be tracked (kube-proxy keeps a removed service's or backend's
+//! connections), and the datapath looks flows up only on marked ports. It
+//! is cleared once a walk of the conntrack tables that began well after
+//! that found no flow on the port ([`PortFilter::release`]). Rebuilt from
+//! the mirror, and compared with the map, at start and at each full
+//! resync; bits the map has beyond that are held.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use aya::maps::MapError;
-use proxy_common::PortBit;
+use proxy_common::{port_bit, PortBit, PORT_BITS, PORT_F_BACKEND};
 
 use crate::{
     dataplane::maps::{service_key, MapSet},
-    dataplane::reconcile::{MapState, Op},
+    dataplane::reconcile::{BackendAddr, MapState, Op},
 };
+
+/// How long after its last user went a held bit's port must have been
+/// walked: far longer than a packet's run of the datapath, which may have
+/// looked its frontend or backend up just before it went and creates its
+/// flow just after.
+const HOLD_MARGIN: Duration = Duration::from_secs(1);
+
+/// The ports of the flows a walk of the conntrack tables found (host
+/// order: original entries' destination, reply entries' source).
+#[derive(Clone, Debug)]
+pub struct LivePorts {
+    /// When the walk began.
+    pub started: Instant,
+    pub ports: HashSet<u16>,
+}
 
 #[derive(Debug, Default)]
 pub struct PortFilter {
-    /// Frontends using each bit, ordered by word.
+    /// Frontends and backends using each bit, ordered by word.
     uses: BTreeMap<PortBit, u32>,
+    /// Bits no frontend or backend uses, kept set since then (see above).
+    held: BTreeMap<PortBit, Instant>,
     /// Words as the map holds them (absent: zero).
     written: HashMap<u32, u64>,
     /// Words to compare and write at the next flush.
     dirty: BTreeSet<u32>,
 }
 
+/// A backend's bit.
+fn backend_bit(b: &BackendAddr) -> PortBit {
+    port_bit(b.port, PORT_F_BACKEND)
+}
+
+/// The port a bit is of.
+fn port_of(bit: PortBit) -> u16 {
+    let per_word = 64 / PORT_BITS;
+    (bit.word * per_word + bit.mask.trailing_zeros() / PORT_BITS) as u16
+}
+
 impl PortFilter {
-    /// The filter for the frontends in `state`, every word to be checked
-    /// against the map (whose contents are unknown) at the next flush.
+    /// The filter for the frontends and backends in `state`, every word to
+    /// be checked against the map (whose contents are unknown) at the next
+    /// flush; bits the map has beyond those are held from now.
     pub fn rebuild(state: &MapState, maps: &MapSet) -> Result<Self, MapError> {
         let mut f = Self::default();
         for key in state.services.keys() {
             *f.uses.entry(service_key(key).port_bit()).or_default() += 1;
         }
-        for (i, word) in maps.port_words()?.into_iter().enumerate() {
-            if word != 0 {
-                f.written.insert(i as u32, word);
+        for b in state.backends.values() {
+            *f.uses.entry(backend_bit(b)).or_default() += 1;
+        }
+        let now = Instant::now();
+        for (i, word) in (0u32..).zip(maps.port_words()?) {
+            if word == 0 {
+                continue;
+            }
+            f.written.insert(i, word);
+            for shift in 0..64 {
+                let bit = PortBit {
+                    word: i,
+                    mask: 1 << shift,
+                };
+                if word & bit.mask != 0 && !f.uses.contains_key(&bit) {
+                    f.held.insert(bit, now);
+                }
             }
         }
         f.dirty = f
@@ -52,38 +104,111 @@ impl PortFilter {
         Ok(f)
     }
 
-    /// Notes a successful write of the sync, before `state` records it.
-    pub fn observe(&mut self, op: &Op, state: &MapState) {
-        match op {
-            Op::PutService(k, _) if !state.services.contains_key(k) => {
-                let b = service_key(k).port_bit();
-                *self.uses.entry(b).or_default() += 1;
-                self.dirty.insert(b.word);
+    /// Holds the bits of `live`'s ports that the datapath needs to find
+    /// their flows: of ports the map may lack (read at start, when the
+    /// filter map may be new while the conntrack tables are not).
+    pub fn hold_live(&mut self, live: &[(u16, u64)]) {
+        let now = Instant::now();
+        for &(port, kind) in live {
+            let bit = port_bit(port, kind);
+            if !self.uses.contains_key(&bit) {
+                self.held.entry(bit).or_insert(now);
+                self.dirty.insert(bit.word);
             }
-            Op::DelService(k) if state.services.contains_key(k) => {
-                let b = service_key(k).port_bit();
-                if let Some(n) = self.uses.get_mut(&b) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.uses.remove(&b);
-                    }
-                }
-                self.dirty.insert(b.word);
-            }
-            _ => {}
         }
     }
 
-    /// The word `i` should hold: the bits in use there.
+    /// The bit `op` starts using, if it is a new use.
+    fn added(op: &Op, state: &MapState) -> Option<PortBit> {
+        match op {
+            Op::PutService(k, _) if !state.services.contains_key(k) => {
+                Some(service_key(k).port_bit())
+            }
+            Op::PutBackend(id, b) if state.backends.get(id) != Some(b) => Some(backend_bit(b)),
+            _ => None,
+        }
+    }
+
+    /// Sets, before `ops` are written, the bits they will use that the map
+    /// lacks: a backend's must be there before a slot holds it. Held until
+    /// the plan's writes are observed (a plan that stops halfway leaves them
+    /// held, not leaked).
+    pub fn prepare(
+        &mut self,
+        ops: &[Op],
+        state: &MapState,
+        maps: &mut MapSet,
+    ) -> Result<usize, MapError> {
+        let now = Instant::now();
+        for op in ops {
+            if let Some(bit) = Self::added(op, state) {
+                if self.desired(bit.word) & bit.mask == 0 {
+                    self.held.insert(bit, now);
+                    self.dirty.insert(bit.word);
+                }
+            }
+        }
+        self.flush(maps)
+    }
+
+    /// Notes a successful write of the sync, before `state` records it.
+    pub fn observe(&mut self, op: &Op, state: &MapState) {
+        if let Some(bit) = Self::added(op, state) {
+            *self.uses.entry(bit).or_default() += 1;
+            self.held.remove(&bit);
+            self.dirty.insert(bit.word);
+        }
+        let gone = match op {
+            Op::DelService(k) if state.services.contains_key(k) => service_key(k).port_bit(),
+            Op::PutBackend(id, _) | Op::DelBackend(id) => match state.backends.get(id) {
+                // A backend id given another backend: its old one goes.
+                Some(old) if !matches!(op, Op::PutBackend(_, b) if b == old) => backend_bit(old),
+                _ => return,
+            },
+            _ => return,
+        };
+        if let Some(n) = self.uses.get_mut(&gone) {
+            *n -= 1;
+            if *n == 0 {
+                self.uses.remove(&gone);
+                self.held.insert(gone, Instant::now());
+            }
+        }
+    }
+
+    /// Clears the held bits whose port `live`, a walk begun long enough
+    /// after they lost their last user, found no flow on; returns how many
+    /// were (written at the next flush).
+    pub fn release(&mut self, live: &LivePorts) -> usize {
+        let gone: Vec<PortBit> = self
+            .held
+            .iter()
+            .filter(|(bit, since)| {
+                live.started >= **since + HOLD_MARGIN && !live.ports.contains(&port_of(**bit))
+            })
+            .map(|(bit, _)| *bit)
+            .collect();
+        for bit in &gone {
+            self.held.remove(bit);
+            self.dirty.insert(bit.word);
+        }
+        gone.len()
+    }
+
+    /// The word `i` should hold: the bits in use or held there.
     pub fn desired(&self, i: u32) -> u64 {
         let first = PortBit { word: i, mask: 0 };
         let last = PortBit {
             word: i,
             mask: u64::MAX,
         };
-        self.uses
+        let used = self
+            .uses
             .range(first..=last)
-            .fold(0, |w, (b, _)| w | b.mask)
+            .fold(0, |w, (b, _)| w | b.mask);
+        self.held
+            .range(first..=last)
+            .fold(used, |w, (b, _)| w | b.mask)
     }
 
     /// Words a read of the map found other than [`PortFilter::desired`],
@@ -147,20 +272,39 @@ mod tests {
         }
     }
 
-    fn put(f: &mut PortFilter, st: &mut MapState, k: FrontendKey) {
-        let op = Op::PutService(k, ServiceValue::default());
+    fn backend(port: u16) -> BackendAddr {
+        BackendAddr {
+            addr: Ipv4Addr::new(198, 18, 1, 1),
+            port,
+            proto: 6,
+            local: false,
+        }
+    }
+
+    fn apply(f: &mut PortFilter, st: &mut MapState, op: Op) {
         f.observe(&op, st);
         st.record(&op);
+    }
+
+    fn put(f: &mut PortFilter, st: &mut MapState, k: FrontendKey) {
+        apply(f, st, Op::PutService(k, ServiceValue::default()));
     }
 
     fn del(f: &mut PortFilter, st: &mut MapState, k: FrontendKey) {
-        let op = Op::DelService(k);
-        f.observe(&op, st);
-        st.record(&op);
+        apply(f, st, Op::DelService(k));
+    }
+
+    /// A walk of the conntrack tables that began `after` the bits went,
+    /// finding flows on `ports`.
+    fn walk(after: Duration, ports: &[u16]) -> LivePorts {
+        LivePorts {
+            started: Instant::now() + after,
+            ports: ports.iter().copied().collect(),
+        }
     }
 
     #[test]
-    fn a_port_is_marked_while_any_frontend_uses_it() {
+    fn a_port_is_marked_while_any_frontend_uses_it_and_held_after() {
         let (mut f, mut st) = (PortFilter::default(), MapState::default());
         let (a, b, np) = (key(1u32, 80), key(2u32, 80), key(NODEPORT_ADDR, 30080));
         let http = PORT_F_FRONTEND << port_shift(80);
@@ -177,8 +321,63 @@ mod tests {
         del(&mut f, &mut st, b);
         // Deleting what is not there changes nothing.
         del(&mut f, &mut st, b);
+        // No frontend uses port 80 now, but its flows may live on.
+        assert_eq!(f.desired(port_word(80)), http);
+        // A walk begun too soon after proves nothing...
+        assert_eq!(f.release(&walk(Duration::ZERO, &[])), 0);
+        // ...nor one that found a flow on the port...
+        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[80])), 0);
+        assert_eq!(f.desired(port_word(80)), http);
+        // ...one that found none clears it.
+        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[30080])), 1);
         assert_eq!(f.desired(port_word(80)), 0);
         assert_eq!(f.desired(port_word(30080)), nodeport);
+    }
+
+    #[test]
+    fn a_frontend_back_before_the_release_keeps_its_bit() {
+        let (mut f, mut st) = (PortFilter::default(), MapState::default());
+        let a = key(1u32, 80);
+        put(&mut f, &mut st, a);
+        del(&mut f, &mut st, a);
+        put(&mut f, &mut st, a);
+        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[])), 0);
+        assert_eq!(f.desired(port_word(80)), PORT_F_FRONTEND << port_shift(80));
+    }
+
+    #[test]
+    fn backends_mark_their_ports_while_any_slot_can_pick_them() {
+        let (mut f, mut st) = (PortFilter::default(), MapState::default());
+        let bit = PORT_F_BACKEND << port_shift(8080);
+        apply(&mut f, &mut st, Op::PutBackend(1, backend(8080)));
+        apply(&mut f, &mut st, Op::PutBackend(2, backend(8080)));
+        // The same backend again is no new use.
+        apply(&mut f, &mut st, Op::PutBackend(1, backend(8080)));
+        apply(&mut f, &mut st, Op::DelBackend(1));
+        assert_eq!(f.desired(port_word(8080)), bit);
+        // An id given another backend leaves its old port.
+        apply(&mut f, &mut st, Op::PutBackend(2, backend(9090)));
+        assert_eq!(
+            f.desired(port_word(9090)),
+            PORT_F_BACKEND << port_shift(9090)
+        );
+        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[])), 1);
+        assert_eq!(f.desired(port_word(8080)), 0);
+    }
+
+    #[test]
+    fn bits_the_map_has_beyond_the_state_are_held_and_live_flows_held_at_start() {
+        let mut f = PortFilter::default();
+        f.hold_live(&[(80, PORT_F_FRONTEND), (8080, PORT_F_BACKEND)]);
+        assert_eq!(f.desired(port_word(80)), PORT_F_FRONTEND << port_shift(80));
+        assert_eq!(
+            f.desired(port_word(8080)),
+            PORT_F_BACKEND << port_shift(8080)
+        );
+        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[8080])), 1);
+        assert_eq!(f.desired(port_word(80)), 0);
+        assert_eq!(port_of(port_bit(8080, PORT_F_BACKEND)), 8080);
+        assert_eq!(port_of(port_bit(65535, PORT_F_NODEPORT)), 65535);
     }
 
     #[test]
@@ -186,11 +385,11 @@ mod tests {
         let (mut f, mut st) = (PortFilter::default(), MapState::default());
         put(&mut f, &mut st, key(1u32, 64));
         put(&mut f, &mut st, key(NODEPORT_ADDR, 65));
-        put(&mut f, &mut st, key(1u32, 95));
-        assert_eq!(port_word(64), port_word(95));
+        put(&mut f, &mut st, key(1u32, 79));
+        assert_eq!(port_word(64), port_word(79));
         assert_eq!(
             f.desired(port_word(64)),
-            PORT_F_FRONTEND | PORT_F_NODEPORT << 2 | PORT_F_FRONTEND << 62
+            PORT_F_FRONTEND | PORT_F_NODEPORT << 4 | PORT_F_FRONTEND << 60
         );
         assert_eq!(f.desired(port_word(64) + 1), 0);
     }

@@ -463,14 +463,12 @@ pub fn install_service(
             },
         };
         dp.maps
-            .slots
-            .insert(
+            .put_slot(
                 SlotKey {
                     svc_id,
                     slot: slot as u32,
                 },
                 value,
-                0,
             )
             .unwrap();
     }

@@ -189,17 +189,23 @@ fn service(
         affinity_id: svc_id,
     };
     vm.map_insert(map_names::SERVICES, bytes(&key), bytes(&value))?;
-    // Its bit in the port filter, as the agent sets it.
-    let bit = key.port_bit();
-    let word = match vm.map_get(map_names::PORTS, &bit.word.to_ne_bytes())? {
-        Some(w) => u64::from_ne_bytes(w.as_slice().try_into()?),
-        None => 0,
+    // Its bits in the port filter (its own, its backends'), as the agent
+    // sets them.
+    let backend_port = Backend {
+        port: wire::port(8080),
+        ..Default::default()
     };
-    vm.map_insert(
-        map_names::PORTS,
-        &bit.word.to_ne_bytes(),
-        &(word | bit.mask).to_ne_bytes(),
-    )?;
+    for bit in [key.port_bit(), backend_port.port_bit()] {
+        let word = match vm.map_get(map_names::PORTS, &bit.word.to_ne_bytes())? {
+            Some(w) => u64::from_ne_bytes(w.as_slice().try_into()?),
+            None => 0,
+        };
+        vm.map_insert(
+            map_names::PORTS,
+            &bit.word.to_ne_bytes(),
+            &(word | bit.mask).to_ne_bytes(),
+        )?;
+    }
     if key.addr != NODEPORT_ADDR {
         vm.map_insert(
             map_names::SERVICE_ADDRS,
