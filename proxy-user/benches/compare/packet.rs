@@ -13,8 +13,9 @@
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
-    wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, IPPROTO_TCP,
-    SCHED_LC, SCHED_MH, SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
+    port_bit, wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, SCHED_LC, SCHED_MH, SCHED_RANDOM, SCHED_RR,
+    SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -357,6 +358,15 @@ fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, 
         // An established connection: where the datapath moves it at its
         // first reply.
         dp.maps.ct_tcp.insert(k, v, 0)?;
+    }
+    // The repeated packet is translated back and forth, so each direction
+    // also arrives as its own translation (to the backend's port 8080, from
+    // the service's port 80): the port filter must send those to conntrack
+    // too, as on a node where some frontend uses 8080 and some backend 80.
+    for (port, kind) in [(8080, PORT_F_FRONTEND), (80, PORT_F_BACKEND)] {
+        let bit = port_bit(port, kind);
+        let word = dp.maps.port_word(bit.word)?;
+        dp.maps.set_port_word(bit.word, word | bit.mask)?;
     }
     let prog = dp.ingress()?;
     let est = repeat_ns(prog, &Pkt::new(CLIENT, 45000, vip, 80, ACK).build(), repeat)?;
