@@ -134,7 +134,12 @@ pub async fn run(cfg: Settings) -> Result<()> {
         PortFilter::rebuild(&mirror.state, &dp.maps).context("reading the port filter")?;
     // Flows an earlier agent tracked keep their ports marked (the filter
     // map may be new: an upgrade replaces one of another shape).
-    ports.hold_live(&crate::dataplane::conntrack::flow_ports(&dp.maps));
+    match crate::dataplane::conntrack::flow_ports(&dp.maps) {
+        Ok(live) => ports.hold_live(&live),
+        // The collector's first walk marks them; until then their packets
+        // may miss their ports' bits (only where the filter map is new).
+        Err(e) => log::warn!("reading the conntrack tables for the port filter: {e:#}"),
+    }
     log::info!(
         "kpx agent on node {:?} (node IPs {:?}, cluster CIDRs {:?}, scheduler {}); maps in {} hold {} frontends",
         cfg.hostname,

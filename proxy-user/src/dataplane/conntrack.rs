@@ -244,9 +244,9 @@ pub struct GcReport {
     /// Expired established flows taken off their backend's active
     /// connections (least-connection services).
     pub conns_ended: u64,
-    /// The ports of the flows read (see [`flow_ports`]), for the port
+    /// The ports of the flows read (see [`flow_port`]), for the port
     /// filter's held bits.
-    pub ports: HashSet<u16>,
+    pub ports: HashSet<(u16, u64)>,
 }
 
 /// The ports the datapath must find a tracked entry's packets on, with
@@ -260,16 +260,16 @@ pub fn flow_port(k: &CtKey, v: &CtValue) -> (u16, u64) {
     }
 }
 
-/// [`flow_port`] of every entry in the tables.
-pub fn flow_ports(maps: &MapSet) -> Vec<(u16, u64)> {
-    let mut ports: Vec<(u16, u64)> = maps
-        .ct_entries()
-        .iter()
-        .map(|(_, k, v)| flow_port(k, v))
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
+/// [`flow_port`] of every entry in the tables (a batched read, as the
+/// collector's).
+pub fn flow_ports(maps: &MapSet) -> Result<Vec<(u16, u64)>> {
+    let mut ports = HashSet::new();
+    for table in CtTable::ALL {
+        crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
+            ports.insert(flow_port(&k, &v));
+        })?;
+    }
+    Ok(ports.into_iter().collect())
 }
 
 /// Ends established flows the way a FIN does, before the collector
@@ -330,11 +330,11 @@ pub fn collect(
         .iter()
         .flat_map(|f| {
             [
-                u16::from_be(f.key.dst_port),
-                u16::from_be(f.reply_key.src_port),
+                (u16::from_be(f.key.dst_port), PORT_F_FRONTEND),
+                (u16::from_be(f.reply_key.src_port), PORT_F_BACKEND),
             ]
         })
-        .chain(table.orphans.iter().map(|(_, k, v)| flow_port(k, v).0))
+        .chain(table.orphans.iter().map(|(_, k, v)| flow_port(k, v)))
         .collect();
     let mut report = GcReport {
         entries: table.entries.clone(),

@@ -22,7 +22,9 @@ use std::{
 };
 
 use aya::maps::MapError;
-use proxy_common::{port_bit, PortBit, PORT_BITS, PORT_F_BACKEND};
+use proxy_common::{
+    port_bit, PortBit, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
+};
 
 use crate::{
     dataplane::maps::{service_key, MapSet},
@@ -35,13 +37,13 @@ use crate::{
 /// flow just after.
 const HOLD_MARGIN: Duration = Duration::from_secs(1);
 
-/// The ports of the flows a walk of the conntrack tables found (host
-/// order: original entries' destination, reply entries' source).
+/// The ports of the flows a walk of the conntrack tables found, with the
+/// kind of bit each needs (`conntrack::flow_port`).
 #[derive(Clone, Debug)]
 pub struct LivePorts {
     /// When the walk began.
     pub started: Instant,
-    pub ports: HashSet<u16>,
+    pub ports: HashSet<(u16, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -178,13 +180,15 @@ impl PortFilter {
 
     /// Clears the held bits whose port `live`, a walk begun long enough
     /// after they lost their last user, found no flow on; returns how many
-    /// were (written at the next flush).
+    /// were (written at the next flush). Holds what a flow it found needs
+    /// and the filter lacks (none, unless the start's read failed).
     pub fn release(&mut self, live: &LivePorts) -> usize {
+        let ports: HashSet<u16> = live.ports.iter().map(|(p, _)| *p).collect();
         let gone: Vec<PortBit> = self
             .held
             .iter()
             .filter(|(bit, since)| {
-                live.started >= **since + HOLD_MARGIN && !live.ports.contains(&port_of(**bit))
+                live.started >= **since + HOLD_MARGIN && !ports.contains(&port_of(**bit))
             })
             .map(|(bit, _)| *bit)
             .collect();
@@ -192,7 +196,27 @@ impl PortFilter {
             self.held.remove(bit);
             self.dirty.insert(bit.word);
         }
+        let lacking: Vec<(u16, u64)> = live
+            .ports
+            .iter()
+            .filter(|&&(p, kind)| self.lacks(p, kind))
+            .copied()
+            .collect();
+        self.hold_live(&lacking);
         gone.len()
+    }
+
+    /// Whether no bit of the kinds a flow of `kind` can be found by is set
+    /// for `port` (an original direction's port: a frontend's or a
+    /// NodePort's).
+    fn lacks(&self, port: u16, kind: u64) -> bool {
+        let kinds = if kind == PORT_F_BACKEND {
+            PORT_F_BACKEND
+        } else {
+            PORT_F_FRONTEND | PORT_F_NODEPORT
+        };
+        let bit = port_bit(port, kinds);
+        self.desired(bit.word) & bit.mask == 0
     }
 
     /// The word `i` should hold: the bits in use or held there.
@@ -257,7 +281,7 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
-    use proxy_common::{port_shift, port_word, ServiceValue, PORT_F_FRONTEND, PORT_F_NODEPORT};
+    use proxy_common::{port_shift, port_word, ServiceValue};
 
     use crate::control::model::FrontendKey;
 
@@ -299,7 +323,7 @@ mod tests {
     fn walk(after: Duration, ports: &[u16]) -> LivePorts {
         LivePorts {
             started: Instant::now() + after,
-            ports: ports.iter().copied().collect(),
+            ports: ports.iter().map(|&p| (p, PORT_F_FRONTEND)).collect(),
         }
     }
 
@@ -378,6 +402,32 @@ mod tests {
         assert_eq!(f.desired(port_word(80)), 0);
         assert_eq!(port_of(port_bit(8080, PORT_F_BACKEND)), 8080);
         assert_eq!(port_of(port_bit(65535, PORT_F_NODEPORT)), 65535);
+    }
+
+    #[test]
+    fn a_walk_holds_the_ports_of_flows_the_filter_lacks() {
+        let (mut f, mut st) = (PortFilter::default(), MapState::default());
+        // A NodePort's flow is found by its NodePort bit: nothing lacks.
+        put(&mut f, &mut st, key(NODEPORT_ADDR, 30080));
+        let live = LivePorts {
+            started: Instant::now(),
+            ports: [
+                (80, PORT_F_FRONTEND),
+                (8080, PORT_F_BACKEND),
+                (30080, PORT_F_FRONTEND),
+            ]
+            .into(),
+        };
+        assert_eq!(f.release(&live), 0);
+        assert_eq!(f.desired(port_word(80)), PORT_F_FRONTEND << port_shift(80));
+        assert_eq!(
+            f.desired(port_word(8080)),
+            PORT_F_BACKEND << port_shift(8080)
+        );
+        assert_eq!(
+            f.desired(port_word(30080)),
+            PORT_F_NODEPORT << port_shift(30080)
+        );
     }
 
     #[test]
