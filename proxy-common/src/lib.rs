@@ -51,10 +51,14 @@ pub mod map_names {
     /// storage with TCP sockets only, and the agent must find connected UDP
     /// sockets whose backend left.
     pub const SOCKS_UDP: &str = "KPX_SOCKS_UDP";
+    /// The other services an unconnected UDP socket sends to (its storage
+    /// holds the last one), both ways: by service address, its backend;
+    /// by backend address, its service ([`super::SockPeerKey`]). LRU.
+    pub const SOCK_PEERS: &str = "KPX_SOCK_PEERS";
     /// Programs tc ingress tail-calls (`PROG_*` indexes): kept pinned, so a
     /// restarting agent's attached programs still find theirs.
     pub const PROGS: &str = "KPX_PROGS";
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -75,6 +79,7 @@ pub mod map_names {
         CONNS,
         SOCKS,
         SOCKS_UDP,
+        SOCK_PEERS,
         PROGS,
     ];
 }
@@ -170,6 +175,9 @@ pub mod capacity {
     /// UDP sockets with a backend from the socket-level load balancer.
     /// Entries leave with their socket; LRU beyond that.
     pub const SOCKS_UDP: u32 = 65_536;
+    /// Services (and their backends) unconnected UDP sockets send to
+    /// beside their last one, two entries each. LRU.
+    pub const SOCK_PEERS: u32 = 65_536;
 }
 
 /// The port filter (`KPX_PORTS`): which ports frontends and backends use,
@@ -768,6 +776,20 @@ pub struct SockValue {
     pub _pad2: u32,
 }
 
+/// Key of [`map_names::SOCK_PEERS`]: a socket (its cookie) and one of the
+/// addresses it exchanges datagrams with (network byte order), a service's
+/// (its value names the backend) or a backend's (its value names the
+/// service, for `recvmsg()`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPeerKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
 /// The socket counts in its backend's active connections (`CONNS`): a TCP
 /// socket of a least-connection service.
 pub const SOCK_F_COUNTED: u8 = 1 << 0;
@@ -1082,6 +1104,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockPeerKey {}
     unsafe impl aya::Pod for SrcRange {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SockValue {}

@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, AffinityKey, AffinityValue, Counter, CtKey, CtValue, DatapathConfig, DropReason,
-    Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot, SlotKey, SockValue, SrcRange,
+    Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot, SlotKey, SockPeerKey,
+    SockValue, SrcRange,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -117,6 +118,12 @@ pub static SOCKS: SkStorage<SockValue> = SkStorage::new();
 #[map(name = "KPX_SOCKS_UDP")]
 pub static SOCKS_UDP: LruHashMap<u64, SockValue> =
     LruHashMap::with_max_entries(capacity::SOCKS_UDP, 0);
+
+/// An unconnected UDP socket's other services, both ways
+/// (`proxy_common::SockPeerKey`).
+#[map(name = "KPX_SOCK_PEERS")]
+pub static SOCK_PEERS: LruHashMap<SockPeerKey, SockValue> =
+    LruHashMap::with_max_entries(capacity::SOCK_PEERS, 0);
 
 /// Programs tc ingress tail-calls: direct server return's
 /// (`proxy_common::PROG_DSR`), filled by the agent at load.

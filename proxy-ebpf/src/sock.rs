@@ -21,8 +21,11 @@
 //!   that already has a backend for the service: its storage and `SLOTS`
 //!   (is the backend still there?) instead of the selection; without
 //!   endpoints: refused, no more;
+//! - an unconnected UDP `sendmsg()` to another service than the socket's
+//!   last: + 1 `SOCK_PEERS` lookup and 2 updates (the last one kept);
 //! - `recvmsg()` / `getpeername()`: the socket's storage (a pointer test
-//!   for a socket without one);
+//!   for a socket without one); + 1 `SOCK_PEERS` lookup for an unconnected
+//!   UDP socket's datagram from another address than its last backend;
 //! - a socket's release: the same (+ a `CONNS` atomic add for a counted
 //!   socket, and a `SOCKS_UDP` delete for a UDP one);
 //! - a UDP socket's entry written: + a `SOCKS_UDP` insert (the agent finds
@@ -35,13 +38,13 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use proxy_common::{
-    CtKey, Event, ServiceValue, SockValue, CFG_F_SOCK_HOST_ONLY, IPPROTO_TCP, IPPROTO_UDP,
-    SOCK_F_CONNECTED, SOCK_F_COUNTED, SVC_F_SOURCE_RANGES,
+    CtKey, Event, ServiceValue, SockPeerKey, SockValue, CFG_F_SOCK_HOST_ONLY, IPPROTO_TCP,
+    IPPROTO_UDP, SOCK_F_CONNECTED, SOCK_F_COUNTED, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     conns,
-    maps::{SOCKS, SOCKS_UDP},
+    maps::{SOCKS, SOCKS_UDP, SOCK_PEERS},
     policy::{self, Origin},
     select, service, stats,
 };
@@ -103,21 +106,37 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
     if req.proto != IPPROTO_UDP {
         return PROCEED;
     }
-    let known = storage(ctx, false).map(|v| {
+    let stored = storage(ctx, false).map(|v| {
         // SAFETY: this socket's storage, copied out.
         unsafe { *v }
     });
-    let known = known.filter(|v| v.svc_addr == req.addr && v.svc_port == req.port);
+    let current = stored.filter(|v| v.svc_addr == req.addr && v.svc_port == req.port);
+    // The socket's storage holds the service it last sent to; a switch to
+    // another keeps that one in `SOCK_PEERS` (its backend for its next
+    // datagram, its service for its backend's answers) and takes up the
+    // new one's from there: one LRU lookup and two updates per switch,
+    // none for a socket that keeps to one service.
+    let known = match stored {
+        Some(old) if current.is_none() && old.svc_port != 0 => {
+            let cookie = cookie(ctx);
+            keep_peer(cookie, &old);
+            peer(cookie, req.addr, req.port, req.proto)
+        }
+        _ => current,
+    };
     match req.backend(ctx, known.as_ref()) {
         Ok(sel) => {
-            if known.is_none_or(|k| k.backend_id != sel.backend_id || k.slot != sel.slot) {
+            let moved = known.is_some_and(|k| k.backend_id != sel.backend_id || k.slot != sel.slot);
+            if current.is_none() || moved {
                 if let Some(e) = storage(ctx, true) {
                     req.remember(ctx, e, &sel, 0);
                 }
+            }
+            if known.is_none() || moved {
                 stats::socket_flow(req.svc.svc_id);
-                if known.is_some() {
-                    stats::event(Event::SockRebalanced, 1);
-                }
+            }
+            if moved {
+                stats::event(Event::SockRebalanced, 1);
             }
             req.send_to(ctx, &sel);
             stats::event(Event::SockSendmsg, 1);
@@ -137,12 +156,63 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     // SAFETY: this socket's storage, copied out.
     let v = unsafe { *v };
     let sa = ctx.sock_addr;
-    if read(sa, Field::Addr) == v.backend_addr && read(sa, Field::Port) as u16 == v.backend_port {
-        write(sa, Field::Addr, v.svc_addr);
-        write(sa, Field::Port, v.svc_port as u32);
-        stats::event(Event::SockRevNat, 1);
-    }
+    let (addr, port) = (read(sa, Field::Addr), read(sa, Field::Port) as u16);
+    let v = if addr == v.backend_addr && port == v.backend_port {
+        v
+    } else if v.proto == IPPROTO_UDP && v.flags & SOCK_F_CONNECTED == 0 {
+        // An answer from the backend of another service this socket sent
+        // to (one LRU lookup, only for a datagram from elsewhere).
+        match peer(cookie(ctx), addr, port, v.proto) {
+            Some(p) if p.backend_addr == addr && p.backend_port == port => p,
+            _ => return PROCEED,
+        }
+    } else {
+        return PROCEED;
+    };
+    write(sa, Field::Addr, v.svc_addr);
+    write(sa, Field::Port, v.svc_port as u32);
+    stats::event(Event::SockRevNat, 1);
     PROCEED
+}
+
+/// The socket's cookie.
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: the program's context, which the helper accepts.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// What `SOCK_PEERS` holds for the socket `cookie` and `addr:port`: the
+/// entry of the service at that address, or of the service whose backend
+/// it is.
+#[inline(always)]
+fn peer(cookie: u64, addr: u32, port: u16, proto: u8) -> Option<SockValue> {
+    let key = SockPeerKey {
+        cookie,
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: a map value pointer, copied out at once.
+    SOCK_PEERS.get_ptr(&key).map(|v| unsafe { *v })
+}
+
+/// Keeps `v`, a service the socket `cookie` sent to, in `SOCK_PEERS` under
+/// both its addresses. An LRU update fails only on allocation failure:
+/// the socket then balances that service afresh when it comes back to it.
+#[inline(always)]
+fn keep_peer(cookie: u64, v: &SockValue) {
+    for (addr, port) in [(v.svc_addr, v.svc_port), (v.backend_addr, v.backend_port)] {
+        let key = SockPeerKey {
+            cookie,
+            addr,
+            port,
+            proto: v.proto,
+            _pad: 0,
+        };
+        let _ = SOCK_PEERS.insert(&key, v, BPF_ANY as u64);
+    }
 }
 
 /// A socket that no longer talks to the backend `entry` names: it leaves

@@ -472,3 +472,49 @@ fn a_udp_socket_connected_elsewhere_afterwards_is_left_alone() {
         first.identity
     );
 }
+
+#[test]
+#[ignore = "needs root"]
+fn an_unconnected_udp_socket_keeps_a_backend_per_service_and_answers_from_each() {
+    let (c, cg) = socket_bed(&["web-1", "web-2"], &[]);
+    // A second UDP service, served by another pod: a resolver asking two
+    // name servers from one socket.
+    let vip2 = Ipv4Addr::new(198, 19, 0, 21);
+    let other = service_yaml("dns2", vip2, (80, 8080), (53, 5353), &[c.pod("web-3").ip]);
+    c.write_manifest("dns2.yaml", &other).unwrap();
+    wait_synced(&c, 4, &[1, 1, 2, 2]);
+    let (dns, dns2) = (
+        SocketAddrV4::new(VIP, 53).to_string(),
+        SocketAddrV4::new(vip2, 53).to_string(),
+    );
+    let client = &c.pod("client").netns;
+    let mut s = Session::start(client, Some(&cg), &["udp", &dns, "5301"]).unwrap();
+    // Alternating: each service keeps the backend it first gave the socket.
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for _ in 0..10 {
+        first.push(Answer::parse(&s.ask().unwrap()).unwrap());
+        second.push(Answer::parse(&s.say(&format!("to {dns2}")).unwrap()).unwrap());
+    }
+    assert!(first.iter().all(|a| a.peer == dns), "{first:?}");
+    assert!(second.iter().all(|a| a.peer == dns2), "{second:?}");
+    assert_eq!(identities(&first).len(), 1, "{first:?}");
+    assert_eq!(identities(&second).len(), 1, "{second:?}");
+    assert_eq!(second[0].identity, "web-3");
+    // Both in flight at once: each answer still shows the service it
+    // answers for, whichever the socket sent to last.
+    for _ in 0..5 {
+        let line = s.say(&format!("pair {dns2}")).unwrap();
+        let mut got: Vec<Answer> = line
+            .split(" | ")
+            .map(|l| Answer::parse(l).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        got.sort_by(|a, b| a.peer.cmp(&b.peer));
+        assert_eq!(got.len(), 2, "{line}");
+        for a in &got {
+            let want = if a.identity == "web-3" { &dns2 } else { &dns };
+            assert_eq!(&a.peer, want, "{line}");
+        }
+    }
+    assert_eq!(event_count(&c, Event::SockRebalanced), 0);
+}

@@ -210,7 +210,8 @@ impl Session {
         self.say("ask")
     }
 
-    /// One command line to the session (`ask`, `connect ADDR`); its answer.
+    /// One command line to the session (`ask`; `connect ADDR` for connected
+    /// UDP; `to ADDR`, `pair ADDR` for unconnected UDP); its answer.
     pub fn say(&mut self, line: &str) -> Result<String> {
         let stdin = self
             .stdin

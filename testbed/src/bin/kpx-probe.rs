@@ -149,6 +149,28 @@ fn udp_exchange(sock: &UdpSocket, to: Option<SocketAddr>) -> String {
     }
 }
 
+/// Datagrams to `a` and to `b` before either answer is read: two
+/// exchanges in flight on one unconnected socket.
+fn udp_pair(sock: &UdpSocket, a: SocketAddr, b: SocketAddr) -> String {
+    for to in [a, b] {
+        if let Err(e) = sock.send_to(b"addr?", to) {
+            return format!("err {} us=0", errno(&e));
+        }
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    for _ in 0..2 {
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let answer = String::from_utf8_lossy(&buf[..n]);
+                got.push(format!("ok {} peer={from} us=0", answer.trim()));
+            }
+            Err(e) => got.push(format!("err {} us=0", errno(&e))),
+        }
+    }
+    got.join(" | ")
+}
+
 fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), String> {
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -180,8 +202,21 @@ fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), Str
             let sock = udp_socket(port.map_err(|e| e.to_string())?.unwrap_or(0))?;
             writeln!(out, "open").map_err(|e| e.to_string())?;
             out.flush().map_err(|e| e.to_string())?;
-            for _ in stdin.lock().lines() {
-                writeln!(out, "{}", udp_exchange(&sock, Some(to))).map_err(|e| e.to_string())?;
+            for line in stdin.lock().lines() {
+                let line = line.map_err(|e| e.to_string())?;
+                // `to ADDR`: one exchange with ADDR instead; `pair ADDR`:
+                // datagrams to the session's address and to ADDR, then
+                // both answers (`first | second`, in arrival order).
+                let answer = match line.split_once(' ') {
+                    Some((cmd, a)) => match (cmd, a.trim().parse::<SocketAddr>()) {
+                        ("to", Ok(a)) => udp_exchange(&sock, Some(a)),
+                        ("pair", Ok(a)) => udp_pair(&sock, to, a),
+                        (_, Err(e)) => format!("err {e} us=0"),
+                        (other, _) => format!("err unknown command {other} us=0"),
+                    },
+                    None => udp_exchange(&sock, Some(to)),
+                };
+                writeln!(out, "{answer}").map_err(|e| e.to_string())?;
                 out.flush().map_err(|e| e.to_string())?;
             }
         }
