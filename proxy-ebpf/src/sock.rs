@@ -195,7 +195,7 @@ fn peer(cookie: u64, addr: u32, port: u16, proto: u8) -> Option<SockValue> {
         _pad: 0,
     };
     // SAFETY: a map value pointer, copied out at once.
-    SOCK_PEERS.get_ptr(&key).map(|v| unsafe { *v })
+    SOCK_PEERS.get_ptr(key).map(|v| unsafe { *v })
 }
 
 /// Keeps `v`, a service the socket `cookie` sent to, in `SOCK_PEERS` under
@@ -211,7 +211,7 @@ fn keep_peer(cookie: u64, v: &SockValue) {
             proto: v.proto,
             _pad: 0,
         };
-        let _ = SOCK_PEERS.insert(&key, v, BPF_ANY as u64);
+        let _ = SOCK_PEERS.insert(key, v, BPF_ANY as u64);
     }
 }
 
