@@ -412,7 +412,12 @@ fn a_restarted_agent_takes_the_cgroup_over_and_cleanup_detaches_it() {
             .then_some(())
     });
     assert!(ok.is_some(), "{}", log());
-    wait_attached(&c);
+    // The log goes on from the first agent's, whose attach line is in it:
+    // wait for the second agent's own.
+    let attached = testbed::wait_for(std::time::Duration::from_secs(10), || {
+        (log().matches("socket-level load balancing: all").count() >= 2).then_some(())
+    });
+    assert!(attached.is_some(), "{}", log());
     let before = event_count(&c, Event::SockConnect);
     let got = answers(&probe::run(&client, Some(&cg), &["tcp", &vip, "5"]).unwrap());
     assert!(got.iter().all(|a| a.peer == vip));
