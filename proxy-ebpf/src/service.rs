@@ -87,14 +87,10 @@ pub fn lookup_carried(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
     find(dst_kinds(port), addr, port, proto, || true)
 }
 
-/// A socket call's frontend, as [`lookup`] without the NodePort fallback
-/// for an address that does not serve NodePorts: the port filter, then 1
-/// or 2 lookups.
+/// A socket call's frontend: [`lookup`] of its destination.
 #[inline(always)]
 pub fn lookup_dst(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
-    find(dst_kinds(port), addr, port, proto, || {
-        node_flags(addr) & NODE_F_NODEPORT != 0
-    })
+    lookup(Ports::of(port), addr, port, proto)
 }
 
 /// `PORT_F_FRONTEND` / `PORT_F_NODEPORT` of destination port `port`.
