@@ -212,18 +212,13 @@ fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
         c.agent_log()
     );
     // The collector counts and logs after its walk: wait for both.
-    let reported = wait_for(Duration::from_secs(5), || {
-        (event_count(&c, Event::GcStaleUdp) >= 2
-            && c.agent_log()
-                .contains("UDP conntrack entries of 1 backends"))
-        .then_some(())
-    });
-    assert!(
-        reported.is_some(),
-        "gc_stale_udp {}\n{}",
-        event_count(&c, Event::GcStaleUdp),
+    wait_event(&c, Event::GcStaleUdp, 2, Duration::from_secs(5));
+    let logged = wait_for(Duration::from_secs(5), || {
         c.agent_log()
-    );
+            .contains("UDP conntrack entries of 1 backends")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", c.agent_log());
 }
 
 #[test]
@@ -289,13 +284,5 @@ fn the_collector_removes_idle_flows_after_their_state_timeout() {
         c.agent_log()
     );
     // The collector publishes its count after its walk: wait for it too.
-    let counted = wait_for(Duration::from_secs(5), || {
-        (event_count(&c, Event::GcExpired) >= 20).then_some(())
-    });
-    assert!(
-        counted.is_some(),
-        "gc_expired {}\n{}",
-        event_count(&c, Event::GcExpired),
-        c.agent_log()
-    );
+    wait_event(&c, Event::GcExpired, 20, Duration::from_secs(5));
 }

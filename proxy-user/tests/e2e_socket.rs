@@ -371,14 +371,11 @@ fn a_connected_udp_socket_whose_backend_leaves_is_closed_so_the_client_rebalance
     let mut other = other.expect("no socket reached another backend in 30 tries");
     let rest = leave(&c, &[&first.identity]);
     // The agent closes the stuck socket: the application hears of it.
-    let closed = testbed::wait_for(std::time::Duration::from_secs(20), || {
-        (event_count(&c, Event::SockDestroyed) >= 1).then_some(())
-    });
-    assert!(
-        closed.is_some(),
-        "{} closed\n{}",
-        event_count(&c, Event::SockDestroyed),
-        c.agent_log()
+    wait_event(
+        &c,
+        Event::SockDestroyed,
+        1,
+        std::time::Duration::from_secs(20),
     );
     let after = stuck.ask().unwrap();
     assert!(after.starts_with("err "), "{after}");
@@ -466,10 +463,12 @@ fn a_udp_socket_connected_elsewhere_afterwards_is_left_alone() {
     // That backend leaves the service: the agent closes the balancer's
     // socket, and only that one; the other keeps working.
     leave(&c, &[&first.identity]);
-    let closed = testbed::wait_for(std::time::Duration::from_secs(20), || {
-        (event_count(&c, Event::SockDestroyed) >= 1).then_some(())
-    });
-    assert!(closed.is_some(), "{}", c.agent_log());
+    wait_event(
+        &c,
+        Event::SockDestroyed,
+        1,
+        std::time::Duration::from_secs(20),
+    );
     assert_eq!(event_count(&c, Event::SockDestroyed), 1);
     assert!(balanced.ask().unwrap().starts_with("err "));
     assert_eq!(

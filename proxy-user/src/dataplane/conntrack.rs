@@ -329,8 +329,10 @@ pub fn collect(
         .flows
         .iter()
         .flat_map(|f| {
+            // The reply's port even if its entry is gone: holding more
+            // than needed only costs lookups.
             [
-                (u16::from_be(f.key.dst_port), PORT_F_FRONTEND),
+                flow_port(&f.key, &f.original),
                 (u16::from_be(f.reply_key.src_port), PORT_F_BACKEND),
             ]
         })

@@ -208,6 +208,20 @@ pub fn event_count(c: &Cluster, which: proxy_common::Event) -> u64 {
     total(c, MapSet::events, which)
 }
 
+/// Waits up to `within` until the datapath's count of `which` reaches
+/// `at_least` (the agent writes some counters after its work, e.g. the
+/// collector's after its walk); fails with the count and the agent's log.
+pub fn wait_event(c: &Cluster, which: proxy_common::Event, at_least: u64, within: Duration) {
+    let reached = wait_for(within, || (event_count(c, which) >= at_least).then_some(()));
+    assert!(
+        reached.is_some(),
+        "{} {} (want {at_least})\n{}",
+        which.name(),
+        event_count(c, which),
+        c.agent_log()
+    );
+}
+
 /// Packets the datapath dropped for `reason`, from the pinned counters.
 pub fn drop_count(c: &Cluster, reason: proxy_common::DropReason) -> u64 {
     total(c, MapSet::drops, reason)
