@@ -13,6 +13,39 @@
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// An IPv6 address as the datapath's keys hold it: its 16 bytes as on the
+/// wire, in four words.
+pub type In6 = [u32; 4];
+
+/// The address type of a family's keys: `u32` (IPv4, the bytes as on the
+/// wire) or [`In6`]. Every key and value that holds an address is generic
+/// over it, IPv4 by default, so one layout serves both families.
+pub trait Address:
+    Copy + Default + PartialEq + Eq + core::hash::Hash + Ord + core::fmt::Debug + 'static
+{
+    /// The unspecified address: NodePort frontends' key, "none" in entries.
+    const ZERO: Self;
+    /// The address folded to one word, for [`flow_hash`].
+    fn word(self) -> u32;
+}
+
+impl Address for u32 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn word(self) -> u32 {
+        self
+    }
+}
+
+impl Address for In6 {
+    const ZERO: Self = [0; 4];
+    #[inline(always)]
+    fn word(self) -> u32 {
+        self[0] ^ self[1] ^ self[2] ^ self[3]
+    }
+}
 
 /// Map names, as they appear in the object file and under the bpffs pin directory.
 pub mod map_names {
@@ -58,7 +91,23 @@ pub mod map_names {
     /// Programs tc ingress tail-calls (`PROG_*` indexes): kept pinned, so a
     /// restarting agent's attached programs still find theirs.
     pub const PROGS: &str = "KPX_PROGS";
-    pub const ALL: [&str; 22] = [
+    /// IPv6's own maps: the same layouts with [`super::In6`] addresses.
+    pub const SERVICES6: &str = "KPX_SERVICES6";
+    pub const SERVICE_ADDRS6: &str = "KPX_SVC_ADDRS6";
+    pub const SLOTS6: &str = "KPX_SLOTS6";
+    pub const CT6_TCP: &str = "KPX_CT6_TCP";
+    pub const CT6_ANY: &str = "KPX_CT6_ANY";
+    pub const AFFINITY6: &str = "KPX_AFFINITY6";
+    pub const NODE_ADDRS6: &str = "KPX_NODE_ADDRS6";
+    pub const SRC_RANGES6: &str = "KPX_SRC_RANGES6";
+    /// IPv6's node-wide addresses ([`super::Net6`]).
+    pub const CONFIG6: &str = "KPX_CONFIG6";
+    /// IPv6's path's per-CPU scratch space: the packet, its tuple and
+    /// frontend, handed from one of its programs to the next by tail call.
+    /// Pinned so that every program in `PROGS`, whichever agent loaded it,
+    /// shares it.
+    pub const SCRATCH6: &str = "KPX_SCRATCH6";
+    pub const ALL: [&str; 32] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -81,11 +130,31 @@ pub mod map_names {
         SOCKS_UDP,
         SOCK_PEERS,
         PROGS,
+        SERVICES6,
+        SERVICE_ADDRS6,
+        SLOTS6,
+        CT6_TCP,
+        CT6_ANY,
+        AFFINITY6,
+        NODE_ADDRS6,
+        SRC_RANGES6,
+        CONFIG6,
+        SCRATCH6,
     ];
 }
 
 /// Index of [`prog_names::TC_DSR`] in [`map_names::PROGS`].
 pub const PROG_DSR: u32 = 0;
+/// Index of [`prog_names::TC_INGRESS6`]: tc ingress hands IPv6 packets there.
+pub const PROG_INGRESS6: u32 = 1;
+/// Index of [`prog_names::TC_EGRESS6`].
+pub const PROG_EGRESS6: u32 = 2;
+/// Index of [`prog_names::TC_NEW6`]: IPv6's first packets at ingress go
+/// on there, at egress in [`prog_names::TC_NEW6_NODE`]'s.
+pub const PROG_NEW6: u32 = 3;
+pub const PROG_NEW6_NODE: u32 = 4;
+/// Entries of [`map_names::PROGS`].
+pub const PROGS: u32 = 5;
 
 /// Maps older layouts pinned that this one no longer has.
 pub mod legacy_map_names {
@@ -118,6 +187,8 @@ pub mod prog_names {
     /// established flows its collector expires, so that their backends'
     /// active-connection counts drop exactly once, as a FIN's would.
     pub const CONNS_EXPIRE: &str = "kpx_conns_expire";
+    /// The same for IPv6's flows.
+    pub const CONNS_EXPIRE6: &str = "kpx_conns_expire6";
     /// The socket-level load balancer's cgroup programs: `connect()`,
     /// `sendmsg()` (unconnected UDP), `recvmsg()` and `getpeername()`
     /// (the service address shown back), and the socket's release.
@@ -134,6 +205,13 @@ pub mod prog_names {
     /// Direct server return's work, tail-called by tc ingress
     /// ([`super::PROG_DSR`]) for the packets that need it.
     pub const TC_DSR: &str = "kpx_tc_dsr";
+    /// IPv6's tc programs, tail-called by [`TC_INGRESS`] and [`TC_EGRESS`]
+    /// (never attached themselves).
+    pub const TC_INGRESS6: &str = "kpx_tc_ingress6";
+    pub const TC_EGRESS6: &str = "kpx_tc_egress6";
+    /// IPv6's first packets, tail-called by each.
+    pub const TC_NEW6: &str = "kpx_tc_new6";
+    pub const TC_NEW6_NODE: &str = "kpx_tc_new6_node";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original
@@ -230,11 +308,11 @@ pub struct PortBit {
     pub mask: u64,
 }
 
-impl ServiceKey {
+impl<A: Address> ServiceKey<A> {
     /// The port-filter bit this frontend sets: [`PORT_F_NODEPORT`] for a
     /// NodePort, [`PORT_F_FRONTEND`] for any other frontend.
-    pub const fn port_bit(&self) -> PortBit {
-        let kind = if self.addr == NODEPORT_ADDR {
+    pub fn port_bit(&self) -> PortBit {
+        let kind = if self.addr == A::ZERO {
             PORT_F_NODEPORT
         } else {
             PORT_F_FRONTEND
@@ -251,9 +329,9 @@ impl ServiceKey {
 /// address of this node that serves NodePorts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct ServiceKey<A = u32> {
+    /// The address, as on the wire.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -389,11 +467,11 @@ pub const NODE_F_NODEPORT: u32 = 1 << 1;
 /// whatever the number of services or ranges.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SrcRange {
+pub struct SrcRange<A = u32> {
     /// Big-endian, so that the trie's byte-wise prefix starts with it.
     pub svc_id_be: u32,
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+    /// The address, as on the wire.
+    pub addr: A,
 }
 
 /// Node-wide datapath settings (one element of `KPX_CONFIG`), written by the
@@ -417,6 +495,39 @@ pub struct DatapathConfig {
     /// its sockets are the node's, the others are pods'.
     pub host_netns_cookie: u64,
 }
+
+/// A family's node-wide addresses: the first fields of [`DatapathConfig`]
+/// for IPv4 ([`DatapathConfig::net`]), the one element of `KPX_CONFIG6`
+/// ([`Net6`]) for IPv6, whose flags and ports are IPv4's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Net<A = u32> {
+    /// The cluster CIDR and its mask (mask zero when unknown).
+    pub cluster_cidr: A,
+    pub cluster_mask: A,
+    /// Source address of masqueraded flows; zero disables masquerade.
+    pub snat_addr: A,
+}
+
+pub type Net6 = Net<In6>;
+
+impl DatapathConfig {
+    /// IPv4's node-wide addresses, in place.
+    #[inline(always)]
+    pub fn net(&self) -> &Net {
+        // SAFETY: both types are repr(C) and `DatapathConfig` starts with
+        // `Net`'s three u32 fields in its order (checked below), so its
+        // first 12 bytes are a valid `Net`, borrowed for as long as `self`.
+        unsafe { &*(self as *const Self).cast::<Net>() }
+    }
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(DatapathConfig, cluster_cidr) == 0);
+    assert!(core::mem::offset_of!(DatapathConfig, cluster_mask) == 4);
+    assert!(core::mem::offset_of!(DatapathConfig, snat_addr) == 8);
+    assert!(core::mem::offset_of!(Net, snat_addr) == 8);
+};
 
 /// `--masquerade-all`: masquerade all traffic to cluster IPs.
 pub const CFG_F_MASQUERADE_ALL: u32 = 1 << 0;
@@ -491,9 +602,9 @@ pub struct SlotKey {
 /// A backend: where a flow is sent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend {
-    /// IPv4 address, network byte order.
-    pub addr: u32,
+pub struct Backend<A = u32> {
+    /// The address, as on the wire.
+    pub addr: A,
     /// Port, network byte order.
     pub port: u16,
     pub proto: u8,
@@ -501,11 +612,14 @@ pub struct Backend {
     pub flags: u8,
 }
 
-impl Backend {
+impl<A> Backend<A> {
     /// The port-filter bit this backend sets ([`PORT_F_BACKEND`]).
     pub const fn port_bit(&self) -> PortBit {
         port_bit(u16::from_be(self.port), PORT_F_BACKEND)
     }
+}
+
+impl Backend {
 
     /// The backend as one word (to pass it in a register).
     #[inline(always)]
@@ -537,9 +651,9 @@ pub const BACKEND_F_LOCAL: u8 = 1 << 0;
 /// Selection reads the backend from the slot itself: no second lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Slot {
+pub struct Slot<A = u32> {
     pub backend_id: u32,
-    pub backend: Backend,
+    pub backend: Backend<A>,
 }
 
 /// Key of the conntrack map: a packet's 5-tuple as seen on the wire.
@@ -551,9 +665,9 @@ pub struct Slot {
 /// backend, never a VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CtKey {
-    pub src_addr: u32,
-    pub dst_addr: u32,
+pub struct CtKey<A = u32> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
@@ -563,12 +677,12 @@ pub struct CtKey {
     pub _pad1: u16,
 }
 
-impl CtKey {
+impl<A: Copy> CtKey<A> {
     /// A tuple, fields in network byte order, padding zeroed.
     #[inline(always)]
     pub const fn new(
-        src_addr: u32,
-        dst_addr: u32,
+        src_addr: A,
+        dst_addr: A,
         src_port: u16,
         dst_port: u16,
         proto: u8,
@@ -600,11 +714,11 @@ impl CtKey {
 /// Value of the conntrack map: the rewrite for packets carrying the key's tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtValue {
+pub struct CtValue<A = u32> {
     /// New source (with `CT_F_REWRITE_SRC`), network byte order.
-    pub new_src_addr: u32,
+    pub new_src_addr: A,
     /// New destination (with `CT_F_REWRITE_DST`), network byte order.
-    pub new_dst_addr: u32,
+    pub new_dst_addr: A,
     pub new_src_port: u16,
     pub new_dst_port: u16,
     /// `CT_F_*` flags.
@@ -639,10 +753,10 @@ pub struct CtValue {
     pub _pad1: u32,
 }
 
-impl CtValue {
+impl<A: Copy> CtValue<A> {
     /// The tuple a packet carrying `key` has once this entry's rewrite is applied.
     #[inline(always)]
-    pub fn translate(&self, key: &CtKey) -> CtKey {
+    pub fn translate(&self, key: &CtKey<A>) -> CtKey<A> {
         let mut t = *key;
         if self.flags & CT_F_REWRITE_SRC != 0 {
             t.src_addr = self.new_src_addr;
@@ -658,7 +772,7 @@ impl CtValue {
     /// The key of the other direction's entry of the flow this entry (at
     /// `key`) belongs to: the translated tuple, reversed.
     #[inline(always)]
-    pub fn partner(&self, key: &CtKey) -> CtKey {
+    pub fn partner(&self, key: &CtKey<A>) -> CtKey<A> {
         self.translate(key).reversed()
     }
 }
@@ -740,14 +854,34 @@ pub struct ServiceStats {
 /// Key of the ClientIP session-affinity map: a client of one service port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AffinityKey {
+pub struct AffinityKey<A = u32> {
     /// [`ServiceValue::affinity_id`].
     pub affinity_id: u32,
-    /// Client IPv4 address, network byte order (0 for a socket's client).
-    pub client_addr: u32,
+    /// Client address, as on the wire (0 for a socket's client).
+    pub client_addr: A,
     /// A client seen at `connect()`, before it has an address: its network
-    /// namespace's cookie (a pod: one client address). 0 for a packet's.
-    pub netns_cookie: u64,
+    /// namespace's cookie (a pod: one client address), low then high word
+    /// (two words, not a `u64`: an IPv6 key would need padding before
+    /// one). 0 for a packet's.
+    pub netns_lo: u32,
+    pub netns_hi: u32,
+}
+
+impl<A> AffinityKey<A> {
+    #[inline(always)]
+    pub const fn new(affinity_id: u32, client_addr: A, netns_cookie: u64) -> Self {
+        Self {
+            affinity_id,
+            client_addr,
+            netns_lo: netns_cookie as u32,
+            netns_hi: (netns_cookie >> 32) as u32,
+        }
+    }
+
+    /// The network namespace cookie.
+    pub const fn netns_cookie(&self) -> u64 {
+        self.netns_lo as u64 | (self.netns_hi as u64) << 32
+    }
 }
 
 /// A socket the socket-level load balancer connected (or sends) to a
@@ -1108,6 +1242,15 @@ mod pod {
     unsafe impl aya::Pod for SrcRange {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for SockValue {}
+    unsafe impl aya::Pod for ServiceKey<In6> {}
+    unsafe impl aya::Pod for Backend<In6> {}
+    unsafe impl aya::Pod for Slot<In6> {}
+    unsafe impl aya::Pod for CtKey<In6> {}
+    unsafe impl aya::Pod for CtValue<In6> {}
+    unsafe impl aya::Pod for AffinityKey<In6> {}
+    unsafe impl aya::Pod for SrcRange<In6> {}
+    unsafe impl aya::Pod for Net6 {}
+    unsafe impl aya::Pod for Net {}
 }
 
 /// Layout checks: a change here is a change of the pinned maps' ABI.
@@ -1125,12 +1268,21 @@ const _: () = {
     assert!(core::mem::size_of::<SrcRange>() == 8);
     assert!(core::mem::size_of::<DatapathConfig>() == 32);
     assert!(core::mem::size_of::<SockValue>() == 32);
+    // IPv6's: the same fields, no implicit padding either.
+    assert!(core::mem::size_of::<ServiceKey<In6>>() == 20);
+    assert!(core::mem::size_of::<Backend<In6>>() == 20);
+    assert!(core::mem::size_of::<Slot<In6>>() == 24);
+    assert!(core::mem::size_of::<CtKey<In6>>() == 40);
+    assert!(core::mem::size_of::<CtValue<In6>>() == 88);
+    assert!(core::mem::size_of::<AffinityKey<In6>>() == 28);
+    assert!(core::mem::size_of::<SrcRange<In6>>() == 20);
+    assert!(core::mem::size_of::<Net6>() == 48);
 };
 
 /// Conversions between host values and the wire-order fields of map entries.
 #[cfg(feature = "user")]
 pub mod wire {
-    use core::net::Ipv4Addr;
+    use core::net::{Ipv4Addr, Ipv6Addr};
 
     /// An address as the datapath stores it (the packet's bytes in memory order).
     pub const fn addr(a: Ipv4Addr) -> u32 {
@@ -1139,6 +1291,28 @@ pub mod wire {
     pub const fn to_addr(a: u32) -> Ipv4Addr {
         let b = a.to_ne_bytes();
         Ipv4Addr::new(b[0], b[1], b[2], b[3])
+    }
+    /// An IPv6 address as the datapath stores it.
+    pub const fn addr6(a: Ipv6Addr) -> super::In6 {
+        let o = a.octets();
+        [
+            u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+            u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+            u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        ]
+    }
+    pub const fn to_addr6(a: super::In6) -> Ipv6Addr {
+        let [w0, w1, w2, w3] = [
+            a[0].to_ne_bytes(),
+            a[1].to_ne_bytes(),
+            a[2].to_ne_bytes(),
+            a[3].to_ne_bytes(),
+        ];
+        Ipv6Addr::from_octets([
+            w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3],
+            w3[0], w3[1], w3[2], w3[3],
+        ])
     }
     /// A port as the datapath stores it (network byte order).
     pub const fn port(p: u16) -> u16 {

@@ -10,15 +10,22 @@
 //! one CPU that set it, so the count drops once whatever races.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
-use proxy_common::{CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, EXPIRE_PER_RUN};
+use proxy_common::{
+    CtKey, CtValue, In6, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, EXPIRE_PER_RUN,
+};
 
-use crate::maps::{CONNS, CT_TCP};
+use crate::{family::Family, maps::CONNS};
 
 /// `CtValue::flags` lies in the 8-byte word at this offset (the widest
-/// atomic the BPF target has), at this bit.
+/// atomic the BPF target has), at this bit: the same in both families'
+/// layouts (checked).
 const FLAGS_WORD: usize = core::mem::offset_of!(CtValue, flags) & !7;
 const FLAGS_SHIFT: u32 = ((core::mem::offset_of!(CtValue, flags) - FLAGS_WORD) * 8) as u32;
+const FLAGS_WORD6: usize = core::mem::offset_of!(CtValue<In6>, flags) & !7;
 const _: () = assert!(FLAGS_SHIFT + 16 <= 64 && cfg!(target_endian = "little"));
+const _: () = assert!(
+    (core::mem::offset_of!(CtValue<In6>, flags) - FLAGS_WORD6) * 8 == FLAGS_SHIFT as usize
+);
 
 /// `*p += v` as one atomic instruction (`lock xadd`); `v` may be a
 /// wrapped negative.
@@ -73,12 +80,19 @@ pub fn closed(id: u32) {
 /// the one call that sets the mark on a counted flow takes it off its
 /// backend's count. Returns whether the flow was open until now.
 #[inline(always)]
-pub fn close(entry: *mut CtValue) -> bool {
+pub fn close<A>(entry: *mut CtValue<A>) -> bool {
+    // The flags' word: at FLAGS_WORD for IPv4, FLAGS_WORD6 for IPv6 (whose
+    // addresses are 24 bytes longer: the same offset within a word).
+    let flags_word = if core::mem::size_of::<A>() == 4 {
+        FLAGS_WORD
+    } else {
+        FLAGS_WORD6
+    };
     let bit = (CT_F_CLOSING as u64) << FLAGS_SHIFT;
     // SAFETY: `entry` is a map value of this program run; FLAGS_WORD is an
     // 8-byte aligned word inside it (checked above).
     let old = unsafe {
-        let word = entry.cast::<u8>().add(FLAGS_WORD).cast::<u64>();
+        let word = entry.cast::<u8>().add(flags_word).cast::<u64>();
         core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             word, bit,
         )
@@ -97,14 +111,14 @@ pub fn close(entry: *mut CtValue) -> bool {
 /// were still open. One `CT_TCP` lookup per key, at most
 /// `EXPIRE_PER_RUN`.
 #[inline(always)]
-pub fn expire(ctx: &TcContext) -> i32 {
+pub fn expire<A: Family>(ctx: &TcContext) -> i32 {
     const ETH_HLEN: usize = 14;
     let mut ended = 0;
     for i in 0..EXPIRE_PER_RUN {
-        let Ok(key) = ctx.load::<CtKey>(ETH_HLEN + i * core::mem::size_of::<CtKey>()) else {
+        let Ok(key) = ctx.load::<CtKey<A>>(ETH_HLEN + i * core::mem::size_of::<CtKey<A>>()) else {
             break;
         };
-        if let Some(e) = CT_TCP.get_ptr_mut(key) {
+        if let Some(e) = A::ct_tcp().get_ptr_mut(key) {
             // SAFETY: a map value of this run, read once.
             if unsafe { (*e).dir } == CT_DIR_ORIGINAL && close(e) {
                 ended += 1;

@@ -28,11 +28,7 @@ use proxy_common::{
     CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::{
-    conns,
-    maps::{CT_ANY, CT_TCP},
-    stats,
-};
+use crate::{conns, family::Family, stats};
 
 const EEXIST: i32 = 17;
 
@@ -47,26 +43,26 @@ pub enum Table {
 
 impl Table {
     #[inline(always)]
-    fn get(self, key: &CtKey) -> Option<*mut CtValue> {
+    fn get<A: Family>(self, key: &CtKey<A>) -> Option<*mut CtValue<A>> {
         match self {
-            Table::Tcp => CT_TCP.get_ptr_mut(key),
-            Table::Any => CT_ANY.get_ptr_mut(key),
+            Table::Tcp => A::ct_tcp().get_ptr_mut(key),
+            Table::Any => A::ct_any().get_ptr_mut(key),
         }
     }
 
     #[inline(always)]
-    fn remove(self, key: &CtKey) -> bool {
+    fn remove<A: Family>(self, key: &CtKey<A>) -> bool {
         match self {
-            Table::Tcp => CT_TCP.remove(key).is_ok(),
-            Table::Any => CT_ANY.remove(key).is_ok(),
+            Table::Tcp => A::ct_tcp().remove(key).is_ok(),
+            Table::Any => A::ct_any().remove(key).is_ok(),
         }
     }
 }
 
 /// A flow entry found for a packet.
 #[derive(Clone, Copy)]
-pub struct Found {
-    pub entry: *mut CtValue,
+pub struct Found<A = u32> {
+    pub entry: *mut CtValue<A>,
     pub table: Table,
 }
 
@@ -74,9 +70,9 @@ pub struct Found {
 /// Lookups: 1 (TCP in `CT_TCP`, UDP in `CT_ANY`); a TCP SYN or RST that is
 /// no established flow's: 2.
 #[inline(always)]
-pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<Found> {
+pub fn lookup<A: Family>(key: &CtKey<A>, tcp_flags: u8) -> Option<Found<A>> {
     if key.proto == IPPROTO_TCP {
-        if let Some(entry) = CT_TCP.get_ptr_mut(key) {
+        if let Some(entry) = A::ct_tcp().get_ptr_mut(key) {
             return Some(Found {
                 entry,
                 table: Table::Tcp,
@@ -86,7 +82,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<Found> {
             return None;
         }
     }
-    CT_ANY.get_ptr_mut(key).map(|entry| Found {
+    A::ct_any().get_ptr_mut(key).map(|entry| Found {
         entry,
         table: Table::Any,
     })
@@ -99,7 +95,7 @@ pub fn lookup(key: &CtKey, tcp_flags: u8) -> Option<Found> {
 /// removed and the new flow's entry returned; anything else is `found`.
 /// Lookups: 1, only for a SYN-ACK on a closing connection.
 #[inline(always)]
-pub fn newer(key: &CtKey, found: Found, tcp_flags: u8) -> Found {
+pub fn newer<A: Family>(key: &CtKey<A>, found: Found<A>, tcp_flags: u8) -> Found<A> {
     if found.table != Table::Tcp || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK {
         return found;
     }
@@ -108,7 +104,7 @@ pub fn newer(key: &CtKey, found: Found, tcp_flags: u8) -> Found {
     if e.dir != CT_DIR_REPLY || e.flags & CT_F_CLOSING == 0 {
         return found;
     }
-    match CT_ANY.get_ptr_mut(key) {
+    match A::ct_any().get_ptr_mut(key) {
         Some(entry) => {
             remove_flow(key, found);
             Found {
@@ -123,13 +119,13 @@ pub fn newer(key: &CtKey, found: Found, tcp_flags: u8) -> Found {
 /// The entry of the flow `key` belongs to, in whatever state (for ICMP
 /// errors, which may quote any segment of a connection).
 #[inline(always)]
-pub fn lookup_any_state(key: &CtKey) -> Option<*mut CtValue> {
+pub fn lookup_any_state<A: Family>(key: &CtKey<A>) -> Option<*mut CtValue<A>> {
     if key.proto == IPPROTO_TCP {
-        if let Some(entry) = CT_TCP.get_ptr_mut(key) {
+        if let Some(entry) = A::ct_tcp().get_ptr_mut(key) {
             return Some(entry);
         }
     }
-    CT_ANY.get_ptr_mut(key)
+    A::ct_any().get_ptr_mut(key)
 }
 
 /// CLOCK_MONOTONIC at tick resolution (milliseconds): timeouts are seconds,
@@ -141,16 +137,22 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Records this packet in its flow's entry and returns a copy of the entry,
-/// and whether `last_seen` was refreshed (then the next hop is looked up
-/// again).
+/// Records this packet in its flow's entry and returns the entry, and
+/// whether `last_seen` was refreshed (then the next hop is looked up
+/// again). The entry is read in place, not copied: what the path reads of
+/// it (its rewrite, service, direction) never changes, and its next hop
+/// only to another answer of the FIB's.
 ///
 /// Writes only when something changed (`last_seen` older than
 /// `CT_REFRESH_NS`, the first reply, the first FIN/RST), so a busy flow does
 /// not bounce the entry's cache line between CPUs on every packet. A FIN or
 /// RST marks both entries closing: one more lookup, once per flow.
 #[inline(always)]
-pub fn touch(found: Found, key: &CtKey, tcp_flags: u8) -> (CtValue, bool) {
+pub fn touch<A: Family>(
+    found: Found<A>,
+    key: &CtKey<A>,
+    tcp_flags: u8,
+) -> (&'static CtValue<A>, bool) {
     // SAFETY: `entry` came from a lookup in this program run; hash elements
     // stay valid for the RCU read section. Racing writers only update the
     // timestamp and flag bits, both benign to lose.
@@ -189,14 +191,15 @@ pub fn touch(found: Found, key: &CtKey, tcp_flags: u8) -> (CtValue, bool) {
             unsafe { (*x).flags |= CT_F_CLOSING };
         }
     }
-    (*e, refreshed)
+    (e, refreshed)
 }
+
 
 /// Caches the next hop the FIB gave for `entry`'s direction: out of
 /// `ifindex` with `macs`, checked with a packet of `len` IP bytes. Writes
 /// only what changed.
 #[inline(always)]
-pub fn cache_next_hop(entry: *mut CtValue, ifindex: u32, macs: [u32; 3], len: u16) {
+pub fn cache_next_hop<A: Family>(entry: *mut CtValue<A>, ifindex: u32, macs: [u32; 3], len: u16) {
     // SAFETY: as in `touch`; a racing writer stores the same FIB answer.
     let e = unsafe { &mut *entry };
     if e.next_ifindex != ifindex || e.next_macs != macs || e.next_len != len {
@@ -208,7 +211,7 @@ pub fn cache_next_hop(entry: *mut CtValue, ifindex: u32, macs: [u32; 3], len: u1
 
 /// Drops `entry`'s cached next hop, if it has one.
 #[inline(always)]
-pub fn forget_next_hop(entry: *mut CtValue) {
+pub fn forget_next_hop<A: Family>(entry: *mut CtValue<A>) {
     // SAFETY: as in `cache_next_hop`.
     let e = unsafe { &mut *entry };
     if e.next_ifindex != 0 {
@@ -219,7 +222,7 @@ pub fn forget_next_hop(entry: *mut CtValue) {
 /// Whether `entry` is the original direction of a closing flow: a new SYN
 /// with its tuple is a new connection, not part of the old one.
 #[inline(always)]
-pub fn closed_original(entry: *mut CtValue) -> bool {
+pub fn closed_original<A: Family>(entry: *mut CtValue<A>) -> bool {
     // SAFETY: as in `touch`; read only.
     let e = unsafe { &*entry };
     e.dir == CT_DIR_ORIGINAL && e.flags & CT_F_CLOSING != 0
@@ -227,7 +230,7 @@ pub fn closed_original(entry: *mut CtValue) -> bool {
 
 /// Removes both entries of the flow `key`/`found` belongs to.
 #[inline(always)]
-pub fn remove_flow(key: &CtKey, found: Found) {
+pub fn remove_flow<A: Family>(key: &CtKey<A>, found: Found<A>) {
     // SAFETY: as in `touch`; copied before the element is deleted.
     let rw = unsafe { *found.entry };
     let removed = found.table.remove(&rw.partner(key)) as u64 + found.table.remove(key) as u64;
@@ -239,7 +242,7 @@ pub fn remove_flow(key: &CtKey, found: Found) {
 /// the client's retransmitted SYN re-arms a handshake refused for want of
 /// room. Anything else (UDP above all) is `found`, unchanged.
 #[inline(always)]
-pub fn handshake(key: &CtKey, found: Found, tcp_flags: u8) -> Result<Found, DropReason> {
+pub fn handshake<A: Family>(key: &CtKey<A>, found: Found<A>, tcp_flags: u8) -> Result<Found<A>, DropReason> {
     if found.table != Table::Any {
         return Ok(found);
     }
@@ -274,12 +277,12 @@ pub fn handshake(key: &CtKey, found: Found, tcp_flags: u8) -> Result<Found, Drop
 // Keys passed by reference: by value LLVM copies each to a new stack slot
 // first (20 instructions more on this path, measured with `pathlen`).
 #[allow(clippy::needless_borrows_for_generic_args)]
-pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
+pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>, DropReason> {
     // SAFETY: as in `touch`; copied at once.
     let reply = unsafe { *found.entry };
     let original_key = reply.partner(key);
     // Evicted under pressure: the client's next SYN starts the flow afresh.
-    let original_entry = CT_ANY
+    let original_entry = A::ct_any()
         .get_ptr_mut(&original_key)
         .ok_or(DropReason::CtInsertFailed)?;
     // SAFETY: as in `touch`; copied at once.
@@ -294,7 +297,7 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
         Ok(new) => match insert_established(key, &reply, &original_key) {
             Ok(_) => Ok(new),
             Err(reason) => {
-                if CT_TCP.remove(&original_key).is_ok() {
+                if A::ct_tcp().remove(&original_key).is_ok() {
                     stats::event(Event::CtRemoved, 1);
                 }
                 Err(reason)
@@ -317,10 +320,10 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
             return Err(reason);
         }
     }
-    let removed = CT_ANY.remove(&original_key).is_ok() as u64 + CT_ANY.remove(key).is_ok() as u64;
+    let removed = A::ct_any().remove(&original_key).is_ok() as u64 + A::ct_any().remove(key).is_ok() as u64;
     stats::event(Event::CtRemoved, removed);
     stats::event(Event::CtEstablished, 1);
-    CT_TCP
+    A::ct_tcp()
         .get_ptr_mut(key)
         .map(|entry| Found {
             entry,
@@ -339,14 +342,14 @@ pub fn establish(key: &CtKey, found: Found) -> Result<Found, DropReason> {
 /// between two new connections, and the later one is refused.
 /// Ok(true) when this call inserted it, Ok(false) when it was there.
 #[inline(always)]
-fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<bool, DropReason> {
-    match CT_TCP.insert(key, v, BPF_NOEXIST as u64) {
+fn insert_established<A: Family>(key: &CtKey<A>, v: &CtValue<A>, partner: &CtKey<A>) -> Result<bool, DropReason> {
+    match A::ct_tcp().insert(key, v, BPF_NOEXIST as u64) {
         Ok(()) => {
             stats::event(Event::CtInserted, 1);
             Ok(true)
         }
         Err(e) if e == -EEXIST => {
-            let Some(p) = CT_TCP.get_ptr_mut(key) else {
+            let Some(p) = A::ct_tcp().get_ptr_mut(key) else {
                 return Err(DropReason::CtInsertFailed);
             };
             // SAFETY: as in `touch`; copied at once.
@@ -363,7 +366,7 @@ fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<bool,
             }
             stats::event(Event::CtRemoved, 1);
             stats::event(Event::CtInserted, 1);
-            CT_TCP
+            A::ct_tcp()
                 .insert(key, v, BPF_ANY as u64)
                 .map(|()| true)
                 .map_err(|_| DropReason::CtInsertFailed)
@@ -373,14 +376,14 @@ fn insert_established(key: &CtKey, v: &CtValue, partner: &CtKey) -> Result<bool,
     }
 }
 
-/// Moves a flow just created from a mid-stream TCP packet (`key`,
-/// `original`: its original direction) to `CT_TCP`: the connection is
+/// Moves a flow just created from a mid-stream TCP packet (translated to
+/// `to` in its original direction) to `CT_TCP`: the connection is
 /// established, and its replies (plain ACKs, no SYN-ACK) look only there.
 /// As [`establish`]: 1 lookup, 2 inserts, 2 deletes, 1 lookup.
 #[inline(always)]
-pub fn recover(key: &CtKey, original: &CtValue) -> Result<(), DropReason> {
-    let reply_key = original.partner(key);
-    let entry = CT_ANY
+pub fn recover<A: Family>(to: &CtKey<A>) -> Result<(), DropReason> {
+    let reply_key = to.reversed();
+    let entry = A::ct_any()
         .get_ptr_mut(reply_key)
         .ok_or(DropReason::CtInsertFailed)?;
     establish(
@@ -398,7 +401,7 @@ pub fn recover(key: &CtKey, original: &CtValue) -> Result<(), DropReason> {
 /// return flow this node balanced, a SYN while its handshake lasts, any
 /// UDP datagram. No lookup.
 #[inline(always)]
-pub fn dsr_encapsulates(found: Found, proto: u8, syn: bool) -> bool {
+pub fn dsr_encapsulates<A: Family>(found: Found<A>, proto: u8, syn: bool) -> bool {
     // SAFETY: as in `touch`; read only.
     let e = unsafe { &*found.entry };
     e.flags & CT_F_DSR_ENCAP != 0
@@ -412,15 +415,15 @@ pub fn dsr_encapsulates(found: Found, proto: u8, syn: bool) -> bool {
 /// original entry there returned. None for any other packet. Lookups: 1
 /// (`CT_ANY`), then as [`recover`] and 1 more, once per flow.
 #[inline(always)]
-pub fn dsr_handshake(key: &CtKey) -> Option<Found> {
-    let entry = CT_ANY.get_ptr_mut(key)?;
+pub fn dsr_handshake<A: Family>(key: &CtKey<A>) -> Option<Found<A>> {
+    let entry = A::ct_any().get_ptr_mut(key)?;
     // SAFETY: as in `touch`; copied at once.
     let e = unsafe { *entry };
     if e.flags & CT_F_DSR_ENCAP == 0 || e.dir != CT_DIR_ORIGINAL {
         return None;
     }
-    recover(key, &e).ok()?;
-    CT_TCP.get_ptr_mut(key).map(|entry| Found {
+    recover(&e.translate(key)).ok()?;
+    A::ct_tcp().get_ptr_mut(key).map(|entry| Found {
         entry,
         table: Table::Tcp,
     })
@@ -428,9 +431,9 @@ pub fn dsr_handshake(key: &CtKey) -> Option<Found> {
 
 /// How a new flow is translated besides its DNAT.
 #[derive(Clone, Copy)]
-pub struct Snat {
-    /// Masquerade to this address (0: no masquerade).
-    pub addr: u32,
+pub struct Snat<A = u32> {
+    /// Masquerade to this address (zero: no masquerade).
+    pub addr: A,
     /// Masquerade ports, host byte order, inclusive.
     pub port_min: u16,
     pub port_max: u16,
@@ -453,27 +456,46 @@ pub struct Snat {
 /// port among the next 8 never fails.
 const SNAT_TRIES: u32 = 8;
 
+/// What [`create`] made of a new flow: the tuple its packets are
+/// translated to, and its original entry's flags. Not the whole entry: a
+/// copy of IPv6's (88 bytes) held to the end of the path cost its stack.
+#[derive(Clone, Copy)]
+pub struct Created<A> {
+    pub to: CtKey<A>,
+    pub flags: u16,
+}
+
+impl<A: Copy> Created<A> {
+    #[inline(always)]
+    fn of(e: &CtValue<A>, key: &CtKey<A>) -> Self {
+        Self {
+            to: e.translate(key),
+            flags: e.flags,
+        }
+    }
+}
+
 /// Creates both entries of a new flow from `key` (client → frontend) to
-/// `backend`, masqueraded when `snat.addr` is set, and returns the original
-/// direction's entry.
+/// `backend`, masqueraded when `snat.addr` is set, and returns what its
+/// original direction's entry says.
 ///
 /// A masquerade port is free exactly when its reply entry (backend →
 /// node:port) can be inserted with `BPF_NOEXIST`, so two flows never share
 /// one, whatever the CPU; the agent keeps local sockets out of the range.
 #[inline(always)]
-pub fn create(
-    key: &CtKey,
+pub fn create<A: Family>(
+    key: &CtKey<A>,
     svc_id: u32,
     backend_id: u32,
-    backend: &Backend,
+    backend: &Backend<A>,
     tcp_flags: u8,
-    snat: &Snat,
-) -> Result<CtValue, DropReason> {
+    snat: &Snat<A>,
+) -> Result<Created<A>, DropReason> {
     let now = now();
-    let masquerade = snat.addr != 0;
+    let masquerade = snat.addr != A::ZERO;
     let mut original = entry(
         Rewrite {
-            src_addr: 0,
+            src_addr: A::ZERO,
             dst_addr: backend.addr,
             src_port: 0,
             dst_port: backend.port,
@@ -494,28 +516,30 @@ pub fn create(
         original.new_src_addr = snat.addr;
         original.new_src_port = snat_port(snat, start);
     }
-    match CT_ANY.insert(key, original, BPF_NOEXIST as u64) {
+    match A::ct_any().insert(key, original, BPF_NOEXIST as u64) {
         Ok(()) => stats::event(Event::CtInserted, 1),
         // The same flow's first packet raced us on another CPU: follow its
         // choice so both directions stay consistent.
+        // (A plain match: LLVM made the closure of a `map` here a
+        // subprogram, whose frame added to the program's.)
         Err(e) if e == -EEXIST => {
-            return CT_ANY
-                .get_ptr_mut(key)
-                .map(|entry| {
+            return match A::ct_any().get_ptr_mut(key) {
+                Some(entry) => {
                     let found = Found {
                         entry,
                         table: Table::Any,
                     };
-                    touch(found, key, tcp_flags).0
-                })
-                .ok_or(DropReason::CtInsertFailed);
+                    Ok(Created::of(touch(found, key, tcp_flags).0, key))
+                }
+                None => Err(DropReason::CtInsertFailed),
+            };
         }
         Err(_) => return Err(DropReason::CtInsertFailed),
     }
     let mut reply = entry(
         Rewrite {
             src_addr: key.dst_addr,
-            dst_addr: 0,
+            dst_addr: A::ZERO,
             src_port: key.dst_port,
             dst_port: 0,
         },
@@ -536,10 +560,10 @@ pub fn create(
         // is a stale flow with the same reply tuple, which the new flow
         // replaces.
         let reply_key = original.partner(key);
-        match CT_ANY.insert(reply_key, reply, BPF_NOEXIST as u64) {
+        match A::ct_any().insert(reply_key, reply, BPF_NOEXIST as u64) {
             Err(e) if e == -EEXIST => {
                 stats::event(Event::CtRemoved, 1);
-                CT_ANY.insert(reply_key, reply, BPF_ANY as u64)
+                A::ct_any().insert(reply_key, reply, BPF_ANY as u64)
             }
             r => r,
         }
@@ -547,7 +571,7 @@ pub fn create(
     };
     if let Err(reason) = inserted {
         // Without its reply entry the flow would be half-translated.
-        if CT_ANY.remove(key).is_ok() {
+        if A::ct_any().remove(key).is_ok() {
             stats::event(Event::CtRemoved, 1);
         }
         return Err(reason);
@@ -556,29 +580,29 @@ pub fn create(
     if masquerade {
         stats::event(Event::Masqueraded, 1);
     }
-    Ok(original)
+    Ok(Created::of(&original, key))
 }
 
 /// The addresses and ports an entry rewrites to.
-struct Rewrite {
-    src_addr: u32,
-    dst_addr: u32,
+struct Rewrite<A> {
+    src_addr: A,
+    dst_addr: A,
     src_port: u16,
     dst_port: u16,
 }
 
 /// A new entry, no next hop cached yet. The layout keeps its zero fields
-/// apart (see `CtValue`), so this compiles to plain stores.
+/// apart (see `CtValue<A>`), so this compiles to plain stores.
 #[inline(always)]
-fn entry(
-    to: Rewrite,
+fn entry<A: Family>(
+    to: Rewrite<A>,
     flags: u16,
     dir: u8,
     tcp_flags: u8,
     backend_id: u32,
     svc_id: u32,
     now: u64,
-) -> CtValue {
+) -> CtValue<A> {
     CtValue {
         new_src_addr: to.src_addr,
         new_dst_addr: to.dst_addr,
@@ -605,18 +629,18 @@ fn entry(
 /// lookup per port tried).
 #[inline(always)]
 #[allow(clippy::needless_borrows_for_generic_args)] // as in `establish`
-fn insert_masqueraded(
-    key: &CtKey,
-    original: &mut CtValue,
-    reply: &CtValue,
-    snat: &Snat,
+fn insert_masqueraded<A: Family>(
+    key: &CtKey<A>,
+    original: &mut CtValue<A>,
+    reply: &CtValue<A>,
+    snat: &Snat<A>,
     start: u32,
 ) -> Result<(), DropReason> {
     for i in 1..=SNAT_TRIES {
         let reply_key = original.partner(key);
-        let established = key.proto == IPPROTO_TCP && CT_TCP.get_ptr(&reply_key).is_some();
+        let established = key.proto == IPPROTO_TCP && A::ct_tcp().get_ptr(&reply_key).is_some();
         let taken = established
-            || match CT_ANY.insert(reply_key, *reply, BPF_NOEXIST as u64) {
+            || match A::ct_any().insert(reply_key, *reply, BPF_NOEXIST as u64) {
                 Ok(()) => return Ok(()),
                 Err(e) => e == -EEXIST,
             };
@@ -625,7 +649,7 @@ fn insert_masqueraded(
         }
         original.new_src_port = snat_port(snat, start.wrapping_add(i));
         // The original entry must name the port its reply uses.
-        if CT_ANY.insert(key, *original, BPF_ANY as u64).is_err() {
+        if A::ct_any().insert(key, *original, BPF_ANY as u64).is_err() {
             return Err(DropReason::CtInsertFailed);
         }
     }
@@ -635,7 +659,7 @@ fn insert_masqueraded(
 /// Port number `n` (modulo the range's size) of the masquerade range,
 /// network byte order.
 #[inline(always)]
-fn snat_port(snat: &Snat, n: u32) -> u16 {
+fn snat_port<A>(snat: &Snat<A>, n: u32) -> u16 {
     let span = (snat.port_max as u32).saturating_sub(snat.port_min as u32) + 1;
     ((snat.port_min as u32 + n % span) as u16).to_be()
 }

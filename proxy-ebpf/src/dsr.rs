@@ -219,8 +219,8 @@ pub fn first(ctx: &TcContext, svc_id: u32, backend_id: u32, backend: u64, counte
         // The flow's entry, ours or (the same flow's first packet on
         // another CPU, a moment earlier) the one that won.
         Ok(e)
-            if e.new_dst_addr == to.dst_addr
-                && e.new_dst_port == to.dst_port
+            if e.to.dst_addr == to.dst_addr
+                && e.to.dst_port == to.dst_port
                 && e.flags & CT_F_DSR_ENCAP != 0 =>
         {
             send(ctx, pkt, &to, &plan, svc_id, true)
@@ -250,7 +250,7 @@ pub fn again(ctx: &TcContext) -> i64 {
         return NOT_SENT;
     };
     // SAFETY: as in `conntrack::touch`; copied at once.
-    let to = unsafe { *found.entry }.translate(key);
+    let to = unsafe { &*found.entry }.translate(key);
     let Some(plan) = plan(ctx, pkt, &to) else {
         return NOT_SENT;
     };
@@ -431,7 +431,7 @@ fn take(ctx: &TcContext, outer: &Ipv4Packet) -> Option<Verdict> {
     // another backend) gives way to the new one, as at the balancing node.
     if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
         // SAFETY: as in `conntrack::touch`; copied at once.
-        let same = unsafe { *found.entry }.translate(&key) == pkt.tuple();
+        let same = unsafe { &*found.entry }.translate(&key) == pkt.tuple();
         if same && !(pkt.is_syn() && conntrack::closed_original(found.entry)) {
             let (e, _) = conntrack::touch(found, &key, pkt.tcp_flags);
             stats::service(e.svc_id, ctx.len(), false, false, false);

@@ -19,9 +19,8 @@ use core::mem::MaybeUninit;
 
 use proxy_common::{CtKey, CtValue, Event, CFG_F_STACK_FORWARDING, MARK_TRANSLATED};
 
-use crate::{conntrack, nat, packet::Packet, parse::Ipv4Packet, service, stats};
+use crate::{conntrack, family::Family, nat, packet::Packet, parse::IpPacket, service, stats};
 
-const AF_INET: u8 = 2;
 /// The loopback device's ifindex in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
@@ -118,10 +117,11 @@ impl Params {
     /// Initialised in place: a returned value would be copied, and the copy
     /// of known zeroes becomes a `memset` call again.
     #[inline(always)]
-    fn init<'a>(
+    fn init<'a, A: Family>(
         p: &'a mut MaybeUninit<Params>,
-        pkt: &Ipv4Packet,
-        dst: u32,
+        pkt: &IpPacket<A>,
+        src: A,
+        dst: A,
         ifindex: u32,
     ) -> &'a mut Params {
         let words = p.as_mut_ptr().cast::<u64>();
@@ -133,10 +133,9 @@ impl Params {
         // SAFETY: every byte was written above; all-zero is a valid
         // bpf_fib_lookup (an empty request).
         let p = unsafe { p.assume_init_mut() };
-        p.0.family = AF_INET;
+        A::fib_request(&mut p.0, pkt, src, dst);
         p.0.l4_protocol = pkt.proto;
         p.0.__bindgen_anon_1.tot_len = pkt.ip_len();
-        p.0.__bindgen_anon_4.ipv4_dst = dst;
         p.0.ifindex = ifindex;
         p
     }
@@ -158,32 +157,36 @@ impl Params {
 /// The next hop of `pkt` once translated to `t`. A packet forwarded from
 /// ingress whose TTL would run out goes to the stack, which answers it.
 #[inline(always)]
-pub fn route<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook) -> Route {
+pub fn route<P: Packet, A: Family>(ctx: &P, pkt: &IpPacket<A>, t: &CtKey<A>, hook: Hook) -> Route {
     route_sized(ctx, pkt, t, hook, pkt.ip_len())
 }
 
 /// As [`route`], for a packet of `len` IP bytes (a packet about to be
 /// encapsulated, checked against the route's MTU with its new size).
 #[inline(always)]
-pub fn route_sized<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook, len: u16) -> Route {
+pub fn route_sized<P: Packet, A: Family>(
+    ctx: &P,
+    pkt: &IpPacket<A>,
+    t: &CtKey<A>,
+    hook: Hook,
+    len: u16,
+) -> Route {
     let ifindex = ctx.ifindex();
     // A forwarded packet is looked up as arriving where it did. The node's
     // own packet as if it came from loopback: an output lookup would be
     // pinned to the interface the socket's route chose.
     let from = match hook {
-        Hook::Ingress if service::config().flags & CFG_F_STACK_FORWARDING != 0 => {
+        Hook::Ingress if service::config().flags() & CFG_F_STACK_FORWARDING != 0 => {
             return Route::STACK;
         }
         Hook::Ingress => ifindex,
         Hook::Egress => LOOPBACK_IFINDEX,
     };
     let mut raw = MaybeUninit::uninit();
-    let p = Params::init(&mut raw, pkt, t.dst_addr, from);
+    let p = Params::init(&mut raw, pkt, t.src_addr, t.dst_addr, from);
     p.0.__bindgen_anon_1.tot_len = len;
     p.0.sport = t.src_port;
     p.0.dport = t.dst_port;
-    p.0.__bindgen_anon_2.tos = pkt.tos;
-    p.0.__bindgen_anon_3.ipv4_src = t.src_addr;
     let Ok(ret) = u32::try_from(p.lookup(ctx, 0)) else {
         return Route::STACK;
     };
@@ -215,12 +218,12 @@ pub fn route_sized<P: Packet>(ctx: &P, pkt: &Ipv4Packet, t: &CtKey, hook: Hook, 
 /// once a second per direction) or the packet is longer than the one the
 /// cached hop was checked with; the answer is cached.
 #[inline(always)]
-pub fn established<P: Packet>(
+pub fn established<P: Packet, A: Family>(
     ctx: &P,
-    pkt: &Ipv4Packet,
-    to: &CtKey,
-    entry: *mut CtValue,
-    rewrite: &CtValue,
+    pkt: &IpPacket<A>,
+    to: &CtKey<A>,
+    entry: *mut CtValue<A>,
+    rewrite: &CtValue<A>,
     refreshed: bool,
     hook: Hook,
 ) -> Route {
@@ -247,7 +250,7 @@ pub fn established<P: Packet>(
 /// cached next hop, with no FIB lookup; None when nothing is cached or the
 /// packet is longer than the one the FIB checked the route's MTU with.
 #[inline(always)]
-fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
+fn cached<A: Family>(pkt: &IpPacket<A>, e: &CtValue<A>) -> Option<Route> {
     if e.next_ifindex == 0 || pkt.ip_len() > e.next_len {
         return None;
     }
@@ -261,7 +264,7 @@ fn cached(pkt: &Ipv4Packet, e: &CtValue) -> Option<Route> {
 /// in direct server return's Geneve) to its next hop: only its TTL and,
 /// when resolved, the next hop's MACs are written. One FIB lookup.
 #[inline(always)]
-pub fn onward(ctx: &TcContext, pkt: &Ipv4Packet) -> Result<i32, nat::RewriteFailed> {
+pub fn onward<A: Family>(ctx: &TcContext, pkt: &IpPacket<A>) -> Result<i32, nat::RewriteFailed> {
     let to = pkt.tuple();
     let route = route(ctx, pkt, &to, Hook::Ingress);
     nat::apply(ctx, pkt, &to, route.ttl_dec(Hook::Ingress), &route)?;
@@ -318,13 +321,12 @@ pub fn send_xdp(ctx: &XdpContext, route: Route) -> i32 {
 /// interface's address), exactly as iptables' `MASQUERADE` does. One FIB
 /// lookup, on a flow's first packet only; None when the FIB cannot say.
 #[inline(always)]
-pub fn masquerade_source<P: Packet>(ctx: &P, pkt: &Ipv4Packet, dst: u32) -> Option<u32> {
+pub fn masquerade_source<P: Packet, A: Family>(ctx: &P, pkt: &IpPacket<A>, dst: A) -> Option<A> {
     let mut raw = MaybeUninit::uninit();
-    let p = Params::init(&mut raw, pkt, dst, LOOPBACK_IFINDEX);
+    let p = Params::init(&mut raw, pkt, A::ZERO, dst, LOOPBACK_IFINDEX);
     let ret = p.lookup(ctx, BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH);
-    // SAFETY: the union member the lookup wrote.
-    let src = unsafe { p.0.__bindgen_anon_3.ipv4_src };
-    (ret == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != 0).then_some(src)
+    let src = A::fib_source(&p.0);
+    (ret == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != A::ZERO).then_some(src)
 }
 
 /// The packet's `skb->mark`.

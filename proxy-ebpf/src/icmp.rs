@@ -7,13 +7,14 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use proxy_common::{Counter, CtKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{Counter, CtKey, In6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     conntrack,
+    maps::SCRATCH6,
     csum::fold,
     forward::Hook,
-    parse::{ip, l4, Ipv4Hdr, Ipv4Packet, ETH_HLEN, IP_OFFSET},
+    parse::{ip, ip6, l4, IpPacket, Ipv4Hdr, Ipv4Packet, Ipv6Hdr, ETH_HLEN, IP_OFFSET},
     stats,
     verdict::Verdict,
 };
@@ -115,6 +116,121 @@ pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> Result<i32, ()> 
     ctx.store(0, &eth, 0).map_err(|_| ())?;
     ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| ())?;
     stats::count(Counter::Rejected);
+    back(ctx, hook)
+}
+
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+/// What an IPv6 REJECT quotes at most: the header, extension headers and
+/// transport header (ip6tables' REJECT quotes as much as fits in the
+/// minimum MTU; this holds the chains kpx parses, but the longest).
+/// A power of two, for the mask that bounds it.
+pub const QUOTE6_MAX: usize = 128;
+
+/// The headers an IPv6 REJECT prepends to the quoted packet.
+#[repr(C)]
+struct Icmp6Error {
+    ip: Ipv6Hdr,
+    icmp_type: u8,
+    code: u8,
+    csum: u16,
+    unused: u32,
+}
+
+/// ICMPv6's checksum's pseudo-header (RFC 8200 8.1).
+#[repr(C)]
+struct Pseudo6 {
+    saddr: In6,
+    daddr: In6,
+    len: u32,
+    next: u32,
+}
+
+/// [`reject`] for IPv6: the reference's ip6tables `REJECT` sends ICMPv6
+/// destination unreachable, port unreachable, from the address the client
+/// tried, quoting its packet's headers.
+#[inline(always)]
+pub fn reject6(ctx: &TcContext, pkt: &IpPacket<In6>, hook: Hook) -> Result<i32, ()> {
+    let l4_quote = if pkt.proto == IPPROTO_TCP {
+        l4::TCP_MIN_LEN
+    } else {
+        l4::UDP_LEN
+    };
+    // Headers are multiples of 8 bytes, the transport's quote of 4: a
+    // multiple of 4, as csum_diff needs; masked so that the verifier sees
+    // it within the buffer, checked so that it sees it nonzero.
+    let quote_len = (pkt.l4_off - pkt.l3_off + l4_quote).min(QUOTE6_MAX) & (QUOTE6_MAX - 4);
+    if quote_len < ip6::HLEN {
+        return Err(());
+    }
+    // The quote is read into this CPU's scratch space: IPv6's path has no
+    // stack to spare.
+    let Some(scratch) = SCRATCH6.get_ptr_mut(0) else {
+        return Err(());
+    };
+    // SAFETY: this CPU's element, valid for the program run.
+    let quote = unsafe { &mut (*scratch).quote };
+    // SAFETY: `quote` has room for QUOTE6_MAX >= quote_len bytes.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            pkt.l3_off as u32,
+            quote.as_mut_ptr().cast(),
+            quote_len as u32,
+        )
+    };
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| ())?;
+    if loaded != 0 {
+        return Err(());
+    }
+    let icmp_len = (ICMP_HLEN + quote_len) as u16;
+    let mut hdr = Icmp6Error {
+        ip: Ipv6Hdr {
+            // Version 6, traffic class 0xc0 (as the kernel's own errors),
+            // no flow label.
+            vtc_flow: 0x6c00_0000u32.to_be(),
+            payload_len: icmp_len.to_be(),
+            next_hdr: IPPROTO_ICMPV6,
+            hop_limit: 64,
+            saddr: pkt.dst,
+            daddr: pkt.src,
+        },
+        icmp_type: ICMPV6_DEST_UNREACH,
+        code: ICMPV6_PORT_UNREACH,
+        csum: 0,
+        unused: 0,
+    };
+    let mut pseudo = Pseudo6 {
+        saddr: pkt.dst,
+        daddr: pkt.src,
+        len: (icmp_len as u32).to_be(),
+        next: (IPPROTO_ICMPV6 as u32).to_be(),
+    };
+    let sum = csum(&mut pseudo as *mut Pseudo6 as *mut u32, 40, 0);
+    let sum = csum(&hdr.icmp_type as *const u8 as *mut u32, ICMP_HLEN as u32, sum);
+    hdr.csum = fold(csum(quote.as_mut_ptr(), quote_len as u32, sum));
+
+    let room = (ip6::HLEN + ICMP_HLEN) as i32;
+    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
+    let new_len = (ETH_HLEN + ip6::HLEN + ICMP_HLEN + quote_len) as u32;
+    // SAFETY: the context's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), new_len, 0) } != 0 {
+        return Err(());
+    }
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &eth, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| ())?;
+    stats::count(Counter::Rejected);
+    back(ctx, hook)
+}
+
+/// Sends the REJECT built in the packet back where the packet came from:
+/// out of the interface it came in, or, for the node's own packet seen at
+/// egress, into the node through the interface it was leaving by.
+#[inline(always)]
+fn back(ctx: &TcContext, hook: Hook) -> Result<i32, ()> {
     // SAFETY: reads a field of the context's own skb.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let flags = match hook {
@@ -176,7 +292,7 @@ pub fn translate_error(ctx: &TcContext, pkt: &Ipv4Packet) -> Verdict {
         return Verdict::Pass(Counter::PassNoService);
     };
     // SAFETY: valid hash element for this RCU read section, copied at once.
-    let t = unsafe { *entry }.translate(&key);
+    let t = unsafe { &*entry }.translate(&key);
     match rewrite_error(ctx, pkt, inner_l3, inner_l4, &inner, &key, &t) {
         Ok(()) => {
             stats::count(Counter::IcmpTranslated);

@@ -16,6 +16,7 @@ mod conns;
 mod conntrack;
 mod csum;
 mod dsr;
+mod family;
 mod forward;
 mod icmp;
 mod maps;
@@ -29,22 +30,25 @@ mod sock;
 mod stats;
 mod verdict;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use proxy_common::{
-    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, BACKEND_F_LOCAL,
-    CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED,
-    SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
+    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, In6,
+    BACKEND_F_LOCAL, CT_DIR_REPLY, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, MARK_TRANSLATED, SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     conntrack::Snat,
+    family::Family,
     forward::Hook,
     packet::Packet,
-    parse::{Ipv4Packet, Parsed},
+    parse::{IpPacket, Kind, Parsed},
     policy::Origin,
     verdict::{Verdict, PASS},
 };
@@ -122,11 +126,23 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if packet::translated_by_xdp(&ctx) {
         return forward_translated(&ctx);
     }
-    let action = process(&ctx, true);
-    if action != dsr::REQUESTED {
-        return action as i32;
+    match process(&ctx, true) {
+        dsr::REQUESTED => dsr::tail_call(&ctx),
+        family::IPV6 => family::tail_call(&ctx, PROG_INGRESS6),
+        action => action as i32,
     }
-    dsr::tail_call(&ctx)
+}
+
+/// tc ingress for IPv6, tail-called by [`kpx_tc_ingress`] (a program of
+/// its own: IPv6's keys and headers need a stack of their own beside
+/// IPv4's, and the verifier's 512 bytes are per program). The same path
+/// and lookups as IPv4's, with IPv6's maps; no direct server return.
+#[classifier]
+pub fn kpx_tc_ingress6(ctx: TcContext) -> i32 {
+    match path6(&ctx) {
+        Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
+        v => verdict::action(v),
+    }
 }
 
 /// Direct server return's work for the packet tc ingress handed over (the
@@ -165,6 +181,7 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
         Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
             flow(&ctx, &pkt, Origin::Network, true)
         }
+        // IPv6 goes on to tc ingress, which translates it.
         _ => Verdict::Pass(Counter::PassNotHandled),
     };
     verdict::xdp_action(v)
@@ -174,13 +191,12 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
 /// what it translates itself, uncounted (XDP counted it).
 #[inline(always)]
 fn forward_translated(ctx: &TcContext) -> i32 {
+    // The stack could not forward a masqueraded packet itself: its source
+    // is the node's own address, a martian on input.
     let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
         return PASS;
     };
-    // The stack could not forward a masqueraded packet itself: its source
-    // is the node's own address, a martian on input.
-    forward::onward(ctx, &pkt)
-        .unwrap_or_else(|_| verdict::action(Verdict::Drop(DropReason::RewriteFailed)))
+    forward::onward(ctx, &pkt).unwrap_or_else(|_| verdict::action(Verdict::Drop(DropReason::RewriteFailed)))
 }
 
 /// tc egress on the same interfaces: packets the node itself sends.
@@ -201,19 +217,42 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     if forward::mark(&ctx) & MARK_TRANSLATED != 0 {
         return PASS;
     }
-    let pkt = match parse::parse_ipv4(&ctx) {
-        Parsed::Packet(pkt) => pkt,
+    let v = match parse::parse_ipv4(&ctx) {
+        Parsed::Packet(pkt) => match pkt.proto {
+            IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
+            IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => {
+                flow(&ctx, &pkt, Origin::Node, false)
+            }
+            _ => return PASS,
+        },
+        Parsed::OtherFamily => return family::tail_call(&ctx, PROG_EGRESS6),
         _ => return PASS,
     };
-    let v = match pkt.proto {
-        IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
-        IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => {
-            flow(&ctx, &pkt, Origin::Node, false)
+    match v {
+        Verdict::Pass(_) => PASS,
+        v => verdict::action(v),
+    }
+}
+
+/// tc egress for IPv6, tail-called by [`kpx_tc_egress`]: as for IPv4
+/// (no ICMPv6 error to translate yet). Lookups as listed there.
+#[classifier]
+pub fn kpx_tc_egress6(ctx: TcContext) -> i32 {
+    let Some(s) = scratch6() else {
+        return PASS;
+    };
+    if parse::parse_ipv6(&ctx, &mut s.pkt) != Kind::Packet {
+        return PASS;
+    }
+    let v = match s.pkt.proto {
+        IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(s.pkt.src) => {
+            flow6(&ctx, s, Origin::Node)
         }
         _ => return PASS,
     };
     match v {
         Verdict::Pass(_) => PASS,
+        Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6_NODE),
         v => verdict::action(v),
     }
 }
@@ -237,7 +276,13 @@ pub fn kpx_xdp_floor(_ctx: XdpContext) -> u32 {
 /// established flows it expires (see `conns::expire`).
 #[classifier]
 pub fn kpx_conns_expire(ctx: TcContext) -> i32 {
-    conns::expire(&ctx)
+    conns::expire::<u32>(&ctx)
+}
+
+/// [`kpx_conns_expire`] for IPv6's flows.
+#[classifier]
+pub fn kpx_conns_expire6(ctx: TcContext) -> i32 {
+    conns::expire::<In6>(&ctx)
 }
 
 /// Socket-level load balancing ([`sock`]), on the cgroup the agent was
@@ -282,6 +327,7 @@ pub fn kpx_sock_release(ctx: SockContext) -> i32 {
 fn process(ctx: &TcContext, dsr: bool) -> i64 {
     match path(ctx, dsr) {
         Verdict::Dsr(req) => dsr::stash(ctx, req),
+        Verdict::Ipv6 => family::IPV6,
         v => verdict::action(v) as i64,
     }
 }
@@ -290,6 +336,7 @@ fn process(ctx: &TcContext, dsr: bool) -> i64 {
 fn path(ctx: &TcContext, dsr: bool) -> Verdict {
     let pkt = match parse::parse_ipv4(ctx) {
         Parsed::NotHandled => return Verdict::Pass(Counter::PassNotHandled),
+        Parsed::OtherFamily => return Verdict::Ipv6,
         Parsed::Malformed { dst } => {
             // Never translate what could not be parsed; but do not let it
             // leave the node towards a VIP nobody owns either.
@@ -320,11 +367,101 @@ fn path(ctx: &TcContext, dsr: bool) -> Verdict {
     flow(ctx, &pkt, Origin::Network, dsr)
 }
 
+/// [`path`] for IPv6.
+#[inline(always)]
+fn path6(ctx: &TcContext) -> Verdict {
+    let Some(s) = scratch6() else {
+        return Verdict::Pass(Counter::PassNotHandled);
+    };
+    match parse::parse_ipv6(ctx, &mut s.pkt) {
+        Kind::NotHandled => return Verdict::Pass(Counter::PassNotHandled),
+        Kind::Malformed => {
+            return if service::is_service_addr(s.pkt.dst) {
+                Verdict::Drop(DropReason::MalformedToService)
+            } else {
+                Verdict::Pass(Counter::PassMalformed)
+            };
+        }
+        Kind::Fragment => {
+            return if service::is_service_addr(s.pkt.dst) {
+                Verdict::Drop(DropReason::FragmentToService)
+            } else {
+                Verdict::Pass(Counter::PassFragment)
+            };
+        }
+        Kind::Packet => {}
+    }
+    if s.pkt.proto == IPPROTO_ICMPV6 {
+        // Neighbour discovery, echo, and (not translated yet) errors.
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
+    if s.pkt.proto != IPPROTO_TCP && s.pkt.proto != IPPROTO_UDP {
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
+    flow6(ctx, s, Origin::Network)
+}
+
+/// An IPv6 flow's first packet at [`kpx_tc_ingress6`], tail-called
+/// (`PROG_NEW6`): the packet, its tuple and frontend are in this CPU's
+/// scratch space, where the path left them. Lookups as a first packet's in
+/// [`kpx_tc_ingress`], but the service's (done before the hand-over).
+#[classifier]
+pub fn kpx_tc_new6(ctx: TcContext) -> i32 {
+    new6(&ctx, Origin::Network)
+}
+
+/// [`kpx_tc_new6`] for [`kpx_tc_egress6`] (`PROG_NEW6_NODE`): a program of
+/// its own, so each knows its origin when compiled (the two origins' paths
+/// in one program outgrew its stack).
+#[classifier]
+pub fn kpx_tc_new6_node(ctx: TcContext) -> i32 {
+    new6(&ctx, Origin::Node)
+}
+
+#[inline(always)]
+fn new6(ctx: &TcContext, origin: Origin) -> i32 {
+    let Some(s) = scratch6() else {
+        return verdict::action(Verdict::Pass(Counter::PassNotHandled));
+    };
+    verdict::action(new_flow(ctx, &s.pkt, &s.key, &s.svc, origin, s.recovered, false))
+}
+
+/// This CPU's scratch space for IPv6's path (`SCRATCH6`: an array's
+/// element, no hash lookup): the packet, its tuple and its translation
+/// live there, not on the stack, where IPv6's addresses held across the
+/// path's helper calls outgrew the verifier's 512 bytes.
+#[inline(always)]
+fn scratch6() -> Option<&'static mut maps::Scratch6> {
+    // SAFETY: this CPU's element, valid for the program run; nothing else
+    // on this CPU uses it while the program runs.
+    maps::SCRATCH6.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
+
+/// [`flow`] for IPv6, its packet parsed into `s`.
+#[inline(always)]
+fn flow6(ctx: &TcContext, s: &'static mut maps::Scratch6, origin: Origin) -> Verdict {
+    s.key = s.pkt.tuple();
+    flow_of(ctx, &s.pkt, &s.key, origin, false)
+}
+
 /// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither;
 /// `dsr` as in `process`.
 #[inline(always)]
-fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verdict {
+fn flow<P: Packet, A: Family>(ctx: &P, pkt: &IpPacket<A>, origin: Origin, dsr: bool) -> Verdict {
     let key = pkt.tuple();
+    flow_of(ctx, pkt, &key, origin, dsr)
+}
+
+/// [`flow`], for the packet's tuple `key`.
+#[inline(always)]
+fn flow_of<P: Packet, A: Family>(
+    ctx: &P,
+    pkt: &IpPacket<A>,
+    key: &CtKey<A>,
+    origin: Origin,
+    dsr: bool,
+) -> Verdict {
+    let key = *key;
     let hook = Hook::of(origin);
     let ports = service::Ports::of(pkt.dport);
     // Known flow, either direction: one lookup decides the rewrite. Only
@@ -358,7 +495,7 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verd
     let recovered = pkt.proto == IPPROTO_TCP && !pkt.is_syn();
     // A DSR flow's handshake completing: only to an external frontend with
     // the Cluster policy (no lookup for anything else).
-    if recovered && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL {
+    if A::DSR && recovered && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL {
         if let Some(found) = conntrack::dsr_handshake(&key) {
             return established(ctx, pkt, &key, found, hook, dsr);
         }
@@ -376,6 +513,11 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verd
             None => Verdict::Pass(Counter::PassNoService),
         };
     }
+    if A::NEW_FLOW_APART {
+        // IPv6: in a program of its own (`kpx_tc_new6`), whose stack is
+        // its own.
+        return A::hand_over(svc, recovered);
+    }
     new_flow(ctx, pkt, &key, &svc, origin, recovered, dsr)
 }
 
@@ -385,7 +527,7 @@ fn flow<P: Packet>(ctx: &P, pkt: &Ipv4Packet, origin: Origin, dsr: bool) -> Verd
 /// the service has backends, and the segment is an ordinary one (ACK, no
 /// SYN or RST).
 #[inline(always)]
-fn recoverable(pkt: &Ipv4Packet, svc: &proxy_common::ServiceValue) -> bool {
+fn recoverable<A>(pkt: &IpPacket<A>, svc: &proxy_common::ServiceValue) -> bool {
     hashing(scheduler(svc.flags))
         && svc.count != 0
         && pkt.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
@@ -393,11 +535,11 @@ fn recoverable(pkt: &Ipv4Packet, svc: &proxy_common::ServiceValue) -> bool {
 
 /// A packet of a tracked flow: apply the entry's rewrite.
 #[inline(always)]
-fn established<P: Packet>(
+fn established<P: Packet, A: Family>(
     ctx: &P,
-    pkt: &Ipv4Packet,
-    key: &CtKey,
-    found: conntrack::Found,
+    pkt: &IpPacket<A>,
+    key: &CtKey<A>,
+    found: conntrack::Found<A>,
     hook: Hook,
     dsr: bool,
 ) -> Verdict {
@@ -413,10 +555,11 @@ fn established<P: Packet>(
         };
     }
     let (rewrite, refreshed) = conntrack::touch(found, key, pkt.tcp_flags);
-    let to = rewrite.translate(key);
-    let route = forward::established(ctx, pkt, &to, found.entry, &rewrite, refreshed, hook);
+    let mut local = MaybeUninit::uninit();
+    let to = &*A::keep(&mut local, rewrite.translate(key));
+    let route = forward::established(ctx, pkt, to, found.entry, rewrite, refreshed, hook);
     let route = ctx.reachable(route);
-    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), &route).is_err() {
+    if nat::apply(ctx, pkt, to, route.ttl_dec(hook), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(
@@ -439,10 +582,10 @@ fn established<P: Packet>(
 /// First packet of a flow to a service: apply the traffic policy, pick a
 /// backend, track, translate, forward.
 #[inline(always)]
-fn new_flow<P: Packet>(
+fn new_flow<P: Packet, A: Family>(
     ctx: &P,
-    pkt: &Ipv4Packet,
-    key: &CtKey,
+    pkt: &IpPacket<A>,
+    key: &CtKey<A>,
     svc: &proxy_common::ServiceValue,
     origin: Origin,
     recovered: bool,
@@ -450,11 +593,12 @@ fn new_flow<P: Packet>(
 ) -> Verdict {
     let hook = Hook::of(origin);
     let cfg = service::config();
-    let choice = match policy::decide(svc, pkt.src, origin, &cfg) {
+    let net = A::net(&cfg);
+    let choice = match policy::decide(svc, pkt.src, origin, &cfg, &net) {
         Ok(c) => c,
         Err(reason) => return Verdict::Drop(reason),
     };
-    let dsr = dsr && choice.masquerade && policy::dsr(svc, pkt.src, pkt.proto, origin, &cfg);
+    let dsr = dsr && choice.masquerade && policy::dsr(svc, pkt.src, pkt.proto, origin, &cfg, &net);
     if dsr && P::XDP {
         // Untouched, before any choice is made: tc balances it, and puts
         // it in Geneve when its backend is on another node.
@@ -473,7 +617,7 @@ fn new_flow<P: Packet>(
         return Verdict::Dsr(dsr::Request::First {
             svc_id: svc.svc_id,
             backend_id: sel.backend_id,
-            backend: sel.backend.to_bits(),
+            backend: A::backend_bits(&sel.backend),
             counted: sel.counted,
         });
     }
@@ -484,17 +628,22 @@ fn new_flow<P: Packet>(
     // (hairpin) is masqueraded, or its own reply would never leave it.
     let masquerade = (choice.masquerade && !(dsr && local))
         || (origin == Origin::Network && sel.backend.addr == pkt.src);
-    let snat_addr = if masquerade && cfg.snat_addr != 0 {
-        forward::masquerade_source(ctx, pkt, sel.backend.addr).unwrap_or(cfg.snat_addr)
+    let snat_addr = if masquerade && net.snat_addr() != A::ZERO {
+        forward::masquerade_source(ctx, pkt, sel.backend.addr).unwrap_or(net.snat_addr())
     } else {
-        0
+        A::ZERO
     };
     // The node's own packet may already carry that address.
-    let snat_addr = if snat_addr == pkt.src { 0 } else { snat_addr };
+    let snat_addr = if snat_addr == pkt.src {
+        A::ZERO
+    } else {
+        snat_addr
+    };
+    let (port_min, port_max) = cfg.snat_ports();
     let snat = Snat {
         addr: snat_addr,
-        port_min: cfg.snat_port_min,
-        port_max: cfg.snat_port_max,
+        port_min,
+        port_max,
         extra_flags: if origin == Origin::Node {
             CT_F_FROM_NODE
         } else {
@@ -503,7 +652,7 @@ fn new_flow<P: Packet>(
         counted: sel.counted,
         start: snat_start(svc, key, snat_addr),
     };
-    let rewrite = match conntrack::create(
+    let created = match conntrack::create(
         key,
         svc.svc_id,
         sel.backend_id,
@@ -515,14 +664,15 @@ fn new_flow<P: Packet>(
         Err(reason) => return Verdict::Drop(reason),
     };
     if recovered {
-        if let Err(reason) = conntrack::recover(key, &rewrite) {
+        if let Err(reason) = conntrack::recover(&created.to) {
             return Verdict::Drop(reason);
         }
         stats::event(Event::FlowRecovered, 1);
     }
-    let to = rewrite.translate(key);
-    let route = ctx.reachable(forward::route(ctx, pkt, &to, hook));
-    if nat::apply(ctx, pkt, &to, route.ttl_dec(hook), &route).is_err() {
+    let mut local = MaybeUninit::uninit();
+    let to = &*A::keep(&mut local, created.to);
+    let route = ctx.reachable(forward::route(ctx, pkt, to, hook));
+    if nat::apply(ctx, pkt, to, route.ttl_dec(hook), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
     }
     stats::service(svc.svc_id, ctx.len(), true, false, P::XDP);
@@ -537,11 +687,11 @@ fn new_flow<P: Packet>(
 /// helper call): a hash of the client's tuple under a hashing scheduler,
 /// so a recovered flow gets its port back; random otherwise.
 #[inline(always)]
-fn snat_start(svc: &proxy_common::ServiceValue, key: &CtKey, snat_addr: u32) -> u32 {
-    if snat_addr == 0 {
+fn snat_start<A: Family>(svc: &proxy_common::ServiceValue, key: &CtKey<A>, snat_addr: A) -> u32 {
+    if snat_addr == A::ZERO {
         0
     } else if hashing(scheduler(svc.flags)) {
-        flow_hash(!svc.affinity_id, key.src_addr, key.src_port)
+        flow_hash(!svc.affinity_id, key.src_addr.word(), key.src_port)
     } else {
         // SAFETY: helper without arguments.
         unsafe { bpf_get_prandom_u32() }

@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     capacity, AffinityKey, AffinityValue, Counter, CtKey, CtValue, DatapathConfig, DropReason,
-    Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot, SlotKey, SockPeerKey,
-    SockValue, SrcRange,
+    Event, In6, Net6, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot, SlotKey,
+    SockPeerKey, SockValue, SrcRange,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -125,7 +125,69 @@ pub static SOCKS_UDP: LruHashMap<u64, SockValue> =
 pub static SOCK_PEERS: LruHashMap<SockPeerKey, SockValue> =
     LruHashMap::with_max_entries(capacity::SOCK_PEERS, 0);
 
-/// Programs tc ingress tail-calls: direct server return's
-/// (`proxy_common::PROG_DSR`), filled by the agent at load.
+/// Programs tc ingress and egress tail-call: direct server return's
+/// (`proxy_common::PROG_DSR`), IPv6's (`PROG_INGRESS6`, `PROG_EGRESS6`),
+/// filled by the agent at load.
 #[map(name = "KPX_PROGS")]
-pub static PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+pub static PROGS: ProgramArray = ProgramArray::with_max_entries(proxy_common::PROGS, 0);
+
+// IPv6: the maps above that hold addresses, with IPv6 ones (same layouts,
+// `In6` addresses; same capacities, which the agent shrinks when the node
+// serves no IPv6). The rest (port filter, statistics, names, round robin,
+// connection counts, settings' flags) serve both families: service and
+// backend ids are one space.
+
+#[map(name = "KPX_SERVICES6")]
+pub static SERVICES6: HashMap<ServiceKey<In6>, ServiceValue> =
+    HashMap::with_max_entries(capacity::SERVICES, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPX_SVC_ADDRS6")]
+pub static SERVICE_ADDRS6: HashMap<In6, u32> =
+    HashMap::with_max_entries(capacity::SERVICE_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPX_SLOTS6")]
+pub static SLOTS6: HashMap<SlotKey, Slot<In6>> =
+    HashMap::with_max_entries(capacity::SLOTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPX_CT6_TCP")]
+pub static CT6_TCP: HashMap<CtKey<In6>, CtValue<In6>> =
+    HashMap::with_max_entries(capacity::CT_TCP, 0);
+
+#[map(name = "KPX_CT6_ANY")]
+pub static CT6_ANY: LruHashMap<CtKey<In6>, CtValue<In6>> =
+    LruHashMap::with_max_entries(capacity::CT_ANY, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "KPX_AFFINITY6")]
+pub static AFFINITY6: LruHashMap<AffinityKey<In6>, AffinityValue> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+
+#[map(name = "KPX_NODE_ADDRS6")]
+pub static NODE_ADDRS6: HashMap<In6, u32> =
+    HashMap::with_max_entries(capacity::NODE_ADDRS, BPF_F_NO_PREALLOC);
+
+#[map(name = "KPX_SRC_RANGES6")]
+pub static SRC_RANGES6: LpmTrie<SrcRange<In6>, u32> =
+    LpmTrie::with_max_entries(capacity::SRC_RANGES, BPF_F_NO_PREALLOC);
+
+/// IPv6's cluster CIDR and masquerade address: one element.
+#[map(name = "KPX_CONFIG6")]
+pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);
+
+/// IPv6's path's state (`main::scratch6`), one per CPU. `repr(C)`: pinned,
+/// and shared by the programs of every agent's build in `PROGS`.
+#[repr(C)]
+pub struct Scratch6 {
+    pub pkt: crate::parse::IpPacket<In6>,
+    pub key: CtKey<In6>,
+    /// Its translation.
+    pub to: CtKey<In6>,
+    /// A first packet's frontend, handed to `kpx_tc_new6`, and whether it
+    /// takes up a flow whose entries were lost.
+    pub svc: ServiceValue,
+    pub recovered: bool,
+    /// What a REJECT quotes of the packet (`icmp::reject6`).
+    pub quote: [u32; crate::icmp::QUOTE6_MAX / 4],
+}
+
+#[map(name = "KPX_SCRATCH6")]
+pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);

@@ -11,17 +11,21 @@
 //!   RFC 1624, the TTL decrement folded in), and the ports; otherwise one
 //!   store per part.
 //!
+//! IPv6 ([`apply6`]) has no header checksum: its hop limit and addresses
+//! are stored in one block, the ports in another.
+//!
 //! At tc, writes go through helpers, not direct packet access (see
 //! [`crate::parse`]); at XDP the same steps are plain loads and stores
 //! into the frame ([`crate::packet`]).
 
-use proxy_common::{CtKey, IPPROTO_UDP};
+use proxy_common::{CtKey, In6, IPPROTO_UDP};
 
 use crate::{
     csum::Sum,
+    family::Family,
     forward::{Route, Via},
     packet::Packet,
-    parse::{ip, Ipv4Packet, ETH_P_IP},
+    parse::{ip, ip6, IpPacket, Ipv4Packet, ETH_P_IP},
 };
 
 pub struct RewriteFailed;
@@ -61,11 +65,23 @@ pub struct Frame {
 pub const FRAME_LEN: usize = core::mem::size_of::<Frame>() - 2;
 
 /// Rewrites the packet `pkt` describes to carry the tuple `to`, its TTL
-/// lowered by `ttl_dec` (1 when the packet is forwarded here, else 0), and,
-/// when `route` has them (a resolved next hop it is redirected to), the
-/// next hop's Ethernet addresses.
+/// (hop limit) lowered by `ttl_dec` (1 when the packet is forwarded here,
+/// else 0), and, when `route` has them (a resolved next hop it is
+/// redirected to), the next hop's Ethernet addresses.
 #[inline(always)]
-pub fn apply<P: Packet>(
+pub fn apply<P: Packet, A: Family>(
+    ctx: &P,
+    pkt: &IpPacket<A>,
+    to: &CtKey<A>,
+    ttl_dec: u8,
+    route: &Route,
+) -> Result<(), RewriteFailed> {
+    A::rewrite(ctx, pkt, to, ttl_dec, route)
+}
+
+/// [`apply`] for IPv4.
+#[inline(always)]
+pub fn apply4<P: Packet>(
     ctx: &P,
     pkt: &Ipv4Packet,
     to: &CtKey,
@@ -185,4 +201,64 @@ fn ports(src: u16, dst: u16) -> u32 {
 #[inline(always)]
 fn ttl_proto(ttl: u8, proto: u8) -> u32 {
     u16::from_ne_bytes([ttl, proto]) as u32
+}
+
+/// IPv6's hop limit and addresses, as they lie in its header (from byte 7).
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct HopAddrs {
+    hop_limit: u8,
+    saddr: In6,
+    daddr: In6,
+}
+
+/// [`apply`] for IPv6: the TCP/UDP checksum as IPv4's (its pseudo-header
+/// holds the addresses), then the next hop's MACs, the hop limit and
+/// addresses, the ports: at most two checksum updates and three stores.
+#[inline(always)]
+pub fn apply6<P: Packet>(
+    ctx: &P,
+    pkt: &IpPacket<In6>,
+    to: &CtKey<In6>,
+    ttl_dec: u8,
+    route: &Route,
+) -> Result<(), RewriteFailed> {
+    let addrs_changed = to.src_addr != pkt.src || to.dst_addr != pkt.dst;
+    let ports_changed = to.src_port != pkt.sport || to.dst_port != pkt.dport;
+    let macs = route.via == Via::Mac;
+    if !addrs_changed && !ports_changed && ttl_dec == 0 && !macs {
+        return Ok(());
+    }
+    let udp = pkt.proto == IPPROTO_UDP;
+    if addrs_changed {
+        let sum = In6::sum_replace(Sum::zero(), pkt.src, to.src_addr);
+        let sum = In6::sum_replace(sum, pkt.dst, to.dst_addr);
+        ctx.l4_csum_add(pkt.l4_csum_off(), sum.diff(), true, udp)
+            .map_err(|_| RewriteFailed)?;
+    }
+    if ports_changed {
+        let old = ports(pkt.sport, pkt.dport);
+        let new = ports(to.src_port, to.dst_port);
+        let diff = Sum::zero().replace(old, new).diff();
+        ctx.l4_csum_add(pkt.l4_csum_off(), diff, false, udp)
+            .map_err(|_| RewriteFailed)?;
+    }
+    if macs {
+        ctx.store(0, &halves(route.macs))
+            .map_err(|_| RewriteFailed)?;
+    }
+    if addrs_changed || ttl_dec != 0 {
+        let block = HopAddrs {
+            hop_limit: pkt.ttl.wrapping_sub(ttl_dec),
+            saddr: to.src_addr,
+            daddr: to.dst_addr,
+        };
+        ctx.store(pkt.l3_off + ip6::HOP_LIMIT, &block)
+            .map_err(|_| RewriteFailed)?;
+    }
+    if ports_changed {
+        ctx.store(pkt.l4_off, &[to.src_port, to.dst_port])
+            .map_err(|_| RewriteFailed)?;
+    }
+    Ok(())
 }

@@ -20,7 +20,8 @@ use crate::{
     csum::Sum,
     forward::{self, Hook, Route, Via},
     nat::{Frame, FRAME_LEN},
-    parse::{ip, Ipv4Packet, ETH_HLEN},
+    family::Family,
+    parse::{ip, IpPacket, ETH_HLEN},
 };
 
 /// A packet and the operations on it that differ between hooks.
@@ -49,7 +50,7 @@ pub trait Packet {
     fn l4_csum_add(&self, off: usize, diff: u32, pseudo: bool, udp: bool) -> Result<(), ()>;
     /// Answers `pkt` with the reference's REJECT, if this hook can:
     /// `None` leaves the packet to tc.
-    fn reject(&self, pkt: &Ipv4Packet, hook: Hook) -> Option<Result<i32, ()>>;
+    fn reject<A: Family>(&self, pkt: &IpPacket<A>, hook: Hook) -> Option<Result<i32, ()>>;
     /// The part of `route` this hook can take itself; the rest becomes
     /// [`Route::STACK`] (decided before the rewrite, which writes the next
     /// hop's MACs only for a route taken here).
@@ -126,8 +127,8 @@ impl Packet for TcContext {
     }
 
     #[inline(always)]
-    fn reject(&self, pkt: &Ipv4Packet, hook: Hook) -> Option<Result<i32, ()>> {
-        Some(crate::icmp::reject(self, pkt, hook))
+    fn reject<A: Family>(&self, pkt: &IpPacket<A>, hook: Hook) -> Option<Result<i32, ()>> {
+        Some(A::reject(self, pkt, hook))
     }
 
     #[inline(always)]
@@ -218,7 +219,7 @@ impl Packet for XdpContext {
     }
 
     #[inline(always)]
-    fn reject(&self, _pkt: &Ipv4Packet, _hook: Hook) -> Option<Result<i32, ()>> {
+    fn reject<A: Family>(&self, _pkt: &IpPacket<A>, _hook: Hook) -> Option<Result<i32, ()>> {
         // Building an ICMP error needs room XDP would have to make by hand;
         // tc ingress answers it, the packet untouched here.
         None

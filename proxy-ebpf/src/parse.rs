@@ -1,15 +1,17 @@
-//! Parse: Ethernet → IPv4 → TCP/UDP ports, with every offset computed here once.
+//! Parse: Ethernet → IPv4 or IPv6 (its extension headers skipped) → TCP/UDP
+//! ports, with every offset computed here once.
 //!
 //! Headers are read with direct packet access, every read bounds-checked
 //! against the linear data (`ptr_at`), so a truncated packet is malformed,
 //! never an out-of-bounds read.
 
-use proxy_common::{CtKey, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use proxy_common::{CtKey, In6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::packet::Packet;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 
 /// IPv4 header fields kpx reads, at fixed offsets from the IP header.
 pub mod ip {
@@ -51,29 +53,67 @@ pub struct Ipv4Hdr {
 pub const IP_MF: u16 = 0x2000;
 pub const IP_OFFSET: u16 = 0x1fff;
 
-/// A parsed IPv4 packet whose addresses and ports the datapath may rewrite.
-pub struct Ipv4Packet {
+/// IPv6 header fields kpx reads and writes, from the IP header.
+pub mod ip6 {
+    pub const HLEN: usize = 40;
+    pub const HOP_LIMIT: usize = 7;
+    /// Extension headers skipped on the way to the transport header.
+    pub const HOP_BY_HOP: u8 = 0;
+    pub const ROUTING: u8 = 43;
+    pub const FRAGMENT: u8 = 44;
+    pub const DEST_OPTS: u8 = 60;
+    /// At most this many extension headers are skipped; a longer chain is
+    /// malformed as far as kpx is concerned (passed, or dropped towards a
+    /// service address).
+    pub const MAX_EXT: usize = 4;
+}
+
+/// The fixed IPv6 header, fields raw (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class, flow label.
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub saddr: In6,
+    pub daddr: In6,
+}
+
+/// A parsed IPv4 packet.
+pub type Ipv4Packet = IpPacket<u32>;
+
+/// A parsed IP packet whose addresses and ports the datapath may rewrite:
+/// IPv4 (`A` = `u32`) or IPv6 (`In6`). `repr(C)`: IPv6's lies in a pinned
+/// map (`KPX_SCRATCH6`), shared by programs of different builds.
+#[repr(C)]
+pub struct IpPacket<A> {
     pub l3_off: usize,
     pub l4_off: usize,
     /// End of the IP datagram (`l3_off + tot_len`); padding may follow.
     pub end: usize,
     /// Addresses and ports raw, in network byte order.
-    pub src: u32,
-    pub dst: u32,
+    pub src: A,
+    pub dst: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     /// TCP flags byte; 0 for UDP.
     pub tcp_flags: u8,
+    /// TTL, or IPv6's hop limit.
     pub ttl: u8,
     pub tos: u8,
-    /// The IPv4 header checksum as it was read.
+    /// The IPv4 header checksum as it was read (0 for IPv6).
     pub ip_check: u16,
+    /// IPv6's traffic class and flow label as they lie in the header's
+    /// first word (0 for IPv4).
+    pub flowinfo: u32,
 }
 
-impl Ipv4Packet {
+impl<A: Copy> IpPacket<A> {
     #[inline(always)]
-    pub fn tuple(&self) -> CtKey {
+    pub fn tuple(&self) -> CtKey<A> {
         CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
@@ -84,7 +124,8 @@ impl Ipv4Packet {
         self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
     }
 
-    /// The IP datagram's length (`tot_len`).
+    /// The IP datagram's length (IPv4's `tot_len`; IPv6's header, its
+    /// extension headers and payload).
     #[inline(always)]
     pub fn ip_len(&self) -> u16 {
         (self.end - self.l3_off) as u16
@@ -101,17 +142,22 @@ impl Ipv4Packet {
     }
 }
 
-pub enum Parsed {
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): not ours.
+pub enum Parsed<A = u32> {
+    /// Not of the family parsed (ARP, the other family, VLAN-tagged, ...):
+    /// not ours; for IPv6 also ESP and other headers kpx does not see
+    /// past.
     NotHandled,
-    /// IPv4, but lengths or header fields are inconsistent or truncated.
-    /// `dst` is the destination when it could be read, else 0.
-    Malformed { dst: u32 },
+    /// The other family's packet (IPv6 where IPv4 was parsed): for its own
+    /// program.
+    OtherFamily,
+    /// Lengths or header fields are inconsistent or truncated. `dst` is the
+    /// destination when it could be read, else zero.
+    Malformed { dst: A },
     /// A fragment: only the first carries ports, so none can be translated alone.
-    Fragment { dst: u32 },
-    /// A well-formed, unfragmented IPv4 packet. `sport`/`dport` are 0 unless
+    Fragment { dst: A },
+    /// A well-formed, unfragmented packet. `sport`/`dport` are 0 unless
     /// the protocol is TCP or UDP.
-    Packet(Ipv4Packet),
+    Packet(IpPacket<A>),
 }
 
 /// A bounds-checked pointer to a `T` at `off` of the linear data.
@@ -204,8 +250,13 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
         Err(Short::End) => return Ok(Parsed::NotHandled),
         Err(e) => return Err(e),
     };
-    if u16::from_be(eth_proto) != ETH_P_IP {
-        return Ok(Parsed::NotHandled);
+    let eth_proto = u16::from_be(eth_proto);
+    if eth_proto != ETH_P_IP {
+        return Ok(if eth_proto == ETH_P_IPV6 {
+            Parsed::OtherFamily
+        } else {
+            Parsed::NotHandled
+        });
     }
     let l3_off = ETH_HLEN;
     let iph = match b.get::<Ipv4Hdr>(l3_off) {
@@ -236,7 +287,7 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
     }
     let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl;
-    let mut pkt = Ipv4Packet {
+    let pkt = Ipv4Packet {
         l3_off,
         l4_off,
         end: l3_off + tot_len,
@@ -249,21 +300,52 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
         ttl,
         tos,
         ip_check,
+        flowinfo: 0,
     };
-    match proto {
+    let mut pkt = pkt;
+    Ok(match transport(b, &mut pkt, l4_len)? {
+        Kind::Packet => Parsed::Packet(pkt),
+        _ => Parsed::Malformed { dst },
+    })
+}
+
+/// What a parse found, its packet written in place ([`parse_ipv6`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// As [`Parsed::NotHandled`] (IPv4 included).
+    NotHandled,
+    /// As [`Parsed::Malformed`]: the destination is the packet's `dst`
+    /// when it could be read, else zero.
+    Malformed,
+    /// As [`Parsed::Fragment`], the destination in `dst`.
+    Fragment,
+    /// As [`Parsed::Packet`].
+    Packet,
+}
+
+/// The TCP or UDP header of `pkt` (`l4_len` bytes of transport header and
+/// payload): its ports and flags, checked, written into `pkt`.
+#[inline(always)]
+fn transport<B: Bytes, A: Copy>(
+    b: &B,
+    pkt: &mut IpPacket<A>,
+    l4_len: usize,
+) -> Result<Kind, Short> {
+    let l4_off = pkt.l4_off;
+    match pkt.proto {
         IPPROTO_TCP => {
             if l4_len < l4::TCP_MIN_LEN {
-                return Ok(Parsed::Malformed { dst });
+                return Ok(Kind::Malformed);
             }
             // sport, dport, seq, ack, data offset, flags.
             let th = match b.get::<[u8; 14]>(l4_off) {
                 Ok(th) => th,
-                Err(Short::End) => return Ok(Parsed::Malformed { dst }),
+                Err(Short::End) => return Ok(Kind::Malformed),
                 Err(e) => return Err(e),
             };
             let doff = ((th[12] >> 4) as usize) * 4;
             if doff < l4::TCP_MIN_LEN || doff > l4_len {
-                return Ok(Parsed::Malformed { dst });
+                return Ok(Kind::Malformed);
             }
             pkt.sport = u16::from_ne_bytes([th[0], th[1]]);
             pkt.dport = u16::from_ne_bytes([th[2], th[3]]);
@@ -271,22 +353,121 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
         }
         IPPROTO_UDP => {
             if l4_len < l4::UDP_LEN {
-                return Ok(Parsed::Malformed { dst });
+                return Ok(Kind::Malformed);
             }
             // sport, dport, length, checksum.
             let uh = match b.get::<[u16; 4]>(l4_off) {
                 Ok(uh) => uh,
-                Err(Short::End) => return Ok(Parsed::Malformed { dst }),
+                Err(Short::End) => return Ok(Kind::Malformed),
                 Err(e) => return Err(e),
             };
             let ulen = u16::from_be(uh[2]) as usize;
             if ulen < l4::UDP_LEN || ulen > l4_len {
-                return Ok(Parsed::Malformed { dst });
+                return Ok(Kind::Malformed);
             }
             pkt.sport = uh[0];
             pkt.dport = uh[1];
         }
         _ => {}
     }
-    Ok(Parsed::Packet(pkt))
+    Ok(Kind::Packet)
+}
+
+/// As [`parse_ipv4`], for IPv6, the packet written into `out` as it is
+/// parsed (IPv6's addresses held in registers through the parse were
+/// spilled, and the path's stack is short): the extension headers
+/// (hop-by-hop, routing, destination options, fragment) skipped to the
+/// transport header, at most [`ip6::MAX_EXT`] of them. A fragment (offset
+/// or more-fragments set) is a [`Kind::Fragment`]; an atomic fragment
+/// (neither) an ordinary packet (RFC 6946). A routing header with segments
+/// left names another final destination than the one in the header:
+/// malformed for kpx, which would otherwise translate by an address the
+/// packet is not for.
+#[inline(always)]
+pub fn parse_ipv6<P: Packet>(ctx: &P, out: &mut IpPacket<In6>) -> Kind {
+    match parse6_from(&Direct(ctx), ctx.len() as usize, out) {
+        Err(Short::NonLinear) => parse6_from(&Copied(ctx), ctx.len() as usize, out)
+            .unwrap_or(Kind::NotHandled),
+        Ok(k) => k,
+        Err(Short::End) => Kind::NotHandled,
+    }
+}
+
+#[inline(always)]
+fn parse6_from<B: Bytes>(b: &B, len: usize, out: &mut IpPacket<In6>) -> Result<Kind, Short> {
+    out.dst = [0; 4];
+    let eth_proto = match b.get::<u16>(12) {
+        Ok(p) => p,
+        Err(Short::End) => return Ok(Kind::NotHandled),
+        Err(e) => return Err(e),
+    };
+    if u16::from_be(eth_proto) != ETH_P_IPV6 {
+        return Ok(Kind::NotHandled);
+    }
+    let l3_off = ETH_HLEN;
+    let h = match b.get::<Ipv6Hdr>(l3_off) {
+        Ok(h) => h,
+        Err(Short::End) => return Ok(Kind::Malformed),
+        Err(e) => return Err(e),
+    };
+    out.dst = h.daddr;
+    let end = l3_off + ip6::HLEN + u16::from_be(h.payload_len) as usize;
+    // (A jumbogram's payload length is 0: its TCP or UDP header is then
+    // short, malformed here.)
+    if u32::from_be(h.vtc_flow) >> 28 != 6 || end > len {
+        return Ok(Kind::Malformed);
+    }
+    out.src = h.saddr;
+    out.l3_off = l3_off;
+    out.end = end;
+    out.ttl = h.hop_limit;
+    out.tos = (u32::from_be(h.vtc_flow) >> 20) as u8;
+    out.ip_check = 0;
+    out.flowinfo = h.vtc_flow & 0x0fff_ffffu32.to_be();
+    out.sport = 0;
+    out.dport = 0;
+    out.tcp_flags = 0;
+    let mut next = h.next_hdr;
+    let mut off = l3_off + ip6::HLEN;
+    for _ in 0..ip6::MAX_EXT {
+        match next {
+            ip6::HOP_BY_HOP | ip6::ROUTING | ip6::DEST_OPTS | ip6::FRAGMENT => {}
+            _ => break,
+        }
+        // Next header, length, then 6 bytes: a routing header's type and
+        // segments left; a fragment header's offset and flags.
+        let ext = match b.get::<[u8; 8]>(off) {
+            Ok(e) => e,
+            Err(Short::End) => return Ok(Kind::Malformed),
+            Err(e) => return Err(e),
+        };
+        let ext_len = if next == ip6::FRAGMENT {
+            let frag = u16::from_be_bytes([ext[2], ext[3]]);
+            // Offset (13 bits) or M: a real fragment.
+            if frag & 0xfff9 != 0 {
+                return Ok(Kind::Fragment);
+            }
+            8
+        } else {
+            if next == ip6::ROUTING && ext[3] != 0 {
+                return Ok(Kind::Malformed);
+            }
+            (ext[1] as usize + 1) * 8
+        };
+        next = ext[0];
+        off += ext_len;
+        if off > end {
+            return Ok(Kind::Malformed);
+        }
+    }
+    if matches!(
+        next,
+        ip6::HOP_BY_HOP | ip6::ROUTING | ip6::DEST_OPTS | ip6::FRAGMENT
+    ) {
+        // A chain longer than kpx follows.
+        return Ok(Kind::Malformed);
+    }
+    out.proto = next;
+    out.l4_off = off;
+    transport(b, out, end - off)
 }

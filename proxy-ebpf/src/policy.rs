@@ -5,11 +5,14 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    DatapathConfig, DropReason, ServiceValue, SrcRange, CFG_F_DSR_TCP, CFG_F_DSR_UDP,
+    DropReason, ServiceValue, SrcRange, CFG_F_DSR_TCP, CFG_F_DSR_UDP,
     CFG_F_MASQUERADE_ALL, IPPROTO_TCP, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
-use crate::maps::SRC_RANGES;
+use crate::{
+    family::{Family, NetRef},
+    service::Config,
+};
 
 /// Where a new flow was seen.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -31,22 +34,23 @@ pub struct Choice {
 /// The reference's verdict for a new flow from `src` to the frontend `svc`
 /// (which has endpoints: the REJECT case is decided before).
 #[inline(always)]
-pub fn decide(
+pub fn decide<A: Family>(
     svc: &ServiceValue,
-    src: u32,
+    src: A,
     origin: Origin,
-    cfg: &DatapathConfig,
+    cfg: &Config,
+    net: &NetRef<A>,
 ) -> Result<Choice, DropReason> {
     // The cluster CIDR is the reference's local-traffic detector; unknown,
     // no source counts as a pod and none as off-cluster.
-    let known = cfg.cluster_mask != 0;
-    let from_pod = known && src & cfg.cluster_mask == cfg.cluster_cidr;
+    let known = net.known();
+    let from_pod = net.from_pod(src);
     let policy_local = svc.flags & SVC_F_LOCAL != 0;
     let choice = if svc.flags & SVC_F_EXTERNAL == 0 {
         // A cluster IP: masquerade off-cluster sources, or all.
         Choice {
             local: policy_local,
-            masquerade: cfg.flags & CFG_F_MASQUERADE_ALL != 0 || (known && !from_pod),
+            masquerade: cfg.flags() & CFG_F_MASQUERADE_ALL != 0 || (known && !from_pod),
         }
     } else {
         if svc.flags & SVC_F_SOURCE_RANGES != 0 && !in_source_ranges(svc.svc_id, src) {
@@ -95,28 +99,35 @@ pub fn decide(
 /// reference masquerades so that replies come back through this node. With
 /// DSR they need not: the flow keeps the client's address. No lookup.
 #[inline(always)]
-pub fn dsr(svc: &ServiceValue, src: u32, proto: u8, origin: Origin, cfg: &DatapathConfig) -> bool {
+pub fn dsr<A: Family>(
+    svc: &ServiceValue,
+    src: A,
+    proto: u8,
+    origin: Origin,
+    cfg: &Config,
+    net: &NetRef<A>,
+) -> bool {
     let wanted = if proto == IPPROTO_TCP {
         CFG_F_DSR_TCP
     } else {
         CFG_F_DSR_UDP
     };
-    let from_pod = cfg.cluster_mask != 0 && src & cfg.cluster_mask == cfg.cluster_cidr;
-    cfg.flags & wanted != 0
+    A::DSR
+        && cfg.flags() & wanted != 0
         && origin == Origin::Network
         && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL
-        && !from_pod
+        && !net.from_pod(src)
 }
 
 /// One LPM lookup: is `src` in one of the frontend's source ranges?
 #[inline(always)]
-fn in_source_ranges(svc_id: u32, src: u32) -> bool {
+fn in_source_ranges<A: Family>(svc_id: u32, src: A) -> bool {
     let key = Key::new(
-        64,
+        32 + A::BITS,
         SrcRange {
             svc_id_be: svc_id.to_be(),
             addr: src,
         },
     );
-    SRC_RANGES.get(&key).is_some()
+    A::src_ranges().get(&key).is_some()
 }

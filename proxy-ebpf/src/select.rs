@@ -28,16 +28,11 @@ use proxy_common::{
     SVC_F_HASH_PORT,
 };
 
-use crate::{
-    conns,
-    conntrack::now,
-    maps::{AFFINITY, RR, SLOTS},
-    stats,
-};
+use crate::{conns, conntrack::now, family::Family, maps::RR, stats};
 
-pub struct Selected {
+pub struct Selected<A = u32> {
     pub backend_id: u32,
-    pub backend: Backend,
+    pub backend: Backend<A>,
     /// The flow counts in the backend's active connections once
     /// established (a least-connection service: `CT_F_COUNTED`). Decided
     /// here, where the scheduler is read anyway: carried from the service
@@ -84,25 +79,21 @@ impl Table {
 /// `flow.src_addr`; a socket's network namespace for the socket-level
 /// load balancer, whose client has no address yet at `connect()`.
 #[inline(always)]
-pub fn backend(
+pub fn backend<A: Family>(
     svc: &ServiceValue,
     t: Table,
-    flow: &CtKey,
+    flow: &CtKey<A>,
     netns_cookie: u64,
-) -> Result<Selected, DropReason> {
+) -> Result<Selected<A>, DropReason> {
     if t.count == 0 {
         return Err(DropReason::NoBackend);
     }
     if svc.affinity_timeout == 0 {
         return pick(svc, t, flow);
     }
-    let key = AffinityKey {
-        affinity_id: svc.affinity_id,
-        client_addr: flow.src_addr,
-        netns_cookie,
-    };
+    let key = AffinityKey::new(svc.affinity_id, flow.src_addr, netns_cookie);
     let now = now();
-    if let Some(a) = AFFINITY.get_ptr_mut(key) {
+    if let Some(a) = A::affinity().get_ptr_mut(key) {
         // SAFETY: LRU element valid for this RCU read section; a racing
         // update of the same client is benign (both pick a live backend).
         let a = unsafe { &mut *a };
@@ -113,7 +104,7 @@ pub fn backend(
             // A record from the other table (the client came in through
             // another policy) is replaced, as the reference's per-chain
             // `recent` check would miss it.
-            if let Ok(s) = slot(svc.svc_id, a.slot) {
+            if let Ok(s) = slot::<A>(svc.svc_id, a.slot) {
                 if s.backend_id == a.backend_id {
                     a.last_used_ns = now;
                     stats::event(Event::AffinityHit, 1);
@@ -135,14 +126,14 @@ pub fn backend(
     };
     // An LRU insert only fails on allocation failure; the flow still works,
     // it just starts no affinity.
-    let _ = AFFINITY.insert(key, value, BPF_ANY as u64);
+    let _ = A::affinity().insert(key, value, BPF_ANY as u64);
     stats::event(Event::AffinityNew, 1);
     Ok(sel)
 }
 
 /// The backend at the scheduler's position in `t`.
 #[inline(always)]
-fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReason> {
+fn pick<A: Family>(svc: &ServiceValue, t: Table, flow: &CtKey<A>) -> Result<Selected<A>, DropReason> {
     let counted = least_conns(scheduler(svc.flags));
     let (n, s) = if counted {
         fewer_conns(svc.svc_id, t)?
@@ -163,7 +154,7 @@ fn pick(svc: &ServiceValue, t: Table, flow: &CtKey) -> Result<Selected, DropReas
 /// (the first on a tie). Lookups: 2 `SLOTS`, 2 `CONNS` (1 each with a
 /// single backend). Returns the slot number and its content.
 #[inline(always)]
-fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, Slot), DropReason> {
+fn fewer_conns<A: Family>(svc_id: u32, t: Table) -> Result<(u32, Slot<A>), DropReason> {
     let r = random();
     let a = t.base + r % t.count;
     let slot_a = slot(svc_id, a)?;
@@ -184,7 +175,7 @@ fn fewer_conns(svc_id: u32, t: Table) -> Result<(u32, Slot), DropReason> {
 
 /// The scheduler's choice, before the modulo of the table's size.
 #[inline(always)]
-fn position(svc: &ServiceValue, flow: &CtKey) -> u32 {
+fn position<A: Family>(svc: &ServiceValue, flow: &CtKey<A>) -> u32 {
     let port = |p: u16| {
         if svc.flags & SVC_F_HASH_PORT != 0 {
             p
@@ -194,8 +185,8 @@ fn position(svc: &ServiceValue, flow: &CtKey) -> u32 {
     };
     match scheduler(svc.flags) {
         SCHED_RR => round_robin(svc.svc_id),
-        SCHED_SH | SCHED_MH => flow_hash(svc.affinity_id, flow.src_addr, port(flow.src_port)),
-        SCHED_DH => flow_hash(svc.affinity_id, flow.dst_addr, port(flow.dst_port)),
+        SCHED_SH | SCHED_MH => flow_hash(svc.affinity_id, flow.src_addr.word(), port(flow.src_port)),
+        SCHED_DH => flow_hash(svc.affinity_id, flow.dst_addr.word(), port(flow.dst_port)),
         _ => random(),
     }
 }
@@ -225,8 +216,8 @@ fn round_robin(svc_id: u32) -> u32 {
 
 /// The backend (and its id) in slot `slot` of `svc_id`.
 #[inline(always)]
-pub fn slot(svc_id: u32, slot: u32) -> Result<Slot, DropReason> {
-    let p = SLOTS
+pub fn slot<A: Family>(svc_id: u32, slot: u32) -> Result<Slot<A>, DropReason> {
+    let p = A::slots()
         .get_ptr(SlotKey { svc_id, slot })
         .ok_or(DropReason::BackendMissing)?;
     // SAFETY: valid map value pointer, copied out immediately.

@@ -8,11 +8,13 @@
 //! can be of a tracked flow at all ([`Ports::may_be_tracked`]).
 
 use proxy_common::{
-    port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODEPORT_ADDR, NODE_F_LOCAL,
-    NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
+    port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODE_F_LOCAL, NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
 };
 
-use crate::maps::{CONFIG, NODE_ADDRS, PORTS, SERVICES, SERVICE_ADDRS};
+use crate::{
+    family::Family,
+    maps::{CONFIG, PORTS},
+};
 
 /// `PORT_F_*` bits of port `port` (network order).
 #[inline(always)]
@@ -52,18 +54,20 @@ impl Ports {
 }
 
 #[inline(always)]
-fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+fn get<A: Family>(addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
     let key = ServiceKey {
         addr,
         port,
         proto,
         _pad: 0,
     };
-    // Copied out at once: the agent may replace the entry concurrently.
-    SERVICES.get_ptr(key).map(|v| {
-        // SAFETY: a valid map value pointer; NO_PREALLOC keeps it alive for
-        // this RCU read section.
-        unsafe { *v }
+    // Read in place, not copied: the agent replaces an entry (a new
+    // element; NO_PREALLOC frees the old one only after this RCU read
+    // section), it never writes one in place, so this one stays as it was.
+    A::services().get_ptr(key).map(|v| {
+        // SAFETY: a valid map value pointer, alive and unchanged for this
+        // RCU read section (above).
+        unsafe { &*v }
     })
 }
 
@@ -72,7 +76,7 @@ fn get(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
 /// frontend uses; for a NodePort's port, 1 more (`NODE_ADDRS`), and 1 more
 /// (the NodePort frontend) when `addr` serves NodePorts.
 #[inline(always)]
-pub fn lookup(ports: Ports, addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+pub fn lookup<A: Family>(ports: Ports, addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
     find(ports.dst, addr, port, proto, || {
         node_flags(addr) & NODE_F_NODEPORT != 0
     })
@@ -83,13 +87,13 @@ pub fn lookup(ports: Ports, addr: u32, port: u16, proto: u8) -> Option<ServiceVa
 /// LoadBalancer IP's own, else the NodePort frontend of `port` (`addr` was
 /// the other node's). Lookups: the port filter, then 1 or 2.
 #[inline(always)]
-pub fn lookup_carried(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+pub fn lookup_carried<A: Family>(addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
     find(dst_kinds(port), addr, port, proto, || true)
 }
 
 /// A socket call's frontend: [`lookup`] of its destination.
 #[inline(always)]
-pub fn lookup_dst(addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+pub fn lookup_dst<A: Family>(addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
     lookup(Ports::of(port), addr, port, proto)
 }
 
@@ -102,28 +106,28 @@ fn dst_kinds(port: u16) -> u64 {
 /// `addr:port`'s own frontend, else the NodePort frontend of `port` when
 /// `nodeport()` (asked only for a NodePort's port).
 #[inline(always)]
-fn find(
+fn find<A: Family>(
     kinds: u64,
-    addr: u32,
+    addr: A,
     port: u16,
     proto: u8,
     nodeport: impl Fn() -> bool,
-) -> Option<ServiceValue> {
+) -> Option<&'static ServiceValue> {
     if kinds & PORT_F_FRONTEND != 0 {
         if let Some(v) = get(addr, port, proto) {
             return Some(v);
         }
     }
     if kinds & PORT_F_NODEPORT != 0 && nodeport() {
-        return get(NODEPORT_ADDR, port, proto);
+        return get(A::ZERO, port, proto);
     }
     None
 }
 
 /// `NODE_F_*` bits of `addr`: 0 for an address that is not this node's.
 #[inline(always)]
-pub fn node_flags(addr: u32) -> u32 {
-    NODE_ADDRS.get_ptr(addr).map_or(0, |v| {
+pub fn node_flags<A: Family>(addr: A) -> u32 {
+    A::node_addrs().get_ptr(addr).map_or(0, |v| {
         // SAFETY: as in `get`.
         unsafe { *v }
     })
@@ -131,30 +135,57 @@ pub fn node_flags(addr: u32) -> u32 {
 
 /// Whether `addr` is an address of this node.
 #[inline(always)]
-pub fn is_node_addr(addr: u32) -> bool {
+pub fn is_node_addr<A: Family>(addr: A) -> bool {
     node_flags(addr) & NODE_F_LOCAL != 0
 }
 
 /// Whether `addr` is a frontend address of any service.
 #[inline(always)]
-pub fn is_service_addr(addr: u32) -> bool {
-    addr != 0 && SERVICE_ADDRS.get_ptr(addr).is_some()
+pub fn is_service_addr<A: Family>(addr: A) -> bool {
+    addr != A::ZERO && A::service_addrs().get_ptr(addr).is_some()
 }
 
 /// The node-wide settings (all zero before the agent writes them: no
-/// cluster CIDR, no masquerade).
+/// cluster CIDR, no masquerade), read where they lie: a field is loaded
+/// where it is used, not copied with the rest and held across the path.
 #[inline(always)]
-pub fn config() -> DatapathConfig {
-    CONFIG.get_ptr(0).map_or(DatapathConfig::default(), |c| {
-        // SAFETY: array element pointer, valid for the program run.
-        unsafe { *c }
-    })
+pub fn config() -> Config {
+    // SAFETY: array element pointer, valid for the program run.
+    Config(CONFIG.get_ptr(0).map(|c| unsafe { &*c }))
+}
+
+/// The node-wide settings ([`config`]).
+#[derive(Clone, Copy)]
+pub struct Config(Option<&'static DatapathConfig>);
+
+impl Config {
+    #[inline(always)]
+    pub fn flags(&self) -> u32 {
+        self.0.map_or(0, |c| c.flags)
+    }
+
+    /// Masquerade ports, host byte order, inclusive.
+    #[inline(always)]
+    pub fn snat_ports(&self) -> (u16, u16) {
+        self.0.map_or((0, 0), |c| (c.snat_port_min, c.snat_port_max))
+    }
+
+    #[inline(always)]
+    pub fn host_netns_cookie(&self) -> u64 {
+        self.0.map_or(0, |c| c.host_netns_cookie)
+    }
+
+    /// The settings themselves (None before the map has its element).
+    #[inline(always)]
+    pub fn get(&self) -> Option<&'static DatapathConfig> {
+        self.0
+    }
 }
 
 /// As [`lookup`], without the NodePort fallback: the port filter, then 1
 /// lookup.
 #[inline(always)]
-pub fn lookup_exact(ports: Ports, addr: u32, port: u16, proto: u8) -> Option<ServiceValue> {
+pub fn lookup_exact<A: Family>(ports: Ports, addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
     if ports.dst & PORT_F_FRONTEND == 0 {
         return None;
     }

@@ -44,6 +44,7 @@ use proxy_common::{
 
 use crate::{
     conns,
+    family::Family,
     maps::{SOCKS, SOCKS_UDP, SOCK_PEERS},
     policy::{self, Origin},
     select, service, stats,
@@ -301,7 +302,7 @@ impl Request {
         }
         let addr = read(sa, Field::Addr);
         let port = read(sa, Field::Port) as u16;
-        let svc = service::lookup_dst(addr, port, proto)?;
+        let svc = *service::lookup_dst(addr, port, proto)?;
         Some(Self {
             addr,
             port,
@@ -322,8 +323,8 @@ impl Request {
         let cfg = service::config();
         // SAFETY: the program's context, which the helper accepts.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        let node = netns == cfg.host_netns_cookie;
-        if !node && cfg.flags & CFG_F_SOCK_HOST_ONLY != 0 {
+        let node = netns == cfg.host_netns_cookie();
+        if !node && cfg.flags() & CFG_F_SOCK_HOST_ONLY != 0 {
             return Err(PROCEED);
         }
         let svc = &self.svc;
@@ -340,9 +341,9 @@ impl Request {
         let (origin, src) = if node {
             (Origin::Node, 0)
         } else {
-            (Origin::Network, cfg.cluster_cidr)
+            (Origin::Network, cfg.get().map_or(0, |c| c.cluster_cidr))
         };
-        let choice = match policy::decide(svc, src, origin, &cfg) {
+        let choice = match policy::decide(svc, src, origin, &cfg, &u32::net(&cfg)) {
             // The node's own flows keep a node address as source without
             // masquerade: the kernel picks it for the backend's route.
             Ok(c) if (node || !c.masquerade) && svc.flags & SVC_F_SOURCE_RANGES == 0 => c,
@@ -351,7 +352,7 @@ impl Request {
         let table = select::Table::of(svc, choice.local);
         if let Some(k) = known {
             if table.contains(k.slot)
-                && matches!(select::slot(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
+                && matches!(select::slot::<u32>(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
             {
                 return Ok(select::Selected {
                     backend_id: k.backend_id,

@@ -18,8 +18,9 @@ pub fn action(v: Verdict) -> i32 {
             stats::count(counter);
             PASS
         }
-        // Never here: tc ingress's entry hands it over (`dsr::tail_call`).
-        Verdict::Dsr(_) => PASS,
+        // Never here: tc ingress's entry hands them over (`dsr::tail_call`,
+        // `family::tail_call`).
+        Verdict::Dsr(_) | Verdict::Ipv6 | Verdict::NewFlow => PASS,
         Verdict::Translated(action) | Verdict::Redirect(action) => action,
         Verdict::Drop(reason) => {
             stats::drop(reason);
@@ -33,7 +34,9 @@ pub fn action(v: Verdict) -> i32 {
 #[inline(always)]
 pub fn xdp_action(v: Verdict) -> u32 {
     match v {
-        Verdict::Pass(_) | Verdict::Dsr(_) => xdp_action::XDP_PASS,
+        Verdict::Pass(_) | Verdict::Dsr(_) | Verdict::Ipv6 | Verdict::NewFlow => {
+            xdp_action::XDP_PASS
+        }
         Verdict::Translated(action) | Verdict::Redirect(action) => action as u32,
         Verdict::Drop(reason) => {
             stats::drop(reason);
@@ -48,6 +51,12 @@ pub enum Verdict {
     /// Untouched yet: direct server return's work, for the program's
     /// entry to run (tc ingress only).
     Dsr(crate::dsr::Request),
+    /// An IPv6 packet at IPv4's program: for the entry to hand to IPv6's
+    /// (tc ingress only).
+    Ipv6,
+    /// An IPv6 flow's first packet, its state in this CPU's scratch
+    /// space: for the entry to hand to `kpx_tc_new6`.
+    NewFlow,
     /// Translated (and counted), with the forwarding verdict.
     Translated(i32),
     /// Rewritten into a reply and redirected (and counted).

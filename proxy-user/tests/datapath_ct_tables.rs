@@ -23,6 +23,7 @@ fn small_datapath(flows: u32) -> Datapath {
         Datapath::load(&LoadOptions {
             pin_dir: None,
             conntrack_entries: Some(2 * flows),
+            ..Default::default()
         }),
     )
 }

@@ -155,11 +155,7 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
     assert_eq!(event(&mut dp, Event::AffinityNew), 2);
 
     // The chosen backend leaves: its slot now holds another backend.
-    let akey = AffinityKey {
-        affinity_id: AFFINITY_ID,
-        client_addr: wire::addr(ip(CLIENT)),
-        netns_cookie: 0,
-    };
+    let akey = AffinityKey::new(AFFINITY_ID, wire::addr(ip(CLIENT)), 0);
     let rec = dp.maps.affinity.get(&akey, 0).expect("affinity record");
     let replacement = if rec.backend_id == 1 { 2 } else { 1 };
     let replacement = dp

@@ -46,6 +46,7 @@ impl PinDir {
             Datapath::load(&LoadOptions {
                 pin_dir: Some(self.0.clone()),
                 conntrack_entries: None,
+                ..Default::default()
             }),
         )
     }

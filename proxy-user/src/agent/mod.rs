@@ -126,6 +126,9 @@ pub async fn run(cfg: Settings) -> Result<()> {
     let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(cfg.bpffs.clone()),
         conntrack_entries: cfg.conntrack_entries,
+        // The control plane serves IPv4 objects only so far: IPv6's
+        // datapath is loaded, its tables kept small.
+        ipv6: false,
     })?;
     // Pinned maps survive restarts: start from what they hold, so the first
     // sync only writes differences and live flows keep their conntrack.

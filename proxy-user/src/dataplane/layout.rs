@@ -266,11 +266,19 @@ fn replace_mismatched_pins(dir: &Path) -> Result<()> {
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("reading the pinned map {}", path.display()))?;
         let have = (info.map_type()? as u32, info.key_size(), info.value_size());
-        let ct = name == map_names::CT_TCP || name == map_names::CT_ANY;
-        // The size too, except conntrack's, which the agent sets at load:
+        let ct = [
+            map_names::CT_TCP,
+            map_names::CT_ANY,
+            map_names::CT6_TCP,
+            map_names::CT6_ANY,
+        ]
+        .contains(&name);
+        // The size too, except conntrack's (and IPv6's affinity table's),
+        // which the agent sets at load:
         // a counter array one element short would drop the new counter's
         // increments without a word.
-        let sized = ct || info.max_entries() == def.max_entries();
+        let sized =
+            ct || name == map_names::AFFINITY6 || info.max_entries() == def.max_entries();
         if have == want && sized {
             continue;
         }

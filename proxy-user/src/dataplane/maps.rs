@@ -24,8 +24,9 @@ use crate::{
 };
 use proxy_common::{
     map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
-    DatapathConfig, DropReason, Event, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
-    SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, SERVICE_NAME_LEN,
+    DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats,
+    ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, PROG_EGRESS6,
+    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
@@ -68,7 +69,14 @@ pub struct LoadOptions {
     /// Established TCP conntrack capacity in entries (two per flow), the
     /// other table half of it; default in `proxy_common::capacity`.
     pub conntrack_entries: Option<u32>,
+    /// Size IPv6's conntrack and affinity tables as IPv4's. Without it
+    /// they get [`IPV6_OFF_ENTRIES`] each: they are preallocated, and a
+    /// node that serves no IPv6 should not pay their memory.
+    pub ipv6: bool,
 }
+
+/// IPv6's preallocated tables' capacity on a node that serves no IPv6.
+pub const IPV6_OFF_ENTRIES: u32 = 1_024;
 
 /// The capacity of `CT_ANY` (UDP, TCP handshakes) that goes with an
 /// established-TCP capacity of `tcp` entries: half, as Cilium sizes its
@@ -131,6 +139,21 @@ pub struct MapSet {
     pub conns: HashMap<MapData, u32, u64>,
     /// The socket-level load balancer's UDP sockets, by cookie.
     pub socks_udp: HashMap<MapData, u64, SockValue>,
+    /// IPv6's own maps.
+    pub v6: Maps6,
+}
+
+/// IPv6's maps: the same layouts as IPv4's, with IPv6 addresses.
+pub struct Maps6 {
+    pub services: HashMap<MapData, ServiceKey<In6>, ServiceValue>,
+    pub service_addrs: HashMap<MapData, In6, u32>,
+    pub slots: HashMap<MapData, SlotKey, Slot<In6>>,
+    pub ct_tcp: HashMap<MapData, CtKey<In6>, CtValue<In6>>,
+    pub ct_any: HashMap<MapData, CtKey<In6>, CtValue<In6>>,
+    pub affinity: HashMap<MapData, AffinityKey<In6>, AffinityValue>,
+    pub node_addrs: HashMap<MapData, In6, u32>,
+    pub src_ranges: LpmTrie<MapData, SrcRange<In6>, u32>,
+    pub config: Array<MapData, Net6>,
 }
 
 impl MapSet {
@@ -155,6 +178,17 @@ impl MapSet {
             ports: get(map_names::PORTS)?.try_into()?,
             conns: get(map_names::CONNS)?.try_into()?,
             socks_udp: get(map_names::SOCKS_UDP)?.try_into()?,
+            v6: Maps6 {
+                services: get(map_names::SERVICES6)?.try_into()?,
+                service_addrs: get(map_names::SERVICE_ADDRS6)?.try_into()?,
+                slots: get(map_names::SLOTS6)?.try_into()?,
+                ct_tcp: get(map_names::CT6_TCP)?.try_into()?,
+                ct_any: get(map_names::CT6_ANY)?.try_into()?,
+                affinity: get(map_names::AFFINITY6)?.try_into()?,
+                node_addrs: get(map_names::NODE_ADDRS6)?.try_into()?,
+                src_ranges: get(map_names::SRC_RANGES6)?.try_into()?,
+                config: get(map_names::CONFIG6)?.try_into()?,
+            },
         })
     }
 
@@ -830,6 +864,18 @@ impl Datapath {
             loader.map_max_entries(map_names::CT_TCP, n);
             loader.map_max_entries(map_names::CT_ANY, ct_any_capacity(n));
         }
+        match (opts.ipv6, opts.conntrack_entries) {
+            (true, Some(n)) => {
+                loader.map_max_entries(map_names::CT6_TCP, n);
+                loader.map_max_entries(map_names::CT6_ANY, ct_any_capacity(n));
+            }
+            (true, None) => {}
+            (false, _) => {
+                for name in [map_names::CT6_TCP, map_names::CT6_ANY, map_names::AFFINITY6] {
+                    loader.map_max_entries(name, IPV6_OFF_ENTRIES);
+                }
+            }
+        }
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kpx eBPF object (needs root: CAP_BPF and CAP_NET_ADMIN)")?;
@@ -837,25 +883,45 @@ impl Datapath {
             prog_names::TC_INGRESS,
             prog_names::TC_EGRESS,
             prog_names::CONNS_EXPIRE,
+            prog_names::CONNS_EXPIRE6,
             prog_names::TC_DSR,
+            prog_names::TC_INGRESS6,
+            prog_names::TC_EGRESS6,
+            prog_names::TC_NEW6,
+            prog_names::TC_NEW6_NODE,
         ] {
             program(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("the kernel rejected {name}"))?;
         }
-        // tc ingress tail-calls DSR's program; the (pinned) array keeps it
-        // for the attached programs while an agent restarts.
-        let dsr = program(&mut ebpf, prog_names::TC_DSR)?
-            .fd()?
-            .try_clone()
-            .context("duplicating the DSR program's descriptor")?;
+        // tc ingress and egress tail-call these; the (pinned) array keeps
+        // them for the attached programs while an agent restarts. The
+        // programs IPv6's entries hand over to go in first, so no entry of
+        // this build hands over to an older build's.
+        let tail = [
+            (PROG_DSR, prog_names::TC_DSR),
+            (PROG_NEW6, prog_names::TC_NEW6),
+            (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
+            (PROG_INGRESS6, prog_names::TC_INGRESS6),
+            (PROG_EGRESS6, prog_names::TC_EGRESS6),
+        ];
+        let mut fds = Vec::new();
+        for (index, name) in tail {
+            let fd = program(&mut ebpf, name)?
+                .fd()?
+                .try_clone()
+                .with_context(|| format!("duplicating {name}'s descriptor"))?;
+            fds.push((index, name, fd));
+        }
         let mut progs: ProgramArray<&mut MapData> = ebpf
             .map_mut(map_names::PROGS)
             .ok_or_else(|| anyhow!("map {} missing from the object", map_names::PROGS))?
             .try_into()?;
-        progs
-            .set(PROG_DSR, &dsr, 0)
-            .with_context(|| format!("putting {} in {}", prog_names::TC_DSR, map_names::PROGS))?;
+        for (index, name, fd) in &fds {
+            progs
+                .set(*index, fd, 0)
+                .with_context(|| format!("putting {name} in {}", map_names::PROGS))?;
+        }
         let mut maps = MapSet::from_ebpf(&mut ebpf)?;
         let upgrade = pending.map(|p| layout::finish(&mut maps, p)).transpose()?;
         Ok(Self {

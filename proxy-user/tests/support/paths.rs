@@ -191,7 +191,7 @@ fn service(
     vm.map_insert(map_names::SERVICES, bytes(&key), bytes(&value))?;
     // Its bits in the port filter (its own, its backends'), as the agent
     // sets them.
-    let backend_port = Backend {
+    let backend_port: Backend = Backend {
         port: wire::port(8080),
         ..Default::default()
     };

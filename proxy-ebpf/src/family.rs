@@ -1,0 +1,355 @@
+//! The two address families. A packet's path (parse → conntrack → service
+//! → policy → select → NAT → forward) is one set of functions generic over
+//! [`Family`], instantiated for IPv4 (`u32` addresses) and IPv6 ([`In6`]);
+//! what differs between them is here: each family's maps and settings, its
+//! address arithmetic, and the steps that write its header (the rewrite,
+//! the FIB request, the REJECT).
+
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    maps::{HashMap, LpmTrie, LruHashMap},
+    programs::TcContext,
+};
+use proxy_common::{
+    Address, AffinityKey, AffinityValue, Counter, Backend, CtKey, CtValue, DatapathConfig, In6,
+    Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange,
+};
+
+use crate::{
+    csum::Sum,
+    forward::{Hook, Route},
+    maps,
+    nat::{self, RewriteFailed},
+    packet::Packet,
+    parse::IpPacket,
+    service::Config,
+    verdict::{self, Verdict},
+};
+
+/// What tc ingress's path returns for an IPv6 packet: its entry hands it
+/// to IPv6's program ([`tail_call`]).
+pub const IPV6: i64 = 0x1002;
+
+/// Hands the packet to IPv6's program at `index` of `KPX_PROGS`: does not
+/// return, unless an agent did not put it there (then the packet passes
+/// untouched, counted as not handled).
+#[inline(always)]
+pub fn tail_call(ctx: &TcContext, index: u32) -> i32 {
+    // SAFETY: a tail call into a classifier of this object, with this
+    // context: on success control never comes back.
+    unsafe { maps::PROGS.tail_call(ctx, index) };
+    verdict::action(Verdict::Pass(Counter::PassNotHandled))
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// A family's node-wide addresses, read where they lie (IPv4's in the
+/// settings' copy, IPv6's in `CONFIG6`): never copied, so IPv6's twelve
+/// words are loaded only where used, not held (spilled) across the path.
+#[derive(Clone, Copy)]
+pub struct NetRef<'a, A>(Option<&'a Net<A>>);
+
+impl<A: Family> NetRef<'_, A> {
+    /// Whether the cluster CIDR is known: without it, the reference's
+    /// local-traffic detector says nothing (no source is a pod, none
+    /// off-cluster).
+    #[inline(always)]
+    pub fn known(&self) -> bool {
+        self.0.is_some_and(|n| n.cluster_mask != A::ZERO)
+    }
+
+    /// Whether `src` is a pod's address (in the known cluster CIDR).
+    #[inline(always)]
+    pub fn from_pod(&self, src: A) -> bool {
+        self.0.is_some_and(|n| {
+            n.cluster_mask != A::ZERO && A::masked_eq(src, n.cluster_mask, n.cluster_cidr)
+        })
+    }
+
+    /// Masqueraded flows' default source (zero: no masquerade).
+    #[inline(always)]
+    pub fn snat_addr(&self) -> A {
+        self.0.map_or(A::ZERO, |n| n.snat_addr)
+    }
+}
+
+pub trait Family: Address {
+    /// Bits of an address: the source-range trie's prefix lengths.
+    const BITS: u32;
+    /// Direct server return carries flows of this family (IPv4's only:
+    /// its Geneve option holds an IPv4 service address).
+    const DSR: bool;
+
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue>;
+    fn service_addrs() -> &'static HashMap<Self, u32>;
+    fn slots() -> &'static HashMap<SlotKey, Slot<Self>>;
+    fn ct_tcp() -> &'static HashMap<CtKey<Self>, CtValue<Self>>;
+    fn ct_any() -> &'static LruHashMap<CtKey<Self>, CtValue<Self>>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue>;
+    fn node_addrs() -> &'static HashMap<Self, u32>;
+    fn src_ranges() -> &'static LpmTrie<SrcRange<Self>, u32>;
+
+    /// This family's node-wide addresses (IPv4's are in `cfg` already).
+    fn net(cfg: &Config) -> NetRef<'static, Self>;
+    /// `addr & mask == net`.
+    fn masked_eq(addr: Self, mask: Self, net: Self) -> bool;
+    /// `sum` with the address `old` replaced by `new` in the summed data.
+    fn sum_replace(sum: Sum, old: Self, new: Self) -> Sum;
+
+    /// Rewrites `pkt` to carry `to` ([`nat::apply`]).
+    fn rewrite<P: Packet>(
+        ctx: &P,
+        pkt: &IpPacket<Self>,
+        to: &CtKey<Self>,
+        ttl_dec: u8,
+        route: &Route,
+    ) -> Result<(), RewriteFailed>;
+    /// Fills a FIB request's family, addresses and type of service.
+    fn fib_request(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self, dst: Self);
+    /// The source address a FIB answer with `BPF_FIB_LOOKUP_SRC` holds.
+    fn fib_source(p: &bpf_fib_lookup) -> Self;
+    /// Answers `pkt` with the reference's REJECT ([`crate::icmp`]).
+    fn reject(ctx: &TcContext, pkt: &IpPacket<Self>, hook: Hook) -> Result<i32, ()>;
+    /// Puts a translated tuple where the rest of the path reads it:
+    /// IPv4's in `local` (the stack), IPv6's in this CPU's scratch space
+    /// (held on the stack, with its spills, IPv6's path outgrew it).
+    fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self>;
+    /// A first packet goes on in a program of its own
+    /// ([`Family::hand_over`]):
+    /// IPv6's, whose path with its new flow's outgrew one stack.
+    const NEW_FLOW_APART: bool;
+    /// Leaves a first packet's frontend in this CPU's scratch space for
+    /// `kpx_tc_new6`; the entry tail-calls it on the verdict.
+    fn hand_over(svc: &ServiceValue, recovered: bool) -> Verdict;
+    /// A backend as one word, for direct server return's request (only
+    /// asked where [`Family::DSR`] holds).
+    fn backend_bits(b: &Backend<Self>) -> u64;
+}
+
+impl Family for u32 {
+    const BITS: u32 = 32;
+    const DSR: bool = true;
+    const NEW_FLOW_APART: bool = false;
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue> {
+        &maps::SERVICES
+    }
+    #[inline(always)]
+    fn service_addrs() -> &'static HashMap<Self, u32> {
+        &maps::SERVICE_ADDRS
+    }
+    #[inline(always)]
+    fn slots() -> &'static HashMap<SlotKey, Slot<Self>> {
+        &maps::SLOTS
+    }
+    #[inline(always)]
+    fn ct_tcp() -> &'static HashMap<CtKey<Self>, CtValue<Self>> {
+        &maps::CT_TCP
+    }
+    #[inline(always)]
+    fn ct_any() -> &'static LruHashMap<CtKey<Self>, CtValue<Self>> {
+        &maps::CT_ANY
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue> {
+        &maps::AFFINITY
+    }
+    #[inline(always)]
+    fn node_addrs() -> &'static HashMap<Self, u32> {
+        &maps::NODE_ADDRS
+    }
+    #[inline(always)]
+    fn src_ranges() -> &'static LpmTrie<SrcRange<Self>, u32> {
+        &maps::SRC_RANGES
+    }
+
+    #[inline(always)]
+    fn net(cfg: &Config) -> NetRef<'static, Self> {
+        NetRef(cfg.get().map(DatapathConfig::net))
+    }
+
+    #[inline(always)]
+    fn masked_eq(addr: Self, mask: Self, net: Self) -> bool {
+        addr & mask == net
+    }
+
+    #[inline(always)]
+    fn sum_replace(sum: Sum, old: Self, new: Self) -> Sum {
+        sum.replace(old, new)
+    }
+
+    #[inline(always)]
+    fn rewrite<P: Packet>(
+        ctx: &P,
+        pkt: &IpPacket<Self>,
+        to: &CtKey<Self>,
+        ttl_dec: u8,
+        route: &Route,
+    ) -> Result<(), RewriteFailed> {
+        nat::apply4(ctx, pkt, to, ttl_dec, route)
+    }
+
+    #[inline(always)]
+    fn fib_request(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self, dst: Self) {
+        p.family = AF_INET;
+        p.__bindgen_anon_2.tos = pkt.tos;
+        p.__bindgen_anon_3.ipv4_src = src;
+        p.__bindgen_anon_4.ipv4_dst = dst;
+    }
+
+    #[inline(always)]
+    fn fib_source(p: &bpf_fib_lookup) -> Self {
+        // SAFETY: the union member an IPv4 answer writes.
+        unsafe { p.__bindgen_anon_3.ipv4_src }
+    }
+
+    #[inline(always)]
+    fn reject(ctx: &TcContext, pkt: &IpPacket<Self>, hook: Hook) -> Result<i32, ()> {
+        crate::icmp::reject(ctx, pkt, hook)
+    }
+
+    #[inline(always)]
+    fn backend_bits(b: &Backend<Self>) -> u64 {
+        b.to_bits()
+    }
+
+
+
+    #[inline(always)]
+    fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self> {
+        local.write(t)
+    }
+
+    #[inline(always)]
+    fn hand_over(_svc: &ServiceValue, _recovered: bool) -> Verdict {
+        // Never: IPv4's first packets stay in their program.
+        Verdict::Pass(Counter::PassNotHandled)
+    }
+}
+
+impl Family for In6 {
+    const BITS: u32 = 128;
+    const DSR: bool = false;
+    const NEW_FLOW_APART: bool = true;
+
+    #[inline(always)]
+    fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue> {
+        &maps::SERVICES6
+    }
+    #[inline(always)]
+    fn service_addrs() -> &'static HashMap<Self, u32> {
+        &maps::SERVICE_ADDRS6
+    }
+    #[inline(always)]
+    fn slots() -> &'static HashMap<SlotKey, Slot<Self>> {
+        &maps::SLOTS6
+    }
+    #[inline(always)]
+    fn ct_tcp() -> &'static HashMap<CtKey<Self>, CtValue<Self>> {
+        &maps::CT6_TCP
+    }
+    #[inline(always)]
+    fn ct_any() -> &'static LruHashMap<CtKey<Self>, CtValue<Self>> {
+        &maps::CT6_ANY
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue> {
+        &maps::AFFINITY6
+    }
+    #[inline(always)]
+    fn node_addrs() -> &'static HashMap<Self, u32> {
+        &maps::NODE_ADDRS6
+    }
+    #[inline(always)]
+    fn src_ranges() -> &'static LpmTrie<SrcRange<Self>, u32> {
+        &maps::SRC_RANGES6
+    }
+
+    #[inline(always)]
+    fn net(_cfg: &Config) -> NetRef<'static, Self> {
+        // SAFETY: array element pointer, valid for the program run.
+        NetRef(maps::CONFIG6.get_ptr(0).map(|c| unsafe { &*c }))
+    }
+
+    #[inline(always)]
+    fn masked_eq(addr: Self, mask: Self, net: Self) -> bool {
+        (addr[0] & mask[0]) == net[0]
+            && (addr[1] & mask[1]) == net[1]
+            && (addr[2] & mask[2]) == net[2]
+            && (addr[3] & mask[3]) == net[3]
+    }
+
+    #[inline(always)]
+    fn sum_replace(sum: Sum, old: Self, new: Self) -> Sum {
+        sum.replace(old[0], new[0])
+            .replace(old[1], new[1])
+            .replace(old[2], new[2])
+            .replace(old[3], new[3])
+    }
+
+    #[inline(always)]
+    fn rewrite<P: Packet>(
+        ctx: &P,
+        pkt: &IpPacket<Self>,
+        to: &CtKey<Self>,
+        ttl_dec: u8,
+        route: &Route,
+    ) -> Result<(), RewriteFailed> {
+        nat::apply6(ctx, pkt, to, ttl_dec, route)
+    }
+
+    #[inline(always)]
+    fn fib_request(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self, dst: Self) {
+        p.family = AF_INET6;
+        p.__bindgen_anon_2.flowinfo = pkt.flowinfo;
+        p.__bindgen_anon_3.ipv6_src = src;
+        p.__bindgen_anon_4.ipv6_dst = dst;
+    }
+
+    #[inline(always)]
+    fn fib_source(p: &bpf_fib_lookup) -> Self {
+        // SAFETY: the union member an IPv6 answer writes.
+        unsafe { p.__bindgen_anon_3.ipv6_src }
+    }
+
+    #[inline(always)]
+    fn reject(ctx: &TcContext, pkt: &IpPacket<Self>, hook: Hook) -> Result<i32, ()> {
+        crate::icmp::reject6(ctx, pkt, hook)
+    }
+
+    #[inline(always)]
+    fn backend_bits(_b: &Backend<Self>) -> u64 {
+        0
+    }
+
+    #[inline(always)]
+    fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self> {
+        match maps::SCRATCH6.get_ptr_mut(0) {
+            Some(s) => {
+                // SAFETY: this CPU's element, valid for the program run.
+                let s = unsafe { &mut *s };
+                s.to = t;
+                &mut s.to
+            }
+            None => local.write(t),
+        }
+    }
+
+    #[inline(always)]
+    fn hand_over(svc: &ServiceValue, recovered: bool) -> Verdict {
+        let Some(s) = maps::SCRATCH6.get_ptr_mut(0) else {
+            return Verdict::Pass(Counter::PassNotHandled);
+        };
+        // SAFETY: this CPU's element, valid for the program run (and the
+        // tail call's: the same run, on the same CPU).
+        let s = unsafe { &mut *s };
+        s.svc = *svc;
+        s.recovered = recovered;
+        Verdict::NewFlow
+    }
+
+}
