@@ -620,7 +620,6 @@ impl<A> Backend<A> {
 }
 
 impl Backend {
-
     /// The backend as one word (to pass it in a register).
     #[inline(always)]
     pub const fn to_bits(self) -> u64 {
@@ -680,13 +679,7 @@ pub struct CtKey<A = u32> {
 impl<A: Copy> CtKey<A> {
     /// A tuple, fields in network byte order, padding zeroed.
     #[inline(always)]
-    pub const fn new(
-        src_addr: A,
-        dst_addr: A,
-        src_port: u16,
-        dst_port: u16,
-        proto: u8,
-    ) -> Self {
+    pub const fn new(src_addr: A, dst_addr: A, src_port: u16, dst_port: u16, proto: u8) -> Self {
         Self {
             src_addr,
             dst_addr,

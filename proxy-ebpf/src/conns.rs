@@ -23,9 +23,8 @@ const FLAGS_WORD: usize = core::mem::offset_of!(CtValue, flags) & !7;
 const FLAGS_SHIFT: u32 = ((core::mem::offset_of!(CtValue, flags) - FLAGS_WORD) * 8) as u32;
 const FLAGS_WORD6: usize = core::mem::offset_of!(CtValue<In6>, flags) & !7;
 const _: () = assert!(FLAGS_SHIFT + 16 <= 64 && cfg!(target_endian = "little"));
-const _: () = assert!(
-    (core::mem::offset_of!(CtValue<In6>, flags) - FLAGS_WORD6) * 8 == FLAGS_SHIFT as usize
-);
+const _: () =
+    assert!((core::mem::offset_of!(CtValue<In6>, flags) - FLAGS_WORD6) * 8 == FLAGS_SHIFT as usize);
 
 /// `*p += v` as one atomic instruction (`lock xadd`); `v` may be a
 /// wrapped negative.

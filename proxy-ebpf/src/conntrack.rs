@@ -194,7 +194,6 @@ pub fn touch<A: Family>(
     (e, refreshed)
 }
 
-
 /// Caches the next hop the FIB gave for `entry`'s direction: out of
 /// `ifindex` with `macs`, checked with a packet of `len` IP bytes. Writes
 /// only what changed.
@@ -242,7 +241,11 @@ pub fn remove_flow<A: Family>(key: &CtKey<A>, found: Found<A>) {
 /// the client's retransmitted SYN re-arms a handshake refused for want of
 /// room. Anything else (UDP above all) is `found`, unchanged.
 #[inline(always)]
-pub fn handshake<A: Family>(key: &CtKey<A>, found: Found<A>, tcp_flags: u8) -> Result<Found<A>, DropReason> {
+pub fn handshake<A: Family>(
+    key: &CtKey<A>,
+    found: Found<A>,
+    tcp_flags: u8,
+) -> Result<Found<A>, DropReason> {
     if found.table != Table::Any {
         return Ok(found);
     }
@@ -320,7 +323,8 @@ pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>,
             return Err(reason);
         }
     }
-    let removed = A::ct_any().remove(&original_key).is_ok() as u64 + A::ct_any().remove(key).is_ok() as u64;
+    let removed =
+        A::ct_any().remove(&original_key).is_ok() as u64 + A::ct_any().remove(key).is_ok() as u64;
     stats::event(Event::CtRemoved, removed);
     stats::event(Event::CtEstablished, 1);
     A::ct_tcp()
@@ -342,7 +346,11 @@ pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>,
 /// between two new connections, and the later one is refused.
 /// Ok(true) when this call inserted it, Ok(false) when it was there.
 #[inline(always)]
-fn insert_established<A: Family>(key: &CtKey<A>, v: &CtValue<A>, partner: &CtKey<A>) -> Result<bool, DropReason> {
+fn insert_established<A: Family>(
+    key: &CtKey<A>,
+    v: &CtValue<A>,
+    partner: &CtKey<A>,
+) -> Result<bool, DropReason> {
     match A::ct_tcp().insert(key, v, BPF_NOEXIST as u64) {
         Ok(()) => {
             stats::event(Event::CtInserted, 1);

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use proxy_common::{
-    Address, AffinityKey, AffinityValue, Counter, Backend, CtKey, CtValue, DatapathConfig, In6,
+    Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig, In6,
     Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange,
 };
 
@@ -217,8 +217,6 @@ impl Family for u32 {
         b.to_bits()
     }
 
-
-
     #[inline(always)]
     fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self> {
         local.write(t)
@@ -351,5 +349,4 @@ impl Family for In6 {
         s.recovered = recovered;
         Verdict::NewFlow
     }
-
 }

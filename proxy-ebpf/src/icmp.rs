@@ -11,9 +11,9 @@ use proxy_common::{Counter, CtKey, In6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TC
 
 use crate::{
     conntrack,
-    maps::SCRATCH6,
     csum::fold,
     forward::Hook,
+    maps::SCRATCH6,
     parse::{ip, ip6, l4, IpPacket, Ipv4Hdr, Ipv4Packet, Ipv6Hdr, ETH_HLEN, IP_OFFSET},
     stats,
     verdict::Verdict,
@@ -207,7 +207,11 @@ pub fn reject6(ctx: &TcContext, pkt: &IpPacket<In6>, hook: Hook) -> Result<i32, 
         next: (IPPROTO_ICMPV6 as u32).to_be(),
     };
     let sum = csum(&mut pseudo as *mut Pseudo6 as *mut u32, 40, 0);
-    let sum = csum(&hdr.icmp_type as *const u8 as *mut u32, ICMP_HLEN as u32, sum);
+    let sum = csum(
+        &hdr.icmp_type as *const u8 as *mut u32,
+        ICMP_HLEN as u32,
+        sum,
+    );
     hdr.csum = fold(csum(quote.as_mut_ptr(), quote_len as u32, sum));
 
     let room = (ip6::HLEN + ICMP_HLEN) as i32;

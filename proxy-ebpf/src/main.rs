@@ -38,9 +38,10 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use proxy_common::{
-    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, In6,
-    BACKEND_F_LOCAL, CT_DIR_REPLY, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, MARK_TRANSLATED, SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
+    flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, In6, BACKEND_F_LOCAL,
+    CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    MARK_TRANSLATED, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SVC_F_EXTERNAL,
+    SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
 };
 
 use crate::{
@@ -196,7 +197,8 @@ fn forward_translated(ctx: &TcContext) -> i32 {
     let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
         return PASS;
     };
-    forward::onward(ctx, &pkt).unwrap_or_else(|_| verdict::action(Verdict::Drop(DropReason::RewriteFailed)))
+    forward::onward(ctx, &pkt)
+        .unwrap_or_else(|_| verdict::action(Verdict::Drop(DropReason::RewriteFailed)))
 }
 
 /// tc egress on the same interfaces: packets the node itself sends.
@@ -423,7 +425,15 @@ fn new6(ctx: &TcContext, origin: Origin) -> i32 {
     let Some(s) = scratch6() else {
         return verdict::action(Verdict::Pass(Counter::PassNotHandled));
     };
-    verdict::action(new_flow(ctx, &s.pkt, &s.key, &s.svc, origin, s.recovered, false))
+    verdict::action(new_flow(
+        ctx,
+        &s.pkt,
+        &s.key,
+        &s.svc,
+        origin,
+        s.recovered,
+        false,
+    ))
 }
 
 /// This CPU's scratch space for IPv6's path (`SCRATCH6`: an array's

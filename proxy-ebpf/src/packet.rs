@@ -18,9 +18,9 @@ use proxy_common::XDP_META_TRANSLATED;
 
 use crate::{
     csum::Sum,
+    family::Family,
     forward::{self, Hook, Route, Via},
     nat::{Frame, FRAME_LEN},
-    family::Family,
     parse::{ip, IpPacket, ETH_HLEN},
 };
 

@@ -386,8 +386,9 @@ fn transport<B: Bytes, A: Copy>(
 #[inline(always)]
 pub fn parse_ipv6<P: Packet>(ctx: &P, out: &mut IpPacket<In6>) -> Kind {
     match parse6_from(&Direct(ctx), ctx.len() as usize, out) {
-        Err(Short::NonLinear) => parse6_from(&Copied(ctx), ctx.len() as usize, out)
-            .unwrap_or(Kind::NotHandled),
+        Err(Short::NonLinear) => {
+            parse6_from(&Copied(ctx), ctx.len() as usize, out).unwrap_or(Kind::NotHandled)
+        }
         Ok(k) => k,
         Err(Short::End) => Kind::NotHandled,
     }

@@ -5,8 +5,8 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    DropReason, ServiceValue, SrcRange, CFG_F_DSR_TCP, CFG_F_DSR_UDP,
-    CFG_F_MASQUERADE_ALL, IPPROTO_TCP, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
+    DropReason, ServiceValue, SrcRange, CFG_F_DSR_TCP, CFG_F_DSR_UDP, CFG_F_MASQUERADE_ALL,
+    IPPROTO_TCP, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{

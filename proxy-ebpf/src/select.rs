@@ -133,7 +133,11 @@ pub fn backend<A: Family>(
 
 /// The backend at the scheduler's position in `t`.
 #[inline(always)]
-fn pick<A: Family>(svc: &ServiceValue, t: Table, flow: &CtKey<A>) -> Result<Selected<A>, DropReason> {
+fn pick<A: Family>(
+    svc: &ServiceValue,
+    t: Table,
+    flow: &CtKey<A>,
+) -> Result<Selected<A>, DropReason> {
     let counted = least_conns(scheduler(svc.flags));
     let (n, s) = if counted {
         fewer_conns(svc.svc_id, t)?
@@ -185,7 +189,9 @@ fn position<A: Family>(svc: &ServiceValue, flow: &CtKey<A>) -> u32 {
     };
     match scheduler(svc.flags) {
         SCHED_RR => round_robin(svc.svc_id),
-        SCHED_SH | SCHED_MH => flow_hash(svc.affinity_id, flow.src_addr.word(), port(flow.src_port)),
+        SCHED_SH | SCHED_MH => {
+            flow_hash(svc.affinity_id, flow.src_addr.word(), port(flow.src_port))
+        }
         SCHED_DH => flow_hash(svc.affinity_id, flow.dst_addr.word(), port(flow.dst_port)),
         _ => random(),
     }

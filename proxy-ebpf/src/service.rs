@@ -8,7 +8,8 @@
 //! can be of a tracked flow at all ([`Ports::may_be_tracked`]).
 
 use proxy_common::{
-    port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODE_F_LOCAL, NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
+    port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODE_F_LOCAL, NODE_F_NODEPORT,
+    PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
 };
 
 use crate::{
@@ -76,7 +77,12 @@ fn get<A: Family>(addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue
 /// frontend uses; for a NodePort's port, 1 more (`NODE_ADDRS`), and 1 more
 /// (the NodePort frontend) when `addr` serves NodePorts.
 #[inline(always)]
-pub fn lookup<A: Family>(ports: Ports, addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
+pub fn lookup<A: Family>(
+    ports: Ports,
+    addr: A,
+    port: u16,
+    proto: u8,
+) -> Option<&'static ServiceValue> {
     find(ports.dst, addr, port, proto, || {
         node_flags(addr) & NODE_F_NODEPORT != 0
     })
@@ -167,7 +173,8 @@ impl Config {
     /// Masquerade ports, host byte order, inclusive.
     #[inline(always)]
     pub fn snat_ports(&self) -> (u16, u16) {
-        self.0.map_or((0, 0), |c| (c.snat_port_min, c.snat_port_max))
+        self.0
+            .map_or((0, 0), |c| (c.snat_port_min, c.snat_port_max))
     }
 
     #[inline(always)]
@@ -185,7 +192,12 @@ impl Config {
 /// As [`lookup`], without the NodePort fallback: the port filter, then 1
 /// lookup.
 #[inline(always)]
-pub fn lookup_exact<A: Family>(ports: Ports, addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
+pub fn lookup_exact<A: Family>(
+    ports: Ports,
+    addr: A,
+    port: u16,
+    proto: u8,
+) -> Option<&'static ServiceValue> {
     if ports.dst & PORT_F_FRONTEND == 0 {
         return None;
     }

@@ -277,8 +277,7 @@ fn replace_mismatched_pins(dir: &Path) -> Result<()> {
         // which the agent sets at load:
         // a counter array one element short would drop the new counter's
         // increments without a word.
-        let sized =
-            ct || name == map_names::AFFINITY6 || info.max_entries() == def.max_entries();
+        let sized = ct || name == map_names::AFFINITY6 || info.max_entries() == def.max_entries();
         if have == want && sized {
             continue;
         }

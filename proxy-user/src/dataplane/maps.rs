@@ -655,19 +655,37 @@ impl MapSet {
     /// tests that write frontends by hand; the agent's sync keeps the
     /// filter itself, see [`crate::dataplane::ports`]).
     pub fn put_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
-        let bit = key.port_bit();
-        let word = self.ports.get(&bit.word, 0)? | bit.mask;
-        self.ports.set(bit.word, word, 0)?;
+        self.mark_port(key.port_bit())?;
         self.services.insert(key, value, 0)
     }
 
     /// Writes a slot and marks its backend's port in the filter (for tools
     /// and tests that write slots by hand, as [`MapSet::put_frontend`]).
     pub fn put_slot(&mut self, key: SlotKey, value: Slot) -> Result<(), MapError> {
-        let bit = value.backend.port_bit();
-        let word = self.ports.get(&bit.word, 0)? | bit.mask;
-        self.ports.set(bit.word, word, 0)?;
+        self.mark_port(value.backend.port_bit())?;
         self.slots.insert(key, value, 0)
+    }
+
+    /// [`MapSet::put_frontend`] for an IPv6 frontend.
+    pub fn put_frontend6(
+        &mut self,
+        key: ServiceKey<In6>,
+        value: ServiceValue,
+    ) -> Result<(), MapError> {
+        self.mark_port(key.port_bit())?;
+        self.v6.services.insert(key, value, 0)
+    }
+
+    /// [`MapSet::put_slot`] for an IPv6 backend.
+    pub fn put_slot6(&mut self, key: SlotKey, value: Slot<In6>) -> Result<(), MapError> {
+        self.mark_port(value.backend.port_bit())?;
+        self.v6.slots.insert(key, value, 0)
+    }
+
+    /// Sets `bit` in the port filter (the filter serves both families).
+    fn mark_port(&mut self, bit: proxy_common::PortBit) -> Result<(), MapError> {
+        let word = self.ports.get(&bit.word, 0)? | bit.mask;
+        self.ports.set(bit.word, word, 0)
     }
 
     /// Writes word `i` of the port filter.

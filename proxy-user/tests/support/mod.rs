@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod paths;
+pub mod v6;
 
 use std::net::Ipv4Addr;
 

@@ -1,0 +1,514 @@
+//! IPv6's datapath in the kernel: BPF_PROG_TEST_RUN on crafted IPv6 frames
+//! (addresses from 2001:2::/48), the IPv4 tests' counterparts plus what is
+//! IPv6's own: extension headers, ICMPv6 REJECT, neighbour discovery,
+//! malformed headers, and IPv4 and IPv6 side by side.
+
+mod support;
+
+use std::net::Ipv6Addr;
+
+use etherparse::{Icmpv6Header, Icmpv6Type, IpNumber, Ipv6FlowLabel, Ipv6Header};
+use proxy_common::{
+    wire, Counter, DatapathConfig, DropReason, Event, Net6, CT_DIR_ORIGINAL, CT_DIR_REPLY,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, NODE_F_LOCAL,
+    NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_NODEPORT,
+};
+use support::{v6::*, *};
+
+const NODE6: &str = "2001:2:0:fe::1";
+const OUTSIDE6: &str = "2001:2:9::2";
+
+fn backends6() -> [Ipv6Addr; 3] {
+    [B6_1, B6_2, B6_3].map(ip6)
+}
+
+/// TC_ACT_REDIRECT: a REJECT goes back out where the packet came in.
+const REDIRECT: u32 = 7;
+
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_syn_to_a_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+
+    let out = run(&mut dp, &Pkt6::new(CLIENT6, 40000, VIP6, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect6(&out.bytes);
+    assert_eq!((seen.src, seen.sport), (ip6(CLIENT6), 40000));
+    assert!(
+        backends6().contains(&seen.dst),
+        "{} is no backend",
+        seen.dst
+    );
+    assert_eq!(seen.dport, 8080);
+
+    let ct = &dp.maps.v6.ct_any;
+    let orig = ct
+        .get(&ct_key6(CLIENT6, 40000, VIP6, 80, IPPROTO_TCP), 0)
+        .expect("original entry");
+    assert_eq!(orig.dir, CT_DIR_ORIGINAL);
+    assert_eq!(orig.flags, CT_F_REWRITE_DST);
+    assert_eq!(wire::to_addr6(orig.new_dst_addr), seen.dst);
+    assert_eq!(wire::to_port(orig.new_dst_port), 8080);
+    assert_eq!(orig.svc_id, 21);
+    let reply_key = ct_key6(&seen.dst.to_string(), 8080, CLIENT6, 40000, IPPROTO_TCP);
+    let reply = ct.get(&reply_key, 0).expect("reply entry");
+    assert_eq!(reply.dir, CT_DIR_REPLY);
+    assert_eq!(reply.flags, CT_F_REWRITE_SRC);
+    assert_eq!(
+        (
+            wire::to_addr6(reply.new_src_addr),
+            wire::to_port(reply.new_src_port)
+        ),
+        (ip6(VIP6), 80)
+    );
+    assert_eq!(reply.backend_id, orig.backend_id);
+    assert!(
+        dp.maps.ct_entries().is_empty(),
+        "IPv4's tables hold IPv6's flow"
+    );
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_replies_come_from_the_vip_and_later_packets_stick_to_their_backend() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+
+    let first = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 40001, VIP6, 80, SYN).build()).bytes);
+    let out = run(&mut dp, &reply6(&first, SYN_ACK));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let back = inspect6(&out.bytes);
+    assert_eq!((back.src, back.sport), (ip6(VIP6), 80));
+    assert_eq!((back.dst, back.dport), (ip6(CLIENT6), 40001));
+    // The first reply moved the connection to the established table.
+    let established = dp.maps.v6.ct_tcp.keys().filter_map(|k| k.ok()).count();
+    assert_eq!(established, 2, "both directions in the established table");
+    for _ in 0..20 {
+        let out = run(&mut dp, &Pkt6::new(CLIENT6, 40001, VIP6, 80, ACK).build());
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(
+            inspect6(&out.bytes),
+            first,
+            "a later packet changed backend"
+        );
+    }
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
+    assert_eq!(counter(&mut dp, Counter::CtOriginal), 20);
+    assert_eq!(counter(&mut dp, Counter::CtReply), 1);
+    assert_eq!(packets(&mut dp), 22, "every packet counted exactly once");
+    let stats = dp.maps.service_stats(21).unwrap();
+    assert_eq!((stats.new_flows, stats.packets), (1, 22));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_udp_request_and_its_reply_are_translated_with_valid_checksums() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+
+    let out = run(&mut dp, &Pkt6::new(CLIENT6, 33333, VIP6, 53, UDP).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let req = inspect6(&out.bytes);
+    assert!(backends6().contains(&req.dst));
+    assert_eq!(req.dport, 5353);
+    let again = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 33333, VIP6, 53, UDP).build()).bytes);
+    assert_eq!(again, req, "the flow's second datagram changed backend");
+    let out = run(&mut dp, &reply6(&req, UDP));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let reply = inspect6(&out.bytes);
+    assert_eq!(
+        (reply.src, reply.sport, reply.dst, reply.dport),
+        (ip6(VIP6), 53, ip6(CLIENT6), 33333)
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn extension_headers_before_the_transport_header_are_skipped_and_kept() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    for l4 in [SYN, UDP] {
+        let dport = if matches!(l4, L4::Udp { .. }) { 53 } else { 80 };
+        let mut p = Pkt6::new(CLIENT6, 41000, VIP6, dport, l4);
+        p.ext = vec![Ext::options(0, 1), Ext::options(60, 2)];
+        let frame = p.build();
+        let out = run(&mut dp, &frame);
+        assert_eq!(out.verdict, TC_ACT_OK);
+        assert_eq!(out.bytes.len(), frame.len(), "the headers stay");
+        assert_eq!(
+            &out.bytes[14 + 40..14 + 40 + 24],
+            &frame[14 + 40..14 + 40 + 24],
+            "the extension headers are untouched"
+        );
+        let seen = inspect6(&out.bytes);
+        assert!(backends6().contains(&seen.dst));
+        assert_eq!((seen.src, seen.sport), (ip6(CLIENT6), 41000));
+        assert_eq!(seen.dport, if dport == 53 { 5353 } else { 8080 });
+    }
+    // A routing header done with (no segments left) is skipped too.
+    let mut p = Pkt6::new(CLIENT6, 41001, VIP6, 80, SYN);
+    p.ext = vec![Ext {
+        kind: 43,
+        body: vec![0, 0, 0, 0, 0, 0, 0],
+    }];
+    assert_eq!(run(&mut dp, &p.build()).verdict, TC_ACT_OK);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_fragments_to_a_vip_are_dropped_and_an_atomic_fragment_is_translated() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    for (offset, more) in [(0, true), (8, false), (8, true)] {
+        let mut p = Pkt6::new(CLIENT6, 42000, VIP6, 53, UDP);
+        p.ext = vec![Ext::fragment(offset, more)];
+        let frame = p.build();
+        let out = run(&mut dp, &frame);
+        assert_eq!(
+            out.verdict, TC_ACT_SHOT,
+            "fragment {offset}/{more} to the VIP"
+        );
+        // The same fragment to an address no service has passes.
+        p.dst = ip6("2001:2:0:77::1");
+        let frame = p.build();
+        let out = run(&mut dp, &frame);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC);
+        assert_eq!(out.bytes, frame);
+    }
+    assert_eq!(drops(&mut dp, DropReason::FragmentToService), 3);
+    assert_eq!(counter(&mut dp, Counter::PassFragment), 3);
+    // An atomic fragment (offset 0, no more) is a whole packet (RFC 6946).
+    let mut p = Pkt6::new(CLIENT6, 42001, VIP6, 53, UDP);
+    p.ext = vec![Ext::fragment(0, false)];
+    let out = run(&mut dp, &p.build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert!(backends6().contains(&inspect6(&out.bytes).dst));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn malformed_ipv6_is_never_translated_and_never_reaches_a_vip() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    let good = Pkt6::new(CLIENT6, 43000, VIP6, 80, SYN).build();
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    // Payload length beyond the frame.
+    let mut f = good.clone();
+    f[14 + 4..14 + 6].copy_from_slice(&500u16.to_be_bytes());
+    cases.push(("payload length beyond the frame", f));
+    // A TCP header cut short (payload length says 10 bytes).
+    let mut f = good.clone();
+    f[14 + 4..14 + 6].copy_from_slice(&10u16.to_be_bytes());
+    cases.push(("short TCP header", f));
+    // A hop-by-hop header claiming more than the packet holds.
+    let mut p = Pkt6::new(CLIENT6, 43000, VIP6, 80, SYN);
+    p.ext = vec![Ext::options(0, 1)];
+    let mut f = p.build();
+    f[14 + 40 + 1] = 40;
+    cases.push(("extension header beyond the packet", f));
+    // A chain longer than kpx follows.
+    let mut p = Pkt6::new(CLIENT6, 43000, VIP6, 80, SYN);
+    p.ext = (0..5).map(|_| Ext::options(60, 1)).collect();
+    cases.push(("five extension headers", p.build()));
+    // A routing header with segments left: the VIP is not the destination.
+    let mut p = Pkt6::new(CLIENT6, 43000, VIP6, 80, SYN);
+    p.ext = vec![Ext {
+        kind: 43,
+        body: vec![0, 0, 1, 0, 0, 0, 0],
+    }];
+    cases.push(("routing header with segments left", p.build()));
+    for (what, frame) in &cases {
+        let out = run(&mut dp, frame);
+        assert_eq!(
+            out.verdict, TC_ACT_SHOT,
+            "{what}: to the VIP must be dropped"
+        );
+        assert_eq!(&out.bytes, frame, "{what}: changed");
+    }
+    assert_eq!(
+        drops(&mut dp, DropReason::MalformedToService),
+        cases.len() as u64
+    );
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 0);
+    // Towards an address no service has, the same frames pass untouched.
+    for (what, frame) in &cases {
+        let mut f = frame.clone();
+        f[14 + 24..14 + 40].copy_from_slice(&ip6("2001:2:0:77::1").octets());
+        let out = run(&mut dp, &f);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
+        assert_eq!(out.bytes, f, "{what}: changed");
+    }
+    assert_eq!(counter(&mut dp, Counter::PassMalformed), cases.len() as u64);
+}
+
+/// An ICMPv6 message of `icmp_type` from `src` to `dst`, checksummed.
+fn icmp6_frame(src: &str, dst: &str, icmp_type: Icmpv6Type, body: &[u8]) -> Vec<u8> {
+    let (s, d) = (ip6(src).octets(), ip6(dst).octets());
+    let icmp = Icmpv6Header::with_checksum(icmp_type, s, d, body).expect("icmpv6");
+    let iph = Ipv6Header {
+        traffic_class: 0,
+        flow_label: Ipv6FlowLabel::ZERO,
+        payload_length: (icmp.header_len() + body.len()) as u16,
+        next_header: IpNumber::IPV6_ICMP,
+        hop_limit: 255,
+        source: s,
+        destination: d,
+    };
+    let mut out = vec![
+        0x33, 0x33, 0xff, 0, 0, 0x10, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd,
+    ];
+    iph.write(&mut out).expect("write ipv6");
+    icmp.write(&mut out).expect("write icmpv6");
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+#[ignore = "needs root"]
+fn neighbour_discovery_and_other_icmpv6_pass_untouched() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    // Neighbour solicitation for the VIP, router solicitation, echo.
+    let mut ns = vec![0u8; 4];
+    ns.extend_from_slice(&ip6(VIP6).octets());
+    let frames = [
+        icmp6_frame(
+            CLIENT6,
+            "ff02::1:ff00:10",
+            Icmpv6Type::Unknown {
+                type_u8: 135,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            },
+            &ns[4..],
+        ),
+        icmp6_frame(
+            CLIENT6,
+            "ff02::2",
+            Icmpv6Type::Unknown {
+                type_u8: 133,
+                code_u8: 0,
+                bytes5to8: [0; 4],
+            },
+            &[],
+        ),
+        icmp6_frame(
+            CLIENT6,
+            VIP6,
+            Icmpv6Type::EchoRequest(etherparse::IcmpEchoHeader { id: 1, seq: 1 }),
+            b"ping",
+        ),
+    ];
+    for frame in &frames {
+        let out = run(&mut dp, frame);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC);
+        assert_eq!(&out.bytes, frame);
+    }
+    assert_eq!(
+        counter(&mut dp, Counter::PassNotHandled),
+        frames.len() as u64
+    );
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_service_without_endpoints_answers_icmpv6_port_unreachable() {
+    let mut dp = datapath();
+    install_service6(&mut dp, 24, VIP6, 80, IPPROTO_TCP, &[]);
+    install_service6(&mut dp, 25, VIP6, 53, IPPROTO_UDP, &[]);
+    for (l4, port) in [(SYN, 80), (UDP, 53)] {
+        let frame = Pkt6::new(CLIENT6, 44000, VIP6, port, l4).build();
+        let out = run(&mut dp, &frame);
+        assert_eq!(out.verdict, REDIRECT, "the answer goes back out");
+        let icmp = inspect_icmp6(&out.bytes);
+        assert_eq!((icmp.src, icmp.dst), (ip6(VIP6), ip6(CLIENT6)));
+        assert!(
+            matches!(
+                icmp.icmp_type,
+                Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port)
+            ),
+            "{:?}",
+            icmp.icmp_type
+        );
+        // The quote is the packet as sent: its IPv6 header, then its
+        // transport header's ports.
+        assert_eq!(&icmp.quote[..40], &frame[14..14 + 40]);
+        assert_eq!(&icmp.quote[40..44], &frame[14 + 40..14 + 44]);
+        assert_eq!(&out.bytes[..6], &frame[6..12], "back to the sender's MAC");
+    }
+    assert_eq!(counter(&mut dp, Counter::Rejected), 2);
+    assert!(dp.maps.v6.ct_any.keys().next().is_none(), "nothing tracked");
+}
+
+/// IPv6's node settings: masquerade to `NODE6`, the cluster CIDR
+/// 2001:2:0:1::/64 (the backends'), masquerade ports 20000-20255.
+fn node6(dp: &mut kpx::dataplane::maps::Datapath) {
+    let mask = wire::addr6("ffff:ffff:ffff:ffff::".parse().unwrap());
+    let net = Net6 {
+        cluster_cidr: wire::addr6("2001:2:0:1::".parse().unwrap()),
+        cluster_mask: mask,
+        snat_addr: wire::addr6(ip6(NODE6)),
+    };
+    dp.maps.v6.config.set(0, net, 0).unwrap();
+    let cfg = DatapathConfig {
+        snat_port_min: 20000,
+        snat_port_max: 20255,
+        ..Default::default()
+    };
+    dp.maps.set_config(&cfg).unwrap();
+    dp.maps
+        .v6
+        .node_addrs
+        .insert(wire::addr6(ip6(NODE6)), NODE_F_LOCAL | NODE_F_NODEPORT, 0)
+        .unwrap();
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_from_outside_the_cluster_is_masqueraded_and_its_replies_come_back() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    node6(&mut dp);
+    let out = run(&mut dp, &Pkt6::new(OUTSIDE6, 45000, VIP6, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect6(&out.bytes);
+    assert_eq!(seen.src, ip6(NODE6), "masqueraded to the node's address");
+    assert!((20000..=20255).contains(&seen.sport), "port {}", seen.sport);
+    assert!(backends6().contains(&seen.dst));
+    let orig = dp
+        .maps
+        .v6
+        .ct_any
+        .get(&ct_key6(OUTSIDE6, 45000, VIP6, 80, IPPROTO_TCP), 0)
+        .unwrap();
+    assert_ne!(orig.flags & CT_F_SNAT, 0);
+    let back = inspect6(&run(&mut dp, &reply6(&seen, SYN_ACK)).bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip6(VIP6), 80, ip6(OUTSIDE6), 45000)
+    );
+    assert_eq!(event(&mut dp, Event::Masqueraded), 1);
+    // A pod's own address (in the cluster CIDR) keeps its source.
+    let pod = "2001:2:0:1::77";
+    let seen = inspect6(&run(&mut dp, &Pkt6::new(pod, 45001, VIP6, 80, SYN).build()).bytes);
+    assert_eq!((seen.src, seen.sport), (ip6(pod), 45001));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_nodeport_reaches_its_backends_masqueraded() {
+    let mut dp = datapath();
+    node6(&mut dp);
+    install_service6(
+        &mut dp,
+        26,
+        "",
+        30080,
+        IPPROTO_TCP,
+        &[(21, B6_1, 8080), (22, B6_2, 8080)],
+    );
+    let key = proxy_common::ServiceKey {
+        addr: [0; 4],
+        port: wire::port(30080),
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    let mut v = dp.maps.v6.services.get(&key, 0).unwrap();
+    v.flags = SVC_F_EXTERNAL | SVC_F_NODEPORT;
+    dp.maps.put_frontend6(key, v).unwrap();
+
+    let out = run(
+        &mut dp,
+        &Pkt6::new(OUTSIDE6, 46000, NODE6, 30080, SYN).build(),
+    );
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect6(&out.bytes);
+    assert!([B6_1, B6_2].map(ip6).contains(&seen.dst));
+    assert_eq!(seen.dport, 8080);
+    assert_eq!(seen.src, ip6(NODE6), "the Cluster policy masquerades");
+    let back = inspect6(&run(&mut dp, &reply6(&seen, SYN_ACK)).bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip6(NODE6), 30080, ip6(OUTSIDE6), 46000)
+    );
+    // The same port on an address that serves no NodePorts is no service's.
+    let other = Pkt6::new(OUTSIDE6, 46001, "2001:2:0:77::1", 30080, SYN).build();
+    let out = run(&mut dp, &other);
+    assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, other));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_nodes_own_ipv6_packets_are_translated_at_egress() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    node6(&mut dp);
+    let out = run_egress(&mut dp, &Pkt6::new(NODE6, 47000, VIP6, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect6(&out.bytes);
+    assert_eq!((seen.src, seen.sport), (ip6(NODE6), 47000));
+    assert!(backends6().contains(&seen.dst));
+    let back = inspect6(&run(&mut dp, &reply6(&seen, SYN_ACK)).bytes);
+    assert_eq!((back.src, back.sport), (ip6(VIP6), 80));
+    assert_eq!(event(&mut dp, Event::FromNode), 1);
+    // Another source's packet at egress is not the node's: untouched.
+    let frame = Pkt6::new(CLIENT6, 47001, VIP6, 80, SYN).build();
+    let out = run_egress(&mut dp, &frame);
+    assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, frame));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_clientip_affinity_keeps_a_client_on_its_backend() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    edit_frontend6(&mut dp, (VIP6, 80, IPPROTO_TCP), |v| {
+        v.affinity_timeout = 300;
+        v.affinity_id = 77;
+    });
+    let first = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 48000, VIP6, 80, SYN).build()).bytes);
+    for sport in 48001..48020 {
+        let seen = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, sport, VIP6, 80, SYN).build()).bytes);
+        assert_eq!(seen.dst, first.dst, "the client changed backend");
+    }
+    assert_eq!(event(&mut dp, Event::AffinityNew), 1);
+    assert_eq!(event(&mut dp, Event::AffinityHit), 19);
+    // Another client is free to go elsewhere: its own record.
+    run(
+        &mut dp,
+        &Pkt6::new("2001:2::3", 48000, VIP6, 80, SYN).build(),
+    );
+    assert_eq!(event(&mut dp, Event::AffinityNew), 2);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv4_and_ipv6_services_share_one_datapath_without_mixing() {
+    let mut dp = datapath();
+    cluster(&mut dp);
+    cluster6(&mut dp);
+    let v4 = inspect(&run(&mut dp, &Pkt::new(CLIENT, 49000, VIP, 80, SYN).build()).bytes);
+    assert_eq!(v4.dport, 8080);
+    let v6 = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 49000, VIP6, 80, SYN).build()).bytes);
+    assert!(backends6().contains(&v6.dst));
+    assert_eq!(
+        dp.maps.ct_entries().len(),
+        2,
+        "IPv4's flow in IPv4's tables"
+    );
+    assert_eq!(
+        dp.maps.v6.ct_any.keys().filter_map(|k| k.ok()).count(),
+        2,
+        "IPv6's in IPv6's"
+    );
+    // One port filter serves both: a port only IPv6 uses still reaches
+    // IPv6's frontend, and IPv4 traffic to it finds no service.
+    install_service6(&mut dp, 27, VIP6, 8443, IPPROTO_TCP, &[(31, B6_1, 443)]);
+    let seen = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 49001, VIP6, 8443, SYN).build()).bytes);
+    assert_eq!(seen.dport, 443);
+    let frame = Pkt::new(CLIENT, 49001, VIP, 8443, SYN).build();
+    let out = run(&mut dp, &frame);
+    assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, frame));
+}
