@@ -63,7 +63,7 @@ impl<A: Family> NetRef<'_, A> {
 
     /// Whether `src` is a pod's address (in the known cluster CIDR).
     #[inline(always)]
-    pub fn from_pod(&self, src: A) -> bool {
+    pub fn is_pod(&self, src: A) -> bool {
         self.0.is_some_and(|n| {
             n.cluster_mask != A::ZERO && A::masked_eq(src, n.cluster_mask, n.cluster_cidr)
         })

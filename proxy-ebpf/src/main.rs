@@ -510,7 +510,7 @@ fn flow_of<P: Packet, A: Family>(
             return established(ctx, pkt, &key, found, hook, dsr);
         }
     }
-    if recovered && !recoverable(pkt, &svc) {
+    if recovered && !recoverable(pkt, svc) {
         // Mid-stream TCP nobody tracks: the reference's ctstate INVALID.
         return Verdict::Drop(DropReason::InvalidTcp);
     }
@@ -528,7 +528,7 @@ fn flow_of<P: Packet, A: Family>(
         // its own.
         return A::hand_over(svc, recovered);
     }
-    new_flow(ctx, pkt, &key, &svc, origin, recovered, dsr)
+    new_flow(ctx, pkt, &key, svc, origin, recovered, dsr)
 }
 
 /// Whether a mid-stream TCP segment with no flow entry can take up its flow

@@ -44,7 +44,7 @@ pub fn decide<A: Family>(
     // The cluster CIDR is the reference's local-traffic detector; unknown,
     // no source counts as a pod and none as off-cluster.
     let known = net.known();
-    let from_pod = net.from_pod(src);
+    let from_pod = net.is_pod(src);
     let policy_local = svc.flags & SVC_F_LOCAL != 0;
     let choice = if svc.flags & SVC_F_EXTERNAL == 0 {
         // A cluster IP: masquerade off-cluster sources, or all.
@@ -116,7 +116,7 @@ pub fn dsr<A: Family>(
         && cfg.flags() & wanted != 0
         && origin == Origin::Network
         && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL
-        && !net.from_pod(src)
+        && !net.is_pod(src)
 }
 
 /// One LPM lookup: is `src` in one of the frontend's source ranges?
