@@ -20,8 +20,10 @@ const BPF_FIB_LKUP_RET_NOT_FWDED: u64 = 4;
 const BPF_FIB_LOOKUP_SRC: u64 = 1 << 4;
 /// `struct bpf_fib_lookup` offsets.
 mod fib {
+    pub const FAMILY: usize = 0;
     pub const IFINDEX: usize = 8;
     pub const IPV4_SRC: usize = 16;
+    pub const AF_INET6: u8 = 10;
     pub const SMAC: usize = 52;
     pub const DMAC: usize = 58;
     pub const SIZE: usize = 64;
@@ -254,12 +256,18 @@ fn fib_lookup(vm: &mut Vm, params: u64, plen: u64, flags: u64) -> Result<u64> {
         Fib::Forward {
             ifindex,
             src,
+            src6,
             smac,
             dmac,
         } => {
             p[fib::IFINDEX..fib::IFINDEX + 4].copy_from_slice(&ifindex.to_ne_bytes());
             if flags & BPF_FIB_LOOKUP_SRC != 0 {
-                p[fib::IPV4_SRC..fib::IPV4_SRC + 4].copy_from_slice(&src);
+                // The IPv6 source lies where the IPv4 one does, 16 bytes.
+                if p[fib::FAMILY] == fib::AF_INET6 {
+                    p[fib::IPV4_SRC..fib::IPV4_SRC + 16].copy_from_slice(&src6);
+                } else {
+                    p[fib::IPV4_SRC..fib::IPV4_SRC + 4].copy_from_slice(&src);
+                }
             }
             p[fib::SMAC..fib::SMAC + 6].copy_from_slice(&smac);
             p[fib::DMAC..fib::DMAC + 6].copy_from_slice(&dmac);

@@ -36,10 +36,12 @@ pub enum Fib {
     /// No route: `BPF_FIB_LKUP_RET_NOT_FWDED` (what an empty namespace says).
     NoRoute,
     /// A route and a resolved neighbour: `BPF_FIB_LKUP_RET_SUCCESS` with
-    /// this egress interface, source address (network order) and MACs.
+    /// this egress interface, source address (network order; `src6` for
+    /// an IPv6 request) and MACs.
     Forward {
         ifindex: u32,
         src: [u8; 4],
+        src6: [u8; 16],
         smac: [u8; 6],
         dmac: [u8; 6],
     },

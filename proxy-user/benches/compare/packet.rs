@@ -19,10 +19,16 @@ use proxy_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::support::{ct_key, edit_frontend, install_service, ip, Pkt, ACK, SYN, TC_ACT_REDIRECT};
+use crate::support::{
+    ct_key, edit_frontend, install_service, ip,
+    v6::{ct_key6, install_service6, ip6, Pkt6},
+    Pkt, ACK, SYN, TC_ACT_REDIRECT,
+};
 
 const CLIENT: &str = "198.18.0.2";
 const BACKEND: &str = "198.18.200.1";
+const CLIENT6: &str = "2001:2::2";
+const BACKEND6: &str = "2001:2:200::1";
 const ENDPOINTS: u32 = 10;
 
 /// Nanoseconds per packet.
@@ -71,7 +77,27 @@ pub struct PacketCost {
     /// another node): `XDP_TX`.
     #[serde(default)]
     pub xdp: Option<XdpCost>,
+    /// The same paths for IPv6 (issue 20), on the same datapath with as
+    /// many IPv6 services.
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Cost>,
     pub programmed_seconds: f64,
+}
+
+/// IPv6's figures: the fields of [`PacketCost`] of the same names, for an
+/// IPv6 packet (the floor is the same empty program's).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Ipv6Cost {
+    pub no_service_ns: f64,
+    pub no_frontend_port_ns: f64,
+    pub established_ns: f64,
+    pub reply_ns: f64,
+    pub first_packet_ns: f64,
+    pub established_fib_ns: f64,
+    pub reply_fib_ns: f64,
+    pub first_packet_fib_ns: f64,
+    /// The empty program's single-run median on IPv6's first packets.
+    pub floor_single_ns: f64,
 }
 
 /// Nanoseconds per packet of the XDP program (the FIB answering, the
@@ -104,6 +130,37 @@ pub fn fib_routes(ns: &testbed::Netns) -> anyhow::Result<()> {
     for net in ["198.18.200.254/24", "198.18.0.254/24"] {
         ns.ip(&["addr", "add", net, "dev", "kpxfib"])?;
     }
+    for net in ["2001:2:200::fe/64", "2001:2::fe/64"] {
+        ns.ip(&["-6", "addr", "add", net, "dev", "kpxfib", "nodad"])?;
+    }
+    for (addr, mac) in [
+        (BACKEND6, "02:00:00:00:00:01"),
+        (CLIENT6, "02:00:00:00:00:02"),
+    ] {
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "add",
+            addr,
+            "lladdr",
+            mac,
+            "dev",
+            "kpxfib",
+            "nud",
+            "permanent",
+        ])?;
+    }
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:2::/48",
+        "via",
+        BACKEND6,
+        "dev",
+        "kpxfib",
+    ])?;
+    ns.sysctl("net/ipv6/conf/all/forwarding", "1")?;
     for (addr, mac) in [
         (BACKEND, "02:00:00:00:00:01"),
         (CLIENT, "02:00:00:00:00:02"),
@@ -147,7 +204,11 @@ pub fn measure(
     } else {
         (200_000, 20_000)
     };
-    let mut dp = Datapath::load(&Default::default())?;
+    // IPv6's tables at their full size, as IPv4's: the same conditions.
+    let mut dp = Datapath::load(&kpx::dataplane::maps::LoadOptions {
+        ipv6: true,
+        ..Default::default()
+    })?;
     let t = std::time::Instant::now();
     let last_vip = install(&mut dp, n);
     let programmed = t.elapsed().as_secs_f64();
@@ -158,9 +219,12 @@ pub fn measure(
     let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
     let (established, reply) = ping_pong(&mut dp, &last_vip, repeat)?;
     let (first, floor_single) = single_runs(&mut dp, &last_vip, singles, 100)?;
+    let last_vip6 = install6(&mut dp, n);
+    let mut v6 = ipv6_unrouted(&mut dp, &last_vip6, repeat, singles)?;
     routes()?;
     let (established_fib, reply_fib) = ping_pong_redirected(&mut dp, &last_vip, repeat)?;
     let (first_fib, _) = single_runs(&mut dp, &last_vip, singles, 110)?;
+    ipv6_routed(&mut dp, &last_vip6, repeat, singles, &mut v6)?;
     let xdp = xdp_costs(&mut dp, &last_vip, repeat, singles)?;
     // Schedulers last, so the figures above are taken as they always were:
     // four more services, one per scheduler, their first packets taken in
@@ -181,6 +245,7 @@ pub fn measure(
         first_packet_by_scheduler: by_scheduler,
         maglev_1000_ms: maglev_build_ms(1_000),
         xdp: Some(xdp),
+        ipv6: Some(v6),
         programmed_seconds: programmed,
     })
 }
@@ -510,6 +575,149 @@ fn ping_pong_frames(vip: &str) -> [Vec<u8>; 2] {
         p.ttl = 255;
         p.build()
     })
+}
+
+/// `n` IPv6 TCP services on port 80, 10 endpoints each (service ids after
+/// IPv4's); returns the last VIP.
+fn install6(dp: &mut Datapath, n: u32) -> String {
+    let mut vip = String::new();
+    for s in 0..n {
+        vip = format!("2001:2:ff::{:x}", s);
+        let addrs: Vec<(u32, String)> = (0..ENDPOINTS)
+            .map(|e| {
+                let id = (n + s) * ENDPOINTS + e;
+                (id, format!("2001:2:10::{:x}", id))
+            })
+            .collect();
+        let backends: Vec<(u32, &str, u16)> = addrs
+            .iter()
+            .map(|(id, a)| (*id, a.as_str(), 8080))
+            .collect();
+        install_service6(dp, n + s, &vip, 80, IPPROTO_TCP, &backends);
+    }
+    vip
+}
+
+/// IPv6's ping-pong flow (see [`ping_pong`]), and its two packets with hop
+/// limit 255.
+fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
+    let (dst, src) = (CT_F_REWRITE_DST, CT_F_REWRITE_SRC);
+    let entry6 = |flags: u16, dir: u8, addr: &str, port: u16| {
+        let (a, p) = (wire::addr6(ip6(addr)), wire::port(port));
+        CtValue {
+            new_src_addr: if flags == src { a } else { [0; 4] },
+            new_dst_addr: if flags == dst { a } else { [0; 4] },
+            new_src_port: if flags == src { p } else { 0 },
+            new_dst_port: if flags == dst { p } else { 0 },
+            flags,
+            dir,
+            ..Default::default()
+        }
+    };
+    for (k, v) in [
+        (
+            ct_key6(CLIENT6, 45000, vip, 80, IPPROTO_TCP),
+            entry6(dst, CT_DIR_ORIGINAL, BACKEND6, 8080),
+        ),
+        (
+            ct_key6(CLIENT6, 45000, BACKEND6, 8080, IPPROTO_TCP),
+            entry6(dst, CT_DIR_ORIGINAL, vip, 80),
+        ),
+        (
+            ct_key6(BACKEND6, 8080, CLIENT6, 45000, IPPROTO_TCP),
+            entry6(src, CT_DIR_REPLY, vip, 80),
+        ),
+        (
+            ct_key6(vip, 80, CLIENT6, 45000, IPPROTO_TCP),
+            entry6(src, CT_DIR_REPLY, BACKEND6, 8080),
+        ),
+    ] {
+        dp.maps.v6.ct_tcp.insert(k, v, 0)?;
+    }
+    // (Ports 8080 and 80 are marked both ways by IPv4's ping-pong flow.)
+    Ok([
+        Pkt6::new(CLIENT6, 45000, vip, 80, ACK),
+        Pkt6::new(BACKEND6, 8080, CLIENT6, 45000, ACK),
+    ]
+    .map(|mut p| {
+        p.hop_limit = 255;
+        p.build()
+    }))
+}
+
+/// IPv6's first packets, single-run medians (fresh flows from clients
+/// 2001:2:`base`::/64), and the empty program's.
+fn single_runs6(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Result<(f64, f64)> {
+    let mut first = Vec::with_capacity(runs as usize);
+    let mut floor = Vec::with_capacity(runs as usize);
+    for i in 0..runs {
+        let src = format!("2001:2:{:x}::{:x}", base, i / 256 + 1);
+        let sport = 1024 + (i % 256) as u16;
+        let syn = Pkt6::new(&src, sport, vip, 80, SYN).build();
+        first.push(test_run(dp.ingress()?, &syn, 1)?.duration.as_nanos());
+        floor.push(test_run(dp.floor()?, &syn, 1)?.duration.as_nanos());
+    }
+    Ok((median(first), median(floor)))
+}
+
+/// IPv6's figures before the namespace has routes (the FIB sends every
+/// translated packet to the stack).
+fn ipv6_unrouted(
+    dp: &mut Datapath,
+    vip: &str,
+    repeat: u32,
+    singles: u32,
+) -> anyhow::Result<Ipv6Cost> {
+    let other = Pkt6::new(CLIENT6, 40000, "2001:2:33::3", 80, ACK).build();
+    let no_service = repeat_ns(dp.ingress()?, &other, repeat)?;
+    let unused = Pkt6::new(CLIENT6, 40000, "2001:2:33::3", 9000, ACK).build();
+    let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
+    let [est, rep] = ping_pong6(dp, vip)?;
+    let established = repeat_ns(dp.ingress()?, &est, repeat)?;
+    let reply = repeat_ns(dp.ingress()?, &rep, repeat)?;
+    let (first, floor_single) = single_runs6(dp, vip, singles, 0x100)?;
+    Ok(Ipv6Cost {
+        no_service_ns: no_service,
+        no_frontend_port_ns: no_frontend_port,
+        established_ns: established,
+        reply_ns: reply,
+        first_packet_ns: first,
+        established_fib_ns: 0.0,
+        reply_fib_ns: 0.0,
+        first_packet_fib_ns: 0.0,
+        floor_single_ns: floor_single,
+    })
+}
+
+/// IPv6's redirected figures, once the namespace's FIB answers.
+fn ipv6_routed(
+    dp: &mut Datapath,
+    vip: &str,
+    repeat: u32,
+    singles: u32,
+    v6: &mut Ipv6Cost,
+) -> anyhow::Result<()> {
+    let frames = ping_pong6(dp, vip)?;
+    let prog = dp.ingress()?;
+    let mut out = [0.0; 2];
+    for (i, frame) in frames.iter().enumerate() {
+        let r = test_run(prog, frame, 1)?;
+        anyhow::ensure!(
+            r.return_value == TC_ACT_REDIRECT,
+            "the IPv6 established packet was not redirected by the FIB (verdict {})",
+            r.return_value as i32
+        );
+        let batches = (repeat / 200).max(25);
+        let mut ns = Vec::with_capacity(batches as usize);
+        for _ in 0..batches {
+            ns.push(test_run(prog, frame, 200)?.duration.as_nanos());
+        }
+        out[i] = median(ns);
+    }
+    v6.established_fib_ns = out[0];
+    v6.reply_fib_ns = out[1];
+    v6.first_packet_fib_ns = single_runs6(dp, vip, singles, 0x110)?.0;
+    Ok(())
 }
 
 fn median(mut v: Vec<u128>) -> f64 {

@@ -226,6 +226,61 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
     );
 }
 
+/// IPv6's figures beside IPv4's: ns above the empty program, and their
+/// ratio to IPv4's (issue 20: at most 1.15).
+fn ipv6_table(out: &mut String, costs: &[PacketCost]) {
+    if costs.iter().all(|p| p.ipv6.is_none()) {
+        return;
+    }
+    out.push_str(
+        "\n**IPv6**: the same paths for IPv6 packets (as many IPv6 services beside the IPv4 ones), \
+         ns above the empty program, and in parentheses their ratio to IPv4's figure\n\n",
+    );
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .filter_map(|p| p.ipv6.as_ref().map(|v| (p, v)))
+        .map(|(p, v)| {
+            let cell = |v6: f64, v4: f64, floor: f64| {
+                if v6 <= 0.0 {
+                    return "–".to_string();
+                }
+                let (a6, a4) = (v6 - floor, v4 - floor);
+                format!("{a6:.0} ({:.2})", a6 / a4.max(1.0))
+            };
+            vec![
+                thousands(p.services as f64),
+                cell(v.no_frontend_port_ns, p.no_frontend_port_ns, p.floor_ns),
+                cell(v.no_service_ns, p.no_service_ns, p.floor_ns),
+                cell(v.established_ns, p.established_ns, p.floor_ns),
+                cell(v.reply_ns, p.reply_ns, p.floor_ns),
+                cell(v.established_fib_ns, p.established_fib_ns, p.floor_ns),
+                cell(v.reply_fib_ns, p.reply_fib_ns, p.floor_ns),
+                cell(v.first_packet_ns, p.first_packet_ns, p.floor_single_ns),
+                cell(
+                    v.first_packet_fib_ns,
+                    p.first_packet_fib_ns,
+                    p.floor_single_ns,
+                ),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &[
+            "services".into(),
+            "no service, other port".into(),
+            "no service, a frontend's port".into(),
+            "established, FIB → stack".into(),
+            "reply, FIB → stack".into(),
+            "established, redirected".into(),
+            "reply, redirected".into(),
+            "first packet, FIB → stack (1 run)".into(),
+            "first packet, redirected (1 run)".into(),
+        ],
+        &rows,
+    );
+}
+
 /// `--north-south` alone.
 pub fn north_south_markdown(machine: &str, rates: &[NsRate]) -> String {
     let mut out = format!("`cargo xtask bench -- --north-south` on {machine}\n\n");
@@ -384,6 +439,7 @@ fn scheduler_table(out: &mut String, costs: &[PacketCost]) {
 pub fn packet_markdown(machine: &str, costs: &[PacketCost], paths: &[PathLength]) -> String {
     let mut out = format!("`cargo xtask bench --packet` on {machine}\n\n");
     packet_table(&mut out, costs);
+    ipv6_table(&mut out, costs);
     xdp_table(&mut out, costs);
     scheduler_table(&mut out, costs);
     path_table(&mut out, paths);
@@ -654,6 +710,7 @@ impl Report {
         );
 
         packet_table(&mut out, &self.packet);
+        ipv6_table(&mut out, &self.packet);
         xdp_table(&mut out, &self.packet);
         scheduler_table(&mut out, &self.packet);
         north_south_table(&mut out, &self.north_south);

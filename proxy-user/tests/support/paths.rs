@@ -4,16 +4,16 @@
 //! `tests/pathlen.rs` holds each path to a budget; `cargo xtask bench
 //! --packet` prints the same counts next to the nanoseconds.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{ensure, Context as _, Result};
 use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
-    map_names, prog_names, wire, Backend, DatapathConfig, ServiceKey, ServiceValue, Slot, SlotKey,
-    CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
-    NODE_F_NODEPORT, PROG_DSR, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT,
-    SVC_SCHED_SHIFT,
+    map_names, prog_names, wire, Backend, DatapathConfig, Net6, ServiceKey, ServiceValue, Slot,
+    SlotKey, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
+    NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SCHED_LC,
+    SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
 
 use super::{
@@ -37,6 +37,15 @@ const DSR_NODE_PORT: u16 = 30053;
 const OTHER_NODE: &str = "198.18.0.7";
 const BACKENDS: u32 = 10;
 
+// IPv6's table: a ClusterIP service with 10 backends and one without
+// endpoints; the cluster CIDR 2001:2::/56, the node 2001:2::1.
+const CLIENT6: &str = "2001:2::2";
+/// Outside the cluster CIDR: masqueraded.
+const OUTSIDE6: &str = "2001:2:9::5";
+const NODE6: &str = "2001:2::1";
+const VIP6: &str = "2001:2:0:ff::10";
+const EMPTY_VIP6: &str = "2001:2:0:ff::12";
+
 /// One path: a packet, the hook, what the FIB answers, and the verdict the
 /// path must end in (so a count is never of a path the packet did not take).
 pub struct Path {
@@ -54,6 +63,7 @@ pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
 const FORWARD: Fib = Fib::Forward {
     ifindex: 2,
     src: [198, 18, 0, 1],
+    src6: [0x20, 0x01, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01],
     smac: [0x02, 0, 0, 0, 0, 0x10],
     dmac: NEXT_HOP_MAC,
 };
@@ -142,7 +152,86 @@ pub fn vm() -> Result<Vm> {
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
     vm.set_tail(map_names::PROGS, PROG_DSR, prog_names::TC_DSR)?;
+    service6(&mut vm, 20, (VIP6, 80, IPPROTO_TCP), BACKENDS)?;
+    service6(&mut vm, 21, (EMPTY_VIP6, 80, IPPROTO_TCP), 0)?;
+    let node6 = wire::addr6(NODE6.parse()?);
+    vm.map_insert(
+        map_names::NODE_ADDRS6,
+        bytes(&node6),
+        &(NODE_F_LOCAL | NODE_F_NODEPORT).to_ne_bytes(),
+    )?;
+    let net = Net6 {
+        cluster_cidr: wire::addr6("2001:2::".parse()?),
+        cluster_mask: wire::addr6("ffff:ffff:ffff:ff00::".parse()?),
+        snat_addr: node6,
+    };
+    vm.map_insert(map_names::CONFIG6, &0u32.to_ne_bytes(), bytes(&net))?;
+    for (index, prog) in [
+        (PROG_INGRESS6, prog_names::TC_INGRESS6),
+        (PROG_EGRESS6, prog_names::TC_EGRESS6),
+        (PROG_NEW6, prog_names::TC_NEW6),
+        (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
+    ] {
+        vm.set_tail(map_names::PROGS, index, prog)?;
+    }
     Ok(vm)
+}
+
+/// An IPv6 frontend with `backends` backends (2001:2:0:<svc_id>::<n>,
+/// port 8080), laid out as the agent lays them out.
+fn service6(
+    vm: &mut Vm,
+    svc_id: u32,
+    (addr, port, proto): (&str, u16, u8),
+    backends: u32,
+) -> Result<()> {
+    for slot in 0..backends {
+        let b = Backend {
+            addr: wire::addr6(Ipv6Addr::new(
+                0x2001,
+                2,
+                0,
+                svc_id as u16,
+                0,
+                0,
+                0,
+                1 + slot as u16,
+            )),
+            port: wire::port(8080),
+            proto,
+            flags: 0,
+        };
+        let s = Slot {
+            backend_id: svc_id * 100 + slot,
+            backend: b,
+        };
+        vm.map_insert(
+            map_names::SLOTS6,
+            bytes(&SlotKey { svc_id, slot }),
+            bytes(&s),
+        )?;
+    }
+    let key = ServiceKey {
+        addr: wire::addr6(addr.parse()?),
+        port: wire::port(port),
+        proto,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        svc_id,
+        count: backends,
+        affinity_id: svc_id,
+        ..Default::default()
+    };
+    vm.map_insert(map_names::SERVICES6, bytes(&key), bytes(&value))?;
+    vm.map_insert(
+        map_names::SERVICE_ADDRS6,
+        bytes(&key.addr),
+        &1u32.to_ne_bytes(),
+    )?;
+    // Port 80's and 8080's bits are IPv4's services' already: the filter
+    // serves both families.
+    Ok(())
 }
 
 fn service(
@@ -420,6 +509,101 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
     ]
 }
 
+fn tcp6(src: &str, sport: u16, dst: &str, dport: u16, l4: super::L4) -> Vec<u8> {
+    super::v6::Pkt6::new(src, sport, dst, dport, l4).build()
+}
+
+/// IPv6's paths, in the order the table prints them (after IPv4's, on the
+/// same VM): its programs tail-called from IPv4's entries.
+pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
+    let b = backend.to_string();
+    let mut fragment = super::v6::Pkt6::new(CLIENT6, 40001, VIP6, 80, ACK);
+    fragment.ext = vec![super::v6::Ext::fragment(0, true)];
+    vec![
+        path(
+            "IPv6: no service",
+            tcp6(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
+            "IPv6: no service, port no frontend uses",
+            tcp6(CLIENT6, 40000, "2001:2:0:33::3", 9000, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
+            "IPv6: first packet",
+            tcp6(CLIENT6, 45000, VIP6, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: first reply: connection established",
+            tcp6(&b, 8080, CLIENT6, 45000, SYN_ACK),
+            Fib::NoRoute,
+            TC_ACT_OK,
+        ),
+        path(
+            "IPv6: established, FIB to the stack",
+            tcp6(CLIENT6, 45000, VIP6, 80, ACK),
+            Fib::NoRoute,
+            TC_ACT_OK,
+        ),
+        path(
+            "IPv6: established, next hop looked up",
+            tcp6(CLIENT6, 45000, VIP6, 80, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: established",
+            tcp6(CLIENT6, 45000, VIP6, 80, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: reply, next hop looked up",
+            tcp6(&b, 8080, CLIENT6, 45000, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: reply",
+            tcp6(&b, 8080, CLIENT6, 45000, ACK),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: first packet, masqueraded",
+            tcp6(OUTSIDE6, 45001, VIP6, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: no endpoints: REJECT",
+            tcp6(CLIENT6, 45002, EMPTY_VIP6, 80, SYN),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: fragment to a service",
+            fragment.build(),
+            FORWARD,
+            TC_ACT_SHOT,
+        ),
+        Path {
+            egress: true,
+            ..path(
+                "IPv6: egress: a pod's packet",
+                tcp6(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK),
+                FORWARD,
+                TC_ACT_UNSPEC,
+            )
+        },
+    ]
+}
+
 /// Runs one path; fails if the packet ended anywhere but its path's verdict.
 pub fn run(vm: &mut Vm, p: &Path) -> Result<Run> {
     vm.fib = p.fib;
@@ -458,8 +642,22 @@ pub fn run_all() -> Result<Vec<(&'static str, Run)>> {
         let r = run(&mut probe, &first)?;
         super::inspect(&r.packet).dst
     };
+    // IPv6's, after IPv4's paths (which draw from the same random
+    // sequence) on a scratch VM.
+    let backend6 = {
+        let mut probe = self::vm()?;
+        for p in paths(backend) {
+            run(&mut probe, &p)?;
+        }
+        let first = paths6(Ipv6Addr::UNSPECIFIED)
+            .into_iter()
+            .find(|p| p.name == "IPv6: first packet")
+            .context("no IPv6 first-packet path")?;
+        let r = run(&mut probe, &first)?;
+        super::v6::inspect6(&r.packet).dst
+    };
     let mut out = Vec::new();
-    for p in paths(backend) {
+    for p in paths(backend).into_iter().chain(paths6(backend6)) {
         let r = run(&mut vm, &p)?;
         out.push((p.name, r));
     }
