@@ -392,3 +392,144 @@ fn rewrite_error(
     }
     Ok(())
 }
+
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+const ICMPV6_PARAMPROB: u8 = 4;
+
+/// Where an ICMPv6 error's fields lie, from the packet's start.
+struct Error6At {
+    /// The ICMPv6 checksum.
+    csum: usize,
+    /// The quoted IPv6 header.
+    inner_l3: usize,
+    /// The quoted transport header (right after the quoted IPv6 header:
+    /// a quote with extension headers is not translated).
+    inner_l4: usize,
+}
+
+/// [`translate_error`] for ICMPv6: destination unreachable, packet too
+/// big (Path MTU discovery through a VIP depends on it: IPv6 routers never
+/// fragment), time exceeded and parameter problem, whose quoted packet
+/// belongs to a translated flow. The same lookup (1 or 2, on the quoted
+/// tuple reversed). IPv6 has no header checksum: every change goes into
+/// the ICMPv6 checksum (whose pseudo-header holds the outer addresses) and
+/// the quoted transport checksum, computed here and stored once each.
+#[inline(always)]
+pub fn translate_error6(ctx: &TcContext, pkt: &IpPacket<In6>) -> Verdict {
+    let Ok(icmp_type) = ctx.load::<u8>(pkt.l4_off) else {
+        return Verdict::Pass(Counter::PassMalformed);
+    };
+    if !matches!(
+        icmp_type,
+        ICMPV6_DEST_UNREACH | ICMPV6_PKT_TOOBIG | ICMPV6_TIME_EXCEED | ICMPV6_PARAMPROB
+    ) {
+        // Neighbour discovery, router advertisements, echo: not kpx's.
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
+    let at = Error6At {
+        csum: pkt.l4_off + ICMP_CSUM,
+        inner_l3: pkt.l4_off + ICMP_HLEN,
+        inner_l4: pkt.l4_off + ICMP_HLEN + ip6::HLEN,
+    };
+    let Ok(inner) = ctx.load::<Ipv6Hdr>(at.inner_l3) else {
+        return Verdict::Pass(Counter::PassMalformed);
+    };
+    if u32::from_be(inner.vtc_flow) >> 28 != 6
+        || (inner.next_hdr != IPPROTO_TCP && inner.next_hdr != IPPROTO_UDP)
+    {
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
+    if at.inner_l4 + 8 > pkt.end {
+        return Verdict::Pass(Counter::PassMalformed);
+    }
+    let Ok(ports) = ctx.load::<[u16; 2]>(at.inner_l4) else {
+        return Verdict::Pass(Counter::PassMalformed);
+    };
+    // The flow's other direction: the quoted tuple reversed.
+    let key = CtKey::new(inner.daddr, inner.saddr, ports[1], ports[0], inner.next_hdr);
+    let Some(entry) = conntrack::lookup_any_state(&key) else {
+        return Verdict::Pass(Counter::PassNoService);
+    };
+    // SAFETY: valid hash element for this RCU read section, read once.
+    let t = unsafe { &*entry }.translate(&key);
+    match rewrite_error6(ctx, pkt, &at, inner.next_hdr, &key, &t) {
+        Ok(()) => {
+            stats::count(Counter::IcmpTranslated);
+            Verdict::Translated(TC_ACT_OK)
+        }
+        Err(()) => Verdict::Drop(proxy_common::DropReason::RewriteFailed),
+    }
+}
+
+/// The quote (`key` reversed) becomes `t` reversed; the outer addresses that
+/// were the quote's follow it; the checksums follow both.
+#[inline(always)]
+fn rewrite_error6(
+    ctx: &TcContext,
+    pkt: &IpPacket<In6>,
+    at: &Error6At,
+    proto: u8,
+    key: &CtKey<In6>,
+    t: &CtKey<In6>,
+) -> Result<(), ()> {
+    use crate::{csum::Sum, family::Family};
+
+    let ports = |s: u16, d: u16| {
+        let (s, d) = (s.to_ne_bytes(), d.to_ne_bytes());
+        u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+    };
+    // The quote's addresses and ports: part of the quoted transport
+    // checksum (its pseudo-header, its header) and of the ICMP message.
+    let quote = In6::sum_replace(Sum::zero(), key.dst_addr, t.dst_addr);
+    let quote = In6::sum_replace(quote, key.src_addr, t.src_addr);
+    let quote = quote.replace(
+        ports(key.dst_port, key.src_port),
+        ports(t.dst_port, t.src_port),
+    );
+    let mut icmp = quote;
+    // The quoted transport checksum, when the quote holds it (UDP's 0:
+    // none, left as it is).
+    let l4_csum = match proto {
+        IPPROTO_TCP if at.inner_l4 + l4::TCP_CSUM + 2 <= pkt.end => {
+            Some(at.inner_l4 + l4::TCP_CSUM)
+        }
+        IPPROTO_UDP => Some(at.inner_l4 + l4::UDP_CSUM),
+        _ => None,
+    };
+    if let Some(off) = l4_csum {
+        if let Ok(old) = ctx.load::<u16>(off) {
+            if old != 0 {
+                let new = Sum::of_checksum(old).add(quote.diff()).checksum();
+                ctx.store(off, &new, 0).map_err(|_| ())?;
+                icmp = icmp.replace(old as u32, new as u32);
+            }
+        }
+    }
+    // The outer header: the error goes to the quote's source as it knows
+    // itself, from the quote's destination if that is who sent it (a
+    // router on the way keeps its own address). In the ICMPv6 checksum's
+    // pseudo-header.
+    let dst = if pkt.dst == key.dst_addr {
+        t.dst_addr
+    } else {
+        pkt.dst
+    };
+    let src = if pkt.src == key.src_addr {
+        t.src_addr
+    } else {
+        pkt.src
+    };
+    if dst != pkt.dst || src != pkt.src {
+        icmp = In6::sum_replace(icmp, pkt.dst, dst);
+        icmp = In6::sum_replace(icmp, pkt.src, src);
+        ctx.store(pkt.l3_off + 8, &[src, dst], 0).map_err(|_| ())?;
+    }
+    ctx.store(at.inner_l3 + 8, &[t.dst_addr, t.src_addr], 0)
+        .map_err(|_| ())?;
+    ctx.store(at.inner_l4, &[t.dst_port, t.src_port], 0)
+        .map_err(|_| ())?;
+    let old: u16 = ctx.load(at.csum).map_err(|_| ())?;
+    let new = Sum::of_checksum(old).add(icmp.diff()).checksum();
+    ctx.store(at.csum, &new, 0).map_err(|_| ())
+}

@@ -237,7 +237,8 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
 }
 
 /// tc egress for IPv6, tail-called by [`kpx_tc_egress`]: as for IPv4
-/// (no ICMPv6 error to translate yet). Lookups as listed there.
+/// (ICMPv6 errors about translated flows included). Lookups as listed
+/// there.
 #[classifier]
 pub fn kpx_tc_egress6(ctx: TcContext) -> i32 {
     let Some(s) = scratch6() else {
@@ -247,6 +248,7 @@ pub fn kpx_tc_egress6(ctx: TcContext) -> i32 {
         return PASS;
     }
     let v = match s.pkt.proto {
+        IPPROTO_ICMPV6 => icmp::translate_error6(&ctx, &s.pkt),
         IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(s.pkt.src) => {
             flow6(&ctx, s, Origin::Node)
         }
@@ -394,8 +396,9 @@ fn path6(ctx: &TcContext) -> Verdict {
         Kind::Packet => {}
     }
     if s.pkt.proto == IPPROTO_ICMPV6 {
-        // Neighbour discovery, echo, and (not translated yet) errors.
-        return Verdict::Pass(Counter::PassNotHandled);
+        // Errors about translated flows; neighbour discovery and the rest
+        // pass.
+        return icmp::translate_error6(ctx, &s.pkt);
     }
     if s.pkt.proto != IPPROTO_TCP && s.pkt.proto != IPPROTO_UDP {
         return Verdict::Pass(Counter::PassNotHandled);

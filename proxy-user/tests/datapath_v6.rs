@@ -512,3 +512,62 @@ fn ipv4_and_ipv6_services_share_one_datapath_without_mixing() {
     let out = run(&mut dp, &frame);
     assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, frame));
 }
+
+/// An ICMPv6 error of `icmp_type` from `src` to `dst` quoting `quote`.
+fn icmp6_error(src: &str, dst: &str, icmp_type: Icmpv6Type, quote: &[u8]) -> Vec<u8> {
+    let mut f = icmp6_frame(src, dst, icmp_type, quote);
+    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f
+}
+
+#[test]
+#[ignore = "needs root"]
+fn icmpv6_errors_about_a_translated_flow_reach_the_client_as_about_the_vip() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    let syn = run(&mut dp, &Pkt6::new(CLIENT6, 50000, VIP6, 80, SYN).build());
+    let seen = inspect6(&syn.bytes);
+    let b = seen.dst.to_string();
+    // The translated SYN, quoted whole (as the kernel quotes up to 1280
+    // bytes), in a Packet Too Big from the backend and from a router on
+    // the way.
+    let quote = syn.bytes[14..].to_vec();
+    for (from, outer_src) in [(b.as_str(), VIP6), ("2001:2:0:77::1", "2001:2:0:77::1")] {
+        let ptb = icmp6_error(
+            from,
+            CLIENT6,
+            Icmpv6Type::PacketTooBig { mtu: 1400 },
+            &quote,
+        );
+        let out = run(&mut dp, &ptb);
+        assert_eq!(out.verdict, TC_ACT_OK, "from {from}");
+        let icmp = inspect_icmp6(&out.bytes);
+        assert_eq!(icmp.src, ip6(outer_src), "the error's source, from {from}");
+        assert_eq!(icmp.dst, ip6(CLIENT6));
+        assert!(matches!(
+            icmp.icmp_type,
+            Icmpv6Type::PacketTooBig { mtu: 1400 }
+        ));
+        // The quote is the client's own packet, as it sent it: to the VIP,
+        // its TCP checksum valid again.
+        let mut as_sent = vec![0u8; 14];
+        as_sent[12..14].copy_from_slice(&[0x86, 0xdd]);
+        as_sent.extend_from_slice(&icmp.quote);
+        let q = inspect6(&as_sent);
+        assert_eq!(
+            (q.src, q.sport, q.dst, q.dport),
+            (ip6(CLIENT6), 50000, ip6(VIP6), 80)
+        );
+    }
+    assert_eq!(counter(&mut dp, Counter::IcmpTranslated), 2);
+    // An error about no flow of kpx's passes untouched.
+    let other = Pkt6::new(CLIENT6, 50001, "2001:2:0:33::3", 80, SYN).build();
+    let ptb = icmp6_error(
+        "2001:2:0:77::1",
+        CLIENT6,
+        Icmpv6Type::PacketTooBig { mtu: 1400 },
+        &other[14..],
+    );
+    let out = run(&mut dp, &ptb);
+    assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, ptb));
+}

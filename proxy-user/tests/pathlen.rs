@@ -76,6 +76,7 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     ("IPv6: established", 835, 15),                          // 796, 15
     ("IPv6: reply, next hop looked up", 950, 18),            // 905, 18
     ("IPv6: reply", 840, 16),                                // 799, 16
+    ("IPv6: ICMP error about a flow", 670, 14),              // 636, 14
     ("IPv6: first packet, masqueraded", 1475, 34),           // 1401, 34
     ("IPv6: no endpoints: REJECT", 610, 18),                 // 578, 18
     ("IPv6: fragment to a service", 220, 5),                 // 208, 5

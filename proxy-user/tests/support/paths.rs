@@ -517,6 +517,29 @@ fn tcp6(src: &str, sport: u16, dst: &str, dport: u16, l4: super::L4) -> Vec<u8> 
 /// same VM): its programs tail-called from IPv4's entries.
 pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
     let b = backend.to_string();
+    // A Packet Too Big from the backend about the client's packet, as the
+    // backend saw it (the kernel quotes it whole).
+    let quoted = tcp6(CLIENT6, 45000, &b, 8080, ACK);
+    let icmp = etherparse::Icmpv6Header::with_checksum(
+        etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 },
+        backend.octets(),
+        CLIENT6.parse::<Ipv6Addr>().expect("address").octets(),
+        &quoted[14..],
+    )
+    .expect("icmpv6");
+    let mut icmp6 = quoted[..14].to_vec();
+    let ip6 = etherparse::Ipv6Header {
+        traffic_class: 0,
+        flow_label: etherparse::Ipv6FlowLabel::ZERO,
+        payload_length: (8 + quoted.len() - 14) as u16,
+        next_header: etherparse::IpNumber::IPV6_ICMP,
+        hop_limit: 64,
+        source: backend.octets(),
+        destination: CLIENT6.parse::<Ipv6Addr>().expect("address").octets(),
+    };
+    ip6.write(&mut icmp6).expect("ipv6 header");
+    icmp.write(&mut icmp6).expect("icmpv6 header");
+    icmp6.extend_from_slice(&quoted[14..]);
     let mut fragment = super::v6::Pkt6::new(CLIENT6, 40001, VIP6, 80, ACK);
     fragment.ext = vec![super::v6::Ext::fragment(0, true)];
     vec![
@@ -574,6 +597,7 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
             FORWARD,
             TC_ACT_REDIRECT,
         ),
+        path("IPv6: ICMP error about a flow", icmp6, FORWARD, TC_ACT_OK),
         path(
             "IPv6: first packet, masqueraded",
             tcp6(OUTSIDE6, 45001, VIP6, 80, SYN),
