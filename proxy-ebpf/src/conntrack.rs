@@ -281,23 +281,25 @@ pub fn handshake<A: Family>(
 // first (20 instructions more on this path, measured with `pathlen`).
 #[allow(clippy::needless_borrows_for_generic_args)]
 pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>, DropReason> {
-    // SAFETY: as in `touch`; copied at once.
-    let reply = unsafe { *found.entry };
+    // Both entries are read, and inserted into `CT_TCP`, where they lie:
+    // copies (88 bytes each for IPv6) outgrew the stack of IPv6's programs.
+    // SAFETY: as in `touch`; read until the entries are removed below.
+    let reply = unsafe { &*found.entry };
     let original_key = reply.partner(key);
     // Evicted under pressure: the client's next SYN starts the flow afresh.
     let original_entry = A::ct_any()
         .get_ptr_mut(&original_key)
         .ok_or(DropReason::CtInsertFailed)?;
-    // SAFETY: as in `touch`; copied at once.
-    let original = unsafe { *original_entry };
+    // SAFETY: as above.
+    let original = unsafe { &*original_entry };
     if original.flags & CT_F_REFUSED != 0 {
         // Refused, and no SYN from the client since.
         return Err(DropReason::CtFull);
     }
     // Plain matches, no closures: LLVM outlined a closure here into a
     // subprogram whose stack frame took the egress program past 512 bytes.
-    let inserted = match insert_established(&original_key, &original, key) {
-        Ok(new) => match insert_established(key, &reply, &original_key) {
+    let inserted = match insert_established(&original_key, original, key) {
+        Ok(new) => match insert_established(key, reply, &original_key) {
             Ok(_) => Ok(new),
             Err(reason) => {
                 if A::ct_tcp().remove(&original_key).is_ok() {

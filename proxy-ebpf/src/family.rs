@@ -5,8 +5,6 @@
 //! address arithmetic, and the steps that write its header (the rewrite,
 //! the FIB request, the REJECT).
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     maps::{HashMap, LpmTrie, LruHashMap},
@@ -113,10 +111,6 @@ pub trait Family: Address {
     fn fib_source(p: &bpf_fib_lookup) -> Self;
     /// Answers `pkt` with the reference's REJECT ([`crate::icmp`]).
     fn reject(ctx: &TcContext, pkt: &IpPacket<Self>, hook: Hook) -> Result<i32, ()>;
-    /// Puts a translated tuple where the rest of the path reads it:
-    /// IPv4's in `local` (the stack), IPv6's in this CPU's scratch space
-    /// (held on the stack, with its spills, IPv6's path outgrew it).
-    fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self>;
     /// A first packet goes on in a program of its own
     /// ([`Family::hand_over`]):
     /// IPv6's, whose path with its new flow's outgrew one stack.
@@ -215,11 +209,6 @@ impl Family for u32 {
     #[inline(always)]
     fn backend_bits(b: &Backend<Self>) -> u64 {
         b.to_bits()
-    }
-
-    #[inline(always)]
-    fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self> {
-        local.write(t)
     }
 
     #[inline(always)]
@@ -322,19 +311,6 @@ impl Family for In6 {
     #[inline(always)]
     fn backend_bits(_b: &Backend<Self>) -> u64 {
         0
-    }
-
-    #[inline(always)]
-    fn keep(local: &mut MaybeUninit<CtKey<Self>>, t: CtKey<Self>) -> &mut CtKey<Self> {
-        match maps::SCRATCH6.get_ptr_mut(0) {
-            Some(s) => {
-                // SAFETY: this CPU's element, valid for the program run.
-                let s = unsafe { &mut *s };
-                s.to = t;
-                &mut s.to
-            }
-            None => local.write(t),
-        }
     }
 
     #[inline(always)]

@@ -30,8 +30,6 @@ mod sock;
 mod stats;
 mod verdict;
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
     macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp},
@@ -568,8 +566,7 @@ fn established<P: Packet, A: Family>(
         };
     }
     let (rewrite, refreshed) = conntrack::touch(found, key, pkt.tcp_flags);
-    let mut local = MaybeUninit::uninit();
-    let to = &*A::keep(&mut local, rewrite.translate(key));
+    let to = &rewrite.translate(key);
     let route = forward::established(ctx, pkt, to, found.entry, rewrite, refreshed, hook);
     let route = ctx.reachable(route);
     if nat::apply(ctx, pkt, to, route.ttl_dec(hook), &route).is_err() {
@@ -682,8 +679,7 @@ fn new_flow<P: Packet, A: Family>(
         }
         stats::event(Event::FlowRecovered, 1);
     }
-    let mut local = MaybeUninit::uninit();
-    let to = &*A::keep(&mut local, created.to);
+    let to = &created.to;
     let route = ctx.reachable(forward::route(ctx, pkt, to, hook));
     if nat::apply(ctx, pkt, to, route.ttl_dec(hook), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);

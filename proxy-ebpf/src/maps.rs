@@ -179,12 +179,12 @@ pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);
 pub struct Scratch6 {
     pub pkt: crate::parse::IpPacket<In6>,
     pub key: CtKey<In6>,
-    /// Its translation.
-    pub to: CtKey<In6>,
     /// A first packet's frontend, handed to `kpx_tc_new6`, and whether it
     /// takes up a flow whose entries were lost.
     pub svc: ServiceValue,
     pub recovered: bool,
+    /// A translated packet's headers, as stored (`nat::apply6`).
+    pub frame: crate::nat::Frame6,
     /// What a REJECT quotes of the packet (`icmp::reject6`).
     pub quote: [u32; crate::icmp::QUOTE6_MAX / 4],
 }

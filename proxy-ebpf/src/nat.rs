@@ -24,8 +24,9 @@ use crate::{
     csum::Sum,
     family::Family,
     forward::{Route, Via},
+    maps::SCRATCH6,
     packet::Packet,
-    parse::{ip, ip6, IpPacket, Ipv4Packet, ETH_P_IP},
+    parse::{ip, ip6, IpPacket, Ipv4Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
 
 pub struct RewriteFailed;
@@ -203,18 +204,34 @@ fn ttl_proto(ttl: u8, proto: u8) -> u32 {
     u16::from_ne_bytes([ttl, proto]) as u32
 }
 
-/// IPv6's hop limit and addresses, as they lie in its header (from byte 7).
-#[repr(C, packed)]
+/// IPv6's Ethernet header, fixed header and ports, at offset 2 of a
+/// 4-byte aligned block so every field is naturally aligned: stored from
+/// `macs` on (58 bytes) when the ports follow the fixed header, from the
+/// hop limit on (37) without the next hop's MACs. (Built in this CPU's
+/// scratch space, `crate::maps::Scratch6`.)
+#[repr(C)]
 #[derive(Clone, Copy)]
-struct HopAddrs {
-    hop_limit: u8,
-    saddr: In6,
-    daddr: In6,
+pub struct Frame6 {
+    _align: u16,
+    macs: [u16; 6],
+    ethertype: u16,
+    /// Version, class and label; payload length, next header, hop limit.
+    head: [u32; 2],
+    addrs: [In6; 2],
+    ports: [u16; 2],
 }
 
+pub const FRAME6_LEN: usize = core::mem::size_of::<Frame6>() - 2;
+const FRAME6_MACS: usize = core::mem::offset_of!(Frame6, macs);
+/// The hop limit's byte: the last of `head`.
+const FRAME6_HOP_LIMIT: usize = core::mem::offset_of!(Frame6, addrs) - 1;
+
 /// [`apply`] for IPv6: the TCP/UDP checksum as IPv4's (its pseudo-header
-/// holds the addresses), then the next hop's MACs, the hop limit and
-/// addresses, the ports: at most two checksum updates and three stores.
+/// holds the addresses: IPv6 has no header checksum), then one store of
+/// everything that changes when the ports follow the fixed header (the
+/// common case, no extension headers): Ethernet to ports for a packet
+/// redirected to its next hop, hop limit to ports otherwise; else a store
+/// per part.
 #[inline(always)]
 pub fn apply6<P: Packet>(
     ctx: &P,
@@ -229,6 +246,7 @@ pub fn apply6<P: Packet>(
     if !addrs_changed && !ports_changed && ttl_dec == 0 && !macs {
         return Ok(());
     }
+    let no_ext = pkt.l4_off == pkt.l3_off + ip6::HLEN;
     let udp = pkt.proto == IPPROTO_UDP;
     if addrs_changed {
         let sum = In6::sum_replace(Sum::zero(), pkt.src, to.src_addr);
@@ -243,17 +261,53 @@ pub fn apply6<P: Packet>(
         ctx.l4_csum_add(pkt.l4_csum_off(), diff, false, udp)
             .map_err(|_| RewriteFailed)?;
     }
+    let hop_limit = pkt.ttl.wrapping_sub(ttl_dec);
+    // Built in this CPU's scratch space: IPv6's programs have no stack to
+    // spare for its 60 bytes.
+    let Some(scratch) = SCRATCH6.get_ptr_mut(0) else {
+        return Err(RewriteFailed);
+    };
+    // SAFETY: this CPU's element, valid for the program run.
+    let f = unsafe { &mut (*scratch).frame };
+    f.addrs = [to.src_addr, to.dst_addr];
+    f.ports = [to.src_port, to.dst_port];
+    // The hop limit is the header's eighth byte: the second word's last
+    // (little-endian target).
+    // The fixed header's first 8 bytes, for the one-store case (read
+    // here, after the checksum helpers, so nothing is held across them).
+    let head = if no_ext && macs {
+        // At ETH_HLEN, where every parsed packet's header is: an offset
+        // read back from scratch space is unbounded for the verifier.
+        crate::parse::read_linear::<P, [u32; 2]>(ctx, ETH_HLEN)
+    } else {
+        None
+    };
+    let (head0, head1) = head.map_or((0, 0), |h| (h[0], h[1] & 0x00ff_ffff));
+    f.head = [head0, head1 | (hop_limit as u32) << 24];
+    let base = (f as *const Frame6).cast::<u8>();
+    if head.is_some() {
+        f.macs = halves(route.macs);
+        f.ethertype = ETH_P_IPV6.to_be();
+        // SAFETY: `macs` is at offset 2 of the block.
+        let from = unsafe { base.add(FRAME6_MACS) };
+        return ctx
+            .store_block(0, from, FRAME6_LEN)
+            .map_err(|_| RewriteFailed);
+    }
     if macs {
         ctx.store(0, &halves(route.macs))
             .map_err(|_| RewriteFailed)?;
     }
+    // SAFETY: the hop limit's byte within the block.
+    let from = unsafe { base.add(FRAME6_HOP_LIMIT) };
+    if no_ext {
+        // Hop limit to ports, contiguous.
+        return ctx
+            .store_block(pkt.l3_off + ip6::HOP_LIMIT, from, 1 + 32 + 4)
+            .map_err(|_| RewriteFailed);
+    }
     if addrs_changed || ttl_dec != 0 {
-        let block = HopAddrs {
-            hop_limit: pkt.ttl.wrapping_sub(ttl_dec),
-            saddr: to.src_addr,
-            daddr: to.dst_addr,
-        };
-        ctx.store(pkt.l3_off + ip6::HOP_LIMIT, &block)
+        ctx.store_block(pkt.l3_off + ip6::HOP_LIMIT, from, 1 + 32)
             .map_err(|_| RewriteFailed)?;
     }
     if ports_changed {

@@ -44,6 +44,9 @@ pub trait Packet {
     /// Writes a translated frame's Ethernet header to its ports at the
     /// packet's start ([`crate::nat`]).
     fn store_frame(&self, frame: &Frame) -> Result<(), ()>;
+    /// Writes `len` bytes from `from` (a block built on the stack,
+    /// alignment padding in front: [`crate::nat::Frame6`]) at `off`.
+    fn store_block(&self, off: usize, from: *const u8, len: usize) -> Result<(), ()>;
     /// Adds `diff` (a folded one's-complement difference) to the TCP or
     /// UDP checksum at `off`: `pseudo` when the change is to the
     /// pseudo-header (addresses), `udp` when a zero checksum means "none".
@@ -106,6 +109,20 @@ impl Packet for TcContext {
         // which lives on the stack for the call.
         let r = unsafe {
             bpf_skb_store_bytes(self.skb.skb.cast(), 0, from.cast(), FRAME_LEN as u32, 0)
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    #[inline(always)]
+    fn store_block(&self, off: usize, from: *const u8, len: usize) -> Result<(), ()> {
+        // SAFETY: callers pass a block of at least `len` bytes on the
+        // stack, alive for the call.
+        let r = unsafe {
+            bpf_skb_store_bytes(self.skb.skb.cast(), off as u32, from.cast(), len as u32, 0)
         };
         if r == 0 {
             Ok(())
@@ -201,6 +218,19 @@ impl Packet for XdpContext {
         // header's first 8 bytes are the frame's own.
         self.store(0, &frame.macs)?;
         self.store(ETH_HLEN + ip::TTL, &frame.rest)
+    }
+
+    #[inline(always)]
+    fn store_block(&self, off: usize, from: *const u8, len: usize) -> Result<(), ()> {
+        let (start, end) = (self.data(), self.data_end());
+        if start + off + len > end {
+            return Err(());
+        }
+        // SAFETY: the frame's bytes `off..off + len`, checked above; the
+        // block, as callers pass it. (A constant `len` where it is used:
+        // the copy is plain stores.)
+        unsafe { core::ptr::copy_nonoverlapping(from, (start + off) as *mut u8, len) };
+        Ok(())
     }
 
     #[inline(always)]

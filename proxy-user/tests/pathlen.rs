@@ -155,6 +155,53 @@ fn translated_paths_leave_valid_packets() {
     assert_eq!(checked, 13, "the translated paths");
 }
 
+/// The same for IPv6's translated paths: valid frames (checksums
+/// recomputed), to a backend or from the VIP, masqueraded where they
+/// should be, and those redirected with the next hop's MAC and a hop limit
+/// one lower (written in one block with the rest of the headers).
+#[test]
+fn translated_ipv6_paths_leave_valid_packets() {
+    let mut checked = 0;
+    for (name, r) in paths::run_all().expect("running the paths") {
+        let Some(path) = name.strip_prefix("IPv6: ") else {
+            continue;
+        };
+        if !(path.starts_with("first packet")
+            || path.starts_with("established")
+            || path.starts_with("reply"))
+        {
+            continue;
+        }
+        checked += 1;
+        let seen = support::v6::inspect6(&r.packet);
+        if path.starts_with("reply") {
+            assert_eq!(
+                seen.src.to_string(),
+                "2001:2:0:ff::10",
+                "{name}: reply not from the VIP"
+            );
+        } else {
+            assert_eq!(
+                seen.dst.segments()[..4],
+                [0x2001, 2, 0, 20],
+                "{name}: not sent to a backend: {seen:?}"
+            );
+        }
+        if path.contains("masqueraded") {
+            assert_eq!(seen.src.to_string(), "2001:2::1", "{name}: not masqueraded");
+        }
+        assert_ne!(r.mark & MARK_TRANSLATED, 0, "{name}: not marked translated");
+        let redirected = r.verdict == 7;
+        assert_eq!(
+            (r.packet[..6] == paths::NEXT_HOP_MAC, seen.hop_limit),
+            (redirected, if redirected { 63 } else { 64 }),
+            "{name}: next hop MAC and hop limit"
+        );
+        assert_eq!(&r.packet[12..14], &[0x86, 0xdd], "{name}: ethertype");
+    }
+    assert_eq!(checked, 7, "IPv6's translated paths");
+}
+
 /// The same packets, the same counts: what makes a budget meaningful.
 #[test]
 fn counts_are_repeatable() {
