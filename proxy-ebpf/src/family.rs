@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig, In6,
-    Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange,
+    Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -39,6 +39,38 @@ pub fn tail_call(ctx: &TcContext, index: u32) -> i32 {
     // context: on success control never comes back.
     unsafe { maps::PROGS.tail_call(ctx, index) };
     verdict::action(Verdict::Pass(Counter::PassNotHandled))
+}
+
+/// Whether an IPv6 packet is plain TCP or UDP (the transport header right
+/// after the fixed one, the lengths consistent) to no frontend's port and
+/// from no backend's: no service or tracked flow can concern it, and tc
+/// ingress passes it without handing it to IPv6's program (the most
+/// common IPv6 traffic, a pod's to a pod, pays no tail call). The port
+/// filter's reads (arrays, inlined) and nothing else.
+#[inline(always)]
+pub fn untracked6(ctx: &TcContext) -> bool {
+    use crate::parse::{ip6, read_linear, ETH_HLEN};
+    // Version/class/label, payload length, next header (the hop limit).
+    let Some(head) = read_linear::<_, [u16; 4]>(ctx, ETH_HLEN) else {
+        return false;
+    };
+    let plen = u16::from_be(head[2]) as u32;
+    let next = head[3].to_ne_bytes()[0];
+    let min = match next {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => return false,
+    };
+    if head[0].to_ne_bytes()[0] >> 4 != 6
+        || plen < min
+        || ETH_HLEN as u32 + ip6::HLEN as u32 + plen > ctx.len()
+    {
+        return false;
+    }
+    let Some(ports) = read_linear::<_, [u16; 2]>(ctx, ETH_HLEN + ip6::HLEN) else {
+        return false;
+    };
+    !crate::service::Ports::of(ports[1]).may_be_tracked(ports[0])
 }
 
 const AF_INET: u8 = 2;

@@ -127,6 +127,9 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     }
     match process(&ctx, true) {
         dsr::REQUESTED => dsr::tail_call(&ctx),
+        family::IPV6 if family::untracked6(&ctx) => {
+            verdict::action(Verdict::Pass(Counter::PassNoService))
+        }
         family::IPV6 => family::tail_call(&ctx, PROG_INGRESS6),
         action => action as i32,
     }

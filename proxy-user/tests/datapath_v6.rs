@@ -16,7 +16,7 @@ use proxy_common::{
 use support::{v6::*, *};
 
 const NODE6: &str = "2001:2:0:fe::1";
-const OUTSIDE6: &str = "2001:2:9::2";
+const OUTSIDE6: &str = "2001:2:0:9::2";
 
 fn backends6() -> [Ipv6Addr; 3] {
     [B6_1, B6_2, B6_3].map(ip6)

@@ -28,7 +28,7 @@ use crate::support::{
 const CLIENT: &str = "198.18.0.2";
 const BACKEND: &str = "198.18.200.1";
 const CLIENT6: &str = "2001:2::2";
-const BACKEND6: &str = "2001:2:200::1";
+const BACKEND6: &str = "2001:2:0:200::1";
 const ENDPOINTS: u32 = 10;
 
 /// Nanoseconds per packet.
@@ -130,7 +130,7 @@ pub fn fib_routes(ns: &testbed::Netns) -> anyhow::Result<()> {
     for net in ["198.18.200.254/24", "198.18.0.254/24"] {
         ns.ip(&["addr", "add", net, "dev", "kpxfib"])?;
     }
-    for net in ["2001:2:200::fe/64", "2001:2::fe/64"] {
+    for net in ["2001:2:0:200::fe/64", "2001:2::fe/64"] {
         ns.ip(&["-6", "addr", "add", net, "dev", "kpxfib", "nodad"])?;
     }
     for (addr, mac) in [
@@ -582,11 +582,11 @@ fn ping_pong_frames(vip: &str) -> [Vec<u8>; 2] {
 fn install6(dp: &mut Datapath, n: u32) -> String {
     let mut vip = String::new();
     for s in 0..n {
-        vip = format!("2001:2:ff::{:x}", s);
+        vip = format!("2001:2:0:ff::{:x}", s);
         let addrs: Vec<(u32, String)> = (0..ENDPOINTS)
             .map(|e| {
                 let id = (n + s) * ENDPOINTS + e;
-                (id, format!("2001:2:10::{:x}", id))
+                (id, format!("2001:2:0:10::{:x}", id))
             })
             .collect();
         let backends: Vec<(u32, &str, u16)> = addrs
@@ -646,12 +646,12 @@ fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
 }
 
 /// IPv6's first packets, single-run medians (fresh flows from clients
-/// 2001:2:`base`::/64), and the empty program's.
+/// 2001:2:0:`base`::/64), and the empty program's.
 fn single_runs6(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Result<(f64, f64)> {
     let mut first = Vec::with_capacity(runs as usize);
     let mut floor = Vec::with_capacity(runs as usize);
     for i in 0..runs {
-        let src = format!("2001:2:{:x}::{:x}", base, i / 256 + 1);
+        let src = format!("2001:2:0:{:x}::{:x}", base, i / 256 + 1);
         let sport = 1024 + (i % 256) as u16;
         let syn = Pkt6::new(&src, sport, vip, 80, SYN).build();
         first.push(test_run(dp.ingress()?, &syn, 1)?.duration.as_nanos());
@@ -668,9 +668,9 @@ fn ipv6_unrouted(
     repeat: u32,
     singles: u32,
 ) -> anyhow::Result<Ipv6Cost> {
-    let other = Pkt6::new(CLIENT6, 40000, "2001:2:33::3", 80, ACK).build();
+    let other = Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build();
     let no_service = repeat_ns(dp.ingress()?, &other, repeat)?;
-    let unused = Pkt6::new(CLIENT6, 40000, "2001:2:33::3", 9000, ACK).build();
+    let unused = Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 9000, ACK).build();
     let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
     let [est, rep] = ping_pong6(dp, vip)?;
     let established = repeat_ns(dp.ingress()?, &est, repeat)?;

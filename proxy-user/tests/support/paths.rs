@@ -41,7 +41,7 @@ const BACKENDS: u32 = 10;
 // endpoints; the cluster CIDR 2001:2::/56, the node 2001:2::1.
 const CLIENT6: &str = "2001:2::2";
 /// Outside the cluster CIDR: masqueraded.
-const OUTSIDE6: &str = "2001:2:9::5";
+const OUTSIDE6: &str = "2001:2:0:900::5";
 const NODE6: &str = "2001:2::1";
 const VIP6: &str = "2001:2:0:ff::10";
 const EMPTY_VIP6: &str = "2001:2:0:ff::12";
