@@ -571,3 +571,76 @@ fn icmpv6_errors_about_a_translated_flow_reach_the_client_as_about_the_vip() {
     let out = run(&mut dp, &ptb);
     assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, ptb));
 }
+
+#[test]
+#[ignore = "needs root"]
+fn the_collector_ends_idle_ipv6_flows_and_flushes_stale_udp_ones() {
+    use kpx::dataplane::conntrack::{collect, Timeouts};
+    use proxy_common::{SCHED_LC, SVC_SCHED_SHIFT};
+    use std::{collections::HashSet, net::IpAddr, time::Duration};
+
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    // Least connections: an established flow counts in its backend's
+    // connections until the collector ends it.
+    edit_frontend6(&mut dp, (VIP6, 80, IPPROTO_TCP), |v| {
+        v.flags |= SCHED_LC << SVC_SCHED_SHIFT;
+    });
+    let syn = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 51000, VIP6, 80, SYN).build()).bytes);
+    assert_eq!(run(&mut dp, &reply6(&syn, SYN_ACK)).verdict, TC_ACT_OK);
+    let udp = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 51001, VIP6, 53, UDP).build()).bytes);
+    let count = |dp: &kpx::dataplane::maps::Datapath| {
+        let tcp = dp.maps.v6.ct_tcp.keys().filter_map(|k| k.ok()).count();
+        let any = dp.maps.v6.ct_any.keys().filter_map(|k| k.ok()).count();
+        (tcp, any)
+    };
+    assert_eq!(count(&dp), (2, 2));
+    let active = |dp: &kpx::dataplane::maps::Datapath| -> i64 {
+        dp.maps
+            .conns
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(_, n)| n as i64)
+            .sum()
+    };
+    assert_eq!(active(&dp), 1, "the established flow counts");
+    let expirer = dp.expirer().expect("the expiry programs");
+    // `kpx dump conntrack` shows IPv6's flows, endpoints bracketed.
+    let rows = kpx::ops::dump::conntrack(&dp.maps).expect("dump");
+    let client = format!("[{CLIENT6}]:51000");
+    let vip = format!("[{VIP6}]:80");
+    assert!(
+        rows.iter()
+            .any(|r| r.src == client && r.dst == vip && r.direction == "original"),
+        "no row of the IPv6 connection: {:?}",
+        rows.iter().map(|r| (&r.src, &r.dst)).collect::<Vec<_>>()
+    );
+
+    // Nothing is idle long enough with the default timeouts.
+    let none = HashSet::new();
+    let r = collect(&mut dp.maps, &Timeouts::default(), &none, Some(&expirer)).unwrap();
+    assert_eq!((r.expired, r.stale_udp), (0, 0));
+    assert_eq!(count(&dp), (2, 2));
+
+    // The UDP flow's backend left its service: its entries go, at once.
+    let stale = HashSet::from([(22, IpAddr::V6(udp.dst), 5353)]);
+    let r = collect(&mut dp.maps, &Timeouts::default(), &stale, Some(&expirer)).unwrap();
+    assert_eq!(r.stale_udp, 2);
+    assert_eq!(count(&dp), (2, 0));
+
+    // Idle past its timeout, the connection ends: taken off its backend's
+    // count (through IPv6's expiry program), then removed.
+    let zero = Timeouts {
+        tcp_established: Duration::ZERO,
+        ..Timeouts::default()
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let r = collect(&mut dp.maps, &zero, &none, Some(&expirer)).unwrap();
+    assert_eq!((r.expired, r.conns_ended), (2, 1));
+    assert_eq!(count(&dp), (0, 0));
+    assert_eq!(active(&dp), 0, "the ended flow no longer counts");
+    assert!(
+        r.ports.contains(&(80, proxy_common::PORT_F_FRONTEND)),
+        "IPv6's flows' ports are reported for the port filter"
+    );
+}

@@ -8,15 +8,17 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     os::fd::{AsFd as _, OwnedFd},
     time::Duration,
 };
 
 use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP,
-    CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND,
-    TCP_ACK, TCP_FIN, TCP_RST,
+    wire, Address, CtKey, CtValue, In6, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED,
+    CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, PORT_F_BACKEND,
+    PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
@@ -76,7 +78,7 @@ pub enum FlowState {
 
 impl FlowState {
     /// The state of a flow from its entries (`reply` absent when evicted).
-    pub fn of(original: &CtValue, reply: Option<&CtValue>, proto: u8) -> Self {
+    pub fn of<A>(original: &CtValue<A>, reply: Option<&CtValue<A>>, proto: u8) -> Self {
         let reply_flags = reply.map_or(0, |r| r.tcp_flags);
         // A direct-server-return flow's replies never cross the node that
         // balanced it: the client's ACK tells the handshake completed.
@@ -144,19 +146,71 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// A backend of one service frontend: (svc_id, address, port).
-pub type ServiceBackend = (u32, std::net::Ipv4Addr, u16);
+pub type ServiceBackend = (u32, IpAddr, u16);
 
-/// One flow of the tables, both directions paired.
-pub struct Flow {
-    /// The table both entries are in.
-    pub table: CtTable,
-    pub key: CtKey,
-    pub original: CtValue,
-    pub reply_key: CtKey,
-    pub reply: Option<CtValue>,
+/// A family's conntrack tables in the map set: the collector, the dump and
+/// the takeover read either family's flows with the same code.
+pub trait CtFamily: Address + aya::Pod {
+    /// The datapath's program that ends this family's established flows
+    /// (`Expirer`).
+    const EXPIRE_PROG: &'static str;
+    fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<Self>, CtValue<Self>>;
+    /// Removes `key` from the table; whether it was there.
+    fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<Self>) -> bool;
+    fn ip(a: Self) -> IpAddr;
+    /// The table's entries (a batched read, `maps::read_hash`).
+    fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<Self>, CtValue<Self>)>>;
 }
 
-impl Flow {
+impl CtFamily for u32 {
+    const EXPIRE_PROG: &'static str = proxy_common::prog_names::CONNS_EXPIRE;
+    fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey, CtValue> {
+        maps.ct(t)
+    }
+    fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey) -> bool {
+        maps.ct_mut(t).remove(key).is_ok()
+    }
+    fn ip(a: Self) -> IpAddr {
+        wire::to_addr(a).into()
+    }
+    fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey, CtValue)>> {
+        crate::dataplane::maps::read_hash(Self::table(maps, t))
+    }
+}
+
+impl CtFamily for In6 {
+    const EXPIRE_PROG: &'static str = proxy_common::prog_names::CONNS_EXPIRE6;
+    fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<In6>, CtValue<In6>> {
+        match t {
+            CtTable::Tcp => &maps.v6.ct_tcp,
+            CtTable::Any => &maps.v6.ct_any,
+        }
+    }
+    fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<In6>) -> bool {
+        match t {
+            CtTable::Tcp => maps.v6.ct_tcp.remove(key).is_ok(),
+            CtTable::Any => maps.v6.ct_any.remove(key).is_ok(),
+        }
+    }
+    fn ip(a: Self) -> IpAddr {
+        wire::to_addr6(a).into()
+    }
+    fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<In6>, CtValue<In6>)>> {
+        crate::dataplane::maps::read_hash(Self::table(maps, t))
+    }
+}
+
+/// One flow of the tables, both directions paired.
+pub struct Flow<A = u32> {
+    /// The table both entries are in.
+    pub table: CtTable,
+    pub key: CtKey<A>,
+    pub original: CtValue<A>,
+    pub reply_key: CtKey<A>,
+    pub reply: Option<CtValue<A>>,
+}
+
+impl<A: Copy> Flow<A> {
     pub fn state(&self) -> FlowState {
         FlowState::of(&self.original, self.reply.as_ref(), self.key.proto)
     }
@@ -172,27 +226,33 @@ impl Flow {
 
 /// The conntrack tables as flows, plus reply entries whose original entry is
 /// gone (evicted under LRU pressure).
-pub struct Table {
-    pub flows: Vec<Flow>,
-    pub orphans: Vec<(CtTable, CtKey, CtValue)>,
+pub struct Table<A = u32> {
+    pub flows: Vec<Flow<A>>,
+    pub orphans: Vec<(CtTable, CtKey<A>, CtValue<A>)>,
     /// Entries read, by table.
     pub entries: HashMap<CtTable, usize>,
 }
 
-impl Table {
+impl<A> Table<A> {
     /// Entries read in both tables.
     pub fn total(&self) -> usize {
         self.entries.values().sum()
     }
 }
 
+/// IPv4's flows ([`read_table_of`]).
 pub fn read_table(maps: &MapSet) -> Result<Table> {
+    read_table_of::<u32>(maps)
+}
+
+/// Family `A`'s flows, both directions paired.
+pub fn read_table_of<A: CtFamily>(maps: &MapSet) -> Result<Table<A>> {
     // A connection caught while the datapath moves it to the established
     // table is in both for an instant: the established copy is the one.
-    let mut all: HashMap<CtKey, (CtTable, CtValue)> = HashMap::new();
+    let mut all: HashMap<CtKey<A>, (CtTable, CtValue<A>)> = HashMap::new();
     let mut entries = HashMap::new();
     for table in CtTable::ALL {
-        let read = crate::dataplane::maps::read_hash(maps.ct(table))?;
+        let read = A::read(maps, table)?;
         entries.insert(table, read.len());
         for (k, v) in read {
             all.entry(k).or_insert((table, v));
@@ -252,7 +312,7 @@ pub struct GcReport {
 /// The ports the datapath must find a tracked entry's packets on, with
 /// their port-filter kind (host order): an original direction's frontend
 /// port (its destination), a reply's backend port (its source).
-pub fn flow_port(k: &CtKey, v: &CtValue) -> (u16, u64) {
+pub fn flow_port<A>(k: &CtKey<A>, v: &CtValue<A>) -> (u16, u64) {
     if v.dir == CT_DIR_ORIGINAL {
         (u16::from_be(k.dst_port), PORT_F_FRONTEND)
     } else {
@@ -260,12 +320,15 @@ pub fn flow_port(k: &CtKey, v: &CtValue) -> (u16, u64) {
     }
 }
 
-/// [`flow_port`] of every entry in the tables (a batched read, as the
-/// collector's).
+/// [`flow_port`] of every entry in both families' tables (a batched
+/// read, as the collector's).
 pub fn flow_ports(maps: &MapSet) -> Result<Vec<(u16, u64)>> {
     let mut ports = HashSet::new();
     for table in CtTable::ALL {
         crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
+            ports.insert(flow_port(&k, &v));
+        })?;
+        crate::dataplane::maps::each_hash(In6::table(maps, table), |k, v| {
             ports.insert(flow_port(&k, &v));
         })?;
     }
@@ -276,16 +339,25 @@ pub fn flow_ports(maps: &MapSet) -> Result<Vec<(u16, u64)>> {
 /// deletes them: through the datapath's `kpx_conns_expire` program, so
 /// that a least-connection service's backend count drops exactly once,
 /// by the same atomic mark the datapath uses, whatever packet races it.
-pub struct Expirer(OwnedFd);
+pub struct Expirer {
+    v4: OwnedFd,
+    v6: OwnedFd,
+}
 
 impl Expirer {
-    pub fn new(prog: OwnedFd) -> Self {
-        Self(prog)
+    /// The two families' programs (`kpx_conns_expire`, `kpx_conns_expire6`).
+    pub fn new(v4: OwnedFd, v6: OwnedFd) -> Self {
+        Self { v4, v6 }
     }
 
-    /// Marks the flows of `keys` (original directions, in `CT_TCP`)
-    /// closing; returns how many were still open.
-    pub fn end(&self, keys: &[CtKey]) -> std::io::Result<u64> {
+    /// Marks the flows of `keys` (original directions, in family `A`'s
+    /// `CT_TCP`) closing; returns how many were still open.
+    pub fn end<A: CtFamily>(&self, keys: &[CtKey<A>]) -> std::io::Result<u64> {
+        let prog = if size_of::<A>() == size_of::<u32>() {
+            &self.v4
+        } else {
+            &self.v6
+        };
         let mut ended = 0;
         for chunk in keys.chunks(EXPIRE_PER_RUN) {
             // A frame: a zeroed Ethernet header, then the keys.
@@ -293,37 +365,59 @@ impl Expirer {
             for k in chunk {
                 frame.extend_from_slice(key_bytes(k));
             }
-            ended += u64::from(sys::test_run(self.0.as_fd(), &frame)?);
+            ended += u64::from(sys::test_run(prog.as_fd(), &frame)?);
         }
         Ok(ended)
     }
 }
 
-fn key_bytes(k: &CtKey) -> &[u8] {
+fn key_bytes<A: aya::Pod>(k: &CtKey<A>) -> &[u8] {
     // SAFETY: CtKey is #[repr(C)] plain integers with explicit padding
     // (zeroed by `CtKey::new`): every byte is initialised.
-    unsafe { std::slice::from_raw_parts((k as *const CtKey).cast::<u8>(), size_of::<CtKey>()) }
+    unsafe {
+        std::slice::from_raw_parts((k as *const CtKey<A>).cast::<u8>(), size_of::<CtKey<A>>())
+    }
 }
 
 /// Whether the collector must end `v` (an original entry of `table`)
 /// through the [`Expirer`] before deleting it: an established flow that
 /// counts in its backend's connections and is not closing yet.
-fn counted_open(table: CtTable, v: &CtValue) -> bool {
+fn counted_open<A>(table: CtTable, v: &CtValue<A>) -> bool {
     table == CtTable::Tcp
         && v.dir == CT_DIR_ORIGINAL
         && v.flags & (CT_F_COUNTED | CT_F_CLOSING) == CT_F_COUNTED
 }
 
-/// Removes expired flows, and the UDP flows to a backend in `stale`.
-/// Expired established flows that count in a backend's connections are
-/// first ended through `expirer` (without one, their counts stay up).
+/// Removes expired flows, and the UDP flows to a backend in `stale`, of
+/// both families. Expired established flows that count in a backend's
+/// connections are first ended through `expirer` (without one, their
+/// counts stay up).
 pub fn collect(
     maps: &mut MapSet,
     timeouts: &Timeouts,
     stale: &HashSet<ServiceBackend>,
     expirer: Option<&Expirer>,
 ) -> Result<GcReport> {
-    let table = read_table(maps)?;
+    let mut report = collect_of::<u32>(maps, timeouts, stale, expirer)?;
+    let v6 = collect_of::<In6>(maps, timeouts, stale, expirer)?;
+    for (t, n) in v6.entries {
+        *report.entries.entry(t).or_default() += n;
+    }
+    report.expired += v6.expired;
+    report.stale_udp += v6.stale_udp;
+    report.conns_ended += v6.conns_ended;
+    report.ports.extend(v6.ports);
+    Ok(report)
+}
+
+/// [`collect`] for family `A`.
+fn collect_of<A: CtFamily>(
+    maps: &mut MapSet,
+    timeouts: &Timeouts,
+    stale: &HashSet<ServiceBackend>,
+    expirer: Option<&Expirer>,
+) -> Result<GcReport> {
+    let table = read_table_of::<A>(maps)?;
     let now = monotonic_ns();
     let ports = table
         .flows
@@ -346,7 +440,7 @@ pub fn collect(
     let is_expired =
         |idle_ns: u64, state: FlowState| Duration::from_nanos(idle_ns) > state.timeout(timeouts);
     if let Some(x) = expirer {
-        let open: Vec<CtKey> = table
+        let open: Vec<CtKey<A>> = table
             .flows
             .iter()
             .filter(|f| counted_open(f.table, &f.original) && is_expired(f.idle_ns(now), f.state()))
@@ -374,7 +468,7 @@ pub fn collect(
         let is_stale = f.key.proto != IPPROTO_TCP
             && stale.contains(&(
                 o.svc_id,
-                wire::to_addr(o.new_dst_addr),
+                A::ip(o.new_dst_addr),
                 wire::to_port(o.new_dst_port),
             ));
         let expired = Duration::from_nanos(f.idle_ns(now)) > f.state().timeout(timeouts);
@@ -394,11 +488,7 @@ pub fn collect(
     for (t, k, v) in &table.orphans {
         let state = FlowState::of(v, Some(v), k.proto);
         let stale_backend = k.proto != IPPROTO_TCP
-            && stale.contains(&(
-                v.svc_id,
-                wire::to_addr(k.src_addr),
-                wire::to_port(k.src_port),
-            ));
+            && stale.contains(&(v.svc_id, A::ip(k.src_addr), wire::to_port(k.src_port)));
         if stale_backend {
             report.stale_udp += remove(maps, *t, k);
         } else if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > state.timeout(timeouts)
@@ -409,9 +499,9 @@ pub fn collect(
     Ok(report)
 }
 
-fn remove(maps: &mut MapSet, table: CtTable, key: &CtKey) -> u64 {
+fn remove<A: CtFamily>(maps: &mut MapSet, table: CtTable, key: &CtKey<A>) -> u64 {
     // Already gone (the datapath replaced it, LRU evicted it) is fine.
-    maps.ct_mut(table).remove(key).is_ok() as u64
+    A::remove(maps, table, key) as u64
 }
 
 /// Conntrack entries lost to LRU eviction (only `CT_ANY` evicts), derived

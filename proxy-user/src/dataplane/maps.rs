@@ -974,9 +974,13 @@ impl Datapath {
     /// (`conntrack::Expirer`), for the collector's thread: its own
     /// descriptor.
     pub fn expirer(&mut self) -> Result<crate::dataplane::conntrack::Expirer> {
-        let prog = program(&mut self.ebpf, prog_names::CONNS_EXPIRE)?;
-        let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
-        Ok(crate::dataplane::conntrack::Expirer::new(fd))
+        let mut fd = |name| -> Result<std::os::fd::OwnedFd> {
+            let prog = program(&mut self.ebpf, name)?;
+            Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
+        };
+        let v4 = fd(prog_names::CONNS_EXPIRE)?;
+        let v6 = fd(prog_names::CONNS_EXPIRE6)?;
+        Ok(crate::dataplane::conntrack::Expirer::new(v4, v6))
     }
 
     /// Loads the socket-level load balancer's programs and attaches them

@@ -230,7 +230,7 @@ pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u
             v.flags & SOCK_F_CONNECTED != 0
                 && stale.contains(&(
                     v.svc_id,
-                    wire::to_addr(v.backend_addr),
+                    wire::to_addr(v.backend_addr).into(),
                     wire::to_port(v.backend_port),
                 ))
         })

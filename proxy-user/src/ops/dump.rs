@@ -6,9 +6,10 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use proxy_common::{
-    wire, CtKey, CtValue, Event, ServiceStats, CT_DIR_ORIGINAL, CT_F_DSR_DECAP, CT_F_DSR_ENCAP,
-    CT_F_FROM_NODE, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS, SVC_F_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    wire, CtKey, CtValue, Event, In6, ServiceStats, CT_DIR_ORIGINAL, CT_F_DSR_DECAP,
+    CT_F_DSR_ENCAP, CT_F_FROM_NODE, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, LOCAL_SLOTS,
+    SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 use serde::Serialize;
 
@@ -466,6 +467,7 @@ pub fn tcp_flags(f: u8) -> String {
     v.join(",")
 }
 
+/// Both families' flows, IPv6's endpoints as `[address]:port`.
 pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
     let now = monotonic_ns();
     let mut names = BTreeMap::new();
@@ -473,10 +475,22 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
         let (id, n) = kv?;
         names.insert(id, name_from_bytes(&n));
     }
-    let table = ct::read_table(maps)?;
     let mut rows = Vec::new();
-    let mut row = |table: CtTable, k: &CtKey, v: &CtValue, state: FlowState| {
-        let ep = |a: u32, p: u16| format!("{}:{}", wire::to_addr(a), wire::to_port(p));
+    conntrack_of::<u32>(maps, &names, now, &mut rows)?;
+    conntrack_of::<In6>(maps, &names, now, &mut rows)?;
+    rows.sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
+    Ok(rows)
+}
+
+fn conntrack_of<A: ct::CtFamily>(
+    maps: &MapSet,
+    names: &BTreeMap<u32, String>,
+    now: u64,
+    rows: &mut Vec<CtRow>,
+) -> Result<()> {
+    let table = ct::read_table_of::<A>(maps)?;
+    let mut row = |table: CtTable, k: &CtKey<A>, v: &CtValue<A>, state: FlowState| {
+        let ep = |a: A, p: u16| std::net::SocketAddr::new(A::ip(a), wire::to_port(p)).to_string();
         let t = v.translate(k);
         rows.push(CtRow {
             table: match table {
@@ -532,8 +546,7 @@ pub fn conntrack(maps: &MapSet) -> Result<Vec<CtRow>> {
     for (t, k, v) in &table.orphans {
         row(*t, k, v, FlowState::of(v, Some(v), k.proto));
     }
-    rows.sort_by(|a, b| (a.direction, &a.src, &a.dst).cmp(&(b.direction, &b.src, &b.dst)));
-    Ok(rows)
+    Ok(())
 }
 
 pub fn conntrack_table(rows: &[CtRow]) -> String {
@@ -638,9 +651,15 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
         .map(|(e, n)| (e.name(), n))
         .collect();
     let table = ct::read_table(maps)?;
+    let table6 = ct::read_table_of::<In6>(maps)?;
     let mut flows = BTreeMap::new();
-    for f in &table.flows {
-        *flows.entry(f.state().name()).or_insert(0) += 1;
+    for state in table
+        .flows
+        .iter()
+        .map(|f| f.state())
+        .chain(table6.flows.iter().map(|f| f.state()))
+    {
+        *flows.entry(state.name()).or_insert(0) += 1;
     }
     let removed: u64 = [Event::CtRemoved, Event::GcExpired, Event::GcStaleUdp]
         .iter()
@@ -657,7 +676,12 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
                 })
             })
             .collect::<Result<_>>()?,
-        evicted: ct::evicted(events[Event::CtInserted.name()], removed, table.total()),
+        // The event counters count both families' entries.
+        evicted: ct::evicted(
+            events[Event::CtInserted.name()],
+            removed,
+            table.total() + table6.total(),
+        ),
         flows,
     };
     let services = services(maps)?

@@ -327,7 +327,7 @@ pub fn stale_udp(
     cur: &MapState,
     desired: &Desired,
     scope: Scope<'_>,
-) -> std::collections::HashSet<(u32, Ipv4Addr, u16)> {
+) -> std::collections::HashSet<crate::dataplane::conntrack::ServiceBackend> {
     let keys: Vec<FrontendKey> = match scope {
         Scope::All => cur.services.keys().copied().collect(),
         Scope::Touched(t) => t.iter().copied().collect(),
@@ -361,7 +361,7 @@ pub fn stale_udp(
                 })
                 .and_then(|id| cur.backends.get(id));
             if let Some(b) = b.filter(|b| !kept.contains(b)) {
-                out.insert((v.svc_id, b.addr, b.port));
+                out.insert((v.svc_id, b.addr.into(), b.port));
             }
         }
     }
