@@ -290,13 +290,11 @@ fn base6(rng: &mut Rng) -> Vec<u8> {
     }
     let frame = p.build();
     if rng.below(6) == 0 {
-        let kind = rng
-            .pick(&[
-                Icmpv6Type::PacketTooBig { mtu: 1280 },
-                Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port),
-                Icmpv6Type::TimeExceeded(etherparse::icmpv6::TimeExceededCode::HopLimitExceeded),
-            ])
-            .clone();
+        let kind = *rng.pick(&[
+            Icmpv6Type::PacketTooBig { mtu: 1280 },
+            Icmpv6Type::DestinationUnreachable(etherparse::icmpv6::DestUnreachableCode::Port),
+            Icmpv6Type::TimeExceeded(etherparse::icmpv6::TimeExceededCode::HopLimitExceeded),
+        ]);
         let quote_len = (48 + rng.below(40) as usize).min(frame.len() - 14);
         return icmp6_error_frame(dst, src, kind, &frame[14..14 + quote_len]);
     }
@@ -386,7 +384,7 @@ fn checksum6(frame: &[u8]) -> Option<bool> {
             uh.calc_checksum_ipv6_raw(s, d, p).ok() == Some(uh.checksum)
         }),
         58 => Icmpv6Header::from_slice(l4).ok().map(|(icmp, q)| {
-            Icmpv6Header::with_checksum(icmp.icmp_type.clone(), s, d, q)
+            Icmpv6Header::with_checksum(icmp.icmp_type, s, d, q)
                 .map(|h| h.checksum == icmp.checksum)
                 .unwrap_or(false)
         }),
