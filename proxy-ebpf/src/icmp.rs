@@ -102,21 +102,7 @@ pub fn reject(ctx: &TcContext, pkt: &Ipv4Packet, hook: Hook) -> Result<i32, ()> 
     let icmp_sum = csum(&hdr.icmp_type as *const u8 as *mut u32, ICMP_HLEN as u32, 0);
     hdr.csum = fold(csum(quote.as_mut_ptr(), quote_len as u32, icmp_sum));
 
-    let room = (20 + ICMP_HLEN) as i32;
-    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
-    let new_len = (ETH_HLEN + 20 + ICMP_HLEN + quote_len) as u32;
-    // SAFETY: the context's own skb.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), new_len, 0) } != 0 {
-        return Err(());
-    }
-    // Back to the sender: swap the MAC addresses.
-    let mut eth = [0u8; 12];
-    eth[..6].copy_from_slice(&macs[6..]);
-    eth[6..].copy_from_slice(&macs[..6]);
-    ctx.store(0, &eth, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| ())?;
-    stats::count(Counter::Rejected);
-    back(ctx, hook)
+    answer(ctx, macs, &hdr, quote_len, hook)
 }
 
 const ICMPV6_DEST_UNREACH: u8 = 1;
@@ -214,18 +200,35 @@ pub fn reject6(ctx: &TcContext, pkt: &IpPacket<In6>, hook: Hook) -> Result<i32, 
     );
     hdr.csum = fold(csum(quote.as_mut_ptr(), quote_len as u32, sum));
 
-    let room = (ip6::HLEN + ICMP_HLEN) as i32;
-    ctx.adjust_room(room, BPF_ADJ_ROOM_MAC, 0).map_err(|_| ())?;
-    let new_len = (ETH_HLEN + ip6::HLEN + ICMP_HLEN + quote_len) as u32;
+    answer(ctx, macs, &hdr, quote_len, hook)
+}
+
+/// Turns the packet into its REJECT: `hdr` (the new IP and ICMP headers)
+/// in room made after the Ethernet header, the tail cut after the quote
+/// (`quote_len` bytes of the packet, left where they were), the MAC
+/// addresses (`macs`, as they were) swapped; then sends it back.
+#[inline(always)]
+fn answer<H>(
+    ctx: &TcContext,
+    macs: [u8; 12],
+    hdr: &H,
+    quote_len: usize,
+    hook: Hook,
+) -> Result<i32, ()> {
+    let room = core::mem::size_of::<H>();
+    ctx.adjust_room(room as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| ())?;
+    let new_len = (ETH_HLEN + room + quote_len) as u32;
     // SAFETY: the context's own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb.cast(), new_len, 0) } != 0 {
         return Err(());
     }
+    // Back to the sender: swap the MAC addresses.
     let mut eth = [0u8; 12];
     eth[..6].copy_from_slice(&macs[6..]);
     eth[6..].copy_from_slice(&macs[..6]);
     ctx.store(0, &eth, 0).map_err(|_| ())?;
-    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| ())?;
+    ctx.store(ETH_HLEN, hdr, 0).map_err(|_| ())?;
     stats::count(Counter::Rejected);
     back(ctx, hook)
 }
@@ -533,3 +536,8 @@ fn rewrite_error6(
     let new = Sum::of_checksum(old).add(icmp.diff()).checksum();
     ctx.store(at.csum, &new, 0).map_err(|_| ())
 }
+
+// The headers a REJECT prepends: exactly the IP and ICMP headers, no
+// padding (`answer` makes room of their size).
+const _: () = assert!(core::mem::size_of::<IcmpError>() == 20 + ICMP_HLEN);
+const _: () = assert!(core::mem::size_of::<Icmp6Error>() == ip6::HLEN + ICMP_HLEN);

@@ -104,21 +104,7 @@ pub fn apply4<P: Packet>(
     } else {
         None
     };
-    let udp = pkt.proto == IPPROTO_UDP;
-    let addrs = Sum::zero()
-        .replace(pkt.src, to.src_addr)
-        .replace(pkt.dst, to.dst_addr);
-    if addrs_changed {
-        ctx.l4_csum_add(pkt.l4_csum_off(), addrs.diff(), true, udp)
-            .map_err(|_| RewriteFailed)?;
-    }
-    if ports_changed {
-        let old = ports(pkt.sport, pkt.dport);
-        let new = ports(to.src_port, to.dst_port);
-        let diff = Sum::zero().replace(old, new).diff();
-        ctx.l4_csum_add(pkt.l4_csum_off(), diff, false, udp)
-            .map_err(|_| RewriteFailed)?;
-    }
+    l4_checksum(ctx, pkt, to, addrs_changed, ports_changed)?;
     // TTL and protocol share a 16-bit word of the header.
     let old_word = ttl_proto(pkt.ttl, pkt.proto);
     let ttl = pkt.ttl.wrapping_sub(ttl_dec);
@@ -155,6 +141,34 @@ pub fn apply4<P: Packet>(
         (false, _) => store_rest(ctx, pkt, &rest, no_options, ports_changed),
     };
     stored.map_err(|_| RewriteFailed)
+}
+
+/// The TCP/UDP checksum of `pkt` rewritten to `to`: one helper call for
+/// the addresses (a pseudo-header change) and one for the ports, each with
+/// the whole difference computed here.
+#[inline(always)]
+fn l4_checksum<P: Packet, A: Family>(
+    ctx: &P,
+    pkt: &IpPacket<A>,
+    to: &CtKey<A>,
+    addrs_changed: bool,
+    ports_changed: bool,
+) -> Result<(), RewriteFailed> {
+    let udp = pkt.proto == IPPROTO_UDP;
+    if addrs_changed {
+        let sum = A::sum_replace(Sum::zero(), pkt.src, to.src_addr);
+        let sum = A::sum_replace(sum, pkt.dst, to.dst_addr);
+        ctx.l4_csum_add(pkt.l4_csum_off(), sum.diff(), true, udp)
+            .map_err(|_| RewriteFailed)?;
+    }
+    if ports_changed {
+        let old = ports(pkt.sport, pkt.dport);
+        let new = ports(to.src_port, to.dst_port);
+        let diff = Sum::zero().replace(old, new).diff();
+        ctx.l4_csum_add(pkt.l4_csum_off(), diff, false, udp)
+            .map_err(|_| RewriteFailed)?;
+    }
+    Ok(())
 }
 
 /// The IPv4 header from the TTL on, and the ports when they changed: one
@@ -247,20 +261,7 @@ pub fn apply6<P: Packet>(
         return Ok(());
     }
     let no_ext = pkt.l4_off == pkt.l3_off + ip6::HLEN;
-    let udp = pkt.proto == IPPROTO_UDP;
-    if addrs_changed {
-        let sum = In6::sum_replace(Sum::zero(), pkt.src, to.src_addr);
-        let sum = In6::sum_replace(sum, pkt.dst, to.dst_addr);
-        ctx.l4_csum_add(pkt.l4_csum_off(), sum.diff(), true, udp)
-            .map_err(|_| RewriteFailed)?;
-    }
-    if ports_changed {
-        let old = ports(pkt.sport, pkt.dport);
-        let new = ports(to.src_port, to.dst_port);
-        let diff = Sum::zero().replace(old, new).diff();
-        ctx.l4_csum_add(pkt.l4_csum_off(), diff, false, udp)
-            .map_err(|_| RewriteFailed)?;
-    }
+    l4_checksum(ctx, pkt, to, addrs_changed, ports_changed)?;
     let hop_limit = pkt.ttl.wrapping_sub(ttl_dec);
     // Built in this CPU's scratch space: IPv6's programs have no stack to
     // spare for its 60 bytes.

@@ -462,10 +462,21 @@ fn single_runs(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Re
 /// namespace's FIB answers: the first repetition caches each entry's next
 /// hop, every later one is the common case, translated and redirected.
 fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
-    let prog = dp.ingress()?;
+    let [est, reply] = redirected_ns(dp.ingress()?, &ping_pong_frames(vip), repeat)?;
+    Ok((est, reply))
+}
+
+/// The ping-pong pair's `frames` (established, reply), each checked
+/// redirected once (the first repetition caches its entry's next hop),
+/// then its median of batches of 200 repetitions.
+fn redirected_ns(
+    prog: &mut SchedClassifier,
+    frames: &[Vec<u8>; 2],
+    repeat: u32,
+) -> anyhow::Result<[f64; 2]> {
     let mut out = [0.0; 2];
-    for (i, frame) in ping_pong_frames(vip).into_iter().enumerate() {
-        let r = test_run(prog, &frame, 1)?;
+    for (i, frame) in frames.iter().enumerate() {
+        let r = test_run(prog, frame, 1)?;
         anyhow::ensure!(
             r.return_value == TC_ACT_REDIRECT,
             "the established packet was not redirected by the FIB (verdict {})",
@@ -474,11 +485,11 @@ fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Re
         let batches = (repeat / 200).max(25);
         let mut ns = Vec::with_capacity(batches as usize);
         for _ in 0..batches {
-            ns.push(test_run(prog, &frame, 200)?.duration.as_nanos());
+            ns.push(test_run(prog, frame, 200)?.duration.as_nanos());
         }
         out[i] = median(ns);
     }
-    Ok((out[0], out[1]))
+    Ok(out)
 }
 
 /// One XDP test run of `frame` arriving on `ifindex`, `repeat` times (the
@@ -698,24 +709,9 @@ fn ipv6_routed(
     v6: &mut Ipv6Cost,
 ) -> anyhow::Result<()> {
     let frames = ping_pong6(dp, vip)?;
-    let prog = dp.ingress()?;
-    let mut out = [0.0; 2];
-    for (i, frame) in frames.iter().enumerate() {
-        let r = test_run(prog, frame, 1)?;
-        anyhow::ensure!(
-            r.return_value == TC_ACT_REDIRECT,
-            "the IPv6 established packet was not redirected by the FIB (verdict {})",
-            r.return_value as i32
-        );
-        let batches = (repeat / 200).max(25);
-        let mut ns = Vec::with_capacity(batches as usize);
-        for _ in 0..batches {
-            ns.push(test_run(prog, frame, 200)?.duration.as_nanos());
-        }
-        out[i] = median(ns);
-    }
-    v6.established_fib_ns = out[0];
-    v6.reply_fib_ns = out[1];
+    let [est, reply] = redirected_ns(dp.ingress()?, &frames, repeat)?;
+    v6.established_fib_ns = est;
+    v6.reply_fib_ns = reply;
     v6.first_packet_fib_ns = single_runs6(dp, vip, singles, 0x110)?.0;
     Ok(())
 }

@@ -163,6 +163,18 @@ fn path_table(out: &mut String, paths: &[PathLength]) {
     );
 }
 
+/// The per-packet table's paths, IPv4's and IPv6's alike.
+const PATH_COLUMNS: [&str; 8] = [
+    "no service, other port",
+    "no service, a frontend's port",
+    "established, FIB → stack",
+    "reply, FIB → stack",
+    "established, redirected",
+    "reply, redirected",
+    "first packet, FIB → stack (1 run)",
+    "first packet, redirected (1 run)",
+];
+
 /// The datapath's cost per packet: ns above the empty program, per path.
 fn packet_table(out: &mut String, costs: &[PacketCost]) {
     out.push_str(
@@ -211,17 +223,10 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
     table(
         out,
         &[
-            "services".into(),
-            "empty program (repeat / 1 run)".into(),
-            "no service, other port".into(),
-            "no service, a frontend's port".into(),
-            "established, FIB → stack".into(),
-            "reply, FIB → stack".into(),
-            "established, redirected".into(),
-            "reply, redirected".into(),
-            "first packet, FIB → stack (1 run)".into(),
-            "first packet, redirected (1 run)".into(),
-        ],
+            &["services".into(), "empty program (repeat / 1 run)".into()][..],
+            &PATH_COLUMNS.map(String::from)[..],
+        ]
+        .concat(),
         &rows,
     );
 }
@@ -267,16 +272,10 @@ fn ipv6_table(out: &mut String, costs: &[PacketCost]) {
     table(
         out,
         &[
-            "services".into(),
-            "no service, other port".into(),
-            "no service, a frontend's port".into(),
-            "established, FIB → stack".into(),
-            "reply, FIB → stack".into(),
-            "established, redirected".into(),
-            "reply, redirected".into(),
-            "first packet, FIB → stack (1 run)".into(),
-            "first packet, redirected (1 run)".into(),
-        ],
+            &["services".to_string()][..],
+            &PATH_COLUMNS.map(String::from)[..],
+        ]
+        .concat(),
         &rows,
     );
 }
