@@ -16,15 +16,20 @@ use proxy_common::{
 
 use crate::{family::Family, maps::CONNS};
 
-/// `CtValue::flags` lies in the 8-byte word at this offset (the widest
-/// atomic the BPF target has), at this bit: the same in both families'
-/// layouts (checked).
-const FLAGS_WORD: usize = core::mem::offset_of!(CtValue, flags) & !7;
-const FLAGS_SHIFT: u32 = ((core::mem::offset_of!(CtValue, flags) - FLAGS_WORD) * 8) as u32;
-const FLAGS_WORD6: usize = core::mem::offset_of!(CtValue<In6>, flags) & !7;
+/// `CtValue<A>::flags` lies in the 8-byte word at `flags_word::<A>()`
+/// (the widest atomic the BPF target has), at this bit: the same in both
+/// families' layouts (checked).
+const FLAGS_SHIFT: u32 = flags_shift::<u32>();
 const _: () = assert!(FLAGS_SHIFT + 16 <= 64 && cfg!(target_endian = "little"));
-const _: () =
-    assert!((core::mem::offset_of!(CtValue<In6>, flags) - FLAGS_WORD6) * 8 == FLAGS_SHIFT as usize);
+const _: () = assert!(flags_shift::<In6>() == FLAGS_SHIFT);
+
+const fn flags_word<A>() -> usize {
+    core::mem::offset_of!(CtValue<A>, flags) & !7
+}
+
+const fn flags_shift<A>() -> u32 {
+    ((core::mem::offset_of!(CtValue<A>, flags) - flags_word::<A>()) * 8) as u32
+}
 
 /// `*p += v` as one atomic instruction (`lock xadd`); `v` may be a
 /// wrapped negative.
@@ -80,18 +85,11 @@ pub fn closed(id: u32) {
 /// backend's count. Returns whether the flow was open until now.
 #[inline(always)]
 pub fn close<A>(entry: *mut CtValue<A>) -> bool {
-    // The flags' word: at FLAGS_WORD for IPv4, FLAGS_WORD6 for IPv6 (whose
-    // addresses are 24 bytes longer: the same offset within a word).
-    let flags_word = if core::mem::size_of::<A>() == 4 {
-        FLAGS_WORD
-    } else {
-        FLAGS_WORD6
-    };
     let bit = (CT_F_CLOSING as u64) << FLAGS_SHIFT;
-    // SAFETY: `entry` is a map value of this program run; FLAGS_WORD is an
-    // 8-byte aligned word inside it (checked above).
+    // SAFETY: `entry` is a map value of this program run; `flags_word` is
+    // an 8-byte aligned word inside it (hash values are 8-byte aligned).
     let old = unsafe {
-        let word = entry.cast::<u8>().add(flags_word).cast::<u64>();
+        let word = entry.cast::<u8>().add(flags_word::<A>()).cast::<u64>();
         core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             word, bit,
         )

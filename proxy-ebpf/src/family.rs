@@ -137,8 +137,11 @@ pub trait Family: Address {
         ttl_dec: u8,
         route: &Route,
     ) -> Result<(), RewriteFailed>;
-    /// Fills a FIB request's family, addresses and type of service.
-    fn fib_request(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self, dst: Self);
+    /// Fills a FIB request's family and destination.
+    fn fib_request(p: &mut bpf_fib_lookup, dst: Self);
+    /// Adds a forwarded packet's source and type of service (traffic
+    /// class and flow label) to a FIB request.
+    fn fib_flow(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self);
     /// The source address a FIB answer with `BPF_FIB_LOOKUP_SRC` holds.
     fn fib_source(p: &bpf_fib_lookup) -> Self;
     /// Answers `pkt` with the reference's REJECT ([`crate::icmp`]).
@@ -220,11 +223,15 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn fib_request(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self, dst: Self) {
+    fn fib_request(p: &mut bpf_fib_lookup, dst: Self) {
         p.family = AF_INET;
+        p.__bindgen_anon_4.ipv4_dst = dst;
+    }
+
+    #[inline(always)]
+    fn fib_flow(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self) {
         p.__bindgen_anon_2.tos = pkt.tos;
         p.__bindgen_anon_3.ipv4_src = src;
-        p.__bindgen_anon_4.ipv4_dst = dst;
     }
 
     #[inline(always)]
@@ -322,11 +329,15 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn fib_request(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self, dst: Self) {
+    fn fib_request(p: &mut bpf_fib_lookup, dst: Self) {
         p.family = AF_INET6;
+        p.__bindgen_anon_4.ipv6_dst = dst;
+    }
+
+    #[inline(always)]
+    fn fib_flow(p: &mut bpf_fib_lookup, pkt: &IpPacket<Self>, src: Self) {
         p.__bindgen_anon_2.flowinfo = pkt.flowinfo;
         p.__bindgen_anon_3.ipv6_src = src;
-        p.__bindgen_anon_4.ipv6_dst = dst;
     }
 
     #[inline(always)]
@@ -347,12 +358,9 @@ impl Family for In6 {
 
     #[inline(always)]
     fn hand_over(svc: &ServiceValue, recovered: bool) -> Verdict {
-        let Some(s) = maps::SCRATCH6.get_ptr_mut(0) else {
+        let Some(s) = maps::scratch6() else {
             return Verdict::Pass(Counter::PassNotHandled);
         };
-        // SAFETY: this CPU's element, valid for the program run (and the
-        // tail call's: the same run, on the same CPU).
-        let s = unsafe { &mut *s };
         s.svc = *svc;
         s.recovered = recovered;
         Verdict::NewFlow

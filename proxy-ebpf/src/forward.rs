@@ -120,7 +120,6 @@ impl Params {
     fn init<'a, A: Family>(
         p: &'a mut MaybeUninit<Params>,
         pkt: &IpPacket<A>,
-        src: A,
         dst: A,
         ifindex: u32,
     ) -> &'a mut Params {
@@ -133,7 +132,7 @@ impl Params {
         // SAFETY: every byte was written above; all-zero is a valid
         // bpf_fib_lookup (an empty request).
         let p = unsafe { p.assume_init_mut() };
-        A::fib_request(&mut p.0, pkt, src, dst);
+        A::fib_request(&mut p.0, dst);
         p.0.l4_protocol = pkt.proto;
         p.0.__bindgen_anon_1.tot_len = pkt.ip_len();
         p.0.ifindex = ifindex;
@@ -183,7 +182,8 @@ pub fn route_sized<P: Packet, A: Family>(
         Hook::Egress => LOOPBACK_IFINDEX,
     };
     let mut raw = MaybeUninit::uninit();
-    let p = Params::init(&mut raw, pkt, t.src_addr, t.dst_addr, from);
+    let p = Params::init(&mut raw, pkt, t.dst_addr, from);
+    A::fib_flow(&mut p.0, pkt, t.src_addr);
     p.0.__bindgen_anon_1.tot_len = len;
     p.0.sport = t.src_port;
     p.0.dport = t.dst_port;
@@ -323,7 +323,7 @@ pub fn send_xdp(ctx: &XdpContext, route: Route) -> i32 {
 #[inline(always)]
 pub fn masquerade_source<P: Packet, A: Family>(ctx: &P, pkt: &IpPacket<A>, dst: A) -> Option<A> {
     let mut raw = MaybeUninit::uninit();
-    let p = Params::init(&mut raw, pkt, A::ZERO, dst, LOOPBACK_IFINDEX);
+    let p = Params::init(&mut raw, pkt, dst, LOOPBACK_IFINDEX);
     let ret = p.lookup(ctx, BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH);
     let src = A::fib_source(&p.0);
     (ret == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != A::ZERO).then_some(src)

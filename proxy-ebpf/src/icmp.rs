@@ -13,7 +13,7 @@ use crate::{
     conntrack,
     csum::fold,
     forward::Hook,
-    maps::SCRATCH6,
+    maps::scratch6,
     parse::{ip, ip6, l4, IpPacket, Ipv4Hdr, Ipv4Packet, Ipv6Hdr, ETH_HLEN, IP_OFFSET},
     stats,
     verdict::Verdict,
@@ -151,11 +151,10 @@ pub fn reject6(ctx: &TcContext, pkt: &IpPacket<In6>, hook: Hook) -> Result<i32, 
     }
     // The quote is read into this CPU's scratch space: IPv6's path has no
     // stack to spare.
-    let Some(scratch) = SCRATCH6.get_ptr_mut(0) else {
+    let Some(scratch) = scratch6() else {
         return Err(());
     };
-    // SAFETY: this CPU's element, valid for the program run.
-    let quote = unsafe { &mut (*scratch).quote };
+    let quote = &mut scratch.quote;
     // SAFETY: `quote` has room for QUOTE6_MAX >= quote_len bytes.
     let loaded = unsafe {
         bpf_skb_load_bytes(

@@ -242,7 +242,7 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
 /// there.
 #[classifier]
 pub fn kpx_tc_egress6(ctx: TcContext) -> i32 {
-    let Some(s) = scratch6() else {
+    let Some(s) = maps::scratch6() else {
         return PASS;
     };
     if parse::parse_ipv6(&ctx, &mut s.pkt) != Kind::Packet {
@@ -375,7 +375,7 @@ fn path(ctx: &TcContext, dsr: bool) -> Verdict {
 /// [`path`] for IPv6.
 #[inline(always)]
 fn path6(ctx: &TcContext) -> Verdict {
-    let Some(s) = scratch6() else {
+    let Some(s) = maps::scratch6() else {
         return Verdict::Pass(Counter::PassNotHandled);
     };
     match parse::parse_ipv6(ctx, &mut s.pkt) {
@@ -426,7 +426,7 @@ pub fn kpx_tc_new6_node(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn new6(ctx: &TcContext, origin: Origin) -> i32 {
-    let Some(s) = scratch6() else {
+    let Some(s) = maps::scratch6() else {
         return verdict::action(Verdict::Pass(Counter::PassNotHandled));
     };
     verdict::action(new_flow(
@@ -438,17 +438,6 @@ fn new6(ctx: &TcContext, origin: Origin) -> i32 {
         s.recovered,
         false,
     ))
-}
-
-/// This CPU's scratch space for IPv6's path (`SCRATCH6`: an array's
-/// element, no hash lookup): the packet, its tuple and its translation
-/// live there, not on the stack, where IPv6's addresses held across the
-/// path's helper calls outgrew the verifier's 512 bytes.
-#[inline(always)]
-fn scratch6() -> Option<&'static mut maps::Scratch6> {
-    // SAFETY: this CPU's element, valid for the program run; nothing else
-    // on this CPU uses it while the program runs.
-    maps::SCRATCH6.get_ptr_mut(0).map(|s| unsafe { &mut *s })
 }
 
 /// [`flow`] for IPv6, its packet parsed into `s`.

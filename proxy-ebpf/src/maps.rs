@@ -189,5 +189,18 @@ pub struct Scratch6 {
     pub quote: [u32; crate::icmp::QUOTE6_MAX / 4],
 }
 
+/// This CPU's scratch space for IPv6's path (an array's element, no hash
+/// lookup): the packet, its tuple, a first packet's frontend, the
+/// rewritten headers and a REJECT's quote live there, not on the stack,
+/// where IPv6's addresses held across the path's helper calls outgrew the
+/// verifier's 512 bytes. Kept across a tail call (the same run, the same
+/// CPU).
+#[inline(always)]
+pub fn scratch6() -> Option<&'static mut Scratch6> {
+    // SAFETY: this CPU's element, valid for the program run; nothing else
+    // on this CPU uses it while the program runs.
+    SCRATCH6.get_ptr_mut(0).map(|s| unsafe { &mut *s })
+}
+
 #[map(name = "KPX_SCRATCH6")]
 pub static SCRATCH6: PerCpuArray<Scratch6> = PerCpuArray::with_max_entries(1, 0);

@@ -24,7 +24,7 @@ use crate::{
     csum::Sum,
     family::Family,
     forward::{Route, Via},
-    maps::SCRATCH6,
+    maps::scratch6,
     packet::Packet,
     parse::{ip, ip6, IpPacket, Ipv4Packet, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
@@ -265,11 +265,10 @@ pub fn apply6<P: Packet>(
     let hop_limit = pkt.ttl.wrapping_sub(ttl_dec);
     // Built in this CPU's scratch space: IPv6's programs have no stack to
     // spare for its 60 bytes.
-    let Some(scratch) = SCRATCH6.get_ptr_mut(0) else {
+    let Some(scratch) = scratch6() else {
         return Err(RewriteFailed);
     };
-    // SAFETY: this CPU's element, valid for the program run.
-    let f = unsafe { &mut (*scratch).frame };
+    let f = &mut scratch.frame;
     f.addrs = [to.src_addr, to.dst_addr];
     f.ports = [to.src_port, to.dst_port];
     // The hop limit is the header's eighth byte: the second word's last

@@ -142,22 +142,21 @@ impl<A: Copy> IpPacket<A> {
     }
 }
 
-pub enum Parsed<A = u32> {
-    /// Not of the family parsed (ARP, the other family, VLAN-tagged, ...):
-    /// not ours; for IPv6 also ESP and other headers kpx does not see
-    /// past.
+/// What [`parse_ipv4`] found (IPv6's parse writes its packet in place
+/// and says what it found with a [`Kind`]).
+pub enum Parsed {
+    /// Not IPv4 nor IPv6 (ARP, VLAN-tagged, ...): not ours.
     NotHandled,
-    /// The other family's packet (IPv6 where IPv4 was parsed): for its own
-    /// program.
+    /// An IPv6 packet: for IPv6's own program.
     OtherFamily,
     /// Lengths or header fields are inconsistent or truncated. `dst` is the
-    /// destination when it could be read, else zero.
-    Malformed { dst: A },
+    /// destination when it could be read, else 0.
+    Malformed { dst: u32 },
     /// A fragment: only the first carries ports, so none can be translated alone.
-    Fragment { dst: A },
+    Fragment { dst: u32 },
     /// A well-formed, unfragmented packet. `sport`/`dport` are 0 unless
     /// the protocol is TCP or UDP.
-    Packet(IpPacket<A>),
+    Packet(Ipv4Packet),
 }
 
 /// A bounds-checked pointer to a `T` at `off` of the linear data.
@@ -312,7 +311,7 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
 /// What a parse found, its packet written in place ([`parse_ipv6`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// As [`Parsed::NotHandled`] (IPv4 included).
+    /// Not IPv6 (IPv4 included), or a protocol kpx does not see past.
     NotHandled,
     /// As [`Parsed::Malformed`]: the destination is the packet's `dst`
     /// when it could be read, else zero.

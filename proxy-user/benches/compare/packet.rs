@@ -13,9 +13,9 @@
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
-    port_bit, wire, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
-    IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, SCHED_LC, SCHED_MH, SCHED_RANDOM, SCHED_RR,
-    SVC_SCHED_MASK, SVC_SCHED_SHIFT,
+    port_bit, wire, Address, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST,
+    CT_F_REWRITE_SRC, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, SCHED_LC, SCHED_MH,
+    SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -385,17 +385,31 @@ fn repeat_ns(prog: &mut SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::R
     Ok(median(ns))
 }
 
-fn entry(flags: u16, dir: u8, addr: &str, port: u16) -> CtValue {
-    let (a, p) = (wire::addr(ip(addr)), wire::port(port));
+/// An entry of the ping-pong flow, either family: rewriting the source
+/// or the destination (`flags`) to `a:port`.
+fn entry_at<A: Address>(flags: u16, dir: u8, a: A, port: u16) -> CtValue<A> {
+    let p = wire::port(port);
     CtValue {
-        new_src_addr: if flags == CT_F_REWRITE_SRC { a } else { 0 },
-        new_dst_addr: if flags == CT_F_REWRITE_DST { a } else { 0 },
+        new_src_addr: if flags == CT_F_REWRITE_SRC {
+            a
+        } else {
+            A::ZERO
+        },
+        new_dst_addr: if flags == CT_F_REWRITE_DST {
+            a
+        } else {
+            A::ZERO
+        },
         new_src_port: if flags == CT_F_REWRITE_SRC { p } else { 0 },
         new_dst_port: if flags == CT_F_REWRITE_DST { p } else { 0 },
         flags,
         dir,
         ..Default::default()
     }
+}
+
+fn entry(flags: u16, dir: u8, addr: &str, port: u16) -> CtValue {
+    entry_at(flags, dir, wire::addr(ip(addr)), port)
 }
 
 /// Mean ns of an established original-direction packet and of a reply.
@@ -613,18 +627,7 @@ fn install6(dp: &mut Datapath, n: u32) -> String {
 /// limit 255.
 fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
     let (dst, src) = (CT_F_REWRITE_DST, CT_F_REWRITE_SRC);
-    let entry6 = |flags: u16, dir: u8, addr: &str, port: u16| {
-        let (a, p) = (wire::addr6(ip6(addr)), wire::port(port));
-        CtValue {
-            new_src_addr: if flags == src { a } else { [0; 4] },
-            new_dst_addr: if flags == dst { a } else { [0; 4] },
-            new_src_port: if flags == src { p } else { 0 },
-            new_dst_port: if flags == dst { p } else { 0 },
-            flags,
-            dir,
-            ..Default::default()
-        }
-    };
+    let entry6 = |flags, dir, addr: &str, port| entry_at(flags, dir, wire::addr6(ip6(addr)), port);
     for (k, v) in [
         (
             ct_key6(CLIENT6, 45000, vip, 80, IPPROTO_TCP),

@@ -151,9 +151,10 @@ pub type ServiceBackend = (u32, IpAddr, u16);
 /// A family's conntrack tables in the map set: the collector, the dump and
 /// the takeover read either family's flows with the same code.
 pub trait CtFamily: Address + aya::Pod {
-    /// The datapath's program that ends this family's established flows
-    /// (`Expirer`).
+    /// The datapath's program that ends this family's established flows.
     const EXPIRE_PROG: &'static str;
+    /// That program's descriptor in `x`.
+    fn expiry(x: &Expirer) -> &OwnedFd;
     fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<Self>, CtValue<Self>>;
     /// Removes `key` from the table; whether it was there.
     fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<Self>) -> bool;
@@ -164,6 +165,9 @@ pub trait CtFamily: Address + aya::Pod {
 
 impl CtFamily for u32 {
     const EXPIRE_PROG: &'static str = proxy_common::prog_names::CONNS_EXPIRE;
+    fn expiry(x: &Expirer) -> &OwnedFd {
+        &x.v4
+    }
     fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey, CtValue> {
         maps.ct(t)
     }
@@ -180,6 +184,9 @@ impl CtFamily for u32 {
 
 impl CtFamily for In6 {
     const EXPIRE_PROG: &'static str = proxy_common::prog_names::CONNS_EXPIRE6;
+    fn expiry(x: &Expirer) -> &OwnedFd {
+        &x.v6
+    }
     fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<In6>, CtValue<In6>> {
         match t {
             CtTable::Tcp => &maps.v6.ct_tcp,
@@ -345,7 +352,7 @@ pub struct Expirer {
 }
 
 impl Expirer {
-    /// The two families' programs (`kpx_conns_expire`, `kpx_conns_expire6`).
+    /// The two families' programs (`CtFamily::EXPIRE_PROG`).
     pub fn new(v4: OwnedFd, v6: OwnedFd) -> Self {
         Self { v4, v6 }
     }
@@ -353,11 +360,7 @@ impl Expirer {
     /// Marks the flows of `keys` (original directions, in family `A`'s
     /// `CT_TCP`) closing; returns how many were still open.
     pub fn end<A: CtFamily>(&self, keys: &[CtKey<A>]) -> std::io::Result<u64> {
-        let prog = if size_of::<A>() == size_of::<u32>() {
-            &self.v4
-        } else {
-            &self.v6
-        };
+        let prog = A::expiry(self);
         let mut ended = 0;
         for chunk in keys.chunks(EXPIRE_PER_RUN) {
             // A frame: a zeroed Ethernet header, then the keys.

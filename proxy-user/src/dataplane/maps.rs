@@ -978,8 +978,9 @@ impl Datapath {
             let prog = program(&mut self.ebpf, name)?;
             Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
         };
-        let v4 = fd(prog_names::CONNS_EXPIRE)?;
-        let v6 = fd(prog_names::CONNS_EXPIRE6)?;
+        use crate::dataplane::conntrack::CtFamily;
+        let v4 = fd(<u32 as CtFamily>::EXPIRE_PROG)?;
+        let v6 = fd(<proxy_common::In6 as CtFamily>::EXPIRE_PROG)?;
         Ok(crate::dataplane::conntrack::Expirer::new(v4, v6))
     }
 
