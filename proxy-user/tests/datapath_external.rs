@@ -27,12 +27,12 @@ const LB: &str = "198.19.2.30";
 fn node(dp: &mut kpx::dataplane::maps::Datapath, masquerade_all: bool) {
     cluster(dp);
     let cfg = kpx::dataplane::node::datapath_config(
-        Some(&"198.18.0.0/17".parse().unwrap()),
-        Some(ip(NODE)),
+        &["198.18.0.0/17".parse().unwrap()],
+        &[ip(NODE).into()],
         &PortRange(20000..=20255),
         masquerade_all,
     );
-    dp.maps.set_config(&cfg).unwrap();
+    dp.maps.set_config(&cfg.v4).unwrap();
     dp.maps
         .node_addrs
         .insert(wire::addr(ip(NODE)), NODE_F_LOCAL | NODE_F_NODEPORT, 0)

@@ -16,7 +16,7 @@ use kpx::{
 fn node() -> NodeInfo {
     NodeInfo {
         zone: Some("zone-a".into()),
-        addresses: vec![Ipv4Addr::new(198, 18, 128, 1)],
+        addresses: vec![Ipv4Addr::new(198, 18, 128, 1).into()],
         ..NodeInfo::named("node-1")
     }
 }

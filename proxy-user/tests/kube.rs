@@ -340,11 +340,12 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
     let full_diffs = |c: &Cluster| c.agent_log().matches("(full diff;").count();
     assert_eq!(full_diffs(&c), 1, "{}", c.agent_log());
     let mut maps = MapSet::open_pinned(&c.bpffs()).unwrap();
-    let key = kpx::dataplane::maps::service_key(&kpx::control::model::FrontendKey {
-        addr: VIP,
-        port: 80,
-        proto: proxy_common::IPPROTO_TCP,
-    });
+    let key: proxy_common::ServiceKey =
+        kpx::dataplane::maps::service_key(&kpx::control::model::FrontendKey {
+            addr: VIP.into(),
+            port: 80,
+            proto: proxy_common::IPPROTO_TCP,
+        });
     // The port filter's word cleared by hand (the frontend's packets would
     // pass untranslated): rewritten by the next resync.
     let word = key.port_bit().word;
@@ -374,7 +375,7 @@ fn a_map_entry_deleted_by_hand_is_restored_by_the_periodic_resync() {
         slot: 0,
     };
     let other = kpx::dataplane::reconcile::BackendAddr {
-        addr: Ipv4Addr::new(198, 19, 255, 254),
+        addr: Ipv4Addr::new(198, 19, 255, 254).into(),
         port: 1,
         proto: proxy_common::IPPROTO_TCP,
         local: false,
@@ -405,9 +406,13 @@ fn a_gone_version_answered_with_a_410_status_leads_to_a_relist() {
     let converged = wait_for(Duration::from_secs(20), || {
         let ips = |names: &[&str]| ips(&c, names);
         let st = MapSet::open_pinned(&c.bpffs()).ok()?.serving().ok()?;
-        let backends: std::collections::BTreeSet<Ipv4Addr> =
+        let backends: std::collections::BTreeSet<std::net::IpAddr> =
             st.backends.values().map(|b| b.addr).collect();
-        (backends == ips(&["web-2", "web-3"]).into_iter().collect()).then_some(())
+        let want = ips(&["web-2", "web-3"])
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        (backends == want).then_some(())
     });
     assert!(
         converged.is_some(),
@@ -548,12 +553,12 @@ status:
     let served = wait_for(Duration::from_secs(20), || {
         let st = MapSet::open_pinned(&c.bpffs()).ok()?.serving().ok()?;
         let ok_b = kpx::control::model::FrontendKey {
-            addr: Ipv4Addr::new(198, 19, 3, 2),
+            addr: Ipv4Addr::new(198, 19, 3, 2).into(),
             port: 53,
             proto: 17,
         };
         let web = kpx::control::model::FrontendKey {
-            addr: VIP,
+            addr: VIP.into(),
             port: 80,
             proto: 6,
         };

@@ -21,22 +21,47 @@ fn datapath() -> Datapath {
 }
 
 /// The plan of a first sync of `n` services of `endpoints` endpoints each,
+/// every third dual-stack (its IPv6 endpoints in a slice of their own),
 /// then of the same cluster with every other service gone.
 fn plans(n: u32, endpoints: u8) -> (Vec<Op>, Vec<Op>, Mirror) {
     let yaml = |n: u32, skip_odd: bool| {
         let mut out = manifests::Loaded::default();
         for i in (0..n).filter(|i| !skip_odd || i % 2 == 0) {
-            let vip = Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250) as u8 + 1);
+            let (hi, lo) = ((i / 250) as u8, (i % 250) as u8 + 1);
+            let vip = Ipv4Addr::new(198, 19, hi, lo);
             let eps: Vec<Ipv4Addr> = (0..endpoints)
-                .map(|e| Ipv4Addr::new(198, 18, (i / 250) as u8, e + 10 * (i % 20) as u8))
+                .map(|e| Ipv4Addr::new(198, 18, hi, e + 10 * (i % 20) as u8))
                 .collect();
-            let text = testbed::service_yaml(&format!("s{i}"), vip, (80, 8080), (53, 5353), &eps);
+            let mut text =
+                testbed::service_yaml(&format!("s{i}"), vip, (80, 8080), (53, 5353), &eps);
+            if i % 3 == 0 {
+                let vip6 = format!("2001:2:0:ff::{:x}", i + 1);
+                text = text.replace(
+                    &format!("  clusterIP: {vip}\n"),
+                    &format!("  clusterIP: {vip}\n  clusterIPs: [{vip}, '{vip6}']\n"),
+                );
+                let eps6: String = (0..endpoints)
+                    .map(|e| {
+                        format!(
+                            "- addresses: ['2001:2:0:{hi:x}::{:x}']\n",
+                            u32::from(e) + 10 * (i % 20)
+                        )
+                    })
+                    .collect();
+                text.push_str(&format!(
+                    "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-6, namespace: default, labels: {{kubernetes.io/service-name: s{i}}}}}\naddressType: IPv6\nports:\n- {{name: http, protocol: TCP, port: 8080}}\n- {{name: dns, protocol: UDP, port: 5353}}\nendpoints:\n{eps6}"
+                ));
+            }
             manifests::parse_file("plan", &text, &mut out);
+            assert!(out.problems.is_empty(), "{:?}", out.problems);
         }
         out
     };
     let node = NodeInfo {
-        addresses: vec![Ipv4Addr::new(198, 18, 255, 1)],
+        addresses: vec![
+            Ipv4Addr::new(198, 18, 255, 1).into(),
+            "2001:2:0:fe::1".parse().unwrap(),
+        ],
         ..NodeInfo::named("node-1")
     };
     let mut index = Index::new(node);
@@ -70,6 +95,9 @@ fn a_plan_written_in_batches_leaves_the_maps_as_one_write_at_a_time() {
         "{} / {deletes}",
         first.len()
     );
+    // Both families' maps are written: IPv6 frontends and slots are there.
+    let v6 = |op: &&Op| matches!(op, Op::PutService(k, _) if k.addr.is_ipv6());
+    assert!(first.iter().filter(v6).count() > 200);
     let (mut batched, mut single) = (datapath(), datapath());
     batched.maps.write_all(&first).unwrap();
     batched.maps.write_all(&second).unwrap();
@@ -88,6 +116,23 @@ fn a_plan_written_in_batches_leaves_the_maps_as_one_write_at_a_time() {
     assert_eq!(b.services, mirror.state.services);
     assert_eq!(b.slots, mirror.state.slots);
     assert_eq!(b.backends, mirror.state.backends);
+    assert_eq!(b.addrs, mirror.state.addrs);
+    // IPv6's entries are in IPv6's maps, in the datapath's layout.
+    let v6_services = mirror
+        .state
+        .services
+        .keys()
+        .filter(|k| k.addr.is_ipv6())
+        .count();
+    assert!(v6_services > 100);
+    assert_eq!(batched.maps.v6.services.keys().count(), v6_services);
+    let v6_slots = mirror
+        .state
+        .backends
+        .values()
+        .filter(|b| b.addr.is_ipv6())
+        .count();
+    assert!(v6_slots > 0 && batched.maps.v6.slots.keys().count() >= v6_slots);
     // Deleting what is already gone (an interrupted earlier sync) is fine.
     batched.maps.write_all(&second).unwrap();
 }
@@ -128,7 +173,7 @@ fn a_slot_holding_another_backend_than_its_id_names_is_told_apart_by_both_reads(
     let mut dp = datapath();
     let mut mirror = Mirror::default();
     let backend = |last: u8| BackendAddr {
-        addr: Ipv4Addr::new(198, 18, 0, last),
+        addr: Ipv4Addr::new(198, 18, 0, last).into(),
         port: 8080,
         proto: proxy_common::IPPROTO_TCP,
         local: false,

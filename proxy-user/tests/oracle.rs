@@ -122,7 +122,7 @@ fn endpoint_selection_matches_kube_proxys_categorize_endpoints() {
             c.name
         );
         index.update();
-        let services = index.services_with_ports();
+        let services = index.services_with_ports(kpx::control::cidr::Family::V4);
         let [(_, ports)] = services.as_slice() else {
             panic!("{}: one service expected", c.name);
         };

@@ -582,8 +582,8 @@ fn pinned_maps(c: &Cluster, started: Instant) -> Result<MapSet> {
 
 /// Whether the datapath would pick `addr` (or any backend) for service `i`.
 fn selects(maps: &MapSet, i: u32, addr: Option<Ipv4Addr>) -> bool {
-    let key = service_key(&FrontendKey {
-        addr: bed::vip(i),
+    let key: proxy_common::ServiceKey = service_key(&FrontendKey {
+        addr: bed::vip(i).into(),
         port: bed::SERVICE_PORT,
         proto: IPPROTO_TCP,
     });

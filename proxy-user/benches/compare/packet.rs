@@ -257,7 +257,7 @@ fn maglev_build_ms(n: u32) -> f64 {
         .map(|i| {
             let addr = std::net::Ipv4Addr::from(0xc612_0000 + i);
             let b = BackendAddr {
-                addr,
+                addr: addr.into(),
                 port: 8080,
                 proto: IPPROTO_TCP,
                 local: false,

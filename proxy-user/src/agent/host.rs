@@ -2,6 +2,7 @@
 //! state), the node-wide datapath settings and the node's own addresses.
 
 use super::*;
+use crate::control::cidr::Family;
 
 impl Agent {
     pub(super) fn on_node(&mut self, ev: WatchEvent<Node>) {
@@ -77,26 +78,28 @@ impl Agent {
 
     /// Writes the node-wide datapath settings and this node's addresses
     /// when they changed, through the same write stream as the frontends.
-    /// The masquerade source is the node's primary IP: configured, else the
-    /// Node object's, else none (no masquerade, and a warning: off-cluster
-    /// clients of cluster IPs then fail).
+    /// Each family's masquerade source is the node's primary IP of that
+    /// family: configured, else the Node object's, else none (no masquerade
+    /// on that family, and a warning: off-cluster clients of its cluster
+    /// IPs then fail).
     pub(super) fn node_settings(&mut self) {
-        let primary = self.index.node().addresses.first().copied();
+        let node_ips = self.index.node().addresses.clone();
         let mut cfg = node::datapath_config(
-            self.cfg.cluster_cidrs.first(),
-            primary,
+            &self.cfg.cluster_cidrs,
+            &node_ips,
             &self.cfg.masquerade_ports,
             self.cfg.masquerade_all,
         );
+        let v4 = &mut cfg.v4;
         if !self.cfg.fib_forwarding {
-            cfg.flags |= proxy_common::CFG_F_STACK_FORWARDING;
+            v4.flags |= proxy_common::CFG_F_STACK_FORWARDING;
         }
         if self.cfg.socket_lb == socklb::Mode::HostOnly {
-            cfg.flags |= proxy_common::CFG_F_SOCK_HOST_ONLY;
+            v4.flags |= proxy_common::CFG_F_SOCK_HOST_ONLY;
         }
-        cfg.flags |= self.cfg.nodeport_mode.flags();
-        cfg.host_netns_cookie = self.host_netns;
-        let addrs = match node::local_ipv4() {
+        v4.flags |= self.cfg.nodeport_mode.flags();
+        v4.host_netns_cookie = self.host_netns;
+        let addrs = match node::local_addrs() {
             Ok(a) => a,
             Err(e) => {
                 log::warn!("listing this node's addresses: {e}; retrying at the next change");
@@ -104,7 +107,7 @@ impl Agent {
                 self.mirror.state.node_addrs.keys().copied().collect()
             }
         };
-        let want = node::node_addrs(&addrs, &self.cfg.nodeport_addresses, primary);
+        let want = node::node_addrs(&addrs, &self.cfg.nodeport_addresses, &node_ips);
         let ops = reconcile::node(&self.mirror.state, &want, &cfg);
         if ops.is_empty() {
             return;
@@ -125,27 +128,37 @@ impl Agent {
                         "direct server return for TCP, masquerade for UDP",
                 }
             );
-            match primary {
-                None => log::warn!(
-                    "no node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded"
-                ),
-                Some(p) => log::info!(
-                    "datapath: masquerade to {p} ports {}, cluster CIDR {}{}",
-                    self.cfg.masquerade_ports,
-                    self.cfg
-                        .cluster_cidrs
-                        .first()
-                        .map_or_else(|| "unknown".to_string(), |c| c.to_string()),
-                    if self.cfg.masquerade_all {
-                        ", masquerade all"
-                    } else {
-                        ""
-                    }
-                ),
+            for family in Family::BOTH {
+                let primary = self.index.node().primary(family);
+                let cidr = self
+                    .cfg
+                    .cluster_cidrs
+                    .iter()
+                    .find(|c| Family::of_net(c) == family);
+                match primary {
+                    // A node of one family: the other is not worth a warning.
+                    None if family == Family::V6 => {}
+                    None => log::warn!(
+                        "no {} node IP known (--bind-address, --node-ip or the Node's InternalIP): nothing is masqueraded on {}",
+                        family.name(),
+                        family.name()
+                    ),
+                    Some(p) => log::info!(
+                        "datapath: {} masquerade to {p} ports {}, cluster CIDR {}{}",
+                        family.name(),
+                        self.cfg.masquerade_ports,
+                        cidr.map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                        if self.cfg.masquerade_all {
+                            ", masquerade all"
+                        } else {
+                            ""
+                        }
+                    ),
+                }
             }
         }
         if ops.iter().any(|op| !matches!(op, Op::SetConfig(_))) {
-            let mut nodeport: Vec<Ipv4Addr> = want
+            let mut nodeport: Vec<IpAddr> = want
                 .iter()
                 .filter(|(_, f)| *f & proxy_common::NODE_F_NODEPORT != 0)
                 .map(|(a, _)| *a)
@@ -164,6 +177,7 @@ impl Agent {
         // serve NodePorts: the external interfaces, not the pod-side
         // gateways, which hold NodePort addresses too.
         let state = &self.mirror.state;
+        // IPv4's: XDP hands IPv6 to tc.
         let nodeport: Vec<Ipv4Addr> = self
             .index
             .node()
@@ -175,6 +189,10 @@ impl Agent {
                     .node_addrs
                     .get(a)
                     .is_some_and(|f| f & proxy_common::NODE_F_NODEPORT != 0)
+            })
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
             })
             .collect();
         xdp.reconcile(&mut self.dp, &nodeport);

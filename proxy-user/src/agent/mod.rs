@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -123,13 +123,22 @@ pub async fn run(cfg: Settings) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    // IPv6's conntrack and affinity tables are preallocated: full size on
+    // a node configured for IPv6 (an IPv6 cluster CIDR or node IP), small
+    // elsewhere (IPv6 Services are still served, with fewer flows).
+    let ipv6 = cfg.node_ips.iter().any(IpAddr::is_ipv6)
+        || cfg.cluster_cidrs.iter().any(|c| c.addr().is_ipv6());
     let mut dp = Datapath::load(&LoadOptions {
         pin_dir: Some(cfg.bpffs.clone()),
         conntrack_entries: cfg.conntrack_entries,
-        // The control plane serves IPv4 objects only so far: IPv6's
-        // datapath is loaded, its tables kept small.
-        ipv6: false,
+        ipv6,
     })?;
+    if !ipv6 {
+        log::info!(
+            "IPv6: no IPv6 cluster CIDR or node IP configured: IPv6's conntrack holds {} entries (pass --cluster-cidr with an IPv6 CIDR on a dual-stack or IPv6 cluster)",
+            crate::dataplane::maps::IPV6_OFF_ENTRIES
+        );
+    }
     // Pinned maps survive restarts: start from what they hold, so the first
     // sync only writes differences and live flows keep their conntrack.
     let mirror = Mirror::new(dp.maps.read_state().context("reading the pinned maps")?);

@@ -225,7 +225,7 @@ pub struct Settings {
     pub source: Source,
     pub hostname: String,
     /// Configured node IPs, the primary first.
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<std::net::IpAddr>,
     pub cluster_cidrs: Vec<Cidr>,
     pub interfaces: Patterns,
     pub bpffs: PathBuf,

@@ -22,7 +22,7 @@ use crate::control::model::{
     self, Desired, Frontend, FrontendKey, NodeInfo, Outcome, Problem, ServicePort, ServiceRef,
     Skipped, Slice, Sourced, Svc, ANNOTATION_TRIGGER_TIME,
 };
-use crate::control::scheduler::Scheduler;
+use crate::control::{cidr::Family, scheduler::Scheduler};
 
 /// namespace/name of an object (a slice's, here).
 type Key = ServiceRef;
@@ -71,7 +71,6 @@ impl Skips {
 struct SliceEntry {
     owner: Option<ServiceRef>,
     parsed: Parsed<Slice>,
-    skipped: Skips,
 }
 
 /// The Services claiming one frontend, each with its frontend, in
@@ -225,8 +224,7 @@ impl Index {
 
     pub fn apply_slice(&mut self, s: Sourced<EndpointSlice>) -> Applied {
         let key = key_of(&s.object.metadata);
-        let mut skipped = Vec::new();
-        let mut parsed = boxed(model::slice(&s, &mut skipped));
+        let mut parsed = boxed(model::slice(&s));
         // The owner's name shared with its Service's key (one allocation
         // per Service, not one more per slice).
         if let Ok(Some(slice)) = &mut parsed {
@@ -239,9 +237,10 @@ impl Index {
             Ok(Some(slice)) => Some(slice.service.clone()),
             _ => model::slice_owner(&s.object),
         };
-        let changed = self.slices.get(&key).is_none_or(|e| {
-            e.parsed != parsed || e.owner != owner || e.skipped.as_slice() != skipped.as_slice()
-        });
+        let changed = self
+            .slices
+            .get(&key)
+            .is_none_or(|e| e.parsed != parsed || e.owner != owner);
         if changed {
             if let Some(t) = trigger_time(&s.object) {
                 self.triggers.push(t);
@@ -256,15 +255,8 @@ impl Index {
                 }
                 self.dirty.insert(o.clone());
             }
-            self.tally.entry(&parsed, &skipped, 1);
-            self.slices.insert(
-                key,
-                SliceEntry {
-                    owner,
-                    parsed,
-                    skipped: Skips::new(skipped),
-                },
-            );
+            self.tally.entry(&parsed, &[], 1);
+            self.slices.insert(key, SliceEntry { owner, parsed });
         }
         Applied { changed, problem }
     }
@@ -277,7 +269,7 @@ impl Index {
         let Some(old) = self.slices.remove(key) else {
             return false;
         };
-        self.tally.entry(&old.parsed, old.skipped.as_slice(), -1);
+        self.tally.entry(&old.parsed, &[], -1);
         if let Some(o) = old.owner {
             if let Some(set) = self.slices_of.get_mut(&o) {
                 set.retain(|n| *n != key.name);
@@ -387,14 +379,29 @@ impl Index {
             let Ok(Some(svc)) = &entry.parsed else {
                 continue;
             };
+            // One pass per family, as kube-proxy runs one proxier per family.
             let slices = self.slices_of_service(&id);
-            let ports = model::service_ports(svc, &slices, &self.node);
-            if let Some(port) = svc.health_check_node_port {
-                let local = model::local_ready_endpoints(&ports);
-                self.health_checks.insert(id.clone(), (port, local));
+            let mut fronts = Vec::new();
+            let mut health = None;
+            for (i, family) in svc.families().enumerate() {
+                let ports = model::service_ports(svc, &slices, &self.node, family);
+                // The health check counts the primary family's endpoints (a
+                // dual-stack pod is one endpoint in each family's slices).
+                if let (0, Some(port)) = (i, svc.health_check_node_port) {
+                    health = Some((port, model::local_ready_endpoints(&ports)));
+                }
+                let node_ip = self.node.primary(family);
+                fronts.extend(model::frontends(
+                    svc,
+                    &ports,
+                    node_ip,
+                    self.scheduler,
+                    family,
+                ));
             }
-            let node_ip = self.node.addresses.first().copied();
-            let fronts = model::frontends(svc, &ports, node_ip, self.scheduler);
+            if let Some(h) = health {
+                self.health_checks.insert(id.clone(), h);
+            }
             let mut keys = Vec::with_capacity(fronts.len());
             for (k, f) in fronts {
                 let c = self.claims.entry(k).or_default();
@@ -466,27 +473,20 @@ impl Index {
             .collect()
     }
 
-    /// The full model of a Service's ports (computed on demand: only the
-    /// frontends are kept, which is what memory at 10,000 services needs).
-    pub fn service_ports(&self, id: &ServiceRef) -> Option<Vec<ServicePort>> {
-        let entry = self.services.get(id)?;
-        let svc = entry.parsed.as_ref().ok()?.as_deref()?;
-        Some(model::service_ports(
-            svc,
-            &self.slices_of_service(id),
-            &self.node,
-        ))
-    }
-
-    /// Every valid Service with the full model of its ports, in
-    /// namespace/name order (what kube-proxy's rule writers iterate).
-    pub fn services_with_ports(&self) -> Vec<(Svc, Vec<ServicePort>)> {
+    /// Every valid Service on `family` with the full model of its ports on
+    /// it, in namespace/name order (what kube-proxy's rule writers iterate,
+    /// one family's proxier at a time).
+    pub fn services_with_ports(&self, family: Family) -> Vec<(Svc, Vec<ServicePort>)> {
         let mut ids: Vec<&ServiceRef> = self.services.keys().collect();
         ids.sort();
         ids.into_iter()
             .filter_map(|id| {
                 let svc = self.services[id].parsed.as_ref().ok()?.as_deref()?;
-                let ports = model::service_ports(svc, &self.slices_of_service(id), &self.node);
+                if !svc.has_family(family) {
+                    return None;
+                }
+                let slices = self.slices_of_service(id);
+                let ports = model::service_ports(svc, &slices, &self.node, family);
                 Some((svc.clone(), ports))
             })
             .collect()
@@ -531,11 +531,6 @@ impl Index {
             .services
             .values()
             .flat_map(|e| e.skipped.as_slice().iter().cloned())
-            .chain(
-                self.slices
-                    .values()
-                    .flat_map(|e| e.skipped.as_slice().iter().cloned()),
-            )
             .collect();
         out.sort();
         out
@@ -637,7 +632,7 @@ mod tests {
         assert!(ix.apply_slice(sl7).changed);
         assert_eq!(ix.update().services, 1);
         let k = FrontendKey {
-            addr: Ipv4Addr::new(198, 19, 0, 7),
+            addr: Ipv4Addr::new(198, 19, 0, 7).into(),
             port: 80,
             proto: proxy_common::IPPROTO_TCP,
         };

@@ -2,6 +2,7 @@
 //! (optionally with pinned maps), and typed access to its maps.
 
 use std::{
+    net::IpAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -17,14 +18,14 @@ use aya::{
 };
 
 use crate::{
-    control::cidr::Cidr,
+    control::cidr::{Cidr, Family},
     control::model::FrontendKey,
-    dataplane::reconcile::{BackendAddr, Backends, Digest, MapState, Op},
+    dataplane::reconcile::{BackendAddr, Backends, Digest, MapState, NodeConfig, Op},
     dataplane::{batch, layout},
 };
 use proxy_common::{
-    map_names, prog_names, wire, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue,
-    DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats,
+    map_names, prog_names, wire, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey,
+    CtValue, DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats,
     ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, PROG_EGRESS6,
     PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN,
 };
@@ -301,53 +302,93 @@ impl MapSet {
     /// The control-plane maps' contents, as the sync engine models them.
     /// Hash maps are read in batches (`dataplane::batch`).
     pub fn read_state(&self) -> Result<MapState> {
-        let slots = read_hash(&self.slots)?;
+        let mut slots = read_hash(&self.slots)?
+            .into_iter()
+            .map(|(k, s)| (k, s.backend_id, backend_addr(&s.backend)))
+            .collect::<Vec<_>>();
+        slots.extend(
+            read_hash(&self.v6.slots)?
+                .into_iter()
+                .map(|(k, s)| (k, s.backend_id, backend_addr(&s.backend))),
+        );
         // The backends are the ones the slots hold.
-        let backends: Backends = slots
-            .iter()
-            .map(|(_, s)| (s.backend_id, backend_addr(&s.backend)))
-            .collect();
+        let backends: Backends = slots.iter().map(|(_, id, b)| (*id, *b)).collect();
         // A slot holding another backend than the one its id names in the
         // other slots (no write of the agent's makes one) reads as holding
         // no backend (an id never allocated): a resync sees it differ from
         // the mirror, and rewrites or removes it.
         let slots = slots
             .iter()
-            .map(|(k, s)| {
-                let same = backends.get(&s.backend_id) == Some(&backend_addr(&s.backend));
-                (*k, if same { s.backend_id } else { u32::MAX })
+            .map(|(k, id, b)| {
+                let same = backends.get(id) == Some(b);
+                (*k, if same { *id } else { u32::MAX })
             })
             .collect();
+        let mut services: foldhash::HashMap<FrontendKey, ServiceValue> = Default::default();
+        let mut addrs: foldhash::HashMap<IpAddr, u32> = Default::default();
+        let mut node_addrs: foldhash::HashMap<IpAddr, u32> = Default::default();
+        let mut ranges: foldhash::HashMap<u32, std::collections::BTreeSet<Cidr>> =
+            Default::default();
+        self.each_keyed(
+            &mut |k, v| {
+                services.insert(k, v);
+            },
+            &mut |a, n| {
+                addrs.insert(a, n);
+            },
+            &mut |id, r| {
+                ranges.entry(id).or_default().insert(r);
+            },
+            &mut |a, f| {
+                node_addrs.insert(a, f);
+            },
+        )?;
         Ok(MapState {
-            services: read_hash(&self.services)?
-                .into_iter()
-                .map(|(k, v)| (frontend_key(&k), v))
-                .collect(),
+            services,
             slots,
             backends,
-            addrs: read_hash(&self.service_addrs)?
-                .into_iter()
-                .map(|(a, n)| (wire::to_addr(a), n))
-                .collect(),
+            addrs,
             names: read_hash(&self.service_names)?
                 .into_iter()
                 .map(|(id, n)| (id, name_from_bytes(&n).into()))
                 .collect(),
-            ranges: {
-                let mut out: foldhash::HashMap<u32, std::collections::BTreeSet<Cidr>> =
-                    Default::default();
-                for key in self.src_ranges.keys() {
-                    let key = key?;
-                    let (id, cidr) = range_from_key(&key);
-                    out.entry(id).or_default().insert(cidr);
-                }
-                out
-            },
-            node_addrs: read_hash(&self.node_addrs)?
-                .into_iter()
-                .map(|(a, f)| (wire::to_addr(a), f))
-                .collect(),
-            config: Some(self.config.get(&0, 0)?),
+            ranges,
+            node_addrs,
+            config: Some(self.node_config()?),
+        })
+    }
+
+    /// Both families' frontends, frontend addresses, source ranges and node
+    /// addresses, each to its function, in host form.
+    fn each_keyed(
+        &self,
+        service: &mut dyn FnMut(FrontendKey, ServiceValue),
+        addr: &mut dyn FnMut(IpAddr, u32),
+        range: &mut dyn FnMut(u32, Cidr),
+        node_addr: &mut dyn FnMut(IpAddr, u32),
+    ) -> Result<()> {
+        each_hash(&self.services, |k, v| service(frontend_key(&k), v))?;
+        each_hash(&self.v6.services, |k, v| service(frontend_key(&k), v))?;
+        each_hash(&self.service_addrs, |a, n| addr(a.to_ip(), n))?;
+        each_hash(&self.v6.service_addrs, |a, n| addr(a.to_ip(), n))?;
+        for key in self.src_ranges.keys() {
+            let (id, cidr) = range_from_key(&key?);
+            range(id, cidr);
+        }
+        for key in self.v6.src_ranges.keys() {
+            let (id, cidr) = range_from_key(&key?);
+            range(id, cidr);
+        }
+        each_hash(&self.node_addrs, |a, f| node_addr(a.to_ip(), f))?;
+        each_hash(&self.v6.node_addrs, |a, f| node_addr(a.to_ip(), f))?;
+        Ok(())
+    }
+
+    /// Both families' node-wide settings.
+    pub fn node_config(&self) -> Result<NodeConfig, MapError> {
+        Ok(NodeConfig {
+            v4: self.config.get(&0, 0)?,
+            v6: self.v6.config.get(&0, 0)?,
         })
     }
 
@@ -357,16 +398,21 @@ impl MapSet {
     /// [`read_state`]: MapSet::read_state
     pub fn read_digest(&self) -> Result<Digest> {
         let mut entries = Vec::new();
-        let mut put = |op: Op| entries.extend(op.fingerprint_entry());
-        each_hash(&self.services, |k, v| {
-            put(Op::PutService(frontend_key(&k), v))
-        })?;
         let mut backends = Vec::new();
-        each_hash(&self.slots, |k, s| {
-            let b = backend_addr(&s.backend);
-            put(Op::PutSlot(k, s.backend_id, b));
-            backends.push((s.backend_id, b));
-        })?;
+        {
+            let mut put = |op: Op| entries.extend(op.fingerprint_entry());
+            let mut slot = |k: SlotKey, id: u32, b: BackendAddr| {
+                put(Op::PutSlot(k, id, b));
+                backends.push((id, b));
+            };
+            each_hash(&self.slots, |k, s| {
+                slot(k, s.backend_id, backend_addr(&s.backend))
+            })?;
+            each_hash(&self.v6.slots, |k, s| {
+                slot(k, s.backend_id, backend_addr(&s.backend))
+            })?;
+        }
+        let mut put = |op: Op| entries.extend(op.fingerprint_entry());
         // The backends are the ones the slots hold: each id once, and the
         // same backend in every slot naming it.
         backends.sort_unstable();
@@ -377,20 +423,17 @@ impl MapSet {
         for (id, b) in backends {
             put(Op::PutBackend(id, b));
         }
-        for (a, n) in read_hash(&self.service_addrs)? {
-            put(Op::PutAddr(wire::to_addr(a), n));
-        }
         for (id, n) in read_hash(&self.service_names)? {
             put(Op::PutName(id, name_from_bytes(&n).into()));
         }
-        for key in self.src_ranges.keys() {
-            let (id, cidr) = range_from_key(&key?);
-            put(Op::PutRange(id, cidr));
-        }
-        for (a, f) in read_hash(&self.node_addrs)? {
-            put(Op::PutNodeAddr(wire::to_addr(a), f));
-        }
-        put(Op::SetConfig(self.config.get(&0, 0)?));
+        let put = std::cell::RefCell::new(put);
+        self.each_keyed(
+            &mut |k, v| put.borrow_mut()(Op::PutService(k, v)),
+            &mut |a, n| put.borrow_mut()(Op::PutAddr(a, n)),
+            &mut |id, r| put.borrow_mut()(Op::PutRange(id, r)),
+            &mut |a, f| put.borrow_mut()(Op::PutNodeAddr(a, f)),
+        )?;
+        put.into_inner()(Op::SetConfig(self.node_config()?));
         Ok(Digest::new(entries, inconsistent, self.port_words()?))
     }
 
@@ -401,7 +444,7 @@ impl MapSet {
         let mut st = self.read_state()?;
         let words = self.port_words()?;
         st.services.retain(|k, _| {
-            let bit = service_key(k).port_bit();
+            let bit = crate::dataplane::ports::frontend_bit(k);
             words
                 .get(bit.word as usize)
                 .is_some_and(|w| w & bit.mask != 0)
@@ -409,8 +452,9 @@ impl MapSet {
         Ok(st)
     }
 
-    /// Performs one write of a sync plan.
+    /// Performs one write of a sync plan, to the maps of its family.
     pub fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        let v6 = &mut self.v6;
         match op {
             // Ids only: the slots hold the backends.
             Op::PutBackend(..) => Ok(()),
@@ -418,20 +462,57 @@ impl MapSet {
                 let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()?])?;
                 self.service_stats.set(*id, zeros, 0)
             }
-            Op::PutSlot(k, id, b) => self.slots.insert(k, slot(*id, b), 0),
-            Op::PutService(k, v) => self.services.insert(service_key(k), v, 0),
-            Op::PutAddr(a, n) => self.service_addrs.insert(wire::addr(*a), n, 0),
+            Op::PutSlot(k, id, b) => match b.addr {
+                IpAddr::V4(_) => self.slots.insert(k, slot(*id, b), 0),
+                IpAddr::V6(_) => v6.slots.insert(k, slot(*id, b), 0),
+            },
+            Op::PutService(k, v) => match k.family() {
+                Family::V4 => self.services.insert(service_key(k), v, 0),
+                Family::V6 => v6.services.insert(service_key(k), v, 0),
+            },
+            Op::PutAddr(a, n) => match *a {
+                IpAddr::V4(a) => self.service_addrs.insert(wire::addr(a), n, 0),
+                IpAddr::V6(a) => v6.service_addrs.insert(wire::addr6(a), n, 0),
+            },
             Op::PutName(id, name) => self.service_names.insert(id, name_to_bytes(name), 0),
-            Op::DelService(k) => ignore_missing(self.services.remove(&service_key(k))),
-            Op::DelSlot(k) => ignore_missing(self.slots.remove(k)),
+            Op::DelService(k) => ignore_missing(match k.family() {
+                Family::V4 => self.services.remove(&service_key(k)),
+                Family::V6 => v6.services.remove(&service_key(k)),
+            }),
+            // A slot key names no family (service ids are one space for
+            // both): it goes from both maps, where it is.
+            Op::DelSlot(k) => {
+                ignore_missing(self.slots.remove(k))?;
+                ignore_missing(v6.slots.remove(k))
+            }
             Op::DelBackend(id) => ignore_missing(self.conns.remove(id)),
-            Op::DelAddr(a) => ignore_missing(self.service_addrs.remove(&wire::addr(*a))),
+            Op::DelAddr(a) => ignore_missing(match *a {
+                IpAddr::V4(a) => self.service_addrs.remove(&wire::addr(a)),
+                IpAddr::V6(a) => v6.service_addrs.remove(&wire::addr6(a)),
+            }),
             Op::DelName(id) => ignore_missing(self.service_names.remove(id)),
-            Op::PutRange(id, r) => self.src_ranges.insert(&range_key(*id, r), 1, 0),
-            Op::DelRange(id, r) => ignore_missing(self.src_ranges.remove(&range_key(*id, r))),
-            Op::PutNodeAddr(a, f) => self.node_addrs.insert(wire::addr(*a), f, 0),
-            Op::DelNodeAddr(a) => ignore_missing(self.node_addrs.remove(&wire::addr(*a))),
-            Op::SetConfig(c) => self.config.set(0, c, 0),
+            Op::PutRange(id, r) => match r {
+                Cidr::V4(_) => self.src_ranges.insert(&range_key(*id, r), 1, 0),
+                Cidr::V6(_) => v6.src_ranges.insert(&range_key(*id, r), 1, 0),
+            },
+            Op::DelRange(id, r) => ignore_missing(match r {
+                Cidr::V4(_) => self.src_ranges.remove(&range_key(*id, r)),
+                Cidr::V6(_) => v6.src_ranges.remove(&range_key(*id, r)),
+            }),
+            Op::PutNodeAddr(a, f) => match *a {
+                IpAddr::V4(a) => self.node_addrs.insert(wire::addr(a), f, 0),
+                IpAddr::V6(a) => v6.node_addrs.insert(wire::addr6(a), f, 0),
+            },
+            Op::DelNodeAddr(a) => ignore_missing(match *a {
+                IpAddr::V4(a) => self.node_addrs.remove(&wire::addr(a)),
+                IpAddr::V6(a) => v6.node_addrs.remove(&wire::addr6(a)),
+            }),
+            // IPv6's first: IPv4's holds the flags that make a change take
+            // effect for both.
+            Op::SetConfig(c) => {
+                v6.config.set(0, c.v6, 0)?;
+                self.config.set(0, c.v4, 0)
+            }
         }
     }
 
@@ -527,7 +608,8 @@ impl MapSet {
         })
     }
 
-    /// A run of writes of one class (`batch_class`) in one batched call.
+    /// A run of writes of one class (`batch_class`: one operation on one
+    /// family's map) in one batched call.
     fn write_run(&mut self, run: &[Op]) -> Result<(), batch::Partial> {
         use aya::maps::IterableMap as _;
         fn pairs<K, V>(run: &[Op], f: impl Fn(&Op) -> Option<(K, V)>) -> (Vec<K>, Vec<V>) {
@@ -536,28 +618,57 @@ impl MapSet {
         fn keys<K>(run: &[Op], f: impl Fn(&Op) -> Option<K>) -> Vec<K> {
             run.iter().filter_map(f).collect()
         }
+        let v6 = op_family(&run[0]) == Some(Family::V6);
+        // The run's family's map, and its keys and values in that family's
+        // wire form.
+        // Typed by the map, so that each family's expansion of the macros'
+        // closure gets its own key and value types.
+        fn update<K: aya::Pod, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            run: &[Op],
+            f: impl Fn(&Op) -> Option<(K, V)>,
+        ) -> Result<(), batch::Partial> {
+            let (k, v) = pairs(run, f);
+            batch::update(map.map(), &k, &v)
+        }
+        fn delete<K: aya::Pod, V: aya::Pod>(
+            map: &HashMap<MapData, K, V>,
+            run: &[Op],
+            f: impl Fn(&Op) -> Option<K>,
+        ) -> Result<(), batch::Partial> {
+            batch::delete(map.map(), &keys(run, f))
+        }
+        macro_rules! update {
+            ($v4:expr, $v6:expr, $f:expr) => {
+                if v6 {
+                    update(&$v6, run, $f)
+                } else {
+                    update(&$v4, run, $f)
+                }
+            };
+        }
+        macro_rules! delete {
+            ($v4:expr, $v6:expr, $f:expr) => {
+                if v6 {
+                    delete(&$v6, run, $f)
+                } else {
+                    delete(&$v4, run, $f)
+                }
+            };
+        }
         match &run[0] {
-            Op::PutSlot(..) => {
-                let (k, v) = pairs(run, |op| match op {
-                    Op::PutSlot(k, id, b) => Some((*k, slot(*id, b))),
-                    _ => None,
-                });
-                batch::update(self.slots.map(), &k, &v)
-            }
-            Op::PutService(..) => {
-                let (k, v) = pairs(run, |op| match op {
-                    Op::PutService(k, v) => Some((service_key(k), *v)),
-                    _ => None,
-                });
-                batch::update(self.services.map(), &k, &v)
-            }
-            Op::PutAddr(..) => {
-                let (k, v) = pairs(run, |op| match op {
-                    Op::PutAddr(a, n) => Some((wire::addr(*a), *n)),
-                    _ => None,
-                });
-                batch::update(self.service_addrs.map(), &k, &v)
-            }
+            Op::PutSlot(..) => update!(self.slots, self.v6.slots, |op| match op {
+                Op::PutSlot(k, id, b) => Some((*k, slot(*id, b))),
+                _ => None,
+            }),
+            Op::PutService(..) => update!(self.services, self.v6.services, |op| match op {
+                Op::PutService(k, v) => Some((service_key(k), *v)),
+                _ => None,
+            }),
+            Op::PutAddr(..) => update!(self.service_addrs, self.v6.service_addrs, |op| match op {
+                Op::PutAddr(a, n) => Some((WireAddr::from_ip(*a), *n)),
+                _ => None,
+            }),
             Op::PutName(..) => {
                 let (k, v) = pairs(run, |op| match op {
                     Op::PutName(id, name) => Some((*id, name_to_bytes(name))),
@@ -565,13 +676,10 @@ impl MapSet {
                 });
                 batch::update(self.service_names.map(), &k, &v)
             }
-            Op::PutNodeAddr(..) => {
-                let (k, v) = pairs(run, |op| match op {
-                    Op::PutNodeAddr(a, f) => Some((wire::addr(*a), *f)),
-                    _ => None,
-                });
-                batch::update(self.node_addrs.map(), &k, &v)
-            }
+            Op::PutNodeAddr(..) => update!(self.node_addrs, self.v6.node_addrs, |op| match op {
+                Op::PutNodeAddr(a, f) => Some((WireAddr::from_ip(*a), *f)),
+                _ => None,
+            }),
             Op::ResetStats(_) => {
                 let ids = keys(run, |op| match op {
                     Op::ResetStats(id) => Some(*id),
@@ -585,20 +693,20 @@ impl MapSet {
                 let zeros = vec![ServiceStats::default(); ids.len() * cpus];
                 batch::update_per_key(self.service_stats.map(), &ids, &zeros, cpus)
             }
-            Op::DelService(_) => batch::delete(
-                self.services.map(),
-                &keys(run, |op| match op {
-                    Op::DelService(k) => Some(service_key(k)),
-                    _ => None,
-                }),
-            ),
-            Op::DelSlot(_) => batch::delete(
-                self.slots.map(),
-                &keys(run, |op| match op {
+            Op::DelService(_) => delete!(self.services, self.v6.services, |op| match op {
+                Op::DelService(k) => Some(service_key(k)),
+                _ => None,
+            }),
+            // From both families' maps, as a single `DelSlot` (a delete
+            // batch steps over missing keys).
+            Op::DelSlot(_) => {
+                let k = keys(run, |op| match op {
                     Op::DelSlot(k) => Some(*k),
                     _ => None,
-                }),
-            ),
+                });
+                batch::delete(self.slots.map(), &k)?;
+                batch::delete(self.v6.slots.map(), &k)
+            }
             Op::DelBackend(_) => {
                 // Their connection counters, where they have one (only the
                 // backends of least-connection services do): one by one,
@@ -613,13 +721,10 @@ impl MapSet {
                 }
                 Ok(())
             }
-            Op::DelAddr(_) => batch::delete(
-                self.service_addrs.map(),
-                &keys(run, |op| match op {
-                    Op::DelAddr(a) => Some(wire::addr(*a)),
-                    _ => None,
-                }),
-            ),
+            Op::DelAddr(_) => delete!(self.service_addrs, self.v6.service_addrs, |op| match op {
+                Op::DelAddr(a) => Some(WireAddr::from_ip(*a)),
+                _ => None,
+            }),
             Op::DelName(_) => batch::delete(
                 self.service_names.map(),
                 &keys(run, |op| match op {
@@ -627,13 +732,10 @@ impl MapSet {
                     _ => None,
                 }),
             ),
-            Op::DelNodeAddr(_) => batch::delete(
-                self.node_addrs.map(),
-                &keys(run, |op| match op {
-                    Op::DelNodeAddr(a) => Some(wire::addr(*a)),
-                    _ => None,
-                }),
-            ),
+            Op::DelNodeAddr(_) => delete!(self.node_addrs, self.v6.node_addrs, |op| match op {
+                Op::DelNodeAddr(a) => Some(WireAddr::from_ip(*a)),
+                _ => None,
+            }),
             // Ids only: the slots hold the backends.
             Op::PutBackend(..) => Ok(()),
             // Never a run: `batch_class` keeps them single.
@@ -737,58 +839,114 @@ impl MapSet {
             .collect()
     }
 
-    /// The node-wide settings the datapath reads.
+    /// The node-wide settings the datapath reads (IPv4's, with the flags
+    /// and ports both families use).
     pub fn set_config(&mut self, cfg: &DatapathConfig) -> Result<(), MapError> {
         self.config.set(0, cfg, 0)
     }
 }
 
-/// Which writes go together into one batched call: the same operation on
-/// the same map. The LPM trie (no batch operations) and the config array
-/// are written one at a time.
-fn batch_class(op: &Op) -> Option<u8> {
-    Some(match op {
-        Op::PutBackend(..) => 0,
-        Op::PutSlot(..) => 1,
-        Op::PutService(..) => 2,
-        Op::PutAddr(..) => 3,
-        Op::PutName(..) => 4,
-        Op::PutNodeAddr(..) => 5,
-        Op::DelService(_) => 6,
-        Op::DelSlot(_) => 7,
-        Op::DelBackend(_) => 8,
-        Op::DelAddr(_) => 9,
-        Op::DelName(_) => 10,
-        Op::DelNodeAddr(_) => 11,
-        Op::ResetStats(_) => 12,
-        Op::PutRange(..) | Op::DelRange(..) | Op::SetConfig(_) => return None,
-    })
+/// The family of the map an operation writes; None for the maps both
+/// families share (and for a slot's delete, which goes to both).
+fn op_family(op: &Op) -> Option<Family> {
+    match op {
+        Op::PutSlot(_, _, b) => Some(Family::of(&b.addr)),
+        Op::PutService(k, _) | Op::DelService(k) => Some(k.family()),
+        Op::PutAddr(a, _) | Op::DelAddr(a) | Op::PutNodeAddr(a, _) | Op::DelNodeAddr(a) => {
+            Some(Family::of(a))
+        }
+        Op::PutRange(_, r) | Op::DelRange(_, r) => Some(Family::of_net(r)),
+        _ => None,
+    }
 }
 
-/// A frontend's map key (wire order) and back: the map boundary.
-pub fn service_key(k: &FrontendKey) -> ServiceKey {
+/// Which writes go together into one batched call: the same operation on
+/// the same map (so the same family). The LPM tries (no batch operations)
+/// and the config arrays are written one at a time.
+fn batch_class(op: &Op) -> Option<u8> {
+    let family = match op_family(op) {
+        Some(Family::V6) => 16,
+        _ => 0,
+    };
+    Some(
+        family
+            + match op {
+                Op::PutBackend(..) => 0,
+                Op::PutSlot(..) => 1,
+                Op::PutService(..) => 2,
+                Op::PutAddr(..) => 3,
+                Op::PutName(..) => 4,
+                Op::PutNodeAddr(..) => 5,
+                Op::DelService(_) => 6,
+                Op::DelSlot(_) => 7,
+                Op::DelBackend(_) => 8,
+                Op::DelAddr(_) => 9,
+                Op::DelName(_) => 10,
+                Op::DelNodeAddr(_) => 11,
+                Op::ResetStats(_) => 12,
+                Op::PutRange(..) | Op::DelRange(..) | Op::SetConfig(_) => return None,
+            },
+    )
+}
+
+/// An address in the datapath's form (`u32` for IPv4, [`In6`] for IPv6):
+/// the map boundary's conversions, one code path for both families.
+pub trait WireAddr: Address + aya::Pod {
+    /// `ip` in this form; an address of the other family (which the
+    /// callers' family dispatch never passes) gives the unspecified one.
+    fn from_ip(ip: IpAddr) -> Self;
+    fn to_ip(self) -> IpAddr;
+}
+
+impl WireAddr for u32 {
+    fn from_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(a) => wire::addr(a),
+            IpAddr::V6(_) => Self::ZERO,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(wire::to_addr(self))
+    }
+}
+
+impl WireAddr for In6 {
+    fn from_ip(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V6(a) => wire::addr6(a),
+            IpAddr::V4(_) => Self::ZERO,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(wire::to_addr6(self))
+    }
+}
+
+/// A frontend's map key (wire order; `A` is its family's) and back: the
+/// map boundary.
+pub fn service_key<A: WireAddr>(k: &FrontendKey) -> ServiceKey<A> {
     ServiceKey {
-        addr: wire::addr(k.addr),
+        addr: A::from_ip(k.addr),
         port: wire::port(k.port),
         proto: k.proto,
         _pad: 0,
     }
 }
 
-fn frontend_key(k: &ServiceKey) -> FrontendKey {
+fn frontend_key<A: WireAddr>(k: &ServiceKey<A>) -> FrontendKey {
     FrontendKey {
-        addr: wire::to_addr(k.addr),
+        addr: k.addr.to_ip(),
         port: wire::to_port(k.port),
         proto: k.proto,
     }
 }
 
 /// A slot's map value: backend id `id`, which is `b`.
-fn slot(id: u32, b: &BackendAddr) -> Slot {
+fn slot<A: WireAddr>(id: u32, b: &BackendAddr) -> Slot<A> {
     Slot {
         backend_id: id,
         backend: Backend {
-            addr: wire::addr(b.addr),
+            addr: A::from_ip(b.addr),
             port: wire::port(b.port),
             proto: b.proto,
             flags: if b.local { BACKEND_F_LOCAL } else { 0 },
@@ -796,35 +954,45 @@ fn slot(id: u32, b: &BackendAddr) -> Slot {
     }
 }
 
-fn backend_addr(b: &Backend) -> BackendAddr {
+fn backend_addr<A: WireAddr>(b: &Backend<A>) -> BackendAddr {
     BackendAddr {
-        addr: wire::to_addr(b.addr),
+        addr: b.addr.to_ip(),
         port: wire::to_port(b.port),
         proto: b.proto,
         local: b.flags & BACKEND_F_LOCAL != 0,
     }
 }
 
-/// The LPM key of source range `r` of frontend `svc_id`: the whole id, then
-/// the range's prefix.
-pub fn range_key(svc_id: u32, r: &Cidr) -> LpmKey<SrcRange> {
+/// The LPM key of source range `r` of frontend `svc_id` (`A` is `r`'s
+/// family's): the whole id, then the range's prefix.
+pub fn range_key<A: WireAddr>(svc_id: u32, r: &Cidr) -> LpmKey<SrcRange<A>>
+where
+    SrcRange<A>: aya::Pod,
+{
     LpmKey::new(
         32 + u32::from(r.prefix_len()),
         SrcRange {
             svc_id_be: svc_id.to_be(),
-            addr: wire::addr(r.network()),
+            addr: A::from_ip(r.network()),
         },
     )
 }
 
-fn range_from_key(k: &LpmKey<SrcRange>) -> (u32, Cidr) {
+fn range_from_key<A: WireAddr>(k: &LpmKey<SrcRange<A>>) -> (u32, Cidr)
+where
+    SrcRange<A>: aya::Pod,
+{
     let data = k.data();
-    let len = k.prefix_len().saturating_sub(32).min(32) as u8;
+    let addr = data.addr.to_ip();
+    let max = match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    let len = k.prefix_len().saturating_sub(32).min(max) as u8;
     (
         u32::from_be(data.svc_id_be),
-        // `len` is at most 32, so `new` cannot fail.
-        Cidr::new(wire::to_addr(data.addr), len)
-            .unwrap_or_else(|_| Cidr::from(wire::to_addr(data.addr))),
+        // `len` is at most the family's length, so `new` cannot fail.
+        Cidr::new(addr, len).unwrap_or_else(|_| Cidr::from(addr)),
     )
 }
 

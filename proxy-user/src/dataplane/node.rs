@@ -4,17 +4,24 @@
 //! Addresses are read with `getifaddrs` whenever an address or link changes
 //! (netlink notifies the agent) and written to `KPX_NODE_ADDRS` as a diff.
 
-use std::{collections::HashMap, fmt, fs, net::Ipv4Addr, ops::RangeInclusive, str::FromStr};
+use std::{
+    collections::HashMap,
+    fmt, fs,
+    net::{IpAddr, Ipv6Addr},
+    ops::RangeInclusive,
+    str::FromStr,
+};
 
 use anyhow::{bail, Context as _, Result};
 use proxy_common::{
-    wire, DatapathConfig, CFG_F_DSR_TCP, CFG_F_DSR_UDP, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL,
+    wire, DatapathConfig, Net6, CFG_F_DSR_TCP, CFG_F_DSR_UDP, CFG_F_MASQUERADE_ALL, NODE_F_LOCAL,
     NODE_F_NODEPORT,
 };
 
 use crate::{
-    control::cidr::Cidr,
+    control::cidr::{Cidr, Family},
     control::config::{serves_nodeports, NodePortAddress},
+    dataplane::reconcile::NodeConfig,
 };
 
 /// The source ports masqueraded flows use, inclusive.
@@ -107,37 +114,70 @@ impl fmt::Display for NodePortMode {
     }
 }
 
-/// The node-wide datapath settings.
+/// The node-wide datapath settings of both families: each family's first
+/// cluster CIDR of `cluster_cidrs` and its node IP (`node_ips`, the first
+/// of each family) as masquerade source.
 pub fn datapath_config(
-    cluster_cidr: Option<&Cidr>,
-    snat_addr: Option<Ipv4Addr>,
+    cluster_cidrs: &[Cidr],
+    node_ips: &[IpAddr],
     ports: &PortRange,
     masquerade_all: bool,
-) -> DatapathConfig {
-    let (cidr, mask) = cluster_cidr.map_or((0, 0), |c| {
-        (wire::addr(c.network()), wire::addr(c.netmask()))
-    });
-    DatapathConfig {
-        cluster_cidr: cidr,
-        cluster_mask: mask,
-        snat_addr: snat_addr.map_or(0, wire::addr),
-        snat_port_min: *ports.0.start(),
-        snat_port_max: *ports.0.end(),
-        flags: if masquerade_all {
-            CFG_F_MASQUERADE_ALL
-        } else {
-            0
+) -> NodeConfig {
+    let cidr = |f: Family| cluster_cidrs.iter().find(|c| Family::of_net(c) == f);
+    let snat = |f: Family| node_ips.iter().copied().find(|a| Family::of(a) == f);
+    let (cidr4, mask4) = match cidr(Family::V4) {
+        Some(Cidr::V4(c)) => (wire::addr(c.network()), wire::addr(c.netmask())),
+        _ => (0, 0),
+    };
+    let snat4 = match snat(Family::V4) {
+        Some(IpAddr::V4(a)) => wire::addr(a),
+        _ => 0,
+    };
+    let (cidr6, mask6) = match cidr(Family::V6) {
+        Some(Cidr::V6(c)) => (wire::addr6(c.network()), wire::addr6(c.netmask())),
+        _ => Default::default(),
+    };
+    let snat6 = match snat(Family::V6) {
+        Some(IpAddr::V6(a)) => wire::addr6(a),
+        _ => Default::default(),
+    };
+    NodeConfig {
+        v4: DatapathConfig {
+            cluster_cidr: cidr4,
+            cluster_mask: mask4,
+            snat_addr: snat4,
+            snat_port_min: *ports.0.start(),
+            snat_port_max: *ports.0.end(),
+            flags: if masquerade_all {
+                CFG_F_MASQUERADE_ALL
+            } else {
+                0
+            },
+            _pad: 0,
+            // The agent's, set with the socket-level load balancer's mode.
+            host_netns_cookie: 0,
         },
-        _pad: 0,
-        // The agent's, set with the socket-level load balancer's mode.
-        host_netns_cookie: 0,
+        v6: Net6 {
+            cluster_cidr: cidr6,
+            cluster_mask: mask6,
+            snat_addr: snat6,
+        },
     }
 }
 
-/// Every IPv4 address of this network namespace.
-pub fn local_ipv4() -> std::io::Result<Vec<Ipv4Addr>> {
-    let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()?
-        .filter_map(|i| Some(i.address?.as_sockaddr_in()?.ip()))
+/// Every address of this network namespace, both families. IPv6's
+/// link-local addresses are left out: no Service or NodePort is reached
+/// through one (kube-proxy's GetNodeIPs skips them too).
+pub fn local_addrs() -> std::io::Result<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()?
+        .filter_map(|i| {
+            let a = i.address?;
+            if let Some(v4) = a.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            let v6: Ipv6Addr = a.as_sockaddr_in6()?.ip();
+            (!v6.is_unicast_link_local()).then_some(IpAddr::V6(v6))
+        })
         .collect();
     out.sort();
     out.dedup();
@@ -147,14 +187,19 @@ pub fn local_ipv4() -> std::io::Result<Vec<Ipv4Addr>> {
 /// `NODE_F_*` bits of each address: every address is the node's; those
 /// `--nodeport-addresses` selects (all but loopback by default) serve
 /// NodePorts. Loopback never does: kpx sees no traffic on `lo`.
+/// `primaries` are the node IPs, the first of each family its primary.
 pub fn node_addrs(
-    addrs: &[Ipv4Addr],
+    addrs: &[IpAddr],
     nodeport: &[NodePortAddress],
-    primary: Option<Ipv4Addr>,
-) -> HashMap<Ipv4Addr, u32> {
+    primaries: &[IpAddr],
+) -> HashMap<IpAddr, u32> {
     addrs
         .iter()
         .map(|a| {
+            let primary = primaries
+                .iter()
+                .copied()
+                .find(|p| Family::of(p) == Family::of(a));
             let serves = !a.is_loopback() && serves_nodeports(nodeport, primary, *a);
             let flags = NODE_F_LOCAL | if serves { NODE_F_NODEPORT } else { 0 };
             (*a, flags)
@@ -216,35 +261,66 @@ mod tests {
 
     #[test]
     fn nodeport_addresses_select_node_addresses() {
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        let addrs = [ip("127.0.0.1"), ip("198.18.128.1"), ip("198.18.0.1")];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let addrs = [
+            ip("127.0.0.1"),
+            ip("198.18.128.1"),
+            ip("198.18.0.1"),
+            ip("::1"),
+            ip("2001:2::1"),
+            ip("2001:2:0:1::1"),
+        ];
+        let primaries = [ip("198.18.128.1"), ip("2001:2::1")];
         let flags = |np: &[NodePortAddress]| {
-            let m = node_addrs(&addrs, np, Some(ip("198.18.128.1")));
+            let m = node_addrs(&addrs, np, &primaries);
             addrs.iter().map(|a| m[a]).collect::<Vec<_>>()
         };
         let (l, n) = (NODE_F_LOCAL, NODE_F_LOCAL | NODE_F_NODEPORT);
-        assert_eq!(flags(&[]), [l, n, n]);
-        assert_eq!(flags(&[NodePortAddress::Primary]), [l, n, l]);
+        assert_eq!(flags(&[]), [l, n, n, l, n, n]);
+        assert_eq!(flags(&[NodePortAddress::Primary]), [l, n, l, l, n, l]);
+        // A family without a CIDR of its own serves on all its addresses,
+        // as kube-proxy's per-family nodePortAddresses do.
         let cidr = NodePortAddress::Cidr("198.18.0.0/24".parse().unwrap());
-        assert_eq!(flags(&[cidr]), [l, l, n]);
-        assert_eq!(flags(&[NodePortAddress::Localhost]), [l, l, l]);
+        assert_eq!(flags(&[cidr]), [l, l, n, l, n, n]);
+        let cidr6 = NodePortAddress::Cidr("2001:2:0:1::/64".parse().unwrap());
+        assert_eq!(flags(&[cidr, cidr6]), [l, l, n, l, l, n]);
+        assert_eq!(flags(&[NodePortAddress::Localhost]), [l, l, l, l, l, l]);
     }
 
     #[test]
-    fn config_carries_cidr_mask_and_masquerade() {
-        let c: Cidr = "198.18.0.0/17".parse().unwrap();
-        let cfg = datapath_config(
-            Some(&c),
-            Some("198.18.128.1".parse().unwrap()),
-            &PortRange::default(),
-            true,
-        );
+    fn config_carries_cidr_mask_and_masquerade_of_each_family() {
+        let cidrs: Vec<Cidr> = vec![
+            "2001:2::/56".parse().unwrap(),
+            "198.18.0.0/17".parse().unwrap(),
+        ];
+        let ips: Vec<IpAddr> = vec![
+            "198.18.128.1".parse().unwrap(),
+            "2001:2::1".parse().unwrap(),
+        ];
+        let cfg = datapath_config(&cidrs, &ips, &PortRange::default(), true);
+        let v4 = cfg.v4;
         assert_eq!(
-            wire::to_addr(cfg.cluster_mask),
+            wire::to_addr(v4.cluster_mask),
             Ipv4Addr::new(255, 255, 128, 0)
         );
-        assert_eq!(wire::to_addr(cfg.snat_addr), Ipv4Addr::new(198, 18, 128, 1));
-        assert_eq!((cfg.snat_port_min, cfg.snat_port_max), (1024, 29999));
-        assert_eq!(cfg.flags, CFG_F_MASQUERADE_ALL);
+        assert_eq!(wire::to_addr(v4.snat_addr), Ipv4Addr::new(198, 18, 128, 1));
+        assert_eq!((v4.snat_port_min, v4.snat_port_max), (1024, 29999));
+        assert_eq!(v4.flags, CFG_F_MASQUERADE_ALL);
+        let v6 = cfg.v6;
+        assert_eq!(wire::to_addr6(v6.cluster_cidr), ip6("2001:2::"));
+        assert_eq!(
+            wire::to_addr6(v6.cluster_mask),
+            ip6("ffff:ffff:ffff:ff00::")
+        );
+        assert_eq!(wire::to_addr6(v6.snat_addr), ip6("2001:2::1"));
+        // IPv4 only: IPv6's settings stay zero (no masquerade, no CIDR).
+        let cfg = datapath_config(&cidrs[1..], &ips[..1], &PortRange::default(), false);
+        assert_eq!(cfg.v6, Net6::default());
+    }
+
+    use std::net::Ipv4Addr;
+
+    fn ip6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
     }
 }

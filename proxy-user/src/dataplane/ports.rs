@@ -27,7 +27,8 @@ use proxy_common::{
 };
 
 use crate::{
-    dataplane::maps::{service_key, MapSet},
+    control::model::FrontendKey,
+    dataplane::maps::MapSet,
     dataplane::reconcile::{BackendAddr, MapState, Op},
 };
 
@@ -58,6 +59,18 @@ pub struct PortFilter {
     dirty: BTreeSet<u32>,
 }
 
+/// A frontend's bit: [`PORT_F_NODEPORT`] for a NodePort (the unspecified
+/// address of either family), [`PORT_F_FRONTEND`] for any other frontend,
+/// as the datapath's [`proxy_common::ServiceKey::port_bit`].
+pub fn frontend_bit(k: &FrontendKey) -> PortBit {
+    let kind = if k.addr.is_unspecified() {
+        PORT_F_NODEPORT
+    } else {
+        PORT_F_FRONTEND
+    };
+    port_bit(k.port, kind)
+}
+
 /// A backend's bit.
 fn backend_bit(b: &BackendAddr) -> PortBit {
     port_bit(b.port, PORT_F_BACKEND)
@@ -76,7 +89,7 @@ impl PortFilter {
     pub fn rebuild(state: &MapState, maps: &MapSet) -> Result<Self, MapError> {
         let mut f = Self::default();
         for key in state.services.keys() {
-            *f.uses.entry(service_key(key).port_bit()).or_default() += 1;
+            *f.uses.entry(frontend_bit(key)).or_default() += 1;
         }
         for b in state.backends.values() {
             *f.uses.entry(backend_bit(b)).or_default() += 1;
@@ -123,9 +136,7 @@ impl PortFilter {
     /// The bit `op` starts using, if it is a new use.
     fn added(op: &Op, state: &MapState) -> Option<PortBit> {
         match op {
-            Op::PutService(k, _) if !state.services.contains_key(k) => {
-                Some(service_key(k).port_bit())
-            }
+            Op::PutService(k, _) if !state.services.contains_key(k) => Some(frontend_bit(k)),
             Op::PutBackend(id, b) if state.backends.get(id) != Some(b) => Some(backend_bit(b)),
             _ => None,
         }
@@ -161,7 +172,7 @@ impl PortFilter {
             self.dirty.insert(bit.word);
         }
         let gone = match op {
-            Op::DelService(k) if state.services.contains_key(k) => service_key(k).port_bit(),
+            Op::DelService(k) if state.services.contains_key(k) => frontend_bit(k),
             Op::PutBackend(id, _) | Op::DelBackend(id) => match state.backends.get(id) {
                 // A backend id given another backend: its old one goes.
                 Some(old) if !matches!(op, Op::PutBackend(_, b) if b == old) => backend_bit(old),
@@ -290,7 +301,7 @@ mod tests {
 
     fn key(addr: impl Into<Ipv4Addr>, port: u16) -> FrontendKey {
         FrontendKey {
-            addr: addr.into(),
+            addr: addr.into().into(),
             port,
             proto: 6,
         }
@@ -298,7 +309,7 @@ mod tests {
 
     fn backend(port: u16) -> BackendAddr {
         BackendAddr {
-            addr: Ipv4Addr::new(198, 18, 1, 1),
+            addr: Ipv4Addr::new(198, 18, 1, 1).into(),
             port,
             proto: 6,
             local: false,

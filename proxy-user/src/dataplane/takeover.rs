@@ -176,7 +176,7 @@ pub fn entries(
     // backend answers (the client, or the masquerade address).
     let (backend, backend_port, answer_to, answer_port) = f.reply;
     let backend_key = BackendAddr {
-        addr: backend,
+        addr: backend.into(),
         port: backend_port,
         proto: f.proto,
         local: false,
@@ -239,12 +239,15 @@ pub fn entries(
 
 /// The service id of the frontend a packet to `addr:port` reaches.
 fn frontend(state: &MapState, addr: Ipv4Addr, port: u16, proto: u8) -> Option<u32> {
-    let at = |addr| state.services.get(&FrontendKey { addr, port, proto });
+    let at = |addr: Ipv4Addr| {
+        let addr = addr.into();
+        state.services.get(&FrontendKey { addr, port, proto })
+    };
     at(addr)
         .or_else(|| {
             let nodeport = state
                 .node_addrs
-                .get(&addr)
+                .get(&addr.into())
                 .is_some_and(|f| f & NODE_F_NODEPORT != 0);
             nodeport.then(|| at(Ipv4Addr::UNSPECIFIED)).flatten()
         })
@@ -563,7 +566,7 @@ mod tests {
         };
         s.services.insert(
             FrontendKey {
-                addr: VIP,
+                addr: VIP.into(),
                 port: 80,
                 proto: IPPROTO_TCP,
             },
@@ -571,7 +574,7 @@ mod tests {
         );
         s.services.insert(
             FrontendKey {
-                addr: Ipv4Addr::UNSPECIFIED,
+                addr: Ipv4Addr::UNSPECIFIED.into(),
                 port: 30080,
                 proto: IPPROTO_TCP,
             },
@@ -580,13 +583,13 @@ mod tests {
         s.backends.insert(
             9,
             BackendAddr {
-                addr: BACKEND,
+                addr: BACKEND.into(),
                 port: 8080,
                 proto: IPPROTO_TCP,
                 local: false,
             },
         );
-        s.node_addrs.insert(NODE, NODE_F_NODEPORT);
+        s.node_addrs.insert(NODE.into(), NODE_F_NODEPORT);
         s
     }
 

@@ -2,7 +2,12 @@
 //! it works from another process while the agent runs), as aligned tables in
 //! the spirit of `ipvsadm -Ln`, or JSON.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::Result;
 use proxy_common::{
@@ -110,7 +115,7 @@ pub fn proto_name(p: u8) -> String {
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct BackendRow {
     pub id: u32,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// "active": new flows may pick it; "removed": no longer an endpoint,
     /// but flows it already had still reach it.
@@ -125,10 +130,12 @@ pub struct BackendRow {
 #[derive(Debug, Serialize)]
 pub struct ServiceRow {
     pub protocol: String,
-    /// The frontend address; 0.0.0.0 for a NodePort (any NodePort address).
-    pub vip: Ipv4Addr,
+    /// The frontend address; 0.0.0.0 or :: for a NodePort (any NodePort
+    /// address of that family).
+    pub vip: IpAddr,
     pub port: u16,
-    /// `vip:port`, with `*` for a NodePort's address.
+    /// `vip:port` (`[vip]:port` for IPv6), with `*` (`[::]` for IPv6) for
+    /// a NodePort's address.
     pub frontend: String,
     /// "cluster-ip", "nodeport" or "external" (an external or LB IP).
     pub kind: &'static str,
@@ -154,7 +161,7 @@ pub struct ServiceRow {
 
 /// (service id, backend id) → (flows, backend address and port as the flows
 /// know them).
-pub type FlowCounts = BTreeMap<(u32, u32), (u64, Ipv4Addr, u16)>;
+pub type FlowCounts = BTreeMap<(u32, u32), (u64, IpAddr, u16)>;
 
 /// Flows per service and backend, from one pass over conntrack (the
 /// ipvsadm view's active and inactive ones together).
@@ -233,10 +240,10 @@ pub fn service_rows(
             protocol: proto_name(k.proto),
             vip,
             port,
-            frontend: if vip.is_unspecified() {
+            frontend: if vip == IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED) {
                 format!("*:{port}")
             } else {
-                format!("{vip}:{port}")
+                SocketAddr::new(vip, port).to_string()
             },
             kind: if v.flags & SVC_F_NODEPORT != 0 {
                 "nodeport"
@@ -317,7 +324,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             let _ = writeln!(
                 out,
                 "  -> {:<22} {:<32} {:>8}",
-                format!("{}:{}", b.addr, b.port),
+                SocketAddr::new(b.addr, b.port).to_string(),
                 state,
                 b.flows
             );
@@ -330,7 +337,7 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
 pub struct BackendEntry {
     pub id: u32,
     pub protocol: String,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// Service port names whose slots point at this backend.
     pub services: Vec<String>,
@@ -409,7 +416,7 @@ pub fn backends_table(rows: &[BackendEntry]) -> String {
             "{:>6} {:<5} {:<22} {:>8} {:>8} {:>8}  {}",
             r.id,
             r.protocol,
-            format!("{}:{}", r.addr, r.port),
+            SocketAddr::new(r.addr, r.port).to_string(),
             r.flows,
             r.active_conns,
             r.sockets,

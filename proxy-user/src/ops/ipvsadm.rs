@@ -20,7 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::Result;
@@ -39,7 +39,7 @@ use crate::{
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct RealServer {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     /// 1 for a backend new flows may pick, 0 for one that left but still
     /// has flows.
@@ -51,7 +51,7 @@ pub struct RealServer {
 #[derive(Debug, Serialize)]
 pub struct VirtualService {
     pub protocol: String,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub scheduler: String,
     /// ipvsadm's scheduler flags kpx acts on (`mh-port`).
@@ -87,7 +87,7 @@ impl From<ServiceStats> for Stats {
 }
 
 /// (service id, backend id) → (active, inactive, backend address, port).
-type Conns = BTreeMap<(u32, u32), (u64, u64, Ipv4Addr, u16)>;
+type Conns = BTreeMap<(u32, u32), (u64, u64, IpAddr, u16)>;
 
 /// Active and inactive flows per service and backend, from one pass over
 /// both conntrack tables (original directions only: one per flow).
@@ -100,7 +100,7 @@ pub fn conns(entries: impl IntoIterator<Item = (CtTable, CtValue)>) -> Conns {
         let e = out.entry((v.svc_id, v.backend_id)).or_insert((
             0,
             0,
-            proxy_common::wire::to_addr(v.new_dst_addr),
+            IpAddr::V4(proxy_common::wire::to_addr(v.new_dst_addr)),
             proxy_common::wire::to_port(v.new_dst_port),
         ));
         if table == CtTable::Tcp && v.flags & CT_F_CLOSING == 0 {
@@ -125,7 +125,7 @@ pub fn virtual_services(
     conns: &Conns,
     stats_of: impl Fn(u32) -> Result<Stats>,
 ) -> Result<Vec<VirtualService>> {
-    let nodeport_addrs: BTreeSet<Ipv4Addr> = state
+    let nodeport_addrs: BTreeSet<IpAddr> = state
         .node_addrs
         .iter()
         .filter(|(_, f)| *f & NODE_F_NODEPORT != 0)
@@ -180,8 +180,14 @@ pub fn virtual_services(
         real_servers.sort_by_key(|r| (r.addr, r.port, std::cmp::Reverse(r.weight)));
         let sched = Scheduler::of_flags(v.flags);
         let stats = stats_of(v.svc_id)?;
-        let addrs: Vec<Ipv4Addr> = if k.addr.is_unspecified() && !nodeport_addrs.is_empty() {
-            nodeport_addrs.iter().copied().collect()
+        // A NodePort is listed on its family's NodePort addresses.
+        let on: Vec<IpAddr> = nodeport_addrs
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv4() == k.addr.is_ipv4())
+            .collect();
+        let addrs: Vec<IpAddr> = if k.addr.is_unspecified() && !on.is_empty() {
+            on
         } else {
             vec![k.addr]
         };
@@ -215,7 +221,7 @@ pub fn virtual_services(
 const HEADER: &str = "IP Virtual Server version 1.2.1 (size=4096), as kpx's datapath serves it";
 
 fn service_name(s: &VirtualService) -> String {
-    format!("{}  {}:{}", s.protocol, s.addr, s.port)
+    format!("{}  {}", s.protocol, SocketAddr::new(s.addr, s.port))
 }
 
 /// `ipvsadm -Ln`.
@@ -240,7 +246,7 @@ pub fn table(services: &[VirtualService]) -> String {
             let _ = writeln!(
                 out,
                 "  -> {:<28} {:<7} {:<6} {:<10} {:<10}",
-                format!("{}:{}", r.addr, r.port),
+                SocketAddr::new(r.addr, r.port).to_string(),
                 "Masq",
                 r.weight,
                 r.active_conns,
@@ -293,7 +299,7 @@ fn figures_table(services: &[VirtualService], columns: [&str; 5]) -> String {
             let _ = writeln!(
                 out,
                 "  -> {:<28} {:>8} {:>8} {:>8} {:>8} {:>8}",
-                format!("{}:{}", r.addr, r.port),
+                SocketAddr::new(r.addr, r.port).to_string(),
                 "-",
                 "-",
                 "-",
@@ -308,7 +314,7 @@ fn figures_table(services: &[VirtualService], columns: [&str; 5]) -> String {
 /// `later`'s statistics turned into rates per second against `earlier`
 /// (the same services read `secs` seconds before).
 pub fn rates(earlier: &[VirtualService], later: &mut [VirtualService], secs: f64) {
-    let before: BTreeMap<(String, Ipv4Addr, u16), Stats> = earlier
+    let before: BTreeMap<(String, IpAddr, u16), Stats> = earlier
         .iter()
         .map(|s| ((s.protocol.clone(), s.addr, s.port), s.stats))
         .collect();
@@ -338,7 +344,7 @@ mod tests {
         dataplane::reconcile::BackendAddr,
     };
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -352,7 +358,7 @@ mod tests {
         let v = CtValue {
             svc_id,
             backend_id,
-            new_dst_addr: proxy_common::wire::addr(ip(backend)),
+            new_dst_addr: proxy_common::wire::addr(backend.parse().unwrap()),
             new_dst_port: proxy_common::wire::port(8080),
             flags,
             dir: CT_DIR_ORIGINAL,

@@ -7,7 +7,7 @@
 //! Long because it follows kube-proxy's single syncProxyRules rule by rule,
 //! in its order, so the two can be read side by side.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::IpAddr};
 
 use super::{endpoint_string, hash16, NodePorts, Port, Settings};
 use crate::control::model::{Endpoint, ServicePort, Svc};
@@ -461,7 +461,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
             let mut allow_from_node = false;
             for r in &svc.lb_source_ranges {
                 nat_rules.line(&[&head, "-s", &r.to_string(), "-j", &ext_chain]);
-                allow_from_node |= s.node_ip.is_some_and(|ip| r.contains(&ip));
+                allow_from_node |= s.node_ip.is_some_and(|ip| r.contains(&IpAddr::V4(ip)));
             }
             if allow_from_node {
                 for ip in &svc.lb_ips {
@@ -691,7 +691,10 @@ endpoints:
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
         let mut index = Index::new(NodeInfo::named("node-1"));
         index.replace_all(loaded.services, loaded.slices);
-        render(&index.services_with_ports(), s)
+        render(
+            &index.services_with_ports(crate::control::cidr::Family::V4),
+            s,
+        )
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! Services come in namespace/name order and endpoints in kube-proxy's
 //! (`ip:port` as strings), so the output is deterministic.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use data_encoding::BASE32;
 use proxy_common::IPPROTO_TCP;
@@ -60,7 +60,7 @@ impl NodePorts {
         let mut ips: Vec<Ipv4Addr> = local
             .iter()
             .copied()
-            .filter(|a| serves_nodeports(cfg, primary, *a))
+            .filter(|a| serves_nodeports(cfg, primary.map(IpAddr::V4), IpAddr::V4(*a)))
             .collect();
         if let Some(p) = primary.filter(|_| cfg.contains(&NodePortAddress::Primary)) {
             if !ips.contains(&p) {
@@ -78,7 +78,7 @@ impl NodePorts {
             Self::All => true,
             Self::Only(_) => cfg.iter().any(|c| match c {
                 NodePortAddress::Localhost => true,
-                NodePortAddress::Cidr(c) => c.contains(&Ipv4Addr::LOCALHOST),
+                NodePortAddress::Cidr(c) => c.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 _ => false,
             }),
         }

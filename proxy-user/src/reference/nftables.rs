@@ -290,9 +290,11 @@ fn service_port(tx: &mut Tx, p: &Port, s: &Settings) {
     if uses_fw {
         tx.ensure_chain(&fw_chain);
         let mut sources: Vec<String> = svc.lb_source_ranges.iter().map(|r| r.to_string()).collect();
-        if s.node_ip
-            .is_some_and(|ip| svc.lb_source_ranges.iter().any(|r| r.contains(&ip)))
-        {
+        if s.node_ip.is_some_and(|ip| {
+            svc.lb_source_ranges
+                .iter()
+                .any(|r| r.contains(&std::net::IpAddr::V4(ip)))
+        }) {
             sources.extend(svc.lb_ips.iter().map(|ip| ip.to_string()));
         }
         tx.rule(

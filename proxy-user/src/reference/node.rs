@@ -48,13 +48,27 @@ pub fn rules(flags: &NodeFlags, mode: Mode, localhost_nodeports: bool) -> Result
         log::warn!("skipped: {p}");
     }
     index.update();
-    let local = crate::dataplane::node::local_ipv4().unwrap_or_else(|e| {
-        log::warn!("listing this node's addresses: {e}; NodePort addresses unknown");
-        Vec::new()
-    });
+    // The reference's rules are iptables' (IPv4's) only.
+    let local: Vec<std::net::Ipv4Addr> = crate::dataplane::node::local_addrs()
+        .unwrap_or_else(|e| {
+            log::warn!("listing this node's addresses: {e}; NodePort addresses unknown");
+            Vec::new()
+        })
+        .into_iter()
+        .filter_map(|a| match a {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
     let settings = Settings {
-        node_ip: index.node().addresses.first().copied(),
-        cluster_cidr: o.cluster_cidrs.as_ref().and_then(|c| c.first().copied()),
+        node_ip: match index.node().primary(crate::control::cidr::Family::V4) {
+            Some(std::net::IpAddr::V4(a)) => Some(a),
+            _ => None,
+        },
+        cluster_cidr: o
+            .cluster_cidrs
+            .as_ref()
+            .and_then(|c| c.iter().find(|c| c.addr().is_ipv4()).copied()),
         masquerade_all: o.masquerade_all.unwrap_or(false),
         masquerade_bit: o.masquerade_bit.unwrap_or(14),
         ..Settings::new(&hostname)
@@ -64,5 +78,9 @@ pub fn rules(flags: &NodeFlags, mode: Mode, localhost_nodeports: bool) -> Result
         &local,
         localhost_nodeports,
     );
-    Ok(render(mode, &index.services_with_ports(), &settings))
+    Ok(render(
+        mode,
+        &index.services_with_ports(crate::control::cidr::Family::V4),
+        &settings,
+    ))
 }

@@ -345,13 +345,8 @@ impl File {
             (!self.hostname_override.is_empty()).then(|| self.hostname_override.clone());
         if !self.bind_address.is_empty() {
             match self.bind_address.parse::<IpAddr>() {
-                Ok(IpAddr::V4(ip)) if !ip.is_unspecified() => o.bind_address = Some(ip),
-                Ok(IpAddr::V4(_)) => {}
-                Ok(IpAddr::V6(_)) => ignore(
-                    "bindAddress",
-                    true,
-                    "an IPv6 primary address; kpx serves IPv4 only",
-                ),
+                Ok(ip) if !ip.is_unspecified() => o.bind_address = Some(ip),
+                Ok(_) => {}
                 Err(_) => bail!(
                     "field bindAddress: {:?} is not an IP address",
                     self.bind_address
@@ -511,14 +506,6 @@ impl File {
         if !self.cluster_cidr.is_empty() {
             let mut cidrs = Vec::new();
             for part in self.cluster_cidr.split(',').map(str::trim) {
-                if part.contains(':') {
-                    ignore(
-                        "clusterCIDR",
-                        true,
-                        &format!("{part} is IPv6; kpx serves IPv4 only"),
-                    );
-                    continue;
-                }
                 cidrs.push(
                     crate::control::cidr::parse(part)
                         .map_err(|e| anyhow::anyhow!("field clusterCIDR: {e}"))?,
@@ -731,7 +718,7 @@ bindAddress: 198.18.0.1
 healthzBindAddress: 0.0.0.0:20256
 metricsBindAddress: ""
 bindAddressHardFail: true
-clusterCIDR: 198.18.128.0/17,fd00::/64
+clusterCIDR: 198.18.128.0/17,2001:2::/56
 nodePortAddresses: ["198.18.0.0/24", primary]
 oomScoreAdj: -999
 mode: nftables
@@ -750,16 +737,20 @@ logging: {verbosity: 4}
         .expect("valid");
         let o = l.overrides;
         assert_eq!(o.hostname_override.as_deref(), Some("node-a"));
-        assert_eq!(o.bind_address, Some(Ipv4Addr::new(198, 18, 0, 1)));
+        assert_eq!(o.bind_address, Some(Ipv4Addr::new(198, 18, 0, 1).into()));
         assert_eq!(
             o.healthz_bind_address,
             Some(Bind(Some("0.0.0.0:20256".parse().unwrap())))
         );
         assert_eq!(o.metrics_bind_address, None);
         assert_eq!(o.bind_address_hard_fail, Some(true));
+        // Dual-stack: one CIDR per family, both kept.
         assert_eq!(
             o.cluster_cidrs,
-            Some(vec!["198.18.128.0/17".parse().unwrap()])
+            Some(vec![
+                "198.18.128.0/17".parse().unwrap(),
+                "2001:2::/56".parse().unwrap()
+            ])
         );
         assert_eq!(
             o.nodeport_addresses,
@@ -781,9 +772,9 @@ logging: {verbosity: 4}
         assert_eq!(o.udp_timeout, Some(Duration::from_secs(15)));
         assert_eq!(o.udp_stream_timeout, Some(Duration::from_secs(90)));
         assert_eq!(o.verbosity, Some(4));
-        // The IPv6 half of the dual-stack CIDR and the mode are reported.
+        // The mode is reported as ignored; the IPv6 CIDR is not.
         assert!(
-            l.ignored.iter().any(|i| i.starts_with("clusterCIDR:")),
+            !l.ignored.iter().any(|i| i.starts_with("clusterCIDR:")),
             "{:?}",
             l.ignored
         );

@@ -4,14 +4,17 @@
 //! [`Overrides`] (`None`: not given; flags win, as in kube-proxy).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 
-use crate::control::{cidr::Cidr, scheduler::Parsed};
+use crate::control::{
+    cidr::{Cidr, Family},
+    scheduler::Parsed,
+};
 
 pub mod file;
 
@@ -24,7 +27,7 @@ pub struct Overrides {
     pub kubeconfig: Option<PathBuf>,
     pub hostname_override: Option<String>,
     /// The node's primary IP (kube-proxy's historical "bindAddress").
-    pub bind_address: Option<Ipv4Addr>,
+    pub bind_address: Option<IpAddr>,
     pub cluster_cidrs: Option<Vec<Cidr>>,
     pub healthz_bind_address: Option<Bind>,
     pub metrics_bind_address: Option<Bind>,
@@ -159,15 +162,17 @@ pub struct NodeFlags {
     /// hostname).
     #[arg(long)]
     pub hostname_override: Option<String>,
-    /// This node's primary IPv4 address (kube-proxy's --bind-address; no
-    /// socket is bound to it).
+    /// This node's primary address (kube-proxy's --bind-address; no
+    /// socket is bound to it): its family's node IP.
     #[arg(long)]
-    pub bind_address: Option<Ipv4Addr>,
-    /// A further address of this node (repeatable).
+    pub bind_address: Option<IpAddr>,
+    /// A further address of this node (repeatable; the first of each
+    /// family is that family's node IP on a dual-stack node).
     #[arg(long = "node-ip")]
-    pub node_ips: Vec<Ipv4Addr>,
-    /// The cluster's pod CIDR(s), comma-separated (the first IPv4 one
-    /// detects pod traffic, as kube-proxy's local traffic detector).
+    pub node_ips: Vec<IpAddr>,
+    /// The cluster's pod CIDR(s), comma-separated, one per family on a
+    /// dual-stack cluster (the first of each family detects pod traffic,
+    /// as kube-proxy's local traffic detector).
     #[arg(long, value_delimiter = ',')]
     pub cluster_cidr: Option<Vec<Cidr>>,
     /// NodePorts are served only on node addresses in these CIDRs, or the
@@ -205,9 +210,9 @@ impl NodeFlags {
 
     /// The configured node IPs, the primary (`--bind-address`, or the
     /// file's `bindAddress`) first.
-    pub fn node_ips(&self, merged: &Overrides) -> Vec<Ipv4Addr> {
+    pub fn node_ips(&self, merged: &Overrides) -> Vec<IpAddr> {
         let bind = merged.bind_address;
-        let mut ips: Vec<Ipv4Addr> = bind.into_iter().collect();
+        let mut ips: Vec<IpAddr> = bind.into_iter().collect();
         ips.extend(self.node_ips.iter().filter(|ip| Some(**ip) != bind));
         ips
     }
@@ -225,15 +230,21 @@ pub fn hostname(over: Option<&str>) -> Result<String> {
 }
 
 /// Whether local address `addr` serves NodePorts under `nodePortAddresses`
-/// `cfg` (`primary`: the node's primary IP), as kube-proxy's GetNodeIPs
-/// selects them. Empty means every address.
-pub fn serves_nodeports(
-    cfg: &[NodePortAddress],
-    primary: Option<Ipv4Addr>,
-    addr: Ipv4Addr,
-) -> bool {
-    cfg.is_empty()
-        || cfg.iter().any(|c| match c {
+/// `cfg` (`primary`: the node's primary IP of `addr`'s family), as
+/// kube-proxy's GetNodeIPs selects them for that family: only the entries
+/// of the family count, and none means every address of the family.
+pub fn serves_nodeports(cfg: &[NodePortAddress], primary: Option<IpAddr>, addr: IpAddr) -> bool {
+    let family = Family::of(&addr);
+    let ours: Vec<&NodePortAddress> = cfg
+        .iter()
+        .filter(|c| match c {
+            NodePortAddress::Cidr(c) => Family::of_net(c) == family,
+            NodePortAddress::Primary => primary.is_some(),
+            NodePortAddress::Localhost | NodePortAddress::All => true,
+        })
+        .collect();
+    ours.is_empty()
+        || ours.iter().any(|c| match c {
             NodePortAddress::Cidr(c) => c.contains(&addr),
             NodePortAddress::Primary => Some(addr) == primary,
             NodePortAddress::Localhost => addr.is_loopback(),

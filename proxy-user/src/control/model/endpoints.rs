@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use super::{Endpoint, NodeInfo, Slice, Svc, SvcPort};
+use crate::control::cidr::Family;
 
 /// One endpoint of one Service port, as endpoint selection sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,16 +67,22 @@ impl ServicePort {
     }
 }
 
-/// The endpoints of `port` over all of the service's `slices`, de-duplicated
-/// by ip:port; slices in name order, a non-terminating copy preferred.
-fn port_endpoints(port: &SvcPort, slices: &[&Slice], node: &NodeInfo) -> Vec<EndpointInfo> {
+/// The endpoints of `port` over all of the service's `slices` of `family`,
+/// de-duplicated by ip:port; slices in name order, a non-terminating copy
+/// preferred.
+fn port_endpoints(
+    port: &SvcPort,
+    slices: &[&Slice],
+    node: &NodeInfo,
+    family: Family,
+) -> Vec<EndpointInfo> {
     let mut by_addr: BTreeMap<Endpoint, EndpointInfo> = BTreeMap::new();
-    for sl in slices {
+    for sl in slices.iter().filter(|s| s.family() == family) {
         for (name, proto, number) in &sl.ports {
             if *name != port.name || *proto != port.proto {
                 continue;
             }
-            for (i, e) in sl.endpoints.iter().enumerate() {
+            for (i, e) in sl.endpoints().enumerate() {
                 let hints = sl.hints_of(i);
                 let local =
                     !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str());
@@ -173,8 +180,14 @@ pub fn local_ready_endpoints(ports: &[ServicePort]) -> usize {
         .len()
 }
 
-/// Every port of `svc` with its endpoints from `slices` (the service's own).
-pub fn service_ports(svc: &Svc, slices: &[&Slice], node: &NodeInfo) -> Vec<ServicePort> {
+/// Every port of `svc` on `family` with its endpoints from `slices` (the
+/// service's own) of that family.
+pub fn service_ports(
+    svc: &Svc,
+    slices: &[&Slice],
+    node: &NodeInfo,
+    family: Family,
+) -> Vec<ServicePort> {
     svc.ports
         .iter()
         .map(|p| {
@@ -188,7 +201,7 @@ pub fn service_ports(svc: &Svc, slices: &[&Slice], node: &NodeInfo) -> Vec<Servi
                 proto: p.proto,
                 port: p.port,
                 node_port: p.node_port,
-                endpoints: port_endpoints(p, slices, node),
+                endpoints: port_endpoints(p, slices, node, family),
                 topology: Topology::All,
                 cluster_endpoints: Vec::new(),
                 local_endpoints: Vec::new(),

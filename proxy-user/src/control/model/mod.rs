@@ -23,13 +23,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
 use k8s_openapi::api::core::v1::Node;
 
-use crate::control::cidr::Cidr;
+use crate::control::cidr::{Cidr, Family};
 
 mod endpoints;
 mod frontends;
@@ -89,7 +89,8 @@ impl fmt::Display for Problem {
 }
 
 /// One frontend (address, port, protocol) of a Service port, and who
-/// serves it. A NodePort's address is 0.0.0.0 (any NodePort address).
+/// serves it. A NodePort's address is its family's unspecified address
+/// (0.0.0.0 or ::, any NodePort address of that family).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontend {
     /// kube-proxy's service port name: `namespace/name:port-name`.
@@ -114,7 +115,8 @@ pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    /// Of its frontend's family (slices serve their own family only).
+    pub addr: IpAddr,
     pub port: u16,
     /// On this node (its `nodeName` is the node's): direct server return
     /// sends flows to it without encapsulation.
@@ -123,9 +125,15 @@ pub struct Endpoint {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendKey {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
+}
+
+impl FrontendKey {
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
 }
 
 /// Everything the datapath must serve, keyed by frontend. Each frontend is
@@ -142,8 +150,9 @@ pub enum Skipped {
     Headless,
     ExternalName,
     OtherProxy,
-    /// IPv6 addresses wait for the IPv6 datapath.
-    Ipv6,
+    /// An address or source range of a family the Service is not served
+    /// on (kube-proxy's proxier of each family ignores the other's).
+    OtherFamily,
     /// SCTP waits for datapath support.
     Sctp,
     /// A scheduler annotation kpx cannot use (the default serves instead).
@@ -155,7 +164,7 @@ impl Skipped {
         Skipped::Headless,
         Skipped::ExternalName,
         Skipped::OtherProxy,
-        Skipped::Ipv6,
+        Skipped::OtherFamily,
         Skipped::Sctp,
         Skipped::Scheduler,
     ];
@@ -165,7 +174,7 @@ impl Skipped {
             Skipped::Headless => "headless",
             Skipped::ExternalName => "external_name",
             Skipped::OtherProxy => "other_proxy",
-            Skipped::Ipv6 => "ipv6",
+            Skipped::OtherFamily => "other_family",
             Skipped::Sctp => "sctp",
             Skipped::Scheduler => "scheduler_annotation",
         }
@@ -187,8 +196,9 @@ pub struct NodeInfo {
     pub name: String,
     /// `topology.kubernetes.io/zone`, for zone hints.
     pub zone: Option<String>,
-    /// IPv4 InternalIP/ExternalIP addresses from the Node's status.
-    pub addresses: Vec<Ipv4Addr>,
+    /// InternalIP/ExternalIP addresses of both families from the Node's
+    /// status (the configured node IPs first).
+    pub addresses: Vec<IpAddr>,
 }
 
 impl NodeInfo {
@@ -215,7 +225,7 @@ impl NodeInfo {
             .into_iter()
             .flatten()
             .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-            .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
             .collect();
         Self {
             name: name.into(),
@@ -224,13 +234,22 @@ impl NodeInfo {
         }
     }
 
-    /// The configured node IPs first (the first is kube-proxy's nodeIP:
-    /// masquerade source, source-range exception), then the Node's others.
-    pub fn configured_first(mut self, configured: &[Ipv4Addr]) -> Self {
+    /// The configured node IPs first (the first of each family is that
+    /// family's nodeIP: masquerade source, source-range exception), then
+    /// the Node's others.
+    pub fn configured_first(mut self, configured: &[IpAddr]) -> Self {
         let mut addresses = configured.to_vec();
         addresses.extend(self.addresses.iter().filter(|a| !configured.contains(a)));
         self.addresses = addresses;
         self
+    }
+
+    /// kube-proxy's nodeIP of `family`: the first address of that family.
+    pub fn primary(&self, family: Family) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .copied()
+            .find(|a| Family::of(a) == family)
     }
 }
 

@@ -1,12 +1,15 @@
 //! The model against kube-proxy's semantics, one behaviour per test.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 use super::*;
-use crate::control::index::desired;
+use crate::control::{cidr::Family, index::desired};
 
 fn svc(yaml: &str) -> Sourced<Service> {
     Sourced {
@@ -285,18 +288,154 @@ fn malformed_objects_are_reported_with_their_field_and_skipped_alone() {
     );
 }
 
+/// WEB on both families: IPv4 primary, IPv6 second.
+fn dual_web() -> String {
+    WEB.replace(
+        "  clusterIP: 198.19.0.10\n",
+        "  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, '2001:2:0:ff::10']\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n",
+    )
+}
+
+/// WEB_SLICE's endpoints on IPv6 (2001:2:0:1::n), named web-b.
+fn web_slice6() -> String {
+    WEB_SLICE
+        .replace("name: web-a", "name: web-b")
+        .replace("addressType: IPv4", "addressType: IPv6")
+        .replace("[198.18.1.1]", "['2001:2:0:1::1']")
+        .replace("[198.18.1.2]", "['2001:2:0:1::2']")
+        .replace("[198.18.1.3]", "['2001:2:0:1::3']")
+}
+
 #[test]
-fn ipv6_and_sctp_are_skipped_with_a_reason() {
-    let dual = WEB.replace(
-        "clusterIP: 198.19.0.10",
-        "clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, 'fd00::10']",
+fn a_dual_stack_service_is_served_on_each_family_by_that_familys_slices() {
+    let slice6 = web_slice6();
+    assert!(slice6.contains("['2001:2:0:1::2']"), "{slice6}");
+    let out = desired(
+        &[svc(&dual_web())],
+        &[eps(WEB_SLICE), eps(&slice6)],
+        &NodeInfo::named("node-1"),
     );
-    let sctp = dual.replace("protocol: UDP", "protocol: SCTP");
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+    // Two ports on each family's cluster IP.
+    assert_eq!(out.desired.frontends.len(), 4);
+    let v4 = &out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)];
+    assert_eq!(
+        v4.backends,
+        vec![ep("198.18.1.1", 8080), ep("198.18.1.2", 8080)]
+    );
+    let v6 = &out.desired.frontends[&key("2001:2:0:ff::10", 80, IPPROTO_TCP)];
+    assert_eq!(
+        v6.backends,
+        vec![ep("2001:2:0:1::1", 8080), ep("2001:2:0:1::2", 8080)]
+    );
+    let dns6 = &out.desired.frontends[&key("2001:2:0:ff::10", 53, IPPROTO_UDP)];
+    assert_eq!(dns6.backends.len(), 2);
+    assert_eq!(v4.name, v6.name, "one service port, two families");
+    // Without IPv6 slices, the IPv6 frontends REJECT (no endpoints), as
+    // kube-proxy's IPv6 proxier does; IPv4's are unaffected.
+    let out = desired(
+        &[svc(&dual_web())],
+        &[eps(WEB_SLICE)],
+        &NodeInfo::named("n"),
+    );
+    assert!(
+        out.desired.frontends[&key("2001:2:0:ff::10", 80, IPPROTO_TCP)]
+            .backends
+            .is_empty()
+    );
+    assert_eq!(
+        out.desired.frontends[&key("198.19.0.10", 80, IPPROTO_TCP)]
+            .backends
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn an_ipv6_only_service_gets_ipv6_frontends_nodeports_and_source_ranges() {
+    let v6 = WEB
+        .replace("  clusterIP: 198.19.0.10\n", "  clusterIP: '2001:2:0:ff::10'\n  type: LoadBalancer\n  externalIPs: ['2001:2:0:9::1', 198.18.9.1]\n  loadBalancerSourceRanges: ['2001:2:0:7::/64', 198.18.0.0/16]\n")
+        .replace("{name: http, port: 80, targetPort: 8080}", "{name: http, port: 80, targetPort: 8080, nodePort: 30080}")
+        + "status:\n  loadBalancer:\n    ingress:\n    - {ip: '2001:2:0:9::2'}\n    - {ip: 198.18.9.2}\n";
+    let node = NodeInfo {
+        addresses: vec![
+            "198.18.0.1".parse().unwrap(),
+            "2001:2:0:7::1".parse().unwrap(),
+        ],
+        ..NodeInfo::named("node-1")
+    };
+    let out = desired(&[svc(&v6)], &[eps(&web_slice6())], &node);
+    assert!(out.problems.is_empty(), "{:?}", out.problems);
+    // The IPv4 external IP, LB IP and source range are not this Service's.
+    let mut reasons: Vec<&str> = out.skipped.iter().map(|s| s.0.as_str()).collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "Service shop/web externalIP 198.18.9.1",
+            "Service shop/web load balancer IP 198.18.9.2",
+            "Service shop/web source range 198.18.0.0/16",
+        ]
+    );
+    assert!(out.skipped.iter().all(|s| s.1 == Skipped::OtherFamily));
+    use proxy_common::{SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_F_SOURCE_RANGES};
+    let f = |ip: &str, port| &out.desired.frontends[&key(ip, port, IPPROTO_TCP)];
+    assert_eq!(f("2001:2:0:ff::10", 80).backends.len(), 2);
+    // The NodePort's address is IPv6's unspecified one.
+    assert_eq!(f("::", 30080).flags & SVC_F_NODEPORT, SVC_F_NODEPORT);
+    assert!(!out
+        .desired
+        .frontends
+        .contains_key(&key("0.0.0.0", 30080, IPPROTO_TCP)));
+    assert_eq!(f("2001:2:0:9::1", 80).flags, SVC_F_EXTERNAL);
+    let lb = f("2001:2:0:9::2", 80);
+    assert_eq!(lb.flags, SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES);
+    // The node's IPv6 address is in the range: the LB IP itself is
+    // admitted too (kube-proxy's allowFromNode, per family).
+    assert_eq!(
+        lb.source_ranges,
+        vec![
+            "2001:2:0:7::/64".parse().unwrap(),
+            "2001:2:0:9::2/128".parse().unwrap()
+        ]
+    );
+    // An IPv4 slice serves no IPv6 frontend.
+    let out = desired(&[svc(&v6)], &[eps(WEB_SLICE)], &node);
+    assert!(out
+        .desired
+        .frontends
+        .values()
+        .all(|f| f.backends.is_empty()));
+}
+
+#[test]
+fn family_mismatches_are_problems_and_sctp_is_skipped_with_a_reason() {
+    let sctp = dual_web().replace("protocol: UDP", "protocol: SCTP");
     let out = desired(&[svc(&sctp)], &[], &NodeInfo::named("node-1"));
     assert!(out.problems.is_empty(), "{:?}", out.problems);
-    assert_eq!(out.desired.frontends.len(), 1);
+    assert_eq!(out.desired.frontends.len(), 2, "TCP on both families");
     let reasons: Vec<_> = out.skipped.iter().map(|s| s.1).collect();
-    assert_eq!(reasons, vec![Skipped::Ipv6, Skipped::Sctp]);
+    assert_eq!(reasons, vec![Skipped::Sctp]);
+    for (bad, field) in [
+        (
+            dual_web().replace("ipFamilies: [IPv4, IPv6]", "ipFamilies: [IPv6, IPv4]"),
+            "spec.ipFamilies[0]",
+        ),
+        (
+            dual_web().replace("'2001:2:0:ff::10'", "198.19.0.11"),
+            "spec.clusterIPs",
+        ),
+    ] {
+        let out = desired(&[svc(&bad)], &[], &NodeInfo::named("n"));
+        assert_eq!(out.problems.len(), 1, "{field}");
+        assert_eq!(out.problems[0].field, field);
+    }
+    // An address of the other family in a slice is a problem.
+    let mixed = web_slice6().replace("['2001:2:0:1::2']", "[198.18.1.2]");
+    let out = desired(&[svc(&dual_web())], &[eps(&mixed)], &NodeInfo::named("n"));
+    assert_eq!(out.problems[0].field, "endpoints[1].addresses[0]");
+    assert!(out.problems[0].message.contains("not an IPv6 address"));
 }
 
 fn node_a() -> NodeInfo {
@@ -317,8 +456,8 @@ fn port_of(svc_extra: &str, endpoints: &str, node: &NodeInfo) -> (Svc, ServicePo
     );
     let mut skipped = Vec::new();
     let svc = service(&svc(&svc_yaml), &mut skipped).unwrap().unwrap();
-    let sl = slice(&eps(&slice_yaml), &mut skipped).unwrap().unwrap();
-    let mut ports = service_ports(&svc, &[&sl], node);
+    let sl = slice(&eps(&slice_yaml)).unwrap().unwrap();
+    let mut ports = service_ports(&svc, &[&sl], node, Family::V4);
     (svc, ports.remove(0))
 }
 
@@ -419,9 +558,9 @@ fn the_same_endpoint_in_two_slices_counts_once_preferring_the_live_copy() {
     );
     let mut skipped = Vec::new();
     let s = service(&svc(WEB), &mut skipped).unwrap().unwrap();
-    let a = slice(&eps(&moving), &mut skipped).unwrap().unwrap();
-    let b = slice(&eps(WEB_SLICE), &mut skipped).unwrap().unwrap();
-    let ports = service_ports(&s, &[&a, &b], &NodeInfo::named("n"));
+    let a = slice(&eps(&moving)).unwrap().unwrap();
+    let b = slice(&eps(WEB_SLICE)).unwrap().unwrap();
+    let ports = service_ports(&s, &[&a, &b], &NodeInfo::named("n"), Family::V4);
     let e1 = ports[0]
         .endpoints
         .iter()
@@ -434,19 +573,24 @@ fn the_same_endpoint_in_two_slices_counts_once_preferring_the_live_copy() {
 fn external_entry_points_are_frontends_with_their_policies() {
     let lb = WEB.replace(
         "  clusterIP: 198.19.0.10\n",
-        "  clusterIP: 198.19.0.10\n  type: LoadBalancer\n  externalIPs: [198.18.9.1, 'fd00::1']\n  loadBalancerSourceRanges: [198.18.0.0/16]\n",
+        "  clusterIP: 198.19.0.10\n  type: LoadBalancer\n  externalIPs: [198.18.9.1, '2001:2:0:9::1']\n  loadBalancerSourceRanges: [198.18.0.0/16]\n",
     ) + "status:\n  loadBalancer:\n    ingress:\n    - {ip: 198.18.9.2}\n    - {ip: 198.18.9.3, ipMode: Proxy}\n    - {hostname: lb.example}\n";
     let mut skipped = Vec::new();
     let s = service(&svc(&lb), &mut skipped).unwrap().unwrap();
-    assert_eq!(s.external_ips, vec![Ipv4Addr::new(198, 18, 9, 1)]);
-    assert_eq!(s.lb_ips, vec![Ipv4Addr::new(198, 18, 9, 2)]);
+    // An IPv6 external IP of an IPv4 Service is not its (kube-proxy's
+    // IPv4 proxier ignores it; no IPv6 proxier serves the Service).
+    assert_eq!(
+        s.external_ips,
+        vec![IpAddr::from(Ipv4Addr::new(198, 18, 9, 1))]
+    );
+    assert_eq!(s.lb_ips, vec![IpAddr::from(Ipv4Addr::new(198, 18, 9, 2))]);
     assert_eq!(s.lb_source_ranges, vec!["198.18.0.0/16".parse().unwrap()]);
     assert!(s.externally_accessible());
     let out = desired(&[svc(&lb)], &[], &NodeInfo::named("n"));
     // Two ports, each on the cluster IP, the external IP and the LB IP.
     assert_eq!(out.desired.frontends.len(), 6);
     let reasons: BTreeSet<Skipped> = out.skipped.iter().map(|s| s.1).collect();
-    assert!(reasons.contains(&Skipped::Ipv6));
+    assert!(reasons.contains(&Skipped::OtherFamily));
     use proxy_common::{SVC_F_EXTERNAL, SVC_F_SOURCE_RANGES};
     let f = |ip: &str| &out.desired.frontends[&key(ip, 80, IPPROTO_TCP)];
     assert_eq!(f("198.19.0.10").flags, 0);
@@ -457,7 +601,7 @@ fn external_entry_points_are_frontends_with_their_policies() {
     // kube-proxy's allowFromNode: a node IP in a range admits the LB IP
     // itself as a source.
     let node = NodeInfo {
-        addresses: vec![Ipv4Addr::new(198, 18, 200, 1)],
+        addresses: vec![Ipv4Addr::new(198, 18, 200, 1).into()],
         ..NodeInfo::named("n")
     };
     let out = desired(&[svc(&lb)], &[], &node);
@@ -501,10 +645,11 @@ fn endpoints_on_one_node_share_its_name_and_carry_no_empty_hints() {
         "- addresses: [198.18.1.1]\n  conditions: {ready: true}\n- addresses: [198.18.1.2]\n",
         "- addresses: [198.18.1.1]\n  nodeName: node-1\n  hints: {forZones: []}\n- addresses: [198.18.1.2]\n  nodeName: node-1\n  hints: {forZones: [{name: zone-a}]}\n",
     );
-    let s = validate::slice(&eps(&yaml), &mut Vec::new())
-        .expect("valid")
-        .expect("used");
-    let (a, b) = (&s.endpoints[0], &s.endpoints[1]);
+    let s = validate::slice(&eps(&yaml)).expect("valid").expect("used");
+    let SliceEndpoints::V4(e) = &s.endpoints else {
+        panic!("an IPv4 slice")
+    };
+    let (a, b) = (&e[0], &e[1]);
     let (na, nb) = (a.node_name.as_ref().unwrap(), b.node_name.as_ref().unwrap());
     assert_eq!(&**na, "node-1");
     assert!(

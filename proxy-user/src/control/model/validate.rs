@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -18,7 +18,7 @@ use super::{
     LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT,
 };
 use crate::control::{
-    cidr::Cidr,
+    cidr::{Cidr, Family},
     scheduler::{
         Kind, Parsed, Scheduler, ANNOTATION_SCHEDULER, ANNOTATION_SCHEDULER_FLAGS,
         KUBE_ROUTER_SCHEDULER, KUBE_ROUTER_SCHEDULER_FLAGS,
@@ -63,15 +63,18 @@ pub struct SvcPort {
     pub node_port: Option<u16>,
 }
 
-/// A validated Service: every field kube-proxy acts on, IPv4 only.
+/// A validated Service: every field kube-proxy acts on. Its cluster IPs
+/// (one per family) name the families it is served on; its other
+/// addresses and source ranges are only those of these families (kube-proxy
+/// ignores the rest: a family's proxier sees only its own).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Svc {
     pub id: ServiceRef,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<SvcPort>,
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip` whose `ipMode` is not `Proxy`.
-    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_ips: Vec<IpAddr>,
     pub lb_source_ranges: Vec<Cidr>,
     /// `externalTrafficPolicy: Local` on an externally reachable Service.
     pub external_local: bool,
@@ -92,6 +95,16 @@ impl Svc {
         self.lb_source_ranges.shrink_to_fit();
     }
 
+    /// The families the Service is served on, its primary first.
+    pub fn families(&self) -> impl Iterator<Item = Family> + '_ {
+        self.cluster_ips.iter().map(Family::of)
+    }
+
+    /// Whether it is served on `family`.
+    pub fn has_family(&self, family: Family) -> bool {
+        self.families().any(|f| f == family)
+    }
+
     /// kube-proxy's ExternallyAccessible: reachable from outside the cluster.
     pub fn externally_accessible(&self) -> bool {
         self.ports.iter().any(|p| p.node_port.is_some())
@@ -100,27 +113,43 @@ impl Svc {
     }
 }
 
-/// Parses a list of IP strings: IPv4 kept, IPv6 skipped, garbage a problem.
+/// Parses a list of IP strings; garbage is a problem.
 fn ip_list<'a>(
     ips: impl Iterator<Item = &'a str>,
     field: &str,
-    obj: &str,
-    skipped: &mut Vec<(String, Skipped)>,
-) -> Result<Vec<Ipv4Addr>, (String, String)> {
-    let mut out = Vec::new();
-    for (i, ip) in ips.enumerate() {
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => out.push(v4),
-            Ok(IpAddr::V6(_)) => skipped.push((format!("{obj} {ip}"), Skipped::Ipv6)),
-            Err(_) => {
-                return Err((
+) -> Result<Vec<IpAddr>, (String, String)> {
+    ips.enumerate()
+        .map(|(i, ip)| {
+            ip.parse::<IpAddr>().map_err(|_| {
+                (
                     format!("{field}[{i}]"),
                     format!("{ip:?} is not an IP address"),
-                ))
+                )
+            })
+        })
+        .collect()
+}
+
+/// Keeps the addresses of the Service's `families`; the others are
+/// counted and logged as skipped (kube-proxy's proxier of a family ignores
+/// the other family's, as a dual-stack cluster expects).
+fn of_families<T>(
+    items: Vec<T>,
+    family: impl Fn(&T) -> Family,
+    families: &[Family],
+    what: impl Fn(&T) -> String,
+    skipped: &mut Vec<(String, Skipped)>,
+) -> Vec<T> {
+    items
+        .into_iter()
+        .filter(|x| {
+            let keep = families.contains(&family(x));
+            if !keep {
+                skipped.push((what(x), Skipped::OtherFamily));
             }
-        }
-    }
-    Ok(out)
+            keep
+        })
+        .collect()
 }
 
 /// The scheduler a Service's annotations ask for (kpx's, else
@@ -223,7 +252,7 @@ pub fn service(
             "missing (the API server allocates it; a manifest must carry it)".into(),
         ));
     }
-    let cluster_ips = ip_list(ip_strings.into_iter(), field, &obj, skipped).map_err(|(f, m)| {
+    let cluster_ips = ip_list(ip_strings.into_iter(), field).map_err(|(f, m)| {
         // A lone clusterIP is not a list: name the field itself.
         let f = if field == "spec.clusterIP" {
             field.into()
@@ -232,12 +261,33 @@ pub fn service(
         };
         problem(&f, m)
     })?;
+    let families: Vec<Family> = cluster_ips.iter().map(Family::of).collect();
+    if families.len() > 2 || (families.len() == 2 && families[0] == families[1]) {
+        return Err(problem(
+            field,
+            "at most one cluster IP of each family (the API server allows no more)".into(),
+        ));
+    }
     for (i, fam) in spec.ip_families.iter().flatten().enumerate() {
-        if fam != "IPv4" && fam != "IPv6" {
-            return Err(problem(
-                &format!("spec.ipFamilies[{i}]"),
-                format!("unknown family {fam:?} (IPv4 or IPv6)"),
-            ));
+        let named = match fam.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            _ => {
+                return Err(problem(
+                    &format!("spec.ipFamilies[{i}]"),
+                    format!("unknown family {fam:?} (IPv4 or IPv6)"),
+                ))
+            }
+        };
+        // The API server keeps both lists in one order; a manifest that
+        // does not would make the primary family ambiguous.
+        if let Some(&ip_family) = families.get(i) {
+            if ip_family != named {
+                return Err(problem(
+                    &format!("spec.ipFamilies[{i}]"),
+                    format!("{fam} does not match {field}[{i}] {}", cluster_ips[i]),
+                ));
+            }
         }
     }
     let exposes_node_ports = type_ != "ClusterIP";
@@ -283,10 +333,15 @@ pub fn service(
     let external_ips = ip_list(
         spec.external_ips.iter().flatten().map(String::as_str),
         "spec.externalIPs",
-        &obj,
-        skipped,
     )
     .map_err(|(f, m)| problem(&f, m))?;
+    let external_ips = of_families(
+        external_ips,
+        Family::of,
+        &families,
+        |ip| format!("{obj} externalIP {ip}"),
+        skipped,
+    );
     let mut lb_ips = Vec::new();
     if type_ == "LoadBalancer" {
         let ingress = s
@@ -308,13 +363,18 @@ pub fn service(
                 ip_list(
                     std::iter::once(ip),
                     &format!("status.loadBalancer.ingress[{i}].ip"),
-                    &obj,
-                    skipped,
                 )
                 .map_err(|(_, m)| problem(&format!("status.loadBalancer.ingress[{i}].ip"), m))?,
             );
         }
     }
+    let lb_ips = of_families(
+        lb_ips,
+        Family::of,
+        &families,
+        |ip| format!("{obj} load balancer IP {ip}"),
+        skipped,
+    );
     let mut lb_source_ranges = Vec::new();
     for (i, r) in spec
         .load_balancer_source_ranges
@@ -322,15 +382,18 @@ pub fn service(
         .flatten()
         .enumerate()
     {
-        if r.contains(':') {
-            skipped.push((format!("{obj} source range {r}"), Skipped::Ipv6));
-            continue;
-        }
         lb_source_ranges.push(
             crate::control::cidr::parse(r)
                 .map_err(|m| problem(&format!("spec.loadBalancerSourceRanges[{i}]"), m))?,
         );
     }
+    let lb_source_ranges = of_families(
+        lb_source_ranges,
+        Family::of_net,
+        &families,
+        |r| format!("{obj} source range {r}"),
+        skipped,
+    );
     let policy = |v: Option<&str>, field: &str| match v.unwrap_or("Cluster") {
         "Cluster" => Ok(false),
         "Local" => Ok(true),
@@ -404,10 +467,11 @@ pub fn service(
 /// Half a million of them live at 50,000 Services, so: the node name is
 /// shared (a cluster has few nodes), and the rare topology hints are kept
 /// beside the endpoints ([`Slice::hints`]), not in each.
+/// Generic over the slice's family, so that IPv4's (the many) stay 16 bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceEndpoint {
+pub struct SliceEndpoint<A = Ipv4Addr> {
     /// The first address: kube-proxy uses only that one.
-    pub addr: Ipv4Addr,
+    pub addr: A,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -415,6 +479,39 @@ pub struct SliceEndpoint {
 }
 
 const _: () = assert!(std::mem::size_of::<SliceEndpoint>() == 16);
+
+impl<A: Into<IpAddr> + Copy> SliceEndpoint<A> {
+    /// The endpoint with its address of either family.
+    pub fn view(&self) -> SliceEndpoint<IpAddr> {
+        SliceEndpoint {
+            addr: self.addr.into(),
+            ready: self.ready,
+            serving: self.serving,
+            terminating: self.terminating,
+            node_name: self.node_name.clone(),
+        }
+    }
+}
+
+/// A slice's endpoints: all of its `addressType`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SliceEndpoints {
+    V4(Vec<SliceEndpoint<Ipv4Addr>>),
+    V6(Vec<SliceEndpoint<Ipv6Addr>>),
+}
+
+impl SliceEndpoints {
+    pub fn len(&self) -> usize {
+        match self {
+            SliceEndpoints::V4(v) => v.len(),
+            SliceEndpoints::V6(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// An endpoint's topology hints (`hints.forZones`, `hints.forNodes`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -429,13 +526,30 @@ pub struct Slice {
     pub service: ServiceRef,
     /// (port name (interned), protocol, port number).
     pub ports: Vec<(Arc<str>, u8, u16)>,
-    pub endpoints: Vec<SliceEndpoint>,
+    pub endpoints: SliceEndpoints,
     /// The topology hints of the endpoints that have any, by index into
     /// `endpoints`, in order.
     pub hints: Vec<(u32, Hints)>,
 }
 
 impl Slice {
+    /// Its `addressType`: kube-proxy serves a Service port's family from
+    /// that family's slices only.
+    pub fn family(&self) -> Family {
+        match self.endpoints {
+            SliceEndpoints::V4(_) => Family::V4,
+            SliceEndpoints::V6(_) => Family::V6,
+        }
+    }
+
+    /// Its endpoints in order, with addresses of either family.
+    pub fn endpoints(&self) -> Box<dyn Iterator<Item = SliceEndpoint<IpAddr>> + '_> {
+        match &self.endpoints {
+            SliceEndpoints::V4(v) => Box::new(v.iter().map(SliceEndpoint::view)),
+            SliceEndpoints::V6(v) => Box::new(v.iter().map(SliceEndpoint::view)),
+        }
+    }
+
     /// The hints of endpoint `i`.
     pub fn hints_of(&self, i: usize) -> Option<&Hints> {
         let i = u32::try_from(i).ok()?;
@@ -451,10 +565,7 @@ pub fn slice_owner(s: &EndpointSlice) -> Option<ServiceRef> {
 }
 
 /// Validates an EndpointSlice; Ok(None) when kube-proxy does not use it.
-pub fn slice(
-    s: &Sourced<EndpointSlice>,
-    skipped: &mut Vec<(String, Skipped)>,
-) -> Result<Option<Slice>, Problem> {
+pub fn slice(s: &Sourced<EndpointSlice>) -> Result<Option<Slice>, Problem> {
     let obj = object_name("EndpointSlice", &s.object.metadata);
     let problem = |field: String, message: String| Problem {
         origin: s.origin.clone(),
@@ -468,12 +579,9 @@ pub fn slice(
             "missing: the slice belongs to no Service".into(),
         )
     })?;
-    match s.object.address_type.as_str() {
-        "IPv4" => {}
-        "IPv6" => {
-            skipped.push((obj, Skipped::Ipv6));
-            return Ok(None);
-        }
+    let family = match s.object.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
         // FQDN slices are not used by kube-proxy.
         "FQDN" => return Ok(None),
         other => {
@@ -482,7 +590,7 @@ pub fn slice(
                 format!("unknown address type {other:?}"),
             ))
         }
-    }
+    };
     // Sized exactly: tens of thousands of slices are kept for the agent's
     // life, and doubling growth would leave a third of them unused.
     let mut ports = Vec::with_capacity(s.object.ports.as_ref().map_or(0, Vec::len));
@@ -502,7 +610,11 @@ pub fn slice(
         }
     }
     ports.shrink_to_fit();
-    let mut endpoints = Vec::with_capacity(s.object.endpoints.as_ref().map_or(0, Vec::len));
+    let n = s.object.endpoints.as_ref().map_or(0, Vec::len);
+    let mut endpoints = match family {
+        Family::V4 => SliceEndpoints::V4(Vec::with_capacity(n)),
+        Family::V6 => SliceEndpoints::V6(Vec::with_capacity(n)),
+    };
     let mut hinted = Vec::new();
     for (i, e) in s.object.endpoints.iter().flatten().enumerate() {
         if e.addresses.is_empty() {
@@ -513,12 +625,16 @@ pub fn slice(
         }
         let mut first = None;
         for (j, a) in e.addresses.iter().enumerate() {
-            let addr = a.parse::<Ipv4Addr>().map_err(|_| {
-                problem(
-                    format!("endpoints[{i}].addresses[{j}]"),
-                    format!("{a:?} is not an IPv4 address"),
-                )
-            })?;
+            let addr = a
+                .parse::<IpAddr>()
+                .ok()
+                .filter(|ip| Family::of(ip) == family)
+                .ok_or_else(|| {
+                    problem(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an {} address", family.name()),
+                    )
+                })?;
             first.get_or_insert(addr);
         }
         let Some(addr) = first else { continue };
@@ -544,15 +660,32 @@ pub fn slice(
             // At most a slice's endpoints: far below u32::MAX.
             hinted.push((endpoints.len() as u32, h));
         }
-        endpoints.push(SliceEndpoint {
-            addr,
-            ready,
-            serving: c.and_then(|c| c.serving).unwrap_or(ready),
-            terminating: c.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: e.node_name.as_deref().map(super::NodeName::intern),
-        });
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        let node_name = e.node_name.as_deref().map(super::NodeName::intern);
+        match (&mut endpoints, addr) {
+            (SliceEndpoints::V4(v), IpAddr::V4(addr)) => v.push(SliceEndpoint {
+                addr,
+                ready,
+                serving,
+                terminating,
+                node_name,
+            }),
+            (SliceEndpoints::V6(v), IpAddr::V6(addr)) => v.push(SliceEndpoint {
+                addr,
+                ready,
+                serving,
+                terminating,
+                node_name,
+            }),
+            // Checked above: every address is of the slice's family.
+            _ => continue,
+        }
     }
-    endpoints.shrink_to_fit();
+    match &mut endpoints {
+        SliceEndpoints::V4(v) => v.shrink_to_fit(),
+        SliceEndpoints::V6(v) => v.shrink_to_fit(),
+    }
     Ok(Some(Slice {
         service,
         ports,

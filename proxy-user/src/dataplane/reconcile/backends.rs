@@ -247,7 +247,7 @@ mod tests {
 
     fn b(n: u8) -> BackendAddr {
         BackendAddr {
-            addr: Ipv4Addr::new(198, 18, 0, n),
+            addr: Ipv4Addr::new(198, 18, 0, n).into(),
             port: 80,
             proto: proxy_common::IPPROTO_TCP,
             local: false,

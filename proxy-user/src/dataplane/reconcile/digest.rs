@@ -86,18 +86,18 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn cidr(len: u8) -> Cidr {
-        Cidr::new(Ipv4Addr::new(198, 18, 0, 0), len).expect("len <= 32")
+        Cidr::new(Ipv4Addr::new(198, 18, 0, 0).into(), len).expect("len <= 32")
     }
 
     fn op() -> impl Strategy<Value = Op> {
         let key = (0u8..4, 0u16..3).prop_map(|(a, port)| FrontendKey {
-            addr: Ipv4Addr::new(198, 18, 0, a),
+            addr: Ipv4Addr::new(198, 18, 0, a).into(),
             port,
             proto: 6,
         });
         let slot = (0u32..3, 0u32..4).prop_map(|(svc_id, slot)| SlotKey { svc_id, slot });
         let backend = (0u8..4).prop_map(|a| BackendAddr {
-            addr: Ipv4Addr::new(198, 19, 0, a),
+            addr: Ipv4Addr::new(198, 19, 0, a).into(),
             port: 80,
             proto: 6,
             local: a == 0,
@@ -121,13 +121,18 @@ mod tests {
             (0u32..3).prop_map(Op::ResetStats),
             (0u32..3, 8u8..10).prop_map(|(id, len)| Op::PutRange(id, cidr(len))),
             (0u32..3, 8u8..10).prop_map(|(id, len)| Op::DelRange(id, cidr(len))),
-            (0u8..3, 0u32..3).prop_map(|(a, n)| Op::PutAddr(Ipv4Addr::new(198, 18, 0, a), n)),
-            (0u8..3).prop_map(|a| Op::DelAddr(Ipv4Addr::new(198, 18, 0, a))),
-            (0u8..3, 0u32..3).prop_map(|(a, f)| Op::PutNodeAddr(Ipv4Addr::new(198, 18, 1, a), f)),
-            (0u8..3).prop_map(|a| Op::DelNodeAddr(Ipv4Addr::new(198, 18, 1, a))),
-            (0u32..3).prop_map(|n| Op::SetConfig(DatapathConfig {
-                snat_addr: n,
-                ..Default::default()
+            (0u8..3, 0u32..3)
+                .prop_map(|(a, n)| Op::PutAddr(Ipv4Addr::new(198, 18, 0, a).into(), n)),
+            (0u8..3).prop_map(|a| Op::DelAddr(Ipv4Addr::new(198, 18, 0, a).into())),
+            (0u8..3, 0u32..3)
+                .prop_map(|(a, f)| Op::PutNodeAddr(Ipv4Addr::new(198, 18, 1, a).into(), f)),
+            (0u8..3).prop_map(|a| Op::DelNodeAddr(Ipv4Addr::new(198, 18, 1, a).into())),
+            (0u32..3).prop_map(|n| Op::SetConfig(crate::dataplane::reconcile::NodeConfig {
+                v4: DatapathConfig {
+                    snat_addr: n,
+                    ..Default::default()
+                },
+                v6: Default::default(),
             })),
         ]
     }
@@ -160,7 +165,7 @@ mod tests {
     #[test]
     fn a_changed_entry_is_told_apart() {
         let k = FrontendKey {
-            addr: Ipv4Addr::new(198, 18, 0, 1),
+            addr: Ipv4Addr::new(198, 18, 0, 1).into(),
             port: 80,
             proto: 6,
         };

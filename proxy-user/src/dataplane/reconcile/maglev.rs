@@ -101,7 +101,16 @@ fn build<T: Copy>(backends: &[(BackendAddr, T)], m: u64) -> Vec<T> {
 
 /// A backend's identity for its permutation: address, port and protocol.
 fn identity(b: &BackendAddr) -> u64 {
-    (u64::from(u32::from(b.addr)) << 24) | (u64::from(b.port) << 8) | u64::from(b.proto)
+    // IPv4's address as it always was (tables stay the same across
+    // upgrades); IPv6's folded to 40 bits first (it is hashed anyway).
+    let addr = match b.addr {
+        std::net::IpAddr::V4(a) => u64::from(u32::from(a)),
+        std::net::IpAddr::V6(a) => {
+            let x = u128::from(a);
+            splitmix64((x as u64) ^ splitmix64((x >> 64) as u64)) & 0xff_ffff_ffff
+        }
+    };
+    (addr << 24) | (u64::from(b.port) << 8) | u64::from(b.proto)
 }
 
 /// A fixed 64-bit mixer (splitmix64's finaliser): the same on every node
@@ -123,7 +132,7 @@ mod tests {
         range
             .map(|i| {
                 let b = BackendAddr {
-                    addr: Ipv4Addr::from(0xc612_0000 + i),
+                    addr: Ipv4Addr::from(0xc612_0000 + i).into(),
                     port: 8080,
                     proto: 6,
                     local: false,

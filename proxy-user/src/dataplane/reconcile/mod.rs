@@ -26,12 +26,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
-use proxy_common::{DatapathConfig, SlotKey};
+use proxy_common::SlotKey;
 
 use crate::control::model::{Desired, Endpoint, FrontendKey};
 
@@ -50,7 +50,7 @@ pub use digest::Digest;
 pub use mirror::Mirror;
 use planner::Planner;
 pub use slots::SlotTables;
-pub use state::{slot_numbers, BackendAddr, MapState, Op};
+pub use state::{slot_numbers, BackendAddr, MapState, NodeConfig, Op};
 
 /// Longest service name kept for `kpx dump` (bytes, NUL-padded in the map).
 pub const NAME_LEN: usize = proxy_common::SERVICE_NAME_LEN;
@@ -141,7 +141,7 @@ pub fn reconcile(
     // Per frontend: what it writes, and what it stops using (as deltas on
     // the mirror's reference counts).
     let mut ref_delta: BTreeMap<u32, i64> = BTreeMap::new();
-    let mut addr_delta: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
+    let mut addr_delta: BTreeMap<IpAddr, i64> = BTreeMap::new();
     let mut removed = Vec::new();
     let mut dead_slots = Vec::new();
     let mut dead_names = Vec::new();
@@ -220,7 +220,7 @@ pub fn reconcile(
     // Addresses: by delta on the mirror's counts, or (All) counted afresh.
     let (addr_puts, addr_dels): (Vec<Op>, Vec<Op>) = match scope {
         Scope::Touched(_) => {
-            let fin = |a: &Ipv4Addr, d: &i64| i64::from(cur.addrs.get(a).copied().unwrap_or(0)) + d;
+            let fin = |a: &IpAddr, d: &i64| i64::from(cur.addrs.get(a).copied().unwrap_or(0)) + d;
             let changed = || addr_delta.iter().filter(|(_, d)| **d != 0);
             (
                 changed()
@@ -234,7 +234,7 @@ pub fn reconcile(
             )
         }
         Scope::All => {
-            let mut refs: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+            let mut refs: BTreeMap<IpAddr, u32> = BTreeMap::new();
             for fk in desired.frontends.keys() {
                 *refs.entry(fk.addr).or_default() += 1;
             }
@@ -297,8 +297,8 @@ pub fn reconcile(
 /// through the same write stream as the frontends' writes.
 pub fn node(
     cur: &MapState,
-    addrs: &std::collections::HashMap<Ipv4Addr, u32>,
-    config: &DatapathConfig,
+    addrs: &std::collections::HashMap<IpAddr, u32>,
+    config: &NodeConfig,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
     if cur.config.as_ref() != Some(config) {
@@ -311,7 +311,7 @@ pub fn node(
         .collect();
     puts.sort_by_key(|op| match op {
         Op::PutNodeAddr(a, _) => *a,
-        _ => Ipv4Addr::UNSPECIFIED,
+        _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
     });
     ops.extend(puts);
     ops.extend(unkept(cur.node_addrs.keys(), |a| addrs.contains_key(a)).map(Op::DelNodeAddr));

@@ -3,13 +3,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     hash::{BuildHasher as _, Hash},
-    net::Ipv4Addr,
+    net::IpAddr,
     sync::Arc,
 };
 
 use foldhash::HashMap;
 
-use proxy_common::{DatapathConfig, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
+use proxy_common::{DatapathConfig, Net6, ServiceValue, SlotKey, LOCAL_SLOTS, SVC_F_SOURCE_RANGES};
 
 use super::{backends::Backends, slots::SlotTables};
 use crate::control::{cidr::Cidr, model::FrontendKey};
@@ -18,11 +18,19 @@ use crate::control::{cidr::Cidr, model::FrontendKey};
 /// map layer: [`crate::dataplane::maps`] converts at the boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
     /// On this node (`BACKEND_F_LOCAL`).
     pub local: bool,
+}
+
+/// The node-wide settings: IPv4's `KPX_CONFIG` (whose flags and masquerade
+/// ports serve both families) and IPv6's addresses (`KPX_CONFIG6`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    pub v4: DatapathConfig,
+    pub v6: Net6,
 }
 
 /// What the control-plane maps hold (or will hold), in host byte order.
@@ -34,16 +42,16 @@ pub struct MapState {
     /// (kept by [`MapState::record`]; [`MapState::count_refs`] after a read).
     pub backends: Backends,
     /// Frontend address → number of frontends using it.
-    pub addrs: HashMap<Ipv4Addr, u32>,
+    pub addrs: HashMap<IpAddr, u32>,
     /// Service id → service port name, for `kpx dump` (shared with the
     /// frontend's).
     pub names: HashMap<u32, Arc<str>>,
     /// Service id → its `loadBalancerSourceRanges` (host bits cleared).
     pub ranges: HashMap<u32, BTreeSet<Cidr>>,
     /// This node's addresses → `NODE_F_*`.
-    pub node_addrs: HashMap<Ipv4Addr, u32>,
+    pub node_addrs: HashMap<IpAddr, u32>,
     /// The node-wide settings (None: never read or written).
-    pub config: Option<DatapathConfig>,
+    pub config: Option<NodeConfig>,
 }
 
 /// The slot numbers of a frontend's tables: cluster-wide, then node-local.
@@ -64,19 +72,19 @@ pub enum Op {
     /// map's value, [`proxy_common::Slot`]).
     PutSlot(SlotKey, u32, BackendAddr),
     PutService(FrontendKey, ServiceValue),
-    PutAddr(Ipv4Addr, u32),
+    PutAddr(IpAddr, u32),
     PutName(u32, Arc<str>),
     PutRange(u32, Cidr),
     DelService(FrontendKey),
     DelSlot(SlotKey),
     /// A backend id no slot holds any more: its connection count goes.
     DelBackend(u32),
-    DelAddr(Ipv4Addr),
+    DelAddr(IpAddr),
     DelName(u32),
     DelRange(u32, Cidr),
-    PutNodeAddr(Ipv4Addr, u32),
-    DelNodeAddr(Ipv4Addr),
-    SetConfig(DatapathConfig),
+    PutNodeAddr(IpAddr, u32),
+    DelNodeAddr(IpAddr),
+    SetConfig(NodeConfig),
 }
 
 impl Op {

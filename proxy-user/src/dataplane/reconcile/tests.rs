@@ -212,7 +212,7 @@ mod random {
     /// 30 frontends: TCP :80 and UDP :53 on 15 addresses.
     fn key(i: u8) -> FrontendKey {
         FrontendKey {
-            addr: std::net::Ipv4Addr::new(198, 19, 0, i / 2 + 1),
+            addr: std::net::Ipv4Addr::new(198, 19, 0, i / 2 + 1).into(),
             port: if i.is_multiple_of(2) { 80 } else { 53 },
             proto: if i.is_multiple_of(2) {
                 IPPROTO_TCP
@@ -226,7 +226,7 @@ mod random {
         collection::btree_set(1..=12u8, 0..5).prop_map(|s| {
             s.into_iter()
                 .map(|h| Endpoint {
-                    addr: std::net::Ipv4Addr::new(198, 18, 1, h),
+                    addr: std::net::Ipv4Addr::new(198, 18, 1, h).into(),
                     port: 8080,
                     local: false,
                 })
@@ -238,7 +238,7 @@ mod random {
     /// source ranges.
     fn frontend() -> impl Strategy<Value = Frontend> {
         let range = (0..4u8, 14..=24u8).prop_map(|(n, len)| {
-            Cidr::new(std::net::Ipv4Addr::new(198, 18, n, 7), len).expect("len <= 32")
+            Cidr::new(std::net::Ipv4Addr::new(198, 18, n, 7).into(), len).expect("len <= 32")
         });
         (
             endpoints(),
@@ -334,10 +334,10 @@ mod random {
             let mut state = m.state.clone();
             for id in &stray_ids {
                 state.slots.insert(SlotKey { svc_id: *id, slot: 0 }, *id);
-                state.backends.insert(*id, BackendAddr { addr: (*id).into(), port: 1, proto: IPPROTO_TCP, local: false });
+                state.backends.insert(*id, BackendAddr { addr: std::net::Ipv4Addr::from(*id).into(), port: 1, proto: IPPROTO_TCP, local: false });
                 state.names.insert(*id, "gone".into());
                 state.ranges.entry(*id).or_default().insert("198.18.0.0/15".parse().unwrap());
-                state.addrs.insert((*id).into(), 1);
+                state.addrs.insert(std::net::Ipv4Addr::from(*id).into(), 1);
             }
             let mut m = Mirror::new(state);
             let ops = reconcile(&m, &d, Scope::All, 1024).unwrap();
