@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::Write,
-    net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -25,6 +25,8 @@ use crate::*;
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on a dual-stack bed ([`Cluster::add_ipv6`]).
+    pub ip6: Option<Ipv6Addr>,
     /// The node-side end of the pod's veth pair.
     pub host_if: String,
     pub netns: Netns,
@@ -105,6 +107,8 @@ pub struct Cluster {
     /// its agent attaches to (`kpx agent` flags).
     pub node_name: String,
     pub node_ip: Ipv4Addr,
+    /// The node's IPv6 address on a dual-stack bed.
+    pub node_ip6: Option<Ipv6Addr>,
     pub cluster_cidr: String,
     pub interfaces: String,
     pub agent: Option<Agent>,
@@ -134,6 +138,7 @@ impl Cluster {
             id: id.clone(),
             node_name: Self::NODE_NAME.into(),
             node_ip: GATEWAY,
+            node_ip6: None,
             cluster_cidr: "198.18.0.0/16".into(),
             interfaces: "kpxh*".into(),
             agent: None,
@@ -158,9 +163,52 @@ impl Cluster {
         self.pods.push(Pod {
             name: name.into(),
             ip: addr,
+            ip6: None,
             host_if,
             netns,
         });
+        Ok(())
+    }
+
+    /// Makes the bed dual-stack: the node gets [`GATEWAY6`] on every pod
+    /// link and forwards IPv6, and each pod of `pods` its `(name, address)`
+    /// with a default route through the node; the agent is told the
+    /// node's IPv6 address and an IPv6 cluster CIDR ([`CLUSTER_CIDR6`]).
+    /// Before [`Cluster::serve`], which then answers on both families.
+    pub fn add_ipv6(&mut self, pods: &[(&str, Ipv6Addr)]) -> Result<()> {
+        self.node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        for (name, addr) in pods {
+            let i = self
+                .pods
+                .iter()
+                .position(|p| p.name == *name)
+                .ok_or_else(|| anyhow!("no pod {name}"))?;
+            let (a, gw) = (format!("{addr}/128"), format!("{GATEWAY6}/128"));
+            let pod = &self.pods[i];
+            // nodad: usable at once, not after duplicate address detection.
+            self.node
+                .ip(&["-6", "addr", "add", &gw, "dev", &pod.host_if, "nodad"])?;
+            self.node
+                .ip(&["-6", "route", "add", &a, "dev", &pod.host_if])?;
+            pod.netns
+                .ip(&["-6", "addr", "add", &a, "dev", "eth0", "nodad"])?;
+            pod.netns.ip(&["-6", "route", "add", &gw, "dev", "eth0"])?;
+            pod.netns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &GATEWAY6.to_string(),
+                "dev",
+                "eth0",
+            ])?;
+            self.pods[i].ip6 = Some(*addr);
+        }
+        self.node_ip6 = Some(GATEWAY6);
+        if !self.cluster_cidr.contains(':') {
+            self.cluster_cidr = format!("{},{CLUSTER_CIDR6}", self.cluster_cidr);
+        }
         Ok(())
     }
 
@@ -290,6 +338,11 @@ impl Cluster {
                 "--node-ip",
                 &self.node_ip.to_string(),
             ])
+            .args(
+                self.node_ip6
+                    .iter()
+                    .flat_map(|ip| ["--node-ip".to_string(), ip.to_string()]),
+            )
             .args(["--cluster-cidr", &self.cluster_cidr])
             .args(["--interfaces", &self.interfaces])
             .args(["--poll-interval", "200ms"])
@@ -328,26 +381,37 @@ impl Cluster {
     ) -> Result<()> {
         let pod = self.pod(name);
         let identity = identity.to_string();
-        let (tcp, udp) = pod.netns.enter(move || -> Result<_> {
-            let tcp = TcpListener::bind(("0.0.0.0", tcp_port))?;
-            let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
-            Ok((tcp, udp))
+        // IPv4's wildcard, and a dual-stack pod's own IPv6 address (a
+        // wildcard `::` socket would take IPv4 too, as mapped addresses).
+        let mut addrs = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+        addrs.extend(pod.ip6.map(IpAddr::V6));
+        let sockets = pod.netns.enter(move || -> Result<Vec<_>> {
+            addrs
+                .into_iter()
+                .map(|a| {
+                    let tcp = TcpListener::bind((a, tcp_port))?;
+                    let udp = UdpSocket::bind((a, udp_port))?;
+                    Ok((tcp, udp))
+                })
+                .collect()
         })??;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        tcp.set_nonblocking(true)?;
-        {
-            let (stop, identity) = (stop.clone(), identity.clone());
-            threads.push(std::thread::spawn(move || {
-                tcp_server(tcp, &identity, &stop)
-            }));
-        }
-        udp.set_read_timeout(Some(Duration::from_millis(100)))?;
-        {
-            let stop = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                udp_server(udp, &identity, &stop)
-            }));
+        for (tcp, udp) in sockets {
+            tcp.set_nonblocking(true)?;
+            {
+                let (stop, identity) = (stop.clone(), identity.clone());
+                threads.push(std::thread::spawn(move || {
+                    tcp_server(tcp, &identity, &stop)
+                }));
+            }
+            udp.set_read_timeout(Some(Duration::from_millis(100)))?;
+            {
+                let (stop, identity) = (stop.clone(), identity.clone());
+                threads.push(std::thread::spawn(move || {
+                    udp_server(udp, &identity, &stop)
+                }));
+            }
         }
         self.servers.push(Servers { stop, threads });
         Ok(())

@@ -133,3 +133,33 @@ ports:
 {eps}"
     )
 }
+
+/// An IPv6 EndpointSlice `{service}-6` for Service `service` (namespace
+/// `default`), with the ports of [`service_yaml`] (`http` TCP `tcp`, `dns`
+/// UDP `udp`), all endpoints ready: appended to a Service's manifest, it
+/// makes the Service's IPv6 half reachable.
+pub fn slice6_yaml(service: &str, tcp: u16, udp: u16, endpoints: &[std::net::Ipv6Addr]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|e| format!("- addresses: [\"{e}\"]\n  conditions: {READY}\n"))
+        .collect();
+    let eps = if eps.is_empty() {
+        " []\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-6
+  namespace: default
+  labels: {{kubernetes.io/service-name: {service}}}
+addressType: IPv6
+ports:
+- {{name: http, protocol: TCP, port: {tcp}}}
+- {{name: dns, protocol: UDP, port: {udp}}}
+endpoints:{eps}"
+    )
+}

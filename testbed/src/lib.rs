@@ -30,6 +30,10 @@ pub use traffic::*;
 
 /// The node's address on every pod link (each pod routes through it).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// Its IPv6 address, on a dual-stack bed (RFC 5180's 2001:2::/48).
+pub const GATEWAY6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1);
+/// A dual-stack bed's IPv6 cluster CIDR: its pods are in 2001:2:0:N::/64.
+pub const CLUSTER_CIDR6: &str = "2001:2::/56";
 const WORK_ROOT: &str = "/run/kpx-testbed";
 const PREFIX: &str = "kpxtb";
 

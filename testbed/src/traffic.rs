@@ -82,9 +82,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn open(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Self> {
-        let stream =
-            from.enter(move || TcpStream::connect_timeout(&SocketAddr::V4(to), timeout))??;
+    pub fn open(from: &Netns, to: impl Into<SocketAddr>, timeout: Duration) -> Result<Self> {
+        let to = to.into();
+        let stream = from.enter(move || TcpStream::connect_timeout(&to, timeout))??;
         Self::new(stream, timeout)
     }
 
@@ -156,7 +156,11 @@ impl Conn {
 
 /// One TCP connection from `from` to `to`: who answered, from where it saw
 /// the client, and the client's own (local) address.
-pub fn tcp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(Seen, SocketAddr)> {
+pub fn tcp_who(
+    from: &Netns,
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<(Seen, SocketAddr)> {
     let mut c = Conn::open(from, to, timeout)?;
     let local = c.writer.local_addr()?;
     Ok((c.who()?, local))
@@ -164,9 +168,14 @@ pub fn tcp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(See
 
 /// One UDP request from a fresh socket in `from`: who answered, the
 /// client address it saw, and where the answer came from.
-pub fn udp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(Seen, SocketAddr)> {
+pub fn udp_who(
+    from: &Netns,
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<(Seen, SocketAddr)> {
+    let to = to.into();
     from.enter(move || -> Result<(Seen, SocketAddr)> {
-        let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+        let sock = UdpSocket::bind(any_port(&to))?;
         sock.set_read_timeout(Some(timeout))?;
         sock.send_to(b"addr?", to)?;
         let mut buf = [0u8; 512];
@@ -176,21 +185,22 @@ pub fn udp_who(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<(See
 }
 
 /// One TCP connection: connect, ask once, close. Returns the identity.
-pub fn tcp_ask(from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<String> {
+pub fn tcp_ask(from: &Netns, to: impl Into<SocketAddr>, timeout: Duration) -> Result<String> {
     Conn::open(from, to, timeout)?.ask()
 }
 
 /// `n` TCP connections from one pod, each asked once; identities in order.
 pub fn tcp_ask_many(
     from: &Netns,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     n: usize,
     timeout: Duration,
 ) -> Result<Vec<String>> {
+    let to = to.into();
     from.enter(move || -> Result<Vec<String>> {
         (0..n)
             .map(|_| {
-                let stream = TcpStream::connect_timeout(&SocketAddr::V4(to), timeout)?;
+                let stream = TcpStream::connect_timeout(&to, timeout)?;
                 Conn::new(stream, timeout)?.ask()
             })
             .collect()
@@ -210,14 +220,15 @@ pub struct UdpAnswer {
 /// `n` UDP requests, each from a fresh socket.
 pub fn udp_ask_many(
     from: &Netns,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     n: usize,
     timeout: Duration,
 ) -> Result<Vec<UdpAnswer>> {
+    let to = to.into();
     from.enter(move || -> Result<Vec<UdpAnswer>> {
         (0..n)
             .map(|_| {
-                let sock = UdpSocket::bind(("0.0.0.0", 0))?;
+                let sock = UdpSocket::bind(any_port(&to))?;
                 sock.set_read_timeout(Some(timeout))?;
                 sock.send_to(b"who?", to)?;
                 let mut buf = [0u8; 512];
@@ -230,6 +241,14 @@ pub fn udp_ask_many(
             })
             .collect()
     })?
+}
+
+/// Any local port of `to`'s family, for a client socket.
+fn any_port(to: &SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
 }
 
 /// Polls `f` every 50 ms until it returns Some or `timeout` passes.

@@ -361,7 +361,7 @@ pub fn stale_udp(
                 })
                 .and_then(|id| cur.backends.get(id));
             if let Some(b) = b.filter(|b| !kept.contains(b)) {
-                out.insert((v.svc_id, b.addr.into(), b.port));
+                out.insert((v.svc_id, b.addr, b.port));
             }
         }
     }
