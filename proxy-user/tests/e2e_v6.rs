@@ -136,6 +136,21 @@ fn a_dual_stack_service_answers_on_both_families_at_once() {
     let table = String::from_utf8(kpx_dump(&c.bpffs(), &["services"])).unwrap();
     assert!(table.contains(&format!("[{VIP6}]:53")), "{table}");
     assert!(table.contains("[2001:2:0:1::3]:5353"), "{table}");
+    // ipvsadm's view lists the IPv6 virtual service with its real servers
+    // and their connections (IPv6's conntrack tables are counted).
+    let ipvs = String::from_utf8(kpx_dump(&c.bpffs(), &["services", "--ipvsadm"])).unwrap();
+    assert!(ipvs.contains(&format!("TCP  [{VIP6}]:80 random")), "{ipvs}");
+    let conns6: u64 = ipvs
+        .lines()
+        .filter(|l| l.contains("-> [2001:2:0:1::") && l.contains(":8080"))
+        // Active and inactive (the 150 were closed) connections.
+        .flat_map(|l| {
+            l.split_whitespace()
+                .skip(4)
+                .filter_map(|n| n.parse::<u64>().ok())
+        })
+        .sum();
+    assert_eq!(conns6, 150, "{ipvs}");
 }
 
 #[test]

@@ -166,7 +166,7 @@ pub type FlowCounts = BTreeMap<(u32, u32), (u64, IpAddr, u16)>;
 /// Flows per service and backend, from one pass over conntrack (the
 /// ipvsadm view's active and inactive ones together).
 fn flow_counts(maps: &MapSet) -> Result<FlowCounts> {
-    let conns = super::ipvsadm::conns(maps.ct_entries().into_iter().map(|(t, _, v)| (t, v)));
+    let conns = super::ipvsadm::read_conns(maps);
     Ok(conns
         .into_iter()
         .map(|(k, (active, inactive, addr, port))| (k, (active + inactive, addr, port)))

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::Result;
 use proxy_common::{
-    CtValue, ServiceStats, SlotKey, CT_DIR_ORIGINAL, CT_F_CLOSING, IPPROTO_TCP, LOCAL_SLOTS,
+    CtValue, In6, ServiceStats, SlotKey, CT_DIR_ORIGINAL, CT_F_CLOSING, IPPROTO_TCP, LOCAL_SLOTS,
     NODE_F_NODEPORT, SVC_F_LOCAL,
 };
 use serde::Serialize;
@@ -33,8 +33,11 @@ use serde::Serialize;
 use super::dump::proto_name;
 use crate::{
     control::scheduler::Scheduler,
-    dataplane::maps::{CtTable, MapSet},
     dataplane::reconcile::MapState,
+    dataplane::{
+        conntrack::CtFamily,
+        maps::{CtTable, MapSet},
+    },
 };
 
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -90,9 +93,17 @@ impl From<ServiceStats> for Stats {
 type Conns = BTreeMap<(u32, u32), (u64, u64, IpAddr, u16)>;
 
 /// Active and inactive flows per service and backend, from one pass over
-/// both conntrack tables (original directions only: one per flow).
-pub fn conns(entries: impl IntoIterator<Item = (CtTable, CtValue)>) -> Conns {
+/// one family's conntrack tables (original directions only: one per flow).
+pub fn conns<A: CtFamily>(entries: impl IntoIterator<Item = (CtTable, CtValue<A>)>) -> Conns {
     let mut out = Conns::new();
+    add_conns(&mut out, entries);
+    out
+}
+
+fn add_conns<A: CtFamily>(
+    out: &mut Conns,
+    entries: impl IntoIterator<Item = (CtTable, CtValue<A>)>,
+) {
     for (table, v) in entries {
         if v.dir != CT_DIR_ORIGINAL {
             continue;
@@ -100,7 +111,7 @@ pub fn conns(entries: impl IntoIterator<Item = (CtTable, CtValue)>) -> Conns {
         let e = out.entry((v.svc_id, v.backend_id)).or_insert((
             0,
             0,
-            IpAddr::V4(proxy_common::wire::to_addr(v.new_dst_addr)),
+            A::ip(v.new_dst_addr),
             proxy_common::wire::to_port(v.new_dst_port),
         ));
         if table == CtTable::Tcp && v.flags & CT_F_CLOSING == 0 {
@@ -109,12 +120,28 @@ pub fn conns(entries: impl IntoIterator<Item = (CtTable, CtValue)>) -> Conns {
             e.1 += 1;
         }
     }
+}
+
+/// [`conns`] over both families' tables (service and backend ids are one
+/// space for both). A table that cannot be read counts no flows, logged.
+pub fn read_conns(maps: &MapSet) -> Conns {
+    let mut out = Conns::new();
+    add_conns(
+        &mut out,
+        maps.ct_entries().into_iter().map(|(t, _, v)| (t, v)),
+    );
+    for t in CtTable::ALL {
+        match In6::read(maps, t) {
+            Ok(entries) => add_conns(&mut out, entries.into_iter().map(|(_, v)| (t, v))),
+            Err(e) => log::warn!("reading IPv6's conntrack table {t:?}: {e:#}"),
+        }
+    }
     out
 }
 
 pub fn read(maps: &MapSet) -> Result<Vec<VirtualService>> {
     let state = maps.read_state()?;
-    let conns = conns(maps.ct_entries().into_iter().map(|(t, _, v)| (t, v)));
+    let conns = read_conns(maps);
     virtual_services(&state, &conns, |id| Ok(maps.service_stats(id)?.into()))
 }
 
