@@ -87,12 +87,22 @@ struct RulesArgs {
     /// Which kube-proxy mode's rules to print.
     #[arg(long, value_enum, default_value = "iptables")]
     mode: RulesMode,
+    /// Which family's proxier: ipv4 (iptables, `ip kube-proxy`) or ipv6
+    /// (ip6tables, `ip6 kube-proxy`). A dual-stack node runs both.
+    #[arg(long, value_enum, default_value = "ipv4")]
+    ip_family: RulesFamily,
     #[command(flatten)]
     node: NodeFlags,
     /// Serve NodePorts on 127.0.0.1 too (kube-proxy's default in iptables
     /// mode, when loopback is a NodePort address).
     #[arg(long = "iptables-localhost-nodeports", default_value = "true", action = clap::ArgAction::Set)]
     localhost_nodeports: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RulesFamily {
+    Ipv4,
+    Ipv6,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -169,9 +179,13 @@ fn main() -> Result<()> {
                 RulesMode::Iptables => Mode::Iptables,
                 RulesMode::Nftables => Mode::Nftables,
             };
+            let family = match args.ip_family {
+                RulesFamily::Ipv4 => kpx::control::cidr::Family::V4,
+                RulesFamily::Ipv6 => kpx::control::cidr::Family::V6,
+            };
             print!(
                 "{}",
-                reference::rules(&args.node, mode, args.localhost_nodeports)?
+                reference::rules(&args.node, mode, family, args.localhost_nodeports)?
             );
             Ok(())
         }

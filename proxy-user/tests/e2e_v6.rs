@@ -258,3 +258,209 @@ fn path_mtu_discovery_works_through_an_ipv6_vip() {
     let route = String::from_utf8_lossy(&route.stdout);
     assert!(route.contains("mtu 1280"), "{route}");
 }
+
+/// What a client saw: who answered and from where it saw the client, or
+/// how the attempt failed.
+fn outcome(r: anyhow::Result<(testbed::Seen, SocketAddr)>) -> String {
+    match r {
+        Ok((seen, _)) => format!("{} saw {}", seen.identity, seen.client.ip()),
+        Err(e) => match e.downcast_ref::<std::io::Error>().map(|e| e.kind()) {
+            Some(ErrorKind::ConnectionRefused) => "refused".into(),
+            Some(ErrorKind::TimedOut | ErrorKind::WouldBlock) => "no answer".into(),
+            _ => format!("error: {e:#}"),
+        },
+    }
+}
+
+/// One request from a connected UDP socket (which, unlike an unconnected
+/// one, learns of an ICMP error): who answered and the client it saw.
+fn udp_ask(
+    from: &testbed::Netns,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<(testbed::Seen, SocketAddr)> {
+    from.enter(move || -> anyhow::Result<_> {
+        let any: SocketAddr = if to.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let s = UdpSocket::bind(any)?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send(b"addr?")?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let (identity, client) = text
+            .split_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("unexpected answer {text:?}"))?;
+        Ok((
+            testbed::Seen {
+                identity: identity.into(),
+                client: client.parse()?,
+            },
+            to,
+        ))
+    })?
+}
+
+/// The IPv6 scenarios of the differential comparison: a dual-stack
+/// NodePort Service with an IPv6 external IP, IPv6 LoadBalancers whose
+/// source ranges admit and refuse the client, and a Service without
+/// endpoints.
+fn v6_manifests(c: &Cluster) -> Vec<(&'static str, String)> {
+    let np = dual_web(c, &["web-1"], "  externalIPs: ['2001:2:0:9::1']\n")
+        .replace("type: ClusterIP", "type: NodePort")
+        .replace(
+            "{name: http, protocol: TCP, port: 80, targetPort: 8080}",
+            "{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}",
+        );
+    let lb = |name: &str, vip: &str, lb_ip: &str, range: &str, pod: &str| {
+        let ip6 = c.pod(pod).ip6.expect("a dual-stack pod");
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: '{vip}'
+  ipFamilies: [IPv6]
+  loadBalancerSourceRanges: ['{range}']
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 0}}
+status:
+  loadBalancer:
+    ingress:
+    - {{ip: '{lb_ip}'}}
+"
+        )
+        .replace(", nodePort: 0", "")
+            + &slice6_yaml(name, 8080, 5353, &[ip6])
+    };
+    let empty = dual_web(c, &[], "")
+        .replace("name: web", "name: empty")
+        .replace("service-name: web", "service-name: empty")
+        .replace(&VIP.to_string(), "198.19.0.11")
+        .replace(&VIP6.to_string(), "2001:2:0:ff::11");
+    vec![
+        ("web.yaml", np),
+        (
+            "lb-ok.yaml",
+            lb(
+                "lb-ok",
+                "2001:2:0:ff::12",
+                "2001:2:0:9::2",
+                "2001:2:0:2::/64",
+                "web-2",
+            ),
+        ),
+        (
+            "lb-no.yaml",
+            lb(
+                "lb-no",
+                "2001:2:0:ff::13",
+                "2001:2:0:9::3",
+                "2001:2:0:7::/64",
+                "web-3",
+            ),
+        ),
+        ("empty.yaml", empty),
+    ]
+}
+
+/// Runs the IPv6 probes on a fresh dual-stack bed whose service traffic
+/// `proxy` translates: (probe, outcome) in order.
+fn v6_side(proxy: testbed::Proxy) -> Vec<(String, String)> {
+    let mut c = dual_bed();
+    for (file, yaml) in v6_manifests(&c) {
+        c.write_manifest(file, &yaml).unwrap();
+    }
+    match proxy {
+        testbed::Proxy::Kpx => {
+            c.start_agent(Path::new(KPX), &[]).unwrap();
+            // web: TCP, UDP and the TCP NodePort per family, and the IPv6
+            // external IP's TCP and UDP; lb-*: cluster IP and LB IP; empty:
+            // TCP and UDP per family.
+            let mut counts = vec![1; 12];
+            counts.extend([0; 4]);
+            wait_synced(&c, 16, &counts);
+        }
+        _ => c.load_reference(proxy, Path::new(KPX)).unwrap(),
+    }
+    let client = &c.pod("client").netns;
+    let sa6 = |ip: &str, port| v6(ip.parse().unwrap(), port);
+    let probes: Vec<(&str, SocketAddr, bool)> = vec![
+        ("TCP to the IPv6 cluster IP", v6(VIP6, 80), true),
+        ("UDP to the IPv6 cluster IP", v6(VIP6, 53), false),
+        (
+            "TCP to the IPv4 cluster IP",
+            SocketAddr::V4(SocketAddrV4::new(VIP, 80)),
+            true,
+        ),
+        ("TCP to the node's IPv6 NodePort", v6(GATEWAY6, 30080), true),
+        (
+            "TCP to the IPv6 external IP",
+            sa6("2001:2:0:9::1", 80),
+            true,
+        ),
+        (
+            "TCP to an LB IP admitting the client",
+            sa6("2001:2:0:9::2", 80),
+            true,
+        ),
+        (
+            "TCP to an LB IP refusing the client",
+            sa6("2001:2:0:9::3", 80),
+            true,
+        ),
+        (
+            "TCP to a Service without endpoints",
+            sa6("2001:2:0:ff::11", 80),
+            true,
+        ),
+        (
+            "UDP to a Service without endpoints",
+            sa6("2001:2:0:ff::11", 53),
+            false,
+        ),
+    ];
+    probes
+        .into_iter()
+        .map(|(what, to, tcp)| {
+            let r = if tcp {
+                tcp_who(client, to, T)
+            } else {
+                udp_ask(client, to, T)
+            };
+            (what.to_string(), outcome(r))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root"]
+fn kpx_reaches_ip6tables_and_nftables_verdicts_on_ipv6() {
+    let kpx = v6_side(testbed::Proxy::Kpx);
+    // What the probes must see, whoever proxies: kube-proxy's verdicts.
+    let client6 = backends6()[0].1;
+    let want = [
+        format!("web-1 saw {client6}"),
+        format!("web-1 saw {client6}"),
+        "web-1 saw 198.18.2.2".to_string(),
+        format!("web-1 saw {GATEWAY6}"),
+        format!("web-1 saw {GATEWAY6}"),
+        format!("web-2 saw {GATEWAY6}"),
+        "no answer".to_string(),
+        "refused".to_string(),
+        "refused".to_string(),
+    ];
+    let got: Vec<&str> = kpx.iter().map(|(_, o)| o.as_str()).collect();
+    assert_eq!(got, want, "kpx: {kpx:#?}");
+    for proxy in [testbed::Proxy::Iptables, testbed::Proxy::Nftables] {
+        let reference = v6_side(proxy);
+        for ((what, theirs), (_, ours)) in reference.iter().zip(&kpx) {
+            assert_eq!(ours, theirs, "{what}: kpx vs {}", proxy.name());
+        }
+    }
+}

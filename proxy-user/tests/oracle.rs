@@ -254,7 +254,13 @@ fn iptables_rules_match_kube_proxys_overall_iptables_rules() {
         cluster_cidr: Some(vec!["198.18.0.0/16".parse().expect("cidr")]),
         ..Default::default()
     };
-    let got = kpx::reference::rules(&flags, kpx::reference::Mode::Iptables, true).expect("rules");
+    let got = kpx::reference::rules(
+        &flags,
+        kpx::reference::Mode::Iptables,
+        kpx::control::cidr::Family::V4,
+        true,
+    )
+    .expect("rules");
     let want = std::fs::read_to_string(root.join("tests/oracle/overall_iptables_rules.expected"))
         .expect("fixture");
     let (got, want) = (ruleset(&got), ruleset(&want));

@@ -175,8 +175,26 @@ impl Cluster {
     /// with a default route through the node; the agent is told the
     /// node's IPv6 address and an IPv6 cluster CIDR ([`CLUSTER_CIDR6`]).
     /// Before [`Cluster::serve`], which then answers on both families.
+    ///
+    /// Service addresses (2001:2:0:ff::/64) and external ones
+    /// (2001:2:0:9::/64) are routed to a veth pair that leads nowhere (both
+    /// ends in the node), as a node's default route would take them, so
+    /// that what no proxy translates is forwarded (and dropped) rather than
+    /// answered "no route". The node's ICMPv6
+    /// errors are not rate-limited: the reference's REJECTs then answer
+    /// every probe, as kpx's do.
     pub fn add_ipv6(&mut self, pods: &[(&str, Ipv6Addr)]) -> Result<()> {
         self.node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        self.node.sysctl("net/ipv6/icmp/ratelimit", "0")?;
+        self.node.ip(&[
+            "link", "add", "svc6", "type", "veth", "peer", "name", "svc6p",
+        ])?;
+        self.node.ip(&["link", "set", "svc6", "up"])?;
+        self.node.ip(&["link", "set", "svc6p", "up"])?;
+        for range in [SERVICE_RANGE6, EXTERNAL_RANGE6] {
+            self.node
+                .ip(&["-6", "route", "add", range, "dev", "svc6"])?;
+        }
         for (name, addr) in pods {
             let i = self
                 .pods
@@ -204,6 +222,21 @@ impl Cluster {
                 "eth0",
             ])?;
             self.pods[i].ip6 = Some(*addr);
+        }
+        // Link-local addresses still in duplicate address detection delay
+        // the first neighbour exchanges by a second or two: wait them out.
+        let tentative = |ns: &Netns| {
+            Command::new("ip")
+                .args(["-n", &ns.name, "-6", "addr", "show", "tentative"])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && (tentative(&self.node) || self.pods.iter().any(|p| tentative(&p.netns)))
+        {
+            std::thread::sleep(Duration::from_millis(50));
         }
         self.node_ip6 = Some(GATEWAY6);
         if !self.cluster_cidr.contains(':') {
@@ -501,6 +534,10 @@ pub struct MultiNode {
 }
 
 pub const MULTI_CLUSTER_CIDR: &str = "198.18.0.0/17";
+/// A dual-stack bed's IPv6 service addresses and external (LB, external
+/// IP) addresses.
+pub const SERVICE_RANGE6: &str = "2001:2:0:ff::/64";
+pub const EXTERNAL_RANGE6: &str = "2001:2:0:9::/64";
 pub const SERVICE_RANGE: &str = "198.19.0.0/16";
 
 impl MultiNode {
@@ -639,6 +676,17 @@ impl Cluster {
         kpx: &Path,
         source: &[&str],
     ) -> Result<String> {
+        self.family_rules(proxy, kpx, source, "ipv4")
+    }
+
+    /// The rules of `family` (`ipv4`, `ipv6`) for the bed's manifests.
+    fn family_rules(
+        &self,
+        proxy: Proxy,
+        kpx: &Path,
+        source: &[&str],
+        family: &str,
+    ) -> Result<String> {
         let mode = if proxy == Proxy::Nftables {
             "nftables"
         } else {
@@ -648,10 +696,15 @@ impl Cluster {
             .node
             .command(kpx)?
             .arg("iptables-rules")
-            .args(["--mode", mode])
+            .args(["--mode", mode, "--ip-family", family])
             .args(source)
             .args(["--hostname-override", &self.node_name])
             .args(["--bind-address", &self.node_ip.to_string()])
+            .args(
+                self.node_ip6
+                    .iter()
+                    .flat_map(|ip| ["--node-ip".to_string(), ip.to_string()]),
+            )
             .args(["--cluster-cidr", &self.cluster_cidr])
             .env("RUST_LOG", "warn")
             .output()
@@ -665,14 +718,27 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Loads the reference rules into the node namespace.
+    /// Loads the reference rules into the node namespace: on a dual-stack
+    /// bed both families' (iptables and ip6tables, or nftables' `ip` and
+    /// `ip6` tables), as kube-proxy runs one proxier per family.
     pub fn load_reference(&self, proxy: Proxy, kpx: &Path) -> Result<()> {
-        let rules = self.reference_rules(proxy, kpx)?;
-        let (program, args): (&str, &[&str]) = match proxy {
-            Proxy::Nftables => ("nft", &["-f", "-"]),
-            _ => ("iptables-nft-restore", &["--noflush"]),
+        let dir = self.manifests_dir();
+        let source = ["--manifests", &*dir.to_string_lossy()];
+        let families: &[&str] = if self.node_ip6.is_some() {
+            &["ipv4", "ipv6"]
+        } else {
+            &["ipv4"]
         };
-        self.pipe_into(program, args, &rules)
+        for family in families {
+            let rules = self.family_rules(proxy, kpx, &source, family)?;
+            let (program, args): (&str, &[&str]) = match (proxy, *family) {
+                (Proxy::Nftables, _) => ("nft", &["-f", "-"]),
+                (_, "ipv6") => ("ip6tables-nft-restore", &["--noflush"]),
+                _ => ("iptables-nft-restore", &["--noflush"]),
+            };
+            self.pipe_into(program, args, &rules)?;
+        }
+        Ok(())
     }
 
     /// Runs `program args` in the node namespace with `input` on stdin.

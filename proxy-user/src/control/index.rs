@@ -487,7 +487,7 @@ impl Index {
                 }
                 let slices = self.slices_of_service(id);
                 let ports = model::service_ports(svc, &slices, &self.node, family);
-                Some((svc.clone(), ports))
+                Some((svc.on(family), ports))
             })
             .collect()
     }

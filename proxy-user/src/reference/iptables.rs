@@ -7,7 +7,7 @@
 //! Long because it follows kube-proxy's single syncProxyRules rule by rule,
 //! in its order, so the two can be read side by side.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::fmt::Write as _;
 
 use super::{endpoint_string, hash16, NodePorts, Port, Settings};
 use crate::control::model::{Endpoint, ServicePort, Svc};
@@ -212,7 +212,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         "-j MASQUERADE --random-fully",
     ]);
     nat_rules.line(&["-A", MARK_MASQ, "-j MARK --or-mark", &mark]);
-    if s.localhost_nodeports {
+    if s.localhost_nodeports() {
         filter_chains.chain(KUBELET_FIREWALL);
         filter_rules.line(&[
             "-A",
@@ -461,7 +461,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
             let mut allow_from_node = false;
             for r in &svc.lb_source_ranges {
                 nat_rules.line(&[&head, "-s", &r.to_string(), "-j", &ext_chain]);
-                allow_from_node |= s.node_ip.is_some_and(|ip| r.contains(&IpAddr::V4(ip)));
+                allow_from_node |= s.node_ip.is_some_and(|ip| r.contains(&ip));
             }
             if allow_from_node {
                 for ip in &svc.lb_ips {
@@ -510,10 +510,12 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
     match &s.nodeports {
         NodePorts::All => {
-            let not_localhost = if s.localhost_nodeports {
-                ""
+            // IPv6's ::1 never takes NodePorts; IPv4's loopback only
+            // with localhostNodePorts.
+            let not_localhost = if s.localhost_nodeports() {
+                String::new()
             } else {
-                "! -d 127.0.0.0/8"
+                format!("! -d {}", s.loopback())
             };
             nat_rules.line(&[
                 "-A",
@@ -521,7 +523,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
                 "-m comment --comment",
                 &np_comment,
                 "-m addrtype --dst-type LOCAL",
-                not_localhost,
+                &not_localhost,
                 "-j",
                 NODEPORTS,
             ]);
@@ -529,7 +531,7 @@ pub fn render(services: &[(Svc, Vec<ServicePort>)], s: &Settings) -> String {
         NodePorts::Only(ips) => {
             for ip in ips
                 .iter()
-                .filter(|ip| !ip.is_loopback() || s.localhost_nodeports)
+                .filter(|ip| !ip.is_loopback() || s.localhost_nodeports())
             {
                 nat_rules.line(&[
                     "-A",
@@ -605,7 +607,7 @@ fn jumps(table: &str, s: &Settings) -> String {
     }
     // kubelet's firewall chain, which kube-proxy also ensures; it only has
     // a rule (declared above) with localhost NodePorts.
-    if table == "filter" && s.localhost_nodeports {
+    if table == "filter" && s.localhost_nodeports() {
         for from in ["INPUT", "OUTPUT"] {
             out.line(&["-I", from, "-j", KUBELET_FIREWALL]);
         }
@@ -691,10 +693,54 @@ endpoints:
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
         let mut index = Index::new(NodeInfo::named("node-1"));
         index.replace_all(loaded.services, loaded.slices);
-        render(
-            &index.services_with_ports(crate::control::cidr::Family::V4),
-            s,
-        )
+        render(&index.services_with_ports(s.family), s)
+    }
+
+    #[test]
+    fn a_dual_stack_service_gets_each_familys_rules_from_each_proxier() {
+        use crate::control::cidr::Family;
+        let dual = SVC1.replace(
+            "  clusterIP: 198.19.0.41\n",
+            "  clusterIP: 198.19.0.41\n  clusterIPs: [198.19.0.41, '2001:2:0:ff::41']\n  externalIPs: [198.18.9.1, '2001:2:0:9::1']\n",
+        ) + "---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: svc1-b
+  namespace: ns1
+  labels: {kubernetes.io/service-name: svc1}
+addressType: IPv6
+ports: [{name: p80, port: 80, protocol: TCP}]
+endpoints:
+- addresses: ['2001:2:0:1::1']
+";
+        let v4 = render_yaml(&dual, &Settings::new("node-1"));
+        let v6 = render_yaml(
+            &dual,
+            &Settings {
+                family: Family::V6,
+                cluster_cidr: Some("2001:2::/56".parse().unwrap()),
+                ..Settings::new("node-1")
+            },
+        );
+        // Each proxier has its own family's addresses only.
+        assert!(
+            v4.contains("-d 198.19.0.41 --dport 80") && !v4.contains("2001:2"),
+            "{v4}"
+        );
+        assert!(!v6.contains("198."), "{v6}");
+        let sep = endpoint_chain_for("ns1/svc1:p80", "tcp", "[2001:2:0:1::1]:80");
+        for line in [
+            "-A KUBE-SERVICES -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 2001:2:0:ff::41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O".to_string(),
+            "-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp -p tcp -d 2001:2:0:ff::41 --dport 80 ! -s 2001:2::/56 -j KUBE-MARK-MASQ".into(),
+            format!("-A {sep} -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination [2001:2:0:1::1]:80"),
+            // ::1 never takes NodePorts; no localnet firewall on IPv6.
+            "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS".into(),
+        ] {
+            assert!(v6.lines().any(|l| l == line), "missing {line:?} in\n{v6}");
+        }
+        assert!(v6.contains("-d 2001:2:0:9::1"), "{v6}");
+        assert!(!v6.contains("KUBE-FIREWALL"), "{v6}");
     }
 
     #[test]

@@ -10,14 +10,14 @@
 //! Services come in namespace/name order and endpoints in kube-proxy's
 //! (`ip:port` as strings), so the output is deterministic.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, SocketAddr};
 
 use data_encoding::BASE32;
 use proxy_common::IPPROTO_TCP;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    control::cidr::Cidr,
+    control::cidr::{Cidr, Family},
     control::config::{serves_nodeports, NodePortAddress},
     control::model::{Endpoint, ServicePort, Svc},
 };
@@ -42,25 +42,37 @@ pub enum NodePorts {
     /// Every local address (`nodePortAddresses` empty or 0.0.0.0/0).
     All,
     /// Only these node addresses.
-    Only(Vec<Ipv4Addr>),
+    Only(Vec<IpAddr>),
 }
 
 impl NodePorts {
-    /// kube-proxy's GetNodeIPs: the node's `local` addresses inside the
-    /// configured CIDRs (`primary`: the Node's primary address).
-    pub fn select(cfg: &[NodePortAddress], primary: Option<Ipv4Addr>, local: &[Ipv4Addr]) -> Self {
-        let all = cfg.is_empty()
-            || cfg.iter().any(|c| {
+    /// kube-proxy's GetNodeIPs for `family`: the node's `local` addresses
+    /// of the family inside the configured CIDRs of the family (`primary`:
+    /// the Node's primary address of the family); every address when the
+    /// configuration names no CIDR of the family.
+    pub fn select(
+        family: Family,
+        cfg: &[NodePortAddress],
+        primary: Option<IpAddr>,
+        local: &[IpAddr],
+    ) -> Self {
+        let ours = |c: &&NodePortAddress| match c {
+            NodePortAddress::Cidr(c) => Family::of_net(c) == family,
+            NodePortAddress::Primary => primary.is_some(),
+            NodePortAddress::All | NodePortAddress::Localhost => true,
+        };
+        let all = !cfg.iter().any(|c| ours(&c))
+            || cfg.iter().filter(ours).any(|c| {
                 matches!(c, NodePortAddress::All)
                     || matches!(c, NodePortAddress::Cidr(c) if c.prefix_len() == 0)
             });
         if all {
             return Self::All;
         }
-        let mut ips: Vec<Ipv4Addr> = local
+        let mut ips: Vec<IpAddr> = local
             .iter()
             .copied()
-            .filter(|a| serves_nodeports(cfg, primary.map(IpAddr::V4), IpAddr::V4(*a)))
+            .filter(|a| Family::of(a) == family && serves_nodeports(cfg, primary, *a))
             .collect();
         if let Some(p) = primary.filter(|_| cfg.contains(&NodePortAddress::Primary)) {
             if !ips.contains(&p) {
@@ -78,7 +90,7 @@ impl NodePorts {
             Self::All => true,
             Self::Only(_) => cfg.iter().any(|c| match c {
                 NodePortAddress::Localhost => true,
-                NodePortAddress::Cidr(c) => c.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                NodePortAddress::Cidr(c) => c.contains(&IpAddr::from([127, 0, 0, 1])),
                 _ => false,
             }),
         }
@@ -90,10 +102,14 @@ impl NodePorts {
 pub struct Settings {
     /// The node's name (for the header only; locality is in the model).
     pub node_name: String,
-    /// kube-proxy's nodeIP: a source range containing it admits the LB IPs.
-    pub node_ip: Option<Ipv4Addr>,
-    /// The local traffic detector (`--cluster-cidr`'s first IPv4 CIDR);
-    /// without it, nothing is masqueraded for coming from outside.
+    /// The family of the rules: kube-proxy runs iptables and ip6tables (or
+    /// the `ip` and `ip6` nftables tables), one proxier per family.
+    pub family: Family,
+    /// kube-proxy's nodeIP of the family: a source range containing it
+    /// admits the LB IPs.
+    pub node_ip: Option<IpAddr>,
+    /// The local traffic detector (`--cluster-cidr`'s first CIDR of the
+    /// family); without it, nothing is masqueraded for coming from outside.
     pub cluster_cidr: Option<Cidr>,
     pub masquerade_all: bool,
     /// kube-proxy's `--iptables-masquerade-bit` (default 14: mark 0x4000).
@@ -110,6 +126,7 @@ impl Settings {
     pub fn new(node_name: &str) -> Self {
         Self {
             node_name: node_name.into(),
+            family: Family::V4,
             node_ip: None,
             cluster_cidr: None,
             masquerade_all: false,
@@ -129,12 +146,58 @@ impl Settings {
     pub fn with_nodeports(
         mut self,
         cfg: &[NodePortAddress],
-        local: &[Ipv4Addr],
+        local: &[IpAddr],
         localhost_nodeports: bool,
     ) -> Self {
-        self.nodeports = NodePorts::select(cfg, self.node_ip, local);
+        self.nodeports = NodePorts::select(self.family, cfg, self.node_ip, local);
         self.localhost_nodeports = localhost_nodeports && self.nodeports.includes_loopback(cfg);
         self
+    }
+
+    /// Whether loopback takes NodePorts: IPv4's `localhostNodePorts`;
+    /// never on IPv6, where kube-proxy blocks ::1.
+    fn localhost_nodeports(&self) -> bool {
+        self.localhost_nodeports && self.family == Family::V4
+    }
+
+    /// The loopback network of the rules' family.
+    fn loopback(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    /// nftables mode's table: `ip kube-proxy` or `ip6 kube-proxy`.
+    fn nft_table(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "ip kube-proxy",
+            Family::V6 => "ip6 kube-proxy",
+        }
+    }
+
+    /// nftables' address match keyword (`ip daddr`, `ip6 daddr`).
+    fn nft_family(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// nftables' address type in sets and maps.
+    fn nft_addr_type(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "ipv4_addr",
+            Family::V6 => "ipv6_addr",
+        }
+    }
+
+    /// The loopback match of nftables mode's NodePort rule.
+    fn nft_loopback(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1",
+        }
     }
 }
 
@@ -162,9 +225,10 @@ pub fn hash8(input: &str) -> String {
     s
 }
 
-/// `ip:port`, kube-proxy's endpoint string (and its sort key).
+/// `ip:port` (`[ip]:port` for IPv6, Go's JoinHostPort), kube-proxy's
+/// endpoint string (and its sort key).
 pub fn endpoint_string(e: &Endpoint) -> String {
-    format!("{}:{}", e.addr, e.port)
+    SocketAddr::new(e.addr, e.port).to_string()
 }
 
 fn sorted(mut eps: Vec<Endpoint>) -> Vec<Endpoint> {
@@ -256,24 +320,41 @@ mod tests {
 
     #[test]
     fn nodeport_addresses_select_like_kube_proxy() {
-        let local: Vec<Ipv4Addr> = ["127.0.0.1", "198.18.0.1", "198.18.128.1"]
-            .iter()
-            .map(|a| a.parse().unwrap())
-            .collect();
+        let local: Vec<IpAddr> = [
+            "127.0.0.1",
+            "198.18.0.1",
+            "198.18.128.1",
+            "::1",
+            "2001:2::1",
+            "2001:2:0:80::1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
         let primary = Some("198.18.128.1".parse().unwrap());
-        assert_eq!(NodePorts::select(&[], primary, &local), NodePorts::All);
+        let v4 = |cfg: &[NodePortAddress]| NodePorts::select(Family::V4, cfg, primary, &local);
+        assert_eq!(v4(&[]), NodePorts::All);
         let cidr = |s: &str| NodePortAddress::Cidr(s.parse().unwrap());
+        assert_eq!(v4(&[cidr("0.0.0.0/0")]), NodePorts::All);
         assert_eq!(
-            NodePorts::select(&[cidr("0.0.0.0/0")], primary, &local),
-            NodePorts::All
-        );
-        assert_eq!(
-            NodePorts::select(&[cidr("198.18.128.0/24")], primary, &local),
+            v4(&[cidr("198.18.128.0/24")]),
             NodePorts::Only(vec!["198.18.128.1".parse().unwrap()])
         );
         assert_eq!(
-            NodePorts::select(&[NodePortAddress::Primary], primary, &local),
+            v4(&[NodePortAddress::Primary]),
             NodePorts::Only(vec!["198.18.128.1".parse().unwrap()])
+        );
+        // IPv6: only the family's CIDRs count; none of them means all.
+        let primary6 = Some("2001:2::1".parse().unwrap());
+        let v6 = |cfg: &[NodePortAddress]| NodePorts::select(Family::V6, cfg, primary6, &local);
+        assert_eq!(v6(&[cidr("198.18.128.0/24")]), NodePorts::All);
+        assert_eq!(
+            v6(&[cidr("198.18.128.0/24"), cidr("2001:2:0:80::/64")]),
+            NodePorts::Only(vec!["2001:2:0:80::1".parse().unwrap()])
+        );
+        assert_eq!(
+            v6(&[NodePortAddress::Primary]),
+            NodePorts::Only(vec!["2001:2::1".parse().unwrap()])
         );
         let s = Settings::new("n").with_nodeports(&[cidr("198.18.0.0/24")], &local, true);
         assert!(!s.localhost_nodeports, "loopback is not a NodePort address");

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::{render, Mode, Settings};
 use crate::control::{
+    cidr::Family,
     config::{self, NodeFlags},
     index::Index,
     manifests,
@@ -14,9 +15,15 @@ use crate::control::{
 };
 
 /// The rules kube-proxy in `mode` would install on this node for what
-/// `flags` point at (manifests, or a one-time list from the API).
+/// `flags` point at (manifests, or a one-time list from the API), for
+/// `family`: its iptables (IPv4) or ip6tables (IPv6) proxier's.
 /// `localhost_nodeports` is iptables mode's `localhostNodePorts`.
-pub fn rules(flags: &NodeFlags, mode: Mode, localhost_nodeports: bool) -> Result<String> {
+pub fn rules(
+    flags: &NodeFlags,
+    mode: Mode,
+    family: Family,
+    localhost_nodeports: bool,
+) -> Result<String> {
     let file = flags.file()?.map(|l| l.overrides).unwrap_or_default();
     let o = flags.overrides().or(file);
     let hostname = config::hostname(o.hostname_override.as_deref())?;
@@ -48,27 +55,17 @@ pub fn rules(flags: &NodeFlags, mode: Mode, localhost_nodeports: bool) -> Result
         log::warn!("skipped: {p}");
     }
     index.update();
-    // The reference's rules are iptables' (IPv4's) only.
-    let local: Vec<std::net::Ipv4Addr> = crate::dataplane::node::local_addrs()
-        .unwrap_or_else(|e| {
-            log::warn!("listing this node's addresses: {e}; NodePort addresses unknown");
-            Vec::new()
-        })
-        .into_iter()
-        .filter_map(|a| match a {
-            std::net::IpAddr::V4(a) => Some(a),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
+    let local = crate::dataplane::node::local_addrs().unwrap_or_else(|e| {
+        log::warn!("listing this node's addresses: {e}; NodePort addresses unknown");
+        Vec::new()
+    });
     let settings = Settings {
-        node_ip: match index.node().primary(crate::control::cidr::Family::V4) {
-            Some(std::net::IpAddr::V4(a)) => Some(a),
-            _ => None,
-        },
+        family,
+        node_ip: index.node().primary(family),
         cluster_cidr: o
             .cluster_cidrs
             .as_ref()
-            .and_then(|c| c.iter().find(|c| c.addr().is_ipv4()).copied()),
+            .and_then(|c| c.iter().find(|c| Family::of_net(c) == family).copied()),
         masquerade_all: o.masquerade_all.unwrap_or(false),
         masquerade_bit: o.masquerade_bit.unwrap_or(14),
         ..Settings::new(&hostname)
@@ -78,9 +75,5 @@ pub fn rules(flags: &NodeFlags, mode: Mode, localhost_nodeports: bool) -> Result
         &local,
         localhost_nodeports,
     );
-    Ok(render(
-        mode,
-        &index.services_with_ports(crate::control::cidr::Family::V4),
-        &settings,
-    ))
+    Ok(render(mode, &index.services_with_ports(family), &settings))
 }

@@ -105,6 +105,29 @@ impl Svc {
         self.families().any(|f| f == family)
     }
 
+    /// The Service as `family`'s proxier sees it: only that family's
+    /// addresses and source ranges (kube-proxy's per-family serviceInfo).
+    pub fn on(&self, family: Family) -> Svc {
+        let ours = |ips: &[IpAddr]| -> Vec<IpAddr> {
+            ips.iter()
+                .copied()
+                .filter(|ip| Family::of(ip) == family)
+                .collect()
+        };
+        Svc {
+            cluster_ips: ours(&self.cluster_ips),
+            external_ips: ours(&self.external_ips),
+            lb_ips: ours(&self.lb_ips),
+            lb_source_ranges: self
+                .lb_source_ranges
+                .iter()
+                .copied()
+                .filter(|r| Family::of_net(r) == family)
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     /// kube-proxy's ExternallyAccessible: reachable from outside the cluster.
     pub fn externally_accessible(&self) -> bool {
         self.ports.iter().any(|p| p.node_port.is_some())
