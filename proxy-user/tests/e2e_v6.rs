@@ -464,3 +464,68 @@ fn kpx_reaches_ip6tables_and_nftables_verdicts_on_ipv6() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_only_node_serves_ipv6_services_from_the_api() {
+    use testbed::apiserver::{ApiServer, Kind};
+    let mut c = dual_bed();
+    // The agent knows nothing of IPv4: its node IP is the Node object's.
+    c.ipv6_only = true;
+    let api = ApiServer::start_with(c.binder("127.0.0.1:6443".parse().unwrap())).unwrap();
+    api.apply_yaml(&format!(
+        "apiVersion: v1
+kind: Node
+metadata: {{name: node-1}}
+status:
+  addresses: [{{type: InternalIP, address: '{GATEWAY6}'}}]
+"
+    ))
+    .unwrap();
+    let ips6: Vec<Ipv6Addr> = ["web-1", "web-2"]
+        .iter()
+        .map(|n| c.pod(n).ip6.unwrap())
+        .collect();
+    let svc = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: '{VIP6}'
+  clusterIPs: ['{VIP6}']
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {{name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30080}}
+  - {{name: dns, protocol: UDP, port: 53, targetPort: 5353}}
+"
+    ) + &slice6_yaml("web", 8080, 5353, &ips6);
+    api.apply_all(&svc).unwrap();
+    c.start_agent_kube(Path::new(KPX), &api, &[]).unwrap();
+    wait_synced(&c, 3, &[2, 2, 2]);
+    assert!(
+        c.agent_log()
+            .contains(&format!("IPv6 masquerade to {GATEWAY6}")),
+        "{}",
+        c.agent_log()
+    );
+    let client = &c.pod("client").netns;
+    let ids = tcp_ask_many(client, v6(VIP6, 80), 60, T)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log()));
+    assert_eq!(spread(&ids).len(), 2);
+    // The Node object's IPv6 address serves the NodePort, masqueraded to
+    // it.
+    let (seen, _) = tcp_who(client, v6(GATEWAY6, 30080), T)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", c.agent_log()));
+    assert_eq!(seen.client.ip(), IpAddr::V6(GATEWAY6));
+    // An endpoint leaves through the API: the maps follow.
+    api.apply_all(&slice6_yaml("web", 8080, 5353, &ips6[1..]))
+        .unwrap();
+    wait_synced(&c, 3, &[1, 1, 1]);
+    let ids = tcp_ask_many(client, v6(VIP6, 80), 10, T).unwrap();
+    assert!(ids.iter().all(|i| i == "web-2"), "{ids:?}");
+    // And the Service itself.
+    assert!(api.delete(Kind::Service, "default", "web"));
+    wait_synced(&c, 0, &[]);
+}

@@ -109,6 +109,10 @@ pub struct Cluster {
     pub node_ip: Ipv4Addr,
     /// The node's IPv6 address on a dual-stack bed.
     pub node_ip6: Option<Ipv6Addr>,
+    /// The agent is told nothing of IPv4 (no `--node-ip`, an IPv6 cluster
+    /// CIDR only): an IPv6-only node, whose addresses come from its Node
+    /// object.
+    pub ipv6_only: bool,
     pub cluster_cidr: String,
     pub interfaces: String,
     pub agent: Option<Agent>,
@@ -139,6 +143,7 @@ impl Cluster {
             node_name: Self::NODE_NAME.into(),
             node_ip: GATEWAY,
             node_ip6: None,
+            ipv6_only: false,
             cluster_cidr: "198.18.0.0/16".into(),
             interfaces: "kpxh*".into(),
             agent: None,
@@ -365,18 +370,26 @@ impl Cluster {
             .args(source)
             .arg("--bpffs")
             .arg(self.bpffs())
-            .args([
-                "--hostname-override",
-                &self.node_name,
-                "--node-ip",
-                &self.node_ip.to_string(),
-            ])
+            .args(["--hostname-override", &self.node_name])
             .args(
-                self.node_ip6
-                    .iter()
-                    .flat_map(|ip| ["--node-ip".to_string(), ip.to_string()]),
+                (!self.ipv6_only)
+                    .then(|| self.node_ip.to_string())
+                    .into_iter()
+                    .chain(
+                        self.node_ip6
+                            .filter(|_| !self.ipv6_only)
+                            .map(|ip| ip.to_string()),
+                    )
+                    .flat_map(|ip| ["--node-ip".to_string(), ip]),
             )
-            .args(["--cluster-cidr", &self.cluster_cidr])
+            .args([
+                "--cluster-cidr",
+                if self.ipv6_only {
+                    CLUSTER_CIDR6
+                } else {
+                    &self.cluster_cidr
+                },
+            ])
             .args(["--interfaces", &self.interfaces])
             .args(["--poll-interval", "200ms"])
             .args(extra)
