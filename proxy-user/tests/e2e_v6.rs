@@ -16,7 +16,9 @@ use std::{
 
 use bed::*;
 use proxy_common::Counter;
-use testbed::{slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, Cluster, Conn, GATEWAY6};
+use testbed::{
+    slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, wait_for, Cluster, Conn, Held, GATEWAY6,
+};
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
 
@@ -528,4 +530,86 @@ spec:
     // And the Service itself.
     assert!(api.delete(Kind::Service, "default", "web"));
     wait_synced(&c, 0, &[]);
+}
+
+/// Drill: kube-proxy (iptables and ip6tables) serving a dual-stack Service
+/// with 25 live connections on each family; kpx started with
+/// `--cleanup-kube-proxy` carries both families' flows from netfilter and
+/// removes the rules, and no connection breaks or moves.
+#[test]
+#[ignore = "needs root"]
+fn taking_over_both_families_from_kube_proxy_breaks_no_connection() {
+    let mut c = dual_bed();
+    c.write_manifest("web.yaml", &dual_web(&c, &["web-1", "web-2", "web-3"], ""))
+        .unwrap();
+    c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
+        .unwrap();
+    let client = c.pod("client").netns.shared();
+    let client = &client;
+    let mut long4 = Held::open(client, SocketAddrV4::new(VIP, 80), 25, T).unwrap();
+    let mut long6 = Held::open(client, v6(VIP6, 80), 25, T).unwrap();
+    assert!(long6.backends().len() > 1, "{:?}", long6.backends());
+
+    c.start_agent(Path::new(KPX), &["--cleanup-kube-proxy"])
+        .unwrap();
+    wait_synced(&c, 4, &[3, 3, 3, 3]);
+    let cleaned = wait_for(Duration::from_secs(10), || {
+        c.agent_log()
+            .contains("ip6tables-nft: removed")
+            .then_some(())
+    });
+    assert!(cleaned.is_some(), "{}", c.agent_log());
+    for (family, long) in [("IPv4", &mut long4), ("IPv6", &mut long6)] {
+        let broken = long.broken();
+        assert!(
+            broken.is_empty(),
+            "{family}: {} of 25 broken: {broken:?}\n{}",
+            broken.len(),
+            c.agent_log()
+        );
+    }
+    let log = c.agent_log();
+    assert!(
+        log.contains("takeover from netfilter: 50 service flows carried"),
+        "{log}"
+    );
+    // IPv6's carried flows are in IPv6's tables.
+    let conntrack = String::from_utf8(kpx_dump(&c.bpffs(), &["conntrack"])).unwrap();
+    assert!(conntrack.contains(&format!("[{VIP6}]:80")), "{conntrack}");
+    tcp_ask_many(client, v6(VIP6, 80), 10, T).unwrap();
+}
+
+/// Drill: the way back on both families: 25 connections each through kpx,
+/// the agent gone, kube-proxy's rules loaded, `kpx cleanup` hands kpx's
+/// flows to netfilter (IPv6's with IPv6's NAT), and none breaks.
+#[test]
+#[ignore = "needs root"]
+fn going_back_to_kube_proxy_on_both_families_breaks_no_connection() {
+    let mut c = dual_bed();
+    c.write_manifest("web.yaml", &dual_web(&c, &["web-1", "web-2", "web-3"], ""))
+        .unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    wait_synced(&c, 4, &[3, 3, 3, 3]);
+    let client = c.pod("client").netns.shared();
+    let client = &client;
+    let mut long4 = Held::open(client, SocketAddrV4::new(VIP, 80), 25, T).unwrap();
+    let mut long6 = Held::open(client, v6(VIP6, 80), 25, T).unwrap();
+    c.agent.as_mut().unwrap().kill().unwrap();
+    c.load_reference(testbed::Proxy::Iptables, Path::new(KPX))
+        .unwrap();
+    let said = kpx_cleanup(&c);
+    assert!(
+        said.contains("kpx's flows handed to netfilter: 50 service flows carried"),
+        "{said}"
+    );
+    for (family, long) in [("IPv4", &mut long4), ("IPv6", &mut long6)] {
+        let broken = long.broken();
+        assert!(
+            broken.is_empty(),
+            "{family}: {} of 25 broken: {broken:?}\n{said}",
+            broken.len()
+        );
+    }
+    let ids = tcp_ask_many(client, v6(VIP6, 80), 30, T).unwrap();
+    assert_eq!(spread(&ids).len(), 3, "{ids:?}");
 }

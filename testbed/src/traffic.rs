@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -276,7 +276,8 @@ pub struct Load {
 
 impl Load {
     /// Starts asking `to` from `from`, pausing `pause` between connections.
-    pub fn start(from: &Netns, to: SocketAddrV4, pause: Duration) -> Self {
+    pub fn start(from: &Netns, to: impl Into<SocketAddr>, pause: Duration) -> Self {
+        let to = to.into();
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -327,7 +328,13 @@ pub struct Held(pub Vec<(Conn, String)>);
 
 impl Held {
     /// Opens `n` connections from `from` to `to`, asking each once.
-    pub fn open(from: &Netns, to: SocketAddrV4, n: usize, timeout: Duration) -> Result<Self> {
+    pub fn open(
+        from: &Netns,
+        to: impl Into<SocketAddr>,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let to = to.into();
         let mut held = Self::default();
         for _ in 0..n {
             held.add(from, to, timeout)?;
@@ -336,7 +343,12 @@ impl Held {
     }
 
     /// Opens one more connection and asks it once.
-    pub fn add(&mut self, from: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<()> {
+    pub fn add(
+        &mut self,
+        from: &Netns,
+        to: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<()> {
         let mut conn = Conn::open(from, to, timeout)?;
         let who = conn.ask()?;
         self.0.push((conn, who));

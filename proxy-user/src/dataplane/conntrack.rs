@@ -16,13 +16,13 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    wire, Address, CtKey, CtValue, In6, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED,
-    CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, PORT_F_BACKEND,
-    PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
+    wire, CtKey, CtValue, In6, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP,
+    CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND,
+    TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
-    maps::{CtTable, MapSet},
+    maps::{CtTable, MapSet, WireAddr},
     sys,
 };
 
@@ -150,7 +150,7 @@ pub type ServiceBackend = (u32, IpAddr, u16);
 
 /// A family's conntrack tables in the map set: the collector, the dump and
 /// the takeover read either family's flows with the same code.
-pub trait CtFamily: Address + aya::Pod {
+pub trait CtFamily: WireAddr {
     /// The datapath's program that ends this family's established flows.
     const EXPIRE_PROG: &'static str;
     /// That program's descriptor in `x`.
@@ -158,7 +158,15 @@ pub trait CtFamily: Address + aya::Pod {
     fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<Self>, CtValue<Self>>;
     /// Removes `key` from the table; whether it was there.
     fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<Self>) -> bool;
-    fn ip(a: Self) -> IpAddr;
+    /// `key`'s entry in the table.
+    fn get(maps: &MapSet, t: CtTable, key: &CtKey<Self>) -> Option<CtValue<Self>>;
+    /// Writes `key` → `value` into the table.
+    fn insert(
+        maps: &mut MapSet,
+        t: CtTable,
+        key: &CtKey<Self>,
+        value: &CtValue<Self>,
+    ) -> Result<(), aya::maps::MapError>;
     /// The table's entries (a batched read, `maps::read_hash`).
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<Self>, CtValue<Self>)>>;
 }
@@ -171,11 +179,19 @@ impl CtFamily for u32 {
     fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey, CtValue> {
         maps.ct(t)
     }
+    fn get(maps: &MapSet, t: CtTable, key: &CtKey) -> Option<CtValue> {
+        Self::table(maps, t).get(key, 0).ok()
+    }
     fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey) -> bool {
         maps.ct_mut(t).remove(key).is_ok()
     }
-    fn ip(a: Self) -> IpAddr {
-        wire::to_addr(a).into()
+    fn insert(
+        maps: &mut MapSet,
+        t: CtTable,
+        key: &CtKey,
+        value: &CtValue,
+    ) -> Result<(), aya::maps::MapError> {
+        maps.ct_mut(t).insert(key, value, 0)
     }
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey, CtValue)>> {
         crate::dataplane::maps::read_hash(Self::table(maps, t))
@@ -193,14 +209,25 @@ impl CtFamily for In6 {
             CtTable::Any => &maps.v6.ct_any,
         }
     }
+    fn get(maps: &MapSet, t: CtTable, key: &CtKey<In6>) -> Option<CtValue<In6>> {
+        Self::table(maps, t).get(key, 0).ok()
+    }
     fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<In6>) -> bool {
         match t {
             CtTable::Tcp => maps.v6.ct_tcp.remove(key).is_ok(),
             CtTable::Any => maps.v6.ct_any.remove(key).is_ok(),
         }
     }
-    fn ip(a: Self) -> IpAddr {
-        wire::to_addr6(a).into()
+    fn insert(
+        maps: &mut MapSet,
+        t: CtTable,
+        key: &CtKey<In6>,
+        value: &CtValue<In6>,
+    ) -> Result<(), aya::maps::MapError> {
+        match t {
+            CtTable::Tcp => maps.v6.ct_tcp.insert(key, value, 0),
+            CtTable::Any => maps.v6.ct_any.insert(key, value, 0),
+        }
     }
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<In6>, CtValue<In6>)>> {
         crate::dataplane::maps::read_hash(Self::table(maps, t))
@@ -471,7 +498,7 @@ fn collect_of<A: CtFamily>(
         let is_stale = f.key.proto != IPPROTO_TCP
             && stale.contains(&(
                 o.svc_id,
-                A::ip(o.new_dst_addr),
+                o.new_dst_addr.to_ip(),
                 wire::to_port(o.new_dst_port),
             ));
         let expired = Duration::from_nanos(f.idle_ns(now)) > f.state().timeout(timeouts);
@@ -491,7 +518,7 @@ fn collect_of<A: CtFamily>(
     for (t, k, v) in &table.orphans {
         let state = FlowState::of(v, Some(v), k.proto);
         let stale_backend = k.proto != IPPROTO_TCP
-            && stale.contains(&(v.svc_id, A::ip(k.src_addr), wire::to_port(k.src_port)));
+            && stale.contains(&(v.svc_id, k.src_addr.to_ip(), wire::to_port(k.src_port)));
         if stale_backend {
             report.stale_udp += remove(maps, *t, k);
         } else if Duration::from_nanos(now.saturating_sub(v.last_seen_ns)) > state.timeout(timeouts)

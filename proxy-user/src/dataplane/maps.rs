@@ -109,7 +109,7 @@ impl CtTable {
 
     /// The table the datapath keeps the flow of `key` in once it is
     /// established (`replied`): where a migrated entry belongs.
-    pub fn of(key: &CtKey, replied: bool) -> Self {
+    pub fn of<A>(key: &CtKey<A>, replied: bool) -> Self {
         if key.proto == proxy_common::IPPROTO_TCP && replied {
             CtTable::Tcp
         } else {

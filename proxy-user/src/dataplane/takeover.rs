@@ -12,9 +12,12 @@
 //! where netfilter also rewrote the source), so its packets never need
 //! netfilter again, and removing kube-proxy's rules changes nothing for them.
 //!
+//! Both families: netfilter's IPv4 and IPv6 tables are read (and written
+//! back) in turn, each flow into its family's tables.
+//!
 //! What cannot be carried, counted by reason: flows to a frontend kpx does
 //! not serve (a Service deleted meanwhile), protocols other than TCP and UDP,
-//! IPv6 (kpx's datapath is IPv4 today), and flows with no room in the table.
+//! and flows with no room in the table.
 //! Flows netfilter did not DNAT are not service flows and are left alone.
 //! Handing back carries established TCP and UDP flows (half-open and
 //! closing connections are left to end), with netfilter's liberal TCP
@@ -22,7 +25,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -39,15 +42,15 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use proxy_common::{
-    wire, CtKey, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_REWRITE_DST,
+    wire, CtKey, CtValue, In6, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_REWRITE_DST,
     CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP, NODE_F_NODEPORT,
     TCP_ACK, TCP_FIN, TCP_SYN,
 };
 
 use crate::{
-    control::model::FrontendKey,
+    control::{cidr::Family, model::FrontendKey},
     dataplane::{
-        conntrack::{monotonic_ns, read_table, Flow, FlowState},
+        conntrack::{monotonic_ns, read_table_of, CtFamily, Flow, FlowState},
         maps::{CtTable, MapSet},
         reconcile::{BackendAddr, MapState},
     },
@@ -58,8 +61,8 @@ const TCP_CONNTRACK_ESTABLISHED: u8 = 3;
 const TCP_CONNTRACK_CLOSE: u8 = 8;
 
 /// One direction's tuple: (source, source port, destination, destination
-/// port), host order.
-pub type Tuple4 = (Ipv4Addr, u16, Ipv4Addr, u16);
+/// port), host order; both addresses of one family.
+pub type Tuple4 = (IpAddr, u16, IpAddr, u16);
 
 /// A netfilter conntrack entry, as much of it as a takeover needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,42 +100,58 @@ impl std::fmt::Display for Report {
 /// its service flows into `maps`. Runs once the first sync has written the
 /// frontends in `state`.
 pub fn take_over(maps: &mut MapSet, state: &MapState) -> Result<Report> {
-    let (flows, unreadable) = dump()?;
     let mut report = Report::default();
-    if unreadable > 0 {
-        report.skipped.insert("not IPv4 TCP/UDP", unreadable);
-    }
     let ids = backend_ids(state);
-    for (entries, outcome) in flows
-        .iter()
-        .map(|f| entries(f, state, &ids, monotonic_ns()))
-    {
-        match outcome {
-            Outcome::Carry => {}
-            Outcome::NotAServiceFlow => continue,
-            Outcome::Skip(why) => {
-                *report.skipped.entry(why).or_insert(0) += 1;
-                continue;
-            }
+    for family in [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6] {
+        let (flows, unreadable) = dump(family)?;
+        if unreadable > 0 {
+            *report.skipped.entry("not TCP/UDP").or_insert(0) += unreadable;
         }
-        let mut written = true;
-        for (table, k, v) in &entries {
-            // A flow kpx already tracks (a restart of kpx itself) keeps its entry.
-            if maps.ct_get(k).is_some() {
-                continue;
+        for f in &flows {
+            let carried = match f.original.0 {
+                IpAddr::V4(_) => carry::<u32>(maps, f, state, &ids),
+                IpAddr::V6(_) => carry::<In6>(maps, f, state, &ids),
+            };
+            match carried {
+                Outcome::Carry => report.carried += 1,
+                Outcome::NotAServiceFlow => {}
+                Outcome::Skip(why) => *report.skipped.entry(why).or_insert(0) += 1,
             }
-            if let Err(e) = maps.ct_mut(*table).insert(k, v, 0) {
-                log::debug!("carrying netfilter flow {k:?}: {e}");
-                written = false;
-            }
-        }
-        if written {
-            report.carried += 1;
-        } else {
-            *report.skipped.entry("conntrack table full").or_insert(0) += 1;
         }
     }
     Ok(report)
+}
+
+/// Carries one netfilter flow into family `A`'s tables: what became of it.
+fn carry<A: CtFamily>(
+    maps: &mut MapSet,
+    f: &NfFlow,
+    state: &MapState,
+    ids: &HashMap<BackendAddr, u32>,
+) -> Outcome {
+    let (entries, outcome) = entries::<A>(f, state, ids, monotonic_ns());
+    if outcome != Outcome::Carry {
+        return outcome;
+    }
+    let mut written = true;
+    for (table, k, v) in &entries {
+        // A flow kpx already tracks (a restart of kpx itself) keeps its entry.
+        if CtTable::ALL
+            .into_iter()
+            .any(|t| A::get(maps, t, k).is_some())
+        {
+            continue;
+        }
+        if let Err(e) = A::insert(maps, *table, k, v) {
+            log::debug!("carrying netfilter flow {k:?}: {e}");
+            written = false;
+        }
+    }
+    if written {
+        Outcome::Carry
+    } else {
+        Outcome::Skip("conntrack table full")
+    }
 }
 
 /// What becomes of one netfilter entry.
@@ -156,17 +175,17 @@ pub fn backend_ids(state: &MapState) -> HashMap<BackendAddr, u32> {
 
 /// kpx's two entries for the netfilter flow `f`, if it is a flow to one of
 /// `state`'s frontends (`ids`: [`backend_ids`]), created at `now`.
-pub fn entries(
+pub fn entries<A: CtFamily>(
     f: &NfFlow,
     state: &MapState,
     ids: &HashMap<BackendAddr, u32>,
     now: u64,
-) -> (Vec<(CtTable, CtKey, CtValue)>, Outcome) {
+) -> (Vec<(CtTable, CtKey<A>, CtValue<A>)>, Outcome) {
     if !f.dnat {
         return (Vec::new(), Outcome::NotAServiceFlow);
     }
     if f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP {
-        return (Vec::new(), Outcome::Skip("not IPv4 TCP/UDP"));
+        return (Vec::new(), Outcome::Skip("not TCP/UDP"));
     }
     let (src, sport, dst, dport) = f.original;
     let Some(svc) = frontend(state, dst, dport, f.proto) else {
@@ -176,7 +195,7 @@ pub fn entries(
     // backend answers (the client, or the masquerade address).
     let (backend, backend_port, answer_to, answer_port) = f.reply;
     let backend_key = BackendAddr {
-        addr: backend.into(),
+        addr: backend,
         port: backend_port,
         proto: f.proto,
         local: false,
@@ -192,8 +211,8 @@ pub fn entries(
     };
     let key = |(s, sp, d, dp): Tuple4| {
         CtKey::new(
-            wire::addr(s),
-            wire::addr(d),
+            A::from_ip(s),
+            A::from_ip(d),
             wire::port(sp),
             wire::port(dp),
             f.proto,
@@ -211,20 +230,20 @@ pub fn entries(
         ..Default::default()
     };
     let mut original = entry(CT_DIR_ORIGINAL, CT_F_REWRITE_DST | snat);
-    original.new_dst_addr = wire::addr(backend);
+    original.new_dst_addr = A::from_ip(backend);
     original.new_dst_port = wire::port(backend_port);
     let mut reply = entry(
         CT_DIR_REPLY,
         CT_F_REWRITE_SRC | if f.seen_reply { CT_F_SEEN_REPLY } else { 0 },
     );
-    reply.new_src_addr = wire::addr(dst);
+    reply.new_src_addr = A::from_ip(dst);
     reply.new_src_port = wire::port(dport);
     if f.snat {
         original.flags |= CT_F_REWRITE_SRC;
-        original.new_src_addr = wire::addr(answer_to);
+        original.new_src_addr = A::from_ip(answer_to);
         original.new_src_port = wire::port(answer_port);
         reply.flags |= CT_F_REWRITE_DST;
-        reply.new_dst_addr = wire::addr(src);
+        reply.new_dst_addr = A::from_ip(src);
         reply.new_dst_port = wire::port(sport);
     }
     let table = CtTable::of(&key(f.original), f.seen_reply);
@@ -238,18 +257,15 @@ pub fn entries(
 }
 
 /// The service id of the frontend a packet to `addr:port` reaches.
-fn frontend(state: &MapState, addr: Ipv4Addr, port: u16, proto: u8) -> Option<u32> {
-    let at = |addr: Ipv4Addr| {
-        let addr = addr.into();
-        state.services.get(&FrontendKey { addr, port, proto })
-    };
+fn frontend(state: &MapState, addr: IpAddr, port: u16, proto: u8) -> Option<u32> {
+    let at = |addr| state.services.get(&FrontendKey { addr, port, proto });
     at(addr)
         .or_else(|| {
             let nodeport = state
                 .node_addrs
-                .get(&addr.into())
+                .get(&addr)
                 .is_some_and(|f| f & NODE_F_NODEPORT != 0);
-            nodeport.then(|| at(Ipv4Addr::UNSPECIFIED)).flatten()
+            nodeport.then(|| at(Family::of(&addr).any())).flatten()
         })
         .map(|v| v.svc_id)
 }
@@ -265,14 +281,19 @@ fn socket() -> Result<Socket> {
     Ok(socket)
 }
 
-/// Sends one ctnetlink request with `flags`.
-fn send(socket: &Socket, flags: u16, message: ConntrackMessage) -> Result<()> {
+/// Sends one ctnetlink request about `family` with `flags`.
+fn send(
+    socket: &Socket,
+    family: NetfilterProtoFamily,
+    flags: u16,
+    message: ConntrackMessage,
+) -> Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     let mut request = NetlinkMessage::new(
         header,
         NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            NetfilterHeader::new(family, 0, 0),
             message,
         )),
     );
@@ -283,12 +304,13 @@ fn send(socket: &Socket, flags: u16, message: ConntrackMessage) -> Result<()> {
     Ok(())
 }
 
-/// netfilter's IPv4 conntrack entries (ctnetlink dump), and how many were
-/// of no use here (other families or protocols, no ports).
-fn dump() -> Result<(Vec<NfFlow>, u64)> {
+/// netfilter's conntrack entries of `family` (ctnetlink dump), and how
+/// many were of no use here (other protocols, no ports).
+fn dump(family: NetfilterProtoFamily) -> Result<(Vec<NfFlow>, u64)> {
     let socket = socket()?;
     send(
         &socket,
+        family,
         NLM_F_REQUEST | NLM_F_DUMP,
         ConntrackMessage::Get(vec![]),
     )
@@ -335,6 +357,8 @@ const CTA_NAT_DST: u16 = 13;
 const CTA_NAT_V4_MINIP: u16 = 1;
 const CTA_NAT_V4_MAXIP: u16 = 2;
 const CTA_NAT_PROTO: u16 = 3;
+const CTA_NAT_V6_MINIP: u16 = 4;
+const CTA_NAT_V6_MAXIP: u16 = 5;
 const CTA_PROTONAT_PORT_MIN: u16 = 1;
 const CTA_PROTONAT_PORT_MAX: u16 = 2;
 
@@ -343,9 +367,21 @@ const CTA_PROTONAT_PORT_MAX: u16 = 2;
 /// netfilter carries the connection on (the way back to kube-proxy).
 /// Returns what was handed back and what was not, by reason.
 pub fn hand_back(maps: &MapSet) -> Result<Report> {
-    let table = read_table(maps)?;
     let socket = socket()?;
     let mut report = Report::default();
+    hand_back_of::<u32>(maps, &socket, NetfilterProtoFamily::IPv4, &mut report)?;
+    hand_back_of::<In6>(maps, &socket, NetfilterProtoFamily::IPv6, &mut report)?;
+    Ok(report)
+}
+
+/// [`hand_back`] of family `A`'s flows.
+fn hand_back_of<A: CtFamily>(
+    maps: &MapSet,
+    socket: &Socket,
+    family: NetfilterProtoFamily,
+    report: &mut Report,
+) -> Result<()> {
+    let table = read_table_of::<A>(maps)?;
     let mut recv = vec![0; 1 << 16];
     for f in &table.flows {
         let Some(message) = handed(f) else {
@@ -359,11 +395,12 @@ pub fn hand_back(maps: &MapSet) -> Result<Report> {
         let mut outcome = Err(libc::EAGAIN);
         for _ in 0..3 {
             send(
-                &socket,
+                socket,
+                family,
                 NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
                 message.clone(),
             )?;
-            outcome = ack(&socket, &mut recv)?;
+            outcome = ack(socket, &mut recv)?;
             if outcome != Err(libc::EAGAIN) {
                 break;
             }
@@ -377,7 +414,7 @@ pub fn hand_back(maps: &MapSet) -> Result<Report> {
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// The answer to one request: Ok, or the errno netfilter gave.
@@ -399,7 +436,7 @@ fn ack(socket: &Socket, recv: &mut [u8]) -> Result<std::result::Result<(), i32>>
 /// The ctnetlink request that recreates `f` in netfilter, if it is a flow
 /// to hand back: the original tuple, its inverse as the reply (netfilter
 /// derives the translated reply from the NAT), the NAT, and the state.
-pub fn handed(f: &Flow) -> Option<ConntrackMessage> {
+pub fn handed<A: CtFamily>(f: &Flow<A>) -> Option<ConntrackMessage> {
     let replied = match f.state() {
         FlowState::TcpEstablished | FlowState::UdpStream => true,
         FlowState::UdpUnreplied => false,
@@ -407,13 +444,13 @@ pub fn handed(f: &Flow) -> Option<ConntrackMessage> {
     };
     let o = &f.original;
     let k = &f.key;
-    let (src, dst) = (wire::to_addr(k.src_addr), wire::to_addr(k.dst_addr));
+    let (src, dst) = (k.src_addr.to_ip(), k.dst_addr.to_ip());
     let (sport, dport) = (wire::to_port(k.src_port), wire::to_port(k.dst_port));
-    let tuple = |s: Ipv4Addr, sp: u16, d: Ipv4Addr, dp: u16| {
+    let tuple = |s: IpAddr, sp: u16, d: IpAddr, dp: u16| {
         vec![
             Tuple::Ip(vec![
-                IPTuple::SourceAddress(IpAddr::V4(s)),
-                IPTuple::DestinationAddress(IpAddr::V4(d)),
+                IPTuple::SourceAddress(s),
+                IPTuple::DestinationAddress(d),
             ]),
             Tuple::Proto(vec![
                 ProtoTuple::Protocol(Protocol::from(k.proto)),
@@ -425,10 +462,10 @@ pub fn handed(f: &Flow) -> Option<ConntrackMessage> {
     let mut attrs = vec![
         ConntrackAttribute::CtaTupleOrig(tuple(src, sport, dst, dport)),
         ConntrackAttribute::CtaTupleReply(tuple(dst, dport, src, sport)),
-        nat(CTA_NAT_DST, o.new_dst_addr, o.new_dst_port),
+        nat(CTA_NAT_DST, o.new_dst_addr.to_ip(), o.new_dst_port),
     ];
     if o.flags & CT_F_SNAT != 0 {
-        attrs.push(nat(CTA_NAT_SRC, o.new_src_addr, o.new_src_port));
+        attrs.push(nat(CTA_NAT_SRC, o.new_src_addr.to_ip(), o.new_src_port));
     }
     // No CTA_STATUS: netfilter refuses one beside a NAT binding (EBUSY);
     // the flow's next reply marks it seen-reply and assured anyway.
@@ -450,16 +487,21 @@ pub fn handed(f: &Flow) -> Option<ConntrackMessage> {
     Some(ConntrackMessage::New(attrs))
 }
 
-/// A `CTA_NAT_*` attribute mapping to exactly `addr:port` (wire order).
-fn nat(kind: u16, addr: u32, port: u16) -> ConntrackAttribute {
+/// A `CTA_NAT_*` attribute mapping to exactly `addr:port` (the port in
+/// wire order), of `addr`'s family.
+fn nat(kind: u16, addr: IpAddr, port: u16) -> ConntrackAttribute {
     let ports = [
         nla(CTA_PROTONAT_PORT_MIN, &port.to_ne_bytes()),
         nla(CTA_PROTONAT_PORT_MAX, &port.to_ne_bytes()),
     ]
     .concat();
+    let (min, max, bytes) = match addr {
+        IpAddr::V4(a) => (CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, a.octets().to_vec()),
+        IpAddr::V6(a) => (CTA_NAT_V6_MINIP, CTA_NAT_V6_MAXIP, a.octets().to_vec()),
+    };
     let value = [
-        nla(CTA_NAT_V4_MINIP, &addr.to_ne_bytes()),
-        nla(CTA_NAT_V4_MAXIP, &addr.to_ne_bytes()),
+        nla(min, &bytes),
+        nla(max, &bytes),
         nla(CTA_NAT_PROTO | NLA_F_NESTED, &ports),
     ]
     .concat();
@@ -477,7 +519,7 @@ fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One dumped entry, if it is IPv4 TCP or UDP with both tuples.
+/// One dumped entry, if it is TCP or UDP with both tuples.
 fn parse(m: &NetfilterMessage) -> Option<NfFlow> {
     let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = &m.inner else {
         return None;
@@ -518,7 +560,8 @@ fn parse(m: &NetfilterMessage) -> Option<NfFlow> {
     })
 }
 
-/// (protocol, tuple) of one direction, if IPv4 with ports.
+/// (protocol, tuple) of one direction, if it has ports and both addresses
+/// are of one family.
 fn tuple(t: &[Tuple]) -> Option<(u8, Tuple4)> {
     let (mut src, mut dst, mut proto, mut sport, mut dport) = (None, None, None, None, None);
     for part in t {
@@ -526,8 +569,8 @@ fn tuple(t: &[Tuple]) -> Option<(u8, Tuple4)> {
             Tuple::Ip(ips) => {
                 for ip in ips {
                     match ip {
-                        IPTuple::SourceAddress(IpAddr::V4(a)) => src = Some(*a),
-                        IPTuple::DestinationAddress(IpAddr::V4(a)) => dst = Some(*a),
+                        IPTuple::SourceAddress(a) => src = Some(*a),
+                        IPTuple::DestinationAddress(a) => dst = Some(*a),
                         _ => {}
                     }
                 }
@@ -545,18 +588,29 @@ fn tuple(t: &[Tuple]) -> Option<(u8, Tuple4)> {
             _ => {}
         }
     }
-    Some((proto?, (src?, sport?, dst?, dport?)))
+    let (src, dst) = (src?, dst?);
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
+    }
+    Some((proto?, (src, sport?, dst, dport?)))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
+    use crate::dataplane::maps::WireAddr as _;
     use proxy_common::ServiceValue;
 
-    const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
-    const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-    const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
-    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const VIP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 0, 10));
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+    const BACKEND: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
+    const NODE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    const VIP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10));
+    const CLIENT6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 2));
+    const BACKEND6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 2));
+    const NODE6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 1));
 
     fn state() -> MapState {
         let mut s = MapState::default();
@@ -566,7 +620,7 @@ mod tests {
         };
         s.services.insert(
             FrontendKey {
-                addr: VIP.into(),
+                addr: VIP,
                 port: 80,
                 proto: IPPROTO_TCP,
             },
@@ -583,13 +637,40 @@ mod tests {
         s.backends.insert(
             9,
             BackendAddr {
-                addr: BACKEND.into(),
+                addr: BACKEND,
                 port: 8080,
                 proto: IPPROTO_TCP,
                 local: false,
             },
         );
-        s.node_addrs.insert(NODE.into(), NODE_F_NODEPORT);
+        s.node_addrs.insert(NODE, NODE_F_NODEPORT);
+        // IPv6's: the same Service's frontends and a backend of its own.
+        s.services.insert(
+            FrontendKey {
+                addr: VIP6,
+                port: 80,
+                proto: IPPROTO_TCP,
+            },
+            v(5),
+        );
+        s.services.insert(
+            FrontendKey {
+                addr: Family::V6.any(),
+                port: 30080,
+                proto: IPPROTO_TCP,
+            },
+            v(6),
+        );
+        s.backends.insert(
+            10,
+            BackendAddr {
+                addr: BACKEND6,
+                port: 8080,
+                proto: IPPROTO_TCP,
+                local: false,
+            },
+        );
+        s.node_addrs.insert(NODE6, NODE_F_NODEPORT);
         s
     }
 
@@ -614,7 +695,7 @@ mod tests {
             (BACKEND, 8080, CLIENT, 40000),
             false,
         );
-        let (e, outcome) = entries(&f, &state(), &backend_ids(&state()), 7);
+        let (e, outcome) = entries::<u32>(&f, &state(), &backend_ids(&state()), 7);
         assert_eq!(outcome, Outcome::Carry);
         let [(t1, k1, o), (t2, k2, r)] = e.as_slice() else {
             panic!("{e:?}")
@@ -623,15 +704,15 @@ mod tests {
         assert_eq!((o.svc_id, o.backend_id), (3, 9));
         let to = o.translate(k1);
         assert_eq!(
-            (wire::to_addr(to.dst_addr), wire::to_port(to.dst_port)),
+            (to.dst_addr.to_ip(), wire::to_port(to.dst_port)),
             (BACKEND, 8080)
         );
-        assert_eq!(wire::to_addr(to.src_addr), CLIENT);
+        assert_eq!(to.src_addr.to_ip(), CLIENT);
         assert_eq!(o.partner(k1), *k2);
         assert_eq!(r.partner(k2), *k1);
         let back = r.translate(k2);
         assert_eq!(
-            (wire::to_addr(back.src_addr), wire::to_port(back.src_port)),
+            (back.src_addr.to_ip(), wire::to_port(back.src_port)),
             (VIP, 80)
         );
         assert_ne!(r.flags & CT_F_SEEN_REPLY, 0);
@@ -644,7 +725,7 @@ mod tests {
             (BACKEND, 8080, NODE, 61000),
             true,
         );
-        let (e, outcome) = entries(&f, &state(), &backend_ids(&state()), 7);
+        let (e, outcome) = entries::<u32>(&f, &state(), &backend_ids(&state()), 7);
         assert_eq!(outcome, Outcome::Carry);
         let [(_, k1, o), (_, k2, r)] = e.as_slice() else {
             panic!("{e:?}")
@@ -652,17 +733,17 @@ mod tests {
         assert_eq!(o.svc_id, 4);
         let to = o.translate(k1);
         assert_eq!(
-            (wire::to_addr(to.src_addr), wire::to_port(to.src_port)),
+            (to.src_addr.to_ip(), wire::to_port(to.src_port)),
             (NODE, 61000)
         );
         assert_eq!(o.partner(k1), *k2);
         let back = r.translate(k2);
         assert_eq!(
-            (wire::to_addr(back.dst_addr), wire::to_port(back.dst_port)),
+            (back.dst_addr.to_ip(), wire::to_port(back.dst_port)),
             (CLIENT, 40001)
         );
         assert_eq!(
-            (wire::to_addr(back.src_addr), wire::to_port(back.src_port)),
+            (back.src_addr.to_ip(), wire::to_port(back.src_port)),
             (NODE, 30080)
         );
     }
@@ -676,19 +757,19 @@ mod tests {
             false,
         );
         assert_eq!(
-            entries(&f, &s, &backend_ids(&s), 7).1,
+            entries::<u32>(&f, &s, &backend_ids(&s), 7).1,
             Outcome::Skip("no such frontend")
         );
         f.dnat = false;
         assert_eq!(
-            entries(&f, &s, &backend_ids(&s), 7).1,
+            entries::<u32>(&f, &s, &backend_ids(&s), 7).1,
             Outcome::NotAServiceFlow
         );
         let mut sctp = flow((CLIENT, 1, VIP, 80), (BACKEND, 8080, CLIENT, 1), false);
         sctp.proto = 132;
         assert_eq!(
-            entries(&sctp, &s, &backend_ids(&s), 7).1,
-            Outcome::Skip("not IPv4 TCP/UDP")
+            entries::<u32>(&sctp, &s, &backend_ids(&s), 7).1,
+            Outcome::Skip("not TCP/UDP")
         );
         // A handshake in progress waits in the other table; a closing one
         // is marked so that a new SYN on its tuple starts afresh.
@@ -699,7 +780,10 @@ mod tests {
         );
         syn.seen_reply = false;
         syn.tcp_state = Some(1);
-        assert_eq!(entries(&syn, &s, &backend_ids(&s), 7).0[0].0, CtTable::Any);
+        assert_eq!(
+            entries::<u32>(&syn, &s, &backend_ids(&s), 7).0[0].0,
+            CtTable::Any
+        );
         let mut fin = flow(
             (CLIENT, 40004, VIP, 80),
             (BACKEND, 8080, CLIENT, 40004),
@@ -707,8 +791,47 @@ mod tests {
         );
         fin.tcp_state = Some(7);
         assert_ne!(
-            entries(&fin, &s, &backend_ids(&s), 7).0[0].2.flags & CT_F_CLOSING,
+            entries::<u32>(&fin, &s, &backend_ids(&s), 7).0[0].2.flags & CT_F_CLOSING,
             0
+        );
+    }
+
+    /// IPv6's flows become IPv6's entries, translated as netfilter did:
+    /// DNAT to the backend, and a NodePort's masquerade kept.
+    #[test]
+    fn ipv6_flows_become_ipv6_entries() {
+        let s = state();
+        let f = flow(
+            (CLIENT6, 40000, VIP6, 80),
+            (BACKEND6, 8080, CLIENT6, 40000),
+            false,
+        );
+        let (e, outcome) = entries::<In6>(&f, &s, &backend_ids(&s), 7);
+        assert_eq!(outcome, Outcome::Carry);
+        let [(_, k1, o), (_, k2, r)] = e.as_slice() else {
+            panic!("{e:?}")
+        };
+        assert_eq!((o.svc_id, o.backend_id), (5, 10));
+        let to = o.translate(k1);
+        assert_eq!(
+            (to.dst_addr.to_ip(), wire::to_port(to.dst_port)),
+            (BACKEND6, 8080)
+        );
+        assert_eq!(o.partner(k1), *k2);
+        assert_eq!(r.translate(k2).src_addr.to_ip(), VIP6);
+        let np = flow(
+            (CLIENT6, 40001, NODE6, 30080),
+            (BACKEND6, 8080, NODE6, 61000),
+            true,
+        );
+        let (e, outcome) = entries::<In6>(&np, &s, &backend_ids(&s), 7);
+        assert_eq!(outcome, Outcome::Carry);
+        let (_, k, o) = &e[0];
+        assert_eq!(o.svc_id, 6);
+        let to = o.translate(k);
+        assert_eq!(
+            (to.src_addr.to_ip(), wire::to_port(to.src_port)),
+            (NODE6, 61000)
         );
     }
 }

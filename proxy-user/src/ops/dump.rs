@@ -497,7 +497,7 @@ fn conntrack_of<A: ct::CtFamily>(
 ) -> Result<()> {
     let table = ct::read_table_of::<A>(maps)?;
     let mut row = |table: CtTable, k: &CtKey<A>, v: &CtValue<A>, state: FlowState| {
-        let ep = |a: A, p: u16| std::net::SocketAddr::new(A::ip(a), wire::to_port(p)).to_string();
+        let ep = |a: A, p: u16| std::net::SocketAddr::new(a.to_ip(), wire::to_port(p)).to_string();
         let t = v.translate(k);
         rows.push(CtRow {
             table: match table {

@@ -111,7 +111,7 @@ fn add_conns<A: CtFamily>(
         let e = out.entry((v.svc_id, v.backend_id)).or_insert((
             0,
             0,
-            A::ip(v.new_dst_addr),
+            v.new_dst_addr.to_ip(),
             proxy_common::wire::to_port(v.new_dst_port),
         ));
         if table == CtTable::Tcp && v.flags & CT_F_CLOSING == 0 {
