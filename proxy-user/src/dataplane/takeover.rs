@@ -154,6 +154,9 @@ fn carry<A: CtFamily>(
     }
 }
 
+/// One conntrack entry to write: its table, key and value.
+pub type Entry<A> = (CtTable, CtKey<A>, CtValue<A>);
+
 /// What becomes of one netfilter entry.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -180,7 +183,7 @@ pub fn entries<A: CtFamily>(
     state: &MapState,
     ids: &HashMap<BackendAddr, u32>,
     now: u64,
-) -> (Vec<(CtTable, CtKey<A>, CtValue<A>)>, Outcome) {
+) -> (Vec<Entry<A>>, Outcome) {
     if !f.dnat {
         return (Vec::new(), Outcome::NotAServiceFlow);
     }
