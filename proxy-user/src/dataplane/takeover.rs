@@ -103,7 +103,19 @@ pub fn take_over(maps: &mut MapSet, state: &MapState) -> Result<Report> {
     let mut report = Report::default();
     let ids = backend_ids(state);
     for family in [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6] {
-        let (flows, unreadable) = dump(family)?;
+        // One family's table unreadable (IPv6 conntrack not in this
+        // kernel, say) leaves the other's takeover as it is.
+        let (flows, unreadable) = match dump(family) {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("reading netfilter's {family:?} conntrack table: {e:#}");
+                *report
+                    .skipped
+                    .entry("netfilter table unreadable")
+                    .or_insert(0) += 1;
+                continue;
+            }
+        };
         if unreadable > 0 {
             *report.skipped.entry("not TCP/UDP").or_insert(0) += unreadable;
         }
