@@ -515,13 +515,7 @@ fn taking_over_from_kube_proxy_breaks_no_connection() {
             .then_some(())
     });
     assert!(cleaned.is_some(), "{}", c.agent_log());
-    let broken = long.broken();
-    assert!(
-        broken.is_empty(),
-        "{} of 50 broken: {broken:?}\n{}",
-        broken.len(),
-        c.agent_log()
-    );
+    none_broken(&mut long, "kube-proxy's connections", &c.agent_log());
     let log = c.agent_log();
     assert!(
         log.contains("takeover from netfilter: 50 service flows carried"),
@@ -555,12 +549,7 @@ fn going_back_to_kube_proxy_breaks_no_connection() {
         said.contains("kpx's flows handed to netfilter: 50 service flows carried"),
         "{said}"
     );
-    let broken = long.broken();
-    assert!(
-        broken.is_empty(),
-        "{} of 50 broken: {broken:?}\n{said}",
-        broken.len()
-    );
+    none_broken(&mut long, "kpx's connections", &said);
     // New connections: kube-proxy's rules alone now.
     let ids = tcp_ask_many(&c.pod("client").netns, vip, 30, T).unwrap();
     assert_eq!(spread(&ids).len(), 3, "{ids:?}");

@@ -8,7 +8,6 @@ use std::{
     io::ErrorKind,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -29,16 +28,6 @@ fn endpoints(c: &Cluster, eps: &[(&str, &'static str)]) -> Vec<(Ipv4Addr, &'stat
 
 fn web_with(c: &Cluster, eps: &[(&str, &'static str)]) -> String {
     service_yaml_with("web", VIP, (80, 8080), (53, 5353), &endpoints(c, eps), "")
-}
-
-fn counter(c: &Cluster, which: Counter) -> u64 {
-    let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.counters()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == which)
-        .unwrap()
-        .1
 }
 
 #[test]
@@ -72,7 +61,7 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
         .unwrap()
         .unwrap();
     assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
-    assert_eq!(counter(&c, Counter::Rejected), 2);
+    assert_eq!(counter_count(&c, Counter::Rejected), 2);
 }
 
 #[test]
@@ -226,29 +215,8 @@ fn a_udp_client_reaches_a_live_backend_once_its_backend_is_removed() {
 fn path_mtu_discovery_works_through_a_vip_to_a_backend_behind_a_smaller_mtu() {
     let c = running(&["web-1"]);
     // The node's link to the backend carries 1200 bytes; the backend itself
-    // advertises a 1460-byte MSS, so only ICMP fragmentation-needed (sent by
-    // the node, about client → backend) can teach the client the path MTU.
-    let link = c.pod("web-1").host_if.clone();
-    c.node
-        .ip(&["link", "set", "dev", &link, "mtu", "1200"])
-        .unwrap();
-    let client = &c.pod("client").netns;
-    let mut conn = Conn::open(client, SocketAddrV4::new(VIP, 80), Duration::from_secs(10)).unwrap();
-    let id = conn.ask_bulk(512 * 1024).unwrap_or_else(|e| {
-        panic!(
-            "bulk transfer through the VIP stalled: {e:#}\n{}",
-            c.agent_log()
-        )
-    });
-    assert_eq!(id, "web-1");
-    assert!(counter(&c, Counter::IcmpTranslated) >= 1);
-    // The client's kernel learnt the MTU for the VIP, not for the backend.
-    let route = Command::new("ip")
-        .args(["-n", &client.name, "route", "get", &VIP.to_string()])
-        .output()
-        .unwrap();
-    let route = String::from_utf8_lossy(&route.stdout);
-    assert!(route.contains("mtu 1200"), "{route}");
+    // advertises a 1460-byte MSS.
+    pmtu_through(&c, SocketAddrV4::new(VIP, 80).into(), 1200);
 }
 
 #[test]

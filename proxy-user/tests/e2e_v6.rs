@@ -10,14 +10,13 @@ use std::{
     io::ErrorKind,
     net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
     path::Path,
-    process::Command,
     time::Duration,
 };
 
 use bed::*;
 use proxy_common::Counter;
 use testbed::{
-    slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, wait_for, Cluster, Conn, Held, GATEWAY6,
+    slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, wait_for, Cluster, Held, GATEWAY6,
 };
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
@@ -64,25 +63,22 @@ fn dual_web(c: &Cluster, endpoints: &[&str], spec_extra: &str) -> String {
     ) + &slice6_yaml("web", 8080, 5353, &ips6)
 }
 
-fn counter(c: &Cluster, which: Counter) -> u64 {
-    let maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
-    maps.counters()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| *k == which)
-        .unwrap()
-        .1
+/// The dual-stack bed with `web` on both families served by `endpoints`,
+/// the agent running and synced (TCP and UDP on each family).
+fn running_dual(endpoints: &[&str]) -> Cluster {
+    let mut c = dual_bed();
+    c.write_manifest("web.yaml", &dual_web(&c, endpoints, ""))
+        .unwrap();
+    c.start_agent(Path::new(KPX), &[]).unwrap();
+    let n = endpoints.len() as u32;
+    wait_synced(&c, 4, &[n; 4]);
+    c
 }
 
 #[test]
 #[ignore = "needs root"]
 fn a_dual_stack_service_answers_on_both_families_at_once() {
-    let mut c = dual_bed();
-    c.write_manifest("web.yaml", &dual_web(&c, &["web-1", "web-2", "web-3"], ""))
-        .unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    // TCP and UDP on each family.
-    wait_synced(&c, 4, &[3, 3, 3, 3]);
+    let c = running_dual(&["web-1", "web-2", "web-3"]);
     let client = c.pod("client").netns.shared();
 
     // Both families at once, from one client: each spreads over the three
@@ -196,7 +192,7 @@ fn ipv6_traffic_is_masqueraded_where_ip6tables_would_and_refused_without_endpoin
 
     // No endpoints: TCP and UDP refused at once (ICMPv6 port unreachable).
     let empty6 = "2001:2:0:ff::11".parse::<Ipv6Addr>().unwrap();
-    let before = counter(&c, Counter::Rejected);
+    let before = counter_count(&c, Counter::Rejected);
     let t0 = std::time::Instant::now();
     let tcp = client
         .enter(move || TcpStream::connect_timeout(&v6(empty6, 80), T).map(|_| ()))
@@ -224,41 +220,18 @@ fn ipv6_traffic_is_masqueraded_where_ip6tables_would_and_refused_without_endpoin
     assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
     // One per rejected packet: the UDP datagram and the SYN (sent again
     // if its first error came while the socket was locked).
-    let rejected = counter(&c, Counter::Rejected) - before;
+    let rejected = counter_count(&c, Counter::Rejected) - before;
     assert!((2..=3).contains(&rejected), "{rejected}");
 }
 
 #[test]
 #[ignore = "needs root"]
 fn path_mtu_discovery_works_through_an_ipv6_vip() {
-    let mut c = dual_bed();
-    c.write_manifest("web.yaml", &dual_web(&c, &["web-1"], ""))
-        .unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    wait_synced(&c, 4, &[1, 1, 1, 1]);
+    let c = running_dual(&["web-1"]);
     // IPv6's minimum MTU on the node's link to the backend: only a Packet
-    // Too Big (sent by the node about client → backend, translated back
-    // to the VIP) can teach the client, as IPv6 routers never fragment.
-    let link = c.pod("web-1").host_if.clone();
-    c.node
-        .ip(&["link", "set", "dev", &link, "mtu", "1280"])
-        .unwrap();
-    let client = &c.pod("client").netns;
-    let mut conn = Conn::open(client, v6(VIP6, 80), Duration::from_secs(10)).unwrap();
-    let id = conn.ask_bulk(512 * 1024).unwrap_or_else(|e| {
-        panic!(
-            "bulk transfer through the IPv6 VIP stalled: {e:#}\n{}",
-            c.agent_log()
-        )
-    });
-    assert_eq!(id, "web-1");
-    assert!(counter(&c, Counter::IcmpTranslated) >= 1);
-    let route = Command::new("ip")
-        .args(["-n", &client.name, "-6", "route", "get", &VIP6.to_string()])
-        .output()
-        .unwrap();
-    let route = String::from_utf8_lossy(&route.stdout);
-    assert!(route.contains("mtu 1280"), "{route}");
+    // Too Big, translated back to the VIP, can teach the client, as IPv6
+    // routers never fragment.
+    pmtu_through(&c, v6(VIP6, 80), 1280);
 }
 
 /// What a client saw: who answered and from where it saw the client, or
@@ -559,16 +532,9 @@ fn taking_over_both_families_from_kube_proxy_breaks_no_connection() {
             .then_some(())
     });
     assert!(cleaned.is_some(), "{}", c.agent_log());
-    for (family, long) in [("IPv4", &mut long4), ("IPv6", &mut long6)] {
-        let broken = long.broken();
-        assert!(
-            broken.is_empty(),
-            "{family}: {} of 25 broken: {broken:?}\n{}",
-            broken.len(),
-            c.agent_log()
-        );
-    }
     let log = c.agent_log();
+    none_broken(&mut long4, "IPv4", &log);
+    none_broken(&mut long6, "IPv6", &log);
     assert!(
         log.contains("takeover from netfilter: 50 service flows carried"),
         "{log}"
@@ -585,11 +551,7 @@ fn taking_over_both_families_from_kube_proxy_breaks_no_connection() {
 #[test]
 #[ignore = "needs root"]
 fn going_back_to_kube_proxy_on_both_families_breaks_no_connection() {
-    let mut c = dual_bed();
-    c.write_manifest("web.yaml", &dual_web(&c, &["web-1", "web-2", "web-3"], ""))
-        .unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
-    wait_synced(&c, 4, &[3, 3, 3, 3]);
+    let mut c = running_dual(&["web-1", "web-2", "web-3"]);
     let client = c.pod("client").netns.shared();
     let client = &client;
     let mut long4 = Held::open(client, SocketAddrV4::new(VIP, 80), 25, T).unwrap();
@@ -602,14 +564,8 @@ fn going_back_to_kube_proxy_on_both_families_breaks_no_connection() {
         said.contains("kpx's flows handed to netfilter: 50 service flows carried"),
         "{said}"
     );
-    for (family, long) in [("IPv4", &mut long4), ("IPv6", &mut long6)] {
-        let broken = long.broken();
-        assert!(
-            broken.is_empty(),
-            "{family}: {} of 25 broken: {broken:?}\n{said}",
-            broken.len()
-        );
-    }
+    none_broken(&mut long4, "IPv4", &said);
+    none_broken(&mut long6, "IPv6", &said);
     let ids = tcp_ask_many(client, v6(VIP6, 80), 30, T).unwrap();
     assert_eq!(spread(&ids).len(), 3, "{ids:?}");
 }

@@ -232,6 +232,56 @@ pub fn counter_count(c: &Cluster, which: proxy_common::Counter) -> u64 {
     total(c, MapSet::counters, which)
 }
 
+/// Path MTU discovery through `vip` (web-1 its only backend): the node's
+/// link to web-1 carries `mtu` bytes while web-1 advertises a larger MSS,
+/// so only the node's ICMP error about client → backend, translated back
+/// to the VIP, can teach the client. A bulk transfer must get through, and
+/// the client's kernel must have learnt the MTU for the VIP.
+pub fn pmtu_through(c: &Cluster, vip: std::net::SocketAddr, mtu: u32) {
+    let link = c.pod("web-1").host_if.clone();
+    let mtu = mtu.to_string();
+    c.node
+        .ip(&["link", "set", "dev", &link, "mtu", &mtu])
+        .unwrap();
+    let client = &c.pod("client").netns;
+    let mut conn = testbed::Conn::open(client, vip, Duration::from_secs(10)).unwrap();
+    let id = conn.ask_bulk(512 * 1024).unwrap_or_else(|e| {
+        panic!(
+            "bulk transfer through {vip} stalled: {e:#}\n{}",
+            c.agent_log()
+        )
+    });
+    assert_eq!(id, "web-1");
+    assert!(counter_count(c, proxy_common::Counter::IcmpTranslated) >= 1);
+    let family = if vip.is_ipv6() { "-6" } else { "-4" };
+    let route = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &client.name,
+            family,
+            "route",
+            "get",
+            &vip.ip().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(route.contains(&format!("mtu {mtu}")), "{route}");
+}
+
+/// The drills' check: none of `held`'s connections broke or moved
+/// (`what` names them; `context`, the agent's log or a command's output,
+/// explains a failure).
+pub fn none_broken(held: &mut testbed::Held, what: &str, context: &str) {
+    let broken = held.broken();
+    assert!(
+        broken.is_empty(),
+        "{what}: {} of {} broken: {broken:?}\n{context}",
+        broken.len(),
+        held.len()
+    );
+}
+
 /// `kpx cleanup --bpffs` for the bed, in its node namespace; must succeed.
 /// Returns what it printed.
 pub fn kpx_cleanup(c: &Cluster) -> String {
