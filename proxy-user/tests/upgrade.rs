@@ -294,3 +294,45 @@ fn a_pinned_map_of_another_shape_is_replaced_not_shared() {
     let any = MapInfo::from_pin(dir.pin(map_names::CT_ANY)).unwrap();
     assert_eq!(any.value_size() as usize, size_of::<CtValue>());
 }
+
+/// A node that served no IPv6 has IPv6's tables small; configured for
+/// IPv6 later, its next start creates them at full size (IPv4's tables,
+/// and their flows, untouched).
+#[test]
+#[ignore = "needs root"]
+fn ipv6_tables_created_small_grow_once_ipv6_is_configured() {
+    use kpx::dataplane::maps::IPV6_OFF_ENTRIES;
+    let dir = PinDir::new("ipv6-grow");
+    let load = |ipv6: bool| {
+        testbed::built(
+            "the datapath over pinned maps",
+            Datapath::load(&LoadOptions {
+                pin_dir: Some(dir.0.clone()),
+                conntrack_entries: Some(4096),
+                ipv6,
+            }),
+        )
+    };
+    let entries = |name: &str| MapInfo::from_pin(dir.pin(name)).unwrap().max_entries();
+    let mut dp = load(false);
+    for name in [map_names::CT6_TCP, map_names::CT6_ANY, map_names::AFFINITY6] {
+        assert_eq!(entries(name), IPV6_OFF_ENTRIES, "{name}");
+    }
+    let key = CtKey::new(1, 2, 3, 4, IPPROTO_UDP);
+    dp.maps
+        .ct_mut(CtTable::Any)
+        .insert(key, CtValue::default(), 0)
+        .unwrap();
+    drop(dp);
+    // Unchanged while IPv6 stays off.
+    drop(load(false));
+    assert_eq!(entries(map_names::CT6_TCP), IPV6_OFF_ENTRIES);
+    let dp = load(true);
+    assert_eq!(entries(map_names::CT6_TCP), 4096);
+    assert_eq!(entries(map_names::CT6_ANY), 2048);
+    assert!(entries(map_names::AFFINITY6) > IPV6_OFF_ENTRIES);
+    assert!(
+        dp.maps.ct(CtTable::Any).get(&key, 0).is_ok(),
+        "IPv4's flow kept"
+    );
+}

@@ -108,6 +108,9 @@ struct Agent {
     manifest_node: bool,
     /// "XDP on no interface" was said.
     xdp_reported: bool,
+    /// IPv6's conntrack tables were created small (no IPv6 configured):
+    /// said once when an IPv6 frontend appears.
+    ipv6_small: bool,
 }
 
 pub async fn run(cfg: Settings) -> Result<()> {
@@ -276,6 +279,7 @@ pub async fn run(cfg: Settings) -> Result<()> {
         node_problems: Vec::new(),
         manifest_node: false,
         xdp_reported: false,
+        ipv6_small: !ipv6,
     };
     // Settings, addresses and the port filter of the frontends already in
     // the maps first, so the programs never run without them.
@@ -511,6 +515,13 @@ impl Agent {
         let up = self.index.update();
         for c in &up.conflicts {
             log::warn!("{c}");
+        }
+        if self.ipv6_small && up.touched.iter().any(|k| k.addr.is_ipv6()) {
+            self.ipv6_small = false;
+            log::warn!(
+                "IPv6 Services are served, but IPv6's conntrack tables hold {} flows (no IPv6 cluster CIDR or node IP was configured at start): set --cluster-cidr (clusterCIDR) with this cluster's IPv6 CIDR: the next start creates them at full size",
+                crate::dataplane::maps::IPV6_OFF_ENTRIES
+            );
         }
         let desired = self.index.desired();
         let cap = proxy_common::capacity::SERVICE_STATS;

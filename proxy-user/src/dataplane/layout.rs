@@ -321,6 +321,33 @@ fn remove_all_pins(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// IPv6's tables created small (a node that served no IPv6, see
+/// `LoadOptions::ipv6`) and pinned in `dir`: removed when IPv6 is now
+/// configured, so that this load creates them at IPv4's size. Their few
+/// flows are not carried over (said in the log). Returns how many went.
+pub fn grow_ipv6(dir: &Path, small: u32) -> Result<usize> {
+    let mut removed = 0;
+    for name in [map_names::CT6_TCP, map_names::CT6_ANY, map_names::AFFINITY6] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the pinned map {}", path.display()))?;
+        if info.max_entries() != small {
+            continue;
+        }
+        let lost = count_entries(&path).unwrap_or(0);
+        log::warn!(
+            "{name} was created for a node without IPv6 ({small} entries); IPv6 is configured now: replaced at full size, {lost} IPv6 entries not carried over"
+        );
+        fs::remove_file(&path)
+            .with_context(|| format!("removing the pinned map {}", path.display()))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
 /// The number of keys in the hash map pinned at `path`, whatever its key
 /// and value types: a walk with `BPF_MAP_GET_NEXT_KEY` on raw key bytes.
 pub fn count_entries(path: &Path) -> Result<u64> {

@@ -1042,6 +1042,9 @@ impl Datapath {
         let mut pending = None;
         if let Some(dir) = &opts.pin_dir {
             pending = Some(layout::prepare(dir)?);
+            if opts.ipv6 {
+                layout::grow_ipv6(dir, IPV6_OFF_ENTRIES)?;
+            }
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
             }
