@@ -85,7 +85,7 @@ fn port_endpoints(
             for (i, e) in sl.endpoints().enumerate() {
                 let hints = sl.hints_of(i);
                 let local =
-                    !node.name.is_empty() && e.node_name.as_deref() == Some(node.name.as_str());
+                    !node.name.is_empty() && e.node_name.map(|n| &**n) == Some(node.name.as_str());
                 let endpoint = Endpoint {
                     addr: e.addr,
                     port: *number,

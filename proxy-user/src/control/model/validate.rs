@@ -503,15 +503,25 @@ pub struct SliceEndpoint<A = Ipv4Addr> {
 
 const _: () = assert!(std::mem::size_of::<SliceEndpoint>() == 16);
 
+/// An endpoint of a slice of either family, as endpoint selection reads
+/// it (borrowed: half a million are read at a full recompute).
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointView<'a> {
+    pub addr: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<&'a super::NodeName>,
+}
+
 impl<A: Into<IpAddr> + Copy> SliceEndpoint<A> {
-    /// The endpoint with its address of either family.
-    pub fn view(&self) -> SliceEndpoint<IpAddr> {
-        SliceEndpoint {
+    pub fn view(&self) -> EndpointView<'_> {
+        EndpointView {
             addr: self.addr.into(),
             ready: self.ready,
             serving: self.serving,
             terminating: self.terminating,
-            node_name: self.node_name.clone(),
+            node_name: self.node_name.as_ref(),
         }
     }
 }
@@ -566,7 +576,7 @@ impl Slice {
     }
 
     /// Its endpoints in order, with addresses of either family.
-    pub fn endpoints(&self) -> Box<dyn Iterator<Item = SliceEndpoint<IpAddr>> + '_> {
+    pub fn endpoints(&self) -> Box<dyn Iterator<Item = EndpointView<'_>> + '_> {
         match &self.endpoints {
             SliceEndpoints::V4(v) => Box::new(v.iter().map(SliceEndpoint::view)),
             SliceEndpoints::V6(v) => Box::new(v.iter().map(SliceEndpoint::view)),
