@@ -611,7 +611,8 @@ fn install6(dp: &mut Datapath, n: u32) -> String {
         let addrs: Vec<(u32, String)> = (0..ENDPOINTS)
             .map(|e| {
                 let id = (n + s) * ENDPOINTS + e;
-                (id, format!("2001:2:0:10::{:x}", id))
+                // Two groups: ids pass 0xffff from 6,554 services on.
+                (id, format!("2001:2:0:10::{:x}:{:x}", id >> 16, id & 0xffff))
             })
             .collect();
         let backends: Vec<(u32, &str, u16)> = addrs
