@@ -526,6 +526,23 @@ impl<A: Into<IpAddr> + Copy> SliceEndpoint<A> {
     }
 }
 
+/// [`Slice::endpoints`]: a slice's endpoints as [`EndpointView`]s.
+pub enum Views<'a> {
+    V4(std::slice::Iter<'a, SliceEndpoint<Ipv4Addr>>),
+    V6(std::slice::Iter<'a, SliceEndpoint<Ipv6Addr>>),
+}
+
+impl<'a> Iterator for Views<'a> {
+    type Item = EndpointView<'a>;
+
+    fn next(&mut self) -> Option<EndpointView<'a>> {
+        match self {
+            Views::V4(i) => i.next().map(SliceEndpoint::view),
+            Views::V6(i) => i.next().map(SliceEndpoint::view),
+        }
+    }
+}
+
 /// A slice's endpoints: all of its `addressType`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SliceEndpoints {
@@ -575,11 +592,12 @@ impl Slice {
         }
     }
 
-    /// Its endpoints in order, with addresses of either family.
-    pub fn endpoints(&self) -> Box<dyn Iterator<Item = EndpointView<'_>> + '_> {
+    /// Its endpoints in order, with addresses of either family (no
+    /// allocation: read per slice and port at every recompute).
+    pub fn endpoints(&self) -> Views<'_> {
         match &self.endpoints {
-            SliceEndpoints::V4(v) => Box::new(v.iter().map(SliceEndpoint::view)),
-            SliceEndpoints::V6(v) => Box::new(v.iter().map(SliceEndpoint::view)),
+            SliceEndpoints::V4(v) => Views::V4(v.iter()),
+            SliceEndpoints::V6(v) => Views::V6(v.iter()),
         }
     }
 
