@@ -49,18 +49,12 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
     assert_eq!(tcp, Err(ErrorKind::ConnectionRefused), "{}", c.agent_log());
     eprintln!("connect() to the empty service refused after {elapsed:?}");
 
-    let udp = client
-        .enter(|| -> std::io::Result<_> {
-            let s = UdpSocket::bind(("0.0.0.0", 0))?;
-            s.connect(SocketAddrV4::new(VIP, 53))?;
-            s.set_read_timeout(Some(T))?;
-            s.send(b"who?")?;
-            let mut buf = [0u8; 64];
-            Ok(s.recv(&mut buf).map(|_| ()).map_err(|e| e.kind()))
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
+    let udp = testbed::udp_connected_who(client, SocketAddrV4::new(VIP, 53), T)
+        .map_err(|e| e.downcast::<std::io::Error>().map(|e| e.kind()).ok());
+    assert!(
+        matches!(udp, Err(Some(ErrorKind::ConnectionRefused))),
+        "{udp:?}"
+    );
     assert_eq!(counter_count(&c, Counter::Rejected), 2);
 }
 

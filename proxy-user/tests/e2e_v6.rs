@@ -8,7 +8,7 @@ mod bed;
 
 use std::{
     io::ErrorKind,
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
     path::Path,
     time::Duration,
 };
@@ -16,7 +16,8 @@ use std::{
 use bed::*;
 use proxy_common::Counter;
 use testbed::{
-    slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, wait_for, Cluster, Held, GATEWAY6,
+    slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, udp_connected_who, wait_for, Cluster, Held,
+    GATEWAY6,
 };
 
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0xff, 0, 0, 0, 0x10);
@@ -206,18 +207,8 @@ fn ipv6_traffic_is_masqueraded_where_ip6tables_would_and_refused_without_endpoin
         t0.elapsed()
     );
     assert_eq!(tcp, Err(ErrorKind::ConnectionRefused), "{}", c.agent_log());
-    let udp = client
-        .enter(move || -> std::io::Result<_> {
-            let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
-            s.connect(v6(empty6, 53))?;
-            s.set_read_timeout(Some(T))?;
-            s.send(b"who?")?;
-            let mut buf = [0u8; 64];
-            Ok(s.recv(&mut buf).map(|_| ()).map_err(|e| e.kind()))
-        })
-        .unwrap()
-        .unwrap();
-    assert_eq!(udp, Err(ErrorKind::ConnectionRefused));
+    let udp = udp_connected_who(client, v6(empty6, 53), T);
+    assert_eq!(outcome(udp), "refused");
     // One per rejected packet: the UDP datagram and the SYN (sent again
     // if its first error came while the socket was locked).
     let rejected = counter_count(&c, Counter::Rejected) - before;
@@ -245,39 +236,6 @@ fn outcome(r: anyhow::Result<(testbed::Seen, SocketAddr)>) -> String {
             _ => format!("error: {e:#}"),
         },
     }
-}
-
-/// One request from a connected UDP socket (which, unlike an unconnected
-/// one, learns of an ICMP error): who answered and the client it saw.
-fn udp_ask(
-    from: &testbed::Netns,
-    to: SocketAddr,
-    timeout: Duration,
-) -> anyhow::Result<(testbed::Seen, SocketAddr)> {
-    from.enter(move || -> anyhow::Result<_> {
-        let any: SocketAddr = if to.is_ipv6() {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let s = UdpSocket::bind(any)?;
-        s.connect(to)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.send(b"addr?")?;
-        let mut buf = [0u8; 512];
-        let n = s.recv(&mut buf)?;
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        let (identity, client) = text
-            .split_once(' ')
-            .ok_or_else(|| anyhow::anyhow!("unexpected answer {text:?}"))?;
-        Ok((
-            testbed::Seen {
-                identity: identity.into(),
-                client: client.parse()?,
-            },
-            to,
-        ))
-    })?
 }
 
 /// The IPv6 scenarios of the differential comparison: a dual-stack
@@ -406,7 +364,7 @@ fn v6_side(proxy: testbed::Proxy) -> Vec<(String, String)> {
             let r = if tcp {
                 tcp_who(client, to, T)
             } else {
-                udp_ask(client, to, T)
+                udp_connected_who(client, to, T)
             };
             (what.to_string(), outcome(r))
         })

@@ -184,6 +184,26 @@ pub fn udp_who(
     })?
 }
 
+/// As [`udp_who`], from a connected socket: unlike an unconnected one, it
+/// learns of an ICMP error (a REJECT fails it with `ConnectionRefused`).
+/// The second value is the address asked.
+pub fn udp_connected_who(
+    from: &Netns,
+    to: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> Result<(Seen, SocketAddr)> {
+    let to = to.into();
+    from.enter(move || -> Result<(Seen, SocketAddr)> {
+        let sock = UdpSocket::bind(any_port(&to))?;
+        sock.connect(to)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.send(b"addr?")?;
+        let mut buf = [0u8; 512];
+        let len = sock.recv(&mut buf)?;
+        Ok((Seen::parse(&String::from_utf8_lossy(&buf[..len]))?, to))
+    })?
+}
+
 /// One TCP connection: connect, ask once, close. Returns the identity.
 pub fn tcp_ask(from: &Netns, to: impl Into<SocketAddr>, timeout: Duration) -> Result<String> {
     Conn::open(from, to, timeout)?.ask()
