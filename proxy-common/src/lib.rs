@@ -88,6 +88,10 @@ pub mod map_names {
     /// holds the last one), both ways: by service address, its backend;
     /// by backend address, its service ([`super::SockPeerKey`]). LRU.
     pub const SOCK_PEERS: &str = "KPX_SOCK_PEERS";
+    /// IPv6 sockets' (`AF_INET6`): the same with [`super::In6`] addresses.
+    pub const SOCKS6: &str = "KPX_SOCKS6";
+    pub const SOCKS_UDP6: &str = "KPX_SOCKS_UDP6";
+    pub const SOCK_PEERS6: &str = "KPX_SOCK_PEERS6";
     /// Programs tc ingress tail-calls (`PROG_*` indexes): kept pinned, so a
     /// restarting agent's attached programs still find theirs.
     pub const PROGS: &str = "KPX_PROGS";
@@ -107,7 +111,7 @@ pub mod map_names {
     /// Pinned so that every program in `PROGS`, whichever agent loaded it,
     /// shares it.
     pub const SCRATCH6: &str = "KPX_SCRATCH6";
-    pub const ALL: [&str; 32] = [
+    pub const ALL: [&str; 35] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -140,6 +144,9 @@ pub mod map_names {
         SRC_RANGES6,
         CONFIG6,
         SCRATCH6,
+        SOCKS6,
+        SOCKS_UDP6,
+        SOCK_PEERS6,
     ];
 }
 
@@ -196,6 +203,11 @@ pub mod prog_names {
     pub const SOCK_SENDMSG4: &str = "kpx_sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "kpx_sock_recvmsg4";
     pub const SOCK_GETPEERNAME4: &str = "kpx_sock_getpeername4";
+    /// The same for `AF_INET6` sockets.
+    pub const SOCK_CONNECT6: &str = "kpx_sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "kpx_sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "kpx_sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "kpx_sock_getpeername6";
     pub const SOCK_RELEASE: &str = "kpx_sock_release";
     /// XDP on the node's external interfaces: the tc ingress path for
     /// packets from outside, before an skb exists (`--xdp`).
@@ -884,15 +896,15 @@ impl<A> AffinityKey<A> {
 /// socket's release to take it off its backend's connection count.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockValue {
+pub struct SockValue<A = u32> {
     /// The service frontend the socket asked for (network byte order).
-    pub svc_addr: u32,
+    pub svc_addr: A,
     pub svc_port: u16,
     pub proto: u8,
     /// `SOCK_F_*`.
     pub flags: u8,
     /// The backend it was given.
-    pub backend_addr: u32,
+    pub backend_addr: A,
     pub backend_port: u16,
     pub _pad: u16,
     pub backend_id: u32,
@@ -906,15 +918,29 @@ pub struct SockValue {
 /// Key of [`map_names::SOCK_PEERS`]: a socket (its cookie) and one of the
 /// addresses it exchanges datagrams with (network byte order), a service's
 /// (its value names the backend) or a backend's (its value names the
-/// service, for `recvmsg()`).
+/// service, for `recvmsg()`). The cookie is two words (low first: IPv4's
+/// key keeps the bytes of a `u64` cookie), so IPv6's key has no padding.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockPeerKey {
-    pub cookie: u64,
-    pub addr: u32,
+pub struct SockPeerKey<A = u32> {
+    pub cookie: [u32; 2],
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+impl<A> SockPeerKey<A> {
+    #[inline(always)]
+    pub const fn new(cookie: u64, addr: A, port: u16, proto: u8) -> Self {
+        Self {
+            cookie: [cookie as u32, (cookie >> 32) as u32],
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// The socket counts in its backend's active connections (`CONNS`): a TCP
@@ -1243,6 +1269,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey<In6> {}
     unsafe impl aya::Pod for SrcRange<In6> {}
     unsafe impl aya::Pod for Net6 {}
+    unsafe impl aya::Pod for SockValue<In6> {}
+    unsafe impl aya::Pod for SockPeerKey<In6> {}
     unsafe impl aya::Pod for Net {}
 }
 
@@ -1261,6 +1289,7 @@ const _: () = {
     assert!(core::mem::size_of::<SrcRange>() == 8);
     assert!(core::mem::size_of::<DatapathConfig>() == 32);
     assert!(core::mem::size_of::<SockValue>() == 32);
+    assert!(core::mem::size_of::<SockPeerKey>() == 16);
     // IPv6's: the same fields, no implicit padding either.
     assert!(core::mem::size_of::<ServiceKey<In6>>() == 20);
     assert!(core::mem::size_of::<Backend<In6>>() == 20);
@@ -1270,6 +1299,8 @@ const _: () = {
     assert!(core::mem::size_of::<AffinityKey<In6>>() == 28);
     assert!(core::mem::size_of::<SrcRange<In6>>() == 20);
     assert!(core::mem::size_of::<Net6>() == 48);
+    assert!(core::mem::size_of::<SockValue<In6>>() == 56);
+    assert!(core::mem::size_of::<SockPeerKey<In6>>() == 28);
 };
 
 /// Conversions between host values and the wire-order fields of map entries.

@@ -99,6 +99,13 @@ impl<A: Family> NetRef<'_, A> {
         })
     }
 
+    /// An address standing for any pod: the cluster CIDR's (zero when
+    /// unknown).
+    #[inline(always)]
+    pub fn cluster_addr(&self) -> A {
+        self.0.map_or(A::ZERO, |n| n.cluster_cidr)
+    }
+
     /// Masqueraded flows' default source (zero: no masquerade).
     #[inline(always)]
     pub fn snat_addr(&self) -> A {

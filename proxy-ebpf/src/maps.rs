@@ -169,6 +169,19 @@ pub static NODE_ADDRS6: HashMap<In6, u32> =
 pub static SRC_RANGES6: LpmTrie<SrcRange<In6>, u32> =
     LpmTrie::with_max_entries(capacity::SRC_RANGES, BPF_F_NO_PREALLOC);
 
+/// The socket-level load balancer's `AF_INET6` sockets: the three maps
+/// above with IPv6 addresses.
+#[btf_map(name = "KPX_SOCKS6")]
+pub static SOCKS6: SkStorage<SockValue<In6>> = SkStorage::new();
+
+#[map(name = "KPX_SOCKS_UDP6")]
+pub static SOCKS_UDP6: LruHashMap<u64, SockValue<In6>> =
+    LruHashMap::with_max_entries(capacity::SOCKS_UDP, 0);
+
+#[map(name = "KPX_SOCK_PEERS6")]
+pub static SOCK_PEERS6: LruHashMap<SockPeerKey<In6>, SockValue<In6>> =
+    LruHashMap::with_max_entries(capacity::SOCK_PEERS, 0);
+
 /// IPv6's cluster CIDR and masquerade address: one element.
 #[map(name = "KPX_CONFIG6")]
 pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);

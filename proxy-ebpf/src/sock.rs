@@ -5,6 +5,12 @@
 //! the tc programs pass after one `CT` miss. `recvmsg()` and `getpeername()`
 //! show the service address back, as kube-proxy's conntrack does.
 //!
+//! One set of functions for both families ([`SockFamily`]): `connect4`
+//! and its kin serve `AF_INET` sockets with IPv4's maps, `connect6` and
+//! its kin `AF_INET6` sockets with IPv6's. An `AF_INET6` socket's
+//! IPv4-mapped destination (`::ffff:a.b.c.d`) is no IPv6 frontend: it
+//! proceeds, and tc translates its IPv4 packets.
+//!
 //! What a socket cannot do is left to tc, which then sees the service
 //! address on the wire and translates per packet, as before: flows the
 //! reference masquerades (a pod's flow to a cluster IP with
@@ -33,43 +39,124 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
+    btf_maps::SkStorage,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get},
+    maps::LruHashMap,
     programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
 use proxy_common::{
-    CtKey, Event, ServiceValue, SockPeerKey, SockValue, CFG_F_SOCK_HOST_ONLY, IPPROTO_TCP,
+    CtKey, Event, In6, ServiceValue, SockPeerKey, SockValue, CFG_F_SOCK_HOST_ONLY, IPPROTO_TCP,
     IPPROTO_UDP, SOCK_F_CONNECTED, SOCK_F_COUNTED, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     conns,
     family::Family,
-    maps::{SOCKS, SOCKS_UDP, SOCK_PEERS},
+    maps::{SOCKS, SOCKS6, SOCKS_UDP, SOCKS_UDP6, SOCK_PEERS, SOCK_PEERS6},
     policy::{self, Origin},
     select, service, stats,
 };
+
+/// What the socket hooks of a family use: its sockets' maps and the
+/// call's address field.
+pub trait SockFamily: Family {
+    fn socks() -> &'static SkStorage<SockValue<Self>>;
+    fn socks_udp() -> &'static LruHashMap<u64, SockValue<Self>>;
+    fn peers() -> &'static LruHashMap<SockPeerKey<Self>, SockValue<Self>>;
+    /// The call's address (`user_ip4`, `user_ip6`), as on the wire.
+    fn user_addr(sa: *mut bpf_sock_addr) -> Self;
+    fn set_user_addr(sa: *mut bpf_sock_addr, a: Self);
+    /// An address standing for the client `w` in a flow hash.
+    fn of_word(w: u32) -> Self;
+}
+
+impl SockFamily for u32 {
+    #[inline(always)]
+    fn socks() -> &'static SkStorage<SockValue<Self>> {
+        &SOCKS
+    }
+    #[inline(always)]
+    fn socks_udp() -> &'static LruHashMap<u64, SockValue<Self>> {
+        &SOCKS_UDP
+    }
+    #[inline(always)]
+    fn peers() -> &'static LruHashMap<SockPeerKey<Self>, SockValue<Self>> {
+        &SOCK_PEERS
+    }
+    #[inline(always)]
+    fn user_addr(sa: *mut bpf_sock_addr) -> Self {
+        // SAFETY: a field projection of the program's context.
+        read(unsafe { &raw mut (*sa).user_ip4 })
+    }
+    #[inline(always)]
+    fn set_user_addr(sa: *mut bpf_sock_addr, a: Self) {
+        // SAFETY: as above.
+        write(unsafe { &raw mut (*sa).user_ip4 }, a);
+    }
+    #[inline(always)]
+    fn of_word(w: u32) -> Self {
+        w
+    }
+}
+
+impl SockFamily for In6 {
+    #[inline(always)]
+    fn socks() -> &'static SkStorage<SockValue<Self>> {
+        &SOCKS6
+    }
+    #[inline(always)]
+    fn socks_udp() -> &'static LruHashMap<u64, SockValue<Self>> {
+        &SOCKS_UDP6
+    }
+    #[inline(always)]
+    fn peers() -> &'static LruHashMap<SockPeerKey<Self>, SockValue<Self>> {
+        &SOCK_PEERS6
+    }
+    #[inline(always)]
+    fn user_addr(sa: *mut bpf_sock_addr) -> Self {
+        // SAFETY: field projections of the program's context; each word
+        // is one 4-byte access, as the verifier requires of `user_ip6`.
+        let w = unsafe { &raw mut (*sa).user_ip6 }.cast::<u32>();
+        // SAFETY: the words of `user_ip6`.
+        unsafe { [read(w), read(w.add(1)), read(w.add(2)), read(w.add(3))] }
+    }
+    #[inline(always)]
+    fn set_user_addr(sa: *mut bpf_sock_addr, a: Self) {
+        // SAFETY: as above.
+        let w = unsafe { &raw mut (*sa).user_ip6 }.cast::<u32>();
+        for (i, v) in a.into_iter().enumerate() {
+            // SAFETY: the words of `user_ip6`.
+            write(unsafe { w.add(i) }, v);
+        }
+    }
+    #[inline(always)]
+    fn of_word(w: u32) -> Self {
+        [0, 0, 0, w]
+    }
+}
 
 /// The call goes on (with the address as the program left it).
 const PROCEED: i32 = 1;
 /// The call fails with the errno given to `bpf_set_retval`.
 const FAIL: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const AF_INET6: u32 = 10;
 
 /// A `connect()` (TCP or UDP): to a service, connected to a backend.
 #[inline(always)]
-pub fn connect(ctx: &SockAddrContext) -> i32 {
-    let Some(req) = Request::of(ctx) else {
+pub fn connect<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
+    let Some(req) = Request::<A>::of(ctx) else {
         // A UDP socket connected elsewhere now: what it had is no longer
         // its peer (a pointer test for every other socket).
-        if let Some(old) = storage(ctx, false) {
+        if let Some(old) = storage::<A>(ctx, false) {
             forget(ctx, old);
         }
         return PROCEED;
     };
     match req.backend(ctx, None) {
         Ok(sel) => {
-            let entry = storage(ctx, true);
+            let entry = storage::<A>(ctx, true);
             // A socket connected again (UDP may) leaves its earlier backend.
             if let Some(old) = entry {
                 forget(ctx, old);
@@ -100,14 +187,14 @@ pub fn connect(ctx: &SockAddrContext) -> i32 {
 /// An unconnected UDP `sendmsg()`: to a service, sent to the socket's
 /// backend for it while that backend serves, else to a new one.
 #[inline(always)]
-pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
-    let Some(req) = Request::of(ctx) else {
+pub fn sendmsg<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
+    let Some(req) = Request::<A>::of(ctx) else {
         return PROCEED;
     };
     if req.proto != IPPROTO_UDP {
         return PROCEED;
     }
-    let stored = storage(ctx, false).map(|v| {
+    let stored = storage::<A>(ctx, false).map(|v| {
         // SAFETY: this socket's storage, copied out.
         unsafe { *v }
     });
@@ -129,7 +216,7 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
         Ok(sel) => {
             let moved = known.is_some_and(|k| k.backend_id != sel.backend_id || k.slot != sel.slot);
             if current.is_none() || moved {
-                if let Some(e) = storage(ctx, true) {
+                if let Some(e) = storage::<A>(ctx, true) {
                     req.remember(ctx, e, &sel, 0);
                 }
             }
@@ -150,14 +237,14 @@ pub fn sendmsg(ctx: &SockAddrContext) -> i32 {
 /// `recvmsg()` (UDP) and `getpeername()`: a backend's address shown as
 /// the service's the socket asked for.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) -> i32 {
-    let Some(v) = storage(ctx, false) else {
+pub fn reverse<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
+    let Some(v) = storage::<A>(ctx, false) else {
         return PROCEED;
     };
     // SAFETY: this socket's storage, copied out.
     let v = unsafe { *v };
     let sa = ctx.sock_addr;
-    let (addr, port) = (read(sa, Field::Addr), read(sa, Field::Port) as u16);
+    let (addr, port) = (A::user_addr(sa), read(port_field(sa)) as u16);
     let v = if addr == v.backend_addr && port == v.backend_port {
         v
     } else if v.proto == IPPROTO_UDP && v.flags & SOCK_F_CONNECTED == 0 {
@@ -170,8 +257,8 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     } else {
         return PROCEED;
     };
-    write(sa, Field::Addr, v.svc_addr);
-    write(sa, Field::Port, v.svc_port as u32);
+    A::set_user_addr(sa, v.svc_addr);
+    write(port_field(sa), v.svc_port as u32);
     stats::event(Event::SockRevNat, 1);
     PROCEED
 }
@@ -187,39 +274,27 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 /// entry of the service at that address, or of the service whose backend
 /// it is.
 #[inline(always)]
-fn peer(cookie: u64, addr: u32, port: u16, proto: u8) -> Option<SockValue> {
-    let key = SockPeerKey {
-        cookie,
-        addr,
-        port,
-        proto,
-        _pad: 0,
-    };
+fn peer<A: SockFamily>(cookie: u64, addr: A, port: u16, proto: u8) -> Option<SockValue<A>> {
+    let key = SockPeerKey::new(cookie, addr, port, proto);
     // SAFETY: a map value pointer, copied out at once.
-    SOCK_PEERS.get_ptr(key).map(|v| unsafe { *v })
+    A::peers().get_ptr(key).map(|v| unsafe { *v })
 }
 
 /// Keeps `v`, a service the socket `cookie` sent to, in `SOCK_PEERS` under
 /// both its addresses. An LRU update fails only on allocation failure:
 /// the socket then balances that service afresh when it comes back to it.
 #[inline(always)]
-fn keep_peer(cookie: u64, v: &SockValue) {
+fn keep_peer<A: SockFamily>(cookie: u64, v: &SockValue<A>) {
     for (addr, port) in [(v.svc_addr, v.svc_port), (v.backend_addr, v.backend_port)] {
-        let key = SockPeerKey {
-            cookie,
-            addr,
-            port,
-            proto: v.proto,
-            _pad: 0,
-        };
-        let _ = SOCK_PEERS.insert(key, v, BPF_ANY as u64);
+        let key = SockPeerKey::new(cookie, addr, port, v.proto);
+        let _ = A::peers().insert(key, v, BPF_ANY as u64);
     }
 }
 
 /// A socket that no longer talks to the backend `entry` names: it leaves
 /// that backend, and the entry is cleared.
 #[inline(always)]
-fn forget(ctx: &SockAddrContext, entry: *mut SockValue) {
+fn forget<A: SockFamily>(ctx: &SockAddrContext, entry: *mut SockValue<A>) {
     // SAFETY: this socket's storage, valid for the program run.
     leave(unsafe { &*entry }, || {
         // SAFETY: the program's context, which the helper accepts.
@@ -233,31 +308,43 @@ fn forget(ctx: &SockAddrContext, entry: *mut SockValue) {
 /// active connections if it counted there, out of `SOCKS_UDP` if UDP (its
 /// cookie asked only then).
 #[inline(always)]
-fn leave(v: &SockValue, cookie: impl FnOnce() -> u64) {
+fn leave<A: SockFamily>(v: &SockValue<A>, cookie: impl FnOnce() -> u64) {
     if v.flags & SOCK_F_COUNTED != 0 {
         conns::closed(v.backend_id);
     }
     if v.proto == IPPROTO_UDP {
-        let _ = SOCKS_UDP.remove(cookie());
+        let _ = A::socks_udp().remove(cookie());
     }
 }
 
 /// A socket's release: a counted socket leaves its backend's active
-/// connections. Its storage goes with the socket.
+/// connections. Its storage goes with the socket. The socket's family
+/// (one context load) says which storage map it can have an entry in.
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
+    // SAFETY: a readable field of the program's socket.
+    let family = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).family) };
+    if family == AF_INET6 {
+        release_from::<In6>(ctx)
+    } else {
+        release_from::<u32>(ctx)
+    }
+}
+
+#[inline(always)]
+fn release_from<A: SockFamily>(ctx: &SockContext) -> i32 {
     // SAFETY: the map is a socket storage map and `ctx.sock` the socket
     // the program runs for, both as the helper requires; no value is
     // created.
     let v = unsafe {
         bpf_sk_storage_get(
-            core::ptr::from_ref(&SOCKS).cast_mut().cast(),
+            core::ptr::from_ref(A::socks()).cast_mut().cast(),
             ctx.sock.cast(),
             core::ptr::null_mut(),
             0,
         )
     }
-    .cast::<SockValue>();
+    .cast::<SockValue<A>>();
     if !v.is_null() {
         // SAFETY: the socket's storage, valid for the program run.
         leave(unsafe { &*v }, || {
@@ -271,37 +358,38 @@ pub fn release(ctx: &SockContext) -> i32 {
 /// This socket's entry, created (zeroed) when `create` and absent; None
 /// when absent (or the allocation failed).
 #[inline(always)]
-fn storage(ctx: &SockAddrContext, create: bool) -> Option<*mut SockValue> {
+fn storage<A: SockFamily>(ctx: &SockAddrContext, create: bool) -> Option<*mut SockValue<A>> {
     // SAFETY: the program's own context, whose socket the helper takes.
     let p = unsafe {
         if create {
-            SOCKS.get_or_insert_ptr_mut(ctx, None)
+            A::socks().get_or_insert_ptr_mut(ctx, None)
         } else {
-            SOCKS.get_ptr_mut(ctx)
+            A::socks().get_ptr_mut(ctx)
         }
     };
     (!p.is_null()).then_some(p)
 }
 
 /// A `connect()` / `sendmsg()` to a service frontend.
-struct Request {
-    addr: u32,
+struct Request<A> {
+    addr: A,
     port: u16,
     proto: u8,
     svc: ServiceValue,
 }
 
-impl Request {
+impl<A: SockFamily> Request<A> {
     /// The call's destination, if it is a service frontend (TCP or UDP).
     #[inline(always)]
     fn of(ctx: &SockAddrContext) -> Option<Self> {
         let sa = ctx.sock_addr;
-        let proto = read(sa, Field::Protocol) as u8;
+        // SAFETY: a field projection of the program's context.
+        let proto = read(unsafe { &raw mut (*sa).protocol }) as u8;
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
             return None;
         }
-        let addr = read(sa, Field::Addr);
-        let port = read(sa, Field::Port) as u16;
+        let port = read(port_field(sa)) as u16;
+        let addr = A::user_addr(sa);
         let svc = *service::lookup_dst(addr, port, proto)?;
         Some(Self {
             addr,
@@ -318,8 +406,8 @@ impl Request {
     fn backend(
         &self,
         ctx: &SockAddrContext,
-        known: Option<&SockValue>,
-    ) -> Result<select::Selected, i32> {
+        known: Option<&SockValue<A>>,
+    ) -> Result<select::Selected<A>, i32> {
         let cfg = service::config();
         // SAFETY: the program's context, which the helper accepts.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -338,12 +426,13 @@ impl Request {
         // The client's address is not known yet: a pod's is in the cluster
         // CIDR (kube-proxy's local-traffic detector), the node's is not.
         // Source ranges need the real one: tc decides those.
+        let net = A::net(&cfg);
         let (origin, src) = if node {
-            (Origin::Node, 0)
+            (Origin::Node, A::ZERO)
         } else {
-            (Origin::Network, cfg.get().map_or(0, |c| c.cluster_cidr))
+            (Origin::Network, net.cluster_addr())
         };
-        let choice = match policy::decide(svc, src, origin, &cfg, &u32::net(&cfg)) {
+        let choice = match policy::decide(svc, src, origin, &cfg, &net) {
             // The node's own flows keep a node address as source without
             // masquerade: the kernel picks it for the backend's route.
             Ok(c) if (node || !c.masquerade) && svc.flags & SVC_F_SOURCE_RANGES == 0 => c,
@@ -352,7 +441,7 @@ impl Request {
         let table = select::Table::of(svc, choice.local);
         if let Some(k) = known {
             if table.contains(k.slot)
-                && matches!(select::slot::<u32>(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
+                && matches!(select::slot::<A>(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
             {
                 return Ok(select::Selected {
                     backend_id: k.backend_id,
@@ -368,7 +457,7 @@ impl Request {
         }
         // The hashing schedulers hash the client: its namespace here.
         let flow = CtKey {
-            src_addr: (netns ^ (netns >> 32)) as u32,
+            src_addr: A::of_word((netns ^ (netns >> 32)) as u32),
             dst_addr: self.addr,
             src_port: 0,
             dst_port: self.port,
@@ -382,8 +471,8 @@ impl Request {
     fn remember(
         &self,
         ctx: &SockAddrContext,
-        entry: *mut SockValue,
-        sel: &select::Selected,
+        entry: *mut SockValue<A>,
+        sel: &select::Selected<A>,
         flags: u8,
     ) {
         let v = SockValue {
@@ -405,14 +494,14 @@ impl Request {
             // works, the agent just cannot find it to close it.
             // SAFETY: the program's context, which the helper accepts.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = SOCKS_UDP.insert(cookie, v, BPF_ANY as u64);
+            let _ = A::socks_udp().insert(cookie, v, BPF_ANY as u64);
         }
     }
 
     #[inline(always)]
-    fn send_to(&self, ctx: &SockAddrContext, sel: &select::Selected) {
-        write(ctx.sock_addr, Field::Addr, sel.backend.addr);
-        write(ctx.sock_addr, Field::Port, sel.backend.port as u32);
+    fn send_to(&self, ctx: &SockAddrContext, sel: &select::Selected<A>) {
+        A::set_user_addr(ctx.sock_addr, sel.backend.addr);
+        write(port_field(ctx.sock_addr), sel.backend.port as u32);
     }
 }
 
@@ -422,38 +511,26 @@ fn to_tc() -> i32 {
     PROCEED
 }
 
-/// The `bpf_sock_addr` fields kpx reads or writes. The verifier rewrites
-/// each context access to the kernel's own structure, so each is one
-/// 4-byte load or store at the field's offset, never merged by the
-/// compiler (volatile).
-#[derive(Clone, Copy)]
-enum Field {
-    Addr,
-    Port,
-    Protocol,
+// The `bpf_sock_addr` fields kpx reads or writes. The verifier rewrites
+// each context access to the kernel's own structure, so each is one
+// 4-byte load or store at the field's offset, never merged by the
+// compiler (volatile).
+
+#[inline(always)]
+fn port_field(sa: *mut bpf_sock_addr) -> *mut u32 {
+    // SAFETY: a field projection of the context pointer, no access.
+    unsafe { &raw mut (*sa).user_port }
 }
 
 #[inline(always)]
-fn field(sa: *mut bpf_sock_addr, f: Field) -> *mut u32 {
-    // SAFETY: field projections of the context pointer, no access.
-    unsafe {
-        match f {
-            Field::Addr => &raw mut (*sa).user_ip4,
-            Field::Port => &raw mut (*sa).user_port,
-            Field::Protocol => &raw mut (*sa).protocol,
-        }
-    }
+fn read(field: *mut u32) -> u32 {
+    // SAFETY: a readable 4-byte field of the program's context.
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 #[inline(always)]
-fn read(sa: *mut bpf_sock_addr, f: Field) -> u32 {
-    // SAFETY: a readable field of the program's context.
-    unsafe { core::ptr::read_volatile(field(sa, f)) }
-}
-
-#[inline(always)]
-fn write(sa: *mut bpf_sock_addr, f: Field, v: u32) {
-    // SAFETY: `user_ip4` and `user_port` are writable in the hooks that
-    // call this (connect4, sendmsg4, recvmsg4, getpeername4).
-    unsafe { core::ptr::write_volatile(field(sa, f), v) }
+fn write(field: *mut u32, v: u32) {
+    // SAFETY: `user_ip4`, `user_ip6` and `user_port` are writable in the
+    // hooks that call this (connect, sendmsg, recvmsg, getpeername).
+    unsafe { core::ptr::write_volatile(field, v) }
 }

@@ -31,29 +31,6 @@ fn socket_bed(endpoints: &[&str], flags: &[&str]) -> (Cluster, Cgroup) {
     (c, cg)
 }
 
-/// The agent says its socket programs are attached.
-fn wait_attached(c: &Cluster) {
-    let ok = testbed::wait_for(std::time::Duration::from_secs(10), || {
-        c.agent_log()
-            .contains("socket-level load balancing: ")
-            .then_some(())
-    });
-    assert!(ok.is_some(), "{}", c.agent_log());
-    assert!(
-        !c.agent_log()
-            .contains("socket-level load balancing unavailable"),
-        "{}",
-        c.agent_log()
-    );
-}
-
-fn answers(lines: &[String]) -> Vec<Answer> {
-    lines
-        .iter()
-        .map(|l| Answer::parse(l).unwrap_or_else(|e| panic!("probe failed: {e}")))
-        .collect()
-}
-
 /// `web` without the backends in `gone` (their pods keep running), once
 /// the agent serves that; the backends that stay.
 fn leave(c: &Cluster, gone: &[&str]) -> Vec<&'static str> {
@@ -405,7 +382,7 @@ fn a_restarted_agent_takes_the_cgroup_over_and_cleanup_detaches_it() {
     let log = || c.agent_log();
     let ok = testbed::wait_for(std::time::Duration::from_secs(10), || {
         log()
-            .contains("detached 5 socket-LB links of an earlier agent")
+            .contains("detached 9 socket-LB links of an earlier agent")
             .then_some(())
     });
     assert!(ok.is_some(), "{}", log());

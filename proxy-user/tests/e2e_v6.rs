@@ -14,8 +14,9 @@ use std::{
 };
 
 use bed::*;
-use proxy_common::Counter;
+use proxy_common::{Counter, Event};
 use testbed::{
+    probe::{self, Answer, Cgroup, Session},
     slice6_yaml, tcp_ask_many, tcp_who, udp_ask_many, udp_connected_who, wait_for, Cluster, Held,
     GATEWAY6,
 };
@@ -526,4 +527,239 @@ fn going_back_to_kube_proxy_on_both_families_breaks_no_connection() {
     none_broken(&mut long6, "IPv6", &said);
     let ids = tcp_ask_many(client, v6(VIP6, 80), 30, T).unwrap();
     assert_eq!(spread(&ids).len(), 3, "{ids:?}");
+}
+
+// Socket-level load balancing for `AF_INET6` sockets (`connect6`,
+// `sendmsg6`, `recvmsg6`, `getpeername6`), on a cgroup the test creates;
+// clients are `kpx-probe` processes in it.
+
+/// The dual-stack bed with `web` on both families served by `web_eps`
+/// and the manifests `extra` makes, the agent's socket programs on a new
+/// cgroup (`flags` added), synced as `synced` says (frontends, their
+/// endpoints).
+fn socket_dual(
+    web_eps: &[&str],
+    extra: impl Fn(&Cluster) -> Vec<(&'static str, String)>,
+    flags: &[&str],
+    synced: (usize, &[u32]),
+) -> (Cluster, Cgroup) {
+    let cg = Cgroup::create("socklb6").unwrap();
+    let mut c = dual_bed();
+    c.write_manifest("web.yaml", &dual_web(&c, web_eps, ""))
+        .unwrap();
+    for (name, yaml) in extra(&c) {
+        c.write_manifest(name, &yaml).unwrap();
+    }
+    let mut args = vec!["--socket-lb-cgroup", cg.path.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    c.start_agent(Path::new(KPX), &args).unwrap();
+    wait_synced(&c, synced.0, synced.1);
+    wait_attached(&c);
+    (c, cg)
+}
+
+/// A dual-stack Service `name` like `web`, at `vip`/`vip6`, served by
+/// `endpoints`.
+fn other_dual(c: &Cluster, name: &str, vip: &str, vip6: &str, endpoints: &[&str]) -> String {
+    dual_web(c, endpoints, "")
+        .replace("name: web", &format!("name: {name}"))
+        .replace("service-name: web", &format!("service-name: {name}"))
+        .replace(&VIP.to_string(), vip)
+        .replace(&VIP6.to_string(), vip6)
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_sockets_connect_straight_to_backends_and_see_the_service() {
+    let (c, cg) = socket_dual(&["web-1", "web-2", "web-3"], |_| vec![], &[], (4, &[3; 4]));
+    let client = c.pod("client").netns.shared();
+    let client6 = c.pod("client").ip6.unwrap();
+    let vip = v6(VIP6, 80).to_string();
+    let new_flows = counter_count(&c, Counter::NewFlow);
+
+    // TCP: spread, getpeername() the service, the backend sees the pod.
+    let got = answers(&probe::run(&client, Some(&cg), &["tcp", &vip, "60"]).unwrap());
+    let ids: Vec<String> = got.iter().map(|a| a.identity.clone()).collect();
+    assert_eq!(spread(&ids).len(), 3, "{ids:?}");
+    for a in &got {
+        assert_eq!(a.peer, vip, "{a:?}");
+        assert!(a.client.starts_with(&format!("[{client6}]:")), "{a:?}");
+    }
+    // IPv4 on the same Service from the same cgroup: connect4's.
+    let vip4 = SocketAddrV4::new(VIP, 80).to_string();
+    let got4 = answers(&probe::run(&client, Some(&cg), &["tcp", &vip4, "10"]).unwrap());
+    assert!(got4.iter().all(|a| a.peer == vip4), "{got4:?}");
+    assert_eq!(event_count(&c, Event::SockConnect), 70);
+    // Translated at connect(): tc saw no packet to the service.
+    assert_eq!(counter_count(&c, Counter::NewFlow), new_flows);
+
+    // UDP, unconnected: one backend per socket, answers from the service.
+    let dns = v6(VIP6, 53).to_string();
+    let got = answers(&probe::run(&client, Some(&cg), &["udp", &dns, "20"]).unwrap());
+    assert_eq!(identities(&got).len(), 1, "{got:?}");
+    assert!(got.iter().all(|a| a.peer == dns), "{got:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let a = answers(&probe::run(&client, Some(&cg), &["udp", &dns, "1"]).unwrap());
+        seen.insert(a[0].identity.clone());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // Connected UDP: the peer is the service.
+    let got = answers(&probe::run(&client, Some(&cg), &["udp-connected", &dns, "3"]).unwrap());
+    assert!(got.iter().all(|a| a.peer == dns), "{got:?}");
+    assert_eq!(counter_count(&c, Counter::NewFlow), new_flows);
+
+    // Held TCP sockets: `kpx dump sockets` lists them with the IPv6
+    // frontend and backend.
+    let mut held: Vec<Session> = (0..3)
+        .map(|_| Session::start(&client, Some(&cg), &["tcp", &vip]).unwrap())
+        .collect();
+    for s in &mut held {
+        Answer::parse(&s.ask().unwrap()).unwrap();
+    }
+    let socks = String::from_utf8(kpx_dump(&c.bpffs(), &["sockets"])).unwrap();
+    let tcp6: Vec<&str> = socks
+        .lines()
+        .filter(|l| l.contains(&vip) && l.contains("TCP") && l.contains("[2001:2:0:1::"))
+        .collect();
+    assert_eq!(tcp6.len(), 3, "{socks}");
+    let json = kpx_dump(&c.bpffs(), &["backends", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&json).unwrap();
+    let v6_sockets: u64 = rows
+        .iter()
+        .filter(|r| r["addr"].as_str().is_some_and(|a| a.contains(':')))
+        .map(|r| r["sockets"].as_u64().unwrap())
+        .sum();
+    // Only the held ones: the probes' UDP sockets left at their release.
+    assert_eq!(v6_sockets, 3, "{rows:?}");
+}
+
+fn identities(got: &[Answer]) -> std::collections::BTreeMap<String, usize> {
+    spread(&got.iter().map(|a| a.identity.clone()).collect::<Vec<_>>())
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_ipv6_service_without_endpoints_refuses_at_connect_and_the_node_is_served() {
+    let empty = |c: &Cluster| {
+        let yaml = other_dual(c, "empty", "198.19.0.11", "2001:2:0:ff::11", &[]);
+        vec![("empty.yaml", yaml)]
+    };
+    let three = ["web-1", "web-2", "web-3"];
+    let (c, cg) = socket_dual(&three, empty, &[], (8, &[0, 0, 0, 0, 3, 3, 3, 3]));
+    let client = c.pod("client").netns.shared();
+
+    // Refused at connect(), before any packet leaves: no ICMPv6 wait.
+    let before = counter_count(&c, Counter::Rejected);
+    let lines = probe::run(&client, Some(&cg), &["tcp", "[2001:2:0:ff::11]:80", "5"]).unwrap();
+    for l in &lines {
+        assert!(l.starts_with("err ECONNREFUSED"), "{l}");
+        let us: u64 = l.rsplit("us=").next().unwrap().parse().unwrap();
+        assert!(us < 10_000, "refused after {us} µs: {l}");
+    }
+    let lines = probe::run(&client, Some(&cg), &["udp", "[2001:2:0:ff::11]:53", "2"]).unwrap();
+    assert!(
+        lines.iter().all(|l| l.starts_with("err ECONNREFUSED")),
+        "{lines:?}"
+    );
+    assert_eq!(event_count(&c, Event::SockRefused), 7);
+    assert_eq!(counter_count(&c, Counter::Rejected), before);
+
+    // A host process (the node's namespace, the test's cgroup): served at
+    // connect(), seen by the backend as one of the node's addresses.
+    let vip = v6(VIP6, 80).to_string();
+    let got = answers(&probe::run(&c.node, Some(&cg), &["tcp", &vip, "10"]).unwrap());
+    assert!(got.iter().all(|a| a.peer == vip), "{got:?}");
+    assert!(
+        got.iter()
+            .all(|a| a.client.starts_with(&format!("[{GATEWAY6}]:"))),
+        "{got:?}"
+    );
+    assert_eq!(event_count(&c, Event::SockConnect), 10);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn ipv6_udp_sockets_move_on_when_their_backend_leaves_and_tcp_stays() {
+    let (c, cg) = socket_dual(&["web-1", "web-2", "web-3"], |_| vec![], &[], (4, &[3; 4]));
+    let client = c.pod("client").netns.shared();
+    let dns = v6(VIP6, 53).to_string();
+    let http = v6(VIP6, 80).to_string();
+    // A resolver on a fixed port (unconnected), a connected UDP socket and
+    // a TCP connection, all on IPv6.
+    let mut udp = Session::start(&client, Some(&cg), &["udp", &dns, "5300"]).unwrap();
+    let mut stuck = Session::start(&client, Some(&cg), &["udp-connected", &dns]).unwrap();
+    let first = Answer::parse(&udp.ask().unwrap()).unwrap();
+    let connected = Answer::parse(&stuck.ask().unwrap()).unwrap();
+    assert_eq!(connected.peer, dns);
+    // The UDP sockets' backends leave; a TCP connection held to one of
+    // them must stay.
+    let leaving = [first.identity.clone(), connected.identity.clone()];
+    let (mut tcp, held) = (0..30)
+        .find_map(|_| {
+            let mut s = Session::start(&client, Some(&cg), &["tcp", &http]).unwrap();
+            let a = Answer::parse(&s.ask().unwrap()).unwrap();
+            leaving.contains(&a.identity).then_some((s, a))
+        })
+        .expect("no TCP connection reached a leaving backend in 30 tries");
+    let keep: Vec<&str> = ["web-1", "web-2", "web-3"]
+        .into_iter()
+        .filter(|n| !leaving.iter().any(|l| l == n))
+        .collect();
+    c.write_manifest("web.yaml", &dual_web(&c, &keep, ""))
+        .unwrap();
+    let n = keep.len() as u32;
+    wait_synced(&c, 4, &[n; 4]);
+
+    // The unconnected socket's next datagram goes to a serving backend,
+    // from the same port, and still shows the service.
+    let next = Answer::parse(&udp.ask().unwrap()).unwrap();
+    assert!(keep.contains(&next.identity.as_str()), "{next:?}");
+    assert_eq!(next.client, first.client, "the client port changed");
+    assert_eq!(next.peer, dns);
+    assert_eq!(event_count(&c, Event::SockRebalanced), 1);
+    // The connected one is closed by the agent (sock_diag on AF_INET6):
+    // the application hears of it.
+    wait_event(&c, Event::SockDestroyed, 1, Duration::from_secs(20));
+    let after = stuck.ask().unwrap();
+    assert!(after.starts_with("err "), "{after}");
+    // kube-proxy keeps live TCP connections to a removed, running backend.
+    let again = Answer::parse(&tcp.ask().unwrap()).unwrap();
+    assert_eq!(again.identity, held.identity);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn an_unconnected_ipv6_socket_keeps_a_backend_per_service_and_answers_from_each() {
+    let dns2 = |c: &Cluster| {
+        let yaml = other_dual(c, "dns2", "198.19.0.21", "2001:2:0:ff::21", &["web-3"]);
+        vec![("dns2.yaml", yaml)]
+    };
+    let two = ["web-1", "web-2"];
+    let (c, cg) = socket_dual(&two, dns2, &[], (8, &[1, 1, 1, 1, 2, 2, 2, 2]));
+    let (dns, dns2) = (v6(VIP6, 53).to_string(), "[2001:2:0:ff::21]:53".to_string());
+    let client = &c.pod("client").netns;
+    let mut s = Session::start(client, Some(&cg), &["udp", &dns, "5301"]).unwrap();
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for _ in 0..10 {
+        first.push(Answer::parse(&s.ask().unwrap()).unwrap());
+        second.push(Answer::parse(&s.say(&format!("to {dns2}")).unwrap()).unwrap());
+    }
+    assert!(first.iter().all(|a| a.peer == dns), "{first:?}");
+    assert!(second.iter().all(|a| a.peer == dns2), "{second:?}");
+    assert_eq!(identities(&first).len(), 1, "{first:?}");
+    assert_eq!(second[0].identity, "web-3");
+    // Both in flight: each answer shows the service it answers for.
+    for _ in 0..5 {
+        let line = s.say(&format!("pair {dns2}")).unwrap();
+        for l in line.split(" | ") {
+            let a = Answer::parse(l).unwrap_or_else(|e| panic!("{e}: {line}"));
+            let want = if a.identity == "web-3" { &dns2 } else { &dns };
+            assert_eq!(&a.peer, want, "{line}");
+        }
+    }
+    assert_eq!(event_count(&c, Event::SockRebalanced), 0);
+    assert_eq!(event_count(&c, Event::SockConnect), 0);
+    assert!(event_count(&c, Event::SockSendmsg) >= 30);
 }

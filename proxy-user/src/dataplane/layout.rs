@@ -31,7 +31,7 @@ use proxy_common::{
     CT_F_SEEN_REPLY, LAYOUT_VERSION,
 };
 
-use crate::dataplane::maps::{CtTable, MapSet};
+use crate::dataplane::maps::{CtTable, MapSet, IPV6_SIZED};
 
 /// What a start found pinned, and what became of it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -273,11 +273,11 @@ fn replace_mismatched_pins(dir: &Path) -> Result<()> {
             map_names::CT6_ANY,
         ]
         .contains(&name);
-        // The size too, except conntrack's (and IPv6's affinity table's),
+        // The size too, except conntrack's (and IPv6's other tables'),
         // which the agent sets at load:
         // a counter array one element short would drop the new counter's
         // increments without a word.
-        let sized = ct || name == map_names::AFFINITY6 || info.max_entries() == def.max_entries();
+        let sized = ct || IPV6_SIZED.contains(&name) || info.max_entries() == def.max_entries();
         if have == want && sized {
             continue;
         }
@@ -327,7 +327,7 @@ fn remove_all_pins(dir: &Path) -> Result<()> {
 /// flows are not carried over (said in the log). Returns how many went.
 pub fn grow_ipv6(dir: &Path, small: u32) -> Result<usize> {
     let mut removed = 0;
-    for name in [map_names::CT6_TCP, map_names::CT6_ANY, map_names::AFFINITY6] {
+    for name in IPV6_SIZED {
         let path = dir.join(name);
         if !path.exists() {
             continue;

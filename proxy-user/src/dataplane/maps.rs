@@ -79,6 +79,17 @@ pub struct LoadOptions {
 /// IPv6's preallocated tables' capacity on a node that serves no IPv6.
 pub const IPV6_OFF_ENTRIES: u32 = 1_024;
 
+/// IPv6's preallocated tables, sized at load by `LoadOptions::ipv6`:
+/// conntrack, affinity, and the socket-level load balancer's per-socket
+/// tables.
+pub const IPV6_SIZED: [&str; 5] = [
+    map_names::CT6_TCP,
+    map_names::CT6_ANY,
+    map_names::AFFINITY6,
+    map_names::SOCKS_UDP6,
+    map_names::SOCK_PEERS6,
+];
+
 /// The capacity of `CT_ANY` (UDP, TCP handshakes) that goes with an
 /// established-TCP capacity of `tcp` entries: half, as Cilium sizes its
 /// non-TCP table (most of a node's long-lived flows are TCP; DNS's short
@@ -155,6 +166,8 @@ pub struct Maps6 {
     pub node_addrs: HashMap<MapData, In6, u32>,
     pub src_ranges: LpmTrie<MapData, SrcRange<In6>, u32>,
     pub config: Array<MapData, Net6>,
+    /// The socket-level load balancer's `AF_INET6` UDP sockets.
+    pub socks_udp: HashMap<MapData, u64, SockValue<In6>>,
 }
 
 impl MapSet {
@@ -189,6 +202,7 @@ impl MapSet {
                 node_addrs: get(map_names::NODE_ADDRS6)?.try_into()?,
                 src_ranges: get(map_names::SRC_RANGES6)?.try_into()?,
                 config: get(map_names::CONFIG6)?.try_into()?,
+                socks_udp: get(map_names::SOCKS_UDP6)?.try_into()?,
             },
         })
     }
@@ -245,6 +259,10 @@ impl MapSet {
             (
                 map_names::SOCKS_UDP,
                 cap(IterableMap::map(&self.socks_udp))?,
+            ),
+            (
+                map_names::SOCKS_UDP6,
+                cap(IterableMap::map(&self.v6.socks_udp))?,
             ),
         ])
     }
@@ -1060,7 +1078,7 @@ impl Datapath {
             }
             (true, None) => {}
             (false, _) => {
-                for name in [map_names::CT6_TCP, map_names::CT6_ANY, map_names::AFFINITY6] {
+                for name in IPV6_SIZED {
                     loader.map_max_entries(name, IPV6_OFF_ENTRIES);
                 }
             }

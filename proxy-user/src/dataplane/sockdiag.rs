@@ -1,6 +1,6 @@
 //! The socket-level load balancer's sockets, found through the kernel's
 //! socket diagnostics (`NETLINK_SOCK_DIAG`): a dump of a network
-//! namespace's IPv4 TCP or UDP sockets with their value in a socket storage
+//! namespace's IPv4 or IPv6 TCP or UDP sockets with their value in a socket storage
 //! map (`INET_DIAG_REQ_SK_BPF_STORAGES`, kernel ≥ 5.2), as `ss` shows
 //! them; the ones chosen are closed with `SOCK_DESTROY`, as `ss -K` does
 //! (`CONFIG_INET_DIAG_DESTROY`; UDP since 4.16).
@@ -16,8 +16,6 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::PathBuf,
 };
-
-use proxy_common::SockValue;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
@@ -86,14 +84,25 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 /// expires, rqueue, wqueue, uid, inode; attributes follow.
 const INET_DIAG_MSG_LEN: usize = 4 + std::mem::size_of::<SockId>() + 20;
 
-/// A socket of a dump, with its value in the storage map asked for (the
-/// kernel reports storage with TCP sockets only: UDP's comes from
+/// A socket of a dump, with its value `V` in the storage map asked for
+/// (the kernel reports storage with TCP sockets only: UDP's comes from
 /// `KPX_SOCKS_UDP`).
 #[derive(Clone, Debug)]
-pub struct DiagSocket {
+pub struct DiagSocket<V> {
     pub cookie: u64,
     pub proto: u8,
-    pub value: Option<SockValue>,
+    pub value: Option<V>,
+}
+
+/// What [`walk`] is asked: the socket family, a storage map to read (its
+/// values of type `V`), which sockets to keep and which to destroy.
+pub struct Query<'a, V> {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u8,
+    pub map: Option<BorrowedFd<'a>>,
+    pub protos: &'a [u8],
+    pub keep: &'a (dyn Fn(&DiagSocket<V>) -> bool + Sync),
+    pub destroy: &'a (dyn Fn(&DiagSocket<V>) -> bool + Sync),
 }
 
 fn socket() -> io::Result<OwnedFd> {
@@ -203,9 +212,9 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(SockId, &[u8])) -> io::Result<i32>
     }
 }
 
-fn request(proto: u8, id: SockId) -> Request {
+fn request(family: u8, proto: u8, id: SockId) -> Request {
     Request {
-        family: libc::AF_INET as u8,
+        family,
         protocol: proto,
         states: u32::MAX,
         id,
@@ -231,32 +240,29 @@ fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 }
 
 /// The socket's value in the requested storage map, if it has one.
-fn stored_value(attrs: &[u8]) -> Option<SockValue> {
+fn stored_value<V: aya::Pod>(attrs: &[u8]) -> Option<V> {
     let (_, storages) = attributes(attrs).find(|(k, _)| *k == INET_DIAG_SK_BPF_STORAGES)?;
     let (_, storage) = attributes(storages).find(|(k, _)| *k == SK_DIAG_BPF_STORAGE)?;
     let (_, value) = attributes(storage).find(|(k, _)| *k == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
-    (value.len() >= std::mem::size_of::<SockValue>()).then(|| {
-        // SAFETY: enough bytes for a SockValue (plain integers); unaligned.
-        unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<SockValue>()) }
+    (value.len() >= std::mem::size_of::<V>()).then(|| {
+        // SAFETY: enough bytes for a `V` (plain data, any bit pattern
+        // valid); unaligned read.
+        unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<V>()) }
     })
 }
 
-/// In this thread's network namespace: the sockets of `proto` (with their
-/// value in `map`, if given) that `keep` keeps; those `destroy` picks are
-/// destroyed. Returns them and how many were destroyed.
-fn walk_here(
-    map: Option<BorrowedFd<'_>>,
-    proto: u8,
-    keep: &(dyn Fn(&DiagSocket) -> bool + Sync),
-    destroy: &(dyn Fn(&DiagSocket) -> bool + Sync),
-) -> io::Result<(Vec<DiagSocket>, u64)> {
+/// In this thread's network namespace: the sockets of `q.family` and
+/// `proto` (with their value in `q.map`, if given) that `q.keep` keeps;
+/// those `q.destroy` picks are destroyed. Returns them and how many were
+/// destroyed.
+fn walk_here<V: aya::Pod>(q: &Query<'_, V>, proto: u8) -> io::Result<(Vec<DiagSocket<V>>, u64)> {
     let fd = socket()?;
     let req = message(
         SOCK_DIAG_BY_FAMILY,
         NLM_F_DUMP,
-        request(proto, SockId::default()),
+        request(q.family, proto, SockId::default()),
     );
-    match map {
+    match q.map {
         Some(m) => send(
             &fd,
             &DumpMessage {
@@ -280,7 +286,7 @@ fn walk_here(
             proto,
             value: stored_value(attrs),
         };
-        if keep(&s) {
+        if (q.keep)(&s) {
             found.push((id, s));
         }
     })?;
@@ -289,10 +295,11 @@ fn walk_here(
     }
     let mut destroyed = 0;
     for (id, s) in &found {
-        if !destroy(s) {
+        if !(q.destroy)(s) {
             continue;
         }
-        send(&fd, &message(SOCK_DESTROY, NLM_F_ACK, request(proto, *id)))?;
+        let req = request(q.family, proto, *id);
+        send(&fd, &message(SOCK_DESTROY, NLM_F_ACK, req))?;
         match receive(&fd, |_, _| {})? {
             0 => destroyed += 1,
             // Closed meanwhile.
@@ -327,23 +334,18 @@ fn namespaces() -> Vec<PathBuf> {
     seen.into_values().collect()
 }
 
-/// In every network namespace of the host: the IPv4 sockets of `protos`
-/// (with their value in the socket storage map `map`, if given) that
-/// `keep` keeps; those `destroy` picks are destroyed. Namespaces that
-/// vanish meanwhile are skipped; a kernel that cannot dump storage or
-/// destroy sockets is an error.
-pub fn walk(
-    map: Option<BorrowedFd<'_>>,
-    protos: &[u8],
-    keep: &(dyn Fn(&DiagSocket) -> bool + Sync),
-    destroy: &(dyn Fn(&DiagSocket) -> bool + Sync),
-) -> io::Result<(Vec<DiagSocket>, u64)> {
+/// In every network namespace of the host: the sockets of `q.family` and
+/// `q.protos` (with their value in the socket storage map `q.map`, if
+/// given) that `q.keep` keeps; those `q.destroy` picks are destroyed.
+/// Namespaces that vanish meanwhile are skipped; a kernel that cannot dump
+/// storage or destroy sockets is an error.
+pub fn walk<V: aya::Pod + Send>(q: &Query<'_, V>) -> io::Result<(Vec<DiagSocket<V>>, u64)> {
     let (mut all, mut destroyed) = (Vec::new(), 0);
     for ns in namespaces() {
         let Ok(file) = fs::File::open(&ns) else {
             continue;
         };
-        for &proto in protos {
+        for &proto in q.protos {
             let result = std::thread::scope(|s| {
                 s.spawn(|| {
                     // SAFETY: setns on this short-lived thread only; `file`
@@ -353,7 +355,7 @@ pub fn walk(
                         // add` creates the file before it mounts on it).
                         return Ok(None);
                     }
-                    walk_here(map, proto, keep, destroy).map(Some)
+                    walk_here(q, proto).map(Some)
                 })
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))

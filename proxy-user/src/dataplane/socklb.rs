@@ -1,5 +1,6 @@
 //! The socket-level load balancer's attachment: the cgroup programs
-//! (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`, `sock_release`) on
+//! (`connect4`, `sendmsg4`, `recvmsg4`, `getpeername4`, their `6` twins
+//! for `AF_INET6` sockets, `sock_release`) on
 //! one cgroup v2 directory, whose processes (and their descendants') get
 //! service connections straight to a backend.
 //!
@@ -12,6 +13,7 @@
 use std::{
     collections::HashSet,
     fmt, fs,
+    net::SocketAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -20,13 +22,14 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::MapData;
 use aya::programs::{links::FdLink, CgroupAttachMode, CgroupSock, CgroupSockAddr};
 use proxy_common::{
-    map_names, prog_names, wire, SockValue, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_CONNECTED,
+    map_names, prog_names, wire, In6, SockValue, IPPROTO_TCP, IPPROTO_UDP, SOCK_F_CONNECTED,
+    SOCK_F_COUNTED,
 };
 
 use crate::dataplane::{
     conntrack::ServiceBackend,
-    maps::{read_hash, MapSet},
-    sockdiag::{self, DiagSocket},
+    maps::{read_hash, MapSet, WireAddr},
+    sockdiag::{self, DiagSocket, Query},
 };
 
 /// `--socket-lb`.
@@ -71,11 +74,15 @@ const MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
 /// The socket-address programs (each pinned under its own name), beside
 /// `prog_names::SOCK_RELEASE`, a socket program.
-const ADDR_PROGRAMS: [&str; 4] = [
+const ADDR_PROGRAMS: [&str; 8] = [
     prog_names::SOCK_CONNECT4,
     prog_names::SOCK_SENDMSG4,
     prog_names::SOCK_RECVMSG4,
     prog_names::SOCK_GETPEERNAME4,
+    prog_names::SOCK_CONNECT6,
+    prog_names::SOCK_SENDMSG6,
+    prog_names::SOCK_RECVMSG6,
+    prog_names::SOCK_GETPEERNAME6,
 ];
 
 pub fn links_dir(bpffs: &Path) -> PathBuf {
@@ -211,6 +218,58 @@ fn attach_all(ebpf: &mut aya::Ebpf, cg: &fs::File, cgroup: &Path, dir: &Path) ->
     Ok(ADDR_PROGRAMS.len() + 1)
 }
 
+/// A socket the load balancer gave a backend, of either family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbSocket {
+    pub cookie: u64,
+    pub proto: u8,
+    /// The service address it asked for.
+    pub service: SocketAddr,
+    pub backend: SocketAddr,
+    pub backend_id: u32,
+    pub svc_id: u32,
+    /// `SOCK_F_*`.
+    pub flags: u8,
+}
+
+impl LbSocket {
+    fn of<A: WireAddr>(cookie: u64, proto: u8, v: &SockValue<A>) -> Self {
+        let at = |a: A, p: u16| SocketAddr::new(a.to_ip(), wire::to_port(p));
+        Self {
+            cookie,
+            proto,
+            service: at(v.svc_addr, v.svc_port),
+            backend: at(v.backend_addr, v.backend_port),
+            backend_id: v.backend_id,
+            svc_id: v.svc_id,
+            flags: v.flags,
+        }
+    }
+
+    /// Connected by `connect()`, not steered per `sendmsg()`.
+    pub fn connected(&self) -> bool {
+        self.flags & SOCK_F_CONNECTED != 0
+    }
+
+    /// In its backend's active connections.
+    pub fn counted(&self) -> bool {
+        self.flags & SOCK_F_COUNTED != 0
+    }
+}
+
+/// The UDP sockets of both families the load balancer gave a backend
+/// (`SOCKS_UDP`, `SOCKS_UDP6`).
+fn udp_sockets(maps: &MapSet) -> Result<Vec<LbSocket>> {
+    let of = |(cookie, v): (u64, SockValue<_>)| LbSocket::of(cookie, IPPROTO_UDP, &v);
+    let mut all: Vec<LbSocket> = read_hash(&maps.socks_udp)?.into_iter().map(of).collect();
+    all.extend(
+        read_hash(&maps.v6.socks_udp)?
+            .into_iter()
+            .map(|(cookie, v)| LbSocket::of(cookie, IPPROTO_UDP, &v)),
+    );
+    Ok(all)
+}
+
 /// Closes the connected UDP sockets the load balancer gave a backend that
 /// has left the service (`stale`, from the sync that removed it), in
 /// whichever network namespace they are: the reference flushes such flows'
@@ -224,46 +283,69 @@ pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u
     if stale.is_empty() {
         return Ok(0);
     }
-    let cookies: HashSet<u64> = read_hash(&maps.socks_udp)?
-        .into_iter()
-        .filter(|(_, v)| {
-            v.flags & SOCK_F_CONNECTED != 0
-                && stale.contains(&(
-                    v.svc_id,
-                    wire::to_addr(v.backend_addr).into(),
-                    wire::to_port(v.backend_port),
-                ))
+    let mut closed = 0;
+    for (family, v6) in [(libc::AF_INET, false), (libc::AF_INET6, true)] {
+        let cookies: HashSet<u64> = udp_sockets(maps)?
+            .into_iter()
+            .filter(|s| {
+                s.backend.is_ipv6() == v6
+                    && s.connected()
+                    && stale.contains(&(s.svc_id, s.backend.ip(), s.backend.port()))
+            })
+            .map(|s| s.cookie)
+            .collect();
+        if cookies.is_empty() {
+            continue;
+        }
+        let pick = |s: &DiagSocket<SockValue>| cookies.contains(&s.cookie);
+        let (_, n) = sockdiag::walk(&Query {
+            family: family as u8,
+            map: None,
+            protos: &[IPPROTO_UDP],
+            keep: &pick,
+            destroy: &pick,
         })
-        .map(|(cookie, _)| cookie)
-        .collect();
-    if cookies.is_empty() {
-        return Ok(0);
-    }
-    let pick = |s: &DiagSocket| cookies.contains(&s.cookie);
-    let (_, n) = sockdiag::walk(None, &[IPPROTO_UDP], &pick, &pick)
         .context("closing sockets (sock_diag SOCK_DESTROY)")?;
-    Ok(n)
+        closed += n;
+    }
+    Ok(closed)
 }
 
 /// Every socket the load balancer gave a backend, in every network
-/// namespace of the host: (cookie, protocol, its entry). TCP ones carry
-/// their socket storage in the kernel's dump; UDP ones are in `SOCKS_UDP`.
-pub fn sockets(maps: &MapSet, bpffs: &Path) -> Result<Vec<(u64, u8, SockValue)>> {
-    let path = bpffs.join(map_names::SOCKS);
-    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    let stored = |s: &DiagSocket| s.value.is_some();
-    let (tcp, _) = sockdiag::walk(Some(map.fd().as_fd()), &[IPPROTO_TCP], &stored, &|_| false)
-        .context("listing sockets (sock_diag)")?;
-    let mut all: Vec<(u64, u8, SockValue)> = tcp
-        .into_iter()
-        .filter_map(|s| Some((s.cookie, s.proto, s.value?)))
-        .collect();
-    all.extend(
-        read_hash(&maps.socks_udp)?
-            .into_iter()
-            .map(|(cookie, v)| (cookie, IPPROTO_UDP, v)),
-    );
+/// namespace of the host, of both families. TCP ones carry their socket
+/// storage in the kernel's dump; UDP ones are in `SOCKS_UDP`/`SOCKS_UDP6`.
+pub fn sockets(maps: &MapSet, bpffs: &Path) -> Result<Vec<LbSocket>> {
+    let mut all = tcp_sockets::<u32>(bpffs, map_names::SOCKS, libc::AF_INET)?;
+    all.extend(tcp_sockets::<In6>(
+        bpffs,
+        map_names::SOCKS6,
+        libc::AF_INET6,
+    )?);
+    all.extend(udp_sockets(maps)?);
     Ok(all)
+}
+
+/// The TCP sockets of `family` with an entry in the socket storage map
+/// `name`.
+fn tcp_sockets<A: WireAddr + Send>(bpffs: &Path, name: &str, family: i32) -> Result<Vec<LbSocket>>
+where
+    SockValue<A>: aya::Pod,
+{
+    let path = bpffs.join(name);
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let stored = |s: &DiagSocket<SockValue<A>>| s.value.is_some();
+    let (tcp, _) = sockdiag::walk(&Query {
+        family: family as u8,
+        map: Some(map.fd().as_fd()),
+        protos: &[IPPROTO_TCP],
+        keep: &stored,
+        destroy: &|_| false,
+    })
+    .context("listing sockets (sock_diag)")?;
+    Ok(tcp
+        .into_iter()
+        .filter_map(|s| Some(LbSocket::of(s.cookie, s.proto, &s.value?)))
+        .collect())
 }
 
 /// Detaches and unpins every socket-LB link under `bpffs`. Returns how

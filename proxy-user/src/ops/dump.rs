@@ -52,27 +52,19 @@ pub fn sockets(maps: &MapSet, dir: &Path) -> Result<Vec<SocketRow>> {
     };
     let mut rows: Vec<SocketRow> = socklb::sockets(maps, dir)?
         .into_iter()
-        .map(|(cookie, proto, v)| SocketRow {
-            cookie,
-            protocol: proto_name(proto),
-            service: format!(
-                "{}:{}",
-                wire::to_addr(v.svc_addr),
-                wire::to_port(v.svc_port)
-            ),
-            name: name(v.svc_id),
-            backend: format!(
-                "{}:{}",
-                wire::to_addr(v.backend_addr),
-                wire::to_port(v.backend_port)
-            ),
-            backend_id: v.backend_id,
-            mode: if v.flags & proxy_common::SOCK_F_CONNECTED != 0 {
+        .map(|s| SocketRow {
+            cookie: s.cookie,
+            protocol: proto_name(s.proto),
+            service: s.service.to_string(),
+            name: name(s.svc_id),
+            backend: s.backend.to_string(),
+            backend_id: s.backend_id,
+            mode: if s.connected() {
                 "connected"
             } else {
                 "unconnected"
             },
-            counted: v.flags & proxy_common::SOCK_F_COUNTED != 0,
+            counted: s.counted(),
         })
         .collect();
     rows.sort_by(|a, b| {
@@ -355,8 +347,8 @@ pub fn backends(maps: &MapSet, dir: &Path) -> Result<Vec<BackendEntry>> {
     let state = maps.read_state()?;
     let flows = flow_counts(maps)?;
     let mut sockets: BTreeMap<u32, u64> = BTreeMap::new();
-    for (_, _, v) in socklb::sockets(maps, dir)? {
-        *sockets.entry(v.backend_id).or_default() += 1;
+    for s in socklb::sockets(maps, dir)? {
+        *sockets.entry(s.backend_id).or_default() += 1;
     }
     let mut users: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for v in state.services.values() {

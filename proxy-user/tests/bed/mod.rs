@@ -289,3 +289,26 @@ pub fn kpx_cleanup(c: &Cluster) -> String {
     let out = succeeded(cmd.args(["cleanup", "--bpffs"]).arg(c.bpffs()));
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The agent says its socket programs are attached.
+pub fn wait_attached(c: &Cluster) {
+    let ok = testbed::wait_for(std::time::Duration::from_secs(10), || {
+        c.agent_log()
+            .contains("socket-level load balancing: ")
+            .then_some(())
+    });
+    assert!(ok.is_some(), "{}", c.agent_log());
+    assert!(
+        !c.agent_log()
+            .contains("socket-level load balancing unavailable"),
+        "{}",
+        c.agent_log()
+    );
+}
+
+pub fn answers(lines: &[String]) -> Vec<testbed::probe::Answer> {
+    lines
+        .iter()
+        .map(|l| testbed::probe::Answer::parse(l).unwrap_or_else(|e| panic!("probe failed: {e}")))
+        .collect()
+}

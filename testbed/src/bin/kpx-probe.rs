@@ -49,14 +49,14 @@ fn run(args: &[String]) -> Result<(), String> {
         }
         "udp" => {
             let port = args.get(3).map(|p| p.parse::<u16>()).transpose();
-            let sock = udp_socket(port.map_err(|e| e.to_string())?.unwrap_or(0))?;
+            let sock = udp_socket(addr(1)?, port.map_err(|e| e.to_string())?.unwrap_or(0))?;
             for _ in 0..num(2)? {
                 println!("{}", udp_exchange(&sock, Some(addr(1)?)));
             }
         }
         "udp-connected" => {
-            let sock = udp_socket(0)?;
             let to = addr(1)?;
+            let sock = udp_socket(to, 0)?;
             let t = Instant::now();
             if let Err(e) = sock.connect(to) {
                 println!("err {} us={}", errno(&e), t.elapsed().as_micros());
@@ -117,8 +117,14 @@ fn tcp_exchange(s: &TcpStream) -> std::io::Result<String> {
     Ok(line.trim().to_string())
 }
 
-fn udp_socket(port: u16) -> Result<UdpSocket, String> {
-    let sock = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| format!("bind: {e}"))?;
+/// A UDP socket of `to`'s family (`AF_INET6` for an IPv6 address, so
+/// the `6` socket hooks run), bound to `port`.
+fn udp_socket(to: SocketAddr, port: u16) -> Result<UdpSocket, String> {
+    let any: std::net::IpAddr = match to {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind((any, port)).map_err(|e| format!("bind: {e}"))?;
     sock.set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     Ok(sock)
@@ -199,7 +205,7 @@ fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), Str
         }
         "udp" => {
             let port = port.map(|p| p.parse::<u16>()).transpose();
-            let sock = udp_socket(port.map_err(|e| e.to_string())?.unwrap_or(0))?;
+            let sock = udp_socket(to, port.map_err(|e| e.to_string())?.unwrap_or(0))?;
             writeln!(out, "open").map_err(|e| e.to_string())?;
             out.flush().map_err(|e| e.to_string())?;
             for line in stdin.lock().lines() {
@@ -221,7 +227,7 @@ fn session(proto: &str, to: SocketAddr, port: Option<&String>) -> Result<(), Str
             }
         }
         "udp-connected" => {
-            let sock = udp_socket(0)?;
+            let sock = udp_socket(to, 0)?;
             let t = Instant::now();
             if let Err(e) = sock.connect(to) {
                 println!("err {} us={}", errno(&e), t.elapsed().as_micros());
