@@ -110,6 +110,11 @@ pub struct Vm {
 const MAP_FD_BASE: i32 = 1000;
 
 impl Vm {
+    /// Moves the clock `ns` on, as time passing between two packets.
+    pub fn advance_clock(&mut self, ns: u64) {
+        self.clock_ns += ns;
+    }
+
     /// Parses and links an eBPF object as aya's loader does.
     pub fn load(object: &[u8]) -> Result<Self> {
         let mut obj = aya_obj::Object::parse(object).context("parsing the eBPF object")?;

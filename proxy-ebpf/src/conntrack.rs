@@ -194,6 +194,10 @@ pub fn touch<A: Family>(
     (e, refreshed)
 }
 
+/// The cached "next hop" of a flow the FIB sends up the stack: no
+/// interface has this index (they are positive `int`s).
+pub const NEXT_HOP_STACK: u32 = u32::MAX;
+
 /// Caches the next hop the FIB gave for `entry`'s direction: out of
 /// `ifindex` with `macs`, checked with a packet of `len` IP bytes. Writes
 /// only what changed.

@@ -213,7 +213,8 @@ pub fn route_sized<P: Packet, A: Family>(
 }
 
 /// The next hop of an established packet translated to `to`. At ingress it
-/// comes from the flow entry (`rewrite` is its copy, `entry` the element),
+/// comes from the flow entry (`rewrite` is its copy, `entry` the element:
+/// a next hop's interface and MACs, or the stack),
 /// the FIB asked again only when the entry was just `refreshed` (at most
 /// once a second per direction) or the packet is longer than the one the
 /// cached hop was checked with; the answer is cached.
@@ -240,6 +241,14 @@ pub fn established<P: Packet, A: Family>(
             // stack (too big for the route, or a GRO aggregate) leaves the
             // cache for the flow's other packets.
             _ if !refreshed && rewrite.next_ifindex != 0 && pkt.ip_len() > rewrite.next_len => {}
+            // The stack, as the FIB says for local delivery, no route or no
+            // forwarding: cached too, so the flow's next packets skip the
+            // FIB as redirected ones do. (Not for a packet whose TTL runs
+            // out: that says nothing of the route.) Always a safe answer:
+            // the stack forwards whatever the FIB would have redirected.
+            Via::Stack if pkt.ttl > 1 => {
+                conntrack::cache_next_hop(entry, conntrack::NEXT_HOP_STACK, [0; 3], u16::MAX)
+            }
             _ => conntrack::forget_next_hop(entry),
         }
     }
@@ -254,7 +263,7 @@ fn cached<A: Family>(pkt: &IpPacket<A>, e: &CtValue<A>) -> Option<Route> {
     if e.next_ifindex == 0 || pkt.ip_len() > e.next_len {
         return None;
     }
-    if pkt.ttl <= 1 {
+    if pkt.ttl <= 1 || e.next_ifindex == conntrack::NEXT_HOP_STACK {
         return Some(Route::STACK);
     }
     Some(Route::mac(e.next_ifindex, e.next_macs, false))

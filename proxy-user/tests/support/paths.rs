@@ -51,6 +51,10 @@ const EMPTY_VIP6: &str = "2001:2:0:ff::12";
 pub struct Path {
     pub name: &'static str,
     pub egress: bool,
+    /// Sent a conntrack refresh interval after the path before: its flow's
+    /// entry is refreshed, and the FIB asked again (its answer may have
+    /// changed, as here from no route to a next hop).
+    pub later: bool,
     pub fib: Fib,
     pub mark: u32,
     pub frame: Vec<u8>,
@@ -319,6 +323,7 @@ fn path(name: &'static str, frame: Vec<u8>, fib: Fib, verdict: u32) -> Path {
     Path {
         name,
         egress: false,
+        later: false,
         fib,
         mark: 0,
         frame,
@@ -378,20 +383,32 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             Fib::NoRoute,
             TC_ACT_OK,
         ),
-        // Nothing cached: the FIB is asked and says "the stack".
+        // Nothing cached: the FIB is asked and says "the stack", which the
+        // flow entry keeps...
         path(
             "established, FIB to the stack",
             tcp(CLIENT, 45000, VIP, 80, ACK),
             Fib::NoRoute,
             TC_ACT_OK,
         ),
-        // The FIB is asked and its next hop cached in the flow entry...
+        // ...for the flow's next packets, until its refresh.
         path(
-            "established, next hop looked up",
+            "established, to the stack (cached)",
             tcp(CLIENT, 45000, VIP, 80, ACK),
-            FORWARD,
-            TC_ACT_REDIRECT,
+            Fib::NoRoute,
+            TC_ACT_OK,
         ),
+        // A second later the FIB is asked again (it has a route now) and
+        // its next hop cached in the flow entry...
+        Path {
+            later: true,
+            ..path(
+                "established, next hop looked up",
+                tcp(CLIENT, 45000, VIP, 80, ACK),
+                FORWARD,
+                TC_ACT_REDIRECT,
+            )
+        },
         // ...which every later packet uses: the common case.
         path(
             "established",
@@ -399,12 +416,17 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             FORWARD,
             TC_ACT_REDIRECT,
         ),
-        path(
-            "reply, next hop looked up",
-            tcp(&b, 8080, CLIENT, 45000, ACK),
-            FORWARD,
-            TC_ACT_REDIRECT,
-        ),
+        // The reply direction kept "the stack" from its SYN-ACK: a second
+        // later, the FIB's next hop.
+        Path {
+            later: true,
+            ..path(
+                "reply, next hop looked up",
+                tcp(&b, 8080, CLIENT, 45000, ACK),
+                FORWARD,
+                TC_ACT_REDIRECT,
+            )
+        },
         path(
             "reply",
             tcp(&b, 8080, CLIENT, 45000, ACK),
@@ -574,23 +596,35 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
             TC_ACT_OK,
         ),
         path(
-            "IPv6: established, next hop looked up",
+            "IPv6: established, to the stack (cached)",
             tcp6(CLIENT6, 45000, VIP6, 80, ACK),
-            FORWARD,
-            TC_ACT_REDIRECT,
+            Fib::NoRoute,
+            TC_ACT_OK,
         ),
+        Path {
+            later: true,
+            ..path(
+                "IPv6: established, next hop looked up",
+                tcp6(CLIENT6, 45000, VIP6, 80, ACK),
+                FORWARD,
+                TC_ACT_REDIRECT,
+            )
+        },
         path(
             "IPv6: established",
             tcp6(CLIENT6, 45000, VIP6, 80, ACK),
             FORWARD,
             TC_ACT_REDIRECT,
         ),
-        path(
-            "IPv6: reply, next hop looked up",
-            tcp6(&b, 8080, CLIENT6, 45000, ACK),
-            FORWARD,
-            TC_ACT_REDIRECT,
-        ),
+        Path {
+            later: true,
+            ..path(
+                "IPv6: reply, next hop looked up",
+                tcp6(&b, 8080, CLIENT6, 45000, ACK),
+                FORWARD,
+                TC_ACT_REDIRECT,
+            )
+        },
         path(
             "IPv6: reply",
             tcp6(&b, 8080, CLIENT6, 45000, ACK),
@@ -631,6 +665,9 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
 /// Runs one path; fails if the packet ended anywhere but its path's verdict.
 pub fn run(vm: &mut Vm, p: &Path) -> Result<Run> {
     vm.fib = p.fib;
+    if p.later {
+        vm.advance_clock(proxy_common::CT_REFRESH_NS);
+    }
     let prog = if p.egress {
         prog_names::TC_EGRESS
     } else {
