@@ -295,53 +295,53 @@ pub fn kpx_conns_expire6(ctx: TcContext) -> i32 {
 /// [`sock`]; none but the port filter for a port no frontend uses.
 #[cgroup_sock_addr(connect4)]
 pub fn kpx_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::connect::<u32>(&ctx)
+    sock::connect4(&ctx)
 }
 
 /// Unconnected UDP `sendmsg()` to a service: to the socket's backend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn kpx_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg::<u32>(&ctx)
+    sock::sendmsg4(&ctx)
 }
 
 /// UDP `recvmsg()`: a backend's datagram shown as from the service.
 /// One `SOCKS` lookup.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn kpx_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse::<u32>(&ctx)
+    sock::reverse4(&ctx)
 }
 
 /// `getpeername()`: the service address, as with kube-proxy. One `SOCKS`
 /// lookup.
 #[cgroup_sock_addr(getpeername4)]
 pub fn kpx_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse::<u32>(&ctx)
+    sock::reverse4(&ctx)
 }
 
 /// The same four for `AF_INET6` sockets, with IPv6's maps (`SOCKS6`, ...):
 /// the same lookups.
 #[cgroup_sock_addr(connect6)]
 pub fn kpx_sock_connect6(ctx: SockAddrContext) -> i32 {
-    sock::connect::<In6>(&ctx)
+    sock::connect6(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn kpx_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock::sendmsg::<In6>(&ctx)
+    sock::sendmsg6(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn kpx_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
-    sock::reverse::<In6>(&ctx)
+    sock::reverse6(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn kpx_sock_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock::reverse::<In6>(&ctx)
+    sock::reverse6(&ctx)
 }
 
-/// A socket's release: its `SOCKS` (or `SOCKS6`) entry goes. One context
-/// load (the family) and one lookup.
+/// A socket's release: its `SOCKS` (and `SOCKS6`) entry goes. One context
+/// load (the family) and one lookup (two for an `AF_INET6` socket).
 #[cgroup_sock(sock_release)]
 pub fn kpx_sock_release(ctx: SockContext) -> i32 {
     sock::release(&ctx)

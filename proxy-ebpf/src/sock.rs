@@ -8,8 +8,10 @@
 //! One set of functions for both families ([`SockFamily`]): `connect4`
 //! and its kin serve `AF_INET` sockets with IPv4's maps, `connect6` and
 //! its kin `AF_INET6` sockets with IPv6's. An `AF_INET6` socket's
-//! IPv4-mapped destination (`::ffff:a.b.c.d`) is no IPv6 frontend: it
-//! proceeds, and tc translates its IPv4 packets.
+//! IPv4-mapped destination (`::ffff:a.b.c.d`, a dual-stack socket
+//! reaching an IPv4 service: Java's default) is looked up, selected and
+//! decided in IPv4's maps ([`Lookup`]) and kept, mapped, in the socket's
+//! IPv6 storage, so `getpeername6` / `recvmsg6` show it back as such.
 //!
 //! What a socket cannot do is left to tc, which then sees the service
 //! address on the wire and translates per packet, as before: flows the
@@ -67,8 +69,73 @@ pub trait SockFamily: Family {
     /// The call's address (`user_ip4`, `user_ip6`), as on the wire.
     fn user_addr(sa: *mut bpf_sock_addr) -> Self;
     fn set_user_addr(sa: *mut bpf_sock_addr, a: Self);
+}
+
+/// The family a call's destination is looked up in (`Self`), for a socket
+/// of family `W`: its own, or IPv4 for an `AF_INET6` socket's IPv4-mapped
+/// address.
+pub trait Lookup<W>: Family {
+    /// This address as the socket has it.
+    fn wire(self) -> W;
+    /// The socket's address `w` in this family (the caller chose this
+    /// family for it).
+    fn of_wire(w: W) -> Self;
     /// An address standing for the client `w` in a flow hash.
     fn of_word(w: u32) -> Self;
+}
+
+impl Lookup<u32> for u32 {
+    #[inline(always)]
+    fn wire(self) -> u32 {
+        self
+    }
+    #[inline(always)]
+    fn of_wire(w: u32) -> Self {
+        w
+    }
+    #[inline(always)]
+    fn of_word(w: u32) -> Self {
+        w
+    }
+}
+
+impl Lookup<In6> for In6 {
+    #[inline(always)]
+    fn wire(self) -> In6 {
+        self
+    }
+    #[inline(always)]
+    fn of_wire(w: In6) -> Self {
+        w
+    }
+    #[inline(always)]
+    fn of_word(w: u32) -> Self {
+        [0, 0, 0, w]
+    }
+}
+
+/// `::ffff:0:0/96`'s third word, as on the wire.
+const V4_MAPPED: u32 = 0xffffu32.to_be();
+
+impl Lookup<In6> for u32 {
+    #[inline(always)]
+    fn wire(self) -> In6 {
+        [0, 0, V4_MAPPED, self]
+    }
+    #[inline(always)]
+    fn of_wire(w: In6) -> Self {
+        w[3]
+    }
+    #[inline(always)]
+    fn of_word(w: u32) -> Self {
+        w
+    }
+}
+
+/// Whether `a` is an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn v4_mapped(a: In6) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED
 }
 
 impl SockFamily for u32 {
@@ -93,10 +160,6 @@ impl SockFamily for u32 {
     fn set_user_addr(sa: *mut bpf_sock_addr, a: Self) {
         // SAFETY: as above.
         write(unsafe { &raw mut (*sa).user_ip4 }, a);
-    }
-    #[inline(always)]
-    fn of_word(w: u32) -> Self {
-        w
     }
 }
 
@@ -130,10 +193,6 @@ impl SockFamily for In6 {
             write(unsafe { w.add(i) }, v);
         }
     }
-    #[inline(always)]
-    fn of_word(w: u32) -> Self {
-        [0, 0, 0, w]
-    }
 }
 
 /// The call goes on (with the address as the program left it).
@@ -143,10 +202,42 @@ const FAIL: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const AF_INET6: u32 = 10;
 
-/// A `connect()` (TCP or UDP): to a service, connected to a backend.
+/// `connect4`: [`connect`] in IPv4's maps.
 #[inline(always)]
-pub fn connect<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
-    let Some(req) = Request::<A>::of(ctx) else {
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    connect::<u32, u32>(ctx)
+}
+
+/// `connect6`: [`connect`] in IPv6's maps, or IPv4's for an IPv4-mapped
+/// destination.
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) -> i32 {
+    if v4_mapped(In6::user_addr(ctx.sock_addr)) {
+        connect::<In6, u32>(ctx)
+    } else {
+        connect::<In6, In6>(ctx)
+    }
+}
+
+/// `sendmsg4`: [`sendmsg`] in IPv4's maps.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    sendmsg::<u32, u32>(ctx)
+}
+
+/// `sendmsg6`: [`sendmsg`] in IPv6's maps. (The kernel never runs it for
+/// an IPv4-mapped destination: it sends such a datagram through IPv4's
+/// `sendmsg`, and `sendmsg4` balances it.)
+#[inline(always)]
+pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
+    sendmsg::<In6, In6>(ctx)
+}
+
+/// A `connect()` (TCP or UDP) of a socket of family `A`, its destination
+/// looked up in `L`'s maps: to a service, connected to a backend.
+#[inline(always)]
+fn connect<A: SockFamily, L: Lookup<A>>(ctx: &SockAddrContext) -> i32 {
+    let Some(req) = Request::<A, L>::of(ctx) else {
         // A UDP socket connected elsewhere now: what it had is no longer
         // its peer (a pointer test for every other socket).
         if let Some(old) = storage::<A>(ctx, false) {
@@ -184,11 +275,12 @@ pub fn connect<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-/// An unconnected UDP `sendmsg()`: to a service, sent to the socket's
-/// backend for it while that backend serves, else to a new one.
+/// An unconnected UDP `sendmsg()` (as [`connect`]: socket family `A`,
+/// lookups in `L`): to a service, sent to the socket's backend for it
+/// while that backend serves, else to a new one.
 #[inline(always)]
-pub fn sendmsg<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
-    let Some(req) = Request::<A>::of(ctx) else {
+fn sendmsg<A: SockFamily, L: Lookup<A>>(ctx: &SockAddrContext) -> i32 {
+    let Some(req) = Request::<A, L>::of(ctx) else {
         return PROCEED;
     };
     if req.proto != IPPROTO_UDP {
@@ -234,17 +326,39 @@ pub fn sendmsg<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-/// `recvmsg()` (UDP) and `getpeername()`: a backend's address shown as
-/// the service's the socket asked for.
+/// `recvmsg4` / `getpeername4`: [`reverse`] of IPv4's storage.
 #[inline(always)]
-pub fn reverse<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
-    let Some(v) = storage::<A>(ctx, false) else {
-        return PROCEED;
+pub fn reverse4(ctx: &SockAddrContext) -> i32 {
+    reverse::<u32, u32>(ctx);
+    PROCEED
+}
+
+/// `recvmsg6` / `getpeername6`: [`reverse`] of IPv6's storage; for an
+/// IPv4-mapped address, of IPv4's storage too: the kernel sends an
+/// `AF_INET6` socket's unconnected datagrams to such an address through
+/// IPv4's `sendmsg` (`sendmsg4` kept the service there), while its answers
+/// come through `recvmsg6`. (One storage lookup more, only for an
+/// IPv4-mapped address the IPv6 storage did not know.)
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) -> i32 {
+    if !reverse::<In6, In6>(ctx) && v4_mapped(In6::user_addr(ctx.sock_addr)) {
+        reverse::<In6, u32>(ctx);
+    }
+    PROCEED
+}
+
+/// `recvmsg()` (UDP) and `getpeername()` of a socket of family `A`: a
+/// backend's address shown as the service's the socket asked for, from the
+/// socket's entry in `S`'s storage. Whether it was.
+#[inline(always)]
+fn reverse<A: SockFamily, S: SockFamily + Lookup<A>>(ctx: &SockAddrContext) -> bool {
+    let Some(v) = storage::<S>(ctx, false) else {
+        return false;
     };
     // SAFETY: this socket's storage, copied out.
     let v = unsafe { *v };
     let sa = ctx.sock_addr;
-    let (addr, port) = (A::user_addr(sa), read(port_field(sa)) as u16);
+    let (addr, port) = (S::of_wire(A::user_addr(sa)), read(port_field(sa)) as u16);
     let v = if addr == v.backend_addr && port == v.backend_port {
         v
     } else if v.proto == IPPROTO_UDP && v.flags & SOCK_F_CONNECTED == 0 {
@@ -252,15 +366,15 @@ pub fn reverse<A: SockFamily>(ctx: &SockAddrContext) -> i32 {
         // to (one LRU lookup, only for a datagram from elsewhere).
         match peer(cookie(ctx), addr, port, v.proto) {
             Some(p) if p.backend_addr == addr && p.backend_port == port => p,
-            _ => return PROCEED,
+            _ => return false,
         }
     } else {
-        return PROCEED;
+        return false;
     };
-    A::set_user_addr(sa, v.svc_addr);
+    A::set_user_addr(sa, v.svc_addr.wire());
     write(port_field(sa), v.svc_port as u32);
     stats::event(Event::SockRevNat, 1);
-    PROCEED
+    true
 }
 
 /// The socket's cookie.
@@ -319,20 +433,22 @@ fn leave<A: SockFamily>(v: &SockValue<A>, cookie: impl FnOnce() -> u64) {
 
 /// A socket's release: a counted socket leaves its backend's active
 /// connections. Its storage goes with the socket. The socket's family
-/// (one context load) says which storage map it can have an entry in.
+/// (one context load) says which storage maps it can have an entry in:
+/// an `AF_INET` socket IPv4's; an `AF_INET6` socket IPv6's, and IPv4's
+/// too (its datagrams to IPv4-mapped addresses went through `sendmsg4`).
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
     // SAFETY: a readable field of the program's socket.
     let family = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).family) };
     if family == AF_INET6 {
-        release_from::<In6>(ctx)
-    } else {
-        release_from::<u32>(ctx)
+        release_from::<In6>(ctx);
     }
+    release_from::<u32>(ctx);
+    PROCEED
 }
 
 #[inline(always)]
-fn release_from<A: SockFamily>(ctx: &SockContext) -> i32 {
+fn release_from<A: SockFamily>(ctx: &SockContext) {
     // SAFETY: the map is a socket storage map and `ctx.sock` the socket
     // the program runs for, both as the helper requires; no value is
     // created.
@@ -352,7 +468,6 @@ fn release_from<A: SockFamily>(ctx: &SockContext) -> i32 {
             unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
         });
     }
-    PROCEED
 }
 
 /// This socket's entry, created (zeroed) when `create` and absent; None
@@ -370,15 +485,17 @@ fn storage<A: SockFamily>(ctx: &SockAddrContext, create: bool) -> Option<*mut So
     (!p.is_null()).then_some(p)
 }
 
-/// A `connect()` / `sendmsg()` to a service frontend.
-struct Request<A> {
+/// A `connect()` / `sendmsg()` to a service frontend: `addr` as the
+/// socket of family `A` has it, looked up in `L`'s maps.
+struct Request<A, L> {
     addr: A,
     port: u16,
     proto: u8,
     svc: ServiceValue,
+    _lookup: core::marker::PhantomData<L>,
 }
 
-impl<A: SockFamily> Request<A> {
+impl<A: SockFamily, L: Lookup<A>> Request<A, L> {
     /// The call's destination, if it is a service frontend (TCP or UDP).
     #[inline(always)]
     fn of(ctx: &SockAddrContext) -> Option<Self> {
@@ -390,12 +507,13 @@ impl<A: SockFamily> Request<A> {
         }
         let port = read(port_field(sa)) as u16;
         let addr = A::user_addr(sa);
-        let svc = *service::lookup_dst(addr, port, proto)?;
+        let svc = *service::lookup_dst(L::of_wire(addr), port, proto)?;
         Some(Self {
             addr,
             port,
             proto,
             svc,
+            _lookup: core::marker::PhantomData,
         })
     }
 
@@ -407,7 +525,7 @@ impl<A: SockFamily> Request<A> {
         &self,
         ctx: &SockAddrContext,
         known: Option<&SockValue<A>>,
-    ) -> Result<select::Selected<A>, i32> {
+    ) -> Result<select::Selected<L>, i32> {
         let cfg = service::config();
         // SAFETY: the program's context, which the helper accepts.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -426,9 +544,9 @@ impl<A: SockFamily> Request<A> {
         // The client's address is not known yet: a pod's is in the cluster
         // CIDR (kube-proxy's local-traffic detector), the node's is not.
         // Source ranges need the real one: tc decides those.
-        let net = A::net(&cfg);
+        let net = L::net(&cfg);
         let (origin, src) = if node {
-            (Origin::Node, A::ZERO)
+            (Origin::Node, L::ZERO)
         } else {
             (Origin::Network, net.cluster_addr())
         };
@@ -441,12 +559,12 @@ impl<A: SockFamily> Request<A> {
         let table = select::Table::of(svc, choice.local);
         if let Some(k) = known {
             if table.contains(k.slot)
-                && matches!(select::slot::<A>(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
+                && matches!(select::slot::<L>(svc.svc_id, k.slot), Ok(s) if s.backend_id == k.backend_id)
             {
                 return Ok(select::Selected {
                     backend_id: k.backend_id,
                     backend: proxy_common::Backend {
-                        addr: k.backend_addr,
+                        addr: L::of_wire(k.backend_addr),
                         port: k.backend_port,
                         ..Default::default()
                     },
@@ -457,8 +575,8 @@ impl<A: SockFamily> Request<A> {
         }
         // The hashing schedulers hash the client: its namespace here.
         let flow = CtKey {
-            src_addr: A::of_word((netns ^ (netns >> 32)) as u32),
-            dst_addr: self.addr,
+            src_addr: L::of_word((netns ^ (netns >> 32)) as u32),
+            dst_addr: L::of_wire(self.addr),
             src_port: 0,
             dst_port: self.port,
             proto: self.proto,
@@ -472,7 +590,7 @@ impl<A: SockFamily> Request<A> {
         &self,
         ctx: &SockAddrContext,
         entry: *mut SockValue<A>,
-        sel: &select::Selected<A>,
+        sel: &select::Selected<L>,
         flags: u8,
     ) {
         let v = SockValue {
@@ -480,7 +598,7 @@ impl<A: SockFamily> Request<A> {
             svc_port: self.port,
             proto: self.proto,
             flags,
-            backend_addr: sel.backend.addr,
+            backend_addr: sel.backend.addr.wire(),
             backend_port: sel.backend.port,
             backend_id: sel.backend_id,
             svc_id: self.svc.svc_id,
@@ -499,8 +617,8 @@ impl<A: SockFamily> Request<A> {
     }
 
     #[inline(always)]
-    fn send_to(&self, ctx: &SockAddrContext, sel: &select::Selected<A>) {
-        A::set_user_addr(ctx.sock_addr, sel.backend.addr);
+    fn send_to(&self, ctx: &SockAddrContext, sel: &select::Selected<L>) {
+        A::set_user_addr(ctx.sock_addr, sel.backend.addr.wire());
         write(port_field(ctx.sock_addr), sel.backend.port as u32);
     }
 }

@@ -609,6 +609,24 @@ fn ipv6_sockets_connect_straight_to_backends_and_see_the_service() {
     assert!(got.iter().all(|a| a.peer == dns), "{got:?}");
     assert_eq!(counter_count(&c, Counter::NewFlow), new_flows);
 
+    // A dual-stack (`AF_INET6`) socket reaching the IPv4 cluster IP
+    // through its IPv4-mapped address, as Java's do: balanced at the
+    // socket with IPv4's maps, shown back mapped.
+    let mapped = format!("[::ffff:{VIP}]:80");
+    let got = answers(&probe::run(&client, Some(&cg), &["tcp", &mapped, "20"]).unwrap());
+    assert_eq!(identities(&got).len(), 3, "{got:?}");
+    for a in &got {
+        assert_eq!(a.peer, mapped, "{a:?}");
+        assert!(a.client.starts_with("198.18.2.2:"), "{a:?}");
+    }
+    let mapped_dns = format!("[::ffff:{VIP}]:53");
+    let got = answers(&probe::run(&client, Some(&cg), &["udp", &mapped_dns, "5"]).unwrap());
+    assert_eq!(identities(&got).len(), 1, "{got:?}");
+    assert!(got.iter().all(|a| a.peer == mapped_dns), "{got:?}");
+    // 70 above, the connected UDP socket's, these 20.
+    assert_eq!(event_count(&c, Event::SockConnect), 91);
+    assert_eq!(counter_count(&c, Counter::NewFlow), new_flows);
+
     // Held TCP sockets: `kpx dump sockets` lists them with the IPv6
     // frontend and backend.
     let mut held: Vec<Session> = (0..3)
@@ -630,8 +648,15 @@ fn ipv6_sockets_connect_straight_to_backends_and_see_the_service() {
         .filter(|r| r["addr"].as_str().is_some_and(|a| a.contains(':')))
         .map(|r| r["sockets"].as_u64().unwrap())
         .sum();
-    // Only the held ones: the probes' UDP sockets left at their release.
+    // Only the held ones: the probes' UDP sockets left at their release,
+    // the dual-stack one's IPv4 entry (from `sendmsg4`) too.
     assert_eq!(v6_sockets, 3, "{rows:?}");
+    let v4_sockets: u64 = rows
+        .iter()
+        .filter(|r| r["addr"].as_str().is_some_and(|a| !a.contains(':')))
+        .map(|r| r["sockets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(v4_sockets, 0, "{rows:?}");
 }
 
 fn identities(got: &[Answer]) -> std::collections::BTreeMap<String, usize> {
@@ -695,6 +720,18 @@ fn ipv6_udp_sockets_move_on_when_their_backend_leaves_and_tcp_stays() {
     // The UDP sockets' backends leave; a TCP connection held to one of
     // them must stay.
     let leaving = [first.identity.clone(), connected.identity.clone()];
+    // A connected dual-stack socket on the IPv4 side (IPv4-mapped), to a
+    // leaving backend: closed as well.
+    let mapped_dns = format!("[::ffff:{VIP}]:53");
+    let mut mapped = (0..30)
+        .find_map(|_| {
+            let mut s =
+                Session::start(&client, Some(&cg), &["udp-connected", &mapped_dns]).unwrap();
+            let a = Answer::parse(&s.ask().unwrap()).unwrap();
+            assert_eq!(a.peer, mapped_dns);
+            leaving.contains(&a.identity).then_some(s)
+        })
+        .expect("no mapped socket reached a leaving backend in 30 tries");
     let (mut tcp, held) = (0..30)
         .find_map(|_| {
             let mut s = Session::start(&client, Some(&cg), &["tcp", &http]).unwrap();
@@ -720,9 +757,11 @@ fn ipv6_udp_sockets_move_on_when_their_backend_leaves_and_tcp_stays() {
     assert_eq!(event_count(&c, Event::SockRebalanced), 1);
     // The connected one is closed by the agent (sock_diag on AF_INET6):
     // the application hears of it.
-    wait_event(&c, Event::SockDestroyed, 1, Duration::from_secs(20));
-    let after = stuck.ask().unwrap();
-    assert!(after.starts_with("err "), "{after}");
+    wait_event(&c, Event::SockDestroyed, 2, Duration::from_secs(20));
+    for s in [&mut stuck, &mut mapped] {
+        let after = s.ask().unwrap();
+        assert!(after.starts_with("err "), "{after}");
+    }
     // kube-proxy keeps live TCP connections to a removed, running backend.
     let again = Answer::parse(&tcp.ask().unwrap()).unwrap();
     assert_eq!(again.identity, held.identity);

@@ -223,6 +223,10 @@ fn attach_all(ebpf: &mut aya::Ebpf, cg: &fs::File, cgroup: &Path, dir: &Path) ->
 pub struct LbSocket {
     pub cookie: u64,
     pub proto: u8,
+    /// The socket's family: `AF_INET6` for an IPv6 socket, whose service
+    /// and backend may be IPv4 ones (an IPv4-mapped destination, shown
+    /// here as the IPv4 address it maps).
+    pub family: i32,
     /// The service address it asked for.
     pub service: SocketAddr,
     pub backend: SocketAddr,
@@ -234,10 +238,15 @@ pub struct LbSocket {
 
 impl LbSocket {
     fn of<A: WireAddr>(cookie: u64, proto: u8, v: &SockValue<A>) -> Self {
-        let at = |a: A, p: u16| SocketAddr::new(a.to_ip(), wire::to_port(p));
+        let at = |a: A, p: u16| SocketAddr::new(a.to_ip().to_canonical(), wire::to_port(p));
+        let family = match A::ZERO.to_ip() {
+            std::net::IpAddr::V4(_) => libc::AF_INET,
+            std::net::IpAddr::V6(_) => libc::AF_INET6,
+        };
         Self {
             cookie,
             proto,
+            family,
             service: at(v.svc_addr, v.svc_port),
             backend: at(v.backend_addr, v.backend_port),
             backend_id: v.backend_id,
@@ -283,12 +292,13 @@ pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u
     if stale.is_empty() {
         return Ok(0);
     }
+    let udp = udp_sockets(maps)?;
     let mut closed = 0;
-    for (family, v6) in [(libc::AF_INET, false), (libc::AF_INET6, true)] {
-        let cookies: HashSet<u64> = udp_sockets(maps)?
-            .into_iter()
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let cookies: HashSet<u64> = udp
+            .iter()
             .filter(|s| {
-                s.backend.is_ipv6() == v6
+                s.family == family
                     && s.connected()
                     && stale.contains(&(s.svc_id, s.backend.ip(), s.backend.port()))
             })
