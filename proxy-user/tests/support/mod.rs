@@ -2,6 +2,7 @@
 //! map seeding and the "needs the kernel" guard.
 #![allow(dead_code)]
 
+pub mod fam;
 pub mod paths;
 pub mod v6;
 
@@ -31,6 +32,16 @@ pub const XDP_TX: u32 = 3;
 /// Root-only: the tests that call it are `#[ignore = "needs root"]`.
 pub fn datapath() -> Datapath {
     testbed::built("the datapath", Datapath::load(&LoadOptions::default()))
+}
+
+/// As [`datapath`], with IPv6's tables at IPv4's sizes, as on a node
+/// configured for IPv6 (`LoadOptions::ipv6`).
+pub fn datapath_ipv6() -> Datapath {
+    let opts = LoadOptions {
+        ipv6: true,
+        ..LoadOptions::default()
+    };
+    testbed::built("the datapath", Datapath::load(&opts))
 }
 
 pub fn ip(s: &str) -> Ipv4Addr {
