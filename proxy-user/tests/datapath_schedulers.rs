@@ -22,32 +22,7 @@ use support::{
 
 const AFFINITY_ID: u32 = 0x5eed;
 
-/// Runs the test body `$body::<F>` on each family, as tests named
-/// `$body_ipv4` and `$body_ipv6`.
-macro_rules! both_families {
-    ($($body:ident),* $(,)?) => {
-        mod ipv4 {
-            $(
-                #[test]
-                #[ignore = "needs root"]
-                fn $body() {
-                    super::$body::<super::V4>();
-                }
-            )*
-        }
-        mod ipv6 {
-            $(
-                #[test]
-                #[ignore = "needs root"]
-                fn $body() {
-                    super::$body::<super::V6>();
-                }
-            )*
-        }
-    };
-}
-
-both_families!(
+crate::both_families!(
     round_robin_gives_each_backend_its_turn,
     source_hashing_keeps_a_client_on_one_backend_and_agrees_with_the_agent,
     port_hashing_spreads_one_clients_connections,
@@ -301,18 +276,19 @@ fn least_connections_takes_the_less_busy_of_two_backends<F: Fam>() {
     assert!(seen.get(b2).copied().unwrap_or(0) >= 30, "{seen:?}");
 
     // Two backends: always the less busy one.
+    let vip2 = F::vip(20);
     F::install(
         &mut dp,
         9,
-        F::VIP2,
+        &vip2,
         80,
         IPPROTO_TCP,
         &[(31, b1, 8080), (32, b2, 8080)],
     );
-    schedule::<F>(&mut dp, F::VIP2, SCHED_LC, 0);
+    schedule::<F>(&mut dp, &vip2, SCHED_LC, 0);
     dp.maps.conns.insert(31, 1, 0).unwrap();
     for sport in 0..20 {
-        let got = fam::connect_to::<F>(&mut dp, F::CLIENT, 50_000 + sport, F::VIP2);
+        let got = fam::connect_to::<F>(&mut dp, F::CLIENT, 50_000 + sport, &vip2);
         assert_eq!(got, b2);
     }
 }

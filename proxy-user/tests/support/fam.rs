@@ -8,11 +8,38 @@ use std::net::IpAddr;
 
 use kpx::dataplane::{
     conntrack::CtFamily,
-    maps::{CtTable, Datapath, WireAddr as _},
+    maps::{CtTable, Datapath, LoadOptions, WireAddr as _},
 };
-use proxy_common::{wire, Address, CtKey, In6, ServiceValue, IPPROTO_TCP};
+use proxy_common::{wire, Address, CtKey, CtValue, In6, ServiceValue, IPPROTO_TCP};
 
 use super::{v6::*, *};
+
+/// Declares each test body `$body::<F: Fam>` (a function of the calling
+/// module) as two ignored-without-root tests, `ipv4::$body` and
+/// `ipv6::$body`; the caller has `V4` and `V6` in scope.
+#[macro_export]
+macro_rules! both_families {
+    ($($body:ident),* $(,)?) => {
+        mod ipv4 {
+            $(
+                #[test]
+                #[ignore = "needs root"]
+                fn $body() {
+                    super::$body::<super::V4>();
+                }
+            )*
+        }
+        mod ipv6 {
+            $(
+                #[test]
+                #[ignore = "needs root"]
+                fn $body() {
+                    super::$body::<super::V6>();
+                }
+            )*
+        }
+    };
+}
 
 /// A packet's addresses and ports as the datapath left them (checksums
 /// verified).
@@ -30,8 +57,6 @@ pub trait Fam {
     const NAME: &'static str;
     const CLIENT: &'static str;
     const VIP: &'static str;
-    /// A second, unused service address.
-    const VIP2: &'static str;
     const BACKENDS: [&'static str; 3];
     /// The standard scenario's TCP frontend's service id and its backends'
     /// ids (slot order).
@@ -39,10 +64,15 @@ pub trait Fam {
     const TCP_IDS: [u32; 3];
 
     /// A fresh datapath sized for the family, as the agent loads it on a
-    /// node that serves it.
-    fn datapath() -> Datapath;
+    /// node that serves it; `conntrack_entries` as the agent's flag.
+    fn datapath_with(conntrack_entries: Option<u32>) -> Datapath;
+    fn datapath() -> Datapath {
+        Self::datapath_with(None)
+    }
     /// The `i`-th of many client addresses (`i` < 256).
     fn client(i: u16) -> String;
+    /// Service address number `n` (the standard VIP is 16).
+    fn vip(n: u8) -> String;
     /// An Ethernet frame carrying a TCP/UDP packet.
     fn frame(src: &str, sport: u16, dst: &str, dport: u16, l4: L4) -> Vec<u8>;
     /// What the datapath left of a frame.
@@ -73,16 +103,21 @@ impl Fam for V4 {
     const NAME: &'static str = "IPv4";
     const CLIENT: &'static str = CLIENT;
     const VIP: &'static str = VIP;
-    const VIP2: &'static str = "198.19.0.20";
     const BACKENDS: [&'static str; 3] = [B1, B2, B3];
     const TCP_SVC: u32 = 1;
     const TCP_IDS: [u32; 3] = [1, 2, 3];
 
-    fn datapath() -> Datapath {
-        datapath()
+    fn datapath_with(conntrack_entries: Option<u32>) -> Datapath {
+        load(LoadOptions {
+            conntrack_entries,
+            ..LoadOptions::default()
+        })
     }
     fn client(i: u16) -> String {
         format!("198.18.0.{}", i + 2)
+    }
+    fn vip(n: u8) -> String {
+        format!("198.19.0.{n}")
     }
     fn frame(src: &str, sport: u16, dst: &str, dport: u16, l4: L4) -> Vec<u8> {
         Pkt::new(src, sport, dst, dport, l4).build()
@@ -119,16 +154,22 @@ impl Fam for V6 {
     const NAME: &'static str = "IPv6";
     const CLIENT: &'static str = CLIENT6;
     const VIP: &'static str = VIP6;
-    const VIP2: &'static str = "2001:2:0:ff::20";
     const BACKENDS: [&'static str; 3] = [B6_1, B6_2, B6_3];
     const TCP_SVC: u32 = 21;
     const TCP_IDS: [u32; 3] = [11, 12, 13];
 
-    fn datapath() -> Datapath {
-        datapath_ipv6()
+    fn datapath_with(conntrack_entries: Option<u32>) -> Datapath {
+        load(LoadOptions {
+            conntrack_entries,
+            ipv6: true,
+            ..LoadOptions::default()
+        })
     }
     fn client(i: u16) -> String {
         format!("2001:2::{:x}", i + 2)
+    }
+    fn vip(n: u8) -> String {
+        format!("2001:2:0:ff::{n:x}")
     }
     fn frame(src: &str, sport: u16, dst: &str, dport: u16, l4: L4) -> Vec<u8> {
         Pkt6::new(src, sport, dst, dport, l4).build()
@@ -158,6 +199,10 @@ impl Fam for V6 {
     fn cluster(dp: &mut Datapath) {
         cluster6(dp);
     }
+}
+
+fn load(opts: LoadOptions) -> Datapath {
+    testbed::built("the datapath", Datapath::load(&opts))
 }
 
 /// `s` as the family's map address.
@@ -241,11 +286,21 @@ pub fn lose_flows<F: Fam>(dp: &mut Datapath) {
     }
 }
 
-/// Whether the family's tables hold `key`.
-pub fn tracked<F: Fam>(dp: &Datapath, key: &CtKey<F::A>) -> bool {
+/// Where the family's tables hold `key`, and its entry.
+pub fn ct_get<F: Fam>(dp: &Datapath, key: &CtKey<F::A>) -> Option<(CtTable, CtValue<F::A>)> {
     CtTable::ALL
         .into_iter()
-        .any(|t| F::A::get(&dp.maps, t, key).is_some())
+        .find_map(|t| F::A::get(&dp.maps, t, key).map(|v| (t, v)))
+}
+
+/// Whether the family's tables hold `key`.
+pub fn tracked<F: Fam>(dp: &Datapath, key: &CtKey<F::A>) -> bool {
+    ct_get::<F>(dp, key).is_some()
+}
+
+/// How many entries the family's table `t` holds.
+pub fn count<F: Fam>(dp: &Datapath, t: CtTable) -> usize {
+    F::A::read(&dp.maps, t).expect("reading conntrack").len()
 }
 
 /// Rewrites the TCP frontend (port 80) at `vip` with `edit`.

@@ -34,16 +34,6 @@ pub fn datapath() -> Datapath {
     testbed::built("the datapath", Datapath::load(&LoadOptions::default()))
 }
 
-/// As [`datapath`], with IPv6's tables at IPv4's sizes, as on a node
-/// configured for IPv6 (`LoadOptions::ipv6`).
-pub fn datapath_ipv6() -> Datapath {
-    let opts = LoadOptions {
-        ipv6: true,
-        ..LoadOptions::default()
-    };
-    testbed::built("the datapath", Datapath::load(&opts))
-}
-
 pub fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("test address")
 }
