@@ -1,7 +1,9 @@
 //! Flow semantics in the kernel (BPF_PROG_TEST_RUN): REJECT for services
 //! without endpoints, invalid TCP, closing flows, ClientIP affinity, ICMP
 //! errors about translated flows. The generated and translated ICMP bytes
-//! are checked field by field, checksums recomputed from scratch.
+//! are checked field by field, checksums recomputed from scratch. Invalid
+//! TCP and closing flows run on IPv4 and on IPv6 (`support::fam`); IPv6's
+//! REJECT, affinity and ICMPv6 errors are in `datapath_v6.rs`.
 
 mod support;
 
@@ -10,7 +12,10 @@ use kpx::dataplane::maps::Datapath;
 use proxy_common::{
     wire, AffinityKey, Counter, DropReason, Event, SlotKey, CT_F_CLOSING, IPPROTO_TCP, IPPROTO_UDP,
 };
-use support::*;
+use support::{
+    fam::{self, Fam, V4, V6},
+    *,
+};
 
 const OTHER_CLIENT: &str = "198.18.0.3";
 const ROUTER: &str = "198.18.0.1";
@@ -75,11 +80,14 @@ fn syn_or_datagram_to_a_service_without_endpoints_gets_port_unreachable() {
     assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 1);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid() {
-    let mut dp = datapath();
-    cluster(&mut dp);
+crate::both_families!(
+    tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid,
+    fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow,
+);
+
+fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
     let rst = L4::Tcp {
         syn: false,
         ack: false,
@@ -89,48 +97,47 @@ fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid() {
     for (i, l4) in [ACK, SYN_ACK, FIN_ACK, rst].into_iter().enumerate() {
         let out = run(
             &mut dp,
-            &Pkt::new(CLIENT, 45000 + i as u16, VIP, 80, l4).build(),
+            &F::frame(F::CLIENT, 45000 + i as u16, F::VIP, 80, l4),
         );
         assert_eq!(out.verdict, TC_ACT_SHOT, "{l4:?}");
     }
     assert_eq!(drops(&mut dp, DropReason::InvalidTcp), 4);
-    assert_eq!(dp.maps.ct_entries().len(), 0);
+    assert_eq!(fam::entries::<F>(&dp).len(), 0);
     // UDP has no such notion: a datagram always starts a flow.
-    let out = run(&mut dp, &Pkt::new(CLIENT, 45010, VIP, 53, UDP).build());
+    let out = run(&mut dp, &F::frame(F::CLIENT, 45010, F::VIP, 53, UDP));
     assert_eq!(out.verdict, TC_ACT_OK);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow() {
-    let mut dp = datapath();
-    cluster(&mut dp);
-    let orig = ct_key(CLIENT, 46000, VIP, 80, IPPROTO_TCP);
-    let first = handshake(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN));
+fn fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    let to_vip = |l4| F::frame(F::CLIENT, 46000, F::VIP, 80, l4);
+    let orig = fam::key::<F>(F::CLIENT, 46000, F::VIP, 80, IPPROTO_TCP);
+    let first = fam::open::<F>(&mut dp, F::CLIENT, 46000);
     // A retransmitted SYN of a live flow stays on it.
-    let again = run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build());
-    assert_eq!(inspect(&again.bytes), first);
+    let again = run(&mut dp, &to_vip(SYN));
+    assert_eq!(F::flow(&again.bytes), first);
     assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
     // Two entries, then the same two in the established table.
     assert_eq!(event(&mut dp, Event::CtInserted), 4);
 
-    let out = run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, FIN_ACK).build());
+    let out = run(&mut dp, &to_vip(FIN_ACK));
     assert_eq!(out.verdict, TC_ACT_OK);
-    assert_eq!(inspect(&out.bytes), first);
-    let reply = ct_key(&first.dst.to_string(), 8080, CLIENT, 46000, IPPROTO_TCP);
+    assert_eq!(F::flow(&out.bytes), first);
+    let reply = fam::key::<F>(&first.dst.to_string(), 8080, F::CLIENT, 46000, IPPROTO_TCP);
     for key in [orig, reply] {
-        let (_, e) = dp.maps.ct_get(&key).expect("entry");
+        let (_, e) = fam::ct_get::<F>(&dp, &key).expect("entry");
         assert_ne!(e.flags & CT_F_CLOSING, 0, "{key:?} not closing");
     }
 
-    let out = run(&mut dp, &Pkt::new(CLIENT, 46000, VIP, 80, SYN).build());
+    let out = run(&mut dp, &to_vip(SYN));
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(counter(&mut dp, Counter::NewFlow), 2);
     assert_eq!(event(&mut dp, Event::CtRemoved), 4);
     assert_eq!(event(&mut dp, Event::CtInserted), 6);
-    let (_, e) = dp.maps.ct_get(&orig).expect("new entry");
+    let (_, e) = fam::ct_get::<F>(&dp, &orig).expect("new entry");
     assert_eq!(e.flags & CT_F_CLOSING, 0, "the new flow is not closing");
-    assert_eq!(dp.maps.ct_entries().len(), 2);
+    assert_eq!(fam::entries::<F>(&dp).len(), 2);
 }
 
 #[test]
