@@ -2,10 +2,12 @@
 //! and masquerade: NodePorts, traffic policies, source ranges, the
 //! datapath's own SNAT with its conntrack entries, the node's own flows at
 //! egress, and FIB forwarding. Each case checks the bytes that come out and
-//! what the program wrote to its maps.
+//! what the program wrote to its maps. Masquerade ports, traffic policies,
+//! source ranges and who is masqueraded run on IPv4 and on IPv6.
 
 mod support;
 
+use kpx::dataplane::maps::Datapath;
 use kpx::{control::cidr::Cidr, dataplane::maps::range_key, dataplane::node::PortRange};
 use proxy_common::{
     wire, Counter, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_DSR_ENCAP,
@@ -13,7 +15,10 @@ use proxy_common::{
     LOCAL_SLOTS, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL,
     SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
 };
-use support::*;
+use support::{
+    fam::{self, Fam, V4, V6},
+    *,
+};
 use testbed::Netns;
 
 /// This node: its fabric address (serves NodePorts) and a pod-side gateway.
@@ -173,160 +178,6 @@ fn a_nodeport_with_cluster_policy_is_translated_and_masqueraded_with_its_reply_e
         let out = run(&mut dp, &Pkt::new(OUTSIDE, 40001, dst, 30080, SYN).build());
         assert_eq!(out.verdict, TC_ACT_UNSPEC, "{dst}");
     }
-}
-
-#[test]
-#[ignore = "needs root"]
-fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    // One backend and two masquerade ports.
-    let mut cfg = dp.maps.config.get(&0, 0).unwrap();
-    cfg.snat_port_min = 20000;
-    cfg.snat_port_max = 20001;
-    dp.maps.set_config(&cfg).unwrap();
-    frontend(
-        &mut dp,
-        (NODEPORT_ADDR, 30080, IPPROTO_UDP),
-        2,
-        1,
-        SVC_F_EXTERNAL,
-        &[],
-    );
-    let mut ports = Vec::new();
-    for sport in [1000, 1001] {
-        let out = run(&mut dp, &Pkt::new(OUTSIDE, sport, NODE, 30080, UDP).build());
-        assert_eq!(out.verdict, TC_ACT_OK);
-        ports.push(inspect(&out.bytes).sport);
-    }
-    ports.sort();
-    assert_eq!(ports, [20000, 20001], "two flows, two distinct ports");
-    let out = run(&mut dp, &Pkt::new(OUTSIDE, 1002, NODE, 30080, UDP).build());
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&mut dp, DropReason::SnatExhausted), 1);
-    // The failed flow left nothing behind.
-    assert!(dp
-        .maps
-        .ct_get(&ct_key(OUTSIDE, 1002, NODE, 30080, IPPROTO_UDP))
-        .is_none());
-}
-
-#[test]
-#[ignore = "needs root"]
-fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    // LB IP with externalTrafficPolicy Local: local table = backend 2 (B2).
-    frontend(
-        &mut dp,
-        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_LOCAL,
-        &[2],
-    );
-    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40000, LB, 80, SYN).build());
-    let seen = inspect(&out.bytes);
-    assert_eq!(
-        (seen.src, seen.sport, seen.dst),
-        (ip(OUTSIDE), 40000, ip(B2))
-    );
-    // A pod is short-circuited to all endpoints, its address kept.
-    let mut reached = std::collections::BTreeSet::new();
-    for sport in 1000..1060 {
-        let out = run(&mut dp, &Pkt::new(POD, sport, LB, 80, SYN).build());
-        let seen = inspect(&out.bytes);
-        assert_eq!(seen.src, ip(POD));
-        reached.insert(seen.dst);
-    }
-    assert_eq!(reached.len(), 3, "pods use the cluster-wide table");
-    // No local endpoint: outside clients are dropped, counted.
-    frontend(
-        &mut dp,
-        (wire::addr(ip(LB)), 81, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_LOCAL,
-        &[],
-    );
-    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40001, LB, 81, SYN).build());
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 1);
-    // internalTrafficPolicy Local on a cluster IP: local table, and a drop
-    // (not a reject) when it is empty but the service has endpoints.
-    frontend(
-        &mut dp,
-        (wire::addr(ip(VIP)), 80, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_LOCAL,
-        &[3],
-    );
-    let out = run(&mut dp, &Pkt::new(POD, 2000, VIP, 80, SYN).build());
-    assert_eq!(inspect(&out.bytes).dst, ip(B3));
-    frontend(
-        &mut dp,
-        (wire::addr(ip(VIP)), 80, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_LOCAL,
-        &[],
-    );
-    let out = run(&mut dp, &Pkt::new(POD, 2001, VIP, 80, SYN).build());
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 2);
-}
-
-#[test]
-#[ignore = "needs root"]
-fn source_ranges_admit_by_longest_prefix_and_drop_the_rest() {
-    let mut dp = lb_admitting_198_18_200();
-    // Another frontend's wider range must not leak into this one.
-    let other: Cidr = "0.0.0.0/0".parse().unwrap();
-    dp.maps
-        .src_ranges
-        .insert(&range_key(2, &other), 1, 0)
-        .unwrap();
-    let out = run(&mut dp, &Pkt::new(OUTSIDE, 40000, LB, 80, SYN).build());
-    assert_eq!(out.verdict, TC_ACT_OK);
-    let out = run(
-        &mut dp,
-        &Pkt::new("198.18.201.7", 40000, LB, 80, SYN).build(),
-    );
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&mut dp, DropReason::SourceRange), 1);
-}
-
-#[test]
-#[ignore = "needs root"]
-fn cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all() {
-    let mut dp = datapath();
-    node(&mut dp, false);
-    let out = run(&mut dp, &Pkt::new(POD, 1000, VIP, 80, SYN).build());
-    assert_eq!(inspect(&out.bytes).src, ip(POD), "pods keep their address");
-    let out = run(&mut dp, &Pkt::new(OUTSIDE, 1000, VIP, 80, SYN).build());
-    assert_eq!(
-        inspect(&out.bytes).src,
-        ip(NODE),
-        "off-cluster is masqueraded"
-    );
-    // Hairpin: B1 reaching the service until it picks itself.
-    let mut hairpins = 0;
-    for sport in 2000..2100 {
-        let out = run(&mut dp, &Pkt::new(B1, sport, VIP, 80, SYN).build());
-        let seen = inspect(&out.bytes);
-        if seen.dst == ip(B1) {
-            assert_eq!(seen.src, ip(NODE), "hairpin must be masqueraded");
-            hairpins += 1;
-        } else {
-            assert_eq!(seen.src, ip(B1));
-        }
-    }
-    assert!(hairpins > 0);
-    let mut dp = datapath();
-    node(&mut dp, true);
-    let out = run(&mut dp, &Pkt::new(POD, 1000, VIP, 80, SYN).build());
-    assert_eq!(inspect(&out.bytes).src, ip(NODE), "masquerade-all");
 }
 
 #[test]
@@ -970,4 +821,302 @@ fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {
         let back = inspect(&run(&mut b, &answer).bytes);
         assert_eq!((back.src, back.sport), (ip(svc.0), 30053), "{backend}");
     }
+}
+
+// Masquerade ports, traffic policies, source ranges and who is
+// masqueraded, on both families: the node of [`node`] and its IPv6 twin
+// ([`Node`]).
+
+crate::both_families!(
+    masquerade_ports_never_collide_and_run_out_into_a_counted_drop,
+    local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them,
+    source_ranges_admit_by_longest_prefix_and_drop_the_rest,
+    cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all,
+);
+
+/// A family's node of the tests: its addresses, its cluster CIDR, and how
+/// its frontends, slots and ranges are written.
+trait Node: Fam {
+    /// The node's address (serves NodePorts, masquerade source), outside
+    /// the cluster CIDR.
+    const NODE: &'static str;
+    const CLUSTER_CIDR: &'static str;
+    /// A pod (in the cluster CIDR) and a client off the cluster.
+    const POD: &'static str;
+    const OUTSIDE: &'static str;
+    /// A LoadBalancer IP, the range it admits, and a client outside it.
+    const LB: &'static str;
+    const ADMITTED: &'static str;
+    const REFUSED: &'static str;
+
+    fn put_node_addr(dp: &mut Datapath, addr: &str, flags: u32);
+    /// Frontend `addr:port` (None: the NodePort frontend) → `value`.
+    fn put_frontend(dp: &mut Datapath, addr: Option<&str>, port: u16, proto: u8, v: ServiceValue);
+    /// Copies slot `from` of service `svc_id` to slot `to`.
+    fn copy_slot(dp: &mut Datapath, svc_id: u32, from: u32, to: u32);
+    /// The backend id in slot `slot` of service `svc_id`.
+    fn slot_backend(dp: &Datapath, svc_id: u32, slot: u32) -> Option<u32>;
+    fn allow_range(dp: &mut Datapath, svc_id: u32, cidr: &str);
+}
+
+impl Node for V4 {
+    const NODE: &'static str = NODE;
+    const CLUSTER_CIDR: &'static str = "198.18.0.0/17";
+    const POD: &'static str = POD;
+    const OUTSIDE: &'static str = OUTSIDE;
+    const LB: &'static str = LB;
+    const ADMITTED: &'static str = "198.18.200.0/24";
+    const REFUSED: &'static str = "198.18.201.7";
+
+    fn put_node_addr(dp: &mut Datapath, addr: &str, flags: u32) {
+        dp.maps
+            .node_addrs
+            .insert(wire::addr(ip(addr)), flags, 0)
+            .unwrap();
+    }
+    fn put_frontend(dp: &mut Datapath, addr: Option<&str>, port: u16, proto: u8, v: ServiceValue) {
+        let key = ServiceKey {
+            addr: addr.map_or(NODEPORT_ADDR, |a| wire::addr(ip(a))),
+            port: wire::port(port),
+            proto,
+            _pad: 0,
+        };
+        dp.maps.put_frontend(key, v).unwrap();
+    }
+    fn copy_slot(dp: &mut Datapath, svc_id: u32, from: u32, to: u32) {
+        let s = dp
+            .maps
+            .slots
+            .get(&SlotKey { svc_id, slot: from }, 0)
+            .unwrap();
+        dp.maps.put_slot(SlotKey { svc_id, slot: to }, s).unwrap();
+    }
+    fn slot_backend(dp: &Datapath, svc_id: u32, slot: u32) -> Option<u32> {
+        let s = dp.maps.slots.get(&SlotKey { svc_id, slot }, 0).ok()?;
+        Some(s.backend_id)
+    }
+    fn allow_range(dp: &mut Datapath, svc_id: u32, cidr: &str) {
+        let r: Cidr = cidr.parse().unwrap();
+        dp.maps
+            .src_ranges
+            .insert(&range_key(svc_id, &r), 1, 0)
+            .unwrap();
+    }
+}
+
+impl Node for V6 {
+    const NODE: &'static str = "2001:2:0:80::1";
+    const CLUSTER_CIDR: &'static str = "2001:2::/57";
+    const POD: &'static str = "2001:2:0:2::9";
+    const OUTSIDE: &'static str = "2001:2:0:c8::7";
+    const LB: &'static str = "2001:2:0:fe::30";
+    const ADMITTED: &'static str = "2001:2:0:c8::/64";
+    const REFUSED: &'static str = "2001:2:0:c9::7";
+
+    fn put_node_addr(dp: &mut Datapath, addr: &str, flags: u32) {
+        let a = wire::addr6(addr.parse().unwrap());
+        dp.maps.v6.node_addrs.insert(a, flags, 0).unwrap();
+    }
+    fn put_frontend(dp: &mut Datapath, addr: Option<&str>, port: u16, proto: u8, v: ServiceValue) {
+        let key = ServiceKey {
+            addr: addr.map_or([0; 4], |a| wire::addr6(a.parse().unwrap())),
+            port: wire::port(port),
+            proto,
+            _pad: 0,
+        };
+        dp.maps.put_frontend6(key, v).unwrap();
+    }
+    fn copy_slot(dp: &mut Datapath, svc_id: u32, from: u32, to: u32) {
+        let s = dp
+            .maps
+            .v6
+            .slots
+            .get(&SlotKey { svc_id, slot: from }, 0)
+            .unwrap();
+        dp.maps.put_slot6(SlotKey { svc_id, slot: to }, s).unwrap();
+    }
+    fn slot_backend(dp: &Datapath, svc_id: u32, slot: u32) -> Option<u32> {
+        let s = dp.maps.v6.slots.get(&SlotKey { svc_id, slot }, 0).ok()?;
+        Some(s.backend_id)
+    }
+    fn allow_range(dp: &mut Datapath, svc_id: u32, cidr: &str) {
+        let r: Cidr = cidr.parse().unwrap();
+        dp.maps
+            .v6
+            .src_ranges
+            .insert(&range_key(svc_id, &r), 1, 0)
+            .unwrap();
+    }
+}
+
+/// The family's standard scenario on a node: cluster CIDR, masquerade to
+/// `NODE` on ports 20000-20255, `NODE` serving NodePorts (the agent's own
+/// `datapath_config`).
+fn family_node<F: Node>(masquerade_all: bool) -> Datapath {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    let cfg = kpx::dataplane::node::datapath_config(
+        &[F::CLUSTER_CIDR.parse().unwrap()],
+        &[F::NODE.parse().unwrap()],
+        &PortRange(20000..=20255),
+        masquerade_all,
+    );
+    dp.maps.set_config(&cfg.v4).unwrap();
+    dp.maps.v6.config.set(0, cfg.v6, 0).unwrap();
+    F::put_node_addr(&mut dp, F::NODE, NODE_F_LOCAL | NODE_F_NODEPORT);
+    dp
+}
+
+/// Frontend `addr:port` (None: NodePort) of service `svc_id` (its slots in
+/// place), with `flags` and a local table of the backends `local` (ids).
+fn family_frontend<F: Node>(
+    dp: &mut Datapath,
+    (addr, port, proto): (Option<&str>, u16, u8),
+    (svc_id, count): (u32, u32),
+    flags: u32,
+    local: &[u32],
+) {
+    for (i, id) in local.iter().enumerate() {
+        // The same backend as in its cluster-wide slot.
+        let slot = (0..count)
+            .find(|s| F::slot_backend(dp, svc_id, *s) == Some(*id))
+            .expect("a local backend is one of the service's");
+        F::copy_slot(dp, svc_id, slot, LOCAL_SLOTS + i as u32);
+    }
+    let v = ServiceValue {
+        svc_id,
+        count,
+        flags,
+        local_count: local.len() as u32,
+        ..ServiceValue::default()
+    };
+    F::put_frontend(dp, addr, port, proto, v);
+}
+
+/// What the datapath made of a SYN or datagram that it passed.
+fn pass<F: Node>(dp: &mut Datapath, frame: &[u8]) -> fam::Flow {
+    let out = run(dp, frame);
+    assert_eq!(out.verdict, TC_ACT_OK, "{}", F::NAME);
+    F::flow(&out.bytes)
+}
+
+fn is<F: Node>(a: std::net::IpAddr, s: &str) -> bool {
+    a == s.parse::<std::net::IpAddr>().unwrap()
+}
+
+fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop<F: Node>() {
+    let mut dp = family_node::<F>(false);
+    // One backend and two masquerade ports.
+    let mut cfg = dp.maps.config.get(&0, 0).unwrap();
+    cfg.snat_port_min = 20000;
+    cfg.snat_port_max = 20001;
+    dp.maps.set_config(&cfg).unwrap();
+    let udp_svc = F::TCP_SVC + 1;
+    family_frontend::<F>(
+        &mut dp,
+        (None, 30080, IPPROTO_UDP),
+        (udp_svc, 1),
+        SVC_F_EXTERNAL,
+        &[],
+    );
+    let to_nodeport = |sport| F::frame(F::OUTSIDE, sport, F::NODE, 30080, UDP);
+    let mut ports = Vec::new();
+    for sport in [1000, 1001] {
+        let seen = pass::<F>(&mut dp, &to_nodeport(sport));
+        assert!(is::<F>(seen.src, F::NODE), "{seen:?}");
+        ports.push(seen.sport);
+    }
+    ports.sort();
+    assert_eq!(ports, [20000, 20001], "two flows, two distinct ports");
+    let out = run(&mut dp, &to_nodeport(1002));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::SnatExhausted), 1);
+    // The failed flow left nothing behind.
+    let key = fam::key::<F>(F::OUTSIDE, 1002, F::NODE, 30080, IPPROTO_UDP);
+    assert!(!fam::tracked::<F>(&dp, &key));
+}
+
+fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them<F: Node>() {
+    let mut dp = family_node::<F>(false);
+    let [_, b2_id, b3_id] = F::TCP_IDS;
+    let [_, b2, b3] = F::BACKENDS;
+    let svc = (F::TCP_SVC, 3);
+    // LB IP with externalTrafficPolicy Local: local table = the second
+    // backend.
+    let lb = (Some(F::LB), 80, IPPROTO_TCP);
+    family_frontend::<F>(&mut dp, lb, svc, SVC_F_EXTERNAL | SVC_F_LOCAL, &[b2_id]);
+    let seen = pass::<F>(&mut dp, &F::frame(F::OUTSIDE, 40000, F::LB, 80, SYN));
+    assert!(
+        is::<F>(seen.src, F::OUTSIDE) && seen.sport == 40000,
+        "{seen:?}"
+    );
+    assert!(is::<F>(seen.dst, b2), "{seen:?}");
+    // A pod is short-circuited to all endpoints, its address kept.
+    let mut reached = std::collections::BTreeSet::new();
+    for sport in 1000..1060 {
+        let seen = pass::<F>(&mut dp, &F::frame(F::POD, sport, F::LB, 80, SYN));
+        assert!(is::<F>(seen.src, F::POD), "{seen:?}");
+        reached.insert(seen.dst);
+    }
+    assert_eq!(reached.len(), 3, "pods use the cluster-wide table");
+    // No local endpoint: outside clients are dropped, counted.
+    let lb81 = (Some(F::LB), 81, IPPROTO_TCP);
+    family_frontend::<F>(&mut dp, lb81, svc, SVC_F_EXTERNAL | SVC_F_LOCAL, &[]);
+    let out = run(&mut dp, &F::frame(F::OUTSIDE, 40001, F::LB, 81, SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 1);
+    // internalTrafficPolicy Local on a cluster IP: local table, and a drop
+    // (not a reject) when it is empty but the service has endpoints.
+    let vip = (Some(F::VIP), 80, IPPROTO_TCP);
+    family_frontend::<F>(&mut dp, vip, svc, SVC_F_LOCAL, &[b3_id]);
+    let seen = pass::<F>(&mut dp, &F::frame(F::POD, 2000, F::VIP, 80, SYN));
+    assert!(is::<F>(seen.dst, b3), "{seen:?}");
+    family_frontend::<F>(&mut dp, vip, svc, SVC_F_LOCAL, &[]);
+    let out = run(&mut dp, &F::frame(F::POD, 2001, F::VIP, 80, SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 2);
+}
+
+fn source_ranges_admit_by_longest_prefix_and_drop_the_rest<F: Node>() {
+    let mut dp = family_node::<F>(false);
+    let lb = (Some(F::LB), 80, IPPROTO_TCP);
+    let flags = SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES;
+    family_frontend::<F>(&mut dp, lb, (F::TCP_SVC, 3), flags, &[]);
+    F::allow_range(&mut dp, F::TCP_SVC, F::ADMITTED);
+    // Another frontend's "everyone" must not leak into this one.
+    let everyone = if F::NAME == "IPv4" {
+        "0.0.0.0/0"
+    } else {
+        "::/0"
+    };
+    F::allow_range(&mut dp, F::TCP_SVC + 7, everyone);
+    pass::<F>(&mut dp, &F::frame(F::OUTSIDE, 40000, F::LB, 80, SYN));
+    let out = run(&mut dp, &F::frame(F::REFUSED, 40000, F::LB, 80, SYN));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::SourceRange), 1);
+}
+
+fn cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all<F: Node>() {
+    let mut dp = family_node::<F>(false);
+    let to_vip = |src, sport| F::frame(src, sport, F::VIP, 80, SYN);
+    let seen = pass::<F>(&mut dp, &to_vip(F::POD, 1000));
+    assert!(is::<F>(seen.src, F::POD), "pods keep their address");
+    let seen = pass::<F>(&mut dp, &to_vip(F::OUTSIDE, 1000));
+    assert!(is::<F>(seen.src, F::NODE), "off-cluster is masqueraded");
+    // Hairpin: a backend reaching the service until it picks itself.
+    let b1 = F::BACKENDS[0];
+    let mut hairpins = 0;
+    for sport in 2000..2100 {
+        let seen = pass::<F>(&mut dp, &to_vip(b1, sport));
+        if is::<F>(seen.dst, b1) {
+            assert!(is::<F>(seen.src, F::NODE), "hairpin must be masqueraded");
+            hairpins += 1;
+        } else {
+            assert!(is::<F>(seen.src, b1), "{seen:?}");
+        }
+    }
+    assert!(hairpins > 0);
+    let mut dp = family_node::<F>(true);
+    let seen = pass::<F>(&mut dp, &to_vip(F::POD, 1000));
+    assert!(is::<F>(seen.src, F::NODE), "masquerade-all");
 }
