@@ -1,5 +1,7 @@
 //! The datapath in the kernel: BPF_PROG_TEST_RUN on crafted frames, with the
-//! output bytes, verdicts, checksums and map contents checked.
+//! output bytes, verdicts, checksums and map contents checked. Selection,
+//! passing and flow state run on IPv4 and on IPv6 (`support::fam`);
+//! IPv6's own cases (extension headers, ICMPv6) are in `datapath_v6.rs`.
 
 mod support;
 
@@ -9,7 +11,10 @@ use proxy_common::{
     wire, Counter, DropReason, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
     IPPROTO_TCP, TCP_FIN, TCP_SYN,
 };
-use support::*;
+use support::{
+    fam::{self, Fam, V4, V6},
+    *,
+};
 
 fn backends_of(addrs: &[&str]) -> Vec<std::net::Ipv4Addr> {
     addrs.iter().map(|a| ip(a)).collect()
@@ -99,21 +104,6 @@ fn later_packets_of_a_flow_stick_to_its_backend_and_replies_come_from_the_vip() 
 
 #[test]
 #[ignore = "needs root"]
-fn tcp_flags_of_a_flow_accumulate_in_its_entry() {
-    let mut dp = datapath();
-    cluster(&mut dp);
-    handshake(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, SYN));
-    run(&mut dp, &Pkt::new(CLIENT, 40002, VIP, 80, FIN_ACK).build());
-    let (_, e) = dp
-        .maps
-        .ct_get(&ct_key(CLIENT, 40002, VIP, 80, IPPROTO_TCP))
-        .unwrap();
-    assert_eq!(e.tcp_flags & (TCP_SYN | TCP_FIN), TCP_SYN | TCP_FIN);
-    assert!(e.last_seen_ns >= e.created_ns);
-}
-
-#[test]
-#[ignore = "needs root"]
 fn udp_request_and_reply_are_translated_with_valid_checksums() {
     let mut dp = datapath();
     cluster(&mut dp);
@@ -162,79 +152,6 @@ fn udp_without_checksum_keeps_checksum_zero() {
     let reply = inspect(&run(&mut dp, &p.build()).bytes);
     assert!(reply.udp_csum_zero);
     assert_eq!((reply.src, reply.sport), (ip(VIP), 53));
-}
-
-#[test]
-#[ignore = "needs root"]
-fn new_flows_spread_over_all_backends() {
-    let mut dp = datapath();
-    cluster(&mut dp);
-    let flows = 900u16;
-    let mut per_backend: HashMap<std::net::Ipv4Addr, u32> = HashMap::new();
-    for i in 0..flows {
-        let out = run(&mut dp, &Pkt::new(CLIENT, 20000 + i, VIP, 80, SYN).build());
-        assert_eq!(out.verdict, TC_ACT_OK);
-        *per_backend.entry(inspect(&out.bytes).dst).or_default() += 1;
-    }
-    assert_eq!(
-        per_backend.len(),
-        3,
-        "not every backend was chosen: {per_backend:?}"
-    );
-    // Uniform: 300 each expected, sd ≈ 14; 200 is seven sd away.
-    for (b, n) in &per_backend {
-        assert!(
-            *n > 200,
-            "backend {b} got {n} of {flows} flows: {per_backend:?}"
-        );
-    }
-    assert_eq!(dp.maps.service_stats(1).unwrap().new_flows, flows as u64);
-    assert_eq!(dp.maps.ct_entries().len(), 2 * flows as usize);
-}
-
-#[test]
-#[ignore = "needs root"]
-fn a_service_with_one_backend_always_gets_it() {
-    let mut dp = datapath();
-    install_service(
-        &mut dp,
-        7,
-        "198.19.0.20",
-        443,
-        IPPROTO_TCP,
-        &[(9, B2, 8443)],
-    );
-    for i in 0..20 {
-        let seen = inspect(
-            &run(
-                &mut dp,
-                &Pkt::new(CLIENT, 50000 + i, "198.19.0.20", 443, SYN).build(),
-            )
-            .bytes,
-        );
-        assert_eq!((seen.dst, seen.dport), (ip(B2), 8443));
-    }
-}
-
-#[test]
-#[ignore = "needs root"]
-fn traffic_to_no_service_passes_untouched() {
-    let mut dp = datapath();
-    cluster(&mut dp);
-    let cases = [
-        Pkt::new(CLIENT, 40000, B1, 8080, SYN), // straight to a pod
-        Pkt::new(CLIENT, 40000, VIP, 81, SYN),  // VIP, port with no service
-        Pkt::new(CLIENT, 40000, VIP, 80, UDP),  // VIP:80 is TCP only
-        Pkt::new(CLIENT, 40000, "198.19.0.99", 80, SYN), // no such VIP
-    ];
-    for p in &cases {
-        let frame = p.build();
-        let out = run(&mut dp, &frame);
-        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{p:?}");
-        assert_eq!(out.bytes, frame, "{p:?} was modified");
-    }
-    assert_eq!(counter(&mut dp, Counter::PassNoService), cases.len() as u64);
-    assert_eq!(dp.maps.ct_entries().len(), 0);
 }
 
 #[test]
@@ -427,23 +344,101 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
     assert_eq!(run(&mut dp, &df).verdict, TC_ACT_OK);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn a_service_with_a_missing_slot_drops_counted() {
-    let mut dp = datapath();
+// The standard scenario's selection and passing, on both families.
+
+crate::both_families!(
+    tcp_flags_of_a_flow_accumulate_in_its_entry,
+    new_flows_spread_over_all_backends,
+    a_service_with_one_backend_always_gets_it,
+    traffic_to_no_service_passes_untouched,
+    a_service_with_a_missing_slot_drops_counted,
+);
+
+fn tcp_flags_of_a_flow_accumulate_in_its_entry<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    fam::open::<F>(&mut dp, F::CLIENT, 40002);
+    run(&mut dp, &F::frame(F::CLIENT, 40002, F::VIP, 80, FIN_ACK));
+    let key = fam::key::<F>(F::CLIENT, 40002, F::VIP, 80, IPPROTO_TCP);
+    let (_, e) = fam::ct_get::<F>(&dp, &key).expect("the flow's entry");
+    assert_eq!(e.tcp_flags & (TCP_SYN | TCP_FIN), TCP_SYN | TCP_FIN);
+    assert!(e.last_seen_ns >= e.created_ns);
+}
+
+fn new_flows_spread_over_all_backends<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    let flows = 900u16;
+    let mut per_backend: HashMap<std::net::IpAddr, u32> = HashMap::new();
+    for i in 0..flows {
+        let out = run(&mut dp, &F::frame(F::CLIENT, 20000 + i, F::VIP, 80, SYN));
+        assert_eq!(out.verdict, TC_ACT_OK);
+        *per_backend.entry(F::flow(&out.bytes).dst).or_default() += 1;
+    }
+    assert_eq!(
+        per_backend.len(),
+        3,
+        "not every backend was chosen: {per_backend:?}"
+    );
+    // Uniform: 300 each expected, sd ≈ 14; 200 is seven sd away.
+    for (b, n) in &per_backend {
+        assert!(
+            *n > 200,
+            "backend {b} got {n} of {flows} flows: {per_backend:?}"
+        );
+    }
+    let stats = dp.maps.service_stats(F::TCP_SVC).unwrap();
+    assert_eq!(stats.new_flows, flows as u64);
+    assert_eq!(fam::entries::<F>(&dp).len(), 2 * flows as usize);
+}
+
+fn a_service_with_one_backend_always_gets_it<F: Fam>() {
+    let mut dp = F::datapath();
+    let (vip, b2) = (F::vip(20), F::BACKENDS[1]);
+    F::install(&mut dp, 7, &vip, 443, IPPROTO_TCP, &[(9, b2, 8443)]);
+    for i in 0..20 {
+        let out = run(&mut dp, &F::frame(F::CLIENT, 50000 + i, &vip, 443, SYN));
+        let seen = F::flow(&out.bytes);
+        assert_eq!((seen.dst.to_string(), seen.dport), (b2.to_string(), 8443));
+    }
+}
+
+fn traffic_to_no_service_passes_untouched<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    let cases = [
+        (F::BACKENDS[0].to_string(), 8080, SYN), // straight to a pod
+        (F::VIP.to_string(), 81, SYN),           // VIP, port with no service
+        (F::VIP.to_string(), 80, UDP),           // VIP:80 is TCP only
+        (F::vip(99), 80, SYN),                   // no such VIP
+    ];
+    for (dst, port, l4) in &cases {
+        let frame = F::frame(F::CLIENT, 40000, dst, *port, *l4);
+        let out = run(&mut dp, &frame);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{dst}:{port}");
+        assert_eq!(out.bytes, frame, "{dst}:{port} was modified");
+    }
+    assert_eq!(counter(&mut dp, Counter::PassNoService), cases.len() as u64);
+    assert_eq!(fam::entries::<F>(&dp).len(), 0);
+}
+
+fn a_service_with_a_missing_slot_drops_counted<F: Fam>() {
+    let mut dp = F::datapath();
     // A frontend counting a slot that does not exist (a hand-edited map;
     // the agent writes slots before the entry that counts them).
-    install_service(&mut dp, 4, "198.19.0.31", 80, IPPROTO_TCP, &[(50, B1, 80)]);
-    dp.maps
-        .slots
-        .remove(&proxy_common::SlotKey { svc_id: 4, slot: 0 })
-        .unwrap();
-    let out = run(
+    let vip = F::vip(31);
+    F::install(
         &mut dp,
-        &Pkt::new(CLIENT, 44001, "198.19.0.31", 80, SYN).build(),
+        4,
+        &vip,
+        80,
+        IPPROTO_TCP,
+        &[(50, F::BACKENDS[0], 80)],
     );
+    F::remove_slot(&mut dp, proxy_common::SlotKey { svc_id: 4, slot: 0 });
+    let out = run(&mut dp, &F::frame(F::CLIENT, 44001, &vip, 80, SYN));
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::BackendMissing), 1);
     assert_eq!(counter(&mut dp, Counter::Dropped), 1);
-    assert_eq!(dp.maps.ct_entries().len(), 0);
+    assert_eq!(fam::entries::<F>(&dp).len(), 0);
 }

@@ -10,7 +10,7 @@ use kpx::dataplane::{
     conntrack::CtFamily,
     maps::{CtTable, Datapath, LoadOptions, WireAddr as _},
 };
-use proxy_common::{wire, Address, CtKey, CtValue, In6, ServiceValue, IPPROTO_TCP};
+use proxy_common::{wire, Address, CtKey, CtValue, In6, ServiceValue, SlotKey, IPPROTO_TCP};
 
 use super::{v6::*, *};
 
@@ -90,6 +90,9 @@ pub trait Fam {
     fn edit(dp: &mut Datapath, key: (&str, u16, u8), edit: impl FnOnce(&mut ServiceValue));
     /// The standard scenario.
     fn cluster(dp: &mut Datapath);
+    /// Removes a slot (a hand-edited map: the agent never leaves a counted
+    /// slot missing).
+    fn remove_slot(dp: &mut Datapath, key: SlotKey);
 }
 
 /// IPv4: 198.18.0.0/15.
@@ -147,6 +150,9 @@ impl Fam for V4 {
     fn cluster(dp: &mut Datapath) {
         cluster(dp);
     }
+    fn remove_slot(dp: &mut Datapath, key: SlotKey) {
+        dp.maps.slots.remove(&key).expect("the slot to remove");
+    }
 }
 
 impl Fam for V6 {
@@ -198,6 +204,9 @@ impl Fam for V6 {
     }
     fn cluster(dp: &mut Datapath) {
         cluster6(dp);
+    }
+    fn remove_slot(dp: &mut Datapath, key: SlotKey) {
+        dp.maps.v6.slots.remove(&key).expect("the slot to remove");
     }
 }
 
