@@ -2,7 +2,8 @@
 //! without endpoints, invalid TCP, closing flows, ClientIP affinity, ICMP
 //! errors about translated flows. The generated and translated ICMP bytes
 //! are checked field by field, checksums recomputed from scratch. Invalid
-//! TCP and closing flows run on IPv4 and on IPv6 (`support::fam`); IPv6's
+//! TCP, closing flows and affinity shared by entry points run on IPv4 and
+//! on IPv6 (`support::fam`); IPv6's
 //! REJECT, affinity and ICMPv6 errors are in `datapath_v6.rs`.
 
 mod support;
@@ -83,6 +84,8 @@ fn syn_or_datagram_to_a_service_without_endpoints_gets_port_unreachable() {
 crate::both_families!(
     tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid,
     fin_marks_the_flow_closing_and_a_new_syn_on_its_tuple_starts_a_new_flow,
+    affinity_is_shared_by_the_entry_points_of_one_service_port,
+    without_affinity_no_record_is_kept,
 );
 
 fn tcp_to_a_service_that_is_not_a_syn_and_not_tracked_is_dropped_as_invalid<F: Fam>() {
@@ -199,43 +202,35 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_leaves_or_expires()
     assert!(dp.maps.affinity.get(&akey, 0).unwrap().last_used_ns > 1);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn affinity_is_shared_by_the_entry_points_of_one_service_port() {
-    let mut dp = datapath();
-    cluster(&mut dp);
+fn affinity_is_shared_by_the_entry_points_of_one_service_port<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
     // Another entry point (an external IP) of the same service port.
-    let ext = "198.19.1.10";
-    install_service(
-        &mut dp,
-        9,
-        ext,
-        80,
-        IPPROTO_TCP,
-        &[(1, B1, 8080), (2, B2, 8080), (3, B3, 8080)],
-    );
-    set_affinity(&mut dp, VIP, 80, IPPROTO_TCP, 100);
-    set_affinity(&mut dp, ext, 80, IPPROTO_TCP, 100);
-    let connect = |dp: &mut Datapath, vip: &str, sport: u16| {
-        let out = run(dp, &Pkt::new(CLIENT, sport, vip, 80, SYN).build());
-        assert_eq!(out.verdict, TC_ACT_OK);
-        inspect(&out.bytes).dst
-    };
-    let chosen = connect(&mut dp, VIP, 49000);
+    let ext = F::vip(0xa0);
+    let [b1, b2, b3] = F::BACKENDS;
+    let [i1, i2, i3] = F::TCP_IDS;
+    let backends = [(i1, b1, 8080), (i2, b2, 8080), (i3, b3, 8080)];
+    F::install(&mut dp, 9, &ext, 80, IPPROTO_TCP, &backends);
+    for vip in [F::VIP, &ext] {
+        F::edit(&mut dp, (vip, 80, IPPROTO_TCP), |v| {
+            v.affinity_timeout = 100;
+            v.affinity_id = AFFINITY_ID;
+        });
+    }
+    let chosen = fam::connect_to::<F>(&mut dp, F::CLIENT, 49000, F::VIP);
     for sport in 49001..49020 {
-        assert_eq!(connect(&mut dp, ext, sport), chosen, "port {sport}");
+        let got = fam::connect_to::<F>(&mut dp, F::CLIENT, sport, &ext);
+        assert_eq!(got, chosen, "port {sport}");
     }
     assert_eq!(event(&mut dp, Event::AffinityNew), 1);
     assert_eq!(event(&mut dp, Event::AffinityHit), 19);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn without_affinity_no_record_is_kept() {
-    let mut dp = datapath();
-    cluster(&mut dp);
-    run(&mut dp, &Pkt::new(CLIENT, 48000, VIP, 80, SYN).build());
-    assert_eq!(dp.maps.affinity.keys().count(), 0);
+fn without_affinity_no_record_is_kept<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    fam::connect_to::<F>(&mut dp, F::CLIENT, 48000, F::VIP);
+    assert_eq!(F::affinity_records(&dp), 0);
 }
 
 /// Translates the first packet of a flow; returns (client frame, what the backend got).

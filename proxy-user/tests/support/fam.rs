@@ -93,6 +93,8 @@ pub trait Fam {
     /// Removes a slot (a hand-edited map: the agent never leaves a counted
     /// slot missing).
     fn remove_slot(dp: &mut Datapath, key: SlotKey);
+    /// How many ClientIP affinity records the family's table holds.
+    fn affinity_records(dp: &Datapath) -> usize;
 }
 
 /// IPv4: 198.18.0.0/15.
@@ -153,6 +155,9 @@ impl Fam for V4 {
     fn remove_slot(dp: &mut Datapath, key: SlotKey) {
         dp.maps.slots.remove(&key).expect("the slot to remove");
     }
+    fn affinity_records(dp: &Datapath) -> usize {
+        dp.maps.affinity.keys().count()
+    }
 }
 
 impl Fam for V6 {
@@ -207,6 +212,9 @@ impl Fam for V6 {
     }
     fn remove_slot(dp: &mut Datapath, key: SlotKey) {
         dp.maps.v6.slots.remove(&key).expect("the slot to remove");
+    }
+    fn affinity_records(dp: &Datapath) -> usize {
+        dp.maps.v6.affinity.keys().count()
     }
 }
 
