@@ -3,8 +3,8 @@
 //! errors about translated flows. The generated and translated ICMP bytes
 //! are checked field by field, checksums recomputed from scratch. Invalid
 //! TCP, closing flows and affinity shared by entry points run on IPv4 and
-//! on IPv6 (`support::fam`); IPv6's
-//! REJECT, affinity and ICMPv6 errors are in `datapath_v6.rs`.
+//! on IPv6 (`support::fam`); IPv6's REJECT, affinity and ICMPv6 errors are
+//! in `datapath_v6.rs`.
 
 mod support;
 
