@@ -470,32 +470,6 @@ fn an_unconnected_udp_socket_keeps_a_backend_per_service_and_answers_from_each()
     );
     let client = &c.pod("client").netns;
     let mut s = Session::start(client, Some(&cg), &["udp", &dns, "5301"]).unwrap();
-    // Alternating: each service keeps the backend it first gave the socket.
-    let mut first = Vec::new();
-    let mut second = Vec::new();
-    for _ in 0..10 {
-        first.push(Answer::parse(&s.ask().unwrap()).unwrap());
-        second.push(Answer::parse(&s.say(&format!("to {dns2}")).unwrap()).unwrap());
-    }
-    assert!(first.iter().all(|a| a.peer == dns), "{first:?}");
-    assert!(second.iter().all(|a| a.peer == dns2), "{second:?}");
-    assert_eq!(identities(&first).len(), 1, "{first:?}");
-    assert_eq!(identities(&second).len(), 1, "{second:?}");
-    assert_eq!(second[0].identity, "web-3");
-    // Both in flight at once: each answer still shows the service it
-    // answers for, whichever the socket sent to last.
-    for _ in 0..5 {
-        let line = s.say(&format!("pair {dns2}")).unwrap();
-        let mut got: Vec<Answer> = line
-            .split(" | ")
-            .map(|l| Answer::parse(l).unwrap_or_else(|e| panic!("{e}: {line}")))
-            .collect();
-        got.sort_by(|a, b| a.peer.cmp(&b.peer));
-        assert_eq!(got.len(), 2, "{line}");
-        for a in &got {
-            let want = if a.identity == "web-3" { &dns2 } else { &dns };
-            assert_eq!(&a.peer, want, "{line}");
-        }
-    }
+    resolver_keeps_a_backend_per_service(&mut s, &dns, &dns2);
     assert_eq!(event_count(&c, Event::SockRebalanced), 0);
 }

@@ -779,25 +779,7 @@ fn an_unconnected_ipv6_socket_keeps_a_backend_per_service_and_answers_from_each(
     let (dns, dns2) = (v6(VIP6, 53).to_string(), "[2001:2:0:ff::21]:53".to_string());
     let client = &c.pod("client").netns;
     let mut s = Session::start(client, Some(&cg), &["udp", &dns, "5301"]).unwrap();
-    let mut first = Vec::new();
-    let mut second = Vec::new();
-    for _ in 0..10 {
-        first.push(Answer::parse(&s.ask().unwrap()).unwrap());
-        second.push(Answer::parse(&s.say(&format!("to {dns2}")).unwrap()).unwrap());
-    }
-    assert!(first.iter().all(|a| a.peer == dns), "{first:?}");
-    assert!(second.iter().all(|a| a.peer == dns2), "{second:?}");
-    assert_eq!(identities(&first).len(), 1, "{first:?}");
-    assert_eq!(second[0].identity, "web-3");
-    // Both in flight: each answer shows the service it answers for.
-    for _ in 0..5 {
-        let line = s.say(&format!("pair {dns2}")).unwrap();
-        for l in line.split(" | ") {
-            let a = Answer::parse(l).unwrap_or_else(|e| panic!("{e}: {line}"));
-            let want = if a.identity == "web-3" { &dns2 } else { &dns };
-            assert_eq!(&a.peer, want, "{line}");
-        }
-    }
+    resolver_keeps_a_backend_per_service(&mut s, &dns, &dns2);
     assert_eq!(event_count(&c, Event::SockRebalanced), 0);
     assert_eq!(event_count(&c, Event::SockConnect), 0);
     assert!(event_count(&c, Event::SockSendmsg) >= 30);

@@ -312,3 +312,39 @@ pub fn answers(lines: &[String]) -> Vec<testbed::probe::Answer> {
         .map(|l| testbed::probe::Answer::parse(l).unwrap_or_else(|e| panic!("probe failed: {e}")))
         .collect()
 }
+
+/// An unconnected UDP socket (the session `s`, to `dns`) asking two
+/// services in turn, then both at once (`dns2` served by web-3 only, `dns`
+/// by others): each service keeps the backend it first gave the socket,
+/// and each answer shows the service it answers for, whichever the socket
+/// sent to last.
+pub fn resolver_keeps_a_backend_per_service(
+    s: &mut testbed::probe::Session,
+    dns: &str,
+    dns2: &str,
+) {
+    use testbed::probe::Answer;
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for _ in 0..10 {
+        first.push(Answer::parse(&s.ask().unwrap()).unwrap());
+        second.push(Answer::parse(&s.say(&format!("to {dns2}")).unwrap()).unwrap());
+    }
+    let ids = |got: &[Answer]| spread(&got.iter().map(|a| a.identity.clone()).collect::<Vec<_>>());
+    assert!(first.iter().all(|a| a.peer == dns), "{first:?}");
+    assert!(second.iter().all(|a| a.peer == dns2), "{second:?}");
+    assert_eq!(ids(&first).len(), 1, "{first:?}");
+    assert_eq!(ids(&second).len(), 1, "{second:?}");
+    assert_eq!(second[0].identity, "web-3");
+    for _ in 0..5 {
+        let line = s.say(&format!("pair {dns2}")).unwrap();
+        let got: Vec<Answer> = line
+            .split(" | ")
+            .map(|l| Answer::parse(l).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        assert_eq!(got.len(), 2, "{line}");
+        for a in &got {
+            let want = if a.identity == "web-3" { dns2 } else { dns };
+            assert_eq!(a.peer, want, "{line}");
+        }
+    }
+}
