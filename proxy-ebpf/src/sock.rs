@@ -11,7 +11,10 @@
 //! IPv4-mapped destination (`::ffff:a.b.c.d`, a dual-stack socket
 //! reaching an IPv4 service: Java's default) is looked up, selected and
 //! decided in IPv4's maps ([`Lookup`]) and kept, mapped, in the socket's
-//! IPv6 storage, so `getpeername6` / `recvmsg6` show it back as such.
+//! IPv6 storage, so `getpeername6` / `recvmsg6` show it back as such. (The
+//! kernel hands such a socket's unconnected datagrams to IPv4's `sendmsg`
+//! hook: `sendmsg4` keeps those in IPv4's storage, where `recvmsg6` looks
+//! for a mapped answer IPv6's storage does not know.)
 //!
 //! What a socket cannot do is left to tc, which then sees the service
 //! address on the wire and translates per packet, as before: flows the
@@ -34,8 +37,11 @@
 //! - `recvmsg()` / `getpeername()`: the socket's storage (a pointer test
 //!   for a socket without one); + 1 `SOCK_PEERS` lookup for an unconnected
 //!   UDP socket's datagram from another address than its last backend;
+//! - `recvmsg6` of an IPv4-mapped address IPv6's storage does not know:
+//!   + IPv4's storage;
 //! - a socket's release: the same (+ a `CONNS` atomic add for a counted
-//!   socket, and a `SOCKS_UDP` delete for a UDP one);
+//!   socket, and a `SOCKS_UDP` delete for a UDP one); an `AF_INET6`
+//!   socket's: both storages;
 //! - a UDP socket's entry written: + a `SOCKS_UDP` insert (the agent finds
 //!   connected ones there when their backend leaves).
 
