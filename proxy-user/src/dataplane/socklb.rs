@@ -269,14 +269,11 @@ impl LbSocket {
 /// The UDP sockets of both families the load balancer gave a backend
 /// (`SOCKS_UDP`, `SOCKS_UDP6`).
 fn udp_sockets(maps: &MapSet) -> Result<Vec<LbSocket>> {
-    let of = |(cookie, v): (u64, SockValue<_>)| LbSocket::of(cookie, IPPROTO_UDP, &v);
-    let mut all: Vec<LbSocket> = read_hash(&maps.socks_udp)?.into_iter().map(of).collect();
-    all.extend(
-        read_hash(&maps.v6.socks_udp)?
-            .into_iter()
-            .map(|(cookie, v)| LbSocket::of(cookie, IPPROTO_UDP, &v)),
-    );
-    Ok(all)
+    let v4 = read_hash(&maps.socks_udp)?;
+    let v6 = read_hash(&maps.v6.socks_udp)?;
+    let v4 = v4.iter().map(|(c, v)| LbSocket::of(*c, IPPROTO_UDP, v));
+    let v6 = v6.iter().map(|(c, v)| LbSocket::of(*c, IPPROTO_UDP, v));
+    Ok(v4.chain(v6).collect())
 }
 
 /// Closes the connected UDP sockets the load balancer gave a backend that
