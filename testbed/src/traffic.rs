@@ -173,34 +173,37 @@ pub fn udp_who(
     to: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<(Seen, SocketAddr)> {
-    let to = to.into();
-    from.enter(move || -> Result<(Seen, SocketAddr)> {
-        let sock = UdpSocket::bind(any_port(&to))?;
-        sock.set_read_timeout(Some(timeout))?;
-        sock.send_to(b"addr?", to)?;
-        let mut buf = [0u8; 512];
-        let (len, src) = sock.recv_from(&mut buf)?;
-        Ok((Seen::parse(&String::from_utf8_lossy(&buf[..len]))?, src))
-    })?
+    udp_ask(from, to.into(), timeout, false)
 }
 
 /// As [`udp_who`], from a connected socket: unlike an unconnected one, it
 /// learns of an ICMP error (a REJECT fails it with `ConnectionRefused`).
-/// The second value is the address asked.
 pub fn udp_connected_who(
     from: &Netns,
     to: impl Into<SocketAddr>,
     timeout: Duration,
 ) -> Result<(Seen, SocketAddr)> {
-    let to = to.into();
+    udp_ask(from, to.into(), timeout, true)
+}
+
+fn udp_ask(
+    from: &Netns,
+    to: SocketAddr,
+    timeout: Duration,
+    connected: bool,
+) -> Result<(Seen, SocketAddr)> {
     from.enter(move || -> Result<(Seen, SocketAddr)> {
         let sock = UdpSocket::bind(any_port(&to))?;
-        sock.connect(to)?;
         sock.set_read_timeout(Some(timeout))?;
-        sock.send(b"addr?")?;
+        if connected {
+            sock.connect(to)?;
+            sock.send(b"addr?")?;
+        } else {
+            sock.send_to(b"addr?", to)?;
+        }
         let mut buf = [0u8; 512];
-        let len = sock.recv(&mut buf)?;
-        Ok((Seen::parse(&String::from_utf8_lossy(&buf[..len]))?, to))
+        let (len, src) = sock.recv_from(&mut buf)?;
+        Ok((Seen::parse(&String::from_utf8_lossy(&buf[..len]))?, src))
     })?
 }
 
