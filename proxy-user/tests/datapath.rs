@@ -395,7 +395,7 @@ fn new_flows_spread_over_all_backends<F: Fam>() {
 fn a_service_with_one_backend_always_gets_it<F: Fam>() {
     let mut dp = F::datapath();
     let (vip, b2) = (F::vip(20), F::BACKENDS[1]);
-    F::install(&mut dp, 7, &vip, 443, IPPROTO_TCP, &[(9, b2, 8443)]);
+    install_service(&mut dp, 7, &vip, 443, IPPROTO_TCP, &[(9, b2, 8443)]);
     for i in 0..20 {
         let out = run(&mut dp, &F::frame(F::CLIENT, 50000 + i, &vip, 443, SYN));
         let seen = F::flow(&out.bytes);
@@ -427,7 +427,7 @@ fn a_service_with_a_missing_slot_drops_counted<F: Fam>() {
     // A frontend counting a slot that does not exist (a hand-edited map;
     // the agent writes slots before the entry that counts them).
     let vip = F::vip(31);
-    F::install(
+    install_service(
         &mut dp,
         4,
         &vip,
@@ -435,7 +435,10 @@ fn a_service_with_a_missing_slot_drops_counted<F: Fam>() {
         IPPROTO_TCP,
         &[(50, F::BACKENDS[0], 80)],
     );
-    F::remove_slot(&mut dp, proxy_common::SlotKey { svc_id: 4, slot: 0 });
+    let slot = proxy_common::SlotKey { svc_id: 4, slot: 0 };
+    dp.maps
+        .write(&kpx::dataplane::reconcile::Op::DelSlot(slot))
+        .unwrap();
     let out = run(&mut dp, &F::frame(F::CLIENT, 44001, &vip, 80, SYN));
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::BackendMissing), 1);

@@ -140,8 +140,8 @@ fn a_new_connection_reusing_a_closing_ones_reply_tuple_gets_its_own_translation<
     let mut dp = F::datapath();
     let (vip1, vip2) = (F::vip(0x70), F::vip(0x71));
     let b1 = F::BACKENDS[0];
-    F::install(&mut dp, 7, &vip1, 80, IPPROTO_TCP, &[(70, b1, 8080)]);
-    F::install(&mut dp, 8, &vip2, 80, IPPROTO_TCP, &[(70, b1, 8080)]);
+    install_service(&mut dp, 7, &vip1, 80, IPPROTO_TCP, &[(70, b1, 8080)]);
+    install_service(&mut dp, 8, &vip2, 80, IPPROTO_TCP, &[(70, b1, 8080)]);
     let to = |vip: &str, l4| F::frame(F::CLIENT, 44000, vip, 80, l4);
     let first = through::<F>(&mut dp, &to(&vip1, SYN));
     through::<F>(&mut dp, &fam::answer::<F>(&first, SYN_ACK));

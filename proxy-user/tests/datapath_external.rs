@@ -7,13 +7,16 @@
 
 mod support;
 
-use kpx::dataplane::maps::Datapath;
+use kpx::dataplane::{
+    maps::Datapath,
+    reconcile::{BackendAddr, Op},
+};
 use kpx::{control::cidr::Cidr, dataplane::maps::range_key, dataplane::node::PortRange};
 use proxy_common::{
-    wire, Counter, CtValue, DropReason, Event, ServiceKey, ServiceValue, SlotKey, CT_F_DSR_ENCAP,
+    wire, Counter, CtValue, DropReason, Event, ServiceValue, SlotKey, CT_F_DSR_ENCAP,
     CT_F_FROM_NODE, CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SNAT, IPPROTO_TCP, IPPROTO_UDP,
-    LOCAL_SLOTS, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_NODEPORT, SVC_F_SOURCE_RANGES,
+    LOCAL_SLOTS, NODE_F_LOCAL, NODE_F_NODEPORT, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT,
+    SVC_F_SOURCE_RANGES,
 };
 use support::{
     fam::{self, Fam, V4, V6},
@@ -48,40 +51,29 @@ fn node(dp: &mut kpx::dataplane::maps::Datapath, masquerade_all: bool) {
         .unwrap();
 }
 
-/// Adds frontend `addr:port` for service id `svc_id` (its slots already in
-/// place), with `flags` and a local table of `local` backend ids.
+/// Adds frontend `addr:port` (either family; the unspecified address for
+/// a NodePort) for service id `svc_id` (its slots already in place), with
+/// `flags` and a local table of `local` backend ids.
 fn frontend(
-    dp: &mut kpx::dataplane::maps::Datapath,
-    (addr, port, proto): (u32, u16, u8),
+    dp: &mut Datapath,
+    key: (&str, u16, u8),
     svc_id: u32,
     count: u32,
     flags: u32,
     local: &[u32],
 ) {
-    for (i, id) in local.iter().enumerate() {
-        // The same backend as in its cluster-wide slot.
-        let value = (0..count)
-            .find_map(|slot| {
-                let s = dp.maps.slots.get(&SlotKey { svc_id, slot }, 0).ok()?;
-                (s.backend_id == *id).then_some(s)
-            })
-            .expect("a local backend is one of the service's");
-        dp.maps
-            .put_slot(
-                SlotKey {
-                    svc_id,
-                    slot: LOCAL_SLOTS + i as u32,
-                },
-                value,
-            )
-            .unwrap();
+    if !local.is_empty() {
+        // The same backends as in their cluster-wide slots.
+        let state = dp.maps.read_state().unwrap();
+        for (i, id) in local.iter().enumerate() {
+            let b = *state.backends.get(id).expect("a backend of the service");
+            let slot = SlotKey {
+                svc_id,
+                slot: LOCAL_SLOTS + i as u32,
+            };
+            dp.maps.put_slot(slot, *id, &b).unwrap();
+        }
     }
-    let key = ServiceKey {
-        addr,
-        port: wire::port(port),
-        proto,
-        _pad: 0,
-    };
     let value = ServiceValue {
         svc_id,
         count,
@@ -89,7 +81,7 @@ fn frontend(
         local_count: local.len() as u32,
         ..ServiceValue::default()
     };
-    dp.maps.put_frontend(key, value).unwrap();
+    dp.maps.put_frontend(&frontend_key(key), value).unwrap();
 }
 
 /// The node of [`node`] with NodePort 30080/TCP (service 1, Cluster
@@ -99,7 +91,7 @@ fn nodeport_30080() -> kpx::dataplane::maps::Datapath {
     node(&mut dp, false);
     frontend(
         &mut dp,
-        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        ("0.0.0.0", 30080, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -115,7 +107,7 @@ fn lb_admitting_198_18_200() -> kpx::dataplane::maps::Datapath {
     node(&mut dp, false);
     frontend(
         &mut dp,
-        (wire::addr(ip(LB)), 80, IPPROTO_TCP),
+        (LB, 80, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES,
@@ -309,7 +301,7 @@ fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
     // it updated (`inspect` recomputes both).
     frontend(
         &mut dp,
-        (NODEPORT_ADDR, 30053, IPPROTO_UDP),
+        ("0.0.0.0", 30053, IPPROTO_UDP),
         2,
         3,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -473,7 +465,7 @@ fn dsr_node(flags: u32) -> kpx::dataplane::maps::Datapath {
     let mut dp = nodeport_30080();
     frontend(
         &mut dp,
-        (NODEPORT_ADDR, 30053, IPPROTO_UDP),
+        ("0.0.0.0", 30053, IPPROTO_UDP),
         2,
         3,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -492,7 +484,7 @@ fn backends_node() -> kpx::dataplane::maps::Datapath {
     cluster(&mut b);
     frontend(
         &mut b,
-        (NODEPORT_ADDR, 30080, IPPROTO_TCP),
+        ("0.0.0.0", 30080, IPPROTO_TCP),
         1,
         3,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -661,23 +653,17 @@ fn dsr_carries_udp_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_no
 fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve() {
     let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
     // Service 3: one backend, on this node.
-    dp.maps
-        .put_slot(
-            SlotKey { svc_id: 3, slot: 0 },
-            proxy_common::Slot {
-                backend_id: 9,
-                backend: proxy_common::Backend {
-                    addr: wire::addr(ip(B1)),
-                    port: wire::port(8080),
-                    proto: IPPROTO_TCP,
-                    flags: proxy_common::BACKEND_F_LOCAL,
-                },
-            },
-        )
-        .unwrap();
+    let b1 = BackendAddr {
+        addr: B1.parse().unwrap(),
+        port: 8080,
+        proto: IPPROTO_TCP,
+        local: true,
+    };
+    let slot = SlotKey { svc_id: 3, slot: 0 };
+    dp.maps.put_slot(slot, 9, &b1).unwrap();
     frontend(
         &mut dp,
-        (NODEPORT_ADDR, 30081, IPPROTO_TCP),
+        ("0.0.0.0", 30081, IPPROTO_TCP),
         3,
         1,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -807,7 +793,7 @@ fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {
     // client's port reused): the new backend wins at once.
     frontend(
         &mut b,
-        (NODEPORT_ADDR, 30053, IPPROTO_UDP),
+        ("0.0.0.0", 30053, IPPROTO_UDP),
         2,
         3,
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -834,9 +820,10 @@ crate::both_families!(
     cluster_ips_masquerade_outsiders_hairpin_and_everything_with_masquerade_all,
 );
 
-/// A family's node of the tests: its addresses, its cluster CIDR, and how
-/// its frontends, slots and ranges are written.
+/// A family's node of the tests: its addresses and its cluster CIDR.
 trait Node: Fam {
+    /// The unspecified address: NodePort frontends'.
+    const ANY: &'static str;
     /// The node's address (serves NodePorts, masquerade source), outside
     /// the cluster CIDR.
     const NODE: &'static str;
@@ -848,18 +835,10 @@ trait Node: Fam {
     const LB: &'static str;
     const ADMITTED: &'static str;
     const REFUSED: &'static str;
-
-    fn put_node_addr(dp: &mut Datapath, addr: &str, flags: u32);
-    /// Frontend `addr:port` (None: the NodePort frontend) → `value`.
-    fn put_frontend(dp: &mut Datapath, addr: Option<&str>, port: u16, proto: u8, v: ServiceValue);
-    /// Copies slot `from` of service `svc_id` to slot `to`.
-    fn copy_slot(dp: &mut Datapath, svc_id: u32, from: u32, to: u32);
-    /// The backend id in slot `slot` of service `svc_id`.
-    fn slot_backend(dp: &Datapath, svc_id: u32, slot: u32) -> Option<u32>;
-    fn allow_range(dp: &mut Datapath, svc_id: u32, cidr: &str);
 }
 
 impl Node for V4 {
+    const ANY: &'static str = "0.0.0.0";
     const NODE: &'static str = NODE;
     const CLUSTER_CIDR: &'static str = "198.18.0.0/17";
     const POD: &'static str = POD;
@@ -867,44 +846,10 @@ impl Node for V4 {
     const LB: &'static str = LB;
     const ADMITTED: &'static str = "198.18.200.0/24";
     const REFUSED: &'static str = "198.18.201.7";
-
-    fn put_node_addr(dp: &mut Datapath, addr: &str, flags: u32) {
-        dp.maps
-            .node_addrs
-            .insert(wire::addr(ip(addr)), flags, 0)
-            .unwrap();
-    }
-    fn put_frontend(dp: &mut Datapath, addr: Option<&str>, port: u16, proto: u8, v: ServiceValue) {
-        let key = ServiceKey {
-            addr: addr.map_or(NODEPORT_ADDR, |a| wire::addr(ip(a))),
-            port: wire::port(port),
-            proto,
-            _pad: 0,
-        };
-        dp.maps.put_frontend(key, v).unwrap();
-    }
-    fn copy_slot(dp: &mut Datapath, svc_id: u32, from: u32, to: u32) {
-        let s = dp
-            .maps
-            .slots
-            .get(&SlotKey { svc_id, slot: from }, 0)
-            .unwrap();
-        dp.maps.put_slot(SlotKey { svc_id, slot: to }, s).unwrap();
-    }
-    fn slot_backend(dp: &Datapath, svc_id: u32, slot: u32) -> Option<u32> {
-        let s = dp.maps.slots.get(&SlotKey { svc_id, slot }, 0).ok()?;
-        Some(s.backend_id)
-    }
-    fn allow_range(dp: &mut Datapath, svc_id: u32, cidr: &str) {
-        let r: Cidr = cidr.parse().unwrap();
-        dp.maps
-            .src_ranges
-            .insert(&range_key(svc_id, &r), 1, 0)
-            .unwrap();
-    }
 }
 
 impl Node for V6 {
+    const ANY: &'static str = "::";
     const NODE: &'static str = "2001:2:0:80::1";
     const CLUSTER_CIDR: &'static str = "2001:2::/57";
     const POD: &'static str = "2001:2:0:2::9";
@@ -912,46 +857,11 @@ impl Node for V6 {
     const LB: &'static str = "2001:2:0:fe::30";
     const ADMITTED: &'static str = "2001:2:0:c8::/64";
     const REFUSED: &'static str = "2001:2:0:c9::7";
-
-    fn put_node_addr(dp: &mut Datapath, addr: &str, flags: u32) {
-        let a = wire::addr6(addr.parse().unwrap());
-        dp.maps.v6.node_addrs.insert(a, flags, 0).unwrap();
-    }
-    fn put_frontend(dp: &mut Datapath, addr: Option<&str>, port: u16, proto: u8, v: ServiceValue) {
-        let key = ServiceKey {
-            addr: addr.map_or([0; 4], |a| wire::addr6(a.parse().unwrap())),
-            port: wire::port(port),
-            proto,
-            _pad: 0,
-        };
-        dp.maps.put_frontend6(key, v).unwrap();
-    }
-    fn copy_slot(dp: &mut Datapath, svc_id: u32, from: u32, to: u32) {
-        let s = dp
-            .maps
-            .v6
-            .slots
-            .get(&SlotKey { svc_id, slot: from }, 0)
-            .unwrap();
-        dp.maps.put_slot6(SlotKey { svc_id, slot: to }, s).unwrap();
-    }
-    fn slot_backend(dp: &Datapath, svc_id: u32, slot: u32) -> Option<u32> {
-        let s = dp.maps.v6.slots.get(&SlotKey { svc_id, slot }, 0).ok()?;
-        Some(s.backend_id)
-    }
-    fn allow_range(dp: &mut Datapath, svc_id: u32, cidr: &str) {
-        let r: Cidr = cidr.parse().unwrap();
-        dp.maps
-            .v6
-            .src_ranges
-            .insert(&range_key(svc_id, &r), 1, 0)
-            .unwrap();
-    }
 }
 
 /// The family's standard scenario on a node: cluster CIDR, masquerade to
 /// `NODE` on ports 20000-20255, `NODE` serving NodePorts (the agent's own
-/// `datapath_config`).
+/// `datapath_config` and writes).
 fn family_node<F: Node>(masquerade_all: bool) -> Datapath {
     let mut dp = F::datapath();
     F::cluster(&mut dp);
@@ -961,36 +871,14 @@ fn family_node<F: Node>(masquerade_all: bool) -> Datapath {
         &PortRange(20000..=20255),
         masquerade_all,
     );
-    dp.maps.set_config(&cfg.v4).unwrap();
-    dp.maps.v6.config.set(0, cfg.v6, 0).unwrap();
-    F::put_node_addr(&mut dp, F::NODE, NODE_F_LOCAL | NODE_F_NODEPORT);
-    dp
-}
-
-/// Frontend `addr:port` (None: NodePort) of service `svc_id` (its slots in
-/// place), with `flags` and a local table of the backends `local` (ids).
-fn family_frontend<F: Node>(
-    dp: &mut Datapath,
-    (addr, port, proto): (Option<&str>, u16, u8),
-    (svc_id, count): (u32, u32),
-    flags: u32,
-    local: &[u32],
-) {
-    for (i, id) in local.iter().enumerate() {
-        // The same backend as in its cluster-wide slot.
-        let slot = (0..count)
-            .find(|s| F::slot_backend(dp, svc_id, *s) == Some(*id))
-            .expect("a local backend is one of the service's");
-        F::copy_slot(dp, svc_id, slot, LOCAL_SLOTS + i as u32);
+    let node = F::NODE.parse().unwrap();
+    for op in [
+        Op::SetConfig(cfg),
+        Op::PutNodeAddr(node, NODE_F_LOCAL | NODE_F_NODEPORT),
+    ] {
+        dp.maps.write(&op).unwrap();
     }
-    let v = ServiceValue {
-        svc_id,
-        count,
-        flags,
-        local_count: local.len() as u32,
-        ..ServiceValue::default()
-    };
-    F::put_frontend(dp, addr, port, proto, v);
+    dp
 }
 
 /// What the datapath made of a SYN or datagram that it passed.
@@ -1012,10 +900,11 @@ fn masquerade_ports_never_collide_and_run_out_into_a_counted_drop<F: Node>() {
     cfg.snat_port_max = 20001;
     dp.maps.set_config(&cfg).unwrap();
     let udp_svc = F::TCP_SVC + 1;
-    family_frontend::<F>(
+    frontend(
         &mut dp,
-        (None, 30080, IPPROTO_UDP),
-        (udp_svc, 1),
+        (F::ANY, 30080, IPPROTO_UDP),
+        udp_svc,
+        1,
         SVC_F_EXTERNAL,
         &[],
     );
@@ -1043,8 +932,15 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them<F: 
     let svc = (F::TCP_SVC, 3);
     // LB IP with externalTrafficPolicy Local: local table = the second
     // backend.
-    let lb = (Some(F::LB), 80, IPPROTO_TCP);
-    family_frontend::<F>(&mut dp, lb, svc, SVC_F_EXTERNAL | SVC_F_LOCAL, &[b2_id]);
+    let lb = (F::LB, 80, IPPROTO_TCP);
+    frontend(
+        &mut dp,
+        lb,
+        svc.0,
+        svc.1,
+        SVC_F_EXTERNAL | SVC_F_LOCAL,
+        &[b2_id],
+    );
     let seen = pass::<F>(&mut dp, &F::frame(F::OUTSIDE, 40000, F::LB, 80, SYN));
     assert!(
         is::<F>(seen.src, F::OUTSIDE) && seen.sport == 40000,
@@ -1060,18 +956,25 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them<F: 
     }
     assert_eq!(reached.len(), 3, "pods use the cluster-wide table");
     // No local endpoint: outside clients are dropped, counted.
-    let lb81 = (Some(F::LB), 81, IPPROTO_TCP);
-    family_frontend::<F>(&mut dp, lb81, svc, SVC_F_EXTERNAL | SVC_F_LOCAL, &[]);
+    let lb81 = (F::LB, 81, IPPROTO_TCP);
+    frontend(
+        &mut dp,
+        lb81,
+        svc.0,
+        svc.1,
+        SVC_F_EXTERNAL | SVC_F_LOCAL,
+        &[],
+    );
     let out = run(&mut dp, &F::frame(F::OUTSIDE, 40001, F::LB, 81, SYN));
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 1);
     // internalTrafficPolicy Local on a cluster IP: local table, and a drop
     // (not a reject) when it is empty but the service has endpoints.
-    let vip = (Some(F::VIP), 80, IPPROTO_TCP);
-    family_frontend::<F>(&mut dp, vip, svc, SVC_F_LOCAL, &[b3_id]);
+    let vip = (F::VIP, 80, IPPROTO_TCP);
+    frontend(&mut dp, vip, svc.0, svc.1, SVC_F_LOCAL, &[b3_id]);
     let seen = pass::<F>(&mut dp, &F::frame(F::POD, 2000, F::VIP, 80, SYN));
     assert!(is::<F>(seen.dst, b3), "{seen:?}");
-    family_frontend::<F>(&mut dp, vip, svc, SVC_F_LOCAL, &[]);
+    frontend(&mut dp, vip, svc.0, svc.1, SVC_F_LOCAL, &[]);
     let out = run(&mut dp, &F::frame(F::POD, 2001, F::VIP, 80, SYN));
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::NoLocalEndpoint), 2);
@@ -1079,17 +982,18 @@ fn local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them<F: 
 
 fn source_ranges_admit_by_longest_prefix_and_drop_the_rest<F: Node>() {
     let mut dp = family_node::<F>(false);
-    let lb = (Some(F::LB), 80, IPPROTO_TCP);
+    let lb = (F::LB, 80, IPPROTO_TCP);
     let flags = SVC_F_EXTERNAL | SVC_F_SOURCE_RANGES;
-    family_frontend::<F>(&mut dp, lb, (F::TCP_SVC, 3), flags, &[]);
-    F::allow_range(&mut dp, F::TCP_SVC, F::ADMITTED);
+    frontend(&mut dp, lb, F::TCP_SVC, 3, flags, &[]);
+    let range = |svc, r: &str| Op::PutRange(svc, r.parse().unwrap());
+    dp.maps.write(&range(F::TCP_SVC, F::ADMITTED)).unwrap();
     // Another frontend's "everyone" must not leak into this one.
     let everyone = if F::NAME == "IPv4" {
         "0.0.0.0/0"
     } else {
         "::/0"
     };
-    F::allow_range(&mut dp, F::TCP_SVC + 7, everyone);
+    dp.maps.write(&range(F::TCP_SVC + 7, everyone)).unwrap();
     pass::<F>(&mut dp, &F::frame(F::OUTSIDE, 40000, F::LB, 80, SYN));
     let out = run(&mut dp, &F::frame(F::REFUSED, 40000, F::LB, 80, SYN));
     assert_eq!(out.verdict, TC_ACT_SHOT);

@@ -210,9 +210,9 @@ fn affinity_is_shared_by_the_entry_points_of_one_service_port<F: Fam>() {
     let [b1, b2, b3] = F::BACKENDS;
     let [i1, i2, i3] = F::TCP_IDS;
     let backends = [(i1, b1, 8080), (i2, b2, 8080), (i3, b3, 8080)];
-    F::install(&mut dp, 9, &ext, 80, IPPROTO_TCP, &backends);
+    install_service(&mut dp, 9, &ext, 80, IPPROTO_TCP, &backends);
     for vip in [F::VIP, &ext] {
-        F::edit(&mut dp, (vip, 80, IPPROTO_TCP), |v| {
+        edit_frontend(&mut dp, (vip, 80, IPPROTO_TCP), |v| {
             v.affinity_timeout = 100;
             v.affinity_id = AFFINITY_ID;
         });

@@ -450,7 +450,7 @@ fn malformed6(input: &[u8], out: &[u8]) -> Option<String> {
 fn generated_and_mutated_ipv6_frames_pass_drop_or_translate_well_formed() {
     let mut dp = datapath();
     cluster6(&mut dp);
-    install_service6(&mut dp, 23, EMPTY_VIP6, 80, proxy_common::IPPROTO_TCP, &[]);
+    install_service(&mut dp, 23, EMPTY_VIP6, 80, proxy_common::IPPROTO_TCP, &[]);
     dp.maps
         .v6
         .node_addrs

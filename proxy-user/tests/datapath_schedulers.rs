@@ -35,7 +35,7 @@ crate::both_families!(
 
 /// Sets the scheduler (and `extra` flags) of frontend `vip:80/tcp`.
 fn schedule<F: Fam>(dp: &mut Datapath, vip: &str, sched: u32, extra: u32) {
-    fam::edit_tcp::<F>(dp, vip, |v| {
+    fam::edit_tcp(dp, vip, |v| {
         v.flags = (sched << SVC_SCHED_SHIFT) | extra;
         v.affinity_id = AFFINITY_ID;
     });
@@ -277,7 +277,7 @@ fn least_connections_takes_the_less_busy_of_two_backends<F: Fam>() {
 
     // Two backends: always the less busy one.
     let vip2 = F::vip(20);
-    F::install(
+    install_service(
         &mut dp,
         9,
         &vip2,

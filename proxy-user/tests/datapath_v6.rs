@@ -316,8 +316,8 @@ fn neighbour_discovery_and_other_icmpv6_pass_untouched() {
 #[ignore = "needs root"]
 fn an_ipv6_service_without_endpoints_answers_icmpv6_port_unreachable() {
     let mut dp = datapath();
-    install_service6(&mut dp, 24, VIP6, 80, IPPROTO_TCP, &[]);
-    install_service6(&mut dp, 25, VIP6, 53, IPPROTO_UDP, &[]);
+    install_service(&mut dp, 24, VIP6, 80, IPPROTO_TCP, &[]);
+    install_service(&mut dp, 25, VIP6, 53, IPPROTO_UDP, &[]);
     for (l4, port) in [(SYN, 80), (UDP, 53)] {
         let frame = Pkt6::new(CLIENT6, 44000, VIP6, port, l4).build();
         let out = run(&mut dp, &frame);
@@ -401,23 +401,17 @@ fn ipv6_from_outside_the_cluster_is_masqueraded_and_its_replies_come_back() {
 fn an_ipv6_nodeport_reaches_its_backends_masqueraded() {
     let mut dp = datapath();
     node6(&mut dp);
-    install_service6(
+    install_service(
         &mut dp,
         26,
-        "",
+        "::",
         30080,
         IPPROTO_TCP,
         &[(21, B6_1, 8080), (22, B6_2, 8080)],
     );
-    let key = proxy_common::ServiceKey {
-        addr: [0; 4],
-        port: wire::port(30080),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let mut v = dp.maps.v6.services.get(&key, 0).unwrap();
-    v.flags = SVC_F_EXTERNAL | SVC_F_NODEPORT;
-    dp.maps.put_frontend6(key, v).unwrap();
+    edit_frontend(&mut dp, ("::", 30080, IPPROTO_TCP), |v| {
+        v.flags = SVC_F_EXTERNAL | SVC_F_NODEPORT;
+    });
 
     let out = run(
         &mut dp,
@@ -464,7 +458,7 @@ fn the_nodes_own_ipv6_packets_are_translated_at_egress() {
 fn ipv6_clientip_affinity_keeps_a_client_on_its_backend() {
     let mut dp = datapath();
     cluster6(&mut dp);
-    edit_frontend6(&mut dp, (VIP6, 80, IPPROTO_TCP), |v| {
+    edit_frontend(&mut dp, (VIP6, 80, IPPROTO_TCP), |v| {
         v.affinity_timeout = 300;
         v.affinity_id = 77;
     });
@@ -505,7 +499,7 @@ fn ipv4_and_ipv6_services_share_one_datapath_without_mixing() {
     );
     // One port filter serves both: a port only IPv6 uses still reaches
     // IPv6's frontend, and IPv4 traffic to it finds no service.
-    install_service6(&mut dp, 27, VIP6, 8443, IPPROTO_TCP, &[(31, B6_1, 443)]);
+    install_service(&mut dp, 27, VIP6, 8443, IPPROTO_TCP, &[(31, B6_1, 443)]);
     let seen = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 49001, VIP6, 8443, SYN).build()).bytes);
     assert_eq!(seen.dport, 443);
     let frame = Pkt::new(CLIENT, 49001, VIP, 8443, SYN).build();
@@ -583,7 +577,7 @@ fn the_collector_ends_idle_ipv6_flows_and_flushes_stale_udp_ones() {
     cluster6(&mut dp);
     // Least connections: an established flow counts in its backend's
     // connections until the collector ends it.
-    edit_frontend6(&mut dp, (VIP6, 80, IPPROTO_TCP), |v| {
+    edit_frontend(&mut dp, (VIP6, 80, IPPROTO_TCP), |v| {
         v.flags |= SCHED_LC << SVC_SCHED_SHIFT;
     });
     let syn = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 51000, VIP6, 80, SYN).build()).bytes);

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::support::{
     ct_key, edit_frontend, install_service, ip,
-    v6::{ct_key6, install_service6, ip6, Pkt6},
+    v6::{ct_key6, ip6, Pkt6},
     Pkt, ACK, SYN, TC_ACT_REDIRECT,
 };
 
@@ -628,7 +628,7 @@ fn install6(dp: &mut Datapath, n: u32) -> String {
             .iter()
             .map(|(id, a)| (*id, a.as_str(), 8080))
             .collect();
-        install_service6(dp, n + s, &vip, 80, IPPROTO_TCP, &backends);
+        install_service(dp, n + s, &vip, 80, IPPROTO_TCP, &backends);
     }
     vip
 }

@@ -771,35 +771,28 @@ impl MapSet {
         self.ports.get(&i, 0)
     }
 
-    /// Writes a frontend and marks its port in the filter (for tools and
-    /// tests that write frontends by hand; the agent's sync keeps the
-    /// filter itself, see [`crate::dataplane::ports`]).
-    pub fn put_frontend(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
-        self.mark_port(key.port_bit())?;
-        self.services.insert(key, value, 0)
+    /// Writes a frontend of either family ([`MapSet::write`]) and marks
+    /// its port in the filter (for tools and tests that write frontends by
+    /// hand; the agent's sync keeps the filter itself, see
+    /// [`crate::dataplane::ports`]).
+    pub fn put_frontend(&mut self, key: &FrontendKey, value: ServiceValue) -> Result<(), MapError> {
+        self.mark_port(crate::dataplane::ports::frontend_bit(key))?;
+        self.write(&Op::PutService(*key, value))
     }
 
-    /// Writes a slot and marks its backend's port in the filter (for tools
-    /// and tests that write slots by hand, as [`MapSet::put_frontend`]).
-    pub fn put_slot(&mut self, key: SlotKey, value: Slot) -> Result<(), MapError> {
-        self.mark_port(value.backend.port_bit())?;
-        self.slots.insert(key, value, 0)
+    /// Writes a slot holding backend `id` at `b` (its family's map) and
+    /// marks the backend's port in the filter, as [`MapSet::put_frontend`].
+    pub fn put_slot(&mut self, key: SlotKey, id: u32, b: &BackendAddr) -> Result<(), MapError> {
+        self.mark_port(proxy_common::port_bit(b.port, proxy_common::PORT_F_BACKEND))?;
+        self.write(&Op::PutSlot(key, id, *b))
     }
 
-    /// [`MapSet::put_frontend`] for an IPv6 frontend.
-    pub fn put_frontend6(
-        &mut self,
-        key: ServiceKey<In6>,
-        value: ServiceValue,
-    ) -> Result<(), MapError> {
-        self.mark_port(key.port_bit())?;
-        self.v6.services.insert(key, value, 0)
-    }
-
-    /// [`MapSet::put_slot`] for an IPv6 backend.
-    pub fn put_slot6(&mut self, key: SlotKey, value: Slot<In6>) -> Result<(), MapError> {
-        self.mark_port(value.backend.port_bit())?;
-        self.v6.slots.insert(key, value, 0)
+    /// The entry of frontend `key`, from its family's map.
+    pub fn frontend(&self, key: &FrontendKey) -> Result<ServiceValue, MapError> {
+        match key.family() {
+            Family::V4 => self.services.get(&service_key(key), 0),
+            Family::V6 => self.v6.services.get(&service_key(key), 0),
+        }
     }
 
     /// Sets `bit` in the port filter (the filter serves both families).

@@ -10,7 +10,7 @@ use kpx::dataplane::{
     conntrack::CtFamily,
     maps::{CtTable, Datapath, LoadOptions, WireAddr as _},
 };
-use proxy_common::{wire, Address, CtKey, CtValue, In6, ServiceValue, SlotKey, IPPROTO_TCP};
+use proxy_common::{wire, Address, CtKey, CtValue, In6, ServiceValue, IPPROTO_TCP};
 
 use super::{v6::*, *};
 
@@ -77,22 +77,8 @@ pub trait Fam {
     fn frame(src: &str, sport: u16, dst: &str, dport: u16, l4: L4) -> Vec<u8>;
     /// What the datapath left of a frame.
     fn flow(frame: &[u8]) -> Flow;
-    /// A frontend with its backends, laid out as the agent lays them out.
-    fn install(
-        dp: &mut Datapath,
-        svc_id: u32,
-        vip: &str,
-        port: u16,
-        proto: u8,
-        backends: &[(u32, &str, u16)],
-    );
-    /// Rewrites frontend `vip:port/proto` (it must exist) with `edit`.
-    fn edit(dp: &mut Datapath, key: (&str, u16, u8), edit: impl FnOnce(&mut ServiceValue));
     /// The standard scenario.
     fn cluster(dp: &mut Datapath);
-    /// Removes a slot (a hand-edited map: the agent never leaves a counted
-    /// slot missing).
-    fn remove_slot(dp: &mut Datapath, key: SlotKey);
     /// How many ClientIP affinity records the family's table holds.
     fn affinity_records(dp: &Datapath) -> usize;
 }
@@ -136,24 +122,8 @@ impl Fam for V4 {
             dport: s.dport,
         }
     }
-    fn install(
-        dp: &mut Datapath,
-        svc_id: u32,
-        vip: &str,
-        port: u16,
-        proto: u8,
-        backends: &[(u32, &str, u16)],
-    ) {
-        install_service(dp, svc_id, vip, port, proto, backends);
-    }
-    fn edit(dp: &mut Datapath, key: (&str, u16, u8), edit: impl FnOnce(&mut ServiceValue)) {
-        edit_frontend(dp, key, edit);
-    }
     fn cluster(dp: &mut Datapath) {
         cluster(dp);
-    }
-    fn remove_slot(dp: &mut Datapath, key: SlotKey) {
-        dp.maps.slots.remove(&key).expect("the slot to remove");
     }
     fn affinity_records(dp: &Datapath) -> usize {
         dp.maps.affinity.keys().count()
@@ -194,24 +164,8 @@ impl Fam for V6 {
             dport: s.dport,
         }
     }
-    fn install(
-        dp: &mut Datapath,
-        svc_id: u32,
-        vip: &str,
-        port: u16,
-        proto: u8,
-        backends: &[(u32, &str, u16)],
-    ) {
-        install_service6(dp, svc_id, vip, port, proto, backends);
-    }
-    fn edit(dp: &mut Datapath, key: (&str, u16, u8), edit: impl FnOnce(&mut ServiceValue)) {
-        edit_frontend6(dp, key, edit);
-    }
     fn cluster(dp: &mut Datapath) {
         cluster6(dp);
-    }
-    fn remove_slot(dp: &mut Datapath, key: SlotKey) {
-        dp.maps.v6.slots.remove(&key).expect("the slot to remove");
     }
     fn affinity_records(dp: &Datapath) -> usize {
         dp.maps.v6.affinity.keys().count()
@@ -321,6 +275,6 @@ pub fn count<F: Fam>(dp: &Datapath, t: CtTable) -> usize {
 }
 
 /// Rewrites the TCP frontend (port 80) at `vip` with `edit`.
-pub fn edit_tcp<F: Fam>(dp: &mut Datapath, vip: &str, edit: impl FnOnce(&mut ServiceValue)) {
-    F::edit(dp, (vip, 80, IPPROTO_TCP), edit);
+pub fn edit_tcp(dp: &mut Datapath, vip: &str, edit: impl FnOnce(&mut ServiceValue)) {
+    edit_frontend(dp, (vip, 80, IPPROTO_TCP), edit);
 }

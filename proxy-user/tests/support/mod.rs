@@ -10,10 +10,12 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
-use kpx::dataplane::maps::{Datapath, LoadOptions};
-use proxy_common::{
-    wire, Backend, CtKey, ServiceKey, ServiceValue, Slot, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
+use kpx::{
+    control::model::FrontendKey,
+    dataplane::maps::{Datapath, LoadOptions},
+    dataplane::reconcile::{BackendAddr, Op},
 };
+use proxy_common::{wire, CtKey, ServiceValue, SlotKey, IPPROTO_TCP, IPPROTO_UDP};
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -445,7 +447,9 @@ pub fn inspect_icmp(frame: &[u8]) -> IcmpSeen {
 }
 
 /// Installs a service frontend and its backends the way the agent lays them
-/// out: slots (each holding its backend), then the service entry.
+/// out: slots (each holding its backend), then the service entry, then its
+/// address. Either family: `vip` is an IPv4 or IPv6 address (the family's
+/// unspecified one for a NodePort frontend).
 pub fn install_service(
     dp: &mut Datapath,
     svc_id: u32,
@@ -455,56 +459,54 @@ pub fn install_service(
     backends: &[(u32, &str, u16)],
 ) {
     for (slot, &(id, addr, bport)) in backends.iter().enumerate() {
-        let value = Slot {
-            backend_id: id,
-            backend: Backend {
-                addr: wire::addr(ip(addr)),
-                port: wire::port(bport),
-                proto,
-                flags: 0,
-            },
+        let b = BackendAddr {
+            addr: addr.parse().expect("test address"),
+            port: bport,
+            proto,
+            local: false,
         };
-        dp.maps
-            .put_slot(
-                SlotKey {
-                    svc_id,
-                    slot: slot as u32,
-                },
-                value,
-            )
-            .unwrap();
+        let key = SlotKey {
+            svc_id,
+            slot: slot as u32,
+        };
+        dp.maps.put_slot(key, id, &b).expect("writing a slot");
     }
-    let key = ServiceKey {
-        addr: wire::addr(ip(vip)),
-        port: wire::port(port),
-        proto,
-        _pad: 0,
-    };
+    let key = frontend_key((vip, port, proto));
     let value = ServiceValue {
         svc_id,
         count: backends.len() as u32,
         ..ServiceValue::default()
     };
-    dp.maps.put_frontend(key, value).unwrap();
-    dp.maps.service_addrs.insert(key.addr, 1, 0).unwrap();
+    dp.maps
+        .put_frontend(&key, value)
+        .expect("writing the frontend");
+    if !key.addr.is_unspecified() {
+        dp.maps
+            .write(&Op::PutAddr(key.addr, 1))
+            .expect("writing the frontend address");
+    }
 }
 
-/// Rewrites the service entry of frontend `vip:port/proto` with `edit`
-/// (it must exist), as the agent would write it.
+/// The frontend `vip:port/proto` of either family.
+pub fn frontend_key((vip, port, proto): (&str, u16, u8)) -> FrontendKey {
+    FrontendKey {
+        addr: vip.parse().expect("test address"),
+        port,
+        proto,
+    }
+}
+
+/// Rewrites the service entry of frontend `vip:port/proto` (either family;
+/// it must exist) with `edit`, as the agent would write it.
 pub fn edit_frontend(
     dp: &mut Datapath,
-    (vip, port, proto): (&str, u16, u8),
+    key: (&str, u16, u8),
     edit: impl FnOnce(&mut ServiceValue),
 ) {
-    let key = ServiceKey {
-        addr: wire::addr(ip(vip)),
-        port: wire::port(port),
-        proto,
-        _pad: 0,
-    };
-    let mut v = dp.maps.services.get(&key, 0).expect("the frontend to edit");
+    let key = frontend_key(key);
+    let mut v = dp.maps.frontend(&key).expect("the frontend to edit");
     edit(&mut v);
-    dp.maps.put_frontend(key, v).expect("writing the frontend");
+    dp.maps.put_frontend(&key, v).expect("writing the frontend");
 }
 
 pub fn event(dp: &mut Datapath, e: proxy_common::Event) -> u64 {

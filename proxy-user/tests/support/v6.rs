@@ -8,9 +8,7 @@ use etherparse::{
     Icmpv6Header, Icmpv6Type, IpNumber, Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
 };
 use kpx::dataplane::maps::Datapath;
-use proxy_common::{
-    wire, Backend, CtKey, In6, ServiceKey, ServiceValue, Slot, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
-};
+use proxy_common::{wire, CtKey, In6, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::L4;
 
@@ -243,84 +241,10 @@ pub fn ct_key6(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> CtKey
     )
 }
 
-/// An IPv6 frontend and its backends, laid out as the agent lays them out.
-pub fn install_service6(
-    dp: &mut Datapath,
-    svc_id: u32,
-    vip: &str,
-    port: u16,
-    proto: u8,
-    backends: &[(u32, &str, u16)],
-) {
-    for (slot, &(id, addr, bport)) in backends.iter().enumerate() {
-        let value = Slot {
-            backend_id: id,
-            backend: Backend {
-                addr: wire::addr6(ip6(addr)),
-                port: wire::port(bport),
-                proto,
-                flags: 0,
-            },
-        };
-        let key = SlotKey {
-            svc_id,
-            slot: slot as u32,
-        };
-        dp.maps.put_slot6(key, value).expect("writing a slot");
-    }
-    let key = ServiceKey {
-        addr: if vip.is_empty() {
-            [0; 4]
-        } else {
-            wire::addr6(ip6(vip))
-        },
-        port: wire::port(port),
-        proto,
-        _pad: 0,
-    };
-    let value = ServiceValue {
-        svc_id,
-        count: backends.len() as u32,
-        ..ServiceValue::default()
-    };
-    dp.maps
-        .put_frontend6(key, value)
-        .expect("writing the frontend");
-    if !vip.is_empty() {
-        dp.maps
-            .v6
-            .service_addrs
-            .insert(key.addr, 1, 0)
-            .expect("writing the frontend address");
-    }
-}
-
-/// Rewrites IPv6 frontend `vip:port/proto` with `edit`.
-pub fn edit_frontend6(
-    dp: &mut Datapath,
-    (vip, port, proto): (&str, u16, u8),
-    edit: impl FnOnce(&mut ServiceValue),
-) {
-    let key = ServiceKey {
-        addr: wire::addr6(ip6(vip)),
-        port: wire::port(port),
-        proto,
-        _pad: 0,
-    };
-    let mut v = dp
-        .maps
-        .v6
-        .services
-        .get(&key, 0)
-        .expect("the frontend to edit");
-    edit(&mut v);
-    dp.maps.put_frontend6(key, v).expect("writing the frontend");
-}
-
 /// IPv6's standard scenario: a TCP and a UDP frontend on one VIP, three
 /// backends each (ids 11.., service ids 21, 22).
 pub fn cluster6(dp: &mut Datapath) {
-    install_service6(
+    super::install_service(
         dp,
         21,
         VIP6,
@@ -328,7 +252,7 @@ pub fn cluster6(dp: &mut Datapath) {
         IPPROTO_TCP,
         &[(11, B6_1, 8080), (12, B6_2, 8080), (13, B6_3, 8080)],
     );
-    install_service6(
+    super::install_service(
         dp,
         22,
         VIP6,
