@@ -18,7 +18,9 @@ use crate::load::Servers;
 
 pub const ENDPOINTS: u32 = 10;
 pub const NAMESPACE: &str = "bench";
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The client's second address ([`Bed::new`]).
+pub const CLIENT_DIRECT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 const POOL_BASE: u32 = u32::from_be_bytes([198, 18, 16, 0]);
 const POOL: u32 = (256 - 16) * 256;
 pub const SERVICE_PORT: u16 = 80;
@@ -104,6 +106,18 @@ impl Bed {
         // Half a million short connections in one run: the client may reuse
         // its ports as soon as the server has closed.
         client.sysctl("net/ipv4/ip_local_port_range", "1024 65000")?;
+        // A second address of the client's for its connections straight to
+        // endpoints taken in turn with ones through their service: tc's
+        // flows through the service leave conntrack entries whose reply
+        // tuple a direct connection from the same address could meet.
+        client.ip(&["addr", "add", &format!("{CLIENT_DIRECT}/32"), "dev", "eth0"])?;
+        cluster.node.ip(&[
+            "route",
+            "add",
+            &format!("{CLIENT_DIRECT}/32"),
+            "dev",
+            &cluster.pod("client").host_if,
+        ])?;
         let mut servers = Vec::new();
         for j in 0..ENDPOINTS {
             let pod = cluster.pod(&format!("b{j}"));
@@ -150,6 +164,11 @@ impl Bed {
     /// A backend pod's own address: traffic that is not for a service.
     pub fn pod_ip(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.cluster.pod("b0").ip, TARGET_BASE)
+    }
+
+    /// The last service's endpoints, dialled directly.
+    pub fn last_endpoints(&self) -> Vec<SocketAddrV4> {
+        (0..ENDPOINTS).map(|j| endpoint(self.n - 1, j)).collect()
     }
 
     pub fn first_vip(&self) -> SocketAddrV4 {

@@ -15,7 +15,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -149,6 +149,15 @@ pub struct Rate {
     pub errors: u64,
 }
 
+/// One target of [`crr_in_turn`].
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct InTurn {
+    /// Connections per second of the time spent on this target.
+    pub rate: f64,
+    /// The `connect()` call's p50, µs.
+    pub connect_us: f64,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub enum Kind {
     /// connect, 1-byte request and response, close (TCP_CRR)
@@ -184,6 +193,62 @@ pub fn measure(client: &Netns, to: SocketAddrV4, kind: Kind, runs: u32, secs: f6
 
 fn connect(to: SocketAddrV4) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(s)
+}
+
+/// Linux's `IP_BIND_ADDRESS_NO_PORT`: a bound socket's port is chosen at
+/// `connect()`, as an unbound one's is.
+const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
+
+/// A blocking `connect()` (at most 2 s) from the client's address `from`
+/// to `to`, set up as [`connect`]'s connection is.
+fn connect_from(from: Ipv4Addr, to: SocketAddrV4) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let err = std::io::Error::last_os_error;
+    let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let (src, dst) = (sockaddr(SocketAddrV4::new(from, 0)), sockaddr(to));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err());
+    }
+    // SAFETY: `fd` is a socket just created and owned by nothing else.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let timeout = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: socket options and addresses of the sizes given, valid for
+    // each call, on the socket `s` owns.
+    unsafe {
+        let opt = |level, name, v: *const libc::c_void, len: usize| {
+            libc::setsockopt(fd, level, name, v, len as libc::socklen_t)
+        };
+        if opt(libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, (&raw const one).cast(), 4) < 0
+            // A blocking connect() waits at most SO_SNDTIMEO.
+            || opt(
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>(),
+            ) < 0
+            || libc::bind(fd, (&raw const src).cast(), len) < 0
+            || libc::connect(fd, (&raw const dst).cast(), len) < 0
+        {
+            return Err(err());
+        }
+    }
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     Ok(s)
@@ -240,6 +305,74 @@ fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
         connect_us: percentile(&connects, 0.5),
         ..Rate::of(lat, start.elapsed(), errors)
     })
+}
+
+/// TCP_CRR to each of `targets` in turn, one connection each, for `secs`:
+/// each one's rate (connections per second of the time spent on it) and
+/// `connect()` p50. A target is a source address of the client's and the
+/// addresses it dials, each in turn (a service's endpoints dialled
+/// directly, as a client balancing by itself would). Taken side by side,
+/// the targets share every drift of the machine and the bed (timer,
+/// TIME_WAIT on the servers, the other core's work), so their differences
+/// are what reaching one costs over another and nothing else.
+pub fn crr_in_turn(
+    client: &Netns,
+    targets: &[(Ipv4Addr, Vec<SocketAddrV4>)],
+    secs: f64,
+) -> Result<Vec<InTurn>> {
+    let d = Duration::from_secs_f64(secs);
+    let targets = targets.to_vec();
+    client.enter(move || {
+        pin(CLIENT_CPU);
+        let mut took: Vec<Vec<Duration>> = targets
+            .iter()
+            .map(|_| Vec::with_capacity(100_000))
+            .collect();
+        let mut spent = vec![Duration::ZERO; targets.len()];
+        let mut errors = 0u64;
+        let start = Instant::now();
+        let mut round = 0usize;
+        while start.elapsed() < d {
+            for ((&(from, ref addrs), took), spent) in
+                targets.iter().zip(took.iter_mut()).zip(spent.iter_mut())
+            {
+                let Some(&to) = addrs.get(round % addrs.len().max(1)) else {
+                    bail!("a target without an address");
+                };
+                let t0 = Instant::now();
+                let one = || -> std::io::Result<Duration> {
+                    let mut s = connect_from(from, to)?;
+                    let c = t0.elapsed();
+                    s.write_all(b"C")?;
+                    let mut x = [0u8; 1];
+                    s.read_exact(&mut x)?;
+                    match s.read(&mut x)? {
+                        0 => Ok(c),
+                        _ => Err(std::io::ErrorKind::InvalidData.into()),
+                    }
+                };
+                match one() {
+                    Ok(c) => took.push(c),
+                    Err(_) => errors += 1,
+                }
+                *spent += t0.elapsed();
+            }
+            round += 1;
+            if errors > 100 && took.iter().any(|t| t.is_empty()) {
+                bail!("no connection to some of {targets:?} succeeds");
+            }
+        }
+        took.into_iter()
+            .zip(spent)
+            .map(|(mut t, spent)| {
+                t.sort_unstable();
+                Ok(InTurn {
+                    rate: t.len() as f64 / spent.as_secs_f64(),
+                    connect_us: percentile(&t, 0.5).context("no connection measured")?,
+                })
+            })
+            .collect()
+    })?
 }
 
 fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {

@@ -282,6 +282,7 @@ fn no_proxy(n: u32, o: &Options, p: &Progress) -> Result<Row> {
         rr: load::measure(c, pod, Kind::Rr, o.runs, o.seconds)?,
         bulk: load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?,
         baseline: None,
+        in_turn: None,
     };
     p.say(format!(
         "N={n}: no proxy: {:.0} conn/s, {:.0} round trips/s, {:.1} Gbit/s",
@@ -353,6 +354,33 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
     say("round trips and bulk through the last service".into());
     let rr = load::measure(c, bed.last_vip(), Kind::Rr, o.runs, o.seconds)?;
     let bulk = load::measure(c, bed.last_vip(), Kind::Bulk, o.runs, o.seconds)?;
+    say("new connections to the last service, its endpoints directly and a pod IP, in turn".into());
+    let turn = load::crr_in_turn(
+        c,
+        &[
+            (bed::CLIENT, vec![bed.last_vip()]),
+            (bed::CLIENT_DIRECT, bed.last_endpoints()),
+            (bed::CLIENT, vec![bed.pod_ip()]),
+        ],
+        o.seconds * o.runs as f64,
+    )?;
+    let in_turn = match turn[..] {
+        [service, endpoints, pod] => report::InTurn3 {
+            service,
+            endpoints,
+            pod,
+        },
+        _ => bail!("three targets measured, {} results", turn.len()),
+    };
+    say(format!(
+        "in turn: {:.0} / {:.0} / {:.0} conn/s, connect() {:.1} / {:.1} / {:.1} µs (the last service / its endpoints directly / a pod IP)",
+        in_turn.service.rate,
+        in_turn.endpoints.rate,
+        in_turn.pod.rate,
+        in_turn.service.connect_us,
+        in_turn.endpoints.connect_us,
+        in_turn.pod.connect_us
+    ));
     say(format!(
         "{:.0} / {:.0} conn/s (first / last; no proxy {:.0}), {:.0} to a pod IP, {:.0} round trips/s, {:.1} Gbit/s",
         crr_first.rate, crr_last.rate, baseline.crr.rate, crr_pod.rate, rr.rate, bulk.rate
@@ -379,6 +407,7 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
             rr,
             bulk,
             baseline: Some(baseline),
+            in_turn: Some(in_turn),
         }),
         memory,
     })

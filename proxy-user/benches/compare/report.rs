@@ -9,7 +9,7 @@ use plotters::{coord::Shift, prelude::*};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    load::Rate,
+    load::{InTurn, Rate},
     modes::{Change, Install, Memory, Mode},
     northsouth::{Forwarder, NsRate},
     packet::PacketCost,
@@ -43,6 +43,19 @@ pub struct Traffic {
     /// what this mode's figures are rated against (machine drift over a
     /// long run stays out of the ratios). None for "no proxy" itself.
     pub baseline: Option<Baseline>,
+    /// The last service, its endpoints dialled directly and a pod IP, one
+    /// connection each in turn with the mode loaded
+    /// ([`crate::load::crr_in_turn`]).
+    #[serde(default)]
+    pub in_turn: Option<InTurn3>,
+}
+
+/// [`Traffic::in_turn`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InTurn3 {
+    pub service: InTurn,
+    pub endpoints: InTurn,
+    pub pod: InTurn,
 }
 
 /// The no-proxy limit next to one mode's figures.
@@ -597,7 +610,9 @@ impl Report {
                     us(t.and_then(|t| t.crr_last.as_ref())),
                     us(t.and_then(|t| t.baseline.as_ref()).map(|b| &b.crr)),
                 ) {
-                    (Some(a), Some(b)) => format!("{a:.1} / {b:.1} ({:+.1})", a - b),
+                    (Some(a), Some(b)) => {
+                        format!("{a:.1} / {b:.1} ({:+.1})", a - b)
+                    }
                     _ => "–".into(),
                 }
             },
@@ -605,6 +620,26 @@ impl Report {
                 us(self.traffic(n, Mode::NoProxy).map(|t| &t.crr_pod))
                     .map_or("–".into(), |v| format!("{v:.1}"))
             },
+        );
+        table(&mut out, &header, &rows);
+
+        out.push_str("**In turn, with the mode loaded**: one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn), one to a pod IP, and again, for as long as all runs of one figure above; connections per second of the time spent on each, and the service's ratio to its endpoints (what reaching them through the service costs, free of any drift between phases); then `connect()`'s p50 in µs, with the service's difference to its endpoints\n\n");
+        let rows = per_size(
+            &|n, m| match self.traffic(n, m).and_then(|t| t.in_turn.as_ref()) {
+                Some(t) => format!(
+                    "{} / {} / {} ({:.2}); {:.1} / {:.1} / {:.1} ({:+.1})",
+                    thousands(t.service.rate),
+                    thousands(t.endpoints.rate),
+                    thousands(t.pod.rate),
+                    t.service.rate / t.endpoints.rate,
+                    t.service.connect_us,
+                    t.endpoints.connect_us,
+                    t.pod.connect_us,
+                    t.service.connect_us - t.endpoints.connect_us
+                ),
+                None => "–".into(),
+            },
+            &|_| "–".into(),
         );
         table(&mut out, &header, &rows);
 
