@@ -50,8 +50,11 @@ pub enum Fib {
 /// The skb a run starts with, besides its bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Skb {
-    /// `skb->ifindex` (and `ingress_ifindex`).
+    /// `skb->ifindex`.
     pub ifindex: u32,
+    /// `skb->skb_iif`: the interface a forwarded packet came in on; 0 for
+    /// one the node sent (and in `BPF_PROG_TEST_RUN`, unless given).
+    pub ingress_ifindex: u32,
     pub mark: u32,
     /// Bytes in the linear part (direct packet access sees only these);
     /// None: all of them.
@@ -63,6 +66,7 @@ impl Default for Skb {
         // The loopback device, as `BPF_PROG_TEST_RUN` gives.
         Self {
             ifindex: 1,
+            ingress_ifindex: 0,
             mark: 0,
             linear: None,
         }

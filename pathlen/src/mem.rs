@@ -52,6 +52,7 @@ fn split(addr: u64) -> Result<(usize, usize)> {
 pub struct Memory {
     regions: Vec<Vec<u8>>,
     ifindex: u32,
+    ingress_ifindex: u32,
     linear: Option<usize>,
 }
 
@@ -68,6 +69,7 @@ impl Memory {
             self.regions[FIRST_STACK + f] = vec![0u8; STACK_SIZE];
         }
         self.ifindex = skb.ifindex;
+        self.ingress_ifindex = skb.ingress_ifindex;
         self.linear = skb.linear;
     }
 
@@ -124,7 +126,8 @@ impl Memory {
                 PACKET,
                 self.linear.map_or(packet_len, |l| l.min(packet_len)),
             )),
-            (skb::IFINDEX | skb::INGRESS_IFINDEX, 4) => word(self.ifindex),
+            (skb::IFINDEX, 4) => word(self.ifindex),
+            (skb::INGRESS_IFINDEX, 4) => word(self.ingress_ifindex),
             (skb::PROTOCOL, 4) => {
                 let p = &self.regions[PACKET];
                 // skb->protocol: the EtherType as stored (network order).

@@ -41,6 +41,17 @@ pub fn tail_call(ctx: &TcContext, index: u32) -> i32 {
     verdict::action(Verdict::Pass(Counter::PassNotHandled))
 }
 
+/// Whether an IPv6 packet's transport header, right after the fixed one,
+/// is TCP or UDP (its next header field alone: what is passed on this
+/// answer is passed unread).
+#[inline(always)]
+pub fn plain_transport6(ctx: &TcContext) -> bool {
+    use crate::parse::{read_linear, ETH_HLEN};
+    // Version/class/label, payload length, next header (the hop limit).
+    read_linear::<_, [u8; 8]>(ctx, ETH_HLEN)
+        .is_some_and(|h| h[6] == IPPROTO_TCP || h[6] == IPPROTO_UDP)
+}
+
 /// Whether an IPv6 packet is plain TCP or UDP (the transport header right
 /// after the fixed one, the lengths consistent) to no frontend's port and
 /// from no backend's: no service or tracked flow can concern it, and tc

@@ -208,11 +208,14 @@ fn forward_translated(ctx: &TcContext) -> i32 {
 /// - ICMP errors about translated flows (fragmentation needed towards a
 ///   backend's smaller MTU, for one), which never cross an ingress hook:
 ///   1 (`CT`);
-/// - TCP/UDP: 1 (`NODE_ADDRS`, is the source this node?); from the node: as
-///   a new or tracked flow at ingress, without the NodePort lookup (a
-///   node's packets to its own address never leave through an interface),
-///   and always with a FIB lookup: the stack routed the packet before its
-///   destination changed.
+/// - forwarded TCP/UDP (received on an interface, `skb_iif` set: kube-proxy's
+///   OUTPUT chain never sees it, and ingress already had it): 0, passed (an
+///   IPv6 one without extension headers passed before IPv6's program);
+/// - the node's own TCP/UDP: 1 (`NODE_ADDRS`, is the source this node?);
+///   from the node: as a new or tracked flow at ingress, without the
+///   NodePort lookup (a node's packets to its own address never leave
+///   through an interface), and always with a FIB lookup: the stack routed
+///   the packet before its destination changed.
 ///
 /// Only translations are counted.
 #[classifier]
@@ -220,14 +223,16 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     if forward::mark(&ctx) & MARK_TRANSLATED != 0 {
         return PASS;
     }
+    let own = packet::sent_by_node(&ctx);
     let v = match parse::parse_ipv4(&ctx) {
         Parsed::Packet(pkt) => match pkt.proto {
             IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
-            IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(pkt.src) => {
+            IPPROTO_TCP | IPPROTO_UDP if own && service::is_node_addr(pkt.src) => {
                 flow(&ctx, &pkt, Origin::Node, false)
             }
             _ => return PASS,
         },
+        Parsed::OtherFamily if !own && family::plain_transport6(&ctx) => return PASS,
         Parsed::OtherFamily => return family::tail_call(&ctx, PROG_EGRESS6),
         _ => return PASS,
     };
@@ -250,7 +255,9 @@ pub fn kpx_tc_egress6(ctx: TcContext) -> i32 {
     }
     let v = match s.pkt.proto {
         IPPROTO_ICMPV6 => icmp::translate_error6(&ctx, &s.pkt),
-        IPPROTO_TCP | IPPROTO_UDP if service::is_node_addr(s.pkt.src) => {
+        IPPROTO_TCP | IPPROTO_UDP
+            if packet::sent_by_node(&ctx) && service::is_node_addr(s.pkt.src) =>
+        {
             flow6(&ctx, s, Origin::Node)
         }
         _ => return PASS,

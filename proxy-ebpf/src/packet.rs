@@ -292,6 +292,15 @@ pub fn mark_translated(ctx: &XdpContext) {
     }
 }
 
+/// Whether the node itself sent this packet: it was received on no
+/// interface (`skb_iif` is 0; a forwarded packet keeps the one it came in
+/// on). One context load.
+#[inline(always)]
+pub fn sent_by_node(ctx: &TcContext) -> bool {
+    // SAFETY: reads a field of the context's own skb.
+    unsafe { (*ctx.skb.skb).ingress_ifindex == 0 }
+}
+
 /// Whether XDP translated this packet ([`mark_translated`]).
 #[inline(always)]
 pub fn translated_by_xdp(ctx: &TcContext) -> bool {

@@ -190,6 +190,18 @@ fn the_nodes_own_flows_are_translated_at_egress_and_translated_packets_skipped()
     // A packet from elsewhere leaving through the interface is not ours.
     let out = run_egress(&mut dp, &Pkt::new(POD, 45000, VIP, 80, SYN).build());
     assert_eq!(out.verdict, TC_ACT_UNSPEC);
+    // Nor is one the node forwards, whatever its source: it came in on an
+    // interface (kube-proxy's OUTPUT chain never sees it; tc ingress had
+    // it). Passed untouched, no flow tracked.
+    let frame = Pkt::new(NODE, 45001, VIP, 80, SYN).build();
+    let out = run_egress_forwarded(&mut dp, &frame, 7);
+    assert_eq!(out.verdict, TC_ACT_UNSPEC);
+    assert_eq!(out.bytes, frame);
+    assert!(dp
+        .maps
+        .ct_get(&ct_key(NODE, 45001, VIP, 80, IPPROTO_TCP))
+        .is_none());
+    assert_eq!(event(&mut dp, Event::FromNode), 1);
 }
 
 /// A namespace whose FIB forwards to the backends B1..B3 out of `out0`

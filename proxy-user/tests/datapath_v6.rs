@@ -451,6 +451,16 @@ fn the_nodes_own_ipv6_packets_are_translated_at_egress() {
     let frame = Pkt6::new(CLIENT6, 47001, VIP6, 80, SYN).build();
     let out = run_egress(&mut dp, &frame);
     assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, frame));
+    // Nor is a packet the node forwards (received on an interface), even
+    // from its own address, with or without extension headers before TCP.
+    let mut pkt = Pkt6::new(NODE6, 47002, VIP6, 80, SYN);
+    for ext in [None, Some(Ext::options(60, 1))] {
+        pkt.ext.extend(ext);
+        let frame = pkt.build();
+        let out = run_egress_forwarded(&mut dp, &frame, 7);
+        assert_eq!((out.verdict, out.bytes), (TC_ACT_UNSPEC, frame));
+    }
+    assert_eq!(event(&mut dp, Event::FromNode), 1);
 }
 
 #[test]

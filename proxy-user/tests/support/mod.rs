@@ -189,6 +189,31 @@ pub fn run_egress(dp: &mut Datapath, frame: &[u8]) -> Out {
     run_on(dp, frame, true)
 }
 
+/// Runs the tc egress program on `frame` as a packet the node forwards:
+/// received on the interface `iif` (the skb's `ingress_ifindex`), not sent
+/// by the node itself.
+pub fn run_egress_forwarded(dp: &mut Datapath, frame: &[u8], iif: u32) -> Out {
+    // A `struct __sk_buff` up to its `ifindex`: `ingress_ifindex` is at
+    // byte 36, and all else zero, as `BPF_PROG_TEST_RUN` requires.
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&iif.to_ne_bytes());
+    let netns = empty_netns();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this scoped thread only; `netns` is open.
+            assert_eq!(
+                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            run_ctx(dp, frame, true, Some(&ctx))
+        })
+        .join()
+        .expect("test_run thread")
+    })
+}
+
 /// A network namespace of this test process with nothing in it (loopback
 /// down, no routes, no forwarding): the FIB lookups of `test_run` there
 /// always hand packets to the stack, whatever the machine's own routes.
@@ -252,6 +277,11 @@ pub fn run_batch(dp: &mut Datapath, frames: &[(Vec<u8>, bool)]) -> Vec<Out> {
 }
 
 fn run_here(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
+    run_ctx(dp, frame, egress, None)
+}
+
+/// [`run_here`] with a `struct __sk_buff` for the context.
+fn run_ctx(dp: &mut Datapath, frame: &[u8], egress: bool, ctx: Option<&[u8]>) -> Out {
     let mut buf = vec![0u8; frame.len() + 256];
     let prog = if egress { dp.egress() } else { dp.ingress() };
     let res = prog
@@ -259,6 +289,7 @@ fn run_here(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut buf),
+            ctx_in: ctx,
             ..Default::default()
         })
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {frame:02x?}: {e}"));

@@ -57,6 +57,8 @@ pub struct Path {
     pub later: bool,
     pub fib: Fib,
     pub mark: u32,
+    /// The interface a forwarded packet came in on (0: the node sent it).
+    pub ingress_ifindex: u32,
     pub frame: Vec<u8>,
     pub verdict: u32,
 }
@@ -326,10 +328,14 @@ fn path(name: &'static str, frame: Vec<u8>, fib: Fib, verdict: u32) -> Path {
         later: false,
         fib,
         mark: 0,
+        ingress_ifindex: 0,
         frame,
         verdict,
     }
 }
+
+/// The interface the egress paths' forwarded packets came in on.
+const POD_IF: u32 = 3;
 
 /// Every path, in the order the table prints them. The established and
 /// reply paths use the flow the "first packet" path opens, so run them in
@@ -511,9 +517,19 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
         ),
         Path {
             egress: true,
+            ingress_ifindex: POD_IF,
             ..path(
                 "egress: a pod's packet",
                 tcp(CLIENT, 40000, "198.18.3.3", 80, ACK),
+                FORWARD,
+                TC_ACT_UNSPEC,
+            )
+        },
+        Path {
+            egress: true,
+            ..path(
+                "egress: the node's own, no service",
+                tcp(NODE, 40000, "198.18.3.3", 80, ACK),
                 FORWARD,
                 TC_ACT_UNSPEC,
             )
@@ -652,9 +668,19 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
         ),
         Path {
             egress: true,
+            ingress_ifindex: POD_IF,
             ..path(
                 "IPv6: egress: a pod's packet",
                 tcp6(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK),
+                FORWARD,
+                TC_ACT_UNSPEC,
+            )
+        },
+        Path {
+            egress: true,
+            ..path(
+                "IPv6: egress: the node's own, no service",
+                tcp6(NODE6, 40000, "2001:2:0:33::3", 80, ACK),
                 FORWARD,
                 TC_ACT_UNSPEC,
             )
@@ -675,6 +701,7 @@ pub fn run(vm: &mut Vm, p: &Path) -> Result<Run> {
     };
     let skb = Skb {
         mark: p.mark,
+        ingress_ifindex: p.ingress_ifindex,
         ..Skb::default()
     };
     let r = vm.run(prog, &p.frame, skb)?;
