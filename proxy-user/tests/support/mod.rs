@@ -197,17 +197,22 @@ pub fn run_egress_forwarded(dp: &mut Datapath, frame: &[u8], iif: u32) -> Out {
     // byte 36, and all else zero, as `BPF_PROG_TEST_RUN` requires.
     let mut ctx = [0u8; 44];
     ctx[36..40].copy_from_slice(&iif.to_ne_bytes());
-    let netns = empty_netns();
+    in_netns(empty_netns(), || run_ctx(dp, frame, true, Some(&ctx)))
+}
+
+/// Runs `f` on a thread of its own inside the network namespace `netns`
+/// (an open `/proc/.../ns/net` or `/run/netns/...` file).
+fn in_netns<T: Send>(netns: &std::fs::File, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
     std::thread::scope(|s| {
         s.spawn(|| {
-            use std::os::fd::AsRawFd;
             // SAFETY: setns on this scoped thread only; `netns` is open.
             assert_eq!(
                 unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
                 0,
                 "setns"
             );
-            run_ctx(dp, frame, true, Some(&ctx))
+            f()
         })
         .join()
         .expect("test_run thread")
@@ -237,42 +242,17 @@ fn run_on(dp: &mut Datapath, frame: &[u8], egress: bool) -> Out {
 /// Runs the program on `frame` from inside the network namespace `netns`
 /// (an open `/proc/.../ns/net` or `/run/netns/...` file).
 pub fn run_in(dp: &mut Datapath, frame: &[u8], egress: bool, netns: &std::fs::File) -> Out {
-    use std::os::fd::AsRawFd;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this scoped thread only; `netns` is open.
-            assert_eq!(
-                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            run_here(dp, frame, egress)
-        })
-        .join()
-        .expect("test_run thread")
-    })
+    in_netns(netns, || run_here(dp, frame, egress))
 }
 
 /// Runs the program on each frame, all from one thread in the empty
 /// namespace (a thread per run would dominate a long run).
 pub fn run_batch(dp: &mut Datapath, frames: &[(Vec<u8>, bool)]) -> Vec<Out> {
-    use std::os::fd::AsRawFd;
-    let netns = empty_netns();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this scoped thread only; `netns` is open.
-            assert_eq!(
-                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            frames
-                .iter()
-                .map(|(f, egress)| run_here(dp, f, *egress))
-                .collect()
-        })
-        .join()
-        .expect("test_run thread")
+    in_netns(empty_netns(), || {
+        frames
+            .iter()
+            .map(|(f, egress)| run_here(dp, f, *egress))
+            .collect()
     })
 }
 
@@ -310,37 +290,26 @@ pub fn run_xdp_in(
     netns: Option<&std::fs::File>,
     ifindex: u32,
 ) -> Xdp {
-    use std::os::fd::AsRawFd;
     let netns = netns.unwrap_or_else(|| empty_netns());
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this scoped thread only; `netns` is open.
-            assert_eq!(
-                unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            let ctx = testbed::xdp::xdp_md(frame.len(), ifindex);
-            let mut buf = vec![0u8; frame.len() + 256];
-            let res = dp
-                .xdp()
-                .expect("the XDP program")
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut buf),
-                    ctx_in: Some(&ctx),
-                    ..Default::default()
-                })
-                .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (XDP) of {frame:02x?}: {e}"));
-            buf.truncate(res.data_size_out as usize);
-            Xdp {
-                verdict: res.return_value,
-                out: buf,
-                frame_len: frame.len(),
-            }
-        })
-        .join()
-        .expect("test_run thread")
+    in_netns(netns, || {
+        let ctx = testbed::xdp::xdp_md(frame.len(), ifindex);
+        let mut buf = vec![0u8; frame.len() + 256];
+        let res = dp
+            .xdp()
+            .expect("the XDP program")
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut buf),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN (XDP) of {frame:02x?}: {e}"));
+        buf.truncate(res.data_size_out as usize);
+        Xdp {
+            verdict: res.return_value,
+            out: buf,
+            frame_len: frame.len(),
+        }
     })
 }
 
