@@ -307,23 +307,63 @@ fn crr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
     })
 }
 
+/// Where [`crr_in_turn`] connects: from the pod whose namespace is
+/// `netns`, its address `from`, to each of `to` in turn (a service's
+/// endpoints dialled directly, as a client balancing by itself would).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub netns: String,
+    pub from: Ipv4Addr,
+    pub to: Vec<SocketAddrV4>,
+}
+
+/// Runs `f` on a thread pinned to the client's core, which joins each
+/// target's namespace before its turn ([`Turns::enter`]).
+fn in_turn<T: Send>(netns: &[&str], f: impl FnOnce(Turns) -> Result<T> + Send) -> Result<T> {
+    let files = netns
+        .iter()
+        .map(|n| {
+            std::fs::File::open(format!("/run/netns/{n}"))
+                .with_context(|| format!("opening netns {n}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            pin(CLIENT_CPU);
+            f(Turns(files))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+    })
+}
+
+/// The namespaces of [`in_turn`]'s targets.
+struct Turns(Vec<std::fs::File>);
+
+impl Turns {
+    /// Joins target `i`'s namespace: before every turn, the same for each
+    /// (the sockets it creates then are that namespace's).
+    fn enter(&self, i: usize) -> Result<()> {
+        let f = self.0.get(i).context("no such target")?;
+        // SAFETY: setns on this thread only; `f` is an open netns file.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(())
+    }
+}
+
 /// TCP_CRR to each of `targets` in turn, one connection each, for `secs`:
 /// each one's rate (connections per second of the time spent on it) and
-/// `connect()` p50. A target is a source address of the client's and the
-/// addresses it dials, each in turn (a service's endpoints dialled
-/// directly, as a client balancing by itself would). Taken side by side,
-/// the targets share every drift of the machine and the bed (timer,
-/// TIME_WAIT on the servers, the other core's work), so their differences
-/// are what reaching one costs over another and nothing else.
-pub fn crr_in_turn(
-    client: &Netns,
-    targets: &[(Ipv4Addr, Vec<SocketAddrV4>)],
-    secs: f64,
-) -> Result<Vec<InTurn>> {
+/// `connect()` p50. Taken side by side, the targets share every drift of
+/// the machine (timer, the other core's work, the host under the VM), so
+/// their ratios are what reaching one costs over another and nothing
+/// else. Each turn's socket is created in its target's namespace; joining
+/// it is not timed.
+pub fn crr_in_turn(targets: &[Target], secs: f64) -> Result<Vec<InTurn>> {
     let d = Duration::from_secs_f64(secs);
-    let targets = targets.to_vec();
-    client.enter(move || {
-        pin(CLIENT_CPU);
+    let names: Vec<&str> = targets.iter().map(|t| t.netns.as_str()).collect();
+    in_turn(&names, |turns| {
         let mut took: Vec<Vec<Duration>> = targets
             .iter()
             .map(|_| Vec::with_capacity(100_000))
@@ -333,15 +373,14 @@ pub fn crr_in_turn(
         let start = Instant::now();
         let mut round = 0usize;
         while start.elapsed() < d {
-            for ((&(from, ref addrs), took), spent) in
-                targets.iter().zip(took.iter_mut()).zip(spent.iter_mut())
-            {
-                let Some(&to) = addrs.get(round % addrs.len().max(1)) else {
+            for (i, t) in targets.iter().enumerate() {
+                let Some(&to) = t.to.get(round % t.to.len().max(1)) else {
                     bail!("a target without an address");
                 };
+                turns.enter(i)?;
                 let t0 = Instant::now();
                 let one = || -> std::io::Result<Duration> {
-                    let mut s = connect_from(from, to)?;
+                    let mut s = connect_from(t.from, to)?;
                     let c = t0.elapsed();
                     s.write_all(b"C")?;
                     let mut x = [0u8; 1];
@@ -352,10 +391,10 @@ pub fn crr_in_turn(
                     }
                 };
                 match one() {
-                    Ok(c) => took.push(c),
+                    Ok(c) => took[i].push(c),
                     Err(_) => errors += 1,
                 }
-                *spent += t0.elapsed();
+                spent[i] += t0.elapsed();
             }
             round += 1;
             if errors > 100 && took.iter().any(|t| t.is_empty()) {
@@ -372,7 +411,40 @@ pub fn crr_in_turn(
                 })
             })
             .collect()
-    })?
+    })
+}
+
+/// TCP_RR on one connection to each of `targets` (its first address) in
+/// turn, one round trip each, for `secs`: each one's round trips per
+/// second of the time spent on it.
+pub fn rr_in_turn(targets: &[Target], secs: f64) -> Result<Vec<f64>> {
+    let d = Duration::from_secs_f64(secs);
+    let names: Vec<&str> = targets.iter().map(|t| t.netns.as_str()).collect();
+    in_turn(&names, |turns| {
+        let mut conns = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let to = *t.to.first().context("a target without an address")?;
+            turns.enter(i)?;
+            conns.push(connect_from(t.from, to).with_context(|| format!("connecting to {to}"))?);
+        }
+        let mut spent = vec![Duration::ZERO; conns.len()];
+        let mut count = 0u64;
+        let mut b = [0u8; 1];
+        let start = Instant::now();
+        while start.elapsed() < d {
+            for (s, spent) in conns.iter_mut().zip(spent.iter_mut()) {
+                let t0 = Instant::now();
+                s.write_all(b"r")?;
+                s.read_exact(&mut b).context("a round trip in turn")?;
+                *spent += t0.elapsed();
+            }
+            count += 1;
+        }
+        Ok(spent
+            .iter()
+            .map(|s| count as f64 / s.as_secs_f64())
+            .collect())
+    })
 }
 
 fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {

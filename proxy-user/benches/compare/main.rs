@@ -9,7 +9,10 @@
 //! for a service), round trips and bulk throughput on an established flow,
 //! one endpoint change, and kpx's memory. "No proxy" (the client talking to
 //! a backend pod directly) is measured at each N too: the physical limit
-//! every other figure is also given as a ratio to. Then kpx's per-packet
+//! every other figure is also given as a ratio to. Since this machine's
+//! speed drifts between phases by more than a proxy costs, each mode is
+//! also measured in turn, at the same moment, against a twin bed without a
+//! proxy built beside its own ([`load::crr_in_turn`]). Then kpx's per-packet
 //! cost from BPF_PROG_TEST_RUN at the same N. Last, the north-south
 //! forwarding rate of each forwarder (one NodePort, a backend on another
 //! node: [`northsouth`]).
@@ -243,6 +246,67 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// With the mode loaded in `bed`: new connections to its last service,
+/// to that service's endpoints directly, to a pod IP, and to the endpoints
+/// of a twin bed's service that no proxy serves (the no-proxy limit, on the
+/// machine at the same moment), one each in turn; then round trips through
+/// the last service and to the twin's endpoint, in turn.
+fn measure_in_turn(bed: &Bed, o: &Options, say: &dyn Fn(String)) -> Result<report::InTurnRow> {
+    say("the no-proxy limit again, in a twin bed beside this one, in turn with the service".into());
+    let twin = Bed::new(1)?;
+    let client = |b: &Bed, from, to| load::Target {
+        netns: b.client().name.clone(),
+        from,
+        to,
+    };
+    let secs = o.seconds * o.runs as f64;
+    let crr = load::crr_in_turn(
+        &[
+            client(bed, bed::CLIENT, vec![bed.last_vip()]),
+            client(bed, bed::CLIENT_DIRECT, bed.last_endpoints()),
+            client(bed, bed::CLIENT, vec![bed.pod_ip()]),
+            client(&twin, bed::CLIENT, twin.last_endpoints()),
+        ],
+        secs,
+    )?;
+    let [service, endpoints, pod, no_proxy] = crr[..] else {
+        bail!("four targets measured, {} results", crr.len());
+    };
+    let rr = load::rr_in_turn(
+        &[
+            client(bed, bed::CLIENT, vec![bed.last_vip()]),
+            client(&twin, bed::CLIENT, twin.last_endpoints()),
+        ],
+        secs,
+    )?;
+    let [rr_service, rr_no_proxy] = rr[..] else {
+        bail!("two targets measured, {} results", rr.len());
+    };
+    let row = report::InTurnRow {
+        service,
+        endpoints,
+        pod,
+        no_proxy,
+        rr: (rr_service, rr_no_proxy),
+    };
+    say(format!(
+        "in turn: {:.0} / {:.0} / {:.0} / {:.0} conn/s, connect() {:.1} / {:.1} / {:.1} / {:.1} µs \
+         (the last service / its endpoints directly / a pod IP / no proxy's endpoints); \
+         {:.0} / {:.0} round trips/s (the last service / no proxy)",
+        service.rate,
+        endpoints.rate,
+        pod.rate,
+        no_proxy.rate,
+        service.connect_us,
+        endpoints.connect_us,
+        pod.connect_us,
+        no_proxy.connect_us,
+        rr_service,
+        rr_no_proxy
+    ));
+    Ok(row)
+}
+
 /// kpx's per-packet cost at `n` services, in a namespace of its own.
 fn packet_cost(n: u32, quick: bool, p: &Progress) -> Result<packet::PacketCost> {
     p.say(format!("N={n}: kpx datapath cost per packet (test_run)"));
@@ -354,33 +418,7 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
     say("round trips and bulk through the last service".into());
     let rr = load::measure(c, bed.last_vip(), Kind::Rr, o.runs, o.seconds)?;
     let bulk = load::measure(c, bed.last_vip(), Kind::Bulk, o.runs, o.seconds)?;
-    say("new connections to the last service, its endpoints directly and a pod IP, in turn".into());
-    let turn = load::crr_in_turn(
-        c,
-        &[
-            (bed::CLIENT, vec![bed.last_vip()]),
-            (bed::CLIENT_DIRECT, bed.last_endpoints()),
-            (bed::CLIENT, vec![bed.pod_ip()]),
-        ],
-        o.seconds * o.runs as f64,
-    )?;
-    let in_turn = match turn[..] {
-        [service, endpoints, pod] => report::InTurn3 {
-            service,
-            endpoints,
-            pod,
-        },
-        _ => bail!("three targets measured, {} results", turn.len()),
-    };
-    say(format!(
-        "in turn: {:.0} / {:.0} / {:.0} conn/s, connect() {:.1} / {:.1} / {:.1} µs (the last service / its endpoints directly / a pod IP)",
-        in_turn.service.rate,
-        in_turn.endpoints.rate,
-        in_turn.pod.rate,
-        in_turn.service.connect_us,
-        in_turn.endpoints.connect_us,
-        in_turn.pod.connect_us
-    ));
+    let in_turn = measure_in_turn(&bed, o, &say)?;
     say(format!(
         "{:.0} / {:.0} conn/s (first / last; no proxy {:.0}), {:.0} to a pod IP, {:.0} round trips/s, {:.1} Gbit/s",
         crr_first.rate, crr_last.rate, baseline.crr.rate, crr_pod.rate, rr.rate, bulk.rate

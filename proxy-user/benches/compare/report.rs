@@ -43,19 +43,25 @@ pub struct Traffic {
     /// what this mode's figures are rated against (machine drift over a
     /// long run stays out of the ratios). None for "no proxy" itself.
     pub baseline: Option<Baseline>,
-    /// The last service, its endpoints dialled directly and a pod IP, one
-    /// connection each in turn with the mode loaded
-    /// ([`crate::load::crr_in_turn`]).
+    /// The last service, its endpoints dialled directly, a pod IP and a
+    /// twin bed's endpoints without a proxy, one connection each in turn
+    /// with the mode loaded ([`crate::load::crr_in_turn`]).
     #[serde(default)]
-    pub in_turn: Option<InTurn3>,
+    pub in_turn: Option<InTurnRow>,
 }
 
 /// [`Traffic::in_turn`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InTurn3 {
+pub struct InTurnRow {
     pub service: InTurn,
     pub endpoints: InTurn,
     pub pod: InTurn,
+    /// The same spread over ten endpoints in a bed of its own that no
+    /// proxy serves: the no-proxy limit at the same moment.
+    pub no_proxy: InTurn,
+    /// Round trips per second through the last service and to the twin
+    /// bed's endpoint, in turn.
+    pub rr: (f64, f64),
 }
 
 /// The no-proxy limit next to one mode's figures.
@@ -623,19 +629,23 @@ impl Report {
         );
         table(&mut out, &header, &rows);
 
-        out.push_str("**In turn, with the mode loaded**: one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn), one to a pod IP, and again, for as long as all runs of one figure above; connections per second of the time spent on each, and the service's ratio to its endpoints (what reaching them through the service costs, free of any drift between phases); then `connect()`'s p50 in µs, with the service's difference to its endpoints\n\n");
+        out.push_str("**In turn, at the same moment** (this machine's speed drifts between phases by more than the proxies cost): with the mode loaded, one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn, from a second client address), one to a pod IP, one to the endpoints of a twin bed beside it that no proxy serves (the no-proxy limit), and again, for as long as all runs of one figure above. Connections per second of the time spent on each, the service's ratio to the twin (to no proxy) and to its own endpoints (what the service alone costs); `connect()`'s p50 in µs, the service's above the twin's; round trips through the service and in the twin, in turn, and their ratio\n\n");
         let rows = per_size(
             &|n, m| match self.traffic(n, m).and_then(|t| t.in_turn.as_ref()) {
                 Some(t) => format!(
-                    "{} / {} / {} ({:.2}); {:.1} / {:.1} / {:.1} ({:+.1})",
+                    "{} / {} / {} / {} ({:.2}, {:.2}); {:.1} / {:.1} ({:+.1}); RR {} / {} ({:.2})",
                     thousands(t.service.rate),
                     thousands(t.endpoints.rate),
                     thousands(t.pod.rate),
+                    thousands(t.no_proxy.rate),
+                    t.service.rate / t.no_proxy.rate,
                     t.service.rate / t.endpoints.rate,
                     t.service.connect_us,
-                    t.endpoints.connect_us,
-                    t.pod.connect_us,
-                    t.service.connect_us - t.endpoints.connect_us
+                    t.no_proxy.connect_us,
+                    t.service.connect_us - t.no_proxy.connect_us,
+                    thousands(t.rr.0),
+                    thousands(t.rr.1),
+                    t.rr.0 / t.rr.1
                 ),
                 None => "–".into(),
             },
