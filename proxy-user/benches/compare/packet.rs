@@ -42,6 +42,9 @@ pub struct PacketCost {
     /// TCP to no service, on a port no frontend uses.
     #[serde(default)]
     pub no_frontend_port_ns: f64,
+    /// tc egress on a forwarded pod packet, IPv4 and IPv6 (`repeat`).
+    #[serde(default)]
+    pub egress_forwarded_ns: Option<(f64, f64)>,
     pub established_ns: f64,
     pub reply_ns: f64,
     /// First packet of a flow (service lookup, selection, two conntrack
@@ -217,6 +220,7 @@ pub fn measure(
     let no_service = repeat_ns(dp.ingress()?, &tcp, repeat)?;
     let unused = Pkt::new(CLIENT, 40000, "198.18.3.3", 9000, ACK).build();
     let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
+    let egress = egress_forwarded(&mut dp, repeat)?;
     let (established, reply) = ping_pong(&mut dp, &last_vip, repeat)?;
     let (first, floor_single) = single_runs(&mut dp, &last_vip, singles, 100)?;
     let last_vip6 = install6(&mut dp, n);
@@ -235,6 +239,7 @@ pub fn measure(
         floor_ns: floor,
         no_service_ns: no_service,
         no_frontend_port_ns: no_frontend_port,
+        egress_forwarded_ns: Some(egress),
         established_ns: established,
         reply_ns: reply,
         first_packet_ns: first,
@@ -364,10 +369,21 @@ fn test_run(
     frame: &[u8],
     repeat: u32,
 ) -> anyhow::Result<aya::programs::TestRunResult> {
+    test_run_ctx(prog, frame, None, repeat)
+}
+
+/// [`test_run`] with a `struct __sk_buff` for the context.
+fn test_run_ctx(
+    prog: &mut SchedClassifier,
+    frame: &[u8],
+    ctx: Option<&[u8]>,
+    repeat: u32,
+) -> anyhow::Result<aya::programs::TestRunResult> {
     let mut out = vec![0u8; frame.len() + 256];
     Ok(prog.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut out),
+        ctx_in: ctx,
         repeat,
         ..Default::default()
     })?)
@@ -376,13 +392,39 @@ fn test_run(
 /// The median over 25 batches of the kernel's mean per repetition: a few
 /// batches that meet an interrupt or the other vCPU's noise move nothing.
 fn repeat_ns(prog: &mut SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    repeat_ns_ctx(prog, frame, None, repeat)
+}
+
+/// [`repeat_ns`] with a `struct __sk_buff` for the context.
+fn repeat_ns_ctx(
+    prog: &mut SchedClassifier,
+    frame: &[u8],
+    ctx: Option<&[u8]>,
+    repeat: u32,
+) -> anyhow::Result<f64> {
     const BATCHES: u32 = 25;
     let each = (repeat / BATCHES).max(1);
     let mut ns = Vec::with_capacity(BATCHES as usize);
     for _ in 0..BATCHES {
-        ns.push(test_run(prog, frame, each)?.duration.as_nanos());
+        ns.push(test_run_ctx(prog, frame, ctx, each)?.duration.as_nanos());
     }
     Ok(median(ns))
+}
+
+/// tc egress on a pod's packet the node forwards (received on an
+/// interface: the skb's `ingress_ifindex` set), IPv4 and IPv6, `repeat`
+/// median: what every packet between two pods pays on its way out.
+fn egress_forwarded(dp: &mut Datapath, repeat: u32) -> anyhow::Result<(f64, f64)> {
+    // A `struct __sk_buff` up to its `ifindex`, `ingress_ifindex` (byte
+    // 36) set, all else zero as `BPF_PROG_TEST_RUN` requires.
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&3u32.to_ne_bytes());
+    let v4 = Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build();
+    let v6 = Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build();
+    Ok((
+        repeat_ns_ctx(dp.egress()?, &v4, Some(&ctx), repeat)?,
+        repeat_ns_ctx(dp.egress()?, &v6, Some(&ctx), repeat)?,
+    ))
 }
 
 /// An entry of the ping-pong flow, either family: rewriting the source

@@ -250,6 +250,36 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
     );
 }
 
+/// tc egress on a forwarded pod packet, both families: ns above the empty
+/// program.
+fn egress_table(out: &mut String, costs: &[PacketCost]) {
+    if costs.iter().all(|p| p.egress_forwarded_ns.is_none()) {
+        return;
+    }
+    out.push_str(
+        "\n**tc egress**: a pod's packet the node forwards (`BPF_PROG_TEST_RUN` with the skb's \
+         `ingress_ifindex` set), ns above the empty program: what every packet between two pods \
+         pays on its way out\n\n",
+    );
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .filter_map(|p| {
+            let (v4, v6) = p.egress_forwarded_ns?;
+            let above = |v: f64, floor: f64| format!("{:.0}", v - floor);
+            Some(vec![
+                thousands(p.services as f64),
+                above(v4, p.floor_ns),
+                above(v6, p.floor_ns),
+            ])
+        })
+        .collect();
+    table(
+        out,
+        &["services".into(), "IPv4".into(), "IPv6".into()],
+        &rows,
+    );
+}
+
 /// IPv6's figures beside IPv4's: ns above the empty program, and their
 /// ratio to IPv4's (issue 20: at most 1.15).
 fn ipv6_table(out: &mut String, costs: &[PacketCost]) {
@@ -458,6 +488,7 @@ pub fn packet_markdown(machine: &str, costs: &[PacketCost], paths: &[PathLength]
     let mut out = format!("`cargo xtask bench --packet` on {machine}\n\n");
     packet_table(&mut out, costs);
     ipv6_table(&mut out, costs);
+    egress_table(&mut out, costs);
     xdp_table(&mut out, costs);
     scheduler_table(&mut out, costs);
     path_table(&mut out, paths);
@@ -755,6 +786,7 @@ impl Report {
 
         packet_table(&mut out, &self.packet);
         ipv6_table(&mut out, &self.packet);
+        egress_table(&mut out, &self.packet);
         xdp_table(&mut out, &self.packet);
         scheduler_table(&mut out, &self.packet);
         north_south_table(&mut out, &self.north_south);
