@@ -29,13 +29,24 @@ pub trait Address:
     const ZERO: Self;
     /// The address folded to one word, for [`flow_hash`].
     fn word(self) -> u32;
+    /// The address mixed to one word whose high bits depend on all of
+    /// it: the address filter's hash ([`addr_bit`]).
+    fn mixed(self) -> u32;
 }
+
+/// A multiplier with good avalanche in the high bits (Knuth's
+/// multiplicative hashing: 2^32 / golden ratio, odd).
+const MIX: u32 = 0x9e37_79b1;
 
 impl Address for u32 {
     const ZERO: Self = 0;
     #[inline(always)]
     fn word(self) -> u32 {
         self
+    }
+    #[inline(always)]
+    fn mixed(self) -> u32 {
+        self.wrapping_mul(MIX)
     }
 }
 
@@ -44,6 +55,12 @@ impl Address for In6 {
     #[inline(always)]
     fn word(self) -> u32 {
         self[0] ^ self[1] ^ self[2] ^ self[3]
+    }
+    #[inline(always)]
+    fn mixed(self) -> u32 {
+        let x = (self[0] ^ self[1]).wrapping_mul(MIX);
+        let x = (x ^ self[2]).wrapping_mul(MIX);
+        (x ^ self[3]).wrapping_mul(MIX)
     }
 }
 
@@ -260,8 +277,9 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 1_024;
     /// `loadBalancerSourceRanges` entries over all service frontends.
     pub const SRC_RANGES: u32 = 65_536;
-    /// Words of the port filter: 4 bits for each of 65,536 ports.
-    pub const PORT_WORDS: u32 = 65_536 * 4 / 64;
+    /// Words of the port filter: 4 bits for each of 65,536 ports, then
+    /// the address filter's ([`super::ADDR_WORD0`]).
+    pub const PORT_WORDS: u32 = super::ADDR_WORD0 + super::ADDR_WORDS;
     /// UDP sockets with a backend from the socket-level load balancer.
     /// Entries leave with their socket; LRU beyond that.
     pub const SOCKS_UDP: u32 = 65_536;
@@ -313,6 +331,34 @@ pub const fn port_bit(port: u16, kind: u64) -> PortBit {
     }
 }
 
+/// The address filter, after the port filter's words in `KPX_PORTS`: one
+/// bit for each of 2^[`ADDR_HASH_BITS`] hashes of an address, set for
+/// every cluster, external and LoadBalancer IP a frontend uses (and held,
+/// as a port's bit is, while a flow to a removed one lives). A packet to
+/// a frontend's port whose destination's bit is clear is for no such
+/// frontend, and no tracked flow's original direction: a pod's packet to
+/// a pod on a popular port (80, 443, 53: every service's own) and a
+/// socket-balanced flow's pay one more array read instead of two hash
+/// misses (conntrack, services). An address whose bit another one set
+/// (one in 20 at 50,000 service addresses) is looked up as before.
+/// NodePorts are not in it: their frontends are the node's addresses,
+/// which `NODE_ADDRS` tells.
+pub const ADDR_HASH_BITS: u32 = 20;
+/// The first word of the address filter.
+pub const ADDR_WORD0: u32 = 65_536 * PORT_BITS / 64;
+/// Words of the address filter.
+pub const ADDR_WORDS: u32 = (1 << ADDR_HASH_BITS) / 64;
+
+/// Address `a`'s bit of the address filter ([`ADDR_HASH_BITS`]).
+#[inline(always)]
+pub fn addr_bit<A: Address>(a: A) -> PortBit {
+    let h = a.mixed() >> (32 - ADDR_HASH_BITS);
+    PortBit {
+        word: ADDR_WORD0 + (h >> 6),
+        mask: 1 << (h & 63),
+    }
+}
+
 /// A bit of the port filter: its word and the mask within it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortBit {
@@ -330,6 +376,12 @@ impl<A: Address> ServiceKey<A> {
             PORT_F_FRONTEND
         };
         port_bit(u16::from_be(self.port), kind)
+    }
+
+    /// The address-filter bit this frontend sets ([`addr_bit`]): none for
+    /// a NodePort.
+    pub fn addr_bit(&self) -> Option<PortBit> {
+        (self.addr != A::ZERO).then(|| addr_bit(self.addr))
     }
 }
 

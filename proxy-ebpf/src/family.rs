@@ -53,11 +53,13 @@ pub fn plain_transport6(ctx: &TcContext) -> bool {
 }
 
 /// Whether an IPv6 packet is plain TCP or UDP (the transport header right
-/// after the fixed one, the lengths consistent) to no frontend's port and
+/// after the fixed one, the lengths consistent) to no frontend (its port, or
+/// on such a port its address) and
 /// from no backend's: no service or tracked flow can concern it, and tc
 /// ingress passes it without handing it to IPv6's program (the most
-/// common IPv6 traffic, a pod's to a pod, pays no tail call). The port
-/// filter's reads (arrays, inlined) and nothing else.
+/// common IPv6 traffic, a pod's to a pod, pays no tail call: on a
+/// frontend's port too, unless its address may be a frontend's). The port
+/// and address filters' reads (arrays, inlined) and nothing else.
 #[inline(always)]
 pub fn untracked6(ctx: &TcContext) -> bool {
     use crate::parse::{ip6, read_linear, ETH_HLEN};
@@ -81,7 +83,10 @@ pub fn untracked6(ctx: &TcContext) -> bool {
     let Some(ports) = read_linear::<_, [u16; 2]>(ctx, ETH_HLEN + ip6::HLEN) else {
         return false;
     };
-    !crate::service::Ports::of(ports[1]).may_be_tracked(ports[0])
+    // The destination address (after the fixed header's first 24 bytes),
+    // read only for a frontend's port.
+    let dst = || read_linear::<_, In6>(ctx, ETH_HLEN + 24);
+    !crate::service::Ports::of_read(ports[1], dst).may_be_tracked(ports[0])
 }
 
 const AF_INET: u8 = 2;

@@ -3,13 +3,15 @@
 //! frontend, one more lookup, of the NodePort frontend (the reference's
 //! `KUBE-NODEPORTS`, reached last from `KUBE-SERVICES`). Both are skipped
 //! for a port no frontend uses, which one array read (`PORTS`, inlined by
-//! the verifier: no hash, no helper call) tells: most traffic that is not
-//! for a service pays nothing here. The same filter tells which packets
-//! can be of a tracked flow at all ([`Ports::may_be_tracked`]).
+//! the verifier: no hash, no helper call) tells, and the first for an
+//! address no frontend uses, which a second read of it tells (the address
+//! filter): most traffic that is not for a service pays nothing here. The
+//! same filter tells which packets can be of a tracked flow at all
+//! ([`Ports::may_be_tracked`]).
 
 use proxy_common::{
-    port_shift, port_word, DatapathConfig, ServiceKey, ServiceValue, NODE_F_LOCAL, NODE_F_NODEPORT,
-    PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
+    addr_bit, port_shift, port_word, DatapathConfig, PortBit, ServiceKey, ServiceValue,
+    NODE_F_LOCAL, NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
 };
 
 use crate::{
@@ -27,20 +29,44 @@ fn port_bits(port: u16) -> u64 {
     })
 }
 
-/// What the port filter says of a TCP/UDP packet's destination port: one
-/// array read, no hash.
+/// Whether the address filter's bit `bit` is set.
+#[inline(always)]
+fn bit_set(bit: PortBit) -> bool {
+    PORTS.get_ptr(bit.word).is_some_and(|w| {
+        // SAFETY: array element pointer, valid for the program run.
+        (unsafe { *w }) & bit.mask != 0
+    })
+}
+
+/// What the port filter says of a TCP/UDP packet's destination: one array
+/// read, no hash; a second (the address filter, [`proxy_common::addr_bit`])
+/// for a frontend's port.
 #[derive(Clone, Copy)]
 pub struct Ports {
-    /// `PORT_F_FRONTEND` / `PORT_F_NODEPORT` of the destination port.
+    /// `PORT_F_FRONTEND` / `PORT_F_NODEPORT` of the destination port,
+    /// `PORT_F_FRONTEND` only if the destination address may be a
+    /// frontend's too.
     dst: u64,
 }
 
 impl Ports {
     #[inline(always)]
-    pub fn of(dst_port: u16) -> Self {
-        Self {
-            dst: dst_kinds(dst_port),
+    pub fn of<A: Family>(dst: A, dst_port: u16) -> Self {
+        Self::of_read(dst_port, || Some(dst))
+    }
+
+    /// [`Ports::of`], the destination address read only for a frontend's
+    /// port (`None`: unreadable, taken as maybe a frontend's).
+    #[inline(always)]
+    pub fn of_read<A: Family>(dst_port: u16, dst: impl FnOnce() -> Option<A>) -> Self {
+        let mut kinds = dst_kinds(dst_port);
+        // A pod's packet to a pod on a frontend's port (80, 443: most
+        // services' target port is their port) or a socket-balanced flow's:
+        // no frontend's address, no tracked flow's original direction.
+        if kinds & PORT_F_FRONTEND != 0 && dst().is_some_and(|a| !bit_set(addr_bit(a))) {
+            kinds &= !PORT_F_FRONTEND;
         }
+        Self { dst: kinds }
     }
 
     /// Whether a packet from `src_port` can be of a tracked flow: only one
@@ -100,7 +126,7 @@ pub fn lookup_carried<A: Family>(addr: A, port: u16, proto: u8) -> Option<&'stat
 /// A socket call's frontend: [`lookup`] of its destination.
 #[inline(always)]
 pub fn lookup_dst<A: Family>(addr: A, port: u16, proto: u8) -> Option<&'static ServiceValue> {
-    lookup(Ports::of(port), addr, port, proto)
+    lookup(Ports::of(addr, port), addr, port, proto)
 }
 
 /// `PORT_F_FRONTEND` / `PORT_F_NODEPORT` of destination port `port`.

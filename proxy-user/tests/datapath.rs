@@ -352,6 +352,7 @@ crate::both_families!(
     a_service_with_one_backend_always_gets_it,
     traffic_to_no_service_passes_untouched,
     a_service_with_a_missing_slot_drops_counted,
+    a_frontends_address_must_be_in_the_filter_for_its_flows_to_be_found,
 );
 
 fn tcp_flags_of_a_flow_accumulate_in_its_entry<F: Fam>() {
@@ -444,4 +445,40 @@ fn a_service_with_a_missing_slot_drops_counted<F: Fam>() {
     assert_eq!(drops(&mut dp, DropReason::BackendMissing), 1);
     assert_eq!(counter(&mut dp, Counter::Dropped), 1);
     assert_eq!(fam::entries::<F>(&dp).len(), 0);
+}
+
+/// The address filter: a packet to a frontend's port is looked up (as a
+/// service's, or a tracked flow's) only at an address whose bit is set. The
+/// agent sets a frontend's before it serves it and holds it while a flow
+/// to it lives (e2e: `a_connection_outlives_its_service_...`); here, the
+/// bit cleared by hand shows the datapath relies on it and nothing else.
+fn a_frontends_address_must_be_in_the_filter_for_its_flows_to_be_found<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    let flow = fam::open::<F>(&mut dp, F::CLIENT, 40100);
+    let bit = proxy_common::addr_bit(fam::addr::<F>(F::VIP));
+    let word = dp.maps.port_word(bit.word).unwrap();
+    assert_ne!(word & bit.mask, 0, "put_frontend sets the address's bit");
+    let (next, syn) = (
+        F::frame(F::CLIENT, 40100, F::VIP, 80, ACK),
+        F::frame(F::CLIENT, 40101, F::VIP, 80, SYN),
+    );
+    dp.maps.set_port_word(bit.word, word & !bit.mask).unwrap();
+    for frame in [&next, &syn] {
+        let out = run(&mut dp, frame);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{}", F::NAME);
+        assert_eq!(&out.bytes, frame, "{}: translated without the bit", F::NAME);
+    }
+    assert_eq!(counter(&mut dp, Counter::PassNoService), 2);
+    dp.maps.set_port_word(bit.word, word).unwrap();
+    let out = run(&mut dp, &next);
+    assert_eq!(out.verdict, TC_ACT_OK, "{}", F::NAME);
+    assert_eq!(
+        F::flow(&out.bytes).dst,
+        flow.dst,
+        "{}: the flow's backend",
+        F::NAME
+    );
+    let out = run(&mut dp, &syn);
+    assert_eq!(out.verdict, TC_ACT_OK, "{}: a new flow", F::NAME);
 }

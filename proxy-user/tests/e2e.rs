@@ -561,7 +561,7 @@ fn going_back_to_kube_proxy_breaks_no_connection() {
 
 #[test]
 #[ignore = "needs root"]
-fn a_connection_outlives_its_service_and_its_ports_leave_the_filter_after_it() {
+fn a_connection_outlives_its_service_and_its_ports_and_address_leave_the_filter_after_it() {
     use proxy_common::{port_shift, port_word, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND};
     let mut c = start(&backends());
     c.write_manifest("web.yaml", &web(&c, &["web-1", "web-2"]))
@@ -585,8 +585,16 @@ fn a_connection_outlives_its_service_and_its_ports_leave_the_filter_after_it() {
         let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
         (maps.port_word(port_word(port)).unwrap() >> port_shift(port)) & ((1 << PORT_BITS) - 1)
     };
+    // The address filter's bit of the service's address: the datapath
+    // looks a packet to a frontend's port up only at such an address.
+    let addr_set = || {
+        let maps = MapSet::open_pinned(&c.bpffs()).unwrap();
+        let bit = proxy_common::addr_bit(proxy_common::wire::addr(VIP));
+        maps.port_word(bit.word).unwrap() & bit.mask != 0
+    };
     assert_eq!(bits(80), PORT_F_FRONTEND);
     assert_eq!(bits(8080), PORT_F_BACKEND);
+    assert!(addr_set());
     let vip = SocketAddrV4::new(VIP, 80);
     let mut long = Conn::open(&c.pod("client").netns, vip, T).unwrap();
     let first = long.ask().unwrap();
@@ -608,11 +616,12 @@ fn a_connection_outlives_its_service_and_its_ports_leave_the_filter_after_it() {
     );
     assert_eq!(bits(80), PORT_F_FRONTEND, "held while its flow lives");
     assert_eq!(bits(8080), PORT_F_BACKEND, "held while its flow lives");
+    assert!(addr_set(), "held while its flow lives");
 
     // Once the connection is over and collected, its ports are released.
     drop(long);
     let released = wait_for(Duration::from_secs(20), || {
-        (bits(80) == 0 && bits(8080) == 0).then_some(())
+        (bits(80) == 0 && bits(8080) == 0 && !addr_set()).then_some(())
     });
     assert!(
         released.is_some(),

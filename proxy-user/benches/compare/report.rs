@@ -183,9 +183,10 @@ fn path_table(out: &mut String, paths: &[PathLength]) {
 }
 
 /// The per-packet table's paths, IPv4's and IPv6's alike.
-const PATH_COLUMNS: [&str; 8] = [
+const PATH_COLUMNS: [&str; 9] = [
     "no service, other port",
     "no service, a frontend's port",
+    "no service, a frontend's port and address",
     "established, FIB → stack",
     "reply, FIB → stack",
     "established, redirected",
@@ -218,6 +219,11 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
                     "–".into()
                 },
                 above(p.no_service_ns, p.floor_ns),
+                if p.frontend_addr_ns > 0.0 {
+                    above(p.frontend_addr_ns, p.floor_ns)
+                } else {
+                    "–".into()
+                },
                 above(p.established_ns, p.floor_ns),
                 above(p.reply_ns, p.floor_ns),
                 if p.reply_fib_ns > 0.0 {
@@ -305,6 +311,7 @@ fn ipv6_table(out: &mut String, costs: &[PacketCost]) {
                 thousands(p.services as f64),
                 cell(v.no_frontend_port_ns, p.no_frontend_port_ns, p.floor_ns),
                 cell(v.no_service_ns, p.no_service_ns, p.floor_ns),
+                cell(v.frontend_addr_ns, p.frontend_addr_ns, p.floor_ns),
                 cell(v.established_ns, p.established_ns, p.floor_ns),
                 cell(v.reply_ns, p.reply_ns, p.floor_ns),
                 cell(v.established_fib_ns, p.established_fib_ns, p.floor_ns),

@@ -234,6 +234,7 @@ fn collect(
     let live_ports = LivePorts {
         started,
         ports: std::mem::take(&mut report.ports),
+        addrs: std::mem::take(&mut report.addrs),
     };
     stats.expired += report.expired;
     stats.stale_udp += report.stale_udp;

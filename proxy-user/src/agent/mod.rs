@@ -147,10 +147,11 @@ pub async fn run(cfg: Settings) -> Result<()> {
     let mirror = Mirror::new(dp.maps.read_state().context("reading the pinned maps")?);
     let mut ports =
         PortFilter::rebuild(&mirror.state, &dp.maps).context("reading the port filter")?;
-    // Flows an earlier agent tracked keep their ports marked (the filter
-    // map may be new: an upgrade replaces one of another shape).
+    // Flows an earlier agent tracked keep their ports and addresses
+    // marked (the filter map may be new: an upgrade replaces one of another
+    // shape).
     match crate::dataplane::conntrack::flow_ports(&dp.maps) {
-        Ok(live) => ports.hold_live(&live),
+        Ok((live, addrs)) => ports.hold_live(&live, &addrs),
         // The collector's first walk marks them; until then their packets
         // may miss their ports' bits (only where the filter map is new).
         Err(e) => log::warn!("reading the conntrack tables for the port filter: {e:#}"),

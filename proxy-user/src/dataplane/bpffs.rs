@@ -49,6 +49,11 @@ pub fn ensure(dir: &Path) -> Result<()> {
     if is_bpffs(dir) {
         return Ok(());
     }
+    // One mount at a time in this process: two threads that both found no
+    // bpffs (tests, on a machine that had none mounted) would stack two,
+    // the second hiding what the first one's caller had made in it.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let sys_bpf = Path::new("/sys/fs/bpf");
     if dir.starts_with(sys_bpf) && dir != sys_bpf {
         if !is_bpffs(sys_bpf) {

@@ -16,9 +16,9 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    wire, CtKey, CtValue, In6, CT_DIR_ORIGINAL, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP,
-    CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND,
-    TCP_ACK, TCP_FIN, TCP_RST,
+    addr_bit, wire, Address, CtKey, CtValue, In6, PortBit, CT_DIR_ORIGINAL, CT_F_CLOSING,
+    CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP,
+    PORT_F_BACKEND, PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
@@ -341,6 +341,8 @@ pub struct GcReport {
     /// The ports of the flows read (see [`flow_port`]), for the port
     /// filter's held bits.
     pub ports: HashSet<(u16, u64)>,
+    /// The address-filter bits of the flows read ([`flow_addr`]).
+    pub addrs: HashSet<PortBit>,
 }
 
 /// The ports the datapath must find a tracked entry's packets on, with
@@ -354,19 +356,28 @@ pub fn flow_port<A>(k: &CtKey<A>, v: &CtValue<A>) -> (u16, u64) {
     }
 }
 
-/// [`flow_port`] of every entry in both families' tables (a batched
-/// read, as the collector's).
-pub fn flow_ports(maps: &MapSet) -> Result<Vec<(u16, u64)>> {
-    let mut ports = HashSet::new();
+/// The address-filter bit the datapath must find a tracked entry's packets
+/// by: an original direction's destination's (its frontend's address; a
+/// reply is found by its port alone).
+pub fn flow_addr<A: Address>(k: &CtKey<A>, v: &CtValue<A>) -> Option<PortBit> {
+    (v.dir == CT_DIR_ORIGINAL && k.dst_addr != A::ZERO).then(|| addr_bit(k.dst_addr))
+}
+
+/// [`flow_port`] and [`flow_addr`] of every entry in both families'
+/// tables (a batched read, as the collector's).
+pub fn flow_ports(maps: &MapSet) -> Result<(Vec<(u16, u64)>, Vec<PortBit>)> {
+    let (mut ports, mut addrs) = (HashSet::new(), HashSet::new());
     for table in CtTable::ALL {
         crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
             ports.insert(flow_port(&k, &v));
+            addrs.extend(flow_addr(&k, &v));
         })?;
         crate::dataplane::maps::each_hash(In6::table(maps, table), |k, v| {
             ports.insert(flow_port(&k, &v));
+            addrs.extend(flow_addr(&k, &v));
         })?;
     }
-    Ok(ports.into_iter().collect())
+    Ok((ports.into_iter().collect(), addrs.into_iter().collect()))
 }
 
 /// Ends established flows the way a FIN does, before the collector
@@ -437,6 +448,7 @@ pub fn collect(
     report.stale_udp += v6.stale_udp;
     report.conns_ended += v6.conns_ended;
     report.ports.extend(v6.ports);
+    report.addrs.extend(v6.addrs);
     Ok(report)
 }
 
@@ -462,9 +474,16 @@ fn collect_of<A: CtFamily>(
         })
         .chain(table.orphans.iter().map(|(_, k, v)| flow_port(k, v)))
         .collect();
+    let addrs = table
+        .flows
+        .iter()
+        .filter_map(|f| flow_addr(&f.key, &f.original))
+        .chain(table.orphans.iter().filter_map(|(_, k, v)| flow_addr(k, v)))
+        .collect();
     let mut report = GcReport {
         entries: table.entries.clone(),
         ports,
+        addrs,
         ..Default::default()
     };
     let is_expired =

@@ -456,16 +456,20 @@ impl MapSet {
     }
 
     /// What the datapath serves: the control-plane maps' contents with only
-    /// the frontends whose port the port filter lets through (the sync
-    /// writes the filter last, so a frontend is served from then on).
+    /// the frontends whose port and address the filter lets through (the
+    /// sync writes the filter last, so a frontend is served from then on).
     pub fn serving(&self) -> Result<MapState> {
         let mut st = self.read_state()?;
         let words = self.port_words()?;
         st.services.retain(|k, _| {
-            let bit = crate::dataplane::ports::frontend_bit(k);
-            words
-                .get(bit.word as usize)
-                .is_some_and(|w| w & bit.mask != 0)
+            crate::dataplane::ports::frontend_bits(k)
+                .into_iter()
+                .flatten()
+                .all(|bit| {
+                    words
+                        .get(bit.word as usize)
+                        .is_some_and(|w| w & bit.mask != 0)
+                })
         });
         Ok(st)
     }
@@ -772,11 +776,16 @@ impl MapSet {
     }
 
     /// Writes a frontend of either family ([`MapSet::write`]) and marks
-    /// its port in the filter (for tools and tests that write frontends by
+    /// its port and address in the filter (for tools and tests that write frontends by
     /// hand; the agent's sync keeps the filter itself, see
     /// [`crate::dataplane::ports`]).
     pub fn put_frontend(&mut self, key: &FrontendKey, value: ServiceValue) -> Result<(), MapError> {
-        self.mark_port(crate::dataplane::ports::frontend_bit(key))?;
+        for bit in crate::dataplane::ports::frontend_bits(key)
+            .into_iter()
+            .flatten()
+        {
+            self.mark_port(bit)?;
+        }
         self.write(&Op::PutService(*key, value))
     }
 

@@ -2,7 +2,11 @@
 //! whether any frontend (a cluster, external or LoadBalancer IP; or a
 //! NodePort) or any backend uses it, so that traffic on every other port is
 //! known to be for no service and of no tracked flow without a hash lookup
-//! (see `proxy_common::PORT_F_BACKEND`).
+//! (see `proxy_common::PORT_F_BACKEND`); and after them the address filter,
+//! a bit per hash of a frontend's address, so that traffic to a frontend's
+//! port at another address is known so too (`proxy_common::ADDR_HASH_BITS`).
+//! Both are bits of one map, kept alike: a frontend uses two (its port's and
+//! its address's; a NodePort its port's alone), a backend one.
 //!
 //! Kept from the sync's own writes: each frontend and backend added or
 //! removed moves a use count of its bit. A bit a plan will need is set
@@ -23,7 +27,8 @@ use std::{
 
 use aya::maps::MapError;
 use proxy_common::{
-    port_bit, PortBit, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
+    addr_bit, port_bit, wire, PortBit, ADDR_WORD0, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND,
+    PORT_F_NODEPORT,
 };
 
 use crate::{
@@ -39,12 +44,15 @@ use crate::{
 const HOLD_MARGIN: Duration = Duration::from_secs(1);
 
 /// The ports of the flows a walk of the conntrack tables found, with the
-/// kind of bit each needs (`conntrack::flow_port`).
+/// kind of bit each needs (`conntrack::flow_port`), and the address-filter
+/// bits of their original directions' destinations
+/// (`conntrack::flow_addr`).
 #[derive(Clone, Debug)]
 pub struct LivePorts {
     /// When the walk began.
     pub started: Instant,
     pub ports: HashSet<(u16, u64)>,
+    pub addrs: HashSet<PortBit>,
 }
 
 #[derive(Debug, Default)]
@@ -59,9 +67,9 @@ pub struct PortFilter {
     dirty: BTreeSet<u32>,
 }
 
-/// A frontend's bit: [`PORT_F_NODEPORT`] for a NodePort (the unspecified
-/// address of either family), [`PORT_F_FRONTEND`] for any other frontend,
-/// as the datapath's [`proxy_common::ServiceKey::port_bit`].
+/// A frontend's port bit: [`PORT_F_NODEPORT`] for a NodePort (the
+/// unspecified address of either family), [`PORT_F_FRONTEND`] for any
+/// other frontend, as the datapath's [`proxy_common::ServiceKey::port_bit`].
 pub fn frontend_bit(k: &FrontendKey) -> PortBit {
     let kind = if k.addr.is_unspecified() {
         PORT_F_NODEPORT
@@ -69,6 +77,27 @@ pub fn frontend_bit(k: &FrontendKey) -> PortBit {
         PORT_F_FRONTEND
     };
     port_bit(k.port, kind)
+}
+
+/// Address `a`'s bit of the address filter, as the datapath computes it
+/// from the address on the wire.
+pub fn ip_bit(a: std::net::IpAddr) -> PortBit {
+    match a {
+        std::net::IpAddr::V4(a) => addr_bit(wire::addr(a)),
+        std::net::IpAddr::V6(a) => addr_bit(wire::addr6(a)),
+    }
+}
+
+/// Every bit a frontend uses: its port's, and its address's but for a
+/// NodePort ([`proxy_common::ServiceKey::addr_bit`]).
+pub fn frontend_bits(k: &FrontendKey) -> [Option<PortBit>; 2] {
+    let addr = (!k.addr.is_unspecified()).then(|| ip_bit(k.addr));
+    [Some(frontend_bit(k)), addr]
+}
+
+/// Whether `bit` is the address filter's.
+fn is_addr_bit(bit: PortBit) -> bool {
+    bit.word >= ADDR_WORD0
 }
 
 /// A backend's bit.
@@ -88,8 +117,8 @@ impl PortFilter {
     /// flush; bits the map has beyond those are held from now.
     pub fn rebuild(state: &MapState, maps: &MapSet) -> Result<Self, MapError> {
         let mut f = Self::default();
-        for key in state.services.keys() {
-            *f.uses.entry(frontend_bit(key)).or_default() += 1;
+        for bit in state.services.keys().flat_map(frontend_bits).flatten() {
+            *f.uses.entry(bit).or_default() += 1;
         }
         for b in state.backends.values() {
             *f.uses.entry(backend_bit(b)).or_default() += 1;
@@ -119,13 +148,14 @@ impl PortFilter {
         Ok(f)
     }
 
-    /// Holds the bits of `live`'s ports that the datapath needs to find
-    /// their flows: of ports the map may lack (read at start, when the
-    /// filter map may be new while the conntrack tables are not).
-    pub fn hold_live(&mut self, live: &[(u16, u64)]) {
+    /// Holds the bits of `live`'s ports and addresses (address-filter
+    /// bits) that the datapath needs to find their flows: of ports the map
+    /// may lack (read at start, when the filter map may be new while the
+    /// conntrack tables are not).
+    pub fn hold_live(&mut self, live: &[(u16, u64)], addrs: &[PortBit]) {
         let now = Instant::now();
-        for &(port, kind) in live {
-            let bit = port_bit(port, kind);
+        let ports = live.iter().map(|&(port, kind)| port_bit(port, kind));
+        for bit in ports.chain(addrs.iter().copied()) {
             if !self.uses.contains_key(&bit) {
                 self.held.entry(bit).or_insert(now);
                 self.dirty.insert(bit.word);
@@ -133,12 +163,14 @@ impl PortFilter {
         }
     }
 
-    /// The bit `op` starts using, if it is a new use.
-    fn added(op: &Op, state: &MapState) -> Option<PortBit> {
+    /// The bits `op` starts using, if it is a new use.
+    fn added(op: &Op, state: &MapState) -> [Option<PortBit>; 2] {
         match op {
-            Op::PutService(k, _) if !state.services.contains_key(k) => Some(frontend_bit(k)),
-            Op::PutBackend(id, b) if state.backends.get(id) != Some(b) => Some(backend_bit(b)),
-            _ => None,
+            Op::PutService(k, _) if !state.services.contains_key(k) => frontend_bits(k),
+            Op::PutBackend(id, b) if state.backends.get(id) != Some(b) => {
+                [Some(backend_bit(b)), None]
+            }
+            _ => [None; 2],
         }
     }
 
@@ -154,7 +186,7 @@ impl PortFilter {
     ) -> Result<usize, MapError> {
         let now = Instant::now();
         for op in ops {
-            if let Some(bit) = Self::added(op, state) {
+            for bit in Self::added(op, state).into_iter().flatten() {
                 if self.desired(bit.word) & bit.mask == 0 {
                     self.held.insert(bit, now);
                     self.dirty.insert(bit.word);
@@ -166,41 +198,51 @@ impl PortFilter {
 
     /// Notes a successful write of the sync, before `state` records it.
     pub fn observe(&mut self, op: &Op, state: &MapState) {
-        if let Some(bit) = Self::added(op, state) {
+        for bit in Self::added(op, state).into_iter().flatten() {
             *self.uses.entry(bit).or_default() += 1;
             self.held.remove(&bit);
             self.dirty.insert(bit.word);
         }
         let gone = match op {
-            Op::DelService(k) if state.services.contains_key(k) => frontend_bit(k),
+            Op::DelService(k) if state.services.contains_key(k) => frontend_bits(k),
             Op::PutBackend(id, _) | Op::DelBackend(id) => match state.backends.get(id) {
                 // A backend id given another backend: its old one goes.
-                Some(old) if !matches!(op, Op::PutBackend(_, b) if b == old) => backend_bit(old),
+                Some(old) if !matches!(op, Op::PutBackend(_, b) if b == old) => {
+                    [Some(backend_bit(old)), None]
+                }
                 _ => return,
             },
             _ => return,
         };
-        if let Some(n) = self.uses.get_mut(&gone) {
-            *n -= 1;
-            if *n == 0 {
-                self.uses.remove(&gone);
-                self.held.insert(gone, Instant::now());
+        for gone in gone.into_iter().flatten() {
+            if let Some(n) = self.uses.get_mut(&gone) {
+                *n -= 1;
+                if *n == 0 {
+                    self.uses.remove(&gone);
+                    self.held.insert(gone, Instant::now());
+                }
             }
         }
     }
 
-    /// Clears the held bits whose port `live`, a walk begun long enough
-    /// after they lost their last user, found no flow on; returns how many
-    /// were (written at the next flush). Holds what a flow it found needs
-    /// and the filter lacks (none, unless the start's read failed).
+    /// Clears the held bits whose port (or address) `live`, a walk begun
+    /// long enough after they lost their last user, found no flow on;
+    /// returns how many were (written at the next flush). Holds what a flow
+    /// it found needs and the filter lacks (none, unless the start's read
+    /// failed).
     pub fn release(&mut self, live: &LivePorts) -> usize {
         let ports: HashSet<u16> = live.ports.iter().map(|(p, _)| *p).collect();
+        let unused = |bit: PortBit| {
+            if is_addr_bit(bit) {
+                !live.addrs.contains(&bit)
+            } else {
+                !ports.contains(&port_of(bit))
+            }
+        };
         let gone: Vec<PortBit> = self
             .held
             .iter()
-            .filter(|(bit, since)| {
-                live.started >= **since + HOLD_MARGIN && !ports.contains(&port_of(**bit))
-            })
+            .filter(|(bit, since)| live.started >= **since + HOLD_MARGIN && unused(**bit))
             .map(|(bit, _)| *bit)
             .collect();
         for bit in &gone {
@@ -213,7 +255,13 @@ impl PortFilter {
             .filter(|&&(p, kind)| self.lacks(p, kind))
             .copied()
             .collect();
-        self.hold_live(&lacking);
+        let lacking_addrs: Vec<PortBit> = live
+            .addrs
+            .iter()
+            .filter(|bit| self.desired(bit.word) & bit.mask == 0)
+            .copied()
+            .collect();
+        self.hold_live(&lacking, &lacking_addrs);
         gone.len()
     }
 
@@ -335,6 +383,7 @@ mod tests {
         LivePorts {
             started: Instant::now() + after,
             ports: ports.iter().map(|&p| (p, PORT_F_FRONTEND)).collect(),
+            addrs: HashSet::new(),
         }
     }
 
@@ -360,8 +409,9 @@ mod tests {
         assert_eq!(f.desired(port_word(80)), http);
         // A walk begun too soon after proves nothing...
         assert_eq!(f.release(&walk(Duration::ZERO, &[])), 0);
-        // ...nor one that found a flow on the port...
-        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[80])), 0);
+        // ...nor one that found a flow on the port (to neither address: the
+        // addresses' bits go)...
+        assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[80])), 2);
         assert_eq!(f.desired(port_word(80)), http);
         // ...one that found none clears it.
         assert_eq!(f.release(&walk(2 * HOLD_MARGIN, &[30080])), 1);
@@ -403,7 +453,7 @@ mod tests {
     #[test]
     fn bits_the_map_has_beyond_the_state_are_held_and_live_flows_held_at_start() {
         let mut f = PortFilter::default();
-        f.hold_live(&[(80, PORT_F_FRONTEND), (8080, PORT_F_BACKEND)]);
+        f.hold_live(&[(80, PORT_F_FRONTEND), (8080, PORT_F_BACKEND)], &[]);
         assert_eq!(f.desired(port_word(80)), PORT_F_FRONTEND << port_shift(80));
         assert_eq!(
             f.desired(port_word(8080)),
@@ -428,6 +478,7 @@ mod tests {
                 (30080, PORT_F_FRONTEND),
             ]
             .into(),
+            addrs: HashSet::new(),
         };
         assert_eq!(f.release(&live), 0);
         assert_eq!(f.desired(port_word(80)), PORT_F_FRONTEND << port_shift(80));
@@ -453,5 +504,69 @@ mod tests {
             PORT_F_FRONTEND | PORT_F_NODEPORT << 4 | PORT_F_FRONTEND << 60
         );
         assert_eq!(f.desired(port_word(64) + 1), 0);
+    }
+
+    /// A walk that found flows to `addrs` (and on no port).
+    fn walk_to(after: Duration, addrs: &[std::net::IpAddr]) -> LivePorts {
+        LivePorts {
+            started: Instant::now() + after,
+            ports: HashSet::new(),
+            addrs: addrs.iter().map(|&a| ip_bit(a)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_frontends_address_is_marked_while_used_and_held_while_a_flow_to_it_lives() {
+        let (mut f, mut st) = (PortFilter::default(), MapState::default());
+        let vip = Ipv4Addr::new(198, 19, 0, 10);
+        let bit = ip_bit(vip.into());
+        assert!(bit.word >= ADDR_WORD0);
+        let set = |f: &PortFilter| f.desired(bit.word) & bit.mask != 0;
+        // Two ports of one address, and a NodePort (no address of its own).
+        put(&mut f, &mut st, key(vip, 80));
+        put(&mut f, &mut st, key(vip, 443));
+        put(&mut f, &mut st, key(NODEPORT_ADDR, 30080));
+        assert!(set(&f));
+        assert_eq!(
+            f.desired(ip_bit(NODEPORT_ADDR.into()).word) & ip_bit(NODEPORT_ADDR.into()).mask,
+            0
+        );
+        del(&mut f, &mut st, key(vip, 80));
+        assert_eq!(
+            f.release(&walk_to(2 * HOLD_MARGIN, &[])),
+            1,
+            "port 80 alone goes"
+        );
+        assert!(set(&f), "port 443 still uses the address");
+        del(&mut f, &mut st, key(vip, 443));
+        // A flow to the address lives on: held.
+        assert_eq!(f.release(&walk_to(2 * HOLD_MARGIN, &[vip.into()])), 1);
+        assert!(set(&f));
+        assert_eq!(f.release(&walk_to(2 * HOLD_MARGIN, &[])), 1);
+        assert!(!set(&f));
+        // A flow the filter lacks (a new map at start) is held.
+        let v6: std::net::IpAddr = "2001:2:0:ff::10".parse().unwrap();
+        f.hold_live(&[], &[ip_bit(v6)]);
+        assert_ne!(f.desired(ip_bit(v6).word) & ip_bit(v6).mask, 0);
+    }
+
+    #[test]
+    fn addresses_spread_over_the_address_filter() {
+        // Consecutive cluster IPs (a /16 of them) and IPv6 ones: few share a
+        // bit, so few packets to a pod meet a service's bit by chance.
+        let v4: HashSet<PortBit> = (0..65_536u32)
+            .map(|i| ip_bit(Ipv4Addr::from(0xc613_0000 + i).into()))
+            .collect();
+        let v6: HashSet<PortBit> = (0..65_536u128)
+            .map(|i| {
+                ip_bit(
+                    std::net::Ipv6Addr::from(0x2001_0002_0000_00ff_0000_0000_0000_0000 + (i << 16))
+                        .into(),
+                )
+            })
+            .collect();
+        // 2^20 bits: 65,536 random addresses would fill 63,500 (97%).
+        assert!(v4.len() > 62_000, "{}", v4.len());
+        assert!(v6.len() > 62_000, "{}", v6.len());
     }
 }

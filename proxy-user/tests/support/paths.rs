@@ -10,10 +10,10 @@ use anyhow::{ensure, Context as _, Result};
 use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
-    map_names, prog_names, wire, Backend, DatapathConfig, Net6, ServiceKey, ServiceValue, Slot,
-    SlotKey, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL,
-    NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SCHED_LC,
-    SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
+    map_names, prog_names, wire, Backend, DatapathConfig, Net6, PortBit, ServiceKey, ServiceValue,
+    Slot, SlotKey, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR,
+    NODE_F_LOCAL, NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6,
+    PROG_NEW6_NODE, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
 
 use super::{
@@ -122,6 +122,9 @@ pub fn vm() -> Result<Vm> {
         BACKENDS,
         0,
     )?;
+    // DNS on the service address too: TCP to its port 53 is for no
+    // frontend, but its address's and its port's filter bits are set.
+    service(&mut vm, 8, (VIP, 53, IPPROTO_UDP), 0, 1, 0)?;
     // A UDP NodePort, served with direct server return (TCP is not: the
     // TCP NodePort's path stays the masqueraded one).
     service(
@@ -160,6 +163,7 @@ pub fn vm() -> Result<Vm> {
     vm.set_tail(map_names::PROGS, PROG_DSR, prog_names::TC_DSR)?;
     service6(&mut vm, 20, (VIP6, 80, IPPROTO_TCP), BACKENDS)?;
     service6(&mut vm, 21, (EMPTY_VIP6, 80, IPPROTO_TCP), 0)?;
+    service6(&mut vm, 22, (VIP6, 53, IPPROTO_UDP), 1)?;
     let node6 = wire::addr6(NODE6.parse()?);
     vm.map_insert(
         map_names::NODE_ADDRS6,
@@ -236,8 +240,22 @@ fn service6(
         &1u32.to_ne_bytes(),
     )?;
     // Port 80's and 8080's bits are IPv4's services' already: the filter
-    // serves both families.
-    Ok(())
+    // serves both families. The address's bit is its own.
+    mark(vm, key.addr_bit())
+}
+
+/// Sets `bit` of the port and address filter, as the agent does.
+fn mark(vm: &mut Vm, bit: Option<PortBit>) -> Result<()> {
+    let Some(bit) = bit else { return Ok(()) };
+    let word = match vm.map_get(map_names::PORTS, &bit.word.to_ne_bytes())? {
+        Some(w) => u64::from_ne_bytes(w.as_slice().try_into()?),
+        None => 0,
+    };
+    vm.map_insert(
+        map_names::PORTS,
+        &bit.word.to_ne_bytes(),
+        &(word | bit.mask).to_ne_bytes(),
+    )
 }
 
 fn service(
@@ -290,16 +308,12 @@ fn service(
         port: wire::port(8080),
         ..Default::default()
     };
-    for bit in [key.port_bit(), backend_port.port_bit()] {
-        let word = match vm.map_get(map_names::PORTS, &bit.word.to_ne_bytes())? {
-            Some(w) => u64::from_ne_bytes(w.as_slice().try_into()?),
-            None => 0,
-        };
-        vm.map_insert(
-            map_names::PORTS,
-            &bit.word.to_ne_bytes(),
-            &(word | bit.mask).to_ne_bytes(),
-        )?;
+    for bit in [
+        Some(key.port_bit()),
+        Some(backend_port.port_bit()),
+        key.addr_bit(),
+    ] {
+        mark(vm, bit)?;
     }
     if key.addr != NODEPORT_ADDR {
         vm.map_insert(
@@ -360,6 +374,15 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
         path(
             "no service",
             tcp(CLIENT, 40000, "198.18.3.3", 80, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        // Port 53's filter bit and the service address's are set (as for
+        // an address whose bit another one's hash set), no frontend is
+        // TCP port 53 there: conntrack and the services are asked.
+        path(
+            "no service, a frontend's port and address",
+            tcp(CLIENT, 40000, VIP, 53, ACK),
             FORWARD,
             TC_ACT_UNSPEC,
         ),
@@ -584,6 +607,12 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
         path(
             "IPv6: no service",
             tcp6(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
+            "IPv6: no service, a frontend's port and address",
+            tcp6(CLIENT6, 40000, VIP6, 53, ACK),
             FORWARD,
             TC_ACT_UNSPEC,
         ),
