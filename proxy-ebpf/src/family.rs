@@ -173,6 +173,13 @@ pub trait Family: Address {
     /// ([`Family::hand_over`]):
     /// IPv6's, whose path with its new flow's outgrew one stack.
     const NEW_FLOW_APART: bool;
+    /// The address filter was asked before this family's program was
+    /// handed the packet (IPv6: by tc ingress's entry, [`untracked6`], for
+    /// plain TCP/UDP on a frontend's port), so its path does not ask again:
+    /// it takes every address as maybe a frontend's, which only costs the
+    /// lookups the filter would have saved where the entry did not ask
+    /// (extension headers, egress).
+    const FILTERED_AHEAD: bool;
     /// Leaves a first packet's frontend in this CPU's scratch space for
     /// `kpx_tc_new6`; the entry tail-calls it on the verdict.
     fn hand_over(svc: &ServiceValue, recovered: bool) -> Verdict;
@@ -185,6 +192,7 @@ impl Family for u32 {
     const BITS: u32 = 32;
     const DSR: bool = true;
     const NEW_FLOW_APART: bool = false;
+    const FILTERED_AHEAD: bool = false;
 
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue> {
@@ -284,6 +292,7 @@ impl Family for In6 {
     const BITS: u32 = 128;
     const DSR: bool = false;
     const NEW_FLOW_APART: bool = true;
+    const FILTERED_AHEAD: bool = true;
 
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue> {

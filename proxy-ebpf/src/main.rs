@@ -496,7 +496,11 @@ fn flow_of<P: Packet, A: Family>(
 ) -> Verdict {
     let key = *key;
     let hook = Hook::of(origin);
-    let ports = service::Ports::of(pkt.dst, pkt.dport);
+    let ports = if A::FILTERED_AHEAD {
+        service::Ports::of_read(pkt.dport, || None::<A>)
+    } else {
+        service::Ports::of(pkt.dst, pkt.dport)
+    };
     // Known flow, either direction: one lookup decides the rewrite. Only
     // for a packet to a frontend's port or from a backend's: no other can
     // be of a tracked flow, and most traffic that is not for a service

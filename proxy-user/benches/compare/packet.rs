@@ -13,7 +13,7 @@
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
 use kpx::dataplane::maps::Datapath;
 use proxy_common::{
-    port_bit, wire, Address, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST,
+    addr_bit, port_bit, wire, Address, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST,
     CT_F_REWRITE_SRC, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, SCHED_LC, SCHED_MH,
     SCHED_RANDOM, SCHED_RR, SVC_SCHED_MASK, SVC_SCHED_SHIFT,
 };
@@ -495,13 +495,22 @@ fn open_ping_pong(dp: &mut Datapath, vip: &str) -> anyhow::Result<()> {
     // The repeated packet is translated back and forth, so each direction
     // also arrives as its own translation (to the backend's port 8080, from
     // the service's port 80): the port filter must send those to conntrack
-    // too, as on a node where some frontend uses 8080 and some backend 80.
-    for (port, kind) in [(8080, PORT_F_FRONTEND), (80, PORT_F_BACKEND)] {
-        let bit = port_bit(port, kind);
-        let word = dp.maps.port_word(bit.word)?;
-        dp.maps.set_port_word(bit.word, word | bit.mask)?;
+    // too, as on a node where some frontend uses 8080 and some backend 80,
+    // and the backend's address is some frontend's (the address filter).
+    for bit in [
+        port_bit(8080, PORT_F_FRONTEND),
+        port_bit(80, PORT_F_BACKEND),
+        addr_bit(wire::addr(ip(backend))),
+    ] {
+        mark(dp, bit)?;
     }
     Ok(())
+}
+
+/// Sets `bit` of the port and address filter.
+fn mark(dp: &mut Datapath, bit: proxy_common::PortBit) -> anyhow::Result<()> {
+    let word = dp.maps.port_word(bit.word)?;
+    Ok(dp.maps.set_port_word(bit.word, word | bit.mask)?)
 }
 
 /// Mean ns of an established original-direction packet and of a reply.
@@ -713,6 +722,7 @@ fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
         dp.maps.v6.ct_tcp.insert(k, v, 0)?;
     }
     // (Ports 8080 and 80 are marked both ways by IPv4's ping-pong flow.)
+    mark(dp, addr_bit(wire::addr6(ip6(BACKEND6))))?;
     Ok([
         Pkt6::new(CLIENT6, 45000, vip, 80, ACK),
         Pkt6::new(BACKEND6, 8080, CLIENT6, 45000, ACK),
