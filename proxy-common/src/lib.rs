@@ -34,9 +34,19 @@ pub trait Address:
     fn mixed(self) -> u32;
 }
 
-/// A multiplier with good avalanche in the high bits (Knuth's
-/// multiplicative hashing: 2^32 / golden ratio, odd).
-const MIX: u32 = 0x9e37_79b1;
+/// Two 64-bit halves of an address mixed so that the result's high bits
+/// depend on every input bit: each half's high word is folded down before
+/// a multiply spreads it up (a multiply alone only carries a difference
+/// upwards, and addresses differ in their high bytes as loaded: the last
+/// byte of an address is the top byte of its word). Three multiplies, no
+/// loop: the datapath computes it per packet.
+#[inline(always)]
+const fn mix(lo: u64, hi: u64) -> u32 {
+    const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+    const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    let x = (lo ^ (lo >> 32)).wrapping_mul(K1) ^ hi;
+    ((x ^ (x >> 32)).wrapping_mul(K2) >> 32) as u32
+}
 
 impl Address for u32 {
     const ZERO: Self = 0;
@@ -46,7 +56,7 @@ impl Address for u32 {
     }
     #[inline(always)]
     fn mixed(self) -> u32 {
-        self.wrapping_mul(MIX)
+        mix(self as u64, 0)
     }
 }
 
@@ -58,9 +68,10 @@ impl Address for In6 {
     }
     #[inline(always)]
     fn mixed(self) -> u32 {
-        let x = (self[0] ^ self[1]).wrapping_mul(MIX);
-        let x = (x ^ self[2]).wrapping_mul(MIX);
-        (x ^ self[3]).wrapping_mul(MIX)
+        mix(
+            self[0] as u64 | (self[1] as u64) << 32,
+            self[2] as u64 | (self[3] as u64) << 32,
+        )
     }
 }
 
