@@ -447,6 +447,62 @@ pub fn rr_in_turn(targets: &[Target], secs: f64) -> Result<Vec<f64>> {
     })
 }
 
+/// Bulk transfer to each of `targets` (its first address) in turn, for
+/// `secs`: a turn is one connection carrying [`BULK_TURN`] bytes, timed
+/// until the server says it read them all (so no turn's data drains into
+/// the next one's); each one's Gbit/s of the time spent on it.
+pub fn bulk_in_turn(targets: &[Target], secs: f64) -> Result<Vec<f64>> {
+    let d = Duration::from_secs_f64(secs);
+    let names: Vec<&str> = targets.iter().map(|t| t.netns.as_str()).collect();
+    in_turn(&names, |turns| {
+        let mut spent = vec![Duration::ZERO; targets.len()];
+        let mut sent = vec![0u64; targets.len()];
+        let start = Instant::now();
+        while start.elapsed() < d {
+            for (i, t) in targets.iter().enumerate() {
+                let to = *t.to.first().context("a target without an address")?;
+                turns.enter(i)?;
+                let t0 = Instant::now();
+                sent[i] += bulk_bytes(connect_from(t.from, to)?, to, BULK_TURN)?;
+                spent[i] += t0.elapsed();
+            }
+        }
+        Ok(sent
+            .iter()
+            .zip(&spent)
+            .map(|(&b, s)| b as f64 * 8.0 / s.as_secs_f64() / 1e9)
+            .collect())
+    })
+}
+
+/// Bytes one turn of [`bulk_in_turn`] sends: long enough that the
+/// connection's setup is noise (tens of ms at this machine's rates).
+const BULK_TURN: u64 = 64 << 20;
+
+/// Sends `bytes` on `s` (the server's bulk protocol: the first byte `S`),
+/// and waits for the server's count of what it read; returns what was
+/// sent.
+fn bulk_bytes(mut s: TcpStream, to: SocketAddrV4, bytes: u64) -> Result<u64> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut chunk = vec![b'b'; 256 * 1024];
+    chunk[0] = b'S';
+    let mut sent = 0u64;
+    while sent < bytes {
+        s.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+        chunk[0] = b'b';
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut total = [0u8; 8];
+    s.read_exact(&mut total)
+        .with_context(|| format!("bulk transfer through {to}: no byte count"))?;
+    let received = u64::from_be_bytes(total) + 1;
+    if received != sent {
+        bail!("bulk transfer through {to}: sent {sent} bytes, the server read {received}");
+    }
+    Ok(sent)
+}
+
 fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
     let mut s = connect(to).with_context(|| format!("connecting to {to}"))?;
     let mut lat = Vec::with_capacity(500_000);

@@ -249,8 +249,11 @@ fn main() -> Result<()> {
 /// With the mode loaded in `bed`: new connections to its last service,
 /// to that service's endpoints directly, to a pod IP, and to the endpoints
 /// of a twin bed's service that no proxy serves (the no-proxy limit, on the
-/// machine at the same moment), one each in turn; then round trips through
-/// the last service and to the twin's endpoint, in turn.
+/// machine at the same moment), one each in turn; then round trips, and
+/// bulk transfers, through the last service and to the twin's endpoint, in
+/// turn. As many rounds of the three as runs of the figures above, each as
+/// long as one run: the ratios are taken per round (the bed's threads land
+/// on the cores anew each time) and their median reported.
 fn measure_in_turn(bed: &Bed, o: &Options, say: &dyn Fn(String)) -> Result<report::InTurnRow> {
     say("the no-proxy limit again, in a twin bed beside this one, in turn with the service".into());
     let twin = Bed::new(1)?;
@@ -259,52 +262,43 @@ fn measure_in_turn(bed: &Bed, o: &Options, say: &dyn Fn(String)) -> Result<repor
         from,
         to,
     };
-    let secs = o.seconds * o.runs as f64;
-    let crr = load::crr_in_turn(
-        &[
-            client(bed, bed::CLIENT, vec![bed.last_vip()]),
-            client(bed, bed::CLIENT_DIRECT, bed.last_endpoints()),
-            client(bed, bed::CLIENT, vec![bed.pod_ip()]),
-            client(&twin, bed::CLIENT, twin.last_endpoints()),
-        ],
-        secs,
-    )?;
-    let [service, endpoints, pod, no_proxy] = crr[..] else {
-        bail!("four targets measured, {} results", crr.len());
-    };
-    let rr = load::rr_in_turn(
-        &[
-            client(bed, bed::CLIENT, vec![bed.last_vip()]),
-            client(&twin, bed::CLIENT, twin.last_endpoints()),
-        ],
-        secs,
-    )?;
-    let [rr_service, rr_no_proxy] = rr[..] else {
-        bail!("two targets measured, {} results", rr.len());
-    };
-    let row = report::InTurnRow {
-        service,
-        endpoints,
-        pod,
-        no_proxy,
-        rr: (rr_service, rr_no_proxy),
-    };
-    say(format!(
-        "in turn: {:.0} / {:.0} / {:.0} / {:.0} conn/s, connect() {:.1} / {:.1} / {:.1} / {:.1} µs \
-         (the last service / its endpoints directly / a pod IP / no proxy's endpoints); \
-         {:.0} / {:.0} round trips/s (the last service / no proxy)",
-        service.rate,
-        endpoints.rate,
-        pod.rate,
-        no_proxy.rate,
-        service.connect_us,
-        endpoints.connect_us,
-        pod.connect_us,
-        no_proxy.connect_us,
-        rr_service,
-        rr_no_proxy
-    ));
-    Ok(row)
+    let crr_targets = [
+        client(bed, bed::CLIENT, vec![bed.last_vip()]),
+        client(bed, bed::CLIENT_DIRECT, bed.last_endpoints()),
+        client(bed, bed::CLIENT, vec![bed.pod_ip()]),
+        client(&twin, bed::CLIENT, twin.last_endpoints()),
+    ];
+    let pair = [
+        client(bed, bed::CLIENT, vec![bed.last_vip()]),
+        client(&twin, bed::CLIENT, twin.last_endpoints()),
+    ];
+    let mut rounds = Vec::new();
+    for _ in 0..o.runs.max(1) {
+        let crr = load::crr_in_turn(&crr_targets, o.seconds)?;
+        let [service, endpoints, pod, no_proxy] = crr[..] else {
+            bail!("four targets measured, {} results", crr.len());
+        };
+        let (rr, bulk) = (
+            load::rr_in_turn(&pair, o.seconds)?,
+            load::bulk_in_turn(&pair, o.seconds)?,
+        );
+        let (&[rr_service, rr_no_proxy], &[bulk_service, bulk_no_proxy]) = (&rr[..], &bulk[..])
+        else {
+            bail!(
+                "two targets measured, {} and {} results",
+                rr.len(),
+                bulk.len()
+            );
+        };
+        let round = report::InTurnRound {
+            crr: [service, endpoints, pod, no_proxy],
+            rr: (rr_service, rr_no_proxy),
+            bulk: (bulk_service, bulk_no_proxy),
+        };
+        say(format!("in turn: {round}"));
+        rounds.push(round);
+    }
+    report::InTurnRow::of(rounds).context("no round measured")
 }
 
 /// kpx's per-packet cost at `n` services, in a namespace of its own.

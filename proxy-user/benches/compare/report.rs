@@ -50,7 +50,7 @@ pub struct Traffic {
     pub in_turn: Option<InTurnRow>,
 }
 
-/// [`Traffic::in_turn`].
+/// [`Traffic::in_turn`]: its figures are the medians of its rounds'.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InTurnRow {
     pub service: InTurn,
@@ -62,6 +62,92 @@ pub struct InTurnRow {
     /// Round trips per second through the last service and to the twin
     /// bed's endpoint, in turn.
     pub rr: (f64, f64),
+    /// Bulk Gbit/s through the last service and to the twin bed's
+    /// endpoint, in turn.
+    #[serde(default)]
+    pub bulk: (f64, f64),
+    /// Each round (before rounds: one, taken whole).
+    #[serde(default)]
+    pub rounds: Vec<InTurnRound>,
+}
+
+/// One round of [`InTurnRow`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InTurnRound {
+    /// The last service, its endpoints directly, a pod IP, the twin.
+    pub crr: [InTurn; 4],
+    pub rr: (f64, f64),
+    pub bulk: (f64, f64),
+}
+
+impl std::fmt::Display for InTurnRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [s, e, p, n] = &self.crr;
+        write!(
+            f,
+            "{:.0} / {:.0} / {:.0} / {:.0} conn/s, connect() {:.1} / {:.1} / {:.1} / {:.1} µs \
+             (the last service / its endpoints directly / a pod IP / no proxy's endpoints); \
+             {:.0} / {:.0} round trips/s, {:.1} / {:.1} Gbit/s (the last service / no proxy)",
+            s.rate,
+            e.rate,
+            p.rate,
+            n.rate,
+            s.connect_us,
+            e.connect_us,
+            p.connect_us,
+            n.connect_us,
+            self.rr.0,
+            self.rr.1,
+            self.bulk.0,
+            self.bulk.1
+        )
+    }
+}
+
+/// The median of `v` (the upper one of an even count); None if empty.
+fn median_of(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+impl InTurnRow {
+    /// The row of `rounds`: each figure the median of its rounds'.
+    pub fn of(rounds: Vec<InTurnRound>) -> Option<Self> {
+        let med = |f: &dyn Fn(&InTurnRound) -> f64| median_of(rounds.iter().map(f).collect());
+        let turn = |i: usize| -> Option<InTurn> {
+            Some(InTurn {
+                rate: med(&|r| r.crr[i].rate)?,
+                connect_us: med(&|r| r.crr[i].connect_us)?,
+            })
+        };
+        Some(Self {
+            service: turn(0)?,
+            endpoints: turn(1)?,
+            pod: turn(2)?,
+            no_proxy: turn(3)?,
+            rr: (med(&|r| r.rr.0)?, med(&|r| r.rr.1)?),
+            bulk: (med(&|r| r.bulk.0)?, med(&|r| r.bulk.1)?),
+            rounds,
+        })
+    }
+
+    /// `ratio` of each round: its median, lowest and highest (of the row's
+    /// figures alone when it has no rounds).
+    pub fn ratio(&self, ratio: impl Fn(&InTurnRound) -> f64) -> (f64, f64, f64) {
+        let whole = InTurnRound {
+            crr: [self.service, self.endpoints, self.pod, self.no_proxy],
+            rr: self.rr,
+            bulk: self.bulk,
+        };
+        let v: Vec<f64> = if self.rounds.is_empty() {
+            vec![ratio(&whole)]
+        } else {
+            self.rounds.iter().map(&ratio).collect()
+        };
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (median_of(v).unwrap_or(f64::NAN), lo, hi)
+    }
 }
 
 /// The no-proxy limit next to one mode's figures.
@@ -667,24 +753,31 @@ impl Report {
         );
         table(&mut out, &header, &rows);
 
-        out.push_str("**In turn, at the same moment** (this machine's speed drifts between phases by more than the proxies cost): with the mode loaded, one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn, from a second client address), one to a pod IP, one to the endpoints of a twin bed beside it that no proxy serves (the no-proxy limit), and again, for as long as all runs of one figure above. Connections per second of the time spent on each, the service's ratio to the twin (to no proxy) and to its own endpoints (what the service alone costs); `connect()`'s p50 in µs, the service's above the twin's; round trips through the service and in the twin, in turn, and their ratio\n\n");
+        out.push_str("**In turn, at the same moment** (this machine's speed drifts between phases by more than the proxies cost): with the mode loaded, one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn, from a second client address), one to a pod IP, one to the endpoints of a twin bed beside it that no proxy serves (the no-proxy limit), and again; then round trips on one connection through the service and one in the twin, in turn; then bulk transfers of 64 MiB through each, in turn. One round of the three per run, each as long as one run of the figures above; each figure the median of its rounds'. Connections per second of the time spent on each target; the service's ratio to the twin (to no proxy) and to its own endpoints (what the service alone costs), each the median of the rounds' ratios with their lowest and highest in brackets; `connect()`'s p50 in µs, the service's above the twin's; round trips and Gbit/s, the service's and the twin's, and their ratio\n\n");
         let rows = per_size(
             &|n, m| match self.traffic(n, m).and_then(|t| t.in_turn.as_ref()) {
-                Some(t) => format!(
-                    "{} / {} / {} / {} ({:.2}, {:.2}); {:.1} / {:.1} ({:+.1}); RR {} / {} ({:.2})",
-                    thousands(t.service.rate),
-                    thousands(t.endpoints.rate),
-                    thousands(t.pod.rate),
-                    thousands(t.no_proxy.rate),
-                    t.service.rate / t.no_proxy.rate,
-                    t.service.rate / t.endpoints.rate,
-                    t.service.connect_us,
-                    t.no_proxy.connect_us,
-                    t.service.connect_us - t.no_proxy.connect_us,
-                    thousands(t.rr.0),
-                    thousands(t.rr.1),
-                    t.rr.0 / t.rr.1
-                ),
+                Some(t) => {
+                    let r = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} [{lo:.2}–{hi:.2}]");
+                    let crr = |i: usize| move |x: &InTurnRound| x.crr[0].rate / x.crr[i].rate;
+                    format!(
+                        "{} / {} / {} / {} ({}, {}); {:.1} / {:.1} ({:+.1}); RR {} / {} ({}); {:.1} / {:.1} Gbit/s ({})",
+                        thousands(t.service.rate),
+                        thousands(t.endpoints.rate),
+                        thousands(t.pod.rate),
+                        thousands(t.no_proxy.rate),
+                        r(t.ratio(crr(3))),
+                        r(t.ratio(crr(1))),
+                        t.service.connect_us,
+                        t.no_proxy.connect_us,
+                        t.service.connect_us - t.no_proxy.connect_us,
+                        thousands(t.rr.0),
+                        thousands(t.rr.1),
+                        r(t.ratio(|x| x.rr.0 / x.rr.1)),
+                        t.bulk.0,
+                        t.bulk.1,
+                        r(t.ratio(|x| x.bulk.0 / x.bulk.1)),
+                    )
+                }
                 None => "–".into(),
             },
             &|_| "–".into(),
