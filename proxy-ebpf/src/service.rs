@@ -56,7 +56,7 @@ impl Ports {
     }
 
     /// [`Ports::of`], the destination address read only for a frontend's
-    /// port (`None`: unreadable, taken as maybe a frontend's).
+    /// port (`None`: not known, taken as maybe a frontend's).
     #[inline(always)]
     pub fn of_read<A: Family>(dst_port: u16, dst: impl FnOnce() -> Option<A>) -> Self {
         let mut kinds = dst_kinds(dst_port);

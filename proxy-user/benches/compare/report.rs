@@ -66,6 +66,10 @@ pub struct InTurnRow {
     /// endpoint, in turn.
     #[serde(default)]
     pub bulk: (f64, f64),
+    /// The twin dialled as `endpoints` and `pod` are: its endpoints from
+    /// the second client address, its pod IP.
+    #[serde(default)]
+    pub twin: [InTurn; 2],
     /// Each round (before rounds: one, taken whole).
     #[serde(default)]
     pub rounds: Vec<InTurnRound>,
@@ -74,8 +78,13 @@ pub struct InTurnRow {
 /// One round of [`InTurnRow`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InTurnRound {
-    /// The last service, its endpoints directly, a pod IP, the twin.
+    /// The last service, its endpoints directly, a pod IP, the twin's
+    /// endpoints (as the service's).
     pub crr: [InTurn; 4],
+    /// The twin's endpoints from the second client address (as kpx's
+    /// bed's directly), the twin's pod IP.
+    #[serde(default)]
+    pub twin: [InTurn; 2],
     pub rr: (f64, f64),
     pub bulk: (f64, f64),
 }
@@ -83,15 +92,19 @@ pub struct InTurnRound {
 impl std::fmt::Display for InTurnRound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let [s, e, p, n] = &self.crr;
+        let [td, tp] = &self.twin;
         write!(
             f,
-            "{:.0} / {:.0} / {:.0} / {:.0} conn/s, connect() {:.1} / {:.1} / {:.1} / {:.1} µs \
-             (the last service / its endpoints directly / a pod IP / no proxy's endpoints); \
+            "{:.0} / {:.0} / {:.0} / {:.0} conn/s (the last service / its endpoints directly / \
+             a pod IP / no proxy's endpoints; the twin's endpoints directly {:.0}, its pod IP \
+             {:.0}), connect() {:.1} / {:.1} / {:.1} / {:.1} µs; \
              {:.0} / {:.0} round trips/s, {:.1} / {:.1} Gbit/s (the last service / no proxy)",
             s.rate,
             e.rate,
             p.rate,
             n.rate,
+            td.rate,
+            tp.rate,
             s.connect_us,
             e.connect_us,
             p.connect_us,
@@ -120,11 +133,18 @@ impl InTurnRow {
                 connect_us: med(&|r| r.crr[i].connect_us)?,
             })
         };
+        let twin = |i: usize| -> Option<InTurn> {
+            Some(InTurn {
+                rate: med(&|r| r.twin[i].rate)?,
+                connect_us: med(&|r| r.twin[i].connect_us)?,
+            })
+        };
         Some(Self {
             service: turn(0)?,
             endpoints: turn(1)?,
             pod: turn(2)?,
             no_proxy: turn(3)?,
+            twin: [twin(0)?, twin(1)?],
             rr: (med(&|r| r.rr.0)?, med(&|r| r.rr.1)?),
             bulk: (med(&|r| r.bulk.0)?, med(&|r| r.bulk.1)?),
             rounds,
@@ -136,6 +156,7 @@ impl InTurnRow {
     pub fn ratio(&self, ratio: impl Fn(&InTurnRound) -> f64) -> (f64, f64, f64) {
         let whole = InTurnRound {
             crr: [self.service, self.endpoints, self.pod, self.no_proxy],
+            twin: self.twin,
             rr: self.rr,
             bulk: self.bulk,
         };
@@ -753,20 +774,21 @@ impl Report {
         );
         table(&mut out, &header, &rows);
 
-        out.push_str("**In turn, at the same moment** (this machine's speed drifts between phases by more than the proxies cost): with the mode loaded, one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn, from a second client address), one to a pod IP, one to the endpoints of a twin bed beside it that no proxy serves (the no-proxy limit), and again; then round trips on one connection through the service and one in the twin, in turn; then bulk transfers of 64 MiB through each, in turn. One round of the three per run, each as long as one run of the figures above; each figure the median of its rounds'. Connections per second of the time spent on each target; the service's ratio to the twin (to no proxy) and to its own endpoints (what the service alone costs), each the median of the rounds' ratios with their lowest and highest in brackets; `connect()`'s p50 in µs, the service's above the twin's; round trips and Gbit/s, the service's and the twin's, and their ratio\n\n");
+        out.push_str("**In turn, at the same moment** (this machine's speed drifts between phases by more than the proxies cost): with the mode loaded, one new connection (TCP_CRR) to the last service, one to one of its endpoints dialled directly (each in turn, from a second client address), one to a pod IP, one to the endpoints of a twin bed beside it that no proxy serves (the no-proxy limit), and the twin's endpoints and pod IP as kpx's bed's were dialled (so that both beds take as many connections, each leaving a TIME_WAIT socket at its server), and again; then round trips on one connection through the service and one in the twin, in turn; then bulk transfers of 64 MiB through each, in turn. One round of the three per run, each as long as one run of the figures above; each figure the median of its rounds'. Connections per second of the time spent on each target; the service's ratio to the twin (to no proxy) and to its own endpoints (what the service alone costs), and a pod IP's to the twin's (what the mode's programs cost traffic that is not for a service), each the median of the rounds' ratios with their lowest and highest in brackets; `connect()`'s p50 in µs, the service's above the twin's; round trips and Gbit/s, the service's and the twin's, and their ratio\n\n");
         let rows = per_size(
             &|n, m| match self.traffic(n, m).and_then(|t| t.in_turn.as_ref()) {
                 Some(t) => {
                     let r = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2} [{lo:.2}–{hi:.2}]");
                     let crr = |i: usize| move |x: &InTurnRound| x.crr[0].rate / x.crr[i].rate;
                     format!(
-                        "{} / {} / {} / {} ({}, {}); {:.1} / {:.1} ({:+.1}); RR {} / {} ({}); {:.1} / {:.1} Gbit/s ({})",
+                        "{} / {} / {} / {} ({}, {}; a pod IP / the twin's {}); {:.1} / {:.1} ({:+.1}); RR {} / {} ({}); {:.1} / {:.1} Gbit/s ({})",
                         thousands(t.service.rate),
                         thousands(t.endpoints.rate),
                         thousands(t.pod.rate),
                         thousands(t.no_proxy.rate),
                         r(t.ratio(crr(3))),
                         r(t.ratio(crr(1))),
+                        r(t.ratio(|x| if x.twin[1].rate > 0.0 { x.crr[2].rate / x.twin[1].rate } else { f64::NAN })),
                         t.service.connect_us,
                         t.no_proxy.connect_us,
                         t.service.connect_us - t.no_proxy.connect_us,
