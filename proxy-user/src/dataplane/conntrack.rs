@@ -363,9 +363,13 @@ pub fn flow_addr<A: Address>(k: &CtKey<A>, v: &CtValue<A>) -> Option<PortBit> {
     (v.dir == CT_DIR_ORIGINAL && k.dst_addr != A::ZERO).then(|| addr_bit(k.dst_addr))
 }
 
+/// What the filter must hold for the tracked flows: their ports with their
+/// kind ([`flow_port`]), and their address bits ([`flow_addr`]).
+pub type FlowNeeds = (Vec<(u16, u64)>, Vec<PortBit>);
+
 /// [`flow_port`] and [`flow_addr`] of every entry in both families'
 /// tables (a batched read, as the collector's).
-pub fn flow_ports(maps: &MapSet) -> Result<(Vec<(u16, u64)>, Vec<PortBit>)> {
+pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
     let (mut ports, mut addrs) = (HashSet::new(), HashSet::new());
     for table in CtTable::ALL {
         crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
