@@ -463,7 +463,8 @@ pub fn bulk_in_turn(targets: &[Target], secs: f64) -> Result<Vec<f64>> {
                 let to = *t.to.first().context("a target without an address")?;
                 turns.enter(i)?;
                 let t0 = Instant::now();
-                sent[i] += bulk_bytes(connect_from(t.from, to)?, to, BULK_TURN)?;
+                let s = connect_from(t.from, to)?;
+                sent[i] += bulk_send(s, to, |sent| sent < BULK_TURN)?;
                 spent[i] += t0.elapsed();
             }
         }
@@ -479,15 +480,15 @@ pub fn bulk_in_turn(targets: &[Target], secs: f64) -> Result<Vec<f64>> {
 /// connection's setup is noise (tens of ms at this machine's rates).
 const BULK_TURN: u64 = 64 << 20;
 
-/// Sends `bytes` on `s` (the server's bulk protocol: the first byte `S`),
-/// and waits for the server's count of what it read; returns what was
-/// sent.
-fn bulk_bytes(mut s: TcpStream, to: SocketAddrV4, bytes: u64) -> Result<u64> {
+/// Sends on `s` while `more(bytes sent so far)` (the server's bulk
+/// protocol: the first byte `S`), then waits for the server's count of
+/// what it read; returns what was sent.
+fn bulk_send(mut s: TcpStream, to: SocketAddrV4, mut more: impl FnMut(u64) -> bool) -> Result<u64> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut chunk = vec![b'b'; 256 * 1024];
     chunk[0] = b'S';
     let mut sent = 0u64;
-    while sent < bytes {
+    while more(sent) {
         s.write_all(&chunk)?;
         sent += chunk.len() as u64;
         chunk[0] = b'b';
@@ -519,26 +520,10 @@ fn rr(to: SocketAddrV4, d: Duration) -> Result<Rate> {
 }
 
 fn bulk(to: SocketAddrV4, d: Duration) -> Result<Rate> {
-    let mut s = connect(to).with_context(|| format!("connecting to {to}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut chunk = vec![b'b'; 256 * 1024];
-    chunk[0] = b'S';
+    let s = connect(to).with_context(|| format!("connecting to {to}"))?;
     let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < d {
-        s.write_all(&chunk)?;
-        sent += chunk.len() as u64;
-        chunk[0] = b'b';
-    }
-    s.shutdown(Shutdown::Write)?;
-    let mut total = [0u8; 8];
-    s.read_exact(&mut total)
-        .with_context(|| format!("bulk transfer through {to}: no byte count"))?;
+    let sent = bulk_send(s, to, |_| start.elapsed() < d)?;
     let took = start.elapsed();
-    let received = u64::from_be_bytes(total) + 1;
-    if received != sent {
-        bail!("bulk transfer through {to}: sent {sent} bytes, the server read {received}");
-    }
     Ok(Rate {
         rate: sent as f64 * 8.0 / took.as_secs_f64() / 1e9,
         p50_us: None,
