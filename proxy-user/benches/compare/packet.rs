@@ -502,15 +502,9 @@ fn open_ping_pong(dp: &mut Datapath, vip: &str) -> anyhow::Result<()> {
         port_bit(80, PORT_F_BACKEND),
         addr_bit(wire::addr(ip(backend))),
     ] {
-        mark(dp, bit)?;
+        dp.maps.mark_port(bit)?;
     }
     Ok(())
-}
-
-/// Sets `bit` of the port and address filter.
-fn mark(dp: &mut Datapath, bit: proxy_common::PortBit) -> anyhow::Result<()> {
-    let word = dp.maps.port_word(bit.word)?;
-    Ok(dp.maps.set_port_word(bit.word, word | bit.mask)?)
 }
 
 /// Mean ns of an established original-direction packet and of a reply.
@@ -722,7 +716,7 @@ fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
         dp.maps.v6.ct_tcp.insert(k, v, 0)?;
     }
     // (Ports 8080 and 80 are marked both ways by IPv4's ping-pong flow.)
-    mark(dp, addr_bit(wire::addr6(ip6(BACKEND6))))?;
+    dp.maps.mark_port(addr_bit(wire::addr6(ip6(BACKEND6))))?;
     Ok([
         Pkt6::new(CLIENT6, 45000, vip, 80, ACK),
         Pkt6::new(BACKEND6, 8080, CLIENT6, 45000, ACK),

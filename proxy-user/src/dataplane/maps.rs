@@ -804,8 +804,10 @@ impl MapSet {
         }
     }
 
-    /// Sets `bit` in the port filter (the filter serves both families).
-    fn mark_port(&mut self, bit: proxy_common::PortBit) -> Result<(), MapError> {
+    /// Sets `bit` in the port and address filter (it serves both
+    /// families), for tools and tests that write by hand (see
+    /// [`MapSet::put_frontend`]).
+    pub fn mark_port(&mut self, bit: proxy_common::PortBit) -> Result<(), MapError> {
         let word = self.ports.get(&bit.word, 0)? | bit.mask;
         self.ports.set(bit.word, word, 0)
     }
