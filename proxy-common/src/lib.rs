@@ -32,6 +32,8 @@ pub trait Address:
     /// The address mixed to one word whose high bits depend on all of
     /// it: the address filter's hash ([`addr_bit`]).
     fn mixed(self) -> u32;
+    /// The address folded to 64 bits, for [`reply_bit`]'s hash.
+    fn folded(self) -> u64;
 }
 
 /// Two 64-bit halves of an address mixed so that the result's high bits
@@ -58,6 +60,10 @@ impl Address for u32 {
     fn mixed(self) -> u32 {
         mix(self as u64, 0)
     }
+    #[inline(always)]
+    fn folded(self) -> u64 {
+        self as u64
+    }
 }
 
 impl Address for In6 {
@@ -72,6 +78,12 @@ impl Address for In6 {
             self[0] as u64 | (self[1] as u64) << 32,
             self[2] as u64 | (self[3] as u64) << 32,
         )
+    }
+    #[inline(always)]
+    fn folded(self) -> u64 {
+        // Pods' addresses differ in their last 64 bits, a prefix's in its
+        // first: both survive the fold.
+        (self[0] ^ self[2]) as u64 | ((self[1] ^ self[3]) as u64) << 32
     }
 }
 
@@ -99,6 +111,9 @@ pub mod map_names {
     pub const SRC_RANGES: &str = "KPX_SRC_RANGES";
     pub const CONFIG: &str = "KPX_CONFIG";
     pub const PORTS: &str = "KPX_PORTS";
+    /// The reply filter ([`super::reply_bit`]): which tuples may be a
+    /// tracked flow's reply. Memory-mapped by the agent, which rebuilds it.
+    pub const REPLIES: &str = "KPX_REPLIES";
     /// Per-CPU round-robin positions, by service id.
     pub const RR: &str = "KPX_RR";
     /// Active connections per backend id, for the least-connection
@@ -139,7 +154,7 @@ pub mod map_names {
     /// Pinned so that every program in `PROGS`, whichever agent loaded it,
     /// shares it.
     pub const SCRATCH6: &str = "KPX_SCRATCH6";
-    pub const ALL: [&str; 35] = [
+    pub const ALL: [&str; 36] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -156,6 +171,7 @@ pub mod map_names {
         SRC_RANGES,
         CONFIG,
         PORTS,
+        REPLIES,
         RR,
         CONNS,
         SOCKS,
@@ -291,6 +307,8 @@ pub mod capacity {
     /// Words of the port filter: 4 bits for each of 65,536 ports, then
     /// the address filter's ([`super::ADDR_WORD0`]).
     pub const PORT_WORDS: u32 = super::ADDR_WORD0 + super::ADDR_WORDS;
+    /// Elements of the reply filter: one word of each of its two copies.
+    pub const REPLY_WORDS: u32 = (1 << super::REPLY_HASH_BITS) / 64;
     /// UDP sockets with a backend from the socket-level load balancer.
     /// Entries leave with their socket; LRU beyond that.
     pub const SOCKS_UDP: u32 = 65_536;
@@ -370,7 +388,43 @@ pub fn addr_bit<A: Address>(a: A) -> PortBit {
     }
 }
 
-/// A bit of the port filter: its word and the mask within it.
+/// The reply filter (`KPX_REPLIES`): one bit for each of
+/// 2^[`REPLY_HASH_BITS`] hashes of a tuple, set for the key of every
+/// reply-direction conntrack entry. A packet from a backend's port whose
+/// tuple's bit is clear is no tracked flow's reply, and skips the
+/// conntrack lookup (two for a SYN-ACK): the packets of a pod serving on a
+/// backend's port to clients that reached it directly (socket-balanced
+/// flows, pod to pod) pay an array read instead of hash misses.
+///
+/// Two copies of the bits, interleaved (element `i` holds word `i` of each):
+/// a tuple counts as set when either copy has it. The datapath sets a
+/// reply entry's bit in both, with an atomic OR, right after inserting the
+/// entry (and before the packet that created it is sent on, so before any
+/// reply). The agent rebuilds one copy at a time: clears it, then reads
+/// the conntrack tables and sets the bits of the reply entries it finds.
+/// An entry inserted before the clear is found by the read; one inserted
+/// after has its bit from the datapath: so the copy not being rebuilt
+/// always holds every live entry's bit, and bits of flows gone leave
+/// within two rebuilds. A filter the agent has not rebuilt yet is all set
+/// (the agent fills it so at load): a flow created by an older datapath
+/// that never set bits is found by the lookup as before.
+pub const REPLY_HASH_BITS: u32 = 20;
+
+/// The reply filter's bit of tuple `k`: `word` is the element, `mask` the
+/// bit in each of its two words.
+#[inline(always)]
+pub fn reply_bit<A: Address>(k: &CtKey<A>) -> PortBit {
+    let addrs = k.src_addr.folded() ^ k.dst_addr.folded().rotate_left(32);
+    let ports = k.src_port as u64 | (k.dst_port as u64) << 16 | (k.proto as u64) << 32;
+    let h = mix(addrs, ports) >> (32 - REPLY_HASH_BITS);
+    PortBit {
+        word: h >> 6,
+        mask: 1 << (h & 63),
+    }
+}
+
+/// A bit of the port filter: its word and the mask within it (also of the
+/// reply filter, [`reply_bit`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortBit {
     pub word: u32,

@@ -17,18 +17,22 @@
 //! seen, FIN/RST) and the agent's garbage collector expires flows by state.
 //! The datapath itself only ends a flow early when a new SYN reuses the tuple
 //! of a closing one, as the kernel reopens a connection in TIME_WAIT.
+//!
+//! The reply filter ([`may_be_reply`], `proxy_common::reply_bit`) tells
+//! which packets from a backend's port can be a flow's reply at all: every
+//! reply entry inserted here is noted in it ([`note_reply`]).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
-    Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING,
-    CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
+    reply_bit, Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY,
+    CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
     CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::{conns, family::Family, stats};
+use crate::{conns, family::Family, maps::REPLIES, stats};
 
 const EEXIST: i32 = 17;
 
@@ -55,6 +59,43 @@ impl Table {
         match self {
             Table::Tcp => A::ct_tcp().remove(key).is_ok(),
             Table::Any => A::ct_any().remove(key).is_ok(),
+        }
+    }
+}
+
+/// Whether `key` may be a tracked flow's reply: its bit in either copy of
+/// the reply filter. One array read (inlined by the verifier) and the
+/// tuple's hash.
+#[inline(always)]
+pub fn may_be_reply<A: Family>(key: &CtKey<A>) -> bool {
+    let bit = reply_bit(key);
+    REPLIES.get_ptr(bit.word).is_none_or(|w| {
+        // SAFETY: array element pointer, valid for the program run; a
+        // racing OR is either seen or not, and the copy not being rebuilt
+        // has every live reply's bit already.
+        let [a, b] = unsafe { core::ptr::read_volatile(w) };
+        (a | b) & bit.mask != 0
+    })
+}
+
+/// Notes reply entry `key`, just inserted, in both copies of the reply
+/// filter: after the insert, so that a copy the agent clears meanwhile
+/// either keeps this bit or is refilled from a read that finds the entry.
+#[inline(always)]
+fn note_reply<A: Family>(key: &CtKey<A>) {
+    let bit = reply_bit(key);
+    if let Some(w) = REPLIES.get_ptr_mut(bit.word) {
+        let w = w.cast::<u64>();
+        // SAFETY: the element's two 8-byte aligned words (array values are
+        // 8-byte aligned); atomic, as other CPUs and the agent write them.
+        unsafe {
+            core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                w, bit.mask,
+            );
+            core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                w.add(1),
+                bit.mask,
+            );
         }
     }
 }
@@ -329,6 +370,9 @@ pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>,
             return Err(reason);
         }
     }
+    // Its bit is set already, unless an agent's rebuild read the tables
+    // while the entry moved (past `CT_TCP`, not yet at `CT_ANY`).
+    note_reply(key);
     let removed =
         A::ct_any().remove(&original_key).is_ok() as u64 + A::ct_any().remove(key).is_ok() as u64;
     stats::event(Event::CtRemoved, removed);
@@ -590,6 +634,8 @@ pub fn create<A: Family>(
         }
         return Err(reason);
     }
+    // Before the packet goes on: its reply must find the bit.
+    note_reply(&original.partner(key));
     stats::event(Event::CtInserted, 1);
     if masquerade {
         stats::event(Event::Masqueraded, 1);

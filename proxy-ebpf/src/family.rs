@@ -55,11 +55,12 @@ pub fn plain_transport6(ctx: &TcContext) -> bool {
 /// Whether an IPv6 packet is plain TCP or UDP (the transport header right
 /// after the fixed one, the lengths consistent) to no frontend (its port, or
 /// on such a port its address) and
-/// from no backend's: no service or tracked flow can concern it, and tc
+/// from no backend's (or from one, with a tuple the reply filter has not):
+/// no service or tracked flow can concern it, and tc
 /// ingress passes it without handing it to IPv6's program (the most
 /// common IPv6 traffic, a pod's to a pod, pays no tail call: on a
-/// frontend's port too, unless its address may be a frontend's). The port
-/// and address filters' reads (arrays, inlined) and nothing else.
+/// frontend's port too, unless its address may be a frontend's). The port,
+/// address and reply filters' reads (arrays, inlined) and nothing else.
 #[inline(always)]
 pub fn untracked6(ctx: &TcContext) -> bool {
     use crate::parse::{ip6, read_linear, ETH_HLEN};
@@ -84,9 +85,13 @@ pub fn untracked6(ctx: &TcContext) -> bool {
         return false;
     };
     // The destination address (after the fixed header's first 24 bytes),
-    // read only for a frontend's port.
+    // read only for a frontend's port; the tuple only from a backend's.
     let dst = || read_linear::<_, In6>(ctx, ETH_HLEN + 24);
-    !crate::service::Ports::of_read(ports[1], dst).may_be_tracked(ports[0])
+    let key = || {
+        let addrs = read_linear::<_, [In6; 2]>(ctx, ETH_HLEN + 8)?;
+        Some(CtKey::new(addrs[0], addrs[1], ports[0], ports[1], next))
+    };
+    !crate::service::Ports::of_read(ports[1], dst).may_be_tracked(ports[0], key)
 }
 
 const AF_INET: u8 = 2;

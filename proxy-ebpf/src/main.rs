@@ -505,7 +505,8 @@ fn flow_of<P: Packet, A: Family>(
     // for a packet to a frontend's port or from a backend's: no other can
     // be of a tracked flow, and most traffic that is not for a service
     // (a pod's to a pod, socket-balanced flows' requests) skips it.
-    if ports.may_be_tracked(pkt.sport) {
+    // IPv6's entry asked the reply filter already (`untracked6`).
+    if ports.may_be_tracked(pkt.sport, || (!A::FILTERED_AHEAD).then_some(key)) {
         if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
             let found = conntrack::newer(&key, found, pkt.tcp_flags);
             if !(pkt.proto == IPPROTO_TCP

@@ -89,6 +89,13 @@ pub static SRC_RANGES: LpmTrie<SrcRange, u32> =
 #[map(name = "KPX_PORTS")]
 pub static PORTS: Array<u64> = Array::with_max_entries(capacity::PORT_WORDS, 0);
 
+/// Which tuples may be a tracked flow's reply (`proxy_common::reply_bit`),
+/// two copies interleaved: memory-mapped, so that the agent clears one
+/// copy with atomic stores while the datapath sets bits with atomic ORs.
+#[map(name = "KPX_REPLIES")]
+pub static REPLIES: Array<[u64; 2]> =
+    Array::with_max_entries(capacity::REPLY_WORDS, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
 /// Round robin's next position per service id, per CPU: each CPU walks a
 /// frontend's slots in order, so no counter is shared between CPUs.
 #[map(name = "KPX_RR")]

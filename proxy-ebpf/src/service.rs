@@ -7,14 +7,16 @@
 //! address no frontend uses, which a second read of it tells (the address
 //! filter): most traffic that is not for a service pays nothing here. The
 //! same filter tells which packets can be of a tracked flow at all
-//! ([`Ports::may_be_tracked`]).
+//! ([`Ports::may_be_tracked`]), with the reply filter's help for packets
+//! from a backend's port.
 
 use proxy_common::{
-    addr_bit, port_shift, port_word, DatapathConfig, PortBit, ServiceKey, ServiceValue,
+    addr_bit, port_shift, port_word, CtKey, DatapathConfig, PortBit, ServiceKey, ServiceValue,
     NODE_F_LOCAL, NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
 };
 
 use crate::{
+    conntrack,
     family::Family,
     maps::{CONFIG, PORTS},
 };
@@ -69,14 +71,23 @@ impl Ports {
         Self { dst: kinds }
     }
 
-    /// Whether a packet from `src_port` can be of a tracked flow: only one
-    /// to a frontend's port (a flow's original direction is keyed by its
-    /// frontend) or from a backend's (a reply is keyed from its backend)
-    /// can; every other packet skips the conntrack lookup. The source port
-    /// is read only for a packet to no frontend's port.
+    /// Whether a packet from `src_port` (its tuple `key()`, None: not
+    /// known) can be of a tracked flow: only one to a frontend's port (a
+    /// flow's original direction is keyed by its frontend) or, from a
+    /// backend's port, one whose tuple is in the reply filter
+    /// ([`conntrack::may_be_reply`]: a reply is keyed from its backend);
+    /// every other packet skips the conntrack lookup. The source port is
+    /// read only for a packet to no frontend's port, the tuple hashed only
+    /// for one from a backend's.
     #[inline(always)]
-    pub fn may_be_tracked(self, src_port: u16) -> bool {
-        self.dst != 0 || port_bits(src_port) & PORT_F_BACKEND != 0
+    pub fn may_be_tracked<A: Family>(
+        self,
+        src_port: u16,
+        key: impl FnOnce() -> Option<CtKey<A>>,
+    ) -> bool {
+        self.dst != 0
+            || (port_bits(src_port) & PORT_F_BACKEND != 0
+                && key().is_none_or(|k| conntrack::may_be_reply(&k)))
     }
 }
 

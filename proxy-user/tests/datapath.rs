@@ -353,6 +353,7 @@ crate::both_families!(
     traffic_to_no_service_passes_untouched,
     a_service_with_a_missing_slot_drops_counted,
     a_frontends_address_must_be_in_the_filter_for_its_flows_to_be_found,
+    a_flows_replies_are_found_through_the_reply_filter_across_its_rebuilds,
 );
 
 fn tcp_flags_of_a_flow_accumulate_in_its_entry<F: Fam>() {
@@ -481,4 +482,62 @@ fn a_frontends_address_must_be_in_the_filter_for_its_flows_to_be_found<F: Fam>()
     );
     let out = run(&mut dp, &syn);
     assert_eq!(out.verdict, TC_ACT_OK, "{}: a new flow", F::NAME);
+}
+
+fn a_flows_replies_are_found_through_the_reply_filter_across_its_rebuilds<F: Fam>() {
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
+    // A backend's packet to a client that reached it directly: no flow's.
+    let direct = fam::key::<F>(F::BACKENDS[0], 8080, F::CLIENT, 40300, IPPROTO_TCP);
+    assert!(!dp.maps.replies.has(&direct), "{}", F::NAME);
+    let flow = fam::open::<F>(&mut dp, F::CLIENT, 40200);
+    let reply = fam::key::<F>(
+        &flow.dst.to_string(),
+        flow.dport,
+        &flow.src.to_string(),
+        flow.sport,
+        IPPROTO_TCP,
+    );
+    assert!(
+        dp.maps.replies.has(&reply),
+        "{}: the SYN noted its reply",
+        F::NAME
+    );
+    let answer = fam::answer::<F>(&flow, ACK);
+    let from_vip = |dp: &mut kpx::dataplane::Datapath| {
+        let out = run(dp, &answer);
+        out.verdict == TC_ACT_OK && F::flow(&out.bytes).src.to_string() == F::VIP
+    };
+    // Both copies cleared with nothing read back (as a datapath that never
+    // set the bit would leave them): the reply is not looked up.
+    dp.maps.replies.clear_next();
+    dp.maps.replies.clear_next();
+    assert!(!from_vip(&mut dp), "{}: found without its bit", F::NAME);
+    // Each rebuild reads the tables back: the flow's reply is found again,
+    // and stays so across later rebuilds.
+    for _ in 0..3 {
+        support::rebuild_replies(&dp);
+        assert!(from_vip(&mut dp), "{}: the reply after a rebuild", F::NAME);
+    }
+    assert!(!dp.maps.replies.has(&direct), "{}", F::NAME);
+    // A rebuild whose read fails leaves its copy full, never empty.
+    let failed = dp
+        .maps
+        .replies
+        .rebuild(|| Err(anyhow::anyhow!("the read failed")));
+    assert!(failed.is_err());
+    assert!(dp.maps.replies.has(&direct), "{}", F::NAME);
+    assert!(from_vip(&mut dp), "{}", F::NAME);
+}
+
+/// A datapath just loaded has every tuple in its reply filter: the
+/// programs an agent replaces may never have set a bit.
+#[test]
+#[ignore = "needs root"]
+fn a_reply_filter_just_loaded_holds_every_tuple() {
+    let dp = testbed::built(
+        "the datapath",
+        kpx::dataplane::Datapath::load(&Default::default()),
+    );
+    assert_eq!(dp.maps.replies.fill_ratio(), 1.0);
 }

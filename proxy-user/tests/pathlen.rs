@@ -41,41 +41,50 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     // frontend has ("no service": a pod's to a pod on port 80) skips both
     // hash lookups for two array reads and the address's hash; a packet at
     // a frontend's address pays those beside its lookups (+1 "helper",
-    // about +30 instructions here, fewer in the kernel). In parentheses:
-    // before the address filter.
+    // about +30 instructions here, fewer in the kernel).
+    // The reply filter (bits of the tuples of flows' replies, set by the
+    // datapath as it inserts a reply entry) gates the conntrack lookup of
+    // a packet from a backend's port: a backend's packet to a client that
+    // reached it directly ("from a backend's port": a pod's, a
+    // socket-balanced flow's) skips it for the tuple's hash and an array
+    // read (+1 "helper" here); a flow's reply pays those beside its lookup
+    // (+37 instructions), a flow's creation and establishment note the bit
+    // (+1 array read and two atomic ORs each). In parentheses: before the
+    // reply filter.
     ("not IPv4", 40, 1),                                   // 36, 1 (36, 1)
-    ("no service", 205, 4),                                // 195, 4 (174, 4)
-    ("no service, a frontend's port and address", 220, 5), // 211, 5
-    ("no service, port no frontend uses", 175, 3),         // 168, 3 (160, 3)
-    ("no service, to the node", 175, 3),                   // 168, 3 (160, 3)
-    ("first packet", 990, 22),                             // 951, 22 (917, 21)
+    ("no service", 205, 4),                                // 196, 4 (195, 4)
+    ("no service, a frontend's port and address", 225, 5), // 213, 5 (211, 5)
+    ("no service, port no frontend uses", 175, 3),         // 167, 3 (168, 3)
+    ("no service, to the node", 175, 3),                   // 167, 3 (168, 3)
+    ("no service, from a backend's port", 215, 4),         // 205, 4
+    ("first packet", 1045, 23),                            // 1001, 23 (951, 22)
     // Once per connection: moved to the established table.
-    ("first reply: connection established", 745, 23), // 716, 23 (718, 23)
-    ("established, FIB to the stack", 615, 12),       // 589, 12 (553, 11)
+    ("first reply: connection established", 820, 25), // 788, 25 (716, 23)
+    ("established, FIB to the stack", 615, 12),       // 591, 12 (589, 12)
     // The FIB's "the stack" is cached in the flow entry as a next hop is
     // (before: each such packet asked the FIB, as "FIB to the stack" does):
-    ("established, to the stack (cached)", 550, 10), // 526, 10 (496, 9)
-    ("established, next hop looked up", 685, 13),    // 658, 13 (633, 12)
-    ("established", 610, 11),                        // 583, 11 (547, 10)
-    ("reply, next hop looked up", 670, 13),          // 643, 13 (655, 13)
-    ("reply", 595, 11),                              // 568, 11 (569, 11)
+    ("established, to the stack (cached)", 550, 10), // 528, 10 (526, 10)
+    ("established, next hop looked up", 690, 13),    // 660, 13 (658, 13)
+    ("established", 610, 11),                        // 585, 11 (583, 11)
+    ("reply, next hop looked up", 710, 14),          // 680, 14 (643, 13)
+    ("reply", 630, 12),                              // 605, 12 (568, 11)
     ("ICMP error about a flow", 320, 11),            // 307, 11 (304, 11)
-    ("first packet, masqueraded", 1130, 26),         // 1082, 26 (1063, 25)
-    ("first packet, NodePort", 1115, 26),            // 1068, 26 (1075, 26)
-    ("first packet, ClientIP affinity", 1045, 26),   // 1001, 26 (967, 25)
-    ("first packet, round robin", 1005, 23),         // 962, 23 (928, 22)
-    ("first packet, Maglev", 1020, 21),              // 980, 21 (946, 20)
-    ("first packet, least connections", 1050, 25),   // 1007, 25 (977, 24)
+    ("first packet, masqueraded", 1185, 27),         // 1136, 27 (1082, 26)
+    ("first packet, NodePort", 1165, 27),            // 1120, 27 (1068, 26)
+    ("first packet, ClientIP affinity", 1095, 27),   // 1051, 27 (1001, 26)
+    ("first packet, round robin", 1055, 24),         // 1012, 24 (962, 23)
+    ("first packet, Maglev", 1075, 22),              // 1030, 22 (980, 21)
+    ("first packet, least connections", 1100, 26),   // 1057, 26 (1007, 25)
     // A mid-stream segment whose flow entries were lost: set up again and
     // moved to the established table at once.
-    ("lost flow taken up (Maglev)", 1190, 32), // 1144, 32 (1113, 31)
-    ("no endpoints: REJECT", 450, 16),         // 429, 16 (387, 15)
+    ("lost flow taken up (Maglev)", 1280, 34), // 1229, 34 (1144, 32)
+    ("no endpoints: REJECT", 450, 16),         // 431, 16 (429, 16)
     ("fragment to a service", 85, 3),          // 80, 3 (80, 3)
     // Direct server return: the tail call into DSR's program, a second
     // parse there, two FIB lookups (route, outer source), the Geneve header.
-    ("DSR: first packet, in Geneve", 1170, 26), // 1121, 26 (1101, 26)
+    ("DSR: first packet, in Geneve", 1205, 27), // 1158, 27 (1121, 26)
     ("DSR: a datagram in Geneve again", 925, 18), // 887, 18 (881, 18)
-    ("DSR: Geneve received, to a backend here", 790, 19), // 759, 19 (756, 19)
+    ("DSR: Geneve received, to a backend here", 830, 20), // 798, 20 (759, 19)
     // Egress passes a forwarded packet (it came in on an interface, where
     // ingress had it) without asking whether its source is the node's; the
     // node's own packets still ask (the earlier "a pod's packet" figures).
@@ -92,22 +101,23 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     // (no IPv6 header checksum to fold). Plain TCP/UDP to no frontend's
     // port (or to one at an address no frontend has) and from no backend's
     // is passed by IPv4's program before the tail call, which asks the
-    // address filter for the path too (IPv6's program does not ask again).
-    // In parentheses: before the address filter.
-    ("IPv6: no service", 160, 4), // 151, 4 (398, 7)
-    ("IPv6: no service, a frontend's port and address", 460, 8), // 440, 8
-    ("IPv6: no service, port no frontend uses", 115, 3), // 110, 3 (106, 3)
-    ("IPv6: first packet", 1385, 30), // 1329, 30 (1286, 29)
-    ("IPv6: first reply: connection established", 1070, 28), // 1028, 28 (1029, 28)
-    ("IPv6: established, FIB to the stack", 915, 16), // 879, 16 (847, 15)
-    ("IPv6: established, to the stack (cached)", 830, 14), // 796, 14 (754, 13)
-    ("IPv6: established, next hop looked up", 975, 17), // 935, 17 (903, 16)
-    ("IPv6: established", 880, 15), // 842, 15 (802, 14)
-    ("IPv6: reply, next hop looked up", 965, 18), // 927, 18 (928, 18)
-    ("IPv6: reply", 870, 16),     // 834, 16 (827, 16)
+    // address and reply filters for the path too (IPv6's program does not
+    // ask again). In parentheses: before the reply filter.
+    ("IPv6: no service", 160, 4), // 153, 4 (151, 4)
+    ("IPv6: no service, a frontend's port and address", 460, 8), // 441, 8 (440, 8)
+    ("IPv6: no service, port no frontend uses", 120, 3), // 112, 3 (110, 3)
+    ("IPv6: no service, from a backend's port", 180, 4), // 171, 4
+    ("IPv6: first packet", 1460, 31), // 1403, 31 (1329, 30)
+    ("IPv6: first reply: connection established", 1190, 30), // 1140, 30 (1028, 28)
+    ("IPv6: established, FIB to the stack", 920, 16), // 880, 16 (879, 16)
+    ("IPv6: established, to the stack (cached)", 830, 14), // 797, 14 (796, 14)
+    ("IPv6: established, next hop looked up", 975, 17), // 936, 17 (935, 17)
+    ("IPv6: established", 880, 15), // 843, 15 (842, 15)
+    ("IPv6: reply, next hop looked up", 1030, 19), // 988, 19 (927, 18)
+    ("IPv6: reply", 935, 17),     // 895, 17 (834, 16)
     ("IPv6: ICMP error about a flow", 680, 14), // 653, 14 (653, 14)
-    ("IPv6: first packet, masqueraded", 1500, 34), // 1441, 34 (1402, 33)
-    ("IPv6: no endpoints: REJECT", 720, 20), // 688, 20 (640, 19)
+    ("IPv6: first packet, masqueraded", 1585, 35), // 1523, 35 (1441, 34)
+    ("IPv6: no endpoints: REJECT", 720, 20), // 689, 20 (688, 20)
     ("IPv6: fragment to a service", 235, 5), // 224, 5 (224, 5)
     // A forwarded IPv6 packet whose transport header follows the fixed one
     // is passed before the tail call (its next header byte read).

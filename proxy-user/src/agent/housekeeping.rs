@@ -109,10 +109,23 @@ impl GcStats {
     }
 }
 
+/// What the collector's thread is asked to do besides its periodic walk.
+enum Work {
+    /// Walk now, and remove the UDP flows of these backends.
+    Stale(HashSet<conntrack::ServiceBackend>),
+    /// This agent's programs are attached: the reply filter may be
+    /// rebuilt from now on (twice at once, so it is in use at once).
+    Arm,
+}
+
 /// The conntrack collector: every `--conntrack-gc-interval`, and at once
-/// for the UDP flows of backends a sync removed.
+/// for the UDP flows of backends a sync removed. Each walk also rebuilds
+/// one copy of the reply filter (`dataplane::replies`), once armed: a
+/// copy cleared while programs that do not set its bits are attached (an
+/// earlier agent's, before this one's replace them) would hide their
+/// flows' replies.
 pub(super) struct Collector {
-    stale: Option<mpsc::Sender<HashSet<conntrack::ServiceBackend>>>,
+    work: Option<mpsc::Sender<Work>>,
     thread: Option<JoinHandle<()>>,
     /// The ports of the flows the last walk found, for the port filter.
     live: Arc<Mutex<Option<LivePorts>>>,
@@ -126,7 +139,7 @@ impl Collector {
     ) -> Result<Self> {
         let mut maps = MapSet::open_pinned(&cfg.bpffs)
             .context("opening the pinned maps for the conntrack collector")?;
-        let (tx, rx) = mpsc::channel::<HashSet<conntrack::ServiceBackend>>();
+        let (tx, rx) = mpsc::channel::<Work>();
         let (timeouts, every) = (cfg.ct_timeouts, cfg.ct_gc_interval);
         let socks = cfg.socket_lb != crate::dataplane::socklb::Mode::Off;
         let live = Arc::new(Mutex::new(None));
@@ -141,46 +154,58 @@ impl Collector {
             .spawn(move || {
                 let mut stats = GcStats::resume(&maps);
                 let mut next = Instant::now() + every;
+                let mut armed = false;
                 loop {
+                    let mut stale = HashSet::new();
                     match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                        Ok(mut stale) => {
+                        Ok(work) => {
                             // Syncs in a row: one walk for all of them.
-                            while let Ok(more) = rx.try_recv() {
-                                stale.extend(more);
+                            let mut walk = false;
+                            for w in std::iter::once(work).chain(rx.try_iter()) {
+                                match w {
+                                    Work::Stale(more) => {
+                                        walk = true;
+                                        stale.extend(more);
+                                    }
+                                    Work::Arm if !armed => {
+                                        armed = true;
+                                        arm(&maps, &metrics);
+                                    }
+                                    Work::Arm => {}
+                                }
                             }
-                            publish(collect(
-                                &timeouts,
-                                &mut maps,
-                                socks,
-                                &stale,
-                                &mut stats,
-                                &metrics,
-                                expirer.as_ref(),
-                            ));
+                            if !walk {
+                                continue;
+                            }
                         }
-                        Err(RecvTimeoutError::Timeout) => {
-                            let none = HashSet::new();
-                            publish(collect(
-                                &timeouts,
-                                &mut maps,
-                                socks,
-                                &none,
-                                &mut stats,
-                                &metrics,
-                                expirer.as_ref(),
-                            ));
-                            next = Instant::now() + every;
-                        }
+                        Err(RecvTimeoutError::Timeout) => next = Instant::now() + every,
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
+                    let gc = Gc {
+                        timeouts: &timeouts,
+                        socks,
+                        replies: armed,
+                        metrics: &metrics,
+                        expirer: expirer.as_ref(),
+                    };
+                    publish(collect(&gc, &mut maps, &stale, &mut stats));
                 }
             })
             .context("starting the conntrack collector")?;
         Ok(Self {
-            stale: Some(tx),
+            work: Some(tx),
             thread: Some(thread),
             live,
         })
+    }
+
+    /// This agent's programs are attached to every interface they serve:
+    /// the reply filter is rebuilt from now on.
+    pub(super) fn arm(&self) {
+        if let Some(tx) = &self.work {
+            // Stopped: the filter stays full, every reply looked up.
+            let _ = tx.send(Work::Arm);
+        }
     }
 
     /// What the last walk since the previous call found, if one ended.
@@ -191,8 +216,8 @@ impl Collector {
     /// Removes the UDP flows to `stale` backends (after the sync that took
     /// them out of the service: no new flow can pick them any more).
     pub(super) fn flush_stale(&self, stale: HashSet<conntrack::ServiceBackend>) {
-        if let Some(tx) = &self.stale {
-            if tx.send(stale).is_err() {
+        if let Some(tx) = &self.work {
+            if tx.send(Work::Stale(stale)).is_err() {
                 log::warn!(
                     "the conntrack collector stopped; stale UDP flows stay until they expire"
                 );
@@ -203,7 +228,7 @@ impl Collector {
 
 impl Drop for Collector {
     fn drop(&mut self) {
-        self.stale.take();
+        self.work.take();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 log::error!("the conntrack collector panicked");
@@ -212,25 +237,63 @@ impl Drop for Collector {
     }
 }
 
-/// `socks`: look for connected UDP sockets of `stale` backends (socket LB
-/// is on). Returns the ports of the flows the walk found.
-fn collect(
-    timeouts: &conntrack::Timeouts,
-    maps: &mut MapSet,
+/// The reply filter's first rebuilds, both copies one after the other
+/// (each from a read of its own): from then on a packet from a backend's
+/// port that is no flow's reply skips the conntrack lookup.
+fn arm(maps: &MapSet, metrics: &Metrics) {
+    for _ in 0..2 {
+        if let Err(e) = maps.replies.rebuild(|| conntrack::reply_bits(maps)) {
+            log::warn!(
+                "rebuilding the reply filter: {e:#}; its bits stay set until the next collection"
+            );
+            return;
+        }
+    }
+    let fill = maps.replies.fill_ratio();
+    metrics.reply_filter_fill.set(fill);
+    log::info!(
+        "reply filter rebuilt: {:.2} % of its bits set",
+        fill * 100.0
+    );
+}
+
+/// How the collector walks.
+struct Gc<'a> {
+    timeouts: &'a conntrack::Timeouts,
+    /// Look for connected UDP sockets of stale backends (socket LB is on).
     socks: bool,
+    /// Rebuild a copy of the reply filter from the walk (armed).
+    replies: bool,
+    metrics: &'a Metrics,
+    expirer: Option<&'a conntrack::Expirer>,
+}
+
+/// One walk: expired flows and those of `stale` backends removed. Returns
+/// the ports of the flows the walk found.
+fn collect(
+    gc: &Gc,
+    maps: &mut MapSet,
     stale: &HashSet<conntrack::ServiceBackend>,
     stats: &mut GcStats,
-    metrics: &Metrics,
-    expirer: Option<&conntrack::Expirer>,
 ) -> Option<LivePorts> {
+    let (timeouts, socks, metrics) = (gc.timeouts, gc.socks, gc.metrics);
     let started = Instant::now();
-    let mut report = match conntrack::collect(maps, timeouts, stale, expirer) {
+    // Cleared before the read begins (`dataplane::replies`).
+    let copy = gc.replies.then(|| maps.replies.clear_next());
+    let mut report = match conntrack::collect(maps, timeouts, stale, gc.expirer) {
         Ok(r) => r,
         Err(e) => {
+            if let Some(copy) = copy {
+                maps.replies.refill(copy);
+            }
             log::warn!("conntrack collection: {e:#}; will retry");
             return None;
         }
     };
+    if let Some(copy) = copy {
+        maps.replies.mark(copy, report.replies.drain(..));
+        metrics.reply_filter_fill.set(maps.replies.fill_ratio());
+    }
     let live_ports = LivePorts {
         started,
         ports: std::mem::take(&mut report.ports),

@@ -295,6 +295,8 @@ pub async fn run(cfg: Settings) -> Result<()> {
     // After tc: what XDP leaves alone goes on to tc ingress.
     agent.xdp(&mut xdp);
     agent.socket_lb();
+    // Every program that creates flows is this build's now.
+    agent.collector.arm();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -16,9 +16,9 @@ use std::{
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
-    addr_bit, wire, Address, CtKey, CtValue, In6, PortBit, CT_DIR_ORIGINAL, CT_F_CLOSING,
-    CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP,
-    PORT_F_BACKEND, PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
+    addr_bit, reply_bit, wire, Address, CtKey, CtValue, In6, PortBit, CT_DIR_ORIGINAL,
+    CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN,
+    IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
@@ -343,6 +343,8 @@ pub struct GcReport {
     pub ports: HashSet<(u16, u64)>,
     /// The address-filter bits of the flows read ([`flow_addr`]).
     pub addrs: HashSet<PortBit>,
+    /// The reply-filter bits of the flows read ([`reply_bits`]).
+    pub replies: Vec<PortBit>,
 }
 
 /// The ports the datapath must find a tracked entry's packets on, with
@@ -382,6 +384,25 @@ pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
         })?;
     }
     Ok((ports.into_iter().collect(), addrs.into_iter().collect()))
+}
+
+/// The reply filter's bits ([`proxy_common::reply_bit`]) of every reply
+/// entry in both families' tables (a batched read, as the collector's).
+pub fn reply_bits(maps: &MapSet) -> Result<Vec<PortBit>> {
+    let mut bits = Vec::new();
+    for table in CtTable::ALL {
+        crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
+            if v.dir != CT_DIR_ORIGINAL {
+                bits.push(reply_bit(&k));
+            }
+        })?;
+        crate::dataplane::maps::each_hash(In6::table(maps, table), |k, v| {
+            if v.dir != CT_DIR_ORIGINAL {
+                bits.push(reply_bit(&k));
+            }
+        })?;
+    }
+    Ok(bits)
 }
 
 /// Ends established flows the way a FIN does, before the collector
@@ -453,6 +474,7 @@ pub fn collect(
     report.conns_ended += v6.conns_ended;
     report.ports.extend(v6.ports);
     report.addrs.extend(v6.addrs);
+    report.replies.extend(v6.replies);
     Ok(report)
 }
 
@@ -484,10 +506,18 @@ fn collect_of<A: CtFamily>(
         .filter_map(|f| flow_addr(&f.key, &f.original))
         .chain(table.orphans.iter().filter_map(|(_, k, v)| flow_addr(k, v)))
         .collect();
+    // A flow's reply key even if its entry is gone, as its port above.
+    let replies = table
+        .flows
+        .iter()
+        .map(|f| reply_bit(&f.reply_key))
+        .chain(table.orphans.iter().map(|(_, k, _)| reply_bit(k)))
+        .collect();
     let mut report = GcReport {
         entries: table.entries.clone(),
         ports,
         addrs,
+        replies,
         ..Default::default()
     };
     let is_expired =

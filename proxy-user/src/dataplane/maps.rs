@@ -21,7 +21,7 @@ use crate::{
     control::cidr::{Cidr, Family},
     control::model::FrontendKey,
     dataplane::reconcile::{BackendAddr, Backends, Digest, MapState, NodeConfig, Op},
-    dataplane::{batch, layout},
+    dataplane::{batch, layout, replies::ReplyFilter},
 };
 use proxy_common::{
     map_names, prog_names, wire, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey,
@@ -147,6 +147,8 @@ pub struct MapSet {
     pub src_ranges: LpmTrie<MapData, SrcRange, u32>,
     pub config: Array<MapData, DatapathConfig>,
     pub ports: Array<MapData, u64>,
+    /// The reply filter, memory-mapped.
+    pub replies: ReplyFilter,
     /// Active connections per backend id (least-connection schedulers).
     pub conns: HashMap<MapData, u32, u64>,
     /// The socket-level load balancer's UDP sockets, by cookie.
@@ -190,6 +192,7 @@ impl MapSet {
             src_ranges: get(map_names::SRC_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
             ports: get(map_names::PORTS)?.try_into()?,
+            replies: ReplyFilter::new(get(map_names::REPLIES)?)?,
             conns: get(map_names::CONNS)?.try_into()?,
             socks_udp: get(map_names::SOCKS_UDP)?.try_into()?,
             v6: Maps6 {
@@ -1135,6 +1138,10 @@ impl Datapath {
         }
         let mut maps = MapSet::from_ebpf(&mut ebpf)?;
         let upgrade = pending.map(|p| layout::finish(&mut maps, p)).transpose()?;
+        // The programs attached (an earlier agent's, or kpx's before the
+        // filter) may not have kept it: every tuple is in it until the
+        // collector's first rebuilds, after these programs are attached.
+        maps.replies.fill();
         Ok(Self {
             ebpf,
             maps,

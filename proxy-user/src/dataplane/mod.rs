@@ -1,6 +1,6 @@
 //! The datapath as userspace sees it: the eBPF object and its maps
 //! ([`maps`]), the one reconcile path that makes the maps equal the model
-//! ([`reconcile`], [`ports`], [`node`]), the hooks the programs are attached
+//! ([`reconcile`], [`ports`], [`node`]; the reply filter in [`replies`]), the hooks the programs are attached
 //! to ([`attach`] for tc, [`socklb`] for the socket hooks, with bpffs pins in [`bpffs`], carried across kpx versions
 //! by [`layout`]) and conntrack housekeeping ([`conntrack`]). Host byte
 //! order everywhere but at the map boundary.
@@ -14,6 +14,7 @@ pub mod maps;
 pub mod node;
 pub mod ports;
 pub mod reconcile;
+pub mod replies;
 pub mod sockdiag;
 pub mod socklb;
 pub mod sys;

@@ -90,6 +90,9 @@ pub struct Metrics {
     /// Each conntrack table's entries over its capacity, at the last collection.
     pub conntrack_usage: Family<MapLabel, Gauge<f64, AtomicU64>>,
     pub conntrack_evictions: Counter,
+    /// The reply filter's bits set (either copy) over all, at its last
+    /// rebuild.
+    pub reply_filter_fill: Gauge<f64, AtomicU64>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     /// Conntrack entries found pinned in another layout at start, carried
@@ -144,6 +147,7 @@ impl Metrics {
             conntrack_entries: Family::default(),
             conntrack_usage: Family::default(),
             conntrack_evictions: Counter::default(),
+            reply_filter_fill: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             upgrade_entries: Family::default(),
@@ -254,6 +258,11 @@ impl Metrics {
             "kpx_conntrack_entries",
             "Conntrack entries (two per flow) of each table at the last collection",
             m.conntrack_entries.clone(),
+        );
+        r.register(
+            "kpx_reply_filter_fill_ratio",
+            "Share of the reply filter's bits set at its last rebuild: of packets from a backend's port that are no flow's reply, the share still looked up in conntrack (1 until the filter is first rebuilt)",
+            m.reply_filter_fill.clone(),
         );
         r.register(
             "kpx_conntrack_usage_ratio",

@@ -173,7 +173,7 @@ impl Fam for V6 {
 }
 
 fn load(opts: LoadOptions) -> Datapath {
-    testbed::built("the datapath", Datapath::load(&opts))
+    armed(testbed::built("the datapath", Datapath::load(&opts)))
 }
 
 /// `s` as the family's map address.

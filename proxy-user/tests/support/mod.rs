@@ -33,7 +33,27 @@ pub const XDP_TX: u32 = 3;
 ///
 /// Root-only: the tests that call it are `#[ignore = "needs root"]`.
 pub fn datapath() -> Datapath {
-    testbed::built("the datapath", Datapath::load(&LoadOptions::default()))
+    armed(testbed::built(
+        "the datapath",
+        Datapath::load(&LoadOptions::default()),
+    ))
+}
+
+/// `dp` with its reply filter as an agent keeps it once its programs are
+/// attached: rebuilt from the (empty) conntrack tables, so every flow's
+/// reply must find the bit the datapath set as it created the flow.
+pub fn armed(dp: Datapath) -> Datapath {
+    rebuild_replies(&dp);
+    rebuild_replies(&dp);
+    dp
+}
+
+/// One rebuild of the reply filter, as each collection of the agent's does.
+pub fn rebuild_replies(dp: &Datapath) {
+    dp.maps
+        .replies
+        .rebuild(|| kpx::dataplane::conntrack::reply_bits(&dp.maps))
+        .expect("rebuilding the reply filter");
 }
 
 pub fn ip(s: &str) -> Ipv4Addr {

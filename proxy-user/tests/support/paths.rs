@@ -398,6 +398,15 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
             FORWARD,
             TC_ACT_UNSPEC,
         ),
+        // A backend's packet to a client that reached it directly (a pod's,
+        // a socket-balanced flow's): its port is a backend's, its tuple no
+        // flow's reply (the reply filter's bit clear).
+        path(
+            "no service, from a backend's port",
+            tcp(&b, 8080, CLIENT, 41000, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
         path(
             "first packet",
             tcp(CLIENT, 45000, VIP, 80, SYN),
@@ -619,6 +628,12 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
         path(
             "IPv6: no service, port no frontend uses",
             tcp6(CLIENT6, 40000, "2001:2:0:33::3", 9000, ACK),
+            FORWARD,
+            TC_ACT_UNSPEC,
+        ),
+        path(
+            "IPv6: no service, from a backend's port",
+            tcp6(&b, 8080, CLIENT6, 41000, ACK),
             FORWARD,
             TC_ACT_UNSPEC,
         ),
