@@ -49,6 +49,11 @@ pub struct PacketCost {
     /// this path.
     #[serde(default)]
     pub frontend_addr_ns: f64,
+    /// TCP from a backend's port to a client that reached the backend
+    /// directly (a pod's, a socket-balanced flow's): no flow's reply, which
+    /// the reply filter tells (before it, a conntrack miss).
+    #[serde(default)]
+    pub from_backend_ns: f64,
     /// tc egress on a forwarded pod packet, IPv4 and IPv6 (`repeat`).
     #[serde(default)]
     pub egress_forwarded_ns: Option<(f64, f64)>,
@@ -102,6 +107,8 @@ pub struct Ipv6Cost {
     pub no_frontend_port_ns: f64,
     #[serde(default)]
     pub frontend_addr_ns: f64,
+    #[serde(default)]
+    pub from_backend_ns: f64,
     pub established_ns: f64,
     pub reply_ns: f64,
     pub first_packet_ns: f64,
@@ -221,6 +228,10 @@ pub fn measure(
         ipv6: true,
         ..Default::default()
     })?;
+    // The reply filter as an agent keeps it once its programs are attached
+    // (full until then): rebuilt twice from the tables, empty here.
+    rebuild_replies(&dp)?;
+    rebuild_replies(&dp)?;
     let t = std::time::Instant::now();
     let last_vip = install(&mut dp, n);
     let programmed = t.elapsed().as_secs_f64();
@@ -229,6 +240,8 @@ pub fn measure(
     let no_service = repeat_ns(dp.ingress()?, &tcp, repeat)?;
     let unused = Pkt::new(CLIENT, 40000, "198.18.3.3", 9000, ACK).build();
     let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
+    let direct = Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build();
+    let from_backend = repeat_ns(dp.ingress()?, &direct, repeat)?;
     let egress = egress_forwarded(&mut dp, repeat)?;
     let udp = Pkt::new(CLIENT, 40000, &last_vip, 80, UDP).build();
     let frontend_addr = repeat_ns(dp.ingress()?, &udp, repeat)?;
@@ -251,6 +264,7 @@ pub fn measure(
         no_service_ns: no_service,
         no_frontend_port_ns: no_frontend_port,
         frontend_addr_ns: frontend_addr,
+        from_backend_ns: from_backend,
         egress_forwarded_ns: Some(egress),
         established_ns: established,
         reply_ns: reply,
@@ -504,7 +518,16 @@ fn open_ping_pong(dp: &mut Datapath, vip: &str) -> anyhow::Result<()> {
     ] {
         dp.maps.mark_port(bit)?;
     }
-    Ok(())
+    // The agent's next collection reads the entries' reply bits.
+    rebuild_replies(dp)
+}
+
+/// One rebuild of the reply filter from the tables, as each of the agent's
+/// collections does.
+fn rebuild_replies(dp: &Datapath) -> anyhow::Result<()> {
+    dp.maps
+        .replies
+        .rebuild(|| kpx::dataplane::conntrack::reply_bits(&dp.maps))
 }
 
 /// Mean ns of an established original-direction packet and of a reply.
@@ -717,6 +740,7 @@ fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
     }
     // (Ports 8080 and 80 are marked both ways by IPv4's ping-pong flow.)
     dp.maps.mark_port(addr_bit(wire::addr6(ip6(BACKEND6))))?;
+    rebuild_replies(dp)?;
     Ok([
         Pkt6::new(CLIENT6, 45000, vip, 80, ACK),
         Pkt6::new(BACKEND6, 8080, CLIENT6, 45000, ACK),
@@ -756,6 +780,8 @@ fn ipv6_unrouted(
     let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
     let udp = Pkt6::new(CLIENT6, 40000, vip, 80, UDP).build();
     let frontend_addr = repeat_ns(dp.ingress()?, &udp, repeat)?;
+    let direct = Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build();
+    let from_backend = repeat_ns(dp.ingress()?, &direct, repeat)?;
     let [est, rep] = ping_pong6(dp, vip)?;
     let established = repeat_ns(dp.ingress()?, &est, repeat)?;
     let reply = repeat_ns(dp.ingress()?, &rep, repeat)?;
@@ -764,6 +790,7 @@ fn ipv6_unrouted(
         no_service_ns: no_service,
         no_frontend_port_ns: no_frontend_port,
         frontend_addr_ns: frontend_addr,
+        from_backend_ns: from_backend,
         established_ns: established,
         reply_ns: reply,
         first_packet_ns: first,

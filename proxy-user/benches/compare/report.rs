@@ -290,10 +290,11 @@ fn path_table(out: &mut String, paths: &[PathLength]) {
 }
 
 /// The per-packet table's paths, IPv4's and IPv6's alike.
-const PATH_COLUMNS: [&str; 9] = [
+const PATH_COLUMNS: [&str; 10] = [
     "no service, other port",
     "no service, a frontend's port",
     "no service, a frontend's port and address",
+    "no service, from a backend's port",
     "established, FIB → stack",
     "reply, FIB → stack",
     "established, redirected",
@@ -328,6 +329,11 @@ fn packet_table(out: &mut String, costs: &[PacketCost]) {
                 above(p.no_service_ns, p.floor_ns),
                 if p.frontend_addr_ns > 0.0 {
                     above(p.frontend_addr_ns, p.floor_ns)
+                } else {
+                    "–".into()
+                },
+                if p.from_backend_ns > 0.0 {
+                    above(p.from_backend_ns, p.floor_ns)
                 } else {
                     "–".into()
                 },
@@ -419,6 +425,7 @@ fn ipv6_table(out: &mut String, costs: &[PacketCost]) {
                 cell(v.no_frontend_port_ns, p.no_frontend_port_ns, p.floor_ns),
                 cell(v.no_service_ns, p.no_service_ns, p.floor_ns),
                 cell(v.frontend_addr_ns, p.frontend_addr_ns, p.floor_ns),
+                cell(v.from_backend_ns, p.from_backend_ns, p.floor_ns),
                 cell(v.established_ns, p.established_ns, p.floor_ns),
                 cell(v.reply_ns, p.reply_ns, p.floor_ns),
                 cell(v.established_fib_ns, p.established_fib_ns, p.floor_ns),

@@ -160,7 +160,8 @@ pub trait CtFamily: WireAddr {
     fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<Self>) -> bool;
     /// `key`'s entry in the table.
     fn get(maps: &MapSet, t: CtTable, key: &CtKey<Self>) -> Option<CtValue<Self>>;
-    /// Writes `key` → `value` into the table.
+    /// Writes `key` → `value` into the table (a reply entry noted in the
+    /// reply filter, [`noted`]).
     fn insert(
         maps: &mut MapSet,
         t: CtTable,
@@ -169,6 +170,21 @@ pub trait CtFamily: WireAddr {
     ) -> Result<(), aya::maps::MapError>;
     /// The table's entries (a batched read, `maps::read_hash`).
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<Self>, CtValue<Self>)>>;
+}
+
+/// `written`, a reply entry (`key` → `value`) noted in the reply filter
+/// once written: the agent's collector may have read the tables already
+/// (`dataplane::replies`).
+fn noted<A: Address>(
+    maps: &MapSet,
+    key: &CtKey<A>,
+    value: &CtValue<A>,
+    written: Result<(), aya::maps::MapError>,
+) -> Result<(), aya::maps::MapError> {
+    if written.is_ok() && value.dir != CT_DIR_ORIGINAL {
+        maps.replies.note(key);
+    }
+    written
 }
 
 impl CtFamily for u32 {
@@ -191,7 +207,8 @@ impl CtFamily for u32 {
         key: &CtKey,
         value: &CtValue,
     ) -> Result<(), aya::maps::MapError> {
-        maps.ct_mut(t).insert(key, value, 0)
+        let written = maps.ct_mut(t).insert(key, value, 0);
+        noted(maps, key, value, written)
     }
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey, CtValue)>> {
         crate::dataplane::maps::read_hash(Self::table(maps, t))
@@ -224,10 +241,11 @@ impl CtFamily for In6 {
         key: &CtKey<In6>,
         value: &CtValue<In6>,
     ) -> Result<(), aya::maps::MapError> {
-        match t {
+        let written = match t {
             CtTable::Tcp => maps.v6.ct_tcp.insert(key, value, 0),
             CtTable::Any => maps.v6.ct_any.insert(key, value, 0),
-        }
+        };
+        noted(maps, key, value, written)
     }
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<In6>, CtValue<In6>)>> {
         crate::dataplane::maps::read_hash(Self::table(maps, t))

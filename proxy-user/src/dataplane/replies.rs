@@ -117,6 +117,16 @@ impl ReplyFilter {
         }
     }
 
+    /// Notes reply entry `k`, just written by this process (a flow carried
+    /// from netfilter), in both copies: as the datapath notes the entries
+    /// it inserts, after the insert.
+    pub fn note<A: Address>(&self, k: &CtKey<A>) {
+        let b = reply_bit(k);
+        for copy in 0..2 {
+            self.mark(copy, [b]);
+        }
+    }
+
     /// Rebuilds the next copy from a read of the tables by `read` (the
     /// reply filter's bits of every reply entry in them).
     pub fn rebuild(&self, read: impl FnOnce() -> Result<Vec<PortBit>>) -> Result<()> {
