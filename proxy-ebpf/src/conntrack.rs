@@ -81,21 +81,28 @@ pub fn may_be_reply<A: Family>(key: &CtKey<A>) -> bool {
 /// Notes reply entry `key`, just inserted, in both copies of the reply
 /// filter: after the insert, so that a copy the agent clears meanwhile
 /// either keeps this bit or is refilled from a read that finds the entry.
+/// A copy that has the bit already is left alone (a clear after this read
+/// is followed by a read that finds the entry): an established flow's
+/// entry, moved, pays a load, not two atomic ORs.
 #[inline(always)]
 fn note_reply<A: Family>(key: &CtKey<A>) {
     let bit = reply_bit(key);
     if let Some(w) = REPLIES.get_ptr_mut(bit.word) {
         let w = w.cast::<u64>();
-        // SAFETY: the element's two 8-byte aligned words (array values are
-        // 8-byte aligned); atomic, as other CPUs and the agent write them.
-        unsafe {
-            core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                w, bit.mask,
-            );
-            core::intrinsics::atomic_or::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                w.add(1),
-                bit.mask,
-            );
+        for i in 0..2 {
+            // SAFETY: the element's two 8-byte aligned words (array values
+            // are 8-byte aligned); read and set atomically, as other CPUs
+            // and the agent write them.
+            unsafe {
+                let word = w.add(i);
+                if core::ptr::read_volatile(word) & bit.mask == 0 {
+                    core::intrinsics::atomic_or::<
+                        u64,
+                        u64,
+                        { core::intrinsics::AtomicOrdering::Relaxed },
+                    >(word, bit.mask);
+                }
+            }
         }
     }
 }
