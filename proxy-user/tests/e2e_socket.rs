@@ -75,6 +75,11 @@ fn tcp_connects_go_straight_to_backends_and_getpeername_shows_the_service() {
         .unwrap_or_else(|| panic!("no {vip}/TCP in {dump}"));
     assert_eq!(web["socket_flows"], 60, "{web}");
     assert_eq!(web["xdp_packets"], 0, "{web}");
+    // No flow of tc's: the backends' answers are no flow's reply, and the
+    // reply filter (rebuilt once the agent attached) says so without a
+    // conntrack lookup.
+    let fill = stats["conntrack"]["reply_filter_percent"].as_f64();
+    assert!(fill.is_some_and(|f| f < 0.1), "reply filter: {fill:?}");
 }
 
 #[test]

@@ -147,6 +147,10 @@ fn metrics_report_maps_datapath_verdicts_and_conntrack() {
         0.0
     );
     assert_eq!(metric(&m, "kpx_conntrack_evictions_total"), 0.0);
+    // Full (1) at load; rebuilt once the programs are attached: the
+    // flows' reply bits alone, a few of 2^20.
+    let fill = metric(&m, "kpx_reply_filter_fill_ratio");
+    assert!(fill < 0.001, "reply filter not rebuilt: {fill}");
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",

@@ -140,6 +140,8 @@ impl Collector {
         let mut maps = MapSet::open_pinned(&cfg.bpffs)
             .context("opening the pinned maps for the conntrack collector")?;
         let (tx, rx) = mpsc::channel::<Work>();
+        // Every bit is set at load, until the first rebuilds (`arm`).
+        metrics.reply_filter_fill.set(1.0);
         let (timeouts, every) = (cfg.ct_timeouts, cfg.ct_gc_interval);
         let socks = cfg.socket_lb != crate::dataplane::socklb::Mode::Off;
         let live = Arc::new(Mutex::new(None));

@@ -618,6 +618,10 @@ pub struct ConntrackStats {
     pub evicted: u64,
     /// Flows by state.
     pub flows: BTreeMap<&'static str, u64>,
+    /// The reply filter's bits set, in percent: of a backend's packets to
+    /// clients that reached it directly, the share still looked up (100
+    /// until the agent first rebuilds it).
+    pub reply_filter_percent: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -682,6 +686,7 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
             table.total() + table6.total(),
         ),
         flows,
+        reply_filter_percent: maps.replies.fill_ratio() * 100.0,
     };
     let services = services(maps)?
         .into_iter()
@@ -734,6 +739,11 @@ pub fn stats_table(s: &Stats) -> String {
     for (k, v) in &c.flows {
         let _ = writeln!(out, "  {:<24} {v:>12}", format!("flows {k}"));
     }
+    let _ = writeln!(
+        out,
+        "  {:<24} {:>11.2}% of its bits set",
+        "reply filter", c.reply_filter_percent
+    );
     let _ = writeln!(out, "Services");
     let _ = writeln!(
         out,
