@@ -55,10 +55,12 @@ use crate::{
 /// tc ingress on pod-facing interfaces and the node's external interfaces.
 ///
 /// Map lookups per packet (all hash or array lookups, O(1); plus one per-CPU
-/// counter, and one per-service stats slot for service traffic; `PORTS` and
-/// `CONFIG` are arrays the verifier inlines: no hash, no helper call):
+/// counter, and one per-service stats slot for service traffic; `PORTS`,
+/// `REPLIES` and `CONFIG` are arrays the verifier inlines: no hash, no
+/// helper call):
 /// - packet of a tracked flow, either direction: 1 (`CT_TCP` for TCP,
-///   `CT_ANY` for UDP; a TCP SYN or RST also `CT_ANY` when `CT_TCP` misses);
+///   `CT_ANY` for UDP; a TCP SYN or RST also `CT_ANY` when `CT_TCP` misses),
+///   a reply after its tuple's bit in `REPLIES` (an array, inlined);
 ///   a FIN or RST once per flow: +1 (the other direction's entry, marked
 ///   closing); a connection's first reply (SYN-ACK) moves it from `CT_ANY`
 ///   to `CT_TCP`: +1 lookup, 2 inserts, 2 deletes, 1 lookup, once;
@@ -66,7 +68,8 @@ use crate::{
 ///   `PORTS`, `SERVICES`
 ///   (+ `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
 ///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS` (the
-///   backend is in the slot); then 2 inserts (both directions into `CT_ANY`; a
+///   backend is in the slot); then 2 inserts (both directions into `CT_ANY`,
+///   the reply's tuple noted in `REPLIES`: an array read, two atomic ORs; a
 ///   masqueraded flow retries its reply insert on a taken port, at most 8
 ///   times, each try of a TCP flow also a `CT_TCP` lookup); with
 ///   ClientIP affinity +1 (`AFFINITY`) and one write; by scheduler: round
@@ -85,9 +88,10 @@ use crate::{
 ///   tuple reversed);
 /// - any other IPv4 TCP/UDP packet: `PORTS` (its two ports' words); a
 ///   `CT` miss (`CT_TCP` or `CT_ANY`; both for a SYN or RST) only to a port
-///   some frontend uses or from a port some backend uses (no other packet
-///   can be of a tracked flow); + `SERVICES` on a port some frontend uses;
-///   + `NODE_ADDRS` on a NodePort's port;
+///   some frontend uses (at an address whose bit is set) or from a port
+///   some backend uses with a tuple whose bit `REPLIES` has (no other
+///   packet can be of a tracked flow); + `SERVICES` on a port some
+///   frontend uses; + `NODE_ADDRS` on a NodePort's port;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - non-IPv4, other protocols: 0.
 ///
