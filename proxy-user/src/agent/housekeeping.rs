@@ -159,6 +159,7 @@ impl Collector {
                 let mut armed = false;
                 loop {
                     let mut stale = HashSet::new();
+                    let mut periodic = false;
                     match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
                         Ok(work) => {
                             // Syncs in a row: one walk for all of them.
@@ -180,7 +181,7 @@ impl Collector {
                                 continue;
                             }
                         }
-                        Err(RecvTimeoutError::Timeout) => next = Instant::now() + every,
+                        Err(RecvTimeoutError::Timeout) => periodic = true,
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
                     let gc = Gc {
@@ -191,6 +192,10 @@ impl Collector {
                         expirer: expirer.as_ref(),
                     };
                     publish(collect(&gc, &mut maps, &stale, &mut stats));
+                    if periodic {
+                        // The interval runs from the end of a walk.
+                        next = Instant::now() + every;
+                    }
                 }
             })
             .context("starting the conntrack collector")?;
