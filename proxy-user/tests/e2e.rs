@@ -404,6 +404,47 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
     eprintln!("SIGKILL drill: 50 long-lived kept, {ok} new connections during the drill, 0 failed");
 }
 
+/// Drill: the reply filter rebuilt twenty times a second (a collection
+/// every 50 ms) while new connections come one after another and 50
+/// long-lived ones keep asking: each rebuild clears one copy of the filter
+/// while the datapath sets bits in it, and no flow's reply may miss its bit
+/// (a reply that did would go out untranslated, and its connection reset).
+#[test]
+#[ignore = "needs root"]
+fn the_reply_filter_rebuilt_under_load_hides_no_reply() {
+    let mut c = start(&backends());
+    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agent(Path::new(KPX), &["--conntrack-gc-interval", "50ms"])
+        .unwrap();
+    wait_synced(&c, 2, &[3, 3]);
+    let vip = SocketAddrV4::new(VIP, 80);
+    let mut long = Held::open(&c.pod("client").netns, vip, 50, T).unwrap();
+    let load = Load::start(&c.pod("client").netns, vip, Duration::ZERO);
+    let mut broken = Vec::new();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        broken.extend(long.broken());
+    }
+    let (ok, failed) = load.stop();
+    let filter = String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["stats"]))
+        .lines()
+        .find(|l| l.contains("reply filter"))
+        .map(str::to_owned);
+    assert!(
+        broken.is_empty() && failed == 0 && ok > 100,
+        "broken long-lived connections {broken:?}; new connections: {ok} ok, {failed} failed\n{}",
+        c.agent_log()
+    );
+    // In use all along: rebuilt, not left full.
+    let percent: Option<f64> = filter.as_deref().and_then(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_suffix('%')?.parse().ok())
+    });
+    assert!(percent.is_some_and(|p| p < 1.0), "{filter:?}");
+    eprintln!("reply filter drill: 50 long-lived asked 15 times, {ok} new connections, rebuilt every 50 ms, 0 failed");
+}
+
 /// Drill: more long-lived connections than the established table holds.
 /// Those that fit stay up, on their backends, whatever comes after; the
 /// rest are refused at their handshake (counted as `ct_full`), as netfilter
