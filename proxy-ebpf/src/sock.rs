@@ -2,7 +2,9 @@
 //! `sendmsg()` to a service is sent straight to the backend the tc path
 //! would have picked ([`service`], [`policy`], [`select`]: the same
 //! functions), so every packet after it is plain pod-to-pod traffic that
-//! the tc programs pass after one `CT` miss. `recvmsg()` and `getpeername()`
+//! the tc programs pass on their filters' word (the backend's packets on
+//! the reply filter's: no flow's reply), with no conntrack lookup.
+//! `recvmsg()` and `getpeername()`
 //! show the service address back, as kube-proxy's conntrack does.
 //!
 //! One set of functions for both families ([`SockFamily`]): `connect4`
