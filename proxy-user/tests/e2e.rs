@@ -412,12 +412,10 @@ fn an_agent_killed_and_restarted_under_load_breaks_nothing() {
 #[test]
 #[ignore = "needs root"]
 fn the_reply_filter_rebuilt_under_load_hides_no_reply() {
-    let mut c = start(&backends());
-    let yaml = web(&c, &["web-1", "web-2", "web-3"]);
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agent(Path::new(KPX), &["--conntrack-gc-interval", "50ms"])
-        .unwrap();
-    wait_synced(&c, 2, &[3, 3]);
+    let c = running_with(
+        &["web-1", "web-2", "web-3"],
+        &["--conntrack-gc-interval", "50ms"],
+    );
     let vip = SocketAddrV4::new(VIP, 80);
     let mut long = Held::open(&c.pod("client").netns, vip, 50, T).unwrap();
     let load = Load::start(&c.pod("client").netns, vip, Duration::ZERO);

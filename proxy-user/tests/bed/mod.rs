@@ -95,10 +95,15 @@ pub fn start(pods: &[(&str, Ipv4Addr)]) -> Cluster {
 
 /// The standard bed with `web` served by `endpoints`, the agent running and synced.
 pub fn running(endpoints: &[&str]) -> Cluster {
+    running_with(endpoints, &[])
+}
+
+/// [`running`], the agent started with `flags`.
+pub fn running_with(endpoints: &[&str], flags: &[&str]) -> Cluster {
     let mut c = start(&backends());
     let yaml = web(&c, endpoints);
     c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agent(Path::new(KPX), &[]).unwrap();
+    c.start_agent(Path::new(KPX), flags).unwrap();
     let n = endpoints.len() as u32;
     wait_synced(&c, 2, &[n, n]);
     c
