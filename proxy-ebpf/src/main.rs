@@ -125,6 +125,9 @@ use crate::{
 /// DSR's code, so DSR's stack never adds to its own (the verifier's 512
 /// bytes), and a packet that needs none of it pays one compare.
 #[classifier]
+// The macro's wrapper calls this body: inlined, the program is one
+// function, with no BPF-to-BPF call on every packet's path.
+#[inline(always)]
 pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if packet::translated_by_xdp(&ctx) {
         return forward_translated(&ctx);
@@ -182,6 +185,8 @@ fn without_dsr(ctx: &TcContext) -> i64 {
 /// ingress to forward: so a flow's packet is translated by exactly one
 /// hook, and its conntrack entries change once.
 #[xdp]
+// Inlined into the macro's wrapper, as `kpx_tc_ingress` is.
+#[inline(always)]
 pub fn kpx_xdp(ctx: XdpContext) -> u32 {
     let v = match parse::parse_ipv4(&ctx) {
         Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
@@ -223,6 +228,8 @@ fn forward_translated(ctx: &TcContext) -> i32 {
 ///
 /// Only translations are counted.
 #[classifier]
+// Inlined into the macro's wrapper, as `kpx_tc_ingress` is.
+#[inline(always)]
 pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
     if forward::mark(&ctx) & MARK_TRANSLATED != 0 {
         return PASS;
@@ -477,7 +484,7 @@ fn new6(ctx: &TcContext, origin: Origin) -> i32 {
 /// [`flow`] for IPv6, its packet parsed into `s`.
 #[inline(always)]
 fn flow6(ctx: &TcContext, s: &'static mut maps::Scratch6, origin: Origin) -> Verdict {
-    s.key = s.pkt.tuple();
+    s.pkt.tuple_into(&mut s.key);
     flow_of(ctx, &s.pkt, &s.key, origin, false)
 }
 
@@ -498,7 +505,6 @@ fn flow_of<P: Packet, A: Family>(
     origin: Origin,
     dsr: bool,
 ) -> Verdict {
-    let key = *key;
     let hook = Hook::of(origin);
     let ports = if A::FILTERED_AHEAD {
         service::Ports::of_read(pkt.dport, || None::<A>)
@@ -510,20 +516,20 @@ fn flow_of<P: Packet, A: Family>(
     // be of a tracked flow, and most traffic that is not for a service
     // (a pod's to a pod, socket-balanced flows' requests) skips it.
     // IPv6's entry asked the reply filter already (`untracked6`).
-    if ports.may_be_tracked(pkt.sport, || (!A::FILTERED_AHEAD).then_some(key)) {
-        if let Some(found) = conntrack::lookup(&key, pkt.tcp_flags) {
-            let found = conntrack::newer(&key, found, pkt.tcp_flags);
+    if ports.may_be_tracked(pkt.sport, || (!A::FILTERED_AHEAD).then_some(*key)) {
+        if let Some(found) = conntrack::lookup(key, pkt.tcp_flags) {
+            let found = conntrack::newer(key, found, pkt.tcp_flags);
             if !(pkt.proto == IPPROTO_TCP
                 && pkt.is_syn()
                 && conntrack::closed_original(found.entry))
             {
-                return match conntrack::handshake(&key, found, pkt.tcp_flags) {
-                    Ok(found) => established(ctx, pkt, &key, found, hook, dsr),
+                return match conntrack::handshake(key, found, pkt.tcp_flags) {
+                    Ok(found) => established(ctx, pkt, key, found, hook, dsr),
                     Err(reason) => Verdict::Drop(reason),
                 };
             }
             // A new connection reusing a closing flow's tuple.
-            conntrack::remove_flow(&key, found);
+            conntrack::remove_flow(key, found);
         }
     }
     let svc = match origin {
@@ -538,8 +544,8 @@ fn flow_of<P: Packet, A: Family>(
     // A DSR flow's handshake completing: only to an external frontend with
     // the Cluster policy (no lookup for anything else).
     if A::DSR && recovered && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL {
-        if let Some(found) = conntrack::dsr_handshake(&key) {
-            return established(ctx, pkt, &key, found, hook, dsr);
+        if let Some(found) = conntrack::dsr_handshake(key) {
+            return established(ctx, pkt, key, found, hook, dsr);
         }
     }
     if recovered && !recoverable(pkt, svc) {
@@ -560,7 +566,7 @@ fn flow_of<P: Packet, A: Family>(
         // its own.
         return A::hand_over(svc, recovered);
     }
-    new_flow(ctx, pkt, &key, svc, origin, recovered, dsr)
+    new_flow(ctx, pkt, key, svc, origin, recovered, dsr)
 }
 
 /// Whether a mid-stream TCP segment with no flow entry can take up its flow

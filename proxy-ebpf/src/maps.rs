@@ -195,9 +195,17 @@ pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);
 
 /// IPv6's path's state (`main::scratch6`), one per CPU. `repr(C)`: pinned,
 /// and shared by the programs of every agent's build in `PROGS`.
+///
+/// Its addresses lie 4 bytes past a multiple of 8 (the packet's, through
+/// [`crate::parse::IpPacket`]'s order; the key's, after `_key_off`): the
+/// code writes an address as four 4-byte words, and where it could prove
+/// 8-byte alignment the compiler read two of them as one 8-byte word, which
+/// cannot be served from the CPU's store buffer (a store-forwarding stall:
+/// 5 ns a packet in `perf`, at the key's first reads).
 #[repr(C)]
 pub struct Scratch6 {
     pub pkt: crate::parse::IpPacket<In6>,
+    _key_off: u32,
     pub key: CtKey<In6>,
     /// A first packet's frontend, handed to `kpx_tc_new6`, and whether it
     /// takes up a flow whose entries were lost.
@@ -208,6 +216,15 @@ pub struct Scratch6 {
     /// What a REJECT quotes of the packet (`icmp::reject6`).
     pub quote: [u32; crate::icmp::QUOTE6_MAX / 4],
 }
+
+// The addresses' offsets, as said above.
+const _: () = {
+    use core::mem::offset_of;
+    let pkt = offset_of!(Scratch6, pkt);
+    assert!((pkt + offset_of!(crate::parse::IpPacket<In6>, src)) % 8 == 4);
+    assert!((pkt + offset_of!(crate::parse::IpPacket<In6>, dst)) % 8 == 4);
+    assert!(offset_of!(Scratch6, key) % 8 == 4);
+};
 
 /// This CPU's scratch space for IPv6's path (an array's element, no hash
 /// lookup): the packet, its tuple, a first packet's frontend, the

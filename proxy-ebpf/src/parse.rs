@@ -93,6 +93,11 @@ pub struct IpPacket<A> {
     pub l4_off: usize,
     /// End of the IP datagram (`l3_off + tot_len`); padding may follow.
     pub end: usize,
+    /// IPv6's traffic class and flow label as they lie in the header's
+    /// first word (0 for IPv4). Before the addresses: IPv6's then lie at
+    /// offsets 4 past a multiple of 8, where no load or store of them can
+    /// be merged into 8-byte ones (see [`crate::maps::Scratch6`]).
+    pub flowinfo: u32,
     /// Addresses and ports raw, in network byte order.
     pub src: A,
     pub dst: A,
@@ -106,15 +111,18 @@ pub struct IpPacket<A> {
     pub tos: u8,
     /// The IPv4 header checksum as it was read (0 for IPv6).
     pub ip_check: u16,
-    /// IPv6's traffic class and flow label as they lie in the header's
-    /// first word (0 for IPv4).
-    pub flowinfo: u32,
 }
 
 impl<A: Copy> IpPacket<A> {
     #[inline(always)]
     pub fn tuple(&self) -> CtKey<A> {
-        CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
+        CtKey::for_lookup(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+
+    /// [`IpPacket::tuple`] written into `key` where it lies.
+    #[inline(always)]
+    pub fn tuple_into(&self, key: &mut CtKey<A>) {
+        key.set_for_lookup(self.src, self.dst, self.sport, self.dport, self.proto);
     }
 
     /// A TCP segment that may open a connection: SYN, without ACK, RST or
