@@ -22,6 +22,9 @@
 //!
 //! `--quick`: N = 1 and 1,000, one short run per figure (about 90 s).
 //! `--north-south`: the north-south table alone.
+//! `--hot PATH`: one path's packet through tc ingress for `--seconds`
+//! (default 10), ns per packet second by second ([`packet::HOT_PATHS`]):
+//! two builds compared, or `perf record -a` beside it.
 //! `--render target/bench/bench.json`: the tables and chart again from a
 //! run's JSON.
 //! `--sizes 1,1000,...`, `--modes kpx,nftables,...` (of iptables-nft,
@@ -65,6 +68,9 @@ struct Options {
     limit: std::time::Duration,
     /// kpx: endpoint changes timed per size (the references: one each).
     changes: u32,
+    /// `--hot PATH`: that path's packet alone, for `--seconds` (10 unless
+    /// given).
+    hot: Option<String>,
 }
 
 fn options() -> Result<Options> {
@@ -89,6 +95,7 @@ fn options() -> Result<Options> {
         seconds: if quick { 0.7 } else { 2.0 },
         limit: std::time::Duration::from_secs(if quick { 30 } else { 120 }),
         changes: if quick { 5 } else { 200 },
+        hot: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -111,13 +118,14 @@ fn options() -> Result<Options> {
                     .map(|m| Mode::parse(m.trim()))
                     .collect::<Result<_>>()?;
             }
+            "--hot" => o.hot = Some(value()?.clone()),
             "--runs" => o.runs = value()?.parse().context("--runs")?,
             "--seconds" => o.seconds = value()?.parse().context("--seconds")?,
             "--limit" => {
                 o.limit = std::time::Duration::from_secs_f64(value()?.parse().context("--limit")?)
             }
             other => {
-                bail!("unknown argument {other:?} (known: --quick, --packet, --sizes, --modes, --runs, --seconds, --limit)")
+                bail!("unknown argument {other:?} (known: --quick, --packet, --hot, --sizes, --modes, --runs, --seconds, --limit)")
             }
         }
     }
@@ -177,6 +185,17 @@ fn main() -> Result<()> {
         bail!("the benchmark creates network namespaces and loads eBPF: run it as root");
     }
     let p = Progress(Instant::now());
+    if let Some(path) = &o.hot {
+        let seconds = if args.iter().any(|a| a == "--seconds") {
+            o.seconds
+        } else {
+            10.0
+        };
+        let ns = testbed::Netns::create(&format!("kpxbench{}-hot", std::process::id()))?;
+        let above = ns.enter(|| packet::hot(path, seconds, &|s| p.say(s)))??;
+        println!("{path}: {above:.1} ns above the empty program (median of {seconds} s)");
+        return Ok(());
+    }
     if args.iter().any(|a| a == "--packet") {
         return packet_only(&o, &p);
     }

@@ -530,6 +530,93 @@ fn rebuild_replies(dp: &Datapath) -> anyhow::Result<()> {
         .rebuild(|| kpx::dataplane::conntrack::reply_bits(&dp.maps))
 }
 
+/// The paths `--hot` runs: what each is.
+pub const HOT_PATHS: [(&str, &str); 8] = [
+    (
+        "established",
+        "a tracked flow's packet to the service, FIB → stack",
+    ),
+    ("reply", "the backend's reply of that flow"),
+    (
+        "no-service",
+        "a pod's packet to a pod, on a frontend's port",
+    ),
+    (
+        "from-backend",
+        "a backend's answer to a client that dialled it directly",
+    ),
+    ("established6", "IPv6: established"),
+    ("reply6", "IPv6: reply"),
+    ("no-service6", "IPv6: no service"),
+    ("from-backend6", "IPv6: from a backend's port"),
+];
+
+/// `--hot PATH`: one path's packet through tc ingress over and over for
+/// `seconds`, as `--packet` sets it up (one service per family): the mean
+/// ns per packet above the empty program, second by second, and their
+/// median. Steadier than `--packet --quick`'s short batches for comparing
+/// two builds, and a target for `perf record -a` beside it (the programs'
+/// JIT'd bodies and the kernel helpers they call show as symbols).
+pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64> {
+    let mut dp = Datapath::load(&kpx::dataplane::maps::LoadOptions {
+        ipv6: true,
+        ..Default::default()
+    })?;
+    rebuild_replies(&dp)?;
+    rebuild_replies(&dp)?;
+    let vip = install(&mut dp, 1);
+    let vip6 = install6(&mut dp, 1);
+    if path.ends_with('6') {
+        // IPv6's figures are taken with IPv4's ping-pong flow open, whose
+        // port marks IPv6's relies on (as in `--packet`).
+        open_ping_pong(&mut dp, &vip)?;
+    }
+    let frame = match path {
+        "established" | "reply" => {
+            open_ping_pong(&mut dp, &vip)?;
+            if path == "reply" {
+                Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK).build()
+            } else {
+                Pkt::new(CLIENT, 45000, &vip, 80, ACK).build()
+            }
+        }
+        "no-service" => Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
+        "from-backend" => Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build(),
+        "established6" | "reply6" => {
+            let [est, rep] = ping_pong6(&mut dp, &vip6)?;
+            if path == "reply6" {
+                rep
+            } else {
+                est
+            }
+        }
+        "no-service6" => Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
+        "from-backend6" => Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build(),
+        other => {
+            let known: Vec<&str> = HOT_PATHS.iter().map(|(p, _)| *p).collect();
+            anyhow::bail!("--hot: no path {other:?} (known: {})", known.join(", "))
+        }
+    };
+    // About 50 ms a run: a second holds enough of them for a median.
+    const REPEAT: u32 = 500_000;
+    let mut per_second = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs_f64() < seconds {
+        let second = std::time::Instant::now();
+        let mut ns = Vec::new();
+        while second.elapsed().as_secs_f64() < 1.0 {
+            ns.push(test_run(dp.ingress()?, &frame, REPEAT)?.duration.as_nanos());
+        }
+        let floor = test_run(dp.floor()?, &frame, REPEAT)?.duration.as_nanos();
+        let above = median(ns) - floor as f64;
+        say(format!(
+            "{path}: {above:.1} ns above the empty program ({floor} ns)"
+        ));
+        per_second.push((above * 10.0) as u128);
+    }
+    Ok(median(per_second) / 10.0)
+}
+
 /// Mean ns of an established original-direction packet and of a reply.
 fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
     let backend = BACKEND;
