@@ -210,6 +210,20 @@ pub fn fib_routes(ns: &testbed::Netns) -> anyhow::Result<()> {
     ns.sysctl("net/ipv4/ip_forward", "1")
 }
 
+/// The datapath as it is measured: IPv6's tables at their full size, as
+/// IPv4's (the same conditions), and the reply filter as an agent keeps it
+/// once its programs are attached (full until then): rebuilt twice from
+/// the tables, empty here.
+fn measured_datapath() -> anyhow::Result<Datapath> {
+    let dp = Datapath::load(&kpx::dataplane::maps::LoadOptions {
+        ipv6: true,
+        ..Default::default()
+    })?;
+    rebuild_replies(&dp)?;
+    rebuild_replies(&dp)?;
+    Ok(dp)
+}
+
 /// `routes` is called after the `repeat` figures (whose FIB lookups must
 /// fail, or the ping-pong packet's TTL would run out) and before the FIB
 /// figure: it makes the namespace's FIB answer (see [`fib_routes`]).
@@ -223,15 +237,7 @@ pub fn measure(
     } else {
         (200_000, 20_000)
     };
-    // IPv6's tables at their full size, as IPv4's: the same conditions.
-    let mut dp = Datapath::load(&kpx::dataplane::maps::LoadOptions {
-        ipv6: true,
-        ..Default::default()
-    })?;
-    // The reply filter as an agent keeps it once its programs are attached
-    // (full until then): rebuilt twice from the tables, empty here.
-    rebuild_replies(&dp)?;
-    rebuild_replies(&dp)?;
+    let mut dp = measured_datapath()?;
     let t = std::time::Instant::now();
     let last_vip = install(&mut dp, n);
     let programmed = t.elapsed().as_secs_f64();
@@ -558,12 +564,7 @@ pub const HOT_PATHS: [(&str, &str); 8] = [
 /// two builds, and a target for `perf record -a` beside it (the programs'
 /// JIT'd bodies and the kernel helpers they call show as symbols).
 pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64> {
-    let mut dp = Datapath::load(&kpx::dataplane::maps::LoadOptions {
-        ipv6: true,
-        ..Default::default()
-    })?;
-    rebuild_replies(&dp)?;
-    rebuild_replies(&dp)?;
+    let mut dp = measured_datapath()?;
     let vip = install(&mut dp, 1);
     let vip6 = install6(&mut dp, 1);
     if path.ends_with('6') {
