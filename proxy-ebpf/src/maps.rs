@@ -202,6 +202,12 @@ pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);
 /// 8-byte alignment the compiler read two of them as one 8-byte word, which
 /// cannot be served from the CPU's store buffer (a store-forwarding stall:
 /// 5 ns a packet in `perf`, at the key's first reads).
+///
+/// A change of its layout changes its size (the `_key_off` word did: 328 →
+/// 336 bytes), so an upgrade replaces the pinned map rather than share it
+/// with programs that read it otherwise: while `PROGS` is refilled, an old
+/// entry's first packet handed to this build's `kpx_tc_new6` finds the new
+/// map's zeroes (no backends) and is dropped, a SYN its client resends.
 #[repr(C)]
 pub struct Scratch6 {
     pub pkt: crate::parse::IpPacket<In6>,
