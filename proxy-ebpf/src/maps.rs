@@ -203,7 +203,7 @@ pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);
 /// cannot be served from the CPU's store buffer (a store-forwarding stall:
 /// 5 ns a packet in `perf`, at the key's first reads).
 ///
-/// A change of its layout changes its size (the `_key_off` word did: 328 →
+/// A change of its layout must change its size (the `_key_off` word did: 328 →
 /// 336 bytes), so an upgrade replaces the pinned map rather than share it
 /// with programs that read it otherwise: while `PROGS` is refilled, an old
 /// entry's first packet handed to this build's `kpx_tc_new6` finds the new
