@@ -425,21 +425,19 @@ fn the_reply_filter_rebuilt_under_load_hides_no_reply() {
         broken.extend(long.broken());
     }
     let (ok, failed) = load.stop();
-    let filter = String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["stats"]))
-        .lines()
-        .find(|l| l.contains("reply filter"))
-        .map(str::to_owned);
+    let dump = String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["stats", "--json"])).into_owned();
+    let stats: serde_json::Value = serde_json::from_str(&dump).expect("stats JSON");
     assert!(
         broken.is_empty() && failed == 0 && ok > 100,
         "broken long-lived connections {broken:?}; new connections: {ok} ok, {failed} failed\n{}",
         c.agent_log()
     );
     // In use all along: rebuilt, not left full.
-    let percent: Option<f64> = filter.as_deref().and_then(|l| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_suffix('%')?.parse().ok())
-    });
-    assert!(percent.is_some_and(|p| p < 1.0), "{filter:?}");
+    let percent = stats["conntrack"]["reply_filter_percent"].as_f64();
+    assert!(
+        percent.is_some_and(|p| p < 1.0),
+        "reply filter: {percent:?}"
+    );
     eprintln!("reply filter drill: 50 long-lived asked 15 times, {ok} new connections, rebuilt every 50 ms, 0 failed");
 }
 

@@ -536,25 +536,19 @@ fn rebuild_replies(dp: &Datapath) -> anyhow::Result<()> {
         .rebuild(|| kpx::dataplane::conntrack::reply_bits(&dp.maps))
 }
 
-/// The paths `--hot` runs: what each is.
-pub const HOT_PATHS: [(&str, &str); 8] = [
-    (
-        "established",
-        "a tracked flow's packet to the service, FIB → stack",
-    ),
-    ("reply", "the backend's reply of that flow"),
-    (
-        "no-service",
-        "a pod's packet to a pod, on a frontend's port",
-    ),
-    (
-        "from-backend",
-        "a backend's answer to a client that dialled it directly",
-    ),
-    ("established6", "IPv6: established"),
-    ("reply6", "IPv6: reply"),
-    ("no-service6", "IPv6: no service"),
-    ("from-backend6", "IPv6: from a backend's port"),
+/// The paths `--hot` runs (as `--packet`'s columns: a tracked flow's
+/// packet to the service and its backend's reply, FIB → stack; a pod's
+/// packet to a pod on a frontend's port; a backend's answer to a client
+/// that dialled it directly; each for IPv6 with a `6`).
+pub const HOT_PATHS: [&str; 8] = [
+    "established",
+    "reply",
+    "no-service",
+    "from-backend",
+    "established6",
+    "reply6",
+    "no-service6",
+    "from-backend6",
 ];
 
 /// `--hot PATH`: one path's packet through tc ingress over and over for
@@ -594,8 +588,7 @@ pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64
         "no-service6" => Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
         "from-backend6" => Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build(),
         other => {
-            let known: Vec<&str> = HOT_PATHS.iter().map(|(p, _)| *p).collect();
-            anyhow::bail!("--hot: no path {other:?} (known: {})", known.join(", "))
+            anyhow::bail!("--hot: no path {other:?} (known: {})", HOT_PATHS.join(", "))
         }
     };
     // About 50 ms a run: a second holds enough of them for a median.
