@@ -204,8 +204,11 @@ pub const PROG_EGRESS6: u32 = 2;
 /// on there, at egress in [`prog_names::TC_NEW6_NODE`]'s.
 pub const PROG_NEW6: u32 = 3;
 pub const PROG_NEW6_NODE: u32 = 4;
+/// Index of [`prog_names::TC_SERVICE6`]: tc ingress hands there an IPv6
+/// packet it found no flow for.
+pub const PROG_SERVICE6: u32 = 5;
 /// Entries of [`map_names::PROGS`].
-pub const PROGS: u32 = 5;
+pub const PROGS: u32 = 6;
 
 /// Maps older layouts pinned that this one no longer has.
 pub mod legacy_map_names {
@@ -268,6 +271,9 @@ pub mod prog_names {
     /// IPv6's first packets, tail-called by each.
     pub const TC_NEW6: &str = "kpx_tc_new6";
     pub const TC_NEW6_NODE: &str = "kpx_tc_new6_node";
+    /// A plain IPv6 TCP/UDP packet tc ingress looked up no flow for: its
+    /// frontend, from where the entry left it.
+    pub const TC_SERVICE6: &str = "kpx_tc_service6";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original

@@ -52,37 +52,50 @@ pub fn plain_transport6(ctx: &TcContext) -> bool {
         .is_some_and(|h| h[6] == IPPROTO_TCP || h[6] == IPPROTO_UDP)
 }
 
-/// Whether an IPv6 packet is plain TCP or UDP (the transport header right
-/// after the fixed one, the lengths consistent) to no frontend (its port, or
-/// on such a port its address) and
-/// from no backend's (or from one, with a tuple the reply filter has not):
-/// no service or tracked flow can concern it, and tc
-/// ingress passes it without handing it to IPv6's program (the most
-/// common IPv6 traffic, a pod's to a pod, pays no tail call: on a
-/// frontend's port too, unless its address may be a frontend's). The port,
-/// address and reply filters' reads (arrays, inlined) and nothing else.
+/// What tc ingress's entry does with an IPv6 packet ([`entry6`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Entry6 {
+    /// Plain TCP or UDP that no service or tracked flow can concern:
+    /// passed at once.
+    Untracked,
+    /// Plain TCP or UDP that may be a flow's or a service's: the entry
+    /// looks for its flow itself (an established packet pays no tail call).
+    Plain,
+    /// Anything else (ICMPv6, extension headers, other protocols, bad
+    /// lengths): handed to IPv6's program.
+    Other,
+}
+
+/// Sorts an IPv6 packet at tc ingress's entry. Plain TCP or UDP (the
+/// transport header right after the fixed one, the lengths consistent) to
+/// no frontend (its port, or on such a port its address) and from no
+/// backend's (or from one, with a tuple the reply filter has not) is
+/// [`Entry6::Untracked`]: the most common IPv6 traffic, a pod's to a pod,
+/// pays no tail call and no conntrack lookup (on a frontend's port too,
+/// unless its address may be a frontend's). The port, address and reply
+/// filters' reads (arrays, inlined) and nothing else.
 #[inline(always)]
-pub fn untracked6(ctx: &TcContext) -> bool {
+pub fn entry6(ctx: &TcContext) -> Entry6 {
     use crate::parse::{ip6, read_linear, ETH_HLEN};
     // Version/class/label, payload length, next header (the hop limit).
     let Some(head) = read_linear::<_, [u16; 4]>(ctx, ETH_HLEN) else {
-        return false;
+        return Entry6::Other;
     };
     let plen = u16::from_be(head[2]) as u32;
     let next = head[3].to_ne_bytes()[0];
     let min = match next {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
-        _ => return false,
+        _ => return Entry6::Other,
     };
     if head[0].to_ne_bytes()[0] >> 4 != 6
         || plen < min
         || ETH_HLEN as u32 + ip6::HLEN as u32 + plen > ctx.len()
     {
-        return false;
+        return Entry6::Other;
     }
     let Some(ports) = read_linear::<_, [u16; 2]>(ctx, ETH_HLEN + ip6::HLEN) else {
-        return false;
+        return Entry6::Other;
     };
     // The destination address (after the fixed header's first 24 bytes),
     // read only for a frontend's port; the tuple only from a backend's.
@@ -91,7 +104,11 @@ pub fn untracked6(ctx: &TcContext) -> bool {
         let addrs = read_linear::<_, [In6; 2]>(ctx, ETH_HLEN + 8)?;
         Some(CtKey::new(addrs[0], addrs[1], ports[0], ports[1], next))
     };
-    !crate::service::Ports::of_read(ports[1], dst).may_be_tracked(ports[0], key)
+    if crate::service::Ports::of_read(ports[1], dst).may_be_tracked(ports[0], key) {
+        Entry6::Plain
+    } else {
+        Entry6::Untracked
+    }
 }
 
 const AF_INET: u8 = 2;

@@ -38,13 +38,13 @@ use aya_ebpf::{
 use proxy_common::{
     flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, In6, BACKEND_F_LOCAL,
     CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    MARK_TRANSLATED, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SVC_F_EXTERNAL,
-    SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
+    MARK_TRANSLATED, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, PROG_SERVICE6,
+    SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
 };
 
 use crate::{
     conntrack::Snat,
-    family::Family,
+    family::{Entry6, Family},
     forward::Hook,
     packet::Packet,
     parse::{IpPacket, Kind, Parsed},
@@ -93,7 +93,15 @@ use crate::{
 ///   packet can be of a tracked flow); + `SERVICES` on a port some
 ///   frontend uses; + `NODE_ADDRS` on a NodePort's port;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
-/// - non-IPv4, other protocols: 0.
+/// - other protocols: 0.
+///
+/// IPv6: the same lookups in IPv6's maps. Plain TCP/UDP (its transport
+/// header right after the fixed one) is sorted at the entry by the port,
+/// address and reply filters (arrays, inlined): not for a service or flow,
+/// passed with no lookup; else its `CT6` lookup made here, and a tracked
+/// flow's packet translated here; no flow: its frontend looked up in
+/// [`kpx_tc_service6`] (a tail call), a first packet set up in
+/// [`kpx_tc_new6`] (a second). Anything else in [`kpx_tc_ingress6`].
 ///
 /// A translated packet then costs one FIB lookup ([`forward`]), except an
 /// established one at ingress, whose flow entry caches its next hop
@@ -134,18 +142,61 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     }
     match process(&ctx, true) {
         dsr::REQUESTED => dsr::tail_call(&ctx),
-        family::IPV6 if family::untracked6(&ctx) => {
-            verdict::action(Verdict::Pass(Counter::PassNoService))
-        }
-        family::IPV6 => family::tail_call(&ctx, PROG_INGRESS6),
+        family::IPV6 => ingress6(&ctx),
         action => action as i32,
     }
 }
 
-/// tc ingress for IPv6, tail-called by [`kpx_tc_ingress`] (a program of
-/// its own: IPv6's keys and headers need a stack of their own beside
-/// IPv4's, and the verifier's 512 bytes are per program). The same path
-/// and lookups as IPv4's, with IPv6's maps; no direct server return.
+/// An IPv6 packet at [`kpx_tc_ingress`]: plain TCP or UDP is sorted, and
+/// looked up in conntrack, here (an established packet is translated in
+/// this program: no tail call, no second parse); a packet with no flow
+/// goes on to its frontend in [`kpx_tc_service6`], anything else to
+/// [`kpx_tc_ingress6`].
+#[inline(always)]
+fn ingress6(ctx: &TcContext) -> i32 {
+    match family::entry6(ctx) {
+        Entry6::Untracked => verdict::action(Verdict::Pass(Counter::PassNoService)),
+        Entry6::Other => family::tail_call(ctx, PROG_INGRESS6),
+        Entry6::Plain => {
+            let Some(s) = maps::scratch6() else {
+                return verdict::action(Verdict::Pass(Counter::PassNotHandled));
+            };
+            // Plain, so a packet (`entry6` checked what parsing checks but
+            // the transport header's own length).
+            if parse::parse_ipv6(ctx, &mut s.pkt) != Kind::Packet {
+                return family::tail_call(ctx, PROG_INGRESS6);
+            }
+            s.pkt.tuple_into(&mut s.key);
+            match tracked(ctx, &s.pkt, &s.key, Origin::Network, false) {
+                Some(v) => verdict::action(v),
+                None => family::tail_call(ctx, PROG_SERVICE6),
+            }
+        }
+    }
+}
+
+/// An IPv6 packet [`kpx_tc_ingress`] looked up no flow for
+/// (`PROG_SERVICE6`): the packet and its tuple are in this CPU's scratch
+/// space, where the entry left them. Its frontend's lookups as in
+/// [`kpx_tc_ingress`]; a first packet goes on in [`kpx_tc_new6`].
+#[classifier]
+pub fn kpx_tc_service6(ctx: TcContext) -> i32 {
+    let Some(s) = maps::scratch6() else {
+        return verdict::action(Verdict::Pass(Counter::PassNotHandled));
+    };
+    let ports = service::Ports::of_read(s.pkt.dport, || None::<In6>);
+    match to_service(&ctx, &s.pkt, &s.key, ports, Origin::Network, false) {
+        Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
+        v => verdict::action(v),
+    }
+}
+
+/// tc ingress for IPv6 packets that are not plain TCP or UDP (ICMPv6,
+/// extension headers, fragments, malformed ones), tail-called by
+/// [`kpx_tc_ingress`] (a program of its own: parsing a header chain and
+/// translating ICMPv6 errors need a stack of their own beside IPv4's, and
+/// the verifier's 512 bytes are per program). The same path and lookups
+/// as IPv4's, with IPv6's maps; no direct server return.
 #[classifier]
 pub fn kpx_tc_ingress6(ctx: TcContext) -> i32 {
     match path6(&ctx) {
@@ -505,7 +556,6 @@ fn flow_of<P: Packet, A: Family>(
     origin: Origin,
     dsr: bool,
 ) -> Verdict {
-    let hook = Hook::of(origin);
     let ports = if A::FILTERED_AHEAD {
         service::Ports::of_read(pkt.dport, || None::<A>)
     } else {
@@ -515,23 +565,52 @@ fn flow_of<P: Packet, A: Family>(
     // for a packet to a frontend's port or from a backend's: no other can
     // be of a tracked flow, and most traffic that is not for a service
     // (a pod's to a pod, socket-balanced flows' requests) skips it.
-    // IPv6's entry asked the reply filter already (`untracked6`).
+    // IPv6's entry asked the reply filter already (`entry6`).
     if ports.may_be_tracked(pkt.sport, || (!A::FILTERED_AHEAD).then_some(*key)) {
-        if let Some(found) = conntrack::lookup(key, pkt.tcp_flags) {
-            let found = conntrack::newer(key, found, pkt.tcp_flags);
-            if !(pkt.proto == IPPROTO_TCP
-                && pkt.is_syn()
-                && conntrack::closed_original(found.entry))
-            {
-                return match conntrack::handshake(key, found, pkt.tcp_flags) {
-                    Ok(found) => established(ctx, pkt, key, found, hook, dsr),
-                    Err(reason) => Verdict::Drop(reason),
-                };
-            }
-            // A new connection reusing a closing flow's tuple.
-            conntrack::remove_flow(key, found);
+        if let Some(v) = tracked(ctx, pkt, key, origin, dsr) {
+            return v;
         }
     }
+    to_service(ctx, pkt, key, ports, origin, dsr)
+}
+
+/// The packet's verdict if it is of a tracked flow (its entry's rewrite,
+/// or a drop); `None` if not (or a new connection reuses a closing flow's
+/// tuple: that flow is forgotten). One conntrack lookup (two for a TCP SYN
+/// or RST that misses `CT_TCP`).
+#[inline(always)]
+fn tracked<P: Packet, A: Family>(
+    ctx: &P,
+    pkt: &IpPacket<A>,
+    key: &CtKey<A>,
+    origin: Origin,
+    dsr: bool,
+) -> Option<Verdict> {
+    let found = conntrack::lookup(key, pkt.tcp_flags)?;
+    let found = conntrack::newer(key, found, pkt.tcp_flags);
+    if pkt.proto == IPPROTO_TCP && pkt.is_syn() && conntrack::closed_original(found.entry) {
+        // A new connection reusing a closing flow's tuple.
+        conntrack::remove_flow(key, found);
+        return None;
+    }
+    Some(match conntrack::handshake(key, found, pkt.tcp_flags) {
+        Ok(found) => established(ctx, pkt, key, found, Hook::of(origin), dsr),
+        Err(reason) => Verdict::Drop(reason),
+    })
+}
+
+/// A TCP/UDP packet of no tracked flow: a new flow to its frontend (or the
+/// frontend's REJECT), or passed (no frontend).
+#[inline(always)]
+fn to_service<P: Packet, A: Family>(
+    ctx: &P,
+    pkt: &IpPacket<A>,
+    key: &CtKey<A>,
+    ports: service::Ports,
+    origin: Origin,
+    dsr: bool,
+) -> Verdict {
+    let hook = Hook::of(origin);
     let svc = match origin {
         Origin::Network => service::lookup(ports, pkt.dst, pkt.dport, pkt.proto),
         // The node's packets to its own addresses go through loopback.
