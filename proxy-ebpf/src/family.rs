@@ -66,7 +66,7 @@ pub enum Entry6 {
     Other,
 }
 
-/// Sorts an IPv6 packet at tc ingress's entry. Plain TCP or UDP (the
+/// Sorts an IPv6 packet at tc ingress's entry (and at XDP). Plain TCP or UDP (the
 /// transport header right after the fixed one, the lengths consistent) to
 /// no frontend (its port, or on such a port its address) and from no
 /// backend's (or from one, with a tuple the reply filter has not) is
@@ -75,7 +75,7 @@ pub enum Entry6 {
 /// unless its address may be a frontend's). The port, address and reply
 /// filters' reads (arrays, inlined) and nothing else.
 #[inline(always)]
-pub fn entry6(ctx: &TcContext) -> Entry6 {
+pub fn entry6<P: Packet>(ctx: &P) -> Entry6 {
     use crate::parse::{ip6, read_linear, ETH_HLEN};
     // Version/class/label, payload length, next header (the hop limit).
     let Some(head) = read_linear::<_, [u16; 4]>(ctx, ETH_HLEN) else {

@@ -154,23 +154,32 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 /// [`kpx_tc_ingress6`].
 #[inline(always)]
 fn ingress6(ctx: &TcContext) -> i32 {
+    match entry6(ctx) {
+        Ok(v) => verdict::action(v),
+        Err(program) => family::tail_call(ctx, program),
+    }
+}
+
+/// The IPv6 part of tc ingress's and XDP's entries: the verdict of an
+/// untracked packet or of a tracked flow's, or the program in `KPX_PROGS`
+/// that goes on with it (`PROG_SERVICE6` with the packet and its tuple in
+/// this CPU's scratch space, `PROG_INGRESS6` from the start).
+#[inline(always)]
+fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, u32> {
     match family::entry6(ctx) {
-        Entry6::Untracked => verdict::action(Verdict::Pass(Counter::PassNoService)),
-        Entry6::Other => family::tail_call(ctx, PROG_INGRESS6),
+        Entry6::Untracked => Ok(Verdict::Pass(Counter::PassNoService)),
+        Entry6::Other => Err(PROG_INGRESS6),
         Entry6::Plain => {
             let Some(s) = maps::scratch6() else {
-                return verdict::action(Verdict::Pass(Counter::PassNotHandled));
+                return Ok(Verdict::Pass(Counter::PassNotHandled));
             };
             // Plain, so a packet (`entry6` checked what parsing checks but
             // the transport header's own length).
             if parse::parse_ipv6(ctx, &mut s.pkt) != Kind::Packet {
-                return family::tail_call(ctx, PROG_INGRESS6);
+                return Err(PROG_INGRESS6);
             }
             s.pkt.tuple_into(&mut s.key);
-            match tracked(ctx, &s.pkt, &s.key, Origin::Network, false) {
-                Some(v) => verdict::action(v),
-                None => family::tail_call(ctx, PROG_SERVICE6),
-            }
+            tracked(ctx, &s.pkt, &s.key, Origin::Network, false).ok_or(PROG_SERVICE6)
         }
     }
 }
@@ -228,9 +237,11 @@ fn without_dsr(ctx: &TcContext) -> i64 {
 /// XDP on the node's external interfaces: packets from outside the node,
 /// before the kernel builds an skb for them. The same path as tc ingress
 /// (same functions, same maps, same lookups per packet as listed there),
-/// for TCP and UDP packets of tracked flows and new flows to a service;
-/// everything else (ICMP, fragments, malformed packets, REJECTs) passes
-/// untouched, to tc ingress. A translated packet whose next hop is out of
+/// for TCP and UDP packets of tracked flows and new flows to a service
+/// (IPv6: of tracked flows, sorted as tc ingress's entry sorts them; a
+/// first packet goes to tc, whose IPv6 programs set it up); everything
+/// else (ICMP, fragments, malformed packets, REJECTs) passes untouched,
+/// to tc ingress. A translated packet whose next hop is out of
 /// the interface it came in (a backend or client on another node) is sent
 /// back out with `XDP_TX`, the rest go up marked as translated, for tc
 /// ingress to forward: so a flow's packet is translated by exactly one
@@ -243,7 +254,11 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
         Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
             flow(&ctx, &pkt, Origin::Network, true)
         }
-        // IPv6 goes on to tc ingress, which translates it.
+        // IPv6: a tracked flow's packet is translated here, as at tc
+        // ingress's entry; the rest (a first packet, a REJECT, ICMPv6,
+        // extension headers) goes on to tc ingress, which has programs to
+        // hand them to.
+        Parsed::OtherFamily => entry6(&ctx).unwrap_or(Verdict::Pass(Counter::PassNotHandled)),
         _ => Verdict::Pass(Counter::PassNotHandled),
     };
     verdict::xdp_action(v)
@@ -255,11 +270,20 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
 fn forward_translated(ctx: &TcContext) -> i32 {
     // The stack could not forward a masqueraded packet itself: its source
     // is the node's own address, a martian on input.
-    let Parsed::Packet(pkt) = parse::parse_ipv4(ctx) else {
-        return PASS;
+    let sent = match parse::parse_ipv4(ctx) {
+        Parsed::Packet(pkt) => forward::onward(ctx, &pkt),
+        Parsed::OtherFamily => {
+            let Some(s) = maps::scratch6() else {
+                return PASS;
+            };
+            if parse::parse_ipv6(ctx, &mut s.pkt) != Kind::Packet {
+                return PASS;
+            }
+            forward::onward(ctx, &s.pkt)
+        }
+        _ => return PASS,
     };
-    forward::onward(ctx, &pkt)
-        .unwrap_or_else(|_| verdict::action(Verdict::Drop(DropReason::RewriteFailed)))
+    sent.unwrap_or_else(|_| verdict::action(Verdict::Drop(DropReason::RewriteFailed)))
 }
 
 /// tc egress on the same interfaces: packets the node itself sends.

@@ -159,11 +159,16 @@ impl Packet for TcContext {
     }
 }
 
+/// Offsets into an XDP frame (single-buffer: at most a page) are below
+/// this. Said to the verifier where an offset was read back from memory
+/// (IPv6's, from scratch space), which it can no longer bound.
+const MAX_FRAME_OFF: usize = 0x3fff;
+
 /// A bounds-checked pointer to a `T` at `off` of an XDP frame.
 #[inline(always)]
 fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if start + off + core::mem::size_of::<T>() > end {
+    if off > MAX_FRAME_OFF || start + off + core::mem::size_of::<T>() > end {
         return None;
     }
     Some((start + off) as *mut T)
@@ -223,7 +228,7 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn store_block(&self, off: usize, from: *const u8, len: usize) -> Result<(), ()> {
         let (start, end) = (self.data(), self.data_end());
-        if start + off + len > end {
+        if off > MAX_FRAME_OFF || start + off + len > end {
             return Err(());
         }
         // SAFETY: the frame's bytes `off..off + len`, checked above; the

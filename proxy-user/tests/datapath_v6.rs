@@ -648,3 +648,154 @@ fn the_collector_ends_idle_ipv6_flows_and_flushes_stale_udp_ones() {
         "IPv6's flows' ports are reported for the port filter"
     );
 }
+
+// XDP: a tracked IPv6 flow's packets are translated before an skb exists;
+// its first packet, and everything else, goes on untouched to tc.
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_translates_a_tracked_ipv6_flow_as_tc_does_and_leaves_its_first_packet_to_tc() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    node6(&mut dp);
+    let packets_before = packets(&mut dp);
+    // The client's SYN at XDP: left to tc (which sets flows up), untouched.
+    let syn = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, SYN).build();
+    let out = run_xdp(&mut dp, &syn);
+    assert_eq!(out.verdict, XDP_PASS);
+    assert!(!out.marked());
+    assert_eq!(out.out, syn, "a first packet goes on untouched");
+    assert_eq!(packets(&mut dp), packets_before, "tc counts it, not XDP");
+    // tc sets the flow up (masqueraded: the client is off-cluster); the
+    // backend's SYN-ACK comes back through tc.
+    let seen = inspect6(&run(&mut dp, &syn).bytes);
+    assert_eq!(seen.src, ip6(NODE6));
+    let back = inspect6(&run(&mut dp, &reply6(&seen, SYN_ACK)).bytes);
+    assert_eq!((back.src, back.dst), (ip6(VIP6), ip6(OUTSIDE6)));
+    // The client's next segment: XDP gives the bytes tc gives, marked for
+    // tc ingress to forward (the empty namespace's FIB has no route).
+    let ack = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, ACK).build();
+    let at_xdp = run_xdp(&mut dp, &ack);
+    let at_tc = run(&mut dp, &ack);
+    assert_eq!((at_xdp.verdict, at_tc.verdict), (XDP_PASS, TC_ACT_OK));
+    assert!(at_xdp.marked(), "a translated frame is marked for tc");
+    assert_eq!(at_xdp.frame(), &at_tc.bytes[..]);
+    assert_eq!(inspect6(at_xdp.frame()), seen);
+    assert_eq!(event(&mut dp, Event::XdpStack), 1);
+    // A reply arriving at XDP (a backend on another node answers through
+    // this one) is translated back as well.
+    let reply = reply6(&seen, ACK);
+    let out = run_xdp(&mut dp, &reply);
+    assert!(out.marked());
+    assert_eq!(out.frame(), &run(&mut dp, &reply).bytes[..]);
+    // The service's statistics tell the hooks apart: 6 packets, 2 at XDP.
+    let stats = dp.maps.service_stats(21).unwrap();
+    assert_eq!((stats.packets, stats.xdp_packets), (6, 2));
+    // What XDP leaves to tc, untouched and uncounted: the same flow's
+    // segment behind an extension header, neighbour discovery, a pod's
+    // traffic to no service, a truncated header.
+    let mut behind = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, ACK);
+    behind.ext = vec![Ext::options(0, 1)];
+    let mut ns = vec![0u8; 14 + 40 + 24];
+    ns[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    ns[14] = 0x60;
+    ns[14 + 4..14 + 6].copy_from_slice(&24u16.to_be_bytes());
+    ns[14 + 6] = 58; // ICMPv6
+    ns[14 + 40] = 135; // neighbour solicitation
+    let mut truncated = ack.clone();
+    truncated.truncate(14 + 40 + 10);
+    let frames = [
+        ("behind an extension header", behind.build()),
+        ("neighbour discovery", ns),
+        (
+            "no service",
+            Pkt6::new(CLIENT6, 45001, "2001:2:0:1::9", 22, SYN).build(),
+        ),
+        ("truncated", truncated),
+    ];
+    let before = packets(&mut dp);
+    for (what, frame) in &frames {
+        let out = run_xdp(&mut dp, frame);
+        assert_eq!(out.verdict, XDP_PASS, "{what}");
+        assert_eq!(out.out, *frame, "{what}: untouched, unmarked");
+    }
+    assert_eq!(packets(&mut dp), before, "tc counts these, not XDP");
+    // tc still translates the one behind its extension header.
+    let out = run(&mut dp, &frames[0].1);
+    assert_eq!(inspect6(&out.bytes).dst, seen.dst);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_sends_an_ipv6_flow_back_out_of_its_interface() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    node6(&mut dp);
+    // The node: "ext" faces the outside client and, through a router on
+    // it, the backends (on other nodes).
+    let ns = testbed::Netns::create(&format!("kpxxdp6{}", std::process::id())).unwrap();
+    ns.sysctl("net/ipv6/conf/all/forwarding", "1").unwrap();
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    ns.ip(&["link", "add", "ext", "type", "veth", "peer", "name", "ext1"])
+        .unwrap();
+    ns.ip(&["link", "set", "ext1", "up"]).unwrap();
+    ns.ip(&["link", "set", "ext", "address", "02:00:00:00:00:aa"])
+        .unwrap();
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:2:0:fe::1/64",
+        "dev",
+        "ext",
+        "nodad",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "ext", "up"]).unwrap();
+    for net in ["2001:2:0:1::/64", "2001:2:0:9::/64"] {
+        ns.ip(&["-6", "route", "add", net, "via", "2001:2:0:fe::fe"])
+            .unwrap();
+    }
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "add",
+        "2001:2:0:fe::fe",
+        "lladdr",
+        "02:00:00:00:00:bb",
+        "dev",
+        "ext",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    let ext = ns
+        .enter(|| nix::net::if_::if_nametoindex("ext"))
+        .unwrap()
+        .unwrap();
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    // tc sets the flow up, and sees its SYN-ACK; the client's next
+    // segment arrives at XDP on ext.
+    let syn = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, SYN).build();
+    let seen = inspect6(&run_in(&mut dp, &syn, false, &file).bytes);
+    assert!(backends6().contains(&seen.dst));
+    run_in(&mut dp, &reply6(&seen, SYN_ACK), false, &file);
+    let ack = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, ACK).build();
+    let out = run_xdp_in(&mut dp, &ack, Some(&file), ext);
+    assert_eq!(out.verdict, XDP_TX, "back out of ext, towards the backend");
+    assert!(!out.marked());
+    let frame = out.frame();
+    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
+    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    assert_eq!(frame[14 + 7], 63, "forwarded: hop limit down by one");
+    assert_eq!(inspect6(frame), seen);
+    assert_eq!(event(&mut dp, Event::XdpTx), 1);
+    // The backend's reply comes back in on ext: out again, to the client.
+    let out = run_xdp_in(&mut dp, &reply6(&seen, ACK), Some(&file), ext);
+    assert_eq!(out.verdict, XDP_TX);
+    let back = inspect6(out.frame());
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip6(VIP6), 80, ip6(OUTSIDE6), 45100)
+    );
+}
