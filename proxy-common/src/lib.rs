@@ -138,6 +138,9 @@ pub mod map_names {
     /// Programs tc ingress tail-calls (`PROG_*` indexes): kept pinned, so a
     /// restarting agent's attached programs still find theirs.
     pub const PROGS: &str = "KPX_PROGS";
+    /// Programs XDP tail-calls (`XDP_PROG_*` indexes): an array of its own
+    /// (a program array serves one program type), pinned as `PROGS` is.
+    pub const XDP_PROGS: &str = "KPX_XDP_PROGS";
     /// IPv6's own maps: the same layouts with [`super::In6`] addresses.
     pub const SERVICES6: &str = "KPX_SERVICES6";
     pub const SERVICE_ADDRS6: &str = "KPX_SVC_ADDRS6";
@@ -154,7 +157,7 @@ pub mod map_names {
     /// Pinned so that every program in `PROGS`, whichever agent loaded it,
     /// shares it.
     pub const SCRATCH6: &str = "KPX_SCRATCH6";
-    pub const ALL: [&str; 36] = [
+    pub const ALL: [&str; 37] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -178,6 +181,7 @@ pub mod map_names {
         SOCKS_UDP,
         SOCK_PEERS,
         PROGS,
+        XDP_PROGS,
         SERVICES6,
         SERVICE_ADDRS6,
         SLOTS6,
@@ -209,6 +213,13 @@ pub const PROG_NEW6_NODE: u32 = 4;
 pub const PROG_SERVICE6: u32 = 5;
 /// Entries of [`map_names::PROGS`].
 pub const PROGS: u32 = 6;
+/// Index of [`prog_names::XDP_SERVICE6`] in [`map_names::XDP_PROGS`]: XDP
+/// hands there an IPv6 packet it found no flow for.
+pub const XDP_PROG_SERVICE6: u32 = 0;
+/// Index of [`prog_names::XDP_NEW6`]: IPv6's first packets at XDP.
+pub const XDP_PROG_NEW6: u32 = 1;
+/// Entries of [`map_names::XDP_PROGS`].
+pub const XDP_PROGS: u32 = 2;
 
 /// Maps older layouts pinned that this one no longer has.
 pub mod legacy_map_names {
@@ -274,6 +285,9 @@ pub mod prog_names {
     /// A plain IPv6 TCP/UDP packet tc ingress looked up no flow for: its
     /// frontend, from where the entry left it.
     pub const TC_SERVICE6: &str = "kpx_tc_service6";
+    /// Their XDP counterparts, tail-called by [`XDP`].
+    pub const XDP_SERVICE6: &str = "kpx_xdp_service6";
+    pub const XDP_NEW6: &str = "kpx_xdp_new6";
 }
 
 /// Flows [`prog_names::CONNS_EXPIRE`] takes per run: their original

@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     maps::{HashMap, LpmTrie, LruHashMap},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use proxy_common::{
     Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig, In6,
@@ -39,6 +39,16 @@ pub fn tail_call(ctx: &TcContext, index: u32) -> i32 {
     // context: on success control never comes back.
     unsafe { maps::PROGS.tail_call(ctx, index) };
     verdict::action(Verdict::Pass(Counter::PassNotHandled))
+}
+
+/// [`tail_call`] at XDP, into `KPX_XDP_PROGS`: an absent program passes
+/// the frame on to tc ingress, untouched.
+#[inline(always)]
+pub fn tail_call_xdp(ctx: &XdpContext, index: u32) -> u32 {
+    // SAFETY: a tail call into an XDP program of this object, with this
+    // context: on success control never comes back.
+    unsafe { maps::XDP_PROGS.tail_call(ctx, index) };
+    aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
 /// Whether an IPv6 packet's transport header, right after the fixed one,

@@ -39,7 +39,7 @@ use proxy_common::{
     flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, In6, BACKEND_F_LOCAL,
     CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     MARK_TRANSLATED, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, PROG_SERVICE6,
-    SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN,
+    SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN, XDP_PROG_NEW6, XDP_PROG_SERVICE6,
 };
 
 use crate::{
@@ -190,14 +190,32 @@ fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, u32> {
 /// [`kpx_tc_ingress`]; a first packet goes on in [`kpx_tc_new6`].
 #[classifier]
 pub fn kpx_tc_service6(ctx: TcContext) -> i32 {
-    let Some(s) = maps::scratch6() else {
-        return verdict::action(Verdict::Pass(Counter::PassNotHandled));
-    };
-    let ports = service::Ports::of_read(s.pkt.dport, || None::<In6>);
-    match to_service(&ctx, &s.pkt, &s.key, ports, Origin::Network, false) {
+    match service6(&ctx) {
         Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
         v => verdict::action(v),
     }
+}
+
+/// [`kpx_tc_service6`] at XDP (`XDP_PROG_SERVICE6`), for [`kpx_xdp`]: a
+/// first packet goes on in [`kpx_xdp_new6`]; a REJECT is tc's.
+#[xdp]
+pub fn kpx_xdp_service6(ctx: XdpContext) -> u32 {
+    match service6(&ctx) {
+        Verdict::NewFlow => family::tail_call_xdp(&ctx, XDP_PROG_NEW6),
+        v => verdict::xdp_action(v),
+    }
+}
+
+/// An IPv6 packet of no flow, parsed in scratch space by its entry: its
+/// frontend (a new flow's for the program that sets it up, or a REJECT),
+/// or passed.
+#[inline(always)]
+fn service6<P: Packet>(ctx: &P) -> Verdict {
+    let Some(s) = maps::scratch6() else {
+        return Verdict::Pass(Counter::PassNotHandled);
+    };
+    let ports = service::Ports::of_read(s.pkt.dport, || None::<In6>);
+    to_service(ctx, &s.pkt, &s.key, ports, Origin::Network, false)
 }
 
 /// tc ingress for IPv6 packets that are not plain TCP or UDP (ICMPv6,
@@ -238,10 +256,10 @@ fn without_dsr(ctx: &TcContext) -> i64 {
 /// before the kernel builds an skb for them. The same path as tc ingress
 /// (same functions, same maps, same lookups per packet as listed there),
 /// for TCP and UDP packets of tracked flows and new flows to a service
-/// (IPv6: of tracked flows, sorted as tc ingress's entry sorts them; a
-/// first packet goes to tc, whose IPv6 programs set it up); everything
-/// else (ICMP, fragments, malformed packets, REJECTs) passes untouched,
-/// to tc ingress. A translated packet whose next hop is out of
+/// (IPv6: sorted as tc ingress's entry sorts them, a first packet set up
+/// in [`kpx_xdp_service6`] and [`kpx_xdp_new6`], tail-called as tc's);
+/// everything else (ICMP, fragments, malformed packets, extension headers,
+/// REJECTs) passes untouched, to tc ingress. A translated packet whose next hop is out of
 /// the interface it came in (a backend or client on another node) is sent
 /// back out with `XDP_TX`, the rest go up marked as translated, for tc
 /// ingress to forward: so a flow's packet is translated by exactly one
@@ -254,11 +272,14 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
         Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
             flow(&ctx, &pkt, Origin::Network, true)
         }
-        // IPv6: a tracked flow's packet is translated here, as at tc
-        // ingress's entry; the rest (a first packet, a REJECT, ICMPv6,
-        // extension headers) goes on to tc ingress, which has programs to
-        // hand them to.
-        Parsed::OtherFamily => entry6(&ctx).unwrap_or(Verdict::Pass(Counter::PassNotHandled)),
+        // IPv6: sorted as at tc ingress's entry, a tracked flow's packet
+        // translated here, one of no flow handed to `kpx_xdp_service6`;
+        // the rest (ICMPv6, extension headers) goes on to tc ingress.
+        Parsed::OtherFamily => match entry6(&ctx) {
+            Ok(v) => v,
+            Err(PROG_SERVICE6) => return family::tail_call_xdp(&ctx, XDP_PROG_SERVICE6),
+            Err(_) => Verdict::Pass(Counter::PassNotHandled),
+        },
         _ => Verdict::Pass(Counter::PassNotHandled),
     };
     verdict::xdp_action(v)
@@ -530,6 +551,23 @@ fn path6(ctx: &TcContext) -> Verdict {
 #[classifier]
 pub fn kpx_tc_new6(ctx: TcContext) -> i32 {
     new6(&ctx, Origin::Network)
+}
+
+/// [`kpx_tc_new6`] at XDP (`XDP_PROG_NEW6`).
+#[xdp]
+pub fn kpx_xdp_new6(ctx: XdpContext) -> u32 {
+    let Some(s) = maps::scratch6() else {
+        return verdict::xdp_action(Verdict::Pass(Counter::PassNotHandled));
+    };
+    verdict::xdp_action(new_flow(
+        &ctx,
+        &s.pkt,
+        &s.key,
+        &s.svc,
+        Origin::Network,
+        s.recovered,
+        false,
+    ))
 }
 
 /// [`kpx_tc_new6`] for [`kpx_tc_egress6`] (`PROG_NEW6_NODE`): a program of

@@ -138,6 +138,11 @@ pub static SOCK_PEERS: LruHashMap<SockPeerKey, SockValue> =
 #[map(name = "KPX_PROGS")]
 pub static PROGS: ProgramArray = ProgramArray::with_max_entries(proxy_common::PROGS, 0);
 
+/// Programs XDP tail-calls (`proxy_common::XDP_PROG_SERVICE6`,
+/// `XDP_PROG_NEW6`), filled by the agent when it loads XDP's.
+#[map(name = "KPX_XDP_PROGS")]
+pub static XDP_PROGS: ProgramArray = ProgramArray::with_max_entries(proxy_common::XDP_PROGS, 0);
+
 // IPv6: the maps above that hold addresses, with IPv6 ones (same layouts,
 // `In6` addresses; same capacities, which the agent shrinks when the node
 // serves no IPv6). The rest (port filter, statistics, names, round robin,

@@ -649,67 +649,86 @@ fn the_collector_ends_idle_ipv6_flows_and_flushes_stale_udp_ones() {
     );
 }
 
-// XDP: a tracked IPv6 flow's packets are translated before an skb exists;
-// its first packet, and everything else, goes on untouched to tc.
+// XDP: IPv6's flows set up and translated before an skb exists, as tc
+// does; what XDP leaves to tc goes on untouched.
 
 #[test]
 #[ignore = "needs root"]
-fn xdp_translates_a_tracked_ipv6_flow_as_tc_does_and_leaves_its_first_packet_to_tc() {
+fn xdp_translates_ipv6_flows_as_tc_does_and_shares_their_conntrack() {
     let mut dp = datapath();
     cluster6(&mut dp);
     node6(&mut dp);
     let packets_before = packets(&mut dp);
-    // The client's SYN at XDP: left to tc (which sets flows up), untouched.
+    // The client's SYN at XDP: balanced and masqueraded as at tc (the
+    // client is off-cluster); the empty namespace's FIB cannot forward
+    // it, so it goes up marked as translated.
     let syn = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, SYN).build();
     let out = run_xdp(&mut dp, &syn);
     assert_eq!(out.verdict, XDP_PASS);
-    assert!(!out.marked());
-    assert_eq!(out.out, syn, "a first packet goes on untouched");
-    assert_eq!(packets(&mut dp), packets_before, "tc counts it, not XDP");
-    // tc sets the flow up (masqueraded: the client is off-cluster); the
-    // backend's SYN-ACK comes back through tc.
-    let seen = inspect6(&run(&mut dp, &syn).bytes);
+    assert!(out.marked(), "a translated frame is marked for tc");
+    let seen = inspect6(out.frame());
     assert_eq!(seen.src, ip6(NODE6));
+    assert!((20000..=20255).contains(&seen.sport), "{seen:?}");
+    assert!(backends6().contains(&seen.dst));
+    assert_eq!(seen.dport, 8080);
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
+    assert_eq!(event(&mut dp, Event::XdpStack), 1);
+    // The backend's SYN-ACK, at tc on its pod's interface: the entries XDP
+    // wrote translate it back.
     let back = inspect6(&run(&mut dp, &reply6(&seen, SYN_ACK)).bytes);
-    assert_eq!((back.src, back.dst), (ip6(VIP6), ip6(OUTSIDE6)));
-    // The client's next segment: XDP gives the bytes tc gives, marked for
-    // tc ingress to forward (the empty namespace's FIB has no route).
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip6(VIP6), 80, ip6(OUTSIDE6), 45000)
+    );
+    // The client's next segment: XDP and tc give the same bytes.
     let ack = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, ACK).build();
     let at_xdp = run_xdp(&mut dp, &ack);
     let at_tc = run(&mut dp, &ack);
     assert_eq!((at_xdp.verdict, at_tc.verdict), (XDP_PASS, TC_ACT_OK));
-    assert!(at_xdp.marked(), "a translated frame is marked for tc");
+    assert!(at_xdp.marked());
     assert_eq!(at_xdp.frame(), &at_tc.bytes[..]);
     assert_eq!(inspect6(at_xdp.frame()), seen);
-    assert_eq!(event(&mut dp, Event::XdpStack), 1);
     // A reply arriving at XDP (a backend on another node answers through
     // this one) is translated back as well.
     let reply = reply6(&seen, ACK);
     let out = run_xdp(&mut dp, &reply);
     assert!(out.marked());
     assert_eq!(out.frame(), &run(&mut dp, &reply).bytes[..]);
-    // The service's statistics tell the hooks apart: 6 packets, 2 at XDP.
+    // The service's statistics tell the hooks apart: 6 packets, 3 at XDP;
+    // every packet XDP handled is counted once, as tc counts its own.
     let stats = dp.maps.service_stats(21).unwrap();
-    assert_eq!((stats.packets, stats.xdp_packets), (6, 2));
-    // What XDP leaves to tc, untouched and uncounted: the same flow's
-    // segment behind an extension header, neighbour discovery, a pod's
-    // traffic to no service, a truncated header.
-    let mut behind = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, ACK);
+    assert_eq!((stats.packets, stats.xdp_packets), (6, 3));
+    assert_eq!(packets(&mut dp) - packets_before, 6);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_leaves_what_it_does_not_translate_of_ipv6_untouched_to_tc() {
+    let mut dp = datapath();
+    cluster6(&mut dp);
+    node6(&mut dp);
+    // A service without endpoints: tc answers with the REJECT.
+    install_service(&mut dp, 23, "2001:2:0:ff::11", 80, IPPROTO_TCP, &[]);
+    let mut behind = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, SYN);
     behind.ext = vec![Ext::options(0, 1)];
-    let mut ns = vec![0u8; 14 + 40 + 24];
-    ns[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    ns[14] = 0x60;
-    ns[14 + 4..14 + 6].copy_from_slice(&24u16.to_be_bytes());
-    ns[14 + 6] = 58; // ICMPv6
-    ns[14 + 40] = 135; // neighbour solicitation
-    let mut truncated = ack.clone();
+    let mut nd = vec![0u8; 14 + 40 + 24];
+    nd[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    nd[14] = 0x60;
+    nd[14 + 4..14 + 6].copy_from_slice(&24u16.to_be_bytes());
+    nd[14 + 6] = 58; // ICMPv6
+    nd[14 + 40] = 135; // neighbour solicitation
+    let mut truncated = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, SYN).build();
     truncated.truncate(14 + 40 + 10);
     let frames = [
+        (
+            "no endpoints",
+            Pkt6::new(OUTSIDE6, 45000, "2001:2:0:ff::11", 80, SYN).build(),
+        ),
         ("behind an extension header", behind.build()),
-        ("neighbour discovery", ns),
+        ("neighbour discovery", nd),
         (
             "no service",
-            Pkt6::new(CLIENT6, 45001, "2001:2:0:1::9", 22, SYN).build(),
+            Pkt6::new(OUTSIDE6, 45001, "2001:2:0:1::9", 22, SYN).build(),
         ),
         ("truncated", truncated),
     ];
@@ -720,9 +739,10 @@ fn xdp_translates_a_tracked_ipv6_flow_as_tc_does_and_leaves_its_first_packet_to_
         assert_eq!(out.out, *frame, "{what}: untouched, unmarked");
     }
     assert_eq!(packets(&mut dp), before, "tc counts these, not XDP");
-    // tc still translates the one behind its extension header.
-    let out = run(&mut dp, &frames[0].1);
-    assert_eq!(inspect6(&out.bytes).dst, seen.dst);
+    // And tc does its part: the REJECT, the packet behind its header.
+    assert_eq!(run(&mut dp, &frames[0].1).verdict, REDIRECT);
+    let out = run(&mut dp, &frames[1].1);
+    assert!(backends6().contains(&inspect6(&out.bytes).dst));
 }
 
 #[test]
@@ -774,23 +794,26 @@ fn xdp_sends_an_ipv6_flow_back_out_of_its_interface() {
         .unwrap()
         .unwrap();
     let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
-    // tc sets the flow up, and sees its SYN-ACK; the client's next
-    // segment arrives at XDP on ext.
     let syn = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, SYN).build();
-    let seen = inspect6(&run_in(&mut dp, &syn, false, &file).bytes);
-    assert!(backends6().contains(&seen.dst));
-    run_in(&mut dp, &reply6(&seen, SYN_ACK), false, &file);
-    let ack = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, ACK).build();
-    let out = run_xdp_in(&mut dp, &ack, Some(&file), ext);
+    let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
     assert_eq!(out.verdict, XDP_TX, "back out of ext, towards the backend");
     assert!(!out.marked());
     let frame = out.frame();
     assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
     assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
     assert_eq!(frame[14 + 7], 63, "forwarded: hop limit down by one");
-    assert_eq!(inspect6(frame), seen);
-    assert_eq!(event(&mut dp, Event::XdpTx), 1);
+    let seen = inspect6(frame);
+    assert_eq!(seen.src, ip6(NODE6), "masqueraded to the node's address");
+    assert!(backends6().contains(&seen.dst));
     // The backend's reply comes back in on ext: out again, to the client.
+    let out = run_xdp_in(&mut dp, &reply6(&seen, SYN_ACK), Some(&file), ext);
+    assert_eq!(out.verdict, XDP_TX);
+    // The client's next segment: the established path, out again.
+    let ack = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, ACK).build();
+    let out = run_xdp_in(&mut dp, &ack, Some(&file), ext);
+    assert_eq!(out.verdict, XDP_TX);
+    assert_eq!(inspect6(out.frame()), seen);
+    assert_eq!(event(&mut dp, Event::XdpTx), 3);
     let out = run_xdp_in(&mut dp, &reply6(&seen, ACK), Some(&file), ext);
     assert_eq!(out.verdict, XDP_TX);
     let back = inspect6(out.frame());

@@ -27,7 +27,8 @@ use proxy_common::{
     map_names, prog_names, wire, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey,
     CtValue, DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats,
     ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, PROG_EGRESS6,
-    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, PROG_SERVICE6, SERVICE_NAME_LEN,
+    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, PROG_SERVICE6, SERVICE_NAME_LEN, XDP_PROG_NEW6,
+    XDP_PROG_SERVICE6,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
@@ -1164,6 +1165,34 @@ impl Datapath {
     /// The XDP program, loaded on first use (the verifier's time is spent
     /// only where `--xdp` asks for it, and by tests).
     pub fn xdp(&mut self) -> Result<&mut Xdp> {
+        if self
+            .ebpf
+            .program(prog_names::XDP)
+            .is_some_and(|p| p.fd().is_err())
+        {
+            // The programs it tail-calls go in first (IPv6's first packets).
+            let mut fds = Vec::new();
+            for (index, name) in [
+                (XDP_PROG_SERVICE6, prog_names::XDP_SERVICE6),
+                (XDP_PROG_NEW6, prog_names::XDP_NEW6),
+            ] {
+                let fd = xdp_program(&mut self.ebpf, name)?
+                    .fd()?
+                    .try_clone()
+                    .with_context(|| format!("duplicating {name}'s descriptor"))?;
+                fds.push((index, name, fd));
+            }
+            let mut progs: ProgramArray<&mut MapData> = self
+                .ebpf
+                .map_mut(map_names::XDP_PROGS)
+                .ok_or_else(|| anyhow!("map {} missing from the object", map_names::XDP_PROGS))?
+                .try_into()?;
+            for (index, name, fd) in &fds {
+                progs
+                    .set(*index, fd, 0)
+                    .with_context(|| format!("putting {name} in {}", map_names::XDP_PROGS))?;
+            }
+        }
         xdp_program(&mut self.ebpf, prog_names::XDP)
     }
 
