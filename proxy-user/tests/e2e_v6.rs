@@ -153,6 +153,73 @@ fn a_dual_stack_service_answers_on_both_families_at_once() {
     assert_eq!(conns6, 150, "{ipvs}");
 }
 
+/// XDP (generic) on the client pod's interface: its IPv6 flows to the
+/// VIP are set up and translated at XDP and handed up marked as
+/// translated (the backends are behind other interfaces), for tc ingress
+/// to forward: the same answers as tc alone, both families at once.
+#[test]
+#[ignore = "needs root"]
+fn xdp_sets_up_and_translates_ipv6_flows_and_tc_forwards_them() {
+    let mut c = dual_bed();
+    c.write_manifest("web.yaml", &dual_web(&c, &["web-1", "web-2", "web-3"], ""))
+        .unwrap();
+    let pod = c.pod("client");
+    let (client, host_if) = (pod.netns.shared(), pod.host_if.clone());
+    // XDP sees frames: the sender finishes its checksums (a veth's frames
+    // from a local stack carry partial ones, which only the skb says).
+    client.set_tx_checksum("eth0", false).unwrap();
+    c.start_agent(
+        Path::new(KPX),
+        &["--xdp=generic", &format!("--xdp-interfaces={host_if}")],
+    )
+    .unwrap();
+    wait_synced(&c, 4, &[3; 4]);
+    let log = c.agent_log();
+    assert!(
+        log.contains(&format!("XDP (generic) on {host_if}")),
+        "XDP not attached:\n{log}"
+    );
+    let sent = |c: &Cluster| event_count(c, Event::FibRedirect) + event_count(c, Event::FibStack);
+    let (up, sent_before) = (event_count(&c, Event::XdpStack), sent(&c));
+    let ids = tcp_ask_many(&client, v6(VIP6, 80), 60, T)
+        .unwrap_or_else(|e| panic!("TCP over IPv6 through XDP: {e:#}\n{}", c.agent_log()));
+    let spread = spread(&ids);
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    let answers = udp_ask_many(&client, v6(VIP6, 53), 30, T)
+        .unwrap_or_else(|e| panic!("UDP over IPv6 through XDP: {e:#}\n{}", c.agent_log()));
+    assert!(
+        answers.iter().all(|a| a.from == v6(VIP6, 53)),
+        "reply not from the VIP"
+    );
+    // Every request (60 connections of at least three packets, 30
+    // datagrams) was translated at XDP and forwarded by tc.
+    let handed_up = event_count(&c, Event::XdpStack) - up;
+    assert!(handed_up >= 60 * 3 + 30, "{handed_up} handed up by XDP");
+    let stats = kpx_dump(&c.bpffs(), &["services", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    let rows = rows.as_array().unwrap();
+    let http6 = rows
+        .iter()
+        .find(|r| r["protocol"] == "TCP" && r["vip"] == VIP6.to_string())
+        .unwrap_or_else(|| panic!("no IPv6 TCP frontend in {rows:?}"));
+    assert_eq!(http6["new_flows"], 60, "{http6}");
+    // tc sent on (FIB, redirect) what it translated itself (the replies)
+    // and every packet XDP handed up.
+    let at_tc: u64 = rows
+        .iter()
+        .map(|r| r["packets"].as_u64().unwrap() - r["xdp_packets"].as_u64().unwrap())
+        .sum();
+    let sent_by_tc = sent(&c) - sent_before;
+    assert!(
+        sent_by_tc >= at_tc + handed_up,
+        "tc sent {sent_by_tc}: {at_tc} of its own, {handed_up} from XDP"
+    );
+    // IPv4 beside it, through the same XDP program.
+    let ids = tcp_ask_many(&client, SocketAddrV4::new(VIP, 80), 30, T)
+        .unwrap_or_else(|e| panic!("TCP over IPv4 through XDP: {e:#}\n{}", c.agent_log()));
+    assert_eq!(ids.len(), 30);
+}
+
 #[test]
 #[ignore = "needs root"]
 fn ipv6_traffic_is_masqueraded_where_ip6tables_would_and_refused_without_endpoints() {
