@@ -208,11 +208,8 @@ pub const PROG_EGRESS6: u32 = 2;
 /// on there, at egress in [`prog_names::TC_NEW6_NODE`]'s.
 pub const PROG_NEW6: u32 = 3;
 pub const PROG_NEW6_NODE: u32 = 4;
-/// Index of [`prog_names::TC_SERVICE6`]: tc ingress hands there an IPv6
-/// packet it found no flow for.
-pub const PROG_SERVICE6: u32 = 5;
 /// Entries of [`map_names::PROGS`].
-pub const PROGS: u32 = 6;
+pub const PROGS: u32 = 5;
 /// Index of [`prog_names::XDP_SERVICE6`] in [`map_names::XDP_PROGS`]: XDP
 /// hands there an IPv6 packet it found no flow for.
 pub const XDP_PROG_SERVICE6: u32 = 0;
@@ -282,10 +279,9 @@ pub mod prog_names {
     /// IPv6's first packets, tail-called by each.
     pub const TC_NEW6: &str = "kpx_tc_new6";
     pub const TC_NEW6_NODE: &str = "kpx_tc_new6_node";
-    /// A plain IPv6 TCP/UDP packet tc ingress looked up no flow for: its
-    /// frontend, from where the entry left it.
-    pub const TC_SERVICE6: &str = "kpx_tc_service6";
-    /// Their XDP counterparts, tail-called by [`XDP`].
+    /// XDP's: a plain IPv6 TCP/UDP packet XDP looked up no flow for (its
+    /// frontend, from where XDP left it in scratch space), and a first
+    /// packet, tail-called by [`XDP`].
     pub const XDP_SERVICE6: &str = "kpx_xdp_service6";
     pub const XDP_NEW6: &str = "kpx_xdp_new6";
 }

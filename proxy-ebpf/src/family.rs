@@ -13,6 +13,7 @@ use aya_ebpf::{
 use proxy_common::{
     Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig, In6,
     Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange, IPPROTO_TCP, IPPROTO_UDP,
+    PROG_INGRESS6,
 };
 
 use crate::{
@@ -49,6 +50,56 @@ pub fn tail_call_xdp(ctx: &XdpContext, index: u32) -> u32 {
     // context: on success control never comes back.
     unsafe { maps::XDP_PROGS.tail_call(ctx, index) };
     aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
+/// What is left to do with an IPv6 packet its entry did not finish.
+#[derive(Clone, Copy)]
+pub enum Rest {
+    /// Plain TCP or UDP of no flow, parsed in scratch space: its frontend.
+    Frontend,
+    /// The whole path (ICMPv6, extension headers, a packet parsing found
+    /// wrong).
+    Path,
+}
+
+/// `cb[0]` of a packet tc ingress's entry hands over with [`Rest::Frontend`]
+/// (`cb[1]`: its length). An older build's entry, whose packets a newer
+/// `kpx_tc_ingress6` may meet during an upgrade, never writes it; chance
+/// leftovers would have to match both words.
+const FRONTEND_LEFT: u32 = 0x6b70_7836;
+
+/// Hands the packet to `kpx_tc_ingress6` with what is left to do, in the
+/// skb's control buffer (tc programs' scratch space, which a tail call
+/// keeps). The one tail call into IPv6's program from tc ingress's entry:
+/// a call site whose index is a constant is jumped to directly by the
+/// JIT, one reached with two (were each `Rest` its own program) through
+/// an indirect, retpolined jump, which cost a first packet ~10 ns.
+#[inline(always)]
+pub fn hand_over6(ctx: &TcContext, rest: Rest) -> i32 {
+    let marker = match rest {
+        Rest::Frontend => FRONTEND_LEFT,
+        Rest::Path => 0,
+    };
+    // SAFETY: the context's own skb; `cb` is five words tc programs may
+    // write.
+    unsafe {
+        (*ctx.skb.skb).cb[0] = marker;
+        (*ctx.skb.skb).cb[1] = ctx.len();
+    }
+    tail_call(ctx, PROG_INGRESS6)
+}
+
+/// Whether [`hand_over6`] left this packet with [`Rest::Frontend`]; the
+/// marker is cleared.
+#[inline(always)]
+pub fn handed_frontend(ctx: &TcContext) -> bool {
+    // SAFETY: the context's own skb, its control buffer read and written.
+    unsafe {
+        let cb = &mut (*ctx.skb.skb).cb;
+        let left = cb[0] == FRONTEND_LEFT && cb[1] == ctx.len();
+        cb[0] = 0;
+        left
+    }
 }
 
 /// Whether an IPv6 packet's transport header, right after the fixed one,

@@ -38,13 +38,13 @@ use aya_ebpf::{
 use proxy_common::{
     flow_hash, hashing, scheduler, Counter, CtKey, DropReason, Event, In6, BACKEND_F_LOCAL,
     CT_DIR_REPLY, CT_F_FROM_NODE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    MARK_TRANSLATED, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, PROG_SERVICE6,
-    SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK, TCP_RST, TCP_SYN, XDP_PROG_NEW6, XDP_PROG_SERVICE6,
+    MARK_TRANSLATED, PROG_EGRESS6, PROG_NEW6, PROG_NEW6_NODE, SVC_F_EXTERNAL, SVC_F_LOCAL, TCP_ACK,
+    TCP_RST, TCP_SYN, XDP_PROG_NEW6, XDP_PROG_SERVICE6,
 };
 
 use crate::{
     conntrack::Snat,
-    family::{Entry6, Family},
+    family::{Entry6, Family, Rest},
     forward::Hook,
     packet::Packet,
     parse::{IpPacket, Kind, Parsed},
@@ -100,8 +100,8 @@ use crate::{
 /// address and reply filters (arrays, inlined): not for a service or flow,
 /// passed with no lookup; else its `CT6` lookup made here, and a tracked
 /// flow's packet translated here; no flow: its frontend looked up in
-/// [`kpx_tc_service6`] (a tail call), a first packet set up in
-/// [`kpx_tc_new6`] (a second). Anything else in [`kpx_tc_ingress6`].
+/// [`kpx_tc_ingress6`] (a tail call), a first packet set up in
+/// [`kpx_tc_new6`] (a second). Anything else all in [`kpx_tc_ingress6`].
 ///
 /// A translated packet then costs one FIB lookup ([`forward`]), except an
 /// established one at ingress, whose flow entry caches its next hop
@@ -149,26 +149,26 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 
 /// An IPv6 packet at [`kpx_tc_ingress`]: plain TCP or UDP is sorted, and
 /// looked up in conntrack, here (an established packet is translated in
-/// this program: no tail call, no second parse); a packet with no flow
-/// goes on to its frontend in [`kpx_tc_service6`], anything else to
-/// [`kpx_tc_ingress6`].
+/// this program: no tail call, no second parse); any other goes on in
+/// [`kpx_tc_ingress6`]: one of no flow to its frontend, from where the
+/// entry left it, the rest from the start.
 #[inline(always)]
 fn ingress6(ctx: &TcContext) -> i32 {
     match entry6(ctx) {
         Ok(v) => verdict::action(v),
-        Err(program) => family::tail_call(ctx, program),
+        Err(rest) => family::hand_over6(ctx, rest),
     }
 }
 
 /// The IPv6 part of tc ingress's and XDP's entries: the verdict of an
-/// untracked packet or of a tracked flow's, or the program in `KPX_PROGS`
-/// that goes on with it (`PROG_SERVICE6` with the packet and its tuple in
-/// this CPU's scratch space, `PROG_INGRESS6` from the start).
+/// untracked packet or of a tracked flow's, or what is left to do
+/// ([`Rest::Frontend`]: the packet and its tuple are in this CPU's scratch
+/// space).
 #[inline(always)]
-fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, u32> {
+fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, Rest> {
     match family::entry6(ctx) {
         Entry6::Untracked => Ok(Verdict::Pass(Counter::PassNoService)),
-        Entry6::Other => Err(PROG_INGRESS6),
+        Entry6::Other => Err(Rest::Path),
         Entry6::Plain => {
             let Some(s) = maps::scratch6() else {
                 return Ok(Verdict::Pass(Counter::PassNotHandled));
@@ -176,28 +176,17 @@ fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, u32> {
             // Plain, so a packet (`entry6` checked what parsing checks but
             // the transport header's own length).
             if parse::parse_ipv6(ctx, &mut s.pkt) != Kind::Packet {
-                return Err(PROG_INGRESS6);
+                return Err(Rest::Path);
             }
             s.pkt.tuple_into(&mut s.key);
-            tracked(ctx, &s.pkt, &s.key, Origin::Network, false).ok_or(PROG_SERVICE6)
+            tracked(ctx, &s.pkt, &s.key, Origin::Network, false).ok_or(Rest::Frontend)
         }
     }
 }
 
-/// An IPv6 packet [`kpx_tc_ingress`] looked up no flow for
-/// (`PROG_SERVICE6`): the packet and its tuple are in this CPU's scratch
-/// space, where the entry left them. Its frontend's lookups as in
-/// [`kpx_tc_ingress`]; a first packet goes on in [`kpx_tc_new6`].
-#[classifier]
-pub fn kpx_tc_service6(ctx: TcContext) -> i32 {
-    match service6(&ctx) {
-        Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
-        v => verdict::action(v),
-    }
-}
-
-/// [`kpx_tc_service6`] at XDP (`XDP_PROG_SERVICE6`), for [`kpx_xdp`]: a
-/// first packet goes on in [`kpx_xdp_new6`]; a REJECT is tc's.
+/// [`kpx_tc_ingress6`] at XDP for a packet XDP found no flow for
+/// (`XDP_PROG_SERVICE6`): its frontend; a first packet goes on in
+/// [`kpx_xdp_new6`]; a REJECT is tc's.
 #[xdp]
 pub fn kpx_xdp_service6(ctx: XdpContext) -> u32 {
     match service6(&ctx) {
@@ -218,15 +207,22 @@ fn service6<P: Packet>(ctx: &P) -> Verdict {
     to_service(ctx, &s.pkt, &s.key, ports, Origin::Network, false)
 }
 
-/// tc ingress for IPv6 packets that are not plain TCP or UDP (ICMPv6,
-/// extension headers, fragments, malformed ones), tail-called by
-/// [`kpx_tc_ingress`] (a program of its own: parsing a header chain and
-/// translating ICMPv6 errors need a stack of their own beside IPv4's, and
-/// the verifier's 512 bytes are per program). The same path and lookups
-/// as IPv4's, with IPv6's maps; no direct server return.
+/// tc ingress for the IPv6 packets its entry does not finish, tail-called
+/// by [`kpx_tc_ingress`] ([`family::hand_over6`]): a plain TCP/UDP packet
+/// of no flow, parsed by the entry, goes on to its frontend; the rest
+/// (ICMPv6, extension headers, fragments, malformed ones) takes the whole
+/// path. A program of its own: parsing a header chain, translating ICMPv6
+/// errors and a frontend's lookups need a stack of their own beside
+/// IPv4's, and the verifier's 512 bytes are per program. The same path
+/// and lookups as IPv4's, with IPv6's maps; no direct server return.
 #[classifier]
 pub fn kpx_tc_ingress6(ctx: TcContext) -> i32 {
-    match path6(&ctx) {
+    let v = if family::handed_frontend(&ctx) {
+        service6(&ctx)
+    } else {
+        path6(&ctx)
+    };
+    match v {
         Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
         v => verdict::action(v),
     }
@@ -277,8 +273,8 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
         // the rest (ICMPv6, extension headers) goes on to tc ingress.
         Parsed::OtherFamily => match entry6(&ctx) {
             Ok(v) => v,
-            Err(PROG_SERVICE6) => return family::tail_call_xdp(&ctx, XDP_PROG_SERVICE6),
-            Err(_) => Verdict::Pass(Counter::PassNotHandled),
+            Err(Rest::Frontend) => return family::tail_call_xdp(&ctx, XDP_PROG_SERVICE6),
+            Err(Rest::Path) => Verdict::Pass(Counter::PassNotHandled),
         },
         _ => Verdict::Pass(Counter::PassNotHandled),
     };

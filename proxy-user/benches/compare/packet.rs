@@ -134,6 +134,13 @@ pub struct XdpCost {
     pub reply_ns: f64,
     /// A first packet, balanced, translated and sent back out.
     pub first_packet_ns: f64,
+    /// The same three for IPv6 (0: not measured, an older report).
+    #[serde(default)]
+    pub established6_ns: f64,
+    #[serde(default)]
+    pub reply6_ns: f64,
+    #[serde(default)]
+    pub first_packet6_ns: f64,
 }
 
 /// Routes and a neighbour in the (empty) measuring namespace so that the
@@ -259,7 +266,7 @@ pub fn measure(
     let (established_fib, reply_fib) = ping_pong_redirected(&mut dp, &last_vip, repeat)?;
     let (first_fib, _) = single_runs(&mut dp, &last_vip, singles, 110)?;
     ipv6_routed(&mut dp, &last_vip6, repeat, singles, &mut v6)?;
-    let xdp = xdp_costs(&mut dp, &last_vip, repeat, singles)?;
+    let xdp = xdp_costs(&mut dp, &last_vip, &last_vip6, repeat, singles)?;
     // Schedulers last, so the figures above are taken as they always were:
     // four more services, one per scheduler, their first packets taken in
     // turn so that each sees the same machine and the same table.
@@ -540,15 +547,17 @@ fn rebuild_replies(dp: &Datapath) -> anyhow::Result<()> {
 /// packet to the service and its backend's reply, FIB → stack; a pod's
 /// packet to a pod on a frontend's port; a backend's answer to a client
 /// that dialled it directly; each for IPv6 with a `6`).
-pub const HOT_PATHS: [&str; 8] = [
+pub const HOT_PATHS: [&str; 10] = [
     "established",
     "reply",
     "no-service",
     "from-backend",
+    "frontend-addr",
     "established6",
     "reply6",
     "no-service6",
     "from-backend6",
+    "frontend-addr6",
 ];
 
 /// `--hot PATH`: one path's packet through tc ingress over and over for
@@ -577,6 +586,9 @@ pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64
         }
         "no-service" => Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
         "from-backend" => Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build(),
+        // UDP to a TCP frontend's address and port: no service.
+        "frontend-addr" => Pkt::new(CLIENT, 40000, &vip, 80, UDP).build(),
+        "frontend-addr6" => Pkt6::new(CLIENT6, 40000, &vip6, 80, UDP).build(),
         "established6" | "reply6" => {
             let [est, rep] = ping_pong6(&mut dp, &vip6)?;
             if path == "reply6" {
@@ -700,7 +712,13 @@ fn xdp_run(
 /// bounced back out (`XDP_TX`), as a NodePort's packets to a backend on
 /// another node are. The ping-pong flow of [`ping_pong`] for established
 /// packets and replies, fresh flows for first packets.
-fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow::Result<XdpCost> {
+fn xdp_costs(
+    dp: &mut Datapath,
+    vip: &str,
+    vip6: &str,
+    repeat: u32,
+    singles: u32,
+) -> anyhow::Result<XdpCost> {
     const XDP_PASS: u32 = 2;
     const XDP_TX: u32 = 3;
     let ifindex = nix::net::if_::if_nametoindex("kpxfib")?;
@@ -730,7 +748,18 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
         );
         flows[i] = batched(dp.xdp()?, &frame)?;
     }
+    let mut flows6 = [0.0; 2];
+    for (i, frame) in ping_pong6(dp, vip6)?.into_iter().enumerate() {
+        let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
+        anyhow::ensure!(
+            r.return_value == XDP_TX,
+            "XDP did not send the established IPv6 packet back out (verdict {})",
+            r.return_value
+        );
+        flows6[i] = batched(dp.xdp()?, &frame)?;
+    }
     let mut first = Vec::with_capacity(singles as usize);
+    let mut first6 = Vec::with_capacity(singles as usize);
     let mut floor_single = Vec::with_capacity(singles as usize);
     for i in 0..singles {
         let src = format!("198.18.{}.{}", 120 + i / 65536, i % 65536 / 256);
@@ -747,6 +776,15 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
                 .duration
                 .as_nanos(),
         );
+        let src6 = format!("2001:2:0:120::{:x}", i / 256 + 1);
+        let syn6 = Pkt6::new(&src6, sport, vip6, 80, SYN).build();
+        let r = xdp_run(dp.xdp()?, &syn6, ifindex, 1)?;
+        anyhow::ensure!(
+            r.return_value == XDP_TX,
+            "XDP did not send an IPv6 first packet out (verdict {})",
+            r.return_value
+        );
+        first6.push(r.duration.as_nanos());
     }
     Ok(XdpCost {
         floor_ns: floor,
@@ -755,6 +793,9 @@ fn xdp_costs(dp: &mut Datapath, vip: &str, repeat: u32, singles: u32) -> anyhow:
         established_ns: flows[0],
         reply_ns: flows[1],
         first_packet_ns: median(first),
+        established6_ns: flows6[0],
+        reply6_ns: flows6[1],
+        first_packet6_ns: median(first6),
     })
 }
 

@@ -552,6 +552,48 @@ fn xdp_table(out: &mut String, costs: &[PacketCost]) {
         ],
         &rows,
     );
+    let rows: Vec<Vec<String>> = costs
+        .iter()
+        .filter_map(|p| {
+            let (x, v6) = (p.xdp.as_ref()?, p.ipv6.as_ref()?);
+            if x.established6_ns <= 0.0 {
+                return None;
+            }
+            let cell =
+                |v: f64, floor: f64, tc: f64| format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor);
+            Some(vec![
+                thousands(p.services as f64),
+                cell(
+                    x.established6_ns,
+                    x.floor_ns,
+                    v6.established_fib_ns - p.floor_ns,
+                ),
+                cell(x.reply6_ns, x.floor_ns, v6.reply_fib_ns - p.floor_ns),
+                cell(
+                    x.first_packet6_ns,
+                    x.floor_single_ns,
+                    v6.first_packet_fib_ns - p.floor_single_ns,
+                ),
+            ])
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push_str(
+        "\nThe same for IPv6 packets (ns in all, above XDP's empty program; tc's IPv6 \
+         redirected figure):\n\n",
+    );
+    table(
+        out,
+        &[
+            "services".into(),
+            "IPv6 established, XDP_TX".into(),
+            "IPv6 reply, XDP_TX".into(),
+            "IPv6 first packet, XDP_TX (1 run)".into(),
+        ],
+        &rows,
+    );
 }
 
 /// First packets by scheduler, against random's (IPVS parity: each within

@@ -27,8 +27,7 @@ use proxy_common::{
     map_names, prog_names, wire, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey,
     CtValue, DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats,
     ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, PROG_EGRESS6,
-    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, PROG_SERVICE6, SERVICE_NAME_LEN, XDP_PROG_NEW6,
-    XDP_PROG_SERVICE6,
+    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN, XDP_PROG_NEW6, XDP_PROG_SERVICE6,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
@@ -1104,7 +1103,6 @@ impl Datapath {
             prog_names::TC_EGRESS6,
             prog_names::TC_NEW6,
             prog_names::TC_NEW6_NODE,
-            prog_names::TC_SERVICE6,
         ] {
             program(&mut ebpf, name)?
                 .load()
@@ -1118,7 +1116,6 @@ impl Datapath {
             (PROG_DSR, prog_names::TC_DSR),
             (PROG_NEW6, prog_names::TC_NEW6),
             (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
-            (PROG_SERVICE6, prog_names::TC_SERVICE6),
             (PROG_INGRESS6, prog_names::TC_INGRESS6),
             (PROG_EGRESS6, prog_names::TC_EGRESS6),
         ];

@@ -13,8 +13,7 @@ use proxy_common::{
     map_names, prog_names, wire, Backend, DatapathConfig, Net6, PortBit, ServiceKey, ServiceValue,
     Slot, SlotKey, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR,
     NODE_F_LOCAL, NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6,
-    PROG_NEW6_NODE, PROG_SERVICE6, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT,
-    SVC_SCHED_SHIFT,
+    PROG_NEW6_NODE, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
 };
 
 use super::{
@@ -182,7 +181,6 @@ pub fn vm() -> Result<Vm> {
         (PROG_EGRESS6, prog_names::TC_EGRESS6),
         (PROG_NEW6, prog_names::TC_NEW6),
         (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
-        (PROG_SERVICE6, prog_names::TC_SERVICE6),
     ] {
         vm.set_tail(map_names::PROGS, index, prog)?;
     }
