@@ -255,10 +255,11 @@ fn without_dsr(ctx: &TcContext) -> i64 {
 /// (IPv6: sorted as tc ingress's entry sorts them, a first packet set up
 /// in [`kpx_xdp_service6`] and [`kpx_xdp_new6`], tail-called as tc's);
 /// everything else (ICMP, fragments, malformed packets, extension headers,
-/// REJECTs) passes untouched, to tc ingress. A translated packet whose next hop is out of
-/// the interface it came in (a backend or client on another node) is sent
-/// back out with `XDP_TX`, the rest go up marked as translated, for tc
-/// ingress to forward: so a flow's packet is translated by exactly one
+/// REJECTs) passes untouched, to tc ingress. A translated packet whose
+/// next hop is out of the interface it came in (a backend or client on
+/// another node) is sent back out with `XDP_TX`, the rest go up marked as
+/// translated, for tc ingress to forward (both families: see
+/// `forward_translated`): so a flow's packet is translated by exactly one
 /// hook, and its conntrack entries change once.
 #[xdp]
 // Inlined into the macro's wrapper, as `kpx_tc_ingress` is.
