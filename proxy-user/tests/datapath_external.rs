@@ -393,48 +393,18 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
     let mut dp = nodeport_30080();
     // The node: "ext" faces the outside client and, through a router on
     // it, the backends (on other nodes); "pod" holds a local pod.
-    let ns = Netns::create(&format!("kpxxdp{}", std::process::id())).unwrap();
-    ns.sysctl("net/ipv4/ip_forward", "1").unwrap();
-    ns.ip(&["link", "set", "lo", "up"]).unwrap();
-    for (dev, peer, mac, addr) in [
-        ("ext", "ext1", "02:00:00:00:00:aa", "198.18.128.1/24"),
-        ("pod", "pod1", "02:00:00:00:00:cc", "198.18.3.254/24"),
-    ] {
-        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer])
-            .unwrap();
-        ns.ip(&["link", "set", peer, "up"]).unwrap();
-        ns.ip(&["link", "set", dev, "address", mac]).unwrap();
-        ns.ip(&["addr", "add", addr, "dev", dev]).unwrap();
-        ns.ip(&["link", "set", dev, "up"]).unwrap();
-    }
-    ns.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.128.254"])
-        .unwrap();
-    ns.ip(&["route", "add", "198.18.200.0/24", "via", "198.18.128.254"])
-        .unwrap();
-    ns.ip(&[
-        "neigh",
-        "add",
+    let (_ns, file, ext) = xdp_node(
+        "kpxxdp",
+        &[
+            ("ext", "02:00:00:00:00:aa", "198.18.128.1/24"),
+            ("pod", "02:00:00:00:00:cc", "198.18.3.254/24"),
+        ],
         "198.18.128.254",
-        "lladdr",
-        "02:00:00:00:00:bb",
-        "dev",
-        "ext",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    let ext = ns
-        .enter(|| nix::net::if_::if_nametoindex("ext"))
-        .unwrap()
-        .unwrap();
-    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+        &["198.18.1.0/24", "198.18.200.0/24"],
+    );
     let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
     let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
-    assert_eq!(out.verdict, XDP_TX, "back out of ext, towards the backend");
-    assert!(!out.marked());
-    let frame = out.frame();
-    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
-    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    let frame = bounced(&out);
     assert_eq!(frame[14 + 8], 63, "forwarded: TTL down by one");
     let seen = inspect(frame);
     assert_eq!(seen.src, ip(NODE), "masqueraded to ext's address");

@@ -753,54 +753,15 @@ fn xdp_sends_an_ipv6_flow_back_out_of_its_interface() {
     node6(&mut dp);
     // The node: "ext" faces the outside client and, through a router on
     // it, the backends (on other nodes).
-    let ns = testbed::Netns::create(&format!("kpxxdp6{}", std::process::id())).unwrap();
-    ns.sysctl("net/ipv6/conf/all/forwarding", "1").unwrap();
-    ns.ip(&["link", "set", "lo", "up"]).unwrap();
-    ns.ip(&["link", "add", "ext", "type", "veth", "peer", "name", "ext1"])
-        .unwrap();
-    ns.ip(&["link", "set", "ext1", "up"]).unwrap();
-    ns.ip(&["link", "set", "ext", "address", "02:00:00:00:00:aa"])
-        .unwrap();
-    ns.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:2:0:fe::1/64",
-        "dev",
-        "ext",
-        "nodad",
-    ])
-    .unwrap();
-    ns.ip(&["link", "set", "ext", "up"]).unwrap();
-    for net in ["2001:2:0:1::/64", "2001:2:0:9::/64"] {
-        ns.ip(&["-6", "route", "add", net, "via", "2001:2:0:fe::fe"])
-            .unwrap();
-    }
-    ns.ip(&[
-        "-6",
-        "neigh",
-        "add",
+    let (_ns, file, ext) = xdp_node(
+        "kpxxdp6",
+        &[("ext", "02:00:00:00:00:aa", "2001:2:0:fe::1/64")],
         "2001:2:0:fe::fe",
-        "lladdr",
-        "02:00:00:00:00:bb",
-        "dev",
-        "ext",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    let ext = ns
-        .enter(|| nix::net::if_::if_nametoindex("ext"))
-        .unwrap()
-        .unwrap();
-    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+        &["2001:2:0:1::/64", "2001:2:0:9::/64"],
+    );
     let syn = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, SYN).build();
     let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
-    assert_eq!(out.verdict, XDP_TX, "back out of ext, towards the backend");
-    assert!(!out.marked());
-    let frame = out.frame();
-    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
-    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    let frame = bounced(&out);
     assert_eq!(frame[14 + 7], 63, "forwarded: hop limit down by one");
     let seen = inspect6(frame);
     assert_eq!(seen.src, ip6(NODE6), "masqueraded to the node's address");

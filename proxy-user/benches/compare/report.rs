@@ -505,6 +505,11 @@ fn north_south_table(out: &mut String, rates: &[NsRate]) {
     );
 }
 
+/// An XDP figure: ns in all, above XDP's empty program, and tc's.
+fn xdp_cell(v: f64, floor: f64, tc: f64) -> String {
+    format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor)
+}
+
 /// The XDP program's figures beside tc's for the same packets.
 fn xdp_table(out: &mut String, costs: &[PacketCost]) {
     if costs.iter().all(|p| p.xdp.is_none()) {
@@ -520,19 +525,17 @@ fn xdp_table(out: &mut String, costs: &[PacketCost]) {
         .iter()
         .filter_map(|p| {
             let x = p.xdp.as_ref()?;
-            let cell =
-                |v: f64, floor: f64, tc: f64| format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor);
             Some(vec![
                 thousands(p.services as f64),
                 format!("{:.0} / {:.0}", x.floor_ns, x.floor_single_ns),
-                cell(x.no_service_ns, x.floor_ns, p.no_service_ns - p.floor_ns),
-                cell(
+                xdp_cell(x.no_service_ns, x.floor_ns, p.no_service_ns - p.floor_ns),
+                xdp_cell(
                     x.established_ns,
                     x.floor_ns,
                     p.established_fib_ns - p.floor_ns,
                 ),
-                cell(x.reply_ns, x.floor_ns, p.reply_fib_ns - p.floor_ns),
-                cell(
+                xdp_cell(x.reply_ns, x.floor_ns, p.reply_fib_ns - p.floor_ns),
+                xdp_cell(
                     x.first_packet_ns,
                     x.floor_single_ns,
                     p.first_packet_fib_ns - p.floor_single_ns,
@@ -559,17 +562,15 @@ fn xdp_table(out: &mut String, costs: &[PacketCost]) {
             if x.established6_ns <= 0.0 {
                 return None;
             }
-            let cell =
-                |v: f64, floor: f64, tc: f64| format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor);
             Some(vec![
                 thousands(p.services as f64),
-                cell(
+                xdp_cell(
                     x.established6_ns,
                     x.floor_ns,
                     v6.established_fib_ns - p.floor_ns,
                 ),
-                cell(x.reply6_ns, x.floor_ns, v6.reply_fib_ns - p.floor_ns),
-                cell(
+                xdp_cell(x.reply6_ns, x.floor_ns, v6.reply_fib_ns - p.floor_ns),
+                xdp_cell(
                     x.first_packet6_ns,
                     x.floor_single_ns,
                     v6.first_packet_fib_ns - p.floor_single_ns,

@@ -1112,30 +1112,17 @@ impl Datapath {
         // them for the attached programs while an agent restarts. The
         // programs IPv6's entries hand over to go in first, so no entry of
         // this build hands over to an older build's.
-        let tail = [
-            (PROG_DSR, prog_names::TC_DSR),
-            (PROG_NEW6, prog_names::TC_NEW6),
-            (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
-            (PROG_INGRESS6, prog_names::TC_INGRESS6),
-            (PROG_EGRESS6, prog_names::TC_EGRESS6),
-        ];
-        let mut fds = Vec::new();
-        for (index, name) in tail {
-            let fd = program(&mut ebpf, name)?
-                .fd()?
-                .try_clone()
-                .with_context(|| format!("duplicating {name}'s descriptor"))?;
-            fds.push((index, name, fd));
-        }
-        let mut progs: ProgramArray<&mut MapData> = ebpf
-            .map_mut(map_names::PROGS)
-            .ok_or_else(|| anyhow!("map {} missing from the object", map_names::PROGS))?
-            .try_into()?;
-        for (index, name, fd) in &fds {
-            progs
-                .set(*index, fd, 0)
-                .with_context(|| format!("putting {name} in {}", map_names::PROGS))?;
-        }
+        fill_prog_array(
+            &mut ebpf,
+            map_names::PROGS,
+            &[
+                (PROG_DSR, prog_names::TC_DSR),
+                (PROG_NEW6, prog_names::TC_NEW6),
+                (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
+                (PROG_INGRESS6, prog_names::TC_INGRESS6),
+                (PROG_EGRESS6, prog_names::TC_EGRESS6),
+            ],
+        )?;
         let mut maps = MapSet::from_ebpf(&mut ebpf)?;
         let upgrade = pending.map(|p| layout::finish(&mut maps, p)).transpose()?;
         // The programs attached (an earlier agent's, or kpx's before the
@@ -1168,27 +1155,14 @@ impl Datapath {
             .is_some_and(|p| p.fd().is_err())
         {
             // The programs it tail-calls go in first (IPv6's first packets).
-            let mut fds = Vec::new();
-            for (index, name) in [
+            let tail = [
                 (XDP_PROG_SERVICE6, prog_names::XDP_SERVICE6),
                 (XDP_PROG_NEW6, prog_names::XDP_NEW6),
-            ] {
-                let fd = xdp_program(&mut self.ebpf, name)?
-                    .fd()?
-                    .try_clone()
-                    .with_context(|| format!("duplicating {name}'s descriptor"))?;
-                fds.push((index, name, fd));
+            ];
+            for (_, name) in tail {
+                xdp_program(&mut self.ebpf, name)?;
             }
-            let mut progs: ProgramArray<&mut MapData> = self
-                .ebpf
-                .map_mut(map_names::XDP_PROGS)
-                .ok_or_else(|| anyhow!("map {} missing from the object", map_names::XDP_PROGS))?
-                .try_into()?;
-            for (index, name, fd) in &fds {
-                progs
-                    .set(*index, fd, 0)
-                    .with_context(|| format!("putting {name} in {}", map_names::XDP_PROGS))?;
-            }
+            fill_prog_array(&mut self.ebpf, map_names::XDP_PROGS, &tail)?;
         }
         xdp_program(&mut self.ebpf, prog_names::XDP)
     }
@@ -1231,6 +1205,31 @@ impl Datapath {
 }
 
 /// XDP program `name`, loaded if it was not.
+/// Puts the loaded programs `programs` (index, name) into the program
+/// array `map`, for the programs that tail-call them.
+fn fill_prog_array(ebpf: &mut Ebpf, map: &str, programs: &[(u32, &str)]) -> Result<()> {
+    let mut fds = Vec::new();
+    for &(index, name) in programs {
+        let fd = ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?
+            .fd()?
+            .try_clone()
+            .with_context(|| format!("duplicating {name}'s descriptor"))?;
+        fds.push((index, name, fd));
+    }
+    let mut progs: ProgramArray<&mut MapData> = ebpf
+        .map_mut(map)
+        .ok_or_else(|| anyhow!("map {map} missing from the object"))?
+        .try_into()?;
+    for (index, name, fd) in &fds {
+        progs
+            .set(*index, fd, 0)
+            .with_context(|| format!("putting {name} in {map}"))?;
+    }
+    Ok(())
+}
+
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
     let prog: &mut Xdp = ebpf
         .program_mut(name)

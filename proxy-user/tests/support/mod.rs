@@ -655,3 +655,71 @@ pub fn geneve_frame(from: &str, inner: &Pkt, svc: (&str, u16)) -> Vec<u8> {
     out.extend_from_slice(&inner[14..]);
     out
 }
+
+/// A node's namespace for XDP's `XDP_TX` cases, forwarding on: `ifaces`
+/// (name, MAC, address with its prefix length), each a veth whose peer is
+/// up; `routes` through `router` (MAC 02::bb, a permanent neighbour on the
+/// first interface). Returns it, its file for the runs, and the first
+/// interface's index. IPv6 when the router's address is.
+pub fn xdp_node(
+    prefix: &str,
+    ifaces: &[(&str, &str, &str)],
+    router: &str,
+    routes: &[&str],
+) -> (testbed::Netns, std::fs::File, u32) {
+    let v6 = router.contains(':');
+    let ns = testbed::Netns::create(&format!("{prefix}{}", std::process::id())).unwrap();
+    if v6 {
+        ns.sysctl("net/ipv6/conf/all/forwarding", "1").unwrap();
+    } else {
+        ns.sysctl("net/ipv4/ip_forward", "1").unwrap();
+    }
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    for &(dev, mac, addr) in ifaces {
+        let peer = format!("{dev}1");
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer])
+            .unwrap();
+        ns.ip(&["link", "set", &peer, "up"]).unwrap();
+        ns.ip(&["link", "set", dev, "address", mac]).unwrap();
+        let mut add = vec!["addr", "add", addr, "dev", dev];
+        if v6 {
+            add.push("nodad");
+        }
+        ns.ip(&add).unwrap();
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
+    }
+    let first = ifaces[0].0;
+    for net in routes {
+        ns.ip(&["route", "add", net, "via", router]).unwrap();
+    }
+    ns.ip(&[
+        "neigh",
+        "add",
+        router,
+        "lladdr",
+        "02:00:00:00:00:bb",
+        "dev",
+        first,
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    let ifindex = ns
+        .enter(|| nix::net::if_::if_nametoindex(first))
+        .unwrap()
+        .unwrap();
+    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+    (ns, file, ifindex)
+}
+
+/// The frame of an XDP run sent back out of [`xdp_node`]'s first
+/// interface: `XDP_TX`, unmarked, from that interface's MAC (02::aa) to
+/// the router's.
+pub fn bounced(out: &Xdp) -> &[u8] {
+    assert_eq!(out.verdict, XDP_TX, "back out of ext, towards the router");
+    assert!(!out.marked());
+    let frame = out.frame();
+    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
+    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    frame
+}
