@@ -73,7 +73,7 @@ const FRONTEND_LEFT: u32 = 0x6b70_7836;
 /// keeps). The one tail call into IPv6's program from tc ingress's entry:
 /// a call site whose index is a constant is jumped to directly by the
 /// JIT, one reached with two (were each `Rest` its own program) through
-/// an indirect, retpolined jump, which cost a first packet ~10 ns.
+/// an indirect, retpolined jump, which cost a packet of no flow ~10 ns.
 #[inline(always)]
 pub fn hand_over6(ctx: &TcContext, rest: Rest) -> i32 {
     let marker = match rest {
