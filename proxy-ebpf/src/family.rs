@@ -113,7 +113,7 @@ pub fn plain_transport6(ctx: &TcContext) -> bool {
         .is_some_and(|h| h[6] == IPPROTO_TCP || h[6] == IPPROTO_UDP)
 }
 
-/// What tc ingress's entry does with an IPv6 packet ([`entry6`]).
+/// What tc ingress's entry does with an IPv6 packet ([`sort6`]).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Entry6 {
     /// Plain TCP or UDP that no service or tracked flow can concern:
@@ -136,7 +136,7 @@ pub enum Entry6 {
 /// unless its address may be a frontend's). The port, address and reply
 /// filters' reads (arrays, inlined) and nothing else.
 #[inline(always)]
-pub fn entry6<P: Packet>(ctx: &P) -> Entry6 {
+pub fn sort6<P: Packet>(ctx: &P) -> Entry6 {
     use crate::parse::{ip6, read_linear, ETH_HLEN};
     // Version/class/label, payload length, next header (the hop limit).
     let Some(head) = read_linear::<_, [u16; 4]>(ctx, ETH_HLEN) else {

@@ -166,14 +166,14 @@ fn ingress6(ctx: &TcContext) -> i32 {
 /// space).
 #[inline(always)]
 fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, Rest> {
-    match family::entry6(ctx) {
+    match family::sort6(ctx) {
         Entry6::Untracked => Ok(Verdict::Pass(Counter::PassNoService)),
         Entry6::Other => Err(Rest::Path),
         Entry6::Plain => {
             let Some(s) = maps::scratch6() else {
                 return Ok(Verdict::Pass(Counter::PassNotHandled));
             };
-            // Plain, so a packet (`entry6` checked what parsing checks but
+            // Plain, so a packet (`sort6` checked what parsing checks but
             // the transport header's own length).
             if parse::parse_ipv6(ctx, &mut s.pkt) != Kind::Packet {
                 return Err(Rest::Path);
@@ -547,24 +547,13 @@ fn path6(ctx: &TcContext) -> Verdict {
 /// [`kpx_tc_ingress`], but the service's (done before the hand-over).
 #[classifier]
 pub fn kpx_tc_new6(ctx: TcContext) -> i32 {
-    new6(&ctx, Origin::Network)
+    verdict::action(new6(&ctx, Origin::Network))
 }
 
 /// [`kpx_tc_new6`] at XDP (`XDP_PROG_NEW6`).
 #[xdp]
 pub fn kpx_xdp_new6(ctx: XdpContext) -> u32 {
-    let Some(s) = maps::scratch6() else {
-        return verdict::xdp_action(Verdict::Pass(Counter::PassNotHandled));
-    };
-    verdict::xdp_action(new_flow(
-        &ctx,
-        &s.pkt,
-        &s.key,
-        &s.svc,
-        Origin::Network,
-        s.recovered,
-        false,
-    ))
+    verdict::xdp_action(new6(&ctx, Origin::Network))
 }
 
 /// [`kpx_tc_new6`] for [`kpx_tc_egress6`] (`PROG_NEW6_NODE`): a program of
@@ -572,23 +561,18 @@ pub fn kpx_xdp_new6(ctx: XdpContext) -> u32 {
 /// in one program outgrew its stack).
 #[classifier]
 pub fn kpx_tc_new6_node(ctx: TcContext) -> i32 {
-    new6(&ctx, Origin::Node)
+    verdict::action(new6(&ctx, Origin::Node))
 }
 
+/// An IPv6 flow's first packet, its tuple and frontend in this CPU's
+/// scratch space (the programs of `PROG_NEW6`, `PROG_NEW6_NODE` and
+/// `XDP_PROG_NEW6`).
 #[inline(always)]
-fn new6(ctx: &TcContext, origin: Origin) -> i32 {
+fn new6<P: Packet>(ctx: &P, origin: Origin) -> Verdict {
     let Some(s) = maps::scratch6() else {
-        return verdict::action(Verdict::Pass(Counter::PassNotHandled));
+        return Verdict::Pass(Counter::PassNotHandled);
     };
-    verdict::action(new_flow(
-        ctx,
-        &s.pkt,
-        &s.key,
-        &s.svc,
-        origin,
-        s.recovered,
-        false,
-    ))
+    new_flow(ctx, &s.pkt, &s.key, &s.svc, origin, s.recovered, false)
 }
 
 /// [`flow`] for IPv6, its packet parsed into `s`.
@@ -624,7 +608,7 @@ fn flow_of<P: Packet, A: Family>(
     // for a packet to a frontend's port or from a backend's: no other can
     // be of a tracked flow, and most traffic that is not for a service
     // (a pod's to a pod, socket-balanced flows' requests) skips it.
-    // IPv6's entry asked the reply filter already (`entry6`).
+    // IPv6's entry asked the reply filter already (`sort6`).
     if ports.may_be_tracked(pkt.sport, || (!A::FILTERED_AHEAD).then_some(*key)) {
         if let Some(v) = tracked(ctx, pkt, key, origin, dsr) {
             return v;

@@ -738,26 +738,23 @@ fn xdp_costs(
         "XDP did not pass a packet to no service"
     );
     let no_service = batched(dp.xdp()?, &tcp)?;
-    let mut flows = [0.0; 2];
-    for (i, frame) in ping_pong_frames(vip).into_iter().enumerate() {
-        let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
-        anyhow::ensure!(
-            r.return_value == XDP_TX,
-            "XDP did not send the established packet back out (verdict {})",
-            r.return_value
-        );
-        flows[i] = batched(dp.xdp()?, &frame)?;
-    }
-    let mut flows6 = [0.0; 2];
-    for (i, frame) in ping_pong6(dp, vip6)?.into_iter().enumerate() {
-        let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
-        anyhow::ensure!(
-            r.return_value == XDP_TX,
-            "XDP did not send the established IPv6 packet back out (verdict {})",
-            r.return_value
-        );
-        flows6[i] = batched(dp.xdp()?, &frame)?;
-    }
+    // An established packet and a reply, each checked to be sent back out.
+    let bounced = |dp: &mut Datapath, frames: [Vec<u8>; 2]| -> anyhow::Result<[f64; 2]> {
+        let mut ns = [0.0; 2];
+        for (i, frame) in frames.into_iter().enumerate() {
+            let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
+            anyhow::ensure!(
+                r.return_value == XDP_TX,
+                "XDP did not send an established packet back out (verdict {})",
+                r.return_value
+            );
+            ns[i] = batched(dp.xdp()?, &frame)?;
+        }
+        Ok(ns)
+    };
+    let flows = bounced(dp, ping_pong_frames(vip))?;
+    let frames6 = ping_pong6(dp, vip6)?;
+    let flows6 = bounced(dp, frames6)?;
     let mut first = Vec::with_capacity(singles as usize);
     let mut first6 = Vec::with_capacity(singles as usize);
     let mut floor_single = Vec::with_capacity(singles as usize);
