@@ -115,7 +115,7 @@ pub fn expire<A: Family>(ctx: &TcContext) -> i32 {
         let Ok(key) = ctx.load::<CtKey<A>>(ETH_HLEN + i * core::mem::size_of::<CtKey<A>>()) else {
             break;
         };
-        if let Some(e) = A::ct_tcp().get_ptr_mut(key) {
+        if let Some(e) = A::ct_tcp().get_ptr_mut(key.tuple()) {
             // SAFETY: a map value of this run, read once.
             if unsafe { (*e).dir } == CT_DIR_ORIGINAL && close(e) {
                 ended += 1;

@@ -49,7 +49,7 @@ impl Table {
     #[inline(always)]
     fn get<A: Family>(self, key: &CtKey<A>) -> Option<*mut CtValue<A>> {
         match self {
-            Table::Tcp => A::ct_tcp().get_ptr_mut(key),
+            Table::Tcp => A::ct_tcp().get_ptr_mut(key.tuple()),
             Table::Any => A::ct_any().get_ptr_mut(key),
         }
     }
@@ -57,7 +57,7 @@ impl Table {
     #[inline(always)]
     fn remove<A: Family>(self, key: &CtKey<A>) -> bool {
         match self {
-            Table::Tcp => A::ct_tcp().remove(key).is_ok(),
+            Table::Tcp => A::ct_tcp().remove(key.tuple()).is_ok(),
             Table::Any => A::ct_any().remove(key).is_ok(),
         }
     }
@@ -120,7 +120,7 @@ pub struct Found<A = u32> {
 #[inline(always)]
 pub fn lookup<A: Family>(key: &CtKey<A>, tcp_flags: u8) -> Option<Found<A>> {
     if key.proto == IPPROTO_TCP {
-        if let Some(entry) = A::ct_tcp().get_ptr_mut(key) {
+        if let Some(entry) = A::ct_tcp().get_ptr_mut(key.tuple()) {
             return Some(Found {
                 entry,
                 table: Table::Tcp,
@@ -169,7 +169,7 @@ pub fn newer<A: Family>(key: &CtKey<A>, found: Found<A>, tcp_flags: u8) -> Found
 #[inline(always)]
 pub fn lookup_any_state<A: Family>(key: &CtKey<A>) -> Option<*mut CtValue<A>> {
     if key.proto == IPPROTO_TCP {
-        if let Some(entry) = A::ct_tcp().get_ptr_mut(key) {
+        if let Some(entry) = A::ct_tcp().get_ptr_mut(key.tuple()) {
             return Some(entry);
         }
     }
@@ -354,7 +354,7 @@ pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>,
         Ok(new) => match insert_established(key, reply, &original_key) {
             Ok(_) => Ok(new),
             Err(reason) => {
-                if A::ct_tcp().remove(&original_key).is_ok() {
+                if A::ct_tcp().remove(original_key.tuple()).is_ok() {
                     stats::event(Event::CtRemoved, 1);
                 }
                 Err(reason)
@@ -385,7 +385,7 @@ pub fn establish<A: Family>(key: &CtKey<A>, found: Found<A>) -> Result<Found<A>,
     stats::event(Event::CtRemoved, removed);
     stats::event(Event::CtEstablished, 1);
     A::ct_tcp()
-        .get_ptr_mut(key)
+        .get_ptr_mut(key.tuple())
         .map(|entry| Found {
             entry,
             table: Table::Tcp,
@@ -408,13 +408,13 @@ fn insert_established<A: Family>(
     v: &CtValue<A>,
     partner: &CtKey<A>,
 ) -> Result<bool, DropReason> {
-    match A::ct_tcp().insert(key, v, BPF_NOEXIST as u64) {
+    match A::ct_tcp().insert(key.tuple(), v, BPF_NOEXIST as u64) {
         Ok(()) => {
             stats::event(Event::CtInserted, 1);
             Ok(true)
         }
         Err(e) if e == -EEXIST => {
-            let Some(p) = A::ct_tcp().get_ptr_mut(key) else {
+            let Some(p) = A::ct_tcp().get_ptr_mut(key.tuple()) else {
                 return Err(DropReason::CtInsertFailed);
             };
             // SAFETY: as in `touch`; copied at once.
@@ -432,7 +432,7 @@ fn insert_established<A: Family>(
             stats::event(Event::CtRemoved, 1);
             stats::event(Event::CtInserted, 1);
             A::ct_tcp()
-                .insert(key, v, BPF_ANY as u64)
+                .insert(key.tuple(), v, BPF_ANY as u64)
                 .map(|()| true)
                 .map_err(|_| DropReason::CtInsertFailed)
         }
@@ -488,7 +488,7 @@ pub fn dsr_handshake<A: Family>(key: &CtKey<A>) -> Option<Found<A>> {
         return None;
     }
     recover(&e.translate(key)).ok()?;
-    A::ct_tcp().get_ptr_mut(key).map(|entry| Found {
+    A::ct_tcp().get_ptr_mut(key.tuple()).map(|entry| Found {
         entry,
         table: Table::Tcp,
     })
@@ -705,7 +705,8 @@ fn insert_masqueraded<A: Family>(
 ) -> Result<(), DropReason> {
     for i in 1..=SNAT_TRIES {
         let reply_key = original.partner(key);
-        let established = key.proto == IPPROTO_TCP && A::ct_tcp().get_ptr(&reply_key).is_some();
+        let established =
+            key.proto == IPPROTO_TCP && A::ct_tcp().get_ptr(reply_key.tuple()).is_some();
         let taken = established
             || match A::ct_any().insert(reply_key, *reply, BPF_NOEXIST as u64) {
                 Ok(()) => return Ok(()),

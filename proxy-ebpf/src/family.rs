@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, DatapathConfig, In6,
-    Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange, IPPROTO_TCP, IPPROTO_UDP,
+    Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtTuple, CtValue, DatapathConfig,
+    In6, Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange, IPPROTO_TCP, IPPROTO_UDP,
     PROG_INGRESS6,
 };
 
@@ -222,7 +222,7 @@ pub trait Family: Address {
     fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue>;
     fn service_addrs() -> &'static HashMap<Self, u32>;
     fn slots() -> &'static HashMap<SlotKey, Slot<Self>>;
-    fn ct_tcp() -> &'static HashMap<CtKey<Self>, CtValue<Self>>;
+    fn ct_tcp() -> &'static HashMap<CtTuple<Self>, CtValue<Self>>;
     fn ct_any() -> &'static LruHashMap<CtKey<Self>, CtValue<Self>>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self>, AffinityValue>;
     fn node_addrs() -> &'static HashMap<Self, u32>;
@@ -290,7 +290,7 @@ impl Family for u32 {
         &maps::SLOTS
     }
     #[inline(always)]
-    fn ct_tcp() -> &'static HashMap<CtKey<Self>, CtValue<Self>> {
+    fn ct_tcp() -> &'static HashMap<CtTuple<Self>, CtValue<Self>> {
         &maps::CT_TCP
     }
     #[inline(always)]
@@ -390,7 +390,7 @@ impl Family for In6 {
         &maps::SLOTS6
     }
     #[inline(always)]
-    fn ct_tcp() -> &'static HashMap<CtKey<Self>, CtValue<Self>> {
+    fn ct_tcp() -> &'static HashMap<CtTuple<Self>, CtValue<Self>> {
         &maps::CT6_TCP
     }
     #[inline(always)]

@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use proxy_common::{
-    capacity, AffinityKey, AffinityValue, Counter, CtKey, CtValue, DatapathConfig, DropReason,
-    Event, In6, Net6, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot, SlotKey,
-    SockPeerKey, SockValue, SrcRange,
+    capacity, AffinityKey, AffinityValue, Counter, CtKey, CtTuple, CtValue, DatapathConfig,
+    DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats, ServiceValue, Slot,
+    SlotKey, SockPeerKey, SockValue, SrcRange,
 };
 
 #[map(name = "KPX_SERVICES")]
@@ -33,8 +33,9 @@ pub static SLOTS: HashMap<SlotKey, Slot> =
 /// Established TCP flows, both directions. A plain (preallocated) hash:
 /// nothing can push an entry out; the agent's collector ends flows by
 /// state, and a full table refuses new connections (`DropReason::CtFull`).
+/// Keyed by a flow's tuple without its protocol (`CtTuple`): all TCP.
 #[map(name = "KPX_CT_TCP")]
-pub static CT_TCP: HashMap<CtKey, CtValue> = HashMap::with_max_entries(capacity::CT_TCP, 0);
+pub static CT_TCP: HashMap<CtTuple, CtValue> = HashMap::with_max_entries(capacity::CT_TCP, 0);
 
 /// Every other flow, both directions: UDP, and TCP until its first reply
 /// (then moved to `CT_TCP`). LRU: under pressure the least recently used
@@ -162,7 +163,7 @@ pub static SLOTS6: HashMap<SlotKey, Slot<In6>> =
     HashMap::with_max_entries(capacity::SLOTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "KPX_CT6_TCP")]
-pub static CT6_TCP: HashMap<CtKey<In6>, CtValue<In6>> =
+pub static CT6_TCP: HashMap<CtTuple<In6>, CtValue<In6>> =
     HashMap::with_max_entries(capacity::CT_TCP, 0);
 
 #[map(name = "KPX_CT6_ANY")]

@@ -42,7 +42,7 @@ fn tcp_syn_to_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
     assert_eq!(seen.dport, 8080);
 
     // A new connection waits for its first reply in the LRU table.
-    let ct = &dp.maps.ct_any;
+    let ct = &dp.maps.ct.any;
     let orig = ct
         .get(&ct_key(CLIENT, 40000, VIP, 80, IPPROTO_TCP), 0)
         .expect("original entry");

@@ -42,7 +42,7 @@ fn an_ipv6_syn_to_a_vip_is_dnated_to_a_backend_and_tracked_both_ways() {
     );
     assert_eq!(seen.dport, 8080);
 
-    let ct = &dp.maps.v6.ct_any;
+    let ct = &dp.maps.v6.ct.any;
     let orig = ct
         .get(&ct_key6(CLIENT6, 40000, VIP6, 80, IPPROTO_TCP), 0)
         .expect("original entry");
@@ -83,7 +83,7 @@ fn ipv6_replies_come_from_the_vip_and_later_packets_stick_to_their_backend() {
     assert_eq!((back.src, back.sport), (ip6(VIP6), 80));
     assert_eq!((back.dst, back.dport), (ip6(CLIENT6), 40001));
     // The first reply moved the connection to the established table.
-    let established = dp.maps.v6.ct_tcp.keys().filter_map(|k| k.ok()).count();
+    let established = dp.maps.v6.ct.tcp.keys().filter_map(|k| k.ok()).count();
     assert_eq!(established, 2, "both directions in the established table");
     for _ in 0..20 {
         let out = run(&mut dp, &Pkt6::new(CLIENT6, 40001, VIP6, 80, ACK).build());
@@ -339,7 +339,7 @@ fn an_ipv6_service_without_endpoints_answers_icmpv6_port_unreachable() {
         assert_eq!(&out.bytes[..6], &frame[6..12], "back to the sender's MAC");
     }
     assert_eq!(counter(&mut dp, Counter::Rejected), 2);
-    assert!(dp.maps.v6.ct_any.keys().next().is_none(), "nothing tracked");
+    assert!(dp.maps.v6.ct.any.keys().next().is_none(), "nothing tracked");
 }
 
 /// IPv6's node settings: masquerade to `NODE6`, the cluster CIDR
@@ -380,7 +380,8 @@ fn ipv6_from_outside_the_cluster_is_masqueraded_and_its_replies_come_back() {
     let orig = dp
         .maps
         .v6
-        .ct_any
+        .ct
+        .any
         .get(&ct_key6(OUTSIDE6, 45000, VIP6, 80, IPPROTO_TCP), 0)
         .unwrap();
     assert_ne!(orig.flags & CT_F_SNAT, 0);
@@ -503,7 +504,7 @@ fn ipv4_and_ipv6_services_share_one_datapath_without_mixing() {
         "IPv4's flow in IPv4's tables"
     );
     assert_eq!(
-        dp.maps.v6.ct_any.keys().filter_map(|k| k.ok()).count(),
+        dp.maps.v6.ct.any.keys().filter_map(|k| k.ok()).count(),
         2,
         "IPv6's in IPv6's"
     );
@@ -594,8 +595,8 @@ fn the_collector_ends_idle_ipv6_flows_and_flushes_stale_udp_ones() {
     assert_eq!(run(&mut dp, &reply6(&syn, SYN_ACK)).verdict, TC_ACT_OK);
     let udp = inspect6(&run(&mut dp, &Pkt6::new(CLIENT6, 51001, VIP6, 53, UDP).build()).bytes);
     let count = |dp: &kpx::dataplane::maps::Datapath| {
-        let tcp = dp.maps.v6.ct_tcp.keys().filter_map(|k| k.ok()).count();
-        let any = dp.maps.v6.ct_any.keys().filter_map(|k| k.ok()).count();
+        let tcp = dp.maps.v6.ct.tcp.keys().filter_map(|k| k.ok()).count();
+        let any = dp.maps.v6.ct.any.keys().filter_map(|k| k.ok()).count();
         (tcp, any)
     };
     assert_eq!(count(&dp), (2, 2));

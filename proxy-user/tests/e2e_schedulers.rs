@@ -167,7 +167,7 @@ fn lose_flows(c: &Cluster) -> usize {
     let mut maps = MapSet::open_pinned(&c.bpffs()).unwrap();
     let entries = maps.ct_entries();
     for (table, key, _) in &entries {
-        let _ = maps.ct_mut(*table).remove(key);
+        maps.ct.remove(*table, key);
     }
     entries.len()
 }

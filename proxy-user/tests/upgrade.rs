@@ -14,9 +14,10 @@ use kpx::dataplane::{
     maps::{CtTable, Datapath, LoadOptions},
 };
 use proxy_common::{
-    map_names, Backend, CtKey, CtValue, Event, Slot, SlotKey, IPPROTO_UDP, LAYOUT_VERSION,
+    map_names, Backend, CtKey, CtTuple, CtValue, Event, Slot, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
+    LAYOUT_VERSION,
 };
-use support::*;
+use support::{v6::*, *};
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -83,9 +84,9 @@ fn layout_of(dir: &PinDir) -> u32 {
     map.get(&0, 0).unwrap()
 }
 
-/// Pins `old`'s service maps (and its conntrack tables, as layout 2 had
-/// them, when `conntrack`) under their names, and its slots as layouts 1
-/// and 2 had them.
+/// Pins `old`'s service maps (and its conntrack tables, as layouts 2 and
+/// 3 had them, when `conntrack`) under their names, and its slots as
+/// layouts 1 and 2 had them.
 fn pin_old_maps(dir: &PinDir, old: &Datapath, conntrack: bool) {
     use aya::maps::IterableMap as _;
     let mut maps = vec![
@@ -94,13 +95,36 @@ fn pin_old_maps(dir: &PinDir, old: &Datapath, conntrack: bool) {
         (map_names::PORTS, old.maps.ports.map()),
     ];
     if conntrack {
-        maps.push((map_names::CT_TCP, old.maps.ct_tcp.map()));
-        maps.push((map_names::CT_ANY, old.maps.ct_any.map()));
+        maps.push((map_names::CT_ANY, old.maps.ct.any.map()));
+        pin_v3_established(dir, map_names::CT_TCP, old.maps.ct.entries());
     }
     for (name, map) in maps {
         map.pin(dir.pin(name)).expect("pinning an old layout's map");
     }
     pin_v2_slots(dir, old);
+}
+
+/// Pins the established entries among `entries` as layouts 2 and 3 kept
+/// them: in a table `name` keyed by the whole `CtKey`. Returns how many.
+fn pin_v3_established<A: Copy>(
+    dir: &PinDir,
+    name: &str,
+    entries: Vec<(CtTable, CtKey<A>, CtValue<A>)>,
+) -> usize
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    let data = create_pinned::<CtKey<A>, CtValue<A>>(&dir.pin(name), BPF_MAP_TYPE_HASH, 1024);
+    let mut old: HashMap<MapData, CtKey<A>, CtValue<A>> = Map::HashMap(data).try_into().unwrap();
+    let established: Vec<_> = entries
+        .into_iter()
+        .filter(|(t, _, _)| *t == CtTable::Tcp)
+        .collect();
+    for (_, k, v) in &established {
+        old.insert(k, v, 0).expect("old entry");
+    }
+    established.len()
 }
 
 /// Pins `dp`'s slots as layouts 1 and 2 had them: a backend id in each
@@ -177,7 +201,10 @@ fn layout_1_maps_are_migrated_with_their_flows() {
     assert!(!dir.pin(proxy_common::legacy_map_names::CONNTRACK).exists());
     assert_slots_carried(&dir, &dp);
     assert_eq!(layout_of(&dir), LAYOUT_VERSION);
-    let count = |dp: &Datapath, t| dp.maps.ct(t).keys().count();
+    let count = |dp: &Datapath, t| {
+        let entries = dp.maps.ct_entries().into_iter();
+        entries.filter(|(table, _, _)| *table == t).count()
+    };
     assert_eq!((count(&dp, CtTable::Tcp), count(&dp, CtTable::Any)), (2, 4));
 
     // The established connection goes on to the same backend, both ways.
@@ -212,7 +239,8 @@ fn layout_1_maps_are_migrated_with_their_flows() {
 }
 
 /// Layout 2 (slots holding a backend id, backends in `KPX_BACKENDS`): the
-/// conntrack tables are shared as they are, and every slot is carried with
+/// other conntrack table is shared as it is, the established one carried
+/// into this layout's (keyed by `CtTuple`), and every slot is carried with
 /// its backend in it, so new flows are served from the first packet, before
 /// any sync.
 #[test]
@@ -232,16 +260,82 @@ fn layout_2_slots_are_carried_with_their_backends() {
 
     let mut dp = dir.load();
     let up = dp.upgrade.clone().expect("loaded over pins");
-    assert_eq!((up.from, up.carried, up.lost), (Some(2), 0, 0));
+    assert_eq!((up.from, up.carried, up.lost), (Some(2), 2, 0));
     assert_eq!(layout_of(&dir), LAYOUT_VERSION);
     assert_slots_carried(&dir, &dp);
-    // The established connection goes on, shared in place.
+    // The established connection goes on.
     let out = run(&mut dp, &Pkt::new(CLIENT, 43100, VIP, 80, ACK).build());
     assert_eq!(inspect(&out.bytes), established);
     // New connections reach a backend of the service at once.
     let fresh = inspect(&run(&mut dp, &Pkt::new(CLIENT, 43101, VIP, 80, SYN).build()).bytes);
     assert_ne!(fresh.dst, ip(VIP));
     assert_eq!(drops(&mut dp, proxy_common::DropReason::BackendMissing), 0);
+}
+
+/// Layout 3 (both families' established tables keyed by the whole
+/// `CtKey`): their connections are carried into this layout's tables,
+/// keyed by `CtTuple`, and go on both ways on their backends; the other
+/// tables are shared as they are.
+#[test]
+#[ignore = "needs root"]
+fn layout_3_established_flows_of_both_families_are_carried() {
+    let dir = PinDir::new("upgrade-v3");
+    let (established, established6, carried) = {
+        let mut old = datapath();
+        cluster(&mut old);
+        cluster6(&mut old);
+        let est = handshake(&mut old, &Pkt::new(CLIENT, 43200, VIP, 80, SYN));
+        let syn6 = Pkt6::new(CLIENT6, 43200, VIP6, 80, SYN).build();
+        let est6 = inspect6(&run(&mut old, &syn6).bytes);
+        assert_eq!(run(&mut old, &reply6(&est6, SYN_ACK)).verdict, TC_ACT_OK);
+        // A handshake in progress stays where it is (`CT_ANY` is shared).
+        run(&mut old, &Pkt::new(CLIENT, 43201, VIP, 80, SYN).build());
+        let carried = pin_v3_established(&dir, map_names::CT_TCP, old.maps.ct.entries())
+            + pin_v3_established(&dir, map_names::CT6_TCP, old.maps.v6.ct.entries());
+        assert_eq!(carried, 4, "both directions of one connection per family");
+        use aya::maps::IterableMap as _;
+        for (name, map) in [
+            (map_names::SERVICES, old.maps.services.map()),
+            (map_names::SLOTS, old.maps.slots.map()),
+            (map_names::PORTS, old.maps.ports.map()),
+            (map_names::CT_ANY, old.maps.ct.any.map()),
+            (map_names::SERVICES6, old.maps.v6.services.map()),
+            (map_names::SLOTS6, old.maps.v6.slots.map()),
+        ] {
+            map.pin(dir.pin(name)).expect("pinning an old layout's map");
+        }
+        let data = create_pinned::<u32, u32>(&dir.pin(map_names::LAYOUT), BPF_MAP_TYPE_ARRAY, 1);
+        let mut layout: Array<MapData, u32> = Map::Array(data).try_into().unwrap();
+        layout.set(0, 3, 0).unwrap();
+        (est, est6, carried as u64)
+    };
+
+    let mut dp = dir.load();
+    let up = dp.upgrade.clone().expect("loaded over pins");
+    assert_eq!((up.from, up.carried, up.lost), (Some(3), carried, 0));
+    assert_eq!(layout_of(&dir), LAYOUT_VERSION);
+    for (name, key) in [
+        (map_names::CT_TCP, size_of::<CtTuple>()),
+        (map_names::CT6_TCP, size_of::<CtTuple<proxy_common::In6>>()),
+    ] {
+        let info = MapInfo::from_pin(dir.pin(name)).unwrap();
+        assert_eq!(info.key_size() as usize, key, "{name}");
+    }
+    // Both connections go on, both ways, on their backends.
+    let out = run(&mut dp, &Pkt::new(CLIENT, 43200, VIP, 80, ACK).build());
+    assert_eq!(inspect(&out.bytes), established);
+    assert_eq!(
+        inspect(&run(&mut dp, &reply(&established, ACK)).bytes).src,
+        ip(VIP)
+    );
+    let out6 = run(&mut dp, &Pkt6::new(CLIENT6, 43200, VIP6, 80, ACK).build());
+    assert_eq!(inspect6(&out6.bytes), established6);
+    let back6 = inspect6(&run(&mut dp, &reply6(&established6, ACK)).bytes);
+    assert_eq!(back6.src, ip6(VIP6));
+    // The handshake in progress completes: `CT_ANY` was shared.
+    let pending = dp.maps.ct_get(&ct_key(CLIENT, 43201, VIP, 80, IPPROTO_TCP));
+    assert_eq!(pending.map(|(t, _)| t), Some(CtTable::Any));
+    assert_eq!(event(&mut dp, Event::CtEstablished), 0);
 }
 
 /// A layout this kpx does not know (a newer one, met on a downgrade) is
@@ -285,7 +379,7 @@ fn a_pinned_map_of_another_shape_is_replaced_not_shared() {
     layout.set(0, LAYOUT_VERSION, 0).unwrap();
     // The right sizes, the wrong type: an LRU where established flows must
     // never be evicted.
-    create_pinned::<CtKey, CtValue>(&dir.pin(map_names::CT_TCP), BPF_MAP_TYPE_LRU_HASH, 64);
+    create_pinned::<CtTuple, CtValue>(&dir.pin(map_names::CT_TCP), BPF_MAP_TYPE_LRU_HASH, 64);
     create_pinned::<CtKey, [u8; 40]>(&dir.pin(map_names::CT_ANY), BPF_MAP_TYPE_LRU_HASH, 64);
     let dp = dir.load();
     drop(dp);
@@ -320,8 +414,8 @@ fn ipv6_tables_created_small_grow_once_ipv6_is_configured() {
     }
     let key = CtKey::new(1, 2, 3, 4, IPPROTO_UDP);
     dp.maps
-        .ct_mut(CtTable::Any)
-        .insert(key, CtValue::default(), 0)
+        .ct
+        .insert(CtTable::Any, &key, &CtValue::default())
         .unwrap();
     drop(dp);
     // Unchanged while IPv6 stays off.
@@ -332,7 +426,7 @@ fn ipv6_tables_created_small_grow_once_ipv6_is_configured() {
     assert_eq!(entries(map_names::CT6_ANY), 2048);
     assert!(entries(map_names::AFFINITY6) > IPV6_OFF_ENTRIES);
     assert!(
-        dp.maps.ct(CtTable::Any).get(&key, 0).is_ok(),
+        dp.maps.ct.get(CtTable::Any, &key).is_some(),
         "IPv4's flow kept"
     );
 }

@@ -11,7 +11,7 @@
 //! harness's own overhead in that method).
 
 use aya::programs::{tc::SchedClassifier, TestRun, TestRunOptions, Xdp};
-use kpx::dataplane::maps::Datapath;
+use kpx::dataplane::maps::{CtTable, Datapath};
 use proxy_common::{
     addr_bit, port_bit, wire, Address, CtValue, CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_REWRITE_DST,
     CT_F_REWRITE_SRC, IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, SCHED_LC, SCHED_MH,
@@ -517,7 +517,7 @@ fn open_ping_pong(dp: &mut Datapath, vip: &str) -> anyhow::Result<()> {
     ] {
         // An established connection: where the datapath moves it at its
         // first reply.
-        dp.maps.ct_tcp.insert(k, v, 0)?;
+        dp.maps.ct.insert(CtTable::Tcp, &k, &v)?;
     }
     // The repeated packet is translated back and forth, so each direction
     // also arrives as its own translation (to the backend's port 8080, from
@@ -855,7 +855,7 @@ fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
             entry6(src, CT_DIR_REPLY, BACKEND6, 8080),
         ),
     ] {
-        dp.maps.v6.ct_tcp.insert(k, v, 0)?;
+        dp.maps.v6.ct.insert(CtTable::Tcp, &k, &v)?;
     }
     // (Ports 8080 and 80 are marked both ways by IPv4's ping-pong flow.)
     dp.maps.mark_port(addr_bit(wire::addr6(ip6(BACKEND6))))?;

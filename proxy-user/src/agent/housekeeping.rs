@@ -322,7 +322,7 @@ fn collect(
             .map_entries
             .get_or_create(&label)
             .set(entries as i64);
-        match maps.ct_capacity(table) {
+        match maps.ct.capacity(table) {
             Ok(capacity) => pressure(stats, metrics, table, entries, capacity),
             Err(e) => log::debug!("reading the capacity of {}: {e:#}", table.map_name()),
         }

@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData};
 use proxy_common::{
     addr_bit, reply_bit, wire, Address, CtKey, CtValue, In6, PortBit, CT_DIR_ORIGINAL,
     CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN,
@@ -22,7 +21,7 @@ use proxy_common::{
 };
 
 use crate::dataplane::{
-    maps::{CtTable, MapSet, WireAddr},
+    maps::{CtTable, CtTables, MapSet, WireAddr},
     sys,
 };
 
@@ -155,7 +154,8 @@ pub trait CtFamily: WireAddr {
     const EXPIRE_PROG: &'static str;
     /// That program's descriptor in `x`.
     fn expiry(x: &Expirer) -> &OwnedFd;
-    fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<Self>, CtValue<Self>>;
+    fn tables(maps: &MapSet) -> &CtTables<Self>;
+    fn tables_mut(maps: &mut MapSet) -> &mut CtTables<Self>;
     /// Removes `key` from the table; whether it was there.
     fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<Self>) -> bool;
     /// `key`'s entry in the table.
@@ -168,8 +168,10 @@ pub trait CtFamily: WireAddr {
         key: &CtKey<Self>,
         value: &CtValue<Self>,
     ) -> Result<(), aya::maps::MapError>;
-    /// The table's entries (a batched read, `maps::read_hash`).
+    /// The table's entries (a batched read, `maps::each_hash`).
     fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<Self>, CtValue<Self>)>>;
+    /// Every entry of the table, to `f` (batched).
+    fn each(maps: &MapSet, t: CtTable, f: impl FnMut(CtKey<Self>, CtValue<Self>)) -> Result<()>;
 }
 
 /// `written`, a reply entry (`key` → `value`) noted in the reply filter
@@ -187,32 +189,50 @@ fn noted<A: Address>(
     written
 }
 
+/// [`CtFamily`]'s operations, the same for both families: each a call of
+/// the family's [`CtTables`] (whose bounds hold for either concrete type).
+macro_rules! ct_family_ops {
+    () => {
+        fn get(maps: &MapSet, t: CtTable, key: &CtKey<Self>) -> Option<CtValue<Self>> {
+            Self::tables(maps).get(t, key)
+        }
+        fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<Self>) -> bool {
+            Self::tables_mut(maps).remove(t, key)
+        }
+        fn insert(
+            maps: &mut MapSet,
+            t: CtTable,
+            key: &CtKey<Self>,
+            value: &CtValue<Self>,
+        ) -> Result<(), aya::maps::MapError> {
+            let written = Self::tables_mut(maps).insert(t, key, value);
+            noted(maps, key, value, written)
+        }
+        fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<Self>, CtValue<Self>)>> {
+            Self::tables(maps).read(t)
+        }
+        fn each(
+            maps: &MapSet,
+            t: CtTable,
+            f: impl FnMut(CtKey<Self>, CtValue<Self>),
+        ) -> Result<()> {
+            Self::tables(maps).each(t, f)
+        }
+    };
+}
+
 impl CtFamily for u32 {
     const EXPIRE_PROG: &'static str = proxy_common::prog_names::CONNS_EXPIRE;
     fn expiry(x: &Expirer) -> &OwnedFd {
         &x.v4
     }
-    fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey, CtValue> {
-        maps.ct(t)
+    fn tables(maps: &MapSet) -> &CtTables<Self> {
+        &maps.ct
     }
-    fn get(maps: &MapSet, t: CtTable, key: &CtKey) -> Option<CtValue> {
-        Self::table(maps, t).get(key, 0).ok()
+    fn tables_mut(maps: &mut MapSet) -> &mut CtTables<Self> {
+        &mut maps.ct
     }
-    fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey) -> bool {
-        maps.ct_mut(t).remove(key).is_ok()
-    }
-    fn insert(
-        maps: &mut MapSet,
-        t: CtTable,
-        key: &CtKey,
-        value: &CtValue,
-    ) -> Result<(), aya::maps::MapError> {
-        let written = maps.ct_mut(t).insert(key, value, 0);
-        noted(maps, key, value, written)
-    }
-    fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey, CtValue)>> {
-        crate::dataplane::maps::read_hash(Self::table(maps, t))
-    }
+    ct_family_ops!();
 }
 
 impl CtFamily for In6 {
@@ -220,36 +240,13 @@ impl CtFamily for In6 {
     fn expiry(x: &Expirer) -> &OwnedFd {
         &x.v6
     }
-    fn table(maps: &MapSet, t: CtTable) -> &BpfHashMap<MapData, CtKey<In6>, CtValue<In6>> {
-        match t {
-            CtTable::Tcp => &maps.v6.ct_tcp,
-            CtTable::Any => &maps.v6.ct_any,
-        }
+    fn tables(maps: &MapSet) -> &CtTables<Self> {
+        &maps.v6.ct
     }
-    fn get(maps: &MapSet, t: CtTable, key: &CtKey<In6>) -> Option<CtValue<In6>> {
-        Self::table(maps, t).get(key, 0).ok()
+    fn tables_mut(maps: &mut MapSet) -> &mut CtTables<Self> {
+        &mut maps.v6.ct
     }
-    fn remove(maps: &mut MapSet, t: CtTable, key: &CtKey<In6>) -> bool {
-        match t {
-            CtTable::Tcp => maps.v6.ct_tcp.remove(key).is_ok(),
-            CtTable::Any => maps.v6.ct_any.remove(key).is_ok(),
-        }
-    }
-    fn insert(
-        maps: &mut MapSet,
-        t: CtTable,
-        key: &CtKey<In6>,
-        value: &CtValue<In6>,
-    ) -> Result<(), aya::maps::MapError> {
-        let written = match t {
-            CtTable::Tcp => maps.v6.ct_tcp.insert(key, value, 0),
-            CtTable::Any => maps.v6.ct_any.insert(key, value, 0),
-        };
-        noted(maps, key, value, written)
-    }
-    fn read(maps: &MapSet, t: CtTable) -> Result<Vec<(CtKey<In6>, CtValue<In6>)>> {
-        crate::dataplane::maps::read_hash(Self::table(maps, t))
-    }
+    ct_family_ops!();
 }
 
 /// One flow of the tables, both directions paired.
@@ -392,11 +389,11 @@ pub type FlowNeeds = (Vec<(u16, u64)>, Vec<PortBit>);
 pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
     let (mut ports, mut addrs) = (HashSet::new(), HashSet::new());
     for table in CtTable::ALL {
-        crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
+        maps.ct.each(table, |k, v| {
             ports.insert(flow_port(&k, &v));
             addrs.extend(flow_addr(&k, &v));
         })?;
-        crate::dataplane::maps::each_hash(In6::table(maps, table), |k, v| {
+        maps.v6.ct.each(table, |k, v| {
             ports.insert(flow_port(&k, &v));
             addrs.extend(flow_addr(&k, &v));
         })?;
@@ -409,12 +406,12 @@ pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
 pub fn reply_bits(maps: &MapSet) -> Result<Vec<PortBit>> {
     let mut bits = Vec::new();
     for table in CtTable::ALL {
-        crate::dataplane::maps::each_hash(maps.ct(table), |k, v| {
+        maps.ct.each(table, |k, v| {
             if v.dir != CT_DIR_ORIGINAL {
                 bits.push(reply_bit(&k));
             }
         })?;
-        crate::dataplane::maps::each_hash(In6::table(maps, table), |k, v| {
+        maps.v6.ct.each(table, |k, v| {
             if v.dir != CT_DIR_ORIGINAL {
                 bits.push(reply_bit(&k));
             }

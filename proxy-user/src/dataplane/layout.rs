@@ -13,6 +13,9 @@
 //!   `KPX_BACKENDS`): each slot carried with its backend in it, so the
 //!   services already pinned serve new flows from the first moment, before
 //!   the first sync;
+//! - versions 2 and 3 (established tables keyed by the whole `CtKey`):
+//!   both families' established flows read out, their pins replaced, and
+//!   the flows written into this layout's tables (keyed by `CtTuple`);
 //! - any other version (a downgrade, or a layout this kpx does not know):
 //!   nothing is shared; its conntrack entries are counted as not carried,
 //!   every `KPX_*` pin is removed and fresh maps are created. The
@@ -27,11 +30,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use proxy_common::{
-    legacy_map_names, map_names, Backend, CtKey, CtValue, Slot, SlotKey, CT_DIR_ORIGINAL,
+    legacy_map_names, map_names, Backend, CtKey, CtValue, In6, Slot, SlotKey, CT_DIR_ORIGINAL,
     CT_F_SEEN_REPLY, LAYOUT_VERSION,
 };
 
-use crate::dataplane::maps::{CtTable, MapSet, IPV6_SIZED};
+use crate::dataplane::{
+    conntrack::CtFamily,
+    maps::{CtEntry, CtTable, MapSet, IPV6_SIZED},
+};
 
 /// What a start found pinned, and what became of it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -49,7 +55,8 @@ pub struct Upgrade {
 /// maps once the object is loaded ([`finish`]).
 pub struct Pending {
     upgrade: Upgrade,
-    entries: Vec<(CtTable, CtKey, CtValue)>,
+    entries: Vec<CtEntry>,
+    entries6: Vec<CtEntry<In6>>,
     slots: Vec<(SlotKey, Slot)>,
 }
 
@@ -82,6 +89,7 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
             ..Default::default()
         },
         entries: Vec::new(),
+        entries6: Vec::new(),
         slots: Vec::new(),
     };
     if matches!(from, Some(1 | 2)) {
@@ -89,8 +97,15 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
     }
     match from {
         None => {}
-        // Layout 2 differs from this one in the slots alone (taken above).
-        Some(LAYOUT_VERSION | 2) => replace_mismatched_pins(dir)?,
+        Some(LAYOUT_VERSION) => replace_mismatched_pins(dir)?,
+        // Layouts 2 and 3 differ from this one in the established tables'
+        // keys (and 2 in the slots, taken above).
+        Some(2 | 3) => {
+            let up = &mut pending.upgrade;
+            pending.entries = take_keyed_established::<u32>(dir, map_names::CT_TCP, up)?;
+            pending.entries6 = take_keyed_established::<In6>(dir, map_names::CT6_TCP, up)?;
+            replace_mismatched_pins(dir)?;
+        }
         Some(1) => {
             let legacy = dir.join(legacy_map_names::CONNTRACK);
             if legacy.exists() {
@@ -115,6 +130,8 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
             for name in [
                 map_names::CT_TCP,
                 map_names::CT_ANY,
+                map_names::CT6_TCP,
+                map_names::CT6_ANY,
                 legacy_map_names::CONNTRACK,
             ] {
                 let path = dir.join(name);
@@ -149,15 +166,8 @@ pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
             "{slots_lost} slots of the old layout could not be carried: the first sync writes them"
         );
     }
-    for (table, k, v) in pending.entries {
-        match maps.ct_mut(table).insert(k, v, 0) {
-            Ok(()) => up.carried += 1,
-            Err(e) => {
-                up.lost += 1;
-                log::debug!("carrying conntrack entry {k:?}: {e}");
-            }
-        }
-    }
+    carry(maps, pending.entries, &mut up);
+    carry(maps, pending.entries6, &mut up);
     maps.layout
         .set(0, LAYOUT_VERSION, 0)
         .context("writing the layout version")?;
@@ -170,6 +180,58 @@ pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
         );
     }
     Ok(up)
+}
+
+/// Writes conntrack entries an old layout held into this layout's tables
+/// (a reply entry noted in the reply filter), counted in `up`.
+fn carry<A: CtFamily>(maps: &mut MapSet, entries: Vec<CtEntry<A>>, up: &mut Upgrade) {
+    for (table, k, v) in entries {
+        match A::insert(maps, table, &k, &v) {
+            Ok(()) => up.carried += 1,
+            Err(e) => {
+                up.lost += 1;
+                log::debug!("carrying conntrack entry {k:?}: {e}");
+            }
+        }
+    }
+}
+
+/// The entries of an established table of layouts 2 and 3 (`name`, keyed
+/// by the whole [`CtKey`]), its pin removed so that the load creates this
+/// layout's table in its place. One that cannot be read is counted as
+/// lost in `up`, and replaced all the same.
+fn take_keyed_established<A: Copy>(
+    dir: &Path,
+    name: &str,
+    up: &mut Upgrade,
+) -> Result<Vec<CtEntry<A>>>
+where
+    CtKey<A>: aya::Pod + std::fmt::Debug,
+    CtValue<A>: aya::Pod,
+{
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let read = || -> Result<Vec<CtEntry<A>>> {
+        let map: HashMap<MapData, CtKey<A>, CtValue<A>> =
+            Map::from_map_data(MapData::from_pin(&path)?)?.try_into()?;
+        Ok(map
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .map(|(k, v)| (CtTable::Tcp, k, v))
+            .collect())
+    };
+    let entries = read().unwrap_or_else(|e| {
+        up.lost += count_entries(&path).unwrap_or(0);
+        log::warn!(
+            "the established flows of the old layout ({}) cannot be read: {e:#}",
+            path.display()
+        );
+        Vec::new()
+    });
+    fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    Ok(entries)
 }
 
 /// Layouts 1 and 2's slots (a backend id each) joined with their
@@ -222,7 +284,7 @@ fn take_v2_slots(dir: &Path) -> Vec<(SlotKey, Slot)> {
 
 /// Layout 1's conntrack entries, each with the table it belongs in now: a
 /// TCP flow whose reply was seen is established, both its entries together.
-fn read_v1_conntrack(path: &Path) -> Result<Vec<(CtTable, CtKey, CtValue)>> {
+fn read_v1_conntrack(path: &Path) -> Result<Vec<CtEntry>> {
     let data = MapData::from_pin(path)?;
     let map: HashMap<MapData, CtKey, CtValue> = Map::from_map_data(data)?.try_into()?;
     let all: std::collections::HashMap<CtKey, CtValue> =

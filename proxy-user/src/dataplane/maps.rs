@@ -25,9 +25,10 @@ use crate::{
 };
 use proxy_common::{
     map_names, prog_names, wire, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey,
-    CtValue, DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName, ServiceStats,
-    ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR, PROG_EGRESS6,
-    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN, XDP_PROG_NEW6, XDP_PROG_SERVICE6,
+    CtTuple, CtValue, DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName,
+    ServiceStats, ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR,
+    PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN, XDP_PROG_NEW6,
+    XDP_PROG_SERVICE6,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
@@ -129,13 +130,111 @@ impl CtTable {
     }
 }
 
+/// A conntrack entry and the table it is in.
+pub type CtEntry<A = u32> = (CtTable, CtKey<A>, CtValue<A>);
+
+/// A family's two conntrack tables, read and written by [`CtKey`]: the
+/// established table is keyed by the key's tuple alone ([`CtTuple`], all
+/// TCP), which this hides.
+pub struct CtTables<A> {
+    pub tcp: HashMap<MapData, CtTuple<A>, CtValue<A>>,
+    pub any: HashMap<MapData, CtKey<A>, CtValue<A>>,
+}
+
+impl<A: Copy> CtTables<A>
+where
+    CtTuple<A>: aya::Pod,
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    fn build(tcp: Map, any: Map) -> Result<Self> {
+        Ok(Self {
+            tcp: tcp.try_into()?,
+            any: any.try_into()?,
+        })
+    }
+
+    /// `key`'s entry in table `t`.
+    pub fn get(&self, t: CtTable, key: &CtKey<A>) -> Option<CtValue<A>> {
+        match t {
+            CtTable::Tcp => self.tcp.get(key.tuple(), 0).ok(),
+            CtTable::Any => self.any.get(key, 0).ok(),
+        }
+    }
+
+    /// The entry of `key` in either table (established first, as the
+    /// datapath looks), and the table.
+    pub fn lookup(&self, key: &CtKey<A>) -> Option<(CtTable, CtValue<A>)> {
+        CtTable::ALL
+            .into_iter()
+            .find_map(|t| self.get(t, key).map(|v| (t, v)))
+    }
+
+    /// Writes `key` → `value` into table `t` (a key of the established
+    /// table is a TCP flow's).
+    pub fn insert(
+        &mut self,
+        t: CtTable,
+        key: &CtKey<A>,
+        value: &CtValue<A>,
+    ) -> Result<(), MapError> {
+        match t {
+            CtTable::Tcp => self.tcp.insert(key.tuple(), value, 0),
+            CtTable::Any => self.any.insert(key, value, 0),
+        }
+    }
+
+    /// Removes `key` from table `t`; whether it was there.
+    pub fn remove(&mut self, t: CtTable, key: &CtKey<A>) -> bool {
+        match t {
+            CtTable::Tcp => self.tcp.remove(key.tuple()).is_ok(),
+            CtTable::Any => self.any.remove(key).is_ok(),
+        }
+    }
+
+    /// Every entry of table `t`, to `f` ([`each_hash`]: batched).
+    pub fn each(&self, t: CtTable, mut f: impl FnMut(CtKey<A>, CtValue<A>)) -> Result<()> {
+        match t {
+            CtTable::Tcp => each_hash(&self.tcp, |k, v| f(k.key(), v)),
+            CtTable::Any => each_hash(&self.any, f),
+        }
+    }
+
+    /// Table `t`'s entries (batched).
+    pub fn read(&self, t: CtTable) -> Result<Vec<(CtKey<A>, CtValue<A>)>> {
+        let mut out = Vec::new();
+        self.each(t, |k, v| out.push((k, v)))?;
+        Ok(out)
+    }
+
+    /// Every entry of both tables, one at a time (entries deleted during
+    /// the walk are skipped).
+    pub fn entries(&self) -> Vec<CtEntry<A>> {
+        let tcp = self.tcp.iter().filter_map(|kv| kv.ok());
+        let any = self.any.iter().filter_map(|kv| kv.ok());
+        tcp.map(|(k, v)| (CtTable::Tcp, k.key(), v))
+            .chain(any.map(|(k, v)| (CtTable::Any, k, v)))
+            .collect()
+    }
+
+    /// Table `t`'s capacity in entries (two per flow).
+    pub fn capacity(&self, t: CtTable) -> Result<u32> {
+        use aya::maps::IterableMap as _;
+        let map = match t {
+            CtTable::Tcp => self.tcp.map(),
+            CtTable::Any => self.any.map(),
+        };
+        Ok(map.info()?.max_entries())
+    }
+}
+
 /// Every map of the datapath, typed, owning its file descriptor.
 pub struct MapSet {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub service_addrs: HashMap<MapData, u32, u32>,
     pub slots: HashMap<MapData, SlotKey, Slot>,
-    pub ct_tcp: HashMap<MapData, CtKey, CtValue>,
-    pub ct_any: HashMap<MapData, CtKey, CtValue>,
+    /// `KPX_CT_TCP` and `KPX_CT_ANY`.
+    pub ct: CtTables<u32>,
     pub layout: Array<MapData, u32>,
     pub counters: PerCpuArray<MapData, u64>,
     pub drops: PerCpuArray<MapData, u64>,
@@ -162,8 +261,8 @@ pub struct Maps6 {
     pub services: HashMap<MapData, ServiceKey<In6>, ServiceValue>,
     pub service_addrs: HashMap<MapData, In6, u32>,
     pub slots: HashMap<MapData, SlotKey, Slot<In6>>,
-    pub ct_tcp: HashMap<MapData, CtKey<In6>, CtValue<In6>>,
-    pub ct_any: HashMap<MapData, CtKey<In6>, CtValue<In6>>,
+    /// `KPX_CT6_TCP` and `KPX_CT6_ANY`.
+    pub ct: CtTables<In6>,
     pub affinity: HashMap<MapData, AffinityKey<In6>, AffinityValue>,
     pub node_addrs: HashMap<MapData, In6, u32>,
     pub src_ranges: LpmTrie<MapData, SrcRange<In6>, u32>,
@@ -179,8 +278,7 @@ impl MapSet {
             services: get(map_names::SERVICES)?.try_into()?,
             service_addrs: get(map_names::SERVICE_ADDRS)?.try_into()?,
             slots: get(map_names::SLOTS)?.try_into()?,
-            ct_tcp: get(map_names::CT_TCP)?.try_into()?,
-            ct_any: get(map_names::CT_ANY)?.try_into()?,
+            ct: CtTables::build(get(map_names::CT_TCP)?, get(map_names::CT_ANY)?)?,
             layout: get(map_names::LAYOUT)?.try_into()?,
             counters: get(map_names::COUNTERS)?.try_into()?,
             drops: get(map_names::DROPS)?.try_into()?,
@@ -199,8 +297,7 @@ impl MapSet {
                 services: get(map_names::SERVICES6)?.try_into()?,
                 service_addrs: get(map_names::SERVICE_ADDRS6)?.try_into()?,
                 slots: get(map_names::SLOTS6)?.try_into()?,
-                ct_tcp: get(map_names::CT6_TCP)?.try_into()?,
-                ct_any: get(map_names::CT6_ANY)?.try_into()?,
+                ct: CtTables::build(get(map_names::CT6_TCP)?, get(map_names::CT6_ANY)?)?,
                 affinity: get(map_names::AFFINITY6)?.try_into()?,
                 node_addrs: get(map_names::NODE_ADDRS6)?.try_into()?,
                 src_ranges: get(map_names::SRC_RANGES6)?.try_into()?,
@@ -248,8 +345,8 @@ impl MapSet {
                 map_names::SERVICE_NAMES,
                 cap(IterableMap::map(&self.service_names))?,
             ),
-            (map_names::CT_TCP, cap(IterableMap::map(&self.ct_tcp))?),
-            (map_names::CT_ANY, cap(IterableMap::map(&self.ct_any))?),
+            (map_names::CT_TCP, cap(IterableMap::map(&self.ct.tcp))?),
+            (map_names::CT_ANY, cap(IterableMap::map(&self.ct.any))?),
             (map_names::AFFINITY, cap(IterableMap::map(&self.affinity))?),
             (
                 map_names::NODE_ADDRS,
@@ -820,48 +917,15 @@ impl MapSet {
         self.ports.set(i, word, 0)
     }
 
-    /// One conntrack table.
-    pub fn ct(&self, table: CtTable) -> &HashMap<MapData, CtKey, CtValue> {
-        match table {
-            CtTable::Tcp => &self.ct_tcp,
-            CtTable::Any => &self.ct_any,
-        }
-    }
-
-    /// One conntrack table, to write.
-    pub fn ct_mut(&mut self, table: CtTable) -> &mut HashMap<MapData, CtKey, CtValue> {
-        match table {
-            CtTable::Tcp => &mut self.ct_tcp,
-            CtTable::Any => &mut self.ct_any,
-        }
-    }
-
-    /// A conntrack table's capacity in entries (two per flow).
-    pub fn ct_capacity(&self, table: CtTable) -> Result<u32> {
-        Ok(aya::maps::IterableMap::map(self.ct(table))
-            .info()?
-            .max_entries())
-    }
-
-    /// The entry of `key` in either conntrack table (established first, as
-    /// the datapath looks), and the table.
+    /// The entry of `key` in either of IPv4's conntrack tables
+    /// ([`CtTables::lookup`]).
     pub fn ct_get(&self, key: &CtKey) -> Option<(CtTable, CtValue)> {
-        CtTable::ALL
-            .into_iter()
-            .find_map(|t| self.ct(t).get(key, 0).ok().map(|v| (t, v)))
+        self.ct.lookup(key)
     }
 
-    /// Every conntrack entry of both tables; entries deleted during the walk
-    /// are skipped.
-    pub fn ct_entries(&self) -> Vec<(CtTable, CtKey, CtValue)> {
-        CtTable::ALL
-            .into_iter()
-            .flat_map(|t| {
-                self.ct(t)
-                    .iter()
-                    .filter_map(move |kv| kv.ok().map(|(k, v)| (t, k, v)))
-            })
-            .collect()
+    /// Every entry of IPv4's conntrack tables ([`CtTables::entries`]).
+    pub fn ct_entries(&self) -> Vec<CtEntry> {
+        self.ct.entries()
     }
 
     /// The node-wide settings the datapath reads (IPv4's, with the flags

@@ -51,7 +51,7 @@ use crate::{
     control::{cidr::Family, model::FrontendKey},
     dataplane::{
         conntrack::{monotonic_ns, read_table_of, CtFamily, Flow, FlowState},
-        maps::{CtTable, MapSet},
+        maps::{CtEntry, CtTable, MapSet},
         reconcile::{BackendAddr, MapState},
     },
 };
@@ -166,9 +166,6 @@ fn carry<A: CtFamily>(
     }
 }
 
-/// One conntrack entry to write: its table, key and value.
-pub type Entry<A> = (CtTable, CtKey<A>, CtValue<A>);
-
 /// What becomes of one netfilter entry.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -195,7 +192,7 @@ pub fn entries<A: CtFamily>(
     state: &MapState,
     ids: &HashMap<BackendAddr, u32>,
     now: u64,
-) -> (Vec<Entry<A>>, Outcome) {
+) -> (Vec<CtEntry<A>>, Outcome) {
     if !f.dnat {
         return (Vec::new(), Outcome::NotAServiceFlow);
     }

@@ -675,7 +675,7 @@ pub fn stats(maps: &MapSet) -> Result<Stats> {
                 Ok(CtTableStats {
                     map: t.map_name(),
                     entries: table.entries.get(&t).copied().unwrap_or(0) as u64,
-                    capacity: maps.ct_capacity(t)?,
+                    capacity: maps.ct.capacity(t)?,
                 })
             })
             .collect::<Result<_>>()?,
