@@ -104,19 +104,24 @@ fn pin_old_maps(dir: &PinDir, old: &Datapath, conntrack: bool) {
     pin_v2_slots(dir, old);
 }
 
+/// An established table as layouts 2 and 3 kept it: keyed by the whole
+/// `CtKey`.
+type OldEstablished<A> = HashMap<MapData, CtKey<A>, CtValue<A>>;
+
 /// Pins the established entries among `entries` as layouts 2 and 3 kept
-/// them: in a table `name` keyed by the whole `CtKey`. Returns how many.
+/// them, in a table `name`. Returns how many, and the table (open, as an
+/// old program would hold it).
 fn pin_v3_established<A: Copy>(
     dir: &PinDir,
     name: &str,
     entries: Vec<(CtTable, CtKey<A>, CtValue<A>)>,
-) -> usize
+) -> (usize, OldEstablished<A>)
 where
     CtKey<A>: aya::Pod,
     CtValue<A>: aya::Pod,
 {
     let data = create_pinned::<CtKey<A>, CtValue<A>>(&dir.pin(name), BPF_MAP_TYPE_HASH, 1024);
-    let mut old: HashMap<MapData, CtKey<A>, CtValue<A>> = Map::HashMap(data).try_into().unwrap();
+    let mut old: OldEstablished<A> = Map::HashMap(data).try_into().unwrap();
     let established: Vec<_> = entries
         .into_iter()
         .filter(|(t, _, _)| *t == CtTable::Tcp)
@@ -124,7 +129,7 @@ where
     for (_, k, v) in &established {
         old.insert(k, v, 0).expect("old entry");
     }
-    established.len()
+    (established.len(), old)
 }
 
 /// Pins `dp`'s slots as layouts 1 and 2 had them: a backend id in each
@@ -275,12 +280,14 @@ fn layout_2_slots_are_carried_with_their_backends() {
 /// Layout 3 (both families' established tables keyed by the whole
 /// `CtKey`): their connections are carried into this layout's tables,
 /// keyed by `CtTuple`, and go on both ways on their backends; the other
-/// tables are shared as they are.
+/// tables are shared as they are. A connection the old programs
+/// established while the new ones loaded is carried once they are
+/// attached (`Datapath::carry_late`).
 #[test]
 #[ignore = "needs root"]
 fn layout_3_established_flows_of_both_families_are_carried() {
     let dir = PinDir::new("upgrade-v3");
-    let (established, established6, carried) = {
+    let (established, established6, carried, late, late_entries, mut old_tcp) = {
         let mut old = datapath();
         cluster(&mut old);
         cluster6(&mut old);
@@ -290,9 +297,16 @@ fn layout_3_established_flows_of_both_families_are_carried() {
         assert_eq!(run(&mut old, &reply6(&est6, SYN_ACK)).verdict, TC_ACT_OK);
         // A handshake in progress stays where it is (`CT_ANY` is shared).
         run(&mut old, &Pkt::new(CLIENT, 43201, VIP, 80, SYN).build());
-        let carried = pin_v3_established(&dir, map_names::CT_TCP, old.maps.ct.entries())
-            + pin_v3_established(&dir, map_names::CT6_TCP, old.maps.v6.ct.entries());
-        assert_eq!(carried, 4, "both directions of one connection per family");
+        // A connection the old programs establish after the new kpx read
+        // their tables: its entries are written below, after the load.
+        let late = handshake(&mut old, &Pkt::new(CLIENT, 43202, VIP, 80, SYN));
+        let (early, late_entries): (Vec<_>, Vec<_>) =
+            old.maps.ct.entries().into_iter().partition(|(_, k, _)| {
+                k.src_port != 43202u16.to_be() && k.dst_port != 43202u16.to_be()
+            });
+        let (n4, old_tcp) = pin_v3_established(&dir, map_names::CT_TCP, early);
+        let (n6, _) = pin_v3_established(&dir, map_names::CT6_TCP, old.maps.v6.ct.entries());
+        assert_eq!(n4 + n6, 4, "both directions of one connection per family");
         use aya::maps::IterableMap as _;
         for (name, map) in [
             (map_names::SERVICES, old.maps.services.map()),
@@ -307,7 +321,7 @@ fn layout_3_established_flows_of_both_families_are_carried() {
         let data = create_pinned::<u32, u32>(&dir.pin(map_names::LAYOUT), BPF_MAP_TYPE_ARRAY, 1);
         let mut layout: Array<MapData, u32> = Map::Array(data).try_into().unwrap();
         layout.set(0, 3, 0).unwrap();
-        (est, est6, carried as u64)
+        (est, est6, (n4 + n6) as u64, late, late_entries, old_tcp)
     };
 
     let mut dp = dir.load();
@@ -335,6 +349,26 @@ fn layout_3_established_flows_of_both_families_are_carried() {
     // The handshake in progress completes: `CT_ANY` was shared.
     let pending = dp.maps.ct_get(&ct_key(CLIENT, 43201, VIP, 80, IPPROTO_TCP));
     assert_eq!(pending.map(|(t, _)| t), Some(CtTable::Any));
+
+    // The old programs, still attached while the new ones load, establish
+    // one more connection in their table...
+    for (_, k, v) in &late_entries {
+        old_tcp.insert(k, v, 0).expect("an old program's entry");
+    }
+    assert!(dp
+        .maps
+        .ct_get(&ct_key(CLIENT, 43202, VIP, 80, IPPROTO_TCP))
+        .is_none());
+    // ...carried once the new ones are attached, and nothing twice.
+    assert_eq!(dp.carry_late(), 2);
+    assert_eq!(dp.upgrade.as_ref().map(|u| u.carried), Some(carried + 2));
+    assert_eq!(dp.carry_late(), 0);
+    let out = run(&mut dp, &Pkt::new(CLIENT, 43202, VIP, 80, ACK).build());
+    assert_eq!(inspect(&out.bytes), late);
+    assert_eq!(
+        inspect(&run(&mut dp, &reply(&late, ACK)).bytes).src,
+        ip(VIP)
+    );
     assert_eq!(event(&mut dp, Event::CtEstablished), 0);
 }
 

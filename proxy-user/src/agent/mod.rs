@@ -211,17 +211,6 @@ pub async fn run(cfg: Settings) -> Result<()> {
         }
         Err(e) => log::warn!("reading map capacities: {e:#}"),
     }
-    let migrated = |u: &&layout::Upgrade| matches!(u.from, Some(v) if v != LAYOUT_VERSION);
-    if let Some(up) = dp.upgrade.as_ref().filter(migrated) {
-        for (outcome, n) in [("carried", up.carried), ("lost", up.lost)] {
-            metrics
-                .upgrade_entries
-                .get_or_create(&OutcomeLabel {
-                    outcome: outcome.into(),
-                })
-                .set(n as i64);
-        }
-    }
     // Room for a few hundred decoded objects: the event loop takes them in
     // batches anyway, and a deeper queue let the watches (on this thread
     // too) decode thousands ahead of it while listing, a peak of heap that
@@ -295,7 +284,21 @@ pub async fn run(cfg: Settings) -> Result<()> {
     // After tc: what XDP leaves alone goes on to tc ingress.
     agent.xdp(&mut xdp);
     agent.socket_lb();
-    // Every program that creates flows is this build's now.
+    // Every program that creates flows is this build's now: what the old
+    // ones set up while this one loaded is carried, and counted.
+    agent.dp.carry_late();
+    let migrated = |u: &&layout::Upgrade| matches!(u.from, Some(v) if v != LAYOUT_VERSION);
+    if let Some(up) = agent.dp.upgrade.as_ref().filter(migrated) {
+        for (outcome, n) in [("carried", up.carried), ("lost", up.lost)] {
+            agent
+                .metrics
+                .upgrade_entries
+                .get_or_create(&OutcomeLabel {
+                    outcome: outcome.into(),
+                })
+                .set(n as i64);
+        }
+    }
     agent.collector.arm();
 
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -58,6 +58,16 @@ pub struct Pending {
     entries: Vec<CtEntry>,
     entries6: Vec<CtEntry<In6>>,
     slots: Vec<(SlotKey, Slot)>,
+    late: Late,
+}
+
+/// An old layout's established tables, kept open after their pins went:
+/// the old programs go on writing them until this build's replace them.
+/// [`carry_late`] carries what they added meanwhile.
+#[derive(Default)]
+pub struct Late {
+    v4: Option<Map>,
+    v6: Option<Map>,
 }
 
 /// The version of the maps pinned under `dir`: None when nothing of kpx's
@@ -91,6 +101,7 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
         entries: Vec::new(),
         entries6: Vec::new(),
         slots: Vec::new(),
+        late: Late::default(),
     };
     if matches!(from, Some(1 | 2)) {
         pending.slots = take_v2_slots(dir);
@@ -102,8 +113,10 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
         // keys (and 2 in the slots, taken above).
         Some(2 | 3) => {
             let up = &mut pending.upgrade;
-            pending.entries = take_keyed_established::<u32>(dir, map_names::CT_TCP, up)?;
-            pending.entries6 = take_keyed_established::<In6>(dir, map_names::CT6_TCP, up)?;
+            (pending.entries, pending.late.v4) =
+                take_keyed_established::<u32>(dir, map_names::CT_TCP, up)?;
+            (pending.entries6, pending.late.v6) =
+                take_keyed_established::<In6>(dir, map_names::CT6_TCP, up)?;
             replace_mismatched_pins(dir)?;
         }
         Some(1) => {
@@ -151,8 +164,10 @@ pub fn prepare(dir: &Path) -> Result<Pending> {
 }
 
 /// Writes what [`prepare`] carried into the loaded maps, then the layout
-/// version: only a complete migration is marked done.
-pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
+/// version: only a complete migration is marked done. Returns the old
+/// tables still to be read once this build's programs are attached
+/// ([`carry_late`]).
+pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<(Upgrade, Late)> {
     let mut up = pending.upgrade;
     let mut slots_lost = 0usize;
     for (k, v) in &pending.slots {
@@ -179,7 +194,45 @@ pub fn finish(maps: &mut MapSet, pending: Pending) -> Result<Upgrade> {
             up.lost
         );
     }
-    Ok(up)
+    Ok((up, pending.late))
+}
+
+/// Carries the established flows the old programs set up after [`prepare`]
+/// read their tables (between the read and the attachment of this build's
+/// programs, which the caller has done: nothing writes the old tables
+/// now), counted in `up`. A tuple this build's tables hold already is left
+/// as it is. Returns how many entries were carried.
+pub fn carry_late(maps: &mut MapSet, late: Late, up: &mut Upgrade) -> u64 {
+    let before = up.carried;
+    late_into::<u32>(maps, late.v4, up);
+    late_into::<In6>(maps, late.v6, up);
+    let n = up.carried - before;
+    if n > 0 {
+        log::info!("{n} conntrack entries the old programs made during the upgrade carried");
+    }
+    n
+}
+
+fn late_into<A: CtFamily>(maps: &mut MapSet, old: Option<Map>, up: &mut Upgrade)
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    let Some(old) = old else { return };
+    let table: HashMap<&MapData, CtKey<A>, CtValue<A>> = match (&old).try_into() {
+        Ok(t) => t,
+        Err(e) => {
+            log::warn!("reading the old layout's established table again: {e}");
+            return;
+        }
+    };
+    let late: Vec<_> = table
+        .iter()
+        .filter_map(|kv| kv.ok())
+        .filter(|(k, _)| A::get(maps, CtTable::Tcp, k).is_none())
+        .map(|(k, v)| (CtTable::Tcp, k, v))
+        .collect();
+    carry(maps, late, up);
 }
 
 /// Writes conntrack entries an old layout held into this layout's tables
@@ -198,40 +251,45 @@ fn carry<A: CtFamily>(maps: &mut MapSet, entries: Vec<CtEntry<A>>, up: &mut Upgr
 
 /// The entries of an established table of layouts 2 and 3 (`name`, keyed
 /// by the whole [`CtKey`]), its pin removed so that the load creates this
-/// layout's table in its place. One that cannot be read is counted as
-/// lost in `up`, and replaced all the same.
+/// layout's table in its place, and the table itself, kept open for
+/// [`carry_late`]. One that cannot be read is counted as lost in `up`,
+/// and replaced all the same.
 fn take_keyed_established<A: Copy>(
     dir: &Path,
     name: &str,
     up: &mut Upgrade,
-) -> Result<Vec<CtEntry<A>>>
+) -> Result<(Vec<CtEntry<A>>, Option<Map>)>
 where
     CtKey<A>: aya::Pod + std::fmt::Debug,
     CtValue<A>: aya::Pod,
 {
     let path = dir.join(name);
     if !path.exists() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
-    let read = || -> Result<Vec<CtEntry<A>>> {
-        let map: HashMap<MapData, CtKey<A>, CtValue<A>> =
-            Map::from_map_data(MapData::from_pin(&path)?)?.try_into()?;
-        Ok(map
+    let read = || -> Result<(Vec<CtEntry<A>>, Map)> {
+        let map = Map::from_map_data(MapData::from_pin(&path)?)?;
+        let table: HashMap<&MapData, CtKey<A>, CtValue<A>> = (&map).try_into()?;
+        let entries = table
             .iter()
             .filter_map(|kv| kv.ok())
             .map(|(k, v)| (CtTable::Tcp, k, v))
-            .collect())
+            .collect();
+        Ok((entries, map))
     };
-    let entries = read().unwrap_or_else(|e| {
-        up.lost += count_entries(&path).unwrap_or(0);
-        log::warn!(
-            "the established flows of the old layout ({}) cannot be read: {e:#}",
-            path.display()
-        );
-        Vec::new()
-    });
+    let taken = match read() {
+        Ok((entries, map)) => (entries, Some(map)),
+        Err(e) => {
+            up.lost += count_entries(&path).unwrap_or(0);
+            log::warn!(
+                "the established flows of the old layout ({}) cannot be read: {e:#}",
+                path.display()
+            );
+            (Vec::new(), None)
+        }
+    };
     fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-    Ok(entries)
+    Ok(taken)
 }
 
 /// Layouts 1 and 2's slots (a backend id each) joined with their

@@ -1122,9 +1122,23 @@ pub struct Datapath {
     pub maps: MapSet,
     /// What loading over pinned maps found and carried (None: not pinned).
     pub upgrade: Option<layout::Upgrade>,
+    /// An old layout's tables, to read again once attached ([`Datapath::carry_late`]).
+    late: layout::Late,
 }
 
 impl Datapath {
+    /// After an upgrade from another layout, once this build's programs
+    /// are attached: carries the established flows the old programs set up
+    /// while this one loaded ([`layout::carry_late`]), into `upgrade`.
+    /// Returns how many entries; later calls do nothing.
+    pub fn carry_late(&mut self) -> u64 {
+        let late = std::mem::take(&mut self.late);
+        match self.upgrade.as_mut() {
+            Some(up) => layout::carry_late(&mut self.maps, late, up),
+            None => 0,
+        }
+    }
+
     /// Loads the object and its tc program into the kernel (the verifier runs here).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
@@ -1188,7 +1202,13 @@ impl Datapath {
             ],
         )?;
         let mut maps = MapSet::from_ebpf(&mut ebpf)?;
-        let upgrade = pending.map(|p| layout::finish(&mut maps, p)).transpose()?;
+        let (upgrade, late) = match pending {
+            Some(p) => {
+                let (up, late) = layout::finish(&mut maps, p)?;
+                (Some(up), late)
+            }
+            None => (None, layout::Late::default()),
+        };
         // The programs attached (an earlier agent's, or kpx's before the
         // filter) may not have kept it: every tuple is in it until the
         // collector's first rebuilds, after these programs are attached.
@@ -1197,6 +1217,7 @@ impl Datapath {
             ebpf,
             maps,
             upgrade,
+            late,
         })
     }
 
