@@ -248,24 +248,89 @@ pub fn measure(
     let t = std::time::Instant::now();
     let last_vip = install(&mut dp, n);
     let programmed = t.elapsed().as_secs_f64();
-    let tcp = Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build();
-    let floor = repeat_ns(dp.floor()?, &tcp, repeat)?;
-    let no_service = repeat_ns(dp.ingress()?, &tcp, repeat)?;
-    let unused = Pkt::new(CLIENT, 40000, "198.18.3.3", 9000, ACK).build();
-    let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
-    let direct = Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build();
-    let from_backend = repeat_ns(dp.ingress()?, &direct, repeat)?;
-    let egress = egress_forwarded(&mut dp, repeat)?;
-    let udp = Pkt::new(CLIENT, 40000, &last_vip, 80, UDP).build();
-    let frontend_addr = repeat_ns(dp.ingress()?, &udp, repeat)?;
-    let (established, reply) = ping_pong(&mut dp, &last_vip, repeat)?;
-    let (first, floor_single) = single_runs(&mut dp, &last_vip, singles, 100)?;
     let last_vip6 = install6(&mut dp, n);
-    let mut v6 = ipv6_unrouted(&mut dp, &last_vip6, repeat, singles)?;
+    let egress = egress_forwarded(&mut dp, repeat)?;
+    // Every repeated path of both families, and the empty program, in one
+    // call whose batches take turns: IPv6's figures and their IPv4
+    // counterparts (and the floor both are above) see the same stretch
+    // of the machine, so their ratio does not carry the drift between
+    // two blocks measured seconds apart.
+    open_ping_pong(&mut dp, &last_vip)?;
+    let [est6, rep6] = ping_pong6(&mut dp, &last_vip6)?;
+    let frames = [
+        (
+            Prog::Floor,
+            Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt::new(CLIENT, 40000, "198.18.3.3", 9000, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build(),
+        ),
+        // UDP to a TCP frontend's address and port: no service.
+        (
+            Prog::Ingress,
+            Pkt::new(CLIENT, 40000, &last_vip, 80, UDP).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt::new(CLIENT, 45000, &last_vip, 80, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 9000, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build(),
+        ),
+        (
+            Prog::Ingress,
+            Pkt6::new(CLIENT6, 40000, &last_vip6, 80, UDP).build(),
+        ),
+        (Prog::Ingress, est6),
+        (Prog::Ingress, rep6),
+    ];
+    let [floor, no_service, no_frontend_port, from_backend, frontend_addr, established, reply, no_service6, no_frontend_port6, from_backend6, frontend_addr6, established6, reply6] =
+        in_turns(&mut dp, &frames, repeat)?;
+    let firsts = first_packets(&mut dp, (&last_vip, &last_vip6), singles, (100, 0x100))?;
     routes()?;
-    let (established_fib, reply_fib) = ping_pong_redirected(&mut dp, &last_vip, repeat)?;
-    let (first_fib, _) = single_runs(&mut dp, &last_vip, singles, 110)?;
-    ipv6_routed(&mut dp, &last_vip6, repeat, singles, &mut v6)?;
+    // Fresh entries: the unrouted phase cached "the stack" in them.
+    open_ping_pong(&mut dp, &last_vip)?;
+    let [est6, rep6] = ping_pong6(&mut dp, &last_vip6)?;
+    let [est, rep] = ping_pong_frames(&last_vip);
+    let [established_fib, reply_fib, established6_fib, reply6_fib] =
+        redirected_ns(dp.ingress()?, &[est, rep, est6, rep6], repeat)?;
+    let firsts_fib = first_packets(&mut dp, (&last_vip, &last_vip6), singles, (110, 0x110))?;
+    let v6 = Ipv6Cost {
+        no_service_ns: no_service6,
+        no_frontend_port_ns: no_frontend_port6,
+        frontend_addr_ns: frontend_addr6,
+        from_backend_ns: from_backend6,
+        established_ns: established6,
+        reply_ns: reply6,
+        first_packet_ns: firsts.v6,
+        established_fib_ns: established6_fib,
+        reply_fib_ns: reply6_fib,
+        first_packet_fib_ns: firsts_fib.v6,
+        floor_single_ns: firsts.floor6,
+    };
+    let (first, floor_single, first_fib) = (firsts.v4, firsts.floor4, firsts_fib.v4);
     let xdp = xdp_costs(&mut dp, &last_vip, &last_vip6, repeat, singles)?;
     // Schedulers last, so the figures above are taken as they always were:
     // four more services, one per scheduler, their first packets taken in
@@ -428,42 +493,74 @@ fn test_run_ctx(
     })?)
 }
 
-/// The median over 25 batches of the kernel's mean per repetition: a few
-/// batches that meet an interrupt or the other vCPU's noise move nothing.
-fn repeat_ns(prog: &mut SchedClassifier, frame: &[u8], repeat: u32) -> anyhow::Result<f64> {
-    repeat_ns_ctx(prog, frame, None, repeat)
+/// Which of the measured object's tc programs a frame goes through.
+#[derive(Clone, Copy)]
+enum Prog {
+    /// The empty program: the floor the figures are above.
+    Floor,
+    Ingress,
+    /// tc egress, on a packet the node forwards (its `ingress_ifindex`
+    /// set).
+    EgressForwarded,
 }
 
-/// [`repeat_ns`] with a `struct __sk_buff` for the context.
-fn repeat_ns_ctx(
-    prog: &mut SchedClassifier,
-    frame: &[u8],
-    ctx: Option<&[u8]>,
+/// A `struct __sk_buff` up to its `ifindex`, `ingress_ifindex` (byte 36)
+/// set, all else zero as `BPF_PROG_TEST_RUN` requires: a packet received
+/// on an interface.
+fn forwarded_ctx() -> [u8; 44] {
+    let mut ctx = [0u8; 44];
+    ctx[36..40].copy_from_slice(&3u32.to_ne_bytes());
+    ctx
+}
+
+/// The medians over 25 batches of the kernel's mean per repetition (a
+/// few batches that meet an interrupt or the other vCPU's noise move
+/// nothing), for several frames at once, their batches in turns (one of
+/// each frame's, then the next round): every median is taken over the
+/// same stretch of time, so figures compared with each other (a family's
+/// with the other's, each with the floor) share the machine's drift
+/// rather than each meeting its own.
+fn in_turns<const N: usize>(
+    dp: &mut Datapath,
+    frames: &[(Prog, Vec<u8>); N],
     repeat: u32,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<[f64; N]> {
     const BATCHES: u32 = 25;
     let each = (repeat / BATCHES).max(1);
-    let mut ns = Vec::with_capacity(BATCHES as usize);
+    let forwarded = forwarded_ctx();
+    let mut ns: [Vec<u128>; N] = std::array::from_fn(|_| Vec::with_capacity(BATCHES as usize));
     for _ in 0..BATCHES {
-        ns.push(test_run_ctx(prog, frame, ctx, each)?.duration.as_nanos());
+        for ((prog, frame), ns) in frames.iter().zip(ns.iter_mut()) {
+            let (prog, ctx) = match prog {
+                Prog::Floor => (dp.floor()?, None),
+                Prog::Ingress => (dp.ingress()?, None),
+                Prog::EgressForwarded => (dp.egress()?, Some(&forwarded[..])),
+            };
+            ns.push(test_run_ctx(prog, frame, ctx, each)?.duration.as_nanos());
+        }
     }
-    Ok(median(ns))
+    Ok(ns.map(median))
 }
 
 /// tc egress on a pod's packet the node forwards (received on an
 /// interface: the skb's `ingress_ifindex` set), IPv4 and IPv6, `repeat`
-/// median: what every packet between two pods pays on its way out.
+/// medians: what every packet between two pods pays on its way out.
 fn egress_forwarded(dp: &mut Datapath, repeat: u32) -> anyhow::Result<(f64, f64)> {
-    // A `struct __sk_buff` up to its `ifindex`, `ingress_ifindex` (byte
-    // 36) set, all else zero as `BPF_PROG_TEST_RUN` requires.
-    let mut ctx = [0u8; 44];
-    ctx[36..40].copy_from_slice(&3u32.to_ne_bytes());
-    let v4 = Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build();
-    let v6 = Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build();
-    Ok((
-        repeat_ns_ctx(dp.egress()?, &v4, Some(&ctx), repeat)?,
-        repeat_ns_ctx(dp.egress()?, &v6, Some(&ctx), repeat)?,
-    ))
+    let [v4, v6] = in_turns(
+        dp,
+        &[
+            (
+                Prog::EgressForwarded,
+                Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
+            ),
+            (
+                Prog::EgressForwarded,
+                Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
+            ),
+        ],
+        repeat,
+    )?;
+    Ok((v4, v6))
 }
 
 /// An entry of the ping-pong flow, either family: rewriting the source
@@ -623,69 +720,68 @@ pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64
     Ok(median(per_second) / 10.0)
 }
 
-/// Mean ns of an established original-direction packet and of a reply.
-fn ping_pong(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
-    let backend = BACKEND;
-    open_ping_pong(dp, vip)?;
-    let prog = dp.ingress()?;
-    let est = repeat_ns(prog, &Pkt::new(CLIENT, 45000, vip, 80, ACK).build(), repeat)?;
-    let reply = repeat_ns(
-        prog,
-        &Pkt::new(backend, 8080, CLIENT, 45000, ACK).build(),
-        repeat,
-    )?;
-    Ok((est, reply))
+/// First packets' single-run medians, both families' in turns (fresh
+/// flows from clients 198.18.`base.0`.0 and 2001:2:0:`base.1`::/64 on),
+/// and the empty program's on each family's.
+struct FirstPackets {
+    v4: f64,
+    floor4: f64,
+    v6: f64,
+    floor6: f64,
 }
 
-/// Medians of single runs: first packets (fresh flows, from clients
-/// 198.18.`base`.0 on), and the empty program.
-fn single_runs(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Result<(f64, f64)> {
-    let mut first = Vec::with_capacity(runs as usize);
-    let mut floor = Vec::with_capacity(runs as usize);
+fn first_packets(
+    dp: &mut Datapath,
+    (vip, vip6): (&str, &str),
+    runs: u32,
+    base: (u32, u32),
+) -> anyhow::Result<FirstPackets> {
+    let mut ns: [Vec<u128>; 4] = std::array::from_fn(|_| Vec::with_capacity(runs as usize));
     for i in 0..runs {
-        let src = format!("198.18.{}.{}", base + i / 65536, i % 65536 / 256);
         let sport = 1024 + (i % 256) as u16;
+        let src = format!("198.18.{}.{}", base.0 + i / 65536, i % 65536 / 256);
         let syn = Pkt::new(&src, sport, vip, 80, SYN).build();
-        first.push(test_run(dp.ingress()?, &syn, 1)?.duration.as_nanos());
-        floor.push(test_run(dp.floor()?, &syn, 1)?.duration.as_nanos());
+        let src6 = format!("2001:2:0:{:x}::{:x}", base.1, i / 256 + 1);
+        let syn6 = Pkt6::new(&src6, sport, vip6, 80, SYN).build();
+        ns[0].push(test_run(dp.ingress()?, &syn, 1)?.duration.as_nanos());
+        ns[1].push(test_run(dp.floor()?, &syn, 1)?.duration.as_nanos());
+        ns[2].push(test_run(dp.ingress()?, &syn6, 1)?.duration.as_nanos());
+        ns[3].push(test_run(dp.floor()?, &syn6, 1)?.duration.as_nanos());
     }
-    Ok((median(first), median(floor)))
+    let [v4, floor4, v6, floor6] = ns.map(median);
+    Ok(FirstPackets {
+        v4,
+        floor4,
+        v6,
+        floor6,
+    })
 }
 
-/// Means of established and reply packets of the ping-pong flow once the
-/// namespace's FIB answers: the first repetition caches each entry's next
-/// hop, every later one is the common case, translated and redirected.
-fn ping_pong_redirected(dp: &mut Datapath, vip: &str, repeat: u32) -> anyhow::Result<(f64, f64)> {
-    // Fresh entries: the unrouted phase cached "the stack" in them.
-    open_ping_pong(dp, vip)?;
-    let [est, reply] = redirected_ns(dp.ingress()?, &ping_pong_frames(vip), repeat)?;
-    Ok((est, reply))
-}
-
-/// The ping-pong pair's `frames` (established, reply), each checked
-/// redirected once (the first repetition caches its entry's next hop),
-/// then its median of batches of 200 repetitions.
-fn redirected_ns(
+/// The ping-pong pairs' `frames` (established, reply; of either family),
+/// each checked redirected once (the first repetition caches its entry's
+/// next hop), then their medians of batches of 200 repetitions, the
+/// frames' batches in turns (as [`in_turns`]).
+fn redirected_ns<const N: usize>(
     prog: &mut SchedClassifier,
-    frames: &[Vec<u8>; 2],
+    frames: &[Vec<u8>; N],
     repeat: u32,
-) -> anyhow::Result<[f64; 2]> {
-    let mut out = [0.0; 2];
-    for (i, frame) in frames.iter().enumerate() {
+) -> anyhow::Result<[f64; N]> {
+    for frame in frames {
         let r = test_run(prog, frame, 1)?;
         anyhow::ensure!(
             r.return_value == TC_ACT_REDIRECT,
             "the established packet was not redirected by the FIB (verdict {})",
             r.return_value as i32
         );
-        let batches = (repeat / 200).max(25);
-        let mut ns = Vec::with_capacity(batches as usize);
-        for _ in 0..batches {
+    }
+    let batches = (repeat / 200).max(25);
+    let mut ns: [Vec<u128>; N] = std::array::from_fn(|_| Vec::with_capacity(batches as usize));
+    for _ in 0..batches {
+        for (frame, ns) in frames.iter().zip(ns.iter_mut()) {
             ns.push(test_run(prog, frame, 200)?.duration.as_nanos());
         }
-        out[i] = median(ns);
     }
-    Ok(out)
+    Ok(ns.map(median))
 }
 
 /// One XDP test run of `frame` arriving on `ifindex`, `repeat` times (the
@@ -868,72 +964,6 @@ fn ping_pong6(dp: &mut Datapath, vip: &str) -> anyhow::Result<[Vec<u8>; 2]> {
         p.hop_limit = 255;
         p.build()
     }))
-}
-
-/// IPv6's first packets, single-run medians (fresh flows from clients
-/// 2001:2:0:`base`::/64), and the empty program's.
-fn single_runs6(dp: &mut Datapath, vip: &str, runs: u32, base: u32) -> anyhow::Result<(f64, f64)> {
-    let mut first = Vec::with_capacity(runs as usize);
-    let mut floor = Vec::with_capacity(runs as usize);
-    for i in 0..runs {
-        let src = format!("2001:2:0:{:x}::{:x}", base, i / 256 + 1);
-        let sport = 1024 + (i % 256) as u16;
-        let syn = Pkt6::new(&src, sport, vip, 80, SYN).build();
-        first.push(test_run(dp.ingress()?, &syn, 1)?.duration.as_nanos());
-        floor.push(test_run(dp.floor()?, &syn, 1)?.duration.as_nanos());
-    }
-    Ok((median(first), median(floor)))
-}
-
-/// IPv6's figures before the namespace has routes (the FIB sends every
-/// translated packet to the stack).
-fn ipv6_unrouted(
-    dp: &mut Datapath,
-    vip: &str,
-    repeat: u32,
-    singles: u32,
-) -> anyhow::Result<Ipv6Cost> {
-    let other = Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build();
-    let no_service = repeat_ns(dp.ingress()?, &other, repeat)?;
-    let unused = Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 9000, ACK).build();
-    let no_frontend_port = repeat_ns(dp.ingress()?, &unused, repeat)?;
-    let udp = Pkt6::new(CLIENT6, 40000, vip, 80, UDP).build();
-    let frontend_addr = repeat_ns(dp.ingress()?, &udp, repeat)?;
-    let direct = Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build();
-    let from_backend = repeat_ns(dp.ingress()?, &direct, repeat)?;
-    let [est, rep] = ping_pong6(dp, vip)?;
-    let established = repeat_ns(dp.ingress()?, &est, repeat)?;
-    let reply = repeat_ns(dp.ingress()?, &rep, repeat)?;
-    let (first, floor_single) = single_runs6(dp, vip, singles, 0x100)?;
-    Ok(Ipv6Cost {
-        no_service_ns: no_service,
-        no_frontend_port_ns: no_frontend_port,
-        frontend_addr_ns: frontend_addr,
-        from_backend_ns: from_backend,
-        established_ns: established,
-        reply_ns: reply,
-        first_packet_ns: first,
-        established_fib_ns: 0.0,
-        reply_fib_ns: 0.0,
-        first_packet_fib_ns: 0.0,
-        floor_single_ns: floor_single,
-    })
-}
-
-/// IPv6's redirected figures, once the namespace's FIB answers.
-fn ipv6_routed(
-    dp: &mut Datapath,
-    vip: &str,
-    repeat: u32,
-    singles: u32,
-    v6: &mut Ipv6Cost,
-) -> anyhow::Result<()> {
-    let frames = ping_pong6(dp, vip)?;
-    let [est, reply] = redirected_ns(dp.ingress()?, &frames, repeat)?;
-    v6.established_fib_ns = est;
-    v6.reply_fib_ns = reply;
-    v6.first_packet_fib_ns = single_runs6(dp, vip, singles, 0x110)?.0;
-    Ok(())
 }
 
 fn median(mut v: Vec<u128>) -> f64 {
