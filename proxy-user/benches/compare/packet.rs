@@ -257,57 +257,29 @@ pub fn measure(
     // two blocks measured seconds apart.
     open_ping_pong(&mut dp, &last_vip)?;
     let [est6, rep6] = ping_pong6(&mut dp, &last_vip6)?;
+    let (v4, v6) = ("198.18.3.3", "2001:2:0:33::3");
+    let ingress = |frame| (Prog::Ingress, frame);
     let frames = [
-        (
-            Prog::Floor,
-            Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt::new(CLIENT, 40000, "198.18.3.3", 80, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt::new(CLIENT, 40000, "198.18.3.3", 9000, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build(),
-        ),
+        (Prog::Floor, Pkt::new(CLIENT, 40000, v4, 80, ACK).build()),
+        ingress(Pkt::new(CLIENT, 40000, v4, 80, ACK).build()),
+        ingress(Pkt::new(CLIENT, 40000, v4, 9000, ACK).build()),
+        ingress(Pkt::new(BACKEND, 8080, CLIENT, 41000, ACK).build()),
         // UDP to a TCP frontend's address and port: no service.
-        (
-            Prog::Ingress,
-            Pkt::new(CLIENT, 40000, &last_vip, 80, UDP).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt::new(CLIENT, 45000, &last_vip, 80, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 9000, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build(),
-        ),
-        (
-            Prog::Ingress,
-            Pkt6::new(CLIENT6, 40000, &last_vip6, 80, UDP).build(),
-        ),
-        (Prog::Ingress, est6),
-        (Prog::Ingress, rep6),
+        ingress(Pkt::new(CLIENT, 40000, &last_vip, 80, UDP).build()),
+        ingress(Pkt::new(CLIENT, 45000, &last_vip, 80, ACK).build()),
+        ingress(Pkt::new(BACKEND, 8080, CLIENT, 45000, ACK).build()),
+        ingress(Pkt6::new(CLIENT6, 40000, v6, 80, ACK).build()),
+        ingress(Pkt6::new(CLIENT6, 40000, v6, 9000, ACK).build()),
+        ingress(Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build()),
+        ingress(Pkt6::new(CLIENT6, 40000, &last_vip6, 80, UDP).build()),
+        ingress(est6),
+        ingress(rep6),
     ];
-    let [floor, no_service, no_frontend_port, from_backend, frontend_addr, established, reply, no_service6, no_frontend_port6, from_backend6, frontend_addr6, established6, reply6] =
-        in_turns(&mut dp, &frames, repeat)?;
+    let ns = in_turns(&mut dp, &frames, repeat)?;
+    let [floor, no_service, no_frontend_port, from_backend, frontend_addr, established, reply, ..] =
+        ns;
+    let [.., no_service6, no_frontend_port6, from_backend6, frontend_addr6, established6, reply6] =
+        ns;
     let firsts = first_packets(&mut dp, (&last_vip, &last_vip6), singles, (100, 0x100))?;
     routes()?;
     // Fresh entries: the unrouted phase cached "the stack" in them.
