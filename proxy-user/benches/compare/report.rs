@@ -12,7 +12,7 @@ use crate::{
     load::{InTurn, Rate},
     modes::{Change, Install, Memory, Mode},
     northsouth::{Forwarder, NsRate},
-    packet::PacketCost,
+    packet::{PacketCost, XdpCost},
 };
 
 /// One mode at one N.
@@ -510,6 +510,17 @@ fn xdp_cell(v: f64, floor: f64, tc: f64) -> String {
     format!("{v:.0} ({:.0}; tc {tc:.0})", v - floor)
 }
 
+/// XDP's established, reply and first-packet cells (`xdp`, ns in all)
+/// beside tc's redirected figures for the same packets (`tc`, ns in all):
+/// each family's row of [`xdp_table`].
+fn xdp_flow_cells(p: &PacketCost, x: &XdpCost, xdp: [f64; 3], tc: [f64; 3]) -> [String; 3] {
+    [
+        xdp_cell(xdp[0], x.floor_ns, tc[0] - p.floor_ns),
+        xdp_cell(xdp[1], x.floor_ns, tc[1] - p.floor_ns),
+        xdp_cell(xdp[2], x.floor_single_ns, tc[2] - p.floor_single_ns),
+    ]
+}
+
 /// The XDP program's figures beside tc's for the same packets.
 fn xdp_table(out: &mut String, costs: &[PacketCost]) {
     if costs.iter().all(|p| p.xdp.is_none()) {
@@ -525,22 +536,18 @@ fn xdp_table(out: &mut String, costs: &[PacketCost]) {
         .iter()
         .filter_map(|p| {
             let x = p.xdp.as_ref()?;
-            Some(vec![
+            let flows = xdp_flow_cells(
+                p,
+                x,
+                [x.established_ns, x.reply_ns, x.first_packet_ns],
+                [p.established_fib_ns, p.reply_fib_ns, p.first_packet_fib_ns],
+            );
+            let head = [
                 thousands(p.services as f64),
                 format!("{:.0} / {:.0}", x.floor_ns, x.floor_single_ns),
                 xdp_cell(x.no_service_ns, x.floor_ns, p.no_service_ns - p.floor_ns),
-                xdp_cell(
-                    x.established_ns,
-                    x.floor_ns,
-                    p.established_fib_ns - p.floor_ns,
-                ),
-                xdp_cell(x.reply_ns, x.floor_ns, p.reply_fib_ns - p.floor_ns),
-                xdp_cell(
-                    x.first_packet_ns,
-                    x.floor_single_ns,
-                    p.first_packet_fib_ns - p.floor_single_ns,
-                ),
-            ])
+            ];
+            Some([&head[..], &flows[..]].concat())
         })
         .collect();
     table(
@@ -562,20 +569,17 @@ fn xdp_table(out: &mut String, costs: &[PacketCost]) {
             if x.established6_ns <= 0.0 {
                 return None;
             }
-            Some(vec![
-                thousands(p.services as f64),
-                xdp_cell(
-                    x.established6_ns,
-                    x.floor_ns,
-                    v6.established_fib_ns - p.floor_ns,
-                ),
-                xdp_cell(x.reply6_ns, x.floor_ns, v6.reply_fib_ns - p.floor_ns),
-                xdp_cell(
-                    x.first_packet6_ns,
-                    x.floor_single_ns,
-                    v6.first_packet_fib_ns - p.floor_single_ns,
-                ),
-            ])
+            let flows = xdp_flow_cells(
+                p,
+                x,
+                [x.established6_ns, x.reply6_ns, x.first_packet6_ns],
+                [
+                    v6.established_fib_ns,
+                    v6.reply_fib_ns,
+                    v6.first_packet_fib_ns,
+                ],
+            );
+            Some([&[thousands(p.services as f64)][..], &flows[..]].concat())
         })
         .collect();
     if rows.is_empty() {

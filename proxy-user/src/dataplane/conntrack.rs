@@ -388,16 +388,21 @@ pub type FlowNeeds = (Vec<(u16, u64)>, Vec<PortBit>);
 /// tables (a batched read, as the collector's).
 pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
     let (mut ports, mut addrs) = (HashSet::new(), HashSet::new());
-    for table in CtTable::ALL {
-        maps.ct.each(table, |k, v| {
-            ports.insert(flow_port(&k, &v));
-            addrs.extend(flow_addr(&k, &v));
-        })?;
-        maps.v6.ct.each(table, |k, v| {
-            ports.insert(flow_port(&k, &v));
-            addrs.extend(flow_addr(&k, &v));
-        })?;
+    fn walk<A: CtFamily>(
+        maps: &MapSet,
+        ports: &mut HashSet<(u16, u64)>,
+        addrs: &mut HashSet<PortBit>,
+    ) -> Result<()> {
+        for table in CtTable::ALL {
+            A::each(maps, table, |k, v| {
+                ports.insert(flow_port(&k, &v));
+                addrs.extend(flow_addr(&k, &v));
+            })?;
+        }
+        Ok(())
     }
+    walk::<u32>(maps, &mut ports, &mut addrs)?;
+    walk::<In6>(maps, &mut ports, &mut addrs)?;
     Ok((ports.into_iter().collect(), addrs.into_iter().collect()))
 }
 
@@ -405,18 +410,18 @@ pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
 /// entry in both families' tables (a batched read, as the collector's).
 pub fn reply_bits(maps: &MapSet) -> Result<Vec<PortBit>> {
     let mut bits = Vec::new();
-    for table in CtTable::ALL {
-        maps.ct.each(table, |k, v| {
-            if v.dir != CT_DIR_ORIGINAL {
-                bits.push(reply_bit(&k));
-            }
-        })?;
-        maps.v6.ct.each(table, |k, v| {
-            if v.dir != CT_DIR_ORIGINAL {
-                bits.push(reply_bit(&k));
-            }
-        })?;
+    fn walk<A: CtFamily>(maps: &MapSet, bits: &mut Vec<PortBit>) -> Result<()> {
+        for table in CtTable::ALL {
+            A::each(maps, table, |k, v| {
+                if v.dir != CT_DIR_ORIGINAL {
+                    bits.push(reply_bit(&k));
+                }
+            })?;
+        }
+        Ok(())
     }
+    walk::<u32>(maps, &mut bits)?;
+    walk::<In6>(maps, &mut bits)?;
     Ok(bits)
 }
 

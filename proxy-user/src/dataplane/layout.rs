@@ -219,20 +219,28 @@ where
     CtValue<A>: aya::Pod,
 {
     let Some(old) = old else { return };
-    let table: HashMap<&MapData, CtKey<A>, CtValue<A>> = match (&old).try_into() {
-        Ok(t) => t,
-        Err(e) => {
-            log::warn!("reading the old layout's established table again: {e}");
-            return;
+    match old_established::<A>(&old) {
+        Ok(mut late) => {
+            late.retain(|(t, k, _)| A::get(maps, *t, k).is_none());
+            carry(maps, late, up);
         }
-    };
-    let late: Vec<_> = table
+        Err(e) => log::warn!("reading the old layout's established table again: {e:#}"),
+    }
+}
+
+/// The entries of an established table of layouts 2 and 3 (keyed by the
+/// whole [`CtKey`]), each for this layout's established table.
+fn old_established<A: Copy>(map: &Map) -> Result<Vec<CtEntry<A>>>
+where
+    CtKey<A>: aya::Pod,
+    CtValue<A>: aya::Pod,
+{
+    let table: HashMap<&MapData, CtKey<A>, CtValue<A>> = map.try_into()?;
+    Ok(table
         .iter()
         .filter_map(|kv| kv.ok())
-        .filter(|(k, _)| A::get(maps, CtTable::Tcp, k).is_none())
         .map(|(k, v)| (CtTable::Tcp, k, v))
-        .collect();
-    carry(maps, late, up);
+        .collect())
 }
 
 /// Writes conntrack entries an old layout held into this layout's tables
@@ -269,13 +277,7 @@ where
     }
     let read = || -> Result<(Vec<CtEntry<A>>, Map)> {
         let map = Map::from_map_data(MapData::from_pin(&path)?)?;
-        let table: HashMap<&MapData, CtKey<A>, CtValue<A>> = (&map).try_into()?;
-        let entries = table
-            .iter()
-            .filter_map(|kv| kv.ok())
-            .map(|(k, v)| (CtTable::Tcp, k, v))
-            .collect();
-        Ok((entries, map))
+        Ok((old_established(&map)?, map))
     };
     let taken = match read() {
         Ok((entries, map)) => (entries, Some(map)),

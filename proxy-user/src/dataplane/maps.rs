@@ -345,8 +345,8 @@ impl MapSet {
                 map_names::SERVICE_NAMES,
                 cap(IterableMap::map(&self.service_names))?,
             ),
-            (map_names::CT_TCP, cap(IterableMap::map(&self.ct.tcp))?),
-            (map_names::CT_ANY, cap(IterableMap::map(&self.ct.any))?),
+            (map_names::CT_TCP, self.ct.capacity(CtTable::Tcp)?),
+            (map_names::CT_ANY, self.ct.capacity(CtTable::Any)?),
             (map_names::AFFINITY, cap(IterableMap::map(&self.affinity))?),
             (
                 map_names::NODE_ADDRS,
