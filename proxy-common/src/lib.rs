@@ -711,9 +711,27 @@ pub const CFG_F_DSR_UDP: u32 = 1 << 4;
 ///                  service address (4), service port (2), 0 (2)
 /// inner IPv4       client → backend, as a tc-translated packet
 /// ```
+///
+/// An IPv6 flow goes over IPv6 (its backend's address is the outer
+/// destination, as IPv4's), the option naming its IPv6 service address:
+///
+/// ```text
+/// outer IPv6 (40)  node → backend, next header UDP, hop limit 64, the
+///                  inner packet's traffic class and flow label
+/// UDP (8)          as above, but its checksum computed (IPv6 has no
+///                  header checksum), from the headers alone (RFC 7605's
+///                  local checksum offload: the inner packet's own
+///                  checksum makes its bytes sum to a known value)
+/// Geneve (8)       version 0, options 24 bytes, protocol 0x86DD, VNI 0
+/// option (24)      class 0xFF7B, type 0x01, length 5 words: service
+///                  address (16), service port (2), 0 (2)
+/// inner IPv6       client → backend (no extension headers)
+/// ```
 pub mod dsr {
     /// Bytes in front of the inner IPv4 packet.
     pub const ENCAP_LEN: usize = 48;
+    /// Bytes in front of the inner IPv6 packet.
+    pub const ENCAP_LEN6: usize = 80;
     /// Geneve's IANA port.
     pub const GENEVE_PORT: u16 = 6081;
     /// An option class of the experimental range (0xFF00..=0xFFFF).
@@ -725,6 +743,14 @@ pub mod dsr {
     pub const OPT_LEN_WORDS: u8 = 1 + OPT_WORDS;
     /// Geneve's protocol type for an IPv4 payload.
     pub const PROTO_IPV4: u16 = 0x0800;
+    /// The IPv6 option's data, in 4-byte words.
+    pub const OPT_WORDS6: u8 = 5;
+    /// Geneve's option-length field for the IPv6 option.
+    pub const OPT_LEN_WORDS6: u8 = 1 + OPT_WORDS6;
+    /// Geneve's protocol type for an IPv6 payload.
+    pub const PROTO_IPV6: u16 = 0x86dd;
+    const _: () = assert!(ENCAP_LEN == 20 + 8 + 8 + 4 * OPT_LEN_WORDS as usize);
+    const _: () = assert!(ENCAP_LEN6 == 40 + 8 + 8 + 4 * OPT_LEN_WORDS6 as usize);
 }
 /// `skb->mark` bit on packets kpx translated: its egress program leaves them
 /// alone (they may cross a second kpx interface after a redirect).

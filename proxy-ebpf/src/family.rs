@@ -13,7 +13,7 @@ use aya_ebpf::{
 use proxy_common::{
     Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtTuple, CtValue, DatapathConfig,
     In6, Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange, IPPROTO_TCP, IPPROTO_UDP,
-    PROG_INGRESS6,
+    PROG_INGRESS6, dsr::GENEVE_PORT,
 };
 
 use crate::{
@@ -85,6 +85,7 @@ pub fn hand_over6(ctx: &TcContext, rest: Rest) -> i32 {
     unsafe {
         (*ctx.skb.skb).cb[0] = marker;
         (*ctx.skb.skb).cb[1] = ctx.len();
+        (*ctx.skb.skb).cb[2] = 0;
     }
     tail_call(ctx, PROG_INGRESS6)
 }
@@ -100,6 +101,35 @@ pub fn handed_frontend(ctx: &TcContext) -> bool {
         cb[0] = 0;
         left
     }
+}
+
+/// `cb[2]` of an IPv6 packet whose direct server return's request could not
+/// be served (`cb[1]`: its length): `kpx_tc_ingress6` and `kpx_tc_new6`
+/// take its path again without DSR. [`hand_over6`] clears it.
+const DSR_DECLINED: u32 = 0x6b70_7844;
+
+/// Hands an IPv6 packet whose direct server return's request could not be
+/// served back to `kpx_tc_ingress6`, its whole path without DSR (IPv4's is
+/// run in DSR's program; IPv6's needs the stacks of its own programs).
+#[inline(always)]
+pub fn decline_dsr6(ctx: &TcContext) -> i32 {
+    // SAFETY: the context's own skb; `cb` is five words tc programs may
+    // write.
+    unsafe {
+        (*ctx.skb.skb).cb[0] = 0;
+        (*ctx.skb.skb).cb[1] = ctx.len();
+        (*ctx.skb.skb).cb[2] = DSR_DECLINED;
+    }
+    tail_call(ctx, PROG_INGRESS6)
+}
+
+/// Whether [`decline_dsr6`] handed this packet over: its path goes on
+/// without direct server return.
+#[inline(always)]
+pub fn dsr_declined(ctx: &TcContext) -> bool {
+    // SAFETY: the context's own skb, its control buffer read.
+    let cb = unsafe { &(*ctx.skb.skb).cb };
+    cb[2] == DSR_DECLINED && cb[1] == ctx.len()
 }
 
 /// Whether an IPv6 packet's transport header, right after the fixed one,
@@ -158,6 +188,11 @@ pub fn sort6<P: Packet>(ctx: &P) -> Entry6 {
     let Some(ports) = read_linear::<_, [u16; 2]>(ctx, ETH_HLEN + ip6::HLEN) else {
         return Entry6::Other;
     };
+    // Maybe direct server return's Geneve, for a backend here: its own
+    // path, whatever the filters say.
+    if next == IPPROTO_UDP && ports[1] == GENEVE_PORT.to_be() {
+        return Entry6::Other;
+    }
     // The destination address (after the fixed header's first 24 bytes),
     // read only for a frontend's port; the tuple only from a backend's.
     let dst = || read_linear::<_, In6>(ctx, ETH_HLEN + 24);
@@ -215,9 +250,6 @@ impl<A: Family> NetRef<'_, A> {
 pub trait Family: Address {
     /// Bits of an address: the source-range trie's prefix lengths.
     const BITS: u32;
-    /// Direct server return carries flows of this family (IPv4's only:
-    /// its Geneve option holds an IPv4 service address).
-    const DSR: bool;
 
     fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue>;
     fn service_addrs() -> &'static HashMap<Self, u32>;
@@ -266,14 +298,13 @@ pub trait Family: Address {
     /// Leaves a first packet's frontend in this CPU's scratch space for
     /// `kpx_tc_new6`; the entry tail-calls it on the verdict.
     fn hand_over(svc: &ServiceValue, recovered: bool) -> Verdict;
-    /// A backend as one word, for direct server return's request (only
-    /// asked where [`Family::DSR`] holds).
+    /// A backend for direct server return's request, as one word (IPv6's:
+    /// left in this CPU's scratch space for `dsr::first`, 0 returned).
     fn backend_bits(b: &Backend<Self>) -> u64;
 }
 
 impl Family for u32 {
     const BITS: u32 = 32;
-    const DSR: bool = true;
     const NEW_FLOW_APART: bool = false;
     const FILTERED_AHEAD: bool = false;
 
@@ -373,7 +404,6 @@ impl Family for u32 {
 
 impl Family for In6 {
     const BITS: u32 = 128;
-    const DSR: bool = false;
     const NEW_FLOW_APART: bool = true;
     const FILTERED_AHEAD: bool = true;
 
@@ -467,7 +497,10 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn backend_bits(_b: &Backend<Self>) -> u64 {
+    fn backend_bits(b: &Backend<Self>) -> u64 {
+        if let Some(s) = maps::scratch6() {
+            s.dsr_backend = *b;
+        }
         0
     }
 

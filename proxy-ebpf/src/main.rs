@@ -140,11 +140,15 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if packet::translated_by_xdp(&ctx) {
         return forward_translated(&ctx);
     }
-    match process(&ctx, true) {
-        dsr::REQUESTED => dsr::tail_call(&ctx),
+    let action = match process(&ctx, true) {
         family::IPV6 => ingress6(&ctx),
-        action => action as i32,
+        action => action,
+    };
+    // One call site for DSR's program, for both families.
+    if action == dsr::REQUESTED {
+        return dsr::tail_call(&ctx);
     }
+    action as i32
 }
 
 /// An IPv6 packet at [`kpx_tc_ingress`]: plain TCP or UDP is sorted, and
@@ -153,10 +157,11 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 /// [`kpx_tc_ingress6`]: one of no flow to its frontend, from where the
 /// entry left it, the rest from the start.
 #[inline(always)]
-fn ingress6(ctx: &TcContext) -> i32 {
+fn ingress6(ctx: &TcContext) -> i64 {
     match entry6(ctx) {
-        Ok(v) => verdict::action(v),
-        Err(rest) => family::hand_over6(ctx, rest),
+        Ok(Verdict::Dsr(req)) => dsr::stash::<In6>(ctx, req),
+        Ok(v) => verdict::action(v) as i64,
+        Err(rest) => family::hand_over6(ctx, rest) as i64,
     }
 }
 
@@ -179,7 +184,7 @@ fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, Rest> {
                 return Err(Rest::Path);
             }
             s.pkt.tuple_into(&mut s.key);
-            tracked(ctx, &s.pkt, &s.key, Origin::Network, false).ok_or(Rest::Frontend)
+            tracked(ctx, &s.pkt, &s.key, Origin::Network, true).ok_or(Rest::Frontend)
         }
     }
 }
@@ -189,7 +194,7 @@ fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, Rest> {
 /// [`kpx_xdp_new6`]; a REJECT is tc's.
 #[xdp]
 pub fn kpx_xdp_service6(ctx: XdpContext) -> u32 {
-    match service6(&ctx) {
+    match service6(&ctx, true) {
         Verdict::NewFlow => family::tail_call_xdp(&ctx, XDP_PROG_NEW6),
         v => verdict::xdp_action(v),
     }
@@ -199,12 +204,12 @@ pub fn kpx_xdp_service6(ctx: XdpContext) -> u32 {
 /// frontend (a new flow's for the program that sets it up, or a REJECT),
 /// or passed.
 #[inline(always)]
-fn service6<P: Packet>(ctx: &P) -> Verdict {
+fn service6<P: Packet>(ctx: &P, dsr: bool) -> Verdict {
     let Some(s) = maps::scratch6() else {
         return Verdict::Pass(Counter::PassNotHandled);
     };
     let ports = service::Ports::of_read(s.pkt.dport, || None::<In6>);
-    to_service(ctx, &s.pkt, &s.key, ports, Origin::Network, false)
+    to_service(ctx, &s.pkt, &s.key, ports, Origin::Network, dsr)
 }
 
 /// tc ingress for the IPv6 packets its entry does not finish, tail-called
@@ -217,13 +222,18 @@ fn service6<P: Packet>(ctx: &P) -> Verdict {
 /// and lookups as IPv4's, with IPv6's maps; no direct server return.
 #[classifier]
 pub fn kpx_tc_ingress6(ctx: TcContext) -> i32 {
+    let dsr = !family::dsr_declined(&ctx);
     let v = if family::handed_frontend(&ctx) {
-        service6(&ctx)
+        service6(&ctx, dsr)
     } else {
-        path6(&ctx)
+        path6(&ctx, dsr)
     };
     match v {
         Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
+        Verdict::Dsr(req) => {
+            dsr::stash::<In6>(&ctx, req);
+            dsr::tail_call(&ctx)
+        }
         v => verdict::action(v),
     }
 }
@@ -238,6 +248,9 @@ pub fn kpx_tc_dsr(ctx: TcContext) -> i32 {
     let action = dsr::run(&ctx);
     if action != dsr::NOT_SENT {
         return action as i32;
+    }
+    if dsr::ipv6_request(&ctx) {
+        return family::decline_dsr6(&ctx);
     }
     without_dsr(&ctx) as i32
 }
@@ -362,7 +375,7 @@ pub fn kpx_tc_egress6(ctx: TcContext) -> i32 {
         IPPROTO_TCP | IPPROTO_UDP
             if packet::sent_by_node(&ctx) && service::is_node_addr(s.pkt.src) =>
         {
-            flow6(&ctx, s, Origin::Node)
+            flow6(&ctx, s, Origin::Node, false)
         }
         _ => return PASS,
     };
@@ -465,7 +478,7 @@ pub fn kpx_sock_release(ctx: SockContext) -> i32 {
 #[inline(always)]
 fn process(ctx: &TcContext, dsr: bool) -> i64 {
     match path(ctx, dsr) {
-        Verdict::Dsr(req) => dsr::stash(ctx, req),
+        Verdict::Dsr(req) => dsr::stash::<u32>(ctx, req),
         Verdict::Ipv6 => family::IPV6,
         v => verdict::action(v) as i64,
     }
@@ -508,7 +521,7 @@ fn path(ctx: &TcContext, dsr: bool) -> Verdict {
 
 /// [`path`] for IPv6.
 #[inline(always)]
-fn path6(ctx: &TcContext) -> Verdict {
+fn path6(ctx: &TcContext, dsr: bool) -> Verdict {
     let Some(s) = maps::scratch6() else {
         return Verdict::Pass(Counter::PassNotHandled);
     };
@@ -538,7 +551,10 @@ fn path6(ctx: &TcContext) -> Verdict {
     if s.pkt.proto != IPPROTO_TCP && s.pkt.proto != IPPROTO_UDP {
         return Verdict::Pass(Counter::PassNotHandled);
     }
-    flow6(ctx, s, Origin::Network)
+    if dsr && dsr::is_geneve(&s.pkt) {
+        return Verdict::Dsr(dsr::Request::Geneve);
+    }
+    flow6(ctx, s, Origin::Network, dsr)
 }
 
 /// An IPv6 flow's first packet at [`kpx_tc_ingress6`], tail-called
@@ -547,13 +563,19 @@ fn path6(ctx: &TcContext) -> Verdict {
 /// [`kpx_tc_ingress`], but the service's (done before the hand-over).
 #[classifier]
 pub fn kpx_tc_new6(ctx: TcContext) -> i32 {
-    verdict::action(new6(&ctx, Origin::Network))
+    match new6(&ctx, Origin::Network, !family::dsr_declined(&ctx)) {
+        Verdict::Dsr(req) => {
+            dsr::stash::<In6>(&ctx, req);
+            dsr::tail_call(&ctx)
+        }
+        v => verdict::action(v),
+    }
 }
 
 /// [`kpx_tc_new6`] at XDP (`XDP_PROG_NEW6`).
 #[xdp]
 pub fn kpx_xdp_new6(ctx: XdpContext) -> u32 {
-    verdict::xdp_action(new6(&ctx, Origin::Network))
+    verdict::xdp_action(new6(&ctx, Origin::Network, true))
 }
 
 /// [`kpx_tc_new6`] for [`kpx_tc_egress6`] (`PROG_NEW6_NODE`): a program of
@@ -561,25 +583,25 @@ pub fn kpx_xdp_new6(ctx: XdpContext) -> u32 {
 /// in one program outgrew its stack).
 #[classifier]
 pub fn kpx_tc_new6_node(ctx: TcContext) -> i32 {
-    verdict::action(new6(&ctx, Origin::Node))
+    verdict::action(new6(&ctx, Origin::Node, false))
 }
 
 /// An IPv6 flow's first packet, its tuple and frontend in this CPU's
 /// scratch space (the programs of `PROG_NEW6`, `PROG_NEW6_NODE` and
 /// `XDP_PROG_NEW6`).
 #[inline(always)]
-fn new6<P: Packet>(ctx: &P, origin: Origin) -> Verdict {
+fn new6<P: Packet>(ctx: &P, origin: Origin, dsr: bool) -> Verdict {
     let Some(s) = maps::scratch6() else {
         return Verdict::Pass(Counter::PassNotHandled);
     };
-    new_flow(ctx, &s.pkt, &s.key, &s.svc, origin, s.recovered, false)
+    new_flow(ctx, &s.pkt, &s.key, &s.svc, origin, s.recovered, dsr)
 }
 
 /// [`flow`] for IPv6, its packet parsed into `s`.
 #[inline(always)]
-fn flow6(ctx: &TcContext, s: &'static mut maps::Scratch6, origin: Origin) -> Verdict {
+fn flow6(ctx: &TcContext, s: &'static mut maps::Scratch6, origin: Origin, dsr: bool) -> Verdict {
     s.pkt.tuple_into(&mut s.key);
-    flow_of(ctx, &s.pkt, &s.key, origin, false)
+    flow_of(ctx, &s.pkt, &s.key, origin, dsr)
 }
 
 /// A TCP/UDP packet: of a tracked flow, a new flow to a service, or neither;
@@ -665,7 +687,7 @@ fn to_service<P: Packet, A: Family>(
     let recovered = pkt.proto == IPPROTO_TCP && !pkt.is_syn();
     // A DSR flow's handshake completing: only to an external frontend with
     // the Cluster policy (no lookup for anything else).
-    if A::DSR && recovered && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL {
+    if recovered && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL {
         if let Some(found) = conntrack::dsr_handshake(key) {
             return established(ctx, pkt, key, found, hook, dsr);
         }

@@ -210,7 +210,7 @@ pub static CONFIG6: Array<Net6> = Array::with_max_entries(1, 0);
 /// 5 ns a packet in `perf`, at the key's first reads).
 ///
 /// A change of its layout must change its size (the `_key_off` word did: 328 →
-/// 336 bytes), so an upgrade replaces the pinned map rather than share it
+/// 336 bytes; `dsr_backend`, 336 → 360), so an upgrade replaces the pinned map rather than share it
 /// with programs that read it otherwise: while `PROGS` is refilled, an old
 /// entry's first packet handed to this build's `kpx_tc_new6` finds the new
 /// map's zeroes (no backends) and is dropped, a SYN its client resends.
@@ -227,6 +227,10 @@ pub struct Scratch6 {
     pub frame: crate::nat::Frame6,
     /// What a REJECT quotes of the packet (`icmp::reject6`).
     pub quote: [u32; crate::icmp::QUOTE6_MAX / 4],
+    /// The backend of a new flow handed to direct server return's program
+    /// (`dsr::first`): five words, too many for the control buffer beside
+    /// the request.
+    pub dsr_backend: proxy_common::Backend<In6>,
 }
 
 // The addresses' offsets, as said above.

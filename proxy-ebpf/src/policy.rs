@@ -112,8 +112,7 @@ pub fn dsr<A: Family>(
     } else {
         CFG_F_DSR_UDP
     };
-    A::DSR
-        && cfg.flags() & wanted != 0
+    cfg.flags() & wanted != 0
         && origin == Origin::Network
         && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL
         && !net.is_pod(src)

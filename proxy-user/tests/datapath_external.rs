@@ -20,6 +20,7 @@ use proxy_common::{
 };
 use support::{
     fam::{self, Fam, V4, V6},
+    v6::*,
     *,
 };
 use testbed::Netns;
@@ -789,6 +790,281 @@ fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {
         let back = inspect(&run(&mut b, &answer).bytes);
         assert_eq!((back.src, back.sport), (ip(svc.0), 30053), "{backend}");
     }
+}
+
+// Direct server return of IPv6 flows: Geneve over IPv6.
+
+/// [`family_node`] on IPv6 with NodePorts 30080/TCP and 30053/UDP (the
+/// standard scenario's services) and direct server return for `flags`
+/// (`CFG_F_DSR_*`; none: a node that only receives).
+fn dsr_node6(flags: u32) -> Datapath {
+    let mut dp = family_node::<V6>(false);
+    for (port, proto, svc) in [(30080, IPPROTO_TCP, 21), (30053, IPPROTO_UDP, 22)] {
+        frontend(
+            &mut dp,
+            ("::", port, proto),
+            svc,
+            3,
+            SVC_F_EXTERNAL | SVC_F_NODEPORT,
+            &[],
+        );
+    }
+    let mut cfg = dp.maps.config.get(&0, 0).unwrap();
+    cfg.flags |= flags;
+    dp.maps.set_config(&cfg).unwrap();
+    dp
+}
+
+/// A namespace whose FIB reaches IPv6's backends (2001:2:0:1::/64) through
+/// a router out of `out0` (2001:2:0:fe::1/64, MAC 02::aa; the router's MAC
+/// 02::bb), and its file for [`run_in`].
+fn fib_netns6(prefix: &str) -> (Netns, std::fs::File) {
+    let (ns, file, _) = support::xdp_node(
+        prefix,
+        &[("out0", "02:00:00:00:00:aa", "2001:2:0:fe::1/64")],
+        "2001:2:0:fe::ff",
+        &["2001:2:0:1::/64"],
+    );
+    (ns, file)
+}
+
+/// An IPv6 frame direct server return sent, taken apart: the outer headers
+/// checked field by field against the format (`proxy_common::dsr`), the
+/// UDP checksum verified over the whole datagram, the service address the
+/// option carries, and the inner packet as a frame.
+struct Geneve6 {
+    outer_src: std::net::Ipv6Addr,
+    outer_dst: std::net::Ipv6Addr,
+    svc: (std::net::Ipv6Addr, u16),
+    inner: Vec<u8>,
+}
+
+fn geneve6(frame: &[u8]) -> Geneve6 {
+    use proxy_common::dsr::{ENCAP_LEN6, GENEVE_PORT};
+    let (iph, rest) = etherparse::Ipv6Header::from_slice(&frame[14..]).expect("outer IPv6");
+    assert_eq!(iph.next_header, etherparse::IpNumber::UDP);
+    assert_eq!(iph.hop_limit, 64);
+    assert_eq!(iph.payload_length as usize, frame.len() - 14 - 40);
+    let inner_ip = &frame[14 + ENCAP_LEN6..];
+    assert_eq!(
+        (iph.traffic_class, iph.flow_label),
+        (
+            (u32::from_be_bytes(inner_ip[..4].try_into().unwrap()) >> 20) as u8,
+            etherparse::Ipv6FlowLabel::try_new(
+                u32::from_be_bytes(inner_ip[..4].try_into().unwrap()) & 0xf_ffff
+            )
+            .unwrap()
+        ),
+        "the inner packet's class and label"
+    );
+    let (udp, payload) = etherparse::UdpHeader::from_slice(rest).expect("outer UDP");
+    assert_eq!(udp.destination_port, GENEVE_PORT);
+    assert!(udp.source_port >= 0xc000, "{}", udp.source_port);
+    assert_eq!(udp.length as usize, frame.len() - 14 - 40);
+    assert_ne!(udp.checksum, 0, "IPv6 has no zero UDP checksum");
+    assert_eq!(
+        udp.checksum,
+        udp.calc_checksum_ipv6(&iph, payload).unwrap(),
+        "the outer UDP checksum, over the inner packet too"
+    );
+    // Version 0, 6 words of options, no flags, IPv6, VNI 0; the option:
+    // class 0xff7b, type 1, 5 words.
+    assert_eq!(&payload[..8], &[0x06, 0, 0x86, 0xdd, 0, 0, 0, 0]);
+    assert_eq!(&payload[8..12], &[0xff, 0x7b, 0x01, 0x05]);
+    let addr: [u8; 16] = payload[12..28].try_into().unwrap();
+    let svc = (addr.into(), u16::from_be_bytes([payload[28], payload[29]]));
+    assert_eq!(&payload[30..32], &[0, 0]);
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(inner_ip);
+    Geneve6 {
+        outer_src: iph.source.into(),
+        outer_dst: iph.destination.into(),
+        svc,
+        inner,
+    }
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_sends_ipv6_flows_in_geneve_over_ipv6_and_the_rest_plain() {
+    let mut dp = dsr_node6(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = fib_netns6("kpxdsr6");
+    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
+    let mut syn = Pkt6::new(outside, 40000, node, 30080, SYN);
+    syn.payload.clear();
+    let syn = syn.build();
+    let out = run_in(&mut dp, &syn, false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to out0");
+    assert_eq!(
+        &out.bytes[0..12],
+        &[2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 0xaa]
+    );
+    assert_eq!(&out.bytes[12..14], &[0x86, 0xdd]);
+    let g = geneve6(&out.bytes);
+    // The client's address is kept: the flow is not masqueraded.
+    let seen = inspect6(&g.inner);
+    assert_eq!(
+        (seen.src, seen.sport, seen.dport),
+        (ip6(outside), 40000, 8080)
+    );
+    assert!([ip6(B6_1), ip6(B6_2), ip6(B6_3)].contains(&seen.dst));
+    assert_eq!(seen.hop_limit, 63, "the inner packet was forwarded once");
+    assert_eq!(
+        (g.outer_src, g.outer_dst),
+        (ip6("2001:2:0:fe::1"), seen.dst)
+    );
+    assert_eq!(g.svc, (ip6(node), 30080), "the address the client used");
+    let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
+    let (_, original) = fam::ct_get::<V6>(&dp, &key).expect("the flow");
+    assert_eq!(
+        original.flags & (CT_F_SNAT | CT_F_DSR_ENCAP),
+        CT_F_DSR_ENCAP
+    );
+    assert_eq!(event(&mut dp, Event::DsrEncap), 1);
+    // The retransmitted SYN goes the same way, to the same backend.
+    let out = run_in(&mut dp, &syn, false, &file);
+    assert_eq!(geneve6(&out.bytes).outer_dst, seen.dst);
+    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
+    // Its ACK establishes the flow and goes plain.
+    let ack = Pkt6::new(outside, 40000, node, 30080, ACK).build();
+    for _ in 0..2 {
+        let out = run_in(&mut dp, &ack, false, &file);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let plain = inspect6(&out.bytes);
+        assert_eq!(
+            (plain.src, plain.dst, plain.dport),
+            (ip6(outside), seen.dst, 8080)
+        );
+    }
+    let (table, _) = fam::ct_get::<V6>(&dp, &key).expect("the flow");
+    assert_eq!(table, kpx::dataplane::maps::CtTable::Tcp, "established");
+    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
+    // Extension headers are not carried: such a flow is masqueraded,
+    // counted.
+    let mut opts = Pkt6::new(outside, 40001, node, 30080, SYN);
+    opts.ext.push(Ext::options(60, 1));
+    let out = run_in(&mut dp, &opts.build(), false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let seen = inspect6(&out.bytes);
+    assert_eq!(seen.src, ip6("2001:2:0:fe::1"), "masqueraded");
+    assert_eq!(event(&mut dp, Event::DsrFallback), 1);
+    // hybrid: UDP is masqueraded; pods keep the reference's masquerade.
+    for (src, dport, l4) in [(outside, 30053, UDP), (<V6 as Node>::POD, 30080, SYN)] {
+        let frame = Pkt6::new(src, 5001, node, dport, l4).build();
+        let out = run_in(&mut dp, &frame, false, &file);
+        assert_eq!(inspect6(&out.bytes).src, ip6("2001:2:0:fe::1"));
+    }
+    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_carries_ipv6_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_not() {
+    use proxy_common::{CFG_F_DSR_TCP, CFG_F_DSR_UDP};
+    let mut dp = dsr_node6(CFG_F_DSR_TCP | CFG_F_DSR_UDP);
+    let (_ns, file) = fib_netns6("kpxdsr6u");
+    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
+    let dgram = Pkt6::new(outside, 5000, node, 30053, UDP).build();
+    for n in 1..=3 {
+        let g = geneve6(&run_in(&mut dp, &dgram, false, &file).bytes);
+        let seen = inspect6(&g.inner);
+        assert_eq!((seen.src, seen.dport), (ip6(outside), 5353));
+        assert_eq!(g.svc, (ip6(node), 30053));
+        assert_eq!(event(&mut dp, Event::DsrEncap), n, "every datagram");
+    }
+    // A first datagram that would not fit out0's MTU with 80 bytes more:
+    // masqueraded, counted.
+    let big = |sport| {
+        let mut p = Pkt6::new(outside, sport, node, 30053, UDP);
+        p.payload = vec![7; 1500 - 40 - 8 - 40];
+        p.build()
+    };
+    let seen = inspect6(&run_in(&mut dp, &big(5001), false, &file).bytes);
+    assert_eq!(seen.src, ip6("2001:2:0:fe::1"), "masqueraded");
+    assert_eq!(event(&mut dp, Event::DsrFallback), 1);
+    // A DSR flow's datagram that does not fit goes plain.
+    let seen = inspect6(&run_in(&mut dp, &big(5000), false, &file).bytes);
+    assert_eq!((seen.src, seen.dport), (ip6(outside), 5353));
+    assert_eq!(event(&mut dp, Event::DsrEncap), 3);
+}
+
+#[test]
+#[ignore = "needs root"]
+fn xdp_leaves_an_ipv6_dsr_flows_first_packet_to_tc_untouched() {
+    let mut dp = dsr_node6(proxy_common::CFG_F_DSR_TCP);
+    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
+    let syn = Pkt6::new(outside, 40000, node, 30080, SYN).build();
+    let out = run_xdp(&mut dp, &syn);
+    assert_eq!(out.verdict, XDP_PASS);
+    assert!(!out.marked());
+    assert_eq!(out.frame(), &syn[..], "untouched");
+    let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
+    assert!(!fam::tracked::<V6>(&dp, &key));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn dsr_geneve_over_ipv6_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_service() {
+    let mut a = dsr_node6(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = fib_netns6("kpxdsr6b");
+    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
+    let syn = Pkt6::new(outside, 40000, node, 30080, SYN).build();
+    let sent = run_in(&mut a, &syn, false, &file).bytes;
+    let g = geneve6(&sent);
+    let backend = inspect6(&g.inner);
+    let mut b = dsr_node6(0);
+    let out = run(&mut b, &sent);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.bytes.len(), g.inner.len(), "80 bytes fewer");
+    assert_eq!(inspect6(&out.bytes), backend, "the packet node A translated");
+    assert_eq!(event(&mut b, Event::DsrDecap), 1);
+    let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
+    let (_, original) = fam::ct_get::<V6>(&b, &key).expect("the flow");
+    assert_eq!(
+        original.flags & proxy_common::CT_F_DSR_DECAP,
+        proxy_common::CT_F_DSR_DECAP
+    );
+    // The backend's SYN-ACK: from the service address, to the client.
+    let out = run(&mut b, &reply6(&backend, SYN_ACK));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let back = inspect6(&out.bytes);
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (ip6(node), 30080, ip6(outside), 40000)
+    );
+    // The retransmitted SYN, in Geneve again: delivered, the flow kept.
+    let out = run(&mut b, &sent);
+    assert_eq!(inspect6(&out.bytes), backend);
+    assert_eq!(event(&mut b, Event::DsrDecap), 1);
+    // Not DSR's: left as they are (offsets in the outer UDP payload).
+    let udp = 14 + 40 + 8;
+    let mut other_class = sent.clone();
+    other_class[udp + 8] = 0x01;
+    let mut ipv4_option = sent.clone();
+    ipv4_option[udp + 11] = 0x02;
+    let mut other_dst = sent.clone();
+    other_dst[udp + 32 + 39] ^= 1; // the inner destination's last byte
+    let truncated = {
+        let mut t = Pkt6::new(outside, 40000, &backend.dst.to_string(), 6081, UDP);
+        t.payload = sent[udp..udp + 12].to_vec();
+        t.build()
+    };
+    for (what, frame) in [
+        ("another option class", &other_class),
+        ("IPv4's option length", &ipv4_option),
+        ("inner and outer destinations differ", &other_dst),
+        ("shorter than the headers", &truncated),
+    ] {
+        let out = run(&mut b, frame);
+        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
+        assert_eq!(&out.bytes, frame, "{what}");
+    }
+    // A service node B does not serve: dropped, counted.
+    let mut unknown = sent.clone();
+    unknown[udp + 28 + 1] ^= 1; // the carried port: 30081
+    let out = run(&mut b, &unknown);
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
 }
 
 // Masquerade ports, traffic policies, source ranges and who is
