@@ -27,8 +27,6 @@
 //! flow goes in Geneve over IPv6 (80 bytes), its UDP checksum computed
 //! from the headers alone (IPv6 has no zero checksum to fall back on).
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::{bindings::bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, programs::TcContext};
 use proxy_common::{
     dsr::{
@@ -77,14 +75,17 @@ pub trait Carrier: Family {
     const ENCAP_LEN: usize;
     /// The family's bit in a request's code ([`stash`]).
     const REQ_FAMILY: u32;
+    /// DSR's steps ([`step!`]) are subprograms of their own (IPv6's: its
+    /// addresses, FIB requests, entries and headers outgrow one frame), or
+    /// inlined (IPv4's fit one, and pay no calls).
+    const APART: bool;
     /// The outer headers as stored, in words (memory order).
     type Header: Copy;
 
     /// `f` of the packet parsed and its tuple (IPv4's on the stack, IPv6's
     /// in this CPU's scratch space); None when it is not a packet of the
     /// family.
-    fn parsed<R>(ctx: &TcContext, f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R)
-        -> Option<R>;
+    fn parsed<R>(ctx: &TcContext, f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R) -> Option<R>;
     /// The backend a [`Request::First`] names: IPv4's is in the request,
     /// IPv6's (five words) in scratch space, where [`Family::backend_bits`]
     /// left it.
@@ -101,6 +102,30 @@ pub trait Carrier: Family {
     /// when they are exactly what [`send`] writes and the inner packet is
     /// to the outer destination: else None, and the packet is not DSR's.
     fn carried(ctx: &TcContext, pkt: &IpPacket<Self>) -> Option<Carried<Self>>;
+}
+
+/// Declares a step of DSR's work: inlined for IPv4, a BPF subprogram of its
+/// own for IPv6 ([`Carrier::APART`]; see [`first`]). Its arguments and
+/// result are no `Option` or `Result`, whose BTF (a union with the tag
+/// inside a member) the kernel refuses in a subprogram's signature.
+macro_rules! step {
+    ($(#[$doc:meta])* fn $name:ident<A: Carrier>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        #[inline(always)]
+        fn $name<A: Carrier>($($arg: $ty),*) -> $ret {
+            #[inline(never)]
+            fn apart<A: Carrier>($($arg: $ty),*) -> $ret {
+                inlined::<A>($($arg),*)
+            }
+            #[inline(always)]
+            fn inlined<A: Carrier>($($arg: $ty),*) -> $ret $body
+            if A::APART {
+                apart::<A>($($arg),*)
+            } else {
+                inlined::<A>($($arg),*)
+            }
+        }
+    };
 }
 
 /// Entropy for the fabric's ECMP, in the ephemeral range.
@@ -121,20 +146,15 @@ struct GeneveOpt<const N: usize> {
 impl Carrier for u32 {
     const ENCAP_LEN: usize = ENCAP_LEN;
     const REQ_FAMILY: u32 = 0;
+    const APART: bool = false;
     type Header = [u32; ENCAP_LEN / 4];
 
     #[inline(always)]
-    fn parsed<R>(
-        ctx: &TcContext,
-        f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R,
-    ) -> Option<R> {
-        let mut pkt = MaybeUninit::uninit();
-        if !parse4(ctx, &mut pkt) {
-            return None;
+    fn parsed<R>(ctx: &TcContext, f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R) -> Option<R> {
+        match parse::parse_ipv4(ctx) {
+            Parsed::Packet(pkt) => Some(f(&pkt, &pkt.tuple())),
+            _ => None,
         }
-        // SAFETY: `parse4` wrote it.
-        let pkt = unsafe { pkt.assume_init_ref() };
-        Some(f(pkt, &pkt.tuple()))
     }
 
     #[inline(always)]
@@ -208,13 +228,11 @@ impl Carrier for u32 {
 impl Carrier for In6 {
     const ENCAP_LEN: usize = ENCAP_LEN6;
     const REQ_FAMILY: u32 = REQ_IPV6;
+    const APART: bool = true;
     type Header = [u32; ENCAP_LEN6 / 4];
 
     #[inline(always)]
-    fn parsed<R>(
-        ctx: &TcContext,
-        f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R,
-    ) -> Option<R> {
+    fn parsed<R>(ctx: &TcContext, f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R) -> Option<R> {
         let s = maps::scratch6()?;
         if !parse6(ctx, s) {
             return None;
@@ -324,20 +342,11 @@ impl Carrier for In6 {
         let proto: u8 = read(ctx, inner + 6)?;
         let o = g.option;
         let p = o[5].to_ne_bytes();
-        Carried::of([o[1], o[2], o[3], o[4]], u16::from_ne_bytes([p[0], p[1]]), proto)
-    }
-}
-
-/// Parses an IPv4 packet into `out`: whether it is one (then `out` is
-/// written). A subprogram, as [`parse6`] is.
-#[inline(never)]
-fn parse4(ctx: &TcContext, out: &mut MaybeUninit<IpPacket<u32>>) -> bool {
-    match parse::parse_ipv4(ctx) {
-        Parsed::Packet(pkt) => {
-            out.write(pkt);
-            true
-        }
-        _ => false,
+        Carried::of(
+            [o[1], o[2], o[3], o[4]],
+            u16::from_ne_bytes([p[0], p[1]]),
+            proto,
+        )
     }
 }
 
@@ -478,14 +487,13 @@ impl<A: Family> Plan<A> {
     };
 }
 
+step! {
 /// How `pkt`, translated to `to`, reaches its backend in Geneve, into
 /// `out`: false when it cannot (the FIB has no forwardable route for it,
 /// the packet with the outer headers would not fit the route's MTU, this
 /// node has no address towards it, an IPv6 packet has extension headers).
-/// Two FIB lookups. A subprogram (see [`rewrite`]); it fills `out` rather
-/// than return an `Option`, whose BTF (a union with the tag inside a
-/// member) the kernel refuses.
-#[inline(never)]
+/// Two FIB lookups. A [`step!`]: it fills `out` rather than return an
+/// `Option`.
 fn plan<A: Carrier>(ctx: &TcContext, pkt: &IpPacket<A>, to: &CtKey<A>, out: &mut Plan<A>) -> bool {
     if !A::carriable(pkt) {
         return false;
@@ -503,6 +511,7 @@ fn plan<A: Carrier>(ctx: &TcContext, pkt: &IpPacket<A>, to: &CtKey<A>, out: &mut
     *out = Plan { route, src };
     true
 }
+}
 
 /// A new flow from outside to `svc`, balanced to `sel`, a backend on
 /// another node: its entries created (no masquerade, `CT_F_DSR_ENCAP`) and
@@ -515,10 +524,10 @@ fn plan<A: Carrier>(ctx: &TcContext, pkt: &IpPacket<A>, to: &CtKey<A>, out: &mut
 /// ([`crate::kpx_tc_dsr`]): inlined, or called from deep in the packet's
 /// path, their locals (FIB requests, headers) took the program's stack
 /// past 512 bytes. The packet is parsed here once more: the path's parse
-/// stayed in the program that handed it over. Its steps ([`plan`],
-/// [`open`], [`rewrite`]) are subprograms of their own, called one after
-/// the other: the FIB requests, the flow's new entries and the outer
-/// headers each in a frame of its own, so IPv6's fit the stack.
+/// stayed in the program that handed it over. For IPv6 its steps
+/// ([`plan`], [`open`], [`rewrite`]) are subprograms of their own, called
+/// one after the other: the FIB requests, the flow's new entries and the
+/// outer headers each in a frame of its own, so IPv6's fit the stack.
 #[inline(never)]
 pub fn first<A: Carrier>(
     ctx: &TcContext,
@@ -569,14 +578,13 @@ struct Opening<'a, A> {
 /// What [`open`] returns when the flow is to be sent.
 const OPENED: i64 = 0x1003;
 
+step! {
 /// The entries of a new flow sent in Geneve: [`OPENED`] when they send it
 /// to its backend (ours, or those of the same flow's first packet on
 /// another CPU a moment earlier, which chose the same), else the tc action
 /// of a counted drop: that one chose another backend (or no DSR), and this
 /// duplicate is dropped rather than sent against the flow's entry. A
-/// subprogram (see [`first`]): it returns no `Result`, whose BTF the
-/// kernel may refuse (see [`plan`]).
-#[inline(never)]
+/// [`step!`].
 fn open<A: Carrier>(o: &Opening<A>) -> i64 {
     let snat = Snat {
         addr: A::ZERO,
@@ -605,6 +613,7 @@ fn open<A: Carrier>(o: &Opening<A>) -> i64 {
         Err(reason) => reason,
     };
     verdict::action(Verdict::Drop(reason)) as i64
+}
 }
 
 /// A packet of a flow [`first`] sent that goes in Geneve too (a SYN again,
@@ -659,14 +668,13 @@ fn send<A: Carrier>(
     Verdict::Translated(forward::send(ctx, plan.route))
 }
 
-/// [`send`]'s rewrite: translated, then put in Geneve. A subprogram, as
-/// is [`plan`]: the FIB requests, the flow's new entries and the outer
-/// headers, each in a frame of its own, fit IPv6's stack.
-#[inline(never)]
+step! {
+/// [`send`]'s rewrite: translated, then put in Geneve. A [`step!`].
 fn rewrite<A: Carrier>(ctx: &TcContext, pkt: &IpPacket<A>, to: &CtKey<A>, plan: &Plan<A>) -> bool {
     let ttl_dec = plan.route.ttl_dec(Hook::Ingress);
     nat::apply(ctx, pkt, to, ttl_dec, &plan.route).is_ok()
         && encap::<A>(ctx, &A::header(pkt, to, plan.src, ttl_dec)).is_ok()
+}
 }
 
 /// Grows the skb by the outer headers, after its Ethernet header, and
@@ -744,10 +752,7 @@ struct Taken<A> {
 /// written) when it is not DSR's; a drop when its service is unknown here
 /// or the headers could not be removed.
 #[inline(always)]
-fn take_out<A: Carrier>(
-    ctx: &TcContext,
-    outer: &IpPacket<A>,
-) -> Option<Result<Taken<A>, Verdict>> {
+fn take_out<A: Carrier>(ctx: &TcContext, outer: &IpPacket<A>) -> Option<Result<Taken<A>, Verdict>> {
     let c = A::carried(ctx, outer)?;
     let Some(svc) = service::lookup_carried(c.svc_addr, c.svc_port, c.proto) else {
         return Some(Err(Verdict::Drop(DropReason::DsrNoService)));
@@ -765,11 +770,12 @@ fn take_out<A: Carrier>(
     }))
 }
 
+step! {
 /// The inner packet `pkt`, out of Geneve: its flow noted and the packet
-/// delivered; its tc action, counted. A subprogram, beside the parses.
-#[inline(never)]
+/// delivered; its tc action, counted. A [`step!`].
 fn deliver_taken<A: Carrier>(ctx: &TcContext, pkt: &IpPacket<A>, t: &Taken<A>) -> i64 {
     verdict::action(note_taken(ctx, pkt, t)) as i64
+}
 }
 
 #[inline(always)]

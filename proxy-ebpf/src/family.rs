@@ -11,9 +11,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use proxy_common::{
-    Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtTuple, CtValue, DatapathConfig,
-    In6, Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange, IPPROTO_TCP, IPPROTO_UDP,
-    PROG_INGRESS6, dsr::GENEVE_PORT,
+    dsr::GENEVE_PORT, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtTuple,
+    CtValue, DatapathConfig, In6, Net, ServiceKey, ServiceValue, Slot, SlotKey, SrcRange,
+    IPPROTO_TCP, IPPROTO_UDP, PROG_INGRESS6,
 };
 
 use crate::{
@@ -190,7 +190,7 @@ pub fn sort6<P: Packet>(ctx: &P) -> Entry6 {
     };
     // Maybe direct server return's Geneve, for a backend here: its own
     // path, whatever the filters say.
-    if next == IPPROTO_UDP && ports[1] == GENEVE_PORT.to_be() {
+    if ports[1] == GENEVE_PORT.to_be() && next == IPPROTO_UDP {
         return Entry6::Other;
     }
     // The destination address (after the fixed header's first 24 bytes),

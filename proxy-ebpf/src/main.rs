@@ -140,15 +140,11 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
     if packet::translated_by_xdp(&ctx) {
         return forward_translated(&ctx);
     }
-    let action = match process(&ctx, true) {
+    match process(&ctx, true) {
+        dsr::REQUESTED => dsr::tail_call(&ctx),
         family::IPV6 => ingress6(&ctx),
-        action => action,
-    };
-    // One call site for DSR's program, for both families.
-    if action == dsr::REQUESTED {
-        return dsr::tail_call(&ctx);
+        action => action as i32,
     }
-    action as i32
 }
 
 /// An IPv6 packet at [`kpx_tc_ingress`]: plain TCP or UDP is sorted, and
@@ -157,11 +153,14 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 /// [`kpx_tc_ingress6`]: one of no flow to its frontend, from where the
 /// entry left it, the rest from the start.
 #[inline(always)]
-fn ingress6(ctx: &TcContext) -> i64 {
+fn ingress6(ctx: &TcContext) -> i32 {
     match entry6(ctx) {
-        Ok(Verdict::Dsr(req)) => dsr::stash::<In6>(ctx, req),
-        Ok(v) => verdict::action(v) as i64,
-        Err(rest) => family::hand_over6(ctx, rest) as i64,
+        Ok(Verdict::Dsr(req)) => {
+            dsr::stash::<In6>(ctx, req);
+            dsr::tail_call(ctx)
+        }
+        Ok(v) => verdict::action(v),
+        Err(rest) => family::hand_over6(ctx, rest),
     }
 }
 

@@ -1016,7 +1016,11 @@ fn dsr_geneve_over_ipv6_is_taken_out_at_the_backends_node_whose_replies_leave_fr
     let out = run(&mut b, &sent);
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.bytes.len(), g.inner.len(), "80 bytes fewer");
-    assert_eq!(inspect6(&out.bytes), backend, "the packet node A translated");
+    assert_eq!(
+        inspect6(&out.bytes),
+        backend,
+        "the packet node A translated"
+    );
     assert_eq!(event(&mut b, Event::DsrDecap), 1);
     let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
     let (_, original) = fam::ct_get::<V6>(&b, &key).expect("the flow");

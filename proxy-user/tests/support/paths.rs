@@ -45,6 +45,8 @@ const OUTSIDE6: &str = "2001:2:0:900::5";
 const NODE6: &str = "2001:2::1";
 const VIP6: &str = "2001:2:0:ff::10";
 const EMPTY_VIP6: &str = "2001:2:0:ff::12";
+/// Another node, which sends this one direct server return's Geneve.
+const OTHER_NODE6: &str = "2001:2::7";
 
 /// One path: a packet, the hook, what the FIB answers, and the verdict the
 /// path must end in (so a count is never of a path the packet did not take).
@@ -161,9 +163,17 @@ pub fn vm() -> Result<Vm> {
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
     vm.set_tail(map_names::PROGS, PROG_DSR, prog_names::TC_DSR)?;
-    service6(&mut vm, 20, (VIP6, 80, IPPROTO_TCP), BACKENDS)?;
-    service6(&mut vm, 21, (EMPTY_VIP6, 80, IPPROTO_TCP), 0)?;
-    service6(&mut vm, 22, (VIP6, 53, IPPROTO_UDP), 1)?;
+    service6(&mut vm, 20, (VIP6, 80, IPPROTO_TCP), BACKENDS, 0)?;
+    service6(&mut vm, 21, (EMPTY_VIP6, 80, IPPROTO_TCP), 0, 0)?;
+    service6(&mut vm, 22, (VIP6, 53, IPPROTO_UDP), 1, 0)?;
+    // IPv6's UDP NodePort with direct server return, as IPv4's.
+    service6(
+        &mut vm,
+        23,
+        ("::", DSR_NODE_PORT, IPPROTO_UDP),
+        BACKENDS,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+    )?;
     let node6 = wire::addr6(NODE6.parse()?);
     vm.map_insert(
         map_names::NODE_ADDRS6,
@@ -188,12 +198,14 @@ pub fn vm() -> Result<Vm> {
 }
 
 /// An IPv6 frontend with `backends` backends (2001:2:0:<svc_id>::<n>,
-/// port 8080), laid out as the agent lays them out.
+/// port 8080) and `flags` (`SVC_F_*`), laid out as the agent lays them out
+/// (a NodePort's address is `::`).
 fn service6(
     vm: &mut Vm,
     svc_id: u32,
     (addr, port, proto): (&str, u16, u8),
     backends: u32,
+    flags: u32,
 ) -> Result<()> {
     for slot in 0..backends {
         let b = Backend {
@@ -231,9 +243,14 @@ fn service6(
         svc_id,
         count: backends,
         affinity_id: svc_id,
+        flags,
         ..Default::default()
     };
     vm.map_insert(map_names::SERVICES6, bytes(&key), bytes(&value))?;
+    if flags & SVC_F_NODEPORT != 0 {
+        // Its port's bits are IPv4's NodePort's already.
+        return Ok(());
+    }
     vm.map_insert(
         map_names::SERVICE_ADDRS6,
         bytes(&key.addr),
@@ -709,6 +726,29 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
             fragment.build(),
             FORWARD,
             TC_ACT_SHOT,
+        ),
+        // Direct server return, as IPv4's: Geneve over IPv6.
+        path(
+            "IPv6: DSR: first packet, in Geneve",
+            tcp6(OUTSIDE6, 45010, NODE6, DSR_NODE_PORT, UDP),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: DSR: a datagram in Geneve again",
+            tcp6(OUTSIDE6, 45010, NODE6, DSR_NODE_PORT, UDP),
+            FORWARD,
+            TC_ACT_REDIRECT,
+        ),
+        path(
+            "IPv6: DSR: Geneve received, to a backend here",
+            super::v6::geneve_frame6(
+                OTHER_NODE6,
+                &super::v6::Pkt6::new(OUTSIDE6, 45011, &b, 8080, UDP),
+                (OTHER_NODE6, DSR_NODE_PORT),
+            ),
+            FORWARD,
+            TC_ACT_REDIRECT,
         ),
         Path {
             egress: true,

@@ -267,3 +267,37 @@ pub fn reply6(seen: &Seen6, l4: L4) -> Vec<u8> {
     let (src, dst) = (seen.dst.to_string(), seen.src.to_string());
     Pkt6::new(&src, seen.dport, &dst, seen.sport, l4).build()
 }
+
+/// A Geneve frame over IPv6 as direct server return's sender writes it
+/// (built here from the format, not by the datapath): `inner` in Geneve
+/// from `from` to the inner destination, with the service address `svc`;
+/// its UDP checksum computed over the whole datagram.
+pub fn geneve_frame6(from: &str, inner: &Pkt6, svc: (&str, u16)) -> Vec<u8> {
+    let inner = inner.build();
+    let mut payload = vec![0x06, 0, 0x86, 0xdd, 0, 0, 0, 0, 0xff, 0x7b, 0x01, 0x05];
+    payload.extend_from_slice(&ip6(svc.0).octets());
+    payload.extend_from_slice(&svc.1.to_be_bytes());
+    payload.extend_from_slice(&[0, 0]);
+    payload.extend_from_slice(&inner[14..]);
+    let iph = Ipv6Header {
+        traffic_class: 0,
+        flow_label: Ipv6FlowLabel::ZERO,
+        payload_length: (8 + payload.len()) as u16,
+        next_header: IpNumber::UDP,
+        hop_limit: 64,
+        source: ip6(from).octets(),
+        destination: inner[14 + 24..14 + 40].try_into().unwrap(),
+    };
+    let mut udp = UdpHeader {
+        source_port: 0xc123,
+        destination_port: proxy_common::dsr::GENEVE_PORT,
+        length: (8 + payload.len()) as u16,
+        checksum: 0,
+    };
+    udp.checksum = udp.calc_checksum_ipv6(&iph, &payload).unwrap();
+    let mut out = inner[..14].to_vec();
+    iph.write(&mut out).unwrap();
+    udp.write(&mut out).unwrap();
+    out.extend_from_slice(&payload);
+    out
+}
