@@ -20,7 +20,7 @@
 mod bed;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::Path,
     time::Duration,
 };
@@ -170,10 +170,15 @@ fn bed_with(extra: &[&str], wire: bool) -> MultiNode {
 }
 
 fn synced(n: &Cluster) {
+    synced_to(n, FRONTENDS);
+}
+
+/// Waits until `n`'s maps serve `frontends` frontends (both families).
+fn synced_to(n: &Cluster, frontends: usize) {
     let ok = wait_for(Duration::from_secs(20), || {
         let maps = MapSet::open_pinned(&n.bpffs()).ok()?;
         let st = maps.serving().ok()?;
-        (st.services.len() == FRONTENDS && maps.node_addrs.keys().count() > 0).then_some(())
+        (st.services.len() == frontends && maps.node_addrs.keys().count() > 0).then_some(())
     });
     assert!(
         ok.is_some(),
@@ -198,12 +203,13 @@ fn at(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
 
 /// Connects until every backend of `expect` answered; checks each saw the
 /// client as `seen_as(identity)` and that the reply came from `to`.
-fn reaches(
+fn reaches<E: Into<IpAddr> + Copy>(
     bed: &MultiNode,
     client: &testbed::Netns,
-    to: SocketAddrV4,
-    expect: &[(&str, Ipv4Addr)],
+    to: impl Into<SocketAddr>,
+    expect: &[(&str, E)],
 ) {
+    let to: SocketAddr = to.into();
     let mut missing: Vec<&str> = expect.iter().map(|(n, _)| *n).collect();
     for attempt in 0..60 {
         let (seen, local) = tcp_who(client, to, T).unwrap_or_else(|e| {
@@ -218,7 +224,7 @@ fn reaches(
         };
         assert_eq!(
             seen.client.ip(),
-            std::net::IpAddr::V4(*want),
+            (*want).into(),
             "TCP to {to}: {} saw the client as {} (client is {local})",
             seen.identity,
             seen.client
@@ -230,18 +236,14 @@ fn reaches(
     }
     assert!(missing.is_empty(), "TCP to {to}: never reached {missing:?}");
     // UDP: one datagram, answered from the address asked.
-    let (seen, from) = udp_who(client, at(*to.ip(), udp_port(to.port())), T)
-        .unwrap_or_else(|e| panic!("UDP to {to}: {e:#}"));
-    assert_eq!(from, SocketAddr::V4(at(*to.ip(), udp_port(to.port()))));
+    let udp_to = SocketAddr::new(to.ip(), udp_port(to.port()));
+    let (seen, from) = udp_who(client, udp_to, T).unwrap_or_else(|e| panic!("UDP to {to}: {e:#}"));
+    assert_eq!(from, udp_to);
     let want = expect
         .iter()
         .find(|(n, _)| *n == seen.identity)
         .unwrap_or_else(|| panic!("UDP to {to}: unexpected backend {seen:?}"));
-    assert_eq!(
-        seen.client.ip(),
-        std::net::IpAddr::V4(want.1),
-        "UDP {seen:?}"
-    );
+    assert_eq!(seen.client.ip(), want.1.into(), "UDP {seen:?}");
 }
 
 /// The UDP port beside a TCP frontend port in these manifests.
@@ -600,6 +602,97 @@ fn dsr_keeps_the_client_address_and_answers_from_the_backends_node() {
         &[("a1", GATEWAY), ("b1", ip1)],
     );
     dropped(&bed.clients[1], at(FW_LB, 80), n1, DropReason::SourceRange);
+}
+
+/// `web6`: an IPv6 Service (NodePorts 30090/TCP and 30063/UDP), endpoints
+/// a1 (node 1) and b1 (node 2) at their IPv6 addresses.
+fn web6() -> String {
+    service_manifest(
+        "web6",
+        "  type: NodePort\n  clusterIP: 2001:2:0:ff::10\n  clusterIPs: ['2001:2:0:ff::10']\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n  ports:\n  - {name: http, protocol: TCP, port: 80, targetPort: 8080, nodePort: 30090}\n  - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30063}",
+        "",
+        "",
+        &[],
+    ) + &testbed::slice6_on_nodes(
+        "web6",
+        8080,
+        5353,
+        &[(A1_6, Some("node-1")), (B1_6, Some("node-2"))],
+    )
+}
+
+const A1_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x10);
+const A2_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 0x11);
+const B1_6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 2, 0, 0, 0, 0x10);
+
+/// `--nodeport-mode=dsr` on IPv6: node 1 sends a flow to b1 in Geneve over
+/// IPv6, b1 sees the client itself and node 2 answers the client from
+/// node 1's address; every flow to the NodePort keeps the client's address.
+#[test]
+#[ignore = "needs root"]
+fn dsr_keeps_the_client_address_over_ipv6_too() {
+    let mut bed = testbed::built(
+        "the two-node dual-stack bed",
+        MultiNode::new(&[&[("a1", A1), ("a2", A2)], &[("b1", B1)]]),
+    );
+    bed.add_client(CLIENT).unwrap();
+    bed.add_ipv6(&[&[("a1", A1_6), ("a2", A2_6)], &[("b1", B1_6)]])
+        .unwrap();
+    bed.write_manifest("all.yaml", &format!("{}---\n{}", manifests(), web6()))
+        .unwrap();
+    for n in &mut bed.nodes {
+        for p in n.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
+            n.serve(&p, 8080, 5353).unwrap();
+        }
+        n.start_agent(Path::new(KPX), &["--nodeport-mode=dsr"])
+            .unwrap();
+    }
+    for n in &bed.nodes {
+        // web6: 2 ports × (cluster IP, NodePort) more.
+        synced_to(n, FRONTENDS + 4);
+    }
+    let (n1, n2) = (&bed.nodes[0], &bed.nodes[1]);
+    let client = &bed.clients[0];
+    let (client6, ip1) = (MultiNode::client_ip6(0), MultiNode::node_ip6(1));
+    let nodeport = SocketAddrV6::new(ip1, 30090, 0, 0);
+    let up = wait_for(Duration::from_secs(20), || {
+        tcp_who(client, nodeport, Duration::from_millis(500)).ok()
+    });
+    assert!(up.is_some(), "{}", n1.agent_log());
+    reaches(&bed, client, nodeport, &[("a1", client6), ("b1", client6)]);
+    assert!(
+        event_count(n1, Event::DsrEncap) > 0,
+        "nothing sent in Geneve"
+    );
+    assert!(event_count(n2, Event::DsrDecap) > 0, "nothing received");
+    assert_eq!(event_count(n1, Event::Masqueraded), 0);
+    // Node 2's entries of those flows saw their replies; node 1 saw none.
+    let flows = |n: &Cluster, flag: u16| {
+        let maps = MapSet::open_pinned(&n.bpffs()).unwrap();
+        let entries = maps.v6.ct.entries();
+        entries
+            .iter()
+            .filter(|(_, _, v)| v.flags & flag != 0 && v.dir == proxy_common::CT_DIR_ORIGINAL)
+            .map(|(_, k, v)| {
+                let reply = entries
+                    .iter()
+                    .find(|(_, rk, _)| *rk == v.partner(k))
+                    .map(|(_, _, r)| r.flags & proxy_common::CT_F_SEEN_REPLY != 0);
+                (k.src_addr, reply)
+            })
+            .collect::<Vec<_>>()
+    };
+    let sent = flows(n1, proxy_common::CT_F_DSR_ENCAP);
+    assert!(!sent.is_empty());
+    for (src, replied) in &sent {
+        assert_eq!(*src, proxy_common::wire::addr6(client6));
+        assert_eq!(*replied, Some(false), "node 1 saw a reply: {sent:?}");
+    }
+    let received = flows(n2, proxy_common::CT_F_DSR_DECAP);
+    assert!(
+        !received.is_empty() && received.iter().all(|(_, r)| *r == Some(true)),
+        "node 2 did not translate the replies: {received:?}"
+    );
 }
 
 /// DSR with XDP (generic) on the fabric interfaces: XDP leaves the packets

@@ -616,6 +616,60 @@ impl MultiNode {
         Ok(self.clients.last().expect("just pushed"))
     }
 
+    /// Node `i`'s (from 1) IPv6 address on the fabric (2001:2:0:180::/64,
+    /// outside the cluster CIDR), on a dual-stack bed.
+    pub fn node_ip6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, 0x180, 0, 0, 0, i as u16)
+    }
+
+    /// Outside client `n`'s (from 0, in [`MultiNode::add_client`]'s order)
+    /// IPv6 address on a dual-stack bed's fabric.
+    pub fn client_ip6(n: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, 0x180, 0, 0, 0, 0x100 + n as u16)
+    }
+
+    /// Makes the bed dual-stack: `pods[i]` are node `i + 1`'s pods' IPv6
+    /// addresses (in 2001:2:0:<i + 1>::/64, of the IPv6 cluster CIDR; see
+    /// [`Cluster::add_ipv6`]); node `i` gets [`MultiNode::node_ip6`] on the
+    /// fabric (its `--node-ip`, beside its IPv4 one) and routes to the
+    /// other nodes' pods through them; the clients added so far get
+    /// [`MultiNode::client_ip6`]. Start the pods' servers after it (they
+    /// bind the pods' IPv6 addresses).
+    pub fn add_ipv6(&mut self, pods: &[&[(&str, Ipv6Addr)]]) -> Result<()> {
+        let count = self.nodes.len();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.add_ipv6(pods.get(i).copied().unwrap_or_default())?;
+            let own = Self::node_ip6(i + 1);
+            node.node.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{own}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            node.node_ip6 = Some(own);
+            for j in (0..count).filter(|&j| j != i) {
+                node.node.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("2001:2:0:{:x}::/64", j + 1),
+                    "via",
+                    &Self::node_ip6(j + 1).to_string(),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+        }
+        for (n, client) in self.clients.iter().enumerate() {
+            let addr = format!("{}/64", Self::client_ip6(n));
+            client.ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+        }
+        Ok(())
+    }
+
     /// Writes the same manifest for every node's agent.
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
         for n in &self.nodes {

@@ -139,9 +139,24 @@ ports:
 /// UDP `udp`), all endpoints ready: appended to a Service's manifest, it
 /// makes the Service's IPv6 half reachable.
 pub fn slice6_yaml(service: &str, tcp: u16, udp: u16, endpoints: &[std::net::Ipv6Addr]) -> String {
+    let eps: Vec<_> = endpoints.iter().map(|e| (*e, None)).collect();
+    slice6_on_nodes(service, tcp, udp, &eps)
+}
+
+/// [`slice6_yaml`] with each endpoint's node where one is given (a
+/// multi-node bed's endpoints: local to one node, remote to the others).
+pub fn slice6_on_nodes(
+    service: &str,
+    tcp: u16,
+    udp: u16,
+    endpoints: &[(std::net::Ipv6Addr, Option<&str>)],
+) -> String {
     let eps: String = endpoints
         .iter()
-        .map(|e| format!("- addresses: [\"{e}\"]\n  conditions: {READY}\n"))
+        .map(|(e, node)| {
+            let node = node.map_or_else(String::new, |n| format!("  nodeName: {n}\n"));
+            format!("- addresses: [\"{e}\"]\n{node}  conditions: {READY}\n")
+        })
         .collect();
     let eps = if eps.is_empty() {
         " []\n".to_string()
