@@ -553,35 +553,7 @@ fn dsr_keeps_the_client_address_and_answers_from_the_backends_node() {
     );
     assert!(event_count(n2, Event::DsrDecap) > 0, "nothing received");
     assert_eq!(event_count(n1, Event::Masqueraded), 0);
-    // Node 1 never saw a reply of a flow it sent to b1; node 2 translated
-    // them: its entries for those flows have seen their replies.
-    let flows = |n: &Cluster, flag: u16| {
-        let maps = MapSet::open_pinned(&n.bpffs()).unwrap();
-        let entries = maps.ct_entries();
-        entries
-            .iter()
-            .filter(|(_, _, v)| v.flags & flag != 0 && v.dir == proxy_common::CT_DIR_ORIGINAL)
-            .map(|(_, k, v)| {
-                let reply = entries
-                    .iter()
-                    .find(|(_, rk, _)| *rk == v.partner(k))
-                    .map(|(_, _, r)| r.flags & proxy_common::CT_F_SEEN_REPLY != 0);
-                (k.src_addr, reply)
-            })
-            .collect::<Vec<_>>()
-    };
-    let sent = flows(n1, proxy_common::CT_F_DSR_ENCAP);
-    assert!(!sent.is_empty());
-    for (src, replied) in &sent {
-        assert_eq!(*src, proxy_common::wire::addr(CLIENT));
-        assert_eq!(*replied, Some(false), "node 1 saw a reply: {sent:?}");
-    }
-    let received = flows(n2, proxy_common::CT_F_DSR_DECAP);
-    assert!(!received.is_empty());
-    assert!(
-        received.iter().all(|(_, r)| *r == Some(true)),
-        "node 2 did not translate the replies: {received:?}"
-    );
+    split_flows(n1, n2, proxy_common::wire::addr(CLIENT));
     // kpx dump shows which is which.
     let ct = String::from_utf8_lossy(&bed::kpx_dump(&n1.bpffs(), &["conntrack"])).into_owned();
     assert!(ct.contains("dnat+dsr "), "{ct}");
@@ -666,10 +638,17 @@ fn dsr_keeps_the_client_address_over_ipv6_too() {
     );
     assert!(event_count(n2, Event::DsrDecap) > 0, "nothing received");
     assert_eq!(event_count(n1, Event::Masqueraded), 0);
-    // Node 2's entries of those flows saw their replies; node 1 saw none.
+    split_flows(n1, n2, proxy_common::wire::addr6(client6));
+}
+
+/// Direct server return's flows of family `A` in the two nodes' conntrack:
+/// node 1 sent flows from `client` to node 2 (original entries marked
+/// `CT_F_DSR_ENCAP`) and never saw a reply of theirs; node 2 received them
+/// (`CT_F_DSR_DECAP`) and its entries of them have seen their replies.
+fn split_flows<A: kpx::dataplane::conntrack::CtFamily>(n1: &Cluster, n2: &Cluster, client: A) {
     let flows = |n: &Cluster, flag: u16| {
         let maps = MapSet::open_pinned(&n.bpffs()).unwrap();
-        let entries = maps.v6.ct.entries();
+        let entries = A::tables(&maps).entries();
         entries
             .iter()
             .filter(|(_, _, v)| v.flags & flag != 0 && v.dir == proxy_common::CT_DIR_ORIGINAL)
@@ -685,7 +664,7 @@ fn dsr_keeps_the_client_address_over_ipv6_too() {
     let sent = flows(n1, proxy_common::CT_F_DSR_ENCAP);
     assert!(!sent.is_empty());
     for (src, replied) in &sent {
-        assert_eq!(*src, proxy_common::wire::addr6(client6));
+        assert_eq!(*src, client);
         assert_eq!(*replied, Some(false), "node 1 saw a reply: {sent:?}");
     }
     let received = flows(n2, proxy_common::CT_F_DSR_DECAP);
