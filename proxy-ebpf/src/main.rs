@@ -125,6 +125,10 @@ use crate::{
 ///   1 FIB;
 /// - a UDP packet to the Geneve port that is not DSR's: none more.
 ///
+/// IPv6's the same, in IPv6's maps (a Geneve packet to the Geneve port is
+/// sorted to `kpx_tc_ingress6`, which hands it over; a request that cannot
+/// be served goes back there, for the path without DSR: its lookups again).
+///
 /// No loop over services or backends exists anywhere in the program.
 ///
 /// Direct server return's encapsulation and decapsulation
@@ -218,7 +222,10 @@ fn service6<P: Packet>(ctx: &P, dsr: bool) -> Verdict {
 /// path. A program of its own: parsing a header chain, translating ICMPv6
 /// errors and a frontend's lookups need a stack of their own beside
 /// IPv4's, and the verifier's 512 bytes are per program. The same path
-/// and lookups as IPv4's, with IPv6's maps; no direct server return.
+/// and lookups as IPv4's, with IPv6's maps; direct server return's
+/// requests handed to [`kpx_tc_dsr`] as IPv4's, and a packet whose request
+/// it could not serve taken back here without DSR
+/// ([`family::decline_dsr6`]).
 #[classifier]
 pub fn kpx_tc_ingress6(ctx: TcContext) -> i32 {
     let dsr = !family::dsr_declined(&ctx);
