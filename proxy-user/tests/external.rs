@@ -639,6 +639,16 @@ fn dsr_keeps_the_client_address_over_ipv6_too() {
     assert!(event_count(n2, Event::DsrDecap) > 0, "nothing received");
     assert_eq!(event_count(n1, Event::Masqueraded), 0);
     split_flows(n1, n2, proxy_common::wire::addr6(client6));
+    // kpx dump shows which is which, with the client's IPv6 address.
+    for (n, mark) in [(n1, "dnat+dsr "), (n2, "dnat+dsr-backend")] {
+        let ct = bed::kpx_dump(&n.bpffs(), &["conntrack"]);
+        let ct = String::from_utf8_lossy(&ct);
+        assert!(
+            ct.lines()
+                .any(|l| l.contains(mark) && l.contains(&format!("[{client6}]"))),
+            "{ct}"
+        );
+    }
 }
 
 /// Direct server return's flows of family `A` in the two nodes' conntrack:
@@ -648,15 +658,18 @@ fn dsr_keeps_the_client_address_over_ipv6_too() {
 fn split_flows<A: kpx::dataplane::conntrack::CtFamily>(n1: &Cluster, n2: &Cluster, client: A) {
     let flows = |n: &Cluster, flag: u16| {
         let maps = MapSet::open_pinned(&n.bpffs()).unwrap();
-        let entries = A::tables(&maps).entries();
+        let entries: Vec<_> = kpx::dataplane::maps::CtTable::ALL
+            .into_iter()
+            .flat_map(|t| A::read(&maps, t).unwrap())
+            .collect();
         entries
             .iter()
-            .filter(|(_, _, v)| v.flags & flag != 0 && v.dir == proxy_common::CT_DIR_ORIGINAL)
-            .map(|(_, k, v)| {
+            .filter(|(_, v)| v.flags & flag != 0 && v.dir == proxy_common::CT_DIR_ORIGINAL)
+            .map(|(k, v)| {
                 let reply = entries
                     .iter()
-                    .find(|(_, rk, _)| *rk == v.partner(k))
-                    .map(|(_, _, r)| r.flags & proxy_common::CT_F_SEEN_REPLY != 0);
+                    .find(|(rk, _)| *rk == v.partner(k))
+                    .map(|(_, r)| r.flags & proxy_common::CT_F_SEEN_REPLY != 0);
                 (k.src_addr, reply)
             })
             .collect::<Vec<_>>()
