@@ -453,6 +453,14 @@ pub fn tail_call(ctx: &TcContext) -> i32 {
     })
 }
 
+/// [`stash`], then [`tail_call`]: IPv6's programs' hand-over (IPv4's entry
+/// stashes deep in its path and calls at its top).
+#[inline(always)]
+pub fn hand_over<A: Carrier>(ctx: &TcContext, req: Request) -> i32 {
+    stash::<A>(ctx, req);
+    tail_call(ctx)
+}
+
 /// Runs the request [`stash`] left: the packet's tc action, or NOT_SENT.
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i64 {

@@ -159,10 +159,7 @@ pub fn kpx_tc_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn ingress6(ctx: &TcContext) -> i32 {
     match entry6(ctx) {
-        Ok(Verdict::Dsr(req)) => {
-            dsr::stash::<In6>(ctx, req);
-            dsr::tail_call(ctx)
-        }
+        Ok(Verdict::Dsr(req)) => dsr::hand_over::<In6>(ctx, req),
         Ok(v) => verdict::action(v),
         Err(rest) => family::hand_over6(ctx, rest),
     }
@@ -236,10 +233,7 @@ pub fn kpx_tc_ingress6(ctx: TcContext) -> i32 {
     };
     match v {
         Verdict::NewFlow => family::tail_call(&ctx, PROG_NEW6),
-        Verdict::Dsr(req) => {
-            dsr::stash::<In6>(&ctx, req);
-            dsr::tail_call(&ctx)
-        }
+        Verdict::Dsr(req) => dsr::hand_over::<In6>(&ctx, req),
         v => verdict::action(v),
     }
 }
@@ -570,10 +564,7 @@ fn path6(ctx: &TcContext, dsr: bool) -> Verdict {
 #[classifier]
 pub fn kpx_tc_new6(ctx: TcContext) -> i32 {
     match new6(&ctx, Origin::Network, !family::dsr_declined(&ctx)) {
-        Verdict::Dsr(req) => {
-            dsr::stash::<In6>(&ctx, req);
-            dsr::tail_call(&ctx)
-        }
+        Verdict::Dsr(req) => dsr::hand_over::<In6>(&ctx, req),
         v => verdict::action(v),
     }
 }
