@@ -633,50 +633,6 @@ fn dsr_carries_udp_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_no
 
 #[test]
 #[ignore = "needs root"]
-fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve() {
-    let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
-    // Service 3: one backend, on this node.
-    let b1 = BackendAddr {
-        addr: B1.parse().unwrap(),
-        port: 8080,
-        proto: IPPROTO_TCP,
-        local: true,
-    };
-    let slot = SlotKey { svc_id: 3, slot: 0 };
-    dp.maps.put_slot(slot, 9, &b1).unwrap();
-    frontend(
-        &mut dp,
-        ("0.0.0.0", 30081, IPPROTO_TCP),
-        3,
-        1,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
-    let (_ns, file) = fib_netns("kpxdsrl");
-    let out = run_in(
-        &mut dp,
-        &Pkt::new(OUTSIDE, 40000, NODE, 30081, SYN).build(),
-        false,
-        &file,
-    );
-    let seen = inspect(&out.bytes);
-    assert_eq!(
-        (seen.src, seen.dst),
-        (ip(OUTSIDE), ip(B1)),
-        "plain, client kept"
-    );
-    assert_eq!(event(&mut dp, Event::DsrEncap), 0);
-    // Its reply comes back through this node: translated as any.
-    let out = run(&mut dp, &reply(&seen, SYN_ACK));
-    let back = inspect(&out.bytes);
-    assert_eq!(
-        (back.src, back.sport, back.dst),
-        (ip(NODE), 30081, ip(OUTSIDE))
-    );
-}
-
-#[test]
-#[ignore = "needs root"]
 fn xdp_leaves_a_dsr_flows_first_packet_to_tc_untouched() {
     let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
     let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
@@ -752,57 +708,26 @@ fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_ser
     assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it() {
-    let mut b = backends_node();
-    let svc = ("198.18.128.9", 30080);
-    let to = |backend: &str, l4| Pkt::new(OUTSIDE, 40000, backend, 8080, l4);
-    let out = run(&mut b, &geneve_frame("198.18.128.9", &to(B2, SYN), svc));
-    assert_eq!(inspect(&out.bytes).dst, ip(B2));
-    let syn_ack = Pkt::new(B2, 8080, OUTSIDE, 40000, SYN_ACK).build();
-    assert_eq!(inspect(&run(&mut b, &syn_ack).bytes).src, ip(svc.0));
-    // The client closes, and opens again from the same port; node A picks
-    // B3 this time. B3's replies must leave from the service too.
-    let fin = Pkt::new(B2, 8080, OUTSIDE, 40000, FIN_ACK).build();
-    run(&mut b, &fin);
-    let out = run(&mut b, &geneve_frame("198.18.128.9", &to(B3, SYN), svc));
-    assert_eq!(inspect(&out.bytes).dst, ip(B3));
-    let syn_ack = Pkt::new(B3, 8080, OUTSIDE, 40000, SYN_ACK).build();
-    let back = inspect(&run(&mut b, &syn_ack).bytes);
-    assert_eq!((back.src, back.sport), (ip(svc.0), 30080));
-    assert_eq!(event(&mut b, Event::DsrDecap), 2);
-    // A UDP flow whose backend changed (node A's entry expired, the
-    // client's port reused): the new backend wins at once.
-    frontend(
-        &mut b,
-        ("0.0.0.0", 30053, IPPROTO_UDP),
-        2,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
-    let svc = ("198.18.128.9", 30053);
-    for backend in [B1, B2] {
-        let dgram = Pkt::new(OUTSIDE, 5000, backend, 5353, UDP);
-        run(&mut b, &geneve_frame("198.18.128.9", &dgram, svc));
-        let answer = Pkt::new(backend, 5353, OUTSIDE, 5000, UDP).build();
-        let back = inspect(&run(&mut b, &answer).bytes);
-        assert_eq!((back.src, back.sport), (ip(svc.0), 30053), "{backend}");
-    }
-}
-
 // Direct server return of IPv6 flows: Geneve over IPv6.
 
 /// [`family_node`] on IPv6 with NodePorts 30080/TCP and 30053/UDP (the
 /// standard scenario's services) and direct server return for `flags`
 /// (`CFG_F_DSR_*`; none: a node that only receives).
 fn dsr_node6(flags: u32) -> Datapath {
-    let mut dp = family_node::<V6>(false);
-    for (port, proto, svc) in [(30080, IPPROTO_TCP, 21), (30053, IPPROTO_UDP, 22)] {
+    dsr_node_of::<V6>(flags)
+}
+
+/// [`family_node`] with NodePorts 30080/TCP and 30053/UDP (the standard
+/// scenario's services) and direct server return for `flags`.
+fn dsr_node_of<F: Node>(flags: u32) -> Datapath {
+    let mut dp = family_node::<F>(false);
+    for (port, proto, svc) in [
+        (30080, IPPROTO_TCP, F::TCP_SVC),
+        (30053, IPPROTO_UDP, F::TCP_SVC + 1),
+    ] {
         frontend(
             &mut dp,
-            ("::", port, proto),
+            (F::ANY, port, proto),
             svc,
             3,
             SVC_F_EXTERNAL | SVC_F_NODEPORT,
@@ -1075,7 +1000,93 @@ fn dsr_geneve_over_ipv6_is_taken_out_at_the_backends_node_whose_replies_leave_fr
 // masqueraded, on both families: the node of [`node`] and its IPv6 twin
 // ([`Node`]).
 
+// Direct server return's cases that are the same on both families.
+
+// (Declared with the other bodies of both families, below.)
+
+fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve<F: Node>() {
+    let mut dp = dsr_node_of::<F>(proxy_common::CFG_F_DSR_TCP);
+    // Another service: one backend, on this node.
+    let b1 = BackendAddr {
+        addr: F::BACKENDS[0].parse().unwrap(),
+        port: 8080,
+        proto: IPPROTO_TCP,
+        local: true,
+    };
+    let svc = F::TCP_SVC + 2;
+    dp.maps
+        .put_slot(
+            SlotKey {
+                svc_id: svc,
+                slot: 0,
+            },
+            9,
+            &b1,
+        )
+        .unwrap();
+    frontend(
+        &mut dp,
+        (F::ANY, 30081, IPPROTO_TCP),
+        svc,
+        1,
+        SVC_F_EXTERNAL | SVC_F_NODEPORT,
+        &[],
+    );
+    let (_ns, file) = F::fib_netns("kpxdsrl");
+    let syn = F::frame(F::OUTSIDE, 40000, F::NODE, 30081, SYN);
+    let seen = F::flow(&run_in(&mut dp, &syn, false, &file).bytes);
+    assert!(
+        is::<F>(seen.src, F::OUTSIDE) && is::<F>(seen.dst, F::BACKENDS[0]),
+        "plain, client kept: {seen:?}"
+    );
+    assert_eq!(event(&mut dp, Event::DsrEncap), 0);
+    // Its reply comes back through this node: translated as any.
+    let back = F::flow(&run(&mut dp, &fam::answer::<F>(&seen, SYN_ACK)).bytes);
+    assert!(
+        is::<F>(back.src, F::NODE) && back.sport == 30081 && is::<F>(back.dst, F::OUTSIDE),
+        "{back:?}"
+    );
+}
+
+fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it<F: Node>() {
+    let mut b = dsr_node_of::<F>(0);
+    let [_, b2, b3] = F::BACKENDS;
+    // The balancing node, which names itself as the service address.
+    let other = F::OTHER_NODE;
+    let geneve = |backend: &str, l4, svc| {
+        let inner = F::frame(F::OUTSIDE, 40000, backend, 8080, l4);
+        F::geneve(other, &inner, (other, svc))
+    };
+    let out = run(&mut b, &geneve(b2, SYN, 30080));
+    assert!(is::<F>(F::flow(&out.bytes).dst, b2));
+    let syn_ack = F::frame(b2, 8080, F::OUTSIDE, 40000, SYN_ACK);
+    assert!(is::<F>(F::flow(&run(&mut b, &syn_ack).bytes).src, other));
+    // The client closes, and opens again from the same port; the other
+    // node picks b3 this time. b3's replies must leave from the service.
+    run(&mut b, &F::frame(b2, 8080, F::OUTSIDE, 40000, FIN_ACK));
+    let out = run(&mut b, &geneve(b3, SYN, 30080));
+    assert!(is::<F>(F::flow(&out.bytes).dst, b3));
+    let syn_ack = F::frame(b3, 8080, F::OUTSIDE, 40000, SYN_ACK);
+    let back = F::flow(&run(&mut b, &syn_ack).bytes);
+    assert!(is::<F>(back.src, other) && back.sport == 30080, "{back:?}");
+    assert_eq!(event(&mut b, Event::DsrDecap), 2);
+    // A UDP flow whose backend changed (the other node's entry expired,
+    // the client's port reused): the new backend wins at once.
+    for backend in [F::BACKENDS[0], b2] {
+        let inner = F::frame(F::OUTSIDE, 5000, backend, 5353, UDP);
+        run(&mut b, &F::geneve(other, &inner, (other, 30053)));
+        let answer = F::frame(backend, 5353, F::OUTSIDE, 5000, UDP);
+        let back = F::flow(&run(&mut b, &answer).bytes);
+        assert!(
+            is::<F>(back.src, other) && back.sport == 30053,
+            "{backend}: {back:?}"
+        );
+    }
+}
+
 crate::both_families!(
+    dsr_keeps_the_client_address_to_a_local_backend_without_geneve,
+    dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it,
     masquerade_ports_never_collide_and_run_out_into_a_counted_drop,
     local_policy_keeps_the_source_uses_local_endpoints_and_drops_without_them,
     source_ranges_admit_by_longest_prefix_and_drop_the_rest,
@@ -1097,6 +1108,16 @@ trait Node: Fam {
     const LB: &'static str;
     const ADMITTED: &'static str;
     const REFUSED: &'static str;
+    /// Another node, which balances flows to this one's backends with
+    /// direct server return.
+    const OTHER_NODE: &'static str;
+
+    /// A namespace whose FIB reaches the family's backends, and its file
+    /// for [`run_in`].
+    fn fib_netns(prefix: &str) -> (Netns, std::fs::File);
+    /// `inner` (a frame) in Geneve from `from`, as direct server return's
+    /// sender writes it, naming the service address `svc`.
+    fn geneve(from: &str, inner: &[u8], svc: (&str, u16)) -> Vec<u8>;
 }
 
 impl Node for V4 {
@@ -1108,6 +1129,14 @@ impl Node for V4 {
     const LB: &'static str = LB;
     const ADMITTED: &'static str = "198.18.200.0/24";
     const REFUSED: &'static str = "198.18.201.7";
+    const OTHER_NODE: &'static str = "198.18.128.9";
+
+    fn fib_netns(prefix: &str) -> (Netns, std::fs::File) {
+        fib_netns(prefix)
+    }
+    fn geneve(from: &str, inner: &[u8], svc: (&str, u16)) -> Vec<u8> {
+        support::geneve_frame_of(from, inner, svc)
+    }
 }
 
 impl Node for V6 {
@@ -1119,6 +1148,14 @@ impl Node for V6 {
     const LB: &'static str = "2001:2:0:fe::30";
     const ADMITTED: &'static str = "2001:2:0:c8::/64";
     const REFUSED: &'static str = "2001:2:0:c9::7";
+    const OTHER_NODE: &'static str = "2001:2:0:80::9";
+
+    fn fib_netns(prefix: &str) -> (Netns, std::fs::File) {
+        fib_netns6(prefix)
+    }
+    fn geneve(from: &str, inner: &[u8], svc: (&str, u16)) -> Vec<u8> {
+        support::v6::geneve_frame6_of(from, inner, svc)
+    }
 }
 
 /// The family's standard scenario on a node: cluster CIDR, masquerade to

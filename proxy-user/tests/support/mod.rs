@@ -626,7 +626,11 @@ pub fn handshake(dp: &mut Datapath, syn: &Pkt) -> Seen {
 /// from the format, not by the datapath): `inner` in Geneve from `from` to
 /// the inner destination, with the service address `svc`.
 pub fn geneve_frame(from: &str, inner: &Pkt, svc: (&str, u16)) -> Vec<u8> {
-    let inner = inner.build();
+    geneve_frame_of(from, &inner.build(), svc)
+}
+
+/// [`geneve_frame`] of a frame already built.
+pub fn geneve_frame_of(from: &str, inner: &[u8], svc: (&str, u16)) -> Vec<u8> {
     let ip_len = inner.len() - 14;
     let mut opt = vec![0x03, 0, 0x08, 0, 0, 0, 0, 0, 0xff, 0x7b, 0x01, 0x02];
     opt.extend_from_slice(&ip(svc.0).octets());

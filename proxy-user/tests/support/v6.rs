@@ -273,7 +273,11 @@ pub fn reply6(seen: &Seen6, l4: L4) -> Vec<u8> {
 /// from `from` to the inner destination, with the service address `svc`;
 /// its UDP checksum computed over the whole datagram.
 pub fn geneve_frame6(from: &str, inner: &Pkt6, svc: (&str, u16)) -> Vec<u8> {
-    let inner = inner.build();
+    geneve_frame6_of(from, &inner.build(), svc)
+}
+
+/// [`geneve_frame6`] of a frame already built.
+pub fn geneve_frame6_of(from: &str, inner: &[u8], svc: (&str, u16)) -> Vec<u8> {
     let mut payload = vec![0x06, 0, 0x86, 0xdd, 0, 0, 0, 0, 0xff, 0x7b, 0x01, 0x05];
     payload.extend_from_slice(&ip6(svc.0).octets());
     payload.extend_from_slice(&svc.1.to_be_bytes());
