@@ -440,285 +440,13 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
     assert_eq!(event(&mut dp, Event::XdpStack), 1);
 }
 
-// Direct server return (`--nodeport-mode=dsr|hybrid`).
-
-/// The node of [`nodeport_30080`] with NodePort 30053/UDP too (service 2),
-/// and direct server return for `flags` (`CFG_F_DSR_*`).
-fn dsr_node(flags: u32) -> kpx::dataplane::maps::Datapath {
-    let mut dp = nodeport_30080();
-    frontend(
-        &mut dp,
-        ("0.0.0.0", 30053, IPPROTO_UDP),
-        2,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
-    let mut cfg = dp.maps.config.get(&0, 0).unwrap();
-    cfg.flags |= flags;
-    dp.maps.set_config(&cfg).unwrap();
-    dp
-}
-
-/// A node holding the backends of [`dsr_node`]'s services (its own ids),
-/// without DSR settings: receiving needs none.
-fn backends_node() -> kpx::dataplane::maps::Datapath {
-    let mut b = datapath();
-    cluster(&mut b);
-    frontend(
-        &mut b,
-        ("0.0.0.0", 30080, IPPROTO_TCP),
-        1,
-        3,
-        SVC_F_EXTERNAL | SVC_F_NODEPORT,
-        &[],
-    );
-    b
-}
-
-/// A frame direct server return sent, taken apart: the outer headers
-/// checked field by field against the format (`proxy_common::dsr`), the
-/// service address the option carries, and the inner packet as a frame.
-struct Geneve {
-    outer_src: std::net::Ipv4Addr,
-    outer_dst: std::net::Ipv4Addr,
-    svc: (std::net::Ipv4Addr, u16),
-    inner: Vec<u8>,
-}
-
-fn geneve(frame: &[u8]) -> Geneve {
-    use proxy_common::dsr::{ENCAP_LEN, GENEVE_PORT};
-    let (iph, rest) = etherparse::Ipv4Header::from_slice(&frame[14..]).expect("outer IPv4");
-    assert_eq!(
-        iph.header_checksum,
-        iph.calc_header_checksum(),
-        "outer checksum"
-    );
-    assert_eq!(iph.protocol, etherparse::IpNumber::UDP);
-    assert!(iph.dont_fragment && iph.time_to_live == 64);
-    assert_eq!(iph.total_len as usize, frame.len() - 14);
-    let (udp, rest) = etherparse::UdpHeader::from_slice(rest).expect("outer UDP");
-    assert_eq!(udp.destination_port, GENEVE_PORT);
-    assert!(
-        udp.source_port >= 0xc000,
-        "an ephemeral port: {}",
-        udp.source_port
-    );
-    assert_eq!(udp.length as usize, frame.len() - 14 - 20);
-    assert_eq!(udp.checksum, 0);
-    // Version 0, 3 words of options, no flags, IPv4, VNI 0; the option:
-    // class 0xff7b, type 1, 2 words.
-    assert_eq!(&rest[..8], &[0x03, 0, 0x08, 0, 0, 0, 0, 0]);
-    assert_eq!(&rest[8..12], &[0xff, 0x7b, 0x01, 0x02]);
-    let svc = (
-        std::net::Ipv4Addr::new(rest[12], rest[13], rest[14], rest[15]),
-        u16::from_be_bytes([rest[16], rest[17]]),
-    );
-    assert_eq!(&rest[18..20], &[0, 0]);
-    let mut inner = frame[..14].to_vec();
-    inner.extend_from_slice(&frame[14 + ENCAP_LEN..]);
-    Geneve {
-        outer_src: iph.source.into(),
-        outer_dst: iph.destination.into(),
-        svc,
-        inner,
-    }
-}
-
-#[test]
-#[ignore = "needs root"]
-fn dsr_sends_a_flows_syns_to_the_backends_node_in_geneve_and_the_rest_plain() {
-    let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
-    let (_ns, file) = fib_netns("kpxdsr");
-    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
-    let out = run_in(&mut dp, &syn, false, &file);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to out0");
-    assert_eq!(
-        &out.bytes[0..12],
-        &[2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 0xaa]
-    );
-    let g = geneve(&out.bytes);
-    // The client's address is kept: the flow is not masqueraded.
-    let seen = inspect(&g.inner);
-    assert_eq!(
-        (seen.src, seen.sport, seen.dport),
-        (ip(OUTSIDE), 40000, 8080)
-    );
-    assert!([ip(B1), ip(B2), ip(B3)].contains(&seen.dst));
-    assert_eq!(g.inner[14 + 8], 63, "the inner packet was forwarded once");
-    // Outer: from the address the route to the backend picks, to the
-    // backend (the fabric routes it as the flow's other packets).
-    assert_eq!((g.outer_src, g.outer_dst), (ip("198.18.1.254"), seen.dst));
-    assert_eq!(g.svc, (ip(NODE), 30080), "the address the client used");
-    let key = ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP);
-    let original = ct(&dp, key);
-    assert_eq!(
-        original.flags & (CT_F_SNAT | CT_F_DSR_ENCAP),
-        CT_F_DSR_ENCAP
-    );
-    assert_eq!(event(&mut dp, Event::DsrEncap), 1);
-    assert_eq!(event(&mut dp, Event::Masqueraded), 0);
-    // The client's retransmitted SYN goes the same way, to the same backend.
-    let out = run_in(&mut dp, &syn, false, &file);
-    assert_eq!(geneve(&out.bytes).outer_dst, seen.dst);
-    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
-    // Its ACK (the SYN-ACK never passed here) establishes the flow and
-    // goes plain, translated as the flow's packets are.
-    let ack = Pkt::new(OUTSIDE, 40000, NODE, 30080, ACK).build();
-    let out = run_in(&mut dp, &ack, false, &file);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    let plain = inspect(&out.bytes);
-    assert_eq!(
-        (plain.src, plain.dst, plain.dport),
-        (ip(OUTSIDE), seen.dst, 8080)
-    );
-    let (table, _) = dp.maps.ct_get(&key).expect("the flow");
-    assert_eq!(table, kpx::dataplane::maps::CtTable::Tcp, "established");
-    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
-    let out = run_in(&mut dp, &ack, false, &file);
-    assert_eq!(inspect(&out.bytes).dst, seen.dst);
-    // hybrid: UDP is masqueraded, as without DSR.
-    let out = run_in(
-        &mut dp,
-        &Pkt::new(OUTSIDE, 5000, NODE, 30053, UDP).build(),
-        false,
-        &file,
-    );
-    assert_eq!(inspect(&out.bytes).src, ip("198.18.1.254"));
-    // Pods keep the reference's masquerade (DSR is for outside clients).
-    let out = run_in(
-        &mut dp,
-        &Pkt::new(POD, 5001, NODE, 30080, SYN).build(),
-        false,
-        &file,
-    );
-    assert_eq!(inspect(&out.bytes).src, ip("198.18.1.254"));
-    assert_eq!(event(&mut dp, Event::DsrEncap), 2);
-}
-
-#[test]
-#[ignore = "needs root"]
-fn dsr_carries_udp_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_not() {
-    use proxy_common::{CFG_F_DSR_TCP, CFG_F_DSR_UDP};
-    let mut dp = dsr_node(CFG_F_DSR_TCP | CFG_F_DSR_UDP);
-    let (_ns, file) = fib_netns("kpxdsru");
-    let dgram = Pkt::new(OUTSIDE, 5000, NODE, 30053, UDP).build();
-    for n in 1..=3 {
-        let out = run_in(&mut dp, &dgram, false, &file);
-        let g = geneve(&out.bytes);
-        let seen = inspect(&g.inner);
-        assert_eq!((seen.src, seen.dport), (ip(OUTSIDE), 5353));
-        assert_eq!(g.svc, (ip(NODE), 30053));
-        assert_eq!(event(&mut dp, Event::DsrEncap), n, "every datagram");
-    }
-    // A first datagram that would not fit out0's MTU with 48 bytes more:
-    // its flow is masqueraded, as without DSR, and counted.
-    let mut big = Pkt::new(OUTSIDE, 5001, NODE, 30053, UDP);
-    big.payload = vec![7; 1500 - 20 - 8 - 20];
-    let out = run_in(&mut dp, &big.build(), false, &file);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    let seen = inspect(&out.bytes);
-    assert_eq!(seen.src, ip("198.18.1.254"), "masqueraded");
-    assert!((20000..=20255).contains(&seen.sport));
-    assert_eq!(event(&mut dp, Event::DsrFallback), 1);
-    // A DSR flow's datagram that does not fit goes plain: its flow is
-    // known at the backend's node.
-    let mut big = Pkt::new(OUTSIDE, 5000, NODE, 30053, UDP);
-    big.payload = vec![7; 1500 - 20 - 8 - 20];
-    let out = run_in(&mut dp, &big.build(), false, &file);
-    let seen = inspect(&out.bytes);
-    assert_eq!((seen.src, seen.dport), (ip(OUTSIDE), 5353));
-    assert_eq!(event(&mut dp, Event::DsrEncap), 3);
-}
-
-#[test]
-#[ignore = "needs root"]
-fn xdp_leaves_a_dsr_flows_first_packet_to_tc_untouched() {
-    let mut dp = dsr_node(proxy_common::CFG_F_DSR_TCP);
-    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
-    let out = run_xdp(&mut dp, &syn);
-    assert_eq!(out.verdict, XDP_PASS);
-    assert!(!out.marked());
-    assert_eq!(out.frame(), &syn[..], "untouched");
-    assert!(dp
-        .maps
-        .ct_get(&ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP))
-        .is_none());
-}
-
-#[test]
-#[ignore = "needs root"]
-fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_service() {
-    // Node A balances; its Geneve packet is node B's input.
-    let mut a = dsr_node(proxy_common::CFG_F_DSR_TCP);
-    let (_ns, file) = fib_netns("kpxdsrb");
-    let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
-    let sent = run_in(&mut a, &syn, false, &file).bytes;
-    let g = geneve(&sent);
-    let backend = inspect(&g.inner);
-    let mut b = backends_node();
-    let out = run(&mut b, &sent);
-    // The empty namespace's FIB cannot say: up the stack, out of Geneve.
-    assert_eq!(out.verdict, TC_ACT_OK);
-    assert_eq!(out.bytes.len(), g.inner.len(), "48 bytes fewer");
-    assert_eq!(inspect(&out.bytes), backend, "the packet node A translated");
-    assert_eq!(event(&mut b, Event::DsrDecap), 1);
-    let original = ct(&b, ct_key(OUTSIDE, 40000, NODE, 30080, IPPROTO_TCP));
-    assert_eq!(
-        original.flags & proxy_common::CT_F_DSR_DECAP,
-        proxy_common::CT_F_DSR_DECAP
-    );
-    // The backend's SYN-ACK, at its interface: from the service address,
-    // straight to the client.
-    let out = run(&mut b, &reply(&backend, SYN_ACK));
-    assert_eq!(out.verdict, TC_ACT_OK);
-    let back = inspect(&out.bytes);
-    assert_eq!(
-        (back.src, back.sport, back.dst, back.dport),
-        (ip(NODE), 30080, ip(OUTSIDE), 40000)
-    );
-    // The retransmitted SYN, in Geneve again: delivered, the flow kept.
-    let out = run(&mut b, &sent);
-    assert_eq!(inspect(&out.bytes), backend);
-    assert_eq!(event(&mut b, Event::DsrDecap), 1);
-    // Not DSR's: left as they are.
-    let mut other_class = sent.clone();
-    other_class[14 + 28 + 8] = 0x01;
-    let mut other_dst = sent.clone();
-    other_dst[14 + 48 + 19] ^= 1; // the inner destination, not the outer one
-    let truncated = {
-        let mut t = Pkt::new(OUTSIDE, 40000, &backend.dst.to_string(), 6081, UDP);
-        t.payload = sent[14 + 28..14 + 28 + 12].to_vec();
-        t.build()
-    };
-    for (what, frame) in [
-        ("another option class", &other_class),
-        ("inner and outer destinations differ", &other_dst),
-        ("shorter than the headers", &truncated),
-    ] {
-        let out = run(&mut b, frame);
-        assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
-        assert_eq!(&out.bytes, frame, "{what}");
-    }
-    // A service node B does not serve: dropped, counted.
-    let mut unknown = sent.clone();
-    unknown[14 + 28 + 16 + 1] ^= 1; // the carried port: 30081
-    let out = run(&mut b, &unknown);
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
-}
-
-// Direct server return of IPv6 flows: Geneve over IPv6.
-
-/// [`family_node`] on IPv6 with NodePorts 30080/TCP and 30053/UDP (the
-/// standard scenario's services) and direct server return for `flags`
-/// (`CFG_F_DSR_*`; none: a node that only receives).
-fn dsr_node6(flags: u32) -> Datapath {
-    dsr_node_of::<V6>(flags)
-}
+// Direct server return (`--nodeport-mode=dsr|hybrid`), on both families:
+// the node of [`family_node`] balances, another with the same services
+// receives.
 
 /// [`family_node`] with NodePorts 30080/TCP and 30053/UDP (the standard
-/// scenario's services) and direct server return for `flags`.
+/// scenario's services) and direct server return for `flags`
+/// (`CFG_F_DSR_*`; none: a node that only receives).
 fn dsr_node_of<F: Node>(flags: u32) -> Datapath {
     let mut dp = family_node::<F>(false);
     for (port, proto, svc) in [
@@ -753,18 +481,60 @@ fn fib_netns6(prefix: &str) -> (Netns, std::fs::File) {
     (ns, file)
 }
 
-/// An IPv6 frame direct server return sent, taken apart: the outer headers
-/// checked field by field against the format (`proxy_common::dsr`), the
-/// UDP checksum verified over the whole datagram, the service address the
-/// option carries, and the inner packet as a frame.
-struct Geneve6 {
-    outer_src: std::net::Ipv6Addr,
-    outer_dst: std::net::Ipv6Addr,
-    svc: (std::net::Ipv6Addr, u16),
+/// A frame direct server return sent, taken apart: the outer addresses,
+/// the service address the option carries, and the inner packet as a
+/// frame. [`Node::sent`] checks the outer headers field by field against
+/// the format (`proxy_common::dsr`).
+struct Sent {
+    outer_src: std::net::IpAddr,
+    outer_dst: std::net::IpAddr,
+    svc: (std::net::IpAddr, u16),
     inner: Vec<u8>,
 }
 
-fn geneve6(frame: &[u8]) -> Geneve6 {
+/// [`Node::sent`] for IPv4.
+fn geneve(frame: &[u8]) -> Sent {
+    use proxy_common::dsr::{ENCAP_LEN, GENEVE_PORT};
+    let (iph, rest) = etherparse::Ipv4Header::from_slice(&frame[14..]).expect("outer IPv4");
+    assert_eq!(
+        iph.header_checksum,
+        iph.calc_header_checksum(),
+        "outer checksum"
+    );
+    assert_eq!(iph.protocol, etherparse::IpNumber::UDP);
+    assert!(iph.dont_fragment && iph.time_to_live == 64);
+    assert_eq!(iph.total_len as usize, frame.len() - 14);
+    let (udp, rest) = etherparse::UdpHeader::from_slice(rest).expect("outer UDP");
+    assert_eq!(udp.destination_port, GENEVE_PORT);
+    assert!(
+        udp.source_port >= 0xc000,
+        "an ephemeral port: {}",
+        udp.source_port
+    );
+    assert_eq!(udp.length as usize, frame.len() - 14 - 20);
+    assert_eq!(udp.checksum, 0);
+    // Version 0, 3 words of options, no flags, IPv4, VNI 0; the option:
+    // class 0xff7b, type 1, 2 words.
+    assert_eq!(&rest[..8], &[0x03, 0, 0x08, 0, 0, 0, 0, 0]);
+    assert_eq!(&rest[8..12], &[0xff, 0x7b, 0x01, 0x02]);
+    let svc = (
+        std::net::Ipv4Addr::new(rest[12], rest[13], rest[14], rest[15]),
+        u16::from_be_bytes([rest[16], rest[17]]),
+    );
+    assert_eq!(&rest[18..20], &[0, 0]);
+    let mut inner = frame[..14].to_vec();
+    inner.extend_from_slice(&frame[14 + ENCAP_LEN..]);
+    Sent {
+        outer_src: std::net::Ipv4Addr::from(iph.source).into(),
+        outer_dst: std::net::Ipv4Addr::from(iph.destination).into(),
+        svc: (svc.0.into(), svc.1),
+        inner,
+    }
+}
+
+/// [`Node::sent`] for IPv6: its UDP checksum verified over the whole
+/// datagram too.
+fn geneve6(frame: &[u8]) -> Sent {
     use proxy_common::dsr::{ENCAP_LEN6, GENEVE_PORT};
     let (iph, rest) = etherparse::Ipv6Header::from_slice(&frame[14..]).expect("outer IPv6");
     assert_eq!(iph.next_header, etherparse::IpNumber::UDP);
@@ -797,190 +567,197 @@ fn geneve6(frame: &[u8]) -> Geneve6 {
     assert_eq!(&payload[..8], &[0x06, 0, 0x86, 0xdd, 0, 0, 0, 0]);
     assert_eq!(&payload[8..12], &[0xff, 0x7b, 0x01, 0x05]);
     let addr: [u8; 16] = payload[12..28].try_into().unwrap();
-    let svc = (addr.into(), u16::from_be_bytes([payload[28], payload[29]]));
+    let svc = (
+        std::net::Ipv6Addr::from(addr).into(),
+        u16::from_be_bytes([payload[28], payload[29]]),
+    );
     assert_eq!(&payload[30..32], &[0, 0]);
     let mut inner = frame[..14].to_vec();
     inner.extend_from_slice(inner_ip);
-    Geneve6 {
-        outer_src: iph.source.into(),
-        outer_dst: iph.destination.into(),
+    Sent {
+        outer_src: std::net::Ipv6Addr::from(iph.source).into(),
+        outer_dst: std::net::Ipv6Addr::from(iph.destination).into(),
         svc,
         inner,
     }
 }
 
-#[test]
-#[ignore = "needs root"]
-fn dsr_sends_ipv6_flows_in_geneve_over_ipv6_and_the_rest_plain() {
-    let mut dp = dsr_node6(proxy_common::CFG_F_DSR_TCP);
-    let (_ns, file) = fib_netns6("kpxdsr6");
-    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
-    let mut syn = Pkt6::new(outside, 40000, node, 30080, SYN);
-    syn.payload.clear();
-    let syn = syn.build();
+fn dsr_sends_a_flows_syns_to_the_backends_node_in_geneve_and_the_rest_plain<F: Node>() {
+    let mut dp = dsr_node_of::<F>(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = F::fib_netns("kpxdsr");
+    let syn = F::frame(F::OUTSIDE, 40000, F::NODE, 30080, SYN);
     let out = run_in(&mut dp, &syn, false, &file);
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "forwarded to out0");
     assert_eq!(
         &out.bytes[0..12],
         &[2, 0, 0, 0, 0, 0xbb, 2, 0, 0, 0, 0, 0xaa]
     );
-    assert_eq!(&out.bytes[12..14], &[0x86, 0xdd]);
-    let g = geneve6(&out.bytes);
+    let g = F::sent(&out.bytes);
     // The client's address is kept: the flow is not masqueraded.
-    let seen = inspect6(&g.inner);
-    assert_eq!(
-        (seen.src, seen.sport, seen.dport),
-        (ip6(outside), 40000, 8080)
+    let seen = F::flow(&g.inner);
+    assert!(
+        is::<F>(seen.src, F::OUTSIDE) && seen.sport == 40000 && seen.dport == 8080,
+        "{seen:?}"
     );
-    assert!([ip6(B6_1), ip6(B6_2), ip6(B6_3)].contains(&seen.dst));
-    assert_eq!(seen.hop_limit, 63, "the inner packet was forwarded once");
+    assert!(F::BACKENDS.iter().any(|b| is::<F>(seen.dst, b)));
     assert_eq!(
-        (g.outer_src, g.outer_dst),
-        (ip6("2001:2:0:fe::1"), seen.dst)
+        g.inner[14 + F::HOP],
+        63,
+        "the inner packet was forwarded once"
     );
-    assert_eq!(g.svc, (ip6(node), 30080), "the address the client used");
-    let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
-    let (_, original) = fam::ct_get::<V6>(&dp, &key).expect("the flow");
+    // Outer: from the address the route to the backend picks, to the
+    // backend (the fabric routes it as the flow's other packets).
+    assert!(is::<F>(g.outer_src, F::OUT0) && g.outer_dst == seen.dst);
+    assert!(
+        is::<F>(g.svc.0, F::NODE) && g.svc.1 == 30080,
+        "the address the client used: {:?}",
+        g.svc
+    );
+    let key = fam::key::<F>(F::OUTSIDE, 40000, F::NODE, 30080, IPPROTO_TCP);
+    let (_, original) = fam::ct_get::<F>(&dp, &key).expect("the flow");
     assert_eq!(
         original.flags & (CT_F_SNAT | CT_F_DSR_ENCAP),
         CT_F_DSR_ENCAP
     );
     assert_eq!(event(&mut dp, Event::DsrEncap), 1);
-    // The retransmitted SYN goes the same way, to the same backend.
+    assert_eq!(event(&mut dp, Event::Masqueraded), 0);
+    // The client's retransmitted SYN goes the same way, to the same backend.
     let out = run_in(&mut dp, &syn, false, &file);
-    assert_eq!(geneve6(&out.bytes).outer_dst, seen.dst);
+    assert_eq!(F::sent(&out.bytes).outer_dst, seen.dst);
     assert_eq!(event(&mut dp, Event::DsrEncap), 2);
-    // Its ACK establishes the flow and goes plain.
-    let ack = Pkt6::new(outside, 40000, node, 30080, ACK).build();
+    // Its ACK (the SYN-ACK never passed here) establishes the flow and
+    // goes plain, translated as the flow's packets are.
+    let ack = F::frame(F::OUTSIDE, 40000, F::NODE, 30080, ACK);
     for _ in 0..2 {
         let out = run_in(&mut dp, &ack, false, &file);
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        let plain = inspect6(&out.bytes);
-        assert_eq!(
-            (plain.src, plain.dst, plain.dport),
-            (ip6(outside), seen.dst, 8080)
+        let plain = F::flow(&out.bytes);
+        assert!(
+            is::<F>(plain.src, F::OUTSIDE) && plain.dst == seen.dst && plain.dport == 8080,
+            "{plain:?}"
         );
     }
-    let (table, _) = fam::ct_get::<V6>(&dp, &key).expect("the flow");
+    let (table, _) = fam::ct_get::<F>(&dp, &key).expect("the flow");
     assert_eq!(table, kpx::dataplane::maps::CtTable::Tcp, "established");
     assert_eq!(event(&mut dp, Event::DsrEncap), 2);
-    // Extension headers are not carried: such a flow is masqueraded,
-    // counted.
-    let mut opts = Pkt6::new(outside, 40001, node, 30080, SYN);
-    opts.ext.push(Ext::options(60, 1));
-    let out = run_in(&mut dp, &opts.build(), false, &file);
-    assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    let seen = inspect6(&out.bytes);
-    assert_eq!(seen.src, ip6("2001:2:0:fe::1"), "masqueraded");
-    assert_eq!(event(&mut dp, Event::DsrFallback), 1);
-    // hybrid: UDP is masqueraded; pods keep the reference's masquerade.
-    for (src, dport, l4) in [(outside, 30053, UDP), (<V6 as Node>::POD, 30080, SYN)] {
-        let frame = Pkt6::new(src, 5001, node, dport, l4).build();
-        let out = run_in(&mut dp, &frame, false, &file);
-        assert_eq!(inspect6(&out.bytes).src, ip6("2001:2:0:fe::1"));
+    // hybrid: UDP is masqueraded, as without DSR; pods keep the
+    // reference's masquerade (DSR is for outside clients).
+    for (src, dport, l4) in [(F::OUTSIDE, 30053, UDP), (F::POD, 30080, SYN)] {
+        let frame = F::frame(src, 5001, F::NODE, dport, l4);
+        let seen = F::flow(&run_in(&mut dp, &frame, false, &file).bytes);
+        assert!(is::<F>(seen.src, F::OUT0), "masqueraded: {seen:?}");
     }
     assert_eq!(event(&mut dp, Event::DsrEncap), 2);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn dsr_carries_ipv6_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_not() {
+fn dsr_carries_udp_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_not<F: Node>() {
     use proxy_common::{CFG_F_DSR_TCP, CFG_F_DSR_UDP};
-    let mut dp = dsr_node6(CFG_F_DSR_TCP | CFG_F_DSR_UDP);
-    let (_ns, file) = fib_netns6("kpxdsr6u");
-    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
-    let dgram = Pkt6::new(outside, 5000, node, 30053, UDP).build();
+    let mut dp = dsr_node_of::<F>(CFG_F_DSR_TCP | CFG_F_DSR_UDP);
+    let (_ns, file) = F::fib_netns("kpxdsru");
+    let dgram = F::frame(F::OUTSIDE, 5000, F::NODE, 30053, UDP);
     for n in 1..=3 {
-        let g = geneve6(&run_in(&mut dp, &dgram, false, &file).bytes);
-        let seen = inspect6(&g.inner);
-        assert_eq!((seen.src, seen.dport), (ip6(outside), 5353));
-        assert_eq!(g.svc, (ip6(node), 30053));
+        let g = F::sent(&run_in(&mut dp, &dgram, false, &file).bytes);
+        let seen = F::flow(&g.inner);
+        assert!(
+            is::<F>(seen.src, F::OUTSIDE) && seen.dport == 5353,
+            "{seen:?}"
+        );
+        assert!(is::<F>(g.svc.0, F::NODE) && g.svc.1 == 30053);
         assert_eq!(event(&mut dp, Event::DsrEncap), n, "every datagram");
     }
-    // A first datagram that would not fit out0's MTU with 80 bytes more:
-    // masqueraded, counted.
+    // A first datagram that would not fit out0's MTU with the outer
+    // headers: its flow is masqueraded, as without DSR, and counted.
     let big = |sport| {
-        let mut p = Pkt6::new(outside, sport, node, 30053, UDP);
-        p.payload = vec![7; 1500 - 40 - 8 - 40];
-        p.build()
+        let payload = vec![7; 1500 - 2 * F::HLEN - 8];
+        F::frame_with(F::OUTSIDE, sport, F::NODE, 30053, UDP, &payload)
     };
-    let seen = inspect6(&run_in(&mut dp, &big(5001), false, &file).bytes);
-    assert_eq!(seen.src, ip6("2001:2:0:fe::1"), "masqueraded");
+    let out = run_in(&mut dp, &big(5001), false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let seen = F::flow(&out.bytes);
+    assert!(is::<F>(seen.src, F::OUT0), "masqueraded: {seen:?}");
+    assert!((20000..=20255).contains(&seen.sport));
     assert_eq!(event(&mut dp, Event::DsrFallback), 1);
-    // A DSR flow's datagram that does not fit goes plain.
-    let seen = inspect6(&run_in(&mut dp, &big(5000), false, &file).bytes);
-    assert_eq!((seen.src, seen.dport), (ip6(outside), 5353));
+    // A DSR flow's datagram that does not fit goes plain: its flow is
+    // known at the backend's node.
+    let seen = F::flow(&run_in(&mut dp, &big(5000), false, &file).bytes);
+    assert!(
+        is::<F>(seen.src, F::OUTSIDE) && seen.dport == 5353,
+        "{seen:?}"
+    );
     assert_eq!(event(&mut dp, Event::DsrEncap), 3);
 }
 
-#[test]
-#[ignore = "needs root"]
-fn xdp_leaves_an_ipv6_dsr_flows_first_packet_to_tc_untouched() {
-    let mut dp = dsr_node6(proxy_common::CFG_F_DSR_TCP);
-    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
-    let syn = Pkt6::new(outside, 40000, node, 30080, SYN).build();
+fn xdp_leaves_a_dsr_flows_first_packet_to_tc_untouched<F: Node>() {
+    let mut dp = dsr_node_of::<F>(proxy_common::CFG_F_DSR_TCP);
+    let syn = F::frame(F::OUTSIDE, 40000, F::NODE, 30080, SYN);
     let out = run_xdp(&mut dp, &syn);
     assert_eq!(out.verdict, XDP_PASS);
     assert!(!out.marked());
     assert_eq!(out.frame(), &syn[..], "untouched");
-    let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
-    assert!(!fam::tracked::<V6>(&dp, &key));
+    let key = fam::key::<F>(F::OUTSIDE, 40000, F::NODE, 30080, IPPROTO_TCP);
+    assert!(!fam::tracked::<F>(&dp, &key));
 }
 
-#[test]
-#[ignore = "needs root"]
-fn dsr_geneve_over_ipv6_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_service() {
-    let mut a = dsr_node6(proxy_common::CFG_F_DSR_TCP);
-    let (_ns, file) = fib_netns6("kpxdsr6b");
-    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
-    let syn = Pkt6::new(outside, 40000, node, 30080, SYN).build();
+fn dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_service<F: Node>() {
+    // Node A balances; its Geneve packet is node B's input.
+    let mut a = dsr_node_of::<F>(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = F::fib_netns("kpxdsrb");
+    let syn = F::frame(F::OUTSIDE, 40000, F::NODE, 30080, SYN);
     let sent = run_in(&mut a, &syn, false, &file).bytes;
-    let g = geneve6(&sent);
-    let backend = inspect6(&g.inner);
-    let mut b = dsr_node6(0);
+    let g = F::sent(&sent);
+    let backend = F::flow(&g.inner);
+    // Node B needs no DSR setting to receive.
+    let mut b = dsr_node_of::<F>(0);
     let out = run(&mut b, &sent);
+    // The empty namespace's FIB cannot say: up the stack, out of Geneve.
     assert_eq!(out.verdict, TC_ACT_OK);
-    assert_eq!(out.bytes.len(), g.inner.len(), "80 bytes fewer");
-    assert_eq!(
-        inspect6(&out.bytes),
-        backend,
-        "the packet node A translated"
-    );
+    assert_eq!(out.bytes.len(), g.inner.len(), "the outer headers gone");
+    assert_eq!(F::flow(&out.bytes), backend, "the packet node A translated");
     assert_eq!(event(&mut b, Event::DsrDecap), 1);
-    let key = ct_key6(outside, 40000, node, 30080, IPPROTO_TCP);
-    let (_, original) = fam::ct_get::<V6>(&b, &key).expect("the flow");
+    let key = fam::key::<F>(F::OUTSIDE, 40000, F::NODE, 30080, IPPROTO_TCP);
+    let (_, original) = fam::ct_get::<F>(&b, &key).expect("the flow");
     assert_eq!(
         original.flags & proxy_common::CT_F_DSR_DECAP,
         proxy_common::CT_F_DSR_DECAP
     );
-    // The backend's SYN-ACK: from the service address, to the client.
-    let out = run(&mut b, &reply6(&backend, SYN_ACK));
+    // The backend's SYN-ACK, at its interface: from the service address,
+    // straight to the client.
+    let out = run(&mut b, &fam::answer::<F>(&backend, SYN_ACK));
     assert_eq!(out.verdict, TC_ACT_OK);
-    let back = inspect6(&out.bytes);
-    assert_eq!(
-        (back.src, back.sport, back.dst, back.dport),
-        (ip6(node), 30080, ip6(outside), 40000)
+    let back = F::flow(&out.bytes);
+    assert!(
+        is::<F>(back.src, F::NODE)
+            && back.sport == 30080
+            && is::<F>(back.dst, F::OUTSIDE)
+            && back.dport == 40000,
+        "{back:?}"
     );
     // The retransmitted SYN, in Geneve again: delivered, the flow kept.
     let out = run(&mut b, &sent);
-    assert_eq!(inspect6(&out.bytes), backend);
+    assert_eq!(F::flow(&out.bytes), backend);
     assert_eq!(event(&mut b, Event::DsrDecap), 1);
-    // Not DSR's: left as they are (offsets in the outer UDP payload).
-    let udp = 14 + 40 + 8;
+    // Not DSR's: left as they are. Offsets in the outer UDP payload:
+    // Geneve (8), the option's header (4), the service address, its port.
+    let udp = 14 + F::HLEN + 8;
     let mut other_class = sent.clone();
     other_class[udp + 8] = 0x01;
-    let mut ipv4_option = sent.clone();
-    ipv4_option[udp + 11] = 0x02;
+    let mut other_length = sent.clone();
+    other_length[udp + 11] ^= 0x07; // the other family's option: 2 ↔ 5 words
     let mut other_dst = sent.clone();
-    other_dst[udp + 32 + 39] ^= 1; // the inner destination's last byte
-    let truncated = {
-        let mut t = Pkt6::new(outside, 40000, &backend.dst.to_string(), 6081, UDP);
-        t.payload = sent[udp..udp + 12].to_vec();
-        t.build()
-    };
+    // the inner destination's last byte, not the outer one's
+    other_dst[14 + F::ENCAP + F::DST + F::ADDR_LEN - 1] ^= 1;
+    let backend_addr = backend.dst.to_string();
+    let truncated = F::frame_with(
+        F::OUTSIDE,
+        40000,
+        &backend_addr,
+        6081,
+        UDP,
+        &sent[udp..udp + 12],
+    );
     for (what, frame) in [
         ("another option class", &other_class),
-        ("IPv4's option length", &ipv4_option),
+        ("another option length", &other_length),
         ("inner and outer destinations differ", &other_dst),
         ("shorter than the headers", &truncated),
     ] {
@@ -990,19 +767,11 @@ fn dsr_geneve_over_ipv6_is_taken_out_at_the_backends_node_whose_replies_leave_fr
     }
     // A service node B does not serve: dropped, counted.
     let mut unknown = sent.clone();
-    unknown[udp + 28 + 1] ^= 1; // the carried port: 30081
+    unknown[udp + 12 + F::ADDR_LEN + 1] ^= 1; // the carried port: 30081
     let out = run(&mut b, &unknown);
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut b, DropReason::DsrNoService), 1);
 }
-
-// Masquerade ports, traffic policies, source ranges and who is
-// masqueraded, on both families: the node of [`node`] and its IPv6 twin
-// ([`Node`]).
-
-// Direct server return's cases that are the same on both families.
-
-// (Declared with the other bodies of both families, below.)
 
 fn dsr_keeps_the_client_address_to_a_local_backend_without_geneve<F: Node>() {
     let mut dp = dsr_node_of::<F>(proxy_common::CFG_F_DSR_TCP);
@@ -1084,7 +853,31 @@ fn dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it<F: Node>() {
     }
 }
 
+#[test]
+#[ignore = "needs root"]
+fn dsr_does_not_carry_ipv6_extension_headers_and_masquerades_their_flow() {
+    let mut dp = dsr_node_of::<V6>(proxy_common::CFG_F_DSR_TCP);
+    let (_ns, file) = fib_netns6("kpxdsr6x");
+    let (outside, node) = (<V6 as Node>::OUTSIDE, <V6 as Node>::NODE);
+    let mut opts = Pkt6::new(outside, 40001, node, 30080, SYN);
+    opts.ext.push(Ext::options(60, 1));
+    let out = run_in(&mut dp, &opts.build(), false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let seen = inspect6(&out.bytes);
+    assert_eq!(seen.src, ip6(<V6 as Node>::OUT0), "masqueraded");
+    assert_eq!(event(&mut dp, Event::DsrFallback), 1);
+    assert_eq!(event(&mut dp, Event::DsrEncap), 0);
+}
+
+// Masquerade ports, traffic policies, source ranges and who is
+// masqueraded, on both families: the node of [`node`] and its IPv6 twin
+// ([`Node`]).
+
 crate::both_families!(
+    dsr_sends_a_flows_syns_to_the_backends_node_in_geneve_and_the_rest_plain,
+    dsr_carries_udp_datagrams_that_fit_and_masquerades_a_flow_whose_first_does_not,
+    xdp_leaves_a_dsr_flows_first_packet_to_tc_untouched,
+    dsr_geneve_is_taken_out_at_the_backends_node_whose_replies_leave_from_the_service,
     dsr_keeps_the_client_address_to_a_local_backend_without_geneve,
     dsr_at_the_backends_node_a_new_flow_on_an_old_tuple_replaces_it,
     masquerade_ports_never_collide_and_run_out_into_a_counted_drop,
@@ -1111,6 +904,23 @@ trait Node: Fam {
     /// Another node, which balances flows to this one's backends with
     /// direct server return.
     const OTHER_NODE: &'static str;
+    /// [`Node::fib_netns`]' own address (out0's): a masquerade's source
+    /// towards the backends, the outer source of direct server return.
+    const OUT0: &'static str;
+    /// The IP header's length (no options or extension headers), an
+    /// address's, the destination's offset and the TTL's (hop limit's) in
+    /// it, and direct server return's outer headers' length.
+    const HLEN: usize;
+    const ADDR_LEN: usize;
+    const DST: usize;
+    const HOP: usize;
+    const ENCAP: usize;
+
+    /// [`Fam::frame`] with `payload`.
+    fn frame_with(src: &str, sport: u16, dst: &str, dport: u16, l4: L4, payload: &[u8]) -> Vec<u8>;
+    /// A frame direct server return sent, its outer headers checked and
+    /// taken apart.
+    fn sent(frame: &[u8]) -> Sent;
 
     /// A namespace whose FIB reaches the family's backends, and its file
     /// for [`run_in`].
@@ -1130,6 +940,21 @@ impl Node for V4 {
     const ADMITTED: &'static str = "198.18.200.0/24";
     const REFUSED: &'static str = "198.18.201.7";
     const OTHER_NODE: &'static str = "198.18.128.9";
+    const OUT0: &'static str = "198.18.1.254";
+    const HLEN: usize = 20;
+    const ADDR_LEN: usize = 4;
+    const DST: usize = 16;
+    const HOP: usize = 8;
+    const ENCAP: usize = proxy_common::dsr::ENCAP_LEN;
+
+    fn frame_with(src: &str, sport: u16, dst: &str, dport: u16, l4: L4, payload: &[u8]) -> Vec<u8> {
+        let mut p = Pkt::new(src, sport, dst, dport, l4);
+        p.payload = payload.to_vec();
+        p.build()
+    }
+    fn sent(frame: &[u8]) -> Sent {
+        geneve(frame)
+    }
 
     fn fib_netns(prefix: &str) -> (Netns, std::fs::File) {
         fib_netns(prefix)
@@ -1149,6 +974,21 @@ impl Node for V6 {
     const ADMITTED: &'static str = "2001:2:0:c8::/64";
     const REFUSED: &'static str = "2001:2:0:c9::7";
     const OTHER_NODE: &'static str = "2001:2:0:80::9";
+    const OUT0: &'static str = "2001:2:0:fe::1";
+    const HLEN: usize = 40;
+    const ADDR_LEN: usize = 16;
+    const DST: usize = 24;
+    const HOP: usize = 7;
+    const ENCAP: usize = proxy_common::dsr::ENCAP_LEN6;
+
+    fn frame_with(src: &str, sport: u16, dst: &str, dport: u16, l4: L4, payload: &[u8]) -> Vec<u8> {
+        let mut p = Pkt6::new(src, sport, dst, dport, l4);
+        p.payload = payload.to_vec();
+        p.build()
+    }
+    fn sent(frame: &[u8]) -> Sent {
+        geneve6(frame)
+    }
 
     fn fib_netns(prefix: &str) -> (Netns, std::fs::File) {
         fib_netns6(prefix)
