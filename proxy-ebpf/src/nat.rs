@@ -240,6 +240,13 @@ const FRAME6_MACS: usize = core::mem::offset_of!(Frame6, macs);
 /// The hop limit's byte: the last of `head`.
 const FRAME6_HOP_LIMIT: usize = core::mem::offset_of!(Frame6, addrs) - 1;
 
+/// Bytes from offset `off` of a [`Frame6`] (4-byte aligned) to the next
+/// 4-byte boundary: [`crate::packet::Packet::store_block`]'s `LEAD`.
+const fn lead(off: usize) -> usize {
+    (4 - off % 4) % 4
+}
+const _: () = assert!(core::mem::align_of::<Frame6>() == 4);
+
 /// [`apply`] for IPv6: the TCP/UDP checksum as IPv4's (its pseudo-header
 /// holds the addresses: IPv6 has no header checksum), then one store of
 /// everything that changes when the ports follow the fixed header (the
@@ -291,7 +298,7 @@ pub fn apply6<P: Packet>(
         // SAFETY: `macs` is at offset 2 of the block.
         let from = unsafe { base.add(FRAME6_MACS) };
         return ctx
-            .store_block(0, from, FRAME6_LEN)
+            .store_block::<{ lead(FRAME6_MACS) }>(0, from, FRAME6_LEN)
             .map_err(|_| RewriteFailed);
     }
     if macs {
@@ -303,11 +310,15 @@ pub fn apply6<P: Packet>(
     if no_ext {
         // Hop limit to ports, contiguous.
         return ctx
-            .store_block(pkt.l3_off + ip6::HOP_LIMIT, from, 1 + 32 + 4)
+            .store_block::<{ lead(FRAME6_HOP_LIMIT) }>(
+                pkt.l3_off + ip6::HOP_LIMIT,
+                from,
+                1 + 32 + 4,
+            )
             .map_err(|_| RewriteFailed);
     }
     if addrs_changed || ttl_dec != 0 {
-        ctx.store_block(pkt.l3_off + ip6::HOP_LIMIT, from, 1 + 32)
+        ctx.store_block::<{ lead(FRAME6_HOP_LIMIT) }>(pkt.l3_off + ip6::HOP_LIMIT, from, 1 + 32)
             .map_err(|_| RewriteFailed)?;
     }
     if ports_changed {
