@@ -615,8 +615,9 @@ fn rebuild_replies(dp: &Datapath) -> anyhow::Result<()> {
 /// The paths `--hot` runs (as `--packet`'s columns: a tracked flow's
 /// packet to the service and its backend's reply, FIB → stack; a pod's
 /// packet to a pod on a frontend's port; a backend's answer to a client
-/// that dialled it directly; each for IPv6 with a `6`).
-pub const HOT_PATHS: [&str; 10] = [
+/// that dialled it directly; each for IPv6 with a `6`; and `xdp-` the
+/// tracked flow's packets through XDP, sent back out, `XDP_TX`).
+pub const HOT_PATHS: [&str; 14] = [
     "established",
     "reply",
     "no-service",
@@ -627,6 +628,10 @@ pub const HOT_PATHS: [&str; 10] = [
     "no-service6",
     "from-backend6",
     "frontend-addr6",
+    "xdp-established",
+    "xdp-reply",
+    "xdp-established6",
+    "xdp-reply6",
 ];
 
 /// `--hot PATH`: one path's packet through tc ingress over and over for
@@ -668,6 +673,27 @@ pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64
         }
         "no-service6" => Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
         "from-backend6" => Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build(),
+        "xdp-established" | "xdp-reply" => {
+            open_ping_pong(&mut dp, &vip)?;
+            let [est, rep] = ping_pong_frames(&vip);
+            return hot_xdp(
+                &mut dp,
+                path,
+                if path == "xdp-reply" { rep } else { est },
+                seconds,
+                say,
+            );
+        }
+        "xdp-established6" | "xdp-reply6" => {
+            let [est, rep] = ping_pong6(&mut dp, &vip6)?;
+            return hot_xdp(
+                &mut dp,
+                path,
+                if path == "xdp-reply6" { rep } else { est },
+                seconds,
+                say,
+            );
+        }
         other => {
             anyhow::bail!("--hot: no path {other:?} (known: {})", HOT_PATHS.join(", "))
         }
@@ -686,6 +712,49 @@ pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64
         let above = median(ns) - floor as f64;
         say(format!(
             "{path}: {above:.1} ns above the empty program ({floor} ns)"
+        ));
+        per_second.push((above * 10.0) as u128);
+    }
+    Ok(median(per_second) / 10.0)
+}
+
+/// [`hot`] through XDP: `frame` over and over, each run checked to be sent
+/// back out (the caller's namespace has [`fib_routes`]), against the empty
+/// XDP program.
+fn hot_xdp(
+    dp: &mut Datapath,
+    path: &str,
+    frame: Vec<u8>,
+    seconds: f64,
+    say: &dyn Fn(String),
+) -> anyhow::Result<f64> {
+    const XDP_TX: u32 = 3;
+    const REPEAT: u32 = 500_000;
+    let ifindex = nix::net::if_::if_nametoindex("kpxfib")?;
+    let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
+    anyhow::ensure!(
+        r.return_value == XDP_TX,
+        "{path}: XDP did not send the packet back out (verdict {})",
+        r.return_value
+    );
+    let mut per_second = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs_f64() < seconds {
+        let second = std::time::Instant::now();
+        let mut ns = Vec::new();
+        while second.elapsed().as_secs_f64() < 1.0 {
+            ns.push(
+                xdp_run(dp.xdp()?, &frame, ifindex, REPEAT)?
+                    .duration
+                    .as_nanos(),
+            );
+        }
+        let floor = xdp_run(dp.xdp_floor()?, &frame, ifindex, REPEAT)?
+            .duration
+            .as_nanos();
+        let above = median(ns) - floor as f64;
+        say(format!(
+            "{path}: {above:.1} ns above the empty XDP program ({floor} ns)"
         ));
         per_second.push((above * 10.0) as u128);
     }
