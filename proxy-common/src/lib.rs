@@ -696,6 +696,10 @@ pub const CFG_F_SOCK_HOST_ONLY: u32 = 1 << 2;
 pub const CFG_F_DSR_TCP: u32 = 1 << 3;
 /// `--nodeport-mode=dsr`: the same for UDP.
 pub const CFG_F_DSR_UDP: u32 = 1 << 4;
+/// `--dsr-ipv6`: the DSR flags serve IPv6 flows too (without it, IPv6's
+/// are masqueraded). Every node takes IPv6 Geneve out whatever its
+/// settings; this bit lets a node send it, once every node can.
+pub const CFG_F_DSR_IPV6: u32 = 1 << 5;
 
 /// Direct server return's wire format: a flow's first packet, already
 /// translated to its backend, inside Geneve (RFC 8926) over UDP to the

@@ -250,6 +250,10 @@ impl<A: Family> NetRef<'_, A> {
 pub trait Family: Address {
     /// Bits of an address: the source-range trie's prefix lengths.
     const BITS: u32;
+    /// The settings' flag that lets this family's flows go by direct
+    /// server return, beside `CFG_F_DSR_TCP` / `CFG_F_DSR_UDP` (0: none
+    /// needed).
+    const DSR_FLAG: u32;
 
     fn services() -> &'static HashMap<ServiceKey<Self>, ServiceValue>;
     fn service_addrs() -> &'static HashMap<Self, u32>;
@@ -305,6 +309,7 @@ pub trait Family: Address {
 
 impl Family for u32 {
     const BITS: u32 = 32;
+    const DSR_FLAG: u32 = 0;
     const NEW_FLOW_APART: bool = false;
     const FILTERED_AHEAD: bool = false;
 
@@ -404,6 +409,7 @@ impl Family for u32 {
 
 impl Family for In6 {
     const BITS: u32 = 128;
+    const DSR_FLAG: u32 = proxy_common::CFG_F_DSR_IPV6;
     const NEW_FLOW_APART: bool = true;
     const FILTERED_AHEAD: bool = true;
 

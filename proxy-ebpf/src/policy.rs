@@ -113,6 +113,7 @@ pub fn dsr<A: Family>(
         CFG_F_DSR_UDP
     };
     cfg.flags() & wanted != 0
+        && cfg.flags() & A::DSR_FLAG == A::DSR_FLAG
         && origin == Origin::Network
         && svc.flags & (SVC_F_EXTERNAL | SVC_F_LOCAL) == SVC_F_EXTERNAL
         && !net.is_pod(src)

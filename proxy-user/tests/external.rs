@@ -616,7 +616,7 @@ fn dsr_keeps_the_client_address_over_ipv6_too() {
         for p in n.pods.iter().map(|p| p.name.clone()).collect::<Vec<_>>() {
             n.serve(&p, 8080, 5353).unwrap();
         }
-        n.start_agent(Path::new(KPX), &["--nodeport-mode=dsr"])
+        n.start_agent(Path::new(KPX), &["--nodeport-mode=dsr", "--dsr-ipv6=true"])
             .unwrap();
     }
     for n in &bed.nodes {

@@ -98,6 +98,9 @@ impl Agent {
             v4.flags |= proxy_common::CFG_F_SOCK_HOST_ONLY;
         }
         v4.flags |= self.cfg.nodeport_mode.flags();
+        if self.cfg.dsr_ipv6 {
+            v4.flags |= proxy_common::CFG_F_DSR_IPV6;
+        }
         v4.host_netns_cookie = self.host_netns;
         let addrs = match node::local_addrs() {
             Ok(a) => a,
@@ -118,7 +121,7 @@ impl Agent {
         }
         if ops.iter().any(|op| matches!(op, Op::SetConfig(_))) {
             log::info!(
-                "NodePort mode: {} ({})",
+                "NodePort mode: {} ({}){}",
                 self.cfg.nodeport_mode,
                 match self.cfg.nodeport_mode {
                     node::NodePortMode::Snat =>
@@ -126,6 +129,11 @@ impl Agent {
                     node::NodePortMode::Dsr => "direct server return for TCP and UDP: a backend on another node sees the client and answers it directly",
                     node::NodePortMode::Hybrid =>
                         "direct server return for TCP, masquerade for UDP",
+                },
+                match (self.cfg.nodeport_mode, self.cfg.dsr_ipv6) {
+                    (node::NodePortMode::Snat, _) => "",
+                    (_, true) => "; IPv6 flows too (--dsr-ipv6)",
+                    (_, false) => "; IPv4 flows only: IPv6's are masqueraded until --dsr-ipv6, once every node runs a kpx that takes IPv6 Geneve out",
                 }
             );
             for family in Family::BOTH {

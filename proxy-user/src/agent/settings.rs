@@ -89,6 +89,12 @@ pub struct AgentFlags {
     /// must run the same (`kpx.nodePortMode`) [default: snat].
     #[arg(long)]
     pub nodeport_mode: Option<NodePortMode>,
+    /// Direct server return for IPv6 flows too (`--nodeport-mode=dsr|hybrid`;
+    /// without it, IPv6's are masqueraded). Every node takes IPv6 Geneve
+    /// out; turn this on once every node runs a kpx that does (earlier ones
+    /// drop it) (`kpx.dsrIPv6`) [default: false].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub dsr_ipv6: Option<bool>,
     /// Interfaces to attach to: names or glob patterns, comma-separated.
     /// Interfaces that appear later are attached when they do. `lo` is never
     /// used [default: *].
@@ -205,6 +211,7 @@ impl AgentFlags {
             xdp: self.xdp,
             xdp_interfaces: self.xdp_interfaces.clone(),
             nodeport_mode: self.nodeport_mode,
+            dsr_ipv6: self.dsr_ipv6,
             ..self.node.overrides()
         }
     }
@@ -270,6 +277,8 @@ pub struct Settings {
     pub xdp: xdp::Mode,
     pub xdp_interfaces: Option<Patterns>,
     pub nodeport_mode: NodePortMode,
+    /// `nodeport_mode` serves IPv6 flows too.
+    pub dsr_ipv6: bool,
     pub oom_score_adj: Option<i32>,
     pub verbosity: Option<u32>,
     /// Given, but meaningless to kpx: one log line each at start.
@@ -362,6 +371,7 @@ impl Settings {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--xdp-interfaces: {e:#}"))?,
             nodeport_mode: o.nodeport_mode.unwrap_or_default(),
+            dsr_ipv6: o.dsr_ipv6.unwrap_or(false),
             oom_score_adj: o.oom_score_adj,
             verbosity: o.verbosity,
             ignored,
@@ -498,6 +508,9 @@ conntrack: {udpTimeout: 5s, maxPerCore: 1000, min: 4000}
         let s = resolve(&["--nodeport-mode=dsr"], None);
         assert_eq!(s.nodeport_mode.flags(), CFG_F_DSR_TCP | CFG_F_DSR_UDP);
         assert_eq!(s.nodeport_mode.to_string(), "dsr");
+        assert!(!s.dsr_ipv6, "IPv6 is opt-in");
+        let s = resolve(&["--nodeport-mode=dsr", "--dsr-ipv6=true"], None);
+        assert!(s.dsr_ipv6);
         let err = match Cli::try_parse_from(["kpx", "--nodeport-mode=direct"]) {
             Ok(_) => panic!("--nodeport-mode=direct accepted"),
             Err(e) => e.to_string(),

@@ -157,7 +157,7 @@ pub fn vm() -> Result<Vm> {
         snat_addr: node,
         snat_port_min: 1024,
         snat_port_max: 29999,
-        flags: CFG_F_DSR_UDP,
+        flags: CFG_F_DSR_UDP | proxy_common::CFG_F_DSR_IPV6,
         _pad: 0,
         host_netns_cookie: 0,
     };

@@ -104,6 +104,9 @@ struct Kpx {
     xdp_interfaces: String,
     /// `--nodeport-mode`: snat, dsr or hybrid.
     node_port_mode: String,
+    /// `--dsr-ipv6`.
+    #[serde(rename = "dsrIPv6")]
+    dsr_ipv6: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -457,6 +460,7 @@ impl File {
             );
         }
         o.xdp_interfaces = (!kpx.xdp_interfaces.is_empty()).then(|| kpx.xdp_interfaces.clone());
+        o.dsr_ipv6 = kpx.dsr_ipv6;
         if !kpx.node_port_mode.is_empty() {
             o.nodeport_mode = Some(
                 kpx.node_port_mode
@@ -790,7 +794,7 @@ kind: KubeProxyConfiguration
 featureGates: {SomeGate: true}
 enableProfiling: true
 ipvs: {scheduler: rr, strictARP: true}
-kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods, xdp: generic, xdpInterfaces: "eth*", nodePortMode: hybrid}
+kpx: {socketLB: host-only, socketLBCgroup: /run/kpx/pods, xdp: generic, xdpInterfaces: "eth*", nodePortMode: hybrid, dsrIPv6: true}
 conntrack: {tcpBeLiberal: true}
 configSyncPeriod: 15m
 clientConnection: {qps: 5, burst: 10}
@@ -825,6 +829,7 @@ logging: {format: json}
                 xdp: Some(crate::dataplane::xdp::Mode::Generic),
                 xdp_interfaces: Some("eth*".into()),
                 nodeport_mode: Some(crate::dataplane::node::NodePortMode::Hybrid),
+                dsr_ipv6: Some(true),
                 ..Overrides::default()
             }
         );

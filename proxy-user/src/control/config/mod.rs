@@ -57,6 +57,8 @@ pub struct Overrides {
     pub xdp_interfaces: Option<String>,
     /// `kpx.nodePortMode` / `--nodeport-mode`.
     pub nodeport_mode: Option<crate::dataplane::node::NodePortMode>,
+    /// `kpx.dsrIPv6` / `--dsr-ipv6`.
+    pub dsr_ipv6: Option<bool>,
 }
 
 impl Overrides {
@@ -91,6 +93,7 @@ impl Overrides {
             xdp: self.xdp.or(lower.xdp),
             xdp_interfaces: self.xdp_interfaces.or(lower.xdp_interfaces),
             nodeport_mode: self.nodeport_mode.or(lower.nodeport_mode),
+            dsr_ipv6: self.dsr_ipv6.or(lower.dsr_ipv6),
         }
     }
 }
