@@ -673,42 +673,53 @@ pub fn hot(path: &str, seconds: f64, say: &dyn Fn(String)) -> anyhow::Result<f64
         }
         "no-service6" => Pkt6::new(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK).build(),
         "from-backend6" => Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build(),
-        "xdp-established" | "xdp-reply" => {
-            open_ping_pong(&mut dp, &vip)?;
-            let [est, rep] = ping_pong_frames(&vip);
-            return hot_xdp(
-                &mut dp,
-                path,
-                if path == "xdp-reply" { rep } else { est },
-                seconds,
-                say,
-            );
-        }
-        "xdp-established6" | "xdp-reply6" => {
-            let [est, rep] = ping_pong6(&mut dp, &vip6)?;
-            return hot_xdp(
-                &mut dp,
-                path,
-                if path == "xdp-reply6" { rep } else { est },
-                seconds,
-                say,
-            );
+        "xdp-established" | "xdp-reply" | "xdp-established6" | "xdp-reply6" => {
+            let [est, rep] = if path.ends_with('6') {
+                ping_pong6(&mut dp, &vip6)?
+            } else {
+                open_ping_pong(&mut dp, &vip)?;
+                ping_pong_frames(&vip)
+            };
+            let frame = if path.starts_with("xdp-reply") {
+                rep
+            } else {
+                est
+            };
+            return hot_xdp(&mut dp, path, frame, seconds, say);
         }
         other => {
             anyhow::bail!("--hot: no path {other:?} (known: {})", HOT_PATHS.join(", "))
         }
     };
-    // About 50 ms a run: a second holds enough of them for a median.
-    const REPEAT: u32 = 500_000;
+    second_by_second(path, seconds, say, &mut |floor| {
+        let prog = if floor { dp.floor()? } else { dp.ingress()? };
+        Ok(test_run(prog, &frame, HOT_REPEAT)?.duration.as_nanos())
+    })
+}
+
+/// `--hot`'s runs: about 50 ms each, so a second holds enough of them for
+/// a median.
+const HOT_REPEAT: u32 = 500_000;
+
+/// `--hot`'s loop: `run(false)` (ns of [`HOT_REPEAT`] runs of the path)
+/// over and over for `seconds`, each second's median less one
+/// `run(true)` (the empty program's) said, and the median of those
+/// returned.
+fn second_by_second(
+    path: &str,
+    seconds: f64,
+    say: &dyn Fn(String),
+    run: &mut dyn FnMut(bool) -> anyhow::Result<u128>,
+) -> anyhow::Result<f64> {
     let mut per_second = Vec::new();
     let start = std::time::Instant::now();
     while start.elapsed().as_secs_f64() < seconds {
         let second = std::time::Instant::now();
         let mut ns = Vec::new();
         while second.elapsed().as_secs_f64() < 1.0 {
-            ns.push(test_run(dp.ingress()?, &frame, REPEAT)?.duration.as_nanos());
+            ns.push(run(false)?);
         }
-        let floor = test_run(dp.floor()?, &frame, REPEAT)?.duration.as_nanos();
+        let floor = run(true)?;
         let above = median(ns) - floor as f64;
         say(format!(
             "{path}: {above:.1} ns above the empty program ({floor} ns)"
@@ -729,7 +740,6 @@ fn hot_xdp(
     say: &dyn Fn(String),
 ) -> anyhow::Result<f64> {
     const XDP_TX: u32 = 3;
-    const REPEAT: u32 = 500_000;
     let ifindex = nix::net::if_::if_nametoindex("kpxfib")?;
     let r = xdp_run(dp.xdp()?, &frame, ifindex, 1)?;
     anyhow::ensure!(
@@ -737,28 +747,12 @@ fn hot_xdp(
         "{path}: XDP did not send the packet back out (verdict {})",
         r.return_value
     );
-    let mut per_second = Vec::new();
-    let start = std::time::Instant::now();
-    while start.elapsed().as_secs_f64() < seconds {
-        let second = std::time::Instant::now();
-        let mut ns = Vec::new();
-        while second.elapsed().as_secs_f64() < 1.0 {
-            ns.push(
-                xdp_run(dp.xdp()?, &frame, ifindex, REPEAT)?
-                    .duration
-                    .as_nanos(),
-            );
-        }
-        let floor = xdp_run(dp.xdp_floor()?, &frame, ifindex, REPEAT)?
+    second_by_second(path, seconds, say, &mut |floor| {
+        let prog = if floor { dp.xdp_floor()? } else { dp.xdp()? };
+        Ok(xdp_run(prog, &frame, ifindex, HOT_REPEAT)?
             .duration
-            .as_nanos();
-        let above = median(ns) - floor as f64;
-        say(format!(
-            "{path}: {above:.1} ns above the empty XDP program ({floor} ns)"
-        ));
-        per_second.push((above * 10.0) as u128);
-    }
-    Ok(median(per_second) / 10.0)
+            .as_nanos())
+    })
 }
 
 /// First packets' single-run medians, both families' in turns (fresh
