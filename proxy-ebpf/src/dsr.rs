@@ -87,7 +87,7 @@ pub trait Carrier: Family {
     /// family.
     fn parsed<R>(ctx: &TcContext, f: impl FnOnce(&IpPacket<Self>, &CtKey<Self>) -> R) -> Option<R>;
     /// The backend a [`Request::First`] names: IPv4's is in the request,
-    /// IPv6's (five words) in scratch space, where [`Family::backend_bits`]
+    /// IPv6's (five words) in scratch space, where [`Family::hand_dsr_backend`]
     /// left it.
     fn backend(bits: u64) -> Option<Backend<Self>>;
     /// Whether `pkt` can be carried: an IPv6 packet with extension headers
@@ -378,7 +378,7 @@ pub enum Request {
     First {
         svc_id: u32,
         backend_id: u32,
-        /// [`Family::backend_bits`].
+        /// [`Family::hand_dsr_backend`].
         backend: u64,
         counted: bool,
     },

@@ -302,9 +302,10 @@ pub trait Family: Address {
     /// Leaves a first packet's frontend in this CPU's scratch space for
     /// `kpx_tc_new6`; the entry tail-calls it on the verdict.
     fn hand_over(svc: &ServiceValue, recovered: bool) -> Verdict;
-    /// A backend for direct server return's request, as one word (IPv6's:
-    /// left in this CPU's scratch space for `dsr::first`, 0 returned).
-    fn backend_bits(b: &Backend<Self>) -> u64;
+    /// Hands a new flow's backend to direct server return's program: IPv4's
+    /// as the request's word; IPv6's (five words) written to this CPU's
+    /// scratch space, 0 returned. `dsr::Carrier::backend` takes it back.
+    fn hand_dsr_backend(b: &Backend<Self>) -> u64;
 }
 
 impl Family for u32 {
@@ -396,7 +397,7 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn backend_bits(b: &Backend<Self>) -> u64 {
+    fn hand_dsr_backend(b: &Backend<Self>) -> u64 {
         b.to_bits()
     }
 
@@ -503,7 +504,7 @@ impl Family for In6 {
     }
 
     #[inline(always)]
-    fn backend_bits(b: &Backend<Self>) -> u64 {
+    fn hand_dsr_backend(b: &Backend<Self>) -> u64 {
         if let Some(s) = maps::scratch6() {
             s.dsr_backend = *b;
         }

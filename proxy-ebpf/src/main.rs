@@ -805,7 +805,7 @@ fn new_flow<P: Packet, A: Family>(
         return Verdict::Dsr(dsr::Request::First {
             svc_id: svc.svc_id,
             backend_id: sel.backend_id,
-            backend: A::backend_bits(&sel.backend),
+            backend: A::hand_dsr_backend(&sel.backend),
             counted: sel.counted,
         });
     }
