@@ -248,6 +248,9 @@ pub mod prog_names {
     pub const TC_EGRESS: &str = "kpx_tc_egress";
     /// An empty classifier: the benchmark's floor, never attached.
     pub const TC_FLOOR: &str = "kpx_tc_floor";
+    /// The established table's lookup alone (the kernel's share of an
+    /// established packet): the benchmark's, never attached.
+    pub const TC_FLOOR_CT: &str = "kpx_tc_floor_ct";
     /// Never attached: the agent runs it (`BPF_PROG_TEST_RUN`) to end the
     /// established flows its collector expires, so that their backends'
     /// active-connection counts drop exactly once, as a FIN's would.

@@ -394,6 +394,32 @@ pub fn kpx_tc_floor(_ctx: TcContext) -> i32 {
     PASS
 }
 
+/// The benchmark's measure of the kernel's own share of an established
+/// packet: the established table's lookup of the frame's tuple and nothing
+/// else, read where it lies (IPv4 without options, IPv6 without extension
+/// headers): `CT_TCP`'s 12-byte key or `CT6_TCP`'s 36-byte one, hashed
+/// whole by the kernel. `cargo xtask bench` runs it on both families'
+/// established frames: their difference is what no IPv6 program keyed by
+/// its tuple can save. `TC_ACT_OK` on a hit, `TC_ACT_UNSPEC` on a miss (the
+/// bench checks that it measures hits). Never attached.
+#[classifier]
+pub fn kpx_tc_floor_ct(ctx: TcContext) -> i32 {
+    use parse::{read_linear, ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
+    use proxy_common::CtTuple;
+    let hit = match read_linear::<_, u16>(&ctx, 12).map(u16::from_be) {
+        Some(ETH_P_IP) => read_linear::<_, CtTuple>(&ctx, ETH_HLEN + 12)
+            .is_some_and(|t| maps::CT_TCP.get_ptr(&t).is_some()),
+        Some(ETH_P_IPV6) => read_linear::<_, CtTuple<In6>>(&ctx, ETH_HLEN + 8)
+            .is_some_and(|t| maps::CT6_TCP.get_ptr(&t).is_some()),
+        _ => false,
+    };
+    if hit {
+        aya_ebpf::bindings::TC_ACT_OK
+    } else {
+        PASS
+    }
+}
+
 /// The benchmark's floor for the XDP program: an XDP program that does
 /// nothing. Never attached.
 #[xdp]

@@ -57,6 +57,12 @@ pub struct PacketCost {
     /// tc egress on a forwarded pod packet, IPv4 and IPv6 (`repeat`).
     #[serde(default)]
     pub egress_forwarded_ns: Option<(f64, f64)>,
+    /// The established table's lookup of the established frame's tuple
+    /// and nothing else (`kpx_tc_floor_ct`), IPv4 (a 12-byte key) and IPv6
+    /// (36 bytes), `repeat`, taken in turn with the figures above: the
+    /// kernel's share of an established packet, which no program can save.
+    #[serde(default)]
+    pub ct_lookup_ns: Option<(f64, f64)>,
     pub established_ns: f64,
     pub reply_ns: f64,
     /// First packet of a flow (service lookup, selection, two conntrack
@@ -272,14 +278,26 @@ pub fn measure(
         ingress(Pkt6::new(CLIENT6, 40000, v6, 9000, ACK).build()),
         ingress(Pkt6::new(BACKEND6, 8080, CLIENT6, 41000, ACK).build()),
         ingress(Pkt6::new(CLIENT6, 40000, &last_vip6, 80, UDP).build()),
-        ingress(est6),
+        ingress(est6.clone()),
         ingress(rep6),
+        // The established table's lookup alone, for each family's
+        // established frame (the kernel's share; see `ct_lookup_ns`).
+        (
+            Prog::FloorCt,
+            Pkt::new(CLIENT, 45000, &last_vip, 80, ACK).build(),
+        ),
+        (Prog::FloorCt, est6),
     ];
+    for (prog, frame) in &frames[frames.len() - 2..] {
+        let hit = run_prog(&mut dp, *prog, frame, 1)?.return_value;
+        anyhow::ensure!(hit == 0, "the lookup-alone program missed its flow ({hit})");
+    }
     let ns = in_turns(&mut dp, &frames, repeat)?;
     let [floor, no_service, no_frontend_port, from_backend, frontend_addr, established, reply, ..] =
         ns;
-    let [.., no_service6, no_frontend_port6, from_backend6, frontend_addr6, established6, reply6] =
+    let [.., no_service6, no_frontend_port6, from_backend6, frontend_addr6, established6, reply6, _, _] =
         ns;
+    let [.., ct_lookup, ct_lookup6] = ns;
     let firsts = first_packets(&mut dp, (&last_vip, &last_vip6), singles, (100, 0x100))?;
     routes()?;
     // Fresh entries: the unrouted phase cached "the stack" in them.
@@ -316,6 +334,7 @@ pub fn measure(
         frontend_addr_ns: frontend_addr,
         from_backend_ns: from_backend,
         egress_forwarded_ns: Some(egress),
+        ct_lookup_ns: Some((ct_lookup, ct_lookup6)),
         established_ns: established,
         reply_ns: reply,
         first_packet_ns: first,
@@ -470,6 +489,8 @@ fn test_run_ctx(
 enum Prog {
     /// The empty program: the floor the figures are above.
     Floor,
+    /// The established table's lookup alone (`kpx_tc_floor_ct`).
+    FloorCt,
     Ingress,
     /// tc egress, on a packet the node forwards (its `ingress_ifindex`
     /// set).
@@ -499,19 +520,30 @@ fn in_turns<const N: usize>(
 ) -> anyhow::Result<[f64; N]> {
     const BATCHES: u32 = 25;
     let each = (repeat / BATCHES).max(1);
-    let forwarded = forwarded_ctx();
     let mut ns: [Vec<u128>; N] = std::array::from_fn(|_| Vec::with_capacity(BATCHES as usize));
     for _ in 0..BATCHES {
         for ((prog, frame), ns) in frames.iter().zip(ns.iter_mut()) {
-            let (prog, ctx) = match prog {
-                Prog::Floor => (dp.floor()?, None),
-                Prog::Ingress => (dp.ingress()?, None),
-                Prog::EgressForwarded => (dp.egress()?, Some(&forwarded[..])),
-            };
-            ns.push(test_run_ctx(prog, frame, ctx, each)?.duration.as_nanos());
+            ns.push(run_prog(dp, *prog, frame, each)?.duration.as_nanos());
         }
     }
     Ok(ns.map(median))
+}
+
+/// `frame` through `prog`, `repeat` times.
+fn run_prog(
+    dp: &mut Datapath,
+    prog: Prog,
+    frame: &[u8],
+    repeat: u32,
+) -> anyhow::Result<aya::programs::TestRunResult> {
+    let forwarded = forwarded_ctx();
+    let (prog, ctx) = match prog {
+        Prog::Floor => (dp.floor()?, None),
+        Prog::FloorCt => (dp.floor_ct()?, None),
+        Prog::Ingress => (dp.ingress()?, None),
+        Prog::EgressForwarded => (dp.egress()?, Some(&forwarded[..])),
+    };
+    test_run_ctx(prog, frame, ctx, repeat)
 }
 
 /// tc egress on a pod's packet the node forwards (received on an

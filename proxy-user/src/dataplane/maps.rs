@@ -1280,10 +1280,21 @@ impl Datapath {
     /// An empty classifier (loaded on first use): the floor the benchmark
     /// measures `BPF_PROG_TEST_RUN` itself with.
     pub fn floor(&mut self) -> Result<&mut SchedClassifier> {
-        let prog = program(&mut self.ebpf, prog_names::TC_FLOOR)?;
+        self.bench_program(prog_names::TC_FLOOR)
+    }
+
+    /// The established table's lookup alone (loaded on first use): the
+    /// kernel's share of an established packet, for the benchmark.
+    pub fn floor_ct(&mut self) -> Result<&mut SchedClassifier> {
+        self.bench_program(prog_names::TC_FLOOR_CT)
+    }
+
+    /// One of the benchmark's classifiers, loaded on first use.
+    fn bench_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        let prog = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load()
-                .with_context(|| format!("the kernel rejected {}", prog_names::TC_FLOOR))?;
+                .with_context(|| format!("the kernel rejected {name}"))?;
         }
         Ok(prog)
     }
