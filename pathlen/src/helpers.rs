@@ -115,6 +115,10 @@ pub fn call(vm: &mut Vm, id: u32, r: &mut [u64; 11]) -> Result<&'static str> {
             ("tail_call", 0)
         }
         69 => ("fib_lookup", fib_lookup(vm, a2, a3, a4)?),
+        54 => {
+            let ok = vm.mem.adjust_meta(a2 as i32);
+            ("xdp_adjust_meta", if ok { 0 } else { EINVAL as u64 })
+        }
         _ => bail!("helper {id} is not emulated"),
     };
     r[0] = ret;

@@ -1,6 +1,6 @@
 //! pathlen: how long is a packet's path through an eBPF program?
 //!
-//! Runs the tc programs of an eBPF object (as aya links it: maps relocated,
+//! Runs the tc and XDP programs of an eBPF object (as aya links it: maps relocated,
 //! bpf-to-bpf calls appended) in a small userspace interpreter and counts
 //! what one packet costs: BPF instructions executed and helper calls, by
 //! helper. Unlike a time from `BPF_PROG_TEST_RUN`, the count is exact and
@@ -14,7 +14,8 @@
 //! the program's path, not of the JIT's output. Helpers are emulated as far
 //! as a path needs them: maps (hash, LRU, array, per-CPU array on one CPU,
 //! LPM trie), the skb load/store/checksum helpers with the kernel's
-//! arithmetic, `fib_lookup` answering as [`Fib`] says, redirects, tail
+//! arithmetic, XDP's metadata (`bpf_xdp_adjust_meta`; an XDP run's context
+//! is an `xdp_md`, [`Vm::run_xdp`]), `fib_lookup` answering as [`Fib`] says, redirects, tail
 //! calls ([`Vm::set_tail`]), clocks and a seeded random source. An instruction or helper it does not know is an
 //! error naming it, never a guess.
 
@@ -221,12 +222,23 @@ impl Vm {
 
     /// Runs program `prog` once on the Ethernet frame `packet`.
     pub fn run(&mut self, prog: &str, packet: &[u8], skb: Skb) -> Result<Run> {
+        self.mem.start_run(packet, skb);
+        self.execute(prog)
+    }
+
+    /// Runs the XDP program `prog` on `frame`, received on
+    /// `ingress_ifindex`; the verdict is its XDP action.
+    pub fn run_xdp(&mut self, prog: &str, frame: &[u8], ingress_ifindex: u32) -> Result<Run> {
+        self.mem.start_xdp(frame, ingress_ifindex);
+        self.execute(prog)
+    }
+
+    fn execute(&mut self, prog: &str) -> Result<Run> {
         let code = self
             .programs
             .get(prog)
             .with_context(|| format!("no program named {prog}"))?
             .clone();
-        self.mem.start_run(packet, skb);
         let mut counts = interp::Counts::default();
         let ret =
             interp::execute(self, &code, &mut counts).with_context(|| format!("running {prog}"))?;

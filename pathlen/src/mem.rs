@@ -2,9 +2,11 @@
 //! so a pointer keeps its region through any arithmetic the program does and
 //! every access is bounds-checked against the region it points into.
 //!
-//! Region 0 is the `__sk_buff` context (its fields computed from the packet),
-//! 1 the packet, 2.. one 512-byte stack per call frame, and from
-//! [`FIRST_VALUE`] on, map values, which live as long as the VM.
+//! Region 0 is the context (`__sk_buff`, or `xdp_md` for an XDP run; its
+//! fields computed from the packet), 1 the packet (an XDP frame behind
+//! [`XDP_HEADROOM`] bytes, room for its metadata), 2.. one 512-byte stack
+//! per call frame, and from [`FIRST_VALUE`] on, map values, which live as
+//! long as the VM.
 
 use anyhow::{bail, Result};
 
@@ -13,10 +15,23 @@ use crate::Skb;
 const CTX: usize = 0;
 const PACKET: usize = 1;
 const FIRST_STACK: usize = 2;
+/// Bytes in front of an XDP frame: more than metadata may take (32).
+const XDP_HEADROOM: usize = 64;
+/// The most metadata a frame may carry (`xdp_metalen_invalid`).
+const XDP_META_MAX: usize = 32;
 /// bpf-to-bpf call depth the kernel allows (8 frames).
 pub const MAX_FRAMES: usize = 8;
 pub const STACK_SIZE: usize = 512;
 const FIRST_VALUE: usize = FIRST_STACK + MAX_FRAMES;
+
+/// `struct xdp_md` field offsets.
+mod xdp {
+    pub const DATA: usize = 0;
+    pub const DATA_END: usize = 4;
+    pub const DATA_META: usize = 8;
+    pub const INGRESS_IFINDEX: usize = 12;
+    pub const SIZE: usize = 24;
+}
 
 /// `struct __sk_buff` field offsets the programs use.
 mod skb {
@@ -54,6 +69,10 @@ pub struct Memory {
     ifindex: u32,
     ingress_ifindex: u32,
     linear: Option<usize>,
+    /// An XDP run: the context is an `xdp_md`, the frame at
+    /// [`XDP_HEADROOM`] with `meta` bytes of metadata before it.
+    xdp: bool,
+    meta: usize,
 }
 
 impl Memory {
@@ -71,6 +90,39 @@ impl Memory {
         self.ifindex = skb.ifindex;
         self.ingress_ifindex = skb.ingress_ifindex;
         self.linear = skb.linear;
+        self.xdp = false;
+        self.meta = 0;
+    }
+
+    /// An XDP run on `frame`, received on `ingress_ifindex`.
+    pub fn start_xdp(&mut self, frame: &[u8], ingress_ifindex: u32) {
+        self.start_run(&[], Skb::default());
+        self.regions[CTX] = vec![0u8; xdp::SIZE];
+        let mut packet = vec![0u8; XDP_HEADROOM];
+        packet.extend_from_slice(frame);
+        self.regions[PACKET] = packet;
+        self.ingress_ifindex = ingress_ifindex;
+        self.xdp = true;
+    }
+
+    /// `bpf_xdp_adjust_meta`: metadata grows by `-delta` bytes (at most
+    /// 32, a multiple of 4, as the kernel allows).
+    pub fn adjust_meta(&mut self, delta: i32) -> bool {
+        let meta = self.meta as i64 - delta as i64;
+        if !self.xdp || !(0..=XDP_META_MAX as i64).contains(&meta) || meta % 4 != 0 {
+            return false;
+        }
+        self.meta = meta as usize;
+        true
+    }
+
+    /// Where the frame starts in the packet region.
+    fn head(&self) -> usize {
+        if self.xdp {
+            XDP_HEADROOM
+        } else {
+            0
+        }
     }
 
     pub fn ctx() -> u64 {
@@ -82,17 +134,34 @@ impl Memory {
         addr(FIRST_STACK + depth, STACK_SIZE)
     }
 
+    /// The packet (an XDP run's frame, without its headroom).
     pub fn packet(&self) -> &[u8] {
-        &self.regions[PACKET]
+        &self.regions[PACKET][self.head()..]
     }
 
+    /// The skb's packet, for the skb helpers (tc programs only).
     pub fn packet_mut(&mut self) -> &mut Vec<u8> {
         &mut self.regions[PACKET]
     }
 
     pub fn mark(&self) -> u32 {
+        if self.xdp {
+            return 0;
+        }
         let c = &self.regions[CTX];
         u32::from_ne_bytes([c[8], c[9], c[10], c[11]])
+    }
+
+    fn xdp_ctx_load(&self, off: usize, size: usize) -> Result<u64> {
+        let head = self.head();
+        match (off, size) {
+            (xdp::DATA, 4) => Ok(addr(PACKET, head)),
+            (xdp::DATA_END, 4) => Ok(addr(PACKET, self.regions[PACKET].len())),
+            (xdp::DATA_META, 4) => Ok(addr(PACKET, head - self.meta)),
+            (xdp::INGRESS_IFINDEX, 4) => Ok(self.ingress_ifindex as u64),
+            (16 | 20, 4) => Ok(0),
+            _ => bail!("xdp_md read of {size} bytes at offset {off}"),
+        }
     }
 
     /// A new map value region holding `bytes`.
@@ -117,6 +186,9 @@ impl Memory {
     }
 
     fn ctx_load(&self, off: usize, size: usize) -> Result<u64> {
+        if self.xdp {
+            return self.xdp_ctx_load(off, size);
+        }
         let packet_len = self.regions[PACKET].len();
         let word = |v: u32| Ok(v as u64);
         match (off, size) {
@@ -155,7 +227,7 @@ impl Memory {
 
     pub fn store(&mut self, addr: u64, size: usize, value: u64) -> Result<()> {
         let (r, off) = split(addr)?;
-        if r == CTX && !(skb::writable(off) && skb::writable(off + size - 1)) {
+        if r == CTX && (self.xdp || !(skb::writable(off) && skb::writable(off + size - 1))) {
             bail!("context write of {size} bytes at offset {off}");
         }
         let bytes = value.to_le_bytes();

@@ -93,6 +93,18 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     // (to a frontend's port, as a flow of the node's to a service would be)
     ("egress: the node's own, no service", 200, 4), // 190, 4 (172, 4)
     ("egress: already translated", 10, 0),          // 8, 0 (8, 0)
+    // XDP (the external interface's program), the packet arriving on the
+    // interface its next hop is out of, so sent back out (`XDP_TX`): the
+    // same path as tc ingress's, its rewrite plain stores and the
+    // checksums computed in the program (no helper calls: the figures
+    // beside tc's count instructions a helper would have run). Budgets
+    // since the interpreter ran XDP programs (first counts in comments).
+    ("XDP: no service", 180, 3),                      // 170, 3
+    ("XDP: established, next hop looked up", 715, 9), // 682, 9
+    ("XDP: established", 620, 7),                     // 592, 7
+    ("XDP: reply", 650, 8),                           // 619, 8
+    ("XDP: established, handed to tc", 620, 8),       // 589, 8
+    ("XDP: first packet", 1035, 19),                  // 988, 19
     // IPv6 (issue 20): the path is IPv4's instantiated for IPv6, the
     // packet and its tuple in per-CPU scratch space (an array read each
     // time, inlined by the verifier in the kernel, a helper call here);
@@ -142,6 +154,13 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     // is passed before the tail call (its next header byte read).
     ("IPv6: egress: a pod's packet", 35, 0), // 32, 0 (32, 0)
     ("IPv6: egress: the node's own, no service", 350, 6), // 292, 6 (335, 6)
+    // XDP's IPv6: sorted and looked up as at tc ingress's entry; a first
+    // packet tail-called twice (its frontend, its setup), as tc's.
+    ("IPv6: XDP: no service", 150, 3), // 140, 3
+    ("IPv6: XDP: established, next hop looked up", 1020, 11), // 973, 11
+    ("IPv6: XDP: established", 910, 9), // 866, 9
+    ("IPv6: XDP: reply", 955, 10),     // 909, 10
+    ("IPv6: XDP: first packet", 1545, 28), // 1473, 28
 ];
 
 #[test]
@@ -261,6 +280,48 @@ fn translated_ipv6_paths_leave_valid_packets() {
         assert_eq!(&r.packet[12..14], &[0x86, 0xdd], "{name}: ethertype");
     }
     assert_eq!(checked, 8, "IPv6's translated paths");
+}
+
+/// XDP's counts are of real translations too: each family's packets sent
+/// back out (`XDP_TX`) are valid frames (checksums checked), to a backend
+/// or from the VIP, with the next hop's MAC and a TTL (hop limit) one
+/// lower.
+#[test]
+fn xdp_paths_leave_valid_packets() {
+    let mut checked = 0;
+    for (name, r) in paths::run_all().expect("running the paths") {
+        if !name.contains("XDP: ") || r.verdict as u32 != paths::XDP_TX {
+            continue;
+        }
+        checked += 1;
+        let reply = name.ends_with("reply");
+        let (src, dst, ttl) = if name.starts_with("IPv6: ") {
+            let seen = support::v6::inspect6(&r.packet);
+            (
+                seen.src.to_string(),
+                seen.dst.segments()[..4] == [0x2001, 2, 0, 20],
+                seen.hop_limit,
+            )
+        } else {
+            let seen = inspect(&r.packet);
+            (
+                seen.src.to_string(),
+                seen.dst.octets()[..2] == [198, 18],
+                r.packet[14 + 8],
+            )
+        };
+        if reply {
+            assert!(
+                src == "198.19.0.10" || src == "2001:2:0:ff::10",
+                "{name}: reply not from the VIP ({src})"
+            );
+        } else {
+            assert!(dst, "{name}: not sent to a backend");
+        }
+        assert_eq!(r.packet[..6], paths::NEXT_HOP_MAC, "{name}: next hop MAC");
+        assert_eq!(ttl, 63, "{name}: TTL");
+    }
+    assert_eq!(checked, 8, "XDP's translated paths");
 }
 
 /// The same packets, the same counts: what makes a budget meaningful.

@@ -14,6 +14,7 @@ use proxy_common::{
     Slot, SlotKey, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR,
     NODE_F_LOCAL, NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6,
     PROG_NEW6_NODE, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
+    XDP_PROG_NEW6, XDP_PROG_SERVICE6,
 };
 
 use super::{
@@ -53,6 +54,9 @@ const OTHER_NODE6: &str = "2001:2::7";
 pub struct Path {
     pub name: &'static str,
     pub egress: bool,
+    /// Through the XDP program (received on `ingress_ifindex`), not tc
+    /// ingress.
+    pub xdp: bool,
     /// Sent a conntrack refresh interval after the path before: its flow's
     /// entry is refreshed, and the FIB asked again (its answer may have
     /// changed, as here from no route to a next hop).
@@ -68,8 +72,12 @@ pub struct Path {
 /// The next hop's MAC address the FIB answers with.
 pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
 
+/// The interface the FIB's next hop is out of, and XDP's paths' packets
+/// come in on.
+const EXTERNAL_IF: u32 = 2;
+
 const FORWARD: Fib = Fib::Forward {
-    ifindex: 2,
+    ifindex: EXTERNAL_IF,
     src: [198, 18, 0, 1],
     src6: [0x20, 0x01, 0, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01],
     smac: [0x02, 0, 0, 0, 0, 0x10],
@@ -193,6 +201,12 @@ pub fn vm() -> Result<Vm> {
         (PROG_NEW6_NODE, prog_names::TC_NEW6_NODE),
     ] {
         vm.set_tail(map_names::PROGS, index, prog)?;
+    }
+    for (index, prog) in [
+        (XDP_PROG_SERVICE6, prog_names::XDP_SERVICE6),
+        (XDP_PROG_NEW6, prog_names::XDP_NEW6),
+    ] {
+        vm.set_tail(map_names::XDP_PROGS, index, prog)?;
     }
     Ok(vm)
 }
@@ -356,6 +370,7 @@ fn path(name: &'static str, frame: Vec<u8>, fib: Fib, verdict: u32) -> Path {
     Path {
         name,
         egress: false,
+        xdp: false,
         later: false,
         fib,
         mark: 0,
@@ -367,6 +382,20 @@ fn path(name: &'static str, frame: Vec<u8>, fib: Fib, verdict: u32) -> Path {
 
 /// The interface the egress paths' forwarded packets came in on.
 const POD_IF: u32 = 3;
+
+/// XDP's verdicts.
+const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// A path through the XDP program, the packet received on the FIB's
+/// interface.
+fn xdp_path(name: &'static str, frame: Vec<u8>, verdict: u32) -> Path {
+    Path {
+        xdp: true,
+        ingress_ifindex: EXTERNAL_IF,
+        ..path(name, frame, FORWARD, verdict)
+    }
+}
 
 /// Every path, in the order the table prints them. The established and
 /// reply paths use the flow the "first packet" path opens, so run them in
@@ -593,6 +622,40 @@ pub fn paths(backend: Ipv4Addr) -> Vec<Path> {
                 TC_ACT_UNSPEC,
             )
         },
+        // XDP on the interface the flow's next hop is out of (a NodePort's
+        // backend or client on another node), the flow's entries as tc
+        // left them: translated and sent back out.
+        xdp_path(
+            "XDP: no service",
+            tcp(CLIENT, 40000, "198.18.3.3", 80, ACK),
+            XDP_PASS,
+        ),
+        // (The flow's original direction was last refreshed a second
+        // before the reply's "next hop looked up": its next hop asked
+        // again, then cached.)
+        xdp_path(
+            "XDP: established, next hop looked up",
+            tcp(CLIENT, 45000, VIP, 80, ACK),
+            XDP_TX,
+        ),
+        xdp_path("XDP: established", tcp(CLIENT, 45000, VIP, 80, ACK), XDP_TX),
+        xdp_path("XDP: reply", tcp(&b, 8080, CLIENT, 45000, ACK), XDP_TX),
+        // Received on another interface than its next hop's: translated,
+        // marked so in the frame's metadata and handed up, for tc to
+        // forward.
+        Path {
+            ingress_ifindex: POD_IF,
+            ..xdp_path(
+                "XDP: established, handed to tc",
+                tcp(CLIENT, 45000, VIP, 80, ACK),
+                XDP_PASS,
+            )
+        },
+        xdp_path(
+            "XDP: first packet",
+            tcp(CLIENT, 45020, VIP, 80, SYN),
+            XDP_TX,
+        ),
     ]
 }
 
@@ -769,6 +832,31 @@ pub fn paths6(backend: Ipv6Addr) -> Vec<Path> {
                 TC_ACT_UNSPEC,
             )
         },
+        xdp_path(
+            "IPv6: XDP: no service",
+            tcp6(CLIENT6, 40000, "2001:2:0:33::3", 80, ACK),
+            XDP_PASS,
+        ),
+        xdp_path(
+            "IPv6: XDP: established, next hop looked up",
+            tcp6(CLIENT6, 45000, VIP6, 80, ACK),
+            XDP_TX,
+        ),
+        xdp_path(
+            "IPv6: XDP: established",
+            tcp6(CLIENT6, 45000, VIP6, 80, ACK),
+            XDP_TX,
+        ),
+        xdp_path(
+            "IPv6: XDP: reply",
+            tcp6(&b, 8080, CLIENT6, 45000, ACK),
+            XDP_TX,
+        ),
+        xdp_path(
+            "IPv6: XDP: first packet",
+            tcp6(CLIENT6, 45020, VIP6, 80, SYN),
+            XDP_TX,
+        ),
     ]
 }
 
@@ -788,7 +876,11 @@ pub fn run(vm: &mut Vm, p: &Path) -> Result<Run> {
         ingress_ifindex: p.ingress_ifindex,
         ..Skb::default()
     };
-    let r = vm.run(prog, &p.frame, skb)?;
+    let r = if p.xdp {
+        vm.run_xdp(prog_names::XDP, &p.frame, p.ingress_ifindex)?
+    } else {
+        vm.run(prog, &p.frame, skb)?
+    };
     ensure!(
         r.verdict as u32 == p.verdict,
         "path {:?} ended in verdict {}, not {} (helpers {:?})",
