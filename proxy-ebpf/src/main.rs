@@ -180,7 +180,7 @@ fn entry6<P: Packet>(ctx: &P) -> Result<Verdict, Rest> {
             };
             // Plain, so a packet (`sort6` checked what parsing checks but
             // the transport header's own length).
-            if parse::parse_ipv6(ctx, &mut s.pkt) != Kind::Packet {
+            if parse::parse_plain6(ctx, &mut s.pkt) != Kind::Packet {
                 return Err(Rest::Path);
             }
             s.pkt.tuple_into(&mut s.key);

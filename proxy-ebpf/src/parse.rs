@@ -392,25 +392,44 @@ fn transport<B: Bytes, A: Copy>(
 /// packet is not for.
 #[inline(always)]
 pub fn parse_ipv6<P: Packet>(ctx: &P, out: &mut IpPacket<In6>) -> Kind {
-    match parse6_from(&Direct(ctx), ctx.len() as usize, out) {
-        Err(Short::NonLinear) => {
-            parse6_from(&Copied(ctx), ctx.len() as usize, out).unwrap_or(Kind::NotHandled)
-        }
+    parse6::<P, false>(ctx, out)
+}
+
+/// [`parse_ipv6`] for a packet tc ingress's (and XDP's) entry sorted as
+/// plain ([`crate::family::sort6`] checked its version, that TCP or UDP
+/// follows the fixed header and that its payload lies inside the packet):
+/// no Ethernet type to check again, no extension header to look for.
+#[inline(always)]
+pub fn parse_plain6<P: Packet>(ctx: &P, out: &mut IpPacket<In6>) -> Kind {
+    parse6::<P, true>(ctx, out)
+}
+
+#[inline(always)]
+fn parse6<P: Packet, const PLAIN: bool>(ctx: &P, out: &mut IpPacket<In6>) -> Kind {
+    match parse6_from::<_, PLAIN>(&Direct(ctx), ctx.len() as usize, out) {
+        Err(Short::NonLinear) => parse6_from::<_, PLAIN>(&Copied(ctx), ctx.len() as usize, out)
+            .unwrap_or(Kind::NotHandled),
         Ok(k) => k,
         Err(Short::End) => Kind::NotHandled,
     }
 }
 
 #[inline(always)]
-fn parse6_from<B: Bytes>(b: &B, len: usize, out: &mut IpPacket<In6>) -> Result<Kind, Short> {
-    out.dst = [0; 4];
-    let eth_proto = match b.get::<u16>(12) {
-        Ok(p) => p,
-        Err(Short::End) => return Ok(Kind::NotHandled),
-        Err(e) => return Err(e),
-    };
-    if u16::from_be(eth_proto) != ETH_P_IPV6 {
-        return Ok(Kind::NotHandled);
+fn parse6_from<B: Bytes, const PLAIN: bool>(
+    b: &B,
+    len: usize,
+    out: &mut IpPacket<In6>,
+) -> Result<Kind, Short> {
+    if !PLAIN {
+        out.dst = [0; 4];
+        let eth_proto = match b.get::<u16>(12) {
+            Ok(p) => p,
+            Err(Short::End) => return Ok(Kind::NotHandled),
+            Err(e) => return Err(e),
+        };
+        if u16::from_be(eth_proto) != ETH_P_IPV6 {
+            return Ok(Kind::NotHandled);
+        }
     }
     let l3_off = ETH_HLEN;
     let h = match b.get::<Ipv6Hdr>(l3_off) {
@@ -421,8 +440,9 @@ fn parse6_from<B: Bytes>(b: &B, len: usize, out: &mut IpPacket<In6>) -> Result<K
     out.dst = h.daddr;
     let end = l3_off + ip6::HLEN + u16::from_be(h.payload_len) as usize;
     // (A jumbogram's payload length is 0: its TCP or UDP header is then
-    // short, malformed here.)
-    if u32::from_be(h.vtc_flow) >> 28 != 6 || end > len {
+    // short, malformed here.) The end is checked again for a plain one:
+    // the bound the transport header's length is taken from.
+    if (!PLAIN && u32::from_be(h.vtc_flow) >> 28 != 6) || end > len {
         return Ok(Kind::Malformed);
     }
     out.src = h.saddr;
@@ -437,43 +457,46 @@ fn parse6_from<B: Bytes>(b: &B, len: usize, out: &mut IpPacket<In6>) -> Result<K
     out.tcp_flags = 0;
     let mut next = h.next_hdr;
     let mut off = l3_off + ip6::HLEN;
-    for _ in 0..ip6::MAX_EXT {
-        match next {
-            ip6::HOP_BY_HOP | ip6::ROUTING | ip6::DEST_OPTS | ip6::FRAGMENT => {}
-            _ => break,
-        }
-        // Next header, length, then 6 bytes: a routing header's type and
-        // segments left; a fragment header's offset and flags.
-        let ext = match b.get::<[u8; 8]>(off) {
-            Ok(e) => e,
-            Err(Short::End) => return Ok(Kind::Malformed),
-            Err(e) => return Err(e),
-        };
-        let ext_len = if next == ip6::FRAGMENT {
-            let frag = u16::from_be_bytes([ext[2], ext[3]]);
-            // Offset (13 bits) or M: a real fragment.
-            if frag & 0xfff9 != 0 {
-                return Ok(Kind::Fragment);
+    // (A plain packet has no extension header to skip.)
+    if !PLAIN {
+        for _ in 0..ip6::MAX_EXT {
+            match next {
+                ip6::HOP_BY_HOP | ip6::ROUTING | ip6::DEST_OPTS | ip6::FRAGMENT => {}
+                _ => break,
             }
-            8
-        } else {
-            if next == ip6::ROUTING && ext[3] != 0 {
+            // Next header, length, then 6 bytes: a routing header's type and
+            // segments left; a fragment header's offset and flags.
+            let ext = match b.get::<[u8; 8]>(off) {
+                Ok(e) => e,
+                Err(Short::End) => return Ok(Kind::Malformed),
+                Err(e) => return Err(e),
+            };
+            let ext_len = if next == ip6::FRAGMENT {
+                let frag = u16::from_be_bytes([ext[2], ext[3]]);
+                // Offset (13 bits) or M: a real fragment.
+                if frag & 0xfff9 != 0 {
+                    return Ok(Kind::Fragment);
+                }
+                8
+            } else {
+                if next == ip6::ROUTING && ext[3] != 0 {
+                    return Ok(Kind::Malformed);
+                }
+                (ext[1] as usize + 1) * 8
+            };
+            next = ext[0];
+            off += ext_len;
+            if off > end {
                 return Ok(Kind::Malformed);
             }
-            (ext[1] as usize + 1) * 8
-        };
-        next = ext[0];
-        off += ext_len;
-        if off > end {
+        }
+        if matches!(
+            next,
+            ip6::HOP_BY_HOP | ip6::ROUTING | ip6::DEST_OPTS | ip6::FRAGMENT
+        ) {
+            // A chain longer than kpx follows.
             return Ok(Kind::Malformed);
         }
-    }
-    if matches!(
-        next,
-        ip6::HOP_BY_HOP | ip6::ROUTING | ip6::DEST_OPTS | ip6::FRAGMENT
-    ) {
-        // A chain longer than kpx follows.
-        return Ok(Kind::Malformed);
     }
     out.proto = next;
     out.l4_off = off;
