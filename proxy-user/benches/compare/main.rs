@@ -42,6 +42,7 @@ mod load;
 mod modes;
 mod northsouth;
 mod packet;
+mod progtime;
 mod report;
 
 use std::{path::Path, time::Instant};
@@ -375,6 +376,7 @@ fn no_proxy(n: u32, o: &Options, p: &Progress) -> Result<Row> {
         bulk: load::measure(c, pod, Kind::Bulk, o.runs, o.seconds)?,
         baseline: None,
         in_turn: None,
+        programs: Vec::new(),
     };
     p.say(format!(
         "N={n}: no proxy: {:.0} conn/s, {:.0} round trips/s, {:.1} Gbit/s",
@@ -447,6 +449,17 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
     let rr = load::measure(c, bed.last_vip(), Kind::Rr, o.runs, o.seconds)?;
     let bulk = load::measure(c, bed.last_vip(), Kind::Bulk, o.runs, o.seconds)?;
     let in_turn = measure_in_turn(&bed, o, &say)?;
+    let programs = if mode.is_kpx() {
+        say("kpx's programs timed in place (the kernel's statistics): new connections to the last service".into());
+        let last = bed.last_vip();
+        progtime::during(|| Ok(load::measure(c, last, Kind::Crr, 1, o.seconds)?.rate * o.seconds))
+            .unwrap_or_else(|e| {
+                say(format!("kpx's programs not timed: {e:#}"));
+                Vec::new()
+            })
+    } else {
+        Vec::new()
+    };
     say(format!(
         "{:.0} / {:.0} conn/s (first / last; no proxy {:.0}), {:.0} to a pod IP, {:.0} round trips/s, {:.1} Gbit/s",
         crr_first.rate, crr_last.rate, baseline.crr.rate, crr_pod.rate, rr.rate, bulk.rate
@@ -474,6 +487,7 @@ fn one_mode(n: u32, mode: Mode, kpx: &Path, o: &Options, p: &Progress) -> Result
             bulk,
             baseline: Some(baseline),
             in_turn: Some(in_turn),
+            programs,
         }),
         memory,
     })

@@ -48,6 +48,10 @@ pub struct Traffic {
     /// with the mode loaded ([`crate::load::crr_in_turn`]).
     #[serde(default)]
     pub in_turn: Option<InTurnRow>,
+    /// kpx's programs timed in place during new connections to the last
+    /// service (kpx's modes; [`crate::progtime`]).
+    #[serde(default)]
+    pub programs: Vec<crate::progtime::ProgramTime>,
 }
 
 /// [`Traffic::in_turn`]: its figures are the medians of its rounds'.
@@ -925,6 +929,39 @@ impl Report {
             &|_| "–".into(),
         );
         table(&mut out, &header, &rows);
+
+        if self
+            .rows
+            .iter()
+            .any(|r| r.traffic.as_ref().is_some_and(|t| !t.programs.is_empty()))
+        {
+            out.push_str("**kpx's programs in place**: new connections to the last service (TCP_CRR, one run) with the kernel's BPF statistics on (`BPF_ENABLE_STATS`, for that run only): each program that ran, its mean time per run and its runs per connection, and their product summed: kpx's CPU time per connection. Where `BPF_PROG_TEST_RUN` cannot look (the socket programs) or only looks at one packet (the tc programs, here on every hop of a real connection, caches as they are). The kernel's two clock reads around each run are inside each figure (20-30 ns)\n\n");
+            let rows = per_size(
+                &|n, m| match self.traffic(n, m).filter(|t| !t.programs.is_empty()) {
+                    Some(t) => {
+                        let total: f64 = t
+                            .programs
+                            .iter()
+                            .map(|p| p.ns_per_run * p.runs_per_transaction)
+                            .sum();
+                        let each: Vec<String> = t
+                            .programs
+                            .iter()
+                            .map(|p| {
+                                format!(
+                                    "{} {:.0} ns × {:.1}",
+                                    p.name, p.ns_per_run, p.runs_per_transaction
+                                )
+                            })
+                            .collect();
+                        format!("{}; {:.2} µs a connection", each.join(", "), total / 1e3)
+                    }
+                    None => "–".into(),
+                },
+                &|_| "–".into(),
+            );
+            table(&mut out, &header, &rows);
+        }
 
         out.push_str("**Traffic that is not for a service** with the mode loaded: new connections per second to a pod IP\n\n");
         let rows = per_size(
