@@ -271,9 +271,11 @@ fn least_connections_takes_the_less_busy_of_two_backends<F: Fam>() {
             .or_insert(0) += 1;
     }
     // The busiest loses every comparison; the idle one wins each it is in
-    // (two pairs of three).
+    // (two pairs of three: 40 of 60 expected, binomial, σ 3.7; at least
+    // 25 is four σ below, a chance of 1 in 100,000 to fail for nothing:
+    // 30, three σ, failed a full run once).
     assert_eq!(seen.get(b1), None, "{seen:?}");
-    assert!(seen.get(b2).copied().unwrap_or(0) >= 30, "{seen:?}");
+    assert!(seen.get(b2).copied().unwrap_or(0) >= 25, "{seen:?}");
 
     // Two backends: always the less busy one.
     let vip2 = F::vip(20);
