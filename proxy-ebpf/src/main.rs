@@ -408,9 +408,9 @@ pub fn kpx_tc_floor_ct(ctx: TcContext) -> i32 {
     use proxy_common::CtTuple;
     let hit = match read_linear::<_, u16>(&ctx, 12).map(u16::from_be) {
         Some(ETH_P_IP) => read_linear::<_, CtTuple>(&ctx, ETH_HLEN + 12)
-            .is_some_and(|t| maps::CT_TCP.get_ptr(&t).is_some()),
+            .is_some_and(|t| maps::CT_TCP.get_ptr(t).is_some()),
         Some(ETH_P_IPV6) => read_linear::<_, CtTuple<In6>>(&ctx, ETH_HLEN + 8)
-            .is_some_and(|t| maps::CT6_TCP.get_ptr(&t).is_some()),
+            .is_some_and(|t| maps::CT6_TCP.get_ptr(t).is_some()),
         _ => false,
     };
     if hit {
