@@ -6,7 +6,9 @@
 //! programs (no test run for cgroup hooks) and the tc programs on the
 //! real path, caches and all. The kernel's timing of each run (two clock
 //! reads) is inside the figures: about 20-30 ns a run on this machine kind,
-//! as the empty paths show.
+//! as the empty paths show. Programs are told by name: the bench's own
+//! agent is the only kpx running while it measures (a kpx loaded by
+//! something else at the same time would be counted with it).
 
 use std::collections::BTreeMap;
 
