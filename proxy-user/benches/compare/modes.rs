@@ -417,14 +417,26 @@ impl<'a> Proxy<'a> {
         // Looked at every millisecond, not in a busy loop: on a machine of
         // two cores a spinning observer would take one from the agent it
         // times (a start of seconds, so 1 ms of resolution is plenty).
+        // An agent that exits (the kernel refused a program, say) ends the
+        // wait at once rather than after its ten minutes.
+        let mut exited = false;
         spin(Duration::from_secs(600), || {
             let ready = selects(&maps, 0, None) && selects(&maps, n - 1, None);
             if !ready {
+                exited = !bed.cluster.agent.as_mut().is_some_and(|a| a.running());
                 std::thread::sleep(Duration::from_millis(1));
             }
-            ready
+            ready || exited
         })
-        .ok_or_else(|| anyhow!("no initial sync:\n{}", bed.cluster.agent_log()))?;
+        .filter(|_| !exited)
+        .ok_or_else(|| {
+            let how = if exited {
+                "the agent exited"
+            } else {
+                "no initial sync"
+            };
+            anyhow!("{how} before its first sync:\n{}", bed.cluster.agent_log())
+        })?;
         let ready = started.elapsed();
         let sync = wait_sync_line(&bed.cluster, 0)?;
         if let Some(cgroup) = cgroup {
