@@ -22,7 +22,7 @@ use crate::{
     maps,
     nat::{self, RewriteFailed},
     packet::Packet,
-    parse::IpPacket,
+    parse::{IpPacket, Ipv4Packet},
     service::Config,
     verdict::{self, Verdict},
 };
@@ -204,6 +204,81 @@ pub fn sort6<P: Packet>(ctx: &P) -> Entry6 {
         Entry6::Plain
     } else {
         Entry6::Untracked
+    }
+}
+
+/// What tc ingress's and XDP's entries do with an IPv4 packet ([`sort4`]).
+pub enum Entry4 {
+    /// Plain TCP or UDP that no service or tracked flow can concern:
+    /// passed at once.
+    Untracked,
+    /// Plain TCP or UDP that may be a flow's or a service's: parsed from
+    /// the headers the sort read, with what the filters said of its
+    /// destination; it goes on to its flow or frontend (the filters not
+    /// asked again).
+    Plain(Ipv4Packet, crate::service::Ports),
+    /// IPv6 (at least as long as the IPv4 headers read): its own entry.
+    Ipv6,
+    /// Anything else (ICMP, options, fragments, bad lengths, Geneve,
+    /// headers beyond the linear data): the whole path.
+    Other,
+}
+
+/// Sorts an IPv4 packet at tc ingress's entry (and at XDP's), as [`sort6`]
+/// sorts IPv6's. Plain TCP or UDP (no options, not a fragment, the lengths
+/// consistent) to no frontend (its port, or on such a port its address)
+/// and from no backend's port (or from one, with a tuple the reply filter
+/// has not) is [`Entry4::Untracked`]: a pod's packet to a pod, a
+/// socket-balanced flow's. It costs one read of its headers and the
+/// filters' reads (arrays, inlined), in a few dozen instructions at the
+/// program's start: in place, on a real connection's hops, fetching the
+/// whole path's code from across the program cost more than its work.
+#[inline(always)]
+pub fn sort4<P: Packet>(ctx: &P) -> Entry4 {
+    use crate::parse::{read_linear, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET};
+    // The Ethernet type to the destination port, as 16-bit words on the
+    // wire ([`crate::parse::plain4`] names them).
+    let Some(h) = read_linear::<_, [u16; 13]>(ctx, 12) else {
+        return Entry4::Other;
+    };
+    if h[0] != ETH_P_IP.to_be() {
+        return if h[0] == ETH_P_IPV6.to_be() {
+            Entry4::Ipv6
+        } else {
+            Entry4::Other
+        };
+    }
+    let [version_ihl, _] = h[1].to_ne_bytes();
+    let [_, proto] = h[5].to_ne_bytes();
+    let min = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => return Entry4::Other,
+    };
+    let tot_len = u16::from_be(h[2]) as u32;
+    if version_ihl != 0x45
+        || u16::from_be(h[4]) & (IP_MF | IP_OFFSET) != 0
+        || tot_len < 20 + min
+        || ETH_HLEN as u32 + tot_len > ctx.len()
+    {
+        return Entry4::Other;
+    }
+    // Maybe direct server return's Geneve, for a backend here: its own
+    // path, whatever the filters say.
+    if proto == IPPROTO_UDP && h[12] == GENEVE_PORT.to_be() {
+        return Entry4::Other;
+    }
+    // The transport header checked too (its length, TCP's data offset), so
+    // that a malformed packet is the whole path's to count, whatever its
+    // destination.
+    let Some(pkt) = crate::parse::plain4(ctx, &h) else {
+        return Entry4::Other;
+    };
+    let ports = crate::service::Ports::of_read(pkt.dport, || Some(pkt.dst));
+    if ports.may_be_tracked(pkt.sport, || Some(pkt.tuple())) {
+        Entry4::Plain(pkt, ports)
+    } else {
+        Entry4::Untracked
     }
 }
 

@@ -44,7 +44,7 @@ use proxy_common::{
 
 use crate::{
     conntrack::Snat,
-    family::{Entry6, Family, Rest},
+    family::{Entry4, Entry6, Family, Rest},
     forward::Hook,
     packet::Packet,
     parse::{IpPacket, Kind, Parsed},
@@ -94,6 +94,13 @@ use crate::{
 ///   frontend uses; + `NODE_ADDRS` on a NodePort's port;
 /// - fragment or malformed packet: 1 (`SVC_ADDRS`, to decide pass or drop);
 /// - other protocols: 0.
+///
+/// Plain IPv4 TCP/UDP (no options, not a fragment) is sorted at the entry
+/// ([`family::sort4`]) by those filters from one read of its headers: a
+/// packet no service or flow can concern is passed there, at the program's
+/// start; any other goes on with its packet and the filters' word (not
+/// asked again), and what the sort does not take (ICMP, options,
+/// fragments, Geneve) parses from the start.
 ///
 /// IPv6: the same lookups in IPv6's maps. Plain TCP/UDP (its transport
 /// header right after the fixed one) is sorted at the entry by the port,
@@ -278,19 +285,26 @@ fn without_dsr(ctx: &TcContext) -> i64 {
 // Inlined into the macro's wrapper, as `kpx_tc_ingress` is.
 #[inline(always)]
 pub fn kpx_xdp(ctx: XdpContext) -> u32 {
-    let v = match parse::parse_ipv4(&ctx) {
-        Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
-            flow(&ctx, &pkt, Origin::Network, true)
-        }
+    let v = match family::sort4(&ctx) {
+        // Passed uncounted, as `xdp_action` passes: tc ingress counts it.
+        Entry4::Untracked => return aya_ebpf::bindings::xdp_action::XDP_PASS,
+        Entry4::Plain(pkt, ports) => flow_sorted(&ctx, &pkt, ports, Origin::Network, true),
         // IPv6: sorted as at tc ingress's entry, a tracked flow's packet
         // translated here, one of no flow handed to `kpx_xdp_service6`;
         // the rest (ICMPv6, extension headers) goes on to tc ingress.
-        Parsed::OtherFamily => match entry6(&ctx) {
+        Entry4::Ipv6 => match entry6(&ctx) {
             Ok(v) => v,
             Err(Rest::Frontend) => return family::tail_call_xdp(&ctx, XDP_PROG_SERVICE6),
             Err(Rest::Path) => Verdict::Pass(Counter::PassNotHandled),
         },
-        _ => Verdict::Pass(Counter::PassNotHandled),
+        // (An IPv6 frame the sort did not take for one is shorter than an
+        // IPv6 header: passed with the rest.)
+        Entry4::Other => match parse::parse_ipv4(&ctx) {
+            Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
+                flow(&ctx, &pkt, Origin::Network, true)
+            }
+            _ => Verdict::Pass(Counter::PassNotHandled),
+        },
     };
     verdict::xdp_action(v)
 }
@@ -512,6 +526,12 @@ fn process(ctx: &TcContext, dsr: bool) -> i64 {
 
 #[inline(always)]
 fn path(ctx: &TcContext, dsr: bool) -> Verdict {
+    match family::sort4(ctx) {
+        Entry4::Untracked => return Verdict::Pass(Counter::PassNoService),
+        Entry4::Plain(pkt, ports) => return flow_sorted(ctx, &pkt, ports, Origin::Network, dsr),
+        Entry4::Ipv6 => return Verdict::Ipv6,
+        Entry4::Other => {}
+    }
     let pkt = match parse::parse_ipv4(ctx) {
         Parsed::NotHandled => return Verdict::Pass(Counter::PassNotHandled),
         Parsed::OtherFamily => return Verdict::Ipv6,
@@ -660,6 +680,23 @@ fn flow_of<P: Packet, A: Family>(
         }
     }
     to_service(ctx, pkt, key, ports, origin, dsr)
+}
+
+/// [`flow`] for a packet the entry sorted ([`family::sort4`]): `ports` is
+/// what the filters said of it, which found that it may be tracked.
+#[inline(always)]
+fn flow_sorted<P: Packet>(
+    ctx: &P,
+    pkt: &parse::Ipv4Packet,
+    ports: service::Ports,
+    origin: Origin,
+    dsr: bool,
+) -> Verdict {
+    let key = pkt.tuple();
+    if let Some(v) = tracked(ctx, pkt, &key, origin, dsr) {
+        return v;
+    }
+    to_service(ctx, pkt, &key, ports, origin, dsr)
 }
 
 /// The packet's verdict if it is of a tracked flow (its entry's rewrite,

@@ -248,6 +248,46 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Parsed {
     }
 }
 
+/// The packet [`crate::family::sort4`] found plain, from the words it read
+/// (the Ethernet type at offset 12 to the destination port, on the wire):
+/// [1] version/IHL (5, checked) and TOS, [2] the total length (checked
+/// against the packet), [5] TTL and protocol (TCP or UDP), [6] the header
+/// checksum, [7..11] the addresses, [11] and [12] the ports. What is left
+/// to check is the transport header's own length; None if it is wrong or
+/// beyond the linear data (the whole parse then decides).
+#[inline(always)]
+pub fn plain4<P: Packet>(ctx: &P, h: &[u16; 13]) -> Option<Ipv4Packet> {
+    let [_, tos] = h[1].to_ne_bytes();
+    let [ttl, proto] = h[5].to_ne_bytes();
+    let tot_len = u16::from_be(h[2]) as usize;
+    let l4_off = ETH_HLEN + 20;
+    let mut pkt = Ipv4Packet {
+        l3_off: ETH_HLEN,
+        l4_off,
+        end: ETH_HLEN + tot_len,
+        flowinfo: 0,
+        src: addr_at(h, 7),
+        dst: addr_at(h, 9),
+        sport: 0,
+        dport: 0,
+        proto,
+        tcp_flags: 0,
+        ttl,
+        tos,
+        ip_check: h[6],
+    };
+    match transport(&Direct(ctx), &mut pkt, tot_len - 20) {
+        Ok(Kind::Packet) => Some(pkt),
+        _ => None,
+    }
+}
+
+/// The address (as on the wire) in 16-bit words `i` and `i + 1` of `h`.
+#[inline(always)]
+pub fn addr_at(h: &[u16; 13], i: usize) -> u32 {
+    h[i] as u32 | (h[i + 1] as u32) << 16
+}
+
 /// Short headers are malformed (`Ok`); `Err` only when a header lies
 /// beyond the linear part, for the caller to read again with copies.
 #[inline(always)]

@@ -25,6 +25,10 @@
 //! `--hot PATH`: one path's packet through tc ingress for `--seconds`
 //! (default 10), ns per packet second by second ([`packet::HOT_PATHS`]):
 //! two builds compared, or `perf record -a` beside it.
+//! `--in-turn`: for each of `--modes` at each of `--sizes`, only the
+//! figures taken in turn with a twin bed ([`measure_in_turn`]) and, for
+//! kpx, its programs timed in place: a change's effect on a connection's
+//! cost in about a minute.
 //! `--render target/bench/bench.json`: the tables and chart again from a
 //! run's JSON.
 //! `--sizes 1,1000,...`, `--modes kpx,nftables,...` (of iptables-nft,
@@ -102,7 +106,7 @@ fn options() -> Result<Options> {
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--quick" | "--bench" | "--packet" | "--north-south" => {}
+            "--quick" | "--bench" | "--packet" | "--north-south" | "--in-turn" => {}
             "--sizes" => {
                 o.sizes = value()?
                     .split(',')
@@ -126,7 +130,7 @@ fn options() -> Result<Options> {
                 o.limit = std::time::Duration::from_secs_f64(value()?.parse().context("--limit")?)
             }
             other => {
-                bail!("unknown argument {other:?} (known: --quick, --packet, --hot, --sizes, --modes, --runs, --seconds, --limit)")
+                bail!("unknown argument {other:?} (known: --quick, --packet, --in-turn, --hot, --sizes, --modes, --runs, --seconds, --limit)")
             }
         }
     }
@@ -204,6 +208,9 @@ fn main() -> Result<()> {
     }
     if args.iter().any(|a| a == "--packet") {
         return packet_only(&o, &p);
+    }
+    if args.iter().any(|a| a == "--in-turn") {
+        return in_turn_only(&o, Path::new(KPX), &p);
     }
     if args.iter().any(|a| a == "--north-south") {
         let rates = northsouth::measure(Path::new(KPX), o.seconds, &|s| p.say(s))?;
@@ -358,6 +365,46 @@ fn packet_only(o: &Options, p: &Progress) -> Result<()> {
     }
     let paths = report::path_lengths()?;
     println!("\n{}", report::packet_markdown(&machine(), &costs, &paths));
+    Ok(())
+}
+
+/// `--in-turn`: each mode loaded in a fresh bed, its in-turn figures and
+/// (kpx) its programs in place, nothing else.
+fn in_turn_only(o: &Options, kpx: &Path, p: &Progress) -> Result<()> {
+    for &n in &o.sizes {
+        for &mode in &o.modes {
+            let say = |what: String| p.say(format!("N={n}: {}: {what}", mode.label()));
+            let mut bed = Bed::new(n)?;
+            let (_proxy, install) = Proxy::install(&mut bed, mode, kpx, o.limit, o.changes)
+                .with_context(|| format!("programming {} at {n} services", mode.label()))?;
+            if !install.loaded() {
+                say("not loaded in time: nothing measured".into());
+                continue;
+            }
+            let row = measure_in_turn(&bed, o, &say)?;
+            let ratio = |f: &dyn Fn(&report::InTurnRound) -> f64| {
+                let (m, lo, hi) = row.ratio(f);
+                format!("{m:.3} [{lo:.3}–{hi:.3}]")
+            };
+            say(format!(
+                "service / no proxy {}, service / its endpoints {}, a pod IP / the twin's {}, \
+                 round trips {}, bulk {}; connect() +{:.2} µs",
+                ratio(&|r| r.crr[0].rate / r.crr[3].rate),
+                ratio(&|r| r.crr[0].rate / r.crr[1].rate),
+                ratio(&|r| r.crr[2].rate / r.twin[1].rate),
+                ratio(&|r| r.rr.0 / r.rr.1),
+                ratio(&|r| r.bulk.0 / r.bulk.1),
+                row.service.connect_us - row.no_proxy.connect_us,
+            ));
+            if mode.is_kpx() {
+                let (c, last) = (bed.client(), bed.last_vip());
+                let programs = progtime::during(|| {
+                    Ok(load::measure(c, last, Kind::Crr, 1, o.seconds)?.rate * o.seconds)
+                })?;
+                say(format!("in place: {}", report::programs_cell(&programs)));
+            }
+        }
+    }
     Ok(())
 }
 

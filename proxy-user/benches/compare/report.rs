@@ -121,6 +121,25 @@ impl std::fmt::Display for InTurnRound {
     }
 }
 
+/// kpx's programs timed in place: each one's time per run and runs per
+/// connection, and their product summed.
+pub fn programs_cell(programs: &[crate::progtime::ProgramTime]) -> String {
+    let total: f64 = programs
+        .iter()
+        .map(|p| p.ns_per_run * p.runs_per_transaction)
+        .sum();
+    let each: Vec<String> = programs
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {:.0} ns × {:.1}",
+                p.name, p.ns_per_run, p.runs_per_transaction
+            )
+        })
+        .collect();
+    format!("{}; {:.2} µs a connection", each.join(", "), total / 1e3)
+}
+
 /// The median of `v` (the upper one of an even count); None if empty.
 fn median_of(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
@@ -938,24 +957,7 @@ impl Report {
             out.push_str("**kpx's programs in place**: new connections to the last service (TCP_CRR, one run) with the kernel's BPF statistics on (`BPF_ENABLE_STATS`, for that run only): each program that ran, its mean time per run and its runs per connection, and their product summed: kpx's CPU time per connection. Where `BPF_PROG_TEST_RUN` cannot look (the socket programs) or only looks at one packet (the tc programs, here on every hop of a real connection, caches as they are). The kernel's two clock reads around each run are inside each figure (20-30 ns)\n\n");
             let rows = per_size(
                 &|n, m| match self.traffic(n, m).filter(|t| !t.programs.is_empty()) {
-                    Some(t) => {
-                        let total: f64 = t
-                            .programs
-                            .iter()
-                            .map(|p| p.ns_per_run * p.runs_per_transaction)
-                            .sum();
-                        let each: Vec<String> = t
-                            .programs
-                            .iter()
-                            .map(|p| {
-                                format!(
-                                    "{} {:.0} ns × {:.1}",
-                                    p.name, p.ns_per_run, p.runs_per_transaction
-                                )
-                            })
-                            .collect();
-                        format!("{}; {:.2} µs a connection", each.join(", "), total / 1e3)
-                    }
+                    Some(t) => programs_cell(&t.programs),
                     None => "–".into(),
                 },
                 &|_| "–".into(),
