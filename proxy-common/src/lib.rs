@@ -119,14 +119,21 @@ pub mod map_names {
     /// Active connections per backend id, for the least-connection
     /// schedulers.
     pub const CONNS: &str = "KPX_CONNS";
-    /// Sockets the socket-level load balancer gave a backend: socket local
-    /// storage (`BPF_MAP_TYPE_SK_STORAGE`), read from userspace through
-    /// sock_diag.
+    /// UDP sockets the socket-level load balancer gave a backend (and TCP
+    /// ones `SOCKS_TCP` had no room for, or an older kpx connected): socket
+    /// local storage (`BPF_MAP_TYPE_SK_STORAGE`), read from userspace
+    /// through sock_diag.
     pub const SOCKS: &str = "KPX_SOCKS";
     /// The UDP ones again, by socket cookie: sock_diag reports socket
     /// storage with TCP sockets only, and the agent must find connected UDP
     /// sockets whose backend left.
     pub const SOCKS_UDP: &str = "KPX_SOCKS_UDP";
+    /// TCP sockets the socket-level load balancer connected to a backend,
+    /// by socket cookie (a hash table: one insert at `connect()`, one
+    /// delete at release, where a socket's first local storage took two
+    /// allocations under locks). Sockets connected while it was full, and
+    /// an older kpx's, are in `SOCKS`.
+    pub const SOCKS_TCP: &str = "KPX_SOCKS_TCP";
     /// The other services an unconnected UDP socket sends to (its storage
     /// holds the last one), both ways: by service address, its backend;
     /// by backend address, its service ([`super::SockPeerKey`]). LRU.
@@ -134,6 +141,7 @@ pub mod map_names {
     /// IPv6 sockets' (`AF_INET6`): the same with [`super::In6`] addresses.
     pub const SOCKS6: &str = "KPX_SOCKS6";
     pub const SOCKS_UDP6: &str = "KPX_SOCKS_UDP6";
+    pub const SOCKS_TCP6: &str = "KPX_SOCKS_TCP6";
     pub const SOCK_PEERS6: &str = "KPX_SOCK_PEERS6";
     /// Programs tc ingress tail-calls (`PROG_*` indexes): kept pinned, so a
     /// restarting agent's attached programs still find theirs.
@@ -157,7 +165,7 @@ pub mod map_names {
     /// Pinned so that every program in `PROGS`, whichever agent loaded it,
     /// shares it.
     pub const SCRATCH6: &str = "KPX_SCRATCH6";
-    pub const ALL: [&str; 37] = [
+    pub const ALL: [&str; 39] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -195,6 +203,8 @@ pub mod map_names {
         SOCKS6,
         SOCKS_UDP6,
         SOCK_PEERS6,
+        SOCKS_TCP,
+        SOCKS_TCP6,
     ];
 }
 
@@ -334,6 +344,10 @@ pub mod capacity {
     /// UDP sockets with a backend from the socket-level load balancer.
     /// Entries leave with their socket; LRU beyond that.
     pub const SOCKS_UDP: u32 = 65_536;
+    /// TCP sockets with a backend from the socket-level load balancer, per
+    /// family. Not preallocated (memory as sockets come); beyond it, a
+    /// socket's entry goes to its socket storage instead.
+    pub const SOCKS_TCP: u32 = 1_048_576;
     /// Services (and their backends) unconnected UDP sockets send to
     /// beside their last one, two entries each. LRU.
     pub const SOCK_PEERS: u32 = 65_536;
@@ -1172,7 +1186,8 @@ impl<A> AffinityKey<A> {
 }
 
 /// A socket the socket-level load balancer connected (or sends) to a
-/// backend: the socket's value in [`map_names::SOCKS`] (socket storage).
+/// backend: the socket's value in [`map_names::SOCKS_TCP`] (TCP, by
+/// cookie) or [`map_names::SOCKS`] (socket storage: UDP).
 /// Read back by `recvmsg()` / `getpeername()` to show the service address,
 /// by `sendmsg()` to keep an unconnected socket on its backend, and by the
 /// socket's release to take it off its backend's connection count.

@@ -112,10 +112,11 @@ pub static CONNS: HashMap<u32, u64> =
 #[map(name = "KPX_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
 
-/// Sockets the socket-level load balancer gave a backend (`sock`): socket
-/// local storage, found from the socket itself (no hash table, no cold
-/// bucket: a `getpeername()` or release of a socket without an entry
-/// costs one pointer test), and freed with the socket.
+/// UDP sockets the socket-level load balancer gave a backend (`sock`), and
+/// TCP ones connected while `SOCKS_TCP` was full or by an older kpx:
+/// socket local storage, found from the socket itself (a `recvmsg()` or
+/// release of a socket without an entry costs one pointer test), and freed
+/// with the socket.
 #[btf_map(name = "KPX_SOCKS")]
 pub static SOCKS: SkStorage<SockValue> = SkStorage::new();
 
@@ -126,6 +127,15 @@ pub static SOCKS: SkStorage<SockValue> = SkStorage::new();
 #[map(name = "KPX_SOCKS_UDP")]
 pub static SOCKS_UDP: LruHashMap<u64, SockValue> =
     LruHashMap::with_max_entries(capacity::SOCKS_UDP, 0);
+
+/// TCP sockets the socket-level load balancer connected, by socket
+/// cookie (`sock`): one insert at `connect()`, one delete at release (for
+/// a socket connected to a backend's port). A socket's first local
+/// storage allocates twice under locks, about three times an insert here.
+/// Not preallocated; when full, a socket's entry goes to `SOCKS`.
+#[map(name = "KPX_SOCKS_TCP")]
+pub static SOCKS_TCP: HashMap<u64, SockValue> =
+    HashMap::with_max_entries(capacity::SOCKS_TCP, BPF_F_NO_PREALLOC);
 
 /// An unconnected UDP socket's other services, both ways
 /// (`proxy_common::SockPeerKey`).
@@ -190,6 +200,10 @@ pub static SOCKS6: SkStorage<SockValue<In6>> = SkStorage::new();
 #[map(name = "KPX_SOCKS_UDP6")]
 pub static SOCKS_UDP6: LruHashMap<u64, SockValue<In6>> =
     LruHashMap::with_max_entries(capacity::SOCKS_UDP, 0);
+
+#[map(name = "KPX_SOCKS_TCP6")]
+pub static SOCKS_TCP6: HashMap<u64, SockValue<In6>> =
+    HashMap::with_max_entries(capacity::SOCKS_TCP, BPF_F_NO_PREALLOC);
 
 #[map(name = "KPX_SOCK_PEERS6")]
 pub static SOCK_PEERS6: LruHashMap<SockPeerKey<In6>, SockValue<In6>> =

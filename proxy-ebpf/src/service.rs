@@ -31,6 +31,13 @@ fn port_bits(port: u16) -> u64 {
     })
 }
 
+/// Whether a backend listens on port `port` (network order): its port
+/// filter bit.
+#[inline(always)]
+pub fn is_backend_port(port: u16) -> bool {
+    port_bits(port) & PORT_F_BACKEND != 0
+}
+
 /// Whether the address filter's bit `bit` is set.
 #[inline(always)]
 fn bit_set(bit: PortBit) -> bool {

@@ -5,7 +5,9 @@
 //! the tc programs pass on their filters' word (the backend's packets on
 //! the reply filter's: no flow's reply), with no conntrack lookup.
 //! `recvmsg()` and `getpeername()`
-//! show the service address back, as kube-proxy's conntrack does.
+//! show the service address back, as kube-proxy's conntrack does: from
+//! the socket's entry, a TCP socket's in `SOCKS_TCP` (by cookie), a UDP
+//! socket's in its socket storage.
 //!
 //! One set of functions for both families ([`SockFamily`]): `connect4`
 //! and its kin serve `AF_INET` sockets with IPv4's maps, `connect6` and
@@ -29,29 +31,34 @@
 //! - `connect()` / `sendmsg()` not to a service: `PORTS` (an array the
 //!   verifier inlines), + `SERVICES` on a port some frontend uses;
 //! - to a service: + `CONFIG`, `SLOTS` (as a first packet's
-//!   selection, affinity and scheduler included), and the socket's own
-//!   storage (`SOCKS`, socket local storage: no hash table); a UDP socket
+//!   selection, affinity and scheduler included), and the socket's entry:
+//!   TCP, 1 `SOCKS_TCP` insert by socket cookie (+1 lookup for a socket
+//!   connected again; its socket storage instead when the table is full);
+//!   UDP, its own storage (`SOCKS`, socket local storage); a UDP socket
 //!   that already has a backend for the service: its storage and `SLOTS`
 //!   (is the backend still there?) instead of the selection; without
 //!   endpoints: refused, no more;
 //! - an unconnected UDP `sendmsg()` to another service than the socket's
 //!   last: + 1 `SOCK_PEERS` lookup and 2 updates (the last one kept);
-//! - `recvmsg()` / `getpeername()`: the socket's storage (a pointer test
-//!   for a socket without one); + 1 `SOCK_PEERS` lookup for an unconnected
-//!   UDP socket's datagram from another address than its last backend;
+//! - `recvmsg()` / `getpeername()`: a TCP socket's 1 `SOCKS_TCP` lookup,
+//!   then (not found) the socket's storage (a pointer test for a socket
+//!   without one); + 1 `SOCK_PEERS` lookup for an unconnected UDP socket's
+//!   datagram from another address than its last backend;
 //! - `recvmsg6` of an IPv4-mapped address IPv6's storage does not know:
 //!   + IPv4's storage;
-//! - a socket's release: the same (+ a `CONNS` atomic add for a counted
+//! - a socket's release: its storage (+ a `CONNS` atomic add for a counted
 //!   socket, and a `SOCKS_UDP` delete for a UDP one); an `AF_INET6`
-//!   socket's: both storages;
+//!   socket's: both storages; a TCP socket connected to a backend's port
+//!   (the port filter, an inlined array read) or to none: + 1 `SOCKS_TCP`
+//!   lookup and, found, its delete;
 //! - a UDP socket's entry written: + a `SOCKS_UDP` insert (the agent finds
 //!   connected ones there when their backend leaves).
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_ANY},
+    bindings::{bpf_sock_addr, BPF_ANY, BPF_NOEXIST},
     btf_maps::SkStorage,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get},
-    maps::LruHashMap,
+    maps::{HashMap, LruHashMap},
     programs::{SockAddrContext, SockContext},
     EbpfContext as _,
 };
@@ -63,7 +70,7 @@ use proxy_common::{
 use crate::{
     conns,
     family::Family,
-    maps::{SOCKS, SOCKS6, SOCKS_UDP, SOCKS_UDP6, SOCK_PEERS, SOCK_PEERS6},
+    maps::{SOCKS, SOCKS6, SOCKS_TCP, SOCKS_TCP6, SOCKS_UDP, SOCKS_UDP6, SOCK_PEERS, SOCK_PEERS6},
     policy::{self, Origin},
     select, service, stats,
 };
@@ -72,6 +79,7 @@ use crate::{
 /// call's address field.
 pub trait SockFamily: Family {
     fn socks() -> &'static SkStorage<SockValue<Self>>;
+    fn socks_tcp() -> &'static HashMap<u64, SockValue<Self>>;
     fn socks_udp() -> &'static LruHashMap<u64, SockValue<Self>>;
     fn peers() -> &'static LruHashMap<SockPeerKey<Self>, SockValue<Self>>;
     /// The call's address (`user_ip4`, `user_ip6`), as on the wire.
@@ -152,6 +160,10 @@ impl SockFamily for u32 {
         &SOCKS
     }
     #[inline(always)]
+    fn socks_tcp() -> &'static HashMap<u64, SockValue<Self>> {
+        &SOCKS_TCP
+    }
+    #[inline(always)]
     fn socks_udp() -> &'static LruHashMap<u64, SockValue<Self>> {
         &SOCKS_UDP
     }
@@ -175,6 +187,10 @@ impl SockFamily for In6 {
     #[inline(always)]
     fn socks() -> &'static SkStorage<SockValue<Self>> {
         &SOCKS6
+    }
+    #[inline(always)]
+    fn socks_tcp() -> &'static HashMap<u64, SockValue<Self>> {
+        &SOCKS_TCP6
     }
     #[inline(always)]
     fn socks_udp() -> &'static LruHashMap<u64, SockValue<Self>> {
@@ -255,24 +271,27 @@ fn connect<A: SockFamily, L: Lookup<A>>(ctx: &SockAddrContext) -> i32 {
     };
     match req.backend(ctx, None) {
         Ok(sel) => {
-            let entry = storage::<A>(ctx, true);
-            // A socket connected again (UDP may) leaves its earlier backend.
-            if let Some(old) = entry {
-                forget(ctx, old);
-            }
-            // Counted only where the socket has storage to take it back at
-            // its release (an allocation failure leaves it uncounted).
-            let counted = sel.counted && req.proto == IPPROTO_TCP && entry.is_some();
-            if counted {
-                conns::opened(sel.backend_id);
-            }
-            if let Some(e) = entry {
-                req.remember(
-                    ctx,
-                    e,
-                    &sel,
-                    SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 },
-                );
+            if req.proto != IPPROTO_TCP || !connect_tcp(ctx, &req, &sel) {
+                let entry = storage::<A>(ctx, true);
+                // A socket connected again (UDP may) leaves its earlier
+                // backend.
+                if let Some(old) = entry {
+                    forget(ctx, old);
+                }
+                // Counted only where the socket has storage to take it back
+                // at its release (an allocation failure leaves it uncounted).
+                let counted = sel.counted && req.proto == IPPROTO_TCP && entry.is_some();
+                if counted {
+                    conns::opened(sel.backend_id);
+                }
+                if let Some(e) = entry {
+                    req.remember(
+                        ctx,
+                        e,
+                        &sel,
+                        SOCK_F_CONNECTED | if counted { SOCK_F_COUNTED } else { 0 },
+                    );
+                }
             }
             req.send_to(ctx, &sel);
             stats::event(Event::SockConnect, 1);
@@ -281,6 +300,37 @@ fn connect<A: SockFamily, L: Lookup<A>>(ctx: &SockAddrContext) -> i32 {
         }
         Err(v) => v,
     }
+}
+
+/// A TCP socket connected to `sel`'s backend: its entry in `SOCKS_TCP`
+/// (one insert; a socket connected again after a failed attempt replaces
+/// its entry, leaving its earlier backend). False when the table has no
+/// room: the caller keeps the entry in the socket's storage instead.
+#[inline(always)]
+fn connect_tcp<A: SockFamily, L: Lookup<A>>(
+    ctx: &SockAddrContext,
+    req: &Request<A, L>,
+    sel: &select::Selected<L>,
+) -> bool {
+    let flags = SOCK_F_CONNECTED | if sel.counted { SOCK_F_COUNTED } else { 0 };
+    let v = req.value(sel, flags);
+    let cookie = cookie(ctx);
+    let table = A::socks_tcp();
+    if table.insert(cookie, v, BPF_NOEXIST as u64).is_err() {
+        let Some(old) = table.get_ptr_mut(cookie) else {
+            return false;
+        };
+        // SAFETY: this socket's entry, valid for the program run; only
+        // this socket's own calls (serialized by its lock) write it.
+        unsafe {
+            leave(&*old, || cookie);
+            *old = v;
+        }
+    }
+    if sel.counted {
+        conns::opened(sel.backend_id);
+    }
+    true
 }
 
 /// An unconnected UDP `sendmsg()` (as [`connect`]: socket family `A`,
@@ -360,11 +410,9 @@ pub fn reverse6(ctx: &SockAddrContext) -> i32 {
 /// socket's entry in `S`'s storage. Whether it was.
 #[inline(always)]
 fn reverse<A: SockFamily, S: SockFamily + Lookup<A>>(ctx: &SockAddrContext) -> bool {
-    let Some(v) = storage::<S>(ctx, false) else {
+    let Some(v) = entry::<S>(ctx) else {
         return false;
     };
-    // SAFETY: this socket's storage, copied out.
-    let v = unsafe { *v };
     let sa = ctx.sock_addr;
     let (addr, port) = (S::of_wire(A::user_addr(sa)), read(port_field(sa)) as u16);
     let v = if addr == v.backend_addr && port == v.backend_port {
@@ -383,6 +431,23 @@ fn reverse<A: SockFamily, S: SockFamily + Lookup<A>>(ctx: &SockAddrContext) -> b
     write(port_field(sa), v.svc_port as u32);
     stats::event(Event::SockRevNat, 1);
     true
+}
+
+/// This socket's entry in `S`'s maps, copied out: a TCP socket's in
+/// `SOCKS_TCP` (one lookup), else (UDP, or a TCP socket connected while
+/// that table was full or by an older kpx) in its storage.
+#[inline(always)]
+fn entry<S: SockFamily>(ctx: &SockAddrContext) -> Option<SockValue<S>> {
+    // SAFETY: a field projection of the program's context.
+    let proto = read(unsafe { &raw mut (*ctx.sock_addr).protocol }) as u8;
+    if proto == IPPROTO_TCP {
+        if let Some(v) = S::socks_tcp().get_ptr(cookie(ctx)) {
+            // SAFETY: a map value pointer, copied out at once.
+            return Some(unsafe { *v });
+        }
+    }
+    // SAFETY: this socket's storage, copied out.
+    storage::<S>(ctx, false).map(|v| unsafe { *v })
 }
 
 /// The socket's cookie.
@@ -446,13 +511,47 @@ fn leave<A: SockFamily>(v: &SockValue<A>, cookie: impl FnOnce() -> u64) {
 /// too (its datagrams to IPv4-mapped addresses went through `sendmsg4`).
 #[inline(always)]
 pub fn release(ctx: &SockContext) -> i32 {
-    // SAFETY: a readable field of the program's socket.
-    let family = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).family) };
+    // SAFETY: readable fields of the program's socket.
+    let (family, proto, port) = unsafe {
+        let sk = ctx.sock;
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).protocol),
+            core::ptr::read_volatile(&raw const (*sk).dst_port),
+        )
+    };
+    // A TCP socket the balancer connected is connected to a backend's port
+    // (or, its connect having failed, to none): only such a socket's
+    // cookie is looked up (the port filter, an inlined array read, spares
+    // every other one). One whose backend's port lost its bit, or that
+    // connected elsewhere after a failed attempt, is left to the agent's
+    // sweep.
+    if proto == IPPROTO_TCP as u32 && (port == 0 || service::is_backend_port(port)) {
+        if family == AF_INET6 {
+            release_tcp::<In6>(ctx);
+        } else {
+            release_tcp::<u32>(ctx);
+        }
+    }
     if family == AF_INET6 {
         release_from::<In6>(ctx);
     }
     release_from::<u32>(ctx);
     PROCEED
+}
+
+/// A TCP socket's release: out of `SOCKS_TCP` (and off its backend's
+/// active connections if it counted there).
+#[inline(always)]
+fn release_tcp<A: SockFamily>(ctx: &SockContext) {
+    // SAFETY: the program's context, a socket the helper accepts.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let table = A::socks_tcp();
+    if let Some(v) = table.get_ptr(cookie) {
+        // SAFETY: a map value pointer, valid for the program run.
+        leave(unsafe { &*v }, || cookie);
+        let _ = table.remove(cookie);
+    }
 }
 
 #[inline(always)]
@@ -601,7 +700,22 @@ impl<A: SockFamily, L: Lookup<A>> Request<A, L> {
         sel: &select::Selected<L>,
         flags: u8,
     ) {
-        let v = SockValue {
+        let v = self.value(sel, flags);
+        // SAFETY: this socket's storage, valid for the program run.
+        unsafe { *entry = v };
+        if self.proto == IPPROTO_UDP {
+            // An LRU insert fails only on allocation failure: the socket
+            // works, the agent just cannot find it to close it.
+            // SAFETY: the program's context, which the helper accepts.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = A::socks_udp().insert(cookie, v, BPF_ANY as u64);
+        }
+    }
+
+    /// The socket's entry for this call and `sel`'s backend.
+    #[inline(always)]
+    fn value(&self, sel: &select::Selected<L>, flags: u8) -> SockValue<A> {
+        SockValue {
             svc_addr: self.addr,
             svc_port: self.port,
             proto: self.proto,
@@ -612,15 +726,6 @@ impl<A: SockFamily, L: Lookup<A>> Request<A, L> {
             svc_id: self.svc.svc_id,
             slot: sel.slot,
             ..Default::default()
-        };
-        // SAFETY: this socket's storage, valid for the program run.
-        unsafe { *entry = v };
-        if self.proto == IPPROTO_UDP {
-            // An LRU insert fails only on allocation failure: the socket
-            // works, the agent just cannot find it to close it.
-            // SAFETY: the program's context, which the helper accepts.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let _ = A::socks_udp().insert(cookie, v, BPF_ANY as u64);
         }
     }
 

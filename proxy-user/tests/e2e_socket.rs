@@ -317,6 +317,23 @@ fn least_connections_counts_held_sockets_and_dump_lists_them() {
         6,
         "{socks}"
     );
+    // Their entries are in the TCP sockets' table, by cookie. The sweep
+    // keeps every live one, and removes an entry whose socket is gone (a
+    // cookie no socket has: as a release missed while no program ran).
+    let mut maps = kpx::dataplane::maps::MapSet::open_pinned(&c.bpffs()).unwrap();
+    let cookies =
+        |m: &kpx::dataplane::maps::MapSet| m.socks_tcp.keys().filter_map(Result::ok).count();
+    assert_eq!(cookies(&maps), 6);
+    let some = maps
+        .socks_tcp
+        .iter()
+        .filter_map(Result::ok)
+        .next()
+        .unwrap()
+        .1;
+    maps.socks_tcp.insert(u64::MAX, some, 0).unwrap();
+    assert_eq!(kpx::dataplane::socklb::sweep_tcp(&mut maps).unwrap(), 1);
+    assert_eq!(cookies(&maps), 6);
     // Closed: off the counts and out of the map.
     drop(held);
     let ok = testbed::wait_for(std::time::Duration::from_secs(5), || {
@@ -330,6 +347,7 @@ fn least_connections_counts_held_sockets_and_dump_lists_them() {
         "{}",
         String::from_utf8_lossy(&kpx_dump(&c.bpffs(), &["backends"]))
     );
+    assert_eq!(cookies(&maps), 0, "released sockets leave the table");
 }
 
 #[test]

@@ -109,6 +109,10 @@ impl GcStats {
     }
 }
 
+/// How often the collector looks for balanced TCP sockets' entries whose
+/// socket is gone (a walk of every namespace's TCP sockets).
+const SOCKET_SWEEP: Duration = Duration::from_secs(60);
+
 /// What the collector's thread is asked to do besides its periodic walk.
 enum Work {
     /// Walk now, and remove the UDP flows of these backends.
@@ -157,6 +161,7 @@ impl Collector {
                 let mut stats = GcStats::resume(&maps);
                 let mut next = Instant::now() + every;
                 let mut armed = false;
+                let mut swept = Instant::now();
                 loop {
                     let mut stale = HashSet::new();
                     let mut periodic = false;
@@ -192,6 +197,18 @@ impl Collector {
                         expirer: expirer.as_ref(),
                     };
                     publish(collect(&gc, &mut maps, &stale, &mut stats));
+                    // Once this agent's release program runs, now and then:
+                    // the entries of TCP sockets that died without it.
+                    if periodic && socks && armed && swept.elapsed() >= SOCKET_SWEEP {
+                        swept = Instant::now();
+                        match crate::dataplane::socklb::sweep_tcp(&mut maps) {
+                            Ok(0) => {}
+                            Ok(n) => log::info!(
+                                "removed the entries of {n} balanced TCP sockets closed while no release program ran"
+                            ),
+                            Err(e) => log::warn!("sweeping balanced TCP sockets' entries: {e:#}; will retry"),
+                        }
+                    }
                     if periodic {
                         // The interval runs from the end of a walk.
                         next = Instant::now() + every;

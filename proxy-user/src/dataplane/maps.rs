@@ -252,6 +252,8 @@ pub struct MapSet {
     pub conns: HashMap<MapData, u32, u64>,
     /// The socket-level load balancer's UDP sockets, by cookie.
     pub socks_udp: HashMap<MapData, u64, SockValue>,
+    /// Its TCP sockets, by cookie.
+    pub socks_tcp: HashMap<MapData, u64, SockValue>,
     /// IPv6's own maps.
     pub v6: Maps6,
 }
@@ -269,6 +271,8 @@ pub struct Maps6 {
     pub config: Array<MapData, Net6>,
     /// The socket-level load balancer's `AF_INET6` UDP sockets.
     pub socks_udp: HashMap<MapData, u64, SockValue<In6>>,
+    /// Its `AF_INET6` TCP sockets.
+    pub socks_tcp: HashMap<MapData, u64, SockValue<In6>>,
 }
 
 impl MapSet {
@@ -293,6 +297,7 @@ impl MapSet {
             replies: ReplyFilter::new(get(map_names::REPLIES)?)?,
             conns: get(map_names::CONNS)?.try_into()?,
             socks_udp: get(map_names::SOCKS_UDP)?.try_into()?,
+            socks_tcp: get(map_names::SOCKS_TCP)?.try_into()?,
             v6: Maps6 {
                 services: get(map_names::SERVICES6)?.try_into()?,
                 service_addrs: get(map_names::SERVICE_ADDRS6)?.try_into()?,
@@ -303,6 +308,7 @@ impl MapSet {
                 src_ranges: get(map_names::SRC_RANGES6)?.try_into()?,
                 config: get(map_names::CONFIG6)?.try_into()?,
                 socks_udp: get(map_names::SOCKS_UDP6)?.try_into()?,
+                socks_tcp: get(map_names::SOCKS_TCP6)?.try_into()?,
             },
         })
     }
@@ -363,6 +369,14 @@ impl MapSet {
             (
                 map_names::SOCKS_UDP6,
                 cap(IterableMap::map(&self.v6.socks_udp))?,
+            ),
+            (
+                map_names::SOCKS_TCP,
+                cap(IterableMap::map(&self.socks_tcp))?,
+            ),
+            (
+                map_names::SOCKS_TCP6,
+                cap(IterableMap::map(&self.v6.socks_tcp))?,
             ),
         ])
     }

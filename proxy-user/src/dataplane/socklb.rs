@@ -319,11 +319,24 @@ pub fn destroy_stale(maps: &MapSet, stale: &HashSet<ServiceBackend>) -> Result<u
 }
 
 /// Every socket the load balancer gave a backend, in every network
-/// namespace of the host, of both families. TCP ones carry their socket
-/// storage in the kernel's dump; UDP ones are in `SOCKS_UDP`/`SOCKS_UDP6`.
+/// namespace of the host, of both families. TCP ones are in
+/// `SOCKS_TCP`/`SOCKS_TCP6`, or (connected while those were full, or by an
+/// older kpx) carry their socket storage in the kernel's dump; UDP ones
+/// are in `SOCKS_UDP`/`SOCKS_UDP6`.
 pub fn sockets(maps: &MapSet, bpffs: &Path) -> Result<Vec<LbSocket>> {
-    let mut all = tcp_sockets::<u32>(bpffs, map_names::SOCKS, libc::AF_INET)?;
-    all.extend(tcp_sockets::<In6>(
+    let v4 = read_hash(&maps.socks_tcp)?;
+    let v6 = read_hash(&maps.v6.socks_tcp)?;
+    let mut all: Vec<LbSocket> = v4
+        .iter()
+        .map(|(c, v)| LbSocket::of(*c, IPPROTO_TCP, v))
+        .chain(v6.iter().map(|(c, v)| LbSocket::of(*c, IPPROTO_TCP, v)))
+        .collect();
+    all.extend(stored_tcp_sockets::<u32>(
+        bpffs,
+        map_names::SOCKS,
+        libc::AF_INET,
+    )?);
+    all.extend(stored_tcp_sockets::<In6>(
         bpffs,
         map_names::SOCKS6,
         libc::AF_INET6,
@@ -332,9 +345,65 @@ pub fn sockets(maps: &MapSet, bpffs: &Path) -> Result<Vec<LbSocket>> {
     Ok(all)
 }
 
+/// Removes the entries of `SOCKS_TCP`/`SOCKS_TCP6` whose socket is gone:
+/// its release ran while no program was attached (an agent's restart), or
+/// passed it by (its backend's port no longer a backend's, a socket that
+/// connected elsewhere after a failed attempt). The tables' cookies are
+/// read before the kernel's socket dump, so a socket that connects meanwhile
+/// is not taken for dead (a cookie is never reused). Returns how many were
+/// removed.
+pub fn sweep_tcp(maps: &mut MapSet) -> Result<u64> {
+    let v4: Vec<u64> = read_hash(&maps.socks_tcp)?
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    let v6: Vec<u64> = read_hash(&maps.v6.socks_tcp)?
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    if v4.is_empty() && v6.is_empty() {
+        return Ok(0);
+    }
+    let mut live = HashSet::new();
+    for (family, empty) in [
+        (libc::AF_INET, v4.is_empty()),
+        (libc::AF_INET6, v6.is_empty()),
+    ] {
+        if empty {
+            continue;
+        }
+        let (found, _) = sockdiag::walk::<SockValue>(&Query {
+            family: family as u8,
+            map: None,
+            protos: &[IPPROTO_TCP],
+            keep: &|_| true,
+            destroy: &|_| false,
+        })
+        .context("listing TCP sockets (sock_diag)")?;
+        live.extend(found.into_iter().map(|s| s.cookie));
+    }
+    let mut removed = 0;
+    for c in v4.into_iter().filter(|c| !live.contains(c)) {
+        // Gone meanwhile (its release ran): nothing to do.
+        if maps.socks_tcp.remove(&c).is_ok() {
+            removed += 1;
+        }
+    }
+    for c in v6.into_iter().filter(|c| !live.contains(c)) {
+        if maps.v6.socks_tcp.remove(&c).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// The TCP sockets of `family` with an entry in the socket storage map
 /// `name`.
-fn tcp_sockets<A: WireAddr + Send>(bpffs: &Path, name: &str, family: i32) -> Result<Vec<LbSocket>>
+fn stored_tcp_sockets<A: WireAddr + Send>(
+    bpffs: &Path,
+    name: &str,
+    family: i32,
+) -> Result<Vec<LbSocket>>
 where
     SockValue<A>: aya::Pod,
 {
