@@ -407,7 +407,7 @@ pub fn reverse6(ctx: &SockAddrContext) -> i32 {
 
 /// `recvmsg()` (UDP) and `getpeername()` of a socket of family `A`: a
 /// backend's address shown as the service's the socket asked for, from the
-/// socket's entry in `S`'s storage. Whether it was.
+/// socket's entry in `S`'s maps ([`entry`]). Whether it was.
 #[inline(always)]
 fn reverse<A: SockFamily, S: SockFamily + Lookup<A>>(ctx: &SockAddrContext) -> bool {
     let Some(v) = entry::<S>(ctx) else {
