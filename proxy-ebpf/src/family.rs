@@ -217,7 +217,7 @@ pub enum Entry4 {
     /// destination; it goes on to its flow or frontend (the filters not
     /// asked again).
     Plain(Ipv4Packet, crate::service::Ports),
-    /// IPv6 (at least as long as the IPv4 headers read): its own entry.
+    /// IPv6: its own entry.
     Ipv6,
     /// Anything else (ICMP, options, fragments, bad lengths, Geneve,
     /// headers beyond the linear data): the whole path.
@@ -226,7 +226,7 @@ pub enum Entry4 {
 
 /// Sorts an IPv4 packet at tc ingress's entry (and at XDP's), as [`sort6`]
 /// sorts IPv6's. Plain TCP or UDP (no options, not a fragment, the lengths
-/// consistent) to no frontend (its port, or on such a port its address)
+/// and the transport header consistent) to no frontend (its port, or on such a port its address)
 /// and from no backend's port (or from one, with a tuple the reply filter
 /// has not) is [`Entry4::Untracked`]: a pod's packet to a pod, a
 /// socket-balanced flow's. It costs one read of its headers and the
@@ -235,43 +235,44 @@ pub enum Entry4 {
 /// whole path's code from across the program cost more than its work.
 #[inline(always)]
 pub fn sort4<P: Packet>(ctx: &P) -> Entry4 {
-    use crate::parse::{read_linear, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET};
-    // The Ethernet type to the destination port, as 16-bit words on the
-    // wire ([`crate::parse::plain4`] names them).
-    let Some(h) = read_linear::<_, [u16; 13]>(ctx, 12) else {
+    use crate::parse::{read_linear, Ipv4Hdr, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_MF, IP_OFFSET};
+    let Some(eth_proto) = read_linear::<_, u16>(ctx, 12) else {
         return Entry4::Other;
     };
-    if h[0] != ETH_P_IP.to_be() {
-        return if h[0] == ETH_P_IPV6.to_be() {
+    if eth_proto != ETH_P_IP.to_be() {
+        return if eth_proto == ETH_P_IPV6.to_be() {
             Entry4::Ipv6
         } else {
             Entry4::Other
         };
     }
-    let [version_ihl, _] = h[1].to_ne_bytes();
-    let [_, proto] = h[5].to_ne_bytes();
-    let min = match proto {
+    let Some(iph) = read_linear::<_, Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Entry4::Other;
+    };
+    let min = match iph.proto {
         IPPROTO_TCP => 20,
         IPPROTO_UDP => 8,
         _ => return Entry4::Other,
     };
-    let tot_len = u16::from_be(h[2]) as u32;
-    if version_ihl != 0x45
-        || u16::from_be(h[4]) & (IP_MF | IP_OFFSET) != 0
+    let tot_len = u16::from_be(iph.tot_len) as u32;
+    if iph.version_ihl != 0x45
+        || u16::from_be(iph.frag_off) & (IP_MF | IP_OFFSET) != 0
         || tot_len < 20 + min
         || ETH_HLEN as u32 + tot_len > ctx.len()
     {
         return Entry4::Other;
     }
     // Maybe direct server return's Geneve, for a backend here: its own
-    // path, whatever the filters say.
-    if proto == IPPROTO_UDP && h[12] == GENEVE_PORT.to_be() {
+    // path, whatever the filters say (its destination port, read alone).
+    if iph.proto == IPPROTO_UDP
+        && read_linear::<_, u16>(ctx, ETH_HLEN + 22) == Some(GENEVE_PORT.to_be())
+    {
         return Entry4::Other;
     }
     // The transport header checked too (its length, TCP's data offset), so
     // that a malformed packet is the whole path's to count, whatever its
     // destination.
-    let Some(pkt) = crate::parse::plain4(ctx, &h) else {
+    let Some(pkt) = crate::parse::plain4(ctx, &iph) else {
         return Entry4::Other;
     };
     let ports = crate::service::Ports::of_read(pkt.dport, || Some(pkt.dst));

@@ -298,7 +298,7 @@ pub fn kpx_xdp(ctx: XdpContext) -> u32 {
             Err(Rest::Path) => Verdict::Pass(Counter::PassNotHandled),
         },
         // (An IPv6 frame the sort did not take for one is shorter than an
-        // IPv6 header: passed with the rest.)
+        // Ethernet header: passed with the rest.)
         Entry4::Other => match parse::parse_ipv4(&ctx) {
             Parsed::Packet(pkt) if pkt.proto == IPPROTO_TCP || pkt.proto == IPPROTO_UDP => {
                 flow(&ctx, &pkt, Origin::Network, true)

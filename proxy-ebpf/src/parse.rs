@@ -248,44 +248,40 @@ pub fn parse_ipv4<P: Packet>(ctx: &P) -> Parsed {
     }
 }
 
-/// The packet [`crate::family::sort4`] found plain, from the words it read
-/// (the Ethernet type at offset 12 to the destination port, on the wire):
-/// [1] version/IHL (5, checked) and TOS, [2] the total length (checked
-/// against the packet), [5] TTL and protocol (TCP or UDP), [6] the header
-/// checksum, [7..11] the addresses, [11] and [12] the ports. What is left
-/// to check is the transport header's own length; None if it is wrong or
-/// beyond the linear data (the whole parse then decides).
+/// The packet [`crate::family::sort4`] found plain, from the IPv4 header
+/// it read and checked (no options, the total length inside the packet,
+/// TCP or UDP). What is left to check is the transport header's own
+/// length; None if it is wrong or beyond the linear data (the whole parse
+/// then decides).
 #[inline(always)]
-pub fn plain4<P: Packet>(ctx: &P, h: &[u16; 13]) -> Option<Ipv4Packet> {
-    let [_, tos] = h[1].to_ne_bytes();
-    let [ttl, proto] = h[5].to_ne_bytes();
-    let tot_len = u16::from_be(h[2]) as usize;
-    let l4_off = ETH_HLEN + 20;
-    let mut pkt = Ipv4Packet {
-        l3_off: ETH_HLEN,
-        l4_off,
-        end: ETH_HLEN + tot_len,
-        flowinfo: 0,
-        src: addr_at(h, 7),
-        dst: addr_at(h, 9),
-        sport: 0,
-        dport: 0,
-        proto,
-        tcp_flags: 0,
-        ttl,
-        tos,
-        ip_check: h[6],
-    };
-    match transport(&Direct(ctx), &mut pkt, tot_len - 20) {
+pub fn plain4<P: Packet>(ctx: &P, iph: &Ipv4Hdr) -> Option<Ipv4Packet> {
+    let mut pkt = packet4(iph, 20);
+    let l4_len = u16::from_be(iph.tot_len) as usize - 20;
+    match transport(&Direct(ctx), &mut pkt, l4_len) {
         Ok(Kind::Packet) => Some(pkt),
         _ => None,
     }
 }
 
-/// The address (as on the wire) in 16-bit words `i` and `i + 1` of `h`.
+/// The packet of IPv4 header `iph` (`ihl` bytes) after the Ethernet
+/// header, its transport header not read yet.
 #[inline(always)]
-pub fn addr_at(h: &[u16; 13], i: usize) -> u32 {
-    h[i] as u32 | (h[i + 1] as u32) << 16
+fn packet4(iph: &Ipv4Hdr, ihl: usize) -> Ipv4Packet {
+    Ipv4Packet {
+        l3_off: ETH_HLEN,
+        l4_off: ETH_HLEN + ihl,
+        end: ETH_HLEN + u16::from_be(iph.tot_len) as usize,
+        flowinfo: 0,
+        src: iph.saddr,
+        dst: iph.daddr,
+        sport: 0,
+        dport: 0,
+        proto: iph.proto,
+        tcp_flags: 0,
+        ttl: iph.ttl,
+        tos: iph.tos,
+        ip_check: iph.check,
+    }
 }
 
 /// Short headers are malformed (`Ok`); `Err` only when a header lies
@@ -314,13 +310,8 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
     };
     let Ipv4Hdr {
         version_ihl,
-        tos,
         tot_len,
         frag_off,
-        ttl,
-        proto,
-        check: ip_check,
-        saddr: src,
         daddr: dst,
         ..
     } = iph;
@@ -332,24 +323,8 @@ fn parse_from<B: Bytes>(b: &B, len: usize) -> Result<Parsed, Short> {
     if u16::from_be(frag_off) & (IP_MF | IP_OFFSET) != 0 {
         return Ok(Parsed::Fragment { dst });
     }
-    let l4_off = l3_off + ihl;
     let l4_len = tot_len - ihl;
-    let pkt = Ipv4Packet {
-        l3_off,
-        l4_off,
-        end: l3_off + tot_len,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
-        proto,
-        tcp_flags: 0,
-        ttl,
-        tos,
-        ip_check,
-        flowinfo: 0,
-    };
-    let mut pkt = pkt;
+    let mut pkt = packet4(&iph, ihl);
     Ok(match transport(b, &mut pkt, l4_len)? {
         Kind::Packet => Parsed::Packet(pkt),
         _ => Parsed::Malformed { dst },
