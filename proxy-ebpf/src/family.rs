@@ -132,15 +132,21 @@ pub fn dsr_declined(ctx: &TcContext) -> bool {
     cb[2] == DSR_DECLINED && cb[1] == ctx.len()
 }
 
-/// Whether an IPv6 packet's transport header, right after the fixed one,
-/// is TCP or UDP (its next header field alone: what is passed on this
-/// answer is passed unread).
+/// Whether a packet's transport protocol is TCP or UDP: IPv4's protocol
+/// field, or IPv6's next header after the fixed one (an extension header
+/// is not). The Ethernet type and that one byte are read, nothing else:
+/// what is passed on this answer is passed unread.
 #[inline(always)]
-pub fn plain_transport6(ctx: &TcContext) -> bool {
-    use crate::parse::{read_linear, ETH_HLEN};
-    // Version/class/label, payload length, next header (the hop limit).
-    read_linear::<_, [u8; 8]>(ctx, ETH_HLEN)
-        .is_some_and(|h| h[6] == IPPROTO_TCP || h[6] == IPPROTO_UDP)
+pub fn plain_transport(ctx: &TcContext) -> bool {
+    use crate::parse::{read_linear, ETH_P_IP, ETH_P_IPV6};
+    // The Ethernet type, then IPv4's protocol (at 23) or IPv6's next
+    // header (at 20).
+    let at = match read_linear::<_, u16>(ctx, 12) {
+        Some(t) if t == ETH_P_IP.to_be() => 23,
+        Some(t) if t == ETH_P_IPV6.to_be() => 20,
+        _ => return false,
+    };
+    read_linear::<_, u8>(ctx, at).is_some_and(|p| p == IPPROTO_TCP || p == IPPROTO_UDP)
 }
 
 /// What tc ingress's entry does with an IPv6 packet ([`sort6`]).

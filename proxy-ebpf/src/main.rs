@@ -338,8 +338,9 @@ fn forward_translated(ctx: &TcContext) -> i32 {
 ///   backend's smaller MTU, for one), which never cross an ingress hook:
 ///   1 (`CT`);
 /// - forwarded TCP/UDP (received on an interface, `skb_iif` set: kube-proxy's
-///   OUTPUT chain never sees it, and ingress already had it): 0, passed (an
-///   IPv6 one without extension headers passed before IPv6's program);
+///   OUTPUT chain never sees it, and ingress already had it): 0, passed on
+///   its protocol's byte before any parse (IPv6's: without extension
+///   headers);
 /// - the node's own TCP/UDP: 1 (`NODE_ADDRS`, is the source this node?);
 ///   from the node: as a new or tracked flow at ingress, without the
 ///   NodePort lookup (a node's packets to its own address never leave
@@ -355,6 +356,11 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
         return PASS;
     }
     let own = packet::sent_by_node(&ctx);
+    // Forwarded TCP or UDP, a pod's packet to a pod the commonest: passed
+    // on its protocol's byte, unparsed.
+    if !own && family::plain_transport(&ctx) {
+        return PASS;
+    }
     let v = match parse::parse_ipv4(&ctx) {
         Parsed::Packet(pkt) => match pkt.proto {
             IPPROTO_ICMP => icmp::translate_error(&ctx, &pkt),
@@ -363,7 +369,6 @@ pub fn kpx_tc_egress(ctx: TcContext) -> i32 {
             }
             _ => return PASS,
         },
-        Parsed::OtherFamily if !own && family::plain_transport6(&ctx) => return PASS,
         Parsed::OtherFamily => return family::tail_call(&ctx, PROG_EGRESS6),
         _ => return PASS,
     };
