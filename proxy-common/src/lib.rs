@@ -114,6 +114,10 @@ pub mod map_names {
     /// The reply filter ([`super::reply_bit`]): which tuples may be a
     /// tracked flow's reply. Memory-mapped by the agent, which rebuilds it.
     pub const REPLIES: &str = "KPX_REPLIES";
+    /// The destination filter ([`super::dest_block`]): the address
+    /// filter's words, and the reply filter's bits again by destination.
+    /// Memory-mapped by the agent.
+    pub const DESTS: &str = "KPX_DESTS";
     /// Per-CPU round-robin positions, by service id.
     pub const RR: &str = "KPX_RR";
     /// Active connections per backend id, for the least-connection
@@ -165,7 +169,7 @@ pub mod map_names {
     /// Pinned so that every program in `PROGS`, whichever agent loaded it,
     /// shares it.
     pub const SCRATCH6: &str = "KPX_SCRATCH6";
-    pub const ALL: [&str; 39] = [
+    pub const ALL: [&str; 40] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -183,6 +187,7 @@ pub mod map_names {
         CONFIG,
         PORTS,
         REPLIES,
+        DESTS,
         RR,
         CONNS,
         SOCKS,
@@ -336,9 +341,13 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 1_024;
     /// `loadBalancerSourceRanges` entries over all service frontends.
     pub const SRC_RANGES: u32 = 65_536;
-    /// Words of the port filter: 4 bits for each of 65,536 ports, then
-    /// the address filter's ([`super::ADDR_WORD0`]).
-    pub const PORT_WORDS: u32 = super::ADDR_WORD0 + super::ADDR_WORDS;
+    /// Words of the port filter: 4 bits for each of 65,536 ports (the
+    /// address filter's follow them in its numbering, [`super::ADDR_WORD0`],
+    /// but live in `KPX_DESTS`).
+    pub const PORT_WORDS: u32 = super::ADDR_WORD0;
+    /// Blocks of the destination filter ([`super::dest_block`]): one per
+    /// word of the address filter.
+    pub const DEST_BLOCKS: u32 = super::ADDR_WORDS;
     /// Elements of the reply filter: one word of each of its two copies.
     pub const REPLY_WORDS: u32 = (1 << super::REPLY_HASH_BITS) / 64;
     /// UDP sockets with a backend from the socket-level load balancer.
@@ -396,7 +405,9 @@ pub const fn port_bit(port: u16, kind: u64) -> PortBit {
     }
 }
 
-/// The address filter, after the port filter's words in `KPX_PORTS`: one
+/// The address filter, numbered after the port filter's words (its word
+/// `ADDR_WORD0 + i` is the first word of the destination filter's block
+/// `i`, [`dest_block`]): one
 /// bit for each of 2^[`ADDR_HASH_BITS`] hashes of an address, set for
 /// every cluster, external and LoadBalancer IP a frontend uses (and held,
 /// as a port's bit is, while a flow to a removed one lives). A packet to
@@ -406,8 +417,9 @@ pub const fn port_bit(port: u16, kind: u64) -> PortBit {
 /// socket-balanced flow's pay one more array read instead of two hash
 /// misses (conntrack, services). An address whose bit another one set
 /// (one in 20 at 50,000 service addresses) is looked up as before.
-/// NodePorts are not in it: their frontends are the node's addresses,
-/// which `NODE_ADDRS` tells.
+/// This node's addresses (`NODE_ADDRS`) are in it too: their NodePorts
+/// are frontends, which the destination filter ([`dest_block`]) must not
+/// pass; the port filter's NodePort bit alone is not asked there.
 pub const ADDR_HASH_BITS: u32 = 20;
 /// The first word of the address filter.
 pub const ADDR_WORD0: u32 = 65_536 * PORT_BITS / 64;
@@ -450,12 +462,64 @@ pub const REPLY_HASH_BITS: u32 = 20;
 /// bit in each of its two words.
 #[inline(always)]
 pub fn reply_bit<A: Address>(k: &CtKey<A>) -> PortBit {
+    reply_bits(k)[0]
+}
+
+/// Tuple `k`'s bits of the reply filter ([`reply_bit`]) and of the
+/// destination filter ([`dest_reply_bit`]), from one hash: the same mask,
+/// in the element of the tuple's hash and in the block of its destination.
+#[inline(always)]
+pub fn reply_bits<A: Address>(k: &CtKey<A>) -> [PortBit; 2] {
     let addrs = k.src_addr.folded() ^ k.dst_addr.folded().rotate_left(32);
     let ports = k.src_port as u64 | (k.dst_port as u64) << 16 | (k.proto as u64) << 32;
     let h = mix(addrs, ports) >> (32 - REPLY_HASH_BITS);
+    let mask = 1 << (h & 63);
+    [
+        PortBit { word: h >> 6, mask },
+        PortBit {
+            word: dest_block(k.dst_addr).word,
+            mask,
+        },
+    ]
+}
+
+/// The destination filter's bit of tuple `k` (a reply-direction key):
+/// `word` is the block of its destination, `mask` the bit in each of the
+/// block's two reply words.
+#[inline(always)]
+pub fn dest_reply_bit<A: Address>(k: &CtKey<A>) -> PortBit {
+    reply_bits(k)[1]
+}
+
+/// The destination filter (`KPX_DESTS`): what a packet's destination
+/// address alone tells, in one cache line, so that traffic no service or
+/// tracked flow can concern (a pod's to a pod, a socket-balanced flow's)
+/// is known so from one read, keyed by its destination: no port filter
+/// word, no reply filter element. Block `i` is four words:
+/// - [`DEST_ADDRS`]: word `ADDR_WORD0 + i` of the address filter
+///   ([`addr_bit`]: frontends' addresses, and this node's, whose NodePorts
+///   are frontends too), which the agent's port filter writes;
+/// - [`DEST_REPLIES`] and the next: the reply filter's bits again, two
+///   copies kept as `KPX_REPLIES`'s are, but each tuple's in the block of
+///   its destination ([`dest_reply_bit`]);
+/// - a word unused (a block is 32 bytes: two to a cache line, none across
+///   one).
+///
+/// A plain TCP/UDP packet whose destination's address bit and tuple's
+/// reply bit are both clear is for no frontend and no tracked flow's reply:
+/// passed. Any other packet takes the port filter's path as before.
+pub const DEST_ADDRS: usize = 0;
+/// The first of a destination block's two reply words ([`DEST_ADDRS`]).
+pub const DEST_REPLIES: usize = 1;
+
+/// The destination filter's block of address `a` and `a`'s bit in its
+/// [`DEST_ADDRS`] word: `word` is the block.
+#[inline(always)]
+pub fn dest_block<A: Address>(a: A) -> PortBit {
+    let b = addr_bit(a);
     PortBit {
-        word: h >> 6,
-        mask: 1 << (h & 63),
+        word: b.word - ADDR_WORD0,
+        mask: b.mask,
     }
 }
 

@@ -20,19 +20,27 @@
 //!
 //! The reply filter ([`may_be_reply`], `proxy_common::reply_bit`) tells
 //! which packets from a backend's port can be a flow's reply at all: every
-//! reply entry inserted here is noted in it ([`note_reply`]).
+//! reply entry inserted here is noted in it ([`note_reply`]), and in the
+//! destination filter ([`dest_passes`]), which tells from the destination
+//! alone that a packet is no flow's reply and for no frontend.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
 };
 use proxy_common::{
-    reply_bit, Backend, CtKey, CtValue, DropReason, Event, CT_DIR_ORIGINAL, CT_DIR_REPLY,
-    CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_REWRITE_DST, CT_F_REWRITE_SRC,
-    CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    dest_block, reply_bit, reply_bits, Backend, CtKey, CtValue, DropReason, Event, PortBit,
+    CT_DIR_ORIGINAL, CT_DIR_REPLY, CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED,
+    CT_F_REWRITE_DST, CT_F_REWRITE_SRC, CT_F_SEEN_REPLY, CT_F_SNAT, CT_REFRESH_NS, DEST_REPLIES,
+    IPPROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
-use crate::{conns, family::Family, maps::REPLIES, stats};
+use crate::{
+    conns,
+    family::Family,
+    maps::{DESTS, REPLIES},
+    stats,
+};
 
 const EEXIST: i32 = 17;
 
@@ -68,7 +76,12 @@ impl Table {
 /// tuple's hash.
 #[inline(always)]
 pub fn may_be_reply<A: Family>(key: &CtKey<A>) -> bool {
-    let bit = reply_bit(key);
+    reply_set(reply_bit(key))
+}
+
+/// Whether the reply filter has bit `bit` in either copy.
+#[inline(always)]
+fn reply_set(bit: PortBit) -> bool {
     REPLIES.get_ptr(bit.word).is_none_or(|w| {
         // SAFETY: array element pointer, valid for the program run; a
         // racing OR is either seen or not, and the copy not being rebuilt
@@ -78,30 +91,87 @@ pub fn may_be_reply<A: Family>(key: &CtKey<A>) -> bool {
     })
 }
 
+/// What the destination filter ([`proxy_common::dest_block`]) says of a
+/// plain packet: one array read (inlined by the verifier), keyed by its
+/// destination, so one cache line for the packets of any one destination.
+#[derive(Clone, Copy)]
+pub struct Dest {
+    /// The destination's address-filter bit is set: maybe a frontend's (or
+    /// this node's) address.
+    pub addr: bool,
+    /// The tuple's bit in its destination's reply words is set.
+    reply: bool,
+    /// The tuple's bit of the reply filter, for [`Dest::may_be_reply`].
+    bit: PortBit,
+}
+
+impl Dest {
+    /// The filter's word on the packet of tuple `key` (as looked up).
+    #[inline(always)]
+    pub fn of<A: Family>(key: &CtKey<A>) -> Self {
+        let addr = dest_block(key.dst_addr);
+        let [bit, dest] = reply_bits(key);
+        // No block (never: the index is masked): nothing is passed on it.
+        let (addr, reply) = DESTS.get_ptr(addr.word).map_or((true, true), |b| {
+            // SAFETY: array element pointer, valid for the program run; the
+            // agent stores its words whole, the datapath ORs bits in: each
+            // word read once, either seen or not (as the reply filter's).
+            let [addrs, x, y, _] = unsafe { core::ptr::read_volatile(b) };
+            (addrs & addr.mask != 0, (x | y) & dest.mask != 0)
+        });
+        Self { addr, reply, bit }
+    }
+
+    /// The packet is for no frontend and no tracked flow's reply: passed,
+    /// no other filter asked.
+    #[inline(always)]
+    pub fn passes(&self) -> bool {
+        !self.addr && !self.reply
+    }
+
+    /// [`may_be_reply`] of the packet, its hash not computed again (and no
+    /// read of the reply filter when its destination's words say no).
+    #[inline(always)]
+    pub fn may_be_reply(&self) -> bool {
+        self.reply && reply_set(self.bit)
+    }
+}
+
 /// Notes reply entry `key`, just inserted, in both copies of the reply
-/// filter: after the insert, so that a copy the agent clears meanwhile
-/// either keeps this bit or is refilled from a read that finds the entry.
-/// A copy that has the bit already is left alone (a clear after this read
-/// is followed by a read that finds the entry): an established flow's
-/// entry, moved, pays a load, not two atomic ORs.
+/// filter and of its destination's block of the destination filter: after
+/// the insert, so that a copy the agent clears meanwhile either keeps this
+/// bit or is refilled from a read that finds the entry. A copy that has
+/// the bit already is left alone (a clear after this read is followed by a
+/// read that finds the entry): an established flow's entry, moved, pays
+/// loads, not atomic ORs.
 #[inline(always)]
 fn note_reply<A: Family>(key: &CtKey<A>) {
-    let bit = reply_bit(key);
+    let [bit, dest] = reply_bits(key);
     if let Some(w) = REPLIES.get_ptr_mut(bit.word) {
-        let w = w.cast::<u64>();
-        for i in 0..2 {
-            // SAFETY: the element's two 8-byte aligned words (array values
-            // are 8-byte aligned); read and set atomically, as other CPUs
-            // and the agent write them.
-            unsafe {
-                let word = w.add(i);
-                if core::ptr::read_volatile(word) & bit.mask == 0 {
-                    core::intrinsics::atomic_or::<
-                        u64,
-                        u64,
-                        { core::intrinsics::AtomicOrdering::Relaxed },
-                    >(word, bit.mask);
-                }
+        set_both(w.cast::<u64>(), bit.mask);
+    }
+    if let Some(b) = DESTS.get_ptr_mut(dest.word) {
+        // SAFETY: the block's reply words, inside the element.
+        set_both(unsafe { b.cast::<u64>().add(DEST_REPLIES) }, dest.mask);
+    }
+}
+
+/// Sets `mask` in the two words at `w` (a filter's two copies), each with
+/// an atomic OR unless it has it.
+#[inline(always)]
+fn set_both(w: *mut u64, mask: u64) {
+    for i in 0..2 {
+        // SAFETY: two 8-byte aligned words of an array element (array
+        // values are 8-byte aligned); read and set atomically, as other
+        // CPUs and the agent write them.
+        unsafe {
+            let word = w.add(i);
+            if core::ptr::read_volatile(word) & mask == 0 {
+                core::intrinsics::atomic_or::<
+                    u64,
+                    u64,
+                    { core::intrinsics::AtomicOrdering::Relaxed },
+                >(word, mask);
             }
         }
     }

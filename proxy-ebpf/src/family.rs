@@ -199,14 +199,19 @@ pub fn sort6<P: Packet>(ctx: &P) -> Entry6 {
     if ports[1] == GENEVE_PORT.to_be() && next == IPPROTO_UDP {
         return Entry6::Other;
     }
-    // The destination address (after the fixed header's first 24 bytes),
-    // read only for a frontend's port; the tuple only from a backend's.
-    let dst = || read_linear::<_, In6>(ctx, ETH_HLEN + 24);
-    let key = || {
-        let addrs = read_linear::<_, [In6; 2]>(ctx, ETH_HLEN + 8)?;
-        Some(CtKey::new(addrs[0], addrs[1], ports[0], ports[1], next))
+    // The addresses, after the fixed header's first 8 bytes.
+    let Some(addrs) = read_linear::<_, [In6; 2]>(ctx, ETH_HLEN + 8) else {
+        return Entry6::Other;
     };
-    if crate::service::Ports::of_read(ports[1], dst).may_be_tracked(ports[0], key) {
+    let key = CtKey::new(addrs[0], addrs[1], ports[0], ports[1], next);
+    // One cache line, the destination's: most traffic ends here.
+    let dest = crate::conntrack::Dest::of(&key);
+    if dest.passes() {
+        return Entry6::Untracked;
+    }
+    if crate::service::Ports::of_addr(ports[1], || dest.addr)
+        .may_be_tracked_if(ports[0], || dest.may_be_reply())
+    {
         Entry6::Plain
     } else {
         Entry6::Untracked
@@ -281,8 +286,13 @@ pub fn sort4<P: Packet>(ctx: &P) -> Entry4 {
     let Some(pkt) = crate::parse::plain4(ctx, &iph) else {
         return Entry4::Other;
     };
-    let ports = crate::service::Ports::of_read(pkt.dport, || Some(pkt.dst));
-    if ports.may_be_tracked(pkt.sport, || Some(pkt.tuple())) {
+    // One cache line, the destination's: most traffic ends here.
+    let dest = crate::conntrack::Dest::of(&pkt.tuple());
+    if dest.passes() {
+        return Entry4::Untracked;
+    }
+    let ports = crate::service::Ports::of_addr(pkt.dport, || dest.addr);
+    if ports.may_be_tracked_if(pkt.sport, || dest.may_be_reply()) {
         Entry4::Plain(pkt, ports)
     } else {
         Entry4::Untracked

@@ -85,8 +85,9 @@ pub static NODE_ADDRS: HashMap<u32, u32> =
 pub static SRC_RANGES: LpmTrie<SrcRange, u32> =
     LpmTrie::with_max_entries(capacity::SRC_RANGES, BPF_F_NO_PREALLOC);
 
-/// Which ports frontends use (`proxy_common::port_word`): a packet to any
-/// other port is not for a service, known without a hash lookup.
+/// Which ports frontends and backends use (`proxy_common::port_word`): a
+/// packet to any other port is not for a service, known without a hash
+/// lookup. (The address filter's words are `DESTS`'s.)
 #[map(name = "KPX_PORTS")]
 pub static PORTS: Array<u64> = Array::with_max_entries(capacity::PORT_WORDS, 0);
 
@@ -96,6 +97,13 @@ pub static PORTS: Array<u64> = Array::with_max_entries(capacity::PORT_WORDS, 0);
 #[map(name = "KPX_REPLIES")]
 pub static REPLIES: Array<[u64; 2]> =
     Array::with_max_entries(capacity::REPLY_WORDS, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
+/// The destination filter (`proxy_common::dest_block`): per hashed
+/// destination address, its address-filter word and its tuples' reply
+/// bits, in one cache line: memory-mapped, as `REPLIES` is.
+#[map(name = "KPX_DESTS")]
+pub static DESTS: Array<[u64; 4]> =
+    Array::with_max_entries(capacity::DEST_BLOCKS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
 /// Round robin's next position per service id, per CPU: each CPU walks a
 /// frontend's slots in order, so no counter is shared between CPUs.

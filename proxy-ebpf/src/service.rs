@@ -11,14 +11,15 @@
 //! from a backend's port.
 
 use proxy_common::{
-    addr_bit, port_shift, port_word, CtKey, DatapathConfig, PortBit, ServiceKey, ServiceValue,
-    NODE_F_LOCAL, NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND, PORT_F_NODEPORT,
+    dest_block, port_shift, port_word, CtKey, DatapathConfig, PortBit, ServiceKey, ServiceValue,
+    DEST_ADDRS, NODE_F_LOCAL, NODE_F_NODEPORT, PORT_BITS, PORT_F_BACKEND, PORT_F_FRONTEND,
+    PORT_F_NODEPORT,
 };
 
 use crate::{
     conntrack,
     family::Family,
-    maps::{CONFIG, PORTS},
+    maps::{CONFIG, DESTS, PORTS},
 };
 
 /// `PORT_F_*` bits of port `port` (network order).
@@ -38,12 +39,14 @@ pub fn is_backend_port(port: u16) -> bool {
     port_bits(port) & PORT_F_BACKEND != 0
 }
 
-/// Whether the address filter's bit `bit` is set.
+/// Whether the address filter's bit `bit` (of block `bit.word` of the
+/// destination filter, [`proxy_common::dest_block`]) is set.
 #[inline(always)]
 fn bit_set(bit: PortBit) -> bool {
-    PORTS.get_ptr(bit.word).is_some_and(|w| {
-        // SAFETY: array element pointer, valid for the program run.
-        (unsafe { *w }) & bit.mask != 0
+    DESTS.get_ptr(bit.word).is_some_and(|b| {
+        // SAFETY: array element pointer, valid for the program run; the
+        // agent stores the word whole.
+        (unsafe { core::ptr::read_volatile(&raw const (*b)[DEST_ADDRS]) }) & bit.mask != 0
     })
 }
 
@@ -68,11 +71,18 @@ impl Ports {
     /// port (`None`: not known, taken as maybe a frontend's).
     #[inline(always)]
     pub fn of_read<A: Family>(dst_port: u16, dst: impl FnOnce() -> Option<A>) -> Self {
+        Self::of_addr(dst_port, || dst().is_none_or(|a| bit_set(dest_block(a))))
+    }
+
+    /// [`Ports::of_read`], `addr()` telling whether the destination's
+    /// address-filter bit is set (asked only for a frontend's port).
+    #[inline(always)]
+    pub fn of_addr(dst_port: u16, addr: impl FnOnce() -> bool) -> Self {
         let mut kinds = dst_kinds(dst_port);
         // A pod's packet to a pod on a frontend's port (80, 443: most
         // services' target port is their port) or a socket-balanced flow's:
         // no frontend's address, no tracked flow's original direction.
-        if kinds & PORT_F_FRONTEND != 0 && dst().is_some_and(|a| !bit_set(addr_bit(a))) {
+        if kinds & PORT_F_FRONTEND != 0 && !addr() {
             kinds &= !PORT_F_FRONTEND;
         }
         Self { dst: kinds }
@@ -92,9 +102,16 @@ impl Ports {
         src_port: u16,
         key: impl FnOnce() -> Option<CtKey<A>>,
     ) -> bool {
-        self.dst != 0
-            || (port_bits(src_port) & PORT_F_BACKEND != 0
-                && key().is_none_or(|k| conntrack::may_be_reply(&k)))
+        self.may_be_tracked_if(src_port, || {
+            key().is_none_or(|k| conntrack::may_be_reply(&k))
+        })
+    }
+
+    /// [`Ports::may_be_tracked`], `reply()` telling whether the packet may
+    /// be a tracked flow's reply (asked only from a backend's port).
+    #[inline(always)]
+    pub fn may_be_tracked_if(self, src_port: u16, reply: impl FnOnce() -> bool) -> bool {
+        self.dst != 0 || (port_bits(src_port) & PORT_F_BACKEND != 0 && reply())
     }
 }
 

@@ -452,13 +452,10 @@ fn generated_and_mutated_ipv6_frames_pass_drop_or_translate_well_formed() {
     cluster6(&mut dp);
     install_service(&mut dp, 23, EMPTY_VIP6, 80, proxy_common::IPPROTO_TCP, &[]);
     dp.maps
-        .v6
-        .node_addrs
-        .insert(
-            proxy_common::wire::addr6(ip6("2001:2:0:fe::1")),
+        .write(&kpx::dataplane::reconcile::Op::PutNodeAddr(
+            ip6("2001:2:0:fe::1").into(),
             proxy_common::NODE_F_LOCAL,
-            0,
-        )
+        ))
         .unwrap();
     // A frame mutated into IPv4 is the IPv4 fuzz's business, but it must
     // come out well formed too.

@@ -359,9 +359,10 @@ fn node6(dp: &mut kpx::dataplane::maps::Datapath) {
     };
     dp.maps.set_config(&cfg).unwrap();
     dp.maps
-        .v6
-        .node_addrs
-        .insert(wire::addr6(ip6(NODE6)), NODE_F_LOCAL | NODE_F_NODEPORT, 0)
+        .write(&kpx::dataplane::reconcile::Op::PutNodeAddr(
+            ip6(NODE6).into(),
+            NODE_F_LOCAL | NODE_F_NODEPORT,
+        ))
         .unwrap();
 }
 

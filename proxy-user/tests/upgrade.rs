@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use kpx::dataplane::{
     bpffs,
+    conntrack::flow_ports,
     maps::{CtTable, Datapath, LoadOptions},
+    ports::PortFilter,
 };
 use proxy_common::{
     map_names, Backend, CtKey, CtTuple, CtValue, Event, Slot, SlotKey, IPPROTO_TCP, IPPROTO_UDP,
@@ -41,15 +43,26 @@ impl PinDir {
         self.0.join(name)
     }
 
+    /// The datapath loaded over the pins, and its port filter written as
+    /// the agent writes it before attaching the programs: from the
+    /// frontends and backends the maps hold and the flows the tables hold
+    /// (an older layout's address filter, in its `KPX_PORTS`, is not
+    /// carried: its words now live in `KPX_DESTS`).
     fn load(&self) -> Datapath {
-        testbed::built(
+        let mut dp = testbed::built(
             "the datapath over pinned maps",
             Datapath::load(&LoadOptions {
                 pin_dir: Some(self.0.clone()),
                 conntrack_entries: None,
                 ..Default::default()
             }),
-        )
+        );
+        let state = dp.maps.read_state().expect("reading the pinned maps");
+        let mut ports = PortFilter::rebuild(&state, &dp.maps).expect("the port filter");
+        let (live, addrs) = flow_ports(&dp.maps).expect("the flows' ports");
+        ports.hold_live(&live, &addrs);
+        ports.flush(&mut dp.maps).expect("writing the port filter");
+        dp
     }
 }
 

@@ -115,7 +115,16 @@ impl Agent {
         if ops.is_empty() {
             return;
         }
-        if !self.apply(&ops) {
+        // A new address's filter bit before the address: the destination
+        // filter must not pass a packet to its NodePorts.
+        if let Err(e) = self
+            .ports
+            .prepare(&ops, &self.mirror.state, &mut self.dp.maps)
+        {
+            log::warn!("node addresses: writing the port filter failed: {e}; retrying at the next change or resync");
+            return;
+        }
+        if !self.apply(&ops) || !self.flush_ports() {
             log::warn!("node settings and addresses: retrying at the next change or resync");
             return;
         }

@@ -15,9 +15,9 @@ use std::{
 
 use anyhow::Result;
 use proxy_common::{
-    addr_bit, reply_bit, wire, Address, CtKey, CtValue, In6, PortBit, CT_DIR_ORIGINAL,
-    CT_F_CLOSING, CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN,
-    IPPROTO_TCP, PORT_F_BACKEND, PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
+    addr_bit, wire, Address, CtKey, CtValue, In6, PortBit, CT_DIR_ORIGINAL, CT_F_CLOSING,
+    CT_F_COUNTED, CT_F_DSR_ENCAP, CT_F_REFUSED, CT_F_SEEN_REPLY, EXPIRE_PER_RUN, IPPROTO_TCP,
+    PORT_F_BACKEND, PORT_F_FRONTEND, TCP_ACK, TCP_FIN, TCP_RST,
 };
 
 use crate::dataplane::{
@@ -358,8 +358,9 @@ pub struct GcReport {
     pub ports: HashSet<(u16, u64)>,
     /// The address-filter bits of the flows read ([`flow_addr`]).
     pub addrs: HashSet<PortBit>,
-    /// The reply-filter bits of the flows read ([`reply_bits`]).
-    pub replies: Vec<PortBit>,
+    /// The reply-filter and destination-filter bits of the flows read
+    /// ([`reply_bits`]).
+    pub replies: Vec<[PortBit; 2]>,
 }
 
 /// The ports the datapath must find a tracked entry's packets on, with
@@ -406,15 +407,16 @@ pub fn flow_ports(maps: &MapSet) -> Result<FlowNeeds> {
     Ok((ports.into_iter().collect(), addrs.into_iter().collect()))
 }
 
-/// The reply filter's bits ([`proxy_common::reply_bit`]) of every reply
-/// entry in both families' tables (a batched read, as the collector's).
-pub fn reply_bits(maps: &MapSet) -> Result<Vec<PortBit>> {
+/// The reply filter's and destination filter's bits
+/// ([`proxy_common::reply_bits`]) of every reply entry in both families'
+/// tables (a batched read, as the collector's).
+pub fn reply_bits(maps: &MapSet) -> Result<Vec<[PortBit; 2]>> {
     let mut bits = Vec::new();
-    fn walk<A: CtFamily>(maps: &MapSet, bits: &mut Vec<PortBit>) -> Result<()> {
+    fn walk<A: CtFamily>(maps: &MapSet, bits: &mut Vec<[PortBit; 2]>) -> Result<()> {
         for table in CtTable::ALL {
             A::each(maps, table, |k, v| {
                 if v.dir != CT_DIR_ORIGINAL {
-                    bits.push(reply_bit(&k));
+                    bits.push(proxy_common::reply_bits(&k));
                 }
             })?;
         }
@@ -530,8 +532,13 @@ fn collect_of<A: CtFamily>(
     let replies = table
         .flows
         .iter()
-        .map(|f| reply_bit(&f.reply_key))
-        .chain(table.orphans.iter().map(|(_, k, _)| reply_bit(k)))
+        .map(|f| proxy_common::reply_bits(&f.reply_key))
+        .chain(
+            table
+                .orphans
+                .iter()
+                .map(|(_, k, _)| proxy_common::reply_bits(k)),
+        )
         .collect();
     let mut report = GcReport {
         entries: table.entries.clone(),

@@ -26,9 +26,9 @@ use crate::{
 use proxy_common::{
     map_names, prog_names, wire, Address, AffinityKey, AffinityValue, Backend, Counter, CtKey,
     CtTuple, CtValue, DatapathConfig, DropReason, Event, In6, Net6, ServiceKey, ServiceName,
-    ServiceStats, ServiceValue, Slot, SlotKey, SockValue, SrcRange, BACKEND_F_LOCAL, PROG_DSR,
-    PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN, XDP_PROG_NEW6,
-    XDP_PROG_SERVICE6,
+    ServiceStats, ServiceValue, Slot, SlotKey, SockValue, SrcRange, ADDR_WORD0, BACKEND_F_LOCAL,
+    PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SERVICE_NAME_LEN,
+    XDP_PROG_NEW6, XDP_PROG_SERVICE6,
 };
 
 /// Every element of a hash map, to `f`: in batches, or one at a time
@@ -294,7 +294,7 @@ impl MapSet {
             src_ranges: get(map_names::SRC_RANGES)?.try_into()?,
             config: get(map_names::CONFIG)?.try_into()?,
             ports: get(map_names::PORTS)?.try_into()?,
-            replies: ReplyFilter::new(get(map_names::REPLIES)?)?,
+            replies: ReplyFilter::new(get(map_names::REPLIES)?, get(map_names::DESTS)?)?,
             conns: get(map_names::CONNS)?.try_into()?,
             socks_udp: get(map_names::SOCKS_UDP)?.try_into()?,
             socks_tcp: get(map_names::SOCKS_TCP)?.try_into()?,
@@ -590,6 +590,7 @@ impl MapSet {
 
     /// Performs one write of a sync plan, to the maps of its family.
     pub fn write(&mut self, op: &Op) -> Result<(), MapError> {
+        self.mark_node_addrs(std::slice::from_ref(op))?;
         let v6 = &mut self.v6;
         match op {
             // Ids only: the slots hold the backends.
@@ -657,6 +658,7 @@ impl MapSet {
     /// returns how many writes were done: a prefix of the plan, which is a
     /// consistent datapath.
     pub fn write_all(&mut self, ops: &[Op]) -> Result<(), (usize, MapError)> {
+        self.mark_node_addrs(ops).map_err(|e| (0, e))?;
         let mut i = 0;
         while i < ops.len() {
             let class = batch_class(&ops[i]);
@@ -879,14 +881,24 @@ impl MapSet {
         }
     }
 
-    /// Every word of the port filter.
+    /// Every word of the port filter, the address filter's after the
+    /// ports' (`proxy_common::ADDR_WORD0`).
     pub fn port_words(&self) -> Result<Vec<u64>, MapError> {
-        (0..self.ports.len()).map(|i| self.port_word(i)).collect()
+        let words = self.ports.len() + self.replies.addr_words();
+        (0..words).map(|i| self.port_word(i)).collect()
     }
 
-    /// Word `i` of the port filter.
+    /// Word `i` of the port filter: a port's (`KPX_PORTS`) below
+    /// `proxy_common::ADDR_WORD0`, the address filter's (in `KPX_DESTS`'s
+    /// blocks) from there.
     pub fn port_word(&self, i: u32) -> Result<u64, MapError> {
-        self.ports.get(&i, 0)
+        match i.checked_sub(ADDR_WORD0) {
+            Some(a) => self.replies.addr_word(a).ok_or(MapError::OutOfBounds {
+                index: i,
+                max_entries: ADDR_WORD0 + self.replies.addr_words(),
+            }),
+            None => self.ports.get(&i, 0),
+        }
     }
 
     /// Writes a frontend of either family ([`MapSet::write`]) and marks
@@ -922,13 +934,33 @@ impl MapSet {
     /// families), for tools and tests that write by hand (see
     /// [`MapSet::put_frontend`]).
     pub fn mark_port(&mut self, bit: proxy_common::PortBit) -> Result<(), MapError> {
-        let word = self.ports.get(&bit.word, 0)? | bit.mask;
-        self.ports.set(bit.word, word, 0)
+        let word = self.port_word(bit.word)? | bit.mask;
+        self.set_port_word(bit.word, word)
     }
 
-    /// Writes word `i` of the port filter.
+    /// Writes word `i` of the port filter (as [`MapSet::port_word`] reads).
     pub fn set_port_word(&mut self, i: u32, word: u64) -> Result<(), MapError> {
-        self.ports.set(i, word, 0)
+        match i.checked_sub(ADDR_WORD0) {
+            Some(a) if self.replies.set_addr_word(a, word) => Ok(()),
+            Some(_) => Err(MapError::OutOfBounds {
+                index: i,
+                max_entries: ADDR_WORD0 + self.replies.addr_words(),
+            }),
+            None => self.ports.set(i, word, 0),
+        }
+    }
+
+    /// Marks the node addresses `ops` put in the address filter, before
+    /// they are written (for tools and tests that write by hand; the
+    /// agent's port filter holds them itself): the destination filter must
+    /// not pass a packet to a NodePort.
+    fn mark_node_addrs(&mut self, ops: &[Op]) -> Result<(), MapError> {
+        for op in ops {
+            if let Op::PutNodeAddr(a, _) = op {
+                self.mark_port(crate::dataplane::ports::ip_bit(*a))?;
+            }
+        }
+        Ok(())
     }
 
     /// The entry of `key` in either of IPv4's conntrack tables

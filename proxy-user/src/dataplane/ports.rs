@@ -5,8 +5,12 @@
 //! (see `proxy_common::PORT_F_BACKEND`); and after them the address filter,
 //! a bit per hash of a frontend's address, so that traffic to a frontend's
 //! port at another address is known so too (`proxy_common::ADDR_HASH_BITS`).
-//! Both are bits of one map, kept alike: a frontend uses two (its port's and
-//! its address's; a NodePort its port's alone), a backend one.
+//! Both are bits of one numbering, kept alike (the address filter's words
+//! live in the destination filter's blocks, `dataplane::replies`): a
+//! frontend uses two (its port's and its address's; a NodePort its port's
+//! alone), a backend one, and each of this node's addresses its address's
+//! (their NodePorts are frontends: the destination filter, which asks no
+//! port, must not pass packets to them).
 //!
 //! Kept from the sync's own writes: each frontend and backend added or
 //! removed moves a use count of its bit. A bit a plan will need is set
@@ -123,6 +127,9 @@ impl PortFilter {
         for b in state.backends.values() {
             *f.uses.entry(backend_bit(b)).or_default() += 1;
         }
+        for a in state.node_addrs.keys() {
+            *f.uses.entry(ip_bit(*a)).or_default() += 1;
+        }
         let now = Instant::now();
         for (i, word) in (0u32..).zip(maps.port_words()?) {
             if word == 0 {
@@ -170,6 +177,7 @@ impl PortFilter {
             Op::PutBackend(id, b) if state.backends.get(id) != Some(b) => {
                 [Some(backend_bit(b)), None]
             }
+            Op::PutNodeAddr(a, _) if !state.node_addrs.contains_key(a) => [Some(ip_bit(*a)), None],
             _ => [None; 2],
         }
     }
@@ -205,6 +213,7 @@ impl PortFilter {
         }
         let gone = match op {
             Op::DelService(k) if state.services.contains_key(k) => frontend_bits(k),
+            Op::DelNodeAddr(a) if state.node_addrs.contains_key(a) => [Some(ip_bit(*a)), None],
             Op::PutBackend(id, _) | Op::DelBackend(id) => match state.backends.get(id) {
                 // A backend id given another backend: its old one goes.
                 Some(old) if !matches!(op, Op::PutBackend(_, b) if b == old) => {

@@ -1,9 +1,12 @@
 //! The reply filter's agent side (`KPX_REPLIES`, `proxy_common::reply_bit`):
 //! filled at load, then rebuilt one copy at a time from the conntrack
 //! tables, so that bits of flows gone leave and packets from a backend's
-//! port that are no flow's reply skip the conntrack lookup.
+//! port that are no flow's reply skip the conntrack lookup. The same bits
+//! are kept, by destination, in the destination filter (`KPX_DESTS`,
+//! `proxy_common::dest_block`), whose blocks also hold the address
+//! filter's words: the port filter (`dataplane::ports`) writes those here.
 //!
-//! The map is memory-mapped: the agent clears a copy's words with atomic
+//! Both maps are memory-mapped: the agent clears a copy's words with atomic
 //! stores while the datapath sets bits in them with atomic ORs, which an
 //! element-wide map update (both copies at once) would overwrite.
 
@@ -15,51 +18,50 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Map, MapData};
-use proxy_common::{capacity::REPLY_WORDS, map_names, reply_bit, Address, CtKey, PortBit};
+use proxy_common::{
+    capacity::{DEST_BLOCKS, REPLY_WORDS},
+    map_names, reply_bit, reply_bits, Address, CtKey, PortBit, DEST_ADDRS, DEST_REPLIES,
+};
 
-/// Words of the map: `REPLY_WORDS` elements of two.
+/// Words of `KPX_REPLIES`: `REPLY_WORDS` elements of two.
 const WORDS: usize = 2 * REPLY_WORDS as usize;
-const BYTES: usize = WORDS * size_of::<u64>();
+/// Words of a block of `KPX_DESTS`.
+const BLOCK: usize = 4;
 
-/// The reply filter, mapped into this process.
-pub struct ReplyFilter {
+/// An array map's values, mapped into this process as atomic words.
+struct Mapped {
     /// Keeps the map (and so the mapping's object) alive.
     _map: MapData,
     words: NonNull<AtomicU64>,
-    /// The copy [`Self::clear_next`] clears next (0 or 1).
-    next: AtomicUsize,
+    len: usize,
 }
 
-// SAFETY: the mapping is shared memory reached only through atomics, valid
-// until `drop`; nothing in it is tied to a thread.
-unsafe impl Send for ReplyFilter {}
-// SAFETY: as above.
-unsafe impl Sync for ReplyFilter {}
-
-impl ReplyFilter {
-    /// Maps the filter of `map` (the object's `KPX_REPLIES`).
-    pub fn new(map: Map) -> Result<Self> {
-        let name = map_names::REPLIES;
+impl Mapped {
+    /// Maps `map` (an array of `elements` values of `per` words, created
+    /// with `BPF_F_MMAPABLE`) whole.
+    fn new(map: Map, name: &str, elements: u32, per: usize) -> Result<Self> {
         let Map::Array(map) = map else {
             bail!("{name} is not an array map");
         };
         let info = map
             .info()
             .with_context(|| format!("reading {name}'s info"))?;
-        if info.max_entries() != REPLY_WORDS || info.value_size() as usize != 2 * size_of::<u64>() {
+        let size = per * size_of::<u64>();
+        if info.max_entries() != elements || info.value_size() as usize != size {
             bail!(
-                "{name} has {} elements of {} bytes, not {REPLY_WORDS} of 16",
+                "{name} has {} elements of {} bytes, not {elements} of {size}",
                 info.max_entries(),
                 info.value_size()
             );
         }
+        let len = elements as usize * per;
         // SAFETY: a new shared mapping of the map's whole value area (an
         // array map created with BPF_F_MMAPABLE, its size checked above);
         // no existing memory is touched.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                BYTES,
+                len * size_of::<u64>(),
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 map.fd().as_fd().as_raw_fd(),
@@ -75,23 +77,77 @@ impl ReplyFilter {
         Ok(Self {
             _map: map,
             words,
-            next: AtomicUsize::new(0),
+            len,
         })
     }
 
     fn words(&self) -> &[AtomicU64] {
-        // SAFETY: `WORDS` 8-byte words mapped in `new` (page-aligned),
-        // alive until `drop`; AtomicU64 has u64's layout.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), WORDS) }
+        // SAFETY: `len` 8-byte words mapped in `new` (page-aligned), alive
+        // until `drop`; AtomicU64 has u64's layout.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr(), self.len) }
+    }
+
+    /// Stores `v` in word `off` of every element of `per` words.
+    fn store_each(&self, per: usize, off: usize, v: u64) {
+        for w in self.words().iter().skip(off).step_by(per) {
+            w.store(v, Ordering::SeqCst);
+        }
+    }
+
+    /// ORs `mask` into word `i`, if there is one.
+    fn or(&self, i: usize, mask: u64) {
+        if let Some(w) = self.words().get(i) {
+            w.fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of `len` words, not used after.
+        unsafe { libc::munmap(self.words.as_ptr().cast(), self.len * size_of::<u64>()) };
+    }
+}
+
+// SAFETY: the mapping is shared memory reached only through atomics, valid
+// until `drop`; nothing in it is tied to a thread.
+unsafe impl Send for Mapped {}
+// SAFETY: as above.
+unsafe impl Sync for Mapped {}
+
+/// The reply filter and the destination filter, mapped into this process.
+pub struct ReplyFilter {
+    replies: Mapped,
+    dests: Mapped,
+    /// The copy [`Self::clear_next`] clears next (0 or 1).
+    next: AtomicUsize,
+}
+
+impl ReplyFilter {
+    /// Maps the filters of `replies` and `dests` (the object's
+    /// `KPX_REPLIES` and `KPX_DESTS`).
+    pub fn new(replies: Map, dests: Map) -> Result<Self> {
+        Ok(Self {
+            replies: Mapped::new(replies, map_names::REPLIES, REPLY_WORDS, 2)?,
+            dests: Mapped::new(dests, map_names::DESTS, DEST_BLOCKS, BLOCK)?,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Stores `v` in every word of copy `copy` of both filters' reply bits.
+    fn store_copy(&self, copy: usize, v: u64) {
+        self.replies.store_each(2, copy, v);
+        self.dests.store_each(BLOCK, DEST_REPLIES + copy, v);
     }
 
     /// Sets every bit of both copies: every packet from a backend's port
-    /// is looked up, as before the filter, until two rebuilds. For a map
-    /// just loaded, whose bits no datapath may have kept (new, or pinned
-    /// by a kpx that did not know it).
+    /// is looked up, and no packet is passed on its destination alone, as
+    /// before the filters, until two rebuilds. For maps just loaded, whose
+    /// bits no datapath may have kept (new, or pinned by a kpx that did
+    /// not know them). The address filter's words are the port filter's.
     pub fn fill(&self) {
-        for w in self.words() {
-            w.store(u64::MAX, Ordering::SeqCst);
+        for copy in 0..2 {
+            self.store_copy(copy, u64::MAX);
         }
     }
 
@@ -101,19 +157,17 @@ impl ReplyFilter {
     /// bit meanwhile.
     pub fn clear_next(&self) -> usize {
         let copy = self.next.fetch_xor(1, Ordering::SeqCst) & 1;
-        for w in self.words().iter().skip(copy).step_by(2) {
-            w.store(0, Ordering::SeqCst);
-        }
+        self.store_copy(copy, 0);
         copy
     }
 
-    /// Sets `bits` in copy `copy`.
-    pub fn mark(&self, copy: usize, bits: impl IntoIterator<Item = PortBit>) {
-        let words = self.words();
-        for b in bits {
-            if let Some(w) = words.get(2 * b.word as usize + copy) {
-                w.fetch_or(b.mask, Ordering::Relaxed);
-            }
+    /// Sets `bits` (of reply entries, [`proxy_common::reply_bits`]) in copy
+    /// `copy` of both filters.
+    pub fn mark(&self, copy: usize, bits: impl IntoIterator<Item = [PortBit; 2]>) {
+        for [reply, dest] in bits {
+            self.replies.or(2 * reply.word as usize + copy, reply.mask);
+            self.dests
+                .or(BLOCK * dest.word as usize + DEST_REPLIES + copy, dest.mask);
         }
     }
 
@@ -121,15 +175,15 @@ impl ReplyFilter {
     /// from netfilter), in both copies: as the datapath notes the entries
     /// it inserts, after the insert.
     pub fn note<A: Address>(&self, k: &CtKey<A>) {
-        let b = reply_bit(k);
+        let bits = reply_bits(k);
         for copy in 0..2 {
-            self.mark(copy, [b]);
+            self.mark(copy, [bits]);
         }
     }
 
     /// Rebuilds the next copy from a read of the tables by `read` (the
-    /// reply filter's bits of every reply entry in them).
-    pub fn rebuild(&self, read: impl FnOnce() -> Result<Vec<PortBit>>) -> Result<()> {
+    /// filters' bits of every reply entry in them).
+    pub fn rebuild(&self, read: impl FnOnce() -> Result<Vec<[PortBit; 2]>>) -> Result<()> {
         let copy = self.clear_next();
         match read() {
             Ok(bits) => {
@@ -147,35 +201,50 @@ impl ReplyFilter {
     /// failed (a copy left cleared would hide live replies once the other
     /// is rebuilt).
     pub fn refill(&self, copy: usize) {
-        for w in self.words().iter().skip(copy).step_by(2) {
-            w.store(u64::MAX, Ordering::SeqCst);
-        }
+        self.store_copy(copy, u64::MAX);
     }
 
-    /// Whether tuple `k` is in the filter (either copy), as the datapath
-    /// asks.
+    /// Whether tuple `k` is in the reply filter (either copy), as the
+    /// datapath asks.
     pub fn has<A: Address>(&self, k: &CtKey<A>) -> bool {
         let b = reply_bit(k);
         let i = 2 * b.word as usize;
-        let w = self.words();
+        let w = self.replies.words();
         (w[i].load(Ordering::Relaxed) | w[i + 1].load(Ordering::Relaxed)) & b.mask != 0
     }
 
-    /// The share of bits set in either copy: the share of packets from a
-    /// backend's port, no flow's reply, that are looked up all the same.
+    /// The share of bits set in either copy of the reply filter: the share
+    /// of packets from a backend's port, no flow's reply, that are looked
+    /// up all the same.
     pub fn fill_ratio(&self) -> f64 {
         let set: u32 = self
+            .replies
             .words()
             .chunks(2)
             .map(|c| (c[0].load(Ordering::Relaxed) | c[1].load(Ordering::Relaxed)).count_ones())
             .sum();
         f64::from(set) / (WORDS as f64 * 32.0)
     }
-}
 
-impl Drop for ReplyFilter {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of `BYTES`, not used after.
-        unsafe { libc::munmap(self.words.as_ptr().cast(), BYTES) };
+    /// Word `i` of the address filter (block `i`'s [`DEST_ADDRS`]).
+    pub fn addr_word(&self, i: u32) -> Option<u64> {
+        let w = self.dests.words().get(BLOCK * i as usize + DEST_ADDRS)?;
+        Some(w.load(Ordering::SeqCst))
+    }
+
+    /// Stores word `i` of the address filter; false beyond the filter.
+    pub fn set_addr_word(&self, i: u32, word: u64) -> bool {
+        match self.dests.words().get(BLOCK * i as usize + DEST_ADDRS) {
+            Some(w) => {
+                w.store(word, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Words of the address filter.
+    pub fn addr_words(&self) -> u32 {
+        DEST_BLOCKS
     }
 }

@@ -10,11 +10,11 @@ use anyhow::{ensure, Context as _, Result};
 use etherparse::Icmpv4Type;
 use pathlen::{Fib, Run, Skb, Vm};
 use proxy_common::{
-    map_names, prog_names, wire, Backend, DatapathConfig, Net6, PortBit, ServiceKey, ServiceValue,
-    Slot, SlotKey, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP, MARK_TRANSLATED, NODEPORT_ADDR,
-    NODE_F_LOCAL, NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6, PROG_INGRESS6, PROG_NEW6,
-    PROG_NEW6_NODE, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL, SVC_F_NODEPORT, SVC_SCHED_SHIFT,
-    XDP_PROG_NEW6, XDP_PROG_SERVICE6,
+    addr_bit, map_names, prog_names, wire, Backend, DatapathConfig, Net6, PortBit, ServiceKey,
+    ServiceValue, Slot, SlotKey, ADDR_WORD0, CFG_F_DSR_UDP, IPPROTO_TCP, IPPROTO_UDP,
+    MARK_TRANSLATED, NODEPORT_ADDR, NODE_F_LOCAL, NODE_F_NODEPORT, PROG_DSR, PROG_EGRESS6,
+    PROG_INGRESS6, PROG_NEW6, PROG_NEW6_NODE, SCHED_LC, SCHED_MH, SCHED_RR, SVC_F_EXTERNAL,
+    SVC_F_NODEPORT, SVC_SCHED_SHIFT, XDP_PROG_NEW6, XDP_PROG_SERVICE6,
 };
 
 use super::{
@@ -154,6 +154,7 @@ pub fn vm() -> Result<Vm> {
         )?;
     }
     let node = wire::addr(ip(NODE));
+    mark(&mut vm, Some(addr_bit(node)))?;
     vm.map_insert(
         map_names::NODE_ADDRS,
         &node.to_ne_bytes(),
@@ -183,6 +184,7 @@ pub fn vm() -> Result<Vm> {
         SVC_F_EXTERNAL | SVC_F_NODEPORT,
     )?;
     let node6 = wire::addr6(NODE6.parse()?);
+    mark(&mut vm, Some(addr_bit(node6)))?;
     vm.map_insert(
         map_names::NODE_ADDRS6,
         bytes(&node6),
@@ -275,18 +277,22 @@ fn service6(
     mark(vm, key.addr_bit())
 }
 
-/// Sets `bit` of the port and address filter, as the agent does.
+/// Sets `bit` of the port and address filter, as the agent does: a
+/// port's in `KPX_PORTS`, an address's in its destination block's first
+/// word (`KPX_DESTS`).
 fn mark(vm: &mut Vm, bit: Option<PortBit>) -> Result<()> {
     let Some(bit) = bit else { return Ok(()) };
-    let word = match vm.map_get(map_names::PORTS, &bit.word.to_ne_bytes())? {
-        Some(w) => u64::from_ne_bytes(w.as_slice().try_into()?),
-        None => 0,
+    let (map, key) = match bit.word.checked_sub(ADDR_WORD0) {
+        Some(block) => (map_names::DESTS, block),
+        None => (map_names::PORTS, bit.word),
     };
-    vm.map_insert(
-        map_names::PORTS,
-        &bit.word.to_ne_bytes(),
-        &(word | bit.mask).to_ne_bytes(),
-    )
+    let mut value = match vm.map_get(map, &key.to_ne_bytes())? {
+        Some(v) => v,
+        None => vec![0; if key == bit.word { 8 } else { 32 }],
+    };
+    let word = u64::from_ne_bytes(value[..8].try_into()?) | bit.mask;
+    value[..8].copy_from_slice(&word.to_ne_bytes());
+    vm.map_insert(map, &key.to_ne_bytes(), &value)
 }
 
 fn service(
