@@ -169,8 +169,9 @@ pub enum Entry6 {
 /// backend's (or from one, with a tuple the reply filter has not) is
 /// [`Entry6::Untracked`]: the most common IPv6 traffic, a pod's to a pod,
 /// pays no tail call and no conntrack lookup (on a frontend's port too,
-/// unless its address may be a frontend's). The port, address and reply
-/// filters' reads (arrays, inlined) and nothing else.
+/// unless its address may be a frontend's). The destination filter's read
+/// ([`crate::conntrack::Dest`]: most packets end there), then the port and
+/// reply filters' (arrays, inlined), and nothing else.
 #[inline(always)]
 pub fn sort6<P: Packet>(ctx: &P) -> Entry6 {
     use crate::parse::{ip6, read_linear, ETH_HLEN};
@@ -241,7 +242,10 @@ pub enum Entry4 {
 /// and from no backend's port (or from one, with a tuple the reply filter
 /// has not) is [`Entry4::Untracked`]: a pod's packet to a pod, a
 /// socket-balanced flow's. It costs one read of its headers and the
-/// filters' reads (arrays, inlined), in a few dozen instructions at the
+/// filters' reads (arrays, inlined: the destination filter's block, where
+/// most packets end, then the port and reply filters' words; in place, a
+/// cache line of filter data costs more than the instructions around it),
+/// in a few dozen instructions at the
 /// program's start: in place, on a real connection's hops, fetching the
 /// whole path's code from across the program cost more than its work.
 #[inline(always)]

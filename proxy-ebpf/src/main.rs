@@ -86,7 +86,9 @@ use crate::{
 ///   (+2 for a NodePort), answered with ICMP port unreachable;
 /// - ICMP error: 1 or 2 (`CT_TCP` then `CT_ANY`, on the quoted packet's
 ///   tuple reversed);
-/// - any other IPv4 TCP/UDP packet: `PORTS` (its two ports' words); a
+/// - any other IPv4 TCP/UDP packet: `DESTS` (its destination's block, an
+///   array read: the address filter's word and the tuple's reply bit
+///   there), and if either bit is set, `PORTS` (its two ports' words); a
 ///   `CT` miss (`CT_TCP` or `CT_ANY`; both for a SYN or RST) only to a port
 ///   some frontend uses (at an address whose bit is set) or from a port
 ///   some backend uses with a tuple whose bit `REPLIES` has (no other
@@ -98,13 +100,15 @@ use crate::{
 /// Plain IPv4 TCP/UDP (no options, not a fragment) is sorted at the entry
 /// ([`family::sort4`]) by those filters from one read of its headers: a
 /// packet no service or flow can concern is passed there, at the program's
-/// start; any other goes on with its packet and the filters' word (not
-/// asked again), and what the sort does not take (ICMP, options,
-/// fragments, Geneve) parses from the start.
+/// start, most on the destination filter's one cache line; any other goes
+/// on with its packet and the filters' word (not asked again), and what
+/// the sort does not take (ICMP, options, fragments, Geneve) parses from
+/// the start.
 ///
 /// IPv6: the same lookups in IPv6's maps. Plain TCP/UDP (its transport
-/// header right after the fixed one) is sorted at the entry by the port,
-/// address and reply filters (arrays, inlined): not for a service or flow,
+/// header right after the fixed one) is sorted at the entry by the
+/// destination, port and reply filters (arrays, inlined, shared by both
+/// families): not for a service or flow,
 /// passed with no lookup; else its `CT6` lookup made here, and a tracked
 /// flow's packet translated here; no flow: its frontend looked up in
 /// [`kpx_tc_ingress6`] (a tail call), a first packet set up in
