@@ -21,7 +21,7 @@
 //! The reply filter ([`may_be_reply`], `proxy_common::reply_bit`) tells
 //! which packets from a backend's port can be a flow's reply at all: every
 //! reply entry inserted here is noted in it ([`note_reply`]), and in the
-//! destination filter ([`dest_passes`]), which tells from the destination
+//! destination filter ([`Dest`]), which tells from the destination
 //! alone that a packet is no flow's reply and for no frontend.
 
 use aya_ebpf::{
@@ -106,7 +106,7 @@ pub struct Dest {
 }
 
 impl Dest {
-    /// The filter's word on the packet of tuple `key` (as looked up).
+    /// What the filter says of the packet of tuple `key` (as looked up).
     #[inline(always)]
     pub fn of<A: Family>(key: &CtKey<A>) -> Self {
         let addr = dest_block(key.dst_addr);
