@@ -466,8 +466,10 @@ pub fn reply_bit<A: Address>(k: &CtKey<A>) -> PortBit {
 }
 
 /// Tuple `k`'s bits of the reply filter ([`reply_bit`]) and of the
-/// destination filter ([`dest_reply_bit`]), from one hash: the same mask,
-/// in the element of the tuple's hash and in the block of its destination.
+/// destination filter (its `word` the block of `k`'s destination, its
+/// mask in each of the block's two reply words), from one hash: the same
+/// mask, in the element of the tuple's hash and in the block of its
+/// destination.
 #[inline(always)]
 pub fn reply_bits<A: Address>(k: &CtKey<A>) -> [PortBit; 2] {
     let addrs = k.src_addr.folded() ^ k.dst_addr.folded().rotate_left(32);
@@ -483,14 +485,6 @@ pub fn reply_bits<A: Address>(k: &CtKey<A>) -> [PortBit; 2] {
     ]
 }
 
-/// The destination filter's bit of tuple `k` (a reply-direction key):
-/// `word` is the block of its destination, `mask` the bit in each of the
-/// block's two reply words.
-#[inline(always)]
-pub fn dest_reply_bit<A: Address>(k: &CtKey<A>) -> PortBit {
-    reply_bits(k)[1]
-}
-
 /// The destination filter (`KPX_DESTS`): what a packet's destination
 /// address alone tells, in one cache line, so that traffic no service or
 /// tracked flow can concern (a pod's to a pod, a socket-balanced flow's)
@@ -501,7 +495,7 @@ pub fn dest_reply_bit<A: Address>(k: &CtKey<A>) -> PortBit {
 ///   are frontends too), which the agent's port filter writes;
 /// - [`DEST_REPLIES`] and the next: the reply filter's bits again, two
 ///   copies kept as `KPX_REPLIES`'s are, but each tuple's in the block of
-///   its destination ([`dest_reply_bit`]);
+///   its destination ([`reply_bits`]);
 /// - a word unused (a block is 32 bytes: two to a cache line, none across
 ///   one).
 ///

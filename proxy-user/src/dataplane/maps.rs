@@ -658,7 +658,6 @@ impl MapSet {
     /// returns how many writes were done: a prefix of the plan, which is a
     /// consistent datapath.
     pub fn write_all(&mut self, ops: &[Op]) -> Result<(), (usize, MapError)> {
-        self.mark_node_addrs(ops).map_err(|e| (0, e))?;
         let mut i = 0;
         while i < ops.len() {
             let class = batch_class(&ops[i]);
@@ -672,6 +671,9 @@ impl MapSet {
                 None => i + 1,
             };
             if end - i > 1 {
+                // A run's node addresses marked here, a single write's by
+                // `write`: each once.
+                self.mark_node_addrs(&ops[i..end]).map_err(|e| (i, e))?;
                 match self.write_run(&ops[i..end]) {
                     Ok(()) => {
                         i = end;
