@@ -818,6 +818,10 @@ fn established<P: Packet, A: Family>(
     let (rewrite, refreshed) = conntrack::touch(found, key, pkt.tcp_flags);
     let to = &rewrite.translate(key);
     let route = forward::established(ctx, pkt, to, found.entry, rewrite, refreshed, hook);
+    // XDP without metadata: untouched, uncounted; tc translates it.
+    if ctx.leaves_to_tc(route.via, route.ifindex) {
+        return Verdict::Pass(Counter::PassNotHandled);
+    }
     let route = ctx.reachable(route);
     if nat::apply(ctx, pkt, to, route.ttl_dec(hook), &route).is_err() {
         return Verdict::Drop(DropReason::RewriteFailed);
@@ -859,9 +863,13 @@ fn new_flow<P: Packet, A: Family>(
         Err(reason) => return Verdict::Drop(reason),
     };
     let dsr = dsr && choice.masquerade && policy::dsr(svc, pkt.src, pkt.proto, origin, &cfg, &net);
-    if dsr && P::XDP {
+    if P::XDP && (dsr || !packet::xdp_marks()) {
         // Untouched, before any choice is made: tc balances it, and puts
-        // it in Geneve when its backend is on another node.
+        // it in Geneve when its backend is on another node. Without
+        // metadata, XDP could not hand tc a first packet it translated for
+        // the stack (a backend here), and which one it is is known only
+        // once the flow is set up: tc sets up every flow, and XDP takes its
+        // packets from then on.
         return Verdict::Pass(Counter::PassNotHandled);
     }
     let table = select::Table::of(svc, choice.local);

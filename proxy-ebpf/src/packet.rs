@@ -64,6 +64,11 @@ pub trait Packet {
     /// [`Route::STACK`] (decided before the rewrite, which writes the next
     /// hop's MACs only for a route taken here).
     fn reachable(&self, route: Route) -> Route;
+    /// Whether this hook can neither take a route (`via` out of
+    /// `ifindex`) nor mark the packet for tc ([`xdp_marks`]): it is left
+    /// untouched, for tc to translate from the flow's entry. Never at tc
+    /// (a constant there; scalars, so tc's route stays in registers).
+    fn leaves_to_tc(&self, via: Via, ifindex: u32) -> bool;
     /// Sends the translated packet along `route`: the hook's verdict.
     fn send(&self, route: Route) -> i32;
 }
@@ -162,6 +167,11 @@ impl Packet for TcContext {
     #[inline(always)]
     fn reachable(&self, route: Route) -> Route {
         route
+    }
+
+    #[inline(always)]
+    fn leaves_to_tc(&self, _via: Via, _ifindex: u32) -> bool {
+        false
     }
 
     #[inline(always)]
@@ -302,14 +312,21 @@ impl Packet for XdpContext {
     /// Back out of the interface the frame came in (`XDP_TX`): to a
     /// backend or client on another node. Any other next hop (a local
     /// pod's interface, whose peer may not take XDP frames; a neighbour
-    /// not yet resolved) goes to tc ingress, which redirects it.
+    /// not yet resolved) goes to tc ingress, which redirects it:
+    /// translated and marked, or, where the kernel lets XDP write no
+    /// metadata, untouched.
     #[inline(always)]
     fn reachable(&self, route: Route) -> Route {
-        if route.via == Via::Mac && route.ifindex == self.ifindex() {
+        if sends_back(self, route.via, route.ifindex) {
             route
         } else {
             Route::STACK
         }
+    }
+
+    #[inline(always)]
+    fn leaves_to_tc(&self, via: Via, ifindex: u32) -> bool {
+        !xdp_marks() && !sends_back(self, via, ifindex)
     }
 
     #[inline(always)]
@@ -318,13 +335,42 @@ impl Packet for XdpContext {
     }
 }
 
+/// Whether a route (`via` out of `ifindex`) leads back out of the
+/// interface the frame came in.
+#[inline(always)]
+fn sends_back(ctx: &XdpContext, via: Via, ifindex: u32) -> bool {
+    via == Via::Mac && ifindex == ctx.ifindex()
+}
+
+/// Whether XDP can mark the frames it translates for the stack
+/// (`bpf_xdp_adjust_meta`, which some kernels refuse XDP programs): the
+/// agent probes the kernel and sets it before loading. A read-only
+/// global, so the verifier knows its value and never visits what it rules
+/// out, the helper's call included.
+#[unsafe(no_mangle)]
+static XDP_MARKS: u8 = 1;
+
+/// [`XDP_MARKS`]: without it, XDP translates only the frames it sends back
+/// out itself, and leaves the rest (and every flow's first packet)
+/// untouched to tc.
+#[inline(always)]
+pub fn xdp_marks() -> bool {
+    // SAFETY: a read of a global; volatile, or LLVM would fold the value
+    // compiled in rather than read the one the loader set.
+    unsafe { core::ptr::read_volatile(&raw const XDP_MARKS) != 0 }
+}
+
 /// Marks a frame XDP translated and hands to the stack, so that tc ingress
 /// only forwards it: four bytes of metadata in front of it. Where the
 /// driver keeps no metadata, tc sees an ordinary packet of no tracked
 /// tuple (the translated one is neither direction's key) and passes it to
-/// the stack: nothing is translated twice either way.
+/// the stack. Only called where [`xdp_marks`] holds: without it, XDP hands
+/// tc no translated frame.
 #[inline(always)]
 pub fn mark_translated(ctx: &XdpContext) {
+    if !xdp_marks() {
+        return;
+    }
     // SAFETY: the context's own frame; a negative delta makes room.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
         return;

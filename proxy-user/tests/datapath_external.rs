@@ -308,33 +308,36 @@ fn translated_packets_go_straight_to_the_fib_next_hop() {
 fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
     let mut dp = nodeport_30080();
     let packets_before = packets(&mut dp);
-    // The client's SYN, at XDP: balanced and masqueraded as at tc. The
-    // empty namespace's FIB cannot forward it, so it goes up the stack
-    // marked as translated.
+    // The client's SYN: balanced and masqueraded as at tc. The empty
+    // namespace's FIB cannot forward it, so it goes up the stack: marked as
+    // translated by XDP, or, where XDP cannot mark it, translated by tc.
+    let marks = dp.xdp_marks();
     let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
-    let out = run_xdp(&mut dp, &syn);
-    assert_eq!(out.verdict, XDP_PASS);
-    assert!(out.marked(), "a translated frame is marked for tc");
-    let seen = inspect(out.frame());
+    let seen = inspect(&up_the_stack(&mut dp, &syn, None, 0));
     assert_eq!(seen.src, ip(NODE));
     assert!((20000..=20255).contains(&seen.sport), "{seen:?}");
     assert!([ip(B1), ip(B2), ip(B3)].contains(&seen.dst));
     assert_eq!(seen.dport, 8080);
     assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
-    assert_eq!(event(&mut dp, Event::XdpStack), 1);
-    // The backend's SYN-ACK, at tc on its pod's interface: the entries XDP
-    // wrote translate it back.
+    assert_eq!(event(&mut dp, Event::XdpStack), u64::from(marks));
+    // The backend's SYN-ACK, at tc on its pod's interface: the entries
+    // written at the SYN translate it back.
     syn_ack_reaches_the_client(&mut dp, &seen);
-    // The client's next segment: XDP and tc give the same bytes.
+    // The client's next segment: XDP and tc give the same bytes (or XDP
+    // leaves it to tc).
     let ack = Pkt::new(OUTSIDE, 40000, NODE, 30080, ACK).build();
-    let at_xdp = run_xdp(&mut dp, &ack);
+    let at_xdp = up_the_stack(&mut dp, &ack, None, 0);
     let at_tc = run(&mut dp, &ack);
-    assert_eq!((at_xdp.verdict, at_tc.verdict), (XDP_PASS, TC_ACT_OK));
-    assert_eq!(at_xdp.frame(), &at_tc.bytes[..]);
-    assert_eq!(inspect(at_xdp.frame()), seen);
-    // The service's statistics tell the hooks apart: 4 packets, 2 at XDP.
+    assert_eq!(at_tc.verdict, TC_ACT_OK);
+    assert_eq!(at_xdp, at_tc.bytes);
+    assert_eq!(inspect(&at_xdp), seen);
+    // The service's statistics tell the hooks apart: 4 packets, 2 at XDP
+    // where it marks (else none).
     let stats = dp.maps.service_stats(1).unwrap();
-    assert_eq!((stats.packets, stats.xdp_packets), (4, 2));
+    assert_eq!(
+        (stats.packets, stats.xdp_packets),
+        (4, 2 * u64::from(marks))
+    );
     // A UDP datagram with no checksum keeps none; one with a checksum gets
     // it updated (`inspect` recomputes both).
     frontend(
@@ -348,12 +351,12 @@ fn xdp_translates_north_south_flows_as_tc_does_and_shares_their_conntrack() {
     for zero_csum in [true, false] {
         let mut p = Pkt::new(OUTSIDE, 40001, NODE, 30053, L4::Udp { zero_csum });
         p.sport += zero_csum as u16;
-        let out = run_xdp(&mut dp, &p.build());
-        let seen = inspect(out.frame());
+        let seen = inspect(&up_the_stack(&mut dp, &p.build(), None, 0));
         assert_eq!(seen.udp_csum_zero, zero_csum);
         assert_eq!(seen.dport, 5353);
     }
-    // Every packet XDP handled is counted once, as tc counts its own.
+    // Every packet XDP handled is counted once, as tc counts its own; one
+    // it left untouched, by tc alone.
     assert_eq!(packets(&mut dp) - packets_before, 6);
 }
 
@@ -428,14 +431,27 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
         "198.18.128.254",
         &["198.18.1.0/24", "198.18.200.0/24"],
     );
+    let marks = dp.xdp_marks();
+    // The flow's first packet: bounced by XDP where it can mark frames
+    // (which way a flow goes is known only once it is set up); else left
+    // to tc, which sends the same bytes out of ext.
     let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
     let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
-    let frame = bounced(&out);
+    let frame = if marks {
+        bounced(&out).to_vec()
+    } else {
+        assert_eq!((out.verdict, &out.out), (XDP_PASS, &syn), "untouched");
+        let out = run_in(&mut dp, &syn, false, &file);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        out.bytes
+    };
+    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
+    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
     assert_eq!(frame[14 + 8], 63, "forwarded: TTL down by one");
-    let seen = inspect(frame);
+    let seen = inspect(&frame);
     assert_eq!(seen.src, ip(NODE), "masqueraded to ext's address");
     assert_eq!(seen.dport, 8080);
-    assert_eq!(event(&mut dp, Event::XdpTx), 1);
+    assert_eq!(event(&mut dp, Event::XdpTx), u64::from(marks));
     // The backend's reply comes back in on ext: out again, to the client.
     let reply = Pkt::new(&seen.dst.to_string(), 8080, NODE, seen.sport, SYN_ACK).build();
     let out = run_xdp_in(&mut dp, &reply, Some(&file), ext);
@@ -445,8 +461,14 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
         (back.src, back.sport, back.dst, back.dport),
         (ip(NODE), 30080, ip(OUTSIDE), 40000)
     );
+    // The client's next segment, whoever set the flow up: bounced by XDP.
+    let ack = Pkt::new(OUTSIDE, 40000, NODE, 30080, ACK).build();
+    let out = run_xdp_in(&mut dp, &ack, Some(&file), ext);
+    assert_eq!(inspect(bounced(&out)), seen);
+    assert_eq!(event(&mut dp, Event::XdpTx), 2 + u64::from(marks));
     // A backend behind another interface (a local pod): translated, and
-    // handed up marked, for tc ingress to redirect it.
+    // handed up marked, for tc ingress to redirect it; where XDP cannot
+    // mark it, left untouched to tc, first packet and next.
     install_service(
         &mut dp,
         4,
@@ -458,11 +480,27 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
     let frame = Pkt::new(OUTSIDE, 40002, "198.19.4.4", 80, SYN).build();
     let out = run_xdp_in(&mut dp, &frame, Some(&file), ext);
     assert_eq!(out.verdict, XDP_PASS);
-    assert!(out.marked());
-    let seen = inspect(out.frame());
+    if marks {
+        assert!(out.marked());
+        let seen = inspect(out.frame());
+        assert_eq!((seen.dst, seen.dport), (ip("198.18.3.7"), 8080));
+        assert_eq!(out.frame()[14 + 8], 64, "the stack (or tc) forwards it");
+        assert_eq!(event(&mut dp, Event::XdpStack), 1);
+        return;
+    }
+    assert_eq!(out.out, frame, "untouched");
+    let out = run_in(&mut dp, &frame, false, &file);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "tc sends it to the pod");
+    let seen = inspect(&out.bytes);
     assert_eq!((seen.dst, seen.dport), (ip("198.18.3.7"), 8080));
-    assert_eq!(out.frame()[14 + 8], 64, "the stack (or tc) forwards it");
-    assert_eq!(event(&mut dp, Event::XdpStack), 1);
+    // The flow's next packet (the SYN again: nothing has answered it).
+    let out = run_xdp_in(&mut dp, &frame, Some(&file), ext);
+    assert_eq!((out.verdict, &out.out), (XDP_PASS, &frame), "untouched");
+    assert_eq!(
+        run_in(&mut dp, &frame, false, &file).verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(event(&mut dp, Event::XdpStack), 0);
 }
 
 // Direct server return (`--nodeport-mode=dsr|hybrid`), on both families:

@@ -661,45 +661,47 @@ fn xdp_translates_ipv6_flows_as_tc_does_and_shares_their_conntrack() {
     cluster6(&mut dp);
     node6(&mut dp);
     let packets_before = packets(&mut dp);
-    // The client's SYN at XDP: balanced and masqueraded as at tc (the
-    // client is off-cluster); the empty namespace's FIB cannot forward
-    // it, so it goes up marked as translated.
+    // The client's SYN: balanced and masqueraded as at tc (the client is
+    // off-cluster); the empty namespace's FIB cannot forward it, so it
+    // goes up the stack: marked as translated by XDP, or, where XDP
+    // cannot mark it, translated by tc.
+    let marks = dp.xdp_marks();
     let syn = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, SYN).build();
-    let out = run_xdp(&mut dp, &syn);
-    assert_eq!(out.verdict, XDP_PASS);
-    assert!(out.marked(), "a translated frame is marked for tc");
-    let seen = inspect6(out.frame());
+    let seen = inspect6(&up_the_stack(&mut dp, &syn, None, 0));
     assert_eq!(seen.src, ip6(NODE6));
     assert!((20000..=20255).contains(&seen.sport), "{seen:?}");
     assert!(backends6().contains(&seen.dst));
     assert_eq!(seen.dport, 8080);
     assert_eq!(counter(&mut dp, Counter::NewFlow), 1);
-    assert_eq!(event(&mut dp, Event::XdpStack), 1);
-    // The backend's SYN-ACK, at tc on its pod's interface: the entries XDP
-    // wrote translate it back.
+    assert_eq!(event(&mut dp, Event::XdpStack), u64::from(marks));
+    // The backend's SYN-ACK, at tc on its pod's interface: the entries
+    // written at the SYN translate it back.
     let back = inspect6(&run(&mut dp, &reply6(&seen, SYN_ACK)).bytes);
     assert_eq!(
         (back.src, back.sport, back.dst, back.dport),
         (ip6(VIP6), 80, ip6(OUTSIDE6), 45000)
     );
-    // The client's next segment: XDP and tc give the same bytes.
+    // The client's next segment: XDP and tc give the same bytes (or XDP
+    // leaves it to tc).
     let ack = Pkt6::new(OUTSIDE6, 45000, VIP6, 80, ACK).build();
-    let at_xdp = run_xdp(&mut dp, &ack);
+    let at_xdp = up_the_stack(&mut dp, &ack, None, 0);
     let at_tc = run(&mut dp, &ack);
-    assert_eq!((at_xdp.verdict, at_tc.verdict), (XDP_PASS, TC_ACT_OK));
-    assert!(at_xdp.marked());
-    assert_eq!(at_xdp.frame(), &at_tc.bytes[..]);
-    assert_eq!(inspect6(at_xdp.frame()), seen);
+    assert_eq!(at_tc.verdict, TC_ACT_OK);
+    assert_eq!(at_xdp, at_tc.bytes);
+    assert_eq!(inspect6(&at_xdp), seen);
     // A reply arriving at XDP (a backend on another node answers through
     // this one) is translated back as well.
     let reply = reply6(&seen, ACK);
-    let out = run_xdp(&mut dp, &reply);
-    assert!(out.marked());
-    assert_eq!(out.frame(), &run(&mut dp, &reply).bytes[..]);
-    // The service's statistics tell the hooks apart: 6 packets, 3 at XDP;
-    // every packet XDP handled is counted once, as tc counts its own.
+    let out = up_the_stack(&mut dp, &reply, None, 0);
+    assert_eq!(out, run(&mut dp, &reply).bytes);
+    // The service's statistics tell the hooks apart: 6 packets, 3 at XDP
+    // where it marks (else none); every packet is counted once, by the
+    // hook that translated it.
     let stats = dp.maps.service_stats(21).unwrap();
-    assert_eq!((stats.packets, stats.xdp_packets), (6, 3));
+    assert_eq!(
+        (stats.packets, stats.xdp_packets),
+        (6, 3 * u64::from(marks))
+    );
     assert_eq!(packets(&mut dp) - packets_before, 6);
 }
 
@@ -761,11 +763,22 @@ fn xdp_sends_an_ipv6_flow_back_out_of_its_interface() {
         "2001:2:0:fe::fe",
         &["2001:2:0:1::/64", "2001:2:0:9::/64"],
     );
+    // The first packet: XDP's where it can mark frames, else tc's (as
+    // IPv4's, `xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc`).
+    let marks = dp.xdp_marks();
     let syn = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, SYN).build();
     let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
-    let frame = bounced(&out);
+    let frame = if marks {
+        bounced(&out).to_vec()
+    } else {
+        assert_eq!((out.verdict, &out.out), (XDP_PASS, &syn), "untouched");
+        let out = run_in(&mut dp, &syn, false, &file);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        out.bytes
+    };
+    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
     assert_eq!(frame[14 + 7], 63, "forwarded: hop limit down by one");
-    let seen = inspect6(frame);
+    let seen = inspect6(&frame);
     assert_eq!(seen.src, ip6(NODE6), "masqueraded to the node's address");
     assert!(backends6().contains(&seen.dst));
     // The backend's reply comes back in on ext: out again, to the client.
@@ -776,7 +789,7 @@ fn xdp_sends_an_ipv6_flow_back_out_of_its_interface() {
     let out = run_xdp_in(&mut dp, &ack, Some(&file), ext);
     assert_eq!(out.verdict, XDP_TX);
     assert_eq!(inspect6(out.frame()), seen);
-    assert_eq!(event(&mut dp, Event::XdpTx), 3);
+    assert_eq!(event(&mut dp, Event::XdpTx), 2 + u64::from(marks));
     let out = run_xdp_in(&mut dp, &reply6(&seen, ACK), Some(&file), ext);
     assert_eq!(out.verdict, XDP_TX);
     let back = inspect6(out.frame());

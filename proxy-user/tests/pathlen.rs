@@ -109,12 +109,15 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     // checksums computed in the program (no helper calls: the figures
     // beside tc's count instructions a helper would have run). Budgets
     // since the interpreter ran XDP programs (first counts in comments).
-    ("XDP: no service", 155, 1),                      // 142 < 152; 170, 3
-    ("XDP: established, next hop looked up", 700, 9), // 677 > 658; 682, 9
-    ("XDP: established", 600, 7),                     // 579 > 563; 592, 7
-    ("XDP: reply", 635, 9),                           // 622 > 603; 619, 8
-    ("XDP: established, handed to tc", 590, 8),       // 575 > 555; 589, 8
-    ("XDP: first packet", 1020, 20),                  // 1010 > 956; 988, 19
+    // Since XDP asks whether it may mark (`XDP_MARKS`, read here as
+    // compiled: 1), its translated paths are 2-18 longer (the global's
+    // load, the route's compare, the registers they take).
+    ("XDP: no service", 155, 1),                      // 144 > 142; 170, 3
+    ("XDP: established, next hop looked up", 700, 9), // 690 > 677; 682, 9
+    ("XDP: established", 605, 7),                     // 596 > 579; 592, 7
+    ("XDP: reply", 650, 9),                           // 640 > 622; 619, 8
+    ("XDP: established, handed to tc", 610, 8),       // 598 > 575; 589, 8
+    ("XDP: first packet", 1025, 20),                  // 1016 > 1010; 988, 19
     // IPv6 (issue 20): the path is IPv4's instantiated for IPv6, the
     // packet and its tuple in per-CPU scratch space (an array read each
     // time, inlined by the verifier in the kernel, a helper call here);
@@ -174,7 +177,7 @@ const BUDGETS: &[(&str, u64, u64)] = &[
     ("IPv6: XDP: established, next hop looked up", 990, 11), // 976 > 928; 936 < 973; 973, 11
     ("IPv6: XDP: established", 880, 9), // 868 > 818; 832 < 866; 866, 9
     ("IPv6: XDP: reply", 910, 11),     // 900 > 856; 873 < 909; 909, 10
-    ("IPv6: XDP: first packet", 1520, 29), // 1506 > 1430; 1428 < 1473; 1473, 28
+    ("IPv6: XDP: first packet", 1535, 29), // 1524 > 1506 (`XDP_MARKS`); 1428 < 1473; 1473, 28
 ];
 
 #[test]

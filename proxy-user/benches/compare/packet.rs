@@ -138,8 +138,12 @@ pub struct XdpCost {
     /// (`XDP_TX`), `repeat` in batches of 200 (TTL 255).
     pub established_ns: f64,
     pub reply_ns: f64,
-    /// A first packet, balanced, translated and sent back out.
+    /// A first packet, balanced, translated and sent back out; or, where
+    /// the kernel lets XDP mark no frame (`first_to_tc`), passed untouched
+    /// to tc, which sets every flow up there.
     pub first_packet_ns: f64,
+    #[serde(default)]
+    pub first_to_tc: bool,
     /// The same three for IPv6 (0: not measured, an older report).
     #[serde(default)]
     pub established6_ns: f64,
@@ -918,6 +922,9 @@ fn xdp_costs(
     let flows = bounced(dp, ping_pong_frames(vip))?;
     let frames6 = ping_pong6(dp, vip6)?;
     let flows6 = bounced(dp, frames6)?;
+    // Without XDP metadata, a first packet is tc's: XDP passes it on.
+    let first_to_tc = !dp.xdp_marks();
+    let first_verdict = if first_to_tc { XDP_PASS } else { XDP_TX };
     let mut first = Vec::with_capacity(singles as usize);
     let mut first6 = Vec::with_capacity(singles as usize);
     let mut floor_single = Vec::with_capacity(singles as usize);
@@ -927,8 +934,9 @@ fn xdp_costs(
         let syn = Pkt::new(&src, sport, vip, 80, SYN).build();
         let r = xdp_run(dp.xdp()?, &syn, ifindex, 1)?;
         anyhow::ensure!(
-            r.return_value == XDP_TX,
-            "XDP did not send a first packet out"
+            r.return_value == first_verdict,
+            "XDP gave a first packet verdict {} (not {first_verdict})",
+            r.return_value
         );
         first.push(r.duration.as_nanos());
         floor_single.push(
@@ -940,8 +948,8 @@ fn xdp_costs(
         let syn6 = Pkt6::new(&src6, sport, vip6, 80, SYN).build();
         let r = xdp_run(dp.xdp()?, &syn6, ifindex, 1)?;
         anyhow::ensure!(
-            r.return_value == XDP_TX,
-            "XDP did not send an IPv6 first packet out (verdict {})",
+            r.return_value == first_verdict,
+            "XDP gave an IPv6 first packet verdict {} (not {first_verdict})",
             r.return_value
         );
         first6.push(r.duration.as_nanos());
@@ -953,6 +961,7 @@ fn xdp_costs(
         established_ns: flows[0],
         reply_ns: flows[1],
         first_packet_ns: median(first),
+        first_to_tc,
         established6_ns: flows6[0],
         reply6_ns: flows6[1],
         first_packet6_ns: median(first6),

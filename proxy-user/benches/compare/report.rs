@@ -596,10 +596,15 @@ fn xdp_cell(v: f64, floor: f64, tc: f64) -> String {
 /// beside tc's redirected figures for the same packets (`tc`, ns in all):
 /// each family's row of [`xdp_table`].
 fn xdp_flow_cells(p: &PacketCost, x: &XdpCost, xdp: [f64; 3], tc: [f64; 3]) -> [String; 3] {
+    let first = xdp_cell(xdp[2], x.floor_single_ns, tc[2] - p.floor_single_ns);
     [
         xdp_cell(xdp[0], x.floor_ns, tc[0] - p.floor_ns),
         xdp_cell(xdp[1], x.floor_ns, tc[1] - p.floor_ns),
-        xdp_cell(xdp[2], x.floor_single_ns, tc[2] - p.floor_single_ns),
+        if x.first_to_tc {
+            format!("{first}: passed to tc (this kernel lets XDP write no metadata)")
+        } else {
+            first
+        },
     ]
 }
 

@@ -1172,6 +1172,8 @@ pub struct Datapath {
     pub upgrade: Option<layout::Upgrade>,
     /// An old layout's tables, to read again once attached ([`Datapath::carry_late`]).
     late: layout::Late,
+    /// [`Datapath::xdp_marks`].
+    xdp_marks: bool,
 }
 
 impl Datapath {
@@ -1216,6 +1218,9 @@ impl Datapath {
                 }
             }
         }
+        let xdp_marks = xdp_marks_supported();
+        let marks = u8::from(xdp_marks);
+        loader.override_global("XDP_MARKS", &marks, true);
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the kpx eBPF object (needs root: CAP_BPF and CAP_NET_ADMIN)")?;
@@ -1266,7 +1271,16 @@ impl Datapath {
             maps,
             upgrade,
             late,
+            xdp_marks,
         })
+    }
+
+    /// Whether XDP marks the frames it translates for the stack (the
+    /// kernel lets XDP programs call `bpf_xdp_adjust_meta`). Without it,
+    /// XDP translates only what it sends back out of its interface and
+    /// leaves the rest, and every flow's first packet, untouched to tc.
+    pub fn xdp_marks(&self) -> bool {
+        self.xdp_marks
     }
 
     /// The tc ingress classifier (loaded).
@@ -1287,6 +1301,13 @@ impl Datapath {
             .program(prog_names::XDP)
             .is_some_and(|p| p.fd().is_err())
         {
+            if !self.xdp_marks {
+                log::warn!(
+                    "XDP: this kernel refuses XDP programs bpf_xdp_adjust_meta: XDP \
+                     translates only the packets it sends back out of their interface; \
+                     the rest, and every flow's first packet, go to tc untouched"
+                );
+            }
             // The programs it tail-calls go in first (IPv6's first packets).
             let tail = [
                 (XDP_PROG_SERVICE6, prog_names::XDP_SERVICE6),
@@ -1372,6 +1393,23 @@ fn fill_prog_array(ebpf: &mut Ebpf, map: &str, programs: &[(u32, &str)]) -> Resu
             .with_context(|| format!("putting {name} in {map}"))?;
     }
     Ok(())
+}
+
+/// Whether this kernel lets XDP programs call `bpf_xdp_adjust_meta`
+/// (some builds refuse it: "program of this type cannot use helper").
+/// A probe that fails says no: XDP then hands tc nothing translated.
+pub fn xdp_marks_supported() -> bool {
+    use aya::{
+        programs::ProgramType,
+        sys::{is_helper_supported, BpfHelper},
+    };
+    match is_helper_supported(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta) {
+        Ok(yes) => yes,
+        Err(e) => {
+            log::warn!("XDP: probing bpf_xdp_adjust_meta failed ({e}); taken as unavailable");
+            false
+        }
+    }
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {

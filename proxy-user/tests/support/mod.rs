@@ -359,6 +359,35 @@ impl Xdp {
     }
 }
 
+/// A frame from outside that XDP translates for the stack (its next hop
+/// not back out of its interface) where the kernel lets XDP mark frames
+/// ([`Datapath::xdp_marks`]): passed marked, what XDP made of it; else
+/// passed untouched, uncounted, and what tc ingress (in the same
+/// namespace) made of it, which must pass it on too.
+pub fn up_the_stack(
+    dp: &mut Datapath,
+    frame: &[u8],
+    netns: Option<&std::fs::File>,
+    ifindex: u32,
+) -> Vec<u8> {
+    let before = packets(dp);
+    let out = run_xdp_in(dp, frame, netns, ifindex);
+    assert_eq!(out.verdict, XDP_PASS);
+    if dp.xdp_marks() {
+        assert!(out.marked(), "a translated frame is marked for tc");
+        return out.frame().to_vec();
+    }
+    assert_eq!(out.out, frame, "untouched, unmarked: tc's to translate");
+    assert_eq!(packets(dp), before, "tc counts it, not XDP");
+    let out = run_in(dp, frame, false, netns.unwrap_or_else(|| empty_netns()));
+    assert!(
+        [TC_ACT_OK, TC_ACT_REDIRECT].contains(&out.verdict),
+        "tc sends it on: {}",
+        out.verdict
+    );
+    out.bytes
+}
+
 /// The addresses and ports of an output frame, with its checksums verified
 /// by recomputing them from scratch.
 #[derive(Debug, PartialEq, Eq)]
