@@ -432,21 +432,10 @@ fn xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc() {
         &["198.18.1.0/24", "198.18.200.0/24"],
     );
     let marks = dp.xdp_marks();
-    // The flow's first packet: bounced by XDP where it can mark frames
-    // (which way a flow goes is known only once it is set up); else left
-    // to tc, which sends the same bytes out of ext.
+    // The flow's first packet: bounced by XDP where it can mark frames,
+    // else sent out of ext by tc.
     let syn = Pkt::new(OUTSIDE, 40000, NODE, 30080, SYN).build();
-    let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
-    let frame = if marks {
-        bounced(&out).to_vec()
-    } else {
-        assert_eq!((out.verdict, &out.out), (XDP_PASS, &syn), "untouched");
-        let out = run_in(&mut dp, &syn, false, &file);
-        assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        out.bytes
-    };
-    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
-    assert_eq!(&frame[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    let frame = first_sent_back(&mut dp, &syn, &file, ext);
     assert_eq!(frame[14 + 8], 63, "forwarded: TTL down by one");
     let seen = inspect(&frame);
     assert_eq!(seen.src, ip(NODE), "masqueraded to ext's address");

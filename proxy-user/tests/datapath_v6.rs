@@ -763,20 +763,11 @@ fn xdp_sends_an_ipv6_flow_back_out_of_its_interface() {
         "2001:2:0:fe::fe",
         &["2001:2:0:1::/64", "2001:2:0:9::/64"],
     );
-    // The first packet: XDP's where it can mark frames, else tc's (as
-    // IPv4's, `xdp_sends_a_flow_back_out_of_its_interface_and_hands_the_rest_to_tc`).
+    // The first packet: bounced by XDP where it can mark frames, else
+    // sent out of ext by tc.
     let marks = dp.xdp_marks();
     let syn = Pkt6::new(OUTSIDE6, 45100, VIP6, 80, SYN).build();
-    let out = run_xdp_in(&mut dp, &syn, Some(&file), ext);
-    let frame = if marks {
-        bounced(&out).to_vec()
-    } else {
-        assert_eq!((out.verdict, &out.out), (XDP_PASS, &syn), "untouched");
-        let out = run_in(&mut dp, &syn, false, &file);
-        assert_eq!(out.verdict, TC_ACT_REDIRECT);
-        out.bytes
-    };
-    assert_eq!(&frame[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
+    let frame = first_sent_back(&mut dp, &syn, &file, ext);
     assert_eq!(frame[14 + 7], 63, "forwarded: hop limit down by one");
     let seen = inspect6(&frame);
     assert_eq!(seen.src, ip6(NODE6), "masqueraded to the node's address");

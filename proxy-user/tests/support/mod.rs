@@ -745,6 +745,29 @@ pub fn xdp_node(
     (ns, file, ifindex)
 }
 
+/// A flow's first packet from outside, arriving on [`xdp_node`]'s first
+/// interface `ext` with its next hop back out of it: bounced by XDP where
+/// it can mark frames ([`Datapath::xdp_marks`]; which way a flow goes is
+/// known only once it is set up), else passed untouched and sent out of
+/// `ext` by tc: either way the same frame, from ext's MAC to the router's.
+pub fn first_sent_back(
+    dp: &mut Datapath,
+    frame: &[u8],
+    netns: &std::fs::File,
+    ext: u32,
+) -> Vec<u8> {
+    let out = run_xdp_in(dp, frame, Some(netns), ext);
+    if dp.xdp_marks() {
+        return bounced(&out).to_vec();
+    }
+    assert_eq!((out.verdict, &out.out[..]), (XDP_PASS, frame), "untouched");
+    let out = run_in(dp, frame, false, netns);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.bytes[0..6], &[2, 0, 0, 0, 0, 0xbb], "the router's MAC");
+    assert_eq!(&out.bytes[6..12], &[2, 0, 0, 0, 0, 0xaa], "ext's MAC");
+    out.bytes
+}
+
 /// The frame of an XDP run sent back out of [`xdp_node`]'s first
 /// interface: `XDP_TX`, unmarked, from that interface's MAC (02::aa) to
 /// the router's.
