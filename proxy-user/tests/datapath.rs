@@ -520,6 +520,14 @@ fn a_flows_replies_are_found_through_the_reply_filter_across_its_rebuilds<F: Fam
         assert!(from_vip(&mut dp), "{}: the reply after a rebuild", F::NAME);
     }
     assert!(!dp.maps.replies.has(&direct), "{}", F::NAME);
+    // One reply tracked: one bit in each filter, as their ratios say.
+    let blocks = f64::from(proxy_common::capacity::DEST_BLOCKS) * 64.0;
+    assert_eq!(
+        dp.maps.replies.dest_fill_ratio() * blocks,
+        1.0,
+        "{}",
+        F::NAME
+    );
     // A rebuild whose read fails leaves its copy full, never empty.
     let failed = dp
         .maps
@@ -527,6 +535,7 @@ fn a_flows_replies_are_found_through_the_reply_filter_across_its_rebuilds<F: Fam
         .rebuild(|| Err(anyhow::anyhow!("the read failed")));
     assert!(failed.is_err());
     assert!(dp.maps.replies.has(&direct), "{}", F::NAME);
+    assert_eq!(dp.maps.replies.dest_fill_ratio(), 1.0, "{}", F::NAME);
     assert!(from_vip(&mut dp), "{}", F::NAME);
 }
 
@@ -540,4 +549,5 @@ fn a_reply_filter_just_loaded_holds_every_tuple() {
         kpx::dataplane::Datapath::load(&Default::default()),
     );
     assert_eq!(dp.maps.replies.fill_ratio(), 1.0);
+    assert_eq!(dp.maps.replies.dest_fill_ratio(), 1.0);
 }

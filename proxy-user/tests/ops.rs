@@ -151,6 +151,9 @@ fn metrics_report_maps_datapath_verdicts_and_conntrack() {
     // flows' reply bits alone, a few of 2^20.
     let fill = metric(&m, "kpx_reply_filter_fill_ratio");
     assert!(fill < 0.001, "reply filter not rebuilt: {fill}");
+    // The same bits in the destinations' blocks: rebuilt with it.
+    let dests = metric(&m, "kpx_dest_filter_fill_ratio");
+    assert!(dests < 0.001, "destination filter not rebuilt: {dests}");
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
         "kubeproxy_sync_proxy_rules_last_timestamp_seconds",

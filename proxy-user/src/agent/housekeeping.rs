@@ -146,6 +146,7 @@ impl Collector {
         let (tx, rx) = mpsc::channel::<Work>();
         // Every bit is set at load, until the first rebuilds (`arm`).
         metrics.reply_filter_fill.set(1.0);
+        metrics.dest_filter_fill.set(1.0);
         let (timeouts, every) = (cfg.ct_timeouts, cfg.ct_gc_interval);
         let socks = cfg.socket_lb != crate::dataplane::socklb::Mode::Off;
         let live = Arc::new(Mutex::new(None));
@@ -273,11 +274,13 @@ fn arm(maps: &MapSet, metrics: &Metrics) {
             return;
         }
     }
-    let fill = maps.replies.fill_ratio();
+    let (fill, dests) = (maps.replies.fill_ratio(), maps.replies.dest_fill_ratio());
     metrics.reply_filter_fill.set(fill);
+    metrics.dest_filter_fill.set(dests);
     log::info!(
-        "reply filter rebuilt: {:.2} % of its bits set",
-        fill * 100.0
+        "reply filter rebuilt: {:.2} % of its bits set ({:.2} % of the destination filter's)",
+        fill * 100.0,
+        dests * 100.0
     );
 }
 
@@ -317,6 +320,7 @@ fn collect(
     if let Some(copy) = copy {
         maps.replies.mark(copy, report.replies.drain(..));
         metrics.reply_filter_fill.set(maps.replies.fill_ratio());
+        metrics.dest_filter_fill.set(maps.replies.dest_fill_ratio());
     }
     let live_ports = LivePorts {
         started,

@@ -226,6 +226,26 @@ impl ReplyFilter {
         f64::from(set) / (WORDS as f64 * 32.0)
     }
 
+    /// The share of the destination filter's reply bits set (either copy,
+    /// every block): of packets to no frontend's address, the share read
+    /// further than their destination's block (the port filter's word, and
+    /// the reply filter's from a backend's port). The same bits as the
+    /// reply filter's, spread by destination: one busy destination fills
+    /// its own block, not this ratio.
+    pub fn dest_fill_ratio(&self) -> f64 {
+        let set: u32 = self
+            .dests
+            .words()
+            .chunks(BLOCK)
+            .map(|b| {
+                (b[DEST_REPLIES].load(Ordering::Relaxed)
+                    | b[DEST_REPLIES + 1].load(Ordering::Relaxed))
+                .count_ones()
+            })
+            .sum();
+        f64::from(set) / (DEST_BLOCKS as f64 * 64.0)
+    }
+
     /// Word `i` of the address filter (block `i`'s [`DEST_ADDRS`]).
     pub fn addr_word(&self, i: u32) -> Option<u64> {
         let w = self.dests.words().get(BLOCK * i as usize + DEST_ADDRS)?;

@@ -93,6 +93,9 @@ pub struct Metrics {
     /// The reply filter's bits set (either copy) over all, at its last
     /// rebuild.
     pub reply_filter_fill: Gauge<f64, AtomicU64>,
+    /// The destination filter's reply bits set (either copy, every block)
+    /// over all, at the reply filter's last rebuild.
+    pub dest_filter_fill: Gauge<f64, AtomicU64>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
     /// Conntrack entries found pinned in another layout at start, carried
@@ -148,6 +151,7 @@ impl Metrics {
             conntrack_usage: Family::default(),
             conntrack_evictions: Counter::default(),
             reply_filter_fill: Gauge::default(),
+            dest_filter_fill: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             upgrade_entries: Family::default(),
@@ -263,6 +267,11 @@ impl Metrics {
             "kpx_reply_filter_fill_ratio",
             "Share of the reply filter's bits set at its last rebuild: of packets from a backend's port that are no flow's reply, the share still looked up in conntrack (1 until the filter is first rebuilt)",
             m.reply_filter_fill.clone(),
+        );
+        r.register(
+            "kpx_dest_filter_fill_ratio",
+            "Share of the destination filter's reply bits set at the reply filter's last rebuild: of packets to no frontend's address, the share read further than their destination's block (1 until the filter is first rebuilt)",
+            m.dest_filter_fill.clone(),
         );
         r.register(
             "kpx_conntrack_usage_ratio",
