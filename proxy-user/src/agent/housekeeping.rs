@@ -274,14 +274,21 @@ fn arm(maps: &MapSet, metrics: &Metrics) {
             return;
         }
     }
-    let (fill, dests) = (maps.replies.fill_ratio(), maps.replies.dest_fill_ratio());
-    metrics.reply_filter_fill.set(fill);
-    metrics.dest_filter_fill.set(dests);
+    let (fill, dests) = report_fill(maps, metrics);
     log::info!(
         "reply filter rebuilt: {:.2} % of its bits set ({:.2} % of the destination filter's)",
         fill * 100.0,
         dests * 100.0
     );
+}
+
+/// The reply and destination filters' fill, read and exported after a
+/// rebuild.
+fn report_fill(maps: &MapSet, metrics: &Metrics) -> (f64, f64) {
+    let (fill, dests) = (maps.replies.fill_ratio(), maps.replies.dest_fill_ratio());
+    metrics.reply_filter_fill.set(fill);
+    metrics.dest_filter_fill.set(dests);
+    (fill, dests)
 }
 
 /// How the collector walks.
@@ -319,8 +326,7 @@ fn collect(
     };
     if let Some(copy) = copy {
         maps.replies.mark(copy, report.replies.drain(..));
-        metrics.reply_filter_fill.set(maps.replies.fill_ratio());
-        metrics.dest_filter_fill.set(maps.replies.dest_fill_ratio());
+        report_fill(maps, metrics);
     }
     let live_ports = LivePorts {
         started,

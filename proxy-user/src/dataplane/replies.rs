@@ -23,8 +23,6 @@ use proxy_common::{
     map_names, reply_bit, reply_bits, Address, CtKey, PortBit, DEST_ADDRS, DEST_REPLIES,
 };
 
-/// Words of `KPX_REPLIES`: `REPLY_WORDS` elements of two.
-const WORDS: usize = 2 * REPLY_WORDS as usize;
 /// Words of a block of `KPX_DESTS`.
 const BLOCK: usize = 4;
 
@@ -92,6 +90,17 @@ impl Mapped {
         for w in self.words().iter().skip(off).step_by(per) {
             w.store(v, Ordering::SeqCst);
         }
+    }
+
+    /// Bits set in word `off` or `off + 1` (a filter's two copies) of
+    /// every element of `per` words.
+    fn either_copy_ones(&self, per: usize, off: usize) -> u32 {
+        self.words()
+            .chunks(per)
+            .map(|e| {
+                (e[off].load(Ordering::Relaxed) | e[off + 1].load(Ordering::Relaxed)).count_ones()
+            })
+            .sum()
     }
 
     /// ORs `mask` into word `i`, if there is one.
@@ -217,13 +226,7 @@ impl ReplyFilter {
     /// of packets from a backend's port, no flow's reply, that are looked
     /// up all the same.
     pub fn fill_ratio(&self) -> f64 {
-        let set: u32 = self
-            .replies
-            .words()
-            .chunks(2)
-            .map(|c| (c[0].load(Ordering::Relaxed) | c[1].load(Ordering::Relaxed)).count_ones())
-            .sum();
-        f64::from(set) / (WORDS as f64 * 32.0)
+        f64::from(self.replies.either_copy_ones(2, 0)) / (f64::from(REPLY_WORDS) * 64.0)
     }
 
     /// The share of the destination filter's reply bits set (either copy,
@@ -233,17 +236,8 @@ impl ReplyFilter {
     /// reply filter's, spread by destination: one busy destination fills
     /// its own block, not this ratio.
     pub fn dest_fill_ratio(&self) -> f64 {
-        let set: u32 = self
-            .dests
-            .words()
-            .chunks(BLOCK)
-            .map(|b| {
-                (b[DEST_REPLIES].load(Ordering::Relaxed)
-                    | b[DEST_REPLIES + 1].load(Ordering::Relaxed))
-                .count_ones()
-            })
-            .sum();
-        f64::from(set) / (DEST_BLOCKS as f64 * 64.0)
+        f64::from(self.dests.either_copy_ones(BLOCK, DEST_REPLIES))
+            / (f64::from(DEST_BLOCKS) * 64.0)
     }
 
     /// Word `i` of the address filter (block `i`'s [`DEST_ADDRS`]).
