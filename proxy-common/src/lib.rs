@@ -169,7 +169,13 @@ pub mod map_names {
     /// Pinned so that every program in `PROGS`, whichever agent loaded it,
     /// shares it.
     pub const SCRATCH6: &str = "KPX_SCRATCH6";
-    pub const ALL: [&str; 40] = [
+    /// Which interfaces have kpx's tc egress program, by ifindex: a bit
+    /// each ([`super::egress_bit`]), written by the agent.
+    pub const EGRESS: &str = "KPX_EGRESS";
+    /// Interfaces a new flow arrived on without tc egress there, for the
+    /// agent to attach it (keys: ifindexes). Written by the datapath.
+    pub const EGRESS_WANTED: &str = "KPX_EGRESS_WANTED";
+    pub const ALL: [&str; 42] = [
         LAYOUT,
         SERVICES,
         SERVICE_ADDRS,
@@ -210,6 +216,8 @@ pub mod map_names {
         SOCK_PEERS6,
         SOCKS_TCP,
         SOCKS_TCP6,
+        EGRESS,
+        EGRESS_WANTED,
     ];
 }
 
@@ -339,6 +347,11 @@ pub mod capacity {
     pub const SERVICE_STATS: u32 = 65_536;
     /// Addresses of this node.
     pub const NODE_ADDRS: u32 = 1_024;
+    /// Words of the egress bitmap: a bit for each ifindex below 2^20
+    /// ([`super::egress_bit`]); an interface beyond gets tc egress at once.
+    pub const EGRESS_WORDS: u32 = 1 << 14;
+    /// Interfaces waiting for tc egress at once.
+    pub const EGRESS_WANTED: u32 = 256;
     /// `loadBalancerSourceRanges` entries over all service frontends.
     pub const SRC_RANGES: u32 = 65_536;
     /// Words of the port filter: 4 bits for each of 65,536 ports (the
@@ -434,6 +447,19 @@ pub fn addr_bit<A: Address>(a: A) -> PortBit {
         word: ADDR_WORD0 + (h >> 6),
         mask: 1 << (h & 63),
     }
+}
+
+/// Interface `ifindex`'s bit of the egress bitmap (`KPX_EGRESS`): set
+/// while kpx's tc egress program is attached there. `None` beyond the
+/// bitmap ([`capacity::EGRESS_WORDS`] words): such an interface gets tc
+/// egress when it is attached, without waiting for a flow.
+#[inline(always)]
+pub fn egress_bit(ifindex: u32) -> Option<PortBit> {
+    let word = ifindex >> 6;
+    (word < capacity::EGRESS_WORDS).then(|| PortBit {
+        word,
+        mask: 1 << (ifindex & 63),
+    })
 }
 
 /// The reply filter (`KPX_REPLIES`): one bit for each of
@@ -1421,10 +1447,16 @@ pub enum DropReason {
     /// A packet direct server return had to handle while its program was
     /// not in `KPX_PROGS` (never, with an agent that loaded it).
     DsrUnavailable = 12,
+    /// A new flow's first packet to a backend on this node's own address
+    /// (a hostNetwork endpoint here) from an interface whose tc egress
+    /// program the agent is still attaching: its replies would leave
+    /// untranslated. The agent attaches it within milliseconds; the
+    /// client's retransmission goes through.
+    EgressPending = 13,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::NoBackend,
         DropReason::BackendMissing,
         DropReason::CtInsertFailed,
@@ -1438,6 +1470,7 @@ impl DropReason {
         DropReason::CtFull,
         DropReason::DsrNoService,
         DropReason::DsrUnavailable,
+        DropReason::EgressPending,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -1456,6 +1489,7 @@ impl DropReason {
             DropReason::CtFull => "ct_full",
             DropReason::DsrNoService => "dsr_no_service",
             DropReason::DsrUnavailable => "dsr_unavailable",
+            DropReason::EgressPending => "egress_pending",
         }
     }
 }

@@ -16,6 +16,7 @@ mod conns;
 mod conntrack;
 mod csum;
 mod dsr;
+mod egress;
 mod family;
 mod forward;
 mod icmp;
@@ -68,7 +69,9 @@ use crate::{
 ///   `PORTS`, `SERVICES`
 ///   (+ `NODE_ADDRS` and the NodePort frontend for a NodePort), `CONFIG`,
 ///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS` (the
-///   backend is in the slot); then 2 inserts (both directions into `CT_ANY`,
+///   backend is in the slot), `EGRESS` (an array, inlined: has the
+///   interface it came in on tc egress? if not, +1 insert into
+///   `EGRESS_WANTED`, and `NODE_ADDRS` for a backend here); then 2 inserts (both directions into `CT_ANY`,
 ///   the reply's tuple noted in `REPLIES`: an array read, two atomic ORs; a
 ///   masqueraded flow retries its reply insert on a taken port, at most 8
 ///   times, each try of a TCP flow also a `CT_TCP` lookup); with
@@ -873,7 +876,26 @@ fn new_flow<P: Packet, A: Family>(
         return Verdict::Pass(Counter::PassNotHandled);
     }
     let table = select::Table::of(svc, choice.local);
-    let sel = match select::backend(svc, table, key, 0) {
+    // What the node itself sends the client about this flow (ICMP errors,
+    // a hostNetwork backend's replies) leaves through the interface the
+    // flow came in on, whose tc egress program translates it: asked for
+    // where it is not attached yet. A backend on the node's own address
+    // (hostNetwork; the apiserver's endpoints name no node) would answer
+    // before it is: its first packet is dropped, and the client's
+    // retransmission finds egress attached. (Folded into the
+    // selection's result: a drop path of its own made LLVM merge verdicts
+    // into code the verifier refuses, `R4 !read_ok`.)
+    let sel = select::backend(svc, table, key, 0).and_then(|s| {
+        if origin == Origin::Network
+            && !egress::ensure(ctx.ifindex())
+            && service::is_node_addr(s.backend.addr)
+        {
+            Err(DropReason::EgressPending)
+        } else {
+            Ok(s)
+        }
+    });
+    let sel = match sel {
         Ok(s) => s,
         Err(reason) => return Verdict::Drop(reason),
     };

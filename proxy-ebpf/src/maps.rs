@@ -105,6 +105,16 @@ pub static REPLIES: Array<[u64; 2]> =
 pub static DESTS: Array<[u64; 4]> =
     Array::with_max_entries(capacity::DEST_BLOCKS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
+/// Which interfaces have kpx's tc egress program (`proxy_common::egress_bit`),
+/// written by the agent: read on a new flow's path (an array: inlined).
+#[map(name = "KPX_EGRESS")]
+pub static EGRESS: Array<u64> = Array::with_max_entries(capacity::EGRESS_WORDS, 0);
+
+/// Interfaces a new flow arrived on without tc egress: the agent attaches
+/// it there, and removes the key.
+#[map(name = "KPX_EGRESS_WANTED")]
+pub static EGRESS_WANTED: HashMap<u32, u32> = HashMap::with_max_entries(capacity::EGRESS_WANTED, 0);
+
 /// Round robin's next position per service id, per CPU: each CPU walks a
 /// frontend's slots in order, so no counter is shared between CPUs.
 #[map(name = "KPX_RR")]

@@ -13,17 +13,7 @@ use testbed::tcp_ask_many;
 
 /// The names of the TCX ingress programs on `dev`, in the order they run.
 fn chain(c: &testbed::Cluster, dev: &str) -> Vec<String> {
-    let dev = dev.to_string();
-    c.node
-        .enter(move || {
-            let (_, progs) =
-                SchedClassifier::query_tcx(&dev, TcAttachType::Ingress).expect("query_tcx");
-            progs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_string())
-                .collect()
-        })
-        .expect("enter the node")
+    tc_programs(c, dev, TcAttachType::Ingress)
 }
 
 #[test]

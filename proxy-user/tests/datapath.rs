@@ -344,6 +344,75 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
     assert_eq!(run(&mut dp, &df).verdict, TC_ACT_OK);
 }
 
+/// tc egress on demand: a new flow from an interface the agent has not
+/// put tc egress on asks for it (`KPX_EGRESS_WANTED`) and goes on; one
+/// whose backend is the node itself (a hostNetwork endpoint here, whose
+/// replies only egress could translate) waits for it: dropped, counted,
+/// no flow set up, and the client's retransmission translated once the
+/// agent has noted egress there.
+#[test]
+#[ignore = "needs root"]
+fn a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_it() {
+    use kpx::dataplane::{
+        egress,
+        reconcile::{BackendAddr, Op},
+    };
+    const NODE_ADDR: &str = "198.18.0.1";
+    let mut dp = datapath();
+    cluster(&mut dp);
+    egress::mark(&mut dp.maps, LOOPBACK, false).unwrap();
+
+    // A pod's backend: translated at once; egress asked for.
+    let out = run(&mut dp, &Pkt::new(CLIENT, 40000, VIP, 80, SYN).build());
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(egress::take_wanted(&mut dp.maps).unwrap(), [LOOPBACK]);
+
+    // A frontend whose one backend is the node's own address, its endpoint
+    // naming no node (as the apiserver's).
+    dp.maps
+        .write(&Op::PutNodeAddr(
+            ip(NODE_ADDR).into(),
+            proxy_common::NODE_F_LOCAL,
+        ))
+        .unwrap();
+    let backend = BackendAddr {
+        addr: NODE_ADDR.parse().unwrap(),
+        port: 6443,
+        proto: IPPROTO_TCP,
+        local: false,
+    };
+    let slot = proxy_common::SlotKey { svc_id: 3, slot: 0 };
+    dp.maps.put_slot(slot, 7, &backend).unwrap();
+    let value = proxy_common::ServiceValue {
+        svc_id: 3,
+        count: 1,
+        ..Default::default()
+    };
+    dp.maps
+        .put_frontend(&frontend_key((VIP, 443, IPPROTO_TCP)), value)
+        .unwrap();
+    let syn = Pkt::new(CLIENT, 40001, VIP, 443, SYN).build();
+    let out = run(&mut dp, &syn);
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&mut dp, DropReason::EgressPending), 1);
+    assert_eq!(egress::take_wanted(&mut dp.maps).unwrap(), [LOOPBACK]);
+    assert_eq!(
+        counter(&mut dp, Counter::NewFlow),
+        1,
+        "no flow set up for it"
+    );
+
+    // Noted: the retransmission goes through, asking nothing.
+    egress::mark(&mut dp.maps, LOOPBACK, true).unwrap();
+    let out = run(&mut dp, &syn);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let seen = inspect(&out.bytes);
+    assert_eq!((seen.dst, seen.dport), (ip(NODE_ADDR), 6443));
+    assert!(egress::take_wanted(&mut dp.maps).unwrap().is_empty());
+    assert_eq!(drops(&mut dp, DropReason::EgressPending), 1);
+    assert_eq!(counter(&mut dp, Counter::NewFlow), 2);
+}
+
 // The standard scenario's selection and passing, on both families.
 
 crate::both_families!(

@@ -365,9 +365,11 @@ fn interfaces_that_appear_later_are_attached() {
     c.add_pod("late", Ipv4Addr::new(198, 18, 2, 3)).unwrap();
     let host_if = c.pod("late").host_if.clone();
     let attached = wait_for(Duration::from_secs(10), || {
-        c.agent_log()
-            .contains(&format!("attached tc ingress and egress to {host_if}"))
-            .then_some(())
+        let log = c.agent_log();
+        // Without the socket-level load balancer, egress goes on at once.
+        (log.contains(&format!("attached tc ingress to {host_if} ("))
+            && log.contains(&format!("attached tc egress to {host_if} (")))
+        .then_some(())
     });
     assert!(attached.is_some(), "{}", c.agent_log());
     let ids = tcp_ask_many(&c.pod("late").netns, SocketAddrV4::new(VIP, 80), 30, T)

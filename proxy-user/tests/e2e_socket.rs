@@ -496,3 +496,82 @@ fn an_unconnected_udp_socket_keeps_a_backend_per_service_and_answers_from_each()
     resolver_keeps_a_backend_per_service(&mut s, &dns, &dns2);
     assert_eq!(event_count(&c, Event::SockRebalanced), 0);
 }
+
+/// tc egress on demand: with the socket-level load balancer taking the
+/// pods' flows, a pod's veth carries no egress program (pod-to-pod
+/// packets cross no hook there) until a flow tc translates comes in on
+/// it; then the agent attaches it. A flow from there to a backend on the
+/// node's own address (a hostNetwork one) waits for it: its first SYN is
+/// dropped and counted, the retransmission is answered from the service.
+#[test]
+#[ignore = "needs root"]
+fn a_pods_veth_gets_tc_egress_when_tc_first_translates_a_flow_from_it() {
+    use aya::programs::TcAttachType::Egress;
+    let (mut c, cg) = socket_bed(&["web-1", "web-2", "web-3"], &[]);
+    let (client, client_if) = (
+        c.pod("client").netns.shared(),
+        c.pod("client").host_if.clone(),
+    );
+    let vip = SocketAddrV4::new(VIP, 80).to_string();
+    let pod_ifs: Vec<String> = ["client", "web-1", "web-2", "web-3"]
+        .iter()
+        .map(|p| c.pod(p).host_if.clone())
+        .collect();
+    for dev in &pod_ifs {
+        assert!(
+            tc_programs(&c, dev, Egress).is_empty(),
+            "{dev}: {}",
+            c.agent_log()
+        );
+    }
+    // Socket-balanced: pod to pod, and still no egress program anywhere.
+    let got = answers(&probe::run(&client, Some(&cg), &["tcp", &vip, "10"]).unwrap());
+    assert_eq!(got.len(), 10);
+    for dev in &pod_ifs {
+        assert!(tc_programs(&c, dev, Egress).is_empty(), "{dev}");
+    }
+
+    // A backend on the node's address, reached by a process outside the
+    // cgroup: tc translates its flow, on a veth without egress yet.
+    let node_vip = Ipv4Addr::new(198, 19, 0, 11);
+    c.serve_on_node("node", SocketAddrV4::new(testbed::GATEWAY, 9443).into())
+        .unwrap();
+    c.write_manifest(
+        "node.yaml",
+        &service_yaml(
+            "apiserver",
+            node_vip,
+            (443, 9443),
+            (53, 5353),
+            &[testbed::GATEWAY],
+        ),
+    )
+    .unwrap();
+    wait_synced(&c, 4, &[3, 3, 1, 1]);
+    let to_node = SocketAddrV4::new(node_vip, 443).to_string();
+    let got = answers(&probe::run(&client, None, &["tcp", &to_node, "3"]).unwrap());
+    assert!(
+        got.iter()
+            .all(|a| a.identity == "node" && a.peer == to_node),
+        "{got:?}\n{}",
+        c.agent_log()
+    );
+    assert_eq!(
+        tc_programs(&c, &client_if, Egress),
+        ["kpx_tc_egress"],
+        "{}",
+        c.agent_log()
+    );
+    assert!(
+        c.agent_log()
+            .contains(&format!("attached tc egress to {client_if} (")),
+        "{}",
+        c.agent_log()
+    );
+    // The first SYN waited for it; none after.
+    assert_eq!(drop_count(&c, proxy_common::DropReason::EgressPending), 1);
+    // The backends' veths never needed it.
+    for dev in &pod_ifs[1..] {
+        assert!(tc_programs(&c, dev, Egress).is_empty(), "{dev}");
+    }
+}

@@ -417,6 +417,21 @@ impl Cluster {
         self.serve_as(name, name, tcp_port, udp_port)
     }
 
+    /// Starts a TCP server in the node's own network namespace (a
+    /// hostNetwork pod's) on `addr`, answering with `identity`.
+    pub fn serve_on_node(&mut self, identity: &str, addr: SocketAddr) -> Result<()> {
+        let tcp = (self.binder(addr))()?;
+        tcp.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, identity) = (stop.clone(), identity.to_string());
+        let thread = std::thread::spawn(move || tcp_server(tcp, &identity, &s));
+        self.servers.push(Servers {
+            stop,
+            threads: vec![thread],
+        });
+        Ok(())
+    }
+
     /// Starts TCP and UDP servers in pod `name` answering with `identity`.
     pub fn serve_as(
         &mut self,

@@ -229,8 +229,10 @@ impl Agent {
     /// Attaches the socket-level load balancer as `--socket-lb` says (after
     /// the node settings, which tell it the node's sockets from pods'), or
     /// detaches an earlier agent's. Never fatal: without it, tc translates
-    /// every flow per packet, as before.
-    pub(super) fn socket_lb(&mut self) {
+    /// every flow per packet, as before. Whether it takes every socket of
+    /// its cgroup (`all`): pods' flows then reach tc only when they bypass
+    /// sockets, and tc egress goes on pods' veths on demand.
+    pub(super) fn socket_lb(&mut self) -> bool {
         let mode = self.cfg.socket_lb;
         if mode == socklb::Mode::Off {
             match socklb::unpin(&self.cfg.bpffs) {
@@ -239,7 +241,7 @@ impl Agent {
                 Err(e) => log::warn!("detaching an earlier agent's socket-LB links: {e:#}"),
             }
             log::info!("socket-level load balancing: off (--socket-lb=off); tc translates every service flow");
-            return;
+            return false;
         }
         let cgroup = match &self.cfg.socket_lb_cgroup {
             Some(c) => socklb::resolve(c),
@@ -250,13 +252,19 @@ impl Agent {
             let n = self.dp.attach_socket_lb(&cg, &bpffs)?;
             Ok((cg, n))
         }) {
-            Ok((cg, n)) => log::info!(
-                "socket-level load balancing: {mode}, {n} programs on cgroup {}: connect() and sendmsg() to a service go straight to a backend",
-                cg.display()
-            ),
-            Err(e) => log::warn!(
-                "socket-level load balancing unavailable ({e:#}); tc translates every service flow per packet"
-            ),
+            Ok((cg, n)) => {
+                log::info!(
+                    "socket-level load balancing: {mode}, {n} programs on cgroup {}: connect() and sendmsg() to a service go straight to a backend",
+                    cg.display()
+                );
+                mode == socklb::Mode::All
+            }
+            Err(e) => {
+                log::warn!(
+                    "socket-level load balancing unavailable ({e:#}); tc translates every service flow per packet"
+                );
+                false
+            }
         }
     }
 }

@@ -60,6 +60,9 @@ use crate::{
 
 /// How long a failed sync waits before it is retried.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often new flows' requests for tc egress are looked at: the longest
+/// an ICMP error about a pod's first flow through tc can pass untranslated.
+const EGRESS_POLL: Duration = Duration::from_millis(20);
 /// A plan this long leaves enough freed heap behind to hand back.
 const LARGE_PLAN: usize = 10_000;
 
@@ -275,6 +278,9 @@ pub async fn run(cfg: Settings) -> Result<()> {
     // the maps first, so the programs never run without them.
     agent.node_settings();
     agent.flush_ports();
+    // On demand where the socket-level load balancer should take pods'
+    // flows; on every interface after all if it does not.
+    attacher.egress_on_demand(agent.cfg.socket_lb == socklb::Mode::All);
     attacher.reconcile(&mut agent.dp);
     if attacher.attached().next().is_none() {
         log::warn!(
@@ -283,7 +289,22 @@ pub async fn run(cfg: Settings) -> Result<()> {
     }
     // After tc: what XDP leaves alone goes on to tc ingress.
     agent.xdp(&mut xdp);
-    agent.socket_lb();
+    if !agent.socket_lb() {
+        attacher.egress_on_demand(false);
+        attacher.reconcile(&mut agent.dp);
+    }
+    log::info!(
+        "tc egress on {} of {} interfaces{}",
+        attacher.with_egress(),
+        attacher.attached().count(),
+        if agent.cfg.socket_lb == socklb::Mode::All
+            && attacher.with_egress() < attacher.attached().count()
+        {
+            "; on the others when a flow tc translates arrives there"
+        } else {
+            ""
+        }
+    );
     // Every program that creates flows is this build's now: what the old
     // ones set up while this one loaded is carried, and counted.
     agent.dp.carry_late();
@@ -305,6 +326,9 @@ pub async fn run(cfg: Settings) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut poll = interval(agent.cfg.poll);
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // New flows' requests for tc egress: served within this period.
+    let mut egress_requests = interval(EGRESS_POLL);
+    egress_requests.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut resync = interval(agent.cfg.resync);
     resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
     resync.tick().await;
@@ -334,6 +358,9 @@ pub async fn run(cfg: Settings) -> Result<()> {
             }
             _ = async { sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
                 agent.sync();
+            }
+            _ = egress_requests.tick() => {
+                attacher.serve_requests(&mut agent.dp);
             }
             _ = resync.tick() => {
                 agent.release_ports();

@@ -2,6 +2,14 @@
 //! errors the node sends) to every interface matching the `--interfaces`
 //! patterns, now and whenever one appears (netlink link events).
 //!
+//! Egress only translates what the node itself sends; a packet it
+//! forwards (a pod's to a pod) crosses it for nothing, and the hook alone
+//! costs a round trip more than kpx's programs do (`cargo xtask bench`).
+//! So where the socket-level load balancer takes pods' and the node's
+//! flows (`--socket-lb=all`), egress goes on at once only on interfaces
+//! some wider route than one host's leads through (the node's own flows
+//! to a service address leave there), and on the rest (pods' veths) when
+//! a flow tc translates first arrives there ([`egress`](super::egress)).
 //! On kernels with TCX (≥ 6.6) the links are pinned in `<bpffs>/links`, so
 //! the datapath outlives the agent as kube-proxy's rules outlive kube-proxy:
 //! a restarted or upgraded agent takes each link over and swaps its program
@@ -31,7 +39,7 @@ use aya::programs::{
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::sync::mpsc;
 
-use crate::dataplane::maps::Datapath;
+use crate::dataplane::{egress, maps::Datapath};
 
 /// `--interfaces`: comma-separated names or glob patterns (`eth0,veth*`),
 /// and names never to attach to.
@@ -148,6 +156,8 @@ pub struct Attacher {
     /// Where links are pinned (TCX); None: never pin.
     pin_dir: Option<PathBuf>,
     attached: BTreeMap<String, Attached>,
+    /// tc egress where a flow asks for it, rather than everywhere.
+    on_demand: bool,
 }
 
 /// How one program is attached to one interface.
@@ -161,7 +171,8 @@ enum Handle {
 struct Attached {
     ifindex: u32,
     ingress: Handle,
-    egress: Handle,
+    /// None until a flow asks for it (on demand).
+    egress: Option<Handle>,
 }
 
 impl Attacher {
@@ -172,7 +183,22 @@ impl Attacher {
             patterns,
             pin_dir: bpffs.map(links_dir),
             attached: BTreeMap::new(),
+            on_demand: false,
         }
+    }
+
+    /// tc egress on demand (`true`) or on every interface at once; turned
+    /// off, it is attached wherever it is missing at the next reconcile.
+    pub fn egress_on_demand(&mut self, on: bool) {
+        self.on_demand = on;
+    }
+
+    /// How many attached interfaces have tc egress.
+    pub fn with_egress(&self) -> usize {
+        self.attached
+            .values()
+            .filter(|a| a.egress.is_some())
+            .count()
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -206,31 +232,118 @@ impl Attacher {
             }
         }
         self.remove_stale_pins(&present);
+        let wide = if self.on_demand {
+            egress::wide_route_interfaces()
+        } else {
+            Default::default()
+        };
         for (ifindex, name) in present {
-            if !self.patterns.matches(&name) || self.attached.contains_key(&name) {
+            if !self.patterns.matches(&name) {
                 continue;
             }
-            match self.attach_both(dp, &name, ifindex) {
-                Ok((ingress, egress)) => {
-                    let how = match &ingress {
-                        Handle::Pinned(p) => format!("pinned in {}", p.display()),
-                        Handle::Owned(_) => "netlink tc, detached at exit".into(),
-                    };
-                    log::info!(
-                        "attached tc ingress and egress to {name} (ifindex {ifindex}; {how})"
-                    );
-                    self.attached.insert(
-                        name,
-                        Attached {
-                            ifindex,
-                            ingress,
-                            egress,
-                        },
-                    );
+            let eager = !self.on_demand
+                || wide.contains(&name)
+                || proxy_common::egress_bit(ifindex).is_none()
+                || self.pinned_egress(&name, ifindex);
+            if let Some(a) = self.attached.get(&name) {
+                if eager && a.egress.is_none() {
+                    self.attach_egress(dp, &name, "");
                 }
-                Err(e) => log::warn!("attaching to {name}: {e:#}; will retry"),
+                continue;
+            }
+            let ingress = match dp
+                .ingress()
+                .and_then(|prog| self.attach_one(prog, &name, ifindex, TcAttachType::Ingress))
+            {
+                Ok(h) => h,
+                Err(e) => {
+                    log::warn!("attaching to {name}: {e:#}; will retry");
+                    continue;
+                }
+            };
+            let how = match &ingress {
+                Handle::Pinned(p) => format!("pinned in {}", p.display()),
+                Handle::Owned(_) => "netlink tc, detached at exit".into(),
+            };
+            log::info!("attached tc ingress to {name} (ifindex {ifindex}; {how})");
+            self.attached.insert(
+                name.clone(),
+                Attached {
+                    ifindex,
+                    ingress,
+                    egress: None,
+                },
+            );
+            if eager {
+                self.attach_egress(dp, &name, "");
+            } else {
+                log::info!("tc egress on {name} when a flow tc translates arrives there");
             }
         }
+    }
+
+    /// Attaches tc egress to `name` (attached at ingress), and marks it in
+    /// the datapath's bitmap. A failure is logged: the next reconcile, or
+    /// the next flow's request, retries.
+    fn attach_egress(&mut self, dp: &mut Datapath, name: &str, why: &str) {
+        let Some(ifindex) = self.attached.get(name).map(|a| a.ifindex) else {
+            return;
+        };
+        let handle = match dp
+            .egress()
+            .and_then(|prog| self.attach_one(prog, name, ifindex, TcAttachType::Egress))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!("attaching tc egress to {name}: {e:#}; will retry");
+                return;
+            }
+        };
+        if let Some(a) = self.attached.get_mut(name) {
+            a.egress = Some(handle);
+        }
+        if let Err(e) = egress::mark(&mut dp.maps, ifindex, true) {
+            log::warn!(
+                "noting tc egress on {name} in the datapath: {e:#}; its new flows ask again"
+            );
+        }
+        log::info!("attached tc egress to {name} (ifindex {ifindex}){why}");
+    }
+
+    /// Whether an earlier agent left tc egress pinned on `name`: taken over
+    /// as it is, never detached.
+    fn pinned_egress(&self, name: &str, ifindex: u32) -> bool {
+        self.pin_dir.as_ref().is_some_and(|d| {
+            d.join(pin_name(name, ifindex, TcAttachType::Egress))
+                .exists()
+        })
+    }
+
+    /// Attaches tc egress where new flows asked for it (`KPX_EGRESS_WANTED`),
+    /// and clears their requests. Returns how many it attached.
+    pub fn serve_requests(&mut self, dp: &mut Datapath) -> usize {
+        let wanted = match egress::take_wanted(&mut dp.maps) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("reading the interfaces asking for tc egress: {e:#}");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for ifindex in wanted {
+            let Some((name, a)) = self.attached.iter().find(|(_, a)| a.ifindex == ifindex) else {
+                continue;
+            };
+            if a.egress.is_some() {
+                // Attached, its bit lost (a new map): noted again.
+                let _ = egress::mark(&mut dp.maps, ifindex, true);
+                continue;
+            }
+            let name = name.clone();
+            self.attach_egress(dp, &name, ": a flow tc translates arrived there");
+            n += 1;
+        }
+        n
     }
 
     /// At exit: owned (netlink) filters are removed; pinned links stay, so
@@ -271,19 +384,6 @@ impl Attacher {
                     Ok(()) => log::info!("removed the stale pinned link {file}"),
                     Err(e) => log::warn!("removing the stale pinned link {file}: {e}"),
                 }
-            }
-        }
-    }
-
-    /// Both programs or neither: an interface with only one would translate
-    /// flows without their ICMP errors, or the reverse.
-    fn attach_both(&self, dp: &mut Datapath, name: &str, ifindex: u32) -> Result<(Handle, Handle)> {
-        let ingress = self.attach_one(dp.ingress()?, name, ifindex, TcAttachType::Ingress)?;
-        match self.attach_one(dp.egress()?, name, ifindex, TcAttachType::Egress) {
-            Ok(egress) => Ok((ingress, egress)),
-            Err(e) => {
-                let _ = release_handle(dp.ingress()?, ingress);
-                Err(e)
             }
         }
     }
@@ -352,7 +452,13 @@ fn release_handle(prog: &mut SchedClassifier, h: Handle) -> Result<()> {
 
 fn detach(dp: &mut Datapath, a: Attached) -> Result<()> {
     let ingress = release_handle(dp.ingress()?, a.ingress);
-    let egress = release_handle(dp.egress()?, a.egress);
+    let egress = match a.egress {
+        Some(h) => {
+            let _ = egress::mark(&mut dp.maps, a.ifindex, false);
+            release_handle(dp.egress()?, h)
+        }
+        None => Ok(()),
+    };
     ingress?;
     egress?;
     Ok(())

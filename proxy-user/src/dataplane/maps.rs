@@ -254,6 +254,10 @@ pub struct MapSet {
     pub socks_udp: HashMap<MapData, u64, SockValue>,
     /// Its TCP sockets, by cookie.
     pub socks_tcp: HashMap<MapData, u64, SockValue>,
+    /// Which interfaces have tc egress (`proxy_common::egress_bit`).
+    pub egress: Array<MapData, u64>,
+    /// Interfaces new flows asked tc egress for.
+    pub egress_wanted: HashMap<MapData, u32, u32>,
     /// IPv6's own maps.
     pub v6: Maps6,
 }
@@ -298,6 +302,8 @@ impl MapSet {
             conns: get(map_names::CONNS)?.try_into()?,
             socks_udp: get(map_names::SOCKS_UDP)?.try_into()?,
             socks_tcp: get(map_names::SOCKS_TCP)?.try_into()?,
+            egress: get(map_names::EGRESS)?.try_into()?,
+            egress_wanted: get(map_names::EGRESS_WANTED)?.try_into()?,
             v6: Maps6 {
                 services: get(map_names::SERVICES6)?.try_into()?,
                 service_addrs: get(map_names::SERVICE_ADDRS6)?.try_into()?,

@@ -353,3 +353,19 @@ pub fn resolver_keeps_a_backend_per_service(
         }
     }
 }
+
+/// The names of the TCX programs on the node's interface `dev` at `at`, in
+/// the order they run.
+pub fn tc_programs(c: &Cluster, dev: &str, at: aya::programs::TcAttachType) -> Vec<String> {
+    let dev = dev.to_string();
+    c.node
+        .enter(move || {
+            let (_, progs) =
+                aya::programs::SchedClassifier::query_tcx(&dev, at).expect("query_tcx");
+            progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect()
+        })
+        .expect("enter the node")
+}

@@ -42,11 +42,19 @@ pub fn datapath() -> Datapath {
 /// `dp` with its reply filter as an agent keeps it once its programs are
 /// attached: rebuilt from the (empty) conntrack tables, so every flow's
 /// reply must find the bit the datapath set as it created the flow.
-pub fn armed(dp: Datapath) -> Datapath {
+///
+/// And with tc egress noted on loopback, the interface `test_run` runs
+/// packets on (as the agent notes the interfaces it attached egress to):
+/// a new flow there asks for nothing.
+pub fn armed(mut dp: Datapath) -> Datapath {
     rebuild_replies(&dp);
     rebuild_replies(&dp);
+    kpx::dataplane::egress::mark(&mut dp.maps, LOOPBACK, true).expect("noting egress on lo");
     dp
 }
+
+/// Loopback's ifindex: where `test_run` runs a packet.
+pub const LOOPBACK: u32 = 1;
 
 /// One rebuild of the reply filter, as each collection of the agent's does.
 pub fn rebuild_replies(dp: &Datapath) {
