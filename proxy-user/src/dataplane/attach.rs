@@ -482,19 +482,24 @@ fn attach(
     }
 }
 
-/// Notifies `tx` of every netlink link and IPv4 address event (interface
-/// added, removed, changed; address added or removed) in this network
+/// Notifies `tx` of every netlink link, IPv4 address and route event
+/// (interface added, removed, changed; address added or removed; a route
+/// that may make an interface need tc egress at once) in this network
 /// namespace. Runs on its own thread; reconnects
 /// with backoff if the socket fails.
 pub fn watch_links(tx: mpsc::Sender<()>) {
     const RTMGRP_LINK: u32 = 1;
     const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+    const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+    const RTMGRP_IPV6_ROUTE: u32 = 0x400;
     std::thread::spawn(move || {
         let mut backoff = Duration::from_millis(100);
         loop {
             let result = (|| -> std::io::Result<()> {
                 let mut sock = Socket::new(NETLINK_ROUTE)?;
-                sock.bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR))?;
+                let groups =
+                    RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+                sock.bind(&SocketAddr::new(0, groups))?;
                 let mut buf = vec![0u8; 64 * 1024];
                 loop {
                     sock.recv(&mut &mut buf[..], 0)?;
