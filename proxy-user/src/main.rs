@@ -113,6 +113,8 @@ enum DumpWhat {
     Stats,
     /// Sockets the socket-level load balancer connected to a backend.
     Sockets,
+    /// Interfaces with kpx's tc (ingress, egress) and XDP programs.
+    Interfaces,
 }
 
 fn init_logging(verbosity: Option<u32>) {
@@ -231,28 +233,34 @@ fn run_agent(flags: &AgentFlags) -> Result<()> {
 }
 
 fn run_dump(what: DumpWhat, dir: &Path, json: bool) -> Result<()> {
-    let maps = MapSet::open_pinned(dir)?;
+    // Interfaces are read from the pinned links, the rest from the maps.
+    let maps = || MapSet::open_pinned(dir);
     let out = match what {
         DumpWhat::Services => render(
-            dump::services(&maps)?.as_slice(),
+            dump::services(&maps()?)?.as_slice(),
             json,
             dump::services_table,
         )?,
         DumpWhat::Backends => render(
-            dump::backends(&maps, dir)?.as_slice(),
+            dump::backends(&maps()?, dir)?.as_slice(),
             json,
             dump::backends_table,
         )?,
         DumpWhat::Conntrack => render(
-            dump::conntrack(&maps)?.as_slice(),
+            dump::conntrack(&maps()?)?.as_slice(),
             json,
             dump::conntrack_table,
         )?,
-        DumpWhat::Stats => render(&dump::stats(&maps)?, json, dump::stats_table)?,
+        DumpWhat::Stats => render(&dump::stats(&maps()?)?, json, dump::stats_table)?,
         DumpWhat::Sockets => render(
-            dump::sockets(&maps, dir)?.as_slice(),
+            dump::sockets(&maps()?, dir)?.as_slice(),
             json,
             dump::sockets_table,
+        )?,
+        DumpWhat::Interfaces => render(
+            dump::interfaces(dir)?.as_slice(),
+            json,
+            dump::interfaces_table,
         )?,
     };
     println!("{}", out.trim_end());

@@ -350,33 +350,33 @@ fn fragments_to_a_vip_are_dropped_and_others_pass() {
 /// replies only egress could translate) waits for it: dropped, counted,
 /// no flow set up, and the client's retransmission translated once the
 /// agent has noted egress there.
-#[test]
-#[ignore = "needs root"]
-fn a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_it() {
+fn a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_it<F: Fam>() {
     use kpx::dataplane::{
         egress,
         reconcile::{BackendAddr, Op},
     };
-    const NODE_ADDR: &str = "198.18.0.1";
-    let mut dp = datapath();
-    cluster(&mut dp);
+    let node_addr = if F::NAME == "IPv4" {
+        "198.18.0.1"
+    } else {
+        "2001:2::1"
+    };
+    let mut dp = F::datapath();
+    F::cluster(&mut dp);
     egress::mark(&mut dp.maps, LOOPBACK, false).unwrap();
 
     // A pod's backend: translated at once; egress asked for.
-    let out = run(&mut dp, &Pkt::new(CLIENT, 40000, VIP, 80, SYN).build());
+    let out = run(&mut dp, &F::frame(F::CLIENT, 40000, F::VIP, 80, SYN));
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(egress::take_wanted(&mut dp.maps).unwrap(), [LOOPBACK]);
 
     // A frontend whose one backend is the node's own address, its endpoint
     // naming no node (as the apiserver's).
+    let node: std::net::IpAddr = node_addr.parse().unwrap();
     dp.maps
-        .write(&Op::PutNodeAddr(
-            ip(NODE_ADDR).into(),
-            proxy_common::NODE_F_LOCAL,
-        ))
+        .write(&Op::PutNodeAddr(node, proxy_common::NODE_F_LOCAL))
         .unwrap();
     let backend = BackendAddr {
-        addr: NODE_ADDR.parse().unwrap(),
+        addr: node,
         port: 6443,
         proto: IPPROTO_TCP,
         local: false,
@@ -389,9 +389,9 @@ fn a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_
         ..Default::default()
     };
     dp.maps
-        .put_frontend(&frontend_key((VIP, 443, IPPROTO_TCP)), value)
+        .put_frontend(&frontend_key((F::VIP, 443, IPPROTO_TCP)), value)
         .unwrap();
-    let syn = Pkt::new(CLIENT, 40001, VIP, 443, SYN).build();
+    let syn = F::frame(F::CLIENT, 40001, F::VIP, 443, SYN);
     let out = run(&mut dp, &syn);
     assert_eq!(out.verdict, TC_ACT_SHOT);
     assert_eq!(drops(&mut dp, DropReason::EgressPending), 1);
@@ -406,8 +406,11 @@ fn a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_
     egress::mark(&mut dp.maps, LOOPBACK, true).unwrap();
     let out = run(&mut dp, &syn);
     assert_eq!(out.verdict, TC_ACT_OK);
-    let seen = inspect(&out.bytes);
-    assert_eq!((seen.dst, seen.dport), (ip(NODE_ADDR), 6443));
+    let seen = F::flow(&out.bytes);
+    assert_eq!(
+        (seen.dst.to_string(), seen.dport),
+        (node_addr.to_string(), 6443)
+    );
     assert!(egress::take_wanted(&mut dp.maps).unwrap().is_empty());
     assert_eq!(drops(&mut dp, DropReason::EgressPending), 1);
     assert_eq!(counter(&mut dp, Counter::NewFlow), 2);
@@ -423,6 +426,7 @@ crate::both_families!(
     a_service_with_a_missing_slot_drops_counted,
     a_frontends_address_must_be_in_the_filter_for_its_flows_to_be_found,
     a_flows_replies_are_found_through_the_reply_filter_across_its_rebuilds,
+    a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_it,
 );
 
 fn tcp_flags_of_a_flow_accumulate_in_its_entry<F: Fam>() {

@@ -574,4 +574,24 @@ fn a_pods_veth_gets_tc_egress_when_tc_first_translates_a_flow_from_it() {
     for dev in &pod_ifs[1..] {
         assert!(tc_programs(&c, dev, Egress).is_empty(), "{dev}");
     }
+    // `kpx dump interfaces` says so, from the pinned links.
+    let dump = kpx_dump(&c.bpffs(), &["interfaces", "--json"]);
+    let dump: serde_json::Value = serde_json::from_slice(&dump).expect("interfaces JSON");
+    let row = |dev: &str| {
+        dump.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == dev))
+            .cloned()
+            .unwrap_or_else(|| panic!("{dev} not in {dump}"))
+    };
+    assert_eq!(row(&client_if)["tc_ingress"], true);
+    assert_eq!(row(&client_if)["tc_egress"], true);
+    for dev in &pod_ifs[1..] {
+        assert_eq!(
+            (
+                row(dev)["tc_ingress"].clone(),
+                row(dev)["tc_egress"].clone()
+            ),
+            (true.into(), false.into())
+        );
+    }
 }

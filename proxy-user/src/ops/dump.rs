@@ -96,6 +96,86 @@ pub fn sockets_table(rows: &[SocketRow]) -> String {
     out
 }
 
+/// An interface kpx's programs are attached to, as pinned (`kpx dump
+/// interfaces`).
+#[derive(Debug, Default, Serialize)]
+pub struct InterfaceRow {
+    pub ifindex: u32,
+    pub name: String,
+    pub tc_ingress: bool,
+    /// tc egress: with `--socket-lb=all`, on a pod's veth only once a flow
+    /// tc translates came in there.
+    pub tc_egress: bool,
+    /// XDP's mode there (`native`, `generic`), if attached.
+    pub xdp: Option<String>,
+}
+
+/// The interfaces with kpx's links pinned under `dir` (tc's in `links`,
+/// XDP's in `links-xdp`; an agent without TCX owns its filters and pins
+/// none), by ifindex.
+pub fn interfaces(dir: &Path) -> Result<Vec<InterfaceRow>> {
+    use crate::dataplane::{attach, xdp};
+    let mut rows: BTreeMap<(u32, String), InterfaceRow> = BTreeMap::new();
+    for (links, tc) in [(attach::links_dir(dir), true), (xdp::links_dir(dir), false)] {
+        let entries = match std::fs::read_dir(&links) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("reading {}", links.display())))
+            }
+        };
+        for entry in entries {
+            let file = entry?.file_name().to_string_lossy().into_owned();
+            // `{ifindex}_{direction or mode}_{name}`, '.' in names as ':'.
+            let Some((ifindex, rest)) = file.split_once('_') else {
+                continue;
+            };
+            let (Ok(ifindex), Some((how, name))) = (ifindex.parse(), rest.split_once('_')) else {
+                continue;
+            };
+            let name = name.replace(':', ".");
+            let row = rows
+                .entry((ifindex, name.clone()))
+                .or_insert_with(|| InterfaceRow {
+                    ifindex,
+                    name,
+                    ..Default::default()
+                });
+            match (tc, how) {
+                (true, "ingress") => row.tc_ingress = true,
+                (true, "egress") => row.tc_egress = true,
+                (false, mode) => row.xdp = Some(mode.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Ok(rows.into_values().collect())
+}
+
+pub fn interfaces_table(rows: &[InterfaceRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>7} {:<16} {:<10} {:<10} XDP",
+        "Ifindex", "Interface", "tc in", "tc out"
+    );
+    let yes = |b: bool, no: &'static str| if b { "yes" } else { no };
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:>7} {:<16} {:<10} {:<10} {}",
+            r.ifindex,
+            r.name,
+            yes(r.tc_ingress, "-"),
+            // With the socket-level balancer, a pod's veth gets egress
+            // when a flow tc translates first arrives there.
+            yes(r.tc_egress, "on demand"),
+            r.xdp.as_deref().unwrap_or("-")
+        );
+    }
+    out
+}
+
 pub fn proto_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "TCP".into(),
