@@ -885,11 +885,9 @@ fn new_flow<P: Packet, A: Family>(
     // retransmission finds egress attached. (Folded into the
     // selection's result: a drop path of its own made LLVM merge verdicts
     // into code the verifier refuses, `R4 !read_ok`.)
+    let asked = origin == Origin::Network && !egress::ensure(ctx.ifindex());
     let sel = select::backend(svc, table, key, 0).and_then(|s| {
-        if origin == Origin::Network
-            && !egress::ensure(ctx.ifindex())
-            && service::is_node_addr(s.backend.addr)
-        {
+        if asked && service::is_node_addr(s.backend.addr) {
             Err(DropReason::EgressPending)
         } else {
             Ok(s)

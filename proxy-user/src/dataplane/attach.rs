@@ -158,6 +158,8 @@ pub struct Attacher {
     attached: BTreeMap<String, Attached>,
     /// tc egress where a flow asks for it, rather than everywhere.
     on_demand: bool,
+    /// Interfaces whose tc egress failed to attach (warned once).
+    egress_failed: std::collections::BTreeSet<String>,
 }
 
 /// How one program is attached to one interface.
@@ -184,6 +186,7 @@ impl Attacher {
             pin_dir: bpffs.map(links_dir),
             attached: BTreeMap::new(),
             on_demand: false,
+            egress_failed: Default::default(),
         }
     }
 
@@ -265,7 +268,14 @@ impl Attacher {
                 Handle::Pinned(p) => format!("pinned in {}", p.display()),
                 Handle::Owned(_) => "netlink tc, detached at exit".into(),
             };
-            log::info!("attached tc ingress to {name} (ifindex {ifindex}; {how})");
+            log::info!(
+                "attached tc ingress to {name} (ifindex {ifindex}; {how}){}",
+                if eager {
+                    ""
+                } else {
+                    "; tc egress when a flow tc translates arrives there"
+                }
+            );
             self.attached.insert(
                 name.clone(),
                 Attached {
@@ -276,8 +286,6 @@ impl Attacher {
             );
             if eager {
                 self.attach_egress(dp, &name, "");
-            } else {
-                log::info!("tc egress on {name} when a flow tc translates arrives there");
             }
         }
     }
@@ -295,10 +303,14 @@ impl Attacher {
         {
             Ok(h) => h,
             Err(e) => {
-                log::warn!("attaching tc egress to {name}: {e:#}; will retry");
+                // Once per interface: its flows ask again every few ms.
+                if self.egress_failed.insert(name.to_string()) {
+                    log::warn!("attaching tc egress to {name}: {e:#}; will retry");
+                }
                 return;
             }
         };
+        self.egress_failed.remove(name);
         if let Some(a) = self.attached.get_mut(name) {
             a.egress = Some(handle);
         }

@@ -171,6 +171,17 @@ pub fn vm() -> Result<Vm> {
         host_netns_cookie: 0,
     };
     vm.map_insert(map_names::CONFIG, &0u32.to_ne_bytes(), bytes(&cfg))?;
+    // tc egress on the interfaces flows come in on (tc's packets on
+    // loopback's, as in `BPF_PROG_TEST_RUN`; XDP's on theirs), as the agent
+    // notes it: a new flow there asks for nothing.
+    let mut egress = std::collections::BTreeMap::<u32, u64>::new();
+    for ifindex in [Skb::default().ifindex, EXTERNAL_IF, POD_IF] {
+        let bit = proxy_common::egress_bit(ifindex).expect("a small ifindex");
+        *egress.entry(bit.word).or_default() |= bit.mask;
+    }
+    for (word, bits) in egress {
+        vm.map_insert(map_names::EGRESS, &word.to_ne_bytes(), &bits.to_ne_bytes())?;
+    }
     vm.set_tail(map_names::PROGS, PROG_DSR, prog_names::TC_DSR)?;
     service6(&mut vm, 20, (VIP6, 80, IPPROTO_TCP), BACKENDS, 0)?;
     service6(&mut vm, 21, (EMPTY_VIP6, 80, IPPROTO_TCP), 0, 0)?;
