@@ -414,6 +414,13 @@ fn a_new_flow_asks_for_tc_egress_on_its_interface_and_one_to_the_node_waits_for_
     assert!(egress::take_wanted(&mut dp.maps).unwrap().is_empty());
     assert_eq!(drops(&mut dp, DropReason::EgressPending), 1);
     assert_eq!(counter(&mut dp, Counter::NewFlow), 2);
+
+    // A starting agent that finds no egress there (an earlier agent's
+    // netlink filters went with it) clears the bit: flows ask again.
+    egress::rewrite(&mut dp.maps, &[]).unwrap();
+    let out = run(&mut dp, &F::frame(F::CLIENT, 40002, F::VIP, 80, SYN));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(egress::take_wanted(&mut dp.maps).unwrap(), [LOOPBACK]);
 }
 
 // The standard scenario's selection and passing, on both families.

@@ -160,6 +160,9 @@ pub struct Attacher {
     on_demand: bool,
     /// Interfaces whose tc egress failed to attach (warned once).
     egress_failed: std::collections::BTreeSet<String>,
+    /// The datapath's egress bitmap made to match what is attached (once,
+    /// at the first reconcile: an earlier agent's bits may be stale).
+    bitmap_checked: bool,
 }
 
 /// How one program is attached to one interface.
@@ -187,6 +190,7 @@ impl Attacher {
             attached: BTreeMap::new(),
             on_demand: false,
             egress_failed: Default::default(),
+            bitmap_checked: false,
         }
     }
 
@@ -228,6 +232,7 @@ impl Attacher {
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
+            self.egress_failed.remove(&name);
             if let Some(a) = self.attached.remove(&name) {
                 // Usually fails: the links died with their interface.
                 let _ = detach(dp, a);
@@ -286,6 +291,18 @@ impl Attacher {
             );
             if eager {
                 self.attach_egress(dp, &name, "");
+            }
+        }
+        if !self.bitmap_checked {
+            let with: Vec<u32> = self
+                .attached
+                .values()
+                .filter(|a| a.egress.is_some())
+                .map(|a| a.ifindex)
+                .collect();
+            match egress::rewrite(&mut dp.maps, &with) {
+                Ok(()) => self.bitmap_checked = true,
+                Err(e) => log::warn!("checking the tc egress bitmap: {e:#}; will retry"),
             }
         }
     }

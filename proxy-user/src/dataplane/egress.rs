@@ -43,6 +43,32 @@ pub fn mark(maps: &mut MapSet, ifindex: u32, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// Makes the bitmap say exactly which of `with_egress` (ifindexes) have tc
+/// egress: bits an earlier agent left for interfaces whose egress went with
+/// it (netlink filters it owned) are cleared, so their flows ask again.
+/// Each word is read and only a changed one written: never a moment with a
+/// present interface's bit clear.
+pub fn rewrite(maps: &mut MapSet, with_egress: &[u32]) -> Result<()> {
+    let mut want = vec![0u64; proxy_common::capacity::EGRESS_WORDS as usize];
+    for &ifindex in with_egress {
+        if let Some(bit) = egress_bit(ifindex) {
+            want[bit.word as usize] |= bit.mask;
+        }
+    }
+    for (word, &bits) in (0u32..).zip(&want) {
+        let have = maps
+            .egress
+            .get(&word, 0)
+            .with_context(|| format!("reading word {word} of KPX_EGRESS"))?;
+        if have != bits {
+            maps.egress
+                .set(word, bits, 0)
+                .with_context(|| format!("writing word {word} of KPX_EGRESS"))?;
+        }
+    }
+    Ok(())
+}
+
 /// The interfaces new flows asked tc egress for, their requests removed.
 pub fn take_wanted(maps: &mut MapSet) -> Result<Vec<u32>> {
     let wanted = maps
