@@ -350,7 +350,7 @@ pub mod capacity {
     /// Words of the egress bitmap: a bit for each ifindex below 2^20
     /// ([`super::egress_bit`]); an interface beyond gets tc egress at once.
     pub const EGRESS_WORDS: u32 = 1 << 14;
-    /// Interfaces waiting for tc egress at once.
+    /// Interfaces that can be asking for tc egress at the same time.
     pub const EGRESS_WANTED: u32 = 256;
     /// `loadBalancerSourceRanges` entries over all service frontends.
     pub const SRC_RANGES: u32 = 65_536;

@@ -1,7 +1,8 @@
 //! Egress: whether the interface a new flow arrived on has kpx's tc egress
 //! program, which translates what the node itself sends its client about
-//! the flow (ICMP errors, a hostNetwork backend's replies). The agent
-//! attaches it to pod-facing interfaces only once a flow needs it, so
+//! the flow (ICMP errors, a hostNetwork backend's replies). Where the
+//! socket-level load balancer takes pods' flows, the agent attaches it to
+//! pod-facing interfaces only once a flow needs it, so
 //! that pod-to-pod packets (socket-balanced flows' included) cross no
 //! egress program at all; a new flow from an interface without it asks
 //! for it here.
@@ -22,6 +23,6 @@ pub fn ensure(ifindex: u32) -> bool {
         return true;
     }
     // Full (256 interfaces asking at once): the next flow asks again.
-    let _ = EGRESS_WANTED.insert(&ifindex, &0, 0);
+    let _ = EGRESS_WANTED.insert(ifindex, 0u32, 0);
     false
 }

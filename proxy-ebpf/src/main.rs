@@ -71,7 +71,8 @@ use crate::{
 ///   `SRC_RANGES` for a LoadBalancer IP with source ranges, `SLOTS` (the
 ///   backend is in the slot), `EGRESS` (an array, inlined: has the
 ///   interface it came in on tc egress? if not, +1 insert into
-///   `EGRESS_WANTED`, and `NODE_ADDRS` for a backend here); then 2 inserts (both directions into `CT_ANY`,
+///   `EGRESS_WANTED`, and `NODE_ADDRS` for its backend); then 2 inserts
+///   (both directions into `CT_ANY`,
 ///   the reply's tuple noted in `REPLIES`: an array read, two atomic ORs; a
 ///   masqueraded flow retries its reply insert on a taken port, at most 8
 ///   times, each try of a TCP flow also a `CT_TCP` lookup); with

@@ -10,6 +10,7 @@
 //! some wider route than one host's leads through (the node's own flows
 //! to a service address leave there), and on the rest (pods' veths) when
 //! a flow tc translates first arrives there ([`egress`](super::egress)).
+//!
 //! On kernels with TCX (≥ 6.6) the links are pinned in `<bpffs>/links`, so
 //! the datapath outlives the agent as kube-proxy's rules outlive kube-proxy:
 //! a restarted or upgraded agent takes each link over and swaps its program
