@@ -169,6 +169,13 @@ fn main() -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
 
+    step("kpx dump interfaces (tc egress only where a flow tc translated came in: the client's veth)");
+    let out = Command::new(&kpx)
+        .args(["dump", "interfaces", "--bpffs"])
+        .arg(c.bpffs())
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+
     step("Cleaning up: agent stopped, pinned maps removed, namespaces deleted");
     if let Some(agent) = c.agent.as_mut() {
         agent.stop()?;
