@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -155,26 +155,14 @@ fn main() -> Result<()> {
     held.ask()?;
 
     step("kpx dump sockets (one connection held open)");
-    let out = Command::new(&kpx)
-        .args(["dump", "sockets", "--bpffs"])
-        .arg(c.bpffs())
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", kpx_dump(&kpx, &c.bpffs(), "sockets")?);
     drop(held);
 
     step("kpx dump services");
-    let out = Command::new(&kpx)
-        .args(["dump", "services", "--bpffs"])
-        .arg(c.bpffs())
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", kpx_dump(&kpx, &c.bpffs(), "services")?);
 
     step("kpx dump interfaces (tc egress only where a flow tc translated came in: the client's veth)");
-    let out = Command::new(&kpx)
-        .args(["dump", "interfaces", "--bpffs"])
-        .arg(c.bpffs())
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", kpx_dump(&kpx, &c.bpffs(), "interfaces")?);
 
     step("Cleaning up: agent stopped, pinned maps removed, namespaces deleted");
     if let Some(agent) = c.agent.as_mut() {
@@ -202,4 +190,13 @@ fn show(ids: &[String]) {
     for (id, n) in m {
         println!("   {id:<8} {n:>4}  {}", "#".repeat(n / 5));
     }
+}
+
+/// What `kpx dump WHAT` prints for the bed's pinned maps and links.
+fn kpx_dump(kpx: &Path, bpffs: &Path, what: &str) -> Result<String> {
+    let out = Command::new(kpx)
+        .args(["dump", what, "--bpffs"])
+        .arg(bpffs)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
