@@ -293,13 +293,10 @@ pub async fn run(cfg: Settings) -> Result<()> {
         attacher.egress_on_demand(false);
         attacher.reconcile(&mut agent.dp);
     }
+    let (with_egress, attached) = (attacher.with_egress(), attacher.attached().count());
     log::info!(
-        "tc egress on {} of {} interfaces{}",
-        attacher.with_egress(),
-        attacher.attached().count(),
-        if agent.cfg.socket_lb == socklb::Mode::All
-            && attacher.with_egress() < attacher.attached().count()
-        {
+        "tc egress on {with_egress} of {attached} interfaces{}",
+        if with_egress < attached {
             "; on the others when a flow tc translates arrives there"
         } else {
             ""

@@ -90,9 +90,24 @@ fn pin_name(ifname: &str, ifindex: u32, at: TcAttachType) -> String {
         TcAttachType::Ingress => "ingress",
         _ => "egress",
     };
+    link_pin_name(ifindex, dir, ifname)
+}
+
+/// The file name of a link pinned for interface `ifname` (`ifindex`),
+/// `how` it is attached (tc's direction, XDP's mode): tc's and XDP's pins
+/// alike, read back by [`parse_link_pin_name`].
+pub(crate) fn link_pin_name(ifindex: u32, how: &str, ifname: &str) -> String {
     // bpffs refuses names with a dot (reserved), which interface names
     // may have (VLANs: eth0.100); ':' is one they cannot have.
-    format!("{ifindex}_{dir}_{}", ifname.replace('.', ":"))
+    format!("{ifindex}_{how}_{}", ifname.replace('.', ":"))
+}
+
+/// [`link_pin_name`]'s parts: (ifindex, how, interface name). None for a
+/// file that is no link's pin.
+pub(crate) fn parse_link_pin_name(file: &str) -> Option<(u32, &str, String)> {
+    let (ifindex, rest) = file.split_once('_')?;
+    let (how, name) = rest.split_once('_')?;
+    Some((ifindex.parse().ok()?, how, name.replace(':', ".")))
 }
 
 /// Removes every pinned link under `bpffs`, tc's, XDP's and the socket-level
@@ -350,16 +365,15 @@ impl Attacher {
     }
 
     /// Attaches tc egress where new flows asked for it (`KPX_EGRESS_WANTED`),
-    /// and clears their requests. Returns how many it attached.
-    pub fn serve_requests(&mut self, dp: &mut Datapath) -> usize {
+    /// and clears their requests.
+    pub fn serve_requests(&mut self, dp: &mut Datapath) {
         let wanted = match egress::take_wanted(&mut dp.maps) {
             Ok(w) => w,
             Err(e) => {
                 log::warn!("reading the interfaces asking for tc egress: {e:#}");
-                return 0;
+                return;
             }
         };
-        let mut n = 0;
         for ifindex in wanted {
             let Some((name, a)) = self.attached.iter().find(|(_, a)| a.ifindex == ifindex) else {
                 continue;
@@ -371,9 +385,7 @@ impl Attacher {
             }
             let name = name.clone();
             self.attach_egress(dp, &name, ": a flow tc translates arrived there");
-            n += 1;
         }
-        n
     }
 
     /// At exit: owned (netlink) filters are removed; pinned links stay, so
@@ -549,4 +561,20 @@ pub fn watch_links(tx: mpsc::Sender<()>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_links_pin_name_reads_back_even_for_an_interface_with_dots() {
+        let file = link_pin_name(7, "egress", "eth0.100");
+        assert_eq!(file, "7_egress_eth0:100");
+        assert_eq!(
+            parse_link_pin_name(&file),
+            Some((7, "egress", "eth0.100".to_string()))
+        );
+        assert_eq!(parse_link_pin_name("KPX_CT_TCP"), None);
+    }
 }

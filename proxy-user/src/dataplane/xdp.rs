@@ -103,8 +103,7 @@ pub fn unpin(bpffs: &Path) -> Result<usize> {
 }
 
 fn pin_name(ifname: &str, ifindex: u32, how: Attachment) -> String {
-    // bpffs refuses dots, which interface names may have (eth0.100).
-    format!("{ifindex}_{}_{}", how.name(), ifname.replace('.', ":"))
+    crate::dataplane::attach::link_pin_name(ifindex, how.name(), ifname)
 }
 
 /// The driver of interface `name` as ethtool names it (`veth`,

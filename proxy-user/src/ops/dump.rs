@@ -126,14 +126,9 @@ pub fn interfaces(dir: &Path) -> Result<Vec<InterfaceRow>> {
         };
         for entry in entries {
             let file = entry?.file_name().to_string_lossy().into_owned();
-            // `{ifindex}_{direction or mode}_{name}`, '.' in names as ':'.
-            let Some((ifindex, rest)) = file.split_once('_') else {
+            let Some((ifindex, how, name)) = attach::parse_link_pin_name(&file) else {
                 continue;
             };
-            let (Ok(ifindex), Some((how, name))) = (ifindex.parse(), rest.split_once('_')) else {
-                continue;
-            };
-            let name = name.replace(':', ".");
             let row = rows
                 .entry((ifindex, name.clone()))
                 .or_insert_with(|| InterfaceRow {
